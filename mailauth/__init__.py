@@ -1,0 +1,1 @@
+"""mailauth: an SMTP submission server whose heart is SMTP AUTH."""
