@@ -1,0 +1,43 @@
+# make run: the daemon with a demo configuration; make test: the whole suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_PASSWORD := demo-password
+
+.PHONY: run test lint deb deb-test clean
+
+$(BIN)/mailauth: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --config-settings editable_mode=compat -e '.[test]'
+	@touch $@
+
+var/tls/cert.pem:
+	mkdir -p var/tls
+	openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj /CN=localhost \
+	  -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+	  -keyout var/tls/key.pem -out var/tls/cert.pem 2>/dev/null
+	chmod 600 var/tls/key.pem
+
+var/users: | $(BIN)/mailauth
+	mkdir -p var
+	echo '$(DEMO_PASSWORD)' | $(BIN)/mailauth user add demo@example.test --users var/users
+	echo '$(DEMO_PASSWORD)' | $(BIN)/mailauth user add cram@example.test --scheme CRAM-MD5 --users var/users
+
+run: $(BIN)/mailauth var/tls/cert.pem var/users
+	$(BIN)/mailauth check-config --config etc/demo.conf
+	@echo
+	@echo "mailauth: submission with STARTTLS on 127.0.0.1:2587, implicit TLS on 127.0.0.1:2465"
+	@echo "users: demo@example.test and cram@example.test (CRAM-MD5), password $(DEMO_PASSWORD)"
+	@echo "try:   swaks --server 127.0.0.1:2587 --tls --auth PLAIN --auth-user demo@example.test \\"
+	@echo "         --auth-password $(DEMO_PASSWORD) --from demo@example.test --to demo@example.test"
+	@echo "mail lands in var/mail/example.test/demo/Maildir/new/"
+	@echo
+	$(BIN)/twistd --nodaemon --pidfile= --logfile=- mailauth --config etc/demo.conf
+
+test: $(BIN)/mailauth
+	$(BIN)/ruff check mailauth tests twisted bench
+	$(BIN)/python -m twisted.trial --jobs=2 tests
+
+clean:
+	rm -rf $(VENV) var _trial_temp* build *.egg-info

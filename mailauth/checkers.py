@@ -1,0 +1,90 @@
+"""Credentials checkers over the users file; every verification runs in a thread."""
+
+from __future__ import annotations
+
+import hmac
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
+from twisted.cred.error import LoginFailed, UnauthorizedLogin
+from twisted.internet import defer
+from zope.interface import implementer
+
+from mailauth import passwords
+from mailauth.threads import PoolBusy
+from mailauth.userdb import UserDatabaseUnavailable
+
+
+def _lookup(users, login: str):
+    try:
+        return users.lookup(login)
+    except UserDatabaseUnavailable as e:
+        raise LoginFailed(f"user database unavailable: {e}") from None
+
+
+def _result(ok: bool, user):
+    if not ok:
+        raise UnauthorizedLogin()
+    return user.login.lower()
+
+
+def _busy(f):
+    f.trap(PoolBusy)
+    raise LoginFailed(f"too many logins waiting: {f.getErrorMessage()}")
+
+
+class _UsersFileChecker:
+    """Looks the user up (in memory), then verifies in the auth pool."""
+
+    def __init__(self, users, run) -> None:
+        self.users = users
+        self.run = run
+
+    def requestAvatarId(self, credentials) -> defer.Deferred:
+        try:
+            user = _lookup(self.users, credentials.username)
+        except LoginFailed:
+            return defer.fail()
+        d = self.run(self.verify, user, credentials)
+        d.addErrback(_busy)
+        d.addCallback(_result, user)
+        return d
+
+
+@implementer(ICredentialsChecker)
+class PasswordChecker(_UsersFileChecker):
+    """
+    PLAIN and LOGIN: the password against the stored hash, in the auth pool.
+    An unknown user costs one dummy verification of the default scheme, so
+    its failure takes as long as a wrong password's.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    @staticmethod
+    def verify(user, credentials) -> bool:
+        if user is None:
+            passwords.dummyVerify(credentials.password)
+            return False
+        return passwords.verify(user.password, credentials.password)
+
+
+@implementer(ICredentialsChecker)
+class CramMD5Checker(_UsersFileChecker):
+    """
+    CRAM-MD5: works for users stored as CRAM-MD5 (Dovecot's HMAC-MD5
+    context) or as plaintext; anyone else gets the ordinary failure.
+    The digests are compared in constant time.
+    """
+
+    credentialInterfaces = (IUsernameHashedPassword,)
+
+    @staticmethod
+    def verify(user, credentials) -> bool:
+        expected = None
+        if user is not None:
+            expected = passwords.cramMD5Digest(user.password, credentials.challenge)
+        if expected is None:
+            hmac.compare_digest(b"0" * 32, credentials.response)
+            return False
+        return hmac.compare_digest(expected, credentials.response)

@@ -1,0 +1,431 @@
+"""The INI configuration file, read into frozen value objects and fully validated."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import socket
+from typing import Callable, Iterable, Optional
+
+import attrs
+
+TLS_MODES = ("starttls", "implicit", "none")
+AUTH_MODES = ("required", "optional", "none")
+KNOWN_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+
+
+class ConfigError(Exception):
+    """
+    The configuration is wrong; C{problems} holds one line per problem, each
+    naming the file, the section and the key.
+    """
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@attrs.frozen
+class ServerConfig:
+    hostname: str
+    state_dir: str
+    max_message_size: int
+    max_recipients: int
+    max_connections: int
+    max_connections_per_address: int
+    timeout: float
+    data_timeout: float
+    max_errors: int
+    auth_threads: int
+    disk_threads: int
+
+
+@attrs.frozen
+class TLSConfig:
+    certificate: str
+    private_key: str
+
+
+@attrs.frozen
+class ListenerConfig:
+    name: str
+    endpoint: str
+    tls: str
+    auth: str
+
+
+@attrs.frozen
+class AuthConfig:
+    mechanisms: tuple
+    users: str
+    plaintext_requires_tls: bool
+    failure_window: float
+    max_failures_per_address: int
+    max_failures_per_login: int
+    tarpit_delay: float
+    block_time: float
+    max_tracked: int
+    failures_per_session: int
+
+
+@attrs.frozen
+class DeliveryConfig:
+    local_domains: frozenset
+    maildir: str
+    aliases: Optional[str]
+    sender_map: Optional[str]
+    sender_login_match: bool
+
+
+@attrs.frozen
+class RelayConfig:
+    host: str
+    port: int
+    tls: str
+    username: Optional[str]
+    password_file: Optional[str]
+    ca_file: Optional[str]
+    verify_certificate: bool
+    retry_initial: float
+    retry_max: float
+    expire: float
+    max_connections: int
+    timeout: float
+    queue_interval: float
+
+
+@attrs.frozen
+class Config:
+    path: str
+    server: ServerConfig
+    tls: Optional[TLSConfig]
+    listeners: tuple
+    auth: AuthConfig
+    delivery: DeliveryConfig
+    relay: Optional[RelayConfig]
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+_TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parseSize(text: str) -> int:
+    """
+    Parse C{"35M"}, C{"512K"}, C{"1G"} or a plain byte count.
+
+    @raise ValueError: if C{text} is not such a size.
+    """
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"{text!r} is not a size (a number with an optional K, M or G)")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+
+
+def parseDuration(text: str) -> float:
+    """
+    Parse C{"30s"}, C{"5m"}, C{"1h"}, C{"5d"} or a plain number of seconds.
+
+    @raise ValueError: if C{text} is not such a duration.
+    """
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not m:
+        raise ValueError(f"{text!r} is not a duration (a number with an optional s, m, h or d)")
+    return float(m.group(1)) * _TIME_UNITS[m.group(2)]
+
+
+def parseBool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"{text!r} is not yes or no")
+
+
+def parseInt(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise ValueError(f"{text!r} must not be negative")
+    return value
+
+
+def parsePositive(text: str) -> int:
+    value = parseInt(text)
+    if value < 1:
+        raise ValueError(f"{text!r} must be at least 1")
+    return value
+
+
+def parsePort(text: str) -> int:
+    value = parseInt(text)
+    if not 0 < value < 65536:
+        raise ValueError(f"{text!r} is not a port number")
+    return value
+
+
+def _choice(options: tuple) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in options:
+            raise ValueError(f"{text!r} is not one of: {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _text(text: str) -> str:
+    value = text.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _mechanisms(text: str) -> tuple:
+    names = tuple(text.upper().split())
+    if not names:
+        raise ValueError("name at least one mechanism")
+    unknown = [n for n in names if n not in KNOWN_MECHANISMS]
+    if unknown:
+        raise ValueError(
+            f"unknown mechanism {' '.join(unknown)} (known: {' '.join(KNOWN_MECHANISMS)})"
+        )
+    return names
+
+
+def _domains(text: str) -> frozenset:
+    domains = frozenset(d.strip().lower().rstrip(".") for d in text.replace(",", " ").split())
+    for d in domains:
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", d):
+            raise ValueError(f"{d!r} is not a domain name")
+    return domains
+
+
+def _maildirTemplate(text: str) -> str:
+    value = _text(text)
+    try:
+        value.format(domain="d", localpart="l", user="u@d")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"{value!r}: only {{domain}}, {{localpart}} and {{user}} may be used ({e})"
+        ) from None
+    if "{localpart}" not in value and "{user}" not in value:
+        raise ValueError("must contain {localpart} or {user}, or every user shares one Maildir")
+    return value
+
+
+# Every section, its keys, and for each key (parser, default). A default of
+# REQUIRED means the key must be given.
+REQUIRED = object()
+
+_SCHEMA: dict = {
+    "server": {
+        "hostname": (_text, None),
+        "state_dir": (_text, "/var/lib/mailauth"),
+        "max_message_size": (parseSize, "35M"),
+        "max_recipients": (parsePositive, "100"),
+        "max_connections": (parsePositive, "500"),
+        "max_connections_per_address": (parsePositive, "20"),
+        "timeout": (parseDuration, "5m"),
+        "data_timeout": (parseDuration, "10m"),
+        "max_errors": (parsePositive, "10"),
+        "auth_threads": (parsePositive, "4"),
+        "disk_threads": (parsePositive, "4"),
+    },
+    "tls": {
+        "certificate": (_text, REQUIRED),
+        "private_key": (_text, REQUIRED),
+    },
+    "listener": {
+        "endpoint": (_text, REQUIRED),
+        "tls": (_choice(TLS_MODES), "starttls"),
+        "auth": (_choice(AUTH_MODES), "required"),
+    },
+    "auth": {
+        "mechanisms": (_mechanisms, "PLAIN LOGIN"),
+        "users": (_text, REQUIRED),
+        "plaintext_requires_tls": (parseBool, "yes"),
+        "failure_window": (parseDuration, "15m"),
+        "max_failures_per_address": (parsePositive, "10"),
+        "max_failures_per_login": (parsePositive, "5"),
+        "tarpit_delay": (parseDuration, "2s"),
+        "block_time": (parseDuration, "15m"),
+        "max_tracked": (parsePositive, "10000"),
+        "failures_per_session": (parsePositive, "3"),
+    },
+    "delivery": {
+        "local_domains": (_domains, REQUIRED),
+        "maildir": (_maildirTemplate, REQUIRED),
+        "aliases": (_text, None),
+        "sender_map": (_text, None),
+        "sender_login_match": (parseBool, "yes"),
+    },
+    "relay": {
+        "host": (_text, REQUIRED),
+        "port": (parsePort, "587"),
+        "tls": (_choice(TLS_MODES), "starttls"),
+        "username": (_text, None),
+        "password_file": (_text, None),
+        "ca_file": (_text, None),
+        "verify_certificate": (parseBool, "yes"),
+        "retry_initial": (parseDuration, "1m"),
+        "retry_max": (parseDuration, "1h"),
+        "expire": (parseDuration, "5d"),
+        "max_connections": (parsePositive, "2"),
+        "timeout": (parseDuration, "5m"),
+        "queue_interval": (parseDuration, "30s"),
+    },
+}
+
+
+class _Reader:
+    """Collects problems while reading typed values out of a ConfigParser."""
+
+    def __init__(self, path: str, parser: configparser.ConfigParser) -> None:
+        self.path = path
+        self.parser = parser
+        self.problems: list[str] = []
+
+    def problem(self, section: str, key: Optional[str], message: str) -> None:
+        where = f"[{section}]" if key is None else f"[{section}] {key}"
+        self.problems.append(f"{self.path}: {where}: {message}")
+
+    def section(self, name: str, kind: str) -> dict:
+        """
+        Read every key of section C{name} by the schema of C{kind}; unknown
+        keys and bad values are problems, and come back as C{None}.
+        """
+        schema = _SCHEMA[kind]
+        raw = self.parser[name] if self.parser.has_section(name) else {}
+        for key in raw:
+            if key not in schema:
+                self.problem(name, key, f"unknown key (known: {', '.join(sorted(schema))})")
+        values = {}
+        for key, (parse, default) in schema.items():
+            text = raw.get(key) if key in raw else default
+            if text is REQUIRED:
+                self.problem(name, key, "missing (this key is required)")
+                values[key] = None
+            elif text is None:
+                values[key] = None
+            else:
+                try:
+                    values[key] = parse(text)
+                except ValueError as e:
+                    self.problem(name, key, str(e))
+                    values[key] = None
+        return values
+
+
+def loadText(text: str, path: str = "<string>") -> Config:
+    """
+    Parse and validate configuration C{text}.
+
+    @raise ConfigError: naming every problem found, not only the first.
+    """
+    parser = configparser.ConfigParser(
+        interpolation=None, inline_comment_prefixes=(";", "#"), empty_lines_in_values=False
+    )
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as e:
+        raise ConfigError([f"{path}: {' '.join(str(e).split())}"]) from None
+
+    r = _Reader(path, parser)
+    listenerNames = []
+    for name in parser.sections():
+        if name.startswith("listener:"):
+            if not name[len("listener:"):].strip():
+                r.problem(name, None, "a listener section needs a name after the colon")
+            listenerNames.append(name)
+        elif name not in _SCHEMA or name == "listener":
+            known = ", ".join(f"[{s}]" for s in _SCHEMA if s != "listener")
+            r.problem(name, None, f"unknown section (known: {known}, [listener:NAME])")
+
+    for required in ("auth", "delivery"):
+        if not parser.has_section(required):
+            r.problem(required, None, "missing section")
+    if not listenerNames:
+        r.problems.append(f"{path}: no [listener:NAME] section: nothing would listen")
+
+    server = r.section("server", "server")
+    if server["hostname"] is None and "hostname" not in (
+        parser["server"] if parser.has_section("server") else {}
+    ):
+        server["hostname"] = socket.gethostname()
+    hostname = server["hostname"]
+    if hostname is not None and not re.fullmatch(r"[A-Za-z0-9.-]+", hostname):
+        r.problem("server", "hostname", f"{hostname!r} is not a host name")
+
+    listeners = []
+    for name in listenerNames:
+        values = r.section(name, "listener")
+        listeners.append(ListenerConfig(name=name.split(":", 1)[1].strip(), **values))
+        if values["endpoint"]:
+            _checkEndpoint(r, name, values["endpoint"])
+    usesTLS = any(listener.tls != "none" for listener in listeners)
+
+    tls = None
+    if parser.has_section("tls"):
+        tls = TLSConfig(**r.section("tls", "tls"))
+    elif usesTLS:
+        r.problem("tls", None, "missing section: a listener uses TLS, so a certificate is needed")
+
+    auth = r.section("auth", "auth") if parser.has_section("auth") else None
+    delivery = r.section("delivery", "delivery") if parser.has_section("delivery") else None
+    relay = r.section("relay", "relay") if parser.has_section("relay") else None
+    if relay is not None and relay["username"] and not relay["password_file"]:
+        r.problem("relay", "password_file", "missing: username is set, so a password is needed")
+
+    if r.problems:
+        raise ConfigError(r.problems)
+    return Config(
+        path=path,
+        server=ServerConfig(**server),
+        tls=tls,
+        listeners=tuple(listeners),
+        auth=AuthConfig(**auth),
+        delivery=DeliveryConfig(**delivery),
+        relay=RelayConfig(**relay) if relay is not None else None,
+    )
+
+
+def _checkEndpoint(r: _Reader, section: str, description: str) -> None:
+    """
+    Reject endpoint strings whose type Twisted does not know, or which carry
+    their own TLS: mailauth wraps TLS itself so it can enforce TLS 1.2 and
+    reload certificates.
+    """
+    from twisted.internet import endpoints
+    from twisted.plugin import getPlugins
+
+    kind = description.split(":", 1)[0].lower()
+    known = {"tcp", "tcp6", "unix", "systemd", "haproxy"} | {
+        p.prefix.lower() for p in getPlugins(endpoints.IStreamServerEndpointStringParser)
+    }
+    if kind in ("ssl", "tls"):
+        r.problem(
+            section,
+            "endpoint",
+            f"{description!r}: use a tcp: endpoint with tls = implicit instead of {kind}:",
+        )
+    elif kind not in known:
+        r.problem(section, "endpoint", f"{description!r}: unknown endpoint type {kind!r}")
+
+
+def load(path: str) -> Config:
+    """
+    Read and validate the configuration file at C{path}.
+
+    @raise ConfigError: if it cannot be read or is wrong in any way.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: not UTF-8 text: {e}"]) from None
+    return loadText(text, path)

@@ -1,0 +1,205 @@
+"""
+C{twistd mailauth}: options, and L{makeService}, the one place where the
+parts are made and wired together.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from twisted.application import internet, service, strports
+from twisted.cred.portal import Portal
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+
+from mailauth import config as configmod
+from mailauth.addressmap import AddressMap
+from mailauth.checkers import CramMD5Checker, PasswordChecker
+from mailauth.esmtp import ConnectionLimiter, SubmissionFactory
+from mailauth.realm import LocalDelivery, Realm, Router
+from mailauth.threads import ThreadPoolService
+from mailauth.throttle import AuthThrottle
+from mailauth.tls import ReloadableTLS, TLSError
+from mailauth.userdb import UserDatabase
+
+log = Logger(namespace="mailauth.tap")
+
+# How often the users, aliases and sender map files are checked for changes.
+RELOAD_INTERVAL = 2.0
+
+
+def checkFiles(cfg: configmod.Config) -> list:
+    """
+    What L{configmod.load} cannot see from the text alone: the certificate
+    and key load and match, the users file and maps are readable, the state
+    directory can be made.
+
+    @return: one line per problem.
+    """
+    problems = []
+    if cfg.tls is not None:
+        try:
+            ReloadableTLS(cfg.tls.certificate, cfg.tls.private_key)
+        except TLSError as e:
+            problems.append(f"{cfg.path}: [tls]: {e}")
+    files = [("auth", "users", cfg.auth.users), ("delivery", "aliases", cfg.delivery.aliases),
+             ("delivery", "sender_map", cfg.delivery.sender_map)]
+    if cfg.relay is not None:
+        files.append(("relay", "password_file", cfg.relay.password_file))
+        files.append(("relay", "ca_file", cfg.relay.ca_file))
+    for section, key, path in files:
+        if path is not None and not os.access(path, os.R_OK):
+            problems.append(f"{cfg.path}: [{section}] {key}: {path}: cannot be read")
+    for listener in cfg.listeners:
+        needsTLS = cfg.auth.plaintext_requires_tls
+        if listener.tls == "none" and listener.auth == "required" and needsTLS:
+            problems.append(
+                f"{cfg.path}: [listener:{listener.name}] auth: required, but with tls = none "
+                "and plaintext_requires_tls = yes nobody could log in"
+            )
+    return problems
+
+
+class Options(usage.Options):
+    synopsis = "--config PATH"
+    longdesc = "Run the mailauth SMTP submission server."
+    optParameters = [["config", "c", None, "the configuration file (INI)"]]
+
+    def postOptions(self) -> None:
+        path = self["config"]
+        if not path:
+            raise usage.UsageError("--config is required")
+        try:
+            cfg = configmod.load(path)
+        except configmod.ConfigError as e:
+            raise usage.UsageError("\n".join(e.problems)) from None
+        problems = checkFiles(cfg)
+        if problems:
+            raise usage.UsageError("\n".join(problems))
+        self.config = cfg
+
+
+class _Signals(service.Service):
+    """Reloads certificates and files on SIGHUP."""
+
+    def __init__(self, reactor, reload) -> None:
+        self.reactor = reactor
+        self.reload = reload
+        self._previous = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(
+            signal.SIGHUP, lambda *a: self.reactor.callFromThread(self.reload)
+        )
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+
+
+def makeService(options: Options, reactor=None) -> service.MultiService:
+    """Build the whole daemon from validated options."""
+    if reactor is None:
+        from twisted.internet import reactor
+    return buildService(options.config, reactor)
+
+
+def buildService(cfg: configmod.Config, reactor) -> service.MultiService:
+    top = service.MultiService()
+    os.makedirs(cfg.server.state_dir, mode=0o750, exist_ok=True)
+
+    users = UserDatabase(cfg.auth.users)
+    users.load()
+    aliases = AddressMap(cfg.delivery.aliases)
+    senderMap = AddressMap(cfg.delivery.sender_map)
+
+    authPool = ThreadPoolService(reactor, "mailauth-auth", cfg.server.auth_threads,
+                                 maxQueued=cfg.server.auth_threads * 32)
+    diskPool = ThreadPoolService(reactor, "mailauth-disk", cfg.server.disk_threads,
+                                 maxQueued=cfg.server.max_connections * 2)
+    authPool.setServiceParent(top)
+    diskPool.setServiceParent(top)
+
+    router = Router(
+        localDomains=cfg.delivery.local_domains,
+        maildirTemplate=cfg.delivery.maildir,
+        users=users,
+        aliases=aliases,
+        senderMap=senderMap,
+        senderLoginMatch=cfg.delivery.sender_login_match,
+    )
+    queue = queueService = None
+    if cfg.relay is not None:
+        from mailauth.queue import Queue, QueueService
+
+        queue = Queue(os.path.join(cfg.server.state_dir, "queue"), reactor, cfg.server.hostname)
+        local = LocalDelivery(router, cfg.server.hostname, diskPool.run)
+        queueService = QueueService(queue, cfg.relay, reactor, local)
+        queueService.setServiceParent(top)
+    realm = Realm(
+        router=router,
+        hostname=cfg.server.hostname,
+        store=diskPool.run,
+        queue=queue,
+        wakeQueue=queueService.wake if queueService is not None else (lambda: None),
+        clock=reactor,
+    )
+    portal = Portal(realm)
+    portal.registerChecker(PasswordChecker(users, authPool.run))
+    if "CRAM-MD5" in cfg.auth.mechanisms:
+        portal.registerChecker(CramMD5Checker(users, authPool.run))
+
+    tls = ReloadableTLS(cfg.tls.certificate, cfg.tls.private_key) if cfg.tls else None
+    throttle = AuthThrottle.fromConfig(reactor, cfg.auth)
+    connections = ConnectionLimiter(cfg.server.max_connections,
+                                    cfg.server.max_connections_per_address)
+    anonymous = realm.anonymous()
+    postmasterDomain = sorted(cfg.delivery.local_domains)[0]
+    for listener in cfg.listeners:
+        factory = SubmissionFactory(
+            settings=cfg.server,
+            portal=portal,
+            anonymous=anonymous,
+            mechanisms=cfg.auth.mechanisms,
+            authMode=listener.auth,
+            tlsMode=listener.tls,
+            tlsContext=tls,
+            plaintextRequiresTLS=cfg.auth.plaintext_requires_tls,
+            throttle=throttle,
+            connections=connections,
+            failuresPerSession=cfg.auth.failures_per_session,
+            postmasterDomain=postmasterDomain,
+            reactor=reactor,
+        )
+        wrapped = factory
+        if listener.tls == "implicit":
+            wrapped = TLSMemoryBIOFactory(tls, False, factory)
+        listening = strports.service(listener.endpoint, wrapped, reactor=reactor)
+        listening.setName(f"listener:{listener.name}")
+        listening.setServiceParent(top)
+
+    def reloadFiles() -> None:
+        try:
+            for source in (users, aliases, senderMap):
+                source.maybeReload()
+        except Exception:
+            log.failure("reloading the users or address files failed")
+
+    def reloadAll() -> None:
+        log.info("SIGHUP: reloading certificates, users and address files")
+        if tls is not None:
+            tls.reload()
+        users.load()
+        for source in (aliases, senderMap):
+            if source.path is not None:
+                source.load()
+
+    reloader = internet.TimerService(RELOAD_INTERVAL, reloadFiles)
+    reloader.clock = reactor
+    reloader.setServiceParent(top)
+    _Signals(reactor, reloadAll).setServiceParent(top)
+    return top

@@ -1,0 +1,94 @@
+"""The server's TLS context: TLS 1.2 or newer, modern ciphers, reloadable."""
+
+from __future__ import annotations
+
+import re
+
+from OpenSSL import crypto
+from twisted.internet import ssl
+from twisted.logger import Logger
+
+log = Logger(namespace="mailauth.tls")
+
+# Forward-secret AEAD suites only for TLS 1.2; TLS 1.3 suites are OpenSSL's
+# defaults, all of them modern.
+CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
+
+_PEM_CERT = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+class TLSError(Exception):
+    """The certificate or key cannot be used; the message says why."""
+
+
+def loadOptions(certificatePath: str, keyPath: str) -> ssl.CertificateOptions:
+    """
+    Build L{ssl.CertificateOptions} from a certificate file (the leaf first,
+    then any intermediates, as in Let's Encrypt's C{fullchain.pem}) and a
+    key file.
+
+    @raise TLSError: naming the file that is wrong.
+    """
+    try:
+        with open(certificatePath, "rb") as f:
+            certData = f.read()
+    except OSError as e:
+        raise TLSError(f"{certificatePath}: cannot read certificate: {e.strerror}") from None
+    try:
+        with open(keyPath, "rb") as f:
+            keyData = f.read()
+    except OSError as e:
+        raise TLSError(f"{keyPath}: cannot read private key: {e.strerror}") from None
+    pems = _PEM_CERT.findall(certData)
+    if not pems:
+        raise TLSError(f"{certificatePath}: no PEM certificate in it")
+    try:
+        chain = [crypto.load_certificate(crypto.FILETYPE_PEM, pem) for pem in pems]
+    except crypto.Error as e:
+        raise TLSError(f"{certificatePath}: bad certificate: {e}") from None
+    try:
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, keyData)
+    except crypto.Error as e:
+        raise TLSError(f"{keyPath}: bad private key: {e}") from None
+    options = ssl.CertificateOptions(
+        privateKey=key,
+        certificate=chain[0],
+        extraCertChain=chain[1:],
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
+    )
+    try:
+        options.getContext()
+    except Exception as e:
+        raise TLSError(
+            f"{keyPath}: private key does not match {certificatePath}: {e}"
+        ) from None
+    return options
+
+
+class ReloadableTLS:
+    """
+    An old-style context factory (C{getContext}) whose certificate can be
+    replaced while running: connections made after L{reload} use the new
+    one, connections already open keep theirs.
+    """
+
+    def __init__(self, certificatePath: str, keyPath: str) -> None:
+        self.certificatePath = certificatePath
+        self.keyPath = keyPath
+        self._options = loadOptions(certificatePath, keyPath)
+
+    def reload(self) -> bool:
+        """Load the files again; on failure keep the current certificate and log why."""
+        try:
+            self._options = loadOptions(self.certificatePath, self.keyPath)
+        except TLSError as e:
+            log.error("TLS certificate not reloaded, keeping the old one: {why}", why=e)
+            return False
+        log.info("TLS certificate reloaded from {path}", path=self.certificatePath)
+        return True
+
+    def getContext(self):
+        return self._options.getContext()
