@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import re
 import secrets
-import time
 from typing import Optional, Union
 
 import attrs
@@ -103,7 +102,7 @@ class Plain:
 
     name = "PLAIN"
 
-    def __init__(self, hostname: str, clock=time) -> None:
+    def __init__(self, hostname: str, clock) -> None:
         pass
 
     def start(self, initial: Optional[bytes]) -> Step:
@@ -129,7 +128,7 @@ class Login:
 
     name = "LOGIN"
 
-    def __init__(self, hostname: str, clock=time) -> None:
+    def __init__(self, hostname: str, clock) -> None:
         self._username: Optional[str] = None
 
     def start(self, initial: Optional[bytes]) -> Step:
@@ -157,9 +156,9 @@ class CramMD5:
 
     name = "CRAM-MD5"
 
-    def __init__(self, hostname: str, clock=time) -> None:
+    def __init__(self, hostname: str, clock) -> None:
         self._challenge = (
-            f"<{secrets.randbelow(10**18)}.{int(clock.time())}@{hostname}>".encode("ascii")
+            f"<{secrets.randbelow(10**18)}.{int(clock.seconds())}@{hostname}>".encode("ascii")
         )
 
     def start(self, initial: Optional[bytes]) -> Step:
@@ -175,7 +174,6 @@ class CramMD5:
         return CramMD5Credentials(username, self._challenge, m.group(2))
 
 
+# Mechanism name -> class; each is built with (hostname, clock), where clock
+# is an IReactorTime.
 MECHANISMS = {m.name: m for m in (Plain, Login, CramMD5)}
-
-# Mechanisms that reveal the password to anyone who can read the session.
-PLAINTEXT = frozenset({"PLAIN", "LOGIN"})

@@ -1,0 +1,916 @@
+"""
+The SMTP session on a StringTransport: every row of the reply table, and a
+test for each twisted.mail server defect of research/twisted-mail.md that the
+session closes (the D-numbers in the docstrings).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import re
+
+from twisted.cred.error import LoginFailed
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from mailauth import esmtp
+from mailauth.esmtp import DataReader, SMTPReply
+from tests.support import (
+    MemoryMailbox,
+    RecordingPortal,
+    TLSStringTransport,
+    makeFactory,
+    makeSettings,
+    passwordIs,
+)
+
+REPLY = re.compile(rb"^(\d{3})([ -])(.*)$")
+ENHANCED = re.compile(rb"^[245]\.\d{1,3}\.\d{1,3} ")
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+PLAIN_ALICE = b64(b"\0alice@example.test\0secret")
+
+
+class Session:
+    """One client talking to a fresh protocol over a StringTransport."""
+
+    def __init__(self, factory, host: str = "192.0.2.1") -> None:
+        self.factory = factory
+        self.transport = TLSStringTransport(peerAddress=IPv4Address("TCP", host, 40000))
+        self.protocol = factory.buildProtocol(None)
+        self.protocol.makeConnection(self.transport)
+
+    def read(self) -> list:
+        """The reply lines written since the last read."""
+        data = self.transport.value()
+        self.transport.clear()
+        lines = data.split(b"\r\n")
+        assert lines[-1] == b"", data
+        return lines[:-1]
+
+    def send(self, data: bytes) -> list:
+        self.protocol.dataReceived(data)
+        return self.read()
+
+    def command(self, line: bytes) -> list:
+        return self.send(line + b"\r\n")
+
+
+class SessionTestsMixin:
+    """Builds a factory and a session with a Clock, a portal that knows alice."""
+
+    tlsMode = "starttls"
+    authMode = "required"
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.mailbox = MemoryMailbox(login="alice@example.test")
+        self.anonymous = MemoryMailbox()
+        self.portal = RecordingPortal(self.mailbox, answer=passwordIs(b"secret"))
+        self.factory = self.makeFactory()
+        self.session = Session(self.factory)
+        self.greeting = self.session.read()
+
+    def makeFactory(self, **overrides):
+        values = dict(
+            portal=self.portal,
+            anonymous=self.anonymous,
+            tlsMode=self.tlsMode,
+            authMode=self.authMode,
+        )
+        values.update(overrides)
+        return makeFactory(self.clock, **values)
+
+    def ehlo(self) -> list:
+        return self.session.command(b"EHLO client.example")
+
+    def login(self) -> None:
+        self.ehlo()
+        self.assertEqual(self.session.command(b"AUTH PLAIN " + PLAIN_ALICE),
+                         [b"235 2.7.0 Authentication successful"])
+
+    def assertReply(self, lines: list, expected: bytes) -> None:
+        self.assertEqual(lines, [expected])
+
+    def assertCode(self, lines: list, code: int) -> None:
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].startswith(b"%d " % code), lines)
+
+
+class GreetingAndEHLOTests(SessionTestsMixin, unittest.TestCase):
+    def test_greeting(self) -> None:
+        """The greeting names the host and mailauth."""
+        self.assertEqual(self.greeting, [b"220 mx.example.test ESMTP mailauth"])
+
+    def test_ehloBeforeTLS(self) -> None:
+        """
+        Before TLS on a STARTTLS listener, EHLO offers STARTTLS and no AUTH
+        (D1: Twisted offers AUTH in cleartext).
+        """
+        self.assertEqual(
+            self.ehlo(),
+            [
+                b"250-mx.example.test",
+                b"250-PIPELINING",
+                b"250-SIZE 1048576",
+                b"250-8BITMIME",
+                b"250-ENHANCEDSTATUSCODES",
+                b"250 STARTTLS",
+            ],
+        )
+
+    def test_ehloWithoutArgument(self) -> None:
+        """EHLO needs a host name argument (D19)."""
+        self.assertReply(self.session.command(b"EHLO"), b"501 5.5.4 Syntax: EHLO hostname")
+
+    def test_helo(self) -> None:
+        """HELO gets a single 250 line."""
+        self.assertReply(self.session.command(b"HELO client.example"), b"250 mx.example.test")
+
+    def test_bareLineFeedInCommand(self) -> None:
+        """
+        A bare LF inside a command line is refused, so it cannot be pasted
+        into a Received header (D17: C{EHLO evil\\nX-Injected: yes}).
+        """
+        self.assertReply(
+            self.session.send(b"EHLO evil\nX-Injected: yes\r\n"),
+            b"500 5.5.2 Error: bare CR or LF in command",
+        )
+
+    def test_unknownCommand(self) -> None:
+        """Unknown commands get 500 5.5.2."""
+        self.assertReply(self.session.command(b"XYZZY"), b"500 5.5.2 Error: command not recognized")
+
+    def test_noopVrfyHelp(self) -> None:
+        """NOOP, VRFY and HELP are implemented (D19); VRFY never reveals users."""
+        self.assertReply(self.session.command(b"NOOP"), b"250 2.0.0 Ok")
+        self.assertCode(self.session.command(b"VRFY alice"), 252)
+        self.assertCode(self.session.command(b"HELP"), 214)
+
+    def test_quit(self) -> None:
+        """QUIT says goodbye and closes."""
+        self.assertReply(self.session.command(b"QUIT"), b"221 2.0.0 Bye")
+        self.assertTrue(self.session.transport.disconnecting)
+
+    def test_mailBeforeHelo(self) -> None:
+        """MAIL before HELO/EHLO is refused (D19)."""
+        self.assertReply(
+            self.session.command(b"MAIL FROM:<alice@example.test>"),
+            b"503 5.5.1 Error: send HELO/EHLO first",
+        )
+
+
+class ImplicitTLSTests(SessionTestsMixin, unittest.TestCase):
+    tlsMode = "implicit"
+
+    def test_ehloOffersAuthNotStartTLS(self) -> None:
+        """
+        On an implicit-TLS listener AUTH is offered and STARTTLS is not
+        (D4: Twisted offers STARTTLS inside TLS and wedges).
+        """
+        lines = self.ehlo()
+        self.assertIn(b"250 AUTH PLAIN LOGIN CRAM-MD5", lines)
+        self.assertNotIn(b"250-STARTTLS", lines)
+
+    def test_startTLSInsideTLS(self) -> None:
+        """STARTTLS inside TLS is refused and starts nothing (D4)."""
+        self.ehlo()
+        self.assertReply(self.session.command(b"STARTTLS"), b"554 5.5.1 Error: TLS already active")
+        self.assertIsNone(self.session.transport.tlsStarted)
+
+
+class StartTLSTests(SessionTestsMixin, unittest.TestCase):
+    def test_startTLS(self) -> None:
+        """STARTTLS answers 220 and starts TLS with the factory's context."""
+        self.ehlo()
+        self.assertReply(self.session.command(b"STARTTLS"), b"220 2.0.0 Ready to start TLS")
+        self.assertIs(self.session.transport.tlsStarted, self.factory.tlsContext)
+
+    def test_pipelinedAfterStartTLSDiscarded(self) -> None:
+        """
+        Commands sent in the same packet after STARTTLS are discarded, not
+        executed inside TLS (D2, CVE-2011-0411).
+        """
+        self.ehlo()
+        lines = self.session.send(b"STARTTLS\r\nEHLO injected\r\nMAIL FROM:<x@evil.test>\r\n")
+        self.assertEqual(lines, [b"220 2.0.0 Ready to start TLS"])
+        self.assertEqual(self.session.send(b""), [])
+        # After the handshake the client must say EHLO again: nothing of
+        # the injected EHLO survived.
+        self.assertReply(
+            self.session.command(b"MAIL FROM:<alice@example.test>"),
+            b"503 5.5.1 Error: send HELO/EHLO first",
+        )
+
+    def test_partialLineAfterStartTLSDiscarded(self) -> None:
+        """A partial line buffered before STARTTLS does not prefix the first TLS data (D2)."""
+        self.ehlo()
+        self.session.send(b"STARTTLS\r\nNO")
+        self.assertReply(self.session.command(b"OP"), b"500 5.5.2 Error: command not recognized")
+
+    def test_stateResetByStartTLS(self) -> None:
+        """
+        STARTTLS forgets the EHLO and any transaction begun before it
+        (D3; RFC 3207 4.2).
+        """
+        factory = self.makeFactory(authMode="optional")
+        session = Session(factory)
+        session.read()
+        session.command(b"EHLO client.example")
+        self.assertReply(session.command(b"MAIL FROM:<bob@remote.test>"), b"250 2.1.0 Ok")
+        session.command(b"STARTTLS")
+        self.assertReply(
+            session.command(b"RCPT TO:<bob@example.test>"), b"503 5.5.1 Error: need MAIL command"
+        )
+        lines = session.command(b"EHLO client.example")
+        self.assertIn(b"250 AUTH PLAIN LOGIN CRAM-MD5", lines)
+        self.assertNotIn(b"250-STARTTLS", lines)
+
+    def test_startTLSNotOfferedOnPlainListener(self) -> None:
+        """A tls = none listener neither offers nor accepts STARTTLS."""
+        session = Session(self.makeFactory(tlsMode="none", plaintextRequiresTLS=False))
+        session.read()
+        self.assertNotIn(b"250-STARTTLS", session.command(b"EHLO c"))
+        self.assertReply(session.command(b"STARTTLS"), b"502 5.5.1 Error: STARTTLS not offered")
+
+
+class AuthBeforeTLSTests(SessionTestsMixin, unittest.TestCase):
+    def test_authBeforeTLS(self) -> None:
+        """AUTH before TLS gets 538 5.7.11 and no credentials are checked (D1)."""
+        self.ehlo()
+        self.assertReply(
+            self.session.command(b"AUTH PLAIN " + PLAIN_ALICE),
+            b"538 5.7.11 Encryption required for requested authentication mechanism",
+        )
+        self.assertEqual(self.portal.logins, [])
+
+    def test_mailBeforeAuth(self) -> None:
+        """MAIL before AUTH on an auth = required listener gets 530 5.7.0 (D13)."""
+        self.ehlo()
+        self.assertReply(
+            self.session.command(b"MAIL FROM:<alice@example.test>"),
+            b"530 5.7.0 Authentication required",
+        )
+
+    def test_plaintextAllowedWhenConfigured(self) -> None:
+        """With plaintext_requires_tls = no, AUTH is offered before TLS."""
+        session = Session(self.makeFactory(plaintextRequiresTLS=False))
+        session.read()
+        self.assertIn(b"250 AUTH PLAIN LOGIN CRAM-MD5", session.command(b"EHLO c"))
+
+
+class AuthTests(SessionTestsMixin, unittest.TestCase):
+    tlsMode = "implicit"
+
+    def test_plainInitialResponse(self) -> None:
+        """AUTH PLAIN with an initial response logs in."""
+        self.login()
+        credentials = self.portal.logins[0][0]
+        self.assertEqual(credentials.username, "alice@example.test")
+        self.assertEqual(credentials.mechanism, "PLAIN")
+
+    def test_plainEmptyChallenge(self) -> None:
+        """AUTH PLAIN without a response gets an empty 334, then takes the response."""
+        self.ehlo()
+        self.assertReply(self.session.command(b"AUTH PLAIN"), b"334 ")
+        self.assertReply(self.session.command(PLAIN_ALICE), b"235 2.7.0 Authentication successful")
+
+    def test_plainEqualsIsEmptyInitialResponse(self) -> None:
+        """C{=} is an empty initial response (RFC 4954), malformed for PLAIN (D5)."""
+        self.ehlo()
+        self.assertCode(self.session.command(b"AUTH PLAIN ="), 501)
+
+    def test_login(self) -> None:
+        """LOGIN prompts Username: and Password: in base64 (D10: not NUL-suffixed)."""
+        self.ehlo()
+        self.assertReply(self.session.command(b"AUTH LOGIN"), b"334 " + b64(b"Username:"))
+        self.assertReply(self.session.command(b64(b"alice@example.test")),
+                         b"334 " + b64(b"Password:"))
+        self.assertReply(self.session.command(b64(b"secret")),
+                         b"235 2.7.0 Authentication successful")
+
+    def test_loginInitialResponse(self) -> None:
+        """LOGIN with the user name as initial response goes straight to Password:."""
+        self.ehlo()
+        self.assertReply(
+            self.session.command(b"AUTH LOGIN " + b64(b"alice@example.test")),
+            b"334 " + b64(b"Password:"),
+        )
+
+    def test_cramMD5(self) -> None:
+        """
+        CRAM-MD5 sends a random challenge naming our host (D8: not
+        C{@None}, not Mersenne Twister) and passes the digest to the portal.
+        """
+        self.ehlo()
+        lines = self.session.command(b"AUTH CRAM-MD5")
+        challenge = base64.b64decode(lines[0][4:])
+        self.assertRegex(challenge, rb"^<\d+\.\d+@mx\.example\.test>$")
+        second = Session(self.factory)
+        second.read()
+        second.command(b"EHLO c")
+        self.assertNotEqual(second.command(b"AUTH CRAM-MD5"), lines)
+        digest = hmac.new(b"secret", challenge, "md5").hexdigest().encode()
+        self.assertReply(self.session.command(b64(b"alice@example.test " + digest)),
+                         b"235 2.7.0 Authentication successful")
+
+    def test_cramMD5NoInitialResponse(self) -> None:
+        """CRAM-MD5 allows no initial response (D8)."""
+        self.ehlo()
+        self.assertCode(self.session.command(b"AUTH CRAM-MD5 " + b64(b"x")), 501)
+
+    def test_cramMD5MalformedResponse(self) -> None:
+        """A CRAM-MD5 response without a space gets 501, not a dropped connection (D5)."""
+        self.ehlo()
+        self.session.command(b"AUTH CRAM-MD5")
+        self.assertCode(self.session.command(b64(b"alicenospace")), 501)
+        self.assertFalse(self.session.transport.disconnecting)
+
+    def test_wrongPassword(self) -> None:
+        """Wrong credentials get 535 5.7.8 (D13)."""
+        self.ehlo()
+        self.assertReply(
+            self.session.command(b"AUTH PLAIN " + b64(b"\0alice@example.test\0wrong")),
+            b"535 5.7.8 Authentication credentials invalid",
+        )
+
+    def test_unknownMechanism(self) -> None:
+        """An unknown mechanism gets 504 5.5.4."""
+        self.ehlo()
+        self.assertReply(self.session.command(b"AUTH GSSAPI"),
+                         b"504 5.5.4 Unrecognized authentication type")
+
+    def test_authWithoutMechanism(self) -> None:
+        """A bare AUTH gets 501, not an IndexError (D5, Twisted #7753)."""
+        self.ehlo()
+        self.assertCode(self.session.command(b"AUTH"), 501)
+
+    def test_plainTwoFields(self) -> None:
+        """A PLAIN response with two fields gets 501 5.5.2 (D5)."""
+        self.ehlo()
+        lines = self.session.command(b"AUTH PLAIN " + b64(b"alice\0secret"))
+        self.assertCode(lines, 501)
+        self.assertTrue(lines[0].startswith(b"501 5.5.2"))
+
+    def test_invalidBase64(self) -> None:
+        """Non-alphabet characters and data after the padding are refused (D6)."""
+        self.ehlo()
+        self.assertReply(
+            self.session.command(b"AUTH PLAIN AGFs!!**aWNlAHNlY3JldA=="),
+            b"501 5.5.2 Error: invalid base64 data",
+        )
+        self.assertReply(
+            self.session.command(b"AUTH PLAIN " + PLAIN_ALICE + b"trailing"),
+            b"501 5.5.2 Error: invalid base64 data",
+        )
+        self.assertEqual(self.portal.logins, [])
+
+    def test_cancel(self) -> None:
+        """C{*} cancels the exchange with 501 5.7.0."""
+        self.ehlo()
+        self.session.command(b"AUTH LOGIN")
+        self.assertReply(self.session.command(b"*"), b"501 5.7.0 Authentication cancelled")
+        self.assertReply(self.session.command(b"NOOP"), b"250 2.0.0 Ok")
+
+    def test_authzidMismatch(self) -> None:
+        """
+        A PLAIN authzid other than the login is refused like wrong
+        credentials, without asking the portal (D7).
+        """
+        self.ehlo()
+        self.assertReply(
+            self.session.command(
+                b"AUTH PLAIN " + b64(b"postmaster@example.test\0alice@example.test\0secret")
+            ),
+            b"535 5.7.8 Authentication credentials invalid",
+        )
+        self.assertEqual(self.portal.logins, [])
+
+    def test_authzidEqualToLogin(self) -> None:
+        """A PLAIN authzid equal to the login is accepted."""
+        self.ehlo()
+        self.assertReply(
+            self.session.command(
+                b"AUTH PLAIN " + b64(b"alice@example.test\0alice@example.test\0secret")
+            ),
+            b"235 2.7.0 Authentication successful",
+        )
+
+    def test_authLineTooLong(self) -> None:
+        """An AUTH line over 12288 octets gets 500 5.5.6, and nothing is held (D16)."""
+        self.ehlo()
+        self.assertReply(
+            self.session.send(b"AUTH PLAIN " + b"A" * 20000),
+            b"500 5.5.6 Authentication exchange line is too long",
+        )
+        self.assertLessEqual(len(self.session.protocol._buffer), esmtp.MAX_LINE)
+        self.session.send(b"A" * 20000 + b"\r\n")
+        self.assertReply(self.session.command(b"NOOP"), b"250 2.0.0 Ok")
+
+    def test_authResponseTooLong(self) -> None:
+        """A SASL continuation line over the limit also gets 500 5.5.6."""
+        self.ehlo()
+        self.session.command(b"AUTH PLAIN")
+        self.assertReply(
+            self.session.command(b"A" * 13000),
+            b"500 5.5.6 Authentication exchange line is too long",
+        )
+
+    def test_authLineAtLimit(self) -> None:
+        """An AUTH line of 12288 octets is within the RFC 4954 limit."""
+        self.ehlo()
+        line = b"AUTH PLAIN " + b64(b"\0alice@example.test\0" + b"x" * 9000)
+        self.assertLessEqual(len(line), 12288)
+        self.assertReply(self.session.command(line),
+                         b"535 5.7.8 Authentication credentials invalid")
+
+    def test_authTwice(self) -> None:
+        """AUTH when already authenticated gets 503."""
+        self.login()
+        self.assertReply(self.session.command(b"AUTH PLAIN " + PLAIN_ALICE),
+                         b"503 5.5.1 Error: already authenticated")
+
+    def test_authInsideTransaction(self) -> None:
+        """AUTH inside a mail transaction gets 503 (D11; RFC 4954 section 4)."""
+        session = Session(self.makeFactory(authMode="optional"))
+        session.read()
+        session.command(b"EHLO c")
+        session.command(b"MAIL FROM:<bob@remote.test>")
+        self.assertReply(session.command(b"AUTH PLAIN " + PLAIN_ALICE),
+                         b"503 5.5.1 Error: AUTH not allowed during a mail transaction")
+
+    def test_userDatabaseUnavailable(self) -> None:
+        """When the user database cannot be read: 454 4.7.0."""
+        self.portal.answer = None
+        self.ehlo()
+        self.session.command(b"AUTH PLAIN " + PLAIN_ALICE)
+        self.portal.fail(exc=LoginFailed("user database unavailable"))
+        self.assertReply(self.session.read(), b"454 4.7.0 Temporary authentication failure")
+
+    def test_internalErrorIsTemporary(self) -> None:
+        """Any other error of the portal is logged and answered 454, the session goes on."""
+        self.portal.answer = None
+        self.ehlo()
+        self.session.command(b"AUTH PLAIN " + PLAIN_ALICE)
+        self.portal.fail(exc=RuntimeError("boom"))
+        self.assertReply(self.session.read(), b"454 4.7.0 Temporary authentication failure")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertReply(self.session.command(b"NOOP"), b"250 2.0.0 Ok")
+
+    def test_authNotOfferedOnMXListener(self) -> None:
+        """An auth = none listener neither offers nor accepts AUTH."""
+        session = Session(self.makeFactory(authMode="none"))
+        session.read()
+        self.assertFalse([x for x in session.command(b"EHLO c") if b"AUTH" in x])
+        self.assertReply(session.command(b"AUTH PLAIN " + PLAIN_ALICE),
+                         b"503 5.5.1 Error: authentication not enabled")
+
+    def test_tooManyFailuresInSession(self) -> None:
+        """After failures_per_session failed logins the session ends with 421 4.7.0."""
+        self.ehlo()
+        bad = b"AUTH PLAIN " + b64(b"\0alice@example.test\0wrong")
+        self.assertCode(self.session.command(bad), 535)
+        self.assertCode(self.session.command(bad), 535)
+        self.assertReply(self.session.command(bad), b"421 4.7.0 Error: too many failed logins")
+        self.assertTrue(self.session.transport.disconnecting)
+
+    def test_pipelinedAuthThenMail(self) -> None:
+        """
+        MAIL pipelined behind AUTH waits for the login to finish, so replies
+        stay in order (D14).
+        """
+        self.portal.answer = None
+        self.ehlo()
+        lines = self.session.send(
+            b"AUTH PLAIN " + PLAIN_ALICE + b"\r\nMAIL FROM:<alice@example.test>\r\n"
+        )
+        self.assertEqual(lines, [])
+        self.portal.succeed()
+        self.assertEqual(
+            self.session.read(),
+            [b"235 2.7.0 Authentication successful", b"250 2.1.0 Ok"],
+        )
+
+
+class TransactionTests(SessionTestsMixin, unittest.TestCase):
+    tlsMode = "implicit"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.login()
+
+    def test_message(self) -> None:
+        """A whole transaction: the body reaches the message once, with our header."""
+        s = self.session
+        self.assertReply(s.command(b"MAIL FROM:<alice@example.test>"), b"250 2.1.0 Ok")
+        self.assertReply(s.command(b"RCPT TO:<bob@example.test>"), b"250 2.1.5 Ok")
+        self.assertReply(s.command(b"DATA"), b"354 End data with <CR><LF>.<CR><LF>")
+        self.assertEqual(s.send(b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\n"),
+                         [b"250 2.0.0 Ok: queued as ID1"])
+        self.assertEqual(
+            self.mailbox.stored,
+            [b"Received: from client.example\r\nSubject: hi\r\n\r\n.dot\r\nbody\r\n"],
+        )
+
+    def test_senderNotOwned(self) -> None:
+        """MAIL FROM an address the user does not own gets 553 5.7.1."""
+        lines = self.session.command(b"MAIL FROM:<bob@example.test>")
+        self.assertCode(lines, 553)
+        self.assertTrue(lines[0].startswith(b"553 5.7.1 "))
+
+    def test_nullSender(self) -> None:
+        """The null sender is accepted."""
+        self.assertReply(self.session.command(b"MAIL FROM:<>"), b"250 2.1.0 Ok")
+
+    def test_unknownLocalRecipient(self) -> None:
+        """An unknown local recipient gets 550 5.1.1."""
+        self.session.command(b"MAIL FROM:<alice@example.test>")
+        lines = self.session.command(b"RCPT TO:<nobody@example.test>")
+        self.assertTrue(lines[0].startswith(b"550 5.1.1 "), lines)
+
+    def test_mailParameters(self) -> None:
+        """
+        MAIL parameters are parsed: SIZE and BODY checked, unknown ones
+        refused (D18: Twisted ignores them all).
+        """
+        s = self.session
+        self.assertReply(s.command(b"MAIL FROM:<alice@example.test> SIZE=99999999999"),
+                         b"552 5.3.4 Message size exceeds fixed maximum message size")
+        self.assertReply(s.command(b"MAIL FROM:<alice@example.test> BODY=BOGUS"),
+                         b"501 5.5.4 Syntax: BODY=7BIT or BODY=8BITMIME")
+        self.assertReply(s.command(b"MAIL FROM:<alice@example.test> XYZZY=1"),
+                         b"555 5.5.4 Unsupported option: XYZZY")
+        self.assertReply(
+            s.command(b"MAIL FROM:<alice@example.test> SIZE=100 BODY=8BITMIME AUTH=<>"),
+            b"250 2.1.0 Ok",
+        )
+
+    def test_nestedMail(self) -> None:
+        """A second MAIL inside a transaction gets 503."""
+        self.session.command(b"MAIL FROM:<alice@example.test>")
+        self.assertReply(self.session.command(b"MAIL FROM:<alice@example.test>"),
+                         b"503 5.5.1 Error: nested MAIL command")
+
+    def test_rcptBeforeMail(self) -> None:
+        """RCPT before MAIL gets 503."""
+        self.assertReply(self.session.command(b"RCPT TO:<bob@example.test>"),
+                         b"503 5.5.1 Error: need MAIL command")
+
+    def test_dataBeforeRcpt(self) -> None:
+        """DATA without recipients gets 503."""
+        self.session.command(b"MAIL FROM:<alice@example.test>")
+        self.assertReply(self.session.command(b"DATA"), b"503 5.5.1 Error: need RCPT command")
+
+    def test_badAddressSyntax(self) -> None:
+        """Malformed paths get 501 with the matching enhanced code."""
+        self.assertReply(self.session.command(b"MAIL FROM:alice@example.test"),
+                         b"501 5.1.7 Bad sender address syntax")
+        self.session.command(b"MAIL FROM:<alice@example.test>")
+        for bad in (b"<bob>", b"<bob@>", b"<@example.test>", b"<a@b@example.test>", b"<>"):
+            self.assertReply(self.session.command(b"RCPT TO:" + bad),
+                             b"501 5.1.3 Bad recipient address syntax")
+        self.assertReply(self.session.command(b"RCPT TO:<a b@example.test>"),
+                         b"501 5.5.4 Syntax error in parameters")
+
+    def test_tooManyRecipients(self) -> None:
+        """Past max_recipients: 452 4.5.3."""
+        self.session.command(b"MAIL FROM:<alice@example.test>")
+        for _ in range(5):
+            self.assertCode(self.session.command(b"RCPT TO:<bob@example.test>"), 250)
+        self.assertReply(self.session.command(b"RCPT TO:<bob@example.test>"),
+                         b"452 4.5.3 Error: too many recipients")
+
+    def test_oneMessageForManyRecipients(self) -> None:
+        """Two recipients sharing a sink get one copy of the body (D21)."""
+        s = self.session
+        s.command(b"MAIL FROM:<alice@example.test>")
+        s.command(b"RCPT TO:<bob@example.test>")
+        s.command(b"RCPT TO:<alice@example.test>")
+        s.command(b"DATA")
+        s.send(b"x\r\n.\r\n")
+        self.assertEqual(len(self.mailbox.messages), 1)
+        self.assertEqual(len(self.mailbox.stored), 1)
+
+    def test_storageFailureIsTemporary(self) -> None:
+        """A message that cannot be stored gets 451 4.3.0, not 550 (D21)."""
+        self.mailbox.failWith = OSError(5, "I/O error")
+        s = self.session
+        s.command(b"MAIL FROM:<alice@example.test>")
+        s.command(b"RCPT TO:<bob@example.test>")
+        s.command(b"DATA")
+        self.assertReply(s.send(b"x\r\n.\r\n"), b"451 4.3.0 Error: local error in processing")
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_diskFull(self) -> None:
+        """A full disk gets 452 4.3.1, and the message is not acknowledged."""
+        self.mailbox.failWith = OSError(28, "No space left on device")
+        s = self.session
+        s.command(b"MAIL FROM:<alice@example.test>")
+        s.command(b"RCPT TO:<bob@example.test>")
+        s.command(b"DATA")
+        self.assertReply(s.send(b"x\r\n.\r\n"), b"452 4.3.1 Error: insufficient system storage")
+        self.flushLoggedErrors(OSError)
+
+    def test_rejectedByMessage(self) -> None:
+        """A message may pick its own reply with SMTPReply."""
+        self.mailbox.failWith = SMTPReply(554, "5.7.0 Message refused")
+        s = self.session
+        s.command(b"MAIL FROM:<alice@example.test>")
+        s.command(b"RCPT TO:<bob@example.test>")
+        s.command(b"DATA")
+        self.assertReply(s.send(b"x\r\n.\r\n"), b"554 5.7.0 Message refused")
+
+    def startData(self) -> None:
+        s = self.session
+        s.command(b"MAIL FROM:<alice@example.test>")
+        s.command(b"RCPT TO:<bob@example.test>")
+        s.command(b"DATA")
+
+    def test_messageTooBig(self) -> None:
+        """A body over max_message_size gets 552 5.3.4 at the end, and nothing is stored."""
+        self.startData()
+        for _ in range(20):
+            self.assertEqual(self.session.send(b"x" * 65535 + b"\r\n"), [])
+        self.assertReply(self.session.send(b".\r\n"),
+                         b"552 5.3.4 Message size exceeds fixed maximum message size")
+        self.assertEqual(self.mailbox.stored, [])
+        self.assertTrue(self.mailbox.messages[0].aborted)
+
+    def test_bareLineFeedInData(self) -> None:
+        """A bare LF in DATA is rejected at the end with 550 5.6.2; nothing is stored (D17)."""
+        self.startData()
+        self.assertReply(self.session.send(b"a\nb\r\n.\r\n"),
+                         b"550 5.6.2 Error: bare CR or LF in message, not accepted")
+        self.assertEqual(self.mailbox.stored, [])
+
+    def test_bareCarriageReturnInData(self) -> None:
+        """A bare CR in DATA is rejected as well."""
+        self.startData()
+        self.assertCode(self.session.send(b"a\rb\r\n.\r\n"), 550)
+
+    def test_smugglingSequencesDoNotEndData(self) -> None:
+        """
+        C{\\n.\\n}, C{\\r.\\r}, C{\\n.\\r\\n} and C{\\r\\n.\\n} never end the
+        message or start a second one (D17, SMTP smuggling).
+        """
+        for seq in (b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n"):
+            self.startData()
+            smuggled = b"a" + seq + b"MAIL FROM:<evil@evil.test>\r\nRCPT TO:<bob@example.test>\r\n"
+            self.assertEqual(self.session.send(smuggled), [], seq)
+            self.assertCode(self.session.send(b".\r\n"), 550)
+        self.assertEqual(self.mailbox.stored, [])
+
+    def test_longDataLineStaysData(self) -> None:
+        """
+        A DATA line over 16 KiB stays part of the message, and what follows
+        it is body, not commands (D15).
+        """
+        self.startData()
+        body = b"x" * 17000 + b"\r\nRSET\r\nMAIL FROM:<evil@evil.test>\r\n"
+        self.assertEqual(self.session.send(body), [])
+        self.assertEqual(self.session.send(b".\r\n"), [b"250 2.0.0 Ok: queued as ID1"])
+        self.assertEqual(self.mailbox.stored[0], b"Received: from client.example\r\n" + body)
+
+    def test_pipelinedAfterData(self) -> None:
+        """Commands pipelined after the final dot are answered after the 250 (D14, p21)."""
+        self.startData()
+        self.assertEqual(
+            self.session.send(b"x\r\n.\r\nNOOP\r\n"),
+            [b"250 2.0.0 Ok: queued as ID1", b"250 2.0.0 Ok"],
+        )
+
+    def test_pipelinedTransactions(self) -> None:
+        """A whole pipelined transaction in one packet gets its replies in order."""
+        lines = self.session.send(
+            b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\n"
+            b"RCPT TO:<nobody@example.test>\r\nDATA\r\nhello\r\n.\r\nQUIT\r\n"
+        )
+        self.assertEqual([line[:3] for line in lines],
+                         [b"250", b"250", b"550", b"354", b"250", b"221"])
+
+    def test_clientGoneInData(self) -> None:
+        """A client that disconnects inside DATA leaves nothing stored."""
+        self.startData()
+        self.session.send(b"half a message\r\n")
+        self.session.protocol.connectionLost(None)
+        self.assertEqual(self.mailbox.stored, [])
+        self.assertTrue(self.mailbox.messages[0].aborted)
+
+    def test_rset(self) -> None:
+        """RSET ends the transaction."""
+        self.session.command(b"MAIL FROM:<alice@example.test>")
+        self.assertReply(self.session.command(b"RSET"), b"250 2.0.0 Ok")
+        self.assertReply(self.session.command(b"RCPT TO:<bob@example.test>"),
+                         b"503 5.5.1 Error: need MAIL command")
+
+
+class RelayTests(SessionTestsMixin, unittest.TestCase):
+    authMode = "optional"
+    tlsMode = "implicit"
+
+    def test_unauthenticatedLocalOnly(self) -> None:
+        """Without AUTH on an optional listener, only local recipients are accepted."""
+        self.ehlo()
+        self.session.command(b"MAIL FROM:<someone@remote.test>")
+        self.assertReply(self.session.command(b"RCPT TO:<bob@example.test>"), b"250 2.1.5 Ok")
+        lines = self.session.command(b"RCPT TO:<bob@remote.test>")
+        self.assertEqual(lines, [b"554 5.7.1 <bob@remote.test>: Relay access denied"])
+
+
+class LimitTests(SessionTestsMixin, unittest.TestCase):
+    def test_lineTooLong(self) -> None:
+        """
+        Input with no CRLF is not buffered past the limit (D16): one 500,
+        the rest up to the next CRLF skipped, and the session goes on.
+        """
+        for _ in range(10):
+            self.session.send(b"x" * 65536)
+        self.assertLessEqual(len(self.session.protocol._buffer), esmtp.MAX_LINE)
+        self.assertEqual(self.session.read(), [])
+        self.session.send(b"\r\n")
+        self.assertReply(self.session.command(b"NOOP"), b"250 2.0.0 Ok")
+
+    def test_lineTooLongReply(self) -> None:
+        """A long ordinary command line gets 500 5.5.2 once."""
+        self.assertReply(self.session.send(b"NOOP " + b"x" * 13000),
+                         b"500 5.5.2 Error: line too long")
+
+    def test_tooManyErrors(self) -> None:
+        """After max_errors error replies: 421 4.7.0 and the connection closes."""
+        for _ in range(9):
+            self.assertCode(self.session.command(b"XYZZY"), 500)
+        lines = self.session.command(b"XYZZY")
+        self.assertEqual(lines[-1], b"421 4.7.0 Error: too many errors")
+        self.assertTrue(self.session.transport.disconnecting)
+
+    def test_idleTimeout(self) -> None:
+        """An idle session gets 421 4.4.2 when the timeout passes (D23)."""
+        self.clock.advance(299)
+        self.assertEqual(self.session.read(), [])
+        self.clock.advance(2)
+        self.assertReply(self.session.read(), b"421 4.4.2 mx.example.test Error: timeout exceeded")
+        self.assertTrue(self.session.transport.disconnecting)
+
+    def test_timeoutNotResetByPartialLines(self) -> None:
+        """Bytes that never complete a line do not keep a session alive."""
+        for _ in range(10):
+            self.clock.advance(60)
+            self.session.send(b"N")
+        self.assertTrue(self.session.transport.disconnecting)
+
+    def test_connectionsPerAddress(self) -> None:
+        """Past max_connections_per_address from one address: 421 4.7.0."""
+        Session(self.factory).read()
+        Session(self.factory).read()
+        extra = Session(self.factory)
+        self.assertReply(extra.read(), b"421 4.7.0 Error: too many connections from your address")
+        self.assertTrue(extra.transport.disconnecting)
+        other = Session(self.factory, host="192.0.2.2")
+        self.assertEqual(other.read(), [b"220 mx.example.test ESMTP mailauth"])
+
+    def test_connectionSlotReleased(self) -> None:
+        """A closed connection frees its slot."""
+        Session(self.factory).read()
+        third = Session(self.factory)
+        third.protocol.connectionLost(None)
+        fourth = Session(self.factory)
+        self.assertEqual(fourth.read(), [b"220 mx.example.test ESMTP mailauth"])
+
+    def test_pipelineBackpressure(self) -> None:
+        """A client pipelining a flood while a command waits is paused, then resumed."""
+        self.factory = self.makeFactory(tlsMode="implicit")
+        self.portal.answer = None
+        session = Session(self.factory)
+        session.read()
+        session.command(b"EHLO c")
+        session.send(b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n" + b"NOOP\r\n" * 20000)
+        self.assertEqual(session.transport.producerState, "paused")
+        self.portal.succeed()
+        self.assertEqual(session.transport.producerState, "producing")
+        self.assertEqual(len(session.read()), 20001)
+
+
+class ThrottleSessionTests(SessionTestsMixin, unittest.TestCase):
+    tlsMode = "implicit"
+
+    def test_tarpitDelaysFailure(self) -> None:
+        """Past half the per-address limit, the 535 comes only after the tarpit delay."""
+        bad = b"AUTH PLAIN " + b64(b"\0alice@example.test\0wrong")
+        for i in range(5):
+            s = Session(self.factory, host=f"192.0.2.{i + 10}")
+            s.read()
+        for _ in range(5):
+            self.factory.throttle.failure("192.0.2.1", "x@example.test")
+        self.ehlo()
+        self.assertEqual(self.session.command(bad), [])
+        self.clock.advance(1.9)
+        self.assertEqual(self.session.read(), [])
+        self.clock.advance(0.2)
+        self.assertReply(self.session.read(), b"535 5.7.8 Authentication credentials invalid")
+
+    def test_blockedAddressRefused(self) -> None:
+        """An address past its failure limit is refused at connect with 421 4.7.0."""
+        for _ in range(10):
+            self.factory.throttle.failure("192.0.2.1", "x@example.test")
+        s = Session(self.factory)
+        self.assertReply(s.read(), b"421 4.7.0 Error: too many failed logins, try again later")
+        other = Session(self.factory, host="192.0.2.9")
+        self.assertEqual(other.read(), [b"220 mx.example.test ESMTP mailauth"])
+
+
+class ReplyFormatTests(SessionTestsMixin, unittest.TestCase):
+    def test_everyReplyHasEnhancedCode(self) -> None:
+        """Every reply but the greeting, EHLO and 334 carries an enhanced status code (D13)."""
+        s = self.session
+        lines = []
+        for command in (b"NOOP", b"XYZZY", b"HELO c", b"EHLO", b"MAIL FROM:<a@b.test>",
+                        b"AUTH PLAIN", b"RSET", b"VRFY x", b"EXPN x", b"HELP", b"DATA",
+                        b"RCPT TO:<x@y.test>", b"STARTTLS"):
+            lines.extend(s.command(command))
+        for line in lines:
+            code, sep, text = REPLY.match(line).groups()
+            if line == b"250 mx.example.test":
+                continue
+            self.assertRegex(text, ENHANCED, line)
+
+
+class DataReaderTests(unittest.TestCase):
+    """The bulk DATA scanner on its own, fed in every possible split."""
+
+    def feedAll(self, wire: bytes, splits) -> tuple:
+        """
+        Feed C{wire} cut at C{splits}; after the end of the message the
+        remaining pieces join what the reader handed back.
+        """
+        out = []
+        reader = DataReader(out.append, 10**6)
+        bounds = [0, *splits, len(wire)]
+        pieces = [wire[a:b] for a, b in zip(bounds, bounds[1:])]
+        rest = None
+        for n, piece in enumerate(pieces):
+            rest = reader.feed(piece)
+            if rest is not None:
+                rest += b"".join(pieces[n + 1 :])
+                break
+        return b"".join(out), rest, reader
+
+    def test_everySplit(self) -> None:
+        """Whatever the packet boundaries, the message and the leftover are the same."""
+        wire = b".leading\r\n..two\r\nmid.dle\r\n.\r\nNOOP\r\n"
+        for i in range(len(wire) + 1):
+            for j in range(i, len(wire) + 1):
+                body, rest, reader = self.feedAll(wire, [i, j])
+                self.assertEqual(body, b"leading\r\n.two\r\nmid.dle\r\n", (i, j))
+                self.assertEqual(rest, b"NOOP\r\n", (i, j))
+                self.assertFalse(reader.bareNewline)
+
+    def test_emptyMessage(self) -> None:
+        """A message of nothing ends at once."""
+        body, rest, _ = self.feedAll(b".\r\n", [])
+        self.assertEqual((body, rest), (b"", b""))
+
+    def test_longLineIsStreamed(self) -> None:
+        """A line longer than the hold limit is passed on before its end arrives."""
+        out = []
+        reader = DataReader(out.append, 10**7)
+        reader.feed(b"y" * (esmtp.DATA_HOLD * 3))
+        self.assertGreater(sum(map(len, out)), esmtp.DATA_HOLD)
+        self.assertIsNotNone(reader.feed(b"\r\n.\r\n"))
+        self.assertEqual(b"".join(out), b"y" * (esmtp.DATA_HOLD * 3) + b"\r\n")
+
+    def test_crlfNotSplitAcrossChunks(self) -> None:
+        """A CR at the end of a long piece is held so CRLF reaches the sink whole."""
+        out = []
+        reader = DataReader(out.append, 10**7)
+        reader.feed(b"z" * (esmtp.DATA_HOLD + 10) + b"\r")
+        reader.feed(b"\nnext\r\n.\r\n")
+        self.assertFalse(reader.bareNewline)
+        self.assertFalse(any(chunk.endswith(b"\r") for chunk in out))
+
+
+class SettingsTests(unittest.TestCase):
+    def test_sizeAdvertised(self) -> None:
+        """SIZE advertises max_message_size."""
+        clock = Clock()
+        factory = makeFactory(clock, settings=makeSettings(max_message_size=12345))
+        s = Session(factory)
+        s.read()
+        self.assertIn(b"250-SIZE 12345", s.command(b"EHLO c"))
+
+
+class PortalRecordingTests(unittest.TestCase):
+    def test_credentialsReprHidesPassword(self) -> None:
+        """Credentials never show the password in a repr (so never in a log)."""
+        portal = RecordingPortal(MemoryMailbox())
+        factory = makeFactory(Clock(), portal=portal, tlsMode="implicit")
+        s = Session(factory)
+        s.read()
+        s.command(b"EHLO c")
+        s.command(b"AUTH PLAIN " + b64(b"\0alice@example.test\0hunter2"))
+        self.assertNotIn("hunter2", repr(portal.logins[0][0]))
