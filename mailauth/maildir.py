@@ -14,10 +14,24 @@ _SUBDIRS = ("tmp", "new", "cur")
 _counter = 0
 
 
+def _makeFolders(path: str) -> None:
+    """Like C{os.makedirs}, but every folder it creates gets mode 0700, whatever the umask."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent and parent != path:
+        _makeFolders(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    os.chmod(path, 0o700)
+
+
 def ensureMaildir(path: str) -> None:
     """Create the Maildir C{path} and its tmp/new/cur folders (mode 0700) when missing."""
     for sub in _SUBDIRS:
-        os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+        _makeFolders(os.path.join(path, sub))
 
 
 def uniqueName(hostname: Optional[str] = None) -> str:

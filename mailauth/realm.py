@@ -7,6 +7,7 @@ queue) and store each message once.
 from __future__ import annotations
 
 import secrets
+from email.utils import formatdate
 from typing import Callable, Optional
 
 from twisted.cred.portal import IRealm
@@ -219,7 +220,7 @@ class Delivery:
         if tlsText:
             lines.append(f"\t(using {tlsText})")
         forPart = f"for <{addressText(recipients[0].dest)}>; " if len(recipients) == 1 else ""
-        date = smtp.rfc822date(self.realm.clock.seconds()).decode("ascii")
+        date = formatdate(self.realm.clock.seconds(), localtime=True)
         lines.append(f"\t{forPart}{date}")
         return ("\r\n".join(lines) + "\r\n").encode("ascii")
 

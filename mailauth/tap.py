@@ -68,16 +68,19 @@ class Options(usage.Options):
     optParameters = [["config", "c", None, "the configuration file (INI)"]]
 
     def postOptions(self) -> None:
+        # Problems end the process with SystemExit, not usage.UsageError:
+        # twistd 22.4 (Debian bookworm) exits 0 after a UsageError, and a
+        # bad configuration must stop the daemon with a non-zero status.
         path = self["config"]
         if not path:
-            raise usage.UsageError("--config is required")
+            raise SystemExit("twistd mailauth: --config is required")
         try:
             cfg = configmod.load(path)
         except configmod.ConfigError as e:
-            raise usage.UsageError("\n".join(e.problems)) from None
+            raise SystemExit("\n".join(e.problems)) from None
         problems = checkFiles(cfg)
         if problems:
-            raise usage.UsageError("\n".join(problems))
+            raise SystemExit("\n".join(problems))
         self.config = cfg
 
 

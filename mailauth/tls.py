@@ -6,7 +6,9 @@ import re
 
 from OpenSSL import crypto
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 log = Logger(namespace="mailauth.tls")
 
@@ -68,6 +70,7 @@ def loadOptions(certificatePath: str, keyPath: str) -> ssl.CertificateOptions:
     return options
 
 
+@implementer(IOpenSSLContextFactory)
 class ReloadableTLS:
     """
     An old-style context factory (C{getContext}) whose certificate can be

@@ -1,0 +1,237 @@
+"""The C{mailauth} admin command: users, password hashes and configuration checks."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from typing import BinaryIO, Callable, Optional, TextIO
+
+import attrs
+
+from mailauth import userdb
+from mailauth.config import ConfigError, load
+from mailauth.passwords import DEFAULT_SCHEME, SCHEMES, makeHash
+
+
+class CommandError(Exception):
+    """A failure the command reports as one line, C{mailauth: message}, exiting 1."""
+
+
+class _UsageError(Exception):
+    """The command line is wrong; the message is argparse's usage and error text."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        # Raise rather than exit, so main() writes to its console and returns.
+        raise _UsageError(f"{self.format_usage()}{self.prog}: error: {message}\n")
+
+
+@attrs.frozen
+class Console:
+    """
+    Where a command reads passwords and writes its output.
+
+    @ivar stdin: binary standard input, read for a password unless it is a
+        terminal.
+    @ivar getpass: reads a password from the terminal without echo.
+    """
+
+    stdin: BinaryIO
+    stdout: TextIO
+    stderr: TextIO
+    getpass: Callable[[str], str] = getpass.getpass
+
+    def readPassword(self) -> bytes:
+        """
+        Read a new password: from the terminal, asked twice, when standard
+        input is one; else one line of standard input, without its line
+        ending (nothing else is stripped: spaces may be part of a password).
+
+        @raise CommandError: if the two differ or the password is empty.
+        """
+        if self.stdin.isatty():
+            first = self.getpass("New password: ")
+            if self.getpass("Retype new password: ") != first:
+                raise CommandError("the passwords do not match")
+            password = first.encode("utf-8", "surrogateescape")
+        else:
+            password = self.stdin.readline()
+            if password.endswith(b"\n"):
+                password = password[:-1].removesuffix(b"\r")
+        if not password:
+            raise CommandError("empty password refused")
+        return password
+
+
+def _scheme(text: str) -> str:
+    name = text.upper()
+    if name not in SCHEMES:
+        raise argparse.ArgumentTypeError(f"unknown scheme {text!r} (known: {', '.join(SCHEMES)})")
+    return name
+
+
+def _schemeOption() -> argparse.ArgumentParser:
+    """C{-s/--scheme}, for the commands that hash a password."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "-s",
+        "--scheme",
+        type=_scheme,
+        default=DEFAULT_SCHEME,
+        help=f"password scheme (default {DEFAULT_SCHEME}; known: {' '.join(SCHEMES)})",
+    )
+    return parent
+
+
+# -- mailauth user ... --------------------------------------------------------
+
+
+def _usersPath(args: argparse.Namespace) -> str:
+    if args.users is not None:
+        return args.users
+    return load(args.config).auth.users
+
+
+def _hash(password: bytes, scheme: str) -> str:
+    try:
+        return makeHash(password, scheme)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+
+
+def _userAdd(args: argparse.Namespace, console: Console) -> None:
+    path = _usersPath(args)
+    userdb.checkLogin(args.login)
+    # Fail before asking for a password; addUser checks again under its lock.
+    if os.path.exists(path) and userdb.hasUser(path, args.login):
+        raise CommandError(f"user {args.login} already exists in {path}")
+    userdb.addUser(path, args.login, _hash(console.readPassword(), args.scheme))
+    console.stdout.write(f"{args.login}: added to {path}\n")
+
+
+def _userPasswd(args: argparse.Namespace, console: Console) -> None:
+    path = _usersPath(args)
+    if not userdb.hasUser(path, args.login):
+        raise CommandError(f"no user {args.login} in {path}")
+    userdb.setPassword(path, args.login, _hash(console.readPassword(), args.scheme))
+    console.stdout.write(f"{args.login}: password changed in {path}\n")
+
+
+def _userDel(args: argparse.Namespace, console: Console) -> None:
+    path = _usersPath(args)
+    userdb.deleteUser(path, args.login)
+    console.stdout.write(f"{args.login}: deleted from {path}\n")
+
+
+def _userList(args: argparse.Namespace, console: Console) -> None:
+    users = userdb.listUsers(_usersPath(args))
+    width = max((len(login) for login, _ in users), default=0)
+    for login, scheme in users:
+        console.stdout.write(f"{login:<{width}}  {scheme}\n")
+
+
+def _userCommand(commands: argparse._SubParsersAction) -> None:
+    where = argparse.ArgumentParser(add_help=False)
+    group = where.add_mutually_exclusive_group(required=True)
+    group.add_argument("--users", metavar="FILE", help="the users file")
+    group.add_argument("--config", metavar="PATH", help="the configuration naming the users file")
+    scheme = _schemeOption()
+    login = argparse.ArgumentParser(add_help=False)
+    login.add_argument("login", metavar="LOGIN", help="the full address, like alice@example.org")
+
+    user = commands.add_parser("user", help="manage the users file")
+    actions = user.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, run, parents, text in [
+        ("add", _userAdd, [login, scheme, where], "add a user; the password is read"),
+        ("passwd", _userPasswd, [login, scheme, where], "set a user's password"),
+        ("del", _userDel, [login, where], "delete a user"),
+        ("list", _userList, [where], "list the users and their password schemes"),
+    ]:
+        actions.add_parser(name, parents=parents, help=text).set_defaults(run=run)
+
+
+# -- mailauth hash ------------------------------------------------------------
+
+
+def _hashRun(args: argparse.Namespace, console: Console) -> None:
+    console.stdout.write(_hash(console.readPassword(), args.scheme) + "\n")
+
+
+def _hashCommand(commands: argparse._SubParsersAction) -> None:
+    command = commands.add_parser(
+        "hash", parents=[_schemeOption()], help="print a password hash, like doveadm pw"
+    )
+    command.set_defaults(run=_hashRun)
+
+
+# -- mailauth check-config ----------------------------------------------------
+
+
+def _checkConfigRun(args: argparse.Namespace, console: Console) -> None:
+    from mailauth.tap import checkFiles
+
+    problems = checkFiles(load(args.config))
+    if problems:
+        raise ConfigError(problems)
+    console.stdout.write(f"{args.config}: OK\n")
+
+
+def _checkConfigCommand(commands: argparse._SubParsersAction) -> None:
+    command = commands.add_parser("check-config", help="validate a configuration file")
+    command.add_argument("--config", metavar="PATH", required=True)
+    command.set_defaults(run=_checkConfigRun)
+
+
+# Each adds one subcommand whose "run" default is called with (args, console).
+_COMMANDS = (_userCommand, _hashCommand, _checkConfigCommand)
+
+
+def _makeParser() -> argparse.ArgumentParser:
+    """The C{mailauth} command line, one subcommand per L{_COMMANDS} entry."""
+    parser = _Parser(prog="mailauth", description="Administer mailauth.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _COMMANDS:
+        add(commands)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None, console: Optional[Console] = None) -> int:
+    """
+    Run the C{mailauth} command.
+
+    @param argv: the arguments after the program name; default C{sys.argv}.
+    @param console: where to read and write; default the process's own.
+    @return: the exit status: 0, 1 for an error (reported as one line
+        C{mailauth: message}, or one line per configuration problem) or 2 for
+        a wrong command line.
+    """
+    if console is None:
+        console = Console(sys.stdin.buffer, sys.stdout, sys.stderr)
+    try:
+        args = _makeParser().parse_args(argv)
+    except _UsageError as e:
+        console.stderr.write(str(e))
+        return 2
+    try:
+        args.run(args, console)
+    except ConfigError as e:
+        for problem in e.problems:
+            console.stderr.write(problem + "\n")
+        return 1
+    except (CommandError, userdb.UserDbError) as e:
+        console.stderr.write(f"mailauth: {e}\n")
+        return 1
+    except OSError as e:
+        console.stderr.write(f"mailauth: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        console.stderr.write("\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

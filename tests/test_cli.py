@@ -1,0 +1,351 @@
+"""Tests for L{mailauth.cli}, the C{mailauth} admin command."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from typing import Optional
+
+from twisted.trial import unittest
+
+import mailauth
+from mailauth.cli import Console, main
+from mailauth.passwords import parse, verify
+
+CRAM = "{CRAM-MD5}" + "ab" * 32
+
+
+class TerminalInput(io.BytesIO):
+    """Standard input that is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+class CommandTests(unittest.TestCase):
+    """Running C{mailauth} subcommands through L{main}."""
+
+    def setUp(self) -> None:
+        self.directory = self.mktemp()
+        os.mkdir(self.directory)
+        self.users = os.path.join(self.directory, "users")
+        self.prompts: list[str] = []
+
+    def mailauth(self, *argv: str, stdin: bytes = b"", answers: Optional[list[str]] = None) -> int:
+        """
+        Run C{mailauth ARGV...}, keeping its output in C{self.stdout} and
+        C{self.stderr}.
+
+        @param answers: what the terminal answers to password prompts; with
+            them, standard input is a terminal.
+        """
+        self.stdin = TerminalInput() if answers is not None else io.BytesIO(stdin)
+        self.stdout, self.stderr = io.StringIO(), io.StringIO()
+
+        def getpass(prompt: str) -> str:
+            self.prompts.append(prompt)
+            return answers.pop(0)
+
+        return main(list(argv), Console(self.stdin, self.stdout, self.stderr, getpass))
+
+    def storedHash(self, login: str) -> str:
+        with open(self.users) as f:
+            for line in f:
+                if line.startswith(login + ":"):
+                    return line.rstrip("\n").split(":")[1]
+        self.fail(f"no {login} in {self.users}")
+
+    def writeConfig(self, users: str, extra: str = "") -> str:
+        path = os.path.join(self.directory, "mailauth.conf")
+        with open(path, "w") as f:
+            f.write(
+                "[server]\nhostname = mail.example.org\n"
+                "[listener:submission]\nendpoint = tcp:2587\ntls = none\nauth = optional\n"
+                f"[auth]\nusers = {users}\n"
+                "[delivery]\nlocal_domains = example.org\n"
+                "maildir = /var/mail/{domain}/{localpart}/Maildir\n" + extra
+            )
+        return path
+
+    def test_userAddFromStdin(self) -> None:
+        """
+        C{user add} reads one line of standard input as the password and
+        adds the user, with ARGON2ID unless told otherwise.
+        """
+        self.assertEqual(
+            self.mailauth("user", "add", "a@example.org", "--users", self.users, stdin=b"pw\n"), 0
+        )
+        self.assertEqual(self.stdout.getvalue(), f"a@example.org: added to {self.users}\n")
+        self.assertEqual(self.stderr.getvalue(), "")
+        self.assertEqual(parse(self.storedHash("a@example.org")).scheme, "ARGON2ID")
+
+    def test_userAddScheme(self) -> None:
+        """
+        C{--scheme} chooses the scheme, in any case.
+        """
+        args = ("user", "add", "a@example.org", "--scheme", "sha256-crypt", "--users", self.users)
+        self.assertEqual(self.mailauth(*args, stdin=b"pw\n"), 0)
+        stored = parse(self.storedHash("a@example.org"))
+        self.assertEqual(stored.scheme, "SHA256-CRYPT")
+        self.assertTrue(verify(stored, b"pw"))
+
+    def test_passwordKeepsSpaces(self) -> None:
+        """
+        Only the line ending is taken off a password read from standard
+        input.
+        """
+        args = ("user", "add", "a@example.org", "--scheme", "PLAIN", "--users", self.users)
+        self.assertEqual(self.mailauth(*args, stdin=b" p w \r\nmore\n"), 0)
+        self.assertEqual(self.storedHash("a@example.org"), "{PLAIN} p w ")
+
+    def test_userAddFromTerminal(self) -> None:
+        """
+        On a terminal, the password is asked for twice.
+        """
+        args = ("user", "add", "a@example.org", "--scheme", "PLAIN", "--users", self.users)
+        self.assertEqual(self.mailauth(*args, answers=["pässword", "pässword"]), 0)
+        self.assertEqual(self.prompts, ["New password: ", "Retype new password: "])
+        self.assertEqual(self.storedHash("a@example.org"), "{PLAIN}pässword")
+
+    def test_passwordsDiffer(self) -> None:
+        """
+        If the two passwords typed differ, nothing is added.
+        """
+        args = ("user", "add", "a@example.org", "--users", self.users)
+        self.assertEqual(self.mailauth(*args, answers=["one", "two"]), 1)
+        self.assertEqual(self.stderr.getvalue(), "mailauth: the passwords do not match\n")
+        self.assertFalse(os.path.exists(self.users))
+
+    def test_emptyPassword(self) -> None:
+        """
+        An empty password, or none at all, is refused.
+        """
+        for stdin in (b"\n", b""):
+            args = ("user", "add", "a@example.org", "--users", self.users)
+            self.assertEqual(self.mailauth(*args, stdin=stdin), 1)
+            self.assertEqual(self.stderr.getvalue(), "mailauth: empty password refused\n")
+        self.assertFalse(os.path.exists(self.users))
+
+    def test_userAddExists(self) -> None:
+        """
+        Adding a user that exists fails before a password is read.
+        """
+        with open(self.users, "w") as f:
+            f.write(f"a@example.org:{CRAM}\n")
+        args = ("user", "add", "A@example.org", "--users", self.users)
+        self.assertEqual(self.mailauth(*args, stdin=b"pw\n"), 1)
+        self.assertEqual(
+            self.stderr.getvalue(), f"mailauth: user A@example.org already exists in {self.users}\n"
+        )
+        self.assertEqual(self.stdin.tell(), 0)
+
+    def test_userAddInvalidLogin(self) -> None:
+        """
+        A login that is not an address is refused before a password is read.
+        """
+        self.assertEqual(
+            self.mailauth("user", "add", "alice", "--users", self.users, stdin=b"pw\n"), 1
+        )
+        self.assertIn("mailauth: invalid login 'alice'", self.stderr.getvalue())
+        self.assertEqual(self.stdin.tell(), 0)
+
+    def test_userPasswd(self) -> None:
+        """
+        C{user passwd} replaces the password and keeps the line's other
+        fields.
+        """
+        with open(self.users, "w") as f:
+            f.write(f"a@example.org:{CRAM}:1000:1000\n")
+        args = ("user", "passwd", "a@example.org", "--scheme", "PLAIN", "--users", self.users)
+        self.assertEqual(self.mailauth(*args, stdin=b"new\n"), 0)
+        with open(self.users) as f:
+            self.assertEqual(f.read(), "a@example.org:{PLAIN}new:1000:1000\n")
+
+    def test_userPasswdNoSuchUser(self) -> None:
+        """
+        Changing the password of a missing user fails before a password is
+        read; so does a missing users file.
+        """
+        with open(self.users, "w") as f:
+            f.write(f"a@example.org:{CRAM}\n")
+        args = ("user", "passwd", "b@example.org", "--users", self.users)
+        self.assertEqual(self.mailauth(*args, stdin=b"pw\n"), 1)
+        self.assertEqual(
+            self.stderr.getvalue(), f"mailauth: no user b@example.org in {self.users}\n"
+        )
+        self.assertEqual(self.stdin.tell(), 0)
+        os.remove(self.users)
+        self.assertEqual(self.mailauth(*args, stdin=b"pw\n"), 1)
+        self.assertEqual(self.stderr.getvalue(), f"mailauth: {self.users}: no such file\n")
+
+    def test_userDel(self) -> None:
+        """
+        C{user del} removes the user, and fails for a user not there.
+        """
+        with open(self.users, "w") as f:
+            f.write(f"a@example.org:{CRAM}\nb@example.org:{CRAM}\n")
+        self.assertEqual(self.mailauth("user", "del", "a@example.org", "--users", self.users), 0)
+        with open(self.users) as f:
+            self.assertEqual(f.read(), f"b@example.org:{CRAM}\n")
+        self.assertEqual(self.mailauth("user", "del", "a@example.org", "--users", self.users), 1)
+        self.assertEqual(
+            self.stderr.getvalue(), f"mailauth: no user a@example.org in {self.users}\n"
+        )
+
+    def test_userList(self) -> None:
+        """
+        C{user list} prints each login and its scheme, in columns.
+        """
+        with open(self.users, "w") as f:
+            f.write(f"# users\nalice@example.org:{CRAM}\nb@example.org:{{PLAIN}}x\n")
+        self.assertEqual(self.mailauth("user", "list", "--users", self.users), 0)
+        self.assertEqual(
+            self.stdout.getvalue(),
+            "alice@example.org  CRAM-MD5\nb@example.org      PLAIN\n",
+        )
+
+    def test_unreadableUsersFile(self) -> None:
+        """
+        A users file that cannot be read is one line of error, not a
+        traceback.
+        """
+        os.mkdir(self.users)
+        self.assertEqual(self.mailauth("user", "list", "--users", self.users), 1)
+        self.assertEqual(
+            self.stderr.getvalue(), f"mailauth: cannot read {self.users}: Is a directory\n"
+        )
+
+    def test_usersFromConfig(self) -> None:
+        """
+        With C{--config}, the users file is the one the configuration names.
+        """
+        config = self.writeConfig(self.users)
+        args = ("user", "add", "a@example.org", "--config", config)
+        self.assertEqual(self.mailauth(*args, stdin=b"x\n"), 0)
+        self.assertEqual(self.mailauth("user", "list", "--config", config), 0)
+        self.assertEqual(self.stdout.getvalue(), "a@example.org  ARGON2ID\n")
+
+    def test_badConfig(self) -> None:
+        """
+        A configuration with problems is reported one problem a line.
+        """
+        config = self.writeConfig(self.users, "[bogus]\nkey = 1\n[relay]\n")
+        self.assertEqual(self.mailauth("user", "list", "--config", config), 1)
+        problems = self.stderr.getvalue().splitlines()
+        self.assertEqual(len(problems), 2)
+        for problem in problems:
+            self.assertTrue(problem.startswith(config + ": "), problem)
+
+    def test_usersOrConfig(self) -> None:
+        """
+        User commands need exactly one of C{--users} and C{--config}.
+        """
+        self.assertEqual(self.mailauth("user", "list"), 2)
+        self.assertIn("one of the arguments --users --config is required", self.stderr.getvalue())
+        self.assertEqual(self.mailauth("user", "list", "--users", "u", "--config", "c"), 2)
+        self.assertIn("not allowed with argument", self.stderr.getvalue())
+
+    def test_hash(self) -> None:
+        """
+        C{hash} prints a hash of the password, like C{doveadm pw}.
+        """
+        self.assertEqual(self.mailauth("hash", "-s", "PLAIN", stdin=b"pw\n"), 0)
+        self.assertEqual(self.stdout.getvalue(), "{PLAIN}pw\n")
+        self.assertEqual(self.mailauth("hash", "--scheme", "sha512-crypt", stdin=b"pw\n"), 0)
+        self.assertTrue(verify(parse(self.stdout.getvalue().strip()), b"pw"))
+
+    def test_hashUnknownScheme(self) -> None:
+        """
+        An unknown scheme is a usage error naming the known ones.
+        """
+        self.assertEqual(self.mailauth("hash", "-s", "MD5", stdin=b"pw\n"), 2)
+        self.assertIn("unknown scheme 'MD5' (known: ARGON2ID,", self.stderr.getvalue())
+        self.assertEqual(self.stdout.getvalue(), "")
+
+    def test_hashRefused(self) -> None:
+        """
+        A password the scheme cannot take is one line of error.
+        """
+        self.assertEqual(self.mailauth("hash", "-s", "BLF-CRYPT", stdin=b"x" * 73 + b"\n"), 1)
+        self.assertEqual(
+            self.stderr.getvalue(), "mailauth: bcrypt uses only the first 72 bytes of a password\n"
+        )
+
+    def test_checkConfig(self) -> None:
+        """
+        C{check-config} says OK for a good configuration.
+        """
+        open(self.users, "w").close()
+        config = self.writeConfig(self.users)
+        self.assertEqual(self.mailauth("check-config", "--config", config), 0)
+        self.assertEqual(self.stdout.getvalue(), f"{config}: OK\n")
+
+    def test_checkConfigFiles(self) -> None:
+        """
+        C{check-config} also checks the files the configuration names: an
+        unreadable users file and a certificate that does not load are
+        reported with their section and key.
+        """
+        missing = os.path.join(self.directory, "no-such-users")
+        cert = os.path.join(self.directory, "cert.pem")
+        with open(cert, "w") as f:
+            f.write("junk\n")
+        config = self.writeConfig(
+            missing, f"[tls]\ncertificate = {cert}\nprivate_key = {cert}\n"
+        )
+        self.assertEqual(self.mailauth("check-config", "--config", config), 1)
+        errors = self.stderr.getvalue().splitlines()
+        self.assertEqual(len(errors), 2, errors)
+        self.assertIn(f"[tls]: {cert}: no PEM certificate in it", errors[0])
+        self.assertIn(f"[auth] users: {missing}: cannot be read", errors[1])
+
+    def test_checkConfigProblems(self) -> None:
+        """
+        C{check-config} prints every problem on its own line and exits 1,
+        also for a file that cannot be read.
+        """
+        config = self.writeConfig(self.users, "[bogus]\nkey = 1\n[relay]\n")
+        self.assertEqual(self.mailauth("check-config", "--config", config), 1)
+        self.assertEqual(len(self.stderr.getvalue().splitlines()), 2)
+        self.assertIn("[bogus]", self.stderr.getvalue())
+        self.assertIn("[relay] host", self.stderr.getvalue())
+        self.assertEqual(self.stdout.getvalue(), "")
+        missing = os.path.join(self.directory, "missing.conf")
+        self.assertEqual(self.mailauth("check-config", "--config", missing), 1)
+        self.assertEqual(
+            self.stderr.getvalue(), f"{missing}: cannot read: No such file or directory\n"
+        )
+
+    def test_noCommand(self) -> None:
+        """
+        Without a command, C{mailauth} prints its usage and exits 2.
+        """
+        self.assertEqual(self.mailauth(), 2)
+        self.assertTrue(self.stderr.getvalue().startswith("usage: mailauth"))
+
+
+class ScriptTests(unittest.TestCase):
+    """The command as a program."""
+
+    def test_runAsModule(self) -> None:
+        """
+        C{python -m mailauth.cli} reads a password from its standard input
+        and exits with the status of L{main}.
+        """
+        root = os.path.dirname(os.path.dirname(os.path.abspath(mailauth.__file__)))
+        env = dict(os.environ, PYTHONPATH=root)
+        result = subprocess.run(
+            [sys.executable, "-m", "mailauth.cli", "hash", "-s", "CRAM-MD5"],
+            input=b"alice-secret-1\n",
+            capture_output=True,
+            env=env,
+            timeout=60,
+        )
+        self.assertEqual(result.stderr, b"")
+        self.assertEqual(
+            result.stdout,
+            b"{CRAM-MD5}451f1cebcd891ea016e9a608e9c9303740c7cd126964ba63d2cd7799cd83017f\n",
+        )
+        self.assertEqual(result.returncode, 0)
