@@ -365,7 +365,7 @@ def loadText(text: str, path: str = "<string>") -> Config:
         listeners.append(ListenerConfig(name=name.split(":", 1)[1].strip(), **values))
         if values["endpoint"]:
             _checkEndpoint(r, name, values["endpoint"])
-    usesTLS = any(listener.tls != "none" for listener in listeners)
+    usesTLS = any(listener.tls in ("starttls", "implicit") for listener in listeners)
 
     tls = None
     if parser.has_section("tls"):

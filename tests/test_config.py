@@ -1,0 +1,157 @@
+"""The configuration loader: every problem named by file, section and key."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.trial import unittest
+
+from mailauth import config
+from mailauth.config import ConfigError, loadText, parseDuration, parseSize
+
+MINIMAL = """
+[listener:submission]
+endpoint = tcp:2587
+tls = none
+auth = optional
+
+[auth]
+users = /etc/mailauth/users
+
+[delivery]
+local_domains = example.org
+maildir = /var/mail/{domain}/{localpart}/Maildir
+"""
+
+
+class LoadTests(unittest.TestCase):
+    def problems(self, text: str) -> tuple:
+        e = self.assertRaises(ConfigError, loadText, text, "test.conf")
+        return e.problems
+
+    def test_minimal(self) -> None:
+        """A minimal file loads, with the documented defaults."""
+        cfg = loadText(MINIMAL, "test.conf")
+        self.assertEqual(cfg.server.max_message_size, 35 * 1024 * 1024)
+        self.assertEqual(cfg.server.timeout, 300.0)
+        self.assertEqual(cfg.auth.mechanisms, ("PLAIN", "LOGIN"))
+        self.assertTrue(cfg.auth.plaintext_requires_tls)
+        self.assertEqual(cfg.delivery.local_domains, frozenset({"example.org"}))
+        self.assertIsNone(cfg.relay)
+        self.assertIsNone(cfg.tls)
+        [listener] = cfg.listeners
+        self.assertEqual((listener.name, listener.endpoint, listener.tls, listener.auth),
+                         ("submission", "tcp:2587", "none", "optional"))
+
+    def test_shippedExampleLoads(self) -> None:
+        """etc/mailauth.conf, with every key, is a valid configuration."""
+        path = os.path.join(os.path.dirname(__file__), "..", "etc", "mailauth.conf")
+        cfg = config.load(path)
+        self.assertEqual(len(cfg.listeners), 2)
+        self.assertEqual(cfg.server.hostname, "mail.example.org")
+
+    def test_unknownKey(self) -> None:
+        """An unknown key (a typo) is an error naming file, section and key."""
+        problems = self.problems(MINIMAL + "\n[server]\nmax_mesage_size = 10M\n")
+        self.assertEqual(len(problems), 1)
+        self.assertTrue(problems[0].startswith("test.conf: [server] max_mesage_size: unknown key"))
+
+    def test_unknownSection(self) -> None:
+        """An unknown section is an error."""
+        [problem] = self.problems(MINIMAL + "\n[relai]\nhost = x\n")
+        self.assertTrue(problem.startswith("test.conf: [relai]: unknown section"), problem)
+
+    def test_everyProblemReported(self) -> None:
+        """All problems are reported together, not only the first."""
+        text = MINIMAL.replace("tls = none", "tls = maybe").replace(
+            "auth = optional", "auth = sometimes"
+        ) + "\n[server]\nmax_recipients = -1\ntimeout = soon\n"
+        problems = self.problems(text)
+        self.assertEqual(len(problems), 4, problems)
+        joined = "\n".join(problems)
+        for where in ("[listener:submission] tls", "[listener:submission] auth",
+                      "[server] max_recipients", "[server] timeout"):
+            self.assertIn(where, joined)
+
+    def test_missingRequired(self) -> None:
+        """Missing required keys and sections are named."""
+        problems = self.problems("[server]\nhostname = x\n")
+        joined = "\n".join(problems)
+        self.assertIn("[auth]: missing section", joined)
+        self.assertIn("[delivery]: missing section", joined)
+        self.assertIn("no [listener:NAME] section", joined)
+
+    def test_tlsNeeded(self) -> None:
+        """A TLS listener without a [tls] section is an error."""
+        [problem] = self.problems(MINIMAL.replace("tls = none", "tls = starttls"))
+        self.assertIn("[tls]: missing section", problem)
+
+    def test_unknownMechanism(self) -> None:
+        """An unknown SASL mechanism is refused."""
+        [problem] = self.problems(MINIMAL.replace("[auth]", "[auth]\nmechanisms = PLAIN GSSAPI"))
+        self.assertIn("[auth] mechanisms: unknown mechanism GSSAPI", problem)
+
+    def test_sslEndpointRefused(self) -> None:
+        """ssl: endpoints are refused: tls = implicit is the way (TLS 1.2 minimum, reload)."""
+        [problem] = self.problems(MINIMAL.replace("tcp:2587", "ssl:465"))
+        self.assertIn("use a tcp: endpoint with tls = implicit", problem)
+
+    def test_unknownEndpointType(self) -> None:
+        """An endpoint type Twisted does not know is an error at load time."""
+        [problem] = self.problems(MINIMAL.replace("tcp:2587", "tpc:2587"))
+        self.assertIn("unknown endpoint type 'tpc'", problem)
+
+    def test_maildirTemplate(self) -> None:
+        """The Maildir template accepts only its placeholders and needs a per-user one."""
+        [problem] = self.problems(MINIMAL.replace("{localpart}", "{login}"))
+        self.assertIn("[delivery] maildir", problem)
+        [problem] = self.problems(MINIMAL.replace("{localpart}/", ""))
+        self.assertIn("must contain {localpart} or {user}", problem)
+
+    def test_relayNeedsPasswordFile(self) -> None:
+        """A relay username without password_file is an error."""
+        [problem] = self.problems(MINIMAL + "\n[relay]\nhost = smtp.example.net\nusername = u\n")
+        self.assertIn("[relay] password_file", problem)
+
+    def test_relayDefaults(self) -> None:
+        """[relay] defaults: port 587, STARTTLS, retries from 1m doubling to 1h, expiry 5d."""
+        cfg = loadText(MINIMAL + "\n[relay]\nhost = smtp.example.net\n")
+        r = cfg.relay
+        self.assertEqual((r.port, r.tls, r.retry_initial, r.retry_max, r.expire),
+                         (587, "starttls", 60.0, 3600.0, 5 * 86400.0))
+        self.assertTrue(r.verify_certificate)
+
+    def test_syntaxError(self) -> None:
+        """A file configparser cannot read is one clear problem."""
+        [problem] = self.problems("key without section\n")
+        self.assertTrue(problem.startswith("test.conf: "), problem)
+
+    def test_unreadableFile(self) -> None:
+        """A file that cannot be read is reported with its path."""
+        e = self.assertRaises(ConfigError, config.load, "/nonexistent/mailauth.conf")
+        self.assertEqual(e.problems,
+                         ("/nonexistent/mailauth.conf: cannot read: No such file or directory",))
+
+    def test_domainsNormalised(self) -> None:
+        """Local domains are lower-cased and lose a trailing dot."""
+        cfg = loadText(MINIMAL.replace("example.org", "Example.ORG. other.test"))
+        self.assertEqual(cfg.delivery.local_domains, frozenset({"example.org", "other.test"}))
+
+
+class ValueTests(unittest.TestCase):
+    def test_sizes(self) -> None:
+        """Sizes take K/M/G suffixes."""
+        self.assertEqual(parseSize("35M"), 35 * 1024**2)
+        self.assertEqual(parseSize("512k"), 512 * 1024)
+        self.assertEqual(parseSize("1G"), 1024**3)
+        self.assertEqual(parseSize("1000"), 1000)
+        self.assertRaises(ValueError, parseSize, "big")
+
+    def test_durations(self) -> None:
+        """Times take s/m/h/d suffixes."""
+        self.assertEqual(parseDuration("30s"), 30)
+        self.assertEqual(parseDuration("5m"), 300)
+        self.assertEqual(parseDuration("1h"), 3600)
+        self.assertEqual(parseDuration("5d"), 432000)
+        self.assertEqual(parseDuration("1.5"), 1.5)
+        self.assertRaises(ValueError, parseDuration, "5 minutes")
