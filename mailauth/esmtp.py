@@ -228,6 +228,10 @@ class SubmissionProtocol(protocol.Protocol):
         self._messages: list = []
         self._writeFailure: Optional[Failure] = None
 
+    def _heloPair(self) -> tuple:
+        """The C{helo} argument of twisted.mail's delivery interfaces: (name bytes, client IP)."""
+        return (self._helo.encode("ascii"), self._peer)
+
     @property
     def peerHost(self) -> str:
         return self._peer
@@ -647,7 +651,7 @@ class SubmissionProtocol(protocol.Protocol):
         except SMTPReply as e:
             return self._error(e.code, e.text)
         delivery = avatar.getMessageDelivery()
-        d = defer.maybeDeferred(delivery.validateFrom, (self._helo, self._peer), sender)
+        d = defer.maybeDeferred(delivery.validateFrom, self._heloPair(), sender)
         d.addCallbacks(self._senderOk, self._validationFailed, (delivery,))
         return d
 
@@ -699,7 +703,7 @@ class SubmissionProtocol(protocol.Protocol):
             return self._error(e.code, e.text)
         if len(self._recipients) >= self.settings.max_recipients:
             return self._error(452, "4.5.3 Error: too many recipients")
-        user = smtp.User(recipient, (self._helo, self._peer), self, self._sender or b"")
+        user = smtp.User(recipient, self._heloPair(), self, self._sender or b"")
         d = defer.maybeDeferred(self._delivery.validateTo, user)
         d.addCallbacks(self._recipientOk, self._validationFailed, (user,))
         return d
@@ -726,7 +730,7 @@ class SubmissionProtocol(protocol.Protocol):
                 messages.append(message)
         self._messages = messages
         users = [user for user, _ in self._recipients]
-        header = self._delivery.receivedHeader((self._helo, self._peer), self._sender, users)
+        header = self._delivery.receivedHeader(self._heloPair(), self._sender, users)
         self._reader = DataReader(self._writeMessage, self.settings.max_message_size)
         self._mode = self.DATA
         self._setTimeout(self.settings.data_timeout)

@@ -213,7 +213,8 @@ class Delivery:
         session = recipients[0].protocol
         tlsText = session.tlsDescription()
         with_ = "ESMTP" + ("S" if tlsText else "") + ("A" if self.login else "")
-        lines = [f"Received: from {helo[0]} ([{helo[1]}])"]
+        name = helo[0].decode("ascii") if isinstance(helo[0], bytes) else helo[0]
+        lines = [f"Received: from {name} ([{helo[1]}])"]
         if self.login:
             lines.append(f"\t(authenticated as {self.login})")
         lines.append(f"\tby {self.realm.hostname} (mailauth) with {with_} id {self.id}")

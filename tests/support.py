@@ -160,7 +160,7 @@ class MemoryDelivery:
         self.message = None
 
     def receivedHeader(self, helo, origin, recipients):
-        return f"Received: from {helo[0]}\r\n".encode("ascii")
+        return b"Received: from " + helo[0] + b"\r\n"
 
     def validateFrom(self, helo, origin):
         if self.box.login and origin is not None:
