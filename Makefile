@@ -8,7 +8,7 @@ DEMO_PASSWORD := demo-password
 
 $(BIN)/mailauth: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q --config-settings editable_mode=compat -e '.[test]'
 	@touch $@
 

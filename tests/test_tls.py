@@ -1,0 +1,71 @@
+"""The server TLS context: chains, key mismatch, minimum version, reload."""
+
+from __future__ import annotations
+
+import os
+
+from OpenSSL import SSL
+from twisted.trial import unittest
+
+from mailauth.tls import ReloadableTLS, TLSError, loadOptions
+from tests.support import writeCertificate
+
+
+class TLSTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        self.cert, self.key = writeCertificate(self.dir)
+
+    def test_chainFile(self) -> None:
+        """Certificates after the first in the file are sent as the chain."""
+        other, _ = writeCertificate(os.path.join(self.dir, "ca"), name="intermediate")
+        chain = os.path.join(self.dir, "fullchain.pem")
+        with open(chain, "wb") as f:
+            for path in (self.cert, other):
+                with open(path, "rb") as part:
+                    f.write(part.read())
+        options = loadOptions(chain, self.key)
+        self.assertEqual(len(options.extraCertChain), 1)
+        self.assertEqual(options.certificate.get_subject().CN, "localhost")
+
+    def test_tls12Minimum(self) -> None:
+        """TLS 1.0 and 1.1 are switched off in the context."""
+        ctx = loadOptions(self.cert, self.key).getContext()
+        options = ctx.set_options(0)
+        self.assertTrue(options & SSL.OP_NO_TLSv1)
+        self.assertTrue(options & SSL.OP_NO_TLSv1_1)
+
+    def test_keyMismatch(self) -> None:
+        """A key that does not belong to the certificate is a clear error."""
+        _, otherKey = writeCertificate(os.path.join(self.dir, "other"))
+        e = self.assertRaises(TLSError, loadOptions, self.cert, otherKey)
+        self.assertIn("does not match", str(e))
+
+    def test_missingFiles(self) -> None:
+        """Missing files are named."""
+        e = self.assertRaises(TLSError, loadOptions, "/nonexistent.pem", self.key)
+        self.assertIn("/nonexistent.pem: cannot read certificate", str(e))
+        e = self.assertRaises(TLSError, loadOptions, self.cert, "/nonexistent.key")
+        self.assertIn("/nonexistent.key: cannot read private key", str(e))
+
+    def test_badKey(self) -> None:
+        """A file that is not a key is named."""
+        e = self.assertRaises(TLSError, loadOptions, self.cert, self.cert)
+        self.assertIn("bad private key", str(e))
+
+    def test_reloadKeepsOldOnFailure(self) -> None:
+        """A reload that fails keeps serving the old certificate."""
+        tls = ReloadableTLS(self.cert, self.key)
+        before = tls.getContext()
+        with open(self.cert, "w") as f:
+            f.write("garbage")
+        self.assertFalse(tls.reload())
+        self.assertIs(tls.getContext(), before)
+
+    def test_reloadNewCertificate(self) -> None:
+        """A good reload switches to a new context."""
+        tls = ReloadableTLS(self.cert, self.key)
+        before = tls.getContext()
+        writeCertificate(self.dir, name="renewed")
+        self.assertTrue(tls.reload())
+        self.assertIsNot(tls.getContext(), before)
