@@ -96,6 +96,15 @@ class LoadTests(unittest.TestCase):
         [problem] = self.problems(MINIMAL.replace("tcp:2587", "ssl:465"))
         self.assertIn("use a tcp: endpoint with tls = implicit", problem)
 
+    def test_haproxyRefused(self) -> None:
+        """
+        haproxy: endpoints are refused: Twisted's wrapper starts the session
+        before the PROXY header names the client (D32), so limits would
+        count the proxy.
+        """
+        [problem] = self.problems(MINIMAL.replace("tcp:2587", "haproxy:tcp:2587"))
+        self.assertIn("haproxy: endpoints are not supported", problem)
+
     def test_unknownEndpointType(self) -> None:
         """An endpoint type Twisted does not know is an error at load time."""
         [problem] = self.problems(MINIMAL.replace("tcp:2587", "tpc:2587"))
