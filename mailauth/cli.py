@@ -6,11 +6,12 @@ import argparse
 import getpass
 import os
 import sys
+import time
 from typing import BinaryIO, Callable, Optional, TextIO
 
 import attrs
 
-from mailauth import userdb
+from mailauth import queue, userdb
 from mailauth.config import ConfigError, load
 from mailauth.passwords import DEFAULT_SCHEME, SCHEMES, makeHash
 
@@ -185,8 +186,65 @@ def _checkConfigCommand(commands: argparse._SubParsersAction) -> None:
     command.set_defaults(run=_checkConfigRun)
 
 
+# -- mailauth queue -----------------------------------------------------------
+
+DEFAULT_CONFIG = "/etc/mailauth/mailauth.conf"
+
+
+def _queueDirectory(args: argparse.Namespace) -> str:
+    stateDir = args.state_dir or load(args.config or DEFAULT_CONFIG).server.state_dir
+    return os.path.join(stateDir, "queue")
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "-"
+
+
+def _queueList(args: argparse.Namespace, console: Console) -> None:
+    messages = queue.listQueue(_queueDirectory(args))
+    for m in messages:
+        console.stdout.write(
+            f"{m['id']}  {m['size']:>9}  {_when(m['arrival'])}  <{m['sender']}>"
+            f"  attempts={m['attempts']} next={_when(m['next_attempt'])}\n"
+        )
+        for r in m["recipients"]:
+            why = r["error"] or r["reply"] or ""
+            console.stdout.write(f"    {r['state']:<9} <{r['address']}>  {why}".rstrip() + "\n")
+    console.stdout.write(f"-- {len(messages)} message(s) in the queue\n")
+
+
+def _queueFlush(args: argparse.Namespace, console: Console) -> None:
+    count = queue.flushQueue(_queueDirectory(args))
+    console.stdout.write(f"{count} message(s) due now; the daemon sends them shortly\n")
+
+
+def _queueDelete(args: argparse.Namespace, console: Console) -> None:
+    if not queue.deleteMessage(_queueDirectory(args), args.id):
+        raise CommandError(f"no message {args.id} in the queue")
+    console.stdout.write(f"{args.id}: deleted\n")
+
+
+def _queueCommand(commands: argparse._SubParsersAction) -> None:
+    where = argparse.ArgumentParser(add_help=False)
+    group = where.add_mutually_exclusive_group()
+    group.add_argument("--config", metavar="PATH",
+                       help=f"the configuration naming state_dir (default {DEFAULT_CONFIG})")
+    group.add_argument("--state-dir", metavar="DIR", help="the daemon's state_dir")
+    command = commands.add_parser("queue", help="inspect and drive the forward queue")
+    actions = command.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions.add_parser("list", parents=[where], help="list queued messages").set_defaults(
+        run=_queueList
+    )
+    actions.add_parser("flush", parents=[where], help="retry every message now").set_defaults(
+        run=_queueFlush
+    )
+    delete = actions.add_parser("delete", parents=[where], help="delete a queued message")
+    delete.add_argument("id", metavar="ID")
+    delete.set_defaults(run=_queueDelete)
+
+
 # Each adds one subcommand whose "run" default is called with (args, console).
-_COMMANDS = (_userCommand, _hashCommand, _checkConfigCommand)
+_COMMANDS = (_userCommand, _hashCommand, _checkConfigCommand, _queueCommand)
 
 
 def _makeParser() -> argparse.ArgumentParser:

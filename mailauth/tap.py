@@ -141,7 +141,7 @@ def buildService(cfg: configmod.Config, reactor) -> service.MultiService:
 
         queue = Queue(os.path.join(cfg.server.state_dir, "queue"), reactor, cfg.server.hostname)
         local = LocalDelivery(router, cfg.server.hostname, diskPool.run)
-        queueService = QueueService(queue, cfg.relay, reactor, local)
+        queueService = QueueService(queue, cfg.relay, reactor, local, runBlocking=diskPool.run)
         queueService.setServiceParent(top)
     realm = Realm(
         router=router,

@@ -349,3 +349,51 @@ class ScriptTests(unittest.TestCase):
             b"{CRAM-MD5}451f1cebcd891ea016e9a608e9c9303740c7cd126964ba63d2cd7799cd83017f\n",
         )
         self.assertEqual(result.returncode, 0)
+
+
+class QueueCommandTests(unittest.TestCase):
+    """C{mailauth queue list|flush|delete} on a state directory."""
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from mailauth.queue import Queue
+
+        self.stateDir = os.path.abspath(self.mktemp())
+        self.clock = Clock()
+        self.clock.advance(1795965994)
+        self.queue = Queue(os.path.join(self.stateDir, "queue"), self.clock, "mx.example.test")
+        writer = self.queue.newMessage("A1B2C3D4E5F6", "alice@example.org", ["bob@remote.test"])
+        writer.write(b"Subject: x\r\n\r\nbody\r\n")
+        writer.commit()
+        self.stdout, self.stderr = io.StringIO(), io.StringIO()
+
+    def mailauth(self, *argv: str) -> int:
+        console = Console(io.BytesIO(), self.stdout, self.stderr)
+        return main(list(argv), console)
+
+    def test_list(self) -> None:
+        """list shows each message with its sender and recipients."""
+        self.assertEqual(self.mailauth("queue", "list", "--state-dir", self.stateDir), 0)
+        out = self.stdout.getvalue()
+        self.assertIn("A1B2C3D4E5F6", out)
+        self.assertIn("<alice@example.org>", out)
+        self.assertIn("<bob@remote.test>", out)
+        self.assertTrue(out.endswith("-- 1 message(s) in the queue\n"), out)
+
+    def test_flush(self) -> None:
+        """flush makes every message due now."""
+        self.assertEqual(self.mailauth("queue", "flush", "--state-dir", self.stateDir), 0)
+        self.assertIn("1 message(s) due now", self.stdout.getvalue())
+
+    def test_delete(self) -> None:
+        """delete removes a message; an unknown ID is an error."""
+        self.assertEqual(
+            self.mailauth("queue", "delete", "A1B2C3D4E5F6", "--state-dir", self.stateDir), 0
+        )
+        self.assertEqual(self.mailauth("queue", "list", "--state-dir", self.stateDir), 0)
+        self.assertIn("-- 0 message(s)", self.stdout.getvalue())
+        self.assertEqual(
+            self.mailauth("queue", "delete", "../../etc", "--state-dir", self.stateDir), 1
+        )
+        self.assertEqual(self.stderr.getvalue(), "mailauth: no message ../../etc in the queue\n")

@@ -1,0 +1,541 @@
+"""
+The SMTP client that forwards queued mail to the configured upstream relay.
+
+Twisted's C{ESMTPSender} is not used: it dot-stuffs each 16 KiB chunk on its
+own, so message content can end the DATA section early and smuggle whole
+transactions to the relay (D30 in research/twisted-mail.md), and it acts on
+replies that were buffered before the STARTTLS handshake (D31). This client
+sends the queue's stored bytes, which are dot-stuffed once when they are
+written, verbatim, and aborts the connection when anything follows the 220
+reply to STARTTLS.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import re
+from typing import IO, Optional, Sequence
+
+import attrs
+from twisted.internet import defer, endpoints, protocol, ssl
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.protocols import basic
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from mailauth.config import RelayConfig
+
+log = Logger(namespace="mailauth.relay")
+
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|$)")
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+class RelayError(Exception):
+    """
+    The session with the relay failed as a whole (no connection, TLS or
+    authentication failure, timeout, a 421, a protocol error): every
+    recipient of the message in hand is to be tried again later.
+    """
+
+
+@attrs.frozen
+class SMTPReply:
+    """
+    A complete SMTP reply.
+
+    @ivar code: the three-digit reply code.
+    @ivar lines: every line as received, code included, without CRLF.
+    """
+
+    code: int
+    lines: tuple
+
+    @property
+    def text(self) -> str:
+        """The reply on one line, as quoted in logs, the queue and bounces."""
+        return " ".join(self.lines)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class IRelaySession(Interface):
+    """An established, authenticated SMTP session with the relay."""
+
+    def deliver(
+        sender: str, recipients: Sequence[str], message: IO[bytes], size: int, body8bit: bool
+    ) -> defer.Deferred:
+        """
+        Send one message.
+
+        @param sender: the envelope sender, C{""} for the null sender.
+        @param recipients: the recipients to try.
+        @param message: the stored message: CRLF line ends, dot-stuffed, sent
+            as it is and followed by C{.CRLF}.
+        @param size: the message size, announced with C{SIZE=} if offered.
+        @param body8bit: the message has 8-bit bytes.
+        @return: a Deferred firing with a dict of recipient to L{SMTPReply}
+            (the RCPT reply if it was refused, else the reply at the end of
+            DATA, or the MAIL reply if MAIL failed), or failing with
+            L{RelayError}, after which the session is unusable.
+        """
+
+    def close() -> defer.Deferred:
+        """Say QUIT and disconnect; the Deferred fires once disconnected."""
+
+    def abort() -> defer.Deferred:
+        """Drop the connection at once; the Deferred fires once disconnected."""
+
+
+class IRelayConnector(Interface):
+    """Makes sessions with the relay."""
+
+    def connect() -> defer.Deferred:
+        """
+        @return: a Deferred firing with an L{IRelaySession}, or failing with
+            L{RelayError}.
+        """
+
+
+class RelayClientProtocol(basic.LineReceiver):
+    """
+    The wire side of a relay session: one command, one reply, with an idle
+    timeout on the injected clock.
+    """
+
+    delimiter = b"\r\n"
+    MAX_LENGTH = 4096
+    maxReplyLines = 200
+
+    def __init__(self, clock: IReactorTime, timeout: float) -> None:
+        self._clock = clock
+        self._timeout = timeout
+        self._timer = None
+        self._waiting: Optional[defer.Deferred] = defer.Deferred()
+        self._greeting = self._waiting
+        self._lines: list = []
+        self._code = 0
+        self._tlsOnReply = None
+        self._sendingData = False
+        self._error: Optional[RelayError] = None
+        self._closedWaiters: Optional[list] = []
+
+    # Wire events
+
+    def connectionMade(self) -> None:
+        self._touch()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        error = self._error or RelayError(f"connection lost: {reason.getErrorMessage()}")
+        self._fire(Failure(error))
+        waiters, self._closedWaiters = self._closedWaiters, None
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._touch()
+        return super().dataReceived(data)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._fail("reply line too long")
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._error is not None:
+            return
+        if self._waiting is None:
+            return self._fail(f"unexpected reply: {_printable(line)}")
+        if self._sendingData:
+            return self._fail(f"reply while the message was being sent: {_printable(line)}")
+        match = _REPLY_LINE.match(line)
+        if match is None:
+            return self._fail(f"malformed reply: {_printable(line)}")
+        code = int(match.group(1))
+        if self._lines and code != self._code:
+            return self._fail(f"reply code changed within a reply: {_printable(line)}")
+        self._code = code
+        self._lines.append(line.decode("utf-8", "replace"))
+        if len(self._lines) > self.maxReplyLines:
+            return self._fail("reply too long")
+        if match.group(2) == b"-":
+            return
+        reply = SMTPReply(code, tuple(self._lines))
+        self._lines = []
+        if self._tlsOnReply is not None:
+            creator, self._tlsOnReply = self._tlsOnReply, None
+            if code == 220:
+                # D31: anything already buffered behind the 220 was sent in
+                # plaintext and would be read as if it came through TLS.
+                if self._buffer:
+                    return self._fail("data after the reply to STARTTLS (injection attempt?)")
+                self.transport.startTLS(creator)
+        self._fire(reply)
+
+    # Commands
+
+    def greeting(self) -> defer.Deferred:
+        """
+        @return: a Deferred for the server's greeting (it may have fired
+            already), failing with L{RelayError}. Call it once.
+        """
+        return self._greeting
+
+    def command(self, line: bytes) -> defer.Deferred:
+        """
+        Send C{line} and return a Deferred for its L{SMTPReply}.
+        """
+        if self._error is not None:
+            return defer.fail(self._error)
+        self._waiting = defer.Deferred()
+        self.sendLine(line)
+        self._touch()
+        return self._waiting
+
+    def startTLS(self, creator) -> defer.Deferred:
+        """
+        Send STARTTLS and begin the handshake with C{creator} on a 220.
+        """
+        self._tlsOnReply = creator
+        return self.command(b"STARTTLS")
+
+    def sendMessage(self, message: IO[bytes]) -> defer.Deferred:
+        """
+        Send the stored message C{message} verbatim and the final C{.CRLF};
+        return a Deferred for the reply.
+        """
+        if self._error is not None:
+            return defer.fail(self._error)
+        self._waiting = waiting = defer.Deferred()
+        self._sendingData = True
+
+        def sent(_):
+            self._sendingData = False
+            if self._error is None:
+                self.transport.write(b".\r\n")
+                self._touch()
+
+        def failed(reason):
+            # The connection went away under the producer, which
+            # connectionLost reports; or reading the file failed.
+            self._sendingData = False
+            if self._error is None and self.transport.connected:
+                self._fail(f"cannot send the message: {reason.getErrorMessage()}")
+
+        sender = basic.FileSender()
+        sender.beginFileTransfer(message, self.transport, self._progress).addCallbacks(sent, failed)
+        return waiting
+
+    def abort(self) -> defer.Deferred:
+        """
+        Drop the connection without a goodbye.
+
+        @return: a Deferred that fires once the connection is gone.
+        """
+        self._fail("connection aborted")
+        return self.whenClosed()
+
+    def whenClosed(self) -> defer.Deferred:
+        """@return: a Deferred that fires with L{None} once disconnected."""
+        if self._closedWaiters is None:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._closedWaiters.append(waiter)
+        return waiter
+
+    # Internals
+
+    def _progress(self, chunk: bytes) -> bytes:
+        self._touch()
+        return chunk
+
+    def _touch(self) -> None:
+        if self._error is not None:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._timeout)
+        else:
+            self._timer = self._clock.callLater(self._timeout, self._timedOut)
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        self._fail(f"no progress for {self._timeout:g} seconds")
+
+    def _fail(self, why: str) -> None:
+        if self._error is None:
+            self._error = RelayError(why)
+            self._fire(Failure(self._error))
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _fire(self, result) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is None:
+            pass
+        elif isinstance(result, Failure):
+            waiting.errback(result)
+        else:
+            waiting.callback(result)
+
+
+def _printable(line: bytes) -> str:
+    return line[:200].decode("ascii", "replace")
+
+
+def _extensions(reply: SMTPReply) -> dict:
+    """The EHLO keywords of C{reply}, upper case, to their parameters."""
+    extensions = {}
+    for line in reply.lines[1:]:
+        words = line[4:].split(None, 1)
+        if words:
+            extensions[words[0].upper()] = words[1] if len(words) > 1 else ""
+    return extensions
+
+
+def _check(reply: SMTPReply, expected: int, what: str) -> SMTPReply:
+    if reply.code != expected:
+        raise RelayError(f"{what} refused: {reply.text}")
+    return reply
+
+
+@implementer(IRelaySession)
+class RelaySession:
+    """
+    A session on which the greeting, EHLO, STARTTLS and AUTH are done.
+
+    @ivar extensions: what the relay offered in its last EHLO reply.
+    """
+
+    def __init__(self, protocol: RelayClientProtocol, extensions: dict) -> None:
+        self._protocol = protocol
+        self.extensions = extensions
+        self._dirty = False
+
+    @defer.inlineCallbacks
+    def deliver(self, sender, recipients, message, size, body8bit):
+        proto = self._protocol
+        if self._dirty:
+            reply = yield proto.command(b"RSET")
+            _check(reply, 250, "RSET")
+        self._dirty = True
+        mail = b"MAIL FROM:<" + _address(sender) + b">"
+        if "SIZE" in self.extensions:
+            mail += b" SIZE=%d" % (size,)
+        if body8bit and "8BITMIME" in self.extensions:
+            mail += b" BODY=8BITMIME"
+        reply = _classify((yield proto.command(mail)))
+        if reply.code != 250:
+            return {recipient: reply for recipient in recipients}
+        results = {}
+        accepted = []
+        for recipient in recipients:
+            reply = _classify((yield proto.command(b"RCPT TO:<" + _address(recipient) + b">")))
+            results[recipient] = reply
+            if reply.code // 100 == 2:
+                accepted.append(recipient)
+        if not accepted:
+            return results
+        reply = _classify((yield proto.command(b"DATA")), intermediate=354)
+        if reply.code == 354:
+            reply = _classify((yield proto.sendMessage(message)))
+            self._dirty = False
+        for recipient in accepted:
+            results[recipient] = reply
+        return results
+
+    @defer.inlineCallbacks
+    def close(self):
+        proto = self._protocol
+        if proto.transport is not None and proto.transport.connected:
+            try:
+                yield proto.command(b"QUIT")
+            except RelayError:
+                pass
+            proto.transport.loseConnection()
+        yield proto.whenClosed()
+
+    def abort(self):
+        return self._protocol.abort()
+
+
+def _classify(reply: SMTPReply, intermediate: Optional[int] = None) -> SMTPReply:
+    """
+    Check a reply within a transaction: a 421 ends the session, and a 3xx
+    other than C{intermediate} is a protocol error, never a verdict on a
+    recipient.
+
+    @raise RelayError: for those.
+    """
+    if reply.code == 421:
+        raise RelayError(f"relay closing the session: {reply.text}")
+    if reply.code // 100 == 3 and reply.code != intermediate:
+        raise RelayError(f"unexpected reply: {reply.text}")
+    return reply
+
+
+def _address(address: str) -> bytes:
+    return address.encode("utf-8")
+
+
+def loadCertificates(path: str) -> list:
+    """
+    Every certificate of the PEM file at C{path} (a single CA or a bundle).
+
+    @raise RelayError: if the file cannot be read or holds no certificate.
+    """
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()
+    except OSError as e:
+        raise RelayError(f"cannot read ca_file {path}: {e.strerror}") from None
+    certificates = []
+    for block in _PEM_CERTIFICATE.findall(pem):
+        try:
+            certificates.append(ssl.Certificate.loadPEM(block))
+        except Exception:
+            log.warn("ca_file {path}: skipping a certificate that cannot be parsed", path=path)
+    if not certificates:
+        raise RelayError(f"ca_file {path} holds no PEM certificate")
+    return certificates
+
+
+def readPassword(path: str) -> str:
+    """
+    The first line of the file at C{path}, stripped.
+
+    @raise RelayError: if it cannot be read.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RelayError(f"cannot read password_file {path}: {e}") from None
+
+
+@implementer(IRelayConnector)
+class RelayConnector:
+    """
+    Connects to the relay of C{config}: TLS (STARTTLS, implicit or none),
+    certificate verification, EHLO and AUTH.
+
+    The CA file and the password file are read at each connection, so both
+    can be replaced without a restart.
+
+    @param config: the C{[relay]} section.
+    @param reactor: provides TCP, name resolution and time.
+    @param hostname: the name to say in EHLO.
+    """
+
+    def __init__(self, config: RelayConfig, reactor, hostname: str) -> None:
+        self._config = config
+        self._reactor = reactor
+        self._hostname = hostname
+
+    def tlsOptions(self):
+        """
+        The client TLS settings: the relay's certificate must be valid for
+        its host name and issued by the system's or C{ca_file}'s CAs, unless
+        C{verify_certificate} is off. TLS 1.2 at least, on Twisted 22.4 too.
+        """
+        minimum = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_2}
+        if not self._config.verify_certificate:
+            return ssl.CertificateOptions(**minimum)
+        if self._config.ca_file:
+            trustRoot = ssl.trustRootFromCertificates(loadCertificates(self._config.ca_file))
+        else:
+            trustRoot = ssl.platformTrust()
+        return ssl.optionsForClientTLS(
+            self._config.host, trustRoot=trustRoot, extraCertificateOptions=minimum
+        )
+
+    def connect(self) -> defer.Deferred:
+        try:
+            creator = self.tlsOptions() if self._config.tls != "none" else None
+            password = None
+            if self._config.username:
+                password = readPassword(self._config.password_file)
+        except RelayError as e:
+            return defer.fail(e)
+        config = self._config
+        endpoint = endpoints.HostnameEndpoint(
+            self._reactor, config.host, config.port, timeout=config.timeout
+        )
+        if config.tls == "implicit":
+            endpoint = endpoints.wrapClientTLS(creator, endpoint)
+        factory = protocol.Factory.forProtocol(
+            functools.partial(RelayClientProtocol, self._reactor, config.timeout)
+        )
+
+        def notConnected(reason):
+            reason.trap(Exception)
+            raise RelayError(
+                f"cannot connect to {config.host} port {config.port}: "
+                f"{reason.getErrorMessage() or reason.type.__name__}"
+            )
+
+        def established(proto):
+            d = self._establish(proto, creator, password)
+
+            def failed(reason):
+                if not reason.check(RelayError):
+                    reason = Failure(
+                        RelayError(f"session setup failed: {reason.getErrorMessage()}")
+                    )
+                return proto.abort().addCallback(lambda _: reason)
+
+            return d.addErrback(failed)
+
+        connecting = endpoint.connect(factory)
+        connecting.addCallbacks(established, notConnected)
+        return connecting
+
+    @defer.inlineCallbacks
+    def _establish(self, proto: RelayClientProtocol, creator, password):
+        config = self._config
+        reply = yield proto.greeting()
+        _check(reply, 220, "greeting")
+        extensions = yield self._ehlo(proto)
+        if config.tls == "starttls":
+            if "STARTTLS" not in extensions:
+                raise RelayError(f"{config.host} does not offer STARTTLS")
+            reply = yield proto.startTLS(creator)
+            _check(reply, 220, "STARTTLS")
+            # Forget everything said before TLS (RFC 3207 section 4.2).
+            extensions = yield self._ehlo(proto)
+        if config.username:
+            yield self._authenticate(proto, extensions, config.username, password)
+        return RelaySession(proto, extensions)
+
+    @defer.inlineCallbacks
+    def _ehlo(self, proto: RelayClientProtocol):
+        reply = yield proto.command(b"EHLO " + self._hostname.encode("ascii"))
+        _check(reply, 250, "EHLO")
+        return _extensions(reply)
+
+    @defer.inlineCallbacks
+    def _authenticate(self, proto, extensions, username: str, password: str):
+        mechanisms = extensions.get("AUTH", "").upper().split()
+        user = username.encode("utf-8")
+        secret = password.encode("utf-8")
+        if "PLAIN" in mechanisms:
+            token = base64.b64encode(b"\0" + user + b"\0" + secret)
+            reply = yield proto.command(b"AUTH PLAIN " + token)
+        elif "LOGIN" in mechanisms:
+            reply = yield proto.command(b"AUTH LOGIN")
+            if reply.code == 334:
+                reply = yield proto.command(base64.b64encode(user))
+            if reply.code == 334:
+                reply = yield proto.command(base64.b64encode(secret))
+        else:
+            raise RelayError(
+                f"{self._config.host} offers no AUTH mechanism this client knows "
+                f"(PLAIN, LOGIN); it offers: {' '.join(mechanisms) or 'none'}"
+            )
+        if reply.code != 235:
+            raise RelayError(f"authentication as {username} failed: {reply.text}")
