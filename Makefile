@@ -40,4 +40,14 @@ test: $(BIN)/mailauth
 	$(BIN)/python -m twisted.trial --jobs=2 tests
 
 clean:
-	rm -rf $(VENV) var _trial_temp* build *.egg-info
+	rm -rf $(VENV) var _trial_temp* build dist *.egg-info
+
+# make deb: the Debian package, built from a copy of the tree into dist/ (needs
+# debian/control's Build-Depends: as root, apt-get build-dep ./).
+# make deb-test: as root on Debian bookworm: install the build dependencies,
+# build, lintian, install, send mail through the installed daemon, purge.
+deb:
+	.ci/deb-build dist
+
+deb-test:
+	.ci/deb-test

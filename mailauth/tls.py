@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
@@ -63,10 +63,12 @@ def loadOptions(certificatePath: str, keyPath: str) -> ssl.CertificateOptions:
     )
     try:
         options.getContext()
+    except SSL.Error as e:
+        if "key values mismatch" in str(e):
+            raise TLSError(f"{keyPath}: private key does not match {certificatePath}") from None
+        raise TLSError(f"{certificatePath}, {keyPath}: unusable: {e}") from None
     except Exception as e:
-        raise TLSError(
-            f"{keyPath}: private key does not match {certificatePath}: {e}"
-        ) from None
+        raise TLSError(f"{certificatePath}, {keyPath}: unusable: {e}") from None
     return options
 
 
