@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import re
 from typing import Callable, Optional
 
@@ -25,8 +26,10 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.mail.interfaces import IMessageDeliveryFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailauth import sasl
+from mailauth.throttle import addressKey
 
 log = Logger(namespace="mailauth.esmtp")
 
@@ -55,9 +58,11 @@ class DataReader:
     """
     Turns the bytes of a DATA section into the message, in bulk rather than
     one call per line: finds the end (C{CRLF . CRLF} only), undoes
-    dot-stuffing, notes bare CR or LF and counts the size. C{write} gets
-    chunks of the message in canonical form (CRLF line ends, unstuffed),
-    never splitting a CRLF pair.
+    dot-stuffing, notes bare CR or LF and NUL (which neither 7bit nor
+    8BITMIME content may hold, RFC 2045 and 6152, and which the smuggling
+    sequence C{CRLF NUL . CRLF} aims at servers further on) and counts the
+    size. C{write} gets chunks of the message in canonical form (CRLF line
+    ends, unstuffed), never splitting a CRLF pair.
     """
 
     def __init__(self, write: Callable[[bytes], None], maxSize: int) -> None:
@@ -67,6 +72,7 @@ class DataReader:
         self._bol = True
         self.size = 0
         self.bareNewline = False
+        self.nul = False
         self.tooBig = False
 
     def feed(self, data: bytes) -> Optional[bytes]:
@@ -110,10 +116,12 @@ class DataReader:
         crlf = chunk.count(b"\r\n")
         if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
             self.bareNewline = True
+        if b"\0" in chunk:
+            self.nul = True
         self.size += len(chunk)
         if self.size > self._maxSize:
             self.tooBig = True
-        if not (self.bareNewline or self.tooBig):
+        if not (self.bareNewline or self.nul or self.tooBig):
             self._write(chunk)
 
 
@@ -125,6 +133,8 @@ _PATH = re.compile(
     rf"<(?:@{_DOMAIN}(?:,@{_DOMAIN})*:)?(?P<mailbox>(?P<local>{_LOCAL})@(?P<domain>{_DOMAIN}))>"
 )
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?")
+# Control characters other than tab, refused in command lines.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f]")
 
 
 def parsePath(text: str, allowNull: bool) -> Optional[smtp.Address]:
@@ -142,12 +152,32 @@ def parsePath(text: str, allowNull: bool) -> Optional[smtp.Address]:
             return None
         raise SMTPReply(501, "5.1.3 Bad recipient address syntax")
     m = _PATH.fullmatch(text)
-    if m is None:
+    domain = m.group("domain").rstrip(".").lower() if m else ""
+    if m is None or (domain.startswith("[") and not _isAddressLiteral(domain)):
         if allowNull:
             raise SMTPReply(501, "5.1.7 Bad sender address syntax")
         raise SMTPReply(501, "5.1.3 Bad recipient address syntax")
-    domain = m.group("domain").rstrip(".").lower()
-    return smtp.Address(f"{m.group('local')}@{domain}".encode("ascii"))
+    # smtp.Address's own tokenizer raises on address literals and on quoted
+    # local parts holding an escaped quote, both valid here; the path is
+    # validated already, so the Address is filled in directly.
+    address = smtp.Address(b"")
+    address.local = m.group("local").encode("ascii")
+    address.domain = domain.encode("ascii")
+    address.addrstr = address.local + b"@" + address.domain
+    return address
+
+
+def _isAddressLiteral(domain: str) -> bool:
+    """Whether C{[a.b.c.d]} or C{[ipv6:...]} (lower-cased) holds a valid address."""
+    inner = domain[1:-1]
+    try:
+        if inner.startswith("ipv6:"):
+            ipaddress.IPv6Address(inner[5:])
+        else:
+            ipaddress.IPv4Address(inner)
+    except ValueError:
+        return False
+    return True
 
 
 def _splitArguments(arg: str, keyword: str) -> tuple[str, dict]:
@@ -180,11 +210,17 @@ class _TLSState:
         self.active = active
 
 
+@implementer(interfaces.IPushProducer)
 class SubmissionProtocol(protocol.Protocol):
     """
     One SMTP session. Commands are taken one at a time: while one waits for
     a Deferred (a login, a validator, the message commit) nothing more is
     read from the buffer, so pipelined replies come back in order.
+
+    It is also the producer of its replies: while the transport cannot send
+    them (a client that pipelines commands and never reads the answers) no
+    more commands are taken and nothing more is read, so the replies
+    waiting in memory stay bounded.
     """
 
     COMMAND, DATA, AUTH, CLOSED = "command", "data", "auth", "closed"
@@ -198,6 +234,7 @@ class SubmissionProtocol(protocol.Protocol):
         self._mode = self.COMMAND
         self._busy = False
         self._paused = False
+        self._writeBlocked = False
         self._discarding = False
         self._timer = None
         self._errors = 0
@@ -275,6 +312,7 @@ class SubmissionProtocol(protocol.Protocol):
             self.transport.loseConnection()
             return
         self._counted = True
+        self.transport.registerProducer(self, True)
         self._setTimeout(self.settings.timeout)
         self._send(220, f"{self.settings.hostname} ESMTP mailauth")
 
@@ -292,16 +330,42 @@ class SubmissionProtocol(protocol.Protocol):
             self._counted = False
 
     def _close(self, code: int, text: str) -> None:
+        if self._mode == self.CLOSED:
+            return
         self._send(code, text)
         self._mode = self.CLOSED
         self._abortMessages()
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
+        # A client that does not read keeps the connection open while our
+        # last replies wait to be sent: one more timeout, then it is cut.
+        self._cancelTimeout()
+        self._timer = self.clock.callLater(self.settings.timeout, self.transport.abortConnection)
+
+    # -- IPushProducer: the transport's send buffer is full, or drained ----
+
+    def pauseProducing(self) -> None:
+        self._writeBlocked = True
+
+    def resumeProducing(self) -> None:
+        self._writeBlocked = False
+        if self._mode != self.CLOSED and not self._busy:
+            self._processBuffer()
+
+    def stopProducing(self) -> None:
+        pass
 
     # -- timeouts ----------------------------------------------------------
 
     def _setTimeout(self, seconds: float) -> None:
-        self._cancelTimeout()
-        self._timer = self.clock.callLater(seconds, self._timedOut)
+        # Called for every command line and DATA read: moving the live
+        # timer is a few attribute writes, a new one a heap push and a
+        # cancelled call left for the reactor to skip.
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(seconds)
+        else:
+            self._timer = self.clock.callLater(seconds, self._timedOut)
 
     def _cancelTimeout(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -326,7 +390,7 @@ class SubmissionProtocol(protocol.Protocol):
         Work through buffered input: command lines one at a time, and DATA
         in bulk. Stops while a command waits for a Deferred.
         """
-        while not self._busy and self._mode != self.CLOSED:
+        while not (self._busy or self._writeBlocked) and self._mode != self.CLOSED:
             if self._mode == self.DATA:
                 if not self._buffer:
                     break
@@ -340,20 +404,22 @@ class SubmissionProtocol(protocol.Protocol):
                 self._run(self._endData)
                 continue
             end = self._buffer.find(b"\r\n")
+            # A final CR is kept: its LF may arrive in the next read.
+            danglingCR = b"\r" if self._buffer.endswith(b"\r") else b""
             if self._discarding:
                 if end < 0:
-                    self._buffer = b""
+                    self._buffer = danglingCR
                     break
                 self._buffer = self._buffer[end + 2 :]
                 self._discarding = False
                 continue
-            if end < 0 and len(self._buffer) <= MAX_LINE:
+            if end < 0 and len(self._buffer) - len(danglingCR) <= MAX_LINE:
                 break
             if end < 0 or end > MAX_LINE:
                 # Refuse the line and skip to its end, holding none of it.
                 authLine = self._mode == self.AUTH or self._buffer[:5].upper() == b"AUTH "
                 if end < 0:
-                    self._buffer = b""
+                    self._buffer = danglingCR
                     self._discarding = True
                 else:
                     self._buffer = self._buffer[end + 2 :]
@@ -368,10 +434,11 @@ class SubmissionProtocol(protocol.Protocol):
                 self._run(self._command, line)
         if self._mode == self.CLOSED:
             return
-        if self._busy and len(self._buffer) > PIPELINE_HOLD and not self._paused:
+        hold = self._writeBlocked or (self._busy and len(self._buffer) > PIPELINE_HOLD)
+        if hold and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
-        elif not self._busy and self._paused:
+        elif not hold and self._paused:
             self._paused = False
             self.transport.resumeProducing()
 
@@ -443,7 +510,7 @@ class SubmissionProtocol(protocol.Protocol):
             text = line.decode("ascii")
         except UnicodeDecodeError:
             return self._error(500, "5.5.2 Error: command contains non-ASCII characters")
-        if any(ord(c) < 32 and c != "\t" for c in text):
+        if _CONTROL.search(text) is not None:
             return self._error(500, "5.5.2 Error: control characters in command")
         verb, _, arg = text.partition(" ")
         handler = getattr(self, "do_" + verb.upper(), None) if verb.isalpha() else None
@@ -749,11 +816,13 @@ class SubmissionProtocol(protocol.Protocol):
     def _endData(self):
         self._setTimeout(self.settings.timeout)
         reader, failure = self._reader, self._writeFailure
-        if reader.bareNewline or reader.tooBig or failure is not None:
+        if reader.bareNewline or reader.nul or reader.tooBig or failure is not None:
             self._abortMessages()
             self._resetTransaction()
             if reader.bareNewline:
                 return self._error(550, "5.6.2 Error: bare CR or LF in message, not accepted")
+            if reader.nul:
+                return self._error(550, "5.6.0 Error: NUL character in message, not accepted")
             if reader.tooBig:
                 return self._error(552, "5.3.4 Message size exceeds fixed maximum message size")
             return self._storageFailed(failure)
@@ -901,7 +970,8 @@ class SubmissionFactory(protocol.Factory):
 class ConnectionLimiter:
     """
     Connection counts shared by every listener: at most C{total} at once and
-    at most C{perAddress} from one client address.
+    at most C{perAddress} from one client address, an IPv6 client counted by
+    its /64 as the throttle counts it (L{addressKey}).
     """
 
     def __init__(self, total: int, perAddress: int) -> None:
@@ -911,20 +981,22 @@ class ConnectionLimiter:
         self.byAddress: dict[str, int] = {}
 
     def acquire(self, host: str) -> Optional[str]:
+        key = addressKey(host)
         if self.count >= self.total:
             log.info("refused client={client}: too many connections", client=host)
             return "4.7.0 Error: too many connections, try again later"
-        if self.byAddress.get(host, 0) >= self.perAddress:
+        if self.byAddress.get(key, 0) >= self.perAddress:
             log.info("refused client={client}: too many connections from it", client=host)
             return "4.7.0 Error: too many connections from your address"
         self.count += 1
-        self.byAddress[host] = self.byAddress.get(host, 0) + 1
+        self.byAddress[key] = self.byAddress.get(key, 0) + 1
         return None
 
     def release(self, host: str) -> None:
+        key = addressKey(host)
         self.count -= 1
-        left = self.byAddress.get(host, 1) - 1
+        left = self.byAddress.get(key, 1) - 1
         if left:
-            self.byAddress[host] = left
+            self.byAddress[key] = left
         else:
-            self.byAddress.pop(host, None)
+            self.byAddress.pop(key, None)

@@ -11,6 +11,9 @@ import time
 from typing import Optional
 
 _SUBDIRS = ("tmp", "new", "cur")
+# Bytes of a message held in memory before its tmp/ file is created; also
+# the size of the file's write buffer after that.
+SPOOL = 65536
 _counter = 0
 
 
@@ -67,6 +70,13 @@ class MaildirWriter:
     it durable: fsync of the file, then a hard link (or a copy across file
     systems) into each Maildir's new/ with C{,S=size}, and fsync of each
     new/ folder. Nothing appears in new/ before it is complete.
+
+    The first L{SPOOL} bytes are held in memory and the tmp/ file is only
+    created when the message grows past them, or by L{commit}: creating a
+    file is a journalled metadata change that can wait milliseconds behind
+    other deliveries' fsyncs, so most messages never create it on the
+    caller's (the reactor's) thread. Past L{SPOOL} the message streams
+    through a buffer of that size, so memory does not grow with its size.
     """
 
     def __init__(self, maildirs: list, hostname: str) -> None:
@@ -75,14 +85,26 @@ class MaildirWriter:
         ensureMaildir(self._maildirs[0])
         self._name = uniqueName(hostname)
         self._tmp = os.path.join(self._maildirs[0], "tmp", self._name)
-        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file = os.fdopen(fd, "wb", buffering=65536)
+        self._file = None
+        self._spool: list = []
         self.size = 0
 
     def write(self, chunk: bytes) -> None:
         data = chunk.replace(b"\r\n", b"\n")
-        self._file.write(data)
         self.size += len(data)
+        if self._file is not None:
+            self._file.write(data)
+            return
+        self._spool.append(data)
+        if self.size > SPOOL:
+            self._open()
+
+    def _open(self) -> None:
+        """Create the tmp/ file and move the spooled start of the message into it."""
+        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._file = os.fdopen(fd, "wb", buffering=SPOOL)
+        spool, self._spool = self._spool, []
+        self._file.writelines(spool)
 
     def commit(self) -> list:
         """
@@ -92,32 +114,57 @@ class MaildirWriter:
         @raise OSError: if any step fails; then no file is left in any new/
             that was not already complete.
         """
-        f = self._file
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
         final = f"{self._name},S={self.size}"
         delivered = []
         try:
-            for maildir in self._maildirs:
-                ensureMaildir(maildir)
-                target = os.path.join(maildir, "new", final)
-                try:
-                    os.link(self._tmp, target)
-                except OSError as e:
-                    if e.errno != errno.EXDEV:
-                        raise
-                    self._copyInto(maildir, final)
-                delivered.append(target)
-            for maildir in self._maildirs:
-                _fsyncDirectory(os.path.join(maildir, "new"))
-        except BaseException:
-            for path in delivered:
-                _unlinkQuietly(path)
-            raise
+            self._sync()
+            try:
+                for index, maildir in enumerate(self._maildirs):
+                    if index:
+                        # The first was made by __init__, for its tmp/.
+                        ensureMaildir(maildir)
+                    target = os.path.join(maildir, "new", final)
+                    try:
+                        os.link(self._tmp, target)
+                    except OSError as e:
+                        if e.errno != errno.EXDEV:
+                            raise
+                        self._copyInto(maildir, final)
+                    delivered.append(target)
+                for maildir in self._maildirs:
+                    _fsyncDirectory(os.path.join(maildir, "new"))
+            except BaseException:
+                for path in delivered:
+                    _unlinkQuietly(path)
+                raise
         finally:
             _unlinkQuietly(self._tmp)
         return delivered
+
+    def _sync(self) -> None:
+        """
+        Get the whole message into its tmp/ file and fsync it. A message
+        that never left the spool is written with one C{write}: every
+        system call here hands the GIL back and forth with the reactor.
+        """
+        f = self._file
+        if f is None:
+            data = b"".join(self._spool)
+            self._spool = []
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            f.close()
 
     def _copyInto(self, maildir: str, final: str) -> None:
         tmp = os.path.join(maildir, "tmp", final)
@@ -135,6 +182,9 @@ class MaildirWriter:
 
     def abort(self) -> None:
         """Throw the message away (client gone, message refused)."""
+        self._spool = []
+        if self._file is None:
+            return
         if not self._file.closed:
             self._file.close()
         _unlinkQuietly(self._tmp)

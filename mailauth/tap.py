@@ -120,8 +120,11 @@ def buildService(cfg: configmod.Config, reactor) -> service.MultiService:
     aliases = AddressMap(cfg.delivery.aliases)
     senderMap = AddressMap(cfg.delivery.sender_map)
 
+    # A session waits for one login at a time, so max_connections already
+    # bounds the logins waiting here; a lower bound would only answer a
+    # burst of honest logins (clients reconnecting after a restart) with 454.
     authPool = ThreadPoolService(reactor, "mailauth-auth", cfg.server.auth_threads,
-                                 maxQueued=cfg.server.auth_threads * 32)
+                                 maxQueued=cfg.server.max_connections)
     diskPool = ThreadPoolService(reactor, "mailauth-disk", cfg.server.disk_threads,
                                  maxQueued=cfg.server.max_connections * 2)
     authPool.setServiceParent(top)

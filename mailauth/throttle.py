@@ -8,6 +8,10 @@ from typing import Deque
 
 # The longest a single 535 reply is held back, however many failures.
 MAX_DELAY = 30.0
+# Logins are counted under at most this many characters: a real one is an
+# address (RFC 5321: at most 254), while an AUTH line may carry 9 KB of
+# login, and the throttle must not keep thousands of those.
+MAX_LOGIN_KEY = 256
 
 
 def addressKey(host: str) -> str:
@@ -130,7 +134,7 @@ class AuthThrottle:
         now = self.clock.seconds()
         key = addressKey(host)
         perAddress = self._addresses.add(key, now)
-        perLogin = self._logins.add(login.lower(), now)
+        perLogin = self._logins.add(login[:MAX_LOGIN_KEY].lower(), now)
         if perAddress >= self._maxPerAddress:
             self._blocked.pop(key, None)
             self._blocked[key] = now + self._blockTime

@@ -505,6 +505,24 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
         super().setUp()
         self.login()
 
+    def test_dataTimeout(self) -> None:
+        """
+        Inside DATA the longer data_timeout runs from each read; after the
+        message the idle timeout applies again.
+        """
+        s = self.session
+        s.command(b"MAIL FROM:<alice@example.test>")
+        s.command(b"RCPT TO:<bob@example.test>")
+        s.command(b"DATA")
+        self.clock.advance(599)
+        self.assertEqual(s.send(b"x\r\n"), [])
+        self.clock.advance(599)
+        self.assertEqual(s.send(b".\r\n"), [b"250 2.0.0 Ok: queued as ID1"])
+        self.clock.advance(299)
+        self.assertFalse(s.transport.disconnecting)
+        self.clock.advance(2)
+        self.assertReply(s.read(), b"421 4.4.2 mx.example.test Error: timeout exceeded")
+
     def test_message(self) -> None:
         """A whole transaction: the body reaches the message once, with our header."""
         s = self.session
@@ -763,6 +781,16 @@ class LimitTests(SessionTestsMixin, unittest.TestCase):
             self.clock.advance(60)
             self.session.send(b"N")
         self.assertTrue(self.session.transport.disconnecting)
+
+    def test_commandRestartsIdleTimer(self) -> None:
+        """Every complete command line starts the idle timeout again."""
+        for _ in range(3):
+            self.clock.advance(299)
+            self.assertReply(self.session.command(b"NOOP"), b"250 2.0.0 Ok")
+        self.clock.advance(299)
+        self.assertEqual(self.session.read(), [])
+        self.clock.advance(2)
+        self.assertReply(self.session.read(), b"421 4.4.2 mx.example.test Error: timeout exceeded")
 
     def test_connectionsPerAddress(self) -> None:
         """Past max_connections_per_address from one address: 421 4.7.0."""

@@ -29,16 +29,34 @@ class MaildirTests(unittest.TestCase):
             self.assertEqual(os.stat(path).st_mode & 0o777, 0o700, path)
 
     def test_nothingInNewBeforeCommit(self) -> None:
-        """Until commit the message is only in tmp/; then only in new/, with S=size."""
+        """Until commit nothing is in new/; then the message is only in new/, with S=size."""
         writer = MaildirWriter([self.box("a")], "mx.example.test")
         writer.write(b"Subject: x\r\n\r\nbody\r\n")
         self.assertEqual(os.listdir(os.path.join(self.box("a"), "new")), [])
-        self.assertEqual(len(os.listdir(os.path.join(self.box("a"), "tmp"))), 1)
         [path] = writer.commit()
         self.assertEqual(os.listdir(os.path.join(self.box("a"), "tmp")), [])
         with open(path, "rb") as f:
             self.assertEqual(f.read(), b"Subject: x\n\nbody\n")
         self.assertTrue(path.endswith(",S=17"), path)
+
+    def test_bigMessageStreamedThroughTmp(self) -> None:
+        """
+        Past the in-memory spool the message goes to its tmp/ file as it
+        comes, not into memory; new/ stays empty until commit.
+        """
+        writer = MaildirWriter([self.box("a")], "mx")
+        chunk = b"y" * 1000 + b"\r\n"
+        count = 3 * maildir.SPOOL // len(chunk)
+        for _ in range(count):
+            writer.write(chunk)
+        [tmp] = os.listdir(os.path.join(self.box("a"), "tmp"))
+        self.assertGreater(os.stat(os.path.join(self.box("a"), "tmp", tmp)).st_size,
+                           maildir.SPOOL)
+        self.assertEqual(os.listdir(os.path.join(self.box("a"), "new")), [])
+        [path] = writer.commit()
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), (b"y" * 1000 + b"\n") * count)
+        self.assertEqual(os.listdir(os.path.join(self.box("a"), "tmp")), [])
 
     def test_severalMaildirs(self) -> None:
         """One write, one file per Maildir."""
