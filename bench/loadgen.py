@@ -1,0 +1,469 @@
+"""
+An SMTP submission load generator (stdlib asyncio and ssl only).
+
+It speaks to any submission server: connect, EHLO, STARTTLS (or implicit
+TLS), AUTH PLAIN or LOGIN, then MAIL/RCPT/DATA transactions in lock step,
+checking the code of every reply. A wrong reply counts as a failure under
+its code and ends that connection (a worker then opens a new one). At the
+end it prints one JSON line.
+
+Modes:
+
+- C{send}: C{--concurrency} connections, each sending C{--messages}
+  messages before QUIT and a new connection, until C{--time} seconds have
+  passed or C{--total} messages are in.
+- C{storm}: one authenticated client sends NOOPs (one every
+  C{--noop-interval} seconds) while C{--concurrency} clients log in all at
+  once; reports the NOOP latency the storm causes.
+- C{idle}: opens C{--concurrency} connections, each parked after EHLO with
+  TLS done (no AUTH), prints C{parked N} on stderr, holds them for
+  C{--hold} seconds and closes them.
+
+Times: "login" is connect to the 235 reply (banner, EHLO, STARTTLS, EHLO,
+AUTH); "message" is MAIL FROM sent to the 250 after the final dot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import json
+import math
+import ssl
+import subprocess
+import sys
+import time
+from typing import Optional
+
+CRLF = b"\r\n"
+
+
+class Failed(Exception):
+    """A reply other than the expected one, or a broken connection."""
+
+    def __init__(self, key: str, detail: str = "") -> None:
+        super().__init__(key, detail)
+        self.key = key
+        self.detail = detail
+
+
+class Stats:
+    """What every connection of a run adds to: counts, failures, latencies."""
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.bytes = 0
+        self.failures: collections.Counter = collections.Counter()
+        self.examples: dict = {}
+        self.login: list = []
+        self.message: list = []
+        self.noop: list = []
+
+    def fail(self, e: Failed) -> None:
+        self.failures[e.key] += 1
+        self.examples.setdefault(e.key, e.detail[:200])
+
+
+def percentile(values: list, p: float) -> Optional[float]:
+    """Nearest-rank percentile of C{values} in milliseconds, or L{None} for none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))
+    return round(ordered[index] * 1000, 3)
+
+
+def makeBody(size: int, sender: str, recipients: list) -> bytes:
+    """
+    A message of about C{size} bytes in SMTP wire form: 76-character lines,
+    one in 32 starting with a dot (so dot-stuffing is exercised), stuffed
+    and ended with C{CRLF . CRLF}.
+    """
+    header = (
+        f"From: <{sender}>\r\nTo: {', '.join(f'<{r}>' for r in recipients)}\r\n"
+        f"Subject: load test\r\nMessage-ID: <bench@loadgen>\r\n\r\n"
+    ).encode("ascii")
+    alphabet = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    lines = []
+    for i in range(32):
+        line = (alphabet[i:] + alphabet[:i]) * 2
+        line = line[:76]
+        if i == 7:
+            line = b"." + line[1:]
+        lines.append(line + CRLF)
+    block = b"".join(lines)
+    need = max(0, size - len(header))
+    body = block * (need // len(block)) + b"".join(lines[: (need % len(block)) // 78])
+    text = header + body
+    if not text.endswith(CRLF):
+        text += CRLF
+    return text.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+def clientContext(cafile: Optional[str]) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=cafile)
+    if cafile is None:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class Client:
+    """One SMTP connection, in lock step: every command waits for its reply."""
+
+    def __init__(self, options, stats: Stats) -> None:
+        self.options = options
+        self.stats = stats
+        self.reader: Optional[asyncio.StreamReader] = None
+        self.writer: Optional[asyncio.StreamWriter] = None
+
+    async def reply(self, expected: int) -> list:
+        lines = []
+        while True:
+            try:
+                line = await asyncio.wait_for(
+                    self.reader.readuntil(CRLF), self.options.timeout
+                )
+            except TimeoutError:
+                raise Failed("timeout", f"waiting for {expected}") from None
+            except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as e:
+                raise Failed("closed", f"waiting for {expected}: {e!r}") from None
+            lines.append(line)
+            if line[3:4] != b"-":
+                break
+        code = lines[-1][:3]
+        if code != str(expected).encode("ascii"):
+            raise Failed(code.decode("ascii", "replace") or "empty",
+                         b"".join(lines).decode("ascii", "replace").strip())
+        return lines
+
+    async def command(self, line: str, expected: int) -> list:
+        self.writer.write(line.encode("ascii") + CRLF)
+        return await self.reply(expected)
+
+    async def connect(self, ctx: ssl.SSLContext) -> None:
+        o = self.options
+        tls = ctx if o.tls == "implicit" else None
+        try:
+            self.reader, self.writer = await asyncio.wait_for(
+                asyncio.open_connection(o.host, o.port, ssl=tls, limit=1 << 20), o.timeout
+            )
+        except (TimeoutError, OSError, ssl.SSLError) as e:
+            raise Failed("connect", repr(e)) from None
+        await self.reply(220)
+        lines = await self.command(f"EHLO {o.helo}", 250)
+        if o.tls == "starttls":
+            if not any(line[4:].strip().upper() == b"STARTTLS" for line in lines):
+                raise Failed("no-starttls", "STARTTLS not offered")
+            await self.command("STARTTLS", 220)
+            try:
+                await asyncio.wait_for(self.writer.start_tls(ctx), o.timeout)
+            except (TimeoutError, OSError, ssl.SSLError) as e:
+                raise Failed("tls", repr(e)) from None
+            await self.command(f"EHLO {o.helo}", 250)
+
+    async def authenticate(self, user: str) -> None:
+        o = self.options
+        if o.mechanism == "PLAIN":
+            token = base64.b64encode(f"\0{user}\0{o.password}".encode()).decode("ascii")
+            await self.command(f"AUTH PLAIN {token}", 235)
+        elif o.mechanism == "LOGIN":
+            await self.command("AUTH LOGIN", 334)
+            await self.command(base64.b64encode(user.encode()).decode("ascii"), 334)
+            await self.command(base64.b64encode(o.password.encode()).decode("ascii"), 235)
+
+    async def login(self, ctx: ssl.SSLContext, user: str) -> None:
+        started = time.perf_counter()
+        await self.connect(ctx)
+        await self.authenticate(user)
+        self.stats.login.append(time.perf_counter() - started)
+
+    async def send(self, sender: str, recipients: list, body: bytes) -> None:
+        started = time.perf_counter()
+        await self.command(f"MAIL FROM:<{sender}>", 250)
+        for rcpt in recipients:
+            await self.command(f"RCPT TO:<{rcpt}>", 250)
+        await self.command("DATA", 354)
+        view = memoryview(body)
+        for start in range(0, len(body), 1 << 20):
+            self.writer.write(view[start : start + (1 << 20)])
+            try:
+                await self.writer.drain()
+            except ConnectionError as e:
+                raise Failed("closed", f"sending DATA: {e!r}") from None
+        await self.reply(250)
+        self.stats.message.append(time.perf_counter() - started)
+        self.stats.messages += 1
+        self.stats.bytes += len(body)
+
+    async def quit(self) -> None:
+        try:
+            await self.command("QUIT", 221)
+        except Failed:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.transport.abort()
+            self.writer = None
+
+
+def userFor(options, n: int) -> str:
+    return options.user.replace("{n}", str(n % options.user_count))
+
+
+async def sendWorker(options, ctx, stats: Stats, index: int, deadline: float, budget: list,
+                     body: bytes, recipients: list) -> None:
+    user = userFor(options, index)
+    sender = options.sender or user
+    while time.monotonic() < deadline and budget[0] > 0:
+        client = Client(options, stats)
+        try:
+            await client.login(ctx, user)
+            for _ in range(options.messages):
+                if time.monotonic() >= deadline or budget[0] <= 0:
+                    break
+                budget[0] -= 1
+                await client.send(sender, recipients, body)
+            await client.quit()
+        except Failed as e:
+            stats.fail(e)
+            client.close()
+            await asyncio.sleep(0.05)
+        except Exception as e:  # a client bug or an odd socket error: counted, not fatal
+            stats.fail(Failed("error", repr(e)))
+            client.close()
+            await asyncio.sleep(0.05)
+
+
+async def runSend(options, ctx, stats: Stats) -> None:
+    recipients = [options.rcpt[i % len(options.rcpt)] for i in range(options.recipients)]
+    body = makeBody(options.size, options.sender or userFor(options, 0), recipients)
+    deadline = time.monotonic() + options.time
+    budget = [options.total or float("inf")]
+    await asyncio.gather(*(
+        sendWorker(options, ctx, stats, i, deadline, budget, body, recipients)
+        for i in range(options.concurrency)
+    ))
+
+
+async def runStorm(options, ctx, stats: Stats) -> dict:
+    """The NOOP client first, then every storm login at once; NOOPs stop when the storm ends."""
+    noopClient = Client(options, Stats())
+    await noopClient.login(ctx, options.noop_user or userFor(options, 0))
+    stormDone = asyncio.Event()
+    deadline = time.monotonic() + options.time
+
+    async def noops() -> None:
+        while not stormDone.is_set() and time.monotonic() < deadline:
+            started = time.perf_counter()
+            await noopClient.command("NOOP", 250)
+            stats.noop.append(time.perf_counter() - started)
+            await asyncio.sleep(options.noop_interval)
+
+    async def one(i: int) -> None:
+        client = Client(options, stats)
+        try:
+            await client.login(ctx, userFor(options, i))
+            await client.quit()
+        except Failed as e:
+            stats.fail(e)
+            client.close()
+        except Exception as e:  # counted, not fatal, as in sendWorker
+            stats.fail(Failed("error", repr(e)))
+            client.close()
+
+    noopTask = asyncio.ensure_future(noops())
+    await asyncio.sleep(0.2)  # a few NOOPs before the storm, as a baseline
+    started = time.perf_counter()
+    storm = asyncio.gather(*(one(i) for i in range(options.concurrency)))
+    try:
+        await asyncio.wait_for(storm, max(0.1, deadline - time.monotonic()))
+    except TimeoutError:
+        stats.failures["time-cap"] += 1
+    stormTime = time.perf_counter() - started
+    stormDone.set()
+    try:
+        await noopTask
+    except Failed as e:
+        stats.fail(e)
+    await noopClient.quit()
+    return {"logins": len(stats.login), "storm_s": round(stormTime, 3)}
+
+
+async def runIdle(options, ctx, stats: Stats) -> dict:
+    """Open the connections (at most C{--ramp} handshakes at a time), park them, hold, close."""
+    gate = asyncio.Semaphore(options.ramp)
+    clients: list = []
+    deadline = time.monotonic() + options.time
+
+    async def one(i: int) -> None:
+        async with gate:
+            if time.monotonic() >= deadline:
+                stats.failures["time-cap"] += 1
+                return
+            client = Client(options, stats)
+            started = time.perf_counter()
+            try:
+                await client.connect(ctx)
+            except Failed as e:
+                stats.fail(e)
+                client.close()
+                return
+            stats.login.append(time.perf_counter() - started)
+            clients.append(client)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(options.concurrency)))
+    openTime = time.perf_counter() - started
+    print(f"parked {len(clients)}", file=sys.stderr, flush=True)
+    await asyncio.sleep(min(options.hold, max(0.0, deadline - time.monotonic())))
+    # Every parked connection must still be answering.
+    alive = 0
+    for client in clients:
+        try:
+            await client.command("NOOP", 250)
+            alive += 1
+        except Failed as e:
+            stats.fail(e)
+        client.close()
+    return {"parked": len(clients), "alive_after_hold": alive, "open_s": round(openTime, 3)}
+
+
+def parseArgs(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=587)
+    p.add_argument("--tls", choices=("none", "starttls", "implicit"), default="starttls")
+    p.add_argument("--cafile", help="verify the server against this CA (default: no check)")
+    p.add_argument("--mechanism", choices=("PLAIN", "LOGIN"), default="PLAIN")
+    p.add_argument("--user", required=True,
+                   help="login; '{n}' in it becomes the connection number modulo --user-count")
+    p.add_argument("--user-count", type=int, default=1)
+    p.add_argument("--password", required=True)
+    p.add_argument("--sender", help="MAIL FROM address (default: the login)")
+    p.add_argument("--rcpt", action="append", help="recipient address (repeat for several)")
+    p.add_argument("--recipients", type=int, default=1, help="RCPTs per message")
+    p.add_argument("--helo", default="loadgen.example")
+    p.add_argument("--mode", choices=("send", "storm", "idle"), default="send")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--messages", type=int, default=1, help="messages per connection")
+    p.add_argument("--total", type=int, default=0, help="stop after this many messages")
+    p.add_argument("--size", type=int, default=10240, help="message size in bytes")
+    p.add_argument("--time", type=float, default=10.0, help="time cap in seconds")
+    p.add_argument("--timeout", type=float, default=30.0, help="per reply, in seconds")
+    p.add_argument("--noop-user", help="storm: the login of the NOOP client")
+    p.add_argument("--noop-interval", type=float, default=0.01)
+    p.add_argument("--hold", type=float, default=3.0, help="idle: seconds to hold")
+    p.add_argument("--ramp", type=int, default=50, help="idle: handshakes at a time")
+    p.add_argument("--processes", type=int, default=1,
+                   help="send: split the connections over this many client processes")
+    p.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
+    options = p.parse_args(argv)
+    if options.mode == "send" and not options.rcpt:
+        p.error("--rcpt is required in send mode")
+    if options.processes > 1 and options.mode != "send":
+        p.error("--processes is for send mode only")
+    return options
+
+
+def summary(options, stats: Stats, elapsed: float, cpu: float, extra: dict) -> dict:
+    messageTime = sum(stats.message)
+    result = {
+        "mode": options.mode,
+        "concurrency": options.concurrency,
+        "messages": stats.messages,
+        "failures": dict(stats.failures),
+        "elapsed_s": round(elapsed, 3),
+        "client_cpu_s": round(cpu, 3),
+        "msgs_per_s": round(stats.messages / elapsed, 2) if elapsed else None,
+        "mb_per_s": round(stats.bytes / messageTime / 1e6, 2) if messageTime else None,
+        "login_p50_ms": percentile(stats.login, 50),
+        "login_p99_ms": percentile(stats.login, 99),
+        "message_p50_ms": percentile(stats.message, 50),
+        "message_p99_ms": percentile(stats.message, 99),
+    }
+    if stats.noop:
+        result.update(noops=len(stats.noop), noop_p50_ms=percentile(stats.noop, 50),
+                      noop_p99_ms=percentile(stats.noop, 99),
+                      noop_max_ms=percentile(stats.noop, 100))
+    if stats.examples:
+        result["failure_examples"] = stats.examples
+    result.update(extra)
+    if options.raw:
+        result["raw"] = {"login": stats.login, "message": stats.message, "noop": stats.noop,
+                         "bytes": stats.bytes, "examples": stats.examples}
+    return result
+
+
+async def main(options) -> dict:
+    ctx = clientContext(options.cafile)
+    stats = Stats()
+    extra: dict = {}
+    started = time.perf_counter()
+    cpu = time.process_time()
+    run = {"send": runSend, "storm": runStorm, "idle": runIdle}[options.mode]
+    try:
+        extra = await asyncio.wait_for(run(options, ctx, stats), options.time + 60) or {}
+    except TimeoutError:
+        stats.failures["time-cap"] += 1
+    except Failed as e:
+        stats.fail(e)
+    elapsed = time.perf_counter() - started
+    return summary(options, stats, elapsed, time.process_time() - cpu, extra)
+
+
+def runProcesses(options, argv: list) -> dict:
+    """
+    C{--processes N} in send mode: N copies of this script share the
+    connections (and C{--total}); their raw latencies are merged here, so
+    one client process's CPU does not cap what a server can take.
+    """
+    n = options.processes
+    children = []
+    started = time.perf_counter()
+    for i in range(n):
+        share = options.concurrency // n + (1 if i < options.concurrency % n else 0)
+        total = options.total // n + (1 if i < options.total % n else 0) if options.total else 0
+        if share == 0:
+            continue
+        args = argv + ["--processes", "1", "--raw", "--concurrency", str(share),
+                       "--total", str(total)]
+        children.append(subprocess.Popen([sys.executable, __file__, *args],
+                                         stdout=subprocess.PIPE, text=True))
+    stats, cpu, elapsed = Stats(), 0.0, 0.0
+    for child in children:
+        try:
+            out, _ = child.communicate(timeout=options.time + 120)
+            r = json.loads(out.strip().splitlines()[-1])
+        except (subprocess.TimeoutExpired, IndexError, ValueError):
+            child.kill()
+            stats.failures["child"] += 1
+            continue
+        stats.messages += r["messages"]
+        stats.failures.update(r["failures"])
+        stats.login += r["raw"]["login"]
+        stats.message += r["raw"]["message"]
+        stats.noop += r["raw"]["noop"]
+        stats.bytes += r["raw"]["bytes"]
+        for key, text in r["raw"]["examples"].items():
+            stats.examples.setdefault(key, text)
+        cpu += r["client_cpu_s"]
+        elapsed = max(elapsed, r["elapsed_s"])
+    options.raw = False
+    result = summary(options, stats, elapsed or time.perf_counter() - started, cpu, {})
+    result["processes"] = n
+    return result
+
+
+if __name__ == "__main__":
+    opts = parseArgs()
+    if opts.processes > 1:
+        out = runProcesses(opts, [a for a in sys.argv[1:]])
+    else:
+        out = asyncio.run(main(opts))
+    print(json.dumps(out), flush=True)

@@ -1,0 +1,527 @@
+"""
+The benchmark suite behind C{bench/run}: mailauth and aiosmtpd doing the
+same job on 127.0.0.1, each scenario run against both in turn (each on a
+freshly started server), one table at the end with the ratio
+mailauth/aiosmtpd and the targets of the performance issue.
+
+Scenarios (C{--scenarios}):
+
+- C{tput}: 10 KB messages, ten per connection, at concurrency 1, 10 and
+  50 for C{--time} seconds each, C{--repeat} times alternating the servers;
+  the sender's hash is SHA512-CRYPT.
+- C{storm}: C{--storm} ARGON2ID logins at once while one logged-in client
+  sends a NOOP every 10 ms; that client's NOOP latency.
+- C{big}: one C{--big-mb} MB message; ingest rate and the server's peak
+  RSS above its RSS after a warm-up (VmHWM reset through clear_refs, and
+  VmRSS sampled every 10 ms).
+- C{idle}: C{--idle} connections parked after EHLO, STARTTLS and EHLO; the
+  server's RSS growth divided by the connections.
+
+Everything lives in C{--workdir} (default C{var/bench}, git-ignored): a
+certificate, a users file, and a folder per run with the server's
+configuration, log and Maildirs (the mail is deleted at the end; the rest
+and C{results.json} stay). Every wait has a time cap, and both servers
+listen on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from typing import Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from mailauth import passwords  # noqa: E402
+from tests.support import writeCertificate  # noqa: E402
+
+PYTHON = sys.executable
+LOADGEN = os.path.join(HERE, "loadgen.py")
+PASSWORD = "bench-password"
+# The sender of the throughput, big-message and NOOP clients: SHA512-CRYPT,
+# a scheme Dovecot sites still commonly hold; the storm uses ARGON2ID users.
+SENDER = "bench@bench.test"
+RECIPIENT = "rcpt@bench.test"
+STORM_USER = "storm{n}@bench.test"
+STORM_USERS = 10
+KB = 1024
+MB = 1024 * 1024
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare(work: str) -> None:
+    """The certificate and the users file both servers read."""
+    if os.path.exists(work):
+        shutil.rmtree(work)
+    os.makedirs(work)
+    writeCertificate(os.path.join(work, "tls"))
+    lines = [
+        f"{SENDER}:{passwords.makeHash(PASSWORD.encode(), 'SHA512-CRYPT')}",
+        f"{RECIPIENT}:{passwords.makeHash(PASSWORD.encode(), 'SHA512-CRYPT')}",
+    ]
+    storm = passwords.makeHash(PASSWORD.encode(), "ARGON2ID")
+    for n in range(STORM_USERS):
+        # One fresh hash each would cost a second of argon2 per user here
+        # and change nothing: the server verifies the same work per login.
+        lines.append(f"{STORM_USER.format(n=n)}:{storm}")
+    with open(os.path.join(work, "users"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+class Server:
+    """One server process: started, probed for its banner, measured through /proc, stopped."""
+
+    def __init__(self, name: str, work: str, label: str = "") -> None:
+        self.name = name
+        self.work = work
+        # A folder of its own for every run: deleting a run's mail before
+        # the next would leave ext4 thousands of recently deleted inodes to
+        # skip over in every file creation of that next run.
+        self.dir = os.path.join(work, f"{name}-{label}" if label else name)
+        self.port = 0
+        self.process: Optional[subprocess.Popen] = None
+
+    def argv(self) -> list:
+        tls = os.path.join(self.work, "tls")
+        if self.name == "mailauth":
+            with open(os.path.join(HERE, "mailauth.conf.in")) as f:
+                template = f.read()
+            config = os.path.join(self.dir, "mailauth.conf")
+            with open(config, "w") as f:
+                f.write(template.format(dir=self.dir, work=self.work, port=self.port))
+            return [os.path.join(os.path.dirname(PYTHON), "twistd"), "--nodaemon", "--pidfile=",
+                    f"--logfile={os.path.join(self.dir, 'server.log')}", "mailauth",
+                    "--config", config]
+        return [PYTHON, os.path.join(HERE, "peer.py"), "--port", str(self.port),
+                "--certificate", os.path.join(tls, "cert.pem"),
+                "--private-key", os.path.join(tls, "key.pem"),
+                "--users", os.path.join(self.work, "users"),
+                "--maildir", os.path.join(self.dir, "mail", "{domain}", "{localpart}", "Maildir"),
+                "--domain", "bench.test", "--log", os.path.join(self.dir, "server.log")]
+
+    def start(self) -> None:
+        if os.path.exists(self.dir):
+            shutil.rmtree(self.dir)
+        os.makedirs(self.dir)
+        self.port = freePort()
+        argv = self.argv()
+        path = [p for p in (os.environ.get("PYTHONPATH"), ROOT) if p]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+        out = open(os.path.join(self.dir, "stdout.log"), "ab")
+        self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        out.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; "
+                                   f"see {self.dir}/stdout.log")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                    if s.recv(100).startswith(b"220"):
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not answer on port {self.port} within 30 s")
+
+    def stop(self) -> None:
+        """Stop the server; flush the file systems so the next run does not pay for its writes."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        os.sync()
+
+    def status(self, key: str) -> int:
+        """A C{/proc/PID/status} value in bytes (VmRSS, VmHWM)."""
+        with open(f"/proc/{self.process.pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    def resetPeak(self) -> bool:
+        """Reset VmHWM to the current RSS (Linux 4.0+); L{False} where that is refused."""
+        try:
+            with open(f"/proc/{self.process.pid}/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def cpu(self) -> float:
+        """User plus system CPU seconds of every thread so far."""
+        with open(f"/proc/{self.process.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class PeakSampler(threading.Thread):
+    """Polls VmRSS every 10 ms: the peak, even where VmHWM cannot be reset."""
+
+    def __init__(self, server: Server) -> None:
+        super().__init__(daemon=True)
+        self.server = server
+        self.peak = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                self.peak = max(self.peak, self.server.status("VmRSS"))
+            except (OSError, KeyError):
+                return
+            self.done.wait(0.01)
+
+    def stop(self) -> int:
+        self.done.set()
+        self.join(5)
+        return self.peak
+
+
+def loadgen(server: Server, *args: str, onStderr=None, cap: float = 300) -> dict:
+    """Run the load generator against C{server}; its JSON result."""
+    argv = [PYTHON, LOADGEN, "--port", str(server.port), "--password", PASSWORD, *args]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    timer = threading.Timer(cap, proc.kill)
+    timer.start()
+    try:
+        errors = []
+        for line in proc.stderr:
+            errors.append(line)
+            if onStderr is not None:
+                onStderr(line)
+        out = proc.stdout.read()
+        proc.wait()
+    finally:
+        timer.cancel()
+    try:
+        return json.loads(out.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise RuntimeError(
+            f"loadgen failed ({proc.returncode}): {''.join(errors)[-2000:]}"
+        ) from None
+
+
+def sendArgs(concurrency: int, messages: int, size: int, seconds: float, total: int = 0) -> list:
+    return ["--mode", "send", "--user", SENDER, "--rcpt", RECIPIENT,
+            "--concurrency", str(concurrency), "--messages", str(messages),
+            "--size", str(size), "--time", str(seconds), "--total", str(total)]
+
+
+def machineBusy() -> float:
+    """CPU seconds this machine's cores have worked (user, nice, system, irq, softirq)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # Not idle, iowait or steal (time the hypervisor gave to someone else).
+    return (sum(fields[:7]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def backgroundLoad(seconds: float = 1.0) -> float:
+    """How many CPUs' worth of work other processes do while nothing is benchmarked."""
+    busy = machineBusy()
+    time.sleep(seconds)
+    return (machineBusy() - busy) / seconds
+
+
+def throughput(server: Server, concurrency: int, seconds: float) -> dict:
+    """
+    10 KB messages, ten per connection, for C{seconds}; with the CPU each
+    message cost the server, the load generator and the whole machine
+    (the rest is the kernel's: loopback TCP, the file system's journal).
+    """
+    cpu, machine = server.cpu(), machineBusy()
+    # Two client processes from concurrency 10 up, so that the load
+    # generator's own event loop is not what sets the pace.
+    processes = "2" if concurrency >= 10 else "1"
+    r = loadgen(server, *sendArgs(concurrency, 10, 10 * KB, seconds), "--processes", processes)
+    used, machine = server.cpu() - cpu, machineBusy() - machine
+    if r["messages"]:
+        for key, seconds in (("server", used), ("client", r["client_cpu_s"]),
+                             ("machine", machine)):
+            r[f"{key}_cpu_ms_per_msg"] = round(seconds / r["messages"] * 1000, 3)
+    return r
+
+
+def storm(server: Server, logins: int) -> dict:
+    """ARGON2ID logins all at once while one logged-in client sends NOOPs."""
+    sampler = PeakSampler(server)
+    base = server.status("VmRSS")
+    sampler.start()
+    r = loadgen(server, "--mode", "storm", "--user", STORM_USER,
+                "--user-count", str(STORM_USERS), "--noop-user", SENDER,
+                "--concurrency", str(logins), "--time", "120", "--timeout", "100")
+    r["rss_growth_mb"] = round((sampler.stop() - base) / MB, 1)
+    return r
+
+
+def warmUp(server: Server) -> None:
+    """One login and one message, so code paths and buffers are in place before a baseline."""
+    loadgen(server, *sendArgs(1, 1, 10 * KB, 10, total=1))
+    loadgen(server, "--mode", "idle", "--user", SENDER, "--concurrency", "10", "--hold", "0")
+    time.sleep(0.3)
+
+
+def bigMessage(server: Server, size: int) -> dict:
+    warmUp(server)
+    base = server.status("VmRSS")
+    reset = server.resetPeak()
+    sampler = PeakSampler(server)
+    sampler.start()
+    r = loadgen(server, *sendArgs(1, 1, size, 120, total=1), "--timeout", "120")
+    peak = sampler.stop()
+    if reset:
+        peak = max(peak, server.status("VmHWM"))
+    r["rss_growth_mb"] = round((peak - base) / MB, 1)
+    return r
+
+
+def idle(server: Server, count: int) -> dict:
+    warmUp(server)
+    base = server.status("VmRSS")
+    measured = {}
+
+    def parked(line: str) -> None:
+        if line.startswith("parked "):
+            time.sleep(0.5)
+            measured["rss"] = server.status("VmRSS")
+            measured["parked"] = int(line.split()[1])
+
+    r = loadgen(server, "--mode", "idle", "--user", SENDER, "--concurrency", str(count),
+                "--hold", "2", "--time", "120", onStderr=parked)
+    if measured.get("parked"):
+        r["rss_per_conn_kb"] = round((measured["rss"] - base) / measured["parked"] / KB, 1)
+        r["rss_growth_mb"] = round((measured["rss"] - base) / MB, 1)
+    return r
+
+
+def average(runs: list) -> dict:
+    """The mean of every number over C{runs}; failures added up; each run kept."""
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[-1]
+    if len(good) == 1:
+        return good[0]
+    out = dict(good[-1])
+    for key in good[-1]:
+        values = [r.get(key) for r in good]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = round(sum(values) / len(values), 3)
+    failures: dict = {}
+    for r in good:
+        for code, count in r.get("failures", {}).items():
+            failures[code] = failures.get(code, 0) + count
+    out["failures"] = failures
+    out["runs"] = [{k: r.get(k) for k in ("msgs_per_s", "login_p50_ms", "message_p99_ms")}
+                   for r in good]
+    return out
+
+
+def machine() -> dict:
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "missing"
+
+    return {"cpus": os.cpu_count(), "cpu": model, "kernel": platform.release(),
+            "python": platform.python_version(), "twisted": version("twisted"),
+            "aiosmtpd": version("aiosmtpd"), "openssl": ssl.OPENSSL_VERSION}
+
+
+def fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(results: dict, options) -> str:
+    """The comparison table; ratio is mailauth/aiosmtpd."""
+    a, b = results.get("mailauth", {}), results.get("aiosmtpd", {})
+
+    def get(side: dict, scenario: str, key: str):
+        return side.get(scenario, {}).get(key)
+
+    rows = []
+    for c in (1, 10, 50):
+        rows.append((f"10 KB msgs/s, concurrency {c}", f"tput{c}", "msgs_per_s", "higher",
+                     "ratio >= 1.5" if c == 50 else ""))
+    rows += [
+        ("  message p50 ms, concurrency 50", "tput50", "message_p50_ms", "lower", ""),
+        ("  message p99 ms, concurrency 50", "tput50", "message_p99_ms", "lower", ""),
+        ("  server CPU ms/msg, concurrency 50", "tput50", "server_cpu_ms_per_msg", "lower", ""),
+        ("  client CPU ms/msg, concurrency 50", "tput50", "client_cpu_ms_per_msg", "lower", ""),
+        ("  machine CPU ms/msg, concurrency 50", "tput50", "machine_cpu_ms_per_msg", "lower", ""),
+        ("connect+STARTTLS+AUTH p50 ms, c=1", "tput1", "login_p50_ms", "lower", "< 10"),
+        ("connect+STARTTLS+AUTH p99 ms, c=1", "tput1", "login_p99_ms", "lower", ""),
+        (f"auth storm ({options.storm} ARGON2ID): NOOP p50 ms", "storm", "noop_p50_ms", "lower",
+         ""),
+        ("auth storm: NOOP p99 ms", "storm", "noop_p99_ms", "lower", "< 50"),
+        ("auth storm: seconds for all logins", "storm", "storm_s", "lower", ""),
+        ("auth storm: logins ok", "storm", "logins", "higher", ""),
+        ("auth storm: peak RSS growth MB", "storm", "rss_growth_mb", "lower", ""),
+        (f"{options.big_mb} MB message: ingest MB/s", "big", "mb_per_s", "higher", ""),
+        (f"{options.big_mb} MB message: peak RSS growth MB", "big", "rss_growth_mb", "lower",
+         "< 16"),
+        (f"idle ({options.idle} TLS conns): RSS KB/conn", "idle", "rss_per_conn_kb", "lower",
+         "< 64"),
+    ]
+    checks = {
+        ("tput50", "msgs_per_s"): lambda x, y: y and x / y >= 1.5,
+        ("tput1", "login_p50_ms"): lambda x, y: x < 10,
+        ("storm", "noop_p99_ms"): lambda x, y: x < 50,
+        ("big", "rss_growth_mb"): lambda x, y: x < 16,
+        ("idle", "rss_per_conn_kb"): lambda x, y: x < 64,
+    }
+    header = (f"{'scenario (ratio = mailauth/aiosmtpd)':40} {'mailauth':>10} {'aiosmtpd':>10} "
+              f"{'ratio':>7}  target")
+    out = [header, "-" * len(header)]
+    for label, scenario, key, better, target in rows:
+        if scenario not in a and scenario not in b:
+            continue
+        x, y = get(a, scenario, key), get(b, scenario, key)
+        ratio = f"{x / y:.2f}" if isinstance(x, (int, float)) and y else "-"
+        verdict = ""
+        check = checks.get((scenario, key))
+        if target and check and x is not None:
+            verdict = "met" if check(x, y) else "NOT MET"
+        mark = "(higher is better)" if better == "higher" and not target else ""
+        out.append(f"{label:40} {fmt(x):>10} {fmt(y):>10} {ratio:>7}  "
+                   f"{(target + ' ' + verdict).strip() or mark}")
+    failures = []
+    for name, side in results.items():
+        for scenario, r in side.items():
+            if isinstance(r, dict) and r.get("failures"):
+                failures.append(f"  {name} {scenario}: {r['failures']}")
+    if failures:
+        out.append("failed replies (by code):")
+        out.extend(failures)
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="mailauth beside aiosmtpd, one table")
+    p.add_argument("--workdir", default=os.path.join(ROOT, "var", "bench"))
+    p.add_argument("--servers", default="mailauth,aiosmtpd")
+    p.add_argument("--scenarios", default="tput,storm,big,idle")
+    p.add_argument("--time", type=float, default=6.0, help="seconds per throughput run")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each throughput scenario")
+    p.add_argument("--storm", type=int, default=200, help="logins in the auth storm")
+    p.add_argument("--big-mb", type=int, default=50)
+    p.add_argument("--idle", type=int, default=2000, help="parked connections")
+    p.add_argument("--json", help="also write every result to this file")
+    options = p.parse_args()
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < options.idle + 200:
+        want = options.idle + 200 if hard == resource.RLIM_INFINITY else min(hard,
+                                                                              options.idle + 200)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        if want < options.idle + 200:
+            options.idle = max(10, want - 200)
+            log(f"open files limited to {want}: parking only {options.idle} connections")
+
+    servers = [name.strip() for name in options.servers.split(",") if name.strip()]
+    scenarios = [name.strip() for name in options.scenarios.split(",") if name.strip()]
+    work = os.path.abspath(options.workdir)
+    log(f"preparing {work}")
+    prepare(work)
+    results: dict = {name: {} for name in servers}
+    plan = []
+    for scenario in scenarios:
+        if scenario == "tput":
+            for c in (1, 10, 50):
+                plan.append((f"tput{c}", lambda s, c=c: throughput(s, c, options.time)))
+        elif scenario == "storm":
+            plan.append(("storm", lambda s: storm(s, options.storm)))
+        elif scenario == "big":
+            plan.append(("big", lambda s: bigMessage(s, options.big_mb * MB)))
+        elif scenario == "idle":
+            plan.append(("idle", lambda s: idle(s, options.idle)))
+        else:
+            p.error(f"unknown scenario {scenario!r}")
+    quiet = backgroundLoad()
+    if quiet > 0.1:
+        log(f"warning: other processes keep {quiet:.0%} of a CPU busy; expect noisy numbers")
+    started = time.monotonic()
+    for label, run in plan:
+        # Throughput runs are repeated, alternating the servers, and
+        # averaged: the disk's fsync latency drifts from minute to minute.
+        repeats = options.repeat if label.startswith("tput") else 1
+        runs: dict = {name: [] for name in servers}
+        for attempt in range(repeats):
+            for name in servers:
+                server = Server(name, work, f"{label}-{attempt + 1}")
+                log(f"{label}: {name} ({attempt + 1}/{repeats}) ...")
+                try:
+                    server.start()
+                    runs[name].append(run(server))
+                except RuntimeError as e:
+                    runs[name].append({"error": str(e)})
+                    log(f"  {name} {label} failed: {e}")
+                finally:
+                    server.stop()
+                log(f"  {json.dumps(runs[name][-1])}")
+        for name in servers:
+            results[name][label] = average(runs[name])
+    info = machine()
+    info["background_cpu_before"] = round(quiet, 2)
+    info["background_cpu_after"] = round(backgroundLoad(), 2)
+    results["machine"] = info
+    print()
+    print(f"machine: {info['cpus']} x {info['cpu']}, Linux {info['kernel']}, "
+          f"Python {info['python']}, Twisted {info['twisted']}, aiosmtpd {info['aiosmtpd']}, "
+          f"{info['openssl']}")
+    print(table(results, options))
+    print(f"background load before/after: {info['background_cpu_before']:.2f}/"
+          f"{info['background_cpu_after']:.2f} CPUs "
+          f"({time.monotonic() - started:.0f} s; details in {work})")
+    with open(os.path.join(work, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    for name in os.listdir(work):
+        shutil.rmtree(os.path.join(work, name, "mail"), ignore_errors=True)
+    if options.json:
+        with open(options.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
