@@ -10,6 +10,8 @@ import socket
 import time
 from typing import Optional
 
+from mailauth.durable import fsyncDirectory, unlink, writeDurably
+
 _SUBDIRS = ("tmp", "new", "cur")
 # Bytes of a message held in memory before its tmp/ file is created; also
 # the size of the file's write buffer after that.
@@ -50,14 +52,6 @@ def uniqueName(hostname: Optional[str] = None) -> str:
         f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{_counter}"
         f"R{secrets.token_hex(8)}.{host}"
     )
-
-
-def _fsyncDirectory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class MaildirWriter:
@@ -132,13 +126,13 @@ class MaildirWriter:
                         self._copyInto(maildir, final)
                     delivered.append(target)
                 for maildir in self._maildirs:
-                    _fsyncDirectory(os.path.join(maildir, "new"))
+                    fsyncDirectory(os.path.join(maildir, "new"))
             except BaseException:
                 for path in delivered:
-                    _unlinkQuietly(path)
+                    unlink(path)
                 raise
         finally:
-            _unlinkQuietly(self._tmp)
+            unlink(self._tmp)
         return delivered
 
     def _sync(self) -> None:
@@ -151,14 +145,7 @@ class MaildirWriter:
         if f is None:
             data = b"".join(self._spool)
             self._spool = []
-            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            writeDurably(self._tmp, data)
             return
         try:
             f.flush()
@@ -177,7 +164,7 @@ class MaildirWriter:
                 os.close(fd)
             os.rename(tmp, os.path.join(maildir, "new", final))
         except BaseException:
-            _unlinkQuietly(tmp)
+            unlink(tmp)
             raise
 
     def abort(self) -> None:
@@ -187,11 +174,4 @@ class MaildirWriter:
             return
         if not self._file.closed:
             self._file.close()
-        _unlinkQuietly(self._tmp)
-
-
-def _unlinkQuietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        unlink(self._tmp)

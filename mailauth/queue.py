@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 
 from mailauth import dsn
 from mailauth.config import RelayConfig
+from mailauth.durable import fsyncDirectory, unlink, writeDurably
 from mailauth.relay import RelayConnector, RelayError, SMTPReply
 
 log = Logger(namespace="mailauth.queue")
@@ -335,36 +336,6 @@ class Envelope:
             raise ValueError(f"malformed envelope: {e!r}") from None
 
 
-def _fsyncDirectory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink(path: str) -> bool:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _writeDurably(path: str, data: bytes, owner: Optional[os.stat_result] = None) -> None:
-    """Create C{path} with C{data}, fsynced; owned like C{owner} if we may."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        if owner is not None and os.geteuid() == 0:
-            os.fchown(fd, owner.st_uid, owner.st_gid)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _Spool:
     """
     The queue directory's files, shared by the daemon and C{mailauth queue}.
@@ -446,10 +417,10 @@ class _Spool:
             owner = None
         temp = os.path.join(self.tmp, f"{envelope.id}.{secrets.token_hex(4)}.json")
         try:
-            _writeDurably(temp, envelope.toJSON(), owner)
+            writeDurably(temp, envelope.toJSON(), owner)
             os.rename(temp, path)
         except BaseException:
-            _unlink(temp)
+            unlink(temp)
             raise
 
     def update(self, msgid: str, change: Callable[[Envelope], Envelope]) -> Optional[Envelope]:
@@ -470,8 +441,8 @@ class _Spool:
 
     def remove(self, msgid: str) -> bool:
         """Remove a message, envelope first. @return: whether it was there."""
-        found = _unlink(self.envelopePath(msgid))
-        _unlink(self.dataPath(msgid))
+        found = unlink(self.envelopePath(msgid))
+        unlink(self.dataPath(msgid))
         return found
 
 
@@ -536,13 +507,13 @@ class QueueWriter:
                 body8bit=self._body8bit,
             )
             os.rename(self._tempData, spool.dataPath(self.msgid))
-            _writeDurably(self._tempEnvelope, envelope.toJSON())
+            writeDurably(self._tempEnvelope, envelope.toJSON())
             os.rename(self._tempEnvelope, spool.envelopePath(self.msgid))
             # One directory fsync makes both names durable. Before it
             # returns, a power cut may keep the envelope but lose the data
             # file; recover() drops such an envelope, and it was never
             # acknowledged.
-            _fsyncDirectory(spool.msg)
+            fsyncDirectory(spool.msg)
         except BaseException:
             self._discard(committing=True)
             raise
@@ -561,8 +532,8 @@ class QueueWriter:
     def _discard(self, committing: bool) -> None:
         with contextlib.suppress(OSError):
             self._file.close()
-        _unlink(self._tempData)
-        _unlink(self._tempEnvelope)
+        unlink(self._tempData)
+        unlink(self._tempEnvelope)
         if committing:
             self._spool.remove(self.msgid)
 
@@ -672,7 +643,7 @@ class Queue:
                 active = set(self._active)
             for name in os.listdir(self._spool.tmp):
                 if name.split(".", 1)[0] not in active:
-                    _unlink(os.path.join(self._spool.tmp, name))
+                    unlink(os.path.join(self._spool.tmp, name))
             names = set(os.listdir(self._spool.msg))
             for name in sorted(names):
                 msgid, _, kind = name.rpartition(".")
@@ -682,19 +653,19 @@ class Queue:
                     log.info(
                         "queue: removing {name}, a message that was never committed", name=name
                     )
-                    _unlink(os.path.join(self._spool.msg, name))
+                    unlink(os.path.join(self._spool.msg, name))
                 elif kind == "json" and msgid + ".data" not in names:
                     log.error(
                         "queue: removing envelope {name}: its message file is missing", name=name
                     )
-                    _unlink(os.path.join(self._spool.msg, name))
+                    unlink(os.path.join(self._spool.msg, name))
 
     def scan(self, known: frozenset, everything: bool = False) -> ScanResult:
         """
         List the queue and read the envelopes of messages not in C{known}
         (of all, if C{everything} or a flush was requested). Blocks.
         """
-        flushed = _unlink(self._spool.flushPath)
+        flushed = unlink(self._spool.flushPath)
         present = frozenset(self._spool.ids())
         envelopes = []
         for msgid in sorted(present):
@@ -1248,7 +1219,7 @@ def flushQueue(directory: str) -> int:
             count += 1
     try:
         owner = os.stat(spool.directory)
-        _writeDurably(spool.flushPath, b"", owner)
+        writeDurably(spool.flushPath, b"", owner)
     except FileExistsError:
         pass
     return count
