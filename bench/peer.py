@@ -31,17 +31,10 @@ from email.utils import formatdate
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
 
 from mailauth import passwords
+from mailauth.durable import fsyncDirectory
 from mailauth.userdb import UserDatabase
 
 log = logging.getLogger("peer")
-
-
-def _fsyncDirectory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def deliver(maildirs: list, content: bytes, ident: str) -> None:
@@ -64,7 +57,7 @@ def deliver(maildirs: list, content: bytes, ident: str) -> None:
         for maildir in maildirs:
             os.link(tmp, os.path.join(maildir, "new", name))
         for maildir in maildirs:
-            _fsyncDirectory(os.path.join(maildir, "new"))
+            fsyncDirectory(os.path.join(maildir, "new"))
     finally:
         os.unlink(tmp)
 
