@@ -133,6 +133,7 @@ _PATH = re.compile(
     rf"<(?:@{_DOMAIN}(?:,@{_DOMAIN})*:)?(?P<mailbox>(?P<local>{_LOCAL})@(?P<domain>{_DOMAIN}))>"
 )
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?")
+_HELO = re.compile(r"[\x21-\x7e]+")
 # Control characters other than tab, refused in command lines.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f]")
 
@@ -525,7 +526,9 @@ class SubmissionProtocol(protocol.Protocol):
         return self._hello(arg, esmtp=True)
 
     def _hello(self, arg: str, esmtp: bool):
-        if not arg or " " in arg or not re.fullmatch(r"[\x21-\x7e]+", arg):
+        # A domain name or address literal: printable, one word, and at
+        # most 255 octets (RFC 1035), since it is copied into Received.
+        if not arg or len(arg) > 255 or not _HELO.fullmatch(arg):
             verb = "EHLO" if esmtp else "HELO"
             return self._error(501, f"5.5.4 Syntax: {verb} hostname")
         self._abortMessages()

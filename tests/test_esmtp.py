@@ -129,6 +129,13 @@ class GreetingAndEHLOTests(SessionTestsMixin, unittest.TestCase):
         """EHLO needs a host name argument (D19)."""
         self.assertReply(self.session.command(b"EHLO"), b"501 5.5.4 Syntax: EHLO hostname")
 
+    def test_ehloArgumentTooLong(self) -> None:
+        """An EHLO name longer than a domain name can be is refused (it goes into Received)."""
+        self.assertReply(self.session.command(b"EHLO " + b"a" * 256),
+                         b"501 5.5.4 Syntax: EHLO hostname")
+        self.assertEqual(self.session.command(b"EHLO " + b"a" * 255)[0],
+                         b"250-mx.example.test")
+
     def test_helo(self) -> None:
         """HELO gets a single 250 line."""
         self.assertReply(self.session.command(b"HELO client.example"), b"250 mx.example.test")
