@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Optional
 
 from twisted.application import internet, service, strports
 from twisted.cred.portal import Portal
@@ -108,10 +109,38 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     """Build the whole daemon from validated options."""
     if reactor is None:
         from twisted.internet import reactor
-    return buildService(options.config, reactor)
+    return buildService(options.config, reactor, _runAs(options))
 
 
-def buildService(cfg: configmod.Config, reactor) -> service.MultiService:
+def _runAs(options: Options) -> Optional[tuple]:
+    """
+    The (uid, gid) twistd will switch to after binding (C{--uid}/C{--gid}),
+    when we run as root now, else L{None}.
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None or os.geteuid() != 0 or parent.get("uid") is None:
+        return None
+    gid = parent.get("gid")
+    return (parent["uid"], gid if gid is not None else -1)
+
+
+def _chownTree(path: str, owner: tuple) -> None:
+    """Give C{path} and everything under it to C{owner} (uid, gid)."""
+    os.chown(path, *owner)
+    for top, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.chown(os.path.join(top, name), *owner, follow_symlinks=False)
+
+
+def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None
+                 ) -> service.MultiService:
+    """
+    Make and wire every part of the daemon.
+
+    @param runAs: (uid, gid) the process will run as once the ports are
+        bound (twistd's C{--uid}/C{--gid}): the state directory made here,
+        while still root, is given to it.
+    """
     top = service.MultiService()
     os.makedirs(cfg.server.state_dir, mode=0o750, exist_ok=True)
 
@@ -146,6 +175,8 @@ def buildService(cfg: configmod.Config, reactor) -> service.MultiService:
         local = LocalDelivery(router, cfg.server.hostname, diskPool.run)
         queueService = QueueService(queue, cfg.relay, reactor, local, runBlocking=diskPool.run)
         queueService.setServiceParent(top)
+    if runAs is not None:
+        _chownTree(cfg.server.state_dir, runAs)
     realm = Realm(
         router=router,
         hostname=cfg.server.hostname,

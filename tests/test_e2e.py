@@ -353,3 +353,25 @@ class ConfigErrorTests(unittest.TestCase):
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )
         self.assertIn("mailauth", result.stdout)
+
+
+class PrivilegeDropTests(unittest.TestCase):
+    def test_stateDirGivenToUid(self):
+        """
+        Under C{twistd --uid/--gid} started as root, the state directory and
+        queue made while building the service belong to that user, so the
+        daemon can still write them after dropping privileges.
+        """
+        from twisted.scripts.twistd import ServerOptions
+
+        daemon = Daemon(self.mktemp(), extra="\n[relay]\nhost = 127.0.0.1\nport = 1\n")
+        options = ServerOptions()
+        options.parseOptions(["--uid", "65534", "--gid", "65534",
+                              "mailauth", "--config", daemon.configPath])
+        shutil.rmtree(daemon.config.server.state_dir)
+        tap.makeService(options.subOptions, reactor)
+        state = daemon.config.server.state_dir
+        expected = (65534, 65534) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
+        for path in (state, os.path.join(state, "queue"), os.path.join(state, "queue", "msg")):
+            st = os.stat(path)
+            self.assertEqual((st.st_uid, st.st_gid), expected, path)
