@@ -31,7 +31,7 @@ from email.utils import formatdate
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
 
 from mailauth import passwords
-from mailauth.durable import fsyncDirectory
+from mailauth.durable import fsyncDirectory, writeDurably
 from mailauth.userdb import UserDatabase
 
 log = logging.getLogger("peer")
@@ -45,14 +45,7 @@ def deliver(maildirs: list, content: bytes, ident: str) -> None:
     data = content.replace(b"\r\n", b"\n")
     name = f"{ident}.{os.getpid()}.bench.test,S={len(data)}"
     tmp = os.path.join(maildirs[0], "tmp", name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    writeDurably(tmp, data)
     try:
         for maildir in maildirs:
             os.link(tmp, os.path.join(maildir, "new", name))

@@ -625,31 +625,24 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
     def test_storageFailureIsTemporary(self) -> None:
         """A message that cannot be stored gets 451 4.3.0, not 550 (D21)."""
         self.mailbox.failWith = OSError(5, "I/O error")
-        s = self.session
-        s.command(b"MAIL FROM:<alice@example.test>")
-        s.command(b"RCPT TO:<bob@example.test>")
-        s.command(b"DATA")
-        self.assertReply(s.send(b"x\r\n.\r\n"), b"451 4.3.0 Error: local error in processing")
+        self.startData()
+        self.assertReply(self.session.send(b"x\r\n.\r\n"),
+                         b"451 4.3.0 Error: local error in processing")
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
     def test_diskFull(self) -> None:
         """A full disk gets 452 4.3.1, and the message is not acknowledged."""
         self.mailbox.failWith = OSError(28, "No space left on device")
-        s = self.session
-        s.command(b"MAIL FROM:<alice@example.test>")
-        s.command(b"RCPT TO:<bob@example.test>")
-        s.command(b"DATA")
-        self.assertReply(s.send(b"x\r\n.\r\n"), b"452 4.3.1 Error: insufficient system storage")
+        self.startData()
+        self.assertReply(self.session.send(b"x\r\n.\r\n"),
+                         b"452 4.3.1 Error: insufficient system storage")
         self.flushLoggedErrors(OSError)
 
     def test_rejectedByMessage(self) -> None:
         """A message may pick its own reply with SMTPReply."""
         self.mailbox.failWith = SMTPReply(554, "5.7.0 Message refused")
-        s = self.session
-        s.command(b"MAIL FROM:<alice@example.test>")
-        s.command(b"RCPT TO:<bob@example.test>")
-        s.command(b"DATA")
-        self.assertReply(s.send(b"x\r\n.\r\n"), b"554 5.7.0 Message refused")
+        self.startData()
+        self.assertReply(self.session.send(b"x\r\n.\r\n"), b"554 5.7.0 Message refused")
 
     def startData(self) -> None:
         s = self.session
