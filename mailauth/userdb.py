@@ -27,12 +27,16 @@ class User:
 
     @ivar login: the login, lower-cased: logins are compared without regard
         to case, so this is the one spelling the rest of mailauth sees.
-    @ivar lineno: the line of the users file it came from.
+    @ivar lineno: the line of the users file it came from (L{None} for a
+        database that has no lines).
+    @ivar suspended: the login is suspended: the right password still
+        fails (with its own log line, never counted as a guess).
     """
 
     login: str
     password: PasswordHash
-    lineno: int
+    lineno: Optional[int] = None
+    suspended: bool = False
 
 
 class UserDatabaseUnavailable(Exception):
