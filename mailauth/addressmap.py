@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailauth.addresses import normalise
+from mailauth.durable import WatchedFile
+from mailauth.interfaces import IReloadable
 
 log = Logger(namespace="mailauth.addressmap")
 
 
-def normalise(address: str) -> str:
-    """Lower-case an address and drop a trailing dot of its domain."""
-    return address.strip().lower().rstrip(".")
-
-
+@implementer(IReloadable)
 class AddressMap:
     """
     A file of lines C{key: value[, value...]}, C{#} comments and blank lines
@@ -30,15 +30,15 @@ class AddressMap:
         self.path = path
         self.problems: list = []
         self._map: dict = {}
-        self._stamp = None
+        self._file = WatchedFile(path) if path is not None else None
         if path is not None:
             self.load()
 
     def load(self) -> None:
+        if self._file is None:
+            return
         try:
-            st = os.stat(self.path)
-            with open(self.path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
+            lines = self._file.read().decode("utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
             log.error("cannot read {path}: {why}", path=self.path, why=e)
             return
@@ -62,17 +62,15 @@ class AddressMap:
             log.warn("{problem}", problem=problem)
         self._map = entries
         self.problems = problems
-        self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def maybeReload(self) -> bool:
         """Re-read the file if it changed since the last load."""
-        if self.path is None:
+        if self._file is None:
             return False
         try:
-            st = os.stat(self.path)
+            if not self._file.changed():
+                return False
         except OSError:
-            return False
-        if (st.st_mtime_ns, st.st_size, st.st_ino) == self._stamp:
             return False
         self.load()
         return True

@@ -1,4 +1,4 @@
-"""Credentials checkers over the users file; every verification runs in a thread."""
+"""Credentials checkers over the user database; every verification runs in a thread."""
 
 from __future__ import annotations
 
@@ -11,15 +11,14 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mailauth import passwords
+from mailauth.interfaces import BlockingRunner, IUserDatabase
 from mailauth.threads import PoolBusy
 from mailauth.userdb import UserDatabaseUnavailable
 
 
-def _lookup(users, login: str):
-    try:
-        return users.lookup(login)
-    except UserDatabaseUnavailable as e:
-        raise LoginFailed(f"user database unavailable: {e}") from None
+def _unavailable(f):
+    f.trap(UserDatabaseUnavailable)
+    raise LoginFailed(f"user database unavailable: {f.getErrorMessage()}")
 
 
 def _result(ok: bool, user):
@@ -33,26 +32,28 @@ def _busy(f):
     raise LoginFailed(f"too many logins waiting: {f.getErrorMessage()}")
 
 
-class _UsersFileChecker:
-    """Looks the user up (in memory), then verifies in the auth pool."""
+class _UserDatabaseChecker:
+    """Looks the user up, then verifies in the auth pool."""
 
-    def __init__(self, users, run) -> None:
+    def __init__(self, users: IUserDatabase, runBlocking: BlockingRunner) -> None:
         self.users = users
-        self.run = run
+        self.runBlocking = runBlocking
 
     def requestAvatarId(self, credentials) -> defer.Deferred:
-        try:
-            user = _lookup(self.users, credentials.username)
-        except LoginFailed:
-            return defer.fail()
-        d = self.run(self.verify, user, credentials)
+        d = self.users.lookup(credentials.username)
+        d.addErrback(_unavailable)
+        d.addCallback(self._verify, credentials)
+        return d
+
+    def _verify(self, user, credentials) -> defer.Deferred:
+        d = self.runBlocking(self.verify, user, credentials)
         d.addErrback(_busy)
         d.addCallback(_result, user)
         return d
 
 
 @implementer(ICredentialsChecker)
-class PasswordChecker(_UsersFileChecker):
+class PasswordChecker(_UserDatabaseChecker):
     """
     PLAIN and LOGIN: the password against the stored hash, in the auth pool.
     An unknown user costs one dummy verification of the default scheme, so
@@ -70,7 +71,7 @@ class PasswordChecker(_UsersFileChecker):
 
 
 @implementer(ICredentialsChecker)
-class CramMD5Checker(_UsersFileChecker):
+class CramMD5Checker(_UserDatabaseChecker):
     """
     CRAM-MD5: works for users stored as CRAM-MD5 (Dovecot's HMAC-MD5
     context) or as plaintext; anyone else gets the ordinary failure.

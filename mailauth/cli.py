@@ -11,7 +11,8 @@ from typing import BinaryIO, Callable, Optional, TextIO
 
 import attrs
 
-from mailauth import queue, userdb
+from mailauth import spool, userdb
+from mailauth.checks import checkFiles
 from mailauth.config import ConfigError, load
 from mailauth.passwords import DEFAULT_SCHEME, SCHEMES, makeHash
 
@@ -172,8 +173,6 @@ def _hashCommand(commands: argparse._SubParsersAction) -> None:
 
 
 def _checkConfigRun(args: argparse.Namespace, console: Console) -> None:
-    from mailauth.tap import checkFiles
-
     problems = checkFiles(load(args.config))
     if problems:
         raise ConfigError(problems)
@@ -201,7 +200,7 @@ def _when(seconds: float) -> str:
 
 
 def _queueList(args: argparse.Namespace, console: Console) -> None:
-    messages = queue.listQueue(_queueDirectory(args))
+    messages = spool.listQueue(_queueDirectory(args))
     for m in messages:
         console.stdout.write(
             f"{m['id']}  {m['size']:>9}  {_when(m['arrival'])}  <{m['sender']}>"
@@ -214,12 +213,12 @@ def _queueList(args: argparse.Namespace, console: Console) -> None:
 
 
 def _queueFlush(args: argparse.Namespace, console: Console) -> None:
-    count = queue.flushQueue(_queueDirectory(args))
+    count = spool.flushQueue(_queueDirectory(args))
     console.stdout.write(f"{count} message(s) due now; the daemon sends them shortly\n")
 
 
 def _queueDelete(args: argparse.Namespace, console: Console) -> None:
-    if not queue.deleteMessage(_queueDirectory(args), args.id):
+    if not spool.deleteMessage(_queueDirectory(args), args.id):
         raise CommandError(f"no message {args.id} in the queue")
     console.stdout.write(f"{args.id}: deleted\n")
 
@@ -279,7 +278,7 @@ def main(argv: Optional[list[str]] = None, console: Optional[Console] = None) ->
         for problem in e.problems:
             console.stderr.write(problem + "\n")
         return 1
-    except (CommandError, userdb.UserDbError) as e:
+    except (CommandError, userdb.UserDatabaseError) as e:
         console.stderr.write(f"mailauth: {e}\n")
         return 1
     except OSError as e:

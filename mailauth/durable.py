@@ -1,9 +1,16 @@
-"""Small blocking file helpers for durable writes (run them in a worker thread)."""
+"""
+Blocking file helpers for durable writes, locks and change detection, used
+by the Maildir writer, the queue and the users file (run them in a worker
+thread when the reactor would otherwise wait).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
-from typing import Optional
+import tempfile
+from typing import Iterator, Optional
 
 
 def fsyncDirectory(path: str) -> None:
@@ -39,3 +46,103 @@ def unlink(path: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def locked(
+    path: str, owner: Optional[os.stat_result] = None, mode: int = 0o600
+) -> Iterator[None]:
+    """
+    Hold an exclusive C{flock} on the lock file C{path} (created with
+    C{mode} if missing, owned like C{owner} when we run as root, so that an
+    admin command run as root does not lock the daemon out).
+
+    @raise OSError: if the lock file cannot be opened.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+    try:
+        if owner is not None and os.geteuid() == 0:
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def replaceDurably(path: str, data: bytes, mode: int, like: Optional[os.stat_result]) -> None:
+    """
+    Replace the file C{path} by one holding C{data}, atomically: a temporary
+    file in the same folder, mode C{mode}, owned like C{like} (the old file)
+    as far as we may, fsynced, renamed over C{path}, and the folder fsynced.
+    A reader sees the old file or the new one, never a mix.
+
+    @raise OSError: if it cannot be written; C{path} is then unchanged.
+    """
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            if like is not None:
+                _keepOwner(f.fileno(), like)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        unlink(tmp)
+        raise
+    # Make the rename itself durable; the new file is in place either way.
+    with contextlib.suppress(OSError):
+        fsyncDirectory(directory)
+
+
+def _keepOwner(fd: int, old: os.stat_result) -> None:
+    # Only root may give a file away; anyone may keep a group they are in.
+    for uid in (old.st_uid, -1):
+        try:
+            os.fchown(fd, uid, old.st_gid)
+            return
+        except OSError:
+            pass
+
+
+def stamp(st: os.stat_result) -> tuple:
+    """What tells one version of a file from the next: mtime, size and inode."""
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class WatchedFile:
+    """
+    A file read into memory that is read again when it changes: remembers
+    how the file looked when last read (L{stamp}), so L{changed} is one
+    C{stat}. The users file, the aliases and the sender map use it.
+
+    @ivar stamp: the file's stamp at the last L{read}, or whatever the owner
+        set after a failure (so that the failure is reported once and
+        reading is retried).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.stamp: Optional[tuple] = None
+
+    def read(self) -> bytes:
+        """
+        Read the whole file and remember its stamp.
+
+        @raise OSError: if it cannot be read.
+        """
+        with open(self.path, "rb") as f:
+            current = stamp(os.fstat(f.fileno()))
+            data = f.read()
+        self.stamp = current
+        return data
+
+    def changed(self) -> bool:
+        """
+        Whether the file looks different from when it was last read.
+
+        @raise OSError: if it cannot be looked at.
+        """
+        return stamp(os.stat(self.path)) != self.stamp

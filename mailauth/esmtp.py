@@ -3,20 +3,21 @@ The ESMTP submission session: framing, the command state machine, AUTH and
 DATA, with every reply from the reply table of PRODUCT.md.
 
 twisted.mail's C{ESMTP} server class has the defects listed in
-research/twisted-mail.md (AUTH before TLS, commands pipelined after STARTTLS,
+docs/twisted-defects.rst (AUTH before TLS, commands pipelined after STARTTLS,
 no reset on STARTTLS, DATA lines over 16 KiB run as commands, unbounded
 buffers, crashes on malformed AUTH, replies out of order under pipelining,
 per-recipient body copies, 550 for transient failures), so the protocol is
 written here on L{Protocol}. twisted.mail's seams are kept: the factory holds
 a cred L{Portal}; the avatar is an L{IMessageDeliveryFactory}; recipients
-are L{smtp.User}s and addresses L{smtp.Address}es.
+are L{smtp.User}s and addresses L{smtp.Address}es. The DATA reader is
+L{mailauth.dataread}, the address grammar L{mailauth.addresses}, and every
+reply is named in L{mailauth.replies}.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import re
 from typing import Callable, Optional
 
@@ -28,179 +29,23 @@ from twisted.mail.interfaces import IMessageDeliveryFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailauth import sasl
-from mailauth.throttle import addressKey
+from mailauth import replies, sasl
+from mailauth.addresses import parsePath, splitArguments
+from mailauth.dataread import DataReader
+from mailauth.replies import Reply, SMTPReply
 
 log = Logger(namespace="mailauth.esmtp")
 
 # RFC 4954 section 4: an AUTH line may be 12288 octets; every command line
 # shares this cap, a longer one is refused and skipped without buffering it.
 MAX_LINE = 12288
-# How many bytes of a DATA line are held before they are passed on.
-DATA_HOLD = 32768
 # Stop reading from a client that pipelines this much while a reply waits.
 PIPELINE_HOLD = 65536
 
 
-class SMTPReply(Exception):
-    """
-    Raised by avatars and messages to choose the exact reply: C{code} and
-    C{text}, which starts with the enhanced status code.
-    """
-
-    def __init__(self, code: int, text: str) -> None:
-        super().__init__(code, text)
-        self.code = code
-        self.text = text
-
-
-class DataReader:
-    """
-    Turns the bytes of a DATA section into the message, in bulk rather than
-    one call per line: finds the end (C{CRLF . CRLF} only), undoes
-    dot-stuffing, notes bare CR or LF and NUL (which neither 7bit nor
-    8BITMIME content may hold, RFC 2045 and 6152, and which the smuggling
-    sequence C{CRLF NUL . CRLF} aims at servers further on) and counts the
-    size. C{write} gets chunks of the message in canonical form (CRLF line
-    ends, unstuffed), never splitting a CRLF pair.
-    """
-
-    def __init__(self, write: Callable[[bytes], None], maxSize: int) -> None:
-        self._write = write
-        self._maxSize = maxSize
-        self._pending = b""
-        self._bol = True
-        self.size = 0
-        self.bareNewline = False
-        self.nul = False
-        self.tooBig = False
-
-    def feed(self, data: bytes) -> Optional[bytes]:
-        """
-        Take more of the DATA section.
-
-        @return: L{None} while the message goes on; at its end, the bytes
-            that followed it (the next pipelined commands, maybe C{b""}).
-        """
-        buf = self._pending + data if self._pending else data
-        self._pending = b""
-        if self._bol:
-            if buf.startswith(b".\r\n"):
-                return buf[3:]
-            if len(buf) < 3 and b".\r\n".startswith(buf):
-                self._pending = buf
-                return None
-        end = buf.find(b"\r\n.\r\n")
-        if end >= 0:
-            self._emit(buf[: end + 2])
-            return buf[end + 5 :]
-        last = buf.rfind(b"\r\n")
-        if last >= 0:
-            self._emit(buf[: last + 2])
-            self._bol = True
-            buf = buf[last + 2 :]
-        if len(buf) > DATA_HOLD:
-            # A very long line: pass it on, keeping a final CR that may
-            # start the CRLF of the next read.
-            keep = 1 if buf.endswith(b"\r") else 0
-            self._emit(buf[: len(buf) - keep])
-            self._bol = False
-            buf = buf[len(buf) - keep :]
-        self._pending = buf
-        return None
-
-    def _emit(self, chunk: bytes) -> None:
-        if self._bol and chunk.startswith(b"."):
-            chunk = chunk[1:]
-        chunk = chunk.replace(b"\r\n.", b"\r\n")
-        crlf = chunk.count(b"\r\n")
-        if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
-            self.bareNewline = True
-        if b"\0" in chunk:
-            self.nul = True
-        self.size += len(chunk)
-        if self.size > self._maxSize:
-            self.tooBig = True
-        if not (self.bareNewline or self.nul or self.tooBig):
-            self._write(chunk)
-
-
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LOCAL = rf'(?:{_ATOM}(?:\.{_ATOM})*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")'
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_DOMAIN = rf"(?:{_LABEL}(?:\.{_LABEL})*\.?|\[[0-9A-Fa-f:.]+\]|\[IPv6:[0-9A-Fa-f:.]+\])"
-_PATH = re.compile(
-    rf"<(?:@{_DOMAIN}(?:,@{_DOMAIN})*:)?(?P<mailbox>(?P<local>{_LOCAL})@(?P<domain>{_DOMAIN}))>"
-)
-_PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?")
 _HELO = re.compile(r"[\x21-\x7e]+")
 # Control characters other than tab, refused in command lines.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f]")
-
-
-def parsePath(text: str, allowNull: bool) -> Optional[smtp.Address]:
-    """
-    Parse an RFC 5321 reverse- or forward-path C{<...>}: source routes are
-    dropped (RFC 5321 appendix C), a trailing dot of the domain is removed
-    and the domain is lower-cased. Non-ASCII, unqualified addresses and
-    anything after the closing bracket are refused.
-
-    @return: the address, or L{None} for the null path C{<>}.
-    @raise SMTPReply: 501 5.1.7/5.1.3 for a malformed path.
-    """
-    if text == "<>":
-        if allowNull:
-            return None
-        raise SMTPReply(501, "5.1.3 Bad recipient address syntax")
-    m = _PATH.fullmatch(text)
-    domain = m.group("domain").rstrip(".").lower() if m else ""
-    if m is None or (domain.startswith("[") and not _isAddressLiteral(domain)):
-        if allowNull:
-            raise SMTPReply(501, "5.1.7 Bad sender address syntax")
-        raise SMTPReply(501, "5.1.3 Bad recipient address syntax")
-    # smtp.Address's own tokenizer raises on address literals and on quoted
-    # local parts holding an escaped quote, both valid here; the path is
-    # validated already, so the Address is filled in directly.
-    address = smtp.Address(b"")
-    address.local = m.group("local").encode("ascii")
-    address.domain = domain.encode("ascii")
-    address.addrstr = address.local + b"@" + address.domain
-    return address
-
-
-def _isAddressLiteral(domain: str) -> bool:
-    """Whether C{[a.b.c.d]} or C{[ipv6:...]} (lower-cased) holds a valid address."""
-    inner = domain[1:-1]
-    try:
-        if inner.startswith("ipv6:"):
-            ipaddress.IPv6Address(inner[5:])
-        else:
-            ipaddress.IPv4Address(inner)
-    except ValueError:
-        return False
-    return True
-
-
-def _splitArguments(arg: str, keyword: str) -> tuple[str, dict]:
-    """
-    Split C{FROM:<path> PARAM=VALUE...} into the path and its parameters.
-
-    @raise SMTPReply: 501 for bad syntax, 555 for a repeated parameter.
-    """
-    if not arg.upper().startswith(keyword + ":"):
-        raise SMTPReply(501, f"5.5.4 Syntax: {keyword}:<address>")
-    rest = arg[len(keyword) + 1 :].lstrip(" ")
-    path, _, params = rest.partition(" ")
-    options: dict = {}
-    for word in params.split():
-        m = _PARAM.fullmatch(word)
-        if m is None:
-            raise SMTPReply(501, "5.5.4 Syntax error in parameters")
-        name = m.group(1).upper()
-        if name in options:
-            raise SMTPReply(555, f"5.5.4 Parameter {name} given twice")
-        options[name] = m.group(2)
-    return path, options
 
 
 class _TLSState:
@@ -309,13 +154,13 @@ class SubmissionProtocol(protocol.Protocol):
         refusal = self.factory.admit(self._peer)
         if refusal is not None:
             self._mode = self.CLOSED
-            self._send(421, refusal)
+            self._send(refusal)
             self.transport.loseConnection()
             return
         self._counted = True
         self.transport.registerProducer(self, True)
         self._setTimeout(self.settings.timeout)
-        self._send(220, f"{self.settings.hostname} ESMTP mailauth")
+        self._send(replies.GREETING.format(hostname=self.settings.hostname))
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._mode = self.CLOSED
@@ -330,10 +175,10 @@ class SubmissionProtocol(protocol.Protocol):
             self.factory.release(self._peer)
             self._counted = False
 
-    def _close(self, code: int, text: str) -> None:
+    def _close(self, reply: Reply) -> None:
         if self._mode == self.CLOSED:
             return
-        self._send(code, text)
+        self._send(reply)
         self._mode = self.CLOSED
         self._abortMessages()
         self.transport.unregisterProducer()
@@ -376,7 +221,7 @@ class SubmissionProtocol(protocol.Protocol):
     def _timedOut(self) -> None:
         self._timer = None
         log.info("timeout client={client}", client=self._peer)
-        self._close(421, f"4.4.2 {self.settings.hostname} Error: timeout exceeded")
+        self._close(replies.TIMEOUT.format(hostname=self.settings.hostname))
 
     # -- input -------------------------------------------------------------
 
@@ -447,9 +292,9 @@ class SubmissionProtocol(protocol.Protocol):
         if authLine:
             self._mode = self.COMMAND
             self._mechanism = None
-            self._error(500, "5.5.6 Authentication exchange line is too long")
+            self._error(replies.AUTH_LINE_TOO_LONG)
         else:
-            self._error(500, "5.5.2 Error: line too long")
+            self._error(replies.LINE_TOO_LONG)
 
     def _run(self, handler, *args) -> None:
         """
@@ -480,43 +325,41 @@ class SubmissionProtocol(protocol.Protocol):
         self._mechanism = None
         self._abortMessages()
         self._resetTransaction()
-        self._send(451, "4.3.0 Error: internal error, try again later")
+        self._send(replies.INTERNAL_ERROR)
 
     # -- output ------------------------------------------------------------
 
-    def _send(self, code: int, text: str) -> None:
-        self.transport.write(f"{code} {text}\r\n".encode("ascii", "replace"))
+    def _send(self, reply: Reply | SMTPReply) -> None:
+        self.transport.write(f"{reply.code} {reply.text}\r\n".encode("ascii", "replace"))
 
     def _sendLines(self, code: int, lines: list) -> None:
         out = [f"{code}-{line}\r\n" for line in lines[:-1]]
         out.append(f"{code} {lines[-1]}\r\n")
         self.transport.write("".join(out).encode("ascii"))
 
-    def _error(self, code: int, text: str) -> None:
+    def _error(self, reply: Reply | SMTPReply) -> None:
         """Send an error reply; past C{max_errors} say 421 and hang up."""
         self._errors += 1
+        self._send(reply)
         if self._errors >= self.settings.max_errors:
             log.info("too many errors client={client}", client=self._peer)
-            self._send(code, text)
-            self._close(421, "4.7.0 Error: too many errors")
-            return
-        self._send(code, text)
+            self._close(replies.TOO_MANY_ERRORS)
 
     # -- commands ----------------------------------------------------------
 
     def _command(self, line: bytes):
         if b"\n" in line or b"\r" in line:
-            return self._error(500, "5.5.2 Error: bare CR or LF in command")
+            return self._error(replies.BARE_NEWLINE_IN_COMMAND)
         try:
             text = line.decode("ascii")
         except UnicodeDecodeError:
-            return self._error(500, "5.5.2 Error: command contains non-ASCII characters")
+            return self._error(replies.NON_ASCII_COMMAND)
         if _CONTROL.search(text) is not None:
-            return self._error(500, "5.5.2 Error: control characters in command")
+            return self._error(replies.CONTROL_IN_COMMAND)
         verb, _, arg = text.partition(" ")
         handler = getattr(self, "do_" + verb.upper(), None) if verb.isalpha() else None
         if handler is None:
-            return self._error(500, "5.5.2 Error: command not recognized")
+            return self._error(replies.UNKNOWN_COMMAND)
         return handler(arg.strip(" "))
 
     def do_HELO(self, arg: str):
@@ -530,12 +373,12 @@ class SubmissionProtocol(protocol.Protocol):
         # most 255 octets (RFC 1035), since it is copied into Received.
         if not arg or len(arg) > 255 or not _HELO.fullmatch(arg):
             verb = "EHLO" if esmtp else "HELO"
-            return self._error(501, f"5.5.4 Syntax: {verb} hostname")
+            return self._error(replies.SYNTAX.format(usage=f"{verb} hostname"))
         self._abortMessages()
         self._resetTransaction()
         self._helo = arg
         if not esmtp:
-            self._send(250, self.settings.hostname)
+            self._send(Reply(250, self.settings.hostname))
             return
         lines = [
             self.settings.hostname,
@@ -552,11 +395,11 @@ class SubmissionProtocol(protocol.Protocol):
 
     def do_STARTTLS(self, arg: str):
         if self.tls.active:
-            return self._error(554, "5.5.1 Error: TLS already active")
+            return self._error(replies.TLS_ACTIVE)
         if not self._startTLSOffered():
-            return self._error(502, "5.5.1 Error: STARTTLS not offered")
+            return self._error(replies.STARTTLS_NOT_OFFERED)
         if arg:
-            return self._error(501, "5.5.4 Syntax: STARTTLS")
+            return self._error(replies.SYNTAX.format(usage="STARTTLS"))
         if self._buffer:
             # RFC 3207 / CVE-2011-0411: anything sent after STARTTLS before
             # the handshake was not protected by it; it is discarded.
@@ -566,7 +409,7 @@ class SubmissionProtocol(protocol.Protocol):
                 client=self._peer,
             )
             self._buffer = b""
-        self._send(220, "2.0.0 Ready to start TLS")
+        self._send(replies.STARTTLS_READY)
         self.transport.startTLS(self.factory.tlsContext)
         self.tls.active = True
         self._abortMessages()
@@ -576,25 +419,25 @@ class SubmissionProtocol(protocol.Protocol):
 
     def do_AUTH(self, arg: str):
         if self.factory.authMode == "none":
-            return self._error(503, "5.5.1 Error: authentication not enabled")
+            return self._error(replies.BAD_SEQUENCE.format(why="authentication not enabled"))
         if self._helo is None:
-            return self._error(503, "5.5.1 Error: send EHLO first")
+            return self._error(replies.BAD_SEQUENCE.format(why="send EHLO first"))
         if self.login is not None:
-            return self._error(503, "5.5.1 Error: already authenticated")
+            return self._error(replies.BAD_SEQUENCE.format(why="already authenticated"))
         if self._hasSender:
-            return self._error(503, "5.5.1 Error: AUTH not allowed during a mail transaction")
+            return self._error(
+                replies.BAD_SEQUENCE.format(why="AUTH not allowed during a mail transaction")
+            )
         words = arg.split(" ")
         name = words[0].upper()
         if not name or len(words) > 2:
-            return self._error(501, "5.5.4 Syntax: AUTH mechanism [initial-response]")
+            return self._error(replies.SYNTAX.format(usage="AUTH mechanism [initial-response]"))
         if name not in self.factory.mechanisms:
-            return self._error(504, "5.5.4 Unrecognized authentication type")
+            return self._error(replies.UNKNOWN_MECHANISM)
         if not self._authAllowedNow():
-            return self._error(
-                538, "5.7.11 Encryption required for requested authentication mechanism"
-            )
+            return self._error(replies.ENCRYPTION_REQUIRED)
         if self.factory.throttle.isBlocked(self._peer):
-            return self._close(421, "4.7.0 Error: too many failed logins, try again later")
+            return self._close(replies.BLOCKED)
         mechanism = sasl.MECHANISMS[name](self.settings.hostname, self.clock)
         initial = None
         if len(words) == 2:
@@ -609,7 +452,7 @@ class SubmissionProtocol(protocol.Protocol):
         if data == b"*":
             self._mechanism = None
             self._mode = self.COMMAND
-            self._error(501, "5.7.0 Authentication cancelled")
+            self._error(replies.AUTH_CANCELLED)
             return None
         try:
             if len(data) % 4:
@@ -618,7 +461,7 @@ class SubmissionProtocol(protocol.Protocol):
         except binascii.Error:
             self._mechanism = None
             self._mode = self.COMMAND
-            self._error(501, "5.5.2 Error: invalid base64 data")
+            self._error(replies.BAD_BASE64)
             return None
 
     def _authResponse(self, line: bytes):
@@ -635,14 +478,14 @@ class SubmissionProtocol(protocol.Protocol):
         except sasl.SASLError as e:
             self._mechanism = None
             self._mode = self.COMMAND
-            return self._error(e.code, e.text)
+            return self._error(e)
         except sasl.AuthzidMismatch as e:
             self._mode = self.COMMAND
             self._mechanism = None
             return self._authFailed(mechanism.name, e.username, "authzid differs from login")
         if isinstance(step, sasl.Challenge):
             self._mode = self.AUTH
-            self._send(334, base64.b64encode(step.data).decode("ascii"))
+            self._send(Reply(334, base64.b64encode(step.data).decode("ascii")))
             return None
         self._mode = self.COMMAND
         self._mechanism = None
@@ -664,7 +507,7 @@ class SubmissionProtocol(protocol.Protocol):
             mechanism=credentials.mechanism,
             login=_printable(credentials.username),
         )
-        self._send(235, "2.7.0 Authentication successful")
+        self._send(replies.AUTH_SUCCESS)
 
     def _authError(self, f: Failure, credentials):
         if self._mode == self.CLOSED:
@@ -675,7 +518,7 @@ class SubmissionProtocol(protocol.Protocol):
             log.error("login could not be checked: {why}", why=f.getErrorMessage())
         else:
             log.failure("login failed with an internal error", f)
-        self._send(454, "4.7.0 Temporary authentication failure")
+        self._send(replies.AUTH_UNAVAILABLE)
         return None
 
     def _authFailed(self, mechanism: str, username: str, why: str):
@@ -688,11 +531,11 @@ class SubmissionProtocol(protocol.Protocol):
         )
         delay = self.factory.throttle.failure(self._peer, username)
         if self.factory.throttle.isBlocked(self._peer):
-            return self._close(421, "4.7.0 Error: too many failed logins, try again later")
+            return self._close(replies.BLOCKED)
         if self._authFailures >= self.factory.failuresPerSession:
-            return self._close(421, "4.7.0 Error: too many failed logins")
+            return self._close(replies.TOO_MANY_FAILURES)
         if delay <= 0:
-            self._send(535, "5.7.8 Authentication credentials invalid")
+            self._send(replies.AUTH_FAILED)
             return None
         d = defer.Deferred()
         self._tarpitCall = self.clock.callLater(delay, d.callback, None)
@@ -700,26 +543,26 @@ class SubmissionProtocol(protocol.Protocol):
         def answer(ignored):
             self._tarpitCall = None
             if self._mode != self.CLOSED:
-                self._send(535, "5.7.8 Authentication credentials invalid")
+                self._send(replies.AUTH_FAILED)
 
         return d.addCallback(answer)
 
     def do_MAIL(self, arg: str):
         if self._helo is None:
-            return self._error(503, "5.5.1 Error: send HELO/EHLO first")
+            return self._error(replies.BAD_SEQUENCE.format(why="send HELO/EHLO first"))
         if self._hasSender:
-            return self._error(503, "5.5.1 Error: nested MAIL command")
+            return self._error(replies.BAD_SEQUENCE.format(why="nested MAIL command"))
         avatar = self._avatar
         if avatar is None:
             if self.factory.authMode == "required":
-                return self._error(530, "5.7.0 Authentication required")
+                return self._error(replies.AUTH_REQUIRED)
             avatar = self.factory.anonymous
         try:
-            path, options = _splitArguments(arg, "FROM")
+            path, options = splitArguments(arg, "FROM")
             sender = parsePath(path, allowNull=True)
             self._checkMailOptions(options)
         except SMTPReply as e:
-            return self._error(e.code, e.text)
+            return self._error(e)
         delivery = avatar.getMessageDelivery()
         d = defer.maybeDeferred(delivery.validateFrom, self._heloPair(), sender)
         d.addCallbacks(self._senderOk, self._validationFailed, (delivery,))
@@ -729,18 +572,18 @@ class SubmissionProtocol(protocol.Protocol):
         for name, value in options.items():
             if name == "SIZE":
                 if value is None or not value.isdigit() or len(value) > 20:
-                    raise SMTPReply(501, "5.5.4 Syntax: SIZE=<number>")
+                    raise replies.SYNTAX.error(usage="SIZE=<number>")
                 if int(value) > self.settings.max_message_size:
-                    raise SMTPReply(552, "5.3.4 Message size exceeds fixed maximum message size")
+                    raise replies.TOO_BIG.error()
             elif name == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    raise SMTPReply(501, "5.5.4 Syntax: BODY=7BIT or BODY=8BITMIME")
+                    raise replies.SYNTAX.error(usage="BODY=7BIT or BODY=8BITMIME")
             elif name == "AUTH":
                 # RFC 4954 section 5: accepted, and ignored like Postfix does.
                 if value is None:
-                    raise SMTPReply(501, "5.5.4 Syntax: AUTH=<xtext>")
+                    raise replies.SYNTAX.error(usage="AUTH=<xtext>")
             else:
-                raise SMTPReply(555, f"5.5.4 Unsupported option: {name}")
+                raise replies.UNSUPPORTED_PARAMETER.error(name=name)
 
     def _senderOk(self, sender, delivery) -> None:
         if self._mode == self.CLOSED:
@@ -748,31 +591,31 @@ class SubmissionProtocol(protocol.Protocol):
         self._delivery = delivery
         self._sender = sender
         self._hasSender = True
-        self._send(250, "2.1.0 Ok")
+        self._send(replies.SENDER_OK)
 
     def _validationFailed(self, f: Failure, *ignored) -> None:
         if self._mode == self.CLOSED:
             return
         if f.check(SMTPReply):
-            self._error(f.value.code, f.value.text)
+            self._error(f.value)
             return
         log.failure("address validation failed for {client}", f, client=self._peer)
-        self._send(451, "4.3.0 Error: temporary failure, try again later")
+        self._send(replies.TEMPORARY_FAILURE)
 
     def do_RCPT(self, arg: str):
         if not self._hasSender:
-            return self._error(503, "5.5.1 Error: need MAIL command")
+            return self._error(replies.BAD_SEQUENCE.format(why="need MAIL command"))
         try:
-            path, options = _splitArguments(arg, "TO")
+            path, options = splitArguments(arg, "TO")
             if options:
-                raise SMTPReply(555, f"5.5.4 Unsupported option: {next(iter(options))}")
+                raise replies.UNSUPPORTED_PARAMETER.error(name=next(iter(options)))
             if path.lower() == "<postmaster>":
                 path = f"<postmaster@{self.factory.postmasterDomain}>"
             recipient = parsePath(path, allowNull=False)
         except SMTPReply as e:
-            return self._error(e.code, e.text)
+            return self._error(e)
         if len(self._recipients) >= self.settings.max_recipients:
-            return self._error(452, "4.5.3 Error: too many recipients")
+            return self._error(replies.TOO_MANY_RECIPIENTS)
         user = smtp.User(recipient, self._heloPair(), self, self._sender or b"")
         d = defer.maybeDeferred(self._delivery.validateTo, user)
         d.addCallbacks(self._recipientOk, self._validationFailed, (user,))
@@ -782,15 +625,15 @@ class SubmissionProtocol(protocol.Protocol):
         if self._mode == self.CLOSED:
             return
         self._recipients.append((user, messageFactory))
-        self._send(250, "2.1.5 Ok")
+        self._send(replies.RECIPIENT_OK)
 
     def do_DATA(self, arg: str):
         if not self._hasSender:
-            return self._error(503, "5.5.1 Error: need MAIL command")
+            return self._error(replies.BAD_SEQUENCE.format(why="need MAIL command"))
         if not self._recipients:
-            return self._error(503, "5.5.1 Error: need RCPT command")
+            return self._error(replies.BAD_SEQUENCE.format(why="need RCPT command"))
         if arg:
-            return self._error(501, "5.5.4 Syntax: DATA")
+            return self._error(replies.SYNTAX.format(usage="DATA"))
         # One message object per distinct sink: a delivery that hands the
         # same IMessage to every recipient gets the body once, not N times.
         messages: list = []
@@ -804,7 +647,7 @@ class SubmissionProtocol(protocol.Protocol):
         self._reader = DataReader(self._writeMessage, self.settings.max_message_size)
         self._mode = self.DATA
         self._setTimeout(self.settings.data_timeout)
-        self._send(354, "End data with <CR><LF>.<CR><LF>")
+        self._send(replies.START_DATA)
         self._writeMessage(header)
 
     def _writeMessage(self, chunk: bytes) -> None:
@@ -823,11 +666,11 @@ class SubmissionProtocol(protocol.Protocol):
             self._abortMessages()
             self._resetTransaction()
             if reader.bareNewline:
-                return self._error(550, "5.6.2 Error: bare CR or LF in message, not accepted")
+                return self._error(replies.BARE_NEWLINE)
             if reader.nul:
-                return self._error(550, "5.6.0 Error: NUL character in message, not accepted")
+                return self._error(replies.NUL_IN_MESSAGE)
             if reader.tooBig:
-                return self._error(552, "5.3.4 Message size exceeds fixed maximum message size")
+                return self._error(replies.TOO_BIG)
             return self._storageFailed(failure)
         messages, self._messages = self._messages, []
         d = defer.gatherResults(
@@ -849,7 +692,7 @@ class SubmissionProtocol(protocol.Protocol):
         )
         self._resetTransaction()
         if self._mode != self.CLOSED:
-            self._send(250, f"2.0.0 Ok: queued as {ids[0]}")
+            self._send(replies.QUEUED.format(id=ids[0]))
 
     def _messageFailed(self, f: Failure, messages: list) -> None:
         if isinstance(f.value, defer.FirstError):
@@ -860,16 +703,16 @@ class SubmissionProtocol(protocol.Protocol):
         if self._mode == self.CLOSED:
             return
         if f.check(SMTPReply):
-            self._send(f.value.code, f.value.text)
+            self._send(f.value)
             return
         self._storageFailed(f)
 
     def _storageFailed(self, f: Failure) -> None:
         log.failure("could not store a message from {client}", f, client=self._peer)
         if f.check(OSError) and f.value.errno in (28, 122):  # ENOSPC, EDQUOT
-            self._send(452, "4.3.1 Error: insufficient system storage")
+            self._send(replies.STORAGE_FULL)
         else:
-            self._send(451, "4.3.0 Error: local error in processing")
+            self._send(replies.STORAGE_FAILED)
 
     def _abortMessages(self) -> None:
         messages, self._messages = self._messages, []
@@ -881,27 +724,27 @@ class SubmissionProtocol(protocol.Protocol):
 
     def do_RSET(self, arg: str):
         if arg:
-            return self._error(501, "5.5.4 Syntax: RSET")
+            return self._error(replies.SYNTAX.format(usage="RSET"))
         self._resetTransaction()
-        self._send(250, "2.0.0 Ok")
+        self._send(replies.OK)
 
     def do_NOOP(self, arg: str):
-        self._send(250, "2.0.0 Ok")
+        self._send(replies.OK)
 
     def do_VRFY(self, arg: str):
         if not arg:
-            return self._error(501, "5.5.4 Syntax: VRFY address")
+            return self._error(replies.SYNTAX.format(usage="VRFY address"))
         # Never confirm or deny that a user exists (RFC 5321 3.5.3).
-        self._send(252, "2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
+        self._send(replies.CANNOT_VRFY)
 
     def do_EXPN(self, arg: str):
-        return self._error(502, "5.5.1 Error: EXPN not supported")
+        return self._error(replies.NOT_IMPLEMENTED.format(command="EXPN"))
 
     def do_HELP(self, arg: str):
-        self._send(214, "2.0.0 See RFC 5321 and RFC 4954")
+        self._send(replies.HELP)
 
     def do_QUIT(self, arg: str):
-        self._close(221, "2.0.0 Bye")
+        self._close(replies.BYE)
 
 
 def _printable(text: str, limit: int = 128) -> str:
@@ -955,51 +798,16 @@ class SubmissionFactory(protocol.Factory):
         p.factory = self
         return p
 
-    def admit(self, host: str) -> Optional[str]:
+    def admit(self, host: str) -> Optional[Reply]:
         """
         Count a new connection from C{host}.
 
-        @return: L{None} to serve it, or the text of the 421 that refuses it.
+        @return: L{None} to serve it, or the 421 that refuses it.
         """
         if self.throttle.isBlocked(host):
             log.info("refused blocked client={client}", client=host)
-            return "4.7.0 Error: too many failed logins, try again later"
+            return replies.BLOCKED
         return self.connections.acquire(host)
 
     def release(self, host: str) -> None:
         self.connections.release(host)
-
-
-class ConnectionLimiter:
-    """
-    Connection counts shared by every listener: at most C{total} at once and
-    at most C{perAddress} from one client address, an IPv6 client counted by
-    its /64 as the throttle counts it (L{addressKey}).
-    """
-
-    def __init__(self, total: int, perAddress: int) -> None:
-        self.total = total
-        self.perAddress = perAddress
-        self.count = 0
-        self.byAddress: dict[str, int] = {}
-
-    def acquire(self, host: str) -> Optional[str]:
-        key = addressKey(host)
-        if self.count >= self.total:
-            log.info("refused client={client}: too many connections", client=host)
-            return "4.7.0 Error: too many connections, try again later"
-        if self.byAddress.get(key, 0) >= self.perAddress:
-            log.info("refused client={client}: too many connections from it", client=host)
-            return "4.7.0 Error: too many connections from your address"
-        self.count += 1
-        self.byAddress[key] = self.byAddress.get(key, 0) + 1
-        return None
-
-    def release(self, host: str) -> None:
-        key = addressKey(host)
-        self.count -= 1
-        left = self.byAddress.get(key, 1) - 1
-        if left:
-            self.byAddress[key] = left
-        else:
-            self.byAddress.pop(key, None)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
 import shutil
 import socket
 import time
-from typing import Optional
+from typing import BinaryIO, Optional
+
+from zope.interface import implementer
 
 from mailauth.durable import fsyncDirectory, unlink, writeDurably
+from mailauth.interfaces import IMessageSink
 
 _SUBDIRS = ("tmp", "new", "cur")
 # Bytes of a message held in memory before its tmp/ file is created; also
@@ -19,24 +23,44 @@ SPOOL = 65536
 _counter = 0
 
 
-def _makeFolders(path: str) -> None:
-    """Like C{os.makedirs}, but every folder it creates gets mode 0700, whatever the umask."""
+def _makeFolders(path: str, created: list) -> None:
+    """
+    Like C{os.makedirs}, but every folder it creates gets mode 0700, whatever
+    the umask, and is added to C{created}.
+    """
     if os.path.isdir(path):
         return
     parent = os.path.dirname(path)
     if parent and parent != path:
-        _makeFolders(parent)
+        _makeFolders(parent, created)
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         return
     os.chmod(path, 0o700)
+    created.append(path)
 
 
-def ensureMaildir(path: str) -> None:
-    """Create the Maildir C{path} and its tmp/new/cur folders (mode 0700) when missing."""
+def ensureMaildir(path: str) -> list:
+    """
+    Create the Maildir C{path} and its tmp/new/cur folders (mode 0700) when
+    missing.
+
+    @return: the folders it created, parents first.
+    """
+    created: list = []
     for sub in _SUBDIRS:
-        _makeFolders(os.path.join(path, sub))
+        _makeFolders(os.path.join(path, sub), created)
+    return created
+
+
+def fsyncParents(folders: list) -> None:
+    """
+    Make new C{folders} durable: fsync the parent of each (the folder that
+    gained an entry), each parent once.
+    """
+    for parent in dict.fromkeys(os.path.dirname(folder) for folder in folders):
+        fsyncDirectory(parent)
 
 
 def uniqueName(hostname: Optional[str] = None) -> str:
@@ -54,16 +78,19 @@ def uniqueName(hostname: Optional[str] = None) -> str:
     )
 
 
+@implementer(IMessageSink)
 class MaildirWriter:
     """
     Streams one message to one or more Maildirs.
 
     L{write} takes the message in canonical SMTP form (CRLF line ends, never
     a CRLF split across chunks) and stores it with LF line ends, as mail
-    readers expect on Unix. L{commit} (blocking: run it in a thread) makes
-    it durable: fsync of the file, then a hard link (or a copy across file
-    systems) into each Maildir's new/ with C{,S=size}, and fsync of each
-    new/ folder. Nothing appears in new/ before it is complete.
+    readers expect on Unix. L{prepare} (blocking: run it in a thread) makes
+    it durable in the first Maildir's tmp/ (fsync of the file, and of the
+    parents of every folder made for it); L{commit} hard-links it (or
+    copies it across file systems) into each Maildir's new/ with
+    C{,S=size}, fsyncs each new/ folder and removes the tmp/ file. Nothing
+    appears in new/ before it is complete.
 
     The first L{SPOOL} bytes are held in memory and the tmp/ file is only
     created when the message grows past them, or by L{commit}: creating a
@@ -76,11 +103,13 @@ class MaildirWriter:
     def __init__(self, maildirs: list, hostname: str) -> None:
         self._maildirs = list(maildirs)
         self._hostname = hostname
-        ensureMaildir(self._maildirs[0])
+        self._created = ensureMaildir(self._maildirs[0])
         self._name = uniqueName(hostname)
         self._tmp = os.path.join(self._maildirs[0], "tmp", self._name)
-        self._file = None
+        self._file: Optional[BinaryIO] = None
         self._spool: list = []
+        self._prepared = False
+        self._delivered: list = []
         self.size = 0
 
     def write(self, chunk: bytes) -> None:
@@ -100,58 +129,67 @@ class MaildirWriter:
         spool, self._spool = self._spool, []
         self._file.writelines(spool)
 
+    def prepare(self) -> None:
+        """
+        Get the whole message into its tmp/ file and fsync it, and the
+        folders made for it. A message that never left the spool is written
+        with one C{write}: every system call here hands the GIL back and
+        forth with the reactor.
+
+        @raise OSError: if any step fails.
+        """
+        try:
+            f = self._file
+            if f is None:
+                data = b"".join(self._spool)
+                self._spool = []
+                writeDurably(self._tmp, data)
+            else:
+                try:
+                    f.flush()
+                    os.fsync(f.fileno())
+                finally:
+                    f.close()
+            fsyncParents(self._created)
+        except BaseException:
+            self.abort()
+            raise
+        self._prepared = True
+
     def commit(self) -> list:
         """
-        Make the message durable in every Maildir.
+        Deliver the prepared message (preparing it first if needed) into
+        every Maildir's new/.
 
         @return: the paths of the delivered files.
         @raise OSError: if any step fails; then no file is left in any new/
-            that was not already complete.
+            that was not already complete, and L{abort} removes the rest.
         """
+        if not self._prepared:
+            self.prepare()
         final = f"{self._name},S={self.size}"
-        delivered = []
+        created: list = []
         try:
-            self._sync()
-            try:
-                for index, maildir in enumerate(self._maildirs):
-                    if index:
-                        # The first was made by __init__, for its tmp/.
-                        ensureMaildir(maildir)
-                    target = os.path.join(maildir, "new", final)
-                    try:
-                        os.link(self._tmp, target)
-                    except OSError as e:
-                        if e.errno != errno.EXDEV:
-                            raise
-                        self._copyInto(maildir, final)
-                    delivered.append(target)
-                for maildir in self._maildirs:
-                    fsyncDirectory(os.path.join(maildir, "new"))
-            except BaseException:
-                for path in delivered:
-                    unlink(path)
-                raise
-        finally:
+            for index, maildir in enumerate(self._maildirs):
+                if index:
+                    # The first was made by __init__, for its tmp/.
+                    created += ensureMaildir(maildir)
+                target = os.path.join(maildir, "new", final)
+                try:
+                    os.link(self._tmp, target)
+                except OSError as e:
+                    if e.errno != errno.EXDEV:
+                        raise
+                    self._copyInto(maildir, final)
+                self._delivered.append(target)
+            fsyncParents(created)
+            for maildir in self._maildirs:
+                fsyncDirectory(os.path.join(maildir, "new"))
             unlink(self._tmp)
-        return delivered
-
-    def _sync(self) -> None:
-        """
-        Get the whole message into its tmp/ file and fsync it. A message
-        that never left the spool is written with one C{write}: every
-        system call here hands the GIL back and forth with the reactor.
-        """
-        f = self._file
-        if f is None:
-            data = b"".join(self._spool)
-            self._spool = []
-            writeDurably(self._tmp, data)
-            return
-        try:
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            f.close()
+        except BaseException:
+            self.abort()
+            raise
+        return list(self._delivered)
 
     def _copyInto(self, maildir: str, final: str) -> None:
         tmp = os.path.join(maildir, "tmp", final)
@@ -168,10 +206,17 @@ class MaildirWriter:
             raise
 
     def abort(self) -> None:
-        """Throw the message away (client gone, message refused)."""
+        """
+        Throw the message away (client gone, message refused, or another
+        part of it could not be stored): the tmp/ file and any file already
+        linked into a new/ are removed, even if closing the file fails (a
+        full disk). Never raises.
+        """
         self._spool = []
-        if self._file is None:
-            return
-        if not self._file.closed:
-            self._file.close()
-        unlink(self._tmp)
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        for path in [self._tmp, *self._delivered]:
+            with contextlib.suppress(OSError):
+                unlink(path)
+        self._delivered = []

@@ -17,8 +17,16 @@ from twisted.mail import smtp
 from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory, IMessageSMTP
 from zope.interface import implementer
 
-from mailauth.addressmap import AddressMap, normalise
-from mailauth.esmtp import SMTPReply
+from mailauth import replies
+from mailauth.addresses import addressText, normalise
+from mailauth.addressmap import AddressMap
+from mailauth.interfaces import (
+    BlockingRunner,
+    IForwardQueue,
+    ILocalDelivery,
+    IMessageSink,
+    IUserDatabase,
+)
 from mailauth.maildir import MaildirWriter
 
 log = Logger(namespace="mailauth.realm")
@@ -32,22 +40,16 @@ def newMessageID() -> str:
     return secrets.token_hex(6).upper()
 
 
-def addressText(address: Optional[smtp.Address]) -> str:
-    """C{smtp.Address} to C{local@domain} text; C{""} for the null sender."""
-    if address is None:
-        return ""
-    return f"{address.local.decode('ascii')}@{address.domain.decode('ascii')}"
-
-
 class Router:
     """
     Knows which domains are local, who exists, what aliases expand to and
-    who may send as whom. Shared by every delivery; reads only in-memory
-    data, so it is safe on the reactor thread.
+    who may send as whom. Shared by every delivery. The aliases and the
+    sender map are in memory; users are looked up in the L{IUserDatabase},
+    so the answers are Deferreds.
     """
 
-    def __init__(self, *, localDomains, maildirTemplate: str, users, aliases: AddressMap,
-                 senderMap: AddressMap, senderLoginMatch: bool) -> None:
+    def __init__(self, *, localDomains, maildirTemplate: str, users: IUserDatabase,
+                 aliases: AddressMap, senderMap: AddressMap, senderLoginMatch: bool) -> None:
         self.localDomains = frozenset(localDomains)
         self.maildirTemplate = maildirTemplate
         self.users = users
@@ -58,47 +60,58 @@ class Router:
     def isLocal(self, address: str) -> bool:
         return normalise(address).rpartition("@")[2] in self.localDomains
 
-    def expand(self, address: str) -> tuple:
+    def exists(self, login: str) -> defer.Deferred[bool]:
+        """Whether the user database has C{login}."""
+        return self.users.lookup(login).addCallback(lambda user: user is not None)
+
+    @defer.inlineCallbacks
+    def expand(self, address: str):
         """
         Resolve C{address} through the aliases.
 
-        @return: C{(local logins, remote addresses)}; both empty if the
-            address is local and names nobody.
+        @return: a Deferred firing with C{(local logins, remote addresses)};
+            both empty if the address is local and names nobody.
         """
-        local, remote, seen = [], [], set()
-
-        def walk(addr: str, depth: int) -> None:
-            addr = normalise(addr)
+        local: list = []
+        remote: list = []
+        seen: set = set()
+        # Depth first, in the order the aliases name their targets.
+        stack = [(normalise(address), 0)]
+        while stack:
+            addr, depth = stack.pop()
             if addr in seen or depth > MAX_ALIAS_DEPTH:
-                return
+                continue
             seen.add(addr)
             if not self.isLocal(addr):
                 remote.append(addr)
-                return
-            if self.users.exists(addr):
+                continue
+            if (yield self.exists(addr)):
                 local.append(addr)
-                return
-            for target in self.aliases.get(addr):
-                walk(target, depth + 1)
-
-        walk(address, 0)
+                continue
+            targets = [normalise(target) for target in self.aliases.get(addr)]
+            stack.extend((target, depth + 1) for target in reversed(targets))
         return _unique(local), _unique(remote)
 
     def maildirFor(self, login: str) -> str:
         localpart, _, domain = login.rpartition("@")
         return self.maildirTemplate.format(domain=domain, localpart=localpart, user=login)
 
-    def mayUseSender(self, login: str, sender: str) -> bool:
+    @defer.inlineCallbacks
+    def mayUseSender(self, login: str, sender: str):
         """
         Whether C{login} may use C{sender} in MAIL FROM: its own address, an
         alias that leads to it, or an address (or C{@domain}) granted to it
         in the sender map.
+
+        @return: a Deferred firing with a L{bool}.
         """
         sender = normalise(sender)
         if sender == login or login in self.senderMap.get(sender):
             return True
-        local, _ = self.expand(sender) if self.isLocal(sender) else ((), ())
-        return login in local and not self.users.exists(sender)
+        if not self.isLocal(sender):
+            return False
+        local, _ = yield self.expand(sender)
+        return login in local and not (yield self.exists(sender))
 
 
 def _unique(items: list) -> tuple:
@@ -108,16 +121,17 @@ def _unique(items: list) -> tuple:
 @implementer(IRealm)
 class Realm:
     """
-    Hands out L{Sender} avatars. C{store} runs blocking storage work in a
-    thread and returns a Deferred; C{queue} (optional) takes mail for
-    other domains.
+    Hands out L{Avatar}s. C{runBlocking} runs the blocking storage work;
+    C{queue} (optional) takes mail for other domains, and C{wakeQueue} is
+    called once a message is in it.
     """
 
-    def __init__(self, *, router: Router, hostname: str, store: Callable, queue=None,
+    def __init__(self, *, router: Router, hostname: str, runBlocking: BlockingRunner,
+                 queue: Optional[IForwardQueue] = None,
                  wakeQueue: Callable[[], None] = lambda: None, clock) -> None:
         self.router = router
         self.hostname = hostname
-        self.store = store
+        self.runBlocking = runBlocking
         self.queue = queue
         self.wakeQueue = wakeQueue
         self.clock = clock
@@ -126,15 +140,15 @@ class Realm:
         if IMessageDeliveryFactory not in interfaces:
             raise NotImplementedError("mailauth avatars are IMessageDeliveryFactory only")
         login = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
-        return IMessageDeliveryFactory, Sender(self, login), lambda: None
+        return IMessageDeliveryFactory, Avatar(self, login), lambda: None
 
-    def anonymous(self) -> Sender:
+    def anonymous(self) -> Avatar:
         """The avatar of sessions that did not authenticate: local delivery only."""
-        return Sender(self, None)
+        return Avatar(self, None)
 
 
 @implementer(IMessageDeliveryFactory)
-class Sender:
+class Avatar:
     """One logged-in user (or the anonymous client); a L{Delivery} per message."""
 
     def __init__(self, realm: Realm, login: Optional[str]) -> None:
@@ -158,6 +172,7 @@ class Delivery:
         self.remote: list = []
         self._message: Optional[Message] = None
 
+    @defer.inlineCallbacks
     def validateFrom(self, helo, origin):
         sender = addressText(origin)
         router = self.realm.router
@@ -165,31 +180,30 @@ class Delivery:
             self.login is not None
             and sender
             and router.senderLoginMatch
-            and not router.mayUseSender(self.login, sender)
+            and not (yield router.mayUseSender(self.login, sender))
         ):
             log.info(
                 "sender refused: login=<{login}> from=<{sender}>", login=self.login, sender=sender
             )
-            raise SMTPReply(553, f"5.7.1 <{sender}>: Sender address not owned by user {self.login}")
+            raise replies.SENDER_NOT_OWNED.error(address=sender, login=self.login)
         self.sender = sender
         return origin
 
+    @defer.inlineCallbacks
     def validateTo(self, user: smtp.User):
         recipient = addressText(user.dest)
         router = self.realm.router
         if router.isLocal(recipient):
-            local, remote = router.expand(recipient)
+            local, remote = yield router.expand(recipient)
             if not local and not remote:
-                raise SMTPReply(
-                    550, f"5.1.1 <{recipient}>: Recipient address rejected: User unknown"
-                )
+                raise replies.UNKNOWN_RECIPIENT.error(address=recipient)
             if remote and self.realm.queue is None:
                 log.error("alias {alias} leads to another domain, and no [relay] is set",
                           alias=recipient)
-                raise SMTPReply(451, f"4.3.0 <{recipient}>: cannot forward, try again later")
+                raise replies.CANNOT_FORWARD.error(address=recipient)
         else:
             if self.login is None or self.realm.queue is None:
-                raise SMTPReply(554, f"5.7.1 <{recipient}>: Relay access denied")
+                raise replies.RELAY_DENIED.error(address=recipient)
             local, remote = (), (recipient,)
         for login in local:
             path = router.maildirFor(login)
@@ -231,19 +245,24 @@ class Message:
     """
     The one IMessage of a transaction, shared by all its recipients: the body
     is written once to a Maildir file (for local recipients) and once to the
-    queue (for remote ones), and committed in a thread before the 250.
+    queue (for remote ones). At the end every sink is prepared (durable but
+    unseen), then every sink commits, in a thread, before the 250: a
+    failure anywhere aborts them all, so the message is stored for every
+    recipient or for none, and a retry by the client cannot duplicate it.
     """
 
     def __init__(self, delivery: Delivery) -> None:
         realm = delivery.realm
         self.id = delivery.id
         self._realm = realm
-        self._sinks = []
-        if delivery.maildirs:
-            self._sinks.append(MaildirWriter(delivery.maildirs, realm.hostname))
+        self._sinks: list[IMessageSink] = []
         if delivery.remote:
+            # The queue commits first: its commit is one rename, undone by
+            # removing the message before anybody has sent it.
             self._sinks.append(realm.queue.newMessage(delivery.id, delivery.sender,
                                                       list(delivery.remote)))
+        if delivery.maildirs:
+            self._sinks.append(MaildirWriter(delivery.maildirs, realm.hostname))
         self._remote = bool(delivery.remote)
 
     def write(self, chunk: bytes) -> None:
@@ -256,11 +275,18 @@ class Message:
     def eomReceived(self):
         sinks = self._sinks
 
-        def commitAll() -> None:
-            for sink in sinks:
-                sink.commit()
+        def storeAll() -> None:
+            try:
+                for sink in sinks:
+                    sink.prepare()
+                for sink in sinks:
+                    sink.commit()
+            except BaseException:
+                for sink in sinks:
+                    sink.abort()
+                raise
 
-        d = self._realm.store(commitAll)
+        d = self._realm.runBlocking(storeAll)
         d.addCallback(self._committed)
         return d
 
@@ -276,30 +302,32 @@ class Message:
             sink.abort()
 
 
+@implementer(ILocalDelivery)
 class LocalDelivery:
     """
     Delivers a whole message (bounces from the queue) to a local address,
     through the aliases, with the same Maildir writer as SMTP delivery.
     """
 
-    def __init__(self, router: Router, hostname: str, store: Callable) -> None:
+    def __init__(self, router: Router, hostname: str, runBlocking: BlockingRunner) -> None:
         self.router = router
         self.hostname = hostname
-        self.store = store
+        self.runBlocking = runBlocking
 
     def isLocal(self, address: str) -> bool:
         return self.router.isLocal(address)
 
+    @defer.inlineCallbacks
     def deliver(self, recipient: str, message: bytes):
         """
         Store C{message} (CRLF line ends) for C{recipient}.
 
-        @return: a Deferred that fails with L{SMTPReply} 550 if nobody local
-            has that address.
+        @return: a Deferred that fails with L{replies.SMTPReply} 550 if
+            nobody local has that address.
         """
-        local, _ = self.router.expand(recipient)
+        local, _ = yield self.router.expand(recipient)
         if not local:
-            return defer.fail(SMTPReply(550, f"5.1.1 <{recipient}>: User unknown"))
+            raise replies.NO_LOCAL_USER.error(address=recipient)
         maildirs = [self.router.maildirFor(login) for login in local]
 
         def write() -> None:
@@ -311,4 +339,4 @@ class LocalDelivery:
                 writer.abort()
                 raise
 
-        return self.store(write)
+        yield self.runBlocking(write)

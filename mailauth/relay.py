@@ -3,7 +3,7 @@ The SMTP client that forwards queued mail to the configured upstream relay.
 
 Twisted's C{ESMTPSender} is not used: it dot-stuffs each 16 KiB chunk on its
 own, so message content can end the DATA section early and smuggle whole
-transactions to the relay (D30 in research/twisted-mail.md), and it acts on
+transactions to the relay (D30 in docs/twisted-defects.rst), and it acts on
 replies that were buffered before the STARTTLS handshake (D31). This client
 sends the queue's stored bytes, which are dot-stuffed once when they are
 written, verbatim, and aborts the connection when anything follows the 220
@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import functools
 import re
-from typing import IO, Optional, Sequence
+from typing import IO, Optional
 
 import attrs
 from twisted.internet import defer, endpoints, protocol, ssl
@@ -23,9 +23,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols import basic
 from twisted.python.failure import Failure
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
 from mailauth.config import RelayConfig
+from mailauth.interfaces import IRelayConnector, IRelaySession
 
 log = Logger(namespace="mailauth.relay")
 
@@ -44,9 +45,10 @@ class RelayError(Exception):
 
 
 @attrs.frozen
-class SMTPReply:
+class RelayReply:
     """
-    A complete SMTP reply.
+    A complete SMTP reply from the relay (the server's own replies are
+    L{mailauth.replies.Reply}).
 
     @ivar code: the three-digit reply code.
     @ivar lines: every line as received, code included, without CRLF.
@@ -62,44 +64,6 @@ class SMTPReply:
 
     def __str__(self) -> str:
         return self.text
-
-
-class IRelaySession(Interface):
-    """An established, authenticated SMTP session with the relay."""
-
-    def deliver(
-        sender: str, recipients: Sequence[str], message: IO[bytes], size: int, body8bit: bool
-    ) -> defer.Deferred:
-        """
-        Send one message.
-
-        @param sender: the envelope sender, C{""} for the null sender.
-        @param recipients: the recipients to try.
-        @param message: the stored message: CRLF line ends, dot-stuffed, sent
-            as it is and followed by C{.CRLF}.
-        @param size: the message size, announced with C{SIZE=} if offered.
-        @param body8bit: the message has 8-bit bytes.
-        @return: a Deferred firing with a dict of recipient to L{SMTPReply}
-            (the RCPT reply if it was refused, else the reply at the end of
-            DATA, or the MAIL reply if MAIL failed), or failing with
-            L{RelayError}, after which the session is unusable.
-        """
-
-    def close() -> defer.Deferred:
-        """Say QUIT and disconnect; the Deferred fires once disconnected."""
-
-    def abort() -> defer.Deferred:
-        """Drop the connection at once; the Deferred fires once disconnected."""
-
-
-class IRelayConnector(Interface):
-    """Makes sessions with the relay."""
-
-    def connect() -> defer.Deferred:
-        """
-        @return: a Deferred firing with an L{IRelaySession}, or failing with
-            L{RelayError}.
-        """
 
 
 class RelayClientProtocol(basic.LineReceiver):
@@ -166,7 +130,7 @@ class RelayClientProtocol(basic.LineReceiver):
             return self._fail("reply too long")
         if match.group(2) == b"-":
             return
-        reply = SMTPReply(code, tuple(self._lines))
+        reply = RelayReply(code, tuple(self._lines))
         self._lines = []
         if self._tlsOnReply is not None:
             creator, self._tlsOnReply = self._tlsOnReply, None
@@ -189,7 +153,7 @@ class RelayClientProtocol(basic.LineReceiver):
 
     def command(self, line: bytes) -> defer.Deferred:
         """
-        Send C{line} and return a Deferred for its L{SMTPReply}.
+        Send C{line} and return a Deferred for its L{RelayReply}.
         """
         if self._error is not None:
             return defer.fail(self._error)
@@ -288,7 +252,7 @@ def _printable(line: bytes) -> str:
     return line[:200].decode("ascii", "replace")
 
 
-def _extensions(reply: SMTPReply) -> dict:
+def _extensions(reply: RelayReply) -> dict:
     """The EHLO keywords of C{reply}, upper case, to their parameters."""
     extensions = {}
     for line in reply.lines[1:]:
@@ -298,7 +262,7 @@ def _extensions(reply: SMTPReply) -> dict:
     return extensions
 
 
-def _check(reply: SMTPReply, expected: int, what: str) -> SMTPReply:
+def _check(reply: RelayReply, expected: int, what: str) -> RelayReply:
     if reply.code != expected:
         raise RelayError(f"{what} refused: {reply.text}")
     return reply
@@ -364,7 +328,7 @@ class RelaySession:
         return self._protocol.abort()
 
 
-def _classify(reply: SMTPReply, intermediate: Optional[int] = None) -> SMTPReply:
+def _classify(reply: RelayReply, intermediate: Optional[int] = None) -> RelayReply:
     """
     Check a reply within a transaction: a 421 ends the session, and a 3xx
     other than C{intermediate} is a protocol error, never a verdict on a

@@ -18,49 +18,21 @@ from twisted.python import usage
 from mailauth import config as configmod
 from mailauth.addressmap import AddressMap
 from mailauth.checkers import CramMD5Checker, PasswordChecker
-from mailauth.esmtp import ConnectionLimiter, SubmissionFactory
+from mailauth.checks import checkFiles
+from mailauth.esmtp import SubmissionFactory
+from mailauth.forward import QueueService
 from mailauth.realm import LocalDelivery, Realm, Router
+from mailauth.relay import RelayConnector
+from mailauth.spool import Queue
 from mailauth.threads import ThreadPoolService
-from mailauth.throttle import AuthThrottle
-from mailauth.tls import ReloadableTLS, TLSError
+from mailauth.throttle import AuthThrottle, ConnectionLimiter
+from mailauth.tls import ReloadableTLS
 from mailauth.userdb import UserDatabase
 
 log = Logger(namespace="mailauth.tap")
 
 # How often the users, aliases and sender map files are checked for changes.
 RELOAD_INTERVAL = 2.0
-
-
-def checkFiles(cfg: configmod.Config) -> list:
-    """
-    What L{configmod.load} cannot see from the text alone: the certificate
-    and key load and match, the users file and maps are readable, the state
-    directory can be made.
-
-    @return: one line per problem.
-    """
-    problems = []
-    if cfg.tls is not None:
-        try:
-            ReloadableTLS(cfg.tls.certificate, cfg.tls.private_key)
-        except TLSError as e:
-            problems.append(f"{cfg.path}: [tls]: {e}")
-    files = [("auth", "users", cfg.auth.users), ("delivery", "aliases", cfg.delivery.aliases),
-             ("delivery", "sender_map", cfg.delivery.sender_map)]
-    if cfg.relay is not None:
-        files.append(("relay", "password_file", cfg.relay.password_file))
-        files.append(("relay", "ca_file", cfg.relay.ca_file))
-    for section, key, path in files:
-        if path is not None and not os.access(path, os.R_OK):
-            problems.append(f"{cfg.path}: [{section}] {key}: {path}: cannot be read")
-    for listener in cfg.listeners:
-        needsTLS = cfg.auth.plaintext_requires_tls
-        if listener.tls == "none" and listener.auth == "required" and needsTLS:
-            problems.append(
-                f"{cfg.path}: [listener:{listener.name}] auth: required, but with tls = none "
-                "and plaintext_requires_tls = yes nobody could log in"
-            )
-    return problems
 
 
 class Options(usage.Options):
@@ -169,18 +141,22 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None
     )
     queue = queueService = None
     if cfg.relay is not None:
-        from mailauth.queue import Queue, QueueService
-
         queue = Queue(os.path.join(cfg.server.state_dir, "queue"), reactor, cfg.server.hostname)
-        local = LocalDelivery(router, cfg.server.hostname, diskPool.run)
-        queueService = QueueService(queue, cfg.relay, reactor, local, runBlocking=diskPool.run)
+        queueService = QueueService(
+            queue,
+            cfg.relay,
+            reactor,
+            LocalDelivery(router, cfg.server.hostname, diskPool.run),
+            runBlocking=diskPool.run,
+            connector=RelayConnector(cfg.relay, reactor, cfg.server.hostname),
+        )
         queueService.setServiceParent(top)
     if runAs is not None:
         _chownTree(cfg.server.state_dir, runAs)
     realm = Realm(
         router=router,
         hostname=cfg.server.hostname,
-        store=diskPool.run,
+        runBlocking=diskPool.run,
         queue=queue,
         wakeQueue=queueService.wake if queueService is not None else (lambda: None),
         clock=reactor,

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict, deque
-from typing import Deque
+from typing import Deque, Optional
+
+from twisted.logger import Logger
+
+from mailauth import replies
+
+log = Logger(namespace="mailauth.esmtp")
 
 # The longest a single 535 reply is held back, however many failures.
 MAX_DELAY = 30.0
@@ -146,3 +152,43 @@ class AuthThrottle:
     def trackedKeys(self) -> int:
         """How many addresses, logins and blocks are held in memory."""
         return len(self._addresses) + len(self._logins) + len(self._blocked)
+
+
+class ConnectionLimiter:
+    """
+    Connection counts shared by every listener: at most C{total} at once and
+    at most C{perAddress} from one client address, an IPv6 client counted by
+    its /64 as the throttle counts it (L{addressKey}).
+    """
+
+    def __init__(self, total: int, perAddress: int) -> None:
+        self.total = total
+        self.perAddress = perAddress
+        self.count = 0
+        self.byAddress: dict[str, int] = {}
+
+    def acquire(self, host: str) -> Optional[replies.Reply]:
+        """
+        Count a new connection from C{host}.
+
+        @return: L{None} to serve it, or the 421 that refuses it.
+        """
+        key = addressKey(host)
+        if self.count >= self.total:
+            log.info("refused client={client}: too many connections", client=host)
+            return replies.TOO_MANY_CONNECTIONS
+        if self.byAddress.get(key, 0) >= self.perAddress:
+            log.info("refused client={client}: too many connections from it", client=host)
+            return replies.TOO_MANY_FROM_ADDRESS
+        self.count += 1
+        self.byAddress[key] = self.byAddress.get(key, 0) + 1
+        return None
+
+    def release(self, host: str) -> None:
+        key = addressKey(host)
+        self.count -= 1
+        left = self.byAddress.get(key, 1) - 1
+        if left:
+            self.byAddress[key] = left
+        else:
+            self.byAddress.pop(key, None)

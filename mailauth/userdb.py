@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
-import tempfile
 from typing import Callable, Iterator, Optional
 
 import attrs
+from twisted.internet import defer
 from twisted.logger import Logger
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
+from mailauth.durable import WatchedFile, locked, replaceDurably
+from mailauth.interfaces import IReloadable, IUserDatabase
 from mailauth.passwords import PLAINTEXT_SCHEMES, PasswordHash, parse
 
-log = Logger()
+log = Logger(namespace="mailauth.userdb")
 
 FILE_MODE = 0o640
 
@@ -43,49 +44,8 @@ class UserDatabaseUnavailable(Exception):
     """The users file has never been read successfully, so no login can be checked."""
 
 
-class UserDbError(Exception):
+class UserDatabaseError(Exception):
     """An edit of the users file was refused or failed; the message says why."""
-
-
-class IUserDatabase(Interface):
-    """
-    The users, as the server reads them: in memory, so every lookup is a
-    dictionary read that may run on the reactor thread. Logins are
-    case-insensitive.
-    """
-
-    problems = Attribute('C{"PATH:LINENO: message"} for every line the last load skipped.')
-
-    def load() -> None:
-        """
-        Read the users now. If that fails, keep the users read before and
-        log why; never raise.
-        """
-
-    def maybeReload() -> bool:
-        """
-        Read the users again if they have changed since last read.
-
-        @return: whether they were read again.
-        """
-
-    def lookup(login: str) -> Optional[User]:
-        """
-        @return: the user C{login} (in any case), or L{None}.
-        @raise UserDatabaseUnavailable: if the users were never read.
-        """
-
-    def exists(login: str) -> bool:
-        """
-        @return: whether there is a user C{login} (in any case).
-        @raise UserDatabaseUnavailable: if the users were never read.
-        """
-
-    def logins() -> list:
-        """
-        @return: every login, lower-cased and sorted.
-        @raise UserDatabaseUnavailable: if the users were never read.
-        """
 
 
 def _splitLine(line: str) -> Optional[list[str]]:
@@ -143,31 +103,27 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
     return users, problems
 
 
-def _readText(f) -> str:
+def _decode(data: bytes) -> str:
     # surrogateescape: a password in a file that is not UTF-8 still works.
-    return f.read().decode("utf-8", "surrogateescape")
+    return data.decode("utf-8", "surrogateescape")
 
 
-def _stamp(st: os.stat_result) -> tuple:
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
-@implementer(IUserDatabase)
+@implementer(IUserDatabase, IReloadable)
 class UserDatabase:
     """
     The users file at C{path}, read into memory by L{load} and re-read by
     L{maybeReload} when it changes (the server calls that periodically and on
     SIGHUP). Logins are looked up without regard to case: keys are stored
-    lower-cased.
+    lower-cased. L{lookup} answers at once, from memory.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.problems: list[str] = []
         self._users: Optional[dict[str, User]] = None
-        # What the file looked like when last read: (mtime_ns, size, inode),
-        # or the error that stopped us reading it, so that it is logged once.
-        self._stamp: Optional[tuple] = None
+        # Its stamp is the file's when last read, or the error that stopped
+        # us reading it, so that the error is logged once.
+        self._file = WatchedFile(path)
 
     def load(self) -> None:
         self._read()
@@ -179,14 +135,12 @@ class UserDatabase:
         @return: whether they could be read.
         """
         try:
-            with open(self.path, "rb") as f:
-                stamp = _stamp(os.fstat(f.fileno()))
-                text = _readText(f)
+            text = _decode(self._file.read())
         except OSError as e:
             self._failed(e)
             return False
         users, problems = parseUsers(text, self.path)
-        self._users, self.problems, self._stamp = users, problems, stamp
+        self._users, self.problems = users, problems
         for problem in problems:
             log.warn("Users file: skipped {problem}", problem=problem)
         plaintext = [u.login for u in users.values() if u.password.scheme in PLAINTEXT_SCHEMES]
@@ -203,9 +157,9 @@ class UserDatabase:
 
     def _failed(self, error: OSError) -> None:
         stamp = ("error", error.errno)
-        if stamp == self._stamp:
+        if stamp == self._file.stamp:
             return
-        self._stamp = stamp
+        self._file.stamp = stamp
         if self._users is None:
             log.error(
                 "Cannot read users file {path}: {error}; every login fails for now",
@@ -222,13 +176,13 @@ class UserDatabase:
 
     def maybeReload(self) -> bool:
         try:
-            stamp = _stamp(os.stat(self.path))
+            changed = self._file.changed()
         except OSError as e:
             self._failed(e)
             return False
         # After a failure the stamp is the error, so reading is retried (a
         # chmod that fixes it would not change the stamp).
-        if stamp == self._stamp:
+        if not changed:
             return False
         return self._read()
 
@@ -237,13 +191,26 @@ class UserDatabase:
             raise UserDatabaseUnavailable(f"the users file {self.path} could not be read")
         return self._users
 
-    def lookup(self, login: str) -> Optional[User]:
+    def lookup(self, login: str) -> defer.Deferred[Optional[User]]:
+        try:
+            return defer.succeed(self.get(login))
+        except UserDatabaseUnavailable:
+            return defer.fail()
+
+    def get(self, login: str) -> Optional[User]:
+        """
+        The user C{login} (in any case), or L{None}, read from memory.
+
+        @raise UserDatabaseUnavailable: if the users were never read.
+        """
         return self._loaded().get(login.lower())
 
     def exists(self, login: str) -> bool:
-        return self.lookup(login) is not None
+        """Whether there is a user C{login}. @raise UserDatabaseUnavailable: never read."""
+        return self.get(login) is not None
 
     def logins(self) -> list[str]:
+        """Every login, lower-cased and sorted. @raise UserDatabaseUnavailable: never read."""
         return sorted(self._loaded())
 
 
@@ -255,13 +222,13 @@ def checkLogin(login: str) -> None:
     Refuse a login that cannot be written to the users file or is not an
     address.
 
-    @raise UserDbError: unless C{login} looks like C{local@domain} with no
+    @raise UserDatabaseError: unless C{login} looks like C{local@domain} with no
         white space, control character or colon.
     """
     if not re.fullmatch(r"[^\s:@\x00-\x1f\x7f]+@[^\s:@\x00-\x1f\x7f]+", login) or login.startswith(
         "#"
     ):
-        raise UserDbError(
+        raise UserDatabaseError(
             f"invalid login {login!r}: use a full address (local@domain),"
             " without white space or ':'"
         )
@@ -269,11 +236,11 @@ def checkLogin(login: str) -> None:
 
 def _checkHash(hashString: str) -> None:
     if re.search(r"[:\x00-\x1f\x7f]", hashString):
-        raise UserDbError("the password hash cannot contain ':' or control characters")
+        raise UserDatabaseError("the password hash cannot contain ':' or control characters")
     try:
         parse(hashString)
     except ValueError as e:
-        raise UserDbError(str(e)) from None
+        raise UserDatabaseError(str(e)) from None
 
 
 def _lineLogin(line: str) -> Optional[str]:
@@ -284,28 +251,25 @@ def _lineLogin(line: str) -> Optional[str]:
 @contextlib.contextmanager
 def _locked(path: str) -> Iterator[None]:
     """Serialise edits of C{path} through an exclusive lock on C{path}.lock."""
-    try:
-        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, FILE_MODE)
-    except OSError as e:
-        raise UserDbError(f"cannot lock {path}: {e.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(locked(path + ".lock", mode=FILE_MODE))
+        except OSError as e:
+            raise UserDatabaseError(f"cannot lock {path}: {e.strerror}") from None
         yield
-    finally:
-        os.close(fd)
 
 
 def _readLines(path: str, missingOk: bool = False) -> tuple[list[str], Optional[os.stat_result]]:
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
-            text = _readText(f)
+            text = _decode(f.read())
     except FileNotFoundError:
         if missingOk:
             return [], None
-        raise UserDbError(f"{path}: no such file") from None
+        raise UserDatabaseError(f"{path}: no such file") from None
     except OSError as e:
-        raise UserDbError(f"cannot read {path}: {e.strerror}") from None
+        raise UserDatabaseError(f"cannot read {path}: {e.strerror}") from None
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()
@@ -313,46 +277,12 @@ def _readLines(path: str, missingOk: bool = False) -> tuple[list[str], Optional[
 
 
 def _writeLines(path: str, lines: list[str], old: Optional[os.stat_result]) -> None:
-    """
-    Replace C{path} by C{lines}, atomically: a temporary file in the same
-    directory, fsynced, then renamed over C{path}.
-    """
-    directory = os.path.dirname(path) or "."
+    """Replace C{path} by C{lines}, atomically and durably."""
     data = "".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape")
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
+        replaceDurably(path, data, FILE_MODE, old)
     except OSError as e:
-        raise UserDbError(f"cannot write {path}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), FILE_MODE)
-            if old is not None:
-                _keepOwner(f.fileno(), old)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise UserDbError(f"cannot write {path}: {e.strerror}") from None
-    # Make the rename itself durable; the new file is in place either way.
-    with contextlib.suppress(OSError):
-        dirfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
-
-
-def _keepOwner(fd: int, old: os.stat_result) -> None:
-    # Only root may give a file away; anyone may keep a group they are in.
-    for uid in (old.st_uid, -1):
-        try:
-            os.fchown(fd, uid, old.st_gid)
-            return
-        except OSError:
-            pass
+        raise UserDatabaseError(f"cannot write {path}: {e.strerror}") from None
 
 
 def _edit(path: str, change: Callable[[list[str]], list[str]], create: bool = False) -> None:
@@ -366,14 +296,14 @@ def addUser(path: str, login: str, hashString: str) -> None:
     Add a user to the users file at C{path}, creating the file if missing.
 
     @param hashString: C{{SCHEME}hash}, as L{mailauth.passwords.makeHash} makes.
-    @raise UserDbError: if the login or the hash is invalid, or the user exists.
+    @raise UserDatabaseError: if the login or the hash is invalid, or the user exists.
     """
     checkLogin(login)
     _checkHash(hashString)
 
     def change(lines: list[str]) -> list[str]:
         if _hasLogin(lines, login):
-            raise UserDbError(f"user {login} already exists in {path}")
+            raise UserDatabaseError(f"user {login} already exists in {path}")
         return lines + [f"{login}:{hashString}"]
 
     _edit(path, change, create=True)
@@ -384,13 +314,13 @@ def setPassword(path: str, login: str, hashString: str) -> None:
     Replace the password hash of C{login} (on every line naming it, even a
     malformed one), keeping the other fields of its line.
 
-    @raise UserDbError: if there is no such user or the hash is invalid.
+    @raise UserDatabaseError: if there is no such user or the hash is invalid.
     """
     _checkHash(hashString)
 
     def change(lines: list[str]) -> list[str]:
         if not _hasLogin(lines, login):
-            raise UserDbError(f"no user {login} in {path}")
+            raise UserDatabaseError(f"no user {login} in {path}")
         result = []
         for line in lines:
             if _lineLogin(line) == login.lower():
@@ -406,12 +336,12 @@ def deleteUser(path: str, login: str) -> None:
     """
     Remove every line for C{login} from the users file.
 
-    @raise UserDbError: if there is no such user.
+    @raise UserDatabaseError: if there is no such user.
     """
 
     def change(lines: list[str]) -> list[str]:
         if not _hasLogin(lines, login):
-            raise UserDbError(f"no user {login} in {path}")
+            raise UserDatabaseError(f"no user {login} in {path}")
         return [line for line in lines if _lineLogin(line) != login.lower()]
 
     _edit(path, change)
@@ -426,7 +356,7 @@ def hasUser(path: str, login: str) -> bool:
     """
     @return: whether the users file names C{login} on some line, even one
         whose hash is malformed (used to fail before asking for a password).
-    @raise UserDbError: if the file is missing or cannot be read.
+    @raise UserDatabaseError: if the file is missing or cannot be read.
     """
     return _hasLogin(_readLines(path)[0], login)
 
@@ -434,7 +364,7 @@ def hasUser(path: str, login: str) -> bool:
 def listUsers(path: str) -> list[tuple[str, str]]:
     """
     @return: C{(login, scheme)} of every valid user line, in file order.
-    @raise UserDbError: if the file cannot be read.
+    @raise UserDatabaseError: if the file cannot be read.
     """
     lines, _ = _readLines(path)
     users, _ = parseUsers("\n".join(lines), path)

@@ -4,12 +4,29 @@ from __future__ import annotations
 
 from typing import Optional
 
+from twisted.internet import defer
 from zope.interface import implementer
 
-from mailauth.userdb import IUserDatabase, User, UserDatabaseUnavailable, parseUsers
+from mailauth.interfaces import (
+    IForwardQueue,
+    ILocalDelivery,
+    IMessageSink,
+    IRelayConnector,
+    IRelaySession,
+    IReloadable,
+    IUserDatabase,
+)
+from mailauth.relay import RelayError, RelayReply
+from mailauth.spool import unstuff
+from mailauth.userdb import User, UserDatabaseUnavailable, parseUsers
 
 
-@implementer(IUserDatabase)
+def runInline(f, *args, **kwargs) -> defer.Deferred:
+    """A L{mailauth.interfaces.BlockingRunner} that runs the work at once, on this thread."""
+    return defer.maybeDeferred(f, *args, **kwargs)
+
+
+@implementer(IUserDatabase, IReloadable)
 class MemoryUserDatabase:
     """
     A L{mailauth.userdb.UserDatabase} whose file is C{source}, a dict of login
@@ -46,11 +63,17 @@ class MemoryUserDatabase:
             raise UserDatabaseUnavailable("the users were never loaded")
         return self._users
 
-    def lookup(self, login: str) -> Optional[User]:
+    def lookup(self, login: str) -> defer.Deferred:
+        try:
+            return defer.succeed(self.get(login))
+        except UserDatabaseUnavailable:
+            return defer.fail()
+
+    def get(self, login: str) -> Optional[User]:
         return self._current().get(login.lower())
 
     def exists(self, login: str) -> bool:
-        return self.lookup(login) is not None
+        return self.get(login) is not None
 
     def logins(self) -> list[str]:
         return sorted(self._current())
@@ -58,17 +81,8 @@ class MemoryUserDatabase:
 
 # The forward queue's collaborators: local delivery and the relay.
 
-from twisted.internet import defer as _defer  # noqa: E402
 
-from mailauth.queue import unstuff as _unstuff  # noqa: E402
-from mailauth.relay import (  # noqa: E402
-    IRelayConnector,
-    IRelaySession,
-    RelayError,
-    SMTPReply,
-)
-
-
+@implementer(ILocalDelivery)
 class RecordingLocalDelivery:
     """
     The local delivery the queue service uses for bounces to local senders:
@@ -90,9 +104,9 @@ class RecordingLocalDelivery:
     def deliver(self, recipient: str, message: bytes):
         failures = self.failures.get(recipient)
         if failures:
-            return _defer.fail(failures.pop(0))
+            return defer.fail(failures.pop(0))
         self.delivered.append((recipient, message))
-        return _defer.succeed(None)
+        return defer.succeed(None)
 
 
 @implementer(IRelayConnector)
@@ -103,7 +117,7 @@ class FakeRelayConnector:
     @ivar down: C{connect} fails, as with a relay that is down.
     @ivar paused: C{connect} returns a Deferred the test fires, from
         C{waiting} (pairs of Deferred and session).
-    @ivar replies: address to a list of L{SMTPReply}s used one per attempt
+    @ivar replies: address to a list of L{RelayReply}s used one per attempt
         for it, then 250.
     @ivar deliveries: (sender, accepted recipients, message) per message
         accepted, the message with dot-stuffing undone.
@@ -125,14 +139,14 @@ class FakeRelayConnector:
         if self.clock is not None:
             self.connectTimes.append(self.clock.seconds())
         if self.down:
-            return _defer.fail(RelayError("connection refused (fake relay is down)"))
+            return defer.fail(RelayError("connection refused (fake relay is down)"))
         session = FakeRelaySession(self)
         self.sessions.append(session)
         if self.paused:
-            waiter = _defer.Deferred()
+            waiter = defer.Deferred()
             self.waiting.append((waiter, session))
             return waiter
-        return _defer.succeed(session)
+        return defer.succeed(session)
 
     def openSessions(self) -> int:
         return sum(1 for session in self.sessions if session.open)
@@ -153,17 +167,71 @@ class FakeRelaySession:
         results = {}
         for recipient in recipients:
             queued = self.connector.replies.get(recipient)
-            reply = queued.pop(0) if queued else SMTPReply(250, ("250 2.0.0 Ok",))
+            reply = queued.pop(0) if queued else RelayReply(250, ("250 2.0.0 Ok",))
             results[recipient] = reply
         accepted = tuple(r for r in recipients if results[r].code // 100 == 2)
         if accepted:
-            self.connector.deliveries.append((sender, accepted, _unstuff(data)))
-        return _defer.succeed(results)
+            self.connector.deliveries.append((sender, accepted, unstuff(data)))
+        return defer.succeed(results)
 
     def close(self):
         self.open = False
-        return _defer.succeed(None)
+        return defer.succeed(None)
 
     def abort(self):
         self.open = False
-        return _defer.succeed(None)
+        return defer.succeed(None)
+
+
+@implementer(IForwardQueue)
+class MemoryQueue:
+    """
+    A forward queue in memory: records what is queued.
+
+    @ivar writers: every L{MemoryQueueWriter} made, in order.
+    @ivar messages: queue ID to (sender, recipients, message) of each
+        committed message.
+    """
+
+    def __init__(self) -> None:
+        self.writers: list = []
+        self.messages: dict = {}
+
+    def newMessage(self, msgid, sender, recipients):
+        if not recipients:
+            raise ValueError("a message needs at least one recipient")
+        if msgid in self.messages or any(w.msgid == msgid and not w.aborted for w in self.writers):
+            raise ValueError(f"message {msgid} is already queued")
+        writer = MemoryQueueWriter(self, msgid, sender, recipients)
+        self.writers.append(writer)
+        return writer
+
+
+@implementer(IMessageSink)
+class MemoryQueueWriter:
+    """One message being written to a L{MemoryQueue}."""
+
+    def __init__(self, queue: MemoryQueue, msgid, sender, recipients) -> None:
+        self.queue = queue
+        self.msgid, self.sender, self.recipients = msgid, sender, recipients
+        self.data = b""
+        self.prepared = self.committed = self.aborted = False
+
+    def write(self, chunk):
+        self.data += chunk
+
+    def prepare(self):
+        if self.aborted or self.committed:
+            raise ValueError(f"message {self.msgid} cannot be prepared now")
+        self.prepared = True
+
+    def commit(self):
+        if not self.prepared:
+            self.prepare()
+        self.committed = True
+        self.queue.messages[self.msgid] = (self.sender, tuple(self.recipients), self.data)
+        return self.msgid
+
+    def abort(self):
+        self.aborted = True
+        self.queue.messages.pop(self.msgid, None)

@@ -12,13 +12,21 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, interfaces
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory
 from zope.interface import implementer
 
 from mailauth import config as configmod
-from mailauth.esmtp import ConnectionLimiter, SMTPReply, SubmissionFactory
-from mailauth.throttle import AuthThrottle
+from mailauth.config import RelayConfig
+from mailauth.esmtp import SubmissionFactory
+from mailauth.replies import SMTPReply
+from mailauth.spool import Queue
+from mailauth.throttle import AuthThrottle, ConnectionLimiter
+
+# Test data: real doveadm hashes (tests/data/README.md).
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+# The password of every user in data/dovecot-passwd (Dovecot 2.3.19's doveadm).
+SECRET = b"alice-secret-1"
 
 
 def writeCertificate(directory: str, name: str = "localhost") -> tuple:
@@ -428,3 +436,75 @@ class LogWatcher:
 
     def matching(self, pattern: str) -> list:
         return [m for m in self.messages if _re.search(pattern, m)]
+
+
+# The forward queue
+
+EPOCH = 1_700_000_000.0
+MESSAGE = (
+    b"From: alice@example.org\r\n"
+    b"To: bob@remote.example\r\n"
+    b"Subject: hello\r\n"
+    b"Message-ID: <m1@example.org>\r\n"
+    b"\r\n"
+    b"Hello Bob.\r\n"
+    b".\r\n"
+    b"..two dots\r\n"
+)
+HEADERS = MESSAGE.split(b"\r\n\r\n")[0] + b"\r\n"
+
+
+def relayConfig(**overrides) -> RelayConfig:
+    """A C{[relay]} section with test defaults."""
+    values = dict(
+        host="relay.test",
+        port=587,
+        tls="starttls",
+        username=None,
+        password_file=None,
+        ca_file=None,
+        verify_certificate=True,
+        retry_initial=60.0,
+        retry_max=3600.0,
+        expire=5 * 86400.0,
+        max_connections=2,
+        timeout=30.0,
+        queue_interval=30.0,
+    )
+    values.update(overrides)
+    return RelayConfig(**values)
+
+
+class QueueTestMixin:
+    """A queue in a fresh directory, on a clock."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(EPOCH)
+        self.directory = os.path.abspath(self.mktemp())
+        self.queue = Queue(self.directory, self.reactor, "mail.example.org")
+
+    def enqueue(
+        self,
+        msgid,
+        sender="alice@example.org",
+        recipients=("bob@remote.example",),
+        message=MESSAGE,
+        queue=None,
+    ):
+        writer = (queue or self.queue).newMessage(msgid, sender, list(recipients))
+        writer.write(message)
+        return writer.commit()
+
+    def runFor(self, seconds):
+        """Advance the clock by C{seconds}, stopping at every timer on the way."""
+        end = self.reactor.seconds() + seconds
+        while True:
+            due = [c.getTime() for c in self.reactor.getDelayedCalls() if c.getTime() <= end]
+            if not due:
+                break
+            self.reactor.advance(max(min(due) - self.reactor.seconds(), 0))
+        self.reactor.advance(end - self.reactor.seconds())
+
+    def files(self, sub):
+        return sorted(os.listdir(os.path.join(self.directory, sub)))

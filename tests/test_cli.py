@@ -357,7 +357,7 @@ class QueueCommandTests(unittest.TestCase):
     def setUp(self) -> None:
         from twisted.internet.task import Clock
 
-        from mailauth.queue import Queue
+        from mailauth.spool import Queue
 
         self.stateDir = os.path.abspath(self.mktemp())
         self.clock = Clock()

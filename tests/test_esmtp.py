@@ -15,8 +15,9 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from mailauth import esmtp
-from mailauth.esmtp import DataReader, SMTPReply
+from mailauth import dataread, esmtp
+from mailauth.dataread import DataReader
+from mailauth.replies import SMTPReply
 from tests.support import (
     MemoryMailbox,
     RecordingPortal,
@@ -907,16 +908,16 @@ class DataReaderTests(unittest.TestCase):
         """A line longer than the hold limit is passed on before its end arrives."""
         out = []
         reader = DataReader(out.append, 10**7)
-        reader.feed(b"y" * (esmtp.DATA_HOLD * 3))
-        self.assertGreater(sum(map(len, out)), esmtp.DATA_HOLD)
+        reader.feed(b"y" * (dataread.DATA_HOLD * 3))
+        self.assertGreater(sum(map(len, out)), dataread.DATA_HOLD)
         self.assertIsNotNone(reader.feed(b"\r\n.\r\n"))
-        self.assertEqual(b"".join(out), b"y" * (esmtp.DATA_HOLD * 3) + b"\r\n")
+        self.assertEqual(b"".join(out), b"y" * (dataread.DATA_HOLD * 3) + b"\r\n")
 
     def test_crlfNotSplitAcrossChunks(self) -> None:
         """A CR at the end of a long piece is held so CRLF reaches the sink whole."""
         out = []
         reader = DataReader(out.append, 10**7)
-        reader.feed(b"z" * (esmtp.DATA_HOLD + 10) + b"\r")
+        reader.feed(b"z" * (dataread.DATA_HOLD + 10) + b"\r")
         reader.feed(b"\nnext\r\n.\r\n")
         self.assertFalse(reader.bareNewline)
         self.assertFalse(any(chunk.endswith(b"\r") for chunk in out))

@@ -101,6 +101,7 @@ class MaildirTests(unittest.TestCase):
             calls.append(("link", dst))
             return realLink(src, dst)
 
+        maildir.ensureMaildir(self.box("a"))
         self.patch(maildir.os, "fsync", fsync)
         self.patch(maildir.os, "link", link)
         writer = MaildirWriter([self.box("a")], "mx")

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.mail import smtp
 from twisted.mail.interfaces import IMessageDeliveryFactory
 from twisted.trial import unittest
 
 from mailauth.addressmap import AddressMap
-from mailauth.esmtp import SMTPReply
 from mailauth.realm import LocalDelivery, Realm, Router
-from tests.fakes import MemoryUserDatabase
+from mailauth.replies import SMTPReply
+from tests.fakes import MemoryQueue, MemoryUserDatabase, runInline
 
 USERS = {
     "alice@example.test": "{PLAIN}a",
@@ -36,35 +35,6 @@ class FakeSession:
         return self.tls
 
 
-class MemoryQueue:
-    """Records what the realm queues."""
-
-    def __init__(self) -> None:
-        self.writers = []
-
-    def newMessage(self, msgid, sender, recipients):
-        writer = MemoryQueueWriter(msgid, sender, recipients)
-        self.writers.append(writer)
-        return writer
-
-
-class MemoryQueueWriter:
-    def __init__(self, msgid, sender, recipients) -> None:
-        self.msgid, self.sender, self.recipients = msgid, sender, recipients
-        self.data = b""
-        self.committed = self.aborted = False
-
-    def write(self, chunk):
-        self.data += chunk
-
-    def commit(self):
-        self.committed = True
-        return self.msgid
-
-    def abort(self):
-        self.aborted = True
-
-
 def writeMap(test, text: str) -> AddressMap:
     path = test.mktemp()
     with open(path, "w") as f:
@@ -76,30 +46,39 @@ class RealmTestsMixin:
     def setUp(self) -> None:
         self.dir = os.path.abspath(self.mktemp())
         self.users = MemoryUserDatabase(dict(USERS))
-        self.aliases = writeMap(self, (
-            "postmaster@example.test: alice@example.test\n"
-            "team@example.test: alice@example.test, bob@example.test\n"
-            "outside@example.test: someone@remote.test\n"
-            "loop1@example.test: loop2@example.test\n"
-            "loop2@example.test: loop1@example.test, bob@example.test\n"
-            "bad line without colon\n"
-        ))
-        self.senderMap = writeMap(self, (
-            "newsletter@example.test: bob@example.test\n"
-            "@other.test: alice@example.test\n"
-        ))
+        self.aliases = writeMap(
+            self,
+            (
+                "postmaster@example.test: alice@example.test\n"
+                "team@example.test: alice@example.test, bob@example.test\n"
+                "outside@example.test: someone@remote.test\n"
+                "loop1@example.test: loop2@example.test\n"
+                "loop2@example.test: loop1@example.test, bob@example.test\n"
+                "bad line without colon\n"
+            ),
+        )
+        self.senderMap = writeMap(
+            self, ("newsletter@example.test: bob@example.test\n@other.test: alice@example.test\n")
+        )
         self.router = Router(
             localDomains={"example.test", "other.test"},
             maildirTemplate=self.dir + "/{domain}/{localpart}/Maildir",
-            users=self.users, aliases=self.aliases, senderMap=self.senderMap,
+            users=self.users,
+            aliases=self.aliases,
+            senderMap=self.senderMap,
             senderLoginMatch=True,
         )
         self.queue = MemoryQueue()
         self.woken = 0
         self.clock = Clock()
-        self.realm = Realm(router=self.router, hostname="mx.example.test",
-                           store=lambda f: defer.maybeDeferred(f), queue=self.queue,
-                           wakeQueue=self.wake, clock=self.clock)
+        self.realm = Realm(
+            router=self.router,
+            hostname="mx.example.test",
+            runBlocking=runInline,
+            queue=self.queue,
+            wakeQueue=self.wake,
+            clock=self.clock,
+        )
 
     def wake(self) -> None:
         self.woken += 1
@@ -117,24 +96,32 @@ class RealmTestsMixin:
 class RouterTests(RealmTestsMixin, unittest.TestCase):
     def test_expandUser(self) -> None:
         """A user expands to itself; domains and case do not matter."""
-        self.assertEqual(self.router.expand("Alice@EXAMPLE.test."),
-                         (("alice@example.test",), ()))
+        self.assertEqual(
+            self.successResultOf(self.router.expand("Alice@EXAMPLE.test.")),
+            (("alice@example.test",), ()),
+        )
 
     def test_expandAliases(self) -> None:
         """Aliases expand to their local and remote targets."""
-        self.assertEqual(self.router.expand("team@example.test"),
-                         (("alice@example.test", "bob@example.test"), ()))
-        self.assertEqual(self.router.expand("outside@example.test"),
-                         ((), ("someone@remote.test",)))
+        self.assertEqual(
+            self.successResultOf(self.router.expand("team@example.test")),
+            (("alice@example.test", "bob@example.test"), ()),
+        )
+        self.assertEqual(
+            self.successResultOf(self.router.expand("outside@example.test")),
+            ((), ("someone@remote.test",)),
+        )
 
     def test_aliasLoop(self) -> None:
         """An alias loop ends; what it reaches is still delivered."""
-        self.assertEqual(self.router.expand("loop1@example.test"),
-                         (("bob@example.test",), ()))
+        self.assertEqual(
+            self.successResultOf(self.router.expand("loop1@example.test")),
+            (("bob@example.test",), ()),
+        )
 
     def test_unknown(self) -> None:
         """A local address that is neither user nor alias expands to nothing."""
-        self.assertEqual(self.router.expand("nobody@example.test"), ((), ()))
+        self.assertEqual(self.successResultOf(self.router.expand("nobody@example.test")), ((), ()))
 
     def test_malformedAliasLineReported(self) -> None:
         """A malformed aliases line is reported with its line number and skipped."""
@@ -143,86 +130,117 @@ class RouterTests(RealmTestsMixin, unittest.TestCase):
 
     def test_senderOwnAddress(self) -> None:
         """A login may send as itself, in any case."""
-        self.assertTrue(self.router.mayUseSender("alice@example.test", "ALICE@example.test"))
+        self.assertTrue(
+            self.successResultOf(
+                self.router.mayUseSender("alice@example.test", "ALICE@example.test")
+            )
+        )
 
     def test_senderAlias(self) -> None:
         """A login may send as an alias that leads to it."""
-        self.assertTrue(self.router.mayUseSender("alice@example.test", "postmaster@example.test"))
-        self.assertTrue(self.router.mayUseSender("bob@example.test", "team@example.test"))
+        self.assertTrue(
+            self.successResultOf(
+                self.router.mayUseSender("alice@example.test", "postmaster@example.test")
+            )
+        )
+        self.assertTrue(
+            self.successResultOf(self.router.mayUseSender("bob@example.test", "team@example.test"))
+        )
 
     def test_senderMap(self) -> None:
         """The sender map grants addresses and whole domains."""
-        self.assertTrue(self.router.mayUseSender("bob@example.test", "newsletter@example.test"))
-        self.assertTrue(self.router.mayUseSender("alice@example.test", "carol@other.test"))
-        self.assertFalse(self.router.mayUseSender("bob@example.test", "carol@other.test"))
+        self.assertTrue(
+            self.successResultOf(
+                self.router.mayUseSender("bob@example.test", "newsletter@example.test")
+            )
+        )
+        self.assertTrue(
+            self.successResultOf(self.router.mayUseSender("alice@example.test", "carol@other.test"))
+        )
+        self.assertFalse(
+            self.successResultOf(self.router.mayUseSender("bob@example.test", "carol@other.test"))
+        )
 
     def test_senderNotOwned(self) -> None:
         """Another user's address, or a foreign one, is not allowed."""
-        self.assertFalse(self.router.mayUseSender("alice@example.test", "bob@example.test"))
-        self.assertFalse(self.router.mayUseSender("alice@example.test", "x@remote.test"))
+        self.assertFalse(
+            self.successResultOf(self.router.mayUseSender("alice@example.test", "bob@example.test"))
+        )
+        self.assertFalse(
+            self.successResultOf(self.router.mayUseSender("alice@example.test", "x@remote.test"))
+        )
 
     def test_aliasesReloaded(self) -> None:
         """A changed aliases file is read again by maybeReload."""
         with open(self.aliases.path, "a") as f:
             f.write("new@example.test: bob@example.test\n")
         self.assertTrue(self.aliases.maybeReload())
-        self.assertEqual(self.router.expand("new@example.test"), (("bob@example.test",), ()))
+        self.assertEqual(
+            self.successResultOf(self.router.expand("new@example.test")),
+            (("bob@example.test",), ()),
+        )
         self.assertFalse(self.aliases.maybeReload())
 
 
 class DeliveryTests(RealmTestsMixin, unittest.TestCase):
     def test_senderRefused(self) -> None:
         """MAIL FROM an address the login does not own: 553 5.7.1."""
-        e = self.assertRaises(SMTPReply, self.delivery().validateFrom, None,
-                              addr("bob@example.test"))
+        e = self.failureResultOf(
+            self.delivery().validateFrom(None, addr("bob@example.test")), SMTPReply
+        ).value
         self.assertEqual(e.code, 553)
         self.assertTrue(e.text.startswith("5.7.1 "))
 
     def test_nullSenderAllowed(self) -> None:
         """The null sender is allowed for an authenticated user."""
-        self.assertIsNone(self.delivery().validateFrom(None, None))
+        self.assertIsNone(self.successResultOf(self.delivery().validateFrom(None, None)))
 
     def test_anonymousSenderNotBound(self) -> None:
         """Unauthenticated (MX) sessions may use any sender; they reach only local users."""
         origin = addr("someone@remote.test")
-        self.assertIs(self.delivery(None).validateFrom(None, origin), origin)
+        self.assertIs(self.successResultOf(self.delivery(None).validateFrom(None, origin)), origin)
 
     def test_bindingOff(self) -> None:
         """With sender_login_match = no any sender is accepted."""
         self.router.senderLoginMatch = False
         origin = addr("bob@example.test")
-        self.assertIs(self.delivery().validateFrom(None, origin), origin)
+        self.assertIs(self.successResultOf(self.delivery().validateFrom(None, origin)), origin)
 
     def test_unknownLocalRecipient(self) -> None:
         """An unknown local recipient: 550 5.1.1."""
-        e = self.assertRaises(SMTPReply, self.delivery().validateTo,
-                              self.user("nobody@example.test"))
+        e = self.failureResultOf(
+            self.delivery().validateTo(self.user("nobody@example.test")), SMTPReply
+        ).value
         self.assertEqual((e.code, e.text[:6]), (550, "5.1.1 "))
 
     def test_relayDeniedWithoutAuth(self) -> None:
         """Without AUTH a remote recipient gets 554 5.7.1 even with a queue."""
-        e = self.assertRaises(SMTPReply, self.delivery(None).validateTo,
-                              self.user("x@remote.test"))
+        e = self.failureResultOf(
+            self.delivery(None).validateTo(self.user("x@remote.test")), SMTPReply
+        ).value
         self.assertEqual(e.code, 554)
 
     def test_relayDeniedWithoutQueue(self) -> None:
         """Without [relay] even an authenticated user gets 554 5.7.1 for other domains."""
         self.realm.queue = None
-        e = self.assertRaises(SMTPReply, self.delivery().validateTo, self.user("x@remote.test"))
+        e = self.failureResultOf(
+            self.delivery().validateTo(self.user("x@remote.test")), SMTPReply
+        ).value
         self.assertEqual(e.code, 554)
 
     def test_aliasToRemoteWithoutRelay(self) -> None:
         """An alias leading outside with no [relay] is a temporary failure (a config fault)."""
         self.realm.queue = None
-        e = self.assertRaises(SMTPReply, self.delivery(None).validateTo,
-                              self.user("outside@example.test"))
+        e = self.failureResultOf(
+            self.delivery(None).validateTo(self.user("outside@example.test")), SMTPReply
+        ).value
         self.assertEqual(e.code, 451)
 
     def test_oneMessageObject(self) -> None:
         """Every recipient of a transaction gets the same message object."""
         d = self.delivery()
-        first = d.validateTo(self.user("bob@example.test"))
-        second = d.validateTo(self.user("x@remote.test"))
+        first = self.successResultOf(d.validateTo(self.user("bob@example.test")))
+        second = self.successResultOf(d.validateTo(self.user("x@remote.test")))
         self.assertIs(first(), second())
 
     def test_localAndRemote(self) -> None:
@@ -231,18 +249,19 @@ class DeliveryTests(RealmTestsMixin, unittest.TestCase):
         Maildir and once to the queue; the queue is woken after the commit.
         """
         d = self.delivery()
-        d.validateFrom(None, addr("alice@example.test"))
-        d.validateTo(self.user("bob@example.test"))
-        d.validateTo(self.user("team@example.test"))
-        factory = d.validateTo(self.user("x@remote.test"))
+        self.successResultOf(d.validateFrom(None, addr("alice@example.test")))
+        self.successResultOf(d.validateTo(self.user("bob@example.test")))
+        self.successResultOf(d.validateTo(self.user("team@example.test")))
+        factory = self.successResultOf(d.validateTo(self.user("x@remote.test")))
         message = factory()
         message.write(b"Subject: x\r\n\r\nbody\r\n")
         result = self.successResultOf(message.eomReceived())
         self.assertEqual(result, d.id)
         self.assertEqual(self.woken, 1)
         [writer] = self.queue.writers
-        self.assertEqual((writer.sender, writer.recipients), ("alice@example.test",
-                                                              ["x@remote.test"]))
+        self.assertEqual(
+            (writer.sender, writer.recipients), ("alice@example.test", ["x@remote.test"])
+        )
         self.assertEqual(writer.data, b"Subject: x\r\n\r\nbody\r\n")
         self.assertTrue(writer.committed)
         for who in ("alice", "bob"):
@@ -254,8 +273,8 @@ class DeliveryTests(RealmTestsMixin, unittest.TestCase):
     def test_abortLeavesNothing(self) -> None:
         """A message aborted (client gone) leaves no file and nothing queued."""
         d = self.delivery()
-        message = d.validateTo(self.user("bob@example.test"))()
-        remote = d.validateTo(self.user("x@remote.test"))
+        message = self.successResultOf(d.validateTo(self.user("bob@example.test")))()
+        remote = self.successResultOf(d.validateTo(self.user("x@remote.test")))
         self.assertIs(remote(), message)
         message.write(b"partial")
         message.connectionLost()
@@ -267,8 +286,9 @@ class DeliveryTests(RealmTestsMixin, unittest.TestCase):
         """The Received header names ESMTPSA, the login, TLS, the id and the recipient."""
         self.clock.advance(1795965994)
         d = self.delivery()
-        header = d.receivedHeader((b"client.example", "192.0.2.1"), None,
-                                  [self.user("bob@example.test")])
+        header = d.receivedHeader(
+            (b"client.example", "192.0.2.1"), None, [self.user("bob@example.test")]
+        )
         lines = header.decode().split("\r\n")
         self.assertEqual(lines[0], "Received: from client.example ([192.0.2.1])")
         self.assertEqual(lines[1], "\t(authenticated as alice@example.test)")
@@ -290,7 +310,7 @@ class DeliveryTests(RealmTestsMixin, unittest.TestCase):
 class LocalDeliveryTests(RealmTestsMixin, unittest.TestCase):
     def test_deliverThroughAliases(self) -> None:
         """A bounce for a local alias lands in its targets' Maildirs."""
-        local = LocalDelivery(self.router, "mx.example.test", lambda f: defer.maybeDeferred(f))
+        local = LocalDelivery(self.router, "mx.example.test", runInline)
         self.assertTrue(local.isLocal("team@EXAMPLE.test"))
         self.successResultOf(local.deliver("team@example.test", b"Subject: b\r\n\r\nx\r\n"))
         for who in ("alice", "bob"):
@@ -299,6 +319,6 @@ class LocalDeliveryTests(RealmTestsMixin, unittest.TestCase):
 
     def test_deliverUnknown(self) -> None:
         """Delivering to nobody fails with 550."""
-        local = LocalDelivery(self.router, "mx.example.test", lambda f: defer.maybeDeferred(f))
+        local = LocalDelivery(self.router, "mx.example.test", runInline)
         f = self.failureResultOf(local.deliver("nobody@example.test", b"x\r\n"), SMTPReply)
         self.assertEqual(f.value.code, 550)

@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from mailauth.queue import Queue, QueueService, listQueue
+from mailauth.forward import QueueService
 from mailauth.relay import (
     RelayClientProtocol,
     RelayConnector,
@@ -25,10 +25,11 @@ from mailauth.relay import (
     RelaySession,
     loadCertificates,
 )
+from mailauth.spool import Queue, listQueue
 from mailauth.threads import ThreadPoolService
-from tests.fakes import RecordingLocalDelivery
+from tests.fakes import RecordingLocalDelivery, runInline
 from tests.smtpsink import QueueEvents, SMTPSink, makePKI
-from tests.test_queue import MESSAGE, relayConfig
+from tests.support import MESSAGE, relayConfig
 
 _pki = {}
 
@@ -251,10 +252,16 @@ class EndToEndTests(unittest.TestCase):
         values.update(overrides)
         return relayConfig(**values)
 
-    def startService(self, config=None, runBlocking=None):
+    def startService(self, config=None, runBlocking=runInline):
         queue = Queue(self.directory, reactor, "mail.example.org")
+        config = config or self.config()
         service = QueueService(
-            queue, config or self.config(), reactor, self.local, runBlocking=runBlocking
+            queue,
+            config,
+            reactor,
+            self.local,
+            runBlocking=runBlocking,
+            connector=RelayConnector(config, reactor, queue.hostname),
         )
         service.startService()
         self.addCleanup(service.stopService)

@@ -31,9 +31,8 @@ from twisted.trial import unittest
 
 from mailauth import config as configmod
 from mailauth import tap
-from mailauth.esmtp import ConnectionLimiter
-from mailauth.queue import Queue
-from mailauth.throttle import MAX_DELAY, AuthThrottle
+from mailauth.spool import Queue
+from mailauth.throttle import MAX_DELAY, AuthThrottle, ConnectionLimiter
 from tests import test_e2e as e2e
 from tests.support import ClockedReactor, LogWatcher, RawClient, insecureContext
 
@@ -486,7 +485,7 @@ class ThrottleTests(unittest.TestCase):
         limiter = ConnectionLimiter(total=100, perAddress=2)
         self.assertIsNone(limiter.acquire("2001:db8::1"))
         self.assertIsNone(limiter.acquire("2001:db8::2"))
-        self.assertEqual(limiter.acquire("2001:db8::3"),
+        self.assertEqual(limiter.acquire("2001:db8::3").text,
                          "4.7.0 Error: too many connections from your address")
         self.assertIsNone(limiter.acquire("2001:db8:0:1::1"))
         limiter.release("2001:db8::1")

@@ -12,12 +12,12 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
+from mailauth.interfaces import IReloadable, IUserDatabase
 from mailauth.passwords import PasswordHash, makeHash, verify
 from mailauth.userdb import (
-    IUserDatabase,
     UserDatabase,
+    UserDatabaseError,
     UserDatabaseUnavailable,
-    UserDbError,
     addUser,
     deleteUser,
     hasUser,
@@ -25,7 +25,7 @@ from mailauth.userdb import (
     setPassword,
 )
 from tests.fakes import MemoryUserDatabase
-from tests.test_passwords import DATA, SECRET
+from tests.support import DATA, SECRET
 
 CRAM = "{CRAM-MD5}" + "ab" * 32
 
@@ -52,9 +52,21 @@ class UserDatabaseTestsMixin:
 
     def test_interface(self) -> None:
         """
-        The database provides L{IUserDatabase}.
+        The database provides L{IUserDatabase} and L{IReloadable}.
         """
         self.assertTrue(verifyObject(IUserDatabase, self.makeDatabase({})))
+        self.assertTrue(verifyObject(IReloadable, self.makeDatabase({})))
+
+    def test_lookupDeferred(self) -> None:
+        """
+        C{lookup}, the server's way in, gives a Deferred of what C{get}
+        reads from memory: the user, or L{None}.
+        """
+        db = self.makeDatabase({"alice@example.org": "{PLAIN}a"})
+        self.assertEqual(
+            self.successResultOf(db.lookup("ALICE@example.org")), db.get("alice@example.org")
+        )
+        self.assertIsNone(self.successResultOf(db.lookup("carol@example.org")))
 
     def test_lookup(self) -> None:
         """
@@ -62,11 +74,11 @@ class UserDatabaseTestsMixin:
         returns L{None} for anyone else.
         """
         db = self.makeDatabase({"alice@example.org": "{PLAIN}a", "bob@example.org": CRAM})
-        user = db.lookup("bob@example.org")
+        user = db.get("bob@example.org")
         self.assertEqual(user.login, "bob@example.org")
         self.assertEqual(user.password, PasswordHash("CRAM-MD5", "ab" * 32))
         self.assertEqual(user.lineno, 2)
-        self.assertIsNone(db.lookup("carol@example.org"))
+        self.assertIsNone(db.get("carol@example.org"))
         self.assertTrue(db.exists("alice@example.org"))
         self.assertFalse(db.exists("carol@example.org"))
         self.assertEqual(db.problems, [])
@@ -77,7 +89,7 @@ class UserDatabaseTestsMixin:
         database returns.
         """
         db = self.makeDatabase({"Alice@Example.ORG": "{PLAIN}a"})
-        self.assertEqual(db.lookup("ALICE@example.org").login, "alice@example.org")
+        self.assertEqual(db.get("ALICE@example.org").login, "alice@example.org")
         self.assertTrue(db.exists("alice@EXAMPLE.org"))
         self.assertEqual(db.logins(), ["alice@example.org"])
 
@@ -106,7 +118,7 @@ class UserDatabaseTestsMixin:
         second is reported.
         """
         db = self.makeDatabase({"a@example.org": "{PLAIN}first", "A@example.org": "{PLAIN}2nd"})
-        self.assertEqual(db.lookup("a@example.org").password.value, "first")
+        self.assertEqual(db.get("a@example.org").password.value, "first")
         self.assertEqual(len(db.problems), 1)
         self.assertRegex(db.problems[0], r":2: duplicate login a@example.org \(first on line 1\)")
 
@@ -135,7 +147,8 @@ class UserDatabaseTestsMixin:
         L{UserDatabaseUnavailable}, so that logins fail temporarily.
         """
         db = self.makeDatabase(None)
-        self.assertRaises(UserDatabaseUnavailable, db.lookup, "a@example.org")
+        self.assertRaises(UserDatabaseUnavailable, db.get, "a@example.org")
+        self.failureResultOf(db.lookup("a@example.org"), UserDatabaseUnavailable)
         self.assertRaises(UserDatabaseUnavailable, db.exists, "a@example.org")
         self.assertRaises(UserDatabaseUnavailable, db.logins)
         self.assertFalse(db.maybeReload())
@@ -218,7 +231,7 @@ class UserDatabaseTests(UserDatabaseTestsMixin, unittest.TestCase):
         self.assertIn("no ':' after the login", db.problems[0])
         self.assertIn("empty login", db.problems[1])
         self.assertIn("64 hex digits", db.problems[2])
-        self.assertEqual(db.lookup("dave@example.org").lineno, 9)
+        self.assertEqual(db.get("dave@example.org").lineno, 9)
         self.assertEqual(len(self.logged("warn")), 4 + 1)
 
     def test_extraFields(self) -> None:
@@ -229,7 +242,7 @@ class UserDatabaseTests(UserDatabaseTestsMixin, unittest.TestCase):
         with open(self.path, "w") as f:
             f.write("a@example.org:{PLAIN}pw:1000:1000::/home/a::userdb_quota_rule=*:50M\r\n")
         db = self.makeDatabase(None)
-        self.assertEqual(db.lookup("a@example.org").password, PasswordHash("PLAIN", "pw"))
+        self.assertEqual(db.get("a@example.org").password, PasswordHash("PLAIN", "pw"))
 
     def test_dovecotVectors(self) -> None:
         """
@@ -239,7 +252,7 @@ class UserDatabaseTests(UserDatabaseTestsMixin, unittest.TestCase):
         db = self.makeDatabase(None)
         self.assertEqual(len(db.logins()), 9)
         self.assertEqual(db.problems, [])
-        user = db.lookup("alice.sha512-crypt@example.test")
+        user = db.get("alice.sha512-crypt@example.test")
         self.assertTrue(verify(user.password, SECRET))
 
     def test_plaintextWarnedOncePerLoad(self) -> None:
@@ -262,7 +275,7 @@ class UserDatabaseTests(UserDatabaseTestsMixin, unittest.TestCase):
         """
         os.mkdir(self.path)
         db = self.makeDatabase(None)
-        self.assertRaises(UserDatabaseUnavailable, db.lookup, "a@example.org")
+        self.assertRaises(UserDatabaseUnavailable, db.get, "a@example.org")
         self.assertFalse(db.maybeReload())
         self.assertFalse(db.maybeReload())
         errors = self.logged("error")
@@ -357,7 +370,7 @@ class EditTests(unittest.TestCase):
         malformed hash, cannot be added again.
         """
         for login in ("ALICE@example.org", "bob@example.org"):
-            error = self.assertRaises(UserDbError, addUser, self.path, login, CRAM)
+            error = self.assertRaises(UserDatabaseError, addUser, self.path, login, CRAM)
             self.assertIn("already exists", str(error))
         self.assertEqual(self.read(), self.ORIGINAL)
 
@@ -376,7 +389,7 @@ class EditTests(unittest.TestCase):
             "a\n@example.org",
             "",
         ]:
-            error = self.assertRaises(UserDbError, addUser, self.path, login, CRAM)
+            error = self.assertRaises(UserDatabaseError, addUser, self.path, login, CRAM)
             self.assertIn("invalid login", str(error))
         self.assertEqual(self.read(), self.ORIGINAL)
 
@@ -385,8 +398,10 @@ class EditTests(unittest.TestCase):
         A hash that does not parse, or that would break the line, is refused.
         """
         for hashString in ("{NOPE}x", "{PLAIN}a:b", "{PLAIN}a\nb", "{CRAM-MD5}abc"):
-            self.assertRaises(UserDbError, addUser, self.path, "d@example.org", hashString)
-            self.assertRaises(UserDbError, setPassword, self.path, "alice@example.org", hashString)
+            self.assertRaises(UserDatabaseError, addUser, self.path, "d@example.org", hashString)
+            self.assertRaises(
+                UserDatabaseError, setPassword, self.path, "alice@example.org", hashString
+            )
         self.assertEqual(self.read(), self.ORIGINAL)
 
     def test_setPassword(self) -> None:
@@ -400,7 +415,7 @@ class EditTests(unittest.TestCase):
             self.read(),
             self.ORIGINAL.replace("{PLAIN}a:", hashString + ":"),
         )
-        self.assertTrue(verify(loadUsers(self.path).lookup("alice@example.org").password, b"new"))
+        self.assertTrue(verify(loadUsers(self.path).get("alice@example.org").password, b"new"))
         self.assertCleanlyWritten()
 
     def test_setPasswordFixesMalformed(self) -> None:
@@ -414,7 +429,7 @@ class EditTests(unittest.TestCase):
         """
         Setting the password of a user not in the file is an error.
         """
-        error = self.assertRaises(UserDbError, setPassword, self.path, "d@example.org", CRAM)
+        error = self.assertRaises(UserDatabaseError, setPassword, self.path, "d@example.org", CRAM)
         self.assertEqual(str(error), f"no user d@example.org in {self.path}")
 
     def test_deleteUser(self) -> None:
@@ -433,9 +448,9 @@ class EditTests(unittest.TestCase):
         Deleting a user not in the file is an error, and so is editing a
         file that does not exist.
         """
-        self.assertRaises(UserDbError, deleteUser, self.path, "d@example.org")
+        self.assertRaises(UserDatabaseError, deleteUser, self.path, "d@example.org")
         os.remove(self.path)
-        error = self.assertRaises(UserDbError, deleteUser, self.path, "alice@example.org")
+        error = self.assertRaises(UserDatabaseError, deleteUser, self.path, "alice@example.org")
         self.assertEqual(str(error), f"{self.path}: no such file")
 
     def test_keepsGroup(self) -> None:
@@ -456,7 +471,7 @@ class EditTests(unittest.TestCase):
         A file that cannot be written is an error naming it and the reason.
         """
         missing = os.path.join(self.directory, "missing", "users")
-        error = self.assertRaises(UserDbError, addUser, missing, "a@example.org", CRAM)
+        error = self.assertRaises(UserDatabaseError, addUser, missing, "a@example.org", CRAM)
         self.assertIn(missing, str(error))
         self.assertIn("No such file or directory", str(error))
 
@@ -498,10 +513,10 @@ class EditTests(unittest.TestCase):
         Listing a missing or unreadable file is an error naming it.
         """
         os.remove(self.path)
-        self.assertRaises(UserDbError, listUsers, self.path)
-        self.assertRaises(UserDbError, hasUser, self.path, "a@example.org")
+        self.assertRaises(UserDatabaseError, listUsers, self.path)
+        self.assertRaises(UserDatabaseError, hasUser, self.path, "a@example.org")
         os.mkdir(self.path)
-        error = self.assertRaises(UserDbError, listUsers, self.path)
+        error = self.assertRaises(UserDatabaseError, listUsers, self.path)
         self.assertIn(self.path, str(error))
 
 

@@ -1,0 +1,412 @@
+"""
+The forwarder: the service that delivers the queue, scheduling attempts
+with backoff, relaying through an L{IRelayConnector} and handing bounces to
+local recipients to an L{ILocalDelivery}.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailauth.config import RelayConfig
+from mailauth.envelope import DELIVERED, FAILED, PENDING, Envelope, Outcome, RetryPolicy
+from mailauth.interfaces import BlockingRunner, ILocalDelivery, IRelayConnector
+from mailauth.relay import RelayError
+from mailauth.replies import SMTPReply
+from mailauth.spool import Queue, ScanResult, SettleResult
+
+log = Logger(namespace="mailauth.queue")
+
+
+@attrs.frozen
+class _Entry:
+    """The scheduler's view of one queued message."""
+
+    nextAttempt: float
+    remote: bool
+
+
+class QueueService(service.Service):
+    """
+    Delivers the queue: local recipients (bounces to local senders) through
+    C{localDelivery}, the others through the relay, with at most
+    C{max_connections} sessions, each reused for several messages.
+
+    It scans the queue on start, every C{queue_interval} (which also picks
+    up C{mailauth queue flush}), and when L{wake} is called after a commit.
+    After a session fails as a whole (no connection, TLS, AUTH), new
+    sessions wait, with the same backoff as messages, so a relay that is
+    down is not hammered by every message in the queue.
+
+    @param queue: the queue to deliver.
+    @param relayConfig: the C{[relay]} section: retry policy, connections,
+        scan interval.
+    @param reactor: provides time.
+    @param localDelivery: delivers to local recipients; a failure is
+        temporary unless it is an L{SMTPReply} from 500 to 599.
+    @param runBlocking: runs the queue's blocking file work (fsync) off the
+        reactor.
+    @param connector: makes the relay sessions.
+    """
+
+    name = "queue"
+
+    def __init__(
+        self,
+        queue: Queue,
+        relayConfig: RelayConfig,
+        reactor,
+        localDelivery: ILocalDelivery,
+        *,
+        runBlocking: BlockingRunner,
+        connector: IRelayConnector,
+    ) -> None:
+        self._queue = queue
+        self._config = relayConfig
+        self._reactor = reactor
+        self._local = localDelivery
+        self._runBlocking = runBlocking
+        self._connector = connector
+        self._policy = RetryPolicy.fromConfig(relayConfig)
+        self._maxConnections = relayConfig.max_connections
+        self._interval = relayConfig.queue_interval
+        self._relayHost = relayConfig.host
+        self._index: dict = {}
+        self._inFlight: set = set()
+        self._workers = 0
+        self._tasks: set = set()
+        self._sessions: set = set()
+        self._connecting: set = set()
+        self._loop = None
+        self._timer = None
+        self._wakeCall = None
+        self._scanning = False
+        self._rescan = False
+        self._holdUntil = 0.0
+        self._sessionFailures = 0
+
+    # Service
+
+    def startService(self) -> None:
+        super().startService()
+        self._queue.recover()
+        self._loop = task.LoopingCall(self._periodicScan)
+        self._loop.clock = self._reactor
+        self._loop.start(self._interval, now=True)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        for call in (self._timer, self._wakeCall):
+            if call is not None and call.active():
+                call.cancel()
+        for connecting in list(self._connecting):
+            connecting.cancel()
+        for session in list(self._sessions):
+            session.abort()
+        return defer.DeferredList(list(self._tasks)).addCallback(lambda _: None)
+
+    def wake(self) -> None:
+        """New mail was committed: look at the queue now."""
+        if not self.running or (self._wakeCall is not None and self._wakeCall.active()):
+            return
+        self._wakeCall = self._reactor.callLater(0, self._scan)
+
+    # Scanning and scheduling
+
+    def _track(self, d: defer.Deferred) -> defer.Deferred:
+        self._tasks.add(d)
+
+        def done(result):
+            self._tasks.discard(d)
+            return result
+
+        return d.addBoth(done)
+
+    def _periodicScan(self) -> defer.Deferred:
+        self._scan()
+        return defer.succeed(None)
+
+    def _scan(self, everything: bool = False) -> None:
+        if not self.running:
+            return
+        if self._scanning:
+            self._rescan = True
+            return
+        self._scanning = True
+        d = self._runBlocking(
+            self._queue.scan, frozenset(self._index) | frozenset(self._inFlight), everything
+        )
+        d.addCallback(self._scanned)
+        d.addErrback(
+            lambda f: log.failure("queue: scanning {dir} failed", f, dir=self._queue.directory)
+        )
+
+        def done(_):
+            self._scanning = False
+            if self._rescan:
+                self._rescan = False
+                self._scan()
+
+        d.addCallback(done)
+        self._track(d)
+
+    def _scanned(self, result: ScanResult) -> None:
+        for msgid in list(self._index):
+            if msgid not in result.present:
+                del self._index[msgid]
+        for envelope in result.envelopes:
+            if envelope.id not in self._inFlight:
+                self._remember(envelope)
+        if result.flushed:
+            log.info("queue: flush requested, trying every message now")
+            self._holdUntil = 0.0
+            self._sessionFailures = 0
+        self._dispatch()
+
+    def _remember(self, envelope: Optional[Envelope], msgid: Optional[str] = None) -> None:
+        if envelope is None:
+            self._index.pop(msgid, None)
+            return
+        # An attempt at or after the expiry only expires the message, so it
+        # does not wait for the relay.
+        remote = envelope.nextAttempt < envelope.expiresAt(self._policy) and any(
+            not self._local.isLocal(address) for address in envelope.pending()
+        )
+        self._index[envelope.id] = _Entry(envelope.nextAttempt, remote)
+
+    def _due(self, now: float) -> list:
+        return sorted(
+            (entry.nextAttempt, msgid)
+            for msgid, entry in self._index.items()
+            if entry.nextAttempt <= now and msgid not in self._inFlight
+        )
+
+    def _dispatch(self) -> None:
+        """Start what is due, and set a timer for what is due next."""
+        if not self.running:
+            return
+        now = self._reactor.seconds()
+        remoteDue = 0
+        for _, msgid in self._due(now):
+            if self._index[msgid].remote:
+                remoteDue += 1
+            else:
+                self._inFlight.add(msgid)
+                self._track(self._attemptOne(msgid))
+        if remoteDue and now >= self._holdUntil:
+            for _ in range(min(remoteDue, self._maxConnections - self._workers)):
+                self._workers += 1
+                self._track(self._worker())
+        self._setTimer(now)
+
+    def _setTimer(self, now: float) -> None:
+        upcoming = [
+            max(entry.nextAttempt, self._holdUntil) if entry.remote else entry.nextAttempt
+            for msgid, entry in self._index.items()
+            if msgid not in self._inFlight
+        ]
+        upcoming = [when for when in upcoming if when > now]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if upcoming:
+            self._timer = self._reactor.callLater(min(upcoming) - now, self._dispatch)
+
+    def _takeRemote(self) -> Optional[str]:
+        for _, msgid in self._due(self._reactor.seconds()):
+            if self._index[msgid].remote:
+                self._inFlight.add(msgid)
+                return msgid
+        return None
+
+    # Delivery
+
+    @defer.inlineCallbacks
+    def _worker(self):
+        """One relay connection: deliver due messages until none is left."""
+        session = None
+        try:
+            while self.running:
+                msgid = self._takeRemote()
+                if msgid is None:
+                    break
+                try:
+                    session, ok = yield self._attempt(msgid, session)
+                except Exception:
+                    self._attemptCrashed(msgid)
+                    ok = False
+                finally:
+                    self._inFlight.discard(msgid)
+                if ok is False:
+                    break
+        finally:
+            self._workers -= 1
+        if session is not None:
+            self._sessions.discard(session)
+            try:
+                yield session.close()
+            except Exception:
+                log.failure("queue: closing the relay session failed")
+        self._dispatch()
+
+    @defer.inlineCallbacks
+    def _attemptOne(self, msgid: str):
+        try:
+            yield self._attempt(msgid, None)
+        except Exception:
+            self._attemptCrashed(msgid)
+        finally:
+            self._inFlight.discard(msgid)
+        self._dispatch()
+
+    def _attemptCrashed(self, msgid: str) -> None:
+        """A bug, an I/O error, a busy pool: log it, and try again later."""
+        log.failure("queue: {msgid}: delivery attempt failed", msgid=msgid)
+        entry = self._index.get(msgid)
+        if entry is not None:
+            self._index[msgid] = attrs.evolve(
+                entry, nextAttempt=self._reactor.seconds() + self._policy.initial
+            )
+
+    @defer.inlineCallbacks
+    def _attempt(self, msgid: str, session):
+        """
+        Try every pending recipient of C{msgid} once.
+
+        @return: (the session to use next, or L{None}; whether the relay
+            session worked, or L{None} if none was needed).
+        """
+        envelope = yield self._runBlocking(self._queue.envelope, msgid)
+        if envelope is None:
+            self._index.pop(msgid, None)
+            return session, None
+        outcomes: dict = {}
+        error = None
+        ok = None
+        if self._reactor.seconds() < envelope.expiresAt(self._policy):
+            local = [a for a in envelope.pending() if self._local.isLocal(a)]
+            remote = [a for a in envelope.pending() if a not in local]
+            if local:
+                outcomes.update((yield self._deliverLocally(msgid, local)))
+            if remote:
+                try:
+                    session = yield self._relay(session, envelope, remote, outcomes)
+                    ok = True
+                except RelayError as e:
+                    error = str(e)
+                    session = None
+                    ok = False
+                    outcomes.update({a: Outcome(PENDING, error=error) for a in remote})
+        result = yield self._runBlocking(
+            self._queue.settle,
+            msgid,
+            outcomes,
+            error,
+            self._reactor.seconds(),
+            self._policy,
+            self._relayHost,
+        )
+        self._report(msgid, outcomes, result)
+        self._remember(result.envelope, msgid)
+        if result.bounces:
+            self.wake()
+        if ok:
+            self._holdUntil = 0.0
+            self._sessionFailures = 0
+        elif ok is not None:
+            self._sessionFailures += 1
+            self._holdUntil = self._reactor.seconds() + self._policy.delay(self._sessionFailures)
+        return session, ok
+
+    @defer.inlineCallbacks
+    def _relay(self, session, envelope: Envelope, remote: list, outcomes: dict):
+        """
+        Deliver C{envelope} to C{remote} through the relay, adding to
+        C{outcomes}. @return: the session, to reuse.
+        @raise RelayError: if the session failed; it is closed.
+        """
+        try:
+            message = open(self._queue.dataPath(envelope.id), "rb")
+        except FileNotFoundError:
+            raise RelayError("the message file is gone (deleted?)") from None
+        if session is None:
+            connecting = self._connector.connect()
+            self._connecting.add(connecting)
+            try:
+                session = yield connecting
+            except Exception as e:
+                message.close()
+                if isinstance(e, defer.CancelledError):
+                    raise RelayError("stopped while connecting") from None
+                raise
+            finally:
+                self._connecting.discard(connecting)
+            self._sessions.add(session)
+        try:
+            with message:
+                replies = yield session.deliver(
+                    envelope.sender, remote, message, envelope.size, envelope.body8bit
+                )
+        except Exception as e:
+            self._sessions.discard(session)
+            yield session.abort()
+            if isinstance(e, RelayError):
+                raise
+            log.failure("queue: relaying {msgid} failed", Failure(), msgid=envelope.id)
+            raise RelayError(f"internal error: {e!r}") from None
+        for address in remote:
+            outcomes[address] = Outcome.fromReply(replies[address])
+        return session
+
+    @defer.inlineCallbacks
+    def _deliverLocally(self, msgid: str, recipients: list):
+        message = yield self._runBlocking(self._queue.readMessage, msgid)
+        outcomes = {}
+        for recipient in recipients:
+            try:
+                yield defer.maybeDeferred(self._local.deliver, recipient, message)
+            except SMTPReply as e:
+                state = FAILED if e.code >= 500 else PENDING
+                outcomes[recipient] = Outcome(state, reply=f"{e.code} {e.text}")
+            except Exception as e:
+                outcomes[recipient] = Outcome(PENDING, error=f"local delivery failed: {e!r}")
+            else:
+                outcomes[recipient] = Outcome(DELIVERED, reply="250 2.0.0 delivered locally")
+        return outcomes
+
+    def _report(self, msgid: str, outcomes: dict, result: SettleResult) -> None:
+        """Log what happened, one line per recipient, in Postfix's manner."""
+        for address, outcome in outcomes.items():
+            status = {DELIVERED: "sent", PENDING: "deferred", FAILED: "bounced"}[outcome.state]
+            log.info(
+                "queue: {msgid}: to=<{recipient}>, status={status} ({why})",
+                msgid=msgid,
+                recipient=address,
+                status=status,
+                why=outcome.reply or outcome.error,
+                queueEvent=status,
+            )
+        for address in result.expired:
+            log.info(
+                "queue: {msgid}: to=<{recipient}>, status=expired, returned to sender",
+                msgid=msgid,
+                recipient=address,
+                queueEvent="expired",
+            )
+        for bounceID in result.bounces:
+            log.info(
+                "queue: {msgid}: sender non-delivery notification: {bounceID}",
+                msgid=msgid,
+                bounceID=bounceID,
+                queueEvent="bounce",
+            )
+        if result.envelope is None:
+            log.info("queue: {msgid}: removed", msgid=msgid, queueEvent="removed")

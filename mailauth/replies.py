@@ -1,0 +1,123 @@
+"""
+Every reply the server sends, named once: the session, the realm and the
+delivery code use these names, and the tests check the same names, so a
+reply's wording lives in one place (docs/replies.rst lists them).
+"""
+
+from __future__ import annotations
+
+import attrs
+
+# RFC 5321 4.5.3.1.5: a reply line is at most 512 octets, CRLF included.
+MAX_REPLY_LINE = 512
+
+
+class SMTPReply(Exception):
+    """
+    Raised by avatars, deliveries and messages to choose the exact reply:
+    C{code} and C{text}, which starts with the enhanced status code.
+    """
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(code, text)
+        self.code = code
+        self.text = text
+
+
+@attrs.frozen
+class Reply:
+    """
+    A named reply: C{code} and C{text}, where the text (after the code)
+    starts with the enhanced status code (RFC 2034/3463) and may hold
+    C{{name}} fields that L{format} fills in.
+    """
+
+    code: int
+    text: str
+
+    def format(self, **values: object) -> Reply:
+        """This reply with its C{{name}} fields filled in from C{values}."""
+        return Reply(self.code, self.text.format(**values))
+
+    def error(self, **values: object) -> SMTPReply:
+        """An L{SMTPReply} to raise, with the fields filled in."""
+        reply = self.format(**values)
+        return SMTPReply(reply.code, reply.text)
+
+
+def echo(text: str, limit: int = 64) -> str:
+    """
+    Client text quoted back in a reply, cut so that no reply line can grow
+    past L{MAX_REPLY_LINE} however long the client's input was.
+    """
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# Connection and session
+GREETING = Reply(220, "{hostname} ESMTP mailauth")
+BYE = Reply(221, "2.0.0 Bye")
+HELP = Reply(214, "2.0.0 See RFC 5321 and RFC 4954")
+OK = Reply(250, "2.0.0 Ok")
+CANNOT_VRFY = Reply(252, "2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
+TIMEOUT = Reply(421, "4.4.2 {hostname} Error: timeout exceeded")
+TOO_MANY_ERRORS = Reply(421, "4.7.0 Error: too many errors")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0 Error: too many connections, try again later")
+TOO_MANY_FROM_ADDRESS = Reply(421, "4.7.0 Error: too many connections from your address")
+INTERNAL_ERROR = Reply(451, "4.3.0 Error: internal error, try again later")
+
+# Command syntax
+LINE_TOO_LONG = Reply(500, "5.5.2 Error: line too long")
+BARE_NEWLINE_IN_COMMAND = Reply(500, "5.5.2 Error: bare CR or LF in command")
+NON_ASCII_COMMAND = Reply(500, "5.5.2 Error: command contains non-ASCII characters")
+CONTROL_IN_COMMAND = Reply(500, "5.5.2 Error: control characters in command")
+UNKNOWN_COMMAND = Reply(500, "5.5.2 Error: command not recognized")
+SYNTAX = Reply(501, "5.5.4 Syntax: {usage}")
+BAD_PARAMETERS = Reply(501, "5.5.4 Syntax error in parameters")
+BAD_SENDER_SYNTAX = Reply(501, "5.1.7 Bad sender address syntax")
+BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3 Bad recipient address syntax")
+NOT_IMPLEMENTED = Reply(502, "5.5.1 Error: {command} not supported")
+BAD_SEQUENCE = Reply(503, "5.5.1 Error: {why}")
+PARAMETER_TWICE = Reply(555, "5.5.4 Parameter {name} given twice")
+UNSUPPORTED_PARAMETER = Reply(555, "5.5.4 Unsupported option: {name}")
+
+# TLS
+STARTTLS_READY = Reply(220, "2.0.0 Ready to start TLS")
+STARTTLS_NOT_OFFERED = Reply(502, "5.5.1 Error: STARTTLS not offered")
+TLS_ACTIVE = Reply(554, "5.5.1 Error: TLS already active")
+
+# AUTH (RFC 4954)
+AUTH_SUCCESS = Reply(235, "2.7.0 Authentication successful")
+AUTH_UNAVAILABLE = Reply(454, "4.7.0 Temporary authentication failure")
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6 Authentication exchange line is too long")
+AUTH_CANCELLED = Reply(501, "5.7.0 Authentication cancelled")
+BAD_BASE64 = Reply(501, "5.5.2 Error: invalid base64 data")
+UNKNOWN_MECHANISM = Reply(504, "5.5.4 Unrecognized authentication type")
+AUTH_REQUIRED = Reply(530, "5.7.0 Authentication required")
+AUTH_FAILED = Reply(535, "5.7.8 Authentication credentials invalid")
+ENCRYPTION_REQUIRED = Reply(
+    538, "5.7.11 Encryption required for requested authentication mechanism"
+)
+TOO_MANY_FAILURES = Reply(421, "4.7.0 Error: too many failed logins")
+BLOCKED = Reply(421, "4.7.0 Error: too many failed logins, try again later")
+
+# The mail transaction
+SENDER_OK = Reply(250, "2.1.0 Ok")
+RECIPIENT_OK = Reply(250, "2.1.5 Ok")
+START_DATA = Reply(354, "End data with <CR><LF>.<CR><LF>")
+QUEUED = Reply(250, "2.0.0 Ok: queued as {id}")
+TEMPORARY_FAILURE = Reply(451, "4.3.0 Error: temporary failure, try again later")
+CANNOT_FORWARD = Reply(451, "4.3.0 <{address}>: cannot forward, try again later")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3 Error: too many recipients")
+UNKNOWN_RECIPIENT = Reply(550, "5.1.1 <{address}>: Recipient address rejected: User unknown")
+SENDER_NOT_OWNED = Reply(553, "5.7.1 <{address}>: Sender address not owned by user {login}")
+RELAY_DENIED = Reply(554, "5.7.1 <{address}>: Relay access denied")
+
+# The message
+TOO_BIG = Reply(552, "5.3.4 Message size exceeds fixed maximum message size")
+BARE_NEWLINE = Reply(550, "5.6.2 Error: bare CR or LF in message, not accepted")
+NUL_IN_MESSAGE = Reply(550, "5.6.0 Error: NUL character in message, not accepted")
+STORAGE_FAILED = Reply(451, "4.3.0 Error: local error in processing")
+STORAGE_FULL = Reply(452, "4.3.1 Error: insufficient system storage")
+
+# Local delivery of whole messages (bounces from the queue)
+NO_LOCAL_USER = Reply(550, "5.1.1 <{address}>: User unknown")

@@ -1,0 +1,618 @@
+"""
+The forward queue on disk: messages for the relay, stored until delivered.
+
+Layout of the queue directory (C{<state_dir>/queue}):
+
+  - C{tmp/}: files being written; anything here after a crash is garbage.
+  - C{msg/ID.data}: the message, CRLF line ends, dot-stuffed once, so that
+    the relay client sends it verbatim followed by C{.CRLF}.
+  - C{msg/ID.json}: the envelope (sender, per-recipient state, retry times).
+    Its rename into C{msg/} commits the message; a data file without an
+    envelope is never sent.
+  - C{lock}: C{flock}ed around every rewrite of an envelope, by the daemon
+    and by C{mailauth queue}.
+  - C{flush}: present when C{mailauth queue flush} asks the daemon to try
+    everything now.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import threading
+from typing import Callable, Optional, Sequence
+
+import attrs
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailauth import dsn
+from mailauth.durable import fsyncDirectory, locked, unlink, writeDurably
+from mailauth.envelope import (
+    Envelope,
+    RecipientStatus,
+    RetryPolicy,
+)
+from mailauth.interfaces import IForwardQueue, IMessageSink
+
+log = Logger(namespace="mailauth.queue")
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Whatever could end or extend the command the address is sent in.
+_BAD_ADDRESS = re.compile(r"[\x00-\x20\x7f<>]")
+
+
+def validID(msgid: str) -> bool:
+    """
+    Whether C{msgid} can name a queued message: letters, digits, C{.}, C{_}
+    and C{-}, not starting with a dot, so it is safe as a file name.
+    """
+    return _ID.fullmatch(msgid) is not None
+
+
+class DotStuffer:
+    """
+    Turns a message given in chunks into its stored form: bare CR and bare LF
+    become CRLF, and a dot that starts a line is doubled (RFC 5321 4.5.2).
+
+    It keeps state across chunks, so a chunk may end anywhere, even between
+    CR and LF or right before a dot: this is what Twisted's client gets wrong
+    (D30 in docs/twisted-defects.rst).
+    """
+
+    def __init__(self) -> None:
+        self._pendingCR = False
+        self._lineStart = True
+        self._empty = True
+
+    def feed(self, chunk: bytes) -> bytes:
+        """@return: the stored form of C{chunk}, as far as it is known yet."""
+        if self._pendingCR:
+            chunk = b"\r" + chunk
+            self._pendingCR = False
+        if chunk.endswith(b"\r"):
+            # It may be the first half of a CRLF.
+            chunk = chunk[:-1]
+            self._pendingCR = True
+        if not chunk:
+            return b""
+        if b"\r" in chunk or b"\n" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+            chunk = chunk.replace(b"\r\n.", b"\r\n..")
+        if self._lineStart and chunk.startswith(b"."):
+            chunk = b"." + chunk
+        self._lineStart = chunk.endswith(b"\r\n")
+        self._empty = False
+        return chunk
+
+    def finish(self) -> bytes:
+        """
+        @return: the last bytes of the stored form, which ends with CRLF
+            unless the message is empty.
+        """
+        if self._pendingCR or not (self._empty or self._lineStart):
+            self._pendingCR = False
+            self._lineStart = True
+            self._empty = False
+            return b"\r\n"
+        return b""
+
+
+def unstuff(stored: bytes) -> bytes:
+    """The message whose stored (dot-stuffed) form is C{stored}."""
+    if stored.startswith(b"."):
+        stored = stored[1:]
+    return stored.replace(b"\r\n.", b"\r\n")
+
+
+class Spool:
+    """
+    The queue directory's files, shared by the daemon and C{mailauth queue}.
+    Every method blocks.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.tmp = os.path.join(directory, "tmp")
+        self.msg = os.path.join(directory, "msg")
+        self.lockPath = os.path.join(directory, "lock")
+        self.flushPath = os.path.join(directory, "flush")
+
+    def create(self) -> None:
+        for path in (self.directory, self.tmp, self.msg):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.msg)
+
+    def envelopePath(self, msgid: str) -> str:
+        return os.path.join(self.msg, msgid + ".json")
+
+    def dataPath(self, msgid: str) -> str:
+        return os.path.join(self.msg, msgid + ".data")
+
+    def locked(self) -> contextlib.AbstractContextManager:
+        """Hold the queue's lock: one envelope rewrite at a time, across processes."""
+        # mailauth queue run as root must not lock the daemon out.
+        owner = os.stat(self.directory) if os.geteuid() == 0 else None
+        return locked(self.lockPath, owner)
+
+    def ids(self) -> list:
+        """The IDs of every committed message."""
+        try:
+            names = os.listdir(self.msg)
+        except FileNotFoundError:
+            return []
+        return sorted(n[: -len(".json")] for n in names if n.endswith(".json"))
+
+    def read(self, msgid: str, quarantine: bool = True) -> Optional[Envelope]:
+        """
+        The envelope of C{msgid}, or L{None} if there is no such message or
+        it is unreadable. An unreadable envelope is logged and, if
+        C{quarantine}, renamed to C{ID.corrupt} for the administrator.
+        """
+        path = self.envelopePath(msgid)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            envelope = Envelope.fromJSON(data)
+            if envelope.id != msgid:
+                raise ValueError(f"it names message {envelope.id!r}")
+        except ValueError as e:
+            log.error("queue: envelope {path} is unreadable: {error}", path=path, error=str(e))
+            if quarantine:
+                with contextlib.suppress(OSError):
+                    os.rename(path, os.path.join(self.msg, msgid + ".corrupt"))
+            return None
+        return envelope
+
+    def write(self, envelope: Envelope) -> None:
+        """Replace the envelope atomically (temp file, fsync, rename)."""
+        path = self.envelopePath(envelope.id)
+        try:
+            owner = os.stat(path)
+        except FileNotFoundError:
+            owner = None
+        temp = os.path.join(self.tmp, f"{envelope.id}.{secrets.token_hex(4)}.json")
+        try:
+            writeDurably(temp, envelope.toJSON(), owner)
+            os.rename(temp, path)
+        except BaseException:
+            unlink(temp)
+            raise
+
+    def update(self, msgid: str, change: Callable[[Envelope], Envelope]) -> Optional[Envelope]:
+        """
+        Rewrite the envelope of C{msgid} as C{change} makes it, under the lock,
+        from what is on disk now.
+
+        @return: the new envelope, or L{None} if the message is gone.
+        """
+        with self.locked():
+            envelope = self.read(msgid)
+            if envelope is None:
+                return None
+            changed = change(envelope)
+            if changed != envelope:
+                self.write(changed)
+            return changed
+
+    def remove(self, msgid: str) -> bool:
+        """Remove a message, envelope first. @return: whether it was there."""
+        found = unlink(self.envelopePath(msgid))
+        unlink(self.dataPath(msgid))
+        return found
+
+
+@implementer(IMessageSink)
+class QueueWriter:
+    """
+    Writes one new message into the queue: L{write} its chunks, then
+    L{prepare} and L{commit} it (or L{abort}).
+    """
+
+    def __init__(self, queue: Queue, msgid: str, sender: str, recipients: Sequence[str]) -> None:
+        self._queue = queue
+        self._spool = queue._spool
+        self.msgid = msgid
+        self._sender = sender
+        self._recipients = tuple(recipients)
+        self._arrival = queue.clock.seconds()
+        self._stuffer = DotStuffer()
+        self._size = 0
+        self._body8bit = False
+        self._tempData = os.path.join(self._spool.tmp, msgid + ".data")
+        self._tempEnvelope = os.path.join(self._spool.tmp, msgid + ".json")
+        self._file = open(self._tempData, "xb", opener=_privateOpener)
+        # writing, prepared, committing, committed or aborted
+        self._state = "writing"
+
+    def write(self, chunk: bytes) -> None:
+        """
+        Add C{chunk} of the message (canonical form, not dot-stuffed; chunks
+        may split anywhere).
+        """
+        if not self._body8bit and not chunk.isascii():
+            self._body8bit = True
+        stored = self._stuffer.feed(chunk)
+        self._size += len(stored)
+        self._file.write(stored)
+
+    def prepare(self) -> None:
+        """
+        Make the message durable in C{tmp/}: fsync the data and write the
+        envelope (fsynced). Blocks: call it in a thread.
+        """
+        if self._state != "writing":
+            raise ValueError(f"message {self.msgid} is {self._state}, it cannot be prepared")
+        try:
+            tail = self._stuffer.finish()
+            self._size += len(tail)
+            self._file.write(tail)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            envelope = Envelope(
+                id=self.msgid,
+                sender=self._sender,
+                recipients=tuple(RecipientStatus(address) for address in self._recipients),
+                arrival=self._arrival,
+                nextAttempt=self._arrival,
+                size=self._size,
+                body8bit=self._body8bit,
+            )
+            writeDurably(self._tempEnvelope, envelope.toJSON())
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "prepared"
+
+    def commit(self) -> str:
+        """
+        Publish the message: the data and then the envelope are renamed into
+        C{msg/} (the envelope's rename is the commit) and the folder is
+        fsynced. Prepares it first if that was not done. Blocks.
+
+        @return: the queue ID.
+        """
+        if self._state == "writing":
+            self.prepare()
+        if self._state != "prepared":
+            raise ValueError(f"message {self.msgid} is {self._state}, it cannot be committed")
+        spool = self._spool
+        self._state = "committing"
+        try:
+            os.rename(self._tempData, spool.dataPath(self.msgid))
+            os.rename(self._tempEnvelope, spool.envelopePath(self.msgid))
+            # One directory fsync makes both names durable. Before it
+            # returns, a power cut may keep the envelope but lose the data
+            # file; recover() drops such an envelope, and it was never
+            # acknowledged.
+            fsyncDirectory(spool.msg)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        self._queue._finished(self.msgid)
+        return self.msgid
+
+    def abort(self) -> None:
+        """
+        Forget the message and remove its files, even once committed (when
+        another part of the same message could not be stored). Never raises.
+        """
+        if self._state == "aborted":
+            return
+        committed = self._state in ("committing", "committed")
+        self._state = "aborted"
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(OSError):
+            unlink(self._tempData)
+        with contextlib.suppress(OSError):
+            unlink(self._tempEnvelope)
+        if committed:
+            with contextlib.suppress(OSError), self._spool.locked():
+                self._spool.remove(self.msgid)
+        self._queue._finished(self.msgid)
+
+
+def _privateOpener(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_CLOEXEC, 0o600)
+
+
+@attrs.frozen
+class ScanResult:
+    """
+    What L{Queue.scan} found.
+
+    @ivar envelopes: the envelopes it read.
+    @ivar present: the IDs of every message in the queue.
+    @ivar flushed: C{mailauth queue flush} asked for everything to be tried.
+    """
+
+    envelopes: tuple
+    present: frozenset
+    flushed: bool
+
+
+@attrs.frozen
+class SettleResult:
+    """
+    What L{Queue.settle} did.
+
+    @ivar envelope: the message's envelope now, or L{None} if it left the
+        queue (all done, or deleted).
+    @ivar bounces: the queue IDs of the bounces it queued.
+    @ivar expired: the recipients that failed because the message expired.
+    """
+
+    envelope: Optional[Envelope]
+    bounces: tuple = ()
+    expired: tuple = ()
+
+
+@implementer(IForwardQueue)
+class Queue:
+    """
+    The forward queue in C{directory}.
+
+    L{newMessage} is cheap and is called on the reactor thread; the methods
+    documented as blocking do file I/O with fsync and belong in a thread.
+
+    @ivar hostname: this server's name, for bounces.
+    @ivar clock: the source of time.
+    """
+
+    def __init__(self, directory: str, clock, hostname: str) -> None:
+        self.directory = directory
+        self.clock = clock
+        self.hostname = hostname
+        self._spool = Spool(directory)
+        self._spool.create()
+        self._active: set = set()
+        self._activeLock = threading.Lock()
+
+    def newID(self) -> str:
+        """A new, unique queue ID."""
+        return f"{int(self.clock.seconds()):x}{secrets.token_hex(6)}"
+
+    def newMessage(self, msgid: str, sender: str, recipients: list) -> QueueWriter:
+        """
+        Start writing a message.
+
+        @param msgid: its queue ID (see L{validID}).
+        @param sender: the envelope sender, C{""} for the null sender.
+        @param recipients: the recipient addresses, C{local@domain}.
+        @raise ValueError: for a bad or used ID, or no recipients.
+        """
+        if not validID(msgid):
+            raise ValueError(f"{msgid!r} cannot name a queued message")
+        if not recipients:
+            raise ValueError("a message needs at least one recipient")
+        for address in [sender, *recipients]:
+            if _BAD_ADDRESS.search(address) or (address != sender and not address):
+                raise ValueError(f"{address!r} cannot be an envelope address")
+        with self._activeLock:
+            if msgid in self._active or os.path.exists(self._spool.envelopePath(msgid)):
+                raise ValueError(f"message {msgid} is already queued")
+            self._active.add(msgid)
+        try:
+            return QueueWriter(self, msgid, sender, recipients)
+        except BaseException:
+            self._finished(msgid)
+            raise
+
+    def _finished(self, msgid: str) -> None:
+        with self._activeLock:
+            self._active.discard(msgid)
+
+    def dataPath(self, msgid: str) -> str:
+        """The stored (dot-stuffed) message file of C{msgid}."""
+        return self._spool.dataPath(msgid)
+
+    # Blocking methods
+
+    def recover(self) -> None:
+        """
+        Remove what a crash left: temp files, data files without an envelope,
+        and envelopes without a data file (never acknowledged). Blocks.
+        """
+        with self._spool.locked():
+            with self._activeLock:
+                active = set(self._active)
+            for name in os.listdir(self._spool.tmp):
+                if name.split(".", 1)[0] not in active:
+                    unlink(os.path.join(self._spool.tmp, name))
+            names = set(os.listdir(self._spool.msg))
+            for name in sorted(names):
+                msgid, _, kind = name.rpartition(".")
+                if msgid in active:
+                    continue
+                if kind == "data" and msgid + ".json" not in names:
+                    log.info(
+                        "queue: removing {name}, a message that was never committed", name=name
+                    )
+                    unlink(os.path.join(self._spool.msg, name))
+                elif kind == "json" and msgid + ".data" not in names:
+                    log.error(
+                        "queue: removing envelope {name}: its message file is missing", name=name
+                    )
+                    unlink(os.path.join(self._spool.msg, name))
+
+    def scan(self, known: frozenset, everything: bool = False) -> ScanResult:
+        """
+        List the queue and read the envelopes of messages not in C{known}
+        (of all, if C{everything} or a flush was requested). Blocks.
+        """
+        flushed = unlink(self._spool.flushPath)
+        present = frozenset(self._spool.ids())
+        envelopes = []
+        for msgid in sorted(present):
+            if everything or flushed or msgid not in known:
+                envelope = self._spool.read(msgid)
+                if envelope is not None:
+                    envelopes.append(envelope)
+        return ScanResult(tuple(envelopes), present, flushed)
+
+    def envelope(self, msgid: str) -> Optional[Envelope]:
+        """The envelope of C{msgid}, or L{None}. Blocks."""
+        return self._spool.read(msgid)
+
+    def readMessage(self, msgid: str) -> bytes:
+        """The message C{msgid} itself (CRLF, not dot-stuffed). Blocks."""
+        with open(self._spool.dataPath(msgid), "rb") as f:
+            return unstuff(f.read())
+
+    def settle(
+        self,
+        msgid: str,
+        outcomes: dict,
+        error: Optional[str],
+        now: float,
+        policy: RetryPolicy,
+        relayHost: Optional[str] = None,
+    ) -> SettleResult:
+        """
+        Record an attempt (or, with no C{outcomes}, only check for expiry),
+        queue one bounce for the recipients that failed since the last one,
+        and remove the message once every recipient is done. Blocks.
+
+        @param outcomes: address to L{Outcome}.
+        @param error: why the attempt failed as a whole, if it did.
+        @param relayHost: the host that gave the replies, for the bounce.
+        """
+        before = []
+
+        def change(envelope):
+            before[:] = envelope.pending()
+            return envelope.afterAttempt(outcomes, error, now, policy)
+
+        envelope = self._spool.update(msgid, change)
+        if envelope is None:
+            return SettleResult(None)
+        expired = tuple(r.address for r in envelope.recipients if r.expired and r.address in before)
+        bounces = []
+        failed = envelope.unnotified()
+        if failed:
+            if envelope.sender:
+                bounces.append(self._queueBounce(envelope, failed, now, relayHost))
+            envelope = self._spool.update(
+                msgid, lambda e: e.markNotified([r.address for r in failed])
+            )
+        if envelope is not None and envelope.finished():
+            with self._spool.locked():
+                self._spool.remove(msgid)
+            envelope = None
+        return SettleResult(envelope, tuple(bounces), expired)
+
+    def _queueBounce(
+        self, envelope: Envelope, failed: list, now: float, relayHost: Optional[str]
+    ) -> str:
+        try:
+            with open(self._spool.dataPath(envelope.id), "rb") as f:
+                head = f.read(dsn.MAX_RETURNED_HEADERS + 4)
+        except FileNotFoundError:
+            head = b""
+        headers = dsn.returnedHeaders(unstuff(head))
+        bounceID = self.newID()
+        boundary = f"{bounceID}/{self.hostname}"
+        while boundary.encode("ascii") in headers:
+            boundary += secrets.token_hex(4)
+        message = dsn.buildBounce(
+            hostname=self.hostname,
+            queueID=envelope.id,
+            messageID=f"{bounceID}@{self.hostname}",
+            boundary=boundary,
+            sender=envelope.sender,
+            arrival=envelope.arrival,
+            now=now,
+            failures=[
+                dsn.FailedRecipient(r.address, reply=r.reply, error=r.error, expired=r.expired)
+                for r in failed
+            ],
+            originalHeaders=headers,
+            relayHost=relayHost,
+        )
+        writer = self.newMessage(bounceID, "", [envelope.sender])
+        try:
+            writer.write(message)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.commit()
+
+
+# `mailauth queue` commands; safe while the daemon runs.
+
+
+def listQueue(directory: str) -> list:
+    """
+    Every queued message, oldest first, as a dict: C{id}, C{sender},
+    C{arrival}, C{next_attempt} (POSIX times), C{attempts}, C{size},
+    C{last_error}, and C{recipients}: a list of dicts with C{address},
+    C{state}, C{reply} and C{error}.
+    """
+    spool = Spool(directory)
+    messages = []
+    for msgid in spool.ids():
+        envelope = spool.read(msgid, quarantine=False)
+        if envelope is None:
+            continue
+        messages.append(
+            {
+                "id": envelope.id,
+                "sender": envelope.sender,
+                "arrival": envelope.arrival,
+                "next_attempt": envelope.nextAttempt,
+                "attempts": envelope.attempts,
+                "size": envelope.size,
+                "last_error": envelope.lastError,
+                "recipients": [
+                    {"address": r.address, "state": r.state, "reply": r.reply, "error": r.error}
+                    for r in envelope.recipients
+                ],
+            }
+        )
+    messages.sort(key=lambda m: (m["arrival"], m["id"]))
+    return messages
+
+
+def flushQueue(directory: str) -> int:
+    """
+    Make every queued message due now, and tell a running daemon, which
+    notices within C{queue_interval}.
+
+    @return: how many messages there are.
+    """
+    spool = Spool(directory)
+    if not spool.exists():
+        return 0
+    count = 0
+    for msgid in spool.ids():
+        if spool.update(msgid, lambda e: attrs.evolve(e, nextAttempt=0.0)) is not None:
+            count += 1
+    try:
+        owner = os.stat(spool.directory)
+        writeDurably(spool.flushPath, b"", owner)
+    except FileExistsError:
+        pass
+    return count
+
+
+def deleteMessage(directory: str, msgid: str) -> bool:
+    """
+    Remove message C{msgid} from the queue without a bounce.
+
+    @return: whether there was such a message.
+    """
+    spool = Spool(directory)
+    if not validID(msgid) or not spool.exists():
+        return False
+    with spool.locked():
+        return spool.remove(msgid)

@@ -1,0 +1,90 @@
+"""Tests for L{mailauth.dsn}: the RFC 3464 bounces the queue sends."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+
+from twisted.trial import unittest
+
+from mailauth import dsn
+from tests.support import EPOCH, HEADERS, MESSAGE
+
+
+class BounceTests(unittest.TestCase):
+    """L{dsn.buildBounce}."""
+
+    def bounce(self, failures, headers=HEADERS):
+        return dsn.buildBounce(
+            hostname="mail.example.org",
+            queueID="m1",
+            messageID="b1@mail.example.org",
+            boundary="b1/mail.example.org",
+            sender="alice@example.org",
+            arrival=EPOCH,
+            now=EPOCH + 60,
+            failures=failures,
+            originalHeaders=headers,
+            relayHost="relay.test",
+        )
+
+    def test_report(self):
+        """
+        The bounce is a multipart/report of type delivery-status from
+        MAILER-DAEMON, with per-recipient fields and the original headers.
+        """
+        data = self.bounce(
+            [
+                dsn.FailedRecipient("bob@remote.example", reply="550 5.1.1 <bob>: no such user"),
+                dsn.FailedRecipient(
+                    "carol@remote.example", reply="451 4.3.0 later", error="refused", expired=True
+                ),
+                dsn.FailedRecipient(
+                    "dave@remote.example", error="connection refused", expired=True
+                ),
+            ]
+        )
+        self.assertNotIn(b"\n", data.replace(b"\r\n", b""))
+        message = email.message_from_bytes(data, policy=email.policy.default)
+        self.assertEqual(message["From"], "Mail Delivery System <MAILER-DAEMON@mail.example.org>")
+        self.assertIn(b"\r\nTo: <alice@example.org>\r\n", data)
+        self.assertEqual(message.get_content_type(), "multipart/report")
+        self.assertEqual(message.get_param("report-type"), "delivery-status")
+        text, status, headers = message.get_payload()
+        self.assertEqual(text.get_content_type(), "text/plain")
+        self.assertIn("<bob@remote.example>: host relay.test said: 550 5.1.1", text.get_content())
+        self.assertEqual(status.get_content_type(), "message/delivery-status")
+        perMessage, *perRecipient = status.get_payload()
+        self.assertEqual(perMessage["Reporting-MTA"], "dns; mail.example.org")
+        self.assertEqual(
+            [
+                (r["Final-Recipient"], r["Action"], r["Status"], r["Diagnostic-Code"])
+                for r in perRecipient
+            ],
+            [
+                (
+                    "rfc822; bob@remote.example",
+                    "failed",
+                    "5.1.1",
+                    "smtp; 550 5.1.1 <bob>: no such user",
+                ),
+                ("rfc822; carol@remote.example", "failed", "4.3.0", "smtp; 451 4.3.0 later"),
+                ("rfc822; dave@remote.example", "failed", "4.4.7", None),
+            ],
+        )
+        self.assertEqual(headers.get_content_type(), "text/rfc822-headers")
+        self.assertIn(b"Subject: hello\r\n", data)
+        self.assertNotIn(b"Hello Bob.", data)
+
+    def test_hostileReply(self):
+        """A reply cannot add header lines to the report: it is cleaned to one line."""
+        data = self.bounce([dsn.FailedRecipient("b@x.test", reply="550 a\r\nStatus: 2.0.0\x00")])
+        self.assertIn(b"Diagnostic-Code: smtp; 550 a Status: 2.0.0?\r\n", data)
+
+    def test_returnedHeaders(self):
+        """Only the header section comes back, cut at a line end when it is huge."""
+        self.assertEqual(dsn.returnedHeaders(MESSAGE), MESSAGE.split(b"\r\n\r\n")[0] + b"\r\n")
+        huge = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"y" * 80) for i in range(2000)) + b"\r\nbody"
+        cut = dsn.returnedHeaders(huge)
+        self.assertLessEqual(len(cut), dsn.MAX_RETURNED_HEADERS)
+        self.assertTrue(cut.endswith(b"\r\n") and huge.startswith(cut))

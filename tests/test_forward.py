@@ -1,0 +1,293 @@
+"""Tests for L{mailauth.forward}: scheduling, retries, bounces, on a clock with a fake relay."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+
+from twisted.trial import unittest
+
+from mailauth.forward import QueueService
+from mailauth.relay import RelayReply
+from mailauth.replies import SMTPReply
+from mailauth.spool import deleteMessage, flushQueue, listQueue
+from tests.fakes import FakeRelayConnector, RecordingLocalDelivery, runInline
+from tests.smtpsink import QueueEvents
+from tests.support import EPOCH, MESSAGE, QueueTestMixin, relayConfig
+
+
+class QueueServiceTests(QueueTestMixin, unittest.TestCase):
+    """L{QueueService} on a clock with a fake relay."""
+
+    def setUp(self):
+        super().setUp()
+        self.relay = FakeRelayConnector(self.reactor)
+        self.local = RecordingLocalDelivery(["example.org"])
+        self.events = QueueEvents()
+        self.events.start(self)
+        self.config = relayConfig()
+        self.service = self.makeService()
+
+    def makeService(self, queue=None, **overrides):
+        service = QueueService(
+            queue or self.queue,
+            relayConfig(**overrides) if overrides else self.config,
+            self.reactor,
+            self.local,
+            runBlocking=runInline,
+            connector=self.relay,
+        )
+        return service
+
+    def start(self, service=None):
+        service = service or self.service
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    def submit(self, msgid, **kwargs):
+        self.enqueue(msgid, **kwargs)
+        self.service.wake()
+        self.reactor.advance(0)
+
+    def test_delivered(self):
+        """A queued message goes to the relay and leaves the queue."""
+        self.start()
+        self.submit("m1")
+        self.assertEqual(
+            self.relay.deliveries, [("alice@example.org", ("bob@remote.example",), MESSAGE)]
+        )
+        self.assertEqual(listQueue(self.directory), [])
+        self.assertEqual(self.events.kinds("m1"), ["sent", "removed"])
+
+    def test_startDeliversWhatIsQueued(self):
+        """Messages queued before the service started (a restart) are delivered at start."""
+        for i in range(3):
+            self.enqueue(f"m{i}")
+        self.start()
+        self.assertEqual(len(self.relay.deliveries), 3)
+        self.assertEqual(listQueue(self.directory), [])
+
+    def test_connectionReuse(self):
+        """With one connection allowed, several due messages share one session."""
+        service = self.makeService(max_connections=1)
+        for i in range(5):
+            self.enqueue(f"m{i}")
+        self.start(service)
+        self.assertEqual(len(self.relay.deliveries), 5)
+        self.assertEqual([s.messages for s in self.relay.sessions], [5])
+        self.assertFalse(self.relay.sessions[0].open)
+
+    def test_connectionLimit(self):
+        """No more than max_connections sessions are opened at once."""
+        self.relay.paused = True
+        for i in range(6):
+            self.enqueue(f"m{i}")
+        self.start()
+        self.assertEqual(len(self.relay.waiting), 2)
+        for waiter, session in self.relay.waiting:
+            waiter.callback(session)
+        self.assertEqual(len(self.relay.deliveries), 6)
+        self.assertEqual(len(self.relay.sessions), 2)
+
+    def test_retryBackoff(self):
+        """
+        While the relay is down the message is retried retry_initial after
+        the first failure, then at doubling intervals up to retry_max.
+        """
+        self.relay.down = True
+        self.start()
+        self.submit("m1")
+        self.runFor(9 * 3600)
+        gaps = [b - a for a, b in zip(self.relay.connectTimes, self.relay.connectTimes[1:])]
+        self.assertEqual(gaps[:7], [60, 120, 240, 480, 960, 1920, 3600])
+        [entry] = listQueue(self.directory)
+        self.assertIn("fake relay is down", entry["last_error"])
+        self.assertEqual(entry["recipients"][0]["state"], "pending")
+        self.relay.down = False
+        self.reactor.advance(3600)
+        self.assertEqual(len(self.relay.deliveries), 1)
+        self.assertEqual(listQueue(self.directory), [])
+
+    def test_temporaryThenPermanent(self):
+        """
+        A 4xx leaves a recipient pending and a 5xx fails it for good, each
+        recipient on its own; one bounce per failure, to the sender.
+        """
+        self.relay.replies = {
+            "a@remote.example": [RelayReply(451, ("451 4.3.0 later",))],
+            "b@remote.example": [RelayReply(550, ("550 5.1.1 unknown",))],
+            "c@remote.example": [
+                RelayReply(451, ("451 4.3.0 later",)),
+                RelayReply(554, ("554 5.7.1 rejected",)),
+            ],
+        }
+        self.start()
+        self.submit("m1", recipients=("a@remote.example", "b@remote.example", "c@remote.example"))
+        self.assertEqual(self.relay.deliveries, [])
+        [entry] = listQueue(self.directory)
+        self.assertEqual(
+            [r["state"] for r in entry["recipients"]], ["pending", "failed", "pending"]
+        )
+        [(recipient, bounce1)] = self.local.delivered
+        self.assertEqual(recipient, "alice@example.org")
+        self.reactor.advance(60)
+        self.assertEqual(
+            self.relay.deliveries, [("alice@example.org", ("a@remote.example",), MESSAGE)]
+        )
+        self.assertEqual(listQueue(self.directory), [])
+        [_, (_, bounce2)] = self.local.delivered
+        self.assertEqual(self.failedIn(bounce1), [("rfc822; b@remote.example", "5.1.1")])
+        self.assertEqual(self.failedIn(bounce2), [("rfc822; c@remote.example", "5.7.1")])
+
+    def failedIn(self, bounce):
+        message = email.message_from_bytes(bounce, policy=email.policy.default)
+        status = message.get_payload()[1]
+        return [(r["Final-Recipient"], r["Status"]) for r in status.get_payload()[1:]]
+
+    def test_bounceToRemoteSenderGoesThroughRelay(self):
+        """A bounce for a remote sender is queued and relayed, from the null sender."""
+        self.relay.replies = {"bob@remote.example": [RelayReply(550, ("550 5.1.1 unknown",))]}
+        self.start()
+        self.submit("m1", sender="alice@elsewhere.example")
+        self.reactor.advance(0)
+        [(sender, recipients, bounce)] = self.relay.deliveries
+        self.assertEqual((sender, recipients), ("", ("alice@elsewhere.example",)))
+        self.assertIn(b"From: Mail Delivery System <MAILER-DAEMON@mail.example.org>", bounce)
+        self.assertEqual(listQueue(self.directory), [])
+
+    def test_noBounceForNullSender(self):
+        """A message from <> that fails is dropped without a bounce."""
+        self.relay.replies = {"bob@remote.example": [RelayReply(550, ("550 5.1.1 unknown",))]}
+        self.start()
+        self.submit("m1", sender="")
+        self.reactor.advance(0)
+        self.assertEqual((self.relay.deliveries, self.local.delivered), ([], []))
+        self.assertEqual(listQueue(self.directory), [])
+        self.assertNotIn("bounce", self.events.kinds("m1"))
+
+    def test_expiry(self):
+        """
+        Recipients still pending when the message expires fail, and the
+        (local) sender gets one bounce saying so.
+        """
+        self.relay.down = True
+        service = self.makeService(expire=86400.0)
+        self.start(service)
+        self.enqueue("m1", recipients=("a@remote.example", "b@remote.example"))
+        service.wake()
+        self.runFor(30 * 3600)
+        self.assertEqual(listQueue(self.directory), [])
+        self.assertLess(self.relay.connectTimes[-1], EPOCH + 86400)
+        [(recipient, bounce)] = self.local.delivered
+        self.assertEqual(recipient, "alice@example.org")
+        self.assertEqual(
+            self.failedIn(bounce),
+            [("rfc822; a@remote.example", "4.4.7"), ("rfc822; b@remote.example", "4.4.7")],
+        )
+        self.assertIn(b"delivery time expired", bounce)
+        self.assertEqual(self.events.kinds("m1")[-4:], ["expired", "expired", "bounce", "removed"])
+
+    def test_localBounceRetried(self):
+        """A bounce whose local delivery fails for now is retried, not lost."""
+        self.relay.replies = {"bob@remote.example": [RelayReply(550, ("550 5.1.1 unknown",))]}
+        self.local.failures["alice@example.org"] = [OSError("disk full")]
+        self.start()
+        self.submit("m1")
+        self.assertEqual(self.local.delivered, [])
+        [entry] = listQueue(self.directory)
+        self.assertEqual(entry["sender"], "")
+        self.reactor.advance(60)
+        self.assertEqual(len(self.local.delivered), 1)
+        self.assertEqual(listQueue(self.directory), [])
+
+    def test_localBouncePermanentFailure(self):
+        """
+        A bounce that local delivery refuses for good (no such user) is
+        dropped: there is no bounce for a bounce.
+        """
+        self.relay.replies = {"bob@remote.example": [RelayReply(550, ("550 5.1.1 unknown",))]}
+        self.local.failures["alice@example.org"] = [
+            SMTPReply(550, "5.1.1 <alice@example.org>: User unknown")
+        ]
+        self.start()
+        self.submit("m1")
+        self.assertEqual(listQueue(self.directory), [])
+        self.assertEqual((self.local.delivered, len(self.relay.deliveries)), ([], 0))
+        [event] = [
+            e
+            for e in self.events.events
+            if e["queueEvent"] == "bounced" and e["recipient"] == "alice@example.org"
+        ]
+        self.assertEqual(event["why"], "550 5.1.1 <alice@example.org>: User unknown")
+
+    def test_flush(self):
+        """C{flushQueue} makes a waiting message due; the daemon notices at its next scan."""
+        self.relay.down = True
+        self.start()
+        self.submit("m1")
+        self.relay.down = False
+        self.reactor.advance(30)
+        self.assertEqual(self.relay.deliveries, [])
+        self.assertEqual(flushQueue(self.directory), 1)
+        self.assertEqual(listQueue(self.directory)[0]["next_attempt"], 0.0)
+        self.reactor.advance(30)
+        self.assertEqual(len(self.relay.deliveries), 1)
+
+    def test_delete(self):
+        """C{deleteMessage} removes a message; the daemon forgets it, without a bounce."""
+        self.relay.down = True
+        self.start()
+        self.submit("m1")
+        self.assertTrue(deleteMessage(self.directory, "m1"))
+        self.assertFalse(deleteMessage(self.directory, "m1"))
+        self.assertFalse(deleteMessage(self.directory, "../lock"))
+        self.relay.down = False
+        self.reactor.advance(3600)
+        self.assertEqual((self.relay.deliveries, self.local.delivered), ([], []))
+        self.assertEqual(self.files("msg"), [])
+
+    def test_list(self):
+        """C{listQueue} shows each message with its recipients' state and the last error."""
+        self.relay.replies = {
+            "b@remote.example": [RelayReply(550, ("550 5.1.1 unknown",))],
+            "a@remote.example": [RelayReply(451, ("451 4.3.0 later",))],
+        }
+        self.start()
+        self.submit("m1", recipients=("a@remote.example", "b@remote.example"))
+        [entry] = [m for m in listQueue(self.directory) if m["id"] == "m1"]
+        self.assertEqual(
+            {k: entry[k] for k in ("id", "sender", "arrival", "next_attempt", "attempts")},
+            {
+                "id": "m1",
+                "sender": "alice@example.org",
+                "arrival": EPOCH,
+                "next_attempt": EPOCH + 60,
+                "attempts": 1,
+            },
+        )
+        self.assertEqual(
+            entry["recipients"],
+            [
+                {
+                    "address": "a@remote.example",
+                    "state": "pending",
+                    "reply": "451 4.3.0 later",
+                    "error": None,
+                },
+                {
+                    "address": "b@remote.example",
+                    "state": "failed",
+                    "reply": "550 5.1.1 unknown",
+                    "error": None,
+                },
+            ],
+        )
+
+    def test_cliOnMissingDirectory(self):
+        """The commands work on a queue directory that does not exist yet."""
+        missing = os.path.join(self.directory, "nope")
+        self.assertEqual(listQueue(missing), [])
+        self.assertEqual(flushQueue(missing), 0)
+        self.assertFalse(deleteMessage(missing, "m1"))
