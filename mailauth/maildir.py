@@ -83,8 +83,8 @@ class MaildirWriter:
     """
     Streams one message to one or more Maildirs.
 
-    L{write} takes the message in canonical SMTP form (CRLF line ends, never
-    a CRLF split across chunks) and stores it with LF line ends, as mail
+    L{write} takes the message in canonical SMTP form (CRLF line ends; a
+    chunk may end between CR and LF) and stores it with LF line ends, as mail
     readers expect on Unix. L{prepare} (blocking: run it in a thread) makes
     it durable in the first Maildir's tmp/ (fsync of the file, and of the
     parents of every folder made for it); L{commit} hard-links it (or
@@ -109,11 +109,20 @@ class MaildirWriter:
         self._file: Optional[BinaryIO] = None
         self._spool: list = []
         self._prepared = False
+        self._pendingCR = False
         self._delivered: list = []
         self.size = 0
 
     def write(self, chunk: bytes) -> None:
-        data = chunk.replace(b"\r\n", b"\n")
+        if self._pendingCR:
+            chunk = b"\r" + chunk
+        # A final CR may be the first half of a CRLF split across chunks.
+        self._pendingCR = chunk.endswith(b"\r")
+        if self._pendingCR:
+            chunk = chunk[:-1]
+        self._store(chunk.replace(b"\r\n", b"\n"))
+
+    def _store(self, data: bytes) -> None:
         self.size += len(data)
         if self._file is not None:
             self._file.write(data)
@@ -138,6 +147,9 @@ class MaildirWriter:
 
         @raise OSError: if any step fails.
         """
+        if self._pendingCR:
+            self._pendingCR = False
+            self._store(b"\r")
         try:
             f = self._file
             if f is None:

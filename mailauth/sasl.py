@@ -11,6 +11,8 @@ import attrs
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from zope.interface import implementer
 
+from mailauth.interfaces import ISASLMechanism
+
 
 class SASLError(Exception):
     """
@@ -97,6 +99,7 @@ class Challenge:
 Step = Union[Challenge, PlaintextCredentials, CramMD5Credentials]
 
 
+@implementer(ISASLMechanism)
 class Plain:
     """RFC 4616: C{authzid NUL authcid NUL passwd} in one response."""
 
@@ -123,6 +126,7 @@ class Plain:
         return PlaintextCredentials(username, password, self.name)
 
 
+@implementer(ISASLMechanism)
 class Login:
     """The LOGIN mechanism: prompts C{Username:} then C{Password:}."""
 
@@ -148,6 +152,7 @@ class Login:
 _CRAM_RESPONSE = re.compile(rb"(.+) ([0-9a-f]{32})", re.DOTALL)
 
 
+@implementer(ISASLMechanism)
 class CramMD5:
     """
     RFC 2195: a challenge C{<random.time@hostname>} from the system CSPRNG;

@@ -7,6 +7,7 @@ from typing import Optional
 from twisted.internet import defer
 from zope.interface import implementer
 
+from mailauth import replies
 from mailauth.interfaces import (
     IForwardQueue,
     ILocalDelivery,
@@ -91,10 +92,12 @@ class RecordingLocalDelivery:
     @ivar delivered: (recipient, message) pairs, in order.
     @ivar failures: address to a list of exceptions, raised one per
         delivery to it before it succeeds.
+    @ivar users: the local addresses that exist, or L{None} for all.
     """
 
-    def __init__(self, domains=("example.org",)) -> None:
+    def __init__(self, domains=("example.org",), users=None) -> None:
         self.domains = frozenset(domains)
+        self.users = None if users is None else frozenset(users)
         self.delivered: list = []
         self.failures: dict = {}
 
@@ -105,6 +108,8 @@ class RecordingLocalDelivery:
         failures = self.failures.get(recipient)
         if failures:
             return defer.fail(failures.pop(0))
+        if self.users is not None and recipient.lower() not in self.users:
+            return defer.fail(replies.NO_LOCAL_USER.error(address=recipient))
         self.delivered.append((recipient, message))
         return defer.succeed(None)
 
