@@ -407,7 +407,7 @@ def _checkEndpoint(r: _Reader, section: str, description: str) -> None:
     }
     if kind == "haproxy":
         # Twisted's PROXY-protocol wrapper calls connectionMade before the
-        # header is read (research D32), so the per-address limits and the
+        # header is read (D32 in docs/twisted-defects.rst), so the per-address limits and the
         # throttle would see the proxy's address: not supported until the
         # session waits for the header.
         r.problem(section, "endpoint", f"{description!r}: haproxy: endpoints are not supported")

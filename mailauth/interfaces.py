@@ -8,7 +8,7 @@ chooses the implementations (users file or PostgreSQL, counters in memory or
 in Redis); nothing below it knows which one it got.
 
 Every method documented as returning a L{Deferred} must return one (never a
-coroutine: Twisted 22.4's C{maybeDeferred} does not run coroutines, research
+coroutine: Twisted 22.4's C{maybeDeferred} does not run coroutines,
 defect D36 in C{docs/twisted-defects.rst}).
 """
 

@@ -18,7 +18,7 @@ class ThreadPoolService(service.Service):
     A L{ThreadPool} of our own, started and stopped with the application.
 
     The reactor's shared pool also resolves host names, so a login storm
-    hashing passwords there would starve DNS (research D35); each kind of
+    hashing passwords there would starve DNS (D35 in docs/twisted-defects.rst); each kind of
     blocking work gets its own pool instead. At most C{maxQueued} calls
     wait for a thread; past that L{run} fails at once with L{PoolBusy}, so
     a flood costs memory in proportion to the limit, not to the flood.

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, interfaces
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory
 from zope.interface import implementer
@@ -251,191 +252,32 @@ def makeFactory(clock, portal=None, anonymous=None, settings=None, **overrides):
 # -- helpers for attacking a real listening service (tests.test_security,
 # tests.test_fuzz, tests.test_interop) -------------------------------------
 
-import re as _re  # noqa: E402
-import socket as _socket  # noqa: E402
-import ssl as _ssl  # noqa: E402
-
-from twisted.internet import reactor as _reactor  # noqa: E402
-from twisted.logger import formatEvent as _formatEvent  # noqa: E402
-from twisted.logger import globalLogPublisher as _globalLogPublisher  # noqa: E402
 
 
-class ClockedReactor:
-    """
-    The real reactor for sockets and threads, with a L{task.Clock} for time:
-    the real service built on it listens on real ports, while its timers
-    (idle timeouts, tarpit delays, blocks) move only when the test advances
-    the clock, so no test has to sleep.
-    """
+class Session:
+    """One client talking to a fresh protocol over a StringTransport."""
 
-    def __init__(self, clock, reactor=_reactor) -> None:
-        self.clock = clock
-        self._reactor = reactor
+    def __init__(self, factory, host: str = "192.0.2.1") -> None:
+        self.factory = factory
+        self.transport = TLSStringTransport(peerAddress=IPv4Address("TCP", host, 40000))
+        self.protocol = factory.buildProtocol(None)
+        self.protocol.makeConnection(self.transport)
 
-    def callLater(self, delay, f, *args, **kwargs):
-        return self.clock.callLater(delay, f, *args, **kwargs)
+    def read(self) -> list:
+        """The reply lines written since the last read."""
+        data = self.transport.value()
+        self.transport.clear()
+        lines = data.split(b"\r\n")
+        assert lines[-1] == b"", data
+        return lines[:-1]
 
-    def seconds(self) -> float:
-        return self.clock.seconds()
+    def send(self, data: bytes) -> list:
+        self.protocol.dataReceived(data)
+        return self.read()
 
-    def getDelayedCalls(self):
-        return self.clock.getDelayedCalls()
+    def command(self, line: bytes) -> list:
+        return self.send(line + b"\r\n")
 
-    def __getattr__(self, name):
-        return getattr(self._reactor, name)
-
-
-def insecureContext() -> _ssl.SSLContext:
-    """A client TLS context that accepts the test certificate."""
-    ctx = _ssl.SSLContext(_ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = _ssl.CERT_NONE
-    return ctx
-
-
-class RawClient:
-    """
-    A blocking SMTP client on a raw socket, for use in a thread: it sends
-    exactly the bytes it is given and returns replies as they arrive, so
-    tests can send what no well-behaved client library would.
-
-    @ivar lines: every reply line received so far, in order.
-    """
-
-    def __init__(self, port: int, source: str = "127.0.0.1", tls: bool = False,
-                 timeout: float = 10.0, host: str = "127.0.0.1") -> None:
-        family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
-        sock = _socket.socket(family, _socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        self.timeout = timeout
-        sock.bind((source, 0))
-        sock.connect((host, port))
-        if tls:
-            sock = insecureContext().wrap_socket(sock)
-        self.sock = sock
-        self._buffer = b""
-        self.lines: list = []
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def readLine(self) -> bytes:
-        """One reply line without its CRLF; C{b""} at end of stream."""
-        while b"\r\n" not in self._buffer:
-            data = self.sock.recv(65536)
-            if not data:
-                rest, self._buffer = self._buffer, b""
-                return rest
-            self._buffer += data
-        line, _, self._buffer = self._buffer.partition(b"\r\n")
-        self.lines.append(line)
-        return line
-
-    def reply(self) -> tuple:
-        """
-        One whole reply.
-
-        @return: C{(code, [text of each line])}; C{(None, [])} if the
-            server closed the connection first.
-        """
-        texts = []
-        while True:
-            line = self.readLine()
-            if not line:
-                return None, texts
-            texts.append(line[4:])
-            if line[3:4] != b"-":
-                return int(line[:3]), texts
-
-    def command(self, line: bytes) -> tuple:
-        self.send(line + b"\r\n")
-        return self.reply()
-
-    def ehlo(self, name: bytes = b"client.example") -> tuple:
-        return self.command(b"EHLO " + name)
-
-    def starttls(self) -> None:
-        """STARTTLS and the handshake; the caller says EHLO again."""
-        code, text = self.command(b"STARTTLS")
-        assert code == 220, (code, text)
-        self.sock = insecureContext().wrap_socket(self.sock)
-
-    def pending(self) -> bool:
-        """
-        Whether the server sent anything (or closed) that was not read yet.
-        Never blocks; TLS records that carry no data (session tickets) do
-        not count.
-        """
-        if self._buffer:
-            return True
-        self.sock.setblocking(False)
-        try:
-            data = self.sock.recv(65536)
-        except (_ssl.SSLWantReadError, BlockingIOError):
-            return False
-        finally:
-            self.sock.settimeout(self.timeout)
-        self._buffer += data
-        return True
-
-    def closedByServer(self) -> bool:
-        """
-        Read to the end of the stream: True if the server closed it (or cut
-        it off), False if it was still open when the socket timed out.
-        """
-        try:
-            while True:
-                data = self.sock.recv(65536)
-                if not data:
-                    return True
-                self._buffer += data
-        except ConnectionResetError:
-            return True
-        except TimeoutError:
-            return False
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-class LogWatcher:
-    """
-    Collects what the process logs (the in-process daemon logs through the
-    global log publisher) and lets a test wait for a line.
-
-    @ivar messages: every formatted log message, in order.
-    """
-
-    def __init__(self) -> None:
-        self.messages: list = []
-        self.events: list = []
-        self._waiting: list = []
-        _globalLogPublisher.addObserver(self)
-
-    def stop(self) -> None:
-        _globalLogPublisher.removeObserver(self)
-
-    def __call__(self, event) -> None:
-        text = _formatEvent(event)
-        self.messages.append(text)
-        self.events.append(event)
-        for pattern, d in list(self._waiting):
-            if _re.search(pattern, text):
-                self._waiting.remove((pattern, d))
-                # Fire after the code that logged has finished its work.
-                _reactor.callLater(0, d.callback, text)
-
-    def waitFor(self, pattern: str) -> defer.Deferred:
-        """A Deferred that fires with the first message matching C{pattern} from now on."""
-        d = defer.Deferred()
-        self._waiting.append((pattern, d))
-        return d
-
-    def matching(self, pattern: str) -> list:
-        return [m for m in self.messages if _re.search(pattern, m)]
 
 
 # The forward queue

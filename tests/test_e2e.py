@@ -6,165 +6,30 @@ checked byte for byte.
 
 from __future__ import annotations
 
-import glob
 import os
-import re
 import shutil
-import signal
 import smtplib
 import ssl
 import subprocess
 import sys
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from mailauth import config as configmod
 from mailauth import tap
+from tests.harness import (
+    CRAM,
+    MESSAGE,
+    PASSWORD,
+    RECEIVED,
+    ROOT,
+    SHA512,
+    VECTORS,
+    Daemon,
+    EndToEndMixin,
+    clientContext,
+)
 from tests.support import writeCertificate
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-VECTORS = os.path.join(HERE, "data", "dovecot-passwd")
-PASSWORD = "alice-secret-1"
-SHA512 = "alice.sha512-crypt@example.test"
-CRAM = "alice.cram-md5@example.test"
-
-CONFIG = """
-[server]
-hostname = mx.example.test
-state_dir = {dir}/state
-max_message_size = 1M
-
-[tls]
-certificate = {dir}/tls/cert.pem
-private_key = {dir}/tls/key.pem
-
-[listener:submission]
-endpoint = tcp:0:interface=127.0.0.1
-tls = starttls
-auth = required
-
-[listener:submissions]
-endpoint = tcp:0:interface=127.0.0.1
-tls = implicit
-auth = required
-
-[auth]
-mechanisms = PLAIN LOGIN CRAM-MD5
-users = {dir}/users
-
-[delivery]
-local_domains = example.test
-maildir = {dir}/mail/{{domain}}/{{localpart}}/Maildir
-"""
-
-MESSAGE = (
-    b"From: alice <" + SHA512.encode() + b">\r\n"
-    b"To: bob@example.test\r\n"
-    b"Subject: end to end\r\n"
-    b"\r\n"
-    b".a line that starts with a dot\r\n"
-    b"8bit: \xc3\xa4\r\n"
-)
-
-RECEIVED = re.compile(
-    rb"^Received: from client\.example \(\[127\.0\.0\.1\]\)\n"
-    rb"\t\(authenticated as (?P<login>[^)]+)\)\n"
-    rb"\tby mx\.example\.test \(mailauth\) with ESMTPSA id (?P<id>[0-9A-F]{12})\n"
-    rb"\t\(using TLSv1\.[23] with cipher [A-Z0-9_-]+\)\n"
-    rb"\tfor <bob@example\.test>; .+\n"
-)
-
-
-def clientContext() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-class Daemon:
-    """The real service tree built from a config file in a temporary directory."""
-
-    def __init__(self, directory: str, extra: str = "") -> None:
-        self.dir = directory = os.path.abspath(directory)
-        os.makedirs(directory)
-        writeCertificate(os.path.join(directory, "tls"))
-        shutil.copy(VECTORS, os.path.join(directory, "users"))
-        with open(os.path.join(directory, "users"), "a") as f:
-            f.write("bob@example.test:{PLAIN}bob-secret-2\n")
-        self.configPath = os.path.join(directory, "mailauth.conf")
-        with open(self.configPath, "w") as f:
-            f.write(CONFIG.format(dir=directory) + extra)
-        self.config = configmod.load(self.configPath)
-        self.service = tap.buildService(self.config, reactor)
-
-    def start(self) -> None:
-        self.service.startService()
-        self.ports = {}
-        for listener in self.config.listeners:
-            svc = self.service.getServiceNamed(f"listener:{listener.name}")
-            found = []
-            # TCP listens at once; keep the port as the Deferred's result so
-            # that stopService can still close it.
-            svc._waitingForPort.addCallback(lambda port, found=found: found.append(port) or port)
-            self.ports[listener.name] = found[0].getHost().port
-
-    def stop(self):
-        return defer.maybeDeferred(self.service.stopService)
-
-    def maildir(self, login: str) -> str:
-        local, domain = login.split("@")
-        return os.path.join(self.dir, "mail", domain, local, "Maildir")
-
-    def delivered(self, login: str) -> list:
-        files = sorted(glob.glob(os.path.join(self.maildir(login), "new", "*")))
-        out = []
-        for name in files:
-            with open(name, "rb") as f:
-                out.append((name, f.read()))
-        return out
-
-
-class EndToEndMixin:
-    def setUp(self):
-        self.daemon = Daemon(self.mktemp())
-        self.addCleanup(self.daemon.stop)
-        self.daemon.start()
-
-    def inThread(self, f, *args):
-        return threads.deferToThread(f, *args)
-
-    def submit(self, listener: str, mechanism: str, login: str, password: str,
-               message: bytes = MESSAGE, sender: str = None, recipients=("bob@example.test",)):
-        """Send one message with smtplib in a thread; the Deferred fires with sendmail's result."""
-        port = self.daemon.ports[listener]
-
-        def run():
-            if listener == "submissions":
-                client = smtplib.SMTP_SSL("127.0.0.1", port, local_hostname="client.example",
-                                          context=clientContext(), timeout=30)
-            else:
-                client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example",
-                                      timeout=30)
-            try:
-                client.ehlo()
-                if listener == "submission":
-                    client.starttls(context=clientContext())
-                    client.ehlo()
-                client.user, client.password = login, password
-                authobject = {
-                    "PLAIN": client.auth_plain,
-                    "LOGIN": client.auth_login,
-                    "CRAM-MD5": client.auth_cram_md5,
-                }[mechanism]
-                client.auth(mechanism, authobject, initial_response_ok=(mechanism != "LOGIN"))
-                return client.sendmail(sender or login, list(recipients), message)
-            finally:
-                client.quit()
-
-        return self.inThread(run)
 
 
 class DeliveryTests(EndToEndMixin, unittest.TestCase):
@@ -300,8 +165,7 @@ class DeliveryTests(EndToEndMixin, unittest.TestCase):
 
         before = yield self.inThread(peerCertificate)
         writeCertificate(os.path.join(self.daemon.dir, "tls"), name="renewed.example.test")
-        os.kill(os.getpid(), signal.SIGHUP)
-        yield task.deferLater(reactor, 0.05, lambda: None)
+        yield self.reload()
         after = yield self.inThread(peerCertificate)
         self.assertNotEqual(before, after)
         self.assertIn(b"renewed.example.test", after)
@@ -311,8 +175,7 @@ class DeliveryTests(EndToEndMixin, unittest.TestCase):
         """A user added to the file can log in after SIGHUP, without a restart."""
         with open(os.path.join(self.daemon.dir, "users"), "a") as f:
             f.write("carol@example.test:{PLAIN}carol-secret-3\n")
-        os.kill(os.getpid(), signal.SIGHUP)
-        yield task.deferLater(reactor, 0.05, lambda: None)
+        yield self.reload()
         result = yield self.submit("submissions", "PLAIN", "carol@example.test", "carol-secret-3")
         self.assertEqual(result, {})
 

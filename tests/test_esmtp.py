@@ -1,6 +1,6 @@
 """
 The SMTP session on a StringTransport: every row of the reply table, and a
-test for each twisted.mail server defect of research/twisted-mail.md that the
+test for each twisted.mail server defect of docs/twisted-defects.rst that the
 session closes (the D-numbers in the docstrings).
 """
 
@@ -11,7 +11,6 @@ import hmac
 import re
 
 from twisted.cred.error import LoginFailed
-from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -21,7 +20,7 @@ from mailauth.replies import SMTPReply
 from tests.support import (
     MemoryMailbox,
     RecordingPortal,
-    TLSStringTransport,
+    Session,
     makeFactory,
     makeSettings,
     passwordIs,
@@ -36,31 +35,6 @@ def b64(data: bytes) -> bytes:
 
 
 PLAIN_ALICE = b64(b"\0alice@example.test\0secret")
-
-
-class Session:
-    """One client talking to a fresh protocol over a StringTransport."""
-
-    def __init__(self, factory, host: str = "192.0.2.1") -> None:
-        self.factory = factory
-        self.transport = TLSStringTransport(peerAddress=IPv4Address("TCP", host, 40000))
-        self.protocol = factory.buildProtocol(None)
-        self.protocol.makeConnection(self.transport)
-
-    def read(self) -> list:
-        """The reply lines written since the last read."""
-        data = self.transport.value()
-        self.transport.clear()
-        lines = data.split(b"\r\n")
-        assert lines[-1] == b"", data
-        return lines[:-1]
-
-    def send(self, data: bytes) -> list:
-        self.protocol.dataReceived(data)
-        return self.read()
-
-    def command(self, line: bytes) -> list:
-        return self.send(line + b"\r\n")
 
 
 class SessionTestsMixin:

@@ -25,17 +25,16 @@ from twisted.trial import unittest
 
 from mailauth import esmtp
 from mailauth.throttle import MAX_DELAY
+from tests.harness import Daemon, RawClient, serverConnectionsClosed
 from tests.support import (
     MemoryMailbox,
-    RawClient,
     RecordingPortal,
+    Session,
     makeFactory,
     makeSettings,
     makeThrottle,
     passwordIs,
 )
-from tests.test_esmtp import Session
-from tests.test_security import Daemon, serverConnectionsClosed
 
 REPLY = re.compile(rb"^(\d{3})([ -])(.*)$", re.DOTALL)
 ENHANCED = re.compile(rb"^([245])\.\d{1,3}\.\d{1,3} ")

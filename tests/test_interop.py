@@ -16,7 +16,7 @@ import subprocess
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from tests.test_security import BOB_PASSWORD, AttackMixin
+from tests.harness import BOB_PASSWORD, AttackMixin
 
 LOGIN = "bob@example.test"
 PASSWORD = BOB_PASSWORD.decode()

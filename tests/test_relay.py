@@ -28,6 +28,8 @@ from mailauth.relay import (
 from mailauth.spool import Queue, listQueue
 from mailauth.threads import ThreadPoolService
 from tests.fakes import RecordingLocalDelivery, runInline
+from tests.harness import MESSAGE as SUBMITTED
+from tests.harness import PASSWORD, SHA512, Daemon, EndToEndMixin
 from tests.smtpsink import QueueEvents, SMTPSink, makePKI
 from tests.support import MESSAGE, relayConfig
 
@@ -601,8 +603,6 @@ class DaemonForwardTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        from tests.test_e2e import Daemon
-
         self.events = QueueEvents()
         self.events.start(self)
         self.sink = SMTPSink(reactor, pki())
@@ -618,7 +618,7 @@ class DaemonForwardTests(unittest.TestCase):
             f.write("relay secret\n")
         self.daemon = Daemon(
             os.path.join(base, "daemon"),
-            f"\n[relay]\nhost = 127.0.0.1\nport = {self.sink.port}\ntls = starttls\n"
+            extra=f"\n[relay]\nhost = 127.0.0.1\nport = {self.sink.port}\ntls = starttls\n"
             f"username = relay-user\npassword_file = {passwordFile}\nca_file = {caFile}\n",
         )
         self.addCleanup(self.daemon.stop)
@@ -630,9 +630,6 @@ class DaemonForwardTests(unittest.TestCase):
         A message an authenticated user sends to bob@remote.example arrives
         upstream with the same bytes after our Received header.
         """
-        from tests.test_e2e import MESSAGE as SUBMITTED
-        from tests.test_e2e import PASSWORD, SHA512, EndToEndMixin
-
         submitter = EndToEndMixin()
         submitter.daemon = self.daemon
         submitter.inThread = lambda f, *args: threads.deferToThread(f, *args)

@@ -13,8 +13,6 @@ wall-clock time.
 from __future__ import annotations
 
 import base64
-import configparser
-import glob
 import hmac
 import os
 import re
@@ -25,170 +23,25 @@ import sys
 import time
 import tracemalloc
 
-from twisted.internet import defer, reactor, tcp, threads
-from twisted.internet.task import Clock, deferLater
+from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from mailauth import config as configmod
-from mailauth import tap
-from mailauth.spool import Queue
 from mailauth.throttle import MAX_DELAY, AuthThrottle, ConnectionLimiter
-from tests import test_e2e as e2e
-from tests.support import ClockedReactor, LogWatcher, RawClient, insecureContext
-
-ROOT = e2e.ROOT
-BOB = b"bob@example.test"
-BOB_PASSWORD = b"bob-secret-2"
-# Users of the vectors file whose hashes are cheap to check (no argon2), so
-# failed logins cost the tests nothing; their password is e2e.PASSWORD.
-CHEAP_USERS = (b"alice.plain@example.test", b"alice.clear@example.test",
-               b"alice.cram-md5@example.test", b"alice.sha256-crypt@example.test")
-
-
-def plain(login: bytes, password: bytes, authzid: bytes = b"") -> bytes:
-    """An C{AUTH PLAIN} command line with its initial response."""
-    return b"AUTH PLAIN " + base64.b64encode(authzid + b"\0" + login + b"\0" + password)
-
-
-def b64(data: bytes) -> bytes:
-    return base64.b64encode(data)
-
-
-class Daemon(e2e.Daemon):
-    """
-    The real service of L{tests.test_e2e.Daemon} with configuration of its
-    own.
-
-    @param settings: C{{section: {key: value}}} merged into the base
-        configuration (C{{dir}} in a value is the daemon's directory); a
-        value of L{None} removes the key, a section of L{None} the section.
-    @param files: C{{name: text}} written into the directory first (aliases,
-        sender maps).
-    @param reactor: what the service is built on, e.g. a L{ClockedReactor}.
-    """
-
-    def __init__(self, directory: str, settings=None, files=None, reactor=reactor) -> None:
-        super().__init__(directory)
-        for name, text in (files or {}).items():
-            with open(os.path.join(self.dir, name), "w") as f:
-                f.write(text)
-        parser = configparser.ConfigParser(interpolation=None)
-        parser.read(self.configPath)
-        for section, values in (settings or {}).items():
-            if values is None:
-                parser.remove_section(section)
-                continue
-            if not parser.has_section(section):
-                parser.add_section(section)
-            for key, value in values.items():
-                if value is None:
-                    parser.remove_option(section, key)
-                else:
-                    parser.set(section, key, value.replace("{dir}", self.dir))
-        with open(self.configPath, "w") as f:
-            parser.write(f)
-        self.config = configmod.load(self.configPath)
-        self.service = tap.buildService(self.config, reactor)
-
-    @defer.inlineCallbacks
-    def stop(self):
-        yield super().stop()
-        yield serverConnectionsClosed()
-
-    def files(self, login: str, folder: str = "new") -> list:
-        return glob.glob(os.path.join(self.maildir(login), folder, "*"))
-
-    def allDelivered(self) -> list:
-        """
-        Every file in every Maildir's new/ and tmp/, every message in the
-        forward queue and every file being written to it.
-        """
-        found = glob.glob(os.path.join(self.dir, "mail", "*", "*", "Maildir", "*", "*"))
-        queueDir = os.path.join(self.config.server.state_dir, "queue")
-        if os.path.isdir(queueDir):
-            found += [f"queued {msgid}" for msgid in
-                      Queue(queueDir, Clock(), "x").scan(frozenset()).present]
-            found += glob.glob(os.path.join(queueDir, "tmp", "*"))
-        return sorted(found)
-
-
-@defer.inlineCallbacks
-def serverConnectionsClosed(timeout: float = 10.0):
-    """
-    Wait until the reactor holds no accepted connection: every client of a
-    test has closed and the server has seen it. A server that keeps a
-    connection open after its client left fails the test here.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        open_ = [s for s in reactor.getReaders() + reactor.getWriters()
-                 if isinstance(s, tcp.Server)]
-        if not open_:
-            return
-        if time.monotonic() > deadline:
-            for s in open_:
-                s.abortConnection()
-            raise AssertionError(f"server connections still open: {open_}")
-        yield deferLater(reactor, 0.01, lambda: None)
-
-
-class AttackMixin:
-    """
-    Starts a L{Daemon} from the class's C{settings} and C{files}; C{clocked}
-    builds it on a L{ClockedReactor} with C{self.clock}.
-    """
-
-    settings: dict = {}
-    files: dict = {}
-    clocked = False
-
-    def setUp(self):
-        self.clock = Clock()
-        self.daemon = Daemon(self.mktemp(), self.settings, self.files,
-                             ClockedReactor(self.clock) if self.clocked else reactor)
-        self.addCleanup(self.daemon.stop)
-        self.daemon.start()
-        self.log = LogWatcher()
-        self.addCleanup(self.log.stop)
-        self.clients: list = []
-        self.addCleanup(self._closeClients)
-
-    def _closeClients(self):
-        for client in self.clients:
-            client.close()
-
-    def inThread(self, f, *args):
-        return threads.deferToThread(f, *args)
-
-    def connect(self, listener: str = "submissions", source: str = "127.0.0.1",
-                expect: int = 220) -> RawClient:
-        """
-        (Blocking: call in a thread.) A client whose greeting was read and
-        had code C{expect}.
-        """
-        client = RawClient(self.daemon.ports[listener], source=source,
-                           tls=self.tlsMode(listener) == "implicit")
-        self.clients.append(client)
-        code, text = client.reply()
-        assert code == expect, (code, text)
-        return client
-
-    def tlsMode(self, listener: str) -> str:
-        [mode] = [each.tls for each in self.daemon.config.listeners if each.name == listener]
-        return mode
-
-    def loggedIn(self, listener: str = "submissions", source: str = "127.0.0.1",
-                 login: bytes = BOB, password: bytes = BOB_PASSWORD) -> RawClient:
-        """(Blocking.) A client that said EHLO and authenticated."""
-        client = self.connect(listener, source)
-        if self.tlsMode(listener) == "starttls":
-            client.ehlo()
-            client.starttls()
-        client.ehlo()
-        code, text = client.command(plain(login, password))
-        assert code == 235, (code, text)
-        return client
-
+from tests.harness import (
+    BOB,
+    BOB_PASSWORD,
+    CHEAP_USERS,
+    PASSWORD,
+    ROOT,
+    AttackMixin,
+    Daemon,
+    RawClient,
+    b64,
+    insecureContext,
+    plain,
+    serverConnectionsClosed,
+)
 
 # -- 1. brute force -----------------------------------------------------------
 
@@ -1012,7 +865,7 @@ class SenderBindingTests(AttackMixin, unittest.TestCase):
         ones that are his alone, nor his address.
         """
         codes = yield self.inThread(
-            self.senders, b"alice.plain@example.test", e2e.PASSWORD.encode(),
+            self.senders, b"alice.plain@example.test", PASSWORD.encode(),
             [b"<sales@example.test>", b"<shared@example.test>", b"<alice.plain@example.test>",
              b"<bob.alias@example.test>", b"<boss@example.test>", b"<x@granted.test>",
              b"<bob@example.test>"])

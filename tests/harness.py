@@ -1,0 +1,502 @@
+"""
+The test harness for the running daemon: the real service built from a
+configuration in a temporary directory (L{Daemon}), the mixins that start
+it, a reactor whose clock the test drives (L{ClockedReactor}), raw and
+library clients, and a log watcher. Every test of the running daemon uses
+this module instead of importing another test module.
+"""
+
+from __future__ import annotations
+
+import base64
+import configparser
+import glob
+import os
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import ssl
+import time
+
+from twisted.internet import defer, reactor, tcp, threads
+from twisted.internet.task import Clock, deferLater
+from twisted.logger import formatEvent, globalLogPublisher
+
+from mailauth import config as configmod
+from mailauth import tap
+from mailauth.spool import Queue
+from tests.support import writeCertificate
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+VECTORS = os.path.join(HERE, "data", "dovecot-passwd")
+PASSWORD = "alice-secret-1"
+SHA512 = "alice.sha512-crypt@example.test"
+CRAM = "alice.cram-md5@example.test"
+
+CONFIG = """
+[server]
+hostname = mx.example.test
+state_dir = {dir}/state
+max_message_size = 1M
+
+[tls]
+certificate = {dir}/tls/cert.pem
+private_key = {dir}/tls/key.pem
+
+[listener:submission]
+endpoint = tcp:0:interface=127.0.0.1
+tls = starttls
+auth = required
+
+[listener:submissions]
+endpoint = tcp:0:interface=127.0.0.1
+tls = implicit
+auth = required
+
+[auth]
+mechanisms = PLAIN LOGIN CRAM-MD5
+users = {dir}/users
+
+[delivery]
+local_domains = example.test
+maildir = {dir}/mail/{{domain}}/{{localpart}}/Maildir
+"""
+
+MESSAGE = (
+    b"From: alice <" + SHA512.encode() + b">\r\n"
+    b"To: bob@example.test\r\n"
+    b"Subject: end to end\r\n"
+    b"\r\n"
+    b".a line that starts with a dot\r\n"
+    b"8bit: \xc3\xa4\r\n"
+)
+
+RECEIVED = re.compile(
+    rb"^Received: from client\.example \(\[127\.0\.0\.1\]\)\n"
+    rb"\t\(authenticated as (?P<login>[^)]+)\)\n"
+    rb"\tby mx\.example\.test \(mailauth\) with ESMTPSA id (?P<id>[0-9A-F]{12})\n"
+    rb"\t\(using TLSv1\.[23] with cipher [A-Z0-9_-]+\)\n"
+    rb"\tfor <bob@example\.test>; .+\n"
+)
+
+
+def clientContext() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class EndToEndMixin:
+    def setUp(self):
+        self.daemon = Daemon(self.mktemp())
+        self.addCleanup(self.daemon.stop)
+        self.daemon.start()
+
+    def inThread(self, f, *args):
+        return threads.deferToThread(f, *args)
+
+    def reload(self) -> defer.Deferred:
+        """Send this process SIGHUP; the Deferred fires once the daemon has reloaded."""
+        watcher = LogWatcher()
+        d = watcher.waitFor("SIGHUP: reloading")
+        os.kill(os.getpid(), signal.SIGHUP)
+        return d.addBoth(lambda result: watcher.stop() or result)
+
+    def submit(self, listener: str, mechanism: str, login: str, password: str,
+               message: bytes = MESSAGE, sender: str = None, recipients=("bob@example.test",)):
+        """Send one message with smtplib in a thread; the Deferred fires with sendmail's result."""
+        port = self.daemon.ports[listener]
+
+        def run():
+            if listener == "submissions":
+                client = smtplib.SMTP_SSL("127.0.0.1", port, local_hostname="client.example",
+                                          context=clientContext(), timeout=30)
+            else:
+                client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example",
+                                      timeout=30)
+            try:
+                client.ehlo()
+                if listener == "submission":
+                    client.starttls(context=clientContext())
+                    client.ehlo()
+                client.user, client.password = login, password
+                authobject = {
+                    "PLAIN": client.auth_plain,
+                    "LOGIN": client.auth_login,
+                    "CRAM-MD5": client.auth_cram_md5,
+                }[mechanism]
+                client.auth(mechanism, authobject, initial_response_ok=(mechanism != "LOGIN"))
+                return client.sendmail(sender or login, list(recipients), message)
+            finally:
+                client.quit()
+
+        return self.inThread(run)
+
+
+BOB = b"bob@example.test"
+BOB_PASSWORD = b"bob-secret-2"
+# Users of the vectors file whose hashes are cheap to check (no argon2), so
+# failed logins cost the tests nothing; their password is PASSWORD.
+CHEAP_USERS = (b"alice.plain@example.test", b"alice.clear@example.test",
+               b"alice.cram-md5@example.test", b"alice.sha256-crypt@example.test")
+
+
+def plain(login: bytes, password: bytes, authzid: bytes = b"") -> bytes:
+    """An C{AUTH PLAIN} command line with its initial response."""
+    return b"AUTH PLAIN " + base64.b64encode(authzid + b"\0" + login + b"\0" + password)
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+@defer.inlineCallbacks
+def serverConnectionsClosed(timeout: float = 10.0):
+    """
+    Wait until the reactor holds no accepted connection: every client of a
+    test has closed and the server has seen it. A server that keeps a
+    connection open after its client left fails the test here.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        open_ = [s for s in reactor.getReaders() + reactor.getWriters()
+                 if isinstance(s, tcp.Server)]
+        if not open_:
+            return
+        if time.monotonic() > deadline:
+            for s in open_:
+                s.abortConnection()
+            raise AssertionError(f"server connections still open: {open_}")
+        yield deferLater(reactor, 0.01, lambda: None)
+
+
+class AttackMixin:
+    """
+    Starts a L{Daemon} from the class's C{settings} and C{files}; C{clocked}
+    builds it on a L{ClockedReactor} with C{self.clock}.
+    """
+
+    settings: dict = {}
+    files: dict = {}
+    clocked = False
+
+    def setUp(self):
+        self.clock = Clock()
+        self.daemon = Daemon(self.mktemp(), self.settings, self.files,
+                             ClockedReactor(self.clock) if self.clocked else reactor)
+        self.addCleanup(self.daemon.stop)
+        self.daemon.start()
+        self.log = LogWatcher()
+        self.addCleanup(self.log.stop)
+        self.clients: list = []
+        self.addCleanup(self._closeClients)
+
+    def _closeClients(self):
+        for client in self.clients:
+            client.close()
+
+    def inThread(self, f, *args):
+        return threads.deferToThread(f, *args)
+
+    def connect(self, listener: str = "submissions", source: str = "127.0.0.1",
+                expect: int = 220) -> RawClient:
+        """
+        (Blocking: call in a thread.) A client whose greeting was read and
+        had code C{expect}.
+        """
+        client = RawClient(self.daemon.ports[listener], source=source,
+                           tls=self.tlsMode(listener) == "implicit")
+        self.clients.append(client)
+        code, text = client.reply()
+        assert code == expect, (code, text)
+        return client
+
+    def tlsMode(self, listener: str) -> str:
+        [mode] = [each.tls for each in self.daemon.config.listeners if each.name == listener]
+        return mode
+
+    def loggedIn(self, listener: str = "submissions", source: str = "127.0.0.1",
+                 login: bytes = BOB, password: bytes = BOB_PASSWORD) -> RawClient:
+        """(Blocking.) A client that said EHLO and authenticated."""
+        client = self.connect(listener, source)
+        if self.tlsMode(listener) == "starttls":
+            client.ehlo()
+            client.starttls()
+        client.ehlo()
+        code, text = client.command(plain(login, password))
+        assert code == 235, (code, text)
+        return client
+
+
+class Daemon:
+    """
+    The real service tree (L{mailauth.tap.buildService}) built from a
+    configuration file in a temporary directory, listening on 127.0.0.1 port 0.
+
+    @param settings: C{{section: {key: value}}} merged into the base
+        configuration (C{{dir}} in a value is the daemon's directory); a
+        value of L{None} removes the key, a section of L{None} the section.
+    @param files: C{{name: text}} written into the directory first (aliases,
+        sender maps).
+    @param reactor: what the service is built on, e.g. a L{ClockedReactor}.
+    @param extra: configuration text appended to the base configuration.
+    """
+
+    def __init__(self, directory: str, settings=None, files=None, reactor=reactor,
+                 extra: str = "") -> None:
+        self.dir = directory = os.path.abspath(directory)
+        os.makedirs(directory)
+        writeCertificate(os.path.join(directory, "tls"))
+        shutil.copy(VECTORS, os.path.join(directory, "users"))
+        with open(os.path.join(directory, "users"), "a") as f:
+            f.write("bob@example.test:{PLAIN}bob-secret-2\n")
+        self.configPath = os.path.join(directory, "mailauth.conf")
+        with open(self.configPath, "w") as f:
+            f.write(CONFIG.format(dir=directory) + extra)
+        for name, text in (files or {}).items():
+            with open(os.path.join(self.dir, name), "w") as f:
+                f.write(text)
+        if settings:
+            parser = configparser.ConfigParser(interpolation=None)
+            parser.read(self.configPath)
+            for section, values in settings.items():
+                if values is None:
+                    parser.remove_section(section)
+                    continue
+                if not parser.has_section(section):
+                    parser.add_section(section)
+                for key, value in values.items():
+                    if value is None:
+                        parser.remove_option(section, key)
+                    else:
+                        parser.set(section, key, value.replace("{dir}", self.dir))
+            with open(self.configPath, "w") as f:
+                parser.write(f)
+        self.config = configmod.load(self.configPath)
+        self.service = tap.buildService(self.config, reactor)
+
+    def start(self) -> None:
+        self.service.startService()
+        self.ports = {}
+        for listener in self.config.listeners:
+            svc = self.service.getServiceNamed(f"listener:{listener.name}")
+            found = []
+            # TCP listens at once; keep the port as the Deferred's result so
+            # that stopService can still close it.
+            svc._waitingForPort.addCallback(lambda port, found=found: found.append(port) or port)
+            self.ports[listener.name] = found[0].getHost().port
+
+    @defer.inlineCallbacks
+    def stop(self):
+        yield defer.maybeDeferred(self.service.stopService)
+        yield serverConnectionsClosed()
+
+    def maildir(self, login: str) -> str:
+        local, domain = login.split("@")
+        return os.path.join(self.dir, "mail", domain, local, "Maildir")
+
+    def delivered(self, login: str) -> list:
+        files = sorted(glob.glob(os.path.join(self.maildir(login), "new", "*")))
+        out = []
+        for name in files:
+            with open(name, "rb") as f:
+                out.append((name, f.read()))
+        return out
+
+    def files(self, login: str, folder: str = "new") -> list:
+        return glob.glob(os.path.join(self.maildir(login), folder, "*"))
+
+    def allDelivered(self) -> list:
+        """
+        Every file in every Maildir's new/ and tmp/, every message in the
+        forward queue and every file being written to it.
+        """
+        found = glob.glob(os.path.join(self.dir, "mail", "*", "*", "Maildir", "*", "*"))
+        queueDir = os.path.join(self.config.server.state_dir, "queue")
+        if os.path.isdir(queueDir):
+            found += [f"queued {msgid}" for msgid in
+                      Queue(queueDir, Clock(), "x").scan(frozenset()).present]
+            found += glob.glob(os.path.join(queueDir, "tmp", "*"))
+        return sorted(found)
+
+
+class ClockedReactor:
+    """
+    The real reactor for sockets and threads, with a L{task.Clock} for time:
+    the real service built on it listens on real ports, while its timers
+    (idle timeouts, tarpit delays, blocks) move only when the test advances
+    the clock, so no test has to sleep.
+    """
+
+    def __init__(self, clock, reactor=reactor) -> None:
+        self.clock = clock
+        self.reactor = reactor
+
+    def callLater(self, delay, f, *args, **kwargs):
+        return self.clock.callLater(delay, f, *args, **kwargs)
+
+    def seconds(self) -> float:
+        return self.clock.seconds()
+
+    def getDelayedCalls(self):
+        return self.clock.getDelayedCalls()
+
+    def __getattr__(self, name):
+        return getattr(self.reactor, name)
+
+
+def insecureContext() -> ssl.SSLContext:
+    """A client TLS context that accepts the test certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class RawClient:
+    """
+    A blocking SMTP client on a raw socket, for use in a thread: it sends
+    exactly the bytes it is given and returns replies as they arrive, so
+    tests can send what no well-behaved client library would.
+
+    @ivar lines: every reply line received so far, in order.
+    """
+
+    def __init__(self, port: int, source: str = "127.0.0.1", tls: bool = False,
+                 timeout: float = 10.0, host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        self.timeout = timeout
+        sock.bind((source, 0))
+        sock.connect((host, port))
+        if tls:
+            sock = insecureContext().wrap_socket(sock)
+        self.sock = sock
+        self._buffer = b""
+        self.lines: list = []
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def readLine(self) -> bytes:
+        """One reply line without its CRLF; C{b""} at end of stream."""
+        while b"\r\n" not in self._buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                rest, self._buffer = self._buffer, b""
+                return rest
+            self._buffer += data
+        line, _, self._buffer = self._buffer.partition(b"\r\n")
+        self.lines.append(line)
+        return line
+
+    def reply(self) -> tuple:
+        """
+        One whole reply.
+
+        @return: C{(code, [text of each line])}; C{(None, [])} if the
+            server closed the connection first.
+        """
+        texts = []
+        while True:
+            line = self.readLine()
+            if not line:
+                return None, texts
+            texts.append(line[4:])
+            if line[3:4] != b"-":
+                return int(line[:3]), texts
+
+    def command(self, line: bytes) -> tuple:
+        self.send(line + b"\r\n")
+        return self.reply()
+
+    def ehlo(self, name: bytes = b"client.example") -> tuple:
+        return self.command(b"EHLO " + name)
+
+    def starttls(self) -> None:
+        """STARTTLS and the handshake; the caller says EHLO again."""
+        code, text = self.command(b"STARTTLS")
+        assert code == 220, (code, text)
+        self.sock = insecureContext().wrap_socket(self.sock)
+
+    def pending(self) -> bool:
+        """
+        Whether the server sent anything (or closed) that was not read yet.
+        Never blocks; TLS records that carry no data (session tickets) do
+        not count.
+        """
+        if self._buffer:
+            return True
+        self.sock.setblocking(False)
+        try:
+            data = self.sock.recv(65536)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return False
+        finally:
+            self.sock.settimeout(self.timeout)
+        self._buffer += data
+        return True
+
+    def closedByServer(self) -> bool:
+        """
+        Read to the end of the stream: True if the server closed it (or cut
+        it off), False if it was still open when the socket timed out.
+        """
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+                self._buffer += data
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class LogWatcher:
+    """
+    Collects what the process logs (the in-process daemon logs through the
+    global log publisher) and lets a test wait for a line.
+
+    @ivar messages: every formatted log message, in order.
+    """
+
+    def __init__(self) -> None:
+        self.messages: list = []
+        self.events: list = []
+        self._waiting: list = []
+        globalLogPublisher.addObserver(self)
+
+    def stop(self) -> None:
+        globalLogPublisher.removeObserver(self)
+
+    def __call__(self, event) -> None:
+        text = formatEvent(event)
+        self.messages.append(text)
+        self.events.append(event)
+        for pattern, d in list(self._waiting):
+            if re.search(pattern, text):
+                self._waiting.remove((pattern, d))
+                # Fire after the code that logged has finished its work.
+                reactor.callLater(0, d.callback, text)
+
+    def waitFor(self, pattern: str) -> defer.Deferred:
+        """A Deferred that fires with the first message matching C{pattern} from now on."""
+        d = defer.Deferred()
+        self._waiting.append((pattern, d))
+        return d
+
+    def matching(self, pattern: str) -> list:
+        return [m for m in self.messages if re.search(pattern, m)]
