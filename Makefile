@@ -1,10 +1,17 @@
-# make run: the daemon with a demo configuration; make test: the whole suite.
+# make run: the daemon with a demo configuration; make test: lint and the whole
+# suite; make check: the fast unit tests alone; make lint: ruff and mypy.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_PASSWORD := demo-password
 
-.PHONY: run test lint deb deb-test clean
+.PHONY: run test check lint format deb deb-test clean
+
+# Unit tests: no daemon on a socket, no external program; seconds in all.
+UNIT := tests.test_checkers tests.test_config tests.test_dsn tests.test_envelope \
+	tests.test_esmtp tests.test_forward tests.test_interfaces tests.test_maildir \
+	tests.test_passwords tests.test_realm tests.test_replies tests.test_spool \
+	tests.test_throttle tests.test_userdb
 
 $(BIN)/mailauth: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +42,18 @@ run: $(BIN)/mailauth var/tls/cert.pem var/users
 	@echo
 	$(BIN)/twistd --nodaemon --pidfile= --logfile=- mailauth --config etc/demo.conf
 
-test: $(BIN)/mailauth
-	$(BIN)/ruff check mailauth tests twisted bench
+test: lint
 	$(BIN)/python -m twisted.trial --jobs=2 tests
+
+check: $(BIN)/mailauth
+	$(BIN)/python -m twisted.trial --jobs=2 $(UNIT)
+
+lint: $(BIN)/mailauth
+	$(BIN)/ruff check mailauth tests twisted bench
+	$(BIN)/mypy
+
+format: $(BIN)/mailauth
+	$(BIN)/ruff format mailauth tests twisted bench
 
 clean:
 	rm -rf $(VENV) var _trial_temp* build dist *.egg-info

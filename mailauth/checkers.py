@@ -45,6 +45,11 @@ class _UserDatabaseChecker:
         d.addCallback(self._verify, credentials)
         return d
 
+    @staticmethod
+    def verify(user, credentials) -> bool:
+        """Blocking: whether C{credentials} are right for C{user} (L{None}: unknown)."""
+        raise NotImplementedError()
+
     def _verify(self, user, credentials) -> defer.Deferred:
         d = self.runBlocking(self.verify, user, credentials)
         d.addErrback(_busy)

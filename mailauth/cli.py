@@ -7,7 +7,7 @@ import getpass
 import os
 import sys
 import time
-from typing import BinaryIO, Callable, Optional, TextIO
+from typing import BinaryIO, Callable, NoReturn, Optional, TextIO
 
 import attrs
 
@@ -26,7 +26,7 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
+    def error(self, message: str) -> NoReturn:
         # Raise rather than exit, so main() writes to its console and returns.
         raise _UsageError(f"{self.format_usage()}{self.prog}: error: {message}\n")
 

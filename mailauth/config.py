@@ -302,7 +302,7 @@ class _Reader:
         for key in raw:
             if key not in schema:
                 self.problem(name, key, f"unknown key (known: {', '.join(sorted(schema))})")
-        values = {}
+        values: dict = {}
         for key, (parse, default) in schema.items():
             text = raw.get(key) if key in raw else default
             if text is REQUIRED:
@@ -381,6 +381,7 @@ def loadText(text: str, path: str = "<string>") -> Config:
 
     if r.problems:
         raise ConfigError(r.problems)
+    assert auth is not None and delivery is not None
     return Config(
         path=path,
         server=ServerConfig(**server),

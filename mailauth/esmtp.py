@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet import defer, interfaces, protocol
@@ -32,7 +32,7 @@ from zope.interface import implementer
 from mailauth import replies, sasl
 from mailauth.addresses import parsePath, splitArguments
 from mailauth.dataread import DataReader
-from mailauth.replies import Reply, SMTPReply
+from mailauth.replies import Reply, ReplyLike, SMTPReply
 
 log = Logger(namespace="mailauth.esmtp")
 
@@ -71,6 +71,10 @@ class SubmissionProtocol(protocol.Protocol):
 
     COMMAND, DATA, AUTH, CLOSED = "command", "data", "auth", "closed"
 
+    # A TCP or TLS transport (write, pause, startTLS, getHandle...); Twisted
+    # types it as Optional[ITransport], which names none of those.
+    transport: Any
+
     def __init__(self, factory: SubmissionFactory) -> None:
         self.factory = factory
         self.settings = factory.settings
@@ -99,21 +103,21 @@ class SubmissionProtocol(protocol.Protocol):
         self.login: Optional[str] = None
         self._avatar = None
         self._logout: Optional[Callable[[], None]] = None
-        self._mechanism = None
+        self._mechanism: Any = None
         self._resetTransaction()
 
     def _resetTransaction(self) -> None:
-        self._delivery = None
+        self._delivery: Any = None
         self._sender: Optional[smtp.Address] = None
         self._hasSender = False
         self._recipients: list = []
-        self._reader: Optional[DataReader] = None
+        self._reader: Any = None
         self._messages: list = []
         self._writeFailure: Optional[Failure] = None
 
     def _heloPair(self) -> tuple:
         """The C{helo} argument of twisted.mail's delivery interfaces: (name bytes, client IP)."""
-        return (self._helo.encode("ascii"), self._peer)
+        return ((self._helo or "").encode("ascii"), self._peer)
 
     @property
     def peerHost(self) -> str:
@@ -175,7 +179,7 @@ class SubmissionProtocol(protocol.Protocol):
             self.factory.release(self._peer)
             self._counted = False
 
-    def _close(self, reply: Reply) -> None:
+    def _close(self, reply: ReplyLike) -> None:
         if self._mode == self.CLOSED:
             return
         self._send(reply)
@@ -329,7 +333,7 @@ class SubmissionProtocol(protocol.Protocol):
 
     # -- output ------------------------------------------------------------
 
-    def _send(self, reply: Reply | SMTPReply) -> None:
+    def _send(self, reply: ReplyLike) -> None:
         self.transport.write(f"{reply.code} {reply.text}\r\n".encode("ascii", "replace"))
 
     def _sendLines(self, code: int, lines: list) -> None:
@@ -337,7 +341,7 @@ class SubmissionProtocol(protocol.Protocol):
         out.append(f"{code} {lines[-1]}\r\n")
         self.transport.write("".join(out).encode("ascii"))
 
-    def _error(self, reply: Reply | SMTPReply) -> None:
+    def _error(self, reply: ReplyLike) -> None:
         """Send an error reply; past C{max_errors} say 421 and hang up."""
         self._errors += 1
         self._send(reply)
@@ -537,7 +541,7 @@ class SubmissionProtocol(protocol.Protocol):
         if delay <= 0:
             self._send(replies.AUTH_FAILED)
             return None
-        d = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         self._tarpitCall = self.clock.callLater(delay, d.callback, None)
 
         def answer(ignored):
@@ -597,7 +601,7 @@ class SubmissionProtocol(protocol.Protocol):
         if self._mode == self.CLOSED:
             return
         if f.check(SMTPReply):
-            self._error(f.value)
+            self._error(cast(SMTPReply, f.value))
             return
         log.failure("address validation failed for {client}", f, client=self._peer)
         self._send(replies.TEMPORARY_FAILURE)
@@ -671,7 +675,7 @@ class SubmissionProtocol(protocol.Protocol):
                 return self._error(replies.NUL_IN_MESSAGE)
             if reader.tooBig:
                 return self._error(replies.TOO_BIG)
-            return self._storageFailed(failure)
+            return self._storageFailed(cast(Failure, failure))
         messages, self._messages = self._messages, []
         d = defer.gatherResults(
             [defer.maybeDeferred(m.eomReceived) for m in messages], consumeErrors=True
@@ -703,13 +707,13 @@ class SubmissionProtocol(protocol.Protocol):
         if self._mode == self.CLOSED:
             return
         if f.check(SMTPReply):
-            self._send(f.value)
+            self._send(cast(SMTPReply, f.value))
             return
         self._storageFailed(f)
 
     def _storageFailed(self, f: Failure) -> None:
         log.failure("could not store a message from {client}", f, client=self._peer)
-        if f.check(OSError) and f.value.errno in (28, 122):  # ENOSPC, EDQUOT
+        if f.check(OSError) and cast(OSError, f.value).errno in (28, 122):  # ENOSPC, EDQUOT
             self._send(replies.STORAGE_FULL)
         else:
             self._send(replies.STORAGE_FAILED)

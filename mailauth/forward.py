@@ -83,7 +83,7 @@ class QueueService(service.Service):
         self._tasks: set = set()
         self._sessions: set = set()
         self._connecting: set = set()
-        self._loop = None
+        self._loop: Optional[task.LoopingCall] = None
         self._timer = None
         self._wakeCall = None
         self._scanning = False
@@ -96,9 +96,9 @@ class QueueService(service.Service):
     def startService(self) -> None:
         super().startService()
         self._queue.recover()
-        self._loop = task.LoopingCall(self._periodicScan)
-        self._loop.clock = self._reactor
-        self._loop.start(self._interval, now=True)
+        loop = self._loop = task.LoopingCall(self._periodicScan)
+        loop.clock = self._reactor
+        loop.start(self._interval, now=True)
 
     def stopService(self) -> defer.Deferred:
         super().stopService()

@@ -52,12 +52,12 @@ class IMessageSink(Interface):
         @raise OSError: if that fails; L{abort} follows.
         """
 
-    def commit() -> str:
+    def commit() -> Any:
         """
         Blocking: publish the prepared message (link into C{new/}, rename
         the queue envelope into place) and make the names durable.
 
-        @return: an identifier of what was stored (queue ID or file name).
+        @return: what was stored (a queue ID, the delivered file paths).
         @raise OSError: if that fails; L{abort} follows, and undoes it.
         """
 

@@ -37,7 +37,7 @@ PLAINTEXT_SCHEMES = ("PLAIN", "CLEAR", "CLEARTEXT")
 DEFAULT_SCHEME = "ARGON2ID"
 
 # doveadm's argon2 parameters (Dovecot 2.3, see tests/data/dovecot-passwd).
-_ARGON2 = {
+_ARGON2: dict[str, dict] = {
     "ARGON2ID": dict(type=argon2.low_level.Type.ID, time_cost=3, memory_cost=65536),
     "ARGON2I": dict(type=argon2.low_level.Type.I, time_cost=4, memory_cost=32768),
 }

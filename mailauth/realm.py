@@ -259,6 +259,7 @@ class Message:
         if delivery.remote:
             # The queue commits first: its commit is one rename, undone by
             # removing the message before anybody has sent it.
+            assert realm.queue is not None, "validateTo takes remote recipients only with a queue"
             self._sinks.append(realm.queue.newMessage(delivery.id, delivery.sender,
                                                       list(delivery.remote)))
         if delivery.maildirs:

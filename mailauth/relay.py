@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import functools
 import re
-from typing import IO, Optional
+from typing import IO, Any, Optional
 
 import attrs
 from twisted.internet import defer, endpoints, protocol, ssl
@@ -74,12 +74,14 @@ class RelayClientProtocol(basic.LineReceiver):
 
     delimiter = b"\r\n"
     MAX_LENGTH = 4096
+    # A TCP or TLS transport; Twisted types it as Optional[ITransport].
+    transport: Any
     maxReplyLines = 200
 
     def __init__(self, clock: IReactorTime, timeout: float) -> None:
         self._clock = clock
         self._timeout = timeout
-        self._timer = None
+        self._timer: Any = None
         self._waiting: Optional[defer.Deferred] = defer.Deferred()
         self._greeting = self._waiting
         self._lines: list = []
@@ -100,7 +102,7 @@ class RelayClientProtocol(basic.LineReceiver):
         self._timer = None
         error = self._error or RelayError(f"connection lost: {reason.getErrorMessage()}")
         self._fire(Failure(error))
-        waiters, self._closedWaiters = self._closedWaiters, None
+        waiters, self._closedWaiters = self._closedWaiters or [], None
         for waiter in waiters:
             waiter.callback(None)
 
@@ -176,7 +178,8 @@ class RelayClientProtocol(basic.LineReceiver):
         """
         if self._error is not None:
             return defer.fail(self._error)
-        self._waiting = waiting = defer.Deferred()
+        waiting: defer.Deferred[RelayReply] = defer.Deferred()
+        self._waiting = waiting
         self._sendingData = True
 
         def sent(_):
@@ -209,7 +212,7 @@ class RelayClientProtocol(basic.LineReceiver):
         """@return: a Deferred that fires with L{None} once disconnected."""
         if self._closedWaiters is None:
             return defer.succeed(None)
-        waiter = defer.Deferred()
+        waiter: defer.Deferred[None] = defer.Deferred()
         self._closedWaiters.append(waiter)
         return waiter
 
@@ -423,14 +426,15 @@ class RelayConnector:
             creator = self.tlsOptions() if self._config.tls != "none" else None
             password = None
             if self._config.username:
-                password = readPassword(self._config.password_file)
+                password = readPassword(self._config.password_file or "")
         except RelayError as e:
             return defer.fail(e)
         config = self._config
-        endpoint = endpoints.HostnameEndpoint(
+        endpoint: Any = endpoints.HostnameEndpoint(
             self._reactor, config.host, config.port, timeout=config.timeout
         )
         if config.tls == "implicit":
+            assert creator is not None
             endpoint = endpoints.wrapClientTLS(creator, endpoint)
         factory = protocol.Factory.forProtocol(
             functools.partial(RelayClientProtocol, self._reactor, config.timeout)

@@ -6,10 +6,22 @@ reply's wording lives in one place (docs/replies.rst lists them).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import attrs
 
 # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets, CRLF included.
 MAX_REPLY_LINE = 512
+
+
+class ReplyLike(Protocol):
+    """Anything the session can send as a reply: a L{Reply}, an L{SMTPReply}."""
+
+    @property
+    def code(self) -> int: ...
+
+    @property
+    def text(self) -> str: ...
 
 
 class SMTPReply(Exception):

@@ -487,7 +487,7 @@ class Queue:
         @param error: why the attempt failed as a whole, if it did.
         @param relayHost: the host that gave the replies, for the bounce.
         """
-        before = []
+        before: list[str] = []
 
         def change(envelope):
             before[:] = envelope.pending()

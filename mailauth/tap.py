@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Optional
+from typing import Any, Optional, cast
 
 from twisted.application import internet, service, strports
 from twisted.cred.portal import Portal
@@ -63,7 +63,7 @@ class _Signals(service.Service):
     def __init__(self, reactor, reload) -> None:
         self.reactor = reactor
         self.reload = reload
-        self._previous = None
+        self._previous: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -188,9 +188,10 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None
             postmasterDomain=postmasterDomain,
             reactor=reactor,
         )
-        wrapped = factory
+        wrapped: Any = factory
         if listener.tls == "implicit":
-            wrapped = TLSMemoryBIOFactory(tls, False, factory)
+            assert tls is not None, "config.loadText demands [tls] for a TLS listener"
+            wrapped = TLSMemoryBIOFactory(cast(Any, tls), False, factory)
         listening = strports.service(listener.endpoint, wrapped, reactor=reactor)
         listening.setName(f"listener:{listener.name}")
         listening.setServiceParent(top)
