@@ -271,6 +271,21 @@ incoming = https://imap.example.org
         self.assertIn("[autoconfig] hostname: the [server] hostname 'mail..example' is not",
                       problem)
 
+    def test_mechanismsWithoutClientName(self) -> None:
+        """
+        Mechanisms that no client can be told to use (SCRAM alone) leave
+        nothing to advertise: an error. (SCRAM is patched into the known
+        mechanisms until it is implemented.)
+        """
+        self.patch(config, "KNOWN_MECHANISMS", config.KNOWN_MECHANISMS + ("SCRAM-SHA-256",))
+        text = self.TLS.replace("[auth]", "[auth]\nmechanisms = MECHANISMS") + \
+            "\n[autoconfig]\nendpoint = tcp:8080\n"
+        [problem] = self.problems(text.replace("MECHANISMS", "SCRAM-SHA-256"))
+        self.assertEqual(problem, "test.conf: [autoconfig]: none of the [auth] mechanisms "
+                                  "(SCRAM-SHA-256) is one mail clients can be told to use "
+                                  "(PLAIN or LOGIN, CRAM-MD5, OAUTHBEARER or XOAUTH2)")
+        loadText(text.replace("MECHANISMS", "SCRAM-SHA-256 PLAIN"))
+
     def test_endpointPort(self) -> None:
         """endpointPort reads tcp:/tcp6: ports, positional or port=, and nothing else."""
         self.assertEqual(config.endpointPort("tcp:587"), 587)
