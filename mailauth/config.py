@@ -95,6 +95,30 @@ class RelayConfig:
 
 
 @attrs.frozen
+class MailServer:
+    """An IMAP or POP3 server that client autoconfiguration names for reading mail."""
+
+    protocol: str
+    hostname: str
+    port: int
+    tls: str
+
+
+@attrs.frozen
+class AutoconfigConfig:
+    """
+    The optional C{[autoconfig]} section, defaults resolved: C{hostname}
+    from C{[server]}, C{display_name} from the local domains.
+    """
+
+    endpoint: str
+    hostname: str
+    display_name: str
+    ports: tuple
+    incoming: tuple
+
+
+@attrs.frozen
 class Config:
     path: str
     server: ServerConfig
@@ -103,6 +127,7 @@ class Config:
     auth: AuthConfig
     delivery: DeliveryConfig
     relay: Optional[RelayConfig]
+    autoconfig: Optional[AutoconfigConfig] = None
 
 
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
@@ -216,6 +241,69 @@ def _maildirTemplate(text: str) -> str:
     return value
 
 
+# A host name as mail clients check it (Thunderbird's isLegalHostName).
+HOSTNAME = re.compile(
+    r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.I
+)
+
+# Incoming servers by URL scheme: (protocol, tls, default port).
+_INCOMING_SCHEMES = {
+    "imaps": ("imap", "implicit", 993),
+    "imap": ("imap", "starttls", 143),
+    "pop3s": ("pop3", "implicit", 995),
+    "pop3": ("pop3", "starttls", 110),
+}
+
+
+def _hostname(text: str) -> str:
+    value = _text(text).rstrip(".").lower()
+    if len(value) > 253 or not HOSTNAME.fullmatch(value):
+        raise ValueError(f"{text.strip()!r} is not a host name")
+    return value
+
+
+def _label(text: str) -> str:
+    value = _text(text)
+    if not value.isprintable():
+        raise ValueError(f"{value!r} has control characters")
+    return value
+
+
+def _ports(text: str) -> tuple:
+    """C{"submission:587 submissions:465"} to C{(("submission", 587), ...)}."""
+    pairs = []
+    for item in text.replace(",", " ").split():
+        name, colon, port = item.rpartition(":")
+        if not colon or not name:
+            raise ValueError(f"{item!r} is not LISTENER:PORT (e.g. submission:587)")
+        pairs.append((name, parsePort(port)))
+    if not pairs:
+        raise ValueError("must not be empty")
+    return tuple(pairs)
+
+
+def _incoming(text: str) -> tuple:
+    """
+    C{"imaps://imap.example.org"} and the like to L{MailServer}s: imaps and
+    pop3s are implicit TLS, imap and pop3 STARTTLS (never plain text).
+    """
+    servers = []
+    for item in text.replace(",", " ").split():
+        m = re.fullmatch(r"([a-z0-9]+)://([^/:]+)(?::([^/]*))?/?", item, re.I)
+        if not m or m.group(1).lower() not in _INCOMING_SCHEMES:
+            raise ValueError(
+                f"{item!r} is not imaps://HOST[:PORT], imap://, pop3s:// or pop3:// "
+                "(imap:// and pop3:// mean STARTTLS)"
+            )
+        protocol, tls, port = _INCOMING_SCHEMES[m.group(1).lower()]
+        if m.group(3) is not None:
+            port = parsePort(m.group(3))
+        servers.append(MailServer(protocol, _hostname(m.group(2)), port, tls))
+    if not servers:
+        raise ValueError("must not be empty")
+    return tuple(servers)
+
+
 # Every section, its keys, and for each key (parser, default). A default of
 # REQUIRED means the key must be given.
 REQUIRED = object()
@@ -276,6 +364,13 @@ _SCHEMA: dict = {
         "max_connections": (parsePositive, "2"),
         "timeout": (parseDuration, "5m"),
         "queue_interval": (parseDuration, "30s"),
+    },
+    "autoconfig": {
+        "endpoint": (_text, REQUIRED),
+        "hostname": (_hostname, None),
+        "display_name": (_label, None),
+        "ports": (_ports, None),
+        "incoming": (_incoming, None),
     },
 }
 
@@ -379,6 +474,10 @@ def loadText(text: str, path: str = "<string>") -> Config:
     if relay is not None and relay["username"] and not relay["password_file"]:
         r.problem("relay", "password_file", "missing: username is set, so a password is needed")
 
+    autoconfig = None
+    if parser.has_section("autoconfig"):
+        autoconfig = _autoconfig(r, parser, server, listeners, auth, delivery)
+
     if r.problems:
         raise ConfigError(r.problems)
     assert auth is not None and delivery is not None
@@ -390,7 +489,83 @@ def loadText(text: str, path: str = "<string>") -> Config:
         auth=AuthConfig(**auth),
         delivery=DeliveryConfig(**delivery),
         relay=RelayConfig(**relay) if relay is not None else None,
+        autoconfig=autoconfig,
     )
+
+
+def _autoconfig(r: _Reader, parser: configparser.ConfigParser, server: dict, listeners: list,
+                auth: Optional[dict], delivery: Optional[dict]) -> Optional[AutoconfigConfig]:
+    """
+    Read C{[autoconfig]} and check it against the listeners: every listener
+    it advertises needs a port clients can reach, and the mechanisms must
+    name at least one way in that clients understand.
+    """
+    from mailauth.autoconfig import advertised, authenticationMethods
+
+    values = r.section("autoconfig", "autoconfig")
+    if values["endpoint"]:
+        _checkEndpoint(r, "autoconfig", values["endpoint"])
+    shown = advertised(listeners)
+    if not shown:
+        r.problem("autoconfig", None, "no listener has tls = starttls or implicit and auth = "
+                  "required or optional: there is nothing to advertise")
+    names = {listener.name for listener in listeners}
+    ports = dict(values["ports"] or ())
+    for name in ports:
+        if name not in names:
+            r.problem("autoconfig", "ports", f"there is no [listener:{name}]")
+        elif name not in {listener.name for listener in shown}:
+            r.problem("autoconfig", "ports", f"[listener:{name}] is not advertised "
+                      "(it needs tls = starttls or implicit and auth = required or optional)")
+    for listener in shown:
+        if listener.name not in ports and not endpointPort(listener.endpoint):
+            r.problem("autoconfig", "ports", f"[listener:{listener.name}] endpoint "
+                      f"{listener.endpoint!r} names no port clients can reach: "
+                      f"add {listener.name}:PORT")
+    if auth is not None and auth["mechanisms"] and not authenticationMethods(auth["mechanisms"]):
+        r.problem("autoconfig", None, f"none of the [auth] mechanisms "
+                  f"({' '.join(auth['mechanisms'])}) is one mail clients can be told to use "
+                  "(PLAIN or LOGIN, CRAM-MD5, OAUTHBEARER or XOAUTH2)")
+
+    hostname = values["hostname"]
+    if hostname is None and "hostname" not in parser["autoconfig"]:
+        hostname = server["hostname"]
+        if hostname is not None and not HOSTNAME.fullmatch(hostname.rstrip(".")):
+            r.problem("autoconfig", "hostname", f"the [server] hostname {hostname!r} is not a "
+                      "host name mail clients accept: set the public one here")
+    display = values["display_name"]
+    if display is None and "display_name" not in parser["autoconfig"]:
+        domains = delivery["local_domains"] if delivery is not None else None
+        display = sorted(domains)[0] if domains else hostname
+    if None in (values["endpoint"], hostname, display):
+        return None
+    return AutoconfigConfig(
+        endpoint=values["endpoint"],
+        hostname=hostname.rstrip(".").lower(),
+        display_name=display,
+        ports=tuple(sorted(ports.items())),
+        incoming=values["incoming"] or (),
+    )
+
+
+def endpointPort(description: str) -> Optional[int]:
+    """
+    The TCP port a C{tcp:} or C{tcp6:} server endpoint string binds, or
+    L{None} when it names none a client could use (port 0, C{unix:},
+    C{systemd:}).
+    """
+    kind, _, rest = description.partition(":")
+    if kind.lower() not in ("tcp", "tcp6"):
+        return None
+    args = re.split(r"(?<!\\):", rest)
+    keywords = dict(a.split("=", 1) for a in args if "=" in a)
+    positional = [a for a in args if "=" not in a]
+    port = keywords.get("port", positional[0] if positional else "")
+    try:
+        value = int(port)
+    except ValueError:
+        return None
+    return value if 0 < value < 65536 else None
 
 
 def _checkEndpoint(r: _Reader, section: str, description: str) -> None:
@@ -413,11 +588,9 @@ def _checkEndpoint(r: _Reader, section: str, description: str) -> None:
         # session waits for the header.
         r.problem(section, "endpoint", f"{description!r}: haproxy: endpoints are not supported")
     elif kind in ("ssl", "tls"):
-        r.problem(
-            section,
-            "endpoint",
-            f"{description!r}: use a tcp: endpoint with tls = implicit instead of {kind}:",
-        )
+        instead = ("a tcp: endpoint with tls = implicit" if section.startswith("listener:")
+                   else "a tcp: endpoint behind a web server that does TLS")
+        r.problem(section, "endpoint", f"{description!r}: use {instead} instead of {kind}:")
     elif kind not in known:
         r.problem(section, "endpoint", f"{description!r}: unknown endpoint type {kind!r}")
 

@@ -195,6 +195,12 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None
         listening = strports.service(listener.endpoint, wrapped, reactor=reactor)
         listening.setName(f"listener:{listener.name}")
         listening.setServiceParent(top)
+    if cfg.autoconfig is not None:
+        from mailauth.autoconfig import makeSite
+
+        web = strports.service(cfg.autoconfig.endpoint, makeSite(cfg, reactor), reactor=reactor)
+        web.setName("autoconfig")
+        web.setServiceParent(top)
 
     def reloadFiles() -> None:
         try:

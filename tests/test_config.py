@@ -164,3 +164,133 @@ class ValueTests(unittest.TestCase):
         self.assertEqual(parseDuration("5d"), 432000)
         self.assertEqual(parseDuration("1.5"), 1.5)
         self.assertRaises(ValueError, parseDuration, "5 minutes")
+
+
+class AutoconfigTests(unittest.TestCase):
+    """The optional [autoconfig] section, checked against the listeners."""
+
+    TLS = MINIMAL.replace("tls = none", "tls = starttls") + """
+[tls]
+certificate = /c
+private_key = /k
+"""
+
+    def problems(self, text: str) -> tuple:
+        return self.assertRaises(ConfigError, loadText, text, "test.conf").problems
+
+    def test_defaults(self) -> None:
+        """
+        The public host name defaults to [server] hostname, the display name
+        to the first local domain; ports come from the endpoints.
+        """
+        cfg = loadText(self.TLS + "\n[server]\nhostname = Mail.Example.ORG\n"
+                       "\n[autoconfig]\nendpoint = tcp:8080:interface=127.0.0.1\n")
+        self.assertEqual(cfg.autoconfig, config.AutoconfigConfig(
+            endpoint="tcp:8080:interface=127.0.0.1", hostname="mail.example.org",
+            display_name="example.org", ports=(), incoming=()))
+        self.assertIsNone(loadText(self.TLS).autoconfig)
+
+    def test_everyKey(self) -> None:
+        """hostname, display_name, ports and incoming (imaps/imap/pop3s/pop3 URLs) are read."""
+        cfg = loadText(self.TLS + """
+[autoconfig]
+endpoint = unix:/run/mailauth-autoconfig.sock
+hostname = smtp.example.org.
+display_name = Example Mail
+ports = submission:587
+incoming = imaps://imap.example.org imap://imap.example.org:1143, pop3s://pop.example.org
+""")
+        a = cfg.autoconfig
+        self.assertEqual((a.hostname, a.display_name, a.ports),
+                         ("smtp.example.org", "Example Mail", (("submission", 587),)))
+        self.assertEqual(a.incoming, (
+            config.MailServer("imap", "imap.example.org", 993, "implicit"),
+            config.MailServer("imap", "imap.example.org", 1143, "starttls"),
+            config.MailServer("pop3", "pop.example.org", 995, "implicit")))
+
+    def test_endpointChecked(self) -> None:
+        """The endpoint is checked like a listener's; ssl: points at the web server in front."""
+        [problem] = self.problems(self.TLS + "\n[autoconfig]\nendpoint = tpc:8080\n")
+        self.assertEqual(problem, "test.conf: [autoconfig] endpoint: 'tpc:8080': "
+                                  "unknown endpoint type 'tpc'")
+        [problem] = self.problems(self.TLS + "\n[autoconfig]\nendpoint = ssl:443\n")
+        self.assertIn("use a tcp: endpoint behind a web server that does TLS", problem)
+        [problem] = self.problems(self.TLS + "\n[autoconfig]\nhostname = x\n")
+        self.assertEqual(problem, "test.conf: [autoconfig] endpoint: missing (this key is "
+                                  "required)")
+
+    def test_portNeeded(self) -> None:
+        """An advertised listener whose endpoint names no usable port needs ports = NAME:PORT."""
+        text = self.TLS.replace("tcp:2587", "systemd:domain=INET:index=0")
+        [problem] = self.problems(text + "\n[autoconfig]\nendpoint = tcp:8080\n")
+        self.assertEqual(problem, "test.conf: [autoconfig] ports: [listener:submission] "
+                                  "endpoint 'systemd:domain=INET:index=0' names no port clients "
+                                  "can reach: add submission:PORT")
+        cfg = loadText(text + "\n[autoconfig]\nendpoint = tcp:8080\nports = submission:587\n")
+        self.assertEqual(cfg.autoconfig.ports, (("submission", 587),))
+
+    def test_portsChecked(self) -> None:
+        """ports must name advertised listeners, each as NAME:PORT."""
+        text = self.TLS + "\n[listener:mx]\nendpoint = tcp:25\nauth = none\n[autoconfig]\n" \
+                          "endpoint = tcp:8080\nports = PORTS\n"
+        [problem] = self.problems(text.replace("PORTS", "submision:587"))
+        self.assertEqual(problem, "test.conf: [autoconfig] ports: there is no "
+                                  "[listener:submision]")
+        [problem] = self.problems(text.replace("PORTS", "mx:25"))
+        self.assertIn("[autoconfig] ports: [listener:mx] is not advertised", problem)
+        [problem] = self.problems(text.replace("PORTS", "submission"))
+        self.assertIn("'submission' is not LISTENER:PORT", problem)
+        [problem] = self.problems(text.replace("PORTS", "submission:99999"))
+        self.assertIn("'99999' is not a port number", problem)
+
+    def test_nothingToAdvertise(self) -> None:
+        """Without a TLS listener offering AUTH there is nothing to advertise: an error."""
+        [problem] = self.problems(MINIMAL + "\n[autoconfig]\nendpoint = tcp:8080\n")
+        self.assertIn("[autoconfig]: no listener has tls = starttls or implicit", problem)
+
+    def test_badValues(self) -> None:
+        """Bad incoming URLs, host names and display names are named one line each."""
+        problems = self.problems(self.TLS + """
+[autoconfig]
+endpoint = tcp:8080
+hostname = -mail.example.org
+display_name = a\x07b
+incoming = https://imap.example.org
+""")
+        self.assertEqual(len(problems), 3, problems)
+        joined = "\n".join(problems)
+        self.assertIn("[autoconfig] hostname: '-mail.example.org' is not a host name", joined)
+        self.assertIn("[autoconfig] display_name: 'a\\x07b' has control characters", joined)
+        self.assertIn("[autoconfig] incoming: 'https://imap.example.org' is not "
+                      "imaps://HOST[:PORT]", joined)
+
+    def test_serverHostnameUnusable(self) -> None:
+        """A [server] hostname clients would refuse must be replaced by a public one."""
+        [problem] = self.problems(self.TLS + "\n[server]\nhostname = mail..example\n"
+                                  "\n[autoconfig]\nendpoint = tcp:8080\n")
+        self.assertIn("[autoconfig] hostname: the [server] hostname 'mail..example' is not",
+                      problem)
+
+    def test_mechanismsWithoutClientName(self) -> None:
+        """
+        Mechanisms that no client can be told to use (SCRAM alone) leave
+        nothing to advertise: an error. (SCRAM is patched into the known
+        mechanisms until it is implemented.)
+        """
+        self.patch(config, "KNOWN_MECHANISMS", config.KNOWN_MECHANISMS + ("SCRAM-SHA-256",))
+        text = self.TLS.replace("[auth]", "[auth]\nmechanisms = MECHANISMS") + \
+            "\n[autoconfig]\nendpoint = tcp:8080\n"
+        [problem] = self.problems(text.replace("MECHANISMS", "SCRAM-SHA-256"))
+        self.assertEqual(problem, "test.conf: [autoconfig]: none of the [auth] mechanisms "
+                                  "(SCRAM-SHA-256) is one mail clients can be told to use "
+                                  "(PLAIN or LOGIN, CRAM-MD5, OAUTHBEARER or XOAUTH2)")
+        loadText(text.replace("MECHANISMS", "SCRAM-SHA-256 PLAIN"))
+
+    def test_endpointPort(self) -> None:
+        """endpointPort reads tcp:/tcp6: ports, positional or port=, and nothing else."""
+        self.assertEqual(config.endpointPort("tcp:587"), 587)
+        self.assertEqual(config.endpointPort("tcp:interface=127.0.0.1:port=2587"), 2587)
+        self.assertEqual(config.endpointPort("tcp6:465:interface=\\:\\:1"), 465)
+        for description in ("tcp:0", "tcp:abc", "unix:/run/x.sock",
+                            "systemd:domain=INET:index=0", "tcp:70000"):
+            self.assertIsNone(config.endpointPort(description), description)
