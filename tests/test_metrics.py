@@ -379,6 +379,14 @@ class ServiceTests(unittest.TestCase):
         self.assertEqual(scraped[key], 0)
         self.assertIn(("process_open_fds", ()), scraped)
 
+    def test_runsWithoutPrometheus(self) -> None:
+        """Without [metrics] the daemon is built and listens with prometheus_client absent."""
+        with withoutPrometheus():
+            daemon = Daemon(self.mktemp())
+            daemon.start()
+        self.addCleanup(daemon.stop)
+        self.assertEqual(sorted(daemon.ports), ["submission", "submissions"])
+
     def test_notServedWithoutSection(self) -> None:
         """Without [metrics] nothing more listens."""
         daemon = Daemon(self.mktemp())
