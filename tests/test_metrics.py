@@ -23,13 +23,24 @@ from mailauth import config as configmod
 from mailauth import metrics as metricsmod
 from mailauth import tap
 from mailauth.metrics import Metrics, metricsService
-from tests.support import LogWatcher
-from tests.test_config import MINIMAL
-from tests.test_e2e import Daemon
+from tests.harness import Daemon, LogWatcher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DASHBOARD = os.path.join(ROOT, "etc", "grafana", "mailauth-dashboard.json")
-METRICS_SECTION = "\n[metrics]\nendpoint = tcp:0:interface=127.0.0.1\n"
+METRICS = {"metrics": {"endpoint": "tcp:0:interface=127.0.0.1"}}
+MINIMAL = """
+[listener:submission]
+endpoint = tcp:2587
+tls = none
+auth = optional
+
+[auth]
+users = /etc/mailauth/users
+
+[delivery]
+local_domains = example.org
+maildir = /var/mail/{domain}/{localpart}/Maildir
+"""
 
 
 def withoutPrometheus():
@@ -369,7 +380,7 @@ class ServiceTests(unittest.TestCase):
         With [metrics], the daemon serves /metrics, with the series of its
         own listeners and mechanisms.
         """
-        daemon = Daemon(self.mktemp(), extra=METRICS_SECTION)
+        daemon = Daemon(self.mktemp(), settings=METRICS)
         daemon.start()
         self.addCleanup(daemon.stop)
         scraped = yield Scraper(listeningPort(daemon.service.getServiceNamed("metrics"))).scrape()

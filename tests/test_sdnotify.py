@@ -24,9 +24,9 @@ from twisted.trial import unittest
 
 from mailauth import sdnotify, tap
 from mailauth.sdnotify import Notifier, ReadinessService
-from tests.support import ClockedReactor, LogWatcher, RawClient
-from tests.test_e2e import Daemon
-from tests.test_metrics import METRICS_SECTION
+from tests.harness import ClockedReactor, Daemon, LogWatcher, RawClient
+
+METRICS = {"metrics": {"endpoint": "tcp:0:interface=127.0.0.1"}}
 
 
 class Receiver:
@@ -283,7 +283,7 @@ class DaemonTests(unittest.TestCase):
     def setUp(self) -> None:
         self.receiver = Receiver(self)
         self.clock = task.Clock()
-        self.daemon = Daemon(self.mktemp(), extra=METRICS_SECTION)
+        self.daemon = Daemon(self.mktemp(), settings=METRICS)
         environ = {"NOTIFY_SOCKET": self.receiver.address, "WATCHDOG_USEC": "30000000"}
         self.daemon.service = tap.buildService(self.daemon.config, RunningReactor(self.clock),
                                                environ=environ)
@@ -348,7 +348,7 @@ class TwistdTests(unittest.TestCase):
         fork).
         """
         receiver = Receiver(self)
-        daemon = Daemon(self.mktemp(), extra=METRICS_SECTION)
+        daemon = Daemon(self.mktemp(), settings=METRICS)
         environ = dict(os.environ, NOTIFY_SOCKET=receiver.address, WATCHDOG_USEC="200000")
         process = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
