@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
-from typing import Iterable
+from typing import Any, Iterable, cast
 from xml.parsers import expat
 
 import attrs
@@ -74,11 +74,12 @@ class ClientSettings:
         prefers) and the incoming servers of C{cfg.autoconfig}.
         """
         auto = cfg.autoconfig
+        assert auto is not None, "only called with an [autoconfig] section"
         ports = dict(auto.ports)
         methods = authenticationMethods(cfg.auth.mechanisms)
         outgoing = tuple(
             Server("smtp", auto.hostname,
-                   ports.get(listener.name) or configmod.endpointPort(listener.endpoint),
+                   cast(int, ports.get(listener.name) or configmod.endpointPort(listener.endpoint)),
                    listener.tls, methods)
             for listener in advertised(cfg.listeners)
         )
@@ -261,7 +262,7 @@ class Autodiscover(resource.Resource):
 
     def render_POST(self, request: server.Request) -> bytes:
         try:
-            address, schema = readAutodiscoverRequest(request.content.read())
+            address, schema = readAutodiscoverRequest(cast(Any, request.content).read())
         except AutodiscoverRequestError as e:
             return _xml(request, autodiscoverError(600, "Invalid Request", str(e)), 400)
         if schema != OUTLOOK_RESPONSE_NS:
@@ -292,7 +293,7 @@ class _LimitedRequest(server.Request):
             if self._received - len(data) <= MAX_REQUEST_BODY:
                 log.info("autoconfig: request body over {limit} bytes from {client}: dropped",
                          limit=MAX_REQUEST_BODY, client=self.getClientAddress())
-                self.channel.transport.loseConnection()
+                cast(Any, self.channel.transport).loseConnection()
             return
         super().handleContentChunk(data)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import importlib.util
 import re
 import socket
 from typing import Callable, Iterable, Optional
@@ -119,6 +120,11 @@ class AutoconfigConfig:
 
 
 @attrs.frozen
+class MetricsConfig:
+    endpoint: str
+
+
+@attrs.frozen
 class Config:
     path: str
     server: ServerConfig
@@ -128,6 +134,7 @@ class Config:
     delivery: DeliveryConfig
     relay: Optional[RelayConfig]
     autoconfig: Optional[AutoconfigConfig] = None
+    metrics: Optional[MetricsConfig] = None
 
 
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
@@ -372,6 +379,9 @@ _SCHEMA: dict = {
         "ports": (_ports, None),
         "incoming": (_incoming, None),
     },
+    "metrics": {
+        "endpoint": (_text, REQUIRED),
+    },
 }
 
 
@@ -473,6 +483,9 @@ def loadText(text: str, path: str = "<string>") -> Config:
     relay = r.section("relay", "relay") if parser.has_section("relay") else None
     if relay is not None and relay["username"] and not relay["password_file"]:
         r.problem("relay", "password_file", "missing: username is set, so a password is needed")
+    metrics = r.section("metrics", "metrics") if parser.has_section("metrics") else None
+    if metrics is not None:
+        _checkMetrics(r, metrics["endpoint"])
 
     autoconfig = None
     if parser.has_section("autoconfig"):
@@ -490,6 +503,7 @@ def loadText(text: str, path: str = "<string>") -> Config:
         delivery=DeliveryConfig(**delivery),
         relay=RelayConfig(**relay) if relay is not None else None,
         autoconfig=autoconfig,
+        metrics=MetricsConfig(**metrics) if metrics is not None else None,
     )
 
 
@@ -566,6 +580,21 @@ def endpointPort(description: str) -> Optional[int]:
     except ValueError:
         return None
     return value if 0 < value < 65536 else None
+
+
+def _checkMetrics(r: _Reader, endpoint: Optional[str]) -> None:
+    """The [metrics] endpoint is an endpoint, and prometheus_client can be imported."""
+    if endpoint:
+        if endpoint.split(":", 1)[0].lower() in ("ssl", "tls"):
+            r.problem("metrics", "endpoint",
+                      f"{endpoint!r}: not for metrics (SIGHUP would not reload its "
+                      "certificate); listen on 127.0.0.1 or behind a TLS proxy")
+        else:
+            _checkEndpoint(r, "metrics", endpoint)
+    if importlib.util.find_spec("prometheus_client") is None:
+        r.problem("metrics", None,
+                  "needs the Python package prometheus_client (Debian: apt install "
+                  "python3-prometheus-client; pip: pip install 'mailauth[metrics]')")
 
 
 def _checkEndpoint(r: _Reader, section: str, description: str) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Optional, cast
+from typing import Any, Mapping, Optional, cast
 
 from twisted.application import internet, service, strports
 from twisted.cred.portal import Portal
@@ -16,11 +16,13 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from mailauth import config as configmod
+from mailauth import sdnotify
 from mailauth.addressmap import AddressMap
 from mailauth.checkers import CramMD5Checker, PasswordChecker
 from mailauth.checks import checkFiles
 from mailauth.esmtp import SubmissionFactory
 from mailauth.forward import QueueService
+from mailauth.metrics import Metrics, metricsService
 from mailauth.realm import LocalDelivery, Realm, Router
 from mailauth.relay import RelayConnector
 from mailauth.spool import Queue
@@ -81,7 +83,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     """Build the whole daemon from validated options."""
     if reactor is None:
         from twisted.internet import reactor
-    return buildService(options.config, reactor, _runAs(options))
+    return buildService(options.config, reactor, _runAs(options), os.environ)
 
 
 def _runAs(options: Options) -> Optional[tuple]:
@@ -104,16 +106,18 @@ def _chownTree(path: str, owner: tuple) -> None:
             os.chown(os.path.join(top, name), *owner, follow_symlinks=False)
 
 
-def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None
-                 ) -> service.MultiService:
+def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
+                 environ: Optional[Mapping[str, str]] = None) -> service.MultiService:
     """
     Make and wire every part of the daemon.
 
     @param runAs: (uid, gid) the process will run as once the ports are
         bound (twistd's C{--uid}/C{--gid}): the state directory made here,
         while still root, is given to it.
+    @param environ: the process environment, for systemd's C{NOTIFY_SOCKET}.
     """
     top = service.MultiService()
+    metrics = Metrics.fromConfig(cfg)
     os.makedirs(cfg.server.state_dir, mode=0o750, exist_ok=True)
 
     users = UserDatabase(cfg.auth.users)
@@ -222,4 +226,11 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None
     reloader.clock = reactor
     reloader.setServiceParent(top)
     _Signals(reactor, reloadAll).setServiceParent(top)
+    if cfg.metrics is not None:
+        metricsService(cfg.metrics.endpoint, metrics, reactor).setServiceParent(top)
+    # Last, so that it starts after every port listens and stops first.
+    ports = [s for s in top if isinstance(s, internet.StreamServerEndpointService)]
+    notifier = sdnotify.fromEnvironment(environ or {}, reactor, ports)
+    if notifier is not None:
+        notifier.setServiceParent(top)
     return top

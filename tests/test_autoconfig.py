@@ -27,8 +27,7 @@ from mailauth.autoconfig import (
     readAutodiscoverRequest,
 )
 from mailauth.config import loadText
-from tests.support import LogWatcher
-from tests.test_e2e import Daemon
+from tests.harness import Daemon, LogWatcher
 
 AUTOCONFIG = """
 [autoconfig]
@@ -456,7 +455,7 @@ class HTTPMixin:
     def setUp(self):
         self.log = LogWatcher()
         self.addCleanup(self.log.stop)
-        self.daemon = Daemon(self.mktemp(), self.extra)
+        self.daemon = Daemon(self.mktemp(), extra=self.extra)
         self.addCleanup(self.daemon.stop)
         self.daemon.start()
         found = []

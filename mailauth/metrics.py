@@ -1,0 +1,435 @@
+"""Every number an operator scrapes from C{/metrics}, defined once, and the server for them."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import attrs
+from twisted.application import internet, strports
+from twisted.web import resource, server
+
+# The fixed label values; anything else is a bug at the call site, and
+# raises ValueError whether metrics are served or not, so tests catch it.
+
+#: C{result} of L{Metrics.authResult}.
+AUTH_RESULTS = ("success", "failure", "suspended", "unavailable")
+
+#: C{reason} of L{Metrics.connectionRefused}: the 421 before the greeting.
+CONNECTION_REFUSALS = ("blocked", "too_many", "too_many_from_address")
+
+#: C{reason} of L{Metrics.messageRefused}: why a transaction (or one of its
+#: recipients) was refused.
+REFUSAL_REASONS = (
+    "auth_required",  # 530 5.7.0 MAIL before AUTH
+    "sender_refused",  # 553 5.7.1 MAIL FROM an address the login may not use
+    "relay_denied",  # 554 5.7.1 RCPT to another domain without AUTH or relay
+    "unknown_user",  # 550 5.1.1 RCPT to an unknown local address
+    "too_many_recipients",  # 452 4.5.3
+    "too_big",  # 552 5.3.4 by SIZE= or at the end of DATA
+    "bare_newline",  # 550 5.6.2 bare CR or LF in DATA
+    "nul",  # 550 5.6.0 NUL in DATA
+    "header_from",  # 550 5.7.1 a From: address the login may not use
+    "limit",  # 451 4.7.1 a [limits] sending limit
+    "storage",  # 451/452 the message could not be stored
+    "temporary",  # 451 4.3.0 any other temporary failure (a validator failed)
+)
+
+#: C{outcome} of L{Metrics.relayAttempt}, one per message handed to the relay.
+RELAY_OUTCOMES = ("sent", "deferred", "bounced", "error")
+
+#: C{limit} of L{Metrics.limitHit}: the C{[limits]} keys.
+LIMITS = ("messages_per_hour", "recipients_per_hour", "messages_per_day", "recipients_per_day")
+
+# From a local fsync (milliseconds) to a slow disk or a busy pool (seconds).
+DELIVERY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# One message over the Internet, TLS and AUTH included when a session is new.
+RELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+QUEUE_SIZE = "mailauth_queue_messages"
+QUEUE_OLDEST_AGE = "mailauth_queue_oldest_age_seconds"
+
+
+@attrs.frozen
+class _Definition:
+    kind: str
+    name: str
+    help: str
+    labels: tuple = ()
+    buckets: tuple = ()
+
+
+# Counters are named without _total: prometheus_client adds it.
+_DEFINITIONS = {
+    "connections": _Definition(
+        "counter", "mailauth_connections", "Connections accepted, by listener.", ("listener",)
+    ),
+    "connectionsRefused": _Definition(
+        "counter",
+        "mailauth_connections_refused",
+        "Connections refused with 421 before the greeting, by listener and reason.",
+        ("listener", "reason"),
+    ),
+    "connectionsOpen": _Definition(
+        "gauge", "mailauth_connections_open", "Sessions open now, by listener.", ("listener",)
+    ),
+    "auth": _Definition(
+        "counter",
+        "mailauth_auth",
+        "AUTH exchanges that reached a verdict, by mechanism and result.",
+        ("mechanism", "result"),
+    ),
+    "messagesAccepted": _Definition(
+        "counter", "mailauth_messages_accepted", "Messages accepted with 250 after DATA."
+    ),
+    "recipientsAccepted": _Definition(
+        "counter", "mailauth_recipients_accepted", "Recipients of the messages accepted."
+    ),
+    "messagesRefused": _Definition(
+        "counter",
+        "mailauth_messages_refused",
+        "Transactions or recipients refused, by reason.",
+        ("reason",),
+    ),
+    "delivery": _Definition(
+        "histogram",
+        "mailauth_delivery_seconds",
+        "Time from the end of DATA to the 250 reply (storing and fsyncing the message).",
+        buckets=DELIVERY_BUCKETS,
+    ),
+    "relayAttempts": _Definition(
+        "counter",
+        "mailauth_relay_attempts",
+        "Messages handed to the relay, by outcome.",
+        ("outcome",),
+    ),
+    "relay": _Definition(
+        "histogram",
+        "mailauth_relay_seconds",
+        "Time of one relay attempt of one message, connecting included when needed.",
+        buckets=RELAY_BUCKETS,
+    ),
+    "throttleBlocks": _Definition(
+        "counter",
+        "mailauth_throttle_blocks",
+        "Client addresses blocked after too many failed logins.",
+    ),
+    "limitHits": _Definition(
+        "counter",
+        "mailauth_limit_hits",
+        "MAIL or RCPT refused because a login reached a sending limit, by limit.",
+        ("limit",),
+    ),
+    "counterStoreFallbacks": _Definition(
+        "counter",
+        "mailauth_counter_store_fallbacks",
+        "Counter store operations answered without the store because it was unreachable.",
+    ),
+}
+
+
+class _Nothing:
+    """Stands for every metric when none are served: takes every update, keeps nothing."""
+
+    def labels(self, *args, **kwargs) -> _Nothing:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+_NOTHING = _Nothing()
+
+
+def _check(value: str, allowed: tuple, what: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{value!r} is not a {what} ({', '.join(allowed)})")
+
+
+class Metrics:
+    """
+    The events mailauth counts, as methods the rest of the code calls.
+
+    The same object exists whether or not C{[metrics]} is configured: built
+    without a registry (C{Metrics()}) every method only checks its
+    arguments, and nothing needs C{prometheus_client}.
+
+    @ivar registry: the private C{prometheus_client.CollectorRegistry} that
+        holds the metrics, or L{None} when they are not served.
+    """
+
+    # One per metric of _DEFINITIONS, set by __init__.
+    _connections: Any
+    _connectionsRefused: Any
+    _connectionsOpen: Any
+    _auth: Any
+    _messagesAccepted: Any
+    _recipientsAccepted: Any
+    _messagesRefused: Any
+    _delivery: Any
+    _relayAttempts: Any
+    _relay: Any
+    _throttleBlocks: Any
+    _limitHits: Any
+    _counterStoreFallbacks: Any
+
+
+    def __init__(self, registry=None, *, listeners: Iterable[str] = (),
+                 mechanisms: Iterable[str] = ()) -> None:
+        """
+        @param registry: a C{prometheus_client.CollectorRegistry} to define
+            the metrics in, or L{None} for none (see L{prometheus}).
+        @param listeners: listener names, whose series start at zero.
+        @param mechanisms: SASL mechanism names, whose series start at zero.
+        """
+        self.registry = registry
+        self._queueProbe: Optional[Callable[[], tuple]] = None
+        if registry is None:
+            for attribute in _DEFINITIONS:
+                setattr(self, "_" + attribute, _NOTHING)
+            return
+        import prometheus_client
+
+        kinds = {
+            "counter": prometheus_client.Counter,
+            "gauge": prometheus_client.Gauge,
+            "histogram": prometheus_client.Histogram,
+        }
+        for attribute, d in _DEFINITIONS.items():
+            extra = {"buckets": d.buckets} if d.buckets else {}
+            metric = kinds[d.kind](d.name, d.help, d.labels, registry=registry, **extra)
+            setattr(self, "_" + attribute, metric)
+        registry.register(_QueueCollector(self))
+        # A series that exists from the start makes rate() and increase()
+        # right from the first event, not only from the second.
+        for listener in listeners:
+            self._connections.labels(listener)
+            self._connectionsOpen.labels(listener)
+            for reason in CONNECTION_REFUSALS:
+                self._connectionsRefused.labels(listener, reason)
+        for mechanism in mechanisms:
+            for result in AUTH_RESULTS:
+                self._auth.labels(mechanism, result)
+        for reason in REFUSAL_REASONS:
+            self._messagesRefused.labels(reason)
+        for outcome in RELAY_OUTCOMES:
+            self._relayAttempts.labels(outcome)
+        for limit in LIMITS:
+            self._limitHits.labels(limit)
+
+    @classmethod
+    def prometheus(cls, *, listeners: Iterable[str] = (), mechanisms: Iterable[str] = (),
+                   process: bool = True) -> Metrics:
+        """
+        Metrics in a new private registry (never prometheus_client's global
+        one, so that several services and tests in one process do not
+        collide).
+
+        @param process: add prometheus_client's C{process_*} (CPU, memory,
+            file descriptors) and C{python_info} metrics.
+        @raise ImportError: if prometheus_client is not installed.
+        """
+        from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+
+        registry = CollectorRegistry()
+        if process:
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+        return cls(registry, listeners=listeners, mechanisms=mechanisms)
+
+    @classmethod
+    def fromConfig(cls, cfg) -> Metrics:
+        """
+        Served metrics if the L{mailauth.config.Config} has a C{[metrics]}
+        section, else metrics that only check their arguments.
+        """
+        if cfg.metrics is None:
+            return cls()
+        return cls.prometheus(
+            listeners=[listener.name for listener in cfg.listeners],
+            mechanisms=cfg.auth.mechanisms,
+        )
+
+    # -- connections -------------------------------------------------------
+
+    def connectionAccepted(self, listener: str) -> None:
+        """A session starts on C{listener} (its greeting is sent)."""
+        self._connections.labels(listener).inc()
+        self._connectionsOpen.labels(listener).inc()
+
+    def connectionClosed(self, listener: str) -> None:
+        """A session that L{connectionAccepted} counted has ended."""
+        self._connectionsOpen.labels(listener).dec()
+
+    def connectionRefused(self, listener: str, reason: str) -> None:
+        """
+        A connection to C{listener} was refused before the greeting.
+
+        @param reason: one of L{CONNECTION_REFUSALS}.
+        """
+        _check(reason, CONNECTION_REFUSALS, "connection refusal reason")
+        self._connections.labels(listener).inc()
+        self._connectionsRefused.labels(listener, reason).inc()
+
+    # -- sessions ----------------------------------------------------------
+
+    def authResult(self, mechanism: str, result: str) -> None:
+        """
+        An AUTH exchange with C{mechanism} ended with a verdict.
+
+        @param result: one of L{AUTH_RESULTS}: C{success} (235),
+            C{failure} (535 for wrong credentials), C{suspended} (535 for a
+            suspended login with the right password), C{unavailable} (454).
+        """
+        _check(result, AUTH_RESULTS, "AUTH result")
+        self._auth.labels(mechanism, result).inc()
+
+    def messageAccepted(self, recipients: int, seconds: float) -> None:
+        """
+        A message was accepted (250 after DATA).
+
+        @param recipients: how many recipients it was accepted for.
+        @param seconds: the time from the end of DATA to the 250.
+        """
+        self._messagesAccepted.inc()
+        self._recipientsAccepted.inc(recipients)
+        self._delivery.observe(seconds)
+
+    def messageRefused(self, reason: str) -> None:
+        """
+        A transaction, a recipient or a message was refused.
+
+        @param reason: one of L{REFUSAL_REASONS}.
+        """
+        _check(reason, REFUSAL_REASONS, "refusal reason")
+        self._messagesRefused.labels(reason).inc()
+
+    # -- forward queue -----------------------------------------------------
+
+    def relayAttempt(self, outcome: str, seconds: float) -> None:
+        """
+        One message was handed to the relay.
+
+        @param outcome: one of L{RELAY_OUTCOMES}: C{error} if the session
+            failed as a whole (connection, TLS, AUTH, timeout); else
+            C{deferred} if a recipient got a 4xx, C{bounced} if one got a
+            5xx, C{sent} if every recipient was accepted.
+        @param seconds: how long it took, connecting included if a new
+            session was needed.
+        """
+        _check(outcome, RELAY_OUTCOMES, "relay outcome")
+        self._relayAttempts.labels(outcome).inc()
+        self._relay.observe(seconds)
+
+    def watchQueue(self, probe: Callable[[], tuple]) -> None:
+        """
+        Report the queue on every scrape.
+
+        @param probe: called on the reactor thread at each scrape; returns
+            C{(messages, oldestAge)}: how many messages are queued, and the
+            age in seconds of the oldest (0 when the queue is empty). It
+            must not block.
+        """
+        self._queueProbe = probe
+
+    # -- throttle and limits -----------------------------------------------
+
+    def addressBlocked(self) -> None:
+        """The throttle started refusing a client address."""
+        self._throttleBlocks.inc()
+
+    def limitHit(self, limit: str) -> None:
+        """
+        MAIL or RCPT was refused because a login reached C{limit}.
+
+        @param limit: one of L{LIMITS}.
+        """
+        _check(limit, LIMITS, "sending limit")
+        self._limitHits.labels(limit).inc()
+
+    def counterStoreFallback(self) -> None:
+        """The counter store (Redis) was unreachable and was done without."""
+        self._counterStoreFallbacks.inc()
+
+
+class _QueueCollector:
+    """Asks the queue for its size and age when the metrics are scraped."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list:
+        # Names only, without asking the queue (the registry calls this at
+        # registration, to refuse duplicate names).
+        return self._families(0, 0.0)
+
+    def collect(self) -> list:
+        probe = self._metrics._queueProbe
+        if probe is None:
+            return []
+        size, age = probe()
+        return self._families(size, age)
+
+    def _families(self, size: int, age: float) -> list:
+        from prometheus_client.core import GaugeMetricFamily
+
+        return [
+            GaugeMetricFamily(QUEUE_SIZE, "Messages in the forward queue.", value=size),
+            GaugeMetricFamily(
+                QUEUE_OLDEST_AGE,
+                "Age of the oldest message in the forward queue (0 when empty).",
+                value=age,
+            ),
+        ]
+
+
+class MetricsResource(resource.Resource):
+    """
+    C{/metrics}: the registry in the Prometheus text format, or in
+    OpenMetrics when the scraper asks for it, as prometheus_client's own
+    server negotiates.
+    """
+
+    def __init__(self, registry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request) -> bytes:
+        from prometheus_client.exposition import choose_encoder
+
+        accept = request.getHeader(b"accept")
+        encoder, contentType = choose_encoder(accept.decode("latin-1") if accept else "")
+        request.setHeader(b"content-type", contentType.encode("ascii"))
+        return encoder(self.registry)
+
+
+class _QuietSite(server.Site):
+    """A site that does not write an access-log line for every scrape."""
+
+    noisy = False
+
+    def log(self, request) -> None:
+        pass
+
+
+def metricsService(endpoint: str, metrics: Metrics,
+                   reactor) -> internet.StreamServerEndpointService:
+    """
+    The web server for C{/metrics} on C{endpoint}, any Twisted server
+    endpoint string, as a service named C{metrics}.
+
+    @raise ValueError: if C{metrics} were built without a registry.
+    """
+    if metrics.registry is None:
+        raise ValueError("these metrics have no registry to serve")
+    root = resource.Resource()
+    root.putChild(b"metrics", MetricsResource(metrics.registry))
+    site = _QuietSite(root, timeout=60, reactor=reactor)
+    service = strports.service(endpoint, site, reactor=reactor)
+    service.setName("metrics")
+    return service
