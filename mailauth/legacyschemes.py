@@ -160,7 +160,8 @@ def _pbkdf2Split(raw: bytes) -> tuple[bytes, int, bytes]:
         raise ValueError("a PBKDF2 hash is $1$SALT$ROUNDS$HEX")
     salt, rounds, key = fields
     if not re.fullmatch(rb"[0-9]{1,10}", rounds) or not 1 <= int(rounds) < 2**32:
-        raise ValueError(f"PBKDF2 rounds {rounds[:12]!r} is not a number from 1 to 2**32-1")
+        shown = rounds[:12].decode("ascii", "replace")
+        raise ValueError(f"PBKDF2 rounds {shown!r} is not a number from 1 to 2**32-1")
     if not re.fullmatch(rb"[0-9A-Fa-f]{40}", key):
         raise ValueError("PBKDF2 hash not 160bit hex-encoded")
     return salt, int(rounds), bytes.fromhex(key.decode("ascii"))

@@ -378,17 +378,19 @@ def _decode(value: str, name: str, suffix: Optional[str]) -> bytes:
     encoding = _ENCODINGS[suffix] if suffix else scheme.encoding
     if encoding == "none":
         raw: Optional[bytes] = data
+    elif suffix is None and scheme.size:
+        # Dovecot guesses, and falls back to base64 if hex fails.
+        raw = _fromHex(data) if len(data) == 2 * scheme.size else None
+        raw = _fromBase64(data) if raw is None else raw
+        if raw is None or len(raw) != scheme.size:
+            raise ValueError(
+                f"{name}: {_preview(data)!r} is neither {2 * scheme.size} hex digits"
+                f" nor the base64 of {scheme.size} bytes"
+            )
     else:
-        guessed = suffix is None and scheme.size > 0
-        if guessed:
-            encoding = "hex" if len(data) == 2 * scheme.size else "base64"
-        raw = _fromHex(data) if encoding == "hex" else None
-        if raw is None and encoding == "hex" and not guessed:
-            raise ValueError(f"{name}: {_preview(data)!r} is not hex")
+        raw = _fromHex(data) if encoding == "hex" else _fromBase64(data)
         if raw is None:
-            raw = _fromBase64(data)
-        if raw is None:
-            raise ValueError(f"{name}: {_preview(data)!r} is not base64")
+            raise ValueError(f"{name}: {_preview(data)!r} is not {encoding}")
     if scheme.size and len(raw) != scheme.size:
         raise ValueError(f"{name}: the value is {len(raw)} bytes long, not {scheme.size}")
     return raw
