@@ -458,8 +458,11 @@ _SCHEMES["HMAC-MD5"] = _SCHEMES["CRAM-MD5"]
 for _name in PLAINTEXT_SCHEMES:
     _SCHEMES[_name] = Scheme(_plainCheck, _plainVerify, lambda password, login: password)
 _SCHEMES.update(LEGACY_SCHEMES)
-# SCRAM-SHA-1 and SCRAM-SHA-256 ({SCRAM-SHA-256}ITERATIONS,SALT,STOREDKEY,SERVERKEY,
-# encoding "none") are Scheme entries from mailauth/scram.py, added here.
+# SCRAM-SHA-1 and SCRAM-SHA-256 belong here, from mailauth/scram.py:
+# _SCHEMES.update(scram.SCHEMES), each a Scheme whose raw value is
+# ITERATIONS,SALT,STOREDKEY,SERVERKEY (encoding "none", as doveadm prints it).
+# WEAK_SCHEMES, and test_passwords' FORMATS and WeakTests.STRONG, then say
+# where they stand.
 
 #: Every scheme name that L{parse} accepts and L{makeHash} produces (each
 #: may be followed by C{.B64} or C{.HEX} to choose the encoding).
