@@ -14,7 +14,13 @@ import attrs
 from mailauth import spool, userdb
 from mailauth.checks import checkFiles
 from mailauth.config import ConfigError, load
-from mailauth.passwords import DEFAULT_SCHEME, SCHEMES, makeHash
+from mailauth.passwords import DEFAULT_SCHEME, SCHEMES, makeHash, schemeName
+from mailauth.pwquality import (
+    BreachedListError,
+    PasswordPolicy,
+    PasswordRefused,
+    checkBreachedList,
+)
 
 
 class CommandError(Exception):
@@ -69,10 +75,10 @@ class Console:
 
 
 def _scheme(text: str) -> str:
-    name = text.upper()
-    if name not in SCHEMES:
-        raise argparse.ArgumentTypeError(f"unknown scheme {text!r} (known: {', '.join(SCHEMES)})")
-    return name
+    try:
+        return schemeName(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _schemeOption() -> argparse.ArgumentParser:
@@ -83,7 +89,33 @@ def _schemeOption() -> argparse.ArgumentParser:
         "--scheme",
         type=_scheme,
         default=DEFAULT_SCHEME,
-        help=f"password scheme (default {DEFAULT_SCHEME}; known: {' '.join(SCHEMES)})",
+        help=f"password scheme (default {DEFAULT_SCHEME}; known: {' '.join(SCHEMES)};"
+        " add .B64 or .HEX for that encoding)",
+    )
+    return parent
+
+
+def _minLength(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(text)
+
+
+def _qualityOptions() -> argparse.ArgumentParser:
+    """C{--min-length} and C{--breached}, for the commands that store a new password."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--min-length",
+        metavar="N",
+        type=_minLength,
+        help="refuse passwords of fewer characters (default: [auth] password_min_length"
+        " with --config, else 8)",
+    )
+    parent.add_argument(
+        "--breached",
+        metavar="PATH",
+        help="refuse passwords in this Have I Been Pwned SHA-1 list: the file ordered by"
+        " hash, or a directory of range files (default: [auth] breached_passwords)",
     )
     return parent
 
@@ -97,11 +129,43 @@ def _usersPath(args: argparse.Namespace) -> str:
     return load(args.config).auth.users
 
 
-def _hash(password: bytes, scheme: str) -> str:
+def _hash(password: bytes, scheme: str, login: Optional[str] = None) -> str:
     try:
-        return makeHash(password, scheme)
+        return makeHash(password, scheme, login)
     except ValueError as e:
         raise CommandError(str(e)) from None
+
+
+def _policy(args: argparse.Namespace) -> PasswordPolicy:
+    """
+    The options, else the configuration's [auth] keys, else the defaults;
+    a breached list that cannot be searched fails here, before a password
+    is asked for.
+    """
+    policy = PasswordPolicy()
+    if args.config is not None:
+        auth = load(args.config).auth
+        policy = PasswordPolicy(auth.password_min_length, auth.breached_passwords)
+    if args.min_length is not None:
+        policy = attrs.evolve(policy, minLength=args.min_length)
+    if args.breached is not None:
+        policy = attrs.evolve(policy, breached=args.breached)
+    if policy.breached is not None:
+        try:
+            checkBreachedList(policy.breached)
+        except BreachedListError as e:
+            raise CommandError(str(e)) from None
+    return policy
+
+
+def _newPassword(args: argparse.Namespace, console: Console, policy: PasswordPolicy) -> str:
+    """Read a new password, check it against C{policy}, and hash it."""
+    password = console.readPassword()
+    try:
+        policy.check(password)
+    except (PasswordRefused, BreachedListError) as e:
+        raise CommandError(str(e)) from None
+    return _hash(password, args.scheme, args.login)
 
 
 def _userAdd(args: argparse.Namespace, console: Console) -> None:
@@ -110,7 +174,8 @@ def _userAdd(args: argparse.Namespace, console: Console) -> None:
     # Fail before asking for a password; addUser checks again under its lock.
     if os.path.exists(path) and userdb.hasUser(path, args.login):
         raise CommandError(f"user {args.login} already exists in {path}")
-    userdb.addUser(path, args.login, _hash(console.readPassword(), args.scheme))
+    policy = _policy(args)
+    userdb.addUser(path, args.login, _newPassword(args, console, policy))
     console.stdout.write(f"{args.login}: added to {path}\n")
 
 
@@ -118,7 +183,8 @@ def _userPasswd(args: argparse.Namespace, console: Console) -> None:
     path = _usersPath(args)
     if not userdb.hasUser(path, args.login):
         raise CommandError(f"no user {args.login} in {path}")
-    userdb.setPassword(path, args.login, _hash(console.readPassword(), args.scheme))
+    policy = _policy(args)
+    userdb.setPassword(path, args.login, _newPassword(args, console, policy))
     console.stdout.write(f"{args.login}: password changed in {path}\n")
 
 
@@ -141,14 +207,15 @@ def _userCommand(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--users", metavar="FILE", help="the users file")
     group.add_argument("--config", metavar="PATH", help="the configuration naming the users file")
     scheme = _schemeOption()
+    quality = _qualityOptions()
     login = argparse.ArgumentParser(add_help=False)
     login.add_argument("login", metavar="LOGIN", help="the full address, like alice@example.org")
 
     user = commands.add_parser("user", help="manage the users file")
     actions = user.add_subparsers(dest="action", metavar="ACTION", required=True)
     for name, run, parents, text in [
-        ("add", _userAdd, [login, scheme, where], "add a user; the password is read"),
-        ("passwd", _userPasswd, [login, scheme, where], "set a user's password"),
+        ("add", _userAdd, [login, scheme, quality, where], "add a user; the password is read"),
+        ("passwd", _userPasswd, [login, scheme, quality, where], "set a user's password"),
         ("del", _userDel, [login, where], "delete a user"),
         ("list", _userList, [where], "list the users and their password schemes"),
     ]:
@@ -159,12 +226,15 @@ def _userCommand(commands: argparse._SubParsersAction) -> None:
 
 
 def _hashRun(args: argparse.Namespace, console: Console) -> None:
-    console.stdout.write(_hash(console.readPassword(), args.scheme) + "\n")
+    console.stdout.write(_hash(console.readPassword(), args.scheme, args.user) + "\n")
 
 
 def _hashCommand(commands: argparse._SubParsersAction) -> None:
     command = commands.add_parser(
         "hash", parents=[_schemeOption()], help="print a password hash, like doveadm pw"
+    )
+    command.add_argument(
+        "-u", "--user", metavar="LOGIN", help="the login the hash is for (DIGEST-MD5 needs it)"
     )
     command.set_defaults(run=_hashRun)
 

@@ -67,6 +67,8 @@ class AuthConfig:
     block_time: float
     max_tracked: int
     failures_per_session: int
+    password_min_length: int
+    breached_passwords: Optional[str]
 
 
 @attrs.frozen
@@ -349,6 +351,8 @@ _SCHEMA: dict = {
         "block_time": (parseDuration, "15m"),
         "max_tracked": (parsePositive, "10000"),
         "failures_per_session": (parsePositive, "3"),
+        "password_min_length": (parseInt, "8"),
+        "breached_passwords": (_text, None),
     },
     "delivery": {
         "local_domains": (_domains, REQUIRED),

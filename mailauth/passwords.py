@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ctypes
 import ctypes.util
 import hashlib
@@ -10,29 +12,50 @@ import math
 import re
 import secrets
 import struct
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import argon2.exceptions
 import argon2.low_level
 import attrs
 import bcrypt
 
-#: Every scheme name that L{parse} accepts and L{makeHash} produces.
-SCHEMES = (
-    "ARGON2ID",
-    "ARGON2I",
-    "BLF-CRYPT",
-    "SHA512-CRYPT",
-    "SHA256-CRYPT",
-    "CRYPT",
-    "CRAM-MD5",
-    "PLAIN",
-    "CLEAR",
-    "CLEARTEXT",
-)
+from mailauth.legacyschemes import LEGACY_SCHEMES, Scheme, cryptSalt
 
 #: The schemes that store the password itself.
 PLAINTEXT_SCHEMES = ("PLAIN", "CLEAR", "CLEARTEXT")
+
+#: The schemes whose users can answer CRAM-MD5 (L{cramMD5Digest}): the
+#: plaintext ones and Dovecot's stored HMAC-MD5 context, by either name.
+CRAM_MD5_SCHEMES = ("CRAM-MD5", "HMAC-MD5") + PLAINTEXT_SCHEMES
+
+#: The schemes that fall quickly to a guessing attack on a stolen users file:
+#: the password itself, the password-equivalents of the challenge mechanisms,
+#: fast digests (salted or not) and the old crypt(3) methods. L{isWeak} also
+#: looks inside CRYPT.
+WEAK_SCHEMES = (
+    "PLAIN",
+    "CLEAR",
+    "CLEARTEXT",
+    "PLAIN-TRUNC",
+    "CRAM-MD5",
+    "HMAC-MD5",
+    "DIGEST-MD5",
+    "PLAIN-MD4",
+    "PLAIN-MD5",
+    "LDAP-MD5",
+    "MD5",
+    "SHA",
+    "SHA1",
+    "SHA256",
+    "SHA512",
+    "SMD5",
+    "SSHA",
+    "SSHA256",
+    "SSHA512",
+    "MD5-CRYPT",
+    "DES-CRYPT",
+    "PBKDF2",
+)
 
 DEFAULT_SCHEME = "ARGON2ID"
 
@@ -60,10 +83,14 @@ class PasswordHash:
     @ivar value: the hash as C{doveadm pw} prints it after the C{{SCHEME}}
         prefix; for the plaintext schemes the password itself, which is why it
         is left out of C{repr}.
+    @ivar encoding: the encoding suffix written after the scheme name, in
+        upper case (C{B64}, C{BASE64} or C{HEX}, as in C{{SHA256.HEX}}), or
+        L{None} for the scheme's own.
     """
 
     scheme: str
     value: str = attrs.field(repr=False)
+    encoding: Optional[str] = None
 
 
 # -- the system's crypt(3), through libxcrypt's thread-safe entry points ---
@@ -87,6 +114,10 @@ _libcrypt.crypt_checksalt.restype = ctypes.c_int
 _CRYPT_DATA_SIZE = 32768
 # crypt_checksalt results that still verify: OK, METHOD_LEGACY, TOO_CHEAP.
 _CRYPT_SALT_USABLE = (0, 3, 4)
+# What crypt(3) methods a CRYPT value may use and not be weak (isWeak).
+_STRONG_CRYPT = (b"$2", b"$5$", b"$6$", b"$7$", b"$y$", b"$gy$", b"$argon2")
+# DES-CRYPT reads at most this many bytes of a password.
+_DES_MAX = 8
 
 
 def _crypt(password: bytes, setting: bytes) -> Optional[bytes]:
@@ -103,30 +134,65 @@ def _crypt(password: bytes, setting: bytes) -> Optional[bytes]:
     return result
 
 
-def _cryptGenerate(password: bytes, prefix: bytes) -> str:
+def _cryptWith(password: bytes, setting: Optional[bytes], name: str) -> bytes:
     if b"\0" in password:
         raise ValueError("a password for crypt(3) cannot contain a NUL byte")
-    salt = ctypes.create_string_buffer(256)
-    rbytes = secrets.token_bytes(16)
-    if not _libcrypt.crypt_gensalt_rn(prefix, 0, rbytes, len(rbytes), salt, len(salt)):
-        raise ValueError(f"the system's crypt(3) cannot make {prefix.decode()} hashes")
-    result = _crypt(password, salt.value)
+    result = _crypt(password, setting) if setting else None
     if result is None:
-        raise ValueError(f"the system's crypt(3) cannot make {prefix.decode()} hashes")
-    return result.decode("ascii")
+        raise ValueError(f"the system's crypt(3) cannot make {name} hashes")
+    return result
 
 
-def _cryptVerify(value: str, password: bytes) -> bool:
+def _cryptGenerate(password: bytes, prefix: bytes) -> bytes:
+    setting = ctypes.create_string_buffer(256)
+    rbytes = secrets.token_bytes(16)
+    if not _libcrypt.crypt_gensalt_rn(prefix, 0, rbytes, len(rbytes), setting, len(setting)):
+        setting.value = b""
+    return _cryptWith(password, setting.value, prefix.decode())
+
+
+def _desGenerate(password: bytes, login: Optional[str]) -> bytes:
+    # As doveadm: two salt characters, no prefix.
+    if len(password) > _DES_MAX:
+        raise ValueError(f"DES-CRYPT uses only the first {_DES_MAX} bytes of a password")
+    return _cryptWith(password, cryptSalt(2), "DES-CRYPT")
+
+
+def _cryptVerify(raw: bytes, password: bytes, login: Optional[str] = None) -> bool:
     if b"\0" in password:
         return False
-    expected = value.encode("utf-8", "surrogateescape")
-    result = _crypt(password, expected)
-    return result is not None and hmac.compare_digest(result, expected)
+    result = _crypt(password, raw)
+    return result is not None and hmac.compare_digest(result, raw)
 
 
-def _cryptCheck(value: str) -> None:
-    if not value.isascii() or _libcrypt.crypt_checksalt(value.encode()) not in _CRYPT_SALT_USABLE:
-        raise ValueError(f"{_preview(value)!r} is not a hash that this system's crypt(3) knows")
+def _cryptCheck(raw: bytes) -> None:
+    usable = raw.isascii() and b"\0" not in raw
+    if not usable or _libcrypt.crypt_checksalt(raw) not in _CRYPT_SALT_USABLE:
+        raise ValueError(f"{_preview(raw)!r} is not a hash that this system's crypt(3) knows")
+
+
+# -- MD5: Dovecot's name for MD5-CRYPT, which also reads PLAIN-MD5 digests -----
+
+
+def _md5Digest(raw: bytes) -> bytes:
+    """The MD5 digest in an C{{MD5}} value that is not MD5-crypt, read as PLAIN-MD5 is."""
+    try:
+        return _decode(_text(raw), "PLAIN-MD5", None)
+    except ValueError:
+        raise ValueError("not a valid MD5-CRYPT or PLAIN-MD5 password") from None
+
+
+def _md5Check(raw: bytes) -> None:
+    if raw.startswith(b"$1$"):
+        _SCHEMES["MD5-CRYPT"].check(raw)
+    else:
+        _md5Digest(raw)
+
+
+def _md5Verify(raw: bytes, password: bytes, login: Optional[str]) -> bool:
+    if raw.startswith(b"$1$"):
+        return _cryptVerify(raw, password)
+    return hmac.compare_digest(hashlib.md5(password).digest(), _md5Digest(raw))
 
 
 # -- bcrypt -----------------------------------------------------------------
@@ -138,18 +204,18 @@ def _bcryptPassword(password: bytes) -> Optional[bytes]:
     return password[:_BCRYPT_MAX]
 
 
-def _bcryptVerify(value: str, password: bytes) -> bool:
+def _bcryptVerify(raw: bytes, password: bytes, login: Optional[str]) -> bool:
     secret = _bcryptPassword(password)
     if secret is None:
         return False
     try:
         # bcrypt compares in constant time itself.
-        return bcrypt.checkpw(secret, value.encode("ascii"))
+        return bcrypt.checkpw(secret, raw)
     except ValueError:
         return False
 
 
-def _bcryptGenerate(password: bytes) -> str:
+def _bcryptGenerate(password: bytes, login: Optional[str]) -> bytes:
     secret = _bcryptPassword(password)
     if secret is None:
         raise ValueError("a password for bcrypt cannot contain a NUL byte")
@@ -158,7 +224,7 @@ def _bcryptGenerate(password: bytes) -> str:
     # $2y$ (PHP's, and doveadm's, name) and $2b$ are the same algorithm;
     # bcrypt keeps whichever prefix the salt has.
     salt = bcrypt.gensalt(_BCRYPT_COST, prefix=b"2b").replace(b"$2b$", b"$2y$", 1)
-    return bcrypt.hashpw(secret, salt).decode("ascii")
+    return bcrypt.hashpw(secret, salt)
 
 
 # -- argon2 -----------------------------------------------------------------
@@ -166,25 +232,25 @@ def _bcryptGenerate(password: bytes) -> str:
 _ARGON2_PATTERN = (
     r"\$(argon2id|argon2i)\$(v=\d+\$)?m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+"
 )
-_ARGON2_TYPES = {"argon2id": argon2.low_level.Type.ID, "argon2i": argon2.low_level.Type.I}
+_ARGON2_TYPES = {b"argon2id": argon2.low_level.Type.ID, b"argon2i": argon2.low_level.Type.I}
 
 
-def _argon2Verify(value: str, password: bytes) -> bool:
+def _argon2Verify(raw: bytes, password: bytes, login: Optional[str]) -> bool:
     # Like Dovecot (libsodium), verify by the type the string names.
-    kind = value.split("$", 2)[1]
+    kind = raw.split(b"$", 2)[1]
     try:
-        return argon2.low_level.verify_secret(value.encode("ascii"), password, _ARGON2_TYPES[kind])
+        return argon2.low_level.verify_secret(raw, password, _ARGON2_TYPES[kind])
     except argon2.exceptions.VerificationError:
         return False
 
 
-def _argon2Generate(password: bytes, scheme: str) -> str:
+def _argon2Generate(password: bytes, scheme: str) -> bytes:
     return argon2.low_level.hash_secret(
         password, secrets.token_bytes(16), parallelism=1, hash_len=32, **_ARGON2[scheme]
-    ).decode("ascii")
+    )
 
 
-# -- CRAM-MD5: Dovecot stores the HMAC-MD5 context ---------------------------
+# -- CRAM-MD5 (and HMAC-MD5): Dovecot stores the HMAC-MD5 context ------------
 #
 # Dovecot's {CRAM-MD5} is the MD5 state (words A, B, C, D, little-endian)
 # after one block of key XOR opad, then the state after key XOR ipad: the
@@ -230,7 +296,7 @@ def _md5Finish(state: tuple, data: bytes, done: int) -> bytes:
     return struct.pack("<4I", *state)
 
 
-def _cramContext(password: bytes) -> bytes:
+def _cramContext(password: bytes, login: Optional[str] = None) -> bytes:
     key = hashlib.md5(password).digest() if len(password) > 64 else password
     key = key.ljust(64, b"\0")
     outer = _md5Compress(_MD5_INIT, bytes(k ^ 0x5C for k in key))
@@ -238,13 +304,8 @@ def _cramContext(password: bytes) -> bytes:
     return struct.pack("<8I", *outer, *inner)
 
 
-def _cramCheck(value: str) -> None:
-    if not re.fullmatch(r"[0-9A-Fa-f]{64}", value):
-        raise ValueError(f"a CRAM-MD5 hash is 64 hex digits, not {_preview(value)!r}")
-
-
-def _cramVerify(value: str, password: bytes) -> bool:
-    return hmac.compare_digest(_cramContext(password), bytes.fromhex(value))
+def _cramVerify(raw: bytes, password: bytes, login: Optional[str]) -> bool:
+    return hmac.compare_digest(_cramContext(password), raw)
 
 
 def cramMD5Digest(stored: PasswordHash, challenge: bytes) -> Optional[bytes]:
@@ -253,90 +314,160 @@ def cramMD5Digest(stored: PasswordHash, challenge: bytes) -> Optional[bytes]:
 
     @return: the lower-case hex HMAC-MD5 of C{challenge} keyed with the
         password, or L{None} if C{stored} is of a scheme that cannot answer
-        CRAM-MD5 (anything but CRAM-MD5 and the plaintext schemes).
+        CRAM-MD5 (anything but L{CRAM_MD5_SCHEMES}).
     """
+    if stored.scheme not in CRAM_MD5_SCHEMES:
+        return None
+    raw = _decode(stored.value, stored.scheme, stored.encoding)
     if stored.scheme in PLAINTEXT_SCHEMES:
-        return hmac.new(_plainBytes(stored.value), challenge, "md5").hexdigest().encode("ascii")
-    if stored.scheme == "CRAM-MD5":
-        context = bytes.fromhex(stored.value)
-        outer = struct.unpack("<4I", context[:16])
-        inner = struct.unpack("<4I", context[16:])
-        return _md5Finish(outer, _md5Finish(inner, challenge, 64), 64).hex().encode("ascii")
-    return None
+        return hmac.new(raw, challenge, "md5").hexdigest().encode("ascii")
+    outer = struct.unpack("<4I", raw[:16])
+    inner = struct.unpack("<4I", raw[16:])
+    return _md5Finish(outer, _md5Finish(inner, challenge, 64), 64).hex().encode("ascii")
 
 
 # -- plaintext ----------------------------------------------------------------
 
 
-def _plainBytes(value: str) -> bytes:
-    # The users file is decoded with surrogateescape, so any bytes survive.
-    return value.encode("utf-8", "surrogateescape")
-
-
-def _plainCheck(value: str) -> None:
-    if not value:
+def _plainCheck(raw: bytes) -> None:
+    if not raw:
         raise ValueError("empty plaintext password")
 
 
-def _plainVerify(value: str, password: bytes) -> bool:
+def _plainVerify(raw: bytes, password: bytes, login: Optional[str]) -> bool:
     # Comparing digests hides the length of the stored password too.
-    return hmac.compare_digest(
-        hashlib.sha256(_plainBytes(value)).digest(), hashlib.sha256(password).digest()
-    )
+    return hmac.compare_digest(hashlib.sha256(raw).digest(), hashlib.sha256(password).digest())
+
+
+# -- Dovecot's encodings: .b64 / .base64 / .hex, else the scheme's own ------
+
+# Suffix, as written after the scheme name, to encoding.
+_ENCODINGS = {"B64": "base64", "BASE64": "base64", "HEX": "hex"}
+
+
+def _text(raw: bytes) -> str:
+    # The users file is decoded with surrogateescape, so any bytes survive.
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _fromHex(data: bytes) -> Optional[bytes]:
+    if not re.fullmatch(rb"(?:[0-9A-Fa-f]{2})*", data):
+        return None
+    return bytes.fromhex(data.decode("ascii"))
+
+
+def _fromBase64(data: bytes) -> Optional[bytes]:
+    # Dovecot skips white space in base64 and insists on the padding.
+    try:
+        return base64.b64decode(re.sub(rb"[ \t\r\n]", b"", data), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _decode(value: str, name: str, suffix: Optional[str]) -> bytes:
+    """
+    The raw value of C{{NAME.SUFFIX}value}, as Dovecot's C{password_decode}
+    reads it: without a suffix, a fixed-size digest of twice its size in
+    characters is hex (or else base64), any other length base64.
+
+    @raise ValueError: if C{value} is not in that encoding or has the
+        wrong size.
+    """
+    scheme = _SCHEMES[name]
+    data = value.encode("utf-8", "surrogateescape")
+    encoding = _ENCODINGS[suffix] if suffix else scheme.encoding
+    if encoding == "none":
+        raw: Optional[bytes] = data
+    elif suffix is None and scheme.size:
+        # Dovecot guesses, and falls back to base64 if hex fails.
+        raw = _fromHex(data) if len(data) == 2 * scheme.size else None
+        raw = _fromBase64(data) if raw is None else raw
+        if raw is None or len(raw) != scheme.size:
+            raise ValueError(
+                f"{name}: {_preview(data)!r} is neither {2 * scheme.size} hex digits"
+                f" nor the base64 of {scheme.size} bytes"
+            )
+    else:
+        raw = _fromHex(data) if encoding == "hex" else _fromBase64(data)
+        if raw is None:
+            raise ValueError(f"{name}: {_preview(data)!r} is not {encoding}")
+    assert raw is not None
+    if scheme.size and len(raw) != scheme.size:
+        raise ValueError(f"{name}: the value is {len(raw)} bytes long, not {scheme.size}")
+    return raw
+
+
+def _encode(raw: bytes, encoding: str) -> str:
+    if encoding == "base64":
+        return base64.b64encode(raw).decode("ascii")
+    if encoding == "hex":
+        return raw.hex()
+    return _text(raw)
 
 
 # -- the scheme table ---------------------------------------------------------
 
 
-def _pattern(regex: str, what: str) -> Callable[[str], None]:
-    def check(value: str) -> None:
-        if not re.fullmatch(regex, value):
-            raise ValueError(f"{_preview(value)!r} is not {what}")
+def _pattern(regex: str, what: str) -> Callable[[bytes], None]:
+    def check(raw: bytes) -> None:
+        if not re.fullmatch(regex, _text(raw)):
+            raise ValueError(f"{_preview(raw)!r} is not {what}")
 
     return check
 
 
-@attrs.frozen
-class _Scheme:
-    check: Callable[[str], None]
-    verify: Callable[[str, bytes], bool]
-    generate: Callable[[bytes], str]
-
-
-_SCHEMES = {
-    "ARGON2ID": _Scheme(
+_SCHEMES: dict[str, Scheme] = {
+    "ARGON2ID": Scheme(
         _pattern(_ARGON2_PATTERN, "an argon2 hash ($argon2id$...)"),
         _argon2Verify,
-        lambda password: _argon2Generate(password, "ARGON2ID"),
+        lambda password, login: _argon2Generate(password, "ARGON2ID"),
     ),
-    "ARGON2I": _Scheme(
+    "ARGON2I": Scheme(
         _pattern(_ARGON2_PATTERN, "an argon2 hash ($argon2i$...)"),
         _argon2Verify,
-        lambda password: _argon2Generate(password, "ARGON2I"),
+        lambda password, login: _argon2Generate(password, "ARGON2I"),
     ),
-    "BLF-CRYPT": _Scheme(
+    "BLF-CRYPT": Scheme(
         _pattern(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}", "a bcrypt hash ($2y$...)"),
         _bcryptVerify,
         _bcryptGenerate,
     ),
-    "SHA512-CRYPT": _Scheme(
+    "SHA512-CRYPT": Scheme(
         _pattern(r"\$6\$(rounds=\d+\$)?[^$]*\$[./A-Za-z0-9]{86}", "a SHA-512 crypt hash ($6$...)"),
         _cryptVerify,
-        lambda password: _cryptGenerate(password, b"$6$"),
+        lambda password, login: _cryptGenerate(password, b"$6$"),
     ),
-    "SHA256-CRYPT": _Scheme(
+    "SHA256-CRYPT": Scheme(
         _pattern(r"\$5\$(rounds=\d+\$)?[^$]*\$[./A-Za-z0-9]{43}", "a SHA-256 crypt hash ($5$...)"),
         _cryptVerify,
-        lambda password: _cryptGenerate(password, b"$5$"),
+        lambda password, login: _cryptGenerate(password, b"$5$"),
     ),
     # What doveadm makes for CRYPT is bcrypt; verifying is crypt(3)'s job.
-    "CRYPT": _Scheme(_cryptCheck, _cryptVerify, _bcryptGenerate),
-    "CRAM-MD5": _Scheme(_cramCheck, _cramVerify, lambda password: _cramContext(password).hex()),
+    "CRYPT": Scheme(_cryptCheck, _cryptVerify, _bcryptGenerate),
+    "MD5-CRYPT": Scheme(
+        _pattern(r"\$1\$[^$]{0,8}\$[./A-Za-z0-9]{22}", "an MD5-crypt hash ($1$...)"),
+        _cryptVerify,
+        lambda password, login: _cryptGenerate(password, b"$1$"),
+    ),
+    # doveadm makes MD5 as MD5-CRYPT; Dovecot reads PLAIN-MD5 digests too.
+    "MD5": Scheme(_md5Check, _md5Verify, lambda password, login: _cryptGenerate(password, b"$1$")),
+    # Dovecot verifies any crypt(3) string as DES-CRYPT, as it does as CRYPT.
+    "DES-CRYPT": Scheme(_cryptCheck, _cryptVerify, _desGenerate),
+    "CRAM-MD5": Scheme(lambda raw: None, _cramVerify, _cramContext, "hex", 32),
 }
+_SCHEMES["HMAC-MD5"] = _SCHEMES["CRAM-MD5"]
 for _name in PLAINTEXT_SCHEMES:
-    _SCHEMES[_name] = _Scheme(
-        _plainCheck, _plainVerify, lambda password: password.decode("utf-8", "surrogateescape")
-    )
+    _SCHEMES[_name] = Scheme(_plainCheck, _plainVerify, lambda password, login: password)
+_SCHEMES.update(LEGACY_SCHEMES)
+# SCRAM-SHA-1 and SCRAM-SHA-256 belong here, from mailauth/scram.py:
+# _SCHEMES.update(scram.SCHEMES), each a Scheme whose raw value is
+# ITERATIONS,SALT,STOREDKEY,SERVERKEY (encoding "none", as doveadm prints it).
+# WEAK_SCHEMES, and test_passwords' FORMATS and WeakTests.STRONG, then say
+# where they stand.
+
+#: Every scheme name that L{parse} accepts and L{makeHash} produces (each
+#: may be followed by C{.B64} or C{.HEX} to choose the encoding).
+SCHEMES = tuple(_SCHEMES)
 
 # Bare crypt strings (Dovecot's default scheme for passwd-file is CRYPT),
 # by prefix; anything else starting with "$" is left to crypt(3).
@@ -348,66 +479,121 @@ _BARE_PREFIXES = (
     ("$2y$", "BLF-CRYPT"),
     ("$6$", "SHA512-CRYPT"),
     ("$5$", "SHA256-CRYPT"),
+    ("$1$", "MD5-CRYPT"),
 )
 
+_OTP = "OTP is a one-time-password scheme and cannot be used by mailauth"
 
-def _preview(value: str) -> str:
+
+def _preview(value: Union[str, bytes]) -> str:
     """Enough of a malformed hash to recognise it, never a whole password."""
+    if isinstance(value, bytes):
+        value = _text(value)
     return value if len(value) <= 12 else value[:12] + "..."
+
+
+def _schemeParts(text: str) -> tuple[str, Optional[str]]:
+    """
+    @return: the scheme name and encoding suffix (or L{None}) of
+        C{NAME[.SUFFIX]}, both upper-case.
+    @raise ValueError: if either is unknown, or the scheme is OTP.
+    """
+    name, dot, suffix = text.upper().partition(".")
+    if name == "OTP":
+        raise ValueError(_OTP)
+    if name not in _SCHEMES or (dot and suffix not in _ENCODINGS):
+        raise ValueError(f"unknown password scheme {{{text}}} (known: {', '.join(SCHEMES)})")
+    return name, suffix if dot else None
+
+
+def schemeName(text: str) -> str:
+    """
+    @param text: a scheme name in any case, perhaps with an encoding suffix
+        (C{sha256.hex}).
+    @return: it in upper case, as L{makeHash} writes it.
+    @raise ValueError: if L{makeHash} does not know it.
+    """
+    _schemeParts(text)
+    return text.upper()
 
 
 def parse(stored: str) -> PasswordHash:
     """
     Parse the password field of a users file line.
 
-    @param stored: C{{SCHEME}value} as C{doveadm pw} prints it, or a bare
-        crypt string (C{$6$...}, C{$2y$...}, C{$y$...}, C{$argon2id$...}).
-    @raise ValueError: for an unknown scheme or a malformed hash; the message
-        never contains a plaintext password.
+    @param stored: C{{SCHEME}value} or C{{SCHEME.ENCODING}value} as C{doveadm
+        pw} prints it, or a bare crypt string (C{$6$...}, C{$2y$...},
+        C{$y$...}, C{$argon2id$...}, or a 13-character DES one).
+    @raise ValueError: for an unknown scheme, OTP, or a malformed hash; the
+        message never contains a plaintext password.
     """
     match = re.fullmatch(r"\{([^{}]*)\}(.*)", stored, re.DOTALL)
+    suffix = None
     if match:
-        scheme, value = match.group(1).upper(), match.group(2)
-        if scheme not in _SCHEMES:
-            raise ValueError(
-                f"unknown password scheme {{{match.group(1)}}} (known: {', '.join(SCHEMES)})"
-            )
+        (scheme, suffix), value = _schemeParts(match.group(1)), match.group(2)
     elif stored.startswith("$"):
         value = stored
         scheme = next((s for p, s in _BARE_PREFIXES if stored.startswith(p)), "CRYPT")
+    elif re.fullmatch(r"[./0-9A-Za-z]{13}", stored):
+        value, scheme = stored, "DES-CRYPT"
     else:
         raise ValueError("the password has no {SCHEME} prefix and is not a crypt string ($...)")
-    _SCHEMES[scheme].check(value)
-    return PasswordHash(scheme, value)
+    _SCHEMES[scheme].check(_decode(value, scheme, suffix))
+    return PasswordHash(scheme, value, suffix)
 
 
-def verify(stored: PasswordHash, password: bytes) -> bool:
+def verify(stored: PasswordHash, password: bytes, login: Optional[str] = None) -> bool:
     """
     Check C{password} against C{stored}, in constant time.
 
     This blocks for as long as the scheme is meant to cost (for argon2, tens
     of milliseconds): call it in a thread.
 
+    @param login: the login as the client gave it; DIGEST-MD5 hashes are
+        made from it (as Dovecot's are, from C{user@realm}), and without it
+        no password is right for them.
     @return: whether C{password} is right; a wrong or unusable password
         (such as one with a NUL byte, for crypt) is L{False}, never an error.
     """
-    return _SCHEMES[stored.scheme].verify(stored.value, password)
+    raw = _decode(stored.value, stored.scheme, stored.encoding)
+    return _SCHEMES[stored.scheme].verify(raw, password, login)
 
 
-def makeHash(password: bytes, scheme: str = DEFAULT_SCHEME) -> str:
+def makeHash(password: bytes, scheme: str = DEFAULT_SCHEME, login: Optional[str] = None) -> str:
     """
     Hash C{password} with a fresh random salt, as C{doveadm pw -s SCHEME}.
 
-    @param scheme: one of L{SCHEMES}, in any case.
+    @param scheme: one of L{SCHEMES}, in any case, perhaps with an encoding
+        suffix (C{SHA256.HEX}).
+    @param login: the login the hash is for, which DIGEST-MD5 needs (as
+        C{doveadm pw -u}).
     @return: the whole C{{SCHEME}value} string.
     @raise ValueError: for an unknown scheme or a password the scheme
         cannot take (a NUL byte for crypt and bcrypt, more than 72 bytes for
-        bcrypt, which would silently use only the first 72).
+        bcrypt or 8 for DES-CRYPT, which would silently use only the first
+        ones), or DIGEST-MD5 without a login.
     """
-    name = scheme.upper()
-    if name not in _SCHEMES:
-        raise ValueError(f"unknown password scheme {scheme!r} (known: {', '.join(SCHEMES)})")
-    return f"{{{name}}}{_SCHEMES[name].generate(password)}"
+    name, suffix = _schemeParts(scheme)
+    raw = _SCHEMES[name].generate(password, login)
+    encoding = _ENCODINGS[suffix] if suffix else _SCHEMES[name].encoding
+    return f"{{{scheme.upper()}}}{_encode(raw, encoding)}"
+
+
+def isWeak(stored: Union[str, PasswordHash]) -> bool:
+    """
+    Whether a hash of this scheme falls quickly to guessing, or is the
+    password itself or its equivalent: a user to warn about and rehash.
+
+    @param stored: a scheme name (an encoding suffix is ignored), or a
+        parsed hash, for which a CRYPT or DES-CRYPT value is judged by the
+        crypt(3) method it names (DES and MD5-crypt are weak).
+    """
+    if isinstance(stored, PasswordHash):
+        if stored.scheme in ("CRYPT", "DES-CRYPT"):
+            raw = _decode(stored.value, stored.scheme, stored.encoding)
+            return not raw.startswith(_STRONG_CRYPT)
+        stored = stored.scheme
+    return stored.upper().partition(".")[0] in WEAK_SCHEMES
 
 
 # A hash of a random password with the default scheme and parameters, which

@@ -12,7 +12,8 @@ from twisted.trial import unittest
 
 import mailauth
 from mailauth.cli import Console, main
-from mailauth.passwords import parse, verify
+from mailauth.passwords import SCHEMES, parse, verify
+from tests.test_pwquality import writePwnedFile, writePwnedRanges
 
 CRAM = "{CRAM-MD5}" + "ab" * 32
 
@@ -74,9 +75,8 @@ class CommandTests(unittest.TestCase):
         C{user add} reads one line of standard input as the password and
         adds the user, with ARGON2ID unless told otherwise.
         """
-        self.assertEqual(
-            self.mailauth("user", "add", "a@example.org", "--users", self.users, stdin=b"pw\n"), 0
-        )
+        args = ("user", "add", "a@example.org", "--users", self.users)
+        self.assertEqual(self.mailauth(*args, stdin=b"long password\n"), 0)
         self.assertEqual(self.stdout.getvalue(), f"a@example.org: added to {self.users}\n")
         self.assertEqual(self.stderr.getvalue(), "")
         self.assertEqual(parse(self.storedHash("a@example.org")).scheme, "ARGON2ID")
@@ -86,10 +86,10 @@ class CommandTests(unittest.TestCase):
         C{--scheme} chooses the scheme, in any case.
         """
         args = ("user", "add", "a@example.org", "--scheme", "sha256-crypt", "--users", self.users)
-        self.assertEqual(self.mailauth(*args, stdin=b"pw\n"), 0)
+        self.assertEqual(self.mailauth(*args, stdin=b"long password\n"), 0)
         stored = parse(self.storedHash("a@example.org"))
         self.assertEqual(stored.scheme, "SHA256-CRYPT")
-        self.assertTrue(verify(stored, b"pw"))
+        self.assertTrue(verify(stored, b"long password"))
 
     def test_passwordKeepsSpaces(self) -> None:
         """
@@ -97,8 +97,8 @@ class CommandTests(unittest.TestCase):
         input.
         """
         args = ("user", "add", "a@example.org", "--scheme", "PLAIN", "--users", self.users)
-        self.assertEqual(self.mailauth(*args, stdin=b" p w \r\nmore\n"), 0)
-        self.assertEqual(self.storedHash("a@example.org"), "{PLAIN} p w ")
+        self.assertEqual(self.mailauth(*args, stdin=b" pass word \r\nmore\n"), 0)
+        self.assertEqual(self.storedHash("a@example.org"), "{PLAIN} pass word ")
 
     def test_userAddFromTerminal(self) -> None:
         """
@@ -159,9 +159,9 @@ class CommandTests(unittest.TestCase):
         with open(self.users, "w") as f:
             f.write(f"a@example.org:{CRAM}:1000:1000\n")
         args = ("user", "passwd", "a@example.org", "--scheme", "PLAIN", "--users", self.users)
-        self.assertEqual(self.mailauth(*args, stdin=b"new\n"), 0)
+        self.assertEqual(self.mailauth(*args, stdin=b"new password\n"), 0)
         with open(self.users) as f:
-            self.assertEqual(f.read(), "a@example.org:{PLAIN}new:1000:1000\n")
+            self.assertEqual(f.read(), "a@example.org:{PLAIN}new password:1000:1000\n")
 
     def test_userPasswdNoSuchUser(self) -> None:
         """
@@ -223,7 +223,7 @@ class CommandTests(unittest.TestCase):
         """
         config = self.writeConfig(self.users)
         args = ("user", "add", "a@example.org", "--config", config)
-        self.assertEqual(self.mailauth(*args, stdin=b"x\n"), 0)
+        self.assertEqual(self.mailauth(*args, stdin=b"long password\n"), 0)
         self.assertEqual(self.mailauth("user", "list", "--config", config), 0)
         self.assertEqual(self.stdout.getvalue(), "a@example.org  ARGON2ID\n")
 
@@ -260,8 +260,10 @@ class CommandTests(unittest.TestCase):
         """
         An unknown scheme is a usage error naming the known ones.
         """
-        self.assertEqual(self.mailauth("hash", "-s", "MD5", stdin=b"pw\n"), 2)
-        self.assertIn("unknown scheme 'MD5' (known: ARGON2ID,", self.stderr.getvalue())
+        self.assertEqual(self.mailauth("hash", "-s", "NTLM", stdin=b"pw\n"), 2)
+        self.assertIn("unknown password scheme {NTLM} (known: ARGON2ID,", self.stderr.getvalue())
+        self.assertEqual(self.mailauth("hash", "-s", "OTP", stdin=b"pw\n"), 2)
+        self.assertIn("OTP is a one-time-password scheme", self.stderr.getvalue())
         self.assertEqual(self.stdout.getvalue(), "")
 
     def test_hashRefused(self) -> None:
@@ -272,6 +274,135 @@ class CommandTests(unittest.TestCase):
         self.assertEqual(
             self.stderr.getvalue(), "mailauth: bcrypt uses only the first 72 bytes of a password\n"
         )
+
+    def test_hashEveryScheme(self) -> None:
+        """
+        C{hash} makes every scheme, with an encoding suffix too; DIGEST-MD5
+        is made for the login that C{-u} names, and needs it.
+        """
+        for scheme in SCHEMES:
+            args = ("hash", "-s", scheme.lower(), "-u", "a@example.org")
+            self.assertEqual(self.mailauth(*args, stdin=b"pw\n"), 0, self.stderr.getvalue())
+            stored = self.stdout.getvalue().strip()
+            self.assertTrue(stored.startswith(f"{{{scheme}}}"), stored)
+            self.assertTrue(verify(parse(stored), b"pw", "a@example.org"), scheme)
+        self.assertEqual(self.mailauth("hash", "-s", "sha256.hex", stdin=b"pw\n"), 0)
+        self.assertEqual(
+            self.stdout.getvalue(),
+            "{SHA256.HEX}30c952fab122c3f9759f02a6d95c3758b246b4fee239957b2d4fee46e26170c4\n",
+        )
+        self.assertEqual(self.mailauth("hash", "-s", "DIGEST-MD5", stdin=b"pw\n"), 1)
+        self.assertIn("DIGEST-MD5 is made from the login too", self.stderr.getvalue())
+
+    def test_userAddDigestMD5(self) -> None:
+        """
+        C{user add -s DIGEST-MD5} makes the hash for the login it adds.
+        """
+        args = ("user", "add", "a@example.org", "-s", "DIGEST-MD5", "--users", self.users)
+        self.assertEqual(self.mailauth(*args, stdin=b"long password\n"), 0)
+        stored = parse(self.storedHash("a@example.org"))
+        self.assertTrue(verify(stored, b"long password", "a@example.org"))
+        self.assertFalse(verify(stored, b"long password", "b@example.org"))
+
+    def test_tooShort(self) -> None:
+        """
+        C{user add} and C{user passwd} refuse a password of fewer than 8
+        characters, saying why, and change nothing.
+        """
+        args = ("user", "add", "a@example.org", "--users", self.users)
+        self.assertEqual(self.mailauth(*args, stdin=b"seven!!\n"), 1)
+        self.assertEqual(
+            self.stderr.getvalue(),
+            "mailauth: password refused: it has 7 characters, and at least 8 are required\n",
+        )
+        self.assertFalse(os.path.exists(self.users))
+        with open(self.users, "w") as f:
+            f.write(f"a@example.org:{CRAM}\n")
+        args = ("user", "passwd", "a@example.org", "--users", self.users)
+        self.assertEqual(self.mailauth(*args, stdin=b"short\n"), 1)
+        self.assertIn("password refused: it has 5 characters", self.stderr.getvalue())
+        self.assertEqual(self.storedHash("a@example.org"), CRAM)
+
+    def test_minLengthOption(self) -> None:
+        """
+        C{--min-length} sets the minimum, which counts characters; it must
+        be a whole number.
+        """
+        args = ("user", "add", "a@example.org", "--min-length", "12", "--users", self.users)
+        self.assertEqual(self.mailauth(*args, answers=["pässwörd123", "pässwörd123"]), 1)
+        self.assertIn("it has 11 characters, and at least 12 are required", self.stderr.getvalue())
+        args = ("user", "add", "a@example.org", "--min-length", "2", "--users", self.users)
+        self.assertEqual(self.mailauth(*args, stdin=b"pw\n"), 0)
+        args = ("user", "add", "b@example.org", "--min-length", "two", "--users", self.users)
+        self.assertEqual(self.mailauth(*args, stdin=b"pw\n"), 2)
+        self.assertIn("'two' is not a whole number", self.stderr.getvalue())
+
+    def test_breached(self) -> None:
+        """
+        With C{--breached}, a password in the list, a file ordered by hash
+        or a directory of range files, is refused; another is stored.
+        """
+        pwned = os.path.join(self.directory, "pwned.txt")
+        writePwnedFile(pwned, {b"password123": 251682})
+        ranges = os.path.join(self.directory, "ranges")
+        writePwnedRanges(ranges, {b"password123": 251682}, absent=[b"long password"])
+        for path in (pwned, ranges):
+            args = ("user", "add", "a@example.org", "--breached", path, "--users", self.users)
+            self.assertEqual(self.mailauth(*args, stdin=b"password123\n"), 1)
+            self.assertEqual(
+                self.stderr.getvalue(),
+                "mailauth: password refused: it is in the list of breached passwords"
+                " (251682 times); choose another\n",
+            )
+            self.assertFalse(os.path.exists(self.users))
+        args = ("user", "add", "a@example.org", "--breached", ranges, "--users", self.users)
+        self.assertEqual(self.mailauth(*args, stdin=b"long password\n"), 0)
+        args = ("user", "passwd", "a@example.org", "--breached", pwned, "--users", self.users)
+        self.assertEqual(self.mailauth(*args, stdin=b"password123\n"), 1)
+        self.assertTrue(verify(parse(self.storedHash("a@example.org")), b"long password"))
+
+    def test_breachedListUnusable(self) -> None:
+        """
+        A breached list that cannot be searched is an error before a
+        password is read.
+        """
+        missing = os.path.join(self.directory, "missing.txt")
+        args = ("user", "add", "a@example.org", "--breached", missing, "--users", self.users)
+        self.assertEqual(self.mailauth(*args, stdin=b"long password\n"), 1)
+        self.assertEqual(
+            self.stderr.getvalue(),
+            f"mailauth: breached password list {missing}: No such file or directory\n",
+        )
+        self.assertEqual(self.stdin.tell(), 0)
+        self.assertFalse(os.path.exists(self.users))
+
+    def test_qualityFromConfig(self) -> None:
+        """
+        With C{--config}, C{[auth] password_min_length} and
+        C{breached_passwords} apply; the options override them.
+        """
+        pwned = os.path.join(self.directory, "pwned.txt")
+        writePwnedFile(pwned, {b"password123": 3, b"tiny": 5})
+        config = self.writeConfig(self.users)
+        with open(config) as f:
+            text = f.read()
+        with open(config, "w") as f:
+            f.write(text.replace(
+                f"users = {self.users}\n",
+                f"users = {self.users}\npassword_min_length = 12\nbreached_passwords = {pwned}\n",
+            ))
+        args = ("user", "add", "a@example.org", "--config", config)
+        self.assertEqual(self.mailauth(*args, stdin=b"eleven char\n"), 1)
+        self.assertIn("at least 12 are required", self.stderr.getvalue())
+        self.assertEqual(self.mailauth(*args, "--min-length", "4", stdin=b"password123\n"), 1)
+        self.assertIn("breached passwords (3 times)", self.stderr.getvalue())
+        self.assertEqual(
+            self.mailauth(*args, "--min-length", "4", "--breached", self.users, stdin=b"tiny\n"),
+            1,
+        )
+        self.assertIn(f"breached password list {self.users}: No such file", self.stderr.getvalue())
+        self.assertEqual(self.mailauth(*args, "--min-length", "4", stdin=b"tiny\n"), 1)
+        self.assertEqual(self.mailauth(*args, "--min-length", "4", stdin=b"good\n"), 0)
 
     def test_checkConfig(self) -> None:
         """
