@@ -200,6 +200,15 @@ class MemoryCounterStoreTests(CounterStoreTestsMixin, unittest.TestCase):
         self.assertEqual(store.count("addr:0", WINDOW), 0)
         self.assertFalse(store.isBlocked("addr:0"))
 
+    def test_readKeepsKey(self) -> None:
+        """A counter read with total is used as much as one hit: it is dropped last."""
+        store = self.store
+        store.add("read", WINDOW)
+        for i in range(500):
+            store.add(f"addr:{i}", WINDOW)
+            store.count("read", WINDOW)
+        self.assertEqual(store.count("read", WINDOW), 1)
+
     def test_idleForgotten(self) -> None:
         """Counters and blocks that expired are dropped as newer ones arrive."""
         store = self.store
@@ -410,6 +419,24 @@ class RedisCounterStoreTests(CounterStoreTestsMixin, unittest.TestCase):
         self.assertEqual(len(redisEvents(self.watcher)), 2)
         self.assertIn("answers again", redisEvents(self.watcher)[1])
         self.assertEqual(self.fallbacks, 1)
+
+    @defer.inlineCallbacks
+    def test_blockSeenHeldInOutage(self):
+        """
+        A block set by another node, once seen, still holds on this node
+        while Redis is down, until it ends.
+        """
+        other = self.makeStore(self.redis.url)
+        yield other.block("addr:192.0.2.9", 900)
+        self.clock.advance(100)
+        self.assertTrue((yield self.store.blocked("addr:192.0.2.9")))
+        self.redis.stop()
+        self.assertTrue((yield self.store.blocked("addr:192.0.2.9")))
+        self.assertTrue(self.store.usingFallback)
+        self.clock.advance(799)
+        self.assertTrue((yield self.store.blocked("addr:192.0.2.9")))
+        self.clock.advance(1)
+        self.assertFalse((yield self.store.blocked("addr:192.0.2.9")))
 
     @defer.inlineCallbacks
     def test_retriedWhileDown(self):
