@@ -7,6 +7,7 @@ import importlib.util
 import re
 import socket
 from typing import Callable, Iterable, Optional
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import attrs
 
@@ -127,6 +128,13 @@ class MetricsConfig:
 
 
 @attrs.frozen
+class StateConfig:
+    backend: str
+    prefix: str
+    timeout: float
+
+
+@attrs.frozen
 class Config:
     path: str
     server: ServerConfig
@@ -135,6 +143,7 @@ class Config:
     auth: AuthConfig
     delivery: DeliveryConfig
     relay: Optional[RelayConfig]
+    state: StateConfig
     autoconfig: Optional[AutoconfigConfig] = None
     metrics: Optional[MetricsConfig] = None
 
@@ -311,6 +320,64 @@ def _incoming(text: str) -> tuple:
     if not servers:
         raise ValueError("must not be empty")
     return tuple(servers)
+def redactURL(url: str) -> str:
+    """C{url} with its password, if any, replaced by C{***}: fit for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
+
+
+def _stateBackend(text: str) -> str:
+    """
+    C{memory}, or a Redis URL of the forms redis-py's C{from_url} reads:
+    C{redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]}, the same with
+    C{rediss://} (TLS), or C{unix://[[USER]:PASSWORD@]/PATH[?db=DB]}.
+    """
+    value = text.strip()
+    if value.lower() == "memory":
+        return "memory"
+    parts = urlsplit(value)
+    shown = redactURL(value)
+    scheme = parts.scheme.lower()
+    if scheme in ("redis", "rediss"):
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ValueError(f"{shown!r}: the port is not a number from 1 to 65535")
+        if not parts.hostname:
+            raise ValueError(f"{shown!r}: name the Redis host, as in {scheme}://HOST:6379/0")
+        if not re.fullmatch(r"/?|/\d+", parts.path):
+            raise ValueError(f"{shown!r}: the path must be a database number, as in /0")
+    elif scheme == "unix":
+        if parts.hostname or not parts.path.startswith("/"):
+            raise ValueError(
+                f"{shown!r}: name the socket's absolute path, as in "
+                "unix:///run/redis/redis-server.sock"
+            )
+    else:
+        raise ValueError(
+            f"{shown!r} is not memory or a redis://HOST:6379/0, rediss:// or unix:///PATH URL"
+        )
+    if parts.query:
+        try:
+            query = dict(parse_qsl(parts.query, strict_parsing=True))
+        except ValueError:
+            raise ValueError(f"{shown!r}: the query must be NAME=VALUE pairs joined by &") from None
+        if not query.get("db", "0").isdigit():
+            raise ValueError(f"{shown!r}: db= must be a database number")
+    return value
+
+
+def _positiveDuration(text: str) -> float:
+    value = parseDuration(text)
+    if value <= 0:
+        raise ValueError(f"{text!r} must be more than 0")
+    return value
 
 
 # Every section, its keys, and for each key (parser, default). A default of
@@ -385,6 +452,11 @@ _SCHEMA: dict = {
     },
     "metrics": {
         "endpoint": (_text, REQUIRED),
+    },
+    "state": {
+        "backend": (_stateBackend, "memory"),
+        "prefix": (_text, "mailauth:"),
+        "timeout": (_positiveDuration, "1s"),
     },
 }
 
@@ -485,6 +557,7 @@ def loadText(text: str, path: str = "<string>") -> Config:
     auth = r.section("auth", "auth") if parser.has_section("auth") else None
     delivery = r.section("delivery", "delivery") if parser.has_section("delivery") else None
     relay = r.section("relay", "relay") if parser.has_section("relay") else None
+    state = r.section("state", "state")
     if relay is not None and relay["username"] and not relay["password_file"]:
         r.problem("relay", "password_file", "missing: username is set, so a password is needed")
     metrics = r.section("metrics", "metrics") if parser.has_section("metrics") else None
@@ -508,6 +581,7 @@ def loadText(text: str, path: str = "<string>") -> Config:
         relay=RelayConfig(**relay) if relay is not None else None,
         autoconfig=autoconfig,
         metrics=MetricsConfig(**metrics) if metrics is not None else None,
+        state=StateConfig(**state),
     )
 
 

@@ -147,6 +147,64 @@ class LoadTests(unittest.TestCase):
         self.assertEqual(cfg.delivery.local_domains, frozenset({"example.org", "other.test"}))
 
 
+class StateTests(unittest.TestCase):
+    def state(self, text: str):
+        return loadText(MINIMAL + "\n[state]\n" + text, "test.conf").state
+
+    def problem(self, text: str) -> str:
+        e = self.assertRaises(ConfigError, self.state, text)
+        [problem] = e.problems
+        return problem
+
+    def test_defaults(self) -> None:
+        """Without [state], counters live in memory; Redis keys would start with mailauth:."""
+        state = loadText(MINIMAL).state
+        self.assertEqual((state.backend, state.prefix, state.timeout), ("memory", "mailauth:", 1.0))
+
+    def test_redisURLs(self) -> None:
+        """The URL forms redis-py reads are accepted as written."""
+        for url in ("redis://127.0.0.1:6379/0", "redis://redis.example.net", "rediss://:pw@h:6380/1",
+                    "redis://user:pw@[::1]:6379/15?health_check_interval=5",
+                    "unix:///run/redis/redis-server.sock?db=2", "unix://:pw@/run/redis.sock"):
+            self.assertEqual(self.state(f"backend = {url}\n").backend, url)
+        self.assertEqual(self.state("backend = Memory\n").backend, "memory")
+        state = self.state("backend = redis://h/0\nprefix = mx1:\ntimeout = 250\n")
+        self.assertEqual((state.prefix, state.timeout), ("mx1:", 250.0))
+
+    def test_badBackend(self) -> None:
+        """A backend that is not memory or a well-formed Redis URL is one clear line."""
+        cases = {
+            "postgresql://h/db": "is not memory or a redis://HOST:6379/0",
+            "redis:/h": "name the Redis host",
+            "redis://h:6379x/0": "the port is not a number from 1 to 65535",
+            "redis://h:0": "the port is not a number from 1 to 65535",
+            "redis://h:70000": "the port is not a number from 1 to 65535",
+            "redis://h/zero": "the path must be a database number",
+            "redis://h/0?db=x": "db= must be a database number",
+            "redis://h/0?x": "the query must be NAME=VALUE pairs",
+            "unix://run/redis.sock": "name the socket's absolute path",
+        }
+        for url, message in cases.items():
+            problem = self.problem(f"backend = {url}\n")
+            self.assertTrue(problem.startswith("test.conf: [state] backend: "), problem)
+            self.assertIn(message, problem)
+
+    def test_passwordNotShown(self) -> None:
+        """A problem with a URL holding a password shows it as ***."""
+        problem = self.problem("backend = redis://user:s3cret@h:port/0\n")
+        self.assertIn("'redis://user:***@h:port/0'", problem)
+        self.assertNotIn("s3cret", problem)
+
+    def test_badTimeout(self) -> None:
+        """A timeout must be more than zero."""
+        self.assertIn("[state] timeout: '0s' must be more than 0", self.problem("timeout = 0s\n"))
+        self.assertIn("[state] timeout:", self.problem("timeout = soon\n"))
+
+    def test_unknownKey(self) -> None:
+        """[state] has no workers key: workers belong to [server]."""
+        self.assertIn("[state] workers: unknown key", self.problem("workers = 2\n"))
+
+
 class ValueTests(unittest.TestCase):
     def test_sizes(self) -> None:
         """Sizes take K/M/G suffixes."""
