@@ -338,8 +338,7 @@ class ProxyProtocol(protocol.Protocol):
         host = header.destination or self.transport.getHost()
         wrapped = self.factory.wrappedFactory.buildProtocol(peer)
         if wrapped is None:
-            self._dropped = True
-            self.transport.loseConnection()
+            self._drop(f"the listener refused client [{_hostOf(peer)}]")
             return
         self.wrappedProtocol = wrapped
         wrapped.makeConnection(ProxiedTransport(self.transport, peer, host))

@@ -20,6 +20,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from mailauth import proxy
 from mailauth.proxy import ProxiedTransport, ProxyFactory, ProxyHeader, ProxyHeaderError
@@ -459,10 +460,22 @@ class HeaderTests(unittest.TestCase):
         t.abortConnection()
         self.assertTrue(real.disconnected)
 
+    def test_refusedByWrappedFactory(self):
+        """A wrapped factory that builds nothing for the client gets the connection cut."""
+        wrapped = RecordingFactory()
+        wrapped.buildProtocol = lambda addr: None
+        c = Connection(self, wrapped=wrapped)
+        c.send(V1_HEADER)
+        self.assertDropped(c, f"the listener refused client [{CLIENT}]")
+
     def test_factoryStartStop(self):
-        """Starting and stopping the listener starts and stops the wrapped factory."""
+        """
+        The factory is an IProtocolFactory; starting and stopping the
+        listener starts and stops the wrapped factory.
+        """
         wrapped = RecordingFactory()
         factory = ProxyFactory(wrapped, "v2", LOOPBACK, Clock())
+        verifyObject(interfaces.IProtocolFactory, factory)
         factory.doStart()
         factory.doStop()
         self.assertEqual((wrapped.starts, wrapped.stops), (1, 1))
