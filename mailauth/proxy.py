@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import struct
-from typing import Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import attrs
 from twisted.internet import address, interfaces, protocol
@@ -205,8 +205,11 @@ def isTrusted(peer, networks: Iterable) -> bool:
     (C{::ffff:192.0.2.1}) counts as its IPv4 address; a peer that is not an
     IP address (a UNIX socket) is never trusted.
     """
+    host = getattr(peer, "host", None)
+    if not isinstance(host, str):
+        return False
     try:
-        ip = ipaddress.ip_address(getattr(peer, "host", None))
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return False
     if ip.version == 6 and ip.ipv4_mapped is not None:
@@ -293,6 +296,9 @@ class ProxyProtocol(protocol.Protocol):
 
     @ivar wrappedProtocol: the protocol built after the header, or L{None}.
     """
+
+    # A TCP transport: abortConnection, startTLS... beyond ITransport.
+    transport: Any
 
     def __init__(self, factory: ProxyFactory) -> None:
         self.factory = factory

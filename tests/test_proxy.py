@@ -6,7 +6,6 @@ v2; and the real HAProxy from Debian in front of the real daemon.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import re
 import smtplib
@@ -25,9 +24,18 @@ from zope.interface.verify import verifyObject
 from mailauth import proxy
 from mailauth.proxy import ProxiedTransport, ProxyFactory, ProxyHeader, ProxyHeaderError
 from tests import haproxyharness
-from tests.support import LogWatcher, RawClient, insecureContext, makeFactory
-from tests.test_e2e import clientContext
-from tests.test_security import AttackMixin, Daemon
+from tests.harness import (
+    BOB,
+    BOB_PASSWORD,
+    AttackMixin,
+    Daemon,
+    LogWatcher,
+    RawClient,
+    clientContext,
+    insecureContext,
+    plain,
+)
+from tests.support import makeFactory
 
 # What the spec (haproxy doc/proxy-protocol.txt) says the bytes are, written
 # out here rather than taken from mailauth.proxy.
@@ -525,8 +533,6 @@ class RealSessionTests(unittest.TestCase):
 
 # -- the real daemon behind a client that speaks PROXY ------------------------
 
-BOB = b"bob@example.test"
-BOB_PASSWORD = b"bob-secret-2"
 TRUSTED = "127.0.0.1 ::1"
 PROXIED = {
     "listener:submission": {"proxy_protocol": "any", "trusted_proxies": TRUSTED},
@@ -541,10 +547,6 @@ def headerFor(client: str, version: int = 2) -> bytes:
         family = "TCP6" if ":" in client else "TCP4"
         return f"PROXY {family} {client} {destination} 40000 587\r\n".encode()
     return v2(PROXY, TCP6 if ":" in client else TCP4, inet(client, destination, 40000, 587))
-
-
-def plain(login: bytes, password: bytes) -> bytes:
-    return b"AUTH PLAIN " + base64.b64encode(b"\0" + login + b"\0" + password)
 
 
 class ProxiedDaemonTests(AttackMixin, unittest.TestCase):
