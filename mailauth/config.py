@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import importlib.util
+import ipaddress
 import re
 import socket
 from typing import Callable, Iterable, Optional
@@ -13,6 +14,7 @@ import attrs
 
 TLS_MODES = ("starttls", "implicit", "none")
 AUTH_MODES = ("required", "optional", "none")
+PROXY_MODES = ("no", "v1", "v2", "any")
 KNOWN_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
 
 
@@ -54,6 +56,9 @@ class ListenerConfig:
     endpoint: str
     tls: str
     auth: str
+    proxy_protocol: str = "no"
+    trusted_proxies: tuple = ()
+    proxy_timeout: float = 10.0
 
 
 @attrs.frozen
@@ -238,6 +243,19 @@ def _mechanisms(text: str) -> tuple:
     return names
 
 
+def _networks(text: str) -> tuple:
+    """C{"127.0.0.1 10.0.0.0/8 2001:db8::/32"}: addresses and networks, IPv4 and IPv6."""
+    networks = []
+    for word in text.replace(",", " ").split():
+        try:
+            networks.append(ipaddress.ip_network(word))
+        except ValueError as e:
+            raise ValueError(f"{word!r} is not an IP address or network ({e})") from None
+    if not networks:
+        raise ValueError("name at least one address or network")
+    return tuple(networks)
+
+
 def _domains(text: str) -> frozenset:
     domains = frozenset(d.strip().lower().rstrip(".") for d in text.replace(",", " ").split())
     for d in domains:
@@ -406,6 +424,9 @@ _SCHEMA: dict = {
         "endpoint": (_text, REQUIRED),
         "tls": (_choice(TLS_MODES), "starttls"),
         "auth": (_choice(AUTH_MODES), "required"),
+        "proxy_protocol": (_choice(PROXY_MODES), "no"),
+        "trusted_proxies": (_networks, None),
+        "proxy_timeout": (parseDuration, "10s"),
     },
     "auth": {
         "mechanisms": (_mechanisms, "PLAIN LOGIN"),
@@ -543,6 +564,7 @@ def loadText(text: str, path: str = "<string>") -> Config:
     listeners = []
     for name in listenerNames:
         values = r.section(name, "listener")
+        _checkProxy(r, name, values)
         listeners.append(ListenerConfig(name=name.split(":", 1)[1].strip(), **values))
         if values["endpoint"]:
             _checkEndpoint(r, name, values["endpoint"])
@@ -675,6 +697,28 @@ def _checkMetrics(r: _Reader, endpoint: Optional[str]) -> None:
                   "python3-prometheus-client; pip: pip install 'mailauth[metrics]')")
 
 
+def _checkProxy(r: _Reader, section: str, values: dict) -> None:
+    """
+    A listener behind a PROXY-protocol proxy must say which proxies to
+    believe: a header from anyone else would let them choose the client
+    address that limits, throttling and logs see.
+    """
+    if values["proxy_timeout"] is not None and values["proxy_timeout"] <= 0:
+        r.problem(section, "proxy_timeout", "must be more than 0")
+    if values["proxy_protocol"] in (None, "no"):
+        values["trusted_proxies"] = values["trusted_proxies"] or ()
+        return
+    if not r.parser.has_option(section, "trusted_proxies"):
+        r.problem(section, "trusted_proxies",
+                  f"missing: proxy_protocol = {values['proxy_protocol']} needs the addresses "
+                  "of the proxies allowed to send the header")
+    endpoint = values["endpoint"] or ""
+    if endpoint.split(":", 1)[0].lower() == "unix":
+        r.problem(section, "proxy_protocol",
+                  f"{endpoint!r}: a unix: endpoint has no client address to check against "
+                  "trusted_proxies; use tcp:")
+
+
 def _checkEndpoint(r: _Reader, section: str, description: str) -> None:
     """
     Reject endpoint strings whose type Twisted does not know, or which carry
@@ -690,10 +734,11 @@ def _checkEndpoint(r: _Reader, section: str, description: str) -> None:
     }
     if kind == "haproxy":
         # Twisted's PROXY-protocol wrapper calls connectionMade before the
-        # header is read (D32 in docs/twisted-defects.rst), so the per-address limits and the
-        # throttle would see the proxy's address: not supported until the
-        # session waits for the header.
-        r.problem(section, "endpoint", f"{description!r}: haproxy: endpoints are not supported")
+        # header is read and trusts any source (D32 in docs/twisted-defects.rst):
+        # mailauth reads the header itself (mailauth.proxy).
+        r.problem(section, "endpoint",
+                  f"{description!r}: haproxy: endpoints are not supported; use a tcp: endpoint "
+                  "with proxy_protocol = v1 | v2 | any and trusted_proxies")
     elif kind in ("ssl", "tls"):
         instead = ("a tcp: endpoint with tls = implicit" if section.startswith("listener:")
                    else "a tcp: endpoint behind a web server that does TLS")

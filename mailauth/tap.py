@@ -23,6 +23,7 @@ from mailauth.checks import checkFiles
 from mailauth.esmtp import SubmissionFactory
 from mailauth.forward import QueueService
 from mailauth.metrics import Metrics, metricsService
+from mailauth.proxy import ProxyFactory
 from mailauth.realm import LocalDelivery, Realm, Router
 from mailauth.relay import RelayConnector
 from mailauth.spool import Queue
@@ -196,6 +197,10 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         if listener.tls == "implicit":
             assert tls is not None, "config.loadText demands [tls] for a TLS listener"
             wrapped = TLSMemoryBIOFactory(cast(Any, tls), False, factory)
+        if listener.proxy_protocol != "no":
+            # Under TLS too: HAProxy in TCP mode sends the header in the clear.
+            wrapped = ProxyFactory(wrapped, listener.proxy_protocol, listener.trusted_proxies,
+                                   reactor, listener.proxy_timeout)
         listening = strports.service(listener.endpoint, wrapped, reactor=reactor)
         listening.setName(f"listener:{listener.name}")
         listening.setServiceParent(top)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 
 from twisted.trial import unittest
@@ -100,10 +101,65 @@ class LoadTests(unittest.TestCase):
         """
         haproxy: endpoints are refused: Twisted's wrapper starts the session
         before the PROXY header names the client (D32), so limits would
-        count the proxy.
+        count the proxy; the message points at proxy_protocol instead.
         """
         [problem] = self.problems(MINIMAL.replace("tcp:2587", "haproxy:tcp:2587"))
-        self.assertIn("haproxy: endpoints are not supported", problem)
+        self.assertIn("haproxy: endpoints are not supported; use a tcp: endpoint with "
+                      "proxy_protocol = v1 | v2 | any and trusted_proxies", problem)
+
+    def test_proxyProtocolOffByDefault(self) -> None:
+        """Without proxy_protocol a listener reads no PROXY header and trusts no proxy."""
+        [listener] = loadText(MINIMAL, "test.conf").listeners
+        self.assertEqual((listener.proxy_protocol, listener.trusted_proxies), ("no", ()))
+
+    def test_proxyProtocol(self) -> None:
+        """
+        proxy_protocol takes no, v1, v2 or any; trusted_proxies takes IPv4
+        and IPv6 addresses and networks, separated by spaces or commas;
+        proxy_timeout defaults to 10s.
+        """
+        for mode in ("no", "v1", "v2", "any"):
+            cfg = loadText(MINIMAL.replace(
+                "auth = optional", f"auth = optional\nproxy_protocol = {mode}\n"
+                "trusted_proxies = 127.0.0.1 10.0.0.0/8, ::1 2001:db8::/32"), "test.conf")
+            [listener] = cfg.listeners
+            self.assertEqual(listener.proxy_protocol, mode)
+            self.assertEqual(listener.trusted_proxies, tuple(
+                ipaddress.ip_network(n) for n in ("127.0.0.1", "10.0.0.0/8", "::1",
+                                                  "2001:db8::/32")))
+            self.assertEqual(listener.proxy_timeout, 10.0)
+
+    def test_proxyProtocolProblems(self) -> None:
+        """
+        A wrong proxy_protocol, proxy_timeout or trusted_proxies, a missing
+        trusted_proxies where a header is expected, or a PROXY header on a
+        unix: socket (no client address to trust): each is one problem
+        naming the file, the section and the key.
+        """
+        def problem(keys: str, endpoint: str = "tcp:2587") -> str:
+            [found] = self.problems(MINIMAL.replace("tcp:2587", endpoint).replace(
+                "auth = optional", "auth = optional\n" + keys))
+            return found
+
+        where = "test.conf: [listener:submission] "
+        self.assertEqual(problem("proxy_protocol = yes"),
+                         where + "proxy_protocol: 'yes' is not one of: no, v1, v2, any")
+        self.assertEqual(problem("proxy_protocol = v2"),
+                         where + "trusted_proxies: missing: proxy_protocol = v2 needs the "
+                         "addresses of the proxies allowed to send the header")
+        self.assertEqual(problem("proxy_protocol = any\ntrusted_proxies ="),
+                         where + "trusted_proxies: name at least one address or network")
+        self.assertTrue(problem("proxy_protocol = v1\ntrusted_proxies = 10.0.0.1/8").startswith(
+            where + "trusted_proxies: '10.0.0.1/8' is not an IP address or network ("))
+        self.assertTrue(problem("proxy_protocol = v1\ntrusted_proxies = haproxy.lan").startswith(
+            where + "trusted_proxies: 'haproxy.lan' is not an IP address or network ("))
+        self.assertEqual(problem("proxy_protocol = v1\ntrusted_proxies = ::1\n"
+                                 "proxy_timeout = 0s"),
+                         where + "proxy_timeout: must be more than 0")
+        self.assertEqual(problem("proxy_protocol = v1\ntrusted_proxies = ::1",
+                                 "unix:/run/mailauth.sock"),
+                         where + "proxy_protocol: 'unix:/run/mailauth.sock': a unix: endpoint "
+                         "has no client address to check against trusted_proxies; use tcp:")
 
     def test_unknownEndpointType(self) -> None:
         """An endpoint type Twisted does not know is an error at load time."""
