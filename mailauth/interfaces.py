@@ -147,6 +147,13 @@ class IUserStore(Interface):
     def listUsers() -> list[tuple[str, str]]:
         """C{(login, scheme)} of every user, in the store's order."""
 
+    def setSuspended(login: str, suspended: bool) -> None:
+        """
+        Suspend C{login} (its right password then fails with a 535 logged as
+        suspended) or lift the suspension. Stored with the user, so it
+        survives restarts. @raise UserDatabaseError: no such user.
+        """
+
 
 class IReloadable(Interface):
     """A file read into memory that follows its changes (users, aliases, sender map)."""
