@@ -366,7 +366,7 @@ def signatureField(key: SigningKey, headers: Sequence, include: Sequence[bytes],
     through C{cryptography} for the same bytes.
 
     @param headers: the message's C{(name, value)} pairs, top first, as
-        C{dkim.rfc822_parse} returns them.
+        C{dkim.rfc822_parse} returns them, canonicalised (relaxed).
     @param include: the C{h=} list, lower case.
     @param bodyHash: the C{bh=} value (base64).
     @return: the folded field, ending in CRLF.
@@ -389,8 +389,7 @@ def signatureField(key: SigningKey, headers: Sequence, include: Sequence[bytes],
     value = dkim.fold(b"; ".join(b"=".join(f) for f in fields), namelen=len(_FIELD_NAME))
     unsigned = (_FIELD_NAME, b" " + dkim.RE_BTAG.sub(b"\\1", value))
     h = hashlib.sha256()
-    dkim.hash_headers(h, _RELAXED, _RELAXED.canonicalize_headers(headers), list(include),
-                      unsigned, dict(fields))
+    dkim.hash_headers(h, _RELAXED, headers, list(include), unsigned, dict(fields))
     fields[-1] = (b"b", base64.b64encode(key.sign(h.digest())))
     value = b"; ".join(b"=".join(f) for f in fields) + b"\r\n"
     return _FIELD_NAME + b": " + dkim.fold(value, namelen=len(_FIELD_NAME))
@@ -483,11 +482,16 @@ class MessageSigner:
             ) from None
         bodyHash = base64.b64encode(self._body.digest())
         include = signedHeaderNames(headers)
+        # Only the fields that may be signed: selecting from them picks what
+        # selecting from all would, and canonicalising the rest is wasted.
+        canonical = _RELAXED.canonicalize_headers(
+            [field for field in headers if field[0].lower() in SIGNED_HEADERS]
+        )
         timestamp = int(self._clock.seconds())
         fields = []
         for key in self._keys:
             try:
-                fields.append(signatureField(key, headers, include, bodyHash, timestamp))
+                fields.append(signatureField(key, canonical, include, bodyHash, timestamp))
             except Exception as e:
                 raise SigningError(f"cannot sign with {key.path}: {e!r}") from e
         return b"".join(fields)
