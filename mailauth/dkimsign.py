@@ -242,11 +242,20 @@ class KeyRing:
         self._maxHeaderSize = maxHeaderSize
 
     def keysFor(self, sender: str) -> tuple:
-        """The keys that sign mail from the envelope sender C{sender} (C{local@domain})."""
+        """
+        The keys that sign mail from the envelope sender C{sender}
+        (C{local@domain}; an internationalised domain matches its A-label).
+        """
         local, at, domain = sender.rpartition("@")
         if not at or not local:
             return ()
-        return self._keys.get(domain.lower().rstrip("."), ())
+        domain = domain.lower().rstrip(".")
+        if not domain.isascii():
+            try:
+                domain = domain.encode("idna").decode("ascii")
+            except UnicodeError:
+                return ()
+        return self._keys.get(domain, ())
 
     def signer(self, sender: str) -> Optional[MessageSigner]:
         """

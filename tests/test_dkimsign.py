@@ -548,8 +548,14 @@ class KeyRingTests(unittest.TestCase):
             self.assertIsInstance(self.ring.signer(sender), MessageSigner, sender)
             self.assertEqual(self.ring.keysFor(sender), (self.pair.key,))
         for sender in ["", "alice@lists.example.org", "alice@example.net", "example.org",
-                       "@example.org", "alice@notexample.org"]:
+                       "@example.org", "alice@notexample.org", "a@" + "\u00e9" * 64 + ".org"]:
             self.assertIsNone(self.ring.signer(sender), sender)
+
+    def test_internationalDomain(self) -> None:
+        """A sender in an internationalised domain is signed by the key of its A-label."""
+        ring = KeyRing({"xn--bcher-kva.example": (self.pair.key,)}, Clock())
+        self.assertEqual(ring.keysFor("j\u00f6rg@B\u00fccher.example"), (self.pair.key,))
+        self.assertEqual(ring.keysFor("a@xn--bcher-kva.example"), (self.pair.key,))
 
     def test_signerSigns(self) -> None:
         """The signer the ring hands out signs with the domain's key at the clock's time."""
