@@ -657,7 +657,8 @@ def _dkimSection(r: _Reader) -> dict:
         if domain in keys:
             r.problem("dkim", key, f"{domain} is listed twice")
             continue
-        entries, problems = [], len(r.problems)
+        entries: list = []
+        problems = len(r.problems)
         for item in text.split():
             selector, colon, keyfile = item.partition(":")
             if not colon or not selector or not keyfile:

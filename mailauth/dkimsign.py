@@ -481,7 +481,10 @@ class MessageSigner:
         """
         if self._problem is not None:
             raise MessageNotSignable(f"cannot sign the message: {self._problem}")
-        block = self._headerBlock if self._headerBlock is not None else bytes(self._header)
+        block = self._headerBlock
+        if block is None:
+            # No blank line came: the whole message is its header.
+            block = bytes(self._header or b"")
         try:
             headers, _ = dkim.rfc822_parse(block)
         except (dkim.MessageFormatError, IndexError):
