@@ -319,7 +319,10 @@ def _dkimKeygen(args: argparse.Namespace, console: Console) -> None:
     try:
         from mailauth import dkimsign
     except ImportError as e:
-        raise CommandError(f"DKIM needs dkimpy and PyNaCl (Debian: python3-dkim): {e}") from None
+        raise CommandError(
+            f"{e}: DKIM needs the Python package dkimpy (Debian: apt install python3-dkim; "
+            "pip: pip install 'mailauth[dkim]')"
+        ) from None
     try:
         key = dkimsign.keygen(args.domain, args.selector, args.type, args.keydir, time.time())
     except ValueError as e:

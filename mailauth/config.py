@@ -675,6 +675,9 @@ def _dkimSection(r: _Reader) -> dict:
         if not entries and len(r.problems) == problems:
             r.problem("dkim", key, "missing selector:keyfile")
         keys[domain] = tuple(entries)
+    if keys and importlib.util.find_spec("dkim") is None:
+        r.problem("dkim", None, "needs the Python package dkimpy (Debian: apt install "
+                  "python3-dkim; pip: pip install 'mailauth[dkim]')")
     return keys
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from unittest import mock
 
 from twisted.trial import unittest
 
@@ -357,6 +359,14 @@ class DKIMSectionTests(unittest.TestCase):
                 "test.conf: [dkim] b.org.: b.org is listed twice",
             ),
         )
+
+    def test_withoutDkimpy(self) -> None:
+        """[dkim] without dkimpy installed is one clear line."""
+        with mock.patch.dict(sys.modules, {"dkim": None}):
+            self.assertEqual(self.problems("a.org = s:/k.pem\n"), (
+                "test.conf: [dkim]: needs the Python package dkimpy (Debian: apt install "
+                "python3-dkim; pip: pip install 'mailauth[dkim]')",
+            ))
 
     def test_unknownSectionNamesDkim(self) -> None:
         """The list of known sections in the unknown-section error includes [dkim]."""

@@ -11,8 +11,10 @@ import io
 import os
 import re
 import subprocess
+import sys
 import tracemalloc
 import types
+from unittest import mock
 
 import dkim
 from cryptography.hazmat.primitives import serialization
@@ -22,6 +24,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+import mailauth
 from mailauth.cli import Console, main
 from mailauth.config import ConfigError, loadText
 from mailauth.dkimsign import (
@@ -743,6 +746,16 @@ class KeygenTests(unittest.TestCase):
         )
         self.assertFalse(os.path.exists(keydir))
         self.assertEqual(self.run_("example.org", "--type", "dsa")[0], 2)
+
+    def test_withoutDkimpy(self) -> None:
+        """Without dkimpy installed, keygen says what to install."""
+        with mock.patch.dict(sys.modules, {"dkim": None}), mock.patch.dict(mailauth.__dict__):
+            # Forget the imported module, so that the command imports it again.
+            del sys.modules["mailauth.dkimsign"], mailauth.__dict__["dkimsign"]
+            status, out, err = self.run_("example.org", "--keydir", self.mktemp())
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("DKIM needs the Python package dkimpy (Debian: apt install python3-dkim;",
+                      err)
 
     def test_defaultSelector(self) -> None:
         """The default selector names the month, and Ed25519's ends in e."""
