@@ -374,8 +374,9 @@ def signatureField(key: SigningKey, headers: Sequence, include: Sequence[bytes],
     against 0.25 ms for OpenSSL's), so L{SigningKey.sign} asks OpenSSL
     through C{cryptography} for the same bytes.
 
-    @param headers: the message's C{(name, value)} pairs, top first, as
-        C{dkim.rfc822_parse} returns them, canonicalised (relaxed).
+    @param headers: the message's C{(name, value)} pairs that may be signed,
+        top first, as C{dkim.rfc822_parse} returns them, then canonicalised
+        (relaxed).
     @param include: the C{h=} list, lower case.
     @param bodyHash: the C{bh=} value (base64).
     @return: the folded field, ending in CRLF.
