@@ -312,8 +312,52 @@ def _queueCommand(commands: argparse._SubParsersAction) -> None:
     delete.set_defaults(run=_queueDelete)
 
 
+# -- mailauth dkim ------------------------------------------------------------
+
+
+def _dkimKeygen(args: argparse.Namespace, console: Console) -> None:
+    try:
+        from mailauth import dkimsign
+    except ImportError as e:
+        raise CommandError(
+            f"{e}: DKIM needs the Python package dkimpy (Debian: apt install python3-dkim; "
+            "pip: pip install 'mailauth[dkim]')"
+        ) from None
+    try:
+        key = dkimsign.keygen(args.domain, args.selector, args.type, args.keydir, time.time())
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    except FileExistsError as e:
+        raise CommandError(
+            f"{e.filename} exists; not overwritten (choose another --selector)"
+        ) from None
+    # Zone-file comments (;) around the record, so that it can be pasted as it is.
+    console.stdout.write(
+        f"; wrote {key.path}; to sign with it, add to [dkim]:\n"
+        f";   {key.domain} = {key.selector}:{key.path}\n"
+        f"; and publish in DNS:\n{key.zoneLine()}\n"
+    )
+
+
+def _dkimCommand(commands: argparse._SubParsersAction) -> None:
+    command = commands.add_parser("dkim", help="DKIM signing keys")
+    actions = command.add_subparsers(dest="action", metavar="ACTION", required=True)
+    keygen = actions.add_parser(
+        "keygen", help="write a new key as DIR/DOMAIN.SELECTOR.pem and print its DNS record"
+    )
+    keygen.add_argument("domain", metavar="DOMAIN", help="the signing domain, like example.org")
+    keygen.add_argument("--selector", metavar="S",
+                        help="default: mailYYYYMM (this month; with an e added for ed25519)")
+    keygen.add_argument("--type", choices=("rsa", "ed25519"), default="rsa",
+                        help="rsa (2048 bits, the default: every receiver verifies it) or "
+                        "ed25519 (RFC 8463: many receivers ignore it, so sign with both)")
+    keygen.add_argument("--keydir", metavar="DIR", default="/etc/mailauth/dkim",
+                        help="where to write the key (default /etc/mailauth/dkim)")
+    keygen.set_defaults(run=_dkimKeygen)
+
+
 # Each adds one subcommand whose "run" default is called with (args, console).
-_COMMANDS = (_userCommand, _hashCommand, _checkConfigCommand, _queueCommand)
+_COMMANDS = (_userCommand, _hashCommand, _checkConfigCommand, _queueCommand, _dkimCommand)
 
 
 def _makeParser() -> argparse.ArgumentParser:
