@@ -21,6 +21,7 @@ import binascii
 import re
 from typing import Any, Callable, Optional, cast
 
+import attrs
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
@@ -132,6 +133,19 @@ class SubmissionProtocol(protocol.Protocol):
             return f"{handle.get_protocol_version_name()} with cipher {handle.get_cipher_name()}"
         except Exception:
             return "TLS"
+
+    def _saslContext(self) -> sasl.SASLContext:
+        """What the SASL mechanisms see of this session, with the names offered in EHLO."""
+        connection = None
+        if self.tls.active:
+            try:
+                connection = self.transport.getHandle()
+            except AttributeError:
+                pass
+        context = sasl.SASLContext(self.settings.hostname, self.clock, connection)
+        table = self.factory.saslTable
+        names = sasl.offered(table, self.factory.mechanisms, context)
+        return sasl.SASLContext(self.settings.hostname, self.clock, connection, names)
 
     def _authAllowedNow(self) -> bool:
         if self.factory.authMode == "none":
@@ -394,7 +408,7 @@ class SubmissionProtocol(protocol.Protocol):
         if self._startTLSOffered():
             lines.append("STARTTLS")
         if self._authAllowedNow() and self.login is None:
-            lines.append("AUTH " + " ".join(self.factory.mechanisms))
+            lines.append("AUTH " + " ".join(self._saslContext().offered))
         self._sendLines(250, lines)
 
     def do_STARTTLS(self, arg: str):
@@ -440,9 +454,13 @@ class SubmissionProtocol(protocol.Protocol):
             return self._error(replies.UNKNOWN_MECHANISM)
         if not self._authAllowedNow():
             return self._error(replies.ENCRYPTION_REQUIRED)
+        context = self._saslContext()
+        if name not in context.offered:
+            # Only -PLUS is ever held back: it needs TLS channel binding data.
+            return self._error(replies.ENCRYPTION_REQUIRED)
         if self.factory.throttle.isBlocked(self._peer):
             return self._close(replies.BLOCKED)
-        mechanism = sasl.MECHANISMS[name](self.settings.hostname, self.clock)
+        mechanism = self.factory.saslTable[name](context)
         initial = None
         if len(words) == 2:
             initial = b"" if words[1] == "=" else self._decode(words[1].encode("ascii"))
@@ -469,6 +487,12 @@ class SubmissionProtocol(protocol.Protocol):
             return None
 
     def _authResponse(self, line: bytes):
+        if isinstance(self._mechanism, _FinalReply):
+            # The client answered the outcome's data (RFC 4422 3.6): whatever
+            # it said, the failure stands.
+            reply, self._mechanism, self._mode = self._mechanism.reply, None, self.COMMAND
+            self._send(reply)
+            return None
         data = self._decode(line)
         if data is None:
             return None
@@ -479,14 +503,31 @@ class SubmissionProtocol(protocol.Protocol):
         mechanism = self._mechanism
         try:
             step = advance()
-        except sasl.SASLError as e:
-            self._mechanism = None
-            self._mode = self.COMMAND
-            return self._error(e)
-        except sasl.AuthzidMismatch as e:
-            self._mode = self.COMMAND
-            self._mechanism = None
+        except (sasl.SASLError, sasl.AuthzidMismatch) as e:
+            return self._stepFailed(e, mechanism)
+        if isinstance(step, defer.Deferred):
+            # A mechanism that looks the user up (SCRAM) answers later.
+            self._mode = self.AUTH
+            step.addCallbacks(self._stepped, self._stepError, errbackArgs=(mechanism,))
+            return step
+        return self._stepped(step)
+
+    def _stepError(self, f: Failure, mechanism):
+        f.trap(sasl.SASLError, sasl.AuthzidMismatch)
+        return self._stepFailed(f.value, mechanism)
+
+    def _stepFailed(self, e: Exception, mechanism):
+        if self._mode == self.CLOSED:
+            return None
+        self._mode = self.COMMAND
+        self._mechanism = None
+        if isinstance(e, sasl.AuthzidMismatch):
             return self._authFailed(mechanism.name, e.username, "authzid differs from login")
+        return self._error(e)
+
+    def _stepped(self, step):
+        if self._mode == self.CLOSED:
+            return None
         if isinstance(step, sasl.Challenge):
             self._mode = self.AUTH
             self._send(Reply(334, base64.b64encode(step.data).decode("ascii")))
@@ -516,8 +557,22 @@ class SubmissionProtocol(protocol.Protocol):
     def _authError(self, f: Failure, credentials):
         if self._mode == self.CLOSED:
             return None
+        data = getattr(credentials, "failureData", None)
+        if f.check(sasl.MechanismUnavailable):
+            # Not a guess: the client chose a mechanism we offered but cannot
+            # verify for this user. Never counted, never slowed down.
+            log.info(
+                "auth mechanism unusable: client=[{client}] mechanism={mechanism} "
+                "login=<{login}>",
+                client=self._peer,
+                mechanism=credentials.mechanism,
+                login=_printable(credentials.username),
+            )
+            return self._finish(replies.AUTH_FAILED, data)
         if f.check(UnauthorizedLogin):
-            return self._authFailed(credentials.mechanism, credentials.username, "bad credentials")
+            return self._authFailed(
+                credentials.mechanism, credentials.username, "bad credentials", data
+            )
         if f.check(LoginFailed):
             log.error("login could not be checked: {why}", why=f.getErrorMessage())
         else:
@@ -525,7 +580,20 @@ class SubmissionProtocol(protocol.Protocol):
         self._send(replies.AUTH_UNAVAILABLE)
         return None
 
-    def _authFailed(self, mechanism: str, username: str, why: str):
+    def _finish(self, reply: Reply, data: Optional[bytes]) -> None:
+        """
+        Send the outcome C{reply}; a mechanism's C{data} for it (SCRAM's
+        C{e=}) first goes as a challenge whose answer is awaited (RFC 4422
+        section 3.6: an SMTP error reply cannot carry it).
+        """
+        if data is None:
+            self._send(reply)
+            return
+        self._mode = self.AUTH
+        self._mechanism = _FinalReply(reply)
+        self._send(Reply(334, base64.b64encode(data).decode("ascii")))
+
+    def _authFailed(self, mechanism: str, username: str, why: str, data: Optional[bytes] = None):
         self._authFailures += 1
         log.info(
             "auth failure: client=[{client}] mechanism={mechanism} login=<{login}>",
@@ -539,7 +607,7 @@ class SubmissionProtocol(protocol.Protocol):
         if self._authFailures >= self.factory.failuresPerSession:
             return self._close(replies.TOO_MANY_FAILURES)
         if delay <= 0:
-            self._send(replies.AUTH_FAILED)
+            self._finish(replies.AUTH_FAILED, data)
             return None
         d: defer.Deferred[None] = defer.Deferred()
         self._tarpitCall = self.clock.callLater(delay, d.callback, None)
@@ -547,7 +615,7 @@ class SubmissionProtocol(protocol.Protocol):
         def answer(ignored):
             self._tarpitCall = None
             if self._mode != self.CLOSED:
-                self._send(replies.AUTH_FAILED)
+                self._finish(replies.AUTH_FAILED, data)
 
         return d.addCallback(answer)
 
@@ -757,6 +825,13 @@ def _printable(text: str, limit: int = 128) -> str:
     return out[:limit]
 
 
+@attrs.frozen
+class _FinalReply:
+    """In place of a mechanism: the reply owed once the client answers the outcome's data."""
+
+    reply: Reply
+
+
 class SubmissionFactory(protocol.Factory):
     """
     Builds sessions for one listener, holding what they share: the portal,
@@ -782,6 +857,7 @@ class SubmissionFactory(protocol.Factory):
         failuresPerSession: int,
         postmasterDomain: str,
         reactor,
+        saslTable: Optional[dict] = None,
     ) -> None:
         self.settings = settings
         self.portal = portal
@@ -796,6 +872,8 @@ class SubmissionFactory(protocol.Factory):
         self.failuresPerSession = failuresPerSession
         self.postmasterDomain = postmasterDomain
         self.reactor = reactor
+        #: Mechanism name -> entry called with a L{sasl.SASLContext}.
+        self.saslTable = sasl.MECHANISMS if saslTable is None else saslTable
 
     def buildProtocol(self, addr) -> SubmissionProtocol:
         p = SubmissionProtocol(self)

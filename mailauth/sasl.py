@@ -138,7 +138,7 @@ class Plain:
 
     name = "PLAIN"
 
-    def __init__(self, hostname: str, clock) -> None:
+    def __init__(self, context: SASLContext) -> None:
         pass
 
     def start(self, initial: Optional[bytes]) -> Step:
@@ -165,7 +165,7 @@ class Login:
 
     name = "LOGIN"
 
-    def __init__(self, hostname: str, clock) -> None:
+    def __init__(self, context: SASLContext) -> None:
         self._username: Optional[str] = None
 
     def start(self, initial: Optional[bytes]) -> Step:
@@ -194,10 +194,9 @@ class CramMD5:
 
     name = "CRAM-MD5"
 
-    def __init__(self, hostname: str, clock) -> None:
-        self._challenge = (
-            f"<{secrets.randbelow(10**18)}.{int(clock.seconds())}@{hostname}>".encode("ascii")
-        )
+    def __init__(self, context: SASLContext) -> None:
+        now = int(context.clock.seconds())
+        self._challenge = f"<{secrets.randbelow(10**18)}.{now}@{context.hostname}>".encode("ascii")
 
     def start(self, initial: Optional[bytes]) -> Step:
         if initial is not None:
@@ -212,6 +211,13 @@ class CramMD5:
         return CramMD5Credentials(username, self._challenge, m.group(2))
 
 
-# Mechanism name -> class; each is built with (hostname, clock), where clock
-# is an IReactorTime.
+# Mechanism name -> class; each is built with a SASLContext. The daemon adds
+# the SCRAM entries (mailauth.scram.mechanisms), which need the users.
 MECHANISMS = {m.name: m for m in (Plain, Login, CramMD5)}
+
+
+def offered(table: dict, names: tuple, context: SASLContext) -> tuple:
+    """The mechanisms of C{names} to offer on a session: those available there."""
+    return tuple(
+        n for n in names if getattr(table[n], "available", lambda context: True)(context)
+    )

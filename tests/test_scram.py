@@ -16,6 +16,7 @@ import re
 import stat
 from typing import Optional
 
+import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -25,6 +26,9 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -34,6 +38,7 @@ from mailauth.checkers import ScramChecker
 from mailauth.cli import Console, main
 from mailauth.interfaces import ISASLMechanism
 from mailauth.sasl import (
+    MECHANISMS,
     AuthzidMismatch,
     Challenge,
     MechanismUnavailable,
@@ -43,7 +48,13 @@ from mailauth.sasl import (
 from mailauth.scram import ScramKeys
 from mailauth.tls import loadOptions
 from tests.fakes import MemoryUserDatabase
-from tests.support import writeCertificate
+from tests.support import (
+    MemoryMailbox,
+    TLSStringTransport,
+    makeFactory,
+    makeThrottle,
+    writeCertificate,
+)
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -230,7 +241,7 @@ class DeferredUsers:
 
     def answer(self) -> None:
         d, login = self.waiting.pop(0)
-        d.callback(self.users.lookup(login))
+        d.callback(self.users.get(login))
 
 
 class ScramKeysTests(unittest.TestCase):
@@ -571,9 +582,7 @@ class MechanismTests(unittest.TestCase):
         self.failureResultOf(self.login(credentials), UnauthorizedLogin)
         credentials = self.exchange(self.mechanism(), Client("user", b"pencil"))
         self.assertEqual(self.successResultOf(self.login(credentials)), "user")
-        self.users._users["user"] = self.users._users["user"].__class__(
-            "user", self.users._users["user"].password, suspended=True
-        )
+        self.users._users["user"] = attrs.evolve(self.users.get("user"), suspended=True)
         self.failureResultOf(self.login(credentials), UnauthorizedLogin)
         unread = ScramChecker(MemoryUserDatabase(None)).requestAvatarId(credentials)
         self.failureResultOf(unread, LoginFailed)
@@ -831,3 +840,183 @@ class SecretTests(unittest.TestCase):
             f.write(b"short")
         e = self.assertRaises(ValueError, scram.loadSecret, path)
         self.assertEqual(str(e), f"{path}: the SCRAM secret is shorter than 32 bytes")
+
+
+# -- the session: SCRAM through the SMTP AUTH command ------------------------
+
+
+@implementer(IRealm)
+class MailboxRealm:
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        return interfaces[0], MemoryMailbox(login=avatarId), lambda: None
+
+
+class HandleTransport(TLSStringTransport):
+    """A session transport whose TLS connection is a real, handshaken one."""
+
+    handle = None
+
+    def getHandle(self):
+        return self.handle
+
+
+class SessionTests(unittest.TestCase):
+    """SCRAM in the SMTP session, over a StringTransport."""
+
+    def setUp(self) -> None:
+        self.users = users()
+        self.clock = Clock()
+        self.throttle = makeThrottle(self.clock, tarpitDelay=0.0)
+        self.portal = Portal(MailboxRealm(), [ScramChecker(self.users)])
+        self.events: list = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def session(self, handle=None, tlsMode: str = "implicit", users=None) -> HandleTransport:
+        factory = makeFactory(
+            self.clock,
+            portal=self.portal,
+            mechanisms=("PLAIN", "SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"),
+            tlsMode=tlsMode,
+            plaintextRequiresTLS=False,
+            throttle=self.throttle,
+            saslTable={**MECHANISMS, **scram.mechanisms(users or self.users, SECRET)},
+        )
+        transport = HandleTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 40000))
+        transport.handle = handle
+        self.protocol = factory.buildProtocol(None)
+        self.protocol.makeConnection(transport)
+        self.transport = transport
+        self.send(b"EHLO client.example")
+        return transport
+
+    def send(self, line: bytes) -> list:
+        self.transport.clear()
+        self.protocol.dataReceived(line + b"\r\n")
+        return self.transport.value().split(b"\r\n")[:-1]
+
+    def challenge(self, lines: list) -> bytes:
+        [line] = lines
+        self.assertTrue(line.startswith(b"334 "), line)
+        return base64.b64decode(line[4:])
+
+    def logged(self) -> list:
+        return [formatEvent(e) for e in self.events if "auth " in e.get("log_format", "")]
+
+    def test_offeredWithBindingOnly(self) -> None:
+        """
+        -PLUS is offered only where the connection has channel binding
+        data; asked for anyway, it gets 538.
+        """
+        self.session(tlsMode="none")
+        self.assertIn(b"250 AUTH PLAIN SCRAM-SHA-256", self.send(b"EHLO client.example"))
+        self.assertEqual(
+            self.send(b"AUTH SCRAM-SHA-256-PLUS"),
+            [b"538 5.7.11 Encryption required for requested authentication mechanism"],
+        )
+        server, _ = tlsPair(writeCertificate(self.mktemp()), SSL.TLS1_3_VERSION)
+        self.session(server)
+        self.assertIn(
+            b"250 AUTH PLAIN SCRAM-SHA-256-PLUS SCRAM-SHA-256", self.send(b"EHLO client.example")
+        )
+
+    def test_plusLogin(self) -> None:
+        """
+        A whole SCRAM-SHA-256-PLUS login over TLS 1.3: server-first, the
+        server-final C{v=} as a 334, the client's empty line, then 235.
+        """
+        server, client = tlsPair(writeCertificate(self.mktemp()), SSL.TLS1_3_VERSION)
+        self.session(server)
+        exporter = client.export_keying_material(b"EXPORTER-Channel-Binding", 32)
+        scramClient = Client(
+            "pencil@example.test", b"pencil", flag="p", cbType="tls-exporter", cbData=exporter
+        )
+        serverFirst = self.challenge(
+            self.send(b"AUTH SCRAM-SHA-256-PLUS " + b64(scramClient.first()))
+        )
+        serverFinal = self.challenge(self.send(b64(scramClient.final(serverFirst))))
+        self.assertEqual(serverFinal, scramClient.expected)
+        self.assertEqual(self.send(b""), [b"235 2.7.0 Authentication successful"])
+        self.assertEqual(self.protocol.login, "pencil@example.test")
+        self.assertIn("mechanism=SCRAM-SHA-256-PLUS login=<pencil@example.test>", self.logged()[-1])
+
+    def test_lookupHoldsPipelinedLines(self) -> None:
+        """
+        While the user database answers, the lines after AUTH wait: the
+        client's C{*} is taken only after the server-first message.
+        """
+        waiting = DeferredUsers(self.users)
+        self.session(tlsMode="none", users=waiting)
+        scramClient = Client("pencil@example.test", b"pencil")
+        self.assertEqual(
+            self.send(b"AUTH SCRAM-SHA-256 " + b64(scramClient.first()) + b"\r\n*"), []
+        )
+        self.transport.clear()
+        waiting.answer()
+        lines = self.transport.value().split(b"\r\n")[:-1]
+        self.assertEqual(len(lines), 2, lines)
+        self.assertTrue(lines[0].startswith(b"334 "), lines)
+        self.assertEqual(lines[1], b"501 5.7.0 Authentication cancelled")
+
+    def test_wrongPasswordCounted(self) -> None:
+        """
+        A wrong proof is counted as a failed guess at once; C{e=invalid-proof}
+        follows as a 334, and whatever the client answers (even C{*}) gets 535.
+        """
+        self.session(tlsMode="none")
+        scramClient = Client("pencil@example.test", b"wrong")
+        serverFirst = self.challenge(self.send(b"AUTH SCRAM-SHA-256 " + b64(scramClient.first())))
+        outcome = self.challenge(self.send(b64(scramClient.final(serverFirst))))
+        self.assertEqual(outcome, b"e=invalid-proof")
+        self.assertEqual(self.throttle.trackedKeys(), 2)
+        self.assertIn("auth failure: client=[192.0.2.1] mechanism=SCRAM-SHA-256", self.logged()[-1])
+        self.assertEqual(self.send(b"*"), [b"535 5.7.8 Authentication credentials invalid"])
+        self.assertEqual(self.send(b"NOOP"), [b"250 2.0.0 Ok"])
+
+    def test_unknownUserLikeWrongPassword(self) -> None:
+        """An unknown login gets the very same replies as a wrong password, and counts."""
+        self.session(tlsMode="none")
+        scramClient = Client("nobody@example.test", b"pencil")
+        serverFirst = self.challenge(self.send(b"AUTH SCRAM-SHA-256 " + b64(scramClient.first())))
+        self.assertEqual(
+            self.challenge(self.send(b64(scramClient.final(serverFirst)))), b"e=invalid-proof"
+        )
+        self.assertEqual(self.send(b""), [b"535 5.7.8 Authentication credentials invalid"])
+        self.assertEqual(self.throttle.trackedKeys(), 2)
+
+    def test_otherSchemeNotCounted(self) -> None:
+        """
+        A user whose password SCRAM cannot verify gets the same replies as a
+        wrong password, but it is not counted (issue #10 item 5) and is
+        logged as unusable, not as a failure that fail2ban would see.
+        """
+        self.session(tlsMode="none")
+        for _ in range(5):
+            scramClient = Client("argon@example.test", b"pencil")
+            serverFirst = self.challenge(
+                self.send(b"AUTH SCRAM-SHA-256 " + b64(scramClient.first()))
+            )
+            self.assertEqual(
+                self.challenge(self.send(b64(scramClient.final(serverFirst)))), b"e=invalid-proof"
+            )
+            self.assertEqual(self.send(b""), [b"535 5.7.8 Authentication credentials invalid"])
+        self.assertEqual(self.throttle.trackedKeys(), 0)
+        self.assertFalse([line for line in self.logged() if "auth failure" in line])
+        self.assertIn(
+            "auth mechanism unusable: client=[192.0.2.1] mechanism=SCRAM-SHA-256 "
+            "login=<argon@example.test>",
+            self.logged()[-1],
+        )
+
+    def test_protocolErrorReply(self) -> None:
+        """A refused client-first message: its C{e=} as a 334, then the error reply."""
+        server, _ = tlsPair(writeCertificate(self.mktemp()), SSL.TLS1_3_VERSION)
+        self.session(server)
+        scramClient = Client("pencil@example.test", b"pencil", flag="y")
+        outcome = self.challenge(self.send(b"AUTH SCRAM-SHA-256 " + b64(scramClient.first())))
+        self.assertEqual(outcome, b"e=server-does-support-channel-binding")
+        self.assertEqual(
+            self.send(b""),
+            [b"535 5.7.8 SCRAM-PLUS was offered; possible downgrade attack"],
+        )
+        self.assertEqual(self.throttle.trackedKeys(), 0)
