@@ -21,7 +21,6 @@ import binascii
 import re
 from typing import Any, Callable, Optional, cast
 
-import attrs
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
@@ -487,12 +486,6 @@ class SubmissionProtocol(protocol.Protocol):
             return None
 
     def _authResponse(self, line: bytes):
-        if isinstance(self._mechanism, _FinalReply):
-            # The client answered the outcome's data (RFC 4422 3.6): whatever
-            # it said, the failure stands.
-            reply, self._mechanism, self._mode = self._mechanism.reply, None, self.COMMAND
-            self._send(reply)
-            return None
         data = self._decode(line)
         if data is None:
             return None
@@ -557,7 +550,6 @@ class SubmissionProtocol(protocol.Protocol):
     def _authError(self, f: Failure, credentials):
         if self._mode == self.CLOSED:
             return None
-        data = getattr(credentials, "failureData", None)
         if f.check(sasl.MechanismUnavailable):
             # Not a guess: the client chose a mechanism we offered but cannot
             # verify for this user. Never counted, never slowed down.
@@ -568,11 +560,10 @@ class SubmissionProtocol(protocol.Protocol):
                 mechanism=credentials.mechanism,
                 login=_printable(credentials.username),
             )
-            return self._finish(replies.AUTH_FAILED, data)
+            self._send(replies.AUTH_FAILED)
+            return None
         if f.check(UnauthorizedLogin):
-            return self._authFailed(
-                credentials.mechanism, credentials.username, "bad credentials", data
-            )
+            return self._authFailed(credentials.mechanism, credentials.username, "bad credentials")
         if f.check(LoginFailed):
             log.error("login could not be checked: {why}", why=f.getErrorMessage())
         else:
@@ -580,20 +571,7 @@ class SubmissionProtocol(protocol.Protocol):
         self._send(replies.AUTH_UNAVAILABLE)
         return None
 
-    def _finish(self, reply: Reply, data: Optional[bytes]) -> None:
-        """
-        Send the outcome C{reply}; a mechanism's C{data} for it (SCRAM's
-        C{e=}) first goes as a challenge whose answer is awaited (RFC 4422
-        section 3.6: an SMTP error reply cannot carry it).
-        """
-        if data is None:
-            self._send(reply)
-            return
-        self._mode = self.AUTH
-        self._mechanism = _FinalReply(reply)
-        self._send(Reply(334, base64.b64encode(data).decode("ascii")))
-
-    def _authFailed(self, mechanism: str, username: str, why: str, data: Optional[bytes] = None):
+    def _authFailed(self, mechanism: str, username: str, why: str):
         self._authFailures += 1
         log.info(
             "auth failure: client=[{client}] mechanism={mechanism} login=<{login}>",
@@ -607,7 +585,7 @@ class SubmissionProtocol(protocol.Protocol):
         if self._authFailures >= self.factory.failuresPerSession:
             return self._close(replies.TOO_MANY_FAILURES)
         if delay <= 0:
-            self._finish(replies.AUTH_FAILED, data)
+            self._send(replies.AUTH_FAILED)
             return None
         d: defer.Deferred[None] = defer.Deferred()
         self._tarpitCall = self.clock.callLater(delay, d.callback, None)
@@ -615,7 +593,7 @@ class SubmissionProtocol(protocol.Protocol):
         def answer(ignored):
             self._tarpitCall = None
             if self._mode != self.CLOSED:
-                self._finish(replies.AUTH_FAILED, data)
+                self._send(replies.AUTH_FAILED)
 
         return d.addCallback(answer)
 
@@ -823,13 +801,6 @@ def _printable(text: str, limit: int = 128) -> str:
     """A login made safe for a one-line log entry: no control characters, no spaces, bounded."""
     out = "".join(c if 32 < ord(c) < 127 and c not in "<>\\" else f"\\x{ord(c):02x}" for c in text)
     return out[:limit]
-
-
-@attrs.frozen
-class _FinalReply:
-    """In place of a mechanism: the reply owed once the client answers the outcome's data."""
-
-    reply: Reply
 
 
 class SubmissionFactory(protocol.Factory):

@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailauth import durable, sasl
+from mailauth import durable, replies, sasl
 from mailauth.interfaces import ISASLMechanism
 from mailauth.legacyschemes import Scheme
 
@@ -333,8 +333,6 @@ class ScramCredentials:
 
     @ivar scheme: the stored scheme the keys belong to.
     @ivar verified: the client's proof was right for C{keys}.
-    @ivar failureData: the server-final-message to send before C{535}
-        (RFC 4422 section 3.6), or L{None} after a right proof.
     """
 
     username: str
@@ -342,10 +340,6 @@ class ScramCredentials:
     scheme: str
     keys: ScramKeys
     verified: bool
-
-    @property
-    def failureData(self) -> Optional[bytes]:
-        return None if self.verified else b"e=invalid-proof"
 
 
 # -- the server mechanism ---------------------------------------------------
@@ -356,7 +350,10 @@ _ATTRIBUTE = re.compile(r"[A-Za-z]=[^,\0]+")
 
 
 class _Refused(Exception):
-    """A SCRAM error: C{value} is sent as C{e=}, then C{outcome} is raised."""
+    """
+    An RFC 5802 error: C{value} is its C{e=} name, C{outcome} the exception
+    that makes the session's reply.
+    """
 
     def __init__(self, value: str, outcome: Exception) -> None:
         super().__init__(value)
@@ -364,8 +361,13 @@ class _Refused(Exception):
         self.outcome = outcome
 
 
+def _refused(value: str, code: int, text: str) -> _Refused:
+    """The reply names the RFC 5802 error value, for clients that show only the reply."""
+    return _Refused(value, sasl.SASLError(code, f"{text} ({value})"))
+
+
 def _malformed(value: str, why: str) -> _Refused:
-    return _Refused(value, sasl.SASLError(501, f"5.5.2 {why}"))
+    return _refused(value, 501, f"5.5.2 {why}")
 
 
 def _saslname(text: str, what: str) -> str:
@@ -417,9 +419,8 @@ def _parseClientFirst(data: bytes) -> _ClientFirst:
         authzid = _saslname(authzid[2:], "authzid")
     fields = bare.split(",")
     if fields[0].startswith("m="):
-        raise _Refused(
-            "extensions-not-supported",
-            sasl.SASLError(504, "5.5.4 SCRAM mandatory extensions are not supported"),
+        raise _refused(
+            "extensions-not-supported", 504, "5.5.4 SCRAM mandatory extensions are not supported"
         )
     if len(fields) < 2 or not fields[0].startswith("n=") or not fields[1].startswith("r="):
         raise _malformed("invalid-encoding", "SCRAM client-first message needs n= and r=")
@@ -450,10 +451,14 @@ class ScramMechanism:
     the credentials go to the portal once the client answers it with an
     empty response (RFC 4954 section 4). A wrong proof hands the portal
     credentials marked unverified at once, so the failure is counted even
-    if the client then hangs up. Every other failure is sent as a
-    server-final C{e=} challenge (RFC 4422 section 3.6: an SMTP error reply
-    cannot carry it), and the client's next response, whatever it is, gets
-    the error reply.
+    if the client then hangs up, and the session answers 535 with no
+    C{e=invalid-proof}, as Dovecot and Cyrus do: GNU SASL (msmtp, gsasl)
+    cannot parse an C{e=} and would report a protocol error instead of a
+    failed login. The other errors of the client-final message are sent as
+    a server-final C{e=} challenge (RFC 4422 section 3.6: an SMTP reply
+    cannot carry it) and the client's next response, whatever it is, gets
+    the error reply; errors of the client-first message, where RFC 5802
+    has no C{e=}, get the reply at once. Every reply names the error value.
     """
 
     def __init__(
@@ -483,21 +488,30 @@ class ScramMechanism:
     def respond(self, data: bytes) -> Any:
         if self._refusal is not None:
             raise self._refusal
+        step = self._respond
         try:
-            result = self._respond(data)
+            result = step(data)
         except _Refused as e:
-            return self._refuse(e)
+            return self._refuse(e, final=step == self._clientFinal)
         if isinstance(result, defer.Deferred):
             return result.addErrback(self._refuseLater)
         return result
 
-    def _refuse(self, refused: _Refused) -> sasl.Challenge:
+    def _refuse(self, refused: _Refused, final: bool) -> sasl.Challenge:
+        """
+        RFC 5802 has C{e=} only in the server-final message: an error in the
+        client-final message is sent so, as a challenge (RFC 4422 section
+        3.6), and the client's answer gets the reply; an error in the
+        client-first message is answered at once.
+        """
+        if not final:
+            raise refused.outcome
         self._refusal = refused.outcome
         return sasl.Challenge(b"e=" + refused.value.encode("ascii"))
 
-    def _refuseLater(self, f: Failure) -> sasl.Challenge:
+    def _refuseLater(self, f: Failure) -> None:
         f.trap(_Refused)
-        return self._refuse(f.value)
+        raise f.value.outcome
 
     # -- client-first ----------------------------------------------------
 
@@ -519,23 +533,26 @@ class ScramMechanism:
                 )
             data = channelBinding(self.context.tls, first.cbType)
             if data is None:
-                raise _Refused(
+                raise _refused(
                     "unsupported-channel-binding-type",
-                    sasl.SASLError(504, f"5.5.4 channel binding {first.cbType} is not available"),
+                    504,
+                    f"5.5.4 SCRAM channel binding {first.cbType} is not available here",
                 )
             return data
         if first.flag == "p":
-            raise _Refused(
+            raise _refused(
                 "channel-binding-not-supported",
-                sasl.SASLError(504, f"5.5.4 {self.name} does not bind; use {self.name}-PLUS"),
+                504,
+                f"5.5.4 {self.name} does not bind; use {self.name}-PLUS",
             )
         if first.flag == "y" and any(
             n.startswith("SCRAM-") and n.endswith("-PLUS") for n in self.context.offered
         ):
             # The client binds but saw no -PLUS: someone removed it (section 6).
-            raise _Refused(
+            raise _refused(
                 "server-does-support-channel-binding",
-                sasl.SASLError(535, "5.7.8 SCRAM-PLUS was offered; possible downgrade attack"),
+                535,
+                "5.7.8 SCRAM-PLUS was offered: possible downgrade attack",
             )
         return None
 
@@ -543,9 +560,7 @@ class ScramMechanism:
         from mailauth.userdb import UserDatabaseUnavailable
 
         f.trap(UserDatabaseUnavailable, LoginFailed)
-        raise _Refused(
-            "no-resources", sasl.SASLError(454, "4.7.0 Temporary authentication failure")
-        )
+        raise _Refused("no-resources", sasl.SASLError(*attrs.astuple(replies.AUTH_UNAVAILABLE)))
 
     def _serverFirst(self, user: Any, first: _ClientFirst, binding: Optional[bytes]):
         keys = None if user is None else storedKeys(user.password, self.scheme)
@@ -583,9 +598,10 @@ class ScramMechanism:
         except (binascii.Error, UnicodeDecodeError):
             raise _malformed("invalid-encoding", "SCRAM c= or p= is not base64") from None
         if not hmac.compare_digest(cbind, first.header + (self._binding or b"")):
-            raise _Refused(
+            raise _refused(
                 "channel-bindings-dont-match",
-                sasl.SASLError(535, "5.7.8 SCRAM channel binding does not match this connection"),
+                535,
+                "5.7.8 SCRAM channel binding does not match this connection",
             )
         if not hmac.compare_digest(fields[1][2:], self._nonce):
             raise _malformed("other-error", "SCRAM nonce is not the one the server sent")

@@ -397,9 +397,25 @@ class MechanismTests(unittest.TestCase):
         return step
 
     def refused(self, step, value: bytes, outcome, mechanism):
-        """C{step} is the C{e=value} challenge; the next response raises C{outcome}."""
+        """
+        C{step} (after the client-final message) is the C{e=value} challenge;
+        the next response raises C{outcome}, whose reply names C{value}.
+        """
         self.assertEqual(step, Challenge(b"e=" + value))
-        return self.assertRaises(outcome, mechanism.respond, b"")
+        e = self.assertRaises(outcome, mechanism.respond, b"")
+        self.assertTrue(e.text.endswith(f"({value.decode()})"), e.text)
+        return e
+
+    def refusedAtOnce(self, message: bytes, value: str, mechanism=None):
+        """
+        The client-first C{message} is answered at once (RFC 5802 has no
+        C{e=} there) with a L{SASLError} whose reply names C{value}.
+        """
+        mechanism = mechanism or self.mechanism()
+        e = self.assertRaises(SASLError, mechanism.start, message)
+        self.assertTrue(e.text.endswith(f"({value})"), e.text)
+        self.assertNotIn("\n", e.text)
+        return e
 
     def login(self, credentials) -> defer.Deferred:
         return ScramChecker(self.users).requestAvatarId(credentials)
@@ -438,7 +454,6 @@ class MechanismTests(unittest.TestCase):
             (credentials.username, credentials.mechanism, credentials.verified),
             ("user", "SCRAM-SHA-256", True),
         )
-        self.assertIsNone(credentials.failureData)
 
         @implementer(IRealm)
         class Realm:
@@ -506,14 +521,12 @@ class MechanismTests(unittest.TestCase):
 
     def test_wrongPassword(self) -> None:
         """
-        A wrong proof gives unverified credentials at once, carrying
-        C{e=invalid-proof} for the session to send; the checker refuses it
-        as a wrong password.
+        A wrong proof gives unverified credentials at once (no C{e=}, as
+        Dovecot and Cyrus: GNU SASL cannot parse one); the checker refuses
+        them as a wrong password.
         """
         credentials = self.exchange(self.mechanism(), Client("pencil@example.test", b"pen"))
-        self.assertEqual(
-            (credentials.verified, credentials.failureData), (False, b"e=invalid-proof")
-        )
+        self.assertFalse(credentials.verified)
         f = self.failureResultOf(self.login(credentials), UnauthorizedLogin)
         self.assertFalse(f.check(MechanismUnavailable))
 
@@ -535,7 +548,7 @@ class MechanismTests(unittest.TestCase):
         self.assertNotEqual(salt("nobody@example.test"), salt("nobody2@example.test"))
         self.assertNotEqual(salt("nobody@example.test"), salt("nobody@example.test", b"t" * 32))
         credentials = self.exchange(self.mechanism(), Client("nobody@example.test", b"x"))
-        self.assertEqual(credentials.failureData, b"e=invalid-proof")
+        self.assertFalse(credentials.verified)
         f = self.failureResultOf(self.login(credentials), UnauthorizedLogin)
         self.assertFalse(f.check(MechanismUnavailable))
 
@@ -566,7 +579,7 @@ class MechanismTests(unittest.TestCase):
         ):
             client = Client(login, b"pencil", "sha1" if name == "SCRAM-SHA-1" else "sha256")
             credentials = self.exchange(self.mechanism(name), client)
-            self.assertEqual(credentials.failureData, b"e=invalid-proof")
+            self.assertFalse(credentials.verified)
             f = self.failureResultOf(self.login(credentials), MechanismUnavailable)
             self.assertIn("cannot verify a password stored as", f.getErrorMessage())
 
@@ -588,11 +601,12 @@ class MechanismTests(unittest.TestCase):
         self.failureResultOf(unread, LoginFailed)
 
     def test_databaseUnavailable(self) -> None:
-        """A user database that cannot answer gives C{e=no-resources}, then 454."""
+        """A user database that cannot answer gives 454 (RFC 5802's no-resources)."""
         mechanism = self.mechanism(users=MemoryUserDatabase(None))
-        step = self.successResultOf(mechanism.start(Client("user", b"pencil").first()))
-        e = self.refused(step, b"no-resources", SASLError, mechanism)
-        self.assertEqual((e.code, e.text), (454, "4.7.0 Temporary authentication failure"))
+        f = self.failureResultOf(mechanism.start(Client("user", b"pencil").first()), SASLError)
+        self.assertEqual(
+            (f.value.code, f.value.text), (454, "4.7.0 Temporary authentication failure")
+        )
 
     def test_badNonce(self) -> None:
         """A client-final with another nonce gets C{e=other-error}, then 501."""
@@ -606,18 +620,17 @@ class MechanismTests(unittest.TestCase):
 
     def test_authzid(self) -> None:
         """
-        An authzid equal to the login is allowed; another gets
-        C{e=other-error} and then fails as PLAIN's does.
+        An authzid equal to the login is allowed; another fails at once,
+        as PLAIN's does.
         """
         credentials = self.exchange(self.mechanism(), Client("user", b"pencil", authzid="user"))
         self.assertTrue(credentials.verified)
-        mechanism = self.mechanism()
-        step = mechanism.start(Client("user", b"pencil", authzid="admin").first())
-        e = self.refused(step, b"other-error", AuthzidMismatch, mechanism)
+        message = Client("user", b"pencil", authzid="admin").first()
+        e = self.assertRaises(AuthzidMismatch, self.mechanism().start, message)
         self.assertEqual(e.username, "user")
 
     def test_malformedClientFirst(self) -> None:
-        """Each malformed client-first message gets its C{e=} value, then 5xx."""
+        """Each malformed client-first message gets a 5xx naming its RFC 5802 error."""
         cases = {
             b"n,,n=user,r=ab\xff": (b"invalid-encoding", 501),
             b"n,n=user,r=abc": (b"invalid-encoding", 501),
@@ -636,10 +649,8 @@ class MechanismTests(unittest.TestCase):
             b"n,,m=ext,n=user,r=abc": (b"extensions-not-supported", 504),
         }
         for message, (value, code) in cases.items():
-            mechanism = self.mechanism()
-            e = self.refused(mechanism.start(message), value, SASLError, mechanism)
+            e = self.refusedAtOnce(message, value.decode())
             self.assertEqual(e.code, code, message)
-            self.assertNotIn("\n", e.text)
 
     def test_unknownExtensionsIgnored(self) -> None:
         """Extensions other than m= are ignored (RFC 5802 section 7)."""
@@ -685,9 +696,8 @@ class MechanismTests(unittest.TestCase):
         SCRAM-SHA-256 with C{p=} gets C{e=channel-binding-not-supported};
         with C{n}, C{c=} must be exactly the header.
         """
-        mechanism = self.mechanism()
-        step = mechanism.start(Client("user", b"p", flag="p", cbType="tls-unique").first())
-        self.refused(step, b"channel-binding-not-supported", SASLError, mechanism)
+        message = Client("user", b"p", flag="p", cbType="tls-unique").first()
+        self.assertEqual(self.refusedAtOnce(message, "channel-binding-not-supported").code, 504)
         mechanism = self.mechanism()
         client = Client("user", b"pencil")
         final = client.final(self.first(mechanism, client), cbind=b"y,,")
@@ -704,8 +714,8 @@ class MechanismTests(unittest.TestCase):
         """
         offered = ("SCRAM-SHA-256", "SCRAM-SHA-256-PLUS")
         mechanism = self.mechanism(context=SASLContext("h", None, None, offered))
-        step = mechanism.start(Client("user", b"pencil", flag="y").first())
-        e = self.refused(step, b"server-does-support-channel-binding", SASLError, mechanism)
+        message = Client("user", b"pencil", flag="y").first()
+        e = self.refusedAtOnce(message, "server-does-support-channel-binding", mechanism)
         self.assertEqual(e.code, 535)
         credentials = self.exchange(self.mechanism(), Client("user", b"pencil", flag="y"))
         self.assertTrue(credentials.verified)
@@ -719,9 +729,8 @@ class MechanismTests(unittest.TestCase):
         context = SASLContext("h", None, None, ())
         self.assertFalse(factory.available(context))
         self.assertTrue(scram.ScramFactory("SCRAM-SHA-256", self.users, SECRET).available(context))
-        mechanism = factory(context)
-        step = mechanism.start(Client("user", b"pencil", flag="p", cbType="tls-unique").first())
-        self.refused(step, b"unsupported-channel-binding-type", SASLError, mechanism)
+        message = Client("user", b"pencil", flag="p", cbType="tls-unique").first()
+        self.refusedAtOnce(message, "unsupported-channel-binding-type", factory(context))
 
 
 class ChannelBindingTests(unittest.TestCase):
@@ -740,6 +749,7 @@ class ChannelBindingTests(unittest.TestCase):
 
     first = MechanismTests.first
     refused = MechanismTests.refused
+    refusedAtOnce = MechanismTests.refusedAtOnce
 
     def test_tls13(self) -> None:
         """
@@ -760,9 +770,8 @@ class ChannelBindingTests(unittest.TestCase):
             credentials = self.exchange(self.plus(server), scramClient)
             self.assertEqual(credentials.mechanism, "SCRAM-SHA-256-PLUS")
             self.assertTrue(credentials.verified, cbType)
-        mechanism = self.plus(server)
-        step = mechanism.start(Client("user", b"p", flag="p", cbType="tls-unique").first())
-        self.refused(step, b"unsupported-channel-binding-type", SASLError, mechanism)
+        message = Client("user", b"p", flag="p", cbType="tls-unique").first()
+        self.refusedAtOnce(message, "unsupported-channel-binding-type", self.plus(server))
 
     def test_tls12(self) -> None:
         """
@@ -778,9 +787,8 @@ class ChannelBindingTests(unittest.TestCase):
         ):
             scramClient = Client("user", b"pencil", flag="p", cbType=cbType, cbData=data)
             self.assertTrue(self.exchange(self.plus(server), scramClient).verified, cbType)
-        mechanism = self.plus(server)
-        step = mechanism.start(Client("user", b"p", flag="p", cbType="tls-exporter").first())
-        self.refused(step, b"unsupported-channel-binding-type", SASLError, mechanism)
+        message = Client("user", b"p", flag="p", cbType="tls-exporter").first()
+        self.refusedAtOnce(message, "unsupported-channel-binding-type", self.plus(server))
 
     def test_mismatch(self) -> None:
         """
@@ -800,9 +808,8 @@ class ChannelBindingTests(unittest.TestCase):
         """-PLUS with C{n} or C{y} fails: the client chose binding by choosing -PLUS."""
         server, _ = tlsPair(self.certificate, SSL.TLS1_3_VERSION)
         for flag in ("n", "y"):
-            mechanism = self.plus(server)
-            step = mechanism.start(Client("user", b"pencil", flag=flag).first())
-            self.refused(step, b"channel-bindings-dont-match", SASLError, mechanism)
+            message = Client("user", b"pencil", flag=flag).first()
+            self.refusedAtOnce(message, "channel-bindings-dont-match", self.plus(server))
 
     def test_endPointHashFollowsSignature(self) -> None:
         """
@@ -960,17 +967,18 @@ class SessionTests(unittest.TestCase):
 
     def test_wrongPasswordCounted(self) -> None:
         """
-        A wrong proof is counted as a failed guess at once; C{e=invalid-proof}
-        follows as a 334, and whatever the client answers (even C{*}) gets 535.
+        A wrong proof is answered 535 at once (no C{e=}) and counted as a
+        failed guess, as fail2ban sees it.
         """
         self.session(tlsMode="none")
         scramClient = Client("pencil@example.test", b"wrong")
         serverFirst = self.challenge(self.send(b"AUTH SCRAM-SHA-256 " + b64(scramClient.first())))
-        outcome = self.challenge(self.send(b64(scramClient.final(serverFirst))))
-        self.assertEqual(outcome, b"e=invalid-proof")
+        self.assertEqual(
+            self.send(b64(scramClient.final(serverFirst))),
+            [b"535 5.7.8 Authentication credentials invalid"],
+        )
         self.assertEqual(self.throttle.trackedKeys(), 2)
         self.assertIn("auth failure: client=[192.0.2.1] mechanism=SCRAM-SHA-256", self.logged()[-1])
-        self.assertEqual(self.send(b"*"), [b"535 5.7.8 Authentication credentials invalid"])
         self.assertEqual(self.send(b"NOOP"), [b"250 2.0.0 Ok"])
 
     def test_unknownUserLikeWrongPassword(self) -> None:
@@ -979,9 +987,9 @@ class SessionTests(unittest.TestCase):
         scramClient = Client("nobody@example.test", b"pencil")
         serverFirst = self.challenge(self.send(b"AUTH SCRAM-SHA-256 " + b64(scramClient.first())))
         self.assertEqual(
-            self.challenge(self.send(b64(scramClient.final(serverFirst)))), b"e=invalid-proof"
+            self.send(b64(scramClient.final(serverFirst))),
+            [b"535 5.7.8 Authentication credentials invalid"],
         )
-        self.assertEqual(self.send(b""), [b"535 5.7.8 Authentication credentials invalid"])
         self.assertEqual(self.throttle.trackedKeys(), 2)
 
     def test_otherSchemeNotCounted(self) -> None:
@@ -997,9 +1005,9 @@ class SessionTests(unittest.TestCase):
                 self.send(b"AUTH SCRAM-SHA-256 " + b64(scramClient.first()))
             )
             self.assertEqual(
-                self.challenge(self.send(b64(scramClient.final(serverFirst)))), b"e=invalid-proof"
+                self.send(b64(scramClient.final(serverFirst))),
+                [b"535 5.7.8 Authentication credentials invalid"],
             )
-            self.assertEqual(self.send(b""), [b"535 5.7.8 Authentication credentials invalid"])
         self.assertEqual(self.throttle.trackedKeys(), 0)
         self.assertFalse([line for line in self.logged() if "auth failure" in line])
         self.assertIn(
@@ -1008,15 +1016,43 @@ class SessionTests(unittest.TestCase):
             self.logged()[-1],
         )
 
-    def test_protocolErrorReply(self) -> None:
-        """A refused client-first message: its C{e=} as a 334, then the error reply."""
+    def test_clientFirstRefused(self) -> None:
+        """
+        A refused client-first message is answered at once, the reply naming
+        the RFC 5802 error; not counted as a guess.
+        """
         server, _ = tlsPair(writeCertificate(self.mktemp()), SSL.TLS1_3_VERSION)
         self.session(server)
         scramClient = Client("pencil@example.test", b"pencil", flag="y")
-        outcome = self.challenge(self.send(b"AUTH SCRAM-SHA-256 " + b64(scramClient.first())))
-        self.assertEqual(outcome, b"e=server-does-support-channel-binding")
+        self.assertEqual(
+            self.send(b"AUTH SCRAM-SHA-256 " + b64(scramClient.first())),
+            [
+                b"535 5.7.8 SCRAM-PLUS was offered: possible downgrade attack "
+                b"(server-does-support-channel-binding)"
+            ],
+        )
+        self.assertEqual(self.throttle.trackedKeys(), 0)
+
+    def test_clientFinalRefused(self) -> None:
+        """
+        A refused client-final message gets its C{e=} as a 334 (the
+        server-final message), and the client's answer gets the reply.
+        """
+        server, _ = tlsPair(writeCertificate(self.mktemp()), SSL.TLS1_3_VERSION)
+        self.session(server)
+        scramClient = Client(
+            "pencil@example.test", b"pencil", flag="p", cbType="tls-exporter", cbData=b"x" * 32
+        )
+        serverFirst = self.challenge(
+            self.send(b"AUTH SCRAM-SHA-256-PLUS " + b64(scramClient.first()))
+        )
+        outcome = self.challenge(self.send(b64(scramClient.final(serverFirst))))
+        self.assertEqual(outcome, b"e=channel-bindings-dont-match")
         self.assertEqual(
             self.send(b""),
-            [b"535 5.7.8 SCRAM-PLUS was offered; possible downgrade attack"],
+            [
+                b"535 5.7.8 SCRAM channel binding does not match this connection "
+                b"(channel-bindings-dont-match)"
+            ],
         )
         self.assertEqual(self.throttle.trackedKeys(), 0)
