@@ -132,4 +132,3 @@ class ScramChecker:
             raise UnauthorizedLogin()
         # A suspended login fails even with the right proof.
         return _result(not user.suspended, user)
-

@@ -507,9 +507,9 @@ class SubmissionProtocol(protocol.Protocol):
 
     def _stepError(self, f: Failure, mechanism):
         f.trap(sasl.SASLError, sasl.AuthzidMismatch)
-        return self._stepFailed(f.value, mechanism)
+        return self._stepFailed(cast("sasl.SASLError | sasl.AuthzidMismatch", f.value), mechanism)
 
-    def _stepFailed(self, e: Exception, mechanism):
+    def _stepFailed(self, e: sasl.SASLError | sasl.AuthzidMismatch, mechanism):
         if self._mode == self.CLOSED:
             return None
         self._mode = self.COMMAND
@@ -554,8 +554,7 @@ class SubmissionProtocol(protocol.Protocol):
             # Not a guess: the client chose a mechanism we offered but cannot
             # verify for this user. Never counted, never slowed down.
             log.info(
-                "auth mechanism unusable: client=[{client}] mechanism={mechanism} "
-                "login=<{login}>",
+                "auth mechanism unusable: client=[{client}] mechanism={mechanism} login=<{login}>",
                 client=self._peer,
                 mechanism=credentials.mechanism,
                 login=_printable(credentials.username),

@@ -9,7 +9,7 @@ import hmac
 import os
 import re
 import secrets
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import attrs
 from twisted.cred.credentials import ICredentials
@@ -511,7 +511,8 @@ class ScramMechanism:
 
     def _refuseLater(self, f: Failure) -> None:
         f.trap(_Refused)
-        raise f.value.outcome
+        refused = cast(_Refused, f.value)
+        raise refused.outcome
 
     # -- client-first ----------------------------------------------------
 
@@ -531,7 +532,7 @@ class ScramMechanism:
                 raise _malformed(
                     "channel-bindings-dont-match", f"{self.name} needs channel binding (p=)"
                 )
-            data = channelBinding(self.context.tls, first.cbType)
+            data = channelBinding(self.context.tls, first.cbType or "")
             if data is None:
                 raise _refused(
                     "unsupported-channel-binding-type",

@@ -18,7 +18,7 @@ import subprocess
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from tests.harness import BOB_PASSWORD, AttackMixin
+from tests.harness import BOB_PASSWORD, VECTORS, AttackMixin
 
 LOGIN = "bob@example.test"
 PASSWORD = BOB_PASSWORD.decode()
@@ -132,8 +132,6 @@ SCRAM_LOGIN = "pencil@example.test"
 
 def _scramUsers() -> str:
     """The daemon's users: the vectors, bob, and the SCRAM users doveadm made."""
-    from tests.test_e2e import VECTORS
-
     with open(VECTORS) as f, open(SCRAM_USERS) as g:
         return f.read() + "bob@example.test:{PLAIN}bob-secret-2\n" + g.read()
 
