@@ -445,7 +445,7 @@ class ScramMechanism:
     After the client-first message it looks the user up; a login that does
     not exist, or whose password is stored in another scheme, gets keys
     from L{fakeKeys}, so the exchange looks the same as for a real user and
-    fails only at the end, with the same C{e=invalid-proof}.
+    fails only at the end, with the same reply as a wrong password.
 
     A right proof is answered with the server-final C{v=} as a challenge;
     the credentials go to the portal once the client answers it with an
@@ -529,15 +529,14 @@ class ScramMechanism:
         """The channel binding data the client must send back (RFC 5802 section 6)."""
         if self.plus:
             if first.flag != "p":
-                raise _malformed(
-                    "channel-bindings-dont-match", f"{self.name} needs channel binding (p=)"
-                )
-            data = channelBinding(self.context.tls, first.cbType or "")
+                raise _malformed("channel-bindings-dont-match", f"{self.name} needs the p= flag")
+            cbType = first.cbType or ""
+            data = channelBinding(self.context.tls, cbType)
             if data is None:
                 raise _refused(
                     "unsupported-channel-binding-type",
                     504,
-                    f"5.5.4 SCRAM channel binding {first.cbType} is not available here",
+                    f"5.5.4 SCRAM channel binding {replies.echo(cbType)} is not available here",
                 )
             return data
         if first.flag == "p":
