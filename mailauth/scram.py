@@ -246,13 +246,19 @@ def channelBinding(connection: Any, cbType: str) -> Optional[bytes]:
     """
     if connection is None:
         return None
-    version = connection.get_protocol_version_name()
-    if cbType == TLS_EXPORTER and version == "TLSv1.3":
-        return connection.export_keying_material(b"EXPORTER-Channel-Binding", 32)
-    if cbType == TLS_UNIQUE and version == "TLSv1.2":
-        return connection.get_peer_finished()
-    if cbType == TLS_SERVER_END_POINT and version in ("TLSv1.2", "TLSv1.3"):
-        return _endPointHash(connection)
+    from OpenSSL import SSL
+
+    try:
+        version = connection.get_protocol_version_name()
+        if cbType == TLS_EXPORTER and version == "TLSv1.3":
+            return connection.export_keying_material(b"EXPORTER-Channel-Binding", 32)
+        if cbType == TLS_UNIQUE and version == "TLSv1.2":
+            return connection.get_peer_finished()
+        if cbType == TLS_SERVER_END_POINT and version in ("TLSv1.2", "TLSv1.3"):
+            return _endPointHash(connection)
+    except SSL.Error:
+        # The handshake is not finished: there is nothing to bind to yet.
+        pass
     return None
 
 

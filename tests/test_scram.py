@@ -790,6 +790,16 @@ class ChannelBindingTests(unittest.TestCase):
         message = Client("user", b"p", flag="p", cbType="tls-exporter").first()
         self.refusedAtOnce(message, "unsupported-channel-binding-type", self.plus(server))
 
+    def test_beforeHandshake(self) -> None:
+        """
+        A connection whose handshake has not finished exports no keying
+        material (OpenSSL refuses), and asking is no error.
+        """
+        server = SSL.Connection(loadOptions(*self.certificate).getContext(), None)
+        server.set_accept_state()
+        self.assertIsNone(scram.channelBinding(server, "tls-exporter"))
+        self.assertNotIn("tls-exporter", scram.channelBindingTypes(server))
+
     def test_mismatch(self) -> None:
         """
         Binding data from another connection (a man in the middle) gets
