@@ -241,13 +241,14 @@ def channelBinding(connection: Any, cbType: str) -> Optional[bytes]:
     C{CertificateOptions}) neither cache sessions nor issue tickets, so no
     handshake is abbreviated. C{tls-server-end-point} is given for both.
 
-    @param connection: the L{OpenSSL.SSL.Connection}, or L{None} without TLS.
+    @param connection: the L{OpenSSL.SSL.Connection}, or anything else (a
+        socket, L{None}) without TLS.
     @return: the data, or L{None} if this connection has none of that type.
     """
-    if connection is None:
-        return None
     from OpenSSL import SSL
 
+    if not isinstance(connection, SSL.Connection):
+        return None
     try:
         version = connection.get_protocol_version_name()
         if cbType == TLS_EXPORTER and version == "TLSv1.3":

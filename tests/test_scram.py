@@ -13,6 +13,7 @@ import hmac
 import io
 import os
 import re
+import socket
 import stat
 from typing import Optional
 
@@ -799,6 +800,13 @@ class ChannelBindingTests(unittest.TestCase):
         server.set_accept_state()
         self.assertIsNone(scram.channelBinding(server, "tls-exporter"))
         self.assertNotIn("tls-exporter", scram.channelBindingTypes(server))
+
+    def test_notTLS(self) -> None:
+        """Without a TLS connection (none, or a plain socket's handle) there is no binding."""
+        for handle in (None, socket.socket()):
+            self.assertEqual(scram.channelBindingTypes(handle), ())
+            if handle is not None:
+                handle.close()
 
     def test_mismatch(self) -> None:
         """
