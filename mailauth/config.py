@@ -16,7 +16,15 @@ import attrs
 TLS_MODES = ("starttls", "implicit", "none")
 AUTH_MODES = ("required", "optional", "none")
 PROXY_MODES = ("no", "v1", "v2", "any")
-KNOWN_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+KNOWN_MECHANISMS = (
+    "PLAIN",
+    "LOGIN",
+    "SCRAM-SHA-256",
+    "SCRAM-SHA-256-PLUS",
+    "SCRAM-SHA-1",
+    "SCRAM-SHA-1-PLUS",
+    "CRAM-MD5",
+)
 
 
 class ConfigError(Exception):

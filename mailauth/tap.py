@@ -16,9 +16,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from mailauth import config as configmod
-from mailauth import sdnotify
+from mailauth import sasl, scram, sdnotify
 from mailauth.addressmap import AddressMap
-from mailauth.checkers import CramMD5Checker, PasswordChecker
+from mailauth.checkers import CramMD5Checker, PasswordChecker, ScramChecker
 from mailauth.checks import checkFiles
 from mailauth.esmtp import SubmissionFactory
 from mailauth.forward import QueueService
@@ -156,6 +156,12 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
             connector=RelayConnector(cfg.relay, reactor, cfg.server.hostname),
         )
         queueService.setServiceParent(top)
+    saslTable = dict(sasl.MECHANISMS)
+    scramOffered = any(name.startswith("SCRAM-") for name in cfg.auth.mechanisms)
+    if scramOffered:
+        # The key of the fake salts given to logins that do not exist.
+        secret = scram.loadSecret(os.path.join(cfg.server.state_dir, "scram-secret"))
+        saslTable.update(scram.mechanisms(users, secret))
     if runAs is not None:
         _chownTree(cfg.server.state_dir, runAs)
     realm = Realm(
@@ -170,6 +176,8 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
     portal.registerChecker(PasswordChecker(users, authPool.run))
     if "CRAM-MD5" in cfg.auth.mechanisms:
         portal.registerChecker(CramMD5Checker(users, authPool.run))
+    if scramOffered:
+        portal.registerChecker(ScramChecker(users))
 
     tls = ReloadableTLS(cfg.tls.certificate, cfg.tls.private_key) if cfg.tls else None
     throttle = AuthThrottle.fromConfig(reactor, cfg.auth)
@@ -192,6 +200,7 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
             failuresPerSession=cfg.auth.failures_per_session,
             postmasterDomain=postmasterDomain,
             reactor=reactor,
+            saslTable=saslTable,
         )
         wrapped: Any = factory
         if listener.tls == "implicit":
