@@ -1,4 +1,4 @@
-"""The README, the changelog and docs/ are valid reStructuredText (what PyPI and docutils render)."""
+"""README, changelog and docs/ are valid reStructuredText, as docutils renders them."""
 
 from __future__ import annotations
 
