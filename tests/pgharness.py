@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 from typing import Any, Optional, Sequence
 from urllib.parse import quote
 
@@ -159,22 +160,56 @@ class PostgreSQLServer:
             f.write(_SETTINGS.format(port=self.port, sockets=self.sockets))
         _chown(self.top)
 
-    def _pgctl(self, *args: str) -> None:
-        _run([os.path.join(binaries(), "pg_ctl"), "-D", self.data, "-l", self.log, "-w",
-              "-t", "60", *args])
-
     def start(self) -> None:
-        """Start the server and wait until it accepts connections."""
-        try:
-            self._pgctl("start")
-        except RuntimeError as e:
-            raise RuntimeError(f"{e}\n{self.serverLog()}") from None
+        """
+        Start the server and wait until it accepts connections.
+
+        It runs as a child of this process that gets SIGINT (a fast
+        shutdown) if this process dies, so that a test run that is killed
+        leaves no server behind.
+        """
+        credentials = []
+        owner = _owner()
+        if owner is not None:
+            credentials = ["--reuid", str(owner.pw_uid), "--regid", str(owner.pw_gid),
+                           "--clear-groups"]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                ["setpriv", *credentials, "--pdeathsig", "INT", "--",
+                 os.path.join(binaries(), "postgres"), "-D", self.data],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
         self.running = True
+        self._waitReady()
+
+    def _waitReady(self, limit: float = 60) -> None:
+        """
+        Wait until the server says it is ready, in C{postmaster.pid}, as
+        C{pg_ctl -w} does.
+        """
+        deadline = time.monotonic() + limit
+        pidfile = os.path.join(self.data, "postmaster.pid")
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.running = False
+                raise RuntimeError(f"postgres exited {self.process.returncode}:\n"
+                                   f"{self.serverLog()}")
+            try:
+                with open(pidfile) as f:
+                    lines = f.read().splitlines()
+            except FileNotFoundError:
+                lines = []
+            if len(lines) >= 8 and int(lines[0]) == self.process.pid and \
+                    lines[7].strip() == "ready":
+                return
+            time.sleep(0.01)
+        raise RuntimeError(f"postgres not ready after {limit}s:\n{self.serverLog()}")
 
     def stop(self) -> None:
         """Stop the server (fast shutdown: sessions are ended) and wait for it."""
         self.resume()
-        self._pgctl("stop", "-m", "fast")
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(60)
         self.running = False
 
     def destroy(self) -> None:
@@ -192,8 +227,7 @@ class PostgreSQLServer:
 
     def _processes(self) -> list[int]:
         """The postmaster and every process it started."""
-        with open(os.path.join(self.data, "postmaster.pid")) as f:
-            postmaster = int(f.readline())
+        postmaster = self.process.pid
         pids = [postmaster]
         for stat in glob.glob("/proc/[0-9]*/stat"):
             try:

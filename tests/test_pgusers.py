@@ -270,11 +270,12 @@ class PostgreSQLLookupTests(DatabaseMixin, LookupTestsMixin, unittest.TestCase):
         on a lock), and the lookup fails with L{UserDatabaseUnavailable};
         the clock, never advanced, plays no part.
         """
+        db = openDatabase(self, self.uri, clock=task.Clock(), timeout=0.2)
         locker = self.server.connect(self.database)
+        # Cleanups run last first: the lock goes before the pool is closed.
         self.addCleanup(locker.close)
         locker.autocommit = False
         locker.cursor().execute("LOCK TABLE mailauth.users IN ACCESS EXCLUSIVE MODE")
-        db = openDatabase(self, self.uri, clock=task.Clock(), timeout=0.2)
         e = yield self.assertFailure(db.lookup("a@example.org"), UserDatabaseUnavailable)
         self.assertIn("did not answer in time", str(e))
 
