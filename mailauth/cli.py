@@ -15,13 +15,13 @@ from mailauth import pgusers, spool, userdb
 from mailauth.checks import checkFiles
 from mailauth.config import ConfigError, load
 from mailauth.passwords import DEFAULT_SCHEME, SCHEMES, makeHash, schemeName
-from mailauth.userstore import describe, storeFor
 from mailauth.pwquality import (
     BreachedListError,
     PasswordPolicy,
     PasswordRefused,
     checkBreachedList,
 )
+from mailauth.userstore import describe, storeFor
 
 
 class CommandError(Exception):

@@ -21,9 +21,9 @@ from zope.interface import implementer
 
 from mailauth.interfaces import IUserDatabase, IUserStore
 from mailauth.passwords import parse
-from mailauth.userdb import User, UserDatabaseUnavailable, UserDatabaseError, checkLogin
+from mailauth.userdb import User, UserDatabaseError, UserDatabaseUnavailable, checkLogin
 
-log = Logger()
+log = Logger(namespace="mailauth.pgusers")
 
 #: How long a lookup may take, in seconds, before the login is answered
 #: 454: the server cancels the query after this long (C{statement_timeout})
@@ -194,11 +194,13 @@ def _problem(uri: str, error: BaseException) -> str:
 
 class _Connection(adbapi.Connection):
     """
-    adbapi's wrapper of a pooled connection, taught that psycopg2 marks a
-    connection the server dropped as closed: such a connection is simply
-    forgotten, where adbapi would try to roll it back and log two
-    tracebacks (the second one because its own reconnect keeps a
-    connection it has already given up when connecting again fails).
+    adbapi's wrapper of a pooled connection, made quiet about connections
+    the server dropped. After a failed query adbapi (with C{cp_reconnect})
+    rolls back and tries C{good_sql}, and if that fails logs two tracebacks
+    (the second because its own reconnect keeps a connection it has already
+    given up when connecting again fails). Here such a connection is simply
+    forgotten: the next lookup in this thread connects again, and the
+    outage is logged once, by L{PostgreSQLUserDatabase}.
     """
 
     def reconnect(self) -> None:
@@ -206,11 +208,16 @@ class _Connection(adbapi.Connection):
         self._connection = self._pool.connect()
 
     def rollback(self) -> None:
-        if self._connection is None or self._connection.closed:
-            # Nothing to roll back; the next lookup in this thread connects.
-            self._forget()
-            return
-        super().rollback()
+        connection = self._connection
+        if connection is not None and not connection.closed:
+            try:
+                connection.rollback()
+                with connection.cursor() as cursor:
+                    cursor.execute(self._pool.good_sql)
+                return
+            except self._pool.dbapi.Error:
+                pass
+        self._forget()
 
     def _forget(self) -> None:
         if self._connection is not None:
@@ -336,7 +343,7 @@ class PostgreSQLUserDatabase(service.Service):
     def _failed(self, failure: Failure) -> None:
         if failure.check(defer.TimeoutError):
             why = f"{self._shown} did not answer within {self.timeout:g}s"
-        elif failure.check(self._psycopg2.Error):
+        elif isinstance(failure.value, self._psycopg2.Error):
             why = _problem(self.uri, failure.value)
         else:
             why = f"{self._shown}: {failure.getErrorMessage()}"
@@ -418,6 +425,15 @@ class PostgreSQLUserStore:
     def deleteUser(self, login: str) -> None:
         with _transaction(self.uri) as cursor:
             cursor.execute("DELETE FROM mailauth.users WHERE login = %s", (login.lower(),))
+            if cursor.rowcount == 0:
+                raise UserDatabaseError(f"no user {login} in {self._shown}")
+
+    def setSuspended(self, login: str, suspended: bool) -> None:
+        with _transaction(self.uri) as cursor:
+            cursor.execute(
+                "UPDATE mailauth.users SET suspended = %s, updated = now() WHERE login = %s",
+                (suspended, login.lower()),
+            )
             if cursor.rowcount == 0:
                 raise UserDatabaseError(f"no user {login} in {self._shown}")
 

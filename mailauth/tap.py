@@ -22,7 +22,7 @@ from mailauth.checkers import CramMD5Checker, PasswordChecker, ScramChecker
 from mailauth.checks import checkFiles
 from mailauth.esmtp import SubmissionFactory
 from mailauth.forward import QueueService
-from mailauth.interfaces import IUserDatabase
+from mailauth.interfaces import IReloadable, IUserDatabase
 from mailauth.metrics import Metrics, metricsService
 from mailauth.pgusers import PostgreSQLUserDatabase, isPostgreSQL
 from mailauth.proxy import ProxyFactory
@@ -129,7 +129,7 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
     if isPostgreSQL(cfg.auth.users):
         users = PostgreSQLUserDatabase(cfg.auth.users, reactor, connections=cfg.server.auth_threads)
         users.setServiceParent(top)
-        reloadable = [aliases, senderMap]
+        reloadable: list[IReloadable] = [aliases, senderMap]
     else:
         users = UserDatabase(cfg.auth.users)
         users.load()

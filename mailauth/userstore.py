@@ -46,6 +46,18 @@ class UsersFileStore:
     def listUsers(self) -> list[tuple[str, str]]:
         return userdb.listUsers(self.path)
 
+    def setSuspended(self, login: str, suspended: bool) -> None:
+        """
+        Not done yet: the users file has no place for a suspension until
+        L{mailauth.userdb} gives it one.
+
+        @raise UserDatabaseError: always, saying so.
+        """
+        raise userdb.UserDatabaseError(
+            f"{self.path}: the users file cannot record suspensions yet;"
+            " use a postgresql:// user database"
+        )
+
 
 def storeFor(users: str, creating: bool = False) -> IUserStore:
     """

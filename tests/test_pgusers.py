@@ -31,11 +31,10 @@ from mailauth.pgusers import (
     isPostgreSQL,
     redact,
 )
-from mailauth.userdb import User, UserDatabaseUnavailable, UserDatabaseError
+from mailauth.userdb import UserDatabase, UserDatabaseError, UserDatabaseUnavailable
 from mailauth.userstore import UsersFileStore, storeFor
 from tests import pgharness
-from tests.support import writeCertificate
-from tests.test_e2e import CONFIG, Daemon, clientContext
+from tests.harness import CONFIG, Daemon, clientContext
 
 CRAM = "{CRAM-MD5}" + "ab" * 32
 SHA512 = makeHash(b"alice-secret", "SHA512-CRYPT")
@@ -152,12 +151,12 @@ def openDatabase(testCase: unittest.TestCase, uri: str, **kwargs: Any) -> Postgr
 class LookupTestsMixin:
     """
     The lookups every L{IUserDatabase} answers the same way, whatever it
-    reads its users from.
+    reads its users from: run against PostgreSQL and the users file.
     """
 
-    def makeDatabase(self, users: dict[str, tuple[str, bool]]) -> Any:
+    def makeDatabase(self, users: dict[str, str]) -> Any:
         """
-        @param users: login -> (C{{SCHEME}hash}, suspended).
+        @param users: login -> C{{SCHEME}hash}.
         @return: an L{IUserDatabase} with those users.
         """
         raise NotImplementedError()
@@ -173,16 +172,17 @@ class LookupTestsMixin:
         """
         C{lookup} fires with the user, its hash parsed, not suspended.
         """
-        db = self.makeDatabase({"alice@example.org": (CRAM, False)})
+        db = self.makeDatabase({"alice@example.org": CRAM})
         user = yield db.lookup("alice@example.org")
-        self.assertEqual(user, User("alice@example.org", PasswordHash("CRAM-MD5", "ab" * 32)))
+        self.assertEqual((user.login, user.password, user.suspended),
+                         ("alice@example.org", PasswordHash("CRAM-MD5", "ab" * 32), False))
 
     @defer.inlineCallbacks
     def test_ignoresCase(self):
         """
         A login is found in any case, and comes back lower-cased.
         """
-        db = self.makeDatabase({"Alice@Example.ORG": (CRAM, False)})
+        db = self.makeDatabase({"Alice@Example.ORG": CRAM})
         user = yield db.lookup("ALICE@example.org")
         self.assertEqual(user.login, "alice@example.org")
 
@@ -191,17 +191,8 @@ class LookupTestsMixin:
         """
         C{lookup} fires with L{None} for a login nobody has.
         """
-        db = self.makeDatabase({"alice@example.org": (CRAM, False)})
+        db = self.makeDatabase({"alice@example.org": CRAM})
         self.assertIsNone((yield db.lookup("bob@example.org")))
-
-    @defer.inlineCallbacks
-    def test_suspended(self):
-        """
-        A suspended user is found, with its flag set.
-        """
-        db = self.makeDatabase({"a@example.org": (CRAM, True), "b@example.org": (CRAM, False)})
-        self.assertTrue((yield db.lookup("a@example.org")).suspended)
-        self.assertFalse((yield db.lookup("b@example.org")).suspended)
 
     @defer.inlineCallbacks
     def test_malformedHash(self):
@@ -209,25 +200,48 @@ class LookupTestsMixin:
         A user whose stored hash cannot be parsed is looked up as nobody:
         its logins fail like a wrong password.
         """
-        db = self.makeDatabase({"a@example.org": ("{NOPE}x", False)})
+        db = self.makeDatabase({"a@example.org": "{NOPE}x", "b@example.org": CRAM})
         self.assertIsNone((yield db.lookup("a@example.org")))
+        self.assertIsNotNone((yield db.lookup("b@example.org")))
+
+
+class UsersFileLookupTests(LookupTestsMixin, unittest.TestCase):
+    """The users file answers lookups as PostgreSQL does."""
+
+    def makeDatabase(self, users: dict[str, str]) -> UserDatabase:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.writelines(f"{login}:{stored}\n" for login, stored in users.items())
+        db = UserDatabase(path)
+        db.load()
+        return db
 
 
 class PostgreSQLLookupTests(DatabaseMixin, LookupTestsMixin, unittest.TestCase):
     """L{PostgreSQLUserDatabase} reads C{mailauth.users}."""
 
-    def makeDatabase(self, users: dict[str, tuple[str, bool]]) -> PostgreSQLUserDatabase:
-        for login, (stored, suspended) in users.items():
-            self.sql("INSERT INTO mailauth.users (login, password, suspended) VALUES (%s, %s, %s)",
-                     login.lower(), stored, suspended)
+    def makeDatabase(self, users: dict[str, str]) -> PostgreSQLUserDatabase:
+        for login, stored in users.items():
+            self.sql("INSERT INTO mailauth.users (login, password) VALUES (%s, %s)",
+                     login.lower(), stored)
         return openDatabase(self, self.uri, clock=task.Clock())
+
+    @defer.inlineCallbacks
+    def test_suspended(self):
+        """
+        A suspended user is found, with its flag set.
+        """
+        db = self.makeDatabase({"a@example.org": CRAM, "b@example.org": CRAM})
+        self.store.setSuspended("a@example.org", True)
+        self.assertTrue((yield db.lookup("a@example.org")).suspended)
+        self.assertFalse((yield db.lookup("b@example.org")).suspended)
 
     @defer.inlineCallbacks
     def test_quotesInLogin(self):
         """
         A login with SQL in it is only a login: queries take parameters.
         """
-        db = self.makeDatabase({"a@example.org": (CRAM, False)})
+        db = self.makeDatabase({"a@example.org": CRAM})
         self.assertIsNone((yield db.lookup("x' OR 'a'='a")))
         self.assertEqual(len(self.sql("SELECT * FROM mailauth.users")), 1)
 
@@ -239,7 +253,7 @@ class PostgreSQLLookupTests(DatabaseMixin, LookupTestsMixin, unittest.TestCase):
         the user can log in once it is fixed.
         """
         events = captureLog(self)
-        db = self.makeDatabase({"a@example.org": ("{NOPE}secret", False)})
+        db = self.makeDatabase({"a@example.org": "{NOPE}secret"})
         for _ in range(3):
             self.assertIsNone((yield db.lookup("a@example.org")))
         self.assertEqual(len(events), 1)
@@ -247,7 +261,7 @@ class PostgreSQLLookupTests(DatabaseMixin, LookupTestsMixin, unittest.TestCase):
         self.assertEqual(events[0]["login"], "a@example.org")
         self.assertIn("unknown password scheme {NOPE}", events[0]["problem"])
         self.assertNotIn("secret", repr(events[0]))
-        self.sql("UPDATE mailauth.users SET password = '{PLAIN-MD4}x'")
+        self.sql("UPDATE mailauth.users SET password = '{NOPE}other'")
         self.assertIsNone((yield db.lookup("a@example.org")))
         self.assertEqual(len(events), 2)
         self.sql("UPDATE mailauth.users SET password = %s", CRAM)
@@ -449,6 +463,20 @@ class StoreTests(DatabaseMixin, unittest.TestCase):
             self.store.deleteUser("a@example.org")
         self.assertEqual(str(caught.exception), f"no user a@example.org in {self.uri}")
 
+    def test_setSuspended(self) -> None:
+        """
+        C{setSuspended} suspends a user and lifts it, and fails for a login
+        nobody has; lookups see the flag.
+        """
+        self.store.addUser("a@example.org", CRAM)
+        self.store.setSuspended("A@example.org", True)
+        self.assertEqual(self.sql("SELECT suspended FROM mailauth.users"), [(True,)])
+        self.store.setSuspended("a@example.org", False)
+        self.assertEqual(self.sql("SELECT suspended FROM mailauth.users"), [(False,)])
+        with self.assertRaises(UserDatabaseError) as caught:
+            self.store.setSuspended("b@example.org", True)
+        self.assertEqual(str(caught.exception), f"no user b@example.org in {self.uri}")
+
     def test_listUsers(self) -> None:
         """
         C{listUsers} gives every login and its scheme, by login; a hash
@@ -600,22 +628,22 @@ class CommandTests(DatabaseMixin, unittest.TestCase):
         """
         where = ("--config", self.config)
         self.assertEqual(self.mailauth("user", "add", "Alice@example.org", *where,
-                                       stdin=b"pw1\n"), 0)
+                                       stdin=b"password-one\n"), 0)
         self.assertEqual(self.stdout.getvalue(), f"Alice@example.org: added to {self.uri}\n")
         [(stored,)] = self.sql("SELECT password FROM mailauth.users"
                                " WHERE login = 'alice@example.org'")
         self.assertEqual(parse(stored).scheme, "ARGON2ID")
-        self.assertTrue(verify(parse(stored), b"pw1"))
+        self.assertTrue(verify(parse(stored), b"password-one"))
 
         self.assertEqual(self.mailauth("user", "passwd", "alice@example.org", "-s", "SHA512-CRYPT",
-                                       *where, stdin=b"pw2\n"), 0)
+                                       *where, stdin=b"password-two\n"), 0)
         self.assertEqual(self.stdout.getvalue(),
                          f"alice@example.org: password changed in {self.uri}\n")
         [(stored,)] = self.sql("SELECT password FROM mailauth.users")
-        self.assertTrue(verify(parse(stored), b"pw2"))
+        self.assertTrue(verify(parse(stored), b"password-two"))
 
         self.assertEqual(self.mailauth("user", "add", "bob@example.org", "-s", "CRAM-MD5",
-                                       *where, stdin=b"pw3\n"), 0)
+                                       *where, stdin=b"password-three\n"), 0)
         self.assertEqual(self.mailauth("user", "list", *where), 0)
         self.assertEqual(self.stdout.getvalue(),
                          "alice@example.org  SHA512-CRYPT\nbob@example.org    CRAM-MD5\n")
@@ -629,7 +657,7 @@ class CommandTests(DatabaseMixin, unittest.TestCase):
         C{--users} takes a PostgreSQL URI as well as a file.
         """
         self.assertEqual(self.mailauth("user", "add", "a@example.org", "--users", self.uri,
-                                       stdin=b"pw\n"), 0)
+                                       stdin=b"long enough\n"), 0)
         self.assertEqual(self.mailauth("user", "list", "--users", self.uri), 0)
         self.assertEqual(self.stdout.getvalue(), "a@example.org  ARGON2ID\n")
         self.assertEqual(self.mailauth("user", "list", "--users", "postgresql://h:x/db"), 1)
@@ -731,21 +759,6 @@ class CommandTests(DatabaseMixin, unittest.TestCase):
         ])
 
 
-class PostgreSQLDaemon(Daemon):
-    """L{Daemon}, with its users in PostgreSQL rather than in a file."""
-
-    def __init__(self, directory: str, uri: str) -> None:
-        self.dir = directory = os.path.abspath(directory)
-        os.makedirs(directory)
-        writeCertificate(os.path.join(directory, "tls"))
-        self.configPath = os.path.join(directory, "mailauth.conf")
-        with open(self.configPath, "w") as f:
-            f.write(CONFIG.format(dir=directory).replace(f"users = {directory}/users",
-                                                         f"users = {uri}"))
-        self.config = configmod.load(self.configPath)
-        self.service = tap.buildService(self.config, reactor)
-
-
 class EndToEndTests(unittest.TestCase):
     """
     The real daemon from L{tap.buildService}, with C{users =
@@ -758,7 +771,7 @@ class EndToEndTests(unittest.TestCase):
         uri = self.server.uri(database)
         initSchema(uri)
         PostgreSQLUserStore(uri).addUser("alice@example.test", SHA512)
-        self.daemon = PostgreSQLDaemon(self.mktemp(), uri)
+        self.daemon = Daemon(self.mktemp(), settings={"auth": {"users": uri}})
         self.addCleanup(self.daemon.stop)
         self.daemon.start()
 
