@@ -42,21 +42,18 @@ logging_collector = off
 """
 
 
-def binaries() -> str:
+def binaries(root: str = "/usr/lib/postgresql") -> str:
     """
-    @return: the folder holding Debian's PostgreSQL server binaries (the
-        newest version installed).
+    @param root: where Debian installs each PostgreSQL version's programs.
+    @return: the folder holding the server's programs, of the newest
+        version installed.
     @raise FailTest: if there is none: the tests need the real server.
     """
-    found = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin/postgres"),
-        key=lambda path: int(path.split("/")[4]) if path.split("/")[4].isdigit() else 0,
-    )
+    versions = [name for name in os.listdir(root) if name.isdigit()] if os.path.isdir(root) else []
+    found = [v for v in versions if os.path.exists(os.path.join(root, v, "bin", "postgres"))]
     if not found:
-        raise FailTest(
-            "no PostgreSQL server in /usr/lib/postgresql/*/bin: apt-get install postgresql"
-        )
-    return os.path.dirname(found[-1])
+        raise FailTest(f"no PostgreSQL server in {root}/*/bin: apt-get install postgresql")
+    return os.path.join(root, max(found, key=int), "bin")
 
 
 def driver() -> Any:

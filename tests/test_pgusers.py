@@ -113,6 +113,34 @@ class URITests(unittest.TestCase):
         self.assertRegex(caught.exception.problems[0], r"^m\.conf: \[auth\] users: .*host\[:port\]")
 
 
+class HarnessTests(unittest.TestCase):
+    """L{pgharness} needs Debian's PostgreSQL, and says so."""
+
+    def test_missingServer(self) -> None:
+        """
+        Without the server's programs the harness fails (never skips),
+        naming the package to install.
+        """
+        with self.assertRaises(unittest.FailTest) as caught:
+            pgharness.binaries(self.mktemp())
+        self.assertIn("apt-get install postgresql", str(caught.exception))
+
+    def test_server(self) -> None:
+        """
+        The server runs as the unprivileged user when the tests run as root,
+        and answers on its socket and on 127.0.0.1.
+        """
+        server = pgharness.sharedServer()
+        [(user,)] = server.execute("postgres", "SELECT current_user")
+        self.assertEqual(user, pgharness.SUPERUSER)
+        with open(f"/proc/{server.process.pid}/status") as f:
+            uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+        self.assertNotEqual(uid, 0)
+        connection = pgharness.driver().connect(server.uri("postgres", tcp=True))
+        self.addCleanup(connection.close)
+        self.assertEqual(connection.info.host, "127.0.0.1")
+
+
 class DatabaseMixin:
     """A fresh database on the shared server, with the mailauth schema, per test."""
 
