@@ -11,7 +11,7 @@ from typing import BinaryIO, Callable, NoReturn, Optional, TextIO
 
 import attrs
 
-from mailauth import spool, userdb
+from mailauth import pgusers, spool, userdb
 from mailauth.checks import checkFiles
 from mailauth.config import ConfigError, load
 from mailauth.passwords import DEFAULT_SCHEME, SCHEMES, makeHash, schemeName
@@ -21,6 +21,7 @@ from mailauth.pwquality import (
     PasswordRefused,
     checkBreachedList,
 )
+from mailauth.userstore import describe, storeFor
 
 
 class CommandError(Exception):
@@ -124,9 +125,14 @@ def _qualityOptions() -> argparse.ArgumentParser:
 
 
 def _usersPath(args: argparse.Namespace) -> str:
-    if args.users is not None:
-        return args.users
-    return load(args.config).auth.users
+    """The users file or PostgreSQL URI the command works on."""
+    users = args.users if args.users is not None else load(args.config).auth.users
+    if pgusers.isPostgreSQL(users):
+        try:
+            pgusers.checkURI(users)
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+    return users
 
 
 def _hash(password: bytes, scheme: str, login: Optional[str] = None) -> str:
@@ -169,33 +175,35 @@ def _newPassword(args: argparse.Namespace, console: Console, policy: PasswordPol
 
 
 def _userAdd(args: argparse.Namespace, console: Console) -> None:
-    path = _usersPath(args)
+    users = _usersPath(args)
+    store = storeFor(users, creating=True)
     userdb.checkLogin(args.login)
-    # Fail before asking for a password; addUser checks again under its lock.
-    if os.path.exists(path) and userdb.hasUser(path, args.login):
-        raise CommandError(f"user {args.login} already exists in {path}")
+    # Fail before asking for a password; addUser checks again.
+    if store.hasUser(args.login):
+        raise CommandError(f"user {args.login} already exists in {describe(users)}")
     policy = _policy(args)
-    userdb.addUser(path, args.login, _newPassword(args, console, policy))
-    console.stdout.write(f"{args.login}: added to {path}\n")
+    store.addUser(args.login, _newPassword(args, console, policy))
+    console.stdout.write(f"{args.login}: added to {describe(users)}\n")
 
 
 def _userPasswd(args: argparse.Namespace, console: Console) -> None:
-    path = _usersPath(args)
-    if not userdb.hasUser(path, args.login):
-        raise CommandError(f"no user {args.login} in {path}")
+    users = _usersPath(args)
+    store = storeFor(users)
+    if not store.hasUser(args.login):
+        raise CommandError(f"no user {args.login} in {describe(users)}")
     policy = _policy(args)
-    userdb.setPassword(path, args.login, _newPassword(args, console, policy))
-    console.stdout.write(f"{args.login}: password changed in {path}\n")
+    store.setPassword(args.login, _newPassword(args, console, policy))
+    console.stdout.write(f"{args.login}: password changed in {describe(users)}\n")
 
 
 def _userDel(args: argparse.Namespace, console: Console) -> None:
-    path = _usersPath(args)
-    userdb.deleteUser(path, args.login)
-    console.stdout.write(f"{args.login}: deleted from {path}\n")
+    users = _usersPath(args)
+    storeFor(users).deleteUser(args.login)
+    console.stdout.write(f"{args.login}: deleted from {describe(users)}\n")
 
 
 def _userList(args: argparse.Namespace, console: Console) -> None:
-    users = userdb.listUsers(_usersPath(args))
+    users = storeFor(_usersPath(args)).listUsers()
     width = max((len(login) for login, _ in users), default=0)
     for login, scheme in users:
         console.stdout.write(f"{login:<{width}}  {scheme}\n")
@@ -204,14 +212,16 @@ def _userList(args: argparse.Namespace, console: Console) -> None:
 def _userCommand(commands: argparse._SubParsersAction) -> None:
     where = argparse.ArgumentParser(add_help=False)
     group = where.add_mutually_exclusive_group(required=True)
-    group.add_argument("--users", metavar="FILE", help="the users file")
-    group.add_argument("--config", metavar="PATH", help="the configuration naming the users file")
+    group.add_argument("--users", metavar="FILE|URI",
+                       help="the users file, or a postgresql:// user database")
+    group.add_argument("--config", metavar="PATH",
+                       help="the configuration naming the users file or database")
     scheme = _schemeOption()
     quality = _qualityOptions()
     login = argparse.ArgumentParser(add_help=False)
     login.add_argument("login", metavar="LOGIN", help="the full address, like alice@example.org")
 
-    user = commands.add_parser("user", help="manage the users file")
+    user = commands.add_parser("user", help="manage the users file or database")
     actions = user.add_subparsers(dest="action", metavar="ACTION", required=True)
     for name, run, parents, text in [
         ("add", _userAdd, [login, scheme, quality, where], "add a user; the password is read"),
@@ -243,7 +253,12 @@ def _hashCommand(commands: argparse._SubParsersAction) -> None:
 
 
 def _checkConfigRun(args: argparse.Namespace, console: Console) -> None:
-    problems = checkFiles(load(args.config))
+    cfg = load(args.config)
+    problems = checkFiles(cfg)
+    if not problems and pgusers.isPostgreSQL(cfg.auth.users):
+        problem = pgusers.checkDatabase(cfg.auth.users)
+        if problem is not None:
+            problems.append(f"{cfg.path}: [auth] users: {problem}")
     if problems:
         raise ConfigError(problems)
     console.stdout.write(f"{args.config}: OK\n")
@@ -253,6 +268,36 @@ def _checkConfigCommand(commands: argparse._SubParsersAction) -> None:
     command = commands.add_parser("check-config", help="validate a configuration file")
     command.add_argument("--config", metavar="PATH", required=True)
     command.set_defaults(run=_checkConfigRun)
+
+
+# -- mailauth db init ---------------------------------------------------------
+
+
+def _dbInit(args: argparse.Namespace, console: Console) -> None:
+    users = load(args.config).auth.users
+    if not pgusers.isPostgreSQL(users):
+        raise CommandError(
+            f"{args.config}: [auth] users is a file ({users}), not a postgresql:// URI:"
+            " there is no database to initialise"
+        )
+    before, after = pgusers.initSchema(users)
+    if before == after:
+        done = f"the mailauth schema is up to date (version {after})"
+    elif before == 0:
+        done = f"created the mailauth schema (version {after})"
+    else:
+        done = f"upgraded the mailauth schema from version {before} to {after}"
+    console.stdout.write(f"{pgusers.redact(users)}: {done}\n")
+
+
+def _dbCommand(commands: argparse._SubParsersAction) -> None:
+    command = commands.add_parser("db", help="manage the PostgreSQL user database")
+    actions = command.add_subparsers(dest="action", metavar="ACTION", required=True)
+    init = actions.add_parser(
+        "init", help="create or upgrade the schema that users = postgresql://... reads"
+    )
+    init.add_argument("--config", metavar="PATH", required=True)
+    init.set_defaults(run=_dbInit)
 
 
 # -- mailauth queue -----------------------------------------------------------
@@ -357,7 +402,8 @@ def _dkimCommand(commands: argparse._SubParsersAction) -> None:
 
 
 # Each adds one subcommand whose "run" default is called with (args, console).
-_COMMANDS = (_userCommand, _hashCommand, _checkConfigCommand, _queueCommand, _dkimCommand)
+_COMMANDS = (_userCommand, _hashCommand, _checkConfigCommand, _dbCommand, _queueCommand,
+             _dkimCommand)
 
 
 def _makeParser() -> argparse.ArgumentParser:

@@ -13,6 +13,8 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import attrs
 
+from mailauth.pgusers import checkURI, isPostgreSQL
+
 TLS_MODES = ("starttls", "implicit", "none")
 AUTH_MODES = ("required", "optional", "none")
 PROXY_MODES = ("no", "v1", "v2", "any")
@@ -250,6 +252,12 @@ def _text(text: str) -> str:
     return value
 
 
+def _users(text: str) -> str:
+    """The users file's path, or a PostgreSQL URI (C{postgresql://...}) checked for form."""
+    value = _text(text)
+    return checkURI(value) if isPostgreSQL(value) else value
+
+
 def _mechanisms(text: str) -> tuple:
     names = tuple(text.upper().split())
     if not names:
@@ -473,7 +481,7 @@ _SCHEMA: dict = {
     },
     "auth": {
         "mechanisms": (_mechanisms, "PLAIN LOGIN"),
-        "users": (_text, REQUIRED),
+        "users": (_users, REQUIRED),
         "plaintext_requires_tls": (parseBool, "yes"),
         "failure_window": (parseDuration, "15m"),
         "max_failures_per_address": (parsePositive, "10"),

@@ -22,7 +22,9 @@ from mailauth.checkers import CramMD5Checker, PasswordChecker, ScramChecker
 from mailauth.checks import checkFiles
 from mailauth.esmtp import SubmissionFactory
 from mailauth.forward import QueueService
+from mailauth.interfaces import IReloadable, IUserDatabase
 from mailauth.metrics import Metrics, metricsService
+from mailauth.pgusers import PostgreSQLUserDatabase, isPostgreSQL
 from mailauth.proxy import ProxyFactory
 from mailauth.realm import LocalDelivery, Realm, Router
 from mailauth.relay import RelayConnector
@@ -121,10 +123,17 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
     metrics = Metrics.fromConfig(cfg)
     os.makedirs(cfg.server.state_dir, mode=0o750, exist_ok=True)
 
-    users = UserDatabase(cfg.auth.users)
-    users.load()
     aliases = AddressMap(cfg.delivery.aliases)
     senderMap = AddressMap(cfg.delivery.sender_map)
+    users: IUserDatabase
+    if isPostgreSQL(cfg.auth.users):
+        users = PostgreSQLUserDatabase(cfg.auth.users, reactor, connections=cfg.server.auth_threads)
+        users.setServiceParent(top)
+        reloadable: list[IReloadable] = [aliases, senderMap]
+    else:
+        users = UserDatabase(cfg.auth.users)
+        users.load()
+        reloadable = [users, aliases, senderMap]
 
     # A session waits for one login at a time, so max_connections already
     # bounds the logins waiting here; a lower bound would only answer a
@@ -222,7 +231,7 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
 
     def reloadFiles() -> None:
         try:
-            for source in (users, aliases, senderMap):
+            for source in reloadable:
                 source.maybeReload()
         except Exception:
             log.failure("reloading the users or address files failed")
@@ -231,8 +240,7 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         log.info("SIGHUP: reloading certificates, users and address files")
         if tls is not None:
             tls.reload()
-        users.load()
-        for source in (aliases, senderMap):
+        for source in reloadable:
             if source.path is not None:
                 source.load()
 
