@@ -25,6 +25,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
 
 from mailauth import config as configmod
+from mailauth.addressmap import AddressMap
 from mailauth.passwords import PLAINTEXT_SCHEMES
 from mailauth.pgusers import checkSetup, isPostgreSQL
 from mailauth.relay import RelayError, loadCertificates
@@ -264,6 +265,31 @@ def checkCertificate(cfg: configmod.Config, now: float) -> Findings:
     return Findings()
 
 
+def _skipped(problem: str) -> str:
+    """C{PATH:LINENO: message} as a warning line."""
+    location, _, message = problem.partition(": ")
+    return f"{location}: warning: {message}; the daemon skips this line"
+
+
+def checkLines(cfg: configmod.Config) -> Findings:
+    """
+    The lines of the users file, aliases and sender map that the daemon
+    would skip, the users with plaintext passwords, an [autoconfig] that
+    names no server to read mail from: all warnings, which the daemon logs
+    itself when it loads them.
+    """
+    warnings = []
+    for path in (cfg.delivery.aliases, cfg.delivery.sender_map):
+        if path is not None and os.access(path, os.R_OK):
+            warnings.extend(_skipped(problem) for problem in AddressMap(path).problems)
+    if cfg.autoconfig is not None and not cfg.autoconfig.incoming:
+        warnings.append(
+            f"{_where(cfg, 'autoconfig', 'incoming')}: warning: not set: Thunderbird and "
+            "Outlook discard a setup that names no IMAP or POP3 server"
+        )
+    return checkUsers(cfg) + Findings(warnings=tuple(warnings))
+
+
 def checkUsers(cfg: configmod.Config) -> Findings:
     """
     The lines of the users file the daemon would skip, and its plaintext
@@ -278,21 +304,13 @@ def checkUsers(cfg: configmod.Config) -> Findings:
     except OSError:
         return Findings()  # checkFiles says why
     users, problems = parseUsers(text, path)
-    warnings = []
-    for problem in problems:
-        location, _, message = problem.partition(": ")
-        warnings.append(f"{location}: warning: {message}; the daemon skips this line")
+    warnings = [_skipped(problem) for problem in problems]
     plaintext = [u.login for u in users.values() if u.password.scheme in PLAINTEXT_SCHEMES]
     if plaintext:
         warnings.append(
             f"{_where(cfg, 'auth', 'users')}: warning: {path}: {len(plaintext)} user(s) with "
             f"plaintext passwords: {' '.join(plaintext)}; set a hashed one with "
             "'mailauth user passwd'"
-        )
-    if cfg.autoconfig is not None and not cfg.autoconfig.incoming:
-        warnings.append(
-            f"{_where(cfg, 'autoconfig', 'incoming')}: warning: not set: Thunderbird and "
-            "Outlook discard a setup that names no IMAP or POP3 server"
         )
     return Findings(warnings=tuple(warnings))
 
@@ -551,5 +569,5 @@ def checkAll(cfg: configmod.Config, account: Account, *, chown: bool = False,
     findings += checkListening(cfg, daemon)
     findings += checkFolders(cfg, account, chown)
     if not daemon:
-        findings += checkUsers(cfg)
+        findings += checkLines(cfg)
     return findings

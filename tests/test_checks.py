@@ -428,6 +428,31 @@ class UsersFileTests(CheckTestMixin, unittest.TestCase):
         self.assertEqual(checkAll(cfg, Account.ofProcess(), daemon=True), Findings())
 
 
+    def test_addressMapLines(self) -> None:
+        """The aliases' and sender map's skipped lines are warnings too."""
+        aliases = os.path.join(self.dir, "aliases")
+        with open(aliases, "w") as f:
+            f.write("team@example.test: alice@example.test\nno address here\n")
+        self.config()
+        path = os.path.join(self.dir, "mailauth.conf")
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(text.replace("[delivery]\n", f"[delivery]\naliases = {aliases}\n"))
+        cfg = configmod.load(path)
+        self.assertEqual(checkAll(cfg, Account.ofProcess()).warnings, (
+            f"{aliases}:2: warning: expected 'address: address[, address...]'; the daemon "
+            "skips this line",))
+
+    def test_autoconfigWithoutIncoming(self) -> None:
+        """An [autoconfig] that names no IMAP or POP3 server is a warning."""
+        cfg = self.config(extra="[autoconfig]\nendpoint = tcp:0:interface=127.0.0.1\n"
+                          "ports = submission:587\n")
+        self.assertEqual(checkAll(cfg, Account.ofProcess()).warnings, (
+            f"{cfg.path}: [autoconfig] incoming: warning: not set: Thunderbird and Outlook "
+            "discard a setup that names no IMAP or POP3 server",))
+
+
 class CheckAllTests(CheckTestMixin, unittest.TestCase):
     def test_good(self) -> None:
         """A good setup has nothing to say."""
