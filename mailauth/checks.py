@@ -278,7 +278,7 @@ def checkLines(cfg: configmod.Config) -> Findings:
     names no server to read mail from: all warnings, which the daemon logs
     itself when it loads them.
     """
-    warnings = []
+    warnings: list[str] = []
     for path in (cfg.delivery.aliases, cfg.delivery.sender_map):
         if path is not None and os.access(path, os.R_OK):
             warnings.extend(_skipped(problem) for problem in AddressMap(path).problems)
