@@ -364,8 +364,8 @@ def _userCommand(commands: argparse._SubParsersAction) -> None:
     user = commands.add_parser(
         "user", help="add, change, delete and list users",
         description="Manage the users that [auth] users names: a file in Dovecot's "
-        "passwd-file format, or a PostgreSQL database. A new password is read from the terminal, asked twice, or as one line of "
-        "standard input.",
+        "passwd-file format, or a PostgreSQL database. A new password is read from the "
+        "terminal, asked twice, or as one line of standard input.",
         epilog="examples:\n"
         "  mailauth user add alice@example.org\n"
         "  echo 'a long password' | mailauth user passwd alice@example.org\n"

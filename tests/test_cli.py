@@ -268,9 +268,11 @@ class CommandTests(CommandMixin, unittest.TestCase):
         config = self.writeConfig(self.users, "[bogus]\nkey = 1\n[relay]\n")
         self.assertEqual(self.mailauth("user", "list", "--config", config), 0)
         self.assertEqual(self.stdout.getvalue(), "a@example.org  CRAM-MD5\n")
-        self.assertEqual(self.stderr.getvalue().splitlines(), [
-            f"mailauth: warning: {config}: [bogus]: unknown section (known: [server], [tls], "
-            "[auth], [delivery], [relay], [autoconfig], [metrics], [state], [listener:NAME])",
+        warnings = self.stderr.getvalue().splitlines()
+        self.assertEqual(len(warnings), 3, warnings)
+        self.assertTrue(warnings[0].startswith(
+            f"mailauth: warning: {config}: [bogus]: unknown section (known: "), warnings[0])
+        self.assertEqual(warnings[1:], [
             f"mailauth: warning: {config}: [relay] host: missing (this key is required)",
             f"mailauth: warning: {config} has the problems above; using its [auth] users = "
             f"{self.users} anyway",
@@ -737,7 +739,7 @@ class HelpTests(CommandMixin, unittest.TestCase):
         self.stdout.seek(0)
         self.stdout.truncate()
         self.assertEqual(self.mailauth("user", "--help"), 0)
-        self.assertIn("Manage the users file", self.stdout.getvalue())
+        self.assertIn("Manage the users that [auth] users names", self.stdout.getvalue())
         self.assertIn("mailauth user add alice@example.org", self.stdout.getvalue())
 
 
