@@ -202,6 +202,45 @@ def checkFolders(cfg: configmod.Config, account: Account, chown: bool) -> Findin
     return Findings(errors=tuple(errors))
 
 
+def readProblem(account: Account, path: str) -> Optional[str]:
+    """Why C{account} could not read the file C{path}; L{None} if it could."""
+    why, _ = _reach(account, os.path.dirname(os.path.realpath(path)))
+    if why is None and os.path.exists(path) and not account.may(path, os.R_OK):
+        why = f"{account.describe()} cannot read it"
+    return why
+
+
+def checkReadable(cfg: configmod.Config, account: Account, chown: bool) -> Findings:
+    """
+    Under twistd --uid the daemon reads its files at start as root, then
+    as C{account}: the relay's password and CA files when it relays
+    (errors), the others when they change or on SIGHUP (warnings). Without
+    --uid, L{checkFiles} checks them as the user who runs the daemon.
+    """
+    if not chown:
+        return Findings()
+    errors, warnings = [], []
+    later = [("auth", "users", None if isPostgreSQL(cfg.auth.users) else cfg.auth.users),
+             ("delivery", "aliases", cfg.delivery.aliases),
+             ("delivery", "sender_map", cfg.delivery.sender_map)]
+    if cfg.tls is not None:
+        later += [("tls", "certificate", cfg.tls.certificate),
+                  ("tls", "private_key", cfg.tls.private_key)]
+    for section, key, path in later:
+        why = readProblem(account, path) if path is not None else None
+        if why is not None:
+            warnings.append(f"{_where(cfg, section, key)}: warning: {path}: {why}, so the "
+                            "daemon cannot read it again when it changes or on SIGHUP")
+    if cfg.relay is not None:
+        for key in ("password_file", "ca_file"):
+            path = getattr(cfg.relay, key)
+            why = readProblem(account, path) if path is not None else None
+            if why is not None:
+                errors.append(f"{_where(cfg, 'relay', key)}: {path}: {why}, so the daemon "
+                              "cannot relay")
+    return Findings(tuple(errors), tuple(warnings))
+
+
 # -- files -------------------------------------------------------------------
 
 
@@ -568,6 +607,7 @@ def checkAll(cfg: configmod.Config, account: Account, *, chown: bool = False,
     findings += checkCertificate(cfg, time.time() if now is None else now)
     findings += checkListening(cfg, daemon)
     findings += checkFolders(cfg, account, chown)
+    findings += checkReadable(cfg, account, chown)
     if not daemon:
         findings += checkLines(cfg)
     return findings

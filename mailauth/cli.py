@@ -443,7 +443,8 @@ def _checkConfigCommand(commands: argparse._SubParsersAction) -> None:
     command.add_argument(
         "--uid", metavar="USER",
         help="the user the daemon runs as (twistd --uid USER, started as root): check "
-        "that it can write state_dir and make Maildirs (default: the user running this)",
+        "that it can reach state_dir, make Maildirs, and read the files it reads again "
+        "later (default: the user running this)",
     )
     command.set_defaults(run=_checkConfigRun)
 

@@ -225,6 +225,36 @@ class FolderCheckTests(CheckTestMixin, unittest.TestCase):
                          f"user other (uid {other.uid}) cannot enter {self.dir}")
 
 
+    def test_filesReadAfterPrivilegesDrop(self) -> None:
+        """
+        Under twistd --uid, the relay's password file must be readable by
+        that user (error); the files re-read on change or SIGHUP should be
+        (warning). Without --uid nothing more is checked here.
+        """
+        password = os.path.join(self.dir, "relay-password")
+        with open(password, "w") as f:
+            f.write("secret\n")
+        cfg = self.config(extra=f"[relay]\nhost = smtp.example.net\nusername = u\n"
+                          f"password_file = {password}\n")
+        for path in (password, self.users, cfg.tls.private_key):
+            os.chmod(path, 0o600)
+        mail = os.path.join(self.dir, "mail")
+        os.mkdir(mail, 0o777)
+        os.chmod(mail, 0o777)
+        other = Account("other", os.getuid() + 54321, os.getgid() + 54321)
+        who = f"user other (uid {other.uid}) cannot read it"
+        self.assertEqual(checks.checkReadable(cfg, other, chown=True), Findings(
+            errors=(f"{cfg.path}: [relay] password_file: {password}: {who}, so the daemon "
+                    "cannot relay",),
+            warnings=tuple(
+                f"{cfg.path}: {where}: warning: {path}: {who}, so the daemon cannot read it "
+                "again when it changes or on SIGHUP"
+                for where, path in (("[auth] users", self.users),
+                                    ("[tls] private_key", cfg.tls.private_key)))))
+        self.assertEqual(checks.checkReadable(cfg, other, chown=False), Findings())
+        self.assertEqual(len(checkAll(cfg, other, chown=True).errors), 1)
+
+
 class EndpointTests(CheckTestMixin, unittest.TestCase):
     """Endpoint strings, parsed by Twisted, and what listening would refuse."""
 
