@@ -1,4 +1,7 @@
-"""The C{mailauth} admin command: users, password hashes and configuration checks."""
+"""
+The C{mailauth} admin command: users, password hashes, configuration
+checks, the forward queue, the PostgreSQL schema and DKIM keys.
+"""
 
 from __future__ import annotations
 
@@ -616,6 +619,10 @@ def _dkimCommand(commands: argparse._SubParsersAction) -> None:
 
 
 # Each adds one subcommand whose "run" default is called with (args, console).
+# A command that reads the configuration takes --config from _configOption()
+# (or _usersOptions()) and reads it with loadConfig(args), so that every
+# command defaults to DEFAULT_CONFIG alike; every command, option and argument
+# has a help line and every command a description (tests.test_cli.HelpTests).
 _COMMANDS = (_userCommand, _hashCommand, _checkConfigCommand, _dbCommand, _queueCommand,
              _dkimCommand)
 
