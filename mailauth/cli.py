@@ -299,10 +299,10 @@ def _newPassword(args: argparse.Namespace, console: Console, policy: PasswordPol
 
 
 def _userAdd(args: argparse.Namespace, console: Console) -> None:
+    userdb.checkLogin(args.login)
     settings = _userSettings(args, console)
     users = settings.users
     store = storeFor(users, creating=True)
-    userdb.checkLogin(args.login)
     domain = args.login.rpartition("@")[2].lower()
     if settings.localDomains is not None and domain not in settings.localDomains:
         console.warn(
