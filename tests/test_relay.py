@@ -29,7 +29,7 @@ from mailauth.spool import Queue, listQueue
 from mailauth.threads import ThreadPoolService
 from tests.fakes import RecordingLocalDelivery, runInline
 from tests.harness import MESSAGE as SUBMITTED
-from tests.harness import PASSWORD, SHA512, Daemon, EndToEndMixin
+from tests.harness import PASSWORD, SHA512, Daemon, EndToEndMixin, LogWatcher
 from tests.smtpsink import QueueEvents, SMTPSink, makePKI
 from tests.support import MESSAGE, relayConfig
 
@@ -545,6 +545,81 @@ class EndToEndTests(unittest.TestCase):
         self.assertEqual(self.sink.transactions, [])
         self.assertQueued("m1")
         self.assertIn("Mismatch", listQueue(self.directory)[0]["last_error"])
+
+    @defer.inlineCallbacks
+    def useCertificate(self, issued, tls="starttls"):
+        """Restart the sink with the certificate C{issued}, from the test CA."""
+        yield self.sink.stop()
+        self.sink = SMTPSink(reactor, issued, tls=tls)
+        yield self.sink.start()
+        self.addCleanup(self.sink.stop)
+
+    @defer.inlineCallbacks
+    def assertCertificateRefused(self, issued, why, tls="starttls"):
+        """
+        Relaying to C{localhost}, whose certificate is C{issued} (from the
+        trusted CA): the handshake fails, the relay gets neither AUTH nor
+        mail, the message stays queued, and the attempt is one log line
+        saying C{why}, with no traceback.
+        """
+        yield self.useCertificate(issued, tls)
+        watcher = LogWatcher()
+        self.addCleanup(watcher.stop)
+        queue, service = self.startService(
+            self.config(host="localhost", tls=tls, retry_initial=60)
+        )
+        self.submit(queue, service, "m1")
+        yield self.events.wait("deferred", "m1")
+        yield self.sink.waitForDisconnects(1)
+        self.assertEqual(self.sink.transactions, [])
+        self.assertEqual([c.split()[0] for c in self.sink.commands],
+                         [b"EHLO", b"STARTTLS"] if tls == "starttls" else [])
+        self.assertQueued("m1")
+        self.assertIn(why, listQueue(self.directory)[0]["last_error"])
+        self.assertEqual([e for e in watcher.events if "log_failure" in e], [])
+        [line] = watcher.matching("certificate")
+        self.assertIn("status=deferred (certificate of localhost refused: ", line)
+        self.assertIn(why, line)
+
+    @defer.inlineCallbacks
+    def test_rightSubjectAltName(self):
+        """
+        A certificate from the trusted CA whose subjectAltName names the
+        relay host (a DNS name here) is accepted: the message is delivered.
+        """
+        yield self.useCertificate(pki().issue(names=("localhost",)))
+        queue, service = self.startService(self.config(host="localhost"))
+        self.submit(queue, service, "m1")
+        [transaction] = yield self.sink.waitForTransactions(1)
+        self.assertEqual((transaction.tls, transaction.login), (True, "relay-user"))
+
+    def test_noSubjectAltName(self):
+        """
+        Issue #10 item 1: a certificate from the trusted CA with no
+        subjectAltName, whose common name is the relay host, is refused
+        (Twisted 26 let it through: service_identity's CertificateError
+        was logged and ignored; Twisted 22.4's service_identity falls back
+        to the common name).
+        """
+        return self.assertCertificateRefused(
+            pki().issue(commonName="localhost"), "it has no subjectAltName"
+        )
+
+    def test_noSubjectAltNameImplicitTLS(self):
+        """The same refusal with tls = implicit."""
+        return self.assertCertificateRefused(
+            pki().issue(commonName="localhost"), "it has no subjectAltName", tls="implicit"
+        )
+
+    def test_wrongSubjectAltName(self):
+        """
+        A certificate from the trusted CA whose subjectAltName names
+        another host is refused, even when its common name is the relay's.
+        """
+        return self.assertCertificateRefused(
+            pki().issue(names=("wrong.example",), commonName="localhost"),
+            "it does not name localhost",
+        )
 
     @defer.inlineCallbacks
     def test_noVerification(self):
