@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -21,6 +22,79 @@ _SUBDIRS = ("tmp", "new", "cur")
 # the size of the file's write buffer after that.
 SPOOL = 65536
 _counter = 0
+
+
+# What no local part or domain may hold: it becomes one path component.
+_UNSAFE = re.compile(r"[/\x00-\x1f\x7f]")
+# The longest file name (NAME_MAX on Linux and the BSDs), in bytes.
+NAME_MAX = 255
+
+
+class UnsafeMailbox(ValueError):
+    """An address that cannot name a Maildir: the message says why."""
+
+
+def mailboxProblem(address: str) -> Optional[str]:
+    """
+    Why C{address} cannot name a mailbox folder, or L{None} if it can.
+
+    Its local part and its domain each become one path component of the
+    Maildir template ({localpart}, {domain}, and {user} for both), so each
+    must be one safe file name, whatever quoting the address used: not
+    empty, no C{/}, no NUL or other control character, not starting with
+    a dot (so neither C{.} nor C{..}, nor a hidden name), at most
+    L{NAME_MAX} bytes.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return "it is not local@domain"
+    for what, part in (("local part", local), ("domain", domain)):
+        if not part:
+            return f"its {what} is empty"
+        found = _UNSAFE.search(part)
+        if found is not None:
+            char = "'/'" if found.group() == "/" else f"control character {found.group()!r}"
+            return f"its {what} contains {char}"
+        if part.startswith("."):
+            return f"its {what} starts with a dot"
+        if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
+            return f"its {what} is longer than {NAME_MAX} bytes"
+    return None
+
+
+def maildirPath(template: str, login: str) -> str:
+    """
+    The Maildir of C{login} by C{template}, checked to stay under the
+    template's fixed start (what precedes its first C{{}}).
+
+    C{..} is resolved in the text (L{os.path.normpath}), never by following
+    symbolic links: a link the administrator made (C{/var/mail} to another
+    disk) is not taken for an escape, and the path returned, the one
+    checked, holds no C{..} for the kernel to resolve through a link.
+
+    @raise UnsafeMailbox: if the login cannot name a folder
+        (L{mailboxProblem}) or its path would leave the fixed start.
+    """
+    problem = mailboxProblem(login)
+    if problem is not None:
+        raise UnsafeMailbox(f"{login!r} cannot name a Maildir: {problem}")
+    localpart, _, domain = login.rpartition("@")
+    path = os.path.normpath(template.format(domain=domain, localpart=localpart, user=login))
+    if not _under(path, template.split("{", 1)[0]):
+        raise UnsafeMailbox(f"{login!r} cannot name a Maildir: {path!r} is outside the "
+                            f"maildir template's fixed start {template.split('{', 1)[0]!r}")
+    return path
+
+
+def _under(path: str, fixed: str) -> bool:
+    """Whether the normalised C{path} starts with the template's fixed start C{fixed}."""
+    if not fixed:
+        # A template relative to the working folder: stay in it.
+        return not (os.path.isabs(path) or path == ".." or path.startswith("../"))
+    base = os.path.normpath(fixed)
+    if fixed.endswith("/") and not base.endswith("/"):
+        base += "/"
+    return path.startswith(base)
 
 
 def _makeFolders(path: str, created: list) -> None:

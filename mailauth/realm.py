@@ -28,7 +28,7 @@ from mailauth.interfaces import (
     IMessageSink,
     IUserDatabase,
 )
-from mailauth.maildir import MaildirWriter
+from mailauth.maildir import MaildirWriter, UnsafeMailbox, maildirPath
 from mailauth.replies import SMTPReply
 
 log = Logger(namespace="mailauth.realm")
@@ -95,8 +95,18 @@ class Router:
         return _unique(local), _unique(remote)
 
     def maildirFor(self, login: str) -> str:
-        localpart, _, domain = login.rpartition("@")
-        return self.maildirTemplate.format(domain=domain, localpart=localpart, user=login)
+        """
+        The Maildir of C{login}, by the template.
+
+        @raise UnsafeMailbox: if the login cannot name a folder under the
+            template's fixed start (L{maildirPath}); logged, since the user
+            database holds a login that should never have got in.
+        """
+        try:
+            return maildirPath(self.maildirTemplate, login)
+        except UnsafeMailbox as e:
+            log.error("refusing to deliver: {why}", why=str(e))
+            raise
 
     @defer.inlineCallbacks
     def mayUseSender(self, login: str, sender: str):
@@ -207,8 +217,11 @@ class Delivery:
             if self.login is None or self.realm.queue is None:
                 raise replies.RELAY_DENIED.error(address=recipient)
             local, remote = (), (recipient,)
-        for login in local:
-            path = router.maildirFor(login)
+        try:
+            paths = [router.maildirFor(login) for login in local]
+        except UnsafeMailbox:
+            raise replies.MAILBOX_NOT_ALLOWED.error(address=recipient) from None
+        for path in paths:
             if path not in self.maildirs:
                 self.maildirs.append(path)
         for address in remote:
@@ -374,7 +387,10 @@ class LocalDelivery:
         local, _ = yield self.router.expand(recipient)
         if not local:
             raise replies.NO_LOCAL_USER.error(address=recipient)
-        maildirs = [self.router.maildirFor(login) for login in local]
+        try:
+            maildirs = [self.router.maildirFor(login) for login in local]
+        except UnsafeMailbox:
+            raise replies.MAILBOX_NOT_ALLOWED.error(address=recipient) from None
 
         def write() -> None:
             writer = MaildirWriter(maildirs, self.hostname)

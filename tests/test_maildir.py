@@ -7,7 +7,14 @@ import os
 from twisted.trial import unittest
 
 from mailauth import maildir
-from mailauth.maildir import MaildirWriter, ensureMaildir, uniqueName
+from mailauth.maildir import (
+    MaildirWriter,
+    UnsafeMailbox,
+    ensureMaildir,
+    mailboxProblem,
+    maildirPath,
+    uniqueName,
+)
 
 
 class MaildirTests(unittest.TestCase):
@@ -117,3 +124,83 @@ class MaildirTests(unittest.TestCase):
         names = {uniqueName("a/b:c") for _ in range(1000)}
         self.assertEqual(len(names), 1000)
         self.assertFalse(any("/" in n or ":" in n for n in names))
+
+
+class MailboxPathTests(unittest.TestCase):
+    """
+    Issue #10 item 3: a login's local part and domain each become one path
+    component of the Maildir template, and the path stays under the
+    template's fixed start.
+    """
+
+    TEMPLATE = "/srv/mail/{domain}/{localpart}/Maildir"
+
+    def test_safe(self) -> None:
+        """Ordinary addresses, quoted or not, name a folder under the fixed start."""
+        for login in ("bob@example.test", '"bob smith"@example.test', "b.o+b@example.test",
+                      "x..y@example.test", "b\\ob@example.test", "ä@example.test"):
+            self.assertIsNone(mailboxProblem(login), login)
+            local = login.rpartition("@")[0]
+            self.assertEqual(maildirPath(self.TEMPLATE, login),
+                             f"/srv/mail/example.test/{local}/Maildir")
+
+    def test_unsafe(self) -> None:
+        """
+        A local part or domain that is not one safe file name is refused,
+        with a reason: a slash, NUL or another control character, a
+        leading dot (so C{.} and C{..}), empty, too long, or no C{@}.
+        """
+        cases = {
+            '"x/../../../escape"@example.test': "its local part contains '/'",
+            "../../evil@example.test": "its local part contains '/'",
+            "..@example.test": "its local part starts with a dot",
+            ".@example.test": "its local part starts with a dot",
+            ".hidden@example.test": "its local part starts with a dot",
+            "bob@..": "its domain starts with a dot",
+            "bob@.example.test": "its domain starts with a dot",
+            "bob@example.test/..": "its domain contains '/'",
+            '"a\x00b"@example.test': "its local part contains control character '\\x00'",
+            '"a\nb"@example.test': "its local part contains control character '\\n'",
+            "bob@exa\x7fmple.test": "its domain contains control character '\\x7f'",
+            "@example.test": "its local part is empty",
+            "bob@": "its domain is empty",
+            "bob": "it is not local@domain",
+            "x" * 256 + "@example.test": "its local part is longer than 255 bytes",
+        }
+        for login, why in cases.items():
+            self.assertEqual(mailboxProblem(login), why, login)
+            error = self.assertRaises(UnsafeMailbox, maildirPath, self.TEMPLATE, login)
+            self.assertIn(why, str(error))
+
+    def test_staysUnderFixedStart(self) -> None:
+        """
+        However the template is written, a path that leaves its fixed start
+        (what precedes the first field) is refused; C{..} is resolved in
+        the text, so the returned path holds none.
+        """
+        self.assertRaises(UnsafeMailbox, maildirPath,
+                          "/srv/mail/{domain}/../../{localpart}", "bob@example.test")
+        self.assertRaises(UnsafeMailbox, maildirPath,
+                          "/srv/mail/u-{localpart}/../../x", "bob@example.test")
+        self.assertEqual(maildirPath("/srv/mail/u-{localpart}/Maildir", "bob@example.test"),
+                         "/srv/mail/u-bob/Maildir")
+        self.assertEqual(maildirPath("/srv/mail/{domain}/x/../{user}", "bob@example.test"),
+                         "/srv/mail/example.test/bob@example.test")
+        # Relative to the working folder: it must stay in it.
+        self.assertEqual(maildirPath("{domain}/{localpart}", "bob@example.test"),
+                         "example.test/bob")
+        self.assertRaises(UnsafeMailbox, maildirPath, "{domain}/../../{localpart}",
+                          "bob@example.test")
+
+    def test_symlinkNotFollowed(self) -> None:
+        """
+        A symbolic link the administrator made under the fixed start (the
+        mail root moved to another disk) is not resolved: the path is
+        checked and returned as the template makes it.
+        """
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(base, "disk"))
+        os.symlink(os.path.join(base, "disk"), os.path.join(base, "mail"))
+        template = base + "/mail/{domain}/{localpart}/Maildir"
+        self.assertEqual(maildirPath(template, "bob@example.test"),
+                         base + "/mail/example.test/bob/Maildir")

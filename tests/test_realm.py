@@ -5,16 +5,22 @@ from __future__ import annotations
 import errno
 import os
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.mail import smtp
 from twisted.mail.interfaces import IMessageDeliveryFactory
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from mailauth.addressmap import AddressMap
+from mailauth.interfaces import IUserDatabase
+from mailauth.passwords import parse
 from mailauth.realm import LocalDelivery, Realm, Router
 from mailauth.replies import SMTPReply
+from mailauth.userdb import User
 from tests.fakes import MemoryQueue, MemoryUserDatabase, runInline
+from tests.harness import LogWatcher
 
 USERS = {
     "alice@example.test": "{PLAIN}a",
@@ -387,3 +393,71 @@ class LocalDeliveryTests(RealmTestsMixin, unittest.TestCase):
         local = LocalDelivery(self.router, "mx.example.test", runInline)
         f = self.failureResultOf(local.deliver("nobody@example.test", b"x\r\n"), SMTPReply)
         self.assertEqual(f.value.code, 550)
+
+
+@implementer(IUserDatabase)
+class UncheckedUsers:
+    """
+    A user database holding C{logins} without checking them, as a table
+    filled by other tools might.
+    """
+
+    def __init__(self, *logins: str) -> None:
+        self.logins = {login.lower() for login in logins}
+
+    def lookup(self, login: str) -> defer.Deferred:
+        found = login.lower() in self.logins
+        return defer.succeed(User(login.lower(), parse("{PLAIN}x")) if found else None)
+
+
+class UnsafeMailboxTests(RealmTestsMixin, unittest.TestCase):
+    """
+    Issue #10 item 3, at delivery: whatever the user database lets in, a
+    login that cannot name a folder under the Maildir template's fixed
+    start gets no Maildir.
+    """
+
+    ESCAPE = '"x/../../../escape"@example.test'
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.router.users = UncheckedUsers(self.ESCAPE, "alice@example.test")
+        self.log = LogWatcher()
+        self.addCleanup(self.log.stop)
+
+    def assertNothingOutside(self) -> None:
+        parent = os.path.dirname(self.dir)
+        self.assertEqual([n for n in os.listdir(parent) if "escape" in n], [])
+        self.assertFalse(os.path.exists(self.dir))
+
+    def test_recipientRefused(self) -> None:
+        """
+        RCPT to such a login gets 553 5.1.3, one error is logged naming
+        why, and no folder is made anywhere.
+        """
+        e = self.failureResultOf(
+            self.delivery().validateTo(self.user(self.ESCAPE)), SMTPReply
+        ).value
+        self.assertEqual((e.code, e.text[:6]), (553, "5.1.3 "))
+        self.assertIn(self.ESCAPE, e.text)
+        [line] = self.log.matching("refusing to deliver")
+        self.assertIn("its local part contains '/'", line)
+        self.assertNothingOutside()
+
+    def test_aliasToUnsafeRefused(self) -> None:
+        """An alias that leads to such a login is refused the same way."""
+        with open(self.aliases.path, "a") as f:
+            f.write(f"sneaky@example.test: {self.ESCAPE}\n")
+        self.aliases.load()
+        e = self.failureResultOf(
+            self.delivery().validateTo(self.user("sneaky@example.test")), SMTPReply
+        ).value
+        self.assertEqual(e.code, 553)
+        self.assertNothingOutside()
+
+    def test_localDeliveryRefused(self) -> None:
+        """A bounce for such a login fails with 553 (permanent), writing nothing."""
+        local = LocalDelivery(self.router, "mx.example.test", runInline)
+        f = self.failureResultOf(local.deliver(self.ESCAPE, b"x\r\n"), SMTPReply)
+        self.assertEqual(f.value.code, 553)
+        self.assertNothingOutside()

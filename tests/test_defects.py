@@ -1,0 +1,116 @@
+"""
+Issue #10's defects, each attacked on the real server (or its real parts)
+as the report found them: paths out of the mail root, a half-stored mixed
+message, leaked tmp/ files, trickled DATA.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from mailauth import userdb
+from mailauth.cli import Console, main
+from tests.harness import BOB, BOB_PASSWORD, AttackMixin, plain
+
+ESCAPE = '"x/../../../escape"@example.test'
+EVIL = "../../evil@example.test"
+
+
+class PathEscapeTests(AttackMixin, unittest.TestCase):
+    """
+    Item 3: a login whose local part holds C{/} and C{..} made the Maildir
+    template write outside the mail root. Such lines of the users file are
+    skipped, with a problem naming why, so the login never works and the
+    address is nobody's.
+    """
+
+    files = {
+        "users": (
+            "bob@example.test:{PLAIN}bob-secret-2\n"
+            f"{ESCAPE}:{{PLAIN}}escape-secret\n"
+            f"{EVIL}:{{PLAIN}}evil-secret\n"
+        ),
+    }
+
+    def escaped(self) -> list:
+        """Anything the attack made outside the mail root."""
+        top = os.path.dirname(self.daemon.dir)
+        return [path for path in glob.glob(os.path.join(top, "**"), recursive=True)
+                if "escape" in path or "evil" in path]
+
+    def test_skippedWithReason(self) -> None:
+        """Reading the users file skips both lines, each with one problem saying why."""
+        users = userdb.UserDatabase(os.path.join(self.daemon.dir, "users"))
+        users.load()
+        self.assertEqual(users.logins(), ["bob@example.test"])
+        self.assertEqual(users.problems, [
+            f"{users.path}:2: the login {ESCAPE!r} cannot name a mailbox: "
+            "its local part contains '/'",
+            f"{users.path}:3: the login {EVIL!r} cannot name a mailbox: "
+            "its local part contains '/'",
+        ])
+
+    @defer.inlineCallbacks
+    def test_loginAndDeliveryRefused(self):
+        """
+        The attack: log in as the quoted login and send to itself. The
+        login fails; bob's message to that address is refused as unknown;
+        nothing is written outside the mail root.
+        """
+
+        def attack():
+            client = self.connect()
+            client.ehlo()
+            login = plain(ESCAPE.encode(), b"escape-secret")
+            codes = [client.command(login)[0]]
+            if codes[0] == 235:
+                client.command(b"MAIL FROM:<" + ESCAPE.encode() + b">")
+                client.command(b"RCPT TO:<" + ESCAPE.encode() + b">")
+                client.command(b"DATA")
+                client.command(b"Subject: out\r\n\r\nx\r\n.")
+            bob = self.loggedIn(login=BOB, password=BOB_PASSWORD)
+            bob.command(b"MAIL FROM:<bob@example.test>")
+            codes.append(bob.command(b"RCPT TO:<" + ESCAPE.encode() + b">")[0])
+            codes.append(bob.command(b"RCPT TO:<" + EVIL.encode() + b">")[0])
+            return codes
+
+        self.assertEqual((yield self.inThread(attack)), [535, 550, 501])
+        self.assertEqual(self.escaped(), [])
+
+
+class CheckLoginTests(unittest.TestCase):
+    """Item 3 at the CLI: C{mailauth user add} refuses such logins, naming why."""
+
+    def test_userAddRefused(self) -> None:
+        """Each login is refused with one line, the users file untouched."""
+        directory = self.mktemp()
+        os.mkdir(directory)
+        users = os.path.join(directory, "users")
+        cases = {
+            ESCAPE: "its local part contains '/'",
+            EVIL: "its local part contains '/'",
+            "a/b@example.test": "its local part contains '/'",
+            "bob@..": "its domain starts with a dot",
+            "bob@.hidden": "its domain starts with a dot",
+        }
+        for login, why in cases.items():
+            stdout, stderr = io.StringIO(), io.StringIO()
+            console = Console(io.BytesIO(b"long password\n"), stdout, stderr, None)
+            code = main(["user", "add", login, "--users", users, "--scheme", "PLAIN"], console)
+            self.assertEqual(code, 1, login)
+            self.assertEqual(
+                stderr.getvalue(),
+                f"mailauth: invalid login {login!r}: it cannot name a mailbox: {why}\n",
+            )
+        self.assertFalse(os.path.exists(users))
+
+    def test_checkLogin(self) -> None:
+        """L{userdb.checkLogin} accepts ordinary addresses, quoted ones too."""
+        for login in ("bob@example.test", '"bob.."@example.test', "b+ob@example.test"):
+            userdb.checkLogin(login)
+        self.assertRaises(userdb.UserDatabaseError, userdb.checkLogin, ESCAPE)
