@@ -114,3 +114,61 @@ class CheckLoginTests(unittest.TestCase):
         for login in ("bob@example.test", '"bob.."@example.test', "b+ob@example.test"):
             userdb.checkLogin(login)
         self.assertRaises(userdb.UserDatabaseError, userdb.checkLogin, ESCAPE)
+
+
+class MixedAtomicityTests(AttackMixin, unittest.TestCase):
+    """
+    Item 6: a message for a local user and a remote address, where the
+    queue cannot take it, is stored for nobody: the client's retry must
+    not duplicate the local copy. (The relay is a closed port and the
+    queue runs on a clock that never moves: nothing is sent.)
+    """
+
+    clocked = True
+    settings = {"relay": {"host": "127.0.0.1", "port": "1", "tls": "none"}}
+    MESSAGE = b"Subject: mixed\r\n\r\n" + b"body line\r\n" * 10000 + b"."
+
+    def breakQueue(self) -> str:
+        """
+        Put a regular file where the queue's C{msg/} folder is: no rename
+        into it can work, even for root (who ignores permission bits).
+        """
+        msg = os.path.join(self.daemon.config.server.state_dir, "queue", "msg")
+        os.rmdir(msg)
+        with open(msg, "w") as f:
+            f.write("not a folder\n")
+        return msg
+
+    def send(self) -> tuple:
+        """(Blocking.) bob sends the message to himself and to a remote address."""
+        client = self.loggedIn()
+        client.command(b"MAIL FROM:<bob@example.test>")
+        assert client.command(b"RCPT TO:<bob@example.test>")[0] == 250
+        assert client.command(b"RCPT TO:<someone@remote.test>")[0] == 250
+        assert client.command(b"DATA")[0] == 354
+        return client.command(self.MESSAGE)
+
+    @defer.inlineCallbacks
+    def test_allOrNothing(self):
+        """
+        With C{msg/} broken the message gets 451 and nothing is left in
+        bob's Maildir (new/ nor tmp/) nor in the queue; once the fault is
+        gone the client's retry is stored exactly once, locally and in the
+        queue.
+        """
+        msg = self.breakQueue()
+        code, text = yield self.inThread(self.send)
+        self.assertEqual((code, text[0][:6]), (451, b"4.3.0 "))
+        self.assertEqual(len(self.flushLoggedErrors(NotADirectoryError)), 1)
+        self.assertEqual(self.daemon.files("bob@example.test", "new"), [])
+        self.assertEqual(self.daemon.files("bob@example.test", "tmp"), [])
+        os.unlink(msg)
+        os.mkdir(msg, 0o700)
+        self.assertEqual(self.daemon.allDelivered(), [])
+        code, text = yield self.inThread(self.send)
+        self.assertEqual(code, 250, text)
+        [(_, stored)] = self.daemon.delivered("bob@example.test")
+        self.assertTrue(stored.endswith(b"Subject: mixed\n\n" + b"body line\n" * 10000))
+        queued = [item for item in self.daemon.allDelivered() if item.startswith("queued ")]
+        self.assertEqual(len(queued), 1)
+        self.assertEqual(self.daemon.files("bob@example.test", "tmp"), [])
