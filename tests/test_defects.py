@@ -9,13 +9,16 @@ from __future__ import annotations
 import glob
 import io
 import os
+import signal
+import time
 
 from twisted.internet import defer
 from twisted.trial import unittest
 
 from mailauth import userdb
 from mailauth.cli import Console, main
-from tests.harness import BOB, BOB_PASSWORD, AttackMixin, plain
+from tests.harness import BOB, BOB_PASSWORD, AttackMixin, Daemon, RawClient, Twistd, plain
+from tests.support import DiskFull
 
 ESCAPE = '"x/../../../escape"@example.test'
 EVIL = "../../evil@example.test"
@@ -172,3 +175,83 @@ class MixedAtomicityTests(AttackMixin, unittest.TestCase):
         queued = [item for item in self.daemon.allDelivered() if item.startswith("queued ")]
         self.assertEqual(len(queued), 1)
         self.assertEqual(self.daemon.files("bob@example.test", "tmp"), [])
+
+
+BIG = b"Subject: big\r\n\r\n" + b"y" * 998 + b"\r\n" + (b"z" * 78 + b"\r\n") * 3000
+
+
+class FullDiskTests(AttackMixin, unittest.TestCase):
+    """
+    Item 7: a full disk (the kernel's ENOSPC, from C{/dev/full}) while a
+    message is stored: the client gets 452 4.3.1 and nothing stays in
+    tmp/. It left six files behind when closing the file raised.
+    """
+
+    def send(self, message: bytes) -> tuple:
+        client = self.loggedIn()
+        client.command(b"MAIL FROM:<bob@example.test>")
+        client.command(b"RCPT TO:<bob@example.test>")
+        client.command(b"DATA")
+        return client.command(message + b"\r\n.")
+
+    @defer.inlineCallbacks
+    def test_bigMessage(self):
+        """A message past the in-memory spool fails as it streams to tmp/."""
+        DiskFull(self)
+        code, text = yield self.inThread(self.send, BIG)
+        self.assertEqual((code, text[0][:6]), (452, b"4.3.1 "))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(self.daemon.files("bob@example.test", "tmp"), [])
+        self.assertEqual(self.daemon.files("bob@example.test", "new"), [])
+
+    @defer.inlineCallbacks
+    def test_smallMessage(self):
+        """A message held in memory fails when it is written at the end."""
+        disk = DiskFull(self)
+        code, text = yield self.inThread(self.send, b"Subject: small\r\n\r\nx")
+        self.assertEqual((code, text[0][:6]), (452, b"4.3.1 "))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(len(disk.descriptors), 1)
+        self.assertEqual(self.daemon.files("bob@example.test", "tmp"), [])
+        self.assertEqual(self.daemon.files("bob@example.test", "new"), [])
+
+
+class KilledMidDataTests(unittest.TestCase):
+    """
+    Item 7, at start: the daemon run by twistd is killed (SIGKILL) while a
+    big message streams into a Maildir's tmp/; started again, it removes
+    that partial file and says so in one log line.
+    """
+
+    def test_partialFileRemovedAtRestart(self) -> None:
+        """The partial tmp/ file of the killed process is gone after the restart."""
+        daemon = Daemon(self.mktemp(), {"listener:submission": None})
+        twistd = Twistd(daemon)
+        self.addCleanup(twistd.kill, signal.SIGKILL)
+        twistd.start("first.log")
+        [port] = twistd.waitFor(r"starting on (\d+)")
+        twistd.waitFor(r"Maildir cleanup: removed 0 leftover file\(s\)")
+        client = RawClient(int(port), tls=True)
+        self.addCleanup(client.close)
+        self.assertEqual(client.reply()[0], 220)
+        client.ehlo()
+        self.assertEqual(client.command(plain(BOB, BOB_PASSWORD))[0], 235)
+        client.command(b"MAIL FROM:<bob@example.test>")
+        client.command(b"RCPT TO:<bob@example.test>")
+        self.assertEqual(client.command(b"DATA")[0], 354)
+        client.send(BIG)
+        tmp = os.path.join(daemon.maildir("bob@example.test"), "tmp")
+        deadline = time.monotonic() + 30
+        while not (os.path.isdir(tmp) and os.listdir(tmp)) and time.monotonic() < deadline:
+            time.sleep(0.05)  # waiting for another process; no clock to drive
+        [partial] = os.listdir(tmp)
+        twistd.kill(signal.SIGKILL)
+        self.assertTrue(os.path.exists(os.path.join(tmp, partial)))
+
+        twistd.start("second.log")
+        [line] = twistd.waitFor(r".*Maildir cleanup: .*")
+        self.assertIn("Maildir cleanup: removed 1 leftover file(s) from tmp/ folders under "
+                      + os.path.join(daemon.dir, "mail"), line)
+        self.assertEqual(os.listdir(tmp), [])
+        self.assertEqual(daemon.files("bob@example.test", "new"), [])
+        twistd.kill()
