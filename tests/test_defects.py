@@ -255,3 +255,40 @@ class KilledMidDataTests(unittest.TestCase):
         self.assertEqual(os.listdir(tmp), [])
         self.assertEqual(daemon.files("bob@example.test", "new"), [])
         twistd.kill()
+
+
+class NewFolderDurabilityTests(AttackMixin, unittest.TestCase):
+    """
+    Item 8 on the running server: the first message to bob creates the
+    mail root and bob's Maildir; by the time the client has its 250, the
+    parent of every folder made was fsynced.
+    """
+
+    @defer.inlineCallbacks
+    def test_parentsFsyncedBefore250(self):
+        """Every folder that gained an entry was fsynced when the 250 arrived."""
+        synced = []
+        realFsync = os.fsync
+
+        def fsync(fd):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            return realFsync(fd)
+
+        self.patch(os, "fsync", fsync)
+        root = os.path.join(self.daemon.dir, "mail")
+        self.assertFalse(os.path.exists(root))
+
+        def send():
+            client = self.loggedIn()
+            client.command(b"MAIL FROM:<bob@example.test>")
+            client.command(b"RCPT TO:<bob@example.test>")
+            client.command(b"DATA")
+            code, _ = client.command(b"Subject: first\r\n\r\nx\r\n.")
+            return code, list(synced)
+
+        code, syncedBy250 = yield self.inThread(send)
+        self.assertEqual(code, 250)
+        box = self.daemon.maildir("bob@example.test")
+        for parent in (self.daemon.dir, root, os.path.join(root, "example.test"),
+                       os.path.dirname(box), box, os.path.join(box, "new")):
+            self.assertIn(parent, syncedBy250)

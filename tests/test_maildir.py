@@ -413,3 +413,58 @@ class LeftoverTests(unittest.TestCase):
         self.assertEqual(watcher.matching("Maildir cleanup"), [
             f"Maildir cleanup: removed 1 leftover file(s) from tmp/ folders under {self.root}"
         ])
+
+
+class NewFolderDurabilityTests(unittest.TestCase):
+    """
+    Issue #10 item 8: the first delivery to a new user creates up to five
+    folders; the parent of each is fsynced (the entry it gained made
+    durable) before the message is linked into new/.
+    """
+
+    def test_parentsFsynced(self) -> None:
+        """Every created folder's parent is fsynced, each once, before the link."""
+        calls = []
+        realFsync, realLink = os.fsync, os.link
+
+        def fsync(fd):
+            calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+            return realFsync(fd)
+
+        def link(src, dst):
+            calls.append(("link", dst))
+            return realLink(src, dst)
+
+        top = os.path.abspath(self.mktemp())
+        os.makedirs(top)
+        box = os.path.join(top, "mail", "example.test", "alice", "Maildir")
+        self.patch(maildir.os, "fsync", fsync)
+        self.patch(maildir.os, "link", link)
+        writer = MaildirWriter([box], "mx")
+        writer.write(b"x\r\n")
+        writer.commit()
+        parents = [top, os.path.join(top, "mail"), os.path.join(top, "mail", "example.test"),
+                   os.path.dirname(box), box]
+        [linked] = [index for index, (kind, _) in enumerate(calls) if kind == "link"]
+        synced = [path for kind, path in calls[:linked] if kind == "fsync"]
+        for parent in parents:
+            self.assertEqual(synced.count(parent), 1, parent)
+        self.assertEqual(calls[linked + 1:], [("fsync", os.path.join(box, "new"))])
+
+    def test_secondMaildirParentsFsynced(self) -> None:
+        """A second recipient's new Maildir gets its parents fsynced too, before commit returns."""
+        synced = []
+        realFsync = os.fsync
+
+        def fsync(fd):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            return realFsync(fd)
+
+        top = os.path.abspath(self.mktemp())
+        first, second = (os.path.join(top, who, "Maildir") for who in ("a", "b"))
+        self.patch(maildir.os, "fsync", fsync)
+        writer = MaildirWriter([first, second], "mx")
+        writer.write(b"x\r\n")
+        writer.commit()
+        for parent in (os.path.join(top, "b"), second):
+            self.assertIn(parent, synced)
