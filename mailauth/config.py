@@ -53,6 +53,8 @@ class ServerConfig:
     max_errors: int
     auth_threads: int
     disk_threads: int
+    # The whole of one DATA, however slowly it trickles in.
+    max_data_time: float = 1800.0
 
 
 @attrs.frozen
@@ -463,6 +465,7 @@ _SCHEMA: dict = {
         "max_connections_per_address": (parsePositive, "20"),
         "timeout": (parseDuration, "5m"),
         "data_timeout": (parseDuration, "10m"),
+        "max_data_time": (_positiveDuration, "30m"),
         "max_errors": (parsePositive, "10"),
         "auth_threads": (parsePositive, "4"),
         "disk_threads": (parsePositive, "4"),

@@ -10,15 +10,28 @@ import glob
 import io
 import os
 import signal
+import socket
 import time
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mailauth import userdb
 from mailauth.cli import Console, main
+from mailauth.config import ConfigError, loadText
 from tests.harness import BOB, BOB_PASSWORD, AttackMixin, Daemon, RawClient, Twistd, plain
-from tests.support import DiskFull
+from tests.support import (
+    DiskFull,
+    MemoryMailbox,
+    RecordingPortal,
+    Session,
+    makeFactory,
+    makeSettings,
+    passwordIs,
+)
 
 ESCAPE = '"x/../../../escape"@example.test'
 EVIL = "../../evil@example.test"
@@ -292,3 +305,153 @@ class NewFolderDurabilityTests(AttackMixin, unittest.TestCase):
         for parent in (self.daemon.dir, root, os.path.join(root, "example.test"),
                        os.path.dirname(box), box, os.path.join(box, "new")):
             self.assertIn(parent, syncedBy250)
+
+
+class TricklingDataSessionTests(unittest.TestCase):
+    """
+    Item 11 in the session, on a Clock: every read restarts data_timeout,
+    so a client trickling a byte at a time held its slot forever; one DATA
+    now gets max_data_time in all, then 421 4.4.2.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.mailbox = MemoryMailbox(login="alice@example.test")
+        portal = RecordingPortal(self.mailbox, answer=passwordIs(b"secret"))
+        settings = makeSettings(data_timeout=600.0, timeout=300.0, max_data_time=1800.0)
+        self.session = Session(makeFactory(self.clock, portal=portal, tlsMode="implicit",
+                                           settings=settings))
+        self.session.read()
+        self.session.command(b"EHLO client.example")
+        login = plain(b"alice@example.test", b"secret")
+        self.assertEqual(self.session.command(login), [b"235 2.7.0 Authentication successful"])
+
+    def startData(self) -> None:
+        s = self.session
+        s.command(b"MAIL FROM:<alice@example.test>")
+        s.command(b"RCPT TO:<bob@example.test>")
+        self.assertEqual(s.command(b"DATA")[0][:3], b"354")
+
+    def test_trickleCut(self) -> None:
+        """
+        A byte every 500 seconds keeps data_timeout (600) from firing, but
+        at 1800 seconds after the 354 the session ends with 421 4.4.2; the
+        part sent is thrown away.
+        """
+        self.startData()
+        for _ in range(3):
+            self.clock.advance(500)
+            self.assertEqual(self.session.send(b"x"), [])
+        self.clock.advance(299)
+        self.assertFalse(self.session.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertEqual(self.session.read(),
+                         [b"421 4.4.2 mx.example.test Error: message transfer took too long"])
+        self.assertTrue(self.session.transport.disconnecting)
+        self.assertEqual(self.mailbox.stored, [])
+        self.assertTrue(self.mailbox.messages[0].aborted)
+
+    def test_eachDataItsOwnTime(self) -> None:
+        """
+        A DATA that ends in time is unaffected: its deadline goes with it,
+        and the next DATA gets max_data_time of its own.
+        """
+        self.startData()
+        self.trickle(1799)
+        self.assertEqual(self.session.send(b"\r\n.\r\n"), [b"250 2.0.0 Ok: queued as ID1"])
+        self.clock.advance(200)
+        self.assertEqual(self.session.command(b"NOOP"), [b"250 2.0.0 Ok"])
+        self.startData()
+        self.trickle(1799)
+        self.assertEqual(self.session.send(b"\r\n.\r\n"), [b"250 2.0.0 Ok: queued as ID2"])
+        self.assertFalse(self.session.transport.disconnecting)
+        # Only the idle timeout is left.
+        [idle] = self.clock.getDelayedCalls()
+        self.assertEqual(idle.getTime(), self.clock.seconds() + 300)
+
+    def trickle(self, seconds: int) -> None:
+        """Send a byte every 500 seconds for C{seconds}."""
+        while seconds > 0:
+            step = min(seconds, 500)
+            self.clock.advance(step)
+            seconds -= step
+            self.assertEqual(self.session.send(b"x"), [])
+
+    def test_clientGoneCancels(self) -> None:
+        """A client that leaves inside DATA leaves no deadline behind."""
+        self.startData()
+        self.session.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class TricklingDataTests(AttackMixin, unittest.TestCase):
+    """
+    Item 11 on the running server (its clock driven by the test): a client
+    that sends one byte of DATA every 5 seconds never trips the 30-second
+    data_timeout, and is cut off 60 seconds (max_data_time) after the 354.
+    """
+
+    clocked = True
+    settings = {"server": {"data_timeout": "30s", "max_data_time": "60s"}}
+
+    @defer.inlineCallbacks
+    def test_trickleCut(self):
+        """421 4.4.2, the connection closed, nothing delivered."""
+
+        def start():
+            client = self.loggedIn()
+            client.command(b"MAIL FROM:<bob@example.test>")
+            client.command(b"RCPT TO:<bob@example.test>")
+            assert client.command(b"DATA")[0] == 354
+            # Each byte leaves at once (no Nagle delay), so the server has
+            # read it long before data_timeout.
+            client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return client
+
+        client = yield self.inThread(start)
+        for _ in range(11):
+            yield self.inThread(client.send, b"x")
+            self.clock.advance(5)
+        self.assertFalse((yield self.inThread(client.pending)))
+        yield self.inThread(client.send, b"x")
+        self.clock.advance(5)
+        code, text = yield self.inThread(client.reply)
+        self.assertEqual((code, text),
+                         (421, [b"4.4.2 mx.example.test Error: message transfer took too long"]))
+        self.assertTrue((yield self.inThread(client.closedByServer)))
+        self.assertEqual(self.daemon.allDelivered(), [])
+
+
+MINIMAL = """
+[listener:submission]
+endpoint = tcp:2587
+tls = none
+auth = optional
+
+[auth]
+users = /etc/mailauth/users
+
+[delivery]
+local_domains = example.org example.net
+maildir = /var/mail/{domain}/{localpart}/Maildir
+"""
+
+
+class ConfigTests(unittest.TestCase):
+    """The keys items 11 and 12 add: defaults and one clear line per bad value."""
+
+    def problems(self, text: str) -> tuple:
+        return self.assertRaises(ConfigError, loadText, text, "test.conf").problems
+
+    def test_maxDataTime(self) -> None:
+        """[server] max_data_time: 30 minutes unless set; a duration above 0."""
+        self.assertEqual(loadText(MINIMAL).server.max_data_time, 1800.0)
+        self.assertEqual(
+            loadText(MINIMAL + "[server]\nmax_data_time = 45s\n").server.max_data_time, 45.0
+        )
+        for bad, why in (("0", "'0' must be more than 0"),
+                         ("soon", "'soon' is not a duration")):
+            [problem] = self.problems(MINIMAL + f"[server]\nmax_data_time = {bad}\n")
+            self.assertTrue(
+                problem.startswith(f"test.conf: [server] max_data_time: {why}"), problem
+            )
