@@ -271,6 +271,7 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         aliases=aliases,
         senderMap=senderMap,
         senderLoginMatch=cfg.delivery.sender_login_match,
+        postmaster=cfg.delivery.postmaster,
     )
     queue = queueService = None
     if cfg.relay is not None:

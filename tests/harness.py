@@ -67,17 +67,22 @@ local_domains = example.test
 maildir = {dir}/mail/{{domain}}/{{localpart}}/Maildir
 """
 
+# As mail clients send it: with its Date and Message-ID, so that nothing
+# is added to it on its way.
 MESSAGE = (
     b"From: alice <" + SHA512.encode() + b">\r\n"
     b"To: bob@example.test\r\n"
     b"Subject: end to end\r\n"
+    b"Date: Sun, 29 Nov 2026 15:23:31 +0100\r\n"
+    b"Message-ID: <e2e.1@client.example>\r\n"
     b"\r\n"
     b".a line that starts with a dot\r\n"
     b"8bit: \xc3\xa4\r\n"
 )
 
 RECEIVED = re.compile(
-    rb"^Received: from client\.example \(\[127\.0\.0\.1\]\)\n"
+    rb"^Return-Path: <(?P<sender>[^>]*)>\n"
+    rb"Received: from client\.example \(\[127\.0\.0\.1\]\)\n"
     rb"\t\(authenticated as (?P<login>[^)]+)\)\n"
     rb"\tby mx\.example\.test \(mailauth\) with ESMTPSA id (?P<id>[0-9A-F]{12})\n"
     rb"\t\(using TLSv1\.[23] with cipher [A-Z0-9_-]+\)\n"

@@ -184,7 +184,7 @@ class MixedAtomicityTests(AttackMixin, unittest.TestCase):
         code, text = yield self.inThread(self.send)
         self.assertEqual(code, 250, text)
         [(_, stored)] = self.daemon.delivered("bob@example.test")
-        self.assertTrue(stored.endswith(b"Subject: mixed\n\n" + b"body line\n" * 10000))
+        self.assertTrue(stored.endswith(b"\n\n" + b"body line\n" * 10000))
         queued = [item for item in self.daemon.allDelivered() if item.startswith("queued ")]
         self.assertEqual(len(queued), 1)
         self.assertEqual(self.daemon.files("bob@example.test", "tmp"), [])
@@ -455,3 +455,100 @@ class ConfigTests(unittest.TestCase):
             self.assertTrue(
                 problem.startswith(f"test.conf: [server] max_data_time: {why}"), problem
             )
+
+    def test_postmaster(self) -> None:
+        """
+        [delivery] postmaster: unset unless given; an address, lower-cased;
+        one in another domain needs a [relay].
+        """
+        self.assertIsNone(loadText(MINIMAL).delivery.postmaster)
+        self.assertEqual(
+            loadText(MINIMAL + "postmaster = Admin@Example.NET\n").delivery.postmaster,
+            "admin@example.net",
+        )
+        self.assertEqual(self.problems(MINIMAL + "postmaster = admin\n"), (
+            "test.conf: [delivery] postmaster: 'admin' is not an address (local@domain)",
+        ))
+        self.assertEqual(self.problems(MINIMAL + "postmaster = admin@remote.test\n"), (
+            "test.conf: [delivery] postmaster: admin@remote.test is in another domain and "
+            "there is no [relay] to forward to it",
+        ))
+        relay = "[relay]\nhost = relay.test\n"
+        cfg = loadText(MINIMAL + "postmaster = admin@remote.test\n" + relay)
+        self.assertEqual(cfg.delivery.postmaster, "admin@remote.test")
+
+
+class FinalDeliveryFieldsTests(AttackMixin, unittest.TestCase):
+    """
+    Item 12 on the running server: C{Return-Path:} on local delivery;
+    C{Date:} and C{Message-ID:} added to authenticated submissions that lack
+    them, never to mail from an MX session; postmaster@ every local domain
+    and C{<Postmaster>} reach [delivery] postmaster without an alias.
+    """
+
+    settings = {
+        "delivery": {"local_domains": "example.test example.net",
+                     "postmaster": "alice.plain@example.test"},
+        "listener:mx": {"endpoint": "tcp:0:interface=127.0.0.1", "tls": "none", "auth": "none"},
+    }
+
+    def transaction(self, client, sender: bytes, recipients: list, message: bytes) -> list:
+        codes = [client.command(b"MAIL FROM:<" + sender + b">")[0]]
+        codes += [client.command(b"RCPT TO:" + r)[0] for r in recipients]
+        codes.append(client.command(b"DATA")[0])
+        codes.append(client.command(message + b"\r\n.")[0])
+        return codes
+
+    @defer.inlineCallbacks
+    def test_submissionCompleted(self):
+        """
+        bob's message without Date and Message-ID is stored with
+        Return-Path first, and both fields at the end of its header section.
+        """
+        def send():
+            return self.transaction(self.loggedIn(), b"bob@example.test",
+                                    [b"<bob@example.test>"], b"Subject: bare\r\n\r\nbody")
+
+        self.assertEqual((yield self.inThread(send)), [250, 250, 354, 250])
+        [(_, stored)] = self.daemon.delivered("bob@example.test")
+        self.assertTrue(stored.startswith(b"Return-Path: <bob@example.test>\nReceived: "))
+        header, _, body = stored.partition(b"\n\n")
+        self.assertEqual(body, b"body\n")
+        self.assertRegex(header, rb"\nSubject: bare\nDate: [^\n]+\n"
+                                 rb"Message-ID: <\d{14}\.[0-9A-F]{12}@mx\.example\.test>$")
+
+    @defer.inlineCallbacks
+    def test_mxUnchanged(self):
+        """A message from an MX session gets Return-Path and nothing else."""
+        def send():
+            client = self.connect("mx")
+            client.ehlo()
+            return self.transaction(client, b"", [b"<bob@example.test>"],
+                                    b"Subject: bounce\r\n\r\nbody")
+
+        self.assertEqual((yield self.inThread(send)), [250, 250, 354, 250])
+        [(_, stored)] = self.daemon.delivered("bob@example.test")
+        self.assertTrue(stored.startswith(b"Return-Path: <>\nReceived: "))
+        self.assertTrue(stored.endswith(b"\nSubject: bounce\n\nbody\n"))
+        self.assertNotIn(b"\nDate:", stored)
+        self.assertNotIn(b"\nMessage-ID:", stored)
+
+    @defer.inlineCallbacks
+    def test_postmaster(self):
+        """
+        <Postmaster> and postmaster@ each local domain, in any case, are
+        accepted from an MX session though no alias names them, and the
+        message reaches the postmaster once.
+        """
+        def send():
+            client = self.connect("mx")
+            client.ehlo()
+            return self.transaction(
+                client, b"someone@remote.test",
+                [b"<Postmaster>", b"<POSTMASTER@Example.NET>", b"<postmaster@example.test>"],
+                b"Subject: to the postmaster\r\n\r\nhello")
+
+        self.assertEqual((yield self.inThread(send)), [250, 250, 250, 250, 354, 250])
+        [(_, stored)] = self.daemon.delivered("alice.plain@example.test")
+        self.assertTrue(stored.startswith(b"Return-Path: <someone@remote.test>\n"))
+        self.assertTrue(stored.endswith(b"\nSubject: to the postmaster\n\nhello\n"))

@@ -717,11 +717,33 @@ class DaemonForwardTests(unittest.TestCase):
             (transaction.sender, transaction.recipients), (SHA512, ("bob@remote.example",))
         )
         received, _, rest = transaction.data.partition(b"\r\nFrom: ")
+        # No Return-Path: the relay is not the final hop (RFC 5321 4.4).
         self.assertTrue(received.startswith(b"Received: from client.example"), received)
         self.assertIn(b"with ESMTPSA", received)
         self.assertEqual(b"From: " + rest, SUBMITTED)
         yield self.events.wait("removed")
         self.assertEqual(listQueue(os.path.join(self.daemon.dir, "state", "queue")), [])
+
+    @defer.inlineCallbacks
+    def test_forwardedCompleted(self):
+        """
+        A submission without Date and Message-ID (RFC 6409 8.2, 8.3) reaches
+        the relay with both, at the end of its header section.
+        """
+        submitter = EndToEndMixin()
+        submitter.daemon = self.daemon
+        submitter.inThread = lambda f, *args: threads.deferToThread(f, *args)
+        yield submitter.submit("submission", "PLAIN", SHA512, PASSWORD,
+                               message=b"Subject: bare\r\n\r\nbody\r\n",
+                               recipients=("bob@remote.example",))
+        [transaction] = yield self.sink.waitForTransactions(1)
+        parsed = email.message_from_bytes(transaction.data, policy=email.policy.SMTP)
+        self.assertEqual(parsed["Subject"], "bare")
+        self.assertRegex(parsed["Message-ID"], r"^<\d{14}\.[0-9A-F]{12}@mx\.example\.test>$")
+        self.assertIsNotNone(parsed["Date"].datetime)
+        self.assertTrue(transaction.data.endswith(b"\r\n\r\nbody\r\n"))
+        self.assertNotIn(b"Return-Path", transaction.data)
+        yield self.events.wait("removed")
 
 
 class ConnectorTests(unittest.TestCase):
