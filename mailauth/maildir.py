@@ -49,25 +49,32 @@ def mailboxProblem(address: str) -> Optional[str]:
 
     Its local part and its domain each become one path component of the
     Maildir template ({localpart}, {domain}, and {user} for both), so each
-    must be one safe file name, whatever quoting the address used: not
-    empty, no C{/}, no NUL or other control character, not starting with
-    a dot (so neither C{.} nor C{..}, nor a hidden name), at most
-    L{NAME_MAX} bytes.
+    must be one safe file name (L{componentProblem}), whatever quoting the
+    address used.
     """
     local, at, domain = address.rpartition("@")
     if not at:
         return "it is not local@domain"
-    for what, part in (("local part", local), ("domain", domain)):
-        if not part:
-            return f"its {what} is empty"
-        found = _UNSAFE.search(part)
-        if found is not None:
-            char = "'/'" if found.group() == "/" else f"control character {found.group()!r}"
-            return f"its {what} contains {char}"
-        if part.startswith("."):
-            return f"its {what} starts with a dot"
-        if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
-            return f"its {what} is longer than {NAME_MAX} bytes"
+    return componentProblem(local, "local part") or componentProblem(domain, "domain")
+
+
+def componentProblem(part: str, what: str) -> Optional[str]:
+    """
+    Why C{part} (the C{what} of an address) cannot be one path component,
+    or L{None}: it must not be empty, hold C{/}, NUL or another control
+    character, or start with a dot (so neither C{.} nor C{..}, nor a
+    hidden name), and must be at most L{NAME_MAX} bytes.
+    """
+    if not part:
+        return f"its {what} is empty"
+    found = _UNSAFE.search(part)
+    if found is not None:
+        char = "'/'" if found.group() == "/" else f"control character {found.group()!r}"
+        return f"its {what} contains {char}"
+    if part.startswith("."):
+        return f"its {what} starts with a dot"
+    if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        return f"its {what} is longer than {NAME_MAX} bytes"
     return None
 
 
@@ -386,7 +393,9 @@ def maildirsOf(template: str) -> tuple[str, list]:
             for folder in found:
                 try:
                     entries = list(os.scandir(folder))
-                except FileNotFoundError:
+                except (FileNotFoundError, NotADirectoryError):
+                    # No mail root yet (or a file in its place, which
+                    # delivery reports): nothing to clean.
                     continue
                 except OSError:
                     if folder == root:

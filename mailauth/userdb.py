@@ -14,7 +14,7 @@ from zope.interface import implementer
 
 from mailauth.durable import WatchedFile, locked, replaceDurably
 from mailauth.interfaces import IReloadable, IUserDatabase
-from mailauth.maildir import mailboxProblem
+from mailauth.maildir import componentProblem, mailboxProblem
 from mailauth.passwords import PLAINTEXT_SCHEMES, PasswordHash, parse
 
 log = Logger(namespace="mailauth.userdb")
@@ -89,7 +89,9 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
         if re.search(r"\s", login):
             problems.append(f"{path}:{lineno}: the login contains white space")
             continue
-        unsafe = mailboxProblem(login)
+        # A login without a domain never gets mail, but it must not be able
+        # to name a path either.
+        unsafe = mailboxProblem(login) if "@" in login else componentProblem(login, "login")
         if unsafe is not None:
             problems.append(f"{path}:{lineno}: the login {login!r} cannot name a mailbox: {unsafe}")
             continue

@@ -386,7 +386,14 @@ class LeftoverTests(unittest.TestCase):
                          [self.root + "/u-bob@example.test"])
 
     def test_missingRoot(self) -> None:
-        """No mail root yet (no delivery ever made): nothing to do, no error."""
+        """
+        No mail root yet (no delivery ever made), or a file in its place
+        (which delivery reports): nothing to do, no error.
+        """
+        self.assertEqual(removeLeftovers(self.template, "mx", self.NOW),
+                         Leftovers(self.root, 0, 0))
+        with open(self.root, "w") as f:
+            f.write("a file where the mail root should be\n")
         self.assertEqual(removeLeftovers(self.template, "mx", self.NOW),
                          Leftovers(self.root, 0, 0))
 
