@@ -6,6 +6,7 @@ import errno
 import os
 import subprocess
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -421,6 +422,21 @@ class LeftoverTests(unittest.TestCase):
             f"Maildir cleanup: removed 1 leftover file(s) from tmp/ folders under {self.root}"
         ])
 
+    def test_serviceFailure(self) -> None:
+        """A cleanup that cannot run is one error line; the daemon goes on."""
+        watcher = LogWatcher()
+        self.addCleanup(watcher.stop)
+
+        def runBlocking(f, *args):
+            return defer.fail(PermissionError(13, "Permission denied"))
+
+        cleanup = LeftoverCleanup(self.template, "mx.example.test", runBlocking, Clock())
+        cleanup.startService()
+        self.assertIsNone(self.successResultOf(cleanup.finished))
+        self.assertEqual(watcher.matching("Maildir cleanup"), [
+            "Maildir cleanup under the maildir template failed: [Errno 13] Permission denied"
+        ])
+
 
 class NewFolderDurabilityTests(unittest.TestCase):
     """
@@ -475,3 +491,4 @@ class NewFolderDurabilityTests(unittest.TestCase):
         writer.commit()
         for parent in (os.path.join(top, "b"), second):
             self.assertIn(parent, synced)
+
