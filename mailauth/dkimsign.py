@@ -17,6 +17,7 @@ from dkim.canonicalization import CanonicalizationPolicy
 
 from mailauth.config import Config, ConfigError, parseDomain, parseSelector
 from mailauth.durable import fsyncDirectory
+from mailauth.fromheader import MAX_HEADER, HeaderSection
 
 RSA = "rsa"
 ED25519 = "ed25519"
@@ -41,9 +42,10 @@ SIGNED_HEADERS = frozenset(
 #: one (a second From: that a mail reader might show) without breaking the
 #: signature (RFC 6376 8.15), as Debian's OpenDKIM does by default.
 OVERSIGNED_HEADERS = (b"from",)
-#: The largest header block held for signing; a message whose header block
-#: is larger cannot be signed.
-MAX_HEADER_SIZE = 1024 * 1024
+#: The largest header block held for signing (the one limit of the header
+#: collector the From: check shares); a message whose header block is
+#: larger cannot be signed.
+MAX_HEADER_SIZE = MAX_HEADER
 
 _RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 _ALGORITHMS = {RSA: b"rsa-sha256", ED25519: b"ed25519-sha256"}
@@ -421,17 +423,19 @@ class MessageSigner:
     thread, cheap) keeps the header block and hashes the body; once the
     message is complete, L{signatureHeader} (CPU work: call it in a thread)
     makes the C{DKIM-Signature} field(s) to put on top of it.
+
+    @ivar header: the header block, as far as it is kept: the one copy of
+        it, which others that need the header section (the C{From:}
+        check) read rather than keep their own.
     """
 
     def __init__(self, keys: Sequence[SigningKey], clock: Any,
                  maxHeaderSize: int = MAX_HEADER_SIZE) -> None:
         self._keys = tuple(keys)
         self._clock = clock
+        self.header = HeaderSection(maxHeaderSize)
         self._maxHeaderSize = maxHeaderSize
-        self._header: Optional[bytearray] = bytearray()
-        self._headerBlock: Optional[bytes] = None
         self._body = RelaxedBodyHash()
-        self._problem: Optional[str] = None
 
     def write(self, chunk: bytes) -> None:
         """
@@ -439,36 +443,9 @@ class MessageSigner:
         ends, dot-stuffing undone); chunks may end anywhere. Never raises: a
         message that cannot be signed is reported by L{signatureHeader}.
         """
-        if self._headerBlock is not None:
-            self._body.update(chunk)
-            return
-        header = self._header
-        if header is None:
-            return
-        start = max(len(header) - 3, 0)
-        header += chunk
-        if header.startswith(b"\r\n"):
-            # No header fields at all: the body starts after this CRLF.
-            cut, bodyStart = 0, 2
-        else:
-            found = header.find(b"\r\n\r\n", start)
-            if found < 0:
-                if len(header) > self._maxHeaderSize:
-                    self._tooLarge()
-                return
-            cut, bodyStart = found + 2, found + 4
-        if cut > self._maxHeaderSize:
-            self._tooLarge()
-            return
-        self._headerBlock = bytes(header[:cut])
-        rest = bytes(header[bodyStart:])
-        self._header = None
-        if rest:
-            self._body.update(rest)
-
-    def _tooLarge(self) -> None:
-        self._header = None
-        self._problem = f"its header is larger than {self._maxHeaderSize} bytes"
+        body = self.header.write(chunk)
+        if body:
+            self._body.update(body)
 
     def signatureHeader(self) -> bytes:
         """
@@ -480,12 +457,12 @@ class MessageSigner:
             not parse (a line that is neither a field nor its continuation).
         @raise SigningError: if the key fails to sign.
         """
-        if self._problem is not None:
-            raise MessageNotSignable(f"cannot sign the message: {self._problem}")
-        block = self._headerBlock
-        if block is None:
-            # No blank line came: the whole message is its header.
-            block = bytes(self._header or b"")
+        if self.header.tooLong:
+            raise MessageNotSignable(
+                f"cannot sign the message: its header is larger than {self._maxHeaderSize} bytes"
+            )
+        # Without an empty line, the whole message is its header.
+        block = self.header.value()
         try:
             headers, _ = dkim.rfc822_parse(block)
         except (dkim.MessageFormatError, IndexError):

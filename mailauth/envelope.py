@@ -94,8 +94,11 @@ class Envelope:
     @ivar nextAttempt: when to try the pending recipients again.
     @ivar attempts: how many attempts were made.
     @ivar lastError: why the last attempt failed as a whole, if it did.
-    @ivar size: size of the stored (dot-stuffed) message in bytes.
+    @ivar size: size of the stored (dot-stuffed) message in bytes, the
+        L{prefix} included.
     @ivar body8bit: the message has bytes above 127.
+    @ivar prefix: header fields (in the stored form) sent before the data
+        file, added after the message was written (its DKIM signature).
     """
 
     id: str
@@ -107,6 +110,7 @@ class Envelope:
     lastError: Optional[str] = None
     size: int = 0
     body8bit: bool = False
+    prefix: bytes = b""
 
     def pending(self) -> list:
         """The addresses still to be delivered to."""
@@ -190,6 +194,8 @@ class Envelope:
                 "last_error": self.lastError,
                 "size": self.size,
                 "body_8bit": self.body8bit,
+                # ASCII in practice; any other byte survives as an escape.
+                "prefix": self.prefix.decode("utf-8", "surrogateescape"),
                 "recipients": [
                     {
                         "address": r.address,
@@ -238,6 +244,13 @@ class Envelope:
                 lastError=obj.get("last_error"),
                 size=int(obj.get("size", 0)),
                 body8bit=bool(obj.get("body_8bit", False)),
+                prefix=_prefixFromJSON(obj.get("prefix", "")),
             )
-        except (KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, AttributeError, UnicodeError) as e:
             raise ValueError(f"malformed envelope: {e!r}") from None
+
+
+def _prefixFromJSON(value) -> bytes:
+    if not isinstance(value, str):
+        raise TypeError(f"the prefix is not text: {value!r}")
+    return value.encode("utf-8", "surrogateescape")

@@ -334,7 +334,7 @@ class QueueService(service.Service):
         @raise RelayError: if the session failed; it is closed.
         """
         try:
-            message = open(self._queue.dataPath(envelope.id), "rb")
+            message = self._queue.openMessage(envelope)
         except FileNotFoundError:
             raise RelayError("the message file is gone (deleted?)") from None
         if session is None:

@@ -30,7 +30,8 @@ class IMessageSink(Interface):
     """
     Where the bytes of one message go while the session receives it: a
     Maildir writer, a queue writer. The session calls L{write} on the reactor
-    thread, then exactly one of L{commit} (in a thread) or L{abort}.
+    thread, maybe L{prepend} (in a thread), then exactly one of L{commit}
+    (in a thread) or L{abort}.
     """
 
     def write(chunk: bytes) -> None:
@@ -38,6 +39,19 @@ class IMessageSink(Interface):
         Take the next chunk of the message, in canonical SMTP form (CRLF line
         ends, dot-stuffing undone). A chunk may end anywhere, even between CR
         and LF.
+
+        @raise OSError: if it cannot be stored; the message is then aborted.
+        """
+
+    def prepend(header: bytes) -> None:
+        """
+        Blocking: put C{header} (whole header fields in canonical form, each
+        ending in CRLF) on top of the message written so far, as readers of
+        the stored message will see it (below the fields of final delivery
+        a Maildir puts first, C{Return-Path:}). Called after the last
+        L{write} and before L{prepare}, for a header made once the whole
+        message was seen (a DKIM signature); each call goes on top of the
+        last. A large message is not read back into memory for it.
 
         @raise OSError: if it cannot be stored; the message is then aborted.
         """

@@ -193,9 +193,12 @@ class MaildirWriter:
     other deliveries' fsyncs, so most messages never create it on the
     caller's (the reactor's) thread. Past L{SPOOL} the message streams
     through a buffer of that size, so memory does not grow with its size.
+
+    @param top: header fields of final delivery (C{Return-Path:}, CRLF
+        ended) that head the file, above anything L{prepend} adds.
     """
 
-    def __init__(self, maildirs: list, hostname: str) -> None:
+    def __init__(self, maildirs: list, hostname: str, top: bytes = b"") -> None:
         self._maildirs = list(maildirs)
         self._hostname = hostname
         self._created = ensureMaildir(self._maildirs[0])
@@ -207,6 +210,9 @@ class MaildirWriter:
         self._pendingCR = False
         self._delivered: list = []
         self.size = 0
+        self._top = top.replace(b"\r\n", b"\n")
+        if self._top:
+            self._store(self._top)
 
     def write(self, chunk: bytes) -> None:
         if self._pendingCR:
@@ -228,10 +234,52 @@ class MaildirWriter:
 
     def _open(self) -> None:
         """Create the tmp/ file and move the spooled start of the message into it."""
-        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Readable as well, for a copy behind a prepended header.
+        fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self._file = os.fdopen(fd, "wb", buffering=SPOOL)
         spool, self._spool = self._spool, []
         self._file.writelines(spool)
+
+    def prepend(self, header: bytes) -> None:
+        """
+        Put C{header} (whole header fields, CRLF ended) on top of the message
+        written so far, below the C{top} fields. A message still in memory
+        gets it there; one already in its tmp/ file is copied behind it
+        into a new tmp/ file by the kernel (C{copy_file_range}), never
+        through this process's memory. Blocks: call it in a thread, after
+        the last L{write}.
+
+        @raise OSError: if the copy fails; L{abort} then removes both files.
+        """
+        if self._pendingCR:
+            # Not half of a CRLF after all: the message is over.
+            self._pendingCR = False
+            self._store(b"\r")
+        data = header.replace(b"\r\n", b"\n")
+        if self._file is None:
+            self._spool.insert(1 if self._top else 0, data)
+            self.size += len(data)
+            return
+        name = uniqueName(self._hostname)
+        path = os.path.join(self._maildirs[0], "tmp", name)
+        old = self._file
+        old.flush()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        new = os.fdopen(fd, "wb", buffering=SPOOL)
+        try:
+            new.write(self._top + data)
+            new.flush()
+            copyRange(old.fileno(), fd, len(self._top), self.size - len(self._top))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                new.close()
+            unlink(path)
+            raise
+        self._file, self._name, self._tmp, previous = new, name, path, self._tmp
+        self.size += len(data)
+        with contextlib.suppress(OSError):
+            old.close()
+        unlink(previous)
 
     def prepare(self) -> None:
         """
@@ -327,6 +375,40 @@ class MaildirWriter:
             with contextlib.suppress(OSError):
                 unlink(path)
         self._delivered = []
+
+
+def copyRange(source: int, target: int, offset: int, count: int) -> None:
+    """
+    Copy C{count} bytes of the file C{source} from C{offset} to the file
+    C{target} at its current position: in the kernel with
+    C{copy_file_range} (a reflink where the file system has them), else,
+    where the kernel cannot (before Linux 4.5, across file systems before
+    5.3, file systems that refuse it), by C{pread} and C{write} through a
+    buffer of L{SPOOL} bytes.
+
+    @raise OSError: if the copy fails, or C{source} ends early.
+    """
+    copy = getattr(os, "copy_file_range", None)
+    while count > 0:
+        if copy is not None:
+            try:
+                done = copy(source, target, count, offset)
+            except OSError as e:
+                if e.errno not in (errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP,
+                                   errno.EPERM):
+                    raise
+                copy = None
+                continue
+        else:
+            chunk = os.pread(source, min(count, SPOOL), offset)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(target, view):]
+            done = len(chunk)
+        if not done:
+            raise OSError(errno.EIO, "the message file ended before its end")
+        offset += done
+        count -= done
 
 
 # -- leftovers in tmp/ ------------------------------------------------------

@@ -6,9 +6,10 @@ Layout of the queue directory (C{<state_dir>/queue}):
   - C{tmp/}: files being written; anything here after a crash is garbage.
   - C{msg/ID.data}: the message, CRLF line ends, dot-stuffed once, so that
     the relay client sends it verbatim followed by C{.CRLF}.
-  - C{msg/ID.json}: the envelope (sender, per-recipient state, retry times).
-    Its rename into C{msg/} commits the message; a data file without an
-    envelope is never sent.
+  - C{msg/ID.json}: the envelope (sender, per-recipient state, retry times,
+    and the header fields added on top of the message after it was
+    written: its DKIM signature). Its rename into C{msg/} commits the
+    message; a data file without an envelope is never sent.
   - C{lock}: C{flock}ed around every rewrite of an envelope, by the daemon
     and by C{mailauth queue}.
   - C{flush}: present when C{mailauth queue flush} asks the daemon to try
@@ -18,11 +19,12 @@ Layout of the queue directory (C{<state_dir>/queue}):
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import secrets
 import threading
-from typing import Callable, Optional, Sequence
+from typing import BinaryIO, Callable, Optional, Sequence, cast
 
 import attrs
 from twisted.logger import Logger
@@ -98,6 +100,34 @@ class DotStuffer:
             self._empty = False
             return b"\r\n"
         return b""
+
+
+class StoredMessage(io.RawIOBase):
+    """
+    A queued message read as one file: the header fields added on top of
+    it (its envelope's prefix), then its data file, which it closes.
+    """
+
+    def __init__(self, prefix: bytes, data: BinaryIO) -> None:
+        super().__init__()
+        self._prefix = memoryview(prefix)
+        self._data = data
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._prefix:
+            count = min(len(buffer), len(self._prefix))
+            buffer[:count] = self._prefix[:count]
+            self._prefix = self._prefix[count:]
+            return count
+        return self._data.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._data.close()
+        super().close()
 
 
 def unstuff(stored: bytes) -> bytes:
@@ -226,6 +256,7 @@ class QueueWriter:
         self._stuffer = DotStuffer()
         self._size = 0
         self._body8bit = False
+        self._prefix = b""
         self._tempData = os.path.join(self._spool.tmp, msgid + ".data")
         self._tempEnvelope = os.path.join(self._spool.tmp, msgid + ".json")
         self._file = open(self._tempData, "xb", opener=_privateOpener)
@@ -242,6 +273,19 @@ class QueueWriter:
         stored = self._stuffer.feed(chunk)
         self._size += len(stored)
         self._file.write(stored)
+
+    def prepend(self, header: bytes) -> None:
+        """
+        Put C{header} (whole header fields, canonical form) on top of the
+        message: kept in the envelope (L{Envelope.prefix}, stored form), to
+        be sent before the data file, which stays as it was written.
+        """
+        stuffer = DotStuffer()
+        stored = stuffer.feed(header) + stuffer.finish()
+        if not self._body8bit and not header.isascii():
+            self._body8bit = True
+        self._prefix = stored + self._prefix
+        self._size += len(stored)
 
     def prepare(self) -> None:
         """
@@ -265,6 +309,7 @@ class QueueWriter:
                 nextAttempt=self._arrival,
                 size=self._size,
                 body8bit=self._body8bit,
+                prefix=self._prefix,
             )
             writeDurably(self._tempEnvelope, envelope.toJSON())
         except BaseException:
@@ -412,10 +457,6 @@ class Queue:
         with self._activeLock:
             self._active.discard(msgid)
 
-    def dataPath(self, msgid: str) -> str:
-        """The stored (dot-stuffed) message file of C{msgid}."""
-        return self._spool.dataPath(msgid)
-
     # Blocking methods
 
     def recover(self) -> None:
@@ -464,10 +505,24 @@ class Queue:
         """The envelope of C{msgid}, or L{None}. Blocks."""
         return self._spool.read(msgid)
 
+    def openMessage(self, envelope: Envelope) -> BinaryIO:
+        """
+        The stored (dot-stuffed) form of the message of C{envelope}, as the
+        relay client sends it: its L{Envelope.prefix}, then its data file.
+
+        @raise FileNotFoundError: if the data file is gone.
+        """
+        data = open(self._spool.dataPath(envelope.id), "rb")
+        if not envelope.prefix:
+            return data
+        return cast(BinaryIO, io.BufferedReader(StoredMessage(envelope.prefix, data)))
+
     def readMessage(self, msgid: str) -> bytes:
         """The message C{msgid} itself (CRLF, not dot-stuffed). Blocks."""
+        envelope = self._spool.read(msgid)
+        prefix = envelope.prefix if envelope is not None else b""
         with open(self._spool.dataPath(msgid), "rb") as f:
-            return unstuff(f.read())
+            return unstuff(prefix + f.read())
 
     def settle(
         self,
@@ -516,7 +571,7 @@ class Queue:
     ) -> str:
         try:
             with open(self._spool.dataPath(envelope.id), "rb") as f:
-                head = f.read(dsn.MAX_RETURNED_HEADERS + 4)
+                head = envelope.prefix + f.read(dsn.MAX_RETURNED_HEADERS + 4)
         except FileNotFoundError:
             head = b""
         headers = dsn.returnedHeaders(unstuff(head))

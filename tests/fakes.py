@@ -225,6 +225,9 @@ class MemoryQueueWriter:
     def write(self, chunk):
         self.data += chunk
 
+    def prepend(self, header):
+        self.data = header + self.data
+
     def prepare(self):
         if self.aborted or self.committed:
             raise ValueError(f"message {self.msgid} cannot be prepared now")

@@ -426,3 +426,113 @@ class DiskFull:
             os.dup2(full, fd)
         finally:
             os.close(full)
+
+
+# From: headers (issue #12 item 3)
+
+#: (header fields, the addresses a check of the visible sender must see)
+#: for headers that try to make the sender look like something it is not.
+TRICKY_FROM = [
+    (b"From: alice@example.org\r\n", ("alice@example.org",)),
+    (b"From: Alice <ALICE@Example.ORG>\r\n", ("alice@example.org",)),
+    # A display name holding an address is only a name.
+    (b'From: "bob@example.org" <mallory@evil.test>\r\n', ("mallory@evil.test",)),
+    # So is a comment.
+    (b"From: mallory@evil.test (bob@example.org)\r\n", ("mallory@evil.test",)),
+    # Groups are expanded.
+    (b"From: Team: alice@example.org, mallory@evil.test;\r\n",
+     ("alice@example.org", "mallory@evil.test")),
+    # Several From addresses, and two From fields: all of them count.
+    (b"From: alice@example.org, mallory@evil.test\r\n",
+     ("alice@example.org", "mallory@evil.test")),
+    (b"From: alice@example.org\r\nFrom: mallory@evil.test\r\n",
+     ("alice@example.org", "mallory@evil.test")),
+    # Sender: counts as well.
+    (b"From: alice@example.org\r\nSender: mallory@evil.test\r\n",
+     ("alice@example.org", "mallory@evil.test")),
+    # Encoded words are decoded for display, never taken for addresses.
+    (b"From: =?utf-8?q?bob=40example=2Eorg?= <mallory@evil.test>\r\n", ("mallory@evil.test",)),
+    (b"From: =?utf-8?q?Alice_=C3=A4?= <alice@example.org>\r\n", ("alice@example.org",)),
+    # UTF-8 display names (RFC 6532) are names too.
+    ("From: Jörg <alice@example.org>\r\n".encode(), ("alice@example.org",)),
+    ('From: "bob@example.org Jörg" <mallory@evil.test>\r\n'.encode(), ("mallory@evil.test",)),
+    # Quoted local parts are the same mailbox as unquoted ones.
+    (b'From: "alice"@example.org\r\n', ("alice@example.org",)),
+    (b'From: "al\\ice"@example.org\r\n', ("alice@example.org",)),
+    (b'From: "a b"@example.org\r\n', ('"a b"@example.org',)),
+    # Folded fields.
+    (b"From: Alice\r\n <alice@example.org>\r\n", ("alice@example.org",)),
+    (b"From: alice@example.org,\r\n\tmallory@evil.test\r\n",
+     ("alice@example.org", "mallory@evil.test")),
+    # Other fields do not matter.
+    (b"Reply-To: mallory@evil.test\r\nTo: x@y.test\r\n", ()),
+    (b"", ()),
+]
+
+#: Header sections whose sender cannot be known for sure: malformed fields,
+#: where the parser can only guess (it reads the first one as
+#: bob@example.org, which a mail reader may show), and a line that is no
+#: field, after which the parser would stop reading (and miss the From:).
+UNCHECKABLE_FROM = [
+    b"From: bob@example.org <mallory@evil.test>\r\n",
+    b"From: <alice@example.org> mallory@evil.test\r\n",
+    b"From: alice@example.org mallory@evil.test\r\n",
+    b"From: Alice <alice@example.org.>\r\n",
+    b"From:\r\n",
+    b"From: Alice\r\n",
+    b"From: garbage <<>>\r\n",
+    b"From: =?utf-8?b?Ym9iQGV2aWwudGVzdA==?=\r\n",
+    b"From: alice@\r\n",
+    b"Sender: <>\r\n",
+    b"From: \xff\xfe <alice@example.org>\r\n",
+    b"Subject: x\r\nnot a field\r\nFrom: mallory@evil.test\r\n",
+    b"Subject: x\r\nFrom : mallory@evil.test\r\n",
+    b"Subject: x\r\nFrom mallory@evil.test\r\nFrom: alice@example.org\r\n",
+]
+
+
+# DKIM (issue #12 item 4)
+
+
+def dkimKeygen(testCase, keyType: str, domain: str = "example.org", selector: str = "") -> tuple:
+    """
+    Run C{mailauth dkim keygen} into a new folder, as an operator does.
+
+    @return: C{(key file, record name, record text)}, the record joined
+        from the quoted strings the command printed.
+    """
+    import io
+    import re
+
+    from mailauth.cli import Console, main
+
+    keydir = testCase.mktemp()
+    argv = ["dkim", "keygen", domain, "--type", keyType, "--keydir", keydir]
+    if selector:
+        argv += ["--selector", selector]
+    out, err = io.StringIO(), io.StringIO()
+    status = main(argv, Console(io.BytesIO(), out, err))
+    testCase.assertEqual((status, err.getvalue()), (0, ""))
+    [line] = [line for line in out.getvalue().splitlines() if not line.startswith(";")]
+    name, _, rest = line.partition(" IN TXT ")
+    strings = re.findall(r'"([^"]*)"', rest)
+    testCase.assertEqual(rest, " ".join(f'"{s}"' for s in strings))
+    for s in strings:
+        testCase.assertLessEqual(len(s), 255)
+    [path] = [os.path.join(keydir, n) for n in os.listdir(keydir)]
+    return path, name, "".join(strings)
+
+
+class DNSStub:
+    """A DNS stub for dkimpy's C{dnsfunc}: serves TXT records by name, and nothing else."""
+
+    def __init__(self) -> None:
+        self.records: dict = {}
+        self.asked: list = []
+
+    def add(self, name: str, text: str) -> None:
+        self.records[name.rstrip(".").encode("ascii") + b"."] = text.encode("ascii")
+
+    def __call__(self, name: bytes, timeout: float = 5):
+        self.asked.append(name)
+        return self.records.get(name.rstrip(b".") + b".")

@@ -36,6 +36,7 @@ from mailauth.dkimsign import (
     loadKey,
     loadKeys,
 )
+from tests.support import DNSStub, dkimKeygen
 
 # A fixed signing time (t=), in the past as verifiers require.
 NOW = 1_700_000_000
@@ -102,45 +103,6 @@ class LiteralDKIM(dkim.DKIM):
         return sig, _NoExtraFrom(include), sigheaders
 
 
-def keygen(testCase: unittest.TestCase, keyType: str, domain: str = "example.org",
-           selector: str = "") -> tuple:
-    """
-    Run C{mailauth dkim keygen} into a new folder.
-
-    @return: C{(key file, record name, record text)}, the record as printed.
-    """
-    keydir = testCase.mktemp()
-    argv = ["dkim", "keygen", domain, "--type", keyType, "--keydir", keydir]
-    if selector:
-        argv += ["--selector", selector]
-    out, err = io.StringIO(), io.StringIO()
-    status = main(argv, Console(io.BytesIO(), out, err))
-    testCase.assertEqual((status, err.getvalue()), (0, ""))
-    [line] = [line for line in out.getvalue().splitlines() if not line.startswith(";")]
-    name, _, rest = line.partition(" IN TXT ")
-    strings = re.findall(r'"([^"]*)"', rest)
-    testCase.assertEqual(rest, " ".join(f'"{s}"' for s in strings))
-    for s in strings:
-        testCase.assertLessEqual(len(s), 255)
-    [path] = [os.path.join(keydir, n) for n in os.listdir(keydir)]
-    return path, name, "".join(strings)
-
-
-class DNS:
-    """A DNS stub for dkimpy's C{dnsfunc}: serves TXT records by name, and nothing else."""
-
-    def __init__(self) -> None:
-        self.records: dict = {}
-        self.asked: list = []
-
-    def add(self, name: str, text: str) -> None:
-        self.records[name.encode("ascii")] = text.encode("ascii")
-
-    def __call__(self, name: bytes, timeout: float = 5):
-        self.asked.append(name)
-        return self.records.get(name)
-
-
 def sign(keys, message: bytes, chunks=None, clock=None) -> bytes:
     """Sign C{message} written in pieces of the sizes in C{chunks} (else at once)."""
     if clock is None:
@@ -161,10 +123,10 @@ class KeyPair:
 
     def __init__(self, testCase: unittest.TestCase, keyType: str, domain: str = "example.org",
                  selector: str = "") -> None:
-        self.path, self.name, self.record = keygen(testCase, keyType, domain, selector)
+        self.path, self.name, self.record = dkimKeygen(testCase, keyType, domain, selector)
         self.selector = self.name.split("._domainkey.")[0]
         self.key = loadKey(domain, self.selector, self.path)
-        self.dns = DNS()
+        self.dns = DNSStub()
         self.dns.add(self.name, self.record)
 
 
@@ -294,7 +256,7 @@ class SigningTests(unittest.TestCase):
         signature of each, and both verify.
         """
         rsaPair, edPair = _Keys.get(self, "rsa"), _Keys.get(self, "ed25519")
-        dns = DNS()
+        dns = DNSStub()
         dns.add(rsaPair.name, rsaPair.record)
         dns.add(edPair.name, edPair.record)
         message = HEADER + b"\r\nbody\r\n"
@@ -375,7 +337,7 @@ class SigningTests(unittest.TestCase):
             if key.keyType == "ed25519":
                 # The SubjectPublicKeyInfo ends with the bare 32-octet key (RFC 8410).
                 public = public[-32:]
-            dns = DNS()
+            dns = DNSStub()
             dns.add("s1._domainkey.example.org.",
                     f"v=DKIM1; k={key.keyType}; p={base64.b64encode(public).decode()}")
             message = HEADER + b"\r\nbody\r\n"

@@ -7,66 +7,18 @@ from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from mailauth.fromheader import MAX_HEADER, HeaderSection, UncheckableHeader, senderAddresses
-
-# (header fields, the addresses a checker must see) for headers that try to
-# make the visible sender look like something it is not.
-TRICKY = [
-    (b"From: alice@example.org\r\n", ("alice@example.org",)),
-    (b"From: Alice <ALICE@Example.ORG>\r\n", ("alice@example.org",)),
-    # A display name holding an address is only a name.
-    (b'From: "bob@example.org" <mallory@evil.test>\r\n', ("mallory@evil.test",)),
-    # So is a comment.
-    (b"From: mallory@evil.test (bob@example.org)\r\n", ("mallory@evil.test",)),
-    # Groups are expanded.
-    (b"From: Team: alice@example.org, mallory@evil.test;\r\n",
-     ("alice@example.org", "mallory@evil.test")),
-    # Several From addresses, and two From fields: all of them count.
-    (b"From: alice@example.org, mallory@evil.test\r\n",
-     ("alice@example.org", "mallory@evil.test")),
-    (b"From: alice@example.org\r\nFrom: mallory@evil.test\r\n",
-     ("alice@example.org", "mallory@evil.test")),
-    # Sender: counts as well.
-    (b"From: alice@example.org\r\nSender: mallory@evil.test\r\n",
-     ("alice@example.org", "mallory@evil.test")),
-    # Encoded words are decoded for display, never taken for addresses.
-    (b"From: =?utf-8?q?bob=40example=2Eorg?= <mallory@evil.test>\r\n", ("mallory@evil.test",)),
-    (b"From: =?utf-8?q?Alice_=C3=A4?= <alice@example.org>\r\n", ("alice@example.org",)),
-    # Quoted local parts are the same mailbox as unquoted ones.
-    (b'From: "alice"@example.org\r\n', ("alice@example.org",)),
-    (b'From: "al\\ice"@example.org\r\n', ("alice@example.org",)),
-    (b'From: "a b"@example.org\r\n', ('"a b"@example.org',)),
-    # Folded fields.
-    (b"From: Alice\r\n <alice@example.org>\r\n", ("alice@example.org",)),
-    # Other fields do not matter.
-    (b"Reply-To: mallory@evil.test\r\nTo: x@y.test\r\n", ()),
-    (b"", ()),
-]
-
-# Malformed fields, where the parser can only guess (it reads the first one
-# as bob@example.org, which a mail reader may show): refused, never guessed.
-UNCHECKABLE = [
-    b"From: bob@example.org <mallory@evil.test>\r\n",
-    b"From: <alice@example.org> mallory@evil.test\r\n",
-    b"From: alice@example.org mallory@evil.test\r\n",
-    b"From: Alice <alice@example.org.>\r\n",
-    b"From:\r\n",
-    b"From: Alice\r\n",
-    b"From: garbage <<>>\r\n",
-    b"From: =?utf-8?b?Ym9iQGV2aWwudGVzdA==?=\r\n",
-    b"From: alice@\r\n",
-    b"Sender: <>\r\n",
-]
+from tests.support import TRICKY_FROM, UNCHECKABLE_FROM
 
 
 class SenderAddressesTests(unittest.TestCase):
     def test_tricky(self) -> None:
         """Every address a reader could take for the sender is found, and nothing else."""
-        for header, expected in TRICKY:
+        for header, expected in TRICKY_FROM:
             self.assertEqual(senderAddresses(header), expected, header)
 
     def test_uncheckable(self) -> None:
         """A From: or Sender: with no address that can be checked is an error, not a pass."""
-        for header in UNCHECKABLE:
+        for header in UNCHECKABLE_FROM:
             self.assertRaises(UncheckableHeader, senderAddresses, header)
 
 
@@ -83,12 +35,49 @@ class HeaderSectionTests(unittest.TestCase):
     @given(st.lists(st.integers(min_value=0, max_value=70), max_size=10))
     @settings(max_examples=200, deadline=None)
     def test_anyChunking(self, cuts) -> None:
-        """However the message is cut, the header section is the same."""
+        """
+        However the message is cut, the header section is the same, and the
+        body is what C{write} hands back, in order.
+        """
         points = sorted(set(cuts))
         section = HeaderSection()
+        body = b""
         for a, b in zip([0] + points, points + [len(self.MESSAGE)]):
-            section.write(self.MESSAGE[a:b])
+            body += section.write(self.MESSAGE[a:b])
         self.assertEqual(section.value(), b"From: alice@example.org\r\nSubject: x\r\n")
+        self.assertEqual(body, b"From: body@evil.test\r\n")
+
+    def test_bodyReturned(self) -> None:
+        """
+        C{write} returns nothing of the header section nor of the empty
+        line, then the rest of the chunk that ends it, then whole chunks.
+        """
+        section = HeaderSection()
+        self.assertEqual(section.write(b"From: a@example.org\r\n"), b"")
+        self.assertEqual(section.write(b"\r\n"), b"")
+        self.assertTrue(section.complete)
+        self.assertEqual(section.write(b"body\r\n"), b"body\r\n")
+        section = HeaderSection()
+        self.assertEqual(section.write(b"A: b\r\n\r\n\r\nline\r\n"), b"\r\nline\r\n")
+        self.assertEqual(section.value(), b"A: b\r\n")
+
+    def test_emptyLineFirst(self) -> None:
+        """
+        A message that starts with an empty line has no header fields: the
+        next CRLF is the body's, even when it follows at once.
+        """
+        for message, body in [(b"\r\n\r\nbody\r\n", b"\r\nbody\r\n"), (b"\r\n", b"")]:
+            section = HeaderSection()
+            self.assertEqual(section.write(message[:1]) + section.write(message[1:]), body)
+            self.assertTrue(section.complete)
+            self.assertEqual(section.value(), b"")
+
+    def test_noEmptyLine(self) -> None:
+        """A message without an empty line is all header, and incomplete."""
+        section = HeaderSection()
+        self.assertEqual(section.write(b"A: b\r\nC: d\r\n"), b"")
+        self.assertFalse(section.complete)
+        self.assertEqual(section.value(), b"A: b\r\nC: d\r\n")
 
     def test_noHeaders(self) -> None:
         """A message that starts with the empty line has no header fields."""
@@ -106,3 +95,21 @@ class HeaderSectionTests(unittest.TestCase):
         self.assertTrue(section.tooLong)
         self.assertFalse(section.complete)
         self.assertEqual(section.value(), b"")
+        self.assertEqual(section.write(b"\r\nbody\r\n"), b"")
+
+    def test_limit(self) -> None:
+        """
+        The limit is on the header fields, however the chunk that ends them
+        is cut: a section of exactly C{limit} bytes is kept, one more is not.
+        """
+        fields = b"A: " + b"x" * 95 + b"\r\n"
+        self.assertEqual(len(fields), 100)
+        for limit, kept in ((100, True), (99, False)):
+            section = HeaderSection(limit)
+            body = section.write(fields + b"\r\nbody\r\n")
+            self.assertEqual((section.complete, section.tooLong), (kept, not kept), limit)
+            self.assertEqual(body, b"body\r\n" if kept else b"")
+            section = HeaderSection(limit)
+            section.write(fields[:60])
+            body = section.write(fields[60:] + b"\r\nbody\r\n")
+            self.assertEqual((section.value(), body), (fields, b"body\r\n") if kept else (b"", b""))

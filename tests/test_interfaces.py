@@ -25,7 +25,7 @@ from mailauth.interfaces import (
     IReloadable,
     ISASLMechanism,
 )
-from mailauth.maildir import MaildirWriter
+from mailauth.maildir import SPOOL, MaildirWriter
 from mailauth.realm import LocalDelivery, Router
 from mailauth.relay import RelayConnector, RelayReply
 from mailauth.replies import SMTPReply
@@ -99,6 +99,43 @@ class MessageSinkTestsMixin:
         sink.write(MESSAGE)
         sink.commit()
         sink.abort()
+        self.assertEqual(self.stored(), [])
+
+    def test_prepend(self) -> None:
+        """
+        Header fields prepended after the last write head the stored
+        message, each on top of the one before; the message written first
+        is unchanged below them, its leading dot too.
+        """
+        message = b"." + MESSAGE
+        sink = self.makeSink()
+        for i in range(0, len(message), 5):
+            sink.write(message[i : i + 5])
+        sink.prepend(b"X-First: 1\r\n")
+        sink.prepend(b"X-Second: 2\r\n\tfolded\r\n")
+        sink.prepare()
+        sink.commit()
+        self.assertEqual(self.stored(), [b"X-Second: 2\r\n\tfolded\r\nX-First: 1\r\n" + message])
+
+    def test_prependLarge(self) -> None:
+        """A message far larger than what a sink holds in memory gets the header on top too."""
+        message = MESSAGE + b"".join(b"line %06d ......................................\r\n" % n
+                                     for n in range(10000))
+        self.assertGreater(len(message), 4 * SPOOL)
+        sink = self.makeSink()
+        for i in range(0, len(message), 8191):
+            sink.write(message[i : i + 8191])
+        sink.prepend(b"X-Top: 1\r\n")
+        sink.commit()
+        self.assertEqual(self.stored(), [b"X-Top: 1\r\n" + message])
+
+    def test_abortAfterPrepend(self) -> None:
+        """A message aborted after a prepend is never stored."""
+        for size in (1, 10000):
+            sink = self.makeSink()
+            sink.write(MESSAGE * size)
+            sink.prepend(b"X-Top: 1\r\n")
+            sink.abort()
         self.assertEqual(self.stored(), [])
 
 
