@@ -248,7 +248,7 @@ def checkFiles(cfg: configmod.Config) -> list:
     """
     What L{configmod.load} cannot see from the text alone: the certificate
     and key load and match, the users file and maps are readable, the
-    relay's CA file holds certificates.
+    relay's CA file holds certificates, every DKIM key can sign.
 
     @return: one line per problem.
     """
@@ -274,6 +274,14 @@ def checkFiles(cfg: configmod.Config) -> list:
                 loadCertificates(path)
             except RelayError as e:
                 problems.append(f"{cfg.path}: [relay] ca_file: {e}")
+    if cfg.dkim:
+        # Only with [dkim]: it needs dkimpy, which config.load checked for.
+        from mailauth import dkimsign
+
+        try:
+            dkimsign.loadKeys(cfg)
+        except configmod.ConfigError as e:
+            problems.extend(e.problems)
     for listener in cfg.listeners:
         needsTLS = cfg.auth.plaintext_requires_tls
         if listener.tls == "none" and listener.auth == "required" and needsTLS:

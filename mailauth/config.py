@@ -100,6 +100,9 @@ class DeliveryConfig:
     # Where postmaster@ each local domain and <Postmaster> go, when no user
     # or alias of that exact address takes them.
     postmaster: Optional[str] = None
+    # Every From:/Sender: address of an authenticated submission must be one
+    # the login may use as MAIL FROM.
+    header_from_match: bool = False
 
 
 @attrs.frozen
@@ -520,6 +523,7 @@ _SCHEMA: dict = {
         "sender_map": (_text, None),
         "sender_login_match": (parseBool, "yes"),
         "postmaster": (_address, None),
+        "header_from_match": (parseBool, "no"),
     },
     "relay": {
         "host": (_text, REQUIRED),

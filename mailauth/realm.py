@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 import time
 from email.utils import formatdate
-from typing import Callable, Optional, cast
+from typing import TYPE_CHECKING, Callable, Optional, cast
 
 from twisted.cred.portal import IRealm
 from twisted.internet import defer
@@ -22,6 +22,7 @@ from zope.interface import implementer
 from mailauth import replies
 from mailauth.addresses import addressText, normalise
 from mailauth.addressmap import AddressMap
+from mailauth.fromheader import MAX_HEADER, HeaderSection, UncheckableHeader, senderAddresses
 from mailauth.headers import HeaderCompleter
 from mailauth.interfaces import (
     BlockingRunner,
@@ -31,7 +32,12 @@ from mailauth.interfaces import (
     IUserDatabase,
 )
 from mailauth.maildir import MaildirWriter, UnsafeMailbox, maildirPath
+from mailauth.metrics import Metrics
 from mailauth.replies import SMTPReply
+
+if TYPE_CHECKING:
+    # Only imported where [dkim] is configured: it needs dkimpy.
+    from mailauth.dkimsign import KeyRing, MessageSigner
 
 log = Logger(namespace="mailauth.realm")
 
@@ -55,11 +61,14 @@ class Router:
         4.5.1; the session turns C{<Postmaster>} into postmaster@ a local
         domain) unless a user or an alias of that exact address takes it;
         L{None} to leave it to users and aliases alone.
+    @ivar headerFromMatch: every C{From:} and C{Sender:} address of an
+        authenticated submission must be one its login may use as MAIL
+        FROM (L{mayUseSender}).
     """
 
     def __init__(self, *, localDomains, maildirTemplate: str, users: IUserDatabase,
                  aliases: AddressMap, senderMap: AddressMap, senderLoginMatch: bool,
-                 postmaster: Optional[str] = None) -> None:
+                 postmaster: Optional[str] = None, headerFromMatch: bool = False) -> None:
         self.localDomains = frozenset(localDomains)
         self.maildirTemplate = maildirTemplate
         self.users = users
@@ -67,6 +76,7 @@ class Router:
         self.senderMap = senderMap
         self.senderLoginMatch = senderLoginMatch
         self.postmaster = normalise(postmaster) if postmaster else None
+        self.headerFromMatch = headerFromMatch
 
     def isLocal(self, address: str) -> bool:
         return normalise(address).rpartition("@")[2] in self.localDomains
@@ -161,18 +171,22 @@ class Realm:
     """
     Hands out L{Avatar}s. C{runBlocking} runs the blocking storage work;
     C{queue} (optional) takes mail for other domains, and C{wakeQueue} is
-    called once a message is in it.
+    called once a message is in it. C{keyRing} (C{[dkim]}, optional) signs
+    authenticated submissions from its domains; C{metrics} counts refusals.
     """
 
     def __init__(self, *, router: Router, hostname: str, runBlocking: BlockingRunner,
                  queue: Optional[IForwardQueue] = None,
-                 wakeQueue: Callable[[], None] = lambda: None, clock) -> None:
+                 wakeQueue: Callable[[], None] = lambda: None, clock,
+                 keyRing: Optional[KeyRing] = None, metrics: Optional[Metrics] = None) -> None:
         self.router = router
         self.hostname = hostname
         self.runBlocking = runBlocking
         self.queue = queue
         self.wakeQueue = wakeQueue
         self.clock = clock
+        self.keyRing = keyRing
+        self.metrics = metrics if metrics is not None else Metrics()
 
     def requestAvatar(self, avatarId, mind, *interfaces):
         if IMessageDeliveryFactory not in interfaces:
@@ -303,13 +317,22 @@ class Message:
     4.4); the queued copy does not, the relay not being the final hop. An
     authenticated submission that lacks C{Date:} or C{Message-ID:} gets them
     at the end of its header section (RFC 6409 8.2, 8.3), added as the
-    message streams (L{HeaderCompleter}).
+    message streams (L{HeaderCompleter}). With C{[delivery]
+    header_from_match} its C{From:} and C{Sender:} addresses must be the
+    login's, checked before any sink prepares. With a key for the domain of
+    its envelope sender it is signed: the signer is fed the bytes the sinks
+    get (everything mailauth adds but C{Return-Path:}), the signature is
+    made in the same thread as the storing, and each sink puts it on top
+    (L{IMessageSink.prepend}), below C{Return-Path:}. The header block is
+    kept once, by the signer or by a L{HeaderSection} of its own, for both
+    the check and the signature.
     """
 
     def __init__(self, delivery: Delivery) -> None:
         realm = delivery.realm
         self.id = delivery.id
         self._realm = realm
+        self._login = delivery.login
         self._sinks: list[IMessageSink] = []
         self._failed: Optional[SMTPReply] = None
         self._places = list(delivery.maildirs)
@@ -322,15 +345,24 @@ class Message:
                 self._sinks.append(realm.queue.newMessage(delivery.id, delivery.sender,
                                                           list(delivery.remote)))
             if delivery.maildirs:
-                writer = MaildirWriter(delivery.maildirs, realm.hostname)
-                writer.write(returnPath(delivery.sender))
-                self._sinks.append(writer)
+                self._sinks.append(MaildirWriter(delivery.maildirs, realm.hostname,
+                                                 top=returnPath(delivery.sender)))
         except OSError as e:
             self._storageFailed(e)
         self._remote = bool(delivery.remote)
         self._headers: Optional[HeaderCompleter] = None
+        self._signer: Optional[MessageSigner] = None
+        self._section: Optional[HeaderSection] = None
+        self._checkFrom = False
         if delivery.login is not None:
             self._headers = HeaderCompleter(self._toSinks, submissionFields(realm, delivery.id))
+            if realm.keyRing is not None:
+                self._signer = realm.keyRing.signer(delivery.sender)
+            self._checkFrom = realm.router.headerFromMatch
+            if self._signer is not None:
+                self._section = self._signer.header
+            elif self._checkFrom:
+                self._section = HeaderSection()
 
     def _storageFailed(self, error: OSError) -> SMTPReply:
         """
@@ -372,6 +404,12 @@ class Message:
                 sink.write(chunk)
         except OSError as e:
             self._storageFailed(e)
+            return
+        # The signer and the From: check see exactly what the sinks store.
+        if self._signer is not None:
+            self._signer.write(chunk)
+        elif self._section is not None:
+            self._section.write(chunk)
 
     def lineReceived(self, line: bytes) -> None:
         self.write(line + b"\r\n")
@@ -381,10 +419,58 @@ class Message:
             self._headers.finish()
         if self._failed is not None:
             return defer.fail(self._failed)
-        sinks = self._sinks
+        d = self._checkSenders() if self._checkFrom else defer.succeed(None)
+        d.addCallback(self._store)
+        d.addCallbacks(self._committed, self._notStored)
+        return d
+
+    @defer.inlineCallbacks
+    def _checkSenders(self):
+        """
+        Refuse the message (C{550 5.7.1}, logged and counted, nothing kept)
+        unless every C{From:} and C{Sender:} address is one the login may
+        use as MAIL FROM; a message without them passes. The header is
+        parsed in a thread: it may be up to L{MAX_HEADER} bytes.
+        """
+        realm, section, login = self._realm, self._section, self._login
+        assert section is not None and login is not None
+        header = section.value()
+        try:
+            if section.tooLong or len(header) > MAX_HEADER:
+                raise UncheckableHeader(f"the header section is longer than {MAX_HEADER} bytes")
+            addresses = yield realm.runBlocking(senderAddresses, header)
+        except UncheckableHeader as e:
+            log.info("header From refused: login=<{login}> id={id}: {why}",
+                     login=login, id=self.id, why=str(e))
+            self._refused()
+            raise replies.HEADER_FROM_UNCHECKABLE.error() from None
+        for address in addresses:
+            if not (yield realm.router.mayUseSender(login, address)):
+                log.info("header From refused: login=<{login}> from=<{address}> id={id}",
+                         login=login, address=address, id=self.id)
+                self._refused()
+                raise replies.HEADER_FROM_NOT_OWNED.error(address=replies.echo(address),
+                                                          login=login)
+
+    def _refused(self) -> None:
+        """The From: check refused the message: nothing of it is kept."""
+        self._realm.metrics.messageRefused("header_from")
+        self.connectionLost()
+
+    def _store(self, ignored) -> defer.Deferred:
+        """
+        In a thread: sign the message, if it is signed, and put the
+        signature on top of every copy; then prepare every sink, then
+        commit every sink. Any failure aborts them all.
+        """
+        sinks, signer = self._sinks, self._signer
 
         def storeAll() -> None:
             try:
+                if signer is not None:
+                    signature = signer.signatureHeader()
+                    for sink in sinks:
+                        sink.prepend(signature)
                 for sink in sinks:
                     sink.prepare()
                 for sink in sinks:
@@ -394,14 +480,26 @@ class Message:
                     sink.abort()
                 raise
 
-        d = self._realm.runBlocking(storeAll)
-        d.addCallbacks(self._committed, self._notStored)
-        return d
+        return self._realm.runBlocking(storeAll)
 
     def _notStored(self, f: Failure) -> Failure:
         if f.check(OSError):
             self._sinks = []  # storeAll aborted them
             raise self._storageFailed(cast(OSError, f.value))
+        if self._signer is not None:
+            # Only here, where a signer was made, is dkimpy sure to be there.
+            from mailauth import dkimsign
+
+            if f.check(dkimsign.MessageNotSignable):
+                self._sinks = []
+                log.info("message {id} not signed: login=<{login}>: {why}; refused",
+                         id=self.id, login=self._login, why=f.getErrorMessage())
+                raise replies.NOT_SIGNABLE.error()
+            if f.check(dkimsign.SigningError):
+                self._sinks = []
+                log.error("message {id} not signed: {why}; the client is told 451, to try "
+                          "again later", id=self.id, why=f.getErrorMessage())
+                raise replies.SIGNING_FAILED.error()
         return f
 
     def _committed(self, ignored) -> str:
@@ -464,9 +562,8 @@ class LocalDelivery:
             raise replies.MAILBOX_NOT_ALLOWED.error(address=recipient) from None
 
         def write() -> None:
-            writer = MaildirWriter(maildirs, self.hostname)
+            writer = MaildirWriter(maildirs, self.hostname, top=returnPath(""))
             try:
-                writer.write(returnPath(""))
                 writer.write(message)
                 writer.commit()
             except BaseException:

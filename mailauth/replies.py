@@ -135,6 +135,14 @@ BARE_NEWLINE = Reply(550, "5.6.2 Error: bare CR or LF in message, not accepted")
 NUL_IN_MESSAGE = Reply(550, "5.6.0 Error: NUL character in message, not accepted")
 STORAGE_FAILED = Reply(451, "4.3.0 Error: local error in processing")
 STORAGE_FULL = Reply(452, "4.3.1 Error: insufficient system storage")
+# [delivery] header_from_match: the visible sender must be the login's.
+HEADER_FROM_NOT_OWNED = Reply(
+    550, "5.7.1 <{address}>: From/Sender header address not owned by user {login}"
+)
+HEADER_FROM_UNCHECKABLE = Reply(550, "5.7.1 Error: From/Sender header cannot be checked")
+# [dkim]: a message is signed or not accepted.
+NOT_SIGNABLE = Reply(550, "5.6.0 Error: malformed or oversized header, message cannot be signed")
+SIGNING_FAILED = Reply(451, "4.3.0 Error: message could not be signed, try again later")
 
 # Local delivery of whole messages (bounces from the queue)
 NO_LOCAL_USER = Reply(550, "5.1.1 <{address}>: User unknown")

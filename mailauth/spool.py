@@ -108,7 +108,7 @@ class StoredMessage(io.RawIOBase):
     it (its envelope's prefix), then its data file, which it closes.
     """
 
-    def __init__(self, prefix: bytes, data: BinaryIO) -> None:
+    def __init__(self, prefix: bytes, data: io.BufferedReader) -> None:
         super().__init__()
         self._prefix = memoryview(prefix)
         self._data = data

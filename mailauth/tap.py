@@ -195,6 +195,9 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         log.warn("{warning}", warning=warning)
     try:
         top = buildService(options.config, reactor, _runAs(options), os.environ)
+    except configmod.ConfigError as e:
+        # A DKIM key changed since the checks read it.
+        raise SystemExit("\n".join(e.problems)) from None
     except OSError as e:
         # Before twistd forks or logs: the line goes to the terminal.
         where = f"{e.filename}: " if e.filename else ""
@@ -223,6 +226,22 @@ def _chownTree(path: str, owner: tuple) -> None:
     for top, dirs, files in os.walk(path):
         for name in dirs + files:
             os.chown(os.path.join(top, name), *owner, follow_symlinks=False)
+
+
+def _keyRing(cfg: configmod.Config, reactor) -> Any:
+    """
+    The DKIM keys of C{[dkim]}, read now (as root under C{--uid}, before
+    privileges are dropped), or L{None} without C{[dkim]}: only then is
+    dkimpy imported.
+
+    @raise configmod.ConfigError: for a key that cannot be used (the
+        checks before start report it first).
+    """
+    if not cfg.dkim:
+        return None
+    from mailauth import dkimsign
+
+    return dkimsign.KeyRing(dkimsign.loadKeys(cfg), reactor)
 
 
 def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
@@ -272,6 +291,7 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         senderMap=senderMap,
         senderLoginMatch=cfg.delivery.sender_login_match,
         postmaster=cfg.delivery.postmaster,
+        headerFromMatch=cfg.delivery.header_from_match,
     )
     queue = queueService = None
     if cfg.relay is not None:
@@ -300,6 +320,8 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         queue=queue,
         wakeQueue=queueService.wake if queueService is not None else (lambda: None),
         clock=reactor,
+        keyRing=_keyRing(cfg, reactor),
+        metrics=metrics,
     )
     portal = Portal(realm)
     portal.registerChecker(PasswordChecker(users, authPool.run))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from email.utils import parsedate_to_datetime
 
 from twisted.internet import defer
@@ -15,13 +16,16 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from mailauth.addressmap import AddressMap
+from mailauth.fromheader import MAX_HEADER
 from mailauth.interfaces import IUserDatabase
+from mailauth.metrics import Metrics
 from mailauth.passwords import parse
 from mailauth.realm import LocalDelivery, Realm, Router, submissionFields
 from mailauth.replies import SMTPReply
 from mailauth.userdb import User
 from tests.fakes import MemoryQueue, MemoryUserDatabase, runInline
 from tests.harness import LogWatcher
+from tests.support import TRICKY_FROM, UNCHECKABLE_FROM
 
 USERS = {
     "alice@example.test": "{PLAIN}a",
@@ -615,3 +619,150 @@ class FinalDeliveryFieldsTests(RealmTestsMixin, unittest.TestCase):
         maildir = os.path.join(self.dir, "example.test", "bob", "Maildir")
         self.assertEqual(os.listdir(os.path.join(maildir, "tmp")), [])
         self.assertEqual(os.listdir(os.path.join(maildir, "new")), [])
+
+
+class HeaderFromTests(RealmTestsMixin, unittest.TestCase):
+    """
+    Issue #12 item 3: with C{header_from_match}, every From: and Sender:
+    address of an authenticated submission must be one its login may use
+    as MAIL FROM; else 550 5.7.1 at the end of data, nothing kept.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.router.headerFromMatch = True
+        self.realm.metrics = Metrics.prometheus(process=False)
+
+    def send(self, header: bytes, login="alice@example.test", recipients=("bob@example.test",)):
+        """
+        Send a message with C{header} (and a Date and Message-ID) from
+        C{login}; the Deferred of its end of data.
+        """
+        d = self.delivery(login)
+        self.successResultOf(d.validateFrom(None, addr(login or "someone@remote.test")))
+        factories = [self.successResultOf(d.validateTo(self.user(r))) for r in recipients]
+        message = factories[0]()
+        body = HEADER + header + b"\r\nbody\r\n"
+        for i in range(0, len(body), 7):
+            message.write(body[i : i + 7])
+        return message.eomReceived()
+
+    def refusals(self) -> float:
+        value = self.realm.metrics.registry.get_sample_value(
+            "mailauth_messages_refused_total", {"reason": "header_from"})
+        return value or 0.0
+
+    def assertNothingKept(self) -> None:
+        maildir = os.path.join(self.dir, "example.test", "bob", "Maildir")
+        for sub in ("tmp", "new"):
+            folder = os.path.join(maildir, sub)
+            self.assertEqual(os.listdir(folder) if os.path.isdir(folder) else [], [], sub)
+        self.assertEqual(self.queue.messages, {})
+        for writer in self.queue.writers:
+            self.assertEqual((writer.prepared, writer.aborted), (False, True))
+
+    def test_ownAddresses(self) -> None:
+        """The login's own address, an alias to it, and a granted domain are accepted."""
+        for header in (b"From: Alice <ALICE@example.test>\r\n",
+                       b"From: postmaster@example.test\r\nSender: alice@example.test\r\n",
+                       b"From: Team: someone@other.test, alice@example.test;\r\n"):
+            self.successResultOf(self.send(header))
+        self.assertEqual(len(self.stored("bob")), 3)
+        self.assertEqual(self.refusals(), 0)
+
+    def test_spoofRefused(self) -> None:
+        """
+        A From: the login may not use: 550 5.7.1 naming it, nothing stored
+        anywhere (the queue's copy never prepared), one log line, one count.
+        """
+        with capturedLogs() as events:
+            f = self.failureResultOf(
+                self.send(b"From: Bob <bob@example.test>\r\n",
+                          recipients=("bob@example.test", "x@remote.test")),
+                SMTPReply,
+            )
+        self.assertEqual((f.value.code, f.value.text), (550, (
+            "5.7.1 <bob@example.test>: From/Sender header address not owned by user "
+            "alice@example.test")))
+        self.assertNothingKept()
+        self.assertEqual(self.woken, 0)
+        lines = [formatEvent(e) for e in events if e.get("log_namespace") == "mailauth.realm"]
+        self.assertEqual(len(lines), 1)
+        self.assertRegex(lines[0], r"^header From refused: login=<alice@example\.test> "
+                                   r"from=<bob@example\.test> id=[0-9A-F]{12}$")
+        self.assertEqual(self.refusals(), 1)
+
+    def test_senderField(self) -> None:
+        """A Sender: the login may not use is refused like a From:."""
+        f = self.failureResultOf(
+            self.send(b"From: alice@example.test\r\nSender: newsletter@example.test\r\n"),
+            SMTPReply)
+        self.assertIn("<newsletter@example.test>", f.value.text)
+        self.assertNothingKept()
+        # The sender map grants it to bob.
+        self.successResultOf(self.send(b"Sender: newsletter@example.test\r\n",
+                                       login="bob@example.test"))
+
+    def test_tricky(self) -> None:
+        """
+        The table of tricky From: headers: accepted exactly when every
+        address a reader could take for the sender is granted (here: the
+        login's own domain other.test, given to it whole by the sender map).
+        """
+        refused = 0
+        for header, addresses in TRICKY_FROM:
+            d = self.send(re.sub(rb"(?i)example\.org", b"other.test", header))
+            if all(a.endswith("@example.org") for a in addresses):
+                self.successResultOf(d)
+            else:
+                refused += 1
+                f = self.failureResultOf(d, SMTPReply)
+                self.assertEqual(f.value.code, 550, header)
+                self.assertIn("<mallory@evil.test>", f.value.text)
+        self.assertEqual(self.refusals(), refused)
+        self.assertGreater(refused, 5)
+
+    def test_uncheckable(self) -> None:
+        """A From: or Sender: that cannot be checked is refused, never guessed."""
+        for header in UNCHECKABLE_FROM:
+            with capturedLogs() as events:
+                f = self.failureResultOf(self.send(header.replace(b"example.org",
+                                                                  b"example.test")), SMTPReply)
+            self.assertEqual((f.value.code, f.value.text),
+                             (550, "5.7.1 Error: From/Sender header cannot be checked"), header)
+            [line] = [formatEvent(e) for e in events
+                      if e.get("log_namespace") == "mailauth.realm"]
+            self.assertRegex(line, r"^header From refused: login=<alice@example\.test> "
+                                   r"id=[0-9A-F]{12}: .+")
+        self.assertNothingKept()
+        self.assertEqual(self.refusals(), len(UNCHECKABLE_FROM))
+
+    def test_headerTooLong(self) -> None:
+        """A header section over MAX_HEADER cannot be checked: refused."""
+        filler = b"".join(b"X-Filler: %06d\r\n" % n for n in range(MAX_HEADER // 16 + 1))
+        f = self.failureResultOf(self.send(b"From: alice@example.test\r\n" + filler), SMTPReply)
+        self.assertEqual(f.value.code, 550)
+        self.assertNothingKept()
+        # Just under the limit passes.
+        filler = filler[: MAX_HEADER - len(HEADER) - 2000]
+        filler = filler[: filler.rindex(b"\r\n") + 2]
+        self.successResultOf(self.send(b"From: alice@example.test\r\n" + filler))
+
+    def test_noFrom(self) -> None:
+        """A message without From: is accepted, and none is invented."""
+        self.successResultOf(self.send(b"To: bob@example.test\r\n"))
+        [stored] = self.stored("bob")
+        self.assertNotRegex(stored, rb"(?im)^from:")
+        self.assertIn(b"\nTo: bob@example.test\n", stored)
+
+    def test_offByDefault(self) -> None:
+        """Without header_from_match, any From: is accepted, as before."""
+        self.router.headerFromMatch = False
+        self.successResultOf(self.send(b"From: mallory@evil.test\r\n"))
+        self.assertEqual(len(self.stored("bob")), 1)
+
+    def test_anonymousNotChecked(self) -> None:
+        """Mail that did not come through AUTH (an MX) is not checked."""
+        self.successResultOf(self.send(b"From: mallory@evil.test\r\n", login=None))
+        self.assertEqual(len(self.stored("bob")), 1)
+        self.assertEqual(self.refusals(), 0)
