@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import attrs
 from twisted.trial import unittest
 
@@ -86,3 +88,28 @@ class EnvelopeTests(unittest.TestCase):
         )
         self.assertEqual(e.unnotified(), [])
         self.assertTrue(e.finished())
+
+
+class PrefixTests(unittest.TestCase):
+    """The header kept on top of a queued message survives JSON, whatever its bytes."""
+
+    def test_roundTrip(self):
+        """ASCII stays readable in the file; any other byte comes back as it was."""
+        for prefix in (b"", b"DKIM-Signature: v=1;\r\n\tb=x\r\n", "X: Jörg\r\n".encode(),
+                       b"X: \xff\xfe\r\n"):
+            e = Envelope(id="m1", sender="", recipients=(RecipientStatus("a@x.test"),),
+                         arrival=1.0, nextAttempt=1.0, prefix=prefix)
+            self.assertEqual(Envelope.fromJSON(e.toJSON()).prefix, prefix)
+        self.assertIn(b'"prefix": "DKIM-Signature: v=1;\\r\\n\\tb=x\\r\\n"',
+                      Envelope(id="m1", sender="", recipients=(), arrival=1.0, nextAttempt=1.0,
+                               prefix=b"DKIM-Signature: v=1;\r\n\tb=x\r\n").toJSON())
+
+    def test_malformed(self):
+        """A prefix that is not text is a malformed envelope."""
+        e = json.loads(Envelope(id="m1", sender="", recipients=(), arrival=1.0,
+                                nextAttempt=1.0).toJSON())
+        e["prefix"] = 5
+        self.assertRaises(ValueError, Envelope.fromJSON, json.dumps(e).encode())
+        # An envelope written before prefixes existed has none.
+        del e["prefix"]
+        self.assertEqual(Envelope.fromJSON(json.dumps(e).encode()).prefix, b"")

@@ -492,3 +492,90 @@ class NewFolderDurabilityTests(unittest.TestCase):
         for parent in (os.path.join(top, "b"), second):
             self.assertIn(parent, synced)
 
+
+
+class PrependTests(unittest.TestCase):
+    """
+    Header fields put on top of a written message (a DKIM signature), below
+    the fields of final delivery, in memory or by a copy of the tmp/ file.
+    """
+
+    TOP = b"Return-Path: <a@example.test>\r\n"
+    HEADER = b"DKIM-Signature: v=1;\r\n\tb=xyz\r\n"
+
+    def setUp(self) -> None:
+        self.box = os.path.join(os.path.abspath(self.mktemp()), "Maildir")
+
+    def deliver(self, message: bytes) -> bytes:
+        writer = MaildirWriter([self.box], "mx.example.test", top=self.TOP)
+        for i in range(0, len(message), 10000):
+            writer.write(message[i : i + 10000])
+        writer.prepend(self.HEADER)
+        [path] = writer.commit()
+        self.assertEqual(os.listdir(os.path.join(self.box, "tmp")), [])
+        with open(path, "rb") as f:
+            stored = f.read()
+        self.assertTrue(path.endswith(f",S={len(stored)}"), path)
+        return stored
+
+    def test_belowTop(self) -> None:
+        """A small message and one past the memory spool: top, then the header, then it."""
+        for message in (b"Subject: x\r\n\r\nbody\r\n",
+                        b"Subject: x\r\n\r\n" + b"line of text\r\n" * (3 * maildir.SPOOL // 14)):
+            expected = (self.TOP + self.HEADER + message).replace(b"\r\n", b"\n")
+            # Not assertEqual: a diff of two large messages takes minutes.
+            self.assertTrue(self.deliver(message) == expected, len(message))
+
+    def test_finalCR(self) -> None:
+        """A message ending in a CR that no LF followed keeps it below the header."""
+        writer = MaildirWriter([self.box], "mx.example.test", top=self.TOP)
+        writer.write(b"a\r\nb\r")
+        writer.prepend(self.HEADER)
+        [path] = writer.commit()
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), (self.TOP + self.HEADER).replace(b"\r\n", b"\n")
+                             + b"a\nb\r")
+
+    def test_withoutCopyFileRange(self) -> None:
+        """
+        Where the kernel refuses copy_file_range (ENOSYS, EXDEV across file
+        systems), the file is copied through a buffer: same result.
+        """
+        calls = []
+
+        def refuse(*args):
+            calls.append(args)
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        self.patch(os, "copy_file_range", refuse)
+        message = b"Subject: x\r\n\r\n" + b"line of text\r\n" * (3 * maildir.SPOOL // 14)
+        expected = (self.TOP + self.HEADER + message).replace(b"\r\n", b"\n")
+        self.assertTrue(self.deliver(message) == expected)
+        self.assertEqual(len(calls), 1)
+
+    def test_copyRangeShortSource(self) -> None:
+        """A source that ends before the count is an error, not a short copy."""
+        source = os.path.join(os.path.abspath(self.mktemp()))
+        with open(source, "wb") as f:
+            f.write(b"0123456789")
+        with open(source, "rb") as src, open(source + ".copy", "wb") as dst:
+            maildir.copyRange(src.fileno(), dst.fileno(), 2, 8)
+            e = self.assertRaises(OSError, maildir.copyRange, src.fileno(), dst.fileno(), 5, 8)
+        self.assertEqual(e.errno, errno.EIO)
+        with open(source + ".copy", "rb") as f:
+            self.assertEqual(f.read(), b"23456789" + b"56789")
+
+    def test_diskFullWhileCopying(self) -> None:
+        """
+        The disk fills while the copy is made: OSError, and abort leaves
+        neither file in tmp/ and nothing in new/.
+        """
+        disk = DiskFull(self, full=False)
+        writer = MaildirWriter([self.box], "mx.example.test", top=self.TOP)
+        writer.write(b"Subject: x\r\n\r\n" + b"line of text\r\n" * (3 * maildir.SPOOL // 14))
+        disk.full = True
+        self.assertRaises(OSError, writer.prepend, self.HEADER)
+        writer.abort()
+        self.assertEqual(len(disk.descriptors), 2)
+        for sub in ("tmp", "new"):
+            self.assertEqual(os.listdir(os.path.join(self.box, sub)), [], sub)

@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
+from mailauth.envelope import FAILED, Outcome, RetryPolicy
 from mailauth.spool import DotStuffer, Queue, unstuff
-from tests.support import EPOCH, MESSAGE, QueueTestMixin
+from tests.support import EPOCH, HEADERS, MESSAGE, QueueTestMixin
 
 
 def stuffWhole(message: bytes) -> bytes:
@@ -183,3 +184,63 @@ class QueueStorageTests(QueueTestMixin, unittest.TestCase):
         self.queue.recover()
         writer.commit()
         self.assertEqual(self.files("msg"), ["busy.data", "busy.json"])
+
+
+class PrependTests(QueueTestMixin, unittest.TestCase):
+    """
+    A header put on top of a queued message (its DKIM signature) is kept
+    in the envelope, the data file untouched, and sent first.
+    """
+
+    HEADER = b"DKIM-Signature: v=1; a=ed25519-sha256;\r\n\tb=abc\r\n"
+
+    def test_inEnvelope(self):
+        """
+        The data file is as written; the envelope holds the header (stored
+        form) and a size that counts it; the message read back has it on top.
+        """
+        writer = self.queue.newMessage("m1", "alice@example.org", ["bob@remote.example"])
+        writer.write(MESSAGE)
+        writer.prepend(self.HEADER)
+        writer.commit()
+        with open(os.path.join(self.directory, "msg", "m1.data"), "rb") as f:
+            self.assertEqual(f.read(), stuffWhole(MESSAGE))
+        envelope = self.queue.envelope("m1")
+        self.assertEqual(envelope.prefix, self.HEADER)
+        self.assertEqual(envelope.size, len(self.HEADER) + len(stuffWhole(MESSAGE)))
+        self.assertEqual(self.queue.readMessage("m1"), self.HEADER + MESSAGE)
+
+    def test_openMessage(self):
+        """
+        openMessage reads the stored form, header first, in reads of any
+        size, and closes the data file when closed.
+        """
+        message = b".starts with a dot\r\n" + MESSAGE * 2000
+        writer = self.queue.newMessage("m1", "alice@example.org", ["bob@remote.example"])
+        writer.write(message)
+        writer.prepend(self.HEADER)
+        writer.commit()
+        envelope = self.queue.envelope("m1")
+        stored = self.HEADER + stuffWhole(message)
+        for size in (1, 7, len(self.HEADER) - 1, 16384, 10**7):
+            with self.queue.openMessage(envelope) as f:
+                pieces = []
+                while piece := f.read(size):
+                    pieces.append(piece)
+                self.assertTrue(b"".join(pieces) == stored, size)
+            self.assertTrue(f.closed)
+        # Without a header, the data file itself.
+        self.enqueue("m2")
+        with self.queue.openMessage(self.queue.envelope("m2")) as f:
+            self.assertEqual(f.read(), stuffWhole(MESSAGE))
+
+    def test_bounceReturnsIt(self):
+        """A bounce of a signed message returns its header section, signature included."""
+        writer = self.queue.newMessage("m1", "alice@example.org", ["bob@remote.example"])
+        writer.write(MESSAGE)
+        writer.prepend(self.HEADER)
+        writer.commit()
+        result = self.queue.settle("m1", {"bob@remote.example": Outcome(FAILED, reply="550 no")},
+                                   None, EPOCH, RetryPolicy())
+        [bounce] = result.bounces
+        self.assertIn(b"\r\n" + self.HEADER + HEADERS, self.queue.readMessage(bounce))
