@@ -16,6 +16,11 @@ Scenarios (C{--scenarios}):
   VmRSS sampled every 10 ms).
 - C{idle}: C{--idle} connections parked after EHLO, STARTTLS and EHLO; the
   server's RSS growth divided by the connections.
+- C{dkim}: mailauth alone, the C{tput} load at concurrency 50 with and
+  without C{[dkim]} (an Ed25519 key for the sender's domain), C{--repeat}
+  times alternating the two; its own table, with the cost of signing as
+  the share of throughput lost and the server CPU added per message
+  (issue #12's target: under 10% of throughput).
 
 Everything lives in C{--workdir} (default C{var/bench}, git-ignored): a
 certificate, a users file, and a folder per run with the server's
@@ -94,9 +99,11 @@ def prepare(work: str) -> None:
 class Server:
     """One server process: started, probed for its banner, measured through /proc, stopped."""
 
-    def __init__(self, name: str, work: str, label: str = "") -> None:
+    def __init__(self, name: str, work: str, label: str = "", extra: str = "") -> None:
         self.name = name
         self.work = work
+        # Configuration added to mailauth's (a [dkim] section).
+        self.extra = extra
         # A folder of its own for every run: deleting a run's mail before
         # the next would leave ext4 thousands of recently deleted inodes to
         # skip over in every file creation of that next run.
@@ -111,7 +118,7 @@ class Server:
                 template = f.read()
             config = os.path.join(self.dir, "mailauth.conf")
             with open(config, "w") as f:
-                f.write(template.format(dir=self.dir, work=self.work, port=self.port))
+                f.write(template.format(dir=self.dir, work=self.work, port=self.port) + self.extra)
             return [os.path.join(os.path.dirname(PYTHON), "twistd"), "--nodaemon", "--pidfile=",
                     f"--logfile={os.path.join(self.dir, 'server.log')}", "mailauth",
                     "--config", config]
@@ -343,6 +350,94 @@ def average(runs: list) -> dict:
     return out
 
 
+def dkimSection(work: str) -> str:
+    """
+    A C{[dkim]} section signing mail from the benchmark's domain with a new
+    Ed25519 key, made by C{mailauth dkim keygen} as an operator makes it
+    (in a process of its own: this folder's dkim.py hides dkimpy here).
+    """
+    domain, selector, keydir = SENDER.partition("@")[2], "bench", os.path.join(work, "dkim")
+    subprocess.run([os.path.join(os.path.dirname(PYTHON), "mailauth"), "dkim", "keygen", domain,
+                    "--type", "ed25519", "--selector", selector, "--keydir", keydir],
+                   check=True, stdout=subprocess.DEVNULL)
+    return f"\n[dkim]\n{domain} = {selector}:{os.path.join(keydir, f'{domain}.{selector}.pem')}\n"
+
+
+def dkimCost(work: str, seconds: float, repeat: int) -> dict:
+    """
+    The C{tput} load at concurrency 50 on mailauth without and with
+    C{[dkim]}, alternating, C{repeat} times each; the averages and the cost.
+    """
+    variants = {"unsigned": "", "ed25519": dkimSection(work)}
+    runs: dict = {name: [] for name in variants}
+    for attempt in range(repeat):
+        for name, extra in variants.items():
+            server = Server("mailauth", work, f"dkim-{name}-{attempt + 1}", extra)
+            log(f"dkim: mailauth {name} ({attempt + 1}/{repeat}) ...")
+            try:
+                server.start()
+                r = throughput(server, 50, seconds)
+                r["signed"] = signedShare(server)
+                runs[name].append(r)
+            except RuntimeError as e:
+                runs[name].append({"error": str(e)})
+                log(f"  {name} failed: {e}")
+            finally:
+                server.stop()
+            log(f"  {json.dumps(runs[name][-1])}")
+    out = {name: average(r) for name, r in runs.items()}
+    plain, signed = out["unsigned"], out["ed25519"]
+    if plain.get("msgs_per_s") and signed.get("msgs_per_s"):
+        out["throughput_cost"] = round(1 - signed["msgs_per_s"] / plain["msgs_per_s"], 4)
+    if "server_cpu_ms_per_msg" in plain and "server_cpu_ms_per_msg" in signed:
+        out["server_cpu_ms_added"] = round(
+            signed["server_cpu_ms_per_msg"] - plain["server_cpu_ms_per_msg"], 3)
+    return out
+
+
+def signedShare(server: Server) -> float:
+    """The share of the messages delivered to C{server}'s recipient that carry a signature."""
+    local, _, domain = RECIPIENT.partition("@")
+    new = os.path.join(server.dir, "mail", domain, local, "Maildir", "new")
+    names = os.listdir(new) if os.path.isdir(new) else []
+    signed = 0
+    for name in names:
+        with open(os.path.join(new, name), "rb") as f:
+            # Return-Path, then the signature.
+            signed += f.read(200).split(b"\n")[1].startswith(b"DKIM-Signature: ")
+    return round(signed / len(names), 3) if names else 0.0
+
+
+def dkimTable(r: dict) -> str:
+    """The signing cost: each measure without and with [dkim], and the verdict."""
+    plain, signed = r.get("unsigned", {}), r.get("ed25519", {})
+    rows = [("10 KB msgs/s, concurrency 50", "msgs_per_s"),
+            ("  message p50 ms", "message_p50_ms"),
+            ("  message p99 ms", "message_p99_ms"),
+            ("  server CPU ms/msg", "server_cpu_ms_per_msg"),
+            ("  machine CPU ms/msg", "machine_cpu_ms_per_msg"),
+            ("  share of messages signed", "signed")]
+    header = f"{'DKIM signing (mailauth only)':40} {'unsigned':>10} {'ed25519':>10} {'ratio':>7}"
+    out = [header, "-" * len(header)]
+    for label, key in rows:
+        x, y = plain.get(key), signed.get(key)
+        ratio = f"{y / x:.2f}" if isinstance(y, (int, float)) and x else "-"
+        out.append(f"{label:40} {fmt(x):>10} {fmt(y):>10} {ratio:>7}")
+    cost = r.get("throughput_cost")
+    if cost is not None:
+        verdict = "met" if cost < 0.10 else "NOT MET"
+        out.append(f"throughput lost to signing: {cost:.1%} (target < 10%: {verdict}); "
+                   f"server CPU added: {fmt(r.get('server_cpu_ms_added'), 3)} ms/msg")
+        runs = [(a.get("msgs_per_s"), b.get("msgs_per_s"))
+                for a, b in zip(plain.get("runs", [plain]), signed.get("runs", [signed]))]
+        out.append("  each run, unsigned/ed25519 msgs/s: "
+                   + ", ".join(f"{fmt(a)}/{fmt(b)}" for a, b in runs))
+    for name, side in (("unsigned", plain), ("ed25519", signed)):
+        if side.get("failures"):
+            out.append(f"  failed replies {name}: {side['failures']}")
+    return "\n".join(out)
+
+
 def machine() -> dict:
     model = "unknown"
     try:
@@ -441,7 +536,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description="mailauth beside aiosmtpd, one table")
     p.add_argument("--workdir", default=os.path.join(ROOT, "var", "bench"))
     p.add_argument("--servers", default="mailauth,aiosmtpd")
-    p.add_argument("--scenarios", default="tput,storm,big,idle")
+    p.add_argument("--scenarios", default="tput,storm,big,idle,dkim")
     p.add_argument("--time", type=float, default=6.0, help="seconds per throughput run")
     p.add_argument("--repeat", type=int, default=3, help="runs of each throughput scenario")
     p.add_argument("--storm", type=int, default=200, help="logins in the auth storm")
@@ -476,6 +571,8 @@ def main() -> None:
             plan.append(("big", lambda s: bigMessage(s, options.big_mb * MB)))
         elif scenario == "idle":
             plan.append(("idle", lambda s: idle(s, options.idle)))
+        elif scenario == "dkim":
+            pass  # mailauth alone, after the others: dkimCost
         else:
             p.error(f"unknown scenario {scenario!r}")
     quiet = backgroundLoad()
@@ -502,6 +599,8 @@ def main() -> None:
                 log(f"  {json.dumps(runs[name][-1])}")
         for name in servers:
             results[name][label] = average(runs[name])
+    if "dkim" in scenarios:
+        results["dkim"] = dkimCost(work, options.time, options.repeat)
     info = machine()
     info["background_cpu_before"] = round(quiet, 2)
     info["background_cpu_after"] = round(backgroundLoad(), 2)
@@ -510,7 +609,10 @@ def main() -> None:
     print(f"machine: {info['cpus']} x {info['cpu']}, Linux {info['kernel']}, "
           f"Python {info['python']}, Twisted {info['twisted']}, aiosmtpd {info['aiosmtpd']}, "
           f"{info['openssl']}")
-    print(table(results, options))
+    if plan:
+        print(table(results, options))
+    if "dkim" in results:
+        print(dkimTable(results["dkim"]))
     print(f"background load before/after: {info['background_cpu_before']:.2f}/"
           f"{info['background_cpu_after']:.2f} CPUs "
           f"({time.monotonic() - started:.0f} s; details in {work})")
