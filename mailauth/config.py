@@ -101,6 +101,7 @@ class RelayConfig:
     max_connections: int
     timeout: float
     queue_interval: float
+    delay_warning: float = 4 * 3600.0
 
 
 @attrs.frozen
@@ -463,6 +464,7 @@ _SCHEMA: dict = {
         "max_connections": (parsePositive, "2"),
         "timeout": (parseDuration, "5m"),
         "queue_interval": (parseDuration, "30s"),
+        "delay_warning": (parseDuration, "4h"),
     },
     "autoconfig": {
         "endpoint": (_text, REQUIRED),

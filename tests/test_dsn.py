@@ -12,10 +12,10 @@ from tests.support import EPOCH, HEADERS, MESSAGE
 
 
 class BounceTests(unittest.TestCase):
-    """L{dsn.buildBounce}."""
+    """L{dsn.buildReport} for failures."""
 
     def bounce(self, failures, headers=HEADERS):
-        return dsn.buildBounce(
+        return dsn.buildReport(
             hostname="mail.example.org",
             queueID="m1",
             messageID="b1@mail.example.org",
@@ -23,8 +23,8 @@ class BounceTests(unittest.TestCase):
             sender="alice@example.org",
             arrival=EPOCH,
             now=EPOCH + 60,
-            failures=failures,
-            originalHeaders=headers,
+            recipients=failures,
+            original=headers,
             relayHost="relay.test",
         )
 
