@@ -33,7 +33,7 @@ MAX_PATH = 256
 MAX_ENVID = 100
 MAX_ORCPT = 500
 
-_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
 _UTF8 = r"\u0080-\U0010ffff"
 
 

@@ -258,11 +258,16 @@ def _networks(text: str) -> tuple:
 
 
 def _domains(text: str) -> frozenset:
-    domains = frozenset(d.strip().lower().rstrip(".") for d in text.replace(",", " ").split())
-    for d in domains:
+    """Domain names, internationalised ones in A-labels (the form addresses compare in)."""
+    from mailauth.addresses import domainKey
+
+    domains = set()
+    for name in text.replace(",", " ").split():
+        d = domainKey(name)
         if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", d):
-            raise ValueError(f"{d!r} is not a domain name")
-    return domains
+            raise ValueError(f"{name!r} is not a domain name")
+        domains.add(d)
+    return frozenset(domains)
 
 
 def _maildirTemplate(text: str) -> str:

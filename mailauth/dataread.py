@@ -42,6 +42,9 @@ class MessageChecker:
     def feed(self, chunk: bytes) -> None:
         if not chunk:
             return
+        self.size += len(chunk)
+        if self.size > self._maxSize:
+            self.tooBig = True
         if self._heldCR:
             chunk = b"\r" + chunk
             self._heldCR = False
@@ -53,9 +56,6 @@ class MessageChecker:
             self.bareNewline = True
         if b"\0" in chunk:
             self.nul = True
-        self.size += len(chunk)
-        if self.size > self._maxSize:
-            self.tooBig = True
         if chunk and not self.failed:
             self._write(chunk)
 

@@ -34,6 +34,7 @@ from mailauth import replies, sasl
 from mailauth.addresses import (
     MailParameters,
     Recipient,
+    addressText,
     parseMailParameters,
     parsePath,
     parseRcptParameters,
@@ -794,7 +795,7 @@ class SubmissionProtocol(protocol.Protocol):
             client=self._peer,
             login=self.login or "",
             id=ids[0],
-            sender=self._sender or "",
+            sender=addressText(self._sender),
             count=len(self._recipients),
             size=self._reader.size,
         )

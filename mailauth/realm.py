@@ -22,7 +22,6 @@ from mailauth.addresses import (
     MailParameters,
     RcptParameters,
     addressText,
-    asciiAddress,
     domainKey,
     encodeXtext,
     normalise,
@@ -275,7 +274,8 @@ class Delivery:
             login = self.login
             if not (utf8 or login.isascii()):
                 # No UTF-8 in the header of a message that is not SMTPUTF8.
-                login = asciiAddress(login) or encodeXtext(login)
+                local, _, domain = login.rpartition("@")
+                login = f"{local if local.isascii() else encodeXtext(local)}@{domainKey(domain)}"
             lines.append(f"\t(authenticated as {login})")
         lines.append(f"\tby {self.realm.hostname} (mailauth) with {with_} id {self.id}")
         if tlsText:

@@ -12,6 +12,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailauth.addresses import normalise
 from mailauth.durable import WatchedFile, locked, replaceDurably
 from mailauth.interfaces import IReloadable, IUserDatabase
 from mailauth.passwords import PLAINTEXT_SCHEMES, PasswordHash, parse
@@ -69,8 +70,10 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
     (compared without regard to case) the first wins.
 
     @param path: names the file in problems.
-    @return: the users by lower-cased login, in file order, and a
-        C{"PATH:LINENO: message"} line for each skipped line.
+    @return: the users by the key of their login (L{normalise}: case,
+        quoting and the A- or U-label form of the domain do not matter),
+        in file order, and a C{"PATH:LINENO: message"} line for each
+        skipped line.
     """
     users: dict[str, User] = {}
     problems = []
@@ -88,10 +91,11 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
         if re.search(r"\s", login):
             problems.append(f"{path}:{lineno}: the login contains white space")
             continue
-        if login in users:
+        key = normalise(login)
+        if key in users:
             problems.append(
                 f"{path}:{lineno}: duplicate login {login} (first on line "
-                f"{users[login].lineno}); this line is ignored"
+                f"{users[key].lineno}); this line is ignored"
             )
             continue
         try:
@@ -99,7 +103,7 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
         except ValueError as e:
             problems.append(f"{path}:{lineno}: {login}: {e}")
             continue
-        users[login] = User(login, password, lineno)
+        users[key] = User(login, password, lineno)
     return users, problems
 
 
@@ -199,11 +203,12 @@ class UserDatabase:
 
     def get(self, login: str) -> Optional[User]:
         """
-        The user C{login} (in any case), or L{None}, read from memory.
+        The user C{login} (in any case, any spelling of its domain), or
+        L{None}, read from memory.
 
         @raise UserDatabaseUnavailable: if the users were never read.
         """
-        return self._loaded().get(login.lower())
+        return self._loaded().get(normalise(login))
 
     def exists(self, login: str) -> bool:
         """Whether there is a user C{login}. @raise UserDatabaseUnavailable: never read."""

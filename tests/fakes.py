@@ -8,6 +8,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mailauth import replies
+from mailauth.addresses import normalise
 from mailauth.envelope import MessageOptions, recipientStatus
 from mailauth.interfaces import (
     IForwardQueue,
@@ -72,7 +73,7 @@ class MemoryUserDatabase:
             return defer.fail()
 
     def get(self, login: str) -> Optional[User]:
-        return self._current().get(login.lower())
+        return self._current().get(normalise(login))
 
     def exists(self, login: str) -> bool:
         return self.get(login) is not None
