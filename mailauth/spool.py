@@ -18,6 +18,7 @@ Layout of the queue directory (C{<state_dir>/queue}):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import secrets
@@ -566,10 +567,8 @@ class Queue:
         bounces = []
         for action, due in envelope.reportsDue(now, policy):
             bounces.append(self._queueReport(envelope, action, due, now, policy, relayHost))
-            addresses = [r.address for r in due]
-            envelope = self._spool.update(
-                msgid, lambda e, a=addresses, k=action: e.markNotified(a, k)
-            )
+            marked = functools.partial(_markNotified, [r.address for r in due], action)
+            envelope = self._spool.update(msgid, marked)
             if envelope is None:
                 break
         if envelope is not None and envelope.finished():
@@ -637,6 +636,10 @@ class Queue:
             writer.abort()
             raise
         return writer.commit()
+
+
+def _markNotified(addresses: list, action: str, envelope: Envelope) -> Envelope:
+    return envelope.markNotified(addresses, action)
 
 
 # `mailauth queue` commands; safe while the daemon runs.
