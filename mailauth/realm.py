@@ -130,6 +130,19 @@ def _unique(items: list) -> tuple:
     return tuple(dict.fromkeys(items))
 
 
+def _traceAddress(address: str, utf8: bool) -> str:
+    """
+    An address as the Received header names it: ASCII wherever it can be
+    (domains in A-labels), so that a SMTPUTF8 message whose own header is
+    ASCII can still go to a relay without SMTPUTF8; UTF-8 local parts only
+    in SMTPUTF8 mail, as xtext otherwise.
+    """
+    local, _, domain = address.rpartition("@")
+    if not local.isascii() and not utf8:
+        local = encodeXtext(local)
+    return f"{local}@{domainKey(domain)}" if local.isascii() else f"{local}@{domain}"
+
+
 def _orcpt(params: RcptParameters, recipient: str, address: str) -> Optional[str]:
     """
     The ORCPT to keep for C{address}, reached from the RCPT address
@@ -271,16 +284,13 @@ class Delivery:
         name = helo[0].decode("ascii") if isinstance(helo[0], bytes) else helo[0]
         lines = [f"Received: from {name} ([{helo[1]}])"]
         if self.login:
-            login = self.login
-            if not (utf8 or login.isascii()):
-                # No UTF-8 in the header of a message that is not SMTPUTF8.
-                local, _, domain = login.rpartition("@")
-                login = f"{local if local.isascii() else encodeXtext(local)}@{domainKey(domain)}"
-            lines.append(f"\t(authenticated as {login})")
+            lines.append(f"\t(authenticated as {_traceAddress(self.login, utf8)})")
         lines.append(f"\tby {self.realm.hostname} (mailauth) with {with_} id {self.id}")
         if tlsText:
             lines.append(f"\t(using {tlsText})")
-        forPart = f"for <{addressText(recipients[0].dest)}>; " if len(recipients) == 1 else ""
+        forPart = ""
+        if len(recipients) == 1:
+            forPart = f"for <{_traceAddress(addressText(recipients[0].dest), utf8)}>; "
         date = formatdate(self.realm.clock.seconds(), localtime=True)
         lines.append(f"\t{forPart}{date}")
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
