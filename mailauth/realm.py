@@ -420,7 +420,11 @@ class Message:
             log.warn("no [relay] to send a delivery report for {id} to <{sender}>",
                      id=self.id, sender=delivery.sender)
             return
-        d.addErrback(lambda f: log.failure("delivery report for {id} failed", f, id=self.id))
+        d.addCallbacks(
+            lambda _: log.info("delivery report for {id} to <{sender}>", id=self.id,
+                               sender=delivery.sender),
+            lambda f: log.failure("delivery report for {id} failed", f, id=self.id),
+        )
 
     def connectionLost(self) -> None:
         sinks, self._sinks = self._sinks, []

@@ -257,6 +257,7 @@ class PostfixClientTests(AttackMixin, unittest.TestCase):
         yield threads.deferToThread(client.start)
         self.addCleanup(threads.deferToThread, client.stop)
         accepted = self.log.waitFor("message accepted: .*login=<jörg@bücher.example>")
+        reported = self.log.waitFor("delivery report for .* to <jörg@bücher.example>")
         message = ("From: Jörg <jörg@bücher.example>\nTo: zoë@example.test\n"
                    "Subject: über Postfix\n\nHallo.\n").encode()
         yield threads.deferToThread(
@@ -265,6 +266,7 @@ class PostfixClientTests(AttackMixin, unittest.TestCase):
         )
         log = yield threads.deferToThread(client.waitForLog, "status=sent")
         yield accepted
+        yield reported
         self.assertIn("to=<zoë@example.test>", log)
         [stored] = maildir(self.daemon, "example.test", "zoë")
         self.assertIn(b"Received: from postfix.test", stored)
