@@ -724,13 +724,22 @@ class SubmissionProtocol(protocol.Protocol):
             verdict = replies.BAD_SEQUENCE.format(why="need MAIL command")
         elif not self._recipients:
             verdict = replies.BAD_SEQUENCE.format(why="need RCPT command")
+        if verdict is None and self._reader is None:
+            try:
+                header = self._startMessage()
+            except Exception:
+                # The chunk must still be read (never run as commands).
+                log.failure("could not start a message for {client}", client=self._peer)
+                self._abortMessages()
+                self._resetTransaction()
+                self._bdatFailed = True
+                verdict = replies.STORAGE_FAILED
+            else:
+                self._reader = ChunkReader(self._writeMessage, self.settings.max_message_size)
+                self._writeMessage(header)
         if verdict is not None:
             chunk = ChunkReader(lambda data: None, 0)
         else:
-            if self._reader is None:
-                header = self._startMessage()
-                self._reader = ChunkReader(self._writeMessage, self.settings.max_message_size)
-                self._writeMessage(header)
             chunk = self._reader
         chunk.begin(size, last)
         self._chunk, self._chunkVerdict = chunk, verdict

@@ -232,6 +232,25 @@ class ChunkingTests(ExtensionTestsMixin, unittest.TestCase):
         self.assertTrue(self.mailbox.messages[0].aborted)
         self.assertEqual(self.mailbox.stored, [])
 
+    def test_messageNotStarted(self) -> None:
+        """
+        When the message cannot be started (its sink fails at once), the
+        chunk is still read and discarded, never run as commands: 451.
+        """
+        self.transaction()
+
+        def broken():
+            raise OSError(5, "I/O error")
+
+        self.session.protocol._recipients[0] = (self.session.protocol._recipients[0][0], broken)
+        lines = self.session.send(self.bdat(b"QUIT\r\n") + self.bdat(b"RSET\r\n", last=True)
+                                  + b"NOOP\r\n")
+        self.assertEqual(lines, [b"451 4.3.0 Error: local error in processing",
+                                 b"503 5.5.1 Error: chunk discarded after an earlier error",
+                                 b"250 2.0.0 Ok"])
+        self.assertFalse(self.session.transport.disconnecting)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
     def test_malformedBdatCloses(self) -> None:
         """A BDAT whose size cannot be read closes the session: what follows is unknown."""
         self.transaction()
