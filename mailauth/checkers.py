@@ -10,8 +10,9 @@ from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailauth import passwords
+from mailauth import passwords, scram
 from mailauth.interfaces import BlockingRunner, IUserDatabase
+from mailauth.sasl import MechanismUnavailable
 from mailauth.threads import PoolBusy
 from mailauth.userdb import UserDatabaseUnavailable
 
@@ -94,3 +95,40 @@ class CramMD5Checker(_UserDatabaseChecker):
             hmac.compare_digest(b"0" * 32, credentials.response)
             return False
         return hmac.compare_digest(expected, credentials.response)
+
+
+@implementer(ICredentialsChecker)
+class ScramChecker:
+    """
+    SCRAM: the mechanism checked the client's proof (in constant time,
+    L{mailauth.scram.ScramKeys.proofValid}); this looks the user up again
+    and accepts a verified proof only for the keys the user has now. A
+    user whose password is stored in another scheme is refused with
+    L{MechanismUnavailable}, which the session does not count as a guess.
+    No work here blocks, so nothing goes to the auth pool.
+    """
+
+    credentialInterfaces = (scram.IScramCredentials,)
+
+    def __init__(self, users: IUserDatabase) -> None:
+        self.users = users
+
+    def requestAvatarId(self, credentials) -> defer.Deferred:
+        d = self.users.lookup(credentials.username)
+        d.addErrback(_unavailable)
+        d.addCallback(self._check, credentials)
+        return d
+
+    @staticmethod
+    def _check(user, credentials) -> str:
+        if user is None:
+            raise UnauthorizedLogin()
+        keys = scram.storedKeys(user.password, credentials.scheme)
+        if keys is None:
+            raise MechanismUnavailable(
+                f"{credentials.mechanism} cannot verify a password stored as {user.password.scheme}"
+            )
+        if not (credentials.verified and keys.same(credentials.keys)):
+            raise UnauthorizedLogin()
+        # A suspended login fails even with the right proof.
+        return _result(not user.suspended, user)

@@ -155,6 +155,19 @@ class SubmissionProtocol(protocol.Protocol):
         except Exception:
             return "TLS"
 
+    def _saslContext(self) -> sasl.SASLContext:
+        """What the SASL mechanisms see of this session, with the names offered in EHLO."""
+        connection = None
+        if self.tls.active:
+            try:
+                connection = self.transport.getHandle()
+            except AttributeError:
+                pass
+        context = sasl.SASLContext(self.settings.hostname, self.clock, connection)
+        table = self.factory.saslTable
+        names = sasl.offered(table, self.factory.mechanisms, context)
+        return sasl.SASLContext(self.settings.hostname, self.clock, connection, names)
+
     def _authAllowedNow(self) -> bool:
         if self.factory.authMode == "none":
             return False
@@ -445,7 +458,7 @@ class SubmissionProtocol(protocol.Protocol):
         if self._startTLSOffered():
             lines.append("STARTTLS")
         if self._authAllowedNow() and self.login is None:
-            lines.append("AUTH " + " ".join(self.factory.mechanisms))
+            lines.append("AUTH " + " ".join(self._saslContext().offered))
         self._sendLines(250, lines)
 
     def do_STARTTLS(self, arg: str):
@@ -491,9 +504,13 @@ class SubmissionProtocol(protocol.Protocol):
             return self._error(replies.UNKNOWN_MECHANISM)
         if not self._authAllowedNow():
             return self._error(replies.ENCRYPTION_REQUIRED)
+        context = self._saslContext()
+        if name not in context.offered:
+            # Only -PLUS is ever held back: it needs TLS channel binding data.
+            return self._error(replies.ENCRYPTION_REQUIRED)
         if self.factory.throttle.isBlocked(self._peer):
             return self._close(replies.BLOCKED)
-        mechanism = sasl.MECHANISMS[name](self.settings.hostname, self.clock)
+        mechanism = self.factory.saslTable[name](context)
         initial = None
         if len(words) == 2:
             initial = b"" if words[1] == "=" else self._decode(words[1].encode("ascii"))
@@ -530,14 +547,31 @@ class SubmissionProtocol(protocol.Protocol):
         mechanism = self._mechanism
         try:
             step = advance()
-        except sasl.SASLError as e:
-            self._mechanism = None
-            self._mode = self.COMMAND
-            return self._error(e)
-        except sasl.AuthzidMismatch as e:
-            self._mode = self.COMMAND
-            self._mechanism = None
+        except (sasl.SASLError, sasl.AuthzidMismatch) as e:
+            return self._stepFailed(e, mechanism)
+        if isinstance(step, defer.Deferred):
+            # A mechanism that looks the user up (SCRAM) answers later.
+            self._mode = self.AUTH
+            step.addCallbacks(self._stepped, self._stepError, errbackArgs=(mechanism,))
+            return step
+        return self._stepped(step)
+
+    def _stepError(self, f: Failure, mechanism):
+        f.trap(sasl.SASLError, sasl.AuthzidMismatch)
+        return self._stepFailed(cast("sasl.SASLError | sasl.AuthzidMismatch", f.value), mechanism)
+
+    def _stepFailed(self, e: sasl.SASLError | sasl.AuthzidMismatch, mechanism):
+        if self._mode == self.CLOSED:
+            return None
+        self._mode = self.COMMAND
+        self._mechanism = None
+        if isinstance(e, sasl.AuthzidMismatch):
             return self._authFailed(mechanism.name, e.username, "authzid differs from login")
+        return self._error(e)
+
+    def _stepped(self, step):
+        if self._mode == self.CLOSED:
+            return None
         if isinstance(step, sasl.Challenge):
             self._mode = self.AUTH
             self._send(Reply(334, base64.b64encode(step.data).decode("ascii")))
@@ -566,6 +600,17 @@ class SubmissionProtocol(protocol.Protocol):
 
     def _authError(self, f: Failure, credentials):
         if self._mode == self.CLOSED:
+            return None
+        if f.check(sasl.MechanismUnavailable):
+            # Not a guess: the client chose a mechanism we offered but cannot
+            # verify for this user. Never counted, never slowed down.
+            log.info(
+                "auth mechanism unusable: client=[{client}] mechanism={mechanism} login=<{login}>",
+                client=self._peer,
+                mechanism=credentials.mechanism,
+                login=_printable(credentials.username),
+            )
+            self._send(replies.AUTH_FAILED)
             return None
         if f.check(UnauthorizedLogin):
             return self._authFailed(credentials.mechanism, credentials.username, "bad credentials")
@@ -729,7 +774,7 @@ class SubmissionProtocol(protocol.Protocol):
                 header = self._startMessage()
             except Exception:
                 # The chunk must still be read (never run as commands).
-                log.failure("could not start a message for {client}", client=self._peer)
+                log.failure("could not store a message from {client}", client=self._peer)
                 self._abortMessages()
                 self._resetTransaction()
                 self._bdatFailed = True
@@ -826,10 +871,23 @@ class SubmissionProtocol(protocol.Protocol):
         self._storageFailed(f)
 
     def _storageFailed(self, f: Failure) -> None:
-        log.failure("could not store a message from {client}", f, client=self._peer)
-        if f.check(OSError) and cast(OSError, f.value).errno in (28, 122):  # ENOSPC, EDQUOT
-            self._send(replies.STORAGE_FULL)
+        """
+        Answer a message that could not be stored: with the store's own
+        reply if it chose one (the realm logs why), 451 or 452 for an
+        C{OSError} (a warning with the path and errno: a full disk or a
+        folder the daemon may not write is the operator's to fix, not a
+        bug), and 451 with the traceback logged for anything else.
+        """
+        if f.check(SMTPReply):
+            self._send(cast(SMTPReply, f.value))
+        elif f.check(OSError):
+            e = cast(OSError, f.value)
+            log.warn("could not store a message from client=[{client}]: {path}: {error} "
+                     "(errno {errno})", client=self._peer, path=e.filename or "-",
+                     error=e.strerror or e, errno=e.errno)
+            self._send(replies.storageFailure(e))
         else:
+            log.failure("could not store a message from {client}", f, client=self._peer)
             self._send(replies.STORAGE_FAILED)
 
     def _abortMessages(self) -> None:
@@ -898,6 +956,7 @@ class SubmissionFactory(protocol.Factory):
         failuresPerSession: int,
         postmasterDomain: str,
         reactor,
+        saslTable: Optional[dict] = None,
     ) -> None:
         self.settings = settings
         self.portal = portal
@@ -912,6 +971,8 @@ class SubmissionFactory(protocol.Factory):
         self.failuresPerSession = failuresPerSession
         self.postmasterDomain = postmasterDomain
         self.reactor = reactor
+        #: Mechanism name -> entry called with a L{sasl.SASLContext}.
+        self.saslTable = sasl.MECHANISMS if saslTable is None else saslTable
 
     def buildProtocol(self, addr) -> SubmissionProtocol:
         p = SubmissionProtocol(self)
