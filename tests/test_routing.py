@@ -21,6 +21,7 @@ from mailauth.addressmap import AddressMap
 from mailauth.envelope import MessageOptions
 from mailauth.realm import Realm, Router
 from mailauth.replies import SMTPReply
+from mailauth.userdb import UserDatabase
 from tests.fakes import MemoryQueue, MemoryUserDatabase, runInline
 
 USERS = {
@@ -236,3 +237,23 @@ class ReportWithoutQueueTests(RoutingTestsMixin, unittest.TestCase):
         [report] = self.delivered("example.org", "bob")
         self.assertIn(b"Subject: Successful Mail Delivery Report", report)
         self.assertIn(b"Action: delivered", report)
+
+
+class UsersFileKeyTests(unittest.TestCase):
+    """UTF-8 logins in the users file, looked up by their key."""
+
+    def test_eitherDomainForm(self) -> None:
+        """
+        A login written with U-labels is found by its A-label spelling and
+        any case; a second line for the same key is a duplicate.
+        """
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("Jörg@Bücher.example:{PLAIN}a\n\"jörg\"@xn--bcher-kva.example:{PLAIN}b\n")
+        users = UserDatabase(path)
+        users.load()
+        user = users.get("JÖRG@xn--bcher-kva.example")
+        self.assertIsNotNone(user)
+        self.assertEqual(user.login, "jörg@bücher.example")
+        self.assertEqual(len(users.problems), 1)
+        self.assertIn("duplicate login", users.problems[0])
