@@ -271,6 +271,32 @@ class ChunkingTests(ExtensionTestsMixin, unittest.TestCase):
         self.assertEqual(self.session.read()[0][:4], b"421 ")
         self.assertTrue(self.mailbox.messages[0].aborted)
 
+    def test_chunksShareMaxDataTime(self) -> None:
+        """
+        The chunks of one message get max_data_time in all, however steadily
+        they trickle in (each within the idle timeout): then 421 4.4.2 and
+        nothing is stored.
+        """
+        self.transaction()
+        limit = self.factory.settings.max_data_time
+        self.assertEqual(self.session.send(self.bdat(b"x\r\n"))[0][:4], b"250 ")
+        for _ in range(int(limit // 290)):
+            self.clock.advance(290)
+            self.assertEqual(self.session.send(self.bdat(b"x\r\n"))[0][:4], b"250 ")
+        self.clock.advance(limit % 290)
+        self.assertEqual(self.session.read(),
+                         [b"421 4.4.2 mx.example.test Error: message transfer took too long"])
+        self.assertTrue(self.mailbox.messages[0].aborted)
+        self.assertEqual(self.mailbox.stored, [])
+
+    def test_deadlineEndsWithMessage(self) -> None:
+        """Once LAST is read the deadline is gone: the session goes on past max_data_time."""
+        self.transaction()
+        self.session.send(self.bdat(b"x\r\n", last=True))
+        for _ in range(int(self.factory.settings.max_data_time // 290) + 1):
+            self.clock.advance(290)
+            self.assertEqual(self.command(b"NOOP"), [b"250 2.0.0 Ok"])
+
     def test_clientGoneInChunk(self) -> None:
         """A client that disconnects inside a chunk leaves nothing stored."""
         self.transaction()

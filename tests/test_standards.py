@@ -192,12 +192,16 @@ class InternationalTests(DaemonMixin, unittest.TestCase):
         [stored] = self.maildir("example.test", "zoë")
         self.assertIn(b" with UTF8SMTPSA id ", stored)
         self.assertIn("(authenticated as jörg@bücher.example)".encode(), stored)
-        self.assertTrue(stored.endswith(message.replace(b"\r\n", b"\n")))
+        # Submission adds Date: and Message-ID:; the header and body are kept.
+        head, _, body = message.partition(b"\r\n\r\n")
+        self.assertIn(head.replace(b"\r\n", b"\n") + b"\n", stored)
+        self.assertTrue(stored.endswith(b"\n\n" + body.replace(b"\r\n", b"\n")))
         [transaction] = yield self.sink.waitForTransactions(1)
         self.assertEqual((transaction.sender, transaction.recipients),
                          ("jörg@bücher.example", ("anna@exämple.org",)))
         self.assertIn("SMTPUTF8", transaction.mailParameters)
-        self.assertTrue(transaction.data.endswith(message))
+        self.assertIn(head + b"\r\n", transaction.data)
+        self.assertTrue(transaction.data.endswith(b"\r\n\r\n" + body))
         yield self.events.wait("removed")
 
     @defer.inlineCallbacks
@@ -246,10 +250,13 @@ class ChunkingTests(DaemonMixin, unittest.TestCase):
         replies = yield self.inThread(run)
         self.assertEqual([code for code, _ in replies], [250, 250, 250, 250, 250, 250])
         self.assertEqual(replies[3][1], [b"2.0.0 Ok: 20 octets"])
+        # Exactly the chunks' bytes, after the header fields submission adds.
+        head, _, text = body.partition(b"\r\n\r\n")
         [stored] = self.maildir("example.test", "carol")
-        self.assertTrue(stored.endswith(body.replace(b"\r\n", b"\n")), stored)
+        self.assertIn(head.replace(b"\r\n", b"\n") + b"\n", stored)
+        self.assertTrue(stored.endswith(b"\n\n" + text.replace(b"\r\n", b"\n")), stored)
         [transaction] = yield self.sink.waitForTransactions(1)
-        self.assertTrue(transaction.data.endswith(body))
+        self.assertTrue(transaction.data.endswith(b"\r\n\r\n" + text))
         self.assertEqual(len(transaction.chunks), 1)
         yield self.events.wait("removed")
 
