@@ -31,9 +31,14 @@ def checkFiles(cfg: configmod.Config) -> list:
     if cfg.relay is not None:
         files.append(("relay", "password_file", cfg.relay.password_file))
         files.append(("relay", "ca_file", cfg.relay.ca_file))
+    if cfg.oauth is not None:
+        files.append(("oauth", "jwks", cfg.oauth.jwks))
+        files.append(("oauth", "introspection_secret_file", cfg.oauth.introspection_secret_file))
     for section, key, path in files:
         if path is not None and not os.access(path, os.R_OK):
             problems.append(f"{cfg.path}: [{section}] {key}: {path}: cannot be read")
+        elif (section, key) == ("oauth", "jwks") and path is not None:
+            problems.extend(f"{cfg.path}: [oauth] jwks: {p}" for p in _jwksProblems(path))
     for listener in cfg.listeners:
         needsTLS = cfg.auth.plaintext_requires_tls
         if listener.tls == "none" and listener.auth == "required" and needsTLS:
@@ -42,3 +47,36 @@ def checkFiles(cfg: configmod.Config) -> list:
                 "and plaintext_requires_tls = yes nobody could log in"
             )
     return problems
+
+
+def _jwksProblems(path: str) -> list:
+    """Why the JWKS file at C{path} gives no key to check tokens with, if it does not."""
+    from mailauth.oauth import parseJWKS
+
+    try:
+        with open(path, "rb") as f:
+            parseJWKS(f.read())
+    except (OSError, ValueError) as e:
+        return [f"{path}: {e.strerror if isinstance(e, OSError) else e}"]
+    return []
+
+
+def warnings(cfg: configmod.Config) -> list:
+    """
+    What may not work as the configuration means, yet does not stop the
+    daemon: C{[auth] rehash = yes} with a users file the daemon cannot
+    replace (the Debian unit mounts /etc read-only). Checked as the user
+    running the check; the daemon logs them at start too.
+
+    @return: one line per warning.
+    """
+    found = []
+    if cfg.auth.rehash:
+        folder = os.path.dirname(os.path.abspath(cfg.auth.users))
+        if not os.access(folder, os.W_OK):
+            found.append(
+                f"{cfg.path}: [auth] rehash: the users file's folder {folder} is not writable,"
+                " so no password can be rehashed; keep the users file where the daemon may"
+                " write (e.g. /var/lib/mailauth/users)"
+            )
+    return found

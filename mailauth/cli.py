@@ -11,8 +11,8 @@ from typing import BinaryIO, Callable, NoReturn, Optional, TextIO
 
 import attrs
 
-from mailauth import spool, userdb
-from mailauth.checks import checkFiles
+from mailauth import apppasswords, spool, userdb
+from mailauth.checks import checkFiles, warnings
 from mailauth.config import ConfigError, load
 from mailauth.passwords import DEFAULT_SCHEME, SCHEMES, makeHash, schemeName
 from mailauth.pwquality import (
@@ -21,6 +21,7 @@ from mailauth.pwquality import (
     PasswordRefused,
     checkBreachedList,
 )
+from mailauth.userstore import UsersFileStore
 
 
 class CommandError(Exception):
@@ -195,10 +196,108 @@ def _userDel(args: argparse.Namespace, console: Console) -> None:
 
 
 def _userList(args: argparse.Namespace, console: Console) -> None:
-    users = userdb.listUsers(_usersPath(args))
-    width = max((len(login) for login, _ in users), default=0)
-    for login, scheme in users:
-        console.stdout.write(f"{login:<{width}}  {scheme}\n")
+    users = _store(args).listAccounts()
+    width = max((len(user.login) for user in users), default=0)
+    schemeWidth = max((len(user.password.scheme) for user in users), default=0)
+    for user in users:
+        extras = ["suspended"] if user.suspended else []
+        if user.appPasswords:
+            extras.append("app passwords: " + ", ".join(app.label for app in user.appPasswords))
+        line = f"{user.login:<{width}}  {user.password.scheme:<{schemeWidth}}  {'  '.join(extras)}"
+        console.stdout.write(line.rstrip() + "\n")
+
+
+def _store(args: argparse.Namespace) -> UsersFileStore:
+    """
+    The users to edit; app password uses are read from C{--state-dir}, or
+    the configuration's C{state_dir}, if either is known.
+    """
+    stateDir = getattr(args, "state_dir", None)
+    if args.config is not None:
+        cfg = load(args.config)
+        path, stateDir = cfg.auth.users, stateDir or cfg.server.state_dir
+    else:
+        path = args.users
+    lastUsed = os.path.join(stateDir, apppasswords.LAST_USED_FILE) if stateDir else None
+    return UsersFileStore(path, lastUsedPath=lastUsed)
+
+
+def _suspend(args: argparse.Namespace, console: Console) -> None:
+    store = _store(args)
+    store.setSuspended(args.login, True)
+    console.stdout.write(f"{args.login}: suspended in {store.path}\n")
+
+
+def _resume(args: argparse.Namespace, console: Console) -> None:
+    store = _store(args)
+    store.setSuspended(args.login, False)
+    console.stdout.write(f"{args.login}: resumed in {store.path}\n")
+
+
+# -- mailauth user app-password ... ------------------------------------------
+
+
+def _appPasswordAdd(args: argparse.Namespace, console: Console) -> None:
+    try:
+        apppasswords.checkLabel(args.label)
+    except apppasswords.AppPasswordError as e:
+        raise CommandError(str(e)) from None
+    store = _store(args)
+    taken = {app.prefix for app, _ in store.listAppPasswords(args.login)}
+    while True:
+        password = apppasswords.generate()
+        normalised = apppasswords.normalise(password.encode("ascii"))
+        assert normalised is not None, "generate() makes what normalise() reads"
+        prefix = apppasswords.prefixOf(normalised)
+        if prefix not in taken:
+            break
+    hashString = _hash(normalised, apppasswords.SCHEME)
+    store.addAppPassword(args.login, args.label, hashString, int(time.time()), prefix)
+    console.stderr.write(
+        f"{args.login}: app password {args.label} added to {store.path}; it is shown only now:\n"
+    )
+    console.stdout.write(password + "\n")
+
+
+def _appPasswordList(args: argparse.Namespace, console: Console) -> None:
+    store = _store(args)
+    found = store.listAppPasswords(args.login)
+    width = max([len("LABEL")] + [len(app.label) for app, _ in found])
+    console.stdout.write(f"{'LABEL':<{width}}  {'CREATED':<19}  LAST USED\n")
+    for app, used in found:
+        if store.lastUsedPath is None:
+            shown = "unknown (give --config or --state-dir)"
+        else:
+            shown = _when(used) if used is not None else "never"
+        console.stdout.write(f"{app.label:<{width}}  {_when(app.created)}  {shown}\n")
+
+
+def _appPasswordDel(args: argparse.Namespace, console: Console) -> None:
+    store = _store(args)
+    store.deleteAppPassword(args.login, args.label)
+    console.stdout.write(f"{args.login}: app password {args.label} deleted from {store.path}\n")
+
+
+def _appPasswordCommand(actions: argparse._SubParsersAction, where, login) -> None:
+    label = argparse.ArgumentParser(add_help=False)
+    label.add_argument("label", metavar="LABEL",
+                       help="names the app password (letters, digits, '.', '_', '-')")
+    stateDir = argparse.ArgumentParser(add_help=False)
+    stateDir.add_argument("--state-dir", metavar="DIR",
+                          help="the daemon's state_dir, where last uses are kept"
+                          " (default: the configuration's)")
+    command = actions.add_parser(
+        "app-password", help="passwords for one application each, beside the user's own"
+    )
+    subcommands = command.add_subparsers(dest="appAction", metavar="ACTION", required=True)
+    for name, run, parents, text in [
+        ("add", _appPasswordAdd, [login, label, where],
+         "make an app password and print it (only this once)"),
+        ("list", _appPasswordList, [login, where, stateDir],
+         "list a user's app passwords: label, created, last used"),
+        ("del", _appPasswordDel, [login, label, where], "revoke one app password"),
+    ]:
+        subcommands.add_parser(name, parents=parents, help=text).set_defaults(run=run)
 
 
 def _userCommand(commands: argparse._SubParsersAction) -> None:
@@ -217,9 +316,13 @@ def _userCommand(commands: argparse._SubParsersAction) -> None:
         ("add", _userAdd, [login, scheme, quality, where], "add a user; the password is read"),
         ("passwd", _userPasswd, [login, scheme, quality, where], "set a user's password"),
         ("del", _userDel, [login, where], "delete a user"),
-        ("list", _userList, [where], "list the users and their password schemes"),
+        ("list", _userList, [where],
+         "list the users, their password schemes, suspensions and app passwords"),
+        ("suspend", _suspend, [login, where], "refuse a user's logins until resumed"),
+        ("resume", _resume, [login, where], "lift a user's suspension"),
     ]:
         actions.add_parser(name, parents=parents, help=text).set_defaults(run=run)
+    _appPasswordCommand(actions, where, login)
 
 
 # -- mailauth hash ------------------------------------------------------------
@@ -243,9 +346,12 @@ def _hashCommand(commands: argparse._SubParsersAction) -> None:
 
 
 def _checkConfigRun(args: argparse.Namespace, console: Console) -> None:
-    problems = checkFiles(load(args.config))
+    cfg = load(args.config)
+    problems = checkFiles(cfg)
     if problems:
         raise ConfigError(problems)
+    for warning in warnings(cfg):
+        console.stderr.write(f"warning: {warning}\n")
     console.stdout.write(f"{args.config}: OK\n")
 
 

@@ -140,7 +140,9 @@ class Realm:
         if IMessageDeliveryFactory not in interfaces:
             raise NotImplementedError("mailauth avatars are IMessageDeliveryFactory only")
         login = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
-        return IMessageDeliveryFactory, Avatar(self, login), lambda: None
+        # A login made with an app password names it (checkers.AppPasswordLogin).
+        app = getattr(avatarId, "appPassword", None)
+        return IMessageDeliveryFactory, Avatar(self, str(login), app), lambda: None
 
     def anonymous(self) -> Avatar:
         """The avatar of sessions that did not authenticate: local delivery only."""
@@ -149,14 +151,23 @@ class Realm:
 
 @implementer(IMessageDeliveryFactory)
 class Avatar:
-    """One logged-in user (or the anonymous client); a L{Delivery} per message."""
+    """
+    One logged-in user (or the anonymous client); a L{Delivery} per message.
 
-    def __init__(self, realm: Realm, login: Optional[str]) -> None:
+    @ivar appPassword: the label of the app password it logged in with, or
+        L{None}.
+    """
+
+    def __init__(self, realm: Realm, login: Optional[str],
+                 appPassword: Optional[str] = None) -> None:
         self.realm = realm
         self.login = login
+        self.appPassword = appPassword
 
     def getMessageDelivery(self) -> Delivery:
-        return Delivery(self.realm, self.login)
+        delivery = Delivery(self.realm, self.login)
+        delivery.appPassword = self.appPassword
+        return delivery
 
 
 @implementer(IMessageDelivery)
@@ -171,6 +182,7 @@ class Delivery:
         self.maildirs: list = []
         self.remote: list = []
         self._message: Optional[Message] = None
+        self.appPassword: Optional[str] = None
 
     @defer.inlineCallbacks
     def validateFrom(self, helo, origin):
@@ -229,7 +241,9 @@ class Delivery:
         with_ = "ESMTP" + ("S" if tlsText else "") + ("A" if self.login else "")
         name = helo[0].decode("ascii") if isinstance(helo[0], bytes) else helo[0]
         lines = [f"Received: from {name} ([{helo[1]}])"]
-        if self.login:
+        if self.login and self.appPassword:
+            lines.append(f"\t(authenticated as {self.login} with app password {self.appPassword})")
+        elif self.login:
             lines.append(f"\t(authenticated as {self.login})")
         lines.append(f"\tby {self.realm.hostname} (mailauth) with {with_} id {self.id}")
         if tlsText:

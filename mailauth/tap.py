@@ -15,11 +15,11 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
+from mailauth import apppasswords, sdnotify
 from mailauth import config as configmod
-from mailauth import sdnotify
 from mailauth.addressmap import AddressMap
-from mailauth.checkers import CramMD5Checker, PasswordChecker
-from mailauth.checks import checkFiles
+from mailauth.checkers import CramMD5Checker, OAuthChecker, PasswordChecker
+from mailauth.checks import checkFiles, warnings
 from mailauth.esmtp import SubmissionFactory
 from mailauth.forward import QueueService
 from mailauth.metrics import Metrics, metricsService
@@ -31,6 +31,7 @@ from mailauth.threads import ThreadPoolService
 from mailauth.throttle import AuthThrottle, ConnectionLimiter
 from mailauth.tls import ReloadableTLS
 from mailauth.userdb import UserDatabase
+from mailauth.userstore import AppPasswordUse, Rehasher, UsersFileStore, schemesNeededBy
 
 log = Logger(namespace="mailauth.tap")
 
@@ -167,9 +168,30 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         clock=reactor,
     )
     portal = Portal(realm)
-    portal.registerChecker(PasswordChecker(users, authPool.run))
+    # The daemon's own edits of the users: app password uses (in state_dir)
+    # and, with [auth] rehash, outdated hashes replaced after a login.
+    store = UsersFileStore(
+        cfg.auth.users,
+        lastUsedPath=os.path.join(cfg.server.state_dir, apppasswords.LAST_USED_FILE),
+    )
+    rehasher = None
+    if cfg.auth.rehash:
+        rehasher = Rehasher(store, diskPool.run, schemesNeededBy(cfg.auth.mechanisms))
+    for warning in warnings(cfg):
+        log.warn("{warning}", warning=warning)
+    portal.registerChecker(
+        PasswordChecker(users, authPool.run, AppPasswordUse(store, diskPool.run, reactor), rehasher)
+    )
     if "CRAM-MD5" in cfg.auth.mechanisms:
         portal.registerChecker(CramMD5Checker(users, authPool.run))
+    reloadable: list = [users, aliases, senderMap]
+    if cfg.oauth is not None:
+        from mailauth.oauth import TokenVerifier
+
+        tokens = TokenVerifier.fromConfig(cfg.oauth, reactor, authPool.run)
+        portal.registerChecker(OAuthChecker(users, tokens))
+        if tokens.keys is not None:
+            reloadable.append(tokens.keys)
 
     tls = ReloadableTLS(cfg.tls.certificate, cfg.tls.private_key) if cfg.tls else None
     throttle = AuthThrottle.fromConfig(reactor, cfg.auth)
@@ -213,17 +235,16 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
 
     def reloadFiles() -> None:
         try:
-            for source in (users, aliases, senderMap):
+            for source in reloadable:
                 source.maybeReload()
         except Exception:
-            log.failure("reloading the users or address files failed")
+            log.failure("reloading the users, address or key files failed")
 
     def reloadAll() -> None:
         log.info("SIGHUP: reloading certificates, users and address files")
         if tls is not None:
             tls.reload()
-        users.load()
-        for source in (aliases, senderMap):
+        for source in reloadable:
             if source.path is not None:
                 source.load()
 
