@@ -528,6 +528,7 @@ def addAppPassword(
     """
     field = apppasswords.formatField(label, created, prefix, hashString)
     try:
+        apppasswords.checkLabel(label)
         apppasswords.parseField(field.partition("=")[2])
     except AppPasswordError as e:
         raise UserDatabaseError(str(e)) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import io
 import ipaddress
 import os
 
@@ -18,6 +19,7 @@ from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory
 from zope.interface import implementer
 
 from mailauth import config as configmod
+from mailauth.cli import Console, main
 from mailauth.config import RelayConfig
 from mailauth.esmtp import SubmissionFactory
 from mailauth.replies import SMTPReply
@@ -350,3 +352,15 @@ class QueueTestMixin:
 
     def files(self, sub):
         return sorted(os.listdir(os.path.join(self.directory, sub)))
+
+
+def runCommand(*argv: str, stdin: bytes = b"") -> tuple[int, str, str]:
+    """
+    Run C{mailauth ARGV...} in this process, with C{stdin} as standard input
+    (not a terminal).
+
+    @return: the exit status, standard output and standard error.
+    """
+    stdout, stderr = io.StringIO(), io.StringIO()
+    status = main(list(argv), Console(io.BytesIO(stdin), stdout, stderr))
+    return status, stdout.getvalue(), stderr.getvalue()

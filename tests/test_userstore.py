@@ -1,0 +1,572 @@
+"""
+Tests for L{mailauth.userstore}: the users file as a store (suspension,
+app passwords, password upgrades), the daemon's rehash after a login, and
+the C{mailauth user suspend|resume} commands.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from mailauth import passwords
+from mailauth.apppasswords import AppPassword
+from mailauth.checkers import PasswordChecker
+from mailauth.interfaces import IAccountStore, IUserStore
+from mailauth.passwords import makeHash, needsRehash, parse, verify
+from mailauth.sasl import PlaintextCredentials
+from mailauth.userdb import UserDatabase, UserDatabaseError, parseUsers
+from mailauth.userstore import AppPasswordUse, Rehasher, UsersFileStore, schemesNeededBy
+from tests.fakes import MemoryUserDatabase, runInline
+from tests.harness import PASSWORD, ROOT, AttackMixin, plain
+from tests.support import DATA, SECRET, runCommand
+
+ARGON2ID = ("{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$Yv3/T9rrrv6fTA4YLmxCNw"
+            "$Eb8O3csleuZHx+iXWfHW5sx5Q1T2CZTyh/VRQ0yaFzU")
+SHA256 = "{SHA256-CRYPT}$5$asVPx5CccgLd6Jem$3fNTongCSv7/.7KYc2vxnath7E/5zur79mlrjOcsjI8"
+ORIGINAL = (
+    "# users\n"
+    f"alice@example.org:{SHA256}:1000:1000:Alice:/home/alice::userdb_quota_rule=*:1G\n"
+    f"bob@example.org:{ARGON2ID}\n"
+)
+
+
+class StoreTestMixin:
+    """A users file holding L{ORIGINAL}, and a store over it."""
+
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        os.mkdir(self.directory)
+        self.path = os.path.join(self.directory, "users")
+        with open(self.path, "w") as f:
+            f.write(ORIGINAL)
+        self.store = UsersFileStore(self.path, lastUsedPath=os.path.join(self.directory, "used"))
+
+    def read(self) -> str:
+        with open(self.path) as f:
+            return f.read()
+
+    def loaded(self, login: str):
+        db = UserDatabase(self.path)
+        db.load()
+        return db.get(login)
+
+
+class UsersFileStoreTests(StoreTestMixin, unittest.TestCase):
+    def test_interfaces(self) -> None:
+        """The store provides L{IUserStore} and L{IAccountStore}."""
+        self.assertTrue(verifyObject(IUserStore, self.store))
+        self.assertTrue(verifyObject(IAccountStore, self.store))
+
+    def test_suspendWritesNologin(self) -> None:
+        """
+        Suspending adds Dovecot's C{nologin} extra field, after the fields
+        that must come before it, keeping every other field; loading reads
+        the user as suspended.
+        """
+        self.store.setSuspended("Bob@example.org", True)
+        self.assertEqual(self.read().splitlines()[2], f"bob@example.org:{ARGON2ID}::::::nologin")
+        self.store.setSuspended("alice@example.org", True)
+        self.assertEqual(
+            self.read().splitlines()[1],
+            f"alice@example.org:{SHA256}:1000:1000:Alice:/home/alice::"
+            "userdb_quota_rule=*:1G nologin",
+        )
+        self.assertTrue(self.loaded("bob@example.org").suspended)
+        self.assertTrue(self.loaded("alice@example.org").suspended)
+
+    def test_suspendTwice(self) -> None:
+        """Suspending a suspended login changes nothing."""
+        self.store.setSuspended("bob@example.org", True)
+        before = self.read()
+        self.store.setSuspended("bob@example.org", True)
+        self.assertEqual(self.read(), before)
+
+    def test_resume(self) -> None:
+        """
+        Resuming removes C{nologin} (in either form) and its C{reason=},
+        and the empty fields added for them: the line is as before.
+        """
+        self.store.setSuspended("alice@example.org", True)
+        self.store.setSuspended("bob@example.org", True)
+        self.store.setSuspended("alice@example.org", False)
+        self.store.setSuspended("bob@example.org", False)
+        self.assertEqual(self.read(), ORIGINAL)
+        with open(self.path, "a") as f:
+            f.write(f"carol@example.org:{ARGON2ID}::::::nologin=y reason=Moved userdb_x=1\n")
+        self.assertTrue(self.loaded("carol@example.org").suspended)
+        self.store.setSuspended("carol@example.org", False)
+        self.assertEqual(self.read().splitlines()[3],
+                         f"carol@example.org:{ARGON2ID}::::::userdb_x=1")
+        self.assertFalse(self.loaded("carol@example.org").suspended)
+
+    def test_suspendUnknown(self) -> None:
+        """Suspending a login that does not exist fails, and changes nothing."""
+        e = self.assertRaises(UserDatabaseError, self.store.setSuspended, "x@example.org", True)
+        self.assertEqual(str(e), f"no user x@example.org in {self.path}")
+        self.assertEqual(self.read(), ORIGINAL)
+
+    def test_crlfLine(self) -> None:
+        """A line ending in CR LF keeps its hash whole when fields are added."""
+        with open(self.path, "w") as f:
+            f.write(f"bob@example.org:{ARGON2ID}\r\n")
+        self.store.setSuspended("bob@example.org", True)
+        user = self.loaded("bob@example.org")
+        self.assertTrue(user.suspended)
+        self.assertEqual(user.password, parse(ARGON2ID))
+
+    def test_appPasswords(self) -> None:
+        """
+        App passwords are added as C{mailauth_app=} extra fields, listed in
+        the order they were made, and deleted one at a time.
+        """
+        hashed = makeHash(b"abcdefghjkmnpqrstuvw")
+        self.store.addAppPassword("bob@example.org", "phone", hashed, 1700000000, "abcd")
+        self.store.addAppPassword("bob@example.org", "laptop", hashed, 1700000100, "wxyz")
+        self.assertEqual(
+            self.read().splitlines()[2],
+            f"bob@example.org:{ARGON2ID}::::::mailauth_app=phone,1700000000,abcd,{hashed}"
+            f" mailauth_app=laptop,1700000100,wxyz,{hashed}",
+        )
+        listed = self.store.listAppPasswords("BOB@example.org")
+        self.assertEqual([(app.label, app.created, app.prefix, used) for app, used in listed],
+                         [("phone", 1700000000, "abcd", None),
+                          ("laptop", 1700000100, "wxyz", None)])
+        self.assertEqual([a.label for a in self.loaded("bob@example.org").appPasswords],
+                         ["phone", "laptop"])
+        self.store.deleteAppPassword("bob@example.org", "phone")
+        self.assertEqual([app.label for app, _ in self.store.listAppPasswords("bob@example.org")],
+                         ["laptop"])
+        self.store.deleteAppPassword("bob@example.org", "laptop")
+        self.assertEqual(self.read(), ORIGINAL)
+
+    def test_appPasswordRefusals(self) -> None:
+        """
+        A taken label or prefix, a bad label, a hash with white space, an
+        unknown user, or one more than the maximum are refused, each saying
+        why, and the file is unchanged.
+        """
+        hashed = makeHash(b"abcdefghjkmnpqrstuvw")
+        self.store.addAppPassword("bob@example.org", "phone", hashed, 1, "abcd")
+        before = self.read()
+        cases = [
+            (("bob@example.org", "phone", hashed, 2, "efgh"),
+             "bob@example.org already has an app password phone"),
+            (("bob@example.org", "tablet", hashed, 2, "abcd"),
+             "bob@example.org has another app password starting with abcd; make a new one"),
+            (("bob@example.org", "my phone", hashed, 2, "efgh"), "invalid app password label"),
+            (("bob@example.org", "p,q", hashed, 2, "efgh"), "invalid app password label"),
+            (("bob@example.org", "tablet", "{PLAIN}a b", 2, "efgh"), "white space"),
+            (("bob@example.org", "tablet", hashed, 2, "EFGH"), "is not 4 lower-case"),
+            (("nobody@example.org", "tablet", hashed, 2, "efgh"), "no user nobody@example.org"),
+        ]
+        for args, message in cases:
+            e = self.assertRaises(UserDatabaseError, self.store.addAppPassword, *args)
+            self.assertIn(message, str(e))
+        self.assertEqual(self.read(), before)
+        for i in range(15):
+            self.store.addAppPassword("bob@example.org", f"app{i}", hashed, 3, f"{i:04d}")
+        e = self.assertRaises(UserDatabaseError, self.store.addAppPassword,
+                              "bob@example.org", "one-more", hashed, 4, "zzzz")
+        self.assertIn("already has 16 app passwords", str(e))
+
+    def test_deleteUnknownAppPassword(self) -> None:
+        """Deleting an app password that does not exist fails and changes nothing."""
+        e = self.assertRaises(UserDatabaseError, self.store.deleteAppPassword,
+                              "bob@example.org", "phone")
+        self.assertEqual(str(e), "bob@example.org has no app password phone")
+        self.assertEqual(self.read(), ORIGINAL)
+
+    def test_malformedAppPasswordSkipped(self) -> None:
+        """
+        An app password field that cannot be read is skipped with a
+        problem naming the line; the user and its other app passwords work.
+        """
+        hashed = makeHash(b"abcdefghjkmnpqrstuvw")
+        text = (f"bob@example.org:{ARGON2ID}::::::mailauth_app=phone,x,abcd,{hashed}"
+                f" mailauth_app=tab,1,efgh,{{NOPE}}x mailauth_app=ok,1,ijkm,{hashed}"
+                f" mailauth_app=ok,2,nopq,{hashed}\n")
+        users, problems = parseUsers(text, "users")
+        self.assertEqual([a.label for a in users["bob@example.org"].appPasswords], ["ok"])
+        self.assertEqual(len(problems), 3)
+        self.assertIn("users:1: bob@example.org: app password phone: 'x' is not a creation time",
+                      problems[0])
+        self.assertIn("app password tab: unknown password scheme {NOPE}", problems[1])
+        self.assertIn("app password ok repeats the label or prefix", problems[2])
+
+    def test_lastUsed(self) -> None:
+        """
+        A recorded use is listed; a later use replaces it, an earlier one
+        does not; an app password deleted and made again with the same
+        label starts unused.
+        """
+        hashed = makeHash(b"abcdefghjkmnpqrstuvw")
+        self.store.addAppPassword("bob@example.org", "phone", hashed, 100, "abcd")
+        [(app, _)] = self.store.listAppPasswords("bob@example.org")
+        self.store.appPasswordUsed("bob@example.org", app, 2000.0)
+        self.store.appPasswordUsed("bob@example.org", app, 1500.0)
+        self.assertEqual(self.store.listAppPasswords("bob@example.org"), [(app, 2000.0)])
+        self.store.deleteAppPassword("bob@example.org", "phone")
+        self.store.addAppPassword("bob@example.org", "phone", hashed, 200, "abcd")
+        [(_, used)] = self.store.listAppPasswords("bob@example.org")
+        self.assertIsNone(used)
+        with open(self.store.lastUsedPath) as f:
+            self.assertEqual(f.read(), "bob@example.org phone 100 2000\n")
+
+    def test_lastUsedUnknownPlace(self) -> None:
+        """Without a last-use file, uses are neither recorded nor listed."""
+        store = UsersFileStore(self.path)
+        app = AppPassword("phone", 1, "abcd", parse(ARGON2ID))
+        store.appPasswordUsed("bob@example.org", app, 5.0)
+        self.assertEqual(sorted(os.listdir(self.directory)), ["users"])
+
+    def test_listAccounts(self) -> None:
+        """Every user, with its suspension and app passwords."""
+        self.store.setSuspended("alice@example.org", True)
+        accounts = self.store.listAccounts()
+        self.assertEqual([(u.login, u.password.scheme, u.suspended) for u in accounts],
+                         [("alice@example.org", "SHA256-CRYPT", True),
+                          ("bob@example.org", "ARGON2ID", False)])
+
+    def test_upgradePassword(self) -> None:
+        """
+        The hash is replaced when it is still the one verified, keeping the
+        other fields; otherwise nothing is written at all.
+        """
+        new = makeHash(SECRET)
+        self.assertTrue(self.store.upgradePassword("alice@example.org", parse(SHA256), new))
+        self.assertEqual(
+            self.read().splitlines()[1],
+            f"alice@example.org:{new}:1000:1000:Alice:/home/alice::userdb_quota_rule=*:1G",
+        )
+        inode = os.stat(self.path).st_ino
+        self.assertFalse(self.store.upgradePassword("alice@example.org", parse(SHA256),
+                                                    makeHash(b"other")))
+        self.assertFalse(self.store.upgradePassword("nobody@example.org", parse(SHA256), new))
+        self.assertEqual(os.stat(self.path).st_ino, inode)
+
+    def test_upgradeUsesFirstValidLine(self) -> None:
+        """
+        Of two lines for one login the first valid one is the one loaded,
+        so it is the only one an upgrade may replace.
+        """
+        with open(self.path, "w") as f:
+            f.write(f"bob@example.org:{{NOPE}}x\nbob@example.org:{SHA256}\n"
+                    f"bob@example.org:{SHA256}\n")
+        new = makeHash(SECRET)
+        self.assertTrue(self.store.upgradePassword("bob@example.org", parse(SHA256), new))
+        self.assertEqual(self.read().splitlines()[1:], [f"bob@example.org:{new}",
+                                                        f"bob@example.org:{SHA256}"])
+
+
+class NeedsRehashTests(unittest.TestCase):
+    def test_outdated(self) -> None:
+        """
+        Every scheme but ARGON2ID is outdated, and so is ARGON2ID with an
+        older version, less memory or fewer passes than today's.
+        """
+        outdated = [
+            SHA256, "{PLAIN}x", "{ARGON2I}$argon2i$v=19$m=65536,t=3,p=1$c2FsdHNhbHQ$aGFzaGhhc2g",
+            "{ARGON2ID}$argon2id$v=16$m=65536,t=3,p=1$c2FsdHNhbHQ$aGFzaGhhc2g",
+            "{ARGON2ID}$argon2id$m=65536,t=3,p=1$c2FsdHNhbHQ$aGFzaGhhc2g",
+            "{ARGON2ID}$argon2id$v=19$m=32768,t=3,p=1$c2FsdHNhbHQ$aGFzaGhhc2g",
+            "{ARGON2ID}$argon2id$v=19$m=65536,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2g",
+        ]
+        for stored in outdated:
+            self.assertTrue(needsRehash(parse(stored)), stored)
+        current = [ARGON2ID, makeHash(b"x"), "$argon2id$v=19$m=65536,t=3,p=1$c2FsdHNhbHQ$aGFz",
+                   "{ARGON2ID}$argon2id$v=19$m=131072,t=4,p=4$c2FsdHNhbHQ$aGFzaGhhc2g"]
+        for stored in current:
+            self.assertFalse(needsRehash(parse(stored)), stored)
+
+    def test_schemesNeededBy(self) -> None:
+        """CRAM-MD5 keeps its schemes and plaintext; SCRAM its own keys, -PLUS or not."""
+        self.assertEqual(schemesNeededBy(["PLAIN", "LOGIN"]), frozenset())
+        self.assertEqual(schemesNeededBy(["CRAM-MD5"]), frozenset(passwords.CRAM_MD5_SCHEMES))
+        self.assertEqual(schemesNeededBy(["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1"]),
+                         frozenset(["SCRAM-SHA-256", "SCRAM-SHA-1"]))
+
+
+class RecordingStore:
+    """An L{IAccountStore}'s upgrades and uses, recorded, or failing with C{error}."""
+
+    def __init__(self, error: Exception = None, answer: bool = True) -> None:
+        self.upgrades: list = []
+        self.uses: list = []
+        self.error = error
+        self.answer = answer
+
+    def upgradePassword(self, login, verified, hashString) -> bool:
+        if self.error is not None:
+            raise self.error
+        self.upgrades.append((login, verified, hashString))
+        return self.answer
+
+    def appPasswordUsed(self, login, app, when) -> None:
+        if self.error is not None:
+            raise self.error
+        self.uses.append((login, app.label, when))
+
+
+class RehasherTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.logged: list = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def messages(self) -> list:
+        return [formatEvent(e) for e in self.logged
+                if e.get("log_namespace") == "mailauth.userstore"]
+
+    def login(self, rehasher: Rehasher, login: str, stored: str, password: bytes = SECRET):
+        users = MemoryUserDatabase({login: stored})
+        checker = PasswordChecker(users, runInline, rehasher=rehasher)
+        return checker.requestAvatarId(PlaintextCredentials(login, password, "PLAIN"))
+
+    def test_rehashedOnce(self) -> None:
+        """
+        A login with an outdated hash stores an ARGON2ID hash of the
+        password, verified against the hash it replaces; it is logged, and
+        tried once per login.
+        """
+        store = RecordingStore()
+        rehasher = Rehasher(store, runInline, frozenset())
+        self.successResultOf(self.login(rehasher, "alice@example.org", SHA256))
+        self.successResultOf(self.login(rehasher, "alice@example.org", SHA256))
+        [(login, verified, new)] = store.upgrades
+        self.assertEqual((login, verified), ("alice@example.org", parse(SHA256)))
+        self.assertTrue(new.startswith("{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$"))
+        self.assertTrue(verify(parse(new), SECRET))
+        self.assertEqual(self.messages(), [
+            "Rehashed the password of <alice@example.org> from SHA256-CRYPT to ARGON2ID"])
+
+    def test_notRehashed(self) -> None:
+        """
+        No rehash for a current hash, a wrong password, a scheme an offered
+        mechanism needs, or an app password login.
+        """
+        store = RecordingStore()
+        keep = schemesNeededBy(["CRAM-MD5"])
+        rehasher = Rehasher(store, runInline, keep)
+        self.successResultOf(self.login(rehasher, "a@example.org", ARGON2ID))
+        self.failureResultOf(self.login(rehasher, "b@example.org", SHA256, b"wrong"))
+        self.successResultOf(self.login(rehasher, "c@example.org", "{PLAIN}alice-secret-1"))
+        self.successResultOf(self.login(rehasher, "d@example.org",
+                                        makeHash(SECRET, "CRAM-MD5")))
+        self.assertEqual(store.upgrades, [])
+        # Without CRAM-MD5 on offer, the plaintext user is moved to ARGON2ID.
+        rehasher = Rehasher(store, runInline, frozenset())
+        self.successResultOf(self.login(rehasher, "c@example.org", "{PLAIN}alice-secret-1"))
+        self.assertEqual([login for login, _, _ in store.upgrades], ["c@example.org"])
+
+    def test_changedMeanwhile(self) -> None:
+        """A hash changed since the login is left alone, and that is logged."""
+        rehasher = Rehasher(RecordingStore(answer=False), runInline, frozenset())
+        self.successResultOf(self.login(rehasher, "alice@example.org", SHA256))
+        self.assertEqual(self.messages(), [
+            "Did not rehash the password of <alice@example.org>: it was changed since the login"])
+
+    def test_failureLoggedOnce(self) -> None:
+        """
+        A store that cannot be written fails the rehash, never the login,
+        and is logged once for the login.
+        """
+        store = RecordingStore(UserDatabaseError("cannot write /etc/mailauth/users: "
+                                                 "Read-only file system"))
+        rehasher = Rehasher(store, runInline, frozenset())
+        for _ in range(2):
+            self.assertEqual(self.successResultOf(self.login(rehasher, "a@example.org", SHA256)),
+                             "a@example.org")
+        self.assertEqual(self.messages(), [
+            "Cannot rehash the password of <a@example.org> to ARGON2ID: cannot write "
+            "/etc/mailauth/users: Read-only file system"])
+
+    def test_offTheReactor(self) -> None:
+        """The hash and the write go through the runner, and the login does not wait for them."""
+        pending: list = []
+
+        def runLater(f, *args):
+            d = defer.Deferred()
+            pending.append((f, args, d))
+            return d
+
+        store = RecordingStore()
+        rehasher = Rehasher(store, runLater, frozenset())
+        checker = PasswordChecker(MemoryUserDatabase({"a@example.org": SHA256}), runInline,
+                                  rehasher=rehasher)
+        result = checker.requestAvatarId(PlaintextCredentials("a@example.org", SECRET, "PLAIN"))
+        self.assertEqual(self.successResultOf(result), "a@example.org")
+        self.assertEqual(store.upgrades, [])
+        [(f, args, d)] = pending
+        d.callback(f(*args))
+        self.assertEqual(len(store.upgrades), 1)
+
+
+class AppPasswordUseTests(unittest.TestCase):
+    def test_atMostOnceAMinute(self) -> None:
+        """
+        Uses of one app password are written at most once a minute; another
+        app password has its own minute.
+        """
+        clock = Clock()
+        store = RecordingStore()
+        use = AppPasswordUse(store, runInline, clock)
+        phone = AppPassword("phone", 1, "abcd", parse(ARGON2ID))
+        laptop = AppPassword("laptop", 1, "efgh", parse(ARGON2ID))
+        use.record("Bob@example.org", phone)
+        clock.advance(59)
+        self.assertIsNone(use.record("bob@example.org", phone))
+        use.record("bob@example.org", laptop)
+        clock.advance(1)
+        use.record("bob@example.org", phone)
+        self.assertEqual(store.uses, [("bob@example.org", "phone", 0),
+                                      ("bob@example.org", "laptop", 59),
+                                      ("bob@example.org", "phone", 60)])
+
+    def test_failureLogged(self) -> None:
+        """A write that fails is logged; the login is not affected."""
+        logged: list = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        use = AppPasswordUse(RecordingStore(OSError(28, "No space left on device")), runInline,
+                             Clock())
+        d = use.record("bob@example.org", AppPassword("phone", 1, "abcd", parse(ARGON2ID)))
+        self.successResultOf(d)
+        self.assertIn("Cannot record the use of app password phone of <bob@example.org>: "
+                      "[Errno 28] No space left on device", [formatEvent(e) for e in logged])
+
+
+class SuspendCommandTests(StoreTestMixin, unittest.TestCase):
+    def test_suspendResume(self) -> None:
+        """
+        C{user suspend} and C{user resume} write and lift C{nologin};
+        C{user list} shows the suspension.
+        """
+        self.assertEqual(runCommand("user", "suspend", "bob@example.org", "--users", self.path),
+                         (0, f"bob@example.org: suspended in {self.path}\n", ""))
+        self.assertTrue(self.loaded("bob@example.org").suspended)
+        status, out, _ = runCommand("user", "list", "--users", self.path)
+        self.assertEqual(out, "alice@example.org  SHA256-CRYPT\n"
+                              "bob@example.org    ARGON2ID      suspended\n")
+        self.assertEqual(runCommand("user", "resume", "bob@example.org", "--users", self.path),
+                         (0, f"bob@example.org: resumed in {self.path}\n", ""))
+        self.assertEqual(self.read(), ORIGINAL)
+
+    def test_suspendUnknown(self) -> None:
+        """Suspending an unknown login is one line of error."""
+        self.assertEqual(runCommand("user", "suspend", "x@example.org", "--users", self.path),
+                         (1, "", f"mailauth: no user x@example.org in {self.path}\n"))
+
+
+def writeConfig(directory: str, users: str, extra: str = "") -> str:
+    path = os.path.join(directory, "mailauth.conf")
+    with open(path, "w") as f:
+        f.write("[server]\nhostname = mail.example.org\n"
+                f"state_dir = {directory}/state\n"
+                "[listener:submission]\nendpoint = tcp:2587\ntls = none\nauth = optional\n"
+                f"[auth]\nusers = {users}\n{extra}"
+                "[delivery]\nlocal_domains = example.org\n"
+                "maildir = /var/mail/{domain}/{localpart}/Maildir\n")
+    return path
+
+
+def unprivileged(*argv: str) -> tuple[int, str, str]:
+    """
+    Run C{mailauth ARGV...} as a user other than root, as a process: when
+    the tests run as root (who may write into any folder), as nobody, with
+    Debian's python3 (a virtualenv's interpreter may be under /root).
+
+    @return: the exit status, standard output and standard error.
+    """
+    command = [sys.executable, "-m", "mailauth.cli", *argv]
+    if os.geteuid() == 0:
+        command = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                   "/usr/bin/python3", *command[1:]]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=60,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    return result.returncode, result.stdout, result.stderr
+
+
+class RehashConfigTests(unittest.TestCase):
+    def test_checkConfigWarns(self) -> None:
+        """
+        With C{rehash = yes}, check-config warns (and still passes) when the
+        users file's folder cannot be written; without rehash it says
+        nothing.
+        """
+        directory = os.path.abspath(self.mktemp())
+        readonly = os.path.join(directory, "etc")
+        os.makedirs(readonly)
+        # trial's own folder for the test is private: let nobody in.
+        os.chmod(os.path.dirname(directory), 0o755)
+        users = os.path.join(readonly, "users")
+        with open(users, "w") as f:
+            f.write(f"bob@example.org:{ARGON2ID}\n")
+        os.chmod(readonly, 0o555)
+        self.addCleanup(os.chmod, readonly, 0o755)
+        config = writeConfig(directory, users, "rehash = yes\n")
+        status, out, err = unprivileged("check-config", "--config", config)
+        self.assertEqual((status, out), (0, f"{config}: OK\n"), err)
+        self.assertEqual(err, f"warning: {config}: [auth] rehash: the users file's folder "
+                              f"{readonly} is not writable, so no password can be rehashed; keep "
+                              "the users file where the daemon may write (e.g. "
+                              "/var/lib/mailauth/users)\n")
+        config = writeConfig(directory, users)
+        self.assertEqual(runCommand("check-config", "--config", config), (0, f"{config}: OK\n", ""))
+
+    def test_badValue(self) -> None:
+        """C{rehash} takes yes or no."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        config = writeConfig(directory, "/dev/null", "rehash = sometimes\n")
+        status, _, err = runCommand("check-config", "--config", config)
+        self.assertEqual((status, err),
+                         (1, f"{config}: [auth] rehash: 'sometimes' is not yes or no\n"))
+
+
+class RehashDaemonTests(AttackMixin, unittest.TestCase):
+    """The running daemon with C{rehash = yes}, users from the doveadm vectors."""
+
+    settings = {"auth": {"rehash": "yes"}}
+
+    @defer.inlineCallbacks
+    def test_rehashOnLogin(self) -> None:
+        """
+        A PLAIN login of a SHA512-CRYPT user stores an ARGON2ID hash in the
+        users file, which the daemon reads back; the next login is checked
+        against it. A CRAM-MD5 user (CRAM-MD5 is offered) keeps its hash.
+        """
+        login = "alice.sha512-crypt@example.test"
+        done = self.log.waitFor(r"Rehashed the password of <alice\.sha512-crypt@")
+        client = yield self.inThread(self.loggedIn, "submissions", "127.0.0.1",
+                                     login.encode(), PASSWORD.encode())
+        client.close()
+        yield done
+        with open(os.path.join(self.daemon.dir, "users")) as f:
+            lines = {line.split(":")[0]: line.rstrip("\n").split(":")[1] for line in f}
+        self.assertTrue(lines[login].startswith("{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$"))
+        self.assertTrue(verify(parse(lines[login]), PASSWORD.encode()))
+        reloaded = self.log.waitFor(r"Users file .*: loaded")
+        yield reloaded
+        client = yield self.inThread(self.loggedIn, "submissions", "127.0.0.1",
+                                     login.encode(), PASSWORD.encode())
+        client.close()
+        cram = "alice.cram-md5@example.test"
+        client = yield self.inThread(self.connect, "submissions")
+        yield self.inThread(client.ehlo)
+        code, _ = yield self.inThread(client.command, plain(cram.encode(), PASSWORD.encode()))
+        self.assertEqual(code, 235)
+        client.close()
+        with open(os.path.join(DATA, "dovecot-passwd")) as f:
+            original = [line for line in f if line.startswith(cram + ":")]
+        with open(os.path.join(self.daemon.dir, "users")) as f:
+            self.assertIn(original[0], f.read())
+        self.assertEqual([m for m in self.log.messages if "rehash" in m.lower()[:40]],
+                         [f"Rehashed the password of <{login}> from SHA512-CRYPT to ARGON2ID"])
