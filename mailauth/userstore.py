@@ -89,7 +89,7 @@ class UsersFileStore:
         used = apppasswords.readLastUsed(self.lastUsedPath) if self.lastUsedPath else {}
         return [
             (app, used.get((user.login, app.label, app.created)))
-            for app in sorted(user.appPasswords, key=lambda app: (app.created, app.label))
+            for app in sorted(user.appPasswords, key=lambda app: app.created)
         ]
 
     def appPasswordUsed(self, login: str, app: Any, when: float) -> None:
