@@ -12,10 +12,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailauth import apppasswords, passwords
+from mailauth import apppasswords, passwords, scram
 from mailauth.apppasswords import AppPassword
 from mailauth.interfaces import BlockingRunner, IUserDatabase
-from mailauth.sasl import IBearerToken, TokenRefused
+from mailauth.sasl import IBearerToken, MechanismUnavailable, TokenRefused
 from mailauth.threads import PoolBusy
 from mailauth.userdb import User, UserDatabaseUnavailable
 
@@ -209,3 +209,40 @@ class OAuthChecker:
                 mechanism=credentials.mechanism, login=credentials.username, why=f.value.why,
             )
         return f
+
+
+@implementer(ICredentialsChecker)
+class ScramChecker:
+    """
+    SCRAM: the mechanism checked the client's proof (in constant time,
+    L{mailauth.scram.ScramKeys.proofValid}); this looks the user up again
+    and accepts a verified proof only for the keys the user has now. A
+    user whose password is stored in another scheme is refused with
+    L{MechanismUnavailable}, which the session does not count as a guess.
+    No work here blocks, so nothing goes to the auth pool.
+    """
+
+    credentialInterfaces = (scram.IScramCredentials,)
+
+    def __init__(self, users: IUserDatabase) -> None:
+        self.users = users
+
+    def requestAvatarId(self, credentials) -> defer.Deferred:
+        d = self.users.lookup(credentials.username)
+        d.addErrback(_unavailable)
+        d.addCallback(self._check, credentials)
+        return d
+
+    @staticmethod
+    def _check(user, credentials) -> str:
+        if user is None:
+            raise UnauthorizedLogin()
+        keys = scram.storedKeys(user.password, credentials.scheme)
+        if keys is None:
+            raise MechanismUnavailable(
+                f"{credentials.mechanism} cannot verify a password stored as {user.password.scheme}"
+            )
+        if not (credentials.verified and keys.same(credentials.keys)):
+            raise UnauthorizedLogin()
+        # A suspended login fails even with the right proof.
+        return _result(not user.suspended, user)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from mailauth import config as configmod
+from mailauth.pgusers import checkSetup, isPostgreSQL
 from mailauth.tls import ReloadableTLS, TLSError
 
 
@@ -26,7 +27,10 @@ def checkFiles(cfg: configmod.Config) -> list:
             ReloadableTLS(cfg.tls.certificate, cfg.tls.private_key)
         except TLSError as e:
             problems.append(f"{cfg.path}: [tls]: {e}")
-    files = [("auth", "users", cfg.auth.users), ("delivery", "aliases", cfg.delivery.aliases),
+    usersFile = None if isPostgreSQL(cfg.auth.users) else cfg.auth.users
+    if usersFile is None and (problem := checkSetup(cfg.auth.users)) is not None:
+        problems.append(f"{cfg.path}: [auth] users: {problem}")
+    files = [("auth", "users", usersFile), ("delivery", "aliases", cfg.delivery.aliases),
              ("delivery", "sender_map", cfg.delivery.sender_map)]
     if cfg.relay is not None:
         files.append(("relay", "password_file", cfg.relay.password_file))
@@ -71,7 +75,7 @@ def warnings(cfg: configmod.Config) -> list:
     @return: one line per warning.
     """
     found = []
-    if cfg.auth.rehash:
+    if cfg.auth.rehash and not isPostgreSQL(cfg.auth.users):
         folder = os.path.dirname(os.path.abspath(cfg.auth.users))
         if not os.access(folder, os.W_OK):
             found.append(

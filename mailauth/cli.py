@@ -7,11 +7,11 @@ import getpass
 import os
 import sys
 import time
-from typing import BinaryIO, Callable, NoReturn, Optional, TextIO
+from typing import Any, BinaryIO, Callable, NoReturn, Optional, TextIO
 
 import attrs
 
-from mailauth import apppasswords, spool, userdb
+from mailauth import apppasswords, pgusers, spool, userdb
 from mailauth.checks import checkFiles, warnings
 from mailauth.config import ConfigError, load
 from mailauth.passwords import DEFAULT_SCHEME, SCHEMES, makeHash, schemeName
@@ -21,7 +21,7 @@ from mailauth.pwquality import (
     PasswordRefused,
     checkBreachedList,
 )
-from mailauth.userstore import UsersFileStore
+from mailauth.userstore import describe, storeFor
 
 
 class CommandError(Exception):
@@ -125,9 +125,14 @@ def _qualityOptions() -> argparse.ArgumentParser:
 
 
 def _usersPath(args: argparse.Namespace) -> str:
-    if args.users is not None:
-        return args.users
-    return load(args.config).auth.users
+    """The users file or PostgreSQL URI the command works on."""
+    users = args.users if args.users is not None else load(args.config).auth.users
+    if pgusers.isPostgreSQL(users):
+        try:
+            pgusers.checkURI(users)
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+    return users
 
 
 def _hash(password: bytes, scheme: str, login: Optional[str] = None) -> str:
@@ -170,68 +175,75 @@ def _newPassword(args: argparse.Namespace, console: Console, policy: PasswordPol
 
 
 def _userAdd(args: argparse.Namespace, console: Console) -> None:
-    path = _usersPath(args)
+    users = _usersPath(args)
+    store = storeFor(users, creating=True)
     userdb.checkLogin(args.login)
-    # Fail before asking for a password; addUser checks again under its lock.
-    if os.path.exists(path) and userdb.hasUser(path, args.login):
-        raise CommandError(f"user {args.login} already exists in {path}")
+    # Fail before asking for a password; addUser checks again.
+    if store.hasUser(args.login):
+        raise CommandError(f"user {args.login} already exists in {describe(users)}")
     policy = _policy(args)
-    userdb.addUser(path, args.login, _newPassword(args, console, policy))
-    console.stdout.write(f"{args.login}: added to {path}\n")
+    store.addUser(args.login, _newPassword(args, console, policy))
+    console.stdout.write(f"{args.login}: added to {describe(users)}\n")
 
 
 def _userPasswd(args: argparse.Namespace, console: Console) -> None:
-    path = _usersPath(args)
-    if not userdb.hasUser(path, args.login):
-        raise CommandError(f"no user {args.login} in {path}")
+    users = _usersPath(args)
+    store = storeFor(users)
+    if not store.hasUser(args.login):
+        raise CommandError(f"no user {args.login} in {describe(users)}")
     policy = _policy(args)
-    userdb.setPassword(path, args.login, _newPassword(args, console, policy))
-    console.stdout.write(f"{args.login}: password changed in {path}\n")
+    store.setPassword(args.login, _newPassword(args, console, policy))
+    console.stdout.write(f"{args.login}: password changed in {describe(users)}\n")
 
 
 def _userDel(args: argparse.Namespace, console: Console) -> None:
-    path = _usersPath(args)
-    userdb.deleteUser(path, args.login)
-    console.stdout.write(f"{args.login}: deleted from {path}\n")
+    users = _usersPath(args)
+    storeFor(users).deleteUser(args.login)
+    console.stdout.write(f"{args.login}: deleted from {describe(users)}\n")
 
 
 def _userList(args: argparse.Namespace, console: Console) -> None:
-    users = _store(args).listAccounts()
-    width = max((len(user.login) for user in users), default=0)
-    schemeWidth = max((len(user.password.scheme) for user in users), default=0)
-    for user in users:
-        extras = ["suspended"] if user.suspended else []
-        if user.appPasswords:
-            extras.append("app passwords: " + ", ".join(app.label for app in user.appPasswords))
-        line = f"{user.login:<{width}}  {user.password.scheme:<{schemeWidth}}  {'  '.join(extras)}"
+    store = _store(args)[0]
+    users = store.listUsers()
+    accounts = {user.login: user for user in store.listAccounts()}
+    width = max((len(login) for login, _ in users), default=0)
+    schemeWidth = max((len(scheme) for _, scheme in users), default=0)
+    for login, scheme in users:
+        extras = []
+        account = accounts.get(login)
+        if account is not None and account.suspended:
+            extras.append("suspended")
+        if account is not None and account.appPasswords:
+            labels = ", ".join(app.label for app in account.appPasswords)
+            extras.append(f"app passwords: {labels}")
+        line = f"{login:<{width}}  {scheme:<{schemeWidth}}  {'  '.join(extras)}"
         console.stdout.write(line.rstrip() + "\n")
 
 
-def _store(args: argparse.Namespace) -> UsersFileStore:
+def _store(args: argparse.Namespace) -> tuple[Any, str]:
     """
-    The users to edit; app password uses are read from C{--state-dir}, or
-    the configuration's C{state_dir}, if either is known.
+    The store to edit (an C{IUserStore} and C{IAccountStore}), and how to
+    name it; a users file's app password uses are read from C{--state-dir},
+    or the configuration's C{state_dir}, if either is known.
     """
+    users = _usersPath(args)
     stateDir = getattr(args, "state_dir", None)
-    if args.config is not None:
-        cfg = load(args.config)
-        path, stateDir = cfg.auth.users, stateDir or cfg.server.state_dir
-    else:
-        path = args.users
+    if stateDir is None and args.config is not None:
+        stateDir = load(args.config).server.state_dir
     lastUsed = os.path.join(stateDir, apppasswords.LAST_USED_FILE) if stateDir else None
-    return UsersFileStore(path, lastUsedPath=lastUsed)
+    return storeFor(users, lastUsedPath=lastUsed), describe(users)
 
 
 def _suspend(args: argparse.Namespace, console: Console) -> None:
-    store = _store(args)
+    store, where = _store(args)
     store.setSuspended(args.login, True)
-    console.stdout.write(f"{args.login}: suspended in {store.path}\n")
+    console.stdout.write(f"{args.login}: suspended in {where}\n")
 
 
 def _resume(args: argparse.Namespace, console: Console) -> None:
-    store = _store(args)
+    store, where = _store(args)
     store.setSuspended(args.login, False)
-    console.stdout.write(f"{args.login}: resumed in {store.path}\n")
+    console.stdout.write(f"{args.login}: resumed in {where}\n")
 
 
 # -- mailauth user app-password ... ------------------------------------------
@@ -242,7 +254,7 @@ def _appPasswordAdd(args: argparse.Namespace, console: Console) -> None:
         apppasswords.checkLabel(args.label)
     except apppasswords.AppPasswordError as e:
         raise CommandError(str(e)) from None
-    store = _store(args)
+    store, where = _store(args)
     taken = {app.prefix for app, _ in store.listAppPasswords(args.login)}
     while True:
         password = apppasswords.generate()
@@ -254,18 +266,18 @@ def _appPasswordAdd(args: argparse.Namespace, console: Console) -> None:
     hashString = _hash(normalised, apppasswords.SCHEME)
     store.addAppPassword(args.login, args.label, hashString, int(time.time()), prefix)
     console.stderr.write(
-        f"{args.login}: app password {args.label} added to {store.path}; it is shown only now:\n"
+        f"{args.login}: app password {args.label} added to {where}; it is shown only now:\n"
     )
     console.stdout.write(password + "\n")
 
 
 def _appPasswordList(args: argparse.Namespace, console: Console) -> None:
-    store = _store(args)
+    store, _ = _store(args)
     found = store.listAppPasswords(args.login)
     width = max([len("LABEL")] + [len(app.label) for app, _ in found])
     console.stdout.write(f"{'LABEL':<{width}}  {'CREATED':<19}  LAST USED\n")
     for app, used in found:
-        if store.lastUsedPath is None:
+        if not store.usesKnown:
             shown = "unknown (give --config or --state-dir)"
         else:
             shown = _when(used) if used is not None else "never"
@@ -273,9 +285,9 @@ def _appPasswordList(args: argparse.Namespace, console: Console) -> None:
 
 
 def _appPasswordDel(args: argparse.Namespace, console: Console) -> None:
-    store = _store(args)
+    store, where = _store(args)
     store.deleteAppPassword(args.login, args.label)
-    console.stdout.write(f"{args.login}: app password {args.label} deleted from {store.path}\n")
+    console.stdout.write(f"{args.login}: app password {args.label} deleted from {where}\n")
 
 
 def _appPasswordCommand(actions: argparse._SubParsersAction, where, login) -> None:
@@ -303,14 +315,16 @@ def _appPasswordCommand(actions: argparse._SubParsersAction, where, login) -> No
 def _userCommand(commands: argparse._SubParsersAction) -> None:
     where = argparse.ArgumentParser(add_help=False)
     group = where.add_mutually_exclusive_group(required=True)
-    group.add_argument("--users", metavar="FILE", help="the users file")
-    group.add_argument("--config", metavar="PATH", help="the configuration naming the users file")
+    group.add_argument("--users", metavar="FILE|URI",
+                       help="the users file, or a postgresql:// user database")
+    group.add_argument("--config", metavar="PATH",
+                       help="the configuration naming the users file or database")
     scheme = _schemeOption()
     quality = _qualityOptions()
     login = argparse.ArgumentParser(add_help=False)
     login.add_argument("login", metavar="LOGIN", help="the full address, like alice@example.org")
 
-    user = commands.add_parser("user", help="manage the users file")
+    user = commands.add_parser("user", help="manage the users file or database")
     actions = user.add_subparsers(dest="action", metavar="ACTION", required=True)
     for name, run, parents, text in [
         ("add", _userAdd, [login, scheme, quality, where], "add a user; the password is read"),
@@ -348,6 +362,10 @@ def _hashCommand(commands: argparse._SubParsersAction) -> None:
 def _checkConfigRun(args: argparse.Namespace, console: Console) -> None:
     cfg = load(args.config)
     problems = checkFiles(cfg)
+    if not problems and pgusers.isPostgreSQL(cfg.auth.users):
+        problem = pgusers.checkDatabase(cfg.auth.users)
+        if problem is not None:
+            problems.append(f"{cfg.path}: [auth] users: {problem}")
     if problems:
         raise ConfigError(problems)
     for warning in warnings(cfg):
@@ -359,6 +377,36 @@ def _checkConfigCommand(commands: argparse._SubParsersAction) -> None:
     command = commands.add_parser("check-config", help="validate a configuration file")
     command.add_argument("--config", metavar="PATH", required=True)
     command.set_defaults(run=_checkConfigRun)
+
+
+# -- mailauth db init ---------------------------------------------------------
+
+
+def _dbInit(args: argparse.Namespace, console: Console) -> None:
+    users = load(args.config).auth.users
+    if not pgusers.isPostgreSQL(users):
+        raise CommandError(
+            f"{args.config}: [auth] users is a file ({users}), not a postgresql:// URI:"
+            " there is no database to initialise"
+        )
+    before, after = pgusers.initSchema(users)
+    if before == after:
+        done = f"the mailauth schema is up to date (version {after})"
+    elif before == 0:
+        done = f"created the mailauth schema (version {after})"
+    else:
+        done = f"upgraded the mailauth schema from version {before} to {after}"
+    console.stdout.write(f"{pgusers.redact(users)}: {done}\n")
+
+
+def _dbCommand(commands: argparse._SubParsersAction) -> None:
+    command = commands.add_parser("db", help="manage the PostgreSQL user database")
+    actions = command.add_subparsers(dest="action", metavar="ACTION", required=True)
+    init = actions.add_parser(
+        "init", help="create or upgrade the schema that users = postgresql://... reads"
+    )
+    init.add_argument("--config", metavar="PATH", required=True)
+    init.set_defaults(run=_dbInit)
 
 
 # -- mailauth queue -----------------------------------------------------------
@@ -418,8 +466,53 @@ def _queueCommand(commands: argparse._SubParsersAction) -> None:
     delete.set_defaults(run=_queueDelete)
 
 
+# -- mailauth dkim ------------------------------------------------------------
+
+
+def _dkimKeygen(args: argparse.Namespace, console: Console) -> None:
+    try:
+        from mailauth import dkimsign
+    except ImportError as e:
+        raise CommandError(
+            f"{e}: DKIM needs the Python package dkimpy (Debian: apt install python3-dkim; "
+            "pip: pip install 'mailauth[dkim]')"
+        ) from None
+    try:
+        key = dkimsign.keygen(args.domain, args.selector, args.type, args.keydir, time.time())
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    except FileExistsError as e:
+        raise CommandError(
+            f"{e.filename} exists; not overwritten (choose another --selector)"
+        ) from None
+    # Zone-file comments (;) around the record, so that it can be pasted as it is.
+    console.stdout.write(
+        f"; wrote {key.path}; to sign with it, add to [dkim]:\n"
+        f";   {key.domain} = {key.selector}:{key.path}\n"
+        f"; and publish in DNS:\n{key.zoneLine()}\n"
+    )
+
+
+def _dkimCommand(commands: argparse._SubParsersAction) -> None:
+    command = commands.add_parser("dkim", help="DKIM signing keys")
+    actions = command.add_subparsers(dest="action", metavar="ACTION", required=True)
+    keygen = actions.add_parser(
+        "keygen", help="write a new key as DIR/DOMAIN.SELECTOR.pem and print its DNS record"
+    )
+    keygen.add_argument("domain", metavar="DOMAIN", help="the signing domain, like example.org")
+    keygen.add_argument("--selector", metavar="S",
+                        help="default: mailYYYYMM (this month; with an e added for ed25519)")
+    keygen.add_argument("--type", choices=("rsa", "ed25519"), default="rsa",
+                        help="rsa (2048 bits, the default: every receiver verifies it) or "
+                        "ed25519 (RFC 8463: many receivers ignore it, so sign with both)")
+    keygen.add_argument("--keydir", metavar="DIR", default="/etc/mailauth/dkim",
+                        help="where to write the key (default /etc/mailauth/dkim)")
+    keygen.set_defaults(run=_dkimKeygen)
+
+
 # Each adds one subcommand whose "run" default is called with (args, console).
-_COMMANDS = (_userCommand, _hashCommand, _checkConfigCommand, _queueCommand)
+_COMMANDS = (_userCommand, _hashCommand, _checkConfigCommand, _dbCommand, _queueCommand,
+             _dkimCommand)
 
 
 def _makeParser() -> argparse.ArgumentParser:

@@ -7,15 +7,28 @@ import importlib.util
 import ipaddress
 import re
 import socket
-from typing import Callable, Iterable, Optional
+from types import MappingProxyType
+from typing import Callable, Iterable, Mapping, Optional
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import attrs
 
+from mailauth.pgusers import checkURI, isPostgreSQL
+
 TLS_MODES = ("starttls", "implicit", "none")
 AUTH_MODES = ("required", "optional", "none")
 PROXY_MODES = ("no", "v1", "v2", "any")
-KNOWN_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "OAUTHBEARER", "XOAUTH2")
+KNOWN_MECHANISMS = (
+    "PLAIN",
+    "LOGIN",
+    "SCRAM-SHA-256",
+    "SCRAM-SHA-256-PLUS",
+    "SCRAM-SHA-1",
+    "SCRAM-SHA-1-PLUS",
+    "CRAM-MD5",
+    "OAUTHBEARER",
+    "XOAUTH2",
+)
 # The mechanisms that take OAuth 2.0 bearer tokens: they need [oauth].
 OAUTH_MECHANISMS = ("OAUTHBEARER", "XOAUTH2")
 
@@ -161,6 +174,14 @@ class StateConfig:
 
 
 @attrs.frozen
+class DKIMKeyConfig:
+    """One signing key of a domain, its public half published at C{selector._domainkey.domain}."""
+
+    selector: str
+    keyfile: str
+
+
+@attrs.frozen
 class Config:
     path: str
     server: ServerConfig
@@ -172,6 +193,8 @@ class Config:
     state: StateConfig
     autoconfig: Optional[AutoconfigConfig] = None
     metrics: Optional[MetricsConfig] = None
+    #: [dkim]: signing domain -> its keys (a tuple of L{DKIMKeyConfig}), read-only.
+    dkim: Mapping[str, tuple] = MappingProxyType({})
     oauth: Optional[OAuthConfig] = None
 
 
@@ -253,6 +276,12 @@ def _text(text: str) -> str:
     return value
 
 
+def _users(text: str) -> str:
+    """The users file's path, or a PostgreSQL URI (C{postgresql://...}) checked for form."""
+    value = _text(text)
+    return checkURI(value) if isPostgreSQL(value) else value
+
+
 def _mechanisms(text: str) -> tuple:
     names = tuple(text.upper().split())
     if not names:
@@ -278,12 +307,36 @@ def _networks(text: str) -> tuple:
     return tuple(networks)
 
 
+def parseDomain(text: str) -> str:
+    """
+    A domain name, lower-cased, without a trailing dot.
+
+    @raise ValueError: if C{text} is not one (letters, digits and hyphens;
+        labels of at most 63 characters).
+    """
+    domain = text.strip().lower().rstrip(".")
+    if not HOSTNAME.fullmatch(domain) or len(domain) > 253:
+        raise ValueError(f"{domain!r} is not a domain name")
+    return domain
+
+
+def parseSelector(text: str) -> str:
+    """
+    A DKIM selector (RFC 6376 3.1: dot-separated labels of letters, digits
+    and hyphens), lower-cased.
+
+    @raise ValueError: if C{text} is not one.
+    """
+    selector = text.strip().lower()
+    if not HOSTNAME.fullmatch(selector):
+        raise ValueError(
+            f"{selector!r} is not a DKIM selector (letters, digits, hyphens, dot-separated)"
+        )
+    return selector
+
+
 def _domains(text: str) -> frozenset:
-    domains = frozenset(d.strip().lower().rstrip(".") for d in text.replace(",", " ").split())
-    for d in domains:
-        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", d):
-            raise ValueError(f"{d!r} is not a domain name")
-    return domains
+    return frozenset(parseDomain(d) for d in text.replace(",", " ").split())
 
 
 def _maildirTemplate(text: str) -> str:
@@ -480,7 +533,7 @@ _SCHEMA: dict = {
     },
     "auth": {
         "mechanisms": (_mechanisms, "PLAIN LOGIN"),
-        "users": (_text, REQUIRED),
+        "users": (_users, REQUIRED),
         "plaintext_requires_tls": (parseBool, "yes"),
         "failure_window": (parseDuration, "15m"),
         "max_failures_per_address": (parsePositive, "10"),
@@ -604,9 +657,11 @@ def loadText(text: str, path: str = "<string>") -> Config:
             if not name[len("listener:"):].strip():
                 r.problem(name, None, "a listener section needs a name after the colon")
             listenerNames.append(name)
+        elif name == "dkim":
+            continue
         elif name not in _SCHEMA or name == "listener":
             known = ", ".join(f"[{s}]" for s in _SCHEMA if s != "listener")
-            r.problem(name, None, f"unknown section (known: {known}, [listener:NAME])")
+            r.problem(name, None, f"unknown section (known: {known}, [dkim], [listener:NAME])")
 
     for required in ("auth", "delivery"):
         if not parser.has_section(required):
@@ -654,6 +709,7 @@ def loadText(text: str, path: str = "<string>") -> Config:
     autoconfig = None
     if parser.has_section("autoconfig"):
         autoconfig = _autoconfig(r, parser, server, listeners, auth, delivery)
+    dkim = _dkimSection(r) if parser.has_section("dkim") else {}
 
     if r.problems:
         raise ConfigError(r.problems)
@@ -669,6 +725,7 @@ def loadText(text: str, path: str = "<string>") -> Config:
         autoconfig=autoconfig,
         metrics=MetricsConfig(**metrics) if metrics is not None else None,
         state=StateConfig(**state),
+        dkim=MappingProxyType(dkim),
         oauth=OAuthConfig(**oauth) if oauth is not None else None,
     )
 
@@ -811,6 +868,47 @@ def _checkProxy(r: _Reader, section: str, values: dict) -> None:
         r.problem(section, "proxy_protocol",
                   f"{endpoint!r}: a unix: endpoint has no client address to check against "
                   "trusted_proxies; use tcp:")
+
+
+def _dkimSection(r: _Reader) -> dict:
+    """
+    Read [dkim], whose keys are the signing domains, not names from the
+    schema: C{domain = selector:keyfile}, or several C{selector:keyfile}
+    separated by spaces to sign with each (an RSA and an Ed25519 key). Only
+    the syntax is checked here; L{mailauth.dkimsign.loadKeys} reads the keys.
+    """
+    keys: dict = {}
+    for key, text in r.parser["dkim"].items():
+        try:
+            domain = parseDomain(key)
+        except ValueError as e:
+            r.problem("dkim", key, f"{e}: each key in [dkim] is a signing domain")
+            continue
+        if domain in keys:
+            r.problem("dkim", key, f"{domain} is listed twice")
+            continue
+        entries: list = []
+        problems = len(r.problems)
+        for item in text.split():
+            selector, colon, keyfile = item.partition(":")
+            if not colon or not selector or not keyfile:
+                r.problem("dkim", key, f"{item!r} is not selector:keyfile")
+                continue
+            try:
+                selector = parseSelector(selector)
+            except ValueError as e:
+                r.problem("dkim", key, str(e))
+                continue
+            if any(entry.selector == selector for entry in entries):
+                r.problem("dkim", key, f"selector {selector} is listed twice")
+            entries.append(DKIMKeyConfig(selector=selector, keyfile=keyfile))
+        if not entries and len(r.problems) == problems:
+            r.problem("dkim", key, "missing selector:keyfile")
+        keys[domain] = tuple(entries)
+    if keys and importlib.util.find_spec("dkim") is None:
+        r.problem("dkim", None, "needs the Python package dkimpy (Debian: apt install "
+                  "python3-dkim; pip: pip install 'mailauth[dkim]')")
+    return keys
 
 
 def _checkEndpoint(r: _Reader, section: str, description: str) -> None:

@@ -133,6 +133,19 @@ class SubmissionProtocol(protocol.Protocol):
         except Exception:
             return "TLS"
 
+    def _saslContext(self) -> sasl.SASLContext:
+        """What the SASL mechanisms see of this session, with the names offered in EHLO."""
+        connection = None
+        if self.tls.active:
+            try:
+                connection = self.transport.getHandle()
+            except AttributeError:
+                pass
+        context = sasl.SASLContext(self.settings.hostname, self.clock, connection)
+        table = self.factory.saslTable
+        names = sasl.offered(table, self.factory.mechanisms, context)
+        return sasl.SASLContext(self.settings.hostname, self.clock, connection, names)
+
     def _authAllowedNow(self) -> bool:
         if self.factory.authMode == "none":
             return False
@@ -394,7 +407,7 @@ class SubmissionProtocol(protocol.Protocol):
         if self._startTLSOffered():
             lines.append("STARTTLS")
         if self._authAllowedNow() and self.login is None:
-            lines.append("AUTH " + " ".join(self.factory.mechanisms))
+            lines.append("AUTH " + " ".join(self._saslContext().offered))
         self._sendLines(250, lines)
 
     def do_STARTTLS(self, arg: str):
@@ -440,9 +453,13 @@ class SubmissionProtocol(protocol.Protocol):
             return self._error(replies.UNKNOWN_MECHANISM)
         if not self._authAllowedNow():
             return self._error(replies.ENCRYPTION_REQUIRED)
+        context = self._saslContext()
+        if name not in context.offered:
+            # Only -PLUS is ever held back: it needs TLS channel binding data.
+            return self._error(replies.ENCRYPTION_REQUIRED)
         if self.factory.throttle.isBlocked(self._peer):
             return self._close(replies.BLOCKED)
-        mechanism = sasl.MECHANISMS[name](self.settings.hostname, self.clock)
+        mechanism = self.factory.saslTable[name](context)
         initial = None
         if len(words) == 2:
             initial = b"" if words[1] == "=" else self._decode(words[1].encode("ascii"))
@@ -485,14 +502,31 @@ class SubmissionProtocol(protocol.Protocol):
         mechanism = self._mechanism
         try:
             step = advance()
-        except sasl.SASLError as e:
-            self._mechanism = None
-            self._mode = self.COMMAND
-            return self._error(e)
-        except sasl.AuthzidMismatch as e:
-            self._mode = self.COMMAND
-            self._mechanism = None
+        except (sasl.SASLError, sasl.AuthzidMismatch) as e:
+            return self._stepFailed(e, mechanism)
+        if isinstance(step, defer.Deferred):
+            # A mechanism that looks the user up (SCRAM) answers later.
+            self._mode = self.AUTH
+            step.addCallbacks(self._stepped, self._stepError, errbackArgs=(mechanism,))
+            return step
+        return self._stepped(step)
+
+    def _stepError(self, f: Failure, mechanism):
+        f.trap(sasl.SASLError, sasl.AuthzidMismatch)
+        return self._stepFailed(cast("sasl.SASLError | sasl.AuthzidMismatch", f.value), mechanism)
+
+    def _stepFailed(self, e: sasl.SASLError | sasl.AuthzidMismatch, mechanism):
+        if self._mode == self.CLOSED:
+            return None
+        self._mode = self.COMMAND
+        self._mechanism = None
+        if isinstance(e, sasl.AuthzidMismatch):
             return self._authFailed(mechanism.name, e.username, "authzid differs from login")
+        return self._error(e)
+
+    def _stepped(self, step):
+        if self._mode == self.CLOSED:
+            return None
         if isinstance(step, sasl.Challenge):
             self._mode = self.AUTH
             self._send(Reply(334, base64.b64encode(step.data).decode("ascii")))
@@ -526,6 +560,17 @@ class SubmissionProtocol(protocol.Protocol):
 
     def _authError(self, f: Failure, credentials):
         if self._mode == self.CLOSED:
+            return None
+        if f.check(sasl.MechanismUnavailable):
+            # Not a guess: the client chose a mechanism we offered but cannot
+            # verify for this user. Never counted, never slowed down.
+            log.info(
+                "auth mechanism unusable: client=[{client}] mechanism={mechanism} login=<{login}>",
+                client=self._peer,
+                mechanism=credentials.mechanism,
+                login=_printable(credentials.username),
+            )
+            self._send(replies.AUTH_FAILED)
             return None
         if f.check(UnauthorizedLogin):
             # Bearer token mechanisms tell why in a last challenge first.
@@ -825,6 +870,7 @@ class SubmissionFactory(protocol.Factory):
         failuresPerSession: int,
         postmasterDomain: str,
         reactor,
+        saslTable: Optional[dict] = None,
     ) -> None:
         self.settings = settings
         self.portal = portal
@@ -839,6 +885,8 @@ class SubmissionFactory(protocol.Factory):
         self.failuresPerSession = failuresPerSession
         self.postmasterDomain = postmasterDomain
         self.reactor = reactor
+        #: Mechanism name -> entry called with a L{sasl.SASLContext}.
+        self.saslTable = sasl.MECHANISMS if saslTable is None else saslTable
 
     def buildProtocol(self, addr) -> SubmissionProtocol:
         p = SubmissionProtocol(self)

@@ -165,6 +165,10 @@ class IAccountStore(Interface):
     L{mailauth.apppasswords.AppPassword}s.
     """
 
+    usesKnown = Attribute(
+        "Whether L{listAppPasswords} can tell when each app password was last used."
+    )
+
     def addAppPassword(login: str, label: str, hashString: str, created: int, prefix: str) -> None:
         """
         Give C{login} an app password, hashed as C{hashString}, made at

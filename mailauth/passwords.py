@@ -19,6 +19,7 @@ import argon2.low_level
 import attrs
 import bcrypt
 
+from mailauth import scram
 from mailauth.legacyschemes import LEGACY_SCHEMES, Scheme, cryptSalt
 
 #: The schemes that store the password itself.
@@ -459,11 +460,8 @@ _SCHEMES["HMAC-MD5"] = _SCHEMES["CRAM-MD5"]
 for _name in PLAINTEXT_SCHEMES:
     _SCHEMES[_name] = Scheme(_plainCheck, _plainVerify, lambda password, login: password)
 _SCHEMES.update(LEGACY_SCHEMES)
-# SCRAM-SHA-1 and SCRAM-SHA-256 belong here, from mailauth/scram.py:
-# _SCHEMES.update(scram.SCHEMES), each a Scheme whose raw value is
-# ITERATIONS,SALT,STOREDKEY,SERVERKEY (encoding "none", as doveadm prints it).
-# WEAK_SCHEMES, and test_passwords' FORMATS and WeakTests.STRONG, then say
-# where they stand.
+# SCRAM keys are not password-equivalent and cost PBKDF2 to guess: strong.
+_SCHEMES.update(scram.SCHEMES)
 
 #: Every scheme name that L{parse} accepts and L{makeHash} produces (each
 #: may be followed by C{.B64} or C{.HEX} to choose the encoding).

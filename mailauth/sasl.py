@@ -9,7 +9,7 @@ import hmac
 import json
 import re
 import secrets
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import attrs
 from twisted.cred.credentials import ICredentials, IUsernameHashedPassword, IUsernamePassword
@@ -40,6 +40,38 @@ class AuthzidMismatch(Exception):
     def __init__(self, username: str) -> None:
         super().__init__(username)
         self.username = username
+
+
+class MechanismUnavailable(UnauthorizedLogin):
+    """
+    A checker's refusal that says nothing about the password: the user's
+    password is stored in a scheme this mechanism cannot verify (a user
+    hashed with ARGON2ID trying CRAM-MD5 or SCRAM). The client answered the
+    same as for a wrong password; the session must neither count it as a
+    guess nor slow the client down (a client's choice among the mechanisms
+    we offered must never lock its owner out).
+    """
+
+
+@attrs.frozen
+class SASLContext:
+    """
+    What a mechanism may know of the session it runs in; a SASL table entry
+    is called with one and returns an L{mailauth.interfaces.ISASLMechanism}.
+    An entry may also have C{available(context) -> bool}, saying whether to
+    offer it on that session at all (SCRAM-SHA-256-PLUS needs TLS).
+
+    @ivar hostname: the server's name.
+    @ivar clock: an C{IReactorTime}.
+    @ivar tls: the session's L{OpenSSL.SSL.Connection} once TLS is active,
+        else L{None}: channel binding reads it.
+    @ivar offered: the mechanism names the session offered in EHLO.
+    """
+
+    hostname: str
+    clock: Any
+    tls: Any = None
+    offered: tuple = ()
 
 
 def _malformed(why: str) -> SASLError:
@@ -184,7 +216,7 @@ class Plain:
 
     name = "PLAIN"
 
-    def __init__(self, hostname: str, clock) -> None:
+    def __init__(self, context: SASLContext) -> None:
         pass
 
     def start(self, initial: Optional[bytes]) -> Step:
@@ -211,7 +243,7 @@ class Login:
 
     name = "LOGIN"
 
-    def __init__(self, hostname: str, clock) -> None:
+    def __init__(self, context: SASLContext) -> None:
         self._username: Optional[str] = None
 
     def start(self, initial: Optional[bytes]) -> Step:
@@ -240,10 +272,9 @@ class CramMD5:
 
     name = "CRAM-MD5"
 
-    def __init__(self, hostname: str, clock) -> None:
-        self._challenge = (
-            f"<{secrets.randbelow(10**18)}.{int(clock.seconds())}@{hostname}>".encode("ascii")
-        )
+    def __init__(self, context: SASLContext) -> None:
+        now = int(context.clock.seconds())
+        self._challenge = f"<{secrets.randbelow(10**18)}.{now}@{context.hostname}>".encode("ascii")
 
     def start(self, initial: Optional[bytes]) -> Step:
         if initial is not None:
@@ -307,7 +338,7 @@ class OAuthBearer:
 
     name = "OAUTHBEARER"
 
-    def __init__(self, hostname: str, clock) -> None:
+    def __init__(self, context: SASLContext) -> None:
         pass
 
     def start(self, initial: Optional[bytes]) -> Step:
@@ -345,7 +376,7 @@ class XOAuth2:
 
     name = "XOAUTH2"
 
-    def __init__(self, hostname: str, clock) -> None:
+    def __init__(self, context: SASLContext) -> None:
         pass
 
     def start(self, initial: Optional[bytes]) -> Step:
@@ -365,6 +396,13 @@ class XOAuth2:
         return XOAuth2Credentials(username, _bearer(pairs, "XOAUTH2"), self.name)
 
 
-# Mechanism name -> class; each is built with (hostname, clock), where clock
-# is an IReactorTime.
+# Mechanism name -> class; each is built with a SASLContext. The daemon adds
+# the SCRAM entries (mailauth.scram.mechanisms), which need the users.
 MECHANISMS = {m.name: m for m in (Plain, Login, CramMD5, OAuthBearer, XOAuth2)}
+
+
+def offered(table: dict, names: tuple, context: SASLContext) -> tuple:
+    """The mechanisms of C{names} to offer on a session: those available there."""
+    return tuple(
+        n for n in names if getattr(table[n], "available", lambda context: True)(context)
+    )

@@ -15,14 +15,16 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
-from mailauth import apppasswords, sdnotify
+from mailauth import apppasswords, sasl, scram, sdnotify
 from mailauth import config as configmod
 from mailauth.addressmap import AddressMap
-from mailauth.checkers import CramMD5Checker, OAuthChecker, PasswordChecker
+from mailauth.checkers import CramMD5Checker, OAuthChecker, PasswordChecker, ScramChecker
 from mailauth.checks import checkFiles, warnings
 from mailauth.esmtp import SubmissionFactory
 from mailauth.forward import QueueService
+from mailauth.interfaces import IReloadable, IUserDatabase
 from mailauth.metrics import Metrics, metricsService
+from mailauth.pgusers import PostgreSQLUserDatabase, isPostgreSQL
 from mailauth.proxy import ProxyFactory
 from mailauth.realm import LocalDelivery, Realm, Router
 from mailauth.relay import RelayConnector
@@ -31,7 +33,7 @@ from mailauth.threads import ThreadPoolService
 from mailauth.throttle import AuthThrottle, ConnectionLimiter
 from mailauth.tls import ReloadableTLS
 from mailauth.userdb import UserDatabase
-from mailauth.userstore import AppPasswordUse, Rehasher, UsersFileStore, schemesNeededBy
+from mailauth.userstore import AppPasswordUse, Rehasher, schemesNeededBy, storeFor
 
 log = Logger(namespace="mailauth.tap")
 
@@ -122,10 +124,17 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
     metrics = Metrics.fromConfig(cfg)
     os.makedirs(cfg.server.state_dir, mode=0o750, exist_ok=True)
 
-    users = UserDatabase(cfg.auth.users)
-    users.load()
     aliases = AddressMap(cfg.delivery.aliases)
     senderMap = AddressMap(cfg.delivery.sender_map)
+    users: IUserDatabase
+    if isPostgreSQL(cfg.auth.users):
+        users = PostgreSQLUserDatabase(cfg.auth.users, reactor, connections=cfg.server.auth_threads)
+        users.setServiceParent(top)
+        reloadable: list[IReloadable] = [aliases, senderMap]
+    else:
+        users = UserDatabase(cfg.auth.users)
+        users.load()
+        reloadable = [users, aliases, senderMap]
 
     # A session waits for one login at a time, so max_connections already
     # bounds the logins waiting here; a lower bound would only answer a
@@ -157,6 +166,12 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
             connector=RelayConnector(cfg.relay, reactor, cfg.server.hostname),
         )
         queueService.setServiceParent(top)
+    saslTable = dict(sasl.MECHANISMS)
+    scramOffered = any(name.startswith("SCRAM-") for name in cfg.auth.mechanisms)
+    if scramOffered:
+        # The key of the fake salts given to logins that do not exist.
+        secret = scram.loadSecret(os.path.join(cfg.server.state_dir, "scram-secret"))
+        saslTable.update(scram.mechanisms(users, secret))
     if runAs is not None:
         _chownTree(cfg.server.state_dir, runAs)
     realm = Realm(
@@ -168,23 +183,25 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         clock=reactor,
     )
     portal = Portal(realm)
-    # The daemon's own edits of the users: app password uses (in state_dir)
-    # and, with [auth] rehash, outdated hashes replaced after a login.
-    store = UsersFileStore(
+    # The daemon's own edits of the users: app password uses (in state_dir
+    # for a users file) and, with [auth] rehash, outdated hashes replaced.
+    store = storeFor(
         cfg.auth.users,
         lastUsedPath=os.path.join(cfg.server.state_dir, apppasswords.LAST_USED_FILE),
     )
     rehasher = None
     if cfg.auth.rehash:
         rehasher = Rehasher(store, diskPool.run, schemesNeededBy(cfg.auth.mechanisms))
-    for warning in warnings(cfg):
-        log.warn("{warning}", warning=warning)
+    for problem in warnings(cfg):
+        # (Not "warning=": legacy observers take such events for Python warnings.)
+        log.warn("{problem}", problem=problem)
     portal.registerChecker(
         PasswordChecker(users, authPool.run, AppPasswordUse(store, diskPool.run, reactor), rehasher)
     )
     if "CRAM-MD5" in cfg.auth.mechanisms:
         portal.registerChecker(CramMD5Checker(users, authPool.run))
-    reloadable: list = [users, aliases, senderMap]
+    if scramOffered:
+        portal.registerChecker(ScramChecker(users))
     if cfg.oauth is not None:
         from mailauth.oauth import TokenVerifier
 
@@ -214,6 +231,7 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
             failuresPerSession=cfg.auth.failures_per_session,
             postmasterDomain=postmasterDomain,
             reactor=reactor,
+            saslTable=saslTable,
         )
         wrapped: Any = factory
         if listener.tls == "implicit":

@@ -1,5 +1,6 @@
 """
-The users file as a store to edit (L{UsersFileStore}), and the two edits
+The user store that C{[auth] users} names, the users file
+(L{UsersFileStore}) or PostgreSQL, behind one interface; and the two edits
 the daemon makes after a login: recording an app password's use, and
 rehashing a password to today's scheme.
 """
@@ -17,6 +18,7 @@ from mailauth import apppasswords, passwords, userdb
 from mailauth.apppasswords import AppPassword
 from mailauth.interfaces import BlockingRunner, IAccountStore, IUserStore
 from mailauth.passwords import PasswordHash
+from mailauth.pgusers import PostgreSQLUserStore, isPostgreSQL, redact
 from mailauth.userdb import User
 
 log = Logger(namespace="mailauth.userstore")
@@ -76,6 +78,10 @@ class UsersFileStore:
 
     # -- IAccountStore -----------------------------------------------------
 
+    @property
+    def usesKnown(self) -> bool:
+        return self.lastUsedPath is not None
+
     def addAppPassword(
         self, login: str, label: str, hashString: str, created: int, prefix: str
     ) -> None:
@@ -107,6 +113,26 @@ class UsersFileStore:
             if user.login == login.lower():
                 return user
         raise userdb.UserDatabaseError(f"no user {login} in {self.path}")
+
+
+def storeFor(users: str, creating: bool = False, lastUsedPath: Optional[str] = None) -> Any:
+    """
+    @param users: the C{[auth] users} value: a users file, or a
+        C{postgresql://} URI.
+    @param creating: a users file may be missing (see L{UsersFileStore}).
+    @param lastUsedPath: where a users file's app password uses are kept
+        (see L{UsersFileStore}); a database keeps them itself.
+    @return: the store to edit the users in: an L{IUserStore} and an
+        L{IAccountStore}.
+    """
+    if isPostgreSQL(users):
+        return PostgreSQLUserStore(users)
+    return UsersFileStore(users, creating, lastUsedPath)
+
+
+def describe(users: str) -> str:
+    """@return: how to name C{users} in messages: the path, or the URI without its password."""
+    return redact(users) if isPostgreSQL(users) else users
 
 
 # -- what the daemon writes after a login ------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
+from unittest import mock
 
 from twisted.trial import unittest
 
@@ -408,3 +410,79 @@ incoming = https://imap.example.org
         for description in ("tcp:0", "tcp:abc", "unix:/run/x.sock",
                             "systemd:domain=INET:index=0", "tcp:70000"):
             self.assertIsNone(config.endpointPort(description), description)
+
+
+class DKIMSectionTests(unittest.TestCase):
+    """[dkim]: one signing domain a line, C{domain = selector:keyfile}."""
+
+    def problems(self, lines: str) -> tuple:
+        e = self.assertRaises(ConfigError, loadText, MINIMAL + "[dkim]\n" + lines, "test.conf")
+        return e.problems
+
+    def test_absent(self) -> None:
+        """Without [dkim] nothing is signed: the mapping is empty."""
+        self.assertEqual(dict(loadText(MINIMAL).dkim), {})
+
+    def test_domains(self) -> None:
+        """
+        Each key is a domain (lower-cased, without a trailing dot) and its
+        value one or more selector:keyfile; the mapping is read-only.
+        """
+        cfg = loadText(MINIMAL + "[dkim]\n"
+                       "Example.ORG. = Mail2026:/etc/dkim/example.org.pem\n"
+                       "example.net = a:/k/a.pem  b.sub:/k/b.pem ; RSA and Ed25519\n")
+        self.assertEqual(dict(cfg.dkim), {
+            "example.org": (config.DKIMKeyConfig("mail2026", "/etc/dkim/example.org.pem"),),
+            "example.net": (config.DKIMKeyConfig("a", "/k/a.pem"),
+                            config.DKIMKeyConfig("b.sub", "/k/b.pem")),
+        })
+
+        def change() -> None:
+            cfg.dkim["x.org"] = ()
+
+        self.assertRaises(TypeError, change)
+
+    def test_badDomain(self) -> None:
+        """A key that is not a domain name is an error naming it."""
+        self.assertEqual(self.problems("exa_mple.org = s:/k.pem\n"), (
+            "test.conf: [dkim] exa_mple.org: 'exa_mple.org' is not a domain name: "
+            "each key in [dkim] is a signing domain",
+        ))
+
+    def test_badValues(self) -> None:
+        """A value that is not selector:keyfile, a bad selector, or no value at all."""
+        self.assertEqual(
+            self.problems("a.org = /etc/key.pem\nb.org = :/k.pem\nc.org = s:\n"
+                          "d.org = bad_selector:/k.pem\ne.org =\n"),
+            (
+                "test.conf: [dkim] a.org: '/etc/key.pem' is not selector:keyfile",
+                "test.conf: [dkim] b.org: ':/k.pem' is not selector:keyfile",
+                "test.conf: [dkim] c.org: 's:' is not selector:keyfile",
+                "test.conf: [dkim] d.org: 'bad_selector' is not a DKIM selector "
+                "(letters, digits, hyphens, dot-separated)",
+                "test.conf: [dkim] e.org: missing selector:keyfile",
+            ),
+        )
+
+    def test_duplicates(self) -> None:
+        """A selector twice for one domain, or one domain written twice, is an error."""
+        self.assertEqual(
+            self.problems("a.org = s:/k1.pem s:/k2.pem\nb.org = s:/k.pem\nb.org. = t:/k.pem\n"),
+            (
+                "test.conf: [dkim] a.org: selector s is listed twice",
+                "test.conf: [dkim] b.org.: b.org is listed twice",
+            ),
+        )
+
+    def test_withoutDkimpy(self) -> None:
+        """[dkim] without dkimpy installed is one clear line."""
+        with mock.patch.dict(sys.modules, {"dkim": None}):
+            self.assertEqual(self.problems("a.org = s:/k.pem\n"), (
+                "test.conf: [dkim]: needs the Python package dkimpy (Debian: apt install "
+                "python3-dkim; pip: pip install 'mailauth[dkim]')",
+            ))
+
+    def test_unknownSectionNamesDkim(self) -> None:
+        """The list of known sections in the unknown-section error includes [dkim]."""
+        e = self.assertRaises(ConfigError, loadText, MINIMAL + "[dkm]\n", "test.conf")
+        self.assertIn("[dkim]", e.problems[0])

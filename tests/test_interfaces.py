@@ -341,8 +341,8 @@ class DeclarationTests(unittest.TestCase):
     def test_mechanisms(self) -> None:
         """Every SASL mechanism of the table provides L{ISASLMechanism}."""
         for name, mechanism in sasl.MECHANISMS.items():
-            self.assertTrue(verifyObject(ISASLMechanism, mechanism("mx.example.test", Clock())),
-                            name)
+            context = sasl.SASLContext("mx.example.test", Clock())
+            self.assertTrue(verifyObject(ISASLMechanism, mechanism(context)), name)
 
     def test_addressMap(self) -> None:
         """The aliases and sender map are L{IReloadable}."""

@@ -1,7 +1,7 @@
 """
 Real clients against the real service: swaks, msmtp and curl from Debian,
-each with every mechanism it supports (PLAIN, LOGIN, CRAM-MD5, and msmtp's
-OAUTHBEARER and XOAUTH2), over STARTTLS and over implicit TLS; each
+each with every mechanism it supports (PLAIN, LOGIN, CRAM-MD5, SCRAM, and
+msmtp's OAUTHBEARER and XOAUTH2), over STARTTLS and over implicit TLS; each
 message is found in the Maildir and the log shows the mechanism the client
 really used.
 
@@ -20,7 +20,7 @@ import subprocess
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from tests.harness import BOB_PASSWORD, AttackMixin
+from tests.harness import BOB_PASSWORD, VECTORS, AttackMixin
 from tests.support import TokenIssuer
 
 LOGIN = "bob@example.test"
@@ -125,6 +125,208 @@ def _addTests(cls):
 @_addTests
 class ClientTests(ClientTestsMixin, unittest.TestCase):
     """swaks, msmtp and curl, every mechanism, both kinds of TLS."""
+
+
+# -- SCRAM: msmtp (GNU SASL) and the gsasl command ---------------------------
+
+SCRAM_USERS = os.path.join(os.path.dirname(__file__), "data", "scram-passwd")
+SCRAM_LOGIN = "pencil@example.test"
+
+
+def _scramUsers() -> str:
+    """The daemon's users: the vectors, bob, and the SCRAM users doveadm made."""
+    with open(VECTORS) as f, open(SCRAM_USERS) as g:
+        return f.read() + "bob@example.test:{PLAIN}bob-secret-2\n" + g.read()
+
+
+class _StartTLSFront:
+    """
+    Lets a client that only knows STARTTLS (the gsasl command) reach the
+    implicit TLS listener: it answers EHLO and STARTTLS itself, then joins
+    the client's socket to the listener's, so the TLS session (and its
+    channel binding) runs between the client and the daemon.
+    """
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self.port = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+
+    def serve(self) -> None:
+        import socket
+        import threading
+
+        client, _ = self.listener.accept()
+        self.listener.close()
+        reader = client.makefile("rb")
+        client.sendall(b"220 front ESMTP\r\n")
+        while True:
+            line = reader.readline()
+            if not line:
+                return
+            if line.upper().startswith(b"STARTTLS"):
+                client.sendall(b"220 2.0.0 Ready to start TLS\r\n")
+                break
+            client.sendall(b"250-front\r\n250 STARTTLS\r\n")
+        server = socket.create_connection(("127.0.0.1", self.port))
+
+        def copy(source, target):
+            try:
+                while data := source.recv(65536):
+                    target.sendall(data)
+            except OSError:
+                pass
+            for s in (source, target):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        other = threading.Thread(target=copy, args=(server, client), daemon=True)
+        other.start()
+        copy(client, server)
+        other.join(30)
+        client.close()
+        server.close()
+
+
+class ScramClientTests(ClientTestsMixin, unittest.TestCase):
+    """
+    msmtp (GNU SASL) with SCRAM-SHA-256 and SCRAM-SHA-1, and the gsasl
+    command with SCRAM-SHA-256-PLUS on TLS 1.3 (tls-exporter) and TLS 1.2
+    (tls-unique), over STARTTLS and implicit TLS.
+    """
+
+    settings = {
+        "auth": {"mechanisms": "PLAIN SCRAM-SHA-256-PLUS SCRAM-SHA-256 SCRAM-SHA-1",
+                 "users": "{dir}/users"},
+    }
+    files = {"users": _scramUsers()}
+
+    def msmtpScram(self, port: int, tls: str, mechanism: str, login: str, password: str):
+        config = os.path.abspath(self.mktemp())
+        with open(config, "w") as f:
+            f.write(f"""\
+account test
+host 127.0.0.1
+port {port}
+tls on
+tls_starttls {"on" if tls == "starttls" else "off"}
+tls_certcheck off
+auth {mechanism.lower()}
+user {login}
+password {password}
+from {login}
+domain client.example
+timeout 30
+account default : test
+""")
+        os.chmod(config, 0o600)
+        return [program("msmtp"), "-C", config, RECIPIENT]
+
+    @defer.inlineCallbacks
+    def runClient(self, argv, stdin=b"", login=SCRAM_LOGIN, mechanism="SCRAM-SHA-256"):
+        success = self.log.waitFor(r"auth success: client=\[127\.0\.0\.1\] mechanism=")
+        result = yield threads.deferToThread(
+            subprocess.run, argv, input=stdin, capture_output=True, timeout=60)
+        output = (result.stdout + result.stderr).decode(errors="replace")
+        self.assertEqual(result.returncode, 0, output)
+        logged = yield success
+        self.assertIn(f"mechanism={mechanism} login=<{login}>", logged)
+        return output
+
+    @defer.inlineCallbacks
+    def msmtpDelivers(self, tls: str, mechanism: str, login: str, password: str):
+        subject = f"interop msmtp {mechanism} {tls}"
+        argv = self.msmtpScram(self.daemon.ports[LISTENERS[tls]], tls, mechanism, login, password)
+        yield self.runClient(argv, message(subject, "\n").replace(LOGIN.encode(), login.encode()),
+                       login, mechanism)
+        [(_, content)] = self.daemon.delivered(RECIPIENT)
+        self.assertIn(f"Subject: {subject}\n".encode(), content)
+        self.assertIn(f"(authenticated as {login})".encode(), content)
+
+    def test_msmtpScramSha256StartTLS(self):
+        """msmtp delivers over STARTTLS with AUTH SCRAM-SHA-256 (a doveadm-made hash)."""
+        return self.msmtpDelivers("starttls", "SCRAM-SHA-256", SCRAM_LOGIN, "pencil")
+
+    def test_msmtpScramSha256ImplicitTLS(self):
+        """msmtp delivers over implicit TLS with AUTH SCRAM-SHA-256."""
+        return self.msmtpDelivers("implicit", "SCRAM-SHA-256", SCRAM_LOGIN, "pencil")
+
+    def test_msmtpScramSha1(self):
+        """msmtp delivers with AUTH SCRAM-SHA-1 for a user doveadm hashed so."""
+        return self.msmtpDelivers("starttls", "SCRAM-SHA-1", "sha1@example.test", "pencil")
+
+    @defer.inlineCallbacks
+    def msmtpRefused(self, login: str, password: str):
+        argv = self.msmtpScram(self.daemon.ports["submission"], "starttls", "SCRAM-SHA-256",
+                               login, password)
+        result = yield threads.deferToThread(
+            subprocess.run, argv, input=message("refused", "\n"), capture_output=True, timeout=60)
+        self.assertNotEqual(result.returncode, 0)
+        return (result.stdout + result.stderr).decode(errors="replace")
+
+    @defer.inlineCallbacks
+    def test_msmtpWrongPassword(self):
+        """A wrong password fails and is logged as a failed login."""
+        failure = self.log.waitFor(r"auth failure: client=\[127\.0\.0\.1\] mechanism=SCRAM")
+        output = yield self.msmtpRefused(SCRAM_LOGIN, "wrong")
+        self.assertIn("authentication failed", output)
+        yield failure
+
+    @defer.inlineCallbacks
+    def test_msmtpOtherScheme(self):
+        """
+        bob's password is stored as PLAIN: SCRAM-SHA-256 fails for him even
+        with the right password, and is not logged as a failed login.
+        """
+        unusable = self.log.waitFor(r"auth mechanism unusable: .* login=<bob@example\.test>")
+        yield self.msmtpRefused(LOGIN, PASSWORD)
+        yield unusable
+        self.assertFalse([m for m in self.log.messages if "auth failure" in m])
+
+    def gsasl(self, port: int, priority: str = "NORMAL",
+              mechanism: str = "SCRAM-SHA-256-PLUS") -> list:
+        return [program("gsasl"), "--smtp", "--connect", f"127.0.0.1:{port}", "--starttls",
+                "--mechanism", mechanism, "--authentication-id", SCRAM_LOGIN,
+                "--password", "pencil", "--x509-ca-file=", "--priority", priority,
+                "--no-client-first", "--verbose"]
+
+    def port(self, tls: str) -> int:
+        """The port gsasl (which knows only STARTTLS) connects to for C{tls}."""
+        port = self.daemon.ports[LISTENERS[tls]]
+        if tls == "implicit":
+            front = _StartTLSFront(port)
+            threads.deferToThread(front.serve)
+            port = front.address[1]
+        return port
+
+    @defer.inlineCallbacks
+    def gsaslLogsIn(self, tls: str, priority: str, cbType: str):
+        argv = self.gsasl(self.port(tls), priority)
+        output = yield self.runClient(argv, mechanism="SCRAM-SHA-256-PLUS")
+        self.assertIn("Client authentication finished (server trusted)", output)
+        # gsasl prints what it sends: its client-first message names the binding.
+        sent = [base64.b64decode(w) for w in re.findall(r"^[A-Za-z0-9+/]{16,}=*$", output, re.M)]
+        self.assertTrue(sent[0].startswith(f"p={cbType},,n={SCRAM_LOGIN},r=".encode()), sent)
+
+    def test_gsaslPlusTLS13StartTLS(self):
+        """gsasl logs in with SCRAM-SHA-256-PLUS (tls-exporter) over STARTTLS, TLS 1.3."""
+        return self.gsaslLogsIn("starttls", "NORMAL", "tls-exporter")
+
+    def test_gsaslPlusTLS12StartTLS(self):
+        """gsasl logs in with SCRAM-SHA-256-PLUS (tls-unique) over STARTTLS, TLS 1.2."""
+        return self.gsaslLogsIn("starttls", "NORMAL:-VERS-TLS1.3", "tls-unique")
+
+    def test_gsaslPlusTLS13Implicit(self):
+        """gsasl logs in with SCRAM-SHA-256-PLUS over implicit TLS, TLS 1.3."""
+        return self.gsaslLogsIn("implicit", "NORMAL", "tls-exporter")
+
+    def test_gsaslPlusTLS12Implicit(self):
+        """gsasl logs in with SCRAM-SHA-256-PLUS over implicit TLS, TLS 1.2."""
+        return self.gsaslLogsIn("implicit", "NORMAL:-VERS-TLS1.3", "tls-unique")
 
 
 class OAuthClientTests(AttackMixin, unittest.TestCase):

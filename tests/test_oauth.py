@@ -32,6 +32,7 @@ from mailauth.sasl import (
     BearerTokenCredentials,
     Challenge,
     IBearerToken,
+    SASLContext,
     SASLError,
     TokenRefused,
     XOAuth2Credentials,
@@ -67,7 +68,7 @@ def b64(data: bytes) -> bytes:
 
 class MechanismTests(unittest.TestCase):
     def start(self, name: str, initial):
-        return MECHANISMS[name]("mx.example.test", Clock()).start(initial)
+        return MECHANISMS[name](SASLContext("mx.example.test", Clock())).start(initial)
 
     def test_oauthbearer(self) -> None:
         """
@@ -93,7 +94,7 @@ class MechanismTests(unittest.TestCase):
     def test_noInitialResponse(self) -> None:
         """Without an initial response both ask with an empty challenge, then read the next."""
         for name, message in (("OAUTHBEARER", oauthbearer("T")), ("XOAUTH2", xoauth2("T"))):
-            mechanism = MECHANISMS[name]("mx.example.test", Clock())
+            mechanism = MECHANISMS[name](SASLContext("mx.example.test", Clock()))
             self.assertEqual(mechanism.start(None), Challenge(b""))
             self.assertEqual(mechanism.respond(message).token, "T")
 

@@ -346,7 +346,16 @@ class LegacyVectorTests(unittest.TestCase):
 class WeakTests(unittest.TestCase):
     """L{isWeak} names the schemes to warn about and rehash."""
 
-    STRONG = ("ARGON2ID", "ARGON2I", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT", "CRYPT")
+    STRONG = (
+        "ARGON2ID",
+        "ARGON2I",
+        "BLF-CRYPT",
+        "SHA512-CRYPT",
+        "SHA256-CRYPT",
+        "CRYPT",
+        "SCRAM-SHA-256",
+        "SCRAM-SHA-1",
+    )
 
     def test_everySchemeJudged(self) -> None:
         """
@@ -529,6 +538,8 @@ class MakeHashTests(unittest.TestCase):
         "PLAIN-TRUNC": r"7-correct",
         "PBKDF2": rf"\$1\${CRYPT64}{{16}}\$5000\$[0-9a-f]{{40}}",
         "DIGEST-MD5": r"[0-9a-f]{32}",
+        "SCRAM-SHA-256": rf"4096,{B64}{{22}}==,{B64}{{43}}=,{B64}{{43}}=",
+        "SCRAM-SHA-1": rf"4096,{B64}{{22}}==,{B64}{{27}}=,{B64}{{27}}=",
     }
 
     def test_everyScheme(self) -> None:

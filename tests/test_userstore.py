@@ -7,11 +7,13 @@ the C{mailauth user suspend|resume} commands.
 from __future__ import annotations
 
 import os
+import smtplib
 import subprocess
 import sys
+import time
 
-from twisted.internet import defer
-from twisted.internet.task import Clock
+from twisted.internet import defer, reactor, threads
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -21,11 +23,19 @@ from mailauth.apppasswords import AppPassword
 from mailauth.checkers import PasswordChecker
 from mailauth.interfaces import IAccountStore, IUserStore
 from mailauth.passwords import makeHash, needsRehash, parse, verify
+from mailauth.pgusers import PostgreSQLUserDatabase, initSchema
 from mailauth.sasl import PlaintextCredentials
 from mailauth.userdb import UserDatabase, UserDatabaseError, parseUsers
-from mailauth.userstore import AppPasswordUse, Rehasher, UsersFileStore, schemesNeededBy
+from mailauth.userstore import (
+    AppPasswordUse,
+    Rehasher,
+    UsersFileStore,
+    schemesNeededBy,
+    storeFor,
+)
+from tests import pgharness
 from tests.fakes import MemoryUserDatabase, runInline
-from tests.harness import PASSWORD, ROOT, AttackMixin, plain
+from tests.harness import PASSWORD, ROOT, AttackMixin, Daemon, LogWatcher, clientContext, plain
 from tests.support import DATA, SECRET, runCommand
 
 ARGON2ID = ("{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$Yv3/T9rrrv6fTA4YLmxCNw"
@@ -60,11 +70,6 @@ class StoreTestMixin:
 
 
 class UsersFileStoreTests(StoreTestMixin, unittest.TestCase):
-    def test_interfaces(self) -> None:
-        """The store provides L{IUserStore} and L{IAccountStore}."""
-        self.assertTrue(verifyObject(IUserStore, self.store))
-        self.assertTrue(verifyObject(IAccountStore, self.store))
-
     def test_suspendWritesNologin(self) -> None:
         """
         Suspending adds Dovecot's C{nologin} extra field, after the fields
@@ -107,12 +112,6 @@ class UsersFileStoreTests(StoreTestMixin, unittest.TestCase):
                          f"carol@example.org:{ARGON2ID}::::::userdb_x=1")
         self.assertFalse(self.loaded("carol@example.org").suspended)
 
-    def test_suspendUnknown(self) -> None:
-        """Suspending a login that does not exist fails, and changes nothing."""
-        e = self.assertRaises(UserDatabaseError, self.store.setSuspended, "x@example.org", True)
-        self.assertEqual(str(e), f"no user x@example.org in {self.path}")
-        self.assertEqual(self.read(), ORIGINAL)
-
     def test_crlfLine(self) -> None:
         """A line ending in CR LF keeps its hash whole when fields are added."""
         with open(self.path, "w") as f:
@@ -149,39 +148,16 @@ class UsersFileStoreTests(StoreTestMixin, unittest.TestCase):
 
     def test_appPasswordRefusals(self) -> None:
         """
-        A taken label or prefix, a bad label, a hash with white space, an
-        unknown user, or one more than the maximum are refused, each saying
-        why, and the file is unchanged.
+        What cannot be written as one extra field is refused: a label with a
+        comma, a hash with white space; the file is unchanged.
         """
         hashed = makeHash(b"abcdefghjkmnpqrstuvw")
-        self.store.addAppPassword("bob@example.org", "phone", hashed, 1, "abcd")
-        before = self.read()
-        cases = [
-            (("bob@example.org", "phone", hashed, 2, "efgh"),
-             "bob@example.org already has an app password phone"),
-            (("bob@example.org", "tablet", hashed, 2, "abcd"),
-             "bob@example.org has another app password starting with abcd; make a new one"),
-            (("bob@example.org", "my phone", hashed, 2, "efgh"), "invalid app password label"),
-            (("bob@example.org", "p,q", hashed, 2, "efgh"), "invalid app password label"),
+        for args, message in [
+            (("bob@example.org", "p,q", hashed, 2, "efgh"), "invalid app password label 'p,q'"),
             (("bob@example.org", "tablet", "{PLAIN}a b", 2, "efgh"), "white space"),
-            (("bob@example.org", "tablet", hashed, 2, "EFGH"), "is not 4 lower-case"),
-            (("nobody@example.org", "tablet", hashed, 2, "efgh"), "no user nobody@example.org"),
-        ]
-        for args, message in cases:
+        ]:
             e = self.assertRaises(UserDatabaseError, self.store.addAppPassword, *args)
             self.assertIn(message, str(e))
-        self.assertEqual(self.read(), before)
-        for i in range(15):
-            self.store.addAppPassword("bob@example.org", f"app{i}", hashed, 3, f"{i:04d}")
-        e = self.assertRaises(UserDatabaseError, self.store.addAppPassword,
-                              "bob@example.org", "one-more", hashed, 4, "zzzz")
-        self.assertIn("already has 16 app passwords", str(e))
-
-    def test_deleteUnknownAppPassword(self) -> None:
-        """Deleting an app password that does not exist fails and changes nothing."""
-        e = self.assertRaises(UserDatabaseError, self.store.deleteAppPassword,
-                              "bob@example.org", "phone")
-        self.assertEqual(str(e), "bob@example.org has no app password phone")
         self.assertEqual(self.read(), ORIGINAL)
 
     def test_malformedAppPasswordSkipped(self) -> None:
@@ -227,14 +203,6 @@ class UsersFileStoreTests(StoreTestMixin, unittest.TestCase):
         store.appPasswordUsed("bob@example.org", app, 5.0)
         self.assertEqual(sorted(os.listdir(self.directory)), ["users"])
 
-    def test_listAccounts(self) -> None:
-        """Every user, with its suspension and app passwords."""
-        self.store.setSuspended("alice@example.org", True)
-        accounts = self.store.listAccounts()
-        self.assertEqual([(u.login, u.password.scheme, u.suspended) for u in accounts],
-                         [("alice@example.org", "SHA256-CRYPT", True),
-                          ("bob@example.org", "ARGON2ID", False)])
-
     def test_upgradePassword(self) -> None:
         """
         The hash is replaced when it is still the one verified, keeping the
@@ -264,6 +232,188 @@ class UsersFileStoreTests(StoreTestMixin, unittest.TestCase):
         self.assertTrue(self.store.upgradePassword("bob@example.org", parse(SHA256), new))
         self.assertEqual(self.read().splitlines()[1:], [f"bob@example.org:{new}",
                                                         f"bob@example.org:{SHA256}"])
+
+
+APP = makeHash(b"abcdefghjkmnpqrstuvw")
+
+
+class AccountStoreTestsMixin:
+    """
+    What every L{IAccountStore} does alike, run against the users file and
+    PostgreSQL: C{self.store} holds alice (SHA256-CRYPT) and bob
+    (ARGON2ID); C{self.where} is how its errors name it.
+    """
+
+    def test_accountInterfaces(self) -> None:
+        """The store provides L{IUserStore} and L{IAccountStore}, and knows uses."""
+        self.assertTrue(verifyObject(IUserStore, self.store))
+        self.assertTrue(verifyObject(IAccountStore, self.store))
+        self.assertTrue(self.store.usesKnown)
+
+    def test_appPasswordLifecycle(self) -> None:
+        """
+        App passwords are added, listed in the order they were made with
+        their creation time and prefix, reach listAccounts, and are deleted
+        one at a time.
+        """
+        self.store.addAppPassword("Bob@example.org", "phone", APP, 1700000000, "abcd")
+        self.store.addAppPassword("bob@example.org", "laptop", APP, 1700000100, "wxyz")
+        listed = self.store.listAppPasswords("BOB@example.org")
+        self.assertEqual([(app.label, app.created, app.prefix, app.password, used)
+                          for app, used in listed],
+                         [("phone", 1700000000, "abcd", parse(APP), None),
+                          ("laptop", 1700000100, "wxyz", parse(APP), None)])
+        accounts = {user.login: user for user in self.store.listAccounts()}
+        self.assertEqual([app.label for app in accounts["bob@example.org"].appPasswords],
+                         ["phone", "laptop"])
+        self.assertEqual(accounts["alice@example.org"].appPasswords, ())
+        self.store.deleteAppPassword("bob@example.org", "phone")
+        self.assertEqual([app.label for app, _ in self.store.listAppPasswords("bob@example.org")],
+                         ["laptop"])
+
+    def test_appPasswordErrors(self) -> None:
+        """
+        A taken label or prefix, a bad label or prefix, an unknown user, a
+        missing app password, or one more than the maximum fail, each
+        saying why.
+        """
+        self.store.addAppPassword("bob@example.org", "phone", APP, 1, "abcd")
+        cases = [
+            (self.store.addAppPassword, ("bob@example.org", "phone", APP, 2, "efgh"),
+             "bob@example.org already has an app password phone"),
+            (self.store.addAppPassword, ("bob@example.org", "tablet", APP, 2, "abcd"),
+             "bob@example.org has another app password starting with abcd; make a new one"),
+            (self.store.addAppPassword, ("bob@example.org", "my phone", APP, 2, "efgh"),
+             "invalid app password label 'my phone'"),
+            (self.store.addAppPassword, ("bob@example.org", "tablet", APP, 2, "EFGH"),
+             "'EFGH' is not 4 lower-case letters or digits"),
+            (self.store.addAppPassword, ("nobody@example.org", "tablet", APP, 2, "efgh"),
+             f"no user nobody@example.org in {self.where}"),
+            (self.store.deleteAppPassword, ("bob@example.org", "tablet"),
+             "bob@example.org has no app password tablet"),
+            (self.store.deleteAppPassword, ("nobody@example.org", "phone"),
+             f"no user nobody@example.org in {self.where}"),
+            (self.store.listAppPasswords, ("nobody@example.org",),
+             f"no user nobody@example.org in {self.where}"),
+        ]
+        for method, args, message in cases:
+            e = self.assertRaises(UserDatabaseError, method, *args)
+            self.assertIn(message, str(e))
+        for i in range(15):
+            self.store.addAppPassword("bob@example.org", f"app{i}", APP, 3, f"{i:04d}")
+        e = self.assertRaises(UserDatabaseError, self.store.addAppPassword,
+                              "bob@example.org", "one-more", APP, 4, "zzzz")
+        self.assertIn("bob@example.org already has 16 app passwords", str(e))
+        self.assertEqual(len(self.store.listAppPasswords("bob@example.org")), 16)
+
+    def test_appPasswordUsed(self) -> None:
+        """
+        A recorded use is listed; an earlier one does not replace it; an
+        app password deleted and made again under its label starts unused.
+        """
+        self.store.addAppPassword("bob@example.org", "phone", APP, 100, "abcd")
+        [(app, _)] = self.store.listAppPasswords("bob@example.org")
+        self.store.appPasswordUsed("bob@example.org", app, 2000.0)
+        self.store.appPasswordUsed("bob@example.org", app, 1500.0)
+        self.assertEqual(self.store.listAppPasswords("bob@example.org"), [(app, 2000.0)])
+        self.store.deleteAppPassword("bob@example.org", "phone")
+        self.store.addAppPassword("bob@example.org", "phone", APP, 200, "efgh")
+        [(_, used)] = self.store.listAppPasswords("bob@example.org")
+        self.assertIsNone(used)
+
+    def test_suspension(self) -> None:
+        """A suspension shows in listAccounts, and is lifted; an unknown login fails."""
+        self.store.setSuspended("Alice@example.org", True)
+        accounts = {user.login: user.suspended for user in self.store.listAccounts()}
+        self.assertEqual(accounts, {"alice@example.org": True, "bob@example.org": False})
+        self.store.setSuspended("alice@example.org", False)
+        self.assertFalse(any(user.suspended for user in self.store.listAccounts()))
+        e = self.assertRaises(UserDatabaseError, self.store.setSuspended, "x@example.org", True)
+        self.assertEqual(str(e), f"no user x@example.org in {self.where}")
+
+    def test_upgradePasswordIfUnchanged(self) -> None:
+        """
+        The hash is replaced when it is still the one verified, and not
+        when it was changed meanwhile, or for an unknown login.
+        """
+        new = makeHash(SECRET)
+        self.assertTrue(self.store.upgradePassword("alice@example.org", parse(SHA256), new))
+        accounts = {user.login: user.password for user in self.store.listAccounts()}
+        self.assertEqual(accounts["alice@example.org"], parse(new))
+        self.assertFalse(self.store.upgradePassword("alice@example.org", parse(SHA256),
+                                                    makeHash(b"other")))
+        self.assertFalse(self.store.upgradePassword("nobody@example.org", parse(SHA256), new))
+        accounts = {user.login: user.password for user in self.store.listAccounts()}
+        self.assertEqual(accounts["alice@example.org"], parse(new))
+
+
+class FileAccountStoreTests(StoreTestMixin, AccountStoreTestsMixin, unittest.TestCase):
+    """The shared suite on the users file."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.where = self.path
+
+
+class PostgreSQLAccountStoreTests(AccountStoreTestsMixin, unittest.TestCase):
+    """The shared suite on PostgreSQL, a fresh database on Debian's server per test."""
+
+    def setUp(self) -> None:
+        self.server = pgharness.sharedServer()
+        self.database = self.server.createDatabase()
+        self.uri = self.where = self.server.uri(self.database)
+        initSchema(self.uri)
+        self.store = storeFor(self.uri)
+        self.store.addUser("alice@example.org", SHA256)
+        self.store.addUser("bob@example.org", ARGON2ID)
+
+    def sql(self, statement: str, *params) -> list:
+        return self.server.execute(self.database, statement, params)
+
+    @defer.inlineCallbacks
+    def test_lookupReadsAppPasswords(self):
+        """
+        The daemon's lookup reads the user's app passwords and suspension;
+        a row edited by hand into something unreadable is left out.
+        """
+        self.store.addAppPassword("bob@example.org", "phone", APP, 1700000000, "abcd")
+        self.store.setSuspended("bob@example.org", True)
+        self.sql("INSERT INTO mailauth.app_passwords (login, label, password, prefix)"
+                 " VALUES ('bob@example.org', 'broken', 'x', 'wxyz')")
+        db = PostgreSQLUserDatabase(self.uri, reactor)
+        db.startService()
+        self.addCleanup(db.stopService)
+        user = yield db.lookup("BOB@example.org")
+        self.assertTrue(user.suspended)
+        self.assertEqual(user.appPasswords,
+                         (AppPassword("phone", 1700000000, "abcd", parse(APP)),))
+        self.assertEqual(user.appPassword("abcd").label, "phone")
+        alice = yield db.lookup("alice@example.org")
+        self.assertEqual((alice.suspended, alice.appPasswords), (False, ()))
+
+    def test_upgradeFromVersion2(self) -> None:
+        """
+        A version 2 database gets the prefix column; its users are kept and
+        app passwords can be added.
+        """
+        database = self.server.createDatabase()
+        uri = self.server.uri(database)
+        self.assertEqual(initSchema(uri, target=2), (0, 2))
+        self.assertEqual(initSchema(uri), (2, 3))
+        store = storeFor(uri)
+        store.addUser("bob@example.org", ARGON2ID)
+        store.addAppPassword("bob@example.org", "phone", APP, 1, "abcd")
+        self.assertEqual([app.label for app, _ in store.listAppPasswords("bob@example.org")],
+                         ["phone"])
+
+    def test_prefixChecked(self) -> None:
+        """The database itself refuses a malformed prefix or a repeated one."""
+        self.store.addAppPassword("bob@example.org", "phone", APP, 1, "abcd")
+        errors = pgharness.driver().errors
+        for prefix, error in (("ABCD", errors.CheckViolation), ("abcd", errors.UniqueViolation)):
+            with self.assertRaises(error):
+                self.sql("INSERT INTO mailauth.app_passwords (login, label, password, prefix)"
+                         " VALUES ('bob@example.org', 'tablet', 'x', %s)", prefix)
 
 
 class NeedsRehashTests(unittest.TestCase):
@@ -570,3 +720,68 @@ class RehashDaemonTests(AttackMixin, unittest.TestCase):
             self.assertIn(original[0], f.read())
         self.assertEqual([m for m in self.log.messages if "rehash" in m.lower()[:40]],
                          [f"Rehashed the password of <{login}> from SHA512-CRYPT to ARGON2ID"])
+
+
+class PostgreSQLDaemonTests(unittest.TestCase):
+    """The running daemon on a PostgreSQL user database, logged into with smtplib."""
+
+    def setUp(self):
+        self.server = pgharness.sharedServer()
+        self.database = self.server.createDatabase()
+        self.uri = self.server.uri(self.database)
+        initSchema(self.uri)
+        self.store = storeFor(self.uri)
+        self.store.addUser("alice@example.test", SHA256)
+        self.daemon = Daemon(self.mktemp(), settings={"auth": {"users": self.uri,
+                                                               "rehash": "yes"}})
+        self.addCleanup(self.daemon.stop)
+        self.daemon.start()
+        self.log = LogWatcher()
+        self.addCleanup(self.log.stop)
+
+    def login(self, password: str) -> defer.Deferred:
+        """AUTH PLAIN over implicit TLS; fires with the reply code."""
+        port = self.daemon.ports["submissions"]
+
+        def run() -> int:
+            with smtplib.SMTP_SSL("127.0.0.1", port, local_hostname="client.example",
+                                  context=clientContext(), timeout=30) as client:
+                client.ehlo()
+                client.user, client.password = "alice@example.test", password
+                try:
+                    return client.auth("PLAIN", client.auth_plain)[0]
+                except smtplib.SMTPAuthenticationError as e:
+                    return e.smtp_code
+
+        return threads.deferToThread(run)
+
+    def sql(self, statement: str) -> list:
+        return self.server.execute(self.database, statement)
+
+    @defer.inlineCallbacks
+    def test_appPasswordAndRehash(self):
+        """
+        An app password made with the command works at once (each login
+        looks the user up) and its use lands in last_used; a login with the
+        user's own SHA256-CRYPT password rehashes it to ARGON2ID in the
+        table; a suspended login fails with either.
+        """
+        status, password, err = runCommand("user", "app-password", "add", "alice@example.test",
+                                           "phone", "--config", self.daemon.configPath)
+        self.assertEqual(status, 0, err)
+        self.assertEqual((yield self.login(password.strip())), 235)
+        deadline = time.monotonic() + 10
+        while not self.sql("SELECT 1 FROM mailauth.app_passwords WHERE last_used IS NOT NULL"):
+            self.assertLess(time.monotonic(), deadline, "last_used never written")
+            yield deferLater(reactor, 0.01, lambda: None)
+
+        rehashed = self.log.waitFor("Rehashed the password of <alice@example.test>")
+        self.assertEqual((yield self.login(PASSWORD)), 235)
+        yield rehashed
+        [(stored,)] = self.sql("SELECT password FROM mailauth.users")
+        self.assertEqual(parse(stored).scheme, "ARGON2ID")
+        self.assertTrue(verify(parse(stored), PASSWORD.encode()))
+        self.assertEqual((yield self.login(PASSWORD)), 235)
+
+        status, out, _ = runCommand("user", "list", "--config", self.daemon.configPath)
+        self.assertEqual(out, "alice@example.test  ARGON2ID  app passwords: phone\n")

@@ -1,0 +1,697 @@
+"""
+The user database in PostgreSQL, for nodes that share one: lookups off the
+reactor through adbapi, edits for the C{mailauth user} commands, and the schema.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import re
+from typing import Any, Iterator, Optional
+from urllib.parse import parse_qsl, urlsplit
+
+from twisted.application import service
+from twisted.enterprise import adbapi
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailauth import apppasswords
+from mailauth.apppasswords import AppPassword, AppPasswordError
+from mailauth.interfaces import IAccountStore, IUserDatabase, IUserStore
+from mailauth.passwords import PasswordHash, parse
+from mailauth.userdb import User, UserDatabaseError, UserDatabaseUnavailable, checkLogin
+
+log = Logger(namespace="mailauth.pgusers")
+
+#: How long a lookup may take, in seconds, before the login is answered
+#: 454: the server cancels the query after this long (C{statement_timeout})
+#: and the daemon stops waiting after this long on its own clock.
+LOOKUP_TIMEOUT = 5.0
+
+#: How long a statement of C{mailauth user} or C{db init} may take.
+EDIT_TIMEOUT = 30.0
+
+#: The schema version this mailauth creates and reads.
+SCHEMA_VERSION = 3
+
+#: The steps from each version to the next: C{_STEPS[n]} makes version n
+#: from version n - 1. A step is never changed once released; a new one is
+#: added instead.
+_STEPS: dict[int, tuple[str, ...]] = {
+    1: (
+        "CREATE SCHEMA IF NOT EXISTS mailauth",
+        """CREATE TABLE mailauth.schema_version (
+            version integer PRIMARY KEY,
+            applied timestamptz NOT NULL DEFAULT now())""",
+        # Logins are stored lower-cased, so the primary key makes them
+        # unique without regard to case.
+        """CREATE TABLE mailauth.users (
+            login text PRIMARY KEY CHECK (login <> '' AND login = lower(login)),
+            password text NOT NULL,
+            suspended boolean NOT NULL DEFAULT false,
+            created timestamptz NOT NULL DEFAULT now(),
+            updated timestamptz NOT NULL DEFAULT now())""",
+    ),
+    2: (
+        """CREATE TABLE mailauth.app_passwords (
+            login text NOT NULL REFERENCES mailauth.users (login) ON DELETE CASCADE,
+            label text NOT NULL CHECK (label <> ''),
+            password text NOT NULL,
+            created timestamptz NOT NULL DEFAULT now(),
+            last_used timestamptz,
+            PRIMARY KEY (login, label))""",
+    ),
+    # An app password's first characters, kept in clear so that a login
+    # tries the one it may be (mailauth.apppasswords.AppPassword.prefix).
+    # Rows without one (none were ever written) are never tried.
+    3: (
+        """ALTER TABLE mailauth.app_passwords
+            ADD COLUMN prefix text CHECK (prefix ~ '^[a-z0-9]{4}$')""",
+        """CREATE UNIQUE INDEX app_passwords_login_prefix
+            ON mailauth.app_passwords (login, prefix)""",
+    ),
+}
+
+# Any number: it only has to differ from the other advisory locks taken in
+# the same database, so that two "db init" runs take turns.
+_INIT_LOCK = 0x6D61696C61757468
+
+# A user's row with its app passwords, as a JSON array of
+# [label, created (seconds), prefix, hash]; ordered by login and creation.
+_USERS = """
+    SELECT u.login, u.password, u.suspended,
+           coalesce(json_agg(json_build_array(
+                        a.label, floor(extract(epoch FROM a.created))::bigint, a.prefix,
+                        a.password) ORDER BY a.created, a.label)
+                    FILTER (WHERE a.prefix IS NOT NULL), '[]'::json)
+    FROM mailauth.users u LEFT JOIN mailauth.app_passwords a ON a.login = u.login
+    {where} GROUP BY u.login ORDER BY u.login"""
+_LOOKUP = _USERS.format(where="WHERE u.login = %s")
+_ALL_USERS = _USERS.format(where="")
+
+_URI_SCHEMES = ("postgresql", "postgres")
+
+
+# -- connection URIs --------------------------------------------------------
+
+
+def isPostgreSQL(users: str) -> bool:
+    """
+    @return: whether C{users} (the C{[auth] users} key) names a PostgreSQL
+        database, a libpq URI (C{postgresql://...}), rather than a file.
+    """
+    return users.split("://", 1)[0].lower() in _URI_SCHEMES and "://" in users
+
+
+def redact(uri: str) -> str:
+    """
+    @return: C{uri} with any password in it replaced by C{***}, to be shown
+        in logs and messages.
+    """
+    uri = re.sub(r"^([^:/]+://[^/?#@:]*):[^/?#@]*@", r"\1:***@", uri)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", uri)
+
+
+def checkURI(uri: str) -> str:
+    """
+    Check the form of a libpq connection URI, as the configuration is read
+    (without the driver, which may be missing there).
+
+    @return: C{uri}.
+    @raise ValueError: naming what is wrong, never with the password.
+    """
+    shown = redact(uri)
+    scheme = uri.split("://", 1)[0]
+    if scheme not in _URI_SCHEMES:
+        raise ValueError(f"{shown!r}: a PostgreSQL URI starts with postgresql://")
+    if re.search(r"[\s\x00-\x1f\x7f]", uri):
+        raise ValueError(f"{shown!r}: white space or control characters in the URI")
+    parts = urlsplit(uri)
+    if parts.fragment or uri.endswith("#"):
+        raise ValueError(f"{shown!r}: a PostgreSQL URI has no #fragment")
+    hosts = parts.netloc.rsplit("@", 1)[-1]
+    for host in hosts.split(",") if hosts else ():
+        m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\[\]:]*)(?::(\d*))?", host)
+        if m is None:
+            raise ValueError(f"{shown!r}: {host!r} is not host[:port]")
+        port = m.group(2)
+        if port and not 0 < int(port) < 65536:
+            raise ValueError(f"{shown!r}: {port} is not a port number")
+    try:
+        parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise ValueError(f"{shown!r}: the query is not key=value&key=value") from None
+    return uri
+
+
+def _driver() -> Any:
+    """
+    @return: the psycopg2 module.
+    @raise UserDatabaseError: if it is not installed.
+    """
+    try:
+        import psycopg2
+        import psycopg2.errors  # noqa: F401 (makes psycopg2.errors an attribute)
+        import psycopg2.extensions  # noqa: F401
+    except ImportError:
+        raise UserDatabaseError(
+            "a postgresql:// user database needs psycopg2: apt-get install python3-psycopg2"
+        ) from None
+    return psycopg2
+
+
+def connectionArguments(uri: str, timeout: float) -> dict[str, str]:
+    """
+    The libpq keywords for C{uri}, with mailauth's defaults for those it
+    leaves out: give up connecting after C{timeout} seconds, and name
+    mailauth in C{pg_stat_activity}.
+
+    @raise UserDatabaseError: if psycopg2 is missing or libpq refuses C{uri}.
+    """
+    psycopg2 = _driver()
+    try:
+        arguments = psycopg2.extensions.parse_dsn(uri)
+    except psycopg2.Error as e:
+        raise UserDatabaseError(f"{redact(uri)}: {_firstLine(e)}") from None
+    # libpq counts connect_timeout in whole seconds, and makes 1 into 2.
+    arguments.setdefault("connect_timeout", str(max(2, math.ceil(timeout))))
+    arguments.setdefault("application_name", "mailauth")
+    return arguments
+
+
+def _firstLine(error: BaseException) -> str:
+    text = str(error).strip()
+    text = re.sub(r"^invalid dsn: ", "", text)
+    return text.splitlines()[0] if text else error.__class__.__name__
+
+
+def _setTimeout(connection: Any, timeout: float) -> None:
+    """Make the server cancel any statement of C{connection} after C{timeout} seconds."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT set_config('statement_timeout', %s, false)",
+            (f"{max(1, round(timeout * 1000))}ms",),
+        )
+
+
+def _problem(uri: str, error: BaseException) -> str:
+    """One line saying why the database at C{uri} could not answer."""
+    psycopg2 = _driver()
+    shown = redact(uri)
+    if isinstance(error, psycopg2.errors.UndefinedTable):
+        return f"{shown} has no mailauth tables: run 'mailauth db init'"
+    if isinstance(error, psycopg2.errors.QueryCanceled):
+        return f"{shown} did not answer in time"
+    if isinstance(error, psycopg2.OperationalError):
+        return f"cannot reach {shown}: {_firstLine(error)}"
+    return f"{shown}: {_firstLine(error)}"
+
+
+# -- the daemon's lookups ---------------------------------------------------
+
+
+class _Connection(adbapi.Connection):
+    """
+    adbapi's wrapper of a pooled connection, made quiet about connections
+    the server dropped. After a failed query adbapi (with C{cp_reconnect})
+    rolls back and tries C{good_sql}, and if that fails logs two tracebacks
+    (the second because its own reconnect keeps a connection it has already
+    given up when connecting again fails). Here such a connection is simply
+    forgotten: the next lookup in this thread connects again, and the
+    outage is logged once, by L{PostgreSQLUserDatabase}.
+    """
+
+    def reconnect(self) -> None:
+        self._forget()
+        self._connection = self._pool.connect()
+
+    def rollback(self) -> None:
+        connection = self._connection
+        if connection is not None and not connection.closed:
+            try:
+                connection.rollback()
+                with connection.cursor() as cursor:
+                    cursor.execute(self._pool.good_sql)
+                return
+            except self._pool.dbapi.Error:
+                pass
+        self._forget()
+
+    def _forget(self) -> None:
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            self._pool.disconnect(connection)
+
+
+class _ConnectionPool(adbapi.ConnectionPool):
+    connectionFactory = _Connection
+
+
+@implementer(IUserDatabase)
+class PostgreSQLUserDatabase(service.Service):
+    """
+    The users in the PostgreSQL table C{mailauth.users}, looked up one login
+    at a time through a L{adbapi.ConnectionPool} of psycopg2 connections,
+    in the pool's own threads.
+
+    A connection that the server dropped (a restart, a failover) is noticed
+    by the query that fails on it and replaced at once, and the query sent
+    again, so the first login after the server is back works. While the
+    server cannot answer, lookups fail with L{UserDatabaseUnavailable}: at
+    once when nothing listens, else after C{timeout} seconds, both on the
+    server (C{statement_timeout}) and on C{clock}, which also covers a hung
+    server or network.
+
+    A user whose stored hash cannot be parsed is logged (once until its hash
+    changes) and looked up as nobody, so its logins fail like a wrong
+    password: what Dovecot does for a password in an unknown scheme, and
+    what the users file does with such a line.
+
+    As a service, it closes its connections when it stops.
+
+    @ivar uri: the libpq URI of the database.
+    """
+
+    def __init__(self, uri: str, reactor: Any, clock: Any = None,
+                 timeout: float = LOOKUP_TIMEOUT, connections: int = 4) -> None:
+        """
+        @param reactor: runs the pool's threads and delivers their results.
+        @param clock: measures C{timeout}; C{reactor} by default.
+        @param connections: at most this many connections (and lookups at
+            once); they are opened when needed.
+        @raise UserDatabaseError: if psycopg2 is missing or libpq refuses C{uri}.
+        """
+        self.uri = uri
+        self.clock = clock if clock is not None else reactor
+        self.timeout = timeout
+        self._shown = redact(uri)
+        self._pool = _ConnectionPool(
+            "psycopg2",
+            cp_reactor=reactor,
+            cp_min=1,
+            cp_max=connections,
+            cp_reconnect=True,
+            cp_noisy=False,
+            cp_openfun=self._opened,
+            **connectionArguments(uri, timeout),
+        )
+        self._psycopg2 = _driver()
+        # login -> SHA-256 of the stored hash that could not be parsed, so
+        # that it is logged once, not at every login; never the hash itself,
+        # which may be a plaintext password.
+        self._malformed: dict[str, bytes] = {}
+        # Why the last lookup failed, or None if it worked: logged when it
+        # changes, not at every login.
+        self._trouble: Optional[str] = None
+
+    def _opened(self, connection: Any) -> None:
+        """Set up each new connection (in a pool thread)."""
+        connection.autocommit = True
+        _setTimeout(connection, self.timeout)
+
+    def stopService(self) -> None:
+        """Close the connections and stop the pool's threads."""
+        super().stopService()
+        self._pool.close()
+
+    def _select(self, connection: Any, login: str) -> Optional[tuple]:
+        """The user's row, in a pool thread; once more on a new connection if this one died."""
+        psycopg2 = self._psycopg2
+        for attempt in (1, 2):
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute(_LOOKUP, (login,))
+                    return cursor.fetchone()
+            except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                if attempt == 2 or not connection.closed:
+                    raise
+            connection.reconnect()
+        raise AssertionError("not reached")
+
+    def lookup(self, login: str) -> defer.Deferred:
+        key = login.lower()
+        d = self._pool.runWithConnection(self._select, key)
+        d.addTimeout(self.timeout, self.clock)
+        d.addCallbacks(self._found, self._failed, callbackArgs=(key,))
+        return d
+
+    def _found(self, row: Optional[tuple], key: str) -> Optional[User]:
+        if self._trouble is not None:
+            log.info("User database {uri} answers again", uri=self._shown)
+            self._trouble = None
+        if row is None:
+            self._malformed.pop(key, None)
+            return None
+        login, stored, suspended, apps = row
+        try:
+            password = parse(stored)
+        except ValueError as e:
+            digest = hashlib.sha256(stored.encode("utf-8", "surrogateescape")).digest()
+            if self._malformed.get(key) != digest:
+                self._malformed[key] = digest
+                log.error(
+                    "User database {uri}: {login}: {problem}; this login fails until"
+                    " its password is set again ('mailauth user passwd')",
+                    uri=self._shown, login=login, problem=str(e),
+                )
+            return None
+        self._malformed.pop(key, None)
+        return User(login, password, suspended=bool(suspended),
+                    appPasswords=_appPasswords(login, apps, self._shown))
+
+    def _failed(self, failure: Failure) -> None:
+        if failure.check(defer.TimeoutError):
+            why = f"{self._shown} did not answer within {self.timeout:g}s"
+        elif isinstance(failure.value, self._psycopg2.Error):
+            why = _problem(self.uri, failure.value)
+        else:
+            why = f"{self._shown}: {failure.getErrorMessage()}"
+        if why != self._trouble:
+            log.error("User database unavailable: {why}; logins get 454 until it answers",
+                      why=why)
+            self._trouble = why
+        raise UserDatabaseUnavailable(why)
+
+
+def _appPasswords(login: str, rows: list, shown: str) -> tuple[AppPassword, ...]:
+    """
+    The app passwords of C{login} from the lookup's JSON rows; one that
+    cannot be read (edited by hand) is logged and left out: it does not work.
+    """
+    apps = []
+    for label, created, prefix, stored in rows:
+        try:
+            apps.append(apppasswords.parseField(f"{label},{created},{prefix},{stored}"))
+        except AppPasswordError as e:
+            log.error("User database {uri}: {login}: {problem}; it does not work",
+                      uri=shown, login=login, problem=str(e))
+    return tuple(apps)
+
+
+# -- edits, for the mailauth command -----------------------------------------
+
+
+@contextlib.contextmanager
+def _transaction(uri: str) -> Iterator[Any]:
+    """
+    A cursor in one transaction on a new connection to C{uri}: committed if
+    the block ends normally, else rolled back; the connection is closed
+    either way.
+
+    @raise UserDatabaseError: for any database error, in one line.
+    """
+    psycopg2 = _driver()
+    try:
+        connection = psycopg2.connect(**connectionArguments(uri, EDIT_TIMEOUT))
+    except psycopg2.Error as e:
+        raise UserDatabaseError(_problem(uri, e)) from None
+    try:
+        with connection:
+            _setTimeout(connection, EDIT_TIMEOUT)
+            with connection.cursor() as cursor:
+                yield cursor
+    except psycopg2.Error as e:
+        raise UserDatabaseError(_problem(uri, e)) from None
+    finally:
+        connection.close()
+
+
+def _parseHash(hashString: str) -> None:
+    try:
+        parse(hashString)
+    except ValueError as e:
+        raise UserDatabaseError(str(e)) from None
+
+
+@implementer(IUserStore, IAccountStore)
+class PostgreSQLUserStore:
+    """
+    Edits of C{mailauth.users} and C{mailauth.app_passwords}, each in its
+    own transaction on a plain psycopg2 connection; every method blocks.
+    Logins are stored lower-cased.
+    """
+
+    usesKnown = True
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._shown = redact(uri)
+
+    def addUser(self, login: str, hashString: str) -> None:
+        checkLogin(login)
+        _parseHash(hashString)
+        with _transaction(self.uri) as cursor:
+            cursor.execute(
+                "INSERT INTO mailauth.users (login, password) VALUES (%s, %s)"
+                " ON CONFLICT (login) DO NOTHING",
+                (login.lower(), hashString),
+            )
+            if cursor.rowcount == 0:
+                raise UserDatabaseError(f"user {login} already exists in {self._shown}")
+
+    def setPassword(self, login: str, hashString: str) -> None:
+        _parseHash(hashString)
+        with _transaction(self.uri) as cursor:
+            cursor.execute(
+                "UPDATE mailauth.users SET password = %s, updated = now() WHERE login = %s",
+                (hashString, login.lower()),
+            )
+            if cursor.rowcount == 0:
+                raise UserDatabaseError(f"no user {login} in {self._shown}")
+
+    def deleteUser(self, login: str) -> None:
+        with _transaction(self.uri) as cursor:
+            cursor.execute("DELETE FROM mailauth.users WHERE login = %s", (login.lower(),))
+            if cursor.rowcount == 0:
+                raise UserDatabaseError(f"no user {login} in {self._shown}")
+
+    def setSuspended(self, login: str, suspended: bool) -> None:
+        with _transaction(self.uri) as cursor:
+            cursor.execute(
+                "UPDATE mailauth.users SET suspended = %s, updated = now() WHERE login = %s",
+                (suspended, login.lower()),
+            )
+            if cursor.rowcount == 0:
+                raise UserDatabaseError(f"no user {login} in {self._shown}")
+
+    def hasUser(self, login: str) -> bool:
+        with _transaction(self.uri) as cursor:
+            cursor.execute("SELECT 1 FROM mailauth.users WHERE login = %s", (login.lower(),))
+            return cursor.fetchone() is not None
+
+    def listUsers(self) -> list[tuple[str, str]]:
+        """
+        C{(login, scheme)} of every user, by login; the scheme of a hash that
+        cannot be parsed is C{INVALID} (its logins fail).
+        """
+        with _transaction(self.uri) as cursor:
+            cursor.execute("SELECT login, password FROM mailauth.users ORDER BY login")
+            rows = cursor.fetchall()
+        users = []
+        for login, stored in rows:
+            try:
+                scheme = parse(stored).scheme
+            except ValueError:
+                scheme = "INVALID"
+            users.append((login, scheme))
+        return users
+
+    # -- IAccountStore -----------------------------------------------------
+
+    def _lockUser(self, cursor: Any, login: str) -> None:
+        """Hold C{login}'s row until the transaction ends. @raise UserDatabaseError: none."""
+        cursor.execute("SELECT 1 FROM mailauth.users WHERE login = %s FOR UPDATE",
+                       (login.lower(),))
+        if cursor.fetchone() is None:
+            raise UserDatabaseError(f"no user {login} in {self._shown}")
+
+    def addAppPassword(
+        self, login: str, label: str, hashString: str, created: int, prefix: str
+    ) -> None:
+        try:
+            apppasswords.checkLabel(label)
+            apppasswords.parseField(f"{label},{created},{prefix},{hashString}")
+        except AppPasswordError as e:
+            raise UserDatabaseError(str(e)) from None
+        with _transaction(self.uri) as cursor:
+            # The user's row lock makes two adds take turns, so the checks hold.
+            self._lockUser(cursor, login)
+            cursor.execute("SELECT label, prefix FROM mailauth.app_passwords WHERE login = %s",
+                           (login.lower(),))
+            rows = cursor.fetchall()
+            if any(row[0] == label for row in rows):
+                raise UserDatabaseError(f"{login} already has an app password {label}")
+            if any(row[1] == prefix for row in rows):
+                raise UserDatabaseError(
+                    f"{login} has another app password starting with {prefix}; make a new one"
+                )
+            if len(rows) >= apppasswords.MAX_PER_LOGIN:
+                raise UserDatabaseError(
+                    f"{login} already has {len(rows)} app passwords, the most allowed;"
+                    " delete one first"
+                )
+            cursor.execute(
+                "INSERT INTO mailauth.app_passwords (login, label, password, created, prefix)"
+                " VALUES (%s, %s, %s, to_timestamp(%s), %s)",
+                (login.lower(), label, hashString, created, prefix),
+            )
+
+    def deleteAppPassword(self, login: str, label: str) -> None:
+        with _transaction(self.uri) as cursor:
+            self._lockUser(cursor, login)
+            cursor.execute("DELETE FROM mailauth.app_passwords WHERE login = %s AND label = %s",
+                           (login.lower(), label))
+            if cursor.rowcount == 0:
+                raise UserDatabaseError(f"{login} has no app password {label}")
+
+    def listAppPasswords(self, login: str) -> list[tuple[AppPassword, Optional[float]]]:
+        with _transaction(self.uri) as cursor:
+            self._lockUser(cursor, login)
+            cursor.execute(
+                "SELECT label, floor(extract(epoch FROM created))::bigint, prefix, password,"
+                " extract(epoch FROM last_used)::float8 FROM mailauth.app_passwords"
+                " WHERE login = %s AND prefix IS NOT NULL ORDER BY created, label",
+                (login.lower(),),
+            )
+            rows = cursor.fetchall()
+        found = []
+        for label, created, prefix, stored, used in rows:
+            try:
+                app = apppasswords.parseField(f"{label},{created},{prefix},{stored}")
+            except AppPasswordError:
+                continue
+            found.append((app, used))
+        return found
+
+    def appPasswordUsed(self, login: str, app: Any, when: float) -> None:
+        # The prefix tells this app password from one deleted and made again
+        # under its label; a later use already recorded is kept.
+        with _transaction(self.uri) as cursor:
+            cursor.execute(
+                "UPDATE mailauth.app_passwords SET last_used = greatest(last_used,"
+                " to_timestamp(%s)) WHERE login = %s AND label = %s AND prefix = %s",
+                (when, login.lower(), app.label, app.prefix),
+            )
+
+    def listAccounts(self) -> list[User]:
+        """Every user whose hash can be parsed, by login, with its app passwords."""
+        with _transaction(self.uri) as cursor:
+            cursor.execute(_ALL_USERS)
+            rows = cursor.fetchall()
+        users = []
+        for login, stored, suspended, apps in rows:
+            try:
+                password = parse(stored)
+            except ValueError:
+                continue
+            users.append(User(login, password, suspended=bool(suspended),
+                              appPasswords=_appPasswords(login, apps, self._shown)))
+        return users
+
+    def upgradePassword(self, login: str, verified: Any, hashString: str) -> bool:
+        """
+        An C{UPDATE} that only replaces the hash the login was checked
+        against: compared parsed, as the lookup read it, under the row's lock.
+        """
+        _parseHash(hashString)
+        with _transaction(self.uri) as cursor:
+            cursor.execute("SELECT password FROM mailauth.users WHERE login = %s FOR UPDATE",
+                           (login.lower(),))
+            row = cursor.fetchone()
+            if row is None or not _same(row[0], verified):
+                return False
+            cursor.execute(
+                "UPDATE mailauth.users SET password = %s, updated = now() WHERE login = %s",
+                (hashString, login.lower()),
+            )
+            return True
+
+
+def _same(stored: str, verified: PasswordHash) -> bool:
+    try:
+        return parse(stored) == verified
+    except ValueError:
+        return False
+
+
+# -- the schema -------------------------------------------------------------
+
+
+def _schemaVersion(cursor: Any) -> int:
+    """The version of the mailauth schema, 0 if there is none."""
+    cursor.execute("SELECT to_regclass('mailauth.schema_version') IS NOT NULL")
+    if not cursor.fetchone()[0]:
+        return 0
+    cursor.execute("SELECT coalesce(max(version), 0) FROM mailauth.schema_version")
+    return cursor.fetchone()[0]
+
+
+def initSchema(uri: str, target: int = SCHEMA_VERSION) -> tuple[int, int]:
+    """
+    Create the mailauth schema in the database at C{uri}, or upgrade it one
+    step at a time to version C{target}, in one transaction: it ends fully
+    upgraded or untouched. Running it again changes nothing. Two runs at
+    once take turns.
+
+    @param target: the version to reach; older ones only for tests of the
+        upgrade.
+    @return: the versions before and after.
+    @raise UserDatabaseError: if the database cannot be reached or changed, or
+        its schema is newer than C{target}.
+    """
+    with _transaction(uri) as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_INIT_LOCK,))
+        before = _schemaVersion(cursor)
+        if before > target:
+            raise UserDatabaseError(
+                f"{redact(uri)} has mailauth schema version {before}, newer than"
+                f" this mailauth's {target}: upgrade mailauth"
+            )
+        for version in range(before + 1, target + 1):
+            for statement in _STEPS[version]:
+                cursor.execute(statement)
+            cursor.execute("INSERT INTO mailauth.schema_version (version) VALUES (%s)", (version,))
+    return before, target
+
+
+def checkSetup(uri: str) -> Optional[str]:
+    """
+    Check what the daemon needs before it starts, without connecting: the
+    driver, and a URI that libpq accepts. (The database may be down when
+    the daemon starts: logins get 454 until it is up.)
+
+    @return: L{None}, or one line saying what is wrong.
+    """
+    try:
+        connectionArguments(uri, LOOKUP_TIMEOUT)
+    except UserDatabaseError as e:
+        return str(e)
+    return None
+
+
+def checkDatabase(uri: str) -> Optional[str]:
+    """
+    Connect to the user database at C{uri} and check that the daemon can
+    read its users (for C{mailauth check-config}).
+
+    @return: L{None}, or one line saying what is wrong and what to do.
+    """
+    try:
+        with _transaction(uri) as cursor:
+            version = _schemaVersion(cursor)
+            if version == 0:
+                return f"{redact(uri)} has no mailauth tables: run 'mailauth db init'"
+            if version > SCHEMA_VERSION:
+                return (f"{redact(uri)} has mailauth schema version {version}, newer than"
+                        f" this mailauth's {SCHEMA_VERSION}: upgrade mailauth")
+            if version < SCHEMA_VERSION:
+                return (f"{redact(uri)} has mailauth schema version {version}:"
+                        f" run 'mailauth db init' to upgrade it to {SCHEMA_VERSION}")
+            cursor.execute(_LOOKUP, ("",))
+    except UserDatabaseError as e:
+        return str(e)
+    return None
