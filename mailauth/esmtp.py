@@ -789,10 +789,23 @@ class SubmissionProtocol(protocol.Protocol):
         self._storageFailed(f)
 
     def _storageFailed(self, f: Failure) -> None:
-        log.failure("could not store a message from {client}", f, client=self._peer)
-        if f.check(OSError) and cast(OSError, f.value).errno in (28, 122):  # ENOSPC, EDQUOT
-            self._send(replies.STORAGE_FULL)
+        """
+        Answer a message that could not be stored: with the store's own
+        reply if it chose one (the realm logs why), 451 or 452 for an
+        C{OSError} (a warning with the path and errno: a full disk or a
+        folder the daemon may not write is the operator's to fix, not a
+        bug), and 451 with the traceback logged for anything else.
+        """
+        if f.check(SMTPReply):
+            self._send(cast(SMTPReply, f.value))
+        elif f.check(OSError):
+            e = cast(OSError, f.value)
+            log.warn("could not store a message from client=[{client}]: {path}: {error} "
+                     "(errno {errno})", client=self._peer, path=e.filename or "-",
+                     error=e.strerror or e, errno=e.errno)
+            self._send(replies.storageFailure(e))
         else:
+            log.failure("could not store a message from {client}", f, client=self._peer)
             self._send(replies.STORAGE_FAILED)
 
     def _abortMessages(self) -> None:

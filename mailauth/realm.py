@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import secrets
 from email.utils import formatdate
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 from twisted.cred.portal import IRealm
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory, IMessageSMTP
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailauth import replies
@@ -28,6 +29,7 @@ from mailauth.interfaces import (
     IUserDatabase,
 )
 from mailauth.maildir import MaildirWriter
+from mailauth.replies import SMTPReply
 
 log = Logger(namespace="mailauth.realm")
 
@@ -270,24 +272,61 @@ class Message:
         self.id = delivery.id
         self._realm = realm
         self._sinks: list[IMessageSink] = []
-        if delivery.remote:
-            # The queue commits first: its commit is one rename, undone by
-            # removing the message before anybody has sent it.
-            assert realm.queue is not None, "validateTo takes remote recipients only with a queue"
-            self._sinks.append(realm.queue.newMessage(delivery.id, delivery.sender,
-                                                      list(delivery.remote)))
-        if delivery.maildirs:
-            self._sinks.append(MaildirWriter(delivery.maildirs, realm.hostname))
+        self._failed: Optional[SMTPReply] = None
+        self._places = list(delivery.maildirs)
+        try:
+            if delivery.remote:
+                # The queue commits first: its commit is one rename, undone by
+                # removing the message before anybody has sent it.
+                assert realm.queue is not None, "validateTo takes remote ones only with a queue"
+                self._places.insert(0, "the queue")
+                self._sinks.append(realm.queue.newMessage(delivery.id, delivery.sender,
+                                                          list(delivery.remote)))
+            if delivery.maildirs:
+                self._sinks.append(MaildirWriter(delivery.maildirs, realm.hostname))
+        except OSError as e:
+            self._storageFailed(e)
         self._remote = bool(delivery.remote)
 
+    def _storageFailed(self, error: OSError) -> SMTPReply:
+        """
+        Log why the message cannot be stored, once, as a warning naming the
+        path and errno (a full disk or a folder the daemon may not write
+        is the operator's to fix, not a bug), and throw away what was
+        written.
+
+        @return: the 451 or 452 reply the client gets.
+        """
+        if self._failed is None:
+            reply = replies.storageFailure(error)
+            log.warn(
+                "message {id} not stored: {path}: {error} (errno {errno}); the client is told "
+                "{code}, to try again later",
+                id=self.id,
+                path=error.filename or " ".join(self._places),
+                error=error.strerror or error,
+                errno=error.errno,
+                code=reply.code,
+            )
+            self._failed = reply.error()
+            self.connectionLost()
+        return self._failed
+
     def write(self, chunk: bytes) -> None:
-        for sink in self._sinks:
-            sink.write(chunk)
+        if self._failed is not None:
+            return
+        try:
+            for sink in self._sinks:
+                sink.write(chunk)
+        except OSError as e:
+            self._storageFailed(e)
 
     def lineReceived(self, line: bytes) -> None:
         self.write(line + b"\r\n")
 
     def eomReceived(self):
+        if self._failed is not None:
+            return defer.fail(self._failed)
         sinks = self._sinks
 
         def storeAll() -> None:
@@ -302,8 +341,14 @@ class Message:
                 raise
 
         d = self._realm.runBlocking(storeAll)
-        d.addCallback(self._committed)
+        d.addCallbacks(self._committed, self._notStored)
         return d
+
+    def _notStored(self, f: Failure) -> Failure:
+        if f.check(OSError):
+            self._sinks = []  # storeAll aborted them
+            raise self._storageFailed(cast(OSError, f.value))
+        return f
 
     def _committed(self, ignored) -> str:
         self._sinks = []

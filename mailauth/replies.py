@@ -6,6 +6,7 @@ reply's wording lives in one place (docs/replies.rst lists them).
 
 from __future__ import annotations
 
+import errno
 from typing import Protocol
 
 import attrs
@@ -133,3 +134,11 @@ STORAGE_FULL = Reply(452, "4.3.1 Error: insufficient system storage")
 
 # Local delivery of whole messages (bounces from the queue)
 NO_LOCAL_USER = Reply(550, "5.1.1 <{address}>: User unknown")
+
+
+def storageFailure(error: OSError) -> Reply:
+    """
+    The reply for a message that could not be stored because of C{error}:
+    452 4.3.1 when the disk or the quota is full, else 451 4.3.0.
+    """
+    return STORAGE_FULL if error.errno in (errno.ENOSPC, errno.EDQUOT) else STORAGE_FAILED

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Mapping, Optional, cast
+import sys
+from typing import Any, Callable, Mapping, NoReturn, Optional, cast
 
 from twisted.application import internet, service, strports
 from twisted.cred.portal import Portal
@@ -19,7 +20,7 @@ from mailauth import apppasswords, sasl, scram, sdnotify
 from mailauth import config as configmod
 from mailauth.addressmap import AddressMap
 from mailauth.checkers import CramMD5Checker, OAuthChecker, PasswordChecker, ScramChecker
-from mailauth.checks import checkFiles, warnings
+from mailauth.checks import Account, checkAll, listenProblem
 from mailauth.esmtp import SubmissionFactory
 from mailauth.forward import QueueService
 from mailauth.interfaces import IReloadable, IUserDatabase
@@ -47,9 +48,15 @@ class Options(usage.Options):
     optParameters = [["config", "c", None, "the configuration file (INI)"]]
 
     def postOptions(self) -> None:
-        # Problems end the process with SystemExit, not usage.UsageError:
-        # twistd 22.4 (Debian bookworm) exits 0 after a UsageError, and a
-        # bad configuration must stop the daemon with a non-zero status.
+        """
+        Load the configuration and run every check of C{mailauth
+        check-config} on it (L{checkAll}), as the user twistd will run as.
+
+        Problems end the process with SystemExit, one line each, before
+        twistd forks or logs: twistd 22.4 (Debian bookworm) exits 0 after
+        a UsageError, and a bad configuration must stop the daemon with a
+        non-zero status.
+        """
         path = self["config"]
         if not path:
             raise SystemExit("twistd mailauth: --config is required")
@@ -57,10 +64,104 @@ class Options(usage.Options):
             cfg = configmod.load(path)
         except configmod.ConfigError as e:
             raise SystemExit("\n".join(e.problems)) from None
-        problems = checkFiles(cfg)
-        if problems:
-            raise SystemExit("\n".join(problems))
+        runAs = _runAs(self)
+        try:
+            account = (Account.ofProcess() if runAs is None
+                       else Account.lookup(runAs[0], None if runAs[1] == -1 else runAs[1]))
+        except KeyError as e:
+            raise SystemExit(f"twistd mailauth: --uid: {e.args[0]}") from None
+        findings = checkAll(cfg, account, chown=runAs is not None, daemon=True)
+        if findings.errors:
+            raise SystemExit("\n".join(findings.errors))
         self.config = cfg
+        self.warnings = findings.warnings
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message is one line naming what and why."""
+
+
+def _raise(line: str, short: str) -> NoReturn:
+    raise StartupError(line)
+
+
+class _Daemon(service.MultiService):
+    """
+    The top service. An endpoint that cannot listen while the daemon starts
+    is one logged line naming the configuration key, the endpoint and why,
+    then L{exit}: never a traceback.
+
+    @ivar endpoints: for each listening service by name, its section and
+        endpoint string.
+    @ivar exit: called with the line, and a short form of it, once it is
+        logged; must not return. By default it raises L{StartupError};
+        under twistd, L{_exitTwistd}.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.endpoints: dict[str, tuple[str, str]] = {}
+        self.exit: Callable[[str, str], NoReturn] = _raise
+
+    def addEndpoint(self, child: service.Service, section: str, description: str) -> None:
+        """Add C{child}, which listens on C{description} for C{[section]}."""
+        child.setServiceParent(self)
+        self.endpoints[cast(str, child.name)] = (section, description)
+
+    def privilegedStartService(self) -> None:
+        # MultiService.privilegedStartService, with each listener's failure caught.
+        service.Service.privilegedStartService(self)
+        for child in self:
+            try:
+                child.privilegedStartService()
+            except Exception as e:
+                if child.name not in self.endpoints:
+                    raise
+                section, description = self.endpoints[child.name]
+                why = listenProblem(e)
+                where = f"{self.path}: [{section}] endpoint: {description!r}"
+                log.error("{where}: cannot listen: {why}; mailauth stops", where=where, why=why)
+                self.exit(f"{where}: cannot listen: {why}", f"[{section}] {description}: {why}")
+
+
+def _exitTwistd(parent: usage.Options) -> Callable[[str, str], NoReturn]:
+    """
+    How the daemon under twistd stops at start, once the reason is logged:
+    status 1 and that one line, in the foreground and as a daemon.
+
+    As a daemon, twistd's first process waits on a pipe (C{statusPipe}, in
+    Twisted 22.4 and since) for the forked daemon to start, and prints what
+    comes through it. An exception from starting would put the first 98
+    bytes of its class and message through, and its traceback into the
+    log; so the short line is written to the pipe here and the process
+    exits quietly, removing its pid file as twistd would.
+
+    @param parent: twistd's own options.
+    """
+
+    def exit(line: str, short: str) -> NoReturn:
+        pipe = parent.get("statusPipe")
+        if pipe is not None:
+            parent["statusPipe"] = None
+            os.write(pipe, b"1 " + short.encode("ascii", "backslashreplace")[:98])
+            os.close(pipe)
+        elif (parent.get("logfile") not in (None, "", "-") and not parent.get("syslog")
+              and sys.__stderr__ is not None):
+            # In the foreground, logging to a file: say it on the terminal too.
+            sys.__stderr__.write(line + "\n")
+        pidfile = parent.get("pidfile")
+        if pidfile:
+            try:
+                with open(pidfile) as f:
+                    ours = f.read().strip() == str(os.getpid())
+                if ours:
+                    os.unlink(pidfile)
+            except OSError:
+                pass
+        raise SystemExit(1)
+
+    return exit
 
 
 class _Signals(service.Service):
@@ -84,13 +185,27 @@ class _Signals(service.Service):
 
 
 def makeService(options: Options, reactor=None) -> service.MultiService:
-    """Build the whole daemon from validated options."""
+    """
+    Build the whole daemon from validated options; log the warnings of its
+    checks (twistd writes them to the log once it starts).
+    """
     if reactor is None:
         from twisted.internet import reactor
-    return buildService(options.config, reactor, _runAs(options), os.environ)
+    for warning in getattr(options, "warnings", ()):
+        log.warn("{warning}", warning=warning)
+    try:
+        top = buildService(options.config, reactor, _runAs(options), os.environ)
+    except OSError as e:
+        # Before twistd forks or logs: the line goes to the terminal.
+        where = f"{e.filename}: " if e.filename else ""
+        raise SystemExit(f"twistd mailauth: cannot start: {where}{e.strerror or e}") from None
+    parent = getattr(options, "parent", None)
+    if parent is not None:
+        top.exit = _exitTwistd(parent)
+    return top
 
 
-def _runAs(options: Options) -> Optional[tuple]:
+def _runAs(options: usage.Options) -> Optional[tuple]:
     """
     The (uid, gid) twistd will switch to after binding (C{--uid}/C{--gid}),
     when we run as root now, else L{None}.
@@ -111,7 +226,7 @@ def _chownTree(path: str, owner: tuple) -> None:
 
 
 def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
-                 environ: Optional[Mapping[str, str]] = None) -> service.MultiService:
+                 environ: Optional[Mapping[str, str]] = None) -> _Daemon:
     """
     Make and wire every part of the daemon.
 
@@ -120,7 +235,7 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         while still root, is given to it.
     @param environ: the process environment, for systemd's C{NOTIFY_SOCKET}.
     """
-    top = service.MultiService()
+    top = _Daemon(cfg.path)
     metrics = Metrics.fromConfig(cfg)
     os.makedirs(cfg.server.state_dir, mode=0o750, exist_ok=True)
 
@@ -192,9 +307,6 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
     rehasher = None
     if cfg.auth.rehash:
         rehasher = Rehasher(store, diskPool.run, schemesNeededBy(cfg.auth.mechanisms))
-    for problem in warnings(cfg):
-        # (Not "warning=": legacy observers take such events for Python warnings.)
-        log.warn("{problem}", problem=problem)
     portal.registerChecker(
         PasswordChecker(users, authPool.run, AppPasswordUse(store, diskPool.run, reactor), rehasher)
     )
@@ -243,13 +355,13 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
                                    reactor, listener.proxy_timeout)
         listening = strports.service(listener.endpoint, wrapped, reactor=reactor)
         listening.setName(f"listener:{listener.name}")
-        listening.setServiceParent(top)
+        top.addEndpoint(listening, f"listener:{listener.name}", listener.endpoint)
     if cfg.autoconfig is not None:
         from mailauth.autoconfig import makeSite
 
         web = strports.service(cfg.autoconfig.endpoint, makeSite(cfg, reactor), reactor=reactor)
         web.setName("autoconfig")
-        web.setServiceParent(top)
+        top.addEndpoint(web, "autoconfig", cfg.autoconfig.endpoint)
 
     def reloadFiles() -> None:
         try:
@@ -271,7 +383,8 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
     reloader.setServiceParent(top)
     _Signals(reactor, reloadAll).setServiceParent(top)
     if cfg.metrics is not None:
-        metricsService(cfg.metrics.endpoint, metrics, reactor).setServiceParent(top)
+        top.addEndpoint(metricsService(cfg.metrics.endpoint, metrics, reactor), "metrics",
+                        cfg.metrics.endpoint)
     # Last, so that it starts after every port listens and stops first.
     ports = [s for s in top if isinstance(s, internet.StreamServerEndpointService)]
     notifier = sdnotify.fromEnvironment(environ or {}, reactor, ports)

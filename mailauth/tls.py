@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import calendar
 import re
+import time
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
@@ -19,10 +21,77 @@ CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
 _PEM_CERT = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
 )
+_PEM_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 
 
 class TLSError(Exception):
     """The certificate or key cannot be used; the message says why."""
+
+
+class _Encrypted(Exception):
+    """Raised by the passphrase callback: the key wants a passphrase we never have."""
+
+
+def _noPassphrase(*args: object) -> bytes:
+    # Without a callback, OpenSSL asks for the passphrase on the terminal.
+    raise _Encrypted()
+
+
+def _loadKey(keyPath: str, keyData: bytes) -> crypto.PKey:
+    """
+    Load a PEM private key that is not encrypted.
+
+    @raise TLSError: if it is encrypted (never prompting for a passphrase)
+        or is not a key.
+    """
+    if not _PEM_KEY.search(keyData):
+        raise TLSError(f"{keyPath}: no PEM private key in it")
+    try:
+        return crypto.load_privatekey(crypto.FILETYPE_PEM, keyData, passphrase=_noPassphrase)
+    except _Encrypted:
+        raise TLSError(
+            f"{keyPath}: the private key is encrypted with a passphrase, which mailauth "
+            "cannot ask for: store it decrypted (openssl pkey -in KEY -out NEWKEY), "
+            "readable only by root and the daemon's group"
+        ) from None
+    except crypto.Error as e:
+        raise TLSError(f"{keyPath}: bad private key: {_openSSLReason(e)}") from None
+
+
+def _openSSLReason(error: Exception) -> str:
+    """
+    The reasons in an OpenSSL error list, without the library and function
+    names: C{[('PEM routines', '', 'no start line')]} becomes
+    C{no start line}.
+    """
+    reasons = []
+    for entry in error.args[0] if error.args and isinstance(error.args[0], list) else ():
+        if isinstance(entry, tuple) and entry and entry[-1] not in reasons:
+            reasons.append(str(entry[-1]))
+    return "; ".join(reasons) or str(error)
+
+
+def notAfter(certificatePath: str) -> float:
+    """
+    When the first (leaf) certificate in C{certificatePath} expires.
+
+    @return: a POSIX time.
+    @raise TLSError: if the file cannot be read or holds no certificate.
+    """
+    try:
+        with open(certificatePath, "rb") as f:
+            pems = _PEM_CERT.findall(f.read())
+    except OSError as e:
+        raise TLSError(f"{certificatePath}: cannot read certificate: {e.strerror}") from None
+    if not pems:
+        raise TLSError(f"{certificatePath}: no PEM certificate in it")
+    try:
+        stamp = crypto.load_certificate(crypto.FILETYPE_PEM, pems[0]).get_notAfter()
+    except crypto.Error as e:
+        raise TLSError(f"{certificatePath}: bad certificate: {_openSSLReason(e)}") from None
+    if stamp is None:
+        raise TLSError(f"{certificatePath}: the certificate has no expiry date")
+    return float(calendar.timegm(time.strptime(stamp.decode("ascii"), "%Y%m%d%H%M%SZ")))
 
 
 def loadOptions(certificatePath: str, keyPath: str) -> ssl.CertificateOptions:
@@ -49,11 +118,8 @@ def loadOptions(certificatePath: str, keyPath: str) -> ssl.CertificateOptions:
     try:
         chain = [crypto.load_certificate(crypto.FILETYPE_PEM, pem) for pem in pems]
     except crypto.Error as e:
-        raise TLSError(f"{certificatePath}: bad certificate: {e}") from None
-    try:
-        key = crypto.load_privatekey(crypto.FILETYPE_PEM, keyData)
-    except crypto.Error as e:
-        raise TLSError(f"{keyPath}: bad private key: {e}") from None
+        raise TLSError(f"{certificatePath}: bad certificate: {_openSSLReason(e)}") from None
+    key = _loadKey(keyPath, keyData)
     options = ssl.CertificateOptions(
         privateKey=key,
         certificate=chain[0],
@@ -66,7 +132,7 @@ def loadOptions(certificatePath: str, keyPath: str) -> ssl.CertificateOptions:
     except SSL.Error as e:
         if "key values mismatch" in str(e):
             raise TLSError(f"{keyPath}: private key does not match {certificatePath}") from None
-        raise TLSError(f"{certificatePath}, {keyPath}: unusable: {e}") from None
+        raise TLSError(f"{certificatePath}, {keyPath}: unusable: {_openSSLReason(e)}") from None
     except Exception as e:
         raise TLSError(f"{certificatePath}, {keyPath}: unusable: {e}") from None
     return options

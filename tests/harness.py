@@ -244,10 +244,12 @@ class Daemon:
         sender maps).
     @param reactor: what the service is built on, e.g. a L{ClockedReactor}.
     @param extra: configuration text appended to the base configuration.
+    @param build: build the service; without it only the files are
+        written (for a configuration the daemon must refuse).
     """
 
     def __init__(self, directory: str, settings=None, files=None, reactor=reactor,
-                 extra: str = "") -> None:
+                 extra: str = "", build: bool = True) -> None:
         self.dir = directory = os.path.abspath(directory)
         os.makedirs(directory)
         writeCertificate(os.path.join(directory, "tls"))
@@ -276,8 +278,9 @@ class Daemon:
                         parser.set(section, key, value.replace("{dir}", self.dir))
             with open(self.configPath, "w") as f:
                 parser.write(f)
-        self.config = configmod.load(self.configPath)
-        self.service = tap.buildService(self.config, reactor)
+        if build:
+            self.config = configmod.load(self.configPath)
+            self.service = tap.buildService(self.config, reactor)
 
     def start(self) -> None:
         self.service.startService()

@@ -6,6 +6,10 @@ import datetime
 import io
 import ipaddress
 import os
+import shutil
+import socket
+import tempfile
+from typing import Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -32,10 +36,38 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SECRET = b"alice-secret-1"
 
 
-def writeCertificate(directory: str, name: str = "localhost") -> tuple:
+def searchableFolder(test) -> str:
+    """
+    A new folder (mode 0755, removed after C{test}) that any user can
+    reach: trial's own temporary folders are private to the user running
+    the tests, and a permission check as another user would stop there.
+    """
+    path = tempfile.mkdtemp(prefix="mailauth-test-")
+    test.addCleanup(shutil.rmtree, path)
+    os.chmod(path, 0o755)
+    return path
+
+
+def holdPort(test) -> int:
+    """
+    A port on 127.0.0.1 held by another socket until C{test} ends: bound
+    without SO_REUSEADDR, so nothing else can bind it, and not listening,
+    so a connection to it is refused at once.
+    """
+    s = socket.socket()
+    test.addCleanup(s.close)
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def writeCertificate(directory: str, name: str = "localhost", days: float = 90,
+                     passphrase: Optional[bytes] = None) -> tuple:
     """
     Write a self-signed certificate for C{name} and 127.0.0.1 and its key.
 
+    @param days: how long from now the certificate stays valid (negative:
+        it expired that long ago).
+    @param passphrase: encrypt the key with it.
     @return: C{(certificatePath, keyPath)}
     """
     os.makedirs(directory, exist_ok=True)
@@ -48,8 +80,8 @@ def writeCertificate(directory: str, name: str = "localhost") -> tuple:
         .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
+        .not_valid_before(now - datetime.timedelta(days=max(1, 1 - days)))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(
             x509.SubjectAlternativeName(
                 [x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
@@ -68,7 +100,8 @@ def writeCertificate(directory: str, name: str = "localhost") -> tuple:
             key.private_bytes(
                 serialization.Encoding.PEM,
                 serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
+                serialization.BestAvailableEncryption(passphrase)
+                if passphrase else serialization.NoEncryption(),
             )
         )
     return certPath, keyPath

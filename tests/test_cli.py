@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
+import configparser
+import importlib.metadata
 import io
 import os
 import subprocess
 import sys
 from typing import Optional
 
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 import mailauth
+from mailauth import cli
 from mailauth.cli import Console, main
 from mailauth.passwords import SCHEMES, parse, verify
+from tests.harness import ROOT, Daemon
+from tests.support import holdPort, searchableFolder, writeCertificate
 from tests.test_pwquality import writePwnedFile, writePwnedRanges
 
 CRAM = "{CRAM-MD5}" + "ab" * 32
@@ -25,8 +32,8 @@ class TerminalInput(io.BytesIO):
         return True
 
 
-class CommandTests(unittest.TestCase):
-    """Running C{mailauth} subcommands through L{main}."""
+class CommandMixin:
+    """Runs C{mailauth} subcommands through L{main}, in a temporary folder."""
 
     def setUp(self) -> None:
         self.directory = self.mktemp()
@@ -34,13 +41,16 @@ class CommandTests(unittest.TestCase):
         self.users = os.path.join(self.directory, "users")
         self.prompts: list[str] = []
 
-    def mailauth(self, *argv: str, stdin: bytes = b"", answers: Optional[list[str]] = None) -> int:
+    def mailauth(self, *argv: str, stdin: bytes = b"", answers: Optional[list[str]] = None,
+                 defaultConfig: Optional[str] = None) -> int:
         """
         Run C{mailauth ARGV...}, keeping its output in C{self.stdout} and
         C{self.stderr}.
 
         @param answers: what the terminal answers to password prompts; with
             them, standard input is a terminal.
+        @param defaultConfig: the configuration read without --config; by
+            default one that does not exist.
         """
         self.stdin = TerminalInput() if answers is not None else io.BytesIO(stdin)
         self.stdout, self.stderr = io.StringIO(), io.StringIO()
@@ -49,7 +59,10 @@ class CommandTests(unittest.TestCase):
             self.prompts.append(prompt)
             return answers.pop(0)
 
-        return main(list(argv), Console(self.stdin, self.stdout, self.stderr, getpass))
+        if defaultConfig is None:
+            defaultConfig = os.path.join(self.directory, "no-default.conf")
+        return main(list(argv), Console(self.stdin, self.stdout, self.stderr, getpass),
+                    defaultConfig)
 
     def storedHash(self, login: str) -> str:
         with open(self.users) as f:
@@ -58,17 +71,22 @@ class CommandTests(unittest.TestCase):
                     return line.rstrip("\n").split(":")[1]
         self.fail(f"no {login} in {self.users}")
 
-    def writeConfig(self, users: str, extra: str = "") -> str:
+    def writeConfig(self, users: str, extra: str = "",
+                    endpoint: str = "tcp:0:interface=127.0.0.1", auth: str = "") -> str:
         path = os.path.join(self.directory, "mailauth.conf")
         with open(path, "w") as f:
             f.write(
-                "[server]\nhostname = mail.example.org\n"
-                "[listener:submission]\nendpoint = tcp:2587\ntls = none\nauth = optional\n"
-                f"[auth]\nusers = {users}\n"
-                "[delivery]\nlocal_domains = example.org\n"
-                "maildir = /var/mail/{domain}/{localpart}/Maildir\n" + extra
+                f"[server]\nhostname = mail.example.org\nstate_dir = {self.directory}/state\n"
+                f"[listener:submission]\nendpoint = {endpoint}\ntls = none\nauth = optional\n"
+                f"[auth]\nusers = {users}\n{auth}"
+                "[delivery]\nlocal_domains = example.org example.net\n"
+                f"maildir = {self.directory}/mail/{{domain}}/{{localpart}}/Maildir\n" + extra
             )
         return path
+
+
+class CommandTests(CommandMixin, unittest.TestCase):
+    """Running C{mailauth} subcommands through L{main}."""
 
     def test_userAddFromStdin(self) -> None:
         """
@@ -229,23 +247,100 @@ class CommandTests(unittest.TestCase):
 
     def test_badConfig(self) -> None:
         """
-        A configuration with problems is reported one problem a line.
+        A configuration whose [auth] users cannot be read is reported one
+        problem a line.
         """
-        config = self.writeConfig(self.users, "[bogus]\nkey = 1\n[relay]\n")
+        config = self.writeConfig(self.users, "[bogus]\nkey = 1\n[relay]\n",
+                                  auth="password_min_length = short\n")
         self.assertEqual(self.mailauth("user", "list", "--config", config), 1)
         problems = self.stderr.getvalue().splitlines()
-        self.assertEqual(len(problems), 2)
+        self.assertEqual(len(problems), 3)
         for problem in problems:
             self.assertTrue(problem.startswith(config + ": "), problem)
 
+    def test_otherSectionBroken(self) -> None:
+        """
+        The user commands work when a section they do not need is broken:
+        they read [auth] users and say the problems as warnings.
+        """
+        with open(self.users, "w") as f:
+            f.write(f"a@example.org:{CRAM}\n")
+        config = self.writeConfig(self.users, "[bogus]\nkey = 1\n[relay]\n")
+        self.assertEqual(self.mailauth("user", "list", "--config", config), 0)
+        self.assertEqual(self.stdout.getvalue(), "a@example.org  CRAM-MD5\n")
+        warnings = self.stderr.getvalue().splitlines()
+        self.assertEqual(len(warnings), 3, warnings)
+        self.assertTrue(warnings[0].startswith(
+            f"mailauth: warning: {config}: [bogus]: unknown section (known: "), warnings[0])
+        self.assertEqual(warnings[1:], [
+            f"mailauth: warning: {config}: [relay] host: missing (this key is required)",
+            f"mailauth: warning: {config} has the problems above; using its [auth] users = "
+            f"{self.users} anyway",
+        ])
+        args = ("user", "add", "b@example.org", "--config", config)
+        self.assertEqual(self.mailauth(*args, stdin=b"long password\n"), 0)
+        self.assertTrue(verify(parse(self.storedHash("b@example.org")), b"long password"))
+
+    def test_otherSectionBrokenPolicyKept(self) -> None:
+        """The password policy of a configuration read that way still applies."""
+        config = self.writeConfig(self.users, "[relay]\n", auth="password_min_length = 20\n")
+        args = ("user", "add", "b@example.org", "--config", config)
+        self.assertEqual(self.mailauth(*args, stdin=b"long password\n"), 1)
+        self.assertIn("at least 20 are required", self.stderr.getvalue())
+
+    def test_defaultConfig(self) -> None:
+        """
+        Without --users or --config, user commands read the default
+        configuration; without one, they say how to name it.
+        """
+        with open(self.users, "w") as f:
+            f.write(f"a@example.org:{CRAM}\n")
+        config = self.writeConfig(self.users)
+        self.assertEqual(self.mailauth("user", "list", defaultConfig=config), 0)
+        self.assertEqual(self.stdout.getvalue(), "a@example.org  CRAM-MD5\n")
+        missing = os.path.join(self.directory, "missing.conf")
+        self.assertEqual(self.mailauth("user", "list", defaultConfig=missing), 1)
+        self.assertEqual(self.stderr.getvalue(), f"mailauth: {missing}: no such file; name the "
+                         "configuration with --config PATH\n")
+
     def test_usersOrConfig(self) -> None:
         """
-        User commands need exactly one of C{--users} and C{--config}.
+        User commands take one of C{--users} and C{--config}, not both.
         """
-        self.assertEqual(self.mailauth("user", "list"), 2)
-        self.assertIn("one of the arguments --users --config is required", self.stderr.getvalue())
         self.assertEqual(self.mailauth("user", "list", "--users", "u", "--config", "c"), 2)
         self.assertIn("not allowed with argument", self.stderr.getvalue())
+
+    def test_userAddOutsideLocalDomains(self) -> None:
+        """
+        Adding a login of a domain that is not local is allowed, with a
+        warning: it can send, but mail to it is not delivered here.
+        """
+        config = self.writeConfig(self.users)
+        args = ("user", "add", "a@Elsewhere.test", "--config", config)
+        self.assertEqual(self.mailauth(*args, stdin=b"long password\n"), 0)
+        self.assertEqual(self.stderr.getvalue(), (
+            f"mailauth: warning: elsewhere.test is not one of the local_domains of {config} "
+            "(example.net example.org): a@Elsewhere.test can log in and send, but mail to it "
+            "is not delivered here\n"))
+        self.assertEqual(self.mailauth("user", "add", "b@example.net", "--config", config,
+                                       stdin=b"long password\n"), 0)
+        self.assertEqual(self.stderr.getvalue(), "")
+        self.assertEqual(self.mailauth("user", "add", "c@elsewhere.test", "--users", self.users,
+                                       stdin=b"long password\n"), 0)
+        self.assertEqual(self.stderr.getvalue(), "")
+
+    def test_userAddUnsafeLogin(self) -> None:
+        """
+        A login that userdb.checkLogin refuses is refused before anything
+        is read or written, with or without a configuration.
+        """
+        config = self.writeConfig(self.users)
+        for login in ("a\x01b@example.org", "#a@example.org", "a:b@example.org"):
+            args = ("user", "add", login, "--config", config)
+            self.assertEqual(self.mailauth(*args, stdin=b"long password\n"), 1)
+            self.assertIn(f"mailauth: invalid login {login!r}", self.stderr.getvalue())
+            self.assertEqual(self.stdin.tell(), 0)
+        self.assertFalse(os.path.exists(self.users))
 
     def test_hash(self) -> None:
         """
@@ -457,6 +552,201 @@ class CommandTests(unittest.TestCase):
         self.assertTrue(self.stderr.getvalue().startswith("usage: mailauth"))
 
 
+class CheckConfigTests(CommandMixin, unittest.TestCase):
+    """
+    C{mailauth check-config} says everything the daemon would refuse or
+    warn about at start, one line each.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.directory = os.path.abspath(self.directory)
+        self.users = os.path.join(self.directory, "users")
+        with open(self.users, "w") as f:
+            f.write(f"a@example.org:{CRAM}\n")
+
+    def tlsConfig(self, days: float = 90, passphrase: Optional[bytes] = None) -> str:
+        cert, key = writeCertificate(os.path.join(self.directory, "tls"), days=days,
+                                     passphrase=passphrase)
+        return self.writeConfig(self.users, f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n")
+
+    def check(self, config: str, *options: str) -> int:
+        return self.mailauth("check-config", "--config", config, *options)
+
+    def test_badEndpoints(self) -> None:
+        """
+        Endpoint strings that twistd would crash on (with a traceback,
+        before) are one line each: the parser's own errors, and a port or a
+        folder that listening would refuse.
+        """
+        config = self.writeConfig(self.users, "".join(
+            f"[listener:{name}]\nendpoint = {endpoint}\ntls = none\nauth = optional\n"
+            for name, endpoint in [("a", "tcp:abc"), ("b", "tcp:99999"),
+                                   ("c", "tcp:2587:interfce=127.0.0.1"),
+                                   ("d", f"unix:{self.directory}/run/mailauth.sock")]))
+        self.assertEqual(self.check(config), 1)
+        self.assertEqual(self.stderr.getvalue().splitlines(), [
+            f"{config}: [listener:a] endpoint: 'tcp:abc': 'abc' is not a whole number",
+            f"{config}: [listener:b] endpoint: 'tcp:99999': 99999 is not a port number "
+            "(0 to 65535)",
+            f"{config}: [listener:c] endpoint: 'tcp:2587:interfce=127.0.0.1': unknown option "
+            "'interfce' (known: port, interface, backlog)",
+            f"{config}: [listener:d] endpoint: 'unix:{self.directory}/run/mailauth.sock': "
+            f"cannot listen: {self.directory}/run: no such folder",
+        ])
+        self.assertEqual(self.stdout.getvalue(), "")
+
+    def test_portInUse(self) -> None:
+        """A port that something else holds is an error."""
+        endpoint = f"tcp:{holdPort(self)}:interface=127.0.0.1"
+        config = self.writeConfig(self.users, endpoint=endpoint)
+        self.assertEqual(self.check(config), 1)
+        self.assertEqual(self.stderr.getvalue(), f"{config}: [listener:submission] endpoint: "
+                         f"{endpoint!r}: cannot listen: Address already in use\n")
+
+    @defer.inlineCallbacks
+    def test_portOfRunningMailauth(self):
+        """
+        A port held by a running mailauth is not an error: check-config is
+        run beside the daemon before a restart.
+        """
+        daemon = Daemon(self.mktemp())
+        self.addCleanup(daemon.stop)
+        daemon.start()
+        endpoint = f"tcp:{daemon.ports['submission']}:interface=127.0.0.1"
+        config = self.writeConfig(self.users, endpoint=endpoint)
+        status = yield threads.deferToThread(self.check, config)
+        self.assertEqual((status, self.stderr.getvalue()), (0, ""))
+        self.assertEqual(self.stdout.getvalue(), (
+            f"{config}: [listener:submission] endpoint: {endpoint!r}: in use, by the running "
+            "mailauth (it answers on [listener:submission]): not tried\n"
+            f"{config}: OK\n"))
+
+    def test_expiredCertificate(self) -> None:
+        """An expired certificate is an error."""
+        config = self.tlsConfig(days=-1)
+        self.assertEqual(self.check(config), 1)
+        self.assertRegex(self.stderr.getvalue(), rf"^{config}: \[tls\] certificate: "
+                         rf"{self.directory}/tls/cert.pem: expired on .* UTC: renew it\n$")
+
+    def test_certificateExpiresSoon(self) -> None:
+        """One that expires within 30 days is a warning: exit 0, and it says warning."""
+        config = self.tlsConfig(days=12.5)
+        self.assertEqual(self.check(config), 0)
+        self.assertRegex(self.stderr.getvalue(), rf"^{config}: \[tls\] certificate: warning: "
+                         rf"{self.directory}/tls/cert.pem: expires on .* UTC, in 12 day\(s\): "
+                         r"renew it\n$")
+        self.assertEqual(self.stdout.getvalue(), f"{config}: OK, with 1 warning(s)\n")
+
+    def test_encryptedKey(self) -> None:
+        """An encrypted key is one clear error; nothing asks for a passphrase."""
+        config = self.tlsConfig(passphrase=b"secret")
+        self.assertEqual(self.check(config), 1)
+        self.assertEqual(self.stderr.getvalue(), (
+            f"{config}: [tls]: {self.directory}/tls/key.pem: the private key is encrypted with "
+            "a passphrase, which mailauth cannot ask for: store it decrypted (openssl pkey -in "
+            "KEY -out NEWKEY), readable only by root and the daemon's group\n"))
+
+    def test_usersFileLines(self) -> None:
+        """Each line of the users file that the daemon would skip is a warning."""
+        with open(self.users, "a") as f:
+            f.write("broken\n\nb@example.org:{CRAM-MD5}\n")
+        config = self.writeConfig(self.users)
+        self.assertEqual(self.check(config), 0)
+        lines = self.stderr.getvalue().splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertEqual(lines[0], f"{self.users}:2: warning: no ':' after the login; the "
+                         "daemon skips this line")
+        self.assertTrue(lines[1].startswith(f"{self.users}:4: warning: b@example.org: "), lines)
+
+    def test_uid(self) -> None:
+        """
+        With --uid, state_dir and the Maildir roots are checked as that user
+        would see them; state_dir only needs to be reachable, since twistd
+        started as root makes it and gives it to that user.
+        """
+        self.directory = os.path.join(searchableFolder(self), "setup")
+        os.mkdir(self.directory, 0o755)
+        self.users = os.path.join(self.directory, "users")
+        with open(self.users, "w") as f:
+            f.write(f"a@example.org:{CRAM}\n")
+        config = self.writeConfig(self.users)
+        nobody = "user nobody (uid 65534)"
+        self.assertEqual(self.check(config, "--uid", "nobody"), 1)
+        for domain in ("example.net", "example.org"):
+            self.assertIn(
+                f"{config}: [delivery] maildir: {self.directory}/mail/{domain}: {nobody} cannot "
+                f"write {self.directory} to make {self.directory}/mail/{domain}, so no new "
+                "Maildir can be made there\n", self.stderr.getvalue())
+        self.assertEqual(len(self.stderr.getvalue().splitlines()), 2)
+        os.mkdir(os.path.join(self.directory, "mail"), 0o755)
+        os.chown(os.path.join(self.directory, "mail"), 65534, 65534) if os.geteuid() == 0 \
+            else os.chmod(os.path.join(self.directory, "mail"), 0o777)
+        self.assertEqual(self.check(config, "--uid", "65534"), 0, self.stderr.getvalue())
+        self.assertEqual(self.check(config, "--uid", "no-such-user"), 1)
+        self.assertEqual(self.stderr.getvalue(), "mailauth: --uid: no user 'no-such-user'\n")
+
+    def test_defaultConfig(self) -> None:
+        """check-config reads the default configuration without --config."""
+        config = self.writeConfig(self.users)
+        self.assertEqual(self.mailauth("check-config", defaultConfig=config), 0)
+        self.assertEqual(self.stdout.getvalue(), f"{config}: OK\n")
+
+
+class HelpTests(CommandMixin, unittest.TestCase):
+    """The command line explains itself."""
+
+    def test_version(self) -> None:
+        """--version prints the package's version."""
+        self.assertEqual(self.mailauth("--version"), 0)
+        self.assertEqual(self.stdout.getvalue(), f"mailauth {cli.version()}\n")
+        self.assertRegex(cli.version(), r"^\d+\.\d+")
+
+    def test_sourceVersion(self) -> None:
+        """The version used when not installed is setup.cfg's."""
+        parser = configparser.ConfigParser()
+        parser.read(os.path.join(ROOT, "setup.cfg"))
+        self.assertEqual(cli.SOURCE_VERSION, parser["metadata"]["version"])
+        self.patch(importlib.metadata, "version", _notInstalled)
+        self.assertEqual(cli.version(), cli.SOURCE_VERSION)
+
+    def test_everythingHasHelp(self) -> None:
+        """Every command, subcommand, option and argument has a help line."""
+        missing = []
+
+        def walk(parser: argparse.ArgumentParser) -> None:
+            for action in parser._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    for choice in action._choices_actions:
+                        if not choice.help:
+                            missing.append(f"{parser.prog} {choice.dest}")
+                    for sub in action.choices.values():
+                        walk(sub)
+                elif not action.help:
+                    name = "/".join(action.option_strings) or action.dest
+                    missing.append(f"{parser.prog} {name}")
+            if not parser.description:
+                missing.append(f"{parser.prog}: no description")
+
+        walk(cli._makeParser(cli.DEFAULT_CONFIG))
+        self.assertEqual(missing, [])
+
+    def test_helpOutput(self) -> None:
+        """mailauth --help and mailauth user --help print their help and exit 0."""
+        self.assertEqual(self.mailauth("--help"), 0)
+        self.assertTrue(self.stdout.getvalue().startswith("usage: mailauth [-h] [--version]"))
+        self.assertIn("check a configuration as the daemon would at start", self.stdout.getvalue())
+        self.stdout.seek(0)
+        self.stdout.truncate()
+        self.assertEqual(self.mailauth("user", "--help"), 0)
+        self.assertIn("Manage the users that [auth] users names", self.stdout.getvalue())
+        self.assertIn("mailauth user add alice@example.org", self.stdout.getvalue())
+
+
+def _notInstalled(name: str) -> str:
+    raise importlib.metadata.PackageNotFoundError(name)
+
+
 class ScriptTests(unittest.TestCase):
     """The command as a program."""
 
@@ -528,3 +818,48 @@ class QueueCommandTests(unittest.TestCase):
             self.mailauth("queue", "delete", "../../etc", "--state-dir", self.stateDir), 1
         )
         self.assertEqual(self.stderr.getvalue(), "mailauth: no message ../../etc in the queue\n")
+
+    def writeConfig(self, extra: str = "") -> str:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(f"[server]\nstate_dir = {self.stateDir}\n"
+                    "[listener:submission]\nendpoint = tcp:0\n"
+                    "[tls]\ncertificate = c.pem\nprivate_key = k.pem\n"
+                    "[auth]\nusers = users\n"
+                    "[delivery]\nlocal_domains = example.org\n"
+                    "maildir = /var/mail/{domain}/{localpart}/Maildir\n" + extra)
+        return path
+
+    def test_fromConfig(self) -> None:
+        """The queue is the one under the configuration's state_dir."""
+        config = self.writeConfig("[relay]\nhost = smtp.example.net\n")
+        self.assertEqual(self.mailauth("queue", "list", "--config", config), 0)
+        self.assertIn("A1B2C3D4E5F6", self.stdout.getvalue())
+        self.assertEqual(main(["queue", "list"], Console(io.BytesIO(), self.stdout, self.stderr),
+                              config), 0)
+        self.assertTrue(self.stdout.getvalue().endswith("-- 1 message(s) in the queue\n"))
+
+    def test_missingStateDir(self) -> None:
+        """
+        A state directory that does not exist, or has no queue, is an error,
+        not an empty queue, for every queue command.
+        """
+        missing = os.path.abspath(self.mktemp())
+        for argv in (["list"], ["flush"], ["delete", "A1B2C3D4E5F6"]):
+            self.assertEqual(self.mailauth("queue", *argv, "--state-dir", missing), 1)
+            self.assertEqual(self.stderr.getvalue(), f"mailauth: {missing}: no such folder "
+                             "(is it the daemon's state_dir?)\n")
+            self.stderr.truncate(0)
+            self.stderr.seek(0)
+        os.mkdir(missing)
+        self.assertEqual(self.mailauth("queue", "list", "--state-dir", missing), 1)
+        self.assertEqual(self.stderr.getvalue(), f"mailauth: {missing}/queue: no such folder: "
+                         "the daemon makes it when it starts with a [relay] section\n")
+        self.assertEqual(self.stdout.getvalue(), "")
+
+    def test_noRelay(self) -> None:
+        """With a configuration that has no [relay], nothing is ever queued: it says so."""
+        config = self.writeConfig()
+        self.assertEqual(self.mailauth("queue", "list", "--config", config), 1)
+        self.assertEqual(self.stderr.getvalue(), f"mailauth: {config}: no [relay] section, so "
+                         "mail for other domains is refused and nothing is ever queued\n")

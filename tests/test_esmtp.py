@@ -12,6 +12,7 @@ import re
 
 from twisted.cred.error import LoginFailed
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial import unittest
 
 from mailauth import dataread, esmtp
@@ -598,12 +599,19 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
         self.assertEqual(len(self.mailbox.stored), 1)
 
     def test_storageFailureIsTemporary(self) -> None:
-        """A message that cannot be stored gets 451 4.3.0, not 550 (D21)."""
-        self.mailbox.failWith = OSError(5, "I/O error")
+        """
+        A message that cannot be stored gets 451 4.3.0, not 550 (D21); the
+        OSError is a warning naming the path and errno, not a traceback.
+        """
+        self.mailbox.failWith = OSError(5, "I/O error", "/var/mail/x")
         self.startData()
-        self.assertReply(self.session.send(b"x\r\n.\r\n"),
-                         b"451 4.3.0 Error: local error in processing")
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        with capturedLogs() as events:
+            self.assertReply(self.session.send(b"x\r\n.\r\n"),
+                             b"451 4.3.0 Error: local error in processing")
+        self.assertEqual([(e["log_level"], formatEvent(e)) for e in events], [
+            (LogLevel.warn, "could not store a message from client=[192.0.2.1]: /var/mail/x: "
+             "I/O error (errno 5)")])
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_diskFull(self) -> None:
         """A full disk gets 452 4.3.1, and the message is not acknowledged."""
@@ -611,7 +619,15 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
         self.startData()
         self.assertReply(self.session.send(b"x\r\n.\r\n"),
                          b"452 4.3.1 Error: insufficient system storage")
-        self.flushLoggedErrors(OSError)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_unexpectedStorageFailure(self) -> None:
+        """Any other exception from storing is 451 with its traceback logged."""
+        self.mailbox.failWith = ZeroDivisionError()
+        self.startData()
+        self.assertReply(self.session.send(b"x\r\n.\r\n"),
+                         b"451 4.3.0 Error: local error in processing")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
     def test_rejectedByMessage(self) -> None:
         """A message may pick its own reply with SMTPReply."""

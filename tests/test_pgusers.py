@@ -16,8 +16,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
+from mailauth import checks
 from mailauth import config as configmod
-from mailauth import tap
 from mailauth.cli import Console, main
 from mailauth.interfaces import IUserDatabase, IUserStore
 from mailauth.passwords import PasswordHash, makeHash, parse, verify
@@ -781,7 +781,7 @@ class CommandTests(DatabaseMixin, unittest.TestCase):
         """
         self.writeConfig(self.uri + "&sslmod=require")
         cfg = configmod.load(self.config)
-        self.assertEqual(tap.checkFiles(cfg), [
+        self.assertEqual(checks.checkFiles(cfg), [
             f'{self.config}: [auth] users: {self.uri}&sslmod=require:'
             ' invalid URI query parameter: "sslmod"'
         ])

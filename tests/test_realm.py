@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.mail import smtp
 from twisted.mail.interfaces import IMessageDeliveryFactory
 from twisted.trial import unittest
@@ -281,6 +283,69 @@ class DeliveryTests(RealmTestsMixin, unittest.TestCase):
         maildir = os.path.join(self.dir, "example.test", "bob", "Maildir")
         self.assertEqual(os.listdir(os.path.join(maildir, "tmp")), [])
         self.assertEqual(os.listdir(os.path.join(maildir, "new")), [])
+
+    def test_maildirCannotBeMade(self) -> None:
+        """
+        A Maildir that cannot be made (a file where its folder should be) is
+        a warning naming the path and errno, once; the message fails with
+        451 at the end of data, and nothing of it is queued.
+        """
+        os.makedirs(self.dir)
+        open(os.path.join(self.dir, "example.test"), "w").close()
+        d = self.delivery()
+        self.successResultOf(d.validateTo(self.user("x@remote.test")))
+        with capturedLogs() as events:
+            message = self.successResultOf(d.validateTo(self.user("bob@example.test")))()
+            message.write(b"Subject: x\r\n\r\nbody\r\n")
+            e = self.failureResultOf(message.eomReceived(), SMTPReply).value
+        self.assertEqual((e.code, e.text), (451, "4.3.0 Error: local error in processing"))
+        self.assertEqual([(x["log_namespace"], x["log_level"], formatEvent(x)) for x in events], [
+            ("mailauth.realm", LogLevel.warn,
+             f"message {d.id} not stored: {self.dir}/example.test/bob: Not a directory (errno 20); "
+             "the client is told 451, to try again later")])
+        [writer] = self.queue.writers
+        self.assertTrue(writer.aborted)
+        self.assertEqual(self.queue.messages, {})
+
+    def test_commitFails(self) -> None:
+        """
+        A failure while committing (here new/ is not a folder) is the same
+        warning; every part of the message is thrown away.
+        """
+        maildir = os.path.join(self.dir, "example.test", "bob", "Maildir")
+        os.makedirs(os.path.join(maildir, "tmp"))
+        open(os.path.join(maildir, "new"), "w").close()
+        d = self.delivery()
+        message = self.successResultOf(d.validateTo(self.user("bob@example.test")))()
+        message.write(b"Subject: x\r\n\r\nbody\r\n")
+        with capturedLogs() as events:
+            e = self.failureResultOf(message.eomReceived(), SMTPReply).value
+        self.assertEqual(e.code, 451)
+        [event] = events
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertRegex(formatEvent(event), rf"^message {d.id} not stored: {maildir}/tmp/\S+: "
+                         r"Not a directory \(errno 20\); the client is told 451")
+        self.assertEqual(os.listdir(os.path.join(maildir, "tmp")), [])
+
+    def test_diskFull(self) -> None:
+        """A full disk gets 452 4.3.1."""
+        d = self.delivery()
+        message = self.successResultOf(d.validateTo(self.user("x@remote.test")))()
+        [writer] = self.queue.writers
+
+        def full(chunk: bytes) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        writer.write = full
+        with capturedLogs() as events:
+            message.write(b"x")
+            message.write(b"y")
+            e = self.failureResultOf(message.eomReceived(), SMTPReply).value
+        self.assertEqual((e.code, e.text), (452, "4.3.1 Error: insufficient system storage"))
+        self.assertEqual([formatEvent(x) for x in events], [
+            f"message {d.id} not stored: the queue: No space left on device (errno 28); the "
+            "client is told 452, to try again later"])
+        self.assertTrue(writer.aborted)
 
     def test_receivedHeader(self) -> None:
         """The Received header names ESMTPSA, the login, TLS, the id and the recipient."""

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import os
+import time
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.trial import unittest
 
-from mailauth.tls import ReloadableTLS, TLSError, loadOptions
+from mailauth.tls import ReloadableTLS, TLSError, loadOptions, notAfter
 from tests.support import writeCertificate
+
+
+def _recording(loadPrivateKey, asked: list):
+    """C{crypto.load_privatekey}, noting the passphrase argument it is given."""
+
+    def load(kind, data, passphrase=None):
+        asked.append(passphrase)
+        return loadPrivateKey(kind, data, passphrase)
+
+    return load
 
 
 class TLSTests(unittest.TestCase):
@@ -51,7 +62,40 @@ class TLSTests(unittest.TestCase):
     def test_badKey(self) -> None:
         """A file that is not a key is named."""
         e = self.assertRaises(TLSError, loadOptions, self.cert, self.cert)
-        self.assertIn("bad private key", str(e))
+        self.assertEqual(str(e), f"{self.cert}: no PEM private key in it")
+
+    def test_corruptKey(self) -> None:
+        """A damaged key is named with OpenSSL's reason, not its raw error list."""
+        with open(self.key, "rb") as f:
+            lines = f.read().splitlines(keepends=True)
+        with open(self.key, "wb") as f:
+            f.writelines(lines[:1] + [b"AAAA" + lines[1][4:]] + lines[2:])
+        e = self.assertRaises(TLSError, loadOptions, self.cert, self.key)
+        self.assertTrue(str(e).startswith(f"{self.key}: bad private key: "), str(e))
+        self.assertNotIn("[(", str(e))
+
+    def test_encryptedKey(self) -> None:
+        """
+        An encrypted key is a clear error; OpenSSL never asks for its
+        passphrase (on a terminal it would).
+        """
+        asked = []
+        self.patch(crypto, "load_privatekey", _recording(crypto.load_privatekey, asked))
+        writeCertificate(self.dir, passphrase=b"secret")
+        e = self.assertRaises(TLSError, loadOptions, self.cert, self.key)
+        self.assertEqual(str(e), f"{self.key}: the private key is encrypted with a passphrase, "
+                         "which mailauth cannot ask for: store it decrypted (openssl pkey -in "
+                         "KEY -out NEWKEY), readable only by root and the daemon's group")
+        [passphrase] = asked
+        self.assertTrue(callable(passphrase))
+
+    def test_notAfter(self) -> None:
+        """notAfter is the leaf certificate's expiry, as a POSIX time."""
+        writeCertificate(self.dir, days=10)
+        # Written as now + 10 days: a time zone mistake would be hours off.
+        self.assertLess(abs(notAfter(self.cert) - (time.time() + 10 * 86400)), 120)
+        e = self.assertRaises(TLSError, notAfter, self.key)
+        self.assertEqual(str(e), f"{self.key}: no PEM certificate in it")
 
     def test_reloadKeepsOldOnFailure(self) -> None:
         """A reload that fails keeps serving the old certificate."""
