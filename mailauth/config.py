@@ -57,6 +57,8 @@ class ServerConfig:
     max_errors: int
     auth_threads: int
     disk_threads: int
+    # The whole of one DATA, however slowly it trickles in.
+    max_data_time: float = 1800.0
 
 
 @attrs.frozen
@@ -100,6 +102,9 @@ class DeliveryConfig:
     aliases: Optional[str]
     sender_map: Optional[str]
     sender_login_match: bool
+    # Where postmaster@ each local domain and <Postmaster> go, when no user
+    # or alias of that exact address takes them.
+    postmaster: Optional[str] = None
 
 
 @attrs.frozen
@@ -339,6 +344,20 @@ def _domains(text: str) -> frozenset:
     return frozenset(parseDomain(d) for d in text.replace(",", " ").split())
 
 
+def _address(text: str) -> str:
+    """C{local@domain}, lower-cased: an address mail can be routed to."""
+    value = text.strip().lower().rstrip(".")
+    local, at, domain = value.rpartition("@")
+    if not at or not local or not re.fullmatch(r"[\x21-\x7e]+", local) or not domain:
+        raise ValueError(f"{text.strip()!r} is not an address (local@domain)")
+    try:
+        _domains(domain)
+    except ValueError:
+        raise ValueError(f"{text.strip()!r} is not an address: {domain!r} is not a domain "
+                         "name") from None
+    return value
+
+
 def _maildirTemplate(text: str) -> str:
     value = _text(text)
     try:
@@ -515,6 +534,7 @@ _SCHEMA: dict = {
         "max_connections_per_address": (parsePositive, "20"),
         "timeout": (parseDuration, "5m"),
         "data_timeout": (parseDuration, "10m"),
+        "max_data_time": (_positiveDuration, "30m"),
         "max_errors": (parsePositive, "10"),
         "auth_threads": (parsePositive, "4"),
         "disk_threads": (parsePositive, "4"),
@@ -552,6 +572,7 @@ _SCHEMA: dict = {
         "aliases": (_text, None),
         "sender_map": (_text, None),
         "sender_login_match": (parseBool, "yes"),
+        "postmaster": (_address, None),
     },
     "relay": {
         "host": (_text, REQUIRED),
@@ -697,6 +718,11 @@ def loadText(text: str, path: str = "<string>") -> Config:
     delivery = r.section("delivery", "delivery") if parser.has_section("delivery") else None
     relay = r.section("relay", "relay") if parser.has_section("relay") else None
     state = r.section("state", "state")
+    if (delivery is not None and delivery["postmaster"] and delivery["local_domains"]
+            and delivery["postmaster"].rpartition("@")[2] not in delivery["local_domains"]
+            and relay is None):
+        r.problem("delivery", "postmaster", f"{delivery['postmaster']} is in another domain "
+                  "and there is no [relay] to forward to it")
     if relay is not None and relay["username"] and not relay["password_file"]:
         r.problem("relay", "password_file", "missing: username is set, so a password is needed")
     metrics = r.section("metrics", "metrics") if parser.has_section("metrics") else None

@@ -87,6 +87,7 @@ class SubmissionProtocol(protocol.Protocol):
         self._writeBlocked = False
         self._discarding = False
         self._timer = None
+        self._dataDeadline: Any = None
         self._errors = 0
         self._authFailures = 0
         self._peer = "unknown"
@@ -182,6 +183,7 @@ class SubmissionProtocol(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._mode = self.CLOSED
         self._cancelTimeout()
+        self._cancelDataDeadline()
         if self._tarpitCall is not None and self._tarpitCall.active():
             self._tarpitCall.cancel()
         self._abortMessages()
@@ -197,6 +199,7 @@ class SubmissionProtocol(protocol.Protocol):
             return
         self._send(reply)
         self._mode = self.CLOSED
+        self._cancelDataDeadline()
         self._abortMessages()
         self.transport.unregisterProducer()
         self.transport.loseConnection()
@@ -239,6 +242,21 @@ class SubmissionProtocol(protocol.Protocol):
         self._timer = None
         log.info("timeout client={client}", client=self._peer)
         self._close(replies.TIMEOUT.format(hostname=self.settings.hostname))
+
+    # The data timeout restarts at every read, so a client that trickles a
+    # byte at a time would hold its slot forever: one DATA also gets
+    # max_data_time in all, from its 354 to its final dot.
+
+    def _cancelDataDeadline(self) -> None:
+        if self._dataDeadline is not None and self._dataDeadline.active():
+            self._dataDeadline.cancel()
+        self._dataDeadline = None
+
+    def _dataTooSlow(self) -> None:
+        self._dataDeadline = None
+        log.info("DATA took longer than {limit:g} seconds client={client}",
+                 limit=self.settings.max_data_time, client=self._peer)
+        self._close(replies.DATA_TOO_SLOW.format(hostname=self.settings.hostname))
 
     # -- input -------------------------------------------------------------
 
@@ -728,6 +746,7 @@ class SubmissionProtocol(protocol.Protocol):
         self._reader = DataReader(self._writeMessage, self.settings.max_message_size)
         self._mode = self.DATA
         self._setTimeout(self.settings.data_timeout)
+        self._dataDeadline = self.clock.callLater(self.settings.max_data_time, self._dataTooSlow)
         self._send(replies.START_DATA)
         self._writeMessage(header)
 
@@ -741,6 +760,7 @@ class SubmissionProtocol(protocol.Protocol):
             self._writeFailure = Failure()
 
     def _endData(self):
+        self._cancelDataDeadline()
         self._setTimeout(self.settings.timeout)
         reader, failure = self._reader, self._writeFailure
         if reader.bareNewline or reader.nul or reader.tooBig or failure is not None:

@@ -5,22 +5,112 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import shutil
 import socket
+import stat
 import time
 from typing import BinaryIO, Optional
 
+import attrs
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailauth.durable import fsyncDirectory, unlink, writeDurably
-from mailauth.interfaces import IMessageSink
+from mailauth.interfaces import BlockingRunner, IMessageSink
+
+log = Logger(namespace="mailauth.maildir")
 
 _SUBDIRS = ("tmp", "new", "cur")
 # Bytes of a message held in memory before its tmp/ file is created; also
 # the size of the file's write buffer after that.
 SPOOL = 65536
 _counter = 0
+
+
+# What no local part or domain may hold: it becomes one path component.
+_UNSAFE = re.compile(r"[/\x00-\x1f\x7f]")
+# The longest file name (NAME_MAX on Linux and the BSDs), in bytes.
+NAME_MAX = 255
+
+
+class UnsafeMailbox(ValueError):
+    """An address that cannot name a Maildir: the message says why."""
+
+
+def mailboxProblem(address: str) -> Optional[str]:
+    """
+    Why C{address} cannot name a mailbox folder, or L{None} if it can.
+
+    Its local part and its domain each become one path component of the
+    Maildir template ({localpart}, {domain}, and {user} for both), so each
+    must be one safe file name (L{componentProblem}), whatever quoting the
+    address used.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return "it is not local@domain"
+    return componentProblem(local, "local part") or componentProblem(domain, "domain")
+
+
+def componentProblem(part: str, what: str) -> Optional[str]:
+    """
+    Why C{part} (the C{what} of an address) cannot be one path component,
+    or L{None}: it must not be empty, hold C{/}, NUL or another control
+    character, or start with a dot (so neither C{.} nor C{..}, nor a
+    hidden name), and must be at most L{NAME_MAX} bytes.
+    """
+    if not part:
+        return f"its {what} is empty"
+    found = _UNSAFE.search(part)
+    if found is not None:
+        char = "'/'" if found.group() == "/" else f"control character {found.group()!r}"
+        return f"its {what} contains {char}"
+    if part.startswith("."):
+        return f"its {what} starts with a dot"
+    if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        return f"its {what} is longer than {NAME_MAX} bytes"
+    return None
+
+
+def maildirPath(template: str, login: str) -> str:
+    """
+    The Maildir of C{login} by C{template}, checked to stay under the
+    template's fixed start (what precedes its first C{{}}).
+
+    C{..} is resolved in the text (L{os.path.normpath}), never by following
+    symbolic links: a link the administrator made (C{/var/mail} to another
+    disk) is not taken for an escape, and the path returned, the one
+    checked, holds no C{..} for the kernel to resolve through a link.
+
+    @raise UnsafeMailbox: if the login cannot name a folder
+        (L{mailboxProblem}) or its path would leave the fixed start.
+    """
+    problem = mailboxProblem(login)
+    if problem is not None:
+        raise UnsafeMailbox(f"{login!r} cannot name a Maildir: {problem}")
+    localpart, _, domain = login.rpartition("@")
+    path = os.path.normpath(template.format(domain=domain, localpart=localpart, user=login))
+    if not _under(path, template.split("{", 1)[0]):
+        raise UnsafeMailbox(f"{login!r} cannot name a Maildir: {path!r} is outside the "
+                            f"maildir template's fixed start {template.split('{', 1)[0]!r}")
+    return path
+
+
+def _under(path: str, fixed: str) -> bool:
+    """Whether the normalised C{path} starts with the template's fixed start C{fixed}."""
+    if not fixed:
+        # A template relative to the working folder: stay in it.
+        return not (os.path.isabs(path) or path == ".." or path.startswith("../"))
+    base = os.path.normpath(fixed)
+    if fixed.endswith("/") and not base.endswith("/"):
+        base += "/"
+    return path.startswith(base)
 
 
 def _makeFolders(path: str, created: list) -> None:
@@ -71,11 +161,16 @@ def uniqueName(hostname: Optional[str] = None) -> str:
     global _counter
     _counter += 1
     now = time.time()
-    host = (hostname or socket.gethostname()).replace("/", r"\057").replace(":", r"\072")
+    host = _nameHost(hostname or socket.gethostname())
     return (
         f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{_counter}"
         f"R{secrets.token_hex(8)}.{host}"
     )
+
+
+def _nameHost(hostname: str) -> str:
+    """The host part of a Maildir name: no C{/} nor C{:} (maildir(5))."""
+    return hostname.replace("/", r"\057").replace(":", r"\072")
 
 
 @implementer(IMessageSink)
@@ -232,3 +327,177 @@ class MaildirWriter:
             with contextlib.suppress(OSError):
                 unlink(path)
         self._delivered = []
+
+
+# -- leftovers in tmp/ ------------------------------------------------------
+
+# maildir(5): a file in tmp/ not accessed for 36 hours is garbage.
+TMP_MAX_AGE = 36 * 3600
+# A field of the template in a path component: never empty, never starting
+# with a dot (mailboxProblem), never holding a slash.
+_FIELD = re.compile(r"\{(?:domain|localpart|user)\}")
+
+
+@attrs.frozen
+class Leftovers:
+    """
+    What L{removeLeftovers} did.
+
+    @ivar root: the folder it searched (the template's fixed start).
+    @ivar removed: how many files it removed.
+    @ivar failed: how many it could not remove (or folders it could not read).
+    """
+
+    root: str
+    removed: int
+    failed: int
+
+
+def _component(text: str) -> re.Pattern:
+    """A path component of the template as a pattern its fields can fill."""
+    parts = _FIELD.split(text)
+    return re.compile(r"(?!\.)[^/]+".join(re.escape(part) for part in parts))
+
+
+def _realFolder(path: str) -> bool:
+    """Whether C{path} is a folder and not a symbolic link to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def maildirsOf(template: str) -> tuple[str, list]:
+    """
+    Every Maildir the template C{template} could have made: the folders
+    under its fixed start whose names its fields could fill, found without
+    following a symbolic link below that start (a link there may point
+    anywhere).
+
+    @return: the fixed start's folder and the Maildirs, in no set order.
+    @raise OSError: if the fixed start's folder exists but cannot be read.
+    """
+    template = os.path.normpath(template)
+    fixed = template.split("{", 1)[0]
+    root = fixed.rstrip("/") if fixed.endswith("/") else os.path.dirname(fixed)
+    root = root or ("/" if template.startswith("/") else ".")
+    rest = template[len(root):].lstrip("/") if root != "." else template
+    found = [root]
+    for text in rest.split("/"):
+        deeper = []
+        if _FIELD.search(text) is None:
+            deeper = [path for path in (os.path.join(f, text) for f in found)
+                      if _realFolder(path)]
+        else:
+            pattern = _component(text)
+            for folder in found:
+                try:
+                    entries = list(os.scandir(folder))
+                except (FileNotFoundError, NotADirectoryError):
+                    # No mail root yet (or a file in its place, which
+                    # delivery reports): nothing to clean.
+                    continue
+                except OSError:
+                    if folder == root:
+                        raise
+                    continue
+                deeper += [e.path for e in entries
+                           if pattern.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+        found = deeper
+    return root, found
+
+
+def removeLeftovers(template: str, hostname: str, now: float) -> Leftovers:
+    """
+    Empty the tmp/ folders of every Maildir of C{template} of what nobody
+    will finish: files that a mailauth process on this host (C{hostname},
+    as in L{uniqueName}) began and that process is gone (killed mid-DATA),
+    and any file neither read nor written for L{TMP_MAX_AGE} (maildir(5)).
+    Files of this process and of other live ones are kept, whatever their
+    names. Blocks: run it in a thread.
+
+    @param now: the time, in seconds since the epoch.
+    """
+    ours = re.compile(
+        r"\d+\.M\d+P(?P<pid>\d+)Q\d+R[0-9a-f]{16}\." + re.escape(_nameHost(hostname))
+        + r"(?:,S=\d+)?"
+    )
+    root, maildirs = maildirsOf(template)
+    removed = failed = 0
+    alive: dict = {}
+    for maildir in maildirs:
+        tmp = os.path.join(maildir, "tmp")
+        if not _realFolder(tmp):
+            continue
+        try:
+            entries = list(os.scandir(tmp))
+        except OSError:
+            failed += 1
+            continue
+        for entry in entries:
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                old = max(st.st_atime, st.st_mtime) < now - TMP_MAX_AGE
+                match = ours.fullmatch(entry.name)
+                if not old and match is not None:
+                    pid = int(match.group("pid"))
+                    if pid not in alive:
+                        alive[pid] = pid == os.getpid() or _processExists(pid)
+                    old = not alive[pid]
+                if old:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+            except OSError:
+                failed += 1
+    return Leftovers(root, removed, failed)
+
+
+def _processExists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        # EPERM: it exists, as another user.
+        return True
+    return True
+
+
+class LeftoverCleanup(service.Service):
+    """
+    At start, runs L{removeLeftovers} in the disk pool and logs one line
+    with what it did. A failure is logged too; it never stops the daemon.
+
+    @ivar finished: fires when the cleanup is over (L{None} before start).
+    """
+
+    def __init__(self, template: str, hostname: str, runBlocking: BlockingRunner,
+                 clock: IReactorTime) -> None:
+        self.template = template
+        self.hostname = hostname
+        self.runBlocking = runBlocking
+        self.clock = clock
+        self.finished: Optional[defer.Deferred] = None
+
+    def startService(self) -> None:
+        super().startService()
+        d = self.runBlocking(removeLeftovers, self.template, self.hostname, self.clock.seconds())
+        d.addCallbacks(self._report, self._failed)
+        self.finished = d
+
+    def _report(self, result: Leftovers) -> None:
+        log.info(
+            "Maildir cleanup: removed {removed} leftover file(s) from tmp/ folders under "
+            "{root}{failures}",
+            removed=result.removed,
+            root=result.root,
+            failures=f"; {result.failed} could not be removed or read" if result.failed else "",
+        )
+
+    def _failed(self, reason: Failure) -> None:
+        log.error("Maildir cleanup under the maildir template failed: {why}",
+                  why=reason.getErrorMessage())

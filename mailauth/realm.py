@@ -7,6 +7,7 @@ queue) and store each message once.
 from __future__ import annotations
 
 import secrets
+import time
 from email.utils import formatdate
 from typing import Callable, Optional, cast
 
@@ -21,6 +22,7 @@ from zope.interface import implementer
 from mailauth import replies
 from mailauth.addresses import addressText, normalise
 from mailauth.addressmap import AddressMap
+from mailauth.headers import HeaderCompleter
 from mailauth.interfaces import (
     BlockingRunner,
     IForwardQueue,
@@ -28,7 +30,7 @@ from mailauth.interfaces import (
     IMessageSink,
     IUserDatabase,
 )
-from mailauth.maildir import MaildirWriter
+from mailauth.maildir import MaildirWriter, UnsafeMailbox, maildirPath
 from mailauth.replies import SMTPReply
 
 log = Logger(namespace="mailauth.realm")
@@ -48,16 +50,23 @@ class Router:
     who may send as whom. Shared by every delivery. The aliases and the
     sender map are in memory; users are looked up in the L{IUserDatabase},
     so the answers are Deferreds.
+
+    @ivar postmaster: where postmaster@ each local domain goes (RFC 5321
+        4.5.1; the session turns C{<Postmaster>} into postmaster@ a local
+        domain) unless a user or an alias of that exact address takes it;
+        L{None} to leave it to users and aliases alone.
     """
 
     def __init__(self, *, localDomains, maildirTemplate: str, users: IUserDatabase,
-                 aliases: AddressMap, senderMap: AddressMap, senderLoginMatch: bool) -> None:
+                 aliases: AddressMap, senderMap: AddressMap, senderLoginMatch: bool,
+                 postmaster: Optional[str] = None) -> None:
         self.localDomains = frozenset(localDomains)
         self.maildirTemplate = maildirTemplate
         self.users = users
         self.aliases = aliases
         self.senderMap = senderMap
         self.senderLoginMatch = senderLoginMatch
+        self.postmaster = normalise(postmaster) if postmaster else None
 
     def isLocal(self, address: str) -> bool:
         return normalise(address).rpartition("@")[2] in self.localDomains
@@ -90,13 +99,40 @@ class Router:
             if (yield self.exists(addr)):
                 local.append(addr)
                 continue
-            targets = [normalise(target) for target in self.aliases.get(addr)]
+            postmaster = self._postmasterFor(addr)
+            if postmaster is not None:
+                targets = [postmaster]
+            else:
+                targets = [normalise(target) for target in self.aliases.get(addr)]
             stack.extend((target, depth + 1) for target in reversed(targets))
         return _unique(local), _unique(remote)
 
+    def _postmasterFor(self, address: str) -> Optional[str]:
+        """
+        L{postmaster} if C{address} (normalised, local, no user) is a
+        postmaster address that goes there: no alias line names it exactly
+        (a catch-all C{@domain} does not count: postmaster mail must reach
+        a person); else L{None}.
+        """
+        if self.postmaster is None or address.rpartition("@")[0] != "postmaster":
+            return None
+        if any(key == address for key, _ in self.aliases.items()):
+            return None
+        return self.postmaster
+
     def maildirFor(self, login: str) -> str:
-        localpart, _, domain = login.rpartition("@")
-        return self.maildirTemplate.format(domain=domain, localpart=localpart, user=login)
+        """
+        The Maildir of C{login}, by the template.
+
+        @raise UnsafeMailbox: if the login cannot name a folder under the
+            template's fixed start (L{maildirPath}); logged, since the user
+            database holds a login that should never have got in.
+        """
+        try:
+            return maildirPath(self.maildirTemplate, login)
+        except UnsafeMailbox as e:
+            log.error("refusing to deliver: {why}", why=str(e))
+            raise
 
     @defer.inlineCallbacks
     def mayUseSender(self, login: str, sender: str):
@@ -219,8 +255,11 @@ class Delivery:
             if self.login is None or self.realm.queue is None:
                 raise replies.RELAY_DENIED.error(address=recipient)
             local, remote = (), (recipient,)
-        for login in local:
-            path = router.maildirFor(login)
+        try:
+            paths = [router.maildirFor(login) for login in local]
+        except UnsafeMailbox:
+            raise replies.MAILBOX_NOT_ALLOWED.error(address=recipient) from None
+        for path in paths:
             if path not in self.maildirs:
                 self.maildirs.append(path)
         for address in remote:
@@ -256,6 +295,14 @@ class Delivery:
         return ("\r\n".join(lines) + "\r\n").encode("ascii")
 
 
+def returnPath(sender: str) -> bytes:
+    """
+    The C{Return-Path:} field of final delivery (RFC 5321 4.4): the envelope
+    sender, C{<>} for the null sender.
+    """
+    return b"Return-Path: <" + sender.encode("utf-8") + b">\r\n"
+
+
 @implementer(IMessageSMTP)
 class Message:
     """
@@ -265,6 +312,12 @@ class Message:
     unseen), then every sink commits, in a thread, before the 250: a
     failure anywhere aborts them all, so the message is stored for every
     recipient or for none, and a retry by the client cannot duplicate it.
+
+    The Maildir copy starts with C{Return-Path:} (final delivery, RFC 5321
+    4.4); the queued copy does not, the relay not being the final hop. An
+    authenticated submission that lacks C{Date:} or C{Message-ID:} gets them
+    at the end of its header section (RFC 6409 8.2, 8.3), added as the
+    message streams (L{HeaderCompleter}).
     """
 
     def __init__(self, delivery: Delivery) -> None:
@@ -283,10 +336,15 @@ class Message:
                 self._sinks.append(realm.queue.newMessage(delivery.id, delivery.sender,
                                                           list(delivery.remote)))
             if delivery.maildirs:
-                self._sinks.append(MaildirWriter(delivery.maildirs, realm.hostname))
+                writer = MaildirWriter(delivery.maildirs, realm.hostname)
+                writer.write(returnPath(delivery.sender))
+                self._sinks.append(writer)
         except OSError as e:
             self._storageFailed(e)
         self._remote = bool(delivery.remote)
+        self._headers: Optional[HeaderCompleter] = None
+        if delivery.login is not None:
+            self._headers = HeaderCompleter(self._toSinks, submissionFields(realm, delivery.id))
 
     def _storageFailed(self, error: OSError) -> SMTPReply:
         """
@@ -315,6 +373,14 @@ class Message:
     def write(self, chunk: bytes) -> None:
         if self._failed is not None:
             return
+        if self._headers is not None:
+            self._headers.write(chunk)
+        else:
+            self._toSinks(chunk)
+
+    def _toSinks(self, chunk: bytes) -> None:
+        if self._failed is not None:
+            return
         try:
             for sink in self._sinks:
                 sink.write(chunk)
@@ -325,6 +391,8 @@ class Message:
         self.write(line + b"\r\n")
 
     def eomReceived(self):
+        if self._headers is not None and self._failed is None:
+            self._headers.finish()
         if self._failed is not None:
             return defer.fail(self._failed)
         sinks = self._sinks
@@ -362,6 +430,20 @@ class Message:
             sink.abort()
 
 
+def submissionFields(realm: Realm, messageID: str) -> dict[bytes, bytes]:
+    """
+    The C{Date:} and C{Message-ID:} fields a submission gets if it has none
+    (RFC 6409 8.2, 8.3), by lower-case field name: the time now, and an ID
+    made of the time, the transaction's random queue ID and our host name.
+    """
+    now = realm.clock.seconds()
+    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
+    return {
+        b"date": f"Date: {formatdate(now, localtime=True)}\r\n".encode("ascii"),
+        b"message-id": f"Message-ID: <{stamp}.{messageID}@{realm.hostname}>\r\n".encode("ascii"),
+    }
+
+
 @implementer(ILocalDelivery)
 class LocalDelivery:
     """
@@ -380,7 +462,9 @@ class LocalDelivery:
     @defer.inlineCallbacks
     def deliver(self, recipient: str, message: bytes):
         """
-        Store C{message} (CRLF line ends) for C{recipient}.
+        Store C{message} (CRLF line ends) for C{recipient}, after the
+        C{Return-Path: <>} of its null sender: what the queue delivers
+        locally are its bounces.
 
         @return: a Deferred that fails with L{replies.SMTPReply} 550 if
             nobody local has that address.
@@ -388,11 +472,15 @@ class LocalDelivery:
         local, _ = yield self.router.expand(recipient)
         if not local:
             raise replies.NO_LOCAL_USER.error(address=recipient)
-        maildirs = [self.router.maildirFor(login) for login in local]
+        try:
+            maildirs = [self.router.maildirFor(login) for login in local]
+        except UnsafeMailbox:
+            raise replies.MAILBOX_NOT_ALLOWED.error(address=recipient) from None
 
         def write() -> None:
             writer = MaildirWriter(maildirs, self.hostname)
             try:
+                writer.write(returnPath(""))
                 writer.write(message)
                 writer.commit()
             except BaseException:

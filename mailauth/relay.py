@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import base64
 import functools
+import ipaddress
 import re
 from typing import IO, Any, Optional
 
 import attrs
+import service_identity.cryptography
+from cryptography import x509
+from OpenSSL import SSL, crypto
 from twisted.internet import defer, endpoints, protocol, ssl
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols import basic
 from twisted.python.failure import Failure
@@ -372,6 +376,87 @@ def loadCertificates(path: str) -> list:
     return certificates
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class VerifyingClientTLS:
+    """
+    Client TLS for the relay that refuses, inside the handshake, any
+    certificate that does not name the relay host in its subjectAltName.
+
+    Twisted's L{ssl.optionsForClientTLS} checks the name with
+    service_identity but turns only C{VerificationError} into a failure:
+    anything else the check raises (C{CertificateError} for a certificate
+    without subjectAltName, on Twisted 26) is logged and OpenSSL's verdict
+    on the chain alone is kept, so the handshake succeeds (and on Twisted
+    22.4, service_identity 18.1 falls back to the common name). Here the
+    connection made by L{ssl.optionsForClientTLS} (trust root, TLS 1.2 at
+    least, SNI) gets our own verify callback, which checks the leaf
+    certificate itself and fails closed whatever goes wrong: the handshake
+    stops before a byte of AUTH or mail is sent.
+
+    One instance serves one connection attempt: L{refusal} says why its
+    certificate was refused, for the one line that reports the attempt.
+
+    @ivar refusal: why the relay's certificate was refused, or L{None}.
+    """
+
+    def __init__(self, host: str, trustRoot: Any, extraCertificateOptions: dict) -> None:
+        self.host = host
+        self.refusal: Optional[str] = None
+        try:
+            ipaddress.ip_address(host)
+            self._isAddress = True
+        except ValueError:
+            self._isAddress = False
+        self._options = ssl.optionsForClientTLS(
+            host, trustRoot=trustRoot, extraCertificateOptions=extraCertificateOptions
+        )
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        # Replaces the callback Twisted 26 sets on the connection (Twisted
+        # 22.4 checks the name in an info callback once the handshake is
+        # done, which a refusal here never lets it reach).
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
+        return connection
+
+    def _verify(self, connection: SSL.Connection, certificate: crypto.X509, errno: int,
+                depth: int, ok: int) -> bool:
+        if not ok or depth != 0:
+            # OpenSSL's verdict on the chain stands; only the leaf names the host.
+            return bool(ok)
+        try:
+            problem = self.nameProblem(certificate.to_cryptography())
+        except Exception as e:
+            problem = f"it cannot be checked ({type(e).__name__}: {e})"
+        if problem is None:
+            return True
+        if self.refusal is None:
+            self.refusal = f"certificate of {self.host} refused: {problem}"
+        return False
+
+    def nameProblem(self, certificate: x509.Certificate) -> Optional[str]:
+        """
+        Why C{certificate} does not name the relay host, or L{None} if it
+        does: it must have a subjectAltName (the common name is never
+        used, RFC 6125 6.4.4) that service_identity matches to the host.
+        """
+        try:
+            certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        except x509.ExtensionNotFound:
+            return "it has no subjectAltName (a common name alone does not count)"
+        try:
+            if self._isAddress:
+                service_identity.cryptography.verify_certificate_ip_address(
+                    certificate, self.host
+                )
+            else:
+                service_identity.cryptography.verify_certificate_hostname(certificate, self.host)
+        except Exception as e:
+            # VerificationError, CertificateError, or anything else: refused.
+            return f"it does not name {self.host} ({type(e).__name__}: {e})"
+        return None
+
+
 def readPassword(path: str) -> str:
     """
     The first line of the file at C{path}, stripped.
@@ -406,9 +491,10 @@ class RelayConnector:
 
     def tlsOptions(self):
         """
-        The client TLS settings: the relay's certificate must be valid for
-        its host name and issued by the system's or C{ca_file}'s CAs, unless
-        C{verify_certificate} is off. TLS 1.2 at least, on Twisted 22.4 too.
+        The client TLS settings: the relay's certificate must be issued by
+        the system's or C{ca_file}'s CAs and name the relay host in its
+        subjectAltName (L{VerifyingClientTLS}), unless C{verify_certificate}
+        is off. TLS 1.2 at least, on Twisted 22.4 too.
         """
         minimum = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_2}
         if not self._config.verify_certificate:
@@ -417,9 +503,7 @@ class RelayConnector:
             trustRoot = ssl.trustRootFromCertificates(loadCertificates(self._config.ca_file))
         else:
             trustRoot = ssl.platformTrust()
-        return ssl.optionsForClientTLS(
-            self._config.host, trustRoot=trustRoot, extraCertificateOptions=minimum
-        )
+        return VerifyingClientTLS(self._config.host, trustRoot, minimum)
 
     def connect(self) -> defer.Deferred:
         try:
@@ -442,6 +526,9 @@ class RelayConnector:
 
         def notConnected(reason):
             reason.trap(Exception)
+            refusal = getattr(creator, "refusal", None)
+            if refusal is not None:
+                raise RelayError(refusal)
             raise RelayError(
                 f"cannot connect to {config.host} port {config.port}: "
                 f"{reason.getErrorMessage() or reason.type.__name__}"
@@ -451,7 +538,10 @@ class RelayConnector:
             d = self._establish(proto, creator, password)
 
             def failed(reason):
-                if not reason.check(RelayError):
+                refusal = getattr(creator, "refusal", None)
+                if refusal is not None:
+                    reason = Failure(RelayError(refusal))
+                elif not reason.check(RelayError):
                     reason = Failure(
                         RelayError(f"session setup failed: {reason.getErrorMessage()}")
                     )

@@ -73,6 +73,7 @@ HELP = Reply(214, "2.0.0 See RFC 5321 and RFC 4954")
 OK = Reply(250, "2.0.0 Ok")
 CANNOT_VRFY = Reply(252, "2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
 TIMEOUT = Reply(421, "4.4.2 {hostname} Error: timeout exceeded")
+DATA_TOO_SLOW = Reply(421, "4.4.2 {hostname} Error: message transfer took too long")
 TOO_MANY_ERRORS = Reply(421, "4.7.0 Error: too many errors")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0 Error: too many connections, try again later")
 TOO_MANY_FROM_ADDRESS = Reply(421, "4.7.0 Error: too many connections from your address")
@@ -122,6 +123,9 @@ TEMPORARY_FAILURE = Reply(451, "4.3.0 Error: temporary failure, try again later"
 CANNOT_FORWARD = Reply(451, "4.3.0 <{address}>: cannot forward, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3 Error: too many recipients")
 UNKNOWN_RECIPIENT = Reply(550, "5.1.1 <{address}>: Recipient address rejected: User unknown")
+MAILBOX_NOT_ALLOWED = Reply(
+    553, "5.1.3 <{address}>: Recipient address rejected: mailbox name not allowed"
+)
 SENDER_NOT_OWNED = Reply(553, "5.7.1 <{address}>: Sender address not owned by user {login}")
 RELAY_DENIED = Reply(554, "5.7.1 <{address}>: Relay access denied")
 

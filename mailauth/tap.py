@@ -24,6 +24,7 @@ from mailauth.checks import Account, checkAll, listenProblem
 from mailauth.esmtp import SubmissionFactory
 from mailauth.forward import QueueService
 from mailauth.interfaces import IReloadable, IUserDatabase
+from mailauth.maildir import LeftoverCleanup
 from mailauth.metrics import Metrics, metricsService
 from mailauth.pgusers import PostgreSQLUserDatabase, isPostgreSQL
 from mailauth.proxy import ProxyFactory
@@ -260,6 +261,9 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
                                  maxQueued=cfg.server.max_connections * 2)
     authPool.setServiceParent(top)
     diskPool.setServiceParent(top)
+    # After the disk pool, which it runs in: tmp/ files of a killed process.
+    LeftoverCleanup(cfg.delivery.maildir, cfg.server.hostname, diskPool.run,
+                    reactor).setServiceParent(top)
 
     router = Router(
         localDomains=cfg.delivery.local_domains,
@@ -268,6 +272,7 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         aliases=aliases,
         senderMap=senderMap,
         senderLoginMatch=cfg.delivery.sender_login_match,
+        postmaster=cfg.delivery.postmaster,
     )
     queue = queueService = None
     if cfg.relay is not None:

@@ -16,6 +16,7 @@ from mailauth import apppasswords
 from mailauth.apppasswords import AppPassword, AppPasswordError
 from mailauth.durable import WatchedFile, locked, replaceDurably
 from mailauth.interfaces import IReloadable, IUserDatabase
+from mailauth.maildir import componentProblem, mailboxProblem
 from mailauth.passwords import PLAINTEXT_SCHEMES, PasswordHash, parse
 
 log = Logger(namespace="mailauth.userdb")
@@ -150,6 +151,12 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
         if re.search(r"\s", login):
             problems.append(f"{path}:{lineno}: the login contains white space")
             continue
+        # A login without a domain never gets mail, but it must not be able
+        # to name a path either.
+        unsafe = mailboxProblem(login) if "@" in login else componentProblem(login, "login")
+        if unsafe is not None:
+            problems.append(f"{path}:{lineno}: the login {login!r} cannot name a mailbox: {unsafe}")
+            continue
         if login in users:
             problems.append(
                 f"{path}:{lineno}: duplicate login {login} (first on line "
@@ -282,11 +289,12 @@ class UserDatabase:
 
 def checkLogin(login: str) -> None:
     """
-    Refuse a login that cannot be written to the users file or is not an
-    address.
+    Refuse a login that cannot be written to the users file, is not an
+    address, or cannot name a mailbox folder.
 
     @raise UserDatabaseError: unless C{login} looks like C{local@domain} with no
-        white space, control character or colon.
+        white space, control character or colon, and its local part and
+        domain are each one safe path component (L{mailboxProblem}).
     """
     if not re.fullmatch(r"[^\s:@\x00-\x1f\x7f]+@[^\s:@\x00-\x1f\x7f]+", login) or login.startswith(
         "#"
@@ -295,6 +303,9 @@ def checkLogin(login: str) -> None:
             f"invalid login {login!r}: use a full address (local@domain),"
             " without white space or ':'"
         )
+    unsafe = mailboxProblem(login)
+    if unsafe is not None:
+        raise UserDatabaseError(f"invalid login {login!r}: it cannot name a mailbox: {unsafe}")
 
 
 def _checkHash(hashString: str) -> None:

@@ -18,6 +18,8 @@ import signal
 import smtplib
 import socket
 import ssl
+import subprocess
+import sys
 import time
 
 from twisted.internet import defer, reactor, tcp, threads
@@ -65,17 +67,22 @@ local_domains = example.test
 maildir = {dir}/mail/{{domain}}/{{localpart}}/Maildir
 """
 
+# As mail clients send it: with its Date and Message-ID, so that nothing
+# is added to it on its way.
 MESSAGE = (
     b"From: alice <" + SHA512.encode() + b">\r\n"
     b"To: bob@example.test\r\n"
     b"Subject: end to end\r\n"
+    b"Date: Sun, 29 Nov 2026 15:23:31 +0100\r\n"
+    b"Message-ID: <e2e.1@client.example>\r\n"
     b"\r\n"
     b".a line that starts with a dot\r\n"
     b"8bit: \xc3\xa4\r\n"
 )
 
 RECEIVED = re.compile(
-    rb"^Received: from client\.example \(\[127\.0\.0\.1\]\)\n"
+    rb"^Return-Path: <(?P<sender>[^>]*)>\n"
+    rb"Received: from client\.example \(\[127\.0\.0\.1\]\)\n"
     rb"\t\(authenticated as (?P<login>[^)]+)\)\n"
     rb"\tby mx\.example\.test \(mailauth\) with ESMTPSA id (?P<id>[0-9A-F]{12})\n"
     rb"\t\(using TLSv1\.[23] with cipher [A-Z0-9_-]+\)\n"
@@ -325,6 +332,61 @@ class Daemon:
                       Queue(queueDir, Clock(), "x").scan(frozenset()).present]
             found += glob.glob(os.path.join(queueDir, "tmp", "*"))
         return sorted(found)
+
+
+class Twistd:
+    """
+    The daemon of a L{Daemon}'s configuration run by C{twistd} in a process
+    of its own, exactly as an operator runs it, for tests that kill it.
+    Its methods block (they wait for another process, with no clock to
+    drive): call them from the test, not the reactor's callbacks.
+    """
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.process: subprocess.Popen | None = None
+        self.logPath = ""
+
+    def start(self, logName: str) -> None:
+        """Start it, logging to C{logName} in the daemon's folder."""
+        self.logPath = os.path.join(self.daemon.dir, logName)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "--nodaemon", "--pidfile=", "--logfile", self.logPath, "mailauth", "--config",
+             self.daemon.configPath],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        try:
+            with open(self.logPath, encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def waitFor(self, pattern: str, timeout: float = 60.0) -> list:
+        """
+        Wait until the log matches C{pattern}.
+
+        @return: every match (C{re.findall}).
+        """
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"twistd exited: {self.process.stdout.read()!r}")
+            found = re.findall(pattern, self.log())
+            if found:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"twistd never logged {pattern!r}:\n{self.log()}")
+
+    def kill(self, sig: int = signal.SIGTERM) -> None:
+        """Send C{sig} and wait until the process is gone."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        self.process.communicate(timeout=30)
 
 
 class ClockedReactor:

@@ -33,11 +33,29 @@ class TestPKI:
     @ivar caPEM: the CA certificate.
     @ivar certificatePEM: the server certificate.
     @ivar keyPEM: the server's private key.
+    @ivar caKeyPEM: the CA's private key, to issue more certificates
+        (L{issue}).
     """
 
     caPEM: bytes
     certificatePEM: bytes
     keyPEM: bytes
+    caKeyPEM: bytes = b""
+
+    def issue(self, names: tuple = (), addresses: tuple = (),
+              commonName: Optional[str] = None) -> TestPKI:
+        """
+        Another server certificate from the same CA: for C{names} (DNS)
+        and C{addresses} (IP) in its subjectAltName, with no subjectAltName
+        at all when both are empty (a common name only, as old CAs made
+        them).
+
+        @param commonName: the subject's common name (default: the first name).
+        """
+        caKey = serialization.load_pem_private_key(self.caKeyPEM, None)
+        ca = x509.load_pem_x509_certificate(self.caPEM)
+        certificate, key = _leaf(ca.subject, caKey, names, addresses, commonName)
+        return attrs.evolve(self, certificatePEM=certificate, keyPEM=key)
 
     def serverContextFactory(self) -> ServerContextFactory:
         """
@@ -73,24 +91,27 @@ def _name(common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
+def _validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
+    """Valid from yesterday for a week."""
+    now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+    return builder.not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(
+        now + datetime.timedelta(days=7)
+    )
+
+
 def makePKI(names: tuple = ("localhost",), addresses: tuple = ("127.0.0.1",)) -> TestPKI:
     """
     A new CA and a server certificate for C{names} and C{addresses},
     valid from yesterday for a week.
     """
-    import ipaddress
-
-    now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
     caKey = ec.generate_private_key(ec.SECP256R1())
     caName = _name("mailauth test CA")
     ca = (
-        x509.CertificateBuilder()
+        _validity(x509.CertificateBuilder())
         .subject_name(caName)
         .issuer_name(caName)
         .public_key(caKey.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=7))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -108,34 +129,49 @@ def makePKI(names: tuple = ("localhost",), addresses: tuple = ("127.0.0.1",)) ->
         )
         .sign(caKey, hashes.SHA256())
     )
+    certificate, key = _leaf(caName, caKey, names, addresses, None)
+    return TestPKI(
+        caPEM=ca.public_bytes(serialization.Encoding.PEM),
+        certificatePEM=certificate,
+        keyPEM=key,
+        caKeyPEM=_keyPEM(caKey),
+    )
+
+
+def _keyPEM(key) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+
+def _leaf(caName: x509.Name, caKey, names: tuple, addresses: tuple,
+          commonName: Optional[str]) -> tuple:
+    """A server certificate issued by C{caName}, and its key, both in PEM."""
+    import ipaddress
+
     key = ec.generate_private_key(ec.SECP256R1())
     alternatives = [x509.DNSName(n) for n in names] + [
         x509.IPAddress(ipaddress.ip_address(a)) for a in addresses
     ]
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(_name(names[0]))
+    builder = (
+        _validity(x509.CertificateBuilder())
+        .subject_name(_name(commonName or (names + addresses)[0]))
         .issuer_name(caName)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
         )
-        .sign(caKey, hashes.SHA256())
     )
-    return TestPKI(
-        caPEM=ca.public_bytes(serialization.Encoding.PEM),
-        certificatePEM=certificate.public_bytes(serialization.Encoding.PEM),
-        keyPEM=key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        ),
-    )
+    if alternatives:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(alternatives), critical=False
+        )
+    certificate = builder.sign(caKey, hashes.SHA256())
+    return certificate.public_bytes(serialization.Encoding.PEM), _keyPEM(key)
 
 
 @attrs.frozen

@@ -472,3 +472,46 @@ class TokenIssuer:
         private, defaultAlg = self.keys[kid]
         return jwt.encode(self.claims(login, **claims), private, algorithm=alg or defaultAlg,
                           headers={"kid": kid, **(headers or {})})
+
+
+# A full disk
+
+class DiskFull:
+    """
+    Makes the disk look full for the files mailauth creates in Maildir
+    tmp/ folders, with the kernel's own ENOSPC: each is created as usual
+    (so it exists and must be cleaned up), then its descriptor is pointed
+    at C{/dev/full}, whose writes fail with ENOSPC. While L{full} is false
+    new files are only recorded, and L{fill} fills the disk under them
+    later (data then waits in a write buffer until flush or close).
+
+    Installed with C{testCase.patch} on C{os.open}, for one test.
+    """
+
+    def __init__(self, testCase, full: bool = True) -> None:
+        self.full = full
+        self.descriptors: list = []
+        self._open = os.open
+        testCase.patch(os, "open", self.open)
+
+    def open(self, path, flags, mode=0o777, *, dir_fd=None):
+        fd = self._open(path, flags, mode, dir_fd=dir_fd)
+        if flags & os.O_CREAT and os.sep + "tmp" + os.sep in os.fsdecode(path) \
+                and "Maildir" in os.fsdecode(path):
+            self.descriptors.append(fd)
+            if self.full:
+                self._point(fd)
+        return fd
+
+    def fill(self) -> None:
+        """The disk is full now, for every file recorded so far."""
+        self.full = True
+        for fd in self.descriptors:
+            self._point(fd)
+
+    def _point(self, fd: int) -> None:
+        full = self._open("/dev/full", os.O_WRONLY)
+        try:
+            os.dup2(full, fd)
+        finally:
+            os.close(full)

@@ -4,23 +4,35 @@ from __future__ import annotations
 
 import errno
 import os
+from email.utils import parsedate_to_datetime
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.mail import smtp
 from twisted.mail.interfaces import IMessageDeliveryFactory
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from mailauth.addressmap import AddressMap
-from mailauth.realm import LocalDelivery, Realm, Router
+from mailauth.interfaces import IUserDatabase
+from mailauth.passwords import parse
+from mailauth.realm import LocalDelivery, Realm, Router, submissionFields
 from mailauth.replies import SMTPReply
+from mailauth.userdb import User
 from tests.fakes import MemoryQueue, MemoryUserDatabase, runInline
+from tests.harness import LogWatcher
 
 USERS = {
     "alice@example.test": "{PLAIN}a",
     "bob@example.test": "{PLAIN}b",
     "carol@other.test": "{PLAIN}c",
 }
+
+
+# A header section as mail clients write it: nothing is missing.
+HEADER = (b"Subject: x\r\nDate: Sun, 29 Nov 2026 15:23:31 +0100\r\n"
+          b"Message-ID: <1@client.example>\r\n")
 
 
 def addr(text: str) -> smtp.Address:
@@ -93,6 +105,15 @@ class RealmTestsMixin:
 
     def user(self, text: str) -> smtp.User:
         return smtp.User(addr(text), (b"c", "192.0.2.1"), FakeSession(), b"")
+
+    def stored(self, who: str, domain: str = "example.test") -> list:
+        """Every message in the Maildir of C{who}'s new/."""
+        new = os.path.join(self.dir, domain, who, "Maildir", "new")
+        found = []
+        for name in sorted(os.listdir(new)) if os.path.isdir(new) else []:
+            with open(os.path.join(new, name), "rb") as f:
+                found.append(f.read())
+        return found
 
 
 class RouterTests(RealmTestsMixin, unittest.TestCase):
@@ -256,7 +277,7 @@ class DeliveryTests(RealmTestsMixin, unittest.TestCase):
         self.successResultOf(d.validateTo(self.user("team@example.test")))
         factory = self.successResultOf(d.validateTo(self.user("x@remote.test")))
         message = factory()
-        message.write(b"Subject: x\r\n\r\nbody\r\n")
+        message.write(HEADER + b"\r\nbody\r\n")
         result = self.successResultOf(message.eomReceived())
         self.assertEqual(result, d.id)
         self.assertEqual(self.woken, 1)
@@ -264,13 +285,13 @@ class DeliveryTests(RealmTestsMixin, unittest.TestCase):
         self.assertEqual(
             (writer.sender, writer.recipients), ("alice@example.test", ["x@remote.test"])
         )
-        self.assertEqual(writer.data, b"Subject: x\r\n\r\nbody\r\n")
+        self.assertEqual(writer.data, HEADER + b"\r\nbody\r\n")
         self.assertTrue(writer.committed)
         for who in ("alice", "bob"):
-            new = os.path.join(self.dir, "example.test", who, "Maildir", "new")
-            [name] = os.listdir(new)
-            with open(os.path.join(new, name), "rb") as f:
-                self.assertEqual(f.read(), b"Subject: x\n\nbody\n")
+            self.assertEqual(self.stored(who), [
+                b"Return-Path: <alice@example.test>\n" + HEADER.replace(b"\r\n", b"\n")
+                + b"\nbody\n"
+            ])
 
     def test_abortLeavesNothing(self) -> None:
         """A message aborted (client gone) leaves no file and nothing queued."""
@@ -387,3 +408,210 @@ class LocalDeliveryTests(RealmTestsMixin, unittest.TestCase):
         local = LocalDelivery(self.router, "mx.example.test", runInline)
         f = self.failureResultOf(local.deliver("nobody@example.test", b"x\r\n"), SMTPReply)
         self.assertEqual(f.value.code, 550)
+
+
+@implementer(IUserDatabase)
+class UncheckedUsers:
+    """
+    A user database holding C{logins} without checking them, as a table
+    filled by other tools might.
+    """
+
+    def __init__(self, *logins: str) -> None:
+        self.logins = {login.lower() for login in logins}
+
+    def lookup(self, login: str) -> defer.Deferred:
+        found = login.lower() in self.logins
+        return defer.succeed(User(login.lower(), parse("{PLAIN}x")) if found else None)
+
+
+class UnsafeMailboxTests(RealmTestsMixin, unittest.TestCase):
+    """
+    Issue #10 item 3, at delivery: whatever the user database lets in, a
+    login that cannot name a folder under the Maildir template's fixed
+    start gets no Maildir.
+    """
+
+    ESCAPE = '"x/../../../escape"@example.test'
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.router.users = UncheckedUsers(self.ESCAPE, "alice@example.test")
+        self.log = LogWatcher()
+        self.addCleanup(self.log.stop)
+
+    def assertNothingOutside(self) -> None:
+        parent = os.path.dirname(self.dir)
+        self.assertEqual([n for n in os.listdir(parent) if "escape" in n], [])
+        self.assertFalse(os.path.exists(self.dir))
+
+    def test_recipientRefused(self) -> None:
+        """
+        RCPT to such a login gets 553 5.1.3, one error is logged naming
+        why, and no folder is made anywhere.
+        """
+        e = self.failureResultOf(
+            self.delivery().validateTo(self.user(self.ESCAPE)), SMTPReply
+        ).value
+        self.assertEqual((e.code, e.text[:6]), (553, "5.1.3 "))
+        self.assertIn(self.ESCAPE, e.text)
+        [line] = self.log.matching("refusing to deliver")
+        self.assertIn("its local part contains '/'", line)
+        self.assertNothingOutside()
+
+    def test_aliasToUnsafeRefused(self) -> None:
+        """An alias that leads to such a login is refused the same way."""
+        with open(self.aliases.path, "a") as f:
+            f.write(f"sneaky@example.test: {self.ESCAPE}\n")
+        self.aliases.load()
+        e = self.failureResultOf(
+            self.delivery().validateTo(self.user("sneaky@example.test")), SMTPReply
+        ).value
+        self.assertEqual(e.code, 553)
+        self.assertNothingOutside()
+
+    def test_localDeliveryRefused(self) -> None:
+        """A bounce for such a login fails with 553 (permanent), writing nothing."""
+        local = LocalDelivery(self.router, "mx.example.test", runInline)
+        f = self.failureResultOf(local.deliver(self.ESCAPE, b"x\r\n"), SMTPReply)
+        self.assertEqual(f.value.code, 553)
+        self.assertNothingOutside()
+
+
+class PostmasterTests(RealmTestsMixin, unittest.TestCase):
+    """
+    Issue #10 item 12: with [delivery] postmaster, postmaster@ every local
+    domain reaches that address, in any case, without an alias; a user or
+    an alias of that exact address still takes its own.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.router.postmaster = "bob@example.test"
+
+    def expand(self, address: str) -> tuple:
+        return self.successResultOf(self.router.expand(address))
+
+    def test_withoutAlias(self) -> None:
+        """postmaster@other.test has no alias: it goes to the postmaster, in any case."""
+        for address in ("postmaster@other.test", "PostMaster@OTHER.test"):
+            self.assertEqual(self.expand(address), (("bob@example.test",), ()))
+
+    def test_exactAliasWins(self) -> None:
+        """postmaster@example.test has its own alias line (to alice): that counts."""
+        self.assertEqual(self.expand("postmaster@example.test"), (("alice@example.test",), ()))
+
+    def test_userWins(self) -> None:
+        """A user named postmaster@ gets its own mail."""
+        self.users.source["postmaster@other.test"] = "{PLAIN}p"
+        self.users.load()
+        self.assertEqual(self.expand("postmaster@other.test"), (("postmaster@other.test",), ()))
+
+    def test_catchAllDoesNot(self) -> None:
+        """A catch-all of the domain does not take postmaster mail."""
+        with open(self.aliases.path, "a") as f:
+            f.write("@other.test: alice@example.test\n")
+        self.aliases.load()
+        self.assertEqual(self.expand("postmaster@other.test"), (("bob@example.test",), ()))
+        self.assertEqual(self.expand("anyone@other.test"), (("alice@example.test",), ()))
+
+    def test_remotePostmaster(self) -> None:
+        """The postmaster may be elsewhere: the mail is forwarded."""
+        self.router.postmaster = "hostmaster@remote.test"
+        self.assertEqual(self.expand("postmaster@other.test"), ((), ("hostmaster@remote.test",)))
+
+    def test_unset(self) -> None:
+        """Without the setting, postmaster@ is only what users and aliases make it."""
+        self.router.postmaster = None
+        self.assertEqual(self.expand("postmaster@other.test"), ((), ()))
+
+    def test_recipientAccepted(self) -> None:
+        """RCPT to postmaster@ a local domain is accepted and stored for the postmaster."""
+        d = self.delivery(None)
+        self.successResultOf(d.validateFrom(None, addr("someone@remote.test")))
+        message = self.successResultOf(d.validateTo(self.user("POSTMASTER@other.test")))()
+        message.write(b"Subject: hi\r\n\r\nx\r\n")
+        self.successResultOf(message.eomReceived())
+        self.assertEqual(self.stored("bob"), [
+            b"Return-Path: <someone@remote.test>\nSubject: hi\n\nx\n"
+        ])
+
+
+class FinalDeliveryFieldsTests(RealmTestsMixin, unittest.TestCase):
+    """
+    Issue #10 item 12: local delivery starts each message with
+    C{Return-Path:} (RFC 5321 4.4), the queued copy does not; an
+    authenticated submission lacking C{Date:} or C{Message-ID:} gets them
+    (RFC 6409 8.2, 8.3), in every copy.
+    """
+
+    def send(self, login, sender, body: bytes, *recipients: str):
+        d = self.delivery(login)
+        self.successResultOf(d.validateFrom(None, addr(sender) if sender else None))
+        # As the session does: the message is made at DATA, after every RCPT.
+        factories = [self.successResultOf(d.validateTo(self.user(r))) for r in recipients]
+        message = factories[0]()
+        for i in range(0, len(body), 7):
+            message.write(body[i : i + 7])
+        self.successResultOf(message.eomReceived())
+        return d
+
+    def test_returnPath(self) -> None:
+        """The envelope sender, first, in the Maildir copy only."""
+        self.send("alice@example.test", "alice@example.test", HEADER + b"\r\nx\r\n",
+                  "bob@example.test", "x@remote.test")
+        [stored] = self.stored("bob")
+        self.assertTrue(stored.startswith(b"Return-Path: <alice@example.test>\nSubject: x\n"))
+        [writer] = self.queue.writers
+        self.assertEqual(writer.data, HEADER + b"\r\nx\r\n")
+
+    def test_nullSender(self) -> None:
+        """The null sender is C{Return-Path: <>}."""
+        self.send("alice@example.test", None, HEADER + b"\r\nx\r\n", "bob@example.test")
+        [stored] = self.stored("bob")
+        self.assertTrue(stored.startswith(b"Return-Path: <>\nSubject: x\n"))
+
+    def test_bounceReturnPath(self) -> None:
+        """A bounce delivered locally by the queue starts with C{Return-Path: <>}."""
+        local = LocalDelivery(self.router, "mx.example.test", runInline)
+        self.successResultOf(local.deliver("bob@example.test", b"Subject: b\r\n\r\nx\r\n"))
+        self.assertEqual(self.stored("bob"), [b"Return-Path: <>\nSubject: b\n\nx\n"])
+
+    def test_submissionCompleted(self) -> None:
+        """
+        Without Date and Message-ID, an authenticated submission gets both
+        at the end of its header section, the same in the Maildir and in
+        the queue.
+        """
+        self.clock.advance(1795965994)
+        d = self.send("alice@example.test", "alice@example.test",
+                      b"Subject: x\r\n\r\nbody\r\n", "bob@example.test", "x@remote.test")
+        fields = submissionFields(self.realm, d.id)
+        self.assertEqual(fields[b"message-id"],
+                         f"Message-ID: <20261129152634.{d.id}@mx.example.test>\r\n".encode())
+        date = fields[b"date"].decode()
+        self.assertTrue(date.startswith("Date: ") and date.endswith("\r\n"), date)
+        self.assertEqual(parsedate_to_datetime(date[6:-2]).timestamp(), 1795965994)
+        completed = b"Subject: x\r\n" + fields[b"date"] + fields[b"message-id"] + b"\r\nbody\r\n"
+        [writer] = self.queue.writers
+        self.assertEqual(writer.data, completed)
+        self.assertEqual(self.stored("bob"), [
+            b"Return-Path: <alice@example.test>\n" + completed.replace(b"\r\n", b"\n")
+        ])
+
+    def test_notForAnonymous(self) -> None:
+        """Mail that did not come through AUTH (an MX) is stored as it came."""
+        self.send(None, "someone@remote.test", b"Subject: x\r\n\r\nbody\r\n", "bob@example.test")
+        self.assertEqual(self.stored("bob"), [
+            b"Return-Path: <someone@remote.test>\nSubject: x\n\nbody\n"
+        ])
+
+    def test_abortedWhileHeld(self) -> None:
+        """A client gone while the header section is held leaves nothing."""
+        d = self.delivery()
+        message = self.successResultOf(d.validateTo(self.user("bob@example.test")))()
+        message.write(b"Subject: x\r\n")
+        message.connectionLost()
+        maildir = os.path.join(self.dir, "example.test", "bob", "Maildir")
+        self.assertEqual(os.listdir(os.path.join(maildir, "tmp")), [])
+        self.assertEqual(os.listdir(os.path.join(maildir, "new")), [])

@@ -29,7 +29,7 @@ from mailauth.spool import Queue, listQueue
 from mailauth.threads import ThreadPoolService
 from tests.fakes import RecordingLocalDelivery, runInline
 from tests.harness import MESSAGE as SUBMITTED
-from tests.harness import PASSWORD, SHA512, Daemon, EndToEndMixin
+from tests.harness import PASSWORD, SHA512, Daemon, EndToEndMixin, LogWatcher
 from tests.smtpsink import QueueEvents, SMTPSink, makePKI
 from tests.support import MESSAGE, relayConfig
 
@@ -547,6 +547,81 @@ class EndToEndTests(unittest.TestCase):
         self.assertIn("Mismatch", listQueue(self.directory)[0]["last_error"])
 
     @defer.inlineCallbacks
+    def useCertificate(self, issued, tls="starttls"):
+        """Restart the sink with the certificate C{issued}, from the test CA."""
+        yield self.sink.stop()
+        self.sink = SMTPSink(reactor, issued, tls=tls)
+        yield self.sink.start()
+        self.addCleanup(self.sink.stop)
+
+    @defer.inlineCallbacks
+    def assertCertificateRefused(self, issued, why, tls="starttls"):
+        """
+        Relaying to C{localhost}, whose certificate is C{issued} (from the
+        trusted CA): the handshake fails, the relay gets neither AUTH nor
+        mail, the message stays queued, and the attempt is one log line
+        saying C{why}, with no traceback.
+        """
+        yield self.useCertificate(issued, tls)
+        watcher = LogWatcher()
+        self.addCleanup(watcher.stop)
+        queue, service = self.startService(
+            self.config(host="localhost", tls=tls, retry_initial=60)
+        )
+        self.submit(queue, service, "m1")
+        yield self.events.wait("deferred", "m1")
+        yield self.sink.waitForDisconnects(1)
+        self.assertEqual(self.sink.transactions, [])
+        self.assertEqual([c.split()[0] for c in self.sink.commands],
+                         [b"EHLO", b"STARTTLS"] if tls == "starttls" else [])
+        self.assertQueued("m1")
+        self.assertIn(why, listQueue(self.directory)[0]["last_error"])
+        self.assertEqual([e for e in watcher.events if "log_failure" in e], [])
+        [line] = watcher.matching("certificate")
+        self.assertIn("status=deferred (certificate of localhost refused: ", line)
+        self.assertIn(why, line)
+
+    @defer.inlineCallbacks
+    def test_rightSubjectAltName(self):
+        """
+        A certificate from the trusted CA whose subjectAltName names the
+        relay host (a DNS name here) is accepted: the message is delivered.
+        """
+        yield self.useCertificate(pki().issue(names=("localhost",)))
+        queue, service = self.startService(self.config(host="localhost"))
+        self.submit(queue, service, "m1")
+        [transaction] = yield self.sink.waitForTransactions(1)
+        self.assertEqual((transaction.tls, transaction.login), (True, "relay-user"))
+
+    def test_noSubjectAltName(self):
+        """
+        Issue #10 item 1: a certificate from the trusted CA with no
+        subjectAltName, whose common name is the relay host, is refused
+        (Twisted 26 let it through: service_identity's CertificateError
+        was logged and ignored; Twisted 22.4's service_identity falls back
+        to the common name).
+        """
+        return self.assertCertificateRefused(
+            pki().issue(commonName="localhost"), "it has no subjectAltName"
+        )
+
+    def test_noSubjectAltNameImplicitTLS(self):
+        """The same refusal with tls = implicit."""
+        return self.assertCertificateRefused(
+            pki().issue(commonName="localhost"), "it has no subjectAltName", tls="implicit"
+        )
+
+    def test_wrongSubjectAltName(self):
+        """
+        A certificate from the trusted CA whose subjectAltName names
+        another host is refused, even when its common name is the relay's.
+        """
+        return self.assertCertificateRefused(
+            pki().issue(names=("wrong.example",), commonName="localhost"),
+            "it does not name localhost",
+        )
+
+    @defer.inlineCallbacks
     def test_noVerification(self):
         """With verify_certificate = no, a certificate from an unknown CA is accepted."""
         queue, service = self.startService(
@@ -642,11 +717,33 @@ class DaemonForwardTests(unittest.TestCase):
             (transaction.sender, transaction.recipients), (SHA512, ("bob@remote.example",))
         )
         received, _, rest = transaction.data.partition(b"\r\nFrom: ")
+        # No Return-Path: the relay is not the final hop (RFC 5321 4.4).
         self.assertTrue(received.startswith(b"Received: from client.example"), received)
         self.assertIn(b"with ESMTPSA", received)
         self.assertEqual(b"From: " + rest, SUBMITTED)
         yield self.events.wait("removed")
         self.assertEqual(listQueue(os.path.join(self.daemon.dir, "state", "queue")), [])
+
+    @defer.inlineCallbacks
+    def test_forwardedCompleted(self):
+        """
+        A submission without Date and Message-ID (RFC 6409 8.2, 8.3) reaches
+        the relay with both, at the end of its header section.
+        """
+        submitter = EndToEndMixin()
+        submitter.daemon = self.daemon
+        submitter.inThread = lambda f, *args: threads.deferToThread(f, *args)
+        yield submitter.submit("submission", "PLAIN", SHA512, PASSWORD,
+                               message=b"Subject: bare\r\n\r\nbody\r\n",
+                               recipients=("bob@remote.example",))
+        [transaction] = yield self.sink.waitForTransactions(1)
+        parsed = email.message_from_bytes(transaction.data, policy=email.policy.SMTP)
+        self.assertEqual(parsed["Subject"], "bare")
+        self.assertRegex(parsed["Message-ID"], r"^<\d{14}\.[0-9A-F]{12}@mx\.example\.test>$")
+        self.assertIsNotNone(parsed["Date"].datetime)
+        self.assertTrue(transaction.data.endswith(b"\r\n\r\nbody\r\n"))
+        self.assertNotIn(b"Return-Path", transaction.data)
+        yield self.events.wait("removed")
 
 
 class ConnectorTests(unittest.TestCase):

@@ -1,0 +1,560 @@
+"""
+Issue #10's defects, each attacked on the real server (or its real parts)
+as the report found them: paths out of the mail root, a half-stored mixed
+message, leaked tmp/ files, trickled DATA.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import signal
+import socket
+import time
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from mailauth import userdb
+from mailauth.cli import Console, main
+from mailauth.config import ConfigError, loadText
+from tests.harness import BOB, BOB_PASSWORD, AttackMixin, Daemon, RawClient, Twistd, plain
+from tests.support import (
+    DiskFull,
+    MemoryMailbox,
+    RecordingPortal,
+    Session,
+    makeFactory,
+    makeSettings,
+    passwordIs,
+)
+
+ESCAPE = '"x/../../../escape"@example.test'
+EVIL = "../../evil@example.test"
+
+
+class PathEscapeTests(AttackMixin, unittest.TestCase):
+    """
+    Item 3: a login whose local part holds C{/} and C{..} made the Maildir
+    template write outside the mail root. Such lines of the users file are
+    skipped, with a problem naming why, so the login never works and the
+    address is nobody's.
+    """
+
+    files = {
+        "users": (
+            "bob@example.test:{PLAIN}bob-secret-2\n"
+            f"{ESCAPE}:{{PLAIN}}escape-secret\n"
+            f"{EVIL}:{{PLAIN}}evil-secret\n"
+        ),
+    }
+
+    def escaped(self) -> list:
+        """Anything the attack made outside the mail root."""
+        top = os.path.dirname(self.daemon.dir)
+        return [path for path in glob.glob(os.path.join(top, "**"), recursive=True)
+                if "escape" in path or "evil" in path]
+
+    def test_skippedWithReason(self) -> None:
+        """Reading the users file skips both lines, each with one problem saying why."""
+        users = userdb.UserDatabase(os.path.join(self.daemon.dir, "users"))
+        users.load()
+        self.assertEqual(users.logins(), ["bob@example.test"])
+        self.assertEqual(users.problems, [
+            f"{users.path}:2: the login {ESCAPE!r} cannot name a mailbox: "
+            "its local part contains '/'",
+            f"{users.path}:3: the login {EVIL!r} cannot name a mailbox: "
+            "its local part contains '/'",
+        ])
+
+    @defer.inlineCallbacks
+    def test_loginAndDeliveryRefused(self):
+        """
+        The attack: log in as the quoted login and send to itself. The
+        login fails; bob's message to that address is refused as unknown;
+        nothing is written outside the mail root.
+        """
+
+        def attack():
+            client = self.connect()
+            client.ehlo()
+            login = plain(ESCAPE.encode(), b"escape-secret")
+            codes = [client.command(login)[0]]
+            if codes[0] == 235:
+                client.command(b"MAIL FROM:<" + ESCAPE.encode() + b">")
+                client.command(b"RCPT TO:<" + ESCAPE.encode() + b">")
+                client.command(b"DATA")
+                client.command(b"Subject: out\r\n\r\nx\r\n.")
+            bob = self.loggedIn(login=BOB, password=BOB_PASSWORD)
+            bob.command(b"MAIL FROM:<bob@example.test>")
+            codes.append(bob.command(b"RCPT TO:<" + ESCAPE.encode() + b">")[0])
+            codes.append(bob.command(b"RCPT TO:<" + EVIL.encode() + b">")[0])
+            return codes
+
+        self.assertEqual((yield self.inThread(attack)), [535, 550, 501])
+        self.assertEqual(self.escaped(), [])
+
+
+class CheckLoginTests(unittest.TestCase):
+    """Item 3 at the CLI: C{mailauth user add} refuses such logins, naming why."""
+
+    def test_userAddRefused(self) -> None:
+        """Each login is refused with one line, the users file untouched."""
+        directory = self.mktemp()
+        os.mkdir(directory)
+        users = os.path.join(directory, "users")
+        cases = {
+            ESCAPE: "its local part contains '/'",
+            EVIL: "its local part contains '/'",
+            "a/b@example.test": "its local part contains '/'",
+            "bob@..": "its domain starts with a dot",
+            "bob@.hidden": "its domain starts with a dot",
+        }
+        for login, why in cases.items():
+            stdout, stderr = io.StringIO(), io.StringIO()
+            console = Console(io.BytesIO(b"long password\n"), stdout, stderr, None)
+            code = main(["user", "add", login, "--users", users, "--scheme", "PLAIN"], console)
+            self.assertEqual(code, 1, login)
+            self.assertEqual(
+                stderr.getvalue(),
+                f"mailauth: invalid login {login!r}: it cannot name a mailbox: {why}\n",
+            )
+        self.assertFalse(os.path.exists(users))
+
+    def test_checkLogin(self) -> None:
+        """L{userdb.checkLogin} accepts ordinary addresses, quoted ones too."""
+        for login in ("bob@example.test", '"bob.."@example.test', "b+ob@example.test"):
+            userdb.checkLogin(login)
+        self.assertRaises(userdb.UserDatabaseError, userdb.checkLogin, ESCAPE)
+
+
+class MixedAtomicityTests(AttackMixin, unittest.TestCase):
+    """
+    Item 6: a message for a local user and a remote address, where the
+    queue cannot take it, is stored for nobody: the client's retry must
+    not duplicate the local copy. (The relay is a closed port and the
+    queue runs on a clock that never moves: nothing is sent.)
+    """
+
+    clocked = True
+    settings = {"relay": {"host": "127.0.0.1", "port": "1", "tls": "none"}}
+    MESSAGE = b"Subject: mixed\r\n\r\n" + b"body line\r\n" * 10000 + b"."
+
+    def breakQueue(self) -> str:
+        """
+        Put a regular file where the queue's C{msg/} folder is: no rename
+        into it can work, even for root (who ignores permission bits).
+        """
+        msg = os.path.join(self.daemon.config.server.state_dir, "queue", "msg")
+        os.rmdir(msg)
+        with open(msg, "w") as f:
+            f.write("not a folder\n")
+        return msg
+
+    def send(self) -> tuple:
+        """(Blocking.) bob sends the message to himself and to a remote address."""
+        client = self.loggedIn()
+        client.command(b"MAIL FROM:<bob@example.test>")
+        assert client.command(b"RCPT TO:<bob@example.test>")[0] == 250
+        assert client.command(b"RCPT TO:<someone@remote.test>")[0] == 250
+        assert client.command(b"DATA")[0] == 354
+        return client.command(self.MESSAGE)
+
+    @defer.inlineCallbacks
+    def test_allOrNothing(self):
+        """
+        With C{msg/} broken the message gets 451 and nothing is left in
+        bob's Maildir (new/ nor tmp/) nor in the queue; once the fault is
+        gone the client's retry is stored exactly once, locally and in the
+        queue.
+        """
+        msg = self.breakQueue()
+        code, text = yield self.inThread(self.send)
+        self.assertEqual((code, text[0][:6]), (451, b"4.3.0 "))
+        [warning] = self.log.matching(r"not stored: .*/queue/.*: Not a directory")
+        self.assertIn("the client is told 451", warning)
+        self.assertEqual(self.daemon.files("bob@example.test", "new"), [])
+        self.assertEqual(self.daemon.files("bob@example.test", "tmp"), [])
+        os.unlink(msg)
+        os.mkdir(msg, 0o700)
+        # The queue's own start-up scan, in a thread, may also have met the
+        # broken folder, and said so with a traceback.
+        self.flushLoggedErrors(NotADirectoryError)
+        self.assertEqual(self.daemon.allDelivered(), [])
+        code, text = yield self.inThread(self.send)
+        self.assertEqual(code, 250, text)
+        [(_, stored)] = self.daemon.delivered("bob@example.test")
+        self.assertTrue(stored.endswith(b"\n\n" + b"body line\n" * 10000))
+        queued = [item for item in self.daemon.allDelivered() if item.startswith("queued ")]
+        self.assertEqual(len(queued), 1)
+        self.assertEqual(self.daemon.files("bob@example.test", "tmp"), [])
+
+
+BIG = b"Subject: big\r\n\r\n" + b"y" * 998 + b"\r\n" + (b"z" * 78 + b"\r\n") * 3000
+
+
+class FullDiskTests(AttackMixin, unittest.TestCase):
+    """
+    Item 7: a full disk (the kernel's ENOSPC, from C{/dev/full}) while a
+    message is stored: the client gets 452 4.3.1 and nothing stays in
+    tmp/. It left six files behind when closing the file raised.
+    """
+
+    def send(self, message: bytes) -> tuple:
+        client = self.loggedIn()
+        client.command(b"MAIL FROM:<bob@example.test>")
+        client.command(b"RCPT TO:<bob@example.test>")
+        client.command(b"DATA")
+        return client.command(message + b"\r\n.")
+
+    @defer.inlineCallbacks
+    def test_bigMessage(self):
+        """A message past the in-memory spool fails as it streams to tmp/."""
+        DiskFull(self)
+        code, text = yield self.inThread(self.send, BIG)
+        self.assertEqual((code, text[0][:6]), (452, b"4.3.1 "))
+        [warning] = self.log.matching(r"not stored: .*/bob/Maildir: No space left on device")
+        self.assertIn("the client is told 452", warning)
+        self.assertEqual(self.daemon.files("bob@example.test", "tmp"), [])
+        self.assertEqual(self.daemon.files("bob@example.test", "new"), [])
+
+    @defer.inlineCallbacks
+    def test_smallMessage(self):
+        """A message held in memory fails when it is written at the end."""
+        disk = DiskFull(self)
+        code, text = yield self.inThread(self.send, b"Subject: small\r\n\r\nx")
+        self.assertEqual((code, text[0][:6]), (452, b"4.3.1 "))
+        [warning] = self.log.matching(r"not stored: .*/bob/Maildir: No space left on device")
+        self.assertIn("the client is told 452", warning)
+        self.assertEqual(len(disk.descriptors), 1)
+        self.assertEqual(self.daemon.files("bob@example.test", "tmp"), [])
+        self.assertEqual(self.daemon.files("bob@example.test", "new"), [])
+
+
+class KilledMidDataTests(unittest.TestCase):
+    """
+    Item 7, at start: the daemon run by twistd is killed (SIGKILL) while a
+    big message streams into a Maildir's tmp/; started again, it removes
+    that partial file and says so in one log line.
+    """
+
+    def test_partialFileRemovedAtRestart(self) -> None:
+        """The partial tmp/ file of the killed process is gone after the restart."""
+        daemon = Daemon(self.mktemp(), {"listener:submission": None})
+        twistd = Twistd(daemon)
+        self.addCleanup(twistd.kill, signal.SIGKILL)
+        twistd.start("first.log")
+        [port] = twistd.waitFor(r"starting on (\d+)")
+        twistd.waitFor(r"Maildir cleanup: removed 0 leftover file\(s\)")
+        client = RawClient(int(port), tls=True)
+        self.addCleanup(client.close)
+        self.assertEqual(client.reply()[0], 220)
+        client.ehlo()
+        self.assertEqual(client.command(plain(BOB, BOB_PASSWORD))[0], 235)
+        client.command(b"MAIL FROM:<bob@example.test>")
+        client.command(b"RCPT TO:<bob@example.test>")
+        self.assertEqual(client.command(b"DATA")[0], 354)
+        client.send(BIG)
+        tmp = os.path.join(daemon.maildir("bob@example.test"), "tmp")
+        deadline = time.monotonic() + 30
+        while not (os.path.isdir(tmp) and os.listdir(tmp)) and time.monotonic() < deadline:
+            time.sleep(0.05)  # waiting for another process; no clock to drive
+        [partial] = os.listdir(tmp)
+        twistd.kill(signal.SIGKILL)
+        self.assertTrue(os.path.exists(os.path.join(tmp, partial)))
+
+        twistd.start("second.log")
+        [line] = twistd.waitFor(r".*Maildir cleanup: .*")
+        self.assertIn("Maildir cleanup: removed 1 leftover file(s) from tmp/ folders under "
+                      + os.path.join(daemon.dir, "mail"), line)
+        self.assertEqual(os.listdir(tmp), [])
+        self.assertEqual(daemon.files("bob@example.test", "new"), [])
+        twistd.kill()
+
+
+class NewFolderDurabilityTests(AttackMixin, unittest.TestCase):
+    """
+    Item 8 on the running server: the first message to bob creates the
+    mail root and bob's Maildir; by the time the client has its 250, the
+    parent of every folder made was fsynced.
+    """
+
+    @defer.inlineCallbacks
+    def test_parentsFsyncedBefore250(self):
+        """Every folder that gained an entry was fsynced when the 250 arrived."""
+        synced = []
+        realFsync = os.fsync
+
+        def fsync(fd):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            return realFsync(fd)
+
+        self.patch(os, "fsync", fsync)
+        root = os.path.join(self.daemon.dir, "mail")
+        self.assertFalse(os.path.exists(root))
+
+        def send():
+            client = self.loggedIn()
+            client.command(b"MAIL FROM:<bob@example.test>")
+            client.command(b"RCPT TO:<bob@example.test>")
+            client.command(b"DATA")
+            code, _ = client.command(b"Subject: first\r\n\r\nx\r\n.")
+            return code, list(synced)
+
+        code, syncedBy250 = yield self.inThread(send)
+        self.assertEqual(code, 250)
+        box = self.daemon.maildir("bob@example.test")
+        for parent in (self.daemon.dir, root, os.path.join(root, "example.test"),
+                       os.path.dirname(box), box, os.path.join(box, "new")):
+            self.assertIn(parent, syncedBy250)
+
+
+class TricklingDataSessionTests(unittest.TestCase):
+    """
+    Item 11 in the session, on a Clock: every read restarts data_timeout,
+    so a client trickling a byte at a time held its slot forever; one DATA
+    now gets max_data_time in all, then 421 4.4.2.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.mailbox = MemoryMailbox(login="alice@example.test")
+        portal = RecordingPortal(self.mailbox, answer=passwordIs(b"secret"))
+        settings = makeSettings(data_timeout=600.0, timeout=300.0, max_data_time=1800.0)
+        self.session = Session(makeFactory(self.clock, portal=portal, tlsMode="implicit",
+                                           settings=settings))
+        self.session.read()
+        self.session.command(b"EHLO client.example")
+        login = plain(b"alice@example.test", b"secret")
+        self.assertEqual(self.session.command(login), [b"235 2.7.0 Authentication successful"])
+
+    def startData(self) -> None:
+        s = self.session
+        s.command(b"MAIL FROM:<alice@example.test>")
+        s.command(b"RCPT TO:<bob@example.test>")
+        self.assertEqual(s.command(b"DATA")[0][:3], b"354")
+
+    def test_trickleCut(self) -> None:
+        """
+        A byte every 500 seconds keeps data_timeout (600) from firing, but
+        at 1800 seconds after the 354 the session ends with 421 4.4.2; the
+        part sent is thrown away.
+        """
+        self.startData()
+        for _ in range(3):
+            self.clock.advance(500)
+            self.assertEqual(self.session.send(b"x"), [])
+        self.clock.advance(299)
+        self.assertFalse(self.session.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertEqual(self.session.read(),
+                         [b"421 4.4.2 mx.example.test Error: message transfer took too long"])
+        self.assertTrue(self.session.transport.disconnecting)
+        self.assertEqual(self.mailbox.stored, [])
+        self.assertTrue(self.mailbox.messages[0].aborted)
+
+    def test_eachDataItsOwnTime(self) -> None:
+        """
+        A DATA that ends in time is unaffected: its deadline goes with it,
+        and the next DATA gets max_data_time of its own.
+        """
+        self.startData()
+        self.trickle(1799)
+        self.assertEqual(self.session.send(b"\r\n.\r\n"), [b"250 2.0.0 Ok: queued as ID1"])
+        self.clock.advance(200)
+        self.assertEqual(self.session.command(b"NOOP"), [b"250 2.0.0 Ok"])
+        self.startData()
+        self.trickle(1799)
+        self.assertEqual(self.session.send(b"\r\n.\r\n"), [b"250 2.0.0 Ok: queued as ID2"])
+        self.assertFalse(self.session.transport.disconnecting)
+        # Only the idle timeout is left.
+        [idle] = self.clock.getDelayedCalls()
+        self.assertEqual(idle.getTime(), self.clock.seconds() + 300)
+
+    def trickle(self, seconds: int) -> None:
+        """Send a byte every 500 seconds for C{seconds}."""
+        while seconds > 0:
+            step = min(seconds, 500)
+            self.clock.advance(step)
+            seconds -= step
+            self.assertEqual(self.session.send(b"x"), [])
+
+    def test_clientGoneCancels(self) -> None:
+        """A client that leaves inside DATA leaves no deadline behind."""
+        self.startData()
+        self.session.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class TricklingDataTests(AttackMixin, unittest.TestCase):
+    """
+    Item 11 on the running server (its clock driven by the test): a client
+    that sends one byte of DATA every 5 seconds never trips the 30-second
+    data_timeout, and is cut off 60 seconds (max_data_time) after the 354.
+    """
+
+    clocked = True
+    settings = {"server": {"data_timeout": "30s", "max_data_time": "60s"}}
+
+    @defer.inlineCallbacks
+    def test_trickleCut(self):
+        """421 4.4.2, the connection closed, nothing delivered."""
+
+        def start():
+            client = self.loggedIn()
+            client.command(b"MAIL FROM:<bob@example.test>")
+            client.command(b"RCPT TO:<bob@example.test>")
+            assert client.command(b"DATA")[0] == 354
+            # Each byte leaves at once (no Nagle delay), so the server has
+            # read it long before data_timeout.
+            client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return client
+
+        client = yield self.inThread(start)
+        for _ in range(11):
+            yield self.inThread(client.send, b"x")
+            self.clock.advance(5)
+        self.assertFalse((yield self.inThread(client.pending)))
+        yield self.inThread(client.send, b"x")
+        self.clock.advance(5)
+        code, text = yield self.inThread(client.reply)
+        self.assertEqual((code, text),
+                         (421, [b"4.4.2 mx.example.test Error: message transfer took too long"]))
+        self.assertTrue((yield self.inThread(client.closedByServer)))
+        self.assertEqual(self.daemon.allDelivered(), [])
+
+
+MINIMAL = """
+[listener:submission]
+endpoint = tcp:2587
+tls = none
+auth = optional
+
+[auth]
+users = /etc/mailauth/users
+
+[delivery]
+local_domains = example.org example.net
+maildir = /var/mail/{domain}/{localpart}/Maildir
+"""
+
+
+class ConfigTests(unittest.TestCase):
+    """The keys items 11 and 12 add: defaults and one clear line per bad value."""
+
+    def problems(self, text: str) -> tuple:
+        return self.assertRaises(ConfigError, loadText, text, "test.conf").problems
+
+    def test_maxDataTime(self) -> None:
+        """[server] max_data_time: 30 minutes unless set; a duration above 0."""
+        self.assertEqual(loadText(MINIMAL).server.max_data_time, 1800.0)
+        self.assertEqual(
+            loadText(MINIMAL + "[server]\nmax_data_time = 45s\n").server.max_data_time, 45.0
+        )
+        for bad, why in (("0", "'0' must be more than 0"),
+                         ("soon", "'soon' is not a duration")):
+            [problem] = self.problems(MINIMAL + f"[server]\nmax_data_time = {bad}\n")
+            self.assertTrue(
+                problem.startswith(f"test.conf: [server] max_data_time: {why}"), problem
+            )
+
+    def test_postmaster(self) -> None:
+        """
+        [delivery] postmaster: unset unless given; an address, lower-cased;
+        one in another domain needs a [relay].
+        """
+        self.assertIsNone(loadText(MINIMAL).delivery.postmaster)
+        self.assertEqual(
+            loadText(MINIMAL + "postmaster = Admin@Example.NET\n").delivery.postmaster,
+            "admin@example.net",
+        )
+        self.assertEqual(self.problems(MINIMAL + "postmaster = admin\n"), (
+            "test.conf: [delivery] postmaster: 'admin' is not an address (local@domain)",
+        ))
+        self.assertEqual(self.problems(MINIMAL + "postmaster = admin@remote.test\n"), (
+            "test.conf: [delivery] postmaster: admin@remote.test is in another domain and "
+            "there is no [relay] to forward to it",
+        ))
+        relay = "[relay]\nhost = relay.test\n"
+        cfg = loadText(MINIMAL + "postmaster = admin@remote.test\n" + relay)
+        self.assertEqual(cfg.delivery.postmaster, "admin@remote.test")
+
+
+class FinalDeliveryFieldsTests(AttackMixin, unittest.TestCase):
+    """
+    Item 12 on the running server: C{Return-Path:} on local delivery;
+    C{Date:} and C{Message-ID:} added to authenticated submissions that lack
+    them, never to mail from an MX session; postmaster@ every local domain
+    and C{<Postmaster>} reach [delivery] postmaster without an alias.
+    """
+
+    settings = {
+        "delivery": {"local_domains": "example.test example.net",
+                     "postmaster": "alice.plain@example.test"},
+        "listener:mx": {"endpoint": "tcp:0:interface=127.0.0.1", "tls": "none", "auth": "none"},
+    }
+
+    def transaction(self, client, sender: bytes, recipients: list, message: bytes) -> list:
+        codes = [client.command(b"MAIL FROM:<" + sender + b">")[0]]
+        codes += [client.command(b"RCPT TO:" + r)[0] for r in recipients]
+        codes.append(client.command(b"DATA")[0])
+        codes.append(client.command(message + b"\r\n.")[0])
+        return codes
+
+    @defer.inlineCallbacks
+    def test_submissionCompleted(self):
+        """
+        bob's message without Date and Message-ID is stored with
+        Return-Path first, and both fields at the end of its header section.
+        """
+        def send():
+            return self.transaction(self.loggedIn(), b"bob@example.test",
+                                    [b"<bob@example.test>"], b"Subject: bare\r\n\r\nbody")
+
+        self.assertEqual((yield self.inThread(send)), [250, 250, 354, 250])
+        [(_, stored)] = self.daemon.delivered("bob@example.test")
+        self.assertTrue(stored.startswith(b"Return-Path: <bob@example.test>\nReceived: "))
+        header, _, body = stored.partition(b"\n\n")
+        self.assertEqual(body, b"body\n")
+        self.assertRegex(header, rb"\nSubject: bare\nDate: [^\n]+\n"
+                                 rb"Message-ID: <\d{14}\.[0-9A-F]{12}@mx\.example\.test>$")
+
+    @defer.inlineCallbacks
+    def test_mxUnchanged(self):
+        """A message from an MX session gets Return-Path and nothing else."""
+        def send():
+            client = self.connect("mx")
+            client.ehlo()
+            return self.transaction(client, b"", [b"<bob@example.test>"],
+                                    b"Subject: bounce\r\n\r\nbody")
+
+        self.assertEqual((yield self.inThread(send)), [250, 250, 354, 250])
+        [(_, stored)] = self.daemon.delivered("bob@example.test")
+        self.assertTrue(stored.startswith(b"Return-Path: <>\nReceived: "))
+        self.assertTrue(stored.endswith(b"\nSubject: bounce\n\nbody\n"))
+        self.assertNotIn(b"\nDate:", stored)
+        self.assertNotIn(b"\nMessage-ID:", stored)
+
+    @defer.inlineCallbacks
+    def test_postmaster(self):
+        """
+        <Postmaster> and postmaster@ each local domain, in any case, are
+        accepted from an MX session though no alias names them, and the
+        message reaches the postmaster once.
+        """
+        def send():
+            client = self.connect("mx")
+            client.ehlo()
+            return self.transaction(
+                client, b"someone@remote.test",
+                [b"<Postmaster>", b"<POSTMASTER@Example.NET>", b"<postmaster@example.test>"],
+                b"Subject: to the postmaster\r\n\r\nhello")
+
+        self.assertEqual((yield self.inThread(send)), [250, 250, 250, 250, 354, 250])
+        [(_, stored)] = self.daemon.delivered("alice.plain@example.test")
+        self.assertTrue(stored.startswith(b"Return-Path: <someone@remote.test>\n"))
+        self.assertTrue(stored.endswith(b"\nSubject: to the postmaster\n\nhello\n"))
