@@ -266,6 +266,9 @@ def checkFiles(cfg: configmod.Config) -> list:
     if cfg.relay is not None:
         files.append(("relay", "password_file", cfg.relay.password_file))
         files.append(("relay", "ca_file", cfg.relay.ca_file))
+    if cfg.oauth is not None:
+        files.append(("oauth", "jwks", cfg.oauth.jwks))
+        files.append(("oauth", "introspection_secret_file", cfg.oauth.introspection_secret_file))
     for section, key, path in files:
         if path is not None and not os.access(path, os.R_OK):
             problems.append(f"{cfg.path}: [{section}] {key}: {path}: cannot be read")
@@ -274,6 +277,8 @@ def checkFiles(cfg: configmod.Config) -> list:
                 loadCertificates(path)
             except RelayError as e:
                 problems.append(f"{cfg.path}: [relay] ca_file: {e}")
+        elif (section, key) == ("oauth", "jwks") and path is not None:
+            problems.extend(f"{cfg.path}: [oauth] jwks: {p}" for p in _jwksProblems(path))
     for listener in cfg.listeners:
         needsTLS = cfg.auth.plaintext_requires_tls
         if listener.tls == "none" and listener.auth == "required" and needsTLS:
@@ -282,6 +287,35 @@ def checkFiles(cfg: configmod.Config) -> list:
                 "and plaintext_requires_tls = yes nobody could log in"
             )
     return problems
+
+
+def _jwksProblems(path: str) -> list:
+    """Why the JWKS file at C{path} gives no key to check tokens with, if it does not."""
+    from mailauth.oauth import parseJWKS
+
+    try:
+        with open(path, "rb") as f:
+            parseJWKS(f.read())
+    except (OSError, ValueError) as e:
+        return [f"{path}: {e.strerror if isinstance(e, OSError) else e}"]
+    return []
+
+
+def checkRehash(cfg: configmod.Config, account: Account) -> Findings:
+    """
+    C{[auth] rehash = yes} with a users file in a folder that C{account}
+    cannot write (the Debian unit mounts /etc read-only): the daemon runs,
+    but can rehash no password. A warning.
+    """
+    if not cfg.auth.rehash or isPostgreSQL(cfg.auth.users):
+        return Findings()
+    folder = os.path.dirname(os.path.abspath(cfg.auth.users))
+    why = folderProblem(account, folder)
+    if why is None:
+        return Findings()
+    return Findings(warnings=(
+        f"{_where(cfg, 'auth', 'rehash')}: warning: {why}, so no password can be rehashed;"
+        " keep the users file where the daemon may write (e.g. /var/lib/mailauth/users)",))
 
 
 def checkCertificate(cfg: configmod.Config, now: float) -> Findings:
@@ -608,6 +642,7 @@ def checkAll(cfg: configmod.Config, account: Account, *, chown: bool = False,
     findings += checkListening(cfg, daemon)
     findings += checkFolders(cfg, account, chown)
     findings += checkReadable(cfg, account, chown)
+    findings += checkRehash(cfg, account)
     if not daemon:
         findings += checkLines(cfg)
     return findings

@@ -556,6 +556,12 @@ class SubmissionProtocol(protocol.Protocol):
             return None
 
     def _authResponse(self, line: bytes):
+        if isinstance(self._mechanism, _Refused):
+            # Whatever answers the error challenge (RFC 7628's ^A, XOAUTH2's
+            # empty line, even "*") gets the failure reply.
+            refused, self._mechanism = self._mechanism, None
+            self._mode = self.COMMAND
+            return self._failureReply(refused.delay)
         data = self._decode(line)
         if data is None:
             return None
@@ -606,14 +612,19 @@ class SubmissionProtocol(protocol.Protocol):
         if self._mode == self.CLOSED:
             logout()
             return
-        self.login = credentials.username.lower()
+        # The avatar knows the login when the credentials need not name it
+        # (a bearer token names its own).
+        login = getattr(avatar, "login", None) or credentials.username
+        self.login = login.lower()
         self._avatar = avatar
         self._logout = logout
+        app = getattr(avatar, "appPassword", None)
         log.info(
-            "auth success: client=[{client}] mechanism={mechanism} login=<{login}>",
+            "auth success: client=[{client}] mechanism={mechanism} login=<{login}>{app}",
             client=self._peer,
             mechanism=credentials.mechanism,
-            login=_printable(credentials.username),
+            login=_printable(login),
+            app=f" app={app}" if app else "",
         )
         self._send(replies.AUTH_SUCCESS)
 
@@ -632,7 +643,11 @@ class SubmissionProtocol(protocol.Protocol):
             self._send(replies.AUTH_FAILED)
             return None
         if f.check(UnauthorizedLogin):
-            return self._authFailed(credentials.mechanism, credentials.username, "bad credentials")
+            # Bearer token mechanisms tell why in a last challenge first.
+            final = getattr(credentials, "failureChallenge", None)
+            return self._authFailed(credentials.mechanism, credentials.username,
+                                    "bad credentials",
+                                    final(f.value) if final is not None else None)
         if f.check(LoginFailed):
             log.error("login could not be checked: {why}", why=f.getErrorMessage())
         else:
@@ -640,7 +655,15 @@ class SubmissionProtocol(protocol.Protocol):
         self._send(replies.AUTH_UNAVAILABLE)
         return None
 
-    def _authFailed(self, mechanism: str, username: str, why: str):
+    def _authFailed(self, mechanism: str, username: str, why: str,
+                    challenge: Optional[bytes] = None):
+        """
+        Count and log a failed login, then answer 535 (after the tarpit
+        delay), or hang up past the limits.
+
+        @param challenge: error data to send first as a 334 challenge,
+            whose response then gets the 535 (RFC 7628 section 3.2.2).
+        """
         self._authFailures += 1
         log.info(
             "auth failure: client=[{client}] mechanism={mechanism} login=<{login}>",
@@ -653,6 +676,15 @@ class SubmissionProtocol(protocol.Protocol):
             return self._close(replies.BLOCKED)
         if self._authFailures >= self.factory.failuresPerSession:
             return self._close(replies.TOO_MANY_FAILURES)
+        if challenge is not None:
+            self._mode = self.AUTH
+            self._mechanism = _Refused(delay)
+            self._send(Reply(334, base64.b64encode(challenge).decode("ascii")))
+            return None
+        return self._failureReply(delay)
+
+    def _failureReply(self, delay: float):
+        """Send the 535 of a failed login, after C{delay} seconds (the tarpit)."""
         if delay <= 0:
             self._send(replies.AUTH_FAILED)
             return None
@@ -950,6 +982,17 @@ class SubmissionProtocol(protocol.Protocol):
 
     def do_QUIT(self, arg: str):
         self._close(replies.BYE)
+
+
+class _Refused:
+    """
+    In place of the mechanism once a login was refused with an error
+    challenge: the client's next response gets the failure reply, after
+    C{delay} seconds.
+    """
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
 
 
 def _printable(text: str, limit: int = 128) -> str:

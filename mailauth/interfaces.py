@@ -14,7 +14,7 @@ defect D36 in C{docs/twisted-defects.rst}).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -156,6 +156,59 @@ class IUserStore(Interface):
         Suspend C{login} (its right password then fails with a 535 logged as
         suspended) or lift the suspension. Stored with the user, so it
         survives restarts. @raise UserDatabaseError: no such user.
+        """
+
+
+class IAccountStore(Interface):
+    """
+    What a user store keeps beside each login's password, and the edits the
+    daemon makes after a login: app passwords (with when each was last
+    used), the users to list with their suspension, and the rehash of a
+    password to today's scheme. Implemented beside L{IUserStore}; every
+    method blocks, like its. C{app} arguments are
+    L{mailauth.apppasswords.AppPassword}s.
+    """
+
+    usesKnown = Attribute(
+        "Whether L{listAppPasswords} can tell when each app password was last used."
+    )
+
+    def addAppPassword(login: str, label: str, hashString: str, created: int, prefix: str) -> None:
+        """
+        Give C{login} an app password, hashed as C{hashString}, made at
+        C{created} (seconds since the epoch), whose first characters are
+        C{prefix} (L{mailauth.apppasswords.AppPassword.prefix}).
+
+        @raise mailauth.userdb.UserDatabaseError: no such user, an invalid
+            or taken label, or too many app passwords.
+        """
+
+    def deleteAppPassword(login: str, label: str) -> None:
+        """Revoke one app password. @raise UserDatabaseError: no such user or label."""
+
+    def listAppPasswords(login: str) -> list[tuple[Any, Optional[float]]]:
+        """
+        @return: C{(app, lastUsed)} for each app password of C{login}, in
+            the order they were made; C{lastUsed} is L{None} if never used.
+        @raise UserDatabaseError: no such user.
+        """
+
+    def appPasswordUsed(login: str, app: Any, when: float) -> None:
+        """Record that C{login} logged in with C{app} at C{when}."""
+
+    def listAccounts() -> list[Any]:
+        """
+        Every user as a L{mailauth.userdb.User} (login, password hash,
+        suspension, app passwords), in the store's order.
+        """
+
+    def upgradePassword(login: str, verified: Any, hashString: str) -> bool:
+        """
+        Store C{hashString} as C{login}'s password if its stored hash is
+        still C{verified} (a L{mailauth.passwords.PasswordHash}): a password
+        changed since the login was checked is never overwritten.
+
+        @return: whether it was stored.
         """
 
 

@@ -594,6 +594,25 @@ def isWeak(stored: Union[str, PasswordHash]) -> bool:
     return stored.upper().partition(".")[0] in WEAK_SCHEMES
 
 
+_ARGON2_PARAMETERS = re.compile(r"\$argon2id\$(?:v=(\d+)\$)?m=(\d+),t=(\d+),p=\d+\$")
+
+
+def needsRehash(stored: PasswordHash) -> bool:
+    """
+    Whether C{stored} is weaker than what L{makeHash} makes today: another
+    scheme or encoding, or ARGON2ID with an older version or less memory
+    or time than the default's (C{[auth] rehash} replaces such hashes).
+    """
+    if stored.scheme != DEFAULT_SCHEME or stored.encoding is not None:
+        return True
+    m = _ARGON2_PARAMETERS.match(stored.value)
+    if m is None:
+        return True
+    version, memory, time = int(m.group(1) or 16), int(m.group(2)), int(m.group(3))
+    today = _ARGON2[DEFAULT_SCHEME]
+    return version < 19 or memory < today["memory_cost"] or time < today["time_cost"]
+
+
 # A hash of a random password with the default scheme and parameters, which
 # test_passwords checks against what makeHash makes.
 _DUMMY = parse(

@@ -215,7 +215,9 @@ class Realm:
         if IMessageDeliveryFactory not in interfaces:
             raise NotImplementedError("mailauth avatars are IMessageDeliveryFactory only")
         login = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
-        return IMessageDeliveryFactory, Avatar(self, login), lambda: None
+        # A login made with an app password names it (checkers.AppPasswordLogin).
+        app = getattr(avatarId, "appPassword", None)
+        return IMessageDeliveryFactory, Avatar(self, str(login), app), lambda: None
 
     def anonymous(self) -> Avatar:
         """The avatar of sessions that did not authenticate: local delivery only."""
@@ -224,14 +226,23 @@ class Realm:
 
 @implementer(IMessageDeliveryFactory)
 class Avatar:
-    """One logged-in user (or the anonymous client); a L{Delivery} per message."""
+    """
+    One logged-in user (or the anonymous client); a L{Delivery} per message.
 
-    def __init__(self, realm: Realm, login: Optional[str]) -> None:
+    @ivar appPassword: the label of the app password it logged in with, or
+        L{None}.
+    """
+
+    def __init__(self, realm: Realm, login: Optional[str],
+                 appPassword: Optional[str] = None) -> None:
         self.realm = realm
         self.login = login
+        self.appPassword = appPassword
 
     def getMessageDelivery(self) -> Delivery:
-        return Delivery(self.realm, self.login)
+        delivery = Delivery(self.realm, self.login)
+        delivery.appPassword = self.appPassword
+        return delivery
 
 
 @implementer(IMessageDelivery)
@@ -251,6 +262,7 @@ class Delivery:
         # The local recipients that asked to be told of delivery (NOTIFY=SUCCESS).
         self.successReports: list = []
         self._message: Optional[Message] = None
+        self.appPassword: Optional[str] = None
 
     @defer.inlineCallbacks
     def validateFrom(self, helo, origin):
@@ -325,7 +337,11 @@ class Delivery:
         name = helo[0].decode("ascii") if isinstance(helo[0], bytes) else helo[0]
         lines = [f"Received: from {name} ([{helo[1]}])"]
         if self.login:
-            lines.append(f"\t(authenticated as {_traceAddress(self.login, utf8)})")
+            login = _traceAddress(self.login, utf8)
+            if self.appPassword:
+                lines.append(f"\t(authenticated as {login} with app password {self.appPassword})")
+            else:
+                lines.append(f"\t(authenticated as {login})")
         lines.append(f"\tby {self.realm.hostname} (mailauth) with {with_} id {self.id}")
         if tlsText:
             lines.append(f"\t(using {tlsText})")

@@ -16,10 +16,10 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
+from mailauth import apppasswords, sasl, scram, sdnotify
 from mailauth import config as configmod
-from mailauth import sasl, scram, sdnotify
 from mailauth.addressmap import AddressMap
-from mailauth.checkers import CramMD5Checker, PasswordChecker, ScramChecker
+from mailauth.checkers import CramMD5Checker, OAuthChecker, PasswordChecker, ScramChecker
 from mailauth.checks import Account, checkAll, listenProblem
 from mailauth.esmtp import SubmissionFactory
 from mailauth.forward import QueueService
@@ -35,6 +35,7 @@ from mailauth.threads import ThreadPoolService
 from mailauth.throttle import AuthThrottle, ConnectionLimiter
 from mailauth.tls import ReloadableTLS
 from mailauth.userdb import UserDatabase
+from mailauth.userstore import AppPasswordUse, Rehasher, schemesNeededBy, storeFor
 
 log = Logger(namespace="mailauth.tap")
 
@@ -302,11 +303,29 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         clock=reactor,
     )
     portal = Portal(realm)
-    portal.registerChecker(PasswordChecker(users, authPool.run))
+    # The daemon's own edits of the users: app password uses (in state_dir
+    # for a users file) and, with [auth] rehash, outdated hashes replaced.
+    store = storeFor(
+        cfg.auth.users,
+        lastUsedPath=os.path.join(cfg.server.state_dir, apppasswords.LAST_USED_FILE),
+    )
+    rehasher = None
+    if cfg.auth.rehash:
+        rehasher = Rehasher(store, diskPool.run, schemesNeededBy(cfg.auth.mechanisms))
+    portal.registerChecker(
+        PasswordChecker(users, authPool.run, AppPasswordUse(store, diskPool.run, reactor), rehasher)
+    )
     if "CRAM-MD5" in cfg.auth.mechanisms:
         portal.registerChecker(CramMD5Checker(users, authPool.run))
     if scramOffered:
         portal.registerChecker(ScramChecker(users))
+    if cfg.oauth is not None:
+        from mailauth.oauth import TokenVerifier
+
+        tokens = TokenVerifier.fromConfig(cfg.oauth, reactor, authPool.run)
+        portal.registerChecker(OAuthChecker(users, tokens))
+        if tokens.keys is not None:
+            reloadable.append(tokens.keys)
 
     tls = ReloadableTLS(cfg.tls.certificate, cfg.tls.private_key) if cfg.tls else None
     throttle = AuthThrottle.fromConfig(reactor, cfg.auth)
@@ -354,7 +373,7 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
             for source in reloadable:
                 source.maybeReload()
         except Exception:
-            log.failure("reloading the users or address files failed")
+            log.failure("reloading the users, address or key files failed")
 
     def reloadAll() -> None:
         log.info("SIGHUP: reloading certificates, users and address files")
