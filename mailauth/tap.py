@@ -21,6 +21,7 @@ from mailauth import sasl, scram, sdnotify
 from mailauth.addressmap import AddressMap
 from mailauth.checkers import CramMD5Checker, PasswordChecker, ScramChecker
 from mailauth.checks import Account, checkAll, listenProblem
+from mailauth.counters import counterStoreFromConfig
 from mailauth.esmtp import SubmissionFactory
 from mailauth.forward import QueueService
 from mailauth.interfaces import IReloadable, IUserDatabase
@@ -40,6 +41,8 @@ log = Logger(namespace="mailauth.tap")
 
 # How often the users, aliases and sender map files are checked for changes.
 RELOAD_INTERVAL = 2.0
+# Threads calling a shared counter store (Redis): its calls are short.
+STATE_THREADS = 4
 
 
 class Options(usage.Options):
@@ -225,6 +228,21 @@ def _chownTree(path: str, owner: tuple) -> None:
             os.chown(os.path.join(top, name), *owner, follow_symlinks=False)
 
 
+def _statePool(cfg: configmod.Config, reactor, top: service.MultiService) -> Any:
+    """
+    The runner of a shared counter store's blocking calls: a small thread
+    pool of its own, so that a slow Redis never holds up password checks or
+    disk writes; L{None} for counters in memory.
+    """
+    if cfg.state.backend == "memory":
+        return None
+    # Each call waits at most [state] timeout; one per session is in flight.
+    pool = ThreadPoolService(reactor, "mailauth-state", STATE_THREADS,
+                             maxQueued=cfg.server.max_connections * 2)
+    pool.setServiceParent(top)
+    return pool.run
+
+
 def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
                  environ: Optional[Mapping[str, str]] = None) -> _Daemon:
     """
@@ -309,7 +327,10 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         portal.registerChecker(ScramChecker(users))
 
     tls = ReloadableTLS(cfg.tls.certificate, cfg.tls.private_key) if cfg.tls else None
-    throttle = AuthThrottle.fromConfig(reactor, cfg.auth)
+    counterStore = counterStoreFromConfig(cfg, reactor, _statePool(cfg, reactor, top),
+                                          onFallback=metrics.counterStoreFallback)
+    throttle = AuthThrottle.fromConfig(reactor, cfg.auth, counterStore,
+                                       onBlock=metrics.addressBlocked)
     connections = ConnectionLimiter(cfg.server.max_connections,
                                     cfg.server.max_connections_per_address)
     anonymous = realm.anonymous()
@@ -330,6 +351,7 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
             postmasterDomain=postmasterDomain,
             reactor=reactor,
             saslTable=saslTable,
+            metrics=metrics,
         )
         wrapped: Any = factory
         if listener.tls == "implicit":
