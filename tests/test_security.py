@@ -34,6 +34,7 @@ from tests.harness import (
     CHEAP_USERS,
     PASSWORD,
     ROOT,
+    SHA512,
     AttackMixin,
     Daemon,
     RawClient,
@@ -1008,6 +1009,12 @@ def _playLogins(ports: list) -> None:
         assert c.command(b64(BOB + b" " + digest))[0] == 535
         c = session("127.0.0.7")
         assert c.command(plain(BOB, BOB_PASSWORD, authzid=b"postmaster@example.test"))[0] == 535
+        # The right password over CRAM-MD5 for a user stored as SHA512-CRYPT:
+        # the client's choice of mechanism, not a guess.
+        c = session("127.0.0.9")
+        challenge = base64.b64decode(c.command(b"AUTH CRAM-MD5")[1][0])
+        digest = hmac.new(PASSWORD.encode(), challenge, "md5").hexdigest().encode()
+        assert c.command(b64(SHA512.encode() + b" " + digest))[0] == 535
         # Successes, PLAIN and LOGIN.
         c = session("127.0.0.4")
         assert c.command(plain(BOB, BOB_PASSWORD))[0] == 235
@@ -1094,6 +1101,23 @@ class FailToBanTests(unittest.TestCase):
         self.assertEqual(sorted(fail2banRegex(self.run["path"], "ip")),
                          sorted(["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.6",
                                  "127.0.0.7", "::1"]))
+
+    def test_mechanismChoiceNotMatched(self):
+        """
+        A login refused only because its stored scheme cannot do the
+        mechanism the client picked is logged on its own line, which the
+        filter does not match: fail2ban never bans a user for their
+        client's choice. The same holds for a suspended login's line.
+        """
+        [line] = [line for line in self.run["log"].splitlines() if "127.0.0.9" in line]
+        self.assertRegex(line, r"\] auth mechanism unusable: client=\[127\.0\.0\.9\] "
+                         rf"mechanism=CRAM-MD5 login=<{re.escape(SHA512)}>$")
+        self.assertNotIn("127.0.0.9", fail2banRegex(self.run["path"], "ip"))
+        path = self.run["path"] + ".suspended"
+        with open(path, "w") as f:
+            f.write(line[:24] + " [mailauth.esmtp#info] auth suspended: client=[192.0.2.9] "
+                    "mechanism=PLAIN login=<bob@example.test>\n")
+        self.assertEqual(fail2banRegex(path, "ip"), [])
 
     def test_hostileLoginBansOnlyTheSender(self):
         """
