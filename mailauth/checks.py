@@ -25,8 +25,9 @@ from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
 
 from mailauth import config as configmod
+from mailauth import scram
 from mailauth.addressmap import AddressMap
-from mailauth.passwords import PLAINTEXT_SCHEMES
+from mailauth.passwords import CRAM_MD5_SCHEMES, PLAINTEXT_SCHEMES
 from mailauth.pgusers import checkSetup, isPostgreSQL
 from mailauth.relay import RelayError, loadCertificates
 from mailauth.tls import ReloadableTLS, TLSError, notAfter
@@ -38,6 +39,13 @@ EXPIRY_WARNING = 30 * 86400
 PROBE_TIMEOUT = 3.0
 
 _GREETING = re.compile(rb"220[ -]\S+ ESMTP mailauth\b")
+
+#: The stored schemes each mechanism can verify; a mechanism not named here
+#: (PLAIN, LOGIN, OAUTHBEARER...) works whatever the scheme.
+MECHANISM_SCHEMES = {
+    "CRAM-MD5": CRAM_MD5_SCHEMES,
+    **{name: (name.removesuffix("-PLUS"),) for name in scram.MECHANISMS},
+}
 
 
 @attrs.frozen
@@ -354,6 +362,48 @@ def checkUsers(cfg: configmod.Config) -> Findings:
     return Findings(warnings=tuple(warnings))
 
 
+def mechanismWarnings(cfg: configmod.Config, users: list) -> list:
+    """
+    One line for each offered mechanism that some users cannot use: their
+    clients may pick it (curl picks CRAM-MD5 when offered) and then fail,
+    although their password is right.
+
+    @param users: C{(login, scheme)} of every user.
+    """
+    warnings = []
+    for mechanism in cfg.auth.mechanisms:
+        schemes = MECHANISM_SCHEMES.get(mechanism)
+        if schemes is None:
+            continue
+        unable = [scheme for _, scheme in users if scheme not in schemes]
+        if unable:
+            warnings.append(
+                f"{_where(cfg, 'auth', 'mechanisms')}: warning: {mechanism} is offered but "
+                f"{len(unable)} of {len(users)} users cannot use it (stored as "
+                f"{', '.join(sorted(set(unable)))}), so clients that pick it fail for them; "
+                f"offer it only if every user is stored as {', '.join(schemes)}"
+            )
+    return warnings
+
+
+def checkMechanisms(cfg: configmod.Config) -> Findings:
+    """
+    The mechanisms offered that some users of the users file cannot use,
+    as warnings (a PostgreSQL user database is not read for this).
+    """
+    path = cfg.auth.users
+    if isPostgreSQL(path):
+        return Findings()
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", "surrogateescape")
+    except OSError:
+        return Findings()  # checkFiles says why
+    users, _ = parseUsers(text, path)
+    found = [(user.login, user.password.scheme) for user in users.values()]
+    return Findings(warnings=tuple(mechanismWarnings(cfg, found)))
+
+
 # -- endpoints -----------------------------------------------------------------
 
 # The options of the endpoint types Twisted parses itself.
@@ -608,6 +658,7 @@ def checkAll(cfg: configmod.Config, account: Account, *, chown: bool = False,
     findings += checkListening(cfg, daemon)
     findings += checkFolders(cfg, account, chown)
     findings += checkReadable(cfg, account, chown)
+    findings += checkMechanisms(cfg)
     if not daemon:
         findings += checkLines(cfg)
     return findings
