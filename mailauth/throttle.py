@@ -148,6 +148,10 @@ class AuthThrottle:
         d.addErrback(_firstError)
         return d.addCallback(self._counted, address)
 
+    def trackedKeys(self) -> int:
+        """How many counters and blocks its store holds in this process's memory."""
+        return self.store.trackedKeys() if isinstance(self.store, MemoryCounterStore) else 0
+
     def _counted(self, counts: list, address: str):
         # The in-memory windows this replaces kept at most this many events.
         perAddress = min(counts[0], self._maxPerAddress)

@@ -328,7 +328,6 @@ account default : test
         return self.gsaslLogsIn("implicit", "NORMAL:-VERS-TLS1.3", "tls-unique")
 
 
-
 def demoMechanisms() -> str:
     """The [auth] mechanisms of etc/demo.conf, the configuration C{make run} uses."""
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
