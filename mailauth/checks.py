@@ -270,7 +270,8 @@ def checkFiles(cfg: configmod.Config) -> list:
     if usersFile is None and (problem := checkSetup(cfg.auth.users)) is not None:
         problems.append(f"{cfg.path}: [auth] users: {problem}")
     files = [("auth", "users", usersFile), ("delivery", "aliases", cfg.delivery.aliases),
-             ("delivery", "sender_map", cfg.delivery.sender_map)]
+             ("delivery", "sender_map", cfg.delivery.sender_map),
+             ("limits", "overrides", cfg.limits.overrides)]
     if cfg.relay is not None:
         files.append(("relay", "password_file", cfg.relay.password_file))
         files.append(("relay", "ca_file", cfg.relay.ca_file))

@@ -5,11 +5,13 @@ parts are made and wired together.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
 from typing import Any, Callable, Mapping, NoReturn, Optional, cast
 
+import attrs
 from twisted.application import internet, service, strports
 from twisted.cred.portal import Portal
 from twisted.logger import Logger
@@ -25,6 +27,7 @@ from mailauth.counters import counterStoreFromConfig
 from mailauth.esmtp import SubmissionFactory
 from mailauth.forward import QueueService
 from mailauth.interfaces import IReloadable, IUserDatabase
+from mailauth.limits import LimitOverrides, Limits, SendingLimits
 from mailauth.maildir import LeftoverCleanup
 from mailauth.metrics import Metrics, metricsService
 from mailauth.pgusers import PostgreSQLUserDatabase, isPostgreSQL
@@ -36,6 +39,7 @@ from mailauth.threads import ThreadPoolService
 from mailauth.throttle import AuthThrottle, ConnectionLimiter
 from mailauth.tls import ReloadableTLS
 from mailauth.userdb import UserDatabase
+from mailauth.userstore import storeFor
 
 log = Logger(namespace="mailauth.tap")
 
@@ -243,6 +247,33 @@ def _statePool(cfg: configmod.Config, reactor, top: service.MultiService) -> Any
     return pool.run
 
 
+def _sendingLimits(cfg: configmod.Config, store, users: IUserDatabase, realm: Realm,
+                   runBlocking, metrics: Metrics) -> SendingLimits:
+    """
+    The C{[limits]} of every login, counted in C{store}. A login that keeps
+    hitting them is suspended in the user store C{[auth] users} names (its
+    edits block, so they run through C{runBlocking}), and the C{[delivery]
+    postmaster}, if any, gets a notice through the realm.
+    """
+    values = attrs.asdict(cfg.limits)
+    overrides = LimitOverrides(values.pop("overrides"))
+    userStore = storeFor(cfg.auth.users)
+    notify = None
+    if cfg.delivery.postmaster is not None:
+        notify = functools.partial(realm.deliverNotice, cfg.delivery.postmaster)
+    return SendingLimits(
+        store=store,
+        defaults=Limits(**values),
+        overrides=overrides,
+        users=users,
+        suspend=lambda login: runBlocking(userStore.setSuspended, login, True),
+        notify=notify,
+        hostname=cfg.server.hostname,
+        clock=realm.clock,
+        metrics=metrics,
+    )
+
+
 def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
                  environ: Optional[Mapping[str, str]] = None) -> _Daemon:
     """
@@ -319,6 +350,11 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         wakeQueue=queueService.wake if queueService is not None else (lambda: None),
         clock=reactor,
     )
+    # The throttle and the sending limits count here.
+    counterStore = counterStoreFromConfig(cfg, reactor, _statePool(cfg, reactor, top),
+                                          onFallback=metrics.counterStoreFallback)
+    realm.limits = _sendingLimits(cfg, counterStore, users, realm, diskPool.run, metrics)
+    reloadable.append(realm.limits.overrides)
     portal = Portal(realm)
     portal.registerChecker(PasswordChecker(users, authPool.run))
     if "CRAM-MD5" in cfg.auth.mechanisms:
@@ -327,8 +363,6 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         portal.registerChecker(ScramChecker(users))
 
     tls = ReloadableTLS(cfg.tls.certificate, cfg.tls.private_key) if cfg.tls else None
-    counterStore = counterStoreFromConfig(cfg, reactor, _statePool(cfg, reactor, top),
-                                          onFallback=metrics.counterStoreFallback)
     throttle = AuthThrottle.fromConfig(reactor, cfg.auth, counterStore,
                                        onBlock=metrics.addressBlocked)
     connections = ConnectionLimiter(cfg.server.max_connections,
