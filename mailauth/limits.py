@@ -358,7 +358,10 @@ class LimitedTransaction:
                             1 if name in MESSAGE_LIMITS else recipients)
                   for name in MESSAGE_LIMITS + RECIPIENT_LIMITS if getattr(limits, name)]
         d = defer.gatherResults(counts, consumeErrors=True)
-        d.addErrback(lambda f: log.failure("could not count a message of <{login}>", f,
-                                           login=self.login))
-        d.addCallback(lambda ignored: None)
+        d.addCallbacks(lambda ignored: None, self._countFailed)
         return d
+
+    def _countFailed(self, f) -> None:
+        if f.check(defer.FirstError):
+            f = f.value.subFailure
+        log.failure("could not count a message of <{login}>", f, login=self.login)
