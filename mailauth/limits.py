@@ -24,6 +24,9 @@ log = Logger(namespace="mailauth.limits")
 
 HOUR = 3600.0
 DAY = 86400.0
+#: How long after suspending a login this process trusts its own word over
+#: the user database's, which may not show the suspension yet.
+SETTLE = 60.0
 
 # Each limit: what it counts and over how long. Its counter's key in the
 # store is "limit:<what>:<period>:<login>"; one key, one window.
@@ -201,8 +204,10 @@ class SendingLimits:
         self.hostname = hostname
         self.clock = clock
         self.metrics = metrics
-        # Logins whose suspension failed: tried again at their next hit.
-        self._retry: set[str] = set()
+        # When this process suspended each login, to let the user database
+        # catch up before its lookups are believed (a users file is re-read
+        # every few seconds).
+        self._suspendedAt: dict[str, float] = {}
 
     def limitsFor(self, login: str) -> Limits:
         """The limits of C{login}: the defaults, with its overrides."""
@@ -244,23 +249,46 @@ class SendingLimits:
             transaction.hit = True
             hits = yield self.store.hit(hitsKey(login), DAY)
             after = limits.suspend_after
-            if after and (hits == after or (hits > after and login in self._retry)):
-                yield self._suspend(login, hits, limit)
+            if after and hits >= after and (yield self._suspendable(login)):
+                if login not in self._suspendedAt:
+                    yield self._suspend(login, hits, limit)
         reply = replies.LIMIT_MESSAGES if what == "messages" else replies.LIMIT_RECIPIENTS
         return reply.error(login=login, max=getattr(limits, limit), period=period)
 
     @defer.inlineCallbacks
-    def _suspend(self, login: str, hits: int, limit: str):
+    def _suspendable(self, login: str):
+        """
+        Whether C{login} should be suspended now: it is not already (by this
+        process within L{SETTLE} seconds, or as the user database says).
+        A suspension that failed, or that an administrator lifted, is thus
+        made again at the next hit past C{suspend_after}.
+        """
         if self.suspend is None:
-            return
+            return False
+        now = self.clock.seconds()
+        for name, when in list(self._suspendedAt.items()):
+            if now - when >= SETTLE:
+                del self._suspendedAt[name]
+        if login in self._suspendedAt:
+            return False
+        try:
+            user = yield self.users.lookup(login)
+        except UserDatabaseUnavailable:
+            return False  # tried again at the next hit
+        return user is not None and not user.suspended
+
+    @defer.inlineCallbacks
+    def _suspend(self, login: str, hits: int, limit: str):
+        assert self.suspend is not None
+        # Taken now, so that a hit of another session meanwhile waits its turn.
+        self._suspendedAt[login] = self.clock.seconds()
         try:
             yield self.suspend(login)
         except Exception as e:
-            self._retry.add(login)
+            del self._suspendedAt[login]
             log.error("could not suspend login=<{login}> after {hits} sending limit hits "
                       "today: {why}", login=login, hits=hits, why=e)
             return
-        self._retry.discard(login)
         log.warn(
             "login suspended: login=<{login}> after {hits} sending limit hits today "
             "(last: {limit}); 'mailauth user resume {login}' lifts it",

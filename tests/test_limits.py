@@ -27,6 +27,7 @@ from mailauth.config import ConfigError
 from mailauth.counters import MemoryCounterStore
 from mailauth.interfaces import IReloadable
 from mailauth.limits import (
+    SETTLE,
     LimitOverrides,
     Limits,
     SendingLimits,
@@ -41,6 +42,7 @@ from mailauth.realm import Realm, Router
 from mailauth.redisstore import RedisCounterStore
 from mailauth.replies import SMTPReply
 from mailauth.threads import ThreadPoolService
+from mailauth.userdb import UserDatabaseError
 from tests import pgharness
 from tests.fakes import MemoryQueue, MemoryUserStore, runInline
 from tests.harness import ROOT, AttackMixin, Daemon, LogWatcher, RawClient, plain
@@ -202,6 +204,7 @@ class LimitsTestsMixin:
         self.metrics = Metrics.prometheus(process=False)
         self.notices = Notices()
         self.suspended: list = []
+        self.storeError = None
         self.log = LogWatcher()
         self.addCleanup(self.log.stop)
         self.limits = self.makeLimits(Limits(messages_per_hour=3, recipients_per_hour=10,
@@ -210,6 +213,8 @@ class LimitsTestsMixin:
     def makeLimits(self, defaults: Limits, overrides=None) -> SendingLimits:
         def suspend(login: str) -> defer.Deferred:
             self.suspended.append(login)
+            if self.storeError is not None:
+                return defer.fail(self.storeError)
             return defer.maybeDeferred(self.users.setSuspended, login, True)
 
         return SendingLimits(store=self.store, defaults=defaults,
@@ -360,7 +365,8 @@ class LimitsTestsMixin:
         The suspend_after-th hit in a day suspends the login in the user
         store, with one warning and one notice to the postmaster; later hits
         do neither again, and the suspended login is refused at MAIL with
-        550 5.7.1 even once its limits have slid away.
+        550 5.7.1 even once its limits have slid away. Resumed by hand, it
+        sends again; its next hit that day suspends it again.
         """
         limits = self.makeLimits(attrs.evolve(self.limits.defaults, suspend_after=3))
         for _ in range(3):
@@ -382,9 +388,30 @@ class LimitsTestsMixin:
         self.clock.advance(HOUR + 60)
         self.assertEqual((yield self.refused(limits.transaction(ALICE).checkSender())),
                          (550, f"5.7.1 Error: {ALICE} is suspended, contact your postmaster"))
-        self.users.setSuspended(ALICE, False)  # mailauth user resume
-        yield self.send(limits=limits)
         self.assertEqual((len(self.suspended), len(self.notices.sent)), (1, 1))
+        self.users.setSuspended(ALICE, False)  # mailauth user resume
+        for _ in range(2):
+            yield self.send(limits=limits)
+        self.assertEqual(len(self.suspended), 1)
+        yield self.refused(limits.transaction(ALICE).checkSender())
+        self.assertEqual((len(self.suspended), len(self.notices.sent)), (2, 2))
+        self.assertTrue((yield self.users.lookup(ALICE)).suspended)
+
+    @defer.inlineCallbacks
+    def test_suspendedOnceWhileTheStoreCatchesUp(self):
+        """
+        Hits right after a suspension, before the user database shows it (a
+        users file is re-read every few seconds), do not suspend again.
+        """
+        limits = self.makeLimits(Limits(messages_per_hour=1, suspend_after=1))
+        self.patch(self.users, "setSuspended", lambda login, value: None)
+        yield self.send(limits=limits)
+        for _ in range(3):
+            yield self.refused(limits.transaction(ALICE).checkSender())
+        self.assertEqual(self.suspended, [ALICE])
+        self.clock.advance(SETTLE)
+        yield self.refused(limits.transaction(ALICE).checkSender())
+        self.assertEqual(self.suspended, [ALICE, ALICE])
 
     @defer.inlineCallbacks
     def test_suspensionRetried(self):
@@ -394,12 +421,13 @@ class LimitsTestsMixin:
         """
         limits = self.makeLimits(Limits(messages_per_hour=1, suspend_after=1))
         yield self.send(BOB, limits=limits)
-        self.users.deleteUser(BOB)
+        self.storeError = UserDatabaseError("cannot write /etc/mailauth/users: Read-only")
         yield self.refused(limits.transaction(BOB).checkSender())
         [error] = self.log.matching("could not suspend")
-        self.assertIn(f"login=<{BOB}> after 1 sending limit hits today: no user", error)
+        self.assertEqual(error, f"could not suspend login=<{BOB}> after 1 sending limit hits "
+                                "today: cannot write /etc/mailauth/users: Read-only")
         self.assertEqual(self.notices.sent, [])
-        self.users.addUser(BOB, "{PLAIN}b")
+        self.storeError = None
         yield self.refused(limits.transaction(BOB).checkSender())
         self.assertEqual(self.suspended, [BOB, BOB])
         self.assertTrue((yield self.users.lookup(BOB)).suspended)
