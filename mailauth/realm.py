@@ -440,8 +440,8 @@ class Message:
                 raise
 
         d = self._realm.runBlocking(storeAll)
-        d.addCallbacks(self._committed, self._notStored)
-        return d
+        d.addErrback(self._notStored)
+        return d.addCallback(self._committed)
 
     def _notStored(self, f: Failure) -> Failure:
         if f.check(OSError):

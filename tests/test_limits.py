@@ -571,7 +571,7 @@ class RealmTests(unittest.TestCase):
         """A message that could not be stored (4xx to the client) is not counted."""
         self.queue.failing = True
         _, factories = self.transaction(["x@remote.test"])
-        self.failureResultOf(self.deliver(factories), OSError)
+        self.assertEqual(self.refusal(self.deliver(factories)), (452, "4.3.1"))
         self.assertEqual(self.counted("messages_per_hour"), 0)
 
     def test_mailAndRcptRefused(self):
