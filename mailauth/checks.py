@@ -27,6 +27,7 @@ from twisted.internet.testing import MemoryReactor
 from mailauth import config as configmod
 from mailauth import scram
 from mailauth.addressmap import AddressMap
+from mailauth.limits import LimitOverrides
 from mailauth.passwords import CRAM_MD5_SCHEMES, PLAINTEXT_SCHEMES
 from mailauth.pgusers import checkSetup, isPostgreSQL
 from mailauth.relay import RelayError, loadCertificates
@@ -321,8 +322,8 @@ def _skipped(problem: str) -> str:
 
 def checkLines(cfg: configmod.Config) -> Findings:
     """
-    The lines of the users file, aliases and sender map that the daemon
-    would skip, the users with plaintext passwords, an [autoconfig] that
+    The lines of the users file, aliases, sender map and sending limit
+    overrides that the daemon would skip, the users with plaintext passwords, an [autoconfig] that
     names no server to read mail from: all warnings, which the daemon logs
     itself when it loads them.
     """
@@ -330,6 +331,9 @@ def checkLines(cfg: configmod.Config) -> Findings:
     for path in (cfg.delivery.aliases, cfg.delivery.sender_map):
         if path is not None and os.access(path, os.R_OK):
             warnings.extend(_skipped(problem) for problem in AddressMap(path).problems)
+    path = cfg.limits.overrides
+    if path is not None and os.access(path, os.R_OK):
+        warnings.extend(_skipped(problem) for problem in LimitOverrides(path).problems)
     if cfg.autoconfig is not None and not cfg.autoconfig.incoming:
         warnings.append(
             f"{_where(cfg, 'autoconfig', 'incoming')}: warning: not set: Thunderbird and "

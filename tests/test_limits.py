@@ -21,7 +21,7 @@ from twisted.mail.interfaces import IMessageDeliveryFactory
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from mailauth import config
+from mailauth import checks, config
 from mailauth.addressmap import AddressMap
 from mailauth.config import ConfigError
 from mailauth.counters import MemoryCounterStore
@@ -179,6 +179,29 @@ class ConfigTests(unittest.TestCase):
         e = self.assertRaises(ConfigError, configWithDelivery, "postmaster = not an address")
         self.assertEqual(e.problems, ("test.conf: [delivery] postmaster: 'not an address' is "
                                       "not an address (local@domain)",))
+
+
+class CheckConfigTests(unittest.TestCase):
+    """What check-config says of [limits] overrides."""
+
+    def config(self, overrides: str):
+        return makeConfig(f"[limits]\noverrides = {overrides}\n")
+
+    def test_unreadable(self) -> None:
+        """An overrides file that cannot be read is an error naming the key."""
+        path = os.path.abspath(self.mktemp())
+        self.assertIn(f"test.conf: [limits] overrides: {path}: cannot be read",
+                      checks.checkFiles(self.config(path)))
+
+    def test_malformedLines(self) -> None:
+        """Its malformed lines are warnings, as the daemon logs them when it skips them."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("a@x.test: messages_per_hour=10\nb@x.test: per_year=1\n")
+        [warning] = checks.checkLines(self.config(path)).warnings
+        self.assertTrue(warning.startswith(f"{path}:2: warning: unknown limit 'per_year'"),
+                        warning)
+        self.assertTrue(warning.endswith("; the daemon skips this line"), warning)
 
 
 def configWithDelivery(line: str):
