@@ -184,15 +184,17 @@ class SendingLimits:
         overrides: LimitOverrides,
         users: IUserDatabase,
         suspend: Optional[Callable[[str], defer.Deferred]] = None,
-        notify: Optional[Callable[[bytes], defer.Deferred]] = None,
+        postmaster: Optional[str] = None,
+        deliver: Optional[Callable[[str, bytes], defer.Deferred]] = None,
         hostname: str = "localhost",
         clock,
         metrics,
     ) -> None:
         """
         @param suspend: called with a login to suspend it; a Deferred.
-        @param notify: called with a whole message (CRLF line ends) to send
-            to the postmaster; L{None} when there is none.
+        @param postmaster: the address told of each suspension, if any.
+        @param deliver: called with an address and a whole message (CRLF
+            line ends) to send it there from the null sender; a Deferred.
         @param metrics: a L{mailauth.metrics.Metrics}.
         """
         self.store = store
@@ -200,7 +202,8 @@ class SendingLimits:
         self.overrides = overrides
         self.users = users
         self.suspend = suspend
-        self.notify = notify
+        self.postmaster = postmaster
+        self.deliver = deliver
         self.hostname = hostname
         self.clock = clock
         self.metrics = metrics
@@ -294,21 +297,22 @@ class SendingLimits:
             "(last: {limit}); 'mailauth user resume {login}' lifts it",
             login=login, hits=hits, limit=limit,
         )
-        if self.notify is None:
+        if self.postmaster is None or self.deliver is None:
             return
         try:
-            yield self.notify(self.notice(login, hits, limit))
+            yield self.deliver(self.postmaster, self.notice(login, hits, limit))
         except Exception:
             log.failure("could not send the postmaster the suspension notice of <{login}>",
                         login=login)
 
     def notice(self, login: str, hits: int, limit: str) -> bytes:
-        """The message telling the postmaster that C{login} was suspended."""
+        """The message telling L{postmaster} that C{login} was suspended."""
         limits = self.limitsFor(login)
         shown = ", ".join(f"{name} = {getattr(limits, name)}" for name in KEYS
                           if getattr(limits, name))
         lines = [
             f"From: Mail Delivery System <MAILER-DAEMON@{self.hostname}>",
+            f"To: <{self.postmaster}>",
             f"Subject: mailauth: login {login} suspended",
             f"Date: {formatdate(self.clock.seconds(), localtime=True)}",
             f"Message-ID: {make_msgid('suspended', self.hostname)}",

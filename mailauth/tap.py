@@ -5,7 +5,6 @@ parts are made and wired together.
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import sys
@@ -258,16 +257,14 @@ def _sendingLimits(cfg: configmod.Config, store, users: IUserDatabase, realm: Re
     values = attrs.asdict(cfg.limits)
     overrides = LimitOverrides(values.pop("overrides"))
     userStore = storeFor(cfg.auth.users)
-    notify = None
-    if cfg.delivery.postmaster is not None:
-        notify = functools.partial(realm.deliverNotice, cfg.delivery.postmaster)
     return SendingLimits(
         store=store,
         defaults=Limits(**values),
         overrides=overrides,
         users=users,
         suspend=lambda login: runBlocking(userStore.setSuspended, login, True),
-        notify=notify,
+        postmaster=cfg.delivery.postmaster,
+        deliver=realm.deliverNotice,
         hostname=cfg.server.hostname,
         clock=realm.clock,
         metrics=metrics,

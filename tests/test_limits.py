@@ -69,9 +69,10 @@ class Notices:
         self.sent: list = []
         self.error = None
 
-    def __call__(self, message: bytes) -> defer.Deferred:
+    def __call__(self, recipient: str, message: bytes) -> defer.Deferred:
         if self.error is not None:
             return defer.fail(self.error)
+        assert recipient == "postmaster@example.test", recipient
         self.sent.append(message)
         return defer.succeed(None)
 
@@ -242,7 +243,8 @@ class LimitsTestsMixin:
 
         return SendingLimits(store=self.store, defaults=defaults,
                              overrides=overrides or LimitOverrides(None), users=self.users,
-                             suspend=suspend, notify=self.notices, hostname="mx.example.test",
+                             suspend=suspend, postmaster="postmaster@example.test",
+                             deliver=self.notices, hostname="mx.example.test",
                              clock=self.clock, metrics=self.metrics)
 
     @defer.inlineCallbacks
@@ -407,6 +409,7 @@ class LimitsTestsMixin:
         [notice] = self.notices.sent
         self.assertIn(f"Subject: mailauth: login {ALICE} suspended\r\n".encode(), notice)
         self.assertIn(b"Auto-Submitted: auto-generated\r\n", notice)
+        self.assertIn(b"To: <postmaster@example.test>\r\n", notice)
         self.assertIn(f"    mailauth user resume {ALICE}\r\n".encode(), notice)
         self.clock.advance(HOUR + 60)
         self.assertEqual((yield self.refused(limits.transaction(ALICE).checkSender())),
@@ -455,6 +458,16 @@ class LimitsTestsMixin:
         self.assertEqual(self.suspended, [BOB, BOB])
         self.assertTrue((yield self.users.lookup(BOB)).suspended)
         self.assertEqual(len(self.notices.sent), 1)
+
+    @defer.inlineCallbacks
+    def test_noPostmaster(self):
+        """Without [delivery] postmaster a login is suspended all the same, and nobody told."""
+        limits = self.makeLimits(Limits(messages_per_hour=1, suspend_after=1))
+        limits.postmaster = None
+        yield self.send(limits=limits)
+        yield self.refused(limits.transaction(ALICE).checkSender())
+        self.assertTrue((yield self.users.lookup(ALICE)).suspended)
+        self.assertEqual(self.notices.sent, [])
 
     @defer.inlineCallbacks
     def test_noticeFailureLogged(self):
