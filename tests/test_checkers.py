@@ -87,6 +87,7 @@ def cramResponse(password: bytes, challenge: bytes = b"<1.2@mx>") -> bytes:
 
 class PasswordCheckerTests(unittest.TestCase):
     def setUp(self) -> None:
+        DummyLedger(self)  # what the dummy work costs is test_passwords' business
         self.run = RecordingRunner()
         self.users = MemoryUserDatabase(dict(USERS))
         self.checker = PasswordChecker(self.users, self.run)
@@ -182,7 +183,7 @@ class DefaultCostTests(unittest.TestCase):
     """L{passwords.costsAsMuchAsDummy}: which hashes cost a dummy verification already."""
 
     def argon2(self, m: int, t: int, p: int, kind: str = "argon2id") -> passwords.PasswordHash:
-        value = passwords.parse(passwords.makeHash(b"x")).value
+        value = VECTORS[ARGON2ID].password.value
         head, rest = value.split("$m=", 1)
         return passwords.parse("{ARGON2ID}" + head.replace("argon2id", kind)
                                + f"$m={m},t={t},p={p}$" + rest.split("$", 1)[1])
@@ -204,6 +205,7 @@ class DefaultCostTests(unittest.TestCase):
 
 class CramMD5CheckerTests(unittest.TestCase):
     def setUp(self) -> None:
+        DummyLedger(self)
         self.checker = CramMD5Checker(MemoryUserDatabase(dict(USERS)), RecordingRunner())
 
     def check(self, login: str, password: bytes, challenge=b"<1.2@mx>"):
@@ -313,6 +315,7 @@ class SessionTests(unittest.TestCase):
     """
 
     def setUp(self) -> None:
+        self.ledger = DummyLedger(self)
         self.clock = Clock()
         self.users = MemoryUserStore(dict(HASHES))
         self.users.addUser("bob@example.test", "{PLAIN}bob-secret")
@@ -355,7 +358,7 @@ class SessionTests(unittest.TestCase):
         verification included: the 535 comes no sooner than an unknown
         login's.
         """
-        ledger = DummyLedger(self)
+        ledger = self.ledger
         self.run.hold = True
         session = self.session()
         for login in (b"alice.sha512-crypt@example.test", b"nobody@example.test"):
