@@ -638,6 +638,11 @@ class SubmissionProtocol(protocol.Protocol):
         return None
 
     def _authFailed(self, mechanism: str, username: str, why: str):
+        """
+        Log a failed login and count it (per address and per login, in the
+        throttle's store), then answer 535 after the tarpit delay, or hang
+        up past the limits. No command is read meanwhile.
+        """
         self._authFailures += 1
         log.info(
             "auth failure: client=[{client}] mechanism={mechanism} login=<{login}>",
@@ -662,6 +667,7 @@ class SubmissionProtocol(protocol.Protocol):
         return (0.0, False)
 
     def _answerFailure(self, verdict: tuple):
+        """Once the failure is counted: hang up past the limits, else answer 535."""
         delay, blocked = verdict
         if self._mode == self.CLOSED:
             return None
@@ -669,6 +675,10 @@ class SubmissionProtocol(protocol.Protocol):
             return self._close(replies.BLOCKED)
         if self._authFailures >= self.factory.failuresPerSession:
             return self._close(replies.TOO_MANY_FAILURES)
+        return self._failureReply(delay)
+
+    def _failureReply(self, delay: float):
+        """Send the 535 of a failed login, after C{delay} seconds (the tarpit)."""
         if delay <= 0:
             self._send(replies.AUTH_FAILED)
             return None
