@@ -29,13 +29,12 @@ var/tls/cert.pem:
 var/users: | $(BIN)/mailauth
 	mkdir -p var
 	echo '$(DEMO_PASSWORD)' | $(BIN)/mailauth user add demo@example.test --users var/users
-	echo '$(DEMO_PASSWORD)' | $(BIN)/mailauth user add cram@example.test --scheme CRAM-MD5 --users var/users
 
 run: $(BIN)/mailauth var/tls/cert.pem var/users
 	$(BIN)/mailauth check-config --config etc/demo.conf
 	@echo
 	@echo "mailauth: submission with STARTTLS on 127.0.0.1:2587, implicit TLS on 127.0.0.1:2465"
-	@echo "users: demo@example.test and cram@example.test (CRAM-MD5), password $(DEMO_PASSWORD)"
+	@echo "user: demo@example.test, password $(DEMO_PASSWORD) (AUTH PLAIN or LOGIN)"
 	@echo "try:   swaks --server 127.0.0.1:2587 --tls --auth PLAIN --auth-user demo@example.test \\"
 	@echo "         --auth-password $(DEMO_PASSWORD) --from demo@example.test --to demo@example.test"
 	@echo "mail lands in var/mail/example.test/demo/Maildir/new/"

@@ -108,6 +108,18 @@ class DeliveryConfig:
 
 
 @attrs.frozen
+class LimitsConfig:
+    """C{[limits]}: sending limits per authenticated login (0: none)."""
+
+    messages_per_hour: int = 0
+    recipients_per_hour: int = 0
+    messages_per_day: int = 0
+    recipients_per_day: int = 0
+    suspend_after: int = 0
+    overrides: Optional[str] = None
+
+
+@attrs.frozen
 class RelayConfig:
     host: str
     port: int
@@ -202,6 +214,7 @@ class Config:
     #: [dkim]: signing domain -> its keys (a tuple of L{DKIMKeyConfig}), read-only.
     dkim: Mapping[str, tuple] = MappingProxyType({})
     oauth: Optional[OAuthConfig] = None
+    limits: LimitsConfig = LimitsConfig()
 
 
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
@@ -578,6 +591,14 @@ _SCHEMA: dict = {
         "sender_login_match": (parseBool, "yes"),
         "postmaster": (_address, None),
     },
+    "limits": {
+        "messages_per_hour": (parseInt, "0"),
+        "recipients_per_hour": (parseInt, "0"),
+        "messages_per_day": (parseInt, "0"),
+        "recipients_per_day": (parseInt, "0"),
+        "suspend_after": (parseInt, "0"),
+        "overrides": (_text, None),
+    },
     "relay": {
         "host": (_text, REQUIRED),
         "port": (parsePort, "587"),
@@ -728,6 +749,7 @@ def loadText(text: str, path: str = "<string>") -> Config:
             and relay is None):
         r.problem("delivery", "postmaster", f"{delivery['postmaster']} is in another domain "
                   "and there is no [relay] to forward to it")
+    limits = r.section("limits", "limits")
     if relay is not None and relay["username"] and not relay["password_file"]:
         r.problem("relay", "password_file", "missing: username is set, so a password is needed")
     metrics = r.section("metrics", "metrics") if parser.has_section("metrics") else None
@@ -756,6 +778,7 @@ def loadText(text: str, path: str = "<string>") -> Config:
         autoconfig=autoconfig,
         metrics=MetricsConfig(**metrics) if metrics is not None else None,
         state=StateConfig(**state),
+        limits=LimitsConfig(**limits),
         dkim=MappingProxyType(dkim),
         oauth=OAuthConfig(**oauth) if oauth is not None else None,
     )

@@ -40,7 +40,9 @@ from mailauth.addresses import (
     parseRcptParameters,
     splitArguments,
 )
+from mailauth.checkers import LoginSuspended
 from mailauth.dataread import ChunkReader, DataReader
+from mailauth.metrics import Metrics
 from mailauth.replies import Reply, ReplyLike, SMTPReply
 
 log = Logger(namespace="mailauth.esmtp")
@@ -191,16 +193,43 @@ class SubmissionProtocol(protocol.Protocol):
             self.transport.setTcpNoDelay(True)
         except (AttributeError, NotImplementedError, OSError):
             pass
-        refusal = self.factory.admit(self._peer)
+        # Nothing the client sends is read until it is admitted and greeted
+        # (the throttle may have to ask a shared counter store first).
+        self._busy = True
+        self.transport.registerProducer(self, True)
+        self._setTimeout(self.settings.timeout)
+        d = self.factory.admit(self._peer)
+        d.addCallback(self._admitted)
+        d.addErrback(self._admitFailed)
+
+    def _admitted(self, refusal: Optional[Reply]) -> None:
+        if self._mode == self.CLOSED:
+            # The client left while it waited.
+            if refusal is None:
+                self.factory.release(self._peer)
+            return
         if refusal is not None:
             self._mode = self.CLOSED
+            self._cancelTimeout()
             self._send(refusal)
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
             return
         self._counted = True
-        self.transport.registerProducer(self, True)
-        self._setTimeout(self.settings.timeout)
         self._send(replies.GREETING.format(hostname=self.settings.hostname))
+        self._busy = False
+        if self._buffer:
+            # Sent before the greeting: read now, in order. (Only then: a
+            # TLS transport may pause its producer until the handshake ends.)
+            self._processBuffer()
+
+    def _admitFailed(self, f: Failure) -> None:
+        log.failure("admitting {client} failed", f, client=self._peer)
+        if self._mode != self.CLOSED:
+            self._mode = self.CLOSED
+            self._cancelTimeout()
+            self.transport.unregisterProducer()
+            self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._mode = self.CLOSED
@@ -527,7 +556,14 @@ class SubmissionProtocol(protocol.Protocol):
         if name not in context.offered:
             # Only -PLUS is ever held back: it needs TLS channel binding data.
             return self._error(replies.ENCRYPTION_REQUIRED)
-        if self.factory.throttle.isBlocked(self._peer):
+        d = self.factory.throttle.isBlocked(self._peer)
+        d.addCallback(self._authStart, name, words, context)
+        return d
+
+    def _authStart(self, blocked: bool, name: str, words: list, context: sasl.SASLContext):
+        if self._mode == self.CLOSED:
+            return None
+        if blocked:
             return self._close(replies.BLOCKED)
         mechanism = self.factory.saslTable[name](context)
         initial = None
@@ -626,22 +662,34 @@ class SubmissionProtocol(protocol.Protocol):
             login=_printable(login),
             app=f" app={app}" if app else "",
         )
+        self.factory.metrics.authResult(credentials.mechanism, "success")
         self._send(replies.AUTH_SUCCESS)
 
     def _authError(self, f: Failure, credentials):
         if self._mode == self.CLOSED:
             return None
+        # Neither of these is a guess: they are answered like one, but never
+        # counted or slowed down, and logged in lines fail2ban ignores.
+        if f.check(LoginSuspended):
+            log.info(
+                "auth suspended: client=[{client}] mechanism={mechanism} login=<{login}>",
+                client=self._peer,
+                mechanism=credentials.mechanism,
+                login=_printable(credentials.username),
+            )
+            self.factory.metrics.authResult(credentials.mechanism, "suspended")
+            return self._error(replies.AUTH_FAILED)
         if f.check(sasl.MechanismUnavailable):
-            # Not a guess: the client chose a mechanism we offered but cannot
-            # verify for this user. Never counted, never slowed down.
+            # The client chose a mechanism we offered but cannot verify for
+            # this user: its owner must never be locked out for that.
             log.info(
                 "auth mechanism unusable: client=[{client}] mechanism={mechanism} login=<{login}>",
                 client=self._peer,
                 mechanism=credentials.mechanism,
                 login=_printable(credentials.username),
             )
-            self._send(replies.AUTH_FAILED)
-            return None
+            self.factory.metrics.authResult(credentials.mechanism, "failure")
+            return self._error(replies.AUTH_FAILED)
         if f.check(UnauthorizedLogin):
             # Bearer token mechanisms tell why in a last challenge first.
             final = getattr(credentials, "failureChallenge", None)
@@ -652,14 +700,16 @@ class SubmissionProtocol(protocol.Protocol):
             log.error("login could not be checked: {why}", why=f.getErrorMessage())
         else:
             log.failure("login failed with an internal error", f)
+        self.factory.metrics.authResult(credentials.mechanism, "unavailable")
         self._send(replies.AUTH_UNAVAILABLE)
         return None
 
     def _authFailed(self, mechanism: str, username: str, why: str,
                     challenge: Optional[bytes] = None):
         """
-        Count and log a failed login, then answer 535 (after the tarpit
-        delay), or hang up past the limits.
+        Log a failed login and count it (per address and per login, in the
+        throttle's store), then answer 535 after the tarpit delay, or hang
+        up past the limits. No command is read meanwhile.
 
         @param challenge: error data to send first as a 334 challenge,
             whose response then gets the 535 (RFC 7628 section 3.2.2).
@@ -671,8 +721,31 @@ class SubmissionProtocol(protocol.Protocol):
             mechanism=mechanism,
             login=_printable(username),
         )
-        delay = self.factory.throttle.failure(self._peer, username)
-        if self.factory.throttle.isBlocked(self._peer):
+        self.factory.metrics.authResult(mechanism, "failure")
+        d = self.factory.throttle.failure(self._peer, username)
+        d.addCallback(self._checkBlocked)
+        d.addErrback(self._throttleFailed)
+        d.addCallback(self._answerFailure, challenge)
+        return d
+
+    def _checkBlocked(self, delay: float) -> defer.Deferred[tuple]:
+        d = self.factory.throttle.isBlocked(self._peer)
+        return d.addCallback(lambda blocked: (delay, blocked))
+
+    def _throttleFailed(self, f: Failure) -> tuple:
+        # The counter stores never fail; were one to, answer at once.
+        log.failure("counting a failed login from {client} failed", f, client=self._peer)
+        return (0.0, False)
+
+    def _answerFailure(self, verdict: tuple, challenge: Optional[bytes] = None):
+        """
+        Once the failure is counted: hang up past the limits, else answer
+        535 (or first the error C{challenge}, whose response gets the 535).
+        """
+        delay, blocked = verdict
+        if self._mode == self.CLOSED:
+            return None
+        if blocked:
             return self._close(replies.BLOCKED)
         if self._authFailures >= self.factory.failuresPerSession:
             return self._close(replies.TOO_MANY_FAILURES)
@@ -1004,7 +1077,8 @@ def _printable(text: str, limit: int = 128) -> str:
 class SubmissionFactory(protocol.Factory):
     """
     Builds sessions for one listener, holding what they share: the portal,
-    the settings, the TLS context, the throttle and the connection counts.
+    the settings, the TLS context, the throttle, the connection counts and
+    the metrics.
 
     @ivar anonymous: the L{IMessageDeliveryFactory} used by sessions that did
         not authenticate (only on C{auth = optional | none} listeners).
@@ -1027,6 +1101,7 @@ class SubmissionFactory(protocol.Factory):
         postmasterDomain: str,
         reactor,
         saslTable: Optional[dict] = None,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         self.settings = settings
         self.portal = portal
@@ -1043,22 +1118,39 @@ class SubmissionFactory(protocol.Factory):
         self.reactor = reactor
         #: Mechanism name -> entry called with a L{sasl.SASLContext}.
         self.saslTable = sasl.MECHANISMS if saslTable is None else saslTable
+        self.metrics = metrics if metrics is not None else Metrics()
 
     def buildProtocol(self, addr) -> SubmissionProtocol:
         p = SubmissionProtocol(self)
         p.factory = self
         return p
 
-    def admit(self, host: str) -> Optional[Reply]:
+    def admit(self, host: str) -> defer.Deferred[Optional[Reply]]:
         """
-        Count a new connection from C{host}.
+        Count a new connection from C{host}; its slot is held while the
+        throttle says whether C{host} is blocked.
 
-        @return: L{None} to serve it, or the 421 that refuses it.
+        @return: a Deferred firing with L{None} to serve it (the caller
+            L{release}s it later), or with the 421 that refuses it.
         """
-        if self.throttle.isBlocked(host):
+        refusal = self.connections.acquire(host)
+
+        def answer(blocked: bool) -> Optional[Reply]:
+            if not blocked:
+                return refusal
+            if refusal is None:
+                self.connections.release(host)
             log.info("refused blocked client={client}", client=host)
             return replies.BLOCKED
-        return self.connections.acquire(host)
+
+        def failed(f: Failure) -> Optional[Reply]:
+            # The counter stores never fail; were one to, serve the client.
+            log.failure("could not tell whether {client} is blocked", f, client=host)
+            return refusal
+
+        d = self.throttle.isBlocked(host)
+        d.addCallbacks(answer, failed)
+        return d
 
     def release(self, host: str) -> None:
         self.connections.release(host)

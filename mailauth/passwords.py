@@ -14,6 +14,7 @@ import secrets
 import struct
 from typing import Callable, Optional, Union
 
+import argon2
 import argon2.exceptions
 import argon2.low_level
 import attrs
@@ -627,3 +628,27 @@ def dummyVerify(password: bytes) -> None:
     a login that does not exist costs as much as a wrong password.
     """
     verify(_DUMMY, password)
+
+
+def costsAsMuchAsDummy(stored: PasswordHash) -> bool:
+    """
+    Whether verifying C{stored} costs at least what L{dummyVerify} costs:
+    a hash of the default scheme whose memory and time costs are at least
+    the default's, on no more lanes (more lanes run in parallel threads, so
+    they may finish sooner). A failed login that verified such a hash takes
+    as long as an unknown login's without any dummy work on top.
+    """
+    if stored.scheme != DEFAULT_SCHEME:
+        return False
+    try:
+        found = argon2.extract_parameters(_decode(stored.value, stored.scheme, stored.encoding)
+                                          .decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    default = argon2.extract_parameters(_DUMMY.value)
+    return (
+        found.type == default.type
+        and found.memory_cost >= default.memory_cost
+        and found.time_cost >= default.time_cost
+        and found.parallelism <= default.parallelism
+    )

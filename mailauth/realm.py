@@ -39,6 +39,7 @@ from mailauth.interfaces import (
     IMessageSink,
     IUserDatabase,
 )
+from mailauth.limits import SendingLimits
 from mailauth.maildir import MaildirWriter, UnsafeMailbox, maildirPath
 from mailauth.replies import SMTPReply
 
@@ -203,13 +204,15 @@ class Realm:
 
     def __init__(self, *, router: Router, hostname: str, runBlocking: BlockingRunner,
                  queue: Optional[IForwardQueue] = None,
-                 wakeQueue: Callable[[], None] = lambda: None, clock) -> None:
+                 wakeQueue: Callable[[], None] = lambda: None, clock,
+                 limits: Optional[SendingLimits] = None) -> None:
         self.router = router
         self.hostname = hostname
         self.runBlocking = runBlocking
         self.queue = queue
         self.wakeQueue = wakeQueue
         self.clock = clock
+        self.limits = limits
 
     def requestAvatar(self, avatarId, mind, *interfaces):
         if IMessageDeliveryFactory not in interfaces:
@@ -222,6 +225,36 @@ class Realm:
     def anonymous(self) -> Avatar:
         """The avatar of sessions that did not authenticate: local delivery only."""
         return Avatar(self, None)
+
+    @defer.inlineCallbacks
+    def deliverNotice(self, recipient: str, message: bytes):
+        """
+        Send a message of our own (a notice to the postmaster) from the null
+        sender: into the Maildirs of a local C{recipient}, or into the
+        forward queue for another domain.
+
+        @param message: the whole message, CRLF line ends.
+        @return: a Deferred that fires once it is stored.
+        """
+        if self.router.isLocal(recipient):
+            yield LocalDelivery(self.router, self.hostname, self.runBlocking).deliver(
+                recipient, message)
+            return
+        if self.queue is None:
+            raise replies.RELAY_DENIED.error(address=recipient)
+        sink = self.queue.newMessage(newMessageID(), "", [recipient])
+
+        def store() -> None:
+            try:
+                sink.write(message)
+                sink.prepare()
+                sink.commit()
+            except BaseException:
+                sink.abort()
+                raise
+
+        yield self.runBlocking(store)
+        self.wakeQueue()
 
 
 @implementer(IMessageDeliveryFactory)
@@ -263,6 +296,11 @@ class Delivery:
         self.successReports: list = []
         self._message: Optional[Message] = None
         self.appPassword: Optional[str] = None
+        #: The recipients accepted so far, and what the sending limits
+        #: check and count for this transaction (authenticated logins only).
+        self.accepted = 0
+        self.limits = (realm.limits.transaction(login)
+                       if login is not None and realm.limits is not None else None)
 
     @defer.inlineCallbacks
     def validateFrom(self, helo, origin):
@@ -278,6 +316,8 @@ class Delivery:
                 "sender refused: login=<{login}> from=<{sender}>", login=self.login, sender=sender
             )
             raise replies.SENDER_NOT_OWNED.error(address=sender, login=self.login)
+        if self.limits is not None:
+            yield self.limits.checkSender()
         self.sender = sender
         return origin
 
@@ -305,6 +345,9 @@ class Delivery:
             paths = [router.maildirFor(login) for login in local]
         except UnsafeMailbox:
             raise replies.MAILBOX_NOT_ALLOWED.error(address=recipient) from None
+        if self.limits is not None:
+            yield self.limits.checkRecipient(self.accepted)
+        self.accepted += 1
         for path in paths:
             if path not in self.maildirs:
                 self.maildirs.append(path)
@@ -409,6 +452,8 @@ class Message:
         self._headers: Optional[HeaderCompleter] = None
         if delivery.login is not None:
             self._headers = HeaderCompleter(self._toSinks, submissionFields(realm, delivery.id))
+        self._limits = delivery.limits
+        self._accepted = delivery.accepted
         # The header section, kept for a delivery report (NOTIFY=SUCCESS).
         self._report = bool(delivery.successReports and delivery.sender)
         self._reportHeaders = b""
@@ -483,8 +528,8 @@ class Message:
                 raise
 
         d = self._realm.runBlocking(storeAll)
-        d.addCallbacks(self._committed, self._notStored)
-        return d
+        d.addErrback(self._notStored)
+        return d.addCallback(self._committed)
 
     def _notStored(self, f: Failure) -> Failure:
         if f.check(OSError):
@@ -492,7 +537,7 @@ class Message:
             raise self._storageFailed(cast(OSError, f.value))
         return f
 
-    def _committed(self, ignored) -> str:
+    def _committed(self, ignored) -> defer.Deferred[str]:
         self._sinks = []
         if self._remote:
             self._realm.wakeQueue()
@@ -502,7 +547,10 @@ class Message:
             except Exception:
                 # The message is stored; only its report is lost.
                 log.failure("delivery report for {id} failed", id=self.id)
-        return self.id
+        if self._limits is None:
+            return defer.succeed(self.id)
+        # Counted before the 250, so that the next MAIL sees this message.
+        return self._limits.record(self._accepted).addCallback(lambda ignored: self.id)
 
     def _reportDelivery(self) -> None:
         """

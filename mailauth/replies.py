@@ -151,6 +151,12 @@ MAILBOX_NOT_ALLOWED = Reply(
 )
 SENDER_NOT_OWNED = Reply(553, "5.7.1 <{address}>: Sender address not owned by user {login}")
 RELAY_DENIED = Reply(554, "5.7.1 <{address}>: Relay access denied")
+# [limits]: at MAIL (messages) or RCPT (recipients); a suspended login at MAIL.
+LIMIT_MESSAGES = Reply(451, "4.7.1 Error: {login} reached its limit of {max} messages per {period}")
+LIMIT_RECIPIENTS = Reply(
+    451, "4.7.1 Error: {login} reached its limit of {max} recipients per {period}"
+)
+SENDING_SUSPENDED = Reply(550, "5.7.1 Error: {login} is suspended, contact your postmaster")
 
 # The message
 TOO_BIG = Reply(552, "5.3.4 Message size exceeds fixed maximum message size")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import attrs
 from twisted.internet import defer
 from zope.interface import implementer
 
@@ -18,10 +19,18 @@ from mailauth.interfaces import (
     IRelaySession,
     IReloadable,
     IUserDatabase,
+    IUserStore,
 )
+from mailauth.passwords import parse
 from mailauth.relay import RelayError, RelayReply
 from mailauth.spool import unstuff
-from mailauth.userdb import User, UserDatabaseUnavailable, parseUsers
+from mailauth.userdb import (
+    User,
+    UserDatabaseError,
+    UserDatabaseUnavailable,
+    checkLogin,
+    parseUsers,
+)
 
 
 def runInline(f, *args, **kwargs) -> defer.Deferred:
@@ -80,6 +89,67 @@ class MemoryUserDatabase:
 
     def logins(self) -> list[str]:
         return sorted(self._current())
+
+
+@implementer(IUserDatabase, IUserStore)
+class MemoryUserStore:
+    """
+    A user database that is also its own L{IUserStore}: the edits (a
+    suspension the daemon makes, a C{mailauth user} command) are seen by
+    the next L{lookup} at once, as a database table's would be.
+
+    @ivar users: lower-cased login to L{User}, in the order they were added.
+    @ivar available: L{lookup} fails with L{UserDatabaseUnavailable} when
+        this is false.
+    """
+
+    def __init__(self, users: Optional[dict[str, str]] = None) -> None:
+        self.users: dict[str, User] = {}
+        self.available = True
+        for login, stored in (users or {}).items():
+            self.addUser(login, stored)
+
+    def lookup(self, login: str) -> defer.Deferred:
+        if not self.available:
+            return defer.fail(UserDatabaseUnavailable("the fake database is down"))
+        return defer.succeed(self.users.get(login.lower()))
+
+    def _user(self, login: str) -> User:
+        user = self.users.get(login.lower())
+        if user is None:
+            raise UserDatabaseError(f"no user {login}")
+        return user
+
+    def addUser(self, login: str, hashString: str) -> None:
+        checkLogin(login)
+        if login.lower() in self.users:
+            raise UserDatabaseError(f"user {login} already exists")
+        try:
+            password = parse(hashString)
+        except ValueError as e:
+            raise UserDatabaseError(str(e)) from None
+        self.users[login.lower()] = User(login.lower(), password)
+
+    def setPassword(self, login: str, hashString: str) -> None:
+        user = self._user(login)
+        try:
+            password = parse(hashString)
+        except ValueError as e:
+            raise UserDatabaseError(str(e)) from None
+        self.users[user.login] = attrs.evolve(user, password=password)
+
+    def deleteUser(self, login: str) -> None:
+        del self.users[self._user(login).login]
+
+    def hasUser(self, login: str) -> bool:
+        return login.lower() in self.users
+
+    def listUsers(self) -> list[tuple[str, str]]:
+        return [(user.login, user.password.scheme) for user in self.users.values()]
+
+    def setSuspended(self, login: str, suspended: bool) -> None:
+        user = self._user(login)
+        self.users[user.login] = attrs.evolve(user, suspended=suspended)
 
 
 # The forward queue's collaborators: local delivery and the relay.

@@ -253,6 +253,27 @@ def makeSettings(**overrides) -> configmod.ServerConfig:
     return configmod.ServerConfig(**values)
 
 
+# The least a configuration file needs (no TLS, no files read).
+MINIMAL_CONFIG = """
+[listener:submission]
+endpoint = tcp:2587
+tls = none
+auth = optional
+
+[auth]
+users = /etc/mailauth/users
+
+[delivery]
+local_domains = example.org
+maildir = /var/mail/{domain}/{localpart}/Maildir
+"""
+
+
+def makeConfig(extra: str = "") -> configmod.Config:
+    """A configuration loaded from L{MINIMAL_CONFIG} with C{extra} text after it."""
+    return configmod.loadText(MINIMAL_CONFIG + extra, "test.conf")
+
+
 def makeThrottle(clock, **overrides) -> AuthThrottle:
     values = dict(
         window=900.0, maxPerAddress=10, maxPerLogin=5, tarpitDelay=2.0, blockTime=900.0,

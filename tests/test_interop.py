@@ -13,6 +13,7 @@ The tools are installed by C{.ci/run}; a missing one fails the test.
 from __future__ import annotations
 
 import base64
+import configparser
 import glob
 import json
 import os
@@ -26,6 +27,8 @@ from twisted.trial import unittest
 
 from tests.harness import (
     BOB_PASSWORD,
+    ROOT,
+    SHA512,
     VECTORS,
     AttackMixin,
     Daemon,
@@ -33,6 +36,7 @@ from tests.harness import (
     clientContext,
     plain,
 )
+from tests.harness import PASSWORD as DEMO_PASSWORD
 from tests.postfixharness import PostfixClient, SmtpSink
 from tests.smtpsink import QueueEvents
 from tests.support import TokenIssuer
@@ -670,3 +674,99 @@ def _addOAuthTests(cls):
 
 
 OAuthClientTests = _addOAuthTests(OAuthClientTests)
+
+
+def demoMechanisms() -> str:
+    """The [auth] mechanisms of etc/demo.conf, the configuration C{make run} uses."""
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
+    parser.read(os.path.join(ROOT, "etc", "demo.conf"))
+    return parser["auth"]["mechanisms"]
+
+
+class MechanismChoiceMixin(AttackMixin):
+    """
+    A user stored as ARGON2ID (the default, as the demo's user is), with
+    the right password, sending eight times from one address. The clock
+    stands still, so a tarpitted reply would never come and the client
+    would time out.
+    """
+
+    clocked = True
+    login = SHA512.replace("sha512-crypt", "argon2id")
+
+    def execute(self, argv):
+        return threads.deferToThread(subprocess.run, argv, capture_output=True, timeout=60)
+
+    def curl(self, subject: str, *extra: str) -> list:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(message(subject, "\r\n").replace(LOGIN.encode(), self.login.encode()))
+        return [program("curl"), "--silent", "--show-error", "--insecure", "--max-time", "20",
+                "--url", f"smtps://127.0.0.1:{self.daemon.ports['submissions']}/client.example",
+                "--user", f"{self.login}:{DEMO_PASSWORD}", *extra,
+                "--mail-from", self.login, "--mail-rcpt", RECIPIENT, "--upload-file", path]
+
+    def swaks(self, subject: str) -> list:
+        """swaks with no mechanism named: it tries those offered, CRAM-MD5 first."""
+        return [program("swaks"), "--server", f"127.0.0.1:{self.daemon.ports['submissions']}",
+                "--tlsc", "--auth", "--auth-user", self.login, "--auth-password", DEMO_PASSWORD,
+                "--from", self.login, "--to", RECIPIENT, "--helo", "client.example",
+                "--header", f"Subject: {subject}", "--timeout", "20"]
+
+    def authLines(self, kind: str) -> list:
+        return self.log.matching(rf"^auth {kind}: client=\[127\.0\.0\.1\]")
+
+
+class MechanismChoiceTests(MechanismChoiceMixin, unittest.TestCase):
+    """Behind a configuration that offers CRAM-MD5 as well (as the demo once did)."""
+
+    settings = {"auth": {"mechanisms": "PLAIN LOGIN CRAM-MD5"}}
+
+    @defer.inlineCallbacks
+    def test_curlPicksCramMD5NeverLockedOut(self):
+        """
+        curl picks CRAM-MD5 when offered, and fails (535, exit 67) for a
+        user stored as ARGON2ID; eight such sends from one address are each
+        answered at once, logged as an unusable mechanism and not as a
+        failure, and counted nowhere: the ninth, with AUTH=PLAIN, delivers.
+        """
+        for n in range(8):
+            result = yield self.execute(self.curl(f"try {n}"))
+            self.assertEqual(result.returncode, 67, result.stderr)
+        unusable = self.authLines("mechanism unusable")
+        self.assertEqual(len(unusable), 8)
+        self.assertIn(f"mechanism=CRAM-MD5 login=<{self.login}>", unusable[0])
+        self.assertEqual(self.authLines("failure"), [])
+        result = yield self.execute(self.curl("sent", "--login-options", "AUTH=PLAIN"))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(len(self.daemon.delivered(RECIPIENT)), 1)
+
+    @defer.inlineCallbacks
+    def test_swaksFallsBackEightTimes(self):
+        """
+        swaks tries CRAM-MD5 first, then falls back to another mechanism:
+        eight messages from one address all arrive, and no failed guess is
+        logged or counted.
+        """
+        for n in range(8):
+            result = yield self.execute(self.swaks(f"fallback {n}"))
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertEqual(len(self.daemon.delivered(RECIPIENT)), 8)
+        self.assertEqual(len(self.authLines("mechanism unusable")), 8)
+        self.assertEqual(self.authLines("failure"), [])
+
+
+class DemoMechanismsTests(MechanismChoiceMixin, unittest.TestCase):
+    """Behind the demo's own mechanisms (etc/demo.conf)."""
+
+    settings = {"auth": {"mechanisms": demoMechanisms()}}
+
+    @defer.inlineCallbacks
+    def test_curlSendsEightTimes(self):
+        """The demo offers no CRAM-MD5: curl sends eight times from one address, all delivered."""
+        for n in range(8):
+            result = yield self.execute(self.curl(f"try {n}"))
+            self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(len(self.daemon.delivered(RECIPIENT)), 8)
+        self.assertEqual(len(self.authLines("success")), 8)
+        self.assertEqual(self.authLines("mechanism unusable") + self.authLines("failure"), [])

@@ -580,7 +580,7 @@ class SessionTests(unittest.TestCase):
 
     def test_tarpitAfterResponse(self) -> None:
         """Past the throttle's threshold the 535 waits its delay after the dummy response."""
-        self.patch(self.factory.throttle, "failure", lambda host, login: 2.0)
+        self.patch(self.factory.throttle, "failure", lambda host, login: defer.succeed(2.0))
         self.session.command(b"AUTH OAUTHBEARER " + b64(oauthbearer("T")))
         self.refuse()
         self.assertEqual(self.session.command(b64(b"\x01")), [])
