@@ -8,10 +8,11 @@ DEMO_PASSWORD := demo-password
 .PHONY: run test check lint format print-unit deb deb-test clean
 
 # Unit tests: no daemon on a socket, no external program; seconds in all.
-UNIT := tests.test_checkers tests.test_config tests.test_dsn tests.test_envelope \
-	tests.test_esmtp tests.test_forward tests.test_interfaces tests.test_maildir \
-	tests.test_passwords tests.test_realm tests.test_replies tests.test_spool \
-	tests.test_throttle tests.test_userdb
+UNIT := tests.test_addresses tests.test_checkers tests.test_config tests.test_dataread \
+	tests.test_dsn tests.test_envelope tests.test_esmtp tests.test_extensions \
+	tests.test_forward tests.test_fromheader tests.test_headers tests.test_interfaces \
+	tests.test_maildir tests.test_passwords tests.test_realm tests.test_replies \
+	tests.test_routing tests.test_spool tests.test_throttle tests.test_userdb
 
 $(BIN)/mailauth: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,13 +30,12 @@ var/tls/cert.pem:
 var/users: | $(BIN)/mailauth
 	mkdir -p var
 	echo '$(DEMO_PASSWORD)' | $(BIN)/mailauth user add demo@example.test --users var/users
-	echo '$(DEMO_PASSWORD)' | $(BIN)/mailauth user add cram@example.test --scheme CRAM-MD5 --users var/users
 
 run: $(BIN)/mailauth var/tls/cert.pem var/users
 	$(BIN)/mailauth check-config --config etc/demo.conf
 	@echo
 	@echo "mailauth: submission with STARTTLS on 127.0.0.1:2587, implicit TLS on 127.0.0.1:2465"
-	@echo "users: demo@example.test and cram@example.test (CRAM-MD5), password $(DEMO_PASSWORD)"
+	@echo "user: demo@example.test, password $(DEMO_PASSWORD) (AUTH PLAIN or LOGIN)"
 	@echo "try:   swaks --server 127.0.0.1:2587 --tls --auth PLAIN --auth-user demo@example.test \\"
 	@echo "         --auth-password $(DEMO_PASSWORD) --from demo@example.test --to demo@example.test"
 	@echo "mail lands in var/mail/example.test/demo/Maildir/new/"

@@ -3,18 +3,38 @@
 from __future__ import annotations
 
 import hmac
+from typing import Any, Optional, Union
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet import defer
+from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailauth import passwords, scram
+from mailauth import apppasswords, passwords, scram
+from mailauth.apppasswords import AppPassword
 from mailauth.interfaces import BlockingRunner, IUserDatabase
-from mailauth.sasl import MechanismUnavailable
+from mailauth.sasl import IBearerToken, MechanismUnavailable, TokenRefused
 from mailauth.threads import PoolBusy
-from mailauth.userdb import UserDatabaseUnavailable
+from mailauth.userdb import User, UserDatabaseUnavailable
+
+log = Logger(namespace="mailauth.checkers")
+
+
+class LoginSuspended(UnauthorizedLogin):
+    """
+    The right credentials of a suspended login: the client is answered as
+    for a wrong password, but the session logs it as suspended and never
+    counts it as a guess.
+    """
+
+
+# What the blocking part of a check found. A check that is not RIGHT, or
+# whose user is suspended, answers 535.
+RIGHT = "right"
+WRONG = "wrong"
+UNAVAILABLE = "unavailable"
 
 
 def _unavailable(f):
@@ -25,6 +45,8 @@ def _unavailable(f):
 def _result(ok: bool, user):
     if not ok:
         raise UnauthorizedLogin()
+    if user.suspended:
+        raise LoginSuspended()
     return user.login.lower()
 
 
@@ -33,8 +55,28 @@ def _busy(f):
     raise LoginFailed(f"too many logins waiting: {f.getErrorMessage()}")
 
 
+def _verdict(found: str, user: Optional[User], mechanism: str):
+    """The avatar ID for a RIGHT check, else the failure the session answers."""
+    if found == UNAVAILABLE:
+        assert user is not None
+        raise MechanismUnavailable(
+            f"{mechanism} cannot verify a password stored as {user.password.scheme}"
+        )
+    return _result(found == RIGHT, user)
+
+
 class _UserDatabaseChecker:
-    """Looks the user up, then verifies in the auth pool."""
+    """
+    Looks the user up, then checks the credentials in the auth pool.
+
+    Every check that ends in a 535 (unknown login, wrong password, a
+    mechanism the stored scheme cannot do, a suspended login) spends at
+    least one verification of the default scheme at its default cost
+    (L{passwords.dummyVerify}) before it answers: the verification it made,
+    if that was one, else a dummy one. So no failure comes sooner than an
+    unknown login's, whatever the stored scheme, and on a loaded machine
+    both slow down alike: nothing is measured, the same work is done.
+    """
 
     def __init__(self, users: IUserDatabase, runBlocking: BlockingRunner) -> None:
         self.users = users
@@ -46,55 +88,215 @@ class _UserDatabaseChecker:
         d.addCallback(self._verify, credentials)
         return d
 
+    def _verify(self, user: Optional[User], credentials) -> defer.Deferred:
+        d = self.runBlocking(self.check, user, credentials)
+        d.addErrback(_busy)
+        d.addCallback(_verdict, user, credentials.mechanism)
+        return d
+
+    @classmethod
+    def check(cls, user: Optional[User], credentials) -> str:
+        """
+        Blocking: L{RIGHT}, L{WRONG} or L{UNAVAILABLE} for C{credentials}
+        against C{user} (L{None}: unknown), having spent at least one
+        default-cost verification unless the answer is a success.
+        """
+        found = cls.verify(user, credentials)
+        succeeds = found == RIGHT and user is not None and not user.suspended
+        if not succeeds and not cls.verifiedAtDefaultCost(user, found):
+            passwords.dummyVerify(cls.secret(credentials))
+        return found
+
     @staticmethod
-    def verify(user, credentials) -> bool:
-        """Blocking: whether C{credentials} are right for C{user} (L{None}: unknown)."""
+    def verify(user: Optional[User], credentials) -> str:
+        """Blocking: L{RIGHT}, L{WRONG} or L{UNAVAILABLE} (L{WRONG} for an unknown user)."""
         raise NotImplementedError()
 
-    def _verify(self, user, credentials) -> defer.Deferred:
-        d = self.runBlocking(self.verify, user, credentials)
-        d.addErrback(_busy)
-        d.addCallback(_result, user)
-        return d
+    @staticmethod
+    def verifiedAtDefaultCost(user: Optional[User], found: str) -> bool:
+        """Whether L{verify} just spent a default-cost verification on C{user}."""
+        return False
+
+    @staticmethod
+    def secret(credentials) -> bytes:
+        """What the client sent as its secret, for the dummy verification."""
+        raise NotImplementedError()
+
+
+class AppPasswordLogin(str):
+    """
+    The avatar ID of a login made with one of the user's app passwords: the
+    login itself (so every part that takes a login string takes it), which
+    also names the app password used, for the log and the C{Received:}
+    header.
+
+    @ivar appPassword: the app password's label.
+    """
+
+    appPassword: str
+
+    def __new__(cls, login: str, label: str) -> AppPasswordLogin:
+        self = super().__new__(cls, login)
+        self.appPassword = label
+        return self
 
 
 @implementer(ICredentialsChecker)
 class PasswordChecker(_UserDatabaseChecker):
     """
-    PLAIN and LOGIN: the password against the stored hash, in the auth pool.
-    An unknown user costs one dummy verification of the default scheme, so
-    its failure takes as long as a wrong password's.
+    PLAIN and LOGIN: the password against the stored hash, in the auth pool;
+    a password shaped like an app password is also tried against the one
+    app password of the user that starts like it (L{AppPassword.prefix}).
+    An unknown user costs the same verifications, so its failure takes as
+    long as a wrong password's.
+
+    @ivar appPasswordUse: records each app password's use, or L{None}.
+    @ivar rehasher: rehashes outdated password hashes after a login with
+        them (C{[auth] rehash}), or L{None}.
     """
 
     credentialInterfaces = (IUsernamePassword,)
 
-    @staticmethod
-    def verify(user, credentials) -> bool:
-        if user is None:
+    def __init__(
+        self,
+        users: IUserDatabase,
+        runBlocking: BlockingRunner,
+        appPasswordUse: Any = None,
+        rehasher: Any = None,
+    ) -> None:
+        super().__init__(users, runBlocking)
+        self.appPasswordUse = appPasswordUse
+        self.rehasher = rehasher
+
+    @classmethod
+    def check(cls, user: Optional[User], credentials) -> Any:
+        """
+        Blocking: the L{AppPassword} of C{user} the password is, else
+        L{RIGHT} or L{WRONG} for the user's own password; at least one
+        default-cost verification is spent unless it is a success.
+        """
+        candidate = apppasswords.normalise(credentials.password)
+        if candidate is not None:
+            # One default-cost verification either way, the app password's
+            # own (ARGON2ID) or a dummy one, before the user's own password:
+            # every app-password-shaped password costs the same.
+            app = user.appPassword(apppasswords.prefixOf(candidate)) if user else None
+            if app is None:
+                passwords.dummyVerify(candidate)
+            elif user is not None and passwords.verify(app.password, candidate):
+                if not user.suspended:
+                    return app
+                return RIGHT
+        found = cls.verify(user, credentials)
+        succeeds = found == RIGHT and user is not None and not user.suspended
+        if not succeeds and not cls.verifiedAtDefaultCost(user, found):
             passwords.dummyVerify(credentials.password)
-            return False
-        return passwords.verify(user.password, credentials.password)
+        return found
+
+    @staticmethod
+    def verify(user: Optional[User], credentials) -> str:
+        if user is None:
+            return WRONG
+        return RIGHT if passwords.verify(user.password, credentials.password) else WRONG
+
+    @staticmethod
+    def verifiedAtDefaultCost(user: Optional[User], found: str) -> bool:
+        return user is not None and passwords.costsAsMuchAsDummy(user.password)
+
+    @staticmethod
+    def secret(credentials) -> bytes:
+        return credentials.password
+
+    def _verify(self, user: Optional[User], credentials) -> defer.Deferred:
+        d = self.runBlocking(self.check, user, credentials)
+        d.addErrback(_busy)
+        d.addCallback(self._verified, user, credentials)
+        return d
+
+    def _verified(self, found: Union[str, AppPassword], user: Optional[User], credentials) -> str:
+        if isinstance(found, AppPassword):
+            login = _result(True, user)
+            if self.appPasswordUse is not None:
+                self.appPasswordUse.record(login, found)
+            return AppPasswordLogin(login, found.label)
+        login = _verdict(found, user, credentials.mechanism)
+        if self.rehasher is not None:
+            self.rehasher.consider(user, credentials.password)
+        return login
 
 
 @implementer(ICredentialsChecker)
 class CramMD5Checker(_UserDatabaseChecker):
     """
     CRAM-MD5: works for users stored as CRAM-MD5 (Dovecot's HMAC-MD5
-    context) or as plaintext; anyone else gets the ordinary failure.
-    The digests are compared in constant time.
+    context) or as plaintext. Anyone else gets the ordinary failure, as
+    L{MechanismUnavailable}: the client's choice of a mechanism we offered
+    says nothing about the password, so it is never counted as a guess. An
+    unknown login is a guess at a name, and counts. The digests are compared
+    in constant time.
     """
 
     credentialInterfaces = (IUsernameHashedPassword,)
 
     @staticmethod
-    def verify(user, credentials) -> bool:
+    def verify(user: Optional[User], credentials) -> str:
         expected = None
         if user is not None:
             expected = passwords.cramMD5Digest(user.password, credentials.challenge)
         if expected is None:
             hmac.compare_digest(b"0" * 32, credentials.response)
-            return False
-        return hmac.compare_digest(expected, credentials.response)
+            return WRONG if user is None else UNAVAILABLE
+        return RIGHT if hmac.compare_digest(expected, credentials.response) else WRONG
+
+    @staticmethod
+    def secret(credentials) -> bytes:
+        return credentials.response
+
+
+@implementer(ICredentialsChecker)
+class OAuthChecker:
+    """
+    OAUTHBEARER and XOAUTH2: C{tokens} (a L{mailauth.oauth.TokenVerifier})
+    checks the token and says which login it names; that login must exist
+    in the user database (it carries the sending limits and sender rights)
+    and be the one the client named, if it named one. Every refusal is a
+    L{TokenRefused}, logged with its reason (never the token).
+    """
+
+    credentialInterfaces = (IBearerToken,)
+
+    def __init__(self, users: IUserDatabase, tokens: Any) -> None:
+        self.users = users
+        self.tokens = tokens
+
+    def requestAvatarId(self, credentials) -> defer.Deferred:
+        d = self.tokens.login(credentials.token)
+        d.addCallback(self._named, credentials)
+        d.addErrback(self._refused, credentials)
+        return d
+
+    def _named(self, login: str, credentials) -> defer.Deferred:
+        if credentials.username and credentials.username.lower() != login:
+            raise TokenRefused(f"the token is for <{login}>", discovery=self.tokens.discovery)
+        d = self.users.lookup(login)
+        d.addErrback(_unavailable)
+        d.addCallback(self._found, login)
+        return d
+
+    def _found(self, user: Optional[User], login: str) -> str:
+        if user is None:
+            raise TokenRefused(f"the token names <{login}>, who is not a user here",
+                               discovery=self.tokens.discovery)
+        return _result(True, user)
+
+    @staticmethod
+    def _refused(f, credentials):
+        if f.check(TokenRefused):
+            log.info(
+                "OAuth token refused: mechanism={mechanism} login=<{login}>: {why}",
+                mechanism=credentials.mechanism, login=credentials.username, why=f.value.why,
+            )
+        return f
 
 
 @implementer(ICredentialsChecker)
@@ -130,5 +332,5 @@ class ScramChecker:
             )
         if not (credentials.verified and keys.same(credentials.keys)):
             raise UnauthorizedLogin()
-        # A suspended login fails even with the right proof.
-        return _result(not user.suspended, user)
+        # A suspended login fails even with the right proof (LoginSuspended).
+        return _result(True, user)

@@ -25,8 +25,10 @@ from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
 
 from mailauth import config as configmod
+from mailauth import scram
 from mailauth.addressmap import AddressMap
-from mailauth.passwords import PLAINTEXT_SCHEMES
+from mailauth.limits import LimitOverrides
+from mailauth.passwords import CRAM_MD5_SCHEMES, PLAINTEXT_SCHEMES
 from mailauth.pgusers import checkSetup, isPostgreSQL
 from mailauth.relay import RelayError, loadCertificates
 from mailauth.tls import ReloadableTLS, TLSError, notAfter
@@ -38,6 +40,13 @@ EXPIRY_WARNING = 30 * 86400
 PROBE_TIMEOUT = 3.0
 
 _GREETING = re.compile(rb"220[ -]\S+ ESMTP mailauth\b")
+
+#: The stored schemes each mechanism can verify; a mechanism not named here
+#: (PLAIN, LOGIN, OAUTHBEARER...) works whatever the scheme.
+MECHANISM_SCHEMES = {
+    "CRAM-MD5": CRAM_MD5_SCHEMES,
+    **{name: (name.removesuffix("-PLUS"),) for name in scram.MECHANISMS},
+}
 
 
 @attrs.frozen
@@ -262,10 +271,14 @@ def checkFiles(cfg: configmod.Config) -> list:
     if usersFile is None and (problem := checkSetup(cfg.auth.users)) is not None:
         problems.append(f"{cfg.path}: [auth] users: {problem}")
     files = [("auth", "users", usersFile), ("delivery", "aliases", cfg.delivery.aliases),
-             ("delivery", "sender_map", cfg.delivery.sender_map)]
+             ("delivery", "sender_map", cfg.delivery.sender_map),
+             ("limits", "overrides", cfg.limits.overrides)]
     if cfg.relay is not None:
         files.append(("relay", "password_file", cfg.relay.password_file))
         files.append(("relay", "ca_file", cfg.relay.ca_file))
+    if cfg.oauth is not None:
+        files.append(("oauth", "jwks", cfg.oauth.jwks))
+        files.append(("oauth", "introspection_secret_file", cfg.oauth.introspection_secret_file))
     for section, key, path in files:
         if path is not None and not os.access(path, os.R_OK):
             problems.append(f"{cfg.path}: [{section}] {key}: {path}: cannot be read")
@@ -274,6 +287,8 @@ def checkFiles(cfg: configmod.Config) -> list:
                 loadCertificates(path)
             except RelayError as e:
                 problems.append(f"{cfg.path}: [relay] ca_file: {e}")
+        elif (section, key) == ("oauth", "jwks") and path is not None:
+            problems.extend(f"{cfg.path}: [oauth] jwks: {p}" for p in _jwksProblems(path))
     if cfg.dkim:
         # Only with [dkim]: it needs dkimpy, which config.load checked for.
         from mailauth import dkimsign
@@ -290,6 +305,35 @@ def checkFiles(cfg: configmod.Config) -> list:
                 "and plaintext_requires_tls = yes nobody could log in"
             )
     return problems
+
+
+def _jwksProblems(path: str) -> list:
+    """Why the JWKS file at C{path} gives no key to check tokens with, if it does not."""
+    from mailauth.oauth import parseJWKS
+
+    try:
+        with open(path, "rb") as f:
+            parseJWKS(f.read())
+    except (OSError, ValueError) as e:
+        return [f"{path}: {e.strerror if isinstance(e, OSError) else e}"]
+    return []
+
+
+def checkRehash(cfg: configmod.Config, account: Account) -> Findings:
+    """
+    C{[auth] rehash = yes} with a users file in a folder that C{account}
+    cannot write (the Debian unit mounts /etc read-only): the daemon runs,
+    but can rehash no password. A warning.
+    """
+    if not cfg.auth.rehash or isPostgreSQL(cfg.auth.users):
+        return Findings()
+    folder = os.path.dirname(os.path.abspath(cfg.auth.users))
+    why = folderProblem(account, folder)
+    if why is None:
+        return Findings()
+    return Findings(warnings=(
+        f"{_where(cfg, 'auth', 'rehash')}: warning: {why}, so no password can be rehashed;"
+        " keep the users file where the daemon may write (e.g. /var/lib/mailauth/users)",))
 
 
 def checkCertificate(cfg: configmod.Config, now: float) -> Findings:
@@ -320,8 +364,8 @@ def _skipped(problem: str) -> str:
 
 def checkLines(cfg: configmod.Config) -> Findings:
     """
-    The lines of the users file, aliases and sender map that the daemon
-    would skip, the users with plaintext passwords, an [autoconfig] that
+    The lines of the users file, aliases, sender map and sending limit
+    overrides that the daemon would skip, the users with plaintext passwords, an [autoconfig] that
     names no server to read mail from: all warnings, which the daemon logs
     itself when it loads them.
     """
@@ -329,6 +373,9 @@ def checkLines(cfg: configmod.Config) -> Findings:
     for path in (cfg.delivery.aliases, cfg.delivery.sender_map):
         if path is not None and os.access(path, os.R_OK):
             warnings.extend(_skipped(problem) for problem in AddressMap(path).problems)
+    path = cfg.limits.overrides
+    if path is not None and os.access(path, os.R_OK):
+        warnings.extend(_skipped(problem) for problem in LimitOverrides(path).problems)
     if cfg.autoconfig is not None and not cfg.autoconfig.incoming:
         warnings.append(
             f"{_where(cfg, 'autoconfig', 'incoming')}: warning: not set: Thunderbird and "
@@ -360,6 +407,48 @@ def checkUsers(cfg: configmod.Config) -> Findings:
             "'mailauth user passwd'"
         )
     return Findings(warnings=tuple(warnings))
+
+
+def mechanismWarnings(cfg: configmod.Config, users: list) -> list:
+    """
+    One line for each offered mechanism that some users cannot use: their
+    clients may pick it (curl picks CRAM-MD5 when offered) and then fail,
+    although their password is right.
+
+    @param users: C{(login, scheme)} of every user.
+    """
+    warnings = []
+    for mechanism in cfg.auth.mechanisms:
+        schemes = MECHANISM_SCHEMES.get(mechanism)
+        if schemes is None:
+            continue
+        unable = [scheme for _, scheme in users if scheme not in schemes]
+        if unable:
+            warnings.append(
+                f"{_where(cfg, 'auth', 'mechanisms')}: warning: {mechanism} is offered but "
+                f"{len(unable)} of {len(users)} users cannot use it (stored as "
+                f"{', '.join(sorted(set(unable)))}), so clients that pick it fail for them; "
+                f"offer it only if every user is stored as {', '.join(schemes)}"
+            )
+    return warnings
+
+
+def checkMechanisms(cfg: configmod.Config) -> Findings:
+    """
+    The mechanisms offered that some users of the users file cannot use,
+    as warnings (a PostgreSQL user database is not read for this).
+    """
+    path = cfg.auth.users
+    if isPostgreSQL(path):
+        return Findings()
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", "surrogateescape")
+    except OSError:
+        return Findings()  # checkFiles says why
+    users, _ = parseUsers(text, path)
+    found = [(user.login, user.password.scheme) for user in users.values()]
+    return Findings(warnings=tuple(mechanismWarnings(cfg, found)))
 
 
 # -- endpoints -----------------------------------------------------------------
@@ -616,6 +705,8 @@ def checkAll(cfg: configmod.Config, account: Account, *, chown: bool = False,
     findings += checkListening(cfg, daemon)
     findings += checkFolders(cfg, account, chown)
     findings += checkReadable(cfg, account, chown)
+    findings += checkRehash(cfg, account)
+    findings += checkMechanisms(cfg)
     if not daemon:
         findings += checkLines(cfg)
     return findings

@@ -13,11 +13,11 @@ import importlib.metadata
 import os
 import sys
 import time
-from typing import BinaryIO, Callable, NoReturn, Optional, TextIO
+from typing import Any, BinaryIO, Callable, NoReturn, Optional, TextIO
 
 import attrs
 
-from mailauth import pgusers, spool, userdb
+from mailauth import apppasswords, pgusers, spool, userdb
 from mailauth.checks import Account, Findings, checkAll
 from mailauth.config import Config, ConfigError, load, parseInt
 from mailauth.passwords import DEFAULT_SCHEME, SCHEMES, makeHash, schemeName
@@ -336,10 +336,124 @@ def _userDel(args: argparse.Namespace, console: Console) -> None:
 
 
 def _userList(args: argparse.Namespace, console: Console) -> None:
-    users = storeFor(_userSettings(args, console).users).listUsers()
+    store = _store(args, console)[0]
+    users = store.listUsers()
+    accounts = {user.login: user for user in store.listAccounts()}
     width = max((len(login) for login, _ in users), default=0)
+    schemeWidth = max((len(scheme) for _, scheme in users), default=0)
     for login, scheme in users:
-        console.stdout.write(f"{login:<{width}}  {scheme}\n")
+        extras = []
+        account = accounts.get(login)
+        if account is not None and account.suspended:
+            extras.append("suspended")
+        if account is not None and account.appPasswords:
+            labels = ", ".join(app.label for app in account.appPasswords)
+            extras.append(f"app passwords: {labels}")
+        line = f"{login:<{width}}  {scheme:<{schemeWidth}}  {'  '.join(extras)}"
+        console.stdout.write(line.rstrip() + "\n")
+
+
+def _store(args: argparse.Namespace, console: Console) -> tuple[Any, str]:
+    """
+    The store to edit (an C{IUserStore} and C{IAccountStore}), and how to
+    name it; a users file's app password uses are read from C{--state-dir},
+    or the configuration's C{state_dir}, if either is known.
+    """
+    settings = _userSettings(args, console)
+    stateDir = getattr(args, "state_dir", None)
+    if stateDir is None and settings.config is not None:
+        try:
+            stateDir = loadConfig(args).server.state_dir
+        except ConfigError:
+            stateDir = None  # _userSettings has warned about the configuration
+    lastUsed = os.path.join(stateDir, apppasswords.LAST_USED_FILE) if stateDir else None
+    return storeFor(settings.users, lastUsedPath=lastUsed), describe(settings.users)
+
+
+def _suspend(args: argparse.Namespace, console: Console) -> None:
+    store, where = _store(args, console)
+    store.setSuspended(args.login, True)
+    console.stdout.write(f"{args.login}: suspended in {where}\n")
+
+
+def _resume(args: argparse.Namespace, console: Console) -> None:
+    store, where = _store(args, console)
+    store.setSuspended(args.login, False)
+    console.stdout.write(f"{args.login}: resumed in {where}\n")
+
+
+# -- mailauth user app-password ... ------------------------------------------
+
+
+def _appPasswordAdd(args: argparse.Namespace, console: Console) -> None:
+    try:
+        apppasswords.checkLabel(args.label)
+    except apppasswords.AppPasswordError as e:
+        raise CommandError(str(e)) from None
+    store, where = _store(args, console)
+    taken = {app.prefix for app, _ in store.listAppPasswords(args.login)}
+    while True:
+        password = apppasswords.generate()
+        normalised = apppasswords.normalise(password.encode("ascii"))
+        assert normalised is not None, "generate() makes what normalise() reads"
+        prefix = apppasswords.prefixOf(normalised)
+        if prefix not in taken:
+            break
+    hashString = _hash(normalised, apppasswords.SCHEME)
+    store.addAppPassword(args.login, args.label, hashString, int(time.time()), prefix)
+    console.stderr.write(
+        f"{args.login}: app password {args.label} added to {where}; it is shown only now:\n"
+    )
+    console.stdout.write(password + "\n")
+
+
+def _appPasswordList(args: argparse.Namespace, console: Console) -> None:
+    store, _ = _store(args, console)
+    found = store.listAppPasswords(args.login)
+    width = max([len("LABEL")] + [len(app.label) for app, _ in found])
+    console.stdout.write(f"{'LABEL':<{width}}  {'CREATED':<19}  LAST USED\n")
+    for app, used in found:
+        if not store.usesKnown:
+            shown = "unknown (give --config or --state-dir)"
+        else:
+            shown = _when(used) if used is not None else "never"
+        console.stdout.write(f"{app.label:<{width}}  {_when(app.created)}  {shown}\n")
+
+
+def _appPasswordDel(args: argparse.Namespace, console: Console) -> None:
+    store, where = _store(args, console)
+    store.deleteAppPassword(args.login, args.label)
+    console.stdout.write(f"{args.login}: app password {args.label} deleted from {where}\n")
+
+
+def _appPasswordCommand(actions: argparse._SubParsersAction, where, login) -> None:
+    label = argparse.ArgumentParser(add_help=False)
+    label.add_argument("label", metavar="LABEL",
+                       help="names the app password (letters, digits, '.', '_', '-')")
+    stateDir = argparse.ArgumentParser(add_help=False)
+    stateDir.add_argument("--state-dir", metavar="DIR",
+                          help="the daemon's state_dir, where last uses are kept"
+                          " (default: the configuration's)")
+    command = actions.add_parser(
+        "app-password", help="passwords for one application each, beside the user's own",
+        description="App passwords: generated passwords that log a user in with PLAIN or "
+        "LOGIN beside its own, each named by a label (shown in the log and the Received "
+        "header) and revoked alone. See docs/accounts.rst.",
+        epilog="examples:\n"
+        "  mailauth user app-password add alice@example.org phone\n"
+        "  mailauth user app-password list alice@example.org\n"
+        "  mailauth user app-password del alice@example.org phone",
+    )
+    subcommands = command.add_subparsers(dest="appAction", metavar="ACTION", required=True)
+    for name, run, parents, text in [
+        ("add", _appPasswordAdd, [login, label, where],
+         "make an app password and print it, this once only"),
+        ("list", _appPasswordList, [login, where, stateDir],
+         "list a user's app passwords: label, created, last used"),
+        ("del", _appPasswordDel, [login, label, where], "revoke one app password"),
+    ]:
+        subcommands.add_parser(name, parents=parents, help=text, description=text[:1].upper()
+                               + text[1:] + ".").set_defaults(run=run)
 
 
 def _usersOptions() -> argparse.ArgumentParser:
@@ -365,14 +479,16 @@ def _userCommand(commands: argparse._SubParsersAction) -> None:
     quality = _qualityOptions()
     login = _loginArgument()
     user = commands.add_parser(
-        "user", help="add, change, delete and list users",
+        "user", help="add, change, delete, list, suspend users; their app passwords",
         description="Manage the users that [auth] users names: a file in Dovecot's "
         "passwd-file format, or a PostgreSQL database. A new password is read from the "
         "terminal, asked twice, or as one line of standard input.",
         epilog="examples:\n"
         "  mailauth user add alice@example.org\n"
         "  echo 'a long password' | mailauth user passwd alice@example.org\n"
-        "  mailauth user list --users /etc/mailauth/users",
+        "  mailauth user list --users /etc/mailauth/users\n"
+        "  mailauth user suspend alice@example.org\n"
+        "  mailauth user app-password add alice@example.org phone",
     )
     actions = user.add_subparsers(dest="action", metavar="ACTION", required=True)
     for name, run, parents, text in [
@@ -380,10 +496,14 @@ def _userCommand(commands: argparse._SubParsersAction) -> None:
          "add a user; the password is read from the terminal or standard input"),
         ("passwd", _userPasswd, [login, scheme, quality, where], "set a user's password"),
         ("del", _userDel, [login, where], "delete a user"),
-        ("list", _userList, [where], "list the users and their password schemes"),
+        ("list", _userList, [where],
+         "list the users, their password schemes, suspensions and app passwords"),
+        ("suspend", _suspend, [login, where], "refuse a user's logins until resumed"),
+        ("resume", _resume, [login, where], "lift a user's suspension"),
     ]:
         actions.add_parser(name, parents=parents, help=text, description=text[:1].upper()
                            + text[1:] + ".").set_defaults(run=run)
+    _appPasswordCommand(actions, where, login)
 
 
 # -- mailauth hash ------------------------------------------------------------

@@ -26,7 +26,11 @@ KNOWN_MECHANISMS = (
     "SCRAM-SHA-1",
     "SCRAM-SHA-1-PLUS",
     "CRAM-MD5",
+    "OAUTHBEARER",
+    "XOAUTH2",
 )
+# The mechanisms that take OAuth 2.0 bearer tokens: they need [oauth].
+OAUTH_MECHANISMS = ("OAUTHBEARER", "XOAUTH2")
 
 
 class ConfigError(Exception):
@@ -88,6 +92,7 @@ class AuthConfig:
     failures_per_session: int
     password_min_length: int
     breached_passwords: Optional[str]
+    rehash: bool = False
 
 
 @attrs.frozen
@@ -106,6 +111,18 @@ class DeliveryConfig:
 
 
 @attrs.frozen
+class LimitsConfig:
+    """C{[limits]}: sending limits per authenticated login (0: none)."""
+
+    messages_per_hour: int = 0
+    recipients_per_hour: int = 0
+    messages_per_day: int = 0
+    recipients_per_day: int = 0
+    suspend_after: int = 0
+    overrides: Optional[str] = None
+
+
+@attrs.frozen
 class RelayConfig:
     host: str
     port: int
@@ -120,6 +137,7 @@ class RelayConfig:
     max_connections: int
     timeout: float
     queue_interval: float
+    delay_warning: float = 4 * 3600.0
 
 
 @attrs.frozen
@@ -152,6 +170,24 @@ class MetricsConfig:
 
 
 @attrs.frozen
+class OAuthConfig:
+    """
+    The optional C{[oauth]} section: who issues the tokens OAUTHBEARER and
+    XOAUTH2 accept, where its keys are, and how to ask about opaque tokens.
+    """
+
+    issuer: str
+    audience: str
+    jwks: Optional[str]
+    login_claim: str
+    introspection_url: Optional[str]
+    introspection_client_id: Optional[str]
+    introspection_secret_file: Optional[str]
+    introspection_timeout: float
+    leeway: float
+
+
+@attrs.frozen
 class StateConfig:
     backend: str
     prefix: str
@@ -180,6 +216,8 @@ class Config:
     metrics: Optional[MetricsConfig] = None
     #: [dkim]: signing domain -> its keys (a tuple of L{DKIMKeyConfig}), read-only.
     dkim: Mapping[str, tuple] = MappingProxyType({})
+    oauth: Optional[OAuthConfig] = None
+    limits: LimitsConfig = LimitsConfig()
 
 
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
@@ -320,7 +358,10 @@ def parseSelector(text: str) -> str:
 
 
 def _domains(text: str) -> frozenset:
-    return frozenset(parseDomain(d) for d in text.replace(",", " ").split())
+    """Domain names, internationalised ones in A-labels (the form addresses compare in)."""
+    from mailauth.addresses import domainKey
+
+    return frozenset(parseDomain(domainKey(d)) for d in text.replace(",", " ").split())
 
 
 def _address(text: str) -> str:
@@ -464,6 +505,34 @@ def _stateBackend(text: str) -> str:
     return value
 
 
+def _claim(text: str) -> str:
+    """A JWT claim name: printable, no white space."""
+    value = _text(text)
+    if not value.isprintable() or re.search(r"\s", value):
+        raise ValueError(f"{value!r} is not a claim name")
+    return value
+
+
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def _introspectionURL(text: str) -> str:
+    """
+    An https:// URL; http:// only to this machine, since the request carries
+    the token and the client secret.
+    """
+    value = _text(text)
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an https:// URL")
+    if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+        raise ValueError(f"{value!r}: use https:// (the request carries the token and the "
+                         "client secret); http:// only to localhost")
+    if not value.isascii():
+        raise ValueError(f"{value!r}: write the URL in ASCII (punycode, %-escapes)")
+    return value
+
+
 def _positiveDuration(text: str) -> float:
     value = parseDuration(text)
     if value <= 0:
@@ -515,6 +584,7 @@ _SCHEMA: dict = {
         "failures_per_session": (parsePositive, "3"),
         "password_min_length": (parseInt, "8"),
         "breached_passwords": (_text, None),
+        "rehash": (parseBool, "no"),
     },
     "delivery": {
         "local_domains": (_domains, REQUIRED),
@@ -524,6 +594,14 @@ _SCHEMA: dict = {
         "sender_login_match": (parseBool, "yes"),
         "postmaster": (_address, None),
         "header_from_match": (parseBool, "no"),
+    },
+    "limits": {
+        "messages_per_hour": (parseInt, "0"),
+        "recipients_per_hour": (parseInt, "0"),
+        "messages_per_day": (parseInt, "0"),
+        "recipients_per_day": (parseInt, "0"),
+        "suspend_after": (parseInt, "0"),
+        "overrides": (_text, None),
     },
     "relay": {
         "host": (_text, REQUIRED),
@@ -539,6 +617,7 @@ _SCHEMA: dict = {
         "max_connections": (parsePositive, "2"),
         "timeout": (parseDuration, "5m"),
         "queue_interval": (parseDuration, "30s"),
+        "delay_warning": (parseDuration, "4h"),
     },
     "autoconfig": {
         "endpoint": (_text, REQUIRED),
@@ -549,6 +628,17 @@ _SCHEMA: dict = {
     },
     "metrics": {
         "endpoint": (_text, REQUIRED),
+    },
+    "oauth": {
+        "issuer": (_text, REQUIRED),
+        "audience": (_text, REQUIRED),
+        "jwks": (_text, None),
+        "login_claim": (_claim, "email"),
+        "introspection_url": (_introspectionURL, None),
+        "introspection_client_id": (_text, None),
+        "introspection_secret_file": (_text, None),
+        "introspection_timeout": (_positiveDuration, "10s"),
+        "leeway": (parseDuration, "1m"),
     },
     "state": {
         "backend": (_stateBackend, "memory"),
@@ -663,11 +753,15 @@ def loadText(text: str, path: str = "<string>") -> Config:
             and relay is None):
         r.problem("delivery", "postmaster", f"{delivery['postmaster']} is in another domain "
                   "and there is no [relay] to forward to it")
+    limits = r.section("limits", "limits")
     if relay is not None and relay["username"] and not relay["password_file"]:
         r.problem("relay", "password_file", "missing: username is set, so a password is needed")
     metrics = r.section("metrics", "metrics") if parser.has_section("metrics") else None
     if metrics is not None:
         _checkMetrics(r, metrics["endpoint"])
+
+    oauth = r.section("oauth", "oauth") if parser.has_section("oauth") else None
+    _checkOAuth(r, auth, oauth)
 
     autoconfig = None
     if parser.has_section("autoconfig"):
@@ -688,8 +782,38 @@ def loadText(text: str, path: str = "<string>") -> Config:
         autoconfig=autoconfig,
         metrics=MetricsConfig(**metrics) if metrics is not None else None,
         state=StateConfig(**state),
+        limits=LimitsConfig(**limits),
         dkim=MappingProxyType(dkim),
+        oauth=OAuthConfig(**oauth) if oauth is not None else None,
     )
+
+
+def _checkOAuth(r: _Reader, auth: Optional[dict], oauth: Optional[dict]) -> None:
+    """
+    OAUTHBEARER and XOAUTH2 need [oauth]; [oauth] needs a way to check
+    tokens (the issuer's keys, or its introspection endpoint and the client
+    to call it as), and PyJWT for the keys.
+    """
+    mechanisms = (auth or {}).get("mechanisms") or ()
+    wanted = [m for m in mechanisms if m in OAUTH_MECHANISMS]
+    if wanted and oauth is None:
+        r.problem("auth", "mechanisms", f"{' '.join(wanted)} needs an [oauth] section "
+                  "(issuer, audience, and jwks or introspection_url)")
+    if oauth is None:
+        return
+    if not r.parser.has_option("oauth", "jwks") and not r.parser.has_option(
+        "oauth", "introspection_url"
+    ):
+        r.problem("oauth", None, "set jwks (the issuer's public keys, a JWKS file) or "
+                  "introspection_url (RFC 7662), or both: nothing could check a token")
+    if r.parser.has_option("oauth", "introspection_url"):
+        for key in ("introspection_client_id", "introspection_secret_file"):
+            if not r.parser.has_option("oauth", key):
+                r.problem("oauth", key, "missing: introspection_url needs the client to call "
+                          "it as (introspection_client_id and introspection_secret_file)")
+    if importlib.util.find_spec("jwt") is None:
+        r.problem("oauth", None, "needs the Python package PyJWT (Debian: apt install "
+                  "python3-jwt; pip: pip install 'mailauth[oauth]')")
 
 
 def _autoconfig(r: _Reader, parser: configparser.ConfigParser, server: dict, listeners: list,

@@ -9,9 +9,10 @@ buffers, crashes on malformed AUTH, replies out of order under pipelining,
 per-recipient body copies, 550 for transient failures), so the protocol is
 written here on L{Protocol}. twisted.mail's seams are kept: the factory holds
 a cred L{Portal}; the avatar is an L{IMessageDeliveryFactory}; recipients
-are L{smtp.User}s and addresses L{smtp.Address}es. The DATA reader is
-L{mailauth.dataread}, the address grammar L{mailauth.addresses}, and every
-reply is named in L{mailauth.replies}.
+are L{smtp.User}s and addresses L{smtp.Address}es. The DATA and BDAT
+readers are L{mailauth.dataread}, the address grammar and the MAIL and RCPT
+parameters (SMTPUTF8, DSN) L{mailauth.addresses}, and every reply is named
+in L{mailauth.replies}.
 """
 
 from __future__ import annotations
@@ -30,8 +31,18 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailauth import replies, sasl
-from mailauth.addresses import parsePath, splitArguments
-from mailauth.dataread import DataReader
+from mailauth.addresses import (
+    MailParameters,
+    Recipient,
+    addressText,
+    parseMailParameters,
+    parsePath,
+    parseRcptParameters,
+    splitArguments,
+)
+from mailauth.checkers import LoginSuspended
+from mailauth.dataread import ChunkReader, DataReader
+from mailauth.metrics import Metrics
 from mailauth.replies import Reply, ReplyLike, SMTPReply
 
 log = Logger(namespace="mailauth.esmtp")
@@ -46,6 +57,10 @@ PIPELINE_HOLD = 65536
 _HELO = re.compile(r"[\x21-\x7e]+")
 # Control characters other than tab, refused in command lines.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f]")
+# BDAT chunk-size [SP "LAST"] (RFC 3030 2).
+_BDAT = re.compile(r"([0-9]{1,20})(?: (LAST))?", re.IGNORECASE)
+# The commands whose arguments may hold UTF-8 (RFC 6531 3.3, 3.7.4.2).
+_UTF8_COMMANDS = (b"MAIL ", b"RCPT ", b"VRFY ")
 
 
 class _TLSState:
@@ -69,7 +84,7 @@ class SubmissionProtocol(protocol.Protocol):
     waiting in memory stay bounded.
     """
 
-    COMMAND, DATA, AUTH, CLOSED = "command", "data", "auth", "closed"
+    COMMAND, DATA, BDAT, AUTH, CLOSED = "command", "data", "bdat", "auth", "closed"
 
     # A TCP or TLS transport (write, pause, startTLS, getHandle...); Twisted
     # types it as Optional[ITransport], which names none of those.
@@ -105,6 +120,9 @@ class SubmissionProtocol(protocol.Protocol):
         self._avatar = None
         self._logout: Optional[Callable[[], None]] = None
         self._mechanism: Any = None
+        # A BDAT transaction failed: chunks already pipelined are discarded
+        # without counting as errors (RFC 3030 2) until MAIL, RSET or EHLO.
+        self._bdatFailed = False
         self._resetTransaction()
 
     def _resetTransaction(self) -> None:
@@ -112,7 +130,13 @@ class SubmissionProtocol(protocol.Protocol):
         self._sender: Optional[smtp.Address] = None
         self._hasSender = False
         self._recipients: list = []
+        self._mailParams = MailParameters()
+        # The transaction's content reader: a DataReader or a ChunkReader.
         self._reader: Any = None
+        # The reader of the BDAT chunk being read (the transaction's, or
+        # one that discards it) and the reply due when a discarded one ends.
+        self._chunk: Optional[ChunkReader] = None
+        self._chunkVerdict: Optional[ReplyLike] = None
         self._messages: list = []
         self._writeFailure: Optional[Failure] = None
 
@@ -169,16 +193,43 @@ class SubmissionProtocol(protocol.Protocol):
             self.transport.setTcpNoDelay(True)
         except (AttributeError, NotImplementedError, OSError):
             pass
-        refusal = self.factory.admit(self._peer)
+        # Nothing the client sends is read until it is admitted and greeted
+        # (the throttle may have to ask a shared counter store first).
+        self._busy = True
+        self.transport.registerProducer(self, True)
+        self._setTimeout(self.settings.timeout)
+        d = self.factory.admit(self._peer)
+        d.addCallback(self._admitted)
+        d.addErrback(self._admitFailed)
+
+    def _admitted(self, refusal: Optional[Reply]) -> None:
+        if self._mode == self.CLOSED:
+            # The client left while it waited.
+            if refusal is None:
+                self.factory.release(self._peer)
+            return
         if refusal is not None:
             self._mode = self.CLOSED
+            self._cancelTimeout()
             self._send(refusal)
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
             return
         self._counted = True
-        self.transport.registerProducer(self, True)
-        self._setTimeout(self.settings.timeout)
         self._send(replies.GREETING.format(hostname=self.settings.hostname))
+        self._busy = False
+        if self._buffer:
+            # Sent before the greeting: read now, in order. (Only then: a
+            # TLS transport may pause its producer until the handshake ends.)
+            self._processBuffer()
+
+    def _admitFailed(self, f: Failure) -> None:
+        log.failure("admitting {client} failed", f, client=self._peer)
+        if self._mode != self.CLOSED:
+            self._mode = self.CLOSED
+            self._cancelTimeout()
+            self.transport.unregisterProducer()
+            self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._mode = self.CLOSED
@@ -245,7 +296,8 @@ class SubmissionProtocol(protocol.Protocol):
 
     # The data timeout restarts at every read, so a client that trickles a
     # byte at a time would hold its slot forever: one DATA also gets
-    # max_data_time in all, from its 354 to its final dot.
+    # max_data_time in all, from its 354 to its final dot; the BDAT chunks
+    # of one message, from the first to the last.
 
     def _cancelDataDeadline(self) -> None:
         if self._dataDeadline is not None and self._dataDeadline.active():
@@ -283,6 +335,20 @@ class SubmissionProtocol(protocol.Protocol):
                 self._buffer = rest
                 self._mode = self.COMMAND
                 self._run(self._endData)
+                continue
+            if self._mode == self.BDAT:
+                chunk = cast(ChunkReader, self._chunk)
+                if chunk.remaining and not self._buffer:
+                    break
+                data, self._buffer = self._buffer, b""
+                if data:
+                    self._setTimeout(self.settings.data_timeout)
+                rest = chunk.feed(data)
+                if rest is None:
+                    break
+                self._buffer = rest
+                self._mode = self.COMMAND
+                self._run(self._endChunk)
                 continue
             end = self._buffer.find(b"\r\n")
             # A final CR is kept: its LF may arrive in the next read.
@@ -365,7 +431,10 @@ class SubmissionProtocol(protocol.Protocol):
     # -- output ------------------------------------------------------------
 
     def _send(self, reply: ReplyLike) -> None:
-        self.transport.write(f"{reply.code} {reply.text}\r\n".encode("ascii", "replace"))
+        # No reply line longer than 512 octets, whatever was echoed into it
+        # (RFC 5321 4.5.3.1.5).
+        text = replies.cut(reply.code, reply.text)
+        self.transport.write(f"{reply.code} {text}\r\n".encode("ascii", "replace"))
 
     def _sendLines(self, code: int, lines: list) -> None:
         out = [f"{code}-{line}\r\n" for line in lines[:-1]]
@@ -388,7 +457,15 @@ class SubmissionProtocol(protocol.Protocol):
         try:
             text = line.decode("ascii")
         except UnicodeDecodeError:
-            return self._error(replies.NON_ASCII_COMMAND)
+            # UTF-8 only in the addresses and parameters of MAIL and RCPT
+            # (and VRFY's argument), RFC 6531 3.3; the address parser then
+            # refuses it without SMTPUTF8.
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                return self._error(replies.BAD_UTF8)
+            if line[:5].upper() not in _UTF8_COMMANDS:
+                return self._error(replies.NON_ASCII_COMMAND)
         if _CONTROL.search(text) is not None:
             return self._error(replies.CONTROL_IN_COMMAND)
         verb, _, arg = text.partition(" ")
@@ -411,6 +488,7 @@ class SubmissionProtocol(protocol.Protocol):
             return self._error(replies.SYNTAX.format(usage=f"{verb} hostname"))
         self._abortMessages()
         self._resetTransaction()
+        self._bdatFailed = False
         self._helo = arg
         if not esmtp:
             self._send(Reply(250, self.settings.hostname))
@@ -421,6 +499,9 @@ class SubmissionProtocol(protocol.Protocol):
             f"SIZE {self.settings.max_message_size}",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+            "CHUNKING",
+            "DSN",
         ]
         if self._startTLSOffered():
             lines.append("STARTTLS")
@@ -475,7 +556,14 @@ class SubmissionProtocol(protocol.Protocol):
         if name not in context.offered:
             # Only -PLUS is ever held back: it needs TLS channel binding data.
             return self._error(replies.ENCRYPTION_REQUIRED)
-        if self.factory.throttle.isBlocked(self._peer):
+        d = self.factory.throttle.isBlocked(self._peer)
+        d.addCallback(self._authStart, name, words, context)
+        return d
+
+    def _authStart(self, blocked: bool, name: str, words: list, context: sasl.SASLContext):
+        if self._mode == self.CLOSED:
+            return None
+        if blocked:
             return self._close(replies.BLOCKED)
         mechanism = self.factory.saslTable[name](context)
         initial = None
@@ -504,6 +592,12 @@ class SubmissionProtocol(protocol.Protocol):
             return None
 
     def _authResponse(self, line: bytes):
+        if isinstance(self._mechanism, _Refused):
+            # Whatever answers the error challenge (RFC 7628's ^A, XOAUTH2's
+            # empty line, even "*") gets the failure reply.
+            refused, self._mechanism = self._mechanism, None
+            self._mode = self.COMMAND
+            return self._failureReply(refused.delay)
         data = self._decode(line)
         if data is None:
             return None
@@ -554,41 +648,72 @@ class SubmissionProtocol(protocol.Protocol):
         if self._mode == self.CLOSED:
             logout()
             return
-        self.login = credentials.username.lower()
+        # The avatar knows the login when the credentials need not name it
+        # (a bearer token names its own).
+        login = getattr(avatar, "login", None) or credentials.username
+        self.login = login.lower()
         self._avatar = avatar
         self._logout = logout
+        app = getattr(avatar, "appPassword", None)
         log.info(
-            "auth success: client=[{client}] mechanism={mechanism} login=<{login}>",
+            "auth success: client=[{client}] mechanism={mechanism} login=<{login}>{app}",
             client=self._peer,
             mechanism=credentials.mechanism,
-            login=_printable(credentials.username),
+            login=_printable(login),
+            app=f" app={app}" if app else "",
         )
+        self.factory.metrics.authResult(credentials.mechanism, "success")
         self._send(replies.AUTH_SUCCESS)
 
     def _authError(self, f: Failure, credentials):
         if self._mode == self.CLOSED:
             return None
+        # Neither of these is a guess: they are answered like one, but never
+        # counted or slowed down, and logged in lines fail2ban ignores.
+        if f.check(LoginSuspended):
+            log.info(
+                "auth suspended: client=[{client}] mechanism={mechanism} login=<{login}>",
+                client=self._peer,
+                mechanism=credentials.mechanism,
+                login=_printable(credentials.username),
+            )
+            self.factory.metrics.authResult(credentials.mechanism, "suspended")
+            return self._error(replies.AUTH_FAILED)
         if f.check(sasl.MechanismUnavailable):
-            # Not a guess: the client chose a mechanism we offered but cannot
-            # verify for this user. Never counted, never slowed down.
+            # The client chose a mechanism we offered but cannot verify for
+            # this user: its owner must never be locked out for that.
             log.info(
                 "auth mechanism unusable: client=[{client}] mechanism={mechanism} login=<{login}>",
                 client=self._peer,
                 mechanism=credentials.mechanism,
                 login=_printable(credentials.username),
             )
-            self._send(replies.AUTH_FAILED)
-            return None
+            self.factory.metrics.authResult(credentials.mechanism, "failure")
+            return self._error(replies.AUTH_FAILED)
         if f.check(UnauthorizedLogin):
-            return self._authFailed(credentials.mechanism, credentials.username, "bad credentials")
+            # Bearer token mechanisms tell why in a last challenge first.
+            final = getattr(credentials, "failureChallenge", None)
+            return self._authFailed(credentials.mechanism, credentials.username,
+                                    "bad credentials",
+                                    final(f.value) if final is not None else None)
         if f.check(LoginFailed):
             log.error("login could not be checked: {why}", why=f.getErrorMessage())
         else:
             log.failure("login failed with an internal error", f)
+        self.factory.metrics.authResult(credentials.mechanism, "unavailable")
         self._send(replies.AUTH_UNAVAILABLE)
         return None
 
-    def _authFailed(self, mechanism: str, username: str, why: str):
+    def _authFailed(self, mechanism: str, username: str, why: str,
+                    challenge: Optional[bytes] = None):
+        """
+        Log a failed login and count it (per address and per login, in the
+        throttle's store), then answer 535 after the tarpit delay, or hang
+        up past the limits. No command is read meanwhile.
+
+        @param challenge: error data to send first as a 334 challenge,
+            whose response then gets the 535 (RFC 7628 section 3.2.2).
+        """
         self._authFailures += 1
         log.info(
             "auth failure: client=[{client}] mechanism={mechanism} login=<{login}>",
@@ -596,11 +721,43 @@ class SubmissionProtocol(protocol.Protocol):
             mechanism=mechanism,
             login=_printable(username),
         )
-        delay = self.factory.throttle.failure(self._peer, username)
-        if self.factory.throttle.isBlocked(self._peer):
+        self.factory.metrics.authResult(mechanism, "failure")
+        d = self.factory.throttle.failure(self._peer, username)
+        d.addCallback(self._checkBlocked)
+        d.addErrback(self._throttleFailed)
+        d.addCallback(self._answerFailure, challenge)
+        return d
+
+    def _checkBlocked(self, delay: float) -> defer.Deferred[tuple]:
+        d = self.factory.throttle.isBlocked(self._peer)
+        return d.addCallback(lambda blocked: (delay, blocked))
+
+    def _throttleFailed(self, f: Failure) -> tuple:
+        # The counter stores never fail; were one to, answer at once.
+        log.failure("counting a failed login from {client} failed", f, client=self._peer)
+        return (0.0, False)
+
+    def _answerFailure(self, verdict: tuple, challenge: Optional[bytes] = None):
+        """
+        Once the failure is counted: hang up past the limits, else answer
+        535 (or first the error C{challenge}, whose response gets the 535).
+        """
+        delay, blocked = verdict
+        if self._mode == self.CLOSED:
+            return None
+        if blocked:
             return self._close(replies.BLOCKED)
         if self._authFailures >= self.factory.failuresPerSession:
             return self._close(replies.TOO_MANY_FAILURES)
+        if challenge is not None:
+            self._mode = self.AUTH
+            self._mechanism = _Refused(delay)
+            self._send(Reply(334, base64.b64encode(challenge).decode("ascii")))
+            return None
+        return self._failureReply(delay)
+
+    def _failureReply(self, delay: float):
+        """Send the 535 of a failed login, after C{delay} seconds (the tarpit)."""
         if delay <= 0:
             self._send(replies.AUTH_FAILED)
             return None
@@ -626,37 +783,22 @@ class SubmissionProtocol(protocol.Protocol):
             avatar = self.factory.anonymous
         try:
             path, options = splitArguments(arg, "FROM")
-            sender = parsePath(path, allowNull=True)
-            self._checkMailOptions(options)
+            params = parseMailParameters(options, self.settings.max_message_size)
+            sender = parsePath(path, allowNull=True, utf8=params.smtputf8)
         except SMTPReply as e:
             return self._error(e)
+        self._bdatFailed = False
         delivery = avatar.getMessageDelivery()
         d = defer.maybeDeferred(delivery.validateFrom, self._heloPair(), sender)
-        d.addCallbacks(self._senderOk, self._validationFailed, (delivery,))
+        d.addCallbacks(self._senderOk, self._validationFailed, (delivery, params))
         return d
 
-    def _checkMailOptions(self, options: dict) -> None:
-        for name, value in options.items():
-            if name == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
-                    raise replies.SYNTAX.error(usage="SIZE=<number>")
-                if int(value) > self.settings.max_message_size:
-                    raise replies.TOO_BIG.error()
-            elif name == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    raise replies.SYNTAX.error(usage="BODY=7BIT or BODY=8BITMIME")
-            elif name == "AUTH":
-                # RFC 4954 section 5: accepted, and ignored like Postfix does.
-                if value is None:
-                    raise replies.SYNTAX.error(usage="AUTH=<xtext>")
-            else:
-                raise replies.UNSUPPORTED_PARAMETER.error(name=name)
-
-    def _senderOk(self, sender, delivery) -> None:
+    def _senderOk(self, sender, delivery, params: MailParameters) -> None:
         if self._mode == self.CLOSED:
             return
         self._delivery = delivery
         self._sender = sender
+        self._mailParams = params
         self._hasSender = True
         self._send(replies.SENDER_OK)
 
@@ -672,18 +814,22 @@ class SubmissionProtocol(protocol.Protocol):
     def do_RCPT(self, arg: str):
         if not self._hasSender:
             return self._error(replies.BAD_SEQUENCE.format(why="need MAIL command"))
+        if self._reader is not None:
+            return self._error(replies.BAD_SEQUENCE.format(why="RCPT after BDAT"))
+        utf8 = self._mailParams.smtputf8
         try:
+            # The path first: a malformed one is a 501 5.1.3 whatever follows it.
             path, options = splitArguments(arg, "TO")
-            if options:
-                raise replies.UNSUPPORTED_PARAMETER.error(name=next(iter(options)))
             if path.lower() == "<postmaster>":
                 path = f"<postmaster@{self.factory.postmasterDomain}>"
-            recipient = parsePath(path, allowNull=False)
+            recipient = parsePath(path, allowNull=False, utf8=utf8)
+            params = parseRcptParameters(options, utf8)
         except SMTPReply as e:
             return self._error(e)
         if len(self._recipients) >= self.settings.max_recipients:
             return self._error(replies.TOO_MANY_RECIPIENTS)
-        user = smtp.User(recipient, self._heloPair(), self, self._sender or b"")
+        user = Recipient(recipient, self._heloPair(), self, self._sender or b"", params,
+                         self._mailParams)
         d = defer.maybeDeferred(self._delivery.validateTo, user)
         d.addCallbacks(self._recipientOk, self._validationFailed, (user,))
         return d
@@ -697,12 +843,28 @@ class SubmissionProtocol(protocol.Protocol):
     def do_DATA(self, arg: str):
         if not self._hasSender:
             return self._error(replies.BAD_SEQUENCE.format(why="need MAIL command"))
+        if self._reader is not None:
+            return self._error(replies.BAD_SEQUENCE.format(why="DATA after BDAT"))
         if not self._recipients:
             return self._error(replies.BAD_SEQUENCE.format(why="need RCPT command"))
         if arg:
             return self._error(replies.SYNTAX.format(usage="DATA"))
-        # One message object per distinct sink: a delivery that hands the
-        # same IMessage to every recipient gets the body once, not N times.
+        header = self._startMessage()
+        self._reader = DataReader(self._writeMessage, self.settings.max_message_size)
+        self._mode = self.DATA
+        self._setTimeout(self.settings.data_timeout)
+        self._dataDeadline = self.clock.callLater(self.settings.max_data_time, self._dataTooSlow)
+        self._send(replies.START_DATA)
+        self._writeMessage(header)
+
+    def _startMessage(self) -> bytes:
+        """
+        Make the message objects of the transaction (one per distinct sink:
+        a delivery that hands the same IMessage to every recipient gets the
+        body once, not N times).
+
+        @return: the C{Received:} header to write first.
+        """
         messages: list = []
         for _user, messageFactory in self._recipients:
             message = messageFactory()
@@ -710,13 +872,71 @@ class SubmissionProtocol(protocol.Protocol):
                 messages.append(message)
         self._messages = messages
         users = [user for user, _ in self._recipients]
-        header = self._delivery.receivedHeader(self._heloPair(), self._sender, users)
-        self._reader = DataReader(self._writeMessage, self.settings.max_message_size)
-        self._mode = self.DATA
+        return self._delivery.receivedHeader(self._heloPair(), self._sender, users)
+
+    def do_BDAT(self, arg: str):
+        """
+        A chunk of the message (RFC 3030): its octets are read whatever the
+        verdict, so that none of them is ever taken for a command; the
+        reply comes once the chunk is read.
+        """
+        m = _BDAT.fullmatch(arg)
+        if m is None:
+            # How many octets follow is unknown, and reading them as
+            # commands would run message content: hang up.
+            log.info("malformed BDAT command client={client}", client=self._peer)
+            return self._close(replies.BAD_BDAT)
+        size, last = int(m.group(1)), m.group(2) is not None
+        verdict: Optional[ReplyLike] = None
+        if self._bdatFailed:
+            verdict = replies.BAD_SEQUENCE.format(why="chunk discarded after an earlier error")
+        elif not self._hasSender:
+            verdict = replies.BAD_SEQUENCE.format(why="need MAIL command")
+        elif not self._recipients:
+            verdict = replies.BAD_SEQUENCE.format(why="need RCPT command")
+        if verdict is None and self._reader is None:
+            try:
+                header = self._startMessage()
+            except Exception:
+                # The chunk must still be read (never run as commands).
+                log.failure("could not store a message from {client}", client=self._peer)
+                self._abortMessages()
+                self._resetTransaction()
+                self._bdatFailed = True
+                verdict = replies.STORAGE_FAILED
+            else:
+                self._reader = ChunkReader(self._writeMessage, self.settings.max_message_size)
+                # max_data_time holds for all the chunks of a message.
+                self._dataDeadline = self.clock.callLater(
+                    self.settings.max_data_time, self._dataTooSlow
+                )
+                self._writeMessage(header)
+        if verdict is not None:
+            chunk = ChunkReader(lambda data: None, 0)
+        else:
+            chunk = self._reader
+        chunk.begin(size, last)
+        self._chunk, self._chunkVerdict = chunk, verdict
+        self._mode = self.BDAT
         self._setTimeout(self.settings.data_timeout)
-        self._dataDeadline = self.clock.callLater(self.settings.max_data_time, self._dataTooSlow)
-        self._send(replies.START_DATA)
-        self._writeMessage(header)
+
+    def _endChunk(self):
+        chunk, verdict = self._chunk, self._chunkVerdict
+        self._chunk = self._chunkVerdict = None
+        self._setTimeout(self.settings.timeout)
+        if verdict is not None:
+            if self._bdatFailed:
+                self._send(verdict)
+                return None
+            return self._error(verdict)
+        reader = cast(ChunkReader, chunk)
+        if reader.failed or self._writeFailure is not None or reader.last:
+            failed = reader.failed or self._writeFailure is not None
+            result = self._endMessage()
+            self._bdatFailed = failed
+            return result
+        self._send(replies.CHUNK_RECEIVED.format(size=reader.size))
+        return None
 
     def _writeMessage(self, chunk: bytes) -> None:
         if self._writeFailure is not None:
@@ -730,6 +950,11 @@ class SubmissionProtocol(protocol.Protocol):
     def _endData(self):
         self._cancelDataDeadline()
         self._setTimeout(self.settings.timeout)
+        return self._endMessage()
+
+    def _endMessage(self):
+        """The whole message was read (or a BDAT chunk broke a rule): store it or refuse it."""
+        self._cancelDataDeadline()
         reader, failure = self._reader, self._writeFailure
         if reader.bareNewline or reader.nul or reader.tooBig or failure is not None:
             self._abortMessages()
@@ -755,7 +980,7 @@ class SubmissionProtocol(protocol.Protocol):
             client=self._peer,
             login=self.login or "",
             id=ids[0],
-            sender=self._sender or "",
+            sender=addressText(self._sender),
             count=len(self._recipients),
             size=self._reader.size,
         )
@@ -797,6 +1022,7 @@ class SubmissionProtocol(protocol.Protocol):
             self._send(replies.STORAGE_FAILED)
 
     def _abortMessages(self) -> None:
+        self._cancelDataDeadline()
         messages, self._messages = self._messages, []
         for message in messages:
             try:
@@ -807,7 +1033,9 @@ class SubmissionProtocol(protocol.Protocol):
     def do_RSET(self, arg: str):
         if arg:
             return self._error(replies.SYNTAX.format(usage="RSET"))
+        self._abortMessages()
         self._resetTransaction()
+        self._bdatFailed = False
         self._send(replies.OK)
 
     def do_NOOP(self, arg: str):
@@ -829,6 +1057,17 @@ class SubmissionProtocol(protocol.Protocol):
         self._close(replies.BYE)
 
 
+class _Refused:
+    """
+    In place of the mechanism once a login was refused with an error
+    challenge: the client's next response gets the failure reply, after
+    C{delay} seconds.
+    """
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+
 def _printable(text: str, limit: int = 128) -> str:
     """A login made safe for a one-line log entry: no control characters, no spaces, bounded."""
     out = "".join(c if 32 < ord(c) < 127 and c not in "<>\\" else f"\\x{ord(c):02x}" for c in text)
@@ -838,7 +1077,8 @@ def _printable(text: str, limit: int = 128) -> str:
 class SubmissionFactory(protocol.Factory):
     """
     Builds sessions for one listener, holding what they share: the portal,
-    the settings, the TLS context, the throttle and the connection counts.
+    the settings, the TLS context, the throttle, the connection counts and
+    the metrics.
 
     @ivar anonymous: the L{IMessageDeliveryFactory} used by sessions that did
         not authenticate (only on C{auth = optional | none} listeners).
@@ -861,6 +1101,7 @@ class SubmissionFactory(protocol.Factory):
         postmasterDomain: str,
         reactor,
         saslTable: Optional[dict] = None,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         self.settings = settings
         self.portal = portal
@@ -877,22 +1118,39 @@ class SubmissionFactory(protocol.Factory):
         self.reactor = reactor
         #: Mechanism name -> entry called with a L{sasl.SASLContext}.
         self.saslTable = sasl.MECHANISMS if saslTable is None else saslTable
+        self.metrics = metrics if metrics is not None else Metrics()
 
     def buildProtocol(self, addr) -> SubmissionProtocol:
         p = SubmissionProtocol(self)
         p.factory = self
         return p
 
-    def admit(self, host: str) -> Optional[Reply]:
+    def admit(self, host: str) -> defer.Deferred[Optional[Reply]]:
         """
-        Count a new connection from C{host}.
+        Count a new connection from C{host}; its slot is held while the
+        throttle says whether C{host} is blocked.
 
-        @return: L{None} to serve it, or the 421 that refuses it.
+        @return: a Deferred firing with L{None} to serve it (the caller
+            L{release}s it later), or with the 421 that refuses it.
         """
-        if self.throttle.isBlocked(host):
+        refusal = self.connections.acquire(host)
+
+        def answer(blocked: bool) -> Optional[Reply]:
+            if not blocked:
+                return refusal
+            if refusal is None:
+                self.connections.release(host)
             log.info("refused blocked client={client}", client=host)
             return replies.BLOCKED
-        return self.connections.acquire(host)
+
+        def failed(f: Failure) -> Optional[Reply]:
+            # The counter stores never fail; were one to, serve the client.
+            log.failure("could not tell whether {client} is blocked", f, client=host)
+            return refusal
+
+        d = self.throttle.isBlocked(host)
+        d.addCallbacks(answer, failed)
+        return d
 
     def release(self, host: str) -> None:
         self.connections.release(host)

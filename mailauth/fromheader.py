@@ -35,8 +35,9 @@ class HeaderSection:
     DKIM (RFC 6376 5.4) read it; a message without one is all header.
 
     @ivar complete: the empty line that ends the header section was seen.
-    @ivar tooLong: the header section is longer than C{limit}; nothing of
-        it is kept.
+    @ivar tooLong: the header section is longer than C{limit}; only its
+        first C{limit} bytes are kept (for a delivery report's copy of the
+        header, cut at a line end), not to be checked nor signed.
     """
 
     def __init__(self, limit: int = MAX_HEADER) -> None:
@@ -79,12 +80,13 @@ class HeaderSection:
 
     def _giveUp(self) -> None:
         self.tooLong = True
-        self._data = bytearray()
+        del self._data[self._limit :]
 
     def value(self) -> bytes:
         """
         The header fields seen (all of them once L{complete}), each line
-        ending with CRLF, without the empty line; C{b""} if L{tooLong}.
+        ending with CRLF, without the empty line; the first C{limit} bytes
+        if L{tooLong}.
         """
         return bytes(self._data)
 

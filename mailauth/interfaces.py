@@ -14,7 +14,7 @@ defect D36 in C{docs/twisted-defects.rst}).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -105,13 +105,17 @@ class ILocalDelivery(Interface):
 class IForwardQueue(Interface):
     """The durable queue of mail for other domains, as the realm sees it."""
 
-    def newMessage(msgid: str, sender: str, recipients: list[str]) -> IMessageSink:
+    def newMessage(msgid: str, sender: str, recipients: list, options: Any = None) -> IMessageSink:
         """
         Start writing a message; cheap, called on the reactor thread.
 
         @param msgid: its queue ID (letters, digits, C{.}, C{_}, C{-}).
         @param sender: the envelope sender, C{""} for the null sender.
-        @param recipients: the recipient addresses, C{local@domain}.
+        @param recipients: the recipient addresses, C{local@domain}, or
+            their L{mailauth.envelope.RecipientStatus} carrying the NOTIFY
+            and ORCPT the client gave.
+        @param options: a L{mailauth.envelope.MessageOptions} (SMTPUTF8,
+            RET, ENVID), or L{None} for none.
         @raise ValueError: for a bad or used ID, no recipients, or an
             address that cannot be stored.
         """
@@ -166,6 +170,59 @@ class IUserStore(Interface):
         Suspend C{login} (its right password then fails with a 535 logged as
         suspended) or lift the suspension. Stored with the user, so it
         survives restarts. @raise UserDatabaseError: no such user.
+        """
+
+
+class IAccountStore(Interface):
+    """
+    What a user store keeps beside each login's password, and the edits the
+    daemon makes after a login: app passwords (with when each was last
+    used), the users to list with their suspension, and the rehash of a
+    password to today's scheme. Implemented beside L{IUserStore}; every
+    method blocks, like its. C{app} arguments are
+    L{mailauth.apppasswords.AppPassword}s.
+    """
+
+    usesKnown = Attribute(
+        "Whether L{listAppPasswords} can tell when each app password was last used."
+    )
+
+    def addAppPassword(login: str, label: str, hashString: str, created: int, prefix: str) -> None:
+        """
+        Give C{login} an app password, hashed as C{hashString}, made at
+        C{created} (seconds since the epoch), whose first characters are
+        C{prefix} (L{mailauth.apppasswords.AppPassword.prefix}).
+
+        @raise mailauth.userdb.UserDatabaseError: no such user, an invalid
+            or taken label, or too many app passwords.
+        """
+
+    def deleteAppPassword(login: str, label: str) -> None:
+        """Revoke one app password. @raise UserDatabaseError: no such user or label."""
+
+    def listAppPasswords(login: str) -> list[tuple[Any, Optional[float]]]:
+        """
+        @return: C{(app, lastUsed)} for each app password of C{login}, in
+            the order they were made; C{lastUsed} is L{None} if never used.
+        @raise UserDatabaseError: no such user.
+        """
+
+    def appPasswordUsed(login: str, app: Any, when: float) -> None:
+        """Record that C{login} logged in with C{app} at C{when}."""
+
+    def listAccounts() -> list[Any]:
+        """
+        Every user as a L{mailauth.userdb.User} (login, password hash,
+        suspension, app passwords), in the store's order.
+        """
+
+    def upgradePassword(login: str, verified: Any, hashString: str) -> bool:
+        """
+        Store C{hashString} as C{login}'s password if its stored hash is
+        still C{verified} (a L{mailauth.passwords.PasswordHash}): a password
+        changed since the login was checked is never overwritten.
+
+        @return: whether it was stored.
         """
 
 
@@ -224,8 +281,18 @@ class ICounterStore(Interface):
 class IRelaySession(Interface):
     """An established, authenticated SMTP session with the relay."""
 
+    dsn = Attribute(
+        "Whether the relay takes DSN requests (RFC 3461): it then reports on"
+        " the messages it accepts, and the queue no longer does."
+    )
+
     def deliver(
-        sender: str, recipients: list[str], message: Any, size: int, body8bit: bool
+        sender: str,
+        recipients: list[str],
+        message: Any,
+        size: int,
+        body8bit: bool,
+        envelope: Any = None,
     ) -> Deferred[dict]:
         """
         Send one message.
@@ -236,10 +303,13 @@ class IRelaySession(Interface):
             dot-stuffed, sent as it is and followed by C{.CRLF}.
         @param size: the message size, announced with C{SIZE=} if offered.
         @param body8bit: the message has 8-bit bytes.
+        @param envelope: the message's L{mailauth.envelope.Envelope}, for
+            SMTPUTF8 and the DSN parameters, or L{None}.
         @return: a Deferred firing with a dict of recipient to
             L{mailauth.relay.RelayReply} (the RCPT reply if it was refused,
             else the reply at the end of DATA, or the MAIL reply if MAIL
-            failed), or failing with L{mailauth.relay.RelayError}, after
+            failed, or one made here for an address the relay cannot
+            take), or failing with L{mailauth.relay.RelayError}, after
             which the session is unusable.
         """
 

@@ -14,6 +14,7 @@ import secrets
 import struct
 from typing import Callable, Optional, Union
 
+import argon2
 import argon2.exceptions
 import argon2.low_level
 import attrs
@@ -594,6 +595,25 @@ def isWeak(stored: Union[str, PasswordHash]) -> bool:
     return stored.upper().partition(".")[0] in WEAK_SCHEMES
 
 
+_ARGON2_PARAMETERS = re.compile(r"\$argon2id\$(?:v=(\d+)\$)?m=(\d+),t=(\d+),p=\d+\$")
+
+
+def needsRehash(stored: PasswordHash) -> bool:
+    """
+    Whether C{stored} is weaker than what L{makeHash} makes today: another
+    scheme or encoding, or ARGON2ID with an older version or less memory
+    or time than the default's (C{[auth] rehash} replaces such hashes).
+    """
+    if stored.scheme != DEFAULT_SCHEME or stored.encoding is not None:
+        return True
+    m = _ARGON2_PARAMETERS.match(stored.value)
+    if m is None:
+        return True
+    version, memory, time = int(m.group(1) or 16), int(m.group(2)), int(m.group(3))
+    today = _ARGON2[DEFAULT_SCHEME]
+    return version < 19 or memory < today["memory_cost"] or time < today["time_cost"]
+
+
 # A hash of a random password with the default scheme and parameters, which
 # test_passwords checks against what makeHash makes.
 _DUMMY = parse(
@@ -608,3 +628,27 @@ def dummyVerify(password: bytes) -> None:
     a login that does not exist costs as much as a wrong password.
     """
     verify(_DUMMY, password)
+
+
+def costsAsMuchAsDummy(stored: PasswordHash) -> bool:
+    """
+    Whether verifying C{stored} costs at least what L{dummyVerify} costs:
+    a hash of the default scheme whose memory and time costs are at least
+    the default's, on no more lanes (more lanes run in parallel threads, so
+    they may finish sooner). A failed login that verified such a hash takes
+    as long as an unknown login's without any dummy work on top.
+    """
+    if stored.scheme != DEFAULT_SCHEME:
+        return False
+    try:
+        found = argon2.extract_parameters(_decode(stored.value, stored.scheme, stored.encoding)
+                                          .decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    default = argon2.extract_parameters(_DUMMY.value)
+    return (
+        found.type == default.type
+        and found.memory_cost >= default.memory_cost
+        and found.time_cost >= default.time_cost
+        and found.parallelism <= default.parallelism
+    )

@@ -19,8 +19,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailauth.interfaces import IUserDatabase, IUserStore
-from mailauth.passwords import parse
+from mailauth import apppasswords
+from mailauth.apppasswords import AppPassword, AppPasswordError
+from mailauth.interfaces import IAccountStore, IUserDatabase, IUserStore
+from mailauth.passwords import PasswordHash, parse
 from mailauth.userdb import User, UserDatabaseError, UserDatabaseUnavailable, checkLogin
 
 log = Logger(namespace="mailauth.pgusers")
@@ -34,7 +36,7 @@ LOOKUP_TIMEOUT = 5.0
 EDIT_TIMEOUT = 30.0
 
 #: The schema version this mailauth creates and reads.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: The steps from each version to the next: C{_STEPS[n]} makes version n
 #: from version n - 1. A step is never changed once released; a new one is
@@ -63,13 +65,33 @@ _STEPS: dict[int, tuple[str, ...]] = {
             last_used timestamptz,
             PRIMARY KEY (login, label))""",
     ),
+    # An app password's first characters, kept in clear so that a login
+    # tries the one it may be (mailauth.apppasswords.AppPassword.prefix).
+    # Rows without one (none were ever written) are never tried.
+    3: (
+        """ALTER TABLE mailauth.app_passwords
+            ADD COLUMN prefix text CHECK (prefix ~ '^[a-z0-9]{4}$')""",
+        """CREATE UNIQUE INDEX app_passwords_login_prefix
+            ON mailauth.app_passwords (login, prefix)""",
+    ),
 }
 
 # Any number: it only has to differ from the other advisory locks taken in
 # the same database, so that two "db init" runs take turns.
 _INIT_LOCK = 0x6D61696C61757468
 
-_LOOKUP = "SELECT login, password, suspended FROM mailauth.users WHERE login = %s"
+# A user's row with its app passwords, as a JSON array of
+# [label, created (seconds), prefix, hash]; ordered by login and creation.
+_USERS = """
+    SELECT u.login, u.password, u.suspended,
+           coalesce(json_agg(json_build_array(
+                        a.label, floor(extract(epoch FROM a.created))::bigint, a.prefix,
+                        a.password) ORDER BY a.created, a.label)
+                    FILTER (WHERE a.prefix IS NOT NULL), '[]'::json)
+    FROM mailauth.users u LEFT JOIN mailauth.app_passwords a ON a.login = u.login
+    {where} GROUP BY u.login ORDER BY u.login"""
+_LOOKUP = _USERS.format(where="WHERE u.login = %s")
+_ALL_USERS = _USERS.format(where="")
 
 _URI_SCHEMES = ("postgresql", "postgres")
 
@@ -324,7 +346,7 @@ class PostgreSQLUserDatabase(service.Service):
         if row is None:
             self._malformed.pop(key, None)
             return None
-        login, stored, suspended = row
+        login, stored, suspended, apps = row
         try:
             password = parse(stored)
         except ValueError as e:
@@ -338,7 +360,8 @@ class PostgreSQLUserDatabase(service.Service):
                 )
             return None
         self._malformed.pop(key, None)
-        return User(login, password, suspended=bool(suspended))
+        return User(login, password, suspended=bool(suspended),
+                    appPasswords=_appPasswords(login, apps, self._shown))
 
     def _failed(self, failure: Failure) -> None:
         if failure.check(defer.TimeoutError):
@@ -352,6 +375,21 @@ class PostgreSQLUserDatabase(service.Service):
                       why=why)
             self._trouble = why
         raise UserDatabaseUnavailable(why)
+
+
+def _appPasswords(login: str, rows: list, shown: str) -> tuple[AppPassword, ...]:
+    """
+    The app passwords of C{login} from the lookup's JSON rows; one that
+    cannot be read (edited by hand) is logged and left out: it does not work.
+    """
+    apps = []
+    for label, created, prefix, stored in rows:
+        try:
+            apps.append(apppasswords.parseField(f"{label},{created},{prefix},{stored}"))
+        except AppPasswordError as e:
+            log.error("User database {uri}: {login}: {problem}; it does not work",
+                      uri=shown, login=login, problem=str(e))
+    return tuple(apps)
 
 
 # -- edits, for the mailauth command -----------------------------------------
@@ -389,12 +427,15 @@ def _parseHash(hashString: str) -> None:
         raise UserDatabaseError(str(e)) from None
 
 
-@implementer(IUserStore)
+@implementer(IUserStore, IAccountStore)
 class PostgreSQLUserStore:
     """
-    Edits of C{mailauth.users}, each in its own transaction on a plain
-    psycopg2 connection; every method blocks. Logins are stored lower-cased.
+    Edits of C{mailauth.users} and C{mailauth.app_passwords}, each in its
+    own transaction on a plain psycopg2 connection; every method blocks.
+    Logins are stored lower-cased.
     """
+
+    usesKnown = True
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
@@ -458,6 +499,123 @@ class PostgreSQLUserStore:
                 scheme = "INVALID"
             users.append((login, scheme))
         return users
+
+    # -- IAccountStore -----------------------------------------------------
+
+    def _lockUser(self, cursor: Any, login: str) -> None:
+        """Hold C{login}'s row until the transaction ends. @raise UserDatabaseError: none."""
+        cursor.execute("SELECT 1 FROM mailauth.users WHERE login = %s FOR UPDATE",
+                       (login.lower(),))
+        if cursor.fetchone() is None:
+            raise UserDatabaseError(f"no user {login} in {self._shown}")
+
+    def addAppPassword(
+        self, login: str, label: str, hashString: str, created: int, prefix: str
+    ) -> None:
+        try:
+            apppasswords.checkLabel(label)
+            apppasswords.parseField(f"{label},{created},{prefix},{hashString}")
+        except AppPasswordError as e:
+            raise UserDatabaseError(str(e)) from None
+        with _transaction(self.uri) as cursor:
+            # The user's row lock makes two adds take turns, so the checks hold.
+            self._lockUser(cursor, login)
+            cursor.execute("SELECT label, prefix FROM mailauth.app_passwords WHERE login = %s",
+                           (login.lower(),))
+            rows = cursor.fetchall()
+            if any(row[0] == label for row in rows):
+                raise UserDatabaseError(f"{login} already has an app password {label}")
+            if any(row[1] == prefix for row in rows):
+                raise UserDatabaseError(
+                    f"{login} has another app password starting with {prefix}; make a new one"
+                )
+            if len(rows) >= apppasswords.MAX_PER_LOGIN:
+                raise UserDatabaseError(
+                    f"{login} already has {len(rows)} app passwords, the most allowed;"
+                    " delete one first"
+                )
+            cursor.execute(
+                "INSERT INTO mailauth.app_passwords (login, label, password, created, prefix)"
+                " VALUES (%s, %s, %s, to_timestamp(%s), %s)",
+                (login.lower(), label, hashString, created, prefix),
+            )
+
+    def deleteAppPassword(self, login: str, label: str) -> None:
+        with _transaction(self.uri) as cursor:
+            self._lockUser(cursor, login)
+            cursor.execute("DELETE FROM mailauth.app_passwords WHERE login = %s AND label = %s",
+                           (login.lower(), label))
+            if cursor.rowcount == 0:
+                raise UserDatabaseError(f"{login} has no app password {label}")
+
+    def listAppPasswords(self, login: str) -> list[tuple[AppPassword, Optional[float]]]:
+        with _transaction(self.uri) as cursor:
+            self._lockUser(cursor, login)
+            cursor.execute(
+                "SELECT label, floor(extract(epoch FROM created))::bigint, prefix, password,"
+                " extract(epoch FROM last_used)::float8 FROM mailauth.app_passwords"
+                " WHERE login = %s AND prefix IS NOT NULL ORDER BY created, label",
+                (login.lower(),),
+            )
+            rows = cursor.fetchall()
+        found = []
+        for label, created, prefix, stored, used in rows:
+            try:
+                app = apppasswords.parseField(f"{label},{created},{prefix},{stored}")
+            except AppPasswordError:
+                continue
+            found.append((app, used))
+        return found
+
+    def appPasswordUsed(self, login: str, app: Any, when: float) -> None:
+        # The prefix tells this app password from one deleted and made again
+        # under its label; a later use already recorded is kept.
+        with _transaction(self.uri) as cursor:
+            cursor.execute(
+                "UPDATE mailauth.app_passwords SET last_used = greatest(last_used,"
+                " to_timestamp(%s)) WHERE login = %s AND label = %s AND prefix = %s",
+                (when, login.lower(), app.label, app.prefix),
+            )
+
+    def listAccounts(self) -> list[User]:
+        """Every user whose hash can be parsed, by login, with its app passwords."""
+        with _transaction(self.uri) as cursor:
+            cursor.execute(_ALL_USERS)
+            rows = cursor.fetchall()
+        users = []
+        for login, stored, suspended, apps in rows:
+            try:
+                password = parse(stored)
+            except ValueError:
+                continue
+            users.append(User(login, password, suspended=bool(suspended),
+                              appPasswords=_appPasswords(login, apps, self._shown)))
+        return users
+
+    def upgradePassword(self, login: str, verified: Any, hashString: str) -> bool:
+        """
+        An C{UPDATE} that only replaces the hash the login was checked
+        against: compared parsed, as the lookup read it, under the row's lock.
+        """
+        _parseHash(hashString)
+        with _transaction(self.uri) as cursor:
+            cursor.execute("SELECT password FROM mailauth.users WHERE login = %s FOR UPDATE",
+                           (login.lower(),))
+            row = cursor.fetchone()
+            if row is None or not _same(row[0], verified):
+                return False
+            cursor.execute(
+                "UPDATE mailauth.users SET password = %s, updated = now() WHERE login = %s",
+                (hashString, login.lower()),
+            )
+            return True
+
+
+def _same(stored: str, verified: PasswordHash) -> bool:
+    try:
+        return parse(stored) == verified
+    except ValueError:
+        return False
 
 
 # -- the schema -------------------------------------------------------------

@@ -19,9 +19,18 @@ from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory, I
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailauth import replies
-from mailauth.addresses import addressText, normalise
+from mailauth import dsn, replies
+from mailauth.addresses import (
+    MailParameters,
+    RcptParameters,
+    addressText,
+    domainKey,
+    encodeXtext,
+    normalise,
+    orcptFor,
+)
 from mailauth.addressmap import AddressMap
+from mailauth.envelope import MessageOptions, RecipientStatus
 from mailauth.fromheader import MAX_HEADER, HeaderSection, UncheckableHeader, senderAddresses
 from mailauth.headers import HeaderCompleter
 from mailauth.interfaces import (
@@ -31,6 +40,7 @@ from mailauth.interfaces import (
     IMessageSink,
     IUserDatabase,
 )
+from mailauth.limits import SendingLimits
 from mailauth.maildir import MaildirWriter, UnsafeMailbox, maildirPath
 from mailauth.metrics import Metrics
 from mailauth.replies import SMTPReply
@@ -55,7 +65,9 @@ class Router:
     Knows which domains are local, who exists, what aliases expand to and
     who may send as whom. Shared by every delivery. The aliases and the
     sender map are in memory; users are looked up in the L{IUserDatabase},
-    so the answers are Deferreds.
+    so the answers are Deferreds. Addresses are compared by their key
+    (L{normalise}): quoting, case and the A- or U-label form of a domain
+    make no difference.
 
     @ivar postmaster: where postmaster@ each local domain goes (RFC 5321
         4.5.1; the session turns C{<Postmaster>} into postmaster@ a local
@@ -69,7 +81,7 @@ class Router:
     def __init__(self, *, localDomains, maildirTemplate: str, users: IUserDatabase,
                  aliases: AddressMap, senderMap: AddressMap, senderLoginMatch: bool,
                  postmaster: Optional[str] = None, headerFromMatch: bool = False) -> None:
-        self.localDomains = frozenset(localDomains)
+        self.localDomains = frozenset(domainKey(domain) for domain in localDomains)
         self.maildirTemplate = maildirTemplate
         self.users = users
         self.aliases = aliases
@@ -154,6 +166,7 @@ class Router:
         @return: a Deferred firing with a L{bool}.
         """
         sender = normalise(sender)
+        login = normalise(login)
         if sender == login or login in self.senderMap.get(sender):
             return True
         if not self.isLocal(sender):
@@ -164,6 +177,31 @@ class Router:
 
 def _unique(items: list) -> tuple:
     return tuple(dict.fromkeys(items))
+
+
+def _traceAddress(address: str, utf8: bool) -> str:
+    """
+    An address as the Received header names it: ASCII wherever it can be
+    (domains in A-labels), so that a SMTPUTF8 message whose own header is
+    ASCII can still go to a relay without SMTPUTF8; UTF-8 local parts only
+    in SMTPUTF8 mail, as xtext otherwise.
+    """
+    local, _, domain = address.rpartition("@")
+    if not local.isascii() and not utf8:
+        local = encodeXtext(local)
+    return f"{local}@{domainKey(domain)}" if local.isascii() else f"{local}@{domain}"
+
+
+def _orcpt(params: RcptParameters, recipient: str, address: str) -> Optional[str]:
+    """
+    The ORCPT to keep for C{address}, reached from the RCPT address
+    C{recipient}: the client's, else the RCPT address when an alias led
+    elsewhere, so that reports name the address the sender wrote (RFC 3461
+    4.2).
+    """
+    if params.orcpt is not None or normalise(address) == normalise(recipient):
+        return params.orcpt
+    return orcptFor(recipient)
 
 
 @implementer(IRealm)
@@ -178,13 +216,15 @@ class Realm:
     def __init__(self, *, router: Router, hostname: str, runBlocking: BlockingRunner,
                  queue: Optional[IForwardQueue] = None,
                  wakeQueue: Callable[[], None] = lambda: None, clock,
-                 keyRing: Optional[KeyRing] = None, metrics: Optional[Metrics] = None) -> None:
+                 limits: Optional[SendingLimits] = None, keyRing: Optional[KeyRing] = None,
+                 metrics: Optional[Metrics] = None) -> None:
         self.router = router
         self.hostname = hostname
         self.runBlocking = runBlocking
         self.queue = queue
         self.wakeQueue = wakeQueue
         self.clock = clock
+        self.limits = limits
         self.keyRing = keyRing
         self.metrics = metrics if metrics is not None else Metrics()
 
@@ -192,23 +232,64 @@ class Realm:
         if IMessageDeliveryFactory not in interfaces:
             raise NotImplementedError("mailauth avatars are IMessageDeliveryFactory only")
         login = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
-        return IMessageDeliveryFactory, Avatar(self, login), lambda: None
+        # A login made with an app password names it (checkers.AppPasswordLogin).
+        app = getattr(avatarId, "appPassword", None)
+        return IMessageDeliveryFactory, Avatar(self, str(login), app), lambda: None
 
     def anonymous(self) -> Avatar:
         """The avatar of sessions that did not authenticate: local delivery only."""
         return Avatar(self, None)
 
+    @defer.inlineCallbacks
+    def deliverNotice(self, recipient: str, message: bytes):
+        """
+        Send a message of our own (a notice to the postmaster) from the null
+        sender: into the Maildirs of a local C{recipient}, or into the
+        forward queue for another domain.
+
+        @param message: the whole message, CRLF line ends.
+        @return: a Deferred that fires once it is stored.
+        """
+        if self.router.isLocal(recipient):
+            yield LocalDelivery(self.router, self.hostname, self.runBlocking).deliver(
+                recipient, message)
+            return
+        if self.queue is None:
+            raise replies.RELAY_DENIED.error(address=recipient)
+        sink = self.queue.newMessage(newMessageID(), "", [recipient])
+
+        def store() -> None:
+            try:
+                sink.write(message)
+                sink.prepare()
+                sink.commit()
+            except BaseException:
+                sink.abort()
+                raise
+
+        yield self.runBlocking(store)
+        self.wakeQueue()
+
 
 @implementer(IMessageDeliveryFactory)
 class Avatar:
-    """One logged-in user (or the anonymous client); a L{Delivery} per message."""
+    """
+    One logged-in user (or the anonymous client); a L{Delivery} per message.
 
-    def __init__(self, realm: Realm, login: Optional[str]) -> None:
+    @ivar appPassword: the label of the app password it logged in with, or
+        L{None}.
+    """
+
+    def __init__(self, realm: Realm, login: Optional[str],
+                 appPassword: Optional[str] = None) -> None:
         self.realm = realm
         self.login = login
+        self.appPassword = appPassword
 
     def getMessageDelivery(self) -> Delivery:
-        return Delivery(self.realm, self.login)
+        delivery = Delivery(self.realm, self.login)
+        delivery.appPassword = self.appPassword
+        return delivery
 
 
 @implementer(IMessageDelivery)
@@ -220,9 +301,20 @@ class Delivery:
         self.login = login
         self.id = newMessageID()
         self.sender = ""
+        self.mail = MailParameters()
         self.maildirs: list = []
         self.remote: list = []
+        # Each remote address's RecipientStatus, with NOTIFY and ORCPT.
+        self.remoteStatus: dict = {}
+        # The local recipients that asked to be told of delivery (NOTIFY=SUCCESS).
+        self.successReports: list = []
         self._message: Optional[Message] = None
+        self.appPassword: Optional[str] = None
+        #: The recipients accepted so far, and what the sending limits
+        #: check and count for this transaction (authenticated logins only).
+        self.accepted = 0
+        self.limits = (realm.limits.transaction(login)
+                       if login is not None and realm.limits is not None else None)
 
     @defer.inlineCallbacks
     def validateFrom(self, helo, origin):
@@ -238,12 +330,18 @@ class Delivery:
                 "sender refused: login=<{login}> from=<{sender}>", login=self.login, sender=sender
             )
             raise replies.SENDER_NOT_OWNED.error(address=sender, login=self.login)
+        if self.limits is not None:
+            yield self.limits.checkSender()
         self.sender = sender
         return origin
 
     @defer.inlineCallbacks
     def validateTo(self, user: smtp.User):
         recipient = addressText(user.dest)
+        # The session hands over an addresses.Recipient with the RCPT and
+        # MAIL parameters; a plain smtp.User has none.
+        params = getattr(user, "params", None) or RcptParameters()
+        self.mail = getattr(user, "mail", None) or self.mail
         router = self.realm.router
         if router.isLocal(recipient):
             local, remote = yield router.expand(recipient)
@@ -261,12 +359,20 @@ class Delivery:
             paths = [router.maildirFor(login) for login in local]
         except UnsafeMailbox:
             raise replies.MAILBOX_NOT_ALLOWED.error(address=recipient) from None
+        if self.limits is not None:
+            yield self.limits.checkRecipient(self.accepted)
+        self.accepted += 1
         for path in paths:
             if path not in self.maildirs:
                 self.maildirs.append(path)
         for address in remote:
             if address not in self.remote:
                 self.remote.append(address)
+                self.remoteStatus[address] = RecipientStatus(
+                    address, notify=params.notify, orcpt=_orcpt(params, recipient, address)
+                )
+        if local and params.notify is not None and "SUCCESS" in params.notify:
+            self.successReports.append(dsn.FailedRecipient(recipient, orcpt=params.orcpt))
         return self._getMessage
 
     def _getMessage(self) -> Message:
@@ -281,18 +387,27 @@ class Delivery:
         """
         session = recipients[0].protocol
         tlsText = session.tlsDescription()
-        with_ = "ESMTP" + ("S" if tlsText else "") + ("A" if self.login else "")
+        # RFC 6531 3.7.3: UTF8SMTP and its S and A forms for SMTPUTF8 mail.
+        utf8 = any(getattr(getattr(r, "mail", None), "smtputf8", False) for r in recipients)
+        with_ = ("UTF8SMTP" if utf8 else "ESMTP") + ("S" if tlsText else "")
+        with_ += "A" if self.login else ""
         name = helo[0].decode("ascii") if isinstance(helo[0], bytes) else helo[0]
         lines = [f"Received: from {name} ([{helo[1]}])"]
         if self.login:
-            lines.append(f"\t(authenticated as {self.login})")
+            login = _traceAddress(self.login, utf8)
+            if self.appPassword:
+                lines.append(f"\t(authenticated as {login} with app password {self.appPassword})")
+            else:
+                lines.append(f"\t(authenticated as {login})")
         lines.append(f"\tby {self.realm.hostname} (mailauth) with {with_} id {self.id}")
         if tlsText:
             lines.append(f"\t(using {tlsText})")
-        forPart = f"for <{addressText(recipients[0].dest)}>; " if len(recipients) == 1 else ""
+        forPart = ""
+        if len(recipients) == 1:
+            forPart = f"for <{_traceAddress(addressText(recipients[0].dest), utf8)}>; "
         date = formatdate(self.realm.clock.seconds(), localtime=True)
         lines.append(f"\t{forPart}{date}")
-        return ("\r\n".join(lines) + "\r\n").encode("ascii")
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
 def returnPath(sender: str) -> bytes:
@@ -333,17 +448,23 @@ class Message:
         self.id = delivery.id
         self._realm = realm
         self._login = delivery.login
+        self._delivery = delivery
         self._sinks: list[IMessageSink] = []
         self._failed: Optional[SMTPReply] = None
         self._places = list(delivery.maildirs)
+        mail = delivery.mail
         try:
             if delivery.remote:
                 # The queue commits first: its commit is one rename, undone by
                 # removing the message before anybody has sent it.
                 assert realm.queue is not None, "validateTo takes remote ones only with a queue"
                 self._places.insert(0, "the queue")
-                self._sinks.append(realm.queue.newMessage(delivery.id, delivery.sender,
-                                                          list(delivery.remote)))
+                self._sinks.append(realm.queue.newMessage(
+                    delivery.id,
+                    delivery.sender,
+                    [delivery.remoteStatus[address] for address in delivery.remote],
+                    MessageOptions(smtputf8=mail.smtputf8, ret=mail.ret, envid=mail.envid),
+                ))
             if delivery.maildirs:
                 self._sinks.append(MaildirWriter(delivery.maildirs, realm.hostname,
                                                  top=returnPath(delivery.sender)))
@@ -359,10 +480,16 @@ class Message:
             if realm.keyRing is not None:
                 self._signer = realm.keyRing.signer(delivery.sender)
             self._checkFrom = realm.router.headerFromMatch
-            if self._signer is not None:
-                self._section = self._signer.header
-            elif self._checkFrom:
-                self._section = HeaderSection()
+        self._limits = delivery.limits
+        self._accepted = delivery.accepted
+        # A delivery report (NOTIFY=SUCCESS) returns the header section.
+        self._report = bool(delivery.successReports and delivery.sender)
+        # The header block is kept once, for the From: check, the signature
+        # and the report alike.
+        if self._signer is not None:
+            self._section = self._signer.header
+        elif self._checkFrom or self._report:
+            self._section = HeaderSection()
 
     def _storageFailed(self, error: OSError) -> SMTPReply:
         """
@@ -421,8 +548,8 @@ class Message:
             return defer.fail(self._failed)
         d = self._checkSenders() if self._checkFrom else defer.succeed(None)
         d.addCallback(self._store)
-        d.addCallbacks(self._committed, self._notStored)
-        return d
+        d.addErrback(self._notStored)
+        return d.addCallback(self._committed)
 
     @defer.inlineCallbacks
     def _checkSenders(self):
@@ -502,11 +629,77 @@ class Message:
                 raise replies.SIGNING_FAILED.error()
         return f
 
-    def _committed(self, ignored) -> str:
+    def _committed(self, ignored) -> defer.Deferred[str]:
         self._sinks = []
         if self._remote:
             self._realm.wakeQueue()
-        return self.id
+        if self._report:
+            try:
+                self._reportDelivery()
+            except Exception:
+                # The message is stored; only its report is lost.
+                log.failure("delivery report for {id} failed", id=self.id)
+        if self._limits is None:
+            return defer.succeed(self.id)
+        # Counted before the 250, so that the next MAIL sees this message.
+        return self._limits.record(self._accepted).addCallback(lambda ignored: self.id)
+
+    def _reportDelivery(self) -> None:
+        """
+        Tell the sender that the local recipients that asked (NOTIFY=SUCCESS,
+        RFC 3461 5.2.3) have the message: through the queue, or straight
+        into the sender's Maildir when there is no queue. The message is
+        stored already, so a report that cannot be sent is only logged.
+        """
+        realm, delivery = self._realm, self._delivery
+        reportID = newMessageID()
+        now = realm.clock.seconds()
+        assert self._section is not None, "made for the report"
+        headers = dsn.returnedHeaders(self._section.value())
+        boundary = f"{reportID}/{realm.hostname}"
+        report = dsn.buildReport(
+            hostname=realm.hostname,
+            queueID=self.id,
+            messageID=f"{reportID}@{realm.hostname}",
+            boundary=boundary,
+            sender=delivery.sender,
+            arrival=now,
+            now=now,
+            action="delivered",
+            recipients=delivery.successReports,
+            original=headers.replace(boundary.encode(), b"?"),
+            envid=delivery.mail.envid,
+            utf8=delivery.mail.smtputf8,
+        )
+        queue = realm.queue
+        if queue is not None:
+            writer = queue.newMessage(
+                reportID, "", [delivery.sender], MessageOptions(smtputf8=delivery.mail.smtputf8)
+            )
+
+            def store() -> None:
+                try:
+                    writer.write(report)
+                    writer.commit()
+                except BaseException:
+                    writer.abort()
+                    raise
+
+            d = realm.runBlocking(store)
+            d.addCallback(lambda _: realm.wakeQueue())
+        elif realm.router.isLocal(delivery.sender):
+            d = LocalDelivery(realm.router, realm.hostname, realm.runBlocking).deliver(
+                delivery.sender, report
+            )
+        else:
+            log.warn("no [relay] to send a delivery report for {id} to <{sender}>",
+                     id=self.id, sender=delivery.sender)
+            return
+        d.addCallbacks(
+            lambda _: log.info("delivery report for {id} to <{sender}>", id=self.id,
+                               sender=delivery.sender),
+            lambda f: log.failure("delivery report for {id} failed", f, id=self.id),
+        )
 
     def connectionLost(self) -> None:
         sinks, self._sinks = self._sinks, []

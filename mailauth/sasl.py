@@ -1,16 +1,20 @@
-"""SASL mechanisms for SMTP AUTH: PLAIN (RFC 4616), LOGIN and CRAM-MD5 (RFC 2195)."""
+"""
+SASL mechanisms for SMTP AUTH: PLAIN (RFC 4616), LOGIN, CRAM-MD5 (RFC 2195),
+and the OAuth 2.0 bearer token ones, OAUTHBEARER (RFC 7628) and XOAUTH2.
+"""
 
 from __future__ import annotations
 
 import hmac
+import json
 import re
 import secrets
 from typing import Any, Optional, Union
 
 import attrs
-from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
+from twisted.cred.credentials import ICredentials, IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from zope.interface import implementer
+from zope.interface import Attribute, implementer
 
 from mailauth.interfaces import ISASLMechanism
 
@@ -119,7 +123,81 @@ class CramMD5Credentials:
         return hmac.compare_digest(expected, self.response)
 
 
-Credentials = Union[PlaintextCredentials, CramMD5Credentials]
+class IBearerToken(ICredentials):
+    """
+    An OAuth 2.0 bearer token (RFC 6750) sent with OAUTHBEARER or XOAUTH2.
+    A refusal of it (L{TokenRefused}, or any L{UnauthorizedLogin}) is told
+    to the client in a last challenge, L{failureChallenge}, whose response
+    then gets the 535 (RFC 7628 section 3.2.2; SMTP AUTH has no other place
+    for the error).
+    """
+
+    username = Attribute(
+        "The login the client named (OAUTHBEARER's authzid, XOAUTH2's user=),"
+        " or the empty string: the token names the login."
+    )
+    token = Attribute("The token, as the client sent it.")
+    mechanism = Attribute("The mechanism's name.")
+
+    def failureChallenge(error: Exception) -> bytes:
+        """The error data to send the client for the refusal C{error} (JSON)."""
+
+
+class TokenRefused(UnauthorizedLogin):
+    """
+    A bearer token was refused.
+
+    @ivar why: what was wrong, for the log (never the token).
+    @ivar status: the RFC 6750 error code for the client.
+    @ivar discovery: the issuer's OpenID configuration URL, or L{None}.
+    """
+
+    def __init__(
+        self, why: str, status: str = "invalid_token", discovery: Optional[str] = None
+    ) -> None:
+        super().__init__(why)
+        self.why = why
+        self.status = status
+        self.discovery = discovery
+
+
+@implementer(IBearerToken)
+@attrs.frozen(repr=False)
+class BearerTokenCredentials:
+    """
+    A token sent with OAUTHBEARER; the repr leaves the token out so it can
+    never reach a log.
+    """
+
+    username: str
+    token: str
+    mechanism: str = "OAUTHBEARER"
+
+    def failureChallenge(self, error: Exception) -> bytes:
+        """RFC 7628 section 3.2.2: C{status}, C{schemes} and C{openid-configuration}."""
+        body = {"status": getattr(error, "status", "invalid_token"), "schemes": "bearer"}
+        discovery = getattr(error, "discovery", None)
+        if discovery:
+            body["openid-configuration"] = discovery
+        return json.dumps(body, separators=(",", ":")).encode("ascii")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.mechanism} {self.username!r}>"
+
+
+@attrs.frozen(repr=False)
+class XOAuth2Credentials(BearerTokenCredentials):
+    """A token sent with XOAUTH2, whose errors are as Google documents them."""
+
+    mechanism: str = "XOAUTH2"
+
+    def failureChallenge(self, error: Exception) -> bytes:
+        """Google's XOAUTH2 error: C{status} is the HTTP status, C{401}."""
+        return json.dumps({"status": "401", "schemes": "bearer"},
+                          separators=(",", ":")).encode("ascii")
+
+
+Credentials = Union[PlaintextCredentials, CramMD5Credentials, BearerTokenCredentials]
 
 
 @attrs.frozen
@@ -129,7 +207,7 @@ class Challenge:
     data: bytes
 
 
-Step = Union[Challenge, PlaintextCredentials, CramMD5Credentials]
+Step = Union[Challenge, PlaintextCredentials, CramMD5Credentials, BearerTokenCredentials]
 
 
 @implementer(ISASLMechanism)
@@ -211,9 +289,116 @@ class CramMD5:
         return CramMD5Credentials(username, self._challenge, m.group(2))
 
 
+# RFC 6750's b64token, after "Bearer" and white space.
+_BEARER = re.compile(r"bearer +([A-Za-z0-9._~+/-]+=*)", re.IGNORECASE)
+# The key of an RFC 7628 key=value pair.
+_KEY = re.compile(r"[A-Za-z]+")
+
+
+def _pairs(text: str, what: str) -> dict[str, str]:
+    """
+    The C{key=value} pairs of C{text}, each followed by C{^A}, then one
+    more C{^A} that ends the message (RFC 7628's C{*kvpair kvsep}).
+    """
+    if not text.endswith("\x01"):
+        raise _malformed(f"{what} response must end with ^A")
+    items = text[:-1].split("\x01")
+    if items.pop() != "":
+        raise _malformed(f"{what} response: each key=value must end with ^A")
+    pairs: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not _KEY.fullmatch(key) or key in pairs:
+            raise _malformed(f"{what} response has a malformed or repeated key=value")
+        pairs[key] = value
+    return pairs
+
+
+def _bearer(pairs: dict[str, str], what: str) -> str:
+    m = _BEARER.fullmatch(pairs.get("auth", ""))
+    if m is None:
+        raise _malformed(f"{what} response needs auth=Bearer <token>")
+    return m.group(1)
+
+
+def _saslname(text: str) -> str:
+    """RFC 5801's saslname: C{=2C} is C{,} and C{=3D} is C{=}; no other C{=}."""
+    if re.search(r"=(?!2C|3D)", text):
+        raise _malformed("OAUTHBEARER authzid has a bare '='")
+    return text.replace("=2C", ",").replace("=3D", "=")
+
+
+@implementer(ISASLMechanism)
+class OAuthBearer:
+    """
+    RFC 7628: C{gs2-header ^A host=... ^A port=... ^A auth=Bearer TOKEN ^A ^A},
+    where the GS2 header is C{n,a=LOGIN,} (or C{n,,}: the token names the
+    login). Channel binding (C{p=}) is refused, as the RFC has none for it.
+    """
+
+    name = "OAUTHBEARER"
+
+    def __init__(self, context: SASLContext) -> None:
+        pass
+
+    def start(self, initial: Optional[bytes]) -> Step:
+        if initial is None:
+            return Challenge(b"")
+        return self.respond(initial)
+
+    def respond(self, data: bytes) -> Step:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _malformed("OAUTHBEARER response is not UTF-8") from None
+        header, kvsep, rest = text.partition("\x01")
+        gs2 = header.split(",")
+        if not kvsep or len(gs2) != 3 or gs2[2] != "":
+            raise _malformed("OAUTHBEARER response must start with a GS2 header (n,a=LOGIN,)")
+        flag, authzid = gs2[0], gs2[1]
+        if flag not in ("n", "y"):
+            raise _malformed("OAUTHBEARER has no channel binding; the GS2 flag must be n or y")
+        username = ""
+        if authzid:
+            if not authzid.startswith("a="):
+                raise _malformed("OAUTHBEARER authzid must be a=LOGIN")
+            username = _decodeIdentity(_saslname(authzid[2:]).encode("utf-8"), "login")
+        token = _bearer(_pairs(rest, "OAUTHBEARER"), "OAUTHBEARER")
+        return BearerTokenCredentials(username, token, self.name)
+
+
+@implementer(ISASLMechanism)
+class XOAuth2:
+    """
+    Google's XOAUTH2: C{user=LOGIN ^A auth=Bearer TOKEN ^A ^A}; after a
+    refusal the client answers the error challenge with an empty response.
+    """
+
+    name = "XOAUTH2"
+
+    def __init__(self, context: SASLContext) -> None:
+        pass
+
+    def start(self, initial: Optional[bytes]) -> Step:
+        if initial is None:
+            return Challenge(b"")
+        return self.respond(initial)
+
+    def respond(self, data: bytes) -> Step:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _malformed("XOAUTH2 response is not UTF-8") from None
+        pairs = _pairs(text, "XOAUTH2")
+        if "user" not in pairs:
+            raise _malformed("XOAUTH2 response needs user=LOGIN")
+        username = _decodeIdentity(pairs["user"].encode("utf-8"), "login")
+        return XOAuth2Credentials(username, _bearer(pairs, "XOAUTH2"), self.name)
+
+
 # Mechanism name -> class; each is built with a SASLContext. The daemon adds
 # the SCRAM entries (mailauth.scram.mechanisms), which need the users.
-MECHANISMS = {m.name: m for m in (Plain, Login, CramMD5)}
+MECHANISMS = {m.name: m for m in (Plain, Login, CramMD5, OAuthBearer, XOAuth2)}
 
 
 def offered(table: dict, names: tuple, context: SASLContext) -> tuple:

@@ -10,20 +10,23 @@ import signal
 import sys
 from typing import Any, Callable, Mapping, NoReturn, Optional, cast
 
+import attrs
 from twisted.application import internet, service, strports
 from twisted.cred.portal import Portal
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
+from mailauth import apppasswords, sasl, scram, sdnotify
 from mailauth import config as configmod
-from mailauth import sasl, scram, sdnotify
 from mailauth.addressmap import AddressMap
-from mailauth.checkers import CramMD5Checker, PasswordChecker, ScramChecker
+from mailauth.checkers import CramMD5Checker, OAuthChecker, PasswordChecker, ScramChecker
 from mailauth.checks import Account, checkAll, listenProblem
+from mailauth.counters import counterStoreFromConfig
 from mailauth.esmtp import SubmissionFactory
 from mailauth.forward import QueueService
 from mailauth.interfaces import IReloadable, IUserDatabase
+from mailauth.limits import LimitOverrides, Limits, SendingLimits
 from mailauth.maildir import LeftoverCleanup
 from mailauth.metrics import Metrics, metricsService
 from mailauth.pgusers import PostgreSQLUserDatabase, isPostgreSQL
@@ -35,11 +38,14 @@ from mailauth.threads import ThreadPoolService
 from mailauth.throttle import AuthThrottle, ConnectionLimiter
 from mailauth.tls import ReloadableTLS
 from mailauth.userdb import UserDatabase
+from mailauth.userstore import AppPasswordUse, Rehasher, schemesNeededBy, storeFor
 
 log = Logger(namespace="mailauth.tap")
 
 # How often the users, aliases and sender map files are checked for changes.
 RELOAD_INTERVAL = 2.0
+# Threads calling a shared counter store (Redis): its calls are short.
+STATE_THREADS = 4
 
 
 class Options(usage.Options):
@@ -244,6 +250,46 @@ def _keyRing(cfg: configmod.Config, reactor) -> Any:
     return dkimsign.KeyRing(dkimsign.loadKeys(cfg), reactor)
 
 
+def _statePool(cfg: configmod.Config, reactor, top: service.MultiService) -> Any:
+    """
+    The runner of a shared counter store's blocking calls: a small thread
+    pool of its own, so that a slow Redis never holds up password checks or
+    disk writes; L{None} for counters in memory.
+    """
+    if cfg.state.backend == "memory":
+        return None
+    # Each call waits at most [state] timeout; one per session is in flight.
+    pool = ThreadPoolService(reactor, "mailauth-state", STATE_THREADS,
+                             maxQueued=cfg.server.max_connections * 2)
+    pool.setServiceParent(top)
+    return pool.run
+
+
+def _sendingLimits(cfg: configmod.Config, store, users: IUserDatabase, realm: Realm,
+                   runBlocking, metrics: Metrics) -> SendingLimits:
+    """
+    The C{[limits]} of every login, counted in C{store}. A login that keeps
+    hitting them is suspended in the user store C{[auth] users} names (its
+    edits block, so they run through C{runBlocking}), and the C{[delivery]
+    postmaster}, if any, gets a notice through the realm.
+    """
+    values = attrs.asdict(cfg.limits)
+    overrides = LimitOverrides(values.pop("overrides"))
+    userStore = storeFor(cfg.auth.users)
+    return SendingLimits(
+        store=store,
+        defaults=Limits(**values),
+        overrides=overrides,
+        users=users,
+        suspend=lambda login: runBlocking(userStore.setSuspended, login, True),
+        postmaster=cfg.delivery.postmaster,
+        deliver=realm.deliverNotice,
+        hostname=cfg.server.hostname,
+        clock=realm.clock,
+        metrics=metrics,
+    )
+
+
 def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
                  environ: Optional[Mapping[str, str]] = None) -> _Daemon:
     """
@@ -323,15 +369,39 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         keyRing=_keyRing(cfg, reactor),
         metrics=metrics,
     )
+    # The throttle and the sending limits count here.
+    counterStore = counterStoreFromConfig(cfg, reactor, _statePool(cfg, reactor, top),
+                                          onFallback=metrics.counterStoreFallback)
+    realm.limits = _sendingLimits(cfg, counterStore, users, realm, diskPool.run, metrics)
+    reloadable.append(realm.limits.overrides)
     portal = Portal(realm)
-    portal.registerChecker(PasswordChecker(users, authPool.run))
+    # The daemon's own edits of the users: app password uses (in state_dir
+    # for a users file) and, with [auth] rehash, outdated hashes replaced.
+    store = storeFor(
+        cfg.auth.users,
+        lastUsedPath=os.path.join(cfg.server.state_dir, apppasswords.LAST_USED_FILE),
+    )
+    rehasher = None
+    if cfg.auth.rehash:
+        rehasher = Rehasher(store, diskPool.run, schemesNeededBy(cfg.auth.mechanisms))
+    portal.registerChecker(
+        PasswordChecker(users, authPool.run, AppPasswordUse(store, diskPool.run, reactor), rehasher)
+    )
     if "CRAM-MD5" in cfg.auth.mechanisms:
         portal.registerChecker(CramMD5Checker(users, authPool.run))
     if scramOffered:
         portal.registerChecker(ScramChecker(users))
+    if cfg.oauth is not None:
+        from mailauth.oauth import TokenVerifier
+
+        tokens = TokenVerifier.fromConfig(cfg.oauth, reactor, authPool.run)
+        portal.registerChecker(OAuthChecker(users, tokens))
+        if tokens.keys is not None:
+            reloadable.append(tokens.keys)
 
     tls = ReloadableTLS(cfg.tls.certificate, cfg.tls.private_key) if cfg.tls else None
-    throttle = AuthThrottle.fromConfig(reactor, cfg.auth)
+    throttle = AuthThrottle.fromConfig(reactor, cfg.auth, counterStore,
+                                       onBlock=metrics.addressBlocked)
     connections = ConnectionLimiter(cfg.server.max_connections,
                                     cfg.server.max_connections_per_address)
     anonymous = realm.anonymous()
@@ -352,6 +422,7 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
             postmasterDomain=postmasterDomain,
             reactor=reactor,
             saslTable=saslTable,
+            metrics=metrics,
         )
         wrapped: Any = factory
         if listener.tls == "implicit":
@@ -376,7 +447,7 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
             for source in reloadable:
                 source.maybeReload()
         except Exception:
-            log.failure("reloading the users or address files failed")
+            log.failure("reloading the users, address or key files failed")
 
     def reloadAll() -> None:
         log.info("SIGHUP: reloading certificates, users and address files")

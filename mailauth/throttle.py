@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
-from collections import OrderedDict, deque
-from typing import Deque, Optional
+from typing import Callable, Optional
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailauth import replies
+from mailauth.counters import MemoryCounterStore
+from mailauth.interfaces import ICounterStore
 
 log = Logger(namespace="mailauth.esmtp")
 
@@ -18,6 +20,11 @@ MAX_DELAY = 30.0
 # address (RFC 5321: at most 254), while an AUTH line may carry 9 KB of
 # login, and the throttle must not keep thousands of those.
 MAX_LOGIN_KEY = 256
+
+# What the throttle's keys start with in the counter store, which it shares
+# with the sending limits (mailauth.limits).
+ADDRESS_PREFIX = "auth-address:"
+LOGIN_PREFIX = "auth-login:"
 
 
 def addressKey(host: str) -> str:
@@ -38,38 +45,9 @@ def addressKey(host: str) -> str:
     return str(ip)
 
 
-class _Window:
-    """
-    Failure timestamps per key within a sliding window, for at most
-    C{maxKeys} keys (least recently failed dropped first) and at most
-    C{maxEvents} timestamps per key: memory stays bounded whatever an
-    attacker does.
-    """
-
-    def __init__(self, window: float, maxEvents: int, maxKeys: int) -> None:
-        self._window = window
-        self._maxEvents = maxEvents
-        self._maxKeys = maxKeys
-        self._events: OrderedDict[str, Deque[float]] = OrderedDict()
-
-    def add(self, key: str, now: float) -> int:
-        """Record a failure for C{key} at C{now}; return its count in the window."""
-        events = self._events.pop(key, None)
-        if events is None:
-            events = deque(maxlen=self._maxEvents)
-        events.append(now)
-        self._prune(events, now)
-        self._events[key] = events
-        while len(self._events) > self._maxKeys:
-            self._events.popitem(last=False)
-        return len(events)
-
-    def _prune(self, events: Deque[float], now: float) -> None:
-        while events and events[0] <= now - self._window:
-            events.popleft()
-
-    def __len__(self) -> int:
-        return len(self._events)
+def loginKey(login: str) -> str:
+    """The key that failures for C{login} are counted under: bounded, case-folded."""
+    return LOGIN_PREFIX + login[:MAX_LOGIN_KEY].lower()
 
 
 class AuthThrottle:
@@ -84,7 +62,16 @@ class AuthThrottle:
     cannot lock the user out of their own address. Successful logins are
     never delayed: only the failure replies are.
 
+    The counts and blocks live in an L{ICounterStore}: this process's memory
+    by default, or a Redis shared by every node, so that a brute force
+    spread over the nodes is stopped after as many failures as against one.
+    Every answer is therefore a L{Deferred}; the memory store answers at
+    once. Counted as the old in-memory windows counted: a count never
+    exceeds C{maxPerAddress} for an address nor four times C{maxPerLogin}
+    for a login.
+
     @ivar clock: an L{IReactorTime} provider.
+    @ivar store: the L{ICounterStore} holding the counts and blocks.
     """
 
     def __init__(
@@ -96,20 +83,33 @@ class AuthThrottle:
         tarpitDelay: float,
         blockTime: float,
         maxTracked: int,
+        store: Optional[ICounterStore] = None,
+        onBlock: Callable[[], None] = lambda: None,
     ) -> None:
+        """
+        @param maxTracked: without a C{store}, the throttle keeps its own in
+            memory, holding at most this many counters and as many blocks.
+        @param onBlock: called each time an address starts being blocked
+            (a metric).
+        """
         self.clock = clock
+        self.store = store if store is not None else MemoryCounterStore(clock, maxTracked)
+        self._window = window
         self._maxPerAddress = maxPerAddress
         self._maxPerLogin = maxPerLogin
         self._tarpitDelay = tarpitDelay
         self._blockTime = blockTime
-        self._maxTracked = maxTracked
-        self._addresses = _Window(window, maxPerAddress, maxTracked)
-        self._logins = _Window(window, maxPerLogin * 4, maxTracked)
-        self._blocked: OrderedDict[str, float] = OrderedDict()
+        self._onBlock = onBlock
 
     @classmethod
-    def fromConfig(cls, clock, auth) -> AuthThrottle:
-        """Build from an L{mailauth.config.AuthConfig}."""
+    def fromConfig(
+        cls,
+        clock,
+        auth,
+        store: Optional[ICounterStore] = None,
+        onBlock: Callable[[], None] = lambda: None,
+    ) -> AuthThrottle:
+        """Build from an L{mailauth.config.AuthConfig}, counting in C{store}."""
         return cls(
             clock,
             window=auth.failure_window,
@@ -118,40 +118,59 @@ class AuthThrottle:
             tarpitDelay=auth.tarpit_delay,
             blockTime=auth.block_time,
             maxTracked=auth.max_tracked,
+            store=store,
+            onBlock=onBlock,
         )
 
-    def isBlocked(self, host: str) -> bool:
-        """Whether connections and logins from C{host} are refused now."""
-        key = addressKey(host)
-        until = self._blocked.get(key)
-        if until is None:
-            return False
-        if until <= self.clock.seconds():
-            del self._blocked[key]
-            return False
-        return True
-
-    def failure(self, host: str, login: str) -> float:
+    def isBlocked(self, host: str) -> defer.Deferred[bool]:
         """
-        Record a failed login for C{login} from C{host}.
-
-        @return: how many seconds to wait before answering the failure.
+        @return: a Deferred firing with whether connections and logins from
+            C{host} are refused now.
         """
-        now = self.clock.seconds()
-        key = addressKey(host)
-        perAddress = self._addresses.add(key, now)
-        perLogin = self._logins.add(login[:MAX_LOGIN_KEY].lower(), now)
-        if perAddress >= self._maxPerAddress:
-            self._blocked.pop(key, None)
-            self._blocked[key] = now + self._blockTime
-            while len(self._blocked) > self._maxTracked:
-                self._blocked.popitem(last=False)
-        excess = max(perAddress - self._maxPerAddress // 2, perLogin - self._maxPerLogin + 1, 0)
-        return min(excess * self._tarpitDelay, MAX_DELAY)
+        return self.store.blocked(ADDRESS_PREFIX + addressKey(host))
+
+    def failure(self, host: str, login: str) -> defer.Deferred[float]:
+        """
+        Record a failed login for C{login} from C{host}; block C{host} if
+        that reaches its limit.
+
+        @return: a Deferred firing, once the failure is counted, with how
+            many seconds to wait before answering it.
+        """
+        address = ADDRESS_PREFIX + addressKey(host)
+        d = defer.gatherResults(
+            [
+                self.store.hit(address, self._window),
+                self.store.hit(loginKey(login), self._window),
+            ],
+            consumeErrors=True,
+        )
+        d.addErrback(_firstError)
+        return d.addCallback(self._counted, address)
 
     def trackedKeys(self) -> int:
-        """How many addresses, logins and blocks are held in memory."""
-        return len(self._addresses) + len(self._logins) + len(self._blocked)
+        """How many counters and blocks its store holds in this process's memory."""
+        return self.store.trackedKeys() if isinstance(self.store, MemoryCounterStore) else 0
+
+    def _counted(self, counts: list, address: str):
+        # The in-memory windows this replaces kept at most this many events.
+        perAddress = min(counts[0], self._maxPerAddress)
+        perLogin = min(counts[1], self._maxPerLogin * 4)
+        excess = max(perAddress - self._maxPerAddress // 2, perLogin - self._maxPerLogin + 1, 0)
+        delay = min(excess * self._tarpitDelay, MAX_DELAY)
+        if perAddress < self._maxPerAddress:
+            return delay
+        if counts[0] == self._maxPerAddress:
+            self._onBlock()
+        d = self.store.block(address, self._blockTime)
+        d.addCallback(lambda ignored: delay)
+        return d
+
+
+def _firstError(f):
+    """The failure inside a L{defer.FirstError}, so callers see what went wrong."""
+    f.trap(defer.FirstError)
+    return f.value.subFailure
 
 
 class ConnectionLimiter:

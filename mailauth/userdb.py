@@ -12,6 +12,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailauth import apppasswords
+from mailauth.addresses import normalise
+from mailauth.apppasswords import AppPassword, AppPasswordError
 from mailauth.durable import WatchedFile, locked, replaceDurably
 from mailauth.interfaces import IReloadable, IUserDatabase
 from mailauth.maildir import componentProblem, mailboxProblem
@@ -32,13 +35,23 @@ class User:
     @ivar lineno: the line of the users file it came from (L{None} for a
         database that has no lines).
     @ivar suspended: the login is suspended: the right password still
-        fails (with its own log line, never counted as a guess).
+        fails (with its own log line, never counted as a guess). In the
+        users file, Dovecot's C{nologin} extra field.
+    @ivar appPasswords: its app passwords, each of which logs it in too.
     """
 
     login: str
     password: PasswordHash
     lineno: Optional[int] = None
     suspended: bool = False
+    appPasswords: tuple[AppPassword, ...] = ()
+
+    def appPassword(self, prefix: str) -> Optional[AppPassword]:
+        """The app password whose L{AppPassword.prefix} is C{prefix}, if any."""
+        for app in self.appPasswords:
+            if app.prefix == prefix:
+                return app
+        return None
 
 
 class UserDatabaseUnavailable(Exception):
@@ -60,18 +73,70 @@ def _splitLine(line: str) -> Optional[list[str]]:
     return line.split(":")
 
 
+# Dovecot's passwd-file fields: login, password, uid, gid, gecos, home,
+# shell, then the extra fields (space-separated key=value pairs).
+_EXTRA = 7
+
+#: The extra field (Dovecot's own) that marks a suspended login: C{nologin},
+#: or C{nologin=VALUE}; Dovecot then refuses the user too, with the text of
+#: a C{reason=} field if there is one.
+NOLOGIN = "nologin"
+
+
+def _extraFields(fields: list[str]) -> list[str]:
+    """The extra fields of a split line, each C{key=value} or a bare C{key}."""
+    return ":".join(fields[_EXTRA:]).split()
+
+
+def _fieldKey(field: str) -> str:
+    return field.partition("=")[0]
+
+
+def _parseExtra(
+    login: str, extra: list[str], where: str, problems: list[str]
+) -> tuple[bool, tuple[AppPassword, ...]]:
+    """
+    The suspension and the app passwords in a line's extra fields; an app
+    password field that cannot be read is skipped (that app password does
+    not work) with a problem line, the user is kept.
+    """
+    suspended = False
+    apps: dict[str, AppPassword] = {}
+    for field in extra:
+        key, _, value = field.partition("=")
+        if key == NOLOGIN:
+            suspended = True
+        elif key == apppasswords.FIELD:
+            try:
+                app = apppasswords.parseField(value)
+            except AppPasswordError as e:
+                problems.append(f"{where}: {login}: {e}; this app password is ignored")
+                continue
+            if app.label in apps or any(a.prefix == app.prefix for a in apps.values()):
+                problems.append(f"{where}: {login}: app password {app.label} repeats the label"
+                                " or prefix of another; it is ignored")
+                continue
+            apps[app.label] = app
+    return suspended, tuple(apps.values())
+
+
 def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
     """
     Parse the text of a users file.
 
-    Each line is C{login:{SCHEME}hash[:uid:gid:gecos:home:shell:extra]}; the
-    fields after the hash are Dovecot's and are ignored here. A malformed
-    line is skipped, never fatal for the others; of two lines for one login
-    (compared without regard to case) the first wins.
+    Each line is C{login:{SCHEME}hash[:uid:gid:gecos:home:shell:extra]}; of
+    Dovecot's fields after the hash only the extra fields (the eighth,
+    space-separated C{key=value} pairs) are read here: C{nologin} (the
+    login is suspended) and L{apppasswords.FIELD} (an app password); the
+    others are kept as they are by every edit. A malformed line is skipped,
+    never fatal for the others; of two lines for one login (compared
+    without regard to case) the first wins.
 
     @param path: names the file in problems.
-    @return: the users by lower-cased login, in file order, and a
-        C{"PATH:LINENO: message"} line for each skipped line.
+    @return: the users by the key of their login (L{normalise}: case,
+        quoting and the A- or U-label form of the domain do not matter),
+        in file order, and a C{"PATH:LINENO: message"} line for each
+        skipped line.
     """
     users: dict[str, User] = {}
     problems = []
@@ -95,10 +160,11 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
         if unsafe is not None:
             problems.append(f"{path}:{lineno}: the login {login!r} cannot name a mailbox: {unsafe}")
             continue
-        if login in users:
+        key = normalise(login)
+        if key in users:
             problems.append(
                 f"{path}:{lineno}: duplicate login {login} (first on line "
-                f"{users[login].lineno}); this line is ignored"
+                f"{users[key].lineno}); this line is ignored"
             )
             continue
         try:
@@ -106,7 +172,8 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
         except ValueError as e:
             problems.append(f"{path}:{lineno}: {login}: {e}")
             continue
-        users[login] = User(login, password, lineno)
+        suspended, apps = _parseExtra(login, _extraFields(fields), f"{path}:{lineno}", problems)
+        users[key] = User(login, password, lineno, suspended, apps)
     return users, problems
 
 
@@ -206,11 +273,12 @@ class UserDatabase:
 
     def get(self, login: str) -> Optional[User]:
         """
-        The user C{login} (in any case), or L{None}, read from memory.
+        The user C{login} (in any case, any spelling of its domain), or
+        L{None}, read from memory.
 
         @raise UserDatabaseUnavailable: if the users were never read.
         """
-        return self._loaded().get(login.lower())
+        return self._loaded().get(normalise(login))
 
     def exists(self, login: str) -> bool:
         """Whether there is a user C{login}. @raise UserDatabaseUnavailable: never read."""
@@ -296,10 +364,15 @@ def _writeLines(path: str, lines: list[str], old: Optional[os.stat_result]) -> N
         raise UserDatabaseError(f"cannot write {path}: {e.strerror}") from None
 
 
-def _edit(path: str, change: Callable[[list[str]], list[str]], create: bool = False) -> None:
+def _edit(
+    path: str, change: Callable[[list[str]], Optional[list[str]]], create: bool = False
+) -> None:
+    """Under the lock, replace the lines of C{path} by C{change(lines)}, unless that is L{None}."""
     with _locked(path):
         lines, old = _readLines(path, missingOk=create)
-        _writeLines(path, change(lines), old)
+        changed = change(lines)
+        if changed is not None:
+            _writeLines(path, changed, old)
 
 
 def addUser(path: str, login: str, hashString: str) -> None:
@@ -380,3 +453,172 @@ def listUsers(path: str) -> list[tuple[str, str]]:
     lines, _ = _readLines(path)
     users, _ = parseUsers("\n".join(lines), path)
     return [(user.login, user.password.scheme) for user in users.values()]
+
+
+def readUsers(path: str) -> list[User]:
+    """
+    @return: every valid user of the users file at C{path}, in file order,
+        with its suspension and app passwords.
+    @raise UserDatabaseError: if the file cannot be read.
+    """
+    lines, _ = _readLines(path)
+    users, _ = parseUsers("\n".join(lines), path)
+    return list(users.values())
+
+
+# -- the extra fields: suspension, app passwords --------------------------
+
+
+def _withExtra(fields: list[str], extra: list[str]) -> list[str]:
+    """
+    C{fields} with its extra fields replaced by C{extra}: the empty uid,
+    gid, gecos, home and shell fields that must come before them are added,
+    and dropped again when no extra field is left.
+    """
+    fields = fields[:_EXTRA] + [""] * (_EXTRA - len(fields))
+    if extra:
+        return fields + [" ".join(extra)]
+    while len(fields) > 2 and fields[-1] == "":
+        fields.pop()
+    return fields
+
+
+def _editUser(path: str, login: str, change: Callable[[list[str]], list[str]]) -> None:
+    """
+    Replace the fields of every line naming C{login} (as L{setPassword}
+    does) by C{change(fields)}, under the lock, atomically.
+
+    @raise UserDatabaseError: if there is no such user, or C{change} raises it.
+    """
+
+    def edit(lines: list[str]) -> list[str]:
+        if not _hasLogin(lines, login):
+            raise UserDatabaseError(f"no user {login} in {path}")
+        return [
+            ":".join(change(line.rstrip("\r").split(":")))
+            if _lineLogin(line) == login.lower()
+            else line
+            for line in lines
+        ]
+
+    _edit(path, edit)
+
+
+def setSuspended(path: str, login: str, suspended: bool) -> None:
+    """
+    Suspend C{login} (add Dovecot's C{nologin} extra field) or lift the
+    suspension (remove C{nologin} and its C{reason=}).
+
+    @raise UserDatabaseError: if there is no such user.
+    """
+
+    def change(fields: list[str]) -> list[str]:
+        extra = _extraFields(fields)
+        if suspended:
+            if not any(_fieldKey(f) == NOLOGIN for f in extra):
+                extra.append(NOLOGIN)
+        else:
+            extra = [f for f in extra if _fieldKey(f) not in (NOLOGIN, "reason")]
+        return _withExtra(fields, extra)
+
+    _editUser(path, login, change)
+
+
+def _appLabel(field: str) -> Optional[str]:
+    key, _, value = field.partition("=")
+    return value.split(",", 1)[0] if key == apppasswords.FIELD else None
+
+
+def addAppPassword(
+    path: str, login: str, label: str, hashString: str, created: int, prefix: str
+) -> None:
+    """
+    Give C{login} an app password.
+
+    @param hashString: its hash (C{{ARGON2ID}...}).
+    @param created: when it was made, in seconds since the epoch.
+    @param prefix: its L{AppPassword.prefix}.
+    @raise UserDatabaseError: if there is no such user, the label is
+        invalid or taken, another app password of the user has that
+        prefix, or the user has L{apppasswords.MAX_PER_LOGIN}.
+    """
+    field = apppasswords.formatField(label, created, prefix, hashString)
+    try:
+        apppasswords.checkLabel(label)
+        apppasswords.parseField(field.partition("=")[2])
+    except AppPasswordError as e:
+        raise UserDatabaseError(str(e)) from None
+    _checkHash(hashString)
+    if re.search(r"\s", hashString):
+        raise UserDatabaseError("an app password hash cannot contain white space")
+
+    def change(fields: list[str]) -> list[str]:
+        extra = _extraFields(fields)
+        labels = [name for name in map(_appLabel, extra) if name is not None]
+        if label in labels:
+            raise UserDatabaseError(f"{login} already has an app password {label}")
+        if any(f.split(",")[2:3] == [prefix] for f in extra if _appLabel(f) is not None):
+            raise UserDatabaseError(
+                f"{login} has another app password starting with {prefix}; make a new one"
+            )
+        if len(labels) >= apppasswords.MAX_PER_LOGIN:
+            raise UserDatabaseError(
+                f"{login} already has {len(labels)} app passwords, the most allowed;"
+                " delete one first"
+            )
+        return _withExtra(fields, extra + [field])
+
+    _editUser(path, login, change)
+
+
+def deleteAppPassword(path: str, login: str, label: str) -> None:
+    """
+    Revoke C{login}'s app password C{label}; its other passwords still work.
+
+    @raise UserDatabaseError: if there is no such user or app password.
+    """
+    found: list[bool] = []
+
+    def change(fields: list[str]) -> list[str]:
+        extra = _extraFields(fields)
+        kept = [f for f in extra if _appLabel(f) != label]
+        if len(kept) == len(extra) and not found:
+            raise UserDatabaseError(f"{login} has no app password {label}")
+        found.append(True)
+        return _withExtra(fields, kept)
+
+    _editUser(path, login, change)
+
+
+def replacePassword(path: str, login: str, expected: PasswordHash, hashString: str) -> bool:
+    """
+    Replace C{login}'s password hash by C{hashString} if it is still
+    C{expected} (the one a login was just verified against), so that a
+    password changed meanwhile by C{mailauth user passwd} is never undone.
+
+    @return: whether it was replaced; the file is rewritten only then.
+    @raise UserDatabaseError: if the file cannot be read or written, or
+        C{hashString} is invalid.
+    """
+    _checkHash(hashString)
+    replaced = []
+
+    def change(lines: list[str]) -> Optional[list[str]]:
+        result = list(lines)
+        for i, line in enumerate(lines):
+            fields = _splitLine(line)
+            if fields is None or fields[0].lower() != login.lower() or len(fields) < 2:
+                continue
+            try:
+                current = parse(fields[1])
+            except ValueError:
+                continue
+            # The first valid line is the one loading uses.
+            if current == expected:
+                result[i] = ":".join([fields[0], hashString] + fields[2:])
+                replaced.append(True)
+            break
+        return result if replaced else None
+
+    _edit(path, change)
+    return bool(replaced)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import attrs
 from twisted.internet import defer
 from zope.interface import implementer
 
 from mailauth import replies
+from mailauth.addresses import normalise
+from mailauth.envelope import MessageOptions, recipientStatus
 from mailauth.interfaces import (
     IForwardQueue,
     ILocalDelivery,
@@ -16,10 +19,18 @@ from mailauth.interfaces import (
     IRelaySession,
     IReloadable,
     IUserDatabase,
+    IUserStore,
 )
+from mailauth.passwords import parse
 from mailauth.relay import RelayError, RelayReply
 from mailauth.spool import unstuff
-from mailauth.userdb import User, UserDatabaseUnavailable, parseUsers
+from mailauth.userdb import (
+    User,
+    UserDatabaseError,
+    UserDatabaseUnavailable,
+    checkLogin,
+    parseUsers,
+)
 
 
 def runInline(f, *args, **kwargs) -> defer.Deferred:
@@ -71,13 +82,74 @@ class MemoryUserDatabase:
             return defer.fail()
 
     def get(self, login: str) -> Optional[User]:
-        return self._current().get(login.lower())
+        return self._current().get(normalise(login))
 
     def exists(self, login: str) -> bool:
         return self.get(login) is not None
 
     def logins(self) -> list[str]:
         return sorted(self._current())
+
+
+@implementer(IUserDatabase, IUserStore)
+class MemoryUserStore:
+    """
+    A user database that is also its own L{IUserStore}: the edits (a
+    suspension the daemon makes, a C{mailauth user} command) are seen by
+    the next L{lookup} at once, as a database table's would be.
+
+    @ivar users: lower-cased login to L{User}, in the order they were added.
+    @ivar available: L{lookup} fails with L{UserDatabaseUnavailable} when
+        this is false.
+    """
+
+    def __init__(self, users: Optional[dict[str, str]] = None) -> None:
+        self.users: dict[str, User] = {}
+        self.available = True
+        for login, stored in (users or {}).items():
+            self.addUser(login, stored)
+
+    def lookup(self, login: str) -> defer.Deferred:
+        if not self.available:
+            return defer.fail(UserDatabaseUnavailable("the fake database is down"))
+        return defer.succeed(self.users.get(login.lower()))
+
+    def _user(self, login: str) -> User:
+        user = self.users.get(login.lower())
+        if user is None:
+            raise UserDatabaseError(f"no user {login}")
+        return user
+
+    def addUser(self, login: str, hashString: str) -> None:
+        checkLogin(login)
+        if login.lower() in self.users:
+            raise UserDatabaseError(f"user {login} already exists")
+        try:
+            password = parse(hashString)
+        except ValueError as e:
+            raise UserDatabaseError(str(e)) from None
+        self.users[login.lower()] = User(login.lower(), password)
+
+    def setPassword(self, login: str, hashString: str) -> None:
+        user = self._user(login)
+        try:
+            password = parse(hashString)
+        except ValueError as e:
+            raise UserDatabaseError(str(e)) from None
+        self.users[user.login] = attrs.evolve(user, password=password)
+
+    def deleteUser(self, login: str) -> None:
+        del self.users[self._user(login).login]
+
+    def hasUser(self, login: str) -> bool:
+        return login.lower() in self.users
+
+    def listUsers(self) -> list[tuple[str, str]]:
+        return [(user.login, user.password.scheme) for user in self.users.values()]
+
+    def setSuspended(self, login: str, suspended: bool) -> None:
+        user = self._user(login)
+        self.users[user.login] = attrs.evolve(user, suspended=suspended)
 
 
 # The forward queue's collaborators: local delivery and the relay.
@@ -128,10 +200,12 @@ class FakeRelayConnector:
         accepted, the message with dot-stuffing undone.
     @ivar sessions: every L{FakeRelaySession} made.
     @ivar connectTimes: the clock's time at each C{connect}.
+    @ivar dsn: the relay offers DSN.
     """
 
     def __init__(self, clock=None) -> None:
         self.clock = clock
+        self.dsn = False
         self.down = False
         self.paused = False
         self.waiting: list = []
@@ -165,8 +239,11 @@ class FakeRelaySession:
         self.connector = connector
         self.open = True
         self.messages = 0
+        self.dsn = connector.dsn
+        self.envelopes: list = []
 
-    def deliver(self, sender, recipients, message, size, body8bit):
+    def deliver(self, sender, recipients, message, size, body8bit, envelope=None):
+        self.envelopes.append(envelope)
         data = message.read()
         self.messages += 1
         results = {}
@@ -202,23 +279,32 @@ class MemoryQueue:
         self.writers: list = []
         self.messages: dict = {}
 
-    def newMessage(self, msgid, sender, recipients):
+    def newMessage(self, msgid, sender, recipients, options=None):
         if not recipients:
             raise ValueError("a message needs at least one recipient")
         if msgid in self.messages or any(w.msgid == msgid and not w.aborted for w in self.writers):
             raise ValueError(f"message {msgid} is already queued")
-        writer = MemoryQueueWriter(self, msgid, sender, recipients)
+        writer = MemoryQueueWriter(self, msgid, sender, recipients, options)
         self.writers.append(writer)
         return writer
 
 
 @implementer(IMessageSink)
 class MemoryQueueWriter:
-    """One message being written to a L{MemoryQueue}."""
+    """
+    One message being written to a L{MemoryQueue}.
 
-    def __init__(self, queue: MemoryQueue, msgid, sender, recipients) -> None:
+    @ivar recipients: the recipient addresses.
+    @ivar statuses: their L{RecipientStatus}, with NOTIFY and ORCPT.
+    @ivar options: the L{MessageOptions} it was queued with.
+    """
+
+    def __init__(self, queue: MemoryQueue, msgid, sender, recipients, options=None) -> None:
         self.queue = queue
-        self.msgid, self.sender, self.recipients = msgid, sender, recipients
+        self.statuses = [recipientStatus(r) for r in recipients]
+        self.msgid, self.sender = msgid, sender
+        self.recipients = [r.address for r in self.statuses]
+        self.options = options or MessageOptions()
         self.data = b""
         self.prepared = self.committed = self.aborted = False
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import io
 import ipaddress
 import os
 import shutil
@@ -22,6 +23,7 @@ from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory
 from zope.interface import implementer
 
 from mailauth import config as configmod
+from mailauth.cli import Console, main
 from mailauth.config import RelayConfig
 from mailauth.esmtp import SubmissionFactory
 from mailauth.replies import SMTPReply
@@ -251,6 +253,27 @@ def makeSettings(**overrides) -> configmod.ServerConfig:
     return configmod.ServerConfig(**values)
 
 
+# The least a configuration file needs (no TLS, no files read).
+MINIMAL_CONFIG = """
+[listener:submission]
+endpoint = tcp:2587
+tls = none
+auth = optional
+
+[auth]
+users = /etc/mailauth/users
+
+[delivery]
+local_domains = example.org
+maildir = /var/mail/{domain}/{localpart}/Maildir
+"""
+
+
+def makeConfig(extra: str = "") -> configmod.Config:
+    """A configuration loaded from L{MINIMAL_CONFIG} with C{extra} text after it."""
+    return configmod.loadText(MINIMAL_CONFIG + extra, "test.conf")
+
+
 def makeThrottle(clock, **overrides) -> AuthThrottle:
     values = dict(
         window=900.0, maxPerAddress=10, maxPerLogin=5, tarpitDelay=2.0, blockTime=900.0,
@@ -366,8 +389,9 @@ class QueueTestMixin:
         recipients=("bob@remote.example",),
         message=MESSAGE,
         queue=None,
+        options=None,
     ):
-        writer = (queue or self.queue).newMessage(msgid, sender, list(recipients))
+        writer = (queue or self.queue).newMessage(msgid, sender, list(recipients), options)
         writer.write(message)
         return writer.commit()
 
@@ -383,6 +407,93 @@ class QueueTestMixin:
 
     def files(self, sub):
         return sorted(os.listdir(os.path.join(self.directory, sub)))
+
+
+def runCommand(*argv: str, stdin: bytes = b"") -> tuple[int, str, str]:
+    """
+    Run C{mailauth ARGV...} in this process, with C{stdin} as standard input
+    (not a terminal).
+
+    @return: the exit status, standard output and standard error.
+    """
+    stdout, stderr = io.StringIO(), io.StringIO()
+    status = main(list(argv), Console(io.BytesIO(stdin), stdout, stderr))
+    return status, stdout.getvalue(), stderr.getvalue()
+
+
+class TokenIssuer:
+    """
+    An OAuth 2.0 issuer for tests: signing keys made here, their JSON Web Key
+    Set, and tokens minted with PyJWT (signed as a real issuer would), with
+    times from the system clock, which PyJWT checks them against.
+    """
+
+    ISSUER = "https://id.example.test/realms/mail"
+    AUDIENCE = "mailauth"
+
+    def __init__(self, kind: str = "ec", kid: str = "k1") -> None:
+        self.keys: dict = {}
+        self.addKey(kid, kind)
+        self.current = kid
+
+    def addKey(self, kid: str, kind: str = "ec") -> None:
+        """Make a key of C{kind} (C{ec}: P-256, C{ed25519}, C{rsa}) named C{kid}."""
+        from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+        if kind == "ec":
+            private, alg = ec.generate_private_key(ec.SECP256R1()), "ES256"
+        elif kind == "ed25519":
+            private, alg = ed25519.Ed25519PrivateKey.generate(), "EdDSA"
+        else:
+            private, alg = rsa.generate_private_key(public_exponent=65537, key_size=2048), "RS256"
+        self.keys[kid] = (private, alg)
+
+    def jwk(self, kid: str) -> dict:
+        import json
+
+        from jwt import algorithms
+
+        private, alg = self.keys[kid]
+        exporter = {"ES256": algorithms.ECAlgorithm, "EdDSA": algorithms.OKPAlgorithm,
+                    "RS256": algorithms.RSAAlgorithm}[alg]
+        key = json.loads(exporter.to_jwk(private.public_key()))
+        key.update(kid=kid, use="sig")
+        return key
+
+    def jwks(self, *kids: str) -> str:
+        """The JWKS text holding the public keys C{kids} (default: every key)."""
+        import json
+
+        return json.dumps({"keys": [self.jwk(kid) for kid in kids or self.keys]})
+
+    def writeJWKS(self, path: str, *kids: str) -> None:
+        """Replace the file C{path} by the JWKS of C{kids}, as a key rotation would."""
+        tmp = path + ".new"
+        with open(tmp, "w") as f:
+            f.write(self.jwks(*kids))
+        os.replace(tmp, path)
+
+    def claims(self, login: str = "bob@example.test", lifetime: float = 300, **more) -> dict:
+        import time
+
+        now = int(time.time())
+        claims = {"iss": self.ISSUER, "aud": self.AUDIENCE, "sub": "8e1b5c2a", "email": login,
+                  "email_verified": True, "iat": now, "exp": now + lifetime}
+        claims.update(more)
+        return {k: v for k, v in claims.items() if v is not None}
+
+    def mint(self, login: str = "bob@example.test", kid: str = None, alg: str = None,
+             headers: dict = None, **claims) -> str:
+        """
+        A signed token for C{login}, valid for five minutes unless C{claims}
+        say otherwise (a claim given as L{None} is left out).
+        """
+        import jwt
+
+        kid = kid or self.current
+        private, defaultAlg = self.keys[kid]
+        return jwt.encode(self.claims(login, **claims), private, algorithm=alg or defaultAlg,
+                          headers={"kid": kid, **(headers or {})})
 
 
 # A full disk

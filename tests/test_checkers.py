@@ -1,18 +1,35 @@
-"""The credentials checkers: Deferreds (never coroutines), equal work for unknown users."""
+"""
+The credentials checkers: Deferreds (never coroutines), the same work for
+every failure (the timing floor), and the failures the session must tell
+apart: a mechanism the stored scheme cannot do, a suspended login.
+"""
 
 from __future__ import annotations
 
+import base64
 import hmac
+import os
 
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.mail.interfaces import IMessageDeliveryFactory
 from twisted.trial import unittest
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from mailauth import passwords
-from mailauth.checkers import CramMD5Checker, PasswordChecker
-from mailauth.sasl import CramMD5Credentials, PlaintextCredentials
+from mailauth.checkers import CramMD5Checker, LoginSuspended, PasswordChecker
+from mailauth.counters import MemoryCounterStore
+from mailauth.interfaces import IUserDatabase, IUserStore
+from mailauth.metrics import Metrics
+from mailauth.sasl import CramMD5Credentials, MechanismUnavailable, PlaintextCredentials
 from mailauth.threads import PoolBusy
-from tests.fakes import MemoryUserDatabase
+from mailauth.userdb import UserDatabaseError, parseUsers
+from tests.fakes import MemoryUserDatabase, MemoryUserStore
+from tests.harness import LogWatcher
+from tests.support import DATA, SECRET, MemoryMailbox, Session, makeFactory, makeThrottle
 
 USERS = {
     "alice@example.test": passwords.makeHash(b"secret", "SHA256-CRYPT"),
@@ -20,29 +37,64 @@ USERS = {
     "plain@example.test": "{PLAIN}secret",
 }
 
+# One user per scheme, hashed by Dovecot's doveadm; the password is SECRET.
+with open(os.path.join(DATA, "dovecot-passwd"), encoding="utf-8") as _f:
+    HASHES = dict(line.split(":")[:2] for line in _f.read().splitlines() if line)
+VECTORS, _problems = parseUsers("\n".join(f"{k}:{v}" for k, v in HASHES.items()), "vectors")
+assert not _problems, _problems
+ARGON2ID = "alice.argon2id@example.test"
+
 
 class RecordingRunner:
-    """Runs the work at once, recording that it went through the pool."""
+    """
+    Runs the work at once (or, when C{hold} is set, when the test calls
+    L{runHeld}), recording that it went through the pool.
+    """
 
     def __init__(self) -> None:
         self.calls = 0
         self.busy = False
+        self.hold = False
+        self.held: list = []
 
     def __call__(self, f, *args):
         self.calls += 1
         if self.busy:
             return defer.fail(PoolBusy("full"))
+        if self.hold:
+            d: defer.Deferred = defer.Deferred()
+            self.held.append((d, f, args))
+            return d
         return defer.maybeDeferred(f, *args)
+
+    def runHeld(self) -> None:
+        held, self.held = self.held, []
+        for d, f, args in held:
+            d.callback(f(*args))
+
+
+class DummyLedger:
+    """Records each dummy verification instead of spending it (patched into passwords)."""
+
+    def __init__(self, test: unittest.TestCase) -> None:
+        self.secrets: list = []
+        test.patch(passwords, "dummyVerify", self.secrets.append)
+
+
+def cramResponse(password: bytes, challenge: bytes = b"<1.2@mx>") -> bytes:
+    return hmac.new(password, challenge, "md5").hexdigest().encode()
 
 
 class PasswordCheckerTests(unittest.TestCase):
     def setUp(self) -> None:
+        DummyLedger(self)  # what the dummy work costs is test_passwords' business
         self.run = RecordingRunner()
         self.users = MemoryUserDatabase(dict(USERS))
         self.checker = PasswordChecker(self.users, self.run)
 
-    def check(self, login: str, password: bytes):
-        return self.checker.requestAvatarId(PlaintextCredentials(login, password, "PLAIN"))
+    def check(self, login: str, password: bytes, checker=None):
+        credentials = PlaintextCredentials(login, password, "PLAIN")
+        return (checker or self.checker).requestAvatarId(credentials)
 
     def test_returnsDeferred(self) -> None:
         """
@@ -61,10 +113,34 @@ class PasswordCheckerTests(unittest.TestCase):
 
     def test_unknownUserCostsAVerification(self) -> None:
         """An unknown user still runs one (dummy) verification in the pool."""
-        calls = []
-        self.patch(passwords, "dummyVerify", lambda pw: calls.append(pw))
+        ledger = DummyLedger(self)
         self.failureResultOf(self.check("nobody@example.test", b"x"), UnauthorizedLogin)
-        self.assertEqual((calls, self.run.calls), ([b"x"], 1))
+        self.assertEqual((ledger.secrets, self.run.calls), ([b"x"], 1))
+
+    def test_everyFailureCostsADefaultVerification(self) -> None:
+        """
+        Whatever the stored scheme, a wrong password fails only after one
+        verification at the default scheme's cost, in the same pool call: a
+        dummy one for every scheme that costs less (SHA512-CRYPT, CRAM-MD5,
+        PLAIN, bcrypt, argon2i...), none on top of verifying an ARGON2ID
+        hash made with the default parameters, which is that cost already.
+        So no login's failure comes sooner than an unknown login's.
+        """
+        ledger = DummyLedger(self)
+        checker = PasswordChecker(MemoryUserDatabase(dict(HASHES)), self.run)
+        spent = {}
+        for login in VECTORS:
+            before = len(ledger.secrets)
+            self.failureResultOf(self.check(login, b"wrong", checker), UnauthorizedLogin)
+            spent[login] = len(ledger.secrets) - before
+        self.assertEqual(spent, {login: 0 if login == ARGON2ID else 1 for login in VECTORS})
+        self.assertEqual(self.run.calls, len(VECTORS))
+
+    def test_successSpendsNothingMore(self) -> None:
+        """A right password is answered after its own verification, with no dummy work."""
+        ledger = DummyLedger(self)
+        self.successResultOf(self.check("plain@example.test", b"secret"))
+        self.assertEqual(ledger.secrets, [])
 
     def test_databaseUnavailable(self) -> None:
         """A users file never read fails with LoginFailed (454), not UnauthorizedLogin (535)."""
@@ -81,13 +157,59 @@ class PasswordCheckerTests(unittest.TestCase):
         f = self.failureResultOf(self.check("alice@example.test", b"secret"), LoginFailed)
         self.assertFalse(f.check(UnauthorizedLogin))
 
+    def test_suspended(self) -> None:
+        """
+        A suspended login with the right password fails with LoginSuspended
+        (still an UnauthorizedLogin: 535), after the same work as any
+        failure; with a wrong password it is an ordinary failure.
+        """
+        store = MemoryUserStore(dict(USERS))
+        store.setSuspended("alice@example.test", True)
+        checker = PasswordChecker(store, self.run)
+        ledger = DummyLedger(self)
+        f = self.failureResultOf(self.check("Alice@example.test", b"secret", checker),
+                                 LoginSuspended)
+        self.assertTrue(f.check(UnauthorizedLogin))
+        self.assertEqual(ledger.secrets, [b"secret"])
+        f = self.failureResultOf(self.check("alice@example.test", b"wrong", checker),
+                                 UnauthorizedLogin)
+        self.assertFalse(f.check(LoginSuspended))
+        store.setSuspended("alice@example.test", False)
+        self.assertEqual(self.successResultOf(self.check("alice@example.test", b"secret",
+                                                         checker)), "alice@example.test")
+
+
+class DefaultCostTests(unittest.TestCase):
+    """L{passwords.costsAsMuchAsDummy}: which hashes cost a dummy verification already."""
+
+    def argon2(self, m: int, t: int, p: int, kind: str = "argon2id") -> passwords.PasswordHash:
+        value = VECTORS[ARGON2ID].password.value
+        head, rest = value.split("$m=", 1)
+        return passwords.parse("{ARGON2ID}" + head.replace("argon2id", kind)
+                               + f"$m={m},t={t},p={p}$" + rest.split("$", 1)[1])
+
+    def test_defaultParameters(self) -> None:
+        """A new ARGON2ID hash, and doveadm's, cost a dummy verification."""
+        self.assertTrue(passwords.costsAsMuchAsDummy(passwords.parse(passwords.makeHash(b"x"))))
+        self.assertTrue(passwords.costsAsMuchAsDummy(VECTORS[ARGON2ID].password))
+        self.assertTrue(passwords.costsAsMuchAsDummy(self.argon2(131072, 4, 1)))
+
+    def test_cheaper(self) -> None:
+        """Less memory or time, more lanes, argon2i or another scheme: not enough."""
+        for stored in (self.argon2(32768, 3, 1), self.argon2(65536, 2, 1),
+                       self.argon2(65536, 3, 4), self.argon2(65536, 3, 1, "argon2i"),
+                       VECTORS["alice.argon2i@example.test"].password,
+                       VECTORS["alice.sha512-crypt@example.test"].password):
+            self.assertFalse(passwords.costsAsMuchAsDummy(stored), stored)
+
 
 class CramMD5CheckerTests(unittest.TestCase):
     def setUp(self) -> None:
+        DummyLedger(self)
         self.checker = CramMD5Checker(MemoryUserDatabase(dict(USERS)), RecordingRunner())
 
     def check(self, login: str, password: bytes, challenge=b"<1.2@mx>"):
-        digest = hmac.new(password, challenge, "md5").hexdigest().encode()
+        digest = cramResponse(password, challenge)
         return self.checker.requestAvatarId(CramMD5Credentials(login, challenge, digest))
 
     def test_cramUser(self) -> None:
@@ -101,15 +223,214 @@ class CramMD5CheckerTests(unittest.TestCase):
                          "plain@example.test")
 
     def test_wrongDigest(self) -> None:
-        """A wrong digest fails."""
-        self.failureResultOf(self.check("cram@example.test", b"nope"), UnauthorizedLogin)
+        """A wrong digest fails as a wrong password, not as an unusable mechanism."""
+        f = self.failureResultOf(self.check("cram@example.test", b"nope"), UnauthorizedLogin)
+        self.assertFalse(f.check(MechanismUnavailable))
 
     def test_hashedUserRefused(self) -> None:
-        """A user with a one-way hash gets the ordinary failure, even with the right password."""
-        self.failureResultOf(self.check("alice@example.test", b"secret"), UnauthorizedLogin)
+        """
+        A user with a one-way hash gets the ordinary failure, even with the
+        right password, as MechanismUnavailable: not a guess.
+        """
+        f = self.failureResultOf(self.check("alice@example.test", b"secret"),
+                                 MechanismUnavailable)
+        self.assertTrue(f.check(UnauthorizedLogin))
+        self.assertIn("CRAM-MD5 cannot verify a password stored as SHA256-CRYPT",
+                      f.getErrorMessage())
+
+    def test_unknownUserIsAGuess(self) -> None:
+        """An unknown login trying CRAM-MD5 is a wrong guess at a name, not a mechanism refused."""
+        f = self.failureResultOf(self.check("nobody@example.test", b"secret"), UnauthorizedLogin)
+        self.assertFalse(f.check(MechanismUnavailable))
+
+    def test_everyFailureCostsADefaultVerification(self) -> None:
+        """
+        A wrong digest, an unknown login and a user CRAM-MD5 cannot verify
+        each fail after one dummy verification in the pool; a right digest
+        costs none.
+        """
+        ledger = DummyLedger(self)
+        self.failureResultOf(self.check("cram@example.test", b"nope"))
+        self.failureResultOf(self.check("nobody@example.test", b"secret"))
+        self.failureResultOf(self.check("alice@example.test", b"secret"))
+        self.assertEqual(len(ledger.secrets), 3)
+        self.successResultOf(self.check("cram@example.test", b"secret"))
+        self.assertEqual(len(ledger.secrets), 3)
 
     def test_returnsDeferred(self) -> None:
         """requestAvatarId returns a Deferred (D36)."""
         result = self.check("x@example.test", b"x")
         self.assertIsInstance(result, defer.Deferred)
         self.failureResultOf(result, UnauthorizedLogin)
+
+
+class MemoryUserStoreTests(unittest.TestCase):
+    """The fake user store the limits and checker tests suspend users in."""
+
+    def test_interfaces(self) -> None:
+        """It provides IUserDatabase and IUserStore."""
+        store = MemoryUserStore()
+        self.assertTrue(verifyObject(IUserDatabase, store))
+        self.assertTrue(verifyObject(IUserStore, store))
+
+    def test_suspendUnknown(self) -> None:
+        """Suspending a login that does not exist is a UserDatabaseError."""
+        self.assertRaises(UserDatabaseError, MemoryUserStore().setSuspended, "a@b.test", True)
+
+    def test_edits(self) -> None:
+        """Edits are seen by the next lookup, logins without regard to case."""
+        store = MemoryUserStore({"A@example.test": "{PLAIN}x"})
+        self.assertRaises(UserDatabaseError, store.addUser, "a@example.test", "{PLAIN}y")
+        self.assertRaises(UserDatabaseError, store.addUser, "bad login", "{PLAIN}y")
+        store.setPassword("a@example.test", "{PLAIN}z")
+        self.assertEqual(store.listUsers(), [("a@example.test", "PLAIN")])
+        self.assertTrue(store.hasUser("A@EXAMPLE.TEST"))
+        store.setSuspended("a@example.test", True)
+        self.assertTrue(self.successResultOf(store.lookup("a@example.test")).suspended)
+        store.deleteUser("a@example.test")
+        self.assertIsNone(self.successResultOf(store.lookup("a@example.test")))
+
+
+# -- the session over the real checkers ---------------------------------------
+
+
+@implementer(IRealm)
+class MailboxRealm:
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        return IMessageDeliveryFactory, MemoryMailbox(login=avatarId), lambda: None
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def plainLine(login: bytes, password: bytes) -> bytes:
+    return b"AUTH PLAIN " + b64(b"\0" + login + b"\0" + password)
+
+
+class SessionTests(unittest.TestCase):
+    """
+    The session over a real portal with the real checkers, the users of
+    C{tests/data/dovecot-passwd} and bob, suspended.
+    """
+
+    def setUp(self) -> None:
+        self.ledger = DummyLedger(self)
+        self.clock = Clock()
+        self.users = MemoryUserStore(dict(HASHES))
+        self.users.addUser("bob@example.test", "{PLAIN}bob-secret")
+        self.users.setSuspended("bob@example.test", True)
+        self.run = RecordingRunner()
+        portal = Portal(MailboxRealm(), [PasswordChecker(self.users, self.run),
+                                         CramMD5Checker(self.users, self.run)])
+        self.store = MemoryCounterStore(self.clock)
+        self.metrics = Metrics.prometheus(process=False)
+        self.factory = makeFactory(self.clock, portal=portal, tlsMode="implicit",
+                                   throttle=makeThrottle(self.clock, store=self.store,
+                                                         maxPerAddress=10, maxPerLogin=3),
+                                   failuresPerSession=20, metrics=self.metrics)
+        self.log = LogWatcher()
+        self.addCleanup(self.log.stop)
+
+    def session(self, host: str = "192.0.2.1") -> Session:
+        session = Session(self.factory, host)
+        session.read()
+        session.command(b"EHLO c")
+        return session
+
+    def authLines(self) -> list:
+        return [m for m in self.log.messages if m.startswith("auth ")]
+
+    def metric(self, mechanism: str, result: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "mailauth_auth_total", {"mechanism": mechanism, "result": result})
+        return value or 0.0
+
+    def cram(self, session: Session, login: bytes, password: bytes) -> list:
+        [challenge] = session.command(b"AUTH CRAM-MD5")
+        digest = cramResponse(password, base64.b64decode(challenge[4:]))
+        return session.command(b64(login + b" " + digest))
+
+    def test_failureWaitsForTheFloor(self) -> None:
+        """
+        A wrong password for a user whose scheme is cheap (SHA512-CRYPT) is
+        not answered until the auth pool has run the check, dummy
+        verification included: the 535 comes no sooner than an unknown
+        login's.
+        """
+        ledger = self.ledger
+        self.run.hold = True
+        session = self.session()
+        for login in (b"alice.sha512-crypt@example.test", b"nobody@example.test"):
+            self.assertEqual(session.command(plainLine(login, b"wrong")), [])
+            self.assertEqual(ledger.secrets, [])
+            self.run.runHeld()
+            self.assertEqual(ledger.secrets, [b"wrong"])
+            self.assertEqual(session.read(), [b"535 5.7.8 Authentication credentials invalid"])
+            del ledger.secrets[:]
+
+    def test_mechanismChoiceNeverCounted(self) -> None:
+        """
+        A user stored as ARGON2ID whose client picks CRAM-MD5 (offered)
+        gets the ordinary 535, logged as an unusable mechanism (a line the
+        fail2ban filter does not match) and never counted: eight tries from
+        one address are all answered at once, the address is not blocked,
+        and the right password then logs in over PLAIN without delay.
+        """
+        for _ in range(8):
+            session = self.session()
+            self.assertEqual(self.cram(session, ARGON2ID.encode(), SECRET),
+                             [b"535 5.7.8 Authentication credentials invalid"])
+            session.protocol.connectionLost(None)
+        self.assertEqual(self.store.trackedKeys(), 0)
+        self.assertEqual(self.authLines(), [
+            f"auth mechanism unusable: client=[192.0.2.1] mechanism=CRAM-MD5 login=<{ARGON2ID}>"
+        ] * 8)
+        self.assertEqual(self.metric("CRAM-MD5", "failure"), 8)
+        session = self.session()
+        self.assertEqual(session.command(plainLine(ARGON2ID.encode(), SECRET)),
+                         [b"235 2.7.0 Authentication successful"])
+
+    def test_unknownLoginCramCounted(self) -> None:
+        """An unknown login trying CRAM-MD5 is a guess at a name: logged and counted as one."""
+        session = self.session()
+        self.assertEqual(self.cram(session, b"nobody@example.test", SECRET),
+                         [b"535 5.7.8 Authentication credentials invalid"])
+        self.assertEqual(self.authLines(), [
+            "auth failure: client=[192.0.2.1] mechanism=CRAM-MD5 login=<nobody@example.test>"])
+        self.assertEqual(self.successResultOf(self.store.total("auth-address:192.0.2.1", 900)),
+                         1)
+
+    def test_suspendedRightPassword(self) -> None:
+        """
+        A suspended login with the right password gets 535 5.7.8, one
+        C{auth suspended:} line, the C{suspended} metric, and is never
+        counted as a guess; its wrong password is an ordinary failure.
+        """
+        session = self.session()
+        for _ in range(5):
+            self.assertEqual(session.command(plainLine(b"bob@example.test", b"bob-secret")),
+                             [b"535 5.7.8 Authentication credentials invalid"])
+        self.assertEqual(self.store.trackedKeys(), 0)
+        self.assertEqual(self.authLines(), [
+            "auth suspended: client=[192.0.2.1] mechanism=PLAIN login=<bob@example.test>"] * 5)
+        self.assertEqual((self.metric("PLAIN", "suspended"), self.metric("PLAIN", "failure")),
+                         (5, 0))
+        self.assertEqual(session.command(plainLine(b"bob@example.test", b"wrong")),
+                         [b"535 5.7.8 Authentication credentials invalid"])
+        self.assertEqual(self.authLines()[-1], "auth failure: client=[192.0.2.1] "
+                         "mechanism=PLAIN login=<bob@example.test>")
+        self.assertEqual(self.metric("PLAIN", "failure"), 1)
+
+    def test_resultsMetric(self) -> None:
+        """Success, failure and a database that cannot answer are each counted by mechanism."""
+        session = self.session()
+        session.command(plainLine(b"nobody@example.test", b"x"))
+        self.users.available = False
+        self.assertEqual(session.command(plainLine(b"nobody@example.test", b"x")),
+                         [b"454 4.7.0 Temporary authentication failure"])
+        self.users.available = True
+        session.command(plainLine(b"alice.plain@example.test", SECRET))
+        self.assertEqual([self.metric("PLAIN", r) for r in ("success", "failure", "unavailable")],
+                         [1, 1, 1])
+        self.flushLoggedErrors()

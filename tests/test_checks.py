@@ -5,7 +5,9 @@ beyond the configuration's text.
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import socket
 import stat
 import time
@@ -13,7 +15,7 @@ import time
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from mailauth import checks
+from mailauth import checks, cli, passwords
 from mailauth import config as configmod
 from mailauth.checks import Account, Findings, checkAll, folderProblem, maildirRoots
 from mailauth.tls import notAfter
@@ -36,6 +38,9 @@ users = {dir}/users
 local_domains = example.test example.net
 maildir = {dir}/mail/{{domain}}/{{localpart}}/Maildir
 """
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def listener(name: str, endpoint: str, tls: str = "starttls") -> str:
@@ -509,3 +514,106 @@ class CheckAllTests(CheckTestMixin, unittest.TestCase):
             f"{cfg.path}: [server] state_dir: {self.dir}/state: {self.dir}/state is not a "
             "folder",))
         self.assertTrue(stat.S_ISREG(os.stat(cfg.server.state_dir).st_mode))
+
+
+class MechanismWarningTests(unittest.TestCase):
+    def test_cramOfferedToHashedUsers(self) -> None:
+        """
+        CRAM-MD5 offered while some users are stored in schemes it cannot
+        verify: one line naming the mechanism, how many users, their schemes
+        and the schemes it needs.
+        """
+        cfg = configmod.loadText(
+            makeConfigText("mechanisms = PLAIN LOGIN CRAM-MD5"), "test.conf")
+        users = [("a@x.test", "ARGON2ID"), ("b@x.test", "CRAM-MD5"), ("c@x.test", "PLAIN"),
+                 ("d@x.test", "SHA512-CRYPT"), ("e@x.test", "ARGON2ID")]
+        self.assertEqual(checks.mechanismWarnings(cfg, users), [
+            "test.conf: [auth] mechanisms: warning: CRAM-MD5 is offered but 3 of 5 users "
+            "cannot use it (stored as ARGON2ID, SHA512-CRYPT), so clients that pick it fail "
+            "for them; offer it only if every user is stored as CRAM-MD5, HMAC-MD5, PLAIN, "
+            "CLEAR, CLEARTEXT"])
+
+    def test_scram(self) -> None:
+        """SCRAM-SHA-256 and its -PLUS need users stored as SCRAM-SHA-256: a line each."""
+        cfg = configmod.loadText(
+            makeConfigText("mechanisms = PLAIN SCRAM-SHA-256 SCRAM-SHA-256-PLUS"), "test.conf")
+        warnings = checks.mechanismWarnings(cfg, [("a@x.test", "SCRAM-SHA-256"),
+                                                  ("b@x.test", "ARGON2ID")])
+        self.assertEqual([w.split(" is offered")[0].rsplit(" ", 1)[1] for w in warnings],
+                         ["SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"])
+        self.assertTrue(all(w.endswith("stored as SCRAM-SHA-256") for w in warnings))
+
+    def test_nothingToWarnAbout(self) -> None:
+        """No warning when every user can use every mechanism offered, or CRAM-MD5 is not."""
+        cram = configmod.loadText(makeConfigText("mechanisms = PLAIN CRAM-MD5"))
+        self.assertEqual(checks.mechanismWarnings(cram, [("a@x.test", "CRAM-MD5"),
+                                                         ("b@x.test", "PLAIN")]), [])
+        plain = configmod.loadText(makeConfigText("mechanisms = PLAIN LOGIN"))
+        self.assertEqual(checks.mechanismWarnings(plain, [("a@x.test", "ARGON2ID")]), [])
+
+    def test_fromTheUsersFile(self) -> None:
+        """checkMechanisms reads the users file; one it cannot read gives no warning (an error)."""
+        users = self.mktemp()
+        with open(users, "w") as f:
+            f.write(f"a@x.test:{passwords.makeHash(b'secret', 'SHA256-CRYPT')}\n")
+        cfg = configmod.loadText(makeConfigText("mechanisms = CRAM-MD5", users))
+        [warning] = checks.checkMechanisms(cfg).warnings
+        self.assertIn("CRAM-MD5 is offered but 1 of 1 users cannot use it", warning)
+        missing = configmod.loadText(makeConfigText("mechanisms = CRAM-MD5", users + ".gone"))
+        self.assertEqual(checks.checkMechanisms(missing), Findings())
+
+    def test_checkConfigWarnsAndSucceeds(self) -> None:
+        """
+        C{mailauth check-config} prints the warning on its own line to
+        standard error and still says OK, exiting 0; the daemon's start
+        finds the same warning (and logs it).
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        users = os.path.join(directory, "users")
+        with open(users, "w") as f:
+            f.write(f"a@x.test:{passwords.makeHash(b'secret', 'SHA512-CRYPT')}\n")
+        path = os.path.join(directory, "mailauth.conf")
+        text = makeConfigText("mechanisms = PLAIN CRAM-MD5", users)
+        text = text.replace("tcp:2587", "tcp:0:interface=127.0.0.1").replace(
+            "/var/mail/", directory + "/mail/")
+        with open(path, "w") as f:
+            f.write(f"[server]\nstate_dir = {directory}/state\n" + text)
+        console = cli.Console(io.BytesIO(), io.StringIO(), io.StringIO())
+        self.assertEqual(cli.main(["check-config", "--config", path], console), 0,
+                         console.stderr.getvalue())
+        self.assertEqual(console.stdout.getvalue(), f"{path}: OK, with 1 warning(s)\n")
+        [line] = console.stderr.getvalue().splitlines()
+        self.assertIn(f"{path}: [auth] mechanisms: warning: CRAM-MD5 is offered", line)
+        findings = checkAll(configmod.load(path), Account.ofProcess(), daemon=True)
+        self.assertEqual(findings.warnings, (line,))
+
+    def test_demoOffersWhatItsUsersCanDo(self) -> None:
+        """
+        The demo configuration (etc/demo.conf, with the users the Makefile
+        adds for C{make run}) offers only mechanisms every demo user can use.
+        """
+        cfg = configmod.load(os.path.join(ROOT, "etc", "demo.conf"))
+        with open(os.path.join(ROOT, "Makefile"), encoding="utf-8") as f:
+            makefile = f.read()
+        added = re.findall(r"mailauth user add (\S+)(?: --scheme (\S+))?", makefile)
+        self.assertTrue(added)
+        users = [(login, scheme or passwords.DEFAULT_SCHEME) for login, scheme in added]
+        self.assertEqual(checks.mechanismWarnings(cfg, users), [])
+
+
+def makeConfigText(mechanisms: str, users: str = "/etc/mailauth/users") -> str:
+    return f"""
+[listener:submission]
+endpoint = tcp:2587
+tls = none
+auth = optional
+
+[auth]
+{mechanisms}
+users = {users}
+
+[delivery]
+local_domains = example.org
+maildir = /var/mail/{{domain}}/{{localpart}}/Maildir
+"""

@@ -34,6 +34,7 @@ from tests.harness import (
     CHEAP_USERS,
     PASSWORD,
     ROOT,
+    SHA512,
     AttackMixin,
     Daemon,
     RawClient,
@@ -237,15 +238,30 @@ class SessionFailureLimitTests(AttackMixin, unittest.TestCase):
         yield self.inThread(self.loggedIn)
 
 
+class _Answered:
+    """An L{AuthThrottle} on the memory store, whose Deferreds fire at once, read at once."""
+
+    def __init__(self, test: unittest.TestCase, throttle: AuthThrottle) -> None:
+        self.test = test
+        self.throttle = throttle
+        self.store = throttle.store
+
+    def failure(self, host: str, login: str) -> float:
+        return self.test.successResultOf(self.throttle.failure(host, login))
+
+    def isBlocked(self, host: str) -> bool:
+        return self.test.successResultOf(self.throttle.isBlocked(host))
+
+
 class ThrottleTests(unittest.TestCase):
     """L{AuthThrottle} and L{ConnectionLimiter} on a Clock."""
 
-    def throttle(self, **overrides) -> AuthThrottle:
+    def throttle(self, **overrides) -> _Answered:
         self.clock = Clock()
         values = dict(window=900.0, maxPerAddress=10, maxPerLogin=5, tarpitDelay=2.0,
                       blockTime=900.0, maxTracked=100)
         values.update(overrides)
-        return AuthThrottle(self.clock, **values)
+        return _Answered(self, AuthThrottle(self.clock, **values))
 
     def test_memoryBoundedByKeys(self):
         """
@@ -257,7 +273,7 @@ class ThrottleTests(unittest.TestCase):
             host = f"10.{i // 65536}.{i // 256 % 256}.{i % 256}"
             throttle.failure(host, f"user{i}@example.test")
             throttle.failure(host, f"user{i}@example.test")
-        self.assertLessEqual(throttle.trackedKeys(), 300)
+        self.assertLessEqual(throttle.store.trackedKeys(), 300)
         self.assertTrue(throttle.isBlocked("10.0.19.135"))
 
     def test_longLoginsBounded(self):
@@ -560,9 +576,10 @@ RELAY_TRICKS = [
     (b"<bob@example.test.remote.test>", 554),
     (b"<bob@example.test@remote.test>", 501),
     (b"<bob@example.test>@remote.test", 501),
-    (b"<bob@ex\xc3\xa4mple.test>", 500),
+    (b"<bob@ex\xc3\xa4mple.test>", 553),
+    (b"<bob@ex\xc3\xa4mple.test> SMTPUTF8", 553),
     (b"<bob@xn--exmple-cua.test>", 554),
-    (b"<bob@remote.test> NOTIFY=NEVER", 555),
+    (b"<bob@remote.test> NOTIFY=NEVER", 554),
     (b"bob@remote.test", 501),
 ]
 
@@ -843,16 +860,18 @@ class SenderBindingTests(AttackMixin, unittest.TestCase):
     def test_ownAliasesAndGrants(self):
         """
         With sender_login_match on, bob may send as himself (any case, a
-        trailing dot), as an alias leading to him (also through a catch-all
-        alias), as an address granted in the sender map (also by @domain),
-        and with the null sender; anything else gets 553 5.7.1.
+        trailing dot, quoting that changes nothing), as an alias leading to
+        him (also through a catch-all alias), as an address granted in the
+        sender map (also by @domain), and with the null sender; anything
+        else gets 553 5.7.1.
         """
         allowed = [b"<bob@example.test>", b"<BOB@Example.Test.>", b"<bob.alias@example.test>",
                    b"<sales@example.test>", b"<anything@alias.test>", b"<boss@example.test>",
                    b"<shared@example.test>", b"<anyone@granted.test>", b"<>",
-                   b"<@remote.test:bob@example.test>"]
+                   b"<@remote.test:bob@example.test>", b'<"bob"@example.test>',
+                   b'<"b\\ob"@example.test>']
         refused = [b"<alice.plain@example.test>", b"<someone@remote.test>",
-                   b'<"bob"@example.test>', b"<bob@example.test.remote.test>",
+                   b'<"alice.plain"@example.test>', b"<bob@example.test.remote.test>",
                    b"<bob%example.test@remote.test>", b"<bob@[127.0.0.1]>",
                    b"<x@sub.granted.test>"]
         codes = yield self.inThread(self.senders, BOB, BOB_PASSWORD, allowed + refused)
@@ -993,6 +1012,12 @@ def _playLogins(ports: list) -> None:
         assert c.command(b64(BOB + b" " + digest))[0] == 535
         c = session("127.0.0.7")
         assert c.command(plain(BOB, BOB_PASSWORD, authzid=b"postmaster@example.test"))[0] == 535
+        # The right password over CRAM-MD5 for a user stored as SHA512-CRYPT:
+        # the client's choice of mechanism, not a guess.
+        c = session("127.0.0.9")
+        challenge = base64.b64decode(c.command(b"AUTH CRAM-MD5")[1][0])
+        digest = hmac.new(PASSWORD.encode(), challenge, "md5").hexdigest().encode()
+        assert c.command(b64(SHA512.encode() + b" " + digest))[0] == 535
         # Successes, PLAIN and LOGIN.
         c = session("127.0.0.4")
         assert c.command(plain(BOB, BOB_PASSWORD))[0] == 235
@@ -1079,6 +1104,23 @@ class FailToBanTests(unittest.TestCase):
         self.assertEqual(sorted(fail2banRegex(self.run["path"], "ip")),
                          sorted(["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.6",
                                  "127.0.0.7", "::1"]))
+
+    def test_mechanismChoiceNotMatched(self):
+        """
+        A login refused only because its stored scheme cannot do the
+        mechanism the client picked is logged on its own line, which the
+        filter does not match: fail2ban never bans a user for their
+        client's choice. The same holds for a suspended login's line.
+        """
+        [line] = [line for line in self.run["log"].splitlines() if "127.0.0.9" in line]
+        self.assertRegex(line, r"\] auth mechanism unusable: client=\[127\.0\.0\.9\] "
+                         rf"mechanism=CRAM-MD5 login=<{re.escape(SHA512)}>$")
+        self.assertNotIn("127.0.0.9", fail2banRegex(self.run["path"], "ip"))
+        path = self.run["path"] + ".suspended"
+        with open(path, "w") as f:
+            f.write(line[:24] + " [mailauth.esmtp#info] auth suspended: client=[192.0.2.9] "
+                    "mechanism=PLAIN login=<bob@example.test>\n")
+        self.assertEqual(fail2banRegex(path, "ip"), [])
 
     def test_hostileLoginBansOnlyTheSender(self):
         """

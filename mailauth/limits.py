@@ -1,0 +1,399 @@
+"""
+Sending limits per login: messages and recipients per hour and per day,
+over sliding windows in the counter store, and suspension of a login that
+keeps hitting them (a stolen password stops within minutes).
+"""
+
+from __future__ import annotations
+
+import re
+from email.utils import formatdate, make_msgid
+from typing import Callable, Optional
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailauth import replies
+from mailauth.durable import WatchedFile
+from mailauth.interfaces import ICounterStore, IReloadable, IUserDatabase
+from mailauth.userdb import UserDatabaseUnavailable
+
+log = Logger(namespace="mailauth.limits")
+
+HOUR = 3600.0
+DAY = 86400.0
+#: How long after suspending a login this process trusts its own word over
+#: the user database's, which may not show the suspension yet.
+SETTLE = 60.0
+
+# Each limit: what it counts and over how long. Its counter's key in the
+# store is "limit:<what>:<period>:<login>"; one key, one window.
+_COUNTED = {
+    "messages_per_hour": ("messages", "hour", HOUR),
+    "messages_per_day": ("messages", "day", DAY),
+    "recipients_per_hour": ("recipients", "hour", HOUR),
+    "recipients_per_day": ("recipients", "day", DAY),
+}
+MESSAGE_LIMITS = ("messages_per_hour", "messages_per_day")
+RECIPIENT_LIMITS = ("recipients_per_hour", "recipients_per_day")
+
+
+@attrs.frozen
+class Limits:
+    """
+    One login's limits; 0 means none.
+
+    @ivar suspend_after: suspend the login after this many limit hits in a
+        day (a hit: a transaction refused at MAIL, or cut short at RCPT).
+    """
+
+    messages_per_hour: int = 0
+    recipients_per_hour: int = 0
+    messages_per_day: int = 0
+    recipients_per_day: int = 0
+    suspend_after: int = 0
+
+
+#: The names of every limit, as C{[limits]} and the overrides file spell them.
+KEYS = tuple(field.name for field in attrs.fields(Limits))
+
+
+def counterKey(limit: str, login: str) -> str:
+    """The counter store key of C{limit} for C{login}."""
+    what, period, _ = _COUNTED[limit]
+    return f"limit:{what}:{period}:{login}"
+
+
+def hitsKey(login: str) -> str:
+    """The counter store key of C{login}'s limit hits (over a day)."""
+    return f"limit:hits:day:{login}"
+
+
+def parseOverrides(text: str, path: str) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """
+    Parse an overrides file: C{login: key=value [key=value...]} lines, the
+    keys those of L{Limits} (a whole number, 0 for no limit); C{#} starts a
+    comment. A malformed line is skipped, never fatal for the others; of
+    two lines for one login the first counts.
+
+    @return: the overrides by lower-cased login, and a C{"PATH:LINENO:
+        message"} line per line skipped.
+    """
+    found: dict[str, dict[str, int]] = {}
+    problems = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        login, colon, rest = line.partition(":")
+        login = login.strip().lower()
+        where = f"{path}:{lineno}"
+        if not colon or not re.fullmatch(r"[^\s@]+@[^\s@]+", login):
+            problems.append(f"{where}: expected 'login@domain: key=value [key=value...]'")
+            continue
+        values: dict[str, int] = {}
+        for word in rest.replace(",", " ").split():
+            key, equals, value = word.partition("=")
+            if key not in KEYS:
+                problems.append(f"{where}: unknown limit {key!r} (known: {', '.join(KEYS)})")
+                break
+            if not equals or not value.isdigit() or len(value) > 12:
+                problems.append(f"{where}: {key} needs a whole number, as in {key}=100")
+                break
+            values[key] = int(value)
+        else:
+            if not values:
+                problems.append(f"{where}: no key=value after the login")
+            elif login in found:
+                problems.append(f"{where}: {login} given again; the first line counts")
+            else:
+                found[login] = values
+    return found, problems
+
+
+@implementer(IReloadable)
+class LimitOverrides:
+    """
+    The C{[limits] overrides} file: per-login limits for bulk senders, over
+    the defaults of C{[limits]}. Re-read when it changes; a file that
+    cannot be read keeps what was read before.
+    """
+
+    def __init__(self, path: Optional[str]) -> None:
+        self.path = path
+        self.problems: list[str] = []
+        self._overrides: dict[str, dict[str, int]] = {}
+        self._file = WatchedFile(path) if path is not None else None
+        self.load()
+
+    def load(self) -> None:
+        if self._file is None:
+            return
+        try:
+            text = self._file.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            log.error("cannot read sending limit overrides {path}: {why}", path=self.path, why=e)
+            return
+        self._overrides, self.problems = parseOverrides(text, str(self.path))
+        for problem in self.problems:
+            log.warn("sending limit overrides: skipped {problem}", problem=problem)
+
+    def maybeReload(self) -> bool:
+        if self._file is None:
+            return False
+        try:
+            if not self._file.changed():
+                return False
+        except OSError:
+            return False
+        self.load()
+        return True
+
+    def get(self, login: str) -> dict[str, int]:
+        """The limits C{login} overrides, by name."""
+        return self._overrides.get(login.lower(), {})
+
+
+class SendingLimits:
+    """
+    Counts each login's accepted messages and recipients in an
+    L{ICounterStore} (memory, or a Redis shared by every node), refuses
+    MAIL and RCPT over a limit with C{451 4.7.1}, and suspends a login after
+    C{suspend_after} hits in a day: through C{suspend} (the user store's
+    C{setSuspended}, off the reactor), with one warning logged and one
+    notice to the postmaster.
+
+    Counts are taken when a message is accepted (the 250 after DATA), for
+    the recipients it was accepted for, never for a message refused or
+    lost; checks at MAIL and RCPT include the recipients this transaction
+    already has. Two sessions of one login sending at the same instant can
+    each pass a check the other's message then fills: a limit may be passed
+    by the messages in flight at once, never more.
+
+    A login found suspended at MAIL (by this, or by C{mailauth user
+    suspend} while its session was open) is refused there too.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: ICounterStore,
+        defaults: Limits,
+        overrides: LimitOverrides,
+        users: IUserDatabase,
+        suspend: Optional[Callable[[str], defer.Deferred]] = None,
+        postmaster: Optional[str] = None,
+        deliver: Optional[Callable[[str, bytes], defer.Deferred]] = None,
+        hostname: str = "localhost",
+        clock,
+        metrics,
+    ) -> None:
+        """
+        @param suspend: called with a login to suspend it; a Deferred.
+        @param postmaster: the address told of each suspension, if any.
+        @param deliver: called with an address and a whole message (CRLF
+            line ends) to send it there from the null sender; a Deferred.
+        @param metrics: a L{mailauth.metrics.Metrics}.
+        """
+        self.store = store
+        self.defaults = defaults
+        self.overrides = overrides
+        self.users = users
+        self.suspend = suspend
+        self.postmaster = postmaster
+        self.deliver = deliver
+        self.hostname = hostname
+        self.clock = clock
+        self.metrics = metrics
+        # When this process suspended each login, to let the user database
+        # catch up before its lookups are believed (a users file is re-read
+        # every few seconds).
+        self._suspendedAt: dict[str, float] = {}
+
+    def limitsFor(self, login: str) -> Limits:
+        """The limits of C{login}: the defaults, with its overrides."""
+        return attrs.evolve(self.defaults, **self.overrides.get(login))
+
+    def transaction(self, login: str) -> LimitedTransaction:
+        """What one mail transaction of C{login} asks and records."""
+        return LimitedTransaction(self, login.lower())
+
+    @defer.inlineCallbacks
+    def exceeded(self, login: str, names: tuple, adding: int):
+        """
+        The first limit of C{names} that C{adding} more would pass, with
+        the count so far; L{None} if none.
+        """
+        limits = self.limitsFor(login)
+        active = [name for name in names if getattr(limits, name)]
+        counts = yield defer.gatherResults(
+            [self.store.total(counterKey(name, login), _COUNTED[name][2]) for name in active],
+            consumeErrors=True,
+        )
+        for name, count in zip(active, counts):
+            if count + adding > getattr(limits, name):
+                return name, count
+        return None
+
+    @defer.inlineCallbacks
+    def refuse(self, transaction: LimitedTransaction, limit: str, count: int):
+        """Log and count a refusal by C{limit}; maybe suspend; return the reply to raise."""
+        login = transaction.login
+        limits = self.limitsFor(login)
+        what, period, _ = _COUNTED[limit]
+        log.info(
+            "sending limit reached: login=<{login}> limit={limit} count={count} max={max}",
+            login=login, limit=limit, count=count, max=getattr(limits, limit),
+        )
+        self.metrics.limitHit(limit)
+        if not transaction.hit:
+            transaction.hit = True
+            hits = yield self.store.hit(hitsKey(login), DAY)
+            after = limits.suspend_after
+            if after and hits >= after and (yield self._suspendable(login)):
+                if login not in self._suspendedAt:
+                    yield self._suspend(login, hits, limit)
+        reply = replies.LIMIT_MESSAGES if what == "messages" else replies.LIMIT_RECIPIENTS
+        return reply.error(login=login, max=getattr(limits, limit), period=period)
+
+    @defer.inlineCallbacks
+    def _suspendable(self, login: str):
+        """
+        Whether C{login} should be suspended now: it is not already (by this
+        process within L{SETTLE} seconds, or as the user database says).
+        A suspension that failed, or that an administrator lifted, is thus
+        made again at the next hit past C{suspend_after}.
+        """
+        if self.suspend is None:
+            return False
+        now = self.clock.seconds()
+        for name, when in list(self._suspendedAt.items()):
+            if now - when >= SETTLE:
+                del self._suspendedAt[name]
+        if login in self._suspendedAt:
+            return False
+        try:
+            user = yield self.users.lookup(login)
+        except UserDatabaseUnavailable:
+            return False  # tried again at the next hit
+        return user is not None and not user.suspended
+
+    @defer.inlineCallbacks
+    def _suspend(self, login: str, hits: int, limit: str):
+        assert self.suspend is not None
+        # Taken now, so that a hit of another session meanwhile waits its turn.
+        self._suspendedAt[login] = self.clock.seconds()
+        try:
+            yield self.suspend(login)
+        except Exception as e:
+            del self._suspendedAt[login]
+            log.error("could not suspend login=<{login}> after {hits} sending limit hits "
+                      "today: {why}", login=login, hits=hits, why=e)
+            return
+        log.warn(
+            "login suspended: login=<{login}> after {hits} sending limit hits today "
+            "(last: {limit}); 'mailauth user resume {login}' lifts it",
+            login=login, hits=hits, limit=limit,
+        )
+        if self.postmaster is None or self.deliver is None:
+            return
+        try:
+            yield self.deliver(self.postmaster, self.notice(login, hits, limit))
+        except Exception:
+            log.failure("could not send the postmaster the suspension notice of <{login}>",
+                        login=login)
+
+    def notice(self, login: str, hits: int, limit: str) -> bytes:
+        """The message telling L{postmaster} that C{login} was suspended."""
+        limits = self.limitsFor(login)
+        shown = ", ".join(f"{name} = {getattr(limits, name)}" for name in KEYS
+                          if getattr(limits, name))
+        lines = [
+            f"From: Mail Delivery System <MAILER-DAEMON@{self.hostname}>",
+            f"To: <{self.postmaster}>",
+            f"Subject: mailauth: login {login} suspended",
+            f"Date: {formatdate(self.clock.seconds(), localtime=True)}",
+            f"Message-ID: {make_msgid('suspended', self.hostname)}",
+            "Auto-Submitted: auto-generated",
+            "MIME-Version: 1.0",
+            "Content-Type: text/plain; charset=utf-8",
+            "",
+            f"mailauth on {self.hostname} has suspended the login {login}:",
+            f"it reached its sending limits {hits} times within a day (the last",
+            f"one: {limit}). Its limits: {shown}.",
+            "",
+            "Until the suspension is lifted it cannot log in (535), and open",
+            "sessions cannot start new messages. A login that suddenly sends",
+            "this much is often a stolen password: change it, then run",
+            "",
+            f"    mailauth user resume {login}",
+            "",
+        ]
+        return "\r\n".join(lines).encode("utf-8")
+
+
+class LimitedTransaction:
+    """
+    One mail transaction of a login, as the sending limits see it.
+
+    @ivar hit: whether a limit refused something in this transaction
+        already (a transaction counts as one hit towards suspension however
+        many of its recipients are refused).
+    """
+
+    def __init__(self, limits: SendingLimits, login: str) -> None:
+        self.limits = limits
+        self.login = login
+        self.hit = False
+
+    @defer.inlineCallbacks
+    def checkSender(self):
+        """
+        At MAIL: a Deferred that fails with an L{replies.SMTPReply} if the
+        login is suspended (5.7.1) or has reached a message limit (4.7.1).
+        """
+        try:
+            user = yield self.limits.users.lookup(self.login)
+        except UserDatabaseUnavailable:
+            user = None  # the limits still hold; AUTH checked suspension
+        if user is not None and user.suspended:
+            log.info("sender refused: login=<{login}> is suspended", login=self.login)
+            raise replies.SENDING_SUSPENDED.error(login=self.login)
+        over = yield self.limits.exceeded(self.login, MESSAGE_LIMITS, 1)
+        if over is not None:
+            raise (yield self.limits.refuse(self, *over))
+
+    @defer.inlineCallbacks
+    def checkRecipient(self, accepted: int):
+        """
+        At RCPT, with C{accepted} recipients already in this transaction: a
+        Deferred that fails with an L{replies.SMTPReply} (4.7.1) if one more
+        would pass a recipient limit.
+        """
+        over = yield self.limits.exceeded(self.login, RECIPIENT_LIMITS, accepted + 1)
+        if over is not None:
+            raise (yield self.limits.refuse(self, *over))
+
+    def record(self, recipients: int) -> defer.Deferred:
+        """
+        Count one message accepted for C{recipients} recipients (after it
+        was stored, before its 250), under each limit the login has now.
+        Never fails: a count that cannot be made is logged, and the message
+        stays accepted.
+        """
+        store = self.limits.store
+        limits = self.limits.limitsFor(self.login)
+        # Only what limits this login now: no counters for logins without.
+        counts = [store.hit(counterKey(name, self.login), _COUNTED[name][2],
+                            1 if name in MESSAGE_LIMITS else recipients)
+                  for name in MESSAGE_LIMITS + RECIPIENT_LIMITS if getattr(limits, name)]
+        d = defer.gatherResults(counts, consumeErrors=True)
+        d.addCallbacks(lambda ignored: None, self._countFailed)
+        return d
+
+    def _countFailed(self, f) -> None:
+        if f.check(defer.FirstError):
+            f = f.value.subFailure
+        log.failure("could not count a message of <{login}>", f, login=self.login)
