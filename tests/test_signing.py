@@ -389,12 +389,23 @@ class DaemonSigningTests(DaemonMixin, unittest.TestCase):
             self.assertEqual(verifyEach(stored, self.dns), [True, True], name)
             self.assertIn(b"a=rsa-sha256", stored.split(b"\r\nReceived:")[0])
 
-    @defer.inlineCallbacks
     def test_relayPath(self):
         """
         Every awkward message relayed upstream arrives with both
         signatures on top, and they verify there.
         """
+        return self.relayed()
+
+    def test_relayPathChunking(self):
+        """The same through an upstream that offers CHUNKING: sent with BDAT."""
+        self.sink.extensions = [b"CHUNKING"]
+        d = self.relayed()
+        d.addCallback(lambda _: self.assertIn(b"BDAT", b" ".join(c[:4] for c in
+                                                                 self.sink.commands)))
+        return d
+
+    @defer.inlineCallbacks
+    def relayed(self):
         messages = [header + b"\r\n" + body for header, body in MESSAGES.values()]
         results = yield self.sendAll(messages, recipients=("someone@remote.example",))
         self.assertEqual(results, [250] * len(messages))
