@@ -32,9 +32,11 @@ from mailauth.dkimsign import (
     MessageNotSignable,
     MessageSigner,
     RelaxedBodyHash,
+    _Relaxed,
     defaultSelector,
     loadKey,
     loadKeys,
+    parseHeader,
 )
 from tests.support import DNSStub, dkimKeygen
 
@@ -460,6 +462,61 @@ class StreamingTests(unittest.TestCase):
         expected.update(Relaxed.canonicalize_body(line) * (lines % 1000))
         tags = dkim.util.parse_tag_value(signature.split(b":", 1)[1])
         self.assertEqual(tags[b"bh"], base64.b64encode(expected.digest()))
+
+
+# Header lines as they come: fields (names with and without the oddities
+# dkimpy's parser allows), continuations, mbox From lines, and lines that
+# are none of those.
+_headerLines = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from([b"From", b"to", b"X-A", b"Subject", b"x:y", b"~!"]),
+                  st.lists(st.sampled_from([b"v", b" ", b"\t", b"\x0b", b"\x0c", b"\xc3\xa9",
+                                            b":", b"  x  "]), max_size=6).map(b"".join))
+        .map(lambda f: f[0] + b":" + f[1]),
+        st.lists(st.sampled_from([b" ", b"\t", b"w", b"\x0b"]), min_size=1, max_size=5)
+        .map(lambda parts: b" " + b"".join(parts)),
+        st.sampled_from([b"From alice@example.org Mon", b"no colon", b"Bad Name: x", b":x"]),
+    ),
+    max_size=8,
+)
+
+
+class DkimpyEquivalenceTests(unittest.TestCase):
+    """
+    The header is parsed and canonicalised by bytes operations of our own,
+    for speed; they must do exactly what dkimpy's code does.
+    """
+
+    @settings(max_examples=500, deadline=None, derandomize=True, database=None)
+    @given(_headerLines)
+    def test_parseHeader(self, lines: list) -> None:
+        """parseHeader returns what dkimpy's rfc822_parse does, and refuses what it refuses."""
+        block = b"".join(line + b"\r\n" for line in lines)
+        try:
+            expected = dkim.rfc822_parse(block)[0]
+        except (dkim.MessageFormatError, IndexError):
+            self.assertRaises(MessageNotSignable, parseHeader, block)
+        else:
+            self.assertEqual(parseHeader(block), expected)
+
+    @settings(max_examples=500, deadline=None, derandomize=True, database=None)
+    @given(_headerLines)
+    def test_relaxed(self, lines: list) -> None:
+        """The relaxed canonical form of every field is dkimpy's."""
+        block = b"".join(line + b"\r\n" for line in lines)
+        try:
+            headers = dkim.rfc822_parse(block)[0]
+        except (dkim.MessageFormatError, IndexError):
+            return
+        self.assertEqual(_Relaxed.canonicalize_headers(headers),
+                         Relaxed.canonicalize_headers(headers))
+
+    def test_relaxedExamples(self) -> None:
+        """Runs of spaces and tabs, folding, and other whitespace at the ends."""
+        for value in (b" a  \t b\r\n", b"\x0b a\r\n\t b \x0c\r\n", b"\r\n", b" \t \r\n",
+                      b"a\nb\r\n", b"a\r\r\nb\r\n"):
+            self.assertEqual(_Relaxed.canonicalize_headers([(b"X-A ", value)]),
+                             Relaxed.canonicalize_headers([(b"X-A ", value)]), value)
 
 
 class UnsignableTests(unittest.TestCase):
