@@ -618,12 +618,12 @@ class Message:
             from mailauth import dkimsign
 
             if f.check(dkimsign.MessageNotSignable):
-                self._sinks = []
+                self.connectionLost()  # storeAll aborted them; again does no harm
                 log.info("message {id} not signed: login=<{login}>: {why}; refused",
                          id=self.id, login=self._login, why=f.getErrorMessage())
                 raise replies.NOT_SIGNABLE.error()
             if f.check(dkimsign.SigningError):
-                self._sinks = []
+                self.connectionLost()
                 log.error("message {id} not signed: {why}; the client is told 451, to try "
                           "again later", id=self.id, why=f.getErrorMessage())
                 raise replies.SIGNING_FAILED.error()

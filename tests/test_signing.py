@@ -231,15 +231,19 @@ class RealmSigningTests(unittest.TestCase):
         A header that does not parse cannot be signed: 550 5.6.0, logged,
         nothing stored (never an unsigned copy).
         """
-        with capturedLogs() as events:
-            f = self.failureResultOf(
-                self.send(b"From: bob@example.test\r\nnot a field\r\n\r\nbody\r\n"), SMTPReply)
-        self.assertEqual((f.value.code, f.value.text), (replies.NOT_SIGNABLE.code,
-                                                        replies.NOT_SIGNABLE.text))
-        self.assertNothingStored()
-        [line] = [formatEvent(e) for e in events if e.get("log_namespace") == "mailauth.realm"]
-        self.assertRegex(line, r"^message [0-9A-F]{12} not signed: login=<bob@example\.test>: "
-                               r"cannot sign the message: its header does not parse")
+        for body in (b"body\r\n", MESSAGES["large"][1]):
+            with capturedLogs() as events:
+                f = self.failureResultOf(
+                    self.send(b"From: bob@example.test\r\nnot a field\r\n\r\n" + body),
+                    SMTPReply)
+            self.assertEqual((f.value.code, f.value.text), (replies.NOT_SIGNABLE.code,
+                                                            replies.NOT_SIGNABLE.text))
+            self.assertNothingStored()
+            self.assertTrue(all(w.aborted for w in self.queue.writers))
+            [line] = [formatEvent(e) for e in events
+                      if e.get("log_namespace") == "mailauth.realm"]
+            self.assertRegex(line, r"^message [0-9A-F]{12} not signed: login=<bob@example\.test>: "
+                                   r"cannot sign the message: its header does not parse")
 
     def test_signingFails(self) -> None:
         """
@@ -254,6 +258,7 @@ class RealmSigningTests(unittest.TestCase):
                 f = self.failureResultOf(self.send(header + b"\r\n" + body), SMTPReply)
             self.assertEqual((f.value.code, f.value.text), (451, replies.SIGNING_FAILED.text))
             self.assertNothingStored()
+            self.assertTrue(all(w.aborted for w in self.queue.writers))
             [event] = [e for e in events if e.get("log_namespace") == "mailauth.realm"]
             self.assertEqual(event["log_level"].name, "error")
             self.assertRegex(formatEvent(event), r"^message [0-9A-F]{12} not signed: cannot sign "
