@@ -32,7 +32,7 @@ from mailauth.userstore import describe, storeFor
 DEFAULT_CONFIG = "/etc/mailauth/mailauth.conf"
 # The version in setup.cfg, for a tree that is not installed (a test keeps
 # the two equal).
-SOURCE_VERSION = "0.1.0"
+SOURCE_VERSION = "0.2.0"
 
 
 def version() -> str:
