@@ -117,7 +117,8 @@ class LogReferenceTests(unittest.TestCase):
         logged = loggedLines()
         self.assertIn(Line("mailauth.esmtp", "info",
                            "auth failure: client=[{client}] mechanism={mechanism} "
-                           "login=<{login}>"), [attrs.evolve(x, where="") for x in logged])
+                           "login=<{login}> session={session}"),
+                      [attrs.evolve(x, where="") for x in logged])
         self.assertIn("critical, with a traceback", {x.level for x in logged})
         self.assertGreater(len(logged), 40)
         self.assertEqual(len(documentedLines()), len({(x.namespace, x.format) for x in logged}))
