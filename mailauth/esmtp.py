@@ -1047,8 +1047,10 @@ def _quoted(text: str, limit: int = 256) -> str:
     return out[:limit]
 
 
-def _sslReason(error: Exception) -> str:
+def _sslReason(error: Optional[BaseException]) -> str:
     """What OpenSSL said, in its own words: C{tlsv1 alert unknown ca}, C{wrong version number}."""
+    if error is None:
+        return "unknown"
     errors = error.args[0] if error.args and isinstance(error.args[0], list) else []
     reasons = [entry[-1] for entry in errors if isinstance(entry, tuple) and entry]
     return ", ".join(str(r) for r in reasons if r) or str(error) or type(error).__name__

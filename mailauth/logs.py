@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import IO, Any, Mapping
+from typing import IO, Any, Mapping, cast
 
 from twisted.logger import FileLogObserver, eventAsJSON, eventAsText
 from twisted.python import logfile
@@ -13,7 +13,7 @@ from twisted.python import logfile
 LOG_FORMATS = ("text", "json")
 
 
-def eventAsJSONLine(event: Mapping[str, Any]) -> str:
+def eventAsJSONLine(event: dict[str, Any]) -> str:
     """
     One log event as one line of JSON: twisted.logger's own encoding
     (L{eventAsJSON}, which L{twisted.logger.eventFromJSON} reads back), with
@@ -66,7 +66,7 @@ def twistdLogFile(twistdOptions: Mapping[str, Any]) -> IO[Any]:
         def rotate(signum, frame) -> None:
             from twisted.internet import reactor
 
-            reactor.callFromThread(out.rotate)
+            cast(Any, reactor).callFromThread(out.rotate)
 
         signal.signal(signal.SIGUSR1, rotate)
     return out
