@@ -8,10 +8,11 @@ DEMO_PASSWORD := demo-password
 .PHONY: run test check lint format print-unit deb deb-test clean
 
 # Unit tests: no daemon on a socket, no external program; seconds in all.
-UNIT := tests.test_checkers tests.test_config tests.test_dsn tests.test_envelope \
-	tests.test_esmtp tests.test_forward tests.test_interfaces tests.test_maildir \
-	tests.test_passwords tests.test_realm tests.test_replies tests.test_spool \
-	tests.test_throttle tests.test_userdb
+UNIT := tests.test_addresses tests.test_checkers tests.test_config tests.test_dataread \
+	tests.test_dsn tests.test_envelope tests.test_esmtp tests.test_extensions \
+	tests.test_forward tests.test_fromheader tests.test_headers tests.test_interfaces \
+	tests.test_maildir tests.test_passwords tests.test_realm tests.test_replies \
+	tests.test_routing tests.test_spool tests.test_throttle tests.test_userdb
 
 $(BIN)/mailauth: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -136,6 +136,7 @@ class RelayConfig:
     max_connections: int
     timeout: float
     queue_interval: float
+    delay_warning: float = 4 * 3600.0
 
 
 @attrs.frozen
@@ -356,7 +357,10 @@ def parseSelector(text: str) -> str:
 
 
 def _domains(text: str) -> frozenset:
-    return frozenset(parseDomain(d) for d in text.replace(",", " ").split())
+    """Domain names, internationalised ones in A-labels (the form addresses compare in)."""
+    from mailauth.addresses import domainKey
+
+    return frozenset(parseDomain(domainKey(d)) for d in text.replace(",", " ").split())
 
 
 def _address(text: str) -> str:
@@ -612,6 +616,7 @@ _SCHEMA: dict = {
         "max_connections": (parsePositive, "2"),
         "timeout": (parseDuration, "5m"),
         "queue_interval": (parseDuration, "30s"),
+        "delay_warning": (parseDuration, "4h"),
     },
     "autoconfig": {
         "endpoint": (_text, REQUIRED),

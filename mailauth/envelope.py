@@ -1,13 +1,15 @@
 """
 The forward queue's values: a queued message's envelope with each
-recipient's state, the outcome of one attempt, and the retry policy.
-Stored as JSON by L{mailauth.spool}; no I/O here.
+recipient's state and what the client asked for it (SMTPUTF8, the DSN
+parameters of RFC 3461), the outcome of one attempt, the retry policy, and
+which delivery status notifications are due. Stored as JSON by
+L{mailauth.spool}; no I/O here.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import attrs
 
@@ -16,7 +18,14 @@ from mailauth.config import RelayConfig
 PENDING = "pending"
 DELIVERED = "delivered"
 FAILED = "failed"
-_ENVELOPE_VERSION = 1
+# The Action of a DSN (RFC 3464 2.3.3) for each kind of notification.
+ACTION_FAILED = "failed"
+ACTION_DELAYED = "delayed"
+ACTION_DELIVERED = "delivered"
+ACTION_RELAYED = "relayed"
+# Version 2 adds SMTPUTF8 and the DSN parameters; version 1 is still read.
+_ENVELOPE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 
 @attrs.frozen
@@ -28,9 +37,20 @@ class RecipientStatus:
     @ivar state: L{PENDING}, L{DELIVERED} or L{FAILED}.
     @ivar reply: the last SMTP reply about it, on one line, if any.
     @ivar error: the last failure that was not an SMTP reply, if any.
-    @ivar notified: for a failed recipient, whether the bounce about it has
-        been queued (or none is due, for the null sender).
+    @ivar notified: once it is delivered or failed, whether the notification
+        due about that (a bounce, a success DSN) has been queued, or none
+        is due (the null sender, NOTIFY without it).
     @ivar expired: it failed because the message expired.
+    @ivar notify: the RCPT command's NOTIFY (RFC 3461 4.1): L{None} if not
+        given, else C{("NEVER",)} or some of C{SUCCESS}, C{FAILURE},
+        C{DELAY}.
+    @ivar orcpt: the RCPT command's ORCPT as the client sent it, or L{None}.
+    @ivar status: the RFC 3463 status of a failure decided here rather than
+        said by a server (an address the relay cannot take), or L{None}.
+    @ivar action: once final, how it ended: L{ACTION_FAILED},
+        L{ACTION_DELIVERED} (stored locally) or L{ACTION_RELAYED} (handed
+        to a relay that did not take the DSN request).
+    @ivar delayNotified: a delay notification about it has been queued.
     """
 
     address: str
@@ -39,6 +59,22 @@ class RecipientStatus:
     error: Optional[str] = None
     notified: bool = False
     expired: bool = False
+    notify: Optional[tuple] = None
+    orcpt: Optional[str] = None
+    status: Optional[str] = None
+    action: Optional[str] = None
+    delayNotified: bool = False
+
+    def wants(self, kind: str) -> bool:
+        """
+        Whether NOTIFY asks for notifications of C{kind} (C{"SUCCESS"},
+        C{"FAILURE"}, C{"DELAY"}); without NOTIFY only failures are
+        reported (RFC 3461 4.1 leaves delays to the MTA; mailauth sends
+        them only when asked).
+        """
+        if self.notify is None:
+            return kind == "FAILURE"
+        return kind in self.notify
 
 
 @attrs.frozen
@@ -47,17 +83,31 @@ class Outcome:
     The result of one attempt for one recipient.
 
     @ivar state: L{DELIVERED}, L{PENDING} (try again later) or L{FAILED}.
+    @ivar status: the RFC 3463 status of a failure decided here.
+    @ivar local: it was delivered here, not handed to a relay.
+    @ivar upstreamDSN: the relay took the DSN request (it offers DSN), so
+        notifications from now on are its business.
     """
 
     state: str
     reply: Optional[str] = None
     error: Optional[str] = None
+    status: Optional[str] = None
+    local: bool = False
+    upstreamDSN: bool = False
 
     @classmethod
-    def fromReply(cls, reply) -> Outcome:
-        """2xx delivered, 4xx try again, 5xx failed for good."""
+    def fromReply(cls, reply, upstreamDSN: bool = False) -> Outcome:
+        """
+        2xx delivered, 4xx try again, 5xx failed for good. A reply that the
+        relay client made itself (C{reply.local}: an address that relay
+        cannot take) is a failure decided here, with its status.
+        """
         state = {2: DELIVERED, 4: PENDING}.get(reply.code // 100, FAILED)
-        return cls(state, reply=reply.text)
+        if getattr(reply, "local", False):
+            status, _, why = reply.text.partition(" ")
+            return cls(state, error=why, status=status)
+        return cls(state, reply=reply.text, upstreamDSN=upstreamDSN)
 
 
 @attrs.frozen
@@ -71,12 +121,13 @@ class RetryPolicy:
     initial: float = 60.0
     maximum: float = 3600.0
     expire: float = 5 * 86400.0
+    delayWarning: float = 4 * 3600.0
 
     @classmethod
     def fromConfig(cls, config: Optional[RelayConfig]) -> RetryPolicy:
         if config is None:
             return cls()
-        return cls(config.retry_initial, config.retry_max, config.expire)
+        return cls(config.retry_initial, config.retry_max, config.expire, config.delay_warning)
 
     def delay(self, failures: int) -> float:
         """The wait after the C{failures}th failed attempt in a row."""
@@ -96,6 +147,11 @@ class Envelope:
     @ivar lastError: why the last attempt failed as a whole, if it did.
     @ivar size: size of the stored (dot-stuffed) message in bytes.
     @ivar body8bit: the message has bytes above 127.
+    @ivar smtputf8: the client gave SMTPUTF8 (RFC 6531): addresses and
+        header fields may be UTF-8.
+    @ivar headers8bit: the header section has bytes above 127.
+    @ivar ret: the MAIL command's RET (C{FULL}, C{HDRS}) or L{None}.
+    @ivar envid: the MAIL command's ENVID, in xtext as sent, or L{None}.
     """
 
     id: str
@@ -107,6 +163,10 @@ class Envelope:
     lastError: Optional[str] = None
     size: int = 0
     body8bit: bool = False
+    smtputf8: bool = False
+    headers8bit: bool = False
+    ret: Optional[str] = None
+    envid: Optional[str] = None
 
     def pending(self) -> list:
         """The addresses still to be delivered to."""
@@ -116,11 +176,43 @@ class Envelope:
         """The failed recipients no bounce has been queued for yet."""
         return [r for r in self.recipients if r.state == FAILED and not r.notified]
 
+    def reportsDue(self, now: float, policy: RetryPolicy) -> list:
+        """
+        The delivery status notifications to send now, as C{(action,
+        recipients)} pairs, failures first: the recipients that failed or
+        were delivered since the last report and asked for it, and those
+        still pending past C{policy.delayWarning} that asked for delays
+        (NOTIFY=DELAY) and were not told yet. Nothing for the null sender.
+        """
+        if not self.sender:
+            return []
+        reports = []
+        for action in (ACTION_FAILED, ACTION_DELIVERED, ACTION_RELAYED):
+            due = [r for r in self.recipients if r.action == action and not r.notified]
+            if due:
+                reports.append((action, due))
+        if now >= self.arrival + policy.delayWarning:
+            delayed = [
+                r for r in self.recipients
+                if r.state == PENDING and r.wants("DELAY") and not r.delayNotified
+            ]
+            if delayed:
+                reports.append((ACTION_DELAYED, delayed))
+        return reports
+
+    def _final(self, r: RecipientStatus) -> RecipientStatus:
+        """C{r}, now final, with whether a notification about it is still due."""
+        if r.state == FAILED:
+            action = ACTION_FAILED
+            due = r.wants("FAILURE")
+        else:
+            action = r.action or ACTION_RELAYED
+            due = r.wants("SUCCESS")
+        return attrs.evolve(r, action=action, notified=not (self.sender and due))
+
     def finished(self) -> bool:
-        """Every recipient delivered, or failed with its bounce queued."""
-        return all(
-            r.state == DELIVERED or (r.state == FAILED and r.notified) for r in self.recipients
-        )
+        """Every recipient delivered or failed, with what it asked to be told queued."""
+        return all(r.state != PENDING and r.notified for r in self.recipients)
 
     def expiresAt(self, policy: RetryPolicy) -> float:
         return self.arrival + policy.expire
@@ -142,8 +234,17 @@ class Envelope:
                     state=outcome.state,
                     reply=outcome.reply if outcome.reply is not None else r.reply,
                     error=outcome.error,
-                    notified=not self.sender,
+                    status=outcome.status,
                 )
+                if outcome.state == DELIVERED:
+                    r = attrs.evolve(
+                        r, action=ACTION_DELIVERED if outcome.local else ACTION_RELAYED
+                    )
+                    if outcome.upstreamDSN:
+                        # The relay reports from here on (RFC 3461 5.2.2).
+                        r = attrs.evolve(r, notify=("NEVER",))
+                if outcome.state != PENDING:
+                    r = self._final(r)
             recipients.append(r)
         envelope = self
         if outcomes:
@@ -162,18 +263,23 @@ class Envelope:
         return attrs.evolve(
             self,
             recipients=tuple(
-                attrs.evolve(r, state=FAILED, expired=True, notified=not self.sender)
+                self._final(attrs.evolve(r, state=FAILED, expired=True))
                 if r.state == PENDING
                 else r
                 for r in self.recipients
             ),
         )
 
-    def markNotified(self, addresses: Sequence[str]) -> Envelope:
+    def markNotified(self, addresses: Sequence[str], action: Optional[str] = None) -> Envelope:
+        """
+        This envelope with a notification queued about C{addresses}: a delay
+        notification if C{action} is L{ACTION_DELAYED}, else the final one.
+        """
+        change = {"delayNotified": True} if action == ACTION_DELAYED else {"notified": True}
         return attrs.evolve(
             self,
             recipients=tuple(
-                attrs.evolve(r, notified=True) if r.address in addresses else r
+                attrs.evolve(r, **change) if r.address in addresses else r
                 for r in self.recipients
             ),
         )
@@ -190,6 +296,10 @@ class Envelope:
                 "last_error": self.lastError,
                 "size": self.size,
                 "body_8bit": self.body8bit,
+                "smtputf8": self.smtputf8,
+                "headers_8bit": self.headers8bit,
+                "ret": self.ret,
+                "envid": self.envid,
                 "recipients": [
                     {
                         "address": r.address,
@@ -198,6 +308,11 @@ class Envelope:
                         "error": r.error,
                         "notified": r.notified,
                         "expired": r.expired,
+                        "notify": list(r.notify) if r.notify is not None else None,
+                        "orcpt": r.orcpt,
+                        "status": r.status,
+                        "action": r.action,
+                        "delay_notified": r.delayNotified,
                     }
                     for r in self.recipients
                 ],
@@ -213,21 +328,25 @@ class Envelope:
         """
         try:
             obj = json.loads(data)
-            if obj["version"] != _ENVELOPE_VERSION:
+            if obj["version"] not in _READABLE_VERSIONS:
                 raise ValueError(f"unknown envelope version {obj['version']!r}")
-            recipients = tuple(
-                RecipientStatus(
-                    address=str(r["address"]),
-                    state=r["state"],
-                    reply=r.get("reply"),
-                    error=r.get("error"),
-                    notified=bool(r.get("notified", False)),
-                    expired=bool(r.get("expired", False)),
-                )
-                for r in obj["recipients"]
-            )
+            recipients = tuple(_recipientFromJSON(r) for r in obj["recipients"])
             if any(r.state not in (PENDING, DELIVERED, FAILED) for r in recipients):
                 raise ValueError("unknown recipient state")
+            if obj["version"] == 1:
+                # Version 1 knew no actions and no success notifications:
+                # a final recipient was relayed or failed, and only a
+                # failure could still be waiting for its bounce.
+                recipients = tuple(
+                    attrs.evolve(
+                        r,
+                        action=ACTION_FAILED if r.state == FAILED else ACTION_RELAYED,
+                        notified=r.notified or r.state == DELIVERED,
+                    )
+                    if r.state != PENDING
+                    else r
+                    for r in recipients
+                )
             return cls(
                 id=str(obj["id"]),
                 sender=str(obj["sender"]),
@@ -238,6 +357,62 @@ class Envelope:
                 lastError=obj.get("last_error"),
                 size=int(obj.get("size", 0)),
                 body8bit=bool(obj.get("body_8bit", False)),
+                smtputf8=bool(obj.get("smtputf8", False)),
+                headers8bit=bool(obj.get("headers_8bit", False)),
+                ret=_optionalText(obj.get("ret")),
+                envid=_optionalText(obj.get("envid")),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"malformed envelope: {e!r}") from None
+
+
+def _optionalText(value) -> Optional[str]:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"expected text, got {value!r}")
+    return value
+
+
+def _recipientFromJSON(r: dict) -> RecipientStatus:
+    notify = r.get("notify")
+    if notify is not None:
+        notify = tuple(str(word) for word in notify)
+    return RecipientStatus(
+        address=str(r["address"]),
+        state=r["state"],
+        reply=r.get("reply"),
+        error=r.get("error"),
+        notified=bool(r.get("notified", False)),
+        expired=bool(r.get("expired", False)),
+        notify=notify,
+        orcpt=_optionalText(r.get("orcpt")),
+        status=_optionalText(r.get("status")),
+        action=_optionalText(r.get("action")),
+        delayNotified=bool(r.get("delay_notified", False)),
+    )
+
+
+@attrs.frozen
+class MessageOptions:
+    """
+    What the client asked for a message as a whole, kept in its envelope.
+
+    @ivar smtputf8: SMTPUTF8 was given (RFC 6531).
+    @ivar ret: RET (C{FULL} or C{HDRS}), or L{None}.
+    @ivar envid: ENVID in xtext, or L{None}.
+    """
+
+    smtputf8: bool = False
+    ret: Optional[str] = None
+    envid: Optional[str] = None
+
+
+#: A recipient handed to the queue: its address, or its status with the
+#: NOTIFY and ORCPT the client gave.
+RecipientLike = Union[str, RecipientStatus]
+
+
+def recipientStatus(recipient: RecipientLike) -> RecipientStatus:
+    """A new recipient's L{RecipientStatus}, from an address or from one."""
+    if isinstance(recipient, RecipientStatus):
+        return RecipientStatus(recipient.address, notify=recipient.notify, orcpt=recipient.orcpt)
+    return RecipientStatus(recipient)

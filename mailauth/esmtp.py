@@ -9,9 +9,10 @@ buffers, crashes on malformed AUTH, replies out of order under pipelining,
 per-recipient body copies, 550 for transient failures), so the protocol is
 written here on L{Protocol}. twisted.mail's seams are kept: the factory holds
 a cred L{Portal}; the avatar is an L{IMessageDeliveryFactory}; recipients
-are L{smtp.User}s and addresses L{smtp.Address}es. The DATA reader is
-L{mailauth.dataread}, the address grammar L{mailauth.addresses}, and every
-reply is named in L{mailauth.replies}.
+are L{smtp.User}s and addresses L{smtp.Address}es. The DATA and BDAT
+readers are L{mailauth.dataread}, the address grammar and the MAIL and RCPT
+parameters (SMTPUTF8, DSN) L{mailauth.addresses}, and every reply is named
+in L{mailauth.replies}.
 """
 
 from __future__ import annotations
@@ -32,9 +33,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailauth import replies, sasl
-from mailauth.addresses import parsePath, splitArguments
+from mailauth.addresses import (
+    MailParameters,
+    Recipient,
+    addressText,
+    parseMailParameters,
+    parsePath,
+    parseRcptParameters,
+    splitArguments,
+)
 from mailauth.checkers import LoginSuspended
-from mailauth.dataread import DataReader
+from mailauth.dataread import ChunkReader, DataReader
 from mailauth.metrics import Metrics
 from mailauth.replies import Reply, ReplyLike, SMTPReply
 
@@ -59,6 +68,10 @@ _CONNECTION_REFUSALS = {
 # Refusals counted but not logged as refusals: the session or the realm logs
 # each where it happens, with its cause.
 _REFUSALS_LOGGED_ELSEWHERE = frozenset({"storage", "temporary"})
+# BDAT chunk-size [SP "LAST"] (RFC 3030 2).
+_BDAT = re.compile(r"([0-9]{1,20})(?: (LAST))?", re.IGNORECASE)
+# The commands whose arguments may hold UTF-8 (RFC 6531 3.3, 3.7.4.2).
+_UTF8_COMMANDS = (b"MAIL ", b"RCPT ", b"VRFY ")
 
 
 class _TLSState:
@@ -84,7 +97,7 @@ class SubmissionProtocol(protocol.Protocol):
     @ivar session: the session ID, random, in every line it logs.
     """
 
-    COMMAND, DATA, AUTH, CLOSED = "command", "data", "auth", "closed"
+    COMMAND, DATA, BDAT, AUTH, CLOSED = "command", "data", "bdat", "auth", "closed"
 
     # A TCP or TLS transport (write, pause, startTLS, getHandle...); Twisted
     # types it as Optional[ITransport], which names none of those.
@@ -124,6 +137,9 @@ class SubmissionProtocol(protocol.Protocol):
         self._avatar = None
         self._logout: Optional[Callable[[], None]] = None
         self._mechanism: Any = None
+        # A BDAT transaction failed: chunks already pipelined are discarded
+        # without counting as errors (RFC 3030 2) until MAIL, RSET or EHLO.
+        self._bdatFailed = False
         self._resetTransaction()
 
     def _resetTransaction(self) -> None:
@@ -131,7 +147,13 @@ class SubmissionProtocol(protocol.Protocol):
         self._sender: Optional[smtp.Address] = None
         self._hasSender = False
         self._recipients: list = []
+        self._mailParams = MailParameters()
+        # The transaction's content reader: a DataReader or a ChunkReader.
         self._reader: Any = None
+        # The reader of the BDAT chunk being read (the transaction's, or
+        # one that discards it) and the reply due when a discarded one ends.
+        self._chunk: Optional[ChunkReader] = None
+        self._chunkVerdict: Optional[ReplyLike] = None
         self._messages: list = []
         self._writeFailure: Optional[Failure] = None
 
@@ -314,7 +336,8 @@ class SubmissionProtocol(protocol.Protocol):
 
     # The data timeout restarts at every read, so a client that trickles a
     # byte at a time would hold its slot forever: one DATA also gets
-    # max_data_time in all, from its 354 to its final dot.
+    # max_data_time in all, from its 354 to its final dot; the BDAT chunks
+    # of one message, from the first to the last.
 
     def _cancelDataDeadline(self) -> None:
         if self._dataDeadline is not None and self._dataDeadline.active():
@@ -351,6 +374,20 @@ class SubmissionProtocol(protocol.Protocol):
                 self._buffer = rest
                 self._mode = self.COMMAND
                 self._run(self._endData)
+                continue
+            if self._mode == self.BDAT:
+                chunk = cast(ChunkReader, self._chunk)
+                if chunk.remaining and not self._buffer:
+                    break
+                data, self._buffer = self._buffer, b""
+                if data:
+                    self._setTimeout(self.settings.data_timeout)
+                rest = chunk.feed(data)
+                if rest is None:
+                    break
+                self._buffer = rest
+                self._mode = self.COMMAND
+                self._run(self._endChunk)
                 continue
             end = self._buffer.find(b"\r\n")
             # A final CR is kept: its LF may arrive in the next read.
@@ -437,7 +474,10 @@ class SubmissionProtocol(protocol.Protocol):
         metric = getattr(reply, "metric", None)
         if metric is not None:
             self._countRefusal(metric, reply)
-        self.transport.write(f"{reply.code} {reply.text}\r\n".encode("ascii", "replace"))
+        # No reply line longer than 512 octets, whatever was echoed into it
+        # (RFC 5321 4.5.3.1.5).
+        text = replies.cut(reply.code, reply.text)
+        self.transport.write(f"{reply.code} {text}\r\n".encode("ascii", "replace"))
 
     def _sendLines(self, code: int, lines: list) -> None:
         out = [f"{code}-{line}\r\n" for line in lines[:-1]]
@@ -478,7 +518,15 @@ class SubmissionProtocol(protocol.Protocol):
         try:
             text = line.decode("ascii")
         except UnicodeDecodeError:
-            return self._error(replies.NON_ASCII_COMMAND)
+            # UTF-8 only in the addresses and parameters of MAIL and RCPT
+            # (and VRFY's argument), RFC 6531 3.3; the address parser then
+            # refuses it without SMTPUTF8.
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                return self._error(replies.BAD_UTF8)
+            if line[:5].upper() not in _UTF8_COMMANDS:
+                return self._error(replies.NON_ASCII_COMMAND)
         if _CONTROL.search(text) is not None:
             return self._error(replies.CONTROL_IN_COMMAND)
         verb, _, arg = text.partition(" ")
@@ -502,6 +550,7 @@ class SubmissionProtocol(protocol.Protocol):
             return self._error(replies.SYNTAX.format(usage=f"{verb} hostname"))
         self._abortMessages()
         self._resetTransaction()
+        self._bdatFailed = False
         self._helo = arg
         if not esmtp:
             self._send(Reply(250, self.settings.hostname))
@@ -512,6 +561,9 @@ class SubmissionProtocol(protocol.Protocol):
             f"SIZE {self.settings.max_message_size}",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+            "CHUNKING",
+            "DSN",
         ]
         if self._startTLSOffered():
             lines.append("STARTTLS")
@@ -810,37 +862,22 @@ class SubmissionProtocol(protocol.Protocol):
             avatar = self.factory.anonymous
         try:
             path, options = splitArguments(arg, "FROM")
-            sender = parsePath(path, allowNull=True)
-            self._checkMailOptions(options)
+            params = parseMailParameters(options, self.settings.max_message_size)
+            sender = parsePath(path, allowNull=True, utf8=params.smtputf8)
         except SMTPReply as e:
             return self._error(e)
+        self._bdatFailed = False
         delivery = avatar.getMessageDelivery()
         d = defer.maybeDeferred(delivery.validateFrom, self._heloPair(), sender)
-        d.addCallbacks(self._senderOk, self._validationFailed, (delivery,))
+        d.addCallbacks(self._senderOk, self._validationFailed, (delivery, params))
         return d
 
-    def _checkMailOptions(self, options: dict) -> None:
-        for name, value in options.items():
-            if name == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
-                    raise replies.SYNTAX.error(usage="SIZE=<number>")
-                if int(value) > self.settings.max_message_size:
-                    raise replies.TOO_BIG.error()
-            elif name == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    raise replies.SYNTAX.error(usage="BODY=7BIT or BODY=8BITMIME")
-            elif name == "AUTH":
-                # RFC 4954 section 5: accepted, and ignored like Postfix does.
-                if value is None:
-                    raise replies.SYNTAX.error(usage="AUTH=<xtext>")
-            else:
-                raise replies.UNSUPPORTED_PARAMETER.error(name=name)
-
-    def _senderOk(self, sender, delivery) -> None:
+    def _senderOk(self, sender, delivery, params: MailParameters) -> None:
         if self._mode == self.CLOSED:
             return
         self._delivery = delivery
         self._sender = sender
+        self._mailParams = params
         self._hasSender = True
         self._send(replies.SENDER_OK)
 
@@ -857,18 +894,22 @@ class SubmissionProtocol(protocol.Protocol):
     def do_RCPT(self, arg: str):
         if not self._hasSender:
             return self._error(replies.BAD_SEQUENCE.format(why="need MAIL command"))
+        if self._reader is not None:
+            return self._error(replies.BAD_SEQUENCE.format(why="RCPT after BDAT"))
+        utf8 = self._mailParams.smtputf8
         try:
+            # The path first: a malformed one is a 501 5.1.3 whatever follows it.
             path, options = splitArguments(arg, "TO")
-            if options:
-                raise replies.UNSUPPORTED_PARAMETER.error(name=next(iter(options)))
             if path.lower() == "<postmaster>":
                 path = f"<postmaster@{self.factory.postmasterDomain}>"
-            recipient = parsePath(path, allowNull=False)
+            recipient = parsePath(path, allowNull=False, utf8=utf8)
+            params = parseRcptParameters(options, utf8)
         except SMTPReply as e:
             return self._error(e)
         if len(self._recipients) >= self.settings.max_recipients:
             return self._error(replies.TOO_MANY_RECIPIENTS)
-        user = smtp.User(recipient, self._heloPair(), self, self._sender or b"")
+        user = Recipient(recipient, self._heloPair(), self, self._sender or b"", params,
+                         self._mailParams)
         d = defer.maybeDeferred(self._delivery.validateTo, user)
         d.addCallbacks(self._recipientOk, self._validationFailed, (user,))
         return d
@@ -882,12 +923,28 @@ class SubmissionProtocol(protocol.Protocol):
     def do_DATA(self, arg: str):
         if not self._hasSender:
             return self._error(replies.BAD_SEQUENCE.format(why="need MAIL command"))
+        if self._reader is not None:
+            return self._error(replies.BAD_SEQUENCE.format(why="DATA after BDAT"))
         if not self._recipients:
             return self._error(replies.BAD_SEQUENCE.format(why="need RCPT command"))
         if arg:
             return self._error(replies.SYNTAX.format(usage="DATA"))
-        # One message object per distinct sink: a delivery that hands the
-        # same IMessage to every recipient gets the body once, not N times.
+        header = self._startMessage()
+        self._reader = DataReader(self._writeMessage, self.settings.max_message_size)
+        self._mode = self.DATA
+        self._setTimeout(self.settings.data_timeout)
+        self._dataDeadline = self.clock.callLater(self.settings.max_data_time, self._dataTooSlow)
+        self._send(replies.START_DATA)
+        self._writeMessage(header)
+
+    def _startMessage(self) -> bytes:
+        """
+        Make the message objects of the transaction (one per distinct sink:
+        a delivery that hands the same IMessage to every recipient gets the
+        body once, not N times).
+
+        @return: the C{Received:} header to write first.
+        """
         messages: list = []
         for _user, messageFactory in self._recipients:
             message = messageFactory()
@@ -895,13 +952,72 @@ class SubmissionProtocol(protocol.Protocol):
                 messages.append(message)
         self._messages = messages
         users = [user for user, _ in self._recipients]
-        header = self._delivery.receivedHeader(self._heloPair(), self._sender, users)
-        self._reader = DataReader(self._writeMessage, self.settings.max_message_size)
-        self._mode = self.DATA
+        return self._delivery.receivedHeader(self._heloPair(), self._sender, users)
+
+    def do_BDAT(self, arg: str):
+        """
+        A chunk of the message (RFC 3030): its octets are read whatever the
+        verdict, so that none of them is ever taken for a command; the
+        reply comes once the chunk is read.
+        """
+        m = _BDAT.fullmatch(arg)
+        if m is None:
+            # How many octets follow is unknown, and reading them as
+            # commands would run message content: hang up.
+            self._hangUp("bad_bdat")
+            return self._close(replies.BAD_BDAT)
+        size, last = int(m.group(1)), m.group(2) is not None
+        verdict: Optional[ReplyLike] = None
+        if self._bdatFailed:
+            verdict = replies.BAD_SEQUENCE.format(why="chunk discarded after an earlier error")
+        elif not self._hasSender:
+            verdict = replies.BAD_SEQUENCE.format(why="need MAIL command")
+        elif not self._recipients:
+            verdict = replies.BAD_SEQUENCE.format(why="need RCPT command")
+        if verdict is None and self._reader is None:
+            try:
+                header = self._startMessage()
+            except Exception:
+                # The chunk must still be read (never run as commands).
+                log.failure("could not store a message: client=[{client}] session={session}",
+                            client=self._peer, session=self.session)
+                self._abortMessages()
+                self._resetTransaction()
+                self._bdatFailed = True
+                verdict = replies.STORAGE_FAILED
+            else:
+                self._reader = ChunkReader(self._writeMessage, self.settings.max_message_size)
+                # max_data_time holds for all the chunks of a message.
+                self._dataDeadline = self.clock.callLater(
+                    self.settings.max_data_time, self._dataTooSlow
+                )
+                self._writeMessage(header)
+        if verdict is not None:
+            chunk = ChunkReader(lambda data: None, 0)
+        else:
+            chunk = self._reader
+        chunk.begin(size, last)
+        self._chunk, self._chunkVerdict = chunk, verdict
+        self._mode = self.BDAT
         self._setTimeout(self.settings.data_timeout)
-        self._dataDeadline = self.clock.callLater(self.settings.max_data_time, self._dataTooSlow)
-        self._send(replies.START_DATA)
-        self._writeMessage(header)
+
+    def _endChunk(self):
+        chunk, verdict = self._chunk, self._chunkVerdict
+        self._chunk = self._chunkVerdict = None
+        self._setTimeout(self.settings.timeout)
+        if verdict is not None:
+            if self._bdatFailed:
+                self._send(verdict)
+                return None
+            return self._error(verdict)
+        reader = cast(ChunkReader, chunk)
+        if reader.failed or self._writeFailure is not None or reader.last:
+            failed = reader.failed or self._writeFailure is not None
+            result = self._endMessage()
+            self._bdatFailed = failed
+            return result
+        self._send(replies.CHUNK_RECEIVED.format(size=reader.size))
+        return None
 
     def _writeMessage(self, chunk: bytes) -> None:
         if self._writeFailure is not None:
@@ -915,6 +1031,11 @@ class SubmissionProtocol(protocol.Protocol):
     def _endData(self):
         self._cancelDataDeadline()
         self._setTimeout(self.settings.timeout)
+        return self._endMessage()
+
+    def _endMessage(self):
+        """The whole message was read (or a BDAT chunk broke a rule): store it or refuse it."""
+        self._cancelDataDeadline()
         reader, failure = self._reader, self._writeFailure
         if reader.bareNewline or reader.nul or reader.tooBig or failure is not None:
             self._abortMessages()
@@ -942,7 +1063,7 @@ class SubmissionProtocol(protocol.Protocol):
             client=self._peer,
             login=self.login or "",
             id=ids[0],
-            sender=self._sender or "",
+            sender=addressText(self._sender),
             count=len(self._recipients),
             size=self._reader.size,
             session=self.session,
@@ -990,6 +1111,7 @@ class SubmissionProtocol(protocol.Protocol):
             self._send(replies.STORAGE_FAILED)
 
     def _abortMessages(self) -> None:
+        self._cancelDataDeadline()
         messages, self._messages = self._messages, []
         for message in messages:
             try:
@@ -1001,7 +1123,9 @@ class SubmissionProtocol(protocol.Protocol):
     def do_RSET(self, arg: str):
         if arg:
             return self._error(replies.SYNTAX.format(usage="RSET"))
+        self._abortMessages()
         self._resetTransaction()
+        self._bdatFailed = False
         self._send(replies.OK)
 
     def do_NOOP(self, arg: str):

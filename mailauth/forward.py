@@ -377,7 +377,7 @@ class QueueService(service.Service):
         try:
             with message:
                 replies = yield session.deliver(
-                    envelope.sender, remote, message, envelope.size, envelope.body8bit
+                    envelope.sender, remote, message, envelope.size, envelope.body8bit, envelope
                 )
         except Exception as e:
             self._sessions.discard(session)
@@ -387,7 +387,7 @@ class QueueService(service.Service):
             log.failure("queue: relaying {msgid} failed", Failure(), msgid=envelope.id)
             raise RelayError(f"internal error: {e!r}") from None
         for address in remote:
-            outcomes[address] = Outcome.fromReply(replies[address])
+            outcomes[address] = Outcome.fromReply(replies[address], upstreamDSN=session.dsn)
         return session
 
     @defer.inlineCallbacks
@@ -403,7 +403,9 @@ class QueueService(service.Service):
             except Exception as e:
                 outcomes[recipient] = Outcome(PENDING, error=f"local delivery failed: {e!r}")
             else:
-                outcomes[recipient] = Outcome(DELIVERED, reply="250 2.0.0 delivered locally")
+                outcomes[recipient] = Outcome(
+                    DELIVERED, reply="250 2.0.0 delivered locally", local=True
+                )
         return outcomes
 
     def _report(self, msgid: str, outcomes: dict, result: SettleResult) -> None:

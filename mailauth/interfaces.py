@@ -91,13 +91,17 @@ class ILocalDelivery(Interface):
 class IForwardQueue(Interface):
     """The durable queue of mail for other domains, as the realm sees it."""
 
-    def newMessage(msgid: str, sender: str, recipients: list[str]) -> IMessageSink:
+    def newMessage(msgid: str, sender: str, recipients: list, options: Any = None) -> IMessageSink:
         """
         Start writing a message; cheap, called on the reactor thread.
 
         @param msgid: its queue ID (letters, digits, C{.}, C{_}, C{-}).
         @param sender: the envelope sender, C{""} for the null sender.
-        @param recipients: the recipient addresses, C{local@domain}.
+        @param recipients: the recipient addresses, C{local@domain}, or
+            their L{mailauth.envelope.RecipientStatus} carrying the NOTIFY
+            and ORCPT the client gave.
+        @param options: a L{mailauth.envelope.MessageOptions} (SMTPUTF8,
+            RET, ENVID), or L{None} for none.
         @raise ValueError: for a bad or used ID, no recipients, or an
             address that cannot be stored.
         """
@@ -263,8 +267,18 @@ class ICounterStore(Interface):
 class IRelaySession(Interface):
     """An established, authenticated SMTP session with the relay."""
 
+    dsn = Attribute(
+        "Whether the relay takes DSN requests (RFC 3461): it then reports on"
+        " the messages it accepts, and the queue no longer does."
+    )
+
     def deliver(
-        sender: str, recipients: list[str], message: Any, size: int, body8bit: bool
+        sender: str,
+        recipients: list[str],
+        message: Any,
+        size: int,
+        body8bit: bool,
+        envelope: Any = None,
     ) -> Deferred[dict]:
         """
         Send one message.
@@ -275,10 +289,13 @@ class IRelaySession(Interface):
             dot-stuffed, sent as it is and followed by C{.CRLF}.
         @param size: the message size, announced with C{SIZE=} if offered.
         @param body8bit: the message has 8-bit bytes.
+        @param envelope: the message's L{mailauth.envelope.Envelope}, for
+            SMTPUTF8 and the DSN parameters, or L{None}.
         @return: a Deferred firing with a dict of recipient to
             L{mailauth.relay.RelayReply} (the RCPT reply if it was refused,
             else the reply at the end of DATA, or the MAIL reply if MAIL
-            failed), or failing with L{mailauth.relay.RelayError}, after
+            failed, or one made here for an address the relay cannot
+            take), or failing with L{mailauth.relay.RelayError}, after
             which the session is unusable.
         """
 

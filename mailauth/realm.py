@@ -19,9 +19,18 @@ from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory, I
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailauth import replies
-from mailauth.addresses import addressText, normalise
+from mailauth import dsn, replies
+from mailauth.addresses import (
+    MailParameters,
+    RcptParameters,
+    addressText,
+    domainKey,
+    encodeXtext,
+    normalise,
+    orcptFor,
+)
 from mailauth.addressmap import AddressMap
+from mailauth.envelope import MessageOptions, RecipientStatus
 from mailauth.headers import HeaderCompleter
 from mailauth.interfaces import (
     BlockingRunner,
@@ -50,7 +59,9 @@ class Router:
     Knows which domains are local, who exists, what aliases expand to and
     who may send as whom. Shared by every delivery. The aliases and the
     sender map are in memory; users are looked up in the L{IUserDatabase},
-    so the answers are Deferreds.
+    so the answers are Deferreds. Addresses are compared by their key
+    (L{normalise}): quoting, case and the A- or U-label form of a domain
+    make no difference.
 
     @ivar postmaster: where postmaster@ each local domain goes (RFC 5321
         4.5.1; the session turns C{<Postmaster>} into postmaster@ a local
@@ -61,7 +72,7 @@ class Router:
     def __init__(self, *, localDomains, maildirTemplate: str, users: IUserDatabase,
                  aliases: AddressMap, senderMap: AddressMap, senderLoginMatch: bool,
                  postmaster: Optional[str] = None) -> None:
-        self.localDomains = frozenset(localDomains)
+        self.localDomains = frozenset(domainKey(domain) for domain in localDomains)
         self.maildirTemplate = maildirTemplate
         self.users = users
         self.aliases = aliases
@@ -145,6 +156,7 @@ class Router:
         @return: a Deferred firing with a L{bool}.
         """
         sender = normalise(sender)
+        login = normalise(login)
         if sender == login or login in self.senderMap.get(sender):
             return True
         if not self.isLocal(sender):
@@ -155,6 +167,31 @@ class Router:
 
 def _unique(items: list) -> tuple:
     return tuple(dict.fromkeys(items))
+
+
+def _traceAddress(address: str, utf8: bool) -> str:
+    """
+    An address as the Received header names it: ASCII wherever it can be
+    (domains in A-labels), so that a SMTPUTF8 message whose own header is
+    ASCII can still go to a relay without SMTPUTF8; UTF-8 local parts only
+    in SMTPUTF8 mail, as xtext otherwise.
+    """
+    local, _, domain = address.rpartition("@")
+    if not local.isascii() and not utf8:
+        local = encodeXtext(local)
+    return f"{local}@{domainKey(domain)}" if local.isascii() else f"{local}@{domain}"
+
+
+def _orcpt(params: RcptParameters, recipient: str, address: str) -> Optional[str]:
+    """
+    The ORCPT to keep for C{address}, reached from the RCPT address
+    C{recipient}: the client's, else the RCPT address when an alias led
+    elsewhere, so that reports name the address the sender wrote (RFC 3461
+    4.2).
+    """
+    if params.orcpt is not None or normalise(address) == normalise(recipient):
+        return params.orcpt
+    return orcptFor(recipient)
 
 
 @implementer(IRealm)
@@ -250,8 +287,13 @@ class Delivery:
         self.login = login
         self.id = newMessageID()
         self.sender = ""
+        self.mail = MailParameters()
         self.maildirs: list = []
         self.remote: list = []
+        # Each remote address's RecipientStatus, with NOTIFY and ORCPT.
+        self.remoteStatus: dict = {}
+        # The local recipients that asked to be told of delivery (NOTIFY=SUCCESS).
+        self.successReports: list = []
         self._message: Optional[Message] = None
         self.appPassword: Optional[str] = None
         #: The recipients accepted so far, and what the sending limits
@@ -282,6 +324,10 @@ class Delivery:
     @defer.inlineCallbacks
     def validateTo(self, user: smtp.User):
         recipient = addressText(user.dest)
+        # The session hands over an addresses.Recipient with the RCPT and
+        # MAIL parameters; a plain smtp.User has none.
+        params = getattr(user, "params", None) or RcptParameters()
+        self.mail = getattr(user, "mail", None) or self.mail
         router = self.realm.router
         if router.isLocal(recipient):
             local, remote = yield router.expand(recipient)
@@ -308,6 +354,11 @@ class Delivery:
         for address in remote:
             if address not in self.remote:
                 self.remote.append(address)
+                self.remoteStatus[address] = RecipientStatus(
+                    address, notify=params.notify, orcpt=_orcpt(params, recipient, address)
+                )
+        if local and params.notify is not None and "SUCCESS" in params.notify:
+            self.successReports.append(dsn.FailedRecipient(recipient, orcpt=params.orcpt))
         return self._getMessage
 
     def _getMessage(self) -> Message:
@@ -322,20 +373,27 @@ class Delivery:
         """
         session = recipients[0].protocol
         tlsText = session.tlsDescription()
-        with_ = "ESMTP" + ("S" if tlsText else "") + ("A" if self.login else "")
+        # RFC 6531 3.7.3: UTF8SMTP and its S and A forms for SMTPUTF8 mail.
+        utf8 = any(getattr(getattr(r, "mail", None), "smtputf8", False) for r in recipients)
+        with_ = ("UTF8SMTP" if utf8 else "ESMTP") + ("S" if tlsText else "")
+        with_ += "A" if self.login else ""
         name = helo[0].decode("ascii") if isinstance(helo[0], bytes) else helo[0]
         lines = [f"Received: from {name} ([{helo[1]}])"]
-        if self.login and self.appPassword:
-            lines.append(f"\t(authenticated as {self.login} with app password {self.appPassword})")
-        elif self.login:
-            lines.append(f"\t(authenticated as {self.login})")
+        if self.login:
+            login = _traceAddress(self.login, utf8)
+            if self.appPassword:
+                lines.append(f"\t(authenticated as {login} with app password {self.appPassword})")
+            else:
+                lines.append(f"\t(authenticated as {login})")
         lines.append(f"\tby {self.realm.hostname} (mailauth) with {with_} id {self.id}")
         if tlsText:
             lines.append(f"\t(using {tlsText})")
-        forPart = f"for <{addressText(recipients[0].dest)}>; " if len(recipients) == 1 else ""
+        forPart = ""
+        if len(recipients) == 1:
+            forPart = f"for <{_traceAddress(addressText(recipients[0].dest), utf8)}>; "
         date = formatdate(self.realm.clock.seconds(), localtime=True)
         lines.append(f"\t{forPart}{date}")
-        return ("\r\n".join(lines) + "\r\n").encode("ascii")
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
 def returnPath(sender: str) -> bytes:
@@ -367,17 +425,23 @@ class Message:
         realm = delivery.realm
         self.id = delivery.id
         self._realm = realm
+        self._delivery = delivery
         self._sinks: list[IMessageSink] = []
         self._failed: Optional[SMTPReply] = None
         self._places = list(delivery.maildirs)
+        mail = delivery.mail
         try:
             if delivery.remote:
                 # The queue commits first: its commit is one rename, undone by
                 # removing the message before anybody has sent it.
                 assert realm.queue is not None, "validateTo takes remote ones only with a queue"
                 self._places.insert(0, "the queue")
-                self._sinks.append(realm.queue.newMessage(delivery.id, delivery.sender,
-                                                          list(delivery.remote)))
+                self._sinks.append(realm.queue.newMessage(
+                    delivery.id,
+                    delivery.sender,
+                    [delivery.remoteStatus[address] for address in delivery.remote],
+                    MessageOptions(smtputf8=mail.smtputf8, ret=mail.ret, envid=mail.envid),
+                ))
             if delivery.maildirs:
                 writer = MaildirWriter(delivery.maildirs, realm.hostname)
                 writer.write(returnPath(delivery.sender))
@@ -390,6 +454,10 @@ class Message:
             self._headers = HeaderCompleter(self._toSinks, submissionFields(realm, delivery.id))
         self._limits = delivery.limits
         self._accepted = delivery.accepted
+        # The header section, kept for a delivery report (NOTIFY=SUCCESS).
+        self._report = bool(delivery.successReports and delivery.sender)
+        self._reportHeaders = b""
+        self._reportHeadersDone = False
 
     def _storageFailed(self, error: OSError) -> SMTPReply:
         """
@@ -431,6 +499,12 @@ class Message:
                 sink.write(chunk)
         except OSError as e:
             self._storageFailed(e)
+            return
+        if self._report and not self._reportHeadersDone:
+            self._reportHeaders += chunk
+            end = self._reportHeaders.find(b"\r\n\r\n")
+            if end >= 0 or len(self._reportHeaders) > dsn.MAX_RETURNED_HEADERS:
+                self._reportHeadersDone = True
 
     def lineReceived(self, line: bytes) -> None:
         self.write(line + b"\r\n")
@@ -467,10 +541,72 @@ class Message:
         self._sinks = []
         if self._remote:
             self._realm.wakeQueue()
+        if self._report:
+            try:
+                self._reportDelivery()
+            except Exception:
+                # The message is stored; only its report is lost.
+                log.failure("delivery report for {id} failed", id=self.id)
         if self._limits is None:
             return defer.succeed(self.id)
         # Counted before the 250, so that the next MAIL sees this message.
         return self._limits.record(self._accepted).addCallback(lambda ignored: self.id)
+
+    def _reportDelivery(self) -> None:
+        """
+        Tell the sender that the local recipients that asked (NOTIFY=SUCCESS,
+        RFC 3461 5.2.3) have the message: through the queue, or straight
+        into the sender's Maildir when there is no queue. The message is
+        stored already, so a report that cannot be sent is only logged.
+        """
+        realm, delivery = self._realm, self._delivery
+        reportID = newMessageID()
+        now = realm.clock.seconds()
+        headers = dsn.returnedHeaders(self._reportHeaders)
+        boundary = f"{reportID}/{realm.hostname}"
+        report = dsn.buildReport(
+            hostname=realm.hostname,
+            queueID=self.id,
+            messageID=f"{reportID}@{realm.hostname}",
+            boundary=boundary,
+            sender=delivery.sender,
+            arrival=now,
+            now=now,
+            action="delivered",
+            recipients=delivery.successReports,
+            original=headers.replace(boundary.encode(), b"?"),
+            envid=delivery.mail.envid,
+            utf8=delivery.mail.smtputf8,
+        )
+        queue = realm.queue
+        if queue is not None:
+            writer = queue.newMessage(
+                reportID, "", [delivery.sender], MessageOptions(smtputf8=delivery.mail.smtputf8)
+            )
+
+            def store() -> None:
+                try:
+                    writer.write(report)
+                    writer.commit()
+                except BaseException:
+                    writer.abort()
+                    raise
+
+            d = realm.runBlocking(store)
+            d.addCallback(lambda _: realm.wakeQueue())
+        elif realm.router.isLocal(delivery.sender):
+            d = LocalDelivery(realm.router, realm.hostname, realm.runBlocking).deliver(
+                delivery.sender, report
+            )
+        else:
+            log.warn("no [relay] to send a delivery report for {id} to <{sender}>",
+                     id=self.id, sender=delivery.sender)
+            return
+        d.addCallbacks(
+            lambda _: log.info("delivery report for {id} to <{sender}>", id=self.id,
+                               sender=delivery.sender),
+            lambda f: log.failure("delivery report for {id} failed", f, id=self.id),
+        )
 
     def connectionLost(self) -> None:
         sinks, self._sinks = self._sinks, []

@@ -8,6 +8,12 @@ replies that were buffered before the STARTTLS handshake (D31). This client
 sends the queue's stored bytes, which are dot-stuffed once when they are
 written, verbatim, and aborts the connection when anything follows the 220
 reply to STARTTLS.
+
+Of the extensions the relay offers it uses SIZE, 8BITMIME, SMTPUTF8 (only
+for mail that asked for it; otherwise internationalised domains go as
+A-labels, and what cannot be sent in ASCII fails here with 5.6.7 or 5.6.9,
+RFC 6531), DSN (passing on NOTIFY, ORCPT, RET and ENVID, RFC 3461) and
+CHUNKING (BDAT with the dot-stuffing undone, RFC 3030).
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ from twisted.protocols import basic
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailauth.addresses import asciiAddress
 from mailauth.config import RelayConfig
 from mailauth.interfaces import IRelayConnector, IRelaySession
+from mailauth.spool import Unstuffer
 
 log = Logger(namespace="mailauth.relay")
 
@@ -38,6 +46,8 @@ _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|$)")
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
 )
+# The size of the BDAT chunks the message is sent in.
+BDAT_CHUNK = 256 * 1024
 
 
 class RelayError(Exception):
@@ -56,10 +66,14 @@ class RelayReply:
 
     @ivar code: the three-digit reply code.
     @ivar lines: every line as received, code included, without CRLF.
+    @ivar local: no server said it: this client refused the recipient
+        itself (an address the relay cannot take); C{lines} then holds
+        one line, the enhanced status code and why.
     """
 
     code: int
     lines: tuple
+    local: bool = False
 
     @property
     def text(self) -> str:
@@ -203,6 +217,19 @@ class RelayClientProtocol(basic.LineReceiver):
         sender.beginFileTransfer(message, self.transport, self._progress).addCallbacks(sent, failed)
         return waiting
 
+    def sendChunk(self, data: bytes, last: bool) -> defer.Deferred:
+        """
+        Send C{BDAT} with C{data} as its chunk (RFC 3030); return a Deferred
+        for the reply.
+        """
+        if self._error is not None:
+            return defer.fail(self._error)
+        self._waiting = defer.Deferred()
+        command = b"BDAT %d%s\r\n" % (len(data), b" LAST" if last else b"")
+        self.transport.write(command + data)
+        self._touch()
+        return self._waiting
+
     def abort(self) -> defer.Deferred:
         """
         Drop the connection without a goodbye.
@@ -281,44 +308,112 @@ class RelaySession:
     A session on which the greeting, EHLO, STARTTLS and AUTH are done.
 
     @ivar extensions: what the relay offered in its last EHLO reply.
+    @ivar dsn: the relay offers DSN, so the NOTIFY, ORCPT, RET and ENVID of
+        the messages it takes are passed on, and it reports from then on.
     """
 
     def __init__(self, protocol: RelayClientProtocol, extensions: dict) -> None:
         self._protocol = protocol
         self.extensions = extensions
+        self.dsn = "DSN" in extensions
         self._dirty = False
 
     @defer.inlineCallbacks
-    def deliver(self, sender, recipients, message, size, body8bit):
+    def deliver(self, sender, recipients, message, size, body8bit, envelope=None):
         proto = self._protocol
+        results: dict = {}
+        smtputf8 = envelope is not None and envelope.smtputf8 and "SMTPUTF8" in self.extensions
+        wire = {recipient: recipient for recipient in recipients}
+        if envelope is not None and envelope.smtputf8 and not smtputf8:
+            # RFC 6531 3.2: without SMTPUTF8 only ASCII can go on. Domains
+            # can be sent as A-labels; UTF-8 local parts and header fields
+            # cannot, and fail here.
+            if envelope.headers8bit:
+                return dict.fromkeys(recipients, _UTF8_HEADERS)
+            ascii = asciiAddress(sender) if sender else ""
+            if ascii is None:
+                return dict.fromkeys(recipients, _UTF8_SENDER)
+            sender = ascii
+            for recipient in recipients:
+                ascii = asciiAddress(recipient)
+                if ascii is None:
+                    results[recipient] = _UTF8_RECIPIENT
+                    del wire[recipient]
+                else:
+                    wire[recipient] = ascii
+            if not wire:
+                return results
         if self._dirty:
             reply = yield proto.command(b"RSET")
             _check(reply, 250, "RSET")
         self._dirty = True
-        mail = b"MAIL FROM:<" + _address(sender) + b">"
-        if "SIZE" in self.extensions:
-            mail += b" SIZE=%d" % (size,)
-        if body8bit and "8BITMIME" in self.extensions:
-            mail += b" BODY=8BITMIME"
-        reply = _classify((yield proto.command(mail)))
+        reply = _classify((yield proto.command(self._mailCommand(
+            sender, size, body8bit, smtputf8, envelope
+        ))))
         if reply.code != 250:
-            return {recipient: reply for recipient in recipients}
-        results = {}
+            results.update(dict.fromkeys(wire, reply))
+            return results
         accepted = []
-        for recipient in recipients:
-            reply = _classify((yield proto.command(b"RCPT TO:<" + _address(recipient) + b">")))
+        for recipient, address in wire.items():
+            command = b"RCPT TO:<" + _address(address) + b">"
+            if self.dsn and envelope is not None:
+                command += _rcptParameters(envelope, recipient, smtputf8)
+            reply = _classify((yield proto.command(command)))
             results[recipient] = reply
             if reply.code // 100 == 2:
                 accepted.append(recipient)
         if not accepted:
             return results
-        reply = _classify((yield proto.command(b"DATA")), intermediate=354)
-        if reply.code == 354:
-            reply = _classify((yield proto.sendMessage(message)))
+        if "CHUNKING" in self.extensions:
+            reply = yield self._sendChunks(message)
             self._dirty = False
+        else:
+            reply = _classify((yield proto.command(b"DATA")), intermediate=354)
+            if reply.code == 354:
+                reply = _classify((yield proto.sendMessage(message)))
+                self._dirty = False
         for recipient in accepted:
             results[recipient] = reply
         return results
+
+    def _mailCommand(self, sender: str, size: int, body8bit: bool, smtputf8: bool,
+                     envelope) -> bytes:
+        mail = b"MAIL FROM:<" + _address(sender) + b">"
+        if "SIZE" in self.extensions:
+            mail += b" SIZE=%d" % (size,)
+        if body8bit and "8BITMIME" in self.extensions:
+            mail += b" BODY=8BITMIME"
+        if smtputf8:
+            mail += b" SMTPUTF8"
+        if self.dsn and envelope is not None:
+            if envelope.ret is not None:
+                mail += b" RET=" + envelope.ret.encode("ascii")
+            if envelope.envid is not None:
+                mail += b" ENVID=" + envelope.envid.encode("ascii")
+        return mail
+
+    @defer.inlineCallbacks
+    def _sendChunks(self, message):
+        """
+        Send the stored message as BDAT chunks (RFC 3030), its dot-stuffing
+        undone, each chunk waiting for its reply; the last one says LAST.
+
+        @return: a Deferred firing with the reply that ends it: the one to
+            the last chunk, or the first refusal.
+        """
+        unstuffer = Unstuffer()
+        pending = unstuffer.feed(message.read(BDAT_CHUNK))
+        while True:
+            data = message.read(BDAT_CHUNK)
+            if not data:
+                reply = _classify((yield self._protocol.sendChunk(
+                    pending + unstuffer.finish(), last=True
+                )))
+                return reply
+            reply = _classify((yield self._protocol.sendChunk(pending, last=False)))
+            if reply.code // 100 != 2:
+                return reply
+            pending = unstuffer.feed(data)
 
     @defer.inlineCallbacks
     def close(self):
@@ -352,6 +447,43 @@ def _classify(reply: RelayReply, intermediate: Optional[int] = None) -> RelayRep
 
 def _address(address: str) -> bytes:
     return address.encode("utf-8")
+
+
+def _rcptParameters(envelope, recipient: str, smtputf8: bool) -> bytes:
+    """
+    The NOTIFY and ORCPT to pass on for C{recipient} (RFC 3461 5.2.1); a
+    UTF-8 ORCPT for a relay without SMTPUTF8 goes in the ASCII
+    utf-8-addr-xtext form (RFC 6533 3).
+    """
+    status = next((r for r in envelope.recipients if r.address == recipient), None)
+    if status is None:
+        return b""
+    out = b""
+    if status.notify is not None:
+        out += b" NOTIFY=" + ",".join(status.notify).encode("ascii")
+    if status.orcpt is not None:
+        orcpt = status.orcpt
+        if not smtputf8 and not orcpt.isascii():
+            orcpt = "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in orcpt)
+        out += b" ORCPT=" + orcpt.encode("utf-8")
+    return out
+
+
+def _refusal(code: int, status: str, why: str) -> RelayReply:
+    return RelayReply(code, (f"{status} {why}",), local=True)
+
+
+# RFC 6531 3.5 and its enhanced codes (RFC 5248): what cannot be sent to a
+# relay without SMTPUTF8.
+_UTF8_SENDER = _refusal(
+    553, "5.6.7", "the relay does not offer SMTPUTF8 and the sender's local part is not ASCII"
+)
+_UTF8_RECIPIENT = _refusal(
+    553, "5.6.7", "the relay does not offer SMTPUTF8 and the recipient's local part is not ASCII"
+)
+_UTF8_HEADERS = _refusal(
+    554, "5.6.9", "the relay does not offer SMTPUTF8 and the message has UTF-8 header fields"
+)
 
 
 def loadCertificates(path: str) -> list:

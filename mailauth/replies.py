@@ -67,6 +67,17 @@ class Reply:
         return SMTPReply(reply.code, reply.text, reply.metric)
 
 
+def cut(code: int, text: str) -> str:
+    """
+    C{text} cut so that the line C{"<code> <text>\\r\\n"} is at most
+    L{MAX_REPLY_LINE} octets once encoded: the last guard behind L{echo}.
+    """
+    room = MAX_REPLY_LINE - len(f"{code} \r\n")
+    if len(text.encode("utf-8")) <= room:
+        return text
+    return text.encode("utf-8")[: room - 3].decode("utf-8", "ignore") + "..."
+
+
 def echo(text: str, limit: int = 64) -> str:
     """
     Client text quoted back in a reply, cut so that no reply line can grow
@@ -94,10 +105,20 @@ BARE_NEWLINE_IN_COMMAND = Reply(500, "5.5.2 Error: bare CR or LF in command")
 NON_ASCII_COMMAND = Reply(500, "5.5.2 Error: command contains non-ASCII characters")
 CONTROL_IN_COMMAND = Reply(500, "5.5.2 Error: control characters in command")
 UNKNOWN_COMMAND = Reply(500, "5.5.2 Error: command not recognized")
+BAD_UTF8 = Reply(500, "5.5.2 Error: bad UTF-8 syntax")
 SYNTAX = Reply(501, "5.5.4 Syntax: {usage}")
 BAD_PARAMETERS = Reply(501, "5.5.4 Syntax error in parameters")
 BAD_SENDER_SYNTAX = Reply(501, "5.1.7 Bad sender address syntax")
 BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3 Bad recipient address syntax")
+SENDER_TOO_LONG = Reply(501, "5.1.7 Error: sender address too long")
+RECIPIENT_TOO_LONG = Reply(501, "5.1.3 Error: recipient address too long")
+SENDER_NOT_RELAYABLE = Reply(
+    553, "5.1.7 Error: sender address with spaces, angle brackets or controls not accepted"
+)
+RECIPIENT_NOT_RELAYABLE = Reply(
+    553, "5.1.3 Error: recipient address with spaces, angle brackets or controls not accepted"
+)
+NEEDS_SMTPUTF8 = Reply(553, "5.6.7 Error: non-ASCII address needs the SMTPUTF8 parameter")
 NOT_IMPLEMENTED = Reply(502, "5.5.1 Error: {command} not supported")
 BAD_SEQUENCE = Reply(503, "5.5.1 Error: {why}")
 PARAMETER_TWICE = Reply(555, "5.5.4 Parameter {name} given twice")
@@ -128,6 +149,8 @@ SENDER_OK = Reply(250, "2.1.0 Ok")
 RECIPIENT_OK = Reply(250, "2.1.5 Ok")
 START_DATA = Reply(354, "End data with <CR><LF>.<CR><LF>")
 QUEUED = Reply(250, "2.0.0 Ok: queued as {id}")
+CHUNK_RECEIVED = Reply(250, "2.0.0 Ok: {size} octets")
+BAD_BDAT = Reply(421, "4.5.2 Error: malformed BDAT command, closing connection")
 TEMPORARY_FAILURE = Reply(451, "4.3.0 Error: temporary failure, try again later",
                           metric="temporary")
 CANNOT_FORWARD = Reply(451, "4.3.0 <{address}>: cannot forward, try again later",

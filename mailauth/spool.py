@@ -18,6 +18,7 @@ Layout of the queue directory (C{<state_dir>/queue}):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import secrets
@@ -31,9 +32,13 @@ from zope.interface import implementer
 from mailauth import dsn
 from mailauth.durable import fsyncDirectory, locked, unlink, writeDurably
 from mailauth.envelope import (
+    ACTION_DELAYED,
+    ACTION_FAILED,
     Envelope,
-    RecipientStatus,
+    MessageOptions,
+    RecipientLike,
     RetryPolicy,
+    recipientStatus,
 )
 from mailauth.interfaces import IForwardQueue, IMessageSink
 
@@ -98,6 +103,38 @@ class DotStuffer:
             self._empty = False
             return b"\r\n"
         return b""
+
+
+class Unstuffer:
+    """
+    Undoes the stored form's dot-stuffing for a message read in pieces (to
+    send it with BDAT, which has none): the first dot of every line goes.
+    A piece may end anywhere, even between CR and LF or right after them:
+    a final CR or CRLF is held until the next piece shows what follows.
+    """
+
+    def __init__(self) -> None:
+        self._lineStart = True
+        self._held = b""
+
+    def feed(self, piece: bytes) -> bytes:
+        """@return: the message bytes of C{piece}, as far as they are known yet."""
+        data = self._held + piece
+        keep = 2 if data.endswith(b"\r\n") else 1 if data.endswith(b"\r") else 0
+        data, self._held = data[: len(data) - keep], data[len(data) - keep :]
+        if not data:
+            return b""
+        if self._lineStart and data.startswith(b"."):
+            data = data[1:]
+        # What is left ends neither in CR nor CRLF, so each line start in
+        # it is followed by its first byte, and the next piece starts mid-line.
+        self._lineStart = False
+        return data.replace(b"\r\n.", b"\r\n")
+
+    def finish(self) -> bytes:
+        """@return: what is still held back (the message's last CRLF)."""
+        held, self._held = self._held, b""
+        return held
 
 
 def unstuff(stored: bytes) -> bytes:
@@ -216,16 +253,22 @@ class QueueWriter:
     L{prepare} and L{commit} it (or L{abort}).
     """
 
-    def __init__(self, queue: Queue, msgid: str, sender: str, recipients: Sequence[str]) -> None:
+    def __init__(self, queue: Queue, msgid: str, sender: str, recipients: Sequence[RecipientLike],
+                 options: MessageOptions) -> None:
         self._queue = queue
         self._spool = queue._spool
         self.msgid = msgid
         self._sender = sender
-        self._recipients = tuple(recipients)
+        self._recipients = tuple(recipientStatus(r) for r in recipients)
+        self._options = options
         self._arrival = queue.clock.seconds()
         self._stuffer = DotStuffer()
         self._size = 0
         self._body8bit = False
+        self._headers8bit = False
+        # The end of the header section is looked for across chunks.
+        self._inHeaders = True
+        self._headerTail = b""
         self._tempData = os.path.join(self._spool.tmp, msgid + ".data")
         self._tempEnvelope = os.path.join(self._spool.tmp, msgid + ".json")
         self._file = open(self._tempData, "xb", opener=_privateOpener)
@@ -239,9 +282,23 @@ class QueueWriter:
         """
         if not self._body8bit and not chunk.isascii():
             self._body8bit = True
+        if self._inHeaders:
+            self._scanHeaders(chunk)
         stored = self._stuffer.feed(chunk)
         self._size += len(stored)
         self._file.write(stored)
+
+    def _scanHeaders(self, chunk: bytes) -> None:
+        """Note 8-bit bytes in the header section (RFC 6532 fields need SMTPUTF8 to go on)."""
+        data = self._headerTail + chunk
+        end = data.find(b"\r\n\r\n")
+        if data.startswith(b"\r\n") and not self._headerTail:
+            end = 0  # an empty header section
+        if not data[: end if end >= 0 else len(data)].isascii():
+            self._headers8bit = True
+        if end >= 0:
+            self._inHeaders = False
+        self._headerTail = data[-3:]
 
     def prepare(self) -> None:
         """
@@ -260,11 +317,15 @@ class QueueWriter:
             envelope = Envelope(
                 id=self.msgid,
                 sender=self._sender,
-                recipients=tuple(RecipientStatus(address) for address in self._recipients),
+                recipients=self._recipients,
                 arrival=self._arrival,
                 nextAttempt=self._arrival,
                 size=self._size,
                 body8bit=self._body8bit,
+                smtputf8=self._options.smtputf8,
+                headers8bit=self._headers8bit,
+                ret=self._options.ret,
+                envid=self._options.envid,
             )
             writeDurably(self._tempEnvelope, envelope.toJSON())
         except BaseException:
@@ -382,20 +443,24 @@ class Queue:
         """A new, unique queue ID."""
         return f"{int(self.clock.seconds()):x}{secrets.token_hex(6)}"
 
-    def newMessage(self, msgid: str, sender: str, recipients: list) -> QueueWriter:
+    def newMessage(self, msgid: str, sender: str, recipients: list,
+                   options: Optional[MessageOptions] = None) -> QueueWriter:
         """
         Start writing a message.
 
         @param msgid: its queue ID (see L{validID}).
         @param sender: the envelope sender, C{""} for the null sender.
-        @param recipients: the recipient addresses, C{local@domain}.
+        @param recipients: the recipient addresses, C{local@domain}, or
+            their L{RecipientStatus} with the DSN parameters given for them.
+        @param options: SMTPUTF8 and the DSN parameters of the message.
         @raise ValueError: for a bad or used ID, or no recipients.
         """
         if not validID(msgid):
             raise ValueError(f"{msgid!r} cannot name a queued message")
         if not recipients:
             raise ValueError("a message needs at least one recipient")
-        for address in [sender, *recipients]:
+        addresses = [recipientStatus(r).address for r in recipients]
+        for address in [sender, *addresses]:
             if _BAD_ADDRESS.search(address) or (address != sender and not address):
                 raise ValueError(f"{address!r} cannot be an envelope address")
         with self._activeLock:
@@ -403,7 +468,7 @@ class Queue:
                 raise ValueError(f"message {msgid} is already queued")
             self._active.add(msgid)
         try:
-            return QueueWriter(self, msgid, sender, recipients)
+            return QueueWriter(self, msgid, sender, recipients, options or MessageOptions())
         except BaseException:
             self._finished(msgid)
             raise
@@ -480,8 +545,10 @@ class Queue:
     ) -> SettleResult:
         """
         Record an attempt (or, with no C{outcomes}, only check for expiry),
-        queue one bounce for the recipients that failed since the last one,
-        and remove the message once every recipient is done. Blocks.
+        queue the notifications now due (one bounce for the recipients that
+        failed since the last one, and the success and delay reports that
+        were asked for), and remove the message once every recipient is
+        done. Blocks.
 
         @param outcomes: address to L{Outcome}.
         @param error: why the attempt failed as a whole, if it did.
@@ -498,33 +565,48 @@ class Queue:
             return SettleResult(None)
         expired = tuple(r.address for r in envelope.recipients if r.expired and r.address in before)
         bounces = []
-        failed = envelope.unnotified()
-        if failed:
-            if envelope.sender:
-                bounces.append(self._queueBounce(envelope, failed, now, relayHost))
-            envelope = self._spool.update(
-                msgid, lambda e: e.markNotified([r.address for r in failed])
-            )
+        for action, due in envelope.reportsDue(now, policy):
+            bounces.append(self._queueReport(envelope, action, due, now, policy, relayHost))
+            marked = functools.partial(_markNotified, [r.address for r in due], action)
+            envelope = self._spool.update(msgid, marked)
+            if envelope is None:
+                break
         if envelope is not None and envelope.finished():
             with self._spool.locked():
                 self._spool.remove(msgid)
             envelope = None
         return SettleResult(envelope, tuple(bounces), expired)
 
-    def _queueBounce(
-        self, envelope: Envelope, failed: list, now: float, relayHost: Optional[str]
+    def _queueReport(
+        self,
+        envelope: Envelope,
+        action: str,
+        recipients: list,
+        now: float,
+        policy: RetryPolicy,
+        relayHost: Optional[str],
     ) -> str:
+        """Queue a notification to the sender of C{envelope} (from C{<>}). Blocks."""
+        # RET=FULL returns the whole message with a bounce, when not huge
+        # (RFC 3461 4.3); otherwise, and for other reports, its header.
+        full = (
+            action == ACTION_FAILED
+            and envelope.ret == "FULL"
+            and envelope.size <= dsn.MAX_RETURNED_MESSAGE
+        )
+        limit = envelope.size if full else dsn.MAX_RETURNED_HEADERS + 4
         try:
             with open(self._spool.dataPath(envelope.id), "rb") as f:
-                head = f.read(dsn.MAX_RETURNED_HEADERS + 4)
+                stored = f.read(limit)
         except FileNotFoundError:
-            head = b""
-        headers = dsn.returnedHeaders(unstuff(head))
+            stored, full = b"", False
+        original = unstuff(stored) if full else dsn.returnedHeaders(unstuff(stored))
         bounceID = self.newID()
         boundary = f"{bounceID}/{self.hostname}"
-        while boundary.encode("ascii") in headers:
+        while boundary.encode("ascii") in original:
             boundary += secrets.token_hex(4)
-        message = dsn.buildBounce(
+        utf8 = envelope.smtputf8
+        message = dsn.buildReport(
             hostname=self.hostname,
             queueID=envelope.id,
             messageID=f"{bounceID}@{self.hostname}",
@@ -532,20 +614,32 @@ class Queue:
             sender=envelope.sender,
             arrival=envelope.arrival,
             now=now,
-            failures=[
-                dsn.FailedRecipient(r.address, reply=r.reply, error=r.error, expired=r.expired)
-                for r in failed
+            action=action,
+            recipients=[
+                dsn.FailedRecipient(
+                    r.address, reply=r.reply, error=r.error, expired=r.expired,
+                    status=r.status, orcpt=r.orcpt,
+                )
+                for r in recipients
             ],
-            originalHeaders=headers,
+            original=original,
+            full=full,
             relayHost=relayHost,
+            envid=envelope.envid,
+            retryUntil=envelope.expiresAt(policy) if action == ACTION_DELAYED else None,
+            utf8=utf8,
         )
-        writer = self.newMessage(bounceID, "", [envelope.sender])
+        writer = self.newMessage(bounceID, "", [envelope.sender], MessageOptions(smtputf8=utf8))
         try:
             writer.write(message)
         except BaseException:
             writer.abort()
             raise
         return writer.commit()
+
+
+def _markNotified(addresses: list, action: str, envelope: Envelope) -> Envelope:
+    return envelope.markNotified(addresses, action)
 
 
 # `mailauth queue` commands; safe while the daemon runs.

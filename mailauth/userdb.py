@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailauth import apppasswords
+from mailauth.addresses import normalise
 from mailauth.apppasswords import AppPassword, AppPasswordError
 from mailauth.durable import WatchedFile, locked, replaceDurably
 from mailauth.interfaces import IReloadable, IUserDatabase
@@ -132,8 +133,10 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
     without regard to case) the first wins.
 
     @param path: names the file in problems.
-    @return: the users by lower-cased login, in file order, and a
-        C{"PATH:LINENO: message"} line for each skipped line.
+    @return: the users by the key of their login (L{normalise}: case,
+        quoting and the A- or U-label form of the domain do not matter),
+        in file order, and a C{"PATH:LINENO: message"} line for each
+        skipped line.
     """
     users: dict[str, User] = {}
     problems = []
@@ -157,10 +160,11 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
         if unsafe is not None:
             problems.append(f"{path}:{lineno}: the login {login!r} cannot name a mailbox: {unsafe}")
             continue
-        if login in users:
+        key = normalise(login)
+        if key in users:
             problems.append(
                 f"{path}:{lineno}: duplicate login {login} (first on line "
-                f"{users[login].lineno}); this line is ignored"
+                f"{users[key].lineno}); this line is ignored"
             )
             continue
         try:
@@ -169,7 +173,7 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
             problems.append(f"{path}:{lineno}: {login}: {e}")
             continue
         suspended, apps = _parseExtra(login, _extraFields(fields), f"{path}:{lineno}", problems)
-        users[login] = User(login, password, lineno, suspended, apps)
+        users[key] = User(login, password, lineno, suspended, apps)
     return users, problems
 
 
@@ -269,11 +273,12 @@ class UserDatabase:
 
     def get(self, login: str) -> Optional[User]:
         """
-        The user C{login} (in any case), or L{None}, read from memory.
+        The user C{login} (in any case, any spelling of its domain), or
+        L{None}, read from memory.
 
         @raise UserDatabaseUnavailable: if the users were never read.
         """
-        return self._loaded().get(login.lower())
+        return self._loaded().get(normalise(login))
 
     def exists(self, login: str) -> bool:
         """Whether there is a user C{login}. @raise UserDatabaseUnavailable: never read."""

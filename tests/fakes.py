@@ -9,6 +9,8 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mailauth import replies
+from mailauth.addresses import normalise
+from mailauth.envelope import MessageOptions, recipientStatus
 from mailauth.interfaces import (
     IForwardQueue,
     ILocalDelivery,
@@ -80,7 +82,7 @@ class MemoryUserDatabase:
             return defer.fail()
 
     def get(self, login: str) -> Optional[User]:
-        return self._current().get(login.lower())
+        return self._current().get(normalise(login))
 
     def exists(self, login: str) -> bool:
         return self.get(login) is not None
@@ -198,10 +200,12 @@ class FakeRelayConnector:
         accepted, the message with dot-stuffing undone.
     @ivar sessions: every L{FakeRelaySession} made.
     @ivar connectTimes: the clock's time at each C{connect}.
+    @ivar dsn: the relay offers DSN.
     """
 
     def __init__(self, clock=None) -> None:
         self.clock = clock
+        self.dsn = False
         self.down = False
         self.paused = False
         self.waiting: list = []
@@ -235,8 +239,11 @@ class FakeRelaySession:
         self.connector = connector
         self.open = True
         self.messages = 0
+        self.dsn = connector.dsn
+        self.envelopes: list = []
 
-    def deliver(self, sender, recipients, message, size, body8bit):
+    def deliver(self, sender, recipients, message, size, body8bit, envelope=None):
+        self.envelopes.append(envelope)
         data = message.read()
         self.messages += 1
         results = {}
@@ -272,23 +279,32 @@ class MemoryQueue:
         self.writers: list = []
         self.messages: dict = {}
 
-    def newMessage(self, msgid, sender, recipients):
+    def newMessage(self, msgid, sender, recipients, options=None):
         if not recipients:
             raise ValueError("a message needs at least one recipient")
         if msgid in self.messages or any(w.msgid == msgid and not w.aborted for w in self.writers):
             raise ValueError(f"message {msgid} is already queued")
-        writer = MemoryQueueWriter(self, msgid, sender, recipients)
+        writer = MemoryQueueWriter(self, msgid, sender, recipients, options)
         self.writers.append(writer)
         return writer
 
 
 @implementer(IMessageSink)
 class MemoryQueueWriter:
-    """One message being written to a L{MemoryQueue}."""
+    """
+    One message being written to a L{MemoryQueue}.
 
-    def __init__(self, queue: MemoryQueue, msgid, sender, recipients) -> None:
+    @ivar recipients: the recipient addresses.
+    @ivar statuses: their L{RecipientStatus}, with NOTIFY and ORCPT.
+    @ivar options: the L{MessageOptions} it was queued with.
+    """
+
+    def __init__(self, queue: MemoryQueue, msgid, sender, recipients, options=None) -> None:
         self.queue = queue
-        self.msgid, self.sender, self.recipients = msgid, sender, recipients
+        self.statuses = [recipientStatus(r) for r in recipients]
+        self.msgid, self.sender = msgid, sender
+        self.recipients = [r.address for r in self.statuses]
+        self.options = options or MessageOptions()
         self.data = b""
         self.prepared = self.committed = self.aborted = False
 

@@ -185,6 +185,8 @@ class Transaction:
     @ivar data: the message, dot-stuffing undone, CRLF line ends.
     @ivar tls: whether the session was encrypted.
     @ivar login: the authenticated user, or L{None}.
+    @ivar rcptParameters: what followed each accepted RCPT TO address.
+    @ivar chunks: the sizes of the BDAT chunks it came in (none for DATA).
     """
 
     sender: str
@@ -193,6 +195,8 @@ class Transaction:
     data: bytes
     tls: bool
     login: Optional[str]
+    rcptParameters: tuple = ()
+    chunks: tuple = ()
 
 
 class SinkProtocol(basic.LineReceiver):
@@ -214,7 +218,11 @@ class SinkProtocol(basic.LineReceiver):
         self.sender: Optional[str] = None
         self.mailParameters = ""
         self.recipients: list = []
+        self.rcptParameters: list = []
         self.data: list = []
+        self.chunks: list = []
+        self._chunkLeft = 0
+        self._chunkLast = False
 
     def connectionMade(self) -> None:
         self.sink._connected(self)
@@ -240,7 +248,8 @@ class SinkProtocol(basic.LineReceiver):
         handler(argument)
 
     def smtp_EHLO(self, argument: bytes) -> None:
-        lines = [b"sink.test", b"SIZE 100000000", b"8BITMIME", b"ENHANCEDSTATUSCODES"]
+        lines = [b"sink.test", b"SIZE 100000000", b"8BITMIME", b"ENHANCEDSTATUSCODES",
+                 *self.sink.extensions]
         if self.sink.tls == "starttls" and not self.tls:
             lines.append(b"STARTTLS")
         if self.sink.credentials and (self.tls or self.sink.tls == "none"):
@@ -310,10 +319,12 @@ class SinkProtocol(basic.LineReceiver):
         if self.sender is None:
             return self.reply(b"503 5.5.1 MAIL first")
         text = argument.decode("utf-8")
-        address = text[4:].strip().strip("<>")
+        address, _, parameters = text[3:].strip().partition(">")
+        address = address.lstrip("<")
         reply = self.sink._next(self.sink.rcptReplies, address, b"250 2.1.5 ok")
         if reply.startswith(b"2"):
             self.recipients.append(address)
+            self.rcptParameters.append(parameters.strip())
         self.reply(reply)
 
     def smtp_DATA(self, argument: bytes) -> None:
@@ -325,22 +336,50 @@ class SinkProtocol(basic.LineReceiver):
             self.data = []
         self.reply(reply)
 
+    def smtp_BDAT(self, argument: bytes) -> None:
+        size, _, last = argument.partition(b" ")
+        self._chunkLeft = int(size)
+        self._chunkLast = last.upper() == b"LAST"
+        self.chunks.append(self._chunkLeft)
+        self.setRawMode()
+        if not self._chunkLeft:
+            self.rawDataReceived(b"")
+
+    def rawDataReceived(self, data: bytes) -> None:
+        take, rest = data[: self._chunkLeft], data[self._chunkLeft :]
+        self._chunkLeft -= len(take)
+        self.data.append(take)
+        if self._chunkLeft:
+            return
+        if not self.recipients:
+            self.reply(b"503 5.5.1 RCPT first")
+        elif self._chunkLast:
+            self._endMessage()
+        else:
+            self.reply(b"250 2.0.0 %d octets" % (sum(self.chunks),))
+        self.setLineMode(rest)
+
+    def _endMessage(self) -> None:
+        transaction = Transaction(
+            sender=self.sender,
+            mailParameters=self.mailParameters,
+            recipients=tuple(self.recipients),
+            data=b"".join(self.data),
+            tls=self.tls,
+            login=self.login,
+            rcptParameters=tuple(self.rcptParameters),
+            chunks=tuple(self.chunks),
+        )
+        self._reset()
+        reply = self.sink._next(self.sink.dataReplies, "END", b"250 2.0.0 Ok: queued")
+        if reply.startswith(b"2"):
+            self.sink._received(transaction)
+        self.reply(reply)
+
     def _dataLine(self, line: bytes) -> None:
         if line == b".":
             self._inData = False
-            transaction = Transaction(
-                sender=self.sender,
-                mailParameters=self.mailParameters,
-                recipients=tuple(self.recipients),
-                data=b"".join(self.data),
-                tls=self.tls,
-                login=self.login,
-            )
-            self._reset()
-            reply = self.sink._next(self.sink.dataReplies, "END", b"250 2.0.0 Ok: queued")
-            if reply.startswith(b"2"):
-                self.sink._received(transaction)
-            self.reply(reply)
+            self._endMessage()
             return
         if line.startswith(b"."):
             line = line[1:]
@@ -369,7 +408,9 @@ class SMTPSink:
       - C{dataReplies}: C{"DATA"} (the reply to DATA) and C{"END"} (after the
         final dot) to lists of replies, likewise;
       - C{starttlsReply}: raw bytes written in place of the 220 to STARTTLS;
-      - C{greeting}: the banner, or L{None} for a server that never speaks.
+      - C{greeting}: the banner, or L{None} for a server that never speaks;
+      - C{extensions}: more EHLO keywords to offer (C{b"SMTPUTF8"},
+        C{b"DSN"}, C{b"CHUNKING"}: BDAT is understood).
 
     @ivar transactions: every accepted L{Transaction}.
     @ivar commands: every command line received, in order.
@@ -395,6 +436,7 @@ class SMTPSink:
         self.dataReplies: dict = {}
         self.starttlsReply: Optional[bytes] = None
         self.greeting: Optional[bytes] = b"220 sink.test ESMTP test sink"
+        self.extensions: list = []
         self.transactions: list = []
         self.commands: list = []
         self.connections: list = []

@@ -399,8 +399,9 @@ class QueueTestMixin:
         recipients=("bob@remote.example",),
         message=MESSAGE,
         queue=None,
+        options=None,
     ):
-        writer = (queue or self.queue).newMessage(msgid, sender, list(recipients))
+        writer = (queue or self.queue).newMessage(msgid, sender, list(recipients), options)
         writer.write(message)
         return writer.commit()
 

@@ -12,10 +12,10 @@ from tests.support import EPOCH, HEADERS, MESSAGE
 
 
 class BounceTests(unittest.TestCase):
-    """L{dsn.buildBounce}."""
+    """L{dsn.buildReport} for failures."""
 
     def bounce(self, failures, headers=HEADERS):
-        return dsn.buildBounce(
+        return dsn.buildReport(
             hostname="mail.example.org",
             queueID="m1",
             messageID="b1@mail.example.org",
@@ -23,8 +23,8 @@ class BounceTests(unittest.TestCase):
             sender="alice@example.org",
             arrival=EPOCH,
             now=EPOCH + 60,
-            failures=failures,
-            originalHeaders=headers,
+            recipients=failures,
+            original=headers,
             relayHost="relay.test",
         )
 
@@ -88,3 +88,49 @@ class BounceTests(unittest.TestCase):
         cut = dsn.returnedHeaders(huge)
         self.assertLessEqual(len(cut), dsn.MAX_RETURNED_HEADERS)
         self.assertTrue(cut.endswith(b"\r\n") and huge.startswith(cut))
+
+
+class ReportTests(unittest.TestCase):
+    """L{dsn.buildReport} for delays, successes and internationalised mail."""
+
+    def report(self, recipients, **kwargs):
+        values = dict(
+            hostname="mail.example.org", queueID="m1", messageID="r1@mail.example.org",
+            boundary="r1/mail.example.org", sender="alice@example.org", arrival=EPOCH,
+            now=EPOCH + 3600, recipients=recipients, original=HEADERS,
+        )
+        values.update(kwargs)
+        data = dsn.buildReport(**values)
+        return data, email.message_from_bytes(data, policy=email.policy.default)
+
+    def test_delayed(self):
+        """A delay report says delayed, a 4.x.x status and Will-Retry-Until."""
+        _, message = self.report(
+            [dsn.FailedRecipient("b@x.test", error="connection refused")],
+            action="delayed", retryUntil=EPOCH + 86400,
+        )
+        self.assertEqual(message["Subject"], "Delayed Mail (still being retried)")
+        [perRecipient] = message.get_payload()[1].get_payload()[1:]
+        self.assertEqual((perRecipient["Action"], perRecipient["Status"]), ("delayed", "4.0.0"))
+        self.assertEqual(perRecipient["Will-Retry-Until"], "Wed, 15 Nov 2023 22:13:20 GMT")
+
+    def test_utf8(self):
+        """
+        For SMTPUTF8 mail the report uses RFC 6533's forms: global
+        delivery-status and headers, utf-8 address types, UTF-8 kept.
+        """
+        data, message = self.report(
+            [dsn.FailedRecipient("jörg@bücher.example", reply="550 5.1.1 unknown",
+                                 orcpt="utf-8;J\\x{F6}rg@b\\x{FC}cher.example")],
+            sender="anna@exämple.org", original="Subject: grüße\r\n".encode(), utf8=True,
+        )
+        self.assertIn("To: <anna@exämple.org>".encode(), data)
+        _, status, headers = message.get_payload()
+        self.assertEqual(status.get_content_type(), "message/global-delivery-status")
+        self.assertEqual(headers.get_content_type(), "message/global-headers")
+        self.assertIn("Final-Recipient: utf-8; jörg@bücher.example".encode(), data)
+        self.assertIn("Original-Recipient: utf-8; Jörg@bücher.example".encode(), data)
+
+    def test_unknownAction(self):
+        """Only the RFC 3464 actions are made."""
+        self.assertRaises(ValueError, self.report, [], action="expanded")

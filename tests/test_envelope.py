@@ -6,6 +6,9 @@ import attrs
 from twisted.trial import unittest
 
 from mailauth.envelope import (
+    ACTION_DELAYED,
+    ACTION_FAILED,
+    ACTION_RELAYED,
     DELIVERED,
     FAILED,
     PENDING,
@@ -86,3 +89,87 @@ class EnvelopeTests(unittest.TestCase):
         )
         self.assertEqual(e.unnotified(), [])
         self.assertTrue(e.finished())
+
+
+V1 = b"""{"version": 1, "id": "m1", "sender": "a@x.test", "arrival": 1000.0,
+ "next_attempt": 1060.0, "attempts": 1, "last_error": null, "size": 10, "body_8bit": false,
+ "recipients": [
+  {"address": "b@y.test", "state": "delivered", "reply": "250 ok", "error": null,
+   "notified": false, "expired": false},
+  {"address": "c@y.test", "state": "failed", "reply": "550 no", "error": null,
+   "notified": false, "expired": false},
+  {"address": "d@y.test", "state": "pending", "reply": null, "error": null,
+   "notified": false, "expired": false}]}"""
+
+
+class VersionTests(unittest.TestCase):
+    """Envelope version 2 (SMTPUTF8 and DSN) and the version 1 envelopes still queued."""
+
+    policy = RetryPolicy(initial=60, maximum=3600, expire=86400, delayWarning=600)
+
+    def test_readVersion1(self):
+        """
+        A version 1 envelope is read: a delivered recipient needs nothing
+        more, a failed one still gets its bounce, as before.
+        """
+        e = Envelope.fromJSON(V1)
+        self.assertEqual([(r.state, r.action, r.notified) for r in e.recipients],
+                         [(DELIVERED, ACTION_RELAYED, True), (FAILED, ACTION_FAILED, False),
+                          (PENDING, None, False)])
+        due = e.reportsDue(1000.0, self.policy)
+        self.assertEqual([(a, [r.address for r in rs]) for a, rs in due],
+                         [(ACTION_FAILED, ["c@y.test"])])
+        self.assertFalse(e.smtputf8)
+        again = Envelope.fromJSON(e.toJSON())
+        self.assertEqual(again, e)
+        self.assertIn(b'"version": 2', e.toJSON())
+
+    def test_version2Fields(self):
+        """SMTPUTF8, RET, ENVID, NOTIFY, ORCPT and the notification state survive JSON."""
+        e = Envelope(
+            id="m2", sender="jörg@bücher.example",
+            recipients=(RecipientStatus("b@y.test", notify=("SUCCESS", "DELAY"),
+                                        orcpt="rfc822;B@y.test", status="5.6.7",
+                                        action=ACTION_FAILED, delayNotified=True),),
+            arrival=1.0, nextAttempt=2.0, smtputf8=True, headers8bit=True, ret="HDRS",
+            envid="E+2B",
+        )
+        self.assertEqual(Envelope.fromJSON(e.toJSON()), e)
+        for bad in (b'{"version": 2, "id": "x", "sender": "", "arrival": 0, "next_attempt": 0,'
+                    b' "attempts": 0, "recipients": [], "ret": 5}',
+                    b'{"version": 3, "id": "x"}'):
+            self.assertRaises(ValueError, Envelope.fromJSON, bad)
+
+    def test_delayDue(self):
+        """A delay report is due past delayWarning, only for NOTIFY=DELAY, and only once."""
+        e = Envelope(id="m", sender="a@x.test", arrival=1000.0, nextAttempt=1000.0,
+                     recipients=(RecipientStatus("b@y.test", notify=("DELAY",)),
+                                 RecipientStatus("c@y.test")))
+        self.assertEqual(e.reportsDue(1500.0, self.policy), [])
+        [(action, [r])] = e.reportsDue(1600.0, self.policy)
+        self.assertEqual((action, r.address), (ACTION_DELAYED, "b@y.test"))
+        e = e.markNotified(["b@y.test"], ACTION_DELAYED)
+        self.assertEqual(e.reportsDue(5000.0, self.policy), [])
+        self.assertFalse(e.finished())
+
+    def test_upstreamDSNEndsReporting(self):
+        """A recipient handed to a relay that takes DSN needs no report from here."""
+        e = Envelope(id="m", sender="a@x.test", arrival=0.0, nextAttempt=0.0,
+                     recipients=(RecipientStatus("b@y.test", notify=("SUCCESS",)),))
+        done = e.afterAttempt({"b@y.test": Outcome(DELIVERED, reply="250 ok", upstreamDSN=True)},
+                              None, 0.0, self.policy)
+        self.assertEqual(done.reportsDue(0.0, self.policy), [])
+        self.assertTrue(done.finished())
+        relayed = e.afterAttempt({"b@y.test": Outcome(DELIVERED, reply="250 ok")}, None, 0.0,
+                                 self.policy)
+        self.assertEqual([a for a, _ in relayed.reportsDue(0.0, self.policy)], [ACTION_RELAYED])
+        self.assertFalse(relayed.finished())
+
+    def test_localRefusal(self):
+        """A reply the relay client made itself becomes a failure with its status, no reply."""
+        class Reply:
+            code, text, local = 553, "5.6.7 not ASCII", True
+
+        outcome = Outcome.fromReply(Reply())
+        self.assertEqual((outcome.state, outcome.status, outcome.error, outcome.reply),
+                         (FAILED, "5.6.7", "not ASCII", None))

@@ -97,6 +97,9 @@ class GreetingAndEHLOTests(SessionTestsMixin, unittest.TestCase):
                 b"250-SIZE 1048576",
                 b"250-8BITMIME",
                 b"250-ENHANCEDSTATUSCODES",
+                b"250-SMTPUTF8",
+                b"250-CHUNKING",
+                b"250-DSN",
                 b"250 STARTTLS",
             ],
         )
@@ -576,8 +579,12 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
         for bad in (b"<bob>", b"<bob@>", b"<@example.test>", b"<a@b@example.test>", b"<>"):
             self.assertReply(self.session.command(b"RCPT TO:" + bad),
                              b"501 5.1.3 Bad recipient address syntax")
+        # The path ends at its closing bracket, so a space inside it is a
+        # bad address, not the start of parameters.
         self.assertReply(self.session.command(b"RCPT TO:<a b@example.test>"),
-                         b"501 5.5.4 Syntax error in parameters")
+                         b"501 5.1.3 Bad recipient address syntax")
+        self.assertReply(self.session.command(b"RCPT TO:<bob@example.test> X"),
+                         b"555 5.5.4 Unsupported option: X")
 
     def test_tooManyRecipients(self) -> None:
         """Past max_recipients: 452 4.5.3."""

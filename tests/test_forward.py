@@ -8,6 +8,7 @@ import os
 
 from twisted.trial import unittest
 
+from mailauth.envelope import MessageOptions, RecipientStatus
 from mailauth.forward import QueueService
 from mailauth.relay import RelayReply
 from mailauth.replies import SMTPReply
@@ -291,3 +292,135 @@ class QueueServiceTests(QueueTestMixin, unittest.TestCase):
         self.assertEqual(listQueue(missing), [])
         self.assertEqual(flushQueue(missing), 0)
         self.assertFalse(deleteMessage(missing, "m1"))
+
+
+class NotificationTests(QueueTestMixin, unittest.TestCase):
+    """
+    RFC 3461 in the queue: NOTIFY decides which reports the sender gets,
+    ORCPT, ENVID and RET shape them, and a relay that offers DSN takes
+    over the reporting.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.relay = FakeRelayConnector(self.reactor)
+        self.local = RecordingLocalDelivery(["example.org"])
+        self.service = QueueService(self.queue, relayConfig(delay_warning=3600.0), self.reactor,
+                                    self.local, runBlocking=runInline, connector=self.relay)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+
+    def submit(self, msgid, notify=None, orcpt=None, options=None, recipient="bob@remote.example"):
+        status = RecipientStatus(recipient, notify=notify, orcpt=orcpt)
+        self.enqueue(msgid, recipients=[status], options=options)
+        self.service.wake()
+        self.reactor.advance(0)
+
+    def reports(self):
+        """(subject, per-message fields, per-recipient fields, third part) of each report."""
+        out = []
+        for recipient, data in self.local.delivered:
+            self.assertEqual(recipient, "alice@example.org")
+            message = email.message_from_bytes(data, policy=email.policy.default)
+            _, status, original = message.get_payload()
+            perMessage, *perRecipient = status.get_payload()
+            out.append((message["Subject"], perMessage, perRecipient, original))
+        return out
+
+    def refuseAt(self, address="bob@remote.example"):
+        self.relay.replies = {address: [RelayReply(550, ("550 5.1.1 unknown",))]}
+
+    def test_neverMeansNoBounce(self):
+        """NOTIFY=NEVER: a failed recipient gets no bounce, and the message leaves the queue."""
+        self.refuseAt()
+        self.submit("m1", notify=("NEVER",))
+        self.assertEqual(self.local.delivered, [])
+        self.assertEqual(listQueue(self.directory), [])
+
+    def test_successOnlyMeansNoBounce(self):
+        """NOTIFY=SUCCESS without FAILURE: no bounce either."""
+        self.refuseAt()
+        self.submit("m1", notify=("SUCCESS",))
+        self.assertEqual(self.local.delivered, [])
+
+    def test_bounceCarriesOriginalRecipientAndEnvelopeId(self):
+        """A bounce names the ORCPT (decoded) and the ENVID (RFC 3464 2.2.1, 2.3.1)."""
+        self.refuseAt()
+        self.submit("m1", notify=("FAILURE",), orcpt="rfc822;Bob+2Bx@remote.example",
+                    options=MessageOptions(envid="ID+3D7"))
+        [(subject, perMessage, [perRecipient], original)] = self.reports()
+        self.assertEqual(subject, "Undelivered Mail Returned to Sender")
+        self.assertEqual(perMessage["Original-Envelope-Id"], "ID=7")
+        self.assertEqual(perRecipient["Original-Recipient"], "rfc822; Bob+x@remote.example")
+        self.assertEqual(original.get_content_type(), "text/rfc822-headers")
+
+    def test_retFullReturnsTheMessage(self):
+        """RET=FULL: the bounce returns the whole message as message/rfc822."""
+        self.refuseAt()
+        self.submit("m1", options=MessageOptions(ret="FULL"))
+        [(_, _, _, original)] = self.reports()
+        self.assertEqual(original.get_content_type(), "message/rfc822")
+        self.assertIn(b"Hello Bob.\r\n.\r\n..two dots\r\n", self.local.delivered[0][1])
+
+    def test_relayedWhenTheRelayTakesNoDSN(self):
+        """
+        NOTIFY=SUCCESS and a relay without DSN: once it accepts the message
+        the sender gets a "relayed" report (RFC 3461 5.2.2), once.
+        """
+        self.submit("m1", notify=("SUCCESS", "FAILURE"))
+        [(subject, _, [perRecipient], original)] = self.reports()
+        self.assertEqual(subject, "Successful Mail Delivery Report")
+        self.assertEqual((perRecipient["Action"], perRecipient["Status"]), ("relayed", "2.0.0"))
+        self.assertEqual(original.get_content_type(), "text/rfc822-headers")
+        self.assertEqual(listQueue(self.directory), [])
+
+    def test_relayWithDSNReports(self):
+        """
+        A relay that offers DSN gets the request with the message, and the
+        queue sends no report of its own; the relay saw the envelope.
+        """
+        self.relay.dsn = True
+        self.submit("m1", notify=("SUCCESS",), orcpt="rfc822;b@remote.example")
+        self.assertEqual(self.local.delivered, [])
+        [envelope] = self.relay.sessions[0].envelopes
+        self.assertEqual(envelope.recipients[0].notify, ("SUCCESS",))
+        self.assertEqual(listQueue(self.directory), [])
+
+    def test_delayReportedOnce(self):
+        """
+        NOTIFY=DELAY: once a recipient is still pending delay_warning after
+        arrival, the sender hears it once, with Will-Retry-Until; the
+        message stays queued.
+        """
+        self.relay.down = True
+        self.submit("m1", notify=("DELAY", "FAILURE"))
+        self.runFor(3000)
+        self.assertEqual(self.local.delivered, [])
+        self.runFor(3 * 3600)
+        [(subject, _, [perRecipient], _)] = self.reports()
+        self.assertEqual(subject, "Delayed Mail (still being retried)")
+        self.assertEqual(perRecipient["Action"], "delayed")
+        self.assertTrue(perRecipient["Status"].startswith("4."))
+        self.assertIn("Will-Retry-Until", perRecipient)
+        self.assertEqual(len(listQueue(self.directory)), 1)
+
+    def test_noDelayUnlessAsked(self):
+        """Without NOTIFY=DELAY no delay report is sent, however long it waits."""
+        self.relay.down = True
+        self.submit("m1")
+        self.runFor(12 * 3600)
+        self.assertEqual(self.local.delivered, [])
+
+    def test_localRefusalStatus(self):
+        """
+        A recipient the relay client refuses itself (5.6.7) bounces with that
+        status and the reason, not as a reply of the relay.
+        """
+        self.relay.replies = {"bob@remote.example": [
+            RelayReply(553, ("5.6.7 the relay does not offer SMTPUTF8",), local=True)
+        ]}
+        self.submit("m1")
+        [(_, _, [perRecipient], _)] = self.reports()
+        self.assertEqual(perRecipient["Status"], "5.6.7")
+        self.assertNotIn("Diagnostic-Code", perRecipient)
+        self.assertIn(b"the relay does not offer SMTPUTF8", self.local.delivered[0][1])

@@ -3,7 +3,9 @@ Real clients against the real service: swaks, msmtp and curl from Debian,
 each with every mechanism it supports (PLAIN, LOGIN, CRAM-MD5, SCRAM, and
 msmtp's OAUTHBEARER and XOAUTH2), over STARTTLS and over implicit TLS; each
 message is found in the Maildir and the log shows the mechanism the client
-really used.
+really used. Then the extensions: swaks's pipelining, smtplib's SMTPUTF8,
+Postfix as a relay client (SMTPUTF8 and DSN) and Postfix's smtp-sink as the
+upstream relay.
 
 The tools are installed by C{.ci/run}; a missing one fails the test.
 """
@@ -12,17 +14,31 @@ from __future__ import annotations
 
 import base64
 import configparser
+import glob
 import json
 import os
 import re
 import shutil
+import smtplib
 import subprocess
 
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from tests.harness import BOB_PASSWORD, ROOT, SHA512, VECTORS, AttackMixin
+from tests.harness import (
+    BOB_PASSWORD,
+    ROOT,
+    SHA512,
+    VECTORS,
+    AttackMixin,
+    Daemon,
+    RawClient,
+    clientContext,
+    plain,
+)
 from tests.harness import PASSWORD as DEMO_PASSWORD
+from tests.postfixharness import PostfixClient, SmtpSink
+from tests.smtpsink import QueueEvents
 from tests.support import TokenIssuer
 
 LOGIN = "bob@example.test"
@@ -127,6 +143,230 @@ def _addTests(cls):
 @_addTests
 class ClientTests(ClientTestsMixin, unittest.TestCase):
     """swaks, msmtp and curl, every mechanism, both kinds of TLS."""
+
+
+# -- the extensions of issue 14 with real clients: swaks's pipelining,
+# smtplib's SMTPUTF8 option, Postfix as a relay client (SMTPUTF8, DSN) and
+# Postfix's smtp-sink as an upstream (DSN, no SMTPUTF8). Postfix's client
+# does not implement BDAT (RFC 3030 is not among smtp(8)'s standards), nor
+# do swaks 20201014, msmtp, curl or smtplib, so BDAT is tested with raw
+# clients (tests.test_standards, tests.test_extensions) and with mailauth's
+# own relay client against tests.smtpsink.
+
+INTL_USERS = (
+    "bob@example.test:{PLAIN}bob-secret-2\n"
+    "zoë@example.test:{PLAIN}zoë-secret\n"
+    "jörg@bücher.example:{PLAIN}jörg-secret\n"
+)
+INTL_SETTINGS = {"delivery": {"local_domains": "example.test bücher.example"}}
+UTF8_MESSAGE = ("From: Bob <bob@example.test>\r\nTo: Zoë <zoë@example.test>\r\n"
+                "Subject: grüße\r\n\r\nHallo Zoë.\r\n").encode()
+
+
+def maildir(daemon, domain: str, local: str) -> list:
+    out = []
+    pattern = os.path.join(daemon.dir, "mail", domain, local, "Maildir", "new", "*")
+    for name in sorted(glob.glob(pattern)):
+        with open(name, "rb") as f:
+            out.append(f.read())
+    return out
+
+
+def run(argv: list, stdin=None) -> defer.Deferred:
+    return threads.deferToThread(subprocess.run, argv, input=stdin, capture_output=True,
+                                 timeout=60)
+
+
+class ExtensionClientTests(AttackMixin, unittest.TestCase):
+    """swaks and smtplib with the extensions they have, both kinds of TLS."""
+
+    settings = INTL_SETTINGS
+    files = {"users": INTL_USERS}
+
+    def swaks(self, tls: str, *extra: str) -> list:
+        port = self.daemon.ports[LISTENERS[tls]]
+        return [program("swaks"), "--server", f"127.0.0.1:{port}",
+                "--tls" if tls == "starttls" else "--tlsc", "--auth", "PLAIN",
+                "--auth-user", LOGIN, "--auth-password", PASSWORD, "--helo", "client.example",
+                "--timeout", "30", *extra]
+
+    @defer.inlineCallbacks
+    def swaksPipelines(self, tls: str):
+        result = yield run(self.swaks(tls, "--pipeline", "--from", LOGIN,
+                                      "--to", LOGIN, "--header", "Subject: piped"))
+        output = (result.stdout + result.stderr).decode(errors="replace")
+        self.assertEqual(result.returncode, 0, output)
+        # With PIPELINING swaks sends MAIL, RCPT and DATA before any reply.
+        self.assertLess(output.index("~> DATA"), output.index("<~  250 2.1.0 Ok"), output)
+        [stored] = maildir(self.daemon, "example.test", "bob")
+        self.assertIn(b"Subject: piped", stored)
+
+    def test_swaksPipelineStartTLS(self):
+        """swaks --pipeline over STARTTLS: MAIL, RCPT and DATA pipelined, mail delivered."""
+        return self.swaksPipelines("starttls")
+
+    def test_swaksPipelineImplicitTLS(self):
+        """swaks --pipeline over implicit TLS: MAIL, RCPT and DATA pipelined, mail delivered."""
+        return self.swaksPipelines("implicit")
+
+    @defer.inlineCallbacks
+    def test_swaksUTF8WithoutSMTPUTF8(self):
+        """
+        swaks 20201014 cannot say SMTPUTF8: its UTF-8 recipient gets 553
+        5.6.7 (RFC 6531 3.5) and swaks reports the failure.
+        """
+        result = yield run(self.swaks("implicit", "--from", LOGIN, "--to", "zoë@example.test"))
+        output = (result.stdout + result.stderr).decode(errors="replace")
+        self.assertNotEqual(result.returncode, 0, output)
+        self.assertIn("553 5.6.7 ", output)
+        self.assertEqual(maildir(self.daemon, "example.test", "zoë"), [])
+
+    def smtplibSMTPUTF8(self, tls: str):
+        port = self.daemon.ports[LISTENERS[tls]]
+        if tls == "implicit":
+            client = smtplib.SMTP_SSL("127.0.0.1", port, local_hostname="client.example",
+                                      context=clientContext(), timeout=30)
+        else:
+            client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example",
+                                  timeout=30)
+        try:
+            client.ehlo()
+            if tls == "starttls":
+                client.starttls(context=clientContext())
+                client.ehlo()
+            client.login(LOGIN, PASSWORD)
+            return client.sendmail(LOGIN, ["zoë@example.test"], UTF8_MESSAGE,
+                                   mail_options=["SMTPUTF8"])
+        finally:
+            client.quit()
+
+    @defer.inlineCallbacks
+    def smtplibDelivers(self, tls: str):
+        result = yield threads.deferToThread(self.smtplibSMTPUTF8, tls)
+        self.assertEqual(result, {})
+        [stored] = maildir(self.daemon, "example.test", "zoë")
+        self.assertIn(b" with UTF8SMTPSA id ", stored)
+        # Submission adds Date: and Message-ID: to the header; the rest is as sent.
+        head, _, body = UTF8_MESSAGE.replace(b"\r\n", b"\n").partition(b"\n\n")
+        self.assertIn(head + b"\n", stored)
+        self.assertTrue(stored.endswith(b"\n\n" + body), stored)
+
+    def test_smtplibSMTPUTF8StartTLS(self):
+        """smtplib's SMTPUTF8 option over STARTTLS: a UTF-8 recipient and header delivered."""
+        return self.smtplibDelivers("starttls")
+
+    def test_smtplibSMTPUTF8ImplicitTLS(self):
+        """smtplib's SMTPUTF8 option over implicit TLS: a UTF-8 recipient and header delivered."""
+        return self.smtplibDelivers("implicit")
+
+
+class PostfixClientTests(AttackMixin, unittest.TestCase):
+    """
+    Postfix from Debian as a relay client of mailauth (relayhost with SASL
+    and TLS): SMTPUTF8 and DSN, over STARTTLS and implicit TLS.
+    """
+
+    settings = INTL_SETTINGS
+    files = {"users": INTL_USERS}
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def relayThroughPostfix(self, tls: str):
+        client = PostfixClient(self.daemon.ports[LISTENERS[tls]], tls, "jörg@bücher.example",
+                               "jörg-secret")
+        yield threads.deferToThread(client.start)
+        self.addCleanup(threads.deferToThread, client.stop)
+        accepted = self.log.waitFor("message accepted: .*login=<jörg@bücher.example>")
+        reported = self.log.waitFor("delivery report for .* to <jörg@bücher.example>")
+        message = ("From: Jörg <jörg@bücher.example>\nTo: zoë@example.test\n"
+                   "Subject: über Postfix\n\nHallo.\n").encode()
+        yield threads.deferToThread(
+            client.send, "jörg@bücher.example", ["zoë@example.test"], message,
+            "-N", "success,failure", "-V", "postfix-envid", "-R", "hdrs",
+        )
+        log = yield threads.deferToThread(client.waitForLog, "status=sent")
+        yield accepted
+        yield reported
+        self.assertIn("to=<zoë@example.test>", log)
+        [stored] = maildir(self.daemon, "example.test", "zoë")
+        self.assertIn(b"Received: from postfix.test", stored)
+        self.assertIn(b" with UTF8SMTPSA id ", stored)
+        self.assertIn("(authenticated as jörg@bücher.example)".encode(), stored)
+        self.assertIn("Subject: über Postfix".encode(), stored)
+        # NOTIFY=SUCCESS and ENVID came through: mailauth reports the delivery.
+        [report] = maildir(self.daemon, "xn--bcher-kva.example", "jörg")
+        self.assertIn(b"Action: delivered", report)
+        self.assertIn(b"Original-Envelope-Id: postfix-envid", report)
+        # Postfix gave ORCPT=utf-8;zoë@example.test (RFC 6533), kept as it came.
+        self.assertIn("Original-Recipient: utf-8; zoë@example.test".encode(), report)
+
+    def test_postfixStartTLS(self):
+        """Postfix relays a SMTPUTF8 message with DSN parameters through STARTTLS and AUTH."""
+        return self.relayThroughPostfix("starttls")
+
+    def test_postfixImplicitTLS(self):
+        """Postfix relays a SMTPUTF8 message with DSN parameters over implicit TLS and AUTH."""
+        return self.relayThroughPostfix("implicit")
+
+
+class PostfixUpstreamTests(unittest.TestCase):
+    """
+    Postfix's smtp-sink as mailauth's upstream relay: a real DSN server
+    without SMTPUTF8, so the DSN parameters are passed on and a UTF-8
+    domain goes as A-labels.
+    """
+
+    timeout = 60
+
+    def setUp(self):
+        self.sink = SmtpSink()
+        self.sink.start()
+        self.addCleanup(self.sink.stop)
+        self.daemon = Daemon(self.mktemp(), settings=INTL_SETTINGS, files={"users": INTL_USERS},
+                             extra=f"\n[relay]\nhost = 127.0.0.1\nport = {self.sink.port}\n"
+                                   "tls = none\n")
+        self.addCleanup(self.daemon.stop)
+        self.daemon.start()
+        self.events = QueueEvents()
+        self.events.start(self)
+
+    @defer.inlineCallbacks
+    def test_dsnPassedOnAndDomainsDowngraded(self):
+        """
+        RET, ENVID, NOTIFY and ORCPT reach smtp-sink; the SMTPUTF8 message
+        with an ASCII local part at a UTF-8 domain goes as A-labels,
+        without SMTPUTF8.
+        """
+        def submit():
+            client = RawClient(self.daemon.ports["submissions"], tls=True)
+            try:
+                assert client.reply()[0] == 220
+                client.ehlo()
+                assert client.command(plain(LOGIN.encode(), PASSWORD.encode()))[0] == 235
+                replies = [
+                    client.command(b"MAIL FROM:<bob@example.test> SMTPUTF8 RET=HDRS ENVID=E+2B1"),
+                    client.command("RCPT TO:<anna@exämple.org> NOTIFY=FAILURE "
+                                   "ORCPT=rfc822;anna@xn--exmple-cua.org".encode()),
+                    client.command(b"DATA"),
+                    client.command(b"Subject: to smtp-sink\r\n\r\nhi\r\n."),
+                ]
+                return [code for code, _ in replies]
+            finally:
+                client.close()
+
+        codes = yield threads.deferToThread(submit)
+        self.assertEqual(codes, [250, 250, 354, 250])
+        finished = [self.events.wait(kind) for kind in ("sent", "bounced", "deferred")]
+        yield defer.DeferredList(finished, fireOnOneCallback=True)
+        [first] = self.events.events[:1]
+        self.assertEqual(first["queueEvent"], "sent", (first["why"], self.sink.log()))
+        yield self.events.wait("removed")
+        [dump] = self.sink.dumps()
+        self.assertIn(b"\nX-Mail-Args: <bob@example.test> RET=HDRS ENVID=E+2B1\n", dump)
+        self.assertNotIn(b"SMTPUTF8", dump)
+        self.assertIn(b"\nX-Rcpt-Args: <anna@xn--exmple-cua.org> NOTIFY=FAILURE "
+                      b"ORCPT=rfc822;anna@xn--exmple-cua.org\n", dump)
+        self.assertIn(b"\nSubject: to smtp-sink\n", dump)
 
 
 # -- SCRAM: msmtp (GNU SASL) and the gsasl command ---------------------------

@@ -530,8 +530,8 @@ class FailingQueue(MemoryQueue):
 
     failing = False
 
-    def newMessage(self, msgid, sender, recipients):
-        writer = super().newMessage(msgid, sender, recipients)
+    def newMessage(self, msgid, sender, recipients, options=None):
+        writer = super().newMessage(msgid, sender, recipients, options)
         if self.failing:
             def commit():
                 raise OSError(28, "No space left on device")

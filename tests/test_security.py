@@ -576,9 +576,10 @@ RELAY_TRICKS = [
     (b"<bob@example.test.remote.test>", 554),
     (b"<bob@example.test@remote.test>", 501),
     (b"<bob@example.test>@remote.test", 501),
-    (b"<bob@ex\xc3\xa4mple.test>", 500),
+    (b"<bob@ex\xc3\xa4mple.test>", 553),
+    (b"<bob@ex\xc3\xa4mple.test> SMTPUTF8", 553),
     (b"<bob@xn--exmple-cua.test>", 554),
-    (b"<bob@remote.test> NOTIFY=NEVER", 555),
+    (b"<bob@remote.test> NOTIFY=NEVER", 554),
     (b"bob@remote.test", 501),
 ]
 
@@ -859,16 +860,18 @@ class SenderBindingTests(AttackMixin, unittest.TestCase):
     def test_ownAliasesAndGrants(self):
         """
         With sender_login_match on, bob may send as himself (any case, a
-        trailing dot), as an alias leading to him (also through a catch-all
-        alias), as an address granted in the sender map (also by @domain),
-        and with the null sender; anything else gets 553 5.7.1.
+        trailing dot, quoting that changes nothing), as an alias leading to
+        him (also through a catch-all alias), as an address granted in the
+        sender map (also by @domain), and with the null sender; anything
+        else gets 553 5.7.1.
         """
         allowed = [b"<bob@example.test>", b"<BOB@Example.Test.>", b"<bob.alias@example.test>",
                    b"<sales@example.test>", b"<anything@alias.test>", b"<boss@example.test>",
                    b"<shared@example.test>", b"<anyone@granted.test>", b"<>",
-                   b"<@remote.test:bob@example.test>"]
+                   b"<@remote.test:bob@example.test>", b'<"bob"@example.test>',
+                   b'<"b\\ob"@example.test>']
         refused = [b"<alice.plain@example.test>", b"<someone@remote.test>",
-                   b'<"bob"@example.test>', b"<bob@example.test.remote.test>",
+                   b'<"alice.plain"@example.test>', b"<bob@example.test.remote.test>",
                    b"<bob%example.test@remote.test>", b"<bob@[127.0.0.1]>",
                    b"<x@sub.granted.test>"]
         codes = yield self.inThread(self.senders, BOB, BOB_PASSWORD, allowed + refused)

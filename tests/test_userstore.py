@@ -33,7 +33,7 @@ from mailauth.userstore import (
     storeFor,
 )
 from tests import pgharness
-from tests.fakes import MemoryUserDatabase, runInline
+from tests.fakes import MemoryUserDatabase, MemoryUserStore, runInline
 from tests.harness import PASSWORD, AttackMixin, Daemon, LogWatcher, clientContext, plain
 from tests.support import DATA, SECRET, runCommand
 
@@ -773,3 +773,97 @@ class PostgreSQLDaemonTests(unittest.TestCase):
 
         status, out, _ = runCommand("user", "list", "--config", self.daemon.configPath)
         self.assertEqual(out, "alice@example.test  ARGON2ID  app passwords: phone\n")
+
+
+class UserStoreTestsMixin:
+    """
+    The L{IUserStore} contract, run against the users file, PostgreSQL and
+    the in-memory fake (L{tests.fakes.MemoryUserStore}) alike: what the
+    C{mailauth user} commands and the daemon's suspensions rely on.
+    C{makeStore()} returns an empty store; C{suspended(login)} reads back
+    whether the store holds C{login} as suspended.
+    """
+
+    def makeStore(self):
+        raise NotImplementedError()
+
+    def suspended(self, store, login: str) -> bool:
+        raise NotImplementedError()
+
+    def test_interface(self) -> None:
+        """The store provides L{IUserStore}."""
+        self.assertTrue(verifyObject(IUserStore, self.makeStore()))
+
+    def test_addListHas(self) -> None:
+        """Users are added once each, in any case, found and listed with their scheme."""
+        store = self.makeStore()
+        store.addUser("Alice@Example.org", SHA256)
+        store.addUser("bob@example.org", ARGON2ID)
+        self.assertTrue(store.hasUser("ALICE@example.org"))
+        self.assertFalse(store.hasUser("carol@example.org"))
+        self.assertEqual(sorted(store.listUsers()),
+                         [("alice@example.org", "SHA256-CRYPT"), ("bob@example.org", "ARGON2ID")])
+        self.assertRaises(UserDatabaseError, store.addUser, "ALICE@example.org", ARGON2ID)
+
+    def test_refusals(self) -> None:
+        """A bad hash, an unsafe login, or a user that is not there: L{UserDatabaseError}."""
+        store = self.makeStore()
+        self.assertRaises(UserDatabaseError, store.addUser, "a@example.org", "{NOPE}x")
+        self.assertRaises(UserDatabaseError, store.addUser, "../x@example.org", ARGON2ID)
+        for change in (lambda: store.setPassword("nobody@example.org", ARGON2ID),
+                       lambda: store.deleteUser("nobody@example.org"),
+                       lambda: store.setSuspended("nobody@example.org", True)):
+            self.assertRaises(UserDatabaseError, change)
+
+    def test_passwordAndDelete(self) -> None:
+        """A password is replaced; a deleted user is gone."""
+        store = self.makeStore()
+        store.addUser("alice@example.org", SHA256)
+        store.setPassword("ALICE@example.org", ARGON2ID)
+        self.assertEqual(store.listUsers(), [("alice@example.org", "ARGON2ID")])
+        store.deleteUser("Alice@example.org")
+        self.assertEqual(store.listUsers(), [])
+        self.assertFalse(store.hasUser("alice@example.org"))
+
+    def test_suspension(self) -> None:
+        """A login is suspended and resumed; the user stays, with its password."""
+        store = self.makeStore()
+        store.addUser("alice@example.org", SHA256)
+        store.setSuspended("ALICE@example.org", True)
+        self.assertTrue(self.suspended(store, "alice@example.org"))
+        store.setSuspended("alice@example.org", False)
+        self.assertFalse(self.suspended(store, "alice@example.org"))
+        self.assertEqual(store.listUsers(), [("alice@example.org", "SHA256-CRYPT")])
+
+
+class FileUserStoreTests(UserStoreTestsMixin, unittest.TestCase):
+    def makeStore(self):
+        path = os.path.abspath(self.mktemp())
+        return UsersFileStore(path, creating=True)
+
+    def suspended(self, store, login: str) -> bool:
+        db = UserDatabase(store.path)
+        db.load()
+        return db.get(login).suspended
+
+
+class PostgreSQLUserStoreTests(UserStoreTestsMixin, unittest.TestCase):
+    def makeStore(self):
+        self.server = pgharness.sharedServer()
+        self.database = self.server.createDatabase()
+        uri = self.server.uri(self.database)
+        initSchema(uri)
+        return storeFor(uri)
+
+    def suspended(self, store, login: str) -> bool:
+        [(value,)] = self.server.execute(
+            self.database, "SELECT suspended FROM mailauth.users WHERE login = %s", (login,))
+        return value
+
+
+class MemoryUserStoreTests(UserStoreTestsMixin, unittest.TestCase):
+    def makeStore(self):
+        return MemoryUserStore()
+
+    def suspended(self, store, login: str) -> bool:
+        return self.successResultOf(store.lookup(login)).suspended
