@@ -492,6 +492,15 @@ class RefusalReplyTests(unittest.TestCase):
         self.assertEqual(replies.UNKNOWN_RECIPIENT.error(address="x@y").metric, "unknown_user")
         self.assertIsNone(replies.AUTH_FAILED.error().metric)
 
+    def test_documented(self) -> None:
+        """docs/replies.rst's Counted refusals table names every counted reply and its reason."""
+        with open(os.path.join(ROOT, "docs", "replies.rst"), encoding="utf-8") as f:
+            table = f.read().split("Counted refusals\n")[1]
+        documented = dict(re.findall(r"^``(\w+)``\s+``(\w+)``$", table, re.MULTILINE))
+        counted = {name: value.metric for name, value in vars(replies).items()
+                   if isinstance(value, replies.Reply) and value.metric is not None}
+        self.assertEqual(documented, counted)
+
 
 class RelayMetricsTests(QueueTestMixin, unittest.TestCase):
     """The forwarder's relay attempts and queue gauges, on a clock with a fake relay."""
