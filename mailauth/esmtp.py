@@ -331,7 +331,7 @@ class SubmissionProtocol(protocol.Protocol):
 
     def _timedOut(self) -> None:
         self._timer = None
-        self._hangUp("data_timeout" if self._mode == self.DATA else "timeout")
+        self._hangUp("data_timeout" if self._mode in (self.DATA, self.BDAT) else "timeout")
         self._close(replies.TIMEOUT.format(hostname=self.settings.hostname))
 
     # The data timeout restarts at every read, so a client that trickles a

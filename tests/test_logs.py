@@ -9,6 +9,7 @@ queued message; the whole log as JSON under a real twistd.
 from __future__ import annotations
 
 import ast
+import base64
 import glob
 import json
 import os
@@ -20,6 +21,7 @@ import sys
 
 import attrs
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.logger import eventFromJSON, formatEvent
 from twisted.trial import unittest
 
@@ -38,7 +40,16 @@ from tests.harness import (
     plain,
 )
 from tests.smtpsink import QueueEvents
-from tests.support import QueueTestMixin, relayConfig
+from tests.support import (
+    MemoryMailbox,
+    QueueTestMixin,
+    RecordingPortal,
+    Session,
+    makeFactory,
+    makeSettings,
+    passwordIs,
+    relayConfig,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs", "logs.rst")
@@ -436,8 +447,27 @@ class DataTimeoutTests(AttackMixin, unittest.TestCase):
         client = yield self.inThread(startData)
         self.clock.advance(30)
         self.assertTrue((yield self.inThread(client.closedByServer)))
+
         [line] = self.log.matching(r"^hang-up: ")
         self.assertIn(" reason=data_timeout command=DATA ", line)
+
+    def test_bdatTimeout(self) -> None:
+        """Idle inside a BDAT chunk past data_timeout: the same, naming BDAT."""
+        clock = Clock()
+        portal = RecordingPortal(MemoryMailbox(), answer=passwordIs(b"secret"))
+        factory = makeFactory(clock, portal=portal, tlsMode="implicit",
+                              settings=makeSettings(timeout=300.0, data_timeout=30.0))
+        session = Session(factory)
+        session.command(b"EHLO client.example")
+        session.command(b"AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0secret"))
+        session.command(b"MAIL FROM:<alice@example.test>")
+        session.command(b"RCPT TO:<bob@example.test>")
+        self.assertEqual(session.send(b"BDAT 100 LAST\r\nSubject: part\r\n"), [])
+        clock.advance(30)
+        self.assertEqual(session.read(), [b"421 4.4.2 mx.example.test Error: timeout exceeded"])
+        [line] = self.log.matching(r"^hang-up: ")
+        self.assertRegex(line, r"^hang-up: client=\[192\.0\.2\.1\] login=<alice@example\.test> "
+                         r"reason=data_timeout command=BDAT" + SESSION)
 
 
 class RefusedConnectionTests(AttackMixin, unittest.TestCase):
