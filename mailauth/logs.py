@@ -9,10 +9,6 @@ from typing import IO, Any, Mapping, cast
 from twisted.logger import FileLogObserver, eventAsJSON, eventAsText
 from twisted.python import logfile
 
-#: The values of C{[server] log_format}.
-LOG_FORMATS = ("text", "json")
-
-
 def eventAsJSONLine(event: dict[str, Any]) -> str:
     """
     One log event as one line of JSON: twisted.logger's own encoding
