@@ -9,6 +9,7 @@ from typing import IO, Any, Mapping, cast
 from twisted.logger import FileLogObserver, eventAsJSON, eventAsText
 from twisted.python import logfile
 
+
 def eventAsJSONLine(event: dict[str, Any]) -> str:
     """
     One log event as one line of JSON: twisted.logger's own encoding
