@@ -59,6 +59,8 @@ class ServerConfig:
     disk_threads: int
     # The whole of one DATA, however slowly it trickles in.
     max_data_time: float = 1800.0
+    # text (twistd's lines) or json (one object a line, mailauth.logs).
+    log_format: str = "text"
 
 
 @attrs.frozen
@@ -555,6 +557,7 @@ _SCHEMA: dict = {
         "max_errors": (parsePositive, "10"),
         "auth_threads": (parsePositive, "4"),
         "disk_threads": (parsePositive, "4"),
+        "log_format": (_choice(("text", "json")), "text"),
     },
     "tls": {
         "certificate": (_text, REQUIRED),

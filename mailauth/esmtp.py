@@ -20,8 +20,10 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import secrets
 from typing import Any, Callable, Optional, cast
 
+from OpenSSL import SSL
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
@@ -57,6 +59,15 @@ PIPELINE_HOLD = 65536
 _HELO = re.compile(r"[\x21-\x7e]+")
 # Control characters other than tab, refused in command lines.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f]")
+# The reason a connection refused before the greeting is counted and logged under.
+_CONNECTION_REFUSALS = {
+    replies.BLOCKED: "blocked",
+    replies.TOO_MANY_CONNECTIONS: "too_many",
+    replies.TOO_MANY_FROM_ADDRESS: "too_many_from_address",
+}
+# Refusals counted but not logged as refusals: the session or the realm logs
+# each where it happens, with its cause.
+_REFUSALS_LOGGED_ELSEWHERE = frozenset({"storage", "temporary"})
 # BDAT chunk-size [SP "LAST"] (RFC 3030 2).
 _BDAT = re.compile(r"([0-9]{1,20})(?: (LAST))?", re.IGNORECASE)
 # The commands whose arguments may hold UTF-8 (RFC 6531 3.3, 3.7.4.2).
@@ -71,7 +82,7 @@ class _TLSState:
         self.active = active
 
 
-@implementer(interfaces.IPushProducer)
+@implementer(interfaces.IPushProducer, interfaces.IHandshakeListener)
 class SubmissionProtocol(protocol.Protocol):
     """
     One SMTP session. Commands are taken one at a time: while one waits for
@@ -82,6 +93,8 @@ class SubmissionProtocol(protocol.Protocol):
     them (a client that pipelines commands and never reads the answers) no
     more commands are taken and nothing more is read, so the replies
     waiting in memory stay bounded.
+
+    @ivar session: the session ID, random, in every line it logs.
     """
 
     COMMAND, DATA, BDAT, AUTH, CLOSED = "command", "data", "bdat", "auth", "closed"
@@ -108,6 +121,10 @@ class SubmissionProtocol(protocol.Protocol):
         self._peer = "unknown"
         self._counted = False
         self._tarpitCall = None
+        self.session = newSessionID()
+        self._verb = "-"
+        self._accepted = 0
+        self._handshaken = False
         self.tls = _TLSState(factory.tlsMode, factory.tlsMode == "implicit")
         self._resetSession()
 
@@ -209,6 +226,11 @@ class SubmissionProtocol(protocol.Protocol):
                 self.factory.release(self._peer)
             return
         if refusal is not None:
+            reason = _CONNECTION_REFUSALS[refusal]
+            log.info("refused connection: client=[{client}] listener={listener} reason={reason} "
+                     "session={session}", client=self._peer, listener=self.factory.name,
+                     reason=reason, session=self.session)
+            self.factory.metrics.connectionRefused(self.factory.name, reason)
             self._mode = self.CLOSED
             self._cancelTimeout()
             self._send(refusal)
@@ -216,6 +238,9 @@ class SubmissionProtocol(protocol.Protocol):
             self.transport.loseConnection()
             return
         self._counted = True
+        log.info("connect: client=[{client}] listener={listener} session={session}",
+                 client=self._peer, listener=self.factory.name, session=self.session)
+        self.factory.metrics.connectionAccepted(self.factory.name)
         self._send(replies.GREETING.format(hostname=self.settings.hostname))
         self._busy = False
         if self._buffer:
@@ -224,14 +249,25 @@ class SubmissionProtocol(protocol.Protocol):
             self._processBuffer()
 
     def _admitFailed(self, f: Failure) -> None:
-        log.failure("admitting {client} failed", f, client=self._peer)
+        log.failure("admitting client=[{client}] failed session={session}", f, client=self._peer,
+                    session=self.session)
         if self._mode != self.CLOSED:
             self._mode = self.CLOSED
             self._cancelTimeout()
             self.transport.unregisterProducer()
             self.transport.abortConnection()
 
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake (implicit TLS, or after STARTTLS) succeeded."""
+        self._handshaken = True
+
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if (self.tls.active and not self._handshaken and isinstance(reason, Failure)
+                and reason.check(SSL.Error)):
+            # TLSMemoryBIOProtocol ends a failed handshake with OpenSSL's error.
+            log.info('TLS handshake failed: client=[{client}] listener={listener} why="{why}" '
+                     "session={session}", client=self._peer, listener=self.factory.name,
+                     why=_quoted(_sslReason(reason.value)), session=self.session)
         self._mode = self.CLOSED
         self._cancelTimeout()
         self._cancelDataDeadline()
@@ -244,6 +280,10 @@ class SubmissionProtocol(protocol.Protocol):
         if self._counted:
             self.factory.release(self._peer)
             self._counted = False
+            self.factory.metrics.connectionClosed(self.factory.name)
+            log.info("disconnect: client=[{client}] login=<{login}> messages={messages} "
+                     "session={session}", client=self._peer, login=_printable(self.login or ""),
+                     messages=self._accepted, session=self.session)
 
     def _close(self, reply: ReplyLike) -> None:
         if self._mode == self.CLOSED:
@@ -291,7 +331,7 @@ class SubmissionProtocol(protocol.Protocol):
 
     def _timedOut(self) -> None:
         self._timer = None
-        log.info("timeout client={client}", client=self._peer)
+        self._hangUp("data_timeout" if self._mode in (self.DATA, self.BDAT) else "timeout")
         self._close(replies.TIMEOUT.format(hostname=self.settings.hostname))
 
     # The data timeout restarts at every read, so a client that trickles a
@@ -306,8 +346,7 @@ class SubmissionProtocol(protocol.Protocol):
 
     def _dataTooSlow(self) -> None:
         self._dataDeadline = None
-        log.info("DATA took longer than {limit:g} seconds client={client}",
-                 limit=self.settings.max_data_time, client=self._peer)
+        self._hangUp("max_data_time")
         self._close(replies.DATA_TOO_SLOW.format(hostname=self.settings.hostname))
 
     # -- input -------------------------------------------------------------
@@ -419,7 +458,8 @@ class SubmissionProtocol(protocol.Protocol):
             self._processBuffer()
 
     def _internalError(self, f: Failure) -> None:
-        log.failure("internal error in session with {client}", f, client=self._peer)
+        log.failure("internal error in session: client=[{client}] session={session}", f,
+                    client=self._peer, session=self.session)
         if self._mode == self.CLOSED:
             return
         self._mode = self.COMMAND
@@ -431,6 +471,9 @@ class SubmissionProtocol(protocol.Protocol):
     # -- output ------------------------------------------------------------
 
     def _send(self, reply: ReplyLike) -> None:
+        metric = getattr(reply, "metric", None)
+        if metric is not None:
+            self._countRefusal(metric, reply)
         # No reply line longer than 512 octets, whatever was echoed into it
         # (RFC 5321 4.5.3.1.5).
         text = replies.cut(reply.code, reply.text)
@@ -446,8 +489,26 @@ class SubmissionProtocol(protocol.Protocol):
         self._errors += 1
         self._send(reply)
         if self._errors >= self.settings.max_errors:
-            log.info("too many errors client={client}", client=self._peer)
+            self._hangUp("max_errors")
             self._close(replies.TOO_MANY_ERRORS)
+
+    def _countRefusal(self, reason: str, reply: ReplyLike) -> None:
+        """Count a refusal C{reply} under C{reason}; log it unless its cause is logged."""
+        self.factory.metrics.messageRefused(reason)
+        if reason not in _REFUSALS_LOGGED_ELSEWHERE:
+            self._logRefusal(reason, reply)
+
+    def _logRefusal(self, reason: str, reply: ReplyLike) -> None:
+        log.info('refused {command}: client=[{client}] login=<{login}> reason={reason} '
+                 'reply="{reply}" session={session}', command=self._verb, client=self._peer,
+                 login=_printable(self.login or ""), reason=reason,
+                 reply=_quoted(f"{reply.code} {reply.text}"), session=self.session)
+
+    def _hangUp(self, reason: str) -> None:
+        """Log why the session is about to close with a 421."""
+        log.info("hang-up: client=[{client}] login=<{login}> reason={reason} command={command} "
+                 "session={session}", client=self._peer, login=_printable(self.login or ""),
+                 reason=reason, command=self._verb, session=self.session)
 
     # -- commands ----------------------------------------------------------
 
@@ -472,6 +533,7 @@ class SubmissionProtocol(protocol.Protocol):
         handler = getattr(self, "do_" + verb.upper(), None) if verb.isalpha() else None
         if handler is None:
             return self._error(replies.UNKNOWN_COMMAND)
+        self._verb = verb.upper()
         return handler(arg.strip(" "))
 
     def do_HELO(self, arg: str):
@@ -520,9 +582,10 @@ class SubmissionProtocol(protocol.Protocol):
             # RFC 3207 / CVE-2011-0411: anything sent after STARTTLS before
             # the handshake was not protected by it; it is discarded.
             log.info(
-                "discarded {n} bytes pipelined after STARTTLS client={client}",
+                "discarded {n} bytes pipelined after STARTTLS: client=[{client}] session={session}",
                 n=len(self._buffer),
                 client=self._peer,
+                session=self.session,
             )
             self._buffer = b""
         self._send(replies.STARTTLS_READY)
@@ -551,10 +614,12 @@ class SubmissionProtocol(protocol.Protocol):
         if name not in self.factory.mechanisms:
             return self._error(replies.UNKNOWN_MECHANISM)
         if not self._authAllowedNow():
+            self._logRefusal("encryption_required", replies.ENCRYPTION_REQUIRED)
             return self._error(replies.ENCRYPTION_REQUIRED)
         context = self._saslContext()
         if name not in context.offered:
             # Only -PLUS is ever held back: it needs TLS channel binding data.
+            self._logRefusal("encryption_required", replies.ENCRYPTION_REQUIRED)
             return self._error(replies.ENCRYPTION_REQUIRED)
         d = self.factory.throttle.isBlocked(self._peer)
         d.addCallback(self._authStart, name, words, context)
@@ -564,6 +629,7 @@ class SubmissionProtocol(protocol.Protocol):
         if self._mode == self.CLOSED:
             return None
         if blocked:
+            self._hangUp("blocked")
             return self._close(replies.BLOCKED)
         mechanism = self.factory.saslTable[name](context)
         initial = None
@@ -656,11 +722,13 @@ class SubmissionProtocol(protocol.Protocol):
         self._logout = logout
         app = getattr(avatar, "appPassword", None)
         log.info(
-            "auth success: client=[{client}] mechanism={mechanism} login=<{login}>{app}",
+            "auth success: client=[{client}] mechanism={mechanism} login=<{login}>{app} "
+            "session={session}",
             client=self._peer,
             mechanism=credentials.mechanism,
             login=_printable(login),
             app=f" app={app}" if app else "",
+            session=self.session,
         )
         self.factory.metrics.authResult(credentials.mechanism, "success")
         self._send(replies.AUTH_SUCCESS)
@@ -672,10 +740,12 @@ class SubmissionProtocol(protocol.Protocol):
         # counted or slowed down, and logged in lines fail2ban ignores.
         if f.check(LoginSuspended):
             log.info(
-                "auth suspended: client=[{client}] mechanism={mechanism} login=<{login}>",
+                "auth suspended: client=[{client}] mechanism={mechanism} login=<{login}> "
+                "session={session}",
                 client=self._peer,
                 mechanism=credentials.mechanism,
                 login=_printable(credentials.username),
+                session=self.session,
             )
             self.factory.metrics.authResult(credentials.mechanism, "suspended")
             return self._error(replies.AUTH_FAILED)
@@ -683,10 +753,12 @@ class SubmissionProtocol(protocol.Protocol):
             # The client chose a mechanism we offered but cannot verify for
             # this user: its owner must never be locked out for that.
             log.info(
-                "auth mechanism unusable: client=[{client}] mechanism={mechanism} login=<{login}>",
+                "auth mechanism unusable: client=[{client}] mechanism={mechanism} "
+                "login=<{login}> session={session}",
                 client=self._peer,
                 mechanism=credentials.mechanism,
                 login=_printable(credentials.username),
+                session=self.session,
             )
             self.factory.metrics.authResult(credentials.mechanism, "failure")
             return self._error(replies.AUTH_FAILED)
@@ -697,9 +769,11 @@ class SubmissionProtocol(protocol.Protocol):
                                     "bad credentials",
                                     final(f.value) if final is not None else None)
         if f.check(LoginFailed):
-            log.error("login could not be checked: {why}", why=f.getErrorMessage())
+            log.error("login could not be checked: {why} client=[{client}] session={session}",
+                      why=f.getErrorMessage(), client=self._peer, session=self.session)
         else:
-            log.failure("login failed with an internal error", f)
+            log.failure("login failed with an internal error: client=[{client}] "
+                        "session={session}", f, client=self._peer, session=self.session)
         self.factory.metrics.authResult(credentials.mechanism, "unavailable")
         self._send(replies.AUTH_UNAVAILABLE)
         return None
@@ -716,13 +790,15 @@ class SubmissionProtocol(protocol.Protocol):
         """
         self._authFailures += 1
         log.info(
-            "auth failure: client=[{client}] mechanism={mechanism} login=<{login}>",
+            "auth failure: client=[{client}] mechanism={mechanism} login=<{login}> "
+            "session={session}",
             client=self._peer,
             mechanism=mechanism,
             login=_printable(username),
+            session=self.session,
         )
         self.factory.metrics.authResult(mechanism, "failure")
-        d = self.factory.throttle.failure(self._peer, username)
+        d = self.factory.throttle.failure(self._peer, username, session=self.session)
         d.addCallback(self._checkBlocked)
         d.addErrback(self._throttleFailed)
         d.addCallback(self._answerFailure, challenge)
@@ -734,7 +810,8 @@ class SubmissionProtocol(protocol.Protocol):
 
     def _throttleFailed(self, f: Failure) -> tuple:
         # The counter stores never fail; were one to, answer at once.
-        log.failure("counting a failed login from {client} failed", f, client=self._peer)
+        log.failure("counting a failed login failed: client=[{client}] session={session}", f,
+                    client=self._peer, session=self.session)
         return (0.0, False)
 
     def _answerFailure(self, verdict: tuple, challenge: Optional[bytes] = None):
@@ -746,8 +823,10 @@ class SubmissionProtocol(protocol.Protocol):
         if self._mode == self.CLOSED:
             return None
         if blocked:
+            self._hangUp("blocked")
             return self._close(replies.BLOCKED)
         if self._authFailures >= self.factory.failuresPerSession:
+            self._hangUp("failures_per_session")
             return self._close(replies.TOO_MANY_FAILURES)
         if challenge is not None:
             self._mode = self.AUTH
@@ -808,7 +887,8 @@ class SubmissionProtocol(protocol.Protocol):
         if f.check(SMTPReply):
             self._error(cast(SMTPReply, f.value))
             return
-        log.failure("address validation failed for {client}", f, client=self._peer)
+        log.failure("address validation failed: client=[{client}] session={session}", f,
+                    client=self._peer, session=self.session)
         self._send(replies.TEMPORARY_FAILURE)
 
     def do_RCPT(self, arg: str):
@@ -884,7 +964,7 @@ class SubmissionProtocol(protocol.Protocol):
         if m is None:
             # How many octets follow is unknown, and reading them as
             # commands would run message content: hang up.
-            log.info("malformed BDAT command client={client}", client=self._peer)
+            self._hangUp("bad_bdat")
             return self._close(replies.BAD_BDAT)
         size, last = int(m.group(1)), m.group(2) is not None
         verdict: Optional[ReplyLike] = None
@@ -899,7 +979,8 @@ class SubmissionProtocol(protocol.Protocol):
                 header = self._startMessage()
             except Exception:
                 # The chunk must still be read (never run as commands).
-                log.failure("could not store a message from {client}", client=self._peer)
+                log.failure("could not store a message: client=[{client}] session={session}",
+                            client=self._peer, session=self.session)
                 self._abortMessages()
                 self._resetTransaction()
                 self._bdatFailed = True
@@ -966,24 +1047,30 @@ class SubmissionProtocol(protocol.Protocol):
             if reader.tooBig:
                 return self._error(replies.TOO_BIG)
             return self._storageFailed(cast(Failure, failure))
+        started = self.clock.seconds()
         messages, self._messages = self._messages, []
         d = defer.gatherResults(
             [defer.maybeDeferred(m.eomReceived) for m in messages], consumeErrors=True
         )
-        d.addCallbacks(self._messageStored, self._messageFailed, errbackArgs=(messages,))
+        d.addCallbacks(self._messageStored, self._messageFailed, (started,),
+                       errbackArgs=(messages,))
         return d
 
-    def _messageStored(self, ids: list) -> None:
+    def _messageStored(self, ids: list, started: float) -> None:
         log.info(
             "message accepted: client=[{client}] login=<{login}> id={id} from=<{sender}> "
-            "recipients={count} size={size}",
+            "recipients={count} size={size} session={session}",
             client=self._peer,
             login=self.login or "",
             id=ids[0],
             sender=addressText(self._sender),
             count=len(self._recipients),
             size=self._reader.size,
+            session=self.session,
         )
+        self._accepted += 1
+        self.factory.metrics.messageAccepted(len(self._recipients),
+                                             self.clock.seconds() - started)
         self._resetTransaction()
         if self._mode != self.CLOSED:
             self._send(replies.QUEUED.format(id=ids[0]))
@@ -1014,11 +1101,13 @@ class SubmissionProtocol(protocol.Protocol):
         elif f.check(OSError):
             e = cast(OSError, f.value)
             log.warn("could not store a message from client=[{client}]: {path}: {error} "
-                     "(errno {errno})", client=self._peer, path=e.filename or "-",
-                     error=e.strerror or e, errno=e.errno)
+                     "(errno {errno}) session={session}", client=self._peer,
+                     path=e.filename or "-", error=e.strerror or e, errno=e.errno,
+                     session=self.session)
             self._send(replies.storageFailure(e))
         else:
-            log.failure("could not store a message from {client}", f, client=self._peer)
+            log.failure("could not store a message: client=[{client}] session={session}", f,
+                        client=self._peer, session=self.session)
             self._send(replies.STORAGE_FAILED)
 
     def _abortMessages(self) -> None:
@@ -1028,7 +1117,8 @@ class SubmissionProtocol(protocol.Protocol):
             try:
                 message.connectionLost()
             except Exception:
-                log.failure("aborting a message failed")
+                log.failure("aborting a message failed: session={session}",
+                            session=self.session)
 
     def do_RSET(self, arg: str):
         if arg:
@@ -1074,6 +1164,27 @@ def _printable(text: str, limit: int = 128) -> str:
     return out[:limit]
 
 
+def _quoted(text: str, limit: int = 256) -> str:
+    """Text for a C{key="..."} field of a log line: no control characters, no bare quote."""
+    out = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else f"\\x{ord(c):02x}"
+                  for c in text)
+    return out[:limit]
+
+
+def _sslReason(error: Optional[BaseException]) -> str:
+    """What OpenSSL said, in its own words: C{tlsv1 alert unknown ca}, C{wrong version number}."""
+    if error is None:
+        return "unknown"
+    errors = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    reasons = [entry[-1] for entry in errors if isinstance(entry, tuple) and entry]
+    return ", ".join(str(r) for r in reasons if r) or str(error) or type(error).__name__
+
+
+def newSessionID() -> str:
+    """A new session ID: 12 random hexadecimal digits, short to read, enough never to repeat."""
+    return secrets.token_hex(6)
+
+
 class SubmissionFactory(protocol.Factory):
     """
     Builds sessions for one listener, holding what they share: the portal,
@@ -1082,7 +1193,13 @@ class SubmissionFactory(protocol.Factory):
 
     @ivar anonymous: the L{IMessageDeliveryFactory} used by sessions that did
         not authenticate (only on C{auth = optional | none} listeners).
+    @ivar name: the listener's name (C{[listener:NAME]}), in log lines and
+        metrics.
     """
+
+    # Twisted's "Starting factory <...object at 0x...>" names no listener;
+    # mailauth.tap logs each listener once it listens.
+    noisy = False
 
     def __init__(
         self,
@@ -1102,6 +1219,7 @@ class SubmissionFactory(protocol.Factory):
         reactor,
         saslTable: Optional[dict] = None,
         metrics: Optional[Metrics] = None,
+        name: str = "submission",
     ) -> None:
         self.settings = settings
         self.portal = portal
@@ -1119,6 +1237,14 @@ class SubmissionFactory(protocol.Factory):
         #: Mechanism name -> entry called with a L{sasl.SASLContext}.
         self.saslTable = sasl.MECHANISMS if saslTable is None else saslTable
         self.metrics = metrics if metrics is not None else Metrics()
+        self.name = name
+
+    def logPrefix(self) -> str:
+        """How Twisted names the listener in its C{... starting on PORT} line."""
+        return f"listener:{self.name}"
+
+    def __repr__(self) -> str:
+        return f"<SubmissionFactory listener:{self.name}>"
 
     def buildProtocol(self, addr) -> SubmissionProtocol:
         p = SubmissionProtocol(self)
@@ -1140,12 +1266,11 @@ class SubmissionFactory(protocol.Factory):
                 return refusal
             if refusal is None:
                 self.connections.release(host)
-            log.info("refused blocked client={client}", client=host)
             return replies.BLOCKED
 
         def failed(f: Failure) -> Optional[Reply]:
             # The counter stores never fail; were one to, serve the client.
-            log.failure("could not tell whether {client} is blocked", f, client=host)
+            log.failure("could not tell whether client=[{client}] is blocked", f, client=host)
             return refusal
 
         d = self.throttle.isBlocked(host)
