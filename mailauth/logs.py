@@ -1,4 +1,7 @@
-"""The daemon's log as JSON, one object a line, for C{[server] log_format = json}."""
+"""
+The daemon's log lines: client text made safe for one line, and the
+JSON format of C{[server] log_format = json} (one object a line).
+"""
 
 from __future__ import annotations
 
@@ -67,3 +70,16 @@ def twistdLogFile(twistdOptions: Mapping[str, Any]) -> IO[Any]:
 
         signal.signal(signal.SIGUSR1, rotate)
     return out
+
+
+def printable(text: str, limit: int = 128) -> str:
+    """A login made safe for a one-line log entry: no control characters, no spaces, bounded."""
+    out = "".join(c if 32 < ord(c) < 127 and c not in "<>\\" else f"\\x{ord(c):02x}" for c in text)
+    return out[:limit]
+
+
+def quoted(text: str, limit: int = 256) -> str:
+    """Text for a C{key="..."} field of a log line: no control characters, no bare quote."""
+    out = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else f"\\x{ord(c):02x}"
+                  for c in text)
+    return out[:limit]
