@@ -16,6 +16,16 @@ Scenarios (C{--scenarios}):
   VmRSS sampled every 10 ms).
 - C{idle}: C{--idle} connections parked after EHLO, STARTTLS and EHLO; the
   server's RSS growth divided by the connections.
+- C{workers} (not in the default run): the C{tput} job at concurrency 50
+  (C{--workers-concurrency}) against aiosmtpd, mailauth with one process and
+  counters in memory (the default), one process with counters in Redis, and
+  C{[server] workers = 2} with counters in Redis, alternating, C{--repeat}
+  times; its own table with each one's msgs/s, the ratio to aiosmtpd, and
+  the CPU each message cost the server (every process of it), the load
+  generator and the whole machine. With 4 CPUs or more the servers run on
+  the first half and the load generator on the other (C{--no-pin} to let
+  them mix); below that they share every CPU, and the load generator's own
+  CPU is what shows how much of the machine it took.
 
 Everything lives in C{--workdir} (default C{var/bench}, git-ignored): a
 certificate, a users file, and a folder per run with the server's
@@ -60,6 +70,9 @@ STORM_USER = "storm{n}@bench.test"
 STORM_USERS = 10
 KB = 1024
 MB = 1024 * 1024
+# The CPUs the load generator runs on (the workers scenario pins it apart
+# from the servers where there are enough); None: any.
+LOADGEN_CPUS: Optional[set] = None
 
 
 def log(text: str) -> None:
@@ -94,9 +107,18 @@ def prepare(work: str) -> None:
 class Server:
     """One server process: started, probed for its banner, measured through /proc, stopped."""
 
-    def __init__(self, name: str, work: str, label: str = "") -> None:
+    def __init__(self, name: str, work: str, label: str = "", workers: int = 1,
+                 redis: str = "", cpus: Optional[set] = None) -> None:
+        """
+        @param workers: mailauth's C{[server] workers}.
+        @param redis: the URL of a Redis for C{[state] backend} (workers > 1).
+        @param cpus: the CPUs the server may run on, or L{None} for any.
+        """
         self.name = name
         self.work = work
+        self.workers = workers
+        self.redis = redis
+        self.cpus = cpus
         # A folder of its own for every run: deleting a run's mail before
         # the next would leave ext4 thousands of recently deleted inodes to
         # skip over in every file creation of that next run.
@@ -111,7 +133,9 @@ class Server:
                 template = f.read()
             config = os.path.join(self.dir, "mailauth.conf")
             with open(config, "w") as f:
-                f.write(template.format(dir=self.dir, work=self.work, port=self.port))
+                state = f"[state]\nbackend = {self.redis}\n" if self.redis else ""
+                f.write(template.format(dir=self.dir, work=self.work, port=self.port,
+                                        workers=self.workers, state=state))
             return [os.path.join(os.path.dirname(PYTHON), "twistd"), "--nodaemon", "--pidfile=",
                     f"--logfile={os.path.join(self.dir, 'server.log')}", "mailauth",
                     "--config", config]
@@ -132,7 +156,8 @@ class Server:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         out = open(os.path.join(self.dir, "stdout.log"), "ab")
         self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        preexec_fn=pinner(self.cpus))
         out.close()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -141,11 +166,21 @@ class Server:
                                    f"see {self.dir}/stdout.log")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                    if s.recv(100).startswith(b"220"):
+                    if s.recv(100).startswith(b"220") and self.serving():
                         return
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError(f"{self.name} did not answer on port {self.port} within 30 s")
+
+    def serving(self) -> bool:
+        """Whether every worker has said it serves (the parent's socket answers from the first)."""
+        if self.workers == 1:
+            return True
+        try:
+            with open(os.path.join(self.dir, "server.log"), errors="replace") as f:
+                return f.read().count(") is serving") >= self.workers
+        except OSError:
+            return False
 
     def stop(self) -> None:
         """Stop the server; flush the file systems so the next run does not pay for its writes."""
@@ -176,10 +211,43 @@ class Server:
             return False
 
     def cpu(self) -> float:
-        """User plus system CPU seconds of every thread so far."""
-        with open(f"/proc/{self.process.pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """
+        User plus system CPU seconds of every thread so far, of the server
+        and of its worker processes (their own, and that of workers that
+        ended: the parent reaps them).
+        """
+        total = 0.0
+        for pid in [self.process.pid, *descendants(self.process.pid)]:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+            except OSError:
+                continue  # ended meanwhile
+            total += sum(int(x) for x in fields[11:15])
+        return total / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list:
+    """The process ids of every process below C{pid}."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            found += [int(entry), *descendants(int(entry))]
+    return found
+
+
+def pinner(cpus: Optional[set]):
+    """A C{preexec_fn} that keeps a child (and what it starts) on C{cpus}; L{None} for any."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
 
 
 class PeakSampler(threading.Thread):
@@ -208,7 +276,8 @@ class PeakSampler(threading.Thread):
 def loadgen(server: Server, *args: str, onStderr=None, cap: float = 300) -> dict:
     """Run the load generator against C{server}; its JSON result."""
     argv = [PYTHON, LOADGEN, "--port", str(server.port), "--password", PASSWORD, *args]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=pinner(LOADGEN_CPUS))
     timer = threading.Timer(cap, proc.kill)
     timer.start()
     try:
@@ -437,6 +506,104 @@ def table(results: dict, options) -> str:
     return "\n".join(out)
 
 
+# The servers of the workers scenario: (label, server name, workers, counters in Redis).
+WORKER_SETUPS = (
+    ("aiosmtpd", "aiosmtpd", 1, False),
+    ("mailauth, 1 process", "mailauth", 1, False),
+    ("mailauth, 1 process, Redis", "mailauth", 1, True),
+    ("mailauth, workers = 2, Redis", "mailauth", 2, True),
+)
+
+
+def startRedis(work: str):
+    """A private redis-server for the counters (tests/redisharness.py's), or an error."""
+    from tests.redisharness import MISSING, RedisServer
+
+    binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin:/sbin")
+    if binary is None:
+        raise SystemExit(f"the workers scenario needs Redis: {MISSING}")
+    redis = RedisServer(binary, os.path.join(work, "redis"))
+    redis.start()
+    return redis
+
+
+def splitCPUs(pin: bool) -> tuple:
+    """
+    (server CPUs, load generator CPUs): halves of this process's CPUs when
+    there are 4 or more and C{pin}, else (L{None}, L{None}): all shared.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 4:
+        return None, None
+    half = len(cpus) // 2
+    return set(cpus[:half]), set(cpus[half:])
+
+
+def workersScenario(work: str, options) -> dict:
+    """
+    The throughput job against each of L{WORKER_SETUPS}, alternating,
+    C{options.repeat} times per concurrency; results by concurrency, then label.
+    """
+    global LOADGEN_CPUS
+    serverCPUs, LOADGEN_CPUS = splitCPUs(options.pin)
+    redis = startRedis(work)
+    results: dict = {"pinned": serverCPUs is not None,
+                     "server_cpus": sorted(serverCPUs) if serverCPUs else None,
+                     "loadgen_cpus": sorted(LOADGEN_CPUS) if LOADGEN_CPUS else None}
+    try:
+        for c in options.workers_concurrency:
+            runs: dict = {label: [] for label, *_ in WORKER_SETUPS}
+            for attempt in range(options.repeat):
+                for label, name, workers, shared in WORKER_SETUPS:
+                    server = Server(name, work, f"w{workers}{'r' if shared else ''}-c{c}-"
+                                    f"{attempt + 1}", workers=workers,
+                                    redis=redis.url if shared else "", cpus=serverCPUs)
+                    log(f"workers c={c}: {label} ({attempt + 1}/{options.repeat}) ...")
+                    try:
+                        server.start()
+                        runs[label].append(throughput(server, c, options.time))
+                    except RuntimeError as e:
+                        runs[label].append({"error": str(e)})
+                    finally:
+                        server.stop()
+                    log(f"  {json.dumps(runs[label][-1])}")
+            results[f"c{c}"] = {label: average(r) for label, r in runs.items()}
+    finally:
+        redis.cleanup()
+        LOADGEN_CPUS = None
+    return results
+
+
+def workersTable(results: dict) -> str:
+    """The workers scenario's table: one block per concurrency, ratio to aiosmtpd."""
+    pinned = (f"servers on CPUs {results['server_cpus']}, load generator on "
+              f"{results['loadgen_cpus']}" if results.get("pinned") else
+              "servers and load generator share every CPU (fewer than 4, or --no-pin)")
+    out = [f"workers scenario ({pinned}); 10 KB messages, ten per connection"]
+    header = (f"{'server':30} {'msgs/s':>8} {'x aiosmtpd':>10} {'p99 ms':>7} "
+              f"{'server':>7} {'loadgen':>7} {'machine':>7}  CPU ms/msg")
+    for key, block in results.items():
+        if not key.startswith("c") or not isinstance(block, dict):
+            continue
+        out += ["", f"concurrency {key[1:]}", header, "-" * len(header)]
+        base = block.get("aiosmtpd", {}).get("msgs_per_s")
+        for label, r in block.items():
+            rate = r.get("msgs_per_s")
+            ratio = f"{rate / base:.2f}" if rate and base else "-"
+            target = ""
+            if "workers = 2" in label and rate and base:
+                target = "  >= 1.5 " + ("met" if rate / base >= 1.5 else "NOT MET")
+            out.append(f"{label:30} {fmt(rate):>8} {ratio:>10} {fmt(r.get('message_p99_ms')):>7} "
+                       f"{fmt(r.get('server_cpu_ms_per_msg'), 2):>7} "
+                       f"{fmt(r.get('client_cpu_ms_per_msg'), 2):>7} "
+                       f"{fmt(r.get('machine_cpu_ms_per_msg'), 2):>7}{target}")
+            if r.get("failures"):
+                out.append(f"  failed replies: {r['failures']}")
+            if r.get("error"):
+                out.append(f"  error: {r['error']}")
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="mailauth beside aiosmtpd, one table")
     p.add_argument("--workdir", default=os.path.join(ROOT, "var", "bench"))
@@ -448,6 +615,11 @@ def main() -> None:
     p.add_argument("--big-mb", type=int, default=50)
     p.add_argument("--idle", type=int, default=2000, help="parked connections")
     p.add_argument("--json", help="also write every result to this file")
+    p.add_argument("--workers-concurrency", default="50",
+                   type=lambda text: [int(x) for x in text.split(",")],
+                   help="workers scenario: the concurrencies, comma-separated")
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="workers scenario: never pin servers and load generator apart")
     options = p.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -476,6 +648,8 @@ def main() -> None:
             plan.append(("big", lambda s: bigMessage(s, options.big_mb * MB)))
         elif scenario == "idle":
             plan.append(("idle", lambda s: idle(s, options.idle)))
+        elif scenario == "workers":
+            continue  # its own servers and table, after the others
         else:
             p.error(f"unknown scenario {scenario!r}")
     quiet = backgroundLoad()
@@ -502,6 +676,8 @@ def main() -> None:
                 log(f"  {json.dumps(runs[name][-1])}")
         for name in servers:
             results[name][label] = average(runs[name])
+    if "workers" in scenarios:
+        results["workers"] = workersScenario(work, options)
     info = machine()
     info["background_cpu_before"] = round(quiet, 2)
     info["background_cpu_after"] = round(backgroundLoad(), 2)
@@ -510,7 +686,12 @@ def main() -> None:
     print(f"machine: {info['cpus']} x {info['cpu']}, Linux {info['kernel']}, "
           f"Python {info['python']}, Twisted {info['twisted']}, aiosmtpd {info['aiosmtpd']}, "
           f"{info['openssl']}")
-    print(table(results, options))
+    if plan:
+        print(table(results, options))
+    if "workers" in results:
+        if plan:
+            print()
+        print(workersTable(results["workers"]))
     print(f"background load before/after: {info['background_cpu_before']:.2f}/"
           f"{info['background_cpu_after']:.2f} CPUs "
           f"({time.monotonic() - started:.0f} s; details in {work})")

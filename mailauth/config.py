@@ -75,6 +75,8 @@ class ServerConfig:
     max_data_time: float = 1800.0
     # text (twistd's lines) or json (one object a line, mailauth.logs).
     log_format: str = "text"
+    #: processes serving the listeners (L{mailauth.workers}); 1 is one process doing all.
+    workers: int = 1
 
 
 @attrs.frozen
@@ -242,6 +244,7 @@ _SCHEMA: dict = {
         "auth_threads": (parsePositive, "4"),
         "disk_threads": (parsePositive, "4"),
         "log_format": (choiceOf(("text", "json")), "text"),
+        "workers": (parsePositive, "1"),
     },
     "tls": {
         "certificate": (nonEmpty, REQUIRED),
@@ -442,6 +445,7 @@ def loadText(text: str, path: str = "<string>") -> Config:
     metrics = r.section("metrics", "metrics") if parser.has_section("metrics") else None
     if metrics is not None:
         _checkMetrics(r, metrics["endpoint"])
+    _checkWorkers(r, server["workers"], state["backend"], metrics is not None)
 
     oauth = r.section("oauth", "oauth") if parser.has_section("oauth") else None
     _checkOAuth(r, auth, oauth)
@@ -609,6 +613,25 @@ def _checkProxy(r: _Reader, section: str, values: dict) -> None:
         r.problem(section, "proxy_protocol",
                   f"{endpoint!r}: a unix: endpoint has no client address to check against "
                   "trusted_proxies; use tcp:")
+
+
+def _checkWorkers(r: _Reader, workers: Optional[int], backend: Optional[str],
+                  metrics: bool) -> None:
+    """
+    Several worker processes need the state they would otherwise each keep
+    apart in one place: the throttle counters in a shared backend. Their
+    metrics would be counted apart too, and no process could serve them all.
+    """
+    if workers is None or workers == 1:
+        return
+    if backend == "memory":
+        r.problem("server", "workers",
+                  f"{workers} processes would each keep their own throttle counters with "
+                  "[state] backend = memory: set backend = redis://HOST:6379/0, or workers = 1")
+    if metrics:
+        r.problem("server", "workers",
+                  f"{workers} processes would each count their own [metrics]; "
+                  "serving metrics needs workers = 1")
 
 
 def _dkimSection(r: _Reader) -> dict:

@@ -41,6 +41,7 @@ from mailauth.throttle import AuthThrottle, ConnectionLimiter
 from mailauth.tls import ReloadableTLS
 from mailauth.userdb import UserDatabase
 from mailauth.userstore import AppPasswordUse, Rehasher, schemesNeededBy, storeFor
+from mailauth.workers import HeldPort, Worker, WorkerPool, readConfiguration
 
 log = Logger(namespace="mailauth.tap")
 
@@ -325,14 +326,21 @@ def _sendingLimits(cfg: configmod.Config, store, users: IUserDatabase, realm: Re
 
 
 def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
-                 environ: Optional[Mapping[str, str]] = None) -> _Daemon:
+                 environ: Optional[Mapping[str, str]] = None,
+                 worker: Optional[Worker] = None) -> _Daemon:
     """
     Make and wire every part of the daemon.
+
+    With C{[server] workers} above 1 this is the parent, which binds the
+    listeners for its L{WorkerPool} and runs the queue, and each worker
+    (C{worker} given) serves the sessions; see L{mailauth.workers}.
 
     @param runAs: (uid, gid) the process will run as once the ports are
         bound (twistd's C{--uid}/C{--gid}): the state directory made here,
         while still root, is given to it.
     @param environ: the process environment, for systemd's C{NOTIFY_SOCKET}.
+    @param worker: build one worker process: serve its inherited sockets,
+        and leave the queue's runner, autoconfig and systemd to the parent.
     """
     top = _Daemon(cfg.path)
     metrics = Metrics.fromConfig(cfg)
@@ -385,7 +393,8 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
             metrics=metrics,
         )
         metrics.watchQueue(queueService.probe)
-        queueService.setServiceParent(top)
+        if worker is None:
+            queueService.setServiceParent(top)
     saslTable = dict(sasl.MECHANISMS)
     scramOffered = any(name.startswith("SCRAM-") for name in cfg.auth.mechanisms)
     if scramOffered:
@@ -399,7 +408,8 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         hostname=cfg.server.hostname,
         runBlocking=diskPool.run,
         queue=queue,
-        wakeQueue=queueService.wake if queueService is not None else (lambda: None),
+        wakeQueue=(worker.wakeQueue if worker is not None
+                   else queueService.wake if queueService is not None else (lambda: None)),
         clock=reactor,
     )
     # The throttle and the sending limits count here.
@@ -439,7 +449,20 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
                                     cfg.server.max_connections_per_address)
     anonymous = realm.anonymous()
     postmasterDomain = sorted(cfg.delivery.local_domains)[0]
-    for listener in cfg.listeners:
+    pool = None
+    if cfg.server.workers > 1 and worker is None:
+        # The parent: it binds the sockets, and its workers serve them.
+        held = [HeldPort(reactor, listener.name, listener.endpoint)
+                for listener in cfg.listeners]
+        for port in held:
+            top.addEndpoint(port, f"listener:{port.listener}", port.description)
+        pool = WorkerPool(reactor, cfg.server.workers, held, cfg.path,
+                          readConfiguration(cfg.path, cfg),
+                          wakeQueue=queueService.wake if queueService is not None else (
+                              lambda: None),
+                          environ=environ)
+        pool.setServiceParent(top)
+    for listener in cfg.listeners if pool is None else ():
         factory = SubmissionFactory(
             settings=cfg.server,
             portal=portal,
@@ -467,12 +490,15 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
             wrapped = ProxyFactory(wrapped, listener.proxy_protocol, listener.trusted_proxies,
                                    reactor, listener.proxy_timeout)
             wrapped.noisy = False
+        if worker is not None:
+            worker.listen(listener.name, wrapped, reactor).setServiceParent(top)
+            continue
         listening = strports.service(listener.endpoint, wrapped, reactor=reactor)
         listening.setName(f"listener:{listener.name}")
         top.addEndpoint(listening, f"listener:{listener.name}", listener.endpoint,
                         f" tls={listener.tls} auth={listener.auth} "
                         f"proxy_protocol={listener.proxy_protocol}")
-    if cfg.autoconfig is not None:
+    if cfg.autoconfig is not None and worker is None:
         from mailauth.autoconfig import makeSite
 
         web = strports.service(cfg.autoconfig.endpoint, makeSite(cfg, reactor), reactor=reactor)
@@ -493,6 +519,8 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         for source in reloadable:
             if source.path is not None:
                 source.load()
+        if pool is not None:
+            pool.signalWorkers("HUP")
 
     reloader = internet.TimerService(RELOAD_INTERVAL, reloadFiles)
     reloader.clock = reactor
@@ -502,8 +530,12 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         top.addEndpoint(metricsService(cfg.metrics.endpoint, metrics, reactor), "metrics",
                         cfg.metrics.endpoint)
     # Last, so that it starts after every port listens and stops first.
-    ports = [s for s in top if isinstance(s, internet.StreamServerEndpointService)]
-    notifier = sdnotify.fromEnvironment(environ or {}, reactor, ports)
+    ports: list[service.IService] = [
+        s for s in top if isinstance(s, internet.StreamServerEndpointService)]
+    if pool is not None:
+        ports.append(pool)
+    # A worker never speaks to systemd: the parent does, for all of them.
+    notifier = sdnotify.fromEnvironment((environ or {}) if worker is None else {}, reactor, ports)
     if notifier is not None:
         notifier.setServiceParent(top)
     return top

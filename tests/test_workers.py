@@ -1,0 +1,850 @@
+"""
+C{[server] workers}: the parent that binds and supervises (L{WorkerPool}),
+the worker that adopts the sockets, and the whole daemon run by twistd
+with two workers: serving, a worker killed under load, signals, privileges.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pwd
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+from twisted.internet import defer, error, protocol, reactor, threads
+from twisted.internet.task import Clock
+from twisted.logger import (
+    Logger,
+    formatEvent,
+    formatEventAsClassicLogText,
+    globalLogPublisher,
+    jsonFileLogObserver,
+)
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from mailauth import config as configmod
+from mailauth import tap, workers
+from mailauth.workers import (
+    CONFIG_FD,
+    CONTROL_FD,
+    FIRST_SOCKET_FD,
+    LOG_FD,
+    STDERR_FD,
+    AdoptedPortService,
+    HeldPort,
+    Worker,
+    WorkerPool,
+    readConfigText,
+    readConfiguration,
+    workerEnvironment,
+)
+from tests.harness import (
+    BOB,
+    BOB_PASSWORD,
+    ROOT,
+    ClockedReactor,
+    RawClient,
+    TwistdProcess,
+    clientContext,
+    plain,
+    processAlive,
+    writeDaemonDirectory,
+)
+from tests.redisharness import startRedis
+from tests.support import writeCertificate
+
+LISTENERS = [("submission", "tcp:0:interface=127.0.0.1"),
+             ("submissions", "tcp:0:interface=127.0.0.1")]
+FILTER = os.path.join(ROOT, "etc", "fail2ban", "filter.d", "mailauth.conf")
+
+
+class FakeProcess:
+    """What C{spawnProcess} returns, recording what the pool does to it."""
+
+    def __init__(self, proto, pid: int) -> None:
+        self.proto = proto
+        self.pid = pid
+        self.signals: list = []
+        self.written: list = []
+        self.ended = False
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        self.written.append((fd, data))
+
+    def signalProcess(self, name: str) -> None:
+        if self.ended:
+            raise error.ProcessExitedAlready()
+        self.signals.append(name)
+
+    def end(self, exitCode=0, signal=None) -> None:
+        """The process ends: with C{exitCode}, or killed by C{signal}."""
+        self.ended = True
+        self.proto.processEnded(Failure(error.ProcessTerminated(exitCode, signal)))
+
+
+class SpawningReactor(ClockedReactor):
+    """Real sockets, a test-driven clock, and processes that are only recorded."""
+
+    def __init__(self, clock) -> None:
+        super().__init__(clock)
+        self.spawned: list = []
+
+    def spawnProcess(self, proto, executable, args, env=None, childFDs=None, **kwargs):
+        process = FakeProcess(proto, 1000 + len(self.spawned))
+        proto.makeConnection(process)
+        self.spawned.append(dict(executable=executable, args=args, env=env,
+                                 childFDs=childFDs, process=process))
+        return process
+
+
+class WorkerPoolTests(unittest.TestCase):
+    """The parent's side, with real sockets and recorded processes."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.reactor = SpawningReactor(self.clock)
+        self.events: list = []
+        self.wakes: list = []
+        self.stops: list = []
+        # What the pool logs itself, through the global publisher.
+        self.logged: list = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def makePool(self, count: int = 2, **kwargs) -> WorkerPool:
+        self.held = [HeldPort(self.reactor, name, description)
+                     for name, description in LISTENERS]
+        for held in self.held:
+            held.privilegedStartService()
+            self.addCleanup(held.stopService)
+        pool = WorkerPool(self.reactor, count, self.held, "/etc/mailauth/mailauth.conf",
+                          "[server]\nworkers = 2\n", wakeQueue=lambda: self.wakes.append(1),
+                          stopDaemon=lambda: self.stops.append(1),
+                          publisher=self.events.append,
+                          environ={"PATH": "/usr/bin", "NOTIFY_SOCKET": "/run/x"}, **kwargs)
+        pool.privilegedStartService()
+        pool.startService()
+        return pool
+
+    def process(self, n: int) -> FakeProcess:
+        return self.reactor.spawned[n]["process"]
+
+    def ready(self, n: int) -> None:
+        self.process(n).proto.childDataReceived(CONTROL_FD, b"ready\n")
+
+    def test_bindsAndHoldsWithoutAccepting(self):
+        """
+        The parent binds every listener when privileged, and never accepts
+        on them itself: connections wait in the accept queue for a worker.
+        """
+        self.makePool()
+        self.assertEqual([held.name for held in self.held],
+                         ["listener:submission", "listener:submissions"])
+        for port in [held.port for held in self.held]:
+            self.assertNotIn(port, reactor.getReaders())
+            client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+            client.close()
+
+    def test_workersInheritTheSockets(self):
+        """
+        Each worker is C{python -m mailauth.workers}, given the listening
+        sockets at descriptors 4 and up, named in its arguments, and pipes
+        for the configuration, its log, its stderr and control lines.
+        """
+        self.makePool()
+        self.assertEqual(len(self.reactor.spawned), 2)
+        for index, spawned in enumerate(self.reactor.spawned, start=1):
+            fds = spawned["childFDs"]
+            self.assertEqual({fd: fds[fd] for fd in (CONFIG_FD, LOG_FD, STDERR_FD, CONTROL_FD)},
+                             {0: "w", 1: "r", 2: "r", 3: "r"})
+            self.assertEqual(fds[FIRST_SOCKET_FD], self.held[0].port.fileno())
+            self.assertEqual(fds[FIRST_SOCKET_FD + 1], self.held[1].port.fileno())
+            self.assertEqual(spawned["args"][1:], [
+                "-m", "mailauth.workers", "--index", str(index),
+                "--config", "/etc/mailauth/mailauth.conf",
+                "--listener", "submission=4", "--listener", "submissions=5"])
+
+    def test_configurationOnStdin(self):
+        """
+        Each worker is given the configuration text the parent validated
+        (its length, then the text), not left to read the file, which may
+        have changed since.
+        """
+        self.makePool()
+        text = b"[server]\nworkers = 2\n"
+        self.assertEqual(self.process(0).written, [(CONFIG_FD, b"%d\n" % len(text) + text)])
+
+    def test_environment(self):
+        """Workers never see systemd's notification socket: only the parent may use it."""
+        self.makePool(count=1)
+        env = self.reactor.spawned[0]["env"]
+        self.assertNotIn("NOTIFY_SOCKET", env)
+        self.assertEqual(env["PATH"], "/usr/bin")
+
+    def test_restartsAWorkerThatDies(self):
+        """
+        A worker that dies while the pool runs is started again after a
+        second, on the same sockets; the others are left alone.
+        """
+        self.makePool()
+        self.ready(0)
+        self.ready(1)
+        self.process(0).end(signal=signal.SIGKILL)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.clock.advance(1)
+        self.assertEqual(len(self.reactor.spawned), 3)
+        self.assertEqual(self.reactor.spawned[2]["args"][3:5], ["--index", "1"])
+        self.assertEqual(self.process(1).signals, [])
+        self.assertEqual(self.stops, [])
+
+    def test_backoffWhenDyingAgain(self):
+        """
+        A worker that dies again soon after it was started waits twice as
+        long each time (at most 30 s); one that served a while waits 1 s.
+        """
+        pool = self.makePool(count=1)
+        self.ready(0)
+        delays = []
+        for n in range(7):
+            self.process(n).end(exitCode=1)
+            start = len(self.reactor.spawned)
+            waited = 0.0
+            while len(self.reactor.spawned) == start:
+                self.clock.advance(0.5)
+                waited += 0.5
+            delays.append(waited)
+            self.ready(n + 1)
+        self.assertEqual(delays, [1, 2, 4, 8, 16, 30, 30])
+        self.clock.advance(pool.stableAfter)
+        self.process(7).end(exitCode=1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.reactor.spawned), 9)
+
+    def test_workerThatNeverServesStopsTheDaemon(self):
+        """
+        A worker that ends before any worker could serve (a key its user
+        cannot read) stops the daemon instead of restarting forever, and
+        the log says why.
+        """
+        pool = self.makePool()
+        readiness = []
+        pool._waitingForPort.addCallback(readiness.append)
+        self.process(0).proto.childDataReceived(STDERR_FD, b"PermissionError: key.pem\n")
+        self.process(0).end(exitCode=1)
+        self.clock.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual(self.stops, [1])
+        self.assertEqual(readiness, [None])
+        texts = [formatEvent(e) for e in self.logged]
+        self.assertTrue(any("PermissionError: key.pem" in t for t in texts), texts)
+        self.assertTrue(any("before it could serve; stopping mailauth" in t for t in texts),
+                        texts)
+
+    def test_readyOnceEveryWorkerServes(self):
+        """
+        The readiness systemd is told of waits for every worker to say it
+        serves.
+        """
+        pool = self.makePool()
+        readiness = []
+        pool._waitingForPort.addCallback(readiness.append)
+        self.ready(0)
+        self.assertEqual(readiness, [])
+        self.ready(1)
+        self.assertEqual(readiness, [True])
+
+    def test_wakeReachesTheQueue(self):
+        """A worker's C{wake} line (it queued a message) wakes the parent's queue runner."""
+        self.makePool()
+        self.process(1).proto.childDataReceived(CONTROL_FD, b"wa")
+        self.assertEqual(self.wakes, [])
+        self.process(1).proto.childDataReceived(CONTROL_FD, b"ke\nwake\n")
+        self.assertEqual(self.wakes, [1, 1])
+
+    def test_signalsForwarded(self):
+        """L{WorkerPool.signalWorkers} signals every running worker (SIGHUP reloads)."""
+        pool = self.makePool()
+        self.process(0).end(exitCode=0)
+        pool.signalWorkers("HUP")
+        self.assertEqual(self.process(1).signals, ["HUP"])
+
+    def test_logRelayedUnchanged(self):
+        """
+        A worker's log events, split anywhere across reads, are published in
+        the parent's log as they were logged, so each line reads as it does
+        from one process: the fail2ban filter's
+        C{[mailauth.esmtp#info] auth failure: ...} included.
+        """
+        self.makePool()
+        out = io.StringIO()
+        logger = Logger(namespace="mailauth.esmtp", observer=jsonFileLogObserver(out))
+        logger.info("auth failure: client=[{client}] mechanism={mechanism} login=<{login}>",
+                    client="192.0.2.7", mechanism="PLAIN", login="bob@example.test")
+        logger.warn("second {n}", n=2)
+        data = out.getvalue().encode("utf-8")
+        proto = self.process(0).proto
+        for start in range(0, len(data), 7):
+            proto.childDataReceived(LOG_FD, data[start:start + 7])
+        self.assertEqual([formatEvent(e) for e in self.events], [
+            "auth failure: client=[192.0.2.7] mechanism=PLAIN login=<bob@example.test>",
+            "second 2"])
+        line = formatEventAsClassicLogText(self.events[0])
+        self.assertRegex(line, r"^\S+ \[mailauth\.esmtp#info\] auth failure: "
+                               r"client=\[192\.0\.2\.7\] mechanism=PLAIN")
+        self.assertEqual([e["log_worker"] for e in self.events], [1, 1])
+
+    def test_brokenLogRecord(self):
+        """A log record that is not JSON is logged as such, and the next one still arrives."""
+        self.makePool()
+        out = io.StringIO()
+        Logger(observer=jsonFileLogObserver(out)).info("after")
+        self.process(0).proto.childDataReceived(LOG_FD, b"\x1enot json\n"
+                                                + out.getvalue().encode())
+        self.assertEqual([formatEvent(e) for e in self.events], ["after"])
+
+    def test_stopTerminatesThenKills(self):
+        """
+        Stopping sends each worker SIGTERM and waits for them; one that has
+        not ended after C{stopTimeout} gets SIGKILL; nothing is restarted.
+        """
+        pool = self.makePool()
+        self.ready(0)
+        self.ready(1)
+        stopped = []
+        pool.stopService().addCallback(stopped.append)
+        self.assertEqual([self.process(n).signals for n in (0, 1)], [["TERM"], ["TERM"]])
+        self.process(0).end(exitCode=0)
+        self.assertEqual(stopped, [])
+        self.clock.advance(pool.stopTimeout)
+        self.assertEqual(self.process(1).signals, ["TERM", "KILL"])
+        self.process(1).end(signal=signal.SIGKILL)
+        self.assertEqual(stopped, [None])
+        self.clock.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 2)
+
+    def test_stopCancelsARestart(self):
+        """A worker waiting to be started again is not started once the pool stops."""
+        pool = self.makePool()
+        self.ready(0)
+        self.ready(1)
+        self.process(0).end(signal=signal.SIGSEGV)
+        d = pool.stopService()
+        self.process(1).end(exitCode=0)
+        self.assertIsNone(self.successResultOf(d))
+        self.clock.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 2)
+
+    def test_heldPortCloses(self):
+        """A held socket is closed when its service stops: the port is free again."""
+        held = HeldPort(self.reactor, "submission", LISTENERS[0][1])
+        held.privilegedStartService()
+        address = held.port.getHost()
+
+        def free(_):
+            with socket.socket() as s:
+                s.bind((address.host, address.port))
+
+        return defer.maybeDeferred(held.stopService).addCallback(free)
+
+
+class WorkerSideTests(unittest.TestCase):
+    """The worker's side: the adopted sockets and the configuration pipe."""
+
+    def test_adoptedSocketServes(self):
+        """
+        A worker serves an inherited listening socket with the factory it
+        is given, and closes its copy on stop while the parent's stays open
+        for the other workers.
+        """
+        parent = socket.socket()
+        self.addCleanup(parent.close)
+        parent.bind(("127.0.0.1", 0))
+        parent.listen(5)
+        parent.setblocking(False)
+        factory = protocol.Factory.forProtocol(lambda: _Greeter())
+        svc = Worker(1, {"submission": os.dup(parent.fileno())}, lambda: None).listen(
+            "submission", factory, reactor)
+        self.assertIsInstance(svc, AdoptedPortService)
+        self.assertEqual(svc.name, "listener:submission")
+        svc.startService()
+
+        def talk():
+            with socket.create_connection(parent.getsockname(), timeout=5) as c:
+                return c.recv(100)
+
+        d = threads.deferToThread(talk)
+        d.addCallback(self.assertEqual, b"hello\r\n")
+        d.addCallback(lambda _: svc.stopService())
+
+        def stillOpen(_):
+            # The parent's socket still listens: a connection waits in its queue.
+            socket.create_connection(parent.getsockname(), timeout=5).close()
+
+        return d.addCallback(stillOpen)
+
+    def test_configurationText(self):
+        """The worker reads exactly the text the parent wrote, however the pipe splits it."""
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        text = "[server]\nhostname = é.example\n" * 1000
+        data = text.encode("utf-8")
+        writer = threading.Thread(target=lambda: (os.write(w, b"%d\n" % len(data) + data),
+                                                  os.close(w)))
+        writer.start()
+        self.assertEqual(readConfigText(r), text)
+        writer.join()
+
+    def test_configurationCutShort(self):
+        """A parent that dies while writing the configuration is a clear exit, not a hang."""
+        for payload in (b"", b"12", b"100\n[server]\n"):
+            r, w = os.pipe()
+            os.write(w, payload)
+            os.close(w)
+            with self.assertRaises(SystemExit) as caught:
+                readConfigText(r)
+            os.close(r)
+            self.assertIn("mailauth worker: ", str(caught.exception))
+
+
+class _Greeter(protocol.Protocol):
+    def connectionMade(self):
+        self.transport.write(b"hello\r\n")
+        self.transport.loseConnection()
+
+
+class ConfigurationTests(unittest.TestCase):
+    """C{[server] workers} in the configuration."""
+
+    BASE = """
+[listener:submission]
+endpoint = tcp:587
+tls = none
+[auth]
+users = /etc/mailauth/users
+[delivery]
+local_domains = example.test
+maildir = /var/mail/{domain}/{localpart}/Maildir
+"""
+
+    def load(self, text: str):
+        return configmod.loadText(self.BASE + text, "/etc/mailauth/mailauth.conf")
+
+    def problems(self, text: str) -> list:
+        with self.assertRaises(configmod.ConfigError) as caught:
+            self.load(text)
+        return list(caught.exception.problems)
+
+    def test_defaultOne(self):
+        """Without the key there is one process, as before."""
+        self.assertEqual(self.load("").server.workers, 1)
+
+    def test_needsSharedCounters(self):
+        """
+        More than one worker with the counters in memory is one line naming
+        the file, the section and the key: each process would count apart.
+        """
+        self.assertEqual(self.problems("[server]\nworkers = 2\n"), [
+            "/etc/mailauth/mailauth.conf: [server] workers: 2 processes would each keep "
+            "their own throttle counters with [state] backend = memory: set backend = "
+            "redis://HOST:6379/0, or workers = 1"])
+
+    def test_withRedis(self):
+        """With the counters in Redis, any number of workers is fine."""
+        cfg = self.load("[server]\nworkers = 4\n[state]\nbackend = redis://127.0.0.1:6379/0\n")
+        self.assertEqual(cfg.server.workers, 4)
+
+    def test_notANumber(self):
+        """Zero, negative and non-numbers are refused."""
+        for value in ("0", "-1", "two"):
+            [problem] = self.problems(f"[server]\nworkers = {value}\n")
+            self.assertIn("[server] workers: ", problem)
+
+    def test_metricsNeedOneProcess(self):
+        """[metrics] with workers is refused: no process could serve every worker's counts."""
+        problems = self.problems("[server]\nworkers = 2\n[state]\nbackend = redis://h:6379/0\n"
+                                 "[metrics]\nendpoint = tcp:9587:interface=127.0.0.1\n")
+        self.assertEqual(len(problems), 1)
+        self.assertIn("[server] workers: 2 processes would each count their own [metrics]",
+                      problems[0])
+
+
+class BuildTests(unittest.TestCase):
+    """What L{tap.buildService} builds for one process, a parent and a worker."""
+
+    def build(self, settings: dict, worker=None):
+        directory = self.mktemp()
+        settings = dict(settings, relay={"host": "relay.example.test", "port": "2525"})
+        path = writeDaemonDirectory(directory, settings)
+        return tap.buildService(configmod.load(path), reactor, worker=worker)
+
+    def names(self, top) -> set:
+        return {s.name for s in top}
+
+    def test_oneProcess(self):
+        """C{workers = 1}: listeners and the queue in this process, as always; no pool."""
+        names = self.names(self.build({}))
+        self.assertTrue({"listener:submission", "listener:submissions", "queue"} <= names)
+        self.assertNotIn("workers", names)
+
+    def test_parent(self):
+        """
+        C{workers = 2}: the parent has the pool and the queue's runner, and
+        holds the listeners' sockets without serving them itself.
+        """
+        top = self.build({"server": {"workers": "2"},
+                          "state": {"backend": "redis://127.0.0.1:6379/0"}})
+        names = self.names(top)
+        self.assertIn("workers", names)
+        self.assertIn("queue", names)
+        pool = top.getServiceNamed("workers")
+        self.assertEqual([held.name for held in pool.listeners],
+                         ["listener:submission", "listener:submissions"])
+        for held in pool.listeners:
+            self.assertIs(top.getServiceNamed(held.name), held)
+            self.assertIsInstance(held, HeldPort)
+
+    def test_parentCannotListen(self):
+        """
+        A port the parent cannot bind stops mailauth with the one line a
+        single process gives: file, listener, endpoint and why.
+        """
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        endpoint = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+        top = self.build({"server": {"workers": "2"},
+                          "state": {"backend": "redis://127.0.0.1:6379/0"},
+                          "listener:submissions": {"endpoint": endpoint}})
+        exits = []
+
+        def exit(line, short):
+            exits.append(line)
+            raise SystemExit(1)
+
+        top.exit = exit
+        self.assertRaises(SystemExit, top.privilegedStartService)
+        self.addCleanup(top.getServiceNamed("listener:submission").stopService)
+        self.assertEqual(exits, [f"{top.path}: [listener:submissions] endpoint: "
+                                 f"{endpoint!r}: cannot listen: Address already in use"])
+
+    def test_worker(self):
+        """
+        A worker serves its inherited sockets and has no queue runner: it
+        wakes the parent's instead.
+        """
+        worker = Worker(1, {"submission": 4, "submissions": 5}, lambda: None)
+        top = self.build({"server": {"workers": "2"},
+                          "state": {"backend": "redis://127.0.0.1:6379/0"}}, worker)
+        names = self.names(top)
+        self.assertNotIn("queue", names)
+        self.assertNotIn("workers", names)
+        self.assertEqual(top.getServiceNamed("listener:submissions").fd, 5)
+
+    def test_configurationChanged(self):
+        """The parent refuses to start workers on a file that changed since it was checked."""
+        path = writeDaemonDirectory(self.mktemp())
+        cfg = configmod.load(path)
+        self.assertEqual(readConfiguration(path, cfg), open(path).read())
+        with open(path, "a") as f:
+            f.write("[server]\nmax_recipients = 7\n")
+        self.assertRaises(SystemExit, readConfiguration, path, cfg)
+
+    def test_workerEnvironment(self):
+        """The workers can import this copy of mailauth, and inherit no systemd sockets."""
+        env = workerEnvironment({"LISTEN_FDS": "2", "LISTEN_PID": "1", "HOME": "/root"})
+        self.assertEqual(set(env) - {"PYTHONPATH"}, {"HOME"})
+        script = "import mailauth.workers, sys; print(mailauth.workers.__file__)"
+        out = subprocess.run([sys.executable, "-c", script], env=dict(env, PATH=os.environ["PATH"]),
+                             cwd="/", capture_output=True, text=True, check=True).stdout
+        self.assertEqual(out.strip(), workers.__file__)
+
+
+# The running daemon, with twistd
+
+
+class _Daemon:
+    """A daemon's folder with workers = 2, counters in a real Redis, run by twistd."""
+
+    def __init__(self, test: unittest.TestCase, settings=None, twistdArgs=(),
+                 count: int = 2) -> None:
+        redis = startRedis(test)
+        base = {"server": {"workers": str(count)}, "state": {"backend": redis.url}}
+        for section, values in (settings or {}).items():
+            base.setdefault(section, {}).update(values)
+        self.dir = os.path.abspath(test.mktemp())
+        self.configPath = writeDaemonDirectory(self.dir, base)
+        self.count = count
+        self.twistd = TwistdProcess(self.configPath, os.path.join(self.dir, "mailauth.log"),
+                                    twistdArgs)
+        test.addCleanup(self.twistd.stop)
+
+    def start(self) -> None:
+        self.twistd.start(workers=self.count)
+
+    def maildir(self, login: str = "bob@example.test") -> str:
+        local, domain = login.split("@")
+        return os.path.join(self.dir, "mail", domain, local, "Maildir")
+
+
+def sendOne(port: int, implicit: bool = False, source: str = "127.0.0.1") -> str:
+    """One message from bob to bob; the queue ID of its 250 reply."""
+    if implicit:
+        client = smtplib.SMTP_SSL("127.0.0.1", port, local_hostname="client.example",
+                                  context=clientContext(), timeout=30,
+                                  source_address=(source, 0))
+    else:
+        client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=30,
+                              source_address=(source, 0))
+    try:
+        client.ehlo()
+        if not implicit:
+            client.starttls(context=clientContext())
+            client.ehlo()
+        client.login(BOB.decode(), BOB_PASSWORD.decode())
+        client.mail(BOB.decode())
+        client.rcpt(BOB.decode())
+        code, text = client.data(b"Subject: worker test\r\n\r\nhello\r\n")
+        if code != 250:
+            raise smtplib.SMTPDataError(code, text)
+        return re.search(rb"queued as (\S+)", text).group(1).decode()
+    finally:
+        try:
+            client.quit()
+        except (smtplib.SMTPException, OSError):
+            client.close()
+
+
+def deliveredIDs(maildir: str) -> set:
+    """The queue IDs in the Received headers of every message in C{maildir}/new."""
+    found = set()
+    folder = os.path.join(maildir, "new")
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        with open(os.path.join(folder, name), "rb") as f:
+            head = f.read(4096)
+        m = re.search(rb"with ESMTPSA id (\S+)", head)
+        if m:
+            found.add(m.group(1).decode())
+    return found
+
+
+class TwistdWorkersTests(unittest.TestCase):
+    """The whole daemon with two workers, as twistd runs it."""
+
+    def test_workersServeBothListeners(self):
+        """
+        Two worker processes serve STARTTLS and implicit TLS from the
+        sockets their parent bound; the parent serves none itself.
+        """
+        daemon = _Daemon(self)
+        daemon.start()
+        pids = daemon.twistd.workerPIDs()
+        self.assertEqual(len(pids), 2)
+        ids = [sendOne(daemon.twistd.ports["submission"]) for _ in range(4)]
+        ids += [sendOne(daemon.twistd.ports["submissions"], implicit=True) for _ in range(4)]
+        self.assertEqual(deliveredIDs(daemon.maildir()), set(ids))
+        for pid in pids:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                self.assertIn(b"mailauth.workers", f.read())
+
+    def test_failuresLoggedForFail2ban(self):
+        """
+        A failed login in a worker reaches the daemon's log as the one line
+        fail2ban's shipped filter matches, with the client's address.
+        """
+        daemon = _Daemon(self)
+        daemon.start()
+        client = RawClient(daemon.twistd.ports["submissions"], source="127.0.0.9", tls=True)
+        self.addCleanup(client.close)
+        self.assertEqual(client.reply()[0], 220)
+        client.ehlo()
+        self.assertEqual(client.command(plain(BOB, b"wrong"))[0], 535)
+        daemon.twistd.waitForLog(r"auth failure: client=\[127\.0\.0\.9\]")
+        logPath = daemon.twistd.logPath
+        try:
+            result = subprocess.run(["fail2ban-regex", "--out", "ip", logPath, FILTER],
+                                    capture_output=True, text=True, timeout=60)
+        except FileNotFoundError:
+            self.fail("fail2ban-regex is missing: apt-get install fail2ban")
+        self.assertEqual(result.stdout.split(), ["127.0.0.9"], result.stderr)
+
+    def test_killedWorkerLosesNothing(self):
+        """
+        SIGKILL of a worker under load: every message that got a 250 is in
+        the Maildir, the other worker goes on serving, and the parent starts
+        a new worker that serves too.
+        """
+        daemon = _Daemon(self)
+        daemon.start()
+        port = daemon.twistd.ports["submission"]
+        accepted: list = []
+        failed: list = []
+        stop = threading.Event()
+
+        def sender():
+            while not stop.is_set():
+                try:
+                    accepted.append(sendOne(port))
+                except (smtplib.SMTPException, OSError, ssl.SSLError) as e:
+                    failed.append(e)
+
+        threads = [threading.Thread(target=sender) for _ in range(6)]
+        for t in threads:
+            t.start()
+        try:
+            deadline = time.monotonic() + 60
+            while len(accepted) < 20 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            victim = daemon.twistd.workerPIDs()[0]
+            os.kill(victim, signal.SIGKILL)
+            before = len(accepted)
+            daemon.twistd.waitForLog(r"was killed by SIGKILL; starting it again")
+            daemon.twistd.waitForLog(r"is serving", count=3)
+            while len(accepted) < before + 40 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        self.assertGreaterEqual(len(accepted), before + 40, failed[:3])
+        self.assertNotIn(victim, daemon.twistd.workerPIDs())
+        self.assertEqual(len(daemon.twistd.workerPIDs()), 2)
+        delivered = deliveredIDs(daemon.maildir())
+        self.assertEqual(set(accepted) - delivered, set())
+        # Only the sessions the dead worker had open failed.
+        self.assertLessEqual(len(failed), 6)
+
+    def test_sighupReloadsEveryWorker(self):
+        """
+        SIGHUP to the parent reloads it and reaches every worker: each logs
+        its reload, and every new connection gets the new certificate.
+        """
+        daemon = _Daemon(self)
+        daemon.start()
+        port = daemon.twistd.ports["submissions"]
+        old = _peerCertificate(port)
+        writeCertificate(os.path.join(daemon.dir, "tls"), name="renewed.example.test")
+        daemon.twistd.signal(signal.SIGHUP)
+        daemon.twistd.waitForLog(r"SIGHUP: reloading", count=3)
+        seen = {_peerCertificate(port) for _ in range(8)}
+        self.assertEqual(len(seen), 1)
+        self.assertNotEqual(seen, {old})
+
+    def test_sigtermStopsEverything(self):
+        """
+        SIGTERM to the parent stops every worker, then the parent, which
+        ends as twistd does with one process: by the same signal.
+        """
+        daemon = _Daemon(self)
+        daemon.start()
+        pids = daemon.twistd.workerPIDs()
+        daemon.twistd.signal(signal.SIGTERM)
+        self.assertEqual(daemon.twistd.wait(), -signal.SIGTERM)
+        self.assertEqual([pid for pid in pids if processAlive(pid)], [])
+        daemon.twistd.waitForLog(r"worker \d \(pid \d+\) stopped: exited with 0", count=2)
+
+    def test_workersEndWithTheirParent(self):
+        """A parent killed outright leaves no worker behind: each sees its pipe close."""
+        daemon = _Daemon(self)
+        daemon.start()
+        pids = daemon.twistd.workerPIDs()
+        daemon.twistd.signal(signal.SIGKILL)
+        daemon.twistd.wait()
+        deadline = time.monotonic() + 30
+        while any(processAlive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertEqual([pid for pid in pids if processAlive(pid)], [])
+
+
+def _peerCertificate(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with clientContext().wrap_socket(raw) as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def _privilegedPort() -> int:
+    """A port below 1024 free on 127.0.0.1 (as root)."""
+    for port in range(700, 1000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise AssertionError("no free port below 1024")
+
+
+class PrivilegeTests(unittest.TestCase):
+    """twistd's C{--uid}/C{--gid} with workers (needs root, as they do)."""
+
+    def setUp(self):
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("--uid and --gid need root")
+        self.nobody = pwd.getpwnam("nobody")
+        # The workers are this Python running this checkout, as nobody.
+        try:
+            probe = subprocess.run([sys.executable, "-c", "import mailauth.workers"], cwd="/",
+                                   env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                                   user=self.nobody.pw_uid, group=self.nobody.pw_gid)
+            why = probe.stderr.decode(errors="replace").strip()[-300:] if probe.returncode else ""
+        except OSError as e:
+            why = str(e)
+        if why:
+            raise unittest.SkipTest(
+                f"nobody cannot run {sys.executable} on {ROOT} (a virtualenv under /root?); "
+                f".ci/run runs these on Debian's python3: {why}")
+
+    def daemon(self, keyMode: int):
+        port = _privilegedPort()
+        daemon = _Daemon(self, {"listener:submissions": {
+            "endpoint": f"tcp:{port}:interface=127.0.0.1"}},
+            twistdArgs=["--uid", str(self.nobody.pw_uid), "--gid", str(self.nobody.pw_gid)])
+        # What the workers read and write as nobody, as an operator would set it up.
+        for folder in (daemon.dir, os.path.dirname(daemon.dir)):  # mktemp's parent is 0700
+            os.chmod(folder, 0o755)
+        os.chmod(os.path.join(daemon.dir, "tls", "key.pem"), keyMode)
+        os.chmod(os.path.join(daemon.dir, "users"), 0o644)
+        os.makedirs(os.path.join(daemon.dir, "mail"))
+        shutil.chown(os.path.join(daemon.dir, "mail"), self.nobody.pw_uid, self.nobody.pw_gid)
+        return daemon, port
+
+    def test_workersDropPrivileges(self):
+        """
+        The parent binds a port below 1024 as root; then it and its
+        workers run as the C{--uid}/C{--gid} user and serve mail.
+        """
+        daemon, port = self.daemon(0o644)
+        daemon.start()
+        self.assertEqual(daemon.twistd.ports["submissions"], port)
+        for pid in [daemon.twistd.process.pid, *daemon.twistd.workerPIDs()]:
+            with open(f"/proc/{pid}/status") as f:
+                status = f.read()
+            uids = re.search(r"^Uid:\s+(.*)$", status, re.M).group(1).split()
+            gids = re.search(r"^Gid:\s+(.*)$", status, re.M).group(1).split()
+            self.assertEqual(set(uids), {str(self.nobody.pw_uid)})
+            self.assertEqual(set(gids), {str(self.nobody.pw_gid)})
+        queued = sendOne(port, implicit=True)
+        self.assertEqual(deliveredIDs(daemon.maildir()), {queued})
+
+    def test_workerThatCannotStartStopsTheDaemon(self):
+        """
+        Workers that cannot read the key as the C{--uid} user stop the
+        daemon, with their error in the log, instead of looping.
+        """
+        daemon, port = self.daemon(0o600)
+        with self.assertRaises(AssertionError):
+            daemon.start()
+        self.assertEqual(daemon.twistd.wait(), 0)
+        log = daemon.twistd.log()
+        self.assertIn("before it could serve; stopping mailauth", log)
+        self.assertIn("Permission denied", log)
