@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -773,8 +774,8 @@ def _peerCertificate(port: int) -> bytes:
 
 
 def _privilegedPort() -> int:
-    """A port below 1024 free on 127.0.0.1 (as root)."""
-    for port in range(700, 1000):
+    """A port below 1024 free on 127.0.0.1 (as root), from a random place in the range."""
+    for port in random.sample(range(600, 1024), 424):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -804,8 +805,7 @@ class PrivilegeTests(unittest.TestCase):
                 f"nobody cannot run {sys.executable} on {ROOT} (a virtualenv under /root?); "
                 f".ci/run runs these on Debian's python3: {why}")
 
-    def daemon(self, keyMode: int):
-        port = _privilegedPort()
+    def daemon(self, keyMode: int, port: int = 0):
         daemon = _Daemon(self, {"listener:submissions": {
             "endpoint": f"tcp:{port}:interface=127.0.0.1"}},
             twistdArgs=["--uid", str(self.nobody.pw_uid), "--gid", str(self.nobody.pw_gid)])
@@ -823,7 +823,8 @@ class PrivilegeTests(unittest.TestCase):
         The parent binds a port below 1024 as root; then it and its
         workers run as the C{--uid}/C{--gid} user and serve mail.
         """
-        daemon, port = self.daemon(0o644)
+        port = _privilegedPort()
+        daemon, _ = self.daemon(0o644, port)
         daemon.start()
         self.assertEqual(daemon.twistd.ports["submissions"], port)
         for pid in [daemon.twistd.process.pid, *daemon.twistd.workerPIDs()]:
@@ -841,7 +842,7 @@ class PrivilegeTests(unittest.TestCase):
         Workers that cannot read the key as the C{--uid} user stop the
         daemon, with their error in the log, instead of looping.
         """
-        daemon, port = self.daemon(0o600)
+        daemon, _ = self.daemon(0o600)
         with self.assertRaises(AssertionError):
             daemon.start()
         self.assertEqual(daemon.twistd.wait(), 0)
