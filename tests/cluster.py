@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import re
 import shutil
@@ -100,6 +101,20 @@ backend = {redis}
 """
 
 
+class ClusterHAProxy(HAProxy):
+    """
+    tests/haproxyharness.py's HAProxy, and what a cluster adds to it: a
+    connection whose node does not answer is retried on another one
+    (between a node's death and its third failed health check, HAProxy
+    would otherwise hand clients to it and close them).
+    """
+
+    def config(self) -> str:
+        text = super().config()
+        return text.replace("    timeout check 5s\n",
+                            "    timeout check 5s\n    retries 2\n    option redispatch\n", 1)
+
+
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -154,7 +169,7 @@ class Cluster:
                                                for address, node in zip(NODES, self.nodes)),
                                  proxy="v2", check="tcp"),
         }
-        self.haproxy = HAProxy(os.path.join(self.dir, "haproxy"), routes, source=PROXY)
+        self.haproxy = ClusterHAProxy(os.path.join(self.dir, "haproxy"), routes, source=PROXY)
         self.haproxy.start()
         self.waitUntilChecked()
         log(f"haproxy: submission on {self.haproxy.ports['submission']}, "
@@ -429,6 +444,8 @@ def main(argv=None) -> int:
         log(f"haproxy after the kill: not UP: {down}")
         for source, line in results.items():
             log(f"loadgen {source}: {line}")
+        cut = {source: json.loads(line).get("failures") for source, line in results.items()}
+        log(f"sessions that failed (cut by the kill, or sent to the dead node): {cut}")
     except Exception as e:
         checks.append(Check("the cluster ran", False, f"{type(e).__name__}: {e}"))
     finally:
