@@ -18,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -578,7 +579,7 @@ class _Daemon:
     """A daemon's folder with workers = 2, counters in a real Redis, run by twistd."""
 
     def __init__(self, test: unittest.TestCase, settings=None, twistdArgs=(),
-                 count: int = 2) -> None:
+                 count: int = 2, env=None) -> None:
         redis = startRedis(test)
         base = {"server": {"workers": str(count)}, "state": {"backend": redis.url}}
         for section, values in (settings or {}).items():
@@ -587,7 +588,7 @@ class _Daemon:
         self.configPath = writeDaemonDirectory(self.dir, base)
         self.count = count
         self.twistd = TwistdProcess(self.configPath, os.path.join(self.dir, "mailauth.log"),
-                                    twistdArgs)
+                                    twistdArgs, env)
         test.addCleanup(self.twistd.stop)
 
     def start(self) -> None:
@@ -657,6 +658,28 @@ class TwistdWorkersTests(unittest.TestCase):
         for pid in pids:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 self.assertIn(b"mailauth.workers", f.read())
+
+    def test_systemdToldOnceAllServe(self):
+        """
+        Under systemd (C{Type=notify}) the parent sends C{READY=1} once,
+        when every worker serves; the workers never speak to systemd.
+        """
+        folder = tempfile.mkdtemp(prefix="notify-")  # a socket path holds ~100 bytes
+        self.addCleanup(shutil.rmtree, folder)
+        systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(systemd.close)
+        systemd.bind(os.path.join(folder, "notify"))
+        systemd.settimeout(60)
+        daemon = _Daemon(self, env=dict(os.environ, NOTIFY_SOCKET=systemd.getsockname()))
+        starting = threading.Thread(target=daemon.start)
+        starting.start()
+        message = systemd.recv(4096).decode()
+        serving = daemon.twistd.log().count(") is serving")
+        starting.join(60)
+        self.assertEqual(message.splitlines(), ["READY=1", "STATUS=listening: workers"])
+        self.assertEqual(serving, 2)
+        systemd.settimeout(1.0)  # nothing more is coming: a second is plenty to show it
+        self.assertRaises(TimeoutError, systemd.recv, 4096)
 
     def test_failuresLoggedForFail2ban(self):
         """
