@@ -599,6 +599,7 @@ class TwistdProcess:
         self.env = env
         self.process = None
         self.ports: dict = {}
+        self._output = ""
 
     def argv(self) -> list:
         # twistd's own entry point, so that Debian's python3 (no twistd on
@@ -650,10 +651,16 @@ class TwistdProcess:
             time.sleep(0.05)
 
     def output(self) -> str:
-        """What the daemon wrote on stdout and stderr (once it has exited)."""
+        """The end of what the daemon wrote on stdout and stderr (once it has exited)."""
         if self.process is None or self.process.poll() is None:
             return ""
-        return self.process.stdout.read().decode("utf-8", "replace")[-4000:]
+        self._collect()
+        return self._output[-4000:]
+
+    def _collect(self) -> None:
+        if not self.process.stdout.closed:
+            self._output += self.process.stdout.read().decode("utf-8", "replace")
+            self.process.stdout.close()
 
     def workerPIDs(self) -> list:
         """The process ids of the daemon's children (its workers)."""
@@ -663,10 +670,9 @@ class TwistdProcess:
         os.kill(self.process.pid, number)
 
     def wait(self, timeout: float = 30.0) -> int:
-        try:
-            return self.process.wait(timeout)
-        finally:
-            self.process.stdout.close()
+        status = self.process.wait(timeout)
+        self._collect()
+        return status
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 30 s; reaps it."""
@@ -679,8 +685,7 @@ class TwistdProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if not self.process.stdout.closed:
-            self.process.stdout.close()
+        self._collect()
 
 
 def childProcesses(pid: int) -> list:

@@ -34,8 +34,9 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from mailauth import checks, tap, workers
 from mailauth import config as configmod
-from mailauth import tap, workers
+from mailauth.checks import Account
 from mailauth.workers import (
     CONFIG_FD,
     CONTROL_FD,
@@ -815,18 +816,6 @@ class PrivilegeTests(unittest.TestCase):
         if os.geteuid() != 0:
             raise unittest.SkipTest("--uid and --gid need root")
         self.nobody = pwd.getpwnam("nobody")
-        # The workers are this Python running this checkout, as nobody.
-        try:
-            probe = subprocess.run([sys.executable, "-c", "import mailauth.workers"], cwd="/",
-                                   env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
-                                   user=self.nobody.pw_uid, group=self.nobody.pw_gid)
-            why = probe.stderr.decode(errors="replace").strip()[-300:] if probe.returncode else ""
-        except OSError as e:
-            why = str(e)
-        if why:
-            raise unittest.SkipTest(
-                f"nobody cannot run {sys.executable} on {ROOT} (a virtualenv under /root?); "
-                f".ci/run runs these on Debian's python3: {why}")
 
     def daemon(self, keyMode: int, port: int = 0):
         daemon = _Daemon(self, {"listener:submissions": {
@@ -839,15 +828,27 @@ class PrivilegeTests(unittest.TestCase):
         os.chmod(os.path.join(daemon.dir, "users"), 0o644)
         os.makedirs(os.path.join(daemon.dir, "mail"))
         shutil.chown(os.path.join(daemon.dir, "mail"), self.nobody.pw_uid, self.nobody.pw_gid)
-        return daemon, port
+        return daemon
 
     def test_workersDropPrivileges(self):
         """
         The parent binds a port below 1024 as root; then it and its
         workers run as the C{--uid}/C{--gid} user and serve mail.
         """
+        # The workers are this Python running this checkout, as nobody.
+        try:
+            probe = subprocess.run([sys.executable, "-c", "import mailauth.workers"], cwd="/",
+                                   env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                                   user=self.nobody.pw_uid, group=self.nobody.pw_gid)
+            why = probe.stderr.decode(errors="replace").strip()[-300:] if probe.returncode else ""
+        except OSError as e:
+            why = str(e)
+        if why:
+            raise unittest.SkipTest(
+                f"nobody cannot run {sys.executable} on {ROOT} (a virtualenv under /root?); "
+                f".ci/run runs this on Debian's python3 too: {why}")
         port = _privilegedPort()
-        daemon, _ = self.daemon(0o644, port)
+        daemon = self.daemon(0o644, port)
         daemon.start()
         self.assertEqual(daemon.twistd.ports["submissions"], port)
         for pid in [daemon.twistd.process.pid, *daemon.twistd.workerPIDs()]:
@@ -860,15 +861,53 @@ class PrivilegeTests(unittest.TestCase):
         queued = sendOne(port, implicit=True)
         self.assertEqual(deliveredIDs(daemon.maildir()), {queued})
 
-    def test_workerThatCannotStartStopsTheDaemon(self):
+    def test_keyTheWorkersCannotRead(self):
         """
-        Workers that cannot read the key as the C{--uid} user stop the
-        daemon, with their error in the log, instead of looping.
+        A key the C{--uid} user cannot read stops twistd before it starts,
+        in one line: the workers would read it as that user (one process
+        reads it as root, and only warns that SIGHUP could not).
         """
-        daemon, _ = self.daemon(0o600)
+        daemon = self.daemon(0o600)
         with self.assertRaises(AssertionError):
             daemon.start()
-        self.assertEqual(daemon.twistd.wait(), 0)
-        log = daemon.twistd.log()
-        self.assertIn("before it could serve; stopping mailauth", log)
-        self.assertIn("Permission denied", log)
+        self.assertEqual(daemon.twistd.wait(), 1)
+        key = os.path.join(daemon.dir, "tls", "key.pem")
+        self.assertEqual(daemon.twistd.output().strip().splitlines(), [
+            f"{daemon.configPath}: [tls] private_key: {key}: user nobody (uid "
+            f"{self.nobody.pw_uid}) cannot read it, and the workers ([server] workers = 2) "
+            "read it as that user"])
+        self.assertEqual(daemon.twistd.workerPIDs(), [])
+
+
+class ReadableTests(unittest.TestCase):
+    """What C{check-config --uid} (and twistd's start) says of files with workers."""
+
+    def test_unreadableIsAnError(self):
+        """
+        A file the daemon's user cannot read is an error with workers (they
+        read it when they start) and a warning with one process (only a
+        reload reads it as that user).
+        """
+        found = {}
+        for count in ("1", "2"):
+            path = writeDaemonDirectory(os.path.join(self.mktemp(), "d"), {
+                "server": {"workers": count},
+                "state": {"backend": "redis://127.0.0.1:6379/0"}})
+            folder = os.path.dirname(path)
+            for _ in range(3):  # up to mktemp's own folder, made 0700
+                os.chmod(folder, 0o755)
+                folder = os.path.dirname(folder)
+            for name, mode in (("users", 0o644), ("tls/cert.pem", 0o644), ("tls", 0o755),
+                               ("tls/key.pem", 0o600)):
+                os.chmod(os.path.join(os.path.dirname(path), name), mode)
+            stranger = Account("stranger", os.geteuid() + 12345, 54321)
+            found[count] = checks.checkReadable(configmod.load(path), stranger, chown=True)
+        self.assertEqual(found["1"].errors, ())
+        self.assertEqual(len(found["1"].warnings), 1)
+        self.assertIn("[tls] private_key: ", found["1"].warnings[0])
+        self.assertEqual(found["2"].warnings, ())
+        [error] = found["2"].errors
+        self.assertTrue(error.endswith("key.pem: user stranger (uid "
+                                       f"{os.geteuid() + 12345}) cannot read it, and the "
+                                       "workers ([server] workers = 2) read it as that user"),
+                        error)
