@@ -440,10 +440,10 @@ class AdoptedPortService(service.Service):
     def startService(self) -> None:
         super().startService()
         probe = socket.socket(fileno=self.fd)
-        family = probe.family
+        self.family = probe.family
         probe.detach()
         # adoptStreamPort takes a copy and leaves the original to us.
-        self.port = self.reactor.adoptStreamPort(self.fd, family, self.factory)
+        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
         os.close(self.fd)
 
     def stopService(self) -> Optional[defer.Deferred]:
@@ -451,6 +451,13 @@ class AdoptedPortService(service.Service):
         if self.port is None:
             return None
         port, self.port = self.port, None
+        if self.family == socket.AF_UNIX:
+            # Twisted's UNIX port removes its socket's path when it stops
+            # listening, which would cut the others off: this worker only
+            # stops accepting, and its copy closes when it exits. The
+            # parent removes the path when the daemon stops.
+            port.stopReading()
+            return None
         return port.stopListening()
 
 

@@ -363,15 +363,14 @@ class WorkerPoolTests(unittest.TestCase):
 class WorkerSideTests(unittest.TestCase):
     """The worker's side: the adopted sockets and the configuration pipe."""
 
-    def test_adoptedSocketServes(self):
+    def adoptAndTalk(self, family, address):
         """
-        A worker serves an inherited listening socket with the factory it
-        is given, and closes its copy on stop while the parent's stays open
-        for the other workers.
+        Adopt a listening socket of C{family} bound to C{address} as a
+        worker does; talk to it; stop; the parent's copy must still listen.
         """
-        parent = socket.socket()
+        parent = socket.socket(family, socket.SOCK_STREAM)
         self.addCleanup(parent.close)
-        parent.bind(("127.0.0.1", 0))
+        parent.bind(address)
         parent.listen(5)
         parent.setblocking(False)
         factory = protocol.Factory.forProtocol(lambda: _Greeter())
@@ -381,19 +380,39 @@ class WorkerSideTests(unittest.TestCase):
         self.assertEqual(svc.name, "listener:submission")
         svc.startService()
 
+        def connect():
+            client = socket.socket(family, socket.SOCK_STREAM)
+            client.settimeout(5)
+            client.connect(parent.getsockname())
+            return client
+
         def talk():
-            with socket.create_connection(parent.getsockname(), timeout=5) as c:
+            with connect() as c:
                 return c.recv(100)
 
         d = threads.deferToThread(talk)
         d.addCallback(self.assertEqual, b"hello\r\n")
         d.addCallback(lambda _: svc.stopService())
+        # The parent's socket still listens: a connection waits in its queue.
+        return d.addCallback(lambda _: connect().close())
 
-        def stillOpen(_):
-            # The parent's socket still listens: a connection waits in its queue.
-            socket.create_connection(parent.getsockname(), timeout=5).close()
+    def test_adoptedSocketServes(self):
+        """
+        A worker serves an inherited listening socket with the factory it
+        is given, and closes its copy on stop while the parent's stays open
+        for the other workers.
+        """
+        return self.adoptAndTalk(socket.AF_INET, ("127.0.0.1", 0))
 
-        return d.addCallback(stillOpen)
+    def test_adoptedIPv6(self):
+        """An inherited IPv6 socket (C{tcp6:}) is adopted as IPv6."""
+        return self.adoptAndTalk(socket.AF_INET6, ("::1", 0))
+
+    def test_adoptedUnix(self):
+        """An inherited UNIX socket (C{unix:}) is adopted as one."""
+        folder = tempfile.mkdtemp(prefix="w-")  # a socket path holds ~100 bytes
+        self.addCleanup(shutil.rmtree, folder)
+        return self.adoptAndTalk(socket.AF_UNIX, os.path.join(folder, "s"))
 
     def test_configurationText(self):
         """The worker reads exactly the text the parent wrote, however the pipe splits it."""
