@@ -27,9 +27,9 @@ The pipes between them (child descriptors):
     that a worker restarted later serves what the others serve, whatever
     happened to the file since), then nothing; its end means the parent is
     gone, and the worker stops.
-  - 1, worker to parent: the worker's log events, as JSON text sequences
-    (L{twisted.logger.jsonFileLogObserver}); the parent publishes them in
-    its own log, unchanged.
+  - 1, worker to parent: the worker's log events, one JSON object a line
+    with what a log line shows (L{LogRelay}); the parent publishes them in
+    its own log, where they read as the lines of one process do.
   - 2: the worker's stderr, for what it writes before its log starts.
   - 3, worker to parent: control lines, C{ready} once it serves and C{wake}
     after it queued a message.
@@ -40,6 +40,7 @@ The pipes between them (child descriptors):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import site
@@ -51,8 +52,16 @@ import attrs
 from twisted.application import service
 from twisted.internet import defer, endpoints, error, protocol
 from twisted.internet.interfaces import IProtocolFactory
-from twisted.logger import Logger, LogPublisher, eventFromJSON, globalLogPublisher
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    LogPublisher,
+    eventAsText,
+    globalLogPublisher,
+)
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 log = Logger(namespace="mailauth.workers")
 
@@ -107,7 +116,7 @@ class _WorkerProtocol(protocol.ProcessProtocol):
 
     def _line(self, childFD: int, line: bytes) -> None:
         if childFD == LOG_FD:
-            self.pool._relay(self.slot, line.lstrip(b"\x1e"))
+            self.pool._relay(self.slot, line)
         elif childFD == CONTROL_FD:
             self.pool._control(self.slot, line.strip())
         elif line.strip():
@@ -309,7 +318,7 @@ class WorkerPool(service.Service):
         if not record.strip():
             return
         try:
-            event = eventFromJSON(record.decode("utf-8"))
+            event = eventFromRelay(record)
         except ValueError:
             log.warn("worker {index} (pid {pid}) logged what is not JSON: {record!r}",
                      index=slot.index, pid=slot.pid, record=record[:200])
@@ -403,6 +412,57 @@ def readConfiguration(path: str, expected) -> str:
     if changed:
         raise SystemExit(f"{path}: changed while mailauth was starting; start it again")
     return text
+
+
+# The log, from worker to parent
+
+
+@implementer(ILogObserver)
+class LogRelay:
+    """
+    A worker's log observer: each event as one JSON line of what a log line
+    shows (time, namespace, level, system, the text with any traceback),
+    for L{eventFromRelay} in the parent.
+
+    Not L{twisted.logger.jsonFileLogObserver}: it keeps every field of an
+    event, which costs a worker twice what writing the line does, and the
+    parent as much again to read it, for fields no observer of the parent
+    reads.
+    """
+
+    def __init__(self, out) -> None:
+        self.out = out
+
+    def __call__(self, event: dict) -> None:
+        level = event.get("log_level")
+        record = {
+            "t": event.get("log_time"),
+            "n": event.get("log_namespace"),
+            "l": level.name if level is not None else None,
+            "s": event.get("log_system"),
+            "x": eventAsText(event, includeTraceback=True, includeTimestamp=False,
+                             includeSystem=False),
+        }
+        self.out.write(json.dumps(record) + "\n")
+        self.out.flush()
+
+
+def eventFromRelay(record: bytes) -> dict:
+    """
+    The event a L{LogRelay} line stands for.
+
+    @raise ValueError: if C{record} is not such a line.
+    """
+    data = json.loads(record)
+    if not isinstance(data, dict) or not isinstance(data.get("x"), str):
+        raise ValueError("not a relayed log event")
+    event = {"log_time": data.get("t"), "log_namespace": data.get("n"),
+             "log_format": "{log_text}", "log_text": data["x"]}
+    if data.get("l") is not None:
+        event["log_level"] = LogLevel.levelWithName(data["l"])
+    if data.get("s") is not None:
+        event["log_system"] = data["s"]
+    return event
 
 
 # The worker's side
@@ -524,13 +584,13 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
 
     from twisted.internet import reactor as globalReactor
     from twisted.internet import stdio
-    from twisted.logger import globalLogBeginner, jsonFileLogObserver
+    from twisted.logger import globalLogBeginner
 
     from mailauth import config as configmod
     from mailauth import tap
 
     out = open(LOG_FD, "w", encoding="utf-8", closefd=False)
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(out)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([LogRelay(out)], redirectStandardIO=False)
     cfg = configmod.loadText(text, args.config)
     reactor: Any = globalReactor
     failed: list = []

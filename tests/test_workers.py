@@ -20,11 +20,11 @@ import threading
 from twisted.internet import defer, error, protocol, reactor, threads
 from twisted.internet.task import Clock
 from twisted.logger import (
+    LegacyLogObserverWrapper,
     Logger,
     formatEvent,
     formatEventAsClassicLogText,
     globalLogPublisher,
-    jsonFileLogObserver,
 )
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -40,6 +40,7 @@ from mailauth.workers import (
     STDERR_FD,
     AdoptedPortService,
     HeldPort,
+    LogRelay,
     Worker,
     WorkerPool,
     readConfigText,
@@ -268,36 +269,52 @@ class WorkerPoolTests(unittest.TestCase):
     def test_logRelayedUnchanged(self):
         """
         A worker's log events, split anywhere across reads, are published in
-        the parent's log as they were logged, so each line reads as it does
-        from one process: the fail2ban filter's
-        C{[mailauth.esmtp#info] auth failure: ...} included.
+        the parent's log so that each line reads exactly as one process
+        writes it (the fail2ban filter's C{[mailauth.esmtp#info] auth
+        failure: ...} included): fields, braces in the text, Twisted's own
+        legacy lines, and tracebacks.
         """
         self.makePool()
+        original: list = []
         out = io.StringIO()
-        logger = Logger(namespace="mailauth.esmtp", observer=jsonFileLogObserver(out))
+        relay = LogRelay(out)
+
+        def both(event):
+            original.append(event)
+            relay(event)
+
+        logger = Logger(namespace="mailauth.esmtp", observer=both)
         logger.info("auth failure: client=[{client}] mechanism={mechanism} login=<{login}>",
                     client="192.0.2.7", mechanism="PLAIN", login="bob@example.test")
-        logger.warn("second {n}", n=2)
+        logger.warn("braces {text} stay", text="{not a field}")
+        try:
+            raise ZeroDivisionError("division by zero")
+        except ZeroDivisionError:
+            logger.failure("it broke for {who}", who="us")
+        legacy = LegacyLogObserverWrapper(both)
+        legacy({"message": ("SubmissionFactory starting on 2587",), "isError": 0,
+                "system": "-", "time": 1700000000.0})
         data = out.getvalue().encode("utf-8")
         proto = self.process(0).proto
         for start in range(0, len(data), 7):
             proto.childDataReceived(LOG_FD, data[start:start + 7])
-        self.assertEqual([formatEvent(e) for e in self.events], [
-            "auth failure: client=[192.0.2.7] mechanism=PLAIN login=<bob@example.test>",
-            "second 2"])
-        line = formatEventAsClassicLogText(self.events[0])
-        self.assertRegex(line, r"^\S+ \[mailauth\.esmtp#info\] auth failure: "
-                               r"client=\[192\.0\.2\.7\] mechanism=PLAIN")
-        self.assertEqual([e["log_worker"] for e in self.events], [1, 1])
+        self.assertEqual([formatEventAsClassicLogText(e) for e in self.events],
+                         [formatEventAsClassicLogText(e) for e in original])
+        self.assertIn("ZeroDivisionError", formatEventAsClassicLogText(self.events[2]))
+        self.assertRegex(formatEventAsClassicLogText(self.events[0]),
+                         r"^\S+ \[mailauth\.esmtp#info\] auth failure: "
+                         r"client=\[192\.0\.2\.7\] mechanism=PLAIN")
+        self.assertEqual([e["log_worker"] for e in self.events], [1, 1, 1, 1])
 
     def test_brokenLogRecord(self):
         """A log record that is not JSON is logged as such, and the next one still arrives."""
         self.makePool()
         out = io.StringIO()
-        Logger(observer=jsonFileLogObserver(out)).info("after")
-        self.process(0).proto.childDataReceived(LOG_FD, b"\x1enot json\n"
+        Logger(observer=LogRelay(out)).info("after")
+        self.process(0).proto.childDataReceived(LOG_FD, b"not json\n[1]\n"
                                                 + out.getvalue().encode())
         self.assertEqual([formatEvent(e) for e in self.events], ["after"])
+        self.assertEqual(len([e for e in self.logged if "is not JSON" in e["log_format"]]), 2)
 
     def test_stopTerminatesThenKills(self):
         """
