@@ -520,7 +520,7 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
             if source.path is not None:
                 source.load()
         if pool is not None:
-            pool.signalWorkers("HUP")
+            pool.reloadWorkers()
 
     reloader = internet.TimerService(RELOAD_INTERVAL, reloadFiles)
     reloader.clock = reactor

@@ -96,6 +96,8 @@ class _Slot:
     delay: float = 0.0
     restart: Any = None
     ended: Optional[defer.Deferred] = None
+    #: a SIGHUP that came while the worker was starting, for when it serves
+    reload: bool = False
 
 
 class _WorkerProtocol(protocol.ProcessProtocol):
@@ -274,11 +276,17 @@ class WorkerPool(service.Service):
 
     # Workers
 
-    def signalWorkers(self, name: str) -> None:
-        """Send every running worker the signal C{name} (C{"HUP"}, C{"TERM"})."""
+    def reloadWorkers(self) -> None:
+        """
+        Send every worker SIGHUP, to reload its certificate and files. A
+        worker still starting gets it once it serves: until it has set its
+        handler, SIGHUP would kill it.
+        """
         for slot in self.slots:
-            if slot.process is not None:
-                _signal(slot, name)
+            if slot.process is not None and slot.ready:
+                _signal(slot, "HUP")
+            elif slot.process is not None:
+                slot.reload = True
 
     def _spawn(self, slot: _Slot) -> None:
         slot.restart = None
@@ -288,7 +296,7 @@ class WorkerPool(service.Service):
         for offset, held in enumerate(self.listeners):
             childFDs[FIRST_SOCKET_FD + offset] = held.port.fileno()
             args += ["--listener", f"{held.listener}={FIRST_SOCKET_FD + offset}"]
-        slot.ready = False
+        slot.ready = slot.reload = False
         slot.startedAt = self.reactor.seconds()
         proto = _WorkerProtocol(self, slot)
         try:
@@ -310,6 +318,9 @@ class WorkerPool(service.Service):
         elif line == b"ready":
             slot.ready = True
             log.info("worker {index} (pid {pid}) is serving", index=slot.index, pid=slot.pid)
+            if slot.reload:
+                slot.reload = False
+                _signal(slot, "HUP")
             if not (self._everReady or self._gaveUp) and all(s.ready for s in self.slots):
                 self._everReady = True
                 self._waitingForPort.callback(True)
@@ -574,8 +585,10 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     """Run one worker until its parent stops it or goes away; the exit status."""
     args = _arguments(argv)
     # Ctrl-C in a terminal reaches every process of the group: the parent
-    # stops its workers itself, in order.
+    # stops its workers itself, in order. A SIGHUP before the service sets
+    # its handler would kill the worker; the files are being read anyway.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     text = readConfigText(CONFIG_FD)
     sockets = {}
     for item in args.listener:

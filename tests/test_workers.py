@@ -259,11 +259,19 @@ class WorkerPoolTests(unittest.TestCase):
         self.process(1).proto.childDataReceived(CONTROL_FD, b"ke\nwake\n")
         self.assertEqual(self.wakes, [1, 1])
 
-    def test_signalsForwarded(self):
-        """L{WorkerPool.signalWorkers} signals every running worker (SIGHUP reloads)."""
+    def test_reloadForwarded(self):
+        """
+        L{WorkerPool.reloadWorkers} sends SIGHUP to every worker that
+        serves; one still starting (whose handler is not set yet: SIGHUP
+        would kill it) gets it once it says it serves.
+        """
         pool = self.makePool()
-        self.process(0).end(exitCode=0)
-        pool.signalWorkers("HUP")
+        self.ready(0)
+        pool.reloadWorkers()
+        self.assertEqual([self.process(n).signals for n in (0, 1)], [["HUP"], []])
+        self.ready(1)
+        self.assertEqual([self.process(n).signals for n in (0, 1)], [["HUP"], ["HUP"]])
+        self.ready(1)
         self.assertEqual(self.process(1).signals, ["HUP"])
 
     def test_logRelayedUnchanged(self):
