@@ -388,20 +388,27 @@ def checkLoad(cluster: Cluster, accepted: dict, killedAt: float) -> list:
              if msgid in accepted and where[1] != accepted[msgid][0]]
     checks.append(Check("Received headers name the real client address", not wrong,
                         f"{len(delivered)} messages; wrong: {wrong[:5]}"))
-    logs = [cluster.nodeLog(n) for n in range(len(NODES))]
-    logged = {}
-    for text in logs:
-        for client, msgid in re.findall(
-                r"message accepted: client=\[([^\]]+)\] login=<[^>]*> id=(\S+)", text):
-            logged[msgid] = client
-    unlogged = []
-    for msgid, (source, when) in accepted.items():
-        node = delivered.get(msgid, ("?",))[0]
-        # The killed node's last lines may have died with it in its pipes.
-        if node == killedName and when > killedAt - 1:
-            continue
-        if logged.get(msgid) != source:
-            unlogged.append((msgid, source, logged.get(msgid)))
+    # A survivor's last lines may still be on their way from a worker to
+    # its parent's log: read again for a few seconds before calling one lost.
+    deadline = time.monotonic() + 5
+    while True:
+        logs = [cluster.nodeLog(n) for n in range(len(NODES))]
+        logged = {}
+        for text in logs:
+            for client, msgid in re.findall(
+                    r"message accepted: client=\[([^\]]+)\] login=<[^>]*> id=(\S+)", text):
+                logged[msgid] = client
+        unlogged = []
+        for msgid, (source, when) in accepted.items():
+            node = delivered.get(msgid, ("?",))[0]
+            # The killed node's last lines may have died with it in its pipes.
+            if node == killedName and when > killedAt - 1:
+                continue
+            if logged.get(msgid) != source:
+                unlogged.append((msgid, source, logged.get(msgid)))
+        if not unlogged or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     proxies = sum(len(re.findall(rf"client=\[{re.escape(PROXY)}\]", text)) for text in logs)
     clients = {client for client in logged.values()}
     checks.append(Check("the logs show the real client addresses",
