@@ -29,6 +29,7 @@ import argparse
 import glob
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -420,14 +421,49 @@ def checkLoad(cluster: Cluster, accepted: dict, killedAt: float) -> list:
     return checks
 
 
+def unprivileged(argv: list) -> None:
+    """
+    Run as root, start this script again as C{nobody} (every engine and
+    node then runs unprivileged), if C{nobody} can run this Python on this
+    checkout; else say why, and go on as root.
+    """
+    nobody = pwd.getpwnam("nobody")
+    env = dict(os.environ, HOME="/tmp", PYTHONPATH=os.pathsep.join(
+        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import tests.cluster"], cwd="/",
+                               env=env, capture_output=True, user=nobody.pw_uid,
+                               group=nobody.pw_gid)
+        why = probe.stderr.decode(errors="replace").strip()[-300:] if probe.returncode else ""
+    except OSError as e:
+        why = str(e)
+    if why:
+        log(f"running as root: nobody cannot run {sys.executable} on {ROOT} ({why})")
+        return
+    log("running as root: starting again as nobody")
+    sys.stdout.flush()
+    os.execvpe("setpriv", ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+                           "--clear-groups", "--", sys.executable, "-m", "tests.cluster",
+                           "--as-is", *argv], env)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", help="keep everything here (default: a temporary folder, "
                    "removed when every check passed)")
     p.add_argument("--users", choices=("auto", "file", "postgresql"), default="auto",
                    help="where the nodes read users (auto: PostgreSQL when this tree has it)")
     p.add_argument("--time", type=float, default=15.0, help="seconds of load")
+    p.add_argument("--as-is", action="store_true",
+                   help="run as the current user, even root (default: root starts again "
+                   "as nobody)")
     options = p.parse_args(argv)
+    if os.geteuid() == 0 and not options.as_is:
+        if options.workdir:
+            os.makedirs(options.workdir, exist_ok=True)
+            shutil.chown(options.workdir, "nobody", "nogroup")
+        unprivileged(argv)
     database = options.users
     if database == "auto":
         import importlib.util
@@ -459,8 +495,10 @@ def main(argv=None) -> int:
         cluster.stop()
     failed = [c for c in checks if not c.ok]
     print()
+    who = pwd.getpwuid(os.geteuid()).pw_name
     print(f"mailauth cluster test: {len(NODES)} nodes x 2 workers behind HAProxy (PROXY v2), "
-          f"counters in Redis, users in {database}; {time.monotonic() - started:.0f} s")
+          f"counters in Redis, users in {database}, run as {who}; "
+          f"{time.monotonic() - started:.0f} s")
     for c in checks:
         print(f"  [{'ok' if c.ok else 'FAILED'}] {c.name}: {c.detail}")
     if failed or options.workdir:
