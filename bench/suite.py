@@ -25,7 +25,10 @@ Scenarios (C{--scenarios}):
   generator and the whole machine. With 4 CPUs or more the servers run on
   the first half and the load generator on the other (C{--no-pin} to let
   them mix); below that they share every CPU, and the load generator's own
-  CPU is what shows how much of the machine it took.
+  CPU is what shows how much of the machine it took. Each run waits until
+  other processes use at most C{--quiet} CPUs (up to C{--quiet-wait}
+  seconds), and is run again (twice at most) when they were busy just
+  after it; the table says how many runs were disturbed all the same.
 
 Everything lives in C{--workdir} (default C{var/bench}, git-ignored): a
 certificate, a users file, and a folder per run with the server's
@@ -37,6 +40,7 @@ listen on 127.0.0.1 only.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import os
@@ -409,6 +413,7 @@ def average(runs: list) -> dict:
     out["failures"] = failures
     out["runs"] = [{k: r.get(k) for k in ("msgs_per_s", "login_p50_ms", "message_p99_ms")}
                    for r in good]
+    out["all_runs"] = [{k: r.get(k) for k in ("msgs_per_s", "disturbed")} for r in good]
     return out
 
 
@@ -539,10 +544,55 @@ def splitCPUs(pin: bool) -> tuple:
     return set(cpus[:half]), set(cpus[half:])
 
 
+def freshThroughput(server: Server, concurrency: int, seconds: float) -> dict:
+    """L{throughput} on C{server} freshly started, then stopped; or the error."""
+    try:
+        server.start()
+        return throughput(server, concurrency, seconds)
+    except RuntimeError as e:
+        return {"error": str(e)}
+    finally:
+        server.stop()
+
+
+def waitQuiet(limit: float, patience: float) -> float:
+    """
+    Wait until other processes use at most C{limit} CPUs (sampled over a
+    second), for at most C{patience} seconds; the last sample.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        load = backgroundLoad()
+        if load <= limit or time.monotonic() > deadline:
+            return load
+        log(f"  waiting: other processes keep {load:.2f} CPUs busy (want <= {limit})")
+        time.sleep(4)
+
+
+def quietRun(options, run) -> dict:
+    """
+    C{run()} on a quiet machine: each attempt waits for quiet first, and
+    is done again (at most twice more) when other processes were busy just
+    after it, as they probably were during it. Its result says how busy.
+    """
+    for _ in range(3):
+        before = waitQuiet(options.quiet, options.quiet_wait)
+        result = run()
+        after = backgroundLoad()
+        result.update(background_before=round(before, 2), background_after=round(after, 2),
+                      disturbed=max(before, after) > options.quiet)
+        if not result["disturbed"] or "error" in result:
+            return result
+        log(f"  disturbed (other processes: {before:.2f} before, {after:.2f} after): "
+            "running it again")
+    return result
+
+
 def workersScenario(work: str, options) -> dict:
     """
     The throughput job against each of L{WORKER_SETUPS}, alternating,
-    C{options.repeat} times per concurrency; results by concurrency, then label.
+    C{options.repeat} times per concurrency, each on a quiet machine where
+    it can be (L{quietRun}); results by concurrency, then label.
     """
     global LOADGEN_CPUS
     serverCPUs, LOADGEN_CPUS = splitCPUs(options.pin)
@@ -559,13 +609,8 @@ def workersScenario(work: str, options) -> dict:
                                     f"{attempt + 1}", workers=workers,
                                     redis=redis.url if shared else "", cpus=serverCPUs)
                     log(f"workers c={c}: {label} ({attempt + 1}/{options.repeat}) ...")
-                    try:
-                        server.start()
-                        runs[label].append(throughput(server, c, options.time))
-                    except RuntimeError as e:
-                        runs[label].append({"error": str(e)})
-                    finally:
-                        server.stop()
+                    runs[label].append(quietRun(options, functools.partial(
+                        freshThroughput, server, c, options.time)))
                     log(f"  {json.dumps(runs[label][-1])}")
             results[f"c{c}"] = {label: average(r) for label, r in runs.items()}
     finally:
@@ -601,6 +646,10 @@ def workersTable(results: dict) -> str:
                 out.append(f"  failed replies: {r['failures']}")
             if r.get("error"):
                 out.append(f"  error: {r['error']}")
+            rates = [run.get("msgs_per_s") for run in r.get("runs", [r])]
+            disturbed = sum(1 for run in r.get("all_runs", [r]) if run.get("disturbed"))
+            out.append(f"  runs: {' '.join(fmt(x) for x in rates)} msgs/s"
+                       + (f"; {disturbed} with other processes busy" if disturbed else ""))
     return "\n".join(out)
 
 
@@ -620,6 +669,10 @@ def main() -> None:
                    help="workers scenario: the concurrencies, comma-separated")
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="workers scenario: never pin servers and load generator apart")
+    p.add_argument("--quiet", type=float, default=0.25,
+                   help="workers scenario: the CPUs other processes may use around a run")
+    p.add_argument("--quiet-wait", type=float, default=600,
+                   help="workers scenario: seconds to wait for that before each run")
     options = p.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
