@@ -413,7 +413,6 @@ def average(runs: list) -> dict:
     out["failures"] = failures
     out["runs"] = [{k: r.get(k) for k in ("msgs_per_s", "login_p50_ms", "message_p99_ms")}
                    for r in good]
-    out["all_runs"] = [{k: r.get(k) for k in ("msgs_per_s", "disturbed")} for r in good]
     return out
 
 
@@ -612,7 +611,12 @@ def workersScenario(work: str, options) -> dict:
                     runs[label].append(quietRun(options, functools.partial(
                         freshThroughput, server, c, options.time)))
                     log(f"  {json.dumps(runs[label][-1])}")
-            results[f"c{c}"] = {label: average(r) for label, r in runs.items()}
+            # Runs others disturbed only count where every run was disturbed.
+            results[f"c{c}"] = {label: average([x for x in r if not x.get("disturbed")] or r)
+                                for label, r in runs.items()}
+            for label, r in runs.items():
+                results[f"c{c}"][label]["all_runs"] = [
+                    {k: x.get(k) for k in ("msgs_per_s", "disturbed")} for x in r]
     finally:
         redis.cleanup()
         LOADGEN_CPUS = None
@@ -646,10 +650,13 @@ def workersTable(results: dict) -> str:
                 out.append(f"  failed replies: {r['failures']}")
             if r.get("error"):
                 out.append(f"  error: {r['error']}")
-            rates = [run.get("msgs_per_s") for run in r.get("runs", [r])]
-            disturbed = sum(1 for run in r.get("all_runs", [r]) if run.get("disturbed"))
-            out.append(f"  runs: {' '.join(fmt(x) for x in rates)} msgs/s"
-                       + (f"; {disturbed} with other processes busy" if disturbed else ""))
+            runs = r.get("all_runs", [r])
+            rates = " ".join(fmt(x.get("msgs_per_s")) + ("*" if x.get("disturbed") else "")
+                             for x in runs)
+            disturbed = sum(1 for x in runs if x.get("disturbed"))
+            out.append(f"  runs: {rates} msgs/s" + (
+                " (* other processes busy around it: left out of the mean unless all were)"
+                if disturbed else ""))
     return "\n".join(out)
 
 
