@@ -452,10 +452,14 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
     pool = None
     if cfg.server.workers > 1 and worker is None:
         # The parent: it binds the sockets, and its workers serve them.
-        held = [HeldPort(reactor, listener.name, listener.endpoint)
-                for listener in cfg.listeners]
-        for port in held:
-            top.addEndpoint(port, f"listener:{port.listener}", port.description)
+        held = []
+        for listener in cfg.listeners:
+            port = HeldPort(reactor, listener.name, listener.endpoint)
+            top.addEndpoint(port, f"listener:{listener.name}", listener.endpoint,
+                            f" tls={listener.tls} auth={listener.auth} "
+                            f"proxy_protocol={listener.proxy_protocol} "
+                            f"workers={cfg.server.workers}")
+            held.append(port)
         pool = WorkerPool(reactor, cfg.server.workers, held, cfg.path,
                           readConfiguration(cfg.path, cfg),
                           wakeQueue=queueService.wake if queueService is not None else (

@@ -57,7 +57,9 @@ from twisted.logger import (
     Logger,
     LogLevel,
     LogPublisher,
+    eventAsJSON,
     eventAsText,
+    eventFromJSON,
     globalLogPublisher,
 )
 from twisted.python.failure import Failure
@@ -150,6 +152,7 @@ class HeldPort(service.Service):
         self.description = description
         self.name = f"listener:{listener}"
         self.port: Any = None
+        self._waitingForPort: Optional[defer.Deferred] = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -173,8 +176,9 @@ class HeldPort(service.Service):
         self.port = result[0]
         # The workers accept; the parent only keeps the socket open for them.
         self.port.stopReading()
-        log.info("listener {name} bound to {address}", name=self.listener,
-                 address=_shown(self.port))
+        # Where the daemon learns that, and where, a listening service
+        # listens (mailauth.sdnotify, the "listening on" line).
+        self._waitingForPort = defer.succeed(self.port)
 
     def stopService(self) -> Optional[defer.Deferred]:
         super().stopService()
@@ -384,14 +388,6 @@ def _how(reason: Failure) -> str:
     return f"exited with {getattr(value, 'exitCode', None)}"
 
 
-def _shown(port) -> str:
-    address = port.getHost()
-    host, number = getattr(address, "host", None), getattr(address, "port", None)
-    if host is None:
-        return str(getattr(address, "name", address))
-    return f"[{host}]:{number}" if ":" in host else f"{host}:{number}"
-
-
 def workerEnvironment(environ: Mapping[str, str]) -> dict:
     """
     The environment of a worker: the parent's, less what only the parent
@@ -431,30 +427,38 @@ def readConfiguration(path: str, expected) -> str:
 @implementer(ILogObserver)
 class LogRelay:
     """
-    A worker's log observer: each event as one JSON line of what a log line
-    shows (time, namespace, level, system, the text with any traceback),
-    for L{eventFromRelay} in the parent.
+    A worker's log observer: each event as one line for L{eventFromRelay}
+    in the parent.
 
-    Not L{twisted.logger.jsonFileLogObserver}: it keeps every field of an
-    event, which costs a worker twice what writing the line does, and the
-    parent as much again to read it, for fields no observer of the parent
-    reads.
+    With the text log format, a line holds only what a log line shows
+    (C{L} and JSON of time, namespace, level, system, and the text with any
+    traceback): L{twisted.logger.eventAsJSON} keeps every field, which
+    costs a worker twice what writing the line does, and the parent as much
+    again to read, for fields no text observer reads. With C{[server]
+    log_format = json} the fields are the point: a line is then C{J} and
+    the whole event as L{twisted.logger.eventAsJSON} writes it.
+
+    @ivar full: whether to relay every field.
     """
 
-    def __init__(self, out) -> None:
+    def __init__(self, out, full: bool = False) -> None:
         self.out = out
+        self.full = full
 
     def __call__(self, event: dict) -> None:
-        level = event.get("log_level")
-        record = {
-            "t": event.get("log_time"),
-            "n": event.get("log_namespace"),
-            "l": level.name if level is not None else None,
-            "s": event.get("log_system"),
-            "x": eventAsText(event, includeTraceback=True, includeTimestamp=False,
-                             includeSystem=False),
-        }
-        self.out.write(json.dumps(record) + "\n")
+        if self.full:
+            line = "J" + eventAsJSON(event)
+        else:
+            level = event.get("log_level")
+            line = "L" + json.dumps({
+                "t": event.get("log_time"),
+                "n": event.get("log_namespace"),
+                "l": level.name if level is not None else None,
+                "s": event.get("log_system"),
+                "x": eventAsText(event, includeTraceback=True, includeTimestamp=False,
+                                 includeSystem=False),
+            })
+        self.out.write(line + "\n")
         self.out.flush()
 
 
@@ -464,7 +468,10 @@ def eventFromRelay(record: bytes) -> dict:
 
     @raise ValueError: if C{record} is not such a line.
     """
-    data = json.loads(record)
+    kind, text = record[:1], record[1:].decode("utf-8")
+    if kind == b"J":
+        return eventFromJSON(text)
+    data = json.loads(text) if kind == b"L" else None
     if not isinstance(data, dict) or not isinstance(data.get("x"), str):
         raise ValueError("not a relayed log event")
     event = {"log_time": data.get("t"), "log_namespace": data.get("n"),
@@ -603,8 +610,9 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     from mailauth import tap
 
     out = open(LOG_FD, "w", encoding="utf-8", closefd=False)
-    globalLogBeginner.beginLoggingTo([LogRelay(out)], redirectStandardIO=False)
     cfg = configmod.loadText(text, args.config)
+    globalLogBeginner.beginLoggingTo([LogRelay(out, full=cfg.server.log_format == "json")],
+                                     redirectStandardIO=False)
     reactor: Any = globalReactor
     failed: list = []
     stopping: list = []

@@ -619,7 +619,8 @@ class TwistdProcess:
                                         stderr=subprocess.STDOUT)
         if workers > 1:
             self.waitForLog(r"worker \d+ \(pid \d+\) is serving", count=workers, timeout=timeout)
-            for name, port in re.findall(r"listener (\S+) bound to \S+:(\d+)", self.log()):
+            for name, port in re.findall(r"\[listener:(\S+)\] listening on \S+:(\d+)",
+                                         self.log()):
                 self.ports[name] = int(port)
         else:
             self.waitForLog(r"starting on \d+", timeout=timeout)

@@ -8,6 +8,7 @@ whole daemon.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -32,6 +33,7 @@ from twisted.trial import unittest
 from mailauth import checks, tap, workers
 from mailauth import config as configmod
 from mailauth.checks import Account
+from mailauth.logs import eventAsJSONLine
 from mailauth.workers import (
     CONFIG_FD,
     CONTROL_FD,
@@ -319,10 +321,37 @@ class WorkerPoolTests(unittest.TestCase):
         self.makePool()
         out = io.StringIO()
         Logger(observer=LogRelay(out)).info("after")
-        self.process(0).proto.childDataReceived(LOG_FD, b"not json\n[1]\n"
+        self.process(0).proto.childDataReceived(LOG_FD, b"not json\nL[1]\nJ{\n"
                                                 + out.getvalue().encode())
         self.assertEqual([formatEvent(e) for e in self.events], ["after"])
-        self.assertEqual(len([e for e in self.logged if "is not JSON" in e["log_format"]]), 2)
+        self.assertEqual(len([e for e in self.logged if "is not JSON" in e["log_format"]]), 3)
+
+    def test_logRelayedWithEveryField(self):
+        """
+        With C{[server] log_format = json} a worker relays every field of
+        an event, so the parent's JSON lines carry them (C{client},
+        C{login}...) as one process's do.
+        """
+        self.makePool()
+        original: list = []
+        out = io.StringIO()
+        relay = LogRelay(out, full=True)
+
+        def both(event):
+            original.append(event)
+            relay(event)
+
+        Logger(namespace="mailauth.esmtp", observer=both).info(
+            "auth failure: client=[{client}] mechanism={mechanism} login=<{login}>",
+            client="192.0.2.7", mechanism="PLAIN", login="bob@example.test")
+        self.process(0).proto.childDataReceived(LOG_FD, out.getvalue().encode())
+        [relayed] = self.events
+        line = json.loads(eventAsJSONLine(relayed))
+        self.assertEqual((line["client"], line["login"], line["log_worker"]),
+                         ("192.0.2.7", "bob@example.test", 1))
+        self.assertEqual(line["log_text"], json.loads(eventAsJSONLine(original[0]))["log_text"])
+        self.assertEqual(formatEventAsClassicLogText(relayed),
+                         formatEventAsClassicLogText(original[0]))
 
     def test_stopTerminatesThenKills(self):
         """

@@ -7,6 +7,7 @@ C{--uid}/C{--gid}.
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import random
@@ -146,6 +147,22 @@ class TwistdWorkersTests(unittest.TestCase):
         self.assertEqual(serving, 2)
         systemd.settimeout(1.0)  # nothing more is coming: a second is plenty to show it
         self.assertRaises(TimeoutError, systemd.recv, 4096)
+
+    def test_jsonLog(self):
+        """
+        With C{[server] log_format = json}, what a worker logs reaches the
+        daemon's log as JSON with its fields, the worker's number added.
+        """
+        daemon = _Daemon(self, {"server": {"log_format": "json"}})
+        daemon.start()
+        queued = sendOne(daemon.twistd.ports["submission"])
+        [line] = daemon.twistd.waitForLog(rf'"id": "{queued}"')
+        event = json.loads(line)
+        self.assertEqual((event["log_namespace"], event["client"], event["login"]),
+                         ("mailauth.esmtp", "127.0.0.1", BOB.decode()))
+        self.assertIn(event["log_worker"], (1, 2))
+        self.assertIn(f"message accepted: client=[127.0.0.1] login=<{BOB.decode()}> "
+                      f"id={queued}", event["log_text"])
 
     def test_failuresLoggedForFail2ban(self):
         """
