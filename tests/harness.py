@@ -588,7 +588,7 @@ class TwistdProcess:
     them on the reactor thread.
 
     @ivar ports: once started with workers: C{{listener name: port}} from
-        the parent's C{listener NAME bound to HOST:PORT} lines.
+        the parent's C{[listener:NAME] listening on HOST:PORT} lines.
     """
 
     def __init__(self, configPath: str, logPath: str, twistdArgs=(),
