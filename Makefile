@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_PASSWORD := demo-password
 
-.PHONY: run test check lint format print-unit deb deb-test clean
+.PHONY: run test check lint format print-unit deb deb-test clean cluster-test
 
 # Unit tests: no daemon on a socket, no external program; seconds in all.
 UNIT := tests.test_addresses tests.test_checkers tests.test_config tests.test_dataread \
@@ -47,6 +47,15 @@ test: lint
 
 check: $(BIN)/mailauth
 	$(BIN)/python -m twisted.trial --jobs=2 $(UNIT)
+
+# make cluster-test: three mailauth nodes of two workers behind HAProxy (PROXY
+# v2), with Redis and PostgreSQL, all started unprivileged in a temporary
+# folder; one node is killed under load (tests/cluster.py; about a minute).
+# PYTHON_TEST=/usr/bin/python3 runs it on Debian's Twisted.
+PYTHON_TEST ?= $(BIN)/python
+
+cluster-test: $(BIN)/mailauth
+	PYTHONPATH="$(CURDIR)" $(PYTHON_TEST) -m tests.cluster
 
 # For debian/rules: the package build runs the unit tests on Debian's own
 # Twisted; the rest (engines, real clients) runs in .ci/run on both.

@@ -60,6 +60,8 @@ class Stats:
         self.login: list = []
         self.message: list = []
         self.noop: list = []
+        # (queue ID, wall-clock time) of every 250 after DATA, for --ids.
+        self.accepted: list = []
 
     def fail(self, e: Failed) -> None:
         self.failures[e.key] += 1
@@ -148,7 +150,9 @@ class Client:
         tls = ctx if o.tls == "implicit" else None
         try:
             self.reader, self.writer = await asyncio.wait_for(
-                asyncio.open_connection(o.host, o.port, ssl=tls, limit=1 << 20), o.timeout
+                asyncio.open_connection(o.host, o.port, ssl=tls, limit=1 << 20,
+                                        local_addr=(o.source, 0) if o.source else None),
+                o.timeout,
             )
         except (TimeoutError, OSError, ssl.SSLError) as e:
             raise Failed("connect", repr(e)) from None
@@ -193,7 +197,11 @@ class Client:
                 await self.writer.drain()
             except ConnectionError as e:
                 raise Failed("closed", f"sending DATA: {e!r}") from None
-        await self.reply(250)
+        lines = await self.reply(250)
+        if self.options.ids:
+            queued = lines[-1].split(b"queued as ", 1)
+            self.stats.accepted.append((queued[-1].strip().decode("ascii", "replace"),
+                                        time.time()))
         self.stats.message.append(time.perf_counter() - started)
         self.stats.messages += 1
         self.stats.bytes += len(body)
@@ -337,6 +345,9 @@ def parseArgs(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--source", help="connect from this local address (e.g. 127.0.0.21)")
+    p.add_argument("--ids", help="send: write 'QUEUE-ID UNIX-TIME' of every accepted "
+                   "message to this file")
     p.add_argument("--port", type=int, default=587)
     p.add_argument("--tls", choices=("none", "starttls", "implicit"), default="starttls")
     p.add_argument("--cafile", help="verify the server against this CA (default: no check)")
@@ -368,6 +379,8 @@ def parseArgs(argv=None):
         p.error("--rcpt is required in send mode")
     if options.processes > 1 and options.mode != "send":
         p.error("--processes is for send mode only")
+    if options.ids and options.processes > 1:
+        p.error("--ids needs --processes 1")
     return options
 
 
@@ -414,6 +427,9 @@ async def main(options) -> dict:
     except Failed as e:
         stats.fail(e)
     elapsed = time.perf_counter() - started
+    if options.ids:
+        with open(options.ids, "w") as f:
+            f.writelines(f"{msgid} {when:.6f}\n" for msgid, when in stats.accepted)
     return summary(options, stats, elapsed, time.process_time() - cpu, extra)
 
 

@@ -81,7 +81,7 @@ class MaildirHandler:
         if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
             return AuthResult(success=False, handled=False)
         login, password = parts[1].decode("utf-8", "replace").lower(), parts[2]
-        user = self.users.lookup(login)
+        user = self.users.get(login)
         loop = asyncio.get_running_loop()
         if user is None:
             await loop.run_in_executor(self.authPool, passwords.dummyVerify, password)

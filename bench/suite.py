@@ -21,6 +21,19 @@ Scenarios (C{--scenarios}):
   times alternating the two; its own table, with the cost of signing as
   the share of throughput lost and the server CPU added per message
   (issue #12's target: under 10% of throughput).
+- C{workers} (not in the default run): the C{tput} job at concurrency 50
+  (C{--workers-concurrency}) against aiosmtpd, mailauth with one process and
+  counters in memory (the default), one process with counters in Redis, and
+  C{[server] workers = 2} with counters in Redis, alternating, C{--repeat}
+  times; its own table with each one's msgs/s, the ratio to aiosmtpd, and
+  the CPU each message cost the server (every process of it), the load
+  generator and the whole machine. With 4 CPUs or more the servers run on
+  the first half and the load generator on the other (C{--no-pin} to let
+  them mix); below that they share every CPU, and the load generator's own
+  CPU is what shows how much of the machine it took. Each run waits until
+  other processes use at most C{--quiet} CPUs (up to C{--quiet-wait}
+  seconds), and is run again (twice at most) when they were busy just
+  after it; the table says how many runs were disturbed all the same.
 
 Everything lives in C{--workdir} (default C{var/bench}, git-ignored): a
 certificate, a users file, and a folder per run with the server's
@@ -32,6 +45,7 @@ listen on 127.0.0.1 only.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import os
@@ -65,6 +79,9 @@ STORM_USER = "storm{n}@bench.test"
 STORM_USERS = 10
 KB = 1024
 MB = 1024 * 1024
+# The CPUs the load generator runs on (the workers scenario pins it apart
+# from the servers where there are enough); None: any.
+LOADGEN_CPUS: Optional[set] = None
 
 
 def log(text: str) -> None:
@@ -99,10 +116,19 @@ def prepare(work: str) -> None:
 class Server:
     """One server process: started, probed for its banner, measured through /proc, stopped."""
 
-    def __init__(self, name: str, work: str, label: str = "", extra: str = "") -> None:
+    def __init__(self, name: str, work: str, label: str = "", workers: int = 1,
+                 redis: str = "", cpus: Optional[set] = None, extra: str = "") -> None:
+        """
+        @param workers: mailauth's C{[server] workers}.
+        @param redis: the URL of a Redis for C{[state] backend} (workers > 1).
+        @param cpus: the CPUs the server may run on, or L{None} for any.
+        @param extra: configuration added to mailauth's (a C{[dkim]} section).
+        """
         self.name = name
         self.work = work
-        # Configuration added to mailauth's (a [dkim] section).
+        self.workers = workers
+        self.redis = redis
+        self.cpus = cpus
         self.extra = extra
         # A folder of its own for every run: deleting a run's mail before
         # the next would leave ext4 thousands of recently deleted inodes to
@@ -118,7 +144,9 @@ class Server:
                 template = f.read()
             config = os.path.join(self.dir, "mailauth.conf")
             with open(config, "w") as f:
-                f.write(template.format(dir=self.dir, work=self.work, port=self.port) + self.extra)
+                state = f"[state]\nbackend = {self.redis}\n" if self.redis else ""
+                f.write(template.format(dir=self.dir, work=self.work, port=self.port,
+                                        workers=self.workers, state=state) + self.extra)
             return [os.path.join(os.path.dirname(PYTHON), "twistd"), "--nodaemon", "--pidfile=",
                     f"--logfile={os.path.join(self.dir, 'server.log')}", "mailauth",
                     "--config", config]
@@ -139,7 +167,8 @@ class Server:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         out = open(os.path.join(self.dir, "stdout.log"), "ab")
         self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        preexec_fn=pinner(self.cpus))
         out.close()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -148,11 +177,21 @@ class Server:
                                    f"see {self.dir}/stdout.log")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                    if s.recv(100).startswith(b"220"):
+                    if s.recv(100).startswith(b"220") and self.serving():
                         return
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError(f"{self.name} did not answer on port {self.port} within 30 s")
+
+    def serving(self) -> bool:
+        """Whether every worker has said it serves (the parent's socket answers from the first)."""
+        if self.workers == 1:
+            return True
+        try:
+            with open(os.path.join(self.dir, "server.log"), errors="replace") as f:
+                return f.read().count(") is serving") >= self.workers
+        except OSError:
+            return False
 
     def stop(self) -> None:
         """Stop the server; flush the file systems so the next run does not pay for its writes."""
@@ -183,10 +222,43 @@ class Server:
             return False
 
     def cpu(self) -> float:
-        """User plus system CPU seconds of every thread so far."""
-        with open(f"/proc/{self.process.pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """
+        User plus system CPU seconds of every thread so far, of the server
+        and of its worker processes (their own, and that of workers that
+        ended: the parent reaps them).
+        """
+        total = 0.0
+        for pid in [self.process.pid, *descendants(self.process.pid)]:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+            except OSError:
+                continue  # ended meanwhile
+            total += sum(int(x) for x in fields[11:15])
+        return total / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list:
+    """The process ids of every process below C{pid}."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            found += [int(entry), *descendants(int(entry))]
+    return found
+
+
+def pinner(cpus: Optional[set]):
+    """A C{preexec_fn} that keeps a child (and what it starts) on C{cpus}; L{None} for any."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
 
 
 class PeakSampler(threading.Thread):
@@ -215,7 +287,8 @@ class PeakSampler(threading.Thread):
 def loadgen(server: Server, *args: str, onStderr=None, cap: float = 300) -> dict:
     """Run the load generator against C{server}; its JSON result."""
     argv = [PYTHON, LOADGEN, "--port", str(server.port), "--password", PASSWORD, *args]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=pinner(LOADGEN_CPUS))
     timer = threading.Timer(cap, proc.kill)
     timer.start()
     try:
@@ -372,7 +445,7 @@ def dkimCost(work: str, seconds: float, repeat: int) -> dict:
     runs: dict = {name: [] for name in variants}
     for attempt in range(repeat):
         for name, extra in variants.items():
-            server = Server("mailauth", work, f"dkim-{name}-{attempt + 1}", extra)
+            server = Server("mailauth", work, f"dkim-{name}-{attempt + 1}", extra=extra)
             log(f"dkim: mailauth {name} ({attempt + 1}/{repeat}) ...")
             try:
                 server.start()
@@ -532,6 +605,156 @@ def table(results: dict, options) -> str:
     return "\n".join(out)
 
 
+# The servers of the workers scenario: (label, server name, workers, counters in Redis).
+WORKER_SETUPS = (
+    ("aiosmtpd", "aiosmtpd", 1, False),
+    ("mailauth, 1 process", "mailauth", 1, False),
+    ("mailauth, 1 process, Redis", "mailauth", 1, True),
+    ("mailauth, workers = 2, Redis", "mailauth", 2, True),
+)
+
+
+def startRedis(work: str):
+    """A private redis-server for the counters (tests/redisharness.py's), or an error."""
+    from tests.redisharness import MISSING, RedisServer
+
+    binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin:/sbin")
+    if binary is None:
+        raise SystemExit(f"the workers scenario needs Redis: {MISSING}")
+    redis = RedisServer(binary, os.path.join(work, "redis"))
+    redis.start()
+    return redis
+
+
+def splitCPUs(pin: bool) -> tuple:
+    """
+    (server CPUs, load generator CPUs): halves of this process's CPUs when
+    there are 4 or more and C{pin}, else (L{None}, L{None}): all shared.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 4:
+        return None, None
+    half = len(cpus) // 2
+    return set(cpus[:half]), set(cpus[half:])
+
+
+def freshThroughput(server: Server, concurrency: int, seconds: float) -> dict:
+    """L{throughput} on C{server} freshly started, then stopped; or the error."""
+    try:
+        server.start()
+        return throughput(server, concurrency, seconds)
+    except RuntimeError as e:
+        return {"error": str(e)}
+    finally:
+        server.stop()
+
+
+def waitQuiet(limit: float, patience: float) -> float:
+    """
+    Wait until other processes use at most C{limit} CPUs (sampled over a
+    second), for at most C{patience} seconds; the last sample.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        load = backgroundLoad()
+        if load <= limit or time.monotonic() > deadline:
+            return load
+        log(f"  waiting: other processes keep {load:.2f} CPUs busy (want <= {limit})")
+        time.sleep(4)
+
+
+def quietRun(options, run) -> dict:
+    """
+    C{run()} on a quiet machine: each attempt waits for quiet first, and
+    is done again (at most twice more) when other processes were busy just
+    after it, as they probably were during it. Its result says how busy.
+    """
+    for _ in range(3):
+        before = waitQuiet(options.quiet, options.quiet_wait)
+        result = run()
+        after = backgroundLoad()
+        result.update(background_before=round(before, 2), background_after=round(after, 2),
+                      disturbed=max(before, after) > options.quiet)
+        if not result["disturbed"] or "error" in result:
+            return result
+        log(f"  disturbed (other processes: {before:.2f} before, {after:.2f} after): "
+            "running it again")
+    return result
+
+
+def workersScenario(work: str, options) -> dict:
+    """
+    The throughput job against each of L{WORKER_SETUPS}, alternating,
+    C{options.repeat} times per concurrency, each on a quiet machine where
+    it can be (L{quietRun}); results by concurrency, then label.
+    """
+    global LOADGEN_CPUS
+    serverCPUs, LOADGEN_CPUS = splitCPUs(options.pin)
+    redis = startRedis(work)
+    results: dict = {"pinned": serverCPUs is not None,
+                     "server_cpus": sorted(serverCPUs) if serverCPUs else None,
+                     "loadgen_cpus": sorted(LOADGEN_CPUS) if LOADGEN_CPUS else None}
+    try:
+        for c in options.workers_concurrency:
+            runs: dict = {label: [] for label, *_ in WORKER_SETUPS}
+            for attempt in range(options.repeat):
+                for label, name, workers, shared in WORKER_SETUPS:
+                    server = Server(name, work, f"w{workers}{'r' if shared else ''}-c{c}-"
+                                    f"{attempt + 1}", workers=workers,
+                                    redis=redis.url if shared else "", cpus=serverCPUs)
+                    log(f"workers c={c}: {label} ({attempt + 1}/{options.repeat}) ...")
+                    runs[label].append(quietRun(options, functools.partial(
+                        freshThroughput, server, c, options.time)))
+                    log(f"  {json.dumps(runs[label][-1])}")
+            # Runs others disturbed only count where every run was disturbed.
+            results[f"c{c}"] = {label: average([x for x in r if not x.get("disturbed")] or r)
+                                for label, r in runs.items()}
+            for label, r in runs.items():
+                results[f"c{c}"][label]["all_runs"] = [
+                    {k: x.get(k) for k in ("msgs_per_s", "disturbed")} for x in r]
+    finally:
+        redis.cleanup()
+        LOADGEN_CPUS = None
+    return results
+
+
+def workersTable(results: dict) -> str:
+    """The workers scenario's table: one block per concurrency, ratio to aiosmtpd."""
+    pinned = (f"servers on CPUs {results['server_cpus']}, load generator on "
+              f"{results['loadgen_cpus']}" if results.get("pinned") else
+              "servers and load generator share every CPU (fewer than 4, or --no-pin)")
+    out = [f"workers scenario ({pinned}); 10 KB messages, ten per connection"]
+    header = (f"{'server':30} {'msgs/s':>8} {'x aiosmtpd':>10} {'p99 ms':>7} "
+              f"{'server':>7} {'loadgen':>7} {'machine':>7}  CPU ms/msg")
+    for key, block in results.items():
+        if not key.startswith("c") or not isinstance(block, dict):
+            continue
+        out += ["", f"concurrency {key[1:]}", header, "-" * len(header)]
+        base = block.get("aiosmtpd", {}).get("msgs_per_s")
+        for label, r in block.items():
+            rate = r.get("msgs_per_s")
+            ratio = f"{rate / base:.2f}" if rate and base else "-"
+            target = ""
+            if "workers = 2" in label and rate and base:
+                target = "  >= 1.5 " + ("met" if rate / base >= 1.5 else "NOT MET")
+            out.append(f"{label:30} {fmt(rate):>8} {ratio:>10} {fmt(r.get('message_p99_ms')):>7} "
+                       f"{fmt(r.get('server_cpu_ms_per_msg'), 2):>7} "
+                       f"{fmt(r.get('client_cpu_ms_per_msg'), 2):>7} "
+                       f"{fmt(r.get('machine_cpu_ms_per_msg'), 2):>7}{target}")
+            if r.get("failures"):
+                out.append(f"  failed replies: {r['failures']}")
+            if r.get("error"):
+                out.append(f"  error: {r['error']}")
+            runs = r.get("all_runs", [r])
+            rates = " ".join(fmt(x.get("msgs_per_s")) + ("*" if x.get("disturbed") else "")
+                             for x in runs)
+            disturbed = sum(1 for x in runs if x.get("disturbed"))
+            out.append(f"  runs: {rates} msgs/s" + (
+                " (* other processes busy around it: left out of the mean unless all were)"
+                if disturbed else ""))
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="mailauth beside aiosmtpd, one table")
     p.add_argument("--workdir", default=os.path.join(ROOT, "var", "bench"))
@@ -543,6 +766,15 @@ def main() -> None:
     p.add_argument("--big-mb", type=int, default=50)
     p.add_argument("--idle", type=int, default=2000, help="parked connections")
     p.add_argument("--json", help="also write every result to this file")
+    p.add_argument("--workers-concurrency", default="50",
+                   type=lambda text: [int(x) for x in text.split(",")],
+                   help="workers scenario: the concurrencies, comma-separated")
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="workers scenario: never pin servers and load generator apart")
+    p.add_argument("--quiet", type=float, default=0.25,
+                   help="workers scenario: the CPUs other processes may use around a run")
+    p.add_argument("--quiet-wait", type=float, default=600,
+                   help="workers scenario: seconds to wait for that before each run")
     options = p.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -573,6 +805,8 @@ def main() -> None:
             plan.append(("idle", lambda s: idle(s, options.idle)))
         elif scenario == "dkim":
             pass  # mailauth alone, after the others: dkimCost
+        elif scenario == "workers":
+            continue  # its own servers and table, after the others
         else:
             p.error(f"unknown scenario {scenario!r}")
     quiet = backgroundLoad()
@@ -601,6 +835,8 @@ def main() -> None:
             results[name][label] = average(runs[name])
     if "dkim" in scenarios:
         results["dkim"] = dkimCost(work, options.time, options.repeat)
+    if "workers" in scenarios:
+        results["workers"] = workersScenario(work, options)
     info = machine()
     info["background_cpu_before"] = round(quiet, 2)
     info["background_cpu_after"] = round(backgroundLoad(), 2)
@@ -613,6 +849,10 @@ def main() -> None:
         print(table(results, options))
     if "dkim" in results:
         print(dkimTable(results["dkim"]))
+    if "workers" in results:
+        if plan:
+            print()
+        print(workersTable(results["workers"]))
     print(f"background load before/after: {info['background_cpu_before']:.2f}/"
           f"{info['background_cpu_after']:.2f} CPUs "
           f"({time.monotonic() - started:.0f} s; details in {work})")

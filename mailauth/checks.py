@@ -223,8 +223,9 @@ def checkReadable(cfg: configmod.Config, account: Account, chown: bool) -> Findi
     """
     Under twistd --uid the daemon reads its files at start as root, then
     as C{account}: the relay's password and CA files when it relays
-    (errors), the others when they change or on SIGHUP (warnings). Without
-    --uid, L{checkFiles} checks them as the user who runs the daemon.
+    (errors), the others when they change or on SIGHUP (warnings; errors
+    with C{[server] workers} above 1, whose workers start as C{account}).
+    Without --uid, L{checkFiles} checks them as the user who runs the daemon.
     """
     if not chown:
         return Findings()
@@ -237,7 +238,10 @@ def checkReadable(cfg: configmod.Config, account: Account, chown: bool) -> Findi
                   ("tls", "private_key", cfg.tls.private_key)]
     for section, key, path in later:
         why = readProblem(account, path) if path is not None else None
-        if why is not None:
+        if why is not None and cfg.server.workers > 1:
+            errors.append(f"{_where(cfg, section, key)}: {path}: {why}, and the workers "
+                          f"([server] workers = {cfg.server.workers}) read it as that user")
+        elif why is not None:
             warnings.append(f"{_where(cfg, section, key)}: warning: {path}: {why}, so the "
                             "daemon cannot read it again when it changes or on SIGHUP")
     if cfg.relay is not None:

@@ -6,33 +6,33 @@ checks, the forward queue, the PostgreSQL schema and DKIM keys.
 from __future__ import annotations
 
 import argparse
-import configparser
 import contextlib
-import getpass
 import importlib.metadata
 import os
 import sys
 import time
-from typing import Any, BinaryIO, Callable, NoReturn, Optional, TextIO
+from typing import Optional
 
-import attrs
-
-from mailauth import apppasswords, pgusers, spool, userdb
+from mailauth import pgusers, spool, userdb
 from mailauth.checks import Account, Findings, checkAll
-from mailauth.config import Config, ConfigError, load, parseInt
-from mailauth.passwords import DEFAULT_SCHEME, SCHEMES, makeHash, schemeName
-from mailauth.pwquality import (
-    BreachedListError,
-    PasswordPolicy,
-    PasswordRefused,
-    checkBreachedList,
+from mailauth.cliusers import hashPassword, userCommand
+from mailauth.commandline import (  # noqa: F401 (Console and CommandError are the API)
+    DEFAULT_CONFIG,
+    CommandError,
+    Console,
+    Parser,
+    UsageError,
+    configOption,
+    configPath,
+    loadConfig,
+    schemeOption,
+    when,
 )
-from mailauth.userstore import describe, storeFor
+from mailauth.config import ConfigError
 
-DEFAULT_CONFIG = "/etc/mailauth/mailauth.conf"
 # The version in setup.cfg, for a tree that is not installed (a test keeps
 # the two equal).
-SOURCE_VERSION = "0.1.0"
+SOURCE_VERSION = "0.2.0"
 
 
 def version() -> str:
@@ -43,479 +43,16 @@ def version() -> str:
         return SOURCE_VERSION
 
 
-class CommandError(Exception):
-    """A failure the command reports as one line, C{mailauth: message}, exiting 1."""
-
-
-class _UsageError(Exception):
-    """The command line is wrong; the message is argparse's usage and error text."""
-
-
-class _Formatter(argparse.HelpFormatter):
-    """Wraps each line of a description as a paragraph; keeps indented lines (examples)."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return "\n".join(indent + line if line.startswith(" ") else
-                         super(_Formatter, self)._fill_text(line, width, indent)
-                         for line in text.split("\n"))
-
-
-class _Parser(argparse.ArgumentParser):
-    """The command line parser of every (sub)command: L{_Formatter}, errors raised."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        # Raise rather than exit, so main() writes to its console and returns.
-        raise _UsageError(f"{self.format_usage()}{self.prog}: error: {message}\n")
-
-
-def _configOption(what: str) -> argparse.ArgumentParser:
-    """C{--config PATH}, defaulting to L{DEFAULT_CONFIG}: the configuration naming C{what}."""
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--config", metavar="PATH",
-                        help=f"the configuration naming {what} (default {DEFAULT_CONFIG})")
-    return parent
-
-
-def configPath(args: argparse.Namespace) -> str:
-    """C{--config}, else the default configuration (see L{main})."""
-    return args.config or args.defaultConfig
-
-
-def loadConfig(args: argparse.Namespace) -> Config:
-    """
-    Load the configuration that C{--config} names, else the default one.
-
-    @raise ConfigError: if it is wrong.
-    @raise CommandError: if there is no C{--config} and no default one.
-    """
-    if args.config is None and not os.path.exists(args.defaultConfig):
-        raise CommandError(f"{args.defaultConfig}: no such file; name the configuration"
-                           " with --config PATH")
-    return load(configPath(args))
-
-
-@attrs.frozen
-class Console:
-    """
-    Where a command reads passwords and writes its output.
-
-    @ivar stdin: binary standard input, read for a password unless it is a
-        terminal.
-    @ivar getpass: reads a password from the terminal without echo.
-    """
-
-    stdin: BinaryIO
-    stdout: TextIO
-    stderr: TextIO
-    getpass: Callable[[str], str] = getpass.getpass
-
-    def warn(self, message: str) -> None:
-        """Say C{mailauth: warning: message} on standard error."""
-        self.stderr.write(f"mailauth: warning: {message}\n")
-
-    def readPassword(self) -> bytes:
-        """
-        Read a new password: from the terminal, asked twice, when standard
-        input is one; else one line of standard input, without its line
-        ending (nothing else is stripped: spaces may be part of a password).
-
-        @raise CommandError: if the two differ or the password is empty.
-        """
-        if self.stdin.isatty():
-            first = self.getpass("New password: ")
-            if self.getpass("Retype new password: ") != first:
-                raise CommandError("the passwords do not match")
-            password = first.encode("utf-8", "surrogateescape")
-        else:
-            password = self.stdin.readline()
-            if password.endswith(b"\n"):
-                password = password[:-1].removesuffix(b"\r")
-        if not password:
-            raise CommandError("empty password refused")
-        return password
-
-
-def _scheme(text: str) -> str:
-    try:
-        return schemeName(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _schemeOption() -> argparse.ArgumentParser:
-    """C{-s/--scheme}, for the commands that hash a password."""
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument(
-        "-s",
-        "--scheme",
-        type=_scheme,
-        default=DEFAULT_SCHEME,
-        help=f"password scheme (default {DEFAULT_SCHEME}; known: {' '.join(SCHEMES)};"
-        " add .B64 or .HEX for that encoding)",
-    )
-    return parent
-
-
-def _minLength(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-    return int(text)
-
-
-def _qualityOptions() -> argparse.ArgumentParser:
-    """C{--min-length} and C{--breached}, for the commands that store a new password."""
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument(
-        "--min-length",
-        metavar="N",
-        type=_minLength,
-        help="refuse passwords of fewer characters (default: [auth] password_min_length"
-        " with --config, else 8)",
-    )
-    parent.add_argument(
-        "--breached",
-        metavar="PATH",
-        help="refuse passwords in this Have I Been Pwned SHA-1 list: the file ordered by"
-        " hash, or a directory of range files (default: [auth] breached_passwords)",
-    )
-    return parent
-
-
-# -- mailauth user ... --------------------------------------------------------
-
-
-@attrs.frozen
-class UserSettings:
-    """
-    What the user commands read from the command line and the configuration.
-
-    @ivar users: the users file, or a PostgreSQL URI.
-    @ivar config: the configuration it came from, if any.
-    @ivar policy: the password policy of the configuration's C{[auth]}.
-    @ivar localDomains: the configuration's C{[delivery] local_domains}, if known.
-    """
-
-    users: str
-    config: Optional[str] = None
-    policy: PasswordPolicy = PasswordPolicy()
-    localDomains: Optional[frozenset] = None
-
-
-def _lenientSettings(path: str, error: ConfigError, console: Console) -> UserSettings:
-    """
-    Read only what the user commands need from a configuration that does
-    not load: C{[auth] users}, its password policy and C{[delivery]
-    local_domains}, so that a mistake in another section does not lock the
-    admin out of the users file. The configuration's problems become
-    warnings.
-
-    @raise ConfigError: C{error}, if those keys cannot be read either.
-    """
-    parser = configparser.ConfigParser(
-        interpolation=None, inline_comment_prefixes=(";", "#"), empty_lines_in_values=False
-    )
-    try:
-        with open(path, encoding="utf-8") as f:
-            parser.read_file(f, source=path)
-        users = parser.get("auth", "users", fallback="").strip()
-        minLength = parseInt(parser.get("auth", "password_min_length", fallback="8"))
-    except (OSError, UnicodeDecodeError, configparser.Error, ValueError):
-        raise error from None
-    if not users:
-        raise error
-    breached = parser.get("auth", "breached_passwords", fallback="").strip() or None
-    domains = parser.get("delivery", "local_domains", fallback="").replace(",", " ").split()
-    for problem in error.problems:
-        console.warn(problem)
-    console.warn(f"{path} has the problems above; using its [auth] users = {users} anyway")
-    return UserSettings(users, path, PasswordPolicy(minLength, breached),
-                        frozenset(d.lower().rstrip(".") for d in domains) or None)
-
-
-def _userSettings(args: argparse.Namespace, console: Console) -> UserSettings:
-    """
-    The users file or PostgreSQL URI, and the policy: from C{--users}, else
-    from the configuration.
-    """
-    if args.users is not None:
-        settings = UserSettings(args.users)
-    else:
-        path = configPath(args)
-        try:
-            cfg = loadConfig(args)
-        except ConfigError as e:
-            settings = _lenientSettings(path, e, console)
-        else:
-            settings = UserSettings(
-                cfg.auth.users, path,
-                PasswordPolicy(cfg.auth.password_min_length, cfg.auth.breached_passwords),
-                cfg.delivery.local_domains)
-    if pgusers.isPostgreSQL(settings.users):
-        try:
-            pgusers.checkURI(settings.users)
-        except ValueError as e:
-            raise CommandError(str(e)) from None
-    return settings
-
-
-def _hash(password: bytes, scheme: str, login: Optional[str] = None) -> str:
-    try:
-        return makeHash(password, scheme, login)
-    except ValueError as e:
-        raise CommandError(str(e)) from None
-
-
-def _policy(args: argparse.Namespace, settings: UserSettings) -> PasswordPolicy:
-    """
-    The options, else the configuration's [auth] keys, else the defaults;
-    a breached list that cannot be searched fails here, before a password
-    is asked for.
-    """
-    policy = settings.policy
-    if args.min_length is not None:
-        policy = attrs.evolve(policy, minLength=args.min_length)
-    if args.breached is not None:
-        policy = attrs.evolve(policy, breached=args.breached)
-    if policy.breached is not None:
-        try:
-            checkBreachedList(policy.breached)
-        except BreachedListError as e:
-            raise CommandError(str(e)) from None
-    return policy
-
-
-def _newPassword(args: argparse.Namespace, console: Console, policy: PasswordPolicy) -> str:
-    """Read a new password, check it against C{policy}, and hash it."""
-    password = console.readPassword()
-    try:
-        policy.check(password)
-    except (PasswordRefused, BreachedListError) as e:
-        raise CommandError(str(e)) from None
-    return _hash(password, args.scheme, args.login)
-
-
-def _userAdd(args: argparse.Namespace, console: Console) -> None:
-    userdb.checkLogin(args.login)
-    settings = _userSettings(args, console)
-    users = settings.users
-    store = storeFor(users, creating=True)
-    domain = args.login.rpartition("@")[2].lower()
-    if settings.localDomains is not None and domain not in settings.localDomains:
-        console.warn(
-            f"{domain} is not one of the local_domains of {settings.config} "
-            f"({' '.join(sorted(settings.localDomains))}): {args.login} can log in and send, "
-            "but mail to it is not delivered here"
-        )
-    # Fail before asking for a password; addUser checks again.
-    if store.hasUser(args.login):
-        raise CommandError(f"user {args.login} already exists in {describe(users)}")
-    policy = _policy(args, settings)
-    store.addUser(args.login, _newPassword(args, console, policy))
-    console.stdout.write(f"{args.login}: added to {describe(users)}\n")
-
-
-def _userPasswd(args: argparse.Namespace, console: Console) -> None:
-    settings = _userSettings(args, console)
-    users = settings.users
-    store = storeFor(users)
-    if not store.hasUser(args.login):
-        raise CommandError(f"no user {args.login} in {describe(users)}")
-    policy = _policy(args, settings)
-    store.setPassword(args.login, _newPassword(args, console, policy))
-    console.stdout.write(f"{args.login}: password changed in {describe(users)}\n")
-
-
-def _userDel(args: argparse.Namespace, console: Console) -> None:
-    users = _userSettings(args, console).users
-    storeFor(users).deleteUser(args.login)
-    console.stdout.write(f"{args.login}: deleted from {describe(users)}\n")
-
-
-def _userList(args: argparse.Namespace, console: Console) -> None:
-    store = _store(args, console)[0]
-    users = store.listUsers()
-    accounts = {user.login: user for user in store.listAccounts()}
-    width = max((len(login) for login, _ in users), default=0)
-    schemeWidth = max((len(scheme) for _, scheme in users), default=0)
-    for login, scheme in users:
-        extras = []
-        account = accounts.get(login)
-        if account is not None and account.suspended:
-            extras.append("suspended")
-        if account is not None and account.appPasswords:
-            labels = ", ".join(app.label for app in account.appPasswords)
-            extras.append(f"app passwords: {labels}")
-        line = f"{login:<{width}}  {scheme:<{schemeWidth}}  {'  '.join(extras)}"
-        console.stdout.write(line.rstrip() + "\n")
-
-
-def _store(args: argparse.Namespace, console: Console) -> tuple[Any, str]:
-    """
-    The store to edit (an C{IUserStore} and C{IAccountStore}), and how to
-    name it; a users file's app password uses are read from C{--state-dir},
-    or the configuration's C{state_dir}, if either is known.
-    """
-    settings = _userSettings(args, console)
-    stateDir = getattr(args, "state_dir", None)
-    if stateDir is None and settings.config is not None:
-        try:
-            stateDir = loadConfig(args).server.state_dir
-        except ConfigError:
-            stateDir = None  # _userSettings has warned about the configuration
-    lastUsed = os.path.join(stateDir, apppasswords.LAST_USED_FILE) if stateDir else None
-    return storeFor(settings.users, lastUsedPath=lastUsed), describe(settings.users)
-
-
-def _suspend(args: argparse.Namespace, console: Console) -> None:
-    store, where = _store(args, console)
-    store.setSuspended(args.login, True)
-    console.stdout.write(f"{args.login}: suspended in {where}\n")
-
-
-def _resume(args: argparse.Namespace, console: Console) -> None:
-    store, where = _store(args, console)
-    store.setSuspended(args.login, False)
-    console.stdout.write(f"{args.login}: resumed in {where}\n")
-
-
-# -- mailauth user app-password ... ------------------------------------------
-
-
-def _appPasswordAdd(args: argparse.Namespace, console: Console) -> None:
-    try:
-        apppasswords.checkLabel(args.label)
-    except apppasswords.AppPasswordError as e:
-        raise CommandError(str(e)) from None
-    store, where = _store(args, console)
-    taken = {app.prefix for app, _ in store.listAppPasswords(args.login)}
-    while True:
-        password = apppasswords.generate()
-        normalised = apppasswords.normalise(password.encode("ascii"))
-        assert normalised is not None, "generate() makes what normalise() reads"
-        prefix = apppasswords.prefixOf(normalised)
-        if prefix not in taken:
-            break
-    hashString = _hash(normalised, apppasswords.SCHEME)
-    store.addAppPassword(args.login, args.label, hashString, int(time.time()), prefix)
-    console.stderr.write(
-        f"{args.login}: app password {args.label} added to {where}; it is shown only now:\n"
-    )
-    console.stdout.write(password + "\n")
-
-
-def _appPasswordList(args: argparse.Namespace, console: Console) -> None:
-    store, _ = _store(args, console)
-    found = store.listAppPasswords(args.login)
-    width = max([len("LABEL")] + [len(app.label) for app, _ in found])
-    console.stdout.write(f"{'LABEL':<{width}}  {'CREATED':<19}  LAST USED\n")
-    for app, used in found:
-        if not store.usesKnown:
-            shown = "unknown (give --config or --state-dir)"
-        else:
-            shown = _when(used) if used is not None else "never"
-        console.stdout.write(f"{app.label:<{width}}  {_when(app.created)}  {shown}\n")
-
-
-def _appPasswordDel(args: argparse.Namespace, console: Console) -> None:
-    store, where = _store(args, console)
-    store.deleteAppPassword(args.login, args.label)
-    console.stdout.write(f"{args.login}: app password {args.label} deleted from {where}\n")
-
-
-def _appPasswordCommand(actions: argparse._SubParsersAction, where, login) -> None:
-    label = argparse.ArgumentParser(add_help=False)
-    label.add_argument("label", metavar="LABEL",
-                       help="names the app password (letters, digits, '.', '_', '-')")
-    stateDir = argparse.ArgumentParser(add_help=False)
-    stateDir.add_argument("--state-dir", metavar="DIR",
-                          help="the daemon's state_dir, where last uses are kept"
-                          " (default: the configuration's)")
-    command = actions.add_parser(
-        "app-password", help="passwords for one application each, beside the user's own",
-        description="App passwords: generated passwords that log a user in with PLAIN or "
-        "LOGIN beside its own, each named by a label (shown in the log and the Received "
-        "header) and revoked alone. See docs/accounts.rst.",
-        epilog="examples:\n"
-        "  mailauth user app-password add alice@example.org phone\n"
-        "  mailauth user app-password list alice@example.org\n"
-        "  mailauth user app-password del alice@example.org phone",
-    )
-    subcommands = command.add_subparsers(dest="appAction", metavar="ACTION", required=True)
-    for name, run, parents, text in [
-        ("add", _appPasswordAdd, [login, label, where],
-         "make an app password and print it, this once only"),
-        ("list", _appPasswordList, [login, where, stateDir],
-         "list a user's app passwords: label, created, last used"),
-        ("del", _appPasswordDel, [login, label, where], "revoke one app password"),
-    ]:
-        subcommands.add_parser(name, parents=parents, help=text, description=text[:1].upper()
-                               + text[1:] + ".").set_defaults(run=run)
-
-
-def _usersOptions() -> argparse.ArgumentParser:
-    """C{--users FILE} or C{--config PATH}, for the commands on the users file."""
-    where = argparse.ArgumentParser(add_help=False)
-    group = where.add_mutually_exclusive_group()
-    group.add_argument("--users", metavar="FILE|URI", help="the users file, or a "
-                       "postgresql:// user database, instead of the configuration's")
-    group.add_argument("--config", metavar="PATH", help="the configuration naming the users "
-                       f"file or database (default {DEFAULT_CONFIG})")
-    return where
-
-
-def _loginArgument() -> argparse.ArgumentParser:
-    login = argparse.ArgumentParser(add_help=False)
-    login.add_argument("login", metavar="LOGIN", help="the full address, like alice@example.org")
-    return login
-
-
-def _userCommand(commands: argparse._SubParsersAction) -> None:
-    where = _usersOptions()
-    scheme = _schemeOption()
-    quality = _qualityOptions()
-    login = _loginArgument()
-    user = commands.add_parser(
-        "user", help="add, change, delete, list, suspend users; their app passwords",
-        description="Manage the users that [auth] users names: a file in Dovecot's "
-        "passwd-file format, or a PostgreSQL database. A new password is read from the "
-        "terminal, asked twice, or as one line of standard input.",
-        epilog="examples:\n"
-        "  mailauth user add alice@example.org\n"
-        "  echo 'a long password' | mailauth user passwd alice@example.org\n"
-        "  mailauth user list --users /etc/mailauth/users\n"
-        "  mailauth user suspend alice@example.org\n"
-        "  mailauth user app-password add alice@example.org phone",
-    )
-    actions = user.add_subparsers(dest="action", metavar="ACTION", required=True)
-    for name, run, parents, text in [
-        ("add", _userAdd, [login, scheme, quality, where],
-         "add a user; the password is read from the terminal or standard input"),
-        ("passwd", _userPasswd, [login, scheme, quality, where], "set a user's password"),
-        ("del", _userDel, [login, where], "delete a user"),
-        ("list", _userList, [where],
-         "list the users, their password schemes, suspensions and app passwords"),
-        ("suspend", _suspend, [login, where], "refuse a user's logins until resumed"),
-        ("resume", _resume, [login, where], "lift a user's suspension"),
-    ]:
-        actions.add_parser(name, parents=parents, help=text, description=text[:1].upper()
-                           + text[1:] + ".").set_defaults(run=run)
-    _appPasswordCommand(actions, where, login)
-
-
 # -- mailauth hash ------------------------------------------------------------
 
 
 def _hashRun(args: argparse.Namespace, console: Console) -> None:
-    console.stdout.write(_hash(console.readPassword(), args.scheme, args.user) + "\n")
+    console.stdout.write(hashPassword(console.readPassword(), args.scheme, args.user) + "\n")
 
 
 def _hashCommand(commands: argparse._SubParsersAction) -> None:
     command = commands.add_parser(
-        "hash", parents=[_schemeOption()], help="print a password hash, like doveadm pw",
+        "hash", parents=[schemeOption()], help="print a password hash, like doveadm pw",
         description="Print the hash of a password read from standard input (or the"
         " terminal), for a users file line or a PostgreSQL users table.",
     )
@@ -554,7 +91,7 @@ def _checkConfigRun(args: argparse.Namespace, console: Console) -> None:
 
 def _checkConfigCommand(commands: argparse._SubParsersAction) -> None:
     command = commands.add_parser(
-        "check-config", parents=[_configOption("everything")],
+        "check-config", parents=[configOption("everything")],
         help="check a configuration as the daemon would at start",
         description="Check a configuration and what it names as twistd mailauth would at "
         "start: the files load, the endpoints parse and their ports are free, the "
@@ -600,7 +137,7 @@ def _dbCommand(commands: argparse._SubParsersAction) -> None:
     )
     actions = command.add_subparsers(dest="action", metavar="ACTION", required=True)
     init = actions.add_parser(
-        "init", parents=[_configOption("the database")],
+        "init", parents=[configOption("the database")],
         help="create or upgrade the schema that users = postgresql://... reads",
         description="Create the mailauth tables in the database, or upgrade them to this "
         "version's schema; the user commands then work on it.",
@@ -635,16 +172,12 @@ def _queueDirectory(args: argparse.Namespace) -> str:
     return directory
 
 
-def _when(seconds: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "-"
-
-
 def _queueList(args: argparse.Namespace, console: Console) -> None:
     messages = spool.listQueue(_queueDirectory(args))
     for m in messages:
         console.stdout.write(
-            f"{m['id']}  {m['size']:>9}  {_when(m['arrival'])}  <{m['sender']}>"
-            f"  attempts={m['attempts']} next={_when(m['next_attempt'])}\n"
+            f"{m['id']}  {m['size']:>9}  {when(m['arrival'])}  <{m['sender']}>"
+            f"  attempts={m['attempts']} next={when(m['next_attempt'])}\n"
         )
         for r in m["recipients"]:
             why = r["error"] or r["reply"] or ""
@@ -739,17 +272,17 @@ def _dkimCommand(commands: argparse._SubParsersAction) -> None:
 
 
 # Each adds one subcommand whose "run" default is called with (args, console).
-# A command that reads the configuration takes --config from _configOption()
+# A command that reads the configuration takes --config from configOption()
 # (or _usersOptions()) and reads it with loadConfig(args), so that every
 # command defaults to DEFAULT_CONFIG alike; every command, option and argument
 # has a help line and every command a description (tests.test_cli.HelpTests).
-_COMMANDS = (_userCommand, _hashCommand, _checkConfigCommand, _dbCommand, _queueCommand,
+_COMMANDS = (userCommand, _hashCommand, _checkConfigCommand, _dbCommand, _queueCommand,
              _dkimCommand)
 
 
 def _makeParser(defaultConfig: str) -> argparse.ArgumentParser:
     """The C{mailauth} command line, one subcommand per L{_COMMANDS} entry."""
-    parser = _Parser(
+    parser = Parser(
         prog="mailauth",
         description="Administer mailauth, the SMTP submission server: its users, its "
         "configuration and its forward queue. The daemon itself runs as twistd mailauth "
@@ -785,7 +318,7 @@ def main(argv: Optional[list[str]] = None, console: Optional[Console] = None,
         # argparse prints --help and --version on sys.stdout, then exits.
         with contextlib.redirect_stdout(console.stdout):
             args = _makeParser(defaultConfig).parse_args(argv)
-    except _UsageError as e:
+    except UsageError as e:
         console.stderr.write(str(e))
         return 2
     except SystemExit as e:

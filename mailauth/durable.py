@@ -57,9 +57,13 @@ def locked(
     C{mode} if missing, owned like C{owner} when we run as root, so that an
     admin command run as root does not lock the daemon out).
 
+    The file is opened for reading only: C{flock} needs no write access, so
+    a process that may only read the lock file (the daemon's user, in the
+    file's group) can still take the lock.
+
     @raise OSError: if the lock file cannot be opened.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, mode)
     try:
         if owner is not None and os.geteuid() == 0:
             os.fchown(fd, owner.st_uid, owner.st_gid)

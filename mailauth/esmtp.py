@@ -9,41 +9,37 @@ buffers, crashes on malformed AUTH, replies out of order under pipelining,
 per-recipient body copies, 550 for transient failures), so the protocol is
 written here on L{Protocol}. twisted.mail's seams are kept: the factory holds
 a cred L{Portal}; the avatar is an L{IMessageDeliveryFactory}; recipients
-are L{smtp.User}s and addresses L{smtp.Address}es. The DATA and BDAT
-readers are L{mailauth.dataread}, the address grammar and the MAIL and RCPT
-parameters (SMTPUTF8, DSN) L{mailauth.addresses}, and every reply is named
-in L{mailauth.replies}.
+are L{smtp.User}s and addresses L{smtp.Address}es. The AUTH command is
+L{mailauth.smtpauth}, MAIL/RCPT/DATA/BDAT L{mailauth.transaction} (both
+parts of the one session class), the DATA and BDAT readers
+L{mailauth.dataread}, the address grammar and the MAIL and RCPT parameters
+(SMTPUTF8, DSN) L{mailauth.addresses}, and every reply is named in
+L{mailauth.replies}.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
+import secrets
 from typing import Any, Callable, Optional, cast
 
-from twisted.cred.error import LoginFailed, UnauthorizedLogin
+from OpenSSL import SSL
 from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
 from twisted.mail import smtp
-from twisted.mail.interfaces import IMessageDeliveryFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailauth import replies, sasl
 from mailauth.addresses import (
     MailParameters,
-    Recipient,
-    addressText,
-    parseMailParameters,
-    parsePath,
-    parseRcptParameters,
-    splitArguments,
 )
-from mailauth.checkers import LoginSuspended
-from mailauth.dataread import ChunkReader, DataReader
+from mailauth.dataread import ChunkReader
+from mailauth.logs import printable, quoted
 from mailauth.metrics import Metrics
-from mailauth.replies import Reply, ReplyLike, SMTPReply
+from mailauth.replies import Reply, ReplyLike
+from mailauth.smtpauth import AuthCommands
+from mailauth.transaction import MailTransaction
 
 log = Logger(namespace="mailauth.esmtp")
 
@@ -57,8 +53,15 @@ PIPELINE_HOLD = 65536
 _HELO = re.compile(r"[\x21-\x7e]+")
 # Control characters other than tab, refused in command lines.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f]")
-# BDAT chunk-size [SP "LAST"] (RFC 3030 2).
-_BDAT = re.compile(r"([0-9]{1,20})(?: (LAST))?", re.IGNORECASE)
+# The reason a connection refused before the greeting is counted and logged under.
+_CONNECTION_REFUSALS = {
+    replies.BLOCKED: "blocked",
+    replies.TOO_MANY_CONNECTIONS: "too_many",
+    replies.TOO_MANY_FROM_ADDRESS: "too_many_from_address",
+}
+# Refusals counted but not logged as refusals: the session or the realm logs
+# each where it happens, with its cause.
+_REFUSALS_LOGGED_ELSEWHERE = frozenset({"storage", "temporary"})
 # The commands whose arguments may hold UTF-8 (RFC 6531 3.3, 3.7.4.2).
 _UTF8_COMMANDS = (b"MAIL ", b"RCPT ", b"VRFY ")
 
@@ -71,8 +74,8 @@ class _TLSState:
         self.active = active
 
 
-@implementer(interfaces.IPushProducer)
-class SubmissionProtocol(protocol.Protocol):
+@implementer(interfaces.IPushProducer, interfaces.IHandshakeListener)
+class SubmissionProtocol(AuthCommands, MailTransaction, protocol.Protocol):
     """
     One SMTP session. Commands are taken one at a time: while one waits for
     a Deferred (a login, a validator, the message commit) nothing more is
@@ -82,6 +85,8 @@ class SubmissionProtocol(protocol.Protocol):
     them (a client that pipelines commands and never reads the answers) no
     more commands are taken and nothing more is read, so the replies
     waiting in memory stay bounded.
+
+    @ivar session: the session ID, random, in every line it logs.
     """
 
     COMMAND, DATA, BDAT, AUTH, CLOSED = "command", "data", "bdat", "auth", "closed"
@@ -108,6 +113,10 @@ class SubmissionProtocol(protocol.Protocol):
         self._peer = "unknown"
         self._counted = False
         self._tarpitCall = None
+        self.session = newSessionID()
+        self._verb = "-"
+        self._accepted = 0
+        self._handshaken = False
         self.tls = _TLSState(factory.tlsMode, factory.tlsMode == "implicit")
         self._resetSession()
 
@@ -209,6 +218,11 @@ class SubmissionProtocol(protocol.Protocol):
                 self.factory.release(self._peer)
             return
         if refusal is not None:
+            reason = _CONNECTION_REFUSALS[refusal]
+            log.info("refused connection: client=[{client}] listener={listener} reason={reason} "
+                     "session={session}", client=self._peer, listener=self.factory.name,
+                     reason=reason, session=self.session)
+            self.factory.metrics.connectionRefused(self.factory.name, reason)
             self._mode = self.CLOSED
             self._cancelTimeout()
             self._send(refusal)
@@ -216,6 +230,9 @@ class SubmissionProtocol(protocol.Protocol):
             self.transport.loseConnection()
             return
         self._counted = True
+        log.info("connect: client=[{client}] listener={listener} session={session}",
+                 client=self._peer, listener=self.factory.name, session=self.session)
+        self.factory.metrics.connectionAccepted(self.factory.name)
         self._send(replies.GREETING.format(hostname=self.settings.hostname))
         self._busy = False
         if self._buffer:
@@ -224,14 +241,25 @@ class SubmissionProtocol(protocol.Protocol):
             self._processBuffer()
 
     def _admitFailed(self, f: Failure) -> None:
-        log.failure("admitting {client} failed", f, client=self._peer)
+        log.failure("admitting client=[{client}] failed session={session}", f, client=self._peer,
+                    session=self.session)
         if self._mode != self.CLOSED:
             self._mode = self.CLOSED
             self._cancelTimeout()
             self.transport.unregisterProducer()
             self.transport.abortConnection()
 
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake (implicit TLS, or after STARTTLS) succeeded."""
+        self._handshaken = True
+
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if (self.tls.active and not self._handshaken and isinstance(reason, Failure)
+                and reason.check(SSL.Error)):
+            # TLSMemoryBIOProtocol ends a failed handshake with OpenSSL's error.
+            log.info('TLS handshake failed: client=[{client}] listener={listener} why="{why}" '
+                     "session={session}", client=self._peer, listener=self.factory.name,
+                     why=quoted(_sslReason(reason.value)), session=self.session)
         self._mode = self.CLOSED
         self._cancelTimeout()
         self._cancelDataDeadline()
@@ -244,6 +272,10 @@ class SubmissionProtocol(protocol.Protocol):
         if self._counted:
             self.factory.release(self._peer)
             self._counted = False
+            self.factory.metrics.connectionClosed(self.factory.name)
+            log.info("disconnect: client=[{client}] login=<{login}> messages={messages} "
+                     "session={session}", client=self._peer, login=printable(self.login or ""),
+                     messages=self._accepted, session=self.session)
 
     def _close(self, reply: ReplyLike) -> None:
         if self._mode == self.CLOSED:
@@ -291,7 +323,7 @@ class SubmissionProtocol(protocol.Protocol):
 
     def _timedOut(self) -> None:
         self._timer = None
-        log.info("timeout client={client}", client=self._peer)
+        self._hangUp("data_timeout" if self._mode in (self.DATA, self.BDAT) else "timeout")
         self._close(replies.TIMEOUT.format(hostname=self.settings.hostname))
 
     # The data timeout restarts at every read, so a client that trickles a
@@ -306,8 +338,7 @@ class SubmissionProtocol(protocol.Protocol):
 
     def _dataTooSlow(self) -> None:
         self._dataDeadline = None
-        log.info("DATA took longer than {limit:g} seconds client={client}",
-                 limit=self.settings.max_data_time, client=self._peer)
+        self._hangUp("max_data_time")
         self._close(replies.DATA_TOO_SLOW.format(hostname=self.settings.hostname))
 
     # -- input -------------------------------------------------------------
@@ -419,7 +450,8 @@ class SubmissionProtocol(protocol.Protocol):
             self._processBuffer()
 
     def _internalError(self, f: Failure) -> None:
-        log.failure("internal error in session with {client}", f, client=self._peer)
+        log.failure("internal error in session: client=[{client}] session={session}", f,
+                    client=self._peer, session=self.session)
         if self._mode == self.CLOSED:
             return
         self._mode = self.COMMAND
@@ -431,6 +463,9 @@ class SubmissionProtocol(protocol.Protocol):
     # -- output ------------------------------------------------------------
 
     def _send(self, reply: ReplyLike) -> None:
+        metric = getattr(reply, "metric", None)
+        if metric is not None:
+            self._countRefusal(metric, reply)
         # No reply line longer than 512 octets, whatever was echoed into it
         # (RFC 5321 4.5.3.1.5).
         text = replies.cut(reply.code, reply.text)
@@ -446,8 +481,26 @@ class SubmissionProtocol(protocol.Protocol):
         self._errors += 1
         self._send(reply)
         if self._errors >= self.settings.max_errors:
-            log.info("too many errors client={client}", client=self._peer)
+            self._hangUp("max_errors")
             self._close(replies.TOO_MANY_ERRORS)
+
+    def _countRefusal(self, reason: str, reply: ReplyLike) -> None:
+        """Count a refusal C{reply} under C{reason}; log it unless its cause is logged."""
+        self.factory.metrics.messageRefused(reason)
+        if reason not in _REFUSALS_LOGGED_ELSEWHERE:
+            self._logRefusal(reason, reply)
+
+    def _logRefusal(self, reason: str, reply: ReplyLike) -> None:
+        log.info('refused {command}: client=[{client}] login=<{login}> reason={reason} '
+                 'reply="{reply}" session={session}', command=self._verb, client=self._peer,
+                 login=printable(self.login or ""), reason=reason,
+                 reply=quoted(f"{reply.code} {reply.text}"), session=self.session)
+
+    def _hangUp(self, reason: str) -> None:
+        """Log why the session is about to close with a 421."""
+        log.info("hang-up: client=[{client}] login=<{login}> reason={reason} command={command} "
+                 "session={session}", client=self._peer, login=printable(self.login or ""),
+                 reason=reason, command=self._verb, session=self.session)
 
     # -- commands ----------------------------------------------------------
 
@@ -472,6 +525,7 @@ class SubmissionProtocol(protocol.Protocol):
         handler = getattr(self, "do_" + verb.upper(), None) if verb.isalpha() else None
         if handler is None:
             return self._error(replies.UNKNOWN_COMMAND)
+        self._verb = verb.upper()
         return handler(arg.strip(" "))
 
     def do_HELO(self, arg: str):
@@ -520,9 +574,10 @@ class SubmissionProtocol(protocol.Protocol):
             # RFC 3207 / CVE-2011-0411: anything sent after STARTTLS before
             # the handshake was not protected by it; it is discarded.
             log.info(
-                "discarded {n} bytes pipelined after STARTTLS client={client}",
+                "discarded {n} bytes pipelined after STARTTLS: client=[{client}] session={session}",
                 n=len(self._buffer),
                 client=self._peer,
+                session=self.session,
             )
             self._buffer = b""
         self._send(replies.STARTTLS_READY)
@@ -532,503 +587,6 @@ class SubmissionProtocol(protocol.Protocol):
         if self._logout is not None:
             self._logout()
         self._resetSession()
-
-    def do_AUTH(self, arg: str):
-        if self.factory.authMode == "none":
-            return self._error(replies.BAD_SEQUENCE.format(why="authentication not enabled"))
-        if self._helo is None:
-            return self._error(replies.BAD_SEQUENCE.format(why="send EHLO first"))
-        if self.login is not None:
-            return self._error(replies.BAD_SEQUENCE.format(why="already authenticated"))
-        if self._hasSender:
-            return self._error(
-                replies.BAD_SEQUENCE.format(why="AUTH not allowed during a mail transaction")
-            )
-        words = arg.split(" ")
-        name = words[0].upper()
-        if not name or len(words) > 2:
-            return self._error(replies.SYNTAX.format(usage="AUTH mechanism [initial-response]"))
-        if name not in self.factory.mechanisms:
-            return self._error(replies.UNKNOWN_MECHANISM)
-        if not self._authAllowedNow():
-            return self._error(replies.ENCRYPTION_REQUIRED)
-        context = self._saslContext()
-        if name not in context.offered:
-            # Only -PLUS is ever held back: it needs TLS channel binding data.
-            return self._error(replies.ENCRYPTION_REQUIRED)
-        d = self.factory.throttle.isBlocked(self._peer)
-        d.addCallback(self._authStart, name, words, context)
-        return d
-
-    def _authStart(self, blocked: bool, name: str, words: list, context: sasl.SASLContext):
-        if self._mode == self.CLOSED:
-            return None
-        if blocked:
-            return self._close(replies.BLOCKED)
-        mechanism = self.factory.saslTable[name](context)
-        initial = None
-        if len(words) == 2:
-            initial = b"" if words[1] == "=" else self._decode(words[1].encode("ascii"))
-            if initial is None:
-                return
-        self._mechanism = mechanism
-        return self._step(lambda: mechanism.start(initial))
-
-    def _decode(self, data: bytes) -> Optional[bytes]:
-        """Strict base64 (no stray characters, nothing after the padding)."""
-        if data == b"*":
-            self._mechanism = None
-            self._mode = self.COMMAND
-            self._error(replies.AUTH_CANCELLED)
-            return None
-        try:
-            if len(data) % 4:
-                raise binascii.Error("bad length")
-            return base64.b64decode(data, validate=True)
-        except binascii.Error:
-            self._mechanism = None
-            self._mode = self.COMMAND
-            self._error(replies.BAD_BASE64)
-            return None
-
-    def _authResponse(self, line: bytes):
-        if isinstance(self._mechanism, _Refused):
-            # Whatever answers the error challenge (RFC 7628's ^A, XOAUTH2's
-            # empty line, even "*") gets the failure reply.
-            refused, self._mechanism = self._mechanism, None
-            self._mode = self.COMMAND
-            return self._failureReply(refused.delay)
-        data = self._decode(line)
-        if data is None:
-            return None
-        mechanism = self._mechanism
-        return self._step(lambda: mechanism.respond(data))
-
-    def _step(self, advance):
-        mechanism = self._mechanism
-        try:
-            step = advance()
-        except (sasl.SASLError, sasl.AuthzidMismatch) as e:
-            return self._stepFailed(e, mechanism)
-        if isinstance(step, defer.Deferred):
-            # A mechanism that looks the user up (SCRAM) answers later.
-            self._mode = self.AUTH
-            step.addCallbacks(self._stepped, self._stepError, errbackArgs=(mechanism,))
-            return step
-        return self._stepped(step)
-
-    def _stepError(self, f: Failure, mechanism):
-        f.trap(sasl.SASLError, sasl.AuthzidMismatch)
-        return self._stepFailed(cast("sasl.SASLError | sasl.AuthzidMismatch", f.value), mechanism)
-
-    def _stepFailed(self, e: sasl.SASLError | sasl.AuthzidMismatch, mechanism):
-        if self._mode == self.CLOSED:
-            return None
-        self._mode = self.COMMAND
-        self._mechanism = None
-        if isinstance(e, sasl.AuthzidMismatch):
-            return self._authFailed(mechanism.name, e.username, "authzid differs from login")
-        return self._error(e)
-
-    def _stepped(self, step):
-        if self._mode == self.CLOSED:
-            return None
-        if isinstance(step, sasl.Challenge):
-            self._mode = self.AUTH
-            self._send(Reply(334, base64.b64encode(step.data).decode("ascii")))
-            return None
-        self._mode = self.COMMAND
-        self._mechanism = None
-        d = self.factory.portal.login(step, None, IMessageDeliveryFactory)
-        d.addCallbacks(self._authSucceeded, self._authError, (step,), None, (step,))
-        return d
-
-    def _authSucceeded(self, result, credentials) -> None:
-        interface, avatar, logout = result
-        if self._mode == self.CLOSED:
-            logout()
-            return
-        # The avatar knows the login when the credentials need not name it
-        # (a bearer token names its own).
-        login = getattr(avatar, "login", None) or credentials.username
-        self.login = login.lower()
-        self._avatar = avatar
-        self._logout = logout
-        app = getattr(avatar, "appPassword", None)
-        log.info(
-            "auth success: client=[{client}] mechanism={mechanism} login=<{login}>{app}",
-            client=self._peer,
-            mechanism=credentials.mechanism,
-            login=_printable(login),
-            app=f" app={app}" if app else "",
-        )
-        self.factory.metrics.authResult(credentials.mechanism, "success")
-        self._send(replies.AUTH_SUCCESS)
-
-    def _authError(self, f: Failure, credentials):
-        if self._mode == self.CLOSED:
-            return None
-        # Neither of these is a guess: they are answered like one, but never
-        # counted or slowed down, and logged in lines fail2ban ignores.
-        if f.check(LoginSuspended):
-            log.info(
-                "auth suspended: client=[{client}] mechanism={mechanism} login=<{login}>",
-                client=self._peer,
-                mechanism=credentials.mechanism,
-                login=_printable(credentials.username),
-            )
-            self.factory.metrics.authResult(credentials.mechanism, "suspended")
-            return self._error(replies.AUTH_FAILED)
-        if f.check(sasl.MechanismUnavailable):
-            # The client chose a mechanism we offered but cannot verify for
-            # this user: its owner must never be locked out for that.
-            log.info(
-                "auth mechanism unusable: client=[{client}] mechanism={mechanism} login=<{login}>",
-                client=self._peer,
-                mechanism=credentials.mechanism,
-                login=_printable(credentials.username),
-            )
-            self.factory.metrics.authResult(credentials.mechanism, "failure")
-            return self._error(replies.AUTH_FAILED)
-        if f.check(UnauthorizedLogin):
-            # Bearer token mechanisms tell why in a last challenge first.
-            final = getattr(credentials, "failureChallenge", None)
-            return self._authFailed(credentials.mechanism, credentials.username,
-                                    "bad credentials",
-                                    final(f.value) if final is not None else None)
-        if f.check(LoginFailed):
-            log.error("login could not be checked: {why}", why=f.getErrorMessage())
-        else:
-            log.failure("login failed with an internal error", f)
-        self.factory.metrics.authResult(credentials.mechanism, "unavailable")
-        self._send(replies.AUTH_UNAVAILABLE)
-        return None
-
-    def _authFailed(self, mechanism: str, username: str, why: str,
-                    challenge: Optional[bytes] = None):
-        """
-        Log a failed login and count it (per address and per login, in the
-        throttle's store), then answer 535 after the tarpit delay, or hang
-        up past the limits. No command is read meanwhile.
-
-        @param challenge: error data to send first as a 334 challenge,
-            whose response then gets the 535 (RFC 7628 section 3.2.2).
-        """
-        self._authFailures += 1
-        log.info(
-            "auth failure: client=[{client}] mechanism={mechanism} login=<{login}>",
-            client=self._peer,
-            mechanism=mechanism,
-            login=_printable(username),
-        )
-        self.factory.metrics.authResult(mechanism, "failure")
-        d = self.factory.throttle.failure(self._peer, username)
-        d.addCallback(self._checkBlocked)
-        d.addErrback(self._throttleFailed)
-        d.addCallback(self._answerFailure, challenge)
-        return d
-
-    def _checkBlocked(self, delay: float) -> defer.Deferred[tuple]:
-        d = self.factory.throttle.isBlocked(self._peer)
-        return d.addCallback(lambda blocked: (delay, blocked))
-
-    def _throttleFailed(self, f: Failure) -> tuple:
-        # The counter stores never fail; were one to, answer at once.
-        log.failure("counting a failed login from {client} failed", f, client=self._peer)
-        return (0.0, False)
-
-    def _answerFailure(self, verdict: tuple, challenge: Optional[bytes] = None):
-        """
-        Once the failure is counted: hang up past the limits, else answer
-        535 (or first the error C{challenge}, whose response gets the 535).
-        """
-        delay, blocked = verdict
-        if self._mode == self.CLOSED:
-            return None
-        if blocked:
-            return self._close(replies.BLOCKED)
-        if self._authFailures >= self.factory.failuresPerSession:
-            return self._close(replies.TOO_MANY_FAILURES)
-        if challenge is not None:
-            self._mode = self.AUTH
-            self._mechanism = _Refused(delay)
-            self._send(Reply(334, base64.b64encode(challenge).decode("ascii")))
-            return None
-        return self._failureReply(delay)
-
-    def _failureReply(self, delay: float):
-        """Send the 535 of a failed login, after C{delay} seconds (the tarpit)."""
-        if delay <= 0:
-            self._send(replies.AUTH_FAILED)
-            return None
-        d: defer.Deferred[None] = defer.Deferred()
-        self._tarpitCall = self.clock.callLater(delay, d.callback, None)
-
-        def answer(ignored):
-            self._tarpitCall = None
-            if self._mode != self.CLOSED:
-                self._send(replies.AUTH_FAILED)
-
-        return d.addCallback(answer)
-
-    def do_MAIL(self, arg: str):
-        if self._helo is None:
-            return self._error(replies.BAD_SEQUENCE.format(why="send HELO/EHLO first"))
-        if self._hasSender:
-            return self._error(replies.BAD_SEQUENCE.format(why="nested MAIL command"))
-        avatar = self._avatar
-        if avatar is None:
-            if self.factory.authMode == "required":
-                return self._error(replies.AUTH_REQUIRED)
-            avatar = self.factory.anonymous
-        try:
-            path, options = splitArguments(arg, "FROM")
-            params = parseMailParameters(options, self.settings.max_message_size)
-            sender = parsePath(path, allowNull=True, utf8=params.smtputf8)
-        except SMTPReply as e:
-            return self._error(e)
-        self._bdatFailed = False
-        delivery = avatar.getMessageDelivery()
-        d = defer.maybeDeferred(delivery.validateFrom, self._heloPair(), sender)
-        d.addCallbacks(self._senderOk, self._validationFailed, (delivery, params))
-        return d
-
-    def _senderOk(self, sender, delivery, params: MailParameters) -> None:
-        if self._mode == self.CLOSED:
-            return
-        self._delivery = delivery
-        self._sender = sender
-        self._mailParams = params
-        self._hasSender = True
-        self._send(replies.SENDER_OK)
-
-    def _validationFailed(self, f: Failure, *ignored) -> None:
-        if self._mode == self.CLOSED:
-            return
-        if f.check(SMTPReply):
-            self._error(cast(SMTPReply, f.value))
-            return
-        log.failure("address validation failed for {client}", f, client=self._peer)
-        self._send(replies.TEMPORARY_FAILURE)
-
-    def do_RCPT(self, arg: str):
-        if not self._hasSender:
-            return self._error(replies.BAD_SEQUENCE.format(why="need MAIL command"))
-        if self._reader is not None:
-            return self._error(replies.BAD_SEQUENCE.format(why="RCPT after BDAT"))
-        utf8 = self._mailParams.smtputf8
-        try:
-            # The path first: a malformed one is a 501 5.1.3 whatever follows it.
-            path, options = splitArguments(arg, "TO")
-            if path.lower() == "<postmaster>":
-                path = f"<postmaster@{self.factory.postmasterDomain}>"
-            recipient = parsePath(path, allowNull=False, utf8=utf8)
-            params = parseRcptParameters(options, utf8)
-        except SMTPReply as e:
-            return self._error(e)
-        if len(self._recipients) >= self.settings.max_recipients:
-            return self._error(replies.TOO_MANY_RECIPIENTS)
-        user = Recipient(recipient, self._heloPair(), self, self._sender or b"", params,
-                         self._mailParams)
-        d = defer.maybeDeferred(self._delivery.validateTo, user)
-        d.addCallbacks(self._recipientOk, self._validationFailed, (user,))
-        return d
-
-    def _recipientOk(self, messageFactory, user) -> None:
-        if self._mode == self.CLOSED:
-            return
-        self._recipients.append((user, messageFactory))
-        self._send(replies.RECIPIENT_OK)
-
-    def do_DATA(self, arg: str):
-        if not self._hasSender:
-            return self._error(replies.BAD_SEQUENCE.format(why="need MAIL command"))
-        if self._reader is not None:
-            return self._error(replies.BAD_SEQUENCE.format(why="DATA after BDAT"))
-        if not self._recipients:
-            return self._error(replies.BAD_SEQUENCE.format(why="need RCPT command"))
-        if arg:
-            return self._error(replies.SYNTAX.format(usage="DATA"))
-        header = self._startMessage()
-        self._reader = DataReader(self._writeMessage, self.settings.max_message_size)
-        self._mode = self.DATA
-        self._setTimeout(self.settings.data_timeout)
-        self._dataDeadline = self.clock.callLater(self.settings.max_data_time, self._dataTooSlow)
-        self._send(replies.START_DATA)
-        self._writeMessage(header)
-
-    def _startMessage(self) -> bytes:
-        """
-        Make the message objects of the transaction (one per distinct sink:
-        a delivery that hands the same IMessage to every recipient gets the
-        body once, not N times).
-
-        @return: the C{Received:} header to write first.
-        """
-        messages: list = []
-        for _user, messageFactory in self._recipients:
-            message = messageFactory()
-            if not any(message is m for m in messages):
-                messages.append(message)
-        self._messages = messages
-        users = [user for user, _ in self._recipients]
-        return self._delivery.receivedHeader(self._heloPair(), self._sender, users)
-
-    def do_BDAT(self, arg: str):
-        """
-        A chunk of the message (RFC 3030): its octets are read whatever the
-        verdict, so that none of them is ever taken for a command; the
-        reply comes once the chunk is read.
-        """
-        m = _BDAT.fullmatch(arg)
-        if m is None:
-            # How many octets follow is unknown, and reading them as
-            # commands would run message content: hang up.
-            log.info("malformed BDAT command client={client}", client=self._peer)
-            return self._close(replies.BAD_BDAT)
-        size, last = int(m.group(1)), m.group(2) is not None
-        verdict: Optional[ReplyLike] = None
-        if self._bdatFailed:
-            verdict = replies.BAD_SEQUENCE.format(why="chunk discarded after an earlier error")
-        elif not self._hasSender:
-            verdict = replies.BAD_SEQUENCE.format(why="need MAIL command")
-        elif not self._recipients:
-            verdict = replies.BAD_SEQUENCE.format(why="need RCPT command")
-        if verdict is None and self._reader is None:
-            try:
-                header = self._startMessage()
-            except Exception:
-                # The chunk must still be read (never run as commands).
-                log.failure("could not store a message from {client}", client=self._peer)
-                self._abortMessages()
-                self._resetTransaction()
-                self._bdatFailed = True
-                verdict = replies.STORAGE_FAILED
-            else:
-                self._reader = ChunkReader(self._writeMessage, self.settings.max_message_size)
-                # max_data_time holds for all the chunks of a message.
-                self._dataDeadline = self.clock.callLater(
-                    self.settings.max_data_time, self._dataTooSlow
-                )
-                self._writeMessage(header)
-        if verdict is not None:
-            chunk = ChunkReader(lambda data: None, 0)
-        else:
-            chunk = self._reader
-        chunk.begin(size, last)
-        self._chunk, self._chunkVerdict = chunk, verdict
-        self._mode = self.BDAT
-        self._setTimeout(self.settings.data_timeout)
-
-    def _endChunk(self):
-        chunk, verdict = self._chunk, self._chunkVerdict
-        self._chunk = self._chunkVerdict = None
-        self._setTimeout(self.settings.timeout)
-        if verdict is not None:
-            if self._bdatFailed:
-                self._send(verdict)
-                return None
-            return self._error(verdict)
-        reader = cast(ChunkReader, chunk)
-        if reader.failed or self._writeFailure is not None or reader.last:
-            failed = reader.failed or self._writeFailure is not None
-            result = self._endMessage()
-            self._bdatFailed = failed
-            return result
-        self._send(replies.CHUNK_RECEIVED.format(size=reader.size))
-        return None
-
-    def _writeMessage(self, chunk: bytes) -> None:
-        if self._writeFailure is not None:
-            return
-        try:
-            for message in self._messages:
-                message.write(chunk)
-        except Exception:
-            self._writeFailure = Failure()
-
-    def _endData(self):
-        self._cancelDataDeadline()
-        self._setTimeout(self.settings.timeout)
-        return self._endMessage()
-
-    def _endMessage(self):
-        """The whole message was read (or a BDAT chunk broke a rule): store it or refuse it."""
-        self._cancelDataDeadline()
-        reader, failure = self._reader, self._writeFailure
-        if reader.bareNewline or reader.nul or reader.tooBig or failure is not None:
-            self._abortMessages()
-            self._resetTransaction()
-            if reader.bareNewline:
-                return self._error(replies.BARE_NEWLINE)
-            if reader.nul:
-                return self._error(replies.NUL_IN_MESSAGE)
-            if reader.tooBig:
-                return self._error(replies.TOO_BIG)
-            return self._storageFailed(cast(Failure, failure))
-        messages, self._messages = self._messages, []
-        d = defer.gatherResults(
-            [defer.maybeDeferred(m.eomReceived) for m in messages], consumeErrors=True
-        )
-        d.addCallbacks(self._messageStored, self._messageFailed, errbackArgs=(messages,))
-        return d
-
-    def _messageStored(self, ids: list) -> None:
-        log.info(
-            "message accepted: client=[{client}] login=<{login}> id={id} from=<{sender}> "
-            "recipients={count} size={size}",
-            client=self._peer,
-            login=self.login or "",
-            id=ids[0],
-            sender=addressText(self._sender),
-            count=len(self._recipients),
-            size=self._reader.size,
-        )
-        self._resetTransaction()
-        if self._mode != self.CLOSED:
-            self._send(replies.QUEUED.format(id=ids[0]))
-
-    def _messageFailed(self, f: Failure, messages: list) -> None:
-        if isinstance(f.value, defer.FirstError):
-            f = f.value.subFailure
-        for m in messages:
-            m.connectionLost()
-        self._resetTransaction()
-        if self._mode == self.CLOSED:
-            return
-        if f.check(SMTPReply):
-            self._send(cast(SMTPReply, f.value))
-            return
-        self._storageFailed(f)
-
-    def _storageFailed(self, f: Failure) -> None:
-        """
-        Answer a message that could not be stored: with the store's own
-        reply if it chose one (the realm logs why), 451 or 452 for an
-        C{OSError} (a warning with the path and errno: a full disk or a
-        folder the daemon may not write is the operator's to fix, not a
-        bug), and 451 with the traceback logged for anything else.
-        """
-        if f.check(SMTPReply):
-            self._send(cast(SMTPReply, f.value))
-        elif f.check(OSError):
-            e = cast(OSError, f.value)
-            log.warn("could not store a message from client=[{client}]: {path}: {error} "
-                     "(errno {errno})", client=self._peer, path=e.filename or "-",
-                     error=e.strerror or e, errno=e.errno)
-            self._send(replies.storageFailure(e))
-        else:
-            log.failure("could not store a message from {client}", f, client=self._peer)
-            self._send(replies.STORAGE_FAILED)
-
-    def _abortMessages(self) -> None:
-        self._cancelDataDeadline()
-        messages, self._messages = self._messages, []
-        for message in messages:
-            try:
-                message.connectionLost()
-            except Exception:
-                log.failure("aborting a message failed")
 
     def do_RSET(self, arg: str):
         if arg:
@@ -1057,21 +615,18 @@ class SubmissionProtocol(protocol.Protocol):
         self._close(replies.BYE)
 
 
-class _Refused:
-    """
-    In place of the mechanism once a login was refused with an error
-    challenge: the client's next response gets the failure reply, after
-    C{delay} seconds.
-    """
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
+def _sslReason(error: Optional[BaseException]) -> str:
+    """What OpenSSL said, in its own words: C{tlsv1 alert unknown ca}, C{wrong version number}."""
+    if error is None:
+        return "unknown"
+    errors = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    reasons = [entry[-1] for entry in errors if isinstance(entry, tuple) and entry]
+    return ", ".join(str(r) for r in reasons if r) or str(error) or type(error).__name__
 
 
-def _printable(text: str, limit: int = 128) -> str:
-    """A login made safe for a one-line log entry: no control characters, no spaces, bounded."""
-    out = "".join(c if 32 < ord(c) < 127 and c not in "<>\\" else f"\\x{ord(c):02x}" for c in text)
-    return out[:limit]
+def newSessionID() -> str:
+    """A new session ID: 12 random hexadecimal digits, short to read, enough never to repeat."""
+    return secrets.token_hex(6)
 
 
 class SubmissionFactory(protocol.Factory):
@@ -1082,7 +637,13 @@ class SubmissionFactory(protocol.Factory):
 
     @ivar anonymous: the L{IMessageDeliveryFactory} used by sessions that did
         not authenticate (only on C{auth = optional | none} listeners).
+    @ivar name: the listener's name (C{[listener:NAME]}), in log lines and
+        metrics.
     """
+
+    # Twisted's "Starting factory <...object at 0x...>" names no listener;
+    # mailauth.tap logs each listener once it listens.
+    noisy = False
 
     def __init__(
         self,
@@ -1102,6 +663,7 @@ class SubmissionFactory(protocol.Factory):
         reactor,
         saslTable: Optional[dict] = None,
         metrics: Optional[Metrics] = None,
+        name: str = "submission",
     ) -> None:
         self.settings = settings
         self.portal = portal
@@ -1119,6 +681,14 @@ class SubmissionFactory(protocol.Factory):
         #: Mechanism name -> entry called with a L{sasl.SASLContext}.
         self.saslTable = sasl.MECHANISMS if saslTable is None else saslTable
         self.metrics = metrics if metrics is not None else Metrics()
+        self.name = name
+
+    def logPrefix(self) -> str:
+        """How Twisted names the listener in its C{... starting on PORT} line."""
+        return f"listener:{self.name}"
+
+    def __repr__(self) -> str:
+        return f"<SubmissionFactory listener:{self.name}>"
 
     def buildProtocol(self, addr) -> SubmissionProtocol:
         p = SubmissionProtocol(self)
@@ -1140,12 +710,11 @@ class SubmissionFactory(protocol.Factory):
                 return refusal
             if refusal is None:
                 self.connections.release(host)
-            log.info("refused blocked client={client}", client=host)
             return replies.BLOCKED
 
         def failed(f: Failure) -> Optional[Reply]:
             # The counter stores never fail; were one to, serve the client.
-            log.failure("could not tell whether {client} is blocked", f, client=host)
+            log.failure("could not tell whether client=[{client}] is blocked", f, client=host)
             return refusal
 
         d = self.throttle.isBlocked(host)

@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from mailauth.config import RelayConfig
 from mailauth.envelope import DELIVERED, FAILED, PENDING, Envelope, Outcome, RetryPolicy
 from mailauth.interfaces import BlockingRunner, ILocalDelivery, IRelayConnector
+from mailauth.metrics import Metrics
 from mailauth.relay import RelayError
 from mailauth.replies import SMTPReply
 from mailauth.spool import Queue, ScanResult, SettleResult
@@ -30,6 +31,7 @@ class _Entry:
 
     nextAttempt: float
     remote: bool
+    arrival: float = 0.0
 
 
 class QueueService(service.Service):
@@ -53,6 +55,7 @@ class QueueService(service.Service):
     @param runBlocking: runs the queue's blocking file work (fsync) off the
         reactor.
     @param connector: makes the relay sessions.
+    @param metrics: counts the relay attempts; L{probe} reports the queue.
     """
 
     name = "queue"
@@ -66,6 +69,7 @@ class QueueService(service.Service):
         *,
         runBlocking: BlockingRunner,
         connector: IRelayConnector,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         self._queue = queue
         self._config = relayConfig
@@ -73,6 +77,7 @@ class QueueService(service.Service):
         self._local = localDelivery
         self._runBlocking = runBlocking
         self._connector = connector
+        self._metrics = metrics if metrics is not None else Metrics()
         self._policy = RetryPolicy.fromConfig(relayConfig)
         self._maxConnections = relayConfig.max_connections
         self._interval = relayConfig.queue_interval
@@ -112,6 +117,17 @@ class QueueService(service.Service):
         for session in list(self._sessions):
             session.abort()
         return defer.DeferredList(list(self._tasks)).addCallback(lambda _: None)
+
+    def probe(self) -> tuple:
+        """
+        The queue as the forwarder last saw it, without touching the disk:
+        C{(messages, age of the oldest in seconds)}, C{(0, 0.0)} when empty.
+        For L{Metrics.watchQueue}.
+        """
+        if not self._index:
+            return (0, 0.0)
+        oldest = min(entry.arrival for entry in self._index.values())
+        return (len(self._index), max(0.0, self._reactor.seconds() - oldest))
 
     def wake(self) -> None:
         """New mail was committed: look at the queue now."""
@@ -161,6 +177,9 @@ class QueueService(service.Service):
     def _scanned(self, result: ScanResult) -> None:
         for msgid in list(self._index):
             if msgid not in result.present:
+                # Not removed by the forwarder, which forgets what it removes.
+                log.info("queue: {msgid}: deleted by another process (mailauth queue delete)",
+                         msgid=msgid, queueEvent="deleted")
                 del self._index[msgid]
         for envelope in result.envelopes:
             if envelope.id not in self._inFlight:
@@ -180,7 +199,7 @@ class QueueService(service.Service):
         remote = envelope.nextAttempt < envelope.expiresAt(self._policy) and any(
             not self._local.isLocal(address) for address in envelope.pending()
         )
-        self._index[envelope.id] = _Entry(envelope.nextAttempt, remote)
+        self._index[envelope.id] = _Entry(envelope.nextAttempt, remote, envelope.arrival)
 
     def _due(self, now: float) -> list:
         return sorted(
@@ -286,7 +305,9 @@ class QueueService(service.Service):
         """
         envelope = yield self._runBlocking(self._queue.envelope, msgid)
         if envelope is None:
-            self._index.pop(msgid, None)
+            if self._index.pop(msgid, None) is not None:
+                log.info("queue: {msgid}: deleted by another process (mailauth queue delete)",
+                         msgid=msgid, queueEvent="deleted")
             return session, None
         outcomes: dict = {}
         error = None
@@ -297,6 +318,7 @@ class QueueService(service.Service):
             if local:
                 outcomes.update((yield self._deliverLocally(msgid, local)))
             if remote:
+                started = self._reactor.seconds()
                 try:
                     session = yield self._relay(session, envelope, remote, outcomes)
                     ok = True
@@ -305,6 +327,8 @@ class QueueService(service.Service):
                     session = None
                     ok = False
                     outcomes.update({a: Outcome(PENDING, error=error) for a in remote})
+                self._metrics.relayAttempt(_relayOutcome(ok, [outcomes[a] for a in remote]),
+                                           self._reactor.seconds() - started)
         result = yield self._runBlocking(
             self._queue.settle,
             msgid,
@@ -412,3 +436,15 @@ class QueueService(service.Service):
             )
         if result.envelope is None:
             log.info("queue: {msgid}: removed", msgid=msgid, queueEvent="removed")
+
+
+def _relayOutcome(ok: bool, outcomes: list) -> str:
+    """How one message's relay attempt is counted (L{Metrics.relayAttempt})."""
+    if not ok:
+        return "error"
+    states = {outcome.state for outcome in outcomes}
+    if PENDING in states:
+        return "deferred"
+    if FAILED in states:
+        return "bounced"
+    return "sent"

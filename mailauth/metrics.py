@@ -22,13 +22,16 @@ CONNECTION_REFUSALS = ("blocked", "too_many", "too_many_from_address")
 REFUSAL_REASONS = (
     "auth_required",  # 530 5.7.0 MAIL before AUTH
     "sender_refused",  # 553 5.7.1 MAIL FROM an address the login may not use
+    "suspended",  # 550 5.7.1 MAIL from a login suspended for its sending limits
     "relay_denied",  # 554 5.7.1 RCPT to another domain without AUTH or relay
     "unknown_user",  # 550 5.1.1 RCPT to an unknown local address
+    "mailbox_not_allowed",  # 553 5.1.3 RCPT to an address that cannot name a Maildir
     "too_many_recipients",  # 452 4.5.3
     "too_big",  # 552 5.3.4 by SIZE= or at the end of DATA
     "bare_newline",  # 550 5.6.2 bare CR or LF in DATA
     "nul",  # 550 5.6.0 NUL in DATA
     "header_from",  # 550 5.7.1 a From: address the login may not use
+    "not_signable",  # 550 5.6.0 [dkim]: a header that cannot be signed
     "limit",  # 451 4.7.1 a [limits] sending limit
     "storage",  # 451/452 the message could not be stored
     "temporary",  # 451 4.3.0 any other temporary failure (a validator failed)
@@ -415,6 +418,10 @@ class _QuietSite(server.Site):
 
     def log(self, request) -> None:
         pass
+
+    def logPrefix(self) -> str:
+        """How Twisted names it in its C{... starting on PORT} line."""
+        return "metrics"
 
 
 def metricsService(endpoint: str, metrics: Metrics,

@@ -16,7 +16,7 @@ import attrs
 from twisted.internet import address, interfaces, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import directlyProvides, providedBy
+from zope.interface import directlyProvides, implementer, providedBy
 
 log = Logger(namespace="mailauth.proxy")
 
@@ -286,6 +286,7 @@ class ProxiedTransport:
         return getattr(self.transport, name)
 
 
+@implementer(interfaces.IHandshakeListener)
 class ProxyProtocol(protocol.Protocol):
     """
     Holds a connection until its PROXY header is complete, then builds the
@@ -329,6 +330,11 @@ class ProxyProtocol(protocol.Protocol):
             self._cancelTimer()
             rest, self._buffer = self._buffer[header.length :], b""
             self._start(header, rest)
+
+    def handshakeCompleted(self) -> None:
+        # STARTTLS puts TLS under this protocol: tell the session.
+        if interfaces.IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._cancelTimer()
@@ -410,4 +416,6 @@ class ProxyFactory(protocol.Factory):
         super().doStop()
 
     def logPrefix(self) -> str:
+        if interfaces.ILoggingContext.providedBy(self.wrappedFactory):
+            return f"PROXY {self.wrappedFactory.logPrefix()}"
         return f"PROXY {self.wrappedFactory.__class__.__name__}"

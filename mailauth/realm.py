@@ -580,8 +580,10 @@ class Message:
                                                           login=login)
 
     def _refused(self) -> None:
-        """The From: check refused the message: nothing of it is kept."""
-        self._realm.metrics.messageRefused("header_from")
+        """
+        The From: check refused the message: nothing of it is kept (the
+        session counts the refusal, by its reply's C{metric}).
+        """
         self.connectionLost()
 
     def _store(self, ignored) -> defer.Deferred:

@@ -7,7 +7,7 @@ reply's wording lives in one place (docs/replies.rst lists them).
 from __future__ import annotations
 
 import errno
-from typing import Protocol
+from typing import Optional, Protocol
 
 import attrs
 
@@ -29,12 +29,16 @@ class SMTPReply(Exception):
     """
     Raised by avatars, deliveries and messages to choose the exact reply:
     C{code} and C{text}, which starts with the enhanced status code.
+
+    @ivar metric: the refusal reason it is counted under when the session
+        sends it (L{mailauth.metrics.REFUSAL_REASONS}), or L{None}.
     """
 
-    def __init__(self, code: int, text: str) -> None:
+    def __init__(self, code: int, text: str, metric: Optional[str] = None) -> None:
         super().__init__(code, text)
         self.code = code
         self.text = text
+        self.metric = metric
 
 
 @attrs.frozen
@@ -43,19 +47,24 @@ class Reply:
     A named reply: C{code} and C{text}, where the text (after the code)
     starts with the enhanced status code (RFC 2034/3463) and may hold
     C{{name}} fields that L{format} fills in.
+
+    @ivar metric: for a reply that refuses a transaction, a recipient or a
+        message, the reason it is counted under when the session sends it
+        (one of L{mailauth.metrics.REFUSAL_REASONS}), else L{None}.
     """
 
     code: int
     text: str
+    metric: Optional[str] = attrs.field(default=None, kw_only=True)
 
     def format(self, **values: object) -> Reply:
         """This reply with its C{{name}} fields filled in from C{values}."""
-        return Reply(self.code, self.text.format(**values))
+        return Reply(self.code, self.text.format(**values), metric=self.metric)
 
     def error(self, **values: object) -> SMTPReply:
         """An L{SMTPReply} to raise, with the fields filled in."""
         reply = self.format(**values)
-        return SMTPReply(reply.code, reply.text)
+        return SMTPReply(reply.code, reply.text, reply.metric)
 
 
 def cut(code: int, text: str) -> str:
@@ -127,7 +136,7 @@ AUTH_LINE_TOO_LONG = Reply(500, "5.5.6 Authentication exchange line is too long"
 AUTH_CANCELLED = Reply(501, "5.7.0 Authentication cancelled")
 BAD_BASE64 = Reply(501, "5.5.2 Error: invalid base64 data")
 UNKNOWN_MECHANISM = Reply(504, "5.5.4 Unrecognized authentication type")
-AUTH_REQUIRED = Reply(530, "5.7.0 Authentication required")
+AUTH_REQUIRED = Reply(530, "5.7.0 Authentication required", metric="auth_required")
 AUTH_FAILED = Reply(535, "5.7.8 Authentication credentials invalid")
 ENCRYPTION_REQUIRED = Reply(
     538, "5.7.11 Encryption required for requested authentication mechanism"
@@ -142,36 +151,50 @@ START_DATA = Reply(354, "End data with <CR><LF>.<CR><LF>")
 QUEUED = Reply(250, "2.0.0 Ok: queued as {id}")
 CHUNK_RECEIVED = Reply(250, "2.0.0 Ok: {size} octets")
 BAD_BDAT = Reply(421, "4.5.2 Error: malformed BDAT command, closing connection")
-TEMPORARY_FAILURE = Reply(451, "4.3.0 Error: temporary failure, try again later")
-CANNOT_FORWARD = Reply(451, "4.3.0 <{address}>: cannot forward, try again later")
-TOO_MANY_RECIPIENTS = Reply(452, "4.5.3 Error: too many recipients")
-UNKNOWN_RECIPIENT = Reply(550, "5.1.1 <{address}>: Recipient address rejected: User unknown")
+TEMPORARY_FAILURE = Reply(451, "4.3.0 Error: temporary failure, try again later",
+                          metric="temporary")
+CANNOT_FORWARD = Reply(451, "4.3.0 <{address}>: cannot forward, try again later",
+                       metric="temporary")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3 Error: too many recipients",
+                            metric="too_many_recipients")
+UNKNOWN_RECIPIENT = Reply(550, "5.1.1 <{address}>: Recipient address rejected: User unknown",
+                          metric="unknown_user")
 MAILBOX_NOT_ALLOWED = Reply(
-    553, "5.1.3 <{address}>: Recipient address rejected: mailbox name not allowed"
+    553, "5.1.3 <{address}>: Recipient address rejected: mailbox name not allowed",
+    metric="mailbox_not_allowed",
 )
-SENDER_NOT_OWNED = Reply(553, "5.7.1 <{address}>: Sender address not owned by user {login}")
-RELAY_DENIED = Reply(554, "5.7.1 <{address}>: Relay access denied")
+SENDER_NOT_OWNED = Reply(553, "5.7.1 <{address}>: Sender address not owned by user {login}",
+                         metric="sender_refused")
+RELAY_DENIED = Reply(554, "5.7.1 <{address}>: Relay access denied", metric="relay_denied")
 # [limits]: at MAIL (messages) or RCPT (recipients); a suspended login at MAIL.
-LIMIT_MESSAGES = Reply(451, "4.7.1 Error: {login} reached its limit of {max} messages per {period}")
+LIMIT_MESSAGES = Reply(451, "4.7.1 Error: {login} reached its limit of {max} messages per {period}",
+                       metric="limit")
 LIMIT_RECIPIENTS = Reply(
-    451, "4.7.1 Error: {login} reached its limit of {max} recipients per {period}"
+    451, "4.7.1 Error: {login} reached its limit of {max} recipients per {period}", metric="limit"
 )
-SENDING_SUSPENDED = Reply(550, "5.7.1 Error: {login} is suspended, contact your postmaster")
+SENDING_SUSPENDED = Reply(550, "5.7.1 Error: {login} is suspended, contact your postmaster",
+                          metric="suspended")
 
 # The message
-TOO_BIG = Reply(552, "5.3.4 Message size exceeds fixed maximum message size")
-BARE_NEWLINE = Reply(550, "5.6.2 Error: bare CR or LF in message, not accepted")
-NUL_IN_MESSAGE = Reply(550, "5.6.0 Error: NUL character in message, not accepted")
-STORAGE_FAILED = Reply(451, "4.3.0 Error: local error in processing")
-STORAGE_FULL = Reply(452, "4.3.1 Error: insufficient system storage")
+TOO_BIG = Reply(552, "5.3.4 Message size exceeds fixed maximum message size", metric="too_big")
+BARE_NEWLINE = Reply(550, "5.6.2 Error: bare CR or LF in message, not accepted",
+                     metric="bare_newline")
+NUL_IN_MESSAGE = Reply(550, "5.6.0 Error: NUL character in message, not accepted",
+                       metric="nul")
+STORAGE_FAILED = Reply(451, "4.3.0 Error: local error in processing", metric="storage")
+STORAGE_FULL = Reply(452, "4.3.1 Error: insufficient system storage", metric="storage")
 # [delivery] header_from_match: the visible sender must be the login's.
 HEADER_FROM_NOT_OWNED = Reply(
-    550, "5.7.1 <{address}>: From/Sender header address not owned by user {login}"
+    550, "5.7.1 <{address}>: From/Sender header address not owned by user {login}",
+    metric="header_from",
 )
-HEADER_FROM_UNCHECKABLE = Reply(550, "5.7.1 Error: From/Sender header cannot be checked")
+HEADER_FROM_UNCHECKABLE = Reply(550, "5.7.1 Error: From/Sender header cannot be checked",
+                                metric="header_from")
 # [dkim]: a message is signed or not accepted.
-NOT_SIGNABLE = Reply(550, "5.6.0 Error: malformed or oversized header, message cannot be signed")
-SIGNING_FAILED = Reply(451, "4.3.0 Error: message could not be signed, try again later")
+NOT_SIGNABLE = Reply(550, "5.6.0 Error: malformed or oversized header, message cannot be signed",
+                     metric="not_signable")
+SIGNING_FAILED = Reply(451, "4.3.0 Error: message could not be signed, try again later",
+                       metric="temporary")
 
 # Local delivery of whole messages (bounces from the queue)
 NO_LOCAL_USER = Reply(550, "5.1.1 <{address}>: User unknown")

@@ -13,9 +13,10 @@ from typing import Any, Callable, Mapping, NoReturn, Optional, cast
 import attrs
 from twisted.application import internet, service, strports
 from twisted.cred.portal import Portal
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from mailauth import apppasswords, sasl, scram, sdnotify
 from mailauth import config as configmod
@@ -27,6 +28,7 @@ from mailauth.esmtp import SubmissionFactory
 from mailauth.forward import QueueService
 from mailauth.interfaces import IReloadable, IUserDatabase
 from mailauth.limits import LimitOverrides, Limits, SendingLimits
+from mailauth.logs import LogFormatError, jsonFileObserver, twistdLogFile
 from mailauth.maildir import LeftoverCleanup
 from mailauth.metrics import Metrics, metricsService
 from mailauth.pgusers import PostgreSQLUserDatabase, isPostgreSQL
@@ -39,6 +41,7 @@ from mailauth.throttle import AuthThrottle, ConnectionLimiter
 from mailauth.tls import ReloadableTLS
 from mailauth.userdb import UserDatabase
 from mailauth.userstore import AppPasswordUse, Rehasher, schemesNeededBy, storeFor
+from mailauth.workers import HeldPort, Worker, WorkerPool, readConfiguration
 
 log = Logger(namespace="mailauth.tap")
 
@@ -102,18 +105,37 @@ class _Daemon(service.MultiService):
     @ivar exit: called with the line, and a short form of it, once it is
         logged; must not return. By default it raises L{StartupError};
         under twistd, L{_exitTwistd}.
+    @ivar logObserver: the log observer twistd is to use instead of its
+        own (C{[server] log_format = json}), or L{None}.
     """
+
+    logObserver: Optional[ILogObserver] = None
 
     def __init__(self, path: str) -> None:
         super().__init__()
         self.path = path
         self.endpoints: dict[str, tuple[str, str]] = {}
+        self._details: dict[str, str] = {}
         self.exit: Callable[[str, str], NoReturn] = _raise
 
-    def addEndpoint(self, child: service.Service, section: str, description: str) -> None:
-        """Add C{child}, which listens on C{description} for C{[section]}."""
+    def setServiceParent(self, parent) -> None:
+        # twistd makes the application, adds this service to it, and only
+        # then starts its log with the application's ILogObserver, if set.
+        if self.logObserver is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.logObserver)
+        super().setServiceParent(parent)
+
+    def addEndpoint(self, child: service.Service, section: str, description: str,
+                    details: str = "") -> None:
+        """
+        Add C{child}, which listens on C{description} for C{[section]}.
+
+        @param details: the rest of its line once it listens, e.g.
+            C{" tls=starttls auth=required proxy_protocol=no"}.
+        """
         child.setServiceParent(self)
         self.endpoints[cast(str, child.name)] = (section, description)
+        self._details[cast(str, child.name)] = details
 
     def privilegedStartService(self) -> None:
         # MultiService.privilegedStartService, with each listener's failure caught.
@@ -129,6 +151,31 @@ class _Daemon(service.MultiService):
                 where = f"{self.path}: [{section}] endpoint: {description!r}"
                 log.error("{where}: cannot listen: {why}; mailauth stops", where=where, why=why)
                 self.exit(f"{where}: cannot listen: {why}", f"[{section}] {description}: {why}")
+
+    def startService(self) -> None:
+        # Once every endpoint could listen: a failed start logs only why.
+        super().startService()
+        for name in self.endpoints:
+            child = self.getServiceNamed(name)
+            sdnotify._waitingForPort(child).addCallback(self._listening, name)
+
+    def _listening(self, port, name: str) -> None:
+        """Log where C{name} listens, with its configuration, in place of Twisted's line."""
+        if not hasattr(port, "getHost"):
+            return
+        section, description = self.endpoints[name]
+        log.info("[{section}] listening on {address}: endpoint={endpoint}{details}",
+                 section=section, address=_addressText(port.getHost()), endpoint=description,
+                 details=self._details[name])
+
+
+def _addressText(address) -> str:
+    """C{127.0.0.1:587}, C{[::1]:587}, or a UNIX socket's path."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None or port is None:
+        name = getattr(address, "name", address)
+        return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _exitTwistd(parent: usage.Options) -> Callable[[str, str], NoReturn]:
@@ -198,7 +245,9 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
     for warning in getattr(options, "warnings", ()):
-        log.warn("{warning}", warning=warning)
+        # Not a field named "warning": legacy log observers (trial's) take
+        # an event with one for a Python warning and look for its filename.
+        log.warn("{finding}", finding=warning)
     try:
         top = buildService(options.config, reactor, _runAs(options), os.environ)
     except configmod.ConfigError as e:
@@ -211,6 +260,11 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     parent = getattr(options, "parent", None)
     if parent is not None:
         top.exit = _exitTwistd(parent)
+        if options.config.server.log_format == "json":
+            try:
+                top.logObserver = jsonFileObserver(twistdLogFile(parent))
+            except LogFormatError as e:
+                raise SystemExit(f"twistd mailauth: {e}") from None
     return top
 
 
@@ -291,14 +345,21 @@ def _sendingLimits(cfg: configmod.Config, store, users: IUserDatabase, realm: Re
 
 
 def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
-                 environ: Optional[Mapping[str, str]] = None) -> _Daemon:
+                 environ: Optional[Mapping[str, str]] = None,
+                 worker: Optional[Worker] = None) -> _Daemon:
     """
     Make and wire every part of the daemon.
+
+    With C{[server] workers} above 1 this is the parent, which binds the
+    listeners for its L{WorkerPool} and runs the queue, and each worker
+    (C{worker} given) serves the sessions; see L{mailauth.workers}.
 
     @param runAs: (uid, gid) the process will run as once the ports are
         bound (twistd's C{--uid}/C{--gid}): the state directory made here,
         while still root, is given to it.
     @param environ: the process environment, for systemd's C{NOTIFY_SOCKET}.
+    @param worker: build one worker process: serve its inherited sockets,
+        and leave the queue's runner, autoconfig and systemd to the parent.
     """
     top = _Daemon(cfg.path)
     metrics = Metrics.fromConfig(cfg)
@@ -349,8 +410,11 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
             LocalDelivery(router, cfg.server.hostname, diskPool.run),
             runBlocking=diskPool.run,
             connector=RelayConnector(cfg.relay, reactor, cfg.server.hostname),
+            metrics=metrics,
         )
-        queueService.setServiceParent(top)
+        metrics.watchQueue(queueService.probe)
+        if worker is None:
+            queueService.setServiceParent(top)
     saslTable = dict(sasl.MECHANISMS)
     scramOffered = any(name.startswith("SCRAM-") for name in cfg.auth.mechanisms)
     if scramOffered:
@@ -364,7 +428,8 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         hostname=cfg.server.hostname,
         runBlocking=diskPool.run,
         queue=queue,
-        wakeQueue=queueService.wake if queueService is not None else (lambda: None),
+        wakeQueue=(worker.wakeQueue if worker is not None
+                   else queueService.wake if queueService is not None else (lambda: None)),
         clock=reactor,
         keyRing=_keyRing(cfg, reactor),
         metrics=metrics,
@@ -406,7 +471,24 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
                                     cfg.server.max_connections_per_address)
     anonymous = realm.anonymous()
     postmasterDomain = sorted(cfg.delivery.local_domains)[0]
-    for listener in cfg.listeners:
+    pool = None
+    if cfg.server.workers > 1 and worker is None:
+        # The parent: it binds the sockets, and its workers serve them.
+        held = []
+        for listener in cfg.listeners:
+            port = HeldPort(reactor, listener.name, listener.endpoint)
+            top.addEndpoint(port, f"listener:{listener.name}", listener.endpoint,
+                            f" tls={listener.tls} auth={listener.auth} "
+                            f"proxy_protocol={listener.proxy_protocol} "
+                            f"workers={cfg.server.workers}")
+            held.append(port)
+        pool = WorkerPool(reactor, cfg.server.workers, held, cfg.path,
+                          readConfiguration(cfg.path, cfg),
+                          wakeQueue=queueService.wake if queueService is not None else (
+                              lambda: None),
+                          environ=environ)
+        pool.setServiceParent(top)
+    for listener in cfg.listeners if pool is None else ():
         factory = SubmissionFactory(
             settings=cfg.server,
             portal=portal,
@@ -423,6 +505,7 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
             reactor=reactor,
             saslTable=saslTable,
             metrics=metrics,
+            name=listener.name,
         )
         wrapped: Any = factory
         if listener.tls == "implicit":
@@ -432,10 +515,16 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
             # Under TLS too: HAProxy in TCP mode sends the header in the clear.
             wrapped = ProxyFactory(wrapped, listener.proxy_protocol, listener.trusted_proxies,
                                    reactor, listener.proxy_timeout)
+            wrapped.noisy = False
+        if worker is not None:
+            worker.listen(listener.name, wrapped, reactor).setServiceParent(top)
+            continue
         listening = strports.service(listener.endpoint, wrapped, reactor=reactor)
         listening.setName(f"listener:{listener.name}")
-        top.addEndpoint(listening, f"listener:{listener.name}", listener.endpoint)
-    if cfg.autoconfig is not None:
+        top.addEndpoint(listening, f"listener:{listener.name}", listener.endpoint,
+                        f" tls={listener.tls} auth={listener.auth} "
+                        f"proxy_protocol={listener.proxy_protocol}")
+    if cfg.autoconfig is not None and worker is None:
         from mailauth.autoconfig import makeSite
 
         web = strports.service(cfg.autoconfig.endpoint, makeSite(cfg, reactor), reactor=reactor)
@@ -456,6 +545,8 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         for source in reloadable:
             if source.path is not None:
                 source.load()
+        if pool is not None:
+            pool.reloadWorkers()
 
     reloader = internet.TimerService(RELOAD_INTERVAL, reloadFiles)
     reloader.clock = reactor
@@ -465,8 +556,12 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         top.addEndpoint(metricsService(cfg.metrics.endpoint, metrics, reactor), "metrics",
                         cfg.metrics.endpoint)
     # Last, so that it starts after every port listens and stops first.
-    ports = [s for s in top if isinstance(s, internet.StreamServerEndpointService)]
-    notifier = sdnotify.fromEnvironment(environ or {}, reactor, ports)
+    ports: list[service.IService] = [
+        s for s in top if isinstance(s, internet.StreamServerEndpointService)]
+    if pool is not None:
+        ports.append(pool)
+    # A worker never speaks to systemd: the parent does, for all of them.
+    notifier = sdnotify.fromEnvironment((environ or {}) if worker is None else {}, reactor, ports)
     if notifier is not None:
         notifier.setServiceParent(top)
     return top

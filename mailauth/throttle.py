@@ -129,11 +129,13 @@ class AuthThrottle:
         """
         return self.store.blocked(ADDRESS_PREFIX + addressKey(host))
 
-    def failure(self, host: str, login: str) -> defer.Deferred[float]:
+    def failure(self, host: str, login: str, session: str = "-") -> defer.Deferred[float]:
         """
         Record a failed login for C{login} from C{host}; block C{host} if
         that reaches its limit.
 
+        @param session: the ID of the session that failed, for the log line
+            of a block.
         @return: a Deferred firing, once the failure is counted, with how
             many seconds to wait before answering it.
         """
@@ -146,13 +148,13 @@ class AuthThrottle:
             consumeErrors=True,
         )
         d.addErrback(_firstError)
-        return d.addCallback(self._counted, address)
+        return d.addCallback(self._counted, address, host, session)
 
     def trackedKeys(self) -> int:
         """How many counters and blocks its store holds in this process's memory."""
         return self.store.trackedKeys() if isinstance(self.store, MemoryCounterStore) else 0
 
-    def _counted(self, counts: list, address: str):
+    def _counted(self, counts: list, address: str, host: str, session: str):
         # The in-memory windows this replaces kept at most this many events.
         perAddress = min(counts[0], self._maxPerAddress)
         perLogin = min(counts[1], self._maxPerLogin * 4)
@@ -161,6 +163,10 @@ class AuthThrottle:
         if perAddress < self._maxPerAddress:
             return delay
         if counts[0] == self._maxPerAddress:
+            log.info("address blocked: client=[{client}] key={key} failures={failures} "
+                     "seconds={seconds:g} session={session}", client=host,
+                     key=address[len(ADDRESS_PREFIX):], failures=counts[0],
+                     seconds=self._blockTime, session=session)
             self._onBlock()
         d = self.store.block(address, self._blockTime)
         d.addCallback(lambda ignored: delay)
@@ -193,11 +199,10 @@ class ConnectionLimiter:
         @return: L{None} to serve it, or the 421 that refuses it.
         """
         key = addressKey(host)
+        # The session logs and counts the refusal.
         if self.count >= self.total:
-            log.info("refused client={client}: too many connections", client=host)
             return replies.TOO_MANY_CONNECTIONS
         if self.byAddress.get(key, 0) >= self.perAddress:
-            log.info("refused client={client}: too many connections from it", client=host)
             return replies.TOO_MANY_FROM_ADDRESS
         self.count += 1
         self.byAddress[key] = self.byAddress.get(key, 0) + 1

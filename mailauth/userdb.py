@@ -329,10 +329,19 @@ def _lineLogin(line: str) -> Optional[str]:
 
 @contextlib.contextmanager
 def _locked(path: str) -> Iterator[None]:
-    """Serialise edits of C{path} through an exclusive lock on C{path}.lock."""
+    """
+    Serialise edits of C{path} through an exclusive lock on C{path}.lock,
+    owned like C{path} (when root makes it), so that the daemon, which
+    rehashes and suspends as its own user, is never locked out by a lock
+    file an admin command made.
+    """
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(locked(path + ".lock", mode=FILE_MODE))
+            try:
+                owner: Optional[os.stat_result] = os.stat(path)
+            except FileNotFoundError:
+                owner = None
+            stack.enter_context(locked(path + ".lock", owner=owner, mode=FILE_MODE))
         except OSError as e:
             raise UserDatabaseError(f"cannot lock {path}: {e.strerror}") from None
         yield

@@ -258,33 +258,7 @@ class Daemon:
     def __init__(self, directory: str, settings=None, files=None, reactor=reactor,
                  extra: str = "", build: bool = True) -> None:
         self.dir = directory = os.path.abspath(directory)
-        os.makedirs(directory)
-        writeCertificate(os.path.join(directory, "tls"))
-        shutil.copy(VECTORS, os.path.join(directory, "users"))
-        with open(os.path.join(directory, "users"), "a") as f:
-            f.write("bob@example.test:{PLAIN}bob-secret-2\n")
-        self.configPath = os.path.join(directory, "mailauth.conf")
-        with open(self.configPath, "w") as f:
-            f.write(CONFIG.format(dir=directory) + extra)
-        for name, text in (files or {}).items():
-            with open(os.path.join(self.dir, name), "w") as f:
-                f.write(text)
-        if settings:
-            parser = configparser.ConfigParser(interpolation=None)
-            parser.read(self.configPath)
-            for section, values in settings.items():
-                if values is None:
-                    parser.remove_section(section)
-                    continue
-                if not parser.has_section(section):
-                    parser.add_section(section)
-                for key, value in values.items():
-                    if value is None:
-                        parser.remove_option(section, key)
-                    else:
-                        parser.set(section, key, value.replace("{dir}", self.dir))
-            with open(self.configPath, "w") as f:
-                parser.write(f)
+        self.configPath = writeDaemonDirectory(directory, settings, files, extra)
         if build:
             self.config = configmod.load(self.configPath)
             self.service = tap.buildService(self.config, reactor)
@@ -387,6 +361,44 @@ class Twistd:
         if self.process.poll() is None:
             self.process.send_signal(sig)
         self.process.communicate(timeout=30)
+
+
+def writeDaemonDirectory(directory: str, settings=None, files=None, extra: str = "") -> str:
+    """
+    Make C{directory} (which must not exist) a daemon's home, as L{Daemon}
+    describes its parameters: a certificate, the users, the configuration.
+
+    @return: the configuration file's path.
+    """
+    directory = os.path.abspath(directory)
+    os.makedirs(directory)
+    writeCertificate(os.path.join(directory, "tls"))
+    shutil.copy(VECTORS, os.path.join(directory, "users"))
+    with open(os.path.join(directory, "users"), "a") as f:
+        f.write("bob@example.test:{PLAIN}bob-secret-2\n")
+    configPath = os.path.join(directory, "mailauth.conf")
+    with open(configPath, "w") as f:
+        f.write(CONFIG.format(dir=directory) + extra)
+    for name, text in (files or {}).items():
+        with open(os.path.join(directory, name), "w") as f:
+            f.write(text)
+    if settings:
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(configPath)
+        for section, values in settings.items():
+            if values is None:
+                parser.remove_section(section)
+                continue
+            if not parser.has_section(section):
+                parser.add_section(section)
+            for key, value in values.items():
+                if value is None:
+                    parser.remove_option(section, key)
+                else:
+                    parser.set(section, key, value.replace("{dir}", directory))
+        with open(configPath, "w") as f:
+            parser.write(f)
+    return configPath
 
 
 class ClockedReactor:
@@ -565,3 +577,136 @@ class LogWatcher:
 
     def matching(self, pattern: str) -> list:
         return [m for m in self.messages if re.search(pattern, m)]
+
+
+class TwistdProcess:
+    """
+    C{twistd --nodaemon mailauth --config PATH} as a child process of the
+    test (on this test run's Python and Twisted), its log in a file, for
+    what only a whole daemon shows: worker processes, signals, privileges.
+    Every method blocks; the daemon is another process, so a test may call
+    them on the reactor thread.
+
+    @ivar ports: once started with workers: C{{listener name: port}} from
+        the parent's C{[listener:NAME] listening on HOST:PORT} lines.
+    """
+
+    def __init__(self, configPath: str, logPath: str, twistdArgs=(),
+                 env=None) -> None:
+        self.configPath = configPath
+        self.logPath = logPath
+        self.twistdArgs = tuple(twistdArgs)
+        self.env = env
+        self.process = None
+        self.ports: dict = {}
+        self._output = ""
+
+    def argv(self) -> list:
+        # twistd's own entry point, so that Debian's python3 (no twistd on
+        # its path, twistd3 instead) and a virtualenv run the same way.
+        return [sys.executable, "-c",
+                "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
+                "--nodaemon", "--pidfile=", f"--logfile={self.logPath}", *self.twistdArgs,
+                "mailauth", "--config", self.configPath]
+
+    def start(self, workers: int = 1, timeout: float = 60.0) -> None:
+        """Start it and wait until C{workers} workers serve (or, for 1, until it listens)."""
+        path = [p for p in (ROOT, os.environ.get("PYTHONPATH")) if p]
+        env = dict(os.environ if self.env is None else self.env,
+                   PYTHONPATH=os.pathsep.join(path))
+        self.process = subprocess.Popen(self.argv(), cwd=ROOT, env=env,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT)
+        if workers > 1:
+            self.waitForLog(r"worker \d+ \(pid \d+\) is serving", count=workers, timeout=timeout)
+            for name, port in re.findall(r"\[listener:(\S+)\] listening on \S+:(\d+)",
+                                         self.log()):
+                self.ports[name] = int(port)
+        else:
+            self.waitForLog(r"starting on \d+", timeout=timeout)
+
+    def log(self) -> str:
+        try:
+            with open(self.logPath, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def waitForLog(self, pattern: str, count: int = 1, timeout: float = 30.0) -> list:
+        """
+        Wait until the log has C{count} lines matching C{pattern}; those lines.
+
+        @raise AssertionError: with the log and the output, if the daemon
+            exits or C{timeout} passes first.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [line for line in self.log().splitlines() if re.search(pattern, line)]
+            if len(found) >= count:
+                return found
+            status = self.process.poll()
+            if status is not None or time.monotonic() > deadline:
+                state = "still running" if status is None else f"exited with {status}"
+                raise AssertionError(f"{count} x {pattern!r} not in the log (daemon {state}):\n"
+                                     f"{self.log()[-6000:]}\n{self.output()}")
+            time.sleep(0.05)
+
+    def output(self) -> str:
+        """The end of what the daemon wrote on stdout and stderr (once it has exited)."""
+        if self.process is None or self.process.poll() is None:
+            return ""
+        self._collect()
+        return self._output[-4000:]
+
+    def _collect(self) -> None:
+        if not self.process.stdout.closed:
+            self._output += self.process.stdout.read().decode("utf-8", "replace")
+            self.process.stdout.close()
+
+    def workerPIDs(self) -> list:
+        """The process ids of the daemon's children (its workers)."""
+        return childProcesses(self.process.pid)
+
+    def signal(self, number: int) -> None:
+        os.kill(self.process.pid, number)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        status = self.process.wait(timeout)
+        self._collect()
+        return status
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 30 s; reaps it."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._collect()
+
+
+def childProcesses(pid: int) -> list:
+    """The process ids whose parent is C{pid} (Linux /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rpartition(")")[2].split()[1]) == pid:
+                        children.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return sorted(children)
+
+
+def processAlive(pid: int) -> bool:
+    """Whether C{pid} runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -6,6 +6,7 @@ import datetime
 import io
 import ipaddress
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -34,6 +35,15 @@ from mailauth.throttle import AuthThrottle, ConnectionLimiter
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 # The password of every user in data/dovecot-passwd (Dovecot 2.3.19's doveadm).
 SECRET = b"alice-secret-1"
+
+
+#: The session ID field that ends every line a session logs.
+SESSION_FIELD = re.compile(r" session=[0-9a-f]{12}$")
+
+
+def withoutSession(line: str) -> str:
+    """A session's log line without its C{session=ID} field, which is random."""
+    return SESSION_FIELD.sub("", line)
 
 
 def searchableFolder(test) -> str:

@@ -617,7 +617,7 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
                              b"451 4.3.0 Error: local error in processing")
         self.assertEqual([(e["log_level"], formatEvent(e)) for e in events], [
             (LogLevel.warn, "could not store a message from client=[192.0.2.1]: /var/mail/x: "
-             "I/O error (errno 5)")])
+             f"I/O error (errno 5) session={self.session.protocol.session}")])
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_diskFull(self) -> None:

@@ -14,16 +14,32 @@ from unittest import mock
 
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
 from mailauth import config as configmod
 from mailauth import metrics as metricsmod
-from mailauth import tap
+from mailauth import replies, tap
+from mailauth.forward import QueueService
 from mailauth.metrics import Metrics, metricsService
-from tests.harness import Daemon, LogWatcher
+from mailauth.relay import RelayReply
+from tests.fakes import FakeRelayConnector, RecordingLocalDelivery, runInline
+from tests.harness import (
+    BOB,
+    BOB_PASSWORD,
+    PASSWORD,
+    SHA512,
+    Daemon,
+    EndToEndMixin,
+    LogWatcher,
+    RawClient,
+    plain,
+    serverConnectionsClosed,
+)
+from tests.smtpsink import QueueEvents, SMTPSink, makePKI
+from tests.support import QueueTestMixin, relayConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DASHBOARD = os.path.join(ROOT, "etc", "grafana", "mailauth-dashboard.json")
@@ -450,3 +466,252 @@ class DashboardTests(unittest.TestCase):
         unshown = {n for n in defined
                    if not any(q == n or q.startswith(n + "_") for q in queried)}
         self.assertEqual(unshown, set())
+
+
+def delta(before: dict, after: dict, name: str, **labels) -> float:
+    """How much the sample C{name} with C{labels} moved between two scrapes."""
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+class RefusalReplyTests(unittest.TestCase):
+    """The replies that refuse a transaction carry the reason they are counted under."""
+
+    def test_everyReasonHasItsReply(self) -> None:
+        """
+        Each refusal reason of the metrics is the C{metric} of a named reply, every
+        C{metric} is a reason, and it survives C{format} and C{error}.
+        """
+        named = [v for v in vars(replies).values() if isinstance(v, replies.Reply)]
+        used = {reply.metric for reply in named if reply.metric is not None}
+        self.assertEqual(used - set(metricsmod.REFUSAL_REASONS), set())
+        self.assertEqual(set(metricsmod.REFUSAL_REASONS) - used, set())
+        reply = replies.RELAY_DENIED.format(address="x@remote.example")
+        self.assertEqual(reply.metric, "relay_denied")
+        self.assertEqual(replies.UNKNOWN_RECIPIENT.error(address="x@y").metric, "unknown_user")
+        self.assertIsNone(replies.AUTH_FAILED.error().metric)
+
+    def test_documented(self) -> None:
+        """docs/replies.rst's Counted refusals table names every counted reply and its reason."""
+        with open(os.path.join(ROOT, "docs", "replies.rst"), encoding="utf-8") as f:
+            table = f.read().split("Counted refusals\n")[1]
+        documented = dict(re.findall(r"^``(\w+)``\s+``(\w+)``$", table, re.MULTILINE))
+        counted = {name: value.metric for name, value in vars(replies).items()
+                   if isinstance(value, replies.Reply) and value.metric is not None}
+        self.assertEqual(documented, counted)
+
+
+class RelayMetricsTests(QueueTestMixin, unittest.TestCase):
+    """The forwarder's relay attempts and queue gauges, on a clock with a fake relay."""
+
+    def setUp(self):
+        super().setUp()
+        self.relay = FakeRelayConnector(self.reactor)
+        self.metrics = Metrics.prometheus(process=False)
+        self.service = QueueService(self.queue, relayConfig(), self.reactor,
+                                    RecordingLocalDelivery(["example.org"]), runBlocking=runInline,
+                                    connector=self.relay, metrics=self.metrics)
+        self.metrics.watchQueue(self.service.probe)
+
+    def start(self):
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+
+    def submit(self, msgid, **kwargs):
+        self.enqueue(msgid, **kwargs)
+        self.service.wake()
+        self.reactor.advance(0)
+
+    def test_outcomes(self) -> None:
+        """
+        Each message handed to the relay is counted once by its outcome:
+        sent, deferred (a 4xx), bounced (a 5xx), error (the session failed).
+        """
+        self.relay.replies = {
+            "later@remote.example": [RelayReply(451, ("451 4.3.0 later",))],
+            "gone@remote.example": [RelayReply(550, ("550 5.1.1 unknown",))],
+        }
+        self.start()
+        self.submit("m1")
+        self.submit("m2", recipients=("later@remote.example",))
+        self.submit("m3", recipients=("gone@remote.example",))
+        self.relay.down = True
+        self.submit("m4")
+        counts = {outcome: sample(self.metrics, "mailauth_relay_attempts_total", outcome=outcome)
+                  for outcome in metricsmod.RELAY_OUTCOMES}
+        self.assertEqual(counts, {"sent": 1, "deferred": 1, "bounced": 1, "error": 1})
+        self.assertEqual(sample(self.metrics, "mailauth_relay_seconds_count"), 4)
+
+    def test_secondsIncludeConnecting(self) -> None:
+        """An attempt is timed from before the connection to the relay's last reply."""
+        self.relay.paused = True
+        self.start()
+        self.submit("m1")
+        self.reactor.advance(3)
+        [(waiter, session)] = self.relay.waiting
+        waiter.callback(session)
+        self.assertEqual(sample(self.metrics, "mailauth_relay_seconds_sum"), 3)
+        self.assertEqual(sample(self.metrics, "mailauth_relay_seconds_bucket", le="2.5"), 0)
+        self.assertEqual(sample(self.metrics, "mailauth_relay_seconds_bucket", le="5.0"), 1)
+
+    def test_queueGauges(self) -> None:
+        """
+        The queue gauges come from the forwarder's index, without reading
+        the disk: how many messages it holds, and the age of the oldest.
+        """
+        self.relay.down = True
+        self.enqueue("m1")
+        self.reactor.advance(50)
+        self.enqueue("m2")
+        self.start()
+        self.reactor.advance(100)
+        self.assertEqual(self.service.probe(), (2, 150.0))
+        self.assertEqual(sample(self.metrics, "mailauth_queue_messages"), 2)
+        self.assertEqual(sample(self.metrics, "mailauth_queue_oldest_age_seconds"), 150)
+        self.relay.down = False
+        self.reactor.advance(3600)
+        self.assertEqual(self.service.probe(), (0, 0.0))
+        self.assertEqual(sample(self.metrics, "mailauth_queue_messages"), 0)
+
+
+def submitWithRefusal(port: int) -> tuple:
+    """
+    (Blocking.) On the implicit TLS listener: a failed AUTH, then a login
+    whose transaction has one recipient refused (unknown) and one
+    accepted, and a message that is delivered.
+
+    @return: the reply codes.
+    """
+    failed = RawClient(port, tls=True)
+    codes = [failed.reply()[0], failed.ehlo()[0], failed.command(plain(BOB, b"wrong"))[0]]
+    failed.command(b"QUIT")
+    failed.close()
+    client = RawClient(port, tls=True)
+    codes += [client.reply()[0], client.ehlo()[0], client.command(plain(BOB, BOB_PASSWORD))[0]]
+    for line in (b"MAIL FROM:<bob@example.test>", b"RCPT TO:<nobody@example.test>",
+                 b"RCPT TO:<alice.plain@example.test>", b"DATA"):
+        codes.append(client.command(line)[0])
+    codes.append(client.command(b"Subject: hello\r\n\r\nhello\r\n.")[0])
+    codes.append(client.command(b"QUIT")[0])
+    client.close()
+    return tuple(codes)
+
+
+class DaemonScrapeTests(unittest.TestCase):
+    """
+    The real daemon with [metrics]: /metrics scraped over HTTP before and
+    after what the metrics count, from the sessions to the relay.
+    """
+
+    timeout = 30
+
+    def startDaemon(self, settings=None, extra: str = "") -> Daemon:
+        daemon = Daemon(self.mktemp(), settings=dict(METRICS, **(settings or {})), extra=extra)
+        daemon.start()
+        self.addCleanup(daemon.stop)
+        self.scraper = Scraper(listeningPort(daemon.service.getServiceNamed("metrics")))
+        return daemon
+
+    @defer.inlineCallbacks
+    def test_sessionCountersMove(self) -> None:
+        """
+        A failed AUTH, a refused RCPT and a delivery move the AUTH, refusal,
+        message, recipient, delivery time and connection counters, and the
+        open connections gauge comes back to zero once the clients leave.
+        """
+        daemon = self.startDaemon()
+        before = yield self.scraper.scrape()
+        codes = yield threads.deferToThread(submitWithRefusal, daemon.ports["submissions"])
+        self.assertEqual(codes, (220, 250, 535, 220, 250, 235, 250, 550, 250, 354, 250, 221))
+        yield serverConnectionsClosed()
+        after = yield self.scraper.scrape()
+        moved = {
+            "failed PLAIN": delta(before, after, "mailauth_auth_total", mechanism="PLAIN",
+                                  result="failure"),
+            "PLAIN logins": delta(before, after, "mailauth_auth_total", mechanism="PLAIN",
+                                  result="success"),
+            "unknown users": delta(before, after, "mailauth_messages_refused_total",
+                                   reason="unknown_user"),
+            "relay denied": delta(before, after, "mailauth_messages_refused_total",
+                                  reason="relay_denied"),
+            "messages": delta(before, after, "mailauth_messages_accepted_total"),
+            "recipients": delta(before, after, "mailauth_recipients_accepted_total"),
+            "stored": delta(before, after, "mailauth_delivery_seconds_count"),
+            "connections": delta(before, after, "mailauth_connections_total",
+                                 listener="submissions"),
+            "open": after[("mailauth_connections_open", (("listener", "submissions"),))],
+        }
+        self.assertEqual(moved, {"failed PLAIN": 1, "PLAIN logins": 1, "unknown users": 1,
+                                 "relay denied": 0, "messages": 1, "recipients": 1, "stored": 1,
+                                 "connections": 2, "open": 0})
+
+    @defer.inlineCallbacks
+    def test_openGauge(self) -> None:
+        """Sessions open now are counted while they last."""
+        daemon = self.startDaemon()
+        client = yield threads.deferToThread(RawClient, daemon.ports["submission"])
+        self.addCleanup(client.close)
+        yield threads.deferToThread(client.reply)
+        scraped = yield self.scraper.scrape()
+        self.assertEqual(scraped[("mailauth_connections_open", (("listener", "submission"),))], 1)
+
+    @defer.inlineCallbacks
+    def test_refusedConnectionsCounted(self) -> None:
+        """A connection refused before the greeting is counted by listener and reason."""
+        daemon = self.startDaemon({"server": {"max_connections_per_address": "1"}})
+        port = daemon.ports["submission"]
+        first = yield threads.deferToThread(RawClient, port)
+        self.addCleanup(first.close)
+        self.assertEqual((yield threads.deferToThread(first.reply))[0], 220)
+        second = yield threads.deferToThread(RawClient, port)
+        self.addCleanup(second.close)
+        self.assertEqual((yield threads.deferToThread(second.reply))[0], 421)
+        scraped = yield self.scraper.scrape()
+        refused = ("mailauth_connections_refused_total",
+                   (("listener", "submission"), ("reason", "too_many_from_address")))
+        self.assertEqual(scraped[refused], 1)
+        self.assertEqual(scraped[("mailauth_connections_total", (("listener", "submission"),))],
+                         2)
+
+    @defer.inlineCallbacks
+    def test_relayAgainstSink(self) -> None:
+        """
+        With [relay] to a real SMTP server: a message relayed is counted as
+        sent and timed; one the relay defers is counted as deferred and
+        stays in the queue gauges.
+        """
+        events = QueueEvents()
+        events.start(self)
+        pki = makePKI()
+        sink = SMTPSink(reactor, pki)
+        yield sink.start()
+        self.addCleanup(sink.stop)
+        sink.rcptReplies["later@remote.example"] = [b"451 4.3.0 try again later"]
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        with open(os.path.join(base, "ca.pem"), "wb") as f:
+            f.write(pki.caPEM)
+        with open(os.path.join(base, "relay-password"), "w") as f:
+            f.write("relay secret\n")
+        daemon = self.startDaemon(extra=(
+            f"\n[relay]\nhost = 127.0.0.1\nport = {sink.port}\ntls = starttls\n"
+            f"username = relay-user\npassword_file = {base}/relay-password\n"
+            f"ca_file = {base}/ca.pem\n"))
+        before = yield self.scraper.scrape()
+        self.assertEqual(before[("mailauth_queue_messages", ())], 0)
+        submitter = EndToEndMixin()
+        submitter.daemon = daemon
+        submitter.inThread = threads.deferToThread
+        yield submitter.submit("submission", "PLAIN", SHA512, PASSWORD,
+                               recipients=("bob@remote.example",))
+        yield events.wait("removed")
+        yield submitter.submit("submission", "PLAIN", SHA512, PASSWORD,
+                               recipients=("later@remote.example",))
+        yield events.wait("deferred")
+        after = yield self.scraper.scrape()
+        self.assertEqual(
+            [delta(before, after, "mailauth_relay_attempts_total", outcome=outcome)
+             for outcome in ("sent", "deferred", "bounced", "error")], [1, 1, 0, 0])
+        self.assertEqual(delta(before, after, "mailauth_relay_seconds_count"), 2)
+        self.assertEqual(after[("mailauth_queue_messages", ())], 1)
+        self.assertGreaterEqual(after[("mailauth_queue_oldest_age_seconds", ())], 0)

@@ -45,6 +45,7 @@ from tests.support import (
     Session,
     TokenIssuer,
     makeFactory,
+    withoutSession,
 )
 
 ISSUER = TokenIssuer.ISSUER
@@ -580,7 +581,8 @@ class SessionTests(unittest.TestCase):
 
     def test_tarpitAfterResponse(self) -> None:
         """Past the throttle's threshold the 535 waits its delay after the dummy response."""
-        self.patch(self.factory.throttle, "failure", lambda host, login: defer.succeed(2.0))
+        self.patch(self.factory.throttle, "failure",
+                   lambda host, login, session: defer.succeed(2.0))
         self.session.command(b"AUTH OAUTHBEARER " + b64(oauthbearer("T")))
         self.refuse()
         self.assertEqual(self.session.command(b64(b"\x01")), [])
@@ -698,7 +700,7 @@ class DaemonTests(AttackMixin, unittest.TestCase):
         replies = yield self.inThread(self.exchange, b"AUTH OAUTHBEARER " + b64(oauthbearer(token)),
                                       b"MAIL FROM:<bob@example.test>")
         self.assertEqual([code for code, _ in replies], [235, 250])
-        self.assertEqual((yield success), "auth success: client=[127.0.0.1] "
+        self.assertEqual(withoutSession((yield success)), "auth success: client=[127.0.0.1] "
                                           "mechanism=OAUTHBEARER login=<bob@example.test>")
         replies = yield self.inThread(self.exchange, b"AUTH XOAUTH2", b64(xoauth2(token)))
         self.assertEqual([code for code, _ in replies], [334, 235])
@@ -714,7 +716,7 @@ class DaemonTests(AttackMixin, unittest.TestCase):
         self.assertEqual(code, 334)
         self.assertEqual(json.loads(base64.b64decode(text))["status"], "invalid_token")
         self.assertEqual(second, (535, [b"5.7.8 Authentication credentials invalid"]))
-        self.assertEqual((yield failure), "auth failure: client=[127.0.0.1] "
+        self.assertEqual(withoutSession((yield failure)), "auth failure: client=[127.0.0.1] "
                                           "mechanism=OAUTHBEARER login=<bob@example.test>")
 
     @defer.inlineCallbacks

@@ -936,6 +936,10 @@ HOSTILE = b"x] client=[192.0.2.66] mechanism=PLAIN login=<y"
 FORGED = (b"x\n2026-11-29T15:23:31+0000 [mailauth.esmtp#info] auth failure: "
           b"client=[192.0.2.67] mechanism=PLAIN login=<y>")
 
+# The clients of the failed guesses in the log, one per auth failure line.
+FAILED = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.6", "127.0.0.7", "::1",
+          "127.0.0.10", "127.0.0.10"]
+
 _twistdRun: dict = {}
 
 
@@ -950,8 +954,9 @@ def twistdLog(tmp: str) -> dict:
     if _twistdRun:
         return _twistdRun
     daemon = Daemon(tmp, {
-        "listener:submission": None,
         "listener:v6": {"endpoint": "tcp6:0:interface=\\:\\:1", "tls": "implicit"},
+        # 127.0.0.10 is blocked at its second failure.
+        "auth": {"max_failures_per_address": "2"},
     })
     logPath = os.path.join(daemon.dir, "mailauth.log")
     process = subprocess.Popen(
@@ -961,7 +966,7 @@ def twistdLog(tmp: str) -> dict:
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
-        ports = _waitForPorts(logPath, process, 2)
+        ports = _waitForPorts(logPath, process, 3)
         _playLogins(ports)
     finally:
         process.send_signal(signal.SIGTERM)
@@ -986,7 +991,7 @@ def _waitForPorts(logPath: str, process, count: int) -> list:
 
 
 def _playLogins(ports: list) -> None:
-    v4, v6 = ports
+    starttls, v4, v6 = ports
 
     clients = []
 
@@ -1034,6 +1039,29 @@ def _playLogins(ports: list) -> None:
         # IPv6.
         c = session("::1", host="::1", port=v6)
         assert c.command(plain(BOB, b"wrong"))[0] == 535
+        # The other lines of a session, none of them a failure to ban:
+        # refused commands, AUTH before TLS, a TLS handshake that fails, an
+        # address blocked, the hang-up and the refused connection after it.
+        c = session("127.0.0.4")
+        assert c.command(plain(BOB, BOB_PASSWORD))[0] == 235
+        assert c.command(b"MAIL FROM:<bob@example.test>")[0] == 250
+        assert c.command(b"RCPT TO:<nobody@example.test>")[0] == 550
+        assert c.command(b"RCPT TO:<someone@remote.example>")[0] == 554
+        c = RawClient(starttls, source="127.0.0.11")
+        clients.append(c)
+        assert c.reply()[0] == 220 and c.ehlo()[0] == 250
+        assert c.command(plain(BOB, BOB_PASSWORD))[0] == 538
+        assert c.command(b"MAIL FROM:<bob@example.test>")[0] == 530
+        c = RawClient(v4, source="127.0.0.12")
+        clients.append(c)
+        c.send(b"EHLO client.example\r\n")
+        assert c.reply() == (None, [])
+        c = session("127.0.0.10")
+        assert c.command(plain(BOB, b"guess1"))[0] == 535
+        assert c.command(plain(BOB, b"guess2"))[0] == 421
+        c = RawClient(v4, source="127.0.0.10", tls=True)
+        clients.append(c)
+        assert c.reply()[0] == 421
     finally:
         for c in clients:
             c.close()
@@ -1072,15 +1100,16 @@ class FailToBanTests(unittest.TestCase):
         successes = self.authLines("success")
         pattern = (r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[mailauth\.esmtp#info\] "
                    r"auth (failure|success): client=\[([0-9a-f.:]+)\] "
-                   r"mechanism=(PLAIN|LOGIN|CRAM-MD5) login=<([^<> ]*)>$")
+                   r"mechanism=(PLAIN|LOGIN|CRAM-MD5) login=<([^<> ]*)> session=[0-9a-f]{12}$")
         for line in failures + successes:
             self.assertRegex(line, pattern)
         self.assertEqual(
             sorted(re.match(pattern, line).group(2, 3) for line in failures),
-            [("127.0.0.1", "PLAIN"), ("127.0.0.2", "LOGIN"), ("127.0.0.3", "CRAM-MD5"),
-             ("127.0.0.6", "PLAIN"), ("127.0.0.7", "PLAIN"), ("::1", "PLAIN")])
+            [("127.0.0.1", "PLAIN"), ("127.0.0.10", "PLAIN"), ("127.0.0.10", "PLAIN"),
+             ("127.0.0.2", "LOGIN"), ("127.0.0.3", "CRAM-MD5"), ("127.0.0.6", "PLAIN"),
+             ("127.0.0.7", "PLAIN"), ("::1", "PLAIN")])
         self.assertEqual(sorted(re.match(pattern, line).group(2, 3) for line in successes),
-                         [("127.0.0.4", "PLAIN"), ("127.0.0.5", "LOGIN")])
+                         [("127.0.0.4", "PLAIN"), ("127.0.0.4", "PLAIN"), ("127.0.0.5", "LOGIN")])
 
     def test_noPasswordLogged(self):
         """
@@ -1101,9 +1130,50 @@ class FailToBanTests(unittest.TestCase):
         """
         matched = fail2banRegex(self.run["path"], "msg")
         self.assertEqual(sorted(matched), sorted(self.authLines("failure")))
-        self.assertEqual(sorted(fail2banRegex(self.run["path"], "ip")),
-                         sorted(["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.6",
-                                 "127.0.0.7", "::1"]))
+        self.assertEqual(sorted(fail2banRegex(self.run["path"], "ip")), sorted(FAILED))
+
+    def test_otherSessionLinesNotMatched(self):
+        """
+        The other lines of a session (connect and disconnect, refused
+        commands, AUTH before TLS, a failed TLS handshake, the address
+        blocked, the hang-up and the refused connection) are in the log,
+        with the client and the session, and the filter matches none.
+        """
+        log = self.run["log"]
+        for pattern in [
+            r"connect: client=\[127\.0\.0\.12\] listener=submissions",
+            r'TLS handshake failed: client=\[127\.0\.0\.12\] listener=submissions why="[^"]+"',
+            r"refused RCPT: client=\[127\.0\.0\.4\] login=<bob@example\.test> "
+            r"reason=unknown_user",
+            r"refused RCPT: client=\[127\.0\.0\.4\] .* reason=relay_denied",
+            r"refused AUTH: client=\[127\.0\.0\.11\] login=<> reason=encryption_required",
+            r"refused MAIL: client=\[127\.0\.0\.11\] login=<> reason=auth_required",
+            r"address blocked: client=\[127\.0\.0\.10\] key=127\.0\.0\.10 failures=2",
+            r"hang-up: client=\[127\.0\.0\.10\] login=<> reason=blocked command=AUTH",
+            r"refused connection: client=\[127\.0\.0\.10\] listener=submissions reason=blocked",
+            r"disconnect: client=\[127\.0\.0\.4\] login=<bob@example\.test> messages=0",
+        ]:
+            self.assertRegex(log, rf"\[mailauth\.esmtp#info\] {pattern}.* session=[0-9a-f]{{12}}\n")
+        matched = set(fail2banRegex(self.run["path"], "ip"))
+        for client in ("127.0.0.4", "127.0.0.11", "127.0.0.12"):
+            self.assertNotIn(client, matched)
+        self.assertEqual(fail2banRegex(self.run["path"], "ip").count("127.0.0.10"), 2)
+
+    def test_sessionTiesItsLines(self):
+        """
+        Every line of a session ends with the same session ID, from its
+        connect to its disconnect; another session has another.
+        """
+        sessions: dict = {}
+        for line in self.run["log"].splitlines():
+            if "client=[127.0.0.10]" in line:
+                session = re.search(r" session=([0-9a-f]{12})$", line).group(1)
+                sessions.setdefault(session, []).append(line.split("] ", 1)[1].split(":")[0])
+        # The refused connection after the block is a session of its own.
+        self.assertEqual(sorted(sessions.values()), [
+            ["connect", "auth failure", "auth failure", "address blocked", "hang-up",
+             "disconnect"],
+            ["refused connection"]])
 
     def test_mechanismChoiceNotMatched(self):
         """
@@ -1112,9 +1182,10 @@ class FailToBanTests(unittest.TestCase):
         filter does not match: fail2ban never bans a user for their
         client's choice. The same holds for a suspended login's line.
         """
-        [line] = [line for line in self.run["log"].splitlines() if "127.0.0.9" in line]
+        [line] = [line for line in self.run["log"].splitlines()
+                  if "127.0.0.9" in line and "auth " in line]
         self.assertRegex(line, r"\] auth mechanism unusable: client=\[127\.0\.0\.9\] "
-                         rf"mechanism=CRAM-MD5 login=<{re.escape(SHA512)}>$")
+                         rf"mechanism=CRAM-MD5 login=<{re.escape(SHA512)}> session=[0-9a-f]{{12}}$")
         self.assertNotIn("127.0.0.9", fail2banRegex(self.run["path"], "ip"))
         path = self.run["path"] + ".suspended"
         with open(path, "w") as f:
@@ -1144,9 +1215,7 @@ class FailToBanTests(unittest.TestCase):
         with open(path, "w") as f:
             for line in self.run["log"].splitlines():
                 f.write(f"{line[:24]} mail.example.org twistd3[4242]: {line}\n")
-        self.assertEqual(
-            sorted(fail2banRegex(path, "ip")),
-            sorted(["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.6", "127.0.0.7", "::1"]))
+        self.assertEqual(sorted(fail2banRegex(path, "ip")), sorted(FAILED))
 
     def test_jailExampleLoads(self):
         """

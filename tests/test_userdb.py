@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import stat
@@ -524,3 +525,32 @@ def loadUsers(path: str) -> UserDatabase:
     db = UserDatabase(path)
     db.load()
     return db
+
+
+class LockOwnerTests(unittest.TestCase):
+    """The users file's lock does not lock out the daemon's user."""
+
+    def test_lockFileOwnedLikeUsersFile(self) -> None:
+        """
+        The lock file an edit makes belongs to the users file's owner and
+        group (root makes it for the daemon's user), and is taken through a
+        read-only descriptor, so that group read access is enough.
+        """
+        if os.geteuid() != 0:
+            raise AssertionError("run as root (CI does): only root can give files away")
+        directory = os.path.abspath(self.mktemp())
+        os.mkdir(directory)
+        path = os.path.join(directory, "users")
+        with open(path, "w") as f:
+            f.write("alice@example.org:{PLAIN}a\n")
+        os.chown(path, 65534, 65534)
+        addUser(path, "bob@example.org", CRAM)
+        lock = os.stat(path + ".lock")
+        self.assertEqual((lock.st_uid, lock.st_gid), (65534, 65534))
+        self.assertEqual(lock.st_mode & 0o777, 0o640)
+        # What the daemon's user can do with it: open it read-only and lock.
+        fd = os.open(path + ".lock", os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)

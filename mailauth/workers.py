@@ -1,0 +1,655 @@
+"""
+C{[server] workers = N}: the listeners served by N processes, so that one
+node uses all its cores.
+
+The parent (C{twistd mailauth}) binds every listening socket itself, in
+C{privilegedStartService}, while it may still be root: twistd's C{--uid} and
+C{--gid} drop privileges after that, and the workers it then starts run as
+that user. Each worker is C{python -m mailauth.workers}, started with
+C{spawnProcess}; it inherits the sockets and adopts them
+(C{adoptStreamPort}), so every worker accepts from the same accept queue:
+connections waiting there when a worker dies are taken by the others, where
+C{SO_REUSEPORT} would have reset the ones hashed to its socket. Implicit TLS
+and PROXY-protocol listeners need nothing special: the worker wraps the
+adopted socket's factory exactly as one process wraps its own.
+
+The parent also runs what there must be one of: the forward queue's runner
+(workers write into the queue and tell the parent to look), autoconfig, and
+systemd's readiness. Each worker keeps its own users file in memory, its
+certificate, its thread pools and connection limits, and re-reads its files
+on its own timer and on the SIGHUP the parent forwards. Counters that must
+be shared (the throttle) live in the C{[state]} backend, which is why
+C{workers > 1} needs one that is not in memory.
+
+The pipes between them (child descriptors):
+
+  - 0, parent to worker: the configuration text the parent validated (so
+    that a worker restarted later serves what the others serve, whatever
+    happened to the file since), then nothing; its end means the parent is
+    gone, and the worker stops.
+  - 1, worker to parent: the worker's log events, one JSON object a line
+    with what a log line shows (L{LogRelay}); the parent publishes them in
+    its own log, where they read as the lines of one process do.
+  - 2: the worker's stderr, for what it writes before its log starts.
+  - 3, worker to parent: control lines, C{ready} once it serves and C{wake}
+    after it queued a message.
+  - 4 and up: the listening sockets, in the order of the C{--listener}
+    arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import site
+import socket
+import sys
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, cast
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer, endpoints, error, protocol
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    LogPublisher,
+    eventAsJSON,
+    eventAsText,
+    eventFromJSON,
+    globalLogPublisher,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+log = Logger(namespace="mailauth.workers")
+
+CONFIG_FD = 0
+LOG_FD = 1
+STDERR_FD = 2
+CONTROL_FD = 3
+FIRST_SOCKET_FD = 4
+
+# Environment a worker must not inherit: systemd's messages are the
+# parent's to send, and the sockets systemd passed are the parent's.
+_PARENT_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
+                "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+
+
+class _Refuse(protocol.Factory):
+    """The parent's factory: it holds the sockets but never accepts on them."""
+
+    def buildProtocol(self, addr):
+        return None
+
+
+@attrs.define
+class _Slot:
+    """One worker, across its restarts."""
+
+    index: int
+    process: Any = None
+    pid: Optional[int] = None
+    startedAt: float = 0.0
+    ready: bool = False
+    delay: float = 0.0
+    restart: Any = None
+    ended: Optional[defer.Deferred] = None
+    #: a SIGHUP that came while the worker was starting, for when it serves
+    reload: bool = False
+
+
+class _WorkerProtocol(protocol.ProcessProtocol):
+    """The parent's end of one worker's pipes."""
+
+    def __init__(self, pool: WorkerPool, slot: _Slot) -> None:
+        self.pool = pool
+        self.slot = slot
+        self._buffers: dict = {LOG_FD: b"", STDERR_FD: b"", CONTROL_FD: b""}
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD not in self._buffers:
+            return
+        buffered = self._buffers[childFD] + data
+        *lines, self._buffers[childFD] = buffered.split(b"\n")
+        for line in lines:
+            self._line(childFD, line)
+
+    def _line(self, childFD: int, line: bytes) -> None:
+        if childFD == LOG_FD:
+            self.pool._relay(self.slot, line)
+        elif childFD == CONTROL_FD:
+            self.pool._control(self.slot, line.strip())
+        elif line.strip():
+            log.warn("worker {index} (pid {pid}): {line}", index=self.slot.index,
+                     pid=self.slot.pid, line=line.decode("utf-8", "replace").rstrip())
+
+    def processEnded(self, reason: Failure) -> None:
+        for childFD, rest in self._buffers.items():
+            if rest:
+                self._line(childFD, rest)
+        self._buffers = {}
+        self.pool._ended(self.slot, reason)
+
+
+class HeldPort(service.Service):
+    """
+    A listener's socket, bound by the parent (in C{privilegedStartService},
+    while it may still be root) and held open for its workers, which
+    accept on it; the parent never does.
+
+    @ivar listener: the listener's name, C{NAME} of C{[listener:NAME]}.
+    @ivar description: its endpoint string.
+    @ivar port: the listening port once bound, else L{None}.
+    """
+
+    def __init__(self, reactor, listener: str, description: str) -> None:
+        self.reactor = reactor
+        self.listener = listener
+        self.description = description
+        self.name = f"listener:{listener}"
+        self.port: Any = None
+        self._waitingForPort: Optional[defer.Deferred] = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._bind()
+
+    def startService(self) -> None:
+        super().startService()
+        self._bind()
+
+    def _bind(self) -> None:
+        """Listen now (TCP, UNIX and systemd endpoints listen at once), or raise why not."""
+        if self.port is not None:
+            return
+        d = endpoints.serverFromString(self.reactor, self.description).listen(_Refuse())
+        result: list = []
+        d.addBoth(result.append)
+        if not result:
+            raise RuntimeError(f"{self.description!r} did not listen at once")
+        if isinstance(result[0], Failure):
+            result[0].raiseException()
+        self.port = result[0]
+        # The workers accept; the parent only keeps the socket open for them.
+        self.port.stopReading()
+        # Where the daemon learns that, and where, a listening service
+        # listens (mailauth.sdnotify, the "listening on" line).
+        self._waitingForPort = defer.succeed(self.port)
+
+    def stopService(self) -> Optional[defer.Deferred]:
+        super().stopService()
+        port, self.port = self.port, None
+        return None if port is None else port.stopListening()
+
+
+class WorkerPool(service.Service):
+    """
+    Keeps C{count} worker processes serving the sockets its L{HeldPort}s hold:
+    a worker that ends while the pool runs is started again (after 1 s, and
+    twice as long each time it ends again within C{stableAfter}); on stop,
+    each gets SIGTERM, and SIGKILL after C{stopTimeout}.
+
+    A worker that ends before any worker has been ready means the daemon
+    cannot serve (a key its user cannot read, a port it cannot adopt): the
+    pool logs it and calls C{stopDaemon} instead of retrying forever.
+
+    @ivar _waitingForPort: fires with L{True} once every worker has said it
+        serves (or with L{None} if the pool gave up first): the readiness
+        that L{mailauth.sdnotify} reads from a listening service.
+    """
+
+    name = "workers"
+    minDelay = 1.0
+    maxDelay = 30.0
+    stableAfter = 30.0
+
+    def __init__(self, reactor, count: int, listeners: Sequence[HeldPort], configPath: str,
+                 configText: str, *, wakeQueue: Callable[[], None] = lambda: None,
+                 stopDaemon: Optional[Callable[[], None]] = None,
+                 publisher: Optional[LogPublisher] = None,
+                 executable: str = sys.executable,
+                 environ: Optional[Mapping[str, str]] = None,
+                 stopTimeout: float = 10.0) -> None:
+        """
+        @param reactor: binds, spawns (C{IReactorProcess}) and keeps time.
+        @param count: how many workers.
+        @param listeners: the sockets of every listener, in order.
+        @param configPath: the configuration file, named in its errors.
+        @param configText: its text, which every worker is given.
+        @param wakeQueue: called when a worker has queued a message.
+        @param stopDaemon: stops the whole daemon; default C{reactor.stop}.
+        @param publisher: where the workers' log events go; default the
+            global log publisher (twistd's log).
+        @param environ: the workers' environment, less what only the parent
+            may use; default C{os.environ}.
+        """
+        self.reactor = reactor
+        self.count = count
+        self.listeners = tuple(listeners)
+        self.configPath = configPath
+        self.configText = configText
+        self.wakeQueue = wakeQueue
+        self.stopDaemon = stopDaemon if stopDaemon is not None else reactor.stop
+        self.publisher = publisher if publisher is not None else globalLogPublisher
+        self.executable = executable
+        self.environ = workerEnvironment(os.environ if environ is None else environ)
+        self.stopTimeout = stopTimeout
+        self.slots = [_Slot(index=n) for n in range(1, count + 1)]
+        self._waitingForPort: defer.Deferred = defer.Deferred()
+        self._everReady = False
+        self._gaveUp = False
+
+    # Service
+
+    def startService(self) -> None:
+        super().startService()
+        for slot in self.slots:
+            if not self._gaveUp:
+                self._spawn(slot)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        ended = []
+        for slot in self.slots:
+            if slot.restart is not None and slot.restart.active():
+                slot.restart.cancel()
+            slot.restart = None
+            if slot.process is not None and slot.ended is not None:
+                ended.append(slot.ended)
+                _signal(slot, "TERM")
+        killer = self.reactor.callLater(self.stopTimeout, self._killAll)
+        d = defer.gatherResults(ended)
+
+        def stopped(result):
+            if killer.active():
+                killer.cancel()
+            return None
+
+        return d.addBoth(stopped)
+
+    def _killAll(self) -> None:
+        for slot in self.slots:
+            if slot.process is not None:
+                log.warn("worker {index} (pid {pid}) did not stop within {seconds:g} s: "
+                         "killing it", index=slot.index, pid=slot.pid, seconds=self.stopTimeout)
+                _signal(slot, "KILL")
+
+    # Workers
+
+    def reloadWorkers(self) -> None:
+        """
+        Send every worker SIGHUP, to reload its certificate and files. A
+        worker still starting gets it once it serves: until it has set its
+        handler, SIGHUP would kill it.
+        """
+        for slot in self.slots:
+            if slot.process is not None and slot.ready:
+                _signal(slot, "HUP")
+            elif slot.process is not None:
+                slot.reload = True
+
+    def _spawn(self, slot: _Slot) -> None:
+        slot.restart = None
+        childFDs: dict = {CONFIG_FD: "w", LOG_FD: "r", STDERR_FD: "r", CONTROL_FD: "r"}
+        args = [self.executable, "-m", "mailauth.workers", "--index", str(slot.index),
+                "--config", self.configPath]
+        for offset, held in enumerate(self.listeners):
+            childFDs[FIRST_SOCKET_FD + offset] = held.port.fileno()
+            args += ["--listener", f"{held.listener}={FIRST_SOCKET_FD + offset}"]
+        slot.ready = slot.reload = False
+        slot.startedAt = self.reactor.seconds()
+        proto = _WorkerProtocol(self, slot)
+        try:
+            process = self.reactor.spawnProcess(proto, self.executable, args,
+                                                env=self.environ, childFDs=childFDs)
+        except Exception:
+            log.failure("worker {index}: cannot run {executable}", index=slot.index,
+                        executable=self.executable)
+            self._ended(slot, Failure(error.ProcessTerminated(127)))
+            return
+        slot.process, slot.pid, slot.ended = process, process.pid, defer.Deferred()
+        data = self.configText.encode("utf-8")
+        slot.process.writeToChild(CONFIG_FD, b"%d\n" % len(data) + data)
+        log.info("worker {index} started (pid {pid})", index=slot.index, pid=slot.pid)
+
+    def _control(self, slot: _Slot, line: bytes) -> None:
+        if line == b"wake":
+            self.wakeQueue()
+        elif line == b"ready":
+            slot.ready = True
+            log.info("worker {index} (pid {pid}) is serving", index=slot.index, pid=slot.pid)
+            if slot.reload:
+                slot.reload = False
+                _signal(slot, "HUP")
+            if not (self._everReady or self._gaveUp) and all(s.ready for s in self.slots):
+                self._everReady = True
+                self._waitingForPort.callback(True)
+
+    def _relay(self, slot: _Slot, record: bytes) -> None:
+        if not record.strip():
+            return
+        try:
+            event = eventFromRelay(record)
+        except ValueError:
+            log.warn("worker {index} (pid {pid}) logged what is not JSON: {record!r}",
+                     index=slot.index, pid=slot.pid, record=record[:200])
+            return
+        event["log_worker"] = slot.index
+        self.publisher(event)
+
+    def _ended(self, slot: _Slot, reason: Failure) -> None:
+        how = _how(reason)
+        pid, lived = slot.pid, self.reactor.seconds() - slot.startedAt
+        slot.process = slot.pid = None
+        ended, slot.ended = slot.ended, None
+        if ended is not None:
+            ended.callback(None)
+        if not self.running:
+            log.info("worker {index} (pid {pid}) stopped: {how}", index=slot.index, pid=pid,
+                     how=how)
+            return
+        if self._gaveUp:
+            return
+        if not slot.ready and not self._everReady:
+            self._gaveUp = True
+            log.critical("worker {index} (pid {pid}) {how} before it could serve; "
+                         "stopping mailauth (its error is logged above)",
+                         index=slot.index, pid=pid, how=how)
+            self._waitingForPort.callback(None)
+            self.stopDaemon()
+            return
+        slot.delay = (self.minDelay if lived >= self.stableAfter or not slot.delay
+                      else min(self.maxDelay, slot.delay * 2))
+        log.error("worker {index} (pid {pid}) {how}; starting it again in {delay:g} s",
+                  index=slot.index, pid=pid, how=how, delay=slot.delay)
+        slot.restart = self.reactor.callLater(slot.delay, self._spawn, slot)
+
+
+def _signal(slot: _Slot, name: str) -> None:
+    try:
+        slot.process.signalProcess(name)
+    except (error.ProcessExitedAlready, OSError):
+        pass
+
+
+def _how(reason: Failure) -> str:
+    """How a process ended, in words: C{exited with 1}, C{was killed by SIGKILL}."""
+    value = reason.value
+    sig = getattr(value, "signal", None)
+    if sig is not None:
+        try:
+            return f"was killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"was killed by signal {sig}"
+    return f"exited with {getattr(value, 'exitCode', None)}"
+
+
+def workerEnvironment(environ: Mapping[str, str]) -> dict:
+    """
+    The environment of a worker: the parent's, less what only the parent
+    may use, and with this copy of mailauth importable.
+    """
+    env = {key: value for key, value in environ.items() if key not in _PARENT_ONLY}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in site.getsitepackages() and root not in env.get("PYTHONPATH", "").split(
+            os.pathsep):
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def readConfiguration(path: str, expected) -> str:
+    """
+    The text of the configuration file C{path}, which the workers will be
+    given, checked to be the one the parent validated as C{expected}.
+
+    @raise SystemExit: if it cannot be read, or says something else now.
+    """
+    from mailauth import config as configmod
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        changed = configmod.loadText(text, path) != expected
+    except (OSError, UnicodeDecodeError, configmod.ConfigError) as e:
+        raise SystemExit(f"{path}: cannot read it again for the workers: {e}") from None
+    if changed:
+        raise SystemExit(f"{path}: changed while mailauth was starting; start it again")
+    return text
+
+
+# The log, from worker to parent
+
+
+@implementer(ILogObserver)
+class LogRelay:
+    """
+    A worker's log observer: each event as one line for L{eventFromRelay}
+    in the parent.
+
+    With the text log format, a line holds only what a log line shows
+    (C{L} and JSON of time, namespace, level, system, and the text with any
+    traceback): L{twisted.logger.eventAsJSON} keeps every field, which
+    costs a worker twice what writing the line does, and the parent as much
+    again to read, for fields no text observer reads. With C{[server]
+    log_format = json} the fields are the point: a line is then C{J} and
+    the whole event as L{twisted.logger.eventAsJSON} writes it.
+
+    @ivar full: whether to relay every field.
+    """
+
+    def __init__(self, out, full: bool = False) -> None:
+        self.out = out
+        self.full = full
+
+    def __call__(self, event: dict) -> None:
+        if self.full:
+            line = "J" + eventAsJSON(event)
+        else:
+            level = event.get("log_level")
+            line = "L" + json.dumps({
+                "t": event.get("log_time"),
+                "n": event.get("log_namespace"),
+                "l": level.name if level is not None else None,
+                "s": event.get("log_system"),
+                "x": eventAsText(event, includeTraceback=True, includeTimestamp=False,
+                                 includeSystem=False),
+            })
+        self.out.write(line + "\n")
+        self.out.flush()
+
+
+def eventFromRelay(record: bytes) -> dict:
+    """
+    The event a L{LogRelay} line stands for.
+
+    @raise ValueError: if C{record} is not such a line.
+    """
+    kind, text = record[:1], record[1:].decode("utf-8")
+    if kind == b"J":
+        return eventFromJSON(text)
+    data = json.loads(text) if kind == b"L" else None
+    if not isinstance(data, dict) or not isinstance(data.get("x"), str):
+        raise ValueError("not a relayed log event")
+    event = {"log_time": data.get("t"), "log_namespace": data.get("n"),
+             "log_format": "{log_text}", "log_text": data["x"]}
+    if data.get("l") is not None:
+        event["log_level"] = LogLevel.levelWithName(data["l"])
+    if data.get("s") is not None:
+        event["log_system"] = data["s"]
+    return event
+
+
+# The worker's side
+
+
+@attrs.frozen
+class Worker:
+    """
+    What L{mailauth.tap.buildService} needs to build a worker instead of a
+    whole daemon: the inherited sockets to serve, and how to tell the
+    parent that the queue has new mail.
+
+    @ivar sockets: listener name to inherited file descriptor.
+    """
+
+    index: int
+    sockets: Mapping[str, int]
+    wakeQueue: Callable[[], None]
+
+    def listen(self, name: str, factory: IProtocolFactory, reactor) -> service.IService:
+        """The service that serves listener C{name}'s inherited socket with C{factory}."""
+        return AdoptedPortService(reactor, self.sockets[name], factory, f"listener:{name}")
+
+
+class AdoptedPortService(service.Service):
+    """Serves an inherited listening socket: adopts it on start, closes it on stop."""
+
+    def __init__(self, reactor, fd: int, factory: IProtocolFactory, name: str) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.factory = factory
+        self.name = name
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        probe = socket.socket(fileno=self.fd)
+        self.family = probe.family
+        probe.detach()
+        # adoptStreamPort takes a copy and leaves the original to us.
+        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
+        os.close(self.fd)
+
+    def stopService(self) -> Optional[defer.Deferred]:
+        super().stopService()
+        if self.port is None:
+            return None
+        port, self.port = self.port, None
+        if self.family == socket.AF_UNIX:
+            # Twisted's UNIX port removes its socket's path when it stops
+            # listening, which would cut the others off: this worker only
+            # stops accepting, and its copy closes when it exits. The
+            # parent removes the path when the daemon stops.
+            port.stopReading()
+            return None
+        return port.stopListening()
+
+
+class _ParentLink(protocol.Protocol):
+    """
+    The worker's end of the pipes to its parent: control lines out, and
+    the end of the configuration pipe in, which means the parent is gone.
+    """
+
+    def __init__(self, parentGone: Callable[[], None]) -> None:
+        self.parentGone = parentGone
+
+    def send(self, line: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(line + b"\n")
+
+    def wake(self) -> None:
+        self.send(b"wake")
+
+    def connectionLost(self, reason=None) -> None:
+        self.transport = None
+        self.parentGone()
+
+
+def readConfigText(fd: int) -> str:
+    """Read what L{WorkerPool} writes first on C{fd}: a length line, then that many bytes."""
+    header = b""
+    while not header.endswith(b"\n"):
+        chunk = os.read(fd, 1)
+        if not chunk:
+            raise SystemExit("mailauth worker: the parent sent no configuration")
+        header += chunk
+    size = int(header)
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            raise SystemExit("mailauth worker: the configuration from the parent was cut short")
+        data += chunk
+    return data.decode("utf-8")
+
+
+def _arguments(argv: Optional[Iterable[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m mailauth.workers",
+        description="A mailauth worker process; twistd mailauth starts these itself.")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--config", required=True, help="the file the configuration came from")
+    parser.add_argument("--listener", action="append", default=[], metavar="NAME=FD")
+    return parser.parse_args(None if argv is None else list(argv))
+
+
+def main(argv: Optional[Iterable[str]] = None) -> int:
+    """Run one worker until its parent stops it or goes away; the exit status."""
+    args = _arguments(argv)
+    # Ctrl-C in a terminal reaches every process of the group: the parent
+    # stops its workers itself, in order. A SIGHUP before the service sets
+    # its handler would kill the worker; the files are being read anyway.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    text = readConfigText(CONFIG_FD)
+    sockets = {}
+    for item in args.listener:
+        name, _, fd = item.rpartition("=")
+        sockets[name] = int(fd)
+
+    from twisted.internet import reactor as globalReactor
+    from twisted.internet import stdio
+    from twisted.logger import globalLogBeginner
+
+    from mailauth import config as configmod
+    from mailauth import tap
+
+    out = open(LOG_FD, "w", encoding="utf-8", closefd=False)
+    cfg = configmod.loadText(text, args.config)
+    globalLogBeginner.beginLoggingTo([LogRelay(out, full=cfg.server.log_format == "json")],
+                                     redirectStandardIO=False)
+    reactor: Any = globalReactor
+    failed: list = []
+    stopping: list = []
+
+    def stop() -> None:
+        if not stopping:
+            stopping.append(True)
+            reactor.stop()
+
+    def parentGone() -> None:
+        if not stopping:
+            log.info("worker {index}: the parent process is gone: stopping", index=args.index)
+            stop()
+
+    link = _ParentLink(parentGone)
+    # (mypy reads the Windows StandardIO, which has no stdin or stdout.)
+    cast(Any, stdio.StandardIO)(link, stdin=CONFIG_FD, stdout=CONTROL_FD, reactor=reactor)
+    top = tap.buildService(cfg, reactor, worker=Worker(args.index, sockets, link.wake))
+
+    def start() -> None:
+        # SIGTERM comes twice when systemd signals the whole group and the
+        # parent forwards its own: stop once, quietly.
+        signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(stop))
+        try:
+            top.startService()
+        except Exception:
+            log.failure("worker {index} could not start", index=args.index)
+            failed.append(True)
+            stop()
+            return
+        link.send(b"ready")
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,664 @@
+"""
+C{[server] workers}: the parent that binds and supervises (L{WorkerPool}),
+the worker that adopts the sockets, the configuration's rules, and what
+L{tap.buildService} builds for each; tests/test_workersdaemon.py runs the
+whole daemon.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+
+from twisted.internet import defer, error, protocol, reactor, threads
+from twisted.internet.task import Clock
+from twisted.logger import (
+    LegacyLogObserverWrapper,
+    Logger,
+    formatEvent,
+    formatEventAsClassicLogText,
+    globalLogPublisher,
+)
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from mailauth import checks, tap, workers
+from mailauth import config as configmod
+from mailauth.checks import Account
+from mailauth.logs import eventAsJSONLine
+from mailauth.workers import (
+    CONFIG_FD,
+    CONTROL_FD,
+    FIRST_SOCKET_FD,
+    LOG_FD,
+    STDERR_FD,
+    AdoptedPortService,
+    HeldPort,
+    LogRelay,
+    Worker,
+    WorkerPool,
+    readConfigText,
+    readConfiguration,
+    workerEnvironment,
+)
+from tests.harness import (
+    ClockedReactor,
+    writeDaemonDirectory,
+)
+
+LISTENERS = [("submission", "tcp:0:interface=127.0.0.1"),
+             ("submissions", "tcp:0:interface=127.0.0.1")]
+
+
+class FakeProcess:
+    """What C{spawnProcess} returns, recording what the pool does to it."""
+
+    def __init__(self, proto, pid: int) -> None:
+        self.proto = proto
+        self.pid = pid
+        self.signals: list = []
+        self.written: list = []
+        self.ended = False
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        self.written.append((fd, data))
+
+    def signalProcess(self, name: str) -> None:
+        if self.ended:
+            raise error.ProcessExitedAlready()
+        self.signals.append(name)
+
+    def end(self, exitCode=0, signal=None) -> None:
+        """The process ends: with C{exitCode}, or killed by C{signal}."""
+        self.ended = True
+        self.proto.processEnded(Failure(error.ProcessTerminated(exitCode, signal)))
+
+
+class SpawningReactor(ClockedReactor):
+    """Real sockets, a test-driven clock, and processes that are only recorded."""
+
+    def __init__(self, clock) -> None:
+        super().__init__(clock)
+        self.spawned: list = []
+
+    def spawnProcess(self, proto, executable, args, env=None, childFDs=None, **kwargs):
+        process = FakeProcess(proto, 1000 + len(self.spawned))
+        proto.makeConnection(process)
+        self.spawned.append(dict(executable=executable, args=args, env=env,
+                                 childFDs=childFDs, process=process))
+        return process
+
+
+class WorkerPoolTests(unittest.TestCase):
+    """The parent's side, with real sockets and recorded processes."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.reactor = SpawningReactor(self.clock)
+        self.events: list = []
+        self.wakes: list = []
+        self.stops: list = []
+        # What the pool logs itself, through the global publisher.
+        self.logged: list = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def makePool(self, count: int = 2, **kwargs) -> WorkerPool:
+        self.held = [HeldPort(self.reactor, name, description)
+                     for name, description in LISTENERS]
+        for held in self.held:
+            held.privilegedStartService()
+            self.addCleanup(held.stopService)
+        pool = WorkerPool(self.reactor, count, self.held, "/etc/mailauth/mailauth.conf",
+                          "[server]\nworkers = 2\n", wakeQueue=lambda: self.wakes.append(1),
+                          stopDaemon=lambda: self.stops.append(1),
+                          publisher=self.events.append,
+                          environ={"PATH": "/usr/bin", "NOTIFY_SOCKET": "/run/x"}, **kwargs)
+        pool.privilegedStartService()
+        pool.startService()
+        return pool
+
+    def process(self, n: int) -> FakeProcess:
+        return self.reactor.spawned[n]["process"]
+
+    def ready(self, n: int) -> None:
+        self.process(n).proto.childDataReceived(CONTROL_FD, b"ready\n")
+
+    def test_bindsAndHoldsWithoutAccepting(self):
+        """
+        The parent binds every listener when privileged, and never accepts
+        on them itself: connections wait in the accept queue for a worker.
+        """
+        self.makePool()
+        self.assertEqual([held.name for held in self.held],
+                         ["listener:submission", "listener:submissions"])
+        for port in [held.port for held in self.held]:
+            self.assertNotIn(port, reactor.getReaders())
+            client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+            client.close()
+
+    def test_workersInheritTheSockets(self):
+        """
+        Each worker is C{python -m mailauth.workers}, given the listening
+        sockets at descriptors 4 and up, named in its arguments, and pipes
+        for the configuration, its log, its stderr and control lines.
+        """
+        self.makePool()
+        self.assertEqual(len(self.reactor.spawned), 2)
+        for index, spawned in enumerate(self.reactor.spawned, start=1):
+            fds = spawned["childFDs"]
+            self.assertEqual({fd: fds[fd] for fd in (CONFIG_FD, LOG_FD, STDERR_FD, CONTROL_FD)},
+                             {0: "w", 1: "r", 2: "r", 3: "r"})
+            self.assertEqual(fds[FIRST_SOCKET_FD], self.held[0].port.fileno())
+            self.assertEqual(fds[FIRST_SOCKET_FD + 1], self.held[1].port.fileno())
+            self.assertEqual(spawned["args"][1:], [
+                "-m", "mailauth.workers", "--index", str(index),
+                "--config", "/etc/mailauth/mailauth.conf",
+                "--listener", "submission=4", "--listener", "submissions=5"])
+
+    def test_configurationOnStdin(self):
+        """
+        Each worker is given the configuration text the parent validated
+        (its length, then the text), not left to read the file, which may
+        have changed since.
+        """
+        self.makePool()
+        text = b"[server]\nworkers = 2\n"
+        self.assertEqual(self.process(0).written, [(CONFIG_FD, b"%d\n" % len(text) + text)])
+
+    def test_environment(self):
+        """Workers never see systemd's notification socket: only the parent may use it."""
+        self.makePool(count=1)
+        env = self.reactor.spawned[0]["env"]
+        self.assertNotIn("NOTIFY_SOCKET", env)
+        self.assertEqual(env["PATH"], "/usr/bin")
+
+    def test_restartsAWorkerThatDies(self):
+        """
+        A worker that dies while the pool runs is started again after a
+        second, on the same sockets; the others are left alone.
+        """
+        self.makePool()
+        self.ready(0)
+        self.ready(1)
+        self.process(0).end(signal=signal.SIGKILL)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.clock.advance(1)
+        self.assertEqual(len(self.reactor.spawned), 3)
+        self.assertEqual(self.reactor.spawned[2]["args"][3:5], ["--index", "1"])
+        self.assertEqual(self.process(1).signals, [])
+        self.assertEqual(self.stops, [])
+
+    def test_backoffWhenDyingAgain(self):
+        """
+        A worker that dies again soon after it was started waits twice as
+        long each time (at most 30 s); one that served a while waits 1 s.
+        """
+        pool = self.makePool(count=1)
+        self.ready(0)
+        delays = []
+        for n in range(7):
+            self.process(n).end(exitCode=1)
+            start = len(self.reactor.spawned)
+            waited = 0.0
+            while len(self.reactor.spawned) == start:
+                self.clock.advance(0.5)
+                waited += 0.5
+            delays.append(waited)
+            self.ready(n + 1)
+        self.assertEqual(delays, [1, 2, 4, 8, 16, 30, 30])
+        self.clock.advance(pool.stableAfter)
+        self.process(7).end(exitCode=1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.reactor.spawned), 9)
+
+    def test_workerThatNeverServesStopsTheDaemon(self):
+        """
+        A worker that ends before any worker could serve (a key its user
+        cannot read) stops the daemon instead of restarting forever, and
+        the log says why.
+        """
+        pool = self.makePool()
+        readiness = []
+        pool._waitingForPort.addCallback(readiness.append)
+        self.process(0).proto.childDataReceived(STDERR_FD, b"PermissionError: key.pem\n")
+        self.process(0).end(exitCode=1)
+        self.clock.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual(self.stops, [1])
+        self.assertEqual(readiness, [None])
+        texts = [formatEvent(e) for e in self.logged]
+        self.assertTrue(any("PermissionError: key.pem" in t for t in texts), texts)
+        self.assertTrue(any("before it could serve; stopping mailauth" in t for t in texts),
+                        texts)
+
+    def test_readyOnceEveryWorkerServes(self):
+        """
+        The readiness systemd is told of waits for every worker to say it
+        serves.
+        """
+        pool = self.makePool()
+        readiness = []
+        pool._waitingForPort.addCallback(readiness.append)
+        self.ready(0)
+        self.assertEqual(readiness, [])
+        self.ready(1)
+        self.assertEqual(readiness, [True])
+
+    def test_wakeReachesTheQueue(self):
+        """A worker's C{wake} line (it queued a message) wakes the parent's queue runner."""
+        self.makePool()
+        self.process(1).proto.childDataReceived(CONTROL_FD, b"wa")
+        self.assertEqual(self.wakes, [])
+        self.process(1).proto.childDataReceived(CONTROL_FD, b"ke\nwake\n")
+        self.assertEqual(self.wakes, [1, 1])
+
+    def test_reloadForwarded(self):
+        """
+        L{WorkerPool.reloadWorkers} sends SIGHUP to every worker that
+        serves; one still starting (whose handler is not set yet: SIGHUP
+        would kill it) gets it once it says it serves.
+        """
+        pool = self.makePool()
+        self.ready(0)
+        pool.reloadWorkers()
+        self.assertEqual([self.process(n).signals for n in (0, 1)], [["HUP"], []])
+        self.ready(1)
+        self.assertEqual([self.process(n).signals for n in (0, 1)], [["HUP"], ["HUP"]])
+        self.ready(1)
+        self.assertEqual(self.process(1).signals, ["HUP"])
+
+    def test_logRelayedUnchanged(self):
+        """
+        A worker's log events, split anywhere across reads, are published in
+        the parent's log so that each line reads exactly as one process
+        writes it (the fail2ban filter's C{[mailauth.esmtp#info] auth
+        failure: ...} included): fields, braces in the text, Twisted's own
+        legacy lines, and tracebacks.
+        """
+        self.makePool()
+        original: list = []
+        out = io.StringIO()
+        relay = LogRelay(out)
+
+        def both(event):
+            original.append(event)
+            relay(event)
+
+        logger = Logger(namespace="mailauth.esmtp", observer=both)
+        logger.info("auth failure: client=[{client}] mechanism={mechanism} login=<{login}>",
+                    client="192.0.2.7", mechanism="PLAIN", login="bob@example.test")
+        logger.warn("braces {text} stay", text="{not a field}")
+        try:
+            raise ZeroDivisionError("division by zero")
+        except ZeroDivisionError:
+            logger.failure("it broke for {who}", who="us")
+        legacy = LegacyLogObserverWrapper(both)
+        legacy({"message": ("SubmissionFactory starting on 2587",), "isError": 0,
+                "system": "-", "time": 1700000000.0})
+        data = out.getvalue().encode("utf-8")
+        proto = self.process(0).proto
+        for start in range(0, len(data), 7):
+            proto.childDataReceived(LOG_FD, data[start:start + 7])
+        self.assertEqual([formatEventAsClassicLogText(e) for e in self.events],
+                         [formatEventAsClassicLogText(e) for e in original])
+        self.assertIn("ZeroDivisionError", formatEventAsClassicLogText(self.events[2]))
+        self.assertRegex(formatEventAsClassicLogText(self.events[0]),
+                         r"^\S+ \[mailauth\.esmtp#info\] auth failure: "
+                         r"client=\[192\.0\.2\.7\] mechanism=PLAIN")
+        self.assertEqual([e["log_worker"] for e in self.events], [1, 1, 1, 1])
+
+    def test_brokenLogRecord(self):
+        """A log record that is not JSON is logged as such, and the next one still arrives."""
+        self.makePool()
+        out = io.StringIO()
+        Logger(observer=LogRelay(out)).info("after")
+        self.process(0).proto.childDataReceived(LOG_FD, b"not json\nL[1]\nJ{\n"
+                                                + out.getvalue().encode())
+        self.assertEqual([formatEvent(e) for e in self.events], ["after"])
+        self.assertEqual(len([e for e in self.logged if "is not JSON" in e["log_format"]]), 3)
+
+    def test_logRelayedWithEveryField(self):
+        """
+        With C{[server] log_format = json} a worker relays every field of
+        an event, so the parent's JSON lines carry them (C{client},
+        C{login}...) as one process's do.
+        """
+        self.makePool()
+        original: list = []
+        out = io.StringIO()
+        relay = LogRelay(out, full=True)
+
+        def both(event):
+            original.append(event)
+            relay(event)
+
+        Logger(namespace="mailauth.esmtp", observer=both).info(
+            "auth failure: client=[{client}] mechanism={mechanism} login=<{login}>",
+            client="192.0.2.7", mechanism="PLAIN", login="bob@example.test")
+        self.process(0).proto.childDataReceived(LOG_FD, out.getvalue().encode())
+        [relayed] = self.events
+        line = json.loads(eventAsJSONLine(relayed))
+        self.assertEqual((line["client"], line["login"], line["log_worker"]),
+                         ("192.0.2.7", "bob@example.test", 1))
+        self.assertEqual(line["log_text"], json.loads(eventAsJSONLine(original[0]))["log_text"])
+        self.assertEqual(formatEventAsClassicLogText(relayed),
+                         formatEventAsClassicLogText(original[0]))
+
+    def test_stopTerminatesThenKills(self):
+        """
+        Stopping sends each worker SIGTERM and waits for them; one that has
+        not ended after C{stopTimeout} gets SIGKILL; nothing is restarted.
+        """
+        pool = self.makePool()
+        self.ready(0)
+        self.ready(1)
+        stopped = []
+        pool.stopService().addCallback(stopped.append)
+        self.assertEqual([self.process(n).signals for n in (0, 1)], [["TERM"], ["TERM"]])
+        self.process(0).end(exitCode=0)
+        self.assertEqual(stopped, [])
+        self.clock.advance(pool.stopTimeout)
+        self.assertEqual(self.process(1).signals, ["TERM", "KILL"])
+        self.process(1).end(signal=signal.SIGKILL)
+        self.assertEqual(stopped, [None])
+        self.clock.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 2)
+
+    def test_stopCancelsARestart(self):
+        """A worker waiting to be started again is not started once the pool stops."""
+        pool = self.makePool()
+        self.ready(0)
+        self.ready(1)
+        self.process(0).end(signal=signal.SIGSEGV)
+        d = pool.stopService()
+        self.process(1).end(exitCode=0)
+        self.assertIsNone(self.successResultOf(d))
+        self.clock.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 2)
+
+    def test_heldPortCloses(self):
+        """A held socket is closed when its service stops: the port is free again."""
+        held = HeldPort(self.reactor, "submission", LISTENERS[0][1])
+        held.privilegedStartService()
+        address = held.port.getHost()
+
+        def free(_):
+            with socket.socket() as s:
+                s.bind((address.host, address.port))
+
+        return defer.maybeDeferred(held.stopService).addCallback(free)
+
+
+class WorkerSideTests(unittest.TestCase):
+    """The worker's side: the adopted sockets and the configuration pipe."""
+
+    def adoptAndTalk(self, family, address):
+        """
+        Adopt a listening socket of C{family} bound to C{address} as a
+        worker does; talk to it; stop; the parent's copy must still listen.
+        """
+        parent = socket.socket(family, socket.SOCK_STREAM)
+        self.addCleanup(parent.close)
+        parent.bind(address)
+        parent.listen(5)
+        parent.setblocking(False)
+        factory = protocol.Factory.forProtocol(lambda: _Greeter())
+        svc = Worker(1, {"submission": os.dup(parent.fileno())}, lambda: None).listen(
+            "submission", factory, reactor)
+        self.assertIsInstance(svc, AdoptedPortService)
+        self.assertEqual(svc.name, "listener:submission")
+        svc.startService()
+
+        def connect():
+            client = socket.socket(family, socket.SOCK_STREAM)
+            client.settimeout(5)
+            client.connect(parent.getsockname())
+            return client
+
+        def talk():
+            with connect() as c:
+                return c.recv(100)
+
+        d = threads.deferToThread(talk)
+        d.addCallback(self.assertEqual, b"hello\r\n")
+        d.addCallback(lambda _: svc.stopService())
+        # The parent's socket still listens: a connection waits in its queue.
+        return d.addCallback(lambda _: connect().close())
+
+    def test_adoptedSocketServes(self):
+        """
+        A worker serves an inherited listening socket with the factory it
+        is given, and closes its copy on stop while the parent's stays open
+        for the other workers.
+        """
+        return self.adoptAndTalk(socket.AF_INET, ("127.0.0.1", 0))
+
+    def test_adoptedIPv6(self):
+        """An inherited IPv6 socket (C{tcp6:}) is adopted as IPv6."""
+        return self.adoptAndTalk(socket.AF_INET6, ("::1", 0))
+
+    def test_adoptedUnix(self):
+        """An inherited UNIX socket (C{unix:}) is adopted as one."""
+        folder = tempfile.mkdtemp(prefix="w-")  # a socket path holds ~100 bytes
+        self.addCleanup(shutil.rmtree, folder)
+        return self.adoptAndTalk(socket.AF_UNIX, os.path.join(folder, "s"))
+
+    def test_configurationText(self):
+        """The worker reads exactly the text the parent wrote, however the pipe splits it."""
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        text = "[server]\nhostname = é.example\n" * 1000
+        data = text.encode("utf-8")
+        writer = threading.Thread(target=lambda: (os.write(w, b"%d\n" % len(data) + data),
+                                                  os.close(w)))
+        writer.start()
+        self.assertEqual(readConfigText(r), text)
+        writer.join()
+
+    def test_configurationCutShort(self):
+        """A parent that dies while writing the configuration is a clear exit, not a hang."""
+        for payload in (b"", b"12", b"100\n[server]\n"):
+            r, w = os.pipe()
+            os.write(w, payload)
+            os.close(w)
+            with self.assertRaises(SystemExit) as caught:
+                readConfigText(r)
+            os.close(r)
+            self.assertIn("mailauth worker: ", str(caught.exception))
+
+
+class _Greeter(protocol.Protocol):
+    def connectionMade(self):
+        self.transport.write(b"hello\r\n")
+        self.transport.loseConnection()
+
+
+class ConfigurationTests(unittest.TestCase):
+    """C{[server] workers} in the configuration."""
+
+    BASE = """
+[listener:submission]
+endpoint = tcp:587
+tls = none
+[auth]
+users = /etc/mailauth/users
+[delivery]
+local_domains = example.test
+maildir = /var/mail/{domain}/{localpart}/Maildir
+"""
+
+    def load(self, text: str):
+        return configmod.loadText(self.BASE + text, "/etc/mailauth/mailauth.conf")
+
+    def problems(self, text: str) -> list:
+        with self.assertRaises(configmod.ConfigError) as caught:
+            self.load(text)
+        return list(caught.exception.problems)
+
+    def test_defaultOne(self):
+        """Without the key there is one process, as before."""
+        self.assertEqual(self.load("").server.workers, 1)
+
+    def test_needsSharedCounters(self):
+        """
+        More than one worker with the counters in memory is one line naming
+        the file, the section and the key: each process would count apart.
+        """
+        self.assertEqual(self.problems("[server]\nworkers = 2\n"), [
+            "/etc/mailauth/mailauth.conf: [server] workers: 2 processes would each keep "
+            "their own throttle counters with [state] backend = memory: set backend = "
+            "redis://HOST:6379/0, or workers = 1"])
+
+    def test_withRedis(self):
+        """With the counters in Redis, any number of workers is fine."""
+        cfg = self.load("[server]\nworkers = 4\n[state]\nbackend = redis://127.0.0.1:6379/0\n")
+        self.assertEqual(cfg.server.workers, 4)
+
+    def test_notANumber(self):
+        """Zero, negative and non-numbers are refused."""
+        for value in ("0", "-1", "two"):
+            [problem] = self.problems(f"[server]\nworkers = {value}\n")
+            self.assertIn("[server] workers: ", problem)
+
+    def test_metricsNeedOneProcess(self):
+        """[metrics] with workers is refused: no process could serve every worker's counts."""
+        problems = self.problems("[server]\nworkers = 2\n[state]\nbackend = redis://h:6379/0\n"
+                                 "[metrics]\nendpoint = tcp:9587:interface=127.0.0.1\n")
+        self.assertEqual(len(problems), 1)
+        self.assertIn("[server] workers: 2 processes would each count their own [metrics]",
+                      problems[0])
+
+
+class BuildTests(unittest.TestCase):
+    """What L{tap.buildService} builds for one process, a parent and a worker."""
+
+    def build(self, settings: dict, worker=None):
+        directory = self.mktemp()
+        settings = dict(settings, relay={"host": "relay.example.test", "port": "2525"})
+        path = writeDaemonDirectory(directory, settings)
+        return tap.buildService(configmod.load(path), reactor, worker=worker)
+
+    def names(self, top) -> set:
+        return {s.name for s in top}
+
+    def test_oneProcess(self):
+        """C{workers = 1}: listeners and the queue in this process, as always; no pool."""
+        names = self.names(self.build({}))
+        self.assertTrue({"listener:submission", "listener:submissions", "queue"} <= names)
+        self.assertNotIn("workers", names)
+
+    def test_parent(self):
+        """
+        C{workers = 2}: the parent has the pool and the queue's runner, and
+        holds the listeners' sockets without serving them itself.
+        """
+        top = self.build({"server": {"workers": "2"},
+                          "state": {"backend": "redis://127.0.0.1:6379/0"}})
+        names = self.names(top)
+        self.assertIn("workers", names)
+        self.assertIn("queue", names)
+        pool = top.getServiceNamed("workers")
+        self.assertEqual([held.name for held in pool.listeners],
+                         ["listener:submission", "listener:submissions"])
+        for held in pool.listeners:
+            self.assertIs(top.getServiceNamed(held.name), held)
+            self.assertIsInstance(held, HeldPort)
+
+    def test_parentCannotListen(self):
+        """
+        A port the parent cannot bind stops mailauth with the one line a
+        single process gives: file, listener, endpoint and why.
+        """
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        endpoint = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+        top = self.build({"server": {"workers": "2"},
+                          "state": {"backend": "redis://127.0.0.1:6379/0"},
+                          "listener:submissions": {"endpoint": endpoint}})
+        exits = []
+
+        def exit(line, short):
+            exits.append(line)
+            raise SystemExit(1)
+
+        top.exit = exit
+        self.assertRaises(SystemExit, top.privilegedStartService)
+        self.addCleanup(top.getServiceNamed("listener:submission").stopService)
+        self.assertEqual(exits, [f"{top.path}: [listener:submissions] endpoint: "
+                                 f"{endpoint!r}: cannot listen: Address already in use"])
+
+    def test_worker(self):
+        """
+        A worker serves its inherited sockets and has no queue runner: it
+        wakes the parent's instead.
+        """
+        worker = Worker(1, {"submission": 4, "submissions": 5}, lambda: None)
+        top = self.build({"server": {"workers": "2"},
+                          "state": {"backend": "redis://127.0.0.1:6379/0"}}, worker)
+        names = self.names(top)
+        self.assertNotIn("queue", names)
+        self.assertNotIn("workers", names)
+        self.assertEqual(top.getServiceNamed("listener:submissions").fd, 5)
+
+    def test_configurationChanged(self):
+        """The parent refuses to start workers on a file that changed since it was checked."""
+        path = writeDaemonDirectory(self.mktemp())
+        cfg = configmod.load(path)
+        self.assertEqual(readConfiguration(path, cfg), open(path).read())
+        with open(path, "a") as f:
+            f.write("[server]\nmax_recipients = 7\n")
+        self.assertRaises(SystemExit, readConfiguration, path, cfg)
+
+    def test_workerEnvironment(self):
+        """The workers can import this copy of mailauth, and inherit no systemd sockets."""
+        env = workerEnvironment({"LISTEN_FDS": "2", "LISTEN_PID": "1", "HOME": "/root"})
+        self.assertEqual(set(env) - {"PYTHONPATH"}, {"HOME"})
+        script = "import mailauth.workers, sys; print(mailauth.workers.__file__)"
+        out = subprocess.run([sys.executable, "-c", script], env=dict(env, PATH=os.environ["PATH"]),
+                             cwd="/", capture_output=True, text=True, check=True).stdout
+        self.assertEqual(out.strip(), workers.__file__)
+
+
+class ReadableTests(unittest.TestCase):
+    """What C{check-config --uid} (and twistd's start) says of files with workers."""
+
+    def test_unreadableIsAnError(self):
+        """
+        A file the daemon's user cannot read is an error with workers (they
+        read it when they start) and a warning with one process (only a
+        reload reads it as that user).
+        """
+        found = {}
+        for count in ("1", "2"):
+            path = writeDaemonDirectory(os.path.join(self.mktemp(), "d"), {
+                "server": {"workers": count},
+                "state": {"backend": "redis://127.0.0.1:6379/0"}})
+            folder = os.path.dirname(path)
+            for _ in range(3):  # up to mktemp's own folder, made 0700
+                os.chmod(folder, 0o755)
+                folder = os.path.dirname(folder)
+            for name, mode in (("users", 0o644), ("tls/cert.pem", 0o644), ("tls", 0o755),
+                               ("tls/key.pem", 0o600)):
+                os.chmod(os.path.join(os.path.dirname(path), name), mode)
+            stranger = Account("stranger", os.geteuid() + 12345, 54321)
+            found[count] = checks.checkReadable(configmod.load(path), stranger, chown=True)
+        self.assertEqual(found["1"].errors, ())
+        self.assertEqual(len(found["1"].warnings), 1)
+        self.assertIn("[tls] private_key: ", found["1"].warnings[0])
+        self.assertEqual(found["2"].warnings, ())
+        [error] = found["2"].errors
+        self.assertTrue(error.endswith("key.pem: user stranger (uid "
+                                       f"{os.geteuid() + 12345}) cannot read it, and the "
+                                       "workers ([server] workers = 2) read it as that user"),
+                        error)

@@ -1,0 +1,361 @@
+"""
+The whole daemon with C{[server] workers = 2}, as twistd runs it: serving
+both listeners, a worker killed under load, the log fail2ban reads,
+systemd's readiness, SIGHUP, SIGTERM, a parent killed outright, and
+C{--uid}/C{--gid}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import random
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from twisted.trial import unittest
+
+from tests.harness import (
+    BOB,
+    BOB_PASSWORD,
+    ROOT,
+    RawClient,
+    TwistdProcess,
+    clientContext,
+    plain,
+    processAlive,
+    writeDaemonDirectory,
+)
+from tests.redisharness import startRedis
+from tests.support import writeCertificate
+
+FILTER = os.path.join(ROOT, "etc", "fail2ban", "filter.d", "mailauth.conf")
+
+
+class _Daemon:
+    """A daemon's folder with workers = 2, counters in a real Redis, run by twistd."""
+
+    def __init__(self, test: unittest.TestCase, settings=None, twistdArgs=(),
+                 count: int = 2, env=None) -> None:
+        redis = startRedis(test)
+        base = {"server": {"workers": str(count)}, "state": {"backend": redis.url}}
+        for section, values in (settings or {}).items():
+            base.setdefault(section, {}).update(values)
+        self.dir = os.path.abspath(test.mktemp())
+        self.configPath = writeDaemonDirectory(self.dir, base)
+        self.count = count
+        self.twistd = TwistdProcess(self.configPath, os.path.join(self.dir, "mailauth.log"),
+                                    twistdArgs, env)
+        test.addCleanup(self.twistd.stop)
+
+    def start(self) -> None:
+        self.twistd.start(workers=self.count)
+
+    def maildir(self, login: str = "bob@example.test") -> str:
+        local, domain = login.split("@")
+        return os.path.join(self.dir, "mail", domain, local, "Maildir")
+
+
+def sendOne(port: int, implicit: bool = False, source: str = "127.0.0.1") -> str:
+    """One message from bob to bob; the queue ID of its 250 reply."""
+    if implicit:
+        client = smtplib.SMTP_SSL("127.0.0.1", port, local_hostname="client.example",
+                                  context=clientContext(), timeout=30,
+                                  source_address=(source, 0))
+    else:
+        client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=30,
+                              source_address=(source, 0))
+    try:
+        client.ehlo()
+        if not implicit:
+            client.starttls(context=clientContext())
+            client.ehlo()
+        client.login(BOB.decode(), BOB_PASSWORD.decode())
+        client.mail(BOB.decode())
+        client.rcpt(BOB.decode())
+        code, text = client.data(b"Subject: worker test\r\n\r\nhello\r\n")
+        if code != 250:
+            raise smtplib.SMTPDataError(code, text)
+        return re.search(rb"queued as (\S+)", text).group(1).decode()
+    finally:
+        try:
+            client.quit()
+        except (smtplib.SMTPException, OSError):
+            client.close()
+
+
+def deliveredIDs(maildir: str) -> set:
+    """The queue IDs in the Received headers of every message in C{maildir}/new."""
+    found = set()
+    folder = os.path.join(maildir, "new")
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        with open(os.path.join(folder, name), "rb") as f:
+            head = f.read(4096)
+        m = re.search(rb"with ESMTPSA id (\S+)", head)
+        if m:
+            found.add(m.group(1).decode())
+    return found
+
+
+class TwistdWorkersTests(unittest.TestCase):
+    """The whole daemon with two workers, as twistd runs it."""
+
+    def test_workersServeBothListeners(self):
+        """
+        Two worker processes serve STARTTLS and implicit TLS from the
+        sockets their parent bound; the parent serves none itself.
+        """
+        daemon = _Daemon(self)
+        daemon.start()
+        pids = daemon.twistd.workerPIDs()
+        self.assertEqual(len(pids), 2)
+        ids = [sendOne(daemon.twistd.ports["submission"]) for _ in range(4)]
+        ids += [sendOne(daemon.twistd.ports["submissions"], implicit=True) for _ in range(4)]
+        self.assertEqual(deliveredIDs(daemon.maildir()), set(ids))
+        for pid in pids:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                self.assertIn(b"mailauth.workers", f.read())
+
+    def test_systemdToldOnceAllServe(self):
+        """
+        Under systemd (C{Type=notify}) the parent sends C{READY=1} once,
+        when every worker serves; the workers never speak to systemd.
+        """
+        folder = tempfile.mkdtemp(prefix="notify-")  # a socket path holds ~100 bytes
+        self.addCleanup(shutil.rmtree, folder)
+        systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(systemd.close)
+        systemd.bind(os.path.join(folder, "notify"))
+        systemd.settimeout(60)
+        daemon = _Daemon(self, env=dict(os.environ, NOTIFY_SOCKET=systemd.getsockname()))
+        starting = threading.Thread(target=daemon.start)
+        starting.start()
+        message = systemd.recv(4096).decode()
+        serving = daemon.twistd.log().count(") is serving")
+        starting.join(60)
+        self.assertEqual(message.splitlines(), ["READY=1", "STATUS=listening: workers"])
+        self.assertEqual(serving, 2)
+        systemd.settimeout(1.0)  # nothing more is coming: a second is plenty to show it
+        self.assertRaises(TimeoutError, systemd.recv, 4096)
+
+    def test_jsonLog(self):
+        """
+        With C{[server] log_format = json}, what a worker logs reaches the
+        daemon's log as JSON with its fields, the worker's number added.
+        """
+        daemon = _Daemon(self, {"server": {"log_format": "json"}})
+        daemon.start()
+        queued = sendOne(daemon.twistd.ports["submission"])
+        [line] = daemon.twistd.waitForLog(rf'"id": "{queued}"')
+        event = json.loads(line)
+        self.assertEqual((event["log_namespace"], event["client"], event["login"]),
+                         ("mailauth.esmtp", "127.0.0.1", BOB.decode()))
+        self.assertIn(event["log_worker"], (1, 2))
+        self.assertIn(f"message accepted: client=[127.0.0.1] login=<{BOB.decode()}> "
+                      f"id={queued}", event["log_text"])
+
+    def test_failuresLoggedForFail2ban(self):
+        """
+        A failed login in a worker reaches the daemon's log as the one line
+        fail2ban's shipped filter matches, with the client's address.
+        """
+        daemon = _Daemon(self)
+        daemon.start()
+        client = RawClient(daemon.twistd.ports["submissions"], source="127.0.0.9", tls=True)
+        self.addCleanup(client.close)
+        self.assertEqual(client.reply()[0], 220)
+        client.ehlo()
+        self.assertEqual(client.command(plain(BOB, b"wrong"))[0], 535)
+        daemon.twistd.waitForLog(r"auth failure: client=\[127\.0\.0\.9\]")
+        logPath = daemon.twistd.logPath
+        try:
+            result = subprocess.run(["fail2ban-regex", "--out", "ip", logPath, FILTER],
+                                    capture_output=True, text=True, timeout=60)
+        except FileNotFoundError:
+            self.fail("fail2ban-regex is missing: apt-get install fail2ban")
+        self.assertEqual(result.stdout.split(), ["127.0.0.9"], result.stderr)
+
+    def test_killedWorkerLosesNothing(self):
+        """
+        SIGKILL of a worker under load: every message that got a 250 is in
+        the Maildir, the other worker goes on serving, and the parent starts
+        a new worker that serves too.
+        """
+        daemon = _Daemon(self)
+        daemon.start()
+        port = daemon.twistd.ports["submission"]
+        accepted: list = []
+        failed: list = []
+        stop = threading.Event()
+
+        def sender():
+            while not stop.is_set():
+                try:
+                    accepted.append(sendOne(port))
+                except (smtplib.SMTPException, OSError, ssl.SSLError) as e:
+                    failed.append(e)
+
+        threads = [threading.Thread(target=sender) for _ in range(6)]
+        for t in threads:
+            t.start()
+        try:
+            deadline = time.monotonic() + 60
+            while len(accepted) < 20 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            victim = daemon.twistd.workerPIDs()[0]
+            os.kill(victim, signal.SIGKILL)
+            before = len(accepted)
+            daemon.twistd.waitForLog(r"was killed by SIGKILL; starting it again")
+            daemon.twistd.waitForLog(r"is serving", count=3)
+            while len(accepted) < before + 40 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        self.assertGreaterEqual(len(accepted), before + 40, failed[:3])
+        self.assertNotIn(victim, daemon.twistd.workerPIDs())
+        self.assertEqual(len(daemon.twistd.workerPIDs()), 2)
+        delivered = deliveredIDs(daemon.maildir())
+        self.assertEqual(set(accepted) - delivered, set())
+        # Only the sessions the dead worker had open failed.
+        self.assertLessEqual(len(failed), 6)
+
+    def test_sighupReloadsEveryWorker(self):
+        """
+        SIGHUP to the parent reloads it and reaches every worker: each logs
+        its reload, and every new connection gets the new certificate.
+        """
+        daemon = _Daemon(self)
+        daemon.start()
+        port = daemon.twistd.ports["submissions"]
+        old = _peerCertificate(port)
+        writeCertificate(os.path.join(daemon.dir, "tls"), name="renewed.example.test")
+        daemon.twistd.signal(signal.SIGHUP)
+        daemon.twistd.waitForLog(r"SIGHUP: reloading", count=3)
+        seen = {_peerCertificate(port) for _ in range(8)}
+        self.assertEqual(len(seen), 1)
+        self.assertNotEqual(seen, {old})
+
+    def test_sigtermStopsEverything(self):
+        """
+        SIGTERM to the parent stops every worker, then the parent, which
+        ends as twistd does with one process: by the same signal.
+        """
+        daemon = _Daemon(self)
+        daemon.start()
+        pids = daemon.twistd.workerPIDs()
+        daemon.twistd.signal(signal.SIGTERM)
+        self.assertEqual(daemon.twistd.wait(), -signal.SIGTERM)
+        self.assertEqual([pid for pid in pids if processAlive(pid)], [])
+        daemon.twistd.waitForLog(r"worker \d \(pid \d+\) stopped: exited with 0", count=2)
+
+    def test_workersEndWithTheirParent(self):
+        """A parent killed outright leaves no worker behind: each sees its pipe close."""
+        daemon = _Daemon(self)
+        daemon.start()
+        pids = daemon.twistd.workerPIDs()
+        daemon.twistd.signal(signal.SIGKILL)
+        daemon.twistd.wait()
+        deadline = time.monotonic() + 30
+        while any(processAlive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertEqual([pid for pid in pids if processAlive(pid)], [])
+
+
+def _peerCertificate(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with clientContext().wrap_socket(raw) as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def _privilegedPort() -> int:
+    """A port below 1024 free on 127.0.0.1 (as root), from a random place in the range."""
+    for port in random.sample(range(600, 1024), 424):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise AssertionError("no free port below 1024")
+
+
+class PrivilegeTests(unittest.TestCase):
+    """twistd's C{--uid}/C{--gid} with workers (needs root, as they do)."""
+
+    def setUp(self):
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("--uid and --gid need root")
+        self.nobody = pwd.getpwnam("nobody")
+
+    def daemon(self, keyMode: int, port: int = 0):
+        daemon = _Daemon(self, {"listener:submissions": {
+            "endpoint": f"tcp:{port}:interface=127.0.0.1"}},
+            twistdArgs=["--uid", str(self.nobody.pw_uid), "--gid", str(self.nobody.pw_gid)])
+        # What the workers read and write as nobody, as an operator would set it up.
+        for folder in (daemon.dir, os.path.dirname(daemon.dir)):  # mktemp's parent is 0700
+            os.chmod(folder, 0o755)
+        os.chmod(os.path.join(daemon.dir, "tls", "key.pem"), keyMode)
+        os.chmod(os.path.join(daemon.dir, "users"), 0o644)
+        os.makedirs(os.path.join(daemon.dir, "mail"))
+        shutil.chown(os.path.join(daemon.dir, "mail"), self.nobody.pw_uid, self.nobody.pw_gid)
+        return daemon
+
+    def test_workersDropPrivileges(self):
+        """
+        The parent binds a port below 1024 as root; then it and its
+        workers run as the C{--uid}/C{--gid} user and serve mail.
+        """
+        # The workers are this Python running this checkout, as nobody.
+        try:
+            probe = subprocess.run([sys.executable, "-c", "import mailauth.workers"], cwd="/",
+                                   env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                                   user=self.nobody.pw_uid, group=self.nobody.pw_gid)
+            why = probe.stderr.decode(errors="replace").strip()[-300:] if probe.returncode else ""
+        except OSError as e:
+            why = str(e)
+        if why:
+            raise unittest.SkipTest(
+                f"nobody cannot run {sys.executable} on {ROOT} (a virtualenv under /root?); "
+                f".ci/run runs this on Debian's python3 too: {why}")
+        port = _privilegedPort()
+        daemon = self.daemon(0o644, port)
+        daemon.start()
+        self.assertEqual(daemon.twistd.ports["submissions"], port)
+        for pid in [daemon.twistd.process.pid, *daemon.twistd.workerPIDs()]:
+            with open(f"/proc/{pid}/status") as f:
+                status = f.read()
+            uids = re.search(r"^Uid:\s+(.*)$", status, re.M).group(1).split()
+            gids = re.search(r"^Gid:\s+(.*)$", status, re.M).group(1).split()
+            self.assertEqual(set(uids), {str(self.nobody.pw_uid)})
+            self.assertEqual(set(gids), {str(self.nobody.pw_gid)})
+        queued = sendOne(port, implicit=True)
+        self.assertEqual(deliveredIDs(daemon.maildir()), {queued})
+
+    def test_keyTheWorkersCannotRead(self):
+        """
+        A key the C{--uid} user cannot read stops twistd before it starts,
+        in one line: the workers would read it as that user (one process
+        reads it as root, and only warns that SIGHUP could not).
+        """
+        daemon = self.daemon(0o600)
+        with self.assertRaises(AssertionError):
+            daemon.start()
+        self.assertEqual(daemon.twistd.wait(), 1)
+        key = os.path.join(daemon.dir, "tls", "key.pem")
+        self.assertEqual(daemon.twistd.output().strip().splitlines(), [
+            f"{daemon.configPath}: [tls] private_key: {key}: user nobody (uid "
+            f"{self.nobody.pw_uid}) cannot read it, and the workers ([server] workers = 2) "
+            "read it as that user"])
+        self.assertEqual(daemon.twistd.workerPIDs(), [])
