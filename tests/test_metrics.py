@@ -646,6 +646,33 @@ class DaemonScrapeTests(unittest.TestCase):
                                  "connections": 2, "open": 0})
 
     @defer.inlineCallbacks
+    def test_headerFromCounted(self) -> None:
+        """
+        With C{header_from_match}, a From: the login may not use is counted
+        once under C{header_from}, as the session sends its 550.
+        """
+        daemon = self.startDaemon({"delivery": {"header_from_match": "yes"}})
+        before = yield self.scraper.scrape()
+
+        def spoof() -> list:
+            client = RawClient(daemon.ports["submissions"], tls=True)
+            codes = [client.reply()[0], client.ehlo()[0],
+                     client.command(plain(BOB, BOB_PASSWORD))[0]]
+            for line in (b"MAIL FROM:<bob@example.test>", b"RCPT TO:<alice.plain@example.test>",
+                         b"DATA", b"From: alice.plain@example.test\r\n\r\nhello\r\n."):
+                codes.append(client.command(line)[0])
+            client.command(b"QUIT")
+            client.close()
+            return codes
+
+        codes = yield threads.deferToThread(spoof)
+        self.assertEqual(codes, [220, 250, 235, 250, 250, 354, 550])
+        after = yield self.scraper.scrape()
+        self.assertEqual(delta(before, after, "mailauth_messages_refused_total",
+                               reason="header_from"), 1)
+        self.assertEqual(delta(before, after, "mailauth_messages_accepted_total"), 0)
+
+    @defer.inlineCallbacks
     def test_openGauge(self) -> None:
         """Sessions open now are counted while they last."""
         daemon = self.startDaemon()
