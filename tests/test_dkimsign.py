@@ -514,9 +514,19 @@ class DkimpyEquivalenceTests(unittest.TestCase):
     def test_relaxedExamples(self) -> None:
         """Runs of spaces and tabs, folding, and other whitespace at the ends."""
         for value in (b" a  \t b\r\n", b"\x0b a\r\n\t b \x0c\r\n", b"\r\n", b" \t \r\n",
-                      b"a\nb\r\n", b"a\r\r\nb\r\n"):
+                      b"a\r\r\nb\r\n"):
             self.assertEqual(_Relaxed.canonicalize_headers([(b"X-A ", value)]),
                              Relaxed.canonicalize_headers([(b"X-A ", value)]), value)
+
+    def test_relaxedBareLF(self) -> None:
+        """
+        A bare LF inside a field is removed, as newer dkimpy does (1.1.8)
+        (Debian bookworm's 1.1.4 kept it). No message mailauth accepts holds
+        one (DATA refuses bare LF with 550 5.6.2), so the difference between
+        the two dkimpy versions never reaches a signature.
+        """
+        self.assertEqual(_Relaxed.canonicalize_headers([(b"X-A ", b"a\nb\r\n")]),
+                         [(b"x-a", b"ab\r\n")])
 
 
 class UnsignableTests(unittest.TestCase):
