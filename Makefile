@@ -64,6 +64,7 @@ print-unit:
 
 lint: $(BIN)/mailauth
 	$(BIN)/ruff check mailauth tests twisted bench
+	$(BIN)/ruff format --check mailauth tests twisted bench
 	$(BIN)/mypy
 
 format: $(BIN)/mailauth

@@ -105,13 +105,23 @@ def dkimpySign(key, message: bytes):
             serialization.NoEncryption(),
         )
     else:
-        privkey = base64.b64encode(private.private_bytes(
-            serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-            serialization.NoEncryption()))
+        privkey = base64.b64encode(
+            private.private_bytes(
+                serialization.Encoding.Raw,
+                serialization.PrivateFormat.Raw,
+                serialization.NoEncryption(),
+            )
+        )
 
     def sign():
-        dkim.sign(message, key.selector.encode(), key.domain.encode(), privkey,
-                  canonicalize=(b"relaxed", b"relaxed"), signature_algorithm=key.algorithm)
+        dkim.sign(
+            message,
+            key.selector.encode(),
+            key.domain.encode(),
+            privkey,
+            canonicalize=(b"relaxed", b"relaxed"),
+            signature_algorithm=key.algorithm,
+        )
 
     return sign
 
@@ -129,16 +139,22 @@ def main() -> None:
             made = keygen("example.org", None, keyType, keydir, time.time())
             keys[keyType] = loadKey("example.org", made.selector, made.path)
 
-        print(f"DKIM signing, {len(message)}-octet message, chunks of {CHUNK}, "
-              f"{args.seconds:g} s a case; dkimpy from {os.path.dirname(dkim.__file__)}")
+        print(
+            f"DKIM signing, {len(message)}-octet message, chunks of {CHUNK}, "
+            f"{args.seconds:g} s a case; dkimpy from {os.path.dirname(dkim.__file__)}"
+        )
         print(f"{'case':<44} {'CPU ms/msg':>11} {'msgs/s (1 core)':>16}")
         for keyType, label in (("ed25519", "ed25519"), ("rsa", "rsa-2048")):
             write, sign, both = streamed(keys[keyType], message)
-            for name, work in ((f"{label}: write (body hash, reactor)", write),
-                               (f"{label}: signatureHeader (thread)", sign),
-                               (f"{label}: both", both),
-                               (f"{label}: dkimpy's dkim.sign, for comparison",
-                                dkimpySign(keys[keyType], message))):
+            for name, work in (
+                (f"{label}: write (body hash, reactor)", write),
+                (f"{label}: signatureHeader (thread)", sign),
+                (f"{label}: both", both),
+                (
+                    f"{label}: dkimpy's dkim.sign, for comparison",
+                    dkimpySign(keys[keyType], message),
+                ),
+            ):
                 runs, cpu, wall = measure(work, args.seconds)
                 print(f"{name:<44} {cpu / runs * 1000:>11.3f} {runs / cpu:>16.0f}", flush=True)
 

@@ -31,8 +31,10 @@ from tests import test_fuzz as fuzz  # noqa: E402
 
 SESSION_PROPERTIES = {
     "required": ((fuzz.scripts,), lambda s: fuzz.checkScript(s, "required", "implicit")),
-    "transactions": ((fuzz.transactions,),
-                     lambda s: fuzz.checkScript(s, "required", "implicit", maxErrors=40)),
+    "transactions": (
+        (fuzz.transactions,),
+        lambda s: fuzz.checkScript(s, "required", "implicit", maxErrors=40),
+    ),
     "optional": ((fuzz.scripts,), lambda s: fuzz.checkScript(s, "optional", "starttls")),
     "segmentation": (fuzz.segmentations, fuzz.checkSplitInvariance),
 }
@@ -41,8 +43,9 @@ PROPERTIES = [*SESSION_PROPERTIES, "sockets"]
 
 def run(name: str, strategyList: tuple, check, examples: int, runSeed: int) -> bool:
     @seed(runSeed)
-    @settings(max_examples=examples, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(strategies.tuples(*strategyList))
     def prop(args):
         check(*args)
@@ -71,14 +74,21 @@ def runSockets(examples: int, runSeed: int) -> bool:
 
     @defer.inlineCallbacks
     def main():
-        daemon = Daemon(os.path.join(tempfile.mkdtemp(prefix="fuzz-"), "daemon"),
-                        {"server": {"max_errors": "1000", "max_connections_per_address": "100"}})
+        daemon = Daemon(
+            os.path.join(tempfile.mkdtemp(prefix="fuzz-"), "daemon"),
+            {"server": {"max_errors": "1000", "max_connections_per_address": "100"}},
+        )
         daemon.start()
         errors = ErrorLog()
         try:
             ok = yield threads.deferToThread(
-                run, "sockets", sockets,
-                lambda *args: socketExample(daemon.ports, *args), examples, runSeed)
+                run,
+                "sockets",
+                sockets,
+                lambda *args: socketExample(daemon.ports, *args),
+                examples,
+                runSeed,
+            )
             yield serverConnectionsClosed()
         finally:
             failures = [e for e in errors.stop() if "log_failure" in e]
@@ -97,8 +107,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--examples", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=None, help="default: a random one")
-    parser.add_argument("properties", nargs="*", metavar="PROPERTY",
-                        help=f"any of {', '.join(PROPERTIES)} (default: all)")
+    parser.add_argument(
+        "properties",
+        nargs="*",
+        metavar="PROPERTY",
+        help=f"any of {', '.join(PROPERTIES)} (default: all)",
+    )
     args = parser.parse_args()
     unknown = set(args.properties) - set(PROPERTIES)
     if unknown:

@@ -125,9 +125,7 @@ class Client:
         lines = []
         while True:
             try:
-                line = await asyncio.wait_for(
-                    self.reader.readuntil(CRLF), self.options.timeout
-                )
+                line = await asyncio.wait_for(self.reader.readuntil(CRLF), self.options.timeout)
             except TimeoutError:
                 raise Failed("timeout", f"waiting for {expected}") from None
             except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as e:
@@ -137,8 +135,10 @@ class Client:
                 break
         code = lines[-1][:3]
         if code != str(expected).encode("ascii"):
-            raise Failed(code.decode("ascii", "replace") or "empty",
-                         b"".join(lines).decode("ascii", "replace").strip())
+            raise Failed(
+                code.decode("ascii", "replace") or "empty",
+                b"".join(lines).decode("ascii", "replace").strip(),
+            )
         return lines
 
     async def command(self, line: str, expected: int) -> list:
@@ -150,8 +150,13 @@ class Client:
         tls = ctx if o.tls == "implicit" else None
         try:
             self.reader, self.writer = await asyncio.wait_for(
-                asyncio.open_connection(o.host, o.port, ssl=tls, limit=1 << 20,
-                                        local_addr=(o.source, 0) if o.source else None),
+                asyncio.open_connection(
+                    o.host,
+                    o.port,
+                    ssl=tls,
+                    limit=1 << 20,
+                    local_addr=(o.source, 0) if o.source else None,
+                ),
                 o.timeout,
             )
         except (TimeoutError, OSError, ssl.SSLError) as e:
@@ -200,8 +205,7 @@ class Client:
         lines = await self.reply(250)
         if self.options.ids:
             queued = lines[-1].split(b"queued as ", 1)
-            self.stats.accepted.append((queued[-1].strip().decode("ascii", "replace"),
-                                        time.time()))
+            self.stats.accepted.append((queued[-1].strip().decode("ascii", "replace"), time.time()))
         self.stats.message.append(time.perf_counter() - started)
         self.stats.messages += 1
         self.stats.bytes += len(body)
@@ -223,8 +227,16 @@ def userFor(options, n: int) -> str:
     return options.user.replace("{n}", str(n % options.user_count))
 
 
-async def sendWorker(options, ctx, stats: Stats, index: int, deadline: float, budget: list,
-                     body: bytes, recipients: list) -> None:
+async def sendWorker(
+    options,
+    ctx,
+    stats: Stats,
+    index: int,
+    deadline: float,
+    budget: list,
+    body: bytes,
+    recipients: list,
+) -> None:
     user = userFor(options, index)
     sender = options.sender or user
     while time.monotonic() < deadline and budget[0] > 0:
@@ -252,10 +264,12 @@ async def runSend(options, ctx, stats: Stats) -> None:
     body = makeBody(options.size, options.sender or userFor(options, 0), recipients)
     deadline = time.monotonic() + options.time
     budget = [options.total or float("inf")]
-    await asyncio.gather(*(
-        sendWorker(options, ctx, stats, i, deadline, budget, body, recipients)
-        for i in range(options.concurrency)
-    ))
+    await asyncio.gather(
+        *(
+            sendWorker(options, ctx, stats, i, deadline, budget, body, recipients)
+            for i in range(options.concurrency)
+        )
+    )
 
 
 async def runStorm(options, ctx, stats: Stats) -> dict:
@@ -342,18 +356,23 @@ async def runIdle(options, ctx, stats: Stats) -> dict:
 
 
 def parseArgs(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--source", help="connect from this local address (e.g. 127.0.0.21)")
-    p.add_argument("--ids", help="send: write 'QUEUE-ID UNIX-TIME' of every accepted "
-                   "message to this file")
+    p.add_argument(
+        "--ids", help="send: write 'QUEUE-ID UNIX-TIME' of every accepted message to this file"
+    )
     p.add_argument("--port", type=int, default=587)
     p.add_argument("--tls", choices=("none", "starttls", "implicit"), default="starttls")
     p.add_argument("--cafile", help="verify the server against this CA (default: no check)")
     p.add_argument("--mechanism", choices=("PLAIN", "LOGIN"), default="PLAIN")
-    p.add_argument("--user", required=True,
-                   help="login; '{n}' in it becomes the connection number modulo --user-count")
+    p.add_argument(
+        "--user",
+        required=True,
+        help="login; '{n}' in it becomes the connection number modulo --user-count",
+    )
     p.add_argument("--user-count", type=int, default=1)
     p.add_argument("--password", required=True)
     p.add_argument("--sender", help="MAIL FROM address (default: the login)")
@@ -371,8 +390,12 @@ def parseArgs(argv=None):
     p.add_argument("--noop-interval", type=float, default=0.01)
     p.add_argument("--hold", type=float, default=3.0, help="idle: seconds to hold")
     p.add_argument("--ramp", type=int, default=50, help="idle: handshakes at a time")
-    p.add_argument("--processes", type=int, default=1,
-                   help="send: split the connections over this many client processes")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="send: split the connections over this many client processes",
+    )
     p.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
     options = p.parse_args(argv)
     if options.mode == "send" and not options.rcpt:
@@ -401,15 +424,23 @@ def summary(options, stats: Stats, elapsed: float, cpu: float, extra: dict) -> d
         "message_p99_ms": percentile(stats.message, 99),
     }
     if stats.noop:
-        result.update(noops=len(stats.noop), noop_p50_ms=percentile(stats.noop, 50),
-                      noop_p99_ms=percentile(stats.noop, 99),
-                      noop_max_ms=percentile(stats.noop, 100))
+        result.update(
+            noops=len(stats.noop),
+            noop_p50_ms=percentile(stats.noop, 50),
+            noop_p99_ms=percentile(stats.noop, 99),
+            noop_max_ms=percentile(stats.noop, 100),
+        )
     if stats.examples:
         result["failure_examples"] = stats.examples
     result.update(extra)
     if options.raw:
-        result["raw"] = {"login": stats.login, "message": stats.message, "noop": stats.noop,
-                         "bytes": stats.bytes, "examples": stats.examples}
+        result["raw"] = {
+            "login": stats.login,
+            "message": stats.message,
+            "noop": stats.noop,
+            "bytes": stats.bytes,
+            "examples": stats.examples,
+        }
     return result
 
 
@@ -447,10 +478,18 @@ def runProcesses(options, argv: list) -> dict:
         total = options.total // n + (1 if i < options.total % n else 0) if options.total else 0
         if share == 0:
             continue
-        args = argv + ["--processes", "1", "--raw", "--concurrency", str(share),
-                       "--total", str(total)]
-        children.append(subprocess.Popen([sys.executable, __file__, *args],
-                                         stdout=subprocess.PIPE, text=True))
+        args = argv + [
+            "--processes",
+            "1",
+            "--raw",
+            "--concurrency",
+            str(share),
+            "--total",
+            str(total),
+        ]
+        children.append(
+            subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
+        )
     stats, cpu, elapsed = Stats(), 0.0, 0.0
     for child in children:
         try:

@@ -58,8 +58,9 @@ def deliver(maildirs: list, content: bytes, ident: str) -> None:
 class MaildirHandler:
     """aiosmtpd handler hooks: AUTH PLAIN, sender and recipient checks, Maildir delivery."""
 
-    def __init__(self, users: UserDatabase, template: str, domains: frozenset,
-                 authPool, diskPool) -> None:
+    def __init__(
+        self, users: UserDatabase, template: str, domains: frozenset, authPool, diskPool
+    ) -> None:
         self.users = users
         self.template = template
         self.domains = domains
@@ -89,8 +90,9 @@ class MaildirHandler:
         ok = await loop.run_in_executor(self.authPool, passwords.verify, user.password, password)
         if not ok:
             return AuthResult(success=False, handled=False)
-        log.info("auth success: client=[%s] mechanism=PLAIN login=<%s>",
-                 server.session.peer[0], login)
+        log.info(
+            "auth success: client=[%s] mechanism=PLAIN login=<%s>", server.session.peer[0], login
+        )
         return AuthResult(success=True, auth_data=LoginPassword(login.encode(), b""))
 
     async def handle_MAIL(self, server, session, envelope, address, options):
@@ -128,13 +130,20 @@ class MaildirHandler:
         ).encode("ascii")
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self.diskPool, deliver, maildirs,
-                                       received + envelope.original_content, ident)
+            await loop.run_in_executor(
+                self.diskPool, deliver, maildirs, received + envelope.original_content, ident
+            )
         except OSError:
             return "451 4.3.0 Error: local error in processing"
-        log.info("message accepted: client=[%s] login=<%s> id=%s from=<%s> recipients=%d "
-                 "size=%d", session.peer[0], login, ident, envelope.mail_from,
-                 len(envelope.rcpt_tos), len(envelope.original_content))
+        log.info(
+            "message accepted: client=[%s] login=<%s> id=%s from=<%s> recipients=%d size=%d",
+            session.peer[0],
+            login,
+            ident,
+            envelope.mail_from,
+            len(envelope.rcpt_tos),
+            len(envelope.original_content),
+        )
         return f"250 2.0.0 Ok: queued as {ident}"
 
 
@@ -152,8 +161,11 @@ def main() -> None:
     p.add_argument("--disk-threads", type=int, default=4)
     p.add_argument("--log", default="/dev/null", help="log file")
     options = p.parse_args()
-    logging.basicConfig(filename=options.log, level=logging.INFO,
-                        format="%(asctime)s [%(name)s#%(levelname)s] %(message)s")
+    logging.basicConfig(
+        filename=options.log,
+        level=logging.INFO,
+        format="%(asctime)s [%(name)s#%(levelname)s] %(message)s",
+    )
     # aiosmtpd 1.4 warns of its own deprecated login_data on every login.
     logging.getLogger("mail.log").setLevel(logging.ERROR)
 
@@ -163,7 +175,9 @@ def main() -> None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(options.certificate, options.private_key)
     handler = MaildirHandler(
-        users, options.maildir, frozenset(d.lower() for d in options.domain),
+        users,
+        options.maildir,
+        frozenset(d.lower() for d in options.domain),
         concurrent.futures.ThreadPoolExecutor(options.auth_threads, "auth"),
         concurrent.futures.ThreadPoolExecutor(options.disk_threads, "disk"),
     )
@@ -172,9 +186,17 @@ def main() -> None:
         loop = asyncio.get_running_loop()
 
         def factory() -> SMTP:
-            return SMTP(handler, hostname="bench.test", data_size_limit=options.max_message_size,
-                        tls_context=ctx, require_starttls=True, auth_required=True,
-                        auth_require_tls=True, auth_exclude_mechanism=["LOGIN"], loop=loop)
+            return SMTP(
+                handler,
+                hostname="bench.test",
+                data_size_limit=options.max_message_size,
+                tls_context=ctx,
+                require_starttls=True,
+                auth_required=True,
+                auth_require_tls=True,
+                auth_exclude_mechanism=["LOGIN"],
+                loop=loop,
+            )
 
         server = await loop.create_server(factory, options.host, options.port, backlog=1024)
         async with server:

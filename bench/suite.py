@@ -116,8 +116,16 @@ def prepare(work: str) -> None:
 class Server:
     """One server process: started, probed for its banner, measured through /proc, stopped."""
 
-    def __init__(self, name: str, work: str, label: str = "", workers: int = 1,
-                 redis: str = "", cpus: Optional[set] = None, extra: str = "") -> None:
+    def __init__(
+        self,
+        name: str,
+        work: str,
+        label: str = "",
+        workers: int = 1,
+        redis: str = "",
+        cpus: Optional[set] = None,
+        extra: str = "",
+    ) -> None:
         """
         @param workers: mailauth's C{[server] workers}.
         @param redis: the URL of a Redis for C{[state] backend} (workers > 1).
@@ -145,17 +153,43 @@ class Server:
             config = os.path.join(self.dir, "mailauth.conf")
             with open(config, "w") as f:
                 state = f"[state]\nbackend = {self.redis}\n" if self.redis else ""
-                f.write(template.format(dir=self.dir, work=self.work, port=self.port,
-                                        workers=self.workers, state=state) + self.extra)
-            return [os.path.join(os.path.dirname(PYTHON), "twistd"), "--nodaemon", "--pidfile=",
-                    f"--logfile={os.path.join(self.dir, 'server.log')}", "mailauth",
-                    "--config", config]
-        return [PYTHON, os.path.join(HERE, "peer.py"), "--port", str(self.port),
-                "--certificate", os.path.join(tls, "cert.pem"),
-                "--private-key", os.path.join(tls, "key.pem"),
-                "--users", os.path.join(self.work, "users"),
-                "--maildir", os.path.join(self.dir, "mail", "{domain}", "{localpart}", "Maildir"),
-                "--domain", "bench.test", "--log", os.path.join(self.dir, "server.log")]
+                f.write(
+                    template.format(
+                        dir=self.dir,
+                        work=self.work,
+                        port=self.port,
+                        workers=self.workers,
+                        state=state,
+                    )
+                    + self.extra
+                )
+            return [
+                os.path.join(os.path.dirname(PYTHON), "twistd"),
+                "--nodaemon",
+                "--pidfile=",
+                f"--logfile={os.path.join(self.dir, 'server.log')}",
+                "mailauth",
+                "--config",
+                config,
+            ]
+        return [
+            PYTHON,
+            os.path.join(HERE, "peer.py"),
+            "--port",
+            str(self.port),
+            "--certificate",
+            os.path.join(tls, "cert.pem"),
+            "--private-key",
+            os.path.join(tls, "key.pem"),
+            "--users",
+            os.path.join(self.work, "users"),
+            "--maildir",
+            os.path.join(self.dir, "mail", "{domain}", "{localpart}", "Maildir"),
+            "--domain",
+            "bench.test",
+            "--log",
+            os.path.join(self.dir, "server.log"),
+        ]
 
     def start(self) -> None:
         if os.path.exists(self.dir):
@@ -166,15 +200,22 @@ class Server:
         path = [p for p in (os.environ.get("PYTHONPATH"), ROOT) if p]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         out = open(os.path.join(self.dir, "stdout.log"), "ab")
-        self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        preexec_fn=pinner(self.cpus))
+        self.process = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=pinner(self.cpus),
+        )
         out.close()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; "
-                                   f"see {self.dir}/stdout.log")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.process.returncode}; see {self.dir}/stdout.log"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
                     if s.recv(100).startswith(b"220") and self.serving():
@@ -287,8 +328,13 @@ class PeakSampler(threading.Thread):
 def loadgen(server: Server, *args: str, onStderr=None, cap: float = 300) -> dict:
     """Run the load generator against C{server}; its JSON result."""
     argv = [PYTHON, LOADGEN, "--port", str(server.port), "--password", PASSWORD, *args]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=pinner(LOADGEN_CPUS))
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=pinner(LOADGEN_CPUS),
+    )
     timer = threading.Timer(cap, proc.kill)
     timer.start()
     try:
@@ -310,9 +356,24 @@ def loadgen(server: Server, *args: str, onStderr=None, cap: float = 300) -> dict
 
 
 def sendArgs(concurrency: int, messages: int, size: int, seconds: float, total: int = 0) -> list:
-    return ["--mode", "send", "--user", SENDER, "--rcpt", RECIPIENT,
-            "--concurrency", str(concurrency), "--messages", str(messages),
-            "--size", str(size), "--time", str(seconds), "--total", str(total)]
+    return [
+        "--mode",
+        "send",
+        "--user",
+        SENDER,
+        "--rcpt",
+        RECIPIENT,
+        "--concurrency",
+        str(concurrency),
+        "--messages",
+        str(messages),
+        "--size",
+        str(size),
+        "--time",
+        str(seconds),
+        "--total",
+        str(total),
+    ]
 
 
 def machineBusy() -> float:
@@ -343,8 +404,7 @@ def throughput(server: Server, concurrency: int, seconds: float) -> dict:
     r = loadgen(server, *sendArgs(concurrency, 10, 10 * KB, seconds), "--processes", processes)
     used, machine = server.cpu() - cpu, machineBusy() - machine
     if r["messages"]:
-        for key, seconds in (("server", used), ("client", r["client_cpu_s"]),
-                             ("machine", machine)):
+        for key, seconds in (("server", used), ("client", r["client_cpu_s"]), ("machine", machine)):
             r[f"{key}_cpu_ms_per_msg"] = round(seconds / r["messages"] * 1000, 3)
     return r
 
@@ -354,9 +414,23 @@ def storm(server: Server, logins: int) -> dict:
     sampler = PeakSampler(server)
     base = server.status("VmRSS")
     sampler.start()
-    r = loadgen(server, "--mode", "storm", "--user", STORM_USER,
-                "--user-count", str(STORM_USERS), "--noop-user", SENDER,
-                "--concurrency", str(logins), "--time", "120", "--timeout", "100")
+    r = loadgen(
+        server,
+        "--mode",
+        "storm",
+        "--user",
+        STORM_USER,
+        "--user-count",
+        str(STORM_USERS),
+        "--noop-user",
+        SENDER,
+        "--concurrency",
+        str(logins),
+        "--time",
+        "120",
+        "--timeout",
+        "100",
+    )
     r["rss_growth_mb"] = round((sampler.stop() - base) / MB, 1)
     return r
 
@@ -393,8 +467,20 @@ def idle(server: Server, count: int) -> dict:
             measured["rss"] = server.status("VmRSS")
             measured["parked"] = int(line.split()[1])
 
-    r = loadgen(server, "--mode", "idle", "--user", SENDER, "--concurrency", str(count),
-                "--hold", "2", "--time", "120", onStderr=parked)
+    r = loadgen(
+        server,
+        "--mode",
+        "idle",
+        "--user",
+        SENDER,
+        "--concurrency",
+        str(count),
+        "--hold",
+        "2",
+        "--time",
+        "120",
+        onStderr=parked,
+    )
     if measured.get("parked"):
         r["rss_per_conn_kb"] = round((measured["rss"] - base) / measured["parked"] / KB, 1)
         r["rss_growth_mb"] = round((measured["rss"] - base) / MB, 1)
@@ -418,8 +504,9 @@ def average(runs: list) -> dict:
         for code, count in r.get("failures", {}).items():
             failures[code] = failures.get(code, 0) + count
     out["failures"] = failures
-    out["runs"] = [{k: r.get(k) for k in ("msgs_per_s", "login_p50_ms", "message_p99_ms")}
-                   for r in good]
+    out["runs"] = [
+        {k: r.get(k) for k in ("msgs_per_s", "login_p50_ms", "message_p99_ms")} for r in good
+    ]
     return out
 
 
@@ -430,9 +517,22 @@ def dkimSection(work: str) -> str:
     (in a process of its own: this folder's dkim.py hides dkimpy here).
     """
     domain, selector, keydir = SENDER.partition("@")[2], "bench", os.path.join(work, "dkim")
-    subprocess.run([os.path.join(os.path.dirname(PYTHON), "mailauth"), "dkim", "keygen", domain,
-                    "--type", "ed25519", "--selector", selector, "--keydir", keydir],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            os.path.join(os.path.dirname(PYTHON), "mailauth"),
+            "dkim",
+            "keygen",
+            domain,
+            "--type",
+            "ed25519",
+            "--selector",
+            selector,
+            "--keydir",
+            keydir,
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return f"\n[dkim]\n{domain} = {selector}:{os.path.join(keydir, f'{domain}.{selector}.pem')}\n"
 
 
@@ -464,7 +564,8 @@ def dkimCost(work: str, seconds: float, repeat: int) -> dict:
         out["throughput_cost"] = round(1 - signed["msgs_per_s"] / plain["msgs_per_s"], 4)
     if "server_cpu_ms_per_msg" in plain and "server_cpu_ms_per_msg" in signed:
         out["server_cpu_ms_added"] = round(
-            signed["server_cpu_ms_per_msg"] - plain["server_cpu_ms_per_msg"], 3)
+            signed["server_cpu_ms_per_msg"] - plain["server_cpu_ms_per_msg"], 3
+        )
     return out
 
 
@@ -484,12 +585,14 @@ def signedShare(server: Server) -> float:
 def dkimTable(r: dict) -> str:
     """The signing cost: each measure without and with [dkim], and the verdict."""
     plain, signed = r.get("unsigned", {}), r.get("ed25519", {})
-    rows = [("10 KB msgs/s, concurrency 50", "msgs_per_s"),
-            ("  message p50 ms", "message_p50_ms"),
-            ("  message p99 ms", "message_p99_ms"),
-            ("  server CPU ms/msg", "server_cpu_ms_per_msg"),
-            ("  machine CPU ms/msg", "machine_cpu_ms_per_msg"),
-            ("  share of messages signed", "signed")]
+    rows = [
+        ("10 KB msgs/s, concurrency 50", "msgs_per_s"),
+        ("  message p50 ms", "message_p50_ms"),
+        ("  message p99 ms", "message_p99_ms"),
+        ("  server CPU ms/msg", "server_cpu_ms_per_msg"),
+        ("  machine CPU ms/msg", "machine_cpu_ms_per_msg"),
+        ("  share of messages signed", "signed"),
+    ]
     header = f"{'DKIM signing (mailauth only)':40} {'unsigned':>10} {'ed25519':>10} {'ratio':>7}"
     out = [header, "-" * len(header)]
     for label, key in rows:
@@ -499,12 +602,18 @@ def dkimTable(r: dict) -> str:
     cost = r.get("throughput_cost")
     if cost is not None:
         verdict = "met" if cost < 0.10 else "NOT MET"
-        out.append(f"throughput lost to signing: {cost:.1%} (target < 10%: {verdict}); "
-                   f"server CPU added: {fmt(r.get('server_cpu_ms_added'), 3)} ms/msg")
-        runs = [(a.get("msgs_per_s"), b.get("msgs_per_s"))
-                for a, b in zip(plain.get("runs", [plain]), signed.get("runs", [signed]))]
-        out.append("  each run, unsigned/ed25519 msgs/s: "
-                   + ", ".join(f"{fmt(a)}/{fmt(b)}" for a, b in runs))
+        out.append(
+            f"throughput lost to signing: {cost:.1%} (target < 10%: {verdict}); "
+            f"server CPU added: {fmt(r.get('server_cpu_ms_added'), 3)} ms/msg"
+        )
+        runs = [
+            (a.get("msgs_per_s"), b.get("msgs_per_s"))
+            for a, b in zip(plain.get("runs", [plain]), signed.get("runs", [signed]))
+        ]
+        out.append(
+            "  each run, unsigned/ed25519 msgs/s: "
+            + ", ".join(f"{fmt(a)}/{fmt(b)}" for a, b in runs)
+        )
     for name, side in (("unsigned", plain), ("ed25519", signed)):
         if side.get("failures"):
             out.append(f"  failed replies {name}: {side['failures']}")
@@ -528,9 +637,15 @@ def machine() -> dict:
         except importlib.metadata.PackageNotFoundError:
             return "missing"
 
-    return {"cpus": os.cpu_count(), "cpu": model, "kernel": platform.release(),
-            "python": platform.python_version(), "twisted": version("twisted"),
-            "aiosmtpd": version("aiosmtpd"), "openssl": ssl.OPENSSL_VERSION}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "twisted": version("twisted"),
+        "aiosmtpd": version("aiosmtpd"),
+        "openssl": ssl.OPENSSL_VERSION,
+    }
 
 
 def fmt(value, digits: int = 1) -> str:
@@ -550,8 +665,15 @@ def table(results: dict, options) -> str:
 
     rows = []
     for c in (1, 10, 50):
-        rows.append((f"10 KB msgs/s, concurrency {c}", f"tput{c}", "msgs_per_s", "higher",
-                     "ratio >= 1.5" if c == 50 else ""))
+        rows.append(
+            (
+                f"10 KB msgs/s, concurrency {c}",
+                f"tput{c}",
+                "msgs_per_s",
+                "higher",
+                "ratio >= 1.5" if c == 50 else "",
+            )
+        )
     rows += [
         ("  message p50 ms, concurrency 50", "tput50", "message_p50_ms", "lower", ""),
         ("  message p99 ms, concurrency 50", "tput50", "message_p99_ms", "lower", ""),
@@ -560,17 +682,32 @@ def table(results: dict, options) -> str:
         ("  machine CPU ms/msg, concurrency 50", "tput50", "machine_cpu_ms_per_msg", "lower", ""),
         ("connect+STARTTLS+AUTH p50 ms, c=1", "tput1", "login_p50_ms", "lower", "< 10"),
         ("connect+STARTTLS+AUTH p99 ms, c=1", "tput1", "login_p99_ms", "lower", ""),
-        (f"auth storm ({options.storm} ARGON2ID): NOOP p50 ms", "storm", "noop_p50_ms", "lower",
-         ""),
+        (
+            f"auth storm ({options.storm} ARGON2ID): NOOP p50 ms",
+            "storm",
+            "noop_p50_ms",
+            "lower",
+            "",
+        ),
         ("auth storm: NOOP p99 ms", "storm", "noop_p99_ms", "lower", "< 50"),
         ("auth storm: seconds for all logins", "storm", "storm_s", "lower", ""),
         ("auth storm: logins ok", "storm", "logins", "higher", ""),
         ("auth storm: peak RSS growth MB", "storm", "rss_growth_mb", "lower", ""),
         (f"{options.big_mb} MB message: ingest MB/s", "big", "mb_per_s", "higher", ""),
-        (f"{options.big_mb} MB message: peak RSS growth MB", "big", "rss_growth_mb", "lower",
-         "< 16"),
-        (f"idle ({options.idle} TLS conns): RSS KB/conn", "idle", "rss_per_conn_kb", "lower",
-         "< 64"),
+        (
+            f"{options.big_mb} MB message: peak RSS growth MB",
+            "big",
+            "rss_growth_mb",
+            "lower",
+            "< 16",
+        ),
+        (
+            f"idle ({options.idle} TLS conns): RSS KB/conn",
+            "idle",
+            "rss_per_conn_kb",
+            "lower",
+            "< 64",
+        ),
     ]
     checks = {
         ("tput50", "msgs_per_s"): lambda x, y: y and x / y >= 1.5,
@@ -579,8 +716,10 @@ def table(results: dict, options) -> str:
         ("big", "rss_growth_mb"): lambda x, y: x < 16,
         ("idle", "rss_per_conn_kb"): lambda x, y: x < 64,
     }
-    header = (f"{'scenario (ratio = mailauth/aiosmtpd)':40} {'mailauth':>10} {'aiosmtpd':>10} "
-              f"{'ratio':>7}  target")
+    header = (
+        f"{'scenario (ratio = mailauth/aiosmtpd)':40} {'mailauth':>10} {'aiosmtpd':>10} "
+        f"{'ratio':>7}  target"
+    )
     out = [header, "-" * len(header)]
     for label, scenario, key, better, target in rows:
         if scenario not in a and scenario not in b:
@@ -592,8 +731,10 @@ def table(results: dict, options) -> str:
         if target and check and x is not None:
             verdict = "met" if check(x, y) else "NOT MET"
         mark = "(higher is better)" if better == "higher" and not target else ""
-        out.append(f"{label:40} {fmt(x):>10} {fmt(y):>10} {ratio:>7}  "
-                   f"{(target + ' ' + verdict).strip() or mark}")
+        out.append(
+            f"{label:40} {fmt(x):>10} {fmt(y):>10} {ratio:>7}  "
+            f"{(target + ' ' + verdict).strip() or mark}"
+        )
     failures = []
     for name, side in results.items():
         for scenario, r in side.items():
@@ -673,12 +814,17 @@ def quietRun(options, run) -> dict:
         before = waitQuiet(options.quiet, options.quiet_wait)
         result = run()
         after = backgroundLoad()
-        result.update(background_before=round(before, 2), background_after=round(after, 2),
-                      disturbed=max(before, after) > options.quiet)
+        result.update(
+            background_before=round(before, 2),
+            background_after=round(after, 2),
+            disturbed=max(before, after) > options.quiet,
+        )
         if not result["disturbed"] or "error" in result:
             return result
-        log(f"  disturbed (other processes: {before:.2f} before, {after:.2f} after): "
-            "running it again")
+        log(
+            f"  disturbed (other processes: {before:.2f} before, {after:.2f} after): "
+            "running it again"
+        )
     return result
 
 
@@ -691,27 +837,40 @@ def workersScenario(work: str, options) -> dict:
     global LOADGEN_CPUS
     serverCPUs, LOADGEN_CPUS = splitCPUs(options.pin)
     redis = startRedis(work)
-    results: dict = {"pinned": serverCPUs is not None,
-                     "server_cpus": sorted(serverCPUs) if serverCPUs else None,
-                     "loadgen_cpus": sorted(LOADGEN_CPUS) if LOADGEN_CPUS else None}
+    results: dict = {
+        "pinned": serverCPUs is not None,
+        "server_cpus": sorted(serverCPUs) if serverCPUs else None,
+        "loadgen_cpus": sorted(LOADGEN_CPUS) if LOADGEN_CPUS else None,
+    }
     try:
         for c in options.workers_concurrency:
             runs: dict = {label: [] for label, *_ in WORKER_SETUPS}
             for attempt in range(options.repeat):
                 for label, name, workers, shared in WORKER_SETUPS:
-                    server = Server(name, work, f"w{workers}{'r' if shared else ''}-c{c}-"
-                                    f"{attempt + 1}", workers=workers,
-                                    redis=redis.url if shared else "", cpus=serverCPUs)
+                    server = Server(
+                        name,
+                        work,
+                        f"w{workers}{'r' if shared else ''}-c{c}-{attempt + 1}",
+                        workers=workers,
+                        redis=redis.url if shared else "",
+                        cpus=serverCPUs,
+                    )
                     log(f"workers c={c}: {label} ({attempt + 1}/{options.repeat}) ...")
-                    runs[label].append(quietRun(options, functools.partial(
-                        freshThroughput, server, c, options.time)))
+                    runs[label].append(
+                        quietRun(
+                            options, functools.partial(freshThroughput, server, c, options.time)
+                        )
+                    )
                     log(f"  {json.dumps(runs[label][-1])}")
             # Runs others disturbed only count where every run was disturbed.
-            results[f"c{c}"] = {label: average([x for x in r if not x.get("disturbed")] or r)
-                                for label, r in runs.items()}
+            results[f"c{c}"] = {
+                label: average([x for x in r if not x.get("disturbed")] or r)
+                for label, r in runs.items()
+            }
             for label, r in runs.items():
                 results[f"c{c}"][label]["all_runs"] = [
-                    {k: x.get(k) for k in ("msgs_per_s", "disturbed")} for x in r]
+                    {k: x.get(k) for k in ("msgs_per_s", "disturbed")} for x in r
+                ]
     finally:
         redis.cleanup()
         LOADGEN_CPUS = None
@@ -720,12 +879,16 @@ def workersScenario(work: str, options) -> dict:
 
 def workersTable(results: dict) -> str:
     """The workers scenario's table: one block per concurrency, ratio to aiosmtpd."""
-    pinned = (f"servers on CPUs {results['server_cpus']}, load generator on "
-              f"{results['loadgen_cpus']}" if results.get("pinned") else
-              "servers and load generator share every CPU (fewer than 4, or --no-pin)")
+    pinned = (
+        f"servers on CPUs {results['server_cpus']}, load generator on {results['loadgen_cpus']}"
+        if results.get("pinned")
+        else "servers and load generator share every CPU (fewer than 4, or --no-pin)"
+    )
     out = [f"workers scenario ({pinned}); 10 KB messages, ten per connection"]
-    header = (f"{'server':30} {'msgs/s':>8} {'x aiosmtpd':>10} {'p99 ms':>7} "
-              f"{'server':>7} {'loadgen':>7} {'machine':>7}  CPU ms/msg")
+    header = (
+        f"{'server':30} {'msgs/s':>8} {'x aiosmtpd':>10} {'p99 ms':>7} "
+        f"{'server':>7} {'loadgen':>7} {'machine':>7}  CPU ms/msg"
+    )
     for key, block in results.items():
         if not key.startswith("c") or not isinstance(block, dict):
             continue
@@ -737,21 +900,29 @@ def workersTable(results: dict) -> str:
             target = ""
             if "workers = 2" in label and rate and base:
                 target = "  >= 1.5 " + ("met" if rate / base >= 1.5 else "NOT MET")
-            out.append(f"{label:30} {fmt(rate):>8} {ratio:>10} {fmt(r.get('message_p99_ms')):>7} "
-                       f"{fmt(r.get('server_cpu_ms_per_msg'), 2):>7} "
-                       f"{fmt(r.get('client_cpu_ms_per_msg'), 2):>7} "
-                       f"{fmt(r.get('machine_cpu_ms_per_msg'), 2):>7}{target}")
+            out.append(
+                f"{label:30} {fmt(rate):>8} {ratio:>10} {fmt(r.get('message_p99_ms')):>7} "
+                f"{fmt(r.get('server_cpu_ms_per_msg'), 2):>7} "
+                f"{fmt(r.get('client_cpu_ms_per_msg'), 2):>7} "
+                f"{fmt(r.get('machine_cpu_ms_per_msg'), 2):>7}{target}"
+            )
             if r.get("failures"):
                 out.append(f"  failed replies: {r['failures']}")
             if r.get("error"):
                 out.append(f"  error: {r['error']}")
             runs = r.get("all_runs", [r])
-            rates = " ".join(fmt(x.get("msgs_per_s")) + ("*" if x.get("disturbed") else "")
-                             for x in runs)
+            rates = " ".join(
+                fmt(x.get("msgs_per_s")) + ("*" if x.get("disturbed") else "") for x in runs
+            )
             disturbed = sum(1 for x in runs if x.get("disturbed"))
-            out.append(f"  runs: {rates} msgs/s" + (
-                " (* other processes busy around it: left out of the mean unless all were)"
-                if disturbed else ""))
+            out.append(
+                f"  runs: {rates} msgs/s"
+                + (
+                    " (* other processes busy around it: left out of the mean unless all were)"
+                    if disturbed
+                    else ""
+                )
+            )
     return "\n".join(out)
 
 
@@ -766,21 +937,37 @@ def main() -> None:
     p.add_argument("--big-mb", type=int, default=50)
     p.add_argument("--idle", type=int, default=2000, help="parked connections")
     p.add_argument("--json", help="also write every result to this file")
-    p.add_argument("--workers-concurrency", default="50",
-                   type=lambda text: [int(x) for x in text.split(",")],
-                   help="workers scenario: the concurrencies, comma-separated")
-    p.add_argument("--no-pin", dest="pin", action="store_false",
-                   help="workers scenario: never pin servers and load generator apart")
-    p.add_argument("--quiet", type=float, default=0.25,
-                   help="workers scenario: the CPUs other processes may use around a run")
-    p.add_argument("--quiet-wait", type=float, default=600,
-                   help="workers scenario: seconds to wait for that before each run")
+    p.add_argument(
+        "--workers-concurrency",
+        default="50",
+        type=lambda text: [int(x) for x in text.split(",")],
+        help="workers scenario: the concurrencies, comma-separated",
+    )
+    p.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="workers scenario: never pin servers and load generator apart",
+    )
+    p.add_argument(
+        "--quiet",
+        type=float,
+        default=0.25,
+        help="workers scenario: the CPUs other processes may use around a run",
+    )
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=600,
+        help="workers scenario: seconds to wait for that before each run",
+    )
     options = p.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < options.idle + 200:
-        want = options.idle + 200 if hard == resource.RLIM_INFINITY else min(hard,
-                                                                              options.idle + 200)
+        want = (
+            options.idle + 200 if hard == resource.RLIM_INFINITY else min(hard, options.idle + 200)
+        )
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         if want < options.idle + 200:
             options.idle = max(10, want - 200)
@@ -842,9 +1029,11 @@ def main() -> None:
     info["background_cpu_after"] = round(backgroundLoad(), 2)
     results["machine"] = info
     print()
-    print(f"machine: {info['cpus']} x {info['cpu']}, Linux {info['kernel']}, "
-          f"Python {info['python']}, Twisted {info['twisted']}, aiosmtpd {info['aiosmtpd']}, "
-          f"{info['openssl']}")
+    print(
+        f"machine: {info['cpus']} x {info['cpu']}, Linux {info['kernel']}, "
+        f"Python {info['python']}, Twisted {info['twisted']}, aiosmtpd {info['aiosmtpd']}, "
+        f"{info['openssl']}"
+    )
     if plan:
         print(table(results, options))
     if "dkim" in results:
@@ -853,9 +1042,11 @@ def main() -> None:
         if plan:
             print()
         print(workersTable(results["workers"]))
-    print(f"background load before/after: {info['background_cpu_before']:.2f}/"
-          f"{info['background_cpu_after']:.2f} CPUs "
-          f"({time.monotonic() - started:.0f} s; details in {work})")
+    print(
+        f"background load before/after: {info['background_cpu_before']:.2f}/"
+        f"{info['background_cpu_after']:.2f} CPUs "
+        f"({time.monotonic() - started:.0f} s; details in {work})"
+    )
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     for name in os.listdir(work):

@@ -80,8 +80,9 @@ class Recipient(smtp.User):
     @ivar mail: the L{MailParameters} of the transaction.
     """
 
-    def __init__(self, destination, helo, protocol, orig, params: RcptParameters,
-                 mail: MailParameters) -> None:
+    def __init__(
+        self, destination, helo, protocol, orig, params: RcptParameters, mail: MailParameters
+    ) -> None:
         super().__init__(destination, helo, protocol, orig)
         self.params = params
         self.mail = mail

@@ -38,9 +38,7 @@ GROUP = 4
 # The shape of an app password as a client may send it: the groups joined
 # by "-", " " or nothing, in any case (letters and digits, so that a mistyped
 # character still has the shape and fails as a wrong password).
-_SHAPE = re.compile(
-    rb"[A-Za-z0-9]{%d}(?:[- ]?[A-Za-z0-9]{%d}){%d}" % (GROUP, GROUP, GROUPS - 1)
-)
+_SHAPE = re.compile(rb"[A-Za-z0-9]{%d}(?:[- ]?[A-Za-z0-9]{%d}){%d}" % (GROUP, GROUP, GROUPS - 1))
 
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
 

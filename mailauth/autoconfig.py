@@ -78,17 +78,20 @@ class ClientSettings:
         ports = dict(auto.ports)
         methods = authenticationMethods(cfg.auth.mechanisms)
         outgoing = tuple(
-            Server("smtp", auto.hostname,
-                   cast(int, ports.get(listener.name) or configmod.endpointPort(listener.endpoint)),
-                   listener.tls, methods)
+            Server(
+                "smtp",
+                auto.hostname,
+                cast(int, ports.get(listener.name) or configmod.endpointPort(listener.endpoint)),
+                listener.tls,
+                methods,
+            )
             for listener in advertised(cfg.listeners)
         )
         incoming = tuple(
             Server(s.protocol, s.hostname, s.port, s.tls, ("password-cleartext",))
             for s in auto.incoming
         )
-        return cls(auto.display_name, tuple(sorted(cfg.delivery.local_domains)),
-                   incoming, outgoing)
+        return cls(auto.display_name, tuple(sorted(cfg.delivery.local_domains)), incoming, outgoing)
 
 
 def advertised(listeners: Iterable) -> list:
@@ -96,8 +99,11 @@ def advertised(listeners: Iterable) -> list:
     The listeners worth telling clients about: AUTH offered over TLS. Plain
     text listeners are never advertised, whatever they allow.
     """
-    shown = [listener for listener in listeners
-             if listener.tls in SOCKET_TYPES and listener.auth in ("required", "optional")]
+    shown = [
+        listener
+        for listener in listeners
+        if listener.tls in SOCKET_TYPES and listener.auth in ("required", "optional")
+    ]
     return sorted(shown, key=lambda listener: listener.tls != "implicit")
 
 
@@ -128,8 +134,10 @@ def thunderbirdConfig(settings: ClientSettings) -> bytes:
     for domain in settings.domains:
         _element(provider, "domain", domain)
     _element(provider, "displayName", settings.displayName)
-    for tag, servers in (("incomingServer", settings.incoming),
-                         ("outgoingServer", settings.outgoing)):
+    for tag, servers in (
+        ("incomingServer", settings.incoming),
+        ("outgoingServer", settings.outgoing),
+    ):
         for s in servers:
             e = ET.SubElement(provider, tag, type=s.protocol)
             _element(e, "hostname", s.hostname)
@@ -267,8 +275,12 @@ class Autodiscover(resource.Resource):
             return _xml(request, autodiscoverError(600, "Invalid Request", str(e)), 400)
         if schema != OUTLOOK_RESPONSE_NS:
             # ActiveSync (mobilesync) clients ask for a schema mailauth cannot serve.
-            return _xml(request, autodiscoverError(
-                601, "Provider is not available for requested schema", schema[:200]))
+            return _xml(
+                request,
+                autodiscoverError(
+                    601, "Provider is not available for requested schema", schema[:200]
+                ),
+            )
         return _xml(request, autodiscoverResponse(self.settings, address))
 
 
@@ -291,8 +303,11 @@ class _LimitedRequest(server.Request):
         self._received += len(data)
         if self._received > MAX_REQUEST_BODY:
             if self._received - len(data) <= MAX_REQUEST_BODY:
-                log.info("autoconfig: request body over {limit} bytes from {client}: dropped",
-                         limit=MAX_REQUEST_BODY, client=self.getClientAddress())
+                log.info(
+                    "autoconfig: request body over {limit} bytes from {client}: dropped",
+                    limit=MAX_REQUEST_BODY,
+                    client=self.getClientAddress(),
+                )
                 cast(Any, self.channel.transport).loseConnection()
             return
         super().handleContentChunk(data)
@@ -306,8 +321,10 @@ def makeSite(cfg: configmod.Config, reactor) -> server.Site:
     """
     settings = ClientSettings.fromConfig(cfg)
     if not settings.incoming:
-        log.warn("autoconfig: [autoconfig] incoming is not set: Thunderbird and Outlook "
-                 "discard a setup that names no IMAP or POP3 server")
+        log.warn(
+            "autoconfig: [autoconfig] incoming is not set: Thunderbird and Outlook "
+            "discard a setup that names no IMAP or POP3 server"
+        )
     mail = _Folder()
     mail.putChild(b"config-v1.1.xml", ThunderbirdConfig(settings))
     wellKnown, autoconfig, autodiscover = _Folder(), _Folder(), _Folder()

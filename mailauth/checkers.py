@@ -285,8 +285,10 @@ class OAuthChecker:
 
     def _found(self, user: Optional[User], login: str) -> str:
         if user is None:
-            raise TokenRefused(f"the token names <{login}>, who is not a user here",
-                               discovery=self.tokens.discovery)
+            raise TokenRefused(
+                f"the token names <{login}>, who is not a user here",
+                discovery=self.tokens.discovery,
+            )
         return _result(True, user)
 
     @staticmethod
@@ -294,7 +296,9 @@ class OAuthChecker:
         if f.check(TokenRefused):
             log.info(
                 "OAuth token refused: mechanism={mechanism} login=<{login}>: {why}",
-                mechanism=credentials.mechanism, login=credentials.username, why=f.value.why,
+                mechanism=credentials.mechanism,
+                login=credentials.username,
+                why=f.value.why,
             )
         return f
 

@@ -65,8 +65,9 @@ class Findings:
     notes: tuple = ()
 
     def __add__(self, other: Findings) -> Findings:
-        return Findings(self.errors + other.errors, self.warnings + other.warnings,
-                        self.notes + other.notes)
+        return Findings(
+            self.errors + other.errors, self.warnings + other.warnings, self.notes + other.notes
+        )
 
 
 def _where(cfg: configmod.Config, section: str, key: Optional[str] = None) -> str:
@@ -119,8 +120,9 @@ class Account:
                 raise KeyError(f"no user {text!r}") from None
             return cls(text, int(text), gid, frozenset([gid]))
         primary = entry.pw_gid if gid is None else gid
-        return cls(entry.pw_name, entry.pw_uid, primary,
-                   frozenset(os.getgrouplist(entry.pw_name, primary)))
+        return cls(
+            entry.pw_name, entry.pw_uid, primary, frozenset(os.getgrouplist(entry.pw_name, primary))
+        )
 
     def describe(self) -> str:
         return f"user {self.name} (uid {self.uid})"
@@ -206,8 +208,10 @@ def checkFolders(cfg: configmod.Config, account: Account, chown: bool) -> Findin
     for root in maildirRoots(cfg.delivery.maildir, cfg.delivery.local_domains):
         why = folderProblem(account, root)
         if why is not None:
-            errors.append(f"{_where(cfg, 'delivery', 'maildir')}: {root}: {why}, "
-                          "so no new Maildir can be made there")
+            errors.append(
+                f"{_where(cfg, 'delivery', 'maildir')}: {root}: {why}, "
+                "so no new Maildir can be made there"
+            )
     return Findings(errors=tuple(errors))
 
 
@@ -230,27 +234,36 @@ def checkReadable(cfg: configmod.Config, account: Account, chown: bool) -> Findi
     if not chown:
         return Findings()
     errors, warnings = [], []
-    later = [("auth", "users", None if isPostgreSQL(cfg.auth.users) else cfg.auth.users),
-             ("delivery", "aliases", cfg.delivery.aliases),
-             ("delivery", "sender_map", cfg.delivery.sender_map)]
+    later = [
+        ("auth", "users", None if isPostgreSQL(cfg.auth.users) else cfg.auth.users),
+        ("delivery", "aliases", cfg.delivery.aliases),
+        ("delivery", "sender_map", cfg.delivery.sender_map),
+    ]
     if cfg.tls is not None:
-        later += [("tls", "certificate", cfg.tls.certificate),
-                  ("tls", "private_key", cfg.tls.private_key)]
+        later += [
+            ("tls", "certificate", cfg.tls.certificate),
+            ("tls", "private_key", cfg.tls.private_key),
+        ]
     for section, key, path in later:
         why = readProblem(account, path) if path is not None else None
         if why is not None and cfg.server.workers > 1:
-            errors.append(f"{_where(cfg, section, key)}: {path}: {why}, and the workers "
-                          f"([server] workers = {cfg.server.workers}) read it as that user")
+            errors.append(
+                f"{_where(cfg, section, key)}: {path}: {why}, and the workers "
+                f"([server] workers = {cfg.server.workers}) read it as that user"
+            )
         elif why is not None:
-            warnings.append(f"{_where(cfg, section, key)}: warning: {path}: {why}, so the "
-                            "daemon cannot read it again when it changes or on SIGHUP")
+            warnings.append(
+                f"{_where(cfg, section, key)}: warning: {path}: {why}, so the "
+                "daemon cannot read it again when it changes or on SIGHUP"
+            )
     if cfg.relay is not None:
         for key in ("password_file", "ca_file"):
             path = getattr(cfg.relay, key)
             why = readProblem(account, path) if path is not None else None
             if why is not None:
-                errors.append(f"{_where(cfg, 'relay', key)}: {path}: {why}, so the daemon "
-                              "cannot relay")
+                errors.append(
+                    f"{_where(cfg, 'relay', key)}: {path}: {why}, so the daemon cannot relay"
+                )
     return Findings(tuple(errors), tuple(warnings))
 
 
@@ -274,9 +287,12 @@ def checkFiles(cfg: configmod.Config) -> list:
     usersFile = None if isPostgreSQL(cfg.auth.users) else cfg.auth.users
     if usersFile is None and (problem := checkSetup(cfg.auth.users)) is not None:
         problems.append(f"{cfg.path}: [auth] users: {problem}")
-    files = [("auth", "users", usersFile), ("delivery", "aliases", cfg.delivery.aliases),
-             ("delivery", "sender_map", cfg.delivery.sender_map),
-             ("limits", "overrides", cfg.limits.overrides)]
+    files = [
+        ("auth", "users", usersFile),
+        ("delivery", "aliases", cfg.delivery.aliases),
+        ("delivery", "sender_map", cfg.delivery.sender_map),
+        ("limits", "overrides", cfg.limits.overrides),
+    ]
     if cfg.relay is not None:
         files.append(("relay", "password_file", cfg.relay.password_file))
         files.append(("relay", "ca_file", cfg.relay.ca_file))
@@ -335,9 +351,12 @@ def checkRehash(cfg: configmod.Config, account: Account) -> Findings:
     why = folderProblem(account, folder)
     if why is None:
         return Findings()
-    return Findings(warnings=(
-        f"{_where(cfg, 'auth', 'rehash')}: warning: {why}, so no password can be rehashed;"
-        " keep the users file where the daemon may write (e.g. /var/lib/mailauth/users)",))
+    return Findings(
+        warnings=(
+            f"{_where(cfg, 'auth', 'rehash')}: warning: {why}, so no password can be rehashed;"
+            " keep the users file where the daemon may write (e.g. /var/lib/mailauth/users)",
+        )
+    )
 
 
 def checkCertificate(cfg: configmod.Config, now: float) -> Findings:
@@ -355,8 +374,9 @@ def checkCertificate(cfg: configmod.Config, now: float) -> Findings:
         return Findings(errors=(f"{where}: {path}: expired on {date}: renew it",))
     if expires - now < EXPIRY_WARNING:
         days = int((expires - now) // 86400)
-        return Findings(warnings=(
-            f"{where}: warning: {path}: expires on {date}, in {days} day(s): renew it",))
+        return Findings(
+            warnings=(f"{where}: warning: {path}: expires on {date}, in {days} day(s): renew it",)
+        )
     return Findings()
 
 
@@ -530,8 +550,9 @@ def _systemdSyntax(description: str) -> Optional[str]:
     return None
 
 
-def parseEndpoint(cfg: configmod.Config, section: str, description: str,
-                  daemon: bool) -> tuple[Optional[str], Optional[Endpoint]]:
+def parseEndpoint(
+    cfg: configmod.Config, section: str, description: str, daemon: bool
+) -> tuple[Optional[str], Optional[Endpoint]]:
     """
     Parse C{description} with Twisted's own C{serverFromString}, listening
     on a L{MemoryReactor} (which listens on nothing), then check what the
@@ -556,8 +577,10 @@ def parseEndpoint(cfg: configmod.Config, section: str, description: str,
     try:
         endpoints.serverFromString(reactor, description).listen(Factory())
     except (IndexError, KeyError):
-        return (f"{where}: systemd passed no such socket: start mailauth through its "
-                "socket unit, or use a tcp: endpoint"), None
+        return (
+            f"{where}: systemd passed no such socket: start mailauth through its "
+            "socket unit, or use a tcp: endpoint"
+        ), None
     except Exception as e:
         return f"{where}: {_parserMessage(kind, e)}", None
     tcp = None
@@ -613,8 +636,9 @@ def _tryBind(interface: str, port: int) -> socket.socket:
     return s
 
 
-def greetsAsMailauth(interface: str, port: int, useTLS: bool,
-                     timeout: float = PROBE_TIMEOUT) -> bool:
+def greetsAsMailauth(
+    interface: str, port: int, useTLS: bool, timeout: float = PROBE_TIMEOUT
+) -> bool:
     """
     Whether a mailauth daemon answers on (C{interface}, C{port}): its
     greeting is C{220 HOSTNAME ESMTP mailauth}, over TLS at once for an
@@ -670,9 +694,11 @@ def checkListening(cfg: configmod.Config, daemon: bool) -> Findings:
                 if e.errno == errno.EADDRINUSE:
                     inUse.append((endpoint, interface, port, why))
                 elif e.errno == errno.EACCES and not daemon:
-                    warnings.append(f"{endpoint.where(cfg)}: warning: could not try it: "
-                                    f"{listenProblem(e)} (the daemon needs root or "
-                                    "CAP_NET_BIND_SERVICE to listen there)")
+                    warnings.append(
+                        f"{endpoint.where(cfg)}: warning: could not try it: "
+                        f"{listenProblem(e)} (the daemon needs root or "
+                        "CAP_NET_BIND_SERVICE to listen there)"
+                    )
                 else:
                     errors.append(why)
     finally:
@@ -680,19 +706,33 @@ def checkListening(cfg: configmod.Config, daemon: bool) -> Findings:
             s.close()
     running = None
     if inUse and not daemon:
-        running = next((e for e, interface, port, _ in inUse if e.smtpTLS is not None
-                        and greetsAsMailauth(interface, port, e.smtpTLS)), None)
+        running = next(
+            (
+                e
+                for e, interface, port, _ in inUse
+                if e.smtpTLS is not None and greetsAsMailauth(interface, port, e.smtpTLS)
+            ),
+            None,
+        )
     for endpoint, _, _, why in inUse:
         if running is None:
             errors.append(why)
         else:
-            notes.append(f"{endpoint.where(cfg)}: in use, by the running mailauth (it answers "
-                         f"on [{running.section}]): not tried")
+            notes.append(
+                f"{endpoint.where(cfg)}: in use, by the running mailauth (it answers "
+                f"on [{running.section}]): not tried"
+            )
     return Findings(tuple(errors), tuple(warnings), tuple(notes))
 
 
-def checkAll(cfg: configmod.Config, account: Account, *, chown: bool = False,
-             daemon: bool = False, now: Optional[float] = None) -> Findings:
+def checkAll(
+    cfg: configmod.Config,
+    account: Account,
+    *,
+    chown: bool = False,
+    daemon: bool = False,
+    now: Optional[float] = None,
+) -> Findings:
     """
     Everything the daemon would refuse or warn about at start.
 

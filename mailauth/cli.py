@@ -52,7 +52,9 @@ def _hashRun(args: argparse.Namespace, console: Console) -> None:
 
 def _hashCommand(commands: argparse._SubParsersAction) -> None:
     command = commands.add_parser(
-        "hash", parents=[schemeOption()], help="print a password hash, like doveadm pw",
+        "hash",
+        parents=[schemeOption()],
+        help="print a password hash, like doveadm pw",
         description="Print the hash of a password read from standard input (or the"
         " terminal), for a users file line or a PostgreSQL users table.",
     )
@@ -91,7 +93,8 @@ def _checkConfigRun(args: argparse.Namespace, console: Console) -> None:
 
 def _checkConfigCommand(commands: argparse._SubParsersAction) -> None:
     command = commands.add_parser(
-        "check-config", parents=[configOption("everything")],
+        "check-config",
+        parents=[configOption("everything")],
         help="check a configuration as the daemon would at start",
         description="Check a configuration and what it names as twistd mailauth would at "
         "start: the files load, the endpoints parse and their ports are free, the "
@@ -101,7 +104,8 @@ def _checkConfigCommand(commands: argparse._SubParsersAction) -> None:
         "says so) is not an error.",
     )
     command.add_argument(
-        "--uid", metavar="USER",
+        "--uid",
+        metavar="USER",
         help="the user the daemon runs as (twistd --uid USER, started as root): check "
         "that it can reach state_dir, make Maildirs, and read the files it reads again "
         "later (default: the user running this)",
@@ -132,12 +136,14 @@ def _dbInit(args: argparse.Namespace, console: Console) -> None:
 
 def _dbCommand(commands: argparse._SubParsersAction) -> None:
     command = commands.add_parser(
-        "db", help="manage the PostgreSQL user database",
+        "db",
+        help="manage the PostgreSQL user database",
         description="Manage the PostgreSQL database that [auth] users = postgresql://... names.",
     )
     actions = command.add_subparsers(dest="action", metavar="ACTION", required=True)
     init = actions.add_parser(
-        "init", parents=[configOption("the database")],
+        "init",
+        parents=[configOption("the database")],
         help="create or upgrade the schema that users = postgresql://... reads",
         description="Create the mailauth tables in the database, or upgrade them to this "
         "version's schema; the user commands then work on it.",
@@ -160,15 +166,19 @@ def _queueDirectory(args: argparse.Namespace) -> str:
     else:
         cfg = loadConfig(args)
         if cfg.relay is None:
-            raise CommandError(f"{cfg.path}: no [relay] section, so mail for other domains is "
-                               "refused and nothing is ever queued")
+            raise CommandError(
+                f"{cfg.path}: no [relay] section, so mail for other domains is "
+                "refused and nothing is ever queued"
+            )
         stateDir = cfg.server.state_dir
     if not os.path.isdir(stateDir):
         raise CommandError(f"{stateDir}: no such folder (is it the daemon's state_dir?)")
     directory = os.path.join(stateDir, "queue")
     if not os.path.isdir(directory):
-        raise CommandError(f"{directory}: no such folder: the daemon makes it when it "
-                           "starts with a [relay] section")
+        raise CommandError(
+            f"{directory}: no such folder: the daemon makes it when it "
+            "starts with a [relay] section"
+        )
     return directory
 
 
@@ -199,12 +209,17 @@ def _queueDelete(args: argparse.Namespace, console: Console) -> None:
 def _queueCommand(commands: argparse._SubParsersAction) -> None:
     where = argparse.ArgumentParser(add_help=False)
     group = where.add_mutually_exclusive_group()
-    group.add_argument("--config", metavar="PATH",
-                       help=f"the configuration naming state_dir (default {DEFAULT_CONFIG})")
-    group.add_argument("--state-dir", metavar="DIR",
-                       help="the daemon's state_dir, instead of the configuration's")
+    group.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"the configuration naming state_dir (default {DEFAULT_CONFIG})",
+    )
+    group.add_argument(
+        "--state-dir", metavar="DIR", help="the daemon's state_dir, instead of the configuration's"
+    )
     command = commands.add_parser(
-        "queue", help="inspect and drive the forward queue",
+        "queue",
+        help="inspect and drive the forward queue",
         description="Inspect and drive the queue of mail for other domains, which the daemon "
         "forwards to [relay]. Works beside the running daemon.",
     )
@@ -213,11 +228,15 @@ def _queueCommand(commands: argparse._SubParsersAction) -> None:
         ("list", _queueList, "list queued messages, their recipients and last errors"),
         ("flush", _queueFlush, "make every message due now; the daemon retries them shortly"),
     ]:
-        actions.add_parser(name, parents=[where], help=text,
-                           description=text[:1].upper() + text[1:] + ".").set_defaults(run=run)
-    delete = actions.add_parser("delete", parents=[where],
-                                help="delete a queued message, without a bounce",
-                                description="Delete a queued message, without a bounce.")
+        actions.add_parser(
+            name, parents=[where], help=text, description=text[:1].upper() + text[1:] + "."
+        ).set_defaults(run=run)
+    delete = actions.add_parser(
+        "delete",
+        parents=[where],
+        help="delete a queued message, without a bounce",
+        description="Delete a queued message, without a bounce.",
+    )
     delete.add_argument("id", metavar="ID", help="the message's ID, as queue list shows it")
     delete.set_defaults(run=_queueDelete)
 
@@ -251,23 +270,36 @@ def _dkimKeygen(args: argparse.Namespace, console: Console) -> None:
 
 def _dkimCommand(commands: argparse._SubParsersAction) -> None:
     command = commands.add_parser(
-        "dkim", help="DKIM signing keys",
+        "dkim",
+        help="DKIM signing keys",
         description="Make the keys that [dkim] signs outgoing mail with.",
     )
     actions = command.add_subparsers(dest="action", metavar="ACTION", required=True)
     keygen = actions.add_parser(
-        "keygen", help="write a new key as DIR/DOMAIN.SELECTOR.pem and print its DNS record",
+        "keygen",
+        help="write a new key as DIR/DOMAIN.SELECTOR.pem and print its DNS record",
         description="Write a new signing key as DIR/DOMAIN.SELECTOR.pem (mode 0640) and print "
         "the DNS TXT record to publish and the [dkim] line to add.",
     )
     keygen.add_argument("domain", metavar="DOMAIN", help="the signing domain, like example.org")
-    keygen.add_argument("--selector", metavar="S",
-                        help="default: mailYYYYMM (this month; with an e added for ed25519)")
-    keygen.add_argument("--type", choices=("rsa", "ed25519"), default="rsa",
-                        help="rsa (2048 bits, the default: every receiver verifies it) or "
-                        "ed25519 (RFC 8463: many receivers ignore it, so sign with both)")
-    keygen.add_argument("--keydir", metavar="DIR", default="/etc/mailauth/dkim",
-                        help="where to write the key (default /etc/mailauth/dkim)")
+    keygen.add_argument(
+        "--selector",
+        metavar="S",
+        help="default: mailYYYYMM (this month; with an e added for ed25519)",
+    )
+    keygen.add_argument(
+        "--type",
+        choices=("rsa", "ed25519"),
+        default="rsa",
+        help="rsa (2048 bits, the default: every receiver verifies it) or "
+        "ed25519 (RFC 8463: many receivers ignore it, so sign with both)",
+    )
+    keygen.add_argument(
+        "--keydir",
+        metavar="DIR",
+        default="/etc/mailauth/dkim",
+        help="where to write the key (default /etc/mailauth/dkim)",
+    )
     keygen.set_defaults(run=_dkimKeygen)
 
 
@@ -276,8 +308,14 @@ def _dkimCommand(commands: argparse._SubParsersAction) -> None:
 # (or _usersOptions()) and reads it with loadConfig(args), so that every
 # command defaults to DEFAULT_CONFIG alike; every command, option and argument
 # has a help line and every command a description (tests.test_cli.HelpTests).
-_COMMANDS = (userCommand, _hashCommand, _checkConfigCommand, _dbCommand, _queueCommand,
-             _dkimCommand)
+_COMMANDS = (
+    userCommand,
+    _hashCommand,
+    _checkConfigCommand,
+    _dbCommand,
+    _queueCommand,
+    _dkimCommand,
+)
 
 
 def _makeParser(defaultConfig: str) -> argparse.ArgumentParser:
@@ -291,8 +329,12 @@ def _makeParser(defaultConfig: str) -> argparse.ArgumentParser:
         " given --config PATH.\n"
         "Run 'mailauth COMMAND --help' for a command's options.",
     )
-    parser.add_argument("--version", action="version", version=f"mailauth {version()}",
-                        help="print the version and exit")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"mailauth {version()}",
+        help="print the version and exit",
+    )
     parser.set_defaults(defaultConfig=defaultConfig)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _COMMANDS:
@@ -300,8 +342,11 @@ def _makeParser(defaultConfig: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None, console: Optional[Console] = None,
-         defaultConfig: str = DEFAULT_CONFIG) -> int:
+def main(
+    argv: Optional[list[str]] = None,
+    console: Optional[Console] = None,
+    defaultConfig: str = DEFAULT_CONFIG,
+) -> int:
     """
     Run the C{mailauth} command.
 

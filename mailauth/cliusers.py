@@ -81,8 +81,12 @@ def _lenientSettings(path: str, error: ConfigError, console: Console) -> UserSet
     for problem in error.problems:
         console.warn(problem)
     console.warn(f"{path} has the problems above; using its [auth] users = {users} anyway")
-    return UserSettings(users, path, PasswordPolicy(minLength, breached),
-                        frozenset(d.lower().rstrip(".") for d in domains) or None)
+    return UserSettings(
+        users,
+        path,
+        PasswordPolicy(minLength, breached),
+        frozenset(d.lower().rstrip(".") for d in domains) or None,
+    )
 
 
 def _userSettings(args: argparse.Namespace, console: Console) -> UserSettings:
@@ -100,9 +104,11 @@ def _userSettings(args: argparse.Namespace, console: Console) -> UserSettings:
             settings = _lenientSettings(path, e, console)
         else:
             settings = UserSettings(
-                cfg.auth.users, path,
+                cfg.auth.users,
+                path,
                 PasswordPolicy(cfg.auth.password_min_length, cfg.auth.breached_passwords),
-                cfg.delivery.local_domains)
+                cfg.delivery.local_domains,
+            )
     if pgusers.isPostgreSQL(settings.users):
         try:
             pgusers.checkURI(settings.users)
@@ -277,14 +283,18 @@ def _appPasswordDel(args: argparse.Namespace, console: Console) -> None:
 
 def _appPasswordCommand(actions: argparse._SubParsersAction, where, login) -> None:
     label = argparse.ArgumentParser(add_help=False)
-    label.add_argument("label", metavar="LABEL",
-                       help="names the app password (letters, digits, '.', '_', '-')")
+    label.add_argument(
+        "label", metavar="LABEL", help="names the app password (letters, digits, '.', '_', '-')"
+    )
     stateDir = argparse.ArgumentParser(add_help=False)
-    stateDir.add_argument("--state-dir", metavar="DIR",
-                          help="the daemon's state_dir, where last uses are kept"
-                          " (default: the configuration's)")
+    stateDir.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="the daemon's state_dir, where last uses are kept (default: the configuration's)",
+    )
     command = actions.add_parser(
-        "app-password", help="passwords for one application each, beside the user's own",
+        "app-password",
+        help="passwords for one application each, beside the user's own",
         description="App passwords: generated passwords that log a user in with PLAIN or "
         "LOGIN beside its own, each named by a label (shown in the log and the Received "
         "header) and revoked alone. See docs/accounts.rst.",
@@ -295,24 +305,39 @@ def _appPasswordCommand(actions: argparse._SubParsersAction, where, login) -> No
     )
     subcommands = command.add_subparsers(dest="appAction", metavar="ACTION", required=True)
     for name, run, parents, text in [
-        ("add", _appPasswordAdd, [login, label, where],
-         "make an app password and print it, this once only"),
-        ("list", _appPasswordList, [login, where, stateDir],
-         "list a user's app passwords: label, created, last used"),
+        (
+            "add",
+            _appPasswordAdd,
+            [login, label, where],
+            "make an app password and print it, this once only",
+        ),
+        (
+            "list",
+            _appPasswordList,
+            [login, where, stateDir],
+            "list a user's app passwords: label, created, last used",
+        ),
         ("del", _appPasswordDel, [login, label, where], "revoke one app password"),
     ]:
-        subcommands.add_parser(name, parents=parents, help=text, description=text[:1].upper()
-                               + text[1:] + ".").set_defaults(run=run)
+        subcommands.add_parser(
+            name, parents=parents, help=text, description=text[:1].upper() + text[1:] + "."
+        ).set_defaults(run=run)
 
 
 def _usersOptions() -> argparse.ArgumentParser:
     """C{--users FILE} or C{--config PATH}, for the commands on the users file."""
     where = argparse.ArgumentParser(add_help=False)
     group = where.add_mutually_exclusive_group()
-    group.add_argument("--users", metavar="FILE|URI", help="the users file, or a "
-                       "postgresql:// user database, instead of the configuration's")
-    group.add_argument("--config", metavar="PATH", help="the configuration naming the users "
-                       f"file or database (default {DEFAULT_CONFIG})")
+    group.add_argument(
+        "--users",
+        metavar="FILE|URI",
+        help="the users file, or a postgresql:// user database, instead of the configuration's",
+    )
+    group.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"the configuration naming the users file or database (default {DEFAULT_CONFIG})",
+    )
     return where
 
 
@@ -328,7 +353,8 @@ def userCommand(commands: argparse._SubParsersAction) -> None:
     quality = qualityOptions()
     login = _loginArgument()
     user = commands.add_parser(
-        "user", help="add, change, delete, list, suspend users; their app passwords",
+        "user",
+        help="add, change, delete, list, suspend users; their app passwords",
         description="Manage the users that [auth] users names: a file in Dovecot's "
         "passwd-file format, or a PostgreSQL database. A new password is read from the "
         "terminal, asked twice, or as one line of standard input.",
@@ -341,15 +367,24 @@ def userCommand(commands: argparse._SubParsersAction) -> None:
     )
     actions = user.add_subparsers(dest="action", metavar="ACTION", required=True)
     for name, run, parents, text in [
-        ("add", _userAdd, [login, scheme, quality, where],
-         "add a user; the password is read from the terminal or standard input"),
+        (
+            "add",
+            _userAdd,
+            [login, scheme, quality, where],
+            "add a user; the password is read from the terminal or standard input",
+        ),
         ("passwd", _userPasswd, [login, scheme, quality, where], "set a user's password"),
         ("del", _userDel, [login, where], "delete a user"),
-        ("list", _userList, [where],
-         "list the users, their password schemes, suspensions and app passwords"),
+        (
+            "list",
+            _userList,
+            [where],
+            "list the users, their password schemes, suspensions and app passwords",
+        ),
         ("suspend", _suspend, [login, where], "refuse a user's logins until resumed"),
         ("resume", _resume, [login, where], "lift a user's suspension"),
     ]:
-        actions.add_parser(name, parents=parents, help=text, description=text[:1].upper()
-                           + text[1:] + ".").set_defaults(run=run)
+        actions.add_parser(
+            name, parents=parents, help=text, description=text[:1].upper() + text[1:] + "."
+        ).set_defaults(run=run)
     _appPasswordCommand(actions, where, login)

@@ -32,9 +32,12 @@ class Formatter(argparse.HelpFormatter):
     """Wraps each line of a description as a paragraph; keeps indented lines (examples)."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return "\n".join(indent + line if line.startswith(" ") else
-                         super(Formatter, self)._fill_text(line, width, indent)
-                         for line in text.split("\n"))
+        return "\n".join(
+            indent + line
+            if line.startswith(" ")
+            else super(Formatter, self)._fill_text(line, width, indent)
+            for line in text.split("\n")
+        )
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,8 +55,11 @@ class Parser(argparse.ArgumentParser):
 def configOption(what: str) -> argparse.ArgumentParser:
     """C{--config PATH}, defaulting to L{DEFAULT_CONFIG}: the configuration naming C{what}."""
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--config", metavar="PATH",
-                        help=f"the configuration naming {what} (default {DEFAULT_CONFIG})")
+    parent.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"the configuration naming {what} (default {DEFAULT_CONFIG})",
+    )
     return parent
 
 
@@ -70,8 +76,9 @@ def loadConfig(args: argparse.Namespace) -> Config:
     @raise CommandError: if there is no C{--config} and no default one.
     """
     if args.config is None and not os.path.exists(args.defaultConfig):
-        raise CommandError(f"{args.defaultConfig}: no such file; name the configuration"
-                           " with --config PATH")
+        raise CommandError(
+            f"{args.defaultConfig}: no such file; name the configuration with --config PATH"
+        )
     return load(configPath(args))
 
 

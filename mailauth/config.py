@@ -395,7 +395,7 @@ def loadText(text: str, path: str = "<string>") -> Config:
     listenerNames = []
     for name in parser.sections():
         if name.startswith("listener:"):
-            if not name[len("listener:"):].strip():
+            if not name[len("listener:") :].strip():
                 r.problem(name, None, "a listener section needs a name after the colon")
             listenerNames.append(name)
         elif name == "dkim":
@@ -438,11 +438,19 @@ def loadText(text: str, path: str = "<string>") -> Config:
     delivery = r.section("delivery", "delivery") if parser.has_section("delivery") else None
     relay = r.section("relay", "relay") if parser.has_section("relay") else None
     state = r.section("state", "state")
-    if (delivery is not None and delivery["postmaster"] and delivery["local_domains"]
-            and delivery["postmaster"].rpartition("@")[2] not in delivery["local_domains"]
-            and relay is None):
-        r.problem("delivery", "postmaster", f"{delivery['postmaster']} is in another domain "
-                  "and there is no [relay] to forward to it")
+    if (
+        delivery is not None
+        and delivery["postmaster"]
+        and delivery["local_domains"]
+        and delivery["postmaster"].rpartition("@")[2] not in delivery["local_domains"]
+        and relay is None
+    ):
+        r.problem(
+            "delivery",
+            "postmaster",
+            f"{delivery['postmaster']} is in another domain "
+            "and there is no [relay] to forward to it",
+        )
     limits = r.section("limits", "limits")
     if relay is not None and relay["username"] and not relay["password_file"]:
         r.problem("relay", "password_file", "missing: username is set, so a password is needed")
@@ -488,27 +496,49 @@ def _checkOAuth(r: _Reader, auth: Optional[dict], oauth: Optional[dict]) -> None
     mechanisms = (auth or {}).get("mechanisms") or ()
     wanted = [m for m in mechanisms if m in OAUTH_MECHANISMS]
     if wanted and oauth is None:
-        r.problem("auth", "mechanisms", f"{' '.join(wanted)} needs an [oauth] section "
-                  "(issuer, audience, and jwks or introspection_url)")
+        r.problem(
+            "auth",
+            "mechanisms",
+            f"{' '.join(wanted)} needs an [oauth] section "
+            "(issuer, audience, and jwks or introspection_url)",
+        )
     if oauth is None:
         return
     if not r.parser.has_option("oauth", "jwks") and not r.parser.has_option(
         "oauth", "introspection_url"
     ):
-        r.problem("oauth", None, "set jwks (the issuer's public keys, a JWKS file) or "
-                  "introspection_url (RFC 7662), or both: nothing could check a token")
+        r.problem(
+            "oauth",
+            None,
+            "set jwks (the issuer's public keys, a JWKS file) or "
+            "introspection_url (RFC 7662), or both: nothing could check a token",
+        )
     if r.parser.has_option("oauth", "introspection_url"):
         for key in ("introspection_client_id", "introspection_secret_file"):
             if not r.parser.has_option("oauth", key):
-                r.problem("oauth", key, "missing: introspection_url needs the client to call "
-                          "it as (introspection_client_id and introspection_secret_file)")
+                r.problem(
+                    "oauth",
+                    key,
+                    "missing: introspection_url needs the client to call "
+                    "it as (introspection_client_id and introspection_secret_file)",
+                )
     if importlib.util.find_spec("jwt") is None:
-        r.problem("oauth", None, "needs the Python package PyJWT (Debian: apt install "
-                  "python3-jwt; pip: pip install 'mailauth[oauth]')")
+        r.problem(
+            "oauth",
+            None,
+            "needs the Python package PyJWT (Debian: apt install "
+            "python3-jwt; pip: pip install 'mailauth[oauth]')",
+        )
 
 
-def _autoconfig(r: _Reader, parser: configparser.ConfigParser, server: dict, listeners: list,
-                auth: Optional[dict], delivery: Optional[dict]) -> Optional[AutoconfigConfig]:
+def _autoconfig(
+    r: _Reader,
+    parser: configparser.ConfigParser,
+    server: dict,
+    listeners: list,
+    auth: Optional[dict],
+    delivery: Optional[dict],
+) -> Optional[AutoconfigConfig]:
     """
     Read C{[autoconfig]} and check it against the listeners: every listener
     it advertises needs a port clients can reach, and the mechanisms must
@@ -521,32 +551,52 @@ def _autoconfig(r: _Reader, parser: configparser.ConfigParser, server: dict, lis
         _checkEndpoint(r, "autoconfig", values["endpoint"])
     shown = advertised(listeners)
     if not shown:
-        r.problem("autoconfig", None, "no listener has tls = starttls or implicit and auth = "
-                  "required or optional: there is nothing to advertise")
+        r.problem(
+            "autoconfig",
+            None,
+            "no listener has tls = starttls or implicit and auth = "
+            "required or optional: there is nothing to advertise",
+        )
     names = {listener.name for listener in listeners}
     ports = dict(values["ports"] or ())
     for name in ports:
         if name not in names:
             r.problem("autoconfig", "ports", f"there is no [listener:{name}]")
         elif name not in {listener.name for listener in shown}:
-            r.problem("autoconfig", "ports", f"[listener:{name}] is not advertised "
-                      "(it needs tls = starttls or implicit and auth = required or optional)")
+            r.problem(
+                "autoconfig",
+                "ports",
+                f"[listener:{name}] is not advertised "
+                "(it needs tls = starttls or implicit and auth = required or optional)",
+            )
     for listener in shown:
         if listener.name not in ports and not endpointPort(listener.endpoint):
-            r.problem("autoconfig", "ports", f"[listener:{listener.name}] endpoint "
-                      f"{listener.endpoint!r} names no port clients can reach: "
-                      f"add {listener.name}:PORT")
+            r.problem(
+                "autoconfig",
+                "ports",
+                f"[listener:{listener.name}] endpoint "
+                f"{listener.endpoint!r} names no port clients can reach: "
+                f"add {listener.name}:PORT",
+            )
     if auth is not None and auth["mechanisms"] and not authenticationMethods(auth["mechanisms"]):
-        r.problem("autoconfig", None, f"none of the [auth] mechanisms "
-                  f"({' '.join(auth['mechanisms'])}) is one mail clients can be told to use "
-                  "(PLAIN or LOGIN, CRAM-MD5, OAUTHBEARER or XOAUTH2)")
+        r.problem(
+            "autoconfig",
+            None,
+            f"none of the [auth] mechanisms "
+            f"({' '.join(auth['mechanisms'])}) is one mail clients can be told to use "
+            "(PLAIN or LOGIN, CRAM-MD5, OAUTHBEARER or XOAUTH2)",
+        )
 
     hostname = values["hostname"]
     if hostname is None and "hostname" not in parser["autoconfig"]:
         hostname = server["hostname"]
         if hostname is not None and not HOSTNAME.fullmatch(hostname.rstrip(".")):
-            r.problem("autoconfig", "hostname", f"the [server] hostname {hostname!r} is not a "
-                      "host name mail clients accept: set the public one here")
+            r.problem(
+                "autoconfig",
+                "hostname",
+                f"the [server] hostname {hostname!r} is not a "
+                "host name mail clients accept: set the public one here",
+            )
     display = values["display_name"]
     if display is None and "display_name" not in parser["autoconfig"]:
         domains = delivery["local_domains"] if delivery is not None else None
@@ -586,15 +636,21 @@ def _checkMetrics(r: _Reader, endpoint: Optional[str]) -> None:
     """The [metrics] endpoint is an endpoint, and prometheus_client can be imported."""
     if endpoint:
         if endpoint.split(":", 1)[0].lower() in ("ssl", "tls"):
-            r.problem("metrics", "endpoint",
-                      f"{endpoint!r}: not for metrics (SIGHUP would not reload its "
-                      "certificate); listen on 127.0.0.1 or behind a TLS proxy")
+            r.problem(
+                "metrics",
+                "endpoint",
+                f"{endpoint!r}: not for metrics (SIGHUP would not reload its "
+                "certificate); listen on 127.0.0.1 or behind a TLS proxy",
+            )
         else:
             _checkEndpoint(r, "metrics", endpoint)
     if importlib.util.find_spec("prometheus_client") is None:
-        r.problem("metrics", None,
-                  "needs the Python package prometheus_client (Debian: apt install "
-                  "python3-prometheus-client; pip: pip install 'mailauth[metrics]')")
+        r.problem(
+            "metrics",
+            None,
+            "needs the Python package prometheus_client (Debian: apt install "
+            "python3-prometheus-client; pip: pip install 'mailauth[metrics]')",
+        )
 
 
 def _checkProxy(r: _Reader, section: str, values: dict) -> None:
@@ -609,18 +665,25 @@ def _checkProxy(r: _Reader, section: str, values: dict) -> None:
         values["trusted_proxies"] = values["trusted_proxies"] or ()
         return
     if not r.parser.has_option(section, "trusted_proxies"):
-        r.problem(section, "trusted_proxies",
-                  f"missing: proxy_protocol = {values['proxy_protocol']} needs the addresses "
-                  "of the proxies allowed to send the header")
+        r.problem(
+            section,
+            "trusted_proxies",
+            f"missing: proxy_protocol = {values['proxy_protocol']} needs the addresses "
+            "of the proxies allowed to send the header",
+        )
     endpoint = values["endpoint"] or ""
     if endpoint.split(":", 1)[0].lower() == "unix":
-        r.problem(section, "proxy_protocol",
-                  f"{endpoint!r}: a unix: endpoint has no client address to check against "
-                  "trusted_proxies; use tcp:")
+        r.problem(
+            section,
+            "proxy_protocol",
+            f"{endpoint!r}: a unix: endpoint has no client address to check against "
+            "trusted_proxies; use tcp:",
+        )
 
 
-def _checkWorkers(r: _Reader, workers: Optional[int], backend: Optional[str],
-                  metrics: bool) -> None:
+def _checkWorkers(
+    r: _Reader, workers: Optional[int], backend: Optional[str], metrics: bool
+) -> None:
     """
     Several worker processes need the state they would otherwise each keep
     apart in one place: the throttle counters in a shared backend. Their
@@ -629,13 +692,19 @@ def _checkWorkers(r: _Reader, workers: Optional[int], backend: Optional[str],
     if workers is None or workers == 1:
         return
     if backend == "memory":
-        r.problem("server", "workers",
-                  f"{workers} processes would each keep their own throttle counters with "
-                  "[state] backend = memory: set backend = redis://HOST:6379/0, or workers = 1")
+        r.problem(
+            "server",
+            "workers",
+            f"{workers} processes would each keep their own throttle counters with "
+            "[state] backend = memory: set backend = redis://HOST:6379/0, or workers = 1",
+        )
     if metrics:
-        r.problem("server", "workers",
-                  f"{workers} processes would each count their own [metrics]; "
-                  "serving metrics needs workers = 1")
+        r.problem(
+            "server",
+            "workers",
+            f"{workers} processes would each count their own [metrics]; "
+            "serving metrics needs workers = 1",
+        )
 
 
 def _dkimSection(r: _Reader) -> dict:
@@ -674,8 +743,12 @@ def _dkimSection(r: _Reader) -> dict:
             r.problem("dkim", key, "missing selector:keyfile")
         keys[domain] = tuple(entries)
     if keys and importlib.util.find_spec("dkim") is None:
-        r.problem("dkim", None, "needs the Python package dkimpy (Debian: apt install "
-                  "python3-dkim; pip: pip install 'mailauth[dkim]')")
+        r.problem(
+            "dkim",
+            None,
+            "needs the Python package dkimpy (Debian: apt install "
+            "python3-dkim; pip: pip install 'mailauth[dkim]')",
+        )
     return keys
 
 
@@ -696,12 +769,18 @@ def _checkEndpoint(r: _Reader, section: str, description: str) -> None:
         # Twisted's PROXY-protocol wrapper calls connectionMade before the
         # header is read and trusts any source (D32 in docs/twisted-defects.rst):
         # mailauth reads the header itself (mailauth.proxy).
-        r.problem(section, "endpoint",
-                  f"{description!r}: haproxy: endpoints are not supported; use a tcp: endpoint "
-                  "with proxy_protocol = v1 | v2 | any and trusted_proxies")
+        r.problem(
+            section,
+            "endpoint",
+            f"{description!r}: haproxy: endpoints are not supported; use a tcp: endpoint "
+            "with proxy_protocol = v1 | v2 | any and trusted_proxies",
+        )
     elif kind in ("ssl", "tls"):
-        instead = ("a tcp: endpoint with tls = implicit" if section.startswith("listener:")
-                   else "a tcp: endpoint behind a web server that does TLS")
+        instead = (
+            "a tcp: endpoint with tls = implicit"
+            if section.startswith("listener:")
+            else "a tcp: endpoint behind a web server that does TLS"
+        )
         r.problem(section, "endpoint", f"{description!r}: use {instead} instead of {kind}:")
     elif kind not in known:
         r.problem(section, "endpoint", f"{description!r}: unknown endpoint type {kind!r}")

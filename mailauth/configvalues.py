@@ -196,8 +196,9 @@ def parseAddress(text: str) -> str:
     try:
         parseDomains(domain)
     except ValueError:
-        raise ValueError(f"{text.strip()!r} is not an address: {domain!r} is not a domain "
-                         "name") from None
+        raise ValueError(
+            f"{text.strip()!r} is not an address: {domain!r} is not a domain name"
+        ) from None
     return value
 
 
@@ -275,6 +276,8 @@ def parseIncoming(text: str) -> tuple:
     if not servers:
         raise ValueError("must not be empty")
     return tuple(servers)
+
+
 def redactURL(url: str) -> str:
     """C{url} with its password, if any, replaced by C{***}: fit for logs and errors."""
     parts = urlsplit(url)
@@ -349,8 +352,10 @@ def parseIntrospectionURL(text: str) -> str:
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ValueError(f"{value!r} is not an https:// URL")
     if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
-        raise ValueError(f"{value!r}: use https:// (the request carries the token and the "
-                         "client secret); http:// only to localhost")
+        raise ValueError(
+            f"{value!r}: use https:// (the request carries the token and the "
+            "client secret); http:// only to localhost"
+        )
     if not value.isascii():
         raise ValueError(f"{value!r}: write the URL in ASCII (punycode, %-escapes)")
     return value

@@ -233,8 +233,12 @@ class KeyRing:
     never signs for a domain nobody listed.
     """
 
-    def __init__(self, keys: Mapping[str, Sequence[SigningKey]], clock: Any,
-                 maxHeaderSize: int = MAX_HEADER_SIZE) -> None:
+    def __init__(
+        self,
+        keys: Mapping[str, Sequence[SigningKey]],
+        clock: Any,
+        maxHeaderSize: int = MAX_HEADER_SIZE,
+    ) -> None:
         """
         @param keys: signing domain (lower case, no trailing dot) to its keys.
         @param clock: an C{IReactorTime}, for the C{t=} of signatures.
@@ -368,8 +372,10 @@ def _hashEmptyLines(h: Any, count: int) -> None:
 #: The bytes a header field name may hold where dkimpy's C{rfc822_parse}
 #: reads one: printable ASCII, no space (its first colon ends the name).
 _NAME_BYTES = bytes(range(0x21, 0x7F))
-_UNPARSEABLE = ("cannot sign the message: its header does not parse "
-                "(a line that is neither a header field nor the continuation of one)")
+_UNPARSEABLE = (
+    "cannot sign the message: its header does not parse "
+    "(a line that is neither a header field nor the continuation of one)"
+)
 
 
 def parseHeader(block: bytes) -> list:
@@ -427,8 +433,9 @@ def _relaxedValue(value: bytes) -> bytes:
     return b" ".join([word for word in value.split(b" ") if word]).strip() + b"\r\n"
 
 
-def signatureField(key: SigningKey, headers: Sequence, include: Sequence[bytes],
-                   bodyHash: bytes, timestamp: int) -> bytes:
+def signatureField(
+    key: SigningKey, headers: Sequence, include: Sequence[bytes], bodyHash: bytes, timestamp: int
+) -> bytes:
     """
     The C{DKIM-Signature} field, built as dkimpy's C{DKIM.sign} and
     C{gen_header} build it: the same tags in the same order and folding,
@@ -492,8 +499,9 @@ class MessageSigner:
         check) read rather than keep their own.
     """
 
-    def __init__(self, keys: Sequence[SigningKey], clock: Any,
-                 maxHeaderSize: int = MAX_HEADER_SIZE) -> None:
+    def __init__(
+        self, keys: Sequence[SigningKey], clock: Any, maxHeaderSize: int = MAX_HEADER_SIZE
+    ) -> None:
         self._keys = tuple(keys)
         self._clock = clock
         self.header = HeaderSection(maxHeaderSize)
@@ -563,8 +571,9 @@ def generateKey(keyType: str) -> Any:
     raise ValueError(f"unknown key type {keyType!r} (known: {', '.join(KEY_TYPES)})")
 
 
-def keygen(domain: str, selector: Optional[str], keyType: str, keydir: str,
-           now: float) -> SigningKey:
+def keygen(
+    domain: str, selector: Optional[str], keyType: str, keydir: str, now: float
+) -> SigningKey:
     """
     Make a key for C{domain}: write C{keydir/domain.selector.pem} (PKCS#8
     PEM, mode 0640, never over an existing file), creating C{keydir} (mode

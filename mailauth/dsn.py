@@ -252,13 +252,15 @@ def buildReport(
     if full:
         lines += [
             f"Content-Type: message/{global_ or 'rfc822'}",
-            "Content-Description: Undelivered Message" if action == "failed"
+            "Content-Description: Undelivered Message"
+            if action == "failed"
             else "Content-Description: Message",
         ]
     else:
         lines += [
             f"Content-Type: {'message/global-headers' if utf8 else 'text/rfc822-headers'}",
-            "Content-Description: Undelivered Message Headers" if action == "failed"
+            "Content-Description: Undelivered Message Headers"
+            if action == "failed"
             else "Content-Description: Message Headers",
         ]
     if eightBit:

@@ -49,9 +49,7 @@ def unlink(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def locked(
-    path: str, owner: Optional[os.stat_result] = None, mode: int = 0o600
-) -> Iterator[None]:
+def locked(path: str, owner: Optional[os.stat_result] = None, mode: int = 0o600) -> Iterator[None]:
     """
     Hold an exclusive C{flock} on the lock file C{path} (created with
     C{mode} if missing, owned like C{owner} when we run as root, so that an

@@ -197,7 +197,8 @@ class Envelope:
                 reports.append((action, due))
         if now >= self.arrival + policy.delayWarning:
             delayed = [
-                r for r in self.recipients
+                r
+                for r in self.recipients
                 if r.state == PENDING and r.wants("DELAY") and not r.delayNotified
             ]
             if delayed:
@@ -283,8 +284,7 @@ class Envelope:
         return attrs.evolve(
             self,
             recipients=tuple(
-                attrs.evolve(r, **change) if r.address in addresses else r
-                for r in self.recipients
+                attrs.evolve(r, **change) if r.address in addresses else r for r in self.recipients
             ),
         )
 

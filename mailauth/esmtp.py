@@ -219,9 +219,14 @@ class SubmissionProtocol(AuthCommands, MailTransaction, protocol.Protocol):
             return
         if refusal is not None:
             reason = _CONNECTION_REFUSALS[refusal]
-            log.info("refused connection: client=[{client}] listener={listener} reason={reason} "
-                     "session={session}", client=self._peer, listener=self.factory.name,
-                     reason=reason, session=self.session)
+            log.info(
+                "refused connection: client=[{client}] listener={listener} reason={reason} "
+                "session={session}",
+                client=self._peer,
+                listener=self.factory.name,
+                reason=reason,
+                session=self.session,
+            )
             self.factory.metrics.connectionRefused(self.factory.name, reason)
             self._mode = self.CLOSED
             self._cancelTimeout()
@@ -230,8 +235,12 @@ class SubmissionProtocol(AuthCommands, MailTransaction, protocol.Protocol):
             self.transport.loseConnection()
             return
         self._counted = True
-        log.info("connect: client=[{client}] listener={listener} session={session}",
-                 client=self._peer, listener=self.factory.name, session=self.session)
+        log.info(
+            "connect: client=[{client}] listener={listener} session={session}",
+            client=self._peer,
+            listener=self.factory.name,
+            session=self.session,
+        )
         self.factory.metrics.connectionAccepted(self.factory.name)
         self._send(replies.GREETING.format(hostname=self.settings.hostname))
         self._busy = False
@@ -241,8 +250,12 @@ class SubmissionProtocol(AuthCommands, MailTransaction, protocol.Protocol):
             self._processBuffer()
 
     def _admitFailed(self, f: Failure) -> None:
-        log.failure("admitting client=[{client}] failed session={session}", f, client=self._peer,
-                    session=self.session)
+        log.failure(
+            "admitting client=[{client}] failed session={session}",
+            f,
+            client=self._peer,
+            session=self.session,
+        )
         if self._mode != self.CLOSED:
             self._mode = self.CLOSED
             self._cancelTimeout()
@@ -254,12 +267,21 @@ class SubmissionProtocol(AuthCommands, MailTransaction, protocol.Protocol):
         self._handshaken = True
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        if (self.tls.active and not self._handshaken and isinstance(reason, Failure)
-                and reason.check(SSL.Error)):
+        if (
+            self.tls.active
+            and not self._handshaken
+            and isinstance(reason, Failure)
+            and reason.check(SSL.Error)
+        ):
             # TLSMemoryBIOProtocol ends a failed handshake with OpenSSL's error.
-            log.info('TLS handshake failed: client=[{client}] listener={listener} why="{why}" '
-                     "session={session}", client=self._peer, listener=self.factory.name,
-                     why=quoted(_sslReason(reason.value)), session=self.session)
+            log.info(
+                'TLS handshake failed: client=[{client}] listener={listener} why="{why}" '
+                "session={session}",
+                client=self._peer,
+                listener=self.factory.name,
+                why=quoted(_sslReason(reason.value)),
+                session=self.session,
+            )
         self._mode = self.CLOSED
         self._cancelTimeout()
         self._cancelDataDeadline()
@@ -273,9 +295,14 @@ class SubmissionProtocol(AuthCommands, MailTransaction, protocol.Protocol):
             self.factory.release(self._peer)
             self._counted = False
             self.factory.metrics.connectionClosed(self.factory.name)
-            log.info("disconnect: client=[{client}] login=<{login}> messages={messages} "
-                     "session={session}", client=self._peer, login=printable(self.login or ""),
-                     messages=self._accepted, session=self.session)
+            log.info(
+                "disconnect: client=[{client}] login=<{login}> messages={messages} "
+                "session={session}",
+                client=self._peer,
+                login=printable(self.login or ""),
+                messages=self._accepted,
+                session=self.session,
+            )
 
     def _close(self, reply: ReplyLike) -> None:
         if self._mode == self.CLOSED:
@@ -450,8 +477,12 @@ class SubmissionProtocol(AuthCommands, MailTransaction, protocol.Protocol):
             self._processBuffer()
 
     def _internalError(self, f: Failure) -> None:
-        log.failure("internal error in session: client=[{client}] session={session}", f,
-                    client=self._peer, session=self.session)
+        log.failure(
+            "internal error in session: client=[{client}] session={session}",
+            f,
+            client=self._peer,
+            session=self.session,
+        )
         if self._mode == self.CLOSED:
             return
         self._mode = self.COMMAND
@@ -491,16 +522,28 @@ class SubmissionProtocol(AuthCommands, MailTransaction, protocol.Protocol):
             self._logRefusal(reason, reply)
 
     def _logRefusal(self, reason: str, reply: ReplyLike) -> None:
-        log.info('refused {command}: client=[{client}] login=<{login}> reason={reason} '
-                 'reply="{reply}" session={session}', command=self._verb, client=self._peer,
-                 login=printable(self.login or ""), reason=reason,
-                 reply=quoted(f"{reply.code} {reply.text}"), session=self.session)
+        log.info(
+            "refused {command}: client=[{client}] login=<{login}> reason={reason} "
+            'reply="{reply}" session={session}',
+            command=self._verb,
+            client=self._peer,
+            login=printable(self.login or ""),
+            reason=reason,
+            reply=quoted(f"{reply.code} {reply.text}"),
+            session=self.session,
+        )
 
     def _hangUp(self, reason: str) -> None:
         """Log why the session is about to close with a 421."""
-        log.info("hang-up: client=[{client}] login=<{login}> reason={reason} command={command} "
-                 "session={session}", client=self._peer, login=printable(self.login or ""),
-                 reason=reason, command=self._verb, session=self.session)
+        log.info(
+            "hang-up: client=[{client}] login=<{login}> reason={reason} command={command} "
+            "session={session}",
+            client=self._peer,
+            login=printable(self.login or ""),
+            reason=reason,
+            command=self._verb,
+            session=self.session,
+        )
 
     # -- commands ----------------------------------------------------------
 

@@ -178,8 +178,11 @@ class QueueService(service.Service):
         for msgid in list(self._index):
             if msgid not in result.present:
                 # Not removed by the forwarder, which forgets what it removes.
-                log.info("queue: {msgid}: deleted by another process (mailauth queue delete)",
-                         msgid=msgid, queueEvent="deleted")
+                log.info(
+                    "queue: {msgid}: deleted by another process (mailauth queue delete)",
+                    msgid=msgid,
+                    queueEvent="deleted",
+                )
                 del self._index[msgid]
         for envelope in result.envelopes:
             if envelope.id not in self._inFlight:
@@ -306,8 +309,11 @@ class QueueService(service.Service):
         envelope = yield self._runBlocking(self._queue.envelope, msgid)
         if envelope is None:
             if self._index.pop(msgid, None) is not None:
-                log.info("queue: {msgid}: deleted by another process (mailauth queue delete)",
-                         msgid=msgid, queueEvent="deleted")
+                log.info(
+                    "queue: {msgid}: deleted by another process (mailauth queue delete)",
+                    msgid=msgid,
+                    queueEvent="deleted",
+                )
             return session, None
         outcomes: dict = {}
         error = None
@@ -327,8 +333,10 @@ class QueueService(service.Service):
                     session = None
                     ok = False
                     outcomes.update({a: Outcome(PENDING, error=error) for a in remote})
-                self._metrics.relayAttempt(_relayOutcome(ok, [outcomes[a] for a in remote]),
-                                           self._reactor.seconds() - started)
+                self._metrics.relayAttempt(
+                    _relayOutcome(ok, [outcomes[a] for a in remote]),
+                    self._reactor.seconds() - started,
+                )
         result = yield self._runBlocking(
             self._queue.settle,
             msgid,

@@ -123,8 +123,11 @@ def senderAddresses(header: bytes) -> tuple:
             raise UncheckableHeader(f"the {name}: field cannot be parsed ({e!r})") from None
         for field in fields:
             addresses = getattr(field, "addresses", ())
-            defects = [d for d in getattr(field, "defects", ())
-                       if not isinstance(d, email.errors.NonASCIILocalPartDefect)]
+            defects = [
+                d
+                for d in getattr(field, "defects", ())
+                if not isinstance(d, email.errors.NonASCIILocalPartDefect)
+            ]
             if defects or not addresses:
                 raise UncheckableHeader(f"the {name}: field names no address that can be checked")
             for address in addresses:

@@ -55,6 +55,7 @@ def _anything(raw: bytes) -> None:
 
 # -- unsalted digests: SHA, SHA1, SHA256, SHA512, PLAIN-MD5, LDAP-MD5, PLAIN-MD4
 
+
 # Dovecot's generic verification: make the digest again and compare.
 def _digest(hashFunction: Callable[[bytes], bytes], encoding: str, size: int) -> Scheme:
     return Scheme(
@@ -144,9 +145,7 @@ def _truncVerify(raw: bytes, password: bytes, login: Optional[str]) -> bool:
     length, stored = _truncSplit(raw)
     if len(stored) == length and len(password) >= length:
         return hmac.compare_digest(stored, password[:length])
-    return hmac.compare_digest(
-        hashlib.sha256(stored).digest(), hashlib.sha256(password).digest()
-    )
+    return hmac.compare_digest(hashlib.sha256(stored).digest(), hashlib.sha256(password).digest())
 
 
 # -- PBKDF2: Dovecot's $1$SALT$ROUNDS$HEX, PBKDF2-HMAC-SHA1 --------------------

@@ -245,7 +245,10 @@ class SendingLimits:
         what, period, _ = _COUNTED[limit]
         log.info(
             "sending limit reached: login=<{login}> limit={limit} count={count} max={max}",
-            login=login, limit=limit, count=count, max=getattr(limits, limit),
+            login=login,
+            limit=limit,
+            count=count,
+            max=getattr(limits, limit),
         )
         self.metrics.limitHit(limit)
         if not transaction.hit:
@@ -289,27 +292,35 @@ class SendingLimits:
             yield self.suspend(login)
         except Exception as e:
             del self._suspendedAt[login]
-            log.error("could not suspend login=<{login}> after {hits} sending limit hits "
-                      "today: {why}", login=login, hits=hits, why=e)
+            log.error(
+                "could not suspend login=<{login}> after {hits} sending limit hits today: {why}",
+                login=login,
+                hits=hits,
+                why=e,
+            )
             return
         log.warn(
             "login suspended: login=<{login}> after {hits} sending limit hits today "
             "(last: {limit}); 'mailauth user resume {login}' lifts it",
-            login=login, hits=hits, limit=limit,
+            login=login,
+            hits=hits,
+            limit=limit,
         )
         if self.postmaster is None or self.deliver is None:
             return
         try:
             yield self.deliver(self.postmaster, self.notice(login, hits, limit))
         except Exception:
-            log.failure("could not send the postmaster the suspension notice of <{login}>",
-                        login=login)
+            log.failure(
+                "could not send the postmaster the suspension notice of <{login}>", login=login
+            )
 
     def notice(self, login: str, hits: int, limit: str) -> bytes:
         """The message telling L{postmaster} that C{login} was suspended."""
         limits = self.limitsFor(login)
-        shown = ", ".join(f"{name} = {getattr(limits, name)}" for name in KEYS
-                          if getattr(limits, name))
+        shown = ", ".join(
+            f"{name} = {getattr(limits, name)}" for name in KEYS if getattr(limits, name)
+        )
         lines = [
             f"From: Mail Delivery System <MAILER-DAEMON@{self.hostname}>",
             f"To: <{self.postmaster}>",
@@ -386,9 +397,15 @@ class LimitedTransaction:
         store = self.limits.store
         limits = self.limits.limitsFor(self.login)
         # Only what limits this login now: no counters for logins without.
-        counts = [store.hit(counterKey(name, self.login), _COUNTED[name][2],
-                            1 if name in MESSAGE_LIMITS else recipients)
-                  for name in MESSAGE_LIMITS + RECIPIENT_LIMITS if getattr(limits, name)]
+        counts = [
+            store.hit(
+                counterKey(name, self.login),
+                _COUNTED[name][2],
+                1 if name in MESSAGE_LIMITS else recipients,
+            )
+            for name in MESSAGE_LIMITS + RECIPIENT_LIMITS
+            if getattr(limits, name)
+        ]
         d = defer.gatherResults(counts, consumeErrors=True)
         d.addCallbacks(lambda ignored: None, self._countFailed)
         return d

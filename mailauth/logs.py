@@ -51,8 +51,9 @@ def twistdLogFile(twistdOptions: Mapping[str, Any]) -> IO[Any]:
         C{--nodaemon} (twistd refuses that too).
     """
     if twistdOptions.get("syslog"):
-        raise LogFormatError("[server] log_format = json writes to --logfile; it does not "
-                             "work with --syslog")
+        raise LogFormatError(
+            "[server] log_format = json writes to --logfile; it does not work with --syslog"
+        )
     name = twistdOptions.get("logfile") or ""
     nodaemon = twistdOptions.get("nodaemon")
     if name == "-" and not nodaemon:
@@ -80,6 +81,5 @@ def printable(text: str, limit: int = 128) -> str:
 
 def quoted(text: str, limit: int = 256) -> str:
     """Text for a C{key="..."} field of a log line: no control characters, no bare quote."""
-    out = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else f"\\x{ord(c):02x}"
-                  for c in text)
+    out = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else f"\\x{ord(c):02x}" for c in text)
     return out[:limit]

@@ -97,8 +97,10 @@ def maildirPath(template: str, login: str) -> str:
     localpart, _, domain = login.rpartition("@")
     path = os.path.normpath(template.format(domain=domain, localpart=localpart, user=login))
     if not _under(path, template.split("{", 1)[0]):
-        raise UnsafeMailbox(f"{login!r} cannot name a Maildir: {path!r} is outside the "
-                            f"maildir template's fixed start {template.split('{', 1)[0]!r}")
+        raise UnsafeMailbox(
+            f"{login!r} cannot name a Maildir: {path!r} is outside the "
+            f"maildir template's fixed start {template.split('{', 1)[0]!r}"
+        )
     return path
 
 
@@ -163,8 +165,7 @@ def uniqueName(hostname: Optional[str] = None) -> str:
     now = time.time()
     host = _nameHost(hostname or socket.gethostname())
     return (
-        f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{_counter}"
-        f"R{secrets.token_hex(8)}.{host}"
+        f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{_counter}R{secrets.token_hex(8)}.{host}"
     )
 
 
@@ -394,8 +395,13 @@ def copyRange(source: int, target: int, offset: int, count: int) -> None:
             try:
                 done = copy(source, target, count, offset)
             except OSError as e:
-                if e.errno not in (errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP,
-                                   errno.EPERM):
+                if e.errno not in (
+                    errno.ENOSYS,
+                    errno.EXDEV,
+                    errno.EINVAL,
+                    errno.EOPNOTSUPP,
+                    errno.EPERM,
+                ):
                     raise
                 copy = None
                 continue
@@ -403,7 +409,7 @@ def copyRange(source: int, target: int, offset: int, count: int) -> None:
             chunk = os.pread(source, min(count, SPOOL), offset)
             view = memoryview(chunk)
             while view:
-                view = view[os.write(target, view):]
+                view = view[os.write(target, view) :]
             done = len(chunk)
         if not done:
             raise OSError(errno.EIO, "the message file ended before its end")
@@ -463,13 +469,12 @@ def maildirsOf(template: str) -> tuple[str, list]:
     fixed = template.split("{", 1)[0]
     root = fixed.rstrip("/") if fixed.endswith("/") else os.path.dirname(fixed)
     root = root or ("/" if template.startswith("/") else ".")
-    rest = template[len(root):].lstrip("/") if root != "." else template
+    rest = template[len(root) :].lstrip("/") if root != "." else template
     found = [root]
     for text in rest.split("/"):
         deeper = []
         if _FIELD.search(text) is None:
-            deeper = [path for path in (os.path.join(f, text) for f in found)
-                      if _realFolder(path)]
+            deeper = [path for path in (os.path.join(f, text) for f in found) if _realFolder(path)]
         else:
             pattern = _component(text)
             for folder in found:
@@ -483,8 +488,11 @@ def maildirsOf(template: str) -> tuple[str, list]:
                     if folder == root:
                         raise
                     continue
-                deeper += [e.path for e in entries
-                           if pattern.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+                deeper += [
+                    e.path
+                    for e in entries
+                    if pattern.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+                ]
         found = deeper
     return root, found
 
@@ -501,7 +509,8 @@ def removeLeftovers(template: str, hostname: str, now: float) -> Leftovers:
     @param now: the time, in seconds since the epoch.
     """
     ours = re.compile(
-        r"\d+\.M\d+P(?P<pid>\d+)Q\d+R[0-9a-f]{16}\." + re.escape(_nameHost(hostname))
+        r"\d+\.M\d+P(?P<pid>\d+)Q\d+R[0-9a-f]{16}\."
+        + re.escape(_nameHost(hostname))
         + r"(?:,S=\d+)?"
     )
     root, maildirs = maildirsOf(template)
@@ -557,8 +566,9 @@ class LeftoverCleanup(service.Service):
     @ivar finished: fires when the cleanup is over (L{None} before start).
     """
 
-    def __init__(self, template: str, hostname: str, runBlocking: BlockingRunner,
-                 clock: IReactorTime) -> None:
+    def __init__(
+        self, template: str, hostname: str, runBlocking: BlockingRunner, clock: IReactorTime
+    ) -> None:
         self.template = template
         self.hostname = hostname
         self.runBlocking = runBlocking
@@ -581,5 +591,6 @@ class LeftoverCleanup(service.Service):
         )
 
     def _failed(self, reason: Failure) -> None:
-        log.error("Maildir cleanup under the maildir template failed: {why}",
-                  why=reason.getErrorMessage())
+        log.error(
+            "Maildir cleanup under the maildir template failed: {why}", why=reason.getErrorMessage()
+        )

@@ -181,9 +181,9 @@ class Metrics:
     _limitHits: Any
     _counterStoreFallbacks: Any
 
-
-    def __init__(self, registry=None, *, listeners: Iterable[str] = (),
-                 mechanisms: Iterable[str] = ()) -> None:
+    def __init__(
+        self, registry=None, *, listeners: Iterable[str] = (), mechanisms: Iterable[str] = ()
+    ) -> None:
         """
         @param registry: a C{prometheus_client.CollectorRegistry} to define
             the metrics in, or L{None} for none (see L{prometheus}).
@@ -226,8 +226,9 @@ class Metrics:
             self._limitHits.labels(limit)
 
     @classmethod
-    def prometheus(cls, *, listeners: Iterable[str] = (), mechanisms: Iterable[str] = (),
-                   process: bool = True) -> Metrics:
+    def prometheus(
+        cls, *, listeners: Iterable[str] = (), mechanisms: Iterable[str] = (), process: bool = True
+    ) -> Metrics:
         """
         Metrics in a new private registry (never prometheus_client's global
         one, so that several services and tests in one process do not
@@ -424,8 +425,9 @@ class _QuietSite(server.Site):
         return "metrics"
 
 
-def metricsService(endpoint: str, metrics: Metrics,
-                   reactor) -> internet.StreamServerEndpointService:
+def metricsService(
+    endpoint: str, metrics: Metrics, reactor
+) -> internet.StreamServerEndpointService:
     """
     The web server for C{/metrics} on C{endpoint}, any Twisted server
     endpoint string, as a service named C{metrics}.

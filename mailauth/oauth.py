@@ -39,8 +39,9 @@ _CURVES = {
 }
 
 #: Every algorithm a token may be signed with.
-ALGORITHMS = frozenset(_RSA) | {a for curves in _CURVES.values() for c in curves.values()
-                                for a in c}
+ALGORITHMS = frozenset(_RSA) | {
+    a for curves in _CURVES.values() for c in curves.values() for a in c
+}
 
 
 class KeysUnavailable(Exception):
@@ -96,8 +97,10 @@ def parseJWKS(data: bytes) -> tuple[list[SigningKey], list[str]]:
             continue
         allowed = _algorithms(entry)
         if not allowed:
-            skipped.append(f"{name}: kty {entry.get('kty')!r}, crv {entry.get('crv')!r}, alg "
-                           f"{entry.get('alg')!r}: not an accepted signing key")
+            skipped.append(
+                f"{name}: kty {entry.get('kty')!r}, crv {entry.get('crv')!r}, alg "
+                f"{entry.get('alg')!r}: not an accepted signing key"
+            )
             continue
         try:
             key = jwt.PyJWK(entry, allowed[0]).key
@@ -133,8 +136,9 @@ class JWKSFile:
             why = e.strerror if isinstance(e, OSError) else str(e)
             self.problems = [f"{self.path}: {why}"]
             kept = "keeping the keys read before" if self._keys else "no token can be checked"
-            log.error("Cannot use the JWKS file {path}: {why}; {kept}",
-                      path=self.path, why=why, kept=kept)
+            log.error(
+                "Cannot use the JWKS file {path}: {why}; {kept}", path=self.path, why=why, kept=kept
+            )
             return
         self._keys, self.problems = keys, [f"{self.path}: skipped {s}" for s in skipped]
         for problem in self.problems:
@@ -169,8 +173,9 @@ def looksLikeJWT(token: str) -> bool:
     return True
 
 
-def verifyJWT(token: str, keys: list[SigningKey], issuer: str, audience: str,
-              leeway: float) -> dict:
+def verifyJWT(
+    token: str, keys: list[SigningKey], issuer: str, audience: str, leeway: float
+) -> dict:
     """
     Blocking: check a JWT's signature with the issuer's C{keys}, and its
     expiry (C{exp}, required), not-before (C{nbf}), issuer and audience, all
@@ -192,8 +197,13 @@ def verifyJWT(token: str, keys: list[SigningKey], issuer: str, audience: str,
     for key in candidates:
         try:
             return jwt.decode(
-                token, key.key, algorithms=[alg], audience=audience, issuer=issuer,
-                leeway=leeway, options={"require": ["exp", "iss", "aud"]},
+                token,
+                key.key,
+                algorithms=[alg],
+                audience=audience,
+                issuer=issuer,
+                leeway=leeway,
+                options={"require": ["exp", "iss", "aud"]},
             )
         except jwt.InvalidSignatureError:
             continue
@@ -237,8 +247,18 @@ class Introspector:
     C{exp} and C{nbf}, when present, must agree with the configuration.
     """
 
-    def __init__(self, agent, url: str, clientId: str, secret: str, clock, timeout: float,
-                 issuer: str, audience: str, leeway: float) -> None:
+    def __init__(
+        self,
+        agent,
+        url: str,
+        clientId: str,
+        secret: str,
+        clock,
+        timeout: float,
+        issuer: str,
+        audience: str,
+        leeway: float,
+    ) -> None:
         self.agent = agent
         self.url = url
         credentials = f"{quote(clientId, safe='')}:{quote(secret, safe='')}".encode()
@@ -256,11 +276,13 @@ class Introspector:
             (the endpoint cannot be reached or answers nonsense: 454).
         """
         body = urlencode({"token": token, "token_type_hint": "access_token"}).encode("ascii")
-        headers = Headers({
-            b"Content-Type": [b"application/x-www-form-urlencoded"],
-            b"Accept": [b"application/json"],
-            b"Authorization": [self._authorization],
-        })
+        headers = Headers(
+            {
+                b"Content-Type": [b"application/x-www-form-urlencoded"],
+                b"Accept": [b"application/json"],
+                b"Authorization": [self._authorization],
+            }
+        )
         d = self.agent.request(b"POST", self.url.encode("ascii"), headers, _Body(body))
         d.addCallback(self._response)
         d.addTimeout(self.timeout, self.clock)
@@ -323,9 +345,17 @@ class TokenVerifier:
         whose token was refused (RFC 7628 section 3.2.2).
     """
 
-    def __init__(self, *, issuer: str, audience: str, loginClaim: str, leeway: float,
-                 keys: Optional[JWKSFile], introspector: Optional[Introspector],
-                 runBlocking: BlockingRunner) -> None:
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        audience: str,
+        loginClaim: str,
+        leeway: float,
+        keys: Optional[JWKSFile],
+        introspector: Optional[Introspector],
+        runBlocking: BlockingRunner,
+    ) -> None:
         self.issuer = issuer
         self.audience = audience
         self.loginClaim = loginClaim
@@ -349,15 +379,31 @@ class TokenVerifier:
         if cfg.introspection_url is not None:
             with open(cfg.introspection_secret_file, encoding="utf-8") as f:
                 secret = f.readline().rstrip("\r\n")
-            agent = Agent(reactor, connectTimeout=cfg.introspection_timeout,
-                          pool=HTTPConnectionPool(reactor, persistent=False))
-            introspector = Introspector(agent, cfg.introspection_url,
-                                        cfg.introspection_client_id, secret, reactor,
-                                        cfg.introspection_timeout, cfg.issuer, cfg.audience,
-                                        cfg.leeway)
-        return cls(issuer=cfg.issuer, audience=cfg.audience, loginClaim=cfg.login_claim,
-                   leeway=cfg.leeway, keys=keys, introspector=introspector,
-                   runBlocking=runBlocking)
+            agent = Agent(
+                reactor,
+                connectTimeout=cfg.introspection_timeout,
+                pool=HTTPConnectionPool(reactor, persistent=False),
+            )
+            introspector = Introspector(
+                agent,
+                cfg.introspection_url,
+                cfg.introspection_client_id,
+                secret,
+                reactor,
+                cfg.introspection_timeout,
+                cfg.issuer,
+                cfg.audience,
+                cfg.leeway,
+            )
+        return cls(
+            issuer=cfg.issuer,
+            audience=cfg.audience,
+            loginClaim=cfg.login_claim,
+            leeway=cfg.leeway,
+            keys=keys,
+            introspector=introspector,
+            runBlocking=runBlocking,
+        )
 
     def login(self, token: str) -> defer.Deferred[str]:
         """
@@ -374,8 +420,11 @@ class TokenVerifier:
         elif self.introspector is not None:
             d = self.introspector.claims(token)
         else:
-            return defer.fail(self._refused("not a JWT, and no introspection_url is set to ask"
-                                            " about other tokens"))
+            return defer.fail(
+                self._refused(
+                    "not a JWT, and no introspection_url is set to ask about other tokens"
+                )
+            )
         d.addCallback(self.claimedLogin)
         d.addErrback(self._withDiscovery)
         return d

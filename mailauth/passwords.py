@@ -641,8 +641,9 @@ def costsAsMuchAsDummy(stored: PasswordHash) -> bool:
     if stored.scheme != DEFAULT_SCHEME:
         return False
     try:
-        found = argon2.extract_parameters(_decode(stored.value, stored.scheme, stored.encoding)
-                                          .decode("ascii"))
+        found = argon2.extract_parameters(
+            _decode(stored.value, stored.scheme, stored.encoding).decode("ascii")
+        )
     except (ValueError, UnicodeDecodeError):
         return False
     default = argon2.extract_parameters(_DUMMY.value)

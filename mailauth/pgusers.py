@@ -276,8 +276,14 @@ class PostgreSQLUserDatabase(service.Service):
     @ivar uri: the libpq URI of the database.
     """
 
-    def __init__(self, uri: str, reactor: Any, clock: Any = None,
-                 timeout: float = LOOKUP_TIMEOUT, connections: int = 4) -> None:
+    def __init__(
+        self,
+        uri: str,
+        reactor: Any,
+        clock: Any = None,
+        timeout: float = LOOKUP_TIMEOUT,
+        connections: int = 4,
+    ) -> None:
         """
         @param reactor: runs the pool's threads and delivers their results.
         @param clock: measures C{timeout}; C{reactor} by default.
@@ -356,12 +362,18 @@ class PostgreSQLUserDatabase(service.Service):
                 log.error(
                     "User database {uri}: {login}: {problem}; this login fails until"
                     " its password is set again ('mailauth user passwd')",
-                    uri=self._shown, login=login, problem=str(e),
+                    uri=self._shown,
+                    login=login,
+                    problem=str(e),
                 )
             return None
         self._malformed.pop(key, None)
-        return User(login, password, suspended=bool(suspended),
-                    appPasswords=_appPasswords(login, apps, self._shown))
+        return User(
+            login,
+            password,
+            suspended=bool(suspended),
+            appPasswords=_appPasswords(login, apps, self._shown),
+        )
 
     def _failed(self, failure: Failure) -> None:
         if failure.check(defer.TimeoutError):
@@ -371,8 +383,7 @@ class PostgreSQLUserDatabase(service.Service):
         else:
             why = f"{self._shown}: {failure.getErrorMessage()}"
         if why != self._trouble:
-            log.error("User database unavailable: {why}; logins get 454 until it answers",
-                      why=why)
+            log.error("User database unavailable: {why}; logins get 454 until it answers", why=why)
             self._trouble = why
         raise UserDatabaseUnavailable(why)
 
@@ -387,8 +398,12 @@ def _appPasswords(login: str, rows: list, shown: str) -> tuple[AppPassword, ...]
         try:
             apps.append(apppasswords.parseField(f"{label},{created},{prefix},{stored}"))
         except AppPasswordError as e:
-            log.error("User database {uri}: {login}: {problem}; it does not work",
-                      uri=shown, login=login, problem=str(e))
+            log.error(
+                "User database {uri}: {login}: {problem}; it does not work",
+                uri=shown,
+                login=login,
+                problem=str(e),
+            )
     return tuple(apps)
 
 
@@ -504,8 +519,7 @@ class PostgreSQLUserStore:
 
     def _lockUser(self, cursor: Any, login: str) -> None:
         """Hold C{login}'s row until the transaction ends. @raise UserDatabaseError: none."""
-        cursor.execute("SELECT 1 FROM mailauth.users WHERE login = %s FOR UPDATE",
-                       (login.lower(),))
+        cursor.execute("SELECT 1 FROM mailauth.users WHERE login = %s FOR UPDATE", (login.lower(),))
         if cursor.fetchone() is None:
             raise UserDatabaseError(f"no user {login} in {self._shown}")
 
@@ -520,8 +534,10 @@ class PostgreSQLUserStore:
         with _transaction(self.uri) as cursor:
             # The user's row lock makes two adds take turns, so the checks hold.
             self._lockUser(cursor, login)
-            cursor.execute("SELECT label, prefix FROM mailauth.app_passwords WHERE login = %s",
-                           (login.lower(),))
+            cursor.execute(
+                "SELECT label, prefix FROM mailauth.app_passwords WHERE login = %s",
+                (login.lower(),),
+            )
             rows = cursor.fetchall()
             if any(row[0] == label for row in rows):
                 raise UserDatabaseError(f"{login} already has an app password {label}")
@@ -543,8 +559,10 @@ class PostgreSQLUserStore:
     def deleteAppPassword(self, login: str, label: str) -> None:
         with _transaction(self.uri) as cursor:
             self._lockUser(cursor, login)
-            cursor.execute("DELETE FROM mailauth.app_passwords WHERE login = %s AND label = %s",
-                           (login.lower(), label))
+            cursor.execute(
+                "DELETE FROM mailauth.app_passwords WHERE login = %s AND label = %s",
+                (login.lower(), label),
+            )
             if cursor.rowcount == 0:
                 raise UserDatabaseError(f"{login} has no app password {label}")
 
@@ -588,8 +606,14 @@ class PostgreSQLUserStore:
                 password = parse(stored)
             except ValueError:
                 continue
-            users.append(User(login, password, suspended=bool(suspended),
-                              appPasswords=_appPasswords(login, apps, self._shown)))
+            users.append(
+                User(
+                    login,
+                    password,
+                    suspended=bool(suspended),
+                    appPasswords=_appPasswords(login, apps, self._shown),
+                )
+            )
         return users
 
     def upgradePassword(self, login: str, verified: Any, hashString: str) -> bool:
@@ -599,8 +623,9 @@ class PostgreSQLUserStore:
         """
         _parseHash(hashString)
         with _transaction(self.uri) as cursor:
-            cursor.execute("SELECT password FROM mailauth.users WHERE login = %s FOR UPDATE",
-                           (login.lower(),))
+            cursor.execute(
+                "SELECT password FROM mailauth.users WHERE login = %s FOR UPDATE", (login.lower(),)
+            )
             row = cursor.fetchone()
             if row is None or not _same(row[0], verified):
                 return False
@@ -686,11 +711,15 @@ def checkDatabase(uri: str) -> Optional[str]:
             if version == 0:
                 return f"{redact(uri)} has no mailauth tables: run 'mailauth db init'"
             if version > SCHEMA_VERSION:
-                return (f"{redact(uri)} has mailauth schema version {version}, newer than"
-                        f" this mailauth's {SCHEMA_VERSION}: upgrade mailauth")
+                return (
+                    f"{redact(uri)} has mailauth schema version {version}, newer than"
+                    f" this mailauth's {SCHEMA_VERSION}: upgrade mailauth"
+                )
             if version < SCHEMA_VERSION:
-                return (f"{redact(uri)} has mailauth schema version {version}:"
-                        f" run 'mailauth db init' to upgrade it to {SCHEMA_VERSION}")
+                return (
+                    f"{redact(uri)} has mailauth schema version {version}:"
+                    f" run 'mailauth db init' to upgrade it to {SCHEMA_VERSION}"
+                )
             cursor.execute(_LOOKUP, ("",))
     except UserDatabaseError as e:
         return str(e)

@@ -93,8 +93,10 @@ def parseHeader(data: bytes, versions: Iterable[int] = (1, 2)) -> Optional[Proxy
     if not complete:
         return None
     if version not in versions:
-        raise ProxyHeaderError(f"a v{version} PROXY header, but this listener takes "
-                               + " or ".join(f"v{v}" for v in sorted(versions)))
+        raise ProxyHeaderError(
+            f"a v{version} PROXY header, but this listener takes "
+            + " or ".join(f"v{v}" for v in sorted(versions))
+        )
     return _parseV1(data) if version == 1 else _parseV2(data)
 
 
@@ -135,8 +137,9 @@ def _parseV1(data: bytes) -> Optional[ProxyHeader]:
         if not _PORT.fullmatch(text) or int(text) > 65535:
             raise ProxyHeaderError(f"v1: {text[:16]!r} is not a port")
         ports.append(int(text))
-    return ProxyHeader(1, "PROXY", _address(source, ports[0]), _address(destination, ports[1]),
-                       length)
+    return ProxyHeader(
+        1, "PROXY", _address(source, ports[0]), _address(destination, ports[1]), length
+    )
 
 
 def _parseV2(data: bytes) -> Optional[ProxyHeader]:
@@ -152,8 +155,7 @@ def _parseV2(data: bytes) -> Optional[ProxyHeader]:
     if family > 3 or transport > 2:
         raise ProxyHeaderError(f"v2: unknown address family and protocol 0x{familyProtocol:02x}")
     if size > V2_MAX_LENGTH:
-        raise ProxyHeaderError(f"v2: {size} bytes of addresses and TLVs, more than "
-                               f"{V2_MAX_LENGTH}")
+        raise ProxyHeaderError(f"v2: {size} bytes of addresses and TLVs, more than {V2_MAX_LENGTH}")
     length = 16 + size
     if len(data) < length:
         return None
@@ -173,8 +175,9 @@ def _parseV2(data: bytes) -> Optional[ProxyHeader]:
     source, destination = kind(block[:size]), kind(block[size : 2 * size])
     sourcePort, destinationPort = struct.unpack_from("!HH", block, 2 * size)
     _checkTLVs(block[2 * size + 4 :])
-    return ProxyHeader(2, "PROXY", _address(source, sourcePort),
-                       _address(destination, destinationPort), length)
+    return ProxyHeader(
+        2, "PROXY", _address(source, sourcePort), _address(destination, destinationPort), length
+    )
 
 
 def _checkTLVs(tlvs: bytes) -> None:
@@ -369,8 +372,11 @@ class ProxyProtocol(protocol.Protocol):
         self.transport.abortConnection()
 
     def _log(self, why: str) -> None:
-        log.info("proxy refused: source=[{source}] {why}",
-                 source=_hostOf(self.transport.getPeer()), why=why)
+        log.info(
+            "proxy refused: source=[{source}] {why}",
+            source=_hostOf(self.transport.getPeer()),
+            why=why,
+        )
 
     def _cancelTimer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -391,9 +397,14 @@ class ProxyFactory(protocol.Factory):
 
     protocol = ProxyProtocol
 
-    def __init__(self, wrappedFactory: interfaces.IProtocolFactory, mode: str,
-                 trusted: Iterable, clock: interfaces.IReactorTime,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        wrappedFactory: interfaces.IProtocolFactory,
+        mode: str,
+        trusted: Iterable,
+        clock: interfaces.IReactorTime,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
         """
         @param mode: C{"v1"}, C{"v2"} or C{"any"}: the versions accepted.
         @param timeout: seconds a trusted peer has to send its whole header.

@@ -78,9 +78,18 @@ class Router:
         FROM (L{mayUseSender}).
     """
 
-    def __init__(self, *, localDomains, maildirTemplate: str, users: IUserDatabase,
-                 aliases: AddressMap, senderMap: AddressMap, senderLoginMatch: bool,
-                 postmaster: Optional[str] = None, headerFromMatch: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        localDomains,
+        maildirTemplate: str,
+        users: IUserDatabase,
+        aliases: AddressMap,
+        senderMap: AddressMap,
+        senderLoginMatch: bool,
+        postmaster: Optional[str] = None,
+        headerFromMatch: bool = False,
+    ) -> None:
         self.localDomains = frozenset(domainKey(domain) for domain in localDomains)
         self.maildirTemplate = maildirTemplate
         self.users = users
@@ -213,11 +222,19 @@ class Realm:
     authenticated submissions from its domains; C{metrics} counts refusals.
     """
 
-    def __init__(self, *, router: Router, hostname: str, runBlocking: BlockingRunner,
-                 queue: Optional[IForwardQueue] = None,
-                 wakeQueue: Callable[[], None] = lambda: None, clock,
-                 limits: Optional[SendingLimits] = None, keyRing: Optional[KeyRing] = None,
-                 metrics: Optional[Metrics] = None) -> None:
+    def __init__(
+        self,
+        *,
+        router: Router,
+        hostname: str,
+        runBlocking: BlockingRunner,
+        queue: Optional[IForwardQueue] = None,
+        wakeQueue: Callable[[], None] = lambda: None,
+        clock,
+        limits: Optional[SendingLimits] = None,
+        keyRing: Optional[KeyRing] = None,
+        metrics: Optional[Metrics] = None,
+    ) -> None:
         self.router = router
         self.hostname = hostname
         self.runBlocking = runBlocking
@@ -252,7 +269,8 @@ class Realm:
         """
         if self.router.isLocal(recipient):
             yield LocalDelivery(self.router, self.hostname, self.runBlocking).deliver(
-                recipient, message)
+                recipient, message
+            )
             return
         if self.queue is None:
             raise replies.RELAY_DENIED.error(address=recipient)
@@ -280,8 +298,9 @@ class Avatar:
         L{None}.
     """
 
-    def __init__(self, realm: Realm, login: Optional[str],
-                 appPassword: Optional[str] = None) -> None:
+    def __init__(
+        self, realm: Realm, login: Optional[str], appPassword: Optional[str] = None
+    ) -> None:
         self.realm = realm
         self.login = login
         self.appPassword = appPassword
@@ -313,8 +332,11 @@ class Delivery:
         #: The recipients accepted so far, and what the sending limits
         #: check and count for this transaction (authenticated logins only).
         self.accepted = 0
-        self.limits = (realm.limits.transaction(login)
-                       if login is not None and realm.limits is not None else None)
+        self.limits = (
+            realm.limits.transaction(login)
+            if login is not None and realm.limits is not None
+            else None
+        )
 
     @defer.inlineCallbacks
     def validateFrom(self, helo, origin):
@@ -348,8 +370,9 @@ class Delivery:
             if not local and not remote:
                 raise replies.UNKNOWN_RECIPIENT.error(address=recipient)
             if remote and self.realm.queue is None:
-                log.error("alias {alias} leads to another domain, and no [relay] is set",
-                          alias=recipient)
+                log.error(
+                    "alias {alias} leads to another domain, and no [relay] is set", alias=recipient
+                )
                 raise replies.CANNOT_FORWARD.error(address=recipient)
         else:
             if self.login is None or self.realm.queue is None:
@@ -459,15 +482,20 @@ class Message:
                 # removing the message before anybody has sent it.
                 assert realm.queue is not None, "validateTo takes remote ones only with a queue"
                 self._places.insert(0, "the queue")
-                self._sinks.append(realm.queue.newMessage(
-                    delivery.id,
-                    delivery.sender,
-                    [delivery.remoteStatus[address] for address in delivery.remote],
-                    MessageOptions(smtputf8=mail.smtputf8, ret=mail.ret, envid=mail.envid),
-                ))
+                self._sinks.append(
+                    realm.queue.newMessage(
+                        delivery.id,
+                        delivery.sender,
+                        [delivery.remoteStatus[address] for address in delivery.remote],
+                        MessageOptions(smtputf8=mail.smtputf8, ret=mail.ret, envid=mail.envid),
+                    )
+                )
             if delivery.maildirs:
-                self._sinks.append(MaildirWriter(delivery.maildirs, realm.hostname,
-                                                 top=returnPath(delivery.sender)))
+                self._sinks.append(
+                    MaildirWriter(
+                        delivery.maildirs, realm.hostname, top=returnPath(delivery.sender)
+                    )
+                )
         except OSError as e:
             self._storageFailed(e)
         self._remote = bool(delivery.remote)
@@ -567,17 +595,26 @@ class Message:
                 raise UncheckableHeader(f"the header section is longer than {MAX_HEADER} bytes")
             addresses = yield realm.runBlocking(senderAddresses, header)
         except UncheckableHeader as e:
-            log.info("header From refused: login=<{login}> id={id}: {why}",
-                     login=login, id=self.id, why=str(e))
+            log.info(
+                "header From refused: login=<{login}> id={id}: {why}",
+                login=login,
+                id=self.id,
+                why=str(e),
+            )
             self._refused()
             raise replies.HEADER_FROM_UNCHECKABLE.error() from None
         for address in addresses:
             if not (yield realm.router.mayUseSender(login, address)):
-                log.info("header From refused: login=<{login}> from=<{address}> id={id}",
-                         login=login, address=address, id=self.id)
+                log.info(
+                    "header From refused: login=<{login}> from=<{address}> id={id}",
+                    login=login,
+                    address=address,
+                    id=self.id,
+                )
                 self._refused()
-                raise replies.HEADER_FROM_NOT_OWNED.error(address=replies.echo(address),
-                                                          login=login)
+                raise replies.HEADER_FROM_NOT_OWNED.error(
+                    address=replies.echo(address), login=login
+                )
 
     def _refused(self) -> None:
         """
@@ -621,13 +658,20 @@ class Message:
 
             if f.check(dkimsign.MessageNotSignable):
                 self.connectionLost()  # storeAll aborted them; again does no harm
-                log.info("message {id} not signed: login=<{login}>: {why}; refused",
-                         id=self.id, login=self._login, why=f.getErrorMessage())
+                log.info(
+                    "message {id} not signed: login=<{login}>: {why}; refused",
+                    id=self.id,
+                    login=self._login,
+                    why=f.getErrorMessage(),
+                )
                 raise replies.NOT_SIGNABLE.error()
             if f.check(dkimsign.SigningError):
                 self.connectionLost()
-                log.error("message {id} not signed: {why}; the client is told 451, to try "
-                          "again later", id=self.id, why=f.getErrorMessage())
+                log.error(
+                    "message {id} not signed: {why}; the client is told 451, to try again later",
+                    id=self.id,
+                    why=f.getErrorMessage(),
+                )
                 raise replies.SIGNING_FAILED.error()
         return f
 
@@ -694,12 +738,16 @@ class Message:
                 delivery.sender, report
             )
         else:
-            log.warn("no [relay] to send a delivery report for {id} to <{sender}>",
-                     id=self.id, sender=delivery.sender)
+            log.warn(
+                "no [relay] to send a delivery report for {id} to <{sender}>",
+                id=self.id,
+                sender=delivery.sender,
+            )
             return
         d.addCallbacks(
-            lambda _: log.info("delivery report for {id} to <{sender}>", id=self.id,
-                               sender=delivery.sender),
+            lambda _: log.info(
+                "delivery report for {id} to <{sender}>", id=self.id, sender=delivery.sender
+            ),
             lambda f: log.failure("delivery report for {id} failed", f, id=self.id),
         )
 

@@ -51,7 +51,9 @@ end
 # memory store keeps them, mailauth.counters.SLOTS_PER_WINDOW). ARGV: now,
 # window (ms), slot length (ms), amount (0: only read the total). Returns the
 # total within the window, the new events included.
-_COUNT = _NOW + """
+_COUNT = (
+    _NOW
+    + """
 local key = KEYS[1]
 local window = tonumber(ARGV[2])
 local slot = tonumber(ARGV[3])
@@ -88,20 +90,27 @@ if amount > 0 then
 end
 return total
 """
+)
 
 # KEYS[1] holds the time (ms) the block ends and expires then. ARGV: now,
 # duration (ms).
-_BLOCK = _NOW + """
+_BLOCK = (
+    _NOW
+    + """
 redis.call('SET', KEYS[1], string.format('%d', now + tonumber(ARGV[2])), 'PX', ARGV[2])
 return 1
 """
+)
 
 # Returns how many milliseconds KEYS[1] stays blocked, 0 if it is not.
-_BLOCKED = _NOW + """
+_BLOCKED = (
+    _NOW
+    + """
 local ends = tonumber(redis.call('GET', KEYS[1]) or '')
 if ends and ends > now then return ends - now end
 return 0
 """
+)
 
 
 class _Script:
@@ -257,7 +266,10 @@ class RedisCounterStore:
             return remaining > 0
 
         return self._call(
-            BLOCKED, self.prefix + "b:" + key, (self._now(),), answer,
+            BLOCKED,
+            self.prefix + "b:" + key,
+            (self._now(),),
+            answer,
             lambda: self.local.isBlocked(key),
         )
 
@@ -312,8 +324,7 @@ class RedisCounterStore:
         if probe:
             self._probing = False
             self.usingFallback = False
-            log.info("state backend {where} answers again: counting there again",
-                     where=self.where)
+            log.info("state backend {where} answers again: counting there again", where=self.where)
         return result
 
     def _failed(self, failure: Failure, probe: bool, localAnswer: Callable[[], Any]) -> Any:

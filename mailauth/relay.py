@@ -347,9 +347,9 @@ class RelaySession:
             reply = yield proto.command(b"RSET")
             _check(reply, 250, "RSET")
         self._dirty = True
-        reply = _classify((yield proto.command(self._mailCommand(
-            sender, size, body8bit, smtputf8, envelope
-        ))))
+        reply = _classify(
+            (yield proto.command(self._mailCommand(sender, size, body8bit, smtputf8, envelope)))
+        )
         if reply.code != 250:
             results.update(dict.fromkeys(wire, reply))
             return results
@@ -376,8 +376,9 @@ class RelaySession:
             results[recipient] = reply
         return results
 
-    def _mailCommand(self, sender: str, size: int, body8bit: bool, smtputf8: bool,
-                     envelope) -> bytes:
+    def _mailCommand(
+        self, sender: str, size: int, body8bit: bool, smtputf8: bool, envelope
+    ) -> bytes:
         mail = b"MAIL FROM:<" + _address(sender) + b">"
         if "SIZE" in self.extensions:
             mail += b" SIZE=%d" % (size,)
@@ -406,9 +407,9 @@ class RelaySession:
         while True:
             data = message.read(BDAT_CHUNK)
             if not data:
-                reply = _classify((yield self._protocol.sendChunk(
-                    pending + unstuffer.finish(), last=True
-                )))
+                reply = _classify(
+                    (yield self._protocol.sendChunk(pending + unstuffer.finish(), last=True))
+                )
                 return reply
             reply = _classify((yield self._protocol.sendChunk(pending, last=False)))
             if reply.code // 100 != 2:
@@ -551,8 +552,9 @@ class VerifyingClientTLS:
         connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
         return connection
 
-    def _verify(self, connection: SSL.Connection, certificate: crypto.X509, errno: int,
-                depth: int, ok: int) -> bool:
+    def _verify(
+        self, connection: SSL.Connection, certificate: crypto.X509, errno: int, depth: int, ok: int
+    ) -> bool:
         if not ok or depth != 0:
             # OpenSSL's verdict on the chain stands; only the leaf names the host.
             return bool(ok)
@@ -578,9 +580,7 @@ class VerifyingClientTLS:
             return "it has no subjectAltName (a common name alone does not count)"
         try:
             if self._isAddress:
-                service_identity.cryptography.verify_certificate_ip_address(
-                    certificate, self.host
-                )
+                service_identity.cryptography.verify_certificate_ip_address(certificate, self.host)
             else:
                 service_identity.cryptography.verify_certificate_hostname(certificate, self.host)
         except Exception as e:

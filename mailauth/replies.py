@@ -151,50 +151,62 @@ START_DATA = Reply(354, "End data with <CR><LF>.<CR><LF>")
 QUEUED = Reply(250, "2.0.0 Ok: queued as {id}")
 CHUNK_RECEIVED = Reply(250, "2.0.0 Ok: {size} octets")
 BAD_BDAT = Reply(421, "4.5.2 Error: malformed BDAT command, closing connection")
-TEMPORARY_FAILURE = Reply(451, "4.3.0 Error: temporary failure, try again later",
-                          metric="temporary")
-CANNOT_FORWARD = Reply(451, "4.3.0 <{address}>: cannot forward, try again later",
-                       metric="temporary")
-TOO_MANY_RECIPIENTS = Reply(452, "4.5.3 Error: too many recipients",
-                            metric="too_many_recipients")
-UNKNOWN_RECIPIENT = Reply(550, "5.1.1 <{address}>: Recipient address rejected: User unknown",
-                          metric="unknown_user")
+TEMPORARY_FAILURE = Reply(
+    451, "4.3.0 Error: temporary failure, try again later", metric="temporary"
+)
+CANNOT_FORWARD = Reply(
+    451, "4.3.0 <{address}>: cannot forward, try again later", metric="temporary"
+)
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3 Error: too many recipients", metric="too_many_recipients")
+UNKNOWN_RECIPIENT = Reply(
+    550, "5.1.1 <{address}>: Recipient address rejected: User unknown", metric="unknown_user"
+)
 MAILBOX_NOT_ALLOWED = Reply(
-    553, "5.1.3 <{address}>: Recipient address rejected: mailbox name not allowed",
+    553,
+    "5.1.3 <{address}>: Recipient address rejected: mailbox name not allowed",
     metric="mailbox_not_allowed",
 )
-SENDER_NOT_OWNED = Reply(553, "5.7.1 <{address}>: Sender address not owned by user {login}",
-                         metric="sender_refused")
+SENDER_NOT_OWNED = Reply(
+    553, "5.7.1 <{address}>: Sender address not owned by user {login}", metric="sender_refused"
+)
 RELAY_DENIED = Reply(554, "5.7.1 <{address}>: Relay access denied", metric="relay_denied")
 # [limits]: at MAIL (messages) or RCPT (recipients); a suspended login at MAIL.
-LIMIT_MESSAGES = Reply(451, "4.7.1 Error: {login} reached its limit of {max} messages per {period}",
-                       metric="limit")
+LIMIT_MESSAGES = Reply(
+    451, "4.7.1 Error: {login} reached its limit of {max} messages per {period}", metric="limit"
+)
 LIMIT_RECIPIENTS = Reply(
     451, "4.7.1 Error: {login} reached its limit of {max} recipients per {period}", metric="limit"
 )
-SENDING_SUSPENDED = Reply(550, "5.7.1 Error: {login} is suspended, contact your postmaster",
-                          metric="suspended")
+SENDING_SUSPENDED = Reply(
+    550, "5.7.1 Error: {login} is suspended, contact your postmaster", metric="suspended"
+)
 
 # The message
 TOO_BIG = Reply(552, "5.3.4 Message size exceeds fixed maximum message size", metric="too_big")
-BARE_NEWLINE = Reply(550, "5.6.2 Error: bare CR or LF in message, not accepted",
-                     metric="bare_newline")
-NUL_IN_MESSAGE = Reply(550, "5.6.0 Error: NUL character in message, not accepted",
-                       metric="nul")
+BARE_NEWLINE = Reply(
+    550, "5.6.2 Error: bare CR or LF in message, not accepted", metric="bare_newline"
+)
+NUL_IN_MESSAGE = Reply(550, "5.6.0 Error: NUL character in message, not accepted", metric="nul")
 STORAGE_FAILED = Reply(451, "4.3.0 Error: local error in processing", metric="storage")
 STORAGE_FULL = Reply(452, "4.3.1 Error: insufficient system storage", metric="storage")
 # [delivery] header_from_match: the visible sender must be the login's.
 HEADER_FROM_NOT_OWNED = Reply(
-    550, "5.7.1 <{address}>: From/Sender header address not owned by user {login}",
+    550,
+    "5.7.1 <{address}>: From/Sender header address not owned by user {login}",
     metric="header_from",
 )
-HEADER_FROM_UNCHECKABLE = Reply(550, "5.7.1 Error: From/Sender header cannot be checked",
-                                metric="header_from")
+HEADER_FROM_UNCHECKABLE = Reply(
+    550, "5.7.1 Error: From/Sender header cannot be checked", metric="header_from"
+)
 # [dkim]: a message is signed or not accepted.
-NOT_SIGNABLE = Reply(550, "5.6.0 Error: malformed or oversized header, message cannot be signed",
-                     metric="not_signable")
-SIGNING_FAILED = Reply(451, "4.3.0 Error: message could not be signed, try again later",
-                       metric="temporary")
+NOT_SIGNABLE = Reply(
+    550,
+    "5.6.0 Error: malformed or oversized header, message cannot be signed",
+    metric="not_signable",
+)
+SIGNING_FAILED = Reply(
+    451, "4.3.0 Error: message could not be signed, try again later", metric="temporary"
+)
 
 # Local delivery of whole messages (bounces from the queue)
 NO_LOCAL_USER = Reply(550, "5.1.1 <{address}>: User unknown")

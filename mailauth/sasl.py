@@ -193,8 +193,9 @@ class XOAuth2Credentials(BearerTokenCredentials):
 
     def failureChallenge(self, error: Exception) -> bytes:
         """Google's XOAUTH2 error: C{status} is the HTTP status, C{401}."""
-        return json.dumps({"status": "401", "schemes": "bearer"},
-                          separators=(",", ":")).encode("ascii")
+        return json.dumps({"status": "401", "schemes": "bearer"}, separators=(",", ":")).encode(
+            "ascii"
+        )
 
 
 Credentials = Union[PlaintextCredentials, CramMD5Credentials, BearerTokenCredentials]
@@ -403,6 +404,4 @@ MECHANISMS = {m.name: m for m in (Plain, Login, CramMD5, OAuthBearer, XOAuth2)}
 
 def offered(table: dict, names: tuple, context: SASLContext) -> tuple:
     """The mechanisms of C{names} to offer on a session: those available there."""
-    return tuple(
-        n for n in names if getattr(table[n], "available", lambda context: True)(context)
-    )
+    return tuple(n for n in names if getattr(table[n], "available", lambda context: True)(context))

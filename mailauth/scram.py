@@ -567,8 +567,10 @@ class ScramMechanism:
         from mailauth.userdb import UserDatabaseUnavailable
 
         f.trap(UserDatabaseUnavailable, LoginFailed)
-        raise _Refused("no-resources", sasl.SASLError(replies.AUTH_UNAVAILABLE.code,
-                                                      replies.AUTH_UNAVAILABLE.text))
+        raise _Refused(
+            "no-resources",
+            sasl.SASLError(replies.AUTH_UNAVAILABLE.code, replies.AUTH_UNAVAILABLE.text),
+        )
 
     def _serverFirst(self, user: Any, first: _ClientFirst, binding: Optional[bytes]):
         keys = None if user is None else storedKeys(user.password, self.scheme)

@@ -49,8 +49,11 @@ class Notifier:
                 s.sendto(data, self.address)
         except OSError as e:
             if not self._failed:
-                log.warn("cannot notify systemd at {address}: {why}",
-                         address=self.address.replace("\0", "@"), why=e.strerror or e)
+                log.warn(
+                    "cannot notify systemd at {address}: {why}",
+                    address=self.address.replace("\0", "@"),
+                    why=e.strerror or e,
+                )
             self._failed = True
             return False
         self._failed = False
@@ -95,8 +98,13 @@ class ReadinessService(service.Service):
 
     name = "sdnotify"
 
-    def __init__(self, notifier: Notifier, reactor, listening: Iterable[service.IService],
-                 watchdogInterval: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        notifier: Notifier,
+        reactor,
+        listening: Iterable[service.IService],
+        watchdogInterval: Optional[float] = None,
+    ) -> None:
         """
         @param reactor: provides C{callWhenRunning} and the clock of the
             watchdog pings.
@@ -127,8 +135,10 @@ class ReadinessService(service.Service):
             return
         failed = [s.name for s, port in zip(self.listening, ports) if port is None]
         if failed:
-            log.error("not telling systemd we are ready: {names} could not listen",
-                      names=", ".join(failed))
+            log.error(
+                "not telling systemd we are ready: {names} could not listen",
+                names=", ".join(failed),
+            )
             self.notifier.send(f"STATUS=could not listen: {', '.join(failed)}")
             return
         names = ", ".join(s.name for s in self.listening)
@@ -141,8 +151,12 @@ class ReadinessService(service.Service):
         self.notifier.send("STOPPING=1", "STATUS=stopping")
 
 
-def fromEnvironment(environ: Mapping[str, str], reactor, listening: Iterable[service.IService],
-                    pid: Optional[int] = None) -> Optional[ReadinessService]:
+def fromEnvironment(
+    environ: Mapping[str, str],
+    reactor,
+    listening: Iterable[service.IService],
+    pid: Optional[int] = None,
+) -> Optional[ReadinessService]:
     """
     The readiness service systemd asks for in C{environ}, or L{None} when
     C{$NOTIFY_SOCKET} is not set (not started by systemd with
@@ -159,8 +173,12 @@ def fromEnvironment(environ: Mapping[str, str], reactor, listening: Iterable[ser
     except ValueError as e:
         log.warn("not notifying systemd: {why}", why=e)
         return None
-    return ReadinessService(notifier, reactor, listening,
-                            _watchdogInterval(environ, os.getpid() if pid is None else pid))
+    return ReadinessService(
+        notifier,
+        reactor,
+        listening,
+        _watchdogInterval(environ, os.getpid() if pid is None else pid),
+    )
 
 
 def _watchdogInterval(environ: Mapping[str, str], pid: int) -> Optional[float]:

@@ -212,21 +212,33 @@ class AuthCommands:
         if f.check(UnauthorizedLogin):
             # Bearer token mechanisms tell why in a last challenge first.
             final = getattr(credentials, "failureChallenge", None)
-            return self._authFailed(credentials.mechanism, credentials.username,
-                                    "bad credentials",
-                                    final(f.value) if final is not None else None)
+            return self._authFailed(
+                credentials.mechanism,
+                credentials.username,
+                "bad credentials",
+                final(f.value) if final is not None else None,
+            )
         if f.check(LoginFailed):
-            log.error("login could not be checked: {why} client=[{client}] session={session}",
-                      why=f.getErrorMessage(), client=self._peer, session=self.session)
+            log.error(
+                "login could not be checked: {why} client=[{client}] session={session}",
+                why=f.getErrorMessage(),
+                client=self._peer,
+                session=self.session,
+            )
         else:
-            log.failure("login failed with an internal error: client=[{client}] "
-                        "session={session}", f, client=self._peer, session=self.session)
+            log.failure(
+                "login failed with an internal error: client=[{client}] session={session}",
+                f,
+                client=self._peer,
+                session=self.session,
+            )
         self.factory.metrics.authResult(credentials.mechanism, "unavailable")
         self._send(replies.AUTH_UNAVAILABLE)
         return None
 
-    def _authFailed(self, mechanism: str, username: str, why: str,
-                    challenge: Optional[bytes] = None):
+    def _authFailed(
+        self, mechanism: str, username: str, why: str, challenge: Optional[bytes] = None
+    ):
         """
         Log a failed login and count it (per address and per login, in the
         throttle's store), then answer 535 after the tarpit delay, or hang
@@ -257,8 +269,12 @@ class AuthCommands:
 
     def _throttleFailed(self, f: Failure) -> tuple:
         # The counter stores never fail; were one to, answer at once.
-        log.failure("counting a failed login failed: client=[{client}] session={session}", f,
-                    client=self._peer, session=self.session)
+        log.failure(
+            "counting a failed login failed: client=[{client}] session={session}",
+            f,
+            client=self._peer,
+            session=self.session,
+        )
         return (0.0, False)
 
     def _answerFailure(self, verdict: tuple, challenge: Optional[bytes] = None):

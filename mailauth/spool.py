@@ -283,8 +283,14 @@ class QueueWriter:
     L{prepare} and L{commit} it (or L{abort}).
     """
 
-    def __init__(self, queue: Queue, msgid: str, sender: str, recipients: Sequence[RecipientLike],
-                 options: MessageOptions) -> None:
+    def __init__(
+        self,
+        queue: Queue,
+        msgid: str,
+        sender: str,
+        recipients: Sequence[RecipientLike],
+        options: MessageOptions,
+    ) -> None:
         self._queue = queue
         self._spool = queue._spool
         self.msgid = msgid
@@ -488,8 +494,9 @@ class Queue:
         """A new, unique queue ID."""
         return f"{int(self.clock.seconds()):x}{secrets.token_hex(6)}"
 
-    def newMessage(self, msgid: str, sender: str, recipients: list,
-                   options: Optional[MessageOptions] = None) -> QueueWriter:
+    def newMessage(
+        self, msgid: str, sender: str, recipients: list, options: Optional[MessageOptions] = None
+    ) -> QueueWriter:
         """
         Start writing a message.
 
@@ -672,8 +679,12 @@ class Queue:
             action=action,
             recipients=[
                 dsn.FailedRecipient(
-                    r.address, reply=r.reply, error=r.error, expired=r.expired,
-                    status=r.status, orcpt=r.orcpt,
+                    r.address,
+                    reply=r.reply,
+                    error=r.error,
+                    expired=r.expired,
+                    status=r.status,
+                    orcpt=r.orcpt,
                 )
                 for r in recipients
             ],

@@ -75,8 +75,11 @@ class Options(usage.Options):
             raise SystemExit("\n".join(e.problems)) from None
         runAs = _runAs(self)
         try:
-            account = (Account.ofProcess() if runAs is None
-                       else Account.lookup(runAs[0], None if runAs[1] == -1 else runAs[1]))
+            account = (
+                Account.ofProcess()
+                if runAs is None
+                else Account.lookup(runAs[0], None if runAs[1] == -1 else runAs[1])
+            )
         except KeyError as e:
             raise SystemExit(f"twistd mailauth: --uid: {e.args[0]}") from None
         findings = checkAll(cfg, account, chown=runAs is not None, daemon=True)
@@ -125,8 +128,9 @@ class _Daemon(service.MultiService):
             parent.setComponent(ILogObserver, self.logObserver)
         super().setServiceParent(parent)
 
-    def addEndpoint(self, child: service.Service, section: str, description: str,
-                    details: str = "") -> None:
+    def addEndpoint(
+        self, child: service.Service, section: str, description: str, details: str = ""
+    ) -> None:
         """
         Add C{child}, which listens on C{description} for C{[section]}.
 
@@ -164,9 +168,13 @@ class _Daemon(service.MultiService):
         if not hasattr(port, "getHost"):
             return
         section, description = self.endpoints[name]
-        log.info("[{section}] listening on {address}: endpoint={endpoint}{details}",
-                 section=section, address=_addressText(port.getHost()), endpoint=description,
-                 details=self._details[name])
+        log.info(
+            "[{section}] listening on {address}: endpoint={endpoint}{details}",
+            section=section,
+            address=_addressText(port.getHost()),
+            endpoint=description,
+            details=self._details[name],
+        )
 
 
 def _addressText(address) -> str:
@@ -199,8 +207,11 @@ def _exitTwistd(parent: usage.Options) -> Callable[[str, str], NoReturn]:
             parent["statusPipe"] = None
             os.write(pipe, b"1 " + short.encode("ascii", "backslashreplace")[:98])
             os.close(pipe)
-        elif (parent.get("logfile") not in (None, "", "-") and not parent.get("syslog")
-              and sys.__stderr__ is not None):
+        elif (
+            parent.get("logfile") not in (None, "", "-")
+            and not parent.get("syslog")
+            and sys.__stderr__ is not None
+        ):
             # In the foreground, logging to a file: say it on the terminal too.
             sys.__stderr__.write(line + "\n")
         pidfile = parent.get("pidfile")
@@ -313,14 +324,16 @@ def _statePool(cfg: configmod.Config, reactor, top: service.MultiService) -> Any
     if cfg.state.backend == "memory":
         return None
     # Each call waits at most [state] timeout; one per session is in flight.
-    pool = ThreadPoolService(reactor, "mailauth-state", STATE_THREADS,
-                             maxQueued=cfg.server.max_connections * 2)
+    pool = ThreadPoolService(
+        reactor, "mailauth-state", STATE_THREADS, maxQueued=cfg.server.max_connections * 2
+    )
     pool.setServiceParent(top)
     return pool.run
 
 
-def _sendingLimits(cfg: configmod.Config, store, users: IUserDatabase, realm: Realm,
-                   runBlocking, metrics: Metrics) -> SendingLimits:
+def _sendingLimits(
+    cfg: configmod.Config, store, users: IUserDatabase, realm: Realm, runBlocking, metrics: Metrics
+) -> SendingLimits:
     """
     The C{[limits]} of every login, counted in C{store}. A login that keeps
     hitting them is suspended in the user store C{[auth] users} names (its
@@ -344,9 +357,13 @@ def _sendingLimits(cfg: configmod.Config, store, users: IUserDatabase, realm: Re
     )
 
 
-def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
-                 environ: Optional[Mapping[str, str]] = None,
-                 worker: Optional[Worker] = None) -> _Daemon:
+def buildService(
+    cfg: configmod.Config,
+    reactor,
+    runAs: Optional[tuple] = None,
+    environ: Optional[Mapping[str, str]] = None,
+    worker: Optional[Worker] = None,
+) -> _Daemon:
     """
     Make and wire every part of the daemon.
 
@@ -380,15 +397,18 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
     # A session waits for one login at a time, so max_connections already
     # bounds the logins waiting here; a lower bound would only answer a
     # burst of honest logins (clients reconnecting after a restart) with 454.
-    authPool = ThreadPoolService(reactor, "mailauth-auth", cfg.server.auth_threads,
-                                 maxQueued=cfg.server.max_connections)
-    diskPool = ThreadPoolService(reactor, "mailauth-disk", cfg.server.disk_threads,
-                                 maxQueued=cfg.server.max_connections * 2)
+    authPool = ThreadPoolService(
+        reactor, "mailauth-auth", cfg.server.auth_threads, maxQueued=cfg.server.max_connections
+    )
+    diskPool = ThreadPoolService(
+        reactor, "mailauth-disk", cfg.server.disk_threads, maxQueued=cfg.server.max_connections * 2
+    )
     authPool.setServiceParent(top)
     diskPool.setServiceParent(top)
     # After the disk pool, which it runs in: tmp/ files of a killed process.
-    LeftoverCleanup(cfg.delivery.maildir, cfg.server.hostname, diskPool.run,
-                    reactor).setServiceParent(top)
+    LeftoverCleanup(
+        cfg.delivery.maildir, cfg.server.hostname, diskPool.run, reactor
+    ).setServiceParent(top)
 
     router = Router(
         localDomains=cfg.delivery.local_domains,
@@ -428,15 +448,21 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         hostname=cfg.server.hostname,
         runBlocking=diskPool.run,
         queue=queue,
-        wakeQueue=(worker.wakeQueue if worker is not None
-                   else queueService.wake if queueService is not None else (lambda: None)),
+        wakeQueue=(
+            worker.wakeQueue
+            if worker is not None
+            else queueService.wake
+            if queueService is not None
+            else (lambda: None)
+        ),
         clock=reactor,
         keyRing=_keyRing(cfg, reactor),
         metrics=metrics,
     )
     # The throttle and the sending limits count here.
-    counterStore = counterStoreFromConfig(cfg, reactor, _statePool(cfg, reactor, top),
-                                          onFallback=metrics.counterStoreFallback)
+    counterStore = counterStoreFromConfig(
+        cfg, reactor, _statePool(cfg, reactor, top), onFallback=metrics.counterStoreFallback
+    )
     realm.limits = _sendingLimits(cfg, counterStore, users, realm, diskPool.run, metrics)
     reloadable.append(realm.limits.overrides)
     portal = Portal(realm)
@@ -465,10 +491,12 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
             reloadable.append(tokens.keys)
 
     tls = ReloadableTLS(cfg.tls.certificate, cfg.tls.private_key) if cfg.tls else None
-    throttle = AuthThrottle.fromConfig(reactor, cfg.auth, counterStore,
-                                       onBlock=metrics.addressBlocked)
-    connections = ConnectionLimiter(cfg.server.max_connections,
-                                    cfg.server.max_connections_per_address)
+    throttle = AuthThrottle.fromConfig(
+        reactor, cfg.auth, counterStore, onBlock=metrics.addressBlocked
+    )
+    connections = ConnectionLimiter(
+        cfg.server.max_connections, cfg.server.max_connections_per_address
+    )
     anonymous = realm.anonymous()
     postmasterDomain = sorted(cfg.delivery.local_domains)[0]
     pool = None
@@ -477,16 +505,24 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
         held = []
         for listener in cfg.listeners:
             port = HeldPort(reactor, listener.name, listener.endpoint)
-            top.addEndpoint(port, f"listener:{listener.name}", listener.endpoint,
-                            f" tls={listener.tls} auth={listener.auth} "
-                            f"proxy_protocol={listener.proxy_protocol} "
-                            f"workers={cfg.server.workers}")
+            top.addEndpoint(
+                port,
+                f"listener:{listener.name}",
+                listener.endpoint,
+                f" tls={listener.tls} auth={listener.auth} "
+                f"proxy_protocol={listener.proxy_protocol} "
+                f"workers={cfg.server.workers}",
+            )
             held.append(port)
-        pool = WorkerPool(reactor, cfg.server.workers, held, cfg.path,
-                          readConfiguration(cfg.path, cfg),
-                          wakeQueue=queueService.wake if queueService is not None else (
-                              lambda: None),
-                          environ=environ)
+        pool = WorkerPool(
+            reactor,
+            cfg.server.workers,
+            held,
+            cfg.path,
+            readConfiguration(cfg.path, cfg),
+            wakeQueue=queueService.wake if queueService is not None else (lambda: None),
+            environ=environ,
+        )
         pool.setServiceParent(top)
     for listener in cfg.listeners if pool is None else ():
         factory = SubmissionFactory(
@@ -513,17 +549,25 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
             wrapped = TLSMemoryBIOFactory(cast(Any, tls), False, factory)
         if listener.proxy_protocol != "no":
             # Under TLS too: HAProxy in TCP mode sends the header in the clear.
-            wrapped = ProxyFactory(wrapped, listener.proxy_protocol, listener.trusted_proxies,
-                                   reactor, listener.proxy_timeout)
+            wrapped = ProxyFactory(
+                wrapped,
+                listener.proxy_protocol,
+                listener.trusted_proxies,
+                reactor,
+                listener.proxy_timeout,
+            )
             wrapped.noisy = False
         if worker is not None:
             worker.listen(listener.name, wrapped, reactor).setServiceParent(top)
             continue
         listening = strports.service(listener.endpoint, wrapped, reactor=reactor)
         listening.setName(f"listener:{listener.name}")
-        top.addEndpoint(listening, f"listener:{listener.name}", listener.endpoint,
-                        f" tls={listener.tls} auth={listener.auth} "
-                        f"proxy_protocol={listener.proxy_protocol}")
+        top.addEndpoint(
+            listening,
+            f"listener:{listener.name}",
+            listener.endpoint,
+            f" tls={listener.tls} auth={listener.auth} proxy_protocol={listener.proxy_protocol}",
+        )
     if cfg.autoconfig is not None and worker is None:
         from mailauth.autoconfig import makeSite
 
@@ -553,11 +597,13 @@ def buildService(cfg: configmod.Config, reactor, runAs: Optional[tuple] = None,
     reloader.setServiceParent(top)
     _Signals(reactor, reloadAll).setServiceParent(top)
     if cfg.metrics is not None:
-        top.addEndpoint(metricsService(cfg.metrics.endpoint, metrics, reactor), "metrics",
-                        cfg.metrics.endpoint)
+        top.addEndpoint(
+            metricsService(cfg.metrics.endpoint, metrics, reactor), "metrics", cfg.metrics.endpoint
+        )
     # Last, so that it starts after every port listens and stops first.
     ports: list[service.IService] = [
-        s for s in top if isinstance(s, internet.StreamServerEndpointService)]
+        s for s in top if isinstance(s, internet.StreamServerEndpointService)
+    ]
     if pool is not None:
         ports.append(pool)
     # A worker never speaks to systemd: the parent does, for all of them.

@@ -163,10 +163,15 @@ class AuthThrottle:
         if perAddress < self._maxPerAddress:
             return delay
         if counts[0] == self._maxPerAddress:
-            log.info("address blocked: client=[{client}] key={key} failures={failures} "
-                     "seconds={seconds:g} session={session}", client=host,
-                     key=address[len(ADDRESS_PREFIX):], failures=counts[0],
-                     seconds=self._blockTime, session=session)
+            log.info(
+                "address blocked: client=[{client}] key={key} failures={failures} "
+                "seconds={seconds:g} session={session}",
+                client=host,
+                key=address[len(ADDRESS_PREFIX) :],
+                failures=counts[0],
+                seconds=self._blockTime,
+                session=session,
+            )
             self._onBlock()
         d = self.store.block(address, self._blockTime)
         d.addCallback(lambda ignored: delay)

@@ -94,8 +94,12 @@ class MailTransaction:
         if f.check(SMTPReply):
             self._error(cast(SMTPReply, f.value))
             return
-        log.failure("address validation failed: client=[{client}] session={session}", f,
-                    client=self._peer, session=self.session)
+        log.failure(
+            "address validation failed: client=[{client}] session={session}",
+            f,
+            client=self._peer,
+            session=self.session,
+        )
         self._send(replies.TEMPORARY_FAILURE)
 
     def do_RCPT(self, arg: str):
@@ -115,8 +119,9 @@ class MailTransaction:
             return self._error(e)
         if len(self._recipients) >= self.settings.max_recipients:
             return self._error(replies.TOO_MANY_RECIPIENTS)
-        user = Recipient(recipient, self._heloPair(), self, self._sender or b"", params,
-                         self._mailParams)
+        user = Recipient(
+            recipient, self._heloPair(), self, self._sender or b"", params, self._mailParams
+        )
         d = defer.maybeDeferred(self._delivery.validateTo, user)
         d.addCallbacks(self._recipientOk, self._validationFailed, (user,))
         return d
@@ -186,8 +191,11 @@ class MailTransaction:
                 header = self._startMessage()
             except Exception:
                 # The chunk must still be read (never run as commands).
-                log.failure("could not store a message: client=[{client}] session={session}",
-                            client=self._peer, session=self.session)
+                log.failure(
+                    "could not store a message: client=[{client}] session={session}",
+                    client=self._peer,
+                    session=self.session,
+                )
                 self._abortMessages()
                 self._resetTransaction()
                 self._bdatFailed = True
@@ -259,8 +267,9 @@ class MailTransaction:
         d = defer.gatherResults(
             [defer.maybeDeferred(m.eomReceived) for m in messages], consumeErrors=True
         )
-        d.addCallbacks(self._messageStored, self._messageFailed, (started,),
-                       errbackArgs=(messages,))
+        d.addCallbacks(
+            self._messageStored, self._messageFailed, (started,), errbackArgs=(messages,)
+        )
         return d
 
     def _messageStored(self, ids: list, started: float) -> None:
@@ -276,8 +285,7 @@ class MailTransaction:
             session=self.session,
         )
         self._accepted += 1
-        self.factory.metrics.messageAccepted(len(self._recipients),
-                                             self.clock.seconds() - started)
+        self.factory.metrics.messageAccepted(len(self._recipients), self.clock.seconds() - started)
         self._resetTransaction()
         if self._mode != self.CLOSED:
             self._send(replies.QUEUED.format(id=ids[0]))
@@ -307,14 +315,23 @@ class MailTransaction:
             self._send(cast(SMTPReply, f.value))
         elif f.check(OSError):
             e = cast(OSError, f.value)
-            log.warn("could not store a message from client=[{client}]: {path}: {error} "
-                     "(errno {errno}) session={session}", client=self._peer,
-                     path=e.filename or "-", error=e.strerror or e, errno=e.errno,
-                     session=self.session)
+            log.warn(
+                "could not store a message from client=[{client}]: {path}: {error} "
+                "(errno {errno}) session={session}",
+                client=self._peer,
+                path=e.filename or "-",
+                error=e.strerror or e,
+                errno=e.errno,
+                session=self.session,
+            )
             self._send(replies.storageFailure(e))
         else:
-            log.failure("could not store a message: client=[{client}] session={session}", f,
-                        client=self._peer, session=self.session)
+            log.failure(
+                "could not store a message: client=[{client}] session={session}",
+                f,
+                client=self._peer,
+                session=self.session,
+            )
             self._send(replies.STORAGE_FAILED)
 
     def _abortMessages(self) -> None:
@@ -324,5 +341,4 @@ class MailTransaction:
             try:
                 message.connectionLost()
             except Exception:
-                log.failure("aborting a message failed: session={session}",
-                            session=self.session)
+                log.failure("aborting a message failed: session={session}", session=self.session)

@@ -113,8 +113,10 @@ def _parseExtra(
                 problems.append(f"{where}: {login}: {e}; this app password is ignored")
                 continue
             if app.label in apps or any(a.prefix == app.prefix for a in apps.values()):
-                problems.append(f"{where}: {login}: app password {app.label} repeats the label"
-                                " or prefix of another; it is ignored")
+                problems.append(
+                    f"{where}: {login}: app password {app.label} repeats the label"
+                    " or prefix of another; it is ignored"
+                )
                 continue
             apps[app.label] = app
     return suspended, tuple(apps.values())

@@ -170,7 +170,9 @@ class AppPasswordUse:
         d.addErrback(
             lambda f: log.error(
                 "Cannot record the use of app password {label} of <{login}>: {why}",
-                label=app.label, login=login, why=f.getErrorMessage(),
+                label=app.label,
+                login=login,
+                why=f.getErrorMessage(),
             )
         )
         return d
@@ -238,7 +240,9 @@ class Rehasher:
         if stored:
             log.info(
                 "Rehashed the password of <{login}> from {scheme} to {new}",
-                login=user.login, scheme=user.password.scheme, new=passwords.DEFAULT_SCHEME,
+                login=user.login,
+                scheme=user.password.scheme,
+                new=passwords.DEFAULT_SCHEME,
             )
         else:
             log.info(
@@ -249,5 +253,7 @@ class Rehasher:
     def _failed(self, f, user: User) -> None:
         log.error(
             "Cannot rehash the password of <{login}> to {new}: {why}",
-            login=user.login, new=passwords.DEFAULT_SCHEME, why=f.getErrorMessage(),
+            login=user.login,
+            new=passwords.DEFAULT_SCHEME,
+            why=f.getErrorMessage(),
         )

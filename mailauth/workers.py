@@ -75,8 +75,14 @@ FIRST_SOCKET_FD = 4
 
 # Environment a worker must not inherit: systemd's messages are the
 # parent's to send, and the sockets systemd passed are the parent's.
-_PARENT_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
-                "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+_PARENT_ONLY = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+)
 
 
 class _Refuse(protocol.Factory):
@@ -124,8 +130,12 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         elif childFD == CONTROL_FD:
             self.pool._control(self.slot, line.strip())
         elif line.strip():
-            log.warn("worker {index} (pid {pid}): {line}", index=self.slot.index,
-                     pid=self.slot.pid, line=line.decode("utf-8", "replace").rstrip())
+            log.warn(
+                "worker {index} (pid {pid}): {line}",
+                index=self.slot.index,
+                pid=self.slot.pid,
+                line=line.decode("utf-8", "replace").rstrip(),
+            )
 
     def processEnded(self, reason: Failure) -> None:
         for childFD, rest in self._buffers.items():
@@ -207,13 +217,21 @@ class WorkerPool(service.Service):
     maxDelay = 30.0
     stableAfter = 30.0
 
-    def __init__(self, reactor, count: int, listeners: Sequence[HeldPort], configPath: str,
-                 configText: str, *, wakeQueue: Callable[[], None] = lambda: None,
-                 stopDaemon: Optional[Callable[[], None]] = None,
-                 publisher: Optional[LogPublisher] = None,
-                 executable: str = sys.executable,
-                 environ: Optional[Mapping[str, str]] = None,
-                 stopTimeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        reactor,
+        count: int,
+        listeners: Sequence[HeldPort],
+        configPath: str,
+        configText: str,
+        *,
+        wakeQueue: Callable[[], None] = lambda: None,
+        stopDaemon: Optional[Callable[[], None]] = None,
+        publisher: Optional[LogPublisher] = None,
+        executable: str = sys.executable,
+        environ: Optional[Mapping[str, str]] = None,
+        stopTimeout: float = 10.0,
+    ) -> None:
         """
         @param reactor: binds, spawns (C{IReactorProcess}) and keeps time.
         @param count: how many workers.
@@ -274,8 +292,12 @@ class WorkerPool(service.Service):
     def _killAll(self) -> None:
         for slot in self.slots:
             if slot.process is not None:
-                log.warn("worker {index} (pid {pid}) did not stop within {seconds:g} s: "
-                         "killing it", index=slot.index, pid=slot.pid, seconds=self.stopTimeout)
+                log.warn(
+                    "worker {index} (pid {pid}) did not stop within {seconds:g} s: killing it",
+                    index=slot.index,
+                    pid=slot.pid,
+                    seconds=self.stopTimeout,
+                )
                 _signal(slot, "KILL")
 
     # Workers
@@ -295,8 +317,15 @@ class WorkerPool(service.Service):
     def _spawn(self, slot: _Slot) -> None:
         slot.restart = None
         childFDs: dict = {CONFIG_FD: "w", LOG_FD: "r", STDERR_FD: "r", CONTROL_FD: "r"}
-        args = [self.executable, "-m", "mailauth.workers", "--index", str(slot.index),
-                "--config", self.configPath]
+        args = [
+            self.executable,
+            "-m",
+            "mailauth.workers",
+            "--index",
+            str(slot.index),
+            "--config",
+            self.configPath,
+        ]
         for offset, held in enumerate(self.listeners):
             childFDs[FIRST_SOCKET_FD + offset] = held.port.fileno()
             args += ["--listener", f"{held.listener}={FIRST_SOCKET_FD + offset}"]
@@ -304,11 +333,15 @@ class WorkerPool(service.Service):
         slot.startedAt = self.reactor.seconds()
         proto = _WorkerProtocol(self, slot)
         try:
-            process = self.reactor.spawnProcess(proto, self.executable, args,
-                                                env=self.environ, childFDs=childFDs)
+            process = self.reactor.spawnProcess(
+                proto, self.executable, args, env=self.environ, childFDs=childFDs
+            )
         except Exception:
-            log.failure("worker {index}: cannot run {executable}", index=slot.index,
-                        executable=self.executable)
+            log.failure(
+                "worker {index}: cannot run {executable}",
+                index=slot.index,
+                executable=self.executable,
+            )
             self._ended(slot, Failure(error.ProcessTerminated(127)))
             return
         slot.process, slot.pid, slot.ended = process, process.pid, defer.Deferred()
@@ -335,8 +368,12 @@ class WorkerPool(service.Service):
         try:
             event = eventFromRelay(record)
         except ValueError:
-            log.warn("worker {index} (pid {pid}) logged what is not JSON: {record!r}",
-                     index=slot.index, pid=slot.pid, record=record[:200])
+            log.warn(
+                "worker {index} (pid {pid}) logged what is not JSON: {record!r}",
+                index=slot.index,
+                pid=slot.pid,
+                record=record[:200],
+            )
             return
         event["log_worker"] = slot.index
         self.publisher(event)
@@ -349,23 +386,36 @@ class WorkerPool(service.Service):
         if ended is not None:
             ended.callback(None)
         if not self.running:
-            log.info("worker {index} (pid {pid}) stopped: {how}", index=slot.index, pid=pid,
-                     how=how)
+            log.info(
+                "worker {index} (pid {pid}) stopped: {how}", index=slot.index, pid=pid, how=how
+            )
             return
         if self._gaveUp:
             return
         if not slot.ready and not self._everReady:
             self._gaveUp = True
-            log.critical("worker {index} (pid {pid}) {how} before it could serve; "
-                         "stopping mailauth (its error is logged above)",
-                         index=slot.index, pid=pid, how=how)
+            log.critical(
+                "worker {index} (pid {pid}) {how} before it could serve; "
+                "stopping mailauth (its error is logged above)",
+                index=slot.index,
+                pid=pid,
+                how=how,
+            )
             self._waitingForPort.callback(None)
             self.stopDaemon()
             return
-        slot.delay = (self.minDelay if lived >= self.stableAfter or not slot.delay
-                      else min(self.maxDelay, slot.delay * 2))
-        log.error("worker {index} (pid {pid}) {how}; starting it again in {delay:g} s",
-                  index=slot.index, pid=pid, how=how, delay=slot.delay)
+        slot.delay = (
+            self.minDelay
+            if lived >= self.stableAfter or not slot.delay
+            else min(self.maxDelay, slot.delay * 2)
+        )
+        log.error(
+            "worker {index} (pid {pid}) {how}; starting it again in {delay:g} s",
+            index=slot.index,
+            pid=pid,
+            how=how,
+            delay=slot.delay,
+        )
         slot.restart = self.reactor.callLater(slot.delay, self._spawn, slot)
 
 
@@ -396,7 +446,8 @@ def workerEnvironment(environ: Mapping[str, str]) -> dict:
     env = {key: value for key, value in environ.items() if key not in _PARENT_ONLY}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if root not in site.getsitepackages() and root not in env.get("PYTHONPATH", "").split(
-            os.pathsep):
+        os.pathsep
+    ):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
 
@@ -450,14 +501,17 @@ class LogRelay:
             line = "J" + eventAsJSON(event)
         else:
             level = event.get("log_level")
-            line = "L" + json.dumps({
-                "t": event.get("log_time"),
-                "n": event.get("log_namespace"),
-                "l": level.name if level is not None else None,
-                "s": event.get("log_system"),
-                "x": eventAsText(event, includeTraceback=True, includeTimestamp=False,
-                                 includeSystem=False),
-            })
+            line = "L" + json.dumps(
+                {
+                    "t": event.get("log_time"),
+                    "n": event.get("log_namespace"),
+                    "l": level.name if level is not None else None,
+                    "s": event.get("log_system"),
+                    "x": eventAsText(
+                        event, includeTraceback=True, includeTimestamp=False, includeSystem=False
+                    ),
+                }
+            )
         self.out.write(line + "\n")
         self.out.flush()
 
@@ -474,8 +528,12 @@ def eventFromRelay(record: bytes) -> dict:
     data = json.loads(text) if kind == b"L" else None
     if not isinstance(data, dict) or not isinstance(data.get("x"), str):
         raise ValueError("not a relayed log event")
-    event = {"log_time": data.get("t"), "log_namespace": data.get("n"),
-             "log_format": "{log_text}", "log_text": data["x"]}
+    event = {
+        "log_time": data.get("t"),
+        "log_namespace": data.get("n"),
+        "log_format": "{log_text}",
+        "log_text": data["x"],
+    }
     if data.get("l") is not None:
         event["log_level"] = LogLevel.levelWithName(data["l"])
     if data.get("s") is not None:
@@ -581,7 +639,8 @@ def readConfigText(fd: int) -> str:
 def _arguments(argv: Optional[Iterable[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m mailauth.workers",
-        description="A mailauth worker process; twistd mailauth starts these itself.")
+        description="A mailauth worker process; twistd mailauth starts these itself.",
+    )
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--config", required=True, help="the file the configuration came from")
     parser.add_argument("--listener", action="append", default=[], metavar="NAME=FD")
@@ -611,8 +670,9 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
 
     out = open(LOG_FD, "w", encoding="utf-8", closefd=False)
     cfg = configmod.loadText(text, args.config)
-    globalLogBeginner.beginLoggingTo([LogRelay(out, full=cfg.server.log_format == "json")],
-                                     redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo(
+        [LogRelay(out, full=cfg.server.log_format == "json")], redirectStandardIO=False
+    )
     reactor: Any = globalReactor
     failed: list = []
     stopping: list = []

@@ -55,8 +55,11 @@ LOADGEN = os.path.join(ROOT, "bench", "loadgen.py")
 
 NODES = ("127.0.0.11", "127.0.0.12", "127.0.0.13")
 # Each load generator's source address and the frontend it uses.
-CLIENTS = (("127.0.0.21", "submission"), ("127.0.0.22", "submissions"),
-           ("127.0.0.23", "submission"))
+CLIENTS = (
+    ("127.0.0.21", "submission"),
+    ("127.0.0.22", "submissions"),
+    ("127.0.0.23", "submission"),
+)
 ATTACKER = "127.0.0.31"
 PROXY = "127.0.0.1"
 USER = "load@cluster.test"
@@ -112,8 +115,11 @@ class ClusterHAProxy(HAProxy):
 
     def config(self) -> str:
         text = super().config()
-        return text.replace("    timeout check 5s\n",
-                            "    timeout check 5s\n    retries 2\n    option redispatch\n", 1)
+        return text.replace(
+            "    timeout check 5s\n",
+            "    timeout check 5s\n    retries 2\n    option redispatch\n",
+            1,
+        )
 
 
 def log(text: str) -> None:
@@ -143,8 +149,9 @@ class Cluster:
 
     def start(self) -> None:
         writeCertificate(os.path.join(self.dir, "tls"))
-        binary = shutil.which("redis-server") or shutil.which("redis-server",
-                                                               path="/usr/sbin:/sbin")
+        binary = shutil.which("redis-server") or shutil.which(
+            "redis-server", path="/usr/sbin:/sbin"
+        )
         if binary is None:
             raise SystemExit(REDIS_MISSING)
         self.redis = RedisServer(binary, os.path.join(self.dir, "redis"))
@@ -155,26 +162,44 @@ class Cluster:
             path = os.path.join(self.dir, f"node{n}.conf")
             os.makedirs(os.path.join(self.dir, f"node{n}"))
             with open(path, "w") as f:
-                f.write(NODE_CONFIG.format(n=n, dir=self.dir, address=address, proxy=PROXY,
-                                           users=users, redis=self.redis.url,
-                                           maxFailures=MAX_FAILURES))
+                f.write(
+                    NODE_CONFIG.format(
+                        n=n,
+                        dir=self.dir,
+                        address=address,
+                        proxy=PROXY,
+                        users=users,
+                        redis=self.redis.url,
+                        maxFailures=MAX_FAILURES,
+                    )
+                )
             self.nodes.append(TwistdProcess(path, os.path.join(self.dir, f"node{n}.log")))
         if self.postgres is not None:
             self.addUsersToPostgreSQL()
         self._startNodes()
         routes = {
-            "submission": Route(servers=tuple((address, node.ports["submission"])
-                                              for address, node in zip(NODES, self.nodes)),
-                                proxy="v2", check="smtp"),
-            "submissions": Route(servers=tuple((address, node.ports["submissions"])
-                                               for address, node in zip(NODES, self.nodes)),
-                                 proxy="v2", check="tcp"),
+            "submission": Route(
+                servers=tuple(
+                    (address, node.ports["submission"]) for address, node in zip(NODES, self.nodes)
+                ),
+                proxy="v2",
+                check="smtp",
+            ),
+            "submissions": Route(
+                servers=tuple(
+                    (address, node.ports["submissions"]) for address, node in zip(NODES, self.nodes)
+                ),
+                proxy="v2",
+                check="tcp",
+            ),
         }
         self.haproxy = ClusterHAProxy(os.path.join(self.dir, "haproxy"), routes, source=PROXY)
         self.haproxy.start()
         self.waitUntilChecked()
-        log(f"haproxy: submission on {self.haproxy.ports['submission']}, "
-            f"submissions on {self.haproxy.ports['submissions']}")
+        log(
+            f"haproxy: submission on {self.haproxy.ports['submission']}, "
+            f"submissions on {self.haproxy.ports['submissions']}"
+        )
 
     def _startNodes(self) -> None:
         """Start the nodes together: each takes seconds to import and start its workers."""
@@ -194,8 +219,7 @@ class Cluster:
         if errors:
             raise errors[0]
         for n, node in enumerate(self.nodes, start=1):
-            log(f"node{n}: pid {node.process.pid}, workers {node.workerPIDs()}, "
-                f"ports {node.ports}")
+            log(f"node{n}: pid {node.process.pid}, workers {node.workerPIDs()}, ports {node.ports}")
 
     def users(self) -> str:
         """The C{[auth] users} every node reads: PostgreSQL, or one users file."""
@@ -219,14 +243,20 @@ class Cluster:
         """C{mailauth db init}, then the users, with the commands an operator uses."""
         config = self.nodes[0].configPath
         mailauth = [sys.executable, "-m", "mailauth.cli"]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-        subprocess.run([*mailauth, "db", "init", "--config", config], check=True, env=env,
-                       cwd=ROOT)
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+        )
+        subprocess.run([*mailauth, "db", "init", "--config", config], check=True, env=env, cwd=ROOT)
         for login, password in ((USER, PASSWORD), (VICTIM, "the victim's own password")):
-            subprocess.run([*mailauth, "user", "add", login, "--scheme", "SHA512-CRYPT",
-                            "--config", config], input=password + "\n", text=True,
-                           check=True, env=env, cwd=ROOT)
+            subprocess.run(
+                [*mailauth, "user", "add", login, "--scheme", "SHA512-CRYPT", "--config", config],
+                input=password + "\n",
+                text=True,
+                check=True,
+                env=env,
+                cwd=ROOT,
+            )
 
     def waitUntilChecked(self, timeout: float = 60.0) -> None:
         """Wait until HAProxy has seen every node pass its health check."""
@@ -234,12 +264,16 @@ class Cluster:
         seen: dict = {}
         while time.monotonic() < deadline:
             try:
-                seen = {(row["pxname"], row["svname"]): row["check_status"]
-                        for row in self.haproxy.stats() if row["svname"].startswith("s")}
+                seen = {
+                    (row["pxname"], row["svname"]): row["check_status"]
+                    for row in self.haproxy.stats()
+                    if row["svname"].startswith("s")
+                }
             except (OSError, ValueError):
                 pass
             if len(seen) == 2 * len(NODES) and all(
-                    status in ("L7OK", "L4OK") for status in seen.values()):
+                status in ("L7OK", "L4OK") for status in seen.values()
+            ):
                 return
             if self.haproxy.process.poll() is not None:
                 break
@@ -248,8 +282,11 @@ class Cluster:
 
     def serverStates(self) -> dict:
         """HAProxy's view: C{{(backend, server): status}} (UP, DOWN, ...)."""
-        return {(row["pxname"], row["svname"]): row["status"]
-                for row in self.haproxy.stats() if row["svname"].startswith("s")}
+        return {
+            (row["pxname"], row["svname"]): row["status"]
+            for row in self.haproxy.stats()
+            if row["svname"].startswith("s")
+        }
 
     # Stopping
 
@@ -286,8 +323,12 @@ class Cluster:
         for name in glob.glob(os.path.join(self.dir, "mail", "*", "*", "Maildir", "new", "*")):
             with open(name, "rb") as f:
                 head = f.read(4096).decode("utf-8", "replace")
-            m = re.search(r"Received: from \S+ \(\[([^\]]+)\]\).*?by (\S+) \(mailauth\) "
-                          r"with ESMTPSA id (\S+)", head, re.S)
+            m = re.search(
+                r"Received: from \S+ \(\[([^\]]+)\]\).*?by (\S+) \(mailauth\) "
+                r"with ESMTPSA id (\S+)",
+                head,
+                re.S,
+            )
             if m:
                 found[m.group(3)] = (m.group(2), m.group(1))
         return found
@@ -305,8 +346,9 @@ def bruteForce(cluster: Cluster) -> Check:
     replies = []
     for _ in range(MAX_FAILURES + 2 * len(NODES)):
         try:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=30,
-                                            source_address=(ATTACKER, 0))
+            sock = socket.create_connection(
+                ("127.0.0.1", port), timeout=30, source_address=(ATTACKER, 0)
+            )
             with insecureContext().wrap_socket(sock) as tls:
                 reader = tls.makefile("rb")
                 greeting = reader.readline()
@@ -322,15 +364,19 @@ def bruteForce(cluster: Cluster) -> Check:
             replies.append(f"error {e!r}")
     failures = {}
     for n in range(len(NODES)):
-        failures[f"node{n + 1}"] = len(re.findall(
-            rf"auth failure: client=\[{re.escape(ATTACKER)}\]", cluster.nodeLog(n)))
+        failures[f"node{n + 1}"] = len(
+            re.findall(rf"auth failure: client=\[{re.escape(ATTACKER)}\]", cluster.nodeLog(n))
+        )
     expected = ["535"] * (MAX_FAILURES - 1) + ["421"] * (2 * len(NODES) + 1)
     spread = sum(1 for count in failures.values() if count) >= 2
     ok = replies == expected and sum(failures.values()) == MAX_FAILURES and spread
-    return Check("brute force across nodes blocked at the single-node count", ok,
-                 f"replies {' '.join(replies)} (want {MAX_FAILURES - 1} x 535, then 421); "
-                 f"failures logged per node {failures} (want {MAX_FAILURES} in all, "
-                 "on at least 2 nodes)")
+    return Check(
+        "brute force across nodes blocked at the single-node count",
+        ok,
+        f"replies {' '.join(replies)} (want {MAX_FAILURES - 1} x 535, then 421); "
+        f"failures logged per node {failures} (want {MAX_FAILURES} in all, "
+        "on at least 2 nodes)",
+    )
 
 
 def runLoad(cluster: Cluster, seconds: float, killAfter: float) -> tuple:
@@ -341,15 +387,42 @@ def runLoad(cluster: Cluster, seconds: float, killAfter: float) -> tuple:
     processes = []
     for source, listener in CLIENTS:
         ids = os.path.join(cluster.dir, f"ids-{source}")
-        argv = [sys.executable, LOADGEN, "--host", "127.0.0.1",
-                "--port", str(cluster.haproxy.ports[listener]),
-                "--tls", "starttls" if listener == "submission" else "implicit",
-                "--source", source, "--user", USER, "--password", PASSWORD,
-                "--rcpt", USER, "--mode", "send", "--concurrency", "4", "--messages", "5",
-                "--size", "4096", "--time", str(seconds), "--timeout", "20", "--ids", ids]
+        argv = [
+            sys.executable,
+            LOADGEN,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(cluster.haproxy.ports[listener]),
+            "--tls",
+            "starttls" if listener == "submission" else "implicit",
+            "--source",
+            source,
+            "--user",
+            USER,
+            "--password",
+            PASSWORD,
+            "--rcpt",
+            USER,
+            "--mode",
+            "send",
+            "--concurrency",
+            "4",
+            "--messages",
+            "5",
+            "--size",
+            "4096",
+            "--time",
+            str(seconds),
+            "--timeout",
+            "20",
+            "--ids",
+            ids,
+        ]
         out = open(os.path.join(cluster.dir, f"loadgen-{source}.json"), "w")
-        processes.append((source, ids, out, subprocess.Popen(argv, stdout=out,
-                                                              stderr=subprocess.STDOUT)))
+        processes.append(
+            (source, ids, out, subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT))
+        )
     time.sleep(killAfter)  # the load runs in the other processes meanwhile
     killedAt = time.time()
     cluster.kill(1)
@@ -370,25 +443,42 @@ def checkLoad(cluster: Cluster, accepted: dict, killedAt: float) -> list:
     delivered = cluster.delivered()
     checks = []
     missing = sorted(set(accepted) - set(delivered))
-    checks.append(Check("no acknowledged message lost", not missing and bool(accepted),
-                        f"{len(accepted)} got 250, {len(accepted) - len(missing)} of them in "
-                        f"the Maildir" + (f"; missing {missing[:5]}" if missing else "")))
+    checks.append(
+        Check(
+            "no acknowledged message lost",
+            not missing and bool(accepted),
+            f"{len(accepted)} got 250, {len(accepted) - len(missing)} of them in "
+            f"the Maildir" + (f"; missing {missing[:5]}" if missing else ""),
+        )
+    )
     killedName = f"node{cluster.killed + 1}.cluster.test"
-    after = {msgid: delivered.get(msgid) for msgid, (_, when) in accepted.items()
-             if when > killedAt + 1}
+    after = {
+        msgid: delivered.get(msgid) for msgid, (_, when) in accepted.items() if when > killedAt + 1
+    }
     byNode: dict = {}
     for where in after.values():
         node = where[0] if where else "missing"
         byNode[node] = byNode.get(node, 0) + 1
     survivors = {f"node{n + 1}.cluster.test" for n in range(len(NODES)) if n != cluster.killed}
-    checks.append(Check("the survivors served the rest",
-                        bool(after) and set(byNode) == survivors,
-                        f"after the kill: {len(after)} accepted, by node {byNode} "
-                        f"({killedName} was killed)"))
-    wrong = [(msgid, accepted[msgid][0], where[1]) for msgid, where in delivered.items()
-             if msgid in accepted and where[1] != accepted[msgid][0]]
-    checks.append(Check("Received headers name the real client address", not wrong,
-                        f"{len(delivered)} messages; wrong: {wrong[:5]}"))
+    checks.append(
+        Check(
+            "the survivors served the rest",
+            bool(after) and set(byNode) == survivors,
+            f"after the kill: {len(after)} accepted, by node {byNode} ({killedName} was killed)",
+        )
+    )
+    wrong = [
+        (msgid, accepted[msgid][0], where[1])
+        for msgid, where in delivered.items()
+        if msgid in accepted and where[1] != accepted[msgid][0]
+    ]
+    checks.append(
+        Check(
+            "Received headers name the real client address",
+            not wrong,
+            f"{len(delivered)} messages; wrong: {wrong[:5]}",
+        )
+    )
     # A survivor's last lines may still be on their way from a worker to
     # its parent's log: read again for a few seconds before calling one lost.
     deadline = time.monotonic() + 5
@@ -397,7 +487,8 @@ def checkLoad(cluster: Cluster, accepted: dict, killedAt: float) -> list:
         logged = {}
         for text in logs:
             for client, msgid in re.findall(
-                    r"message accepted: client=\[([^\]]+)\] login=<[^>]*> id=(\S+)", text):
+                r"message accepted: client=\[([^\]]+)\] login=<[^>]*> id=(\S+)", text
+            ):
                 logged[msgid] = client
         unlogged = []
         for msgid, (source, when) in accepted.items():
@@ -413,18 +504,25 @@ def checkLoad(cluster: Cluster, accepted: dict, killedAt: float) -> list:
     # HAProxy's own address belongs only to its health checks (v2 LOCAL
     # headers): sessions that connect, greet and leave without a login.
     proxy = re.escape(PROXY)
-    proxies = sum(len(re.findall(rf"(?:auth \w+|message accepted): client=\[{proxy}\]", text))
-                  for text in logs)
-    checks_ = sum(len(re.findall(rf"disconnect: client=\[{proxy}\] login=<> messages=0", text))
-                  for text in logs)
+    proxies = sum(
+        len(re.findall(rf"(?:auth \w+|message accepted): client=\[{proxy}\]", text))
+        for text in logs
+    )
+    checks_ = sum(
+        len(re.findall(rf"disconnect: client=\[{proxy}\] login=<> messages=0", text))
+        for text in logs
+    )
     clients = {client for client in logged.values()}
-    checks.append(Check("the logs show the real client addresses",
-                        not unlogged and proxies == 0
-                        and clients == {source for source, _ in CLIENTS},
-                        f"client addresses logged {sorted(clients)}; logins or messages under "
-                        f"HAProxy's {PROXY}: {proxies} ({checks_} health checks, as they "
-                        f"should be); accepted but not logged with their client: "
-                        f"{unlogged[:5]}"))
+    checks.append(
+        Check(
+            "the logs show the real client addresses",
+            not unlogged and proxies == 0 and clients == {source for source, _ in CLIENTS},
+            f"client addresses logged {sorted(clients)}; logins or messages under "
+            f"HAProxy's {PROXY}: {proxies} ({checks_} health checks, as they "
+            f"should be); accepted but not logged with their client: "
+            f"{unlogged[:5]}",
+        )
+    )
     return checks
 
 
@@ -435,12 +533,20 @@ def unprivileged(argv: list) -> None:
     checkout; else say why, and go on as root.
     """
     nobody = pwd.getpwnam("nobody")
-    env = dict(os.environ, HOME="/tmp", PYTHONPATH=os.pathsep.join(
-        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    env = dict(
+        os.environ,
+        HOME="/tmp",
+        PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+    )
     try:
-        probe = subprocess.run([sys.executable, "-c", "import tests.cluster"], cwd="/",
-                               env=env, capture_output=True, user=nobody.pw_uid,
-                               group=nobody.pw_gid)
+        probe = subprocess.run(
+            [sys.executable, "-c", "import tests.cluster"],
+            cwd="/",
+            env=env,
+            capture_output=True,
+            user=nobody.pw_uid,
+            group=nobody.pw_gid,
+        )
         why = probe.stderr.decode(errors="replace").strip()[-300:] if probe.returncode else ""
     except OSError as e:
         why = str(e)
@@ -449,22 +555,43 @@ def unprivileged(argv: list) -> None:
         return
     log("running as root: starting again as nobody")
     sys.stdout.flush()
-    os.execvpe("setpriv", ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
-                           "--clear-groups", "--", sys.executable, "-m", "tests.cluster",
-                           "--as-is", *argv], env)
+    os.execvpe(
+        "setpriv",
+        [
+            "setpriv",
+            f"--reuid={nobody.pw_uid}",
+            f"--regid={nobody.pw_gid}",
+            "--clear-groups",
+            "--",
+            sys.executable,
+            "-m",
+            "tests.cluster",
+            "--as-is",
+            *argv,
+        ],
+        env,
+    )
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", help="keep everything here (default: a temporary folder, "
-                   "removed when every check passed)")
-    p.add_argument("--users", choices=("auto", "file", "postgresql"), default="auto",
-                   help="where the nodes read users (auto: PostgreSQL when this tree has it)")
+    p.add_argument(
+        "--workdir",
+        help="keep everything here (default: a temporary folder, removed when every check passed)",
+    )
+    p.add_argument(
+        "--users",
+        choices=("auto", "file", "postgresql"),
+        default="auto",
+        help="where the nodes read users (auto: PostgreSQL when this tree has it)",
+    )
     p.add_argument("--time", type=float, default=15.0, help="seconds of load")
-    p.add_argument("--as-is", action="store_true",
-                   help="run as the current user, even root (default: root starts again "
-                   "as nobody)")
+    p.add_argument(
+        "--as-is",
+        action="store_true",
+        help="run as the current user, even root (default: root starts again as nobody)",
+    )
     options = p.parse_args(argv)
     if os.geteuid() == 0 and not options.as_is:
         if options.workdir:
@@ -489,8 +616,9 @@ def main(argv=None) -> int:
         accepted, results, killedAt = runLoad(cluster, options.time, options.time / 3)
         checks += checkLoad(cluster, accepted, killedAt)
         states = cluster.serverStates()
-        down = sorted(f"{backend}/{server}" for (backend, server), status in states.items()
-                      if status != "UP")
+        down = sorted(
+            f"{backend}/{server}" for (backend, server), status in states.items() if status != "UP"
+        )
         log(f"haproxy after the kill: not UP: {down}")
         for source, line in results.items():
             log(f"loadgen {source}: {line}")
@@ -503,9 +631,11 @@ def main(argv=None) -> int:
     failed = [c for c in checks if not c.ok]
     print()
     who = pwd.getpwuid(os.geteuid()).pw_name
-    print(f"mailauth cluster test: {len(NODES)} nodes x 2 workers behind HAProxy (PROXY v2), "
-          f"counters in Redis, users in {database}, run as {who}; "
-          f"{time.monotonic() - started:.0f} s")
+    print(
+        f"mailauth cluster test: {len(NODES)} nodes x 2 workers behind HAProxy (PROXY v2), "
+        f"counters in Redis, users in {database}, run as {who}; "
+        f"{time.monotonic() - started:.0f} s"
+    )
     for c in checks:
         print(f"  [{'ok' if c.ok else 'FAILED'}] {c.name}: {c.detail}")
     if failed or options.workdir:

@@ -102,12 +102,16 @@ class HAProxy:
             "    timeout check 5s",
         ]
         for name, route in sorted(self.routes.items()):
-            lines += ["", f"frontend fe_{name}",
-                      f"    bind fd@{self._sockets[name].fileno()}",
-                      f"    default_backend be_{name}",
-                      "", f"backend be_{name}",
-                      "    balance roundrobin",
-                      f"    source {self.source}"]
+            lines += [
+                "",
+                f"frontend fe_{name}",
+                f"    bind fd@{self._sockets[name].fileno()}",
+                f"    default_backend be_{name}",
+                "",
+                f"backend be_{name}",
+                "    balance roundrobin",
+                f"    source {self.source}",
+            ]
             if route.check == "smtp":
                 lines.append("    option smtpchk HELO haproxy.test")
             for i, (host, port) in enumerate(route.servers):
@@ -131,8 +135,11 @@ class HAProxy:
         with open(self.logPath, "ab") as log:
             self.process = subprocess.Popen(
                 [self.binary, "-db", "-f", self.configPath],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                pass_fds=[s.fileno() for s in self._sockets.values()], cwd=self.dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=[s.fileno() for s in self._sockets.values()],
+                cwd=self.dir,
             )
 
     def output(self) -> str:
@@ -165,17 +172,20 @@ class HAProxy:
         """
         deadline = time.monotonic() + timeout
         passed = {"smtp": "L7OK", "tcp": "L4OK"}
-        want = {(f"be_{name}", f"s{i}"): passed[route.check]
-                for name, route in self.routes.items() if route.check is not None
-                for i in range(len(route.servers))}
+        want = {
+            (f"be_{name}", f"s{i}"): passed[route.check]
+            for name, route in self.routes.items()
+            if route.check is not None
+            for i in range(len(route.servers))
+        }
         seen: dict = {}
         while True:
             if self.process.poll() is not None:
-                raise AssertionError(f"haproxy exited with {self.process.returncode}:\n"
-                                     + self.output())
+                raise AssertionError(
+                    f"haproxy exited with {self.process.returncode}:\n" + self.output()
+                )
             try:
-                seen = {(row["pxname"], row["svname"]): row["check_status"]
-                        for row in self.stats()}
+                seen = {(row["pxname"], row["svname"]): row["check_status"] for row in self.stats()}
             except (OSError, ValueError):
                 pass  # not listening on its stats socket yet
             if all(seen.get(key) == status for key, status in want.items()):

@@ -113,18 +113,32 @@ class EndToEndMixin:
         os.kill(os.getpid(), signal.SIGHUP)
         return d.addBoth(lambda result: watcher.stop() or result)
 
-    def submit(self, listener: str, mechanism: str, login: str, password: str,
-               message: bytes = MESSAGE, sender: str = None, recipients=("bob@example.test",)):
+    def submit(
+        self,
+        listener: str,
+        mechanism: str,
+        login: str,
+        password: str,
+        message: bytes = MESSAGE,
+        sender: str = None,
+        recipients=("bob@example.test",),
+    ):
         """Send one message with smtplib in a thread; the Deferred fires with sendmail's result."""
         port = self.daemon.ports[listener]
 
         def run():
             if listener == "submissions":
-                client = smtplib.SMTP_SSL("127.0.0.1", port, local_hostname="client.example",
-                                          context=clientContext(), timeout=30)
+                client = smtplib.SMTP_SSL(
+                    "127.0.0.1",
+                    port,
+                    local_hostname="client.example",
+                    context=clientContext(),
+                    timeout=30,
+                )
             else:
-                client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example",
-                                      timeout=30)
+                client = smtplib.SMTP(
+                    "127.0.0.1", port, local_hostname="client.example", timeout=30
+                )
             try:
                 client.ehlo()
                 if listener == "submission":
@@ -148,8 +162,12 @@ BOB = b"bob@example.test"
 BOB_PASSWORD = b"bob-secret-2"
 # Users of the vectors file whose hashes are cheap to check (no argon2), so
 # failed logins cost the tests nothing; their password is PASSWORD.
-CHEAP_USERS = (b"alice.plain@example.test", b"alice.clear@example.test",
-               b"alice.cram-md5@example.test", b"alice.sha256-crypt@example.test")
+CHEAP_USERS = (
+    b"alice.plain@example.test",
+    b"alice.clear@example.test",
+    b"alice.cram-md5@example.test",
+    b"alice.sha256-crypt@example.test",
+)
 
 
 def plain(login: bytes, password: bytes, authzid: bytes = b"") -> bytes:
@@ -170,8 +188,9 @@ def serverConnectionsClosed(timeout: float = 10.0):
     """
     deadline = time.monotonic() + timeout
     while True:
-        open_ = [s for s in reactor.getReaders() + reactor.getWriters()
-                 if isinstance(s, tcp.Server)]
+        open_ = [
+            s for s in reactor.getReaders() + reactor.getWriters() if isinstance(s, tcp.Server)
+        ]
         if not open_:
             return
         if time.monotonic() > deadline:
@@ -193,8 +212,12 @@ class AttackMixin:
 
     def setUp(self):
         self.clock = Clock()
-        self.daemon = Daemon(self.mktemp(), self.settings, self.files,
-                             ClockedReactor(self.clock) if self.clocked else reactor)
+        self.daemon = Daemon(
+            self.mktemp(),
+            self.settings,
+            self.files,
+            ClockedReactor(self.clock) if self.clocked else reactor,
+        )
         self.addCleanup(self.daemon.stop)
         self.daemon.start()
         self.log = LogWatcher()
@@ -209,14 +232,16 @@ class AttackMixin:
     def inThread(self, f, *args):
         return threads.deferToThread(f, *args)
 
-    def connect(self, listener: str = "submissions", source: str = "127.0.0.1",
-                expect: int = 220) -> RawClient:
+    def connect(
+        self, listener: str = "submissions", source: str = "127.0.0.1", expect: int = 220
+    ) -> RawClient:
         """
         (Blocking: call in a thread.) A client whose greeting was read and
         had code C{expect}.
         """
-        client = RawClient(self.daemon.ports[listener], source=source,
-                           tls=self.tlsMode(listener) == "implicit")
+        client = RawClient(
+            self.daemon.ports[listener], source=source, tls=self.tlsMode(listener) == "implicit"
+        )
         self.clients.append(client)
         code, text = client.reply()
         assert code == expect, (code, text)
@@ -226,8 +251,13 @@ class AttackMixin:
         [mode] = [each.tls for each in self.daemon.config.listeners if each.name == listener]
         return mode
 
-    def loggedIn(self, listener: str = "submissions", source: str = "127.0.0.1",
-                 login: bytes = BOB, password: bytes = BOB_PASSWORD) -> RawClient:
+    def loggedIn(
+        self,
+        listener: str = "submissions",
+        source: str = "127.0.0.1",
+        login: bytes = BOB,
+        password: bytes = BOB_PASSWORD,
+    ) -> RawClient:
         """(Blocking.) A client that said EHLO and authenticated."""
         client = self.connect(listener, source)
         if self.tlsMode(listener) == "starttls":
@@ -255,8 +285,15 @@ class Daemon:
         written (for a configuration the daemon must refuse).
     """
 
-    def __init__(self, directory: str, settings=None, files=None, reactor=reactor,
-                 extra: str = "", build: bool = True) -> None:
+    def __init__(
+        self,
+        directory: str,
+        settings=None,
+        files=None,
+        reactor=reactor,
+        extra: str = "",
+        build: bool = True,
+    ) -> None:
         self.dir = directory = os.path.abspath(directory)
         self.configPath = writeDaemonDirectory(directory, settings, files, extra)
         if build:
@@ -302,8 +339,10 @@ class Daemon:
         found = glob.glob(os.path.join(self.dir, "mail", "*", "*", "Maildir", "*", "*"))
         queueDir = os.path.join(self.config.server.state_dir, "queue")
         if os.path.isdir(queueDir):
-            found += [f"queued {msgid}" for msgid in
-                      Queue(queueDir, Clock(), "x").scan(frozenset()).present]
+            found += [
+                f"queued {msgid}"
+                for msgid in Queue(queueDir, Clock(), "x").scan(frozenset()).present
+            ]
             found += glob.glob(os.path.join(queueDir, "tmp", "*"))
         return sorted(found)
 
@@ -325,10 +364,21 @@ class Twistd:
         """Start it, logging to C{logName} in the daemon's folder."""
         self.logPath = os.path.join(self.daemon.dir, logName)
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-             "--nodaemon", "--pidfile=", "--logfile", self.logPath, "mailauth", "--config",
-             self.daemon.configPath],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "--nodaemon",
+                "--pidfile=",
+                "--logfile",
+                self.logPath,
+                "mailauth",
+                "--config",
+                self.daemon.configPath,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
 
     def log(self) -> str:
@@ -443,8 +493,14 @@ class RawClient:
     @ivar lines: every reply line received so far, in order.
     """
 
-    def __init__(self, port: int, source: str = "127.0.0.1", tls: bool = False,
-                 timeout: float = 10.0, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        port: int,
+        source: str = "127.0.0.1",
+        tls: bool = False,
+        timeout: float = 10.0,
+        host: str = "127.0.0.1",
+    ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -591,8 +647,7 @@ class TwistdProcess:
         the parent's C{[listener:NAME] listening on HOST:PORT} lines.
     """
 
-    def __init__(self, configPath: str, logPath: str, twistdArgs=(),
-                 env=None) -> None:
+    def __init__(self, configPath: str, logPath: str, twistdArgs=(), env=None) -> None:
         self.configPath = configPath
         self.logPath = logPath
         self.twistdArgs = tuple(twistdArgs)
@@ -604,23 +659,34 @@ class TwistdProcess:
     def argv(self) -> list:
         # twistd's own entry point, so that Debian's python3 (no twistd on
         # its path, twistd3 instead) and a virtualenv run the same way.
-        return [sys.executable, "-c",
-                "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
-                "--nodaemon", "--pidfile=", f"--logfile={self.logPath}", *self.twistdArgs,
-                "mailauth", "--config", self.configPath]
+        return [
+            sys.executable,
+            "-c",
+            "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
+            "--nodaemon",
+            "--pidfile=",
+            f"--logfile={self.logPath}",
+            *self.twistdArgs,
+            "mailauth",
+            "--config",
+            self.configPath,
+        ]
 
     def start(self, workers: int = 1, timeout: float = 60.0) -> None:
         """Start it and wait until C{workers} workers serve (or, for 1, until it listens)."""
         path = [p for p in (ROOT, os.environ.get("PYTHONPATH")) if p]
-        env = dict(os.environ if self.env is None else self.env,
-                   PYTHONPATH=os.pathsep.join(path))
-        self.process = subprocess.Popen(self.argv(), cwd=ROOT, env=env,
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT)
+        env = dict(os.environ if self.env is None else self.env, PYTHONPATH=os.pathsep.join(path))
+        self.process = subprocess.Popen(
+            self.argv(),
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         if workers > 1:
             self.waitForLog(r"worker \d+ \(pid \d+\) is serving", count=workers, timeout=timeout)
-            for name, port in re.findall(r"\[listener:(\S+)\] listening on \S+:(\d+)",
-                                         self.log()):
+            for name, port in re.findall(r"\[listener:(\S+)\] listening on \S+:(\d+)", self.log()):
                 self.ports[name] = int(port)
         else:
             self.waitForLog(r"starting on \d+", timeout=timeout)
@@ -647,8 +713,10 @@ class TwistdProcess:
             status = self.process.poll()
             if status is not None or time.monotonic() > deadline:
                 state = "still running" if status is None else f"exited with {status}"
-                raise AssertionError(f"{count} x {pattern!r} not in the log (daemon {state}):\n"
-                                     f"{self.log()[-6000:]}\n{self.output()}")
+                raise AssertionError(
+                    f"{count} x {pattern!r} not in the log (daemon {state}):\n"
+                    f"{self.log()[-6000:]}\n{self.output()}"
+                )
             time.sleep(0.05)
 
     def output(self) -> str:

@@ -126,8 +126,20 @@ def _templateCluster() -> str:
         os.chmod(top, 0o755)
         _chown(top)
         data = os.path.join(top, "data")
-        _run([initdb, "-D", data, "-U", SUPERUSER, "--auth=trust", "--no-sync",
-              "-E", "UTF8", "--locale=C.UTF-8"])
+        _run(
+            [
+                initdb,
+                "-D",
+                data,
+                "-U",
+                SUPERUSER,
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ]
+        )
         _template = data
     return _template
 
@@ -168,13 +180,28 @@ class PostgreSQLServer:
         credentials = []
         owner = _owner()
         if owner is not None:
-            credentials = ["--reuid", str(owner.pw_uid), "--regid", str(owner.pw_gid),
-                           "--clear-groups"]
+            credentials = [
+                "--reuid",
+                str(owner.pw_uid),
+                "--regid",
+                str(owner.pw_gid),
+                "--clear-groups",
+            ]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                ["setpriv", *credentials, "--pdeathsig", "INT", "--",
-                 os.path.join(binaries(), "postgres"), "-D", self.data],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                [
+                    "setpriv",
+                    *credentials,
+                    "--pdeathsig",
+                    "INT",
+                    "--",
+                    os.path.join(binaries(), "postgres"),
+                    "-D",
+                    self.data,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         self.running = True
         self._waitReady()
@@ -189,15 +216,19 @@ class PostgreSQLServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self.running = False
-                raise RuntimeError(f"postgres exited {self.process.returncode}:\n"
-                                   f"{self.serverLog()}")
+                raise RuntimeError(
+                    f"postgres exited {self.process.returncode}:\n{self.serverLog()}"
+                )
             try:
                 with open(pidfile) as f:
                     lines = f.read().splitlines()
             except FileNotFoundError:
                 lines = []
-            if len(lines) >= 8 and int(lines[0]) == self.process.pid and \
-                    lines[7].strip() == "ready":
+            if (
+                len(lines) >= 8
+                and int(lines[0]) == self.process.pid
+                and lines[7].strip() == "ready"
+            ):
                 return
             time.sleep(0.01)
         raise RuntimeError(f"postgres not ready after {limit}s:\n{self.serverLog()}")

@@ -16,8 +16,10 @@ import time
 
 MISSING = "Postfix is not installed: apt-get install postfix"
 # Postfix's master runs as root and gives its daemons to mail_owner.
-NOT_ROOT = ("a private Postfix instance needs root (its master starts as root and "
-            "drops to the postfix user); run the suite as root, as .ci/run does")
+NOT_ROOT = (
+    "a private Postfix instance needs root (its master starts as root and "
+    "drops to the postfix user); run the suite as root, as .ci/run does"
+)
 # How long Postfix may take to start, or to hand a message on.
 TIMEOUT = 30.0
 
@@ -116,8 +118,9 @@ smtputf8_enable = yes
             f.write(MASTER_CF)
 
     def _postfix(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([self.postfix, "-c", self.config, *args], capture_output=True,
-                              timeout=TIMEOUT)
+        return subprocess.run(
+            [self.postfix, "-c", self.config, *args], capture_output=True, timeout=TIMEOUT
+        )
 
     def start(self) -> None:
         """(Blocking.) Start the instance and wait until its master runs."""
@@ -133,7 +136,9 @@ smtputf8_enable = yes
         """(Blocking.) Inject a message with Postfix's sendmail (C{-N}, C{-V}, C{-R}...)."""
         result = subprocess.run(
             [self.sendmailPath, "-C", self.config, "-f", sender, *options, "--", *recipients],
-            input=message, capture_output=True, timeout=TIMEOUT,
+            input=message,
+            capture_output=True,
+            timeout=TIMEOUT,
         )
         if result.returncode:
             raise AssertionError(f"postfix sendmail failed: {result.stderr!r}")
@@ -210,12 +215,18 @@ class SmtpSink:
         argv = [self.binary]
         if os.geteuid() == 0:
             argv += ["-u", "nobody"]  # smtp-sink refuses to run as root
-        argv += ["-v", "-d", os.path.join(self.directory, "dump", "%M."),
-                 f"127.0.0.1:{self.port}", "10"]
+        argv += [
+            "-v",
+            "-d",
+            os.path.join(self.directory, "dump", "%M."),
+            f"127.0.0.1:{self.port}",
+            "10",
+        ]
         self.logPath = os.path.join(self.directory, "smtp-sink.log")
         with open(self.logPath, "wb") as log:
-            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + TIMEOUT
         while True:
             try:

@@ -42,8 +42,9 @@ class TestPKI:
     keyPEM: bytes
     caKeyPEM: bytes = b""
 
-    def issue(self, names: tuple = (), addresses: tuple = (),
-              commonName: Optional[str] = None) -> TestPKI:
+    def issue(
+        self, names: tuple = (), addresses: tuple = (), commonName: Optional[str] = None
+    ) -> TestPKI:
         """
         Another server certificate from the same CA: for C{names} (DNS)
         and C{addresses} (IP) in its subjectAltName, with no subjectAltName
@@ -146,8 +147,9 @@ def _keyPEM(key) -> bytes:
     )
 
 
-def _leaf(caName: x509.Name, caKey, names: tuple, addresses: tuple,
-          commonName: Optional[str]) -> tuple:
+def _leaf(
+    caName: x509.Name, caKey, names: tuple, addresses: tuple, commonName: Optional[str]
+) -> tuple:
     """A server certificate issued by C{caName}, and its key, both in PEM."""
     import ipaddress
 
@@ -167,9 +169,7 @@ def _leaf(caName: x509.Name, caKey, names: tuple, addresses: tuple,
         )
     )
     if alternatives:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(alternatives), critical=False
-        )
+        builder = builder.add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
     certificate = builder.sign(caKey, hashes.SHA256())
     return certificate.public_bytes(serialization.Encoding.PEM), _keyPEM(key)
 
@@ -248,8 +248,13 @@ class SinkProtocol(basic.LineReceiver):
         handler(argument)
 
     def smtp_EHLO(self, argument: bytes) -> None:
-        lines = [b"sink.test", b"SIZE 100000000", b"8BITMIME", b"ENHANCEDSTATUSCODES",
-                 *self.sink.extensions]
+        lines = [
+            b"sink.test",
+            b"SIZE 100000000",
+            b"8BITMIME",
+            b"ENHANCEDSTATUSCODES",
+            *self.sink.extensions,
+        ]
         if self.sink.tls == "starttls" and not self.tls:
             lines.append(b"STARTTLS")
         if self.sink.credentials and (self.tls or self.sink.tls == "none"):

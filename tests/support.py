@@ -70,8 +70,9 @@ def holdPort(test) -> int:
     return s.getsockname()[1]
 
 
-def writeCertificate(directory: str, name: str = "localhost", days: float = 90,
-                     passphrase: Optional[bytes] = None) -> tuple:
+def writeCertificate(
+    directory: str, name: str = "localhost", days: float = 90, passphrase: Optional[bytes] = None
+) -> tuple:
     """
     Write a self-signed certificate for C{name} and 127.0.0.1 and its key.
 
@@ -111,7 +112,8 @@ def writeCertificate(directory: str, name: str = "localhost", days: float = 90,
                 serialization.Encoding.PEM,
                 serialization.PrivateFormat.PKCS8,
                 serialization.BestAvailableEncryption(passphrase)
-                if passphrase else serialization.NoEncryption(),
+                if passphrase
+                else serialization.NoEncryption(),
             )
         )
     return certPath, keyPath
@@ -286,7 +288,11 @@ def makeConfig(extra: str = "") -> configmod.Config:
 
 def makeThrottle(clock, **overrides) -> AuthThrottle:
     values = dict(
-        window=900.0, maxPerAddress=10, maxPerLogin=5, tarpitDelay=2.0, blockTime=900.0,
+        window=900.0,
+        maxPerAddress=10,
+        maxPerLogin=5,
+        tarpitDelay=2.0,
+        blockTime=900.0,
         maxTracked=100,
     )
     values.update(overrides)
@@ -319,7 +325,6 @@ def makeFactory(clock, portal=None, anonymous=None, settings=None, **overrides):
 # tests.test_fuzz, tests.test_interop) -------------------------------------
 
 
-
 class Session:
     """One client talking to a fresh protocol over a StringTransport."""
 
@@ -343,7 +348,6 @@ class Session:
 
     def command(self, line: bytes) -> list:
         return self.send(line + b"\r\n")
-
 
 
 # The forward queue
@@ -464,8 +468,11 @@ class TokenIssuer:
         from jwt import algorithms
 
         private, alg = self.keys[kid]
-        exporter = {"ES256": algorithms.ECAlgorithm, "EdDSA": algorithms.OKPAlgorithm,
-                    "RS256": algorithms.RSAAlgorithm}[alg]
+        exporter = {
+            "ES256": algorithms.ECAlgorithm,
+            "EdDSA": algorithms.OKPAlgorithm,
+            "RS256": algorithms.RSAAlgorithm,
+        }[alg]
         key = json.loads(exporter.to_jwk(private.public_key()))
         key.update(kid=kid, use="sig")
         return key
@@ -487,13 +494,26 @@ class TokenIssuer:
         import time
 
         now = int(time.time())
-        claims = {"iss": self.ISSUER, "aud": self.AUDIENCE, "sub": "8e1b5c2a", "email": login,
-                  "email_verified": True, "iat": now, "exp": now + lifetime}
+        claims = {
+            "iss": self.ISSUER,
+            "aud": self.AUDIENCE,
+            "sub": "8e1b5c2a",
+            "email": login,
+            "email_verified": True,
+            "iat": now,
+            "exp": now + lifetime,
+        }
         claims.update(more)
         return {k: v for k, v in claims.items() if v is not None}
 
-    def mint(self, login: str = "bob@example.test", kid: str = None, alg: str = None,
-             headers: dict = None, **claims) -> str:
+    def mint(
+        self,
+        login: str = "bob@example.test",
+        kid: str = None,
+        alg: str = None,
+        headers: dict = None,
+        **claims,
+    ) -> str:
         """
         A signed token for C{login}, valid for five minutes unless C{claims}
         say otherwise (a claim given as L{None} is left out).
@@ -502,11 +522,16 @@ class TokenIssuer:
 
         kid = kid or self.current
         private, defaultAlg = self.keys[kid]
-        return jwt.encode(self.claims(login, **claims), private, algorithm=alg or defaultAlg,
-                          headers={"kid": kid, **(headers or {})})
+        return jwt.encode(
+            self.claims(login, **claims),
+            private,
+            algorithm=alg or defaultAlg,
+            headers={"kid": kid, **(headers or {})},
+        )
 
 
 # A full disk
+
 
 class DiskFull:
     """
@@ -528,8 +553,11 @@ class DiskFull:
 
     def open(self, path, flags, mode=0o777, *, dir_fd=None):
         fd = self._open(path, flags, mode, dir_fd=dir_fd)
-        if flags & os.O_CREAT and os.sep + "tmp" + os.sep in os.fsdecode(path) \
-                and "Maildir" in os.fsdecode(path):
+        if (
+            flags & os.O_CREAT
+            and os.sep + "tmp" + os.sep in os.fsdecode(path)
+            and "Maildir" in os.fsdecode(path)
+        ):
             self.descriptors.append(fd)
             if self.full:
                 self._point(fd)
@@ -561,16 +589,21 @@ TRICKY_FROM = [
     # So is a comment.
     (b"From: mallory@evil.test (bob@example.org)\r\n", ("mallory@evil.test",)),
     # Groups are expanded.
-    (b"From: Team: alice@example.org, mallory@evil.test;\r\n",
-     ("alice@example.org", "mallory@evil.test")),
+    (
+        b"From: Team: alice@example.org, mallory@evil.test;\r\n",
+        ("alice@example.org", "mallory@evil.test"),
+    ),
     # Several From addresses, and two From fields: all of them count.
-    (b"From: alice@example.org, mallory@evil.test\r\n",
-     ("alice@example.org", "mallory@evil.test")),
-    (b"From: alice@example.org\r\nFrom: mallory@evil.test\r\n",
-     ("alice@example.org", "mallory@evil.test")),
+    (b"From: alice@example.org, mallory@evil.test\r\n", ("alice@example.org", "mallory@evil.test")),
+    (
+        b"From: alice@example.org\r\nFrom: mallory@evil.test\r\n",
+        ("alice@example.org", "mallory@evil.test"),
+    ),
     # Sender: counts as well.
-    (b"From: alice@example.org\r\nSender: mallory@evil.test\r\n",
-     ("alice@example.org", "mallory@evil.test")),
+    (
+        b"From: alice@example.org\r\nSender: mallory@evil.test\r\n",
+        ("alice@example.org", "mallory@evil.test"),
+    ),
     # Encoded words are decoded for display, never taken for addresses.
     (b"From: =?utf-8?q?bob=40example=2Eorg?= <mallory@evil.test>\r\n", ("mallory@evil.test",)),
     (b"From: =?utf-8?q?Alice_=C3=A4?= <alice@example.org>\r\n", ("alice@example.org",)),
@@ -583,8 +616,10 @@ TRICKY_FROM = [
     (b'From: "a b"@example.org\r\n', ('"a b"@example.org',)),
     # Folded fields.
     (b"From: Alice\r\n <alice@example.org>\r\n", ("alice@example.org",)),
-    (b"From: alice@example.org,\r\n\tmallory@evil.test\r\n",
-     ("alice@example.org", "mallory@evil.test")),
+    (
+        b"From: alice@example.org,\r\n\tmallory@evil.test\r\n",
+        ("alice@example.org", "mallory@evil.test"),
+    ),
     # Other fields do not matter.
     (b"Reply-To: mallory@evil.test\r\nTo: x@y.test\r\n", ()),
     (b"", ()),

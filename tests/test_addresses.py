@@ -77,26 +77,43 @@ class PathTests(unittest.TestCase):
         character gets 553 at MAIL or RCPT, never a 250 the queue cannot
         keep (issue 10 item 9).
         """
-        for bad in ('<"x>y"@remote.example>', '<"a b"@remote.example>', '<"a<b"@remote.example>',
-                    '<"a\\ b"@remote.example>'):
+        for bad in (
+            '<"x>y"@remote.example>',
+            '<"a b"@remote.example>',
+            '<"a<b"@remote.example>',
+            '<"a\\ b"@remote.example>',
+        ):
             self.assertEqual(
                 refusal(self, bad),
                 "553 5.1.3 Error: recipient address with spaces, angle brackets or controls "
                 "not accepted",
             )
-        self.assertTrue(refusal(self, '<"x>y"@remote.example>', allowNull=True)
-                        .startswith("553 5.1.7 "))
-        self.assertTrue(refusal(self, '<"a\u202eb"@remote.example>', utf8=True)
-                        .startswith("553 5.1.3 "))
+        self.assertTrue(
+            refusal(self, '<"x>y"@remote.example>', allowNull=True).startswith("553 5.1.7 ")
+        )
+        self.assertTrue(
+            refusal(self, '<"a\u202eb"@remote.example>', utf8=True).startswith("553 5.1.3 ")
+        )
 
     def test_malformed(self) -> None:
         """Malformed paths get 501 5.1.3 (5.1.7 for a sender)."""
-        for bad in ("<bob>", "<bob@>", "<@example.test>", "<a@b@example.test>", "<bad syntax",
-                    "bob@example.test", "<bob@example.test> ", "<bob@[999.0.0.1]>",
-                    "<bob@[general:stuff]>", "<bob@-bad.example>", "<a..b@example.test>"):
+        for bad in (
+            "<bob>",
+            "<bob@>",
+            "<@example.test>",
+            "<a@b@example.test>",
+            "<bad syntax",
+            "bob@example.test",
+            "<bob@example.test> ",
+            "<bob@[999.0.0.1]>",
+            "<bob@[general:stuff]>",
+            "<bob@-bad.example>",
+            "<a..b@example.test>",
+        ):
             self.assertEqual(refusal(self, bad), "501 5.1.3 Bad recipient address syntax", bad)
-        self.assertEqual(refusal(self, "<bob>", allowNull=True),
-                         "501 5.1.7 Bad sender address syntax")
+        self.assertEqual(
+            refusal(self, "<bob>", allowNull=True), "501 5.1.7 Bad sender address syntax"
+        )
         self.assertEqual(refusal(self, "<>"), "501 5.1.3 Bad recipient address syntax")
         self.assertIsNone(parsePath("<>", allowNull=True))
 
@@ -106,10 +123,13 @@ class PathTests(unittest.TestCase):
         self.assertEqual(len(path.encode()), 255)  # one octet less than the most
         self.assertEqual(wire(path), path[1:-1])
         self.assertEqual(wire("<a" + path[1:]), "a" + path[1:-1])
-        self.assertEqual(refusal(self, "<aa" + path[1:]),
-                         "501 5.1.3 Error: recipient address too long")
-        self.assertEqual(refusal(self, "<" + "é" * 121 + "@example.test>", utf8=True),
-                         "501 5.1.3 Error: recipient address too long")
+        self.assertEqual(
+            refusal(self, "<aa" + path[1:]), "501 5.1.3 Error: recipient address too long"
+        )
+        self.assertEqual(
+            refusal(self, "<" + "é" * 121 + "@example.test>", utf8=True),
+            "501 5.1.3 Error: recipient address too long",
+        )
 
     def test_utf8NeedsSMTPUTF8(self) -> None:
         """
@@ -122,8 +142,9 @@ class PathTests(unittest.TestCase):
                 "553 5.6.7 Error: non-ASCII address needs the SMTPUTF8 parameter",
             )
         self.assertEqual(wire("<jörg@bücher.example>", utf8=True), "jörg@bücher.example")
-        self.assertEqual(wire('<"jö rg"@bücher.example>'.replace(" ", ""), utf8=True),
-                         "jörg@bücher.example")
+        self.assertEqual(
+            wire('<"jö rg"@bücher.example>'.replace(" ", ""), utf8=True), "jörg@bücher.example"
+        )
 
     def test_idna(self) -> None:
         """
@@ -134,10 +155,13 @@ class PathTests(unittest.TestCase):
         self.assertEqual(wire("<a@BÜCHER.Example>", utf8=True), "a@bücher.example")
         self.assertEqual(wire("<a@bu\u0308cher.example>", utf8=True), "a@bücher.example")
         self.assertEqual(wire("<a@XN--BCHER-KVA.example>"), "a@xn--bcher-kva.example")
-        self.assertEqual(refusal(self, "<a@xn--zz.example>"),
-                         "501 5.1.3 Bad recipient address syntax")
-        self.assertEqual(refusal(self, "<a@b\u00fccher\u200d.example>", utf8=True),
-                         "501 5.1.3 Bad recipient address syntax")
+        self.assertEqual(
+            refusal(self, "<a@xn--zz.example>"), "501 5.1.3 Bad recipient address syntax"
+        )
+        self.assertEqual(
+            refusal(self, "<a@b\u00fccher\u200d.example>", utf8=True),
+            "501 5.1.3 Bad recipient address syntax",
+        )
 
 
 class KeyTests(unittest.TestCase):
@@ -145,14 +169,25 @@ class KeyTests(unittest.TestCase):
 
     def test_spellingsOfOneMailbox(self) -> None:
         """Quoting, case, a trailing dot and U- or A-labels give one key."""
-        keys = {normalise(a) for a in (
-            "carol@example.org", '"carol"@example.org', '"c\\arol"@example.org',
-            "Carol@EXAMPLE.org.", " carol@example.org ",
-        )}
+        keys = {
+            normalise(a)
+            for a in (
+                "carol@example.org",
+                '"carol"@example.org',
+                '"c\\arol"@example.org',
+                "Carol@EXAMPLE.org.",
+                " carol@example.org ",
+            )
+        }
         self.assertEqual(keys, {"carol@example.org"})
-        keys = {normalise(a) for a in (
-            "Jörg@bücher.example", "jörg@xn--bcher-kva.example", "jo\u0308rg@BÜCHER.example",
-        )}
+        keys = {
+            normalise(a)
+            for a in (
+                "Jörg@bücher.example",
+                "jörg@xn--bcher-kva.example",
+                "jo\u0308rg@BÜCHER.example",
+            )
+        }
         self.assertEqual(keys, {"jörg@xn--bcher-kva.example"})
 
     def test_domainsAndCatchAll(self) -> None:
@@ -177,8 +212,10 @@ class ArgumentTests(unittest.TestCase):
 
     def test_quotedSpace(self) -> None:
         """The path ends at its closing bracket, not at a space inside quotes."""
-        self.assertEqual(splitArguments('TO:<"a b"@x.test> NOTIFY=NEVER', "TO"),
-                         ('<"a b"@x.test>', {"NOTIFY": "NEVER"}))
+        self.assertEqual(
+            splitArguments('TO:<"a b"@x.test> NOTIFY=NEVER', "TO"),
+            ('<"a b"@x.test>', {"NOTIFY": "NEVER"}),
+        )
         self.assertEqual(splitArguments('TO:<"a>b"@x.test>', "TO"), ('<"a>b"@x.test>', {}))
 
     def test_unterminated(self) -> None:
@@ -188,8 +225,10 @@ class ArgumentTests(unittest.TestCase):
 
     def test_parameters(self) -> None:
         """Parameters are upper-cased; a repeated one is 555, a malformed one 501."""
-        self.assertEqual(splitArguments("FROM:<> size=10 SMTPUTF8", "FROM"),
-                         ("<>", {"SIZE": "10", "SMTPUTF8": None}))
+        self.assertEqual(
+            splitArguments("FROM:<> size=10 SMTPUTF8", "FROM"),
+            ("<>", {"SIZE": "10", "SMTPUTF8": None}),
+        )
         e = self.assertRaises(SMTPReply, splitArguments, "FROM:<> A=1 a=2", "FROM")
         self.assertEqual((e.code, e.text), (555, "5.5.4 Parameter A given twice"))
         e = self.assertRaises(SMTPReply, splitArguments, "FROM:<> =x", "FROM")
@@ -215,8 +254,17 @@ class ParameterTests(unittest.TestCase):
     def test_mail(self) -> None:
         """SIZE, BODY, SMTPUTF8, RET, ENVID and AUTH are read and kept."""
         self.assertEqual(
-            parseMailParameters({"SIZE": "10", "BODY": "8bitmime", "SMTPUTF8": None,
-                                 "RET": "hdrs", "ENVID": "abc+2B1", "AUTH": "<>"}, 1000),
+            parseMailParameters(
+                {
+                    "SIZE": "10",
+                    "BODY": "8bitmime",
+                    "SMTPUTF8": None,
+                    "RET": "hdrs",
+                    "ENVID": "abc+2B1",
+                    "AUTH": "<>",
+                },
+                1000,
+            ),
             MailParameters(size=10, body="8BITMIME", smtputf8=True, ret="HDRS", envid="abc+2B1"),
         )
 
@@ -225,14 +273,16 @@ class ParameterTests(unittest.TestCase):
         self.assertEqual(self.mailError({"SIZE": "1001"})[0], 552)
         self.assertEqual(self.mailError({"SIZE": "x"}), (501, "5.5.4 Syntax: SIZE=<number>"))
         self.assertEqual(self.mailError({"SMTPUTF8": "yes"})[0], 501)
-        self.assertEqual(self.mailError({"RET": "ALL"}),
-                         (501, "5.5.4 Syntax: RET=FULL or RET=HDRS"))
+        self.assertEqual(
+            self.mailError({"RET": "ALL"}), (501, "5.5.4 Syntax: RET=FULL or RET=HDRS")
+        )
         self.assertEqual(self.mailError({"RET": None})[0], 501)
         self.assertEqual(self.mailError({"ENVID": "x" * 101})[0], 501)
         self.assertEqual(self.mailError({"ENVID": "a+zz"})[0], 501)
         self.assertEqual(self.mailError({"ENVID": "a=b"})[0], 501)
-        self.assertEqual(self.mailError({"BINARYMIME": None}),
-                         (555, "5.5.4 Unsupported option: BINARYMIME"))
+        self.assertEqual(
+            self.mailError({"BINARYMIME": None}), (555, "5.5.4 Unsupported option: BINARYMIME")
+        )
 
     def test_rcpt(self) -> None:
         """NOTIFY is kept in a fixed order; ORCPT as it was sent."""
@@ -241,17 +291,28 @@ class ParameterTests(unittest.TestCase):
             RcptParameters(notify=("SUCCESS", "DELAY"), orcpt="rfc822;a+2Bb@x.test"),
         )
         self.assertEqual(parseRcptParameters({"NOTIFY": "never"}, False).notify, ("NEVER",))
-        self.assertEqual(parseRcptParameters({"ORCPT": "utf-8;jörg@x.test"}, True).orcpt,
-                         "utf-8;jörg@x.test")
-        self.assertEqual(parseRcptParameters({"ORCPT": "utf-8;j\\x{F6}rg@x.test"}, False).orcpt,
-                         "utf-8;j\\x{F6}rg@x.test")
+        self.assertEqual(
+            parseRcptParameters({"ORCPT": "utf-8;jörg@x.test"}, True).orcpt, "utf-8;jörg@x.test"
+        )
+        self.assertEqual(
+            parseRcptParameters({"ORCPT": "utf-8;j\\x{F6}rg@x.test"}, False).orcpt,
+            "utf-8;j\\x{F6}rg@x.test",
+        )
 
     def test_rcptErrors(self) -> None:
         """NEVER with another word, repeats, unknown words and bad ORCPTs get 501."""
         for notify in ("NEVER,SUCCESS", "SUCCESS,SUCCESS", "SOMETIMES", "", None):
             self.assertEqual(self.rcptError({"NOTIFY": notify})[0], 501, notify)
-        for orcpt in ("rfc822", "rfc822;", ";a@x.test", "rfc822;a b", "rfc822;jörg@x.test",
-                      "utf-8;jörg@x.test", "rfc822;" + "a" * 500, "bad type;a@x.test"):
+        for orcpt in (
+            "rfc822",
+            "rfc822;",
+            ";a@x.test",
+            "rfc822;a b",
+            "rfc822;jörg@x.test",
+            "utf-8;jörg@x.test",
+            "rfc822;" + "a" * 500,
+            "bad type;a@x.test",
+        ):
             self.assertEqual(self.rcptError({"ORCPT": orcpt})[0], 501, orcpt)
         self.assertEqual(self.rcptError({"SIZE": "1"}), (555, "5.5.4 Unsupported option: SIZE"))
 
@@ -281,9 +342,7 @@ _UTF8 = "äöüßéñжд中文€\u200d\u0301\u00a0\u2028\u202e\U0001f600"
 
 
 def _atoms(alphabet: str):
-    return st.lists(st.text(alphabet, min_size=1, max_size=8), min_size=1, max_size=4).map(
-        ".".join
-    )
+    return st.lists(st.text(alphabet, min_size=1, max_size=8), min_size=1, max_size=4).map(".".join)
 
 
 def _quoted(alphabet: str):

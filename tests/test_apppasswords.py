@@ -44,12 +44,21 @@ class FormatTests(unittest.TestCase):
         '-', ' ' or nothing, in any case, reads as its characters in lower
         case; anything else is no app password.
         """
-        for typed in (b"abcd-efgh-jkmn-pqrs-tuvw", b"ABCD EFGH JKMN PQRS TUVW",
-                      b"abcdefghjkmnpqrstuvw", b"abcd-efgh jkmnpqrs-tuvw"):
+        for typed in (
+            b"abcd-efgh-jkmn-pqrs-tuvw",
+            b"ABCD EFGH JKMN PQRS TUVW",
+            b"abcdefghjkmnpqrstuvw",
+            b"abcd-efgh jkmnpqrs-tuvw",
+        ):
             self.assertEqual(apppasswords.normalise(typed), b"abcdefghjkmnpqrstuvw", typed)
-        for other in (b"abcd-efgh-jkmn-pqrs", b"abcd-efgh-jkmn-pqrs-tuvw-",
-                      b"abcd--efgh-jkmn-pqrs-tuv", b"correct horse battery staple",
-                      b"abcd-efgh-jkmn-pqrs-tuv\xc3\xa4", b""):
+        for other in (
+            b"abcd-efgh-jkmn-pqrs",
+            b"abcd-efgh-jkmn-pqrs-tuvw-",
+            b"abcd--efgh-jkmn-pqrs-tuv",
+            b"correct horse battery staple",
+            b"abcd-efgh-jkmn-pqrs-tuv\xc3\xa4",
+            b"",
+        ):
             self.assertIsNone(apppasswords.normalise(other), other)
 
     def test_labels(self) -> None:
@@ -64,8 +73,10 @@ class FormatTests(unittest.TestCase):
         hashed = makeHash(b"abcdefghjkmnpqrstuvw")
         field = apppasswords.formatField("phone", 1700000000, "abcd", hashed)
         self.assertEqual(field, f"mailauth_app=phone,1700000000,abcd,{hashed}")
-        self.assertEqual(apppasswords.parseField(field.partition("=")[2]),
-                         AppPassword("phone", 1700000000, "abcd", parse(hashed)))
+        self.assertEqual(
+            apppasswords.parseField(field.partition("=")[2]),
+            AppPassword("phone", 1700000000, "abcd", parse(hashed)),
+        )
 
     def test_badFields(self) -> None:
         """Each malformed field is refused, saying what is wrong."""
@@ -87,8 +98,10 @@ BOB_HASH = makeHash(BOB_PASSWORD)
 
 def userWithApps(*apps: tuple) -> str:
     """A users file line's password and extra fields: bob's own password, and C{apps}."""
-    fields = " ".join(apppasswords.formatField(label, 1, password[:4], makeHash(password.encode()))
-                      for label, password in apps)
+    fields = " ".join(
+        apppasswords.formatField(label, 1, password[:4], makeHash(password.encode()))
+        for label, password in apps
+    )
     return BOB_HASH + "::::::" + fields
 
 
@@ -115,10 +128,12 @@ class CheckerTests(unittest.TestCase):
     LAPTOP = "zyxwvutsrqpnmkjhgfed"
 
     def setUp(self) -> None:
-        self.users = MemoryUserDatabase({
-            "bob@example.test": userWithApps(("phone", self.PHONE), ("laptop", self.LAPTOP)),
-            "carol@example.test": makeHash(b"carol-secret"),
-        })
+        self.users = MemoryUserDatabase(
+            {
+                "bob@example.test": userWithApps(("phone", self.PHONE), ("laptop", self.LAPTOP)),
+                "carol@example.test": makeHash(b"carol-secret"),
+            }
+        )
         self.run = CountingRunner(self)
         self.uses: list = []
         self.checker = PasswordChecker(self.users, self.run, appPasswordUse=self)
@@ -135,14 +150,23 @@ class CheckerTests(unittest.TestCase):
         the avatar ID is the login and names the app password, whose use is
         recorded.
         """
-        for typed in (b"abcd-efgh-jkmn-pqrs-tuvw", b"ABCD EFGH JKMN PQRS TUVW",
-                      self.LAPTOP.encode()):
+        for typed in (
+            b"abcd-efgh-jkmn-pqrs-tuvw",
+            b"ABCD EFGH JKMN PQRS TUVW",
+            self.LAPTOP.encode(),
+        ):
             result = self.successResultOf(self.check("Bob@example.test", typed))
             self.assertIsInstance(result, AppPasswordLogin)
             self.assertEqual(result, "bob@example.test")
         self.assertEqual(result.appPassword, "laptop")
-        self.assertEqual(self.uses, [("bob@example.test", "phone"), ("bob@example.test", "phone"),
-                                     ("bob@example.test", "laptop")])
+        self.assertEqual(
+            self.uses,
+            [
+                ("bob@example.test", "phone"),
+                ("bob@example.test", "phone"),
+                ("bob@example.test", "laptop"),
+            ],
+        )
 
     def test_ownPasswordStillWorks(self) -> None:
         """The user's own password still logs it in, as a plain login."""
@@ -155,14 +179,15 @@ class CheckerTests(unittest.TestCase):
         An app password of another user, or one mistyped, fails; so does
         one after it is revoked, while the others still work.
         """
-        self.failureResultOf(self.check("carol@example.test", self.PHONE.encode()),
-                             UnauthorizedLogin)
-        self.failureResultOf(self.check("bob@example.test", b"abcd-efgh-jkmn-pqrs-tuvx"),
-                             UnauthorizedLogin)
+        self.failureResultOf(
+            self.check("carol@example.test", self.PHONE.encode()), UnauthorizedLogin
+        )
+        self.failureResultOf(
+            self.check("bob@example.test", b"abcd-efgh-jkmn-pqrs-tuvx"), UnauthorizedLogin
+        )
         self.users.source["bob@example.test"] = userWithApps(("laptop", self.LAPTOP))
         self.users.load()
-        self.failureResultOf(self.check("bob@example.test", self.PHONE.encode()),
-                             UnauthorizedLogin)
+        self.failureResultOf(self.check("bob@example.test", self.PHONE.encode()), UnauthorizedLogin)
         self.successResultOf(self.check("bob@example.test", self.LAPTOP.encode()))
 
     def test_equalCost(self) -> None:
@@ -197,19 +222,24 @@ class CommandTests(unittest.TestCase):
             f.write("bob@example.org:{PLAIN}bob-secret\n")
         self.config = os.path.join(self.directory, "mailauth.conf")
         with open(self.config, "w") as f:
-            f.write("[server]\nhostname = mail.example.org\n"
-                    f"state_dir = {self.directory}/state\n"
-                    "[listener:submission]\nendpoint = tcp:2587\ntls = none\nauth = optional\n"
-                    f"[auth]\nusers = {self.users}\n"
-                    "[delivery]\nlocal_domains = example.org\n"
-                    "maildir = /var/mail/{domain}/{localpart}/Maildir\n")
+            f.write(
+                "[server]\nhostname = mail.example.org\n"
+                f"state_dir = {self.directory}/state\n"
+                "[listener:submission]\nendpoint = tcp:2587\ntls = none\nauth = optional\n"
+                f"[auth]\nusers = {self.users}\n"
+                "[delivery]\nlocal_domains = example.org\n"
+                "maildir = /var/mail/{domain}/{localpart}/Maildir\n"
+            )
 
     def add(self, label: str) -> str:
-        status, out, err = runCommand("user", "app-password", "add", "bob@example.org", label,
-                                      "--users", self.users)
+        status, out, err = runCommand(
+            "user", "app-password", "add", "bob@example.org", label, "--users", self.users
+        )
         self.assertEqual(status, 0, err)
-        self.assertEqual(err, f"bob@example.org: app password {label} added to {self.users};"
-                              " it is shown only now:\n")
+        self.assertEqual(
+            err,
+            f"bob@example.org: app password {label} added to {self.users}; it is shown only now:\n",
+        )
         return out.rstrip("\n")
 
     def test_add(self) -> None:
@@ -223,8 +253,9 @@ class CommandTests(unittest.TestCase):
             text = f.read()
         self.assertNotIn(password.replace("-", ""), text)
         [app] = parseUsers(text, "x")[0]["bob@example.org"].appPasswords
-        self.assertEqual((app.label, app.prefix, app.password.scheme),
-                         ("phone", password[:4], "ARGON2ID"))
+        self.assertEqual(
+            (app.label, app.prefix, app.password.scheme), ("phone", password[:4], "ARGON2ID")
+        )
         self.assertTrue(passwords.verify(app.password, password.replace("-", "").encode()))
         self.assertNotEqual(self.add("laptop"), password)
 
@@ -232,15 +263,24 @@ class CommandTests(unittest.TestCase):
         """A taken or bad label, or an unknown user, is one line of error."""
         self.add("phone")
         for login, label, message in [
-            ("bob@example.org", "phone", "mailauth: bob@example.org already has an app password"
-                                         " phone\n"),
-            ("bob@example.org", "my phone", "mailauth: invalid app password label 'my phone': use"
-                                            " 1 to 32 letters, digits, '.', '_' or '-', starting"
-                                            " with a letter or digit\n"),
+            (
+                "bob@example.org",
+                "phone",
+                "mailauth: bob@example.org already has an app password phone\n",
+            ),
+            (
+                "bob@example.org",
+                "my phone",
+                "mailauth: invalid app password label 'my phone': use"
+                " 1 to 32 letters, digits, '.', '_' or '-', starting"
+                " with a letter or digit\n",
+            ),
             ("x@example.org", "phone", f"mailauth: no user x@example.org in {self.users}\n"),
         ]:
-            self.assertEqual(runCommand("user", "app-password", "add", login, label,
-                                        "--users", self.users), (1, "", message))
+            self.assertEqual(
+                runCommand("user", "app-password", "add", login, label, "--users", self.users),
+                (1, "", message),
+            )
 
     def test_listAndDelete(self) -> None:
         """
@@ -252,22 +292,29 @@ class CommandTests(unittest.TestCase):
         self.add("laptop")
         status, out, _ = runCommand("user", "list", "--users", self.users)
         self.assertEqual(out, "bob@example.org  PLAIN  app passwords: phone, laptop\n")
-        status, out, _ = runCommand("user", "app-password", "list", "bob@example.org",
-                                    "--config", self.config)
+        status, out, _ = runCommand(
+            "user", "app-password", "list", "bob@example.org", "--config", self.config
+        )
         lines = out.splitlines()
         self.assertEqual(lines[0], "LABEL   CREATED              LAST USED")
         self.assertRegex(lines[1], r"^phone   \d{4}-\d\d-\d\d \d\d:\d\d:\d\d  never$")
         self.assertRegex(lines[2], r"^laptop  \d{4}-\d\d-\d\d \d\d:\d\d:\d\d  never$")
-        status, out, _ = runCommand("user", "app-password", "list", "bob@example.org",
-                                    "--users", self.users)
+        status, out, _ = runCommand(
+            "user", "app-password", "list", "bob@example.org", "--users", self.users
+        )
         self.assertTrue(out.splitlines()[1].endswith("unknown (give --config or --state-dir)"))
-        self.assertEqual(runCommand("user", "app-password", "del", "bob@example.org", "phone",
-                                    "--users", self.users),
-                         (0, f"bob@example.org: app password phone deleted from {self.users}\n",
-                          ""))
-        self.assertEqual(runCommand("user", "app-password", "del", "bob@example.org", "phone",
-                                    "--users", self.users),
-                         (1, "", "mailauth: bob@example.org has no app password phone\n"))
+        self.assertEqual(
+            runCommand(
+                "user", "app-password", "del", "bob@example.org", "phone", "--users", self.users
+            ),
+            (0, f"bob@example.org: app password phone deleted from {self.users}\n", ""),
+        )
+        self.assertEqual(
+            runCommand(
+                "user", "app-password", "del", "bob@example.org", "phone", "--users", self.users
+            ),
+            (1, "", "mailauth: bob@example.org has no app password phone\n"),
+        )
         status, out, _ = runCommand("user", "list", "--users", self.users)
         self.assertEqual(out, "bob@example.org  PLAIN  app passwords: laptop\n")
 
@@ -278,9 +325,14 @@ class CommandTests(unittest.TestCase):
         os.mkdir(os.path.join(self.directory, "state"))
         apppasswords.recordLastUsed(
             os.path.join(self.directory, "state", apppasswords.LAST_USED_FILE),
-            "bob@example.org", app, 1767225600)
-        for where in (["--config", self.config],
-                      ["--users", self.users, "--state-dir", f"{self.directory}/state"]):
+            "bob@example.org",
+            app,
+            1767225600,
+        )
+        for where in (
+            ["--config", self.config],
+            ["--users", self.users, "--state-dir", f"{self.directory}/state"],
+        ):
             status, out, _ = runCommand("user", "app-password", "list", "bob@example.org", *where)
             self.assertRegex(out.splitlines()[1], r"  20(25-12-31|26-01-01) \d\d:00:00$")
 
@@ -290,15 +342,20 @@ class DaemonTests(AttackMixin, unittest.TestCase):
 
     def submit(self, password: str) -> dict:
         """(Blocking.) Send bob's message over implicit TLS, with AUTH PLAIN and C{password}."""
-        client = smtplib.SMTP_SSL("127.0.0.1", self.daemon.ports["submissions"],
-                                  local_hostname="client.example", context=clientContext(),
-                                  timeout=30)
+        client = smtplib.SMTP_SSL(
+            "127.0.0.1",
+            self.daemon.ports["submissions"],
+            local_hostname="client.example",
+            context=clientContext(),
+            timeout=30,
+        )
         try:
             client.ehlo()
             client.user, client.password = "bob@example.test", password
             client.auth("PLAIN", client.auth_plain)
-            return client.sendmail("bob@example.test", ["alice.plain@example.test"],
-                                   b"Subject: app\r\n\r\nhello\r\n")
+            return client.sendmail(
+                "bob@example.test", ["alice.plain@example.test"], b"Subject: app\r\n\r\nhello\r\n"
+            )
         finally:
             client.close()
 
@@ -316,16 +373,25 @@ class DaemonTests(AttackMixin, unittest.TestCase):
         fails while the user's own password still works.
         """
         loaded = self.reloaded()
-        status, password, err = runCommand("user", "app-password", "add", "bob@example.test",
-                                           "phone", "--config", self.daemon.configPath)
+        status, password, err = runCommand(
+            "user",
+            "app-password",
+            "add",
+            "bob@example.test",
+            "phone",
+            "--config",
+            self.daemon.configPath,
+        )
         self.assertEqual(status, 0, err)
         password = password.strip()
         yield loaded
         success = self.log.waitFor(r"auth success: .* login=<bob@example\.test>")
         yield self.inThread(self.submit, password)
         logged = yield success
-        self.assertEqual(withoutSession(logged), "auth success: client=[127.0.0.1] mechanism=PLAIN"
-                                 " login=<bob@example.test> app=phone")
+        self.assertEqual(
+            withoutSession(logged),
+            "auth success: client=[127.0.0.1] mechanism=PLAIN login=<bob@example.test> app=phone",
+        )
         [(_, content)] = self.daemon.delivered("alice.plain@example.test")
         self.assertIn(b"\t(authenticated as bob@example.test with app password phone)\n", content)
         self.assertNotIn(password.encode(), content)
@@ -339,11 +405,22 @@ class DaemonTests(AttackMixin, unittest.TestCase):
             self.assertRegex(f.read(), r"^bob@example\.test phone \d+ \d+\n$")
 
         loaded = self.reloaded()
-        self.assertEqual(runCommand("user", "app-password", "del", "bob@example.test", "phone",
-                                    "--config", self.daemon.configPath)[0], 0)
+        self.assertEqual(
+            runCommand(
+                "user",
+                "app-password",
+                "del",
+                "bob@example.test",
+                "phone",
+                "--config",
+                self.daemon.configPath,
+            )[0],
+            0,
+        )
         yield loaded
-        e = yield self.assertFailure(self.inThread(self.submit, password),
-                                     smtplib.SMTPAuthenticationError)
+        e = yield self.assertFailure(
+            self.inThread(self.submit, password), smtplib.SMTPAuthenticationError
+        )
         self.assertEqual(e.smtp_code, 535)
         success = self.log.waitFor(r"auth success: .* login=<bob@example\.test>")
         yield self.inThread(self.submit, BOB_PASSWORD.decode())

@@ -64,13 +64,22 @@ XML_TYPES = ("text/xml", "application/xml", "text/rdf")
 # Thunderbird's nsMsgSocketType and nsMsgAuthMethod names.
 SOCKET_TYPES = {"plain": "plain", "SSL": "SSL", "STARTTLS": "alwaysSTARTTLS"}
 OUTGOING_AUTH = {
-    "none": "none", "client-IP-address": "none", "smtp-after-pop": "none",
-    "password-cleartext": "passwordCleartext", "plain": "passwordCleartext",
-    "password-encrypted": "passwordEncrypted", "secure": "passwordEncrypted",
-    "GSSAPI": "GSSAPI", "NTLM": "NTLM", "OAuth2": "OAuth2",
+    "none": "none",
+    "client-IP-address": "none",
+    "smtp-after-pop": "none",
+    "password-cleartext": "passwordCleartext",
+    "plain": "passwordCleartext",
+    "password-encrypted": "passwordEncrypted",
+    "secure": "passwordEncrypted",
+    "GSSAPI": "GSSAPI",
+    "NTLM": "NTLM",
+    "OAuth2": "OAuth2",
 }
-INCOMING_AUTH = {k: v for k, v in OUTGOING_AUTH.items()
-                 if k not in ("none", "client-IP-address", "smtp-after-pop")}
+INCOMING_AUTH = {
+    k: v
+    for k, v in OUTGOING_AUTH.items()
+    if k not in ("none", "client-IP-address", "smtp-after-pop")
+}
 # OAuth2Providers.sys.mjs knows a fixed list of big providers; a domain of
 # our own is never on it, so Thunderbird skips OAuth2 for it.
 OAUTH2_PROVIDERS: frozenset = frozenset()
@@ -78,7 +87,9 @@ OAUTH2_PROVIDERS: frozenset = frozenset()
 # hostnameUtils.sys.mjs isLegalHostName.
 _TB_HOSTNAME = re.compile(
     r"(([a-z0-9]|[a-z0-9][a-z0-9\-]{0,61}[a-z0-9])\.)*"
-    r"([a-z0-9]|[a-z0-9][a-z0-9\-]{0,61}[a-z0-9])\.?", re.I)
+    r"([a-z0-9]|[a-z0-9][a-z0-9\-]{0,61}[a-z0-9])\.?",
+    re.I,
+)
 _PLACEHOLDER = re.compile(r"[a-zA-Z0-9\-\.]*(%[A-Z0-9]+%[a-zA-Z0-9\-\.]*)+")
 
 
@@ -100,8 +111,9 @@ def jxon(node):
     C{$name} lists, attributes as C{@name}, a leaf as its parsed text.
     """
     children = [c for c in node.childNodes if c.nodeType == c.ELEMENT_NODE]
-    text = "".join(c.data for c in node.childNodes
-                   if c.nodeType in (c.TEXT_NODE, c.CDATA_SECTION_NODE))
+    text = "".join(
+        c.data for c in node.childNodes if c.nodeType in (c.TEXT_NODE, c.CDATA_SECTION_NODE)
+    )
     attributes = node.attributes.items() if node.attributes else []
     if not node.childNodes and not attributes:
         return True
@@ -203,13 +215,21 @@ def readFromXML(clientConfig) -> dict:
     incoming and one usable outgoing server. Servers it cannot use are
     skipped; the first usable one is chosen, the others are alternatives.
     """
-    if (not isinstance(clientConfig, dict) or "clientConfig" not in clientConfig
-            or not isinstance(clientConfig["clientConfig"], dict)
-            or "emailProvider" not in clientConfig["clientConfig"]):
+    if (
+        not isinstance(clientConfig, dict)
+        or "clientConfig" not in clientConfig
+        or not isinstance(clientConfig["clientConfig"], dict)
+        or "emailProvider" not in clientConfig["clientConfig"]
+    ):
         raise Rejected("no_emailProvider.error")
     provider = clientConfig["clientConfig"]["emailProvider"]
-    result = {"id": sanitizeHostname(provider.get("@id")), "domains": [],
-              "displayName": str(provider.get("displayName")), "incoming": [], "outgoing": []}
+    result = {
+        "id": sanitizeHostname(provider.get("@id")),
+        "domains": [],
+        "displayName": str(provider.get("displayName")),
+        "incoming": [],
+        "outgoing": [],
+    }
     if "$domain" not in provider:
         raise Rejected("xml.$domain is not iterable")
     for domain in provider["$domain"]:
@@ -223,18 +243,22 @@ def readFromXML(clientConfig) -> dict:
     reason = "Need proper <incomingServer> in XML file"
     for server in provider.get("$incomingServer", []):
         try:
-            kind = translate(server.get("@type"), {t: t for t in ("pop3", "imap", "nntp",
-                                                                  "exchange")})
+            kind = translate(
+                server.get("@type"), {t: t for t in ("pop3", "imap", "nntp", "exchange")}
+            )
             hostname = sanitizeHostname(server.get("hostname"))
-            result["incoming"].append({
-                "type": kind,
-                "hostname": hostname,
-                "port": sanitizeIntegerRange(server.get("port"), 1, 65535),
-                "username": str(server.get("username")),
-                "socketType": readSocketType(server.get("$socketType")),
-                "auth": readAuthentication(server.get("$authentication"), hostname,
-                                           INCOMING_AUTH),
-            })
+            result["incoming"].append(
+                {
+                    "type": kind,
+                    "hostname": hostname,
+                    "port": sanitizeIntegerRange(server.get("port"), 1, 65535),
+                    "username": str(server.get("username")),
+                    "socketType": readSocketType(server.get("$socketType")),
+                    "auth": readAuthentication(
+                        server.get("$authentication"), hostname, INCOMING_AUTH
+                    ),
+                }
+            )
         except Rejected as e:
             reason = str(e)
     if not result["incoming"]:
@@ -246,14 +270,17 @@ def readFromXML(clientConfig) -> dict:
             if server.get("@type") != "smtp":
                 raise Rejected("outgoing_not_smtp.error")
             hostname = sanitizeHostname(server.get("hostname"))
-            result["outgoing"].append({
-                "hostname": hostname,
-                "port": sanitizeIntegerRange(server.get("port"), 1, 65535),
-                "socketType": readSocketType(server.get("$socketType")),
-                "auth": readAuthentication(server.get("$authentication"), hostname,
-                                           OUTGOING_AUTH),
-                "username": str(server.get("username")),
-            })
+            result["outgoing"].append(
+                {
+                    "hostname": hostname,
+                    "port": sanitizeIntegerRange(server.get("port"), 1, 65535),
+                    "socketType": readSocketType(server.get("$socketType")),
+                    "auth": readAuthentication(
+                        server.get("$authentication"), hostname, OUTGOING_AUTH
+                    ),
+                    "username": str(server.get("username")),
+                }
+            )
         except Rejected as e:
             reason = str(e)
     if not result["outgoing"]:
@@ -275,8 +302,12 @@ def readLikeThunderbirdAndroid(body: bytes, address: str) -> dict:
     def text(e: ET.Element) -> str:
         if len(e):
             raise Rejected(f"Expected text in {e.tag}")
-        return (e.text or "").replace("%EMAILDOMAIN%", domain).replace(
-            "%EMAILLOCALPART%", local).replace("%EMAILADDRESS%", address)
+        return (
+            (e.text or "")
+            .replace("%EMAILDOMAIN%", domain)
+            .replace("%EMAILLOCALPART%", local)
+            .replace("%EMAILADDRESS%", address)
+        )
 
     def valid(name: str) -> bool:
         try:
@@ -350,21 +381,26 @@ def readAutoDiscoverXML(document) -> dict:
         if kind is None:
             continue
         port = sanitizeInteger(protocol.get("Port"))
-        plain = (str(protocol.get("SSL", "")).lower() == "off"
-                 or str(protocol.get("Encryption", "")).lower() == "none")
-        socketType = ("plain" if plain else
-                      "alwaysSTARTTLS" if port in (143, 110, 25, 587) else "SSL")
+        plain = (
+            str(protocol.get("SSL", "")).lower() == "off"
+            or str(protocol.get("Encryption", "")).lower() == "none"
+        )
+        socketType = (
+            "plain" if plain else "alwaysSTARTTLS" if port in (143, 110, 25, 587) else "SSL"
+        )
         spa = str(protocol.get("SPA", "")).lower() == "on"
         if "LoginName" in protocol and not protocol["LoginName"]:
             raise Rejected("string_empty.error")
-        result["outgoing" if kind == "SMTP" else "incoming"].append({
-            "type": kind.lower(),
-            "hostname": sanitizeHostname(protocol.get("Server")),
-            "port": port,
-            "socketType": socketType,
-            "auth": "secure" if spa else "passwordCleartext",
-            "username": str(protocol.get("LoginName", "%EMAILADDRESS%")),
-        })
+        result["outgoing" if kind == "SMTP" else "incoming"].append(
+            {
+                "type": kind.lower(),
+                "hostname": sanitizeHostname(protocol.get("Server")),
+                "port": port,
+                "socketType": socketType,
+                "auth": "secure" if spa else "passwordCleartext",
+                "username": str(protocol.get("LoginName", "%EMAILADDRESS%")),
+            }
+        )
     if not result["incoming"] or not result["outgoing"]:
         raise Rejected("Only an incomplete config found")
     return result
@@ -373,11 +409,36 @@ def readAutoDiscoverXML(document) -> dict:
 # The POX Protocol element's children as Microsoft documents them (Protocol
 # (POX), and [MS-OXDSCLI] 2.2.4.1.1.2.6 for Encryption); the on/off ones.
 PROTOCOL_CHILDREN = {
-    "Type", "Internal", "External", "TTL", "Server", "ServerDN", "ServerVersion", "MdbDN",
-    "PublicFolderServer", "AD", "Port", "DirectoryPort", "ReferralPort", "ASUrl", "EwsUrl",
-    "OOFUrl", "OABUrl", "UMUrl", "LoginName", "DomainRequired", "DomainName", "SPA",
-    "AuthPackage", "CertPrincipalName", "SSL", "AuthRequired", "UsePOPAuth", "SMTPLast",
-    "NetworkRequirements", "Encryption",
+    "Type",
+    "Internal",
+    "External",
+    "TTL",
+    "Server",
+    "ServerDN",
+    "ServerVersion",
+    "MdbDN",
+    "PublicFolderServer",
+    "AD",
+    "Port",
+    "DirectoryPort",
+    "ReferralPort",
+    "ASUrl",
+    "EwsUrl",
+    "OOFUrl",
+    "OABUrl",
+    "UMUrl",
+    "LoginName",
+    "DomainRequired",
+    "DomainName",
+    "SPA",
+    "AuthPackage",
+    "CertPrincipalName",
+    "SSL",
+    "AuthRequired",
+    "UsePOPAuth",
+    "SMTPLast",
+    "NetworkRequirements",
+    "Encryption",
 }
 ON_OFF = ("DomainRequired", "SPA", "SSL", "AuthRequired", "UsePOPAuth", "SMTPLast")
 
@@ -400,7 +461,7 @@ def checkAutodiscoverSchema(test: unittest.TestCase, body: bytes, address: str) 
     test.assertEqual(account.findtext(inner + "Action"), "settings")
     protocols = []
     for protocol in account.findall(inner + "Protocol"):
-        fields = {child.tag[len(inner):]: child.text for child in protocol}
+        fields = {child.tag[len(inner) :]: child.text for child in protocol}
         test.assertTrue(set(fields) <= PROTOCOL_CHILDREN, sorted(fields))
         test.assertIn(fields["Type"], ("IMAP", "POP3", "SMTP"))
         sanitizeHostname(fields["Server"])
@@ -410,8 +471,9 @@ def checkAutodiscoverSchema(test: unittest.TestCase, body: bytes, address: str) 
             if name in fields:
                 test.assertIn(fields[name], ("on", "off"), name)
         # SPA and SSL default to on when absent: both are always written.
-        test.assertEqual((fields["SPA"], fields["SSL"], fields["AuthRequired"]),
-                         ("off", "on", "on"))
+        test.assertEqual(
+            (fields["SPA"], fields["SSL"], fields["AuthRequired"]), ("off", "on", "on")
+        )
         test.assertIn(fields["Encryption"], ("None", "SSL", "TLS", "Auto"))
         protocols.append(fields)
     test.assertEqual(len(account), 2 + len(protocols))
@@ -421,7 +483,8 @@ def checkAutodiscoverSchema(test: unittest.TestCase, body: bytes, address: str) 
 def autodiscoverRequest(address: str = ADDRESS, schema: str = OUTLOOK_RESPONSE_NS) -> bytes:
     request = ET.Element(
         "Autodiscover",
-        xmlns="http://schemas.microsoft.com/exchange/autodiscover/outlook/requestschema/2006")
+        xmlns="http://schemas.microsoft.com/exchange/autodiscover/outlook/requestschema/2006",
+    )
     inner = ET.SubElement(request, "Request")
     ET.SubElement(inner, "EMailAddress").text = address
     ET.SubElement(inner, "AcceptableResponseSchema").text = schema
@@ -465,11 +528,17 @@ class HTTPMixin:
         self.agent = Agent(reactor)
 
     @defer.inlineCallbacks
-    def fetch(self, path: str, method: bytes = b"GET", body: bytes = None,
-              contentType: bytes = b"text/xml; charset=utf-8"):
+    def fetch(
+        self,
+        path: str,
+        method: bytes = b"GET",
+        body: bytes = None,
+        contentType: bytes = b"text/xml; charset=utf-8",
+    ):
         headers = Headers({b"content-type": [contentType]}) if body is not None else None
-        response = yield self.agent.request(method, (self.base + path).encode(), headers,
-                                            _Body(body) if body is not None else None)
+        response = yield self.agent.request(
+            method, (self.base + path).encode(), headers, _Body(body) if body is not None else None
+        )
         data = yield readBody(response)
         return response, data
 
@@ -482,21 +551,43 @@ class ThunderbirdTests(HTTPMixin, unittest.TestCase):
         first with a normal password, STARTTLS on 587 as the alternative,
         the IMAP server for reading, the full address as the username.
         """
-        response, body = yield self.fetch(
-            "/mail/config-v1.1.xml?emailaddress=alice%40example.test")
+        response, body = yield self.fetch("/mail/config-v1.1.xml?emailaddress=alice%40example.test")
         self.assertEqual(response.code, 200)
         config = readFromXML(fetched(response, body))
         self.assertEqual(config["domains"], ["example.test"])
         self.assertEqual(config["displayName"], 'Example & <Co> "Mail"')
-        self.assertEqual(config["incoming"], [{
-            "type": "imap", "hostname": "imap.example.test", "port": 993,
-            "username": "%EMAILADDRESS%", "socketType": "SSL", "auth": "passwordCleartext"}])
-        self.assertEqual(config["outgoing"], [
-            {"hostname": "mail.example.test", "port": 465, "socketType": "SSL",
-             "auth": "passwordCleartext", "username": "%EMAILADDRESS%"},
-            {"hostname": "mail.example.test", "port": 587, "socketType": "alwaysSTARTTLS",
-             "auth": "passwordCleartext", "username": "%EMAILADDRESS%"},
-        ])
+        self.assertEqual(
+            config["incoming"],
+            [
+                {
+                    "type": "imap",
+                    "hostname": "imap.example.test",
+                    "port": 993,
+                    "username": "%EMAILADDRESS%",
+                    "socketType": "SSL",
+                    "auth": "passwordCleartext",
+                }
+            ],
+        )
+        self.assertEqual(
+            config["outgoing"],
+            [
+                {
+                    "hostname": "mail.example.test",
+                    "port": 465,
+                    "socketType": "SSL",
+                    "auth": "passwordCleartext",
+                    "username": "%EMAILADDRESS%",
+                },
+                {
+                    "hostname": "mail.example.test",
+                    "port": 587,
+                    "socketType": "alwaysSTARTTLS",
+                    "auth": "passwordCleartext",
+                    "username": "%EMAILADDRESS%",
+                },
+            ],
+        )
 
     @defer.inlineCallbacks
     def test_everyAuthenticationValueKnown(self):
@@ -507,8 +598,10 @@ class ThunderbirdTests(HTTPMixin, unittest.TestCase):
         response, body = yield self.fetch("/mail/config-v1.1.xml")
         root = ET.fromstring(body)
         for server in root.iter("outgoingServer"):
-            self.assertEqual([e.text for e in server.findall("authentication")],
-                             ["password-cleartext", "password-encrypted"])
+            self.assertEqual(
+                [e.text for e in server.findall("authentication")],
+                ["password-cleartext", "password-encrypted"],
+            )
             for e in server.findall("authentication"):
                 translate(e.text, OUTGOING_AUTH)
 
@@ -517,9 +610,16 @@ class ThunderbirdTests(HTTPMixin, unittest.TestCase):
         """Thunderbird for Android reads the same document: IMAP in, SMTP on 465 out."""
         response, body = yield self.fetch("/mail/config-v1.1.xml")
         settings = readLikeThunderbirdAndroid(body, ADDRESS)
-        self.assertEqual(settings["outgoing"], {
-            "hostname": "mail.example.test", "port": 465, "username": ADDRESS,
-            "socketType": "TLS", "authentication": ["password-cleartext", "password-encrypted"]})
+        self.assertEqual(
+            settings["outgoing"],
+            {
+                "hostname": "mail.example.test",
+                "port": 465,
+                "username": ADDRESS,
+                "socketType": "TLS",
+                "authentication": ["password-cleartext", "password-encrypted"],
+            },
+        )
         self.assertEqual(settings["incoming"]["port"], 993)
 
     @defer.inlineCallbacks
@@ -527,7 +627,8 @@ class ThunderbirdTests(HTTPMixin, unittest.TestCase):
         """The .well-known URL Thunderbird tries on the mail domain serves the same bytes."""
         _, first = yield self.fetch("/mail/config-v1.1.xml")
         response, second = yield self.fetch(
-            "/.well-known/autoconfig/mail/config-v1.1.xml?emailaddress=alice%40example.test")
+            "/.well-known/autoconfig/mail/config-v1.1.xml?emailaddress=alice%40example.test"
+        )
         self.assertEqual(response.code, 200)
         self.assertEqual(second, first)
 
@@ -535,9 +636,10 @@ class ThunderbirdTests(HTTPMixin, unittest.TestCase):
     def test_userTextEscaped(self):
         """A display name with markup characters arrives as text, escaped by the serializer."""
         _, body = yield self.fetch("/mail/config-v1.1.xml")
-        self.assertIn(b"Example &amp; &lt;Co&gt; \"Mail\"", body)
-        self.assertEqual(ET.fromstring(body).findtext("emailProvider/displayName"),
-                         'Example & <Co> "Mail"')
+        self.assertIn(b'Example &amp; &lt;Co&gt; "Mail"', body)
+        self.assertEqual(
+            ET.fromstring(body).findtext("emailProvider/displayName"), 'Example & <Co> "Mail"'
+        )
 
     @defer.inlineCallbacks
     def test_otherMethodsRefused(self):
@@ -567,8 +669,9 @@ class WithoutIncomingTests(HTTPMixin, unittest.TestCase):
         self.assertEqual(str(e), "Need proper <incomingServer> in XML file")
         e = self.assertRaises(Rejected, readLikeThunderbirdAndroid, body, ADDRESS)
         self.assertEqual(str(e), "Missing 'incomingServer' element")
-        response, body = yield self.fetch("/autodiscover/autodiscover.xml", b"POST",
-                                          THUNDERBIRD_REQUEST)
+        response, body = yield self.fetch(
+            "/autodiscover/autodiscover.xml", b"POST", THUNDERBIRD_REQUEST
+        )
         e = self.assertRaises(Rejected, readAutoDiscoverXML, fetched(response, body))
         self.assertEqual(str(e), "Only an incomplete config found")
 
@@ -581,34 +684,45 @@ class AutodiscoverTests(HTTPMixin, unittest.TestCase):
         schema: IMAP, then SMTP on 465 (Encryption SSL) and 587 (Encryption
         TLS, i.e. STARTTLS), each logging in as the requested address.
         """
-        response, body = yield self.fetch("/autodiscover/autodiscover.xml", b"POST",
-                                          THUNDERBIRD_REQUEST)
+        response, body = yield self.fetch(
+            "/autodiscover/autodiscover.xml", b"POST", THUNDERBIRD_REQUEST
+        )
         self.assertEqual(response.code, 200)
         protocols = checkAutodiscoverSchema(self, body, ADDRESS)
-        self.assertEqual([(p["Type"], p["Server"], p["Port"], p["Encryption"])
-                          for p in protocols],
-                         [("IMAP", "imap.example.test", "993", "SSL"),
-                          ("SMTP", "mail.example.test", "465", "SSL"),
-                          ("SMTP", "mail.example.test", "587", "TLS")])
+        self.assertEqual(
+            [(p["Type"], p["Server"], p["Port"], p["Encryption"]) for p in protocols],
+            [
+                ("IMAP", "imap.example.test", "993", "SSL"),
+                ("SMTP", "mail.example.test", "465", "SSL"),
+                ("SMTP", "mail.example.test", "587", "TLS"),
+            ],
+        )
 
     @defer.inlineCallbacks
     def test_thunderbirdReadsIt(self):
         """Thunderbird's Autodiscover reader gets the same servers and the address as login."""
-        response, body = yield self.fetch("/autodiscover/autodiscover.xml", b"POST",
-                                          THUNDERBIRD_REQUEST)
+        response, body = yield self.fetch(
+            "/autodiscover/autodiscover.xml", b"POST", THUNDERBIRD_REQUEST
+        )
         config = readAutoDiscoverXML(fetched(response, body))
-        self.assertEqual([(s["hostname"], s["port"], s["socketType"], s["auth"], s["username"])
-                          for s in config["outgoing"]],
-                         [("mail.example.test", 465, "SSL", "passwordCleartext", ADDRESS),
-                          ("mail.example.test", 587, "alwaysSTARTTLS", "passwordCleartext",
-                           ADDRESS)])
+        self.assertEqual(
+            [
+                (s["hostname"], s["port"], s["socketType"], s["auth"], s["username"])
+                for s in config["outgoing"]
+            ],
+            [
+                ("mail.example.test", 465, "SSL", "passwordCleartext", ADDRESS),
+                ("mail.example.test", 587, "alwaysSTARTTLS", "passwordCleartext", ADDRESS),
+            ],
+        )
         self.assertEqual(config["incoming"][0]["socketType"], "SSL")
 
     @defer.inlineCallbacks
     def test_outlookPathCase(self):
         """Outlook's capitalised /Autodiscover/Autodiscover.xml is the same service."""
-        response, body = yield self.fetch("/Autodiscover/Autodiscover.xml", b"POST",
-                                          autodiscoverRequest("bob@example.test"))
+        response, body = yield self.fetch(
+            "/Autodiscover/Autodiscover.xml", b"POST", autodiscoverRequest("bob@example.test")
+        )
         self.assertEqual(response.code, 200)
         checkAutodiscoverSchema(self, body, "bob@example.test")
 
@@ -618,14 +732,17 @@ class AutodiscoverTests(HTTPMixin, unittest.TestCase):
         self.assertEqual(response.code, 400)
         ns = f"{{{AUTODISCOVER_RESPONSE_NS}}}"
         error = ET.fromstring(answer).find(f"{ns}Response/{ns}Error")
-        self.assertEqual((error.findtext(f"{ns}ErrorCode"), error.findtext(f"{ns}Message")),
-                         ("600", "Invalid Request"))
+        self.assertEqual(
+            (error.findtext(f"{ns}ErrorCode"), error.findtext(f"{ns}Message")),
+            ("600", "Invalid Request"),
+        )
         self.assertEqual(error.findtext(f"{ns}DebugData"), debug)
 
     def test_notXML(self):
         """A body that is not XML gets error 600 naming the parser's complaint."""
-        return self.checkInvalid(b"EMailAddress=alice@example.test",
-                                 "not XML: not well-formed (invalid token)")
+        return self.checkInvalid(
+            b"EMailAddress=alice@example.test", "not XML: not well-formed (invalid token)"
+        )
 
     def test_noAddress(self):
         """A request without EMailAddress gets error 600."""
@@ -633,25 +750,31 @@ class AutodiscoverTests(HTTPMixin, unittest.TestCase):
 
     def test_badAddress(self):
         """An EMailAddress that is not an address gets error 600 quoting it."""
-        return self.checkInvalid(autodiscoverRequest("alice@exa mple"),
-                                 "EMailAddress 'alice@exa mple' is not an e-mail address")
+        return self.checkInvalid(
+            autodiscoverRequest("alice@exa mple"),
+            "EMailAddress 'alice@exa mple' is not an e-mail address",
+        )
 
     def test_entitiesRefused(self):
         """A DOCTYPE (entity expansion, billion laughs) is refused before any expansion."""
-        body = (b'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x "xxxxxxxx">]>'
-                b"<Autodiscover><Request><EMailAddress>&x;@example.test</EMailAddress>"
-                b"</Request></Autodiscover>")
+        body = (
+            b'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x "xxxxxxxx">]>'
+            b"<Autodiscover><Request><EMailAddress>&x;@example.test</EMailAddress>"
+            b"</Request></Autodiscover>"
+        )
         return self.checkInvalid(body, "a document type declaration is not allowed")
 
     @defer.inlineCallbacks
     def test_mobilesyncSchema(self):
         """An ActiveSync client asking for the mobilesync schema gets error 601."""
-        response, answer = yield self.fetch("/autodiscover/autodiscover.xml", b"POST",
-                                            autodiscoverRequest(schema=MOBILESYNC))
+        response, answer = yield self.fetch(
+            "/autodiscover/autodiscover.xml", b"POST", autodiscoverRequest(schema=MOBILESYNC)
+        )
         self.assertEqual(response.code, 200)
         ns = f"{{{AUTODISCOVER_RESPONSE_NS}}}"
-        self.assertEqual(ET.fromstring(answer).findtext(f"{ns}Response/{ns}Error/{ns}ErrorCode"),
-                         "601")
+        self.assertEqual(
+            ET.fromstring(answer).findtext(f"{ns}Response/{ns}Error/{ns}ErrorCode"), "601"
+        )
 
     @defer.inlineCallbacks
     def test_getRefused(self):
@@ -667,8 +790,9 @@ class AutodiscoverTests(HTTPMixin, unittest.TestCase):
             response, _ = yield self.fetch("/autodiscover/autodiscover.xml", b"POST", body)
         except ResponseFailed as e:
             self.assertTrue(all(isinstance(r, Failure) for r in e.reasons))
-            self.assertTrue(any(r.check(ConnectionDone, ConnectionLost) for r in e.reasons),
-                            e.reasons)
+            self.assertTrue(
+                any(r.check(ConnectionDone, ConnectionLost) for r in e.reasons), e.reasons
+            )
         else:
             self.fail(f"answered {response.code}")
         self.assertTrue(self.log.matching("request body over 16384 bytes"))
@@ -717,9 +841,10 @@ endpoint = tcp:8080
         listener are left out.
         """
         servers = self.settings().outgoing
-        self.assertEqual([(s.hostname, s.port, s.tls) for s in servers],
-                         [("mx.example.test", 2465, "implicit"),
-                          ("mx.example.test", 2587, "starttls")])
+        self.assertEqual(
+            [(s.hostname, s.port, s.tls) for s in servers],
+            [("mx.example.test", 2465, "implicit"), ("mx.example.test", 2587, "starttls")],
+        )
 
     def test_cramOnly(self):
         """With CRAM-MD5 alone Thunderbird is told to use its encrypted password."""
@@ -730,8 +855,10 @@ endpoint = tcp:8080
     def test_defaults(self):
         """The public host name defaults to [server] hostname, the display name to a domain."""
         cfg = loadText(self.BASE.format(mechanisms="PLAIN"))
-        self.assertEqual((cfg.autoconfig.hostname, cfg.autoconfig.display_name),
-                         ("mx.example.test", "example.net"))
+        self.assertEqual(
+            (cfg.autoconfig.hostname, cfg.autoconfig.display_name),
+            ("mx.example.test", "example.net"),
+        )
         root = ET.fromstring(autoconfig.thunderbirdConfig(self.settings()))
         self.assertEqual(root.find("emailProvider").get("id"), "example.net")
         self.assertEqual([e.text for e in root.iter("domain")], ["example.net", "example.test"])
@@ -741,10 +868,13 @@ endpoint = tcp:8080
         Mechanisms map to Thunderbird's names, cleartext first; SCRAM has
         no name in the format (Thunderbird's encrypted password is CRAM-MD5).
         """
-        self.assertEqual(authenticationMethods(["CRAM-MD5", "LOGIN"]),
-                         ("password-cleartext", "password-encrypted"))
-        self.assertEqual(authenticationMethods(["XOAUTH2", "PLAIN"]),
-                         ("password-cleartext", "OAuth2"))
+        self.assertEqual(
+            authenticationMethods(["CRAM-MD5", "LOGIN"]),
+            ("password-cleartext", "password-encrypted"),
+        )
+        self.assertEqual(
+            authenticationMethods(["XOAUTH2", "PLAIN"]), ("password-cleartext", "OAuth2")
+        )
         self.assertEqual(authenticationMethods(["OAUTHBEARER"]), ("OAuth2",))
         self.assertEqual(authenticationMethods(["SCRAM-SHA-256"]), ())
 
@@ -754,19 +884,27 @@ endpoint = tcp:8080
         provider it does not know and takes the next value.
         """
         methods = authenticationMethods(["XOAUTH2", "PLAIN"])
-        self.assertEqual(readAuthentication(list(methods), "mail.example.test", OUTGOING_AUTH),
-                         "passwordCleartext")
-        self.assertRaises(Rejected, readAuthentication, ["OAuth2"], "mail.example.test",
-                          OUTGOING_AUTH)
+        self.assertEqual(
+            readAuthentication(list(methods), "mail.example.test", OUTGOING_AUTH),
+            "passwordCleartext",
+        )
+        self.assertRaises(
+            Rejected, readAuthentication, ["OAuth2"], "mail.example.test", OUTGOING_AUTH
+        )
 
     def test_requestReader(self):
         """The request reader takes namespaced or bare elements and defaults the schema."""
-        self.assertEqual(readAutodiscoverRequest(THUNDERBIRD_REQUEST),
-                         (ADDRESS, OUTLOOK_RESPONSE_NS))
         self.assertEqual(
-            readAutodiscoverRequest(b"<Autodiscover><Request><EMailAddress> a@b.example "
-                                    b"</EMailAddress></Request></Autodiscover>"),
-            ("a@b.example", OUTLOOK_RESPONSE_NS))
-        e = self.assertRaises(AutodiscoverRequestError, readAutodiscoverRequest,
-                              b"<Other><Request/></Other>")
+            readAutodiscoverRequest(THUNDERBIRD_REQUEST), (ADDRESS, OUTLOOK_RESPONSE_NS)
+        )
+        self.assertEqual(
+            readAutodiscoverRequest(
+                b"<Autodiscover><Request><EMailAddress> a@b.example "
+                b"</EMailAddress></Request></Autodiscover>"
+            ),
+            ("a@b.example", OUTLOOK_RESPONSE_NS),
+        )
+        e = self.assertRaises(
+            AutodiscoverRequestError, readAutodiscoverRequest, b"<Other><Request/></Other>"
+        )
         self.assertEqual(str(e), "the root element is Other, not Autodiscover")

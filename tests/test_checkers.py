@@ -115,8 +115,9 @@ class PasswordCheckerTests(unittest.TestCase):
 
     def test_success(self) -> None:
         """The right password gives the lower-cased login as avatar id, via the pool."""
-        self.assertEqual(self.successResultOf(self.check("Alice@example.test", b"secret")),
-                         "alice@example.test")
+        self.assertEqual(
+            self.successResultOf(self.check("Alice@example.test", b"secret")), "alice@example.test"
+        )
         self.assertEqual(self.run.calls, 1)
 
     def test_unknownUserCostsAVerification(self) -> None:
@@ -175,16 +176,20 @@ class PasswordCheckerTests(unittest.TestCase):
         store.setSuspended("alice@example.test", True)
         checker = PasswordChecker(store, self.run)
         ledger = DummyLedger(self)
-        f = self.failureResultOf(self.check("Alice@example.test", b"secret", checker),
-                                 LoginSuspended)
+        f = self.failureResultOf(
+            self.check("Alice@example.test", b"secret", checker), LoginSuspended
+        )
         self.assertTrue(f.check(UnauthorizedLogin))
         self.assertEqual(ledger.secrets, [b"secret"])
-        f = self.failureResultOf(self.check("alice@example.test", b"wrong", checker),
-                                 UnauthorizedLogin)
+        f = self.failureResultOf(
+            self.check("alice@example.test", b"wrong", checker), UnauthorizedLogin
+        )
         self.assertFalse(f.check(LoginSuspended))
         store.setSuspended("alice@example.test", False)
-        self.assertEqual(self.successResultOf(self.check("alice@example.test", b"secret",
-                                                         checker)), "alice@example.test")
+        self.assertEqual(
+            self.successResultOf(self.check("alice@example.test", b"secret", checker)),
+            "alice@example.test",
+        )
 
 
 class DefaultCostTests(unittest.TestCase):
@@ -193,8 +198,12 @@ class DefaultCostTests(unittest.TestCase):
     def argon2(self, m: int, t: int, p: int, kind: str = "argon2id") -> passwords.PasswordHash:
         value = VECTORS[ARGON2ID].password.value
         head, rest = value.split("$m=", 1)
-        return passwords.parse("{ARGON2ID}" + head.replace("argon2id", kind)
-                               + f"$m={m},t={t},p={p}$" + rest.split("$", 1)[1])
+        return passwords.parse(
+            "{ARGON2ID}"
+            + head.replace("argon2id", kind)
+            + f"$m={m},t={t},p={p}$"
+            + rest.split("$", 1)[1]
+        )
 
     def test_defaultParameters(self) -> None:
         """A new ARGON2ID hash, and doveadm's, cost a dummy verification."""
@@ -204,10 +213,14 @@ class DefaultCostTests(unittest.TestCase):
 
     def test_cheaper(self) -> None:
         """Less memory or time, more lanes, argon2i or another scheme: not enough."""
-        for stored in (self.argon2(32768, 3, 1), self.argon2(65536, 2, 1),
-                       self.argon2(65536, 3, 4), self.argon2(65536, 3, 1, "argon2i"),
-                       VECTORS["alice.argon2i@example.test"].password,
-                       VECTORS["alice.sha512-crypt@example.test"].password):
+        for stored in (
+            self.argon2(32768, 3, 1),
+            self.argon2(65536, 2, 1),
+            self.argon2(65536, 3, 4),
+            self.argon2(65536, 3, 1, "argon2i"),
+            VECTORS["alice.argon2i@example.test"].password,
+            VECTORS["alice.sha512-crypt@example.test"].password,
+        ):
             self.assertFalse(passwords.costsAsMuchAsDummy(stored), stored)
 
 
@@ -222,13 +235,15 @@ class CramMD5CheckerTests(unittest.TestCase):
 
     def test_cramUser(self) -> None:
         """A user stored as CRAM-MD5 logs in with the right digest."""
-        self.assertEqual(self.successResultOf(self.check("cram@example.test", b"secret")),
-                         "cram@example.test")
+        self.assertEqual(
+            self.successResultOf(self.check("cram@example.test", b"secret")), "cram@example.test"
+        )
 
     def test_plainUser(self) -> None:
         """A user stored in plaintext can use CRAM-MD5."""
-        self.assertEqual(self.successResultOf(self.check("plain@example.test", b"secret")),
-                         "plain@example.test")
+        self.assertEqual(
+            self.successResultOf(self.check("plain@example.test", b"secret")), "plain@example.test"
+        )
 
     def test_wrongDigest(self) -> None:
         """A wrong digest fails as a wrong password, not as an unusable mechanism."""
@@ -240,11 +255,11 @@ class CramMD5CheckerTests(unittest.TestCase):
         A user with a one-way hash gets the ordinary failure, even with the
         right password, as MechanismUnavailable: not a guess.
         """
-        f = self.failureResultOf(self.check("alice@example.test", b"secret"),
-                                 MechanismUnavailable)
+        f = self.failureResultOf(self.check("alice@example.test", b"secret"), MechanismUnavailable)
         self.assertTrue(f.check(UnauthorizedLogin))
-        self.assertIn("CRAM-MD5 cannot verify a password stored as SHA256-CRYPT",
-                      f.getErrorMessage())
+        self.assertIn(
+            "CRAM-MD5 cannot verify a password stored as SHA256-CRYPT", f.getErrorMessage()
+        )
 
     def test_unknownUserIsAGuess(self) -> None:
         """An unknown login trying CRAM-MD5 is a wrong guess at a name, not a mechanism refused."""
@@ -329,14 +344,20 @@ class SessionTests(unittest.TestCase):
         self.users.addUser("bob@example.test", "{PLAIN}bob-secret")
         self.users.setSuspended("bob@example.test", True)
         self.run = RecordingRunner()
-        portal = Portal(MailboxRealm(), [PasswordChecker(self.users, self.run),
-                                         CramMD5Checker(self.users, self.run)])
+        portal = Portal(
+            MailboxRealm(),
+            [PasswordChecker(self.users, self.run), CramMD5Checker(self.users, self.run)],
+        )
         self.store = MemoryCounterStore(self.clock)
         self.metrics = Metrics.prometheus(process=False)
-        self.factory = makeFactory(self.clock, portal=portal, tlsMode="implicit",
-                                   throttle=makeThrottle(self.clock, store=self.store,
-                                                         maxPerAddress=10, maxPerLogin=3),
-                                   failuresPerSession=20, metrics=self.metrics)
+        self.factory = makeFactory(
+            self.clock,
+            portal=portal,
+            tlsMode="implicit",
+            throttle=makeThrottle(self.clock, store=self.store, maxPerAddress=10, maxPerLogin=3),
+            failuresPerSession=20,
+            metrics=self.metrics,
+        )
         self.log = LogWatcher()
         self.addCleanup(self.log.stop)
 
@@ -351,7 +372,8 @@ class SessionTests(unittest.TestCase):
 
     def metric(self, mechanism: str, result: str) -> float:
         value = self.metrics.registry.get_sample_value(
-            "mailauth_auth_total", {"mechanism": mechanism, "result": result})
+            "mailauth_auth_total", {"mechanism": mechanism, "result": result}
+        )
         return value or 0.0
 
     def cram(self, session: Session, login: bytes, password: bytes) -> list:
@@ -387,27 +409,36 @@ class SessionTests(unittest.TestCase):
         """
         for _ in range(8):
             session = self.session()
-            self.assertEqual(self.cram(session, ARGON2ID.encode(), SECRET),
-                             [b"535 5.7.8 Authentication credentials invalid"])
+            self.assertEqual(
+                self.cram(session, ARGON2ID.encode(), SECRET),
+                [b"535 5.7.8 Authentication credentials invalid"],
+            )
             session.protocol.connectionLost(None)
         self.assertEqual(self.store.trackedKeys(), 0)
-        self.assertEqual(self.authLines(), [
-            f"auth mechanism unusable: client=[192.0.2.1] mechanism=CRAM-MD5 login=<{ARGON2ID}>"
-        ] * 8)
+        self.assertEqual(
+            self.authLines(),
+            [f"auth mechanism unusable: client=[192.0.2.1] mechanism=CRAM-MD5 login=<{ARGON2ID}>"]
+            * 8,
+        )
         self.assertEqual(self.metric("CRAM-MD5", "failure"), 8)
         session = self.session()
-        self.assertEqual(session.command(plainLine(ARGON2ID.encode(), SECRET)),
-                         [b"235 2.7.0 Authentication successful"])
+        self.assertEqual(
+            session.command(plainLine(ARGON2ID.encode(), SECRET)),
+            [b"235 2.7.0 Authentication successful"],
+        )
 
     def test_unknownLoginCramCounted(self) -> None:
         """An unknown login trying CRAM-MD5 is a guess at a name: logged and counted as one."""
         session = self.session()
-        self.assertEqual(self.cram(session, b"nobody@example.test", SECRET),
-                         [b"535 5.7.8 Authentication credentials invalid"])
-        self.assertEqual(self.authLines(), [
-            "auth failure: client=[192.0.2.1] mechanism=CRAM-MD5 login=<nobody@example.test>"])
-        self.assertEqual(self.successResultOf(self.store.total("auth-address:192.0.2.1", 900)),
-                         1)
+        self.assertEqual(
+            self.cram(session, b"nobody@example.test", SECRET),
+            [b"535 5.7.8 Authentication credentials invalid"],
+        )
+        self.assertEqual(
+            self.authLines(),
+            ["auth failure: client=[192.0.2.1] mechanism=CRAM-MD5 login=<nobody@example.test>"],
+        )
+        self.assertEqual(self.successResultOf(self.store.total("auth-address:192.0.2.1", 900)), 1)
 
     def test_suspendedRightPassword(self) -> None:
         """
@@ -417,17 +448,26 @@ class SessionTests(unittest.TestCase):
         """
         session = self.session()
         for _ in range(5):
-            self.assertEqual(session.command(plainLine(b"bob@example.test", b"bob-secret")),
-                             [b"535 5.7.8 Authentication credentials invalid"])
+            self.assertEqual(
+                session.command(plainLine(b"bob@example.test", b"bob-secret")),
+                [b"535 5.7.8 Authentication credentials invalid"],
+            )
         self.assertEqual(self.store.trackedKeys(), 0)
-        self.assertEqual(self.authLines(), [
-            "auth suspended: client=[192.0.2.1] mechanism=PLAIN login=<bob@example.test>"] * 5)
-        self.assertEqual((self.metric("PLAIN", "suspended"), self.metric("PLAIN", "failure")),
-                         (5, 0))
-        self.assertEqual(session.command(plainLine(b"bob@example.test", b"wrong")),
-                         [b"535 5.7.8 Authentication credentials invalid"])
-        self.assertEqual(self.authLines()[-1], "auth failure: client=[192.0.2.1] "
-                         "mechanism=PLAIN login=<bob@example.test>")
+        self.assertEqual(
+            self.authLines(),
+            ["auth suspended: client=[192.0.2.1] mechanism=PLAIN login=<bob@example.test>"] * 5,
+        )
+        self.assertEqual(
+            (self.metric("PLAIN", "suspended"), self.metric("PLAIN", "failure")), (5, 0)
+        )
+        self.assertEqual(
+            session.command(plainLine(b"bob@example.test", b"wrong")),
+            [b"535 5.7.8 Authentication credentials invalid"],
+        )
+        self.assertEqual(
+            self.authLines()[-1],
+            "auth failure: client=[192.0.2.1] mechanism=PLAIN login=<bob@example.test>",
+        )
         self.assertEqual(self.metric("PLAIN", "failure"), 1)
 
     def test_resultsMetric(self) -> None:
@@ -435,10 +475,13 @@ class SessionTests(unittest.TestCase):
         session = self.session()
         session.command(plainLine(b"nobody@example.test", b"x"))
         self.users.available = False
-        self.assertEqual(session.command(plainLine(b"nobody@example.test", b"x")),
-                         [b"454 4.7.0 Temporary authentication failure"])
+        self.assertEqual(
+            session.command(plainLine(b"nobody@example.test", b"x")),
+            [b"454 4.7.0 Temporary authentication failure"],
+        )
         self.users.available = True
         session.command(plainLine(b"alice.plain@example.test", SECRET))
-        self.assertEqual([self.metric("PLAIN", r) for r in ("success", "failure", "unavailable")],
-                         [1, 1, 1])
+        self.assertEqual(
+            [self.metric("PLAIN", r) for r in ("success", "failure", "unavailable")], [1, 1, 1]
+        )
         self.flushLoggedErrors()

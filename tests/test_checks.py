@@ -77,8 +77,10 @@ class CheckTestMixin:
 class FindingsTests(unittest.TestCase):
     def test_add(self) -> None:
         """Findings add up list by list."""
-        self.assertEqual(Findings(("e1",), ("w1",), ("n1",)) + Findings(("e2",), (), ("n2",)),
-                         Findings(("e1", "e2"), ("w1",), ("n1", "n2")))
+        self.assertEqual(
+            Findings(("e1",), ("w1",), ("n1",)) + Findings(("e2",), (), ("n2",)),
+            Findings(("e1", "e2"), ("w1",), ("n1", "n2")),
+        )
 
 
 class AccountTests(unittest.TestCase):
@@ -99,8 +101,7 @@ class AccountTests(unittest.TestCase):
         """
         os.chmod(self.path, 0o750)
         owner = Account("owner", self.ownerUID, self.ownerGID + 1)
-        member = Account("member", self.ownerUID + 1, self.ownerGID + 1,
-                         frozenset([self.ownerGID]))
+        member = Account("member", self.ownerUID + 1, self.ownerGID + 1, frozenset([self.ownerGID]))
         self.assertTrue(owner.may(self.path, os.W_OK | os.X_OK))
         self.assertTrue(member.may(self.path, os.R_OK | os.X_OK))
         self.assertFalse(member.may(self.path, os.W_OK))
@@ -137,8 +138,9 @@ class AccountTests(unittest.TestCase):
         e = self.assertRaises(KeyError, Account.lookup, "no-such-user-here")
         self.assertEqual(e.args[0], "no user 'no-such-user-here'")
         self.assertRaises(KeyError, Account.lookup, "3999999")
-        self.assertEqual(Account.lookup("3999999", 7), Account("3999999", 3999999, 7,
-                                                               frozenset([7])))
+        self.assertEqual(
+            Account.lookup("3999999", 7), Account("3999999", 3999999, 7, frozenset([7]))
+        )
 
 
 class FolderTests(unittest.TestCase):
@@ -158,26 +160,32 @@ class FolderTests(unittest.TestCase):
 
     def test_notWritable(self) -> None:
         """Another user cannot; the line names the user and the folder."""
-        self.assertEqual(folderProblem(self.other, self.top),
-                         f"user other (uid {self.other.uid}) cannot write {self.top}")
-        self.assertEqual(folderProblem(self.other, os.path.join(self.top, "a", "b")),
-                         f"user other (uid {self.other.uid}) cannot write {self.top} "
-                         f"to make {self.top}/a/b")
+        self.assertEqual(
+            folderProblem(self.other, self.top),
+            f"user other (uid {self.other.uid}) cannot write {self.top}",
+        )
+        self.assertEqual(
+            folderProblem(self.other, os.path.join(self.top, "a", "b")),
+            f"user other (uid {self.other.uid}) cannot write {self.top} to make {self.top}/a/b",
+        )
 
     def test_cannotEnter(self) -> None:
         """A folder on the way that the user may not search stops it."""
         inner = os.path.join(self.top, "inner")
         os.mkdir(inner, 0o777)
         os.chmod(self.top, 0o750)
-        self.assertEqual(folderProblem(self.other, inner),
-                         f"user other (uid {self.other.uid}) cannot enter {self.top}")
+        self.assertEqual(
+            folderProblem(self.other, inner),
+            f"user other (uid {self.other.uid}) cannot enter {self.top}",
+        )
 
     def test_fileInTheWay(self) -> None:
         """A file where a folder should be is named."""
         path = os.path.join(self.top, "file")
         open(path, "w").close()
-        self.assertEqual(folderProblem(self.owner, os.path.join(path, "Maildir")),
-                         f"{path} is not a folder")
+        self.assertEqual(
+            folderProblem(self.owner, os.path.join(path, "Maildir")), f"{path} is not a folder"
+        )
 
     def test_maildirRoots(self) -> None:
         """
@@ -185,8 +193,10 @@ class FolderTests(unittest.TestCase):
         per-user field, for each local domain.
         """
         domains = frozenset(["b.test", "a.test"])
-        self.assertEqual(maildirRoots("/var/mail/{domain}/{localpart}/Maildir", domains),
-                         ["/var/mail/a.test", "/var/mail/b.test"])
+        self.assertEqual(
+            maildirRoots("/var/mail/{domain}/{localpart}/Maildir", domains),
+            ["/var/mail/a.test", "/var/mail/b.test"],
+        )
         self.assertEqual(maildirRoots("/home/vmail/{user}/Maildir", domains), ["/home/vmail"])
         self.assertEqual(maildirRoots("/srv/{localpart}.{domain}", domains), ["/srv"])
 
@@ -201,16 +211,19 @@ class FolderCheckTests(CheckTestMixin, unittest.TestCase):
         os.chmod(self.dir, 0o755)
         findings = checks.checkFolders(cfg, other, chown=False)
         who = f"user other (uid {other.uid})"
-        self.assertEqual(findings.errors, (
-            f"{cfg.path}: [server] state_dir: {self.dir}/state: {who} cannot write {self.dir} "
-            f"to make {self.dir}/state",
-            f"{cfg.path}: [delivery] maildir: {self.dir}/mail/example.net: {who} cannot write "
-            f"{self.dir} to make {self.dir}/mail/example.net, so no new Maildir can be made "
-            "there",
-            f"{cfg.path}: [delivery] maildir: {self.dir}/mail/example.test: {who} cannot write "
-            f"{self.dir} to make {self.dir}/mail/example.test, so no new Maildir can be made "
-            "there",
-        ))
+        self.assertEqual(
+            findings.errors,
+            (
+                f"{cfg.path}: [server] state_dir: {self.dir}/state: {who} cannot write {self.dir} "
+                f"to make {self.dir}/state",
+                f"{cfg.path}: [delivery] maildir: {self.dir}/mail/example.net: {who} cannot write "
+                f"{self.dir} to make {self.dir}/mail/example.net, so no new Maildir can be made "
+                "there",
+                f"{cfg.path}: [delivery] maildir: {self.dir}/mail/example.test: {who} cannot write "
+                f"{self.dir} to make {self.dir}/mail/example.test, so no new Maildir can be made "
+                "there",
+            ),
+        )
         self.assertEqual(checks.checkFolders(cfg, Account.ofProcess(), chown=False), Findings())
 
     def test_chownedStateDir(self) -> None:
@@ -226,9 +239,11 @@ class FolderCheckTests(CheckTestMixin, unittest.TestCase):
         self.assertEqual(checks.checkFolders(cfg, other, chown=True), Findings())
         os.chmod(self.dir, 0o750)
         [state, *_] = checks.checkFolders(cfg, other, chown=True).errors
-        self.assertEqual(state, f"{cfg.path}: [server] state_dir: {self.dir}/state: "
-                         f"user other (uid {other.uid}) cannot enter {self.dir}")
-
+        self.assertEqual(
+            state,
+            f"{cfg.path}: [server] state_dir: {self.dir}/state: "
+            f"user other (uid {other.uid}) cannot enter {self.dir}",
+        )
 
     def test_filesReadAfterPrivilegesDrop(self) -> None:
         """
@@ -239,8 +254,9 @@ class FolderCheckTests(CheckTestMixin, unittest.TestCase):
         password = os.path.join(self.dir, "relay-password")
         with open(password, "w") as f:
             f.write("secret\n")
-        cfg = self.config(extra=f"[relay]\nhost = smtp.example.net\nusername = u\n"
-                          f"password_file = {password}\n")
+        cfg = self.config(
+            extra=f"[relay]\nhost = smtp.example.net\nusername = u\npassword_file = {password}\n"
+        )
         for path in (password, self.users, cfg.tls.private_key):
             os.chmod(path, 0o600)
         mail = os.path.join(self.dir, "mail")
@@ -248,14 +264,23 @@ class FolderCheckTests(CheckTestMixin, unittest.TestCase):
         os.chmod(mail, 0o777)
         other = Account("other", os.getuid() + 54321, os.getgid() + 54321)
         who = f"user other (uid {other.uid}) cannot read it"
-        self.assertEqual(checks.checkReadable(cfg, other, chown=True), Findings(
-            errors=(f"{cfg.path}: [relay] password_file: {password}: {who}, so the daemon "
-                    "cannot relay",),
-            warnings=tuple(
-                f"{cfg.path}: {where}: warning: {path}: {who}, so the daemon cannot read it "
-                "again when it changes or on SIGHUP"
-                for where, path in (("[auth] users", self.users),
-                                    ("[tls] private_key", cfg.tls.private_key)))))
+        self.assertEqual(
+            checks.checkReadable(cfg, other, chown=True),
+            Findings(
+                errors=(
+                    f"{cfg.path}: [relay] password_file: {password}: {who}, so the daemon "
+                    "cannot relay",
+                ),
+                warnings=tuple(
+                    f"{cfg.path}: {where}: warning: {path}: {who}, so the daemon cannot read it "
+                    "again when it changes or on SIGHUP"
+                    for where, path in (
+                        ("[auth] users", self.users),
+                        ("[tls] private_key", cfg.tls.private_key),
+                    )
+                ),
+            ),
+        )
         self.assertEqual(checks.checkReadable(cfg, other, chown=False), Findings())
         self.assertEqual(len(checkAll(cfg, other, chown=True).errors), 1)
 
@@ -269,8 +294,10 @@ class EndpointTests(CheckTestMixin, unittest.TestCase):
 
     def assertProblem(self, endpoint: str, message: str, daemon: bool = False) -> None:
         path = os.path.join(self.dir, "mailauth.conf")
-        self.assertEqual(self.problems(endpoint, daemon),
-                         (f"{path}: [listener:submission] endpoint: {endpoint!r}: {message}",))
+        self.assertEqual(
+            self.problems(endpoint, daemon),
+            (f"{path}: [listener:submission] endpoint: {endpoint!r}: {message}",),
+        )
 
     def test_portNotANumber(self) -> None:
         """tcp:abc says the port is not a number."""
@@ -282,10 +309,14 @@ class EndpointTests(CheckTestMixin, unittest.TestCase):
 
     def test_unknownOption(self) -> None:
         """A misspelt option is named, with the ones that exist."""
-        self.assertProblem("tcp:2587:interfce=127.0.0.1",
-                           "unknown option 'interfce' (known: port, interface, backlog)")
-        self.assertProblem("unix:/tmp/x.sock:mdoe=600",
-                           "unknown option 'mdoe' (known: address, mode, backlog, lockfile)")
+        self.assertProblem(
+            "tcp:2587:interfce=127.0.0.1",
+            "unknown option 'interfce' (known: port, interface, backlog)",
+        )
+        self.assertProblem(
+            "unix:/tmp/x.sock:mdoe=600",
+            "unknown option 'mdoe' (known: address, mode, backlog, lockfile)",
+        )
 
     def test_badValues(self) -> None:
         """Bad option values and missing ones are said in words."""
@@ -296,14 +327,16 @@ class EndpointTests(CheckTestMixin, unittest.TestCase):
 
     def test_unixFolderMissing(self) -> None:
         """A unix: socket in a folder that does not exist cannot be made."""
-        self.assertProblem(f"unix:{self.dir}/run/mailauth.sock",
-                           f"cannot listen: {self.dir}/run: no such folder")
+        self.assertProblem(
+            f"unix:{self.dir}/run/mailauth.sock", f"cannot listen: {self.dir}/run: no such folder"
+        )
 
     def test_unixPathNotASocket(self) -> None:
         """A unix: path that is a file already cannot be a socket."""
         open(os.path.join(self.dir, "file"), "w").close()
-        self.assertProblem(f"unix:{self.dir}/file",
-                           f"cannot listen: {self.dir}/file exists and is not a socket")
+        self.assertProblem(
+            f"unix:{self.dir}/file", f"cannot listen: {self.dir}/file exists and is not a socket"
+        )
 
     def test_unixGood(self) -> None:
         """A unix: socket in a folder that exists is fine."""
@@ -319,18 +352,26 @@ class EndpointTests(CheckTestMixin, unittest.TestCase):
         self.assertProblem("systemd:domain=INTE:index=0", "domain= must be INET, INET6 or UNIX")
         self.assertProblem("systemd:domain=INET", "give exactly one of index= and name=")
         self.assertProblem("systemd:domain=INET:index=one", "index=one is not a whole number")
-        self.assertProblem("systemd:domain=INET:idx=0",
-                           "unknown option 'idx' (known: domain, index, name)")
-        self.assertProblem("systemd:domain=INET:index=7",
-                           "systemd passed no such socket: start mailauth through its socket "
-                           "unit, or use a tcp: endpoint", daemon=True)
+        self.assertProblem(
+            "systemd:domain=INET:idx=0", "unknown option 'idx' (known: domain, index, name)"
+        )
+        self.assertProblem(
+            "systemd:domain=INET:index=7",
+            "systemd passed no such socket: start mailauth through its socket "
+            "unit, or use a tcp: endpoint",
+            daemon=True,
+        )
 
     def test_metricsAndAutoconfig(self) -> None:
         """The [metrics] and [autoconfig] endpoints are checked as well."""
         cfg = self.config(extra="[metrics]\nendpoint = tcp:99999\n")
-        self.assertEqual(checks.checkListening(cfg, False).errors, (
-            f"{cfg.path}: [metrics] endpoint: 'tcp:99999': 99999 is not a port number "
-            "(0 to 65535)",))
+        self.assertEqual(
+            checks.checkListening(cfg, False).errors,
+            (
+                f"{cfg.path}: [metrics] endpoint: 'tcp:99999': 99999 is not a port number "
+                "(0 to 65535)",
+            ),
+        )
 
 
 class PortTests(CheckTestMixin, unittest.TestCase):
@@ -341,8 +382,10 @@ class PortTests(CheckTestMixin, unittest.TestCase):
         port = holdPort(self)
         endpoint = f"tcp:{port}:interface=127.0.0.1"
         cfg = self.config(listener("submission", endpoint))
-        line = (f"{cfg.path}: [listener:submission] endpoint: {endpoint!r}: cannot listen: "
-                "Address already in use")
+        line = (
+            f"{cfg.path}: [listener:submission] endpoint: {endpoint!r}: cannot listen: "
+            "Address already in use"
+        )
         for daemon in (False, True):
             self.assertEqual(checks.checkListening(cfg, daemon), Findings(errors=(line,)))
 
@@ -357,11 +400,16 @@ class PortTests(CheckTestMixin, unittest.TestCase):
     def test_samePortTwice(self) -> None:
         """Two endpoints of the configuration on one port collide, as in the daemon."""
         port = freePort()
-        cfg = self.config(listener("a", f"tcp:{port}:interface=127.0.0.1")
-                          + listener("b", f"tcp:{port}"))
-        self.assertEqual(checks.checkListening(cfg, True).errors, (
-            f"{cfg.path}: [listener:b] endpoint: 'tcp:{port}': cannot listen: "
-            "Address already in use",))
+        cfg = self.config(
+            listener("a", f"tcp:{port}:interface=127.0.0.1") + listener("b", f"tcp:{port}")
+        )
+        self.assertEqual(
+            checks.checkListening(cfg, True).errors,
+            (
+                f"{cfg.path}: [listener:b] endpoint: 'tcp:{port}': cannot listen: "
+                "Address already in use",
+            ),
+        )
 
     def test_noSuchAddress(self) -> None:
         """An interface that is no address of this machine cannot be bound."""
@@ -390,13 +438,19 @@ class PortTests(CheckTestMixin, unittest.TestCase):
         self.addCleanup(daemon.stop)
         daemon.start()
         smtps = daemon.ports["submissions"]
-        cfg = self.config(listener("submissions", f"tcp:{smtps}:interface=127.0.0.1",
-                                   "implicit"))
+        cfg = self.config(listener("submissions", f"tcp:{smtps}:interface=127.0.0.1", "implicit"))
         findings = yield threads.deferToThread(checks.checkListening, cfg, False)
-        self.assertEqual(findings, Findings(notes=(
-            f"{cfg.path}: [listener:submissions] endpoint: 'tcp:{smtps}:interface=127.0.0.1': "
-            "in use, by the running mailauth (it answers on [listener:submissions]): "
-            "not tried",)))
+        self.assertEqual(
+            findings,
+            Findings(
+                notes=(
+                    f"{cfg.path}: [listener:submissions] endpoint: "
+                    f"'tcp:{smtps}:interface=127.0.0.1': "
+                    "in use, by the running mailauth (it answers on [listener:submissions]): "
+                    "not tried",
+                )
+            ),
+        )
         findings = yield threads.deferToThread(checks.checkListening, cfg, True)
         self.assertEqual(len(findings.errors), 1)
 
@@ -415,8 +469,11 @@ class CertificateTests(CheckTestMixin, unittest.TestCase):
         writeCertificate(os.path.join(self.dir, "tls"), days=-2)
         cfg = self.config()
         [error] = checkAll(cfg, Account.ofProcess()).errors
-        self.assertRegex(error, rf"^{cfg.path}: \[tls\] certificate: {self.dir}/tls/cert.pem: "
-                         r"expired on \d{4}-\d\d-\d\d \d\d:\d\d UTC: renew it$")
+        self.assertRegex(
+            error,
+            rf"^{cfg.path}: \[tls\] certificate: {self.dir}/tls/cert.pem: "
+            r"expired on \d{4}-\d\d-\d\d \d\d:\d\d UTC: renew it$",
+        )
 
     def test_expiresSoon(self) -> None:
         """One that expires within 30 days is a warning, and not before."""
@@ -424,19 +481,29 @@ class CertificateTests(CheckTestMixin, unittest.TestCase):
         expires = notAfter(cfg.tls.certificate)
         date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(expires))
         self.assertEqual(checks.checkCertificate(cfg, expires - 30 * 86400 - 1), Findings())
-        self.assertEqual(checks.checkCertificate(cfg, expires - 29.5 * 86400), Findings(
-            warnings=(f"{cfg.path}: [tls] certificate: warning: {self.dir}/tls/cert.pem: "
-                      f"expires on {date}, in 29 day(s): renew it",)))
+        self.assertEqual(
+            checks.checkCertificate(cfg, expires - 29.5 * 86400),
+            Findings(
+                warnings=(
+                    f"{cfg.path}: [tls] certificate: warning: {self.dir}/tls/cert.pem: "
+                    f"expires on {date}, in 29 day(s): renew it",
+                )
+            ),
+        )
         self.assertEqual(len(checks.checkCertificate(cfg, expires).errors), 1)
 
     def test_encryptedKey(self) -> None:
         """An encrypted key is one clear error, and nothing asks for a passphrase."""
         writeCertificate(os.path.join(self.dir, "tls"), passphrase=b"secret")
         cfg = self.config()
-        self.assertEqual(checkAll(cfg, Account.ofProcess()).errors, (
-            f"{cfg.path}: [tls]: {self.dir}/tls/key.pem: the private key is encrypted with a "
-            "passphrase, which mailauth cannot ask for: store it decrypted (openssl pkey -in "
-            "KEY -out NEWKEY), readable only by root and the daemon's group",))
+        self.assertEqual(
+            checkAll(cfg, Account.ofProcess()).errors,
+            (
+                f"{cfg.path}: [tls]: {self.dir}/tls/key.pem: the private key is encrypted with a "
+                "passphrase, which mailauth cannot ask for: store it decrypted (openssl pkey -in "
+                "KEY -out NEWKEY), readable only by root and the daemon's group",
+            ),
+        )
 
 
 class UsersFileTests(CheckTestMixin, unittest.TestCase):
@@ -453,15 +520,23 @@ class UsersFileTests(CheckTestMixin, unittest.TestCase):
         findings = checkAll(cfg, Account.ofProcess())
         self.assertEqual(findings.errors, ())
         self.assertEqual(len(findings.warnings), 3, findings.warnings)
-        self.assertEqual(findings.warnings[0], f"{self.users}:2: warning: no ':' after the "
-                         "login; the daemon skips this line")
-        self.assertRegex(findings.warnings[1], rf"^{self.users}:3: warning: bob@example.test: "
-                         r".*NOPE.*; the daemon skips this line$")
-        self.assertEqual(findings.warnings[2], (
-            f"{cfg.path}: [auth] users: warning: {self.users}: 1 user(s) with plaintext "
-            "passwords: plain@example.test; set a hashed one with 'mailauth user passwd'"))
+        self.assertEqual(
+            findings.warnings[0],
+            f"{self.users}:2: warning: no ':' after the login; the daemon skips this line",
+        )
+        self.assertRegex(
+            findings.warnings[1],
+            rf"^{self.users}:3: warning: bob@example.test: "
+            r".*NOPE.*; the daemon skips this line$",
+        )
+        self.assertEqual(
+            findings.warnings[2],
+            (
+                f"{cfg.path}: [auth] users: warning: {self.users}: 1 user(s) with plaintext "
+                "passwords: plain@example.test; set a hashed one with 'mailauth user passwd'"
+            ),
+        )
         self.assertEqual(checkAll(cfg, Account.ofProcess(), daemon=True), Findings())
-
 
     def test_addressMapLines(self) -> None:
         """The aliases' and sender map's skipped lines are warnings too."""
@@ -475,17 +550,26 @@ class UsersFileTests(CheckTestMixin, unittest.TestCase):
         with open(path, "w") as f:
             f.write(text.replace("[delivery]\n", f"[delivery]\naliases = {aliases}\n"))
         cfg = configmod.load(path)
-        self.assertEqual(checkAll(cfg, Account.ofProcess()).warnings, (
-            f"{aliases}:2: warning: expected 'address: address[, address...]'; the daemon "
-            "skips this line",))
+        self.assertEqual(
+            checkAll(cfg, Account.ofProcess()).warnings,
+            (
+                f"{aliases}:2: warning: expected 'address: address[, address...]'; the daemon "
+                "skips this line",
+            ),
+        )
 
     def test_autoconfigWithoutIncoming(self) -> None:
         """An [autoconfig] that names no IMAP or POP3 server is a warning."""
-        cfg = self.config(extra="[autoconfig]\nendpoint = tcp:0:interface=127.0.0.1\n"
-                          "ports = submission:587\n")
-        self.assertEqual(checkAll(cfg, Account.ofProcess()).warnings, (
-            f"{cfg.path}: [autoconfig] incoming: warning: not set: Thunderbird and Outlook "
-            "discard a setup that names no IMAP or POP3 server",))
+        cfg = self.config(
+            extra="[autoconfig]\nendpoint = tcp:0:interface=127.0.0.1\nports = submission:587\n"
+        )
+        self.assertEqual(
+            checkAll(cfg, Account.ofProcess()).warnings,
+            (
+                f"{cfg.path}: [autoconfig] incoming: warning: not set: Thunderbird and Outlook "
+                "discard a setup that names no IMAP or POP3 server",
+            ),
+        )
 
 
 class CheckAllTests(CheckTestMixin, unittest.TestCase):
@@ -497,8 +581,11 @@ class CheckAllTests(CheckTestMixin, unittest.TestCase):
         """Problems of every kind are found together, one line each."""
         port = holdPort(self)
         os.remove(self.users)
-        cfg = self.config(listener("a", "tcp:abc") + listener("b", f"tcp:{port}")
-                          + listener("c", f"unix:{self.dir}/no/such.sock"))
+        cfg = self.config(
+            listener("a", "tcp:abc")
+            + listener("b", f"tcp:{port}")
+            + listener("c", f"unix:{self.dir}/no/such.sock")
+        )
         errors = checkAll(cfg, Account.ofProcess()).errors
         self.assertEqual(len(errors), 4, errors)
         self.assertIn("[auth] users", errors[0])
@@ -510,9 +597,13 @@ class CheckAllTests(CheckTestMixin, unittest.TestCase):
         """A state_dir that is a file is an error for any user."""
         open(os.path.join(self.dir, "state"), "w").close()
         cfg = self.config()
-        self.assertEqual(checkAll(cfg, Account.ofProcess()).errors, (
-            f"{cfg.path}: [server] state_dir: {self.dir}/state: {self.dir}/state is not a "
-            "folder",))
+        self.assertEqual(
+            checkAll(cfg, Account.ofProcess()).errors,
+            (
+                f"{cfg.path}: [server] state_dir: {self.dir}/state: {self.dir}/state is not a "
+                "folder",
+            ),
+        )
         self.assertTrue(stat.S_ISREG(os.stat(cfg.server.state_dir).st_mode))
 
 
@@ -523,31 +614,44 @@ class MechanismWarningTests(unittest.TestCase):
         verify: one line naming the mechanism, how many users, their schemes
         and the schemes it needs.
         """
-        cfg = configmod.loadText(
-            makeConfigText("mechanisms = PLAIN LOGIN CRAM-MD5"), "test.conf")
-        users = [("a@x.test", "ARGON2ID"), ("b@x.test", "CRAM-MD5"), ("c@x.test", "PLAIN"),
-                 ("d@x.test", "SHA512-CRYPT"), ("e@x.test", "ARGON2ID")]
-        self.assertEqual(checks.mechanismWarnings(cfg, users), [
-            "test.conf: [auth] mechanisms: warning: CRAM-MD5 is offered but 3 of 5 users "
-            "cannot use it (stored as ARGON2ID, SHA512-CRYPT), so clients that pick it fail "
-            "for them; offer it only if every user is stored as CRAM-MD5, HMAC-MD5, PLAIN, "
-            "CLEAR, CLEARTEXT"])
+        cfg = configmod.loadText(makeConfigText("mechanisms = PLAIN LOGIN CRAM-MD5"), "test.conf")
+        users = [
+            ("a@x.test", "ARGON2ID"),
+            ("b@x.test", "CRAM-MD5"),
+            ("c@x.test", "PLAIN"),
+            ("d@x.test", "SHA512-CRYPT"),
+            ("e@x.test", "ARGON2ID"),
+        ]
+        self.assertEqual(
+            checks.mechanismWarnings(cfg, users),
+            [
+                "test.conf: [auth] mechanisms: warning: CRAM-MD5 is offered but 3 of 5 users "
+                "cannot use it (stored as ARGON2ID, SHA512-CRYPT), so clients that pick it fail "
+                "for them; offer it only if every user is stored as CRAM-MD5, HMAC-MD5, PLAIN, "
+                "CLEAR, CLEARTEXT"
+            ],
+        )
 
     def test_scram(self) -> None:
         """SCRAM-SHA-256 and its -PLUS need users stored as SCRAM-SHA-256: a line each."""
         cfg = configmod.loadText(
-            makeConfigText("mechanisms = PLAIN SCRAM-SHA-256 SCRAM-SHA-256-PLUS"), "test.conf")
-        warnings = checks.mechanismWarnings(cfg, [("a@x.test", "SCRAM-SHA-256"),
-                                                  ("b@x.test", "ARGON2ID")])
-        self.assertEqual([w.split(" is offered")[0].rsplit(" ", 1)[1] for w in warnings],
-                         ["SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"])
+            makeConfigText("mechanisms = PLAIN SCRAM-SHA-256 SCRAM-SHA-256-PLUS"), "test.conf"
+        )
+        warnings = checks.mechanismWarnings(
+            cfg, [("a@x.test", "SCRAM-SHA-256"), ("b@x.test", "ARGON2ID")]
+        )
+        self.assertEqual(
+            [w.split(" is offered")[0].rsplit(" ", 1)[1] for w in warnings],
+            ["SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"],
+        )
         self.assertTrue(all(w.endswith("stored as SCRAM-SHA-256") for w in warnings))
 
     def test_nothingToWarnAbout(self) -> None:
         """No warning when every user can use every mechanism offered, or CRAM-MD5 is not."""
         cram = configmod.loadText(makeConfigText("mechanisms = PLAIN CRAM-MD5"))
-        self.assertEqual(checks.mechanismWarnings(cram, [("a@x.test", "CRAM-MD5"),
-                                                         ("b@x.test", "PLAIN")]), [])
+        self.assertEqual(
+            checks.mechanismWarnings(cram, [("a@x.test", "CRAM-MD5"), ("b@x.test", "PLAIN")]), []
+        )
         plain = configmod.loadText(makeConfigText("mechanisms = PLAIN LOGIN"))
         self.assertEqual(checks.mechanismWarnings(plain, [("a@x.test", "ARGON2ID")]), [])
 
@@ -576,12 +680,14 @@ class MechanismWarningTests(unittest.TestCase):
         path = os.path.join(directory, "mailauth.conf")
         text = makeConfigText("mechanisms = PLAIN CRAM-MD5", users)
         text = text.replace("tcp:2587", "tcp:0:interface=127.0.0.1").replace(
-            "/var/mail/", directory + "/mail/")
+            "/var/mail/", directory + "/mail/"
+        )
         with open(path, "w") as f:
             f.write(f"[server]\nstate_dir = {directory}/state\n" + text)
         console = cli.Console(io.BytesIO(), io.StringIO(), io.StringIO())
-        self.assertEqual(cli.main(["check-config", "--config", path], console), 0,
-                         console.stderr.getvalue())
+        self.assertEqual(
+            cli.main(["check-config", "--config", path], console), 0, console.stderr.getvalue()
+        )
         self.assertEqual(console.stdout.getvalue(), f"{path}: OK, with 1 warning(s)\n")
         [line] = console.stderr.getvalue().splitlines()
         self.assertIn(f"{path}: [auth] mechanisms: warning: CRAM-MD5 is offered", line)

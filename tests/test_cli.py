@@ -41,8 +41,13 @@ class CommandMixin:
         self.users = os.path.join(self.directory, "users")
         self.prompts: list[str] = []
 
-    def mailauth(self, *argv: str, stdin: bytes = b"", answers: Optional[list[str]] = None,
-                 defaultConfig: Optional[str] = None) -> int:
+    def mailauth(
+        self,
+        *argv: str,
+        stdin: bytes = b"",
+        answers: Optional[list[str]] = None,
+        defaultConfig: Optional[str] = None,
+    ) -> int:
         """
         Run C{mailauth ARGV...}, keeping its output in C{self.stdout} and
         C{self.stderr}.
@@ -61,8 +66,9 @@ class CommandMixin:
 
         if defaultConfig is None:
             defaultConfig = os.path.join(self.directory, "no-default.conf")
-        return main(list(argv), Console(self.stdin, self.stdout, self.stderr, getpass),
-                    defaultConfig)
+        return main(
+            list(argv), Console(self.stdin, self.stdout, self.stderr, getpass), defaultConfig
+        )
 
     def storedHash(self, login: str) -> str:
         with open(self.users) as f:
@@ -71,8 +77,13 @@ class CommandMixin:
                     return line.rstrip("\n").split(":")[1]
         self.fail(f"no {login} in {self.users}")
 
-    def writeConfig(self, users: str, extra: str = "",
-                    endpoint: str = "tcp:0:interface=127.0.0.1", auth: str = "") -> str:
+    def writeConfig(
+        self,
+        users: str,
+        extra: str = "",
+        endpoint: str = "tcp:0:interface=127.0.0.1",
+        auth: str = "",
+    ) -> str:
         path = os.path.join(self.directory, "mailauth.conf")
         with open(path, "w") as f:
             f.write(
@@ -250,8 +261,9 @@ class CommandTests(CommandMixin, unittest.TestCase):
         A configuration whose [auth] users cannot be read is reported one
         problem a line.
         """
-        config = self.writeConfig(self.users, "[bogus]\nkey = 1\n[relay]\n",
-                                  auth="password_min_length = short\n")
+        config = self.writeConfig(
+            self.users, "[bogus]\nkey = 1\n[relay]\n", auth="password_min_length = short\n"
+        )
         self.assertEqual(self.mailauth("user", "list", "--config", config), 1)
         problems = self.stderr.getvalue().splitlines()
         self.assertEqual(len(problems), 3)
@@ -270,13 +282,20 @@ class CommandTests(CommandMixin, unittest.TestCase):
         self.assertEqual(self.stdout.getvalue(), "a@example.org  CRAM-MD5\n")
         warnings = self.stderr.getvalue().splitlines()
         self.assertEqual(len(warnings), 3, warnings)
-        self.assertTrue(warnings[0].startswith(
-            f"mailauth: warning: {config}: [bogus]: unknown section (known: "), warnings[0])
-        self.assertEqual(warnings[1:], [
-            f"mailauth: warning: {config}: [relay] host: missing (this key is required)",
-            f"mailauth: warning: {config} has the problems above; using its [auth] users = "
-            f"{self.users} anyway",
-        ])
+        self.assertTrue(
+            warnings[0].startswith(
+                f"mailauth: warning: {config}: [bogus]: unknown section (known: "
+            ),
+            warnings[0],
+        )
+        self.assertEqual(
+            warnings[1:],
+            [
+                f"mailauth: warning: {config}: [relay] host: missing (this key is required)",
+                f"mailauth: warning: {config} has the problems above; using its [auth] users = "
+                f"{self.users} anyway",
+            ],
+        )
         args = ("user", "add", "b@example.org", "--config", config)
         self.assertEqual(self.mailauth(*args, stdin=b"long password\n"), 0)
         self.assertTrue(verify(parse(self.storedHash("b@example.org")), b"long password"))
@@ -300,8 +319,10 @@ class CommandTests(CommandMixin, unittest.TestCase):
         self.assertEqual(self.stdout.getvalue(), "a@example.org  CRAM-MD5\n")
         missing = os.path.join(self.directory, "missing.conf")
         self.assertEqual(self.mailauth("user", "list", defaultConfig=missing), 1)
-        self.assertEqual(self.stderr.getvalue(), f"mailauth: {missing}: no such file; name the "
-                         "configuration with --config PATH\n")
+        self.assertEqual(
+            self.stderr.getvalue(),
+            f"mailauth: {missing}: no such file; name the configuration with --config PATH\n",
+        )
 
     def test_usersOrConfig(self) -> None:
         """
@@ -318,15 +339,27 @@ class CommandTests(CommandMixin, unittest.TestCase):
         config = self.writeConfig(self.users)
         args = ("user", "add", "a@Elsewhere.test", "--config", config)
         self.assertEqual(self.mailauth(*args, stdin=b"long password\n"), 0)
-        self.assertEqual(self.stderr.getvalue(), (
-            f"mailauth: warning: elsewhere.test is not one of the local_domains of {config} "
-            "(example.net example.org): a@Elsewhere.test can log in and send, but mail to it "
-            "is not delivered here\n"))
-        self.assertEqual(self.mailauth("user", "add", "b@example.net", "--config", config,
-                                       stdin=b"long password\n"), 0)
+        self.assertEqual(
+            self.stderr.getvalue(),
+            (
+                f"mailauth: warning: elsewhere.test is not one of the local_domains of {config} "
+                "(example.net example.org): a@Elsewhere.test can log in and send, but mail to it "
+                "is not delivered here\n"
+            ),
+        )
+        self.assertEqual(
+            self.mailauth(
+                "user", "add", "b@example.net", "--config", config, stdin=b"long password\n"
+            ),
+            0,
+        )
         self.assertEqual(self.stderr.getvalue(), "")
-        self.assertEqual(self.mailauth("user", "add", "c@elsewhere.test", "--users", self.users,
-                                       stdin=b"long password\n"), 0)
+        self.assertEqual(
+            self.mailauth(
+                "user", "add", "c@elsewhere.test", "--users", self.users, stdin=b"long password\n"
+            ),
+            0,
+        )
         self.assertEqual(self.stderr.getvalue(), "")
 
     def test_userAddUnsafeLogin(self) -> None:
@@ -482,10 +515,13 @@ class CommandTests(CommandMixin, unittest.TestCase):
         with open(config) as f:
             text = f.read()
         with open(config, "w") as f:
-            f.write(text.replace(
-                f"users = {self.users}\n",
-                f"users = {self.users}\npassword_min_length = 12\nbreached_passwords = {pwned}\n",
-            ))
+            f.write(
+                text.replace(
+                    f"users = {self.users}\n",
+                    f"users = {self.users}\npassword_min_length = 12\n"
+                    f"breached_passwords = {pwned}\n",
+                )
+            )
         args = ("user", "add", "a@example.org", "--config", config)
         self.assertEqual(self.mailauth(*args, stdin=b"eleven char\n"), 1)
         self.assertIn("at least 12 are required", self.stderr.getvalue())
@@ -518,9 +554,7 @@ class CommandTests(CommandMixin, unittest.TestCase):
         cert = os.path.join(self.directory, "cert.pem")
         with open(cert, "w") as f:
             f.write("junk\n")
-        config = self.writeConfig(
-            missing, f"[tls]\ncertificate = {cert}\nprivate_key = {cert}\n"
-        )
+        config = self.writeConfig(missing, f"[tls]\ncertificate = {cert}\nprivate_key = {cert}\n")
         self.assertEqual(self.mailauth("check-config", "--config", config), 1)
         errors = self.stderr.getvalue().splitlines()
         self.assertEqual(len(errors), 2, errors)
@@ -566,8 +600,9 @@ class CheckConfigTests(CommandMixin, unittest.TestCase):
             f.write(f"a@example.org:{CRAM}\n")
 
     def tlsConfig(self, days: float = 90, passphrase: Optional[bytes] = None) -> str:
-        cert, key = writeCertificate(os.path.join(self.directory, "tls"), days=days,
-                                     passphrase=passphrase)
+        cert, key = writeCertificate(
+            os.path.join(self.directory, "tls"), days=days, passphrase=passphrase
+        )
         return self.writeConfig(self.users, f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n")
 
     def check(self, config: str, *options: str) -> int:
@@ -579,21 +614,31 @@ class CheckConfigTests(CommandMixin, unittest.TestCase):
         before) are one line each: the parser's own errors, and a port or a
         folder that listening would refuse.
         """
-        config = self.writeConfig(self.users, "".join(
-            f"[listener:{name}]\nendpoint = {endpoint}\ntls = none\nauth = optional\n"
-            for name, endpoint in [("a", "tcp:abc"), ("b", "tcp:99999"),
-                                   ("c", "tcp:2587:interfce=127.0.0.1"),
-                                   ("d", f"unix:{self.directory}/run/mailauth.sock")]))
+        config = self.writeConfig(
+            self.users,
+            "".join(
+                f"[listener:{name}]\nendpoint = {endpoint}\ntls = none\nauth = optional\n"
+                for name, endpoint in [
+                    ("a", "tcp:abc"),
+                    ("b", "tcp:99999"),
+                    ("c", "tcp:2587:interfce=127.0.0.1"),
+                    ("d", f"unix:{self.directory}/run/mailauth.sock"),
+                ]
+            ),
+        )
         self.assertEqual(self.check(config), 1)
-        self.assertEqual(self.stderr.getvalue().splitlines(), [
-            f"{config}: [listener:a] endpoint: 'tcp:abc': 'abc' is not a whole number",
-            f"{config}: [listener:b] endpoint: 'tcp:99999': 99999 is not a port number "
-            "(0 to 65535)",
-            f"{config}: [listener:c] endpoint: 'tcp:2587:interfce=127.0.0.1': unknown option "
-            "'interfce' (known: port, interface, backlog)",
-            f"{config}: [listener:d] endpoint: 'unix:{self.directory}/run/mailauth.sock': "
-            f"cannot listen: {self.directory}/run: no such folder",
-        ])
+        self.assertEqual(
+            self.stderr.getvalue().splitlines(),
+            [
+                f"{config}: [listener:a] endpoint: 'tcp:abc': 'abc' is not a whole number",
+                f"{config}: [listener:b] endpoint: 'tcp:99999': 99999 is not a port number "
+                "(0 to 65535)",
+                f"{config}: [listener:c] endpoint: 'tcp:2587:interfce=127.0.0.1': unknown option "
+                "'interfce' (known: port, interface, backlog)",
+                f"{config}: [listener:d] endpoint: 'unix:{self.directory}/run/mailauth.sock': "
+                f"cannot listen: {self.directory}/run: no such folder",
+            ],
+        )
         self.assertEqual(self.stdout.getvalue(), "")
 
     def test_portInUse(self) -> None:
@@ -601,8 +646,11 @@ class CheckConfigTests(CommandMixin, unittest.TestCase):
         endpoint = f"tcp:{holdPort(self)}:interface=127.0.0.1"
         config = self.writeConfig(self.users, endpoint=endpoint)
         self.assertEqual(self.check(config), 1)
-        self.assertEqual(self.stderr.getvalue(), f"{config}: [listener:submission] endpoint: "
-                         f"{endpoint!r}: cannot listen: Address already in use\n")
+        self.assertEqual(
+            self.stderr.getvalue(),
+            f"{config}: [listener:submission] endpoint: "
+            f"{endpoint!r}: cannot listen: Address already in use\n",
+        )
 
     @defer.inlineCallbacks
     def test_portOfRunningMailauth(self):
@@ -617,35 +665,49 @@ class CheckConfigTests(CommandMixin, unittest.TestCase):
         config = self.writeConfig(self.users, endpoint=endpoint)
         status = yield threads.deferToThread(self.check, config)
         self.assertEqual((status, self.stderr.getvalue()), (0, ""))
-        self.assertEqual(self.stdout.getvalue(), (
-            f"{config}: [listener:submission] endpoint: {endpoint!r}: in use, by the running "
-            "mailauth (it answers on [listener:submission]): not tried\n"
-            f"{config}: OK\n"))
+        self.assertEqual(
+            self.stdout.getvalue(),
+            (
+                f"{config}: [listener:submission] endpoint: {endpoint!r}: in use, by the running "
+                "mailauth (it answers on [listener:submission]): not tried\n"
+                f"{config}: OK\n"
+            ),
+        )
 
     def test_expiredCertificate(self) -> None:
         """An expired certificate is an error."""
         config = self.tlsConfig(days=-1)
         self.assertEqual(self.check(config), 1)
-        self.assertRegex(self.stderr.getvalue(), rf"^{config}: \[tls\] certificate: "
-                         rf"{self.directory}/tls/cert.pem: expired on .* UTC: renew it\n$")
+        self.assertRegex(
+            self.stderr.getvalue(),
+            rf"^{config}: \[tls\] certificate: "
+            rf"{self.directory}/tls/cert.pem: expired on .* UTC: renew it\n$",
+        )
 
     def test_certificateExpiresSoon(self) -> None:
         """One that expires within 30 days is a warning: exit 0, and it says warning."""
         config = self.tlsConfig(days=12.5)
         self.assertEqual(self.check(config), 0)
-        self.assertRegex(self.stderr.getvalue(), rf"^{config}: \[tls\] certificate: warning: "
-                         rf"{self.directory}/tls/cert.pem: expires on .* UTC, in 12 day\(s\): "
-                         r"renew it\n$")
+        self.assertRegex(
+            self.stderr.getvalue(),
+            rf"^{config}: \[tls\] certificate: warning: "
+            rf"{self.directory}/tls/cert.pem: expires on .* UTC, in 12 day\(s\): "
+            r"renew it\n$",
+        )
         self.assertEqual(self.stdout.getvalue(), f"{config}: OK, with 1 warning(s)\n")
 
     def test_encryptedKey(self) -> None:
         """An encrypted key is one clear error; nothing asks for a passphrase."""
         config = self.tlsConfig(passphrase=b"secret")
         self.assertEqual(self.check(config), 1)
-        self.assertEqual(self.stderr.getvalue(), (
-            f"{config}: [tls]: {self.directory}/tls/key.pem: the private key is encrypted with "
-            "a passphrase, which mailauth cannot ask for: store it decrypted (openssl pkey -in "
-            "KEY -out NEWKEY), readable only by root and the daemon's group\n"))
+        self.assertEqual(
+            self.stderr.getvalue(),
+            (
+                f"{config}: [tls]: {self.directory}/tls/key.pem: the private key is encrypted with "
+                "a passphrase, which mailauth cannot ask for: store it decrypted (openssl pkey -in "
+                "KEY -out NEWKEY), readable only by root and the daemon's group\n"
+            ),
+        )
 
     def test_usersFileLines(self) -> None:
         """Each line of the users file that the daemon would skip is a warning."""
@@ -655,8 +717,9 @@ class CheckConfigTests(CommandMixin, unittest.TestCase):
         self.assertEqual(self.check(config), 0)
         lines = self.stderr.getvalue().splitlines()
         self.assertEqual(len(lines), 2, lines)
-        self.assertEqual(lines[0], f"{self.users}:2: warning: no ':' after the login; the "
-                         "daemon skips this line")
+        self.assertEqual(
+            lines[0], f"{self.users}:2: warning: no ':' after the login; the daemon skips this line"
+        )
         self.assertTrue(lines[1].startswith(f"{self.users}:4: warning: b@example.org: "), lines)
 
     def test_uid(self) -> None:
@@ -677,11 +740,14 @@ class CheckConfigTests(CommandMixin, unittest.TestCase):
             self.assertIn(
                 f"{config}: [delivery] maildir: {self.directory}/mail/{domain}: {nobody} cannot "
                 f"write {self.directory} to make {self.directory}/mail/{domain}, so no new "
-                "Maildir can be made there\n", self.stderr.getvalue())
+                "Maildir can be made there\n",
+                self.stderr.getvalue(),
+            )
         self.assertEqual(len(self.stderr.getvalue().splitlines()), 2)
         os.mkdir(os.path.join(self.directory, "mail"), 0o755)
-        os.chown(os.path.join(self.directory, "mail"), 65534, 65534) if os.geteuid() == 0 \
-            else os.chmod(os.path.join(self.directory, "mail"), 0o777)
+        os.chown(
+            os.path.join(self.directory, "mail"), 65534, 65534
+        ) if os.geteuid() == 0 else os.chmod(os.path.join(self.directory, "mail"), 0o777)
         self.assertEqual(self.check(config, "--uid", "65534"), 0, self.stderr.getvalue())
         self.assertEqual(self.check(config, "--uid", "no-such-user"), 1)
         self.assertEqual(self.stderr.getvalue(), "mailauth: --uid: no user 'no-such-user'\n")
@@ -822,12 +888,14 @@ class QueueCommandTests(unittest.TestCase):
     def writeConfig(self, extra: str = "") -> str:
         path = os.path.abspath(self.mktemp())
         with open(path, "w") as f:
-            f.write(f"[server]\nstate_dir = {self.stateDir}\n"
-                    "[listener:submission]\nendpoint = tcp:0\n"
-                    "[tls]\ncertificate = c.pem\nprivate_key = k.pem\n"
-                    "[auth]\nusers = users\n"
-                    "[delivery]\nlocal_domains = example.org\n"
-                    "maildir = /var/mail/{domain}/{localpart}/Maildir\n" + extra)
+            f.write(
+                f"[server]\nstate_dir = {self.stateDir}\n"
+                "[listener:submission]\nendpoint = tcp:0\n"
+                "[tls]\ncertificate = c.pem\nprivate_key = k.pem\n"
+                "[auth]\nusers = users\n"
+                "[delivery]\nlocal_domains = example.org\n"
+                "maildir = /var/mail/{domain}/{localpart}/Maildir\n" + extra
+            )
         return path
 
     def test_fromConfig(self) -> None:
@@ -835,8 +903,9 @@ class QueueCommandTests(unittest.TestCase):
         config = self.writeConfig("[relay]\nhost = smtp.example.net\n")
         self.assertEqual(self.mailauth("queue", "list", "--config", config), 0)
         self.assertIn("A1B2C3D4E5F6", self.stdout.getvalue())
-        self.assertEqual(main(["queue", "list"], Console(io.BytesIO(), self.stdout, self.stderr),
-                              config), 0)
+        self.assertEqual(
+            main(["queue", "list"], Console(io.BytesIO(), self.stdout, self.stderr), config), 0
+        )
         self.assertTrue(self.stdout.getvalue().endswith("-- 1 message(s) in the queue\n"))
 
     def test_missingStateDir(self) -> None:
@@ -847,19 +916,27 @@ class QueueCommandTests(unittest.TestCase):
         missing = os.path.abspath(self.mktemp())
         for argv in (["list"], ["flush"], ["delete", "A1B2C3D4E5F6"]):
             self.assertEqual(self.mailauth("queue", *argv, "--state-dir", missing), 1)
-            self.assertEqual(self.stderr.getvalue(), f"mailauth: {missing}: no such folder "
-                             "(is it the daemon's state_dir?)\n")
+            self.assertEqual(
+                self.stderr.getvalue(),
+                f"mailauth: {missing}: no such folder (is it the daemon's state_dir?)\n",
+            )
             self.stderr.truncate(0)
             self.stderr.seek(0)
         os.mkdir(missing)
         self.assertEqual(self.mailauth("queue", "list", "--state-dir", missing), 1)
-        self.assertEqual(self.stderr.getvalue(), f"mailauth: {missing}/queue: no such folder: "
-                         "the daemon makes it when it starts with a [relay] section\n")
+        self.assertEqual(
+            self.stderr.getvalue(),
+            f"mailauth: {missing}/queue: no such folder: "
+            "the daemon makes it when it starts with a [relay] section\n",
+        )
         self.assertEqual(self.stdout.getvalue(), "")
 
     def test_noRelay(self) -> None:
         """With a configuration that has no [relay], nothing is ever queued: it says so."""
         config = self.writeConfig()
         self.assertEqual(self.mailauth("queue", "list", "--config", config), 1)
-        self.assertEqual(self.stderr.getvalue(), f"mailauth: {config}: no [relay] section, so "
-                         "mail for other domains is refused and nothing is ever queued\n")
+        self.assertEqual(
+            self.stderr.getvalue(),
+            f"mailauth: {config}: no [relay] section, so "
+            "mail for other domains is refused and nothing is ever queued\n",
+        )

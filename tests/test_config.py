@@ -43,8 +43,10 @@ class LoadTests(unittest.TestCase):
         self.assertIsNone(cfg.relay)
         self.assertIsNone(cfg.tls)
         [listener] = cfg.listeners
-        self.assertEqual((listener.name, listener.endpoint, listener.tls, listener.auth),
-                         ("submission", "tcp:2587", "none", "optional"))
+        self.assertEqual(
+            (listener.name, listener.endpoint, listener.tls, listener.auth),
+            ("submission", "tcp:2587", "none", "optional"),
+        )
 
     def test_shippedExampleLoads(self) -> None:
         """etc/mailauth.conf, with every key, is a valid configuration."""
@@ -66,14 +68,21 @@ class LoadTests(unittest.TestCase):
 
     def test_everyProblemReported(self) -> None:
         """All problems are reported together, not only the first."""
-        text = MINIMAL.replace("tls = none", "tls = maybe").replace(
-            "auth = optional", "auth = sometimes"
-        ) + "\n[server]\nmax_recipients = -1\ntimeout = soon\n"
+        text = (
+            MINIMAL.replace("tls = none", "tls = maybe").replace(
+                "auth = optional", "auth = sometimes"
+            )
+            + "\n[server]\nmax_recipients = -1\ntimeout = soon\n"
+        )
         problems = self.problems(text)
         self.assertEqual(len(problems), 4, problems)
         joined = "\n".join(problems)
-        for where in ("[listener:submission] tls", "[listener:submission] auth",
-                      "[server] max_recipients", "[server] timeout"):
+        for where in (
+            "[listener:submission] tls",
+            "[listener:submission] auth",
+            "[server] max_recipients",
+            "[server] timeout",
+        ):
             self.assertIn(where, joined)
 
     def test_missingRequired(self) -> None:
@@ -106,8 +115,11 @@ class LoadTests(unittest.TestCase):
         count the proxy; the message points at proxy_protocol instead.
         """
         [problem] = self.problems(MINIMAL.replace("tcp:2587", "haproxy:tcp:2587"))
-        self.assertIn("haproxy: endpoints are not supported; use a tcp: endpoint with "
-                      "proxy_protocol = v1 | v2 | any and trusted_proxies", problem)
+        self.assertIn(
+            "haproxy: endpoints are not supported; use a tcp: endpoint with "
+            "proxy_protocol = v1 | v2 | any and trusted_proxies",
+            problem,
+        )
 
     def test_proxyProtocolOffByDefault(self) -> None:
         """Without proxy_protocol a listener reads no PROXY header and trusts no proxy."""
@@ -121,14 +133,23 @@ class LoadTests(unittest.TestCase):
         proxy_timeout defaults to 10s.
         """
         for mode in ("no", "v1", "v2", "any"):
-            cfg = loadText(MINIMAL.replace(
-                "auth = optional", f"auth = optional\nproxy_protocol = {mode}\n"
-                "trusted_proxies = 127.0.0.1 10.0.0.0/8, ::1 2001:db8::/32"), "test.conf")
+            cfg = loadText(
+                MINIMAL.replace(
+                    "auth = optional",
+                    f"auth = optional\nproxy_protocol = {mode}\n"
+                    "trusted_proxies = 127.0.0.1 10.0.0.0/8, ::1 2001:db8::/32",
+                ),
+                "test.conf",
+            )
             [listener] = cfg.listeners
             self.assertEqual(listener.proxy_protocol, mode)
-            self.assertEqual(listener.trusted_proxies, tuple(
-                ipaddress.ip_network(n) for n in ("127.0.0.1", "10.0.0.0/8", "::1",
-                                                  "2001:db8::/32")))
+            self.assertEqual(
+                listener.trusted_proxies,
+                tuple(
+                    ipaddress.ip_network(n)
+                    for n in ("127.0.0.1", "10.0.0.0/8", "::1", "2001:db8::/32")
+                ),
+            )
             self.assertEqual(listener.proxy_timeout, 10.0)
 
     def test_proxyProtocolProblems(self) -> None:
@@ -138,30 +159,48 @@ class LoadTests(unittest.TestCase):
         unix: socket (no client address to trust): each is one problem
         naming the file, the section and the key.
         """
+
         def problem(keys: str, endpoint: str = "tcp:2587") -> str:
-            [found] = self.problems(MINIMAL.replace("tcp:2587", endpoint).replace(
-                "auth = optional", "auth = optional\n" + keys))
+            [found] = self.problems(
+                MINIMAL.replace("tcp:2587", endpoint).replace(
+                    "auth = optional", "auth = optional\n" + keys
+                )
+            )
             return found
 
         where = "test.conf: [listener:submission] "
-        self.assertEqual(problem("proxy_protocol = yes"),
-                         where + "proxy_protocol: 'yes' is not one of: no, v1, v2, any")
-        self.assertEqual(problem("proxy_protocol = v2"),
-                         where + "trusted_proxies: missing: proxy_protocol = v2 needs the "
-                         "addresses of the proxies allowed to send the header")
-        self.assertEqual(problem("proxy_protocol = any\ntrusted_proxies ="),
-                         where + "trusted_proxies: name at least one address or network")
-        self.assertTrue(problem("proxy_protocol = v1\ntrusted_proxies = 10.0.0.1/8").startswith(
-            where + "trusted_proxies: '10.0.0.1/8' is not an IP address or network ("))
-        self.assertTrue(problem("proxy_protocol = v1\ntrusted_proxies = haproxy.lan").startswith(
-            where + "trusted_proxies: 'haproxy.lan' is not an IP address or network ("))
-        self.assertEqual(problem("proxy_protocol = v1\ntrusted_proxies = ::1\n"
-                                 "proxy_timeout = 0s"),
-                         where + "proxy_timeout: must be more than 0")
-        self.assertEqual(problem("proxy_protocol = v1\ntrusted_proxies = ::1",
-                                 "unix:/run/mailauth.sock"),
-                         where + "proxy_protocol: 'unix:/run/mailauth.sock': a unix: endpoint "
-                         "has no client address to check against trusted_proxies; use tcp:")
+        self.assertEqual(
+            problem("proxy_protocol = yes"),
+            where + "proxy_protocol: 'yes' is not one of: no, v1, v2, any",
+        )
+        self.assertEqual(
+            problem("proxy_protocol = v2"),
+            where + "trusted_proxies: missing: proxy_protocol = v2 needs the "
+            "addresses of the proxies allowed to send the header",
+        )
+        self.assertEqual(
+            problem("proxy_protocol = any\ntrusted_proxies ="),
+            where + "trusted_proxies: name at least one address or network",
+        )
+        self.assertTrue(
+            problem("proxy_protocol = v1\ntrusted_proxies = 10.0.0.1/8").startswith(
+                where + "trusted_proxies: '10.0.0.1/8' is not an IP address or network ("
+            )
+        )
+        self.assertTrue(
+            problem("proxy_protocol = v1\ntrusted_proxies = haproxy.lan").startswith(
+                where + "trusted_proxies: 'haproxy.lan' is not an IP address or network ("
+            )
+        )
+        self.assertEqual(
+            problem("proxy_protocol = v1\ntrusted_proxies = ::1\nproxy_timeout = 0s"),
+            where + "proxy_timeout: must be more than 0",
+        )
+        self.assertEqual(
+            problem("proxy_protocol = v1\ntrusted_proxies = ::1", "unix:/run/mailauth.sock"),
+            where + "proxy_protocol: 'unix:/run/mailauth.sock': a unix: endpoint "
+            "has no client address to check against trusted_proxies; use tcp:",
+        )
 
     def test_unknownEndpointType(self) -> None:
         """An endpoint type Twisted does not know is an error at load time."""
@@ -184,8 +223,10 @@ class LoadTests(unittest.TestCase):
         """[relay] defaults: port 587, STARTTLS, retries from 1m doubling to 1h, expiry 5d."""
         cfg = loadText(MINIMAL + "\n[relay]\nhost = smtp.example.net\n")
         r = cfg.relay
-        self.assertEqual((r.port, r.tls, r.retry_initial, r.retry_max, r.expire),
-                         (587, "starttls", 60.0, 3600.0, 5 * 86400.0))
+        self.assertEqual(
+            (r.port, r.tls, r.retry_initial, r.retry_max, r.expire),
+            (587, "starttls", 60.0, 3600.0, 5 * 86400.0),
+        )
         self.assertTrue(r.verify_certificate)
 
     def test_syntaxError(self) -> None:
@@ -196,8 +237,9 @@ class LoadTests(unittest.TestCase):
     def test_unreadableFile(self) -> None:
         """A file that cannot be read is reported with its path."""
         e = self.assertRaises(ConfigError, config.load, "/nonexistent/mailauth.conf")
-        self.assertEqual(e.problems,
-                         ("/nonexistent/mailauth.conf: cannot read: No such file or directory",))
+        self.assertEqual(
+            e.problems, ("/nonexistent/mailauth.conf: cannot read: No such file or directory",)
+        )
 
     def test_domainsNormalised(self) -> None:
         """Local domains are lower-cased and lose a trailing dot."""
@@ -221,9 +263,14 @@ class StateTests(unittest.TestCase):
 
     def test_redisURLs(self) -> None:
         """The URL forms redis-py reads are accepted as written."""
-        for url in ("redis://127.0.0.1:6379/0", "redis://redis.example.net", "rediss://:pw@h:6380/1",
-                    "redis://user:pw@[::1]:6379/15?health_check_interval=5",
-                    "unix:///run/redis/redis-server.sock?db=2", "unix://:pw@/run/redis.sock"):
+        for url in (
+            "redis://127.0.0.1:6379/0",
+            "redis://redis.example.net",
+            "rediss://:pw@h:6380/1",
+            "redis://user:pw@[::1]:6379/15?health_check_interval=5",
+            "unix:///run/redis/redis-server.sock?db=2",
+            "unix://:pw@/run/redis.sock",
+        ):
             self.assertEqual(self.state(f"backend = {url}\n").backend, url)
         self.assertEqual(self.state("backend = Memory\n").backend, "memory")
         state = self.state("backend = redis://h/0\nprefix = mx1:\ntimeout = 250\n")
@@ -285,11 +332,14 @@ class ValueTests(unittest.TestCase):
 class AutoconfigTests(unittest.TestCase):
     """The optional [autoconfig] section, checked against the listeners."""
 
-    TLS = MINIMAL.replace("tls = none", "tls = starttls") + """
+    TLS = (
+        MINIMAL.replace("tls = none", "tls = starttls")
+        + """
 [tls]
 certificate = /c
 private_key = /k
 """
+    )
 
     def problems(self, text: str) -> tuple:
         return self.assertRaises(ConfigError, loadText, text, "test.conf").problems
@@ -299,59 +349,83 @@ private_key = /k
         The public host name defaults to [server] hostname, the display name
         to the first local domain; ports come from the endpoints.
         """
-        cfg = loadText(self.TLS + "\n[server]\nhostname = Mail.Example.ORG\n"
-                       "\n[autoconfig]\nendpoint = tcp:8080:interface=127.0.0.1\n")
-        self.assertEqual(cfg.autoconfig, config.AutoconfigConfig(
-            endpoint="tcp:8080:interface=127.0.0.1", hostname="mail.example.org",
-            display_name="example.org", ports=(), incoming=()))
+        cfg = loadText(
+            self.TLS + "\n[server]\nhostname = Mail.Example.ORG\n"
+            "\n[autoconfig]\nendpoint = tcp:8080:interface=127.0.0.1\n"
+        )
+        self.assertEqual(
+            cfg.autoconfig,
+            config.AutoconfigConfig(
+                endpoint="tcp:8080:interface=127.0.0.1",
+                hostname="mail.example.org",
+                display_name="example.org",
+                ports=(),
+                incoming=(),
+            ),
+        )
         self.assertIsNone(loadText(self.TLS).autoconfig)
 
     def test_everyKey(self) -> None:
         """hostname, display_name, ports and incoming (imaps/imap/pop3s/pop3 URLs) are read."""
-        cfg = loadText(self.TLS + """
+        cfg = loadText(
+            self.TLS
+            + """
 [autoconfig]
 endpoint = unix:/run/mailauth-autoconfig.sock
 hostname = smtp.example.org.
 display_name = Example Mail
 ports = submission:587
 incoming = imaps://imap.example.org imap://imap.example.org:1143, pop3s://pop.example.org
-""")
+"""
+        )
         a = cfg.autoconfig
-        self.assertEqual((a.hostname, a.display_name, a.ports),
-                         ("smtp.example.org", "Example Mail", (("submission", 587),)))
-        self.assertEqual(a.incoming, (
-            config.MailServer("imap", "imap.example.org", 993, "implicit"),
-            config.MailServer("imap", "imap.example.org", 1143, "starttls"),
-            config.MailServer("pop3", "pop.example.org", 995, "implicit")))
+        self.assertEqual(
+            (a.hostname, a.display_name, a.ports),
+            ("smtp.example.org", "Example Mail", (("submission", 587),)),
+        )
+        self.assertEqual(
+            a.incoming,
+            (
+                config.MailServer("imap", "imap.example.org", 993, "implicit"),
+                config.MailServer("imap", "imap.example.org", 1143, "starttls"),
+                config.MailServer("pop3", "pop.example.org", 995, "implicit"),
+            ),
+        )
 
     def test_endpointChecked(self) -> None:
         """The endpoint is checked like a listener's; ssl: points at the web server in front."""
         [problem] = self.problems(self.TLS + "\n[autoconfig]\nendpoint = tpc:8080\n")
-        self.assertEqual(problem, "test.conf: [autoconfig] endpoint: 'tpc:8080': "
-                                  "unknown endpoint type 'tpc'")
+        self.assertEqual(
+            problem, "test.conf: [autoconfig] endpoint: 'tpc:8080': unknown endpoint type 'tpc'"
+        )
         [problem] = self.problems(self.TLS + "\n[autoconfig]\nendpoint = ssl:443\n")
         self.assertIn("use a tcp: endpoint behind a web server that does TLS", problem)
         [problem] = self.problems(self.TLS + "\n[autoconfig]\nhostname = x\n")
-        self.assertEqual(problem, "test.conf: [autoconfig] endpoint: missing (this key is "
-                                  "required)")
+        self.assertEqual(
+            problem, "test.conf: [autoconfig] endpoint: missing (this key is required)"
+        )
 
     def test_portNeeded(self) -> None:
         """An advertised listener whose endpoint names no usable port needs ports = NAME:PORT."""
         text = self.TLS.replace("tcp:2587", "systemd:domain=INET:index=0")
         [problem] = self.problems(text + "\n[autoconfig]\nendpoint = tcp:8080\n")
-        self.assertEqual(problem, "test.conf: [autoconfig] ports: [listener:submission] "
-                                  "endpoint 'systemd:domain=INET:index=0' names no port clients "
-                                  "can reach: add submission:PORT")
+        self.assertEqual(
+            problem,
+            "test.conf: [autoconfig] ports: [listener:submission] "
+            "endpoint 'systemd:domain=INET:index=0' names no port clients "
+            "can reach: add submission:PORT",
+        )
         cfg = loadText(text + "\n[autoconfig]\nendpoint = tcp:8080\nports = submission:587\n")
         self.assertEqual(cfg.autoconfig.ports, (("submission", 587),))
 
     def test_portsChecked(self) -> None:
         """ports must name advertised listeners, each as NAME:PORT."""
-        text = self.TLS + "\n[listener:mx]\nendpoint = tcp:25\nauth = none\n[autoconfig]\n" \
-                          "endpoint = tcp:8080\nports = PORTS\n"
+        text = (
+            self.TLS + "\n[listener:mx]\nendpoint = tcp:25\nauth = none\n[autoconfig]\n"
+            "endpoint = tcp:8080\nports = PORTS\n"
+        )
         [problem] = self.problems(text.replace("PORTS", "submision:587"))
-        self.assertEqual(problem, "test.conf: [autoconfig] ports: there is no "
-                                  "[listener:submision]")
+        self.assertEqual(problem, "test.conf: [autoconfig] ports: there is no [listener:submision]")
         [problem] = self.problems(text.replace("PORTS", "mx:25"))
         self.assertIn("[autoconfig] ports: [listener:mx] is not advertised", problem)
         [problem] = self.problems(text.replace("PORTS", "submission"))
@@ -366,26 +440,32 @@ incoming = imaps://imap.example.org imap://imap.example.org:1143, pop3s://pop.ex
 
     def test_badValues(self) -> None:
         """Bad incoming URLs, host names and display names are named one line each."""
-        problems = self.problems(self.TLS + """
+        problems = self.problems(
+            self.TLS
+            + """
 [autoconfig]
 endpoint = tcp:8080
 hostname = -mail.example.org
 display_name = a\x07b
 incoming = https://imap.example.org
-""")
+"""
+        )
         self.assertEqual(len(problems), 3, problems)
         joined = "\n".join(problems)
         self.assertIn("[autoconfig] hostname: '-mail.example.org' is not a host name", joined)
         self.assertIn("[autoconfig] display_name: 'a\\x07b' has control characters", joined)
-        self.assertIn("[autoconfig] incoming: 'https://imap.example.org' is not "
-                      "imaps://HOST[:PORT]", joined)
+        self.assertIn(
+            "[autoconfig] incoming: 'https://imap.example.org' is not imaps://HOST[:PORT]", joined
+        )
 
     def test_serverHostnameUnusable(self) -> None:
         """A [server] hostname clients would refuse must be replaced by a public one."""
-        [problem] = self.problems(self.TLS + "\n[server]\nhostname = mail..example\n"
-                                  "\n[autoconfig]\nendpoint = tcp:8080\n")
-        self.assertIn("[autoconfig] hostname: the [server] hostname 'mail..example' is not",
-                      problem)
+        [problem] = self.problems(
+            self.TLS + "\n[server]\nhostname = mail..example\n\n[autoconfig]\nendpoint = tcp:8080\n"
+        )
+        self.assertIn(
+            "[autoconfig] hostname: the [server] hostname 'mail..example' is not", problem
+        )
 
     def test_mechanismsWithoutClientName(self) -> None:
         """
@@ -394,12 +474,17 @@ incoming = https://imap.example.org
         mechanisms until it is implemented.)
         """
         self.patch(config, "KNOWN_MECHANISMS", config.KNOWN_MECHANISMS + ("SCRAM-SHA-256",))
-        text = self.TLS.replace("[auth]", "[auth]\nmechanisms = MECHANISMS") + \
-            "\n[autoconfig]\nendpoint = tcp:8080\n"
+        text = (
+            self.TLS.replace("[auth]", "[auth]\nmechanisms = MECHANISMS")
+            + "\n[autoconfig]\nendpoint = tcp:8080\n"
+        )
         [problem] = self.problems(text.replace("MECHANISMS", "SCRAM-SHA-256"))
-        self.assertEqual(problem, "test.conf: [autoconfig]: none of the [auth] mechanisms "
-                                  "(SCRAM-SHA-256) is one mail clients can be told to use "
-                                  "(PLAIN or LOGIN, CRAM-MD5, OAUTHBEARER or XOAUTH2)")
+        self.assertEqual(
+            problem,
+            "test.conf: [autoconfig]: none of the [auth] mechanisms "
+            "(SCRAM-SHA-256) is one mail clients can be told to use "
+            "(PLAIN or LOGIN, CRAM-MD5, OAUTHBEARER or XOAUTH2)",
+        )
         loadText(text.replace("MECHANISMS", "SCRAM-SHA-256 PLAIN"))
 
     def test_endpointPort(self) -> None:
@@ -407,8 +492,13 @@ incoming = https://imap.example.org
         self.assertEqual(config.endpointPort("tcp:587"), 587)
         self.assertEqual(config.endpointPort("tcp:interface=127.0.0.1:port=2587"), 2587)
         self.assertEqual(config.endpointPort("tcp6:465:interface=\\:\\:1"), 465)
-        for description in ("tcp:0", "tcp:abc", "unix:/run/x.sock",
-                            "systemd:domain=INET:index=0", "tcp:70000"):
+        for description in (
+            "tcp:0",
+            "tcp:abc",
+            "unix:/run/x.sock",
+            "systemd:domain=INET:index=0",
+            "tcp:70000",
+        ):
             self.assertIsNone(config.endpointPort(description), description)
 
 
@@ -428,14 +518,21 @@ class DKIMSectionTests(unittest.TestCase):
         Each key is a domain (lower-cased, without a trailing dot) and its
         value one or more selector:keyfile; the mapping is read-only.
         """
-        cfg = loadText(MINIMAL + "[dkim]\n"
-                       "Example.ORG. = Mail2026:/etc/dkim/example.org.pem\n"
-                       "example.net = a:/k/a.pem  b.sub:/k/b.pem ; RSA and Ed25519\n")
-        self.assertEqual(dict(cfg.dkim), {
-            "example.org": (config.DKIMKeyConfig("mail2026", "/etc/dkim/example.org.pem"),),
-            "example.net": (config.DKIMKeyConfig("a", "/k/a.pem"),
-                            config.DKIMKeyConfig("b.sub", "/k/b.pem")),
-        })
+        cfg = loadText(
+            MINIMAL + "[dkim]\n"
+            "Example.ORG. = Mail2026:/etc/dkim/example.org.pem\n"
+            "example.net = a:/k/a.pem  b.sub:/k/b.pem ; RSA and Ed25519\n"
+        )
+        self.assertEqual(
+            dict(cfg.dkim),
+            {
+                "example.org": (config.DKIMKeyConfig("mail2026", "/etc/dkim/example.org.pem"),),
+                "example.net": (
+                    config.DKIMKeyConfig("a", "/k/a.pem"),
+                    config.DKIMKeyConfig("b.sub", "/k/b.pem"),
+                ),
+            },
+        )
 
         def change() -> None:
             cfg.dkim["x.org"] = ()
@@ -444,16 +541,21 @@ class DKIMSectionTests(unittest.TestCase):
 
     def test_badDomain(self) -> None:
         """A key that is not a domain name is an error naming it."""
-        self.assertEqual(self.problems("exa_mple.org = s:/k.pem\n"), (
-            "test.conf: [dkim] exa_mple.org: 'exa_mple.org' is not a domain name: "
-            "each key in [dkim] is a signing domain",
-        ))
+        self.assertEqual(
+            self.problems("exa_mple.org = s:/k.pem\n"),
+            (
+                "test.conf: [dkim] exa_mple.org: 'exa_mple.org' is not a domain name: "
+                "each key in [dkim] is a signing domain",
+            ),
+        )
 
     def test_badValues(self) -> None:
         """A value that is not selector:keyfile, a bad selector, or no value at all."""
         self.assertEqual(
-            self.problems("a.org = /etc/key.pem\nb.org = :/k.pem\nc.org = s:\n"
-                          "d.org = bad_selector:/k.pem\ne.org =\n"),
+            self.problems(
+                "a.org = /etc/key.pem\nb.org = :/k.pem\nc.org = s:\n"
+                "d.org = bad_selector:/k.pem\ne.org =\n"
+            ),
             (
                 "test.conf: [dkim] a.org: '/etc/key.pem' is not selector:keyfile",
                 "test.conf: [dkim] b.org: ':/k.pem' is not selector:keyfile",
@@ -477,10 +579,13 @@ class DKIMSectionTests(unittest.TestCase):
     def test_withoutDkimpy(self) -> None:
         """[dkim] without dkimpy installed is one clear line."""
         with mock.patch.dict(sys.modules, {"dkim": None}):
-            self.assertEqual(self.problems("a.org = s:/k.pem\n"), (
-                "test.conf: [dkim]: needs the Python package dkimpy (Debian: apt install "
-                "python3-dkim; pip: pip install 'mailauth[dkim]')",
-            ))
+            self.assertEqual(
+                self.problems("a.org = s:/k.pem\n"),
+                (
+                    "test.conf: [dkim]: needs the Python package dkimpy (Debian: apt install "
+                    "python3-dkim; pip: pip install 'mailauth[dkim]')",
+                ),
+            )
 
     def test_unknownSectionNamesDkim(self) -> None:
         """The list of known sections in the unknown-section error includes [dkim]."""

@@ -19,9 +19,22 @@ from tests.support import MemoryMailbox, RecordingPortal, Session, makeFactory, 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAP = os.path.join(ROOT, "docs", "conformance.rst")
 # Every standard the map must cover, as its section titles begin.
-STANDARDS = ("RFC 5321:", "RFC 6409:", "RFC 4954:", "RFC 4616:", "RFC 2195:", "RFC 3207:",
-             "RFC 8314:", "RFC 1870:", "RFC 2920:", "RFC 3463 and RFC 2034:", "RFC 3848:",
-             "RFC 6531:", "RFC 3030:", "RFC 3461:")
+STANDARDS = (
+    "RFC 5321:",
+    "RFC 6409:",
+    "RFC 4954:",
+    "RFC 4616:",
+    "RFC 2195:",
+    "RFC 3207:",
+    "RFC 8314:",
+    "RFC 1870:",
+    "RFC 2920:",
+    "RFC 3463 and RFC 2034:",
+    "RFC 3848:",
+    "RFC 6531:",
+    "RFC 3030:",
+    "RFC 3461:",
+)
 TEST_NAME = re.compile(r"``(tests\.[A-Za-z0-9_.]+)``")
 
 
@@ -39,10 +52,10 @@ def parseMap(text: str) -> dict:
             current = sections.setdefault(line.strip(), [])
             row = None
         elif line.startswith("   * - ") and current is not None:
-            row = [line[len("   * - "):]]
+            row = [line[len("   * - ") :]]
             current.append(row)
         elif line.startswith("     - ") and row is not None:
-            row.append(line[len("     - "):])
+            row.append(line[len("     - ") :])
         elif line.startswith("       ") and row is not None:
             row[-1] += " " + line.strip()
         elif not line.strip():
@@ -103,8 +116,9 @@ class MapTests(unittest.TestCase):
             "Title\n=====\n\n.. list-table::\n\n   * - A\n     - B\n       more\n"
             "     - ``tests.x.Y.test_z``\n   * - 1\n     - 2\n     - 3\n"
         )
-        self.assertEqual(sections, {"Title": [["A", "B more", "``tests.x.Y.test_z``"],
-                                              ["1", "2", "3"]]})
+        self.assertEqual(
+            sections, {"Title": [["A", "B more", "``tests.x.Y.test_z``"], ["1", "2", "3"]]}
+        )
 
 
 class GapTests(unittest.TestCase):
@@ -143,8 +157,9 @@ class GapTests(unittest.TestCase):
         self.login()
         self.command(b"MAIL FROM:<alice@example.test>")
         self.assertEqual(self.command(b"EHLO client.example")[-1][:4], b"250 ")
-        self.assertEqual(self.command(b"RCPT TO:<bob@example.test>"),
-                         [b"503 5.5.1 Error: need MAIL command"])
+        self.assertEqual(
+            self.command(b"RCPT TO:<bob@example.test>"), [b"503 5.5.1 Error: need MAIL command"]
+        )
 
     def test_expnNotImplemented(self) -> None:
         """EXPN gets 502: alias members are not listed (RFC 5321 3.5.2, 7.3)."""
@@ -162,13 +177,13 @@ class GapTests(unittest.TestCase):
         """ETRN is neither offered nor accepted (RFC 6409 7: MUST NOT)."""
         lines = self.command(b"EHLO client.example")
         self.assertFalse([line for line in lines if b"ETRN" in line])
-        self.assertEqual(self.command(b"ETRN example.test"),
-                         [b"500 5.5.2 Error: command not recognized"])
+        self.assertEqual(
+            self.command(b"ETRN example.test"), [b"500 5.5.2 Error: command not recognized"]
+        )
 
     def test_authBeforeEhlo(self) -> None:
         """AUTH before EHLO gets 503 (RFC 4954 4)."""
-        self.assertEqual(self.command(b"AUTH PLAIN"),
-                         [b"503 5.5.1 Error: send EHLO first"])
+        self.assertEqual(self.command(b"AUTH PLAIN"), [b"503 5.5.1 Error: send EHLO first"])
 
     def test_plainInvalidUTF8(self) -> None:
         """A PLAIN identity that is not UTF-8 is malformed: 501 (RFC 4616 2)."""

@@ -255,7 +255,8 @@ class MemoryCounterStoreTests(CounterStoreTestsMixin, unittest.TestCase):
 def redisEvents(watcher: LogWatcher) -> list:
     """What the Redis store logged, formatted."""
     return [
-        m for m, e in zip(watcher.messages, watcher.events)
+        m
+        for m, e in zip(watcher.messages, watcher.events)
         if e.get("log_namespace") == "mailauth.redisstore"
     ]
 
@@ -285,8 +286,12 @@ class RedisCounterStoreTests(CounterStoreTestsMixin, unittest.TestCase):
             self.fallbacks += 1
 
         options = dict(
-            clock=self.clock, runBlocking=self.pool.run, serverTime=False, timeout=0.5,
-            retryInterval=10, onFallback=onFallback,
+            clock=self.clock,
+            runBlocking=self.pool.run,
+            serverTime=False,
+            timeout=0.5,
+            retryInterval=10,
+            onFallback=onFallback,
         )
         options.update(kwargs)
         store = RedisCounterStore.fromURL(url or self.redis.unixURL, **options)
@@ -378,8 +383,9 @@ class RedisCounterStoreTests(CounterStoreTestsMixin, unittest.TestCase):
         self.clock.advance(-START)
         yield store.hit("k", WINDOW)
         seconds, micros = self.inspect.time()
-        [stamp] = [int(v) for f, v in self.inspect.hgetall("mailauth:c:k").items()
-                   if f.startswith(b"t")]
+        [stamp] = [
+            int(v) for f, v in self.inspect.hgetall("mailauth:c:k").items() if f.startswith(b"t")
+        ]
         self.assertLess(abs(stamp - (seconds * 1000 + micros // 1000)), 60000)
         yield store.block("b", 60)
         self.clock.advance(3600)
@@ -587,5 +593,6 @@ class FactoryTests(unittest.TestCase):
         sys.modules.pop("mailauth.redisstore", None)
         e = self.assertRaises(ConfigError, counters.counterStoreFromConfig, cfg, Clock(), None)
         self.assertEqual(len(e.problems), 1)
-        self.assertIn("test.conf: [state] backend: a redis URL needs the Python redis client",
-                      e.problems[0])
+        self.assertIn(
+            "test.conf: [state] backend: a redis URL needs the Python redis client", e.problems[0]
+        )

@@ -56,20 +56,26 @@ class PathEscapeTests(AttackMixin, unittest.TestCase):
     def escaped(self) -> list:
         """Anything the attack made outside the mail root."""
         top = os.path.dirname(self.daemon.dir)
-        return [path for path in glob.glob(os.path.join(top, "**"), recursive=True)
-                if "escape" in path or "evil" in path]
+        return [
+            path
+            for path in glob.glob(os.path.join(top, "**"), recursive=True)
+            if "escape" in path or "evil" in path
+        ]
 
     def test_skippedWithReason(self) -> None:
         """Reading the users file skips both lines, each with one problem saying why."""
         users = userdb.UserDatabase(os.path.join(self.daemon.dir, "users"))
         users.load()
         self.assertEqual(users.logins(), ["bob@example.test"])
-        self.assertEqual(users.problems, [
-            f"{users.path}:2: the login {ESCAPE!r} cannot name a mailbox: "
-            "its local part contains '/'",
-            f"{users.path}:3: the login {EVIL!r} cannot name a mailbox: "
-            "its local part contains '/'",
-        ])
+        self.assertEqual(
+            users.problems,
+            [
+                f"{users.path}:2: the login {ESCAPE!r} cannot name a mailbox: "
+                "its local part contains '/'",
+                f"{users.path}:3: the login {EVIL!r} cannot name a mailbox: "
+                "its local part contains '/'",
+            ],
+        )
 
     @defer.inlineCallbacks
     def test_loginAndDeliveryRefused(self):
@@ -269,8 +275,11 @@ class KilledMidDataTests(unittest.TestCase):
 
         twistd.start("second.log")
         [line] = twistd.waitFor(r".*Maildir cleanup: .*")
-        self.assertIn("Maildir cleanup: removed 1 leftover file(s) from tmp/ folders under "
-                      + os.path.join(daemon.dir, "mail"), line)
+        self.assertIn(
+            "Maildir cleanup: removed 1 leftover file(s) from tmp/ folders under "
+            + os.path.join(daemon.dir, "mail"),
+            line,
+        )
         self.assertEqual(os.listdir(tmp), [])
         self.assertEqual(daemon.files("bob@example.test", "new"), [])
         twistd.kill()
@@ -308,8 +317,14 @@ class NewFolderDurabilityTests(AttackMixin, unittest.TestCase):
         code, syncedBy250 = yield self.inThread(send)
         self.assertEqual(code, 250)
         box = self.daemon.maildir("bob@example.test")
-        for parent in (self.daemon.dir, root, os.path.join(root, "example.test"),
-                       os.path.dirname(box), box, os.path.join(box, "new")):
+        for parent in (
+            self.daemon.dir,
+            root,
+            os.path.join(root, "example.test"),
+            os.path.dirname(box),
+            box,
+            os.path.join(box, "new"),
+        ):
             self.assertIn(parent, syncedBy250)
 
 
@@ -325,8 +340,9 @@ class TricklingDataSessionTests(unittest.TestCase):
         self.mailbox = MemoryMailbox(login="alice@example.test")
         portal = RecordingPortal(self.mailbox, answer=passwordIs(b"secret"))
         settings = makeSettings(data_timeout=600.0, timeout=300.0, max_data_time=1800.0)
-        self.session = Session(makeFactory(self.clock, portal=portal, tlsMode="implicit",
-                                           settings=settings))
+        self.session = Session(
+            makeFactory(self.clock, portal=portal, tlsMode="implicit", settings=settings)
+        )
         self.session.read()
         self.session.command(b"EHLO client.example")
         login = plain(b"alice@example.test", b"secret")
@@ -351,8 +367,10 @@ class TricklingDataSessionTests(unittest.TestCase):
         self.clock.advance(299)
         self.assertFalse(self.session.transport.disconnecting)
         self.clock.advance(1)
-        self.assertEqual(self.session.read(),
-                         [b"421 4.4.2 mx.example.test Error: message transfer took too long"])
+        self.assertEqual(
+            self.session.read(),
+            [b"421 4.4.2 mx.example.test Error: message transfer took too long"],
+        )
         self.assertTrue(self.session.transport.disconnecting)
         self.assertEqual(self.mailbox.stored, [])
         self.assertTrue(self.mailbox.messages[0].aborted)
@@ -422,8 +440,9 @@ class TricklingDataTests(AttackMixin, unittest.TestCase):
         yield self.inThread(client.send, b"x")
         self.clock.advance(5)
         code, text = yield self.inThread(client.reply)
-        self.assertEqual((code, text),
-                         (421, [b"4.4.2 mx.example.test Error: message transfer took too long"]))
+        self.assertEqual(
+            (code, text), (421, [b"4.4.2 mx.example.test Error: message transfer took too long"])
+        )
         self.assertTrue((yield self.inThread(client.closedByServer)))
         self.assertEqual(self.daemon.allDelivered(), [])
 
@@ -455,8 +474,7 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual(
             loadText(MINIMAL + "[server]\nmax_data_time = 45s\n").server.max_data_time, 45.0
         )
-        for bad, why in (("0", "'0' must be more than 0"),
-                         ("soon", "'soon' is not a duration")):
+        for bad, why in (("0", "'0' must be more than 0"), ("soon", "'soon' is not a duration")):
             [problem] = self.problems(MINIMAL + f"[server]\nmax_data_time = {bad}\n")
             self.assertTrue(
                 problem.startswith(f"test.conf: [server] max_data_time: {why}"), problem
@@ -472,13 +490,17 @@ class ConfigTests(unittest.TestCase):
             loadText(MINIMAL + "postmaster = Admin@Example.NET\n").delivery.postmaster,
             "admin@example.net",
         )
-        self.assertEqual(self.problems(MINIMAL + "postmaster = admin\n"), (
-            "test.conf: [delivery] postmaster: 'admin' is not an address (local@domain)",
-        ))
-        self.assertEqual(self.problems(MINIMAL + "postmaster = admin@remote.test\n"), (
-            "test.conf: [delivery] postmaster: admin@remote.test is in another domain and "
-            "there is no [relay] to forward to it",
-        ))
+        self.assertEqual(
+            self.problems(MINIMAL + "postmaster = admin\n"),
+            ("test.conf: [delivery] postmaster: 'admin' is not an address (local@domain)",),
+        )
+        self.assertEqual(
+            self.problems(MINIMAL + "postmaster = admin@remote.test\n"),
+            (
+                "test.conf: [delivery] postmaster: admin@remote.test is in another domain and "
+                "there is no [relay] to forward to it",
+            ),
+        )
         relay = "[relay]\nhost = relay.test\n"
         cfg = loadText(MINIMAL + "postmaster = admin@remote.test\n" + relay)
         self.assertEqual(cfg.delivery.postmaster, "admin@remote.test")
@@ -493,8 +515,10 @@ class FinalDeliveryFieldsTests(AttackMixin, unittest.TestCase):
     """
 
     settings = {
-        "delivery": {"local_domains": "example.test example.net",
-                     "postmaster": "alice.plain@example.test"},
+        "delivery": {
+            "local_domains": "example.test example.net",
+            "postmaster": "alice.plain@example.test",
+        },
         "listener:mx": {"endpoint": "tcp:0:interface=127.0.0.1", "tls": "none", "auth": "none"},
     }
 
@@ -511,26 +535,36 @@ class FinalDeliveryFieldsTests(AttackMixin, unittest.TestCase):
         bob's message without Date and Message-ID is stored with
         Return-Path first, and both fields at the end of its header section.
         """
+
         def send():
-            return self.transaction(self.loggedIn(), b"bob@example.test",
-                                    [b"<bob@example.test>"], b"Subject: bare\r\n\r\nbody")
+            return self.transaction(
+                self.loggedIn(),
+                b"bob@example.test",
+                [b"<bob@example.test>"],
+                b"Subject: bare\r\n\r\nbody",
+            )
 
         self.assertEqual((yield self.inThread(send)), [250, 250, 354, 250])
         [(_, stored)] = self.daemon.delivered("bob@example.test")
         self.assertTrue(stored.startswith(b"Return-Path: <bob@example.test>\nReceived: "))
         header, _, body = stored.partition(b"\n\n")
         self.assertEqual(body, b"body\n")
-        self.assertRegex(header, rb"\nSubject: bare\nDate: [^\n]+\n"
-                                 rb"Message-ID: <\d{14}\.[0-9A-F]{12}@mx\.example\.test>$")
+        self.assertRegex(
+            header,
+            rb"\nSubject: bare\nDate: [^\n]+\n"
+            rb"Message-ID: <\d{14}\.[0-9A-F]{12}@mx\.example\.test>$",
+        )
 
     @defer.inlineCallbacks
     def test_mxUnchanged(self):
         """A message from an MX session gets Return-Path and nothing else."""
+
         def send():
             client = self.connect("mx")
             client.ehlo()
-            return self.transaction(client, b"", [b"<bob@example.test>"],
-                                    b"Subject: bounce\r\n\r\nbody")
+            return self.transaction(
+                client, b"", [b"<bob@example.test>"], b"Subject: bounce\r\n\r\nbody"
+            )
 
         self.assertEqual((yield self.inThread(send)), [250, 250, 354, 250])
         [(_, stored)] = self.daemon.delivered("bob@example.test")
@@ -546,13 +580,16 @@ class FinalDeliveryFieldsTests(AttackMixin, unittest.TestCase):
         accepted from an MX session though no alias names them, and the
         message reaches the postmaster once.
         """
+
         def send():
             client = self.connect("mx")
             client.ehlo()
             return self.transaction(
-                client, b"someone@remote.test",
+                client,
+                b"someone@remote.test",
                 [b"<Postmaster>", b"<POSTMASTER@Example.NET>", b"<postmaster@example.test>"],
-                b"Subject: to the postmaster\r\n\r\nhello")
+                b"Subject: to the postmaster\r\n\r\nhello",
+            )
 
         self.assertEqual((yield self.inThread(send)), [250, 250, 250, 250, 354, 250])
         [(_, stored)] = self.daemon.delivered("alice.plain@example.test")

@@ -123,8 +123,13 @@ def sign(keys, message: bytes, chunks=None, clock=None) -> bytes:
 class KeyPair:
     """A key made by the keygen command, loaded, with the DNS serving its record."""
 
-    def __init__(self, testCase: unittest.TestCase, keyType: str, domain: str = "example.org",
-                 selector: str = "") -> None:
+    def __init__(
+        self,
+        testCase: unittest.TestCase,
+        keyType: str,
+        domain: str = "example.org",
+        selector: str = "",
+    ) -> None:
         self.path, self.name, self.record = dkimKeygen(testCase, keyType, domain, selector)
         self.selector = self.name.split("._domainkey.")[0]
         self.key = loadKey(domain, self.selector, self.path)
@@ -148,8 +153,10 @@ class SigningTests(unittest.TestCase):
     """Signatures verify with dkimpy, for both key types and awkward messages."""
 
     def assertVerifies(self, pair: KeyPair, message: bytes, signature: bytes) -> None:
-        self.assertTrue(dkim.verify(signature + message, dnsfunc=pair.dns),
-                        f"does not verify:\n{signature + message!r}")
+        self.assertTrue(
+            dkim.verify(signature + message, dnsfunc=pair.dns),
+            f"does not verify:\n{signature + message!r}",
+        )
         self.assertIn(pair.name.encode("ascii"), pair.dns.asked)
 
     def checkBodies(self, keyType: str) -> None:
@@ -196,9 +203,19 @@ class SigningTests(unittest.TestCase):
             names = [n.strip() for n in tags[b"h"].split(b":")]
             self.assertEqual(
                 names,
-                [b"from", b"to", b"subject", b"date", b"message-id", b"mime-version",
-                 b"content-type", b"content-transfer-encoding", b"reply-to", b"list-id",
-                 b"from"],
+                [
+                    b"from",
+                    b"to",
+                    b"subject",
+                    b"date",
+                    b"message-id",
+                    b"mime-version",
+                    b"content-type",
+                    b"content-transfer-encoding",
+                    b"reply-to",
+                    b"list-id",
+                    b"from",
+                ],
             )
 
     def test_fromOversigned(self) -> None:
@@ -226,14 +243,17 @@ class SigningTests(unittest.TestCase):
         message = b"Subject: no sender\r\n\r\nbody\r\n"
         signature = sign([pair.key], message)
         self.assertVerifies(pair, message, signature)
-        self.assertFalse(dkim.verify(signature + b"From: x@example.org\r\n" + message,
-                                     dnsfunc=pair.dns))
+        self.assertFalse(
+            dkim.verify(signature + b"From: x@example.org\r\n" + message, dnsfunc=pair.dns)
+        )
 
     def test_repeatedFieldsAllSigned(self) -> None:
         """A field that occurs twice (two To:) is signed twice; From: three times for two."""
         pair = _Keys.get(self, "ed25519")
-        message = (b"From: a@example.org\r\nFrom: b@example.org\r\nTo: c@example.net\r\n"
-                   b"To: d@example.net\r\n\r\nbody\r\n")
+        message = (
+            b"From: a@example.org\r\nFrom: b@example.org\r\nTo: c@example.net\r\n"
+            b"To: d@example.net\r\n\r\nbody\r\n"
+        )
         signature = sign([pair.key], message)
         tags = dkim.util.parse_tag_value(signature.split(b":", 1)[1])
         names = [n.strip() for n in tags[b"h"].split(b":")]
@@ -285,18 +305,26 @@ class SigningTests(unittest.TestCase):
             if keyType == "rsa":
                 # PKCS#1: what every dkimpy version reads.
                 privkey = private.private_bytes(
-                    serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                    serialization.NoEncryption())
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.TraditionalOpenSSL,
+                    serialization.NoEncryption(),
+                )
             else:
-                privkey = base64.b64encode(private.private_bytes(
-                    serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                    serialization.NoEncryption()))
+                privkey = base64.b64encode(
+                    private.private_bytes(
+                        serialization.Encoding.Raw,
+                        serialization.PrivateFormat.Raw,
+                        serialization.NoEncryption(),
+                    )
+                )
             for name, body in BODIES.items():
                 message = HEADER + b"\r\n" + body
                 ours = sign([pair.key], message, [5] * len(message))
                 tags = dkim.util.parse_tag_value(ours.split(b":", 1)[1])
                 theirs = dkim.DKIM(message, signature_algorithm=pair.key.algorithm).sign(
-                    pair.selector.encode(), b"example.org", privkey,
+                    pair.selector.encode(),
+                    b"example.org",
+                    privkey,
                     canonicalize=(b"relaxed", b"relaxed"),
                     include_headers=[n.strip() for n in tags[b"h"].split(b":")],
                 )
@@ -334,14 +362,19 @@ class SigningTests(unittest.TestCase):
                 if name == "pkcs1.pem":
                     self.assertIn(b"BEGIN RSA PRIVATE KEY", f.read())
             key = loadKey("example.org", "s1", path)
-            public = subprocess.run(["openssl", "pkey", "-in", path, "-pubout", "-outform", "DER"],
-                                    capture_output=True, check=True).stdout
+            public = subprocess.run(
+                ["openssl", "pkey", "-in", path, "-pubout", "-outform", "DER"],
+                capture_output=True,
+                check=True,
+            ).stdout
             if key.keyType == "ed25519":
                 # The SubjectPublicKeyInfo ends with the bare 32-octet key (RFC 8410).
                 public = public[-32:]
             dns = DNSStub()
-            dns.add("s1._domainkey.example.org.",
-                    f"v=DKIM1; k={key.keyType}; p={base64.b64encode(public).decode()}")
+            dns.add(
+                "s1._domainkey.example.org.",
+                f"v=DKIM1; k={key.keyType}; p={base64.b64encode(public).decode()}",
+            )
             message = HEADER + b"\r\nbody\r\n"
             self.assertTrue(dkim.verify(sign([key], message) + message, dnsfunc=dns), name)
 
@@ -349,11 +382,26 @@ class SigningTests(unittest.TestCase):
 # Messages built from the awkward pieces: whitespace runs, CRLFs, bare CRs,
 # dots, 8-bit bytes; never a bare LF (the session refuses those, and dkimpy
 # reads one as a line end).
-_pieces = st.sampled_from([b"a", b"word", b" ", b"  ", b"\t", b"\r\n", b"\r\n\r\n", b"\r",
-                           b".", b"\xc3\xa9", b"\xff", b"x" * 100])
+_pieces = st.sampled_from(
+    [
+        b"a",
+        b"word",
+        b" ",
+        b"  ",
+        b"\t",
+        b"\r\n",
+        b"\r\n\r\n",
+        b"\r",
+        b".",
+        b"\xc3\xa9",
+        b"\xff",
+        b"x" * 100,
+    ]
+)
 bodies = st.lists(_pieces, max_size=60).map(b"".join)
-headerValues = st.lists(st.sampled_from([b"v", b" ", b"\t", b"\r\n ", b"\r\n\t", b"\xc3\xa9"]),
-                        max_size=8).map(lambda parts: b"x" + b"".join(parts))
+headerValues = st.lists(
+    st.sampled_from([b"v", b" ", b"\t", b"\r\n ", b"\r\n\t", b"\xc3\xa9"]), max_size=8
+).map(lambda parts: b"x" + b"".join(parts))
 headerBlocks = st.lists(
     st.tuples(st.sampled_from([b"From", b"To", b"Subject", b"X-Other", b"cc"]), headerValues),
     max_size=6,
@@ -469,12 +517,16 @@ class StreamingTests(unittest.TestCase):
 # are none of those.
 _headerLines = st.lists(
     st.one_of(
-        st.tuples(st.sampled_from([b"From", b"to", b"X-A", b"Subject", b"x:y", b"~!"]),
-                  st.lists(st.sampled_from([b"v", b" ", b"\t", b"\x0b", b"\x0c", b"\xc3\xa9",
-                                            b":", b"  x  "]), max_size=6).map(b"".join))
-        .map(lambda f: f[0] + b":" + f[1]),
-        st.lists(st.sampled_from([b" ", b"\t", b"w", b"\x0b"]), min_size=1, max_size=5)
-        .map(lambda parts: b" " + b"".join(parts)),
+        st.tuples(
+            st.sampled_from([b"From", b"to", b"X-A", b"Subject", b"x:y", b"~!"]),
+            st.lists(
+                st.sampled_from([b"v", b" ", b"\t", b"\x0b", b"\x0c", b"\xc3\xa9", b":", b"  x  "]),
+                max_size=6,
+            ).map(b"".join),
+        ).map(lambda f: f[0] + b":" + f[1]),
+        st.lists(st.sampled_from([b" ", b"\t", b"w", b"\x0b"]), min_size=1, max_size=5).map(
+            lambda parts: b" " + b"".join(parts)
+        ),
         st.sampled_from([b"From alice@example.org Mon", b"no colon", b"Bad Name: x", b":x"]),
     ),
     max_size=8,
@@ -508,15 +560,24 @@ class DkimpyEquivalenceTests(unittest.TestCase):
             headers = dkim.rfc822_parse(block)[0]
         except (dkim.MessageFormatError, IndexError):
             return
-        self.assertEqual(_Relaxed.canonicalize_headers(headers),
-                         Relaxed.canonicalize_headers(headers))
+        self.assertEqual(
+            _Relaxed.canonicalize_headers(headers), Relaxed.canonicalize_headers(headers)
+        )
 
     def test_relaxedExamples(self) -> None:
         """Runs of spaces and tabs, folding, and other whitespace at the ends."""
-        for value in (b" a  \t b\r\n", b"\x0b a\r\n\t b \x0c\r\n", b"\r\n", b" \t \r\n",
-                      b"a\r\r\nb\r\n"):
-            self.assertEqual(_Relaxed.canonicalize_headers([(b"X-A ", value)]),
-                             Relaxed.canonicalize_headers([(b"X-A ", value)]), value)
+        for value in (
+            b" a  \t b\r\n",
+            b"\x0b a\r\n\t b \x0c\r\n",
+            b"\r\n",
+            b" \t \r\n",
+            b"a\r\r\nb\r\n",
+        ):
+            self.assertEqual(
+                _Relaxed.canonicalize_headers([(b"X-A ", value)]),
+                Relaxed.canonicalize_headers([(b"X-A ", value)]),
+                value,
+            )
 
     def test_relaxedBareLF(self) -> None:
         """
@@ -525,8 +586,9 @@ class DkimpyEquivalenceTests(unittest.TestCase):
         one (DATA refuses bare LF with 550 5.6.2), so the difference between
         the two dkimpy versions never reaches a signature.
         """
-        self.assertEqual(_Relaxed.canonicalize_headers([(b"X-A ", b"a\nb\r\n")]),
-                         [(b"x-a", b"ab\r\n")])
+        self.assertEqual(
+            _Relaxed.canonicalize_headers([(b"X-A ", b"a\nb\r\n")]), [(b"x-a", b"ab\r\n")]
+        )
 
 
 class UnsignableTests(unittest.TestCase):
@@ -557,9 +619,11 @@ class UnsignableTests(unittest.TestCase):
     def test_malformedHeader(self) -> None:
         """A line in the header that is not a field (no colon) makes the message unsignable."""
         pair = _Keys.get(self, "ed25519")
-        for message in [b"From: a@example.org\r\nnot a field\r\n\r\nbody\r\n",
-                        b" continuation first\r\nFrom: a@example.org\r\n\r\nbody\r\n",
-                        b"From: a@example.org\r\njust text, no blank line\r\n"]:
+        for message in [
+            b"From: a@example.org\r\nnot a field\r\n\r\nbody\r\n",
+            b" continuation first\r\nFrom: a@example.org\r\n\r\nbody\r\n",
+            b"From: a@example.org\r\njust text, no blank line\r\n",
+        ]:
             signer = MessageSigner([pair.key], Clock())
             signer.write(message)
             e = self.assertRaises(MessageNotSignable, signer.signatureHeader)
@@ -582,8 +646,15 @@ class KeyRingTests(unittest.TestCase):
         for sender in ["alice@example.org", "Alice@EXAMPLE.org", "a@example.org."]:
             self.assertIsInstance(self.ring.signer(sender), MessageSigner, sender)
             self.assertEqual(self.ring.keysFor(sender), (self.pair.key,))
-        for sender in ["", "alice@lists.example.org", "alice@example.net", "example.org",
-                       "@example.org", "alice@notexample.org", "a@" + "\u00e9" * 64 + ".org"]:
+        for sender in [
+            "",
+            "alice@lists.example.org",
+            "alice@example.net",
+            "example.org",
+            "@example.org",
+            "alice@notexample.org",
+            "a@" + "\u00e9" * 64 + ".org",
+        ]:
             self.assertIsNone(self.ring.signer(sender), sender)
 
     def test_internationalDomain(self) -> None:
@@ -617,9 +688,11 @@ class LoadKeysTests(unittest.TestCase):
     def test_loads(self) -> None:
         """Both key types load, the type read from the PEM file, several keys a domain."""
         edPair, rsaPair = _Keys.get(self, "ed25519"), _Keys.get(self, "rsa")
-        keys = loadKeys(self.config(
-            f"example.org = {rsaPair.selector}:{rsaPair.path} {edPair.selector}:{edPair.path}\n"
-        ))
+        keys = loadKeys(
+            self.config(
+                f"example.org = {rsaPair.selector}:{rsaPair.path} {edPair.selector}:{edPair.path}\n"
+            )
+        )
         [rsaKey, edKey] = keys["example.org"]
         self.assertEqual((rsaKey.keyType, rsaKey.algorithm), ("rsa", b"rsa-sha256"))
         self.assertEqual((edKey.keyType, edKey.algorithm), ("ed25519", b"ed25519-sha256"))
@@ -631,8 +704,10 @@ class LoadKeysTests(unittest.TestCase):
         """A key file that does not exist."""
         self.assertEqual(
             self.problems("example.org = s1:/nonexistent/key.pem\n"),
-            ("test.conf: [dkim] example.org: /nonexistent/key.pem: cannot read: "
-             "No such file or directory",),
+            (
+                "test.conf: [dkim] example.org: /nonexistent/key.pem: cannot read: "
+                "No such file or directory",
+            ),
         )
 
     def writeFile(self, data: bytes, mode: int = 0o640) -> str:
@@ -644,41 +719,88 @@ class LoadKeysTests(unittest.TestCase):
 
     def test_notPEM(self) -> None:
         """A file that is not a PEM private key (here: a public key, and junk)."""
-        public = self.writeFile(b"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n"
-                                b"-----END PUBLIC KEY-----\n")
+        public = self.writeFile(
+            b"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n"
+        )
         junk = self.writeFile(b"hello\n")
         problems = self.problems(f"example.org = s1:{public} s2:{junk}\n")
-        self.assertEqual(problems, tuple(
-            f"test.conf: [dkim] example.org: {p}: not a PEM private key (RSA or Ed25519)"
-            for p in (public, junk)
-        ))
+        self.assertEqual(
+            problems,
+            tuple(
+                f"test.conf: [dkim] example.org: {p}: not a PEM private key (RSA or Ed25519)"
+                for p in (public, junk)
+            ),
+        )
 
     def test_encrypted(self) -> None:
         """A key encrypted with a passphrase cannot be used."""
         path = self.mktemp()
-        subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-aes256", "-pass",
-                        "pass:secret", "-out", path], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "openssl",
+                "genpkey",
+                "-algorithm",
+                "ed25519",
+                "-aes256",
+                "-pass",
+                "pass:secret",
+                "-out",
+                path,
+            ],
+            check=True,
+            capture_output=True,
+        )
         os.chmod(path, 0o600)
-        self.assertEqual(self.problems(f"example.org = s1:{path}\n"), (
-            f"test.conf: [dkim] example.org: {path}: the key is encrypted; "
-            "store it without a passphrase",
-        ))
+        self.assertEqual(
+            self.problems(f"example.org = s1:{path}\n"),
+            (
+                f"test.conf: [dkim] example.org: {path}: the key is encrypted; "
+                "store it without a passphrase",
+            ),
+        )
 
     def test_wrongType(self) -> None:
         """An EC (P-256) key cannot make DKIM signatures."""
         path = self.mktemp()
-        subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt",
-                        "ec_paramgen_curve:P-256", "-out", path], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "openssl",
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                path,
+            ],
+            check=True,
+            capture_output=True,
+        )
         os.chmod(path, 0o600)
         [problem] = self.problems(f"example.org = s1:{path}\n")
-        self.assertRegex(problem, rf"^test\.conf: \[dkim\] example\.org: {re.escape(path)}: "
-                                  r"a \w+ cannot make DKIM signatures \(RSA or Ed25519 only\)$")
+        self.assertRegex(
+            problem,
+            rf"^test\.conf: \[dkim\] example\.org: {re.escape(path)}: "
+            r"a \w+ cannot make DKIM signatures \(RSA or Ed25519 only\)$",
+        )
 
     def test_shortRSA(self) -> None:
         """An RSA key under 1024 bits is refused (RFC 8301)."""
         path = self.mktemp()
-        subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt",
-                        "rsa_keygen_bits:768", "-out", path], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "openssl",
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:768",
+                "-out",
+                path,
+            ],
+            check=True,
+            capture_output=True,
+        )
         os.chmod(path, 0o600)
         [problem] = self.problems(f"example.org = s1:{path}\n")
         self.assertIn(": an RSA key of 768 bits is too short to sign", problem)
@@ -690,14 +812,16 @@ class LoadKeysTests(unittest.TestCase):
             pem = f.read()
         readable = self.writeFile(pem, 0o644)
         writable = self.writeFile(pem, 0o660)
-        self.assertEqual(self.problems(f"example.org = a:{readable} b:{writable}\n"), (
-            f"test.conf: [dkim] example.org: {readable}: mode 0644 lets other users read "
-            "or change the private key: chmod 0640 it",
-            f"test.conf: [dkim] example.org: {writable}: mode 0660 lets other users read "
-            "or change the private key: chmod 0640 it",
-        ))
-        self.assertEqual(loadKey("example.org", "a", self.writeFile(pem, 0o600)).keyType,
-                         "ed25519")
+        self.assertEqual(
+            self.problems(f"example.org = a:{readable} b:{writable}\n"),
+            (
+                f"test.conf: [dkim] example.org: {readable}: mode 0644 lets other users read "
+                "or change the private key: chmod 0640 it",
+                f"test.conf: [dkim] example.org: {writable}: mode 0660 lets other users read "
+                "or change the private key: chmod 0640 it",
+            ),
+        )
+        self.assertEqual(loadKey("example.org", "a", self.writeFile(pem, 0o600)).keyType, "ed25519")
 
     def test_everyProblem(self) -> None:
         """Problems of several domains are reported together."""
@@ -723,8 +847,9 @@ class KeygenTests(unittest.TestCase):
         keydir = os.path.join(self.mktemp(), "dkim")
         old = os.umask(0o077)
         try:
-            status, out, err = self.run_("Example.ORG", "--selector", "Sel1", "--type", "ed25519",
-                                         "--keydir", keydir)
+            status, out, err = self.run_(
+                "Example.ORG", "--selector", "Sel1", "--type", "ed25519", "--keydir", keydir
+            )
         finally:
             os.umask(old)
         self.assertEqual((status, err), (0, ""))
@@ -733,8 +858,11 @@ class KeygenTests(unittest.TestCase):
         self.assertEqual(os.stat(path).st_mode & 0o7777, 0o640)
         lines = out.splitlines()
         self.assertEqual(lines[1], f";   example.org = sel1:{path}")
-        self.assertRegex(lines[-1], r'^sel1\._domainkey\.example\.org\. IN TXT '
-                                    r'"v=DKIM1; k=ed25519; p=[A-Za-z0-9+/]{43}="$')
+        self.assertRegex(
+            lines[-1],
+            r"^sel1\._domainkey\.example\.org\. IN TXT "
+            r'"v=DKIM1; k=ed25519; p=[A-Za-z0-9+/]{43}="$',
+        )
         with open(path, "rb") as f:
             self.assertTrue(f.read().startswith(b"-----BEGIN PRIVATE KEY-----\n"))
 
@@ -755,23 +883,31 @@ class KeygenTests(unittest.TestCase):
         path = os.path.join(keydir, "example.org.s.pem")
         with open(path, "rb") as f:
             before = f.read()
-        status, out, err = self.run_("example.org", "--selector", "s", "--type", "ed25519",
-                                     "--keydir", keydir)
+        status, out, err = self.run_(
+            "example.org", "--selector", "s", "--type", "ed25519", "--keydir", keydir
+        )
         self.assertEqual((status, out), (1, ""))
-        self.assertEqual(err, f"mailauth: {path} exists; not overwritten "
-                              "(choose another --selector)\n")
+        self.assertEqual(
+            err, f"mailauth: {path} exists; not overwritten (choose another --selector)\n"
+        )
         with open(path, "rb") as f:
             self.assertEqual(f.read(), before)
 
     def test_badArguments(self) -> None:
         """A bad domain or selector is one error line; nothing is written."""
         keydir = self.mktemp()
-        self.assertEqual(self.run_("exa mple.org", "--keydir", keydir),
-                         (1, "", "mailauth: 'exa mple.org' is not a domain name\n"))
+        self.assertEqual(
+            self.run_("exa mple.org", "--keydir", keydir),
+            (1, "", "mailauth: 'exa mple.org' is not a domain name\n"),
+        )
         self.assertEqual(
             self.run_("example.org", "--selector", "_bad", "--keydir", keydir),
-            (1, "", "mailauth: '_bad' is not a DKIM selector (letters, digits, hyphens, "
-                    "dot-separated)\n"),
+            (
+                1,
+                "",
+                "mailauth: '_bad' is not a DKIM selector (letters, digits, hyphens, "
+                "dot-separated)\n",
+            ),
         )
         self.assertFalse(os.path.exists(keydir))
         self.assertEqual(self.run_("example.org", "--type", "dsa")[0], 2)
@@ -783,8 +919,9 @@ class KeygenTests(unittest.TestCase):
             del sys.modules["mailauth.dkimsign"], mailauth.__dict__["dkimsign"]
             status, out, err = self.run_("example.org", "--keydir", self.mktemp())
         self.assertEqual((status, out), (1, ""))
-        self.assertIn("DKIM needs the Python package dkimpy (Debian: apt install python3-dkim;",
-                      err)
+        self.assertIn(
+            "DKIM needs the Python package dkimpy (Debian: apt install python3-dkim;", err
+        )
 
     def test_defaultSelector(self) -> None:
         """The default selector names the month, and Ed25519's ends in e."""

@@ -95,9 +95,15 @@ class ReportTests(unittest.TestCase):
 
     def report(self, recipients, **kwargs):
         values = dict(
-            hostname="mail.example.org", queueID="m1", messageID="r1@mail.example.org",
-            boundary="r1/mail.example.org", sender="alice@example.org", arrival=EPOCH,
-            now=EPOCH + 3600, recipients=recipients, original=HEADERS,
+            hostname="mail.example.org",
+            queueID="m1",
+            messageID="r1@mail.example.org",
+            boundary="r1/mail.example.org",
+            sender="alice@example.org",
+            arrival=EPOCH,
+            now=EPOCH + 3600,
+            recipients=recipients,
+            original=HEADERS,
         )
         values.update(kwargs)
         data = dsn.buildReport(**values)
@@ -107,7 +113,8 @@ class ReportTests(unittest.TestCase):
         """A delay report says delayed, a 4.x.x status and Will-Retry-Until."""
         _, message = self.report(
             [dsn.FailedRecipient("b@x.test", error="connection refused")],
-            action="delayed", retryUntil=EPOCH + 86400,
+            action="delayed",
+            retryUntil=EPOCH + 86400,
         )
         self.assertEqual(message["Subject"], "Delayed Mail (still being retried)")
         [perRecipient] = message.get_payload()[1].get_payload()[1:]
@@ -120,9 +127,16 @@ class ReportTests(unittest.TestCase):
         delivery-status and headers, utf-8 address types, UTF-8 kept.
         """
         data, message = self.report(
-            [dsn.FailedRecipient("jörg@bücher.example", reply="550 5.1.1 unknown",
-                                 orcpt="utf-8;J\\x{F6}rg@b\\x{FC}cher.example")],
-            sender="anna@exämple.org", original="Subject: grüße\r\n".encode(), utf8=True,
+            [
+                dsn.FailedRecipient(
+                    "jörg@bücher.example",
+                    reply="550 5.1.1 unknown",
+                    orcpt="utf-8;J\\x{F6}rg@b\\x{FC}cher.example",
+                )
+            ],
+            sender="anna@exämple.org",
+            original="Subject: grüße\r\n".encode(),
+            utf8=True,
         )
         self.assertIn("To: <anna@exämple.org>".encode(), data)
         _, status, headers = message.get_payload()

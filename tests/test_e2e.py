@@ -45,10 +45,11 @@ class DeliveryTests(EndToEndMixin, unittest.TestCase):
         m = RECEIVED.match(content)
         self.assertIsNotNone(m, content[:400])
         self.assertEqual(m.group("login"), login.encode())
-        self.assertEqual(content[m.end():], MESSAGE.replace(b"\r\n", b"\n"))
+        self.assertEqual(content[m.end() :], MESSAGE.replace(b"\r\n", b"\n"))
         self.assertTrue(name.endswith(f",S={len(content)}"), name)
-        self.assertEqual(os.listdir(os.path.join(self.daemon.maildir("bob@example.test"), "tmp")),
-                         [])
+        self.assertEqual(
+            os.listdir(os.path.join(self.daemon.maildir("bob@example.test"), "tmp")), []
+        )
         mode = os.stat(self.daemon.maildir("bob@example.test")).st_mode & 0o777
         self.assertEqual(mode, 0o700)
 
@@ -102,8 +103,9 @@ class DeliveryTests(EndToEndMixin, unittest.TestCase):
             self.submit("submissions", "PLAIN", SHA512, "wrong"),
             smtplib.SMTPAuthenticationError,
         )
-        self.assertEqual((e.smtp_code, e.smtp_error),
-                         (535, b"5.7.8 Authentication credentials invalid"))
+        self.assertEqual(
+            (e.smtp_code, e.smtp_error), (535, b"5.7.8 Authentication credentials invalid")
+        )
 
     @defer.inlineCallbacks
     def test_unknownUser(self):
@@ -136,7 +138,10 @@ class DeliveryTests(EndToEndMixin, unittest.TestCase):
     def test_severalRecipientsOneFileEach(self):
         """Two local recipients each get the message in their own Maildir."""
         result = yield self.submit(
-            "submissions", "PLAIN", SHA512, PASSWORD,
+            "submissions",
+            "PLAIN",
+            SHA512,
+            PASSWORD,
             recipients=["bob@example.test", "alice.plain@example.test"],
         )
         self.assertEqual(result, {})
@@ -212,16 +217,23 @@ class StorageFailureTests(EndToEndMixin, unittest.TestCase):
             pass
         watcher = LogWatcher()
         self.addCleanup(watcher.stop)
-        e = yield self.assertFailure(self.submit("submissions", "PLAIN", SHA512, PASSWORD),
-                                     smtplib.SMTPDataError)
-        self.assertEqual((e.smtp_code, e.smtp_error), (451, b"4.3.0 Error: local error in "
-                                                       b"processing"))
+        e = yield self.assertFailure(
+            self.submit("submissions", "PLAIN", SHA512, PASSWORD), smtplib.SMTPDataError
+        )
+        self.assertEqual(
+            (e.smtp_code, e.smtp_error), (451, b"4.3.0 Error: local error in processing")
+        )
         path = f"{self.daemon.dir}/mail/example.test"
         [line] = watcher.matching("not stored")
-        self.assertRegex(line, rf"^message [0-9A-F]{{12}} not stored: {path}: Not a directory "
-                         r"\(errno 20\); the client is told 451, to try again later$")
-        self.assertEqual([x["log_level"] for x in watcher.events
-                          if x["log_level"] >= LogLevel.warn], [LogLevel.warn])
+        self.assertRegex(
+            line,
+            rf"^message [0-9A-F]{{12}} not stored: {path}: Not a directory "
+            r"\(errno 20\); the client is told 451, to try again later$",
+        )
+        self.assertEqual(
+            [x["log_level"] for x in watcher.events if x["log_level"] >= LogLevel.warn],
+            [LogLevel.warn],
+        )
         self.assertEqual(self.flushLoggedErrors(), [])
 
 
@@ -232,8 +244,15 @@ class ConfigErrorTests(unittest.TestCase):
     mistake and no traceback.
     """
 
-    def runTwistd(self, configPath: str, daemon: bool = False, twistdOptions=(),
-                  program: str = TWISTD, env=None, prefix=()):
+    def runTwistd(
+        self,
+        configPath: str,
+        daemon: bool = False,
+        twistdOptions=(),
+        program: str = TWISTD,
+        env=None,
+        prefix=(),
+    ):
         """
         Run twistd mailauth on C{configPath}.
 
@@ -244,12 +263,23 @@ class ConfigErrorTests(unittest.TestCase):
         os.makedirs(where)
         log = os.path.join(where, "twistd.log")
         pidfile = os.path.join(where, "twistd.pid")
-        mode = (["--pidfile", pidfile, "--logfile", log] if daemon
-                else ["--nodaemon", "--pidfile="])
+        mode = ["--pidfile", pidfile, "--logfile", log] if daemon else ["--nodaemon", "--pidfile="]
         result = subprocess.run(
-            [*prefix, sys.executable, "-c", program, *mode, *twistdOptions,
-             "mailauth", "--config", configPath],
-            cwd=ROOT, capture_output=True, text=True, timeout=60,
+            [
+                *prefix,
+                sys.executable,
+                "-c",
+                program,
+                *mode,
+                *twistdOptions,
+                "mailauth",
+                "--config",
+                configPath,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
             env=dict(os.environ, **(env or {})),
         )
         if daemon and result.returncode == 0 and os.path.exists(pidfile):
@@ -271,8 +301,9 @@ class ConfigErrorTests(unittest.TestCase):
         """
         for daemon in (False, True):
             result, log = self.runTwistd(configPath, daemon, **kwargs)
-            self.assertEqual((result.returncode, result.stderr.splitlines()), (1, lines),
-                             f"daemon={daemon}")
+            self.assertEqual(
+                (result.returncode, result.stderr.splitlines()), (1, lines), f"daemon={daemon}"
+            )
             self.assertNotIn("Traceback", result.stdout + log)
 
     def test_unknownKeyExitsNonZero(self):
@@ -300,41 +331,67 @@ class ConfigErrorTests(unittest.TestCase):
         line, from the parser's own errors or from what listening would
         refuse.
         """
-        daemon = Daemon(self.mktemp(), settings={
-            "listener:submission": {"endpoint": "tcp:abc"},
-            "listener:submissions": {"endpoint": "tcp:99999"},
-            "listener:typo": {"endpoint": "tcp:2587:interfce=127.0.0.1", "tls": "none",
-                              "auth": "optional"},
-            "listener:unix": {"endpoint": "unix:{dir}/run/mailauth.sock", "tls": "none",
-                              "auth": "optional"},
-        }, build=False)
+        daemon = Daemon(
+            self.mktemp(),
+            settings={
+                "listener:submission": {"endpoint": "tcp:abc"},
+                "listener:submissions": {"endpoint": "tcp:99999"},
+                "listener:typo": {
+                    "endpoint": "tcp:2587:interfce=127.0.0.1",
+                    "tls": "none",
+                    "auth": "optional",
+                },
+                "listener:unix": {
+                    "endpoint": "unix:{dir}/run/mailauth.sock",
+                    "tls": "none",
+                    "auth": "optional",
+                },
+            },
+            build=False,
+        )
         where = f"{daemon.configPath}: [listener:"
-        self.assertRefused(daemon.configPath, [
-            f"{where}submission] endpoint: 'tcp:abc': 'abc' is not a whole number",
-            f"{where}submissions] endpoint: 'tcp:99999': 99999 is not a port number (0 to 65535)",
-            f"{where}typo] endpoint: 'tcp:2587:interfce=127.0.0.1': unknown option 'interfce' "
-            "(known: port, interface, backlog)",
-            f"{where}unix] endpoint: 'unix:{daemon.dir}/run/mailauth.sock': cannot listen: "
-            f"{daemon.dir}/run: no such folder",
-        ])
+        self.assertRefused(
+            daemon.configPath,
+            [
+                f"{where}submission] endpoint: 'tcp:abc': 'abc' is not a whole number",
+                f"{where}submissions] endpoint: 'tcp:99999': 99999 is not a port number "
+                "(0 to 65535)",
+                f"{where}typo] endpoint: 'tcp:2587:interfce=127.0.0.1': unknown option 'interfce' "
+                "(known: port, interface, backlog)",
+                f"{where}unix] endpoint: 'unix:{daemon.dir}/run/mailauth.sock': cannot listen: "
+                f"{daemon.dir}/run: no such folder",
+            ],
+        )
 
     def test_portInUse(self):
         """A port another program holds is one line, before twistd forks."""
         port = holdPort(self)
-        daemon = Daemon(self.mktemp(), settings={
-            "listener:submission": {"endpoint": f"tcp:{port}:interface=127.0.0.1"}})
-        self.assertRefused(daemon.configPath, [
-            f"{daemon.configPath}: [listener:submission] endpoint: "
-            f"'tcp:{port}:interface=127.0.0.1': cannot listen: Address already in use"])
+        daemon = Daemon(
+            self.mktemp(),
+            settings={"listener:submission": {"endpoint": f"tcp:{port}:interface=127.0.0.1"}},
+        )
+        self.assertRefused(
+            daemon.configPath,
+            [
+                f"{daemon.configPath}: [listener:submission] endpoint: "
+                f"'tcp:{port}:interface=127.0.0.1': cannot listen: Address already in use"
+            ],
+        )
 
     def test_privilegedPort(self):
         """A port below 1024 the daemon may not bind is one line."""
-        daemon = Daemon(self.mktemp(), settings={
-            "listener:submission": {"endpoint": "tcp:1023:interface=127.0.0.1"}})
-        self.assertRefused(daemon.configPath, [
-            f"{daemon.configPath}: [listener:submission] endpoint: "
-            "'tcp:1023:interface=127.0.0.1': cannot listen: Permission denied"],
-            prefix=withoutBindCapability())
+        daemon = Daemon(
+            self.mktemp(),
+            settings={"listener:submission": {"endpoint": "tcp:1023:interface=127.0.0.1"}},
+        )
+        self.assertRefused(
+            daemon.configPath,
+            [
+                f"{daemon.configPath}: [listener:submission] endpoint: "
+                "'tcp:1023:interface=127.0.0.1': cannot listen: Permission denied"
+            ],
+            prefix=withoutBindCapability(),
+        )
 
     def test_portTakenAfterChecks(self):
         """
@@ -343,23 +400,39 @@ class ConfigErrorTests(unittest.TestCase):
         prints it too. No traceback, no pid file left behind.
         """
         port = freePort()
-        daemon = Daemon(self.mktemp(), settings={
-            "listener:submission": {"endpoint": f"tcp:{port}:interface=127.0.0.1"}})
-        line = (f"{daemon.configPath}: [listener:submission] endpoint: "
-                f"'tcp:{port}:interface=127.0.0.1': cannot listen: Address already in use; "
-                "mailauth stops")
+        daemon = Daemon(
+            self.mktemp(),
+            settings={"listener:submission": {"endpoint": f"tcp:{port}:interface=127.0.0.1"}},
+        )
+        line = (
+            f"{daemon.configPath}: [listener:submission] endpoint: "
+            f"'tcp:{port}:interface=127.0.0.1': cannot listen: Address already in use; "
+            "mailauth stops"
+        )
         env = {"TAKE_PORT": str(port)}
         result, _ = self.runTwistd(daemon.configPath, program=RACE, env=env)
         self.assertEqual((result.returncode, result.stderr), (1, ""))
-        self.assertEqual([x.split(" ", 1)[1] for x in result.stdout.splitlines() if "#error" in x],
-                         ["[mailauth.tap#error] " + line])
+        self.assertEqual(
+            [x.split(" ", 1)[1] for x in result.stdout.splitlines() if "#error" in x],
+            ["[mailauth.tap#error] " + line],
+        )
         self.assertNotIn("Traceback", result.stdout)
         result, log = self.runTwistd(daemon.configPath, daemon=True, program=RACE, env=env)
-        self.assertEqual((result.returncode, result.stderr), (1, (
-            f"An error has occurred: b'[listener:submission] tcp:{port}:interface=127.0.0.1: "
-            "Address already in use'\nPlease look at log file for more information.\n")))
-        self.assertEqual([x.split(" ", 1)[1] for x in log.splitlines() if "#error" in x],
-                         ["[mailauth.tap#error] " + line])
+        self.assertEqual(
+            (result.returncode, result.stderr),
+            (
+                1,
+                (
+                    "An error has occurred: b'[listener:submission] "
+                    f"tcp:{port}:interface=127.0.0.1: "
+                    "Address already in use'\nPlease look at log file for more information.\n"
+                ),
+            ),
+        )
+        self.assertEqual(
+            [x.split(" ", 1)[1] for x in log.splitlines() if "#error" in x],
+            ["[mailauth.tap#error] " + line],
+        )
         self.assertNotIn("Traceback", log)
 
     def test_maildirRootNotWritable(self):
@@ -375,9 +448,14 @@ class ConfigErrorTests(unittest.TestCase):
             self.addCleanup(os.chmod, daemon.dir, 0o755)
             options, who = [], f"user {pwd.getpwuid(os.geteuid()).pw_name} (uid {os.geteuid()})"
         root = f"{daemon.dir}/mail/example.test"
-        self.assertRefused(daemon.configPath, [
-            f"{daemon.configPath}: [delivery] maildir: {root}: {who} cannot write {daemon.dir} "
-            f"to make {root}, so no new Maildir can be made there"], twistdOptions=options)
+        self.assertRefused(
+            daemon.configPath,
+            [
+                f"{daemon.configPath}: [delivery] maildir: {root}: {who} cannot write {daemon.dir} "
+                f"to make {root}, so no new Maildir can be made there"
+            ],
+            twistdOptions=options,
+        )
 
     def test_expiredCertificate(self):
         """An expired certificate stops the daemon with one line."""
@@ -385,23 +463,33 @@ class ConfigErrorTests(unittest.TestCase):
         writeCertificate(os.path.join(daemon.dir, "tls"), days=-1)
         result, _ = self.runTwistd(daemon.configPath)
         self.assertEqual(result.returncode, 1)
-        self.assertRegex(result.stderr, rf"^{daemon.configPath}: \[tls\] certificate: "
-                         rf"{daemon.dir}/tls/cert.pem: expired on [^\n]* UTC: renew it\n$")
+        self.assertRegex(
+            result.stderr,
+            rf"^{daemon.configPath}: \[tls\] certificate: "
+            rf"{daemon.dir}/tls/cert.pem: expired on [^\n]* UTC: renew it\n$",
+        )
 
     def test_encryptedKey(self):
         """An encrypted key stops the daemon with one line, never a passphrase prompt."""
         daemon = Daemon(self.mktemp())
         writeCertificate(os.path.join(daemon.dir, "tls"), passphrase=b"secret")
-        self.assertRefused(daemon.configPath, [
-            f"{daemon.configPath}: [tls]: {daemon.dir}/tls/key.pem: the private key is "
-            "encrypted with a passphrase, which mailauth cannot ask for: store it decrypted "
-            "(openssl pkey -in KEY -out NEWKEY), readable only by root and the daemon's group"])
+        self.assertRefused(
+            daemon.configPath,
+            [
+                f"{daemon.configPath}: [tls]: {daemon.dir}/tls/key.pem: the private key is "
+                "encrypted with a passphrase, which mailauth cannot ask for: store it decrypted "
+                "(openssl pkey -in KEY -out NEWKEY), readable only by root and the daemon's group"
+            ],
+        )
 
     def test_pluginListed(self):
         """twistd finds the mailauth plugin."""
         result = subprocess.run(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--help"],
-            cwd=ROOT, capture_output=True, text=True, timeout=60,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         self.assertIn("mailauth", result.stdout)
 
@@ -415,15 +503,18 @@ class PrivilegeDropTests(unittest.TestCase):
         """
         from twisted.scripts.twistd import ServerOptions
 
-        daemon = Daemon(os.path.join(searchableFolder(self), "d"),
-                        extra="\n[relay]\nhost = 127.0.0.1\nport = 1\n")
+        daemon = Daemon(
+            os.path.join(searchableFolder(self), "d"),
+            extra="\n[relay]\nhost = 127.0.0.1\nport = 1\n",
+        )
         # The Maildirs are made by that user.
         os.mkdir(os.path.join(daemon.dir, "mail"), 0o700)
         if os.geteuid() == 0:
             os.chown(os.path.join(daemon.dir, "mail"), 65534, 65534)
         options = ServerOptions()
-        options.parseOptions(["--uid", "65534", "--gid", "65534",
-                              "mailauth", "--config", daemon.configPath])
+        options.parseOptions(
+            ["--uid", "65534", "--gid", "65534", "mailauth", "--config", daemon.configPath]
+        )
         shutil.rmtree(daemon.config.server.state_dir)
         tap.makeService(options.subOptions, reactor)
         state = daemon.config.server.state_dir
@@ -443,20 +534,30 @@ class StartupErrorTests(unittest.TestCase):
         L{tap.StartupError}.
         """
         port = holdPort(self)
-        daemon = Daemon(self.mktemp(), settings={
-            "listener:submissions": {"endpoint": f"tcp:{port}:interface=127.0.0.1"}})
+        daemon = Daemon(
+            self.mktemp(),
+            settings={"listener:submissions": {"endpoint": f"tcp:{port}:interface=127.0.0.1"}},
+        )
         # The service never started: close the port of the listener that did listen.
         listening = daemon.service.getServiceNamed("listener:submission")
-        self.addCleanup(lambda: listening._waitingForPort.addCallback(
-            lambda port: port.stopListening()))
+        self.addCleanup(
+            lambda: listening._waitingForPort.addCallback(lambda port: port.stopListening())
+        )
         with capturedLogs() as events:
             e = self.assertRaises(tap.StartupError, daemon.service.privilegedStartService)
-        line = (f"{daemon.configPath}: [listener:submissions] endpoint: "
-                f"'tcp:{port}:interface=127.0.0.1': cannot listen: Address already in use")
+        line = (
+            f"{daemon.configPath}: [listener:submissions] endpoint: "
+            f"'tcp:{port}:interface=127.0.0.1': cannot listen: Address already in use"
+        )
         self.assertEqual(str(e), line)
-        self.assertEqual([(x["log_level"], formatEvent(x)) for x in events
-                          if x["log_namespace"] == "mailauth.tap"],
-                         [(LogLevel.error, line + "; mailauth stops")])
+        self.assertEqual(
+            [
+                (x["log_level"], formatEvent(x))
+                for x in events
+                if x["log_namespace"] == "mailauth.tap"
+            ],
+            [(LogLevel.error, line + "; mailauth stops")],
+        )
 
     def test_exitThroughStatusPipe(self):
         """
@@ -510,8 +611,10 @@ def withoutBindCapability() -> tuple:
         with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
             start = int(f.read())
         if start <= 1023:
-            raise AssertionError(f"net.ipv4.ip_unprivileged_port_start is {start}: every user "
-                                 "may bind port 1023 here; run the tests as root")
+            raise AssertionError(
+                f"net.ipv4.ip_unprivileged_port_start is {start}: every user "
+                "may bind port 1023 here; run the tests as root"
+            )
         return ()
     setpriv = shutil.which("setpriv")
     if setpriv is None:

@@ -98,19 +98,38 @@ class PrefixTests(unittest.TestCase):
 
     def test_roundTrip(self):
         """ASCII stays readable in the file; any other byte comes back as it was."""
-        for prefix in (b"", b"DKIM-Signature: v=1;\r\n\tb=x\r\n", "X: Jörg\r\n".encode(),
-                       b"X: \xff\xfe\r\n"):
-            e = Envelope(id="m1", sender="", recipients=(RecipientStatus("a@x.test"),),
-                         arrival=1.0, nextAttempt=1.0, prefix=prefix)
+        for prefix in (
+            b"",
+            b"DKIM-Signature: v=1;\r\n\tb=x\r\n",
+            "X: Jörg\r\n".encode(),
+            b"X: \xff\xfe\r\n",
+        ):
+            e = Envelope(
+                id="m1",
+                sender="",
+                recipients=(RecipientStatus("a@x.test"),),
+                arrival=1.0,
+                nextAttempt=1.0,
+                prefix=prefix,
+            )
             self.assertEqual(Envelope.fromJSON(e.toJSON()).prefix, prefix)
-        self.assertIn(b'"prefix": "DKIM-Signature: v=1;\\r\\n\\tb=x\\r\\n"',
-                      Envelope(id="m1", sender="", recipients=(), arrival=1.0, nextAttempt=1.0,
-                               prefix=b"DKIM-Signature: v=1;\r\n\tb=x\r\n").toJSON())
+        self.assertIn(
+            b'"prefix": "DKIM-Signature: v=1;\\r\\n\\tb=x\\r\\n"',
+            Envelope(
+                id="m1",
+                sender="",
+                recipients=(),
+                arrival=1.0,
+                nextAttempt=1.0,
+                prefix=b"DKIM-Signature: v=1;\r\n\tb=x\r\n",
+            ).toJSON(),
+        )
 
     def test_malformed(self):
         """A prefix that is not text is a malformed envelope."""
-        e = json.loads(Envelope(id="m1", sender="", recipients=(), arrival=1.0,
-                                nextAttempt=1.0).toJSON())
+        e = json.loads(
+            Envelope(id="m1", sender="", recipients=(), arrival=1.0, nextAttempt=1.0).toJSON()
+        )
         e["prefix"] = 5
         self.assertRaises(ValueError, Envelope.fromJSON, json.dumps(e).encode())
         # An envelope written before prefixes existed has none.
@@ -140,12 +159,18 @@ class VersionTests(unittest.TestCase):
         more, a failed one still gets its bounce, as before.
         """
         e = Envelope.fromJSON(V1)
-        self.assertEqual([(r.state, r.action, r.notified) for r in e.recipients],
-                         [(DELIVERED, ACTION_RELAYED, True), (FAILED, ACTION_FAILED, False),
-                          (PENDING, None, False)])
+        self.assertEqual(
+            [(r.state, r.action, r.notified) for r in e.recipients],
+            [
+                (DELIVERED, ACTION_RELAYED, True),
+                (FAILED, ACTION_FAILED, False),
+                (PENDING, None, False),
+            ],
+        )
         due = e.reportsDue(1000.0, self.policy)
-        self.assertEqual([(a, [r.address for r in rs]) for a, rs in due],
-                         [(ACTION_FAILED, ["c@y.test"])])
+        self.assertEqual(
+            [(a, [r.address for r in rs]) for a, rs in due], [(ACTION_FAILED, ["c@y.test"])]
+        )
         self.assertFalse(e.smtputf8)
         again = Envelope.fromJSON(e.toJSON())
         self.assertEqual(again, e)
@@ -154,24 +179,45 @@ class VersionTests(unittest.TestCase):
     def test_version2Fields(self):
         """SMTPUTF8, RET, ENVID, NOTIFY, ORCPT and the notification state survive JSON."""
         e = Envelope(
-            id="m2", sender="jörg@bücher.example",
-            recipients=(RecipientStatus("b@y.test", notify=("SUCCESS", "DELAY"),
-                                        orcpt="rfc822;B@y.test", status="5.6.7",
-                                        action=ACTION_FAILED, delayNotified=True),),
-            arrival=1.0, nextAttempt=2.0, smtputf8=True, headers8bit=True, ret="HDRS",
+            id="m2",
+            sender="jörg@bücher.example",
+            recipients=(
+                RecipientStatus(
+                    "b@y.test",
+                    notify=("SUCCESS", "DELAY"),
+                    orcpt="rfc822;B@y.test",
+                    status="5.6.7",
+                    action=ACTION_FAILED,
+                    delayNotified=True,
+                ),
+            ),
+            arrival=1.0,
+            nextAttempt=2.0,
+            smtputf8=True,
+            headers8bit=True,
+            ret="HDRS",
             envid="E+2B",
         )
         self.assertEqual(Envelope.fromJSON(e.toJSON()), e)
-        for bad in (b'{"version": 2, "id": "x", "sender": "", "arrival": 0, "next_attempt": 0,'
-                    b' "attempts": 0, "recipients": [], "ret": 5}',
-                    b'{"version": 3, "id": "x"}'):
+        for bad in (
+            b'{"version": 2, "id": "x", "sender": "", "arrival": 0, "next_attempt": 0,'
+            b' "attempts": 0, "recipients": [], "ret": 5}',
+            b'{"version": 3, "id": "x"}',
+        ):
             self.assertRaises(ValueError, Envelope.fromJSON, bad)
 
     def test_delayDue(self):
         """A delay report is due past delayWarning, only for NOTIFY=DELAY, and only once."""
-        e = Envelope(id="m", sender="a@x.test", arrival=1000.0, nextAttempt=1000.0,
-                     recipients=(RecipientStatus("b@y.test", notify=("DELAY",)),
-                                 RecipientStatus("c@y.test")))
+        e = Envelope(
+            id="m",
+            sender="a@x.test",
+            arrival=1000.0,
+            nextAttempt=1000.0,
+            recipients=(
+                RecipientStatus("b@y.test", notify=("DELAY",)),
+                RecipientStatus("c@y.test"),
+            ),
+        )
         self.assertEqual(e.reportsDue(1500.0, self.policy), [])
         [(action, [r])] = e.reportsDue(1600.0, self.policy)
         self.assertEqual((action, r.address), (ACTION_DELAYED, "b@y.test"))
@@ -181,22 +227,35 @@ class VersionTests(unittest.TestCase):
 
     def test_upstreamDSNEndsReporting(self):
         """A recipient handed to a relay that takes DSN needs no report from here."""
-        e = Envelope(id="m", sender="a@x.test", arrival=0.0, nextAttempt=0.0,
-                     recipients=(RecipientStatus("b@y.test", notify=("SUCCESS",)),))
-        done = e.afterAttempt({"b@y.test": Outcome(DELIVERED, reply="250 ok", upstreamDSN=True)},
-                              None, 0.0, self.policy)
+        e = Envelope(
+            id="m",
+            sender="a@x.test",
+            arrival=0.0,
+            nextAttempt=0.0,
+            recipients=(RecipientStatus("b@y.test", notify=("SUCCESS",)),),
+        )
+        done = e.afterAttempt(
+            {"b@y.test": Outcome(DELIVERED, reply="250 ok", upstreamDSN=True)},
+            None,
+            0.0,
+            self.policy,
+        )
         self.assertEqual(done.reportsDue(0.0, self.policy), [])
         self.assertTrue(done.finished())
-        relayed = e.afterAttempt({"b@y.test": Outcome(DELIVERED, reply="250 ok")}, None, 0.0,
-                                 self.policy)
+        relayed = e.afterAttempt(
+            {"b@y.test": Outcome(DELIVERED, reply="250 ok")}, None, 0.0, self.policy
+        )
         self.assertEqual([a for a, _ in relayed.reportsDue(0.0, self.policy)], [ACTION_RELAYED])
         self.assertFalse(relayed.finished())
 
     def test_localRefusal(self):
         """A reply the relay client made itself becomes a failure with its status, no reply."""
+
         class Reply:
             code, text, local = 553, "5.6.7 not ASCII", True
 
         outcome = Outcome.fromReply(Reply())
-        self.assertEqual((outcome.state, outcome.status, outcome.error, outcome.reply),
-                         (FAILED, "5.6.7", "not ASCII", None))
+        self.assertEqual(
+            (outcome.state, outcome.status, outcome.error, outcome.reply),
+            (FAILED, "5.6.7", "not ASCII", None),
+        )

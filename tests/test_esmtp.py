@@ -68,8 +68,10 @@ class SessionTestsMixin:
 
     def login(self) -> None:
         self.ehlo()
-        self.assertEqual(self.session.command(b"AUTH PLAIN " + PLAIN_ALICE),
-                         [b"235 2.7.0 Authentication successful"])
+        self.assertEqual(
+            self.session.command(b"AUTH PLAIN " + PLAIN_ALICE),
+            [b"235 2.7.0 Authentication successful"],
+        )
 
     def assertReply(self, lines: list, expected: bytes) -> None:
         self.assertEqual(lines, [expected])
@@ -110,10 +112,10 @@ class GreetingAndEHLOTests(SessionTestsMixin, unittest.TestCase):
 
     def test_ehloArgumentTooLong(self) -> None:
         """An EHLO name longer than a domain name can be is refused (it goes into Received)."""
-        self.assertReply(self.session.command(b"EHLO " + b"a" * 256),
-                         b"501 5.5.4 Syntax: EHLO hostname")
-        self.assertEqual(self.session.command(b"EHLO " + b"a" * 255)[0],
-                         b"250-mx.example.test")
+        self.assertReply(
+            self.session.command(b"EHLO " + b"a" * 256), b"501 5.5.4 Syntax: EHLO hostname"
+        )
+        self.assertEqual(self.session.command(b"EHLO " + b"a" * 255)[0], b"250-mx.example.test")
 
     def test_helo(self) -> None:
         """HELO gets a single 250 line."""
@@ -276,10 +278,12 @@ class AuthTests(SessionTestsMixin, unittest.TestCase):
         """LOGIN prompts Username: and Password: in base64 (D10: not NUL-suffixed)."""
         self.ehlo()
         self.assertReply(self.session.command(b"AUTH LOGIN"), b"334 " + b64(b"Username:"))
-        self.assertReply(self.session.command(b64(b"alice@example.test")),
-                         b"334 " + b64(b"Password:"))
-        self.assertReply(self.session.command(b64(b"secret")),
-                         b"235 2.7.0 Authentication successful")
+        self.assertReply(
+            self.session.command(b64(b"alice@example.test")), b"334 " + b64(b"Password:")
+        )
+        self.assertReply(
+            self.session.command(b64(b"secret")), b"235 2.7.0 Authentication successful"
+        )
 
     def test_loginInitialResponse(self) -> None:
         """LOGIN with the user name as initial response goes straight to Password:."""
@@ -303,8 +307,10 @@ class AuthTests(SessionTestsMixin, unittest.TestCase):
         second.command(b"EHLO c")
         self.assertNotEqual(second.command(b"AUTH CRAM-MD5"), lines)
         digest = hmac.new(b"secret", challenge, "md5").hexdigest().encode()
-        self.assertReply(self.session.command(b64(b"alice@example.test " + digest)),
-                         b"235 2.7.0 Authentication successful")
+        self.assertReply(
+            self.session.command(b64(b"alice@example.test " + digest)),
+            b"235 2.7.0 Authentication successful",
+        )
 
     def test_cramMD5NoInitialResponse(self) -> None:
         """CRAM-MD5 allows no initial response (D8)."""
@@ -329,8 +335,9 @@ class AuthTests(SessionTestsMixin, unittest.TestCase):
     def test_unknownMechanism(self) -> None:
         """An unknown mechanism gets 504 5.5.4."""
         self.ehlo()
-        self.assertReply(self.session.command(b"AUTH GSSAPI"),
-                         b"504 5.5.4 Unrecognized authentication type")
+        self.assertReply(
+            self.session.command(b"AUTH GSSAPI"), b"504 5.5.4 Unrecognized authentication type"
+        )
 
     def test_authWithoutMechanism(self) -> None:
         """A bare AUTH gets 501, not an IndexError (D5, Twisted #7753)."""
@@ -413,14 +420,17 @@ class AuthTests(SessionTestsMixin, unittest.TestCase):
         self.ehlo()
         line = b"AUTH PLAIN " + b64(b"\0alice@example.test\0" + b"x" * 9000)
         self.assertLessEqual(len(line), 12288)
-        self.assertReply(self.session.command(line),
-                         b"535 5.7.8 Authentication credentials invalid")
+        self.assertReply(
+            self.session.command(line), b"535 5.7.8 Authentication credentials invalid"
+        )
 
     def test_authTwice(self) -> None:
         """AUTH when already authenticated gets 503."""
         self.login()
-        self.assertReply(self.session.command(b"AUTH PLAIN " + PLAIN_ALICE),
-                         b"503 5.5.1 Error: already authenticated")
+        self.assertReply(
+            self.session.command(b"AUTH PLAIN " + PLAIN_ALICE),
+            b"503 5.5.1 Error: already authenticated",
+        )
 
     def test_authInsideTransaction(self) -> None:
         """AUTH inside a mail transaction gets 503 (D11; RFC 4954 section 4)."""
@@ -428,8 +438,10 @@ class AuthTests(SessionTestsMixin, unittest.TestCase):
         session.read()
         session.command(b"EHLO c")
         session.command(b"MAIL FROM:<bob@remote.test>")
-        self.assertReply(session.command(b"AUTH PLAIN " + PLAIN_ALICE),
-                         b"503 5.5.1 Error: AUTH not allowed during a mail transaction")
+        self.assertReply(
+            session.command(b"AUTH PLAIN " + PLAIN_ALICE),
+            b"503 5.5.1 Error: AUTH not allowed during a mail transaction",
+        )
 
     def test_userDatabaseUnavailable(self) -> None:
         """When the user database cannot be read: 454 4.7.0."""
@@ -454,8 +466,10 @@ class AuthTests(SessionTestsMixin, unittest.TestCase):
         session = Session(self.makeFactory(authMode="none"))
         session.read()
         self.assertFalse([x for x in session.command(b"EHLO c") if b"AUTH" in x])
-        self.assertReply(session.command(b"AUTH PLAIN " + PLAIN_ALICE),
-                         b"503 5.5.1 Error: authentication not enabled")
+        self.assertReply(
+            session.command(b"AUTH PLAIN " + PLAIN_ALICE),
+            b"503 5.5.1 Error: authentication not enabled",
+        )
 
     def test_tooManyFailuresInSession(self) -> None:
         """After failures_per_session failed logins the session ends with 421 4.7.0."""
@@ -515,8 +529,9 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
         self.assertReply(s.command(b"MAIL FROM:<alice@example.test>"), b"250 2.1.0 Ok")
         self.assertReply(s.command(b"RCPT TO:<bob@example.test>"), b"250 2.1.5 Ok")
         self.assertReply(s.command(b"DATA"), b"354 End data with <CR><LF>.<CR><LF>")
-        self.assertEqual(s.send(b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\n"),
-                         [b"250 2.0.0 Ok: queued as ID1"])
+        self.assertEqual(
+            s.send(b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\n"), [b"250 2.0.0 Ok: queued as ID1"]
+        )
         self.assertEqual(
             self.mailbox.stored,
             [b"Received: from client.example\r\nSubject: hi\r\n\r\n.dot\r\nbody\r\n"],
@@ -544,12 +559,18 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
         refused (D18: Twisted ignores them all).
         """
         s = self.session
-        self.assertReply(s.command(b"MAIL FROM:<alice@example.test> SIZE=99999999999"),
-                         b"552 5.3.4 Message size exceeds fixed maximum message size")
-        self.assertReply(s.command(b"MAIL FROM:<alice@example.test> BODY=BOGUS"),
-                         b"501 5.5.4 Syntax: BODY=7BIT or BODY=8BITMIME")
-        self.assertReply(s.command(b"MAIL FROM:<alice@example.test> XYZZY=1"),
-                         b"555 5.5.4 Unsupported option: XYZZY")
+        self.assertReply(
+            s.command(b"MAIL FROM:<alice@example.test> SIZE=99999999999"),
+            b"552 5.3.4 Message size exceeds fixed maximum message size",
+        )
+        self.assertReply(
+            s.command(b"MAIL FROM:<alice@example.test> BODY=BOGUS"),
+            b"501 5.5.4 Syntax: BODY=7BIT or BODY=8BITMIME",
+        )
+        self.assertReply(
+            s.command(b"MAIL FROM:<alice@example.test> XYZZY=1"),
+            b"555 5.5.4 Unsupported option: XYZZY",
+        )
         self.assertReply(
             s.command(b"MAIL FROM:<alice@example.test> SIZE=100 BODY=8BITMIME AUTH=<>"),
             b"250 2.1.0 Ok",
@@ -558,13 +579,17 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
     def test_nestedMail(self) -> None:
         """A second MAIL inside a transaction gets 503."""
         self.session.command(b"MAIL FROM:<alice@example.test>")
-        self.assertReply(self.session.command(b"MAIL FROM:<alice@example.test>"),
-                         b"503 5.5.1 Error: nested MAIL command")
+        self.assertReply(
+            self.session.command(b"MAIL FROM:<alice@example.test>"),
+            b"503 5.5.1 Error: nested MAIL command",
+        )
 
     def test_rcptBeforeMail(self) -> None:
         """RCPT before MAIL gets 503."""
-        self.assertReply(self.session.command(b"RCPT TO:<bob@example.test>"),
-                         b"503 5.5.1 Error: need MAIL command")
+        self.assertReply(
+            self.session.command(b"RCPT TO:<bob@example.test>"),
+            b"503 5.5.1 Error: need MAIL command",
+        )
 
     def test_dataBeforeRcpt(self) -> None:
         """DATA without recipients gets 503."""
@@ -573,26 +598,35 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
 
     def test_badAddressSyntax(self) -> None:
         """Malformed paths get 501 with the matching enhanced code."""
-        self.assertReply(self.session.command(b"MAIL FROM:alice@example.test"),
-                         b"501 5.1.7 Bad sender address syntax")
+        self.assertReply(
+            self.session.command(b"MAIL FROM:alice@example.test"),
+            b"501 5.1.7 Bad sender address syntax",
+        )
         self.session.command(b"MAIL FROM:<alice@example.test>")
         for bad in (b"<bob>", b"<bob@>", b"<@example.test>", b"<a@b@example.test>", b"<>"):
-            self.assertReply(self.session.command(b"RCPT TO:" + bad),
-                             b"501 5.1.3 Bad recipient address syntax")
+            self.assertReply(
+                self.session.command(b"RCPT TO:" + bad), b"501 5.1.3 Bad recipient address syntax"
+            )
         # The path ends at its closing bracket, so a space inside it is a
         # bad address, not the start of parameters.
-        self.assertReply(self.session.command(b"RCPT TO:<a b@example.test>"),
-                         b"501 5.1.3 Bad recipient address syntax")
-        self.assertReply(self.session.command(b"RCPT TO:<bob@example.test> X"),
-                         b"555 5.5.4 Unsupported option: X")
+        self.assertReply(
+            self.session.command(b"RCPT TO:<a b@example.test>"),
+            b"501 5.1.3 Bad recipient address syntax",
+        )
+        self.assertReply(
+            self.session.command(b"RCPT TO:<bob@example.test> X"),
+            b"555 5.5.4 Unsupported option: X",
+        )
 
     def test_tooManyRecipients(self) -> None:
         """Past max_recipients: 452 4.5.3."""
         self.session.command(b"MAIL FROM:<alice@example.test>")
         for _ in range(5):
             self.assertCode(self.session.command(b"RCPT TO:<bob@example.test>"), 250)
-        self.assertReply(self.session.command(b"RCPT TO:<bob@example.test>"),
-                         b"452 4.5.3 Error: too many recipients")
+        self.assertReply(
+            self.session.command(b"RCPT TO:<bob@example.test>"),
+            b"452 4.5.3 Error: too many recipients",
+        )
 
     def test_oneMessageForManyRecipients(self) -> None:
         """Two recipients sharing a sink get one copy of the body (D21)."""
@@ -613,27 +647,37 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
         self.mailbox.failWith = OSError(5, "I/O error", "/var/mail/x")
         self.startData()
         with capturedLogs() as events:
-            self.assertReply(self.session.send(b"x\r\n.\r\n"),
-                             b"451 4.3.0 Error: local error in processing")
-        self.assertEqual([(e["log_level"], formatEvent(e)) for e in events], [
-            (LogLevel.warn, "could not store a message from client=[192.0.2.1]: /var/mail/x: "
-             f"I/O error (errno 5) session={self.session.protocol.session}")])
+            self.assertReply(
+                self.session.send(b"x\r\n.\r\n"), b"451 4.3.0 Error: local error in processing"
+            )
+        self.assertEqual(
+            [(e["log_level"], formatEvent(e)) for e in events],
+            [
+                (
+                    LogLevel.warn,
+                    "could not store a message from client=[192.0.2.1]: /var/mail/x: "
+                    f"I/O error (errno 5) session={self.session.protocol.session}",
+                )
+            ],
+        )
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_diskFull(self) -> None:
         """A full disk gets 452 4.3.1, and the message is not acknowledged."""
         self.mailbox.failWith = OSError(28, "No space left on device")
         self.startData()
-        self.assertReply(self.session.send(b"x\r\n.\r\n"),
-                         b"452 4.3.1 Error: insufficient system storage")
+        self.assertReply(
+            self.session.send(b"x\r\n.\r\n"), b"452 4.3.1 Error: insufficient system storage"
+        )
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_unexpectedStorageFailure(self) -> None:
         """Any other exception from storing is 451 with its traceback logged."""
         self.mailbox.failWith = ZeroDivisionError()
         self.startData()
-        self.assertReply(self.session.send(b"x\r\n.\r\n"),
-                         b"451 4.3.0 Error: local error in processing")
+        self.assertReply(
+            self.session.send(b"x\r\n.\r\n"), b"451 4.3.0 Error: local error in processing"
+        )
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
     def test_rejectedByMessage(self) -> None:
@@ -653,16 +697,20 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
         self.startData()
         for _ in range(20):
             self.assertEqual(self.session.send(b"x" * 65535 + b"\r\n"), [])
-        self.assertReply(self.session.send(b".\r\n"),
-                         b"552 5.3.4 Message size exceeds fixed maximum message size")
+        self.assertReply(
+            self.session.send(b".\r\n"),
+            b"552 5.3.4 Message size exceeds fixed maximum message size",
+        )
         self.assertEqual(self.mailbox.stored, [])
         self.assertTrue(self.mailbox.messages[0].aborted)
 
     def test_bareLineFeedInData(self) -> None:
         """A bare LF in DATA is rejected at the end with 550 5.6.2; nothing is stored (D17)."""
         self.startData()
-        self.assertReply(self.session.send(b"a\nb\r\n.\r\n"),
-                         b"550 5.6.2 Error: bare CR or LF in message, not accepted")
+        self.assertReply(
+            self.session.send(b"a\nb\r\n.\r\n"),
+            b"550 5.6.2 Error: bare CR or LF in message, not accepted",
+        )
         self.assertEqual(self.mailbox.stored, [])
 
     def test_bareCarriageReturnInData(self) -> None:
@@ -707,8 +755,9 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
             b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\n"
             b"RCPT TO:<nobody@example.test>\r\nDATA\r\nhello\r\n.\r\nQUIT\r\n"
         )
-        self.assertEqual([line[:3] for line in lines],
-                         [b"250", b"250", b"550", b"354", b"250", b"221"])
+        self.assertEqual(
+            [line[:3] for line in lines], [b"250", b"250", b"550", b"354", b"250", b"221"]
+        )
 
     def test_clientGoneInData(self) -> None:
         """A client that disconnects inside DATA leaves nothing stored."""
@@ -722,8 +771,10 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
         """RSET ends the transaction."""
         self.session.command(b"MAIL FROM:<alice@example.test>")
         self.assertReply(self.session.command(b"RSET"), b"250 2.0.0 Ok")
-        self.assertReply(self.session.command(b"RCPT TO:<bob@example.test>"),
-                         b"503 5.5.1 Error: need MAIL command")
+        self.assertReply(
+            self.session.command(b"RCPT TO:<bob@example.test>"),
+            b"503 5.5.1 Error: need MAIL command",
+        )
 
 
 class RelayTests(SessionTestsMixin, unittest.TestCase):
@@ -754,8 +805,9 @@ class LimitTests(SessionTestsMixin, unittest.TestCase):
 
     def test_lineTooLongReply(self) -> None:
         """A long ordinary command line gets 500 5.5.2 once."""
-        self.assertReply(self.session.send(b"NOOP " + b"x" * 13000),
-                         b"500 5.5.2 Error: line too long")
+        self.assertReply(
+            self.session.send(b"NOOP " + b"x" * 13000), b"500 5.5.2 Error: line too long"
+        )
 
     def test_tooManyErrors(self) -> None:
         """After max_errors error replies: 421 4.7.0 and the connection closes."""
@@ -855,9 +907,21 @@ class ReplyFormatTests(SessionTestsMixin, unittest.TestCase):
         """Every reply but the greeting, EHLO and 334 carries an enhanced status code (D13)."""
         s = self.session
         lines = []
-        for command in (b"NOOP", b"XYZZY", b"HELO c", b"EHLO", b"MAIL FROM:<a@b.test>",
-                        b"AUTH PLAIN", b"RSET", b"VRFY x", b"EXPN x", b"HELP", b"DATA",
-                        b"RCPT TO:<x@y.test>", b"STARTTLS"):
+        for command in (
+            b"NOOP",
+            b"XYZZY",
+            b"HELO c",
+            b"EHLO",
+            b"MAIL FROM:<a@b.test>",
+            b"AUTH PLAIN",
+            b"RSET",
+            b"VRFY x",
+            b"EXPN x",
+            b"HELP",
+            b"DATA",
+            b"RCPT TO:<x@y.test>",
+            b"STARTTLS",
+        ):
             lines.extend(s.command(command))
         for line in lines:
             code, sep, text = REPLY.match(line).groups()

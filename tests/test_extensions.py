@@ -67,10 +67,10 @@ class SMTPUTF8Tests(ExtensionTestsMixin, unittest.TestCase):
         """
         self.mailbox.users = ("bob@example.test", "jörg@example.test")
         self.mailbox.login = None
-        self.assertEqual(self.command("MAIL FROM:<jörg@bücher.example> SMTPUTF8".encode()),
-                         [b"250 2.1.0 Ok"])
-        self.assertEqual(self.command("RCPT TO:<jörg@EXAMPLE.test>".encode()),
-                         [b"250 2.1.5 Ok"])
+        self.assertEqual(
+            self.command("MAIL FROM:<jörg@bücher.example> SMTPUTF8".encode()), [b"250 2.1.0 Ok"]
+        )
+        self.assertEqual(self.command("RCPT TO:<jörg@EXAMPLE.test>".encode()), [b"250 2.1.5 Ok"])
         [user] = self.mailbox.recipients
         self.assertEqual(user.dest.local, "jörg".encode())
         self.assertTrue(user.mail.smtputf8)
@@ -78,46 +78,60 @@ class SMTPUTF8Tests(ExtensionTestsMixin, unittest.TestCase):
 
     def test_utf8WithoutParameter(self) -> None:
         """Without SMTPUTF8, a UTF-8 address gets 553 5.6.7 at MAIL and at RCPT."""
-        self.assertEqual(self.command("MAIL FROM:<jörg@example.test>".encode()),
-                         [b"553 5.6.7 Error: non-ASCII address needs the SMTPUTF8 parameter"])
+        self.assertEqual(
+            self.command("MAIL FROM:<jörg@example.test>".encode()),
+            [b"553 5.6.7 Error: non-ASCII address needs the SMTPUTF8 parameter"],
+        )
         self.command(b"MAIL FROM:<alice@example.test>")
-        self.assertEqual(self.command("RCPT TO:<jörg@example.test>".encode()),
-                         [b"553 5.6.7 Error: non-ASCII address needs the SMTPUTF8 parameter"])
+        self.assertEqual(
+            self.command("RCPT TO:<jörg@example.test>".encode()),
+            [b"553 5.6.7 Error: non-ASCII address needs the SMTPUTF8 parameter"],
+        )
 
     def test_utf8OnlyInAddresses(self) -> None:
         """
         UTF-8 elsewhere than MAIL, RCPT and VRFY is refused as before, and
         bytes that are not UTF-8 at all get 500 5.5.2.
         """
-        self.assertEqual(self.command("EHLO clïent.example".encode()),
-                         [b"500 5.5.2 Error: command contains non-ASCII characters"])
-        self.assertEqual(self.command(b"MAIL FROM:<j\xf6rg@example.test> SMTPUTF8"),
-                         [b"500 5.5.2 Error: bad UTF-8 syntax"])
+        self.assertEqual(
+            self.command("EHLO clïent.example".encode()),
+            [b"500 5.5.2 Error: command contains non-ASCII characters"],
+        )
+        self.assertEqual(
+            self.command(b"MAIL FROM:<j\xf6rg@example.test> SMTPUTF8"),
+            [b"500 5.5.2 Error: bad UTF-8 syntax"],
+        )
         self.assertEqual(self.command("VRFY jörg".encode())[0][:4], b"252 ")
 
 
 class DSNParameterTests(ExtensionTestsMixin, unittest.TestCase):
     def test_parametersHandedOver(self) -> None:
         """RET, ENVID, NOTIFY and ORCPT are accepted and reach the delivery."""
-        self.assertEqual(self.command(b"MAIL FROM:<alice@example.test> RET=HDRS ENVID=QQ+2B1"),
-                         [b"250 2.1.0 Ok"])
         self.assertEqual(
-            self.command(b"RCPT TO:<bob@example.test> NOTIFY=SUCCESS,DELAY "
-                         b"ORCPT=rfc822;Bob+40example.test"),
+            self.command(b"MAIL FROM:<alice@example.test> RET=HDRS ENVID=QQ+2B1"), [b"250 2.1.0 Ok"]
+        )
+        self.assertEqual(
+            self.command(
+                b"RCPT TO:<bob@example.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;Bob+40example.test"
+            ),
             [b"250 2.1.5 Ok"],
         )
         [user] = self.mailbox.recipients
         self.assertEqual((user.mail.ret, user.mail.envid), ("HDRS", "QQ+2B1"))
-        self.assertEqual((user.params.notify, user.params.orcpt),
-                         (("SUCCESS", "DELAY"), "rfc822;Bob+40example.test"))
+        self.assertEqual(
+            (user.params.notify, user.params.orcpt),
+            (("SUCCESS", "DELAY"), "rfc822;Bob+40example.test"),
+        )
 
     def test_badParameters(self) -> None:
         """Malformed DSN parameters get 501 5.5.4; nothing is recorded."""
-        self.assertEqual(self.command(b"MAIL FROM:<alice@example.test> RET=BODY")[0][:10],
-                         b"501 5.5.4 ")
+        self.assertEqual(
+            self.command(b"MAIL FROM:<alice@example.test> RET=BODY")[0][:10], b"501 5.5.4 "
+        )
         self.command(b"MAIL FROM:<alice@example.test>")
-        self.assertEqual(self.command(b"RCPT TO:<bob@example.test> NOTIFY=NEVER,DELAY")[0][:10],
-                         b"501 5.5.4 ")
+        self.assertEqual(
+            self.command(b"RCPT TO:<bob@example.test> NOTIFY=NEVER,DELAY")[0][:10], b"501 5.5.4 "
+        )
         self.assertEqual(self.mailbox.recipients, [])
 
 
@@ -129,8 +143,9 @@ class ChunkingTests(ExtensionTestsMixin, unittest.TestCase):
         """BDAT n LAST carries the whole message as it is: no dot handling."""
         self.transaction()
         body = b"Subject: x\r\n\r\n..dots stay\r\n.\r\nMAIL FROM:<evil@evil.test>\r\n"
-        self.assertEqual(self.session.send(self.bdat(body, last=True)),
-                         [b"250 2.0.0 Ok: queued as ID1"])
+        self.assertEqual(
+            self.session.send(self.bdat(body, last=True)), [b"250 2.0.0 Ok: queued as ID1"]
+        )
         self.assertEqual(self.mailbox.stored, [HEADER + body])
 
     def test_pipelinedChunksAndTransactions(self) -> None:
@@ -140,19 +155,30 @@ class ChunkingTests(ExtensionTestsMixin, unittest.TestCase):
         """
         lines = self.session.send(
             b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\n"
-            + self.bdat(b"first\r") + self.bdat(b"\nsecond\r\n") + b"BDAT 0 LAST\r\n"
+            + self.bdat(b"first\r")
+            + self.bdat(b"\nsecond\r\n")
+            + b"BDAT 0 LAST\r\n"
             + b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\n"
             + b"DATA\r\nthird\r\n.\r\nNOOP\r\n"
         )
-        self.assertEqual(lines, [
-            b"250 2.1.0 Ok", b"250 2.1.5 Ok",
-            b"250 2.0.0 Ok: 6 octets", b"250 2.0.0 Ok: 15 octets",
-            b"250 2.0.0 Ok: queued as ID1",
-            b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"354 End data with <CR><LF>.<CR><LF>",
-            b"250 2.0.0 Ok: queued as ID2", b"250 2.0.0 Ok",
-        ])
-        self.assertEqual(self.mailbox.stored,
-                         [HEADER + b"first\r\nsecond\r\n", HEADER + b"third\r\n"])
+        self.assertEqual(
+            lines,
+            [
+                b"250 2.1.0 Ok",
+                b"250 2.1.5 Ok",
+                b"250 2.0.0 Ok: 6 octets",
+                b"250 2.0.0 Ok: 15 octets",
+                b"250 2.0.0 Ok: queued as ID1",
+                b"250 2.1.0 Ok",
+                b"250 2.1.5 Ok",
+                b"354 End data with <CR><LF>.<CR><LF>",
+                b"250 2.0.0 Ok: queued as ID2",
+                b"250 2.0.0 Ok",
+            ],
+        )
+        self.assertEqual(
+            self.mailbox.stored, [HEADER + b"first\r\nsecond\r\n", HEADER + b"third\r\n"]
+        )
 
     def test_chunkSplitAcrossReads(self) -> None:
         """A chunk may arrive in any number of reads."""
@@ -170,15 +196,20 @@ class ChunkingTests(ExtensionTestsMixin, unittest.TestCase):
         """
         self.transaction()
         lines = self.session.send(
-            self.bdat(b"a\nb\r\n") + self.bdat(b"more\r\n") + self.bdat(b"end\r\n", last=True)
+            self.bdat(b"a\nb\r\n")
+            + self.bdat(b"more\r\n")
+            + self.bdat(b"end\r\n", last=True)
             + b"NOOP\r\n"
         )
-        self.assertEqual(lines, [
-            b"550 5.6.2 Error: bare CR or LF in message, not accepted",
-            b"503 5.5.1 Error: chunk discarded after an earlier error",
-            b"503 5.5.1 Error: chunk discarded after an earlier error",
-            b"250 2.0.0 Ok",
-        ])
+        self.assertEqual(
+            lines,
+            [
+                b"550 5.6.2 Error: bare CR or LF in message, not accepted",
+                b"503 5.5.1 Error: chunk discarded after an earlier error",
+                b"503 5.5.1 Error: chunk discarded after an earlier error",
+                b"250 2.0.0 Ok",
+            ],
+        )
         self.assertEqual(self.mailbox.stored, [])
         self.assertTrue(self.mailbox.messages[0].aborted)
         self.assertEqual(self.session.protocol._errors, 1)
@@ -186,8 +217,10 @@ class ChunkingTests(ExtensionTestsMixin, unittest.TestCase):
     def test_nulRefused(self) -> None:
         """A NUL in a chunk gets 550 5.6.0."""
         self.transaction()
-        self.assertEqual(self.session.send(self.bdat(b"a\0\r\n", last=True)),
-                         [b"550 5.6.0 Error: NUL character in message, not accepted"])
+        self.assertEqual(
+            self.session.send(self.bdat(b"a\0\r\n", last=True)),
+            [b"550 5.6.0 Error: NUL character in message, not accepted"],
+        )
 
     def test_sizeLimit(self) -> None:
         """The size limit counts every chunk: 552 5.3.4 at the chunk that passes it."""
@@ -195,8 +228,10 @@ class ChunkingTests(ExtensionTestsMixin, unittest.TestCase):
         chunk = b"x" * 1000 + b"\r\n"
         for _ in range(1024 * 1024 // len(chunk)):
             self.assertEqual(self.session.send(self.bdat(chunk))[0][:4], b"250 ")
-        self.assertEqual(self.session.send(self.bdat(chunk)),
-                         [b"552 5.3.4 Message size exceeds fixed maximum message size"])
+        self.assertEqual(
+            self.session.send(self.bdat(chunk)),
+            [b"552 5.3.4 Message size exceeds fixed maximum message size"],
+        )
         self.assertEqual(self.mailbox.stored, [])
 
     def test_outOfSequence(self) -> None:
@@ -205,11 +240,14 @@ class ChunkingTests(ExtensionTestsMixin, unittest.TestCase):
         of them is taken for a command.
         """
         smuggled = b"RSET\r\nMAIL FROM:<alice@example.test>\r\n"
-        self.assertEqual(self.session.send(self.bdat(smuggled)),
-                         [b"503 5.5.1 Error: need MAIL command"])
+        self.assertEqual(
+            self.session.send(self.bdat(smuggled)), [b"503 5.5.1 Error: need MAIL command"]
+        )
         self.command(b"MAIL FROM:<alice@example.test>")
-        self.assertEqual(self.session.send(self.bdat(smuggled, last=True)),
-                         [b"503 5.5.1 Error: need RCPT command"])
+        self.assertEqual(
+            self.session.send(self.bdat(smuggled, last=True)),
+            [b"503 5.5.1 Error: need RCPT command"],
+        )
         self.assertEqual(self.command(b"RCPT TO:<bob@example.test>"), [b"250 2.1.5 Ok"])
 
     def test_dataAndRcptAfterBdat(self) -> None:
@@ -217,12 +255,15 @@ class ChunkingTests(ExtensionTestsMixin, unittest.TestCase):
         self.transaction()
         self.session.send(self.bdat(b"a\r\n"))
         self.assertEqual(self.command(b"DATA"), [b"503 5.5.1 Error: DATA after BDAT"])
-        self.assertEqual(self.command(b"RCPT TO:<alice@example.test>"),
-                         [b"503 5.5.1 Error: RCPT after BDAT"])
-        self.assertEqual(self.session.send(self.bdat(b"b\r\n", last=True)),
-                         [b"250 2.0.0 Ok: queued as ID1"])
-        self.assertEqual(self.session.send(self.bdat(b"c\r\n")),
-                         [b"503 5.5.1 Error: need MAIL command"])
+        self.assertEqual(
+            self.command(b"RCPT TO:<alice@example.test>"), [b"503 5.5.1 Error: RCPT after BDAT"]
+        )
+        self.assertEqual(
+            self.session.send(self.bdat(b"b\r\n", last=True)), [b"250 2.0.0 Ok: queued as ID1"]
+        )
+        self.assertEqual(
+            self.session.send(self.bdat(b"c\r\n")), [b"503 5.5.1 Error: need MAIL command"]
+        )
 
     def test_rsetAbortsChunks(self) -> None:
         """RSET between chunks throws the message away (RFC 3030 2)."""
@@ -243,19 +284,27 @@ class ChunkingTests(ExtensionTestsMixin, unittest.TestCase):
             raise OSError(5, "I/O error")
 
         self.session.protocol._recipients[0] = (self.session.protocol._recipients[0][0], broken)
-        lines = self.session.send(self.bdat(b"QUIT\r\n") + self.bdat(b"RSET\r\n", last=True)
-                                  + b"NOOP\r\n")
-        self.assertEqual(lines, [b"451 4.3.0 Error: local error in processing",
-                                 b"503 5.5.1 Error: chunk discarded after an earlier error",
-                                 b"250 2.0.0 Ok"])
+        lines = self.session.send(
+            self.bdat(b"QUIT\r\n") + self.bdat(b"RSET\r\n", last=True) + b"NOOP\r\n"
+        )
+        self.assertEqual(
+            lines,
+            [
+                b"451 4.3.0 Error: local error in processing",
+                b"503 5.5.1 Error: chunk discarded after an earlier error",
+                b"250 2.0.0 Ok",
+            ],
+        )
         self.assertFalse(self.session.transport.disconnecting)
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
     def test_malformedBdatCloses(self) -> None:
         """A BDAT whose size cannot be read closes the session: what follows is unknown."""
         self.transaction()
-        self.assertEqual(self.command(b"BDAT 12x"),
-                         [b"421 4.5.2 Error: malformed BDAT command, closing connection"])
+        self.assertEqual(
+            self.command(b"BDAT 12x"),
+            [b"421 4.5.2 Error: malformed BDAT command, closing connection"],
+        )
         self.assertTrue(self.session.transport.disconnecting)
         self.assertEqual(self.mailbox.stored, [])
 
@@ -284,8 +333,10 @@ class ChunkingTests(ExtensionTestsMixin, unittest.TestCase):
             self.clock.advance(290)
             self.assertEqual(self.session.send(self.bdat(b"x\r\n"))[0][:4], b"250 ")
         self.clock.advance(limit % 290)
-        self.assertEqual(self.session.read(),
-                         [b"421 4.4.2 mx.example.test Error: message transfer took too long"])
+        self.assertEqual(
+            self.session.read(),
+            [b"421 4.4.2 mx.example.test Error: message transfer took too long"],
+        )
         self.assertTrue(self.mailbox.messages[0].aborted)
         self.assertEqual(self.mailbox.stored, [])
 
@@ -312,8 +363,9 @@ class AddressRuleTests(ExtensionTestsMixin, unittest.TestCase):
     def test_unterminatedPath(self) -> None:
         """C{RCPT TO:<bad syntax} gets 501 5.1.3, not 555 (issue 10 item 12)."""
         self.command(b"MAIL FROM:<alice@example.test>")
-        self.assertEqual(self.command(b"RCPT TO:<bad syntax"),
-                         [b"501 5.1.3 Bad recipient address syntax"])
+        self.assertEqual(
+            self.command(b"RCPT TO:<bad syntax"), [b"501 5.1.3 Bad recipient address syntax"]
+        )
 
     def test_unstorableRefusedAtRcpt(self) -> None:
         """
@@ -323,8 +375,10 @@ class AddressRuleTests(ExtensionTestsMixin, unittest.TestCase):
         self.command(b"MAIL FROM:<alice@example.test>")
         self.assertEqual(
             self.command(b'RCPT TO:<"x>y"@remote.example>'),
-            [b"553 5.1.3 Error: recipient address with spaces, angle brackets or controls "
-             b"not accepted"],
+            [
+                b"553 5.1.3 Error: recipient address with spaces, angle brackets or controls "
+                b"not accepted"
+            ],
         )
         self.assertEqual(self.mailbox.recipients, [])
 
@@ -341,8 +395,9 @@ class AddressRuleTests(ExtensionTestsMixin, unittest.TestCase):
             b"RCPT TO:<" + b"x" * 10000 + b"@example.test>",
         ]
         replies = [self.command(line) for line in lines]
-        self.assertEqual([reply[0][:4] for reply in replies],
-                         [b"555 ", b"555 ", b"250 ", b"555 ", b"501 "])
+        self.assertEqual(
+            [reply[0][:4] for reply in replies], [b"555 ", b"555 ", b"250 ", b"555 ", b"501 "]
+        )
         for [reply] in replies:
             self.assertLessEqual(len(reply) + 2, MAX_REPLY_LINE, reply[:80])
 

@@ -305,8 +305,14 @@ class NotificationTests(QueueTestMixin, unittest.TestCase):
         super().setUp()
         self.relay = FakeRelayConnector(self.reactor)
         self.local = RecordingLocalDelivery(["example.org"])
-        self.service = QueueService(self.queue, relayConfig(delay_warning=3600.0), self.reactor,
-                                    self.local, runBlocking=runInline, connector=self.relay)
+        self.service = QueueService(
+            self.queue,
+            relayConfig(delay_warning=3600.0),
+            self.reactor,
+            self.local,
+            runBlocking=runInline,
+            connector=self.relay,
+        )
         self.service.startService()
         self.addCleanup(self.service.stopService)
 
@@ -346,8 +352,12 @@ class NotificationTests(QueueTestMixin, unittest.TestCase):
     def test_bounceCarriesOriginalRecipientAndEnvelopeId(self):
         """A bounce names the ORCPT (decoded) and the ENVID (RFC 3464 2.2.1, 2.3.1)."""
         self.refuseAt()
-        self.submit("m1", notify=("FAILURE",), orcpt="rfc822;Bob+2Bx@remote.example",
-                    options=MessageOptions(envid="ID+3D7"))
+        self.submit(
+            "m1",
+            notify=("FAILURE",),
+            orcpt="rfc822;Bob+2Bx@remote.example",
+            options=MessageOptions(envid="ID+3D7"),
+        )
         [(subject, perMessage, [perRecipient], original)] = self.reports()
         self.assertEqual(subject, "Undelivered Mail Returned to Sender")
         self.assertEqual(perMessage["Original-Envelope-Id"], "ID=7")
@@ -416,9 +426,11 @@ class NotificationTests(QueueTestMixin, unittest.TestCase):
         A recipient the relay client refuses itself (5.6.7) bounces with that
         status and the reason, not as a reply of the relay.
         """
-        self.relay.replies = {"bob@remote.example": [
-            RelayReply(553, ("5.6.7 the relay does not offer SMTPUTF8",), local=True)
-        ]}
+        self.relay.replies = {
+            "bob@remote.example": [
+                RelayReply(553, ("5.6.7 the relay does not offer SMTPUTF8",), local=True)
+            ]
+        }
         self.submit("m1")
         [(_, _, [perRecipient], _)] = self.reports()
         self.assertEqual(perRecipient["Status"], "5.6.7")

@@ -114,5 +114,6 @@ class HeaderSectionTests(unittest.TestCase):
             section = HeaderSection(limit)
             section.write(fields[:60])
             body = section.write(fields[60:] + b"\r\nbody\r\n")
-            self.assertEqual((section.value(), body),
-                             (fields, b"body\r\n") if kept else (fields[:limit], b""))
+            self.assertEqual(
+                (section.value(), body), (fields, b"body\r\n") if kept else (fields[:limit], b"")
+            )

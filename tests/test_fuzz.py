@@ -43,16 +43,45 @@ HOST = b"mx.example.test"
 # -- strategies ---------------------------------------------------------------
 
 ADDRESSES = [
-    b"<alice@example.test>", b"<bob@example.test>", b"<nobody@example.test>", b"<>",
-    b"<bob@remote.test>", b"<bob%remote.test@example.test>", b"<@a.test:bob@remote.test>",
-    b'<"bob@remote.test"@example.test>', b'<"a\\"b"@example.test>', b"<bob@[127.0.0.1]>",
-    b"<bob@[IPv6:::1]>", b"<bob@[1.2.3]>", b"<bob@example.test.>", b"<BOB@EXAMPLE.TEST>",
-    b"<bob@ex\xc3\xa4mple.test>", b"<bob@xn--exmple-cua.test>", b"<postmaster>", b"<bob>",
-    b"bob@example.test", b"<bob@example.test", b"<<bob@example.test>>", b"<@>", b"<\x00@x>",
+    b"<alice@example.test>",
+    b"<bob@example.test>",
+    b"<nobody@example.test>",
+    b"<>",
+    b"<bob@remote.test>",
+    b"<bob%remote.test@example.test>",
+    b"<@a.test:bob@remote.test>",
+    b'<"bob@remote.test"@example.test>',
+    b'<"a\\"b"@example.test>',
+    b"<bob@[127.0.0.1]>",
+    b"<bob@[IPv6:::1]>",
+    b"<bob@[1.2.3]>",
+    b"<bob@example.test.>",
+    b"<BOB@EXAMPLE.TEST>",
+    b"<bob@ex\xc3\xa4mple.test>",
+    b"<bob@xn--exmple-cua.test>",
+    b"<postmaster>",
+    b"<bob>",
+    b"bob@example.test",
+    b"<bob@example.test",
+    b"<<bob@example.test>>",
+    b"<@>",
+    b"<\x00@x>",
 ]
 
-SMUGGLING = [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n\x00.\r\n", b"\x00",
-             b"\r\n.\r", b".", b"..", b"\r", b"\n"]
+SMUGGLING = [
+    b"\n.\n",
+    b"\r.\r",
+    b"\n.\r\n",
+    b"\r\n.\n",
+    b"\r.\r\n",
+    b"\r\n\x00.\r\n",
+    b"\x00",
+    b"\r\n.\r",
+    b".",
+    b"..",
+    b"\r",
+    b"\n",
+]
 
 
 def _noCRLF(data: bytes) -> bytes:
@@ -61,8 +90,11 @@ def _noCRLF(data: bytes) -> bytes:
 
 
 random_bytes = st.binary(max_size=120).map(_noCRLF)
-huge = st.builds(lambda n, c: c * n, st.integers(esmtp.MAX_LINE - 16, esmtp.MAX_LINE + 16),
-                 st.sampled_from([b"x", b"A", b"\xff"]))
+huge = st.builds(
+    lambda n, c: c * n,
+    st.integers(esmtp.MAX_LINE - 16, esmtp.MAX_LINE + 16),
+    st.sampled_from([b"x", b"A", b"\xff"]),
+)
 b64_of = st.binary(max_size=60).map(base64.b64encode)
 broken_b64 = st.text("ABCabc0123+/=*!-_ \t", min_size=1, max_size=40).map(str.encode)
 plain_payload = st.tuples(
@@ -70,34 +102,73 @@ plain_payload = st.tuples(
     st.sampled_from([b"alice@example.test", b"ALICE@example.test", b"", b"a\x00b", b"\n"]),
     st.sampled_from([b"secret", b"wrong", b"", b"\x00"]),
 ).map(lambda t: base64.b64encode(b"\0".join(t)))
-sasl_response = st.one_of(b64_of, broken_b64, plain_payload, st.just(b"*"), st.just(b"="),
-                          random_bytes)
+sasl_response = st.one_of(
+    b64_of, broken_b64, plain_payload, st.just(b"*"), st.just(b"="), random_bytes
+)
 mechanism = st.sampled_from([b"PLAIN", b"LOGIN", b"CRAM-MD5", b"plain", b"GSSAPI", b""])
-params = st.sampled_from([b"", b" SIZE=100", b" SIZE=99999999999", b" SIZE=x", b" BODY=8BITMIME",
-                          b" BODY=BOGUS", b" AUTH=<>", b" XYZZY", b" SIZE=1 SIZE=2", b" ="])
+params = st.sampled_from(
+    [
+        b"",
+        b" SIZE=100",
+        b" SIZE=99999999999",
+        b" SIZE=x",
+        b" BODY=8BITMIME",
+        b" BODY=BOGUS",
+        b" AUTH=<>",
+        b" XYZZY",
+        b" SIZE=1 SIZE=2",
+        b" =",
+    ]
+)
 address = st.one_of(st.sampled_from(ADDRESSES), random_bytes.map(lambda b: b"<" + b + b">"))
 
 command = st.one_of(
-    st.sampled_from([b"EHLO client.example", b"HELO client.example", b"EHLO", b"NOOP", b"RSET",
-                     b"QUIT", b"DATA", b"DATA x", b"STARTTLS", b"VRFY bob", b"EXPN x", b"HELP",
-                     b"AUTH", b"AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0secret"),
-                     b"noop", b"MAIL FROM:<alice@example.test>", b"RCPT TO:<bob@example.test>"]),
+    st.sampled_from(
+        [
+            b"EHLO client.example",
+            b"HELO client.example",
+            b"EHLO",
+            b"NOOP",
+            b"RSET",
+            b"QUIT",
+            b"DATA",
+            b"DATA x",
+            b"STARTTLS",
+            b"VRFY bob",
+            b"EXPN x",
+            b"HELP",
+            b"AUTH",
+            b"AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0secret"),
+            b"noop",
+            b"MAIL FROM:<alice@example.test>",
+            b"RCPT TO:<bob@example.test>",
+        ]
+    ),
     st.builds(lambda a, p: b"MAIL FROM:" + a + p, address, params),
     st.builds(lambda a, p: b"RCPT TO:" + a + p, address, params),
-    st.builds(lambda m, r: b"AUTH " + m + (b" " + r if r else b""), mechanism,
-              st.one_of(st.just(b""), sasl_response)),
+    st.builds(
+        lambda m, r: b"AUTH " + m + (b" " + r if r else b""),
+        mechanism,
+        st.one_of(st.just(b""), sasl_response),
+    ),
     sasl_response,
     random_bytes,
     huge,
 )
 
-data_line = st.one_of(random_bytes, st.sampled_from(SMUGGLING),
-                      st.builds(lambda a, s, b: a + s + b, random_bytes,
-                                st.sampled_from(SMUGGLING), random_bytes),
-                      huge)
+data_line = st.one_of(
+    random_bytes,
+    st.sampled_from(SMUGGLING),
+    st.builds(lambda a, s, b: a + s + b, random_bytes, st.sampled_from(SMUGGLING), random_bytes),
+    huge,
+)
 # Most DATA sections end; one that does not turns the rest of the script into body.
-data_block = st.builds(lambda body, end: [b"DATA", *body] + ([b"."] if end else []),
-                       st.lists(data_line, max_size=6), st.sampled_from([True] * 7 + [False]))
+data_block = st.builds(
+    lambda body, end: [b"DATA", *body] + ([b"."] if end else []),
+    st.lists(data_line, max_size=6),
+    st.sampled_from([True] * 7 + [False]),
+)
+
 
 def mostly(value: bytes, other):
     """C{value} three times in four, else something from C{other}."""
@@ -105,14 +176,20 @@ def mostly(value: bytes, other):
 
 
 transaction = st.builds(
-    lambda sender, p, recipients, data: [b"MAIL FROM:" + sender + p,
-                                         *(b"RCPT TO:" + r for r in recipients), *data],
-    mostly(b"<alice@example.test>", address), mostly(b"", params),
+    lambda sender, p, recipients, data: [
+        b"MAIL FROM:" + sender + p,
+        *(b"RCPT TO:" + r for r in recipients),
+        *data,
+    ],
+    mostly(b"<alice@example.test>", address),
+    mostly(b"", params),
     st.lists(mostly(b"<bob@example.test>", address), min_size=1, max_size=3),
-    data_block)
+    data_block,
+)
 
-login_first = st.just([b"EHLO client.example",
-                       b"AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0secret")])
+login_first = st.just(
+    [b"EHLO client.example", b"AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0secret")]
+)
 
 
 def _flatten(parts) -> list:
@@ -133,8 +210,11 @@ scripts = st.builds(
 transactions = st.builds(
     lambda first, rest: first + _flatten(rest),
     login_first,
-    st.lists(st.one_of(transaction, transaction, transaction, command, data_block),
-             min_size=1, max_size=12),
+    st.lists(
+        st.one_of(transaction, transaction, transaction, command, data_block),
+        min_size=1,
+        max_size=12,
+    ),
 )
 
 
@@ -193,8 +273,9 @@ def checkReplyLines(lines: list, ehlo: bool) -> None:
         assert e and e.group(1) == code[:1], line
 
 
-def checkScript(script: list, authMode: str = "required", tlsMode: str = "implicit",
-                maxErrors: int = 10) -> list:
+def checkScript(
+    script: list, authMode: str = "required", tlsMode: str = "implicit", maxErrors: int = 10
+) -> list:
     """
     Feed C{script} one line at a time (each with CRLF) and check, after
     each, what the session answered against a model of SMTP framing that
@@ -259,8 +340,9 @@ def _normalised(transcript: list) -> list:
     return [b"334 <challenge>" if line.startswith(b"334 PD") else line for line in transcript]
 
 
-def checkSplitInvariance(script: list, cuts: list, cutAfterCR: bool,
-                         authMode: str = "required") -> None:
+def checkSplitInvariance(
+    script: list, cuts: list, cutAfterCR: bool, authMode: str = "required"
+) -> None:
     """
     The replies and the stored messages do not depend on how the client's
     bytes are cut into TCP segments. (STARTTLS is left out: what it
@@ -272,8 +354,10 @@ def checkSplitInvariance(script: list, cuts: list, cutAfterCR: bool,
         points |= {i + 1 for i, byte in enumerate(wire) if byte == 13}
     points = sorted(points | {0, len(wire)})
     results = []
-    for pieces in ([line + b"\r\n" for line in script],
-                   [wire[a:b] for a, b in zip(points, points[1:])]):
+    for pieces in (
+        [line + b"\r\n" for line in script],
+        [wire[a:b] for a, b in zip(points, points[1:])],
+    ):
         errors = ErrorLog()
         try:
             clock, session, mailbox, anonymous = newSession(authMode, "implicit", tarpit=0.0)
@@ -286,15 +370,26 @@ def checkSplitInvariance(script: list, cuts: list, cutAfterCR: bool,
 
 
 # A script without STARTTLS, cut points, and whether to cut after every CR.
-segmentations = (scripts.map(lambda s: [line for line in s if line.upper() != b"STARTTLS"]),
-                 st.lists(st.integers(0, 10**6), max_size=30), st.booleans())
+segmentations = (
+    scripts.map(lambda s: [line for line in s if line.upper() != b"STARTTLS"]),
+    st.lists(st.integers(0, 10**6), max_size=30),
+    st.booleans(),
+)
 
 
 # -- hypothesis settings ------------------------------------------------------
 
-CI = settings(max_examples=200, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                     HealthCheck.filter_too_much])
+CI = settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+    ],
+)
 
 
 class SessionFuzzTests(unittest.TestCase):
@@ -380,10 +475,16 @@ def readUntilClosed(sock) -> bytes:
         data += chunk
 
 
-garbage = st.lists(st.one_of(st.binary(max_size=2000), huge,
-                             st.sampled_from([b"\r\n", b"DATA\r\n", b".\r\n", b"STARTTLS\r\n",
-                                              b"AUTH LOGIN\r\n", b"EHLO x\r\n"])),
-                   max_size=8)
+garbage = st.lists(
+    st.one_of(
+        st.binary(max_size=2000),
+        huge,
+        st.sampled_from(
+            [b"\r\n", b"DATA\r\n", b".\r\n", b"STARTTLS\r\n", b"AUTH LOGIN\r\n", b"EHLO x\r\n"]
+        ),
+    ),
+    max_size=8,
+)
 
 
 def servesNextClient(port: int) -> None:

@@ -61,14 +61,16 @@ class HeaderCompleterTests(unittest.TestCase):
 
     def test_bodyOnly(self) -> None:
         """A message that starts with its body gets the fields first."""
-        self.assertEqual(complete(b"\r\nbody\r\n")[0],
-                         b"Date: now\r\nMessage-ID: <id@mx>\r\n\r\nbody\r\n")
+        self.assertEqual(
+            complete(b"\r\nbody\r\n")[0], b"Date: now\r\nMessage-ID: <id@mx>\r\n\r\nbody\r\n"
+        )
         self.assertEqual(complete(b"")[0], b"Date: now\r\nMessage-ID: <id@mx>\r\n")
 
     def test_headersOnly(self) -> None:
         """A message that is all header section gets the fields at its end."""
-        self.assertEqual(complete(b"Subject: hi\r\n")[0],
-                         b"Subject: hi\r\nDate: now\r\nMessage-ID: <id@mx>\r\n")
+        self.assertEqual(
+            complete(b"Subject: hi\r\n")[0], b"Subject: hi\r\nDate: now\r\nMessage-ID: <id@mx>\r\n"
+        )
 
     def test_anyChunks(self) -> None:
         """However the message is cut into chunks, the result is the same."""

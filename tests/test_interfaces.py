@@ -119,8 +119,9 @@ class MessageSinkTestsMixin:
 
     def test_prependLarge(self) -> None:
         """A message far larger than what a sink holds in memory gets the header on top too."""
-        message = MESSAGE + b"".join(b"line %06d ......................................\r\n" % n
-                                     for n in range(10000))
+        message = MESSAGE + b"".join(
+            b"line %06d ......................................\r\n" % n for n in range(10000)
+        )
         self.assertGreater(len(message), 4 * SPOOL)
         sink = self.makeSink()
         for i in range(0, len(message), 8191):
@@ -330,8 +331,11 @@ class RelayConnectorTestsMixin:
         session = yield self.makeConnector().connect()
         self.assertTrue(verifyObject(IRelaySession, session))
         replies = yield session.deliver(
-            "alice@example.org", ["bob@remote.example", "nobody@remote.example"],
-            stuff(MESSAGE), len(MESSAGE), False,
+            "alice@example.org",
+            ["bob@remote.example", "nobody@remote.example"],
+            stuff(MESSAGE),
+            len(MESSAGE),
+            False,
         )
         self.assertEqual(sorted(replies), ["bob@remote.example", "nobody@remote.example"])
         self.assertIsInstance(replies["bob@remote.example"], RelayReply)
@@ -339,10 +343,13 @@ class RelayConnectorTestsMixin:
         self.assertEqual(replies["nobody@remote.example"].code, 550)
         yield session.deliver("", ["bob@remote.example"], stuff(MESSAGE), len(MESSAGE), False)
         yield session.close()
-        self.assertEqual(self.accepted(), [
-            ("alice@example.org", ("bob@remote.example",), MESSAGE),
-            ("", ("bob@remote.example",), MESSAGE),
-        ])
+        self.assertEqual(
+            self.accepted(),
+            [
+                ("alice@example.org", ("bob@remote.example",), MESSAGE),
+                ("", ("bob@remote.example",), MESSAGE),
+            ],
+        )
 
 
 class RelayConnectorTests(RelayConnectorTestsMixin, unittest.TestCase):

@@ -51,26 +51,52 @@ MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
 def program(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        raise AssertionError(f"{name} is not installed: apt-get install {name} "
-                             "(.ci/run installs it)")
+        raise AssertionError(
+            f"{name} is not installed: apt-get install {name} (.ci/run installs it)"
+        )
     return path
 
 
 def message(subject: str, newline: str) -> bytes:
-    return newline.join([
-        f"From: {LOGIN}", f"To: {RECIPIENT}", f"Subject: {subject}", "",
-        "Sent by a real client.", ".a line that starts with a dot", "",
-    ]).encode()
+    return newline.join(
+        [
+            f"From: {LOGIN}",
+            f"To: {RECIPIENT}",
+            f"Subject: {subject}",
+            "",
+            "Sent by a real client.",
+            ".a line that starts with a dot",
+            "",
+        ]
+    ).encode()
 
 
 class ClientTestsMixin(AttackMixin):
     def swaks(self, port: int, tls: str, mechanism: str, subject: str) -> list:
-        return [program("swaks"), "--server", f"127.0.0.1:{port}",
-                "--tls" if tls == "starttls" else "--tlsc",
-                "--auth", mechanism, "--auth-user", LOGIN, "--auth-password", PASSWORD,
-                "--from", LOGIN, "--to", RECIPIENT, "--helo", "client.example",
-                "--header", f"Subject: {subject}", "--body", "Sent by a real client.",
-                "--timeout", "30"], None
+        return [
+            program("swaks"),
+            "--server",
+            f"127.0.0.1:{port}",
+            "--tls" if tls == "starttls" else "--tlsc",
+            "--auth",
+            mechanism,
+            "--auth-user",
+            LOGIN,
+            "--auth-password",
+            PASSWORD,
+            "--from",
+            LOGIN,
+            "--to",
+            RECIPIENT,
+            "--helo",
+            "client.example",
+            "--header",
+            f"Subject: {subject}",
+            "--body",
+            "Sent by a real client.",
+            "--timeout",
+            "30",
+        ], None
 
     def msmtp(self, port: int, tls: str, mechanism: str, subject: str) -> list:
         config = os.path.abspath(self.mktemp())
@@ -98,10 +124,27 @@ account default : test
         with open(path, "wb") as f:
             f.write(message(subject, "\r\n"))
         scheme = "smtp" if tls == "starttls" else "smtps"
-        return [program("curl"), "--silent", "--show-error", "--insecure", "--ssl-reqd",
-                "--max-time", "30", "--url", f"{scheme}://127.0.0.1:{port}/client.example",
-                "--user", f"{LOGIN}:{PASSWORD}", "--login-options", f"AUTH={mechanism}",
-                "--mail-from", LOGIN, "--mail-rcpt", RECIPIENT, "--upload-file", path], None
+        return [
+            program("curl"),
+            "--silent",
+            "--show-error",
+            "--insecure",
+            "--ssl-reqd",
+            "--max-time",
+            "30",
+            "--url",
+            f"{scheme}://127.0.0.1:{port}/client.example",
+            "--user",
+            f"{LOGIN}:{PASSWORD}",
+            "--login-options",
+            f"AUTH={mechanism}",
+            "--mail-from",
+            LOGIN,
+            "--mail-rcpt",
+            RECIPIENT,
+            "--upload-file",
+            path,
+        ], None
 
     @defer.inlineCallbacks
     def deliver(self, tool: str, mechanism: str, tls: str):
@@ -110,7 +153,8 @@ account default : test
         argv, stdin = getattr(self, tool)(port, tls, mechanism, subject)
         success = self.log.waitFor(r"auth success: client=\[127\.0\.0\.1\] mechanism=")
         result = yield threads.deferToThread(
-            subprocess.run, argv, input=stdin, capture_output=True, timeout=60)
+            subprocess.run, argv, input=stdin, capture_output=True, timeout=60
+        )
         output = (result.stdout + result.stderr).decode(errors="replace")
         self.assertEqual(result.returncode, 0, output)
         logged = yield success
@@ -127,14 +171,19 @@ def _addTests(cls):
     for tool in ("swaks", "msmtp", "curl"):
         for mechanism in MECHANISMS:
             for tls in LISTENERS:
+
                 def test(self, tool=tool, mechanism=mechanism, tls=tls):
                     return self.deliver(tool, mechanism, tls)
 
                 words = "STARTTLS" if tls == "starttls" else "implicit TLS"
-                test.__doc__ = (f"{tool} delivers over {words} with AUTH {mechanism}; the "
-                                "message arrives in the Maildir with our Received header.")
-                name = f"test_{tool}{mechanism.title().replace('-', '')}" \
-                       f"{'StartTLS' if tls == 'starttls' else 'ImplicitTLS'}"
+                test.__doc__ = (
+                    f"{tool} delivers over {words} with AUTH {mechanism}; the "
+                    "message arrives in the Maildir with our Received header."
+                )
+                name = (
+                    f"test_{tool}{mechanism.title().replace('-', '')}"
+                    f"{'StartTLS' if tls == 'starttls' else 'ImplicitTLS'}"
+                )
                 test.__name__ = name
                 setattr(cls, name, test)
     return cls
@@ -159,8 +208,10 @@ INTL_USERS = (
     "jörg@bücher.example:{PLAIN}jörg-secret\n"
 )
 INTL_SETTINGS = {"delivery": {"local_domains": "example.test bücher.example"}}
-UTF8_MESSAGE = ("From: Bob <bob@example.test>\r\nTo: Zoë <zoë@example.test>\r\n"
-                "Subject: grüße\r\n\r\nHallo Zoë.\r\n").encode()
+UTF8_MESSAGE = (
+    "From: Bob <bob@example.test>\r\nTo: Zoë <zoë@example.test>\r\n"
+    "Subject: grüße\r\n\r\nHallo Zoë.\r\n"
+).encode()
 
 
 def maildir(daemon, domain: str, local: str) -> list:
@@ -173,8 +224,7 @@ def maildir(daemon, domain: str, local: str) -> list:
 
 
 def run(argv: list, stdin=None) -> defer.Deferred:
-    return threads.deferToThread(subprocess.run, argv, input=stdin, capture_output=True,
-                                 timeout=60)
+    return threads.deferToThread(subprocess.run, argv, input=stdin, capture_output=True, timeout=60)
 
 
 class ExtensionClientTests(AttackMixin, unittest.TestCase):
@@ -185,15 +235,31 @@ class ExtensionClientTests(AttackMixin, unittest.TestCase):
 
     def swaks(self, tls: str, *extra: str) -> list:
         port = self.daemon.ports[LISTENERS[tls]]
-        return [program("swaks"), "--server", f"127.0.0.1:{port}",
-                "--tls" if tls == "starttls" else "--tlsc", "--auth", "PLAIN",
-                "--auth-user", LOGIN, "--auth-password", PASSWORD, "--helo", "client.example",
-                "--timeout", "30", *extra]
+        return [
+            program("swaks"),
+            "--server",
+            f"127.0.0.1:{port}",
+            "--tls" if tls == "starttls" else "--tlsc",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            LOGIN,
+            "--auth-password",
+            PASSWORD,
+            "--helo",
+            "client.example",
+            "--timeout",
+            "30",
+            *extra,
+        ]
 
     @defer.inlineCallbacks
     def swaksPipelines(self, tls: str):
-        result = yield run(self.swaks(tls, "--pipeline", "--from", LOGIN,
-                                      "--to", LOGIN, "--header", "Subject: piped"))
+        result = yield run(
+            self.swaks(
+                tls, "--pipeline", "--from", LOGIN, "--to", LOGIN, "--header", "Subject: piped"
+            )
+        )
         output = (result.stdout + result.stderr).decode(errors="replace")
         self.assertEqual(result.returncode, 0, output)
         # With PIPELINING swaks sends MAIL, RCPT and DATA before any reply.
@@ -224,19 +290,24 @@ class ExtensionClientTests(AttackMixin, unittest.TestCase):
     def smtplibSMTPUTF8(self, tls: str):
         port = self.daemon.ports[LISTENERS[tls]]
         if tls == "implicit":
-            client = smtplib.SMTP_SSL("127.0.0.1", port, local_hostname="client.example",
-                                      context=clientContext(), timeout=30)
+            client = smtplib.SMTP_SSL(
+                "127.0.0.1",
+                port,
+                local_hostname="client.example",
+                context=clientContext(),
+                timeout=30,
+            )
         else:
-            client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example",
-                                  timeout=30)
+            client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=30)
         try:
             client.ehlo()
             if tls == "starttls":
                 client.starttls(context=clientContext())
                 client.ehlo()
             client.login(LOGIN, PASSWORD)
-            return client.sendmail(LOGIN, ["zoë@example.test"], UTF8_MESSAGE,
-                                   mail_options=["SMTPUTF8"])
+            return client.sendmail(
+                LOGIN, ["zoë@example.test"], UTF8_MESSAGE, mail_options=["SMTPUTF8"]
+            )
         finally:
             client.quit()
 
@@ -272,17 +343,28 @@ class PostfixClientTests(AttackMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def relayThroughPostfix(self, tls: str):
-        client = PostfixClient(self.daemon.ports[LISTENERS[tls]], tls, "jörg@bücher.example",
-                               "jörg-secret")
+        client = PostfixClient(
+            self.daemon.ports[LISTENERS[tls]], tls, "jörg@bücher.example", "jörg-secret"
+        )
         yield threads.deferToThread(client.start)
         self.addCleanup(threads.deferToThread, client.stop)
         accepted = self.log.waitFor("message accepted: .*login=<jörg@bücher.example>")
         reported = self.log.waitFor("delivery report for .* to <jörg@bücher.example>")
-        message = ("From: Jörg <jörg@bücher.example>\nTo: zoë@example.test\n"
-                   "Subject: über Postfix\n\nHallo.\n").encode()
+        message = (
+            "From: Jörg <jörg@bücher.example>\nTo: zoë@example.test\n"
+            "Subject: über Postfix\n\nHallo.\n"
+        ).encode()
         yield threads.deferToThread(
-            client.send, "jörg@bücher.example", ["zoë@example.test"], message,
-            "-N", "success,failure", "-V", "postfix-envid", "-R", "hdrs",
+            client.send,
+            "jörg@bücher.example",
+            ["zoë@example.test"],
+            message,
+            "-N",
+            "success,failure",
+            "-V",
+            "postfix-envid",
+            "-R",
+            "hdrs",
         )
         log = yield threads.deferToThread(client.waitForLog, "status=sent")
         yield accepted
@@ -322,9 +404,12 @@ class PostfixUpstreamTests(unittest.TestCase):
         self.sink = SmtpSink()
         self.sink.start()
         self.addCleanup(self.sink.stop)
-        self.daemon = Daemon(self.mktemp(), settings=INTL_SETTINGS, files={"users": INTL_USERS},
-                             extra=f"\n[relay]\nhost = 127.0.0.1\nport = {self.sink.port}\n"
-                                   "tls = none\n")
+        self.daemon = Daemon(
+            self.mktemp(),
+            settings=INTL_SETTINGS,
+            files={"users": INTL_USERS},
+            extra=f"\n[relay]\nhost = 127.0.0.1\nport = {self.sink.port}\ntls = none\n",
+        )
         self.addCleanup(self.daemon.stop)
         self.daemon.start()
         self.events = QueueEvents()
@@ -337,6 +422,7 @@ class PostfixUpstreamTests(unittest.TestCase):
         with an ASCII local part at a UTF-8 domain goes as A-labels,
         without SMTPUTF8.
         """
+
         def submit():
             client = RawClient(self.daemon.ports["submissions"], tls=True)
             try:
@@ -345,8 +431,10 @@ class PostfixUpstreamTests(unittest.TestCase):
                 assert client.command(plain(LOGIN.encode(), PASSWORD.encode()))[0] == 235
                 replies = [
                     client.command(b"MAIL FROM:<bob@example.test> SMTPUTF8 RET=HDRS ENVID=E+2B1"),
-                    client.command("RCPT TO:<anna@exämple.org> NOTIFY=FAILURE "
-                                   "ORCPT=rfc822;anna@xn--exmple-cua.org".encode()),
+                    client.command(
+                        "RCPT TO:<anna@exämple.org> NOTIFY=FAILURE "
+                        "ORCPT=rfc822;anna@xn--exmple-cua.org".encode()
+                    ),
                     client.command(b"DATA"),
                     client.command(b"Subject: to smtp-sink\r\n\r\nhi\r\n."),
                 ]
@@ -364,8 +452,11 @@ class PostfixUpstreamTests(unittest.TestCase):
         [dump] = self.sink.dumps()
         self.assertIn(b"\nX-Mail-Args: <bob@example.test> RET=HDRS ENVID=E+2B1\n", dump)
         self.assertNotIn(b"SMTPUTF8", dump)
-        self.assertIn(b"\nX-Rcpt-Args: <anna@xn--exmple-cua.org> NOTIFY=FAILURE "
-                      b"ORCPT=rfc822;anna@xn--exmple-cua.org\n", dump)
+        self.assertIn(
+            b"\nX-Rcpt-Args: <anna@xn--exmple-cua.org> NOTIFY=FAILURE "
+            b"ORCPT=rfc822;anna@xn--exmple-cua.org\n",
+            dump,
+        )
         self.assertIn(b"\nSubject: to smtp-sink\n", dump)
 
 
@@ -442,8 +533,10 @@ class ScramClientTests(ClientTestsMixin, unittest.TestCase):
     """
 
     settings = {
-        "auth": {"mechanisms": "PLAIN SCRAM-SHA-256-PLUS SCRAM-SHA-256 SCRAM-SHA-1",
-                 "users": "{dir}/users"},
+        "auth": {
+            "mechanisms": "PLAIN SCRAM-SHA-256-PLUS SCRAM-SHA-256 SCRAM-SHA-1",
+            "users": "{dir}/users",
+        },
     }
     files = {"users": _scramUsers()}
 
@@ -472,7 +565,8 @@ account default : test
     def runClient(self, argv, stdin=b"", login=SCRAM_LOGIN, mechanism="SCRAM-SHA-256"):
         success = self.log.waitFor(r"auth success: client=\[127\.0\.0\.1\] mechanism=")
         result = yield threads.deferToThread(
-            subprocess.run, argv, input=stdin, capture_output=True, timeout=60)
+            subprocess.run, argv, input=stdin, capture_output=True, timeout=60
+        )
         output = (result.stdout + result.stderr).decode(errors="replace")
         self.assertEqual(result.returncode, 0, output)
         logged = yield success
@@ -483,8 +577,9 @@ account default : test
     def msmtpDelivers(self, tls: str, mechanism: str, login: str, password: str):
         subject = f"interop msmtp {mechanism} {tls}"
         argv = self.msmtpScram(self.daemon.ports[LISTENERS[tls]], tls, mechanism, login, password)
-        yield self.runClient(argv, message(subject, "\n").replace(LOGIN.encode(), login.encode()),
-                       login, mechanism)
+        yield self.runClient(
+            argv, message(subject, "\n").replace(LOGIN.encode(), login.encode()), login, mechanism
+        )
         [(_, content)] = self.daemon.delivered(RECIPIENT)
         self.assertIn(f"Subject: {subject}\n".encode(), content)
         self.assertIn(f"(authenticated as {login})".encode(), content)
@@ -503,10 +598,12 @@ account default : test
 
     @defer.inlineCallbacks
     def msmtpRefused(self, login: str, password: str):
-        argv = self.msmtpScram(self.daemon.ports["submission"], "starttls", "SCRAM-SHA-256",
-                               login, password)
+        argv = self.msmtpScram(
+            self.daemon.ports["submission"], "starttls", "SCRAM-SHA-256", login, password
+        )
         result = yield threads.deferToThread(
-            subprocess.run, argv, input=message("refused", "\n"), capture_output=True, timeout=60)
+            subprocess.run, argv, input=message("refused", "\n"), capture_output=True, timeout=60
+        )
         self.assertNotEqual(result.returncode, 0)
         return (result.stdout + result.stderr).decode(errors="replace")
 
@@ -529,12 +626,27 @@ account default : test
         yield unusable
         self.assertFalse([m for m in self.log.messages if "auth failure" in m])
 
-    def gsasl(self, port: int, priority: str = "NORMAL",
-              mechanism: str = "SCRAM-SHA-256-PLUS") -> list:
-        return [program("gsasl"), "--smtp", "--connect", f"127.0.0.1:{port}", "--starttls",
-                "--mechanism", mechanism, "--authentication-id", SCRAM_LOGIN,
-                "--password", "pencil", "--x509-ca-file=", "--priority", priority,
-                "--no-client-first", "--verbose"]
+    def gsasl(
+        self, port: int, priority: str = "NORMAL", mechanism: str = "SCRAM-SHA-256-PLUS"
+    ) -> list:
+        return [
+            program("gsasl"),
+            "--smtp",
+            "--connect",
+            f"127.0.0.1:{port}",
+            "--starttls",
+            "--mechanism",
+            mechanism,
+            "--authentication-id",
+            SCRAM_LOGIN,
+            "--password",
+            "pencil",
+            "--x509-ca-file=",
+            "--priority",
+            priority,
+            "--no-client-first",
+            "--verbose",
+        ]
 
     def port(self, tls: str) -> int:
         """The port gsasl (which knows only STARTTLS) connects to for C{tls}."""
@@ -581,8 +693,11 @@ class OAuthClientTests(AttackMixin, unittest.TestCase):
     issuer = TokenIssuer("ec", "k1")
     settings = {
         "auth": {"mechanisms": "PLAIN LOGIN OAUTHBEARER XOAUTH2"},
-        "oauth": {"issuer": TokenIssuer.ISSUER, "audience": TokenIssuer.AUDIENCE,
-                  "jwks": "{dir}/jwks.json"},
+        "oauth": {
+            "issuer": TokenIssuer.ISSUER,
+            "audience": TokenIssuer.AUDIENCE,
+            "jwks": "{dir}/jwks.json",
+        },
     }
     files = {"jwks.json": issuer.jwks()}
 
@@ -617,7 +732,8 @@ account default : test
         # --debug prints the exchange: the replies as msmtp read them.
         argv = self.msmtp(tls, mechanism, token, subject) + ["--debug"]
         result = yield threads.deferToThread(
-            subprocess.run, argv, input=message(subject, "\n"), capture_output=True, timeout=60)
+            subprocess.run, argv, input=message(subject, "\n"), capture_output=True, timeout=60
+        )
         return result.returncode, (result.stdout + result.stderr).decode(errors="replace")
 
     @defer.inlineCallbacks
@@ -635,8 +751,9 @@ account default : test
     @defer.inlineCallbacks
     def refused(self, mechanism: str, tls: str):
         failure = self.log.waitFor(r"auth failure: client=\[127\.0\.0\.1\] mechanism=")
-        status, output = yield self.send(tls, mechanism, self.issuer.mint(LOGIN, lifetime=-300),
-                                         "refused")
+        status, output = yield self.send(
+            tls, mechanism, self.issuer.mint(LOGIN, lifetime=-300), "refused"
+        )
         self.assertNotEqual(status, 0, output)
         # msmtp read the error challenge, answered it, and got the 535 after it.
         self.assertIn(f"authentication failed (method {mechanism})", output)
@@ -657,17 +774,21 @@ def _addOAuthTests(cls):
             def test(self, mechanism=mechanism, tls=tls):
                 return self.deliver(mechanism, tls)
 
-            test.__doc__ = (f"msmtp delivers over {words} with AUTH {mechanism} and a token "
-                            "from passwordeval; the message arrives with our Received header.")
+            test.__doc__ = (
+                f"msmtp delivers over {words} with AUTH {mechanism} and a token "
+                "from passwordeval; the message arrives with our Received header."
+            )
             test.__name__ = f"test_msmtp{suffix}"
             setattr(cls, test.__name__, test)
 
             def testRefused(self, mechanism=mechanism, tls=tls):
                 return self.refused(mechanism, tls)
 
-            testRefused.__doc__ = (f"msmtp with an expired token over {words} and AUTH "
-                                   f"{mechanism} reads the error challenge, answers it, and "
-                                   "fails with our 535; nothing is delivered.")
+            testRefused.__doc__ = (
+                f"msmtp with an expired token over {words} and AUTH "
+                f"{mechanism} reads the error challenge, answers it, and "
+                "fails with our 535; nothing is delivered."
+            )
             testRefused.__name__ = f"test_msmtpRefused{suffix}"
             setattr(cls, testRefused.__name__, testRefused)
     return cls
@@ -701,17 +822,49 @@ class MechanismChoiceMixin(AttackMixin):
         path = os.path.abspath(self.mktemp())
         with open(path, "wb") as f:
             f.write(message(subject, "\r\n").replace(LOGIN.encode(), self.login.encode()))
-        return [program("curl"), "--silent", "--show-error", "--insecure", "--max-time", "20",
-                "--url", f"smtps://127.0.0.1:{self.daemon.ports['submissions']}/client.example",
-                "--user", f"{self.login}:{DEMO_PASSWORD}", *extra,
-                "--mail-from", self.login, "--mail-rcpt", RECIPIENT, "--upload-file", path]
+        return [
+            program("curl"),
+            "--silent",
+            "--show-error",
+            "--insecure",
+            "--max-time",
+            "20",
+            "--url",
+            f"smtps://127.0.0.1:{self.daemon.ports['submissions']}/client.example",
+            "--user",
+            f"{self.login}:{DEMO_PASSWORD}",
+            *extra,
+            "--mail-from",
+            self.login,
+            "--mail-rcpt",
+            RECIPIENT,
+            "--upload-file",
+            path,
+        ]
 
     def swaks(self, subject: str) -> list:
         """swaks with no mechanism named: it tries those offered, CRAM-MD5 first."""
-        return [program("swaks"), "--server", f"127.0.0.1:{self.daemon.ports['submissions']}",
-                "--tlsc", "--auth", "--auth-user", self.login, "--auth-password", DEMO_PASSWORD,
-                "--from", self.login, "--to", RECIPIENT, "--helo", "client.example",
-                "--header", f"Subject: {subject}", "--timeout", "20"]
+        return [
+            program("swaks"),
+            "--server",
+            f"127.0.0.1:{self.daemon.ports['submissions']}",
+            "--tlsc",
+            "--auth",
+            "--auth-user",
+            self.login,
+            "--auth-password",
+            DEMO_PASSWORD,
+            "--from",
+            self.login,
+            "--to",
+            RECIPIENT,
+            "--helo",
+            "client.example",
+            "--header",
+            f"Subject: {subject}",
+            "--timeout",
+            "20",
+        ]
 
     def authLines(self, kind: str) -> list:
         return self.log.matching(rf"^auth {kind}: client=\[127\.0\.0\.1\]")

@@ -83,12 +83,17 @@ class ParseOverridesTests(unittest.TestCase):
         found, problems = parseOverrides(
             "# bulk senders\n\n"
             "News@Example.test: messages_per_hour=1000 recipients_per_day=50000  # list\n"
-            "cron@example.test: messages_per_day=0, suspend_after=0\n", "limits")
+            "cron@example.test: messages_per_day=0, suspend_after=0\n",
+            "limits",
+        )
         self.assertEqual(problems, [])
-        self.assertEqual(found, {
-            "news@example.test": {"messages_per_hour": 1000, "recipients_per_day": 50000},
-            "cron@example.test": {"messages_per_day": 0, "suspend_after": 0},
-        })
+        self.assertEqual(
+            found,
+            {
+                "news@example.test": {"messages_per_hour": 1000, "recipients_per_day": 50000},
+                "cron@example.test": {"messages_per_day": 0, "suspend_after": 0},
+            },
+        )
 
     def test_badLines(self) -> None:
         """Each bad line is named with its number and why, and skipped; good lines still count."""
@@ -101,19 +106,24 @@ class ParseOverridesTests(unittest.TestCase):
             "d@x.test: messages_per_hour=-1\n"
             "e@x.test:\n"
             "f@x.test: recipients_per_hour=5\n"
-            "F@x.test: recipients_per_hour=6\n", "limits")
+            "F@x.test: recipients_per_hour=6\n",
+            "limits",
+        )
         self.assertEqual(found, {"f@x.test": {"recipients_per_hour": 5}})
-        self.assertEqual(problems, [
-            "limits:1: expected 'login@domain: key=value [key=value...]'",
-            "limits:2: expected 'login@domain: key=value [key=value...]'",
-            "limits:3: unknown limit 'messages_per_week' (known: messages_per_hour, "
-            "recipients_per_hour, messages_per_day, recipients_per_day, suspend_after)",
-            "limits:4: messages_per_hour needs a whole number, as in messages_per_hour=100",
-            "limits:5: messages_per_hour needs a whole number, as in messages_per_hour=100",
-            "limits:6: messages_per_hour needs a whole number, as in messages_per_hour=100",
-            "limits:7: no key=value after the login",
-            "limits:9: f@x.test given again; the first line counts",
-        ])
+        self.assertEqual(
+            problems,
+            [
+                "limits:1: expected 'login@domain: key=value [key=value...]'",
+                "limits:2: expected 'login@domain: key=value [key=value...]'",
+                "limits:3: unknown limit 'messages_per_week' (known: messages_per_hour, "
+                "recipients_per_hour, messages_per_day, recipients_per_day, suspend_after)",
+                "limits:4: messages_per_hour needs a whole number, as in messages_per_hour=100",
+                "limits:5: messages_per_hour needs a whole number, as in messages_per_hour=100",
+                "limits:6: messages_per_hour needs a whole number, as in messages_per_hour=100",
+                "limits:7: no key=value after the login",
+                "limits:9: f@x.test given again; the first line counts",
+            ],
+        )
 
 
 class LimitOverridesTests(unittest.TestCase):
@@ -158,16 +168,31 @@ class ConfigTests(unittest.TestCase):
     def test_defaults(self) -> None:
         """Without [limits] nothing is limited and nobody is suspended."""
         cfg = makeConfig()
-        self.assertEqual((cfg.limits.messages_per_hour, cfg.limits.suspend_after,
-                          cfg.limits.overrides, cfg.delivery.postmaster), (0, 0, None, None))
+        self.assertEqual(
+            (
+                cfg.limits.messages_per_hour,
+                cfg.limits.suspend_after,
+                cfg.limits.overrides,
+                cfg.delivery.postmaster,
+            ),
+            (0, 0, None, None),
+        )
 
     def test_section(self) -> None:
         """[limits] and [delivery] postmaster are read."""
-        cfg = makeConfig("[limits]\nmessages_per_hour = 50\nrecipients_per_day = 1000\n"
-                         "suspend_after = 3\noverrides = /etc/mailauth/limits\n")
-        self.assertEqual((cfg.limits.messages_per_hour, cfg.limits.recipients_per_day,
-                          cfg.limits.suspend_after, cfg.limits.overrides),
-                         (50, 1000, 3, "/etc/mailauth/limits"))
+        cfg = makeConfig(
+            "[limits]\nmessages_per_hour = 50\nrecipients_per_day = 1000\n"
+            "suspend_after = 3\noverrides = /etc/mailauth/limits\n"
+        )
+        self.assertEqual(
+            (
+                cfg.limits.messages_per_hour,
+                cfg.limits.recipients_per_day,
+                cfg.limits.suspend_after,
+                cfg.limits.overrides,
+            ),
+            (50, 1000, 3, "/etc/mailauth/limits"),
+        )
 
     def test_badValues(self) -> None:
         """A bad limit or postmaster is one line naming the section and key."""
@@ -178,8 +203,13 @@ class ConfigTests(unittest.TestCase):
         self.assertIn("[limits] messages_per_hour: 'lots' is not a whole number", e.problems[1])
         self.assertIn("[limits] suspend_after: '-1' must not be negative", e.problems[2])
         e = self.assertRaises(ConfigError, configWithDelivery, "postmaster = not an address")
-        self.assertEqual(e.problems, ("test.conf: [delivery] postmaster: 'not an address' is "
-                                      "not an address (local@domain)",))
+        self.assertEqual(
+            e.problems,
+            (
+                "test.conf: [delivery] postmaster: 'not an address' is "
+                "not an address (local@domain)",
+            ),
+        )
 
 
 class CheckConfigTests(unittest.TestCase):
@@ -191,8 +221,10 @@ class CheckConfigTests(unittest.TestCase):
     def test_unreadable(self) -> None:
         """An overrides file that cannot be read is an error naming the key."""
         path = os.path.abspath(self.mktemp())
-        self.assertIn(f"test.conf: [limits] overrides: {path}: cannot be read",
-                      checks.checkFiles(self.config(path)))
+        self.assertIn(
+            f"test.conf: [limits] overrides: {path}: cannot be read",
+            checks.checkFiles(self.config(path)),
+        )
 
     def test_malformedLines(self) -> None:
         """Its malformed lines are warnings, as the daemon logs them when it skips them."""
@@ -200,15 +232,13 @@ class CheckConfigTests(unittest.TestCase):
         with open(path, "w") as f:
             f.write("a@x.test: messages_per_hour=10\nb@x.test: per_year=1\n")
         [warning] = checks.checkLines(self.config(path)).warnings
-        self.assertTrue(warning.startswith(f"{path}:2: warning: unknown limit 'per_year'"),
-                        warning)
+        self.assertTrue(warning.startswith(f"{path}:2: warning: unknown limit 'per_year'"), warning)
         self.assertTrue(warning.endswith("; the daemon skips this line"), warning)
 
 
 def configWithDelivery(line: str):
     """A minimal configuration with C{line} added to its [delivery] section."""
-    return config.loadText(MINIMAL_CONFIG.replace("maildir = ", line + "\nmaildir = "),
-                           "test.conf")
+    return config.loadText(MINIMAL_CONFIG.replace("maildir = ", line + "\nmaildir = "), "test.conf")
 
 
 class LimitsTestsMixin:
@@ -231,8 +261,14 @@ class LimitsTestsMixin:
         self.storeError = None
         self.log = LogWatcher()
         self.addCleanup(self.log.stop)
-        self.limits = self.makeLimits(Limits(messages_per_hour=3, recipients_per_hour=10,
-                                             messages_per_day=5, recipients_per_day=20))
+        self.limits = self.makeLimits(
+            Limits(
+                messages_per_hour=3,
+                recipients_per_hour=10,
+                messages_per_day=5,
+                recipients_per_day=20,
+            )
+        )
 
     def makeLimits(self, defaults: Limits, overrides=None) -> SendingLimits:
         def suspend(login: str) -> defer.Deferred:
@@ -241,11 +277,18 @@ class LimitsTestsMixin:
                 return defer.fail(self.storeError)
             return defer.maybeDeferred(self.users.setSuspended, login, True)
 
-        return SendingLimits(store=self.store, defaults=defaults,
-                             overrides=overrides or LimitOverrides(None), users=self.users,
-                             suspend=suspend, postmaster="postmaster@example.test",
-                             deliver=self.notices, hostname="mx.example.test",
-                             clock=self.clock, metrics=self.metrics)
+        return SendingLimits(
+            store=self.store,
+            defaults=defaults,
+            overrides=overrides or LimitOverrides(None),
+            users=self.users,
+            suspend=suspend,
+            postmaster="postmaster@example.test",
+            deliver=self.notices,
+            hostname="mx.example.test",
+            clock=self.clock,
+            metrics=self.metrics,
+        )
 
     @defer.inlineCallbacks
     def send(self, login: str = ALICE, recipients: int = 1, limits=None):
@@ -272,8 +315,10 @@ class LimitsTestsMixin:
         """
         for _ in range(3):
             yield self.send()
-        self.assertEqual((yield self.refused(self.limits.transaction(ALICE).checkSender())),
-                         (451, f"4.7.1 Error: {ALICE} reached its limit of 3 messages per hour"))
+        self.assertEqual(
+            (yield self.refused(self.limits.transaction(ALICE).checkSender())),
+            (451, f"4.7.1 Error: {ALICE} reached its limit of 3 messages per hour"),
+        )
         self.clock.advance(HOUR - 1)
         yield self.refused(self.limits.transaction(ALICE).checkSender())
         self.clock.advance(61)
@@ -303,8 +348,10 @@ class LimitsTestsMixin:
         self.clock.advance(HOUR + 60)
         for _ in range(2):
             yield self.send()
-        self.assertEqual((yield self.refused(self.limits.transaction(ALICE).checkSender())),
-                         (451, f"4.7.1 Error: {ALICE} reached its limit of 5 messages per day"))
+        self.assertEqual(
+            (yield self.refused(self.limits.transaction(ALICE).checkSender())),
+            (451, f"4.7.1 Error: {ALICE} reached its limit of 5 messages per day"),
+        )
         self.clock.advance(DAY - HOUR)
         yield self.limits.transaction(ALICE).checkSender()
 
@@ -320,14 +367,17 @@ class LimitsTestsMixin:
         yield transaction.checkSender()
         yield transaction.checkRecipient(0)
         yield transaction.checkRecipient(1)
-        self.assertEqual((yield self.refused(transaction.checkRecipient(2))),
-                         (451, f"4.7.1 Error: {ALICE} reached its limit of 10 recipients "
-                               "per hour"))
-        self.assertEqual((yield self.store.total(counterKey("recipients_per_hour", ALICE),
-                                                 HOUR)), 8)
+        self.assertEqual(
+            (yield self.refused(transaction.checkRecipient(2))),
+            (451, f"4.7.1 Error: {ALICE} reached its limit of 10 recipients per hour"),
+        )
+        self.assertEqual(
+            (yield self.store.total(counterKey("recipients_per_hour", ALICE), HOUR)), 8
+        )
         yield transaction.record(2)
-        self.assertEqual((yield self.store.total(counterKey("recipients_per_hour", ALICE),
-                                                 HOUR)), 10)
+        self.assertEqual(
+            (yield self.store.total(counterKey("recipients_per_hour", ALICE), HOUR)), 10
+        )
 
     @defer.inlineCallbacks
     def test_perLogin(self):
@@ -361,8 +411,7 @@ class LimitsTestsMixin:
         limits = self.makeLimits(Limits())
         for _ in range(50):
             yield self.send(recipients=3, limits=limits)
-        self.assertEqual((yield self.store.total(counterKey("messages_per_hour", ALICE), HOUR)),
-                         0)
+        self.assertEqual((yield self.store.total(counterKey("messages_per_hour", ALICE), HOUR)), 0)
 
     @defer.inlineCallbacks
     def test_hitLoggedAndCounted(self):
@@ -370,8 +419,10 @@ class LimitsTestsMixin:
         for _ in range(3):
             yield self.send()
         yield self.refused(self.limits.transaction(ALICE).checkSender())
-        self.assertEqual(self.log.matching("sending limit reached"), [
-            f"sending limit reached: login=<{ALICE}> limit=messages_per_hour count=3 max=3"])
+        self.assertEqual(
+            self.log.matching("sending limit reached"),
+            [f"sending limit reached: login=<{ALICE}> limit=messages_per_hour count=3 max=3"],
+        )
         self.assertEqual(metric(self.metrics, "messages_per_hour"), 1)
 
     @defer.inlineCallbacks
@@ -403,17 +454,22 @@ class LimitsTestsMixin:
         self.assertEqual(self.suspended, [ALICE])
         self.assertTrue((yield self.users.lookup(ALICE)).suspended)
         [warning] = self.log.matching("login suspended")
-        self.assertEqual(warning, f"login suspended: login=<{ALICE}> after 3 sending limit hits "
-                                  f"today (last: messages_per_hour); 'mailauth user resume "
-                                  f"{ALICE}' lifts it")
+        self.assertEqual(
+            warning,
+            f"login suspended: login=<{ALICE}> after 3 sending limit hits "
+            f"today (last: messages_per_hour); 'mailauth user resume "
+            f"{ALICE}' lifts it",
+        )
         [notice] = self.notices.sent
         self.assertIn(f"Subject: mailauth: login {ALICE} suspended\r\n".encode(), notice)
         self.assertIn(b"Auto-Submitted: auto-generated\r\n", notice)
         self.assertIn(b"To: <postmaster@example.test>\r\n", notice)
         self.assertIn(f"    mailauth user resume {ALICE}\r\n".encode(), notice)
         self.clock.advance(HOUR + 60)
-        self.assertEqual((yield self.refused(limits.transaction(ALICE).checkSender())),
-                         (550, f"5.7.1 Error: {ALICE} is suspended, contact your postmaster"))
+        self.assertEqual(
+            (yield self.refused(limits.transaction(ALICE).checkSender())),
+            (550, f"5.7.1 Error: {ALICE} is suspended, contact your postmaster"),
+        )
         self.assertEqual((len(self.suspended), len(self.notices.sent)), (1, 1))
         self.users.setSuspended(ALICE, False)  # mailauth user resume
         for _ in range(2):
@@ -450,8 +506,11 @@ class LimitsTestsMixin:
         self.storeError = UserDatabaseError("cannot write /etc/mailauth/users: Read-only")
         yield self.refused(limits.transaction(BOB).checkSender())
         [error] = self.log.matching("could not suspend")
-        self.assertEqual(error, f"could not suspend login=<{BOB}> after 1 sending limit hits "
-                                "today: cannot write /etc/mailauth/users: Read-only")
+        self.assertEqual(
+            error,
+            f"could not suspend login=<{BOB}> after 1 sending limit hits "
+            "today: cannot write /etc/mailauth/users: Read-only",
+        )
         self.assertEqual(self.notices.sent, [])
         self.storeError = None
         yield self.refused(limits.transaction(BOB).checkSender())
@@ -483,8 +542,7 @@ class LimitsTestsMixin:
     def test_suspendedBySomeoneElse(self):
         """A login suspended by hand while its session is open is refused at its next MAIL."""
         self.users.setSuspended(BOB, True)
-        self.assertEqual((yield self.refused(self.limits.transaction(BOB).checkSender()))[0],
-                         550)
+        self.assertEqual((yield self.refused(self.limits.transaction(BOB).checkSender()))[0], 550)
 
     @defer.inlineCallbacks
     def test_databaseDownStillLimits(self):
@@ -503,6 +561,7 @@ class MemoryLimitsTests(LimitsTestsMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_recordNeverFails(self):
         """A count that cannot be made is logged; the accepted message stays accepted."""
+
         def broken(*args, **kwargs):
             return defer.fail(RuntimeError("store broken"))
 
@@ -519,8 +578,9 @@ class RedisLimitsTests(LimitsTestsMixin, unittest.TestCase):
         pool = ThreadPoolService(reactor, "test-limits", 2, maxQueued=100)
         pool.startService()
         self.addCleanup(pool.stopService)
-        store = RedisCounterStore.fromURL(server.unixURL, clock=self.clock,
-                                          runBlocking=pool.run, serverTime=False)
+        store = RedisCounterStore.fromURL(
+            server.unixURL, clock=self.clock, runBlocking=pool.run, serverTime=False
+        )
         self.addCleanup(store.client.connection_pool.disconnect)
         return store
 
@@ -533,6 +593,7 @@ class FailingQueue(MemoryQueue):
     def newMessage(self, msgid, sender, recipients, options=None):
         writer = super().newMessage(msgid, sender, recipients, options)
         if self.failing:
+
             def commit():
                 raise OSError(28, "No space left on device")
 
@@ -552,18 +613,32 @@ class RealmTests(unittest.TestCase):
         self.clock.advance(START)
         self.dir = os.path.abspath(self.mktemp())
         self.users = MemoryUserStore({ALICE: "{PLAIN}a", BOB: "{PLAIN}b"})
-        router = Router(localDomains={"example.test"},
-                        maildirTemplate=self.dir + "/{domain}/{localpart}/Maildir",
-                        users=self.users, aliases=AddressMap(None), senderMap=AddressMap(None),
-                        senderLoginMatch=True)
+        router = Router(
+            localDomains={"example.test"},
+            maildirTemplate=self.dir + "/{domain}/{localpart}/Maildir",
+            users=self.users,
+            aliases=AddressMap(None),
+            senderMap=AddressMap(None),
+            senderLoginMatch=True,
+        )
         self.queue = FailingQueue()
         self.store = MemoryCounterStore(self.clock)
         self.limits = SendingLimits(
-            store=self.store, defaults=Limits(messages_per_hour=2, recipients_per_hour=3),
-            overrides=LimitOverrides(None), users=self.users, clock=self.clock,
-            metrics=Metrics())
-        self.realm = Realm(router=router, hostname="mx.example.test", runBlocking=runInline,
-                           queue=self.queue, clock=self.clock, limits=self.limits)
+            store=self.store,
+            defaults=Limits(messages_per_hour=2, recipients_per_hour=3),
+            overrides=LimitOverrides(None),
+            users=self.users,
+            clock=self.clock,
+            metrics=Metrics(),
+        )
+        self.realm = Realm(
+            router=router,
+            hostname="mx.example.test",
+            runBlocking=runInline,
+            queue=self.queue,
+            clock=self.clock,
+            limits=self.limits,
+        )
 
     def delivery(self, login=ALICE):
         if login is None:
@@ -575,9 +650,12 @@ class RealmTests(unittest.TestCase):
         """MAIL and RCPT, each accepted; the delivery and its message factories."""
         delivery = self.delivery(login)
         self.successResultOf(delivery.validateFrom(None, addr(ALICE)))
-        factories = [self.successResultOf(delivery.validateTo(
-            smtp.User(addr(recipient), (b"c", "192.0.2.1"), None, b"")))
-            for recipient in recipients]
+        factories = [
+            self.successResultOf(
+                delivery.validateTo(smtp.User(addr(recipient), (b"c", "192.0.2.1"), None, b""))
+            )
+            for recipient in recipients
+        ]
         return delivery, factories
 
     def refusal(self, d) -> tuple:
@@ -600,8 +678,9 @@ class RealmTests(unittest.TestCase):
         _, factories = self.transaction(["bob@example.test", "x@remote.test"])
         self.assertEqual(self.counted("messages_per_hour"), 0)
         self.assertIsInstance(self.successResultOf(self.deliver(factories)), str)
-        self.assertEqual((self.counted("messages_per_hour"), self.counted("recipients_per_hour")),
-                         (1, 2))
+        self.assertEqual(
+            (self.counted("messages_per_hour"), self.counted("recipients_per_hour")), (1, 2)
+        )
 
     def test_failedMessageNotCounted(self):
         """A message that could not be stored (4xx to the client) is not counted."""
@@ -614,8 +693,9 @@ class RealmTests(unittest.TestCase):
         """At the limits: MAIL gets 451 4.7.1, and RCPT past the recipients in this message."""
         delivery = self.delivery()
         self.successResultOf(delivery.validateFrom(None, addr(ALICE)))
-        users = [smtp.User(addr(f"u{n}@remote.test"), (b"c", "192.0.2.1"), None, b"")
-                 for n in range(4)]
+        users = [
+            smtp.User(addr(f"u{n}@remote.test"), (b"c", "192.0.2.1"), None, b"") for n in range(4)
+        ]
         for user in users[:3]:
             self.successResultOf(delivery.validateTo(user))
         self.assertEqual(self.refusal(delivery.validateTo(users[3])), (451, "4.7.1"))
@@ -623,8 +703,9 @@ class RealmTests(unittest.TestCase):
         for _ in range(2):
             _, factories = self.transaction(["bob@example.test"])
             self.successResultOf(self.deliver(factories))
-        self.assertEqual(self.refusal(self.delivery().validateFrom(None, addr(ALICE))),
-                         (451, "4.7.1"))
+        self.assertEqual(
+            self.refusal(self.delivery().validateFrom(None, addr(ALICE))), (451, "4.7.1")
+        )
 
     def test_anonymousNotLimited(self):
         """Sessions that did not log in (local delivery only) have no sending limits."""
@@ -643,8 +724,9 @@ class RealmTests(unittest.TestCase):
         """A notice to a postmaster elsewhere is queued from the null sender."""
         self.successResultOf(self.realm.deliverNotice("pm@remote.test", b"Subject: n\r\n\r\n"))
         [(sender, recipients, data)] = self.queue.messages.values()
-        self.assertEqual((sender, recipients, data),
-                         ("", ("pm@remote.test",), b"Subject: n\r\n\r\n"))
+        self.assertEqual(
+            (sender, recipients, data), ("", ("pm@remote.test",), b"Subject: n\r\n\r\n")
+        )
 
     def test_noticeNowhere(self):
         """Without a relay, a notice to another domain fails (and is logged by the caller)."""
@@ -667,8 +749,11 @@ def usersInPostgreSQL() -> str:
     uri = server.uri(server.createDatabase())
     initSchema(uri)
     store = PostgreSQLUserStore(uri)
-    for login, password in ((THIEF, THIEF_PASSWORD), (OTHER, OTHER_PASSWORD),
-                            (POSTMASTER.encode(), b"postmaster-3")):
+    for login, password in (
+        (THIEF, THIEF_PASSWORD),
+        (OTHER, OTHER_PASSWORD),
+        (POSTMASTER.encode(), b"postmaster-3"),
+    ):
         store.addUser(login.decode(), makeHash(password, "SHA256-CRYPT"))
     return uri
 
@@ -677,8 +762,7 @@ def limitSettings(uri: str) -> dict:
     return {
         "auth": {"users": uri},
         "delivery": {"postmaster": POSTMASTER},
-        "limits": {"messages_per_hour": "5", "suspend_after": "3",
-                   "overrides": "{dir}/limits"},
+        "limits": {"messages_per_hour": "5", "suspend_after": "3", "overrides": "{dir}/limits"},
     }
 
 
@@ -716,6 +800,7 @@ class StolenPasswordTests(AttackMixin, unittest.TestCase):
         535 and an C{auth suspended} line, never a counted failure. The
         other login, from the same address, sends between every attempt.
         """
+
         def run():
             thief = self.loggedIn(login=THIEF, password=THIEF_PASSWORD)
             other = self.loggedIn(login=OTHER, password=OTHER_PASSWORD)
@@ -731,16 +816,25 @@ class StolenPasswordTests(AttackMixin, unittest.TestCase):
         self.assertEqual(thiefCodes, [250] * 5 + [451] * 3 + [550])
         self.assertEqual(otherCodes, [250] * 9)
         self.assertEqual(relogin, (535, [b"5.7.8 Authentication credentials invalid"]))
-        self.assertEqual(len(self.log.matching(r"^login suspended: login=<alice@example\.test> "
-                                               r"after 3 sending limit hits today")), 1)
+        self.assertEqual(
+            len(
+                self.log.matching(
+                    r"^login suspended: login=<alice@example\.test> "
+                    r"after 3 sending limit hits today"
+                )
+            ),
+            1,
+        )
         self.assertEqual(len(self.log.matching(r"^sending limit reached: login=<alice")), 3)
-        self.assertEqual([withoutSession(m) for m in self.log.matching(r"^auth suspended: ")],
-                         ["auth suspended: client=[127.0.0.1] mechanism=PLAIN "
-                          "login=<alice@example.test>"])
+        self.assertEqual(
+            [withoutSession(m) for m in self.log.matching(r"^auth suspended: ")],
+            ["auth suspended: client=[127.0.0.1] mechanism=PLAIN login=<alice@example.test>"],
+        )
         self.assertEqual(self.log.matching(r"^auth failure: "), [])
         delivered = [content for _, content in self.daemon.delivered(POSTMASTER)]
-        notices = [c for c in delivered if b"Subject: mailauth: login alice@example.test "
-                   b"suspended" in c]
+        notices = [
+            c for c in delivered if b"Subject: mailauth: login alice@example.test suspended" in c
+        ]
         self.assertEqual(len(notices), 1)
         self.assertEqual(len(delivered), 5 + 9 + 1)
 
@@ -756,10 +850,22 @@ class KillTests(unittest.TestCase):
         """Start twistd on the daemon's configuration; return its submissions port."""
         logPath = os.path.join(self.daemon.dir, f"twistd{len(self.processes)}.log")
         process = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-             "--nodaemon", "--pidfile=", "--logfile", logPath, "mailauth", "--config",
-             self.daemon.configPath],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "--nodaemon",
+                "--pidfile=",
+                "--logfile",
+                logPath,
+                "mailauth",
+                "--config",
+                self.daemon.configPath,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         self.processes.append(process)
         self.addCleanup(self.stop, process)
         deadline = time.monotonic() + 60
@@ -816,5 +922,6 @@ class KillTests(unittest.TestCase):
         again.ehlo()
         self.assertEqual(again.command(plain(THIEF, THIEF_PASSWORD))[0], 535)
         other = self.client(port, OTHER, OTHER_PASSWORD)
-        self.assertEqual([sendOne(other, OTHER, b"after %d" % n)[-1] for n in range(3)],
-                         [250, 250, 451])
+        self.assertEqual(
+            [sendOne(other, OTHER, b"after %d" % n)[-1] for n in range(3)], [250, 250, 451]
+        )

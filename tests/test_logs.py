@@ -55,8 +55,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs", "logs.rst")
 
 # The methods of twisted.logger.Logger, and the level each logs at.
-LEVELS = {"debug": "debug", "info": "info", "warn": "warn", "error": "error",
-          "critical": "critical", "failure": "critical, with a traceback"}
+LEVELS = {
+    "debug": "debug",
+    "info": "info",
+    "warn": "warn",
+    "error": "error",
+    "critical": "critical",
+    "failure": "critical, with a traceback",
+}
 
 HOW_TO_ADD = """\
 docs/logs.rst must list every line the daemon logs. Add this one under the
@@ -88,23 +94,34 @@ def loggedLines() -> list[Line]:
             tree = ast.parse(f.read(), path)
         loggers = {}
         for node in tree.body:
-            if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
-                    and getattr(node.value.func, "id", None) == "Logger"):
-                namespace = next((k.value.value for k in node.value.keywords
-                                  if k.arg == "namespace"), "?")
+            if (
+                isinstance(node, ast.Assign)
+                and isinstance(node.value, ast.Call)
+                and getattr(node.value.func, "id", None) == "Logger"
+            ):
+                namespace = next(
+                    (k.value.value for k in node.value.keywords if k.arg == "namespace"), "?"
+                )
                 for target in node.targets:
                     loggers[getattr(target, "id", None)] = namespace
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr in LEVELS and isinstance(node.func.value, ast.Name)
-                    and node.func.value.id in loggers):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in LEVELS
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id in loggers
+            ):
                 where = f"{os.path.relpath(path, ROOT)}:{node.lineno}"
                 first = node.args[0] if node.args else None
                 if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
-                    raise AssertionError(f"{where}: the format of a log line must be a string "
-                                         "literal, so that docs/logs.rst can list it")
-                lines.append(Line(loggers[node.func.value.id], LEVELS[node.func.attr],
-                                  first.value, where))
+                    raise AssertionError(
+                        f"{where}: the format of a log line must be a string "
+                        "literal, so that docs/logs.rst can list it"
+                    )
+                lines.append(
+                    Line(loggers[node.func.value.id], LEVELS[node.func.attr], first.value, where)
+                )
     return lines
 
 
@@ -125,8 +142,14 @@ def documentedLines() -> list[Line]:
             namespace = literal.group(1) if literal and following[0] == "-" else None
         elif literal and namespace is not None:
             level = re.match(r"\s+\*([^*]+)\*", following)
-            lines.append(Line(namespace, level.group(1) if level else "(none)",
-                              literal.group(1), f"docs/logs.rst:{number + 1}"))
+            lines.append(
+                Line(
+                    namespace,
+                    level.group(1) if level else "(none)",
+                    literal.group(1),
+                    f"docs/logs.rst:{number + 1}",
+                )
+            )
     return lines
 
 
@@ -135,28 +158,41 @@ class LogReferenceTests(unittest.TestCase):
         """Every line mailauth logs is in docs/logs.rst, under its namespace, with its level."""
         documented = {(x.namespace, x.format): x.level for x in documentedLines()}
         for line in loggedLines():
-            message = (f"{line.where} logs a line docs/logs.rst does not list.\n"
-                       + HOW_TO_ADD.format(**attrs.asdict(line)))
+            message = (
+                f"{line.where} logs a line docs/logs.rst does not list.\n"
+                + HOW_TO_ADD.format(**attrs.asdict(line))
+            )
             self.assertIn((line.namespace, line.format), documented, message)
-            self.assertEqual(documented[(line.namespace, line.format)], line.level,
-                             f"{line.where}: docs/logs.rst gives this line the wrong level\n"
-                             + HOW_TO_ADD.format(**attrs.asdict(line)))
+            self.assertEqual(
+                documented[(line.namespace, line.format)],
+                line.level,
+                f"{line.where}: docs/logs.rst gives this line the wrong level\n"
+                + HOW_TO_ADD.format(**attrs.asdict(line)),
+            )
 
     def test_everyDocumentedLineLogged(self) -> None:
         """Every line docs/logs.rst lists is still logged, so the reference never lies."""
         logged = {(x.namespace, x.format) for x in loggedLines()}
         for line in documentedLines():
-            self.assertIn((line.namespace, line.format), logged,
-                          f"{line.where} lists ``{line.format}`` under ``{line.namespace}``, "
-                          "which mailauth no longer logs there: change or remove the entry")
+            self.assertIn(
+                (line.namespace, line.format),
+                logged,
+                f"{line.where} lists ``{line.format}`` under ``{line.namespace}``, "
+                "which mailauth no longer logs there: change or remove the entry",
+            )
 
     def test_parsers(self) -> None:
         """The two readers above find the lines they are meant to."""
         logged = loggedLines()
-        self.assertIn(Line("mailauth.esmtp", "info",
-                           "auth failure: client=[{client}] mechanism={mechanism} "
-                           "login=<{login}> session={session}"),
-                      [attrs.evolve(x, where="") for x in logged])
+        self.assertIn(
+            Line(
+                "mailauth.esmtp",
+                "info",
+                "auth failure: client=[{client}] mechanism={mechanism} "
+                "login=<{login}> session={session}",
+            ),
+            [attrs.evolve(x, where="") for x in logged],
+        )
         self.assertIn("critical, with a traceback", {x.level for x in logged})
         self.assertGreater(len(logged), 40)
         self.assertEqual(len(documentedLines()), len({(x.namespace, x.format) for x in logged}))
@@ -180,10 +216,20 @@ class SessionLineTests(AttackMixin, unittest.TestCase):
     """
 
     clocked = True
-    settings = {"server": {"max_message_size": "1K", "max_errors": "5", "timeout": "30s",
-                           "data_timeout": "10m", "max_data_time": "1m"},
-                "auth": {"max_failures_per_address": "4", "failures_per_session": "2",
-                         "tarpit_delay": "0s"}}
+    settings = {
+        "server": {
+            "max_message_size": "1K",
+            "max_errors": "5",
+            "timeout": "30s",
+            "data_timeout": "10m",
+            "max_data_time": "1m",
+        },
+        "auth": {
+            "max_failures_per_address": "4",
+            "failures_per_session": "2",
+            "tarpit_delay": "0s",
+        },
+    }
 
     def lines(self, pattern: str) -> list:
         return self.log.matching(pattern)
@@ -194,12 +240,21 @@ class SessionLineTests(AttackMixin, unittest.TestCase):
         Every line of one session, from connect to disconnect, ends with the
         same session ID; the next session has another.
         """
+
         def run():
             client = self.loggedIn()
-            replies = [client.command(line)[0] for line in (
-                b"MAIL FROM:<bob@example.test>", b"RCPT TO:<nobody@example.test>",
-                b"RCPT TO:<someone@remote.example>", b"RCPT TO:<alice.plain@example.test>",
-                b"DATA", b"Subject: x\r\n\r\nx\r\n.", b"QUIT")]
+            replies = [
+                client.command(line)[0]
+                for line in (
+                    b"MAIL FROM:<bob@example.test>",
+                    b"RCPT TO:<nobody@example.test>",
+                    b"RCPT TO:<someone@remote.example>",
+                    b"RCPT TO:<alice.plain@example.test>",
+                    b"DATA",
+                    b"Subject: x\r\n\r\nx\r\n.",
+                    b"QUIT",
+                )
+            ]
             client.close()
             return replies
 
@@ -207,20 +262,37 @@ class SessionLineTests(AttackMixin, unittest.TestCase):
         self.assertEqual((yield self.inThread(run)), [250, 550, 554, 250, 354, 250, 221])
         yield disconnected
         session = [m for m in self.log.messages if "client=[127.0.0.1]" in m]
-        self.assertEqual([m.split(":")[0] for m in session], [
-            "connect", "auth success", "refused RCPT", "refused RCPT", "message accepted",
-            "disconnect"])
+        self.assertEqual(
+            [m.split(":")[0] for m in session],
+            [
+                "connect",
+                "auth success",
+                "refused RCPT",
+                "refused RCPT",
+                "message accepted",
+                "disconnect",
+            ],
+        )
         self.assertEqual(len({sessionOf(m) for m in session}), 1)
-        self.assertRegex(session[0], r"^connect: client=\[127\.0\.0\.1\] listener=submissions"
-                         + SESSION)
-        self.assertRegex(session[2], r'^refused RCPT: client=\[127\.0\.0\.1\] '
-                         r'login=<bob@example\.test> reason=unknown_user reply="550 5\.1\.1 '
-                         r'<nobody@example\.test>: Recipient address rejected: User unknown"'
-                         + SESSION)
-        self.assertRegex(session[3], r" reason=relay_denied reply=\"554 5\.7\.1 "
-                         r"<someone@remote\.example>: Relay access denied\"" + SESSION)
-        self.assertRegex(session[5], r"^disconnect: client=\[127\.0\.0\.1\] "
-                         r"login=<bob@example\.test> messages=1" + SESSION)
+        self.assertRegex(
+            session[0], r"^connect: client=\[127\.0\.0\.1\] listener=submissions" + SESSION
+        )
+        self.assertRegex(
+            session[2],
+            r"^refused RCPT: client=\[127\.0\.0\.1\] "
+            r'login=<bob@example\.test> reason=unknown_user reply="550 5\.1\.1 '
+            r'<nobody@example\.test>: Recipient address rejected: User unknown"' + SESSION,
+        )
+        self.assertRegex(
+            session[3],
+            r" reason=relay_denied reply=\"554 5\.7\.1 "
+            r"<someone@remote\.example>: Relay access denied\"" + SESSION,
+        )
+        self.assertRegex(
+            session[5],
+            r"^disconnect: client=\[127\.0\.0\.1\] "
+            r"login=<bob@example\.test> messages=1" + SESSION,
+        )
         second = yield self.inThread(self.connect)
         yield self.inThread(second.command, b"QUIT")
         connects = self.lines(r"^connect: ")
@@ -233,42 +305,68 @@ class SessionLineTests(AttackMixin, unittest.TestCase):
         Too big (by SIZE= and at the end of DATA), a bare LF, a NUL: one
         C{refused} line each, naming the command and the reply.
         """
+
         def run():
             client = self.loggedIn()
             replies = [client.command(b"MAIL FROM:<bob@example.test> SIZE=5000")[0]]
             for body in (b"x" * 2000, b"bare\nLF", b"N\x00L"):
-                replies += [client.command(line)[0] for line in (
-                    b"MAIL FROM:<bob@example.test>", b"RCPT TO:<alice.plain@example.test>",
-                    b"DATA")]
+                replies += [
+                    client.command(line)[0]
+                    for line in (
+                        b"MAIL FROM:<bob@example.test>",
+                        b"RCPT TO:<alice.plain@example.test>",
+                        b"DATA",
+                    )
+                ]
                 replies.append(client.command(body + b"\r\n.")[0])
             return replies
 
-        self.assertEqual((yield self.inThread(run)),
-                         [552, 250, 250, 354, 552, 250, 250, 354, 550, 250, 250, 354, 550])
+        self.assertEqual(
+            (yield self.inThread(run)),
+            [552, 250, 250, 354, 552, 250, 250, 354, 550, 250, 250, 354, 550],
+        )
         refused = self.lines(r"^refused ")
-        self.assertEqual([re.match(r"refused (\w+): .* reason=(\w+) reply=\"(\d+) ", line).groups()
-                          for line in refused],
-                         [("MAIL", "too_big", "552"), ("DATA", "too_big", "552"),
-                          ("DATA", "bare_newline", "550"), ("DATA", "nul", "550")])
+        self.assertEqual(
+            [
+                re.match(r"refused (\w+): .* reason=(\w+) reply=\"(\d+) ", line).groups()
+                for line in refused
+            ],
+            [
+                ("MAIL", "too_big", "552"),
+                ("DATA", "too_big", "552"),
+                ("DATA", "bare_newline", "550"),
+                ("DATA", "nul", "550"),
+            ],
+        )
         for line in refused:
-            self.assertRegex(line, r"client=\[127\.0\.0\.1\] login=<bob@example\.test> .*"
-                             + SESSION)
+            self.assertRegex(
+                line, r"client=\[127\.0\.0\.1\] login=<bob@example\.test> .*" + SESSION
+            )
 
     @defer.inlineCallbacks
     def test_authAndMailRefusals(self) -> None:
         """AUTH before TLS (538) and MAIL before AUTH (530) are logged, with no login."""
+
         def run():
             client = self.connect("submission")
             client.ehlo()
-            return (client.command(plain(BOB, BOB_PASSWORD))[0],
-                    client.command(b"MAIL FROM:<bob@example.test>")[0])
+            return (
+                client.command(plain(BOB, BOB_PASSWORD))[0],
+                client.command(b"MAIL FROM:<bob@example.test>")[0],
+            )
 
         self.assertEqual((yield self.inThread(run)), (538, 530))
-        self.assertEqual([line.split(" reply=")[0] for line in self.lines(r"^refused ")], [
-            "refused AUTH: client=[127.0.0.1] login=<> reason=encryption_required",
-            "refused MAIL: client=[127.0.0.1] login=<> reason=auth_required"])
-        self.assertIn('reply="538 5.7.11 Encryption required for requested authentication '
-                      'mechanism"', self.lines(r"^refused AUTH")[0])
+        self.assertEqual(
+            [line.split(" reply=")[0] for line in self.lines(r"^refused ")],
+            [
+                "refused AUTH: client=[127.0.0.1] login=<> reason=encryption_required",
+                "refused MAIL: client=[127.0.0.1] login=<> reason=auth_required",
+            ],
+        )
+        self.assertIn(
+            'reply="538 5.7.11 Encryption required for requested authentication mechanism"',
+            self.lines(r"^refused AUTH")[0],
+        )
 
     @defer.inlineCallbacks
     def test_hangUps(self) -> None:
@@ -284,8 +382,11 @@ class SessionLineTests(AttackMixin, unittest.TestCase):
 
         def startData():
             client = self.loggedIn()
-            for line in (b"MAIL FROM:<bob@example.test>", b"RCPT TO:<alice.plain@example.test>",
-                         b"DATA"):
+            for line in (
+                b"MAIL FROM:<bob@example.test>",
+                b"RCPT TO:<alice.plain@example.test>",
+                b"DATA",
+            ):
                 client.command(line)
             return client
 
@@ -298,13 +399,15 @@ class SessionLineTests(AttackMixin, unittest.TestCase):
             return [client.command(b"BOGUS")[0] for _ in range(5)] + [client.reply()[0]]
 
         self.assertEqual((yield self.inThread(errors)), [500, 500, 500, 500, 500, 421])
-        self.assertEqual([line.split(" session=")[0] for line in self.lines(r"^hang-up: ")], [
-            "hang-up: client=[127.0.0.1] login=<> reason=timeout command=EHLO",
-            "hang-up: client=[127.0.0.1] login=<bob@example.test> reason=max_data_time "
-            "command=DATA",
-            "hang-up: client=[127.0.0.1] login=<> reason=max_errors command=-"])
-
-
+        self.assertEqual(
+            [line.split(" session=")[0] for line in self.lines(r"^hang-up: ")],
+            [
+                "hang-up: client=[127.0.0.1] login=<> reason=timeout command=EHLO",
+                "hang-up: client=[127.0.0.1] login=<bob@example.test> reason=max_data_time "
+                "command=DATA",
+                "hang-up: client=[127.0.0.1] login=<> reason=max_errors command=-",
+            ],
+        )
 
     @defer.inlineCallbacks
     def test_failuresAndBlock(self) -> None:
@@ -314,6 +417,7 @@ class SessionLineTests(AttackMixin, unittest.TestCase):
         the session whose failure blocked it), the session ends, and its
         next connection is refused.
         """
+
         def fail(count):
             client = self.connect()
             client.ehlo()
@@ -323,16 +427,26 @@ class SessionLineTests(AttackMixin, unittest.TestCase):
         self.assertEqual((yield self.inThread(fail, 2)), [535, 421])
         yield self.inThread(self.connect, "submissions", "127.0.0.1", 421)
         hangUps = self.lines(r"^hang-up: ")
-        self.assertEqual([line.split(" command=")[0] for line in hangUps], [
-            "hang-up: client=[127.0.0.1] login=<> reason=failures_per_session",
-            "hang-up: client=[127.0.0.1] login=<> reason=blocked"])
+        self.assertEqual(
+            [line.split(" command=")[0] for line in hangUps],
+            [
+                "hang-up: client=[127.0.0.1] login=<> reason=failures_per_session",
+                "hang-up: client=[127.0.0.1] login=<> reason=blocked",
+            ],
+        )
         [blocked] = self.lines(r"^address blocked: ")
-        self.assertRegex(blocked, r"^address blocked: client=\[127\.0\.0\.1\] key=127\.0\.0\.1 "
-                         r"failures=4 seconds=900" + SESSION)
+        self.assertRegex(
+            blocked,
+            r"^address blocked: client=\[127\.0\.0\.1\] key=127\.0\.0\.1 "
+            r"failures=4 seconds=900" + SESSION,
+        )
         self.assertEqual(sessionOf(blocked), sessionOf(hangUps[1]))
         [refused] = self.lines(r"^refused connection: ")
-        self.assertRegex(refused, r"^refused connection: client=\[127\.0\.0\.1\] "
-                         r"listener=submissions reason=blocked" + SESSION)
+        self.assertRegex(
+            refused,
+            r"^refused connection: client=\[127\.0\.0\.1\] "
+            r"listener=submissions reason=blocked" + SESSION,
+        )
         self.assertNotEqual(sessionOf(refused), sessionOf(blocked))
 
     @defer.inlineCallbacks
@@ -342,6 +456,7 @@ class SessionLineTests(AttackMixin, unittest.TestCase):
         STARTTLS), and one speaking plain SMTP to the TLS port: one line
         each with OpenSSL's reason; a handshake that works logs none.
         """
+
         def distrust(port, starttls):
             sock = socket.create_connection(("127.0.0.1", port))
             if starttls:
@@ -387,17 +502,26 @@ class SessionLineTests(AttackMixin, unittest.TestCase):
         lines = self.lines(r"^TLS handshake failed: ")
         self.assertEqual(len(lines), 3, lines)
         for line in lines[:2]:
-            self.assertRegex(line, r'^TLS handshake failed: client=\[127\.0\.0\.1\] '
-                             r'listener=submissions? why="[^"]*(alert|certificate)[^"]*"' + SESSION)
+            self.assertRegex(
+                line,
+                r"^TLS handshake failed: client=\[127\.0\.0\.1\] "
+                r'listener=submissions? why="[^"]*(alert|certificate)[^"]*"' + SESSION,
+            )
         self.assertRegex(lines[2], r'why="[^"]*(version|protocol|http)[^"]*"')
 
 
 class ProxiedTLSTests(AttackMixin, unittest.TestCase):
     """STARTTLS behind HAProxy: TLS goes under the PROXY reader, not the session."""
 
-    settings = {"listener:proxied": {"endpoint": "tcp:0:interface=127.0.0.1",
-                                     "tls": "starttls", "auth": "required",
-                                     "proxy_protocol": "v1", "trusted_proxies": "127.0.0.1"}}
+    settings = {
+        "listener:proxied": {
+            "endpoint": "tcp:0:interface=127.0.0.1",
+            "tls": "starttls",
+            "auth": "required",
+            "proxy_protocol": "v1",
+            "trusted_proxies": "127.0.0.1",
+        }
+    }
 
     @defer.inlineCallbacks
     def test_handshakeSeenThroughProxy(self) -> None:
@@ -406,6 +530,7 @@ class ProxiedTLSTests(AttackMixin, unittest.TestCase):
         the PROXY reader: an OpenSSL failure later is not logged as a failed
         handshake, and the lines name the client the header named.
         """
+
         def run():
             client = RawClient(self.daemon.ports["proxied"])
             self.clients.append(client)
@@ -436,10 +561,14 @@ class DataTimeoutTests(AttackMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_dataTimeout(self) -> None:
         """Idle inside DATA past data_timeout: the hang-up says so."""
+
         def startData():
             client = self.loggedIn()
-            for line in (b"MAIL FROM:<bob@example.test>", b"RCPT TO:<alice.plain@example.test>",
-                         b"DATA"):
+            for line in (
+                b"MAIL FROM:<bob@example.test>",
+                b"RCPT TO:<alice.plain@example.test>",
+                b"DATA",
+            ):
                 client.command(line)
             client.send(b"Subject: part\r\n")
             return client
@@ -455,8 +584,12 @@ class DataTimeoutTests(AttackMixin, unittest.TestCase):
         """Idle inside a BDAT chunk past data_timeout: the same, naming BDAT."""
         clock = Clock()
         portal = RecordingPortal(MemoryMailbox(), answer=passwordIs(b"secret"))
-        factory = makeFactory(clock, portal=portal, tlsMode="implicit",
-                              settings=makeSettings(timeout=300.0, data_timeout=30.0))
+        factory = makeFactory(
+            clock,
+            portal=portal,
+            tlsMode="implicit",
+            settings=makeSettings(timeout=300.0, data_timeout=30.0),
+        )
         session = Session(factory)
         session.command(b"EHLO client.example")
         session.command(b"AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0secret"))
@@ -466,8 +599,11 @@ class DataTimeoutTests(AttackMixin, unittest.TestCase):
         clock.advance(30)
         self.assertEqual(session.read(), [b"421 4.4.2 mx.example.test Error: timeout exceeded"])
         [line] = self.log.matching(r"^hang-up: ")
-        self.assertRegex(line, r"^hang-up: client=\[192\.0\.2\.1\] login=<alice@example\.test> "
-                         r"reason=data_timeout command=BDAT" + SESSION)
+        self.assertRegex(
+            line,
+            r"^hang-up: client=\[192\.0\.2\.1\] login=<alice@example\.test> "
+            r"reason=data_timeout command=BDAT" + SESSION,
+        )
 
 
 class RefusedConnectionTests(AttackMixin, unittest.TestCase):
@@ -482,10 +618,14 @@ class RefusedConnectionTests(AttackMixin, unittest.TestCase):
         yield self.inThread(self.connect, "submission", "127.0.0.1", 421)
         yield self.inThread(self.connect, "submissions", "127.0.0.2")
         yield self.inThread(self.connect, "submissions", "127.0.0.3", 421)
-        self.assertEqual([re.sub(SESSION, "", m) for m in self.log.matching("^refused conn")], [
-            "refused connection: client=[127.0.0.1] listener=submission "
-            "reason=too_many_from_address",
-            "refused connection: client=[127.0.0.3] listener=submissions reason=too_many"])
+        self.assertEqual(
+            [re.sub(SESSION, "", m) for m in self.log.matching("^refused conn")],
+            [
+                "refused connection: client=[127.0.0.1] listener=submission "
+                "reason=too_many_from_address",
+                "refused connection: client=[127.0.0.3] listener=submissions reason=too_many",
+            ],
+        )
 
 
 class ListenerLineTests(unittest.TestCase):
@@ -497,26 +637,38 @@ class ListenerLineTests(unittest.TestCase):
         and its endpoint, TLS, AUTH and PROXY modes; none before every
         port listens.
         """
-        daemon = Daemon(self.mktemp(), settings={
-            "metrics": {"endpoint": "tcp:0:interface=127.0.0.1"},
-            "listener:mx": {"endpoint": "tcp:0:interface=127.0.0.1", "tls": "none",
-                            "auth": "none", "proxy_protocol": "v2",
-                            "trusted_proxies": "127.0.0.1"}})
+        daemon = Daemon(
+            self.mktemp(),
+            settings={
+                "metrics": {"endpoint": "tcp:0:interface=127.0.0.1"},
+                "listener:mx": {
+                    "endpoint": "tcp:0:interface=127.0.0.1",
+                    "tls": "none",
+                    "auth": "none",
+                    "proxy_protocol": "v2",
+                    "trusted_proxies": "127.0.0.1",
+                },
+            },
+        )
         log = LogWatcher()
         self.addCleanup(log.stop)
         daemon.start()
         self.addCleanup(daemon.stop)
-        self.assertEqual(log.matching("listening on"), [
-            f"[listener:submission] listening on 127.0.0.1:{daemon.ports['submission']}: "
-            "endpoint=tcp:0:interface=127.0.0.1 tls=starttls auth=required proxy_protocol=no",
-            f"[listener:submissions] listening on 127.0.0.1:{daemon.ports['submissions']}: "
-            "endpoint=tcp:0:interface=127.0.0.1 tls=implicit auth=required proxy_protocol=no",
-            f"[listener:mx] listening on 127.0.0.1:{daemon.ports['mx']}: "
-            "endpoint=tcp:0:interface=127.0.0.1 tls=none auth=none proxy_protocol=v2",
-            f"[metrics] listening on 127.0.0.1:"
-            f"{daemon.service.getServiceNamed('metrics')._waitingForPort.result.getHost().port}: "
-            "endpoint=tcp:0:interface=127.0.0.1",
-        ])
+        self.assertEqual(
+            log.matching("listening on"),
+            [
+                f"[listener:submission] listening on 127.0.0.1:{daemon.ports['submission']}: "
+                "endpoint=tcp:0:interface=127.0.0.1 tls=starttls auth=required proxy_protocol=no",
+                f"[listener:submissions] listening on 127.0.0.1:{daemon.ports['submissions']}: "
+                "endpoint=tcp:0:interface=127.0.0.1 tls=implicit auth=required proxy_protocol=no",
+                f"[listener:mx] listening on 127.0.0.1:{daemon.ports['mx']}: "
+                "endpoint=tcp:0:interface=127.0.0.1 tls=none auth=none proxy_protocol=v2",
+                f"[metrics] listening on 127.0.0.1:"
+                f"{daemon.service.getServiceNamed('metrics')._waitingForPort.result.getHost().port}"
+                ": "
+                "endpoint=tcp:0:interface=127.0.0.1",
+            ],
+        )
 
 
 class QueueDeleteTests(QueueTestMixin, unittest.TestCase):
@@ -532,9 +684,14 @@ class QueueDeleteTests(QueueTestMixin, unittest.TestCase):
         events.start(self)
         relay = FakeRelayConnector(self.reactor)
         relay.down = True
-        service = QueueService(self.queue, relayConfig(), self.reactor,
-                               RecordingLocalDelivery(["example.org"]), runBlocking=runInline,
-                               connector=relay)
+        service = QueueService(
+            self.queue,
+            relayConfig(),
+            self.reactor,
+            RecordingLocalDelivery(["example.org"]),
+            runBlocking=runInline,
+            connector=relay,
+        )
         self.enqueue("m1")
         self.enqueue("m2")
         log = LogWatcher()
@@ -544,8 +701,10 @@ class QueueDeleteTests(QueueTestMixin, unittest.TestCase):
         self.assertTrue(deleteMessage(self.directory, "m1"))
         self.reactor.advance(relayConfig().queue_interval)
         self.reactor.advance(relayConfig().queue_interval)
-        self.assertEqual(log.matching("deleted"),
-                         ["queue: m1: deleted by another process (mailauth queue delete)"])
+        self.assertEqual(
+            log.matching("deleted"),
+            ["queue: m1: deleted by another process (mailauth queue delete)"],
+        )
         self.assertEqual(events.kinds("m1")[-1], "deleted")
         self.assertNotIn("deleted", events.kinds("m2"))
 
@@ -563,8 +722,9 @@ class FormatConfigTests(unittest.TestCase):
         self.assertEqual(configmod.loadText(json_).server.log_format, "json")
         bad = text.replace("[server]\n", "[server]\nlog_format = xml\n")
         e = self.assertRaises(configmod.ConfigError, configmod.loadText, bad, "x.conf")
-        self.assertEqual(e.problems,
-                         ("x.conf: [server] log_format: 'xml' is not one of: text, json",))
+        self.assertEqual(
+            e.problems, ("x.conf: [server] log_format: 'xml' is not one of: text, json",)
+        )
 
 
 class JSONTwistdTests(unittest.TestCase):
@@ -596,13 +756,18 @@ class JSONTwistdTests(unittest.TestCase):
         events = [json.loads(line) for line in lines]
         self.assertGreater(len(events), 5)
         [failure] = [e for e in events if e["log_format"].startswith("auth failure: ")]
-        self.assertEqual((failure["client"], failure["mechanism"], failure["login"]),
-                         ("127.0.0.1", "PLAIN", BOB.decode()))
-        self.assertEqual((failure["log_namespace"], failure["log_level"]["name"]),
-                         ("mailauth.esmtp", "info"))
-        self.assertEqual(failure["log_text"],
-                         f"auth failure: client=[127.0.0.1] mechanism=PLAIN "
-                         f"login=<{BOB.decode()}> session={failure['session']}")
+        self.assertEqual(
+            (failure["client"], failure["mechanism"], failure["login"]),
+            ("127.0.0.1", "PLAIN", BOB.decode()),
+        )
+        self.assertEqual(
+            (failure["log_namespace"], failure["log_level"]["name"]), ("mailauth.esmtp", "info")
+        )
+        self.assertEqual(
+            failure["log_text"],
+            f"auth failure: client=[127.0.0.1] mechanism=PLAIN "
+            f"login=<{BOB.decode()}> session={failure['session']}",
+        )
         [line] = [line for line in lines if '"auth failure: ' in line]
         self.assertEqual(formatEvent(eventFromJSON(line)), failure["log_text"])
         sessions = {e["session"] for e in events if e.get("client") == "127.0.0.1"}
@@ -613,10 +778,26 @@ class JSONTwistdTests(unittest.TestCase):
         """JSON cannot go to syslog: twistd stops with one line saying so, not a traceback."""
         daemon = Daemon(self.mktemp(), settings={"server": {"log_format": "json"}}, build=False)
         result = subprocess.run(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-             "--nodaemon", "--pidfile=", "--syslog", "mailauth", "--config", daemon.configPath],
-            cwd=ROOT, capture_output=True, text=True, timeout=60)
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "--nodaemon",
+                "--pidfile=",
+                "--syslog",
+                "mailauth",
+                "--config",
+                daemon.configPath,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         self.assertNotEqual(result.returncode, 0)
-        self.assertIn("twistd mailauth: [server] log_format = json writes to --logfile; it does "
-                      "not work with --syslog", result.stdout + result.stderr)
+        self.assertIn(
+            "twistd mailauth: [server] log_format = json writes to --logfile; it does "
+            "not work with --syslog",
+            result.stdout + result.stderr,
+        )
         self.assertNotIn("Traceback", result.stdout + result.stderr)

@@ -42,8 +42,11 @@ class MaildirTests(unittest.TestCase):
             ensureMaildir(self.box("a"))
         finally:
             os.umask(old)
-        for path in (os.path.join(self.root, "a"), self.box("a"),
-                     os.path.join(self.box("a"), "new")):
+        for path in (
+            os.path.join(self.root, "a"),
+            self.box("a"),
+            os.path.join(self.box("a"), "new"),
+        ):
             self.assertEqual(os.stat(path).st_mode & 0o777, 0o700, path)
 
     def test_nothingInNewBeforeCommit(self) -> None:
@@ -68,8 +71,7 @@ class MaildirTests(unittest.TestCase):
         for _ in range(count):
             writer.write(chunk)
         [tmp] = os.listdir(os.path.join(self.box("a"), "tmp"))
-        self.assertGreater(os.stat(os.path.join(self.box("a"), "tmp", tmp)).st_size,
-                           maildir.SPOOL)
+        self.assertGreater(os.stat(os.path.join(self.box("a"), "tmp", tmp)).st_size, maildir.SPOOL)
         self.assertEqual(os.listdir(os.path.join(self.box("a"), "new")), [])
         [path] = writer.commit()
         with open(path, "rb") as f:
@@ -148,12 +150,19 @@ class MailboxPathTests(unittest.TestCase):
 
     def test_safe(self) -> None:
         """Ordinary addresses, quoted or not, name a folder under the fixed start."""
-        for login in ("bob@example.test", '"bob smith"@example.test', "b.o+b@example.test",
-                      "x..y@example.test", "b\\ob@example.test", "ä@example.test"):
+        for login in (
+            "bob@example.test",
+            '"bob smith"@example.test',
+            "b.o+b@example.test",
+            "x..y@example.test",
+            "b\\ob@example.test",
+            "ä@example.test",
+        ):
             self.assertIsNone(mailboxProblem(login), login)
             local = login.rpartition("@")[0]
-            self.assertEqual(maildirPath(self.TEMPLATE, login),
-                             f"/srv/mail/example.test/{local}/Maildir")
+            self.assertEqual(
+                maildirPath(self.TEMPLATE, login), f"/srv/mail/example.test/{local}/Maildir"
+            )
 
     def test_unsafe(self) -> None:
         """
@@ -189,19 +198,27 @@ class MailboxPathTests(unittest.TestCase):
         (what precedes the first field) is refused; C{..} is resolved in
         the text, so the returned path holds none.
         """
-        self.assertRaises(UnsafeMailbox, maildirPath,
-                          "/srv/mail/{domain}/../../{localpart}", "bob@example.test")
-        self.assertRaises(UnsafeMailbox, maildirPath,
-                          "/srv/mail/u-{localpart}/../../x", "bob@example.test")
-        self.assertEqual(maildirPath("/srv/mail/u-{localpart}/Maildir", "bob@example.test"),
-                         "/srv/mail/u-bob/Maildir")
-        self.assertEqual(maildirPath("/srv/mail/{domain}/x/../{user}", "bob@example.test"),
-                         "/srv/mail/example.test/bob@example.test")
+        self.assertRaises(
+            UnsafeMailbox, maildirPath, "/srv/mail/{domain}/../../{localpart}", "bob@example.test"
+        )
+        self.assertRaises(
+            UnsafeMailbox, maildirPath, "/srv/mail/u-{localpart}/../../x", "bob@example.test"
+        )
+        self.assertEqual(
+            maildirPath("/srv/mail/u-{localpart}/Maildir", "bob@example.test"),
+            "/srv/mail/u-bob/Maildir",
+        )
+        self.assertEqual(
+            maildirPath("/srv/mail/{domain}/x/../{user}", "bob@example.test"),
+            "/srv/mail/example.test/bob@example.test",
+        )
         # Relative to the working folder: it must stay in it.
-        self.assertEqual(maildirPath("{domain}/{localpart}", "bob@example.test"),
-                         "example.test/bob")
-        self.assertRaises(UnsafeMailbox, maildirPath, "{domain}/../../{localpart}",
-                          "bob@example.test")
+        self.assertEqual(
+            maildirPath("{domain}/{localpart}", "bob@example.test"), "example.test/bob"
+        )
+        self.assertRaises(
+            UnsafeMailbox, maildirPath, "{domain}/../../{localpart}", "bob@example.test"
+        )
 
     def test_symlinkNotFollowed(self) -> None:
         """
@@ -213,8 +230,9 @@ class MailboxPathTests(unittest.TestCase):
         os.makedirs(os.path.join(base, "disk"))
         os.symlink(os.path.join(base, "disk"), os.path.join(base, "mail"))
         template = base + "/mail/{domain}/{localpart}/Maildir"
-        self.assertEqual(maildirPath(template, "bob@example.test"),
-                         base + "/mail/example.test/bob/Maildir")
+        self.assertEqual(
+            maildirPath(template, "bob@example.test"), base + "/mail/example.test/bob/Maildir"
+        )
 
 
 class FullDiskTests(unittest.TestCase):
@@ -376,27 +394,29 @@ class LeftoverTests(unittest.TestCase):
         os.makedirs(os.path.join(self.root, "example.test", "dave", "NotMaildir", "tmp"))
         root, found = maildirsOf(self.template)
         self.assertEqual(root, self.root)
-        self.assertEqual(sorted(found), [
-            os.path.join(self.root, "example.test", "bob", "Maildir"),
-            os.path.join(self.root, "other.test", "carol", "Maildir"),
-        ])
+        self.assertEqual(
+            sorted(found),
+            [
+                os.path.join(self.root, "example.test", "bob", "Maildir"),
+                os.path.join(self.root, "other.test", "carol", "Maildir"),
+            ],
+        )
         root, found = maildirsOf(self.root + "/u-{user}")
         self.assertEqual((root, found), (self.root, []))
         os.makedirs(self.root + "/u-bob@example.test/tmp")
-        self.assertEqual(maildirsOf(self.root + "/u-{user}")[1],
-                         [self.root + "/u-bob@example.test"])
+        self.assertEqual(
+            maildirsOf(self.root + "/u-{user}")[1], [self.root + "/u-bob@example.test"]
+        )
 
     def test_missingRoot(self) -> None:
         """
         No mail root yet (no delivery ever made), or a file in its place
         (which delivery reports): nothing to do, no error.
         """
-        self.assertEqual(removeLeftovers(self.template, "mx", self.NOW),
-                         Leftovers(self.root, 0, 0))
+        self.assertEqual(removeLeftovers(self.template, "mx", self.NOW), Leftovers(self.root, 0, 0))
         with open(self.root, "w") as f:
             f.write("a file where the mail root should be\n")
-        self.assertEqual(removeLeftovers(self.template, "mx", self.NOW),
-                         Leftovers(self.root, 0, 0))
+        self.assertEqual(removeLeftovers(self.template, "mx", self.NOW), Leftovers(self.root, 0, 0))
 
     def test_service(self) -> None:
         """
@@ -418,9 +438,10 @@ class LeftoverTests(unittest.TestCase):
         cleanup.startService()
         self.successResultOf(cleanup.finished)
         self.assertEqual(ran, [removeLeftovers])
-        self.assertEqual(watcher.matching("Maildir cleanup"), [
-            f"Maildir cleanup: removed 1 leftover file(s) from tmp/ folders under {self.root}"
-        ])
+        self.assertEqual(
+            watcher.matching("Maildir cleanup"),
+            [f"Maildir cleanup: removed 1 leftover file(s) from tmp/ folders under {self.root}"],
+        )
 
     def test_serviceFailure(self) -> None:
         """A cleanup that cannot run is one error line; the daemon goes on."""
@@ -433,9 +454,10 @@ class LeftoverTests(unittest.TestCase):
         cleanup = LeftoverCleanup(self.template, "mx.example.test", runBlocking, Clock())
         cleanup.startService()
         self.assertIsNone(self.successResultOf(cleanup.finished))
-        self.assertEqual(watcher.matching("Maildir cleanup"), [
-            "Maildir cleanup under the maildir template failed: [Errno 13] Permission denied"
-        ])
+        self.assertEqual(
+            watcher.matching("Maildir cleanup"),
+            ["Maildir cleanup under the maildir template failed: [Errno 13] Permission denied"],
+        )
 
 
 class NewFolderDurabilityTests(unittest.TestCase):
@@ -466,13 +488,18 @@ class NewFolderDurabilityTests(unittest.TestCase):
         writer = MaildirWriter([box], "mx")
         writer.write(b"x\r\n")
         writer.commit()
-        parents = [top, os.path.join(top, "mail"), os.path.join(top, "mail", "example.test"),
-                   os.path.dirname(box), box]
+        parents = [
+            top,
+            os.path.join(top, "mail"),
+            os.path.join(top, "mail", "example.test"),
+            os.path.dirname(box),
+            box,
+        ]
         [linked] = [index for index, (kind, _) in enumerate(calls) if kind == "link"]
         synced = [path for kind, path in calls[:linked] if kind == "fsync"]
         for parent in parents:
             self.assertEqual(synced.count(parent), 1, parent)
-        self.assertEqual(calls[linked + 1:], [("fsync", os.path.join(box, "new"))])
+        self.assertEqual(calls[linked + 1 :], [("fsync", os.path.join(box, "new"))])
 
     def test_secondMaildirParentsFsynced(self) -> None:
         """A second recipient's new Maildir gets its parents fsynced too, before commit returns."""
@@ -491,7 +518,6 @@ class NewFolderDurabilityTests(unittest.TestCase):
         writer.commit()
         for parent in (os.path.join(top, "b"), second):
             self.assertIn(parent, synced)
-
 
 
 class PrependTests(unittest.TestCase):
@@ -520,8 +546,10 @@ class PrependTests(unittest.TestCase):
 
     def test_belowTop(self) -> None:
         """A small message and one past the memory spool: top, then the header, then it."""
-        for message in (b"Subject: x\r\n\r\nbody\r\n",
-                        b"Subject: x\r\n\r\n" + b"line of text\r\n" * (3 * maildir.SPOOL // 14)):
+        for message in (
+            b"Subject: x\r\n\r\nbody\r\n",
+            b"Subject: x\r\n\r\n" + b"line of text\r\n" * (3 * maildir.SPOOL // 14),
+        ):
             expected = (self.TOP + self.HEADER + message).replace(b"\r\n", b"\n")
             # Not assertEqual: a diff of two large messages takes minutes.
             self.assertTrue(self.deliver(message) == expected, len(message))
@@ -533,8 +561,7 @@ class PrependTests(unittest.TestCase):
         writer.prepend(self.HEADER)
         [path] = writer.commit()
         with open(path, "rb") as f:
-            self.assertEqual(f.read(), (self.TOP + self.HEADER).replace(b"\r\n", b"\n")
-                             + b"a\nb\r")
+            self.assertEqual(f.read(), (self.TOP + self.HEADER).replace(b"\r\n", b"\n") + b"a\nb\r")
 
     def test_withoutCopyFileRange(self) -> None:
         """

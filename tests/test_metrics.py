@@ -61,8 +61,11 @@ maildir = /var/mail/{domain}/{localpart}/Maildir
 
 def withoutPrometheus():
     """While active, C{import prometheus_client} (and its modules) fails as if not installed."""
-    hidden = {name: None for name in sys.modules
-              if name == "prometheus_client" or name.startswith("prometheus_client.")}
+    hidden = {
+        name: None
+        for name in sys.modules
+        if name == "prometheus_client" or name.startswith("prometheus_client.")
+    }
     hidden["prometheus_client"] = None
     return mock.patch.dict(sys.modules, hidden)
 
@@ -105,8 +108,11 @@ class MetricsTests(unittest.TestCase):
             ("mailauth_connections_open", {"listener": "submission"}, 1),
             ("mailauth_connections_total", {"listener": "submissions"}, 1),
             ("mailauth_connections_open", {"listener": "submissions"}, 0),
-            ("mailauth_connections_refused_total",
-             {"listener": "submissions", "reason": "blocked"}, 1),
+            (
+                "mailauth_connections_refused_total",
+                {"listener": "submissions", "reason": "blocked"},
+                1,
+            ),
             ("mailauth_auth_total", {"mechanism": "PLAIN", "result": "failure"}, 2),
             ("mailauth_auth_total", {"mechanism": "PLAIN", "result": "success"}, 0),
             ("mailauth_auth_total", {"mechanism": "CRAM-MD5", "result": "success"}, 1),
@@ -139,16 +145,21 @@ class MetricsTests(unittest.TestCase):
         for name, labels in [
             ("mailauth_connections_total", {"listener": "submission"}),
             ("mailauth_connections_open", {"listener": "submission"}),
-            ("mailauth_connections_refused_total",
-             {"listener": "submission", "reason": "too_many"}),
+            (
+                "mailauth_connections_refused_total",
+                {"listener": "submission", "reason": "too_many"},
+            ),
             ("mailauth_auth_total", {"mechanism": "LOGIN", "result": "unavailable"}),
             ("mailauth_messages_refused_total", {"reason": "bare_newline"}),
             ("mailauth_relay_attempts_total", {"outcome": "error"}),
             ("mailauth_limit_hits_total", {"limit": "recipients_per_day"}),
         ]:
             self.assertEqual(m.registry.get_sample_value(name, labels), 0.0, (name, labels))
-        self.assertIsNone(m.registry.get_sample_value(
-            "mailauth_auth_total", {"mechanism": "PLAIN", "result": "success"}))
+        self.assertIsNone(
+            m.registry.get_sample_value(
+                "mailauth_auth_total", {"mechanism": "PLAIN", "result": "success"}
+            )
+        )
 
     def test_unknownLabelValuesRaise(self) -> None:
         """
@@ -214,16 +225,20 @@ class MetricsTests(unittest.TestCase):
         m = Metrics.fromConfig(cfg)
         self.assertEqual(sample(m, "mailauth_connections_total", listener="submission"), 0)
         self.assertEqual(
-            m.registry.get_sample_value("mailauth_auth_total",
-                                        {"mechanism": "LOGIN", "result": "failure"}), 0.0)
+            m.registry.get_sample_value(
+                "mailauth_auth_total", {"mechanism": "LOGIN", "result": "failure"}
+            ),
+            0.0,
+        )
 
 
 class ConfigTests(unittest.TestCase):
     """The [metrics] section."""
 
     def problems(self, text: str) -> tuple:
-        return self.assertRaises(configmod.ConfigError, configmod.loadText, text,
-                                 "test.conf").problems
+        return self.assertRaises(
+            configmod.ConfigError, configmod.loadText, text, "test.conf"
+        ).problems
 
     def test_absentByDefault(self) -> None:
         """Without the section there are no metrics."""
@@ -236,8 +251,10 @@ class ConfigTests(unittest.TestCase):
 
     def test_endpointRequired(self) -> None:
         """The section without an endpoint is an error."""
-        self.assertEqual(self.problems(MINIMAL + "[metrics]\n"),
-                         ("test.conf: [metrics] endpoint: missing (this key is required)",))
+        self.assertEqual(
+            self.problems(MINIMAL + "[metrics]\n"),
+            ("test.conf: [metrics] endpoint: missing (this key is required)",),
+        )
 
     def test_unknownKey(self) -> None:
         """A typo in the section is named."""
@@ -248,21 +265,31 @@ class ConfigTests(unittest.TestCase):
         """An endpoint type Twisted does not know is named, as for listeners."""
         self.assertEqual(
             self.problems(MINIMAL + "[metrics]\nendpoint = tpc:9587\n"),
-            ("test.conf: [metrics] endpoint: 'tpc:9587': unknown endpoint type 'tpc'",))
+            ("test.conf: [metrics] endpoint: 'tpc:9587': unknown endpoint type 'tpc'",),
+        )
 
     def test_tlsEndpoint(self) -> None:
         """An ssl: endpoint is refused with the reason, not with the listeners' advice."""
         [problem] = self.problems(MINIMAL + "[metrics]\nendpoint = ssl:9587\n")
-        self.assertTrue(problem.startswith("test.conf: [metrics] endpoint: 'ssl:9587': not for "
-                                           "metrics (SIGHUP would not reload"), problem)
+        self.assertTrue(
+            problem.startswith(
+                "test.conf: [metrics] endpoint: 'ssl:9587': not for "
+                "metrics (SIGHUP would not reload"
+            ),
+            problem,
+        )
 
     def test_withoutPrometheus(self) -> None:
         """[metrics] without prometheus_client installed is one clear line."""
         with withoutPrometheus():
             problems = self.problems(MINIMAL + "[metrics]\nendpoint = tcp:9587\n")
-        self.assertEqual(problems, (
-            "test.conf: [metrics]: needs the Python package prometheus_client (Debian: apt "
-            "install python3-prometheus-client; pip: pip install 'mailauth[metrics]')",))
+        self.assertEqual(
+            problems,
+            (
+                "test.conf: [metrics]: needs the Python package prometheus_client (Debian: apt "
+                "install python3-prometheus-client; pip: pip install 'mailauth[metrics]')",
+            ),
+        )
 
     def test_twistdWithoutPrometheus(self) -> None:
         """twistd mailauth exits with that line, not a traceback."""
@@ -360,10 +387,12 @@ class ScrapeTests(unittest.TestCase):
     def test_openMetrics(self) -> None:
         """A scraper that asks for OpenMetrics gets it, with its content type."""
         code, contentType, body = yield self.scraper.get(
-            accept=b"application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")
+            accept=b"application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+        )
         self.assertEqual(code, 200)
-        self.assertTrue(contentType.startswith("application/openmetrics-text; version="),
-                        contentType)
+        self.assertTrue(
+            contentType.startswith("application/openmetrics-text; version="), contentType
+        )
         self.assertTrue(body.endswith("# EOF\n"), body[-40:])
 
     @defer.inlineCallbacks
@@ -434,8 +463,10 @@ class DashboardTests(unittest.TestCase):
         used by every panel and query, and panel ids are unique.
         """
         [source] = self.dashboard["__inputs"]
-        self.assertEqual((source["name"], source["type"], source["pluginId"]),
-                         ("DS_PROMETHEUS", "datasource", "prometheus"))
+        self.assertEqual(
+            (source["name"], source["type"], source["pluginId"]),
+            ("DS_PROMETHEUS", "datasource", "prometheus"),
+        )
         self.assertIsNone(self.dashboard["id"])
         wanted = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
         for panel in self.panels:
@@ -453,8 +484,12 @@ class DashboardTests(unittest.TestCase):
         """
         m = Metrics.prometheus(listeners=["submission"], mechanisms=["PLAIN"])
         m.watchQueue(lambda: (1, 1.0))
-        served = {name for name, _ in parse(
-            __import__("prometheus_client").generate_latest(m.registry).decode())}
+        served = {
+            name
+            for name, _ in parse(
+                __import__("prometheus_client").generate_latest(m.registry).decode()
+            )
+        }
         queried = set()
         for panel in self.panels:
             for target in panel["targets"]:
@@ -463,8 +498,7 @@ class DashboardTests(unittest.TestCase):
         self.assertEqual(queried - served, set())
         defined = {d.name for d in metricsmod._DEFINITIONS.values()}
         defined |= {metricsmod.QUEUE_SIZE, metricsmod.QUEUE_OLDEST_AGE}
-        unshown = {n for n in defined
-                   if not any(q == n or q.startswith(n + "_") for q in queried)}
+        unshown = {n for n in defined if not any(q == n or q.startswith(n + "_") for q in queried)}
         self.assertEqual(unshown, set())
 
 
@@ -496,8 +530,11 @@ class RefusalReplyTests(unittest.TestCase):
         with open(os.path.join(ROOT, "docs", "replies.rst"), encoding="utf-8") as f:
             table = f.read().split("Counted refusals\n")[1]
         documented = dict(re.findall(r"^``(\w+)``\s+``(\w+)``$", table, re.MULTILINE))
-        counted = {name: value.metric for name, value in vars(replies).items()
-                   if isinstance(value, replies.Reply) and value.metric is not None}
+        counted = {
+            name: value.metric
+            for name, value in vars(replies).items()
+            if isinstance(value, replies.Reply) and value.metric is not None
+        }
         self.assertEqual(documented, counted)
 
 
@@ -508,9 +545,15 @@ class RelayMetricsTests(QueueTestMixin, unittest.TestCase):
         super().setUp()
         self.relay = FakeRelayConnector(self.reactor)
         self.metrics = Metrics.prometheus(process=False)
-        self.service = QueueService(self.queue, relayConfig(), self.reactor,
-                                    RecordingLocalDelivery(["example.org"]), runBlocking=runInline,
-                                    connector=self.relay, metrics=self.metrics)
+        self.service = QueueService(
+            self.queue,
+            relayConfig(),
+            self.reactor,
+            RecordingLocalDelivery(["example.org"]),
+            runBlocking=runInline,
+            connector=self.relay,
+            metrics=self.metrics,
+        )
         self.metrics.watchQueue(self.service.probe)
 
     def start(self):
@@ -537,8 +580,10 @@ class RelayMetricsTests(QueueTestMixin, unittest.TestCase):
         self.submit("m3", recipients=("gone@remote.example",))
         self.relay.down = True
         self.submit("m4")
-        counts = {outcome: sample(self.metrics, "mailauth_relay_attempts_total", outcome=outcome)
-                  for outcome in metricsmod.RELAY_OUTCOMES}
+        counts = {
+            outcome: sample(self.metrics, "mailauth_relay_attempts_total", outcome=outcome)
+            for outcome in metricsmod.RELAY_OUTCOMES
+        }
         self.assertEqual(counts, {"sent": 1, "deferred": 1, "bounced": 1, "error": 1})
         self.assertEqual(sample(self.metrics, "mailauth_relay_seconds_count"), 4)
 
@@ -588,8 +633,12 @@ def submitWithRefusal(port: int) -> tuple:
     failed.close()
     client = RawClient(port, tls=True)
     codes += [client.reply()[0], client.ehlo()[0], client.command(plain(BOB, BOB_PASSWORD))[0]]
-    for line in (b"MAIL FROM:<bob@example.test>", b"RCPT TO:<nobody@example.test>",
-                 b"RCPT TO:<alice.plain@example.test>", b"DATA"):
+    for line in (
+        b"MAIL FROM:<bob@example.test>",
+        b"RCPT TO:<nobody@example.test>",
+        b"RCPT TO:<alice.plain@example.test>",
+        b"DATA",
+    ):
         codes.append(client.command(line)[0])
     codes.append(client.command(b"Subject: hello\r\n\r\nhello\r\n.")[0])
     codes.append(client.command(b"QUIT")[0])
@@ -626,24 +675,40 @@ class DaemonScrapeTests(unittest.TestCase):
         yield serverConnectionsClosed()
         after = yield self.scraper.scrape()
         moved = {
-            "failed PLAIN": delta(before, after, "mailauth_auth_total", mechanism="PLAIN",
-                                  result="failure"),
-            "PLAIN logins": delta(before, after, "mailauth_auth_total", mechanism="PLAIN",
-                                  result="success"),
-            "unknown users": delta(before, after, "mailauth_messages_refused_total",
-                                   reason="unknown_user"),
-            "relay denied": delta(before, after, "mailauth_messages_refused_total",
-                                  reason="relay_denied"),
+            "failed PLAIN": delta(
+                before, after, "mailauth_auth_total", mechanism="PLAIN", result="failure"
+            ),
+            "PLAIN logins": delta(
+                before, after, "mailauth_auth_total", mechanism="PLAIN", result="success"
+            ),
+            "unknown users": delta(
+                before, after, "mailauth_messages_refused_total", reason="unknown_user"
+            ),
+            "relay denied": delta(
+                before, after, "mailauth_messages_refused_total", reason="relay_denied"
+            ),
             "messages": delta(before, after, "mailauth_messages_accepted_total"),
             "recipients": delta(before, after, "mailauth_recipients_accepted_total"),
             "stored": delta(before, after, "mailauth_delivery_seconds_count"),
-            "connections": delta(before, after, "mailauth_connections_total",
-                                 listener="submissions"),
+            "connections": delta(
+                before, after, "mailauth_connections_total", listener="submissions"
+            ),
             "open": after[("mailauth_connections_open", (("listener", "submissions"),))],
         }
-        self.assertEqual(moved, {"failed PLAIN": 1, "PLAIN logins": 1, "unknown users": 1,
-                                 "relay denied": 0, "messages": 1, "recipients": 1, "stored": 1,
-                                 "connections": 2, "open": 0})
+        self.assertEqual(
+            moved,
+            {
+                "failed PLAIN": 1,
+                "PLAIN logins": 1,
+                "unknown users": 1,
+                "relay denied": 0,
+                "messages": 1,
+                "recipients": 1,
+                "stored": 1,
+                "connections": 2,
+                "open": 0,
+            },
+        )
 
     @defer.inlineCallbacks
     def test_headerFromCounted(self) -> None:
@@ -656,10 +721,17 @@ class DaemonScrapeTests(unittest.TestCase):
 
         def spoof() -> list:
             client = RawClient(daemon.ports["submissions"], tls=True)
-            codes = [client.reply()[0], client.ehlo()[0],
-                     client.command(plain(BOB, BOB_PASSWORD))[0]]
-            for line in (b"MAIL FROM:<bob@example.test>", b"RCPT TO:<alice.plain@example.test>",
-                         b"DATA", b"From: alice.plain@example.test\r\n\r\nhello\r\n."):
+            codes = [
+                client.reply()[0],
+                client.ehlo()[0],
+                client.command(plain(BOB, BOB_PASSWORD))[0],
+            ]
+            for line in (
+                b"MAIL FROM:<bob@example.test>",
+                b"RCPT TO:<alice.plain@example.test>",
+                b"DATA",
+                b"From: alice.plain@example.test\r\n\r\nhello\r\n.",
+            ):
                 codes.append(client.command(line)[0])
             client.command(b"QUIT")
             client.close()
@@ -668,8 +740,9 @@ class DaemonScrapeTests(unittest.TestCase):
         codes = yield threads.deferToThread(spoof)
         self.assertEqual(codes, [220, 250, 235, 250, 250, 354, 550])
         after = yield self.scraper.scrape()
-        self.assertEqual(delta(before, after, "mailauth_messages_refused_total",
-                               reason="header_from"), 1)
+        self.assertEqual(
+            delta(before, after, "mailauth_messages_refused_total", reason="header_from"), 1
+        )
         self.assertEqual(delta(before, after, "mailauth_messages_accepted_total"), 0)
 
     @defer.inlineCallbacks
@@ -694,11 +767,12 @@ class DaemonScrapeTests(unittest.TestCase):
         self.addCleanup(second.close)
         self.assertEqual((yield threads.deferToThread(second.reply))[0], 421)
         scraped = yield self.scraper.scrape()
-        refused = ("mailauth_connections_refused_total",
-                   (("listener", "submission"), ("reason", "too_many_from_address")))
+        refused = (
+            "mailauth_connections_refused_total",
+            (("listener", "submission"), ("reason", "too_many_from_address")),
+        )
         self.assertEqual(scraped[refused], 1)
-        self.assertEqual(scraped[("mailauth_connections_total", (("listener", "submission"),))],
-                         2)
+        self.assertEqual(scraped[("mailauth_connections_total", (("listener", "submission"),))], 2)
 
     @defer.inlineCallbacks
     def test_relayAgainstSink(self) -> None:
@@ -720,25 +794,34 @@ class DaemonScrapeTests(unittest.TestCase):
             f.write(pki.caPEM)
         with open(os.path.join(base, "relay-password"), "w") as f:
             f.write("relay secret\n")
-        daemon = self.startDaemon(extra=(
-            f"\n[relay]\nhost = 127.0.0.1\nport = {sink.port}\ntls = starttls\n"
-            f"username = relay-user\npassword_file = {base}/relay-password\n"
-            f"ca_file = {base}/ca.pem\n"))
+        daemon = self.startDaemon(
+            extra=(
+                f"\n[relay]\nhost = 127.0.0.1\nport = {sink.port}\ntls = starttls\n"
+                f"username = relay-user\npassword_file = {base}/relay-password\n"
+                f"ca_file = {base}/ca.pem\n"
+            )
+        )
         before = yield self.scraper.scrape()
         self.assertEqual(before[("mailauth_queue_messages", ())], 0)
         submitter = EndToEndMixin()
         submitter.daemon = daemon
         submitter.inThread = threads.deferToThread
-        yield submitter.submit("submission", "PLAIN", SHA512, PASSWORD,
-                               recipients=("bob@remote.example",))
+        yield submitter.submit(
+            "submission", "PLAIN", SHA512, PASSWORD, recipients=("bob@remote.example",)
+        )
         yield events.wait("removed")
-        yield submitter.submit("submission", "PLAIN", SHA512, PASSWORD,
-                               recipients=("later@remote.example",))
+        yield submitter.submit(
+            "submission", "PLAIN", SHA512, PASSWORD, recipients=("later@remote.example",)
+        )
         yield events.wait("deferred")
         after = yield self.scraper.scrape()
         self.assertEqual(
-            [delta(before, after, "mailauth_relay_attempts_total", outcome=outcome)
-             for outcome in ("sent", "deferred", "bounced", "error")], [1, 1, 0, 0])
+            [
+                delta(before, after, "mailauth_relay_attempts_total", outcome=outcome)
+                for outcome in ("sent", "deferred", "bounced", "error")
+            ],
+            [1, 1, 0, 0],
+        )
         self.assertEqual(delta(before, after, "mailauth_relay_seconds_count"), 2)
         self.assertEqual(after[("mailauth_queue_messages", ())], 1)
         self.assertGreaterEqual(after[("mailauth_queue_oldest_age_seconds", ())], 0)

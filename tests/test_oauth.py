@@ -78,8 +78,9 @@ class MechanismTests(unittest.TestCase):
         credentials are L{IBearerToken}s and never show the token.
         """
         creds = self.start("OAUTHBEARER", oauthbearer("eyJ.a-b_c.d~+/=="))
-        self.assertEqual(creds, BearerTokenCredentials("bob@example.test", "eyJ.a-b_c.d~+/==",
-                                                       "OAUTHBEARER"))
+        self.assertEqual(
+            creds, BearerTokenCredentials("bob@example.test", "eyJ.a-b_c.d~+/==", "OAUTHBEARER")
+        )
         self.assertTrue(IBearerToken.providedBy(creds))
         self.assertNotIn("eyJ", repr(creds))
         creds = self.start("OAUTHBEARER", b"y,a=b=3Dob=2Cx@example.test,\x01auth=bearer  T\x01\x01")
@@ -103,8 +104,11 @@ class MechanismTests(unittest.TestCase):
         """Each malformed message is a 501 naming what is wrong."""
         cases = [
             ("OAUTHBEARER", b"\x01", "must start with a GS2 header"),
-            ("OAUTHBEARER", b"n,a=bob@example.test\x01auth=Bearer T\x01\x01",
-             "must start with a GS2 header"),
+            (
+                "OAUTHBEARER",
+                b"n,a=bob@example.test\x01auth=Bearer T\x01\x01",
+                "must start with a GS2 header",
+            ),
             ("OAUTHBEARER", b"p=tls-unique,,\x01auth=Bearer T\x01\x01", "no channel binding"),
             ("OAUTHBEARER", b"n,u=bob,\x01auth=Bearer T\x01\x01", "authzid must be a=LOGIN"),
             ("OAUTHBEARER", b"n,a=b=ob,\x01auth=Bearer T\x01\x01", "bare '='"),
@@ -134,11 +138,16 @@ class MechanismTests(unittest.TestCase):
         refused = TokenRefused("expired", discovery=DISCOVERY)
         self.assertEqual(
             json.loads(BearerTokenCredentials("", "T").failureChallenge(refused)),
-            {"status": "invalid_token", "schemes": "bearer", "openid-configuration": DISCOVERY})
-        self.assertEqual(json.loads(BearerTokenCredentials("", "T").failureChallenge(
-            UnauthorizedLogin())), {"status": "invalid_token", "schemes": "bearer"})
-        self.assertEqual(json.loads(XOAuth2Credentials("b", "T").failureChallenge(refused)),
-                         {"status": "401", "schemes": "bearer"})
+            {"status": "invalid_token", "schemes": "bearer", "openid-configuration": DISCOVERY},
+        )
+        self.assertEqual(
+            json.loads(BearerTokenCredentials("", "T").failureChallenge(UnauthorizedLogin())),
+            {"status": "invalid_token", "schemes": "bearer"},
+        )
+        self.assertEqual(
+            json.loads(XOAuth2Credentials("b", "T").failureChallenge(refused)),
+            {"status": "401", "schemes": "bearer"},
+        )
 
 
 class JWTTests(unittest.TestCase):
@@ -209,11 +218,11 @@ class JWTTests(unittest.TestCase):
 
     def test_algNone(self) -> None:
         """An unsigned token (alg none) fails, whatever kid it names."""
+
         def part(data: dict) -> str:
             return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
-        token = f"{part({'alg': 'none', 'typ': 'JWT', 'kid': 'k1'})}." \
-                f"{part(self.issuer.claims())}."
+        token = f"{part({'alg': 'none', 'typ': 'JWT', 'kid': 'k1'})}.{part(self.issuer.claims())}."
         self.refused(token, "signature algorithm 'none' is not accepted")
 
     def test_hmacWithPublicKey(self) -> None:
@@ -259,6 +268,7 @@ class JWKSTests(unittest.TestCase):
         A replaced JWKS file is read again on change: tokens signed with the
         new key verify, tokens signed with the retired one fail.
         """
+
         def verify(kid: str):
             return verifyJWT(self.issuer.mint(kid=kid), self.keys.keys(), ISSUER, AUDIENCE, 0)
 
@@ -272,8 +282,11 @@ class JWKSTests(unittest.TestCase):
 
     def test_badFileKeepsKeys(self) -> None:
         """A JWKS file that cannot be used keeps the keys read before, and says why."""
-        for text, why in [("{", "not JSON"), ('{"keys": {}}', 'no "keys" list'),
-                          ('{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}', "no usable signing key")]:
+        for text, why in [
+            ("{", "not JSON"),
+            ('{"keys": {}}', 'no "keys" list'),
+            ('{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}', "no usable signing key"),
+        ]:
             with open(self.path, "w") as f:
                 f.write(text)
             self.keys.maybeReload()
@@ -282,13 +295,19 @@ class JWKSTests(unittest.TestCase):
 
     def test_skippedKeys(self) -> None:
         """Symmetric keys, encryption keys and unknown curves are skipped and named."""
-        keys, skipped = parseJWKS(json.dumps({"keys": [
-            {"kty": "oct", "k": "c2VjcmV0", "kid": "h"},
-            dict(self.issuer.jwk("k1"), use="enc", kid="e"),
-            dict(self.issuer.jwk("k1"), crv="P-192", kid="c"),
-            dict(self.issuer.jwk("k1"), alg="HS256", kid="a"),
-            self.issuer.jwk("k2"),
-        ]}).encode())
+        keys, skipped = parseJWKS(
+            json.dumps(
+                {
+                    "keys": [
+                        {"kty": "oct", "k": "c2VjcmV0", "kid": "h"},
+                        dict(self.issuer.jwk("k1"), use="enc", kid="e"),
+                        dict(self.issuer.jwk("k1"), crv="P-192", kid="c"),
+                        dict(self.issuer.jwk("k1"), alg="HS256", kid="a"),
+                        self.issuer.jwk("k2"),
+                    ]
+                }
+            ).encode()
+        )
         self.assertEqual([k.kid for k in keys], ["k2"])
         self.assertEqual(len(skipped), 4)
         self.assertIn("for 'enc', not for signatures", skipped[1])
@@ -297,16 +316,30 @@ class JWKSTests(unittest.TestCase):
         """Tokens cannot be checked (454, not 535) when the file was never read."""
         keys = JWKSFile(self.path + ".missing")
         keys.load()
-        verifier = TokenVerifier(issuer=ISSUER, audience=AUDIENCE, loginClaim="email", leeway=0,
-                                 keys=keys, introspector=None, runBlocking=runInline)
+        verifier = TokenVerifier(
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            loginClaim="email",
+            leeway=0,
+            keys=keys,
+            introspector=None,
+            runBlocking=runInline,
+        )
         f = self.failureResultOf(verifier.login(self.issuer.mint()), LoginFailed)
         self.assertFalse(f.check(UnauthorizedLogin))
 
 
 class ClaimTests(unittest.TestCase):
     def verifier(self, claim: str = "email") -> TokenVerifier:
-        return TokenVerifier(issuer=ISSUER, audience=AUDIENCE, loginClaim=claim, leeway=0,
-                             keys=None, introspector=None, runBlocking=runInline)
+        return TokenVerifier(
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            loginClaim=claim,
+            leeway=0,
+            keys=None,
+            introspector=None,
+            runBlocking=runInline,
+        )
 
     def test_login(self) -> None:
         """
@@ -314,13 +347,21 @@ class ClaimTests(unittest.TestCase):
         marked unverified is refused.
         """
         verifier = self.verifier()
-        self.assertEqual(verifier.claimedLogin({"email": "Bob@Example.test", "sub": "x"}),
-                         "bob@example.test")
+        self.assertEqual(
+            verifier.claimedLogin({"email": "Bob@Example.test", "sub": "x"}), "bob@example.test"
+        )
         self.assertEqual(verifier.claimedLogin({"sub": "bob@example.test"}), "bob@example.test")
-        self.assertEqual(self.verifier("preferred_username").claimedLogin(
-            {"preferred_username": "carol@example.test", "email": "x@y"}), "carol@example.test")
-        e = self.assertRaises(TokenRefused, verifier.claimedLogin,
-                              {"email": "bob@example.test", "email_verified": False})
+        self.assertEqual(
+            self.verifier("preferred_username").claimedLogin(
+                {"preferred_username": "carol@example.test", "email": "x@y"}
+            ),
+            "carol@example.test",
+        )
+        e = self.assertRaises(
+            TokenRefused,
+            verifier.claimedLogin,
+            {"email": "bob@example.test", "email_verified": False},
+        )
         self.assertEqual((e.why, e.discovery), ("the token's email is not verified", DISCOVERY))
         self.assertRaises(TokenRefused, verifier.claimedLogin, {"email": 3})
 
@@ -346,9 +387,10 @@ class Introspection(resource.Resource):
 
     def render_POST(self, request):
         self.requests.append(request)
-        if request.getHeader("authorization") != "Basic " + base64.b64encode(
-            b"mailauth:s%3Acret"
-        ).decode():
+        if (
+            request.getHeader("authorization")
+            != "Basic " + base64.b64encode(b"mailauth:s%3Acret").decode()
+        ):
             request.setResponseCode(401)
             return b"{}"
         token = request.args[b"token"][0].decode()
@@ -369,18 +411,25 @@ class IntrospectionTests(unittest.TestCase):
 
     def setUp(self) -> None:
         now = int(time.time())
-        self.endpoint = Introspection({
-            "good": {"active": True, "iss": ISSUER, "aud": [AUDIENCE, "x"], "exp": now + 60,
-                     "email": "bob@example.test"},
-            "bare": {"active": True, "sub": "carol@example.test"},
-            "wrong-iss": {"active": True, "iss": "https://evil.example", "sub": "b"},
-            "wrong-aud": {"active": True, "aud": "webmail", "sub": "b"},
-            "expired": {"active": True, "exp": now - 120, "sub": "b"},
-            "later": {"active": True, "nbf": now + 600, "sub": "b"},
-            "error": 500,
-            "not-json": b"<html>",
-            "hang": None,
-        })
+        self.endpoint = Introspection(
+            {
+                "good": {
+                    "active": True,
+                    "iss": ISSUER,
+                    "aud": [AUDIENCE, "x"],
+                    "exp": now + 60,
+                    "email": "bob@example.test",
+                },
+                "bare": {"active": True, "sub": "carol@example.test"},
+                "wrong-iss": {"active": True, "iss": "https://evil.example", "sub": "b"},
+                "wrong-aud": {"active": True, "aud": "webmail", "sub": "b"},
+                "expired": {"active": True, "exp": now - 120, "sub": "b"},
+                "later": {"active": True, "nbf": now + 600, "sub": "b"},
+                "error": 500,
+                "not-json": b"<html>",
+                "hang": None,
+            }
+        )
         self.port = reactor.listenTCP(0, server.Site(self.endpoint), interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         self.url = f"http://127.0.0.1:{self.port.getHost().port}/introspect"
@@ -389,10 +438,26 @@ class IntrospectionTests(unittest.TestCase):
         from twisted.web.client import Agent, HTTPConnectionPool
 
         pool = HTTPConnectionPool(reactor, persistent=False)
-        introspector = Introspector(Agent(reactor, pool=pool), self.url, "mailauth", secret,
-                                    clock, 10.0, ISSUER, AUDIENCE, 30.0)
-        return TokenVerifier(issuer=ISSUER, audience=AUDIENCE, loginClaim="email", leeway=30.0,
-                             keys=None, introspector=introspector, runBlocking=runInline)
+        introspector = Introspector(
+            Agent(reactor, pool=pool),
+            self.url,
+            "mailauth",
+            secret,
+            clock,
+            10.0,
+            ISSUER,
+            AUDIENCE,
+            30.0,
+        )
+        return TokenVerifier(
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            loginClaim="email",
+            leeway=30.0,
+            keys=None,
+            introspector=introspector,
+            runBlocking=runInline,
+        )
 
     @defer.inlineCallbacks
     def test_active(self) -> None:
@@ -409,9 +474,13 @@ class IntrospectionTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_refused(self) -> None:
         """Inactive, another issuer's or audience's, expired or future tokens are refused."""
-        for token, why in [("unknown", "not active"), ("wrong-iss", "issuer"),
-                           ("wrong-aud", "audience"), ("expired", "expired"),
-                           ("later", "not valid before")]:
+        for token, why in [
+            ("unknown", "not active"),
+            ("wrong-iss", "issuer"),
+            ("wrong-aud", "audience"),
+            ("expired", "expired"),
+            ("later", "not valid before"),
+        ]:
             e = yield self.assertFailure(self.verifier().login(token), TokenRefused)
             self.assertIn(why, e.why)
             self.assertEqual(e.discovery, DISCOVERY)
@@ -422,8 +491,11 @@ class IntrospectionTests(unittest.TestCase):
         An endpoint that errs, answers nonsense, refuses our credentials or
         cannot be reached is a temporary failure (454), never a 535.
         """
-        cases = [("error", "s:cret", "answered HTTP 500"), ("not-json", "s:cret", "not JSON"),
-                 ("good", "wrong", "answered HTTP 401")]
+        cases = [
+            ("error", "s:cret", "answered HTTP 500"),
+            ("not-json", "s:cret", "not JSON"),
+            ("good", "wrong", "answered HTTP 401"),
+        ]
         for token, secret, why in cases:
             e = yield self.assertFailure(self.verifier(secret).login(token), LoginFailed)
             self.assertNotIsInstance(e, UnauthorizedLogin)
@@ -459,10 +531,18 @@ class CheckerTests(unittest.TestCase):
         self.issuer.writeJWKS(path)
         keys = JWKSFile(path)
         keys.load()
-        self.tokens = TokenVerifier(issuer=ISSUER, audience=AUDIENCE, loginClaim="email",
-                                    leeway=0, keys=keys, introspector=None, runBlocking=runInline)
-        self.users = MemoryUserDatabase({"bob@example.test": "{PLAIN}x",
-                                         "carol@example.test": "{PLAIN}y"})
+        self.tokens = TokenVerifier(
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            loginClaim="email",
+            leeway=0,
+            keys=keys,
+            introspector=None,
+            runBlocking=runInline,
+        )
+        self.users = MemoryUserDatabase(
+            {"bob@example.test": "{PLAIN}x", "carol@example.test": "{PLAIN}y"}
+        )
         self.checker = OAuthChecker(self.users, self.tokens)
         self.logged: list = []
         globalLogPublisher.addObserver(self.logged.append)
@@ -478,10 +558,13 @@ class CheckerTests(unittest.TestCase):
 
     def test_success(self) -> None:
         """A good token for a local user gives its login, with or without an authzid."""
-        self.assertEqual(self.successResultOf(self.check(self.issuer.mint("Bob@Example.test"))),
-                         "bob@example.test")
-        self.assertEqual(self.successResultOf(self.check(self.issuer.mint(), "")),
-                         "bob@example.test")
+        self.assertEqual(
+            self.successResultOf(self.check(self.issuer.mint("Bob@Example.test"))),
+            "bob@example.test",
+        )
+        self.assertEqual(
+            self.successResultOf(self.check(self.issuer.mint(), "")), "bob@example.test"
+        )
 
     def test_refusals(self) -> None:
         """
@@ -498,15 +581,20 @@ class CheckerTests(unittest.TestCase):
         expired = self.issuer.mint(lifetime=-100)
         self.failureResultOf(self.check(expired), TokenRefused)
         messages = [formatEvent(e) for e in self.logged]
-        self.assertEqual(messages[-1], "OAuth token refused: mechanism=OAUTHBEARER "
-                                       "login=<bob@example.test>: Signature has expired")
+        self.assertEqual(
+            messages[-1],
+            "OAuth token refused: mechanism=OAUTHBEARER "
+            "login=<bob@example.test>: Signature has expired",
+        )
         self.assertFalse([m for m in messages if expired in m or token in m])
 
     def test_databaseUnavailable(self) -> None:
         """A user database that cannot answer is a temporary failure."""
         checker = OAuthChecker(MemoryUserDatabase(None), self.tokens)
-        f = self.failureResultOf(checker.requestAvatarId(
-            BearerTokenCredentials("", self.issuer.mint(), "OAUTHBEARER")), LoginFailed)
+        f = self.failureResultOf(
+            checker.requestAvatarId(BearerTokenCredentials("", self.issuer.mint(), "OAUTHBEARER")),
+            LoginFailed,
+        )
         self.assertFalse(f.check(UnauthorizedLogin))
 
 
@@ -516,9 +604,12 @@ class SessionTests(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.portal = RecordingPortal(avatar=MemoryMailbox(login="bob@example.test"))
-        self.factory = makeFactory(self.clock, portal=self.portal,
-                                   mechanisms=("PLAIN", "OAUTHBEARER", "XOAUTH2"),
-                                   plaintextRequiresTLS=False)
+        self.factory = makeFactory(
+            self.clock,
+            portal=self.portal,
+            mechanisms=("PLAIN", "OAUTHBEARER", "XOAUTH2"),
+            plaintextRequiresTLS=False,
+        )
         self.session = Session(self.factory)
         self.session.read()
         self.session.command(b"EHLO client.example")
@@ -545,10 +636,13 @@ class SessionTests(unittest.TestCase):
         self.session.command(b"AUTH OAUTHBEARER " + b64(oauthbearer("T")))
         [line] = self.refuse()
         self.assertTrue(line.startswith(b"334 "), line)
-        self.assertEqual(json.loads(base64.b64decode(line[4:])), {
-            "status": "invalid_token", "schemes": "bearer", "openid-configuration": DISCOVERY})
-        self.assertEqual(self.session.command(b64(b"\x01")),
-                         [b"535 5.7.8 Authentication credentials invalid"])
+        self.assertEqual(
+            json.loads(base64.b64decode(line[4:])),
+            {"status": "invalid_token", "schemes": "bearer", "openid-configuration": DISCOVERY},
+        )
+        self.assertEqual(
+            self.session.command(b64(b"\x01")), [b"535 5.7.8 Authentication credentials invalid"]
+        )
         self.assertEqual(self.session.protocol._authFailures, 1)
         self.assertEqual(self.session.command(b"NOOP"), [b"250 2.0.0 Ok"])
 
@@ -560,18 +654,21 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(self.session.command(b"AUTH XOAUTH2"), [b"334 "])
         self.assertEqual(self.session.command(b64(xoauth2("T"))), [])
         [line] = self.refuse()
-        self.assertEqual(json.loads(base64.b64decode(line[4:])),
-                         {"status": "401", "schemes": "bearer"})
-        self.assertEqual(self.session.command(b""),
-                         [b"535 5.7.8 Authentication credentials invalid"])
+        self.assertEqual(
+            json.loads(base64.b64decode(line[4:])), {"status": "401", "schemes": "bearer"}
+        )
+        self.assertEqual(
+            self.session.command(b""), [b"535 5.7.8 Authentication credentials invalid"]
+        )
 
     def test_anyResponseEndsIt(self) -> None:
         """Even '*' or a line that is not base64 after the error gets the 535."""
         for answer in (b"*", b"!!"):
             self.session.command(b"AUTH OAUTHBEARER " + b64(oauthbearer("T")))
             self.refuse()
-            self.assertEqual(self.session.command(answer),
-                             [b"535 5.7.8 Authentication credentials invalid"])
+            self.assertEqual(
+                self.session.command(answer), [b"535 5.7.8 Authentication credentials invalid"]
+            )
 
     def test_temporaryFailure(self) -> None:
         """A token that cannot be checked now gets 454 at once, no challenge."""
@@ -581,8 +678,9 @@ class SessionTests(unittest.TestCase):
 
     def test_tarpitAfterResponse(self) -> None:
         """Past the throttle's threshold the 535 waits its delay after the dummy response."""
-        self.patch(self.factory.throttle, "failure",
-                   lambda host, login, session: defer.succeed(2.0))
+        self.patch(
+            self.factory.throttle, "failure", lambda host, login, session: defer.succeed(2.0)
+        )
         self.session.command(b"AUTH OAUTHBEARER " + b64(oauthbearer("T")))
         self.refuse()
         self.assertEqual(self.session.command(b64(b"\x01")), [])
@@ -598,9 +696,11 @@ class SessionTests(unittest.TestCase):
 
 
 class ConfigTests(unittest.TestCase):
-    BASE = ("[listener:s]\nendpoint = tcp:2587\ntls = none\nauth = optional\n"
-            "[auth]\nusers = /dev/null\nmechanisms = {mechanisms}\n"
-            "[delivery]\nlocal_domains = example.org\nmaildir = /m/{{localpart}}\n")
+    BASE = (
+        "[listener:s]\nendpoint = tcp:2587\ntls = none\nauth = optional\n"
+        "[auth]\nusers = /dev/null\nmechanisms = {mechanisms}\n"
+        "[delivery]\nlocal_domains = example.org\nmaildir = /m/{{localpart}}\n"
+    )
 
     def load(self, mechanisms: str = "PLAIN XOAUTH2", oauth: str = None):
         text = self.BASE.format(mechanisms=mechanisms)
@@ -615,50 +715,83 @@ class ConfigTests(unittest.TestCase):
     def test_defaults(self) -> None:
         """[oauth] with issuer, audience and jwks: login_claim email, 1m leeway."""
         cfg = self.load(oauth=f"issuer = {ISSUER}\naudience = mail\njwks = /k.json\n")
-        self.assertEqual(cfg.oauth, configmod.OAuthConfig(
-            issuer=ISSUER, audience="mail", jwks="/k.json", login_claim="email",
-            introspection_url=None, introspection_client_id=None,
-            introspection_secret_file=None, introspection_timeout=10.0, leeway=60.0))
+        self.assertEqual(
+            cfg.oauth,
+            configmod.OAuthConfig(
+                issuer=ISSUER,
+                audience="mail",
+                jwks="/k.json",
+                login_claim="email",
+                introspection_url=None,
+                introspection_client_id=None,
+                introspection_secret_file=None,
+                introspection_timeout=10.0,
+                leeway=60.0,
+            ),
+        )
         self.assertIsNone(self.load("PLAIN").oauth)
 
     def test_mechanismNeedsSection(self) -> None:
         """OAUTHBEARER or XOAUTH2 without [oauth] is a problem naming the key."""
-        self.assertEqual(self.problems("PLAIN OAUTHBEARER XOAUTH2"), [
-            "c.conf: [auth] mechanisms: OAUTHBEARER XOAUTH2 needs an [oauth] section "
-            "(issuer, audience, and jwks or introspection_url)"])
+        self.assertEqual(
+            self.problems("PLAIN OAUTHBEARER XOAUTH2"),
+            [
+                "c.conf: [auth] mechanisms: OAUTHBEARER XOAUTH2 needs an [oauth] section "
+                "(issuer, audience, and jwks or introspection_url)"
+            ],
+        )
 
     def test_sectionProblems(self) -> None:
         """
         Missing issuer or audience, no way to check tokens, introspection
         without its client, or over http:// to another host, are problems.
         """
-        self.assertEqual(self.problems(oauth="jwks = /k\n"), [
-            "c.conf: [oauth] issuer: missing (this key is required)",
-            "c.conf: [oauth] audience: missing (this key is required)"])
-        self.assertEqual(self.problems(oauth="issuer = i\naudience = a\n"), [
-            "c.conf: [oauth]: set jwks (the issuer's public keys, a JWKS file) or "
-            "introspection_url (RFC 7662), or both: nothing could check a token"])
-        problems = self.problems(oauth="issuer = i\naudience = a\n"
-                                 "introspection_url = http://id.example.org/introspect\n")
+        self.assertEqual(
+            self.problems(oauth="jwks = /k\n"),
+            [
+                "c.conf: [oauth] issuer: missing (this key is required)",
+                "c.conf: [oauth] audience: missing (this key is required)",
+            ],
+        )
+        self.assertEqual(
+            self.problems(oauth="issuer = i\naudience = a\n"),
+            [
+                "c.conf: [oauth]: set jwks (the issuer's public keys, a JWKS file) or "
+                "introspection_url (RFC 7662), or both: nothing could check a token"
+            ],
+        )
+        problems = self.problems(
+            oauth="issuer = i\naudience = a\nintrospection_url = http://id.example.org/introspect\n"
+        )
         self.assertEqual(len(problems), 3)
         self.assertIn("use https://", problems[0])
         self.assertIn("[oauth] introspection_client_id: missing", problems[1])
         self.assertIn("[oauth] introspection_secret_file: missing", problems[2])
-        cfg = self.load(oauth="issuer = i\naudience = a\nintrospection_url = "
-                        "http://127.0.0.1:8080/i\nintrospection_client_id = c\n"
-                        "introspection_secret_file = /s\nlogin_claim = preferred_username\n")
-        self.assertEqual((cfg.oauth.introspection_url, cfg.oauth.login_claim),
-                         ("http://127.0.0.1:8080/i", "preferred_username"))
-        self.assertIn("is not a claim name",
-                      self.problems(oauth="issuer = i\naudience = a\njwks = /k\n"
-                                    "login_claim = e mail\n")[0])
+        cfg = self.load(
+            oauth="issuer = i\naudience = a\nintrospection_url = "
+            "http://127.0.0.1:8080/i\nintrospection_client_id = c\n"
+            "introspection_secret_file = /s\nlogin_claim = preferred_username\n"
+        )
+        self.assertEqual(
+            (cfg.oauth.introspection_url, cfg.oauth.login_claim),
+            ("http://127.0.0.1:8080/i", "preferred_username"),
+        )
+        self.assertIn(
+            "is not a claim name",
+            self.problems(oauth="issuer = i\naudience = a\njwks = /k\nlogin_claim = e mail\n")[0],
+        )
 
     def test_needsPyJWT(self) -> None:
         """Without PyJWT, [oauth] is a problem saying which package to install."""
         with mock.patch.dict(sys.modules, {"jwt": None}):
             problems = self.problems(oauth="issuer = i\naudience = a\njwks = /k\n")
-        self.assertEqual(problems, ["c.conf: [oauth]: needs the Python package PyJWT (Debian: "
-                                    "apt install python3-jwt; pip: pip install 'mailauth[oauth]')"])
+        self.assertEqual(
+            problems,
+            [
+                "c.conf: [oauth]: needs the Python package PyJWT (Debian: "
+                "apt install python3-jwt; pip: pip install 'mailauth[oauth]')"
+            ],
+        )
 
     def test_checkFiles(self) -> None:
         """check-config reads the JWKS file: missing, or with no usable key, is a problem."""
@@ -697,11 +830,16 @@ class DaemonTests(AttackMixin, unittest.TestCase):
         """
         token = self.issuer.mint()
         success = self.log.waitFor("auth success: .* mechanism=OAUTHBEARER")
-        replies = yield self.inThread(self.exchange, b"AUTH OAUTHBEARER " + b64(oauthbearer(token)),
-                                      b"MAIL FROM:<bob@example.test>")
+        replies = yield self.inThread(
+            self.exchange,
+            b"AUTH OAUTHBEARER " + b64(oauthbearer(token)),
+            b"MAIL FROM:<bob@example.test>",
+        )
         self.assertEqual([code for code, _ in replies], [235, 250])
-        self.assertEqual(withoutSession((yield success)), "auth success: client=[127.0.0.1] "
-                                          "mechanism=OAUTHBEARER login=<bob@example.test>")
+        self.assertEqual(
+            withoutSession((yield success)),
+            "auth success: client=[127.0.0.1] mechanism=OAUTHBEARER login=<bob@example.test>",
+        )
         replies = yield self.inThread(self.exchange, b"AUTH XOAUTH2", b64(xoauth2(token)))
         self.assertEqual([code for code, _ in replies], [334, 235])
 
@@ -710,14 +848,18 @@ class DaemonTests(AttackMixin, unittest.TestCase):
         """A bad token: 334 with the JSON error, then 535; logged as a failure."""
         failure = self.log.waitFor("auth failure: .* mechanism=OAUTHBEARER")
         replies = yield self.inThread(
-            self.exchange, b"AUTH OAUTHBEARER " + b64(oauthbearer(self.issuer.mint(lifetime=-90))),
-            b"AQ==")
+            self.exchange,
+            b"AUTH OAUTHBEARER " + b64(oauthbearer(self.issuer.mint(lifetime=-90))),
+            b"AQ==",
+        )
         (code, [text]), second = replies
         self.assertEqual(code, 334)
         self.assertEqual(json.loads(base64.b64decode(text))["status"], "invalid_token")
         self.assertEqual(second, (535, [b"5.7.8 Authentication credentials invalid"]))
-        self.assertEqual(withoutSession((yield failure)), "auth failure: client=[127.0.0.1] "
-                                          "mechanism=OAUTHBEARER login=<bob@example.test>")
+        self.assertEqual(
+            withoutSession((yield failure)),
+            "auth failure: client=[127.0.0.1] mechanism=OAUTHBEARER login=<bob@example.test>",
+        )
 
     @defer.inlineCallbacks
     def test_keyRotation(self) -> None:
@@ -728,13 +870,14 @@ class DaemonTests(AttackMixin, unittest.TestCase):
         loaded = self.log.waitFor("JWKS file .*: loaded 1 key")
         self.issuer.writeJWKS(os.path.join(self.daemon.dir, "jwks.json"), "k2")
         yield loaded
-        new = yield self.inThread(self.exchange, b"AUTH XOAUTH2 " + b64(
-            xoauth2(self.issuer.mint(kid="k2"))))
-        old = yield self.inThread(self.exchange, b"AUTH XOAUTH2 " + b64(
-            xoauth2(self.issuer.mint(kid="k1"))), b"")
+        new = yield self.inThread(
+            self.exchange, b"AUTH XOAUTH2 " + b64(xoauth2(self.issuer.mint(kid="k2")))
+        )
+        old = yield self.inThread(
+            self.exchange, b"AUTH XOAUTH2 " + b64(xoauth2(self.issuer.mint(kid="k1"))), b""
+        )
         self.assertEqual(new[0][0], 235)
         self.assertEqual([code for code, _ in old], [334, 535])
-
 
 
 class OptionalTests(unittest.TestCase):

@@ -21,9 +21,21 @@ class WheelTests(unittest.TestCase):
         """
         out = os.path.abspath(self.mktemp())
         result = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-             "--no-build-isolation", "--wheel-dir", out, ROOT],
-            capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--quiet",
+                "--no-deps",
+                "--no-build-isolation",
+                "--wheel-dir",
+                out,
+                ROOT,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         [wheel] = os.listdir(out)

@@ -337,8 +337,9 @@ class LegacyVectorTests(unittest.TestCase):
         self.assertEqual(legacyschemes._md4(b"").hex(), "31d6cfe0d16ae931b73c59d7e0c089c0")
         self.assertEqual(legacyschemes._md4(b"abc").hex(), "a448017aaf21d8525fc10ae87aa6729d")
         self.assertEqual(
-            legacyschemes._md4(b"12345678901234567890123456789012345678901234567890123456789012"
-                               b"345678901234567890").hex(),
+            legacyschemes._md4(
+                b"12345678901234567890123456789012345678901234567890123456789012345678901234567890"
+            ).hex(),
             "e33b4ddc9c38f2199c3e7b164fcc0536",
         )
 

@@ -58,12 +58,17 @@ class URITests(unittest.TestCase):
         A password in the user part or in the query is replaced by C{***};
         the rest is kept.
         """
-        self.assertEqual(redact("postgresql://mail:s3cret@db.example/mail"),
-                         "postgresql://mail:***@db.example/mail")
-        self.assertEqual(redact("postgresql:///mail?user=m&password=s3cret&sslmode=require"),
-                         "postgresql:///mail?user=m&password=***&sslmode=require")
-        self.assertEqual(redact("postgresql://mail@db.example/mail"),
-                         "postgresql://mail@db.example/mail")
+        self.assertEqual(
+            redact("postgresql://mail:s3cret@db.example/mail"),
+            "postgresql://mail:***@db.example/mail",
+        )
+        self.assertEqual(
+            redact("postgresql:///mail?user=m&password=s3cret&sslmode=require"),
+            "postgresql:///mail?user=m&password=***&sslmode=require",
+        )
+        self.assertEqual(
+            redact("postgresql://mail@db.example/mail"), "postgresql://mail@db.example/mail"
+        )
 
     def test_goodForms(self) -> None:
         """
@@ -202,8 +207,10 @@ class LookupTestsMixin:
         """
         db = self.makeDatabase({"alice@example.org": CRAM})
         user = yield db.lookup("alice@example.org")
-        self.assertEqual((user.login, user.password, user.suspended),
-                         ("alice@example.org", PasswordHash("CRAM-MD5", "ab" * 32), False))
+        self.assertEqual(
+            (user.login, user.password, user.suspended),
+            ("alice@example.org", PasswordHash("CRAM-MD5", "ab" * 32), False),
+        )
 
     @defer.inlineCallbacks
     def test_ignoresCase(self):
@@ -250,8 +257,11 @@ class PostgreSQLLookupTests(DatabaseMixin, LookupTestsMixin, unittest.TestCase):
 
     def makeDatabase(self, users: dict[str, str]) -> PostgreSQLUserDatabase:
         for login, stored in users.items():
-            self.sql("INSERT INTO mailauth.users (login, password) VALUES (%s, %s)",
-                     login.lower(), stored)
+            self.sql(
+                "INSERT INTO mailauth.users (login, password) VALUES (%s, %s)",
+                login.lower(),
+                stored,
+            )
         return openDatabase(self, self.uri, clock=task.Clock())
 
     @defer.inlineCallbacks
@@ -355,8 +365,9 @@ class OutageTests(unittest.TestCase):
     @defer.inlineCallbacks
     def checkRecovers(self, tcp: bool):
         events = captureLog(self)
-        db = openDatabase(self, self.server.uri(self.database, tcp=tcp), clock=self.clock,
-                          connections=3)
+        db = openDatabase(
+            self, self.server.uri(self.database, tcp=tcp), clock=self.clock, connections=3
+        )
         results = yield self.lookups(db, 6)
         self.assertEqual([ok for ok, _ in results], [True] * 6)
 
@@ -370,8 +381,9 @@ class OutageTests(unittest.TestCase):
 
         self.server.start()
         results = yield self.lookups(db, 6)
-        self.assertEqual([(ok, getattr(r, "login", r)) for ok, r in results],
-                         [(True, "a@example.org")] * 6)
+        self.assertEqual(
+            [(ok, getattr(r, "login", r)) for ok, r in results], [(True, "a@example.org")] * 6
+        )
         # The outage is logged when it starts and when it ends, not at
         # every lookup; adbapi logs no tracebacks.
         self.assertEqual([e["log_level"].name for e in events], ["error", "info"])
@@ -399,8 +411,9 @@ class OutageTests(unittest.TestCase):
         when the timeout runs out on the clock; lookups work again once the
         server does.
         """
-        db = openDatabase(self, self.server.uri(self.database), clock=self.clock,
-                          timeout=5, connections=1)
+        db = openDatabase(
+            self, self.server.uri(self.database), clock=self.clock, timeout=5, connections=1
+        )
         yield db.lookup("a@example.org")
         self.server.pause()
         self.addCleanup(self.server.resume)
@@ -433,8 +446,9 @@ class StoreTests(DatabaseMixin, unittest.TestCase):
         suspended, with its times.
         """
         self.store.addUser("Alice@Example.org", CRAM)
-        [row] = self.sql("SELECT login, password, suspended, created <= updated"
-                         " FROM mailauth.users")
+        [row] = self.sql(
+            "SELECT login, password, suspended, created <= updated FROM mailauth.users"
+        )
         self.assertEqual(row, ("alice@example.org", CRAM, False, True))
         self.assertTrue(self.store.hasUser("ALICE@example.org"))
         self.assertFalse(self.store.hasUser("bob@example.org"))
@@ -482,8 +496,11 @@ class StoreTests(DatabaseMixin, unittest.TestCase):
         """
         self.store.addUser("a@example.org", CRAM)
         self.store.addUser("b@example.org", CRAM)
-        self.sql("INSERT INTO mailauth.app_passwords (login, label, password)"
-                 " VALUES ('a@example.org', 'phone', %s)", CRAM)
+        self.sql(
+            "INSERT INTO mailauth.app_passwords (login, label, password)"
+            " VALUES ('a@example.org', 'phone', %s)",
+            CRAM,
+        )
         self.store.deleteUser("A@example.org")
         self.assertEqual(self.store.listUsers(), [("b@example.org", "CRAM-MD5")])
         self.assertEqual(self.sql("SELECT * FROM mailauth.app_passwords"), [])
@@ -513,10 +530,14 @@ class StoreTests(DatabaseMixin, unittest.TestCase):
         self.store.addUser("b@example.org", SHA512)
         self.store.addUser("a@example.org", CRAM)
         self.sql("INSERT INTO mailauth.users (login, password) VALUES ('c@example.org', 'x')")
-        self.assertEqual(self.store.listUsers(), [
-            ("a@example.org", "CRAM-MD5"), ("b@example.org", "SHA512-CRYPT"),
-            ("c@example.org", "INVALID"),
-        ])
+        self.assertEqual(
+            self.store.listUsers(),
+            [
+                ("a@example.org", "CRAM-MD5"),
+                ("b@example.org", "SHA512-CRYPT"),
+                ("c@example.org", "INVALID"),
+            ],
+        )
 
     def test_unreachable(self) -> None:
         """
@@ -539,8 +560,9 @@ class StoreTests(DatabaseMixin, unittest.TestCase):
         uri = self.server.uri(self.server.createDatabase())
         with self.assertRaises(UserDatabaseError) as caught:
             PostgreSQLUserStore(uri).addUser("a@example.org", CRAM)
-        self.assertEqual(str(caught.exception),
-                         f"{uri} has no mailauth tables: run 'mailauth db init'")
+        self.assertEqual(
+            str(caught.exception), f"{uri} has no mailauth tables: run 'mailauth db init'"
+        )
 
     def test_loginsStoredLowerCase(self) -> None:
         """
@@ -548,8 +570,11 @@ class StoreTests(DatabaseMixin, unittest.TestCase):
         program writing to it cannot make two spellings of one login.
         """
         psycopg2 = pgharness.driver()
-        self.assertRaises(psycopg2.errors.CheckViolation, self.sql,
-                          "INSERT INTO mailauth.users (login, password) VALUES ('A@x.org', 'x')")
+        self.assertRaises(
+            psycopg2.errors.CheckViolation,
+            self.sql,
+            "INSERT INTO mailauth.users (login, password) VALUES ('A@x.org', 'x')",
+        )
 
 
 class SchemaTests(unittest.TestCase):
@@ -564,9 +589,13 @@ class SchemaTests(unittest.TestCase):
         return self.server.execute(self.database, statement, params)
 
     def tables(self) -> list[str]:
-        return [name for (name,) in self.sql(
-            "SELECT table_name FROM information_schema.tables"
-            " WHERE table_schema = 'mailauth' ORDER BY 1")]
+        return [
+            name
+            for (name,) in self.sql(
+                "SELECT table_name FROM information_schema.tables"
+                " WHERE table_schema = 'mailauth' ORDER BY 1"
+            )
+        ]
 
     def test_creates(self) -> None:
         """
@@ -574,8 +603,10 @@ class SchemaTests(unittest.TestCase):
         """
         self.assertEqual(initSchema(self.uri), (0, SCHEMA_VERSION))
         self.assertEqual(self.tables(), ["app_passwords", "schema_version", "users"])
-        self.assertEqual(self.sql("SELECT version FROM mailauth.schema_version ORDER BY 1"),
-                         [(v,) for v in range(1, SCHEMA_VERSION + 1)])
+        self.assertEqual(
+            self.sql("SELECT version FROM mailauth.schema_version ORDER BY 1"),
+            [(v,) for v in range(1, SCHEMA_VERSION + 1)],
+        )
         self.assertIsNone(checkDatabase(self.uri))
 
     def test_idempotent(self) -> None:
@@ -596,9 +627,11 @@ class SchemaTests(unittest.TestCase):
         self.assertEqual(initSchema(self.uri, target=1), (0, 1))
         self.assertEqual(self.tables(), ["schema_version", "users"])
         PostgreSQLUserStore(self.uri).addUser("a@example.org", CRAM)
-        self.assertEqual(checkDatabase(self.uri),
-                         f"{self.uri} has mailauth schema version 1:"
-                         f" run 'mailauth db init' to upgrade it to {SCHEMA_VERSION}")
+        self.assertEqual(
+            checkDatabase(self.uri),
+            f"{self.uri} has mailauth schema version 1:"
+            f" run 'mailauth db init' to upgrade it to {SCHEMA_VERSION}",
+        )
         self.assertEqual(initSchema(self.uri), (1, SCHEMA_VERSION))
         self.assertIn("app_passwords", self.tables())
         self.assertEqual(PostgreSQLUserStore(self.uri).listUsers(), [("a@example.org", "CRAM-MD5")])
@@ -655,26 +688,50 @@ class CommandTests(DatabaseMixin, unittest.TestCase):
         by C{--config}.
         """
         where = ("--config", self.config)
-        self.assertEqual(self.mailauth("user", "add", "Alice@example.org", *where,
-                                       stdin=b"password-one\n"), 0)
+        self.assertEqual(
+            self.mailauth("user", "add", "Alice@example.org", *where, stdin=b"password-one\n"), 0
+        )
         self.assertEqual(self.stdout.getvalue(), f"Alice@example.org: added to {self.uri}\n")
-        [(stored,)] = self.sql("SELECT password FROM mailauth.users"
-                               " WHERE login = 'alice@example.org'")
+        [(stored,)] = self.sql(
+            "SELECT password FROM mailauth.users WHERE login = 'alice@example.org'"
+        )
         self.assertEqual(parse(stored).scheme, "ARGON2ID")
         self.assertTrue(verify(parse(stored), b"password-one"))
 
-        self.assertEqual(self.mailauth("user", "passwd", "alice@example.org", "-s", "SHA512-CRYPT",
-                                       *where, stdin=b"password-two\n"), 0)
-        self.assertEqual(self.stdout.getvalue(),
-                         f"alice@example.org: password changed in {self.uri}\n")
+        self.assertEqual(
+            self.mailauth(
+                "user",
+                "passwd",
+                "alice@example.org",
+                "-s",
+                "SHA512-CRYPT",
+                *where,
+                stdin=b"password-two\n",
+            ),
+            0,
+        )
+        self.assertEqual(
+            self.stdout.getvalue(), f"alice@example.org: password changed in {self.uri}\n"
+        )
         [(stored,)] = self.sql("SELECT password FROM mailauth.users")
         self.assertTrue(verify(parse(stored), b"password-two"))
 
-        self.assertEqual(self.mailauth("user", "add", "bob@example.org", "-s", "CRAM-MD5",
-                                       *where, stdin=b"password-three\n"), 0)
+        self.assertEqual(
+            self.mailauth(
+                "user",
+                "add",
+                "bob@example.org",
+                "-s",
+                "CRAM-MD5",
+                *where,
+                stdin=b"password-three\n",
+            ),
+            0,
+        )
         self.assertEqual(self.mailauth("user", "list", *where), 0)
-        self.assertEqual(self.stdout.getvalue(),
-                         "alice@example.org  SHA512-CRYPT\nbob@example.org    CRAM-MD5\n")
+        self.assertEqual(
+            self.stdout.getvalue(), "alice@example.org  SHA512-CRYPT\nbob@example.org    CRAM-MD5\n"
+        )
 
         self.assertEqual(self.mailauth("user", "del", "alice@example.org", *where), 0)
         self.assertEqual(self.stdout.getvalue(), f"alice@example.org: deleted from {self.uri}\n")
@@ -684,8 +741,12 @@ class CommandTests(DatabaseMixin, unittest.TestCase):
         """
         C{--users} takes a PostgreSQL URI as well as a file.
         """
-        self.assertEqual(self.mailauth("user", "add", "a@example.org", "--users", self.uri,
-                                       stdin=b"long enough\n"), 0)
+        self.assertEqual(
+            self.mailauth(
+                "user", "add", "a@example.org", "--users", self.uri, stdin=b"long enough\n"
+            ),
+            0,
+        )
         self.assertEqual(self.mailauth("user", "list", "--users", self.uri), 0)
         self.assertEqual(self.stdout.getvalue(), "a@example.org  ARGON2ID\n")
         self.assertEqual(self.mailauth("user", "list", "--users", "postgresql://h:x/db"), 1)
@@ -697,13 +758,19 @@ class CommandTests(DatabaseMixin, unittest.TestCase):
         before a password is read.
         """
         self.store.addUser("a@example.org", CRAM)
-        self.assertEqual(self.mailauth("user", "add", "A@example.org", "--config", self.config,
-                                       stdin=b"pw\n"), 1)
-        self.assertEqual(self.stderr.getvalue(),
-                         f"mailauth: user A@example.org already exists in {self.uri}\n")
+        self.assertEqual(
+            self.mailauth("user", "add", "A@example.org", "--config", self.config, stdin=b"pw\n"), 1
+        )
+        self.assertEqual(
+            self.stderr.getvalue(), f"mailauth: user A@example.org already exists in {self.uri}\n"
+        )
         self.assertEqual(self.stdin.tell(), 0)
-        self.assertEqual(self.mailauth("user", "passwd", "b@example.org", "--config",
-                                       self.config, stdin=b"pw\n"), 1)
+        self.assertEqual(
+            self.mailauth(
+                "user", "passwd", "b@example.org", "--config", self.config, stdin=b"pw\n"
+            ),
+            1,
+        )
         self.assertEqual(self.stderr.getvalue(), f"mailauth: no user b@example.org in {self.uri}\n")
         self.assertEqual(self.stdin.tell(), 0)
 
@@ -713,8 +780,9 @@ class CommandTests(DatabaseMixin, unittest.TestCase):
         before a password is read.
         """
         self.writeConfig(f"postgresql://127.0.0.1:{pgharness._freePort()}/mail")
-        self.assertEqual(self.mailauth("user", "add", "a@example.org", "--config", self.config,
-                                       stdin=b"pw\n"), 1)
+        self.assertEqual(
+            self.mailauth("user", "add", "a@example.org", "--config", self.config, stdin=b"pw\n"), 1
+        )
         self.assertRegex(self.stderr.getvalue(), r"^mailauth: cannot reach postgresql://.+\n$")
         self.assertEqual(self.stdin.tell(), 0)
 
@@ -724,12 +792,15 @@ class CommandTests(DatabaseMixin, unittest.TestCase):
         """
         self.server.execute(self.database, "DROP SCHEMA mailauth CASCADE")
         self.assertEqual(self.mailauth("db", "init", "--config", self.config), 0)
-        self.assertEqual(self.stdout.getvalue(),
-                         f"{self.uri}: created the mailauth schema (version {SCHEMA_VERSION})\n")
+        self.assertEqual(
+            self.stdout.getvalue(),
+            f"{self.uri}: created the mailauth schema (version {SCHEMA_VERSION})\n",
+        )
         self.assertEqual(self.mailauth("db", "init", "--config", self.config), 0)
-        self.assertEqual(self.stdout.getvalue(),
-                         f"{self.uri}: the mailauth schema is up to date"
-                         f" (version {SCHEMA_VERSION})\n")
+        self.assertEqual(
+            self.stdout.getvalue(),
+            f"{self.uri}: the mailauth schema is up to date (version {SCHEMA_VERSION})\n",
+        )
 
     def test_dbInitUpgrades(self) -> None:
         """
@@ -738,9 +809,10 @@ class CommandTests(DatabaseMixin, unittest.TestCase):
         self.server.execute(self.database, "DROP SCHEMA mailauth CASCADE")
         initSchema(self.uri, target=1)
         self.assertEqual(self.mailauth("db", "init", "--config", self.config), 0)
-        self.assertEqual(self.stdout.getvalue(),
-                         f"{self.uri}: upgraded the mailauth schema from version 1"
-                         f" to {SCHEMA_VERSION}\n")
+        self.assertEqual(
+            self.stdout.getvalue(),
+            f"{self.uri}: upgraded the mailauth schema from version 1 to {SCHEMA_VERSION}\n",
+        )
 
     def test_dbInitUsersFile(self) -> None:
         """
@@ -749,9 +821,11 @@ class CommandTests(DatabaseMixin, unittest.TestCase):
         """
         self.writeConfig("/etc/mailauth/users")
         self.assertEqual(self.mailauth("db", "init", "--config", self.config), 1)
-        self.assertEqual(self.stderr.getvalue(),
-                         f"mailauth: {self.config}: [auth] users is a file (/etc/mailauth/users),"
-                         " not a postgresql:// URI: there is no database to initialise\n")
+        self.assertEqual(
+            self.stderr.getvalue(),
+            f"mailauth: {self.config}: [auth] users is a file (/etc/mailauth/users),"
+            " not a postgresql:// URI: there is no database to initialise\n",
+        )
 
     def test_checkConfig(self) -> None:
         """
@@ -764,15 +838,20 @@ class CommandTests(DatabaseMixin, unittest.TestCase):
 
         self.writeConfig(f"postgresql://mail:pw@127.0.0.1:{pgharness._freePort()}/mail")
         self.assertEqual(self.mailauth("check-config", "--config", self.config), 1)
-        self.assertRegex(self.stderr.getvalue(),
-                         rf"^{self.config}: \[auth\] users: cannot reach"
-                         r" postgresql://mail:\*\*\*@127\.0\.0\.1:\d+/mail: .+\n$")
+        self.assertRegex(
+            self.stderr.getvalue(),
+            rf"^{self.config}: \[auth\] users: cannot reach"
+            r" postgresql://mail:\*\*\*@127\.0\.0\.1:\d+/mail: .+\n$",
+        )
 
         empty = self.server.uri(self.server.createDatabase())
         self.writeConfig(empty)
         self.assertEqual(self.mailauth("check-config", "--config", self.config), 1)
-        self.assertEqual(self.stderr.getvalue(), f"{self.config}: [auth] users: {empty} has no"
-                                                 " mailauth tables: run 'mailauth db init'\n")
+        self.assertEqual(
+            self.stderr.getvalue(),
+            f"{self.config}: [auth] users: {empty} has no"
+            " mailauth tables: run 'mailauth db init'\n",
+        )
 
     def test_checkConfigBadParameter(self) -> None:
         """
@@ -781,10 +860,13 @@ class CommandTests(DatabaseMixin, unittest.TestCase):
         """
         self.writeConfig(self.uri + "&sslmod=require")
         cfg = configmod.load(self.config)
-        self.assertEqual(checks.checkFiles(cfg), [
-            f'{self.config}: [auth] users: {self.uri}&sslmod=require:'
-            ' invalid URI query parameter: "sslmod"'
-        ])
+        self.assertEqual(
+            checks.checkFiles(cfg),
+            [
+                f"{self.config}: [auth] users: {self.uri}&sslmod=require:"
+                ' invalid URI query parameter: "sslmod"'
+            ],
+        )
 
 
 class EndToEndTests(unittest.TestCase):
@@ -808,8 +890,9 @@ class EndToEndTests(unittest.TestCase):
         port = self.daemon.ports["submission"]
 
         def run() -> tuple[int, bytes]:
-            with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example",
-                              timeout=30) as client:
+            with smtplib.SMTP(
+                "127.0.0.1", port, local_hostname="client.example", timeout=30
+            ) as client:
                 client.starttls(context=clientContext())
                 client.ehlo()
                 client.user, client.password = "alice@example.test", password
@@ -829,12 +912,12 @@ class EndToEndTests(unittest.TestCase):
         """
         ok = (235, b"2.7.0 Authentication successful")
         self.assertEqual((yield self.authenticate("alice-secret")), ok)
-        self.assertEqual((yield self.authenticate("wrong")),
-                         (535, b"5.7.8 Authentication credentials invalid"))
+        self.assertEqual(
+            (yield self.authenticate("wrong")), (535, b"5.7.8 Authentication credentials invalid")
+        )
         self.server.stop()
         down = (454, b"4.7.0 Temporary authentication failure")
         self.assertEqual((yield self.authenticate("alice-secret")), down)
         self.assertEqual((yield self.authenticate("wrong")), down)
         self.server.start()
         self.assertEqual((yield self.authenticate("alice-secret")), ok)
-

@@ -56,8 +56,11 @@ def v2(command: int = PROXY, family: int = TCP4, block: bytes = b"") -> bytes:
 def inet(source: str, destination: str, sourcePort: int, destinationPort: int) -> bytes:
     """A v2 address block for TCP over IPv4 or IPv6."""
     family = socket.AF_INET6 if ":" in source else socket.AF_INET
-    return (socket.inet_pton(family, source) + socket.inet_pton(family, destination)
-            + struct.pack("!HH", sourcePort, destinationPort))
+    return (
+        socket.inet_pton(family, source)
+        + socket.inet_pton(family, destination)
+        + struct.pack("!HH", sourcePort, destinationPort)
+    )
 
 
 def tlv(kind: int, value: bytes) -> bytes:
@@ -126,14 +129,21 @@ class FullTransport(StringTransport):
 class Connection:
     """One connection from C{source} into a L{ProxyFactory} over a L{StringTransport}."""
 
-    def __init__(self, test, mode: str = "any", source: str = "127.0.0.1",
-                 wrapped=None, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        test,
+        mode: str = "any",
+        source: str = "127.0.0.1",
+        wrapped=None,
+        timeout: float = 10.0,
+    ) -> None:
         self.clock = Clock()
         self.wrapped = wrapped if wrapped is not None else RecordingFactory()
         self.factory = ProxyFactory(self.wrapped, mode, LOOPBACK, self.clock, timeout)
         kind = IPv6Address if ":" in source else IPv4Address
-        self.transport = FullTransport(peerAddress=kind("TCP", source, 40000),
-                                       hostAddress=kind("TCP", source, 2587))
+        self.transport = FullTransport(
+            peerAddress=kind("TCP", source, 40000), hostAddress=kind("TCP", source, 2587)
+        )
         self.protocol = self.factory.buildProtocol(self.transport.getPeer())
         with capturedLogs() as self.events:
             self.protocol.makeConnection(self.transport)
@@ -186,29 +196,33 @@ class HeaderTests(unittest.TestCase):
         """
         c = Connection(self)
         c.trickle(V1_HEADER)
-        self.assertBuiltFor(c, IPv4Address("TCP", CLIENT, 51234),
-                            IPv4Address("TCP", "192.0.2.1", 587))
+        self.assertBuiltFor(
+            c, IPv4Address("TCP", CLIENT, 51234), IPv4Address("TCP", "192.0.2.1", 587)
+        )
 
     def test_v2ByteByByte(self):
         """A v2 header trickling in one byte at a time is read whole, then served."""
         c = Connection(self)
         c.trickle(V2_HEADER)
-        self.assertBuiltFor(c, IPv4Address("TCP", CLIENT, 51234),
-                            IPv4Address("TCP", "192.0.2.1", 587))
+        self.assertBuiltFor(
+            c, IPv4Address("TCP", CLIENT, 51234), IPv4Address("TCP", "192.0.2.1", 587)
+        )
 
     def test_v1IPv6(self):
         """TCP6 in v1 names an IPv6 client, in its canonical form."""
         c = Connection(self, source="::1")
         c.trickle(b"PROXY TCP6 2001:DB8:0::9 2001:db8::1 40000 465\r\n")
-        self.assertBuiltFor(c, IPv6Address("TCP", CLIENT6, 40000),
-                            IPv6Address("TCP", "2001:db8::1", 465))
+        self.assertBuiltFor(
+            c, IPv6Address("TCP", CLIENT6, 40000), IPv6Address("TCP", "2001:db8::1", 465)
+        )
 
     def test_v2IPv6(self):
         """AF_INET6 in v2 names an IPv6 client."""
         c = Connection(self)
         c.trickle(v2(PROXY, TCP6, inet(CLIENT6, "2001:db8::1", 40000, 465)))
-        self.assertBuiltFor(c, IPv6Address("TCP", CLIENT6, 40000),
-                            IPv6Address("TCP", "2001:db8::1", 465))
+        self.assertBuiltFor(
+            c, IPv6Address("TCP", CLIENT6, 40000), IPv6Address("TCP", "2001:db8::1", 465)
+        )
 
     def test_v2TLVsSkipped(self):
         """
@@ -216,8 +230,14 @@ class HeaderTests(unittest.TestCase):
         custom one) are skipped whole; the bytes after the header reach the
         protocol untouched.
         """
-        tlvs = (tlv(0x01, b"smtp") + tlv(0x02, b"mail.example.org") + tlv(0x03, b"\0\0\0\0")
-                + tlv(0x04, b"") + tlv(0x05, b"u" * 128) + tlv(0xE0, b"\r\n.\r\nQUIT\r\n"))
+        tlvs = (
+            tlv(0x01, b"smtp")
+            + tlv(0x02, b"mail.example.org")
+            + tlv(0x03, b"\0\0\0\0")
+            + tlv(0x04, b"")
+            + tlv(0x05, b"u" * 128)
+            + tlv(0xE0, b"\r\n.\r\nQUIT\r\n")
+        )
         c = Connection(self)
         c.trickle(v2(PROXY, TCP4, inet(CLIENT, "192.0.2.1", 1, 2) + tlvs))
         c.send(b"EHLO a\r\n")
@@ -232,8 +252,9 @@ class HeaderTests(unittest.TestCase):
         for block in (b"", inet(CLIENT, "192.0.2.1", 1, 2), b"junk"):
             c = Connection(self, source="127.0.0.5")
             c.trickle(v2(LOCAL, TCP4 if block else UNSPEC, block))
-            self.assertBuiltFor(c, IPv4Address("TCP", "127.0.0.5", 40000),
-                                IPv4Address("TCP", "127.0.0.5", 2587))
+            self.assertBuiltFor(
+                c, IPv4Address("TCP", "127.0.0.5", 40000), IPv4Address("TCP", "127.0.0.5", 2587)
+            )
 
     def test_v1Unknown(self):
         """v1 UNKNOWN, short or with (ignored) addresses, is served with the connection's own."""
@@ -243,8 +264,9 @@ class HeaderTests(unittest.TestCase):
         for header in (b"PROXY UNKNOWN\r\n", longest):
             c = Connection(self)
             c.trickle(header)
-            self.assertBuiltFor(c, IPv4Address("TCP", "127.0.0.1", 40000),
-                                IPv4Address("TCP", "127.0.0.1", 2587))
+            self.assertBuiltFor(
+                c, IPv4Address("TCP", "127.0.0.1", 40000), IPv4Address("TCP", "127.0.0.1", 2587)
+            )
 
     def test_v2OtherFamilies(self):
         """
@@ -252,12 +274,16 @@ class HeaderTests(unittest.TestCase):
         client: the connection's own addresses are used, as the
         specification allows.
         """
-        for family, block in ((UNSPEC, b""), (UDP4, inet(CLIENT, "192.0.2.1", 1, 2)),
-                              (UNIX_STREAM, b"/a".ljust(108, b"\0") + b"/b".ljust(108, b"\0"))):
+        for family, block in (
+            (UNSPEC, b""),
+            (UDP4, inet(CLIENT, "192.0.2.1", 1, 2)),
+            (UNIX_STREAM, b"/a".ljust(108, b"\0") + b"/b".ljust(108, b"\0")),
+        ):
             c = Connection(self)
             c.send(v2(PROXY, family, block))
-            self.assertBuiltFor(c, IPv4Address("TCP", "127.0.0.1", 40000),
-                                IPv4Address("TCP", "127.0.0.1", 2587))
+            self.assertBuiltFor(
+                c, IPv4Address("TCP", "127.0.0.1", 40000), IPv4Address("TCP", "127.0.0.1", 2587)
+            )
 
     def test_bytesAfterHeaderPassedOn(self):
         """
@@ -289,13 +315,20 @@ class HeaderTests(unittest.TestCase):
         socket peer is never trusted.
         """
         networks = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "192.0.2.7", "2001:db8::/32")]
-        for host, expected in (("10.1.2.3", True), ("11.0.0.1", False),
-                               ("192.0.2.7", True), ("192.0.2.8", False),
-                               ("2001:db8:1::1", True), ("2001:db9::1", False),
-                               ("::ffff:10.9.9.9", True), ("::ffff:11.0.0.1", False)):
+        for host, expected in (
+            ("10.1.2.3", True),
+            ("11.0.0.1", False),
+            ("192.0.2.7", True),
+            ("192.0.2.8", False),
+            ("2001:db8:1::1", True),
+            ("2001:db9::1", False),
+            ("::ffff:10.9.9.9", True),
+            ("::ffff:11.0.0.1", False),
+        ):
             kind = IPv6Address if ":" in host else IPv4Address
             self.assertEqual(proxy.isTrusted(kind("TCP", host, 1), networks), expected, host)
         from twisted.internet.address import UNIXAddress
+
         self.assertFalse(proxy.isTrusted(UNIXAddress(b"/run/x.sock"), networks))
 
     def test_garbageDropped(self):
@@ -316,10 +349,14 @@ class HeaderTests(unittest.TestCase):
             (b"PROXY TCP4 203.0.113.09 192.0.2.1 1 2\r\n", f"{notTCP}4 addresses"),
             (b"PROXY TCP4 2001:db8::1 192.0.2.1 1 2\r\n", f"{notTCP}4 addresses"),
             (b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n", f"{notTCP}6 addresses"),
-            (b"PROXY TCP4 203.0.113.9  192.0.2.1 1 2\r\n",
-             "v1: expected PROXY TCP4|TCP6 source destination port port"),
-            (b"PROXY TCP4 203.0.113.9 192.0.2.1 1\r\n",
-             "v1: expected PROXY TCP4|TCP6 source destination port port"),
+            (
+                b"PROXY TCP4 203.0.113.9  192.0.2.1 1 2\r\n",
+                "v1: expected PROXY TCP4|TCP6 source destination port port",
+            ),
+            (
+                b"PROXY TCP4 203.0.113.9 192.0.2.1 1\r\n",
+                "v1: expected PROXY TCP4|TCP6 source destination port port",
+            ),
             (b"PROXY TCP4 203.0.113.9 192.0.2.1 65536 2\r\n", "v1: '65536' is not a port"),
             (b"PROXY TCP4 203.0.113.9 192.0.2.1 01 2\r\n", "v1: '01' is not a port"),
             (b"PROXY TCP4 203.0.113.9 192.0.2.1 1 -2\r\n", "v1: '-2' is not a port"),
@@ -415,9 +452,13 @@ class HeaderTests(unittest.TestCase):
         with capturedLogs() as events:
             c.protocol.connectionLost(protocol.connectionDone)
         c.events.extend(events)
-        self.assertEqual(c.logged(),
-                         ["proxy refused: source=[127.0.0.1] closed after 20 bytes, "
-                          "before a complete PROXY header"])
+        self.assertEqual(
+            c.logged(),
+            [
+                "proxy refused: source=[127.0.0.1] closed after 20 bytes, "
+                "before a complete PROXY header"
+            ],
+        )
         self.assertEqual((c.wrapped.built, c.clock.getDelayedCalls()), ([], []))
 
     def test_connectionLostForwarded(self):
@@ -435,8 +476,9 @@ class HeaderTests(unittest.TestCase):
         getHandle and setTcpNoDelay through.
         """
         real = FullTransport()
-        t = ProxiedTransport(real, IPv4Address("TCP", CLIENT, 1),
-                             IPv4Address("TCP", "192.0.2.1", 2))
+        t = ProxiedTransport(
+            real, IPv4Address("TCP", CLIENT, 1), IPv4Address("TCP", "192.0.2.1", 2)
+        )
         self.assertTrue(interfaces.ITLSTransport.providedBy(t))
         self.assertTrue(interfaces.ITCPTransport.providedBy(t))
         self.assertEqual((t.getPeer().host, t.getHost().host), (CLIENT, "192.0.2.1"))
@@ -492,11 +534,19 @@ class HeaderTests(unittest.TestCase):
         """parseHeader says L{None} for a beginning, the header when complete."""
         self.assertIsNone(proxy.parseHeader(b""))
         self.assertIsNone(proxy.parseHeader(V1_HEADER[:-1]))
-        self.assertEqual(proxy.parseHeader(V1_HEADER + b"rest"),
-                         ProxyHeader(1, "PROXY", IPv4Address("TCP", CLIENT, 51234),
-                                     IPv4Address("TCP", "192.0.2.1", 587), len(V1_HEADER)))
-        self.assertEqual(proxy.parseHeader(v2(LOCAL, UNSPEC)),
-                         ProxyHeader(2, "LOCAL", None, None, 16))
+        self.assertEqual(
+            proxy.parseHeader(V1_HEADER + b"rest"),
+            ProxyHeader(
+                1,
+                "PROXY",
+                IPv4Address("TCP", CLIENT, 51234),
+                IPv4Address("TCP", "192.0.2.1", 587),
+                len(V1_HEADER),
+            ),
+        )
+        self.assertEqual(
+            proxy.parseHeader(v2(LOCAL, UNSPEC)), ProxyHeader(2, "LOCAL", None, None, 16)
+        )
         self.assertRaises(ProxyHeaderError, proxy.parseHeader, V1_HEADER, [2])
 
 
@@ -558,11 +608,15 @@ class ProxiedDaemonTests(AttackMixin, unittest.TestCase):
     """
 
     clocked = True
-    settings = dict(PROXIED, server={"max_connections_per_address": "2"},
-                    auth={"max_failures_per_address": "2", "failures_per_session": "10"})
+    settings = dict(
+        PROXIED,
+        server={"max_connections_per_address": "2"},
+        auth={"max_failures_per_address": "2", "failures_per_session": "10"},
+    )
 
-    def proxied(self, listener: str, header: bytes, source: str = "127.0.0.1",
-                expect: int = 220) -> RawClient:
+    def proxied(
+        self, listener: str, header: bytes, source: str = "127.0.0.1", expect: int = 220
+    ) -> RawClient:
         """
         (Blocking.) A client that sent C{header}, then (implicit TLS) its
         handshake, and read a greeting with code C{expect}.
@@ -589,9 +643,11 @@ class ProxiedDaemonTests(AttackMixin, unittest.TestCase):
     def send(self, listener: str, header: bytes) -> list:
         """(Blocking.) Log in through C{header} and send bob a message; the reply codes."""
         client = self.loggedInVia(listener, header)
-        replies = [client.command(b"MAIL FROM:<bob@example.test>"),
-                   client.command(b"RCPT TO:<bob@example.test>"),
-                   client.command(b"DATA")]
+        replies = [
+            client.command(b"MAIL FROM:<bob@example.test>"),
+            client.command(b"RCPT TO:<bob@example.test>"),
+            client.command(b"DATA"),
+        ]
         client.send(b"Subject: proxied\r\n\r\nhello\r\n.\r\n")
         replies += [client.reply(), client.command(b"QUIT")]
         return [code for code, _ in replies]
@@ -604,8 +660,9 @@ class ProxiedDaemonTests(AttackMixin, unittest.TestCase):
         yield accepted
         [(name, message)] = self.daemon.delivered("bob@example.test")
         self.assertIn(f"Received: from client.example ([{client}])\n".encode(), message)
-        self.assertEqual(len(self.log.matching(rf"auth success: client=\[{re.escape(client)}\]")),
-                         1)
+        self.assertEqual(
+            len(self.log.matching(rf"auth success: client=\[{re.escape(client)}\]")), 1
+        )
         self.assertEqual(self.log.matching(r"client=\[127\.0\.0\.1\]"), [])
 
     def test_startTLSNamesHeaderClient(self):
@@ -633,16 +690,21 @@ class ProxiedDaemonTests(AttackMixin, unittest.TestCase):
         """
         for listener in ("submission", "submissions"):
             yield self.inThread(self.proxied, listener, headerFor(CLIENT))
-        extra = yield self.inThread(self.proxied, "submissions", headerFor(CLIENT), "127.0.0.1",
-                                    421)
-        self.assertEqual(extra.lines[-1],
-                         b"421 4.7.0 Error: too many connections from your address")
+        extra = yield self.inThread(
+            self.proxied, "submissions", headerFor(CLIENT), "127.0.0.1", 421
+        )
+        self.assertEqual(
+            extra.lines[-1], b"421 4.7.0 Error: too many connections from your address"
+        )
         for other in ("203.0.113.10", CLIENT6):
             yield self.inThread(self.proxied, "submission", headerFor(other))
         self.assertEqual(
             [withoutSession(m) for m in self.log.matching(r"refused connection: client=\[203\.")],
-            ["refused connection: client=[203.0.113.9] listener=submissions "
-             "reason=too_many_from_address"])
+            [
+                "refused connection: client=[203.0.113.9] listener=submissions "
+                "reason=too_many_from_address"
+            ],
+        )
 
     @defer.inlineCallbacks
     def test_throttleCountsHeaderClient(self):
@@ -651,6 +713,7 @@ class ProxiedDaemonTests(AttackMixin, unittest.TestCase):
         is refused, on new connections too, while another client behind
         the same proxy still logs in.
         """
+
         def guess():
             client = self.proxied("submissions", headerFor(CLIENT))
             client.ehlo()
@@ -658,10 +721,12 @@ class ProxiedDaemonTests(AttackMixin, unittest.TestCase):
 
         self.assertEqual((yield self.inThread(guess)), [535, 421])
         self.assertEqual(len(self.log.matching(r"auth failure: client=\[203\.0\.113\.9\]")), 2)
-        blocked = yield self.inThread(self.proxied, "submission", headerFor(CLIENT),
-                                      "127.0.0.1", 421)
-        self.assertEqual(blocked.lines,
-                         [b"421 4.7.0 Error: too many failed logins, try again later"])
+        blocked = yield self.inThread(
+            self.proxied, "submission", headerFor(CLIENT), "127.0.0.1", 421
+        )
+        self.assertEqual(
+            blocked.lines, [b"421 4.7.0 Error: too many failed logins, try again later"]
+        )
         client = yield self.inThread(self.loggedInVia, "submission", headerFor("203.0.113.10"))
         yield self.inThread(client.command, b"QUIT")
 
@@ -671,6 +736,7 @@ class ProxiedDaemonTests(AttackMixin, unittest.TestCase):
         A connection from outside trusted_proxies is closed at once without
         a greeting, even with a valid header; one line logs its address.
         """
+
         def attempt(listener):
             try:
                 client = RawClient(self.daemon.ports[listener], source="127.0.0.3")
@@ -687,8 +753,10 @@ class ProxiedDaemonTests(AttackMixin, unittest.TestCase):
         for listener in ("submission", "submissions"):
             self.assertEqual((yield self.inThread(attempt, listener)), b"")
         yield logged
-        self.assertEqual(self.log.matching(r"proxy refused"),
-                         ["proxy refused: source=[127.0.0.3] not in trusted_proxies"] * 2)
+        self.assertEqual(
+            self.log.matching(r"proxy refused"),
+            ["proxy refused: source=[127.0.0.3] not in trusted_proxies"] * 2,
+        )
 
     @defer.inlineCallbacks
     def test_missingHeaderRefused(self):
@@ -706,8 +774,10 @@ class ProxiedDaemonTests(AttackMixin, unittest.TestCase):
             RawClient(self.daemon.ports["submissions"], tls=True)
 
         yield self.assertFailure(self.inThread(handshake), OSError)
-        self.assertEqual(self.log.matching(r"proxy refused"),
-                         ["proxy refused: source=[127.0.0.1] not a PROXY header"] * 2)
+        self.assertEqual(
+            self.log.matching(r"proxy refused"),
+            ["proxy refused: source=[127.0.0.1] not a PROXY header"] * 2,
+        )
 
     @defer.inlineCallbacks
     def test_headerTimeout(self):
@@ -721,8 +791,9 @@ class ProxiedDaemonTests(AttackMixin, unittest.TestCase):
         yield self.inThread(client.send, headerFor(CLIENT)[:20])
         yield self.inThread(lambda: self.assertFalse(client.pending()))
         self.clock.advance(10)
-        self.assertEqual((yield logged),
-                         "proxy refused: source=[127.0.0.1] no complete PROXY header within 10s")
+        self.assertEqual(
+            (yield logged), "proxy refused: source=[127.0.0.1] no complete PROXY header within 10s"
+        )
         self.assertTrue((yield self.inThread(client.closedByServer)))
         self.assertEqual(client._buffer, b"")
 
@@ -746,12 +817,15 @@ class HAProxyTests(unittest.TestCase):
         self.addCleanup(self.log.stop)
         submission = (("127.0.0.1", self.daemon.ports["submission"]),)
         submissions = (("127.0.0.1", self.daemon.ports["submissions"]),)
-        self.haproxy = haproxyharness.HAProxy(self.mktemp(), {
-            "starttls_v2": haproxyharness.Route(submission, "v2", "smtp"),
-            "starttls_v1": haproxyharness.Route(submission, "v1", "smtp"),
-            "implicit_v2": haproxyharness.Route(submissions, "v2", "tcp"),
-            "implicit_v1": haproxyharness.Route(submissions, "v1", "tcp"),
-        })
+        self.haproxy = haproxyharness.HAProxy(
+            self.mktemp(),
+            {
+                "starttls_v2": haproxyharness.Route(submission, "v2", "smtp"),
+                "starttls_v1": haproxyharness.Route(submission, "v1", "smtp"),
+                "implicit_v2": haproxyharness.Route(submissions, "v2", "tcp"),
+                "implicit_v1": haproxyharness.Route(submissions, "v1", "tcp"),
+            },
+        )
         self.addCleanup(self.haproxy.stop)
         self.haproxy.start()
         yield self.haproxy.waitUntilChecked(reactor)
@@ -761,17 +835,28 @@ class HAProxyTests(unittest.TestCase):
         port = self.haproxy.ports[route]
         source = ("127.0.0.5", 0)
         if route.startswith("implicit"):
-            client = smtplib.SMTP_SSL("127.0.0.1", port, local_hostname="client.example",
-                                      context=clientContext(), timeout=30,
-                                      source_address=source)
+            client = smtplib.SMTP_SSL(
+                "127.0.0.1",
+                port,
+                local_hostname="client.example",
+                context=clientContext(),
+                timeout=30,
+                source_address=source,
+            )
         else:
-            client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example",
-                                  timeout=30, source_address=source)
+            client = smtplib.SMTP(
+                "127.0.0.1",
+                port,
+                local_hostname="client.example",
+                timeout=30,
+                source_address=source,
+            )
             client.starttls(context=clientContext())
         try:
             client.login(BOB.decode(), BOB_PASSWORD.decode())
-            return client.sendmail(BOB.decode(), [BOB.decode()],
-                                   f"Subject: via {route}\r\n\r\nhello\r\n".encode())
+            return client.sendmail(
+                BOB.decode(), [BOB.decode()], f"Subject: via {route}\r\n\r\nhello\r\n".encode()
+            )
         finally:
             client.quit()
 
@@ -790,6 +875,7 @@ class HAProxyTests(unittest.TestCase):
         self.assertEqual(len(delivered), len(routes))
         for _name, message in delivered:
             self.assertIn(b"Received: from client.example ([127.0.0.5])\n", message)
-        self.assertEqual(len(self.log.matching(r"message accepted: client=\[127\.0\.0\.5\]")),
-                         len(routes))
+        self.assertEqual(
+            len(self.log.matching(r"message accepted: client=\[127\.0\.0\.5\]")), len(routes)
+        )
         self.assertEqual(self.log.matching(r"(auth|message).*client=\[127\.0\.0\.1\]"), [])

@@ -220,9 +220,7 @@ class SortedFileTests(unittest.TestCase):
         """
         path = os.path.join(self.mktemp(), "pwned.txt")
         error = self.assertRaises(BreachedListError, breachCount, path, b"x")
-        self.assertEqual(
-            str(error), f"breached password list {path}: No such file or directory"
-        )
+        self.assertEqual(str(error), f"breached password list {path}: No such file or directory")
 
 
 class RangeDirectoryTests(unittest.TestCase):
@@ -280,9 +278,7 @@ class RangeDirectoryTests(unittest.TestCase):
         with open(path, "w") as f:
             f.write("\r\nnot a hash\r\n")
         error = self.assertRaises(BreachedListError, breachCount, self.directory, b"good password")
-        self.assertEqual(
-            str(error), f"{path}:2: not a Have I Been Pwned SHA-1 line (HASH:COUNT)"
-        )
+        self.assertEqual(str(error), f"{path}:2: not a Have I Been Pwned SHA-1 line (HASH:COUNT)")
 
 
 class CheckListTests(unittest.TestCase):

@@ -35,8 +35,9 @@ USERS = {
 
 
 # A header section as mail clients write it: nothing is missing.
-HEADER = (b"Subject: x\r\nDate: Sun, 29 Nov 2026 15:23:31 +0100\r\n"
-          b"Message-ID: <1@client.example>\r\n")
+HEADER = (
+    b"Subject: x\r\nDate: Sun, 29 Nov 2026 15:23:31 +0100\r\nMessage-ID: <1@client.example>\r\n"
+)
 
 
 def addr(text: str) -> smtp.Address:
@@ -292,10 +293,14 @@ class DeliveryTests(RealmTestsMixin, unittest.TestCase):
         self.assertEqual(writer.data, HEADER + b"\r\nbody\r\n")
         self.assertTrue(writer.committed)
         for who in ("alice", "bob"):
-            self.assertEqual(self.stored(who), [
-                b"Return-Path: <alice@example.test>\n" + HEADER.replace(b"\r\n", b"\n")
-                + b"\nbody\n"
-            ])
+            self.assertEqual(
+                self.stored(who),
+                [
+                    b"Return-Path: <alice@example.test>\n"
+                    + HEADER.replace(b"\r\n", b"\n")
+                    + b"\nbody\n"
+                ],
+            )
 
     def test_abortLeavesNothing(self) -> None:
         """A message aborted (client gone) leaves no file and nothing queued."""
@@ -324,10 +329,18 @@ class DeliveryTests(RealmTestsMixin, unittest.TestCase):
             message.write(b"Subject: x\r\n\r\nbody\r\n")
             e = self.failureResultOf(message.eomReceived(), SMTPReply).value
         self.assertEqual((e.code, e.text), (451, "4.3.0 Error: local error in processing"))
-        self.assertEqual([(x["log_namespace"], x["log_level"], formatEvent(x)) for x in events], [
-            ("mailauth.realm", LogLevel.warn,
-             f"message {d.id} not stored: {self.dir}/example.test/bob: Not a directory (errno 20); "
-             "the client is told 451, to try again later")])
+        self.assertEqual(
+            [(x["log_namespace"], x["log_level"], formatEvent(x)) for x in events],
+            [
+                (
+                    "mailauth.realm",
+                    LogLevel.warn,
+                    f"message {d.id} not stored: {self.dir}/example.test/bob: "
+                    "Not a directory (errno 20); "
+                    "the client is told 451, to try again later",
+                )
+            ],
+        )
         [writer] = self.queue.writers
         self.assertTrue(writer.aborted)
         self.assertEqual(self.queue.messages, {})
@@ -348,8 +361,11 @@ class DeliveryTests(RealmTestsMixin, unittest.TestCase):
         self.assertEqual(e.code, 451)
         [event] = events
         self.assertEqual(event["log_level"], LogLevel.warn)
-        self.assertRegex(formatEvent(event), rf"^message {d.id} not stored: {maildir}/tmp/\S+: "
-                         r"Not a directory \(errno 20\); the client is told 451")
+        self.assertRegex(
+            formatEvent(event),
+            rf"^message {d.id} not stored: {maildir}/tmp/\S+: "
+            r"Not a directory \(errno 20\); the client is told 451",
+        )
         self.assertEqual(os.listdir(os.path.join(maildir, "tmp")), [])
 
     def test_diskFull(self) -> None:
@@ -367,9 +383,13 @@ class DeliveryTests(RealmTestsMixin, unittest.TestCase):
             message.write(b"y")
             e = self.failureResultOf(message.eomReceived(), SMTPReply).value
         self.assertEqual((e.code, e.text), (452, "4.3.1 Error: insufficient system storage"))
-        self.assertEqual([formatEvent(x) for x in events], [
-            f"message {d.id} not stored: the queue: No space left on device (errno 28); the "
-            "client is told 452, to try again later"])
+        self.assertEqual(
+            [formatEvent(x) for x in events],
+            [
+                f"message {d.id} not stored: the queue: No space left on device (errno 28); the "
+                "client is told 452, to try again later"
+            ],
+        )
         self.assertTrue(writer.aborted)
 
     def test_receivedHeader(self) -> None:
@@ -536,9 +556,9 @@ class PostmasterTests(RealmTestsMixin, unittest.TestCase):
         message = self.successResultOf(d.validateTo(self.user("POSTMASTER@other.test")))()
         message.write(b"Subject: hi\r\n\r\nx\r\n")
         self.successResultOf(message.eomReceived())
-        self.assertEqual(self.stored("bob"), [
-            b"Return-Path: <someone@remote.test>\nSubject: hi\n\nx\n"
-        ])
+        self.assertEqual(
+            self.stored("bob"), [b"Return-Path: <someone@remote.test>\nSubject: hi\n\nx\n"]
+        )
 
 
 class FinalDeliveryFieldsTests(RealmTestsMixin, unittest.TestCase):
@@ -562,8 +582,13 @@ class FinalDeliveryFieldsTests(RealmTestsMixin, unittest.TestCase):
 
     def test_returnPath(self) -> None:
         """The envelope sender, first, in the Maildir copy only."""
-        self.send("alice@example.test", "alice@example.test", HEADER + b"\r\nx\r\n",
-                  "bob@example.test", "x@remote.test")
+        self.send(
+            "alice@example.test",
+            "alice@example.test",
+            HEADER + b"\r\nx\r\n",
+            "bob@example.test",
+            "x@remote.test",
+        )
         [stored] = self.stored("bob")
         self.assertTrue(stored.startswith(b"Return-Path: <alice@example.test>\nSubject: x\n"))
         [writer] = self.queue.writers
@@ -588,27 +613,35 @@ class FinalDeliveryFieldsTests(RealmTestsMixin, unittest.TestCase):
         the queue.
         """
         self.clock.advance(1795965994)
-        d = self.send("alice@example.test", "alice@example.test",
-                      b"Subject: x\r\n\r\nbody\r\n", "bob@example.test", "x@remote.test")
+        d = self.send(
+            "alice@example.test",
+            "alice@example.test",
+            b"Subject: x\r\n\r\nbody\r\n",
+            "bob@example.test",
+            "x@remote.test",
+        )
         fields = submissionFields(self.realm, d.id)
-        self.assertEqual(fields[b"message-id"],
-                         f"Message-ID: <20261129152634.{d.id}@mx.example.test>\r\n".encode())
+        self.assertEqual(
+            fields[b"message-id"],
+            f"Message-ID: <20261129152634.{d.id}@mx.example.test>\r\n".encode(),
+        )
         date = fields[b"date"].decode()
         self.assertTrue(date.startswith("Date: ") and date.endswith("\r\n"), date)
         self.assertEqual(parsedate_to_datetime(date[6:-2]).timestamp(), 1795965994)
         completed = b"Subject: x\r\n" + fields[b"date"] + fields[b"message-id"] + b"\r\nbody\r\n"
         [writer] = self.queue.writers
         self.assertEqual(writer.data, completed)
-        self.assertEqual(self.stored("bob"), [
-            b"Return-Path: <alice@example.test>\n" + completed.replace(b"\r\n", b"\n")
-        ])
+        self.assertEqual(
+            self.stored("bob"),
+            [b"Return-Path: <alice@example.test>\n" + completed.replace(b"\r\n", b"\n")],
+        )
 
     def test_notForAnonymous(self) -> None:
         """Mail that did not come through AUTH (an MX) is stored as it came."""
         self.send(None, "someone@remote.test", b"Subject: x\r\n\r\nbody\r\n", "bob@example.test")
-        self.assertEqual(self.stored("bob"), [
-            b"Return-Path: <someone@remote.test>\nSubject: x\n\nbody\n"
-        ])
+        self.assertEqual(
+            self.stored("bob"), [b"Return-Path: <someone@remote.test>\nSubject: x\n\nbody\n"]
+        )
 
     def test_abortedWhileHeld(self) -> None:
         """A client gone while the header section is held leaves nothing."""
@@ -669,9 +702,11 @@ class HeaderFromTests(RealmTestsMixin, unittest.TestCase):
 
     def test_ownAddresses(self) -> None:
         """The login's own address, an alias to it, and a granted domain are accepted."""
-        for header in (b"From: Alice <ALICE@example.test>\r\n",
-                       b"From: postmaster@example.test\r\nSender: alice@example.test\r\n",
-                       b"From: Team: someone@other.test, alice@example.test;\r\n"):
+        for header in (
+            b"From: Alice <ALICE@example.test>\r\n",
+            b"From: postmaster@example.test\r\nSender: alice@example.test\r\n",
+            b"From: Team: someone@other.test, alice@example.test;\r\n",
+        ):
             self.successResultOf(self.send(header))
         self.assertEqual(len(self.stored("bob")), 3)
         self.assertEqual(self.refusals(), 0)
@@ -683,31 +718,44 @@ class HeaderFromTests(RealmTestsMixin, unittest.TestCase):
         """
         with capturedLogs() as events:
             f = self.failureResultOf(
-                self.send(b"From: Bob <bob@example.test>\r\n",
-                          recipients=("bob@example.test", "x@remote.test")),
+                self.send(
+                    b"From: Bob <bob@example.test>\r\n",
+                    recipients=("bob@example.test", "x@remote.test"),
+                ),
                 SMTPReply,
             )
-        self.assertEqual((f.value.code, f.value.text), (550, (
-            "5.7.1 <bob@example.test>: From/Sender header address not owned by user "
-            "alice@example.test")))
+        self.assertEqual(
+            (f.value.code, f.value.text),
+            (
+                550,
+                (
+                    "5.7.1 <bob@example.test>: From/Sender header address not owned by user "
+                    "alice@example.test"
+                ),
+            ),
+        )
         self.assertNothingKept()
         self.assertEqual(self.woken, 0)
         lines = [formatEvent(e) for e in events if e.get("log_namespace") == "mailauth.realm"]
         self.assertEqual(len(lines), 1)
-        self.assertRegex(lines[0], r"^header From refused: login=<alice@example\.test> "
-                                   r"from=<bob@example\.test> id=[0-9A-F]{12}$")
+        self.assertRegex(
+            lines[0],
+            r"^header From refused: login=<alice@example\.test> "
+            r"from=<bob@example\.test> id=[0-9A-F]{12}$",
+        )
         self.assertEqual(self.refusals(), 1)
 
     def test_senderField(self) -> None:
         """A Sender: the login may not use is refused like a From:."""
         f = self.failureResultOf(
-            self.send(b"From: alice@example.test\r\nSender: newsletter@example.test\r\n"),
-            SMTPReply)
+            self.send(b"From: alice@example.test\r\nSender: newsletter@example.test\r\n"), SMTPReply
+        )
         self.assertIn("<newsletter@example.test>", f.value.text)
         self.assertNothingKept()
         # The sender map grants it to bob.
-        self.successResultOf(self.send(b"Sender: newsletter@example.test\r\n",
-                                       login="bob@example.test"))
+        self.successResultOf(
+            self.send(b"Sender: newsletter@example.test\r\n", login="bob@example.test")
+        )
 
     def test_tricky(self) -> None:
         """
@@ -732,14 +780,20 @@ class HeaderFromTests(RealmTestsMixin, unittest.TestCase):
         """A From: or Sender: that cannot be checked is refused, never guessed."""
         for header in UNCHECKABLE_FROM:
             with capturedLogs() as events:
-                f = self.failureResultOf(self.send(header.replace(b"example.org",
-                                                                  b"example.test")), SMTPReply)
-            self.assertEqual((f.value.code, f.value.text),
-                             (550, "5.7.1 Error: From/Sender header cannot be checked"), header)
-            [line] = [formatEvent(e) for e in events
-                      if e.get("log_namespace") == "mailauth.realm"]
-            self.assertRegex(line, r"^header From refused: login=<alice@example\.test> "
-                                   r"id=[0-9A-F]{12}: .+")
+                f = self.failureResultOf(
+                    self.send(header.replace(b"example.org", b"example.test")), SMTPReply
+                )
+            self.assertEqual(
+                (f.value.code, f.value.text),
+                (550, "5.7.1 Error: From/Sender header cannot be checked"),
+                header,
+            )
+            [line] = [formatEvent(e) for e in events if e.get("log_namespace") == "mailauth.realm"]
+            self.assertRegex(
+                line,
+                r"^header From refused: login=<alice@example\.test> "
+                r"id=[0-9A-F]{12}: .+",
+            )
         self.assertNothingKept()
         self.assertEqual(self.refusals(), len(UNCHECKABLE_FROM))
 

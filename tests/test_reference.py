@@ -75,13 +75,11 @@ def manSections(text: str) -> dict:
         elif line == ".TP" and i + 1 < len(lines):
             tag = lines[i + 1]
             body = []
-            for following in lines[i + 2:]:
+            for following in lines[i + 2 :]:
                 if following.startswith((".TP", ".SH", ".SS", ".PP")):
                     break
-                body.append(macroText(following) if following.startswith(".") else
-                            plain(following))
-            current.append((macroText(tag) if tag.startswith(".") else plain(tag),
-                            " ".join(body)))
+                body.append(macroText(following) if following.startswith(".") else plain(following))
+            current.append((macroText(tag) if tag.startswith(".") else plain(tag), " ".join(body)))
     return sections
 
 
@@ -95,8 +93,9 @@ def uncommented(text: str) -> str:
 
 def settingSections(text: str) -> dict:
     """Section name -> its keys, in the order of the file, as configparser reads them."""
-    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"),
-                                       empty_lines_in_values=False)
+    parser = configparser.ConfigParser(
+        interpolation=None, inline_comment_prefixes=(";", "#"), empty_lines_in_values=False
+    )
     parser.read_string(text, source=EXAMPLE)
     return {name: parser[name] for name in parser.sections()}
 
@@ -117,8 +116,9 @@ def commandPaths(parser: argparse.ArgumentParser, prefix: tuple = ()) -> list:
 
 
 def optionStrings(parser: argparse.ArgumentParser) -> set:
-    return {s for action in parser._actions for s in action.option_strings
-            if s not in ("-h", "--help")}
+    return {
+        s for action in parser._actions for s in action.option_strings if s not in ("-h", "--help")
+    }
 
 
 class ConfigurationReferenceTests(unittest.TestCase):
@@ -134,18 +134,22 @@ class ConfigurationReferenceTests(unittest.TestCase):
         for kind, schema in config._SCHEMA.items():
             title = heading(kind)
             if title not in sections:
-                missing.append(f"{MAN5}: no section {title}: add .SH \"{title}\" with an entry "
-                               f"for each of its keys ({', '.join(schema)})")
+                missing.append(
+                    f'{MAN5}: no section {title}: add .SH "{title}" with an entry '
+                    f"for each of its keys ({', '.join(schema)})"
+                )
                 continue
             tags = {tag.split()[0] for tag, _ in sections[title] if tag}
             for key in schema:
                 if key not in tags:
-                    missing.append(f"{MAN5}: {title} {key} is not documented: add \".TP\", "
-                                   f"\".B {key}\", what it does and \"Default: ...\" under "
-                                   f".SH \"{title}\"")
+                    missing.append(
+                        f'{MAN5}: {title} {key} is not documented: add ".TP", '
+                        f'".B {key}", what it does and "Default: ..." under '
+                        f'.SH "{title}"'
+                    )
         for title in SPECIAL_SECTIONS:
             if title not in sections:
-                missing.append(f"{MAN5}: no section {title}: add .SH \"{title}\"")
+                missing.append(f'{MAN5}: no section {title}: add .SH "{title}"')
         self.assertEqual(missing, [], "\n".join(missing))
 
     def test_manPageDefaults(self) -> None:
@@ -156,20 +160,24 @@ class ConfigurationReferenceTests(unittest.TestCase):
         sections = manSections(read(MAN5))
         wrong = []
         for kind, schema in config._SCHEMA.items():
-            entries = {tag.split()[0]: body for tag, body in sections.get(heading(kind), [])
-                       if tag}
+            entries = {tag.split()[0]: body for tag, body in sections.get(heading(kind), []) if tag}
             for key, (_, default) in schema.items():
                 body = " ".join(entries.get(key, "").split())
                 if key not in entries:
                     continue  # test_everyKeyInManPage names it
                 if default is config.REQUIRED:
                     if "Required" not in body:
-                        wrong.append(f"{MAN5}: {heading(kind)} {key}: say \"Required.\" "
-                                     "(the schema has no default)")
+                        wrong.append(
+                            f'{MAN5}: {heading(kind)} {key}: say "Required." '
+                            "(the schema has no default)"
+                        )
                 elif default is not None and not re.search(
-                        rf"Default: {re.escape(default)}(?![\w/])", body):
-                    wrong.append(f"{MAN5}: {heading(kind)} {key}: the entry must say "
-                                 f"\"Default: {default}.\" (config._SCHEMA); it says: {body!r}")
+                    rf"Default: {re.escape(default)}(?![\w/])", body
+                ):
+                    wrong.append(
+                        f"{MAN5}: {heading(kind)} {key}: the entry must say "
+                        f'"Default: {default}." (config._SCHEMA); it says: {body!r}'
+                    )
         self.assertEqual(wrong, [], "\n".join(wrong))
 
     def test_everyKeyInExample(self) -> None:
@@ -189,9 +197,11 @@ class ConfigurationReferenceTests(unittest.TestCase):
                 name = kind
             for key in schema:
                 if key not in sections.get(name, {}):
-                    missing.append(f"{EXAMPLE}: [{name}] {key} is missing: add it with its "
-                                   f"default, or as ;{key} = EXAMPLE, under a comment saying "
-                                   "what it does")
+                    missing.append(
+                        f"{EXAMPLE}: [{name}] {key} is missing: add it with its "
+                        f"default, or as ;{key} = EXAMPLE, under a comment saying "
+                        "what it does"
+                    )
         if "dkim" not in sections:
             missing.append(f"{EXAMPLE}: no [dkim] section (;[dkim] and an example line)")
         self.assertEqual(missing, [], "\n".join(missing))
@@ -220,8 +230,10 @@ class ConfigurationReferenceTests(unittest.TestCase):
                     same = False
                     text = f"{text} ({e})"
                 if not same:
-                    wrong.append(f"{EXAMPLE}: [{name}] {key} = {text}, but its default is "
-                                 f"{default} (config._SCHEMA)")
+                    wrong.append(
+                        f"{EXAMPLE}: [{name}] {key} = {text}, but its default is "
+                        f"{default} (config._SCHEMA)"
+                    )
         self.assertEqual(wrong, [], "\n".join(wrong))
 
     def test_exampleLoads(self) -> None:
@@ -253,8 +265,9 @@ class ConfigurationReferenceTests(unittest.TestCase):
         C{;[section]} lines, never comments, which have a space after C{;}.
         """
         text = "; a comment = not a key\n;[relay]\n;host = x\n; [note]\n"
-        self.assertEqual(uncommented(text), "; a comment = not a key\n[relay]\nhost = x\n"
-                         "; [note]\n")
+        self.assertEqual(
+            uncommented(text), "; a comment = not a key\n[relay]\nhost = x\n; [note]\n"
+        )
 
     def test_debianConfigurationLoads(self) -> None:
         """
@@ -268,8 +281,7 @@ class ConfigurationReferenceTests(unittest.TestCase):
             full = config.loadText(uncommented(text), DEBIAN_CONF + " (uncommented)")
         except config.ConfigError as e:
             self.fail("\n".join(e.problems))
-        self.assertEqual([listener.endpoint for listener in cfg.listeners],
-                         ["tcp:587", "tcp:465"])
+        self.assertEqual([listener.endpoint for listener in cfg.listeners], ["tcp:587", "tcp:465"])
         self.assertEqual((cfg.relay, cfg.metrics, dict(cfg.dkim)), (None, None, {}))
         self.assertIsNotNone(full.relay)
         self.assertIsNotNone(full.metrics)
@@ -289,9 +301,10 @@ class CommandReferenceTests(unittest.TestCase):
         text = read(MAN8)
         sections = manSections(text)
         tags = [tag for tag, _ in sections.get("COMMANDS", [])]
-        synopsis = " ".join(plain(macroText(line) if line.startswith(".") else line)
-                            for line in text.split(".SH SYNOPSIS", 1)[1].split(".SH", 1)[0]
-                            .splitlines())
+        synopsis = " ".join(
+            plain(macroText(line) if line.startswith(".") else line)
+            for line in text.split(".SH SYNOPSIS", 1)[1].split(".SH", 1)[0].splitlines()
+        )
         synopsis = " ".join(synopsis.split())
         missing = []
         paths = commandPaths(cli._makeParser(cli.DEFAULT_CONFIG))
@@ -299,9 +312,11 @@ class CommandReferenceTests(unittest.TestCase):
         for words, _ in paths:
             command = " ".join(words)
             if not any(tag == command or tag.startswith(command + " ") for tag in tags):
-                missing.append(f"{MAN8}: the command 'mailauth {command}' has no entry: add "
-                               f".TP and .B \"{command}\" (with its arguments) under .SH "
-                               "COMMANDS")
+                missing.append(
+                    f"{MAN8}: the command 'mailauth {command}' has no entry: add "
+                    f'.TP and .B "{command}" (with its arguments) under .SH '
+                    "COMMANDS"
+                )
             if f"mailauth {command}" not in synopsis:
                 missing.append(f"{MAN8}: 'mailauth {command}' is not in the SYNOPSIS")
         self.assertEqual(missing, [], "\n".join(missing))
@@ -327,9 +342,11 @@ class CommandReferenceTests(unittest.TestCase):
             if short:
                 options.setdefault(f"-{short}", "twistd mailauth")
         self.assertIn("--keydir", options)
-        missing = [f"{MAN8}: {where} {option} is not documented: add a .TP entry whose tag "
-                   f"names {option}" for option, where in sorted(options.items())
-                   if option not in tagWords]
+        missing = [
+            f"{MAN8}: {where} {option} is not documented: add a .TP entry whose tag names {option}"
+            for option, where in sorted(options.items())
+            if option not in tagWords
+        ]
         self.assertEqual(missing, [], "\n".join(missing))
 
 
@@ -364,7 +381,9 @@ class RenderTests(unittest.TestCase):
         for name in (MAN5, MAN8):
             result = subprocess.run(
                 [groff, "-man", "-Tutf8", "-ww", "-z", os.path.join(ROOT, name)],
-                capture_output=True, text=True, timeout=60,
+                capture_output=True,
+                text=True,
+                timeout=60,
                 env=dict(os.environ, LC_ALL="C.UTF-8"),
             )
             self.assertEqual((result.returncode, result.stderr), (0, ""), name)
@@ -377,6 +396,7 @@ class RenderTests(unittest.TestCase):
         page = self.mktemp()
         with open(page, "w") as f:
             f.write('.TH X 1 "2026-12-02" "x" "x"\n.SH NAME\nx\n.XX unknown\n')
-        result = subprocess.run([groff, "-man", "-Tutf8", "-ww", "-z", page],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [groff, "-man", "-Tutf8", "-ww", "-z", page], capture_output=True, text=True, timeout=60
+        )
         self.assertIn("warning", result.stderr)

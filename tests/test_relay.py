@@ -565,15 +565,15 @@ class EndToEndTests(unittest.TestCase):
         yield self.useCertificate(issued, tls)
         watcher = LogWatcher()
         self.addCleanup(watcher.stop)
-        queue, service = self.startService(
-            self.config(host="localhost", tls=tls, retry_initial=60)
-        )
+        queue, service = self.startService(self.config(host="localhost", tls=tls, retry_initial=60))
         self.submit(queue, service, "m1")
         yield self.events.wait("deferred", "m1")
         yield self.sink.waitForDisconnects(1)
         self.assertEqual(self.sink.transactions, [])
-        self.assertEqual([c.split()[0] for c in self.sink.commands],
-                         [b"EHLO", b"STARTTLS"] if tls == "starttls" else [])
+        self.assertEqual(
+            [c.split()[0] for c in self.sink.commands],
+            [b"EHLO", b"STARTTLS"] if tls == "starttls" else [],
+        )
         self.assertQueued("m1")
         self.assertIn(why, listQueue(self.directory)[0]["last_error"])
         self.assertEqual([e for e in watcher.events if "log_failure" in e], [])
@@ -733,9 +733,14 @@ class DaemonForwardTests(unittest.TestCase):
         submitter = EndToEndMixin()
         submitter.daemon = self.daemon
         submitter.inThread = lambda f, *args: threads.deferToThread(f, *args)
-        yield submitter.submit("submission", "PLAIN", SHA512, PASSWORD,
-                               message=b"Subject: bare\r\n\r\nbody\r\n",
-                               recipients=("bob@remote.example",))
+        yield submitter.submit(
+            "submission",
+            "PLAIN",
+            SHA512,
+            PASSWORD,
+            message=b"Subject: bare\r\n\r\nbody\r\n",
+            recipients=("bob@remote.example",),
+        )
         [transaction] = yield self.sink.waitForTransactions(1)
         parsed = email.message_from_bytes(transaction.data, policy=email.policy.SMTP)
         self.assertEqual(parsed["Subject"], "bare")

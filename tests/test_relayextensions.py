@@ -24,8 +24,9 @@ from tests.support import relayConfig
 
 
 def envelope(sender="alice@example.org", recipients=("bob@remote.example",), **kwargs):
-    statuses = tuple(r if isinstance(r, RecipientStatus) else RecipientStatus(r)
-                     for r in recipients)
+    statuses = tuple(
+        r if isinstance(r, RecipientStatus) else RecipientStatus(r) for r in recipients
+    )
     return Envelope("m1", sender, statuses, 0.0, 0.0, **kwargs)
 
 
@@ -46,8 +47,14 @@ class WireTestsMixin:
 
     def deliver(self, env, *replies, message=b"Subject: x\r\n\r\nbody\r\n"):
         """Send C{env}'s message, answering each command in turn; (sent, results)."""
-        d = self.session.deliver(env.sender, [r.address for r in env.recipients],
-                                 io.BytesIO(stored(message)), len(message), False, env)
+        d = self.session.deliver(
+            env.sender,
+            [r.address for r in env.recipients],
+            io.BytesIO(stored(message)),
+            len(message),
+            False,
+            env,
+        )
         sent = []
         for reply in replies:
             while self.transport.producer is not None:
@@ -71,8 +78,13 @@ class WithoutExtensionsTests(WireTestsMixin, unittest.TestCase):
         """
         env = envelope("alice@bücher.example", ["bob@bücher.example"], smtputf8=True)
         sent, results = self.deliver(env, b"250 ok", b"250 ok", b"354 go", b"250 done")
-        self.assertEqual(sent[:2], [b"MAIL FROM:<alice@xn--bcher-kva.example>\r\n",
-                                    b"RCPT TO:<bob@xn--bcher-kva.example>\r\n"])
+        self.assertEqual(
+            sent[:2],
+            [
+                b"MAIL FROM:<alice@xn--bcher-kva.example>\r\n",
+                b"RCPT TO:<bob@xn--bcher-kva.example>\r\n",
+            ],
+        )
         self.assertEqual(results["bob@bücher.example"].text, "250 done")
 
     def test_utf8LocalPartFailsHere(self):
@@ -80,8 +92,9 @@ class WithoutExtensionsTests(WireTestsMixin, unittest.TestCase):
         A recipient whose local part is UTF-8 fails here with 553 5.6.7
         (RFC 6531 3.5); the others are still sent.
         """
-        env = envelope("alice@example.org", ["jörg@remote.example", "bob@remote.example"],
-                       smtputf8=True)
+        env = envelope(
+            "alice@example.org", ["jörg@remote.example", "bob@remote.example"], smtputf8=True
+        )
         sent, results = self.deliver(env, b"250 ok", b"250 ok", b"354 go", b"250 done")
         self.assertEqual(sent[1], b"RCPT TO:<bob@remote.example>\r\n")
         refused = results["jörg@remote.example"]
@@ -106,12 +119,17 @@ class WithoutExtensionsTests(WireTestsMixin, unittest.TestCase):
 
     def test_noDSNParameters(self):
         """Without DSN on offer, no NOTIFY, ORCPT, RET or ENVID is sent."""
-        env = envelope(recipients=[RecipientStatus("bob@remote.example", notify=("NEVER",),
-                                                   orcpt="rfc822;x@y.test")],
-                       ret="HDRS", envid="E1")
+        env = envelope(
+            recipients=[
+                RecipientStatus("bob@remote.example", notify=("NEVER",), orcpt="rfc822;x@y.test")
+            ],
+            ret="HDRS",
+            envid="E1",
+        )
         sent, _ = self.deliver(env, b"250 ok", b"250 ok", b"354 go", b"250 done")
-        self.assertEqual(sent[:2], [b"MAIL FROM:<alice@example.org>\r\n",
-                                    b"RCPT TO:<bob@remote.example>\r\n"])
+        self.assertEqual(
+            sent[:2], [b"MAIL FROM:<alice@example.org>\r\n", b"RCPT TO:<bob@remote.example>\r\n"]
+        )
 
 
 class WithExtensionsTests(WireTestsMixin, unittest.TestCase):
@@ -124,16 +142,29 @@ class WithExtensionsTests(WireTestsMixin, unittest.TestCase):
         UTF-8 addresses go as they are with SMTPUTF8; RET, ENVID, NOTIFY and
         ORCPT are passed on (RFC 3461 5.2.1); a UTF-8 ORCPT keeps its form.
         """
-        env = envelope("jörg@bücher.example", [
-            RecipientStatus("anna@exämple.org", notify=("SUCCESS", "FAILURE"),
-                            orcpt="utf-8;Anna@exämple.org"),
-            RecipientStatus("bob@remote.example"),
-        ], smtputf8=True, ret="FULL", envid="ID+2B1")
+        env = envelope(
+            "jörg@bücher.example",
+            [
+                RecipientStatus(
+                    "anna@exämple.org",
+                    notify=("SUCCESS", "FAILURE"),
+                    orcpt="utf-8;Anna@exämple.org",
+                ),
+                RecipientStatus("bob@remote.example"),
+            ],
+            smtputf8=True,
+            ret="FULL",
+            envid="ID+2B1",
+        )
         sent, results = self.deliver(env, b"250 ok", b"250 ok", b"250 ok", b"250 done")
-        self.assertEqual(sent[0], "MAIL FROM:<jörg@bücher.example> SMTPUTF8 RET=FULL "
-                                  "ENVID=ID+2B1\r\n".encode())
-        self.assertEqual(sent[1], "RCPT TO:<anna@exämple.org> NOTIFY=SUCCESS,FAILURE "
-                                  "ORCPT=utf-8;Anna@exämple.org\r\n".encode())
+        self.assertEqual(
+            sent[0], "MAIL FROM:<jörg@bücher.example> SMTPUTF8 RET=FULL ENVID=ID+2B1\r\n".encode()
+        )
+        self.assertEqual(
+            sent[1],
+            "RCPT TO:<anna@exämple.org> NOTIFY=SUCCESS,FAILURE "
+            "ORCPT=utf-8;Anna@exämple.org\r\n".encode(),
+        )
         self.assertEqual(sent[2], b"RCPT TO:<bob@remote.example>\r\n")
         self.assertTrue(self.session.dsn)
 
@@ -144,11 +175,14 @@ class WithExtensionsTests(WireTestsMixin, unittest.TestCase):
         """
         message = b".dot\r\n" + b"x" * (BDAT_CHUNK + 10) + b"\r\n.\r\n..two\r\n"
         env = envelope()
-        sent, results = self.deliver(env, b"250 ok", b"250 ok", b"250 chunk", b"250 done",
-                                     message=message)
+        sent, results = self.deliver(
+            env, b"250 ok", b"250 ok", b"250 chunk", b"250 done", message=message
+        )
         first, second = sent[2], sent[3]
         (firstCommand, firstChunk), (secondCommand, secondChunk) = (
-            first.split(b"\r\n", 1), second.split(b"\r\n", 1))
+            first.split(b"\r\n", 1),
+            second.split(b"\r\n", 1),
+        )
         self.assertEqual(firstCommand, b"BDAT %d" % (len(firstChunk),))
         self.assertEqual(secondCommand, b"BDAT %d LAST" % (len(secondChunk),))
         self.assertEqual(firstChunk + secondChunk, message)
@@ -157,8 +191,9 @@ class WithExtensionsTests(WireTestsMixin, unittest.TestCase):
     def test_bdatRefusalEnds(self):
         """A refused chunk ends the message: its reply is every accepted recipient's verdict."""
         message = b"y" * (BDAT_CHUNK * 2)
-        sent, results = self.deliver(envelope(), b"250 ok", b"250 ok", b"552 5.3.4 too big",
-                                     message=message)
+        sent, results = self.deliver(
+            envelope(), b"250 ok", b"250 ok", b"552 5.3.4 too big", message=message
+        )
         self.assertEqual(sent[-1], b"")
         self.assertEqual(results["bob@remote.example"].code, 552)
 
@@ -182,13 +217,23 @@ class SinkTests(unittest.TestCase):
         yield self.sink.start()
         self.addCleanup(self.sink.stop)
         self.directory = os.path.abspath(self.mktemp())
-        config = relayConfig(host="127.0.0.1", port=self.sink.port, tls="none", timeout=5.0,
-                             retry_initial=0.1, retry_max=0.4)
+        config = relayConfig(
+            host="127.0.0.1",
+            port=self.sink.port,
+            tls="none",
+            timeout=5.0,
+            retry_initial=0.1,
+            retry_max=0.4,
+        )
         self.queue = Queue(self.directory, reactor, "mail.example.org")
-        self.service = QueueService(self.queue, config, reactor,
-                                    RecordingLocalDelivery(["example.org"]),
-                                    runBlocking=runInline,
-                                    connector=RelayConnector(config, reactor, "mail.example.org"))
+        self.service = QueueService(
+            self.queue,
+            config,
+            reactor,
+            RecordingLocalDelivery(["example.org"]),
+            runBlocking=runInline,
+            connector=RelayConnector(config, reactor, "mail.example.org"),
+        )
         self.service.startService()
         self.addCleanup(self.service.stopService)
 
@@ -201,7 +246,8 @@ class SinkTests(unittest.TestCase):
         """
         message = "Subject: grüße\r\n\r\n.dot line\r\nbody\r\n".encode()
         writer = self.queue.newMessage(
-            "m1", "jörg@bücher.example",
+            "m1",
+            "jörg@bücher.example",
             [RecipientStatus("anna@exämple.org", notify=("FAILURE",), orcpt="rfc822;a+40b")],
             MessageOptions(smtputf8=True, ret="HDRS", envid="E"),
         )

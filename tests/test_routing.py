@@ -45,9 +45,11 @@ class RoutingTestsMixin:
         self.dir = os.path.abspath(self.mktemp())
         aliases = os.path.join(os.path.abspath(self.mktemp()))
         with open(aliases, "w", encoding="utf-8") as f:
-            f.write("@example.org: bob@example.org\n"
-                    "list@example.org: carol@example.org, far@remote.example\n"
-                    "info@xn--bcher-kva.example: jörg@bücher.example\n")
+            f.write(
+                "@example.org: bob@example.org\n"
+                "list@example.org: carol@example.org, far@remote.example\n"
+                "info@xn--bcher-kva.example: jörg@bücher.example\n"
+            )
         self.router = Router(
             localDomains={"example.org", "xn--bcher-kva.example"},
             maildirTemplate=self.dir + "/{domain}/{localpart}/Maildir",
@@ -60,8 +62,14 @@ class RoutingTestsMixin:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.woken = 0
-        self.realm = Realm(router=self.router, hostname="mx.example.org", runBlocking=runInline,
-                           queue=self.queue, wakeQueue=self.wake, clock=self.clock)
+        self.realm = Realm(
+            router=self.router,
+            hostname="mx.example.org",
+            runBlocking=runInline,
+            queue=self.queue,
+            wakeQueue=self.wake,
+            clock=self.clock,
+        )
 
     def wake(self) -> None:
         self.woken += 1
@@ -107,8 +115,7 @@ class QuotedLocalPartTests(RoutingTestsMixin, unittest.TestCase):
         With a catch-all alias to bob, bob may not send as C{"carol"} or
         C{"c\\arol"}: they are carol's address, and carol exists.
         """
-        for sender in ('<"carol"@example.org>', '<"c\\arol"@example.org>',
-                       "<CAROL@example.org>"):
+        for sender in ('<"carol"@example.org>', '<"c\\arol"@example.org>', "<CAROL@example.org>"):
             d = self.delivery("bob@example.org")
             f = self.failureResultOf(d.validateFrom(None, parsePath(sender, True)), SMTPReply)
             self.assertEqual(f.value.code, 553, sender)
@@ -117,9 +124,14 @@ class QuotedLocalPartTests(RoutingTestsMixin, unittest.TestCase):
 
     def test_quotedRecipientReachesItsMailbox(self) -> None:
         """C{RCPT TO:<"carol"@example.org>} lands in carol's Maildir, not bob's."""
-        self.send("bob@example.org", "<bob@example.org>", [
-            self.recipient('<"carol"@example.org>'), self.recipient('<"c\\arol"@example.org>'),
-        ])
+        self.send(
+            "bob@example.org",
+            "<bob@example.org>",
+            [
+                self.recipient('<"carol"@example.org>'),
+                self.recipient('<"c\\arol"@example.org>'),
+            ],
+        )
         self.assertEqual(len(self.delivered("example.org", "carol")), 1)
         self.assertEqual(self.delivered("example.org", "bob"), [])
 
@@ -135,8 +147,11 @@ class InternationalTests(RoutingTestsMixin, unittest.TestCase):
 
     def test_utf8LoginSendsAsItself(self) -> None:
         """A UTF-8 login may send as itself in any spelling of its domain, and as its alias."""
-        for sender in ("<jörg@bücher.example>", "<Jörg@xn--bcher-kva.example>",
-                       "<info@bücher.example>"):
+        for sender in (
+            "<jörg@bücher.example>",
+            "<Jörg@xn--bcher-kva.example>",
+            "<info@bücher.example>",
+        ):
             d = self.delivery("jörg@bücher.example")
             self.successResultOf(d.validateFrom(None, parsePath(sender, True, True)))
 
@@ -147,9 +162,12 @@ class InternationalTests(RoutingTestsMixin, unittest.TestCase):
         header says UTF8SMTPSA (RFC 6531 3.7.3) and names it in UTF-8.
         """
         mail = MailParameters(smtputf8=True)
-        self.send("jörg@bücher.example", "<jörg@bücher.example>",
-                  [self.recipient("<JO\u0308RG@bücher.example>", mail)],
-                  body="Subject: grüße\r\n\r\nä\r\n".encode())
+        self.send(
+            "jörg@bücher.example",
+            "<jörg@bücher.example>",
+            [self.recipient("<JO\u0308RG@bücher.example>", mail)],
+            body="Subject: grüße\r\n\r\nä\r\n".encode(),
+        )
         [stored] = self.delivered("xn--bcher-kva.example", "jörg")
         self.assertIn(b" with UTF8SMTPSA id ", stored)
         # The wire form keeps the local part as the client wrote it.
@@ -159,8 +177,7 @@ class InternationalTests(RoutingTestsMixin, unittest.TestCase):
     def test_asciiReceivedWithoutSMTPUTF8(self) -> None:
         """Without SMTPUTF8 the Received header stays ASCII, even for a UTF-8 login."""
         d = self.delivery("jörg@bücher.example")
-        header = d.receivedHeader((b"c", "192.0.2.1"), None,
-                                  [self.recipient("<bob@example.org>")])
+        header = d.receivedHeader((b"c", "192.0.2.1"), None, [self.recipient("<bob@example.org>")])
         self.assertTrue(header.isascii(), header)
         self.assertIn(b"(authenticated as j+C3+B6rg@xn--bcher-kva.example)", header)
         self.assertIn(b" with ESMTPSA id ", header)
@@ -176,17 +193,26 @@ class DSNOptionTests(RoutingTestsMixin, unittest.TestCase):
         address the sender wrote as its ORCPT.
         """
         mail = MailParameters(smtputf8=True, ret="HDRS", envid="E1")
-        self.send("bob@example.org", "<bob@example.org>", [
-            self.recipient("<x@remote.example>", mail,
-                           RcptParameters(notify=("FAILURE",), orcpt="rfc822;X@remote.example")),
-            self.recipient("<list@example.org>", mail, RcptParameters(notify=("NEVER",))),
-        ])
+        self.send(
+            "bob@example.org",
+            "<bob@example.org>",
+            [
+                self.recipient(
+                    "<x@remote.example>",
+                    mail,
+                    RcptParameters(notify=("FAILURE",), orcpt="rfc822;X@remote.example"),
+                ),
+                self.recipient("<list@example.org>", mail, RcptParameters(notify=("NEVER",))),
+            ],
+        )
         [writer] = self.queue.writers
         self.assertEqual(writer.options, MessageOptions(smtputf8=True, ret="HDRS", envid="E1"))
         self.assertEqual(
             [(s.address, s.notify, s.orcpt) for s in writer.statuses],
-            [("x@remote.example", ("FAILURE",), "rfc822;X@remote.example"),
-             ("far@remote.example", ("NEVER",), "rfc822;list@example.org")],
+            [
+                ("x@remote.example", ("FAILURE",), "rfc822;X@remote.example"),
+                ("far@remote.example", ("NEVER",), "rfc822;list@example.org"),
+            ],
         )
         self.assertEqual(len(self.delivered("example.org", "carol")), 1)
 
@@ -197,9 +223,14 @@ class DSNOptionTests(RoutingTestsMixin, unittest.TestCase):
         ENVID and the message's header.
         """
         mail = MailParameters(envid="ENV+2B1")
-        self.send("bob@example.org", "<bob@example.org>", [
-            self.recipient("<carol@example.org>", mail, RcptParameters(notify=("SUCCESS",))),
-        ], body=b"Subject: report me\r\n\r\nsecret body\r\n")
+        self.send(
+            "bob@example.org",
+            "<bob@example.org>",
+            [
+                self.recipient("<carol@example.org>", mail, RcptParameters(notify=("SUCCESS",))),
+            ],
+            body=b"Subject: report me\r\n\r\nsecret body\r\n",
+        )
         [report] = self.queue.writers
         self.assertEqual((report.sender, report.recipients), ("", ["bob@example.org"]))
         self.assertTrue(report.committed)
@@ -208,20 +239,29 @@ class DSNOptionTests(RoutingTestsMixin, unittest.TestCase):
         self.assertEqual(message["Subject"], "Successful Mail Delivery Report")
         perMessage, perRecipient = message.get_payload()[1].get_payload()
         self.assertEqual(perMessage["Original-Envelope-Id"], "ENV+1")
-        self.assertEqual((perRecipient["Final-Recipient"], perRecipient["Action"],
-                          perRecipient["Status"]),
-                         ("rfc822; carol@example.org", "delivered", "2.0.0"))
+        self.assertEqual(
+            (perRecipient["Final-Recipient"], perRecipient["Action"], perRecipient["Status"]),
+            ("rfc822; carol@example.org", "delivered", "2.0.0"),
+        )
         self.assertIn(b"Subject: report me", report.data)
         self.assertNotIn(b"secret body", report.data)
 
     def test_noReportUnlessAsked(self) -> None:
         """Without NOTIFY=SUCCESS, or for the null sender, no report is made."""
-        self.send("bob@example.org", "<bob@example.org>", [
-            self.recipient("<carol@example.org>", params=RcptParameters(notify=("FAILURE",))),
-        ])
-        self.send("bob@example.org", "<>", [
-            self.recipient("<carol@example.org>", params=RcptParameters(notify=("SUCCESS",))),
-        ])
+        self.send(
+            "bob@example.org",
+            "<bob@example.org>",
+            [
+                self.recipient("<carol@example.org>", params=RcptParameters(notify=("FAILURE",))),
+            ],
+        )
+        self.send(
+            "bob@example.org",
+            "<>",
+            [
+                self.recipient("<carol@example.org>", params=RcptParameters(notify=("SUCCESS",))),
+            ],
+        )
         self.assertEqual(self.queue.writers, [])
         self.assertEqual(len(self.delivered("example.org", "carol")), 2)
 
@@ -231,9 +271,13 @@ class ReportWithoutQueueTests(RoutingTestsMixin, unittest.TestCase):
 
     def test_reportToLocalSender(self) -> None:
         """Without a [relay], the delivery report goes straight to a local sender's Maildir."""
-        self.send("bob@example.org", "<bob@example.org>", [
-            self.recipient("<carol@example.org>", params=RcptParameters(notify=("SUCCESS",))),
-        ])
+        self.send(
+            "bob@example.org",
+            "<bob@example.org>",
+            [
+                self.recipient("<carol@example.org>", params=RcptParameters(notify=("SUCCESS",))),
+            ],
+        )
         [report] = self.delivered("example.org", "bob")
         self.assertIn(b"Subject: Successful Mail Delivery Report", report)
         self.assertIn(b"Action: delivered", report)
@@ -249,7 +293,7 @@ class UsersFileKeyTests(unittest.TestCase):
         """
         path = self.mktemp()
         with open(path, "w", encoding="utf-8") as f:
-            f.write("Jörg@Bücher.example:{PLAIN}a\n\"jörg\"@xn--bcher-kva.example:{PLAIN}b\n")
+            f.write('Jörg@Bücher.example:{PLAIN}a\n"jörg"@xn--bcher-kva.example:{PLAIN}b\n')
         users = UserDatabase(path)
         users.load()
         user = users.get("JÖRG@xn--bcher-kva.example")

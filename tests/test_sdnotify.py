@@ -166,24 +166,30 @@ class EnvironmentTests(unittest.TestCase):
         watcher = LogWatcher()
         self.addCleanup(watcher.stop)
         self.assertIsNone(sdnotify.fromEnvironment({"NOTIFY_SOCKET": "relative"}, reactor, []))
-        self.assertEqual(len(watcher.matching("not notifying systemd: NOTIFY_SOCKET='relative'")),
-                         1)
+        self.assertEqual(
+            len(watcher.matching("not notifying systemd: NOTIFY_SOCKET='relative'")), 1
+        )
 
     def test_watchdogInterval(self) -> None:
         """The watchdog is pinged at half of WATCHDOG_USEC."""
         service = sdnotify.fromEnvironment(
-            {"NOTIFY_SOCKET": "/run/notify", "WATCHDOG_USEC": "30000000"}, reactor, [])
+            {"NOTIFY_SOCKET": "/run/notify", "WATCHDOG_USEC": "30000000"}, reactor, []
+        )
         self.assertEqual(service.watchdogInterval, 15.0)
         service = sdnotify.fromEnvironment({"NOTIFY_SOCKET": "/run/notify"}, reactor, [])
         self.assertIsNone(service.watchdogInterval)
 
     def test_watchdogForAnotherProcess(self) -> None:
         """A WATCHDOG_PID other than ours means the watchdog is not ours to ping."""
-        environ = {"NOTIFY_SOCKET": "/run/notify", "WATCHDOG_USEC": "30000000",
-                   "WATCHDOG_PID": "4242"}
+        environ = {
+            "NOTIFY_SOCKET": "/run/notify",
+            "WATCHDOG_USEC": "30000000",
+            "WATCHDOG_PID": "4242",
+        }
         self.assertIsNone(sdnotify.fromEnvironment(environ, reactor, [], pid=1).watchdogInterval)
         self.assertEqual(
-            sdnotify.fromEnvironment(environ, reactor, [], pid=4242).watchdogInterval, 15.0)
+            sdnotify.fromEnvironment(environ, reactor, [], pid=4242).watchdogInterval, 15.0
+        )
 
     def test_badWatchdog(self) -> None:
         """A WATCHDOG_USEC that is not a positive number is a warning and no watchdog."""
@@ -191,7 +197,8 @@ class EnvironmentTests(unittest.TestCase):
         self.addCleanup(watcher.stop)
         for usec in ("soon", "0", "-5"):
             service = sdnotify.fromEnvironment(
-                {"NOTIFY_SOCKET": "/run/notify", "WATCHDOG_USEC": usec}, reactor, [])
+                {"NOTIFY_SOCKET": "/run/notify", "WATCHDOG_USEC": usec}, reactor, []
+            )
             self.assertIsNone(service.watchdogInterval)
         self.assertEqual(len(watcher.matching("ignoring WATCHDOG_USEC=")), 3)
 
@@ -207,8 +214,9 @@ class ReadinessTests(unittest.TestCase):
         """Start the listeners and the service, then the reactor as twistd does."""
         for listener in listeners:
             listener.startService()
-        service = ReadinessService(Notifier(self.receiver.address), self.reactor, listeners,
-                                   watchdog)
+        service = ReadinessService(
+            Notifier(self.receiver.address), self.reactor, listeners, watchdog
+        )
         service.startService()
         if run:
             self.reactor.run()
@@ -285,8 +293,9 @@ class DaemonTests(unittest.TestCase):
         self.clock = task.Clock()
         self.daemon = Daemon(self.mktemp(), settings=METRICS)
         environ = {"NOTIFY_SOCKET": self.receiver.address, "WATCHDOG_USEC": "30000000"}
-        self.daemon.service = tap.buildService(self.daemon.config, RunningReactor(self.clock),
-                                               environ=environ)
+        self.daemon.service = tap.buildService(
+            self.daemon.config, RunningReactor(self.clock), environ=environ
+        )
 
     @defer.inlineCallbacks
     def test_readyWatchdogStopping(self) -> None:
@@ -299,10 +308,15 @@ class DaemonTests(unittest.TestCase):
         self.daemon.start()
         stopped = False
         try:
-            self.assertEqual(self.receiver.messages(), [[
-                "READY=1",
-                "STATUS=listening: listener:submission, listener:submissions, metrics",
-            ]])
+            self.assertEqual(
+                self.receiver.messages(),
+                [
+                    [
+                        "READY=1",
+                        "STATUS=listening: listener:submission, listener:submissions, metrics",
+                    ]
+                ],
+            )
 
             def greeting(port):
                 client = RawClient(port)
@@ -333,8 +347,9 @@ class DaemonTests(unittest.TestCase):
         options.parseOptions(["--config", self.daemon.configPath])
         self.patch(os, "environ", {"NOTIFY_SOCKET": self.receiver.address})
         service = tap.makeService(options, reactor)
-        self.assertEqual(service.getServiceNamed("sdnotify").notifier.address,
-                         self.receiver.address)
+        self.assertEqual(
+            service.getServiceNamed("sdnotify").notifier.address, self.receiver.address
+        )
 
 
 class TwistdTests(unittest.TestCase):
@@ -351,17 +366,31 @@ class TwistdTests(unittest.TestCase):
         daemon = Daemon(self.mktemp(), settings=METRICS)
         environ = dict(os.environ, NOTIFY_SOCKET=receiver.address, WATCHDOG_USEC="200000")
         process = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-             "--nodaemon", "--pidfile=", "--logfile=-", "mailauth",
-             "--config", daemon.configPath],
-            cwd=daemon.dir, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "--nodaemon",
+                "--pidfile=",
+                "--logfile=-",
+                "mailauth",
+                "--config",
+                daemon.configPath,
+            ],
+            cwd=daemon.dir,
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         try:
             ready, pid = receiver.receive()
-            self.assertEqual(ready, [
-                "READY=1",
-                "STATUS=listening: listener:submission, listener:submissions, metrics",
-            ])
+            self.assertEqual(
+                ready,
+                [
+                    "READY=1",
+                    "STATUS=listening: listener:submission, listener:submissions, metrics",
+                ],
+            )
             self.assertEqual(pid, process.pid)
             self.assertEqual(receiver.receive(), (["WATCHDOG=1"], process.pid))
             process.send_signal(signal.SIGTERM)

@@ -55,9 +55,15 @@ class BruteForceTests(AttackMixin, unittest.TestCase):
     """
 
     clocked = True
-    settings = {"auth": {"tarpit_delay": "10s", "max_failures_per_address": "4",
-                         "max_failures_per_login": "3", "block_time": "60s",
-                         "failures_per_session": "10"}}
+    settings = {
+        "auth": {
+            "tarpit_delay": "10s",
+            "max_failures_per_address": "4",
+            "max_failures_per_login": "3",
+            "block_time": "60s",
+            "failures_per_session": "10",
+        }
+    }
 
     def failure(self, source: str):
         return self.log.waitFor(rf"auth failure: client=\[{re.escape(source)}\]")
@@ -70,6 +76,7 @@ class BruteForceTests(AttackMixin, unittest.TestCase):
         connections from it are refused until block_time passes; meanwhile
         another address fails and logs in with no delay at all.
         """
+
         def firstTwo():
             a = self.connect()
             a.ehlo()
@@ -86,8 +93,11 @@ class BruteForceTests(AttackMixin, unittest.TestCase):
         def otherAddress():
             b = self.connect(source="127.0.0.2")
             b.ehlo()
-            return [b.command(plain(BOB, b"wrong")), b.command(plain(BOB, BOB_PASSWORD)),
-                    b.command(b"QUIT")]
+            return [
+                b.command(plain(BOB, b"wrong")),
+                b.command(plain(BOB, BOB_PASSWORD)),
+                b.command(b"QUIT"),
+            ]
 
         bReplies = yield self.inThread(otherAddress)
         self.assertEqual([code for code, _ in bReplies], [535, 235, 221])
@@ -98,13 +108,15 @@ class BruteForceTests(AttackMixin, unittest.TestCase):
         self.assertEqual((code, text), (535, [b"5.7.8 Authentication credentials invalid"]))
 
         code, text = yield self.inThread(a.command, plain(CHEAP_USERS[3], b"wrong"))
-        self.assertEqual((code, text),
-                         (421, [b"4.7.0 Error: too many failed logins, try again later"]))
+        self.assertEqual(
+            (code, text), (421, [b"4.7.0 Error: too many failed logins, try again later"])
+        )
         self.assertTrue((yield self.inThread(a.closedByServer)))
 
         refused = yield self.inThread(self.connect, "submissions", "127.0.0.1", 421)
-        self.assertEqual(refused.lines,
-                         [b"421 4.7.0 Error: too many failed logins, try again later"])
+        self.assertEqual(
+            refused.lines, [b"421 4.7.0 Error: too many failed logins, try again later"]
+        )
         self.assertTrue((yield self.inThread(refused.closedByServer)))
         yield self.inThread(self.connect, "submission", "127.0.0.1", 421)
         yield self.inThread(self.connect, "submissions", "127.0.0.2", 220)
@@ -118,6 +130,7 @@ class BruteForceTests(AttackMixin, unittest.TestCase):
         A correct password is answered at once, even from an address whose
         failures are being tarpitted right now.
         """
+
         def twoFailures():
             a = self.connect()
             a.ehlo()
@@ -132,9 +145,11 @@ class BruteForceTests(AttackMixin, unittest.TestCase):
 
         def sendFromSameAddress():
             b = self.loggedIn(source="127.0.0.1")
-            replies = [b.command(b"MAIL FROM:<bob@example.test>"),
-                       b.command(b"RCPT TO:<alice.plain@example.test>"),
-                       b.command(b"DATA")]
+            replies = [
+                b.command(b"MAIL FROM:<bob@example.test>"),
+                b.command(b"RCPT TO:<alice.plain@example.test>"),
+                b.command(b"DATA"),
+            ]
             b.send(b"Subject: sent while tarpitted\r\n\r\nhello\r\n.\r\n")
             replies.append(b.reply())
             return [code for code, _ in replies]
@@ -151,6 +166,7 @@ class BruteForceTests(AttackMixin, unittest.TestCase):
         once. His own mistakes are only slowed (per-login tarpit), never
         answered with 421, and his address is not blocked.
         """
+
         def guess(n):
             return lambda c: c.command(plain(BOB, b"guess%d" % n))
 
@@ -183,8 +199,9 @@ class BruteForceTests(AttackMixin, unittest.TestCase):
         yield logged
         self.assertFalse(c.pending(), "bob's own failure was not slowed")
         self.clock.advance(MAX_DELAY)
-        self.assertEqual((yield self.inThread(c.reply)),
-                         (535, [b"5.7.8 Authentication credentials invalid"]))
+        self.assertEqual(
+            (yield self.inThread(c.reply)), (535, [b"5.7.8 Authentication credentials invalid"])
+        )
         self.assertEqual((yield self.inThread(c.command, plain(BOB, BOB_PASSWORD)))[0], 235)
         yield self.inThread(self.loggedIn)
 
@@ -192,8 +209,13 @@ class BruteForceTests(AttackMixin, unittest.TestCase):
 class RealTimeTarpitTests(AttackMixin, unittest.TestCase):
     """The tarpit on the real reactor, measured only from below."""
 
-    settings = {"auth": {"tarpit_delay": "0.2s", "max_failures_per_address": "4",
-                         "failures_per_session": "10"}}
+    settings = {
+        "auth": {
+            "tarpit_delay": "0.2s",
+            "max_failures_per_address": "4",
+            "failures_per_session": "10",
+        }
+    }
 
     @defer.inlineCallbacks
     def test_delayedReplyComesAfterTheDelay(self):
@@ -201,6 +223,7 @@ class RealTimeTarpitTests(AttackMixin, unittest.TestCase):
         Past half of max_failures_per_address the 535 comes no sooner than
         tarpit_delay after the attempt; at the limit: 421 4.7.0.
         """
+
         def attack():
             c = self.connect()
             c.ehlo()
@@ -225,6 +248,7 @@ class SessionFailureLimitTests(AttackMixin, unittest.TestCase):
         failures_per_session failed logins end the connection with 421
         4.7.0; the address is not blocked by that alone.
         """
+
         def attack():
             c = self.connect()
             c.ehlo()
@@ -232,8 +256,13 @@ class SessionFailureLimitTests(AttackMixin, unittest.TestCase):
             return replies, c.closedByServer()
 
         replies, closed = yield self.inThread(attack)
-        self.assertEqual(replies, [(535, [b"5.7.8 Authentication credentials invalid"]),
-                                   (421, [b"4.7.0 Error: too many failed logins"])])
+        self.assertEqual(
+            replies,
+            [
+                (535, [b"5.7.8 Authentication credentials invalid"]),
+                (421, [b"4.7.0 Error: too many failed logins"]),
+            ],
+        )
         self.assertTrue(closed)
         yield self.inThread(self.loggedIn)
 
@@ -258,8 +287,14 @@ class ThrottleTests(unittest.TestCase):
 
     def throttle(self, **overrides) -> _Answered:
         self.clock = Clock()
-        values = dict(window=900.0, maxPerAddress=10, maxPerLogin=5, tarpitDelay=2.0,
-                      blockTime=900.0, maxTracked=100)
+        values = dict(
+            window=900.0,
+            maxPerAddress=10,
+            maxPerLogin=5,
+            tarpitDelay=2.0,
+            blockTime=900.0,
+            maxTracked=100,
+        )
         values.update(overrides)
         return _Answered(self, AuthThrottle(self.clock, **values))
 
@@ -354,8 +389,10 @@ class ThrottleTests(unittest.TestCase):
         limiter = ConnectionLimiter(total=100, perAddress=2)
         self.assertIsNone(limiter.acquire("2001:db8::1"))
         self.assertIsNone(limiter.acquire("2001:db8::2"))
-        self.assertEqual(limiter.acquire("2001:db8::3").text,
-                         "4.7.0 Error: too many connections from your address")
+        self.assertEqual(
+            limiter.acquire("2001:db8::3").text,
+            "4.7.0 Error: too many connections from your address",
+        )
         self.assertIsNone(limiter.acquire("2001:db8:0:1::1"))
         limiter.release("2001:db8::1")
         self.assertIsNone(limiter.acquire("2001:db8::3"))
@@ -369,9 +406,16 @@ class ThrottleTests(unittest.TestCase):
 
 class LimitTests(AttackMixin, unittest.TestCase):
     clocked = True
-    settings = {"server": {"max_connections": "4", "max_connections_per_address": "2",
-                           "max_recipients": "3", "max_errors": "3", "timeout": "30s",
-                           "data_timeout": "60s"}}
+    settings = {
+        "server": {
+            "max_connections": "4",
+            "max_connections_per_address": "2",
+            "max_recipients": "3",
+            "max_errors": "3",
+            "timeout": "30s",
+            "data_timeout": "60s",
+        }
+    }
 
     @defer.inlineCallbacks
     def test_connectionsPerAddress(self):
@@ -413,8 +457,10 @@ class LimitTests(AttackMixin, unittest.TestCase):
         self.clock.advance(29)
         self.assertEqual((yield self.inThread(c.command, b"NOOP"))[0], 250)
         self.clock.advance(30)
-        self.assertEqual((yield self.inThread(c.reply)),
-                         (421, [b"4.4.2 mx.example.test Error: timeout exceeded"]))
+        self.assertEqual(
+            (yield self.inThread(c.reply)),
+            (421, [b"4.4.2 mx.example.test Error: timeout exceeded"]),
+        )
         self.assertTrue((yield self.inThread(c.closedByServer)))
 
     @defer.inlineCallbacks
@@ -427,6 +473,7 @@ class LimitTests(AttackMixin, unittest.TestCase):
         then ends the session and the 421 cannot be sent either, the
         connection is cut one timeout later instead of staying forever.
         """
+
         def flood():
             c = self.connect("submission")
             c.sock.settimeout(0.5)
@@ -452,6 +499,7 @@ class LimitTests(AttackMixin, unittest.TestCase):
         A client that stops sending inside DATA gets 421 4.4.2 after
         data_timeout; the part it sent is not delivered.
         """
+
         def start():
             c = self.loggedIn()
             c.command(b"MAIL FROM:<bob@example.test>")
@@ -472,19 +520,31 @@ class LimitTests(AttackMixin, unittest.TestCase):
         A command line over 12288 octets gets 500 5.5.2 (an AUTH line 500
         5.5.6) and is skipped whole; the session goes on in step.
         """
+
         def send():
             c = self.connect()
             c.ehlo()
-            return [c.command(b"NOOP " + b"x" * 20000), c.command(b"NOOP"),
-                    c.command(b"AUTH PLAIN " + b"A" * 20000), c.command(b"NOOP")]
+            return [
+                c.command(b"NOOP " + b"x" * 20000),
+                c.command(b"NOOP"),
+                c.command(b"AUTH PLAIN " + b"A" * 20000),
+                c.command(b"NOOP"),
+            ]
 
-        self.assertEqual((yield self.inThread(send)), [
-            (500, [b"5.5.2 Error: line too long"]), (250, [b"2.0.0 Ok"]),
-            (500, [b"5.5.6 Authentication exchange line is too long"]), (250, [b"2.0.0 Ok"])])
+        self.assertEqual(
+            (yield self.inThread(send)),
+            [
+                (500, [b"5.5.2 Error: line too long"]),
+                (250, [b"2.0.0 Ok"]),
+                (500, [b"5.5.6 Authentication exchange line is too long"]),
+                (250, [b"2.0.0 Ok"]),
+            ],
+        )
 
     @defer.inlineCallbacks
     def test_recipientsPerMessage(self):
         """Past max_recipients in one message: 452 4.5.3."""
+
         def send():
             c = self.loggedIn()
             c.command(b"MAIL FROM:<bob@example.test>")
@@ -504,12 +564,18 @@ class LimitTests(AttackMixin, unittest.TestCase):
 
         def send():
             c = self.loggedIn()
-            return [c.command(b"MAIL FROM:<bob@example.test> SIZE=%d" % (limit + 1)),
-                    c.command(b"MAIL FROM:<bob@example.test> SIZE=%d" % limit)]
+            return [
+                c.command(b"MAIL FROM:<bob@example.test> SIZE=%d" % (limit + 1)),
+                c.command(b"MAIL FROM:<bob@example.test> SIZE=%d" % limit),
+            ]
 
-        self.assertEqual((yield self.inThread(send)), [
-            (552, [b"5.3.4 Message size exceeds fixed maximum message size"]),
-            (250, [b"2.1.0 Ok"])])
+        self.assertEqual(
+            (yield self.inThread(send)),
+            [
+                (552, [b"5.3.4 Message size exceeds fixed maximum message size"]),
+                (250, [b"2.1.0 Ok"]),
+            ],
+        )
 
     @defer.inlineCallbacks
     def test_sizeAtData(self):
@@ -529,9 +595,13 @@ class LimitTests(AttackMixin, unittest.TestCase):
             c.send(line * (limit // len(line) + 1) + b".\r\nNOOP\r\n")
             return [c.reply(), c.reply()]
 
-        self.assertEqual((yield self.inThread(send)), [
-            (552, [b"5.3.4 Message size exceeds fixed maximum message size"]),
-            (250, [b"2.0.0 Ok"])])
+        self.assertEqual(
+            (yield self.inThread(send)),
+            [
+                (552, [b"5.3.4 Message size exceeds fixed maximum message size"]),
+                (250, [b"2.0.0 Ok"]),
+            ],
+        )
         self.assertEqual(self.daemon.allDelivered(), [])
 
     @defer.inlineCallbacks
@@ -540,6 +610,7 @@ class LimitTests(AttackMixin, unittest.TestCase):
         After max_errors error replies (unknown commands, bad syntax) the
         server answers 421 4.7.0 and closes.
         """
+
         def send():
             c = self.connect()
             replies = [c.command(b"XYZZY"), c.command(b"MAIL FROM:<x@example.test>")]
@@ -584,13 +655,20 @@ RELAY_TRICKS = [
 ]
 
 # Forms of local addresses that must be treated as local, not refused.
-LOCAL_FORMS = [b"<bob@EXAMPLE.TEST>", b"<BOB@Example.Test.>", b"<bob@example.test.>",
-               b"<@remote.test:bob@example.test>"]
+LOCAL_FORMS = [
+    b"<bob@EXAMPLE.TEST>",
+    b"<BOB@Example.Test.>",
+    b"<bob@example.test.>",
+    b"<@remote.test:bob@example.test>",
+]
 
 MX_LISTENERS = {
     "listener:mx": {"endpoint": "tcp:0:interface=127.0.0.1", "tls": "none", "auth": "none"},
-    "listener:optional": {"endpoint": "tcp:0:interface=127.0.0.1", "tls": "starttls",
-                          "auth": "optional"},
+    "listener:optional": {
+        "endpoint": "tcp:0:interface=127.0.0.1",
+        "tls": "starttls",
+        "auth": "optional",
+    },
 }
 
 
@@ -623,14 +701,16 @@ class OpenRelayMixin(AttackMixin):
     @defer.inlineCallbacks
     def test_authParameterClaimsNothing(self):
         """MAIL FROM with AUTH=<local user> does not make an unauthenticated session a sender."""
+
         def send():
             c = self.connect("mx")
             c.ehlo()
             c.command(b"MAIL FROM:<bob@example.test> AUTH=bob@example.test")
             return c.command(b"RCPT TO:<bob@remote.test>")
 
-        self.assertEqual((yield self.inThread(send)),
-                         (554, [b"5.7.1 <bob@remote.test>: Relay access denied"]))
+        self.assertEqual(
+            (yield self.inThread(send)), (554, [b"5.7.1 <bob@remote.test>: Relay access denied"])
+        )
 
     @defer.inlineCallbacks
     def test_localFormsDelivered(self):
@@ -639,6 +719,7 @@ class OpenRelayMixin(AttackMixin):
         address are the local mailbox: accepted and delivered there, and
         only there.
         """
+
         def send():
             c = self.connect("mx")
             c.ehlo()
@@ -651,8 +732,9 @@ class OpenRelayMixin(AttackMixin):
 
         self.assertEqual((yield self.inThread(send)), [250] * len(LOCAL_FORMS) + [250])
         [delivered] = self.daemon.allDelivered()
-        self.assertEqual(os.path.dirname(delivered),
-                         os.path.join(self.daemon.maildir("bob@example.test"), "new"))
+        self.assertEqual(
+            os.path.dirname(delivered), os.path.join(self.daemon.maildir("bob@example.test"), "new")
+        )
 
 
 class OpenRelayTests(OpenRelayMixin, unittest.TestCase):
@@ -668,12 +750,16 @@ class OpenRelayWithRelayTests(OpenRelayMixin, unittest.TestCase):
     """
 
     clocked = True
-    settings = {"server": {"max_errors": "100"}, **MX_LISTENERS,
-                "relay": {"host": "127.0.0.1", "port": "1", "tls": "none"}}
+    settings = {
+        "server": {"max_errors": "100"},
+        **MX_LISTENERS,
+        "relay": {"host": "127.0.0.1", "port": "1", "tls": "none"},
+    }
 
     @defer.inlineCallbacks
     def test_authenticatedUserMayRelay(self):
         """The relay is really on: an authenticated user's remote recipient is accepted."""
+
         def send():
             c = self.loggedIn()
             c.command(b"MAIL FROM:<bob@example.test>")
@@ -687,9 +773,21 @@ class OpenRelayWithRelayTests(OpenRelayMixin, unittest.TestCase):
 # The end-of-data look-alikes of SEC Consult's smtp-smuggling-tools (the
 # inbound and outbound sets, 2023) and the ones Postfix's advisory lists.
 SMUGGLING_SEQUENCES = [
-    b"\n.\n", b"\n.\r", b"\r.\n", b"\r.\r", b"\n.\r\n", b"\r.\r\n", b"\r\n\x00.\r\n",
-    b"\r\n.\r\r\n", b"\r\r\n.\r\r\n", b"\r\n.\r", b"\r\n\x00.\r", b"\r\n\x00.\n",
-    b"\r\n.\x00\r\n", b"\n\n.\r\n", b"\r\n.\n",
+    b"\n.\n",
+    b"\n.\r",
+    b"\r.\n",
+    b"\r.\r",
+    b"\n.\r\n",
+    b"\r.\r\n",
+    b"\r\n\x00.\r\n",
+    b"\r\n.\r\r\n",
+    b"\r\r\n.\r\r\n",
+    b"\r\n.\r",
+    b"\r\n\x00.\r",
+    b"\r\n\x00.\n",
+    b"\r\n.\x00\r\n",
+    b"\n\n.\r\n",
+    b"\r\n.\n",
 ]
 
 
@@ -775,11 +873,13 @@ class StartTLSInjectionTests(AttackMixin, unittest.TestCase):
         reply inside TLS answers the first command sent inside TLS, and the
         injected EHLO left no trace, so EHLO is required again.
         """
+
         def afterHandshake(c):
             return [c.command(b"NOOP"), c.command(b"MAIL FROM:<bob@example.test>"), c.ehlo()]
 
-        c = yield self.inThread(self.startTLSByHand,
-                                b"EHLO injected\r\nMAIL FROM:<bob@example.test>\r\n")
+        c = yield self.inThread(
+            self.startTLSByHand, b"EHLO injected\r\nMAIL FROM:<bob@example.test>\r\n"
+        )
         noop, mail, ehlo = yield self.inThread(afterHandshake, c)
         self.assertEqual(noop, (250, [b"2.0.0 Ok"]))
         self.assertEqual(mail, (503, [b"5.5.1 Error: send HELO/EHLO first"]))
@@ -813,6 +913,7 @@ class StartTLSInjectionTests(AttackMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_noStartTLSOnImplicitListener(self):
         """STARTTLS inside implicit TLS is refused (D4)."""
+
         def send():
             c = self.connect()
             c.ehlo()
@@ -835,9 +936,14 @@ shared@example.test: bob@example.test, alice.plain@example.test
 @granted.test: bob@example.test
 """
 
-SENDER_SETTINGS = {"delivery": {"local_domains": "example.test alias.test",
-                                "aliases": "{dir}/aliases", "sender_map": "{dir}/sender-map"},
-                   "server": {"max_errors": "100"}}
+SENDER_SETTINGS = {
+    "delivery": {
+        "local_domains": "example.test alias.test",
+        "aliases": "{dir}/aliases",
+        "sender_map": "{dir}/sender-map",
+    },
+    "server": {"max_errors": "100"},
+}
 
 
 class SenderBindingTests(AttackMixin, unittest.TestCase):
@@ -865,15 +971,29 @@ class SenderBindingTests(AttackMixin, unittest.TestCase):
         sender map (also by @domain), and with the null sender; anything
         else gets 553 5.7.1.
         """
-        allowed = [b"<bob@example.test>", b"<BOB@Example.Test.>", b"<bob.alias@example.test>",
-                   b"<sales@example.test>", b"<anything@alias.test>", b"<boss@example.test>",
-                   b"<shared@example.test>", b"<anyone@granted.test>", b"<>",
-                   b"<@remote.test:bob@example.test>", b'<"bob"@example.test>',
-                   b'<"b\\ob"@example.test>']
-        refused = [b"<alice.plain@example.test>", b"<someone@remote.test>",
-                   b'<"alice.plain"@example.test>', b"<bob@example.test.remote.test>",
-                   b"<bob%example.test@remote.test>", b"<bob@[127.0.0.1]>",
-                   b"<x@sub.granted.test>"]
+        allowed = [
+            b"<bob@example.test>",
+            b"<BOB@Example.Test.>",
+            b"<bob.alias@example.test>",
+            b"<sales@example.test>",
+            b"<anything@alias.test>",
+            b"<boss@example.test>",
+            b"<shared@example.test>",
+            b"<anyone@granted.test>",
+            b"<>",
+            b"<@remote.test:bob@example.test>",
+            b'<"bob"@example.test>',
+            b'<"b\\ob"@example.test>',
+        ]
+        refused = [
+            b"<alice.plain@example.test>",
+            b"<someone@remote.test>",
+            b'<"alice.plain"@example.test>',
+            b"<bob@example.test.remote.test>",
+            b"<bob%example.test@remote.test>",
+            b"<bob@[127.0.0.1]>",
+            b"<x@sub.granted.test>",
+        ]
         codes = yield self.inThread(self.senders, BOB, BOB_PASSWORD, allowed + refused)
         self.assertEqual(codes, [250] * len(allowed) + [553] * len(refused))
 
@@ -884,20 +1004,32 @@ class SenderBindingTests(AttackMixin, unittest.TestCase):
         ones that are his alone, nor his address.
         """
         codes = yield self.inThread(
-            self.senders, b"alice.plain@example.test", PASSWORD.encode(),
-            [b"<sales@example.test>", b"<shared@example.test>", b"<alice.plain@example.test>",
-             b"<bob.alias@example.test>", b"<boss@example.test>", b"<x@granted.test>",
-             b"<bob@example.test>"])
+            self.senders,
+            b"alice.plain@example.test",
+            PASSWORD.encode(),
+            [
+                b"<sales@example.test>",
+                b"<shared@example.test>",
+                b"<alice.plain@example.test>",
+                b"<bob.alias@example.test>",
+                b"<boss@example.test>",
+                b"<x@granted.test>",
+                b"<bob@example.test>",
+            ],
+        )
         self.assertEqual(codes, [250, 250, 250, 553, 553, 553, 553])
 
     @defer.inlineCallbacks
     def test_aliasSenderDelivers(self):
         """A message sent as an alias goes through end to end."""
+
         def send():
             c = self.loggedIn()
-            codes = [c.command(b"MAIL FROM:<sales@example.test>")[0],
-                     c.command(b"RCPT TO:<alice.plain@example.test>")[0],
-                     c.command(b"DATA")[0]]
+            codes = [
+                c.command(b"MAIL FROM:<sales@example.test>")[0],
+                c.command(b"RCPT TO:<alice.plain@example.test>")[0],
+                c.command(b"DATA")[0],
+            ]
             c.send(b"From: sales@example.test\r\n\r\nhi\r\n.\r\n")
             codes.append(c.reply()[0])
             return codes
@@ -912,6 +1044,7 @@ class SenderLoginMatchOffTests(AttackMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_anySender(self):
         """With sender_login_match = no, an authenticated user may use any sender."""
+
         def send():
             c = self.loggedIn()
             codes = []
@@ -928,17 +1061,26 @@ class SenderLoginMatchOffTests(AttackMixin, unittest.TestCase):
 FILTER = os.path.join(ROOT, "etc", "fail2ban", "filter.d", "mailauth.conf")
 JAIL = os.path.join(ROOT, "etc", "fail2ban", "jail.d", "mailauth.conf")
 
-SECRETS = [b"hunter2-plain-secret", b"hunter2-login-secret", b"hunter2-cram-secret",
-           BOB_PASSWORD]
+SECRETS = [b"hunter2-plain-secret", b"hunter2-login-secret", b"hunter2-cram-secret", BOB_PASSWORD]
 # A login crafted to make a naive filter read another client address.
 HOSTILE = b"x] client=[192.0.2.66] mechanism=PLAIN login=<y"
 # The same with a line break, to forge a whole log line (refused before it is logged).
-FORGED = (b"x\n2026-11-29T15:23:31+0000 [mailauth.esmtp#info] auth failure: "
-          b"client=[192.0.2.67] mechanism=PLAIN login=<y>")
+FORGED = (
+    b"x\n2026-11-29T15:23:31+0000 [mailauth.esmtp#info] auth failure: "
+    b"client=[192.0.2.67] mechanism=PLAIN login=<y>"
+)
 
 # The clients of the failed guesses in the log, one per auth failure line.
-FAILED = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.6", "127.0.0.7", "::1",
-          "127.0.0.10", "127.0.0.10"]
+FAILED = [
+    "127.0.0.1",
+    "127.0.0.2",
+    "127.0.0.3",
+    "127.0.0.6",
+    "127.0.0.7",
+    "::1",
+    "127.0.0.10",
+    "127.0.0.10",
+]
 
 _twistdRun: dict = {}
 
@@ -953,17 +1095,31 @@ def twistdLog(tmp: str) -> dict:
     """
     if _twistdRun:
         return _twistdRun
-    daemon = Daemon(tmp, {
-        "listener:v6": {"endpoint": "tcp6:0:interface=\\:\\:1", "tls": "implicit"},
-        # 127.0.0.10 is blocked at its second failure.
-        "auth": {"max_failures_per_address": "2"},
-    })
+    daemon = Daemon(
+        tmp,
+        {
+            "listener:v6": {"endpoint": "tcp6:0:interface=\\:\\:1", "tls": "implicit"},
+            # 127.0.0.10 is blocked at its second failure.
+            "auth": {"max_failures_per_address": "2"},
+        },
+    )
     logPath = os.path.join(daemon.dir, "mailauth.log")
     process = subprocess.Popen(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-         "--nodaemon", "--pidfile=", "--logfile", logPath, "mailauth", "--config",
-         daemon.configPath],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "--nodaemon",
+            "--pidfile=",
+            "--logfile",
+            logPath,
+            "mailauth",
+            "--config",
+            daemon.configPath,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         ports = _waitForPorts(logPath, process, 3)
@@ -1070,8 +1226,12 @@ def _playLogins(ports: list) -> None:
 def fail2banRegex(logPath: str, out: str) -> list:
     """Debian's fail2ban-regex on C{logPath} with our filter; one line per match."""
     try:
-        result = subprocess.run(["fail2ban-regex", "--out", out, logPath, FILTER],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            ["fail2ban-regex", "--out", out, logPath, FILTER],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except FileNotFoundError:
         raise AssertionError("fail2ban-regex is missing: apt-get install fail2ban") from None
     assert result.returncode == 0, result.stdout + result.stderr
@@ -1098,18 +1258,30 @@ class FailToBanTests(unittest.TestCase):
         """
         failures = self.authLines("failure")
         successes = self.authLines("success")
-        pattern = (r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[mailauth\.esmtp#info\] "
-                   r"auth (failure|success): client=\[([0-9a-f.:]+)\] "
-                   r"mechanism=(PLAIN|LOGIN|CRAM-MD5) login=<([^<> ]*)> session=[0-9a-f]{12}$")
+        pattern = (
+            r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[mailauth\.esmtp#info\] "
+            r"auth (failure|success): client=\[([0-9a-f.:]+)\] "
+            r"mechanism=(PLAIN|LOGIN|CRAM-MD5) login=<([^<> ]*)> session=[0-9a-f]{12}$"
+        )
         for line in failures + successes:
             self.assertRegex(line, pattern)
         self.assertEqual(
             sorted(re.match(pattern, line).group(2, 3) for line in failures),
-            [("127.0.0.1", "PLAIN"), ("127.0.0.10", "PLAIN"), ("127.0.0.10", "PLAIN"),
-             ("127.0.0.2", "LOGIN"), ("127.0.0.3", "CRAM-MD5"), ("127.0.0.6", "PLAIN"),
-             ("127.0.0.7", "PLAIN"), ("::1", "PLAIN")])
-        self.assertEqual(sorted(re.match(pattern, line).group(2, 3) for line in successes),
-                         [("127.0.0.4", "PLAIN"), ("127.0.0.4", "PLAIN"), ("127.0.0.5", "LOGIN")])
+            [
+                ("127.0.0.1", "PLAIN"),
+                ("127.0.0.10", "PLAIN"),
+                ("127.0.0.10", "PLAIN"),
+                ("127.0.0.2", "LOGIN"),
+                ("127.0.0.3", "CRAM-MD5"),
+                ("127.0.0.6", "PLAIN"),
+                ("127.0.0.7", "PLAIN"),
+                ("::1", "PLAIN"),
+            ],
+        )
+        self.assertEqual(
+            sorted(re.match(pattern, line).group(2, 3) for line in successes),
+            [("127.0.0.4", "PLAIN"), ("127.0.0.4", "PLAIN"), ("127.0.0.5", "LOGIN")],
+        )
 
     def test_noPasswordLogged(self):
         """
@@ -1170,10 +1342,20 @@ class FailToBanTests(unittest.TestCase):
                 session = re.search(r" session=([0-9a-f]{12})$", line).group(1)
                 sessions.setdefault(session, []).append(line.split("] ", 1)[1].split(":")[0])
         # The refused connection after the block is a session of its own.
-        self.assertEqual(sorted(sessions.values()), [
-            ["connect", "auth failure", "auth failure", "address blocked", "hang-up",
-             "disconnect"],
-            ["refused connection"]])
+        self.assertEqual(
+            sorted(sessions.values()),
+            [
+                [
+                    "connect",
+                    "auth failure",
+                    "auth failure",
+                    "address blocked",
+                    "hang-up",
+                    "disconnect",
+                ],
+                ["refused connection"],
+            ],
+        )
 
     def test_mechanismChoiceNotMatched(self):
         """
@@ -1182,15 +1364,21 @@ class FailToBanTests(unittest.TestCase):
         filter does not match: fail2ban never bans a user for their
         client's choice. The same holds for a suspended login's line.
         """
-        [line] = [line for line in self.run["log"].splitlines()
-                  if "127.0.0.9" in line and "auth " in line]
-        self.assertRegex(line, r"\] auth mechanism unusable: client=\[127\.0\.0\.9\] "
-                         rf"mechanism=CRAM-MD5 login=<{re.escape(SHA512)}> session=[0-9a-f]{{12}}$")
+        [line] = [
+            line for line in self.run["log"].splitlines() if "127.0.0.9" in line and "auth " in line
+        ]
+        self.assertRegex(
+            line,
+            r"\] auth mechanism unusable: client=\[127\.0\.0\.9\] "
+            rf"mechanism=CRAM-MD5 login=<{re.escape(SHA512)}> session=[0-9a-f]{{12}}$",
+        )
         self.assertNotIn("127.0.0.9", fail2banRegex(self.run["path"], "ip"))
         path = self.run["path"] + ".suspended"
         with open(path, "w") as f:
-            f.write(line[:24] + " [mailauth.esmtp#info] auth suspended: client=[192.0.2.9] "
-                    "mechanism=PLAIN login=<bob@example.test>\n")
+            f.write(
+                line[:24] + " [mailauth.esmtp#info] auth suspended: client=[192.0.2.9] "
+                "mechanism=PLAIN login=<bob@example.test>\n"
+            )
         self.assertEqual(fail2banRegex(path, "ip"), [])
 
     def test_hostileLoginBansOnlyTheSender(self):
@@ -1202,8 +1390,7 @@ class FailToBanTests(unittest.TestCase):
         self.assertNotIn("192.0.2.66", fail2banRegex(self.run["path"], "ip"))
         self.assertNotIn("192.0.2.67", self.run["log"])
         [line] = [line for line in self.authLines("failure") if "127.0.0.6" in line]
-        self.assertIn(r"login=<x]\x20client=[192.0.2.66]\x20mechanism=PLAIN\x20login=\x3cy>",
-                      line)
+        self.assertIn(r"login=<x]\x20client=[192.0.2.66]\x20mechanism=PLAIN\x20login=\x3cy>", line)
 
     def test_journalLinesMatch(self):
         """
@@ -1228,13 +1415,15 @@ class FailToBanTests(unittest.TestCase):
         shutil.copytree("/etc/fail2ban", confdir)
         shutil.copy(FILTER, os.path.join(confdir, "filter.d"))
         shutil.copy(JAIL, os.path.join(confdir, "jail.d"))
-        result = subprocess.run(["fail2ban-client", "-c", confdir, "-d"],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            ["fail2ban-client", "-c", confdir, "-d"], capture_output=True, text=True, timeout=60
+        )
         self.assertEqual(result.returncode, 0, result.stderr)
         dump = result.stdout
         self.assertIn("['add', 'mailauth', 'systemd']", dump)
-        self.assertIn("['set', 'mailauth', 'addjournalmatch', '_SYSTEMD_UNIT=mailauth.service']",
-                      dump)
+        self.assertIn(
+            "['set', 'mailauth', 'addjournalmatch', '_SYSTEMD_UNIT=mailauth.service']", dump
+        )
         self.assertIn("auth failure: client=\\\\[<ADDR>\\\\]", dump)
         self.assertIn("--dports submission,submissions ", dump)
         self.assertIn("['start', 'mailauth']", dump)

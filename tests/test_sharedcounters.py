@@ -46,8 +46,13 @@ class TwoNodesMixin:
 
 
 class BruteForceTests(TwoNodesMixin, unittest.TestCase):
-    settings = {"auth": {"max_failures_per_address": "4", "tarpit_delay": "0s",
-                         "failures_per_session": "10"}}
+    settings = {
+        "auth": {
+            "max_failures_per_address": "4",
+            "tarpit_delay": "0s",
+            "failures_per_session": "10",
+        }
+    }
 
     @defer.inlineCallbacks
     def test_spreadOverNodesBlockedAtOneNodesCount(self):
@@ -57,13 +62,13 @@ class BruteForceTests(TwoNodesMixin, unittest.TestCase):
         the count of one node. Both nodes then refuse that address at
         connect; another address is served by both.
         """
+
         def attack():
             clients = [self.connect(node, "127.0.0.5") for node in self.nodes]
             for client in clients:
                 assert client.reply()[0] == 220
                 client.ehlo()
-            return [clients[n % 2].command(plain(CHEAP_USERS[n], b"wrong"))
-                    for n in range(4)]
+            return [clients[n % 2].command(plain(CHEAP_USERS[n], b"wrong")) for n in range(4)]
 
         replies = yield self.inThread(attack)
         self.assertEqual([code for code, _ in replies], [535, 535, 535, 421])
@@ -72,10 +77,13 @@ class BruteForceTests(TwoNodesMixin, unittest.TestCase):
         def greetings(source):
             return [self.connect(node, source).reply() for node in self.nodes]
 
-        self.assertEqual((yield self.inThread(greetings, "127.0.0.5")),
-                         [(421, [b"4.7.0 Error: too many failed logins, try again later"])] * 2)
-        self.assertEqual([code for code, _ in (yield self.inThread(greetings, "127.0.0.6"))],
-                         [220, 220])
+        self.assertEqual(
+            (yield self.inThread(greetings, "127.0.0.5")),
+            [(421, [b"4.7.0 Error: too many failed logins, try again later"])] * 2,
+        )
+        self.assertEqual(
+            [code for code, _ in (yield self.inThread(greetings, "127.0.0.6"))], [220, 220]
+        )
 
     @defer.inlineCallbacks
     def test_redisDownHonestLoginsWork(self):
@@ -123,6 +131,7 @@ class SendingLimitTests(TwoNodesMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_limitCountsAcrossNodes(self):
         """One message through each node reaches a limit of two: the third MAIL gets 451 4.7.1."""
+
         def send():
             codes = []
             for n in range(3):
@@ -140,5 +149,6 @@ class SendingLimitTests(TwoNodesMixin, unittest.TestCase):
 
         codes, last = yield self.inThread(send)
         self.assertEqual(codes, [250, 250, 250, 250, 451])
-        self.assertEqual(last, b"451 4.7.1 Error: bob@example.test reached its limit of 2 "
-                               b"messages per hour")
+        self.assertEqual(
+            last, b"451 4.7.1 Error: bob@example.test reached its limit of 2 messages per hour"
+        )

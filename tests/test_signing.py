@@ -56,13 +56,19 @@ FOLDED_HEADER = (
 #: and they are signed), and one far past what a Maildir holds in memory.
 MESSAGES = {
     "long lines": (PLAIN_HEADER, b"x" * 10000 + b"\r\n" + b"word  \t" * 3000 + b"\r\n"),
-    "8-bit": (FOLDED_HEADER, "Grüße, ça va? Привет 😀\r\n".encode() + bytes(range(0x80, 0x100))
-              + b"\r\n"),
+    "8-bit": (
+        FOLDED_HEADER,
+        "Grüße, ça va? Привет 😀\r\n".encode() + bytes(range(0x80, 0x100)) + b"\r\n",
+    ),
     "dot-leading lines": (PLAIN_HEADER, b".\r\n..\r\n.hidden\r\n. \r\n...three\r\n"),
-    "completed": (b"From: bob@example.test\r\nSubject: no date, no id\r\n",
-                  b"trailing blank lines\r\n\r\n \r\n\r\n"),
-    "large": (FOLDED_HEADER, b"".join(b".line %06d: \xc3\xa4 some text  \r\n" % n
-                                      for n in range(12000))),
+    "completed": (
+        b"From: bob@example.test\r\nSubject: no date, no id\r\n",
+        b"trailing blank lines\r\n\r\n \r\n\r\n",
+    ),
+    "large": (
+        FOLDED_HEADER,
+        b"".join(b".line %06d: \xc3\xa4 some text  \r\n" % n for n in range(12000)),
+    ),
 }
 
 
@@ -121,19 +127,31 @@ class RealmSigningTests(unittest.TestCase):
         self.router = Router(
             localDomains={"example.test"},
             maildirTemplate=self.dir + "/{domain}/{localpart}/Maildir",
-            users=MemoryUserDatabase({"bob@example.test": "{PLAIN}b",
-                                      "alice@example.test": "{PLAIN}a"}),
+            users=MemoryUserDatabase(
+                {"bob@example.test": "{PLAIN}b", "alice@example.test": "{PLAIN}a"}
+            ),
             aliases=AddressMap(None),
             senderMap=AddressMap(None),
             senderLoginMatch=True,
         )
         self.queue = MemoryQueue()
-        self.realm = Realm(router=self.router, hostname="mx.example.test", runBlocking=runInline,
-                           queue=self.queue, clock=self.clock,
-                           keyRing=KeyRing({"example.test": [self.key]}, self.clock))
+        self.realm = Realm(
+            router=self.router,
+            hostname="mx.example.test",
+            runBlocking=runInline,
+            queue=self.queue,
+            clock=self.clock,
+            keyRing=KeyRing({"example.test": [self.key]}, self.clock),
+        )
 
-    def send(self, message: bytes, login="bob@example.test", sender="bob@example.test",
-             recipients=("alice@example.test", "x@remote.example"), chunk: int = 4096):
+    def send(
+        self,
+        message: bytes,
+        login="bob@example.test",
+        sender="bob@example.test",
+        recipients=("alice@example.test", "x@remote.example"),
+        chunk: int = 4096,
+    ):
         """Send C{message} as the session does (Received first); the end of data's Deferred."""
         if login is None:
             delivery = self.realm.anonymous().getMessageDelivery()
@@ -141,8 +159,10 @@ class RealmSigningTests(unittest.TestCase):
             _, avatar, _ = self.realm.requestAvatar(login, None, IMessageDeliveryFactory)
             delivery = avatar.getMessageDelivery()
         self.successResultOf(delivery.validateFrom(None, addr(sender) if sender else None))
-        users = [smtp.User(addr(r), (b"client.example", "192.0.2.1"), FakeSession(), b"")
-                 for r in recipients]
+        users = [
+            smtp.User(addr(r), (b"client.example", "192.0.2.1"), FakeSession(), b"")
+            for r in recipients
+        ]
         factories = [self.successResultOf(delivery.validateTo(user)) for user in users]
         msg = factories[0]()
         msg.write(delivery.receivedHeader((b"client.example", "192.0.2.1"), addr(sender), users))
@@ -177,20 +197,26 @@ class RealmSigningTests(unittest.TestCase):
             self.successResultOf(self.send(header + b"\r\n" + body))
             [writer] = self.queue.writers
             queued = writer.data
-            self.assertTrue(queued.startswith(b"DKIM-Signature: v=1; a=ed25519-sha256; "
-                                              b"c=relaxed/relaxed; d=example.test;"), name)
+            self.assertTrue(
+                queued.startswith(
+                    b"DKIM-Signature: v=1; a=ed25519-sha256; c=relaxed/relaxed; d=example.test;"
+                ),
+                name,
+            )
             self.assertEqual(verifyEach(queued, self.dns), [True], name)
             self.assertTrue(unsigned(queued).startswith(b"Received: from client.example"), name)
             self.assertTrue(queued.endswith(b"\r\n\r\n" + body), name)
             fileName, stored = self.maildirCopies()[-1]
-            self.assertTrue(stored.startswith(b"Return-Path: <bob@example.test>\r\n"
-                                              b"DKIM-Signature:"), name)
+            self.assertTrue(
+                stored.startswith(b"Return-Path: <bob@example.test>\r\nDKIM-Signature:"), name
+            )
             # Not assertEqual: a diff of two large messages takes minutes.
             self.assertTrue(stored == b"Return-Path: <bob@example.test>\r\n" + queued, name)
             self.assertEqual(verifyEach(stored, self.dns), [True], name)
             # S= counts what is on disk, the signature included.
-            size = os.path.getsize(os.path.join(self.dir, "example.test", "alice", "Maildir",
-                                                "new", fileName))
+            size = os.path.getsize(
+                os.path.join(self.dir, "example.test", "alice", "Maildir", "new", fileName)
+            )
             self.assertTrue(fileName.endswith(f",S={size}"), (fileName, size))
             # The check can fail: a changed byte below the signature does not verify.
             changed = re.sub(rb"\r\nFrom: ", b"\r\nFrom: x", queued, count=1)
@@ -200,15 +226,18 @@ class RealmSigningTests(unittest.TestCase):
 
     def test_completedFieldsSigned(self) -> None:
         """The Date and Message-ID mailauth adds are in the signature's h= list."""
-        self.successResultOf(self.send(b"From: bob@example.test\r\n\r\nbody\r\n",
-                                       recipients=("x@remote.example",)))
+        self.successResultOf(
+            self.send(b"From: bob@example.test\r\n\r\nbody\r\n", recipients=("x@remote.example",))
+        )
         [writer] = self.queue.writers
         tags = dkim.util.parse_tag_value(writer.data.split(b":", 1)[1].split(b"\r\nReceived:")[0])
-        self.assertEqual(tags[b"h"].replace(b" ", b"").replace(b"\r\n", b""),
-                         b"from:date:message-id:from")
+        self.assertEqual(
+            tags[b"h"].replace(b" ", b"").replace(b"\r\n", b""), b"from:date:message-id:from"
+        )
         self.assertIn(b"\r\nDate: ", writer.data)
-        changed = re.sub(rb"\r\nDate: [^\r]*", b"\r\nDate: Mon, 1 Jan 2001 00:00:00 +0000",
-                         writer.data)
+        changed = re.sub(
+            rb"\r\nDate: [^\r]*", b"\r\nDate: Mon, 1 Jan 2001 00:00:00 +0000", writer.data
+        )
         self.assertEqual(verifyEach(changed, self.dns), [False])
 
     def test_notSigned(self) -> None:
@@ -217,11 +246,20 @@ class RealmSigningTests(unittest.TestCase):
         unauthenticated client is stored as it came.
         """
         self.router.senderLoginMatch = False
-        for login, sender in (("bob@example.test", "bob@other.example"), ("bob@example.test", ""),
-                              (None, "bob@example.test")):
+        for login, sender in (
+            ("bob@example.test", "bob@other.example"),
+            ("bob@example.test", ""),
+            (None, "bob@example.test"),
+        ):
             self.queue = self.realm.queue = MemoryQueue()
-            self.successResultOf(self.send(PLAIN_HEADER + b"\r\nbody\r\n", login=login,
-                                           sender=sender, recipients=("alice@example.test",)))
+            self.successResultOf(
+                self.send(
+                    PLAIN_HEADER + b"\r\nbody\r\n",
+                    login=login,
+                    sender=sender,
+                    recipients=("alice@example.test",),
+                )
+            )
         for _, stored in self.maildirCopies():
             self.assertNotIn(b"DKIM-Signature", stored)
         self.assertEqual(len(self.maildirCopies()), 3)
@@ -234,24 +272,33 @@ class RealmSigningTests(unittest.TestCase):
         for body in (b"body\r\n", MESSAGES["large"][1]):
             with capturedLogs() as events:
                 f = self.failureResultOf(
-                    self.send(b"From: bob@example.test\r\nnot a field\r\n\r\n" + body),
-                    SMTPReply)
-            self.assertEqual((f.value.code, f.value.text), (replies.NOT_SIGNABLE.code,
-                                                            replies.NOT_SIGNABLE.text))
+                    self.send(b"From: bob@example.test\r\nnot a field\r\n\r\n" + body), SMTPReply
+                )
+            self.assertEqual(
+                (f.value.code, f.value.text), (replies.NOT_SIGNABLE.code, replies.NOT_SIGNABLE.text)
+            )
             self.assertNothingStored()
             self.assertTrue(all(w.aborted for w in self.queue.writers))
-            [line] = [formatEvent(e) for e in events
-                      if e.get("log_namespace") == "mailauth.realm"]
-            self.assertRegex(line, r"^message [0-9A-F]{12} not signed: login=<bob@example\.test>: "
-                                   r"cannot sign the message: its header does not parse")
+            [line] = [formatEvent(e) for e in events if e.get("log_namespace") == "mailauth.realm"]
+            self.assertRegex(
+                line,
+                r"^message [0-9A-F]{12} not signed: login=<bob@example\.test>: "
+                r"cannot sign the message: its header does not parse",
+            )
 
     def test_signingFails(self) -> None:
         """
         A key that fails to sign: 451 4.3.0 (the client tries again),
         logged as an error naming the key file, nothing stored.
         """
-        broken = SigningKey(domain="example.test", selector="bad", path="/keys/bad.pem",
-                            keyType="ed25519", publicKey="", private=object())
+        broken = SigningKey(
+            domain="example.test",
+            selector="bad",
+            path="/keys/bad.pem",
+            keyType="ed25519",
+            publicKey="",
+            private=object(),
+        )
         self.realm.keyRing = KeyRing({"example.test": [broken]}, self.clock)
         for header, body in MESSAGES.values():
             with capturedLogs() as events:
@@ -261,8 +308,11 @@ class RealmSigningTests(unittest.TestCase):
             self.assertTrue(all(w.aborted for w in self.queue.writers))
             [event] = [e for e in events if e.get("log_namespace") == "mailauth.realm"]
             self.assertEqual(event["log_level"].name, "error")
-            self.assertRegex(formatEvent(event), r"^message [0-9A-F]{12} not signed: cannot sign "
-                                                 r"with /keys/bad\.pem: .+; the client is told 451")
+            self.assertRegex(
+                formatEvent(event),
+                r"^message [0-9A-F]{12} not signed: cannot sign "
+                r"with /keys/bad\.pem: .+; the client is told 451",
+            )
 
     def test_prependDiskFull(self) -> None:
         """
@@ -321,10 +371,17 @@ class DaemonMixin:
         yield self.sink.start()
         self.addCleanup(self.sink.stop)
         settings = {
-            "dkim": {"example.test": " ".join(f"{selector}:{path}" for selector, path
-                                              in (keys["ed25519"], keys["rsa"]))},
-            "relay": {"host": "127.0.0.1", "port": str(self.sink.port), "tls": "none",
-                      "timeout": "10s"},
+            "dkim": {
+                "example.test": " ".join(
+                    f"{selector}:{path}" for selector, path in (keys["ed25519"], keys["rsa"])
+                )
+            },
+            "relay": {
+                "host": "127.0.0.1",
+                "port": str(self.sink.port),
+                "tls": "none",
+                "timeout": "10s",
+            },
         }
         for section, values in self.settings.items():
             settings.setdefault(section, {}).update(values)
@@ -336,9 +393,15 @@ class DaemonMixin:
         self.queueEvents = QueueEvents()
         self.queueEvents.start(self)
 
-    def sendAll(self, messages: list, recipients=("bob@example.test",), login: bytes = BOB,
-                password: bytes = BOB_PASSWORD, sender: str = "bob@example.test",
-                listener: str = "submissions"):
+    def sendAll(
+        self,
+        messages: list,
+        recipients=("bob@example.test",),
+        login: bytes = BOB,
+        password: bytes = BOB_PASSWORD,
+        sender: str = "bob@example.test",
+        listener: str = "submissions",
+    ):
         """
         Send every message in one session with smtplib (in a thread).
 
@@ -349,11 +412,17 @@ class DaemonMixin:
 
         def run():
             if listener == "submissions":
-                client = smtplib.SMTP_SSL("127.0.0.1", port, local_hostname="client.example",
-                                          context=clientContext(), timeout=30)
+                client = smtplib.SMTP_SSL(
+                    "127.0.0.1",
+                    port,
+                    local_hostname="client.example",
+                    context=clientContext(),
+                    timeout=30,
+                )
             else:
-                client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example",
-                                      timeout=30)
+                client = smtplib.SMTP(
+                    "127.0.0.1", port, local_hostname="client.example", timeout=30
+                )
             results = []
             try:
                 if login:
@@ -383,8 +452,10 @@ class DaemonSigningTests(DaemonMixin, unittest.TestCase):
         messages = [header + b"\r\n" + body for header, body in MESSAGES.values()]
         results = yield self.sendAll(messages)
         self.assertEqual(results, [250] * len(messages))
-        delivered = [stored.replace(b"\n", b"\r\n")
-                     for _, stored in self.daemon.delivered("bob@example.test")]
+        delivered = [
+            stored.replace(b"\n", b"\r\n")
+            for _, stored in self.daemon.delivered("bob@example.test")
+        ]
         self.assertEqual(len(delivered), len(messages))
         for name, (_, body) in MESSAGES.items():
             [stored] = [d for d in delivered if d.endswith(b"\r\n\r\n" + body)]
@@ -405,8 +476,9 @@ class DaemonSigningTests(DaemonMixin, unittest.TestCase):
         """The same through an upstream that offers CHUNKING: sent with BDAT."""
         self.sink.extensions = [b"CHUNKING"]
         d = self.relayed()
-        d.addCallback(lambda _: self.assertIn(b"BDAT", b" ".join(c[:4] for c in
-                                                                 self.sink.commands)))
+        d.addCallback(
+            lambda _: self.assertIn(b"BDAT", b" ".join(c[:4] for c in self.sink.commands))
+        )
         return d
 
     @defer.inlineCallbacks
@@ -417,12 +489,14 @@ class DaemonSigningTests(DaemonMixin, unittest.TestCase):
         transactions = yield self.sink.waitForTransactions(len(messages))
         for name, (_, body) in MESSAGES.items():
             [t] = [t for t in transactions if t.data.endswith(b"\r\n\r\n" + body)]
-            self.assertEqual((t.sender, t.recipients), ("bob@example.test",
-                                                        ("someone@remote.example",)))
+            self.assertEqual(
+                (t.sender, t.recipients), ("bob@example.test", ("someone@remote.example",))
+            )
             self.assertTrue(t.data.startswith(b"DKIM-Signature: v=1; a=ed25519-sha256;"), name)
             self.assertEqual(verifyEach(t.data, self.dns), [True, True], name)
-            self.assertIn(b"SIZE=%d" % (len(t.data) + t.data.count(b"\r\n.")),
-                          t.mailParameters.encode())
+            self.assertIn(
+                b"SIZE=%d" % (len(t.data) + t.data.count(b"\r\n.")), t.mailParameters.encode()
+            )
         # Stopping the daemon while the queue settles the last one would
         # hang (the disk pool stops first; see the report of this branch).
         yield self.queueEvents.wait("removed", count=len(messages))
@@ -430,8 +504,12 @@ class DaemonSigningTests(DaemonMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_notSignable(self):
         """A header that does not parse: 550 5.6.0, and the session goes on."""
-        results = yield self.sendAll([b"From: bob@example.test\r\nno colon here\r\n\r\nx\r\n",
-                                      PLAIN_HEADER + b"\r\nfine\r\n"])
+        results = yield self.sendAll(
+            [
+                b"From: bob@example.test\r\nno colon here\r\n\r\nx\r\n",
+                PLAIN_HEADER + b"\r\nfine\r\n",
+            ]
+        )
         self.assertEqual(results, [(550, replies.NOT_SIGNABLE.text), 250])
         self.assertEqual(len(self.daemon.delivered("bob@example.test")), 1)
 
@@ -461,15 +539,24 @@ class DaemonFromBindingTests(DaemonMixin, unittest.TestCase):
             if all(a.endswith("@example.org") for a in addresses):
                 expected.append(250)
             else:
-                expected.append((550, "5.7.1 <mallory@evil.test>: From/Sender header address "
-                                      "not owned by user bob@example.test"))
+                expected.append(
+                    (
+                        550,
+                        "5.7.1 <mallory@evil.test>: From/Sender header address "
+                        "not owned by user bob@example.test",
+                    )
+                )
         self.assertEqual(results, expected)
         delivered = self.daemon.delivered("bob@example.test")
         self.assertEqual(len(delivered), expected.count(250))
         for _, stored in delivered:
             self.assertEqual(verifyEach(stored.replace(b"\n", b"\r\n"), self.dns), [True, True])
-        self.assertTrue(self.log.matching(r"header From refused: login=<bob@example\.test> "
-                                          r"from=<mallory@evil\.test> id="))
+        self.assertTrue(
+            self.log.matching(
+                r"header From refused: login=<bob@example\.test> "
+                r"from=<mallory@evil\.test> id="
+            )
+        )
 
     @defer.inlineCallbacks
     def test_uncheckable(self):
@@ -482,8 +569,10 @@ class DaemonFromBindingTests(DaemonMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_remoteRecipientsToo(self):
         """A spoofed message for another domain is refused as well: nothing is queued."""
-        results = yield self.sendAll([b"From: alice@example.test\r\n\r\nx\r\n"],
-                                     recipients=("someone@remote.example", "bob@example.test"))
+        results = yield self.sendAll(
+            [b"From: alice@example.test\r\n\r\nx\r\n"],
+            recipients=("someone@remote.example", "bob@example.test"),
+        )
         self.assertEqual(results[0][0], 550)
         self.assertEqual(self.daemon.allDelivered(), [])
         self.assertEqual(self.sink.transactions, [])
@@ -494,8 +583,9 @@ class DaemonFromBindingTests(DaemonMixin, unittest.TestCase):
         Mail from a client that did not log in (an MX port) is not checked,
         nor signed, even from a signing domain.
         """
-        results = yield self.sendAll([b"From: mallory@evil.test\r\n\r\nx\r\n"], login=b"",
-                                     listener="mx")
+        results = yield self.sendAll(
+            [b"From: mallory@evil.test\r\n\r\nx\r\n"], login=b"", listener="mx"
+        )
         self.assertEqual(results, [250])
         [(_, stored)] = self.daemon.delivered("bob@example.test")
         self.assertNotIn(b"DKIM-Signature", stored)
@@ -516,12 +606,16 @@ class CheckConfigTests(unittest.TestCase):
 
     def test_unreadableKey(self) -> None:
         """check-config names the configuration, the domain and the file."""
-        daemon = Daemon(self.mktemp(), {"dkim": {"example.test": "sel:{dir}/missing.pem"}},
-                        build=False)
+        daemon = Daemon(
+            self.mktemp(), {"dkim": {"example.test": "sel:{dir}/missing.pem"}}, build=False
+        )
         cfg = configmod.load(daemon.configPath)
         errors = checks.checkAll(cfg, checks.Account.ofProcess()).errors
-        self.assertIn(f"{daemon.configPath}: [dkim] example.test: {daemon.dir}/missing.pem: "
-                      "cannot read: No such file or directory", errors)
+        self.assertIn(
+            f"{daemon.configPath}: [dkim] example.test: {daemon.dir}/missing.pem: "
+            "cannot read: No such file or directory",
+            errors,
+        )
 
     def test_keyRingBuilt(self) -> None:
         """With [dkim] the realm gets the keys; without it, none."""

@@ -240,7 +240,12 @@ class PrependTests(QueueTestMixin, unittest.TestCase):
         writer.write(MESSAGE)
         writer.prepend(self.HEADER)
         writer.commit()
-        result = self.queue.settle("m1", {"bob@remote.example": Outcome(FAILED, reply="550 no")},
-                                   None, EPOCH, RetryPolicy())
+        result = self.queue.settle(
+            "m1",
+            {"bob@remote.example": Outcome(FAILED, reply="550 no")},
+            None,
+            EPOCH,
+            RetryPolicy(),
+        )
         [bounce] = result.bounces
         self.assertIn(b"\r\n" + self.HEADER + HEADERS, self.queue.readMessage(bounce))

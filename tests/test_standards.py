@@ -46,11 +46,15 @@ class DaemonMixin:
         self.addCleanup(self.sink.stop)
         self.daemon = Daemon(
             self.mktemp(),
-            settings={"delivery": {"local_domains": "example.test bücher.example",
-                                   "aliases": "{dir}/aliases"}},
+            settings={
+                "delivery": {
+                    "local_domains": "example.test bücher.example",
+                    "aliases": "{dir}/aliases",
+                }
+            },
             files={"users": USERS, "aliases": "@example.test: bob@example.test\n"},
             extra=f"\n[relay]\nhost = 127.0.0.1\nport = {self.sink.port}\ntls = none\n"
-                  "retry_initial = 1s\n",
+            "retry_initial = 1s\n",
         )
         self.addCleanup(self.daemon.stop)
         self.daemon.start()
@@ -72,8 +76,9 @@ class DaemonMixin:
     def maildir(self, domain: str, local: str) -> list:
         """The messages in a Maildir's new/ (the path uses the address key)."""
         out = []
-        for name in sorted(glob.glob(os.path.join(self.daemon.dir, "mail", domain, local,
-                                                  "Maildir", "new", "*"))):
+        for name in sorted(
+            glob.glob(os.path.join(self.daemon.dir, "mail", domain, local, "Maildir", "new", "*"))
+        ):
             with open(name, "rb") as f:
                 out.append(f.read())
         return out
@@ -92,11 +97,15 @@ class AddressFormTests(DaemonMixin, unittest.TestCase):
         C{"c\\arol"} (carol's address), may send as a name nobody has, and
         mail to C{"carol"@example.test} lands in carol's Maildir, not bob's.
         """
+
         def run():
             c = self.client()
             codes = []
-            for sender in (b'<"carol"@example.test>', b'<"c\\arol"@example.test>',
-                           b"<nobody@example.test>"):
+            for sender in (
+                b'<"carol"@example.test>',
+                b'<"c\\arol"@example.test>',
+                b"<nobody@example.test>",
+            ):
                 codes.append(c.command(b"MAIL FROM:" + sender)[0])
                 c.command(b"RSET")
             c.command(b"MAIL FROM:<bob@example.test>")
@@ -117,6 +126,7 @@ class AddressFormTests(DaemonMixin, unittest.TestCase):
         C{RCPT TO:<"x>y"@remote.example>} gets 553 at RCPT; the rest of the
         transaction goes on and is relayed (no 451 at DATA).
         """
+
         def run():
             c = self.client()
             c.command(b"MAIL FROM:<bob@example.test>")
@@ -140,6 +150,7 @@ class AddressFormTests(DaemonMixin, unittest.TestCase):
         (issue 10 item 10), and C{RCPT TO:<bad syntax} gets 501 5.1.3
         (item 12).
         """
+
         def run():
             c = self.client()
             c.command(b"MAIL FROM:<bob@example.test> " + b"X" * 10000)
@@ -158,9 +169,13 @@ class InternationalTests(DaemonMixin, unittest.TestCase):
 
     def smtplibSend(self, login, password, sender, recipients, message):
         """(Blocking.) smtplib over implicit TLS with SMTPUTF8; UTF-8 AUTH PLAIN done by hand."""
-        client = smtplib.SMTP_SSL("127.0.0.1", self.daemon.ports["submissions"],
-                                  local_hostname="client.example", context=clientContext(),
-                                  timeout=30)
+        client = smtplib.SMTP_SSL(
+            "127.0.0.1",
+            self.daemon.ports["submissions"],
+            local_hostname="client.example",
+            context=clientContext(),
+            timeout=30,
+        )
         try:
             client.ehlo()
             assert client.has_extn("smtputf8"), client.esmtp_features
@@ -183,11 +198,18 @@ class InternationalTests(DaemonMixin, unittest.TestCase):
         as written.
         """
         self.sink.extensions = [b"SMTPUTF8"]
-        message = ("From: Jörg <jörg@bücher.example>\r\nTo: zoë@example.test\r\n"
-                   "Subject: grüße\r\n\r\nHallo Zoë.\r\n").encode()
-        result = yield self.inThread(self.smtplibSend, "jörg@bücher.example", "jörg-secret",
-                                     "jörg@bücher.example", ["zoë@example.test",
-                                                             "anna@exämple.org"], message)
+        message = (
+            "From: Jörg <jörg@bücher.example>\r\nTo: zoë@example.test\r\n"
+            "Subject: grüße\r\n\r\nHallo Zoë.\r\n"
+        ).encode()
+        result = yield self.inThread(
+            self.smtplibSend,
+            "jörg@bücher.example",
+            "jörg-secret",
+            "jörg@bücher.example",
+            ["zoë@example.test", "anna@exämple.org"],
+            message,
+        )
         self.assertEqual(result, {})
         [stored] = self.maildir("example.test", "zoë")
         self.assertIn(b" with UTF8SMTPSA id ", stored)
@@ -197,8 +219,10 @@ class InternationalTests(DaemonMixin, unittest.TestCase):
         self.assertIn(head.replace(b"\r\n", b"\n") + b"\n", stored)
         self.assertTrue(stored.endswith(b"\n\n" + body.replace(b"\r\n", b"\n")))
         [transaction] = yield self.sink.waitForTransactions(1)
-        self.assertEqual((transaction.sender, transaction.recipients),
-                         ("jörg@bücher.example", ("anna@exämple.org",)))
+        self.assertEqual(
+            (transaction.sender, transaction.recipients),
+            ("jörg@bücher.example", ("anna@exämple.org",)),
+        )
         self.assertIn("SMTPUTF8", transaction.mailParameters)
         self.assertIn(head + b"\r\n", transaction.data)
         self.assertTrue(transaction.data.endswith(b"\r\n\r\n" + body))
@@ -212,9 +236,14 @@ class InternationalTests(DaemonMixin, unittest.TestCase):
         sender's Maildir.
         """
         message = b"Subject: ascii only\r\n\r\nhi\r\n"
-        result = yield self.inThread(self.smtplibSend, "bob@example.test", "bob-secret-2",
-                                     "bob@example.test", ["anna@exämple.org", "zoë@exämple.org"],
-                                     message)
+        result = yield self.inThread(
+            self.smtplibSend,
+            "bob@example.test",
+            "bob-secret-2",
+            "bob@example.test",
+            ["anna@exämple.org", "zoë@exämple.org"],
+            message,
+        )
         self.assertEqual(result, {})
         [transaction] = yield self.sink.waitForTransactions(1)
         self.assertEqual(transaction.recipients, ("anna@xn--exmple-cua.org",))
@@ -241,10 +270,15 @@ class ChunkingTests(DaemonMixin, unittest.TestCase):
 
         def run():
             c = self.client()
-            c.send(b"MAIL FROM:<bob@example.test>\r\nRCPT TO:<carol@example.test>\r\n"
-                   b"RCPT TO:<far@remote.example>\r\n"
-                   + b"BDAT 20\r\n" + body[:20] + b"BDAT %d LAST\r\n" % (len(body) - 20,)
-                   + body[20:] + b"NOOP\r\n")
+            c.send(
+                b"MAIL FROM:<bob@example.test>\r\nRCPT TO:<carol@example.test>\r\n"
+                b"RCPT TO:<far@remote.example>\r\n"
+                + b"BDAT 20\r\n"
+                + body[:20]
+                + b"BDAT %d LAST\r\n" % (len(body) - 20,)
+                + body[20:]
+                + b"NOOP\r\n"
+            )
             return [c.reply() for _ in range(6)]
 
         replies = yield self.inThread(run)
@@ -278,13 +312,15 @@ class NotificationTests(DaemonMixin, unittest.TestCase):
     def test_passedToRelayWithDSN(self):
         """RET, ENVID, NOTIFY and ORCPT reach a relay that offers DSN; no report is sent here."""
         self.sink.extensions = [b"DSN"]
-        code, _ = yield self.send(b"RET=HDRS ENVID=dsn+2Btest",
-                                  b"NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;far@remote.example")
+        code, _ = yield self.send(
+            b"RET=HDRS ENVID=dsn+2Btest", b"NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;far@remote.example"
+        )
         self.assertEqual(code, 250)
         [transaction] = yield self.sink.waitForTransactions(1)
         self.assertIn("RET=HDRS ENVID=dsn+2Btest", transaction.mailParameters)
-        self.assertEqual(transaction.rcptParameters,
-                         ("NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;far@remote.example",))
+        self.assertEqual(
+            transaction.rcptParameters, ("NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;far@remote.example",)
+        )
         yield self.events.wait("removed")
         self.assertEqual(self.maildir("example.test", "bob"), [])
 
@@ -296,8 +332,9 @@ class NotificationTests(DaemonMixin, unittest.TestCase):
         yield self.events.wait("bounce")
         yield self.events.wait("removed", count=2)
         [report] = self.maildir("example.test", "bob")
-        message = email.message_from_bytes(report.replace(b"\n", b"\r\n"),
-                                           policy=email.policy.default)
+        message = email.message_from_bytes(
+            report.replace(b"\n", b"\r\n"), policy=email.policy.default
+        )
         self.assertEqual(message["Subject"], "Successful Mail Delivery Report")
         self.assertIn(b"Action: relayed", report)
         self.assertIn(b"Original-Envelope-Id: E1", report)

@@ -120,8 +120,10 @@ class ThrottleTests(unittest.TestCase):
         failures are slowed by at most 3 * max_failures_per_login + 1 steps.
         """
         throttle = makeThrottle(self.clock, tarpitDelay=0.5)
-        delays = [self.successResultOf(throttle.failure(f"198.51.100.{i}", "alice@x.test"))
-                  for i in range(40)]
+        delays = [
+            self.successResultOf(throttle.failure(f"198.51.100.{i}", "alice@x.test"))
+            for i in range(40)
+        ]
         self.assertEqual(max(delays), 16 * 0.5)
 
     def test_ipv6Slash64(self) -> None:
@@ -153,11 +155,13 @@ class ThrottleTests(unittest.TestCase):
         nodes = [makeThrottle(self.clock, store=store) for _ in range(2)]
         for i in range(9):
             self.successResultOf(nodes[i % 2].failure("192.0.2.1", f"u{i}@x.test"))
-        self.assertEqual([self.successResultOf(n.isBlocked("192.0.2.1")) for n in nodes],
-                         [False, False])
+        self.assertEqual(
+            [self.successResultOf(n.isBlocked("192.0.2.1")) for n in nodes], [False, False]
+        )
         self.successResultOf(nodes[1].failure("192.0.2.1", "u@x.test"))
-        self.assertEqual([self.successResultOf(n.isBlocked("192.0.2.1")) for n in nodes],
-                         [True, True])
+        self.assertEqual(
+            [self.successResultOf(n.isBlocked("192.0.2.1")) for n in nodes], [True, True]
+        )
 
     def test_answersWaitForTheStore(self) -> None:
         """
@@ -215,11 +219,15 @@ class SessionTests(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.store = HeldStore(self.clock)
-        self.portal = RecordingPortal(MemoryMailbox(login="alice@example.test"),
-                                      answer=passwordIs(b"secret"))
-        self.factory = makeFactory(self.clock, portal=self.portal, tlsMode="implicit",
-                                   throttle=makeThrottle(self.clock, store=self.store,
-                                                         maxPerAddress=4))
+        self.portal = RecordingPortal(
+            MemoryMailbox(login="alice@example.test"), answer=passwordIs(b"secret")
+        )
+        self.factory = makeFactory(
+            self.clock,
+            portal=self.portal,
+            tlsMode="implicit",
+            throttle=makeThrottle(self.clock, store=self.store, maxPerAddress=4),
+        )
 
     def test_greetingWaitsForTheStore(self) -> None:
         """
@@ -229,8 +237,10 @@ class SessionTests(unittest.TestCase):
         """
         session = Session(self.factory)
         self.assertEqual(session.send(b"EHLO c\r\nNOOP\r\n"), [])
-        self.assertEqual([(name, args) for name, args, _ in self.store.calls],
-                         [("blocked", ("auth-address:192.0.2.1",))])
+        self.assertEqual(
+            [(name, args) for name, args, _ in self.store.calls],
+            [("blocked", ("auth-address:192.0.2.1",))],
+        )
         self.store.release()
         lines = session.read()
         self.assertEqual(lines[0], b"220 mx.example.test ESMTP mailauth")
@@ -246,8 +256,9 @@ class SessionTests(unittest.TestCase):
         session = Session(self.factory)
         session.send(b"EHLO c\r\n")
         self.store.release()
-        self.assertEqual(session.read(),
-                         [b"421 4.7.0 Error: too many failed logins, try again later"])
+        self.assertEqual(
+            session.read(), [b"421 4.7.0 Error: too many failed logins, try again later"]
+        )
         self.assertTrue(session.transport.disconnecting)
         self.assertEqual(self.factory.connections.count, 0)
 
@@ -269,12 +280,12 @@ class SessionTests(unittest.TestCase):
     def test_authWaitsForBlockedCheck(self) -> None:
         """AUTH asks whether the address is blocked first; NOOP after it waits its turn."""
         session = self.greeted()
-        self.assertEqual(session.send(plainLine(b"alice@example.test", b"secret")
-                                      + b"\r\nNOOP\r\n"), [])
+        self.assertEqual(
+            session.send(plainLine(b"alice@example.test", b"secret") + b"\r\nNOOP\r\n"), []
+        )
         self.assertEqual(self.portal.logins, [])
         self.store.release()
-        self.assertEqual(session.read(), [b"235 2.7.0 Authentication successful",
-                                          b"250 2.0.0 Ok"])
+        self.assertEqual(session.read(), [b"235 2.7.0 Authentication successful", b"250 2.0.0 Ok"])
 
     def test_authRefusedWhenBlocked(self) -> None:
         """An address blocked by another node is refused at AUTH with 421 and a hang-up."""
@@ -282,8 +293,9 @@ class SessionTests(unittest.TestCase):
         self.successResultOf(self.store.memory.block("auth-address:192.0.2.1", 60))
         session.send(plainLine(b"alice@example.test", b"secret") + b"\r\n")
         self.store.release()
-        self.assertEqual(session.read(),
-                         [b"421 4.7.0 Error: too many failed logins, try again later"])
+        self.assertEqual(
+            session.read(), [b"421 4.7.0 Error: too many failed logins, try again later"]
+        )
         self.assertEqual(self.portal.logins, [])
 
     def test_failureWaitsForTheCount(self) -> None:
@@ -299,8 +311,9 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(self.store.release(), 2)  # address and login counted
         self.assertEqual(session.read(), [])
         self.assertEqual(self.store.release(), 1)  # blocked now?
-        self.assertEqual(session.read(), [b"535 5.7.8 Authentication credentials invalid",
-                                          b"250 2.0.0 Ok"])
+        self.assertEqual(
+            session.read(), [b"535 5.7.8 Authentication credentials invalid", b"250 2.0.0 Ok"]
+        )
 
     def test_blockedByThisFailure(self) -> None:
         """The failure that reaches the address limit is answered with 421 and a hang-up."""
@@ -310,6 +323,7 @@ class SessionTests(unittest.TestCase):
         session.send(plainLine(b"alice@example.test", b"wrong") + b"\r\nNOOP\r\n")
         while self.store.release():
             pass
-        self.assertEqual(session.read(),
-                         [b"421 4.7.0 Error: too many failed logins, try again later"])
+        self.assertEqual(
+            session.read(), [b"421 4.7.0 Error: too many failed logins, try again later"]
+        )
         self.assertTrue(session.transport.disconnecting)

@@ -83,9 +83,12 @@ class TLSTests(unittest.TestCase):
         self.patch(crypto, "load_privatekey", _recording(crypto.load_privatekey, asked))
         writeCertificate(self.dir, passphrase=b"secret")
         e = self.assertRaises(TLSError, loadOptions, self.cert, self.key)
-        self.assertEqual(str(e), f"{self.key}: the private key is encrypted with a passphrase, "
-                         "which mailauth cannot ask for: store it decrypted (openssl pkey -in "
-                         "KEY -out NEWKEY), readable only by root and the daemon's group")
+        self.assertEqual(
+            str(e),
+            f"{self.key}: the private key is encrypted with a passphrase, "
+            "which mailauth cannot ask for: store it decrypted (openssl pkey -in "
+            "KEY -out NEWKEY), readable only by root and the daemon's group",
+        )
         [passphrase] = asked
         self.assertTrue(callable(passphrase))
 

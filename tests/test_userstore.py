@@ -37,8 +37,10 @@ from tests.fakes import MemoryUserDatabase, MemoryUserStore, runInline
 from tests.harness import PASSWORD, AttackMixin, Daemon, LogWatcher, clientContext, plain
 from tests.support import DATA, SECRET, runCommand
 
-ARGON2ID = ("{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$Yv3/T9rrrv6fTA4YLmxCNw"
-            "$Eb8O3csleuZHx+iXWfHW5sx5Q1T2CZTyh/VRQ0yaFzU")
+ARGON2ID = (
+    "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$Yv3/T9rrrv6fTA4YLmxCNw"
+    "$Eb8O3csleuZHx+iXWfHW5sx5Q1T2CZTyh/VRQ0yaFzU"
+)
 SHA256 = "{SHA256-CRYPT}$5$asVPx5CccgLd6Jem$3fNTongCSv7/.7KYc2vxnath7E/5zur79mlrjOcsjI8"
 ORIGINAL = (
     "# users\n"
@@ -107,8 +109,9 @@ class UsersFileStoreTests(StoreTestMixin, unittest.TestCase):
             f.write(f"carol@example.org:{ARGON2ID}::::::nologin=y reason=Moved userdb_x=1\n")
         self.assertTrue(self.loaded("carol@example.org").suspended)
         self.store.setSuspended("carol@example.org", False)
-        self.assertEqual(self.read().splitlines()[3],
-                         f"carol@example.org:{ARGON2ID}::::::userdb_x=1")
+        self.assertEqual(
+            self.read().splitlines()[3], f"carol@example.org:{ARGON2ID}::::::userdb_x=1"
+        )
         self.assertFalse(self.loaded("carol@example.org").suspended)
 
     def test_crlfLine(self) -> None:
@@ -134,14 +137,17 @@ class UsersFileStoreTests(StoreTestMixin, unittest.TestCase):
             f" mailauth_app=laptop,1700000100,wxyz,{hashed}",
         )
         listed = self.store.listAppPasswords("BOB@example.org")
-        self.assertEqual([(app.label, app.created, app.prefix, used) for app, used in listed],
-                         [("phone", 1700000000, "abcd", None),
-                          ("laptop", 1700000100, "wxyz", None)])
-        self.assertEqual([a.label for a in self.loaded("bob@example.org").appPasswords],
-                         ["phone", "laptop"])
+        self.assertEqual(
+            [(app.label, app.created, app.prefix, used) for app, used in listed],
+            [("phone", 1700000000, "abcd", None), ("laptop", 1700000100, "wxyz", None)],
+        )
+        self.assertEqual(
+            [a.label for a in self.loaded("bob@example.org").appPasswords], ["phone", "laptop"]
+        )
         self.store.deleteAppPassword("bob@example.org", "phone")
-        self.assertEqual([app.label for app, _ in self.store.listAppPasswords("bob@example.org")],
-                         ["laptop"])
+        self.assertEqual(
+            [app.label for app, _ in self.store.listAppPasswords("bob@example.org")], ["laptop"]
+        )
         self.store.deleteAppPassword("bob@example.org", "laptop")
         self.assertEqual(self.read(), ORIGINAL)
 
@@ -165,14 +171,17 @@ class UsersFileStoreTests(StoreTestMixin, unittest.TestCase):
         problem naming the line; the user and its other app passwords work.
         """
         hashed = makeHash(b"abcdefghjkmnpqrstuvw")
-        text = (f"bob@example.org:{ARGON2ID}::::::mailauth_app=phone,x,abcd,{hashed}"
-                f" mailauth_app=tab,1,efgh,{{NOPE}}x mailauth_app=ok,1,ijkm,{hashed}"
-                f" mailauth_app=ok,2,nopq,{hashed}\n")
+        text = (
+            f"bob@example.org:{ARGON2ID}::::::mailauth_app=phone,x,abcd,{hashed}"
+            f" mailauth_app=tab,1,efgh,{{NOPE}}x mailauth_app=ok,1,ijkm,{hashed}"
+            f" mailauth_app=ok,2,nopq,{hashed}\n"
+        )
         users, problems = parseUsers(text, "users")
         self.assertEqual([a.label for a in users["bob@example.org"].appPasswords], ["ok"])
         self.assertEqual(len(problems), 3)
-        self.assertIn("users:1: bob@example.org: app password phone: 'x' is not a creation time",
-                      problems[0])
+        self.assertIn(
+            "users:1: bob@example.org: app password phone: 'x' is not a creation time", problems[0]
+        )
         self.assertIn("app password tab: unknown password scheme {NOPE}", problems[1])
         self.assertIn("app password ok repeats the label or prefix", problems[2])
 
@@ -214,8 +223,9 @@ class UsersFileStoreTests(StoreTestMixin, unittest.TestCase):
             f"alice@example.org:{new}:1000:1000:Alice:/home/alice::userdb_quota_rule=*:1G",
         )
         inode = os.stat(self.path).st_ino
-        self.assertFalse(self.store.upgradePassword("alice@example.org", parse(SHA256),
-                                                    makeHash(b"other")))
+        self.assertFalse(
+            self.store.upgradePassword("alice@example.org", parse(SHA256), makeHash(b"other"))
+        )
         self.assertFalse(self.store.upgradePassword("nobody@example.org", parse(SHA256), new))
         self.assertEqual(os.stat(self.path).st_ino, inode)
 
@@ -225,12 +235,14 @@ class UsersFileStoreTests(StoreTestMixin, unittest.TestCase):
         so it is the only one an upgrade may replace.
         """
         with open(self.path, "w") as f:
-            f.write(f"bob@example.org:{{NOPE}}x\nbob@example.org:{SHA256}\n"
-                    f"bob@example.org:{SHA256}\n")
+            f.write(
+                f"bob@example.org:{{NOPE}}x\nbob@example.org:{SHA256}\nbob@example.org:{SHA256}\n"
+            )
         new = makeHash(SECRET)
         self.assertTrue(self.store.upgradePassword("bob@example.org", parse(SHA256), new))
-        self.assertEqual(self.read().splitlines()[1:], [f"bob@example.org:{new}",
-                                                        f"bob@example.org:{SHA256}"])
+        self.assertEqual(
+            self.read().splitlines()[1:], [f"bob@example.org:{new}", f"bob@example.org:{SHA256}"]
+        )
 
 
 APP = makeHash(b"abcdefghjkmnpqrstuvw")
@@ -258,17 +270,22 @@ class AccountStoreTestsMixin:
         self.store.addAppPassword("Bob@example.org", "phone", APP, 1700000000, "abcd")
         self.store.addAppPassword("bob@example.org", "laptop", APP, 1700000100, "wxyz")
         listed = self.store.listAppPasswords("BOB@example.org")
-        self.assertEqual([(app.label, app.created, app.prefix, app.password, used)
-                          for app, used in listed],
-                         [("phone", 1700000000, "abcd", parse(APP), None),
-                          ("laptop", 1700000100, "wxyz", parse(APP), None)])
+        self.assertEqual(
+            [(app.label, app.created, app.prefix, app.password, used) for app, used in listed],
+            [
+                ("phone", 1700000000, "abcd", parse(APP), None),
+                ("laptop", 1700000100, "wxyz", parse(APP), None),
+            ],
+        )
         accounts = {user.login: user for user in self.store.listAccounts()}
-        self.assertEqual([app.label for app in accounts["bob@example.org"].appPasswords],
-                         ["phone", "laptop"])
+        self.assertEqual(
+            [app.label for app in accounts["bob@example.org"].appPasswords], ["phone", "laptop"]
+        )
         self.assertEqual(accounts["alice@example.org"].appPasswords, ())
         self.store.deleteAppPassword("bob@example.org", "phone")
-        self.assertEqual([app.label for app, _ in self.store.listAppPasswords("bob@example.org")],
-                         ["laptop"])
+        self.assertEqual(
+            [app.label for app, _ in self.store.listAppPasswords("bob@example.org")], ["laptop"]
+        )
 
     def test_appPasswordErrors(self) -> None:
         """
@@ -278,30 +295,61 @@ class AccountStoreTestsMixin:
         """
         self.store.addAppPassword("bob@example.org", "phone", APP, 1, "abcd")
         cases = [
-            (self.store.addAppPassword, ("bob@example.org", "phone", APP, 2, "efgh"),
-             "bob@example.org already has an app password phone"),
-            (self.store.addAppPassword, ("bob@example.org", "tablet", APP, 2, "abcd"),
-             "bob@example.org has another app password starting with abcd; make a new one"),
-            (self.store.addAppPassword, ("bob@example.org", "my phone", APP, 2, "efgh"),
-             "invalid app password label 'my phone'"),
-            (self.store.addAppPassword, ("bob@example.org", "tablet", APP, 2, "EFGH"),
-             "'EFGH' is not 4 lower-case letters or digits"),
-            (self.store.addAppPassword, ("nobody@example.org", "tablet", APP, 2, "efgh"),
-             f"no user nobody@example.org in {self.where}"),
-            (self.store.deleteAppPassword, ("bob@example.org", "tablet"),
-             "bob@example.org has no app password tablet"),
-            (self.store.deleteAppPassword, ("nobody@example.org", "phone"),
-             f"no user nobody@example.org in {self.where}"),
-            (self.store.listAppPasswords, ("nobody@example.org",),
-             f"no user nobody@example.org in {self.where}"),
+            (
+                self.store.addAppPassword,
+                ("bob@example.org", "phone", APP, 2, "efgh"),
+                "bob@example.org already has an app password phone",
+            ),
+            (
+                self.store.addAppPassword,
+                ("bob@example.org", "tablet", APP, 2, "abcd"),
+                "bob@example.org has another app password starting with abcd; make a new one",
+            ),
+            (
+                self.store.addAppPassword,
+                ("bob@example.org", "my phone", APP, 2, "efgh"),
+                "invalid app password label 'my phone'",
+            ),
+            (
+                self.store.addAppPassword,
+                ("bob@example.org", "tablet", APP, 2, "EFGH"),
+                "'EFGH' is not 4 lower-case letters or digits",
+            ),
+            (
+                self.store.addAppPassword,
+                ("nobody@example.org", "tablet", APP, 2, "efgh"),
+                f"no user nobody@example.org in {self.where}",
+            ),
+            (
+                self.store.deleteAppPassword,
+                ("bob@example.org", "tablet"),
+                "bob@example.org has no app password tablet",
+            ),
+            (
+                self.store.deleteAppPassword,
+                ("nobody@example.org", "phone"),
+                f"no user nobody@example.org in {self.where}",
+            ),
+            (
+                self.store.listAppPasswords,
+                ("nobody@example.org",),
+                f"no user nobody@example.org in {self.where}",
+            ),
         ]
         for method, args, message in cases:
             e = self.assertRaises(UserDatabaseError, method, *args)
             self.assertIn(message, str(e))
         for i in range(15):
             self.store.addAppPassword("bob@example.org", f"app{i}", APP, 3, f"{i:04d}")
-        e = self.assertRaises(UserDatabaseError, self.store.addAppPassword,
-                              "bob@example.org", "one-more", APP, 4, "zzzz")
+        e = self.assertRaises(
+            UserDatabaseError,
+            self.store.addAppPassword,
+            "bob@example.org",
+            "one-more",
+            APP,
+            4,
+            "zzzz",
+        )
         self.assertIn("bob@example.org already has 16 app passwords", str(e))
         self.assertEqual(len(self.store.listAppPasswords("bob@example.org")), 16)
 
@@ -339,8 +387,9 @@ class AccountStoreTestsMixin:
         self.assertTrue(self.store.upgradePassword("alice@example.org", parse(SHA256), new))
         accounts = {user.login: user.password for user in self.store.listAccounts()}
         self.assertEqual(accounts["alice@example.org"], parse(new))
-        self.assertFalse(self.store.upgradePassword("alice@example.org", parse(SHA256),
-                                                    makeHash(b"other")))
+        self.assertFalse(
+            self.store.upgradePassword("alice@example.org", parse(SHA256), makeHash(b"other"))
+        )
         self.assertFalse(self.store.upgradePassword("nobody@example.org", parse(SHA256), new))
         accounts = {user.login: user.password for user in self.store.listAccounts()}
         self.assertEqual(accounts["alice@example.org"], parse(new))
@@ -377,15 +426,16 @@ class PostgreSQLAccountStoreTests(AccountStoreTestsMixin, unittest.TestCase):
         """
         self.store.addAppPassword("bob@example.org", "phone", APP, 1700000000, "abcd")
         self.store.setSuspended("bob@example.org", True)
-        self.sql("INSERT INTO mailauth.app_passwords (login, label, password, prefix)"
-                 " VALUES ('bob@example.org', 'broken', 'x', 'wxyz')")
+        self.sql(
+            "INSERT INTO mailauth.app_passwords (login, label, password, prefix)"
+            " VALUES ('bob@example.org', 'broken', 'x', 'wxyz')"
+        )
         db = PostgreSQLUserDatabase(self.uri, reactor)
         db.startService()
         self.addCleanup(db.stopService)
         user = yield db.lookup("BOB@example.org")
         self.assertTrue(user.suspended)
-        self.assertEqual(user.appPasswords,
-                         (AppPassword("phone", 1700000000, "abcd", parse(APP)),))
+        self.assertEqual(user.appPasswords, (AppPassword("phone", 1700000000, "abcd", parse(APP)),))
         self.assertEqual(user.appPassword("abcd").label, "phone")
         alice = yield db.lookup("alice@example.org")
         self.assertEqual((alice.suspended, alice.appPasswords), (False, ()))
@@ -402,8 +452,9 @@ class PostgreSQLAccountStoreTests(AccountStoreTestsMixin, unittest.TestCase):
         store = storeFor(uri)
         store.addUser("bob@example.org", ARGON2ID)
         store.addAppPassword("bob@example.org", "phone", APP, 1, "abcd")
-        self.assertEqual([app.label for app, _ in store.listAppPasswords("bob@example.org")],
-                         ["phone"])
+        self.assertEqual(
+            [app.label for app, _ in store.listAppPasswords("bob@example.org")], ["phone"]
+        )
 
     def test_prefixChecked(self) -> None:
         """The database itself refuses a malformed prefix or a repeated one."""
@@ -411,8 +462,11 @@ class PostgreSQLAccountStoreTests(AccountStoreTestsMixin, unittest.TestCase):
         errors = pgharness.driver().errors
         for prefix, error in (("ABCD", errors.CheckViolation), ("abcd", errors.UniqueViolation)):
             with self.assertRaises(error):
-                self.sql("INSERT INTO mailauth.app_passwords (login, label, password, prefix)"
-                         " VALUES ('bob@example.org', 'tablet', 'x', %s)", prefix)
+                self.sql(
+                    "INSERT INTO mailauth.app_passwords (login, label, password, prefix)"
+                    " VALUES ('bob@example.org', 'tablet', 'x', %s)",
+                    prefix,
+                )
 
 
 class NeedsRehashTests(unittest.TestCase):
@@ -422,7 +476,9 @@ class NeedsRehashTests(unittest.TestCase):
         older version, less memory or fewer passes than today's.
         """
         outdated = [
-            SHA256, "{PLAIN}x", "{ARGON2I}$argon2i$v=19$m=65536,t=3,p=1$c2FsdHNhbHQ$aGFzaGhhc2g",
+            SHA256,
+            "{PLAIN}x",
+            "{ARGON2I}$argon2i$v=19$m=65536,t=3,p=1$c2FsdHNhbHQ$aGFzaGhhc2g",
             "{ARGON2ID}$argon2id$v=16$m=65536,t=3,p=1$c2FsdHNhbHQ$aGFzaGhhc2g",
             "{ARGON2ID}$argon2id$m=65536,t=3,p=1$c2FsdHNhbHQ$aGFzaGhhc2g",
             "{ARGON2ID}$argon2id$v=19$m=32768,t=3,p=1$c2FsdHNhbHQ$aGFzaGhhc2g",
@@ -430,8 +486,12 @@ class NeedsRehashTests(unittest.TestCase):
         ]
         for stored in outdated:
             self.assertTrue(needsRehash(parse(stored)), stored)
-        current = [ARGON2ID, makeHash(b"x"), "$argon2id$v=19$m=65536,t=3,p=1$c2FsdHNhbHQ$aGFz",
-                   "{ARGON2ID}$argon2id$v=19$m=131072,t=4,p=4$c2FsdHNhbHQ$aGFzaGhhc2g"]
+        current = [
+            ARGON2ID,
+            makeHash(b"x"),
+            "$argon2id$v=19$m=65536,t=3,p=1$c2FsdHNhbHQ$aGFz",
+            "{ARGON2ID}$argon2id$v=19$m=131072,t=4,p=4$c2FsdHNhbHQ$aGFzaGhhc2g",
+        ]
         for stored in current:
             self.assertFalse(needsRehash(parse(stored)), stored)
 
@@ -439,8 +499,10 @@ class NeedsRehashTests(unittest.TestCase):
         """CRAM-MD5 keeps its schemes and plaintext; SCRAM its own keys, -PLUS or not."""
         self.assertEqual(schemesNeededBy(["PLAIN", "LOGIN"]), frozenset())
         self.assertEqual(schemesNeededBy(["CRAM-MD5"]), frozenset(passwords.CRAM_MD5_SCHEMES))
-        self.assertEqual(schemesNeededBy(["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1"]),
-                         frozenset(["SCRAM-SHA-256", "SCRAM-SHA-1"]))
+        self.assertEqual(
+            schemesNeededBy(["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1"]),
+            frozenset(["SCRAM-SHA-256", "SCRAM-SHA-1"]),
+        )
 
 
 class RecordingStore:
@@ -471,8 +533,9 @@ class RehasherTests(unittest.TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
 
     def messages(self) -> list:
-        return [formatEvent(e) for e in self.logged
-                if e.get("log_namespace") == "mailauth.userstore"]
+        return [
+            formatEvent(e) for e in self.logged if e.get("log_namespace") == "mailauth.userstore"
+        ]
 
     def login(self, rehasher: Rehasher, login: str, stored: str, password: bytes = SECRET):
         users = MemoryUserDatabase({login: stored})
@@ -493,8 +556,10 @@ class RehasherTests(unittest.TestCase):
         self.assertEqual((login, verified), ("alice@example.org", parse(SHA256)))
         self.assertTrue(new.startswith("{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$"))
         self.assertTrue(verify(parse(new), SECRET))
-        self.assertEqual(self.messages(), [
-            "Rehashed the password of <alice@example.org> from SHA256-CRYPT to ARGON2ID"])
+        self.assertEqual(
+            self.messages(),
+            ["Rehashed the password of <alice@example.org> from SHA256-CRYPT to ARGON2ID"],
+        )
 
     def test_notRehashed(self) -> None:
         """
@@ -507,8 +572,7 @@ class RehasherTests(unittest.TestCase):
         self.successResultOf(self.login(rehasher, "a@example.org", ARGON2ID))
         self.failureResultOf(self.login(rehasher, "b@example.org", SHA256, b"wrong"))
         self.successResultOf(self.login(rehasher, "c@example.org", "{PLAIN}alice-secret-1"))
-        self.successResultOf(self.login(rehasher, "d@example.org",
-                                        makeHash(SECRET, "CRAM-MD5")))
+        self.successResultOf(self.login(rehasher, "d@example.org", makeHash(SECRET, "CRAM-MD5")))
         self.assertEqual(store.upgrades, [])
         # Without CRAM-MD5 on offer, the plaintext user is moved to ARGON2ID.
         rehasher = Rehasher(store, runInline, frozenset())
@@ -519,23 +583,31 @@ class RehasherTests(unittest.TestCase):
         """A hash changed since the login is left alone, and that is logged."""
         rehasher = Rehasher(RecordingStore(answer=False), runInline, frozenset())
         self.successResultOf(self.login(rehasher, "alice@example.org", SHA256))
-        self.assertEqual(self.messages(), [
-            "Did not rehash the password of <alice@example.org>: it was changed since the login"])
+        self.assertEqual(
+            self.messages(),
+            ["Did not rehash the password of <alice@example.org>: it was changed since the login"],
+        )
 
     def test_failureLoggedOnce(self) -> None:
         """
         A store that cannot be written fails the rehash, never the login,
         and is logged once for the login.
         """
-        store = RecordingStore(UserDatabaseError("cannot write /etc/mailauth/users: "
-                                                 "Read-only file system"))
+        store = RecordingStore(
+            UserDatabaseError("cannot write /etc/mailauth/users: Read-only file system")
+        )
         rehasher = Rehasher(store, runInline, frozenset())
         for _ in range(2):
-            self.assertEqual(self.successResultOf(self.login(rehasher, "a@example.org", SHA256)),
-                             "a@example.org")
-        self.assertEqual(self.messages(), [
-            "Cannot rehash the password of <a@example.org> to ARGON2ID: cannot write "
-            "/etc/mailauth/users: Read-only file system"])
+            self.assertEqual(
+                self.successResultOf(self.login(rehasher, "a@example.org", SHA256)), "a@example.org"
+            )
+        self.assertEqual(
+            self.messages(),
+            [
+                "Cannot rehash the password of <a@example.org> to ARGON2ID: cannot write "
+                "/etc/mailauth/users: Read-only file system"
+            ],
+        )
 
     def test_offTheReactor(self) -> None:
         """The hash and the write go through the runner, and the login does not wait for them."""
@@ -548,8 +620,9 @@ class RehasherTests(unittest.TestCase):
 
         store = RecordingStore()
         rehasher = Rehasher(store, runLater, frozenset())
-        checker = PasswordChecker(MemoryUserDatabase({"a@example.org": SHA256}), runInline,
-                                  rehasher=rehasher)
+        checker = PasswordChecker(
+            MemoryUserDatabase({"a@example.org": SHA256}), runInline, rehasher=rehasher
+        )
         result = checker.requestAvatarId(PlaintextCredentials("a@example.org", SECRET, "PLAIN"))
         self.assertEqual(self.successResultOf(result), "a@example.org")
         self.assertEqual(store.upgrades, [])
@@ -575,21 +648,30 @@ class AppPasswordUseTests(unittest.TestCase):
         use.record("bob@example.org", laptop)
         clock.advance(1)
         use.record("bob@example.org", phone)
-        self.assertEqual(store.uses, [("bob@example.org", "phone", 0),
-                                      ("bob@example.org", "laptop", 59),
-                                      ("bob@example.org", "phone", 60)])
+        self.assertEqual(
+            store.uses,
+            [
+                ("bob@example.org", "phone", 0),
+                ("bob@example.org", "laptop", 59),
+                ("bob@example.org", "phone", 60),
+            ],
+        )
 
     def test_failureLogged(self) -> None:
         """A write that fails is logged; the login is not affected."""
         logged: list = []
         globalLogPublisher.addObserver(logged.append)
         self.addCleanup(globalLogPublisher.removeObserver, logged.append)
-        use = AppPasswordUse(RecordingStore(OSError(28, "No space left on device")), runInline,
-                             Clock())
+        use = AppPasswordUse(
+            RecordingStore(OSError(28, "No space left on device")), runInline, Clock()
+        )
         d = use.record("bob@example.org", AppPassword("phone", 1, "abcd", parse(ARGON2ID)))
         self.successResultOf(d)
-        self.assertIn("Cannot record the use of app password phone of <bob@example.org>: "
-                      "[Errno 28] No space left on device", [formatEvent(e) for e in logged])
+        self.assertIn(
+            "Cannot record the use of app password phone of <bob@example.org>: "
+            "[Errno 28] No space left on device",
+            [formatEvent(e) for e in logged],
+        )
 
 
 class SuspendCommandTests(StoreTestMixin, unittest.TestCase):
@@ -598,31 +680,40 @@ class SuspendCommandTests(StoreTestMixin, unittest.TestCase):
         C{user suspend} and C{user resume} write and lift C{nologin};
         C{user list} shows the suspension.
         """
-        self.assertEqual(runCommand("user", "suspend", "bob@example.org", "--users", self.path),
-                         (0, f"bob@example.org: suspended in {self.path}\n", ""))
+        self.assertEqual(
+            runCommand("user", "suspend", "bob@example.org", "--users", self.path),
+            (0, f"bob@example.org: suspended in {self.path}\n", ""),
+        )
         self.assertTrue(self.loaded("bob@example.org").suspended)
         status, out, _ = runCommand("user", "list", "--users", self.path)
-        self.assertEqual(out, "alice@example.org  SHA256-CRYPT\n"
-                              "bob@example.org    ARGON2ID      suspended\n")
-        self.assertEqual(runCommand("user", "resume", "bob@example.org", "--users", self.path),
-                         (0, f"bob@example.org: resumed in {self.path}\n", ""))
+        self.assertEqual(
+            out, "alice@example.org  SHA256-CRYPT\nbob@example.org    ARGON2ID      suspended\n"
+        )
+        self.assertEqual(
+            runCommand("user", "resume", "bob@example.org", "--users", self.path),
+            (0, f"bob@example.org: resumed in {self.path}\n", ""),
+        )
         self.assertEqual(self.read(), ORIGINAL)
 
     def test_suspendUnknown(self) -> None:
         """Suspending an unknown login is one line of error."""
-        self.assertEqual(runCommand("user", "suspend", "x@example.org", "--users", self.path),
-                         (1, "", f"mailauth: no user x@example.org in {self.path}\n"))
+        self.assertEqual(
+            runCommand("user", "suspend", "x@example.org", "--users", self.path),
+            (1, "", f"mailauth: no user x@example.org in {self.path}\n"),
+        )
 
 
 def writeConfig(directory: str, users: str, extra: str = "") -> str:
     path = os.path.join(directory, "mailauth.conf")
     with open(path, "w") as f:
-        f.write("[server]\nhostname = mail.example.org\n"
-                f"state_dir = {directory}/state\n"
-                "[listener:submission]\nendpoint = tcp:0\ntls = none\nauth = optional\n"
-                f"[auth]\nusers = {users}\n{extra}"
-                "[delivery]\nlocal_domains = example.org\n"
-                f"maildir = {directory}/mail/{{domain}}/{{localpart}}/Maildir\n")
+        f.write(
+            "[server]\nhostname = mail.example.org\n"
+            f"state_dir = {directory}/state\n"
+            "[listener:submission]\nendpoint = tcp:0\ntls = none\nauth = optional\n"
+            f"[auth]\nusers = {users}\n{extra}"
+            "[delivery]\nlocal_domains = example.org\n"
+            f"maildir = {directory}/mail/{{domain}}/{{localpart}}/Maildir\n"
+        )
     return path
 
 
@@ -651,13 +742,17 @@ class RehashConfigTests(unittest.TestCase):
         config = writeConfig(directory, users, "rehash = yes\n")
         status, out, err = runCommand("check-config", "--config", config, *uid)
         self.assertEqual((status, out), (0, f"{config}: OK, with 1 warning(s)\n"), err)
-        self.assertRegex(err, f"^{re.escape(config)}: \\[auth\\] rehash: warning: .*cannot write "
-                              f"{re.escape(readonly)}, so no password can be rehashed; keep the "
-                              "users file where the daemon may write \\(e.g. "
-                              "/var/lib/mailauth/users\\)\n$")
+        self.assertRegex(
+            err,
+            f"^{re.escape(config)}: \\[auth\\] rehash: warning: .*cannot write "
+            f"{re.escape(readonly)}, so no password can be rehashed; keep the "
+            "users file where the daemon may write \\(e.g. "
+            "/var/lib/mailauth/users\\)\n$",
+        )
         config = writeConfig(directory, users)
-        self.assertEqual(runCommand("check-config", "--config", config, *uid),
-                         (0, f"{config}: OK\n", ""))
+        self.assertEqual(
+            runCommand("check-config", "--config", config, *uid), (0, f"{config}: OK\n", "")
+        )
 
     def test_badValue(self) -> None:
         """C{rehash} takes yes or no."""
@@ -665,8 +760,9 @@ class RehashConfigTests(unittest.TestCase):
         os.makedirs(directory)
         config = writeConfig(directory, "/dev/null", "rehash = sometimes\n")
         status, _, err = runCommand("check-config", "--config", config)
-        self.assertEqual((status, err),
-                         (1, f"{config}: [auth] rehash: 'sometimes' is not yes or no\n"))
+        self.assertEqual(
+            (status, err), (1, f"{config}: [auth] rehash: 'sometimes' is not yes or no\n")
+        )
 
 
 class RehashDaemonTests(AttackMixin, unittest.TestCase):
@@ -683,8 +779,9 @@ class RehashDaemonTests(AttackMixin, unittest.TestCase):
         """
         login = "alice.sha512-crypt@example.test"
         done = self.log.waitFor(r"Rehashed the password of <alice\.sha512-crypt@")
-        client = yield self.inThread(self.loggedIn, "submissions", "127.0.0.1",
-                                     login.encode(), PASSWORD.encode())
+        client = yield self.inThread(
+            self.loggedIn, "submissions", "127.0.0.1", login.encode(), PASSWORD.encode()
+        )
         client.close()
         yield done
         with open(os.path.join(self.daemon.dir, "users")) as f:
@@ -693,8 +790,9 @@ class RehashDaemonTests(AttackMixin, unittest.TestCase):
         self.assertTrue(verify(parse(lines[login]), PASSWORD.encode()))
         reloaded = self.log.waitFor(r"Users file .*: loaded")
         yield reloaded
-        client = yield self.inThread(self.loggedIn, "submissions", "127.0.0.1",
-                                     login.encode(), PASSWORD.encode())
+        client = yield self.inThread(
+            self.loggedIn, "submissions", "127.0.0.1", login.encode(), PASSWORD.encode()
+        )
         client.close()
         cram = "alice.cram-md5@example.test"
         client = yield self.inThread(self.connect, "submissions")
@@ -706,8 +804,10 @@ class RehashDaemonTests(AttackMixin, unittest.TestCase):
             original = [line for line in f if line.startswith(cram + ":")]
         with open(os.path.join(self.daemon.dir, "users")) as f:
             self.assertIn(original[0], f.read())
-        self.assertEqual([m for m in self.log.messages if "rehash" in m.lower()[:40]],
-                         [f"Rehashed the password of <{login}> from SHA512-CRYPT to ARGON2ID"])
+        self.assertEqual(
+            [m for m in self.log.messages if "rehash" in m.lower()[:40]],
+            [f"Rehashed the password of <{login}> from SHA512-CRYPT to ARGON2ID"],
+        )
 
 
 class PostgreSQLDaemonTests(unittest.TestCase):
@@ -720,8 +820,7 @@ class PostgreSQLDaemonTests(unittest.TestCase):
         initSchema(self.uri)
         self.store = storeFor(self.uri)
         self.store.addUser("alice@example.test", SHA256)
-        self.daemon = Daemon(self.mktemp(), settings={"auth": {"users": self.uri,
-                                                               "rehash": "yes"}})
+        self.daemon = Daemon(self.mktemp(), settings={"auth": {"users": self.uri, "rehash": "yes"}})
         self.addCleanup(self.daemon.stop)
         self.daemon.start()
         self.log = LogWatcher()
@@ -732,8 +831,13 @@ class PostgreSQLDaemonTests(unittest.TestCase):
         port = self.daemon.ports["submissions"]
 
         def run() -> int:
-            with smtplib.SMTP_SSL("127.0.0.1", port, local_hostname="client.example",
-                                  context=clientContext(), timeout=30) as client:
+            with smtplib.SMTP_SSL(
+                "127.0.0.1",
+                port,
+                local_hostname="client.example",
+                context=clientContext(),
+                timeout=30,
+            ) as client:
                 client.ehlo()
                 client.user, client.password = "alice@example.test", password
                 try:
@@ -754,8 +858,15 @@ class PostgreSQLDaemonTests(unittest.TestCase):
         user's own SHA256-CRYPT password rehashes it to ARGON2ID in the
         table; a suspended login fails with either.
         """
-        status, password, err = runCommand("user", "app-password", "add", "alice@example.test",
-                                           "phone", "--config", self.daemon.configPath)
+        status, password, err = runCommand(
+            "user",
+            "app-password",
+            "add",
+            "alice@example.test",
+            "phone",
+            "--config",
+            self.daemon.configPath,
+        )
         self.assertEqual(status, 0, err)
         self.assertEqual((yield self.login(password.strip())), 235)
         deadline = time.monotonic() + 10
@@ -801,8 +912,10 @@ class UserStoreTestsMixin:
         store.addUser("bob@example.org", ARGON2ID)
         self.assertTrue(store.hasUser("ALICE@example.org"))
         self.assertFalse(store.hasUser("carol@example.org"))
-        self.assertEqual(sorted(store.listUsers()),
-                         [("alice@example.org", "SHA256-CRYPT"), ("bob@example.org", "ARGON2ID")])
+        self.assertEqual(
+            sorted(store.listUsers()),
+            [("alice@example.org", "SHA256-CRYPT"), ("bob@example.org", "ARGON2ID")],
+        )
         self.assertRaises(UserDatabaseError, store.addUser, "ALICE@example.org", ARGON2ID)
 
     def test_refusals(self) -> None:
@@ -810,9 +923,11 @@ class UserStoreTestsMixin:
         store = self.makeStore()
         self.assertRaises(UserDatabaseError, store.addUser, "a@example.org", "{NOPE}x")
         self.assertRaises(UserDatabaseError, store.addUser, "../x@example.org", ARGON2ID)
-        for change in (lambda: store.setPassword("nobody@example.org", ARGON2ID),
-                       lambda: store.deleteUser("nobody@example.org"),
-                       lambda: store.setSuspended("nobody@example.org", True)):
+        for change in (
+            lambda: store.setPassword("nobody@example.org", ARGON2ID),
+            lambda: store.deleteUser("nobody@example.org"),
+            lambda: store.setSuspended("nobody@example.org", True),
+        ):
             self.assertRaises(UserDatabaseError, change)
 
     def test_passwordAndDelete(self) -> None:
@@ -857,7 +972,8 @@ class PostgreSQLUserStoreTests(UserStoreTestsMixin, unittest.TestCase):
 
     def suspended(self, store, login: str) -> bool:
         [(value,)] = self.server.execute(
-            self.database, "SELECT suspended FROM mailauth.users WHERE login = %s", (login,))
+            self.database, "SELECT suspended FROM mailauth.users WHERE login = %s", (login,)
+        )
         return value
 
 

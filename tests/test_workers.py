@@ -54,8 +54,10 @@ from tests.harness import (
     writeDaemonDirectory,
 )
 
-LISTENERS = [("submission", "tcp:0:interface=127.0.0.1"),
-             ("submissions", "tcp:0:interface=127.0.0.1")]
+LISTENERS = [
+    ("submission", "tcp:0:interface=127.0.0.1"),
+    ("submissions", "tcp:0:interface=127.0.0.1"),
+]
 
 
 class FakeProcess:
@@ -92,8 +94,9 @@ class SpawningReactor(ClockedReactor):
     def spawnProcess(self, proto, executable, args, env=None, childFDs=None, **kwargs):
         process = FakeProcess(proto, 1000 + len(self.spawned))
         proto.makeConnection(process)
-        self.spawned.append(dict(executable=executable, args=args, env=env,
-                                 childFDs=childFDs, process=process))
+        self.spawned.append(
+            dict(executable=executable, args=args, env=env, childFDs=childFDs, process=process)
+        )
         return process
 
 
@@ -112,16 +115,22 @@ class WorkerPoolTests(unittest.TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
 
     def makePool(self, count: int = 2, **kwargs) -> WorkerPool:
-        self.held = [HeldPort(self.reactor, name, description)
-                     for name, description in LISTENERS]
+        self.held = [HeldPort(self.reactor, name, description) for name, description in LISTENERS]
         for held in self.held:
             held.privilegedStartService()
             self.addCleanup(held.stopService)
-        pool = WorkerPool(self.reactor, count, self.held, "/etc/mailauth/mailauth.conf",
-                          "[server]\nworkers = 2\n", wakeQueue=lambda: self.wakes.append(1),
-                          stopDaemon=lambda: self.stops.append(1),
-                          publisher=self.events.append,
-                          environ={"PATH": "/usr/bin", "NOTIFY_SOCKET": "/run/x"}, **kwargs)
+        pool = WorkerPool(
+            self.reactor,
+            count,
+            self.held,
+            "/etc/mailauth/mailauth.conf",
+            "[server]\nworkers = 2\n",
+            wakeQueue=lambda: self.wakes.append(1),
+            stopDaemon=lambda: self.stops.append(1),
+            publisher=self.events.append,
+            environ={"PATH": "/usr/bin", "NOTIFY_SOCKET": "/run/x"},
+            **kwargs,
+        )
         pool.privilegedStartService()
         pool.startService()
         return pool
@@ -138,8 +147,9 @@ class WorkerPoolTests(unittest.TestCase):
         on them itself: connections wait in the accept queue for a worker.
         """
         self.makePool()
-        self.assertEqual([held.name for held in self.held],
-                         ["listener:submission", "listener:submissions"])
+        self.assertEqual(
+            [held.name for held in self.held], ["listener:submission", "listener:submissions"]
+        )
         for port in [held.port for held in self.held]:
             self.assertNotIn(port, reactor.getReaders())
             client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
@@ -155,14 +165,27 @@ class WorkerPoolTests(unittest.TestCase):
         self.assertEqual(len(self.reactor.spawned), 2)
         for index, spawned in enumerate(self.reactor.spawned, start=1):
             fds = spawned["childFDs"]
-            self.assertEqual({fd: fds[fd] for fd in (CONFIG_FD, LOG_FD, STDERR_FD, CONTROL_FD)},
-                             {0: "w", 1: "r", 2: "r", 3: "r"})
+            self.assertEqual(
+                {fd: fds[fd] for fd in (CONFIG_FD, LOG_FD, STDERR_FD, CONTROL_FD)},
+                {0: "w", 1: "r", 2: "r", 3: "r"},
+            )
             self.assertEqual(fds[FIRST_SOCKET_FD], self.held[0].port.fileno())
             self.assertEqual(fds[FIRST_SOCKET_FD + 1], self.held[1].port.fileno())
-            self.assertEqual(spawned["args"][1:], [
-                "-m", "mailauth.workers", "--index", str(index),
-                "--config", "/etc/mailauth/mailauth.conf",
-                "--listener", "submission=4", "--listener", "submissions=5"])
+            self.assertEqual(
+                spawned["args"][1:],
+                [
+                    "-m",
+                    "mailauth.workers",
+                    "--index",
+                    str(index),
+                    "--config",
+                    "/etc/mailauth/mailauth.conf",
+                    "--listener",
+                    "submission=4",
+                    "--listener",
+                    "submissions=5",
+                ],
+            )
 
     def test_configurationOnStdin(self):
         """
@@ -237,8 +260,7 @@ class WorkerPoolTests(unittest.TestCase):
         self.assertEqual(readiness, [None])
         texts = [formatEvent(e) for e in self.logged]
         self.assertTrue(any("PermissionError: key.pem" in t for t in texts), texts)
-        self.assertTrue(any("before it could serve; stopping mailauth" in t for t in texts),
-                        texts)
+        self.assertTrue(any("before it could serve; stopping mailauth" in t for t in texts), texts)
 
     def test_readyOnceEveryWorkerServes(self):
         """
@@ -294,26 +316,40 @@ class WorkerPoolTests(unittest.TestCase):
             relay(event)
 
         logger = Logger(namespace="mailauth.esmtp", observer=both)
-        logger.info("auth failure: client=[{client}] mechanism={mechanism} login=<{login}>",
-                    client="192.0.2.7", mechanism="PLAIN", login="bob@example.test")
+        logger.info(
+            "auth failure: client=[{client}] mechanism={mechanism} login=<{login}>",
+            client="192.0.2.7",
+            mechanism="PLAIN",
+            login="bob@example.test",
+        )
         logger.warn("braces {text} stay", text="{not a field}")
         try:
             raise ZeroDivisionError("division by zero")
         except ZeroDivisionError:
             logger.failure("it broke for {who}", who="us")
         legacy = LegacyLogObserverWrapper(both)
-        legacy({"message": ("SubmissionFactory starting on 2587",), "isError": 0,
-                "system": "-", "time": 1700000000.0})
+        legacy(
+            {
+                "message": ("SubmissionFactory starting on 2587",),
+                "isError": 0,
+                "system": "-",
+                "time": 1700000000.0,
+            }
+        )
         data = out.getvalue().encode("utf-8")
         proto = self.process(0).proto
         for start in range(0, len(data), 7):
-            proto.childDataReceived(LOG_FD, data[start:start + 7])
-        self.assertEqual([formatEventAsClassicLogText(e) for e in self.events],
-                         [formatEventAsClassicLogText(e) for e in original])
+            proto.childDataReceived(LOG_FD, data[start : start + 7])
+        self.assertEqual(
+            [formatEventAsClassicLogText(e) for e in self.events],
+            [formatEventAsClassicLogText(e) for e in original],
+        )
         self.assertIn("ZeroDivisionError", formatEventAsClassicLogText(self.events[2]))
-        self.assertRegex(formatEventAsClassicLogText(self.events[0]),
-                         r"^\S+ \[mailauth\.esmtp#info\] auth failure: "
-                         r"client=\[192\.0\.2\.7\] mechanism=PLAIN")
+        self.assertRegex(
+            formatEventAsClassicLogText(self.events[0]),
+            r"^\S+ \[mailauth\.esmtp#info\] auth failure: "
+            r"client=\[192\.0\.2\.7\] mechanism=PLAIN",
+        )
         self.assertEqual([e["log_worker"] for e in self.events], [1, 1, 1, 1])
 
     def test_brokenLogRecord(self):
@@ -321,8 +357,9 @@ class WorkerPoolTests(unittest.TestCase):
         self.makePool()
         out = io.StringIO()
         Logger(observer=LogRelay(out)).info("after")
-        self.process(0).proto.childDataReceived(LOG_FD, b"not json\nL[1]\nJ{\n"
-                                                + out.getvalue().encode())
+        self.process(0).proto.childDataReceived(
+            LOG_FD, b"not json\nL[1]\nJ{\n" + out.getvalue().encode()
+        )
         self.assertEqual([formatEvent(e) for e in self.events], ["after"])
         self.assertEqual(len([e for e in self.logged if "is not JSON" in e["log_format"]]), 3)
 
@@ -343,15 +380,21 @@ class WorkerPoolTests(unittest.TestCase):
 
         Logger(namespace="mailauth.esmtp", observer=both).info(
             "auth failure: client=[{client}] mechanism={mechanism} login=<{login}>",
-            client="192.0.2.7", mechanism="PLAIN", login="bob@example.test")
+            client="192.0.2.7",
+            mechanism="PLAIN",
+            login="bob@example.test",
+        )
         self.process(0).proto.childDataReceived(LOG_FD, out.getvalue().encode())
         [relayed] = self.events
         line = json.loads(eventAsJSONLine(relayed))
-        self.assertEqual((line["client"], line["login"], line["log_worker"]),
-                         ("192.0.2.7", "bob@example.test", 1))
+        self.assertEqual(
+            (line["client"], line["login"], line["log_worker"]),
+            ("192.0.2.7", "bob@example.test", 1),
+        )
         self.assertEqual(line["log_text"], json.loads(eventAsJSONLine(original[0]))["log_text"])
-        self.assertEqual(formatEventAsClassicLogText(relayed),
-                         formatEventAsClassicLogText(original[0]))
+        self.assertEqual(
+            formatEventAsClassicLogText(relayed), formatEventAsClassicLogText(original[0])
+        )
 
     def test_stopTerminatesThenKills(self):
         """
@@ -413,7 +456,8 @@ class WorkerSideTests(unittest.TestCase):
         parent.setblocking(False)
         factory = protocol.Factory.forProtocol(lambda: _Greeter())
         svc = Worker(1, {"submission": os.dup(parent.fileno())}, lambda: None).listen(
-            "submission", factory, reactor)
+            "submission", factory, reactor
+        )
         self.assertIsInstance(svc, AdoptedPortService)
         self.assertEqual(svc.name, "listener:submission")
         svc.startService()
@@ -458,8 +502,9 @@ class WorkerSideTests(unittest.TestCase):
         self.addCleanup(os.close, r)
         text = "[server]\nhostname = é.example\n" * 1000
         data = text.encode("utf-8")
-        writer = threading.Thread(target=lambda: (os.write(w, b"%d\n" % len(data) + data),
-                                                  os.close(w)))
+        writer = threading.Thread(
+            target=lambda: (os.write(w, b"%d\n" % len(data) + data), os.close(w))
+        )
         writer.start()
         self.assertEqual(readConfigText(r), text)
         writer.join()
@@ -513,10 +558,14 @@ maildir = /var/mail/{domain}/{localpart}/Maildir
         More than one worker with the counters in memory is one line naming
         the file, the section and the key: each process would count apart.
         """
-        self.assertEqual(self.problems("[server]\nworkers = 2\n"), [
-            "/etc/mailauth/mailauth.conf: [server] workers: 2 processes would each keep "
-            "their own throttle counters with [state] backend = memory: set backend = "
-            "redis://HOST:6379/0, or workers = 1"])
+        self.assertEqual(
+            self.problems("[server]\nworkers = 2\n"),
+            [
+                "/etc/mailauth/mailauth.conf: [server] workers: 2 processes would each keep "
+                "their own throttle counters with [state] backend = memory: set backend = "
+                "redis://HOST:6379/0, or workers = 1"
+            ],
+        )
 
     def test_withRedis(self):
         """With the counters in Redis, any number of workers is fine."""
@@ -531,11 +580,14 @@ maildir = /var/mail/{domain}/{localpart}/Maildir
 
     def test_metricsNeedOneProcess(self):
         """[metrics] with workers is refused: no process could serve every worker's counts."""
-        problems = self.problems("[server]\nworkers = 2\n[state]\nbackend = redis://h:6379/0\n"
-                                 "[metrics]\nendpoint = tcp:9587:interface=127.0.0.1\n")
+        problems = self.problems(
+            "[server]\nworkers = 2\n[state]\nbackend = redis://h:6379/0\n"
+            "[metrics]\nendpoint = tcp:9587:interface=127.0.0.1\n"
+        )
         self.assertEqual(len(problems), 1)
-        self.assertIn("[server] workers: 2 processes would each count their own [metrics]",
-                      problems[0])
+        self.assertIn(
+            "[server] workers: 2 processes would each count their own [metrics]", problems[0]
+        )
 
 
 class BuildTests(unittest.TestCase):
@@ -561,14 +613,16 @@ class BuildTests(unittest.TestCase):
         C{workers = 2}: the parent has the pool and the queue's runner, and
         holds the listeners' sockets without serving them itself.
         """
-        top = self.build({"server": {"workers": "2"},
-                          "state": {"backend": "redis://127.0.0.1:6379/0"}})
+        top = self.build(
+            {"server": {"workers": "2"}, "state": {"backend": "redis://127.0.0.1:6379/0"}}
+        )
         names = self.names(top)
         self.assertIn("workers", names)
         self.assertIn("queue", names)
         pool = top.getServiceNamed("workers")
-        self.assertEqual([held.name for held in pool.listeners],
-                         ["listener:submission", "listener:submissions"])
+        self.assertEqual(
+            [held.name for held in pool.listeners], ["listener:submission", "listener:submissions"]
+        )
         for held in pool.listeners:
             self.assertIs(top.getServiceNamed(held.name), held)
             self.assertIsInstance(held, HeldPort)
@@ -583,9 +637,13 @@ class BuildTests(unittest.TestCase):
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         endpoint = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
-        top = self.build({"server": {"workers": "2"},
-                          "state": {"backend": "redis://127.0.0.1:6379/0"},
-                          "listener:submissions": {"endpoint": endpoint}})
+        top = self.build(
+            {
+                "server": {"workers": "2"},
+                "state": {"backend": "redis://127.0.0.1:6379/0"},
+                "listener:submissions": {"endpoint": endpoint},
+            }
+        )
         exits = []
 
         def exit(line, short):
@@ -595,8 +653,13 @@ class BuildTests(unittest.TestCase):
         top.exit = exit
         self.assertRaises(SystemExit, top.privilegedStartService)
         self.addCleanup(top.getServiceNamed("listener:submission").stopService)
-        self.assertEqual(exits, [f"{top.path}: [listener:submissions] endpoint: "
-                                 f"{endpoint!r}: cannot listen: Address already in use"])
+        self.assertEqual(
+            exits,
+            [
+                f"{top.path}: [listener:submissions] endpoint: "
+                f"{endpoint!r}: cannot listen: Address already in use"
+            ],
+        )
 
     def test_worker(self):
         """
@@ -604,8 +667,9 @@ class BuildTests(unittest.TestCase):
         wakes the parent's instead.
         """
         worker = Worker(1, {"submission": 4, "submissions": 5}, lambda: None)
-        top = self.build({"server": {"workers": "2"},
-                          "state": {"backend": "redis://127.0.0.1:6379/0"}}, worker)
+        top = self.build(
+            {"server": {"workers": "2"}, "state": {"backend": "redis://127.0.0.1:6379/0"}}, worker
+        )
         names = self.names(top)
         self.assertNotIn("queue", names)
         self.assertNotIn("workers", names)
@@ -625,8 +689,14 @@ class BuildTests(unittest.TestCase):
         env = workerEnvironment({"LISTEN_FDS": "2", "LISTEN_PID": "1", "HOME": "/root"})
         self.assertEqual(set(env) - {"PYTHONPATH"}, {"HOME"})
         script = "import mailauth.workers, sys; print(mailauth.workers.__file__)"
-        out = subprocess.run([sys.executable, "-c", script], env=dict(env, PATH=os.environ["PATH"]),
-                             cwd="/", capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", script],
+            env=dict(env, PATH=os.environ["PATH"]),
+            cwd="/",
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         self.assertEqual(out.strip(), workers.__file__)
 
 
@@ -641,15 +711,20 @@ class ReadableTests(unittest.TestCase):
         """
         found = {}
         for count in ("1", "2"):
-            path = writeDaemonDirectory(os.path.join(self.mktemp(), "d"), {
-                "server": {"workers": count},
-                "state": {"backend": "redis://127.0.0.1:6379/0"}})
+            path = writeDaemonDirectory(
+                os.path.join(self.mktemp(), "d"),
+                {"server": {"workers": count}, "state": {"backend": "redis://127.0.0.1:6379/0"}},
+            )
             folder = os.path.dirname(path)
             for _ in range(3):  # up to mktemp's own folder, made 0700
                 os.chmod(folder, 0o755)
                 folder = os.path.dirname(folder)
-            for name, mode in (("users", 0o644), ("tls/cert.pem", 0o644), ("tls", 0o755),
-                               ("tls/key.pem", 0o600)):
+            for name, mode in (
+                ("users", 0o644),
+                ("tls/cert.pem", 0o644),
+                ("tls", 0o755),
+                ("tls/key.pem", 0o600),
+            ):
                 os.chmod(os.path.join(os.path.dirname(path), name), mode)
             stranger = Account("stranger", os.geteuid() + 12345, 54321)
             found[count] = checks.checkReadable(configmod.load(path), stranger, chown=True)
@@ -658,7 +733,11 @@ class ReadableTests(unittest.TestCase):
         self.assertIn("[tls] private_key: ", found["1"].warnings[0])
         self.assertEqual(found["2"].warnings, ())
         [error] = found["2"].errors
-        self.assertTrue(error.endswith("key.pem: user stranger (uid "
-                                       f"{os.geteuid() + 12345}) cannot read it, and the "
-                                       "workers ([server] workers = 2) read it as that user"),
-                        error)
+        self.assertTrue(
+            error.endswith(
+                "key.pem: user stranger (uid "
+                f"{os.geteuid() + 12345}) cannot read it, and the "
+                "workers ([server] workers = 2) read it as that user"
+            ),
+            error,
+        )

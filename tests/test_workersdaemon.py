@@ -45,8 +45,9 @@ FILTER = os.path.join(ROOT, "etc", "fail2ban", "filter.d", "mailauth.conf")
 class _Daemon:
     """A daemon's folder with workers = 2, counters in a real Redis, run by twistd."""
 
-    def __init__(self, test: unittest.TestCase, settings=None, twistdArgs=(),
-                 count: int = 2, env=None) -> None:
+    def __init__(
+        self, test: unittest.TestCase, settings=None, twistdArgs=(), count: int = 2, env=None
+    ) -> None:
         redis = startRedis(test)
         base = {"server": {"workers": str(count)}, "state": {"backend": redis.url}}
         for section, values in (settings or {}).items():
@@ -54,8 +55,9 @@ class _Daemon:
         self.dir = os.path.abspath(test.mktemp())
         self.configPath = writeDaemonDirectory(self.dir, base)
         self.count = count
-        self.twistd = TwistdProcess(self.configPath, os.path.join(self.dir, "mailauth.log"),
-                                    twistdArgs, env)
+        self.twistd = TwistdProcess(
+            self.configPath, os.path.join(self.dir, "mailauth.log"), twistdArgs, env
+        )
         test.addCleanup(self.twistd.stop)
 
     def start(self) -> None:
@@ -69,12 +71,22 @@ class _Daemon:
 def sendOne(port: int, implicit: bool = False, source: str = "127.0.0.1") -> str:
     """One message from bob to bob; the queue ID of its 250 reply."""
     if implicit:
-        client = smtplib.SMTP_SSL("127.0.0.1", port, local_hostname="client.example",
-                                  context=clientContext(), timeout=30,
-                                  source_address=(source, 0))
+        client = smtplib.SMTP_SSL(
+            "127.0.0.1",
+            port,
+            local_hostname="client.example",
+            context=clientContext(),
+            timeout=30,
+            source_address=(source, 0),
+        )
     else:
-        client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=30,
-                              source_address=(source, 0))
+        client = smtplib.SMTP(
+            "127.0.0.1",
+            port,
+            local_hostname="client.example",
+            timeout=30,
+            source_address=(source, 0),
+        )
     try:
         client.ehlo()
         if not implicit:
@@ -158,11 +170,15 @@ class TwistdWorkersTests(unittest.TestCase):
         queued = sendOne(daemon.twistd.ports["submission"])
         [line] = daemon.twistd.waitForLog(rf'"id": "{queued}"')
         event = json.loads(line)
-        self.assertEqual((event["log_namespace"], event["client"], event["login"]),
-                         ("mailauth.esmtp", "127.0.0.1", BOB.decode()))
+        self.assertEqual(
+            (event["log_namespace"], event["client"], event["login"]),
+            ("mailauth.esmtp", "127.0.0.1", BOB.decode()),
+        )
         self.assertIn(event["log_worker"], (1, 2))
-        self.assertIn(f"message accepted: client=[127.0.0.1] login=<{BOB.decode()}> "
-                      f"id={queued}", event["log_text"])
+        self.assertIn(
+            f"message accepted: client=[127.0.0.1] login=<{BOB.decode()}> id={queued}",
+            event["log_text"],
+        )
 
     def test_failuresLoggedForFail2ban(self):
         """
@@ -179,8 +195,12 @@ class TwistdWorkersTests(unittest.TestCase):
         daemon.twistd.waitForLog(r"auth failure: client=\[127\.0\.0\.9\]")
         logPath = daemon.twistd.logPath
         try:
-            result = subprocess.run(["fail2ban-regex", "--out", "ip", logPath, FILTER],
-                                    capture_output=True, text=True, timeout=60)
+            result = subprocess.run(
+                ["fail2ban-regex", "--out", "ip", logPath, FILTER],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
         except FileNotFoundError:
             self.fail("fail2ban-regex is missing: apt-get install fail2ban")
         self.assertEqual(result.stdout.split(), ["127.0.0.9"], result.stderr)
@@ -300,9 +320,11 @@ class PrivilegeTests(unittest.TestCase):
         self.nobody = pwd.getpwnam("nobody")
 
     def daemon(self, keyMode: int, port: int = 0):
-        daemon = _Daemon(self, {"listener:submissions": {
-            "endpoint": f"tcp:{port}:interface=127.0.0.1"}},
-            twistdArgs=["--uid", str(self.nobody.pw_uid), "--gid", str(self.nobody.pw_gid)])
+        daemon = _Daemon(
+            self,
+            {"listener:submissions": {"endpoint": f"tcp:{port}:interface=127.0.0.1"}},
+            twistdArgs=["--uid", str(self.nobody.pw_uid), "--gid", str(self.nobody.pw_gid)],
+        )
         # What the workers read and write as nobody, as an operator would set it up.
         for folder in (daemon.dir, os.path.dirname(daemon.dir)):  # mktemp's parent is 0700
             os.chmod(folder, 0o755)
@@ -319,16 +341,22 @@ class PrivilegeTests(unittest.TestCase):
         """
         # The workers are this Python running this checkout, as nobody.
         try:
-            probe = subprocess.run([sys.executable, "-c", "import mailauth.workers"], cwd="/",
-                                   env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
-                                   user=self.nobody.pw_uid, group=self.nobody.pw_gid)
+            probe = subprocess.run(
+                [sys.executable, "-c", "import mailauth.workers"],
+                cwd="/",
+                env=dict(os.environ, PYTHONPATH=ROOT),
+                capture_output=True,
+                user=self.nobody.pw_uid,
+                group=self.nobody.pw_gid,
+            )
             why = probe.stderr.decode(errors="replace").strip()[-300:] if probe.returncode else ""
         except OSError as e:
             why = str(e)
         if why:
             raise unittest.SkipTest(
                 f"nobody cannot run {sys.executable} on {ROOT} (a virtualenv under /root?); "
-                f".ci/run runs this on Debian's python3 too: {why}")
+                f".ci/run runs this on Debian's python3 too: {why}"
+            )
         port = _privilegedPort()
         daemon = self.daemon(0o644, port)
         daemon.start()
@@ -354,8 +382,12 @@ class PrivilegeTests(unittest.TestCase):
             daemon.start()
         self.assertEqual(daemon.twistd.wait(), 1)
         key = os.path.join(daemon.dir, "tls", "key.pem")
-        self.assertEqual(daemon.twistd.output().strip().splitlines(), [
-            f"{daemon.configPath}: [tls] private_key: {key}: user nobody (uid "
-            f"{self.nobody.pw_uid}) cannot read it, and the workers ([server] workers = 2) "
-            "read it as that user"])
+        self.assertEqual(
+            daemon.twistd.output().strip().splitlines(),
+            [
+                f"{daemon.configPath}: [tls] private_key: {key}: user nobody (uid "
+                f"{self.nobody.pw_uid}) cannot read it, and the workers ([server] workers = 2) "
+                "read it as that user"
+            ],
+        )
         self.assertEqual(daemon.twistd.workerPIDs(), [])
