@@ -97,6 +97,28 @@ def clientContext() -> ssl.SSLContext:
     return ctx
 
 
+def smtpClient(port: int, implicit: bool = False, source: str = "") -> smtplib.SMTP:
+    """
+    (Blocking.) An smtplib client of 127.0.0.1:C{port}, connected and
+    greeted: over implicit TLS (not verifying the test certificate) when
+    C{implicit}, else in the clear (STARTTLS is the caller's); from
+    C{source} when given.
+    """
+    address = (source, 0) if source else None
+    if implicit:
+        return smtplib.SMTP_SSL(
+            "127.0.0.1",
+            port,
+            local_hostname="client.example",
+            context=clientContext(),
+            timeout=30,
+            source_address=address,
+        )
+    return smtplib.SMTP(
+        "127.0.0.1", port, local_hostname="client.example", timeout=30, source_address=address
+    )
+
+
 class EndToEndMixin:
     def setUp(self):
         self.daemon = Daemon(self.mktemp())
@@ -127,18 +149,7 @@ class EndToEndMixin:
         port = self.daemon.ports[listener]
 
         def run():
-            if listener == "submissions":
-                client = smtplib.SMTP_SSL(
-                    "127.0.0.1",
-                    port,
-                    local_hostname="client.example",
-                    context=clientContext(),
-                    timeout=30,
-                )
-            else:
-                client = smtplib.SMTP(
-                    "127.0.0.1", port, local_hostname="client.example", timeout=30
-                )
+            client = smtpClient(port, implicit=listener == "submissions")
             try:
                 client.ehlo()
                 if listener == "submission":

@@ -22,7 +22,7 @@ from mailauth.passwords import makeHash, parse
 from mailauth.sasl import PlaintextCredentials
 from mailauth.userdb import parseUsers
 from tests.fakes import MemoryUserDatabase
-from tests.harness import BOB_PASSWORD, AttackMixin, clientContext
+from tests.harness import BOB_PASSWORD, AttackMixin, smtpClient
 from tests.support import runCommand, withoutSession
 
 
@@ -342,13 +342,7 @@ class DaemonTests(AttackMixin, unittest.TestCase):
 
     def submit(self, password: str) -> dict:
         """(Blocking.) Send bob's message over implicit TLS, with AUTH PLAIN and C{password}."""
-        client = smtplib.SMTP_SSL(
-            "127.0.0.1",
-            self.daemon.ports["submissions"],
-            local_hostname="client.example",
-            context=clientContext(),
-            timeout=30,
-        )
+        client = smtpClient(self.daemon.ports["submissions"], implicit=True)
         try:
             client.ehlo()
             client.user, client.password = "bob@example.test", password

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import smtplib
 import subprocess
 
 from twisted.internet import defer, threads
@@ -35,6 +34,7 @@ from tests.harness import (
     RawClient,
     clientContext,
     plain,
+    smtpClient,
 )
 from tests.harness import PASSWORD as DEMO_PASSWORD
 from tests.postfixharness import PostfixClient, SmtpSink
@@ -289,16 +289,7 @@ class ExtensionClientTests(AttackMixin, unittest.TestCase):
 
     def smtplibSMTPUTF8(self, tls: str):
         port = self.daemon.ports[LISTENERS[tls]]
-        if tls == "implicit":
-            client = smtplib.SMTP_SSL(
-                "127.0.0.1",
-                port,
-                local_hostname="client.example",
-                context=clientContext(),
-                timeout=30,
-            )
-        else:
-            client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=30)
+        client = smtpClient(port, implicit=tls == "implicit")
         try:
             client.ehlo()
             if tls == "starttls":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import smtplib
 import socket
 import struct
 
@@ -34,6 +33,7 @@ from tests.harness import (
     clientContext,
     insecureContext,
     plain,
+    smtpClient,
 )
 from tests.support import makeFactory, withoutSession
 
@@ -833,24 +833,9 @@ class HAProxyTests(unittest.TestCase):
     def submit(self, route: str) -> dict:
         """(Blocking.) Send bob a message with smtplib through HAProxy, from 127.0.0.5."""
         port = self.haproxy.ports[route]
-        source = ("127.0.0.5", 0)
-        if route.startswith("implicit"):
-            client = smtplib.SMTP_SSL(
-                "127.0.0.1",
-                port,
-                local_hostname="client.example",
-                context=clientContext(),
-                timeout=30,
-                source_address=source,
-            )
-        else:
-            client = smtplib.SMTP(
-                "127.0.0.1",
-                port,
-                local_hostname="client.example",
-                timeout=30,
-                source_address=source,
-            )
+        implicit = route.startswith("implicit")
+        client = smtpClient(port, implicit=implicit, source="127.0.0.5")
+        if not implicit:
             client.starttls(context=clientContext())
         try:
             client.login(BOB.decode(), BOB_PASSWORD.decode())

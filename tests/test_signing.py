@@ -27,7 +27,7 @@ from mailauth.maildir import SPOOL
 from mailauth.realm import Realm, Router
 from mailauth.replies import SMTPReply
 from tests.fakes import MemoryQueue, MemoryUserDatabase, runInline
-from tests.harness import BOB, BOB_PASSWORD, Daemon, LogWatcher, clientContext
+from tests.harness import BOB, BOB_PASSWORD, Daemon, LogWatcher, smtpClient
 from tests.smtpsink import QueueEvents, SMTPSink
 from tests.support import TRICKY_FROM, UNCHECKABLE_FROM, DiskFull, DNSStub, dkimKeygen
 
@@ -411,18 +411,7 @@ class DaemonMixin:
         port = self.daemon.ports[listener]
 
         def run():
-            if listener == "submissions":
-                client = smtplib.SMTP_SSL(
-                    "127.0.0.1",
-                    port,
-                    local_hostname="client.example",
-                    context=clientContext(),
-                    timeout=30,
-                )
-            else:
-                client = smtplib.SMTP(
-                    "127.0.0.1", port, local_hostname="client.example", timeout=30
-                )
+            client = smtpClient(port, implicit=listener == "submissions")
             results = []
             try:
                 if login:

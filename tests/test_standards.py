@@ -12,12 +12,11 @@ import email
 import email.policy
 import glob
 import os
-import smtplib
 
 from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
-from tests.harness import Daemon, LogWatcher, RawClient, clientContext, plain
+from tests.harness import Daemon, LogWatcher, RawClient, plain, smtpClient
 from tests.smtpsink import QueueEvents, SMTPSink
 
 USERS = (
@@ -169,13 +168,7 @@ class InternationalTests(DaemonMixin, unittest.TestCase):
 
     def smtplibSend(self, login, password, sender, recipients, message):
         """(Blocking.) smtplib over implicit TLS with SMTPUTF8; UTF-8 AUTH PLAIN done by hand."""
-        client = smtplib.SMTP_SSL(
-            "127.0.0.1",
-            self.daemon.ports["submissions"],
-            local_hostname="client.example",
-            context=clientContext(),
-            timeout=30,
-        )
+        client = smtpClient(self.daemon.ports["submissions"], implicit=True)
         try:
             client.ehlo()
             assert client.has_extn("smtputf8"), client.esmtp_features

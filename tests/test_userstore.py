@@ -34,7 +34,14 @@ from mailauth.userstore import (
 )
 from tests import pgharness
 from tests.fakes import MemoryUserDatabase, MemoryUserStore, runInline
-from tests.harness import PASSWORD, AttackMixin, Daemon, LogWatcher, clientContext, plain
+from tests.harness import (
+    PASSWORD,
+    AttackMixin,
+    Daemon,
+    LogWatcher,
+    plain,
+    smtpClient,
+)
 from tests.support import DATA, SECRET, runCommand
 
 ARGON2ID = (
@@ -831,13 +838,7 @@ class PostgreSQLDaemonTests(unittest.TestCase):
         port = self.daemon.ports["submissions"]
 
         def run() -> int:
-            with smtplib.SMTP_SSL(
-                "127.0.0.1",
-                port,
-                local_hostname="client.example",
-                context=clientContext(),
-                timeout=30,
-            ) as client:
+            with smtpClient(port, implicit=True) as client:
                 client.ehlo()
                 client.user, client.password = "alice@example.test", password
                 try:

@@ -34,6 +34,7 @@ from tests.harness import (
     clientContext,
     plain,
     processAlive,
+    smtpClient,
     writeDaemonDirectory,
 )
 from tests.redisharness import startRedis
@@ -70,23 +71,7 @@ class _Daemon:
 
 def sendOne(port: int, implicit: bool = False, source: str = "127.0.0.1") -> str:
     """One message from bob to bob; the queue ID of its 250 reply."""
-    if implicit:
-        client = smtplib.SMTP_SSL(
-            "127.0.0.1",
-            port,
-            local_hostname="client.example",
-            context=clientContext(),
-            timeout=30,
-            source_address=(source, 0),
-        )
-    else:
-        client = smtplib.SMTP(
-            "127.0.0.1",
-            port,
-            local_hostname="client.example",
-            timeout=30,
-            source_address=(source, 0),
-        )
+    client = smtpClient(port, implicit=implicit, source=source)
     try:
         client.ehlo()
         if not implicit:
