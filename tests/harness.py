@@ -358,72 +358,6 @@ class Daemon:
         return sorted(found)
 
 
-class Twistd:
-    """
-    The daemon of a L{Daemon}'s configuration run by C{twistd} in a process
-    of its own, exactly as an operator runs it, for tests that kill it.
-    Its methods block (they wait for another process, with no clock to
-    drive): call them from the test, not the reactor's callbacks.
-    """
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.process: subprocess.Popen | None = None
-        self.logPath = ""
-
-    def start(self, logName: str) -> None:
-        """Start it, logging to C{logName} in the daemon's folder."""
-        self.logPath = os.path.join(self.daemon.dir, logName)
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from twisted.scripts.twistd import run; run()",
-                "--nodaemon",
-                "--pidfile=",
-                "--logfile",
-                self.logPath,
-                "mailauth",
-                "--config",
-                self.daemon.configPath,
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-
-    def log(self) -> str:
-        try:
-            with open(self.logPath, encoding="utf-8") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def waitFor(self, pattern: str, timeout: float = 60.0) -> list:
-        """
-        Wait until the log matches C{pattern}.
-
-        @return: every match (C{re.findall}).
-        """
-        assert self.process is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"twistd exited: {self.process.stdout.read()!r}")
-            found = re.findall(pattern, self.log())
-            if found:
-                return found
-            time.sleep(0.05)
-        raise AssertionError(f"twistd never logged {pattern!r}:\n{self.log()}")
-
-    def kill(self, sig: int = signal.SIGTERM) -> None:
-        """Send C{sig} and wait until the process is gone."""
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        self.process.communicate(timeout=30)
-
-
 def writeDaemonDirectory(directory: str, settings=None, files=None, extra: str = "") -> str:
     """
     Make C{directory} (which must not exist) a daemon's home, as L{Daemon}
@@ -685,6 +619,17 @@ class TwistdProcess:
 
     def start(self, workers: int = 1, timeout: float = 60.0) -> None:
         """Start it and wait until C{workers} workers serve (or, for 1, until it listens)."""
+        self.spawn()
+        if workers > 1:
+            self.waitForLog(r"worker \d+ \(pid \d+\) is serving", count=workers, timeout=timeout)
+            for name, port in re.findall(r"\[listener:(\S+)\] listening on \S+:(\d+)", self.log()):
+                self.ports[name] = int(port)
+        else:
+            self.waitForLog(r"starting on \d+", timeout=timeout)
+
+    def spawn(self) -> None:
+        """Start it, without waiting (again after it ended: a restart)."""
+        self._output = ""
         path = [p for p in (ROOT, os.environ.get("PYTHONPATH")) if p]
         env = dict(os.environ if self.env is None else self.env, PYTHONPATH=os.pathsep.join(path))
         self.process = subprocess.Popen(
@@ -695,12 +640,6 @@ class TwistdProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        if workers > 1:
-            self.waitForLog(r"worker \d+ \(pid \d+\) is serving", count=workers, timeout=timeout)
-            for name, port in re.findall(r"\[listener:(\S+)\] listening on \S+:(\d+)", self.log()):
-                self.ports[name] = int(port)
-        else:
-            self.waitForLog(r"starting on \d+", timeout=timeout)
 
     def log(self) -> str:
         try:
@@ -729,6 +668,34 @@ class TwistdProcess:
                     f"{self.log()[-6000:]}\n{self.output()}"
                 )
             time.sleep(0.05)
+
+    def waitFor(self, pattern: str, timeout: float = 60.0) -> list:
+        """
+        Wait until the log matches C{pattern} (over lines or not).
+
+        @return: every match (C{re.findall}).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.findall(pattern, self.log())
+            if found:
+                return found
+            status = self.process.poll()
+            if status is not None or time.monotonic() > deadline:
+                state = "still running" if status is None else f"exited with {status}"
+                raise AssertionError(
+                    f"{pattern!r} not in the log (daemon {state}):\n"
+                    f"{self.log()[-6000:]}\n{self.output()}"
+                )
+            time.sleep(0.05)
+
+    def kill(self, number: int = signal.SIGTERM) -> None:
+        """Send signal C{number} (unless it has ended) and wait until it is gone."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(number)
+        self.wait()
 
     def output(self) -> str:
         """The end of what the daemon wrote on stdout and stderr (once it has exited)."""

@@ -22,7 +22,7 @@ from twisted.trial import unittest
 from mailauth import userdb
 from mailauth.cli import Console, main
 from mailauth.config import ConfigError, loadText
-from tests.harness import BOB, BOB_PASSWORD, AttackMixin, Daemon, RawClient, Twistd, plain
+from tests.harness import BOB, BOB_PASSWORD, AttackMixin, Daemon, RawClient, TwistdProcess, plain
 from tests.support import (
     DiskFull,
     MemoryMailbox,
@@ -251,9 +251,9 @@ class KilledMidDataTests(unittest.TestCase):
     def test_partialFileRemovedAtRestart(self) -> None:
         """The partial tmp/ file of the killed process is gone after the restart."""
         daemon = Daemon(self.mktemp(), {"listener:submission": None})
-        twistd = Twistd(daemon)
+        twistd = TwistdProcess(daemon.configPath, os.path.join(daemon.dir, "first.log"))
         self.addCleanup(twistd.kill, signal.SIGKILL)
-        twistd.start("first.log")
+        twistd.spawn()
         [port] = twistd.waitFor(r"starting on (\d+)")
         twistd.waitFor(r"Maildir cleanup: removed 0 leftover file\(s\)")
         client = RawClient(int(port), tls=True)
@@ -273,7 +273,8 @@ class KilledMidDataTests(unittest.TestCase):
         twistd.kill(signal.SIGKILL)
         self.assertTrue(os.path.exists(os.path.join(tmp, partial)))
 
-        twistd.start("second.log")
+        twistd.logPath = os.path.join(daemon.dir, "second.log")
+        twistd.spawn()
         [line] = twistd.waitFor(r".*Maildir cleanup: .*")
         self.assertIn(
             "Maildir cleanup: removed 1 leftover file(s) from tmp/ folders under "

@@ -36,7 +36,7 @@ from tests.harness import (
     Daemon,
     LogWatcher,
     RawClient,
-    Twistd,
+    TwistdProcess,
     plain,
 )
 from tests.smtpsink import QueueEvents
@@ -740,8 +740,8 @@ class JSONTwistdTests(unittest.TestCase):
         it, which eventFromJSON formats back.
         """
         daemon = Daemon(self.mktemp(), settings={"server": {"log_format": "json"}}, build=False)
-        twistd = Twistd(daemon)
-        twistd.start("mailauth.log")
+        twistd = TwistdProcess(daemon.configPath, os.path.join(daemon.dir, "mailauth.log"))
+        twistd.spawn()
         try:
             [port] = twistd.waitFor(r"\[listener:submissions\] listening on 127\.0\.0\.1:(\d+)")
             client = RawClient(int(port), tls=True)
