@@ -97,17 +97,6 @@ def _raise(line: str, short: str) -> NoReturn:
     raise StartupError(line)
 
 
-#: How long a thread that holds the GIL may keep it while another thread
-#: waits for it (C{sys.setswitchinterval}). Python's 5 ms suits threads that
-#: all compute. Here the reactor computes, and the disk and password threads
-#: need the GIL for microseconds between system calls (open, write, fsync,
-#: link): each time, they wait until the reactor lets go, up to 5 ms, and a
-#: message waits with them. At 0.5 ms, ``bench/run --scenarios dkim`` (six
-#: alternating 10-second runs) measured 684 messages a second at concurrency
-#: 50 against 576, with less CPU per message.
-SWITCH_INTERVAL = 0.0005
-
-
 class _Daemon(service.MultiService):
     """
     The top service. An endpoint that cannot listen while the daemon starts
@@ -167,24 +156,12 @@ class _Daemon(service.MultiService):
                 log.error("{where}: cannot listen: {why}; mailauth stops", where=where, why=why)
                 self.exit(f"{where}: cannot listen: {why}", f"[{section}] {description}: {why}")
 
-    _switchInterval: Optional[float] = None
-
     def startService(self) -> None:
         # Once every endpoint could listen: a failed start logs only why.
         super().startService()
-        self._switchInterval = sys.getswitchinterval()
-        sys.setswitchinterval(SWITCH_INTERVAL)
         for name in self.endpoints:
             child = self.getServiceNamed(name)
             sdnotify._waitingForPort(child).addCallback(self._listening, name)
-
-    def stopService(self):
-        d = super().stopService()
-        if self._switchInterval is not None:
-            # The process's own again (tests run daemons inside trial).
-            sys.setswitchinterval(self._switchInterval)
-            self._switchInterval = None
-        return d
 
     def _listening(self, port, name: str) -> None:
         """Log where C{name} listens, with its configuration, in place of Twisted's line."""

@@ -524,26 +524,6 @@ class PrivilegeDropTests(unittest.TestCase):
             self.assertEqual((st.st_uid, st.st_gid), expected, path)
 
 
-class SwitchIntervalTests(unittest.TestCase):
-    """The daemon hands the GIL over sooner than Python's default, while it runs."""
-
-    @defer.inlineCallbacks
-    def test_setWhileRunning(self):
-        """
-        Started, the daemon's process switches threads every
-        L{tap.SWITCH_INTERVAL}; stopped, at the interval it had before.
-        """
-        before = sys.getswitchinterval()
-        self.assertNotEqual(before, tap.SWITCH_INTERVAL)
-        daemon = Daemon(self.mktemp())
-        daemon.start()
-        try:
-            self.assertEqual(sys.getswitchinterval(), tap.SWITCH_INTERVAL)
-        finally:
-            yield daemon.stop()
-        self.assertEqual(sys.getswitchinterval(), before)
-
-
 class StartupErrorTests(unittest.TestCase):
     """The built service, when a port it needs is taken at start."""
 
