@@ -655,19 +655,12 @@ class TwistdProcess:
         @raise AssertionError: with the log and the output, if the daemon
             exits or C{timeout} passes first.
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [line for line in self.log().splitlines() if re.search(pattern, line)]
-            if len(found) >= count:
-                return found
-            status = self.process.poll()
-            if status is not None or time.monotonic() > deadline:
-                state = "still running" if status is None else f"exited with {status}"
-                raise AssertionError(
-                    f"{count} x {pattern!r} not in the log (daemon {state}):\n"
-                    f"{self.log()[-6000:]}\n{self.output()}"
-                )
-            time.sleep(0.05)
+        return self._waitUntil(
+            lambda: [line for line in self.log().splitlines() if re.search(pattern, line)],
+            count,
+            f"{count} x {pattern!r}",
+            timeout,
+        )
 
     def waitFor(self, pattern: str, timeout: float = 60.0) -> list:
         """
@@ -675,16 +668,25 @@ class TwistdProcess:
 
         @return: every match (C{re.findall}).
         """
+        return self._waitUntil(lambda: re.findall(pattern, self.log()), 1, repr(pattern), timeout)
+
+    def _waitUntil(self, find, count: int, what: str, timeout: float) -> list:
+        """
+        Poll C{find} until it returns C{count} items or more; those items.
+
+        @raise AssertionError: with the log and the output, if the daemon
+            exits or C{timeout} passes first.
+        """
         deadline = time.monotonic() + timeout
         while True:
-            found = re.findall(pattern, self.log())
-            if found:
+            found = find()
+            if len(found) >= count:
                 return found
             status = self.process.poll()
             if status is not None or time.monotonic() > deadline:
                 state = "still running" if status is None else f"exited with {status}"
                 raise AssertionError(
-                    f"{pattern!r} not in the log (daemon {state}):\n"
+                    f"{what} not in the log (daemon {state}):\n"
                     f"{self.log()[-6000:]}\n{self.output()}"
                 )
             time.sleep(0.05)
