@@ -7,13 +7,14 @@ import hashlib
 import os
 import stat
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import attrs
 import dkim
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 from dkim.canonicalization import CanonicalizationPolicy
+from twisted.logger import Logger
 
 from mailauth.config import Config, ConfigError, parseDomain, parseSelector
 from mailauth.durable import fsyncDirectory
@@ -50,6 +51,8 @@ MAX_HEADER_SIZE = MAX_HEADER
 _RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 _ALGORITHMS = {RSA: b"rsa-sha256", ED25519: b"ed25519-sha256"}
 _FIELD_NAME = b"DKIM-Signature"
+
+log = Logger(namespace="mailauth.dkimsign")
 _CRLFS = b"\r\n" * 4096
 
 
@@ -238,14 +241,47 @@ class KeyRing:
         keys: Mapping[str, Sequence[SigningKey]],
         clock: Any,
         maxHeaderSize: int = MAX_HEADER_SIZE,
+        load: Optional[Callable[[], Mapping[str, Sequence[SigningKey]]]] = None,
     ) -> None:
         """
         @param keys: signing domain (lower case, no trailing dot) to its keys.
         @param clock: an C{IReactorTime}, for the C{t=} of signatures.
+        @param load: reads the keys again, for L{reload} (L{loadKeys} of the
+            configuration), raising L{ConfigError} for a key it cannot use.
         """
-        self._keys = {domain: tuple(found) for domain, found in keys.items() if found}
+        self._keys = self._usable(keys)
         self._clock = clock
         self._maxHeaderSize = maxHeaderSize
+        self._load = load
+
+    @staticmethod
+    def _usable(keys: Mapping[str, Sequence[SigningKey]]) -> dict:
+        return {domain: tuple(found) for domain, found in keys.items() if found}
+
+    def reload(self) -> None:
+        """
+        On SIGHUP: read every key file again, so that a key replaced in place
+        (a rotation under the same selector, or a file fixed) signs from now
+        on. If any key cannot be used, log why and go on with every key read
+        before: never with some keys missing. Messages being signed keep the
+        keys they started with.
+        """
+        if self._load is None:
+            return
+        try:
+            keys = self._usable(self._load())
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error(
+                    "DKIM keys not reloaded, signing with the old ones: {problem}", problem=problem
+                )
+            return
+        self._keys = keys
+        log.info(
+            "DKIM keys reloaded: {count} key(s) for {domains}",
+            count=sum(len(found) for found in keys.values()),
+            domains=" ".join(sorted(keys)),
+        )
 
     def keysFor(self, sender: str) -> tuple:
         """

@@ -302,8 +302,9 @@ def _chownTree(path: str, owner: tuple) -> None:
 def _keyRing(cfg: configmod.Config, reactor) -> Any:
     """
     The DKIM keys of C{[dkim]}, read now (as root under C{--uid}, before
-    privileges are dropped), or L{None} without C{[dkim]}: only then is
-    dkimpy imported.
+    privileges are dropped) and again on SIGHUP (as the daemon's user: the
+    key files must be readable by its group), or L{None} without C{[dkim]}:
+    only then is dkimpy imported.
 
     @raise configmod.ConfigError: for a key that cannot be used (the
         checks before start report it first).
@@ -312,7 +313,7 @@ def _keyRing(cfg: configmod.Config, reactor) -> Any:
         return None
     from mailauth import dkimsign
 
-    return dkimsign.KeyRing(dkimsign.loadKeys(cfg), reactor)
+    return dkimsign.KeyRing(dkimsign.loadKeys(cfg), reactor, load=lambda: dkimsign.loadKeys(cfg))
 
 
 def _statePool(cfg: configmod.Config, reactor, top: service.MultiService) -> Any:
@@ -583,12 +584,14 @@ def buildService(
             log.failure("reloading the users, address or key files failed")
 
     def reloadAll() -> None:
-        log.info("SIGHUP: reloading certificates, users and address files")
+        log.info("SIGHUP: reloading certificates, users, address files and DKIM keys")
         if tls is not None:
             tls.reload()
         for source in reloadable:
             if source.path is not None:
                 source.load()
+        if realm.keyRing is not None:
+            realm.keyRing.reload()
         if pool is not None:
             pool.reloadWorkers()
 

@@ -22,6 +22,7 @@ from dkim.canonicalization import Relaxed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial import unittest
 
 import mailauth
@@ -674,6 +675,58 @@ class KeyRingTests(unittest.TestCase):
         signature = signer.signatureHeader()
         self.assertIn(b"t=%d;" % (NOW + 5), signature.replace(b"\r\n ", b" "))
         self.assertTrue(dkim.verify(signature + message, dnsfunc=self.pair.dns))
+
+
+class KeyRingReloadTests(unittest.TestCase):
+    """SIGHUP's reload of the keys: all new ones, or all old ones."""
+
+    def test_reloaded(self) -> None:
+        """The keys the loader reads now sign new messages; one line says so."""
+        old, new = _Keys.get(self, "ed25519"), _Keys.get(self, "rsa")
+        loaded = [{"example.org": (new.key,), "example.net": (new.key, old.key)}]
+        ring = KeyRing({"example.org": (old.key,)}, Clock(), load=loaded.pop)
+        with capturedLogs() as events:
+            ring.reload()
+        self.assertEqual(ring.keysFor("a@example.org"), (new.key,))
+        self.assertEqual(ring.keysFor("a@example.net"), (new.key, old.key))
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            ["DKIM keys reloaded: 3 key(s) for example.net example.org"],
+        )
+
+    def test_failedReloadKeepsEveryOldKey(self) -> None:
+        """
+        A key the loader cannot use is logged as an error, line by line, and
+        every key read before stays in use.
+        """
+        old = _Keys.get(self, "ed25519")
+
+        def broken():
+            raise ConfigError(["test.conf: [dkim] example.org: a.pem: gone", "second"])
+
+        ring = KeyRing({"example.org": (old.key,)}, Clock(), load=broken)
+        with capturedLogs() as events:
+            ring.reload()
+        self.assertEqual(ring.keysFor("a@example.org"), (old.key,))
+        self.assertEqual(
+            [(e["log_level"], formatEvent(e)) for e in events],
+            [
+                (
+                    LogLevel.error,
+                    "DKIM keys not reloaded, signing with the old ones: "
+                    "test.conf: [dkim] example.org: a.pem: gone",
+                ),
+                (LogLevel.error, "DKIM keys not reloaded, signing with the old ones: second"),
+            ],
+        )
+
+    def test_withoutLoader(self) -> None:
+        """A ring made without a loader keeps its keys and logs nothing."""
+        old = _Keys.get(self, "ed25519")
+        ring = KeyRing({"example.org": (old.key,)}, Clock())
+        with capturedLogs() as events:
+            ring.reload()
+        self.assertEqual((ring.keysFor("a@example.org"), events), ((old.key,), []))
 
 
 class LoadKeysTests(unittest.TestCase):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import smtplib
 
 import dkim
@@ -613,6 +614,70 @@ class CheckConfigTests(unittest.TestCase):
         signed = _realmOf(daemon)
         self.assertEqual([k.path for k in signed.keyRing.keysFor("a@example.test")], [path])
         self.assertIsNone(_realmOf(Daemon(self.mktemp())).keyRing)
+
+
+class KeyReloadTests(unittest.TestCase):
+    """SIGHUP reads the [dkim] key files again: a key replaced in place signs."""
+
+    def sendOne(self, daemon: Daemon, subject: str) -> defer.Deferred:
+        """bob sends bob one message over implicit TLS; the Deferred fires with it stored."""
+
+        def run():
+            client = smtpClient(daemon.ports["submissions"], implicit=True)
+            try:
+                client.login(BOB.decode(), BOB_PASSWORD.decode())
+                client.sendmail(
+                    "bob@example.test",
+                    ["bob@example.test"],
+                    f"From: bob@example.test\r\nSubject: {subject}\r\n\r\nhello\r\n",
+                )
+            finally:
+                client.quit()
+            [stored] = [m for _, m in daemon.delivered("bob@example.test") if subject.encode() in m]
+            return stored.replace(b"\n", b"\r\n")
+
+        return threads.deferToThread(run)
+
+    def sighup(self) -> defer.Deferred:
+        """SIGHUP to this process; fires once the keys were read again (or not)."""
+        watcher = LogWatcher()
+        d = watcher.waitFor("DKIM keys (not )?reloaded")
+        os.kill(os.getpid(), signal.SIGHUP)
+        return d.addBoth(lambda result: watcher.stop() or result)
+
+    @defer.inlineCallbacks
+    def test_replacedKeySigns(self):
+        """
+        A key file replaced in place signs the next message after SIGHUP
+        (the new record verifies it, the old does not); a key file that
+        became unreadable leaves the new key signing.
+        """
+        path, name, oldRecord = dkimKeygen(self, "ed25519", "example.test", "rot")
+        _, _, newRecord = newKey = dkimKeygen(self, "ed25519", "example.test", "rot")
+        daemon = Daemon(self.mktemp(), {"dkim": {"example.test": f"rot:{path}"}})
+        self.addCleanup(daemon.stop)
+        daemon.start()
+        oldDNS, newDNS = DNSStub(), DNSStub()
+        oldDNS.add(name, oldRecord)
+        newDNS.add(name, newRecord)
+
+        before = yield self.sendOne(daemon, "before")
+        self.assertEqual(
+            (verifyEach(before, oldDNS), verifyEach(before, newDNS)), ([True], [False])
+        )
+
+        os.replace(newKey[0], path)
+        line = yield self.sighup()
+        self.assertIn("DKIM keys reloaded: 1 key(s) for example.test", line)
+        after = yield self.sendOne(daemon, "after")
+        self.assertEqual((verifyEach(after, oldDNS), verifyEach(after, newDNS)), ([False], [True]))
+
+        os.remove(path)
+        line = yield self.sighup()
+        self.assertIn("DKIM keys not reloaded, signing with the old ones: ", line)
+        self.assertIn(path, line)
+        still = yield self.sendOne(daemon, "still")
+        self.assertEqual(verifyEach(still, newDNS), [True])
 
 
 def _realmOf(daemon: Daemon) -> Realm:
