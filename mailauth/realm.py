@@ -29,7 +29,6 @@ from mailauth.addresses import (
     normalise,
     orcptFor,
 )
-from mailauth.addressmap import AddressMap
 from mailauth.envelope import MessageOptions, RecipientStatus
 from mailauth.fromheader import MAX_HEADER, HeaderSection, UncheckableHeader, senderAddresses
 from mailauth.headers import HeaderCompleter
@@ -38,12 +37,12 @@ from mailauth.interfaces import (
     IForwardQueue,
     ILocalDelivery,
     IMessageSink,
-    IUserDatabase,
 )
 from mailauth.limits import SendingLimits
-from mailauth.maildir import MaildirWriter, UnsafeMailbox, maildirPath
+from mailauth.maildir import MaildirWriter, UnsafeMailbox
 from mailauth.metrics import Metrics
 from mailauth.replies import SMTPReply
+from mailauth.routing import Router
 
 if TYPE_CHECKING:
     # Only imported where [dkim] is configured: it needs dkimpy.
@@ -51,141 +50,10 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="mailauth.realm")
 
-# How deep aliases may point at aliases before we call it a loop.
-MAX_ALIAS_DEPTH = 10
-
 
 def newMessageID() -> str:
     """A short, unguessable, upper-case queue ID (like Postfix's long IDs)."""
     return secrets.token_hex(6).upper()
-
-
-class Router:
-    """
-    Knows which domains are local, who exists, what aliases expand to and
-    who may send as whom. Shared by every delivery. The aliases and the
-    sender map are in memory; users are looked up in the L{IUserDatabase},
-    so the answers are Deferreds. Addresses are compared by their key
-    (L{normalise}): quoting, case and the A- or U-label form of a domain
-    make no difference.
-
-    @ivar postmaster: where postmaster@ each local domain goes (RFC 5321
-        4.5.1; the session turns C{<Postmaster>} into postmaster@ a local
-        domain) unless a user or an alias of that exact address takes it;
-        L{None} to leave it to users and aliases alone.
-    @ivar headerFromMatch: every C{From:} and C{Sender:} address of an
-        authenticated submission must be one its login may use as MAIL
-        FROM (L{mayUseSender}).
-    """
-
-    def __init__(
-        self,
-        *,
-        localDomains,
-        maildirTemplate: str,
-        users: IUserDatabase,
-        aliases: AddressMap,
-        senderMap: AddressMap,
-        senderLoginMatch: bool,
-        postmaster: Optional[str] = None,
-        headerFromMatch: bool = False,
-    ) -> None:
-        self.localDomains = frozenset(domainKey(domain) for domain in localDomains)
-        self.maildirTemplate = maildirTemplate
-        self.users = users
-        self.aliases = aliases
-        self.senderMap = senderMap
-        self.senderLoginMatch = senderLoginMatch
-        self.postmaster = normalise(postmaster) if postmaster else None
-        self.headerFromMatch = headerFromMatch
-
-    def isLocal(self, address: str) -> bool:
-        return normalise(address).rpartition("@")[2] in self.localDomains
-
-    def exists(self, login: str) -> defer.Deferred[bool]:
-        """Whether the user database has C{login}."""
-        return self.users.lookup(login).addCallback(lambda user: user is not None)
-
-    @defer.inlineCallbacks
-    def expand(self, address: str):
-        """
-        Resolve C{address} through the aliases.
-
-        @return: a Deferred firing with C{(local logins, remote addresses)};
-            both empty if the address is local and names nobody.
-        """
-        local: list = []
-        remote: list = []
-        seen: set = set()
-        # Depth first, in the order the aliases name their targets.
-        stack = [(normalise(address), 0)]
-        while stack:
-            addr, depth = stack.pop()
-            if addr in seen or depth > MAX_ALIAS_DEPTH:
-                continue
-            seen.add(addr)
-            if not self.isLocal(addr):
-                remote.append(addr)
-                continue
-            if (yield self.exists(addr)):
-                local.append(addr)
-                continue
-            postmaster = self._postmasterFor(addr)
-            if postmaster is not None:
-                targets = [postmaster]
-            else:
-                targets = [normalise(target) for target in self.aliases.get(addr)]
-            stack.extend((target, depth + 1) for target in reversed(targets))
-        return _unique(local), _unique(remote)
-
-    def _postmasterFor(self, address: str) -> Optional[str]:
-        """
-        L{postmaster} if C{address} (normalised, local, no user) is a
-        postmaster address that goes there: no alias line names it exactly
-        (a catch-all C{@domain} does not count: postmaster mail must reach
-        a person); else L{None}.
-        """
-        if self.postmaster is None or address.rpartition("@")[0] != "postmaster":
-            return None
-        if any(key == address for key, _ in self.aliases.items()):
-            return None
-        return self.postmaster
-
-    def maildirFor(self, login: str) -> str:
-        """
-        The Maildir of C{login}, by the template.
-
-        @raise UnsafeMailbox: if the login cannot name a folder under the
-            template's fixed start (L{maildirPath}); logged, since the user
-            database holds a login that should never have got in.
-        """
-        try:
-            return maildirPath(self.maildirTemplate, login)
-        except UnsafeMailbox as e:
-            log.error("refusing to deliver: {why}", why=str(e))
-            raise
-
-    @defer.inlineCallbacks
-    def mayUseSender(self, login: str, sender: str):
-        """
-        Whether C{login} may use C{sender} in MAIL FROM: its own address, an
-        alias that leads to it, or an address (or C{@domain}) granted to it
-        in the sender map.
-
-        @return: a Deferred firing with a L{bool}.
-        """
-        sender = normalise(sender)
-        login = normalise(login)
-        if sender == login or login in self.senderMap.get(sender):
-            return True
-        if not self.isLocal(sender):
-            return False
-        local, _ = yield self.expand(sender)
-        return login in local and not (yield self.exists(sender))
-
-
-def _unique(items: list) -> tuple:
-    return tuple(dict.fromkeys(items))
 
 
 def _traceAddress(address: str, utf8: bool) -> str:

@@ -33,8 +33,9 @@ from mailauth.maildir import LeftoverCleanup
 from mailauth.metrics import Metrics, metricsService
 from mailauth.pgusers import PostgreSQLUserDatabase, isPostgreSQL
 from mailauth.proxy import ProxyFactory
-from mailauth.realm import LocalDelivery, Realm, Router
+from mailauth.realm import LocalDelivery, Realm
 from mailauth.relay import RelayConnector
+from mailauth.routing import Router
 from mailauth.spool import Queue
 from mailauth.threads import ThreadPoolService
 from mailauth.throttle import AuthThrottle, ConnectionLimiter

@@ -26,9 +26,10 @@ from mailauth.interfaces import (
     ISASLMechanism,
 )
 from mailauth.maildir import SPOOL, MaildirWriter
-from mailauth.realm import LocalDelivery, Router
+from mailauth.realm import LocalDelivery
 from mailauth.relay import RelayConnector, RelayReply
 from mailauth.replies import SMTPReply
+from mailauth.routing import Router
 from mailauth.spool import DotStuffer, Queue
 from tests.fakes import (
     FakeRelayConnector,

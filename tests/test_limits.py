@@ -38,9 +38,10 @@ from mailauth.limits import (
 from mailauth.metrics import Metrics
 from mailauth.passwords import makeHash
 from mailauth.pgusers import PostgreSQLUserStore, initSchema
-from mailauth.realm import Realm, Router
+from mailauth.realm import Realm
 from mailauth.redisstore import RedisCounterStore
 from mailauth.replies import SMTPReply
+from mailauth.routing import Router
 from mailauth.threads import ThreadPoolService
 from mailauth.userdb import UserDatabaseError
 from tests import pgharness

@@ -20,8 +20,9 @@ from mailauth.addressmap import AddressMap
 from mailauth.fromheader import MAX_HEADER
 from mailauth.interfaces import IUserDatabase
 from mailauth.passwords import parse
-from mailauth.realm import LocalDelivery, Realm, Router, submissionFields
+from mailauth.realm import LocalDelivery, Realm, submissionFields
 from mailauth.replies import SMTPReply
+from mailauth.routing import Router
 from mailauth.userdb import User
 from tests.fakes import MemoryQueue, MemoryUserDatabase, runInline
 from tests.harness import LogWatcher

@@ -19,8 +19,9 @@ from twisted.trial import unittest
 from mailauth.addresses import MailParameters, RcptParameters, Recipient, parsePath
 from mailauth.addressmap import AddressMap
 from mailauth.envelope import MessageOptions
-from mailauth.realm import Realm, Router
+from mailauth.realm import Realm
 from mailauth.replies import SMTPReply
+from mailauth.routing import Router
 from mailauth.userdb import UserDatabase
 from tests.fakes import MemoryQueue, MemoryUserDatabase, runInline
 

@@ -25,8 +25,9 @@ from mailauth import config as configmod
 from mailauth.addressmap import AddressMap
 from mailauth.dkimsign import KeyRing, SigningKey, loadKey
 from mailauth.maildir import SPOOL
-from mailauth.realm import Realm, Router
+from mailauth.realm import Realm
 from mailauth.replies import SMTPReply
+from mailauth.routing import Router
 from tests.fakes import MemoryQueue, MemoryUserDatabase, runInline
 from tests.harness import BOB, BOB_PASSWORD, Daemon, LogWatcher, smtpClient
 from tests.smtpsink import QueueEvents, SMTPSink
