@@ -408,20 +408,33 @@ def checkLines(cfg: configmod.Config) -> Findings:
     return checkUsers(cfg) + Findings(warnings=tuple(warnings))
 
 
+def _usersFile(cfg: configmod.Config) -> Optional[tuple]:
+    """
+    The users file parsed as the daemon parses it: C{(users, problems)}, or
+    L{None} for a PostgreSQL user database or a file that cannot be read
+    (L{checkFiles} says why).
+    """
+    path = cfg.auth.users
+    if isPostgreSQL(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", "surrogateescape")
+    except OSError:
+        return None
+    return parseUsers(text, path)
+
+
 def checkUsers(cfg: configmod.Config) -> Findings:
     """
     The lines of the users file the daemon would skip, and its plaintext
     passwords: both warnings, which the daemon logs when it loads the file.
     """
-    path = cfg.auth.users
-    if isPostgreSQL(path):
+    parsed = _usersFile(cfg)
+    if parsed is None:
         return Findings()
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8", "surrogateescape")
-    except OSError:
-        return Findings()  # checkFiles says why
-    users, problems = parseUsers(text, path)
+    users, problems = parsed
+    path = cfg.auth.users
     warnings = [_skipped(problem) for problem in problems]
     plaintext = [u.login for u in users.values() if u.password.scheme in PLAINTEXT_SCHEMES]
     if plaintext:
@@ -462,15 +475,10 @@ def checkMechanisms(cfg: configmod.Config) -> Findings:
     The mechanisms offered that some users of the users file cannot use,
     as warnings (a PostgreSQL user database is not read for this).
     """
-    path = cfg.auth.users
-    if isPostgreSQL(path):
+    parsed = _usersFile(cfg)
+    if parsed is None:
         return Findings()
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8", "surrogateescape")
-    except OSError:
-        return Findings()  # checkFiles says why
-    users, _ = parseUsers(text, path)
+    users, _ = parsed
     found = [(user.login, user.password.scheme) for user in users.values()]
     return Findings(warnings=tuple(mechanismWarnings(cfg, found)))
 
