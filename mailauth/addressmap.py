@@ -8,14 +8,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailauth.addresses import normalise
-from mailauth.durable import WatchedFile
+from mailauth.durable import ReloadableFile
 from mailauth.interfaces import IReloadable
 
 log = Logger(namespace="mailauth.addressmap")
 
 
 @implementer(IReloadable)
-class AddressMap:
+class AddressMap(ReloadableFile):
     """
     A file of lines C{key: value[, value...]}, C{#} comments and blank lines
     ignored; keys and values are addresses (C{@domain} keys match a whole
@@ -27,21 +27,24 @@ class AddressMap:
     """
 
     def __init__(self, path: Optional[str]) -> None:
-        self.path = path
-        self.problems: list = []
+        super().__init__(path)
         self._map: dict = {}
-        self._file = WatchedFile(path) if path is not None else None
-        if path is not None:
-            self.load()
+        self.load()
 
-    def load(self) -> None:
-        if self._file is None:
-            return
+    def load(self) -> bool:
+        if self.file is None:
+            return False
         try:
-            lines = self._file.read().decode("utf-8").splitlines()
+            lines = self.file.read().decode("utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
-            log.error("cannot read {path}: {why}", path=self.path, why=e)
-            return
+            if self.reportable():
+                log.error(
+                    "cannot read {path}: {why}; keeping the {count} entries read before",
+                    path=self.path,
+                    why=e,
+                    count=len(self._map),
+                )
+            return False
         entries: dict = {}
         problems = []
         for lineno, raw in enumerate(lines, 1):
@@ -62,17 +65,6 @@ class AddressMap:
             log.warn("{problem}", problem=problem)
         self._map = entries
         self.problems = problems
-
-    def maybeReload(self) -> bool:
-        """Re-read the file if it changed since the last load."""
-        if self._file is None:
-            return False
-        try:
-            if not self._file.changed():
-                return False
-        except OSError:
-            return False
-        self.load()
         return True
 
     def get(self, address: str) -> tuple:

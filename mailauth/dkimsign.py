@@ -542,12 +542,23 @@ def signedHeaderNames(headers: Sequence) -> list:
     return names + list(OVERSIGNED_HEADERS)
 
 
+#: The most body bytes a L{MessageSigner} holds for hashing in the signing
+#: thread; past it the body is hashed as it streams in (on the reactor), so
+#: memory does not grow with the message (as L{mailauth.maildir.SPOOL}).
+HELD_BODY = 64 * 1024
+
+
 class MessageSigner:
     """
     Signs one message while it streams through: L{write} (on the reactor
-    thread, cheap) keeps the header block and hashes the body; once the
-    message is complete, L{signatureHeader} (CPU work: call it in a thread)
-    makes the C{DKIM-Signature} field(s) to put on top of it.
+    thread, cheap) keeps the header block and the body; once the message is
+    complete, L{signatureHeader} (CPU work: call it in a thread) hashes the
+    body and makes the C{DKIM-Signature} field(s) to put on top of it.
+
+    The body is held (references to the chunks, no copy) up to
+    L{HELD_BODY} bytes and hashed in L{signatureHeader}: there C{hashlib}
+    hashes it with the GIL released, on another CPU than the reactor's.
+    Past that the held part is hashed at once and the rest as it comes in.
 
     @ivar header: the header block, as far as it is kept: the one copy of
         it, which others that need the header section (the C{From:}
@@ -555,13 +566,24 @@ class MessageSigner:
     """
 
     def __init__(
-        self, keys: Sequence[SigningKey], clock: Any, maxHeaderSize: int = MAX_HEADER_SIZE
+        self,
+        keys: Sequence[SigningKey],
+        clock: Any,
+        maxHeaderSize: int = MAX_HEADER_SIZE,
+        holdBody: int = HELD_BODY,
     ) -> None:
+        """
+        @param holdBody: the most body bytes held for L{signatureHeader} to
+            hash (L{HELD_BODY}); 0 hashes every chunk as it comes.
+        """
         self._keys = tuple(keys)
+        self._holdBody = holdBody
         self._clock = clock
         self.header = HeaderSection(maxHeaderSize)
         self._maxHeaderSize = maxHeaderSize
         self._body = RelaxedBodyHash()
+        self._held: list = []
+        self._heldSize = 0
 
     def write(self, chunk: bytes) -> None:
         """
@@ -571,7 +593,16 @@ class MessageSigner:
         """
         body = self.header.write(chunk)
         if body:
-            self._body.update(body)
+            self._held.append(body)
+            self._heldSize += len(body)
+            if self._heldSize > self._holdBody:
+                self._hashHeld()
+
+    def _hashHeld(self) -> None:
+        """Hash the body held so far, in one call."""
+        held, self._held, self._heldSize = self._held, [], 0
+        if held:
+            self._body.update(held[0] if len(held) == 1 else b"".join(held))
 
     def signatureHeader(self) -> bytes:
         """
@@ -588,6 +619,7 @@ class MessageSigner:
                 f"cannot sign the message: its header is larger than {self._maxHeaderSize} bytes"
             )
         # Without an empty line, the whole message is its header.
+        self._hashHeld()
         headers = parseHeader(self.header.value())
         bodyHash = base64.b64encode(self._body.digest())
         include = signedHeaderNames(headers)

@@ -117,34 +117,82 @@ def stamp(st: os.stat_result) -> tuple:
 class WatchedFile:
     """
     A file read into memory that is read again when it changes: remembers
-    how the file looked when last read (L{stamp}), so L{changed} is one
-    C{stat}. The users file, the aliases and the sender map use it.
+    how the file looked when last read (L{stamp}), so L{due} is one
+    C{stat}. The users file, the aliases, the sender map, the sending limit
+    overrides and the JWKS file use it, through L{ReloadableFile}.
 
-    @ivar stamp: the file's stamp at the last L{read}, or whatever the owner
-        set after a failure (so that the failure is reported once and
-        reading is retried).
+    @ivar stamp: the file's stamp at the last L{read}, or the error that
+        ended the last read.
+    @ivar repeated: whether the last L{read} failed as the one before it:
+        its owner reports an error once, not at every periodic check.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.stamp: Optional[tuple] = None
+        self.repeated = False
 
     def read(self) -> bytes:
         """
         Read the whole file and remember its stamp.
 
-        @raise OSError: if it cannot be read.
+        @raise OSError: if it cannot be read. L{due} stays true after that,
+            so that reading is tried again: a fixed permission does not
+            change the stamp.
         """
-        with open(self.path, "rb") as f:
-            current = stamp(os.fstat(f.fileno()))
-            data = f.read()
-        self.stamp = current
+        try:
+            with open(self.path, "rb") as f:
+                current = stamp(os.fstat(f.fileno()))
+                data = f.read()
+        except OSError as e:
+            failed = ("error", e.errno)
+            self.repeated, self.stamp = failed == self.stamp, failed
+            raise
+        self.stamp, self.repeated = current, False
         return data
 
-    def changed(self) -> bool:
+    def due(self) -> bool:
         """
-        Whether the file looks different from when it was last read.
+        Whether to read the file again: it looks different from when it was
+        last read, or the last read failed, or it cannot be looked at now
+        (reading it then fails, and says why).
+        """
+        try:
+            return stamp(os.stat(self.path)) != self.stamp
+        except OSError:
+            return True
 
-        @raise OSError: if it cannot be looked at.
+
+class ReloadableFile:
+    """
+    What the L{mailauth.interfaces.IReloadable} files share: the path, the
+    problems of the last load, and L{maybeReload} on top of the subclass's
+    C{load}, which returns whether the file was read and logs why not when
+    L{reportable} says so.
+    """
+
+    def __init__(self, path: Optional[str]) -> None:
+        self.path = path
+        self.problems: list[str] = []
+        self.file = WatchedFile(path) if path is not None else None
+        self._checking = False
+
+    def load(self) -> bool:
+        raise NotImplementedError
+
+    def maybeReload(self) -> bool:
+        """Read the file again if it changed; whether it was read."""
+        if self.file is None or not self.file.due():
+            return False
+        self._checking = True
+        try:
+            return self.load()
+        finally:
+            self._checking = False
+
+    def reportable(self) -> bool:
         """
-        return stamp(os.stat(self.path)) != self.stamp
+        Whether the file's read error is to be logged: always when asked to
+        load it (at start, on SIGHUP), once per error by the periodic check.
+        """
+        return not (self._checking and self.file is not None and self.file.repeated)

@@ -232,15 +232,18 @@ class IReloadable(Interface):
     path = Attribute("The file's path, or L{None} if there is no file.")
     problems = Attribute('C{"PATH:LINENO: message"} for every line the last load skipped.')
 
-    def load() -> None:
+    def load() -> bool:
         """
         Read the file now. If that fails, keep what was read before and log
         why; never raise.
+
+        @return: whether it was read.
         """
 
     def maybeReload() -> bool:
         """
-        Read the file again if it changed since it was last read.
+        Read the file again if it changed since it was last read, or could
+        not be read then (an error is logged once, not at every check).
 
         @return: whether it was read again.
         """

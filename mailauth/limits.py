@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailauth import replies
-from mailauth.durable import WatchedFile
+from mailauth.durable import ReloadableFile
 from mailauth.interfaces import ICounterStore, IReloadable, IUserDatabase
 from mailauth.userdb import UserDatabaseUnavailable
 
@@ -114,7 +114,7 @@ def parseOverrides(text: str, path: str) -> tuple[dict[str, dict[str, int]], lis
 
 
 @implementer(IReloadable)
-class LimitOverrides:
+class LimitOverrides(ReloadableFile):
     """
     The C{[limits] overrides} file: per-login limits for bulk senders, over
     the defaults of C{[limits]}. Re-read when it changes; a file that
@@ -122,33 +122,26 @@ class LimitOverrides:
     """
 
     def __init__(self, path: Optional[str]) -> None:
-        self.path = path
-        self.problems: list[str] = []
+        super().__init__(path)
         self._overrides: dict[str, dict[str, int]] = {}
-        self._file = WatchedFile(path) if path is not None else None
         self.load()
 
-    def load(self) -> None:
-        if self._file is None:
-            return
+    def load(self) -> bool:
+        if self.file is None:
+            return False
         try:
-            text = self._file.read().decode("utf-8")
+            text = self.file.read().decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            log.error("cannot read sending limit overrides {path}: {why}", path=self.path, why=e)
-            return
+            if self.reportable():
+                log.error(
+                    "cannot read sending limit overrides {path}: {why}; keeping those read before",
+                    path=self.path,
+                    why=e,
+                )
+            return False
         self._overrides, self.problems = parseOverrides(text, str(self.path))
         for problem in self.problems:
             log.warn("sending limit overrides: skipped {problem}", problem=problem)
-
-    def maybeReload(self) -> bool:
-        if self._file is None:
-            return False
-        try:
-            if not self._file.changed():
-                return False
-        except OSError:
-            return False
-        self.load()
         return True
 
     def get(self, login: str) -> dict[str, int]:

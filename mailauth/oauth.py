@@ -22,7 +22,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from mailauth.durable import WatchedFile
+from mailauth.durable import ReloadableFile
 from mailauth.interfaces import BlockingRunner, IReloadable
 from mailauth.sasl import TokenRefused
 from mailauth.threads import PoolBusy
@@ -115,7 +115,7 @@ def parseJWKS(data: bytes) -> tuple[list[SigningKey], list[str]]:
 
 
 @implementer(IReloadable)
-class JWKSFile:
+class JWKSFile(ReloadableFile):
     """
     The issuer's keys, read from the JWKS file at C{path} by L{load} and read
     again by L{maybeReload} when it changes (the daemon checks with the
@@ -124,35 +124,29 @@ class JWKSFile:
     """
 
     def __init__(self, path: str) -> None:
-        self.path = path
-        self.problems: list[str] = []
+        super().__init__(path)
         self._keys: Optional[list[SigningKey]] = None
-        self._file = WatchedFile(path)
 
-    def load(self) -> None:
+    def load(self) -> bool:
+        assert self.file is not None
         try:
-            keys, skipped = parseJWKS(self._file.read())
+            keys, skipped = parseJWKS(self.file.read())
         except (OSError, ValueError) as e:
             why = e.strerror if isinstance(e, OSError) else str(e)
             self.problems = [f"{self.path}: {why}"]
-            kept = "keeping the keys read before" if self._keys else "no token can be checked"
-            log.error(
-                "Cannot use the JWKS file {path}: {why}; {kept}", path=self.path, why=why, kept=kept
-            )
-            return
+            if isinstance(e, ValueError) or self.reportable():
+                kept = "keeping the keys read before" if self._keys else "no token can be checked"
+                log.error(
+                    "Cannot use the JWKS file {path}: {why}; {kept}",
+                    path=self.path,
+                    why=why,
+                    kept=kept,
+                )
+            return False
         self._keys, self.problems = keys, [f"{self.path}: skipped {s}" for s in skipped]
         for problem in self.problems:
             log.warn("JWKS file: {problem}", problem=problem)
         log.info("JWKS file {path}: loaded {count} key(s)", path=self.path, count=len(keys))
-
-    def maybeReload(self) -> bool:
-        try:
-            changed = self._file.changed()
-        except OSError:
-            changed = True
-        if not changed:
-            return False
-        self.load()
         return True
 
     def keys(self) -> list[SigningKey]:

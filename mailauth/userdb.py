@@ -15,7 +15,7 @@ from zope.interface import implementer
 from mailauth import apppasswords
 from mailauth.addresses import normalise
 from mailauth.apppasswords import AppPassword, AppPasswordError
-from mailauth.durable import WatchedFile, locked, replaceDurably
+from mailauth.durable import ReloadableFile, locked, replaceDurably
 from mailauth.interfaces import IReloadable, IUserDatabase
 from mailauth.maildir import componentProblem, mailboxProblem
 from mailauth.passwords import PLAINTEXT_SCHEMES, PasswordHash, parse
@@ -185,7 +185,7 @@ def _decode(data: bytes) -> str:
 
 
 @implementer(IUserDatabase, IReloadable)
-class UserDatabase:
+class UserDatabase(ReloadableFile):
     """
     The users file at C{path}, read into memory by L{load} and re-read by
     L{maybeReload} when it changes (the server calls that periodically and on
@@ -194,28 +194,23 @@ class UserDatabase:
     """
 
     def __init__(self, path: str) -> None:
-        self.path = path
-        self.problems: list[str] = []
+        super().__init__(path)
         self._users: Optional[dict[str, User]] = None
-        # Its stamp is the file's when last read, or the error that stopped
-        # us reading it, so that the error is logged once.
-        self._file = WatchedFile(path)
 
-    def load(self) -> None:
-        self._read()
-
-    def _read(self) -> bool:
+    def load(self) -> bool:
         """
         Read the users now.
 
         @return: whether they could be read.
         """
+        assert self.file is not None
         try:
-            text = _decode(self._file.read())
+            text = _decode(self.file.read())
         except OSError as e:
-            self._failed(e)
+            if self.reportable():
+                self._failed(e)
             return False
-        users, problems = parseUsers(text, self.path)
+        users, problems = parseUsers(text, self.file.path)
         self._users, self.problems = users, problems
         for problem in problems:
             log.warn("Users file: skipped {problem}", problem=problem)
@@ -232,10 +227,6 @@ class UserDatabase:
         return True
 
     def _failed(self, error: OSError) -> None:
-        stamp = ("error", error.errno)
-        if stamp == self._file.stamp:
-            return
-        self._file.stamp = stamp
         if self._users is None:
             log.error(
                 "Cannot read users file {path}: {error}; every login fails for now",
@@ -249,18 +240,6 @@ class UserDatabase:
                 error=error.strerror,
                 count=len(self._users),
             )
-
-    def maybeReload(self) -> bool:
-        try:
-            changed = self._file.changed()
-        except OSError as e:
-            self._failed(e)
-            return False
-        # After a failure the stamp is the error, so reading is retried (a
-        # chmod that fixes it would not change the stamp).
-        if not changed:
-            return False
-        return self._read()
 
     def _loaded(self) -> dict[str, User]:
         if self._users is None:

@@ -57,18 +57,18 @@ class MemoryUserDatabase:
         self._loaded: Optional[dict[str, str]] = None
         self.load()
 
-    def load(self) -> None:
+    def load(self) -> bool:
         if self.source is None:
-            return
+            return False
         self._loaded = dict(self.source)
         text = "\n".join(f"{login}:{stored}" for login, stored in self._loaded.items())
         self._users, self.problems = parseUsers(text, self.path)
+        return True
 
     def maybeReload(self) -> bool:
         if self.source is None or self.source == self._loaded:
             return False
-        self.load()
-        return True
+        return self.load()
 
     def _current(self) -> dict[str, User]:
         if self._users is None:

@@ -29,6 +29,7 @@ import mailauth
 from mailauth.cli import Console, main
 from mailauth.config import ConfigError, loadText
 from mailauth.dkimsign import (
+    HELD_BODY,
     KeyRing,
     MessageNotSignable,
     MessageSigner,
@@ -106,12 +107,15 @@ class LiteralDKIM(dkim.DKIM):
         return sig, _NoExtraFrom(include), sigheaders
 
 
-def sign(keys, message: bytes, chunks=None, clock=None) -> bytes:
-    """Sign C{message} written in pieces of the sizes in C{chunks} (else at once)."""
+def sign(keys, message: bytes, chunks=None, clock=None, holdBody=HELD_BODY) -> bytes:
+    """
+    Sign C{message} written in pieces of the sizes in C{chunks} (else at
+    once), holding at most C{holdBody} bytes of body to hash at the end.
+    """
     if clock is None:
         clock = Clock()
         clock.advance(NOW)
-    signer = MessageSigner(keys, clock)
+    signer = MessageSigner(keys, clock, holdBody=holdBody)
     sizes = iter(chunks or [len(message)])
     offset = 0
     while offset < len(message):
@@ -449,9 +453,33 @@ class StreamingTests(unittest.TestCase):
         pair = _Keys.get(self, "ed25519")
         message = b"From: a@example.org\r\n" + header + b"\r\n" + body
         whole = sign([pair.key], message)
-        pieces = splitAt(message, sizes)
-        self.assertEqual(sign([pair.key], message, [len(p) for p in pieces]), whole)
+        pieces = [len(p) for p in splitAt(message, sizes)]
+        self.assertEqual(sign([pair.key], message, pieces), whole)
+        # Hashed chunk by chunk as they come, as past HELD_BODY.
+        self.assertEqual(sign([pair.key], message, pieces, holdBody=0), whole)
         self.assertTrue(dkim.verify(whole + message, dnsfunc=pair.dns), repr(message))
+
+    def test_pastHeldBody(self) -> None:
+        """
+        A body longer than L{HELD_BODY}, with runs of spaces, tabs and empty
+        lines at every offset, gets one signature whether it is written at
+        once, in chunks that end just before, at and after the held limit,
+        or hashed chunk by chunk; dkimpy verifies it.
+        """
+        pair = _Keys.get(self, "ed25519")
+        line = b"word  \t and\tmore   words \r\n\r\n \r\n"
+        body = line * (3 * HELD_BODY // len(line) + 7) + b"last   \r\n\r\n"
+        message = HEADER + b"\r\n" + body
+        self.assertGreater(len(body), 3 * HELD_BODY)
+        whole = sign([pair.key], message, holdBody=len(message))
+        self.assertTrue(dkim.verify(whole + message, dnsfunc=pair.dns))
+        for size in [HELD_BODY - 1, HELD_BODY, HELD_BODY + 1, 4097, 33, len(message)]:
+            for hold in [0, 1, 40, HELD_BODY]:
+                self.assertEqual(
+                    sign([pair.key], message, [size] * len(message), holdBody=hold),
+                    whole,
+                    (size, hold),
+                )
 
     def test_everyChunkSize(self) -> None:
         """

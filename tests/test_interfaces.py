@@ -11,6 +11,7 @@ import os
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
@@ -25,12 +26,15 @@ from mailauth.interfaces import (
     IReloadable,
     ISASLMechanism,
 )
+from mailauth.limits import LimitOverrides
 from mailauth.maildir import SPOOL, MaildirWriter
+from mailauth.oauth import JWKSFile
 from mailauth.realm import LocalDelivery
 from mailauth.relay import RelayConnector, RelayReply
 from mailauth.replies import SMTPReply
 from mailauth.routing import Router
 from mailauth.spool import DotStuffer, Queue
+from mailauth.userdb import UserDatabase
 from tests.fakes import (
     FakeRelayConnector,
     MemoryQueue,
@@ -39,7 +43,7 @@ from tests.fakes import (
     runInline,
 )
 from tests.smtpsink import SMTPSink, makePKI
-from tests.support import relayConfig
+from tests.support import TokenIssuer, relayConfig
 
 MESSAGE = b"Subject: seams\r\n\r\n.a dotted line\r\nbody\r\n"
 
@@ -397,3 +401,90 @@ class DeclarationTests(unittest.TestCase):
     def test_addressMap(self) -> None:
         """The aliases and sender map are L{IReloadable}."""
         self.assertTrue(verifyObject(IReloadable, AddressMap(None)))
+
+
+class ReloadableFileTests(unittest.TestCase):
+    """
+    Every L{IReloadable} file (users, aliases and sender map, sending limit
+    overrides, JWKS) follows its file the same way: a file that is gone
+    keeps what was read, is logged once (not at every periodic check), and
+    is read again when it is back.
+    """
+
+    def check(self, make, first: bytes, second: bytes, current) -> None:
+        """
+        @param make: makes the reloadable from a path (and loads it).
+        @param first: the file it is made from; C{second}, what replaces it.
+        @param current: what the reloadable holds now, to compare.
+        """
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(first)
+        reloadable = make(path)
+        self.assertTrue(verifyObject(IReloadable, reloadable))
+        held = current(reloadable)
+        self.assertFalse(reloadable.maybeReload())
+        os.rename(path, path + ".away")
+        with capturedLogs() as events:
+            for _ in range(3):
+                self.assertFalse(reloadable.maybeReload())
+        errors = [e for e in events if e["log_level"] == LogLevel.error]
+        self.assertEqual(len(errors), 1, [formatEvent(e) for e in errors])
+        self.assertIn("No such file or directory", formatEvent(errors[0]))
+        self.assertEqual(current(reloadable), held)
+        # SIGHUP's load says it again.
+        with capturedLogs() as events:
+            self.assertFalse(reloadable.load())
+        self.assertEqual(len([e for e in events if e["log_level"] == LogLevel.error]), 1)
+        with open(path, "wb") as f:
+            f.write(second)
+        self.assertTrue(reloadable.maybeReload())
+        self.assertNotEqual(current(reloadable), held)
+        self.assertFalse(reloadable.maybeReload())
+
+    def test_users(self) -> None:
+        def make(path: str) -> UserDatabase:
+            users = UserDatabase(path)
+            users.load()
+            return users
+
+        self.check(
+            make,
+            b"a@example.test:{PLAIN}a\n",
+            b"b@example.test:{PLAIN}b\n",
+            lambda users: users.logins(),
+        )
+
+    def test_addressMap(self) -> None:
+        self.check(
+            AddressMap,
+            b"a@example.test: b@example.test\n",
+            b"a@example.test: c@example.test\n",
+            lambda aliases: aliases.get("a@example.test"),
+        )
+
+    def test_limitOverrides(self) -> None:
+        self.check(
+            LimitOverrides,
+            b"bulk@example.test: messages_per_hour=200\n",
+            b"bulk@example.test: messages_per_hour=300\n",
+            lambda overrides: overrides.get("bulk@example.test"),
+        )
+
+    def test_jwks(self) -> None:
+        issuer = TokenIssuer("ec", "k1")
+        issuer.addKey("k2", "ed25519")
+        folder = os.path.abspath(self.mktemp())
+        os.mkdir(folder)
+        texts = []
+        for kid in ("k1", "k2"):
+            issuer.writeJWKS(os.path.join(folder, kid), kid)
+            with open(os.path.join(folder, kid), "rb") as f:
+                texts.append(f.read())
+
+        def make(path: str) -> JWKSFile:
+            keys = JWKSFile(path)
+            keys.load()
+            return keys
+
+        self.check(make, texts[0], texts[1], lambda keys: [k.kid for k in keys.keys()])
