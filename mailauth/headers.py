@@ -87,3 +87,56 @@ class HeaderCompleter:
         self.done = True
         self._held = bytearray()
         self._write(data)
+
+
+#: More C{Received:} fields than this and a message is taken for a loop
+#: (RFC 5321 6.3: "a large rejection threshold, normally at least 100
+#: Received entries"; qmail and OpenSMTPD also stop at 100).
+MAX_HOPS = 100
+# How far into a message its Received: fields are counted: past this a
+# header section is not looked at any further (as MAX_HEADER for From:).
+_HOP_SCAN = 256 * 1024
+# A Received: field's start, or the empty line that ends the header
+# section; each at a line start, so after the CRLF that ends a line.
+_HOP = re.compile(rb"\r\n(?:received[ \t]{0,32}:|\r\n)", re.IGNORECASE)
+# The longest match: bytes kept from one chunk to the next, for a match
+# that a chunk's end cuts.
+_HOP_KEEP = len(b"\r\nreceived") + 32 + 1
+
+
+class HopCounter:
+    """
+    Counts the C{Received:} header fields of a message as it streams past
+    (CRLF line ends, chunks split anywhere), for loop detection (RFC 5321
+    6.3): up to the empty line that ends the header section, in bulk
+    regular expression scans, keeping no more than a few bytes.
+
+    @ivar count: the C{Received:} fields seen so far.
+    @ivar done: the header section is over (or longer than is looked at).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.done = False
+        self._seen = 0
+        # As if a line ended just before the message: its first line is a
+        # line start too.
+        self._carry = b"\r\n"
+
+    def write(self, chunk: bytes) -> None:
+        if self.done:
+            return
+        data = self._carry + chunk
+        last = 0
+        for match in _HOP.finditer(data):
+            if match.group() == b"\r\n\r\n":
+                self.done = True
+                return
+            self.count += 1
+            last = match.end()
+        # Bytes that may start a match the next chunk completes; never any
+        # of a match already counted.
+        self._carry = data[max(last, len(data) - _HOP_KEEP) :]
+        self._seen += len(chunk)
+        if self._seen > _HOP_SCAN:
+            self.done = True

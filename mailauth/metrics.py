@@ -32,6 +32,7 @@ REFUSAL_REASONS = (
     "nul",  # 550 5.6.0 NUL in DATA
     "header_from",  # 550 5.7.1 a From: address the login may not use
     "not_signable",  # 550 5.6.0 [dkim]: a header that cannot be signed
+    "too_many_hops",  # 554 5.4.6 more than 100 Received fields: a mail loop
     "limit",  # 451 4.7.1 a [limits] sending limit
     "storage",  # 451/452 the message could not be stored
     "temporary",  # 451 4.3.0 any other temporary failure (a validator failed)

@@ -31,7 +31,7 @@ from mailauth.addresses import (
 )
 from mailauth.envelope import MessageOptions, RecipientStatus
 from mailauth.fromheader import MAX_HEADER, HeaderSection, UncheckableHeader, senderAddresses
-from mailauth.headers import HeaderCompleter
+from mailauth.headers import MAX_HOPS, HeaderCompleter, HopCounter
 from mailauth.interfaces import (
     BlockingRunner,
     IForwardQueue,
@@ -376,6 +376,7 @@ class Message:
             if realm.keyRing is not None:
                 self._signer = realm.keyRing.signer(delivery.sender)
             self._checkFrom = realm.router.headerFromMatch
+        self._hops = HopCounter()
         self._limits = delivery.limits
         self._accepted = delivery.accepted
         # A delivery report (NOTIFY=SUCCESS) returns the header section.
@@ -428,6 +429,7 @@ class Message:
         except OSError as e:
             self._storageFailed(e)
             return
+        self._hops.write(chunk)
         # The signer and the From: check see exactly what the sinks store.
         if self._signer is not None:
             self._signer.write(chunk)
@@ -442,10 +444,29 @@ class Message:
             self._headers.finish()
         if self._failed is not None:
             return defer.fail(self._failed)
+        if self._hops.count > MAX_HOPS:
+            return defer.fail(self._looping())
         d = self._checkSenders() if self._checkFrom else defer.succeed(None)
         d.addCallback(self._store)
         d.addErrback(self._notStored)
         return d.addCallback(self._committed)
+
+    def _looping(self) -> SMTPReply:
+        """
+        Refuse a message with more than L{MAX_HOPS} C{Received:} fields (a
+        mail loop, RFC 5321 6.3): C{554 5.4.6}, logged, nothing kept.
+        """
+        self.connectionLost()
+        log.warn(
+            "message {id} refused: {count} Received header fields, more than {limit}: "
+            "a mail loop? login=<{login}> from=<{sender}>",
+            id=self.id,
+            count=self._hops.count,
+            limit=MAX_HOPS,
+            login=self._login or "",
+            sender=self._delivery.sender,
+        )
+        return replies.TOO_MANY_HOPS.error(count=self._hops.count)
 
     @defer.inlineCallbacks
     def _checkSenders(self):

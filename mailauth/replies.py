@@ -198,6 +198,10 @@ HEADER_FROM_NOT_OWNED = Reply(
 HEADER_FROM_UNCHECKABLE = Reply(
     550, "5.7.1 Error: From/Sender header cannot be checked", metric="header_from"
 )
+# RFC 5321 6.3: more than MAX_HOPS Received fields, a mail loop.
+TOO_MANY_HOPS = Reply(
+    554, "5.4.6 Error: too many hops ({count} Received header fields)", metric="too_many_hops"
+)
 # [dkim]: a message is signed or not accepted.
 NOT_SIGNABLE = Reply(
     550,

@@ -237,6 +237,41 @@ class StorageFailureTests(EndToEndMixin, unittest.TestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
 
 
+class LoopTests(EndToEndMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_loopRefused(self):
+        """
+        RFC 5321 6.3 through the daemon: a message that already carries 100
+        Received fields gets 554 5.4.6 (mailauth's own makes 101) and
+        nothing is delivered; with 99 it is delivered, 100 fields in all.
+        """
+        hops = b"".join(
+            b"Received: from relay%d.example (relay%d.example [192.0.2.%d])\r\n"
+            b"\tby relay%d.example; Wed, 2 Dec 2026 08:00:00 +0000\r\n" % (n, n, n % 250, n + 1)
+            for n in range(100)
+        )
+        watcher = LogWatcher()
+        self.addCleanup(watcher.stop)
+        e = yield self.assertFailure(
+            self.submit("submissions", "PLAIN", SHA512, PASSWORD, message=hops + MESSAGE),
+            smtplib.SMTPDataError,
+        )
+        self.assertEqual(
+            (e.smtp_code, e.smtp_error),
+            (554, b"5.4.6 Error: too many hops (101 Received header fields)"),
+        )
+        self.assertEqual(self.daemon.delivered("bob@example.test"), [])
+        self.assertEqual(len(watcher.matching("a mail loop?")), 1)
+        fewer = hops.split(b"\r\nReceived", 1)[1]
+        result = yield self.submit(
+            "submissions", "PLAIN", SHA512, PASSWORD, message=b"Received" + fewer + MESSAGE
+        )
+        self.assertEqual(result, {})
+        [(name, content)] = self.daemon.delivered("bob@example.test")
+        self.assertEqual(content.count(b"\nReceived: "), 100)
+        self.assertTrue(content.startswith(b"Return-Path: <"), content[:100])
+
+
 class ConfigErrorTests(unittest.TestCase):
     """
     A bad configuration never starts a half-working daemon: real twistd,

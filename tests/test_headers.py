@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.trial import unittest
 
 from mailauth import headers
-from mailauth.headers import HeaderCompleter
+from mailauth.headers import HeaderCompleter, HopCounter
 
 MISSING = {b"date": b"Date: now\r\n", b"message-id": b"Message-ID: <id@mx>\r\n"}
 
@@ -107,3 +107,43 @@ class HeaderCompleterTests(unittest.TestCase):
         completer.finish()
         self.assertEqual(b"".join(out), field * count + b"\r\nbody\r\n")
         self.assertEqual(completer.added, [])
+
+
+class HopCounterTests(unittest.TestCase):
+    """L{headers.HopCounter} counts Received: fields of the header section only."""
+
+    MESSAGE = (
+        b"Received: a\r\nreceived  : b\r\n c\r\nX-Received: no\r\n"
+        b"RECEIVED:x\r\nSubject: Received: no\r\n\r\nReceived: body\r\n"
+    )
+
+    def count(self, message: bytes, size: int) -> HopCounter:
+        counter = HopCounter()
+        for i in range(0, len(message), size):
+            counter.write(message[i : i + size])
+        return counter
+
+    def test_everyChunkSize(self) -> None:
+        """Three fields, whatever size the chunks; the empty line ends the count."""
+        for size in range(1, len(self.MESSAGE) + 1):
+            counter = self.count(self.MESSAGE, size)
+            self.assertEqual((counter.count, counter.done), (3, True), size)
+
+    def test_noHeader(self) -> None:
+        """A message that starts with its empty line has no hops."""
+        counter = self.count(b"\r\nReceived: x\r\n", 1)
+        self.assertEqual((counter.count, counter.done), (0, True))
+
+    def test_longFieldsAcrossChunks(self) -> None:
+        """Fields far longer than a chunk, folded over many lines, count once each."""
+        field = b"Received: " + b"x" * 1000 + b"\r\n\t" + b"y" * 500 + b"\r\n"
+        counter = self.count(field * 150 + b"\r\nbody", 997)
+        self.assertEqual(counter.count, 150)
+
+    def test_scanEnds(self) -> None:
+        """Past 256 KiB without an empty line, nothing more is counted."""
+        field = b"Received: " + b"x" * 990 + b"\r\n"
+        counter = self.count(field * 400, 4096)
+        self.assertTrue(counter.done)
+        self.assertLess(counter.count, 400)
+        self.assertGreater(counter.count, 250)

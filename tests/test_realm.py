@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from mailauth.addressmap import AddressMap
 from mailauth.fromheader import MAX_HEADER
+from mailauth.headers import MAX_HOPS
 from mailauth.interfaces import IUserDatabase
 from mailauth.passwords import parse
 from mailauth.realm import LocalDelivery, Realm, submissionFields
@@ -560,6 +561,73 @@ class PostmasterTests(RealmTestsMixin, unittest.TestCase):
         self.assertEqual(
             self.stored("bob"), [b"Return-Path: <someone@remote.test>\nSubject: hi\n\nx\n"]
         )
+
+
+class HopTests(RealmTestsMixin, unittest.TestCase):
+    """
+    RFC 5321 6.3: a message with more than L{MAX_HOPS} C{Received:} fields
+    is taken for a mail loop: 554 5.4.6 at the end of data, nothing kept
+    in any Maildir or the queue, one warning, counted as C{too_many_hops}.
+    """
+
+    def send(self, received: int, login=None, chunk: int = 7, spelling=b"Received"):
+        """
+        Send to bob and to a remote address a message that carries
+        C{received} C{Received:} fields (folded, as real ones are), in
+        pieces of C{chunk} bytes; the Deferred of its end of data.
+        """
+        d = self.delivery(login)
+        self.successResultOf(d.validateFrom(None, addr(login or "someone@remote.test")))
+        factories = [self.successResultOf(d.validateTo(self.user("bob@example.test")))]
+        if login is not None:
+            factories.append(self.successResultOf(d.validateTo(self.user("x@remote.test"))))
+        message = factories[0]()
+        hop = spelling + b": from a.example (a.example [192.0.2.1])\r\n\tby b.example; %d\r\n"
+        body = (
+            b"".join(hop % n for n in range(received))
+            + b"X-Received: not a hop\r\nSubject: loop\r\n\r\n"
+            + hop % 999 * 200
+        )
+        for i in range(0, len(body), chunk):
+            message.write(body[i : i + chunk])
+        return message.eomReceived()
+
+    def test_loopRefused(self) -> None:
+        """101 Received fields: 554 5.4.6, nothing kept, one warning naming the count."""
+        with capturedLogs() as events:
+            f = self.failureResultOf(self.send(MAX_HOPS + 1), SMTPReply)
+        self.assertEqual(
+            (f.value.code, f.value.text, f.value.metric),
+            (554, "5.4.6 Error: too many hops (101 Received header fields)", "too_many_hops"),
+        )
+        self.assertEqual(self.stored("bob"), [])
+        tmp = os.path.join(self.dir, "example.test", "bob", "Maildir", "tmp")
+        self.assertEqual(os.listdir(tmp) if os.path.isdir(tmp) else [], [])
+        warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("101 Received header fields, more than 100: a mail loop?", warnings[0])
+
+    def test_submissionLoopNotQueued(self) -> None:
+        """A looping submission is kept neither in the Maildir nor in the queue."""
+        self.failureResultOf(self.send(MAX_HOPS + 5, login="alice@example.test"), SMTPReply)
+        self.assertEqual(self.stored("bob"), [])
+        self.assertEqual(self.queue.messages, {})
+        self.assertEqual([w.aborted for w in self.queue.writers], [True])
+
+    def test_atTheLimit(self) -> None:
+        """
+        100 Received fields pass; so do Received: lines in the body and
+        fields that only end in Received; chunk ends fall everywhere.
+        """
+        for chunk in (1, 2, 3, 10, 64, 100000):
+            self.assertTrue(self.successResultOf(self.send(MAX_HOPS, chunk=chunk)))
+        self.assertEqual(len(self.stored("bob")), 6)
+
+    def test_anySpelling(self) -> None:
+        """Field names are not case-sensitive: RECEIVED and a space before the colon count."""
+        for spelling in (b"RECEIVED", b"received \t "):
+            self.failureResultOf(self.send(MAX_HOPS + 1, spelling=spelling), SMTPReply)
+        self.assertEqual(self.stored("bob"), [])
 
 
 class FinalDeliveryFieldsTests(RealmTestsMixin, unittest.TestCase):
