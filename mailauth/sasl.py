@@ -329,15 +329,14 @@ def _saslname(text: str) -> str:
     return text.replace("=2C", ",").replace("=3D", "=")
 
 
-@implementer(ISASLMechanism)
-class OAuthBearer:
+class _TokenMechanism:
     """
-    RFC 7628: C{gs2-header ^A host=... ^A port=... ^A auth=Bearer TOKEN ^A ^A},
-    where the GS2 header is C{n,a=LOGIN,} (or C{n,,}: the token names the
-    login). Channel binding (C{p=}) is refused, as the RFC has none for it.
+    What the two bearer token mechanisms share: the token comes in one
+    response (the initial one, or the answer to an empty challenge), in
+    UTF-8, which L{parse} reads.
     """
 
-    name = "OAUTHBEARER"
+    name = ""
 
     def __init__(self, context: SASLContext) -> None:
         pass
@@ -351,7 +350,24 @@ class OAuthBearer:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
-            raise _malformed("OAUTHBEARER response is not UTF-8") from None
+            raise _malformed(f"{self.name} response is not UTF-8") from None
+        return self.parse(text)
+
+    def parse(self, text: str) -> BearerTokenCredentials:
+        raise NotImplementedError
+
+
+@implementer(ISASLMechanism)
+class OAuthBearer(_TokenMechanism):
+    """
+    RFC 7628: C{gs2-header ^A host=... ^A port=... ^A auth=Bearer TOKEN ^A ^A},
+    where the GS2 header is C{n,a=LOGIN,} (or C{n,,}: the token names the
+    login). Channel binding (C{p=}) is refused, as the RFC has none for it.
+    """
+
+    name = "OAUTHBEARER"
+
+    def parse(self, text: str) -> BearerTokenCredentials:
         header, kvsep, rest = text.partition("\x01")
         gs2 = header.split(",")
         if not kvsep or len(gs2) != 3 or gs2[2] != "":
@@ -369,7 +385,7 @@ class OAuthBearer:
 
 
 @implementer(ISASLMechanism)
-class XOAuth2:
+class XOAuth2(_TokenMechanism):
     """
     Google's XOAUTH2: C{user=LOGIN ^A auth=Bearer TOKEN ^A ^A}; after a
     refusal the client answers the error challenge with an empty response.
@@ -377,19 +393,7 @@ class XOAuth2:
 
     name = "XOAUTH2"
 
-    def __init__(self, context: SASLContext) -> None:
-        pass
-
-    def start(self, initial: Optional[bytes]) -> Step:
-        if initial is None:
-            return Challenge(b"")
-        return self.respond(initial)
-
-    def respond(self, data: bytes) -> Step:
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _malformed("XOAUTH2 response is not UTF-8") from None
+    def parse(self, text: str) -> BearerTokenCredentials:
         pairs = _pairs(text, "XOAUTH2")
         if "user" not in pairs:
             raise _malformed("XOAUTH2 response needs user=LOGIN")

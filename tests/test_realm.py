@@ -406,7 +406,10 @@ class DeliveryTests(RealmTestsMixin, unittest.TestCase):
         self.assertEqual(lines[1], "\t(authenticated as alice@example.test)")
         self.assertEqual(lines[2], f"\tby mx.example.test (mailauth) with ESMTPSA id {d.id}")
         self.assertEqual(lines[3], "\t(using TLSv1.3 with cipher TLS_AES_128_GCM_SHA256)")
-        self.assertTrue(lines[4].startswith("\tfor <bob@example.test>; Sun, 29 Nov 2026"))
+        recipient, _, date = lines[4].partition("; ")
+        self.assertEqual(recipient, "\tfor <bob@example.test>")
+        # The time of the clock, in whatever zone the machine is in.
+        self.assertEqual(parsedate_to_datetime(date).timestamp(), 1795965994)
         self.assertEqual(lines[5], "")
 
     def test_receivedHeaderPlain(self) -> None:
