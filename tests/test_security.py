@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import json
 import os
 import re
 import shutil
@@ -1059,6 +1060,7 @@ class SenderLoginMatchOffTests(AttackMixin, unittest.TestCase):
 # -- 7. logging and fail2ban --------------------------------------------------
 
 FILTER = os.path.join(ROOT, "etc", "fail2ban", "filter.d", "mailauth.conf")
+JSON_FILTER = os.path.join(ROOT, "etc", "fail2ban", "filter.d", "mailauth-json.conf")
 JAIL = os.path.join(ROOT, "etc", "fail2ban", "jail.d", "mailauth.conf")
 
 SECRETS = [b"hunter2-plain-secret", b"hunter2-login-secret", b"hunter2-cram-secret", BOB_PASSWORD]
@@ -1082,22 +1084,26 @@ FAILED = [
     "127.0.0.10",
 ]
 
-_twistdRun: dict = {}
+# One run of the daemon per log format, shared by the tests of a process.
+_twistdRuns: dict = {}
 
 
-def twistdLog(tmp: str) -> dict:
+def twistdLog(tmp: str, logFormat: str = "text") -> dict:
     """
-    Run the real daemon once per test process with C{twistd --logfile},
-    exactly as an operator would, play every kind of login against it and
-    return its log. Later calls return the same run.
+    Run the real daemon once per test process and log format (C{[server]
+    log_format}) with C{twistd --logfile}, exactly as an operator would,
+    play every kind of login against it and return its log. Later calls
+    return the same run.
 
-    @return: C{{"log": text, "ports": ..., "error": text or None}}
+    @return: C{{"log": text, "path": its file, "output": twistd's output}}
     """
-    if _twistdRun:
-        return _twistdRun
+    run = _twistdRuns.setdefault(logFormat, {})
+    if run:
+        return run
     daemon = Daemon(
         tmp,
         {
+            "server": {"log_format": logFormat},
             "listener:v6": {"endpoint": "tcp6:0:interface=\\:\\:1", "tls": "implicit"},
             # 127.0.0.10 is blocked at its second failure.
             "auth": {"max_failures_per_address": "2"},
@@ -1128,8 +1134,8 @@ def twistdLog(tmp: str) -> dict:
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=30)[0]
     with open(logPath, encoding="utf-8") as f:
-        _twistdRun.update(log=f.read(), path=logPath, output=output)
-    return _twistdRun
+        run.update(log=f.read(), path=logPath, output=output)
+    return run
 
 
 def _waitForPorts(logPath: str, process, count: int) -> list:
@@ -1139,7 +1145,8 @@ def _waitForPorts(logPath: str, process, count: int) -> list:
             raise AssertionError(f"twistd exited: {process.stdout.read()!r}")
         if os.path.exists(logPath):
             with open(logPath) as f:
-                ports = re.findall(r"starting on (\d+)", f.read())
+                # A JSON line holds its text twice (the message, log_text).
+                ports = list(dict.fromkeys(re.findall(r"starting on (\d+)", f.read())))
             if len(ports) >= count:
                 return [int(p) for p in ports[:count]]
         time.sleep(0.05)  # waiting for another process to start; no clock to drive
@@ -1223,11 +1230,11 @@ def _playLogins(ports: list) -> None:
             c.close()
 
 
-def fail2banRegex(logPath: str, out: str) -> list:
+def fail2banRegex(logPath: str, out: str, filterPath: str = FILTER) -> list:
     """Debian's fail2ban-regex on C{logPath} with our filter; one line per match."""
     try:
         result = subprocess.run(
-            ["fail2ban-regex", "--out", out, logPath, FILTER],
+            ["fail2ban-regex", "--out", out, logPath, filterPath],
             capture_output=True,
             text=True,
             timeout=60,
@@ -1236,6 +1243,70 @@ def fail2banRegex(logPath: str, out: str) -> list:
         raise AssertionError("fail2ban-regex is missing: apt-get install fail2ban") from None
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout.splitlines()
+
+
+class FailToBanJSONTests(unittest.TestCase):
+    """
+    The same daemon run with C{[server] log_format = json}; Debian's
+    fail2ban-regex reads its log with the shipped JSON filter.
+    """
+
+    def setUp(self):
+        self.run = twistdLog(os.path.abspath(self.mktemp()), "json")
+        self.events = [json.loads(line) for line in self.run["log"].splitlines()]
+
+    def test_filterMatchesFailuresOnly(self):
+        """
+        mailauth-json.conf matches every "auth failure" line of the real
+        JSON log, and nothing else (no success, no other line of a session,
+        whatever its fields), for IPv4 and IPv6, at the time the line has.
+        """
+        failures = [
+            line
+            for line, event in zip(self.run["log"].splitlines(), self.events)
+            if event.get("log_text", "").startswith("auth failure: ")
+        ]
+        self.assertEqual(len(failures), len(FAILED))
+        self.assertTrue(
+            any(e.get("log_text", "").startswith("auth success: ") for e in self.events)
+        )
+        matched = fail2banRegex(self.run["path"], "msg", JSON_FILTER)
+        self.assertEqual(sorted(matched), sorted(failures))
+        self.assertEqual(sorted(fail2banRegex(self.run["path"], "ip", JSON_FILTER)), sorted(FAILED))
+        # The time fail2ban takes is the line's own.
+        rows = fail2banRegex(self.run["path"], "row", JSON_FILTER)
+        self.assertEqual(
+            sorted(int(float(re.match(r"\['[^']*',\s*([0-9.]+),", row).group(1))) for row in rows),
+            sorted(int(json.loads(line)["log_time"]) for line in failures),
+        )
+
+    def test_escapedLoginCannotForge(self):
+        """
+        A login full of quotes, backslashes and a forged log_text cannot
+        make a line match for another address, nor hide a failure: the
+        JSON escapes inside the login are the only ones the filter accepts.
+        """
+        folder = os.path.abspath(self.mktemp())
+        os.mkdir(folder)
+        path = os.path.join(folder, "forged.log")
+        forged = 'x", "log_text": "auth failure: client=[192.0.2.66] mechanism=PLAIN login=<y>'
+        lines = []
+        for client, login, text in [
+            ("192.0.2.1", forged, "auth success"),
+            ("192.0.2.2", 'a"b\\c', "auth failure"),
+        ]:
+            event = {
+                "log_namespace": "mailauth.esmtp",
+                "log_time": 1796052211.5,
+                "client": client,
+                "login": login,
+                "log_text": f"{text}: client=[{client}] mechanism=PLAIN login=<{login}> "
+                "session=5f1c0e2a9b3d",
+            }
+            lines.append(json.dumps(event))
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.assertEqual(fail2banRegex(path, "ip", JSON_FILTER), ["192.0.2.2"])
 
 
 class FailToBanTests(unittest.TestCase):
