@@ -237,8 +237,10 @@ class SendingLimits:
         limits = self.limitsFor(login)
         what, period, _ = _COUNTED[limit]
         log.info(
-            "sending limit reached: login=<{login}> limit={limit} count={count} max={max}",
+            "sending limit reached: login=<{login}> limit={limit} count={count} max={max} "
+            "session={session}",
             login=login,
+            session=transaction.session,
             limit=limit,
             count=count,
             max=getattr(limits, limit),
@@ -351,6 +353,8 @@ class LimitedTransaction:
         self.limits = limits
         self.login = login
         self.hit = False
+        #: The SMTP session's ID, for the log lines.
+        self.session = ""
 
     @defer.inlineCallbacks
     def checkSender(self):
@@ -363,7 +367,11 @@ class LimitedTransaction:
         except UserDatabaseUnavailable:
             user = None  # the limits still hold; AUTH checked suspension
         if user is not None and user.suspended:
-            log.info("sender refused: login=<{login}> is suspended", login=self.login)
+            log.info(
+                "sender refused: login=<{login}> is suspended session={session}",
+                login=self.login,
+                session=self.session,
+            )
             raise replies.SENDING_SUSPENDED.error(login=self.login)
         over = yield self.limits.exceeded(self.login, MESSAGE_LIMITS, 1)
         if over is not None:

@@ -197,6 +197,7 @@ class Delivery:
         self.successReports: list = []
         self._message: Optional[Message] = None
         self.appPassword: Optional[str] = None
+        self._session = ""
         #: The recipients accepted so far, and what the sending limits
         #: check and count for this transaction (authenticated logins only).
         self.accepted = 0
@@ -205,6 +206,17 @@ class Delivery:
             if login is not None and realm.limits is not None
             else None
         )
+
+    @property
+    def session(self) -> str:
+        """The ID of the SMTP session it belongs to, for its log lines (the session sets it)."""
+        return self._session
+
+    @session.setter
+    def session(self, value: str) -> None:
+        self._session = value
+        if self.limits is not None:
+            self.limits.session = value
 
     @defer.inlineCallbacks
     def validateFrom(self, helo, origin):
@@ -217,7 +229,10 @@ class Delivery:
             and not (yield router.mayUseSender(self.login, sender))
         ):
             log.info(
-                "sender refused: login=<{login}> from=<{sender}>", login=self.login, sender=sender
+                "sender refused: login=<{login}> from=<{sender}> session={session}",
+                login=self.login,
+                sender=sender,
+                session=self.session,
             )
             raise replies.SENDER_NOT_OWNED.error(address=sender, login=self.login)
         if self.limits is not None:
@@ -239,7 +254,10 @@ class Delivery:
                 raise replies.UNKNOWN_RECIPIENT.error(address=recipient)
             if remote and self.realm.queue is None:
                 log.error(
-                    "alias {alias} leads to another domain, and no [relay] is set", alias=recipient
+                    "alias {alias} leads to another domain, and no [relay] is set "
+                    "session={session}",
+                    alias=recipient,
+                    session=self.session,
                 )
                 raise replies.CANNOT_FORWARD.error(address=recipient)
         else:
@@ -339,6 +357,7 @@ class Message:
         self.id = delivery.id
         self._realm = realm
         self._login = delivery.login
+        self._session = delivery.session
         self._delivery = delivery
         self._sinks: list[IMessageSink] = []
         self._failed: Optional[SMTPReply] = None
@@ -401,8 +420,9 @@ class Message:
             reply = replies.storageFailure(error)
             log.warn(
                 "message {id} not stored: {path}: {error} (errno {errno}); the client is told "
-                "{code}, to try again later",
+                "{code}, to try again later session={session}",
                 id=self.id,
+                session=self._session,
                 path=error.filename or " ".join(self._places),
                 error=error.strerror or error,
                 errno=error.errno,
@@ -459,8 +479,9 @@ class Message:
         self.connectionLost()
         log.warn(
             "message {id} refused: {count} Received header fields, more than {limit}: "
-            "a mail loop? login=<{login}> from=<{sender}>",
+            "a mail loop? login=<{login}> from=<{sender}> session={session}",
             id=self.id,
+            session=self._session,
             count=self._hops.count,
             limit=MAX_HOPS,
             login=self._login or "",
@@ -485,8 +506,9 @@ class Message:
             addresses = yield realm.runBlocking(senderAddresses, header)
         except UncheckableHeader as e:
             log.info(
-                "header From refused: login=<{login}> id={id}: {why}",
+                "header From refused: login=<{login}> id={id}: {why} session={session}",
                 login=login,
+                session=self._session,
                 id=self.id,
                 why=str(e),
             )
@@ -495,8 +517,10 @@ class Message:
         for address in addresses:
             if not (yield realm.router.mayUseSender(login, address)):
                 log.info(
-                    "header From refused: login=<{login}> from=<{address}> id={id}",
+                    "header From refused: login=<{login}> from=<{address}> id={id} "
+                    "session={session}",
                     login=login,
+                    session=self._session,
                     address=address,
                     id=self.id,
                 )
@@ -548,8 +572,9 @@ class Message:
             if f.check(dkimsign.MessageNotSignable):
                 self.connectionLost()  # storeAll aborted them; again does no harm
                 log.info(
-                    "message {id} not signed: login=<{login}>: {why}; refused",
+                    "message {id} not signed: login=<{login}>: {why}; refused session={session}",
                     id=self.id,
+                    session=self._session,
                     login=self._login,
                     why=f.getErrorMessage(),
                 )
@@ -557,8 +582,10 @@ class Message:
             if f.check(dkimsign.SigningError):
                 self.connectionLost()
                 log.error(
-                    "message {id} not signed: {why}; the client is told 451, to try again later",
+                    "message {id} not signed: {why}; the client is told 451, to try again later "
+                    "session={session}",
                     id=self.id,
+                    session=self._session,
                     why=f.getErrorMessage(),
                 )
                 raise replies.SIGNING_FAILED.error()

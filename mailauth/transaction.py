@@ -75,6 +75,7 @@ class MailTransaction:
             return self._error(e)
         self._bdatFailed = False
         delivery = avatar.getMessageDelivery()
+        delivery.session = self.session
         d = defer.maybeDeferred(delivery.validateFrom, self._heloPair(), sender)
         d.addCallbacks(self._senderOk, self._validationFailed, (delivery, params))
         return d

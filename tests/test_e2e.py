@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import smtplib
@@ -127,12 +128,22 @@ class DeliveryTests(EndToEndMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_senderBinding(self):
-        """An authenticated user may not send as someone else: 553 5.7.1."""
+        """
+        An authenticated user may not send as someone else: 553 5.7.1. The
+        realm's line saying why ends with the session's ID, as the
+        session's own lines do.
+        """
+        watcher = LogWatcher()
+        self.addCleanup(watcher.stop)
         e = yield self.assertFailure(
             self.submit("submissions", "PLAIN", SHA512, PASSWORD, sender="bob@example.test"),
             smtplib.SMTPSenderRefused,
         )
         self.assertEqual(e.smtp_code, 553)
+        [refused] = watcher.matching("sender refused: ")
+        [connect] = watcher.matching("^connect: ")
+        session = re.search(r" session=([0-9a-f]{12})$", connect).group(1)
+        self.assertRegex(refused, rf"from=<bob@example\.test> session={session}$")
 
     @defer.inlineCallbacks
     def test_severalRecipientsOneFileEach(self):
@@ -228,7 +239,7 @@ class StorageFailureTests(EndToEndMixin, unittest.TestCase):
         self.assertRegex(
             line,
             rf"^message [0-9A-F]{{12}} not stored: {path}: Not a directory "
-            r"\(errno 20\); the client is told 451, to try again later$",
+            r"\(errno 20\); the client is told 451, to try again later session=[0-9a-f]{12}$",
         )
         self.assertEqual(
             [x["log_level"] for x in watcher.events if x["log_level"] >= LogLevel.warn],

@@ -419,10 +419,15 @@ class LimitsTestsMixin:
         """Each refusal is one log line and one limitHit metric, by limit."""
         for _ in range(3):
             yield self.send()
-        yield self.refused(self.limits.transaction(ALICE).checkSender())
+        transaction = self.limits.transaction(ALICE)
+        transaction.session = "5e55105e5510"
+        yield self.refused(transaction.checkSender())
         self.assertEqual(
             self.log.matching("sending limit reached"),
-            [f"sending limit reached: login=<{ALICE}> limit=messages_per_hour count=3 max=3"],
+            [
+                f"sending limit reached: login=<{ALICE}> limit=messages_per_hour count=3 max=3 "
+                "session=5e55105e5510"
+            ],
         )
         self.assertEqual(metric(self.metrics, "messages_per_hour"), 1)
 

@@ -29,6 +29,9 @@ from tests.fakes import MemoryQueue, MemoryUserDatabase, runInline
 from tests.harness import LogWatcher
 from tests.support import TRICKY_FROM, UNCHECKABLE_FROM
 
+# The session ID the deliveries of these tests belong to.
+SESSION = "5e55105e5510"
+
 USERS = {
     "alice@example.test": "{PLAIN}a",
     "bob@example.test": "{PLAIN}b",
@@ -108,7 +111,10 @@ class RealmTestsMixin:
         if login is None:
             return self.realm.anonymous().getMessageDelivery()
         _, avatar, _ = self.realm.requestAvatar(login, None, IMessageDeliveryFactory)
-        return avatar.getMessageDelivery()
+        delivery = avatar.getMessageDelivery()
+        # As the session does: its lines carry its ID.
+        delivery.session = SESSION
+        return delivery
 
     def user(self, text: str) -> smtp.User:
         return smtp.User(addr(text), (b"c", "192.0.2.1"), FakeSession(), b"")
@@ -339,7 +345,7 @@ class DeliveryTests(RealmTestsMixin, unittest.TestCase):
                     LogLevel.warn,
                     f"message {d.id} not stored: {self.dir}/example.test/bob: "
                     "Not a directory (errno 20); "
-                    "the client is told 451, to try again later",
+                    f"the client is told 451, to try again later session={SESSION}",
                 )
             ],
         )
@@ -389,7 +395,7 @@ class DeliveryTests(RealmTestsMixin, unittest.TestCase):
             [formatEvent(x) for x in events],
             [
                 f"message {d.id} not stored: the queue: No space left on device (errno 28); the "
-                "client is told 452, to try again later"
+                f"client is told 452, to try again later session={SESSION}"
             ],
         )
         self.assertTrue(writer.aborted)
@@ -813,7 +819,7 @@ class HeaderFromTests(RealmTestsMixin, unittest.TestCase):
         self.assertRegex(
             lines[0],
             r"^header From refused: login=<alice@example\.test> "
-            r"from=<bob@example\.test> id=[0-9A-F]{12}$",
+            rf"from=<bob@example\.test> id=[0-9A-F]{{12}} session={SESSION}$",
         )
         self.assertEqual(self.refusals(), 1)
 
