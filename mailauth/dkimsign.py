@@ -543,8 +543,9 @@ def signedHeaderNames(headers: Sequence) -> list:
 
 
 #: The most body bytes a L{MessageSigner} holds for hashing in the signing
-#: thread; past it the body is hashed as it streams in (on the reactor), so
-#: memory does not grow with the message (as L{mailauth.maildir.SPOOL}).
+#: thread; whenever more are held they are hashed there and then (on the
+#: reactor), so memory does not grow with the message (as
+#: L{mailauth.maildir.SPOOL}).
 HELD_BODY = 64 * 1024
 
 
@@ -555,10 +556,10 @@ class MessageSigner:
     complete, L{signatureHeader} (CPU work: call it in a thread) hashes the
     body and makes the C{DKIM-Signature} field(s) to put on top of it.
 
-    The body is held (references to the chunks, no copy) up to
-    L{HELD_BODY} bytes and hashed in L{signatureHeader}: there C{hashlib}
-    hashes it with the GIL released, on another CPU than the reactor's.
-    Past that the held part is hashed at once and the rest as it comes in.
+    The body is held (references to the chunks, no copy) and hashed in
+    L{signatureHeader}, off the reactor; whenever more than L{HELD_BODY}
+    bytes are held, they are hashed at once, so a large message is hashed
+    as it streams in, in bounded memory.
 
     @ivar header: the header block, as far as it is kept: the one copy of
         it, which others that need the header section (the C{From:}
@@ -599,10 +600,10 @@ class MessageSigner:
                 self._hashHeld()
 
     def _hashHeld(self) -> None:
-        """Hash the body held so far, in one call."""
+        """Hash the body held so far, chunk by chunk (joining them would copy them)."""
         held, self._held, self._heldSize = self._held, [], 0
-        if held:
-            self._body.update(held[0] if len(held) == 1 else b"".join(held))
+        for chunk in held:
+            self._body.update(chunk)
 
     def signatureHeader(self) -> bytes:
         """
