@@ -80,6 +80,7 @@ _SCHEMA: dict = {
         "disk_threads": (parsePositive, "4"),
         "log_format": (choiceOf(("text", "json")), "text"),
         "workers": (parsePositive, "1"),
+        "worker_timeout": (parseDuration, "30s"),
     },
     "tls": {
         "certificate": (nonEmpty, REQUIRED),

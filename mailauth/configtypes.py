@@ -42,6 +42,8 @@ class ServerConfig:
     log_format: str = "text"
     #: processes serving the listeners (L{mailauth.workers}); 1 is one process doing all.
     workers: int = 1
+    #: seconds a serving worker may say nothing before it is taken to hang; 0: never.
+    worker_timeout: float = 30.0
 
 
 @attrs.frozen

@@ -524,6 +524,7 @@ def buildService(
             readConfiguration(cfg.path, cfg),
             wakeQueue=queueService.wake if queueService is not None else (lambda: None),
             environ=environ,
+            hangTimeout=cfg.server.worker_timeout,
         )
         pool.setServiceParent(top)
     for listener in cfg.listeners if pool is None else ():

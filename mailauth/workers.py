@@ -31,8 +31,9 @@ The pipes between them (child descriptors):
     with what a log line shows (L{LogRelay}); the parent publishes them in
     its own log, where they read as the lines of one process do.
   - 2: the worker's stderr, for what it writes before its log starts.
-  - 3, worker to parent: control lines, C{ready} once it serves and C{wake}
-    after it queued a message.
+  - 3, worker to parent: control lines, C{ready} once it serves, C{wake}
+    after it queued a message, and C{alive} from its event loop every third
+    of C{[server] worker_timeout}.
   - 4 and up: the listening sockets, in the order of the C{--listener}
     arguments.
 """
@@ -40,17 +41,18 @@ The pipes between them (child descriptors):
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
 import site
 import socket
 import sys
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, cast
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union, cast
 
 import attrs
 from twisted.application import service
-from twisted.internet import defer, endpoints, error, protocol
+from twisted.internet import defer, endpoints, error, protocol, task
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import (
     ILogObserver,
@@ -106,6 +108,10 @@ class _Slot:
     ended: Optional[defer.Deferred] = None
     #: a SIGHUP that came while the worker was starting, for when it serves
     reload: bool = False
+    #: when it last sent a control line
+    heardAt: float = 0.0
+    #: the SIGKILL that follows the SIGABRT of a hung worker (set until it ends)
+    killer: Any = None
 
 
 class _WorkerProtocol(protocol.ProcessProtocol):
@@ -203,6 +209,14 @@ class WorkerPool(service.Service):
     twice as long each time it ends again within C{stableAfter}); on stop,
     each gets SIGTERM, and SIGKILL after C{stopTimeout}.
 
+    A worker that serves and then says nothing on its control pipe for
+    C{hangTimeout} seconds (its event loop sends C{alive} every third of
+    that) hangs: it gets SIGABRT, on which it writes every thread's stack
+    to its stderr (L{faulthandler}, which the pool logs) and dies, then
+    SIGKILL if it has not ended C{stopTimeout} later; then it is started
+    again as any worker that ends. As systemd's C{WatchdogSec=} does for
+    the parent, whose event loop the workers' pipes need.
+
     A worker that ends before any worker has been ready means the daemon
     cannot serve (a key its user cannot read, a port it cannot adopt): the
     pool logs it and calls C{stopDaemon} instead of retrying forever.
@@ -231,6 +245,7 @@ class WorkerPool(service.Service):
         executable: str = sys.executable,
         environ: Optional[Mapping[str, str]] = None,
         stopTimeout: float = 10.0,
+        hangTimeout: float = 0.0,
     ) -> None:
         """
         @param reactor: binds, spawns (C{IReactorProcess}) and keeps time.
@@ -244,6 +259,8 @@ class WorkerPool(service.Service):
             global log publisher (twistd's log).
         @param environ: the workers' environment, less what only the parent
             may use; default C{os.environ}.
+        @param hangTimeout: seconds of silence after which a serving worker
+            is taken to hang (C{[server] worker_timeout}); 0: never.
         """
         self.reactor = reactor
         self.count = count
@@ -256,6 +273,8 @@ class WorkerPool(service.Service):
         self.executable = executable
         self.environ = workerEnvironment(os.environ if environ is None else environ)
         self.stopTimeout = stopTimeout
+        self.hangTimeout = hangTimeout
+        self._watch: Optional[task.LoopingCall] = None
         self.slots = [_Slot(index=n) for n in range(1, count + 1)]
         self._waitingForPort: defer.Deferred = defer.Deferred()
         self._everReady = False
@@ -268,14 +287,21 @@ class WorkerPool(service.Service):
         for slot in self.slots:
             if not self._gaveUp:
                 self._spawn(slot)
+        if self.hangTimeout > 0:
+            self._watch = task.LoopingCall(self._checkHung)
+            self._watch.clock = self.reactor
+            self._watch.start(self.hangTimeout / 3, now=False)
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
         ended = []
         for slot in self.slots:
             if slot.restart is not None and slot.restart.active():
                 slot.restart.cancel()
             slot.restart = None
+            _cancelKiller(slot)
             if slot.process is not None and slot.ended is not None:
                 ended.append(slot.ended)
                 _signal(slot, "TERM")
@@ -349,7 +375,37 @@ class WorkerPool(service.Service):
         slot.process.writeToChild(CONFIG_FD, b"%d\n" % len(data) + data)
         log.info("worker {index} started (pid {pid})", index=slot.index, pid=slot.pid)
 
+    def _checkHung(self) -> None:
+        """Abort every serving worker that has said nothing for L{hangTimeout}."""
+        now = self.reactor.seconds()
+        for slot in self.slots:
+            if slot.process is None or not slot.ready or slot.killer is not None:
+                continue
+            if now - slot.heardAt > self.hangTimeout:
+                log.error(
+                    "worker {index} (pid {pid}) has said nothing for {seconds:.0f} s: its "
+                    "event loop hangs; aborting it (SIGABRT: its threads' stacks follow)",
+                    index=slot.index,
+                    pid=slot.pid,
+                    seconds=now - slot.heardAt,
+                )
+                # (Twisted translates only a few names: SIGABRT goes as a number.)
+                _signal(slot, signal.SIGABRT)
+                slot.killer = self.reactor.callLater(self.stopTimeout, self._killHung, slot)
+
+    def _killHung(self, slot: _Slot) -> None:
+        # slot.killer stays set until the worker ends: it is not aborted twice.
+        if slot.process is not None:
+            log.error(
+                "worker {index} (pid {pid}) did not end {seconds:g} s after SIGABRT: killing it",
+                index=slot.index,
+                pid=slot.pid,
+                seconds=self.stopTimeout,
+            )
+            _signal(slot, "KILL")
+
     def _control(self, slot: _Slot, line: bytes) -> None:
+        slot.heardAt = self.reactor.seconds()
         if line == b"wake":
             self.wakeQueue()
         elif line == b"ready":
@@ -382,6 +438,7 @@ class WorkerPool(service.Service):
         how = _how(reason)
         pid, lived = slot.pid, self.reactor.seconds() - slot.startedAt
         slot.process = slot.pid = None
+        _cancelKiller(slot)
         ended, slot.ended = slot.ended, None
         if ended is not None:
             ended.callback(None)
@@ -419,7 +476,13 @@ class WorkerPool(service.Service):
         slot.restart = self.reactor.callLater(slot.delay, self._spawn, slot)
 
 
-def _signal(slot: _Slot, name: str) -> None:
+def _cancelKiller(slot: _Slot) -> None:
+    if slot.killer is not None and slot.killer.active():
+        slot.killer.cancel()
+    slot.killer = None
+
+
+def _signal(slot: _Slot, name: Union[str, int]) -> None:
     try:
         slot.process.signalProcess(name)
     except (error.ProcessExitedAlready, OSError):
@@ -655,6 +718,9 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     # its handler would kill the worker; the files are being read anyway.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # The SIGABRT the parent sends a hung worker (or any fatal signal)
+    # writes every thread's stack to stderr, which the parent logs.
+    faulthandler.enable(all_threads=True)
     text = readConfigText(CONFIG_FD)
     sockets = {}
     for item in args.listener:
@@ -704,6 +770,10 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
             stop()
             return
         link.send(b"ready")
+        if cfg.server.worker_timeout > 0:
+            alive = task.LoopingCall(link.send, b"alive")
+            alive.clock = reactor
+            alive.start(cfg.server.worker_timeout / 3, now=False)
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)

@@ -54,6 +54,8 @@ from tests.harness import (
     writeDaemonDirectory,
 )
 
+ABRT = signal.SIGABRT
+
 LISTENERS = [
     ("submission", "tcp:0:interface=127.0.0.1"),
     ("submissions", "tcp:0:interface=127.0.0.1"),
@@ -428,6 +430,119 @@ class WorkerPoolTests(unittest.TestCase):
         self.clock.advance(60)
         self.assertEqual(len(self.reactor.spawned), 2)
 
+    def alive(self, n: int) -> None:
+        self.process(n).proto.childDataReceived(CONTROL_FD, b"alive\n")
+
+    def hangLines(self) -> list:
+        """What the pool logged about hung workers."""
+        return [
+            formatEvent(e)
+            for e in self.logged
+            if e.get("log_namespace") == "mailauth.workers" and "SIGABRT" in formatEvent(e)
+        ]
+
+    def test_hungWorkerAborted(self):
+        """
+        A serving worker that says nothing for C{hangTimeout} gets SIGABRT
+        (its stacks go to its stderr), one error line, and SIGKILL if it
+        has not ended C{stopTimeout} later; it is then started again. The
+        worker that keeps saying C{alive} is left alone.
+        """
+        pool = self.makePool(hangTimeout=30)
+        self.ready(0)
+        self.ready(1)
+
+        def advance(seconds):
+            # Worker 2 says alive every 5 s, as its event loop would.
+            for _ in range(int(seconds // 5)):
+                self.clock.advance(5)
+                self.alive(1)
+
+        advance(30)
+        self.assertEqual(self.process(0).signals, [])
+        advance(10)
+        self.assertEqual(self.process(0).signals, [ABRT])
+        [line] = self.hangLines()
+        self.assertEqual(
+            line,
+            "worker 1 (pid 1000) has said nothing for 40 s: its event loop hangs; "
+            "aborting it (SIGABRT: its threads' stacks follow)",
+        )
+        advance(pool.stopTimeout - 5)
+        # No second SIGABRT while it is being aborted.
+        self.assertEqual(self.process(0).signals, [ABRT])
+        advance(5)
+        self.assertEqual(self.process(0).signals, [ABRT, "KILL"])
+        self.assertEqual(
+            self.hangLines()[1:], ["worker 1 (pid 1000) did not end 10 s after SIGABRT: killing it"]
+        )
+        advance(60)
+        self.assertEqual(self.process(0).signals, [ABRT, "KILL"])
+        self.process(0).end(signal=signal.SIGKILL)
+        advance(5)
+        self.assertEqual(len(self.reactor.spawned), 3)
+        self.assertEqual(self.reactor.spawned[2]["args"][3:5], ["--index", "1"])
+        self.assertEqual(self.process(1).signals, [])
+        self.assertEqual(self.stops, [])
+        self.assertEqual(len(self.hangLines()), 2)
+
+    def test_abortedWorkerEnds(self):
+        """A hung worker that dies of its SIGABRT is started again and never gets SIGKILL."""
+        pool = self.makePool(count=1, hangTimeout=30)
+        self.ready(0)
+        self.clock.advance(40)
+        self.assertEqual(self.process(0).signals, [ABRT])
+        self.process(0).end(signal=signal.SIGABRT)
+        self.clock.advance(pool.stopTimeout)
+        self.assertEqual(self.process(0).signals, [ABRT])
+        self.assertEqual(len(self.reactor.spawned), 2)
+        # The new worker is watched afresh once it serves.
+        self.ready(1)
+        self.clock.advance(20)
+        self.assertEqual(self.process(1).signals, [])
+        self.clock.advance(20)
+        self.assertEqual(self.process(1).signals, [ABRT])
+
+    def test_anyControlLineCounts(self):
+        """C{wake} lines are as good as C{alive}: a worker busy queueing mail is not hung."""
+        self.makePool(count=1, hangTimeout=30)
+        self.ready(0)
+        for _ in range(20):
+            self.clock.advance(10)
+            self.process(0).proto.childDataReceived(CONTROL_FD, b"wake\n")
+        self.assertEqual(self.process(0).signals, [])
+
+    def test_startingWorkerNotWatched(self):
+        """
+        A worker still starting is not taken to hang, however long it
+        takes (reading a large users file, say): it only sends C{alive}
+        once it serves.
+        """
+        self.makePool(count=1, hangTimeout=30)
+        self.clock.advance(300)
+        self.assertEqual(self.process(0).signals, [])
+
+    def test_noHangTimeout(self):
+        """With C{hangTimeout} 0 (C{worker_timeout = 0}), a silent worker is never aborted."""
+        self.makePool(count=1, hangTimeout=0)
+        self.ready(0)
+        self.clock.advance(3600)
+        self.assertEqual(self.process(0).signals, [])
+
+    def test_stopCancelsTheKill(self):
+        """
+        Stopping the pool while a hung worker is being aborted leaves the
+        rest to the stop: SIGTERM, then one SIGKILL after C{stopTimeout}.
+        """
+        pool = self.makePool(count=1, hangTimeout=30)
+        self.ready(0)
+        self.clock.advance(40)
+        pool.stopService()
+        self.clock.advance(pool.stopTimeout)
+        self.assertEqual(self.process(0).signals, [ABRT, "TERM", "KILL"])
+        self.clock.advance(pool.stopTimeout)
+        self.assertEqual(self.process(0).signals, [ABRT, "TERM", "KILL"])
+
     def test_heldPortCloses(self):
         """A held socket is closed when its service stops: the port is free again."""
         held = HeldPort(self.reactor, "submission", LISTENERS[0][1])
@@ -577,6 +692,14 @@ maildir = /var/mail/{domain}/{localpart}/Maildir
         for value in ("0", "-1", "two"):
             [problem] = self.problems(f"[server]\nworkers = {value}\n")
             self.assertIn("[server] workers: ", problem)
+
+    def test_workerTimeout(self):
+        """C{worker_timeout}: 30 s by default, a duration, 0 for never."""
+        self.assertEqual(self.load("").server.worker_timeout, 30)
+        self.assertEqual(self.load("[server]\nworker_timeout = 2m\n").server.worker_timeout, 120)
+        self.assertEqual(self.load("[server]\nworker_timeout = 0\n").server.worker_timeout, 0)
+        [problem] = self.problems("[server]\nworker_timeout = soon\n")
+        self.assertIn("[server] worker_timeout: ", problem)
 
     def test_metricsNeedOneProcess(self):
         """[metrics] with workers is refused: no process could serve every worker's counts."""

@@ -236,6 +236,40 @@ class TwistdWorkersTests(unittest.TestCase):
         # Only the sessions the dead worker had open failed.
         self.assertLessEqual(len(failed), 6)
 
+    def test_hungWorkerAbortedAndReplaced(self):
+        """
+        A worker whose event loop stops (SIGSTOP here) is noticed after
+        C{worker_timeout}: one error line, SIGABRT, on which it writes its
+        threads' stacks (once it runs again), which the parent logs; a new
+        worker takes its place and serves, and the other served throughout.
+        """
+        daemon = _Daemon(self, {"server": {"worker_timeout": "3s"}})
+        daemon.start()
+        port = daemon.twistd.ports["submission"]
+        victim, other = daemon.twistd.workerPIDs()
+        os.kill(victim, signal.SIGSTOP)
+        self.addCleanup(lambda: processAlive(victim) and os.kill(victim, signal.SIGKILL))
+        [line] = daemon.twistd.waitForLog(r"has said nothing for")
+        self.assertRegex(
+            line,
+            rf"\[mailauth\.workers#error\] worker [12] \(pid {victim}\) has said nothing for "
+            r"[345] s: its event loop hangs; aborting it \(SIGABRT: its threads' stacks follow\)",
+        )
+        # The hang ends and the SIGABRT it was sent lands: the stacks,
+        # then the death the parent reports as any other.
+        os.kill(victim, signal.SIGCONT)
+        daemon.twistd.waitForLog(rf"\(pid {victim}\) was killed by SIGABRT; starting it again")
+        stacks = [line for line in daemon.twistd.log().splitlines() if f"(pid {victim}): " in line]
+        self.assertTrue(any("most recent call first" in line for line in stacks), stacks)
+        self.assertTrue(any("epollreactor.py" in line for line in stacks), stacks)
+        daemon.twistd.waitForLog(r"is serving", count=3)
+        workers = daemon.twistd.workerPIDs()
+        self.assertNotIn(victim, workers)
+        self.assertIn(other, workers)
+        self.assertNotIn("did not end", daemon.twistd.log())
+        for _ in range(4):
+            sendOne(port)
+
     def test_sighupReloadsEveryWorker(self):
         """
         SIGHUP to the parent reloads it and reaches every worker: each logs
