@@ -85,6 +85,8 @@ class SigningKey:
     @ivar keyType: C{"rsa"} or C{"ed25519"}, the C{k=} of its DNS record.
     @ivar publicKey: the C{p=} of its DNS record (base64).
     @ivar private: the private key, of the C{cryptography} package.
+    @ivar pem: the same as PKCS#8 PEM, for the signing process
+        (L{mailauth.signerproc}).
     """
 
     domain: str
@@ -93,6 +95,7 @@ class SigningKey:
     keyType: str
     publicKey: str
     private: Any = attrs.field(repr=False, eq=False)
+    pem: bytes = attrs.field(repr=False, eq=False, default=b"")
 
     @property
     def algorithm(self) -> bytes:
@@ -135,7 +138,7 @@ def zoneLine(domain: str, selector: str, record: str) -> str:
     return f"{selector}._domainkey.{domain}. IN TXT {quoted}"
 
 
-def _fromCryptography(domain: str, selector: str, path: str, key: Any) -> SigningKey:
+def fromPrivateKey(domain: str, selector: str, path: str, key: Any) -> SigningKey:
     """A L{SigningKey} from a key of the C{cryptography} package."""
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size < RSA_MIN_BITS:
@@ -165,6 +168,11 @@ def _fromCryptography(domain: str, selector: str, path: str, key: Any) -> Signin
         keyType=keyType,
         publicKey=base64.b64encode(public).decode("ascii"),
         private=key,
+        pem=key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
     )
 
 
@@ -197,7 +205,7 @@ def loadKey(domain: str, selector: str, path: str) -> SigningKey:
         raise KeyFileError(f"{path}: not a PEM private key (RSA or Ed25519)") from None
     except Exception as e:  # cryptography's UnsupportedAlgorithm, among others
         raise KeyFileError(f"{path}: cannot load the key: {e}") from None
-    return _fromCryptography(domain, selector, path, key)
+    return fromPrivateKey(domain, selector, path, key)
 
 
 def loadKeys(config: Config) -> dict:
@@ -251,7 +259,7 @@ class KeyRing:
         """
         self._keys = self._usable(keys)
         self._clock = clock
-        self._maxHeaderSize = maxHeaderSize
+        self.maxHeaderSize = maxHeaderSize
         self._load = load
 
     @staticmethod
@@ -308,7 +316,7 @@ class KeyRing:
         keys = self.keysFor(sender)
         if not keys:
             return None
-        return MessageSigner(keys, self._clock, self._maxHeaderSize)
+        return MessageSigner(keys, self._clock, self.maxHeaderSize)
 
 
 class RelaxedBodyHash:
@@ -577,14 +585,15 @@ class MessageSigner:
         @param holdBody: the most body bytes held for L{signatureHeader} to
             hash (L{HELD_BODY}); 0 hashes every chunk as it comes.
         """
-        self._keys = tuple(keys)
+        self.keys = tuple(keys)
         self._holdBody = holdBody
         self._clock = clock
         self.header = HeaderSection(maxHeaderSize)
-        self._maxHeaderSize = maxHeaderSize
+        self.maxHeaderSize = maxHeaderSize
         self._body = RelaxedBodyHash()
         self._held: list = []
         self._heldSize = 0
+        self._hashed = False
 
     def write(self, chunk: bytes) -> None:
         """
@@ -603,7 +612,21 @@ class MessageSigner:
         """Hash the body held so far, chunk by chunk (joining them would copy them)."""
         held, self._held, self._heldSize = self._held, [], 0
         for chunk in held:
+            self._hashed = True
             self._body.update(chunk)
+
+    def heldMessage(self) -> Optional[bytes]:
+        """
+        The message as written so far, which a new signer given it in one
+        L{write} signs alike; or L{None} when part of the body is hashed
+        already (past L{HELD_BODY}) or the header is too large to sign.
+        """
+        if self._hashed or self.header.tooLong:
+            return None
+        head = self.header.value()
+        if self.header.complete:
+            head += b"\r\n"
+        return b"".join([head, *self._held])
 
     def signatureHeader(self) -> bytes:
         """
@@ -617,7 +640,7 @@ class MessageSigner:
         """
         if self.header.tooLong:
             raise MessageNotSignable(
-                f"cannot sign the message: its header is larger than {self._maxHeaderSize} bytes"
+                f"cannot sign the message: its header is larger than {self.maxHeaderSize} bytes"
             )
         # Without an empty line, the whole message is its header.
         self._hashHeld()
@@ -631,7 +654,7 @@ class MessageSigner:
         )
         timestamp = int(self._clock.seconds())
         fields = []
-        for key in self._keys:
+        for key in self.keys:
             try:
                 fields.append(signatureField(key, canonical, include, bodyHash, timestamp))
             except Exception as e:
@@ -700,4 +723,4 @@ def keygen(
     except BaseException:
         os.unlink(path)
         raise
-    return _fromCryptography(domain, selector, path, key)
+    return fromPrivateKey(domain, selector, path, key)

@@ -47,6 +47,7 @@ from mailauth.routing import Router
 if TYPE_CHECKING:
     # Only imported where [dkim] is configured: it needs dkimpy.
     from mailauth.dkimsign import KeyRing, MessageSigner
+    from mailauth.signerproc import SigningProcess
 
 log = Logger(namespace="mailauth.realm")
 
@@ -87,7 +88,9 @@ class Realm:
     Hands out L{Avatar}s. C{runBlocking} runs the blocking storage work;
     C{queue} (optional) takes mail for other domains, and C{wakeQueue} is
     called once a message is in it. C{keyRing} (C{[dkim]}, optional) signs
-    authenticated submissions from its domains; C{metrics} counts refusals.
+    authenticated submissions from its domains, in C{signingProcess} when
+    there is one (L{mailauth.signerproc}), else in C{runBlocking}'s
+    threads; C{metrics} counts refusals.
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class Realm:
         limits: Optional[SendingLimits] = None,
         keyRing: Optional[KeyRing] = None,
         metrics: Optional[Metrics] = None,
+        signingProcess: Optional[SigningProcess] = None,
     ) -> None:
         self.router = router
         self.hostname = hostname
@@ -111,6 +115,7 @@ class Realm:
         self.clock = clock
         self.limits = limits
         self.keyRing = keyRing
+        self.signingProcess = signingProcess
         self.metrics = metrics if metrics is not None else Metrics()
 
     def requestAvatar(self, avatarId, mind, *interfaces):
@@ -538,16 +543,18 @@ class Message:
 
     def _store(self, ignored) -> defer.Deferred:
         """
-        In a thread: sign the message, if it is signed, and put the
-        signature on top of every copy; then prepare every sink, then
-        commit every sink. Any failure aborts them all.
+        In a thread: sign the message, if it is signed (unless the signing
+        process did first), and put the signature on top of every copy;
+        then prepare every sink, then commit every sink. Any failure
+        aborts them all.
         """
-        sinks, signer = self._sinks, self._signer
+        sinks, signer, realm = self._sinks, self._signer, self._realm
 
-        def storeAll() -> None:
+        def storeAll(signature: Optional[bytes]) -> None:
             try:
                 if signer is not None:
-                    signature = signer.signatureHeader()
+                    if signature is None:
+                        signature = signer.signatureHeader()
                     for sink in sinks:
                         sink.prepend(signature)
                 for sink in sinks:
@@ -559,7 +566,12 @@ class Message:
                     sink.abort()
                 raise
 
-        return self._realm.runBlocking(storeAll)
+        if signer is None or realm.signingProcess is None:
+            return realm.runBlocking(storeAll, None)
+        # Signed by the signing process when it can, else in the thread.
+        return realm.signingProcess.sign(signer).addCallback(
+            lambda signature: realm.runBlocking(storeAll, signature)
+        )
 
     def _notStored(self, f: Failure) -> Failure:
         if f.check(OSError):

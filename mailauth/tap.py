@@ -42,7 +42,13 @@ from mailauth.throttle import AuthThrottle, ConnectionLimiter
 from mailauth.tls import ReloadableTLS
 from mailauth.userdb import UserDatabase
 from mailauth.userstore import AppPasswordUse, Rehasher, schemesNeededBy, storeFor
-from mailauth.workers import HeldPort, Worker, WorkerPool, readConfiguration
+from mailauth.workers import (
+    HeldPort,
+    Worker,
+    WorkerPool,
+    readConfiguration,
+    workerEnvironment,
+)
 
 log = Logger(namespace="mailauth.tap")
 
@@ -461,6 +467,11 @@ def buildService(
         keyRing=_keyRing(cfg, reactor),
         metrics=metrics,
     )
+    if realm.keyRing is not None:
+        from mailauth.signerproc import SigningProcess
+
+        realm.signingProcess = SigningProcess(reactor, workerEnvironment(os.environ))
+        realm.signingProcess.setServiceParent(top)
     # The throttle and the sending limits count here.
     counterStore = counterStoreFromConfig(
         cfg, reactor, _statePool(cfg, reactor, top), onFallback=metrics.counterStoreFallback

@@ -435,7 +435,7 @@ class WorkerPool(service.Service):
         self.publisher(event)
 
     def _ended(self, slot: _Slot, reason: Failure) -> None:
-        how = _how(reason)
+        how = howEnded(reason)
         pid, lived = slot.pid, self.reactor.seconds() - slot.startedAt
         slot.process = slot.pid = None
         _cancelKiller(slot)
@@ -489,7 +489,7 @@ def _signal(slot: _Slot, name: Union[str, int]) -> None:
         pass
 
 
-def _how(reason: Failure) -> str:
+def howEnded(reason: Failure) -> str:
     """How a process ended, in words: C{exited with 1}, C{was killed by SIGKILL}."""
     value = reason.value
     sig = getattr(value, "signal", None)

@@ -455,6 +455,9 @@ class DaemonSigningTests(DaemonMixin, unittest.TestCase):
             self.assertTrue(lines[1].startswith(b"DKIM-Signature: v=1; a=ed25519-sha256;"), name)
             self.assertEqual(verifyEach(stored, self.dns), [True, True], name)
             self.assertIn(b"a=rsa-sha256", stored.split(b"\r\nReceived:")[0])
+        # The signing process signed all but the large one, which a thread
+        # signed as it streamed in.
+        self.assertEqual(_realmOf(self.daemon).signingProcess.signed, len(messages) - 1)
 
     def test_relayPath(self):
         """
