@@ -9,7 +9,6 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet import defer
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailauth import apppasswords, passwords, scram
@@ -18,8 +17,6 @@ from mailauth.interfaces import BlockingRunner, IUserDatabase
 from mailauth.sasl import IBearerToken, MechanismUnavailable, TokenRefused
 from mailauth.threads import PoolBusy
 from mailauth.userdb import User, UserDatabaseUnavailable
-
-log = Logger(namespace="mailauth.checkers")
 
 
 class LoginSuspended(UnauthorizedLogin):
@@ -260,7 +257,7 @@ class OAuthChecker:
     checks the token and says which login it names; that login must exist
     in the user database (it carries the sending limits and sender rights)
     and be the one the client named, if it named one. Every refusal is a
-    L{TokenRefused}, logged with its reason (never the token).
+    L{TokenRefused}, whose reason the session logs (never the token).
     """
 
     credentialInterfaces = (IBearerToken,)
@@ -272,7 +269,6 @@ class OAuthChecker:
     def requestAvatarId(self, credentials) -> defer.Deferred:
         d = self.tokens.login(credentials.token)
         d.addCallback(self._named, credentials)
-        d.addErrback(self._refused, credentials)
         return d
 
     def _named(self, login: str, credentials) -> defer.Deferred:
@@ -290,17 +286,6 @@ class OAuthChecker:
                 discovery=self.tokens.discovery,
             )
         return _result(True, user)
-
-    @staticmethod
-    def _refused(f, credentials):
-        if f.check(TokenRefused):
-            log.info(
-                "OAuth token refused: mechanism={mechanism} login=<{login}>: {why}",
-                mechanism=credentials.mechanism,
-                login=credentials.username,
-                why=f.value.why,
-            )
-        return f
 
 
 @implementer(ICredentialsChecker)

@@ -252,7 +252,7 @@ class SendingLimits:
             after = limits.suspend_after
             if after and hits >= after and (yield self._suspendable(login)):
                 if login not in self._suspendedAt:
-                    yield self._suspend(login, hits, limit)
+                    yield self._suspend(login, hits, limit, transaction.session)
         reply = replies.LIMIT_MESSAGES if what == "messages" else replies.LIMIT_RECIPIENTS
         return reply.error(login=login, max=getattr(limits, limit), period=period)
 
@@ -279,7 +279,7 @@ class SendingLimits:
         return user is not None and not user.suspended
 
     @defer.inlineCallbacks
-    def _suspend(self, login: str, hits: int, limit: str):
+    def _suspend(self, login: str, hits: int, limit: str, session: str):
         assert self.suspend is not None
         # Taken now, so that a hit of another session meanwhile waits its turn.
         self._suspendedAt[login] = self.clock.seconds()
@@ -288,18 +288,21 @@ class SendingLimits:
         except Exception as e:
             del self._suspendedAt[login]
             log.error(
-                "could not suspend login=<{login}> after {hits} sending limit hits today: {why}",
+                "could not suspend login=<{login}> after {hits} sending limit hits today: {why} "
+                "session={session}",
                 login=login,
                 hits=hits,
                 why=e,
+                session=session,
             )
             return
         log.warn(
             "login suspended: login=<{login}> after {hits} sending limit hits today "
-            "(last: {limit}); 'mailauth user resume {login}' lifts it",
+            "(last: {limit}); 'mailauth user resume {login}' lifts it session={session}",
             login=login,
             hits=hits,
             limit=limit,
+            session=session,
         )
         if self.postmaster is None or self.deliver is None:
             return

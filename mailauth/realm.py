@@ -271,7 +271,13 @@ class Delivery:
             local, remote = (), (recipient,)
         try:
             paths = [router.maildirFor(login) for login in local]
-        except UnsafeMailbox:
+        except UnsafeMailbox as e:
+            log.error(
+                "refusing to deliver to <{address}>: {why} session={session}",
+                address=recipient,
+                why=str(e),
+                session=self.session,
+            )
             raise replies.MAILBOX_NOT_ALLOWED.error(address=recipient) from None
         if self.limits is not None:
             yield self.limits.checkRecipient(self.accepted)
@@ -729,7 +735,12 @@ class LocalDelivery:
             raise replies.NO_LOCAL_USER.error(address=recipient)
         try:
             maildirs = [self.router.maildirFor(login) for login in local]
-        except UnsafeMailbox:
+        except UnsafeMailbox as e:
+            log.error(
+                "refusing to deliver a report or notice to <{address}>: {why}",
+                address=recipient,
+                why=str(e),
+            )
             raise replies.MAILBOX_NOT_ALLOWED.error(address=recipient) from None
 
         def write() -> None:

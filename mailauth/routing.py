@@ -9,15 +9,13 @@ from __future__ import annotations
 from typing import Optional
 
 from twisted.internet import defer
-from twisted.logger import Logger
 
 from mailauth.addresses import domainKey, normalise
 from mailauth.addressmap import AddressMap
 from mailauth.interfaces import IUserDatabase
-from mailauth.maildir import UnsafeMailbox, maildirPath
+from mailauth.maildir import maildirPath
 
 # Its lines are the realm's, as they were before it had a module of its own.
-log = Logger(namespace="mailauth.realm")
 
 # How deep aliases may point at aliases before we call it a loop.
 MAX_ALIAS_DEPTH = 10
@@ -119,14 +117,11 @@ class Router:
         The Maildir of C{login}, by the template.
 
         @raise UnsafeMailbox: if the login cannot name a folder under the
-            template's fixed start (L{maildirPath}); logged, since the user
-            database holds a login that should never have got in.
+            template's fixed start (L{maildirPath}); the caller logs it,
+            since the user database holds a login that should never have
+            got in.
         """
-        try:
-            return maildirPath(self.maildirTemplate, login)
-        except UnsafeMailbox as e:
-            log.error("refusing to deliver: {why}", why=str(e))
-            raise
+        return maildirPath(self.maildirTemplate, login)
 
     @defer.inlineCallbacks
     def mayUseSender(self, login: str, sender: str):

@@ -210,6 +210,18 @@ class AuthCommands:
             self.factory.metrics.authResult(credentials.mechanism, "failure")
             return self._error(replies.AUTH_FAILED)
         if f.check(UnauthorizedLogin):
+            if f.check(sasl.TokenRefused):
+                # Why, for the operator (never the token): the auth failure
+                # line that follows is the one fail2ban reads.
+                log.info(
+                    "OAuth token refused: client=[{client}] mechanism={mechanism} "
+                    "login=<{login}>: {why} session={session}",
+                    client=self._peer,
+                    mechanism=credentials.mechanism,
+                    login=printable(credentials.username),
+                    why=cast(sasl.TokenRefused, f.value).why,
+                    session=self.session,
+                )
             # Bearer token mechanisms tell why in a last challenge first.
             final = getattr(credentials, "failureChallenge", None)
             return self._authFailed(

@@ -456,7 +456,9 @@ class LimitsTestsMixin:
         for _ in range(2):
             yield self.refused(limits.transaction(ALICE).checkSender())
         self.assertEqual(self.suspended, [])
-        yield self.refused(limits.transaction(ALICE).checkSender())
+        transaction = limits.transaction(ALICE)
+        transaction.session = "5E5510N"
+        yield self.refused(transaction.checkSender())
         self.assertEqual(self.suspended, [ALICE])
         self.assertTrue((yield self.users.lookup(ALICE)).suspended)
         [warning] = self.log.matching("login suspended")
@@ -464,7 +466,7 @@ class LimitsTestsMixin:
             warning,
             f"login suspended: login=<{ALICE}> after 3 sending limit hits "
             f"today (last: messages_per_hour); 'mailauth user resume "
-            f"{ALICE}' lifts it",
+            f"{ALICE}' lifts it session=5E5510N",
         )
         [notice] = self.notices.sent
         self.assertIn(f"Subject: mailauth: login {ALICE} suspended\r\n".encode(), notice)
@@ -510,12 +512,14 @@ class LimitsTestsMixin:
         limits = self.makeLimits(Limits(messages_per_hour=1, suspend_after=1))
         yield self.send(BOB, limits=limits)
         self.storeError = UserDatabaseError("cannot write /etc/mailauth/users: Read-only")
-        yield self.refused(limits.transaction(BOB).checkSender())
+        transaction = limits.transaction(BOB)
+        transaction.session = "5E5510N"
+        yield self.refused(transaction.checkSender())
         [error] = self.log.matching("could not suspend")
         self.assertEqual(
             error,
             f"could not suspend login=<{BOB}> after 1 sending limit hits "
-            "today: cannot write /etc/mailauth/users: Read-only",
+            "today: cannot write /etc/mailauth/users: Read-only session=5E5510N",
         )
         self.assertEqual(self.notices.sent, [])
         self.storeError = None

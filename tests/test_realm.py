@@ -483,15 +483,17 @@ class UnsafeMailboxTests(RealmTestsMixin, unittest.TestCase):
     def test_recipientRefused(self) -> None:
         """
         RCPT to such a login gets 553 5.1.3, one error is logged naming
-        why, and no folder is made anywhere.
+        the recipient, why, and the session, and no folder is made anywhere.
         """
-        e = self.failureResultOf(
-            self.delivery().validateTo(self.user(self.ESCAPE)), SMTPReply
-        ).value
+        delivery = self.delivery()
+        delivery.session = "5E5510N"
+        e = self.failureResultOf(delivery.validateTo(self.user(self.ESCAPE)), SMTPReply).value
         self.assertEqual((e.code, e.text[:6]), (553, "5.1.3 "))
         self.assertIn(self.ESCAPE, e.text)
         [line] = self.log.matching("refusing to deliver")
+        self.assertTrue(line.startswith(f"refusing to deliver to <{self.ESCAPE}>: "), line)
         self.assertIn("its local part contains '/'", line)
+        self.assertTrue(line.endswith(" session=5E5510N"), line)
         self.assertNothingOutside()
 
     def test_aliasToUnsafeRefused(self) -> None:
@@ -510,6 +512,10 @@ class UnsafeMailboxTests(RealmTestsMixin, unittest.TestCase):
         local = LocalDelivery(self.router, "mx.example.test", runInline)
         f = self.failureResultOf(local.deliver(self.ESCAPE, b"x\r\n"), SMTPReply)
         self.assertEqual(f.value.code, 553)
+        [line] = self.log.matching("refusing to deliver")
+        self.assertTrue(
+            line.startswith(f"refusing to deliver a report or notice to <{self.ESCAPE}>: "), line
+        )
         self.assertNothingOutside()
 
 
