@@ -222,7 +222,8 @@ class SigningProcessTests(_KeysMixin, unittest.TestCase):
         C{retryAfter} later (it died young), and then signs.
         """
         proc = self.process()
-        yield proc.sign(written(self.keys, SMALL["8-bit"], 4096))
+        first = yield proc.sign(written(self.keys, SMALL["8-bit"], 4096))
+        self.assertEqual(first, self.expected(SMALL["8-bit"]))
         pid = proc.pid
         os.kill(pid, signal.SIGSTOP)
         waiting = proc.sign(written(self.keys, SMALL["8-bit"], 4096))
@@ -251,8 +252,10 @@ class SigningProcessTests(_KeysMixin, unittest.TestCase):
         what waited for it goes to a thread.
         """
         proc = self.process()
+        first = yield proc.sign(written(self.keys, SMALL["8-bit"], 4096))
+        self.assertEqual(first, self.expected(SMALL["8-bit"]))
+        # Short only now that it has started (its imports take a while on a busy machine).
         proc.timeout = 0.5
-        yield proc.sign(written(self.keys, SMALL["8-bit"], 4096))
         pid = proc.pid
         os.kill(pid, signal.SIGSTOP)
         self.addCleanup(lambda: _kill(pid))
