@@ -28,12 +28,15 @@ _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 # paragraph separators or bidi controls that could disguise a field.
 _UNPRINTABLE_UTF8 = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
-ACTIONS = ("failed", "delayed", "delivered", "relayed")
+ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")
+# The actions that report success, each with the word a human reads.
+_SUCCESS = {"delivered": "delivered", "relayed": "relayed", "expanded": "alias expanded"}
 _SUBJECTS = {
     "failed": "Undelivered Mail Returned to Sender",
     "delayed": "Delayed Mail (still being retried)",
     "delivered": "Successful Mail Delivery Report",
     "relayed": "Successful Mail Delivery Report",
+    "expanded": "Successful Mail Delivery Report",
 }
 _SUMMARIES = {
     "failed": [
@@ -48,6 +51,11 @@ _SUMMARIES = {
     "relayed": [
         "Your message was handed on to the next mail system for the recipients below.",
         "It does not report delivery, so no further notification will follow.",
+    ],
+    "expanded": [
+        "Your message was delivered to the aliases below, each of which stands for",
+        "several addresses it was passed on to. No notice of its delivery to those",
+        "will follow; you will still be told if it cannot be delivered to any of them.",
     ],
 }
 
@@ -83,7 +91,7 @@ def statusCode(recipient: FailedRecipient, action: str = "failed") -> str:
     enhanced code of its reply where there is one, else one derived from
     the reply code, the action or the reason.
     """
-    if action in ("delivered", "relayed"):
+    if action in _SUCCESS:
         return "2.0.0"
     if recipient.status:
         return recipient.status
@@ -216,8 +224,8 @@ def buildReport(
             reason = _clean(recipient.error or f"delivery {action}", utf8=utf8)
         if recipient.expired:
             reason = f"delivery time expired; last problem: {reason}"
-        if action in ("delivered", "relayed"):
-            reason = action
+        if action in _SUCCESS:
+            reason = _SUCCESS[action]
         lines += [f"<{_clean(recipient.address, utf8=utf8)}>: {reason}", ""]
     lines += [
         f"--{boundary}",

@@ -200,6 +200,8 @@ class Delivery:
         self.remoteStatus: dict = {}
         # The local recipients that asked to be told of delivery (NOTIFY=SUCCESS).
         self.successReports: list = []
+        # The aliases of several addresses that asked for it: "expanded".
+        self.expandedReports: list = []
         self._message: Optional[Message] = None
         self.appPassword: Optional[str] = None
         self._session = ""
@@ -285,13 +287,23 @@ class Delivery:
         for path in paths:
             if path not in self.maildirs:
                 self.maildirs.append(path)
+        notify = params.notify
+        success = notify is not None and "SUCCESS" in notify
+        # RFC 3461 5.2.7.3: an alias that stands for several addresses is
+        # reported "expanded" to a sender who asked for SUCCESS, and its
+        # members are not reported on again (FAILURE and DELAY still are).
+        expanded = success and len(local) + len(remote) > 1
+        if expanded and notify is not None:
+            notify = tuple(n for n in notify if n != "SUCCESS") or ("NEVER",)
         for address in remote:
             if address not in self.remote:
                 self.remote.append(address)
                 self.remoteStatus[address] = RecipientStatus(
-                    address, notify=params.notify, orcpt=_orcpt(params, recipient, address)
+                    address, notify=notify, orcpt=_orcpt(params, recipient, address)
                 )
-        if local and params.notify is not None and "SUCCESS" in params.notify:
+        if expanded:
+            self.expandedReports.append(dsn.FailedRecipient(recipient, orcpt=params.orcpt))
+        elif local and success:
             self.successReports.append(dsn.FailedRecipient(recipient, orcpt=params.orcpt))
         return self._getMessage
 
@@ -410,7 +422,9 @@ class Message:
         self._limits = delivery.limits
         self._accepted = delivery.accepted
         # A delivery report (NOTIFY=SUCCESS) returns the header section.
-        self._report = bool(delivery.successReports and delivery.sender)
+        self._report = bool(
+            (delivery.successReports or delivery.expandedReports) and delivery.sender
+        )
         # The header block is kept once, for the From: check, the signature
         # and the report alike.
         if self._signer is not None:
@@ -627,10 +641,21 @@ class Message:
     def _reportDelivery(self) -> None:
         """
         Tell the sender that the local recipients that asked (NOTIFY=SUCCESS,
-        RFC 3461 5.2.3) have the message: through the queue, or straight
-        into the sender's Maildir when there is no queue. The message is
-        stored already, so a report that cannot be sent is only logged.
+        RFC 3461 5.2.3) have the message, and which aliases of several
+        addresses it was passed on through (5.2.7.3): one report for each,
+        through the queue, or straight into the sender's Maildir when there
+        is no queue. The message is stored already, so a report that cannot
+        be sent is only logged.
         """
+        delivery = self._delivery
+        for action, recipients in (
+            ("delivered", delivery.successReports),
+            ("expanded", delivery.expandedReports),
+        ):
+            if recipients:
+                self._sendReport(action, recipients)
+
+    def _sendReport(self, action: str, recipients: list) -> None:
         realm, delivery = self._realm, self._delivery
         reportID = newMessageID()
         now = realm.clock.seconds()
@@ -645,8 +670,8 @@ class Message:
             sender=delivery.sender,
             arrival=now,
             now=now,
-            action="delivered",
-            recipients=delivery.successReports,
+            action=action,
+            recipients=recipients,
             original=headers.replace(boundary.encode(), b"?"),
             envid=delivery.mail.envid,
             utf8=delivery.mail.smtputf8,

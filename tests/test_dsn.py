@@ -145,6 +145,27 @@ class ReportTests(unittest.TestCase):
         self.assertIn("Final-Recipient: utf-8; jörg@bücher.example".encode(), data)
         self.assertIn("Original-Recipient: utf-8; Jörg@bücher.example".encode(), data)
 
+    def test_expanded(self):
+        """
+        An "expanded" report (RFC 3461 5.2.7.3): a success, 2.0.0, for the
+        alias the sender wrote, with the ORCPT it gave.
+        """
+        data, message = self.report(
+            [dsn.FailedRecipient("team@example.org", orcpt="rfc822;Team@example.org")],
+            action="expanded",
+        )
+        self.assertEqual(message["Subject"], "Successful Mail Delivery Report")
+        text, status, _ = message.get_payload()
+        self.assertIn("<team@example.org>: alias expanded", text.get_content())
+        self.assertIn("No notice of its delivery to those", text.get_content())
+        _, perRecipient = status.get_payload()
+        self.assertEqual(
+            [perRecipient[k] for k in ("Original-Recipient", "Final-Recipient", "Action")],
+            ["rfc822; Team@example.org", "rfc822; team@example.org", "expanded"],
+        )
+        self.assertEqual(perRecipient["Status"], "2.0.0")
+        self.assertIsNone(perRecipient["Diagnostic-Code"])
+
     def test_unknownAction(self):
         """Only the RFC 3464 actions are made."""
-        self.assertRaises(ValueError, self.report, [], action="expanded")
+        self.assertRaises(ValueError, self.report, [], action="bounced")

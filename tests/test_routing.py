@@ -247,6 +247,87 @@ class DSNOptionTests(RoutingTestsMixin, unittest.TestCase):
         self.assertIn(b"Subject: report me", report.data)
         self.assertNotIn(b"secret body", report.data)
 
+    def reports(self, writers) -> list:
+        """(action, Final-Recipient, Original-Recipient) of each report among C{writers}."""
+        found = []
+        for writer in writers:
+            if writer.sender != "":
+                continue
+            message = email.message_from_bytes(writer.data, policy=email.policy.default)
+            for perRecipient in message.get_payload()[1].get_payload()[1:]:
+                found.append(
+                    (
+                        perRecipient["Action"],
+                        perRecipient["Final-Recipient"],
+                        perRecipient["Original-Recipient"],
+                    )
+                )
+        return found
+
+    def test_expandedAlias(self) -> None:
+        """
+        An alias of several addresses with NOTIFY=SUCCESS (RFC 3461
+        5.2.7.3): one "expanded" report for the alias, with the sender's
+        ORCPT; no "delivered" report for its local member, and its remote
+        member is queued without SUCCESS (its FAILURE kept).
+        """
+        self.send(
+            "bob@example.org",
+            "<bob@example.org>",
+            [
+                self.recipient(
+                    "<list@example.org>",
+                    params=RcptParameters(
+                        notify=("SUCCESS", "FAILURE"), orcpt="rfc822;List@example.org"
+                    ),
+                ),
+            ],
+        )
+        message, report = self.queue.writers
+        self.assertEqual(
+            [(s.address, s.notify, s.orcpt) for s in message.statuses],
+            [("far@remote.example", ("FAILURE",), "rfc822;List@example.org")],
+        )
+        self.assertEqual(
+            self.reports([report]),
+            [("expanded", "rfc822; list@example.org", "rfc822; List@example.org")],
+        )
+        self.assertIn(b"Subject: Successful Mail Delivery Report", report.data)
+        self.assertEqual(len(self.delivered("example.org", "carol")), 1)
+
+    def test_expandedSuccessOnly(self) -> None:
+        """NOTIFY=SUCCESS alone: the alias's members are queued with NEVER."""
+        self.send(
+            "bob@example.org",
+            "<bob@example.org>",
+            [self.recipient("<list@example.org>", params=RcptParameters(notify=("SUCCESS",)))],
+        )
+        message, report = self.queue.writers
+        self.assertEqual([s.notify for s in message.statuses], [("NEVER",)])
+        self.assertEqual([r[0] for r in self.reports([report])], ["expanded"])
+
+    def test_oneAddressAliasIsDelivered(self) -> None:
+        """
+        An alias of one address is that address: "delivered", as for any
+        local recipient (the catch-all to bob here), beside an "expanded"
+        report for an alias of several in the same transaction.
+        """
+        self.send(
+            "bob@example.org",
+            "<bob@example.org>",
+            [
+                self.recipient("<anyone@example.org>", params=RcptParameters(notify=("SUCCESS",))),
+                self.recipient("<list@example.org>", params=RcptParameters(notify=("SUCCESS",))),
+            ],
+        )
+        self.assertEqual(
+            sorted(self.reports(self.queue.writers)),
+            [
+                ("delivered", "rfc822; anyone@example.org", None),
+                ("expanded", "rfc822; list@example.org", None),
+            ],
+        )
+
     def test_noReportUnlessAsked(self) -> None:
         """Without NOTIFY=SUCCESS, or for the null sender, no report is made."""
         self.send(

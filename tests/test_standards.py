@@ -30,7 +30,8 @@ USERS = (
 class DaemonMixin:
     """
     A daemon with users bob, carol, zoë@example.test and jörg@bücher.example,
-    a catch-all alias of example.test to bob, and a C{[relay]} to an
+    a catch-all alias of example.test to bob, an alias team@ of carol and
+    far@remote.example, and a C{[relay]} to an
     L{SMTPSink} (plain SMTP, no AUTH) whose extensions each test chooses.
     """
 
@@ -51,7 +52,11 @@ class DaemonMixin:
                     "aliases": "{dir}/aliases",
                 }
             },
-            files={"users": USERS, "aliases": "@example.test: bob@example.test\n"},
+            files={
+                "users": USERS,
+                "aliases": "team@example.test: carol@example.test, far@remote.example\n"
+                "@example.test: bob@example.test\n",
+            },
             extra=f"\n[relay]\nhost = 127.0.0.1\nport = {self.sink.port}\ntls = none\n"
             "retry_initial = 1s\n",
         )
@@ -331,6 +336,38 @@ class NotificationTests(DaemonMixin, unittest.TestCase):
         self.assertEqual(message["Subject"], "Successful Mail Delivery Report")
         self.assertIn(b"Action: relayed", report)
         self.assertIn(b"Original-Envelope-Id: E1", report)
+
+    @defer.inlineCallbacks
+    def test_expandedAlias(self):
+        """
+        NOTIFY=SUCCESS,FAILURE to an alias of two addresses (RFC 3461
+        5.2.7.3): the sender gets one "expanded" report for the alias, the
+        relay gets the remote member with NOTIFY=FAILURE only, and the
+        local member gets the message without a report of its own.
+        """
+        self.sink.extensions = [b"DSN"]
+
+        def run():
+            c = self.client()
+            c.command(b"MAIL FROM:<bob@example.test> ENVID=T1")
+            c.command(b"RCPT TO:<team@example.test> NOTIFY=SUCCESS,FAILURE")
+            c.command(b"DATA")
+            return c.command(b"Subject: team\r\n\r\nbody\r\n.")
+
+        code, _ = yield self.inThread(run)
+        self.assertEqual(code, 250)
+        [transaction] = yield self.sink.waitForTransactions(1)
+        self.assertEqual(
+            transaction.rcptParameters, ("NOTIFY=FAILURE ORCPT=rfc822;team@example.test",)
+        )
+        yield self.events.wait("removed", count=2)
+        [report] = self.maildir("example.test", "bob")
+        self.assertIn(b"Action: expanded", report)
+        self.assertIn(b"Final-Recipient: rfc822; team@example.test", report)
+        self.assertIn(b"Original-Envelope-Id: T1", report)
+        self.assertNotIn(b"Action: delivered", report)
+        [stored] = self.maildir("example.test", "carol")
+        self.assertIn(b"Subject: team", stored)
 
     @defer.inlineCallbacks
     def test_neverMeansNoBounce(self):
