@@ -632,7 +632,11 @@ class Message:
                 self._reportDelivery()
             except Exception:
                 # The message is stored; only its report is lost.
-                log.failure("delivery report for {id} failed", id=self.id)
+                log.failure(
+                    "delivery report for {id} failed session={session}",
+                    id=self.id,
+                    session=self._session,
+                )
         if self._limits is None:
             return defer.succeed(self.id)
         # Counted before the 250, so that the next MAIL sees this message.
@@ -698,16 +702,26 @@ class Message:
             )
         else:
             log.warn(
-                "no [relay] to send a delivery report for {id} to <{sender}>",
+                "no [relay] to send a delivery report for {id} to <{sender}> session={session}",
                 id=self.id,
                 sender=delivery.sender,
+                session=self._session,
             )
             return
         d.addCallbacks(
             lambda _: log.info(
-                "delivery report for {id} to <{sender}>", id=self.id, sender=delivery.sender
+                "delivery report for {id} to <{sender}>: {action} session={session}",
+                id=self.id,
+                sender=delivery.sender,
+                action=action,
+                session=self._session,
             ),
-            lambda f: log.failure("delivery report for {id} failed", f, id=self.id),
+            lambda f: log.failure(
+                "delivery report for {id} failed session={session}",
+                f,
+                id=self.id,
+                session=self._session,
+            ),
         )
 
     def connectionLost(self) -> None:

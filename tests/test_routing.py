@@ -24,6 +24,7 @@ from mailauth.replies import SMTPReply
 from mailauth.routing import Router
 from mailauth.userdb import UserDatabase
 from tests.fakes import MemoryQueue, MemoryUserDatabase, runInline
+from tests.harness import LogWatcher
 
 USERS = {
     "bob@example.org": "{PLAIN}b",
@@ -95,8 +96,11 @@ class RoutingTestsMixin:
                 out.append(f.read())
         return out
 
-    def send(self, login, sender, recipients, body=b"Subject: x\r\n\r\nbody\r\n"):
+    def send(
+        self, login, sender, recipients, body=b"Subject: x\r\n\r\nbody\r\n", session="5E5510N"
+    ):
         d = self.delivery(login)
+        d.session = session
         self.successResultOf(d.validateFrom(None, parsePath(sender, True, True)))
         factory = None
         for user in recipients:
@@ -310,9 +314,12 @@ class DSNOptionTests(RoutingTestsMixin, unittest.TestCase):
         """
         An alias of one address is that address: "delivered", as for any
         local recipient (the catch-all to bob here), beside an "expanded"
-        report for an alias of several in the same transaction.
+        report for an alias of several in the same transaction; each
+        logged with its action and the session.
         """
-        self.send(
+        log = LogWatcher()
+        self.addCleanup(log.stop)
+        d = self.send(
             "bob@example.org",
             "<bob@example.org>",
             [
@@ -325,6 +332,13 @@ class DSNOptionTests(RoutingTestsMixin, unittest.TestCase):
             [
                 ("delivered", "rfc822; anyone@example.org", None),
                 ("expanded", "rfc822; list@example.org", None),
+            ],
+        )
+        self.assertEqual(
+            log.matching("^delivery report for "),
+            [
+                f"delivery report for {d.id} to <bob@example.org>: {action} session=5E5510N"
+                for action in ("delivered", "expanded")
             ],
         )
 
