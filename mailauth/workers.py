@@ -275,6 +275,7 @@ class WorkerPool(service.Service):
         self.stopTimeout = stopTimeout
         self.hangTimeout = hangTimeout
         self._watch: Optional[task.LoopingCall] = None
+        self._lastCheck: Optional[float] = None
         self.slots = [_Slot(index=n) for n in range(1, count + 1)]
         self._waitingForPort: defer.Deferred = defer.Deferred()
         self._everReady = False
@@ -288,6 +289,7 @@ class WorkerPool(service.Service):
             if not self._gaveUp:
                 self._spawn(slot)
         if self.hangTimeout > 0:
+            self._lastCheck = self.reactor.seconds()
             self._watch = task.LoopingCall(self._checkHung)
             self._watch.clock = self.reactor
             self._watch.start(self.hangTimeout / 3, now=False)
@@ -378,6 +380,14 @@ class WorkerPool(service.Service):
     def _checkHung(self) -> None:
         """Abort every serving worker that has said nothing for L{hangTimeout}."""
         now = self.reactor.seconds()
+        last, self._lastCheck = self._lastCheck, now
+        if last is not None and now - last > self.hangTimeout * 2 / 3:
+            # This check comes late: the parent itself was held up (or the
+            # clock jumped), and what the workers said meanwhile may still
+            # be unread in their pipes. Count from now.
+            for slot in self.slots:
+                slot.heardAt = now
+            return
         for slot in self.slots:
             if slot.process is None or not slot.ready or slot.killer is not None:
                 continue

@@ -486,21 +486,28 @@ class WorkerPoolTests(unittest.TestCase):
         self.assertEqual(self.stops, [])
         self.assertEqual(len(self.hangLines()), 2)
 
+    def tick(self, seconds: float, alive=()) -> None:
+        """Let C{seconds} pass 5 s at a time, the workers C{alive} saying so each time."""
+        for _ in range(int(seconds // 5)):
+            self.clock.advance(5)
+            for n in alive:
+                self.alive(n)
+
     def test_abortedWorkerEnds(self):
         """A hung worker that dies of its SIGABRT is started again and never gets SIGKILL."""
         pool = self.makePool(count=1, hangTimeout=30)
         self.ready(0)
-        self.clock.advance(40)
+        self.tick(40)
         self.assertEqual(self.process(0).signals, [ABRT])
         self.process(0).end(signal=signal.SIGABRT)
-        self.clock.advance(pool.stopTimeout)
+        self.tick(pool.stopTimeout)
         self.assertEqual(self.process(0).signals, [ABRT])
         self.assertEqual(len(self.reactor.spawned), 2)
         # The new worker is watched afresh once it serves.
         self.ready(1)
-        self.clock.advance(20)
+        self.tick(30)
         self.assertEqual(self.process(1).signals, [])
-        self.clock.advance(20)
+        self.tick(10)
         self.assertEqual(self.process(1).signals, [ABRT])
 
     def test_anyControlLineCounts(self):
@@ -508,7 +515,7 @@ class WorkerPoolTests(unittest.TestCase):
         self.makePool(count=1, hangTimeout=30)
         self.ready(0)
         for _ in range(20):
-            self.clock.advance(10)
+            self.tick(10)
             self.process(0).proto.childDataReceived(CONTROL_FD, b"wake\n")
         self.assertEqual(self.process(0).signals, [])
 
@@ -519,15 +526,31 @@ class WorkerPoolTests(unittest.TestCase):
         once it serves.
         """
         self.makePool(count=1, hangTimeout=30)
-        self.clock.advance(300)
+        self.tick(300)
         self.assertEqual(self.process(0).signals, [])
 
     def test_noHangTimeout(self):
         """With C{hangTimeout} 0 (C{worker_timeout = 0}), a silent worker is never aborted."""
         self.makePool(count=1, hangTimeout=0)
         self.ready(0)
-        self.clock.advance(3600)
+        self.tick(3600)
         self.assertEqual(self.process(0).signals, [])
+
+    def test_parentHeldUp(self):
+        """
+        When the check itself comes late (the parent was held up, or the
+        clock jumped ahead), what the workers said meanwhile may be unread:
+        none is aborted, and silence counts from then.
+        """
+        self.makePool(hangTimeout=30)
+        self.ready(0)
+        self.ready(1)
+        self.clock.advance(100)
+        self.assertEqual([self.process(n).signals for n in (0, 1)], [[], []])
+        self.tick(30, alive=(1,))
+        self.assertEqual([self.process(n).signals for n in (0, 1)], [[], []])
+        self.tick(10, alive=(1,))
+        self.assertEqual([self.process(n).signals for n in (0, 1)], [[ABRT], []])
 
     def test_stopCancelsTheKill(self):
         """
@@ -536,7 +559,7 @@ class WorkerPoolTests(unittest.TestCase):
         """
         pool = self.makePool(count=1, hangTimeout=30)
         self.ready(0)
-        self.clock.advance(40)
+        self.tick(40)
         pool.stopService()
         self.clock.advance(pool.stopTimeout)
         self.assertEqual(self.process(0).signals, [ABRT, "TERM", "KILL"])
