@@ -41,6 +41,8 @@ REFUSAL_REASONS = (
 #: C{outcome} of L{Metrics.relayAttempt}, one per message handed to the relay.
 RELAY_OUTCOMES = ("sent", "deferred", "bounced", "error")
 
+#: C{by} of L{Metrics.dkimSigned}: where the signature was made.
+DKIM_SIGNERS = ("process", "thread")
 #: C{limit} of L{Metrics.limitHit}: the C{[limits]} keys.
 LIMITS = ("messages_per_hour", "recipients_per_hour", "messages_per_day", "recipients_per_day")
 
@@ -123,6 +125,13 @@ _DEFINITIONS = {
         "MAIL or RCPT refused because a login reached a sending limit, by limit.",
         ("limit",),
     ),
+    "dkimSigned": _Definition(
+        "counter",
+        "mailauth_dkim_signed",
+        "Messages stored with a DKIM signature, by where it was made: the signing "
+        "process, or a thread (larger messages, and any while the process cannot sign).",
+        ("by",),
+    ),
     "counterStoreFallbacks": _Definition(
         "counter",
         "mailauth_counter_store_fallbacks",
@@ -181,6 +190,7 @@ class Metrics:
     _throttleBlocks: Any
     _limitHits: Any
     _counterStoreFallbacks: Any
+    _dkimSigned: Any
 
     def __init__(
         self, registry=None, *, listeners: Iterable[str] = (), mechanisms: Iterable[str] = ()
@@ -225,6 +235,8 @@ class Metrics:
             self._relayAttempts.labels(outcome)
         for limit in LIMITS:
             self._limitHits.labels(limit)
+        for by in DKIM_SIGNERS:
+            self._dkimSigned.labels(by)
 
     @classmethod
     def prometheus(
@@ -356,6 +368,14 @@ class Metrics:
         """
         _check(limit, LIMITS, "sending limit")
         self._limitHits.labels(limit).inc()
+
+    def dkimSigned(self, by: str) -> None:
+        """
+        A message was stored with its DKIM signature, made C{by} the
+        signing process or a thread (one of L{DKIM_SIGNERS}).
+        """
+        _check(by, DKIM_SIGNERS, "DKIM signer")
+        self._dkimSigned.labels(by).inc()
 
     def counterStoreFallback(self) -> None:
         """The counter store (Redis) was unreachable and was done without."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 import time
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Callable, Optional, cast
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 from twisted.cred.portal import IRealm
 from twisted.internet import defer
@@ -586,12 +586,22 @@ class Message:
                     sink.abort()
                 raise
 
-        if signer is None or realm.signingProcess is None:
+        if signer is None:
             return realm.runBlocking(storeAll, None)
-        # Signed by the signing process when it can, else in the thread.
-        return realm.signingProcess.sign(signer).addCallback(
-            lambda signature: realm.runBlocking(storeAll, signature)
-        )
+        if realm.signingProcess is None:
+            d = defer.succeed(None)
+        else:
+            # Signed by the signing process when it can, else in the thread.
+            d = realm.signingProcess.sign(signer)
+
+        def store(signature: Optional[bytes]) -> defer.Deferred:
+            def counted(result: Any) -> Any:
+                realm.metrics.dkimSigned("thread" if signature is None else "process")
+                return result
+
+            return realm.runBlocking(storeAll, signature).addCallback(counted)
+
+        return d.addCallback(store)
 
     def _notStored(self, f: Failure) -> Failure:
         if f.check(OSError):

@@ -103,6 +103,9 @@ class MetricsTests(unittest.TestCase):
         m.addressBlocked()
         m.limitHit("messages_per_hour")
         m.counterStoreFallback()
+        m.dkimSigned("process")
+        m.dkimSigned("process")
+        m.dkimSigned("thread")
         expected = [
             ("mailauth_connections_total", {"listener": "submission"}, 2),
             ("mailauth_connections_open", {"listener": "submission"}, 1),
@@ -131,6 +134,8 @@ class MetricsTests(unittest.TestCase):
             ("mailauth_throttle_blocks_total", {}, 1),
             ("mailauth_limit_hits_total", {"limit": "messages_per_hour"}, 1),
             ("mailauth_counter_store_fallbacks_total", {}, 1),
+            ("mailauth_dkim_signed_total", {"by": "process"}, 2),
+            ("mailauth_dkim_signed_total", {"by": "thread"}, 1),
         ]
         for name, labels, value in expected:
             self.assertEqual(sample(m, name, **labels), value, (name, labels))
@@ -153,6 +158,7 @@ class MetricsTests(unittest.TestCase):
             ("mailauth_messages_refused_total", {"reason": "bare_newline"}),
             ("mailauth_relay_attempts_total", {"outcome": "error"}),
             ("mailauth_limit_hits_total", {"limit": "recipients_per_day"}),
+            ("mailauth_dkim_signed_total", {"by": "thread"}),
         ]:
             self.assertEqual(m.registry.get_sample_value(name, labels), 0.0, (name, labels))
         self.assertIsNone(
@@ -172,6 +178,7 @@ class MetricsTests(unittest.TestCase):
             self.assertRaises(ValueError, m.connectionRefused, "submission", "tired")
             self.assertRaises(ValueError, m.relayAttempt, "lost", 1.0)
             self.assertRaises(ValueError, m.limitHit, "messages_per_week")
+            self.assertRaises(ValueError, m.dkimSigned, "elsewhere")
         self.assertEqual(sample(m, "mailauth_auth_total", mechanism="PLAIN", result="maybe"), 0)
 
     def test_privateRegistry(self) -> None:

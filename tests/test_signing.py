@@ -357,6 +357,42 @@ class RealmSigningTests(unittest.TestCase):
         [(_, stored)] = self.maildirCopies()
         self.assertEqual(verifyEach(stored, self.dns), [True])
 
+    @defer.inlineCallbacks
+    def test_signingProcessCounted(self):
+        """
+        With a signing process (a real one), the messages it can take are
+        signed there and the large one in the thread; both are stored the
+        same, verify, and are counted by where they were signed.
+        """
+        from mailauth.metrics import Metrics
+        from mailauth.signerproc import SigningProcess
+        from mailauth.workers import workerEnvironment
+
+        self.realm.metrics = Metrics.prometheus(process=False)
+        self.realm.signingProcess = SigningProcess(
+            reactor, workerEnvironment(os.environ), clock=self.clock
+        )
+        self.addCleanup(self.realm.signingProcess.stop)
+        new = os.path.join(self.dir, "example.test", "alice", "Maildir", "new")
+        for name, (header, body) in MESSAGES.items():
+            self.queue = self.realm.queue = MemoryQueue()
+            yield self.send(header + b"\r\n" + body)
+            [writer] = self.queue.writers
+            self.assertEqual(verifyEach(writer.data, self.dns), [True], name)
+            [stored] = [
+                data for _, data in self.maildirCopies() if data.endswith(b"\r\n\r\n" + body)
+            ]
+            self.assertTrue(stored == b"Return-Path: <bob@example.test>\r\n" + writer.data, name)
+            for old in os.listdir(new):
+                os.remove(os.path.join(new, old))
+        registry = self.realm.metrics.registry
+        counts = {
+            by: registry.get_sample_value("mailauth_dkim_signed_total", {"by": by})
+            for by in ("process", "thread")
+        }
+        self.assertEqual(counts, {"process": len(MESSAGES) - 1, "thread": 1})
+        self.assertEqual(self.realm.signingProcess.signed, len(MESSAGES) - 1)
+
 
 # -- the real daemon -----------------------------------------------------------
 
