@@ -165,10 +165,12 @@ def _read(stream: BinaryIO, size: int) -> Optional[bytes]:
 
 def main() -> int:
     """The helper: answer requests on stdin until it ends (the daemon is gone or stops it)."""
-    # Ctrl-C and SIGHUP reach the whole process group: the daemon ends the
-    # helper itself, by closing its stdin.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Ctrl-C, SIGHUP and systemd's SIGTERM reach the whole process group
+    # (or cgroup): the daemon ends the helper itself, by closing its stdin,
+    # once the messages it is signing are signed; a SIGTERM that killed it
+    # first would send them to threads and log the helper's end as an error.
+    for number in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
     faulthandler.enable()
     helper = Helper()
     source, sink = sys.stdin.buffer, sys.stdout.buffer

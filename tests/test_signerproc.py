@@ -321,8 +321,10 @@ class SigningProcessTests(_KeysMixin, unittest.TestCase):
 
     def test_endsWithTheDaemon(self):
         """
-        A helper whose daemon is gone (its stdin closes without a stop)
-        exits by itself: none is left behind a kill -9.
+        A helper ignores the SIGTERM systemd sends the whole unit (its
+        daemon ends it, once what it signs is signed), and exits by itself
+        when its daemon is gone (its stdin closes without a stop): none is
+        left behind a kill -9.
         """
         import subprocess
 
@@ -332,11 +334,20 @@ class SigningProcessTests(_KeysMixin, unittest.TestCase):
             stdout=subprocess.PIPE,
             env=workerEnvironment(os.environ),
         )
-        child.stdin.write(request(1, NOW, 65536, self.keys, SMALL["8-bit"]))
+        self.addCleanup(lambda: child.poll() is None and child.kill())
+
+        def ask(number: int) -> list:
+            child.stdin.write(request(number, NOW, 65536, self.keys, SMALL["8-bit"]))
+            child.stdin.flush()
+            size = int.from_bytes(child.stdout.read(4), "big")
+            return fields(child.stdout.read(size))[:2]
+
+        self.assertEqual(ask(1), [b"1", OK])
+        child.send_signal(signal.SIGTERM)
+        self.assertEqual(ask(2), [b"2", OK])
         child.stdin.close()
-        answer = child.stdout.read()
+        self.assertEqual(child.stdout.read(), b"")
         self.assertEqual(child.wait(30), 0)
-        self.assertEqual(fields(answer[4:])[:2], [b"1", OK])
 
 
 def _alive(pid: int) -> bool:
