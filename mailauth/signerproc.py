@@ -275,14 +275,20 @@ class SigningProcess(service.Service):
             return defer.succeed(None)
         self._next += 1
         number = self._next
+        assert self._process is not None
+        try:
+            self._process.writeToChild(
+                0,
+                request(
+                    number, int(self.clock.seconds()), signer.maxHeaderSize, signer.keys, message
+                ),
+            )
+        except Exception:
+            # Its stdin is gone: it is ending, and processEnded follows.
+            return defer.succeed(None)
         d: defer.Deferred = defer.Deferred()
         late = self.reactor.callLater(self.timeout, self._late, self._proto)
         self._pending[number] = (d, late)
-        assert self._process is not None
-        self._process.writeToChild(
-            0,
-            request(number, int(self.clock.seconds()), signer.maxHeaderSize, signer.keys, message),
-        )
         return d.addErrback(self._inThread)
 
     @staticmethod

@@ -151,6 +151,34 @@ class HelperTests(_KeysMixin, unittest.TestCase):
         self.assertRaises(ValueError, Helper().answer, body)
 
 
+class _EndingProcess:
+    """A helper whose stdin pipe is gone, before its end is known (Twisted's KeyError)."""
+
+    pid = 4242
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        raise KeyError(fd)
+
+
+class _EndingReactor(Clock):
+    def spawnProcess(self, proto, executable, args, env=None, **kwargs):
+        return _EndingProcess()
+
+
+class EndingHelperTests(_KeysMixin, unittest.TestCase):
+    def test_stdinGone(self):
+        """
+        Between the helper's stdin closing and its end being reported,
+        writing to it raises: the message is signed in a thread, and no
+        answer is waited for.
+        """
+        reactor = _EndingReactor()
+        proc = SigningProcess(reactor, {}, clock=fixedClock())
+        self.assertIsNone(self.successResultOf(proc.sign(written(self.keys, SMALL["8-bit"], 4096))))
+        self.assertEqual(proc._pending, {})
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+
 class SigningProcessTests(_KeysMixin, unittest.TestCase):
     """Real helper processes."""
 
