@@ -6,7 +6,6 @@ queue) and store each message once.
 
 from __future__ import annotations
 
-import secrets
 import time
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable, Optional, cast
@@ -35,12 +34,18 @@ from mailauth.headers import MAX_HOPS, HeaderCompleter, HopCounter
 from mailauth.interfaces import (
     BlockingRunner,
     IForwardQueue,
-    ILocalDelivery,
     IMessageSink,
 )
 from mailauth.limits import SendingLimits
 from mailauth.maildir import MaildirWriter, UnsafeMailbox
 from mailauth.metrics import Metrics
+from mailauth.ownmail import (
+    DeliveryReports,
+    LocalDelivery,
+    newMessageID,
+    queueMessage,
+    returnPath,
+)
 from mailauth.replies import SMTPReply
 from mailauth.routing import Router
 
@@ -50,11 +55,6 @@ if TYPE_CHECKING:
     from mailauth.signerproc import SigningProcess
 
 log = Logger(namespace="mailauth.realm")
-
-
-def newMessageID() -> str:
-    """A short, unguessable, upper-case queue ID (like Postfix's long IDs)."""
-    return secrets.token_hex(6).upper()
 
 
 def _traceAddress(address: str, utf8: bool) -> str:
@@ -147,18 +147,7 @@ class Realm:
             return
         if self.queue is None:
             raise replies.RELAY_DENIED.error(address=recipient)
-        sink = self.queue.newMessage(newMessageID(), "", [recipient])
-
-        def store() -> None:
-            try:
-                sink.write(message)
-                sink.prepare()
-                sink.commit()
-            except BaseException:
-                sink.abort()
-                raise
-
-        yield self.runBlocking(store)
+        yield queueMessage(self.queue, self.runBlocking, recipient, message)
         self.wakeQueue()
 
 
@@ -340,14 +329,6 @@ class Delivery:
         date = formatdate(self.realm.clock.seconds(), localtime=True)
         lines.append(f"\t{forPart}{date}")
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
-
-
-def returnPath(sender: str) -> bytes:
-    """
-    The C{Return-Path:} field of final delivery (RFC 5321 4.4): the envelope
-    sender, C{<>} for the null sender.
-    """
-    return b"Return-Path: <" + sender.encode("utf-8") + b">\r\n"
 
 
 @implementer(IMessageSMTP)
@@ -671,67 +652,23 @@ class Message:
 
     def _sendReport(self, action: str, recipients: list) -> None:
         realm, delivery = self._realm, self._delivery
-        reportID = newMessageID()
-        now = realm.clock.seconds()
         assert self._section is not None, "made for the report"
-        headers = dsn.returnedHeaders(self._section.value())
-        boundary = f"{reportID}/{realm.hostname}"
-        report = dsn.buildReport(
+        reports = DeliveryReports(
+            router=realm.router,
             hostname=realm.hostname,
+            runBlocking=realm.runBlocking,
+            queue=realm.queue,
+            wakeQueue=realm.wakeQueue,
+            now=realm.clock.seconds(),
+        )
+        reports.send(
             queueID=self.id,
-            messageID=f"{reportID}@{realm.hostname}",
-            boundary=boundary,
+            session=self._session,
             sender=delivery.sender,
-            arrival=now,
-            now=now,
+            mail=delivery.mail,
+            header=self._section.value(),
             action=action,
             recipients=recipients,
-            original=headers.replace(boundary.encode(), b"?"),
-            envid=delivery.mail.envid,
-            utf8=delivery.mail.smtputf8,
-        )
-        queue = realm.queue
-        if queue is not None:
-            writer = queue.newMessage(
-                reportID, "", [delivery.sender], MessageOptions(smtputf8=delivery.mail.smtputf8)
-            )
-
-            def store() -> None:
-                try:
-                    writer.write(report)
-                    writer.commit()
-                except BaseException:
-                    writer.abort()
-                    raise
-
-            d = realm.runBlocking(store)
-            d.addCallback(lambda _: realm.wakeQueue())
-        elif realm.router.isLocal(delivery.sender):
-            d = LocalDelivery(realm.router, realm.hostname, realm.runBlocking).deliver(
-                delivery.sender, report
-            )
-        else:
-            log.warn(
-                "no [relay] to send a delivery report for {id} to <{sender}> session={session}",
-                id=self.id,
-                sender=delivery.sender,
-                session=self._session,
-            )
-            return
-        d.addCallbacks(
-            lambda _: log.info(
-                "delivery report for {id} to <{sender}>: {action} session={session}",
-                id=self.id,
-                sender=delivery.sender,
-                action=action,
-                session=self._session,
-            ),
-            lambda f: log.failure(
-                "delivery report for {id} failed session={session}",
-                f,
-                id=self.id,
-                session=self._session,
-            ),
         )
 
     def connectionLost(self) -> None:
@@ -752,53 +689,3 @@ def submissionFields(realm: Realm, messageID: str) -> dict[bytes, bytes]:
         b"date": f"Date: {formatdate(now, localtime=True)}\r\n".encode("ascii"),
         b"message-id": f"Message-ID: <{stamp}.{messageID}@{realm.hostname}>\r\n".encode("ascii"),
     }
-
-
-@implementer(ILocalDelivery)
-class LocalDelivery:
-    """
-    Delivers a whole message (bounces from the queue) to a local address,
-    through the aliases, with the same Maildir writer as SMTP delivery.
-    """
-
-    def __init__(self, router: Router, hostname: str, runBlocking: BlockingRunner) -> None:
-        self.router = router
-        self.hostname = hostname
-        self.runBlocking = runBlocking
-
-    def isLocal(self, address: str) -> bool:
-        return self.router.isLocal(address)
-
-    @defer.inlineCallbacks
-    def deliver(self, recipient: str, message: bytes):
-        """
-        Store C{message} (CRLF line ends) for C{recipient}, after the
-        C{Return-Path: <>} of its null sender: what the queue delivers
-        locally are its bounces.
-
-        @return: a Deferred that fails with L{replies.SMTPReply} 550 if
-            nobody local has that address.
-        """
-        local, _ = yield self.router.expand(recipient)
-        if not local:
-            raise replies.NO_LOCAL_USER.error(address=recipient)
-        try:
-            maildirs = [self.router.maildirFor(login) for login in local]
-        except UnsafeMailbox as e:
-            log.error(
-                "refusing to deliver a report or notice to <{address}>: {why}",
-                address=recipient,
-                why=str(e),
-            )
-            raise replies.MAILBOX_NOT_ALLOWED.error(address=recipient) from None
-
-        def write() -> None:
-            writer = MaildirWriter(maildirs, self.hostname, top=returnPath(""))
-            try:
-                writer.write(message)
-                writer.commit()
-            except BaseException:
-                writer.abort()
-                raise
-
-        yield self.runBlocking(write)

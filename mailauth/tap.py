@@ -31,9 +31,10 @@ from mailauth.limits import LimitOverrides, Limits, SendingLimits
 from mailauth.logs import LogFormatError, jsonFileObserver, twistdLogFile
 from mailauth.maildir import LeftoverCleanup
 from mailauth.metrics import Metrics, metricsService
+from mailauth.ownmail import LocalDelivery
 from mailauth.pgusers import PostgreSQLUserDatabase, isPostgreSQL
 from mailauth.proxy import ProxyFactory
-from mailauth.realm import LocalDelivery, Realm
+from mailauth.realm import Realm
 from mailauth.relay import RelayConnector
 from mailauth.routing import Router
 from mailauth.spool import Queue

@@ -29,7 +29,7 @@ from mailauth.interfaces import (
 from mailauth.limits import LimitOverrides
 from mailauth.maildir import SPOOL, MaildirWriter
 from mailauth.oauth import JWKSFile
-from mailauth.realm import LocalDelivery
+from mailauth.ownmail import LocalDelivery
 from mailauth.relay import RelayConnector, RelayReply
 from mailauth.replies import SMTPReply
 from mailauth.routing import Router

@@ -20,8 +20,9 @@ from mailauth.addressmap import AddressMap
 from mailauth.fromheader import MAX_HEADER
 from mailauth.headers import MAX_HOPS
 from mailauth.interfaces import IUserDatabase
+from mailauth.ownmail import LocalDelivery
 from mailauth.passwords import parse
-from mailauth.realm import LocalDelivery, Realm, submissionFields
+from mailauth.realm import Realm, submissionFields
 from mailauth.replies import SMTPReply
 from mailauth.routing import Router
 from mailauth.userdb import User
