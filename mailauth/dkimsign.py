@@ -611,8 +611,8 @@ class MessageSigner:
     def _hashHeld(self) -> None:
         """Hash the body held so far, chunk by chunk (joining them would copy them)."""
         held, self._held, self._heldSize = self._held, [], 0
+        self._hashed = self._hashed or bool(held)
         for chunk in held:
-            self._hashed = True
             self._body.update(chunk)
 
     def heldMessage(self) -> Optional[bytes]:

@@ -637,20 +637,9 @@ class Message:
         """
         Tell the sender that the local recipients that asked (NOTIFY=SUCCESS,
         RFC 3461 5.2.3) have the message, and which aliases of several
-        addresses it was passed on through (5.2.7.3): one report for each,
-        through the queue, or straight into the sender's Maildir when there
-        is no queue. The message is stored already, so a report that cannot
-        be sent is only logged.
+        addresses it was passed on through (5.2.7.3): one report for each
+        (L{DeliveryReports}).
         """
-        delivery = self._delivery
-        for action, recipients in (
-            ("delivered", delivery.successReports),
-            ("expanded", delivery.expandedReports),
-        ):
-            if recipients:
-                self._sendReport(action, recipients)
-
-    def _sendReport(self, action: str, recipients: list) -> None:
         realm, delivery = self._realm, self._delivery
         assert self._section is not None, "made for the report"
         reports = DeliveryReports(
@@ -661,15 +650,21 @@ class Message:
             wakeQueue=realm.wakeQueue,
             now=realm.clock.seconds(),
         )
-        reports.send(
-            queueID=self.id,
-            session=self._session,
-            sender=delivery.sender,
-            mail=delivery.mail,
-            header=self._section.value(),
-            action=action,
-            recipients=recipients,
-        )
+        header = self._section.value()
+        for action, recipients in (
+            ("delivered", delivery.successReports),
+            ("expanded", delivery.expandedReports),
+        ):
+            if recipients:
+                reports.send(
+                    queueID=self.id,
+                    session=self._session,
+                    sender=delivery.sender,
+                    mail=delivery.mail,
+                    header=header,
+                    action=action,
+                    recipients=recipients,
+                )
 
     def connectionLost(self) -> None:
         sinks, self._sinks = self._sinks, []

@@ -15,8 +15,6 @@ from mailauth.addressmap import AddressMap
 from mailauth.interfaces import IUserDatabase
 from mailauth.maildir import maildirPath
 
-# Its lines are the realm's, as they were before it had a module of its own.
-
 # How deep aliases may point at aliases before we call it a loop.
 MAX_ALIAS_DEPTH = 10
 
