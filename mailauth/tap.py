@@ -5,6 +5,7 @@ parts are made and wired together.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -234,6 +235,37 @@ def _exitTwistd(parent: usage.Options) -> Callable[[str, str], NoReturn]:
         raise SystemExit(1)
 
     return exit
+
+
+def stopFailed(reactor) -> Callable[[], None]:
+    """
+    What stops the daemon once it failed after twistd started it (no
+    worker could start): the reactor stops as usual (services stop, twistd
+    removes its pid file), then the process exits with status 1, not the 0
+    twistd returns whatever stopped its reactor (it has no way for a
+    service to choose, Twisted issue 11335). A shell, a container's restart
+    policy or systemd then see the failure.
+    """
+
+    def stop() -> None:
+        atexit.register(_exitWithStatusOne)
+        reactor.stop()
+
+    return stop
+
+
+def _exitWithStatusOne() -> None:
+    # Registered last, so the first of the interpreter's exit hooks, after
+    # twistd has returned; what the others would flush is flushed here.
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(1)
 
 
 class _Signals(service.Service):
@@ -537,6 +569,7 @@ def buildService(
             wakeQueue=queueService.wake if queueService is not None else (lambda: None),
             environ=environ,
             hangTimeout=cfg.server.worker_timeout,
+            stopDaemon=stopFailed(reactor),
         )
         pool.setServiceParent(top)
     for listener in cfg.listeners if pool is None else ():

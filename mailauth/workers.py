@@ -254,7 +254,8 @@ class WorkerPool(service.Service):
         @param configPath: the configuration file, named in its errors.
         @param configText: its text, which every worker is given.
         @param wakeQueue: called when a worker has queued a message.
-        @param stopDaemon: stops the whole daemon; default C{reactor.stop}.
+        @param stopDaemon: stops the whole daemon, which failed; default
+            C{reactor.stop} (twistd's gives L{mailauth.tap.stopFailed}).
         @param publisher: where the workers' log events go; default the
             global log publisher (twistd's log).
         @param environ: the workers' environment, less what only the parent

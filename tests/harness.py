@@ -592,11 +592,18 @@ class TwistdProcess:
         the parent's C{[listener:NAME] listening on HOST:PORT} lines.
     """
 
-    def __init__(self, configPath: str, logPath: str, twistdArgs=(), env=None) -> None:
+    def __init__(
+        self, configPath: str, logPath: str, twistdArgs=(), env=None, prelude: str = ""
+    ) -> None:
+        """
+        @param prelude: Python statements the daemon's process runs before
+            twistd (each ended by C{;}).
+        """
         self.configPath = configPath
         self.logPath = logPath
         self.twistdArgs = tuple(twistdArgs)
         self.env = env
+        self.prelude = prelude
         self.process = None
         self.ports: dict = {}
         self._output = ""
@@ -607,7 +614,8 @@ class TwistdProcess:
         return [
             sys.executable,
             "-c",
-            "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
+            self.prelude
+            + "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
             "--nodaemon",
             "--pidfile=",
             f"--logfile={self.logPath}",

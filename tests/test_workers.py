@@ -50,6 +50,7 @@ from mailauth.workers import (
     workerEnvironment,
 )
 from tests.harness import (
+    ROOT,
     ClockedReactor,
     writeDaemonDirectory,
 )
@@ -772,6 +773,36 @@ class BuildTests(unittest.TestCase):
         for held in pool.listeners:
             self.assertIs(top.getServiceNamed(held.name), held)
             self.assertIsInstance(held, HeldPort)
+
+    def test_stopFailedExitsWithOne(self):
+        """
+        L{tap.stopFailed}, which the pool of a parent is given, stops the
+        reactor and has the process exit with status 1 once it ends (twistd
+        would return 0), after flushing what it wrote.
+        """
+        registered: list = []
+        self.patch(tap.atexit, "register", registered.append)
+        stops: list = []
+
+        class FakeReactor:
+            def stop(self) -> None:
+                stops.append(True)
+
+        tap.stopFailed(FakeReactor())()
+        self.assertEqual((stops, registered), ([True], [tap._exitWithStatusOne]))
+        child = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import atexit; from mailauth import tap; "
+                "atexit.register(tap._exitWithStatusOne); print('written before the end')",
+            ],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=ROOT),
+            timeout=60,
+        )
+        self.assertEqual((child.returncode, child.stdout), (1, "written before the end\n"))
 
     def test_parentCannotListen(self):
         """

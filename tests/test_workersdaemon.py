@@ -47,7 +47,13 @@ class _Daemon:
     """A daemon's folder with workers = 2, counters in a real Redis, run by twistd."""
 
     def __init__(
-        self, test: unittest.TestCase, settings=None, twistdArgs=(), count: int = 2, env=None
+        self,
+        test: unittest.TestCase,
+        settings=None,
+        twistdArgs=(),
+        count: int = 2,
+        env=None,
+        prelude: str = "",
     ) -> None:
         redis = startRedis(test)
         base = {"server": {"workers": str(count)}, "state": {"backend": redis.url}}
@@ -57,7 +63,7 @@ class _Daemon:
         self.configPath = writeDaemonDirectory(self.dir, base)
         self.count = count
         self.twistd = TwistdProcess(
-            self.configPath, os.path.join(self.dir, "mailauth.log"), twistdArgs, env
+            self.configPath, os.path.join(self.dir, "mailauth.log"), twistdArgs, env, prelude
         )
         test.addCleanup(self.twistd.stop)
 
@@ -310,6 +316,21 @@ class TwistdWorkersTests(unittest.TestCase):
         while any(processAlive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
         self.assertEqual([pid for pid in pids if processAlive(pid)], [])
+
+    def test_workersThatCannotStartEndTwistdWithStatusOne(self):
+        """
+        When no worker can start, twistd stops and exits with status 1, so
+        that whatever ran it (a shell, a container's restart policy) sees
+        the failure. The parent's own Python runs; the workers' Python,
+        given the parent's environment, refuses to start.
+        """
+        daemon = _Daemon(self, prelude="import os; os.environ['PYTHONMALLOC'] = 'bogus'; ")
+        daemon.twistd.spawn()
+        self.assertEqual(daemon.twistd.wait(60), 1, daemon.twistd.log()[-3000:])
+        log = daemon.twistd.log()
+        self.assertIn("PYTHONMALLOC", log)
+        self.assertRegex(log, r"worker \d \(pid \d+\) exited with 1 before it could serve")
+        self.assertEqual(daemon.twistd.workerPIDs(), [])
 
 
 def _peerCertificate(port: int) -> bytes:
