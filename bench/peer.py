@@ -160,6 +160,12 @@ def main() -> None:
     p.add_argument("--auth-threads", type=int, default=4)
     p.add_argument("--disk-threads", type=int, default=4)
     p.add_argument("--log", default="/dev/null", help="log file")
+    p.add_argument(
+        "--no-tls",
+        dest="tls",
+        action="store_false",
+        help="no STARTTLS, AUTH in the clear (the tls scenario's baseline)",
+    )
     options = p.parse_args()
     logging.basicConfig(
         filename=options.log,
@@ -190,10 +196,10 @@ def main() -> None:
                 handler,
                 hostname="bench.test",
                 data_size_limit=options.max_message_size,
-                tls_context=ctx,
-                require_starttls=True,
+                tls_context=ctx if options.tls else None,
+                require_starttls=options.tls,
                 auth_required=True,
-                auth_require_tls=True,
+                auth_require_tls=options.tls,
                 auth_exclude_mechanism=["LOGIN"],
                 loop=loop,
             )

@@ -21,6 +21,10 @@ Scenarios (C{--scenarios}):
   times alternating the two; its own table, with the cost of signing as
   the share of throughput lost and the server CPU added per message
   (issue #12's target: under 10% of throughput).
+- C{tls} (not in the default run): the C{tput} load at concurrency 50 on
+  each server with STARTTLS and with no TLS at all (the load generator and
+  both servers in the clear), C{--repeat} times alternating; its own table
+  with the server CPU per message that TLS adds to each.
 - C{workers} (not in the default run): the C{tput} job at concurrency 50
   (C{--workers-concurrency}) against aiosmtpd, mailauth with one process and
   counters in memory (the default), one process with counters in Redis, and
@@ -148,9 +152,11 @@ class Server:
         redis: str = "",
         cpus: Optional[set] = None,
         extra: str = "",
+        tls: bool = True,
     ) -> None:
         """
         @param workers: mailauth's C{[server] workers}.
+        @param tls: STARTTLS as usual; if false, none (AUTH in the clear).
         @param redis: the URL of a Redis for C{[state] backend} (workers > 1).
         @param cpus: the CPUs the server may run on, or L{None} for any.
         @param extra: configuration added to mailauth's (a C{[dkim]} section).
@@ -161,6 +167,7 @@ class Server:
         self.redis = redis
         self.cpus = cpus
         self.extra = extra
+        self.tls = tls
         # A folder of its own for every run: deleting a run's mail before
         # the next would leave ext4 thousands of recently deleted inodes to
         # skip over in every file creation of that next run.
@@ -183,6 +190,8 @@ class Server:
                         port=self.port,
                         workers=self.workers,
                         state=state,
+                        tls="starttls" if self.tls else "none",
+                        plaintext="yes" if self.tls else "no",
                     )
                     + self.extra
                 )
@@ -212,6 +221,7 @@ class Server:
             "bench.test",
             "--log",
             os.path.join(self.dir, "server.log"),
+            *(() if self.tls else ("--no-tls",)),
         ]
 
     def start(self) -> None:
@@ -351,6 +361,8 @@ class PeakSampler(threading.Thread):
 def loadgen(server: Server, *args: str, onStderr=None, cap: float = 300) -> dict:
     """Run the load generator against C{server}; its JSON result."""
     argv = [PYTHON, LOADGEN, "--port", str(server.port), "--password", PASSWORD, *args]
+    if not server.tls:
+        argv += ["--tls", "none"]
     proc = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
@@ -590,6 +602,51 @@ def dkimCost(work: str, seconds: float, repeat: int) -> dict:
             signed["server_cpu_ms_per_msg"] - plain["server_cpu_ms_per_msg"], 3
         )
     return out
+
+
+# The tls scenario's runs: (server name, STARTTLS or not).
+TLS_VARIANTS = (("aiosmtpd", True), ("aiosmtpd", False), ("mailauth", True), ("mailauth", False))
+
+
+def tlsCost(work: str, seconds: float, repeat: int) -> dict:
+    """
+    The C{tput} load at concurrency 50 on each server with STARTTLS (as in
+    every other scenario) and with no TLS at all (AUTH PLAIN in the clear),
+    alternating, C{repeat} times each: what TLS costs each server per
+    message. Results by C{"NAME tls"} and C{"NAME plain"}, and C{"NAME"}
+    for the server CPU per message that TLS adds.
+    """
+    runs: dict = {f"{name} {'tls' if tls else 'plain'}": [] for name, tls in TLS_VARIANTS}
+    for attempt in range(repeat):
+        for name, tls in TLS_VARIANTS:
+            key = f"{name} {'tls' if tls else 'plain'}"
+            log(f"tls: {key} ({attempt + 1}/{repeat}) ...")
+            server = Server(name, work, f"tls-{key.replace(' ', '-')}-{attempt + 1}", tls=tls)
+            runs[key].append(freshThroughput(server, 50, seconds))
+            log(f"  {json.dumps(runs[key][-1])}")
+    out = {key: average(r) for key, r in runs.items()}
+    for name in ("aiosmtpd", "mailauth"):
+        withTLS, plain = out[f"{name} tls"], out[f"{name} plain"]
+        if "server_cpu_ms_per_msg" in withTLS and "server_cpu_ms_per_msg" in plain:
+            out[name] = round(withTLS["server_cpu_ms_per_msg"] - plain["server_cpu_ms_per_msg"], 3)
+    return out
+
+
+def tlsTable(r: dict) -> str:
+    """The tls scenario's table: each server with and without TLS, and the CPU TLS adds."""
+    header = (
+        f"{'TLS cost (c=50, 10 KB)':24} {'msgs/s TLS':>10} {'plain':>8} "
+        f"{'server CPU ms/msg TLS':>22} {'plain':>6} {'TLS adds':>9}"
+    )
+    out = [header, "-" * len(header)]
+    for name in ("aiosmtpd", "mailauth"):
+        withTLS, plain = r.get(f"{name} tls", {}), r.get(f"{name} plain", {})
+        out.append(
+            f"{name:24} {fmt(withTLS.get('msgs_per_s')):>10} {fmt(plain.get('msgs_per_s')):>8} "
+            f"{fmt(withTLS.get('server_cpu_ms_per_msg'), 2):>22} "
+            f"{fmt(plain.get('server_cpu_ms_per_msg'), 2):>6} {fmt(r.get(name), 3):>9}"
+        )
+    return "\n".join(out)
 
 
 def signedShare(server: Server) -> float:
@@ -1016,6 +1073,8 @@ def main() -> None:
             plan.append(("idle", lambda s: idle(s, options.idle)))
         elif scenario == "dkim":
             pass  # mailauth alone, after the others: dkimCost
+        elif scenario == "tls":
+            pass  # its own servers and table, after the others: tlsCost
         elif scenario == "workers":
             continue  # its own servers and table, after the others
         else:
@@ -1046,6 +1105,8 @@ def main() -> None:
             results[name][label] = average(runs[name])
     if "dkim" in scenarios:
         results["dkim"] = dkimCost(work, options.time, options.repeat)
+    if "tls" in scenarios:
+        results["tls"] = tlsCost(work, options.time, options.repeat)
     if "workers" in scenarios:
         results["workers"] = workersScenario(work, options)
     info = machine()
@@ -1062,6 +1123,8 @@ def main() -> None:
         print(table(results, options))
     if "dkim" in results:
         print(dkimTable(results["dkim"]))
+    if "tls" in results:
+        print(tlsTable(results["tls"]))
     if "workers" in results:
         if plan:
             print()
