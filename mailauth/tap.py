@@ -211,6 +211,17 @@ def _exitTwistd(parent: usage.Options) -> Callable[[str, str], NoReturn]:
     """
 
     def exit(line: str, short: str) -> NoReturn:
+        # The pid file goes first: twistd's first process exits as soon as
+        # it reads the pipe, and whoever ran it may look for the file then.
+        pidfile = parent.get("pidfile")
+        if pidfile:
+            try:
+                with open(pidfile) as f:
+                    ours = f.read().strip() == str(os.getpid())
+                if ours:
+                    os.unlink(pidfile)
+            except OSError:
+                pass
         pipe = parent.get("statusPipe")
         if pipe is not None:
             parent["statusPipe"] = None
@@ -223,38 +234,32 @@ def _exitTwistd(parent: usage.Options) -> Callable[[str, str], NoReturn]:
         ):
             # In the foreground, logging to a file: say it on the terminal too.
             sys.__stderr__.write(line + "\n")
-        pidfile = parent.get("pidfile")
-        if pidfile:
-            try:
-                with open(pidfile) as f:
-                    ours = f.read().strip() == str(os.getpid())
-                if ours:
-                    os.unlink(pidfile)
-            except OSError:
-                pass
         raise SystemExit(1)
 
     return exit
 
 
-def stopFailed(reactor) -> Callable[[], None]:
+def stopFailed(reactor, report: Optional[_StartReport] = None) -> Callable[[], None]:
     """
     What stops the daemon once it failed after twistd started it (no
     worker could start): the reactor stops as usual (services stop, twistd
     removes its pid file), then the process exits with status 1, not the 0
     twistd returns whatever stopped its reactor (it has no way for a
     service to choose, Twisted issue 11335). A shell, a container's restart
-    policy or systemd then see the failure.
+    policy or systemd then see the failure; as a daemon, so does twistd's
+    first process, through C{report}.
     """
 
     def stop() -> None:
-        atexit.register(_exitWithStatusOne)
+        if report is not None:
+            report.failing = True
+        atexit.register(_exitWithStatusOne, report)
         reactor.stop()
 
     return stop
 
 
-def _exitWithStatusOne() -> None:
+def _exitWithStatusOne(report: Optional[_StartReport] = None) -> None:
     # Registered last, so the first of the interpreter's exit hooks, after
     # twistd has returned; what the others would flush is flushed here.
     if "logging" in sys.modules:
@@ -265,7 +270,59 @@ def _exitWithStatusOne() -> None:
                 stream.flush()
         except (OSError, ValueError):
             pass
+    if report is not None:
+        report.answer(b"1 no worker could start: see the log")
     os._exit(1)
+
+
+class _StartReport(service.Service):
+    """
+    What twistd's first process hears of a daemon with workers. As a
+    daemon, twistd forks, and its first process waits on a pipe
+    (C{statusPipe}) and exits with what comes through it: twistd writes
+    C{0} once every service has started, which for a pool of workers is
+    before any of them serves, or fails. This takes the pipe over when
+    started and answers C{0} once every worker serves; if the daemon stops
+    before that, C{1} and why (twistd prints it and exits with 1): on a
+    failure, as the process ends (L{stopFailed}), after twistd has removed
+    its pid file.
+
+    @ivar failing: set by L{stopFailed}: the answer is left to its exit hook.
+    """
+
+    def __init__(self, twistdOptions: usage.Options, pool: service.IService) -> None:
+        # (Not "parent": a service's parent is the service it belongs to.)
+        self.twistdOptions = twistdOptions
+        self.pool = pool
+        self.pipe: Optional[int] = None
+        self.failing = False
+
+    def startService(self) -> None:
+        super().startService()
+        self.pipe = self.twistdOptions.get("statusPipe")
+        if self.pipe is not None:
+            self.twistdOptions["statusPipe"] = None
+            sdnotify._waitingForPort(self.pool).addCallback(self._started)
+
+    def _started(self, serving) -> None:
+        if serving:
+            self.answer(b"0")
+
+    def stopService(self) -> None:
+        super().stopService()
+        if not self.failing:
+            self.answer(b"1 stopped before every worker served: see the log")
+
+    def answer(self, status: bytes) -> None:
+        """Write C{status} to twistd's first process and close the pipe, once."""
+        if self.pipe is None:
+            return
+        pipe, self.pipe = self.pipe, None
+        try:
+            os.write(pipe, status[:100])
+            os.close(pipe)
+        except OSError:
+            pass  # twistd's first process is gone: nobody to tell
 
 
 class _Signals(service.Service):
@@ -311,6 +368,11 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     parent = getattr(options, "parent", None)
     if parent is not None:
         top.exit = _exitTwistd(parent)
+        pool = next((s for s in top if s.name == "workers"), None)
+        if isinstance(pool, WorkerPool):
+            report = _StartReport(parent, pool)
+            report.setServiceParent(top)
+            pool.stopDaemon = stopFailed(reactor, report)
         if options.config.server.log_format == "json":
             try:
                 top.logObserver = jsonFileObserver(twistdLogFile(parent))

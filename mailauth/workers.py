@@ -77,13 +77,8 @@ FIRST_SOCKET_FD = 4
 
 # Environment a worker must not inherit: systemd's messages are the
 # parent's to send, and the sockets systemd passed are the parent's.
-_PARENT_ONLY = (
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
+_PARENT_ONLY = frozenset(
+    "NOTIFY_SOCKET WATCHDOG_USEC WATCHDOG_PID LISTEN_FDS LISTEN_PID LISTEN_FDNAMES".split()
 )
 
 
@@ -121,6 +116,12 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.pool = pool
         self.slot = slot
         self._buffers: dict = {LOG_FD: b"", STDERR_FD: b"", CONTROL_FD: b""}
+        self.pid: Optional[int] = None
+
+    def connectionMade(self) -> None:
+        # Kept now: a worker that dies at once is reaped inside spawnProcess,
+        # which then returns a process whose pid is already None.
+        self.pid = getattr(self.transport, "pid", None)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD not in self._buffers:
@@ -373,7 +374,7 @@ class WorkerPool(service.Service):
             )
             self._ended(slot, Failure(error.ProcessTerminated(127)))
             return
-        slot.process, slot.pid, slot.ended = process, process.pid, defer.Deferred()
+        slot.process, slot.pid, slot.ended = process, proto.pid, defer.Deferred()
         data = self.configText.encode("utf-8")
         slot.process.writeToChild(CONFIG_FD, b"%d\n" % len(data) + data)
         log.info("worker {index} started (pid {pid})", index=slot.index, pid=slot.pid)

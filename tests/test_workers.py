@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import threading
 
+from twisted.application import service
 from twisted.internet import defer, error, protocol, reactor, threads
 from twisted.internet.task import Clock
 from twisted.logger import (
@@ -781,7 +783,7 @@ class BuildTests(unittest.TestCase):
         would return 0), after flushing what it wrote.
         """
         registered: list = []
-        self.patch(tap.atexit, "register", registered.append)
+        self.patch(tap.atexit, "register", lambda *args: registered.append(args))
         stops: list = []
 
         class FakeReactor:
@@ -789,7 +791,7 @@ class BuildTests(unittest.TestCase):
                 stops.append(True)
 
         tap.stopFailed(FakeReactor())()
-        self.assertEqual((stops, registered), ([True], [tap._exitWithStatusOne]))
+        self.assertEqual((stops, registered), ([True], [(tap._exitWithStatusOne, None)]))
         child = subprocess.run(
             [
                 sys.executable,
@@ -803,6 +805,59 @@ class BuildTests(unittest.TestCase):
             timeout=60,
         )
         self.assertEqual((child.returncode, child.stdout), (1, "written before the end\n"))
+
+    def startReport(self):
+        """A L{tap._StartReport} started on a real pipe, as a daemon's; and its read end."""
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        options = {"statusPipe": write}
+        pool = service.Service()
+        pool._waitingForPort = defer.Deferred()  # type: ignore[attr-defined]
+        report = tap._StartReport(options, pool)
+        report.startService()
+        self.assertIsNone(options["statusPipe"])  # twistd no longer writes its 0
+        return report, pool, read
+
+    def test_startReportedOnceWorkersServe(self):
+        """
+        As a daemon, twistd's first process hears C{0} (started) only once
+        every worker serves, not when the services have started.
+        """
+        report, pool, read = self.startReport()
+        os.set_blocking(read, False)
+        self.assertRaises(BlockingIOError, os.read, read, 100)
+        pool._waitingForPort.callback(True)
+        self.assertEqual(os.read(read, 100), b"0")
+        report.stopService()
+        self.assertEqual(os.read(read, 100), b"")  # closed, nothing more
+
+    def test_startReportedFailedWhenStoppedFirst(self):
+        """Stopped before the workers serve: C{1} and why, which twistd prints."""
+        report, pool, read = self.startReport()
+        report.stopService()
+        self.assertEqual(os.read(read, 100), b"1 stopped before every worker served: see the log")
+
+    def test_startReportedFailedAtExit(self):
+        """
+        When no worker could start, the answer waits for the exit hook
+        (after twistd removed its pid file), and says so.
+        """
+        report, pool, read = self.startReport()
+        registered: list = []
+        self.patch(tap.atexit, "register", lambda *args: registered.append(args))
+
+        class FakeReactor:
+            def stop(self) -> None:
+                report.stopService()
+
+        tap.stopFailed(FakeReactor(), report)()
+        os.set_blocking(read, False)
+        self.assertRaises(BlockingIOError, os.read, read, 100)
+        self.assertEqual(registered, [(tap._exitWithStatusOne, report)])
+        self.patch(tap.os, "_exit", lambda status: None)
+        self.patch(logging, "shutdown", lambda: None)  # trial's own logging stays
+        tap._exitWithStatusOne(report)
+        self.assertEqual(os.read(read, 100), b"1 no worker could start: see the log")
 
     def test_parentCannotListen(self):
         """

@@ -332,6 +332,74 @@ class TwistdWorkersTests(unittest.TestCase):
         self.assertRegex(log, r"worker \d \(pid \d+\) exited with 1 before it could serve")
         self.assertEqual(daemon.twistd.workerPIDs(), [])
 
+    def daemonize(self, daemon: _Daemon, prelude: str = ""):
+        """
+        Run C{daemon} with twistd as a daemon (no C{--nodaemon}): the result
+        of twistd's first process, and the pid file's path.
+        """
+        pidfile = os.path.join(daemon.dir, "twistd.pid")
+        path = [p for p in (ROOT, os.environ.get("PYTHONPATH")) if p]
+        program = (
+            "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+        )
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                prelude + program,
+                "--pidfile",
+                pidfile,
+                "--logfile",
+                daemon.twistd.logPath,
+                "mailauth",
+                "--config",
+                daemon.configPath,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(path)),
+        )
+        return result, pidfile
+
+    def test_daemonStartedOnceWorkersServe(self):
+        """
+        As a daemon, twistd's first process exits 0 only once both workers
+        serve (twistd alone would say so as soon as the services started);
+        SIGTERM then stops the daemon, which removes its pid file.
+        """
+        daemon = _Daemon(self)
+        result, pidfile = self.daemonize(daemon)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        with open(pidfile) as f:
+            pid = int(f.read())
+        self.addCleanup(lambda: processAlive(pid) and os.kill(pid, signal.SIGKILL))
+        serving = re.findall(r"worker \d \(pid \d+\) is serving", daemon.twistd.log())
+        self.assertEqual(len(serving), 2, daemon.twistd.log()[-3000:])
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while processAlive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertFalse(processAlive(pid))
+        self.assertFalse(os.path.exists(pidfile))
+
+    def test_daemonReportsWorkersThatCannotStart(self):
+        """
+        As a daemon whose workers cannot start, twistd's first process exits
+        1 and says why, once the daemon has ended and removed its pid file.
+        """
+        daemon = _Daemon(self)
+        result, pidfile = self.daemonize(
+            daemon, prelude="import os; os.environ['PYTHONMALLOC'] = 'bogus'; "
+        )
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("no worker could start: see the log", result.stderr)
+        self.assertFalse(os.path.exists(pidfile))
+        self.assertRegex(
+            daemon.twistd.log(), r"worker \d \(pid \d+\) exited with 1 before it could serve"
+        )
+
 
 def _peerCertificate(port: int) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
