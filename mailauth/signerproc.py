@@ -197,6 +197,12 @@ class _HelperProtocol(protocol.ProcessProtocol):
         self.owner = owner
         self.buffer = b""
         self.errors = b""
+        self.pid: Optional[int] = None
+
+    def connectionMade(self) -> None:
+        # Kept now: a helper that dies at once is reaped inside
+        # spawnProcess, which then returns a process whose pid is None.
+        self.pid = getattr(self.transport, "pid", None)
 
     def outReceived(self, data: bytes) -> None:
         self.buffer += data
@@ -328,7 +334,7 @@ class SigningProcess(service.Service):
             return False
         self._proto = proto
         self._startedAt = self.reactor.seconds()
-        self._pid = self._process.pid
+        self._pid = proto.pid
         log.info("DKIM signing process started (pid {pid})", pid=self._pid)
         return True
 

@@ -8,6 +8,7 @@ this process and verified by dkimpy.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 
@@ -165,7 +166,30 @@ class _EndingReactor(Clock):
         return _EndingProcess()
 
 
+class _ReapedAtOnceReactor(Clock):
+    """Spawns a helper that is reaped before spawnProcess returns, as Twisted does one that died."""
+
+    def spawnProcess(self, proto, executable, args, env=None, **kwargs):
+        process = _EndingProcess()
+        proto.makeConnection(process)
+        process.pid = None  # type: ignore[assignment]
+        return process
+
+
 class EndingHelperTests(_KeysMixin, unittest.TestCase):
+    def test_pidOfAHelperReapedAtOnce(self):
+        """
+        A helper that dies the moment it starts is reaped inside
+        spawnProcess, whose process then has no pid any more: the log names
+        the one its protocol saw when it connected.
+        """
+        logged: list = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        proc = SigningProcess(_ReapedAtOnceReactor(), {}, clock=fixedClock())
+        self.successResultOf(proc.sign(written(self.keys, SMALL["8-bit"], 4096)))
+        self.assertIn("DKIM signing process started (pid 4242)", [formatEvent(e) for e in logged])
+
     def test_stdinGone(self):
         """
         Between the helper's stdin closing and its end being reported,
@@ -317,7 +341,7 @@ class SigningProcessTests(_KeysMixin, unittest.TestCase):
                 "or directory: '/nonexistent/python3'; signing in threads, trying again in 30 s"
             ]
             or (
-                lines[0].startswith("DKIM signing process started")
+                re.fullmatch(r"DKIM signing process started \(pid \d+\)", lines[0]) is not None
                 and lines[-1].endswith(
                     "exited with 1; signing in threads until it is started again "
                     "(in 30 s at the earliest)"

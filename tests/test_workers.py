@@ -248,6 +248,24 @@ class WorkerPoolTests(unittest.TestCase):
         self.clock.advance(1)
         self.assertEqual(len(self.reactor.spawned), 9)
 
+    def test_pidOfAWorkerReapedAtOnce(self):
+        """
+        A worker that dies the moment it starts is reaped inside
+        spawnProcess, whose process then has no pid any more: the pool
+        keeps the one its protocol saw when it connected, for the log.
+        """
+        spawn = self.reactor.spawnProcess
+
+        def reapedAtOnce(*args, **kwargs):
+            process = spawn(*args, **kwargs)
+            process.pid = None
+            return process
+
+        self.reactor.spawnProcess = reapedAtOnce  # type: ignore[method-assign]
+        pool = self.makePool(count=1)
+        self.assertIn("worker 1 started (pid 1000)", [formatEvent(e) for e in self.logged])
+        self.assertEqual(pool.slots[0].pid, 1000)
+
     def test_workerThatNeverServesStopsTheDaemon(self):
         """
         A worker that ends before any worker could serve (a key its user
