@@ -320,9 +320,10 @@ class _StartReport(service.Service):
         pipe, self.pipe = self.pipe, None
         try:
             os.write(pipe, status[:100])
-            os.close(pipe)
         except OSError:
             pass  # twistd's first process is gone: nobody to tell
+        finally:
+            os.close(pipe)
 
 
 class _Signals(service.Service):
