@@ -183,8 +183,9 @@ class AuthCommands:
     def _authError(self, f: Failure, credentials):
         if self._mode == self.CLOSED:
             return None
-        # Neither of these is a guess: they are answered like one, but never
-        # counted or slowed down, and logged in lines fail2ban ignores.
+        # Neither of these is a guess: they are answered as one is (as late,
+        # and ending the session after as many), but never counted, so their
+        # owner is never blocked, and logged in lines fail2ban ignores.
         if f.check(LoginSuspended):
             log.info(
                 "auth suspended: client=[{client}] mechanism={mechanism} login=<{login}> "
@@ -195,7 +196,7 @@ class AuthCommands:
                 session=self.session,
             )
             self.factory.metrics.authResult(credentials.mechanism, "suspended")
-            return self._error(replies.AUTH_FAILED)
+            return self._notAGuess(credentials.username)
         if f.check(sasl.MechanismUnavailable):
             # The client chose a mechanism we offered but cannot verify for
             # this user: its owner must never be locked out for that.
@@ -208,7 +209,7 @@ class AuthCommands:
                 session=self.session,
             )
             self.factory.metrics.authResult(credentials.mechanism, "failure")
-            return self._error(replies.AUTH_FAILED)
+            return self._notAGuess(credentials.username)
         if f.check(UnauthorizedLogin):
             if f.check(sasl.TokenRefused):
                 # Why, for the operator (never the token): the auth failure
@@ -273,6 +274,21 @@ class AuthCommands:
         d.addCallback(self._checkBlocked)
         d.addErrback(self._throttleFailed)
         d.addCallback(self._answerFailure, challenge)
+        return d
+
+    def _notAGuess(self, username: str):
+        """
+        Answer a failure that is not a guess as a wrong password is answered
+        (after the delay one would get now, closing the session after as
+        many failures), without counting it: which of the two it was must
+        not show, or a suspended login's password could be confirmed, and
+        the logins that exist found with a mechanism their scheme cannot do.
+        """
+        self._authFailures += 1
+        d = self.factory.throttle.delay(self._peer, username)
+        d.addCallback(lambda delay: (delay, False))
+        d.addErrback(self._throttleFailed)
+        d.addCallback(self._answerFailure)
         return d
 
     def _checkBlocked(self, delay: float) -> defer.Deferred[tuple]:

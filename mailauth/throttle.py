@@ -150,17 +150,39 @@ class AuthThrottle:
         d.addErrback(_firstError)
         return d.addCallback(self._counted, address, host, session)
 
+    def delay(self, host: str, login: str) -> defer.Deferred[float]:
+        """
+        How long a wrong password for C{login} from C{host} would wait now,
+        counting nothing: for the failures that are not guesses (the right
+        password of a suspended login, a mechanism its stored scheme cannot
+        do), so that their 535 comes no sooner than a wrong password's and
+        does not tell the guesser which it was.
+        """
+        d = defer.gatherResults(
+            [
+                self.store.total(ADDRESS_PREFIX + addressKey(host), self._window),
+                self.store.total(loginKey(login), self._window),
+            ],
+            consumeErrors=True,
+        )
+        d.addErrback(_firstError)
+        return d.addCallback(lambda counts: self._delay(counts[0] + 1, counts[1] + 1))
+
     def trackedKeys(self) -> int:
         """How many counters and blocks its store holds in this process's memory."""
         return self.store.trackedKeys() if isinstance(self.store, MemoryCounterStore) else 0
 
-    def _counted(self, counts: list, address: str, host: str, session: str):
+    def _delay(self, perAddress: int, perLogin: int) -> float:
+        """The tarpit delay of a failure that makes these counts."""
         # The in-memory windows this replaces kept at most this many events.
-        perAddress = min(counts[0], self._maxPerAddress)
-        perLogin = min(counts[1], self._maxPerLogin * 4)
+        perAddress = min(perAddress, self._maxPerAddress)
+        perLogin = min(perLogin, self._maxPerLogin * 4)
         excess = max(perAddress - self._maxPerAddress // 2, perLogin - self._maxPerLogin + 1, 0)
-        delay = min(excess * self._tarpitDelay, MAX_DELAY)
-        if perAddress < self._maxPerAddress:
+        return min(excess * self._tarpitDelay, MAX_DELAY)
+
+    def _counted(self, counts: list, address: str, host: str, session: str):
+        delay = self._delay(counts[0], counts[1])
+        if counts[0] < self._maxPerAddress:
             return delay
         if counts[0] == self._maxPerAddress:
             log.info(

@@ -470,6 +470,55 @@ class SessionTests(unittest.TestCase):
         )
         self.assertEqual(self.metric("PLAIN", "failure"), 1)
 
+    def secondsTo535(self, session: Session, send) -> float:
+        """
+        C{send(session)}, then advance the clock until the 535 comes; the
+        seconds it took (C{send} returns the replies that came at once).
+        """
+        waited = 0.0
+        replies = send(session)
+        while not replies and waited < 60:
+            self.clock.advance(0.25)
+            waited += 0.25
+            replies = session.read()
+        self.assertEqual(replies, [b"535 5.7.8 Authentication credentials invalid"])
+        return waited
+
+    def counts(self, login: str) -> list:
+        return [
+            self.successResultOf(self.store.total(key, 900))
+            for key in ("auth-address:192.0.2.1", f"auth-login:{login}")
+        ]
+
+    def test_notAGuessAnsweredAsLateAsAGuess(self) -> None:
+        """
+        Once wrong passwords have piled up, the next waits in the tarpit;
+        the right password of a suspended login waits just as long as a
+        wrong one would then, and so does a mechanism the login's scheme
+        cannot do: a quicker 535 would confirm a suspended login's
+        password, or that a login exists. Neither is counted.
+        """
+        session = self.session()
+        bob = b"bob@example.test"
+
+        def plain(login: bytes, password: bytes):
+            return lambda s: s.command(plainLine(login, password))
+
+        wrong = [self.secondsTo535(session, plain(bob, b"wrong")) for _ in range(3)]
+        self.assertEqual(wrong, [0.0, 0.0, 2.0])  # the third reaches maxPerLogin
+        before = self.counts("bob@example.test")
+        suspended = self.secondsTo535(session, plain(bob, b"bob-secret"))
+        self.assertEqual(self.counts("bob@example.test"), before)
+        self.assertEqual((suspended, self.secondsTo535(session, plain(bob, b"wrong"))), (4.0, 4.0))
+
+        argon = ARGON2ID.encode()
+        wrong = [self.secondsTo535(session, plain(argon, b"wrong")) for _ in range(3)]
+        self.assertEqual(wrong, [0.0, 2.0, 4.0])  # the address's count matters too now
+        before = self.counts(ARGON2ID)
+        unusable = self.secondsTo535(session, lambda s: self.cram(s, argon, SECRET))
+        self.assertEqual(self.counts(ARGON2ID), before)
+        self.assertEqual((unusable, self.secondsTo535(session, plain(argon, b"wrong"))), (6.0, 6.0))
+
     def test_resultsMetric(self) -> None:
         """Success, failure and a database that cannot answer are each counted by mechanism."""
         session = self.session()

@@ -1010,22 +1010,32 @@ class SessionTests(unittest.TestCase):
         )
         self.assertEqual(self.throttle.trackedKeys(), 2)
 
+    def scramFailures(self, login: str, sessions: int, tries: int) -> list:
+        """The last reply of each of C{tries} SCRAM logins, in each of C{sessions} sessions."""
+        answers = []
+        for _ in range(sessions):
+            self.session(tlsMode="none")
+            for _ in range(tries):
+                scramClient = Client(login, b"pencil")
+                serverFirst = self.challenge(
+                    self.send(b"AUTH SCRAM-SHA-256 " + b64(scramClient.first()))
+                )
+                answers.append(self.send(b64(scramClient.final(serverFirst))))
+        return answers
+
     def test_otherSchemeNotCounted(self) -> None:
         """
         A user whose password SCRAM cannot verify gets the same replies as a
-        wrong password, but it is not counted (issue #10 item 5) and is
-        logged as unusable, not as a failure that fail2ban would see.
+        wrong password (a session ends after as many), but it is not counted
+        (issue #10 item 5) and is logged as unusable, not as a failure that
+        fail2ban would see.
         """
-        self.session(tlsMode="none")
-        for _ in range(5):
-            scramClient = Client("argon@example.test", b"pencil")
-            serverFirst = self.challenge(
-                self.send(b"AUTH SCRAM-SHA-256 " + b64(scramClient.first()))
-            )
-            self.assertEqual(
-                self.send(b64(scramClient.final(serverFirst))),
-                [b"535 5.7.8 Authentication credentials invalid"],
-            )
+        failed = [b"535 5.7.8 Authentication credentials invalid"]
+        tooMany = [b"421 4.7.0 Error: too many failed logins"]
+        self.assertEqual(
+            self.scramFailures("argon@example.test", sessions=2, tries=3),
+            [failed, failed, tooMany] * 2,
+        )
         self.assertEqual(self.throttle.trackedKeys(), 0)
         self.assertFalse([line for line in self.logged() if "auth failure" in line])
         self.assertIn(
@@ -1033,6 +1043,11 @@ class SessionTests(unittest.TestCase):
             "login=<argon@example.test>",
             self.logged()[-1],
         )
+        # A wrong password, for comparison: the same replies, counted.
+        self.assertEqual(
+            self.scramFailures("alice@example.test", sessions=1, tries=3), [failed, failed, tooMany]
+        )
+        self.assertEqual(self.throttle.trackedKeys(), 2)
 
     def test_clientFirstRefused(self) -> None:
         """
