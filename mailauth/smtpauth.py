@@ -196,7 +196,7 @@ class AuthCommands:
                 session=self.session,
             )
             self.factory.metrics.authResult(credentials.mechanism, "suspended")
-            return self._notAGuess(credentials.username)
+            return self._notAGuess(f, credentials)
         if f.check(sasl.MechanismUnavailable):
             # The client chose a mechanism we offered but cannot verify for
             # this user: its owner must never be locked out for that.
@@ -209,7 +209,7 @@ class AuthCommands:
                 session=self.session,
             )
             self.factory.metrics.authResult(credentials.mechanism, "failure")
-            return self._notAGuess(credentials.username)
+            return self._notAGuess(f, credentials)
         if f.check(UnauthorizedLogin):
             if f.check(sasl.TokenRefused):
                 # Why, for the operator (never the token): the auth failure
@@ -276,19 +276,21 @@ class AuthCommands:
         d.addCallback(self._answerFailure, challenge)
         return d
 
-    def _notAGuess(self, username: str):
+    def _notAGuess(self, f: Failure, credentials):
         """
-        Answer a failure that is not a guess as a wrong password is answered
-        (after the delay one would get now, closing the session after as
-        many failures), without counting it: which of the two it was must
-        not show, or a suspended login's password could be confirmed, and
-        the logins that exist found with a mechanism their scheme cannot do.
+        Answer a failure that is not a guess as a wrong password (or a
+        refused token) is answered: after the delay one would get now, with
+        the same error challenge first, closing the session after as many
+        failures; but without counting it. Which of the two it was must not
+        show, or a suspended login's password could be confirmed, and the
+        logins that exist found with a mechanism their scheme cannot do.
         """
         self._authFailures += 1
-        d = self.factory.throttle.delay(self._peer, username)
+        final = getattr(credentials, "failureChallenge", None)
+        d = self.factory.throttle.delay(self._peer, credentials.username)
         d.addCallback(lambda delay: (delay, False))
         d.addErrback(self._throttleFailed)
-        d.addCallback(self._answerFailure)
+        d.addCallback(self._answerFailure, final(f.value) if final is not None else None)
         return d
 
     def _checkBlocked(self, delay: float) -> defer.Deferred[tuple]:

@@ -24,7 +24,7 @@ from twisted.web import resource, server
 from zope.interface.verify import verifyObject
 
 from mailauth import config as configmod
-from mailauth.checkers import OAuthChecker
+from mailauth.checkers import LoginSuspended, OAuthChecker
 from mailauth.checks import checkFiles
 from mailauth.oauth import Introspector, JWKSFile, TokenVerifier, parseJWKS, verifyJWT
 from mailauth.sasl import (
@@ -641,6 +641,25 @@ class SessionTests(unittest.TestCase):
         )
         self.assertEqual(self.session.protocol._authFailures, 1)
         self.assertEqual(self.session.command(b"NOOP"), [b"250 2.0.0 Ok"])
+
+    def test_suspendedLikeRefused(self) -> None:
+        """
+        A good token of a suspended login gets what a refused token gets
+        (the error challenge, then 535 to the dummy response), logged as
+        suspended; it counts towards the session's failures, not as a guess.
+        """
+        self.session.command(b"AUTH OAUTHBEARER " + b64(oauthbearer("T")))
+        self.portal.fail(exc=LoginSuspended())
+        [line] = self.session.read()
+        self.assertTrue(line.startswith(b"334 "), line)
+        self.assertEqual(
+            json.loads(base64.b64decode(line[4:])), {"status": "invalid_token", "schemes": "bearer"}
+        )
+        self.assertEqual(
+            self.session.command(b64(b"\x01")), [b"535 5.7.8 Authentication credentials invalid"]
+        )
+        self.assertEqual(self.session.protocol._authFailures, 1)
+        self.assertEqual(self.factory.throttle.trackedKeys(), 0)
 
     def test_xoauth2Refused(self) -> None:
         """
