@@ -21,6 +21,7 @@ import ssl
 import subprocess
 import sys
 import time
+from typing import Optional
 
 from twisted.internet import defer, reactor, tcp, threads
 from twisted.internet.task import Clock, deferLater
@@ -608,16 +609,20 @@ class TwistdProcess:
         self.ports: dict = {}
         self._output = ""
 
-    def argv(self) -> list:
+    def argv(self, pidfile: Optional[str] = None) -> list:
+        """
+        @param pidfile: run as a daemon with this pid file; by default in
+            the foreground, with none.
+        """
         # twistd's own entry point, so that Debian's python3 (no twistd on
         # its path, twistd3 instead) and a virtualenv run the same way.
+        mode = ["--nodaemon", "--pidfile="] if pidfile is None else ["--pidfile", pidfile]
         return [
             sys.executable,
             "-c",
             self.prelude
             + "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
-            "--nodaemon",
-            "--pidfile=",
+            *mode,
             f"--logfile={self.logPath}",
             *self.twistdArgs,
             "mailauth",
@@ -635,18 +640,31 @@ class TwistdProcess:
         else:
             self.waitForLog(r"starting on \d+", timeout=timeout)
 
+    def _environment(self) -> dict:
+        path = [p for p in (ROOT, os.environ.get("PYTHONPATH")) if p]
+        return dict(os.environ if self.env is None else self.env, PYTHONPATH=os.pathsep.join(path))
+
     def spawn(self) -> None:
         """Start it, without waiting (again after it ended: a restart)."""
         self._output = ""
-        path = [p for p in (ROOT, os.environ.get("PYTHONPATH")) if p]
-        env = dict(os.environ if self.env is None else self.env, PYTHONPATH=os.pathsep.join(path))
         self.process = subprocess.Popen(
             self.argv(),
             cwd=ROOT,
-            env=env,
+            env=self._environment(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+        )
+
+    def daemonize(self, pidfile: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """Run it as a daemon; what twistd's first process did (it returns once started)."""
+        return subprocess.run(
+            self.argv(pidfile),
+            cwd=ROOT,
+            env=self._environment(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     def log(self) -> str:

@@ -332,37 +332,6 @@ class TwistdWorkersTests(unittest.TestCase):
         self.assertRegex(log, r"worker \d \(pid \d+\) exited with 1 before it could serve")
         self.assertEqual(daemon.twistd.workerPIDs(), [])
 
-    def daemonize(self, daemon: _Daemon, prelude: str = ""):
-        """
-        Run C{daemon} with twistd as a daemon (no C{--nodaemon}): the result
-        of twistd's first process, and the pid file's path.
-        """
-        pidfile = os.path.join(daemon.dir, "twistd.pid")
-        path = [p for p in (ROOT, os.environ.get("PYTHONPATH")) if p]
-        program = (
-            "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
-        )
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                prelude + program,
-                "--pidfile",
-                pidfile,
-                "--logfile",
-                daemon.twistd.logPath,
-                "mailauth",
-                "--config",
-                daemon.configPath,
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=dict(os.environ, PYTHONPATH=os.pathsep.join(path)),
-        )
-        return result, pidfile
-
     def test_daemonStartedOnceWorkersServe(self):
         """
         As a daemon, twistd's first process exits 0 only once both workers
@@ -370,7 +339,8 @@ class TwistdWorkersTests(unittest.TestCase):
         SIGTERM then stops the daemon, which removes its pid file.
         """
         daemon = _Daemon(self)
-        result, pidfile = self.daemonize(daemon)
+        pidfile = os.path.join(daemon.dir, "twistd.pid")
+        result = daemon.twistd.daemonize(pidfile)
         self.assertEqual(result.returncode, 0, result.stderr)
         with open(pidfile) as f:
             pid = int(f.read())
@@ -389,10 +359,9 @@ class TwistdWorkersTests(unittest.TestCase):
         As a daemon whose workers cannot start, twistd's first process exits
         1 and says why, once the daemon has ended and removed its pid file.
         """
-        daemon = _Daemon(self)
-        result, pidfile = self.daemonize(
-            daemon, prelude="import os; os.environ['PYTHONMALLOC'] = 'bogus'; "
-        )
+        daemon = _Daemon(self, prelude="import os; os.environ['PYTHONMALLOC'] = 'bogus'; ")
+        pidfile = os.path.join(daemon.dir, "twistd.pid")
+        result = daemon.twistd.daemonize(pidfile)
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertIn("no worker could start: see the log", result.stderr)
         self.assertFalse(os.path.exists(pidfile))
