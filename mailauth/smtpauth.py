@@ -223,13 +223,11 @@ class AuthCommands:
                     why=cast(sasl.TokenRefused, f.value).why,
                     session=self.session,
                 )
-            # Bearer token mechanisms tell why in a last challenge first.
-            final = getattr(credentials, "failureChallenge", None)
             return self._authFailed(
                 credentials.mechanism,
                 credentials.username,
                 "bad credentials",
-                final(f.value) if final is not None else None,
+                _failureChallenge(f, credentials),
             )
         if f.check(LoginFailed):
             log.error(
@@ -286,11 +284,10 @@ class AuthCommands:
         logins that exist found with a mechanism their scheme cannot do.
         """
         self._authFailures += 1
-        final = getattr(credentials, "failureChallenge", None)
         d = self.factory.throttle.delay(self._peer, credentials.username)
         d.addCallback(lambda delay: (delay, False))
         d.addErrback(self._throttleFailed)
-        d.addCallback(self._answerFailure, final(f.value) if final is not None else None)
+        d.addCallback(self._answerFailure, _failureChallenge(f, credentials))
         return d
 
     def _checkBlocked(self, delay: float) -> defer.Deferred[tuple]:
@@ -342,6 +339,12 @@ class AuthCommands:
                 self._send(replies.AUTH_FAILED)
 
         return d.addCallback(answer)
+
+
+def _failureChallenge(f: Failure, credentials) -> Optional[bytes]:
+    """What a bearer token mechanism tells the client in a last challenge before the 535."""
+    final = getattr(credentials, "failureChallenge", None)
+    return final(f.value) if final is not None else None
 
 
 class _Refused:
