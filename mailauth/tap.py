@@ -632,7 +632,6 @@ def buildService(
             wakeQueue=queueService.wake if queueService is not None else (lambda: None),
             environ=environ,
             hangTimeout=cfg.server.worker_timeout,
-            stopDaemon=stopFailed(reactor),
         )
         pool.setServiceParent(top)
     for listener in cfg.listeners if pool is None else ():

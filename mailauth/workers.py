@@ -256,7 +256,8 @@ class WorkerPool(service.Service):
         @param configText: its text, which every worker is given.
         @param wakeQueue: called when a worker has queued a message.
         @param stopDaemon: stops the whole daemon, which failed; default
-            C{reactor.stop} (twistd's gives L{mailauth.tap.stopFailed}).
+            C{reactor.stop} (under twistd, L{mailauth.tap.makeService} sets
+            L{mailauth.tap.stopFailed}).
         @param publisher: where the workers' log events go; default the
             global log publisher (twistd's log).
         @param environ: the workers' environment, less what only the parent
