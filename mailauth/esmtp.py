@@ -740,29 +740,29 @@ class SubmissionFactory(protocol.Factory):
 
     def admit(self, host: str) -> defer.Deferred[Optional[Reply]]:
         """
-        Count a new connection from C{host}; its slot is held while the
-        throttle says whether C{host} is blocked.
+        Count a new connection from C{host} (with workers, the parent
+        counts: the answer may come later), and ask the throttle whether
+        C{host} is blocked, both at once.
 
         @return: a Deferred firing with L{None} to serve it (the caller
             L{release}s it later), or with the 421 that refuses it.
         """
-        refusal = self.connections.acquire(host)
 
-        def answer(blocked: bool) -> Optional[Reply]:
+        def notKnown(f: Failure) -> bool:
+            # The counter stores never fail; were one to, serve the client.
+            log.failure("could not tell whether client=[{client}] is blocked", f, client=host)
+            return False
+
+        def answer(blocked: bool, refusal: Optional[Reply]) -> Optional[Reply]:
             if not blocked:
                 return refusal
             if refusal is None:
                 self.connections.release(host)
             return replies.BLOCKED
 
-        def failed(f: Failure) -> Optional[Reply]:
-            # The counter stores never fail; were one to, serve the client.
-            log.failure("could not tell whether client=[{client}] is blocked", f, client=host)
-            return refusal
-
-        d = self.throttle.isBlocked(host)
-        d.addCallbacks(answer, failed)
-        return d
+        blocked = self.throttle.isBlocked(host).addErrback(notKnown)
+        d = defer.maybeDeferred(self.connections.acquire, host)
+        return d.addCallback(lambda refusal: blocked.addCallback(answer, refusal))
 
     def release(self, host: str) -> None:
         self.connections.release(host)

@@ -44,6 +44,7 @@ from mailauth.throttle import AuthThrottle, ConnectionLimiter
 from mailauth.tls import ReloadableTLS
 from mailauth.userdb import UserDatabase
 from mailauth.userstore import AppPasswordUse, Rehasher, schemesNeededBy, storeFor
+from mailauth.workerlink import NodeConnections
 from mailauth.workers import (
     HeldPort,
     Worker,
@@ -603,9 +604,12 @@ def buildService(
     throttle = AuthThrottle.fromConfig(
         reactor, cfg.auth, counterStore, onBlock=metrics.addressBlocked
     )
-    connections = ConnectionLimiter(
-        cfg.server.max_connections, cfg.server.max_connections_per_address
-    )
+    # One count for the node: with workers, the parent keeps it and the
+    # workers ask it (mailauth.workerlink).
+    limiter = ConnectionLimiter(cfg.server.max_connections, cfg.server.max_connections_per_address)
+    connections: Any = limiter
+    if worker is not None and worker.connections is not None:
+        connections = worker.connections
     anonymous = realm.anonymous()
     postmasterDomain = sorted(cfg.delivery.local_domains)[0]
     pool = None
@@ -632,6 +636,7 @@ def buildService(
             wakeQueue=queueService.wake if queueService is not None else (lambda: None),
             environ=environ,
             hangTimeout=cfg.server.worker_timeout,
+            connections=NodeConnections(limiter),
         )
         pool.setServiceParent(top)
     for listener in cfg.listeners if pool is None else ():

@@ -15,25 +15,30 @@ adopted socket's factory exactly as one process wraps its own.
 
 The parent also runs what there must be one of: the forward queue's runner
 (workers write into the queue and tell the parent to look), autoconfig, and
-systemd's readiness. Each worker keeps its own users file in memory, its
-certificate, its thread pools and connection limits, and re-reads its files
-on its own timer and on the SIGHUP the parent forwards. Counters that must
-be shared (the throttle) live in the C{[state]} backend, which is why
-C{workers > 1} needs one that is not in memory.
+systemd's readiness, and the count of every worker's connections that
+C{max_connections} and C{max_connections_per_address} limit. Each worker
+keeps its own users file in memory, its certificate and its thread pools,
+and re-reads its files on its own timer and on the SIGHUP the parent
+forwards. Counters that must be shared across nodes (the throttle) live in
+the C{[state]} backend, which is why C{workers > 1} needs one that is not
+in memory.
 
 The pipes between them (child descriptors):
 
   - 0, parent to worker: the configuration text the parent validated (so
     that a worker restarted later serves what the others serve, whatever
-    happened to the file since), then nothing; its end means the parent is
-    gone, and the worker stops.
+    happened to the file since), then the answers to its C{admit} lines;
+    its end means the parent is gone, and the worker stops.
   - 1, worker to parent: the worker's log events, one JSON object a line
-    with what a log line shows (L{LogRelay}); the parent publishes them in
-    its own log, where they read as the lines of one process do.
+    with what a log line shows (L{mailauth.workerlink.LogRelay}); the
+    parent publishes them in its own log, where they read as the lines of
+    one process do.
   - 2: the worker's stderr, for what it writes before its log starts.
   - 3, worker to parent: control lines, C{ready} once it serves, C{wake}
-    after it queued a message, and C{alive} from its event loop every third
-    of C{[server] worker_timeout}.
+    after it queued a message, C{alive} from its event loop every third
+    of C{[server] worker_timeout}, and C{admit}/C{release} for the
+    connection limits the parent keeps for the whole node
+    (L{mailauth.workerlink.NodeConnections}).
   - 4 and up: the listening sockets, in the order of the C{--listener}
     arguments.
 """
@@ -41,8 +46,8 @@ The pipes between them (child descriptors):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
-import json
 import os
 import signal
 import site
@@ -54,18 +59,10 @@ import attrs
 from twisted.application import service
 from twisted.internet import defer, endpoints, error, protocol, task
 from twisted.internet.interfaces import IProtocolFactory
-from twisted.logger import (
-    ILogObserver,
-    Logger,
-    LogLevel,
-    LogPublisher,
-    eventAsJSON,
-    eventAsText,
-    eventFromJSON,
-    globalLogPublisher,
-)
+from twisted.logger import Logger, LogPublisher, globalLogPublisher
 from twisted.python.failure import Failure
-from zope.interface import implementer
+
+from mailauth.workerlink import LogRelay, NodeConnections, ParentConnections, eventFromRelay
 
 log = Logger(namespace="mailauth.workers")
 
@@ -247,6 +244,7 @@ class WorkerPool(service.Service):
         environ: Optional[Mapping[str, str]] = None,
         stopTimeout: float = 10.0,
         hangTimeout: float = 0.0,
+        connections: Optional[NodeConnections] = None,
     ) -> None:
         """
         @param reactor: binds, spawns (C{IReactorProcess}) and keeps time.
@@ -264,6 +262,9 @@ class WorkerPool(service.Service):
             may use; default C{os.environ}.
         @param hangTimeout: seconds of silence after which a serving worker
             is taken to hang (C{[server] worker_timeout}); 0: never.
+        @param connections: the node's connection counts, which the workers
+            ask before they greet a client; L{None}: workers asking get no
+            answer (only tests build a pool without).
         """
         self.reactor = reactor
         self.count = count
@@ -277,6 +278,7 @@ class WorkerPool(service.Service):
         self.environ = workerEnvironment(os.environ if environ is None else environ)
         self.stopTimeout = stopTimeout
         self.hangTimeout = hangTimeout
+        self.connections = connections
         self._watch: Optional[task.LoopingCall] = None
         self._lastCheck: Optional[float] = None
         self.slots = [_Slot(index=n) for n in range(1, count + 1)]
@@ -419,7 +421,15 @@ class WorkerPool(service.Service):
 
     def _control(self, slot: _Slot, line: bytes) -> None:
         slot.heardAt = self.reactor.seconds()
-        if line == b"wake":
+        if line.startswith((b"admit ", b"release ")):
+            answer = None
+            if self.connections is not None:
+                answer = self.connections.control(slot.index, line)
+            if answer is not None and slot.process is not None:
+                # (KeyError: its pipe has closed, as it ends.)
+                with contextlib.suppress(KeyError):
+                    slot.process.writeToChild(CONFIG_FD, answer + b"\n")
+        elif line == b"wake":
             self.wakeQueue()
         elif line == b"ready":
             slot.ready = True
@@ -451,6 +461,8 @@ class WorkerPool(service.Service):
         how = howEnded(reason)
         pid, lived = slot.pid, self.reactor.seconds() - slot.startedAt
         slot.process = slot.pid = None
+        if self.connections is not None:
+            self.connections.forget(slot.index)
         _cancelKiller(slot)
         ended, slot.ended = slot.ended, None
         if ended is not None:
@@ -548,75 +560,6 @@ def readConfiguration(path: str, expected) -> str:
     return text
 
 
-# The log, from worker to parent
-
-
-@implementer(ILogObserver)
-class LogRelay:
-    """
-    A worker's log observer: each event as one line for L{eventFromRelay}
-    in the parent.
-
-    With the text log format, a line holds only what a log line shows
-    (C{L} and JSON of time, namespace, level, system, and the text with any
-    traceback): L{twisted.logger.eventAsJSON} keeps every field, which
-    costs a worker twice what writing the line does, and the parent as much
-    again to read, for fields no text observer reads. With C{[server]
-    log_format = json} the fields are the point: a line is then C{J} and
-    the whole event as L{twisted.logger.eventAsJSON} writes it.
-
-    @ivar full: whether to relay every field.
-    """
-
-    def __init__(self, out, full: bool = False) -> None:
-        self.out = out
-        self.full = full
-
-    def __call__(self, event: dict) -> None:
-        if self.full:
-            line = "J" + eventAsJSON(event)
-        else:
-            level = event.get("log_level")
-            line = "L" + json.dumps(
-                {
-                    "t": event.get("log_time"),
-                    "n": event.get("log_namespace"),
-                    "l": level.name if level is not None else None,
-                    "s": event.get("log_system"),
-                    "x": eventAsText(
-                        event, includeTraceback=True, includeTimestamp=False, includeSystem=False
-                    ),
-                }
-            )
-        self.out.write(line + "\n")
-        self.out.flush()
-
-
-def eventFromRelay(record: bytes) -> dict:
-    """
-    The event a L{LogRelay} line stands for.
-
-    @raise ValueError: if C{record} is not such a line.
-    """
-    kind, text = record[:1], record[1:].decode("utf-8")
-    if kind == b"J":
-        return eventFromJSON(text)
-    data = json.loads(text) if kind == b"L" else None
-    if not isinstance(data, dict) or not isinstance(data.get("x"), str):
-        raise ValueError("not a relayed log event")
-    event = {
-        "log_time": data.get("t"),
-        "log_namespace": data.get("n"),
-        "log_format": "{log_text}",
-        "log_text": data["x"],
-    }
-    if data.get("l") is not None:
-        event["log_level"] = LogLevel.levelWithName(data["l"])
-    if data.get("s") is not None:
-        event["log_system"] = data["s"]
-    return event
-
-
 # The worker's side
 
 
@@ -625,14 +568,18 @@ class Worker:
     """
     What L{mailauth.tap.buildService} needs to build a worker instead of a
     whole daemon: the inherited sockets to serve, and how to tell the
-    parent that the queue has new mail.
+    parent that the queue has new mail, and the connection limiter that
+    asks the parent.
 
     @ivar sockets: listener name to inherited file descriptor.
+    @ivar connections: what the sessions count their connections on (a
+        L{ParentConnections}); L{None}: each worker counts its own.
     """
 
     index: int
     sockets: Mapping[str, int]
     wakeQueue: Callable[[], None]
+    connections: Optional[ParentConnections] = None
 
     def listen(self, name: str, factory: IProtocolFactory, reactor) -> service.IService:
         """The service that serves listener C{name}'s inherited socket with C{factory}."""
@@ -675,12 +622,22 @@ class AdoptedPortService(service.Service):
 
 class _ParentLink(protocol.Protocol):
     """
-    The worker's end of the pipes to its parent: control lines out, and
-    the end of the configuration pipe in, which means the parent is gone.
+    The worker's end of the pipes to its parent: control lines out; in, on
+    the configuration pipe, the answers to C{admit} lines (for
+    C{answered}), and its end, which means the parent is gone.
     """
 
-    def __init__(self, parentGone: Callable[[], None]) -> None:
+    def __init__(
+        self, parentGone: Callable[[], None], answered: Callable[[bytes], None] = lambda line: None
+    ) -> None:
         self.parentGone = parentGone
+        self.answered = answered
+        self._buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        for line in lines:
+            self.answered(line)
 
     def send(self, line: bytes) -> None:
         if self.transport is not None:
@@ -767,9 +724,11 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
             stop()
 
     link = _ParentLink(parentGone)
+    connections = ParentConnections(link.send)
+    link.answered = connections.answered
     # (mypy reads the Windows StandardIO, which has no stdin or stdout.)
     cast(Any, stdio.StandardIO)(link, stdin=CONFIG_FD, stdout=CONTROL_FD, reactor=reactor)
-    top = tap.buildService(cfg, reactor, worker=Worker(args.index, sockets, link.wake))
+    top = tap.buildService(cfg, reactor, worker=Worker(args.index, sockets, link.wake, connections))
 
     def start() -> None:
         # SIGTERM comes twice when systemd signals the whole group and the

@@ -36,6 +36,8 @@ from mailauth import checks, tap, workers
 from mailauth import config as configmod
 from mailauth.checks import Account
 from mailauth.logs import eventAsJSONLine
+from mailauth.throttle import ConnectionLimiter
+from mailauth.workerlink import LogRelay, NodeConnections, ParentConnections
 from mailauth.workers import (
     CONFIG_FD,
     CONTROL_FD,
@@ -44,7 +46,6 @@ from mailauth.workers import (
     STDERR_FD,
     AdoptedPortService,
     HeldPort,
-    LogRelay,
     Worker,
     WorkerPool,
     readConfigText,
@@ -76,6 +77,8 @@ class FakeProcess:
         self.ended = False
 
     def writeToChild(self, fd: int, data: bytes) -> None:
+        if self.ended:
+            raise KeyError(fd)  # as Twisted's, once the pipe has closed
         self.written.append((fd, data))
 
     def signalProcess(self, name: str) -> None:
@@ -305,6 +308,33 @@ class WorkerPoolTests(unittest.TestCase):
         self.assertEqual(self.wakes, [])
         self.process(1).proto.childDataReceived(CONTROL_FD, b"ke\nwake\n")
         self.assertEqual(self.wakes, [1, 1])
+
+    def test_connectionsCountedForTheNode(self):
+        """
+        A worker's C{admit} line is answered on its configuration pipe from
+        the one count the parent keeps for every worker; a worker that ends
+        gives back every connection it held, its releases never another's.
+        """
+        pool = self.makePool(connections=NodeConnections(ConnectionLimiter(10, 1)))
+        self.ready(0)
+        self.ready(1)
+        first, second = self.process(0), self.process(1)
+        first.proto.childDataReceived(CONTROL_FD, b"admit 1 192.0.2.1\nadmit 2 192.0.2.2\n")
+        second.proto.childDataReceived(CONTROL_FD, b"admit 1 192.0.2.1\nrelease 192.0.2.2\n")
+        self.assertEqual(first.written[1:], [(CONFIG_FD, b"1 ok\n"), (CONFIG_FD, b"2 ok\n")])
+        self.assertEqual(second.written[1:], [(CONFIG_FD, b"1 too_many_from_address\n")])
+        self.assertEqual(pool.connections.limiter.count, 2)
+        first.end(signal=signal.SIGKILL)
+        self.assertEqual(pool.connections.limiter.count, 0)
+        second.proto.childDataReceived(CONTROL_FD, b"admit 2 192.0.2.1\n")
+        self.assertEqual(second.written[2:], [(CONFIG_FD, b"2 ok\n")])
+        # A request cut short by its worker's end is not answered, nor kept.
+        second.proto.childDataReceived(CONTROL_FD, b"admit 3 192.0.2.")
+        second.end(signal=signal.SIGKILL)
+        self.assertEqual(second.written[3:], [])
+        self.assertEqual(pool.connections.limiter.count, 0)
+        self.clock.advance(1)
+        self.assertEqual(len(self.reactor.spawned), 4)
 
     def test_reloadForwarded(self):
         """
@@ -793,6 +823,11 @@ class BuildTests(unittest.TestCase):
         for held in pool.listeners:
             self.assertIs(top.getServiceNamed(held.name), held)
             self.assertIsInstance(held, HeldPort)
+        # The node's connection limits are counted here, for every worker.
+        self.assertIsInstance(pool.connections, NodeConnections)
+        self.assertEqual(
+            (pool.connections.limiter.total, pool.connections.limiter.perAddress), (500, 20)
+        )
 
     def test_stopFailedExitsWithOne(self):
         """
@@ -916,7 +951,8 @@ class BuildTests(unittest.TestCase):
         A worker serves its inherited sockets and has no queue runner: it
         wakes the parent's instead.
         """
-        worker = Worker(1, {"submission": 4, "submissions": 5}, lambda: None)
+        asked = ParentConnections(lambda line: None)
+        worker = Worker(1, {"submission": 4, "submissions": 5}, lambda: None, asked)
         top = self.build(
             {"server": {"workers": "2"}, "state": {"backend": "redis://127.0.0.1:6379/0"}}, worker
         )
@@ -924,6 +960,10 @@ class BuildTests(unittest.TestCase):
         self.assertNotIn("queue", names)
         self.assertNotIn("workers", names)
         self.assertEqual(top.getServiceNamed("listener:submissions").fd, 5)
+        # Its sessions ask the parent to count their connections.
+        for name in ("listener:submission", "listener:submissions"):
+            factory = top.getServiceNamed(name).factory
+            self.assertIs(getattr(factory, "wrappedFactory", factory).connections, asked)
 
     def test_configurationChanged(self):
         """The parent refuses to start workers on a file that changed since it was checked."""

@@ -242,6 +242,55 @@ class TwistdWorkersTests(unittest.TestCase):
         # Only the sessions the dead worker had open failed.
         self.assertLessEqual(len(failed), 6)
 
+    def test_connectionLimitsHoldForTheNode(self):
+        """
+        C{max_connections_per_address} counts every worker's connections:
+        while one connection from an address is open, each other one from
+        it is refused with 421, whichever worker takes it. When the worker
+        that holds the open one is killed, its place is free again.
+        """
+        daemon = _Daemon(
+            self, {"server": {"max_connections_per_address": "1", "log_format": "json"}}
+        )
+        daemon.start()
+        port = daemon.twistd.ports["submission"]
+
+        def events(pattern: str) -> list:
+            return [json.loads(line) for line in daemon.twistd.waitForLog(pattern)]
+
+        held = RawClient(port)
+        self.addCleanup(held.close)
+        self.assertEqual(held.reply()[0], 220)
+        holder = events(r'"log_format": "connect: ')[0]["log_worker"]
+        refusedBy: set = set()
+        tried = 0
+        # Until each worker has refused one (which takes which is the kernel's choice).
+        while len(refusedBy) < 2 and tried < 400:
+            for _ in range(20):
+                tried += 1
+                client = RawClient(port)
+                try:
+                    self.assertEqual(
+                        client.reply(),
+                        (421, [b"4.7.0 Error: too many connections from your address"]),
+                    )
+                finally:
+                    client.close()
+            refusedBy = {
+                e["log_worker"]
+                for e in events(r"reason=too_many_from_address")
+                if e["log_namespace"] == "mailauth.esmtp"
+            }
+        self.assertEqual(refusedBy, {1, 2}, f"after {tried} connections")
+        [started] = [
+            e for e in events(r'"log_format": "worker \{index\} started') if e["index"] == holder
+        ][-1:]
+        os.kill(started["pid"], signal.SIGKILL)
+        daemon.twistd.waitForLog(r"was killed by SIGKILL; starting it again")
+        client = RawClient(port)
+        self.addCleanup(client.close)
+        self.assertEqual(client.reply()[0], 220)
+
     def test_hungWorkerAbortedAndReplaced(self):
         """
         A worker whose event loop stops (SIGSTOP here) is noticed after

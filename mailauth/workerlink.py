@@ -1,0 +1,197 @@
+"""
+What crosses the pipes between a worker and its parent (L{mailauth.workers})
+besides the control words: the worker's log events, and the connection
+counts the limits of C{[server] max_connections} and
+C{max_connections_per_address} are kept on for the whole node.
+
+With one process the session counts its connections itself
+(L{mailauth.throttle.ConnectionLimiter}). With workers, each would count
+only its own, and a node of N workers would admit N times the limits. So
+the parent keeps the one count (L{NodeConnections}), as Postfix's anvil(8)
+keeps it for every smtpd process: a worker asks it before it greets a
+client (L{ParentConnections}: C{admit ID HOST} on the control pipe, the
+answer C{ID ok} or C{ID REASON} on the configuration pipe) and tells it
+when the connection ends (C{release HOST}). The parent forgets the
+connections of a worker that ends: they ended with it.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from typing import Callable, Optional
+
+from twisted.internet import defer
+from twisted.logger import (
+    ILogObserver,
+    LogLevel,
+    eventAsJSON,
+    eventAsText,
+    eventFromJSON,
+)
+from zope.interface import implementer
+
+from mailauth import replies
+from mailauth.throttle import ConnectionLimiter
+
+# The log, from worker to parent
+
+
+@implementer(ILogObserver)
+class LogRelay:
+    """
+    A worker's log observer: each event as one line for L{eventFromRelay}
+    in the parent.
+
+    With the text log format, a line holds only what a log line shows
+    (C{L} and JSON of time, namespace, level, system, and the text with any
+    traceback): L{twisted.logger.eventAsJSON} keeps every field, which
+    costs a worker twice what writing the line does, and the parent as much
+    again to read, for fields no text observer reads. With C{[server]
+    log_format = json} the fields are the point: a line is then C{J} and
+    the whole event as L{twisted.logger.eventAsJSON} writes it.
+
+    @ivar full: whether to relay every field.
+    """
+
+    def __init__(self, out, full: bool = False) -> None:
+        self.out = out
+        self.full = full
+
+    def __call__(self, event: dict) -> None:
+        if self.full:
+            line = "J" + eventAsJSON(event)
+        else:
+            level = event.get("log_level")
+            line = "L" + json.dumps(
+                {
+                    "t": event.get("log_time"),
+                    "n": event.get("log_namespace"),
+                    "l": level.name if level is not None else None,
+                    "s": event.get("log_system"),
+                    "x": eventAsText(
+                        event, includeTraceback=True, includeTimestamp=False, includeSystem=False
+                    ),
+                }
+            )
+        self.out.write(line + "\n")
+        self.out.flush()
+
+
+def eventFromRelay(record: bytes) -> dict:
+    """
+    The event a L{LogRelay} line stands for.
+
+    @raise ValueError: if C{record} is not such a line.
+    """
+    kind, text = record[:1], record[1:].decode("utf-8")
+    if kind == b"J":
+        return eventFromJSON(text)
+    data = json.loads(text) if kind == b"L" else None
+    if not isinstance(data, dict) or not isinstance(data.get("x"), str):
+        raise ValueError("not a relayed log event")
+    event = {
+        "log_time": data.get("t"),
+        "log_namespace": data.get("n"),
+        "log_format": "{log_text}",
+        "log_text": data["x"],
+    }
+    if data.get("l") is not None:
+        event["log_level"] = LogLevel.levelWithName(data["l"])
+    if data.get("s") is not None:
+        event["log_system"] = data["s"]
+    return event
+
+
+# Connection limits for the whole node
+
+#: The refusals a worker is told, by the word that names them on the pipe.
+_REFUSALS = {
+    b"too_many": replies.TOO_MANY_CONNECTIONS,
+    b"too_many_from_address": replies.TOO_MANY_FROM_ADDRESS,
+}
+_WORDS = {reply: word for word, reply in _REFUSALS.items()}
+
+
+class NodeConnections:
+    """
+    The parent's count of every worker's connections, on one
+    L{ConnectionLimiter}; what each worker holds is kept apart, to be
+    forgotten when it ends.
+    """
+
+    def __init__(self, limiter: ConnectionLimiter) -> None:
+        self.limiter = limiter
+        self._held: dict[int, collections.Counter] = {}
+
+    def control(self, worker: int, line: bytes) -> Optional[bytes]:
+        """
+        Act on an C{admit} or C{release} line from worker number C{worker}.
+
+        @return: the answer line (no line end) to write back to it, or
+            L{None} for a line that needs none (a release, or no request).
+        """
+        verb, _, rest = line.partition(b" ")
+        if verb == b"admit":
+            ident, _, host = rest.partition(b" ")
+            address = host.decode("ascii", "replace")
+            refusal = self.limiter.acquire(address)
+            if refusal is not None:
+                return ident + b" " + _WORDS[refusal]
+            self._held.setdefault(worker, collections.Counter())[address] += 1
+            return ident + b" ok"
+        if verb == b"release":
+            address = rest.decode("ascii", "replace")
+            held = self._held.get(worker)
+            if held is not None and held[address] > 0:
+                held[address] -= 1
+                if not held[address]:
+                    del held[address]
+                self.limiter.release(address)
+        return None
+
+    def forget(self, worker: int) -> None:
+        """Worker number C{worker} ended: so did every connection it held."""
+        for address, count in self._held.pop(worker, collections.Counter()).items():
+            for _ in range(count):
+                self.limiter.release(address)
+
+
+class ParentConnections:
+    """
+    A worker's connection limiter (what L{mailauth.esmtp.SubmissionFactory}
+    calls C{connections}) that asks the parent's L{NodeConnections}.
+
+    @param send: writes one line (no line end) to the parent's control pipe.
+    """
+
+    def __init__(self, send: Callable[[bytes], None]) -> None:
+        self._send = send
+        self._waiting: dict[bytes, defer.Deferred] = {}
+        self._next = 0
+
+    def acquire(self, host: str) -> defer.Deferred[Optional[replies.Reply]]:
+        """
+        Ask the parent to count a new connection from C{host}.
+
+        @return: a Deferred firing with L{None} to serve it, or with the 421
+            that refuses it. It never fires if the parent goes away first:
+            the worker then stops, and its connections with it.
+        """
+        self._next += 1
+        ident = b"%d" % self._next
+        d: defer.Deferred = defer.Deferred()
+        self._waiting[ident] = d
+        self._send(b"admit " + ident + b" " + host.encode("ascii", "replace"))
+        return d
+
+    def release(self, host: str) -> None:
+        """A connection the parent admitted has ended."""
+        self._send(b"release " + host.encode("ascii", "replace"))
+
+    def answered(self, line: bytes) -> None:
+        """An answer line from the parent: fire the request it answers."""
+        ident, _, word = line.strip().partition(b" ")
+        d = self._waiting.pop(ident, None)
+        if d is not None:
+            d.callback(None if word == b"ok" else _REFUSALS.get(word, replies.TOO_MANY_CONNECTIONS))

@@ -1,0 +1,148 @@
+"""
+The node's connection limits with workers (L{mailauth.workerlink}): the
+parent's one count (L{NodeConnections}) asked by each worker's sessions
+through L{ParentConnections}, over the lines the real pipes carry;
+tests/test_workersdaemon.py runs the same across two real workers.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from mailauth.throttle import ConnectionLimiter
+from mailauth.workerlink import NodeConnections, ParentConnections
+from mailauth.workers import _ParentLink
+from tests.support import Session, makeFactory, makeThrottle
+
+GREETING = [b"220 mx.example.test ESMTP mailauth"]
+FROM_ADDRESS = [b"421 4.7.0 Error: too many connections from your address"]
+TOO_MANY = [b"421 4.7.0 Error: too many connections, try again later"]
+BLOCKED = [b"421 4.7.0 Error: too many failed logins, try again later"]
+
+
+class _Pipes:
+    """
+    One worker's pipes to the parent, as lines: what the worker sends goes
+    to the parent's L{NodeConnections} at once; the parent's answers wait
+    in the pipe until L{deliver}, as they would for a turn of the reactor.
+    """
+
+    def __init__(self, node: NodeConnections, index: int) -> None:
+        self.node = node
+        self.index = index
+        self.sent: list = []
+        self.pending: list = []
+        self.link = _ParentLink(lambda: None)
+        self.connections = ParentConnections(self.send)
+        self.link.answered = self.connections.answered
+
+    def send(self, line: bytes) -> None:
+        self.sent.append(line)
+        answer = self.node.control(self.index, line)
+        if answer is not None:
+            self.pending.append(answer + b"\n")
+
+    def deliver(self) -> None:
+        data, self.pending = b"".join(self.pending), []
+        # However the pipe splits what the parent wrote.
+        for n in range(0, len(data), 5):
+            self.link.dataReceived(data[n : n + 5])
+
+
+class NodeLimitsTests(unittest.TestCase):
+    """Two workers' sessions, counted as one node."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.node = NodeConnections(ConnectionLimiter(3, 2))
+        # Workers are numbered from 1, as the pool numbers them.
+        self.pipes = {n: _Pipes(self.node, n) for n in (1, 2)}
+        self.throttle = makeThrottle(self.clock)
+        self.factories = {
+            n: makeFactory(self.clock, connections=p.connections, throttle=self.throttle)
+            for n, p in self.pipes.items()
+        }
+        self.sessions: list = []
+
+    def connect(self, worker: int, host: str) -> list:
+        """A client of C{host} to worker C{worker} (1 or 2); what it reads once answered."""
+        session = Session(self.factories[worker], host)
+        # Nothing before the parent answers: no greeting, no refusal.
+        self.assertEqual(session.read(), [])
+        self.pipes[worker].deliver()
+        self.sessions.append(session)
+        return session.read()
+
+    def test_limitsCountEveryWorker(self) -> None:
+        """
+        C{max_connections_per_address} and C{max_connections} hold for the
+        node, whichever worker took each connection; a closed one frees its
+        place for any worker.
+        """
+        self.assertEqual(self.connect(1, "192.0.2.1"), GREETING)
+        self.assertEqual(self.connect(2, "192.0.2.1"), GREETING)
+        self.assertEqual(self.connect(1, "192.0.2.1"), FROM_ADDRESS)
+        self.assertEqual(self.connect(2, "192.0.2.2"), GREETING)
+        self.assertEqual(self.connect(1, "192.0.2.3"), TOO_MANY)
+        self.sessions[0].protocol.connectionLost(None)
+        self.assertEqual(self.pipes[1].sent[-1], b"release 192.0.2.1")
+        self.assertEqual(self.connect(2, "192.0.2.1"), GREETING)
+        self.assertEqual(self.node.limiter.count, 3)
+        self.assertEqual(self.node.limiter.byAddress, {"192.0.2.1": 2, "192.0.2.2": 1})
+
+    def test_refusedNeverReleased(self) -> None:
+        """A refused connection was never counted: its end releases nothing."""
+        self.node.limiter.perAddress = 0
+        self.assertEqual(self.connect(1, "192.0.2.1"), FROM_ADDRESS)
+        self.sessions[0].protocol.connectionLost(None)
+        self.assertEqual(self.pipes[1].sent, [b"admit 1 192.0.2.1"])
+
+    def test_leftWhileWaiting(self) -> None:
+        """A client that leaves before the parent answers gives back the place it got."""
+        session = Session(self.factories[1], "192.0.2.1")
+        session.protocol.connectionLost(None)
+        self.assertEqual(self.node.limiter.count, 1)
+        self.pipes[1].deliver()
+        self.assertEqual((session.read(), self.node.limiter.count), ([], 0))
+        self.assertEqual(self.pipes[1].sent, [b"admit 1 192.0.2.1", b"release 192.0.2.1"])
+
+    def test_blockedGivesItsPlaceBack(self) -> None:
+        """An address the throttle blocks gets 421 and the place the parent gave it back."""
+        self.successResultOf(self.throttle.store.block("auth-address:192.0.2.1", 60))
+        self.assertEqual(self.connect(2, "192.0.2.1"), BLOCKED)
+        self.assertEqual(self.node.limiter.count, 0)
+
+    def test_workerEndedForgotten(self) -> None:
+        """
+        The connections of a worker that ended are given back, and only
+        its own: a late or stray release cannot free another's place.
+        """
+        self.connect(1, "192.0.2.1")
+        self.connect(1, "192.0.2.2")
+        self.connect(2, "192.0.2.1")
+        self.assertIsNone(self.node.control(2, b"release 192.0.2.2"))
+        self.assertEqual(self.node.limiter.count, 3)
+        self.node.forget(2)
+        self.assertEqual(self.node.limiter.byAddress, {"192.0.2.1": 1, "192.0.2.2": 1})
+        self.node.forget(2)
+        self.node.control(2, b"release 192.0.2.1")
+        self.assertEqual(self.node.limiter.count, 2)
+        self.node.forget(1)
+        self.assertEqual((self.node.limiter.count, self.node.limiter.byAddress), (0, {}))
+
+    def test_ipv6CountedByPrefix(self) -> None:
+        """The parent counts an IPv6 client by its /64, as one process does."""
+        self.assertEqual(self.connect(1, "2001:db8::1"), GREETING)
+        self.assertEqual(self.connect(2, "2001:db8::2"), GREETING)
+        self.assertEqual(self.connect(2, "2001:db8::3"), FROM_ADDRESS)
+
+    def test_answerForNoRequest(self) -> None:
+        """An answer to nothing the worker asked (a garbled line) is ignored."""
+        connections = ParentConnections(lambda line: None)
+        d = connections.acquire("192.0.2.1")
+        connections.answered(b"7 ok")
+        connections.answered(b"")
+        self.assertNoResult(d)
+        connections.answered(b"1 ok")
+        self.assertIsNone(self.successResultOf(d))
