@@ -290,7 +290,7 @@ def loadText(text: str, path: str = "<string>") -> Config:
     metrics = r.section("metrics", "metrics") if parser.has_section("metrics") else None
     if metrics is not None:
         _checkMetrics(r, metrics["endpoint"])
-    _checkWorkers(r, server["workers"], state["backend"], metrics is not None)
+    _checkWorkers(r, server["workers"], state["backend"])
 
     oauth = r.section("oauth", "oauth") if parser.has_section("oauth") else None
     _checkOAuth(r, auth, oauth)
@@ -514,13 +514,10 @@ def _checkProxy(r: _Reader, section: str, values: dict) -> None:
         )
 
 
-def _checkWorkers(
-    r: _Reader, workers: Optional[int], backend: Optional[str], metrics: bool
-) -> None:
+def _checkWorkers(r: _Reader, workers: Optional[int], backend: Optional[str]) -> None:
     """
     Several worker processes need the state they would otherwise each keep
-    apart in one place: the throttle counters in a shared backend. Their
-    metrics would be counted apart too, and no process could serve them all.
+    apart in one place: the throttle counters in a shared backend.
     """
     if workers is None or workers == 1:
         return
@@ -530,13 +527,6 @@ def _checkWorkers(
             "workers",
             f"{workers} processes would each keep their own throttle counters with "
             "[state] backend = memory: set backend = redis://HOST:6379/0, or workers = 1",
-        )
-    if metrics:
-        r.problem(
-            "server",
-            "workers",
-            f"{workers} processes would each count their own [metrics]; "
-            "serving metrics needs workers = 1",
         )
 
 

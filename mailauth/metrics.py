@@ -1,7 +1,18 @@
-"""Every number an operator scrapes from C{/metrics}, defined once, and the server for them."""
+"""
+Every number an operator scrapes from C{/metrics}, defined once, and the
+server for them.
+
+With C{[server] workers} above 1 the sessions' numbers are counted in the
+workers and the queue's in the parent, which serves them all: each worker
+keeps its metrics in files of its own in L{workerFiles} (prometheus_client's
+multiprocess mode, which the parent turns on in the workers' environment),
+and the parent adds what those files hold to its own metrics at each scrape.
+"""
 
 from __future__ import annotations
 
+import glob
+import os
 from typing import Any, Callable, Iterable, Optional
 
 import attrs
@@ -51,6 +62,9 @@ DELIVERY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 # One message over the Internet, TLS and AUTH included when a session is new.
 RELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
+#: The families the forward queue's runner moves: the parent's, with workers.
+QUEUE_FAMILIES = frozenset({"relayAttempts", "relay"})
+
 QUEUE_SIZE = "mailauth_queue_messages"
 QUEUE_OLDEST_AGE = "mailauth_queue_oldest_age_seconds"
 
@@ -64,7 +78,8 @@ class _Definition:
     buckets: tuple = ()
 
 
-# Counters are named without _total: prometheus_client adds it.
+# Counters are named without _total: prometheus_client adds it. A gauge
+# counts what is open in a process: with workers, the live ones' are added.
 _DEFINITIONS = {
     "connections": _Definition(
         "counter", "mailauth_connections", "Connections accepted, by listener.", ("listener",)
@@ -139,6 +154,25 @@ _DEFINITIONS = {
     ),
 }
 
+#: The families the sessions move: the workers', with workers.
+SESSION_FAMILIES = frozenset(_DEFINITIONS) - QUEUE_FAMILIES
+
+
+def workerFiles(cfg) -> str:
+    """The folder where the workers of C{cfg}'s daemon keep their metrics."""
+    return os.path.join(cfg.server.state_dir, "metrics")
+
+
+def clearWorkerFiles(path: str) -> None:
+    """
+    Make the folder C{path} for the workers' metrics, empty: what an
+    earlier run counted must not be added to this one's, as one process
+    starts from zero.
+    """
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    for name in glob.glob(os.path.join(path, "*.db")):
+        os.remove(name)
+
 
 class _Nothing:
     """Stands for every metric when none are served: takes every update, keeps nothing."""
@@ -193,19 +227,29 @@ class Metrics:
     _dkimSigned: Any
 
     def __init__(
-        self, registry=None, *, listeners: Iterable[str] = (), mechanisms: Iterable[str] = ()
+        self,
+        registry=None,
+        *,
+        listeners: Iterable[str] = (),
+        mechanisms: Iterable[str] = (),
+        families: Iterable[str] = frozenset(_DEFINITIONS),
     ) -> None:
         """
         @param registry: a C{prometheus_client.CollectorRegistry} to define
             the metrics in, or L{None} for none (see L{prometheus}).
         @param listeners: listener names, whose series start at zero.
         @param mechanisms: SASL mechanism names, whose series start at zero.
+        @param families: the metrics this process moves (by attribute, as
+            L{SESSION_FAMILIES}); the others only check their arguments.
+            The queue's size and age come with L{QUEUE_FAMILIES}.
         """
         self.registry = registry
+        self.workerFiles: Optional[str] = None
         self._queueProbe: Optional[Callable[[], tuple]] = None
+        families = frozenset(families)
+        for attribute in _DEFINITIONS:
+            setattr(self, "_" + attribute, _NOTHING)
         if registry is None:
-            for attribute in _DEFINITIONS:
-                setattr(self, "_" + attribute, _NOTHING)
             return
         import prometheus_client
 
@@ -215,10 +259,16 @@ class Metrics:
             "histogram": prometheus_client.Histogram,
         }
         for attribute, d in _DEFINITIONS.items():
-            extra = {"buckets": d.buckets} if d.buckets else {}
+            if attribute not in families:
+                continue
+            extra: dict = {"buckets": d.buckets} if d.buckets else {}
+            if d.kind == "gauge":
+                # (Used only in multiprocess mode: the sum over live processes.)
+                extra["multiprocess_mode"] = "livesum"
             metric = kinds[d.kind](d.name, d.help, d.labels, registry=registry, **extra)
             setattr(self, "_" + attribute, metric)
-        registry.register(_QueueCollector(self))
+        if QUEUE_FAMILIES <= families:
+            registry.register(_QueueCollector(self))
         # A series that exists from the start makes rate() and increase()
         # right from the first event, not only from the second.
         for listener in listeners:
@@ -240,7 +290,13 @@ class Metrics:
 
     @classmethod
     def prometheus(
-        cls, *, listeners: Iterable[str] = (), mechanisms: Iterable[str] = (), process: bool = True
+        cls,
+        *,
+        listeners: Iterable[str] = (),
+        mechanisms: Iterable[str] = (),
+        process: bool = True,
+        families: Iterable[str] = frozenset(_DEFINITIONS),
+        workerFiles: Optional[str] = None,
     ) -> Metrics:
         """
         Metrics in a new private registry (never prometheus_client's global
@@ -249,6 +305,9 @@ class Metrics:
 
         @param process: add prometheus_client's C{process_*} (CPU, memory,
             file descriptors) and C{python_info} metrics.
+        @param families: see L{__init__}.
+        @param workerFiles: serve, with these, what the workers count in
+            this folder (L{clearWorkerFiles} must have made it).
         @raise ImportError: if prometheus_client is not installed.
         """
         from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -257,20 +316,52 @@ class Metrics:
         if process:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
-        return cls(registry, listeners=listeners, mechanisms=mechanisms)
+        metrics = cls(registry, listeners=listeners, mechanisms=mechanisms, families=families)
+        if workerFiles is not None:
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            MultiProcessCollector(registry, path=workerFiles)
+            metrics.workerFiles = workerFiles
+        return metrics
 
     @classmethod
-    def fromConfig(cls, cfg) -> Metrics:
+    def fromConfig(cls, cfg, role: str = "one") -> Metrics:
         """
         Served metrics if the L{mailauth.config.Config} has a C{[metrics]}
         section, else metrics that only check their arguments.
+
+        @param role: C{one} (the only process: every metric), C{parent}
+            (of workers: the queue's metrics, with the workers' from
+            L{workerFiles}, which must have been cleared), or C{worker}
+            (the sessions' metrics, kept in L{workerFiles} for the parent:
+            the parent names that folder in the worker's environment).
+        @raise RuntimeError: for a worker whose environment names no folder.
         """
         if cfg.metrics is None:
             return cls()
-        return cls.prometheus(
+        names = dict(
             listeners=[listener.name for listener in cfg.listeners],
             mechanisms=cfg.auth.mechanisms,
         )
+        if role == "worker":
+            # prometheus_client reads it when it is first imported, which is
+            # here in a worker: a value set later would not be seen.
+            if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                raise RuntimeError("a worker with [metrics] needs PROMETHEUS_MULTIPROC_DIR")
+            return cls.prometheus(**names, process=False, families=SESSION_FAMILIES)
+        if role == "parent":
+            return cls.prometheus(**names, families=QUEUE_FAMILIES, workerFiles=workerFiles(cfg))
+        return cls.prometheus(**names)
+
+    def workerEnded(self, pid: int) -> None:
+        """
+        A worker has ended: its open sessions ended with it (its gauges
+        are dropped); what its counters counted stays in the totals.
+        """
+        if self.workerFiles is not None:
+            from prometheus_client.multiprocess import mark_process_dead
+
+            mark_process_dead(pid, self.workerFiles)
 
     # -- connections -------------------------------------------------------
 

@@ -31,7 +31,7 @@ from mailauth.interfaces import IReloadable, IUserDatabase
 from mailauth.limits import LimitOverrides, Limits, SendingLimits
 from mailauth.logs import LogFormatError, jsonFileObserver, twistdLogFile
 from mailauth.maildir import LeftoverCleanup
-from mailauth.metrics import Metrics, metricsService
+from mailauth.metrics import Metrics, clearWorkerFiles, metricsService, workerFiles
 from mailauth.ownmail import LocalDelivery
 from mailauth.pgusers import PostgreSQLUserDatabase, isPostgreSQL
 from mailauth.proxy import ProxyFactory
@@ -395,6 +395,17 @@ def _runAs(options: usage.Options) -> Optional[tuple]:
     return (parent["uid"], gid if gid is not None else -1)
 
 
+def _workerEnvironment(cfg: configmod.Config, environ: Optional[Mapping[str, str]]) -> dict:
+    """
+    The environment the parent gives its workers: its own, and with
+    C{[metrics]} the folder where prometheus_client keeps their metrics.
+    """
+    env = dict(os.environ if environ is None else environ)
+    if cfg.metrics is not None:
+        env["PROMETHEUS_MULTIPROC_DIR"] = workerFiles(cfg)
+    return env
+
+
 def _chownTree(path: str, owner: tuple) -> None:
     """Give C{path} and everything under it to C{owner} (uid, gid)."""
     os.chown(path, *owner)
@@ -484,8 +495,11 @@ def buildService(
         and leave the queue's runner, autoconfig and systemd to the parent.
     """
     top = _Daemon(cfg.path)
-    metrics = Metrics.fromConfig(cfg)
     os.makedirs(cfg.server.state_dir, mode=0o750, exist_ok=True)
+    role = "one" if cfg.server.workers == 1 else "parent" if worker is None else "worker"
+    if role == "parent" and cfg.metrics is not None:
+        clearWorkerFiles(workerFiles(cfg))
+    metrics = Metrics.fromConfig(cfg, role)
 
     aliases = AddressMap(cfg.delivery.aliases)
     senderMap = AddressMap(cfg.delivery.sender_map)
@@ -634,9 +648,10 @@ def buildService(
             cfg.path,
             readConfiguration(cfg.path, cfg),
             wakeQueue=queueService.wake if queueService is not None else (lambda: None),
-            environ=environ,
+            environ=_workerEnvironment(cfg, environ),
             hangTimeout=cfg.server.worker_timeout,
             connections=NodeConnections(limiter),
+            workerEnded=metrics.workerEnded,
         )
         pool.setServiceParent(top)
     for listener in cfg.listeners if pool is None else ():
@@ -713,7 +728,7 @@ def buildService(
     reloader.clock = reactor
     reloader.setServiceParent(top)
     _Signals(reactor, reloadAll).setServiceParent(top)
-    if cfg.metrics is not None:
+    if cfg.metrics is not None and worker is None:
         top.addEndpoint(
             metricsService(cfg.metrics.endpoint, metrics, reactor), "metrics", cfg.metrics.endpoint
         )

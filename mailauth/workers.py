@@ -245,6 +245,7 @@ class WorkerPool(service.Service):
         stopTimeout: float = 10.0,
         hangTimeout: float = 0.0,
         connections: Optional[NodeConnections] = None,
+        workerEnded: Callable[[int], None] = lambda pid: None,
     ) -> None:
         """
         @param reactor: binds, spawns (C{IReactorProcess}) and keeps time.
@@ -265,6 +266,8 @@ class WorkerPool(service.Service):
         @param connections: the node's connection counts, which the workers
             ask before they greet a client; L{None}: workers asking get no
             answer (only tests build a pool without).
+        @param workerEnded: called with the process id of each worker that
+            has ended (its metrics' live gauges are dropped).
         """
         self.reactor = reactor
         self.count = count
@@ -279,6 +282,7 @@ class WorkerPool(service.Service):
         self.stopTimeout = stopTimeout
         self.hangTimeout = hangTimeout
         self.connections = connections
+        self.workerEnded = workerEnded
         self._watch: Optional[task.LoopingCall] = None
         self._lastCheck: Optional[float] = None
         self.slots = [_Slot(index=n) for n in range(1, count + 1)]
@@ -463,6 +467,8 @@ class WorkerPool(service.Service):
         slot.process = slot.pid = None
         if self.connections is not None:
             self.connections.forget(slot.index)
+        if pid is not None:
+            self.workerEnded(pid)
         _cancelKiller(slot)
         ended, slot.ended = slot.ended, None
         if ended is not None:

@@ -775,15 +775,14 @@ maildir = /var/mail/{domain}/{localpart}/Maildir
         [problem] = self.problems("[server]\nworker_timeout = soon\n")
         self.assertIn("[server] worker_timeout: ", problem)
 
-    def test_metricsNeedOneProcess(self):
-        """[metrics] with workers is refused: no process could serve every worker's counts."""
-        problems = self.problems(
+    def test_metricsWithWorkers(self):
+        """[metrics] with workers is fine: the parent serves every worker's counts."""
+        cfg = self.load(
             "[server]\nworkers = 2\n[state]\nbackend = redis://h:6379/0\n"
             "[metrics]\nendpoint = tcp:9587:interface=127.0.0.1\n"
         )
-        self.assertEqual(len(problems), 1)
-        self.assertIn(
-            "[server] workers: 2 processes would each count their own [metrics]", problems[0]
+        self.assertEqual(
+            (cfg.server.workers, cfg.metrics.endpoint), (2, "tcp:9587:interface=127.0.0.1")
         )
 
 
@@ -828,6 +827,49 @@ class BuildTests(unittest.TestCase):
         self.assertEqual(
             (pool.connections.limiter.total, pool.connections.limiter.perAddress), (500, 20)
         )
+
+    def test_parentServesTheWorkersMetrics(self):
+        """
+        With [metrics], the parent serves them, from a folder of the state
+        directory it has emptied of an earlier run's counts, and names that
+        folder in the workers' environment; it drops the open-session
+        gauges of a worker that ends.
+        """
+        settings = {
+            "server": {"workers": "2"},
+            "state": {"backend": "redis://127.0.0.1:6379/0"},
+            "metrics": {"endpoint": "tcp:0:interface=127.0.0.1"},
+        }
+        cfg = configmod.load(writeDaemonDirectory(self.mktemp(), settings))
+        folder = os.path.join(cfg.server.state_dir, "metrics")
+        os.makedirs(folder)
+        open(os.path.join(folder, "counter_1.db"), "wb").close()
+        top = tap.buildService(cfg, reactor, environ={"PATH": "/usr/bin"})
+        self.assertIn("metrics", self.names(top))
+        self.assertEqual(os.listdir(folder), [])
+        pool = top.getServiceNamed("workers")
+        self.assertEqual(pool.environ["PROMETHEUS_MULTIPROC_DIR"], folder)
+        # A worker's live gauge file goes with it; its counters stay.
+        for name in ("gauge_livesum_4242.db", "counter_4242.db"):
+            open(os.path.join(folder, name), "wb").close()
+        pool.workerEnded(4242)
+        self.assertEqual(os.listdir(folder), ["counter_4242.db"])
+
+    def test_workerKeepsItsMetricsForTheParent(self):
+        """
+        A worker with [metrics] serves none: it counts into the folder its
+        environment names, and refuses to start without one.
+        """
+        settings = {
+            "server": {"workers": "2"},
+            "state": {"backend": "redis://127.0.0.1:6379/0"},
+            "metrics": {"endpoint": "tcp:0:interface=127.0.0.1"},
+        }
+        worker = Worker(1, {"submission": 4, "submissions": 5}, lambda: None)
+        self.patch(os, "environ", {"PATH": "/usr/bin"})
+        self.assertRaises(RuntimeError, self.build, settings, worker)
+        self.patch(os, "environ", {"PATH": "/usr/bin", "PROMETHEUS_MULTIPROC_DIR": self.mktemp()})
+        self.assertNotIn("metrics", self.names(self.build(settings, worker)))
 
     def test_stopFailedExitsWithOne(self):
         """

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 from twisted.trial import unittest
 
@@ -39,6 +40,7 @@ from tests.harness import (
 )
 from tests.redisharness import startRedis
 from tests.support import writeCertificate
+from tests.test_metrics import parse
 
 FILTER = os.path.join(ROOT, "etc", "fail2ban", "filter.d", "mailauth.conf")
 
@@ -291,6 +293,70 @@ class TwistdWorkersTests(unittest.TestCase):
         self.addCleanup(client.close)
         self.assertEqual(client.reply()[0], 220)
 
+    def test_metricsOfEveryWorker(self):
+        """
+        With [metrics], the parent serves what every worker counts: the
+        messages each accepted add up, the sessions each has open add up,
+        and a killed worker takes its open sessions with it, not its counts.
+        """
+        metrics = {"endpoint": "tcp:0:interface=127.0.0.1"}
+        daemon = _Daemon(self, {"server": {"log_format": "json"}, "metrics": metrics})
+        daemon.start()
+        port = daemon.twistd.ports["submission"]
+        [metricsPort] = re.findall(r"\[metrics\] listening on \S+:(\d+)", daemon.twistd.log())
+
+        def scrape() -> dict:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metricsPort}/metrics", timeout=30) as r:
+                text = r.read().decode()
+            # Each family once: the parent's and the workers' do not overlap.
+            families = re.findall(r"^# TYPE (\S+)", text, re.MULTILINE)
+            self.assertEqual(len(families), len(set(families)), text)
+            return parse(text)
+
+        def workersOf(pattern: str) -> list:
+            return [
+                json.loads(line)["log_worker"]
+                for line in daemon.twistd.log().splitlines()
+                if re.search(pattern, line) and '"log_worker"' in line
+            ]
+
+        accepted = 0
+        # Until each worker has accepted one (which takes which is the kernel's choice).
+        while len(set(workersOf(r"message accepted: "))) < 2 and accepted < 200:
+            sendOne(port)
+            accepted += 1
+            daemon.twistd.waitForLog(r"message accepted: ", count=accepted)
+        held = []
+        # Open sessions, from addresses of their own, until each worker has one.
+        while len(set(workersOf(r'"log_format": "connect: ')[accepted:])) < 2:
+            self.assertLess(len(held), 100)
+            client = RawClient(port, source=f"127.0.0.{10 + len(held)}")
+            self.addCleanup(client.close)
+            self.assertEqual(client.reply()[0], 220)
+            held.append(client)
+            daemon.twistd.waitForLog(r'"log_format": "connect: ', count=accepted + len(held))
+        byWorker = workersOf(r'"log_format": "connect: ')[accepted:]
+        victim = byWorker[-1]
+        before = scrape()
+        total = ("mailauth_messages_accepted_total", ())
+        opened = ("mailauth_connections_open", (("listener", "submission"),))
+        self.assertEqual((before[total], before[opened]), (accepted, len(held)))
+        [started] = [
+            json.loads(line)
+            for line in daemon.twistd.log().splitlines()
+            if '"log_format": "worker {index} started' in line
+            and json.loads(line)["index"] == victim
+        ][-1:]
+        os.kill(started["pid"], signal.SIGKILL)
+        daemon.twistd.waitForLog(r"was killed by SIGKILL; starting it again")
+        after = scrape()
+        self.assertEqual(
+            (after[total], after[opened]), (accepted, len(held) - byWorker.count(victim))
+        )
+        # The relay's and the process's metrics are the parent's.
+        self.assertEqual(after[("mailauth_relay_attempts_total", (("outcome", "sent"),))], 0)
+        self.assertIn(("process_open_fds", ()), after)
+
     def test_hungWorkerAbortedAndReplaced(self):
         """
         A worker whose event loop stops (SIGSTOP here) is noticed after
@@ -445,10 +511,13 @@ class PrivilegeTests(unittest.TestCase):
             raise unittest.SkipTest("--uid and --gid need root")
         self.nobody = pwd.getpwnam("nobody")
 
-    def daemon(self, keyMode: int, port: int = 0):
+    def daemon(self, keyMode: int, port: int = 0, settings=None):
         daemon = _Daemon(
             self,
-            {"listener:submissions": {"endpoint": f"tcp:{port}:interface=127.0.0.1"}},
+            {
+                "listener:submissions": {"endpoint": f"tcp:{port}:interface=127.0.0.1"},
+                **(settings or {}),
+            },
             twistdArgs=["--uid", str(self.nobody.pw_uid), "--gid", str(self.nobody.pw_gid)],
         )
         # What the workers read and write as nobody, as an operator would set it up.
@@ -463,7 +532,8 @@ class PrivilegeTests(unittest.TestCase):
     def test_workersDropPrivileges(self):
         """
         The parent binds a port below 1024 as root; then it and its
-        workers run as the C{--uid}/C{--gid} user and serve mail.
+        workers run as the C{--uid}/C{--gid} user and serve mail, and
+        count it in the metrics the parent serves.
         """
         # The workers are this Python running this checkout, as nobody.
         try:
@@ -484,7 +554,7 @@ class PrivilegeTests(unittest.TestCase):
                 f".ci/run runs this on Debian's python3 too: {why}"
             )
         port = _privilegedPort()
-        daemon = self.daemon(0o644, port)
+        daemon = self.daemon(0o644, port, {"metrics": {"endpoint": "tcp:0:interface=127.0.0.1"}})
         daemon.start()
         self.assertEqual(daemon.twistd.ports["submissions"], port)
         for pid in [daemon.twistd.process.pid, *daemon.twistd.workerPIDs()]:
@@ -496,6 +566,10 @@ class PrivilegeTests(unittest.TestCase):
             self.assertEqual(set(gids), {str(self.nobody.pw_gid)})
         queued = sendOne(port, implicit=True)
         self.assertEqual(deliveredIDs(daemon.maildir()), {queued})
+        [metricsPort] = re.findall(r"\[metrics\] listening on \S+:(\d+)", daemon.twistd.log())
+        with urllib.request.urlopen(f"http://127.0.0.1:{metricsPort}/metrics", timeout=30) as r:
+            scraped = parse(r.read().decode())
+        self.assertEqual(scraped[("mailauth_messages_accepted_total", ())], 1)
 
     def test_keyTheWorkersCannotRead(self):
         """
