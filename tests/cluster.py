@@ -17,7 +17,10 @@ submissions (implicit TLS). Then:
      (SIGKILL to its parent and its workers);
   3. every message that got a 250 must be in the Maildir, the survivors
      must have served the rest, and the Received headers and the nodes'
-     logs must name the real client addresses, not HAProxy's.
+     logs must name the real client addresses, not HAProxy's;
+  4. each node's C{/metrics} (served by its parent for both its workers)
+     must have counted what the node did: the brute force's failures and
+     refusals, and every message each survivor stored.
 
 It prints a summary and exits non-zero if any check fails. Not part of the
 trial suite (it takes a minute); run it as C{python -m tests.cluster}.
@@ -40,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from typing import Optional
 
 from mailauth import passwords
@@ -102,6 +106,9 @@ maildir = {dir}/mail/{{domain}}/{{localpart}}/Maildir
 
 [state]
 backend = {redis}
+
+[metrics]
+endpoint = tcp:0:interface={address}
 """
 
 
@@ -336,11 +343,34 @@ class Cluster:
     def nodeLog(self, index: int) -> str:
         return self.nodes[index].log()
 
+    def nodeMetrics(self, index: int) -> dict:
+        """Node C{index}'s /metrics: {(sample name, sorted labels): value}."""
+        from prometheus_client.parser import text_string_to_metric_families
 
-def bruteForce(cluster: Cluster) -> Check:
+        [port] = re.findall(r"\[metrics\] listening on \S+:(\d+)", self.nodeLog(index))
+        with urllib.request.urlopen(f"http://{NODES[index]}:{port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+
+def total(metrics: dict, name: str, **labels: str) -> float:
+    """The sum of the samples named C{name} that carry C{labels}."""
+    return sum(
+        value
+        for (sample, have), value in metrics.items()
+        if sample == name and set(labels.items()) <= set(have)
+    )
+
+
+def bruteForce(cluster: Cluster) -> list:
     """
     Failed logins from one address, one per connection, through HAProxy's
-    round robin: refused everywhere after MAX_FAILURES failures in all.
+    round robin: refused everywhere after MAX_FAILURES failures in all;
+    and counted so in the nodes' metrics.
     """
     port = cluster.haproxy.ports["submissions"]
     replies = []
@@ -370,12 +400,47 @@ def bruteForce(cluster: Cluster) -> Check:
     expected = ["535"] * (MAX_FAILURES - 1) + ["421"] * (2 * len(NODES) + 1)
     spread = sum(1 for count in failures.values() if count) >= 2
     ok = replies == expected and sum(failures.values()) == MAX_FAILURES and spread
+    # The last guess gets its 421 after AUTH; the rest are refused at once.
+    metrics = [cluster.nodeMetrics(n) for n in range(len(NODES))]
+    counted = {
+        "failures": sum(total(m, "mailauth_auth_total", result="failure") for m in metrics),
+        "blocked": sum(
+            total(m, "mailauth_connections_refused_total", reason="blocked") for m in metrics
+        ),
+    }
+    want = {"failures": MAX_FAILURES, "blocked": 2 * len(NODES)}
+    return [
+        Check(
+            "brute force across nodes blocked at the single-node count",
+            ok,
+            f"replies {' '.join(replies)} (want {MAX_FAILURES - 1} x 535, then 421); "
+            f"failures logged per node {failures} (want {MAX_FAILURES} in all, "
+            "on at least 2 nodes)",
+        ),
+        Check(
+            "the nodes' metrics count the brute force",
+            counted == want,
+            f"failed logins and connections refused as blocked, summed over the nodes' "
+            f"/metrics: {counted} (want {want})",
+        ),
+    ]
+
+
+def checkMetrics(cluster: Cluster) -> Check:
+    """Each survivor's /metrics counted every message it stored, both workers' together."""
+    byNode: dict = {}
+    for node, _ in cluster.delivered().values():
+        byNode[node] = byNode.get(node, 0) + 1
+    counted, stored = {}, {}
+    for n in range(len(NODES)):
+        if n != cluster.killed:
+            name = f"node{n + 1}.cluster.test"
+            counted[name] = int(total(cluster.nodeMetrics(n), "mailauth_messages_accepted_total"))
+            stored[name] = byNode.get(name, 0)
     return Check(
-        "brute force across nodes blocked at the single-node count",
-        ok,
-        f"replies {' '.join(replies)} (want {MAX_FAILURES - 1} x 535, then 421); "
-        f"failures logged per node {failures} (want {MAX_FAILURES} in all, "
-        "on at least 2 nodes)",
+        "each survivor's metrics count the messages it stored",
+        counted == stored and all(stored.values()),
+        f"mailauth_messages_accepted_total by node {counted}; in the Maildir {stored}",
     )
 
 
@@ -612,9 +677,10 @@ def main(argv=None) -> int:
     started = time.monotonic()
     try:
         cluster.start()
-        checks.append(bruteForce(cluster))
+        checks += bruteForce(cluster)
         accepted, results, killedAt = runLoad(cluster, options.time, options.time / 3)
         checks += checkLoad(cluster, accepted, killedAt)
+        checks.append(checkMetrics(cluster))
         states = cluster.serverStates()
         down = sorted(
             f"{backend}/{server}" for (backend, server), status in states.items() if status != "UP"
