@@ -16,7 +16,7 @@ import os
 from typing import Any, Callable, Iterable, Optional
 
 import attrs
-from twisted.application import internet, strports
+from twisted.application import internet, service, strports
 from twisted.web import resource, server
 
 # The fixed label values; anything else is a bug at the call site, and
@@ -163,15 +163,25 @@ def workerFiles(cfg) -> str:
     return os.path.join(cfg.server.state_dir, "metrics")
 
 
-def clearWorkerFiles(path: str) -> None:
+class WorkerFiles(service.Service):
     """
-    Make the folder C{path} for the workers' metrics, empty: what an
-    earlier run counted must not be added to this one's, as one process
-    starts from zero.
+    The folder for the workers' metrics: made when built, and emptied when
+    started (before the workers start), since what an earlier run counted
+    must not be added to this one's, as one process starts from zero. Not
+    before: a second daemon started by mistake on the same state directory
+    fails to listen first, and must leave the running one's counts alone.
     """
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    for name in glob.glob(os.path.join(path, "*.db")):
-        os.remove(name)
+
+    name = "metrics-files"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        os.makedirs(path, mode=0o700, exist_ok=True)
+
+    def startService(self) -> None:
+        super().startService()
+        for name in glob.glob(os.path.join(self.path, "*.db")):
+            os.remove(name)
 
 
 class _Nothing:
@@ -307,7 +317,7 @@ class Metrics:
             file descriptors) and C{python_info} metrics.
         @param families: see L{__init__}.
         @param workerFiles: serve, with these, what the workers count in
-            this folder (L{clearWorkerFiles} must have made it).
+            this folder, which must exist (L{WorkerFiles}).
         @raise ImportError: if prometheus_client is not installed.
         """
         from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -332,7 +342,7 @@ class Metrics:
 
         @param role: C{one} (the only process: every metric), C{parent}
             (of workers: the queue's metrics, with the workers' from
-            L{workerFiles}, which must have been cleared), or C{worker}
+            L{workerFiles}, which must exist), or C{worker}
             (the sessions' metrics, kept in L{workerFiles} for the parent:
             the parent names that folder in the worker's environment).
         @raise RuntimeError: for a worker whose environment names no folder.
@@ -551,6 +561,6 @@ def metricsService(
     root = resource.Resource()
     root.putChild(b"metrics", MetricsResource(metrics.registry))
     site = _QuietSite(root, timeout=60, reactor=reactor)
-    service = strports.service(endpoint, site, reactor=reactor)
-    service.setName("metrics")
-    return service
+    web = strports.service(endpoint, site, reactor=reactor)
+    web.setName("metrics")
+    return web

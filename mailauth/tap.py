@@ -31,7 +31,7 @@ from mailauth.interfaces import IReloadable, IUserDatabase
 from mailauth.limits import LimitOverrides, Limits, SendingLimits
 from mailauth.logs import LogFormatError, jsonFileObserver, twistdLogFile
 from mailauth.maildir import LeftoverCleanup
-from mailauth.metrics import Metrics, clearWorkerFiles, metricsService, workerFiles
+from mailauth.metrics import Metrics, WorkerFiles, metricsService, workerFiles
 from mailauth.ownmail import LocalDelivery
 from mailauth.pgusers import PostgreSQLUserDatabase, isPostgreSQL
 from mailauth.proxy import ProxyFactory
@@ -497,8 +497,9 @@ def buildService(
     top = _Daemon(cfg.path)
     os.makedirs(cfg.server.state_dir, mode=0o750, exist_ok=True)
     role = "one" if cfg.server.workers == 1 else "parent" if worker is None else "worker"
+    metricsFiles = None
     if role == "parent" and cfg.metrics is not None:
-        clearWorkerFiles(workerFiles(cfg))
+        metricsFiles = WorkerFiles(workerFiles(cfg))
     metrics = Metrics.fromConfig(cfg, role)
 
     aliases = AddressMap(cfg.delivery.aliases)
@@ -653,6 +654,8 @@ def buildService(
             connections=NodeConnections(limiter),
             workerEnded=metrics.workerEnded,
         )
+        if metricsFiles is not None:
+            metricsFiles.setServiceParent(top)
         pool.setServiceParent(top)
     for listener in cfg.listeners if pool is None else ():
         factory = SubmissionFactory(

@@ -831,9 +831,10 @@ class BuildTests(unittest.TestCase):
     def test_parentServesTheWorkersMetrics(self):
         """
         With [metrics], the parent serves them, from a folder of the state
-        directory it has emptied of an earlier run's counts, and names that
-        folder in the workers' environment; it drops the open-session
-        gauges of a worker that ends.
+        directory it empties of an earlier run's counts once it listens
+        (not before: a second daemon that cannot listen must not empty a
+        running one's), and names that folder in the workers' environment;
+        it drops the open-session gauges of a worker that ends.
         """
         settings = {
             "server": {"workers": "2"},
@@ -846,6 +847,11 @@ class BuildTests(unittest.TestCase):
         open(os.path.join(folder, "counter_1.db"), "wb").close()
         top = tap.buildService(cfg, reactor, environ={"PATH": "/usr/bin"})
         self.assertIn("metrics", self.names(top))
+        self.assertEqual(os.listdir(folder), ["counter_1.db"])
+        # Emptied as it starts, before the workers do.
+        names = [s.name for s in top]
+        self.assertLess(names.index("metrics-files"), names.index("workers"))
+        top.getServiceNamed("metrics-files").startService()
         self.assertEqual(os.listdir(folder), [])
         pool = top.getServiceNamed("workers")
         self.assertEqual(pool.environ["PROMETHEUS_MULTIPROC_DIR"], folder)
