@@ -25,6 +25,11 @@ Scenarios (C{--scenarios}):
   each server with STARTTLS and with no TLS at all (the load generator and
   both servers in the clear), C{--repeat} times alternating; its own table
   with the server CPU per message that TLS adds to each.
+- C{metrics} (not in the default run): mailauth alone, the C{tput} load at
+  concurrency 50 with one process and with C{workers = 2} (counters in
+  Redis), each without and with C{[metrics]}, C{--repeat} times
+  alternating; its own table with what serving metrics costs each (with
+  workers, prometheus_client's multiprocess files).
 - C{workers} (not in the default run): the C{tput} job at concurrency 50
   (C{--workers-concurrency}) against aiosmtpd, mailauth with one process and
   counters in memory (the default), one process with counters in Redis, and
@@ -649,6 +654,69 @@ def tlsTable(r: dict) -> str:
     return "\n".join(out)
 
 
+# The metrics scenario's runs: (label, workers, with [metrics]).
+METRICS_VARIANTS = (
+    ("1 process", 1, False),
+    ("1 process, metrics", 1, True),
+    ("workers = 2", 2, False),
+    ("workers = 2, metrics", 2, True),
+)
+METRICS_SECTION = "\n[metrics]\nendpoint = tcp:0:interface=127.0.0.1\n"
+
+
+def metricsCost(work: str, seconds: float, repeat: int) -> dict:
+    """
+    The C{tput} load at concurrency 50 on mailauth with one process and with
+    two workers (counters in Redis), each without and with C{[metrics]},
+    alternating, C{repeat} times each; results by label, and by C{"1
+    process"} and C{"workers = 2"} the server CPU per message metrics add.
+    """
+    redis = startRedis(work)
+    runs: dict = {label: [] for label, *_ in METRICS_VARIANTS}
+    try:
+        for attempt in range(repeat):
+            for label, workers, served in METRICS_VARIANTS:
+                log(f"metrics: {label} ({attempt + 1}/{repeat}) ...")
+                server = Server(
+                    "mailauth",
+                    work,
+                    f"metrics-w{workers}{'m' if served else ''}-{attempt + 1}",
+                    workers=workers,
+                    redis=redis.url if workers > 1 else "",
+                    extra=METRICS_SECTION if served else "",
+                )
+                runs[label].append(freshThroughput(server, 50, seconds))
+                log(f"  {json.dumps(runs[label][-1])}")
+    finally:
+        redis.cleanup()
+    out = {label: average(r) for label, r in runs.items()}
+    for label in ("1 process", "workers = 2"):
+        plain, served = out[label], out[f"{label}, metrics"]
+        if "server_cpu_ms_per_msg" in plain and "server_cpu_ms_per_msg" in served:
+            out[f"{label} adds"] = round(
+                served["server_cpu_ms_per_msg"] - plain["server_cpu_ms_per_msg"], 3
+            )
+    return out
+
+
+def metricsTable(r: dict) -> str:
+    """The metrics scenario's table: with and without [metrics], and the CPU they add."""
+    header = (
+        f"{'metrics cost (c=50, 10 KB)':26} {'msgs/s':>8} {'metrics':>8} "
+        f"{'server CPU ms/msg':>18} {'metrics':>8} {'adds':>6}"
+    )
+    out = [header, "-" * len(header)]
+    for label in ("1 process", "workers = 2"):
+        plain, served = r.get(label, {}), r.get(f"{label}, metrics", {})
+        out.append(
+            f"mailauth, {label:16} {fmt(plain.get('msgs_per_s')):>8} "
+            f"{fmt(served.get('msgs_per_s')):>8} "
+            f"{fmt(plain.get('server_cpu_ms_per_msg'), 2):>18} "
+            f"{fmt(served.get('server_cpu_ms_per_msg'), 2):>8} {fmt(r.get(f'{label} adds'), 3):>6}"
+        )
+    return "\n".join(out)
+
+
 def signedShare(server: Server) -> float:
     """The share of the messages delivered to C{server}'s recipient that carry a signature."""
     local, _, domain = RECIPIENT.partition("@")
@@ -1075,6 +1143,8 @@ def main() -> None:
             pass  # mailauth alone, after the others: dkimCost
         elif scenario == "tls":
             pass  # its own servers and table, after the others: tlsCost
+        elif scenario == "metrics":
+            pass  # mailauth alone, its own table, after the others: metricsCost
         elif scenario == "workers":
             continue  # its own servers and table, after the others
         else:
@@ -1107,6 +1177,8 @@ def main() -> None:
         results["dkim"] = dkimCost(work, options.time, options.repeat)
     if "tls" in scenarios:
         results["tls"] = tlsCost(work, options.time, options.repeat)
+    if "metrics" in scenarios:
+        results["metrics"] = metricsCost(work, options.time, options.repeat)
     if "workers" in scenarios:
         results["workers"] = workersScenario(work, options)
     info = machine()
@@ -1125,6 +1197,8 @@ def main() -> None:
         print(dkimTable(results["dkim"]))
     if "tls" in results:
         print(tlsTable(results["tls"]))
+    if "metrics" in results:
+        print(metricsTable(results["metrics"]))
     if "workers" in results:
         if plan:
             print()
