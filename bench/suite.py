@@ -602,11 +602,36 @@ def dkimCost(work: str, seconds: float, repeat: int) -> dict:
     plain, signed = out["unsigned"], out["ed25519"]
     if plain.get("msgs_per_s") and signed.get("msgs_per_s"):
         out["throughput_cost"] = round(1 - signed["msgs_per_s"] / plain["msgs_per_s"], 4)
-    if "server_cpu_ms_per_msg" in plain and "server_cpu_ms_per_msg" in signed:
-        out["server_cpu_ms_added"] = round(
-            signed["server_cpu_ms_per_msg"] - plain["server_cpu_ms_per_msg"], 3
-        )
+    out["server_cpu_ms_added"] = cpuAdded(plain, signed)
     return out
+
+
+def cpuAdded(without: dict, withIt: dict) -> Optional[float]:
+    """The server CPU per message (ms) a run C{withIt} took beyond one C{without}, if both ran."""
+    if "server_cpu_ms_per_msg" in without and "server_cpu_ms_per_msg" in withIt:
+        return round(withIt["server_cpu_ms_per_msg"] - without["server_cpu_ms_per_msg"], 3)
+    return None
+
+
+def costTable(title: str, columns: tuple, rows: list) -> str:
+    """
+    A table of runs in two variants (C{columns}: their names, e.g. TLS and
+    plain): msgs/s and server CPU per message of each, and what the one
+    costs beyond the other. C{rows}: (name, first, second, CPU added).
+    """
+    first, second = columns
+    header = (
+        f"{title:26} {'msgs/s ' + first:>14} {second:>8} "
+        f"{'server CPU ms/msg ' + first:>26} {second:>8} {'adds':>6}"
+    )
+    out = [header, "-" * len(header)]
+    for name, a, b, added in rows:
+        out.append(
+            f"{name:26} {fmt(a.get('msgs_per_s')):>14} {fmt(b.get('msgs_per_s')):>8} "
+            f"{fmt(a.get('server_cpu_ms_per_msg'), 2):>26} "
+            f"{fmt(b.get('server_cpu_ms_per_msg'), 2):>8} {fmt(added, 3):>6}"
+        )
+    return "\n".join(out)
 
 
 # The tls scenario's runs: (server name, STARTTLS or not).
@@ -631,27 +656,17 @@ def tlsCost(work: str, seconds: float, repeat: int) -> dict:
             log(f"  {json.dumps(runs[key][-1])}")
     out = {key: average(r) for key, r in runs.items()}
     for name in ("aiosmtpd", "mailauth"):
-        withTLS, plain = out[f"{name} tls"], out[f"{name} plain"]
-        if "server_cpu_ms_per_msg" in withTLS and "server_cpu_ms_per_msg" in plain:
-            out[name] = round(withTLS["server_cpu_ms_per_msg"] - plain["server_cpu_ms_per_msg"], 3)
+        out[name] = cpuAdded(out[f"{name} plain"], out[f"{name} tls"])
     return out
 
 
 def tlsTable(r: dict) -> str:
     """The tls scenario's table: each server with and without TLS, and the CPU TLS adds."""
-    header = (
-        f"{'TLS cost (c=50, 10 KB)':24} {'msgs/s TLS':>10} {'plain':>8} "
-        f"{'server CPU ms/msg TLS':>22} {'plain':>6} {'TLS adds':>9}"
-    )
-    out = [header, "-" * len(header)]
-    for name in ("aiosmtpd", "mailauth"):
-        withTLS, plain = r.get(f"{name} tls", {}), r.get(f"{name} plain", {})
-        out.append(
-            f"{name:24} {fmt(withTLS.get('msgs_per_s')):>10} {fmt(plain.get('msgs_per_s')):>8} "
-            f"{fmt(withTLS.get('server_cpu_ms_per_msg'), 2):>22} "
-            f"{fmt(plain.get('server_cpu_ms_per_msg'), 2):>6} {fmt(r.get(name), 3):>9}"
-        )
-    return "\n".join(out)
+    rows = [
+        (name, r.get(f"{name} tls", {}), r.get(f"{name} plain", {}), r.get(name))
+        for name in ("aiosmtpd", "mailauth")
+    ]
+    return costTable("TLS cost (c=50, 10 KB)", ("TLS", "plain"), rows)
 
 
 # The metrics scenario's runs: (label, workers, with [metrics]).
@@ -691,30 +706,17 @@ def metricsCost(work: str, seconds: float, repeat: int) -> dict:
         redis.cleanup()
     out = {label: average(r) for label, r in runs.items()}
     for label in ("1 process", "workers = 2"):
-        plain, served = out[label], out[f"{label}, metrics"]
-        if "server_cpu_ms_per_msg" in plain and "server_cpu_ms_per_msg" in served:
-            out[f"{label} adds"] = round(
-                served["server_cpu_ms_per_msg"] - plain["server_cpu_ms_per_msg"], 3
-            )
+        out[f"{label} adds"] = cpuAdded(out[label], out[f"{label}, metrics"])
     return out
 
 
 def metricsTable(r: dict) -> str:
-    """The metrics scenario's table: with and without [metrics], and the CPU they add."""
-    header = (
-        f"{'metrics cost (c=50, 10 KB)':26} {'msgs/s':>8} {'metrics':>8} "
-        f"{'server CPU ms/msg':>18} {'metrics':>8} {'adds':>6}"
-    )
-    out = [header, "-" * len(header)]
-    for label in ("1 process", "workers = 2"):
-        plain, served = r.get(label, {}), r.get(f"{label}, metrics", {})
-        out.append(
-            f"mailauth, {label:16} {fmt(plain.get('msgs_per_s')):>8} "
-            f"{fmt(served.get('msgs_per_s')):>8} "
-            f"{fmt(plain.get('server_cpu_ms_per_msg'), 2):>18} "
-            f"{fmt(served.get('server_cpu_ms_per_msg'), 2):>8} {fmt(r.get(f'{label} adds'), 3):>6}"
-        )
-    return "\n".join(out)
+    """The metrics scenario's table: without and with [metrics], and the CPU they add."""
+    rows = [
+        (f"mailauth, {x}", r.get(x, {}), r.get(f"{x}, metrics", {}), r.get(f"{x} adds"))
+        for x in ("1 process", "workers = 2")
+    ]
+    return costTable("metrics cost (c=50, 10 KB)", ("none", "metrics"), rows)
 
 
 def signedShare(server: Server) -> float:
