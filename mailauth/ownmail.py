@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from mailauth import dsn, replies
 from mailauth.envelope import MessageOptions
-from mailauth.interfaces import BlockingRunner, IForwardQueue, ILocalDelivery
+from mailauth.interfaces import BlockingRunner, IForwardQueue, ILocalDelivery, IMessageSink
 from mailauth.maildir import MaildirWriter, UnsafeMailbox
 from mailauth.routing import Router
 
@@ -75,16 +75,24 @@ class LocalDelivery:
             )
             raise replies.MAILBOX_NOT_ALLOWED.error(address=recipient) from None
 
-        def write() -> None:
-            writer = MaildirWriter(maildirs, self.hostname, top=returnPath(""))
-            try:
-                writer.write(message)
-                writer.commit()
-            except BaseException:
-                writer.abort()
-                raise
+        # (The writer is made in the thread too: it makes missing folders.)
+        yield self.runBlocking(
+            lambda: storeWhole(MaildirWriter(maildirs, self.hostname, top=returnPath("")), message)
+        )
 
-        yield self.runBlocking(write)
+
+def storeWhole(sink: IMessageSink, message: bytes) -> None:
+    """
+    Blocking: write C{message} whole into C{sink}, prepare and commit it;
+    on any failure nothing of it is left.
+    """
+    try:
+        sink.write(message)
+        sink.prepare()
+        sink.commit()
+    except BaseException:
+        sink.abort()
+        raise
 
 
 def queueMessage(
@@ -101,17 +109,7 @@ def queueMessage(
     durable (nothing of it is left if it cannot be).
     """
     sink = queue.newMessage(queueID or newMessageID(), "", [recipient], options)
-
-    def store() -> None:
-        try:
-            sink.write(message)
-            sink.prepare()
-            sink.commit()
-        except BaseException:
-            sink.abort()
-            raise
-
-    return runBlocking(store)
+    return runBlocking(storeWhole, sink, message)
 
 
 class DeliveryReports:
