@@ -78,15 +78,21 @@ class LogRelay:
         self.out.flush()
 
 
-def eventFromRelay(record: bytes) -> dict:
+def eventFromRelay(record: bytes, worker: int) -> dict:
     """
-    The event a L{LogRelay} line stands for.
+    The event a L{LogRelay} line of worker number C{worker} stands for,
+    with C{log_worker} set to C{worker}. A text line's event also names the
+    worker in its system, the part of a line twistd writes in brackets:
+    C{[mailauth.esmtp#info worker=2]}, so that the text log tells the
+    workers apart as the JSON log does with C{log_worker}.
 
     @raise ValueError: if C{record} is not such a line.
     """
     kind, text = record[:1], record[1:].decode("utf-8")
     if kind == b"J":
-        return eventFromJSON(text)
+        event = eventFromJSON(text)
+        event["log_worker"] = worker
+        return event
     data = json.loads(text) if kind == b"L" else None
     if not isinstance(data, dict) or not isinstance(data.get("x"), str):
         raise ValueError("not a relayed log event")
@@ -98,8 +104,9 @@ def eventFromRelay(record: bytes) -> dict:
     }
     if data.get("l") is not None:
         event["log_level"] = LogLevel.levelWithName(data["l"])
-    if data.get("s") is not None:
-        event["log_system"] = data["s"]
+    system = data.get("s") or f"{data.get('n') or '-'}#{data.get('l') or '-'}"
+    event["log_system"] = f"{system} worker={worker}"
+    event["log_worker"] = worker
     return event
 
 

@@ -449,7 +449,7 @@ class WorkerPool(service.Service):
         if not record.strip():
             return
         try:
-            event = eventFromRelay(record)
+            event = eventFromRelay(record, slot.index)
         except ValueError:
             log.warn(
                 "worker {index} (pid {pid}) logged what is not JSON: {record!r}",
@@ -458,7 +458,6 @@ class WorkerPool(service.Service):
                 record=record[:200],
             )
             return
-        event["log_worker"] = slot.index
         self.publisher(event)
 
     def _ended(self, slot: _Slot, reason: Failure) -> None:

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,12 +24,13 @@ from twisted.application import service
 from twisted.internet import defer, error, protocol, reactor, threads
 from twisted.internet.task import Clock
 from twisted.logger import (
-    LegacyLogObserverWrapper,
     Logger,
+    LogPublisher,
     formatEvent,
     formatEventAsClassicLogText,
     globalLogPublisher,
 )
+from twisted.python import log as legacylog
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -356,8 +358,9 @@ class WorkerPoolTests(unittest.TestCase):
         A worker's log events, split anywhere across reads, are published in
         the parent's log so that each line reads exactly as one process
         writes it (the fail2ban filter's C{[mailauth.esmtp#info] auth
-        failure: ...} included): fields, braces in the text, Twisted's own
-        legacy lines, and tracebacks.
+        failure: ...} included) but for the worker's number in the bracket:
+        fields, braces in the text, Twisted's own legacy lines, and
+        tracebacks.
         """
         self.makePool()
         original: list = []
@@ -380,28 +383,31 @@ class WorkerPoolTests(unittest.TestCase):
             raise ZeroDivisionError("division by zero")
         except ZeroDivisionError:
             logger.failure("it broke for {who}", who="us")
-        legacy = LegacyLogObserverWrapper(both)
-        legacy(
-            {
-                "message": ("SubmissionFactory starting on 2587",),
-                "isError": 0,
-                "system": "-",
-                "time": 1700000000.0,
-            }
+        # As Twisted's own code logs, through twisted.python.log.msg.
+        legacylog.LogPublisher(publishPublisher=LogPublisher(both)).msg(
+            "SubmissionFactory starting on 2587", system="-"
         )
         data = out.getvalue().encode("utf-8")
         proto = self.process(0).proto
         for start in range(0, len(data), 7):
             proto.childDataReceived(LOG_FD, data[start : start + 7])
+        # Each line reads as the worker wrote it, its bracket naming the worker.
         self.assertEqual(
             [formatEventAsClassicLogText(e) for e in self.events],
-            [formatEventAsClassicLogText(e) for e in original],
+            [
+                re.sub(r"^(\S+ \[[^]]*)\]", r"\1 worker=1]", formatEventAsClassicLogText(e))
+                for e in original
+            ],
         )
         self.assertIn("ZeroDivisionError", formatEventAsClassicLogText(self.events[2]))
         self.assertRegex(
             formatEventAsClassicLogText(self.events[0]),
-            r"^\S+ \[mailauth\.esmtp#info\] auth failure: "
+            r"^\S+ \[mailauth\.esmtp#info worker=1\] auth failure: "
             r"client=\[192\.0\.2\.7\] mechanism=PLAIN",
+        )
+        self.assertRegex(
+            formatEventAsClassicLogText(self.events[3]),
+            r"^\S+ \[- worker=1\] SubmissionFactory starting on 2587",
         )
         self.assertEqual([e["log_worker"] for e in self.events], [1, 1, 1, 1])
 

@@ -176,7 +176,8 @@ class TwistdWorkersTests(unittest.TestCase):
     def test_failuresLoggedForFail2ban(self):
         """
         A failed login in a worker reaches the daemon's log as the one line
-        fail2ban's shipped filter matches, with the client's address.
+        fail2ban's shipped filter matches, with the client's address; the
+        line names the worker that wrote it.
         """
         daemon = _Daemon(self)
         daemon.start()
@@ -185,7 +186,9 @@ class TwistdWorkersTests(unittest.TestCase):
         self.assertEqual(client.reply()[0], 220)
         client.ehlo()
         self.assertEqual(client.command(plain(BOB, b"wrong"))[0], 535)
-        daemon.twistd.waitForLog(r"auth failure: client=\[127\.0\.0\.9\]")
+        daemon.twistd.waitForLog(
+            r"\[mailauth\.esmtp#info worker=[12]\] auth failure: client=\[127\.0\.0\.9\]"
+        )
         logPath = daemon.twistd.logPath
         try:
             result = subprocess.run(
