@@ -147,6 +147,7 @@ class SubmissionProtocol(AuthCommands, MailTransaction, protocol.Protocol):
         self._chunk: Optional[ChunkReader] = None
         self._chunkVerdict: Optional[ReplyLike] = None
         self._messages: list = []
+        self._contentStarted = False
         self._writeFailure: Optional[Failure] = None
 
     def _heloPair(self) -> tuple:

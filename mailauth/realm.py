@@ -313,7 +313,9 @@ class Delivery:
         with_ = ("UTF8SMTP" if utf8 else "ESMTP") + ("S" if tlsText else "")
         with_ += "A" if self.login else ""
         name = helo[0].decode("ascii") if isinstance(helo[0], bytes) else helo[0]
-        lines = [f"Received: from {name} ([{helo[1]}])"]
+        # An address literal (RFC 5321 4.1.3): an IPv6 address is tagged.
+        literal = f"IPv6:{helo[1]}" if ":" in helo[1] else helo[1]
+        lines = [f"Received: from {name} ([{literal}])"]
         if self.login:
             login = _traceAddress(self.login, utf8)
             if self.appPassword:
@@ -323,11 +325,16 @@ class Delivery:
         lines.append(f"\tby {self.realm.hostname} (mailauth) with {with_} id {self.id}")
         if tlsText:
             lines.append(f"\t(using {tlsText})")
-        forPart = ""
-        if len(recipients) == 1:
-            forPart = f"for <{_traceAddress(addressText(recipients[0].dest), utf8)}>; "
+        # The ";" before the date is not optional (RFC 5322 3.6.7): with one
+        # recipient it follows the "for" clause, with more it ends the line
+        # before the date, as Postfix writes it.
         date = formatdate(self.realm.clock.seconds(), localtime=True)
-        lines.append(f"\t{forPart}{date}")
+        if len(recipients) == 1:
+            recipient = _traceAddress(addressText(recipients[0].dest), utf8)
+            lines.append(f"\tfor <{recipient}>; {date}")
+        else:
+            lines[-1] += ";"
+            lines.append(f"\t{date}")
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 

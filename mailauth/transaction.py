@@ -143,7 +143,7 @@ class MailTransaction:
         if arg:
             return self._error(replies.SYNTAX.format(usage="DATA"))
         header = self._startMessage()
-        self._reader = DataReader(self._writeMessage, self.settings.max_message_size)
+        self._reader = DataReader(self._writeContent, self.settings.max_message_size)
         self._mode = self.DATA
         self._setTimeout(self.settings.data_timeout)
         self._dataDeadline = self.clock.callLater(self.settings.max_data_time, self._dataTooSlow)
@@ -202,7 +202,7 @@ class MailTransaction:
                 self._bdatFailed = True
                 verdict = replies.STORAGE_FAILED
             else:
-                self._reader = ChunkReader(self._writeMessage, self.settings.max_message_size)
+                self._reader = ChunkReader(self._writeContent, self.settings.max_message_size)
                 # max_data_time holds for all the chunks of a message.
                 self._dataDeadline = self.clock.callLater(
                     self.settings.max_data_time, self._dataTooSlow
@@ -234,6 +234,20 @@ class MailTransaction:
             return result
         self._send(replies.CHUNK_RECEIVED.format(size=reader.size))
         return None
+
+    def _writeContent(self, chunk: bytes) -> None:
+        """
+        Write what the client sent. Content whose first line begins with a
+        space or a tab would continue mailauth's own C{Received:} field, so
+        that a client could write into the server's trace (an
+        "authenticated as" of its choosing): an empty line goes first, and
+        the whole content is the body, as Postfix's smtpd does.
+        """
+        if not self._contentStarted and chunk:
+            self._contentStarted = True
+            if chunk[:1] in (b" ", b"\t"):
+                self._writeMessage(b"\r\n")
+        self._writeMessage(chunk)
 
     def _writeMessage(self, chunk: bytes) -> None:
         if self._writeFailure is not None:

@@ -6,6 +6,8 @@ checked byte for byte.
 
 from __future__ import annotations
 
+import email
+import email.policy
 import os
 import pwd
 import re
@@ -15,6 +17,7 @@ import smtplib
 import ssl
 import subprocess
 import sys
+from email.utils import parsedate_to_datetime
 
 from twisted.internet import defer, reactor
 from twisted.logger import LogLevel, capturedLogs, formatEvent
@@ -160,6 +163,32 @@ class DeliveryTests(EndToEndMixin, unittest.TestCase):
         [(_, alice)] = self.daemon.delivered("alice.plain@example.test")
         self.assertEqual(bob, alice)
         self.assertNotIn(b"\tfor <", bob)
+        # Without the "for" clause the date still follows a ";" (RFC 5322 3.6.7).
+        received = email.message_from_bytes(bob, policy=email.policy.SMTP).get_all("Received")
+        self.assertIsNotNone(parsedate_to_datetime(received[0].rpartition(";")[2].strip()))
+
+    @defer.inlineCallbacks
+    def test_leadingWhitespaceCannotExtendReceived(self):
+        """
+        A message whose first line begins with a tab cannot continue the
+        daemon's Received: field with an "authenticated as" of its own: it
+        is delivered as body below a header section of the daemon's fields,
+        the Date: and Message-ID: it lacks added there.
+        """
+        forged = b"\t(authenticated as ceo@example.test); Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+        result = yield self.submit(
+            "submissions", "PLAIN", SHA512, PASSWORD, message=forged + b"Subject: x\r\n\r\nhi\r\n"
+        )
+        self.assertEqual(result, {})
+        [(_, content)] = self.daemon.delivered("bob@example.test")
+        parsed = email.message_from_bytes(content, policy=email.policy.SMTP)
+        [received] = parsed.get_all("Received")
+        self.assertIn(f"(authenticated as {SHA512})", received)
+        self.assertNotIn("ceo@", received)
+        self.assertIsNotNone(parsed["Date"])
+        self.assertIsNotNone(parsed["Message-ID"])
+        self.assertIsNone(parsed["Subject"])
+        self.assertTrue(parsed.get_payload().startswith("\t(authenticated as ceo@"))
 
     def test_noTLS11(self):
         """TLS 1.1 and older are refused: TLS 1.2 is the minimum."""

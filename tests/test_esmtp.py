@@ -741,6 +741,28 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
         self.assertEqual(self.session.send(b".\r\n"), [b"250 2.0.0 Ok: queued as ID1"])
         self.assertEqual(self.mailbox.stored[0], b"Received: from client.example\r\n" + body)
 
+    def test_leadingWhitespaceStartsTheBody(self) -> None:
+        """
+        Content whose first line begins with a space or a tab cannot fold
+        itself into the server's C{Received:}: an empty line goes before
+        it, so all of it is body, as Postfix's smtpd does. A folded header
+        line further down is left alone.
+        """
+        for first in (b" ", b"\t"):
+            self.startData()
+            content = first + b"(authenticated as ceo@example.test)\r\nSubject: x\r\n z\r\n"
+            self.assertEqual(self.session.send(content), [])
+            self.assertCode(self.session.send(b".\r\n"), 250)
+            self.assertEqual(
+                self.mailbox.stored[-1], b"Received: from client.example\r\n\r\n" + content
+            )
+        self.startData()
+        self.session.send(b"Subject: x\r\n z\r\n\r\n b\r\n.\r\n")
+        self.assertEqual(
+            self.mailbox.stored[-1],
+            b"Received: from client.example\r\nSubject: x\r\n z\r\n\r\n b\r\n",
+        )
+
     def test_pipelinedAfterData(self) -> None:
         """Commands pipelined after the final dot are answered after the 250 (D14, p21)."""
         self.startData()

@@ -148,6 +148,22 @@ class ChunkingTests(ExtensionTestsMixin, unittest.TestCase):
         )
         self.assertEqual(self.mailbox.stored, [HEADER + body])
 
+    def test_leadingWhitespaceStartsTheBody(self) -> None:
+        """
+        With BDAT too, content whose first octet is a space or a tab gets
+        an empty line before it, whichever chunk it comes in (an empty
+        first chunk included), so it cannot continue the server's
+        C{Received:}.
+        """
+        self.transaction()
+        self.assertEqual(
+            self.session.send(self.bdat(b"") + self.bdat(b"\t") + self.bdat(b"x\r\n", last=True))[
+                -1
+            ],
+            b"250 2.0.0 Ok: queued as ID1",
+        )
+        self.assertEqual(self.mailbox.stored, [HEADER + b"\r\n\tx\r\n"])
+
     def test_pipelinedChunksAndTransactions(self) -> None:
         """
         Chunks, BDAT 0 LAST and a second transaction with DATA, all in one

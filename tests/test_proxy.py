@@ -659,7 +659,8 @@ class ProxiedDaemonTests(AttackMixin, unittest.TestCase):
         self.assertEqual(codes, [250, 250, 354, 250, 221])
         yield accepted
         [(name, message)] = self.daemon.delivered("bob@example.test")
-        self.assertIn(f"Received: from client.example ([{client}])\n".encode(), message)
+        literal = f"IPv6:{client}" if ":" in client else client
+        self.assertIn(f"Received: from client.example ([{literal}])\n".encode(), message)
         self.assertEqual(
             len(self.log.matching(rf"auth success: client=\[{re.escape(client)}\]")), 1
         )

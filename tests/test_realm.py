@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import errno
 import os
 import re
@@ -418,6 +420,36 @@ class DeliveryTests(RealmTestsMixin, unittest.TestCase):
         # The time of the clock, in whatever zone the machine is in.
         self.assertEqual(parsedate_to_datetime(date).timestamp(), 1795965994)
         self.assertEqual(lines[5], "")
+
+    def test_receivedHeaderManyRecipients(self) -> None:
+        """
+        With more than one recipient there is no C{for} clause, and the
+        C{;} before the date (RFC 5322 3.6.7) ends the line before it, as
+        Postfix writes it: a parser finds the date after the last C{;}.
+        """
+        self.clock.advance(1795965994)
+        d = self.delivery()
+        header = d.receivedHeader(
+            (b"client.example", "192.0.2.1"),
+            None,
+            [self.user("bob@example.test"), self.user("alice@example.test")],
+        )
+        lines = header.decode().split("\r\n")
+        self.assertEqual(lines[3], "\t(using TLSv1.3 with cipher TLS_AES_128_GCM_SHA256);")
+        self.assertEqual(lines[5], "")
+        field = email.message_from_bytes(header + b"\r\n", policy=email.policy.SMTP)["Received"]
+        _, _, date = field.rpartition(";")
+        self.assertEqual(parsedate_to_datetime(date.strip()).timestamp(), 1795965994)
+        self.assertNotIn("for <", field)
+
+    def test_receivedHeaderIPv6(self) -> None:
+        """An IPv6 client is written as an address literal, tagged C{IPv6:} (RFC 5321 4.1.3)."""
+        header = self.delivery().receivedHeader(
+            (b"client.example", "2001:db8::42"), None, [self.user("bob@example.test")]
+        )
+        self.assertTrue(
+            header.startswith(b"Received: from client.example ([IPv6:2001:db8::42])\r\n"), header
+        )
 
     def test_receivedHeaderPlain(self) -> None:
         """Without TLS and AUTH the protocol is plain ESMTP (RFC 3848)."""
