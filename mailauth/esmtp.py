@@ -39,6 +39,7 @@ from mailauth.logs import printable, quoted
 from mailauth.metrics import Metrics
 from mailauth.replies import Reply, ReplyLike
 from mailauth.smtpauth import AuthCommands
+from mailauth.throttle import clientAddress
 from mailauth.transaction import MailTransaction
 
 log = Logger(namespace="mailauth.esmtp")
@@ -198,7 +199,7 @@ class SubmissionProtocol(AuthCommands, MailTransaction, protocol.Protocol):
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
-        self._peer = getattr(peer, "host", None) or "local"
+        self._peer = clientAddress(getattr(peer, "host", None) or "local")
         try:
             self.transport.setTcpNoDelay(True)
         except (AttributeError, NotImplementedError, OSError):

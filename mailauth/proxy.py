@@ -151,19 +151,19 @@ def _parseV2(data: bytes) -> Optional[ProxyHeader]:
     command = {0: "LOCAL", 1: "PROXY"}.get(versionCommand & 0xF)
     if command is None:
         raise ProxyHeaderError(f"v2: unknown command {versionCommand & 0xF}")
-    family, transport = familyProtocol >> 4, familyProtocol & 0xF
-    if family > 3 or transport > 2:
-        raise ProxyHeaderError(f"v2: unknown address family and protocol 0x{familyProtocol:02x}")
     if size > V2_MAX_LENGTH:
         raise ProxyHeaderError(f"v2: {size} bytes of addresses and TLVs, more than {V2_MAX_LENGTH}")
     length = 16 + size
     if len(data) < length:
         return None
-    block = data[16:length]
     if command == "LOCAL":
-        # The proxy's own connection: the block "including the family" is
-        # ignored (doc/proxy-protocol.txt 2.2).
+        # The proxy's own connection: the block "including the family",
+        # whatever that byte holds, is ignored (doc/proxy-protocol.txt 2.2).
         return ProxyHeader(2, "LOCAL", None, None, length)
+    family, transport = familyProtocol >> 4, familyProtocol & 0xF
+    if family > 3 or transport > 2:
+        raise ProxyHeaderError(f"v2: unknown address family and protocol 0x{familyProtocol:02x}")
+    block = data[16:length]
     if transport != 1 or family not in (1, 2):
         # UNSPEC, UDP or UNIX: not a TCP client we could name; the
         # specification lets the receiver fall back to the connection's
@@ -196,6 +196,13 @@ def _checkTLVs(tlvs: bytes) -> None:
 
 
 def _address(ip: Union[ipaddress.IPv4Address, ipaddress.IPv6Address], port: int) -> IPAddress:
+    """
+    The Twisted address of C{ip} and C{port}. An IPv4 client that a
+    dual-stack proxy names as C{::ffff:192.0.2.1} (HAProxy does, for
+    C{bind :::587 v4v6}) is an IPv4 address, as Postfix takes it.
+    """
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
     if ip.version == 4:
         return address.IPv4Address("TCP", str(ip), port)
     return address.IPv6Address("TCP", str(ip), port)

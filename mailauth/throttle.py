@@ -27,6 +27,22 @@ ADDRESS_PREFIX = "auth-address:"
 LOGIN_PREFIX = "auth-login:"
 
 
+def clientAddress(host: str) -> str:
+    """
+    Client address C{host} as it is logged and written into C{Received:}:
+    an IPv4 client of a dual-stack socket or of a proxy that names it so
+    (C{::ffff:192.0.2.1}) is its IPv4 address, as Postfix writes it;
+    anything else as it is.
+    """
+    if ":" not in host:
+        return host
+    try:
+        mapped = ipaddress.IPv6Address(host).ipv4_mapped
+    except ValueError:
+        return host
+    return host if mapped is None else str(mapped)
+
+
 def addressKey(host: str) -> str:
     """
     The key that client address C{host} is counted under: the address

@@ -86,6 +86,22 @@ class GreetingAndEHLOTests(SessionTestsMixin, unittest.TestCase):
         """The greeting names the host and mailauth."""
         self.assertEqual(self.greeting, [b"220 mx.example.test ESMTP mailauth"])
 
+    def test_mappedClientIsIPv4(self) -> None:
+        """
+        An IPv4 client of a dual-stack listener (C{::ffff:192.0.2.7}) is
+        logged as its IPv4 address, as Postfix does; IPv6 clients stay.
+        """
+        for host, shown in (
+            ("::ffff:192.0.2.7", "192.0.2.7"),
+            ("2001:db8::7", "2001:db8::7"),
+            ("192.0.2.8", "192.0.2.8"),
+        ):
+            with capturedLogs() as events:
+                session = Session(self.factory, host=host)
+            self.assertEqual(session.protocol.peerHost, shown)
+            [connect] = [formatEvent(e) for e in events if "connect: " in formatEvent(e)]
+            self.assertIn(f"client=[{shown}]", connect)
+
     def test_ehloBeforeTLS(self) -> None:
         """
         Before TLS on a STARTTLS listener, EHLO offers STARTTLS and no AUTH

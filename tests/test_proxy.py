@@ -224,6 +224,25 @@ class HeaderTests(unittest.TestCase):
             c, IPv6Address("TCP", CLIENT6, 40000), IPv6Address("TCP", "2001:db8::1", 465)
         )
 
+    def test_mappedIPv4IsIPv4(self):
+        """
+        An IPv4 client that a dual-stack proxy names as IPv4-mapped IPv6
+        (HAProxy does for C{bind :::587 v4v6}, in v1 and in v2) is served
+        as an IPv4 client, as Postfix takes it: its address is logged and
+        written into C{Received:} as C{198.51.100.7}, not C{::ffff:c633:6407}.
+        """
+        for header in (
+            b"PROXY TCP6 ::ffff:198.51.100.7 ::ffff:192.0.2.1 40000 587\r\n",
+            v2(PROXY, TCP6, inet("::ffff:198.51.100.7", "::ffff:192.0.2.1", 40000, 587)),
+        ):
+            c = Connection(self)
+            c.trickle(header)
+            self.assertBuiltFor(
+                c,
+                IPv4Address("TCP", "198.51.100.7", 40000),
+                IPv4Address("TCP", "192.0.2.1", 587),
+            )
+
     def test_v2TLVsSkipped(self):
         """
         TLVs after the addresses (ALPN, authority, CRC, no-op, unique ID, a
@@ -249,9 +268,18 @@ class HeaderTests(unittest.TestCase):
         A v2 LOCAL header (HAProxy's health checks) is served with the
         connection's own addresses, whatever address block it carries.
         """
-        for block in (b"", inet(CLIENT, "192.0.2.1", 1, 2), b"junk"):
+        # Whatever its family and protocol byte too (doc/proxy-protocol.txt
+        # 2.2: "including the family which is ignored"), unknown ones included.
+        for family, block in (
+            (UNSPEC, b""),
+            (TCP4, inet(CLIENT, "192.0.2.1", 1, 2)),
+            (TCP4, b"junk"),
+            (0x40, b""),
+            (0x13, b"junk"),
+            (0xFF, b""),
+        ):
             c = Connection(self, source="127.0.0.5")
-            c.trickle(v2(LOCAL, TCP4 if block else UNSPEC, block))
+            c.trickle(v2(LOCAL, family, block))
             self.assertBuiltFor(
                 c, IPv4Address("TCP", "127.0.0.5", 40000), IPv4Address("TCP", "127.0.0.5", 2587)
             )
