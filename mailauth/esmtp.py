@@ -75,7 +75,9 @@ class _TLSState:
         self.active = active
 
 
-@implementer(interfaces.IPushProducer, interfaces.IHandshakeListener)
+@implementer(
+    interfaces.IPushProducer, interfaces.IHandshakeListener, interfaces.IHalfCloseableProtocol
+)
 class SubmissionProtocol(AuthCommands, MailTransaction, protocol.Protocol):
     """
     One SMTP session. Commands are taken one at a time: while one waits for
@@ -106,6 +108,8 @@ class SubmissionProtocol(AuthCommands, MailTransaction, protocol.Protocol):
         self._busy = False
         self._paused = False
         self._writeBlocked = False
+        # The client shut down its side (FIN, on a connection without TLS).
+        self._inputEnded = False
         self._discarding = False
         self._timer = None
         self._dataDeadline: Any = None
@@ -246,7 +250,7 @@ class SubmissionProtocol(AuthCommands, MailTransaction, protocol.Protocol):
         self.factory.metrics.connectionAccepted(self.factory.name)
         self._send(replies.GREETING.format(hostname=self.settings.hostname))
         self._busy = False
-        if self._buffer:
+        if self._buffer or self._inputEnded:
             # Sent before the greeting: read now, in order. (Only then: a
             # TLS transport may pause its producer until the handshake ends.)
             self._processBuffer()
@@ -306,10 +310,29 @@ class SubmissionProtocol(AuthCommands, MailTransaction, protocol.Protocol):
                 session=self.session,
             )
 
-    def _close(self, reply: ReplyLike) -> None:
+    def readConnectionLost(self) -> None:
+        """
+        The client shut down its sending side (a half-close: C{printf ... |
+        nc -N}, a script's C{shutdown(SHUT_WR)}) and may still read. Every
+        command it sent before is answered, the 250 of a message being
+        stored included, and then the connection is closed, as Postfix
+        does. (Over TLS, Twisted's TLS layer takes a FIN for the end of
+        the connection: this is for connections without TLS.)
+        """
+        self._inputEnded = True
+        if self._mode != self.CLOSED and not self._busy:
+            self._processBuffer()
+
+    def writeConnectionLost(self) -> None:
+        # Only after our own half-close, which mailauth never makes.
+        pass
+
+    def _close(self, reply: Optional[ReplyLike]) -> None:
+        """Send C{reply} (if any), end the session and close once it is written."""
         if self._mode == self.CLOSED:
             return
-        self._send(reply)
+        if reply is not None:
+            self._send(reply)
         self._mode = self.CLOSED
         self._cancelDataDeadline()
         self._abortMessages()
@@ -440,6 +463,12 @@ class SubmissionProtocol(AuthCommands, MailTransaction, protocol.Protocol):
             else:
                 self._run(self._command, line)
         if self._mode == self.CLOSED:
+            return
+        if self._inputEnded:
+            # Nothing more can come: once every complete command is
+            # answered, close (a message cut short is thrown away).
+            if not (self._busy or self._writeBlocked):
+                self._close(None)
             return
         hold = self._writeBlocked or (self._busy and len(self._buffer) > PIPELINE_HOLD)
         if hold and not self._paused:

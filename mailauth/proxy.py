@@ -296,7 +296,7 @@ class ProxiedTransport:
         return getattr(self.transport, name)
 
 
-@implementer(interfaces.IHandshakeListener)
+@implementer(interfaces.IHandshakeListener, interfaces.IHalfCloseableProtocol)
 class ProxyProtocol(protocol.Protocol):
     """
     Holds a connection until its PROXY header is complete, then builds the
@@ -345,6 +345,20 @@ class ProxyProtocol(protocol.Protocol):
         # STARTTLS puts TLS under this protocol: tell the session.
         if interfaces.IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
+
+    def readConnectionLost(self) -> None:
+        # The proxy passed on its client's half-close: the session answers
+        # what it has; before the header it is the end of the connection.
+        half = interfaces.IHalfCloseableProtocol(self.wrappedProtocol, None)
+        if half is not None:
+            half.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        half = interfaces.IHalfCloseableProtocol(self.wrappedProtocol, None)
+        if half is not None:
+            half.writeConnectionLost()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._cancelTimer()

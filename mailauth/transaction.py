@@ -42,6 +42,7 @@ class MailTransaction:
     _bdatFailed: Any
     _chunk: Any
     _chunkVerdict: Any
+    _contentStarted: Any
     _dataDeadline: Any
     _delivery: Any
     _hasSender: Any

@@ -184,8 +184,16 @@ class MemoryMessage:
     def eomReceived(self):
         if self.fail is not None:
             return defer.fail(self.fail)
+        if self.box.held is not None:
+            # Stored when the test fires the Deferred.
+            d: defer.Deferred = defer.Deferred()
+            self.box.held.append(d)
+            return d.addCallback(lambda _: self._store())
+        return defer.succeed(self._store())
+
+    def _store(self) -> str:
         self.box.stored.append(b"".join(self.chunks))
-        return defer.succeed(f"ID{len(self.box.stored)}")
+        return f"ID{len(self.box.stored)}"
 
     def connectionLost(self) -> None:
         self.aborted = True
@@ -204,6 +212,8 @@ class MemoryMailbox:
         self.stored: list = []
         self.messages: list = []
         self.failWith = None
+        # A list: each commit waits for its Deferred there to be fired.
+        self.held: Optional[list] = None
 
     def getMessageDelivery(self):
         return MemoryDelivery(self)

@@ -507,6 +507,47 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual(cfg.delivery.postmaster, "admin@remote.test")
 
 
+class HalfCloseTests(AttackMixin, unittest.TestCase):
+    """
+    A client that pipelines a whole transaction and then shuts down its
+    sending side (C{printf ... | nc -N}, a script's C{shutdown(SHUT_WR)})
+    on a listener without TLS reads every reply, the 250 of its message
+    included, as Postfix's clients do; the log counts the message.
+    """
+
+    settings = {
+        "listener:mx": {"endpoint": "tcp:0:interface=127.0.0.1", "tls": "none", "auth": "none"},
+    }
+
+    def halfClosed(self, commands: bytes) -> bytes:
+        """(Blocking.) Send C{commands}, shut down the sending side, read until the end."""
+        with socket.create_connection(("127.0.0.1", self.daemon.ports["mx"]), timeout=30) as s:
+            s.sendall(commands)
+            s.shutdown(socket.SHUT_WR)
+            received = b""
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    return received
+                received += data
+
+    @defer.inlineCallbacks
+    def test_everyReplyArrives(self):
+        transaction = (
+            b"EHLO client.example\r\nMAIL FROM:<carol@remote.example>\r\n"
+            b"RCPT TO:<bob@example.test>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n"
+        )
+        for tail in (b"QUIT\r\n", b""):
+            disconnect = self.log.waitFor(r"^disconnect: client=\[127\.0\.0\.1\]")
+            received = yield self.inThread(self.halfClosed, transaction + tail)
+            codes = [line[:4] for line in received.split(b"\r\n") if line[3:4] == b" "]
+            expected = [b"220 ", b"250 ", b"250 ", b"250 ", b"354 ", b"250 "]
+            self.assertEqual(codes, expected + ([b"221 "] if tail else []), received)
+            self.assertIn(b"250 2.0.0 Ok: queued as ", received)
+            self.assertRegex((yield disconnect), r" messages=1 ")
+        self.assertEqual(len(self.daemon.delivered("bob@example.test")), 2)
+
+
 class FinalDeliveryFieldsTests(AttackMixin, unittest.TestCase):
     """
     Item 12 on the running server: C{Return-Path:} on local delivery;

@@ -11,6 +11,7 @@ import hmac
 import re
 
 from twisted.cred.error import LoginFailed
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial import unittest
@@ -796,6 +797,67 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
         self.assertEqual(
             [line[:3] for line in lines], [b"250", b"250", b"550", b"354", b"250", b"221"]
         )
+
+    def test_halfCloseAnswersEverything(self) -> None:
+        """
+        A client that shuts down its sending side after a pipelined
+        transaction (C{nc -N}) still gets the 250 of its message, stored
+        after the FIN, and the replies to what followed; then the session
+        closes, as Postfix's does.
+        """
+        self.mailbox.held = []
+        s = self.session
+        lines = s.send(
+            b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\n"
+            b"DATA\r\nhello\r\n.\r\nNOOP\r\n"
+        )
+        self.assertEqual([line[:3] for line in lines], [b"250", b"250", b"354"])
+        s.protocol.readConnectionLost()
+        self.assertFalse(s.transport.disconnecting)
+        self.mailbox.held[0].callback(None)
+        self.assertEqual(s.read(), [b"250 2.0.0 Ok: queued as ID1", b"250 2.0.0 Ok"])
+        self.assertTrue(s.transport.disconnecting)
+        self.assertEqual(self.mailbox.stored, [b"Received: from client.example\r\nhello\r\n"])
+
+    def test_halfCloseWithQuit(self) -> None:
+        """QUIT before the FIN is answered once, with its 221."""
+        s = self.session
+        self.assertEqual(s.send(b"NOOP\r\nQUIT\r\n")[-1][:4], b"221 ")
+        s.protocol.readConnectionLost()
+        self.assertEqual(s.read(), [])
+        self.assertTrue(s.transport.disconnecting)
+
+    def test_halfCloseIdle(self) -> None:
+        """A FIN with nothing left to answer closes the session at once."""
+        self.session.protocol.readConnectionLost()
+        self.assertEqual(self.session.read(), [])
+        self.assertTrue(self.session.transport.disconnecting)
+
+    def test_halfCloseInData(self) -> None:
+        """A FIN inside DATA ends a message that can never be complete: nothing is stored."""
+        self.startData()
+        self.session.send(b"half a message\r\n")
+        self.session.protocol.readConnectionLost()
+        self.assertTrue(self.session.transport.disconnecting)
+        self.assertEqual(self.mailbox.stored, [])
+        self.assertTrue(self.mailbox.messages[0].aborted)
+
+    def test_halfCloseBeforeGreeting(self) -> None:
+        """
+        A client that sends its commands and its FIN while the listener
+        still decides whether to admit it gets the greeting, the replies,
+        and then the close; with no command, the greeting and the close.
+        """
+        for sent, expected in ((b"NOOP\r\n", [b"250 2.0.0 Ok"]), (b"", [])):
+            admission: defer.Deferred = defer.Deferred()
+            self.factory.admit = lambda host, admission=admission: admission
+            s = Session(self.factory)
+            s.protocol.dataReceived(sent)
+            s.protocol.readConnectionLost()
+            self.assertEqual(s.read(), [])
+            admission.callback(None)
+            self.assertEqual(s.read(), [b"220 mx.example.test ESMTP mailauth"] + expected)
+            self.assertTrue(s.transport.disconnecting)
 
     def test_clientGoneInData(self) -> None:
         """A client that disconnects inside DATA leaves nothing stored."""

@@ -90,13 +90,29 @@ class RecordingProtocol(protocol.Protocol):
         self.lost = reason
 
 
-class RecordingFactory(protocol.Factory):
+@implementer(interfaces.IHalfCloseableProtocol)
+class HalfCloseableProtocol(RecordingProtocol):
+    """A RecordingProtocol that also records half-closes."""
+
     def __init__(self) -> None:
+        super().__init__()
+        self.halves: list = []
+
+    def readConnectionLost(self) -> None:
+        self.halves.append("read")
+
+    def writeConnectionLost(self) -> None:
+        self.halves.append("write")
+
+
+class RecordingFactory(protocol.Factory):
+    def __init__(self, protocol=RecordingProtocol) -> None:
         self.built: list = []
         self.starts = self.stops = 0
+        self.protocol = protocol
 
     def buildProtocol(self, addr) -> RecordingProtocol:
-        p = RecordingProtocol()
+        p = self.protocol()
         self.built.append((addr, p))
         return p
 
@@ -312,6 +328,25 @@ class HeaderTests(unittest.TestCase):
             self.assertBuiltFor(
                 c, IPv4Address("TCP", "127.0.0.1", 40000), IPv4Address("TCP", "127.0.0.1", 2587)
             )
+
+    def test_halfClosePassedOn(self):
+        """
+        A half-close the proxy passes on reaches a session that can take
+        one (the SMTP session answers what it has before it closes); a
+        protocol that cannot take one, or a connection still in its header,
+        is closed.
+        """
+        c = Connection(self, wrapped=RecordingFactory(HalfCloseableProtocol))
+        c.send(V1_HEADER)
+        c.protocol.readConnectionLost()
+        c.protocol.writeConnectionLost()
+        self.assertEqual(c.session.halves, ["read", "write"])
+        self.assertFalse(c.transport.disconnecting)
+        for header in (V1_HEADER, V1_HEADER[:10]):
+            c = Connection(self)
+            c.send(header)
+            c.protocol.readConnectionLost()
+            self.assertTrue(c.transport.disconnecting)
 
     def test_bytesAfterHeaderPassedOn(self):
         """
