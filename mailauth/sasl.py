@@ -233,7 +233,8 @@ class Plain:
         username = _decodeIdentity(authcid, "login")
         if not password:
             raise _malformed("PLAIN response has an empty password")
-        if authzid and authzid != authcid:
+        # Logins are case-insensitive: ALICE@ asks to act as alice@.
+        if authzid and _decodeIdentity(authzid, "authzid").lower() != username.lower():
             raise AuthzidMismatch(username)
         return PlaintextCredentials(username, password, self.name)
 

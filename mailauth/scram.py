@@ -526,7 +526,7 @@ class ScramMechanism:
     def _clientFirst(self, data: bytes) -> defer.Deferred:
         first = _parseClientFirst(data)
         binding = self._bindingFor(first)
-        if first.authzid is not None and first.authzid != first.username:
+        if first.authzid is not None and first.authzid.lower() != first.username.lower():
             raise _Refused("other-error", sasl.AuthzidMismatch(first.username))
         d = defer.maybeDeferred(self.users.lookup, first.username)
         d.addCallbacks(self._serverFirst, self._unavailable, (first, binding))

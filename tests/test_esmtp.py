@@ -403,14 +403,18 @@ class AuthTests(SessionTestsMixin, unittest.TestCase):
         self.assertEqual(self.portal.logins, [])
 
     def test_authzidEqualToLogin(self) -> None:
-        """A PLAIN authzid equal to the login is accepted."""
-        self.ehlo()
-        self.assertReply(
-            self.session.command(
-                b"AUTH PLAIN " + b64(b"alice@example.test\0alice@example.test\0secret")
-            ),
-            b"235 2.7.0 Authentication successful",
-        )
+        """
+        A PLAIN authzid equal to the login is accepted, in any case (logins
+        are case-insensitive everywhere else).
+        """
+        for authzid in (b"alice@example.test", b"ALICE@Example.Test"):
+            session = Session(self.factory)
+            session.read()
+            session.command(b"EHLO client.example")
+            self.assertReply(
+                session.command(b"AUTH PLAIN " + b64(authzid + b"\0alice@example.test\0secret")),
+                b"235 2.7.0 Authentication successful",
+            )
 
     def test_authLineTooLong(self) -> None:
         """An AUTH line over 12288 octets gets 500 5.5.6, and nothing is held (D16)."""

@@ -626,6 +626,9 @@ class MechanismTests(unittest.TestCase):
         """
         credentials = self.exchange(self.mechanism(), Client("user", b"pencil", authzid="user"))
         self.assertTrue(credentials.verified)
+        # In any case: logins are case-insensitive.
+        credentials = self.exchange(self.mechanism(), Client("user", b"pencil", authzid="USER"))
+        self.assertTrue(credentials.verified)
         message = Client("user", b"pencil", authzid="admin").first()
         e = self.assertRaises(AuthzidMismatch, self.mechanism().start, message)
         self.assertEqual(e.username, "user")
