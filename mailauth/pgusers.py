@@ -8,7 +8,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import re
+import socket
+import threading
 from typing import Any, Iterator, Optional
 from urllib.parse import parse_qsl, urlsplit
 
@@ -167,8 +170,11 @@ def _driver() -> Any:
 def connectionArguments(uri: str, timeout: float) -> dict[str, str]:
     """
     The libpq keywords for C{uri}, with mailauth's defaults for those it
-    leaves out: give up connecting after C{timeout} seconds, and name
-    mailauth in C{pg_stat_activity}.
+    leaves out: give up connecting after C{timeout} seconds, name mailauth
+    in C{pg_stat_activity}, and probe idle connections with TCP keepalives
+    (after 30 s idle, every 10 s, 3 times), so that one to a server that
+    vanished (powered off, a network split) is noticed within a minute
+    rather than the system's two hours.
 
     @raise UserDatabaseError: if psycopg2 is missing or libpq refuses C{uri}.
     """
@@ -180,7 +186,17 @@ def connectionArguments(uri: str, timeout: float) -> dict[str, str]:
     # libpq counts connect_timeout in whole seconds, and makes 1 into 2.
     arguments.setdefault("connect_timeout", str(max(2, math.ceil(timeout))))
     arguments.setdefault("application_name", "mailauth")
+    for keyword, value in _KEEPALIVES.items():
+        arguments.setdefault(keyword, value)
     return arguments
+
+
+_KEEPALIVES = {
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+}
 
 
 def _firstLine(error: BaseException) -> str:
@@ -220,9 +236,12 @@ class _Connection(adbapi.Connection):
     the server dropped. After a failed query adbapi (with C{cp_reconnect})
     rolls back and tries C{good_sql}, and if that fails logs two tracebacks
     (the second because its own reconnect keeps a connection it has already
-    given up when connecting again fails). Here such a connection is simply
-    forgotten: the next lookup in this thread connects again, and the
-    outage is logged once, by L{PostgreSQLUserDatabase}.
+    given up when connecting again fails). Here a connection that failed
+    (psycopg2 marks it closed) is simply forgotten: the next lookup in this
+    thread connects again, and the outage is logged once, by
+    L{PostgreSQLUserDatabase}. Nothing else is sent: the lookups run in
+    autocommit, so there is nothing to roll back, and C{good_sql} on a
+    connection that stopped answering would wait with nothing to cut it.
     """
 
     def reconnect(self) -> None:
@@ -231,15 +250,8 @@ class _Connection(adbapi.Connection):
 
     def rollback(self) -> None:
         connection = self._connection
-        if connection is not None and not connection.closed:
-            try:
-                connection.rollback()
-                with connection.cursor() as cursor:
-                    cursor.execute(self._pool.good_sql)
-                return
-            except self._pool.dbapi.Error:
-                pass
-        self._forget()
+        if connection is None or connection.closed:
+            self._forget()
 
     def _forget(self) -> None:
         if self._connection is not None:
@@ -249,6 +261,53 @@ class _Connection(adbapi.Connection):
 
 class _ConnectionPool(adbapi.ConnectionPool):
     connectionFactory = _Connection
+
+
+class _Lookup:
+    """
+    One lookup's hold on the connection its query runs on, so that a lookup
+    that gave up can free the pool thread still waiting on that query.
+
+    A server that stopped answering on a connection that is still open (a
+    hung server or proxy, a host gone without a reset) would keep the
+    thread in C{recv} until TCP gives up, hours later: after C{cp_max}
+    such lookups every login got 454 until a restart. L{cut} shuts the
+    socket down under the waiting query, which then fails at once; its
+    connection is dropped and the thread's next lookup connects again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._socket: Optional[int] = None
+        self.gaveUp = False
+
+    def start(self, connection: Any) -> None:
+        """(Pool thread.) The query is about to be sent on C{connection}."""
+        with self._lock:
+            if self.gaveUp:
+                raise defer.TimeoutError("the lookup gave up before its query was sent")
+            self._socket = connection.fileno()
+
+    def end(self) -> None:
+        """(Pool thread.) The query returned or failed."""
+        with self._lock:
+            self._socket = None
+
+    def cut(self) -> None:
+        """
+        (Reactor thread.) The lookup gave up. The socket is shut down only
+        while the query waits on it: under the lock, so it is still that
+        connection's, not a number the system has given to another file.
+        """
+        with self._lock:
+            self.gaveUp = True
+            if self._socket is None:
+                return
+            try:
+                with socket.socket(fileno=os.dup(self._socket)) as handle:
+                    handle.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 @implementer(IUserDatabase)
@@ -324,24 +383,33 @@ class PostgreSQLUserDatabase(service.Service):
         super().stopService()
         self._pool.close()
 
-    def _select(self, connection: Any, login: str) -> Optional[tuple]:
-        """The user's row, in a pool thread; once more on a new connection if this one died."""
+    def _select(self, connection: Any, login: str, lookup: _Lookup) -> Optional[tuple]:
+        """
+        The user's row, in a pool thread; once more on a new connection if
+        this one died, unless the lookup gave up and cut it.
+        """
         psycopg2 = self._psycopg2
         for attempt in (1, 2):
             try:
-                with connection.cursor() as cursor:
-                    cursor.execute(_LOOKUP, (login,))
-                    return cursor.fetchone()
+                lookup.start(connection)
+                try:
+                    with connection.cursor() as cursor:
+                        cursor.execute(_LOOKUP, (login,))
+                        return cursor.fetchone()
+                finally:
+                    lookup.end()
             except (psycopg2.OperationalError, psycopg2.InterfaceError):
-                if attempt == 2 or not connection.closed:
+                if attempt == 2 or not connection.closed or lookup.gaveUp:
                     raise
             connection.reconnect()
         raise AssertionError("not reached")
 
     def lookup(self, login: str) -> defer.Deferred:
         key = login.lower()
-        d = self._pool.runWithConnection(self._select, key)
+        running = _Lookup()
+        d = self._pool.runWithConnection(self._select, key, running)
         d.addTimeout(self.timeout, self.clock)
+        d.addErrback(_cutOnTimeout, running)
         d.addCallbacks(self._found, self._failed, callbackArgs=(key,))
         return d
 
@@ -386,6 +454,12 @@ class PostgreSQLUserDatabase(service.Service):
             log.error("User database unavailable: {why}; logins get 454 until it answers", why=why)
             self._trouble = why
         raise UserDatabaseUnavailable(why)
+
+
+def _cutOnTimeout(failure: Failure, lookup: _Lookup) -> Failure:
+    if failure.check(defer.TimeoutError):
+        lookup.cut()
+    return failure
 
 
 def _appPasswords(login: str, rows: list, shown: str) -> tuple[AppPassword, ...]:

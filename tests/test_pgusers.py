@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import smtplib
 from typing import Any
 
 from twisted.internet import defer, reactor, task, threads
+from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -27,6 +29,7 @@ from mailauth.pgusers import (
     PostgreSQLUserStore,
     checkDatabase,
     checkURI,
+    connectionArguments,
     initSchema,
     isPostgreSQL,
     redact,
@@ -69,6 +72,27 @@ class URITests(unittest.TestCase):
         self.assertEqual(
             redact("postgresql://mail@db.example/mail"), "postgresql://mail@db.example/mail"
         )
+
+    def test_connectionDefaults(self) -> None:
+        """
+        mailauth's defaults for what a URI leaves out: a connect timeout,
+        its name, and TCP keepalives that notice a vanished server within
+        a minute; what the URI says wins.
+        """
+        arguments = connectionArguments("postgresql://db.example/mail", 5)
+        self.assertEqual(
+            {k: arguments[k] for k in arguments if k not in ("host", "dbname")},
+            {
+                "connect_timeout": "5",
+                "application_name": "mailauth",
+                "keepalives": "1",
+                "keepalives_idle": "30",
+                "keepalives_interval": "10",
+                "keepalives_count": "3",
+            },
+        )
+        arguments = connectionArguments("postgresql:///mail?keepalives_idle=300&keepalives=0", 5)
+        self.assertEqual((arguments["keepalives_idle"], arguments["keepalives"]), ("300", "0"))
 
     def test_goodForms(self) -> None:
         """
@@ -425,6 +449,52 @@ class OutageTests(unittest.TestCase):
         self.assertIn("did not answer within 5s", str(e))
         self.server.resume()
         self.assertEqual((yield db.lookup("a@example.org")).login, "a@example.org")
+
+
+    @defer.inlineCallbacks
+    def test_hungConnectionReplaced(self):
+        """
+        A connection that stops answering while the server is otherwise
+        well (its backend frozen, as behind a hung proxy or a host gone
+        without a reset) costs one lookup its 454: the lookup that gave up
+        frees the pool thread waiting on it, and the next lookup, on the
+        same single thread, connects again and works. Before, that thread
+        waited on the dead connection until TCP gave up, hours later, and
+        every login got 454 until a restart.
+        """
+        events = captureLog(self)
+        db = openDatabase(
+            self, self.server.uri(self.database), clock=self.clock, timeout=30, connections=1
+        )
+        yield db.lookup("a@example.org")
+        # The lookup's query waits for a lock, so that it is surely sent
+        # before its backend is frozen; then the lock is let go.
+        locker = self.server.connect(self.database)
+        self.addCleanup(locker.close)
+        locker.autocommit = False
+        locker.cursor().execute("LOCK TABLE mailauth.users IN ACCESS EXCLUSIVE MODE")
+        d = db.lookup("a@example.org")
+        waiting = (
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE application_name = 'mailauth' AND wait_event_type = 'Lock'"
+        )
+        backends: list = []
+        for _ in range(200):
+            backends = self.server.execute("postgres", waiting)
+            if backends:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        [(backend,)] = backends
+        os.kill(backend, signal.SIGSTOP)
+        self.addCleanup(os.kill, backend, signal.SIGCONT)
+        locker.rollback()
+        self.clock.advance(30)
+        self.failureResultOf(d, UserDatabaseUnavailable)
+        # Within 20 s of real time, not when the frozen backend comes back.
+        user = yield db.lookup("a@example.org").addTimeout(20, reactor)
+        self.assertEqual(user.login, "a@example.org")
+        self.assertEqual([e["log_level"].name for e in events], ["error", "info"])
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class StoreTests(DatabaseMixin, unittest.TestCase):
