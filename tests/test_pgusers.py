@@ -450,7 +450,6 @@ class OutageTests(unittest.TestCase):
         self.server.resume()
         self.assertEqual((yield db.lookup("a@example.org")).login, "a@example.org")
 
-
     @defer.inlineCallbacks
     def test_hungConnectionReplaced(self):
         """
