@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, NoReturn, Optional, cast
 import attrs
 from twisted.application import internet, service, strports
 from twisted.cred.portal import Portal
+from twisted.internet import defer
 from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -172,6 +173,25 @@ class _Daemon(service.MultiService):
         for name in self.endpoints:
             child = self.getServiceNamed(name)
             sdnotify._waitingForPort(child).addCallback(self._listening, name)
+
+    def stopService(self) -> defer.Deferred:
+        """
+        Stop every service in reverse order, as L{service.MultiService}
+        does, but the thread pools only once the others have stopped: the
+        queue, the workers and the sessions may still hand them work while
+        they stop (the outcome of an aborted relay attempt, written through
+        the disk pool), and a stopped pool drops work without a word.
+        """
+        service.Service.stopService(self)
+        children = list(self)[::-1]
+        pools = [child for child in children if isinstance(child, ThreadPoolService)]
+        d = defer.DeferredList(
+            [defer.maybeDeferred(c.stopService) for c in children if c not in pools]
+        )
+        d.addCallback(
+            lambda _: defer.DeferredList([defer.maybeDeferred(p.stopService) for p in pools])
+        )
+        return d.addCallback(lambda _: None)
 
     def _listening(self, port, name: str) -> None:
         """Log where C{name} listens, with its configuration, in place of Twisted's line."""

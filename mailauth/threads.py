@@ -13,6 +13,10 @@ class PoolBusy(Exception):
     """More work is waiting for the pool than it may queue."""
 
 
+class PoolStopped(PoolBusy):
+    """The pool has stopped (the daemon is stopping): it runs nothing more."""
+
+
 class ThreadPoolService(service.Service):
     """
     A L{ThreadPool} of our own, started and stopped with the application.
@@ -36,10 +40,17 @@ class ThreadPoolService(service.Service):
 
     def stopService(self) -> None:
         super().stopService()
-        self.pool.stop()
+        if not self.pool.joined:
+            self.pool.stop()
 
     def run(self, f: Callable, *args, **kwargs) -> defer.Deferred:
-        """Call C{f(*args, **kwargs)} in the pool; a Deferred of its result."""
+        """
+        Call C{f(*args, **kwargs)} in the pool; a Deferred of its result.
+        Once the pool has stopped it fails at once with L{PoolStopped}
+        (Twisted's pool would drop the call, and the Deferred never fire).
+        """
+        if self.pool.joined:
+            return defer.fail(PoolStopped(f"{self.pool.name}: stopped"))
         if self.pending >= self.maxQueued:
             return defer.fail(PoolBusy(f"{self.pool.name}: {self.pending} calls waiting"))
         self.pending += 1

@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -22,6 +22,7 @@ from twisted.trial import unittest
 from mailauth import userdb
 from mailauth.cli import Console, main
 from mailauth.config import ConfigError, loadText
+from mailauth.threads import PoolBusy, PoolStopped, ThreadPoolService
 from tests.harness import BOB, BOB_PASSWORD, AttackMixin, Daemon, RawClient, TwistdProcess, plain
 from tests.support import (
     DiskFull,
@@ -505,6 +506,22 @@ class ConfigTests(unittest.TestCase):
         relay = "[relay]\nhost = relay.test\n"
         cfg = loadText(MINIMAL + "postmaster = admin@remote.test\n" + relay)
         self.assertEqual(cfg.delivery.postmaster, "admin@remote.test")
+
+
+class StoppedPoolTests(unittest.TestCase):
+    def test_runAfterStopFails(self) -> None:
+        """
+        Work handed to a stopped thread pool fails at once with
+        L{PoolStopped} (a L{PoolBusy}), so that whoever waits for it goes
+        on; Twisted's pool drops it, and its Deferred never fires.
+        """
+        pool = ThreadPoolService(reactor, "test-stopped", 1, maxQueued=10)
+        pool.startService()
+        pool.stopService()
+        pool.stopService()  # a second stop (the daemon stopped twice) is harmless
+        failure = self.failureResultOf(pool.run(lambda: 1), PoolStopped)
+        self.assertIsInstance(failure.value, PoolBusy)
+        self.assertEqual(pool.pending, 0)
 
 
 class HalfCloseTests(AttackMixin, unittest.TestCase):

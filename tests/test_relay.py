@@ -750,6 +750,31 @@ class DaemonForwardTests(unittest.TestCase):
         self.assertNotIn(b"Return-Path", transaction.data)
         yield self.events.wait("removed")
 
+    @defer.inlineCallbacks
+    def test_stopWhileRelaying(self):
+        """
+        The daemon stops at once while the queue is relaying (SIGTERM, or
+        systemctl restart), with the message still queued for its next
+        start. It never stopped: the thread pools were stopped while the
+        aborted attempt still had its outcome to write through the disk
+        pool, so the queue waited for work that would never run.
+        """
+        self.sink.greeting = None
+        submitter = EndToEndMixin()
+        submitter.daemon = self.daemon
+        submitter.inThread = lambda f, *args: threads.deferToThread(f, *args)
+        yield submitter.submit(
+            "submission", "PLAIN", SHA512, PASSWORD, recipients=("bob@remote.example",)
+        )
+        yield self.sink.waitForConnections(1)
+        # Within the test's timeout, far below the relay's 5 minutes.
+        yield self.daemon.stop()
+        [queued] = listQueue(os.path.join(self.daemon.dir, "state", "queue"))
+        self.assertEqual(
+            [(r["address"], r["state"]) for r in queued["recipients"]],
+            [("bob@remote.example", "pending")],
+        )
+
 
 class ConnectorTests(unittest.TestCase):
     """L{RelayConnector} settings."""
