@@ -13,12 +13,18 @@ client (L{ParentConnections}: C{admit ID HOST} on the control pipe, the
 answer C{ID ok} or C{ID REASON} on the configuration pipe) and tells it
 when the connection ends (C{release HOST}). The parent forgets the
 connections of a worker that ends: they ended with it.
+
+And a worker's life is tied to its parent's (L{dieWithParent}).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
 import json
+import signal
+import sys
 from typing import Callable, Optional
 
 from twisted.internet import defer
@@ -202,3 +208,23 @@ class ParentConnections:
         d = self._waiting.pop(ident, None)
         if d is not None:
             d.callback(None if word == b"ok" else _REFUSALS.get(word, replies.TOO_MANY_CONNECTIONS))
+
+
+# The worker's life tied to its parent's
+
+
+def dieWithParent() -> None:
+    """
+    On Linux, have the kernel send this process SIGKILL when its parent
+    dies (C{PR_SET_PDEATHSIG}): a worker stops when its configuration pipe
+    ends, but one whose event loop hangs never reads that end, and after a
+    C{kill -9} of the parent it would keep its ports and lock the next
+    daemon out. Elsewhere, or if the call fails, the pipe alone.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+
+
+_PR_SET_PDEATHSIG = 1

@@ -62,7 +62,13 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger, LogPublisher, globalLogPublisher
 from twisted.python.failure import Failure
 
-from mailauth.workerlink import LogRelay, NodeConnections, ParentConnections, eventFromRelay
+from mailauth.workerlink import (
+    LogRelay,
+    NodeConnections,
+    ParentConnections,
+    dieWithParent,
+    eventFromRelay,
+)
 
 log = Logger(namespace="mailauth.workers")
 
@@ -209,7 +215,8 @@ class WorkerPool(service.Service):
 
     A worker that serves and then says nothing on its control pipe for
     C{hangTimeout} seconds (its event loop sends C{alive} every third of
-    that) hangs: it gets SIGABRT, on which it writes every thread's stack
+    that), or that has not said it serves L{startTimeout} seconds after it
+    was started, hangs: it gets SIGABRT, on which it writes every thread's stack
     to its stderr (L{faulthandler}, which the pool logs) and dies, then
     SIGKILL if it has not ended C{stopTimeout} later; then it is started
     again as any worker that ends. As systemd's C{WatchdogSec=} does for
@@ -228,6 +235,10 @@ class WorkerPool(service.Service):
     minDelay = 1.0
     maxDelay = 30.0
     stableAfter = 30.0
+    #: With a C{hangTimeout}: how long a worker may take to start serving
+    #: (a hung file system under the users file, a key file on a dead
+    #: mount); the C{hangTimeout} if that is longer.
+    startTimeout = 60.0
 
     def __init__(
         self,
@@ -367,7 +378,7 @@ class WorkerPool(service.Service):
             childFDs[FIRST_SOCKET_FD + offset] = held.port.fileno()
             args += ["--listener", f"{held.listener}={FIRST_SOCKET_FD + offset}"]
         slot.ready = slot.reload = False
-        slot.startedAt = self.reactor.seconds()
+        slot.startedAt = slot.heardAt = self.reactor.seconds()
         proto = _WorkerProtocol(self, slot)
         try:
             process = self.reactor.spawnProcess(
@@ -387,7 +398,10 @@ class WorkerPool(service.Service):
         log.info("worker {index} started (pid {pid})", index=slot.index, pid=slot.pid)
 
     def _checkHung(self) -> None:
-        """Abort every serving worker that has said nothing for L{hangTimeout}."""
+        """
+        Abort every serving worker that has said nothing for L{hangTimeout},
+        and every starting one that has not started serving in L{startTimeout}.
+        """
         now = self.reactor.seconds()
         last, self._lastCheck = self._lastCheck, now
         if last is not None and now - last > self.hangTimeout * 2 / 3:
@@ -397,10 +411,22 @@ class WorkerPool(service.Service):
             for slot in self.slots:
                 slot.heardAt = now
             return
+        startTimeout = max(self.startTimeout, self.hangTimeout)
         for slot in self.slots:
-            if slot.process is None or not slot.ready or slot.killer is not None:
+            if slot.process is None or slot.killer is not None:
                 continue
-            if now - slot.heardAt > self.hangTimeout:
+            if not slot.ready:
+                if now - slot.heardAt > startTimeout:
+                    log.error(
+                        "worker {index} (pid {pid}) has not started serving {seconds:.0f} s "
+                        "after it was started: it hangs; aborting it (SIGABRT: its threads' "
+                        "stacks follow)",
+                        index=slot.index,
+                        pid=slot.pid,
+                        seconds=now - slot.heardAt,
+                    )
+                    self._abort(slot)
+            elif now - slot.heardAt > self.hangTimeout:
                 log.error(
                     "worker {index} (pid {pid}) has said nothing for {seconds:.0f} s: its "
                     "event loop hangs; aborting it (SIGABRT: its threads' stacks follow)",
@@ -408,9 +434,12 @@ class WorkerPool(service.Service):
                     pid=slot.pid,
                     seconds=now - slot.heardAt,
                 )
-                # (Twisted translates only a few names: SIGABRT goes as a number.)
-                _signal(slot, signal.SIGABRT)
-                slot.killer = self.reactor.callLater(self.stopTimeout, self._killHung, slot)
+                self._abort(slot)
+
+    def _abort(self, slot: _Slot) -> None:
+        # (Twisted translates only a few names: SIGABRT goes as a number.)
+        _signal(slot, signal.SIGABRT)
+        slot.killer = self.reactor.callLater(self.stopTimeout, self._killHung, slot)
 
     def _killHung(self, slot: _Slot) -> None:
         # slot.killer stays set until the worker ends: it is not aborted twice.
@@ -687,6 +716,7 @@ def _arguments(argv: Optional[Iterable[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
     """Run one worker until its parent stops it or goes away; the exit status."""
+    dieWithParent()
     args = _arguments(argv)
     # Ctrl-C in a terminal reaches every process of the group: the parent
     # stops its workers itself, in order. A SIGHUP before the service sets

@@ -576,15 +576,35 @@ class WorkerPoolTests(unittest.TestCase):
             self.process(0).proto.childDataReceived(CONTROL_FD, b"wake\n")
         self.assertEqual(self.process(0).signals, [])
 
-    def test_startingWorkerNotWatched(self):
+    def test_startingWorkerGivenAMinute(self):
         """
-        A worker still starting is not taken to hang, however long it
-        takes (reading a large users file, say): it only sends C{alive}
-        once it serves.
+        A worker still starting (it only sends C{alive} once it serves) has
+        L{WorkerPool.startTimeout}, a minute, to start serving: reading a
+        large users file takes seconds. One that has not by then hangs (a
+        users file on a hung mount): it is aborted as a serving one is, and
+        then started again, instead of leaving its slot empty for good.
         """
-        self.makePool(count=1, hangTimeout=30)
+        pool = self.makePool(count=1, hangTimeout=30)
+        self.assertEqual(pool.startTimeout, 60)
+        self.tick(60)
+        self.assertEqual(self.process(0).signals, [])
+        self.tick(10)
+        self.assertEqual(self.process(0).signals, [ABRT])
+        self.assertEqual(
+            self.hangLines(),
+            [
+                "worker 1 (pid 1000) has not started serving 70 s after it was started: "
+                "it hangs; aborting it (SIGABRT: its threads' stacks follow)"
+            ],
+        )
+
+    def test_startTimeoutAtLeastTheHangTimeout(self):
+        """A C{worker_timeout} longer than a minute is the start's deadline too."""
+        self.makePool(count=1, hangTimeout=300)
         self.tick(300)
         self.assertEqual(self.process(0).signals, [])
+        self.tick(100)
+        self.assertEqual(self.process(0).signals, [ABRT])
 
     def test_noHangTimeout(self):
         """With C{hangTimeout} 0 (C{worker_timeout = 0}), a silent worker is never aborted."""

@@ -435,6 +435,27 @@ class TwistdWorkersTests(unittest.TestCase):
             time.sleep(0.05)
         self.assertEqual([pid for pid in pids if processAlive(pid)], [])
 
+    def test_hungWorkerEndsWithItsParent(self):
+        """
+        A worker whose event loop hangs (here: stopped) never reads the end
+        of its pipe; the kernel ends it when its parent is killed outright
+        (C{PR_SET_PDEATHSIG}), so it cannot keep the ports from the next
+        daemon.
+        """
+        daemon = _Daemon(self)
+        daemon.start()
+        pids = daemon.twistd.workerPIDs()
+        os.kill(pids[0], signal.SIGSTOP)
+        daemon.twistd.signal(signal.SIGKILL)
+        daemon.twistd.wait()
+        deadline = time.monotonic() + 30
+        while any(processAlive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        alive = [pid for pid in pids if processAlive(pid)]
+        for pid in alive:
+            os.kill(pid, signal.SIGKILL)
+        self.assertEqual(alive, [])
+
     def test_workersThatCannotStartEndTwistdWithStatusOne(self):
         """
         When no worker can start, twistd stops and exits with status 1, so
