@@ -170,7 +170,7 @@ def _cryptVerify(raw: bytes, password: bytes, login: Optional[str] = None) -> bo
 def _cryptCheck(raw: bytes) -> None:
     usable = raw.isascii() and b"\0" not in raw
     if not usable or _libcrypt.crypt_checksalt(raw) not in _CRYPT_SALT_USABLE:
-        raise ValueError(f"{_preview(raw)!r} is not a hash that this system's crypt(3) knows")
+        raise ValueError(f"{_described(raw)} is not a hash that this system's crypt(3) knows")
 
 
 # -- MD5: Dovecot's name for MD5-CRYPT, which also reads PLAIN-MD5 digests -----
@@ -386,13 +386,13 @@ def _decode(value: str, name: str, suffix: Optional[str]) -> bytes:
         raw = _fromBase64(data) if raw is None else raw
         if raw is None or len(raw) != scheme.size:
             raise ValueError(
-                f"{name}: {_preview(data)!r} is neither {2 * scheme.size} hex digits"
+                f"{name}: {_described(data)} is neither {2 * scheme.size} hex digits"
                 f" nor the base64 of {scheme.size} bytes"
             )
     else:
         raw = _fromHex(data) if encoding == "hex" else _fromBase64(data)
         if raw is None:
-            raise ValueError(f"{name}: {_preview(data)!r} is not {encoding}")
+            raise ValueError(f"{name}: {_described(data)} is not {encoding}")
     assert raw is not None
     if scheme.size and len(raw) != scheme.size:
         raise ValueError(f"{name}: the value is {len(raw)} bytes long, not {scheme.size}")
@@ -413,7 +413,7 @@ def _encode(raw: bytes, encoding: str) -> str:
 def _pattern(regex: str, what: str) -> Callable[[bytes], None]:
     def check(raw: bytes) -> None:
         if not re.fullmatch(regex, _text(raw)):
-            raise ValueError(f"{_preview(raw)!r} is not {what}")
+            raise ValueError(f"{_described(raw)} is not {what}")
 
     return check
 
@@ -484,11 +484,13 @@ _BARE_PREFIXES = (
 _OTP = "OTP is a one-time-password scheme and cannot be used by mailauth"
 
 
-def _preview(value: Union[str, bytes]) -> str:
-    """Enough of a malformed hash to recognise it, never a whole password."""
-    if isinstance(value, bytes):
-        value = _text(value)
-    return value if len(value) <= 12 else value[:12] + "..."
+def _described(value: Union[str, bytes]) -> str:
+    """
+    A malformed hash as an error names it: by its length, never by any of
+    its characters, which may be a plaintext password stored by mistake
+    behind a scheme prefix (and log lines are read by many).
+    """
+    return f"the value of {len(value)} characters"
 
 
 def _schemeParts(text: str) -> tuple[str, Optional[str]]:
