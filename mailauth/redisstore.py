@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any, Callable, Optional
 
 import redis
@@ -24,6 +25,7 @@ from mailauth.counters import (
     checkTotal,
 )
 from mailauth.interfaces import BlockingRunner, ICounterStore
+from mailauth.threads import PoolBusy, PoolStopped
 
 log = Logger(namespace="mailauth.redisstore")
 
@@ -167,6 +169,15 @@ class RedisCounterStore:
     stay local: they are not replayed into Redis. No call ever fails
     because of Redis.
 
+    No call waits longer than C{timeout} from when it was made, however
+    many were waiting for a thread when Redis hung: each is answered
+    locally at its own deadline, and a thread that gets a call whose
+    deadline has passed does not send it. A call the thread pool is too
+    busy to take (L{PoolBusy}: a burst of connections, each asking whether
+    its address is blocked) is answered locally too, but does not make
+    the store stop using Redis: a flood of connections must not turn a
+    node's shared counting off.
+
     @ivar usingFallback: whether calls are being answered locally because
         Redis failed.
     """
@@ -182,6 +193,7 @@ class RedisCounterStore:
         serverTime: bool = True,
         onFallback: Optional[Callable[[], None]] = None,
         where: str = "redis",
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         """
         @param client: a redis-py client, made by L{makeClient}.
@@ -192,6 +204,8 @@ class RedisCounterStore:
             (C{TIME}), one clock for every node however theirs drift; if
             false, on C{clock}, which a test can drive.
         @param where: how log lines name this Redis (no password in it).
+        @param timeout: the longest a call waits for Redis, from when it is
+            made (the client's own socket timeout should be the same).
         """
         self.client = client
         self.clock = clock
@@ -201,6 +215,7 @@ class RedisCounterStore:
         self.serverTime = serverTime
         self.where = where
         self.usingFallback = False
+        self.timeout = timeout
         self._runBlocking = runBlocking
         self._onFallback = onFallback
         self._retryAt = 0.0
@@ -219,7 +234,14 @@ class RedisCounterStore:
         A store on the Redis at C{url}, whose calls time out after
         C{timeout} seconds; other keyword arguments as for the constructor.
         """
-        return cls(makeClient(url, timeout), clock, runBlocking, where=redactURL(url), **kwargs)
+        return cls(
+            makeClient(url, timeout),
+            clock,
+            runBlocking,
+            where=redactURL(url),
+            timeout=timeout,
+            **kwargs,
+        )
 
     # ICounterStore
 
@@ -303,18 +325,26 @@ class RedisCounterStore:
             if self._probing or self.clock.seconds() < self._retryAt:
                 return defer.maybeDeferred(localAnswer)
             self._probing = probe = True
+        deadline = time.monotonic() + self.timeout
         try:
-            d = self._runBlocking(self._evaluate, script, key, *args)
+            d = self._runBlocking(self._evaluate, deadline, script, key, *args)
         except Exception:
             d = defer.fail()
+        d.addTimeout(self.timeout, self.clock)
         d.addCallback(answer)
         d.addCallbacks(
             self._succeeded, self._failed, callbackArgs=(probe,), errbackArgs=(probe, localAnswer)
         )
         return d
 
-    def _evaluate(self, script: _Script, key: str, *args: Any) -> Any:
-        """In a thread: run C{script}, sending its source only if Redis lost it."""
+    def _evaluate(self, deadline: float, script: _Script, key: str, *args: Any) -> Any:
+        """
+        In a thread: run C{script}, sending its source only if Redis lost
+        it; nothing if the call's C{deadline} (L{time.monotonic}) has
+        passed while it waited for this thread.
+        """
+        if time.monotonic() > deadline:
+            raise TimeoutError("waited for a thread past the call's deadline")
         try:
             return self.client.evalsha(script.sha, 1, key, *args)
         except NoScriptError:
@@ -330,6 +360,10 @@ class RedisCounterStore:
     def _failed(self, failure: Failure, probe: bool, localAnswer: Callable[[], Any]) -> Any:
         if probe:
             self._probing = False
+        if failure.check(PoolBusy) and not failure.check(PoolStopped):
+            # Too many calls at once: this one is answered locally; Redis
+            # itself has not failed.
+            return localAnswer()
         self._retryAt = self.clock.seconds() + self.retryInterval
         if not self.usingFallback:
             self.usingFallback = True

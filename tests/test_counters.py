@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 import tracemalloc
 
 from twisted.internet import defer, reactor
@@ -14,7 +15,7 @@ from mailauth import counters, redisstore
 from mailauth.config import ConfigError, loadText
 from mailauth.counters import SLOTS_PER_WINDOW, MemoryCounterStore, counterStoreFromConfig
 from mailauth.interfaces import ICounterStore
-from mailauth.redisstore import RedisCounterStore
+from mailauth.redisstore import COUNT, RedisCounterStore
 from mailauth.threads import ThreadPoolService
 from tests.harness import LogWatcher
 from tests.redisharness import freePort, startRedis
@@ -523,11 +524,57 @@ class RedisCounterStoreTests(CounterStoreTestsMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_poolBusy(self):
-        """A thread pool too busy to take the call is a failure like any other: answered locally."""
-        store = self.makeStore(runBlocking=ThreadPoolService(reactor, "full", 1, maxQueued=0).run)
+        """
+        A call the thread pool is too busy to take (a burst of connections)
+        is answered locally, but Redis has not failed: the store goes on
+        using it, so a flood of connections cannot turn the node's shared
+        counting off.
+        """
+        busy = [True]
+        full = ThreadPoolService(reactor, "full", 1, maxQueued=0).run
+
+        def runBlocking(*args):
+            return full(*args) if busy[0] else self.pool.run(*args)
+
+        store = self.makeStore(runBlocking=runBlocking)
+        yield self.store.hit("k", WINDOW, 5)
         self.assertEqual((yield store.hit("k", WINDOW)), 1)
+        self.assertFalse(store.usingFallback)
+        self.assertEqual((self.fallbacks, redisEvents(self.watcher)), (0, []))
+        busy[0] = False
+        # The hit answered locally stays local, as in an outage.
+        self.assertEqual((yield store.hit("k", WINDOW)), 6)
+
+    def test_queuedCallsKeepTheirDeadline(self):
+        """
+        When Redis hangs with many calls waiting for a thread, each is
+        answered locally C{timeout} after it was made, not one timeout
+        after another as the threads free up: honest logins never wait
+        for Redis longer than C{[state] timeout}. One line is logged.
+        """
+        stuck: list = []
+
+        def runBlocking(*args):
+            stuck.append(defer.Deferred())
+            return stuck[-1]
+
+        store = self.makeStore(runBlocking=runBlocking)
+        calls = [store.hit("k", WINDOW) for _ in range(20)]
+        self.clock.advance(0.4)
+        self.assertEqual([d.called for d in calls], [False] * 20)
+        self.clock.advance(0.1)
+        # (Each hit was counted locally when it was made.)
+        self.assertEqual([self.successResultOf(d) for d in calls], [20] * 20)
         self.assertTrue(store.usingFallback)
-        self.assertIn("PoolBusy", redisEvents(self.watcher)[0])
+        self.assertEqual(len(redisEvents(self.watcher)), 1)
+        self.assertIn("TimeoutError", redisEvents(self.watcher)[0])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_expiredCallNotSent(self):
+        """A thread that gets a call whose deadline has passed does not send it to Redis."""
+        self.assertRaises(
+            TimeoutError, self.store._evaluate, time.monotonic() - 1, COUNT, "mailauth:c:k", 0
+        )
 
     @defer.inlineCallbacks
     def test_passwordNotLogged(self):
