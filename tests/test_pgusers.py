@@ -37,7 +37,7 @@ from mailauth.pgusers import (
 from mailauth.userdb import UserDatabase, UserDatabaseError, UserDatabaseUnavailable
 from mailauth.userstore import UsersFileStore, storeFor
 from tests import pgharness
-from tests.harness import CONFIG, Daemon, clientContext
+from tests.harness import CONFIG, ROOT, Daemon, clientContext
 
 CRAM = "{CRAM-MD5}" + "ab" * 32
 SHA512 = makeHash(b"alice-secret", "SHA512-CRYPT")
@@ -494,6 +494,44 @@ class OutageTests(unittest.TestCase):
         self.assertEqual(user.login, "a@example.org")
         self.assertEqual([e["log_level"].name for e in events], ["error", "info"])
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class DaemonRoleTests(DatabaseMixin, unittest.TestCase):
+    """The daemon's role with exactly the grants docs/postgresql.rst gives it."""
+
+    def test_documentedGrantsSuffice(self) -> None:
+        """
+        With those grants check-config passes, and the daemon looks users
+        up, suspends a login (C{suspend_after}), rehashes a password
+        (C{rehash = yes}) and records an app password's last use.
+        """
+        role = f"daemon_{self.database}"
+        self.sql(f'CREATE ROLE "{role}" LOGIN')
+        self.addCleanup(self.sql, f'DROP OWNED BY "{role}"')
+        with open(os.path.join(ROOT, "docs", "postgresql.rst")) as f:
+            grants = [line.strip() for line in f if line.startswith("    GRANT ")]
+        self.assertEqual(len(grants), 4)
+        for grant in grants:
+            self.sql(grant.replace("TO mailauth;", f'TO "{role}"'))
+        uri = self.uri.replace("user=postgres", f"user={role}")
+        self.assertIn(f"user={role}", uri)
+        self.store.addUser("a@example.org", SHA512)
+        hashed = makeHash(b"app-secret", "SHA512-CRYPT")
+        self.store.addAppPassword("a@example.org", "phone", hashed, 1700000000, "abcd")
+
+        daemon = PostgreSQLUserStore(uri)
+        self.assertIsNone(checkDatabase(uri))
+        [(app, _)] = daemon.listAppPasswords("a@example.org")
+        daemon.appPasswordUsed("a@example.org", app, 1700000500)
+        self.assertTrue(daemon.upgradePassword("a@example.org", parse(SHA512), CRAM))
+        daemon.setSuspended("a@example.org", True)
+        self.assertEqual(
+            self.sql(
+                "SELECT u.password, u.suspended, extract(epoch FROM a.last_used)::bigint"
+                " FROM mailauth.users u JOIN mailauth.app_passwords a USING (login)"
+            ),
+            [(CRAM, True, 1700000500)],
+        )
 
 
 class StoreTests(DatabaseMixin, unittest.TestCase):
