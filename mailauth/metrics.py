@@ -46,6 +46,7 @@ REFUSAL_REASONS = (
     "too_many_hops",  # 554 5.4.6 more than 100 Received fields: a mail loop
     "limit",  # 451 4.7.1 a [limits] sending limit
     "storage",  # 451/452 the message could not be stored
+    "user_database",  # 451 4.3.0 the user database did not answer (it logs why, once)
     "temporary",  # 451 4.3.0 any other temporary failure (a validator failed)
 )
 

@@ -154,6 +154,9 @@ BAD_BDAT = Reply(421, "4.5.2 Error: malformed BDAT command, closing connection")
 TEMPORARY_FAILURE = Reply(
     451, "4.3.0 Error: temporary failure, try again later", metric="temporary"
 )
+USER_DATABASE_UNAVAILABLE = Reply(
+    451, "4.3.0 Error: temporary lookup failure, try again later", metric="user_database"
+)
 CANNOT_FORWARD = Reply(
     451, "4.3.0 <{address}>: cannot forward, try again later", metric="temporary"
 )

@@ -24,6 +24,7 @@ from mailauth.addresses import (
 )
 from mailauth.dataread import ChunkReader, DataReader
 from mailauth.replies import ReplyLike, SMTPReply
+from mailauth.userdb import UserDatabaseUnavailable
 
 log = Logger(namespace="mailauth.esmtp")
 
@@ -95,6 +96,11 @@ class MailTransaction:
             return
         if f.check(SMTPReply):
             self._error(cast(SMTPReply, f.value))
+            return
+        if f.check(UserDatabaseUnavailable):
+            # An outage, which the user database logs once: a refusal line
+            # per recipient, not a traceback.
+            self._send(replies.USER_DATABASE_UNAVAILABLE)
             return
         log.failure(
             "address validation failed: client=[{client}] session={session}",

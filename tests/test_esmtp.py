@@ -19,6 +19,7 @@ from twisted.trial import unittest
 from mailauth import dataread, esmtp
 from mailauth.dataread import DataReader
 from mailauth.replies import SMTPReply
+from mailauth.userdb import UserDatabaseUnavailable
 from tests.support import (
     MemoryMailbox,
     RecordingPortal,
@@ -679,6 +680,34 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
                     "could not store a message from client=[192.0.2.1]: /var/mail/x: "
                     f"I/O error (errno 5) session={self.session.protocol.session}",
                 )
+            ],
+        )
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_userDatabaseDownAtRCPT(self) -> None:
+        """
+        A recipient whose lookup finds the user database down gets 451
+        4.3.0 and one refusal line, not a traceback: the outage is logged
+        once by the database itself.
+        """
+        self.session.command(b"MAIL FROM:<alice@example.test>")
+        delivery = self.session.protocol._delivery
+
+        def validateTo(user):
+            raise UserDatabaseUnavailable("postgresql:///mail did not answer within 5s")
+
+        delivery.validateTo = validateTo
+        with capturedLogs() as events:
+            self.assertReply(
+                self.session.command(b"RCPT TO:<bob@example.test>"),
+                b"451 4.3.0 Error: temporary lookup failure, try again later",
+            )
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            [
+                "refused RCPT: client=[192.0.2.1] login=<alice@example.test> "
+                'reason=user_database reply="451 4.3.0 Error: temporary lookup failure, try '
+                f'again later" session={self.session.protocol.session}'
             ],
         )
         self.assertEqual(self.flushLoggedErrors(), [])
