@@ -341,9 +341,23 @@ def _usersOptions() -> argparse.ArgumentParser:
     return where
 
 
+def _utf8Login(text: str) -> str:
+    """A login argument: bytes that are not UTF-8 (which no client could send) are refused."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not UTF-8") from None
+    return text
+
+
 def _loginArgument() -> argparse.ArgumentParser:
     login = argparse.ArgumentParser(add_help=False)
-    login.add_argument("login", metavar="LOGIN", help="the full address, like alice@example.org")
+    login.add_argument(
+        "login",
+        metavar="LOGIN",
+        type=_utf8Login,
+        help="the full address, like alice@example.org",
+    )
     return login
 
 

@@ -218,8 +218,12 @@ def _problem(uri: str, error: BaseException) -> str:
     """One line saying why the database at C{uri} could not answer."""
     psycopg2 = _driver()
     shown = redact(uri)
-    if isinstance(error, psycopg2.errors.UndefinedTable):
-        return f"{shown} has no mailauth tables: run 'mailauth db init'"
+    if isinstance(error, (psycopg2.errors.UndefinedTable, psycopg2.errors.UndefinedColumn)):
+        # No schema, or one older than this mailauth's (its users are there).
+        return (
+            f"{shown} has no mailauth tables, or an older schema than version"
+            f" {SCHEMA_VERSION}: run 'mailauth db init' to create or upgrade it"
+        )
     if isinstance(error, psycopg2.errors.QueryCanceled):
         return f"{shown} did not answer in time"
     if isinstance(error, psycopg2.OperationalError):

@@ -276,7 +276,7 @@ class UserDatabase(ReloadableFile):
 def checkLogin(login: str) -> None:
     """
     Refuse a login that cannot be written to the users file, is not an
-    address, or cannot name a mailbox folder.
+    address, is not UTF-8, or cannot name a mailbox folder.
 
     @raise UserDatabaseError: unless C{login} looks like C{local@domain} with no
         white space, control character or colon, and its local part and
@@ -289,6 +289,12 @@ def checkLogin(login: str) -> None:
             f"invalid login {login!r}: use a full address (local@domain),"
             " without white space or ':'"
         )
+    try:
+        login.encode("utf-8")
+    except UnicodeEncodeError:
+        # Bytes that are not UTF-8, as Python passes them on (surrogates):
+        # no client could log in with it (AUTH logins are UTF-8).
+        raise UserDatabaseError(f"invalid login {login!r}: it is not UTF-8") from None
     unsafe = mailboxProblem(login)
     if unsafe is not None:
         raise UserDatabaseError(f"invalid login {login!r}: it cannot name a mailbox: {unsafe}")

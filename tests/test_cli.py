@@ -180,6 +180,23 @@ class CommandTests(CommandMixin, unittest.TestCase):
         self.assertIn("mailauth: invalid login 'alice'", self.stderr.getvalue())
         self.assertEqual(self.stdin.tell(), 0)
 
+    def test_loginNotUTF8(self) -> None:
+        """
+        A login given in bytes that are not UTF-8 (as Python passes them:
+        surrogates) is refused by every user command, with one line and
+        before a password is read: no client could log in with it.
+        """
+        login = b"al\xffce@example.org".decode("utf-8", "surrogateescape")
+        for command in (["add"], ["passwd"], ["del"], ["suspend"], ["app-password", "list"]):
+            status = self.mailauth(
+                "user", *command, login, "--users", self.users, stdin=b"pw\npw\n"
+            )
+            self.assertEqual(status, 2, command)
+            self.assertIn("is not UTF-8", self.stderr.getvalue())
+            self.assertNotIn("Traceback", self.stderr.getvalue())
+            self.assertEqual(self.stdin.tell(), 0)
+        self.assertFalse(os.path.exists(self.users))
+
     def test_userPasswd(self) -> None:
         """
         C{user passwd} replaces the password and keeps the line's other

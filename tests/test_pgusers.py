@@ -668,7 +668,9 @@ class StoreTests(DatabaseMixin, unittest.TestCase):
         with self.assertRaises(UserDatabaseError) as caught:
             PostgreSQLUserStore(uri).addUser("a@example.org", CRAM)
         self.assertEqual(
-            str(caught.exception), f"{uri} has no mailauth tables: run 'mailauth db init'"
+            str(caught.exception),
+            f"{uri} has no mailauth tables, or an older schema than version {SCHEMA_VERSION}:"
+            " run 'mailauth db init' to create or upgrade it",
         )
 
     def test_loginsStoredLowerCase(self) -> None:
@@ -739,6 +741,10 @@ class SchemaTests(unittest.TestCase):
             f"{self.uri} has mailauth schema version 1:"
             f" run 'mailauth db init' to upgrade it to {SCHEMA_VERSION}",
         )
+        # The daemon's lookups say the same, without claiming the tables are gone.
+        with self.assertRaises(UserDatabaseError) as caught:
+            PostgreSQLUserStore(self.uri).listAccounts()
+        self.assertIn("or an older schema than version", str(caught.exception))
         self.assertEqual(initSchema(self.uri), (1, SCHEMA_VERSION))
         self.assertIn("app_passwords", self.tables())
         self.assertEqual(PostgreSQLUserStore(self.uri).listUsers(), [("a@example.org", "CRAM-MD5")])

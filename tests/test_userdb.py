@@ -389,6 +389,8 @@ class EditTests(unittest.TestCase):
             "#a@example.org",
             "a\n@example.org",
             "",
+            # Bytes that are not UTF-8, as Python decodes them from argv.
+            b"al\xffce@example.org".decode("utf-8", "surrogateescape"),
         ]:
             error = self.assertRaises(UserDatabaseError, addUser, self.path, login, CRAM)
             self.assertIn("invalid login", str(error))
