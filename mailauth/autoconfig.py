@@ -295,7 +295,11 @@ class _Folder(resource.Resource):
 
 
 class _LimitedRequest(server.Request):
-    """A request whose body may not exceed L{MAX_REQUEST_BODY}: the connection is dropped."""
+    """
+    A request whose body may not exceed L{MAX_REQUEST_BODY}: the connection
+    is dropped, and the request, whose body would end with the bytes that
+    came before, is never answered.
+    """
 
     _received = 0
 
@@ -308,9 +312,14 @@ class _LimitedRequest(server.Request):
                     limit=MAX_REQUEST_BODY,
                     client=self.getClientAddress(),
                 )
-                cast(Any, self.channel.transport).loseConnection()
+                cast(Any, self.channel.transport).abortConnection()
             return
         super().handleContentChunk(data)
+
+    def process(self) -> None:
+        if self._received > MAX_REQUEST_BODY:
+            return
+        super().process()
 
 
 def makeSite(cfg: configmod.Config, reactor) -> server.Site:

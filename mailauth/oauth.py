@@ -439,7 +439,10 @@ class TokenVerifier:
         @raise TokenRefused: if they name none.
         """
         value = claims.get(self.loginClaim)
-        unverified = claims.get("email_verified") is False
+        # Verified when absent or true; false in any form a provider sends
+        # it (some map attributes to the strings "false" or "False") is not.
+        verified = claims.get("email_verified", True)
+        unverified = not (verified is True or str(verified).lower() == "true")
         if self.loginClaim == "email" and value is not None and unverified:
             raise self._refused("the token's email is not verified")
         if not isinstance(value, str) or not value:

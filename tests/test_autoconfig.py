@@ -11,7 +11,9 @@ import xml.dom.minidom
 import xml.etree.ElementTree as ET
 
 from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.client import Agent, ResponseFailed, readBody
@@ -796,6 +798,32 @@ class AutodiscoverTests(HTTPMixin, unittest.TestCase):
         else:
             self.fail(f"answered {response.code}")
         self.assertTrue(self.log.matching("request body over 16384 bytes"))
+
+
+class BodyLimitTests(unittest.TestCase):
+    def test_bodyTooLongInPieces(self) -> None:
+        """
+        A body over the limit that arrives in several reads is not answered
+        either (it was, from its first 16 KiB, when the rest came in a read
+        of its own): the connection is dropped.
+        """
+        cfg = loadText(DocumentTests.BASE.format(mechanisms="PLAIN"))
+        channel = autoconfig.makeSite(cfg, reactor).buildProtocol(
+            IPv4Address("TCP", "127.0.0.1", 40000)
+        )
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        body = autodiscoverRequest()
+        body += b" " * (autoconfig.MAX_REQUEST_BODY + 4096 - len(body))
+        channel.dataReceived(
+            b"POST /autodiscover/autodiscover.xml HTTP/1.1\r\nHost: a\r\n"
+            b"Content-Type: text/xml\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        channel.dataReceived(body[:16000])
+        channel.dataReceived(body[16000:])
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+        channel.connectionLost(Failure(ConnectionLost()))
 
 
 class DocumentTests(unittest.TestCase):

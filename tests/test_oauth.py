@@ -357,12 +357,19 @@ class ClaimTests(unittest.TestCase):
             ),
             "carol@example.test",
         )
-        e = self.assertRaises(
-            TokenRefused,
-            verifier.claimedLogin,
-            {"email": "bob@example.test", "email_verified": False},
-        )
-        self.assertEqual((e.why, e.discovery), ("the token's email is not verified", DISCOVERY))
+        # email_verified false as JSON, a string, or a number: refused.
+        for unverified in (False, "false", "False", 0, None, ""):
+            e = self.assertRaises(
+                TokenRefused,
+                verifier.claimedLogin,
+                {"email": "bob@example.test", "email_verified": unverified},
+            )
+            self.assertEqual((e.why, e.discovery), ("the token's email is not verified", DISCOVERY))
+        for verified in (True, "true", "True"):
+            self.assertEqual(
+                verifier.claimedLogin({"email": "bob@example.test", "email_verified": verified}),
+                "bob@example.test",
+            )
         self.assertRaises(TokenRefused, verifier.claimedLogin, {"email": 3})
 
     def test_opaqueWithoutIntrospection(self) -> None:
