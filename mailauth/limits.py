@@ -25,7 +25,8 @@ log = Logger(namespace="mailauth.limits")
 HOUR = 3600.0
 DAY = 86400.0
 #: How long after suspending a login this process trusts its own word over
-#: the user database's, which may not show the suspension yet.
+#: the user database's, until the database shows the suspension (another
+#: process's copy of a users file is re-read every few seconds).
 SETTLE = 60.0
 
 # Each limit: what it counts and over how long. Its counter's key in the
@@ -200,10 +201,11 @@ class SendingLimits:
         self.hostname = hostname
         self.clock = clock
         self.metrics = metrics
-        # When this process suspended each login, to let the user database
-        # catch up before its lookups are believed (a users file is re-read
-        # every few seconds).
-        self._suspendedAt: dict[str, float] = {}
+        # When this process suspended each login, and whether the user
+        # database has shown it suspended since: until it has, for SETTLE
+        # seconds, its lookups are not believed; once it has, a login it
+        # shows not suspended was resumed (mailauth user resume).
+        self._suspendedAt: dict[str, list] = {}
 
     def limitsFor(self, login: str) -> Limits:
         """The limits of C{login}: the defaults, with its overrides."""
@@ -259,30 +261,37 @@ class SendingLimits:
     @defer.inlineCallbacks
     def _suspendable(self, login: str):
         """
-        Whether C{login} should be suspended now: it is not already (by this
-        process within L{SETTLE} seconds, or as the user database says).
-        A suspension that failed, or that an administrator lifted, is thus
-        made again at the next hit past C{suspend_after}.
+        Whether C{login} should be suspended now: it is not already (as the
+        user database says, or by this process within L{SETTLE} seconds and
+        not yet shown by the database). A suspension that failed, or that an
+        administrator lifted, is thus made again at the next hit past
+        C{suspend_after}, even right after it was made.
         """
         if self.suspend is None:
             return False
         now = self.clock.seconds()
-        for name, when in list(self._suspendedAt.items()):
+        for name, (when, _) in list(self._suspendedAt.items()):
             if now - when >= SETTLE:
                 del self._suspendedAt[name]
-        if login in self._suspendedAt:
-            return False
         try:
             user = yield self.users.lookup(login)
         except UserDatabaseUnavailable:
             return False  # tried again at the next hit
-        return user is not None and not user.suspended
+        mine = self._suspendedAt.get(login)
+        if user is not None and user.suspended:
+            if mine is not None:
+                mine[1] = True
+            return False
+        if mine is not None and not mine[1]:
+            return False  # suspended here; the database does not show it yet
+        self._suspendedAt.pop(login, None)
+        return user is not None
 
     @defer.inlineCallbacks
     def _suspend(self, login: str, hits: int, limit: str, session: str):
         assert self.suspend is not None
         # Taken now, so that a hit of another session meanwhile waits its turn.
-        self._suspendedAt[login] = self.clock.seconds()
+        self._suspendedAt[login] = [self.clock.seconds(), False]
         try:
             yield self.suspend(login)
         except Exception as e:
@@ -296,6 +305,7 @@ class SendingLimits:
                 session=session,
             )
             return
+        yield self._reread(login)
         log.warn(
             "login suspended: login=<{login}> after {hits} sending limit hits today "
             "(last: {limit}); 'mailauth user resume {login}' lifts it session={session}",
@@ -312,6 +322,26 @@ class SendingLimits:
             log.failure(
                 "could not send the postmaster the suspension notice of <{login}>", login=login
             )
+
+    @defer.inlineCallbacks
+    def _reread(self, login: str):
+        """
+        After this process suspended C{login}: read the users file again
+        now (not at its next check, seconds later), so that the login's
+        next AUTH and its open sessions' next MAIL are refused at once; and
+        note whether the database shows the suspension.
+        """
+        if IReloadable.providedBy(self.users):
+            try:
+                self.users.maybeReload()
+            except Exception:
+                log.failure("reading the users file again after suspending <{login}>", login=login)
+        try:
+            user = yield self.users.lookup(login)
+        except UserDatabaseUnavailable:
+            return
+        if user is not None and user.suspended and login in self._suspendedAt:
+            self._suspendedAt[login][1] = True
 
     def notice(self, login: str, hits: int, limit: str) -> bytes:
         """The message telling L{postmaster} that C{login} was suspended."""

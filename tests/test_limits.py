@@ -43,7 +43,8 @@ from mailauth.redisstore import RedisCounterStore
 from mailauth.replies import SMTPReply
 from mailauth.routing import Router
 from mailauth.threads import ThreadPoolService
-from mailauth.userdb import UserDatabaseError
+from mailauth.userdb import UserDatabase, UserDatabaseError
+from mailauth.userstore import UsersFileStore
 from tests import pgharness
 from tests.fakes import MemoryQueue, MemoryUserStore, runInline
 from tests.harness import ROOT, AttackMixin, Daemon, LogWatcher, RawClient, plain
@@ -504,6 +505,24 @@ class LimitsTestsMixin:
         self.assertEqual(self.suspended, [ALICE, ALICE])
 
     @defer.inlineCallbacks
+    def test_resumedRightAwaySuspendedAgain(self):
+        """
+        A login resumed by hand right after its suspension (well within
+        L{SETTLE}) is suspended again at its next hit that day: once the
+        user database has shown the suspension, it is believed again.
+        """
+        limits = self.makeLimits(Limits(messages_per_hour=1, suspend_after=1))
+        yield self.send(limits=limits)
+        yield self.refused(limits.transaction(ALICE).checkSender())
+        self.assertEqual(self.suspended, [ALICE])
+        self.users.setSuspended(ALICE, False)  # mailauth user resume
+        self.clock.advance(1)
+        yield self.refused(limits.transaction(ALICE).checkSender())
+        self.assertEqual(self.suspended, [ALICE, ALICE])
+        self.assertTrue((yield self.users.lookup(ALICE)).suspended)
+        self.assertEqual(len(self.notices.sent), 2)
+
+    @defer.inlineCallbacks
     def test_suspensionRetried(self):
         """
         A suspension the user store refuses is logged as an error and tried
@@ -578,6 +597,42 @@ class MemoryLimitsTests(LimitsTestsMixin, unittest.TestCase):
         self.patch(self.store, "hit", broken)
         self.assertIsNone((yield self.limits.transaction(ALICE).record(1)))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class UsersFileSuspensionTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_suspensionShownAtOnce(self):
+        """
+        With a users file, the process that suspends a login reads the file
+        again at once: the login's next AUTH finds it suspended, and its
+        open sessions' next MAIL gets 550, without waiting for the file's
+        next check seconds later.
+        """
+        path = self.mktemp()
+        store = UsersFileStore(path)
+        store.addUser(ALICE, "{PLAIN}a")
+        users = UserDatabase(path)
+        users.load()
+        clock = Clock()
+        clock.advance(START)
+        limits = SendingLimits(
+            store=MemoryCounterStore(clock),
+            defaults=Limits(messages_per_hour=1, suspend_after=1),
+            overrides=LimitOverrides(None),
+            users=users,
+            suspend=lambda login: defer.maybeDeferred(store.setSuspended, login, True),
+            clock=clock,
+            metrics=Metrics.prometheus(process=False),
+        )
+        transaction = limits.transaction(ALICE)
+        yield transaction.checkSender()
+        yield transaction.checkRecipient(0)
+        yield transaction.record(1)
+        failure = yield self.assertFailure(limits.transaction(ALICE).checkSender(), SMTPReply)
+        self.assertEqual(failure.code, 451)
+        self.assertTrue((yield users.lookup(ALICE)).suspended)
+        failure = yield self.assertFailure(limits.transaction(ALICE).checkSender(), SMTPReply)
+        self.assertEqual(failure.code, 550)
 
 
 class RedisLimitsTests(LimitsTestsMixin, unittest.TestCase):
