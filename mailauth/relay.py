@@ -365,8 +365,10 @@ class RelaySession:
         if not accepted:
             return results
         if "CHUNKING" in self.extensions:
-            reply = yield self._sendChunks(message)
-            self._dirty = False
+            reply, ended = yield self._sendChunks(message)
+            # A chunk refused before LAST may leave the transaction open on
+            # the relay's side: the next message starts with RSET.
+            self._dirty = not ended
         else:
             reply = _classify((yield proto.command(b"DATA")), intermediate=354)
             if reply.code == 354:
@@ -399,8 +401,9 @@ class RelaySession:
         Send the stored message as BDAT chunks (RFC 3030), its dot-stuffing
         undone, each chunk waiting for its reply; the last one says LAST.
 
-        @return: a Deferred firing with the reply that ends it: the one to
-            the last chunk, or the first refusal.
+        @return: a Deferred firing with the reply that ends it, the one to
+            the last chunk or the first refusal, and whether it was the
+            last chunk's.
         """
         unstuffer = Unstuffer()
         pending = unstuffer.feed(message.read(BDAT_CHUNK))
@@ -410,10 +413,10 @@ class RelaySession:
                 reply = _classify(
                     (yield self._protocol.sendChunk(pending + unstuffer.finish(), last=True))
                 )
-                return reply
+                return reply, True
             reply = _classify((yield self._protocol.sendChunk(pending, last=False)))
             if reply.code // 100 != 2:
-                return reply
+                return reply, False
             pending = unstuffer.feed(data)
 
     @defer.inlineCallbacks

@@ -19,6 +19,7 @@ from twisted.trial import unittest
 
 from mailauth.forward import QueueService
 from mailauth.relay import (
+    BDAT_CHUNK,
     RelayClientProtocol,
     RelayConnector,
     RelayError,
@@ -180,6 +181,28 @@ class SessionTests(unittest.TestCase):
         sent = self.exchange(d, b"250 reset", b"250 ok", b"250 ok", b"354 go", b"250 ok")
         self.assertEqual(sent[0], b"RSET\r\n")
         self.assertEqual(sent[-1], b".\r\n")
+
+    def test_refusedChunkThenReset(self):
+        """
+        A BDAT chunk refused before the last leaves the relay's transaction
+        open, maybe: the next message starts with RSET, so that its MAIL is
+        not taken for a nested one (and bounced for a 503 that was not its).
+        """
+        self.session = RelaySession(self.protocol, {"CHUNKING": ""})
+        message = b"x" * (BDAT_CHUNK + 10)
+        d = self.session.deliver("a@x.test", ["b@y.test"], io.BytesIO(message), 0, False)
+        sent = self.exchange(d, b"250 ok", b"250 ok", b"552 5.3.4 too big")
+        self.assertTrue(sent[-1].startswith(b"BDAT %d\r\n" % BDAT_CHUNK), sent[-1][:20])
+        self.assertEqual(self.successResultOf(d)["b@y.test"].code, 552)
+        d = self.session.deliver("a@x.test", ["b@y.test"], io.BytesIO(b"hi\r\n"), 0, False)
+        sent = self.exchange(d, b"250 reset", b"250 ok", b"250 ok", b"250 done")
+        self.assertEqual(sent[:2], [b"RSET\r\n", b"MAIL FROM:<a@x.test>\r\n"])
+        self.assertEqual(sent[-1], b"BDAT 4 LAST\r\nhi\r\n")
+        self.assertEqual(self.successResultOf(d)["b@y.test"].code, 250)
+        # A message that went through whole leaves nothing to reset.
+        d = self.session.deliver("a@x.test", ["b@y.test"], io.BytesIO(b"hi\r\n"), 0, False)
+        [first] = self.exchange(d, b"451 later")
+        self.assertEqual(first, b"MAIL FROM:<a@x.test>\r\n")
 
     def test_unexpectedIntermediate(self):
         """A 354 where no data was asked for is a protocol error, not a verdict."""
