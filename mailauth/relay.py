@@ -343,6 +343,11 @@ class RelaySession:
                     wire[recipient] = ascii
             if not wire:
                 return results
+        if body8bit and "8BITMIME" not in self.extensions:
+            # RFC 6152 3: 8-bit content must be converted or returned. It is
+            # returned: converting it would break a DKIM signature.
+            results.update(dict.fromkeys(wire, _NO_8BITMIME))
+            return results
         if self._dirty:
             reply = yield proto.command(b"RSET")
             _check(reply, 250, "RSET")
@@ -487,6 +492,12 @@ _UTF8_RECIPIENT = _refusal(
 )
 _UTF8_HEADERS = _refusal(
     554, "5.6.9", "the relay does not offer SMTPUTF8 and the message has UTF-8 header fields"
+)
+
+
+# RFC 6152 3 and RFC 3463 5.6.3 (conversion required but not supported).
+_NO_8BITMIME = _refusal(
+    554, "5.6.3", "the relay does not offer 8BITMIME and the message has 8-bit content"
 )
 
 

@@ -182,6 +182,25 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(sent[0], b"RSET\r\n")
         self.assertEqual(sent[-1], b".\r\n")
 
+    def test_eightBitWithout8BITMIME(self):
+        """
+        8-bit content for a relay that does not offer 8BITMIME is returned
+        (RFC 6152 3: convert or return; converting would break a DKIM
+        signature), with 5.6.3, before any command is sent; 7-bit content
+        goes.
+        """
+        self.session = RelaySession(self.protocol, {"SIZE": "1000000"})
+        d = self.session.deliver("a@x.test", ["b@y.test"], io.BytesIO(b"\xff\r\n"), 3, True)
+        result = self.successResultOf(d)["b@y.test"]
+        self.assertEqual(
+            (result.code, result.text),
+            (554, "5.6.3 the relay does not offer 8BITMIME and the message has 8-bit content"),
+        )
+        self.assertEqual(self.transport.value(), b"")
+        d = self.session.deliver("a@x.test", ["b@y.test"], io.BytesIO(b"x\r\n"), 3, False)
+        [first] = self.exchange(d, b"451 later")
+        self.assertEqual(first, b"MAIL FROM:<a@x.test> SIZE=3\r\n")
+
     def test_refusedChunkThenReset(self):
         """
         A BDAT chunk refused before the last leaves the relay's transaction
