@@ -84,6 +84,10 @@ class QueueService(service.Service):
         self._relayHost = relayConfig.host
         self._index: dict = {}
         self._inFlight: set = set()
+        # msgid -> the final outcomes (delivered, failed) of an attempt whose
+        # outcome could not be written (a full disk): never sent again, and
+        # written with the next attempt's.
+        self._unsettled: dict[str, dict] = {}
         self._workers = 0
         self._tasks: set = set()
         self._sessions: set = set()
@@ -308,6 +312,7 @@ class QueueService(service.Service):
         """
         envelope = yield self._runBlocking(self._queue.envelope, msgid)
         if envelope is None:
+            self._unsettled.pop(msgid, None)
             if self._index.pop(msgid, None) is not None:
                 log.info(
                     "queue: {msgid}: deleted by another process (mailauth queue delete)",
@@ -315,12 +320,14 @@ class QueueService(service.Service):
                     queueEvent="deleted",
                 )
             return session, None
-        outcomes: dict = {}
+        # What an earlier attempt decided but could not write is not tried again.
+        outcomes: dict = dict(self._unsettled.get(msgid, {}))
         error = None
         ok = None
         if self._reactor.seconds() < envelope.expiresAt(self._policy):
-            local = [a for a in envelope.pending() if self._local.isLocal(a)]
-            remote = [a for a in envelope.pending() if a not in local]
+            pending = [a for a in envelope.pending() if a not in outcomes]
+            local = [a for a in pending if self._local.isLocal(a)]
+            remote = [a for a in pending if a not in local]
             if local:
                 outcomes.update((yield self._deliverLocally(msgid, local)))
             if remote:
@@ -337,15 +344,22 @@ class QueueService(service.Service):
                     _relayOutcome(ok, [outcomes[a] for a in remote]),
                     self._reactor.seconds() - started,
                 )
-        result = yield self._runBlocking(
-            self._queue.settle,
-            msgid,
-            outcomes,
-            error,
-            self._reactor.seconds(),
-            self._policy,
-            self._relayHost,
-        )
+        try:
+            result = yield self._runBlocking(
+                self._queue.settle,
+                msgid,
+                outcomes,
+                error,
+                self._reactor.seconds(),
+                self._policy,
+                self._relayHost,
+            )
+        except Exception:
+            # The relay may have taken the message for some recipients: they
+            # must not get it again because their outcome was not written.
+            self._unsettled[msgid] = {a: o for a, o in outcomes.items() if o.state != PENDING}
+            raise
+        self._unsettled.pop(msgid, None)
         self._report(msgid, outcomes, result)
         self._remember(result.envelope, msgid)
         if result.bounces:

@@ -62,6 +62,42 @@ class QueueServiceTests(QueueTestMixin, unittest.TestCase):
         self.assertEqual(listQueue(self.directory), [])
         self.assertEqual(self.events.kinds("m1"), ["sent", "removed"])
 
+    def test_outcomeNotWrittenNotSentAgain(self):
+        """
+        When the outcome of an attempt cannot be written (the queue's disk
+        is full), a recipient the relay accepted is not sent the message
+        again at the next attempt: its outcome is written then, with the
+        others'. Before, it got a copy at every retry while the disk was full.
+        """
+        self.relay.replies["carol@remote.example"] = [
+            RelayReply(451, ("4.3.0 later",)),
+        ]
+        settle = self.queue.settle
+        full = [2]
+
+        def settleOnFullDisk(*args, **kwargs):
+            if full[0]:
+                full[0] -= 1
+                raise OSError(28, "No space left on device")
+            return settle(*args, **kwargs)
+
+        self.patch(self.queue, "settle", settleOnFullDisk)
+        self.start()
+        self.submit("m1", recipients=("bob@remote.example", "carol@remote.example"))
+        self.assertEqual(
+            [recipients for _, recipients, _ in self.relay.deliveries], [("bob@remote.example",)]
+        )
+        self.runFor(self.config.retry_initial)
+        # carol, deferred, is tried again; bob, taken, is not.
+        self.assertEqual(
+            [recipients for _, recipients, _ in self.relay.deliveries],
+            [("bob@remote.example",), ("carol@remote.example",)],
+        )
+        self.runFor(self.config.retry_initial)
+        self.assertEqual(len(self.relay.deliveries), 2)
+        self.assertEqual(listQueue(self.directory), [])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)
+
     def test_startDeliversWhatIsQueued(self):
         """Messages queued before the service started (a restart) are delivered at start."""
         for i in range(3):
