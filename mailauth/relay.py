@@ -48,6 +48,11 @@ _PEM_CERTIFICATE = re.compile(
 )
 # The size of the BDAT chunks the message is sent in.
 BDAT_CHUNK = 256 * 1024
+#: The least time the reply to the final dot (or the last chunk) is waited
+#: for, whatever C{[relay] timeout} says: the relay may scan the message
+#: first (RFC 5321 4.5.3.2.6: 10 minutes; Postfix's smtp_data_done_timeout).
+#: Giving up sooner makes a slow relay that then takes it get it again.
+DATA_DONE_TIMEOUT = 600.0
 
 
 class RelayError(Exception):
@@ -99,6 +104,8 @@ class RelayClientProtocol(basic.LineReceiver):
     def __init__(self, clock: IReactorTime, timeout: float) -> None:
         self._clock = clock
         self._timeout = timeout
+        # What the timer now running waits for, in seconds.
+        self._waitFor = timeout
         self._timer: Any = None
         self._waiting: Optional[defer.Deferred] = defer.Deferred()
         self._greeting = self._waiting
@@ -204,7 +211,7 @@ class RelayClientProtocol(basic.LineReceiver):
             self._sendingData = False
             if self._error is None:
                 self.transport.write(b".\r\n")
-                self._touch()
+                self._touch(max(self._timeout, DATA_DONE_TIMEOUT))
 
         def failed(reason):
             # The connection went away under the producer, which
@@ -227,7 +234,7 @@ class RelayClientProtocol(basic.LineReceiver):
         self._waiting = defer.Deferred()
         command = b"BDAT %d%s\r\n" % (len(data), b" LAST" if last else b"")
         self.transport.write(command + data)
-        self._touch()
+        self._touch(max(self._timeout, DATA_DONE_TIMEOUT) if last else None)
         return self._waiting
 
     def abort(self) -> defer.Deferred:
@@ -253,17 +260,19 @@ class RelayClientProtocol(basic.LineReceiver):
         self._touch()
         return chunk
 
-    def _touch(self) -> None:
+    def _touch(self, seconds: Optional[float] = None) -> None:
+        """(Re)start the timer: C{seconds}, or C{[relay] timeout}, from now."""
         if self._error is not None:
             return
+        self._waitFor = self._timeout if seconds is None else seconds
         if self._timer is not None and self._timer.active():
-            self._timer.reset(self._timeout)
+            self._timer.reset(self._waitFor)
         else:
-            self._timer = self._clock.callLater(self._timeout, self._timedOut)
+            self._timer = self._clock.callLater(self._waitFor, self._timedOut)
 
     def _timedOut(self) -> None:
         self._timer = None
-        self._fail(f"no progress for {self._timeout:g} seconds")
+        self._fail(f"no progress for {self._waitFor:g} seconds")
 
     def _fail(self, why: str) -> None:
         if self._error is None:

@@ -106,6 +106,38 @@ class ProtocolTests(unittest.TestCase):
         self.failureResultOf(greeting, RelayError)
         self.assertTrue(self.transport.disconnecting)
 
+    def test_finalDotWaitsTenMinutes(self):
+        """
+        The reply to the final dot (or to the last BDAT chunk) is waited for
+        ten minutes however short the timeout (RFC 5321 4.5.3.2.6): the
+        relay may scan the message first, and giving up sooner makes it get
+        the message again.
+        """
+        self.protocol.dataReceived(b"220 hi\r\n")
+        reply = self.protocol.sendMessage(io.BytesIO(b"x\r\n"))
+        while self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+        self.assertTrue(self.transport.value().endswith(b"x\r\n.\r\n"))
+        self.clock.advance(599)
+        self.assertNoResult(reply)
+        self.clock.advance(1)
+        self.assertIn("600 seconds", str(self.failureResultOf(reply, RelayError).value))
+
+        protocol = RelayClientProtocol(self.clock, 30)
+        protocol.makeConnection(TLSTransport())
+        protocol.dataReceived(b"220 hi\r\n")
+        chunk = protocol.sendChunk(b"x", last=False)
+        self.clock.advance(30)
+        self.failureResultOf(chunk, RelayError)
+        protocol = RelayClientProtocol(self.clock, 30)
+        protocol.makeConnection(TLSTransport())
+        protocol.dataReceived(b"220 hi\r\n")
+        last = protocol.sendChunk(b"x", last=True)
+        self.clock.advance(599)
+        self.assertNoResult(last)
+        protocol.dataReceived(b"250 ok\r\n")
+        self.assertEqual(self.successResultOf(last).code, 250)
+
     def test_malformed(self):
         """Garbage, a code change within a reply, or unsolicited replies abort."""
         for data in (b"hello\r\n", b"250-a\r\n251 b\r\n", b"220 hi\r\n250 extra\r\n"):
