@@ -231,7 +231,9 @@ class Spool:
             if envelope.id != msgid:
                 raise ValueError(f"it names message {envelope.id!r}")
         except ValueError as e:
-            log.error("queue: envelope {path} is unreadable: {error}", path=path, error=str(e))
+            # Cut short: the error may quote the damaged bytes, all of them.
+            why = str(e) if len(str(e)) <= 200 else str(e)[:200] + "..."
+            log.error("queue: envelope {path} is unreadable: {error}", path=path, error=why)
             if quarantine:
                 with contextlib.suppress(OSError):
                     os.rename(path, os.path.join(self.msg, msgid + ".corrupt"))
@@ -270,8 +272,12 @@ class Spool:
             return changed
 
     def remove(self, msgid: str) -> bool:
-        """Remove a message, envelope first. @return: whether it was there."""
+        """
+        Remove a message, envelope first, a quarantined one (C{ID.corrupt})
+        too. @return: whether it was there.
+        """
         found = unlink(self.envelopePath(msgid))
+        found = unlink(os.path.join(self.msg, msgid + ".corrupt")) or found
         unlink(self.dataPath(msgid))
         return found
 
@@ -534,7 +540,9 @@ class Queue:
     def recover(self) -> None:
         """
         Remove what a crash left: temp files, data files without an envelope,
-        and envelopes without a data file (never acknowledged). Blocks.
+        and envelopes without a data file (never acknowledged). The data file
+        of a quarantined envelope (C{ID.corrupt}) stays with it, for the
+        administrator to look at and C{mailauth queue delete}. Blocks.
         """
         with self._spool.locked():
             with self._activeLock:
@@ -547,7 +555,7 @@ class Queue:
                 msgid, _, kind = name.rpartition(".")
                 if msgid in active:
                     continue
-                if kind == "data" and msgid + ".json" not in names:
+                if kind == "data" and not {msgid + ".json", msgid + ".corrupt"} & names:
                     log.info(
                         "queue: removing {name}, a message that was never committed", name=name
                     )

@@ -7,10 +7,11 @@ import os
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 
 from mailauth.envelope import FAILED, Outcome, RetryPolicy
-from mailauth.spool import DotStuffer, Queue, unstuff
+from mailauth.spool import DotStuffer, Queue, deleteMessage, unstuff
 from tests.support import EPOCH, HEADERS, MESSAGE, QueueTestMixin
 
 
@@ -176,6 +177,29 @@ class QueueStorageTests(QueueTestMixin, unittest.TestCase):
         self.assertEqual(self.files("tmp"), [])
         self.assertEqual(self.files("msg"), ["kept.data", "kept.json"])
         self.flushLoggedErrors()
+
+    def test_quarantinedKept(self):
+        """
+        An envelope that cannot be read is renamed C{ID.corrupt}; recovery
+        keeps its message file with it (the message was acknowledged), and
+        C{mailauth queue delete ID} removes both, saying it did.
+        """
+        self.enqueue("bad")
+        msg = os.path.join(self.directory, "msg")
+        with open(os.path.join(msg, "bad.json"), "wb") as f:
+            f.write(b"\0" * 4096)
+        with capturedLogs() as events:
+            self.assertIsNone(self.queue.envelope("bad"))
+        # The line quotes the damage cut short, not all 4096 bytes of it.
+        [line] = [formatEvent(e) for e in events]
+        self.assertIn("is unreadable: ", line)
+        self.assertLess(len(line.partition("is unreadable: ")[2]), 210)
+        self.assertEqual(self.files("msg"), ["bad.corrupt", "bad.data"])
+        Queue(self.directory, self.reactor, "mail.example.org").recover()
+        self.assertEqual(self.files("msg"), ["bad.corrupt", "bad.data"])
+        self.assertTrue(deleteMessage(self.directory, "bad"))
+        self.assertEqual(self.files("msg"), [])
+        self.assertFalse(deleteMessage(self.directory, "bad"))
 
     def test_recoverSparesWritersInProgress(self):
         """Recovery on a running queue keeps the files of messages being written."""
