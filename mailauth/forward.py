@@ -222,7 +222,12 @@ class QueueService(service.Service):
         now = self._reactor.seconds()
         remoteDue = 0
         for _, msgid in self._due(now):
-            if self._index[msgid].remote:
+            entry = self._index.get(msgid)
+            if entry is None or msgid in self._inFlight:
+                # Settled meanwhile by an attempt started in this loop
+                # (whose work ran at once, without a thread).
+                continue
+            if entry.remote:
                 remoteDue += 1
             else:
                 self._inFlight.add(msgid)
@@ -444,20 +449,35 @@ class QueueService(service.Service):
             )
         for address in result.expired:
             log.info(
-                "queue: {msgid}: to=<{recipient}>, status=expired, returned to sender",
+                "queue: {msgid}: to=<{recipient}>, status=expired, {returned}",
                 msgid=msgid,
                 recipient=address,
+                returned=(
+                    "returned to sender"
+                    if address in result.returned
+                    else "not returned (NOTIFY without FAILURE, or a null sender)"
+                ),
                 queueEvent="expired",
             )
-        for bounceID in result.bounces:
+        for bounceID, action in zip(result.bounces, result.actions):
             log.info(
-                "queue: {msgid}: sender non-delivery notification: {bounceID}",
+                "queue: {msgid}: sender {kind} notification: {bounceID}",
                 msgid=msgid,
+                kind=_NOTIFICATION_KINDS[action],
                 bounceID=bounceID,
                 queueEvent="bounce",
             )
         if result.envelope is None:
             log.info("queue: {msgid}: removed", msgid=msgid, queueEvent="removed")
+
+
+# What each notification is called in the log, as Postfix names them.
+_NOTIFICATION_KINDS = {
+    "failed": "non-delivery",
+    "delayed": "delay",
+    "delivered": "delivery status",
+    "relayed": "delivery status",
+}
 
 
 def _relayOutcome(ok: bool, outcomes: list) -> str:

@@ -466,13 +466,18 @@ class SettleResult:
 
     @ivar envelope: the message's envelope now, or L{None} if it left the
         queue (all done, or deleted).
-    @ivar bounces: the queue IDs of the bounces it queued.
+    @ivar bounces: the queue IDs of the notifications it queued.
     @ivar expired: the recipients that failed because the message expired.
+    @ivar actions: the action each of C{bounces} reports (C{failed},
+        C{delayed}, C{delivered} or C{relayed}), in the same order.
+    @ivar returned: the recipients a C{failed} notification was queued for.
     """
 
     envelope: Optional[Envelope]
     bounces: tuple = ()
     expired: tuple = ()
+    actions: tuple = ()
+    returned: tuple = ()
 
 
 @implementer(IForwardQueue)
@@ -634,9 +639,14 @@ class Queue:
         if envelope is None:
             return SettleResult(None)
         expired = tuple(r.address for r in envelope.recipients if r.expired and r.address in before)
-        bounces = []
+        bounces: list[str] = []
+        actions: list[str] = []
+        returned: list[str] = []
         for action, due in envelope.reportsDue(now, policy):
             bounces.append(self._queueReport(envelope, action, due, now, policy, relayHost))
+            actions.append(action)
+            if action == ACTION_FAILED:
+                returned.extend(r.address for r in due)
             marked = functools.partial(_markNotified, [r.address for r in due], action)
             envelope = self._spool.update(msgid, marked)
             if envelope is None:
@@ -645,7 +655,7 @@ class Queue:
             with self._spool.locked():
                 self._spool.remove(msgid)
             envelope = None
-        return SettleResult(envelope, tuple(bounces), expired)
+        return SettleResult(envelope, tuple(bounces), expired, tuple(actions), tuple(returned))
 
     def _queueReport(
         self,

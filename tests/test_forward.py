@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import re
 
 from twisted.trial import unittest
 
@@ -14,6 +15,7 @@ from mailauth.relay import RelayReply
 from mailauth.replies import SMTPReply
 from mailauth.spool import deleteMessage, flushQueue, listQueue
 from tests.fakes import FakeRelayConnector, RecordingLocalDelivery, runInline
+from tests.harness import LogWatcher
 from tests.smtpsink import QueueEvents
 from tests.support import EPOCH, MESSAGE, QueueTestMixin, relayConfig
 
@@ -449,6 +451,43 @@ class NotificationTests(QueueTestMixin, unittest.TestCase):
         self.assertTrue(perRecipient["Status"].startswith("4."))
         self.assertIn("Will-Retry-Until", perRecipient)
         self.assertEqual(len(listQueue(self.directory)), 1)
+
+    def test_notificationsLoggedByKind(self):
+        """
+        The log names each notification as Postfix does (non-delivery,
+        delay, delivery status), and says an expired recipient was returned
+        to its sender only when it was.
+        """
+        watcher = LogWatcher()
+        self.addCleanup(watcher.stop)
+        self.submit("m1", notify=("SUCCESS",))
+        self.refuseAt()
+        self.submit("m2")
+        self.relay.replies = {}
+        self.relay.down = True
+        self.submit("m3", notify=("DELAY", "FAILURE"))
+        self.submit("m4", notify=("NEVER",))
+        self.runFor(6 * 86400)
+        kinds = {
+            m.group(1): m.group(2)
+            for m in (
+                re.match(r"queue: (m\d): sender (.+) notification: ", t) for t in watcher.messages
+            )
+            if m
+        }
+        self.assertEqual(
+            kinds, {"m1": "delivery status", "m2": "non-delivery", "m3": "non-delivery"}
+        )
+        self.assertIn("queue: m3: sender delay notification: ", " ".join(watcher.messages))
+        expired = [t for t in watcher.messages if "status=expired" in t]
+        self.assertEqual(
+            expired,
+            [
+                "queue: m3: to=<bob@remote.example>, status=expired, returned to sender",
+                "queue: m4: to=<bob@remote.example>, status=expired, not returned "
+                "(NOTIFY without FAILURE, or a null sender)",
+            ],
+        )
 
     def test_noDelayUnlessAsked(self):
         """Without NOTIFY=DELAY no delay report is sent, however long it waits."""
