@@ -20,7 +20,7 @@ from mailauth.interfaces import BlockingRunner, ILocalDelivery, IRelayConnector
 from mailauth.metrics import Metrics
 from mailauth.relay import RelayError
 from mailauth.replies import SMTPReply
-from mailauth.spool import Queue, ScanResult, SettleResult
+from mailauth.spool import DamagedMessage, Queue, ScanResult, SettleResult
 
 log = Logger(namespace="mailauth.queue")
 
@@ -340,6 +340,13 @@ class QueueService(service.Service):
                 try:
                     session = yield self._relay(session, envelope, remote, outcomes)
                     ok = True
+                except DamagedMessage as e:
+                    # Damaged on disk (truncated): sending it would send a
+                    # part, or never end its DATA. Set aside for the admin.
+                    yield self._runBlocking(self._queue.quarantine, msgid, str(e))
+                    self._index.pop(msgid, None)
+                    self._unsettled.pop(msgid, None)
+                    return session, None
                 except RelayError as e:
                     error = str(e)
                     session = None

@@ -37,8 +37,8 @@ from zope.interface import implementer
 
 from mailauth.addresses import asciiAddress
 from mailauth.config import RelayConfig
+from mailauth.dotstuff import Unstuffer
 from mailauth.interfaces import IRelayConnector, IRelaySession
-from mailauth.spool import Unstuffer
 
 log = Logger(namespace="mailauth.relay")
 

@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailauth import dsn
+from mailauth.dotstuff import DotStuffer, StoredMessage, unstuff
 from mailauth.durable import fsyncDirectory, locked, unlink, writeDurably
 from mailauth.envelope import (
     ACTION_DELAYED,
@@ -57,121 +58,6 @@ def validID(msgid: str) -> bool:
     and C{-}, not starting with a dot, so it is safe as a file name.
     """
     return _ID.fullmatch(msgid) is not None
-
-
-class DotStuffer:
-    """
-    Turns a message given in chunks into its stored form: bare CR and bare LF
-    become CRLF, and a dot that starts a line is doubled (RFC 5321 4.5.2).
-
-    It keeps state across chunks, so a chunk may end anywhere, even between
-    CR and LF or right before a dot: this is what Twisted's client gets wrong
-    (D30 in docs/twisted-defects.rst).
-    """
-
-    def __init__(self) -> None:
-        self._pendingCR = False
-        self._lineStart = True
-        self._empty = True
-
-    def feed(self, chunk: bytes) -> bytes:
-        """@return: the stored form of C{chunk}, as far as it is known yet."""
-        if self._pendingCR:
-            chunk = b"\r" + chunk
-            self._pendingCR = False
-        if chunk.endswith(b"\r"):
-            # It may be the first half of a CRLF.
-            chunk = chunk[:-1]
-            self._pendingCR = True
-        if not chunk:
-            return b""
-        if b"\r" in chunk or b"\n" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-            chunk = chunk.replace(b"\r\n.", b"\r\n..")
-        if self._lineStart and chunk.startswith(b"."):
-            chunk = b"." + chunk
-        self._lineStart = chunk.endswith(b"\r\n")
-        self._empty = False
-        return chunk
-
-    def finish(self) -> bytes:
-        """
-        @return: the last bytes of the stored form, which ends with CRLF
-            unless the message is empty.
-        """
-        if self._pendingCR or not (self._empty or self._lineStart):
-            self._pendingCR = False
-            self._lineStart = True
-            self._empty = False
-            return b"\r\n"
-        return b""
-
-
-class StoredMessage(io.RawIOBase):
-    """
-    A queued message read as one file: the header fields added on top of
-    it (its envelope's prefix), then its data file, which it closes.
-    """
-
-    def __init__(self, prefix: bytes, data: io.BufferedReader) -> None:
-        super().__init__()
-        self._prefix = memoryview(prefix)
-        self._data = data
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        if self._prefix:
-            count = min(len(buffer), len(self._prefix))
-            buffer[:count] = self._prefix[:count]
-            self._prefix = self._prefix[count:]
-            return count
-        return self._data.readinto(buffer)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._data.close()
-        super().close()
-
-
-class Unstuffer:
-    """
-    Undoes the stored form's dot-stuffing for a message read in pieces (to
-    send it with BDAT, which has none): the first dot of every line goes.
-    A piece may end anywhere, even between CR and LF or right after them:
-    a final CR or CRLF is held until the next piece shows what follows.
-    """
-
-    def __init__(self) -> None:
-        self._lineStart = True
-        self._held = b""
-
-    def feed(self, piece: bytes) -> bytes:
-        """@return: the message bytes of C{piece}, as far as they are known yet."""
-        data = self._held + piece
-        keep = 2 if data.endswith(b"\r\n") else 1 if data.endswith(b"\r") else 0
-        data, self._held = data[: len(data) - keep], data[len(data) - keep :]
-        if not data:
-            return b""
-        if self._lineStart and data.startswith(b"."):
-            data = data[1:]
-        # What is left ends neither in CR nor CRLF, so each line start in
-        # it is followed by its first byte, and the next piece starts mid-line.
-        self._lineStart = False
-        return data.replace(b"\r\n.", b"\r\n")
-
-    def finish(self) -> bytes:
-        """@return: what is still held back (the message's last CRLF)."""
-        held, self._held = self._held, b""
-        return held
-
-
-def unstuff(stored: bytes) -> bytes:
-    """The message whose stored (dot-stuffed) form is C{stored}."""
-    if stored.startswith(b"."):
-        stored = stored[1:]
-    return stored.replace(b"\r\n.", b"\r\n")
 
 
 class Spool:
@@ -235,10 +121,14 @@ class Spool:
             why = str(e) if len(str(e)) <= 200 else str(e)[:200] + "..."
             log.error("queue: envelope {path} is unreadable: {error}", path=path, error=why)
             if quarantine:
-                with contextlib.suppress(OSError):
-                    os.rename(path, os.path.join(self.msg, msgid + ".corrupt"))
+                self.quarantine(msgid)
             return None
         return envelope
+
+    def quarantine(self, msgid: str) -> None:
+        """Rename the envelope of C{msgid} to C{ID.corrupt}: it is not sent."""
+        with contextlib.suppress(OSError):
+            os.rename(self.envelopePath(msgid), os.path.join(self.msg, msgid + ".corrupt"))
 
     def write(self, envelope: Envelope) -> None:
         """Replace the envelope atomically (temp file, fsync, rename)."""
@@ -280,6 +170,10 @@ class Spool:
         found = unlink(os.path.join(self.msg, msgid + ".corrupt")) or found
         unlink(self.dataPath(msgid))
         return found
+
+
+class DamagedMessage(Exception):
+    """A queued message file that does not hold what its envelope says."""
 
 
 @implementer(IMessageSink)
@@ -596,11 +490,28 @@ class Queue:
         relay client sends it: its L{Envelope.prefix}, then its data file.
 
         @raise FileNotFoundError: if the data file is gone.
+        @raise DamagedMessage: if it does not hold what the envelope says.
         """
-        data = open(self._spool.dataPath(envelope.id), "rb")
+        path = self._spool.dataPath(envelope.id)
+        data = open(path, "rb")
+        expected, actual = envelope.size - len(envelope.prefix), os.fstat(data.fileno()).st_size
+        if envelope.size and actual != expected:
+            data.close()
+            raise DamagedMessage(f"{path} holds {actual} bytes, its envelope says {expected}")
         if not envelope.prefix:
             return data
         return cast(BinaryIO, io.BufferedReader(StoredMessage(envelope.prefix, data)))
+
+    def quarantine(self, msgid: str, why: str) -> None:
+        """Set C{msgid} aside, not to be sent, logging C{why}. Blocks."""
+        log.error(
+            "queue: {msgid}: {why}; it is set aside as {msgid}.corrupt and not sent: "
+            "look at it, and remove it with mailauth queue delete",
+            msgid=msgid,
+            why=why,
+        )
+        with self._spool.locked():
+            self._spool.quarantine(msgid)
 
     def readMessage(self, msgid: str) -> bytes:
         """The message C{msgid} itself (CRLF, not dot-stuffed). Blocks."""

@@ -10,6 +10,7 @@ from zope.interface import implementer
 
 from mailauth import replies
 from mailauth.addresses import normalise
+from mailauth.dotstuff import unstuff
 from mailauth.envelope import MessageOptions, recipientStatus
 from mailauth.interfaces import (
     IForwardQueue,
@@ -23,7 +24,6 @@ from mailauth.interfaces import (
 )
 from mailauth.passwords import parse
 from mailauth.relay import RelayError, RelayReply
-from mailauth.spool import unstuff
 from mailauth.userdb import (
     User,
     UserDatabaseError,

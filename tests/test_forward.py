@@ -100,6 +100,30 @@ class QueueServiceTests(QueueTestMixin, unittest.TestCase):
         self.assertEqual(listQueue(self.directory), [])
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)
 
+    def test_truncatedMessageSetAside(self):
+        """
+        A message file that does not hold what its envelope says (cut short
+        on disk) is never sent (a part of it, or a DATA that never ends):
+        it is set aside as C{ID.corrupt} with its file, logged once, and
+        the other messages go on.
+        """
+        watcher = LogWatcher()
+        self.addCleanup(watcher.stop)
+        self.enqueue("cut")
+        self.enqueue("whole")
+        path = os.path.join(self.directory, "msg", "cut.data")
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 7)
+        self.start()
+        self.assertEqual(
+            [recipients for _, recipients, _ in self.relay.deliveries], [("bob@remote.example",)]
+        )
+        self.assertEqual(self.files("msg"), ["cut.corrupt", "cut.data"])
+        [line] = [m for m in watcher.messages if "set aside" in m]
+        self.assertRegex(line, r"^queue: cut: .*cut\.data holds \d+ bytes, its envelope says \d+;")
+        self.runFor(3600)
+        self.assertEqual(len(self.relay.deliveries), 1)
+
     def test_startDeliversWhatIsQueued(self):
         """Messages queued before the service started (a restart) are delivered at start."""
         for i in range(3):

@@ -17,6 +17,7 @@ from zope.interface.verify import verifyObject
 
 from mailauth import sasl
 from mailauth.addressmap import AddressMap
+from mailauth.dotstuff import DotStuffer
 from mailauth.interfaces import (
     IForwardQueue,
     ILocalDelivery,
@@ -33,7 +34,7 @@ from mailauth.ownmail import LocalDelivery
 from mailauth.relay import RelayConnector, RelayReply
 from mailauth.replies import SMTPReply
 from mailauth.routing import Router
-from mailauth.spool import DotStuffer, Queue
+from mailauth.spool import Queue
 from mailauth.userdb import UserDatabase
 from tests.fakes import (
     FakeRelayConnector,

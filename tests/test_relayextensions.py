@@ -14,10 +14,11 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
+from mailauth.dotstuff import DotStuffer
 from mailauth.envelope import Envelope, MessageOptions, RecipientStatus
 from mailauth.forward import QueueService
 from mailauth.relay import BDAT_CHUNK, RelayClientProtocol, RelayConnector, RelaySession
-from mailauth.spool import DotStuffer, Queue
+from mailauth.spool import Queue
 from tests.fakes import RecordingLocalDelivery, runInline
 from tests.smtpsink import QueueEvents, SMTPSink
 from tests.support import relayConfig

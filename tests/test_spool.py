@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 
+from mailauth.dotstuff import DotStuffer, unstuff
 from mailauth.envelope import FAILED, Outcome, RetryPolicy
-from mailauth.spool import DotStuffer, Queue, deleteMessage, unstuff
+from mailauth.spool import Queue, deleteMessage
 from tests.support import EPOCH, HEADERS, MESSAGE, QueueTestMixin
 
 
