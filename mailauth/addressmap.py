@@ -10,8 +10,17 @@ from zope.interface import implementer
 from mailauth.addresses import normalise
 from mailauth.durable import ReloadableFile
 from mailauth.interfaces import IReloadable
+from mailauth.userdb import decodeFile
 
 log = Logger(namespace="mailauth.addressmap")
+
+
+def _isUTF8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @implementer(IReloadable)
@@ -35,8 +44,8 @@ class AddressMap(ReloadableFile):
         if self.file is None:
             return False
         try:
-            lines = self.file.read().decode("utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
+            lines = decodeFile(self.file.read()).splitlines()
+        except OSError as e:
             if self.reportable():
                 log.error(
                     "cannot read {path}: {why}; keeping the {count} entries read before",
@@ -50,6 +59,10 @@ class AddressMap(ReloadableFile):
         for lineno, raw in enumerate(lines, 1):
             line = raw.split("#", 1)[0].strip()
             if not line:
+                continue
+            if not _isUTF8(line):
+                # One line, not the whole file (a comment may hold anything).
+                problems.append(f"{self.path}:{lineno}: not UTF-8")
                 continue
             key, sep, rest = line.partition(":")
             key = normalise(key)

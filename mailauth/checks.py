@@ -32,7 +32,7 @@ from mailauth.passwords import CRAM_MD5_SCHEMES, PLAINTEXT_SCHEMES
 from mailauth.pgusers import checkSetup, isPostgreSQL
 from mailauth.relay import RelayError, loadCertificates
 from mailauth.tls import ReloadableTLS, TLSError, notAfter
-from mailauth.userdb import parseUsers
+from mailauth.userdb import decodeFile, parseUsers
 
 # A certificate that expires sooner than this is warned about.
 EXPIRY_WARNING = 30 * 86400
@@ -300,8 +300,8 @@ def checkFiles(cfg: configmod.Config) -> list:
         files.append(("oauth", "jwks", cfg.oauth.jwks))
         files.append(("oauth", "introspection_secret_file", cfg.oauth.introspection_secret_file))
     for section, key, path in files:
-        if path is not None and not os.access(path, os.R_OK):
-            problems.append(f"{cfg.path}: [{section}] {key}: {path}: cannot be read")
+        if path is not None and (why := _notAFile(path)) is not None:
+            problems.append(f"{cfg.path}: [{section}] {key}: {path}: {why}")
         elif key == "ca_file" and path is not None:
             try:
                 loadCertificates(path)
@@ -395,10 +395,10 @@ def checkLines(cfg: configmod.Config) -> Findings:
     """
     warnings: list[str] = []
     for path in (cfg.delivery.aliases, cfg.delivery.sender_map):
-        if path is not None and os.access(path, os.R_OK):
+        if path is not None and _notAFile(path) is None:
             warnings.extend(_skipped(problem) for problem in AddressMap(path).problems)
     path = cfg.limits.overrides
-    if path is not None and os.access(path, os.R_OK):
+    if path is not None and _notAFile(path) is None:
         warnings.extend(_skipped(problem) for problem in LimitOverrides(path).problems)
     if cfg.autoconfig is not None and not cfg.autoconfig.incoming:
         warnings.append(
@@ -406,6 +406,23 @@ def checkLines(cfg: configmod.Config) -> Findings:
             "Outlook discard a setup that names no IMAP or POP3 server"
         )
     return checkUsers(cfg) + Findings(warnings=tuple(warnings))
+
+
+def _notAFile(path: str) -> Optional[str]:
+    """
+    Why C{path} cannot be read as a file (a directory passed C{os.access}
+    and left the daemon half working), or L{None}. Nothing is opened: a
+    FIFO would block.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "cannot be read"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file"
+    return None if os.access(path, os.R_OK) else "cannot be read"
 
 
 def _usersFile(cfg: configmod.Config) -> Optional[tuple]:
@@ -419,7 +436,7 @@ def _usersFile(cfg: configmod.Config) -> Optional[tuple]:
         return None
     try:
         with open(path, "rb") as f:
-            text = f.read().decode("utf-8", "surrogateescape")
+            text = decodeFile(f.read())
     except OSError:
         return None
     return parseUsers(text, path)

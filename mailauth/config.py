@@ -616,7 +616,8 @@ def load(path: str) -> Config:
     @raise ConfigError: if it cannot be read or is wrong in any way.
     """
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark an editor put first is not text.
+        with open(path, encoding="utf-8-sig") as f:
             text = f.read()
     except OSError as e:
         raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None

@@ -179,9 +179,15 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
     return users, problems
 
 
-def _decode(data: bytes) -> str:
-    # surrogateescape: a password in a file that is not UTF-8 still works.
-    return data.decode("utf-8", "surrogateescape")
+def decodeFile(data: bytes) -> str:
+    """
+    The text of a users or map file: UTF-8 without a byte-order mark (an
+    editor's BOM would become part of the first login), and bytes that are
+    not UTF-8 kept as surrogates, so a password in a file that is not UTF-8
+    still works.
+    """
+    text = data.decode("utf-8", "surrogateescape")
+    return text[1:] if text.startswith("\ufeff") else text
 
 
 @implementer(IUserDatabase, IReloadable)
@@ -205,7 +211,7 @@ class UserDatabase(ReloadableFile):
         """
         assert self.file is not None
         try:
-            text = _decode(self.file.read())
+            text = decodeFile(self.file.read())
         except OSError as e:
             if self.reportable():
                 self._failed(e)
@@ -338,7 +344,7 @@ def _readLines(path: str, missingOk: bool = False) -> tuple[list[str], Optional[
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
-            text = _decode(f.read())
+            text = decodeFile(f.read())
     except FileNotFoundError:
         if missingOk:
             return [], None

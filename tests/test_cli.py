@@ -578,6 +578,22 @@ class CommandTests(CommandMixin, unittest.TestCase):
         self.assertIn(f"[tls]: {cert}: no PEM certificate in it", errors[0])
         self.assertIn(f"[auth] users: {missing}: cannot be read", errors[1])
 
+    def test_checkConfigNotAFile(self) -> None:
+        """
+        A directory, or a FIFO, named as the users file or a map is an error
+        of check-config (and so of the daemon's start): it passed, and the
+        daemon started with no users, or with no aliases.
+        """
+        folder = os.path.join(self.directory, "folder")
+        os.mkdir(folder)
+        fifo = os.path.join(self.directory, "fifo")
+        os.mkfifo(fifo)
+        config = self.writeConfig(folder, f"aliases = {fifo}\n")
+        self.assertEqual(self.mailauth("check-config", "--config", config), 1)
+        errors = self.stderr.getvalue().splitlines()
+        self.assertIn(f"[auth] users: {folder}: is a directory, not a file", errors[0])
+        self.assertIn(f"[delivery] aliases: {fifo}: is not a regular file", errors[1])
+
     def test_checkConfigProblems(self) -> None:
         """
         C{check-config} prints every problem on its own line and exits 1,

@@ -241,6 +241,13 @@ class LoadTests(unittest.TestCase):
             e.problems, ("/nonexistent/mailauth.conf: cannot read: No such file or directory",)
         )
 
+    def test_byteOrderMark(self) -> None:
+        """A file an editor saved with a byte-order mark loads as without one."""
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"\xef\xbb\xbf" + MINIMAL.encode("utf-8"))
+        self.assertEqual(config.load(path), loadText(MINIMAL, path))
+
     def test_domainsNormalised(self) -> None:
         """Local domains are lower-cased and lose a trailing dot."""
         cfg = loadText(MINIMAL.replace("example.org", "Example.ORG. other.test"))

@@ -167,6 +167,25 @@ class RouterTests(RealmTestsMixin, unittest.TestCase):
         self.assertEqual(len(self.aliases.problems), 1)
         self.assertIn(":6: expected", self.aliases.problems[0])
 
+    def test_mapFileNotUTF8(self) -> None:
+        """
+        Bytes that are not UTF-8 cost only their line (none at all in a
+        comment), and a byte-order mark is not part of the first key: the
+        whole file was thrown away for one such byte.
+        """
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(
+                b"\xef\xbb\xbfsales@example.test: alice@example.test\n"
+                b"# Caf\xe9 team\n"
+                b"caf\xe9@example.test: bob@example.test\n"
+                b"team@example.test: bob@example.test\n"
+            )
+        aliases = AddressMap(path)
+        self.assertEqual(aliases.get("sales@example.test"), ("alice@example.test",))
+        self.assertEqual(aliases.get("team@example.test"), ("bob@example.test",))
+        self.assertEqual(aliases.problems, [f"{path}:3: not UTF-8"])
+
     def test_senderOwnAddress(self) -> None:
         """A login may send as itself, in any case."""
         self.assertTrue(

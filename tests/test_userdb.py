@@ -375,6 +375,15 @@ class EditTests(unittest.TestCase):
             self.assertIn("already exists", str(error))
         self.assertEqual(self.read(), self.ORIGINAL)
 
+    def test_byteOrderMark(self) -> None:
+        """A byte-order mark an editor put first is not part of the first login."""
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"\xef\xbb\xbf" + f"alice@example.org:{CRAM}\n".encode())
+        users = UserDatabase(path)
+        users.load()
+        self.assertEqual(users.logins(), ["alice@example.org"])
+
     def test_addUserInvalidLogin(self) -> None:
         """
         A login must look like an address and fit in the file.
