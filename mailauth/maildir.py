@@ -332,11 +332,16 @@ class MaildirWriter:
                     created += ensureMaildir(maildir)
                 target = os.path.join(maildir, "new", final)
                 try:
-                    os.link(self._tmp, target)
+                    try:
+                        os.link(self._tmp, target)
+                    except OSError as e:
+                        if e.errno != errno.EXDEV:
+                            raise
+                        self._copyInto(maildir, final)
                 except OSError as e:
-                    if e.errno != errno.EXDEV:
-                        raise
-                    self._copyInto(maildir, final)
+                    # Named by the Maildir it could not go into: os.link and
+                    # the copy name the source, the first Maildir's tmp/.
+                    raise OSError(e.errno, e.strerror, target) from e
                 self._delivered.append(target)
             fsyncParents(created)
             for maildir in self._maildirs:

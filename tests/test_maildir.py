@@ -108,6 +108,23 @@ class MaildirTests(unittest.TestCase):
         self.assertEqual(os.listdir(os.path.join(self.box("a"), "new")), [])
         self.assertEqual(os.listdir(os.path.join(self.box("a"), "tmp")), [])
 
+    def test_failureNamesTheMaildir(self) -> None:
+        """
+        A Maildir whose new/ cannot take the link is what the error names,
+        for the operator to fix: os.link names its source, the first
+        Maildir's tmp/ file, which is fine.
+        """
+        maildir.ensureMaildir(self.box("b"))
+        broken = os.path.join(self.box("b"), "new")
+        os.rmdir(broken)
+        with open(broken, "w") as f:
+            f.write("a file where new/ should be")
+        writer = MaildirWriter([self.box("a"), self.box("b")], "mx")
+        writer.write(b"x\r\n")
+        error = self.assertRaises(OSError, writer.commit)
+        self.assertTrue(error.filename.startswith(broken + os.sep), error.filename)
+        self.assertEqual(os.listdir(os.path.join(self.box("a"), "new")), [])
+
     def test_fsyncBeforeLink(self) -> None:
         """The file is fsynced before it is linked into new/, and new/ after."""
         calls = []
