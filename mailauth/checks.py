@@ -26,6 +26,7 @@ from twisted.internet.testing import MemoryReactor
 
 from mailauth import config as configmod
 from mailauth import scram
+from mailauth.addresses import domainKey
 from mailauth.addressmap import AddressMap
 from mailauth.limits import LimitOverrides
 from mailauth.passwords import CRAM_MD5_SCHEMES, PLAINTEXT_SCHEMES
@@ -396,7 +397,10 @@ def checkLines(cfg: configmod.Config) -> Findings:
     warnings: list[str] = []
     for path in (cfg.delivery.aliases, cfg.delivery.sender_map):
         if path is not None and _notAFile(path) is None:
-            warnings.extend(_skipped(problem) for problem in AddressMap(path).problems)
+            loaded = AddressMap(path)
+            warnings.extend(_skipped(problem) for problem in loaded.problems)
+            if path == cfg.delivery.aliases and cfg.relay is None:
+                warnings.extend(_unforwardable(path, loaded, cfg.delivery.local_domains))
     path = cfg.limits.overrides
     if path is not None and _notAFile(path) is None:
         warnings.extend(_skipped(problem) for problem in LimitOverrides(path).problems)
@@ -406,6 +410,22 @@ def checkLines(cfg: configmod.Config) -> Findings:
             "Outlook discard a setup that names no IMAP or POP3 server"
         )
     return checkUsers(cfg) + Findings(warnings=tuple(warnings))
+
+
+def _unforwardable(path: str, aliases: AddressMap, localDomains) -> list[str]:
+    """
+    Aliases whose targets are in other domains, without a C{[relay]} to
+    forward to: mail for them gets 451 at every RCPT, and senders retry for
+    days. A warning, as the daemon only finds out per message.
+    """
+    local = {domainKey(domain) for domain in localDomains}
+    return [
+        f"{path}: warning: {key}: {target} is in another domain and there is no [relay]: "
+        f"mail to {key} gets 451 4.3.0"
+        for key, targets in aliases.items()
+        for target in targets
+        if target.rpartition("@")[2] not in local
+    ]
 
 
 def _notAFile(path: str) -> Optional[str]:

@@ -755,6 +755,32 @@ class CheckConfigTests(CommandMixin, unittest.TestCase):
         )
         self.assertTrue(lines[1].startswith(f"{self.users}:4: warning: b@example.org: "), lines)
 
+    def test_remoteAliasWithoutRelay(self) -> None:
+        """
+        An alias to another domain without a [relay] is a warning: mail to
+        it would get 451 at every RCPT, and its senders retry for days.
+        With a [relay] it is fine.
+        """
+        aliases = os.path.join(self.directory, "aliases")
+        with open(aliases, "w") as f:
+            f.write(
+                "team@example.org: a@example.org, b@remote.example\nx@example.net: a@EXAMPLE.org\n"
+            )
+        config = self.writeConfig(self.users, f"aliases = {aliases}\n")
+        self.assertEqual(self.check(config), 0)
+        self.assertEqual(
+            self.stderr.getvalue().splitlines(),
+            [
+                f"{aliases}: warning: team@example.org: b@remote.example is in another domain "
+                "and there is no [relay]: mail to team@example.org gets 451 4.3.0"
+            ],
+        )
+        config = self.writeConfig(
+            self.users, f"aliases = {aliases}\n[relay]\nhost = relay.example\ntls = none\n"
+        )
+        self.assertEqual(self.check(config), 0)
+        self.assertEqual(self.stderr.getvalue(), "")
+
     def test_uid(self) -> None:
         """
         With --uid, state_dir and the Maildir roots are checked as that user
