@@ -432,7 +432,8 @@ def _notAFile(path: str) -> Optional[str]:
     """
     Why C{path} cannot be read as a file (a directory passed C{os.access}
     and left the daemon half working), or L{None}. Nothing is opened: a
-    FIFO would block.
+    FIFO would block. A device reads as a file (C{/dev/null}: no users, for
+    a node whose logins are all OAuth).
     """
     try:
         mode = os.stat(path).st_mode
@@ -440,8 +441,8 @@ def _notAFile(path: str) -> Optional[str]:
         return "cannot be read"
     if stat.S_ISDIR(mode):
         return "is a directory, not a file"
-    if not stat.S_ISREG(mode):
-        return "is not a regular file"
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        return "is a FIFO or socket, not a file (reading it would wait for a writer)"
     return None if os.access(path, os.R_OK) else "cannot be read"
 
 

@@ -592,7 +592,10 @@ class CommandTests(CommandMixin, unittest.TestCase):
         self.assertEqual(self.mailauth("check-config", "--config", config), 1)
         errors = self.stderr.getvalue().splitlines()
         self.assertIn(f"[auth] users: {folder}: is a directory, not a file", errors[0])
-        self.assertIn(f"[delivery] aliases: {fifo}: is not a regular file", errors[1])
+        self.assertIn(
+            f"[delivery] aliases: {fifo}: is a FIFO or socket, not a file (reading it would wait",
+            errors[1],
+        )
 
     def test_checkConfigProblems(self) -> None:
         """

@@ -393,7 +393,8 @@ class DeliveryTests(RealmTestsMixin, unittest.TestCase):
         self.assertEqual(event["log_level"], LogLevel.warn)
         self.assertRegex(
             formatEvent(event),
-            rf"^message {d.id} not stored: {maildir}/tmp/\S+: "
+            # The new/ that could not take it, for the operator to fix.
+            rf"^message {d.id} not stored: {maildir}/new/\S+: "
             r"Not a directory \(errno 20\); the client is told 451",
         )
         self.assertEqual(os.listdir(os.path.join(maildir, "tmp")), [])
