@@ -88,6 +88,9 @@ class QueueService(service.Service):
         # outcome could not be written (a full disk): never sent again, and
         # written with the next attempt's.
         self._unsettled: dict[str, dict] = {}
+        # msgid -> attempts in a row that failed on an error of this host
+        # (a full disk), for their backoff.
+        self._crashes: dict[str, int] = {}
         self._workers = 0
         self._tasks: set = set()
         self._sessions: set = set()
@@ -299,13 +302,31 @@ class QueueService(service.Service):
         self._dispatch()
 
     def _attemptCrashed(self, msgid: str) -> None:
-        """A bug, an I/O error, a busy pool: log it, and try again later."""
-        log.failure("queue: {msgid}: delivery attempt failed", msgid=msgid)
+        """
+        A bug, an I/O error, a busy pool: log it, and try again later, with
+        the backoff of failed attempts (a full disk does not free itself in
+        a minute). An I/O error is the host's to fix, not a bug: one line,
+        no traceback.
+        """
+        failure = Failure()
+        crashes = self._crashes[msgid] = self._crashes.get(msgid, 0) + 1
+        delay = self._policy.delay(crashes)
+        error = failure.value
+        if isinstance(error, OSError) and error.errno is not None:
+            log.error(
+                "queue: {msgid}: delivery attempt failed: {path}: {error} (errno {errno});"
+                " tried again in {delay:g} s",
+                msgid=msgid,
+                path=error.filename or "the queue",
+                error=error.strerror,
+                errno=error.errno,
+                delay=delay,
+            )
+        else:
+            log.failure("queue: {msgid}: delivery attempt failed", failure, msgid=msgid)
         entry = self._index.get(msgid)
         if entry is not None:
-            self._index[msgid] = attrs.evolve(
-                entry, nextAttempt=self._reactor.seconds() + self._policy.initial
-            )
+            self._index[msgid] = attrs.evolve(entry, nextAttempt=self._reactor.seconds() + delay)
 
     @defer.inlineCallbacks
     def _attempt(self, msgid: str, session):
@@ -318,6 +339,7 @@ class QueueService(service.Service):
         envelope = yield self._runBlocking(self._queue.envelope, msgid)
         if envelope is None:
             self._unsettled.pop(msgid, None)
+            self._crashes.pop(msgid, None)
             if self._index.pop(msgid, None) is not None:
                 log.info(
                     "queue: {msgid}: deleted by another process (mailauth queue delete)",
@@ -372,6 +394,7 @@ class QueueService(service.Service):
             self._unsettled[msgid] = {a: o for a, o in outcomes.items() if o.state != PENDING}
             raise
         self._unsettled.pop(msgid, None)
+        self._crashes.pop(msgid, None)
         self._report(msgid, outcomes, result)
         self._remember(result.envelope, msgid)
         if result.bounces:

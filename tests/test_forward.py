@@ -71,6 +71,8 @@ class QueueServiceTests(QueueTestMixin, unittest.TestCase):
         again at the next attempt: its outcome is written then, with the
         others'. Before, it got a copy at every retry while the disk was full.
         """
+        self.watcher = LogWatcher()
+        self.addCleanup(self.watcher.stop)
         self.relay.replies["carol@remote.example"] = [
             RelayReply(451, ("4.3.0 later",)),
         ]
@@ -95,10 +97,23 @@ class QueueServiceTests(QueueTestMixin, unittest.TestCase):
             [recipients for _, recipients, _ in self.relay.deliveries],
             [("bob@remote.example",), ("carol@remote.example",)],
         )
-        self.runFor(self.config.retry_initial)
+        # The disk is still full: the next try waits twice as long.
+        self.runFor(2 * self.config.retry_initial - 1)
+        self.assertEqual(len(listQueue(self.directory)), 1)
+        self.runFor(1)
         self.assertEqual(len(self.relay.deliveries), 2)
         self.assertEqual(listQueue(self.directory), [])
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)
+        # One line each, not a traceback: a full disk is no bug.
+        self.assertEqual(self.flushLoggedErrors(), [])
+        failed = [m for m in self.watcher.messages if "delivery attempt failed" in m]
+        self.assertEqual(len(failed), 2)
+        self.assertTrue(
+            failed[1].endswith(
+                "No space left on device (errno 28); tried again in "
+                f"{2 * self.config.retry_initial:g} s"
+            ),
+            failed[1],
+        )
 
     def test_truncatedMessageSetAside(self):
         """
