@@ -179,6 +179,32 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
     return users, problems
 
 
+#: Dovecot's extra fields that restrict where a login may log in from,
+#: which mailauth does not enforce.
+UNENFORCED_FIELDS = ("allow_nets", "allow_real_nets")
+
+
+def unenforcedFields(text: str, path: str) -> list[str]:
+    """
+    A C{"PATH:LINENO: LOGIN: ..."} line for each user whose extra fields
+    restrict it in a way mailauth does not enforce (Dovecot's
+    C{allow_nets}): a passwd-file taken over from Dovecot would otherwise
+    lose those restrictions without a word.
+    """
+    found = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        fields = _splitLine(line)
+        if fields is None or len(fields) < 2:
+            continue
+        keys = sorted({_fieldKey(f) for f in _extraFields(fields)} & set(UNENFORCED_FIELDS))
+        if keys:
+            found.append(
+                f"{path}:{lineno}: {fields[0].lower()}: {' '.join(keys)} is not enforced by"
+                " mailauth: this login may log in from any address"
+            )
+    return found
+
+
 def decodeFile(data: bytes) -> str:
     """
     The text of a users or map file: UTF-8 without a byte-order mark (an
@@ -220,6 +246,8 @@ class UserDatabase(ReloadableFile):
         self._users, self.problems = users, problems
         for problem in problems:
             log.warn("Users file: skipped {problem}", problem=problem)
+        for note in unenforcedFields(text, self.file.path):
+            log.warn("Users file: {note}", note=note)
         plaintext = [u.login for u in users.values() if u.password.scheme in PLAINTEXT_SCHEMES]
         if plaintext:
             log.warn(

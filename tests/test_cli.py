@@ -758,6 +758,18 @@ class CheckConfigTests(CommandMixin, unittest.TestCase):
         )
         self.assertTrue(lines[1].startswith(f"{self.users}:4: warning: b@example.org: "), lines)
 
+    def test_allowNetsWarned(self) -> None:
+        """check-config warns of Dovecot's allow_nets, which mailauth does not enforce."""
+        with open(self.users, "a") as f:
+            f.write("nets@example.org:{PLAIN}x::::::allow_nets=10.0.0.0/8\n")
+        config = self.writeConfig(self.users)
+        self.assertEqual(self.check(config), 0)
+        self.assertIn(
+            f"{self.users}:2: warning: nets@example.org: allow_nets is not enforced by mailauth:"
+            " this login may log in from any address",
+            self.stderr.getvalue().splitlines(),
+        )
+
     def test_remoteAliasWithoutRelay(self) -> None:
         """
         An alias to another domain without a [relay] is a warning: mail to

@@ -9,7 +9,7 @@ import stat
 import threading
 from typing import Optional
 
-from twisted.logger import globalLogPublisher
+from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
@@ -374,6 +374,28 @@ class EditTests(unittest.TestCase):
             error = self.assertRaises(UserDatabaseError, addUser, self.path, login, CRAM)
             self.assertIn("already exists", str(error))
         self.assertEqual(self.read(), self.ORIGINAL)
+
+    def test_allowNetsWarned(self) -> None:
+        """
+        Dovecot's allow_nets, which mailauth does not enforce, is a warning
+        when the file is loaded (a file taken over from Dovecot would lose
+        its network restrictions without a word); the login still works.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(
+                f"alice@example.org:{CRAM}::::::allow_nets=10.0.0.0/8 nologin\n"
+                f"bob@example.org:{CRAM}::::::\n"
+            )
+        users = UserDatabase(path)
+        with capturedLogs() as events:
+            users.load()
+        self.assertIn(
+            f"Users file: {path}:1: alice@example.org: allow_nets is not enforced by mailauth:"
+            " this login may log in from any address",
+            [formatEvent(e) for e in events],
+        )
+        self.assertEqual(users.logins(), ["alice@example.org", "bob@example.org"])
 
     def test_byteOrderMark(self) -> None:
         """A byte-order mark an editor put first is not part of the first login."""
