@@ -34,7 +34,8 @@ from mailauth.logs import LogFormatError, jsonFileObserver, twistdLogFile
 from mailauth.maildir import LeftoverCleanup
 from mailauth.metrics import Metrics, WorkerFiles, metricsService, workerFiles
 from mailauth.ownmail import LocalDelivery
-from mailauth.pgusers import PostgreSQLUserDatabase, isPostgreSQL
+from mailauth.pglookups import PostgreSQLUserDatabase
+from mailauth.pgusers import isPostgreSQL
 from mailauth.proxy import ProxyFactory
 from mailauth.realm import Realm
 from mailauth.relay import RelayConnector

@@ -23,9 +23,9 @@ from mailauth import config as configmod
 from mailauth.cli import Console, main
 from mailauth.interfaces import IUserDatabase, IUserStore
 from mailauth.passwords import PasswordHash, makeHash, parse, verify
+from mailauth.pglookups import PostgreSQLUserDatabase
 from mailauth.pgusers import (
     SCHEMA_VERSION,
-    PostgreSQLUserDatabase,
     PostgreSQLUserStore,
     checkDatabase,
     checkURI,

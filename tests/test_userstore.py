@@ -22,7 +22,8 @@ from mailauth.apppasswords import AppPassword
 from mailauth.checkers import PasswordChecker
 from mailauth.interfaces import IAccountStore, IUserStore
 from mailauth.passwords import makeHash, needsRehash, parse, verify
-from mailauth.pgusers import PostgreSQLUserDatabase, initSchema
+from mailauth.pglookups import PostgreSQLUserDatabase
+from mailauth.pgusers import initSchema
 from mailauth.sasl import PlaintextCredentials
 from mailauth.userdb import UserDatabase, UserDatabaseError, parseUsers
 from mailauth.userstore import (
