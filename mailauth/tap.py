@@ -24,12 +24,13 @@ from mailauth import apppasswords, sasl, scram, sdnotify
 from mailauth import config as configmod
 from mailauth.addressmap import AddressMap
 from mailauth.checkers import CramMD5Checker, OAuthChecker, PasswordChecker, ScramChecker
-from mailauth.checks import Account, checkAll, listenProblem
+from mailauth.checks import Account, checkAll
 from mailauth.counters import counterStoreFromConfig
 from mailauth.esmtp import SubmissionFactory
 from mailauth.forward import QueueService
 from mailauth.interfaces import IReloadable, IUserDatabase
 from mailauth.limits import LimitOverrides, Limits, SendingLimits
+from mailauth.listening import listenProblem
 from mailauth.logs import LogFormatError, jsonFileObserver, twistdLogFile
 from mailauth.maildir import LeftoverCleanup
 from mailauth.metrics import Metrics, WorkerFiles, metricsService, workerFiles

@@ -15,7 +15,7 @@ import time
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from mailauth import checks, cli, passwords
+from mailauth import checks, cli, listening, passwords
 from mailauth import config as configmod
 from mailauth.checks import Account, Findings, checkAll, folderProblem, maildirRoots
 from mailauth.tls import notAfter
@@ -290,7 +290,7 @@ class EndpointTests(CheckTestMixin, unittest.TestCase):
 
     def problems(self, endpoint: str, daemon: bool = False) -> tuple:
         cfg = self.config(listener("submission", endpoint))
-        return checks.checkListening(cfg, daemon).errors
+        return listening.checkListening(cfg, daemon).errors
 
     def assertProblem(self, endpoint: str, message: str, daemon: bool = False) -> None:
         path = os.path.join(self.dir, "mailauth.conf")
@@ -366,7 +366,7 @@ class EndpointTests(CheckTestMixin, unittest.TestCase):
         """The [metrics] and [autoconfig] endpoints are checked as well."""
         cfg = self.config(extra="[metrics]\nendpoint = tcp:99999\n")
         self.assertEqual(
-            checks.checkListening(cfg, False).errors,
+            listening.checkListening(cfg, False).errors,
             (
                 f"{cfg.path}: [metrics] endpoint: 'tcp:99999': 99999 is not a port number "
                 "(0 to 65535)",
@@ -387,13 +387,13 @@ class PortTests(CheckTestMixin, unittest.TestCase):
             "Address already in use"
         )
         for daemon in (False, True):
-            self.assertEqual(checks.checkListening(cfg, daemon), Findings(errors=(line,)))
+            self.assertEqual(listening.checkListening(cfg, daemon), Findings(errors=(line,)))
 
     def test_free(self) -> None:
         """A free port is fine, and is free again after the check."""
         port = freePort()
         cfg = self.config(listener("submission", f"tcp:{port}:interface=127.0.0.1"))
-        self.assertEqual(checks.checkListening(cfg, True), Findings())
+        self.assertEqual(listening.checkListening(cfg, True), Findings())
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
 
@@ -404,7 +404,7 @@ class PortTests(CheckTestMixin, unittest.TestCase):
             listener("a", f"tcp:{port}:interface=127.0.0.1") + listener("b", f"tcp:{port}")
         )
         self.assertEqual(
-            checks.checkListening(cfg, True).errors,
+            listening.checkListening(cfg, True).errors,
             (
                 f"{cfg.path}: [listener:b] endpoint: 'tcp:{port}': cannot listen: "
                 "Address already in use",
@@ -414,18 +414,18 @@ class PortTests(CheckTestMixin, unittest.TestCase):
     def test_noSuchAddress(self) -> None:
         """An interface that is no address of this machine cannot be bound."""
         cfg = self.config(listener("submission", f"tcp:{freePort()}:interface=192.0.2.1"))
-        [error] = checks.checkListening(cfg, True).errors
+        [error] = listening.checkListening(cfg, True).errors
         self.assertTrue(error.endswith("cannot listen: Cannot assign requested address"), error)
 
     def test_ipv6(self) -> None:
         """An IPv6 interface is bound as IPv6, as Twisted would."""
         port = freePort()
         cfg = self.config(listener("submission", f"tcp6:{port}:interface=\\:\\:1"))
-        self.assertEqual(checks.checkListening(cfg, True), Findings())
+        self.assertEqual(listening.checkListening(cfg, True), Findings())
         s = socket.socket(socket.AF_INET6)
         self.addCleanup(s.close)
         s.bind(("::1", port))
-        self.assertEqual(len(checks.checkListening(cfg, True).errors), 1)
+        self.assertEqual(len(listening.checkListening(cfg, True).errors), 1)
 
     @defer.inlineCallbacks
     def test_heldByRunningMailauth(self):
@@ -439,7 +439,7 @@ class PortTests(CheckTestMixin, unittest.TestCase):
         daemon.start()
         smtps = daemon.ports["submissions"]
         cfg = self.config(listener("submissions", f"tcp:{smtps}:interface=127.0.0.1", "implicit"))
-        findings = yield threads.deferToThread(checks.checkListening, cfg, False)
+        findings = yield threads.deferToThread(listening.checkListening, cfg, False)
         self.assertEqual(
             findings,
             Findings(
@@ -451,14 +451,14 @@ class PortTests(CheckTestMixin, unittest.TestCase):
                 )
             ),
         )
-        findings = yield threads.deferToThread(checks.checkListening, cfg, True)
+        findings = yield threads.deferToThread(listening.checkListening, cfg, True)
         self.assertEqual(len(findings.errors), 1)
 
     def test_greeting(self) -> None:
         """Only a mailauth greeting counts; a refused connection is no mailauth."""
-        self.assertFalse(checks.greetsAsMailauth("127.0.0.1", holdPort(self), False))
-        self.assertTrue(checks._GREETING.match(b"220 mx.example.test ESMTP mailauth\r\n"))
-        self.assertFalse(checks._GREETING.match(b"220 mx.example.test ESMTP Postfix\r\n"))
+        self.assertFalse(listening.greetsAsMailauth("127.0.0.1", holdPort(self), False))
+        self.assertTrue(listening._GREETING.match(b"220 mx.example.test ESMTP mailauth\r\n"))
+        self.assertFalse(listening._GREETING.match(b"220 mx.example.test ESMTP Postfix\r\n"))
 
 
 class CertificateTests(CheckTestMixin, unittest.TestCase):
