@@ -338,8 +338,7 @@ class QueueService(service.Service):
         """
         envelope = yield self._runBlocking(self._queue.envelope, msgid)
         if envelope is None:
-            self._unsettled.pop(msgid, None)
-            self._crashes.pop(msgid, None)
+            self._forgetAttempts(msgid)
             if self._index.pop(msgid, None) is not None:
                 log.info(
                     "queue: {msgid}: deleted by another process (mailauth queue delete)",
@@ -367,7 +366,7 @@ class QueueService(service.Service):
                     # part, or never end its DATA. Set aside for the admin.
                     yield self._runBlocking(self._queue.quarantine, msgid, str(e))
                     self._index.pop(msgid, None)
-                    self._unsettled.pop(msgid, None)
+                    self._forgetAttempts(msgid)
                     return session, None
                 except RelayError as e:
                     error = str(e)
@@ -393,8 +392,7 @@ class QueueService(service.Service):
             # must not get it again because their outcome was not written.
             self._unsettled[msgid] = {a: o for a, o in outcomes.items() if o.state != PENDING}
             raise
-        self._unsettled.pop(msgid, None)
-        self._crashes.pop(msgid, None)
+        self._forgetAttempts(msgid)
         self._report(msgid, outcomes, result)
         self._remember(result.envelope, msgid)
         if result.bounces:
@@ -406,6 +404,11 @@ class QueueService(service.Service):
             self._sessionFailures += 1
             self._holdUntil = self._reactor.seconds() + self._policy.delay(self._sessionFailures)
         return session, ok
+
+    def _forgetAttempts(self, msgid: str) -> None:
+        """Its outcome written, or the message gone: what failed attempts left is dropped."""
+        self._unsettled.pop(msgid, None)
+        self._crashes.pop(msgid, None)
 
     @defer.inlineCallbacks
     def _relay(self, session, envelope: Envelope, remote: list, outcomes: dict):

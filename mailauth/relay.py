@@ -104,6 +104,7 @@ class RelayClientProtocol(basic.LineReceiver):
     def __init__(self, clock: IReactorTime, timeout: float) -> None:
         self._clock = clock
         self._timeout = timeout
+        self._dataDoneTimeout = max(timeout, DATA_DONE_TIMEOUT)
         # What the timer now running waits for, in seconds.
         self._waitFor = timeout
         self._timer: Any = None
@@ -211,7 +212,7 @@ class RelayClientProtocol(basic.LineReceiver):
             self._sendingData = False
             if self._error is None:
                 self.transport.write(b".\r\n")
-                self._touch(max(self._timeout, DATA_DONE_TIMEOUT))
+                self._touch(self._dataDoneTimeout)
 
         def failed(reason):
             # The connection went away under the producer, which
@@ -234,7 +235,7 @@ class RelayClientProtocol(basic.LineReceiver):
         self._waiting = defer.Deferred()
         command = b"BDAT %d%s\r\n" % (len(data), b" LAST" if last else b"")
         self.transport.write(command + data)
-        self._touch(max(self._timeout, DATA_DONE_TIMEOUT) if last else None)
+        self._touch(self._dataDoneTimeout if last else None)
         return self._waiting
 
     def abort(self) -> defer.Deferred:
