@@ -354,29 +354,31 @@ class QueueService(service.Service):
             pending = [a for a in envelope.pending() if a not in outcomes]
             local = [a for a in pending if self._local.isLocal(a)]
             remote = [a for a in pending if a not in local]
-            if local:
-                outcomes.update((yield self._deliverLocally(msgid, local)))
-            if remote:
-                started = self._reactor.seconds()
-                try:
-                    session = yield self._relay(session, envelope, remote, outcomes)
-                    ok = True
-                except DamagedMessage as e:
-                    # Damaged on disk (truncated): sending it would send a
-                    # part, or never end its DATA. Set aside for the admin.
-                    yield self._runBlocking(self._queue.quarantine, msgid, str(e))
-                    self._index.pop(msgid, None)
-                    self._forgetAttempts(msgid)
-                    return session, None
-                except RelayError as e:
-                    error = str(e)
-                    session = None
-                    ok = False
-                    outcomes.update({a: Outcome(PENDING, error=error) for a in remote})
-                self._metrics.relayAttempt(
-                    _relayOutcome(ok, [outcomes[a] for a in remote]),
-                    self._reactor.seconds() - started,
-                )
+            try:
+                if local:
+                    outcomes.update((yield self._deliverLocally(msgid, local)))
+                if remote:
+                    started = self._reactor.seconds()
+                    try:
+                        session = yield self._relay(session, envelope, remote, outcomes)
+                        ok = True
+                    except RelayError as e:
+                        error = str(e)
+                        session = None
+                        ok = False
+                        outcomes.update({a: Outcome(PENDING, error=error) for a in remote})
+                    self._metrics.relayAttempt(
+                        _relayOutcome(ok, [outcomes[a] for a in remote]),
+                        self._reactor.seconds() - started,
+                    )
+            except DamagedMessage as e:
+                # Damaged on disk (truncated): relaying it would send a part,
+                # or never end its DATA; a Maildir would keep a part. Set
+                # aside for the admin.
+                yield self._runBlocking(self._queue.quarantine, msgid, str(e))
+                self._index.pop(msgid, None)
+                self._forgetAttempts(msgid)
+                return session, None
         try:
             result = yield self._runBlocking(
                 self._queue.settle,

@@ -19,6 +19,7 @@ Layout of the queue directory (C{<state_dir>/queue}):
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import os
@@ -514,11 +515,20 @@ class Queue:
             self._spool.quarantine(msgid)
 
     def readMessage(self, msgid: str) -> bytes:
-        """The message C{msgid} itself (CRLF, not dot-stuffed). Blocks."""
+        """
+        The message C{msgid} itself (CRLF, not dot-stuffed), as a local
+        delivery stores it. Blocks.
+
+        @raise FileNotFoundError: if it is gone.
+        @raise DamagedMessage: as L{openMessage}: a part must not be delivered.
+        """
         envelope = self._spool.read(msgid)
-        prefix = envelope.prefix if envelope is not None else b""
-        with open(self._spool.dataPath(msgid), "rb") as f:
-            return unstuff(prefix + f.read())
+        if envelope is None:
+            raise FileNotFoundError(
+                errno.ENOENT, "the message is not queued", self._spool.envelopePath(msgid)
+            )
+        with self.openMessage(envelope) as f:
+            return unstuff(f.read())
 
     def settle(
         self,

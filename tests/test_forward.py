@@ -139,6 +139,28 @@ class QueueServiceTests(QueueTestMixin, unittest.TestCase):
         self.runFor(3600)
         self.assertEqual(len(self.relay.deliveries), 1)
 
+    def test_truncatedMessageNotDeliveredLocally(self):
+        """
+        A queued message for a local recipient (a notification to a local
+        sender) whose file was cut short is not delivered, which would store
+        a part of it: it is set aside as C{ID.corrupt} with its file, logged
+        as on the relay path, and the other messages go on.
+        """
+        watcher = LogWatcher()
+        self.addCleanup(watcher.stop)
+        self.enqueue("cut", sender="", recipients=("alice@example.org",))
+        self.enqueue("whole", sender="", recipients=("alice@example.org",))
+        path = os.path.join(self.directory, "msg", "cut.data")
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 7)
+        self.start()
+        self.assertEqual(self.local.delivered, [("alice@example.org", MESSAGE)])
+        self.assertEqual(self.files("msg"), ["cut.corrupt", "cut.data"])
+        [line] = [m for m in watcher.messages if "set aside" in m]
+        self.assertRegex(line, r"^queue: cut: .*cut\.data holds \d+ bytes, its envelope says \d+;")
+        self.runFor(3600)
+        self.assertEqual(len(self.local.delivered), 1)
+
     def test_startDeliversWhatIsQueued(self):
         """Messages queued before the service started (a restart) are delivered at start."""
         for i in range(3):

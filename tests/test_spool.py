@@ -12,7 +12,7 @@ from twisted.trial import unittest
 
 from mailauth.dotstuff import DotStuffer, unstuff
 from mailauth.envelope import FAILED, Outcome, RetryPolicy
-from mailauth.spool import Queue, deleteMessage
+from mailauth.spool import DamagedMessage, Queue, deleteMessage
 from tests.support import EPOCH, HEADERS, MESSAGE, QueueTestMixin
 
 
@@ -201,6 +201,21 @@ class QueueStorageTests(QueueTestMixin, unittest.TestCase):
         self.assertTrue(deleteMessage(self.directory, "bad"))
         self.assertEqual(self.files("msg"), [])
         self.assertFalse(deleteMessage(self.directory, "bad"))
+
+    def test_readMessageChecksSize(self):
+        """
+        readMessage, which local deliveries from the queue use, refuses a
+        data file that is not the size its envelope says (cut short on
+        disk), as openMessage does for the relay: a Maildir must not get a
+        part of the message.
+        """
+        self.enqueue("cut")
+        path = os.path.join(self.directory, "msg", "cut.data")
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 7)
+        e = self.assertRaises(DamagedMessage, self.queue.readMessage, "cut")
+        self.assertRegex(str(e), r"cut\.data holds \d+ bytes, its envelope says \d+$")
+        self.assertRaises(FileNotFoundError, self.queue.readMessage, "missing")
 
     def test_recoverSparesWritersInProgress(self):
         """Recovery on a running queue keeps the files of messages being written."""
