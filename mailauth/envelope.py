@@ -195,15 +195,30 @@ class Envelope:
             due = [r for r in self.recipients if r.action == action and not r.notified]
             if due:
                 reports.append((action, due))
-        if now >= self.arrival + policy.delayWarning:
-            delayed = [
-                r
-                for r in self.recipients
-                if r.state == PENDING and r.wants("DELAY") and not r.delayNotified
-            ]
-            if delayed:
-                reports.append((ACTION_DELAYED, delayed))
+        delayDue = self.delayNoticeDue(policy)
+        if delayDue is not None and now >= delayDue:
+            reports.append((ACTION_DELAYED, self._awaitingDelayNotice()))
         return reports
+
+    def delayNoticeDue(self, policy: RetryPolicy) -> Optional[float]:
+        """
+        When a delay notification about this message falls due:
+        C{policy.delayWarning} after arrival, if a recipient that asked for
+        one (NOTIFY=DELAY) is still pending and was not told, and the
+        message has not expired by then (its bounce says more). L{None} if
+        none will.
+        """
+        due = self.arrival + policy.delayWarning
+        if not self.sender or due >= self.expiresAt(policy) or not self._awaitingDelayNotice():
+            return None
+        return due
+
+    def _awaitingDelayNotice(self) -> list:
+        return [
+            r
+            for r in self.recipients
+            if r.state == PENDING and r.wants("DELAY") and not r.delayNotified
+        ]
 
     def _final(self, r: RecipientStatus) -> RecipientStatus:
         """C{r}, now final, with whether a notification about it is still due."""

@@ -32,6 +32,8 @@ class _Entry:
     nextAttempt: float
     remote: bool
     arrival: float = 0.0
+    # When its delay notification falls due, attempt or not; None if none will.
+    delayDue: Optional[float] = None
 
 
 class QueueService(service.Service):
@@ -44,7 +46,9 @@ class QueueService(service.Service):
     up C{mailauth queue flush}), and when L{wake} is called after a commit.
     After a session fails as a whole (no connection, TLS, AUTH), new
     sessions wait, with the same backoff as messages, so a relay that is
-    down is not hammered by every message in the queue.
+    down is not hammered by every message in the queue. A delay
+    notification is queued when it falls due, as Postfix's qmgr does, not
+    at the next attempt, which that wait may put hours later.
 
     @param queue: the queue to deliver.
     @param relayConfig: the C{[relay]} section: retry policy, connections,
@@ -209,7 +213,9 @@ class QueueService(service.Service):
         remote = envelope.nextAttempt < envelope.expiresAt(self._policy) and any(
             not self._local.isLocal(address) for address in envelope.pending()
         )
-        self._index[envelope.id] = _Entry(envelope.nextAttempt, remote, envelope.arrival)
+        self._index[envelope.id] = _Entry(
+            envelope.nextAttempt, remote, envelope.arrival, envelope.delayNoticeDue(self._policy)
+        )
 
     def _due(self, now: float) -> list:
         return sorted(
@@ -239,14 +245,24 @@ class QueueService(service.Service):
             for _ in range(min(remoteDue, self._maxConnections - self._workers)):
                 self._workers += 1
                 self._track(self._worker())
+        # Delay notifications now due, of messages no attempt has taken (an
+        # attempt queues its own): on time even while the relay is held back.
+        for msgid, entry in list(self._index.items()):
+            if entry.delayDue is not None and entry.delayDue <= now and msgid not in self._inFlight:
+                self._inFlight.add(msgid)
+                self._track(self._reportDelay(msgid))
         self._setTimer(now)
 
     def _setTimer(self, now: float) -> None:
-        upcoming = [
-            max(entry.nextAttempt, self._holdUntil) if entry.remote else entry.nextAttempt
-            for msgid, entry in self._index.items()
-            if msgid not in self._inFlight
-        ]
+        upcoming = []
+        for msgid, entry in self._index.items():
+            if msgid in self._inFlight:
+                continue
+            upcoming.append(
+                max(entry.nextAttempt, self._holdUntil) if entry.remote else entry.nextAttempt
+            )
+            if entry.delayDue is not None:
+                upcoming.append(entry.delayDue)
         upcoming = [when for when in upcoming if when > now]
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -302,11 +318,18 @@ class QueueService(service.Service):
         self._dispatch()
 
     def _attemptCrashed(self, msgid: str) -> None:
+        """An attempt failed on a bug or an I/O error: it is tried again after L{_crashed}."""
+        when = self._reactor.seconds() + self._crashed(msgid, "delivery attempt")
+        entry = self._index.get(msgid)
+        if entry is not None:
+            self._index[msgid] = attrs.evolve(entry, nextAttempt=when)
+
+    def _crashed(self, msgid: str, work: str) -> float:
         """
-        A bug, an I/O error, a busy pool: log it, and try again later, with
-        the backoff of failed attempts (a full disk does not free itself in
-        a minute). An I/O error is the host's to fix, not a bug: one line,
-        no traceback.
+        A bug, an I/O error, a busy pool: log it, and return how long to
+        wait before trying again, with the backoff of failed attempts (a
+        full disk does not free itself in a minute). An I/O error is the
+        host's to fix, not a bug: one line, no traceback.
         """
         failure = Failure()
         crashes = self._crashes[msgid] = self._crashes.get(msgid, 0) + 1
@@ -314,19 +337,51 @@ class QueueService(service.Service):
         error = failure.value
         if isinstance(error, OSError) and error.errno is not None:
             log.error(
-                "queue: {msgid}: delivery attempt failed: {path}: {error} (errno {errno});"
+                "queue: {msgid}: {work} failed: {path}: {error} (errno {errno});"
                 " tried again in {delay:g} s",
                 msgid=msgid,
+                work=work,
                 path=error.filename or "the queue",
                 error=error.strerror,
                 errno=error.errno,
                 delay=delay,
             )
         else:
-            log.failure("queue: {msgid}: delivery attempt failed", failure, msgid=msgid)
-        entry = self._index.get(msgid)
-        if entry is not None:
-            self._index[msgid] = attrs.evolve(entry, nextAttempt=self._reactor.seconds() + delay)
+            log.failure("queue: {msgid}: {work} failed", failure, msgid=msgid, work=work)
+        return delay
+
+    @defer.inlineCallbacks
+    def _reportDelay(self, msgid: str):
+        """
+        Queue the delay notification due about C{msgid}, which no attempt
+        is making now (the relay may be held back for hours).
+        """
+        try:
+            result = yield self._runBlocking(
+                self._queue.reportDue, msgid, self._reactor.seconds(), self._policy
+            )
+        except Exception:
+            when = self._reactor.seconds() + self._crashed(msgid, "delay notification")
+            entry = self._index.get(msgid)
+            if entry is not None:
+                self._index[msgid] = attrs.evolve(entry, delayDue=when)
+        else:
+            if result is None:
+                self._deleted(msgid)
+            else:
+                self._report(msgid, {}, result)
+                entry = self._index.get(msgid)
+                if result.envelope is None:
+                    self._index.pop(msgid, None)
+                elif entry is not None:
+                    # Only its notifications changed: the attempt schedule stays.
+                    due = result.envelope.delayNoticeDue(self._policy)
+                    self._index[msgid] = attrs.evolve(entry, delayDue=due)
+                if result.bounces:
+                    self.wake()
+        finally:
+            self._inFlight.discard(msgid)
+        self._dispatch()
 
     @defer.inlineCallbacks
     def _attempt(self, msgid: str, session):
@@ -338,13 +393,7 @@ class QueueService(service.Service):
         """
         envelope = yield self._runBlocking(self._queue.envelope, msgid)
         if envelope is None:
-            self._forgetAttempts(msgid)
-            if self._index.pop(msgid, None) is not None:
-                log.info(
-                    "queue: {msgid}: deleted by another process (mailauth queue delete)",
-                    msgid=msgid,
-                    queueEvent="deleted",
-                )
+            self._deleted(msgid)
             return session, None
         # What an earlier attempt decided but could not write is not tried again.
         outcomes: dict = dict(self._unsettled.get(msgid, {}))
@@ -406,6 +455,16 @@ class QueueService(service.Service):
             self._sessionFailures += 1
             self._holdUntil = self._reactor.seconds() + self._policy.delay(self._sessionFailures)
         return session, ok
+
+    def _deleted(self, msgid: str) -> None:
+        """C{msgid} was found gone, not removed by the forwarder."""
+        self._forgetAttempts(msgid)
+        if self._index.pop(msgid, None) is not None:
+            log.info(
+                "queue: {msgid}: deleted by another process (mailauth queue delete)",
+                msgid=msgid,
+                queueEvent="deleted",
+            )
 
     def _forgetAttempts(self, msgid: str) -> None:
         """Its outcome written, or the message gone: what failed attempts left is dropped."""

@@ -560,6 +560,34 @@ class Queue:
         if envelope is None:
             return SettleResult(None)
         expired = tuple(r.address for r in envelope.recipients if r.expired and r.address in before)
+        return self._queueReportsDue(envelope, now, policy, relayHost, expired)
+
+    def reportDue(self, msgid: str, now: float, policy: RetryPolicy) -> Optional[SettleResult]:
+        """
+        Queue the notifications due about C{msgid} now without an attempt:
+        its delay notification, on time while the relay is held back. Blocks.
+
+        @return: what was done, or L{None} if the message is gone.
+        """
+        envelope = self._spool.read(msgid)
+        if envelope is None:
+            return None
+        return self._queueReportsDue(envelope, now, policy, None, ())
+
+    def _queueReportsDue(
+        self,
+        envelope: Envelope,
+        now: float,
+        policy: RetryPolicy,
+        relayHost: Optional[str],
+        expired: tuple,
+    ) -> SettleResult:
+        """
+        Queue the notifications due about C{envelope} and mark them in it,
+        and remove the message if that was all it waited for. Blocks.
+        """
+        msgid = envelope.id
+        current: Optional[Envelope] = envelope
         bounces: list[str] = []
         actions: list[str] = []
         returned: list[str] = []
@@ -569,14 +597,14 @@ class Queue:
             if action == ACTION_FAILED:
                 returned.extend(r.address for r in due)
             marked = functools.partial(_markNotified, [r.address for r in due], action)
-            envelope = self._spool.update(msgid, marked)
-            if envelope is None:
+            current = self._spool.update(msgid, marked)
+            if current is None:
                 break
-        if envelope is not None and envelope.finished():
+        if current is not None and current.finished():
             with self._spool.locked():
                 self._spool.remove(msgid)
-            envelope = None
-        return SettleResult(envelope, tuple(bounces), expired, tuple(actions), tuple(returned))
+            current = None
+        return SettleResult(current, tuple(bounces), expired, tuple(actions), tuple(returned))
 
     def _queueReport(
         self,

@@ -225,6 +225,30 @@ class VersionTests(unittest.TestCase):
         self.assertEqual(e.reportsDue(5000.0, self.policy), [])
         self.assertFalse(e.finished())
 
+    def test_delayNoticeDue(self):
+        """
+        delayNoticeDue says when the delay report falls due, for the
+        scheduler to queue it without an attempt: delayWarning after
+        arrival while a recipient that asked for it waits untold; never for
+        the null sender, once told, or when the message expires first.
+        """
+        e = Envelope(
+            id="m",
+            sender="a@x.test",
+            arrival=1000.0,
+            nextAttempt=1000.0,
+            recipients=(
+                RecipientStatus("b@y.test", notify=("DELAY",)),
+                RecipientStatus("c@y.test"),
+            ),
+        )
+        self.assertEqual(e.delayNoticeDue(self.policy), 1600.0)
+        self.assertIsNone(e.markNotified(["b@y.test"], ACTION_DELAYED).delayNoticeDue(self.policy))
+        self.assertIsNone(attrs.evolve(e, sender="").delayNoticeDue(self.policy))
+        quick = attrs.evolve(self.policy, expire=600)
+        self.assertIsNone(e.delayNoticeDue(quick))
+        self.assertIsNone(attrs.evolve(e, recipients=e.recipients[1:]).delayNoticeDue(self.policy))
+
     def test_upstreamDSNEndsReporting(self):
         """A recipient handed to a relay that takes DSN needs no report from here."""
         e = Envelope(

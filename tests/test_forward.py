@@ -513,6 +513,86 @@ class NotificationTests(QueueTestMixin, unittest.TestCase):
         self.assertIn("Will-Retry-Until", perRecipient)
         self.assertEqual(len(listQueue(self.directory)), 1)
 
+    def restart(self, **overrides):
+        """Stop the service and start another on the same queue, as after a restart."""
+        self.service.stopService()
+        self.service = QueueService(
+            self.queue,
+            relayConfig(delay_warning=3600.0, **overrides),
+            self.reactor,
+            self.local,
+            runBlocking=runInline,
+            connector=self.relay,
+        )
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+
+    def test_delayReportedOnTimeWhileRelayDown(self):
+        """
+        The delay report goes out when it falls due, delay_warning after
+        arrival, though the relay being down holds the next attempt back
+        for longer; the attempt that follows sends no second one.
+        """
+        self.relay.down = True
+        self.restart(retry_initial=7200.0, retry_max=7200.0)
+        self.submit("m1", notify=("DELAY", "FAILURE"))
+        self.runFor(3599)
+        self.assertEqual(self.local.delivered, [])
+        self.runFor(1)
+        [(_, _, [perRecipient], _)] = self.reports()
+        self.assertEqual(perRecipient["Action"], "delayed")
+        self.assertEqual(self.relay.connectTimes, [EPOCH])
+        self.runFor(86400)
+        self.assertGreater(len(self.relay.connectTimes), 2)
+        self.assertEqual(len(self.reports()), 1)
+        self.assertEqual(len(listQueue(self.directory)), 1)
+
+    def test_delayReportNotRepeatedAfterRestart(self):
+        """
+        A delay report sent is recorded with the message: a restart of the
+        daemon does not send it again.
+        """
+        self.relay.down = True
+        self.submit("m1", notify=("DELAY",))
+        self.runFor(3600)
+        self.assertEqual(len(self.reports()), 1)
+        self.restart()
+        self.runFor(3 * 3600)
+        self.assertEqual(len(self.reports()), 1)
+
+    def test_delayReportRetriedAfterDiskError(self):
+        """
+        A delay report that cannot be queued (a full disk) is one error
+        line, and is tried again with the backoff of failed attempts, before
+        the next attempt would send it.
+        """
+        watcher = LogWatcher()
+        self.addCleanup(watcher.stop)
+        reportDue = self.queue.reportDue
+        full = [1]
+
+        def reportDueOnFullDisk(*args, **kwargs):
+            if full[0]:
+                full[0] -= 1
+                raise OSError(28, "No space left on device")
+            return reportDue(*args, **kwargs)
+
+        self.patch(self.queue, "reportDue", reportDueOnFullDisk)
+        self.relay.down = True
+        self.restart(retry_initial=300.0, retry_max=7200.0)
+        self.submit("m1", notify=("DELAY",))
+        self.runFor(3600)
+        self.assertEqual(self.local.delivered, [])
+        [line] = [m for m in watcher.messages if "delay notification failed" in m]
+        self.assertTrue(
+            line.endswith("No space left on device (errno 28); tried again in 300 s"), line
+        )
+        self.runFor(300)
+        self.assertEqual(len(self.reports()), 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        # Attempts at 0, 300, 900 and 2100 s; the next is at 4500 s.
+        self.assertEqual(len(self.relay.connectTimes), 4)
+
     def test_notificationsLoggedByKind(self):
         """
         The log names each notification as Postfix does (non-delivery,

@@ -11,7 +11,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 
 from mailauth.dotstuff import DotStuffer, unstuff
-from mailauth.envelope import FAILED, Outcome, RetryPolicy
+from mailauth.envelope import ACTION_DELAYED, FAILED, Outcome, RecipientStatus, RetryPolicy
 from mailauth.spool import DamagedMessage, Queue, deleteMessage
 from tests.support import EPOCH, HEADERS, MESSAGE, QueueTestMixin
 
@@ -216,6 +216,27 @@ class QueueStorageTests(QueueTestMixin, unittest.TestCase):
         e = self.assertRaises(DamagedMessage, self.queue.readMessage, "cut")
         self.assertRegex(str(e), r"cut\.data holds \d+ bytes, its envelope says \d+$")
         self.assertRaises(FileNotFoundError, self.queue.readMessage, "missing")
+
+    def test_reportDue(self):
+        """
+        reportDue queues the delay report that is due without recording an
+        attempt (the relay may be held back), marks it sent in the
+        envelope, and queues nothing more when called again.
+        """
+        policy = RetryPolicy(delayWarning=600)
+        self.enqueue("m1", recipients=[RecipientStatus("bob@remote.example", notify=("DELAY",))])
+        before = self.queue.envelope("m1")
+        self.assertEqual(self.queue.reportDue("m1", EPOCH + 599, policy).bounces, ())
+        result = self.queue.reportDue("m1", EPOCH + 600, policy)
+        self.assertEqual(result.actions, (ACTION_DELAYED,))
+        [bounce] = result.bounces
+        self.assertIn(b"Action: delayed", self.queue.readMessage(bounce))
+        after = self.queue.envelope("m1")
+        self.assertEqual(after, result.envelope)
+        self.assertEqual((after.attempts, after.nextAttempt), (0, before.nextAttempt))
+        self.assertTrue(after.recipients[0].delayNotified)
+        self.assertEqual(self.queue.reportDue("m1", EPOCH + 900, policy).bounces, ())
+        self.assertIsNone(self.queue.reportDue("gone", EPOCH + 900, policy))
 
     def test_recoverSparesWritersInProgress(self):
         """Recovery on a running queue keeps the files of messages being written."""
