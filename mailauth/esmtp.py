@@ -10,8 +10,9 @@ per-recipient body copies, 550 for transient failures), so the protocol is
 written here on L{Protocol}. twisted.mail's seams are kept: the factory holds
 a cred L{Portal}; the avatar is an L{IMessageDeliveryFactory}; recipients
 are L{smtp.User}s and addresses L{smtp.Address}es. The AUTH command is
-L{mailauth.smtpauth}, MAIL/RCPT/DATA/BDAT L{mailauth.transaction} (both
-parts of the one session class), the DATA and BDAT readers
+L{mailauth.smtpauth}, MAIL/RCPT/DATA/BDAT L{mailauth.transaction}, HELO,
+EHLO, STARTTLS and the rest L{mailauth.sessioncommands} (all parts of the
+one session class), the DATA and BDAT readers
 L{mailauth.dataread}, the address grammar and the MAIL and RCPT parameters
 (SMTPUTF8, DSN) L{mailauth.addresses}, and every reply is named in
 L{mailauth.replies}.
@@ -38,6 +39,7 @@ from mailauth.dataread import ChunkReader
 from mailauth.logs import printable, quoted
 from mailauth.metrics import Metrics
 from mailauth.replies import Reply, ReplyLike
+from mailauth.sessioncommands import SessionCommands
 from mailauth.smtpauth import AuthCommands
 from mailauth.throttle import clientAddress
 from mailauth.transaction import MailTransaction
@@ -51,7 +53,6 @@ MAX_LINE = 12288
 PIPELINE_HOLD = 65536
 
 
-_HELO = re.compile(r"[\x21-\x7e]+")
 # Control characters other than tab, refused in command lines.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f]")
 # The reason a connection refused before the greeting is counted and logged under.
@@ -78,7 +79,7 @@ class _TLSState:
 @implementer(
     interfaces.IPushProducer, interfaces.IHandshakeListener, interfaces.IHalfCloseableProtocol
 )
-class SubmissionProtocol(AuthCommands, MailTransaction, protocol.Protocol):
+class SubmissionProtocol(SessionCommands, AuthCommands, MailTransaction, protocol.Protocol):
     """
     One SMTP session. Commands are taken one at a time: while one waits for
     a Deferred (a login, a validator, the message commit) nothing more is
@@ -172,32 +173,6 @@ class SubmissionProtocol(AuthCommands, MailTransaction, protocol.Protocol):
             return f"{handle.get_protocol_version_name()} with cipher {handle.get_cipher_name()}"
         except Exception:
             return "TLS"
-
-    def _saslContext(self) -> sasl.SASLContext:
-        """What the SASL mechanisms see of this session, with the names offered in EHLO."""
-        connection = None
-        if self.tls.active:
-            try:
-                connection = self.transport.getHandle()
-            except AttributeError:
-                pass
-        context = sasl.SASLContext(self.settings.hostname, self.clock, connection)
-        table = self.factory.saslTable
-        names = sasl.offered(table, self.factory.mechanisms, context)
-        return sasl.SASLContext(self.settings.hostname, self.clock, connection, names)
-
-    def _authAllowedNow(self) -> bool:
-        if self.factory.authMode == "none":
-            return False
-        return self.tls.active or not self.factory.plaintextRequiresTLS
-
-    def _startTLSOffered(self) -> bool:
-        return (
-            self.tls.mode == "starttls"
-            and not self.tls.active
-            and self.factory.tlsContext is not None
-            and interfaces.ITLSTransport.providedBy(self.transport)
-        )
 
     # -- connection --------------------------------------------------------
 
@@ -601,92 +576,6 @@ class SubmissionProtocol(AuthCommands, MailTransaction, protocol.Protocol):
             return self._error(replies.UNKNOWN_COMMAND)
         self._verb = verb.upper()
         return handler(arg.strip(" "))
-
-    def do_HELO(self, arg: str):
-        return self._hello(arg, esmtp=False)
-
-    def do_EHLO(self, arg: str):
-        return self._hello(arg, esmtp=True)
-
-    def _hello(self, arg: str, esmtp: bool):
-        # A domain name or address literal: printable, one word, and at
-        # most 255 octets (RFC 1035), since it is copied into Received.
-        if not arg or len(arg) > 255 or not _HELO.fullmatch(arg):
-            verb = "EHLO" if esmtp else "HELO"
-            return self._error(replies.SYNTAX.format(usage=f"{verb} hostname"))
-        self._abortMessages()
-        self._resetTransaction()
-        self._bdatFailed = False
-        self._helo = arg
-        if not esmtp:
-            self._send(Reply(250, self.settings.hostname))
-            return
-        lines = [
-            self.settings.hostname,
-            "PIPELINING",
-            f"SIZE {self.settings.max_message_size}",
-            "8BITMIME",
-            "ENHANCEDSTATUSCODES",
-            "SMTPUTF8",
-            "CHUNKING",
-            "DSN",
-        ]
-        if self._startTLSOffered():
-            lines.append("STARTTLS")
-        if self._authAllowedNow() and self.login is None:
-            lines.append("AUTH " + " ".join(self._saslContext().offered))
-        self._sendLines(250, lines)
-
-    def do_STARTTLS(self, arg: str):
-        if self.tls.active:
-            return self._error(replies.TLS_ACTIVE)
-        if not self._startTLSOffered():
-            return self._error(replies.STARTTLS_NOT_OFFERED)
-        if arg:
-            return self._error(replies.SYNTAX.format(usage="STARTTLS"))
-        if self._buffer:
-            # RFC 3207 / CVE-2011-0411: anything sent after STARTTLS before
-            # the handshake was not protected by it; it is discarded.
-            log.info(
-                "discarded {n} bytes pipelined after STARTTLS: client=[{client}] session={session}",
-                n=len(self._buffer),
-                client=self._peer,
-                session=self.session,
-            )
-            self._buffer = b""
-        self._send(replies.STARTTLS_READY)
-        self.transport.startTLS(self.factory.tlsContext)
-        self.tls.active = True
-        self._abortMessages()
-        if self._logout is not None:
-            self._logout()
-        self._resetSession()
-
-    def do_RSET(self, arg: str):
-        if arg:
-            return self._error(replies.SYNTAX.format(usage="RSET"))
-        self._abortMessages()
-        self._resetTransaction()
-        self._bdatFailed = False
-        self._send(replies.OK)
-
-    def do_NOOP(self, arg: str):
-        self._send(replies.OK)
-
-    def do_VRFY(self, arg: str):
-        if not arg:
-            return self._error(replies.SYNTAX.format(usage="VRFY address"))
-        # Never confirm or deny that a user exists (RFC 5321 3.5.3).
-        self._send(replies.CANNOT_VRFY)
-
-    def do_EXPN(self, arg: str):
-        return self._error(replies.NOT_IMPLEMENTED.format(command="EXPN"))
-
-    def do_HELP(self, arg: str):
-        self._send(replies.HELP)
-
-    def do_QUIT(self, arg: str):
-        self._close(replies.BYE)
 
 
 def _sslReason(error: Optional[BaseException]) -> str:
