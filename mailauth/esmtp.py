@@ -11,11 +11,11 @@ written here on L{Protocol}. twisted.mail's seams are kept: the factory holds
 a cred L{Portal}; the avatar is an L{IMessageDeliveryFactory}; recipients
 are L{smtp.User}s and addresses L{smtp.Address}es. The AUTH command is
 L{mailauth.smtpauth}, MAIL/RCPT/DATA/BDAT L{mailauth.transaction}, HELO,
-EHLO, STARTTLS and the rest L{mailauth.sessioncommands} (all parts of the
-one session class), the DATA and BDAT readers
-L{mailauth.dataread}, the address grammar and the MAIL and RCPT parameters
-(SMTPUTF8, DSN) L{mailauth.addresses}, and every reply is named in
-L{mailauth.replies}.
+EHLO, STARTTLS and the rest L{mailauth.sessioncommands}, and the session's
+log lines L{mailauth.sessionlog} (all parts of the one session class); the
+DATA and BDAT readers are L{mailauth.dataread}, the address grammar and the
+MAIL and RCPT parameters (SMTPUTF8, DSN) L{mailauth.addresses}, and every
+reply is named in L{mailauth.replies}.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import re
 import secrets
 from typing import Any, Callable, Optional, cast
 
-from OpenSSL import SSL
 from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -36,10 +35,10 @@ from mailauth.addresses import (
     MailParameters,
 )
 from mailauth.dataread import ChunkReader
-from mailauth.logs import printable, quoted
 from mailauth.metrics import Metrics
 from mailauth.replies import Reply, ReplyLike
 from mailauth.sessioncommands import SessionCommands
+from mailauth.sessionlog import SessionLog
 from mailauth.smtpauth import AuthCommands
 from mailauth.throttle import clientAddress
 from mailauth.transaction import MailTransaction
@@ -55,15 +54,6 @@ PIPELINE_HOLD = 65536
 
 # Control characters other than tab, refused in command lines.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f]")
-# The reason a connection refused before the greeting is counted and logged under.
-_CONNECTION_REFUSALS = {
-    replies.BLOCKED: "blocked",
-    replies.TOO_MANY_CONNECTIONS: "too_many",
-    replies.TOO_MANY_FROM_ADDRESS: "too_many_from_address",
-}
-# Refusals counted but not logged as refusals: the session or the realm logs
-# each where it happens, with its cause.
-_REFUSALS_LOGGED_ELSEWHERE = frozenset({"storage", "temporary"})
 # The commands whose arguments may hold UTF-8 (RFC 6531 3.3, 3.7.4.2).
 _UTF8_COMMANDS = (b"MAIL ", b"RCPT ", b"VRFY ")
 
@@ -79,7 +69,9 @@ class _TLSState:
 @implementer(
     interfaces.IPushProducer, interfaces.IHandshakeListener, interfaces.IHalfCloseableProtocol
 )
-class SubmissionProtocol(SessionCommands, AuthCommands, MailTransaction, protocol.Protocol):
+class SubmissionProtocol(
+    SessionCommands, AuthCommands, MailTransaction, SessionLog, protocol.Protocol
+):
     """
     One SMTP session. Commands are taken one at a time: while one waits for
     a Deferred (a login, a validator, the message commit) nothing more is
@@ -199,16 +191,7 @@ class SubmissionProtocol(SessionCommands, AuthCommands, MailTransaction, protoco
                 self.factory.release(self._peer)
             return
         if refusal is not None:
-            reason = _CONNECTION_REFUSALS[refusal]
-            log.info(
-                "refused connection: client=[{client}] listener={listener} reason={reason} "
-                "session={session}",
-                client=self._peer,
-                listener=self.factory.name,
-                reason=reason,
-                session=self.session,
-            )
-            self.factory.metrics.connectionRefused(self.factory.name, reason)
+            self._logConnectionRefused(refusal)
             self._mode = self.CLOSED
             self._cancelTimeout()
             self._send(refusal)
@@ -216,13 +199,7 @@ class SubmissionProtocol(SessionCommands, AuthCommands, MailTransaction, protoco
             self.transport.loseConnection()
             return
         self._counted = True
-        log.info(
-            "connect: client=[{client}] listener={listener} session={session}",
-            client=self._peer,
-            listener=self.factory.name,
-            session=self.session,
-        )
-        self.factory.metrics.connectionAccepted(self.factory.name)
+        self._logConnect()
         self._send(replies.GREETING.format(hostname=self.settings.hostname))
         self._busy = False
         if self._buffer or self._inputEnded:
@@ -248,21 +225,7 @@ class SubmissionProtocol(SessionCommands, AuthCommands, MailTransaction, protoco
         self._handshaken = True
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        if (
-            self.tls.active
-            and not self._handshaken
-            and isinstance(reason, Failure)
-            and reason.check(SSL.Error)
-        ):
-            # TLSMemoryBIOProtocol ends a failed handshake with OpenSSL's error.
-            log.info(
-                'TLS handshake failed: client=[{client}] listener={listener} why="{why}" '
-                "session={session}",
-                client=self._peer,
-                listener=self.factory.name,
-                why=quoted(_sslReason(reason.value)),
-                session=self.session,
-            )
+        self._logHandshakeFailure(reason)
         self._mode = self.CLOSED
         self._cancelTimeout()
         self._cancelDataDeadline()
@@ -275,15 +238,7 @@ class SubmissionProtocol(SessionCommands, AuthCommands, MailTransaction, protoco
         if self._counted:
             self.factory.release(self._peer)
             self._counted = False
-            self.factory.metrics.connectionClosed(self.factory.name)
-            log.info(
-                "disconnect: client=[{client}] login=<{login}> messages={messages} "
-                "session={session}",
-                client=self._peer,
-                login=printable(self.login or ""),
-                messages=self._accepted,
-                session=self.session,
-            )
+            self._logDisconnect()
 
     def readConnectionLost(self) -> None:
         """
@@ -521,36 +476,6 @@ class SubmissionProtocol(SessionCommands, AuthCommands, MailTransaction, protoco
             self._hangUp("max_errors")
             self._close(replies.TOO_MANY_ERRORS)
 
-    def _countRefusal(self, reason: str, reply: ReplyLike) -> None:
-        """Count a refusal C{reply} under C{reason}; log it unless its cause is logged."""
-        self.factory.metrics.messageRefused(reason)
-        if reason not in _REFUSALS_LOGGED_ELSEWHERE:
-            self._logRefusal(reason, reply)
-
-    def _logRefusal(self, reason: str, reply: ReplyLike) -> None:
-        log.info(
-            "refused {command}: client=[{client}] login=<{login}> reason={reason} "
-            'reply="{reply}" session={session}',
-            command=self._verb,
-            client=self._peer,
-            login=printable(self.login or ""),
-            reason=reason,
-            reply=quoted(f"{reply.code} {reply.text}"),
-            session=self.session,
-        )
-
-    def _hangUp(self, reason: str) -> None:
-        """Log why the session is about to close with a 421."""
-        log.info(
-            "hang-up: client=[{client}] login=<{login}> reason={reason} command={command} "
-            "session={session}",
-            client=self._peer,
-            login=printable(self.login or ""),
-            reason=reason,
-            command=self._verb,
-            session=self.session,
-        )
-
     # -- commands ----------------------------------------------------------
 
     def _command(self, line: bytes):
@@ -576,15 +501,6 @@ class SubmissionProtocol(SessionCommands, AuthCommands, MailTransaction, protoco
             return self._error(replies.UNKNOWN_COMMAND)
         self._verb = verb.upper()
         return handler(arg.strip(" "))
-
-
-def _sslReason(error: Optional[BaseException]) -> str:
-    """What OpenSSL said, in its own words: C{tlsv1 alert unknown ca}, C{wrong version number}."""
-    if error is None:
-        return "unknown"
-    errors = error.args[0] if error.args and isinstance(error.args[0], list) else []
-    reasons = [entry[-1] for entry in errors if isinstance(entry, tuple) and entry]
-    return ", ".join(str(r) for r in reasons if r) or str(error) or type(error).__name__
 
 
 def newSessionID() -> str:
