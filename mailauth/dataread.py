@@ -23,12 +23,22 @@ class MessageChecker:
     C{feed} takes the message in canonical form, in chunks that may split
     a CRLF pair: a CR at the end of a chunk is held until the next one
     shows whether an LF follows.
+
+    What it passes on ends with a line end: BDAT content may stop anywhere
+    (RFC 3030), and a last line without its CRLF gets one, as Postfix
+    stores it, so that the Maildir copy, the queued copy and the DKIM
+    signer all get the same message (the signature would not change:
+    relaxed canonicalisation ends a last line the same way). That CRLF is
+    not in C{size}: the size limit counts what the client sent, so two
+    more octets never turn an accepted message into a refused one.
     """
 
     def __init__(self, write: Callable[[bytes], None], maxSize: int) -> None:
         self._write = write
         self._maxSize = maxSize
         self._heldCR = False
+        # Bytes were passed on and the last of them did not end a line.
+        self._lineOpen = False
         self.size = 0
         self.bareNewline = False
         self.nul = False
@@ -58,12 +68,19 @@ class MessageChecker:
             self.nul = True
         if chunk and not self.failed:
             self._write(chunk)
+            self._lineOpen = not chunk.endswith(b"\r\n")
 
     def finish(self) -> None:
-        """The message is complete: a CR still held was a bare CR."""
+        """
+        The message is complete: a CR still held was a bare CR, and a last
+        line without its CRLF is given one.
+        """
         if self._heldCR:
             self._heldCR = False
             self.bareNewline = True
+        elif self._lineOpen and not self.failed:
+            self._lineOpen = False
+            self._write(b"\r\n")
 
 
 class DataReader:

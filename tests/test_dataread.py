@@ -41,6 +41,27 @@ class MessageCheckerTests(unittest.TestCase):
         body, checker = self.check([b"12345", b"67890", b"x"], maxSize=10)
         self.assertEqual((checker.size, checker.tooBig, body), (11, True, b"1234567890"))
 
+    def test_lastLineEnded(self) -> None:
+        """
+        A last line without its CRLF is given one, which the size does not
+        count: a message of exactly the limit still passes.
+        """
+        body, checker = self.check([b"a\r\nb", b"c"], maxSize=5)
+        self.assertEqual((body, checker.size, checker.failed), (b"a\r\nbc\r\n", 5, False))
+
+    def test_nothingAddedOtherwise(self) -> None:
+        """
+        A message that ends with a CRLF, an empty one, and one that broke
+        a rule get nothing added.
+        """
+        for pieces, expected in (
+            ([b"a\r", b"\n"], b"a\r\n"),
+            ([], b""),
+            ([b"a\0b"], b""),
+            ([b"12345", b"67890", b"x"], b"1234567890"),
+        ):
+            self.assertEqual(self.check(pieces, maxSize=10)[0], expected, pieces)
+
 
 class ChunkReaderTests(unittest.TestCase):
     """L{ChunkReader}: exactly the announced octets, no dot handling."""
@@ -77,7 +98,7 @@ class ChunkReaderTests(unittest.TestCase):
         reader.begin(2, last=True)
         reader.feed(b"\nb")
         self.assertFalse(reader.bareNewline)
-        self.assertEqual(b"".join(out), b"a\r\nb")
+        self.assertEqual(b"".join(out), b"a\r\nb\r\n")
 
     def test_lastChunkEndingInCR(self) -> None:
         """A CR at the very end of the last chunk is a bare CR."""

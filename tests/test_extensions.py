@@ -250,6 +250,23 @@ class ChunkingTests(ExtensionTestsMixin, unittest.TestCase):
         )
         self.assertEqual(self.mailbox.stored, [])
 
+    def test_lastLineWithoutLineEnd(self) -> None:
+        """
+        Content that stops without a CRLF is passed on with one, which the
+        size limit does not count: a message of exactly max_message_size
+        octets is still accepted.
+        """
+        self.transaction()
+        limit = self.factory.settings.max_message_size
+        line = b"x" * 1000 + b"\r\n"
+        body = line * (limit // len(line)) + b"y" * (limit % len(line))
+        self.assertEqual((len(body), body[-2:]), (limit, b"yy"))
+        self.assertEqual(
+            self.session.send(self.bdat(body[:10]) + self.bdat(body[10:], last=True)),
+            [b"250 2.0.0 Ok: 10 octets", b"250 2.0.0 Ok: queued as ID1"],
+        )
+        self.assertTrue(self.mailbox.stored == [HEADER + body + b"\r\n"])
+
     def test_outOfSequence(self) -> None:
         """
         BDAT before MAIL or RCPT gets 503 after its octets are read, so none

@@ -292,6 +292,36 @@ class ChunkingTests(DaemonMixin, unittest.TestCase):
         self.assertEqual(len(transaction.chunks), 1)
         yield self.events.wait("removed")
 
+    @defer.inlineCallbacks
+    def test_lastLineWithoutLineEnd(self):
+        """
+        Content sent with C{BDAT n LAST} that stops without a CRLF is
+        stored in the Maildir ending with a line end (LF, as the Maildir
+        stores every line), as the relay gets it (CRLF), and the C{,S=} of
+        the file name is still the size of the file.
+        """
+        body = b"Subject: unfinished\r\n\r\nfirst line\r\nno line end"
+
+        def run():
+            c = self.client()
+            c.send(
+                b"MAIL FROM:<bob@example.test>\r\nRCPT TO:<carol@example.test>\r\n"
+                b"RCPT TO:<far@remote.example>\r\nBDAT %d LAST\r\n" % (len(body),) + body
+            )
+            return [c.reply() for _ in range(4)]
+
+        replies = yield self.inThread(run)
+        self.assertEqual([code for code, _ in replies], [250, 250, 250, 250])
+        [path] = glob.glob(
+            os.path.join(self.daemon.dir, "mail", "example.test", "carol", "Maildir", "new", "*")
+        )
+        [stored] = self.maildir("example.test", "carol")
+        self.assertTrue(stored.endswith(b"\n\nfirst line\nno line end\n"), stored[-60:])
+        self.assertTrue(path.endswith(f",S={len(stored)}"), (path, len(stored)))
+        [transaction] = yield self.sink.waitForTransactions(1)
+        self.assertTrue(transaction.data.endswith(b"\r\nfirst line\r\nno line end\r\n"))
+        yield self.events.wait("removed")
+
 
 class NotificationTests(DaemonMixin, unittest.TestCase):
     """Issue 14: a message with DSN parameters, against relays with and without DSN."""
