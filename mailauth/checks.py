@@ -181,6 +181,32 @@ def checkFolders(cfg: configmod.Config, account: Account, chown: bool) -> Findin
     return Findings(errors=tuple(errors))
 
 
+def checkRelativePaths(cfg: configmod.Config) -> Findings:
+    """
+    A relative C{state_dir} or C{maildir} template is found from the folder
+    the daemon happens to start in: the checkout for C{make run}, C{/} for a
+    systemd unit without C{WorkingDirectory=}, and C{mailauth queue} or
+    C{user app-password list} run from another shell look for the state in
+    yet another place. Postfix can insist on an absolute C{queue_directory},
+    as its daemons change into it; mailauth stays in the folder it was
+    started in, so a relative path has a meaning (C{make run}'s demo runs
+    from the checkout), just a fragile one: a warning, naming where it
+    leads from here, not a refusal.
+    """
+    warnings = []
+    for section, key, path in (
+        ("server", "state_dir", cfg.server.state_dir),
+        ("delivery", "maildir", cfg.delivery.maildir),
+    ):
+        if not os.path.isabs(path):
+            warnings.append(
+                f"{place(cfg, section, key)}: warning: {path} is relative to the folder each "
+                f"process starts in ({os.path.abspath(path)} from this one, under / for a "
+                "systemd unit): use an absolute path"
+            )
+    return Findings(warnings=tuple(warnings))
+
+
 def readProblem(account: Account, path: str) -> Optional[str]:
     """Why C{account} could not read the file C{path}; L{None} if it could."""
     why, _ = _reach(account, os.path.dirname(os.path.realpath(path)))
@@ -511,6 +537,7 @@ def checkAll(
     findings = Findings(errors=tuple(checkFiles(cfg)))
     findings += checkCertificate(cfg, time.time() if now is None else now)
     findings += checkListening(cfg, daemon)
+    findings += checkRelativePaths(cfg)
     findings += checkFolders(cfg, account, chown)
     findings += checkReadable(cfg, account, chown)
     findings += checkRehash(cfg, account)

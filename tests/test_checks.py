@@ -606,6 +606,39 @@ class CheckAllTests(CheckTestMixin, unittest.TestCase):
         )
         self.assertTrue(stat.S_ISREG(os.stat(cfg.server.state_dir).st_mode))
 
+    def test_relativePaths(self) -> None:
+        """
+        A relative state_dir or maildir template is a warning naming where it
+        leads from the folder the check runs in, for check-config and the
+        daemon's start alike (which would start in / under systemd); absolute
+        ones give none.
+        """
+        self.assertEqual(checkAll(self.config(), Account.ofProcess()).warnings, ())
+        here = os.getcwd()
+        os.chdir(self.dir)
+        self.addCleanup(os.chdir, here)
+        folder = os.getcwd()
+        cfg = configmod.loadText(
+            BASE.format(dir=self.dir)
+            .replace(f"state_dir = {self.dir}/state", "state_dir = state")
+            .replace(f"maildir = {self.dir}/mail", "maildir = mail")
+            + listener("submission", "tcp:0:interface=127.0.0.1"),
+            "mailauth.conf",
+        )
+        expected = tuple(
+            f"mailauth.conf: {where}: warning: {path} is relative to the folder each process "
+            f"starts in ({folder}/{path} from this one, under / for a systemd unit): use an "
+            "absolute path"
+            for where, path in (
+                ("[server] state_dir", "state"),
+                ("[delivery] maildir", "mail/{domain}/{localpart}/Maildir"),
+            )
+        )
+        for daemon in (False, True):
+            findings = checkAll(cfg, Account.ofProcess(), daemon=daemon)
+            self.assertEqual(findings.errors, ())
+            self.assertEqual(findings.warnings, expected)
+
 
 class MechanismWarningTests(unittest.TestCase):
     def test_cramOfferedToHashedUsers(self) -> None:

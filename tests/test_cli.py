@@ -36,7 +36,8 @@ class CommandMixin:
     """Runs C{mailauth} subcommands through L{main}, in a temporary folder."""
 
     def setUp(self) -> None:
-        self.directory = self.mktemp()
+        # Absolute: check-config warns about a relative state_dir or maildir.
+        self.directory = os.path.abspath(self.mktemp())
         os.mkdir(self.directory)
         self.users = os.path.join(self.directory, "users")
         self.prompts: list[str] = []
@@ -630,8 +631,6 @@ class CheckConfigTests(CommandMixin, unittest.TestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.directory = os.path.abspath(self.directory)
-        self.users = os.path.join(self.directory, "users")
         with open(self.users, "w") as f:
             f.write(f"a@example.org:{CRAM}\n")
 
