@@ -243,6 +243,7 @@ class UserDatabase(ReloadableFile):
                 self._failed(e)
             return False
         users, problems = parseUsers(text, self.file.path)
+        before = len(self._users or ())
         self._users, self.problems = users, problems
         for problem in problems:
             log.warn("Users file: skipped {problem}", problem=problem)
@@ -257,7 +258,17 @@ class UserDatabase(ReloadableFile):
                 count=len(plaintext),
                 logins=" ".join(plaintext),
             )
-        log.info("Users file {path}: loaded {count} user(s)", path=self.path, count=len(users))
+        if before and not users:
+            # Truncated by mistake, everyone is locked out; a file empty
+            # from the start (/dev/null on an OAuth-only node) is no news.
+            log.warn(
+                "Users file {path}: loaded 0 user(s), where {before} were before:"
+                " every login fails",
+                path=self.path,
+                before=before,
+            )
+        else:
+            log.info("Users file {path}: loaded {count} user(s)", path=self.path, count=len(users))
         return True
 
     def _failed(self, error: OSError) -> None:

@@ -306,6 +306,31 @@ class UserDatabaseTests(UserDatabaseTestsMixin, unittest.TestCase):
         self.assertTrue(db.maybeReload())
         self.assertEqual(db.logins(), ["a@example.org", "b@example.org"])
 
+    def test_emptiedIsAWarning(self) -> None:
+        """
+        A reload that finds no users where the last load found some (a file
+        truncated by mistake locks everyone out) is a warning naming how
+        many there were; loading an empty file again, or one empty from the
+        start, stays at info.
+        """
+        db = self.makeDatabase({})
+        self.assertEqual([e["count"] for e in self.logged("info")], [0])
+        writeUsers(self.path, {"a@example.org": CRAM, "b@example.org": CRAM})
+        self.assertTrue(db.maybeReload())
+        with open(self.path, "w"):
+            pass  # emptied in place: same inode
+        os.utime(self.path, ns=(0, os.stat(self.path).st_mtime_ns + 1))
+        self.assertTrue(db.maybeReload())
+        self.assertEqual(db.logins(), [])
+        [warning] = self.logged("warn")
+        self.assertEqual(
+            formatEvent(warning),
+            f"Users file {self.path}: loaded 0 user(s), where 2 were before: every login fails",
+        )
+        self.assertTrue(db.load())
+        self.assertEqual([e["count"] for e in self.logged("info")], [0, 2, 0])
+        self.assertEqual(len(self.logged("warn")), 1)
+
 
 class MemoryUserDatabaseTests(UserDatabaseTestsMixin, unittest.TestCase):
     """L{MemoryUserDatabase} behaves as the users file does."""
