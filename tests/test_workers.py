@@ -38,6 +38,7 @@ from mailauth import checks, tap, workers
 from mailauth import config as configmod
 from mailauth.checks import Account
 from mailauth.logs import eventAsJSONLine
+from mailauth.metrics import QUEUE_FAMILIES, Metrics
 from mailauth.throttle import ConnectionLimiter
 from mailauth.workerlink import LogRelay, NodeConnections, ParentConnections
 from mailauth.workers import (
@@ -229,6 +230,37 @@ class WorkerPoolTests(unittest.TestCase):
         self.assertEqual(self.reactor.spawned[2]["args"][3:5], ["--index", "1"])
         self.assertEqual(self.process(1).signals, [])
         self.assertEqual(self.stops, [])
+
+    def test_deadWorkersLiveGaugesDropped(self):
+        """
+        With [metrics], a worker that dies takes its open-session gauge file
+        with it (prometheus_client's C{mark_process_dead}), before it is
+        replaced; its counters' files stay, so the node's totals never go
+        back, and the other worker's files are left alone.
+        """
+        folder = self.mktemp()
+        os.mkdir(folder)
+        parent = Metrics.prometheus(process=False, families=QUEUE_FAMILIES, workerFiles=folder)
+        self.makePool(workerEnded=parent.workerEnded)
+        self.ready(0)
+        self.ready(1)
+        dead, alive = self.process(0).pid, self.process(1).pid
+        for pid in (dead, alive):
+            for kind in ("counter", "histogram", "gauge_livesum"):
+                open(os.path.join(folder, f"{kind}_{pid}.db"), "wb").close()
+        self.process(0).end(signal=signal.SIGKILL)
+        self.assertEqual(
+            sorted(os.listdir(folder)),
+            [
+                f"counter_{dead}.db",
+                f"counter_{alive}.db",
+                f"gauge_livesum_{alive}.db",
+                f"histogram_{dead}.db",
+                f"histogram_{alive}.db",
+            ],
+        )
+        self.clock.advance(1)
+        self.assertEqual(len(self.reactor.spawned), 3)
 
     def test_backoffWhenDyingAgain(self):
         """
