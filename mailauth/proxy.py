@@ -18,6 +18,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
+from mailauth.throttle import IP, clientIP, unmapped
+
 log = Logger(namespace="mailauth.proxy")
 
 # The versions each C{proxy_protocol} setting accepts.
@@ -195,14 +197,13 @@ def _checkTLVs(tlvs: bytes) -> None:
             raise ProxyHeaderError("v2: a TLV longer than the header")
 
 
-def _address(ip: Union[ipaddress.IPv4Address, ipaddress.IPv6Address], port: int) -> IPAddress:
+def _address(ip: IP, port: int) -> IPAddress:
     """
     The Twisted address of C{ip} and C{port}. An IPv4 client that a
-    dual-stack proxy names as C{::ffff:192.0.2.1} (HAProxy does, for
-    C{bind :::587 v4v6}) is an IPv4 address, as Postfix takes it.
+    dual-stack proxy names as C{::ffff:192.0.2.1} is an IPv4 address
+    (L{unmapped}).
     """
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    ip = unmapped(ip)
     if ip.version == 4:
         return address.IPv4Address("TCP", str(ip), port)
     return address.IPv6Address("TCP", str(ip), port)
@@ -216,15 +217,8 @@ def isTrusted(peer, networks: Iterable) -> bool:
     IP address (a UNIX socket) is never trusted.
     """
     host = getattr(peer, "host", None)
-    if not isinstance(host, str):
-        return False
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks)
+    ip = clientIP(host) if isinstance(host, str) else None
+    return ip is not None and any(ip in network for network in networks)
 
 
 def _hostOf(peer) -> str:

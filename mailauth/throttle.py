@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -27,20 +27,39 @@ ADDRESS_PREFIX = "auth-address:"
 LOGIN_PREFIX = "auth-login:"
 
 
+IP = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+def unmapped(ip: IP) -> IP:
+    """
+    C{ip} as mailauth takes a client: an IPv4 client of a dual-stack socket,
+    or of a proxy that names it so (C{::ffff:192.0.2.1}; HAProxy does for
+    C{bind :::587 v4v6}), is its IPv4 address, as Postfix takes it.
+    """
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def clientIP(host: str) -> Optional[IP]:
+    """
+    The IP address C{host} names, L{unmapped}; L{None} if it names none
+    (a UNIX socket's path).
+    """
+    try:
+        return unmapped(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+
+
 def clientAddress(host: str) -> str:
     """
     Client address C{host} as it is logged and written into C{Received:}:
-    an IPv4 client of a dual-stack socket or of a proxy that names it so
-    (C{::ffff:192.0.2.1}) is its IPv4 address, as Postfix writes it;
-    anything else as it is.
+    an IPv4-mapped IPv6 address is its IPv4 address (L{unmapped}); anything
+    else as it is.
     """
-    if ":" not in host:
-        return host
-    try:
-        mapped = ipaddress.IPv6Address(host).ipv4_mapped
-    except ValueError:
-        return host
-    return host if mapped is None else str(mapped)
+    ip = clientIP(host)
+    return host if ip is None or ip.version == 6 else str(ip)
 
 
 def addressKey(host: str) -> str:
@@ -50,12 +69,9 @@ def addressKey(host: str) -> str:
     /64, so counting single IPv6 addresses would let one attacker rotate
     through billions of keys).
     """
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    ip = clientIP(host)
+    if ip is None:
         return host
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
     if ip.version == 6:
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
     return str(ip)

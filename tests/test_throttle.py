@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -11,7 +12,7 @@ from zope.interface import implementer
 
 from mailauth.counters import MemoryCounterStore
 from mailauth.interfaces import ICounterStore
-from mailauth.throttle import MAX_DELAY, AuthThrottle, addressKey
+from mailauth.throttle import MAX_DELAY, AuthThrottle, addressKey, clientAddress, clientIP
 from tests.support import (
     MemoryMailbox,
     RecordingPortal,
@@ -138,6 +139,20 @@ class ThrottleTests(unittest.TestCase):
         self.assertEqual(addressKey("::ffff:192.0.2.1"), "192.0.2.1")
         self.assertEqual(addressKey("2001:db8::1"), "2001:db8::/64")
         self.assertEqual(addressKey("local"), "local")
+
+    def test_clientIP(self) -> None:
+        """
+        The one place an IPv4-mapped IPv6 address becomes IPv4, for the
+        throttle's keys, the logs and the PROXY protocol's trust alike; other
+        addresses are kept, and what is not an address is L{None}.
+        """
+        self.assertEqual(clientIP("::ffff:192.0.2.1"), ipaddress.IPv4Address("192.0.2.1"))
+        self.assertEqual(clientIP("192.0.2.1"), ipaddress.IPv4Address("192.0.2.1"))
+        self.assertEqual(clientIP("2001:db8::1"), ipaddress.IPv6Address("2001:db8::1"))
+        self.assertIsNone(clientIP("/run/mailauth.sock"))
+        self.assertEqual(clientAddress("::FFFF:192.0.2.1"), "192.0.2.1")
+        self.assertEqual(clientAddress("2001:DB8::1"), "2001:DB8::1")
+        self.assertEqual(clientAddress("local"), "local")
 
     def test_memoryBounded(self) -> None:
         """An attacker with many addresses and logins cannot grow the state past max_tracked."""
