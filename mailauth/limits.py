@@ -150,6 +150,17 @@ class LimitOverrides(ReloadableFile):
         return self._overrides.get(login.lower(), {})
 
 
+@attrs.frozen
+class _Suspension:
+    """
+    A suspension this process made: when, and whether the user database
+    has shown it since.
+    """
+
+    at: float
+    seen: bool = False
+
+
 class SendingLimits:
     """
     Counts each login's accepted messages and recipients in an
@@ -205,7 +216,7 @@ class SendingLimits:
         # database has shown it suspended since: until it has, for SETTLE
         # seconds, its lookups are not believed; once it has, a login it
         # shows not suspended was resumed (mailauth user resume).
-        self._suspendedAt: dict[str, list] = {}
+        self._suspensions: dict[str, _Suspension] = {}
 
     def limitsFor(self, login: str) -> Limits:
         """The limits of C{login}: the defaults, with its overrides."""
@@ -253,7 +264,7 @@ class SendingLimits:
             hits = yield self.store.hit(hitsKey(login), DAY)
             after = limits.suspend_after
             if after and hits >= after and (yield self._suspendable(login)):
-                if login not in self._suspendedAt:
+                if login not in self._suspensions:
                     yield self._suspend(login, hits, limit, transaction.session)
         reply = replies.LIMIT_MESSAGES if what == "messages" else replies.LIMIT_RECIPIENTS
         return reply.error(login=login, max=getattr(limits, limit), period=period)
@@ -270,32 +281,32 @@ class SendingLimits:
         if self.suspend is None:
             return False
         now = self.clock.seconds()
-        for name, (when, _) in list(self._suspendedAt.items()):
-            if now - when >= SETTLE:
-                del self._suspendedAt[name]
+        for name, suspension in list(self._suspensions.items()):
+            if now - suspension.at >= SETTLE:
+                del self._suspensions[name]
         try:
             user = yield self.users.lookup(login)
         except UserDatabaseUnavailable:
             return False  # tried again at the next hit
-        mine = self._suspendedAt.get(login)
+        mine = self._suspensions.get(login)
         if user is not None and user.suspended:
             if mine is not None:
-                mine[1] = True
+                self._suspensions[login] = attrs.evolve(mine, seen=True)
             return False
-        if mine is not None and not mine[1]:
+        if mine is not None and not mine.seen:
             return False  # suspended here; the database does not show it yet
-        self._suspendedAt.pop(login, None)
+        self._suspensions.pop(login, None)
         return user is not None
 
     @defer.inlineCallbacks
     def _suspend(self, login: str, hits: int, limit: str, session: str):
         assert self.suspend is not None
         # Taken now, so that a hit of another session meanwhile waits its turn.
-        self._suspendedAt[login] = [self.clock.seconds(), False]
+        self._suspensions[login] = _Suspension(self.clock.seconds())
         try:
             yield self.suspend(login)
         except Exception as e:
-            del self._suspendedAt[login]
+            del self._suspensions[login]
             log.error(
                 "could not suspend login=<{login}> after {hits} sending limit hits today: {why} "
                 "session={session}",
@@ -340,8 +351,9 @@ class SendingLimits:
             user = yield self.users.lookup(login)
         except UserDatabaseUnavailable:
             return
-        if user is not None and user.suspended and login in self._suspendedAt:
-            self._suspendedAt[login][1] = True
+        mine = self._suspensions.get(login)
+        if user is not None and user.suspended and mine is not None:
+            self._suspensions[login] = attrs.evolve(mine, seen=True)
 
     def notice(self, login: str, hits: int, limit: str) -> bytes:
         """The message telling L{postmaster} that C{login} was suspended."""
