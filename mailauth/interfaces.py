@@ -137,6 +137,20 @@ class IUserDatabase(Interface):
         """
 
 
+class ILoginOrigin(Interface):
+    """
+    Credentials that say where their login comes from, as the session saw
+    it, so that a checker can hold a user to the networks it may log in
+    from (Dovecot's C{allow_nets} and C{allow_real_nets}).
+    """
+
+    origin = Attribute(
+        "A L{mailauth.allownets.Origin} (the client's IP address and the"
+        " connection's own peer's), or L{None} if the session did not say:"
+        " then no user restricted to some networks may log in."
+    )
+
+
 class IUserStore(Interface):
     """
     Edits of the user database, for the C{mailauth user} commands and for

@@ -225,6 +225,17 @@ def _hostOf(peer) -> str:
     return str(getattr(peer, "host", None) or peer)
 
 
+def realPeer(transport) -> Any:
+    """
+    The address of the other end of the connection under C{transport}: the
+    proxy's when a PROXY header named the client (whom C{getPeer} names
+    then), else C{getPeer()}'s. A TLS wrapper above L{ProxiedTransport}
+    passes the lookup down to it.
+    """
+    getRealPeer = getattr(transport, "getRealPeer", None)
+    return getRealPeer() if getRealPeer is not None else transport.getPeer()
+
+
 class ProxiedTransport:
     """
     The transport the wrapped protocol sees: the real connection, except
@@ -244,6 +255,10 @@ class ProxiedTransport:
 
     def getHost(self):
         return self._host
+
+    def getRealPeer(self):
+        """The connection's own peer: the proxy that sent the header."""
+        return self.transport.getPeer()
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)

@@ -16,7 +16,8 @@ from twisted.cred.credentials import ICredentials, IUsernameHashedPassword, IUse
 from twisted.cred.error import UnauthorizedLogin
 from zope.interface import Attribute, implementer
 
-from mailauth.interfaces import ISASLMechanism
+from mailauth.allownets import Origin
+from mailauth.interfaces import ILoginOrigin, ISASLMechanism
 
 
 class SASLError(Exception):
@@ -66,12 +67,15 @@ class SASLContext:
     @ivar tls: the session's L{OpenSSL.SSL.Connection} once TLS is active,
         else L{None}: channel binding reads it.
     @ivar offered: the mechanism names the session offered in EHLO.
+    @ivar origin: where the client is (L{Origin}), which every mechanism
+        passes on in its credentials; L{None}: not known.
     """
 
     hostname: str
     clock: Any
     tls: Any = None
     offered: tuple = ()
+    origin: Optional[Origin] = None
 
 
 def _malformed(why: str) -> SASLError:
@@ -88,7 +92,7 @@ def _decodeIdentity(raw: bytes, what: str) -> str:
     return text
 
 
-@implementer(IUsernamePassword)
+@implementer(IUsernamePassword, ILoginOrigin)
 @attrs.frozen(repr=False)
 class PlaintextCredentials:
     """
@@ -100,6 +104,7 @@ class PlaintextCredentials:
     username: str
     password: bytes
     mechanism: str
+    origin: Optional[Origin] = attrs.field(default=None, kw_only=True)
 
     def checkPassword(self, password: bytes) -> bool:
         return hmac.compare_digest(self.password, password)
@@ -108,7 +113,7 @@ class PlaintextCredentials:
         return f"<PlaintextCredentials {self.mechanism} {self.username!r}>"
 
 
-@implementer(IUsernameHashedPassword)
+@implementer(IUsernameHashedPassword, ILoginOrigin)
 @attrs.frozen
 class CramMD5Credentials:
     """A login, the challenge we sent and the client's hex HMAC-MD5 of it."""
@@ -117,6 +122,7 @@ class CramMD5Credentials:
     challenge: bytes
     response: bytes
     mechanism: str = "CRAM-MD5"
+    origin: Optional[Origin] = attrs.field(default=None, kw_only=True)
 
     def checkPassword(self, password: bytes) -> bool:
         expected = hmac.new(password, self.challenge, "md5").hexdigest().encode("ascii")
@@ -161,7 +167,7 @@ class TokenRefused(UnauthorizedLogin):
         self.discovery = discovery
 
 
-@implementer(IBearerToken)
+@implementer(IBearerToken, ILoginOrigin)
 @attrs.frozen(repr=False)
 class BearerTokenCredentials:
     """
@@ -172,6 +178,9 @@ class BearerTokenCredentials:
     username: str
     token: str
     mechanism: str = "OAUTHBEARER"
+    # Keyword only: XOAuth2Credentials gives the mechanism another default,
+    # which moves it after this field.
+    origin: Optional[Origin] = attrs.field(default=None, kw_only=True)
 
     def failureChallenge(self, error: Exception) -> bytes:
         """RFC 7628 section 3.2.2: C{status}, C{schemes} and C{openid-configuration}."""
@@ -218,7 +227,7 @@ class Plain:
     name = "PLAIN"
 
     def __init__(self, context: SASLContext) -> None:
-        pass
+        self.origin = context.origin
 
     def start(self, initial: Optional[bytes]) -> Step:
         if initial is None:
@@ -236,7 +245,7 @@ class Plain:
         # Logins are case-insensitive: ALICE@ asks to act as alice@.
         if authzid and _decodeIdentity(authzid, "authzid").lower() != username.lower():
             raise AuthzidMismatch(username)
-        return PlaintextCredentials(username, password, self.name)
+        return PlaintextCredentials(username, password, self.name, origin=self.origin)
 
 
 @implementer(ISASLMechanism)
@@ -246,6 +255,7 @@ class Login:
     name = "LOGIN"
 
     def __init__(self, context: SASLContext) -> None:
+        self.origin = context.origin
         self._username: Optional[str] = None
 
     def start(self, initial: Optional[bytes]) -> Step:
@@ -259,7 +269,7 @@ class Login:
             return Challenge(b"Password:")
         if not data:
             raise _malformed("LOGIN password is empty")
-        return PlaintextCredentials(self._username, data, self.name)
+        return PlaintextCredentials(self._username, data, self.name, origin=self.origin)
 
 
 _CRAM_RESPONSE = re.compile(rb"(.+) ([0-9a-f]{32})", re.DOTALL)
@@ -275,6 +285,7 @@ class CramMD5:
     name = "CRAM-MD5"
 
     def __init__(self, context: SASLContext) -> None:
+        self.origin = context.origin
         now = int(context.clock.seconds())
         self._challenge = f"<{secrets.randbelow(10**18)}.{now}@{context.hostname}>".encode("ascii")
 
@@ -288,7 +299,7 @@ class CramMD5:
         if m is None:
             raise _malformed("CRAM-MD5 response must be login SP 32 lowercase hex digits")
         username = _decodeIdentity(m.group(1), "login")
-        return CramMD5Credentials(username, self._challenge, m.group(2))
+        return CramMD5Credentials(username, self._challenge, m.group(2), origin=self.origin)
 
 
 # RFC 6750's b64token, after "Bearer" and white space.
@@ -340,7 +351,7 @@ class _TokenMechanism:
     name = ""
 
     def __init__(self, context: SASLContext) -> None:
-        pass
+        self.origin = context.origin
 
     def start(self, initial: Optional[bytes]) -> Step:
         if initial is None:
@@ -382,7 +393,7 @@ class OAuthBearer(_TokenMechanism):
                 raise _malformed("OAUTHBEARER authzid must be a=LOGIN")
             username = _decodeIdentity(_saslname(authzid[2:]).encode("utf-8"), "login")
         token = _bearer(_pairs(rest, "OAUTHBEARER"), "OAUTHBEARER")
-        return BearerTokenCredentials(username, token, self.name)
+        return BearerTokenCredentials(username, token, self.name, origin=self.origin)
 
 
 @implementer(ISASLMechanism)
@@ -399,7 +410,9 @@ class XOAuth2(_TokenMechanism):
         if "user" not in pairs:
             raise _malformed("XOAUTH2 response needs user=LOGIN")
         username = _decodeIdentity(pairs["user"].encode("utf-8"), "login")
-        return XOAuth2Credentials(username, _bearer(pairs, "XOAUTH2"), self.name)
+        return XOAuth2Credentials(
+            username, _bearer(pairs, "XOAUTH2"), self.name, origin=self.origin
+        )
 
 
 # Mechanism name -> class; each is built with a SASLContext. The daemon adds

@@ -18,8 +18,8 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailauth import durable, replies, sasl
-from mailauth.interfaces import ISASLMechanism
+from mailauth import allownets, durable, replies, sasl
+from mailauth.interfaces import ILoginOrigin, ISASLMechanism
 from mailauth.legacyschemes import Scheme
 
 #: The stored schemes, by the name of the hash they use.
@@ -329,7 +329,7 @@ class IScramCredentials(ICredentials):
     """
 
 
-@implementer(IScramCredentials)
+@implementer(IScramCredentials, ILoginOrigin)
 @attrs.frozen
 class ScramCredentials:
     """
@@ -347,6 +347,7 @@ class ScramCredentials:
     scheme: str
     keys: ScramKeys
     verified: bool
+    origin: Optional[allownets.Origin] = attrs.field(default=None, kw_only=True)
 
 
 # -- the server mechanism ---------------------------------------------------
@@ -619,7 +620,9 @@ class ScramMechanism:
             raise _malformed("invalid-encoding", "SCRAM proof has the wrong length")
         authMessage = first.bare + b"," + self._serverFirstMessage + b"," + head
         verified = keys.proofValid(authMessage, proof) and not self._fake
-        credentials = ScramCredentials(first.username, self.name, self.scheme, keys, verified)
+        credentials = ScramCredentials(
+            first.username, self.name, self.scheme, keys, verified, origin=self.context.origin
+        )
         if not verified:
             return credentials
         self._respond = lambda data: self._acknowledged(data, credentials)

@@ -10,6 +10,7 @@ import base64
 import binascii
 from typing import TYPE_CHECKING, Any, Optional, cast
 
+import attrs
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -17,8 +18,10 @@ from twisted.mail.interfaces import IMessageDeliveryFactory
 from twisted.python.failure import Failure
 
 from mailauth import replies, sasl
+from mailauth.allownets import Origin
 from mailauth.checkers import LoginSuspended
 from mailauth.logs import printable
+from mailauth.proxy import realPeer
 from mailauth.replies import Reply
 
 log = Logger(namespace="mailauth.esmtp")
@@ -63,7 +66,7 @@ class AuthCommands:
         if not self._authAllowedNow():
             self._logRefusal("encryption_required", replies.ENCRYPTION_REQUIRED)
             return self._error(replies.ENCRYPTION_REQUIRED)
-        context = self._saslContext()
+        context = attrs.evolve(self._saslContext(), origin=self._origin())
         if name not in context.offered:
             # Only -PLUS is ever held back: it needs TLS channel binding data.
             self._logRefusal("encryption_required", replies.ENCRYPTION_REQUIRED)
@@ -71,6 +74,14 @@ class AuthCommands:
         d = self.factory.throttle.isBlocked(self._peer)
         d.addCallback(self._authStart, name, words, context)
         return d
+
+    def _origin(self) -> Origin:
+        """
+        Where the client is, for its user's C{allow_nets}: the address the
+        session serves (a PROXY header's client) and the connection's own
+        peer (the proxy).
+        """
+        return Origin.of(self._peer, getattr(realPeer(self.transport), "host", None))
 
     def _authStart(self, blocked: bool, name: str, words: list, context: sasl.SASLContext):
         if self._mode == self.CLOSED:
