@@ -11,9 +11,9 @@ from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailauth import apppasswords, passwords, scram
+from mailauth import allownets, apppasswords, passwords, scram
 from mailauth.apppasswords import AppPassword
-from mailauth.interfaces import BlockingRunner, IUserDatabase
+from mailauth.interfaces import BlockingRunner, ILoginOrigin, IUserDatabase
 from mailauth.sasl import IBearerToken, MechanismUnavailable, TokenRefused
 from mailauth.threads import PoolBusy
 from mailauth.userdb import User, UserDatabaseUnavailable
@@ -25,6 +25,24 @@ class LoginSuspended(UnauthorizedLogin):
     for a wrong password, but the session logs it as suspended and never
     counts it as a guess.
     """
+
+
+class AddressRefused(UnauthorizedLogin):
+    """
+    The right credentials of a login that may not log in from where the
+    client is (Dovecot's C{allow_nets} or C{allow_real_nets}): answered
+    and counted as a wrong password, which the client cannot tell it from;
+    the session logs why.
+
+    @ivar field: the extra field that refused it.
+    @ivar why: what it found, for the log (C{"IP 203.0.113.9 not in allowed
+        networks"}).
+    """
+
+    def __init__(self, field: str, why: str) -> None:
+        super().__init__(f"{field} check failed: {why}")
+        self.field = field
+        self.why = why
 
 
 # What the blocking part of a check found. A check that is not RIGHT, or
@@ -39,9 +57,27 @@ def _unavailable(f):
     raise LoginFailed(f"user database unavailable: {f.getErrorMessage()}")
 
 
-def _result(ok: bool, user):
+def _refusal(user: Optional[User], credentials) -> Optional[tuple[str, str]]:
+    """
+    Why C{user} may not log in from where C{credentials} come from
+    (L{allownets.refusal}), or L{None}; credentials that do not say where
+    they come from are refused for every user restricted to some networks.
+    """
+    if user is None:
+        return None
+    origin = credentials.origin if ILoginOrigin.providedBy(credentials) else None
+    return allownets.refusal(user, origin)
+
+
+def _result(ok: bool, user, refusal: Optional[tuple[str, str]] = None):
+    """
+    The avatar ID for right credentials of C{user}, unless C{refusal} says
+    it may not log in from there, or it is suspended.
+    """
     if not ok:
         raise UnauthorizedLogin()
+    if refusal is not None:
+        raise AddressRefused(*refusal)
     if user.suspended:
         raise LoginSuspended()
     return user.login.lower()
@@ -52,14 +88,14 @@ def _busy(f):
     raise LoginFailed(f"too many logins waiting: {f.getErrorMessage()}")
 
 
-def _verdict(found: str, user: Optional[User], mechanism: str):
+def _verdict(found: str, user: Optional[User], credentials, refusal: Optional[tuple[str, str]]):
     """The avatar ID for a RIGHT check, else the failure the session answers."""
     if found == UNAVAILABLE:
         assert user is not None
         raise MechanismUnavailable(
-            f"{mechanism} cannot verify a password stored as {user.password.scheme}"
+            f"{credentials.mechanism} cannot verify a password stored as {user.password.scheme}"
         )
-    return _result(found == RIGHT, user)
+    return _result(found == RIGHT, user, refusal)
 
 
 class _UserDatabaseChecker:
@@ -67,8 +103,9 @@ class _UserDatabaseChecker:
     Looks the user up, then checks the credentials in the auth pool.
 
     Every check that ends in a 535 (unknown login, wrong password, a
-    mechanism the stored scheme cannot do, a suspended login) spends at
-    least one verification of the default scheme at its default cost
+    mechanism the stored scheme cannot do, a suspended login, a login from
+    outside its C{allow_nets}) spends at least one verification of the
+    default scheme at its default cost
     (L{passwords.dummyVerify}) before it answers: the verification it made,
     if that was one, else a dummy one. So no failure comes sooner than an
     unknown login's, whatever the stored scheme, and on a loaded machine
@@ -86,21 +123,25 @@ class _UserDatabaseChecker:
         return d
 
     def _verify(self, user: Optional[User], credentials) -> defer.Deferred:
-        d = self.runBlocking(self.check, user, credentials)
+        refusal = _refusal(user, credentials)
+        d = self.runBlocking(self.check, user, credentials, refusal is None)
         d.addErrback(_busy)
-        d.addCallback(_verdict, user, credentials.mechanism)
+        d.addCallback(_verdict, user, credentials, refusal)
         return d
 
     @classmethod
-    def check(cls, user: Optional[User], credentials) -> str:
+    def check(cls, user: Optional[User], credentials, allowed: bool = True) -> str:
         """
         Blocking: L{RIGHT}, L{WRONG} or L{UNAVAILABLE} for C{credentials}
         against C{user} (L{None}: unknown), having spent at least one
         default-cost verification unless the answer is a success.
+
+        @param allowed: the user may log in from where the client is; if
+            not, the right password is no success, and costs as much as a
+            wrong one.
         """
         found = cls.verify(user, credentials)
-        succeeds = found == RIGHT and user is not None and not user.suspended
-        if not succeeds and not cls.verifiedAtDefaultCost(user, found):
+        if not _succeeds(found, user, allowed) and not cls.verifiedAtDefaultCost(user, found):
             passwords.dummyVerify(cls.secret(credentials))
         return found
 
@@ -118,6 +159,11 @@ class _UserDatabaseChecker:
     def secret(credentials) -> bytes:
         """What the client sent as its secret, for the dummy verification."""
         raise NotImplementedError()
+
+
+def _succeeds(found: str, user: Optional[User], allowed: bool) -> bool:
+    """Whether a check that found C{found} logs C{user} in."""
+    return found == RIGHT and user is not None and not user.suspended and allowed
 
 
 class AppPasswordLogin(str):
@@ -166,13 +212,16 @@ class PasswordChecker(_UserDatabaseChecker):
         self.rehasher = rehasher
 
     @classmethod
-    def check(cls, user: Optional[User], credentials) -> Any:
+    def check(cls, user: Optional[User], credentials, allowed: bool = True) -> Any:
         """
         Blocking: the L{AppPassword} of C{user} the password is, else
         L{RIGHT} or L{WRONG} for the user's own password; at least one
         default-cost verification is spent unless it is a success.
+
+        @param allowed: as for L{_UserDatabaseChecker.check}.
         """
         candidate = apppasswords.normalise(credentials.password)
+        rightApp = False
         if candidate is not None:
             # One default-cost verification either way, the app password's
             # own (ARGON2ID) or a dummy one, before the user's own password:
@@ -181,14 +230,16 @@ class PasswordChecker(_UserDatabaseChecker):
             if app is None:
                 passwords.dummyVerify(candidate)
             elif user is not None and passwords.verify(app.password, candidate):
-                if not user.suspended:
+                if _succeeds(RIGHT, user, allowed):
                     return app
-                return RIGHT
+                # A right app password that fails (a suspended login, one
+                # from outside its allow_nets) goes on to cost what a wrong
+                # one does, so that the time taken does not confirm it.
+                rightApp = True
         found = cls.verify(user, credentials)
-        succeeds = found == RIGHT and user is not None and not user.suspended
-        if not succeeds and not cls.verifiedAtDefaultCost(user, found):
+        if not _succeeds(found, user, allowed) and not cls.verifiedAtDefaultCost(user, found):
             passwords.dummyVerify(credentials.password)
-        return found
+        return RIGHT if rightApp else found
 
     @staticmethod
     def verify(user: Optional[User], credentials) -> str:
@@ -205,18 +256,26 @@ class PasswordChecker(_UserDatabaseChecker):
         return credentials.password
 
     def _verify(self, user: Optional[User], credentials) -> defer.Deferred:
-        d = self.runBlocking(self.check, user, credentials)
+        refusal = _refusal(user, credentials)
+        d = self.runBlocking(self.check, user, credentials, refusal is None)
         d.addErrback(_busy)
-        d.addCallback(self._verified, user, credentials)
+        d.addCallback(self._verified, user, credentials, refusal)
         return d
 
-    def _verified(self, found: Union[str, AppPassword], user: Optional[User], credentials) -> str:
+    def _verified(
+        self,
+        found: Union[str, AppPassword],
+        user: Optional[User],
+        credentials,
+        refusal: Optional[tuple[str, str]],
+    ) -> str:
         if isinstance(found, AppPassword):
+            # check() returns one only for a login that succeeds.
             login = _result(True, user)
             if self.appPasswordUse is not None:
                 self.appPasswordUse.record(login, found)
             return AppPasswordLogin(login, found.label)
-        login = _verdict(found, user, credentials.mechanism)
+        login = _verdict(found, user, credentials, refusal)
         if self.rehasher is not None:
             self.rehasher.consider(user, credentials.password)
         return login
@@ -276,16 +335,16 @@ class OAuthChecker:
             raise TokenRefused(f"the token is for <{login}>", discovery=self.tokens.discovery)
         d = self.users.lookup(login)
         d.addErrback(_unavailable)
-        d.addCallback(self._found, login)
+        d.addCallback(self._found, login, credentials)
         return d
 
-    def _found(self, user: Optional[User], login: str) -> str:
+    def _found(self, user: Optional[User], login: str, credentials) -> str:
         if user is None:
             raise TokenRefused(
                 f"the token names <{login}>, who is not a user here",
                 discovery=self.tokens.discovery,
             )
-        return _result(True, user)
+        return _result(True, user, _refusal(user, credentials))
 
 
 @implementer(ICredentialsChecker)
@@ -319,6 +378,11 @@ class ScramChecker:
             raise MechanismUnavailable(
                 f"{credentials.mechanism} cannot verify a password stored as {user.password.scheme}"
             )
+        refusal = _refusal(user, credentials)
+        if refusal is not None:
+            # The mechanism never accepted a proof from there (whatever the
+            # password, the client was answered as for a wrong one).
+            raise AddressRefused(*refusal)
         if not (credentials.verified and keys.same(credentials.keys)):
             raise UnauthorizedLogin()
         # A suspended login fails even with the right proof (LoginSuspended).

@@ -27,7 +27,7 @@ from mailauth.passwords import CRAM_MD5_SCHEMES, PLAINTEXT_SCHEMES
 from mailauth.pgusers import checkSetup, isPostgreSQL
 from mailauth.relay import RelayError, loadCertificates
 from mailauth.tls import ReloadableTLS, TLSError, notAfter
-from mailauth.userdb import decodeFile, parseUsers, unenforcedFields
+from mailauth.userdb import decodeFile, parseUsers
 
 # A certificate that expires sooner than this is warned about.
 EXPIRY_WARNING = 30 * 86400
@@ -439,9 +439,9 @@ def _notAFile(path: str) -> Optional[str]:
 
 def _usersFile(cfg: configmod.Config) -> Optional[tuple]:
     """
-    The users file parsed as the daemon parses it: C{(users, problems,
-    text)}, or L{None} for a PostgreSQL user database or a file that cannot
-    be read (L{checkFiles} says why).
+    The users file parsed as the daemon parses it: C{(users, problems)}, or
+    L{None} for a PostgreSQL user database or a file that cannot be read
+    (L{checkFiles} says why).
     """
     path = cfg.auth.users
     if isPostgreSQL(path):
@@ -451,7 +451,7 @@ def _usersFile(cfg: configmod.Config) -> Optional[tuple]:
             text = decodeFile(f.read())
     except OSError:
         return None
-    return (*parseUsers(text, path), text)
+    return parseUsers(text, path)
 
 
 def checkUsers(cfg: configmod.Config) -> Findings:
@@ -462,12 +462,9 @@ def checkUsers(cfg: configmod.Config) -> Findings:
     parsed = _usersFile(cfg)
     if parsed is None:
         return Findings()
-    users, problems, text = parsed
+    users, problems = parsed
     path = cfg.auth.users
     warnings = [_skipped(problem) for problem in problems]
-    for note in unenforcedFields(text, path):
-        location, _, message = note.partition(": ")
-        warnings.append(f"{location}: warning: {message}")
     plaintext = [u.login for u in users.values() if u.password.scheme in PLAINTEXT_SCHEMES]
     if plaintext:
         warnings.append(
@@ -510,7 +507,7 @@ def checkMechanisms(cfg: configmod.Config) -> Findings:
     parsed = _usersFile(cfg)
     if parsed is None:
         return Findings()
-    users = parsed[0]
+    users, _ = parsed
     found = [(user.login, user.password.scheme) for user in users.values()]
     return Findings(warnings=tuple(mechanismWarnings(cfg, found)))
 

@@ -575,7 +575,11 @@ class ScramMechanism:
 
     def _serverFirst(self, user: Any, first: _ClientFirst, binding: Optional[bytes]):
         keys = None if user is None else storedKeys(user.password, self.scheme)
-        self._fake = keys is None
+        # A user who may not log in from here (allow_nets) gets its own salt
+        # but never a server signature: that would tell the client its
+        # password was right. Its proof fails as a wrong one does, and the
+        # checker says why.
+        self._fake = keys is None or allownets.refusal(user, self.context.origin) is not None
         if keys is None:
             keys = fakeKeys(self.secret, self.scheme, first.username)
         self._first, self._binding, self._keys = first, binding, keys

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from mailauth import replies, sasl
 from mailauth.allownets import Origin
-from mailauth.checkers import LoginSuspended
+from mailauth.checkers import AddressRefused, LoginSuspended
 from mailauth.logs import printable
 from mailauth.proxy import realPeer
 from mailauth.replies import Reply
@@ -222,6 +222,20 @@ class AuthCommands:
             self.factory.metrics.authResult(credentials.mechanism, "failure")
             return self._notAGuess(f, credentials)
         if f.check(UnauthorizedLogin):
+            if f.check(AddressRefused):
+                # Right credentials from the wrong place: answered and
+                # counted as a wrong password, so the client learns nothing.
+                refused = cast(AddressRefused, f.value)
+                log.info(
+                    "auth refused: client=[{client}] mechanism={mechanism} login=<{login}>: "
+                    "{field} check failed: {why} session={session}",
+                    field=refused.field,
+                    client=self._peer,
+                    mechanism=credentials.mechanism,
+                    login=printable(credentials.username),
+                    why=refused.why,
+                    session=self.session,
+                )
             if f.check(sasl.TokenRefused):
                 # Why, for the operator (never the token): the auth failure
                 # line that follows is the one fail2ban reads.

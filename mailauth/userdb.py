@@ -12,8 +12,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailauth import apppasswords
+from mailauth import allownets, apppasswords
 from mailauth.addresses import normalise
+from mailauth.allownets import NetworkListError, Networks
 from mailauth.apppasswords import AppPassword, AppPasswordError
 from mailauth.durable import ReloadableFile, locked, replaceDurably
 from mailauth.interfaces import IReloadable, IUserDatabase
@@ -38,6 +39,10 @@ class User:
         fails (with its own log line, never counted as a guess). In the
         users file, Dovecot's C{nologin} extra field.
     @ivar appPasswords: its app passwords, each of which logs it in too.
+    @ivar allowNets: where its client must be to log in (Dovecot's
+        C{allow_nets}), L{None} for anywhere.
+    @ivar allowRealNets: where the connection's own peer (a proxy) must be
+        to log in (Dovecot's C{allow_real_nets}), L{None} for anywhere.
     """
 
     login: str
@@ -45,6 +50,8 @@ class User:
     lineno: Optional[int] = None
     suspended: bool = False
     appPasswords: tuple[AppPassword, ...] = ()
+    allowNets: Optional[Networks] = None
+    allowRealNets: Optional[Networks] = None
 
     def appPassword(self, prefix: str) -> Optional[AppPassword]:
         """The app password whose L{AppPassword.prefix} is C{prefix}, if any."""
@@ -122,6 +129,31 @@ def _parseExtra(
     return suspended, tuple(apps.values())
 
 
+def _parseNetworks(extra: list[str]) -> dict[str, Networks]:
+    """
+    The C{allow_nets} and C{allow_real_nets} of a line's extra fields, by
+    field name.
+
+    @raise NetworkListError: if one cannot be read, or is given twice: the
+        line is then skipped (its login cannot log in), never read as
+        allowing more than it says.
+    """
+    found: dict[str, Networks] = {}
+    for field in extra:
+        key, eq, value = field.partition("=")
+        if key not in allownets.FIELDS:
+            continue
+        if key in found:
+            raise NetworkListError(f"{key} is given twice")
+        if not eq:
+            raise NetworkListError(f"{key} has no value")
+        try:
+            found[key] = Networks.parse(value)
+        except NetworkListError as e:
+            raise NetworkListError(f"{key}: {e}") from None
+    return found
+
+
 def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
     """
     Parse the text of a users file.
@@ -129,8 +161,10 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
     Each line is C{login:{SCHEME}hash[:uid:gid:gecos:home:shell:extra]}; of
     Dovecot's fields after the hash only the extra fields (the eighth,
     space-separated C{key=value} pairs) are read here: C{nologin} (the
-    login is suspended) and L{apppasswords.FIELD} (an app password); the
-    others are kept as they are by every edit. A malformed line is skipped,
+    login is suspended), L{apppasswords.FIELD} (an app password), and
+    C{allow_nets} and C{allow_real_nets} (where it may log in from; one
+    that cannot be read spoils its line); the others are kept as they are
+    by every edit. A malformed line is skipped,
     never fatal for the others; of two lines for one login (compared
     without regard to case) the first wins.
 
@@ -174,35 +208,23 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
         except ValueError as e:
             problems.append(f"{path}:{lineno}: {login}: {e}")
             continue
-        suspended, apps = _parseExtra(login, _extraFields(fields), f"{path}:{lineno}", problems)
-        users[key] = User(login, password, lineno, suspended, apps)
-    return users, problems
-
-
-#: Dovecot's extra fields that restrict where a login may log in from,
-#: which mailauth does not enforce.
-UNENFORCED_FIELDS = ("allow_nets", "allow_real_nets")
-
-
-def unenforcedFields(text: str, path: str) -> list[str]:
-    """
-    A C{"PATH:LINENO: LOGIN: ..."} line for each user whose extra fields
-    restrict it in a way mailauth does not enforce (Dovecot's
-    C{allow_nets}): a passwd-file taken over from Dovecot would otherwise
-    lose those restrictions without a word.
-    """
-    found = []
-    for lineno, line in enumerate(text.split("\n"), 1):
-        fields = _splitLine(line)
-        if fields is None or len(fields) < 2:
+        extra = _extraFields(fields)
+        try:
+            nets = _parseNetworks(extra)
+        except NetworkListError as e:
+            problems.append(f"{path}:{lineno}: {login}: {e}")
             continue
-        keys = sorted({_fieldKey(f) for f in _extraFields(fields)} & set(UNENFORCED_FIELDS))
-        if keys:
-            found.append(
-                f"{path}:{lineno}: {fields[0].lower()}: {' '.join(keys)} is not enforced by"
-                " mailauth: this login may log in from any address"
-            )
-    return found
+        suspended, apps = _parseExtra(login, extra, f"{path}:{lineno}", problems)
+        users[key] = User(
+            login,
+            password,
+            lineno,
+            suspended,
+            apps,
+            nets.get(allownets.ALLOW_NETS),
+            nets.get(allownets.ALLOW_REAL_NETS),
+        )
+    return users, problems
 
 
 def decodeFile(data: bytes) -> str:
@@ -247,8 +269,6 @@ class UserDatabase(ReloadableFile):
         self._users, self.problems = users, problems
         for problem in problems:
             log.warn("Users file: skipped {problem}", problem=problem)
-        for note in unenforcedFields(text, self.file.path):
-            log.warn("Users file: {note}", note=note)
         plaintext = [u.login for u in users.values() if u.password.scheme in PLAINTEXT_SCHEMES]
         if plaintext:
             log.warn(

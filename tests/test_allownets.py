@@ -1,6 +1,7 @@
 """
-Where a login comes from (L{mailauth.allownets}): the client's address,
-every mechanism passing it on, the real peer behind a PROXY header.
+Dovecot's allow_nets and allow_real_nets (L{mailauth.allownets}): the
+values of the fields, every mechanism passing on where its client is, the
+real peer behind a PROXY header.
 """
 
 from __future__ import annotations
@@ -16,14 +17,30 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from mailauth import sasl
-from mailauth.allownets import Origin, hostAddress
+from mailauth.allownets import Networks, Origin, hostAddress, refusal
 from mailauth.interfaces import ILoginOrigin
 from mailauth.proxy import ProxiedTransport, realPeer
+from mailauth.userdb import User
 
 ip = ipaddress.ip_address
 
 
-class OriginTests(unittest.TestCase):
+class NetworksTests(unittest.TestCase):
+    def test_allows(self) -> None:
+        """
+        An address is allowed inside a listed network of its family; a
+        connection without an IP address only where C{local} is listed.
+        """
+        nets = Networks.parse("10.0.0.0/8,192.0.2.7,2001:db8::/32")
+        self.assertTrue(nets.allows(ip("10.255.0.1")))
+        self.assertTrue(nets.allows(ip("192.0.2.7")))
+        self.assertTrue(nets.allows(ip("2001:db8::1")))
+        self.assertFalse(nets.allows(ip("192.0.2.8")))
+        self.assertFalse(nets.allows(ip("::ffff:10.0.0.1")))  # Origin maps it first
+        self.assertFalse(nets.allows(None))
+        self.assertTrue(Networks.parse("local").allows(None))
+        self.assertFalse(Networks.parse("local").allows(ip("127.0.0.1")))
+
     def test_hostAddress(self) -> None:
         """
         An IPv4 client of a dual-stack socket is its IPv4 address, a scoped
@@ -35,6 +52,12 @@ class OriginTests(unittest.TestCase):
         self.assertEqual(hostAddress("2001:db8::1"), ip("2001:db8::1"))
         for host in ("local", "/run/mailauth.sock", "", None):
             self.assertIsNone(hostAddress(host))
+
+    def test_refusal(self) -> None:
+        """A user without either field is never refused, even from an unknown origin."""
+        free = User("a@example.test", None)
+        self.assertIsNone(refusal(free, None))
+        self.assertIsNone(refusal(free, Origin(None, None)))
 
 
 class MechanismTests(unittest.TestCase):

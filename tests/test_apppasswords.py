@@ -16,8 +16,9 @@ from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from mailauth import apppasswords, passwords
+from mailauth.allownets import Origin
 from mailauth.apppasswords import AppPassword, AppPasswordError
-from mailauth.checkers import AppPasswordLogin, PasswordChecker
+from mailauth.checkers import AddressRefused, AppPasswordLogin, LoginSuspended, PasswordChecker
 from mailauth.passwords import makeHash, parse
 from mailauth.sasl import PlaintextCredentials
 from mailauth.userdb import parseUsers
@@ -205,6 +206,40 @@ class CheckerTests(unittest.TestCase):
                 costs[login, password] = self.run.verifications - before
         self.assertEqual(set(costs[k] for k in costs if k[1] == b"wrong password"), {1})
         self.assertEqual(set(costs[k] for k in costs if k[1] != b"wrong password"), {2})
+
+    def test_allowNets(self) -> None:
+        """
+        The user's allow_nets holds for its app passwords too: from outside,
+        the right app password fails as a wrong one does, after the same two
+        verifications, so the time taken does not confirm it; and so does
+        a suspended login's right app password. From inside, it logs in.
+        """
+        line = userWithApps(("phone", self.PHONE)) + " allow_nets=10.0.0.0/8"
+        self.users.source["bob@example.test"] = line
+        self.users.source["gone@example.test"] = line + " nologin"
+        self.users.load()
+
+        def check(login: str, password: bytes, client: str):
+            credentials = PlaintextCredentials(
+                login, password, "PLAIN", origin=Origin.of(client, client)
+            )
+            before = self.run.verifications
+            d = self.checker.requestAvatarId(credentials)
+            return d, self.run.verifications - before
+
+        d, cost = check("bob@example.test", self.PHONE.encode(), "10.0.0.1")
+        self.assertEqual((self.successResultOf(d).appPassword, cost), ("phone", 1))
+        d, cost = check("bob@example.test", self.PHONE.encode(), "192.0.2.1")
+        self.assertEqual(
+            (self.failureResultOf(d, AddressRefused).value.field, cost), ("allow_nets", 2)
+        )
+        d, cost = check("bob@example.test", b"abcd-xxxx-xxxx-xxxx-xxxx", "192.0.2.1")
+        self.assertFalse(self.failureResultOf(d, UnauthorizedLogin).check(AddressRefused))
+        self.assertEqual(cost, 2)
+        d, cost = check("gone@example.test", self.PHONE.encode(), "10.0.0.1")
+        self.failureResultOf(d, LoginSuspended)
+        self.assertEqual(cost, 2)
+        self.assertEqual(self.uses, [("bob@example.test", "phone")])
 
     def test_prefixLookup(self) -> None:
         """A user's app password is found by its first four characters, and only so."""

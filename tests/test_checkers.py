@@ -20,13 +20,14 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailauth import passwords
-from mailauth.checkers import CramMD5Checker, LoginSuspended, PasswordChecker
+from mailauth.allownets import Networks, Origin
+from mailauth.checkers import AddressRefused, CramMD5Checker, LoginSuspended, PasswordChecker
 from mailauth.counters import MemoryCounterStore
 from mailauth.interfaces import IUserDatabase, IUserStore
 from mailauth.metrics import Metrics
 from mailauth.sasl import CramMD5Credentials, MechanismUnavailable, PlaintextCredentials
 from mailauth.threads import PoolBusy
-from mailauth.userdb import UserDatabaseError, parseUsers
+from mailauth.userdb import User, UserDatabaseError, parseUsers
 from tests.fakes import MemoryUserDatabase, MemoryUserStore
 from tests.harness import LogWatcher
 from tests.support import (
@@ -190,6 +191,171 @@ class PasswordCheckerTests(unittest.TestCase):
             self.successResultOf(self.check("alice@example.test", b"secret", checker)),
             "alice@example.test",
         )
+
+
+NEAR = "{PLAIN}secret::::::allow_nets=10.0.0.0/8,2001:db8::/32"
+
+
+class AllowNetsTests(unittest.TestCase):
+    """
+    Dovecot's allow_nets and allow_real_nets: the right password from
+    elsewhere fails as a wrong one does (UnauthorizedLogin, the same work),
+    as an L{AddressRefused} that says why for the log.
+    """
+
+    def setUp(self) -> None:
+        self.ledger = DummyLedger(self)
+        self.run = RecordingRunner()
+        self.users = MemoryUserDatabase(
+            {
+                "near@example.test": NEAR,
+                "gone@example.test": NEAR + " nologin",
+                "proxied@example.test": "{PLAIN}secret::::::allow_real_nets=127.0.0.1",
+                "both@example.test": (
+                    "{PLAIN}secret::::::allow_nets=192.0.2.0/24 allow_real_nets=127.0.0.0/8"
+                ),
+                "local@example.test": "{PLAIN}secret::::::allow_nets=local",
+                "cram@example.test": passwords.makeHash(b"secret", "CRAM-MD5")
+                + "::::::allow_nets=10.0.0.0/8",
+                "free@example.test": "{PLAIN}secret",
+            }
+        )
+        self.checker = PasswordChecker(self.users, self.run)
+
+    def check(self, login: str, client, real=None, password: bytes = b"secret"):
+        """The check of C{password} for C{login} from C{client} through C{real}."""
+        origin = Origin.of(client, client if real is None else real)
+        credentials = PlaintextCredentials(login, password, "PLAIN", origin=origin)
+        return self.checker.requestAvatarId(credentials)
+
+    def refused(self, d, field: str, why: str) -> None:
+        f = self.failureResultOf(d, AddressRefused)
+        self.assertTrue(f.check(UnauthorizedLogin))
+        self.assertFalse(f.check(LoginSuspended))
+        self.assertEqual((f.value.field, f.value.why), (field, why))
+
+    def test_inside(self) -> None:
+        """
+        From inside a listed network (IPv4, IPv6, an IPv4 client of a
+        dual-stack socket) the right password logs in, with no more work
+        than any login.
+        """
+        for client in ("10.1.2.3", "2001:db8::5", "::ffff:10.1.2.3"):
+            self.assertEqual(
+                self.successResultOf(self.check("Near@example.test", client)),
+                "near@example.test",
+            )
+        self.assertEqual(self.ledger.secrets, [])
+
+    def test_rightPasswordOutside(self) -> None:
+        """
+        The right password from outside fails as a wrong one: an
+        UnauthorizedLogin after the same dummy verification; only the
+        right password says why (the wrong one is just wrong).
+        """
+        self.refused(
+            self.check("near@example.test", "192.0.2.1"),
+            "allow_nets",
+            "IP 192.0.2.1 not in allowed networks",
+        )
+        self.refused(
+            self.check("near@example.test", "::ffff:192.0.2.1"),
+            "allow_nets",
+            "IP 192.0.2.1 not in allowed networks",
+        )
+        self.assertEqual(self.ledger.secrets, [b"secret"] * 2)
+        f = self.failureResultOf(
+            self.check("near@example.test", "192.0.2.1", password=b"wrong"), UnauthorizedLogin
+        )
+        self.assertFalse(f.check(AddressRefused))
+        self.assertEqual(self.ledger.secrets, [b"secret"] * 2 + [b"wrong"])
+        self.assertEqual(self.run.calls, 3)
+
+    def test_suspendedOutside(self) -> None:
+        """
+        A suspended login's right password from outside is refused for the
+        network (a failure counted as a guess); from inside it is the
+        suspension.
+        """
+        self.refused(
+            self.check("gone@example.test", "192.0.2.1"),
+            "allow_nets",
+            "IP 192.0.2.1 not in allowed networks",
+        )
+        self.failureResultOf(self.check("gone@example.test", "10.0.0.1"), LoginSuspended)
+
+    def test_realNets(self) -> None:
+        """
+        allow_real_nets is checked against the connection's own peer (the
+        proxy), allow_nets against the client; where both are set, both
+        must allow the login.
+        """
+        self.successResultOf(self.check("proxied@example.test", "203.0.113.9", "127.0.0.1"))
+        self.refused(
+            self.check("proxied@example.test", "127.0.0.1", "192.0.2.7"),
+            "allow_real_nets",
+            "IP 192.0.2.7 not in allowed networks",
+        )
+        self.successResultOf(self.check("both@example.test", "192.0.2.7", "127.0.0.2"))
+        self.refused(
+            self.check("both@example.test", "192.0.2.7", "10.0.0.1"),
+            "allow_real_nets",
+            "IP 10.0.0.1 not in allowed networks",
+        )
+        self.refused(
+            self.check("both@example.test", "127.0.0.2", "127.0.0.2"),
+            "allow_nets",
+            "IP 127.0.0.2 not in allowed networks",
+        )
+
+    def test_local(self) -> None:
+        """
+        C{local} allows a connection without an IP address (a UNIX socket)
+        and no TCP client; a list without it refuses such a connection.
+        """
+        self.successResultOf(self.check("local@example.test", "local"))
+        self.refused(
+            self.check("local@example.test", "127.0.0.1"),
+            "allow_nets",
+            "IP 127.0.0.1 not in allowed networks",
+        )
+        self.refused(
+            self.check("near@example.test", "local"),
+            "allow_nets",
+            "no IP address (a local connection), and 'local' is not listed",
+        )
+
+    def test_originUnknown(self) -> None:
+        """
+        Credentials that do not say where they come from are refused for a
+        restricted user, never let in; a user without restriction is not
+        concerned.
+        """
+        unknown = PlaintextCredentials("near@example.test", b"secret", "PLAIN")
+        self.refused(
+            self.checker.requestAvatarId(unknown),
+            "allow_nets",
+            "the client's address is not known",
+        )
+        free = PlaintextCredentials("free@example.test", b"secret", "PLAIN")
+        self.assertEqual(self.successResultOf(self.checker.requestAvatarId(free)), free.username)
+
+    def test_cramMD5(self) -> None:
+        """CRAM-MD5's right digest is held to allow_nets too."""
+        checker = CramMD5Checker(self.users, self.run)
+
+        def check(client: str):
+            credentials = CramMD5Credentials(
+                "cram@example.test",
+                b"<1.2@mx>",
+                cramResponse(b"secret"),
+                origin=Origin.of(client, client),
+            )
+            return checker.requestAvatarId(credentials)
+
+        self.assertEqual(self.successResultOf(check("10.9.8.7")), "cram@example.test")
+        self.refused(check("192.0.2.1"), "allow_nets", "IP 192.0.2.1 not in allowed networks")
+        self.assertEqual(self.ledger.secrets, [cramResponse(b"secret")])
 
 
 class DefaultCostTests(unittest.TestCase):
@@ -518,6 +684,40 @@ class SessionTests(unittest.TestCase):
         unusable = self.secondsTo535(session, lambda s: self.cram(s, argon, SECRET))
         self.assertEqual(self.counts(ARGON2ID), before)
         self.assertEqual((unusable, self.secondsTo535(session, plain(argon, b"wrong"))), (6.0, 6.0))
+
+    def test_outsideAllowNetsCounted(self) -> None:
+        """
+        The right password of a login restricted to 10.0.0.0/8, from
+        192.0.2.1, gets the 535 of a wrong password, is counted as one (per
+        address and per login, and in the metric), and is logged with why;
+        from inside the network it logs in.
+        """
+        self.users.users["far@example.test"] = User(
+            "far@example.test",
+            passwords.parse("{PLAIN}far-secret"),
+            allowNets=Networks.parse("10.0.0.0/8"),
+        )
+        session = self.session()
+        self.assertEqual(
+            session.command(plainLine(b"far@example.test", b"far-secret")),
+            [b"535 5.7.8 Authentication credentials invalid"],
+        )
+        self.assertEqual(self.counts("far@example.test"), [1, 1])
+        self.assertEqual(self.metric("PLAIN", "failure"), 1)
+        self.assertEqual(
+            self.authLines(),
+            [
+                "auth refused: client=[192.0.2.1] mechanism=PLAIN login=<far@example.test>: "
+                "allow_nets check failed: IP 192.0.2.1 not in allowed networks",
+                "auth failure: client=[192.0.2.1] mechanism=PLAIN login=<far@example.test>",
+            ],
+        )
+        self.assertNotIn("far-secret", " ".join(self.log.messages))
+        session = self.session("10.0.0.5")
+        self.assertEqual(
+            session.command(plainLine(b"far@example.test", b"far-secret")),
+            [b"235 2.7.0 Authentication successful"],
+        )
 
     def test_resultsMetric(self) -> None:
         """Success, failure and a database that cannot answer are each counted by mechanism."""

@@ -757,16 +757,25 @@ class CheckConfigTests(CommandMixin, unittest.TestCase):
         )
         self.assertTrue(lines[1].startswith(f"{self.users}:4: warning: b@example.org: "), lines)
 
-    def test_allowNetsWarned(self) -> None:
-        """check-config warns of Dovecot's allow_nets, which mailauth does not enforce."""
+    def test_allowNets(self) -> None:
+        """
+        check-config says nothing of a good allow_nets (the daemon enforces
+        it) and warns of a line whose allow_nets cannot be read, which the
+        daemon skips.
+        """
         with open(self.users, "a") as f:
-            f.write("nets@example.org:{PLAIN}x::::::allow_nets=10.0.0.0/8\n")
+            f.write(
+                "nets@example.org:{PLAIN}x::::::allow_nets=10.0.0.0/8,2001:db8::/32,local\n"
+                "bad@example.org:{PLAIN}x::::::allow_real_nets=10.0.0.0/40\n"
+            )
         config = self.writeConfig(self.users)
         self.assertEqual(self.check(config), 0)
-        self.assertIn(
-            f"{self.users}:2: warning: nets@example.org: allow_nets is not enforced by mailauth:"
-            " this login may log in from any address",
-            self.stderr.getvalue().splitlines(),
+        self.assertEqual(
+            [line for line in self.stderr.getvalue().splitlines() if "_nets" in line],
+            [
+                f"{self.users}:3: warning: bad@example.org: allow_real_nets: '10.0.0.0/40' is"
+                " not an IP address, a network or 'local'; the daemon skips this line"
+            ],
         )
 
     def test_remoteAliasWithoutRelay(self) -> None:

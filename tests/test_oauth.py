@@ -24,7 +24,8 @@ from twisted.web import resource, server
 from zope.interface.verify import verifyObject
 
 from mailauth import config as configmod
-from mailauth.checkers import LoginSuspended, OAuthChecker
+from mailauth.allownets import Origin
+from mailauth.checkers import AddressRefused, LoginSuspended, OAuthChecker
 from mailauth.checks import checkFiles
 from mailauth.oauth import Introspector, JWKSFile, TokenVerifier, parseJWKS, verifyJWT
 from mailauth.sasl import (
@@ -590,6 +591,26 @@ class CheckerTests(unittest.TestCase):
         f = self.failureResultOf(self.check(expired), TokenRefused)
         self.assertEqual(f.value.why, "Signature has expired")
         self.assertEqual([formatEvent(e) for e in self.logged], [])
+
+    def test_allowNets(self) -> None:
+        """
+        A good token for a login restricted by allow_nets logs it in from
+        inside the networks only; from outside it is refused as a bad
+        token is (an UnauthorizedLogin), saying why.
+        """
+        self.users.source["bob@example.test"] = "{PLAIN}x::::::allow_nets=10.0.0.0/8"
+        self.users.load()
+
+        def check(client: str):
+            credentials = BearerTokenCredentials(
+                "", self.issuer.mint(), "OAUTHBEARER", origin=Origin.of(client, client)
+            )
+            return self.checker.requestAvatarId(credentials)
+
+        self.assertEqual(self.successResultOf(check("10.0.0.1")), "bob@example.test")
+        f = self.failureResultOf(check("192.0.2.1"), AddressRefused)
+        self.assertTrue(f.check(UnauthorizedLogin))
+        self.assertEqual(f.value.why, "IP 192.0.2.1 not in allowed networks")
 
     def test_databaseUnavailable(self) -> None:
         """A user database that cannot answer is a temporary failure."""

@@ -54,6 +54,7 @@ from tests.support import (
     TLSStringTransport,
     makeFactory,
     makeThrottle,
+    withoutSession,
     writeCertificate,
 )
 
@@ -900,7 +901,9 @@ class SessionTests(unittest.TestCase):
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
-    def session(self, handle=None, tlsMode: str = "implicit", users=None) -> HandleTransport:
+    def session(
+        self, handle=None, tlsMode: str = "implicit", users=None, host: str = "192.0.2.1"
+    ) -> HandleTransport:
         factory = makeFactory(
             self.clock,
             portal=self.portal,
@@ -910,7 +913,7 @@ class SessionTests(unittest.TestCase):
             throttle=self.throttle,
             saslTable={**MECHANISMS, **scram.mechanisms(users or self.users, SECRET)},
         )
-        transport = HandleTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 40000))
+        transport = HandleTransport(peerAddress=IPv4Address("TCP", host, 40000))
         transport.handle = handle
         self.protocol = factory.buildProtocol(None)
         self.protocol.makeConnection(transport)
@@ -1012,6 +1015,44 @@ class SessionTests(unittest.TestCase):
             [b"535 5.7.8 Authentication credentials invalid"],
         )
         self.assertEqual(self.throttle.trackedKeys(), 2)
+
+    def test_allowNets(self) -> None:
+        """
+        The right password of a user restricted to 10.0.0.0/8, from
+        192.0.2.1: the same salt as ever, then 535 at once with no server
+        signature (which would confirm the password), counted and logged
+        with why. From inside the network, the same user logs in.
+        """
+        self.users.source["pencil@example.test"] += "::::::allow_nets=10.0.0.0/8"
+        self.users.load()
+
+        def attempt() -> tuple:
+            scramClient = Client("pencil@example.test", b"pencil")
+            serverFirst = self.challenge(
+                self.send(b"AUTH SCRAM-SHA-256 " + b64(scramClient.first()))
+            )
+            salt = re.search(rb",s=([^,]+),", serverFirst).group(1)
+            return salt, self.send(b64(scramClient.final(serverFirst)))
+
+        self.session(tlsMode="none")
+        salt, lines = attempt()
+        self.assertEqual(lines, [b"535 5.7.8 Authentication credentials invalid"])
+        self.assertEqual(self.throttle.trackedKeys(), 2)
+        self.assertEqual(
+            [withoutSession(line) for line in self.logged()[-2:]],
+            [
+                "auth refused: client=[192.0.2.1] mechanism=SCRAM-SHA-256 "
+                "login=<pencil@example.test>: allow_nets check failed: "
+                "IP 192.0.2.1 not in allowed networks",
+                "auth failure: client=[192.0.2.1] mechanism=SCRAM-SHA-256 "
+                "login=<pencil@example.test>",
+            ],
+        )
+        self.session(tlsMode="none", host="10.0.0.5")
+        inside, lines = attempt()
+        self.assertEqual(inside, salt)
+        self.assertTrue(lines[0].startswith(b"334 "), lines)
+        self.assertEqual(self.send(b""), [b"235 2.7.0 Authentication successful"])
 
     def scramFailures(self, login: str, sessions: int, tries: int) -> list:
         """The last reply of each of C{tries} SCRAM logins, in each of C{sessions} sessions."""

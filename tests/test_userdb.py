@@ -13,6 +13,7 @@ from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
+from mailauth.allownets import Networks
 from mailauth.interfaces import IReloadable, IUserDatabase
 from mailauth.passwords import PasswordHash, makeHash, verify
 from mailauth.userdb import (
@@ -23,6 +24,7 @@ from mailauth.userdb import (
     deleteUser,
     hasUser,
     listUsers,
+    parseUsers,
     setPassword,
 )
 from tests.fakes import MemoryUserDatabase
@@ -332,6 +334,62 @@ class UserDatabaseTests(UserDatabaseTestsMixin, unittest.TestCase):
         self.assertEqual(len(self.logged("warn")), 1)
 
 
+class AllowNetsTests(unittest.TestCase):
+    """Dovecot's allow_nets and allow_real_nets extra fields, as the users file is parsed."""
+
+    def parse(self, extra: str) -> tuple:
+        """The user of a line with the extra fields C{extra} (or L{None}), and the problems."""
+        users, problems = parseUsers(f"alice@example.org:{CRAM}::::::{extra}\n", "users")
+        return users.get("alice@example.org"), problems
+
+    def test_none(self) -> None:
+        """A line without either field restricts nothing."""
+        user, problems = self.parse("nologin")
+        self.assertEqual((user.allowNets, user.allowRealNets, problems), (None, None, []))
+
+    def test_networks(self) -> None:
+        """
+        Single addresses and CIDR networks of both families, with host
+        bits set as Dovecot allows, and C{local}; a doubled comma is
+        skipped as Dovecot skips it.
+        """
+        user, problems = self.parse(
+            "allow_nets=192.0.2.7,10.1.2.3/8,,2001:db8::/32,::1,local"
+            " allow_real_nets=127.0.0.1 userdb_quota_rule=*:50M"
+        )
+        self.assertEqual(problems, [])
+        self.assertEqual(
+            [str(net) for net in user.allowNets.networks],
+            ["192.0.2.7/32", "10.0.0.0/8", "2001:db8::/32", "::1/128"],
+        )
+        self.assertTrue(user.allowNets.local)
+        self.assertEqual(user.allowRealNets, Networks.parse("127.0.0.1"))
+        self.assertFalse(user.allowRealNets.local)
+
+    def test_malformed(self) -> None:
+        """
+        A field that cannot be read, is empty or is given twice spoils its
+        line: it is skipped with a problem naming the file, the line and
+        what is wrong, never read as allowing more.
+        """
+        cases = {
+            "allow_nets=10.0.0.0/33": "allow_nets: '10.0.0.0/33' is not an IP address",
+            "allow_nets=10.0.0.0/8,example.org": "allow_nets: 'example.org' is not",
+            "allow_nets=fe80::1%eth0": "allow_nets: 'fe80::1%eth0' is not",
+            "allow_real_nets=10.0.0.0/8;127.0.0.1": "allow_real_nets: '10.0.0.0/8;127",
+            "allow_nets=LOCAL": "allow_nets: 'LOCAL' is not",
+            "allow_nets=": "allow_nets: lists no network",
+            "allow_nets=,": "allow_nets: lists no network",
+            "allow_nets": "allow_nets has no value",
+            "allow_nets=10.0.0.0/8 allow_nets=local": "allow_nets is given twice",
+        }
+        for extra, why in cases.items():
+            user, problems = self.parse(extra)
+            self.assertIsNone(user, extra)
+            [problem] = problems
+            self.assertTrue(problem.startswith(f"users:1: alice@example.org: {why}"), problem)
+
+
 class MemoryUserDatabaseTests(UserDatabaseTestsMixin, unittest.TestCase):
     """L{MemoryUserDatabase} behaves as the users file does."""
 
@@ -400,27 +458,28 @@ class EditTests(unittest.TestCase):
             self.assertIn("already exists", str(error))
         self.assertEqual(self.read(), self.ORIGINAL)
 
-    def test_allowNetsWarned(self) -> None:
+    def test_malformedAllowNetsRefused(self) -> None:
         """
-        Dovecot's allow_nets, which mailauth does not enforce, is a warning
-        when the file is loaded (a file taken over from Dovecot would lose
-        its network restrictions without a word); the login still works.
+        A line whose allow_nets cannot be read is skipped when the file is
+        loaded, with a warning naming the file, the line and the entry: its
+        login cannot log in, rather than from anywhere. The other users
+        (one restricted correctly) still work.
         """
         path = self.mktemp()
         with open(path, "w") as f:
             f.write(
-                f"alice@example.org:{CRAM}::::::allow_nets=10.0.0.0/8 nologin\n"
-                f"bob@example.org:{CRAM}::::::\n"
+                f"alice@example.org:{CRAM}::::::allow_nets=10.0.0.0/8,10.0.0.300/8 nologin\n"
+                f"bob@example.org:{CRAM}::::::allow_nets=10.0.0.0/8\n"
             )
         users = UserDatabase(path)
         with capturedLogs() as events:
             users.load()
         self.assertIn(
-            f"Users file: {path}:1: alice@example.org: allow_nets is not enforced by mailauth:"
-            " this login may log in from any address",
+            f"Users file: skipped {path}:1: alice@example.org: allow_nets:"
+            " '10.0.0.300/8' is not an IP address, a network or 'local'",
             [formatEvent(e) for e in events],
         )
-        self.assertEqual(users.logins(), ["alice@example.org", "bob@example.org"])
+        self.assertEqual(users.logins(), ["bob@example.org"])
 
     def test_byteOrderMark(self) -> None:
         """A byte-order mark an editor put first is not part of the first login."""
