@@ -1,14 +1,17 @@
 """
-Dovecot's allow_nets and allow_real_nets (L{mailauth.allownets}): the
-values of the fields, every mechanism passing on where its client is, the
-real peer behind a PROXY header.
+Dovecot's allow_nets and allow_real_nets: the values of the fields
+(L{mailauth.allownets}), every mechanism passing on where its client is,
+the real peer behind a PROXY header, and the real daemon on 127.0.0.1:
+smtplib logging in from inside and outside a user's networks, and raw
+clients that send a PROXY v1 header first.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import smtplib
 
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -21,6 +24,14 @@ from mailauth.allownets import Networks, Origin, hostAddress, refusal
 from mailauth.interfaces import ILoginOrigin
 from mailauth.proxy import ProxiedTransport, realPeer
 from mailauth.userdb import User
+from tests.harness import (
+    AttackMixin,
+    RawClient,
+    clientContext,
+    insecureContext,
+    plain,
+    smtpClient,
+)
 
 ip = ipaddress.ip_address
 
@@ -102,3 +113,169 @@ class RealPeerTests(unittest.TestCase):
         wrapper = ProtocolWrapper(WrappingFactory(protocol.Factory()), protocol.Protocol())
         wrapper.makeConnection(proxied)
         self.assertEqual((wrapper.getPeer(), realPeer(wrapper)), (client, proxy))
+
+
+# -- the real daemon ----------------------------------------------------------
+
+USERS = (
+    "near@example.test:{PLAIN}near-secret::::::allow_nets=127.0.0.0/8\n"
+    "far@example.test:{PLAIN}far-secret::::::allow_nets=10.0.0.0/8,2001:db8::/32\n"
+)
+REFUSED = (
+    "auth refused: client=[127.0.0.1] mechanism=PLAIN login=<far@example.test>: "
+    "allow_nets check failed: IP 127.0.0.1 not in allowed networks"
+)
+
+
+class DaemonTests(AttackMixin, unittest.TestCase):
+    """The real service, its users restricted to networks, and smtplib on 127.0.0.1."""
+
+    files = {"users": USERS}
+    settings = {
+        "auth": {
+            "max_failures_per_address": "2",
+            "failures_per_session": "10",
+            "tarpit_delay": "0s",
+        },
+    }
+
+    def login(self, login: str, password: str) -> int:
+        """(Blocking.) Log in with smtplib and AUTH PLAIN after STARTTLS; the reply code."""
+        client = smtpClient(self.daemon.ports["submission"])
+        try:
+            client.ehlo()
+            client.starttls(context=clientContext())
+            client.ehlo()
+            client.user, client.password = login, password
+            try:
+                code, _ = client.auth("PLAIN", client.auth_plain)
+            except smtplib.SMTPAuthenticationError as e:
+                code = e.smtp_code
+            return code
+        finally:
+            client.close()
+
+    @defer.inlineCallbacks
+    def test_loopback(self):
+        """
+        From 127.0.0.1, a login restricted to 127.0.0.0/8 logs in; one
+        restricted to 10.0.0.0/8 and 2001:db8::/32 gets 535 with its right
+        password, logged with why and counted as a failed login: at
+        max_failures_per_address (2) the next one is refused and the address
+        blocked, as after wrong passwords.
+        """
+        self.assertEqual((yield self.inThread(self.login, "near@example.test", "near-secret")), 235)
+        self.assertEqual(len(self.log.matching(r"auth success: client=\[127\.0\.0\.1\]")), 1)
+        self.assertEqual((yield self.inThread(self.login, "far@example.test", "far-secret")), 535)
+        self.assertEqual(
+            [m.split(" session=")[0] for m in self.log.matching(r"^auth (refused|failure)")],
+            [REFUSED, "auth failure: client=[127.0.0.1] mechanism=PLAIN login=<far@example.test>"],
+        )
+        self.assertFalse(self.log.matching("far-secret"))
+
+        def again():
+            client = self.connect("submissions")
+            client.ehlo()
+            return client.command(plain(b"far@example.test", b"far-secret"))[0]
+
+        self.assertEqual((yield self.inThread(again)), 421)
+        yield self.inThread(self.connect, "submission", "127.0.0.1", 421)
+
+
+PROXIED = {"proxy_protocol": "v1", "trusted_proxies": "127.0.0.0/8"}
+
+
+class ProxiedTests(AttackMixin, unittest.TestCase):
+    """
+    Behind a PROXY v1 header sent by hand from a trusted proxy on
+    127.0.0.1 or 127.0.0.2: allow_nets holds the header's client,
+    allow_real_nets the proxy.
+    """
+
+    files = {
+        "users": (
+            "client@example.test:{PLAIN}secret::::::allow_nets=203.0.113.0/24\n"
+            "loopback@example.test:{PLAIN}secret::::::allow_nets=127.0.0.0/8\n"
+            "proxy@example.test:{PLAIN}secret::::::allow_real_nets=127.0.0.1\n"
+        )
+    }
+    settings = {"listener:submission": PROXIED, "listener:submissions": PROXIED}
+
+    def attempt(self, listener: str, proxy: str, client: str, login: bytes) -> int:
+        """
+        (Blocking.) From C{proxy}, a PROXY v1 header naming C{client}, then
+        SMTP (and TLS), and AUTH PLAIN as C{login}; the reply code.
+        """
+        raw = RawClient(self.daemon.ports[listener], source=proxy)
+        self.clients.append(raw)
+        raw.send(f"PROXY TCP4 {client} 192.0.2.1 40000 587\r\n".encode())
+        if self.tlsMode(listener) == "implicit":
+            raw.sock = insecureContext().wrap_socket(raw.sock)
+        code, text = raw.reply()
+        assert code == 220, (code, text)
+        if self.tlsMode(listener) == "starttls":
+            raw.ehlo()
+            raw.starttls()
+        raw.ehlo()
+        return raw.command(plain(login, b"secret"))[0]
+
+    def refusals(self) -> list:
+        return [m.split(" session=")[0] for m in self.log.matching(r"^auth refused")]
+
+    @defer.inlineCallbacks
+    def test_allowNetsHoldsHeaderClient(self):
+        """
+        allow_nets is checked against the client the header names, never
+        the proxy: a login restricted to 203.0.113.0/24 logs in for a client
+        there and is refused for one elsewhere; one restricted to
+        127.0.0.0/8, the proxy's network, is refused.
+        """
+        for listener in ("submission", "submissions"):
+            codes = []
+            for client, login in (
+                ("203.0.113.9", b"client@example.test"),
+                ("198.51.100.7", b"client@example.test"),
+                ("203.0.113.9", b"loopback@example.test"),
+            ):
+                codes.append(
+                    (yield self.inThread(self.attempt, listener, "127.0.0.1", client, login))
+                )
+            self.assertEqual(codes, [235, 535, 535], listener)
+        self.assertEqual(
+            self.refusals(),
+            [
+                "auth refused: client=[198.51.100.7] mechanism=PLAIN login=<client@example.test>: "
+                "allow_nets check failed: IP 198.51.100.7 not in allowed networks",
+                "auth refused: client=[203.0.113.9] mechanism=PLAIN login=<loopback@example.test>: "
+                "allow_nets check failed: IP 203.0.113.9 not in allowed networks",
+            ]
+            * 2,
+        )
+
+    @defer.inlineCallbacks
+    def test_allowRealNetsHoldsProxy(self):
+        """
+        allow_real_nets is checked against the connection's own peer, the
+        proxy: a login restricted to 127.0.0.1 logs in through the proxy on
+        127.0.0.1 for any client, and is refused through 127.0.0.2, on the
+        STARTTLS listener and under implicit TLS.
+        """
+        for listener in ("submission", "submissions"):
+            codes = []
+            for proxy in ("127.0.0.1", "127.0.0.2"):
+                codes.append(
+                    (
+                        yield self.inThread(
+                            self.attempt, listener, proxy, "203.0.113.9", b"proxy@example.test"
+                        )
+                    )
+                )
+            self.assertEqual(codes, [235, 535], listener)
+        self.assertEqual(
+            self.refusals(),
+            [
+                "auth refused: client=[203.0.113.9] mechanism=PLAIN login=<proxy@example.test>: "
+                "allow_real_nets check failed: IP 127.0.0.2 not in allowed networks"
+            ]
+            * 2,
+        )
