@@ -10,6 +10,8 @@ from typing import Any, Optional, Union
 
 import attrs
 
+from mailauth.throttle import clientIP
+
 #: The field checked against the client's address: the one a PROXY header
 #: named, else the connection's peer.
 ALLOW_NETS = "allow_nets"
@@ -41,13 +43,7 @@ def hostAddress(host: Optional[str]) -> Optional[IPAddress]:
     """
     if not host:
         return None
-    try:
-        ip = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return None
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+    return clientIP(host.partition("%")[0])
 
 
 @attrs.frozen
