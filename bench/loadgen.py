@@ -29,14 +29,16 @@ import argparse
 import asyncio
 import base64
 import collections
+import errno
 import json
 import math
+import os
 import socket
 import ssl
 import subprocess
 import sys
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 CRLF = b"\r\n"
 
@@ -348,28 +350,6 @@ class Client:
         await self.authenticate(user)
         self.stats.login.append(time.perf_counter() - started)
 
-    async def send(self, sender: str, recipients: list, body: bytes) -> None:
-        started = time.perf_counter()
-        await self.command(f"MAIL FROM:<{sender}>", 250)
-        for rcpt in recipients:
-            await self.command(f"RCPT TO:<{rcpt}>", 250)
-        await self.command("DATA", 354)
-        assert self.stream is not None
-        view = memoryview(body)
-        for start in range(0, len(body), 1 << 20):
-            self.stream.write(view[start : start + (1 << 20)])
-            try:
-                await self.stream.drain()
-            except ConnectionError as e:
-                raise Failed("closed", f"sending DATA: {e!r}") from None
-        lines = await self.reply(250)
-        if self.options.ids:
-            queued = lines[-1].split(b"queued as ", 1)
-            self.stats.accepted.append((queued[-1].strip().decode("ascii", "replace"), time.time()))
-        self.stats.message.append(time.perf_counter() - started)
-        self.stats.messages += 1
-        self.stats.bytes += len(body)
-
     async def quit(self) -> None:
         try:
             await self.command("QUIT", 221)
@@ -387,49 +367,346 @@ def userFor(options, n: int) -> str:
     return options.user.replace("{n}", str(n % options.user_count))
 
 
-async def sendWorker(
-    options,
-    ctx,
-    stats: Stats,
-    index: int,
-    deadline: float,
-    budget: list,
-    body: bytes,
-    recipients: list,
-) -> None:
-    user = userFor(options, index)
-    sender = options.sender or user
-    while time.monotonic() < deadline and budget[0] > 0:
-        client = Client(options, stats)
+class SendSession:
+    """
+    One connection of the C{send} mode as a state machine driven from the
+    event loop's callbacks: no task, future or timer per reply. Each
+    reply is checked against the code its step expects; a wrong one, a
+    broken connection or a reply later than C{--timeout} (seen by
+    L{Watchdog}) ends the connection as a failure, and a new one starts
+    50 ms later, as long as there is time and budget left.
+    """
+
+    def __init__(self, run: SendRun, index: int) -> None:
+        self.run = run
+        self.options = run.options
+        self.user = userFor(run.options, index)
+        self.sender = run.options.sender or self.user
+        self.sock: Optional[socket.socket] = None
+        self.fd = -1
+        self.buffer = bytearray()
+        # The lines of the reply being read, and of the last one read.
+        self.lines: list = []
+        self.reply: list = []
+        self.rcpts: Iterator = iter(())
+        self.out: collections.deque = collections.deque()
+        self.watchingWrites = False
+        # What the next reply answers: (expected code, what to do with it).
+        self.step: Optional[tuple] = None
+        #: When the awaited reply (or connection, or handshake) was asked for.
+        self.waitingSince: Optional[float] = None
+        self.started = 0.0
+        self.sent = 0
+
+    # The life of a connection.
+
+    def start(self) -> None:
+        o = self.options
+        if not self.run.going():
+            self.run.ended(self)
+            return
+        self.buffer.clear()
+        self.lines = []
+        self.sent = 0
+        self.started = time.perf_counter()
+        self.waitingSince = time.monotonic()
+        sock = socket.socket(socket.AF_INET6 if ":" in o.address[0] else socket.AF_INET)
+        self.sock, self.fd = sock, sock.fileno()
         try:
-            await client.login(ctx, user)
-            for _ in range(options.messages):
-                if time.monotonic() >= deadline or budget[0] <= 0:
-                    break
-                budget[0] -= 1
-                await client.send(sender, recipients, body)
-            await client.quit()
-        except Failed as e:
-            stats.fail(e)
-            client.close()
-            await asyncio.sleep(0.05)
-        except Exception as e:  # a client bug or an odd socket error: counted, not fatal
-            stats.fail(Failed("error", repr(e)))
-            client.close()
-            await asyncio.sleep(0.05)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if o.source:
+                sock.bind((o.source, 0))
+            err = sock.connect_ex(o.address)
+        except OSError as e:
+            self.fail("connect", repr(e))
+            return
+        if err not in (0, errno.EINPROGRESS):
+            self.fail("connect", os.strerror(err))
+            return
+        self.run.loop.add_writer(self.fd, self._connected)
+
+    def _connected(self) -> None:
+        self.run.loop.remove_writer(self.fd)
+        assert self.sock is not None
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.fail("connect", os.strerror(err))
+            return
+        if self.options.tls == "implicit":
+            self._startTLS(lambda: self.expect(220, self._greeted))
+        else:
+            self.run.loop.add_reader(self.fd, self._readable)
+            self.expect(220, self._greeted)
+
+    def _greeted(self) -> None:
+        self.command(f"EHLO {self.options.helo}", 250, self._ehloed)
+
+    def _ehloed(self) -> None:
+        if self.options.tls != "starttls" or isinstance(self.sock, ssl.SSLSocket):
+            return self._authenticate()
+        if not any(line[4:].strip().upper() == b"STARTTLS" for line in self.reply):
+            return self.fail("no-starttls", "STARTTLS not offered")
+        self.command("STARTTLS", 220, self._tlsAsked)
+
+    def _tlsAsked(self) -> None:
+        if self.buffer:
+            return self.fail("tls", "the server sent data before the TLS handshake")
+        self.run.loop.remove_reader(self.fd)
+        self._startTLS(self._greeted)
+
+    def _startTLS(self, then) -> None:
+        o = self.options
+        ctx = self.run.ctx
+        try:
+            self.sock = ctx.wrap_socket(
+                self.sock,
+                server_hostname=o.host if ctx.check_hostname else None,
+                do_handshake_on_connect=False,
+            )
+        except (OSError, ssl.SSLError) as e:
+            return self.fail("tls", repr(e))
+        self.waitingSince = time.monotonic()
+        self._handshake(then)
+
+    def _handshake(self, then) -> None:
+        loop = self.run.loop
+        loop.remove_reader(self.fd)
+        loop.remove_writer(self.fd)
+        assert isinstance(self.sock, ssl.SSLSocket)
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            loop.add_reader(self.fd, self._handshake, then)
+            return
+        except ssl.SSLWantWriteError:
+            loop.add_writer(self.fd, self._handshake, then)
+            return
+        except (OSError, ssl.SSLError) as e:
+            return self.fail("tls", repr(e))
+        loop.add_reader(self.fd, self._readable)
+        then()
+
+    def _authenticate(self) -> None:
+        o = self.options
+        if o.mechanism == "PLAIN":
+            token = base64.b64encode(f"\0{self.user}\0{o.password}".encode()).decode("ascii")
+            self.command(f"AUTH PLAIN {token}", 235, self._loggedIn)
+        else:
+            user = base64.b64encode(self.user.encode()).decode("ascii")
+            password = base64.b64encode(o.password.encode()).decode("ascii")
+            self.command(
+                "AUTH LOGIN",
+                334,
+                lambda: self.command(
+                    user, 334, lambda: self.command(password, 235, self._loggedIn)
+                ),
+            )
+
+    def _loggedIn(self) -> None:
+        self.run.stats.login.append(time.perf_counter() - self.started)
+        self._next()
+
+    def _next(self) -> None:
+        """The next message on this connection, or QUIT."""
+        if self.sent >= self.options.messages or not self.run.take():
+            self.command("QUIT", 221, self._quitted, failOK=True)
+            return
+        self.started = time.perf_counter()
+        self.rcpts = iter(self.run.recipients)
+        self.command(f"MAIL FROM:<{self.sender}>", 250, self._rcpt)
+
+    def _rcpt(self) -> None:
+        rcpt = next(self.rcpts, None)
+        if rcpt is None:
+            self.command("DATA", 354, self._body)
+        else:
+            self.command(f"RCPT TO:<{rcpt}>", 250, self._rcpt)
+
+    def _body(self) -> None:
+        body = self.run.body
+        view = memoryview(body)
+        for start in range(0, len(body), 1 << 20):
+            self.write(view[start : start + (1 << 20)])
+        self.expect(250, self._accepted)
+
+    def _accepted(self) -> None:
+        stats = self.run.stats
+        if self.options.ids:
+            queued = self.reply[-1].split(b"queued as ", 1)
+            stats.accepted.append((queued[-1].strip().decode("ascii", "replace"), time.time()))
+        stats.message.append(time.perf_counter() - self.started)
+        stats.messages += 1
+        stats.bytes += len(self.run.body)
+        self.sent += 1
+        self._next()
+
+    def _quitted(self) -> None:
+        self.close()
+        self.start()
+
+    # Replies and writes.
+
+    def expect(self, code: int, then, failOK: bool = False) -> None:
+        self.step = (str(code).encode("ascii"), then, failOK)
+        self.waitingSince = time.monotonic()
+        self._replies()
+
+    def command(self, line: str, code: int, then, failOK: bool = False) -> None:
+        self.write(line.encode("ascii") + CRLF)
+        self.expect(code, then, failOK)
+
+    def _replies(self) -> None:
+        """Hand every complete reply in the buffer to the step awaiting it."""
+        while self.step is not None:
+            end = self.buffer.find(CRLF)
+            if end < 0:
+                if len(self.buffer) > Stream.MAX_LINE:
+                    self.fail("closed", f"no line end in {len(self.buffer)} bytes")
+                return
+            line = bytes(self.buffer[: end + 2])
+            del self.buffer[: end + 2]
+            self.lines.append(line)
+            if line[3:4] == b"-":
+                continue
+            self.reply, self.lines = self.lines, []
+            code, then, failOK = self.step
+            self.step = None
+            self.waitingSince = None
+            if line[:3] != code and not failOK:
+                self.fail(
+                    line[:3].decode("ascii", "replace") or "empty",
+                    b"".join(self.reply).decode("ascii", "replace").strip(),
+                )
+                return
+            then()
+
+    def _readable(self) -> None:
+        sock = self.sock
+        assert sock is not None
+        try:
+            data = sock.recv(Stream.READ_SIZE)
+            while data and isinstance(sock, ssl.SSLSocket) and sock.pending():
+                data += sock.recv(Stream.READ_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except (OSError, ssl.SSLError) as e:
+            return self.broken(repr(e))
+        if not data:
+            return self.broken("EOF")
+        self.buffer += data
+        self._replies()
+
+    def write(self, data) -> None:
+        self.out.append(data)
+        if len(self.out) == 1:
+            self._flush()
+
+    def _flush(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        while self.out:
+            chunk = self.out[0]
+            try:
+                sent = sock.send(chunk)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                sent = 0
+            except (OSError, ssl.SSLError) as e:
+                self.out.clear()
+                return self.broken(repr(e))
+            if sent < len(chunk):
+                if sent:
+                    self.out[0] = memoryview(chunk)[sent:]
+                if not self.watchingWrites:
+                    self.watchingWrites = True
+                    self.run.loop.add_writer(self.fd, self._flush)
+                return
+            self.out.popleft()
+        if self.watchingWrites:
+            self.watchingWrites = False
+            self.run.loop.remove_writer(self.fd)
+
+    # Endings.
+
+    def broken(self, why: str) -> None:
+        """The connection ended under us: a failure of the step awaiting a reply."""
+        if self.step is not None and self.step[2]:
+            return self._quitted()  # QUIT's reply may be lost; the message counts
+        self.fail("closed", f"waiting for {self.step[0].decode() if self.step else '-'}: {why}")
+
+    def timedOut(self) -> None:
+        self.fail("timeout", f"waiting for {self.step[0].decode() if self.step else 'TLS'}")
+
+    def fail(self, key: str, detail: str = "") -> None:
+        self.run.stats.fail(Failed(key, detail))
+        self.close()
+        self.run.loop.call_later(0.05, self.start)
+
+    def close(self) -> None:
+        """Drop the connection at once (no TLS close)."""
+        self.step = None
+        self.waitingSince = None
+        self.out.clear()
+        self.watchingWrites = False
+        if self.sock is not None:
+            self.run.loop.remove_reader(self.fd)
+            self.run.loop.remove_writer(self.fd)
+            self.sock.close()
+            self.sock = None
+
+
+class SendRun:
+    """The C{send} mode: L{SendSession}s until the time or budget is spent."""
+
+    def __init__(self, options, ctx, stats: Stats) -> None:
+        self.options = options
+        self.ctx = ctx
+        self.stats = stats
+        self.loop = asyncio.get_running_loop()
+        self.recipients = [options.rcpt[i % len(options.rcpt)] for i in range(options.recipients)]
+        self.body = makeBody(options.size, options.sender or userFor(options, 0), self.recipients)
+        self.deadline = time.monotonic() + options.time
+        self.budget = options.total or math.inf
+        self.live: set = set()
+        self.done = self.loop.create_future()
+
+    def going(self) -> bool:
+        return time.monotonic() < self.deadline and self.budget > 0
+
+    def take(self) -> bool:
+        """One more message from the budget, if there is time and budget."""
+        if not self.going():
+            return False
+        self.budget -= 1
+        return True
+
+    def ended(self, session: SendSession) -> None:
+        self.live.discard(session)
+        if not self.live and not self.done.done():
+            self.done.set_result(None)
+
+    def watch(self) -> None:
+        """Once a second: end the sessions whose awaited reply is overdue."""
+        limit = time.monotonic() - self.options.timeout
+        for session in list(self.live):
+            if session.waitingSince is not None and session.waitingSince < limit:
+                session.timedOut()
+        self.watchdog = self.loop.call_later(1.0, self.watch)
+
+    async def __call__(self) -> None:
+        self.live = {SendSession(self, i) for i in range(self.options.concurrency)}
+        for session in list(self.live):
+            session.start()
+        self.watch()
+        try:
+            await self.done
+        finally:
+            self.watchdog.cancel()
 
 
 async def runSend(options, ctx, stats: Stats) -> None:
-    recipients = [options.rcpt[i % len(options.rcpt)] for i in range(options.recipients)]
-    body = makeBody(options.size, options.sender or userFor(options, 0), recipients)
-    deadline = time.monotonic() + options.time
-    budget = [options.total or float("inf")]
-    await asyncio.gather(
-        *(
-            sendWorker(options, ctx, stats, i, deadline, budget, body, recipients)
-            for i in range(options.concurrency)
-        )
-    )
+    await SendRun(options, ctx, stats)()
 
 
 async def runStorm(options, ctx, stats: Stats) -> dict:
