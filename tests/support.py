@@ -419,6 +419,22 @@ class QueueTestMixin:
         writer.write(message)
         return writer.commit()
 
+    def diskFullFor(self, method: str, calls: int) -> None:
+        """
+        The queue's C{method} fails as on a full disk (C{ENOSPC}) for its
+        next C{calls} calls, then works again.
+        """
+        real = getattr(self.queue, method)
+        left = [calls]
+
+        def full(*args, **kwargs):
+            if left[0]:
+                left[0] -= 1
+                raise OSError(28, "No space left on device")
+            return real(*args, **kwargs)
+
+        self.patch(self.queue, method, full)
+
     def runFor(self, seconds):
         """Advance the clock by C{seconds}, stopping at every timer on the way."""
         end = self.reactor.seconds() + seconds

@@ -208,16 +208,7 @@ class VersionTests(unittest.TestCase):
 
     def test_delayDue(self):
         """A delay report is due past delayWarning, only for NOTIFY=DELAY, and only once."""
-        e = Envelope(
-            id="m",
-            sender="a@x.test",
-            arrival=1000.0,
-            nextAttempt=1000.0,
-            recipients=(
-                RecipientStatus("b@y.test", notify=("DELAY",)),
-                RecipientStatus("c@y.test"),
-            ),
-        )
+        e = _delayAsked()
         self.assertEqual(e.reportsDue(1500.0, self.policy), [])
         [(action, [r])] = e.reportsDue(1600.0, self.policy)
         self.assertEqual((action, r.address), (ACTION_DELAYED, "b@y.test"))
@@ -232,16 +223,7 @@ class VersionTests(unittest.TestCase):
         arrival while a recipient that asked for it waits untold; never for
         the null sender, once told, or when the message expires first.
         """
-        e = Envelope(
-            id="m",
-            sender="a@x.test",
-            arrival=1000.0,
-            nextAttempt=1000.0,
-            recipients=(
-                RecipientStatus("b@y.test", notify=("DELAY",)),
-                RecipientStatus("c@y.test"),
-            ),
-        )
+        e = _delayAsked()
         self.assertEqual(e.delayNoticeDue(self.policy), 1600.0)
         self.assertIsNone(e.markNotified(["b@y.test"], ACTION_DELAYED).delayNoticeDue(self.policy))
         self.assertIsNone(attrs.evolve(e, sender="").delayNoticeDue(self.policy))
@@ -283,3 +265,17 @@ class VersionTests(unittest.TestCase):
             (outcome.state, outcome.status, outcome.error, outcome.reply),
             (FAILED, "5.6.7", "not ASCII", None),
         )
+
+
+def _delayAsked() -> Envelope:
+    """A message that arrived at 1000, one recipient of two asking for delay reports."""
+    return Envelope(
+        id="m",
+        sender="a@x.test",
+        arrival=1000.0,
+        nextAttempt=1000.0,
+        recipients=(
+            RecipientStatus("b@y.test", notify=("DELAY",)),
+            RecipientStatus("c@y.test"),
+        ),
+    )

@@ -76,16 +76,7 @@ class QueueServiceTests(QueueTestMixin, unittest.TestCase):
         self.relay.replies["carol@remote.example"] = [
             RelayReply(451, ("4.3.0 later",)),
         ]
-        settle = self.queue.settle
-        full = [2]
-
-        def settleOnFullDisk(*args, **kwargs):
-            if full[0]:
-                full[0] -= 1
-                raise OSError(28, "No space left on device")
-            return settle(*args, **kwargs)
-
-        self.patch(self.queue, "settle", settleOnFullDisk)
+        self.diskFullFor("settle", 2)
         self.start()
         self.submit("m1", recipients=("bob@remote.example", "carol@remote.example"))
         self.assertEqual(
@@ -568,16 +559,7 @@ class NotificationTests(QueueTestMixin, unittest.TestCase):
         """
         watcher = LogWatcher()
         self.addCleanup(watcher.stop)
-        reportDue = self.queue.reportDue
-        full = [1]
-
-        def reportDueOnFullDisk(*args, **kwargs):
-            if full[0]:
-                full[0] -= 1
-                raise OSError(28, "No space left on device")
-            return reportDue(*args, **kwargs)
-
-        self.patch(self.queue, "reportDue", reportDueOnFullDisk)
+        self.diskFullFor("reportDue", 1)
         self.relay.down = True
         self.restart(retry_initial=300.0, retry_max=7200.0)
         self.submit("m1", notify=("DELAY",))
