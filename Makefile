@@ -31,8 +31,14 @@ var/users: | $(BIN)/mailauth
 	mkdir -p var
 	echo '$(DEMO_PASSWORD)' | $(BIN)/mailauth user add demo@example.test --users var/users
 
-run: $(BIN)/mailauth var/tls/cert.pem var/users
-	$(BIN)/mailauth check-config --config etc/demo.conf
+# etc/demo.conf with this checkout's absolute path before var/: the daemon
+# warns of a relative state_dir or maildir (a systemd unit starts in /).
+var/demo.conf: etc/demo.conf
+	mkdir -p var
+	sed 's|= var/|= $(CURDIR)/var/|' etc/demo.conf > $@
+
+run: $(BIN)/mailauth var/tls/cert.pem var/users var/demo.conf
+	$(BIN)/mailauth check-config --config var/demo.conf
 	@echo
 	@echo "mailauth: submission with STARTTLS on 127.0.0.1:2587, implicit TLS on 127.0.0.1:2465"
 	@echo "user: demo@example.test, password $(DEMO_PASSWORD) (AUTH PLAIN or LOGIN)"
@@ -40,7 +46,7 @@ run: $(BIN)/mailauth var/tls/cert.pem var/users
 	@echo "         --auth-password $(DEMO_PASSWORD) --from demo@example.test --to demo@example.test"
 	@echo "mail lands in var/mail/example.test/demo/Maildir/new/"
 	@echo
-	$(BIN)/twistd --nodaemon --pidfile= --logfile=- mailauth --config etc/demo.conf
+	$(BIN)/twistd --nodaemon --pidfile= --logfile=- mailauth --config var/demo.conf
 
 test: lint
 	$(BIN)/python -m twisted.trial --jobs=2 tests
