@@ -321,7 +321,9 @@ class Daemon:
             # TCP listens at once; keep the port as the Deferred's result so
             # that stopService can still close it.
             svc._waitingForPort.addCallback(lambda port, found=found: found.append(port) or port)
-            self.ports[listener.name] = found[0].getHost().port
+            host = found[0].getHost()
+            # A TCP port's number; a unix: listener's socket path.
+            self.ports[listener.name] = getattr(host, "port", None) or os.fsdecode(host.name)
 
     @defer.inlineCallbacks
     def stop(self):
@@ -446,13 +448,20 @@ class RawClient:
         tls: bool = False,
         timeout: float = 10.0,
         host: str = "127.0.0.1",
+        unix: str = "",
     ) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
+        if unix:
+            # A unix: listener, at the socket path C{unix}.
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(unix)
+        else:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.bind((source, 0))
+            sock.connect((host, port))
         self.timeout = timeout
-        sock.bind((source, 0))
-        sock.connect((host, port))
         if tls:
             sock = insecureContext().wrap_socket(sock)
         self.sock = sock
