@@ -11,9 +11,11 @@ from __future__ import annotations
 import gc
 import glob
 import hmac
+import importlib
 import io
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -50,6 +52,7 @@ from tests.support import (
     makeSettings,
     passwordIs,
 )
+from tests.test_conformance import TEST_NAME, parseMap
 
 ESCAPE = '"x/../../../escape"@example.test'
 EVIL = "../../evil@example.test"
@@ -1100,3 +1103,49 @@ class PrivatePoolTests(AttackMixin, unittest.TestCase):
         [verify], [commit] = threadsUsed["verify"], threadsUsed["commit"]
         self.assertRegex(verify, r"^PoolThread-mailauth-auth-\d+$")
         self.assertRegex(commit, r"^PoolThread-mailauth-disk-\d+$")
+
+
+DEFECTS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "twisted-defects.rst"
+)
+
+
+class DefectTableTests(unittest.TestCase):
+    """
+    docs/twisted-defects.rst: a row for every defect of the report (it has
+    no D24), each naming tests that exist or saying why none is needed.
+    """
+
+    def setUp(self) -> None:
+        with open(DEFECTS, encoding="utf-8") as f:
+            sections = parseMap(f.read())
+        self.rows = []
+        for title, rows in sections.items():
+            if rows:
+                self.assertEqual(rows[0], ["ID", "Twisted's defect", "mailauth", "Tests"], title)
+                self.rows += rows[1:]
+
+    def test_everyDefect(self) -> None:
+        """D1 to D36 but D24, each once, in order, each row with its four cells."""
+        expected = [f"D{n}" for n in range(1, 37) if n != 24]
+        self.assertEqual([row[0] for row in self.rows], expected)
+        for row in self.rows:
+            self.assertEqual(len(row), 4, row)
+            self.assertTrue(all(row), row)
+
+    def test_provenOrExplained(self) -> None:
+        """Every row names a test, or says N/A and why."""
+        for row in self.rows:
+            explained = re.search(r"\*\*N/A\*\*:\s*\S", row[3])
+            self.assertTrue(TEST_NAME.search(row[3]) or explained, row)
+
+    def test_namedTestsExist(self) -> None:
+        """Every test the table names can be imported: module, class and method."""
+        names = {name for row in self.rows for name in TEST_NAME.findall(row[3])}
+        self.assertGreater(len(names), 80)
+        for name in sorted(names):
+            moduleName, className, methodName = name.rsplit(".", 2)
+            cls = getattr(importlib.import_module(moduleName), className, None)
+            self.assertIsNotNone(cls, f"{name}: no class {className} in {moduleName}")
+            self.assertTrue(methodName.startswith("test_"), name)
+            self.assertTrue(callable(getattr(cls, methodName, None)), f"{name} does not exist")
