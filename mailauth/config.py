@@ -76,6 +76,7 @@ _SCHEMA: dict = {
         "data_timeout": (parseDuration, "10m"),
         "max_data_time": (parsePositiveDuration, "30m"),
         "max_errors": (parsePositive, "10"),
+        "junk_command_limit": (parsePositive, "100"),
         "auth_threads": (parsePositive, "4"),
         "disk_threads": (parsePositive, "4"),
         "log_format": (choiceOf(("text", "json")), "text"),

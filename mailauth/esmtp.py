@@ -107,6 +107,8 @@ class SubmissionProtocol(
         self._timer = None
         self._dataDeadline: Any = None
         self._errors = 0
+        # NOOP, RSET, VRFY and HELP since the last message accepted.
+        self._junkCommands = 0
         self._authFailures = 0
         self._peer = "unknown"
         self._counted = False

@@ -32,7 +32,9 @@ class SessionCommands:
     # sets it first, in mailauth.esmtp).
     _bdatFailed: Any
     _buffer: Any
+    _errors: Any
     _helo: Any
+    _junkCommands: Any
 
     if TYPE_CHECKING:
         # A mixin of SubmissionProtocol: its other attributes are the session's.
@@ -126,20 +128,43 @@ class SessionCommands:
             self._logout()
         self._resetSession()
 
+    def _junk(self) -> bool:
+        """
+        Count a command that moves no mail (NOOP, RSET, VRFY, HELP): past
+        C{junk_command_limit} of them since the last message accepted, each
+        counts as an error too, as with Postfix's C{smtpd_junk_command_limit},
+        so that a client repeating them cannot hold its connection for ever;
+        at C{max_errors} the session ends with 421. Whether it ended.
+        """
+        self._junkCommands += 1
+        if self._junkCommands <= self.settings.junk_command_limit:
+            return False
+        self._errors += 1
+        if self._errors < self.settings.max_errors:
+            return False
+        self._hangUp("junk_commands")
+        self._close(replies.TOO_MANY_ERRORS)
+        return True
+
     def do_RSET(self, arg: str):
         if arg:
             return self._error(replies.SYNTAX.format(usage="RSET"))
+        if self._junk():
+            return None
         self._abortMessages()
         self._resetTransaction()
         self._bdatFailed = False
         self._send(replies.OK)
 
     def do_NOOP(self, arg: str):
-        self._send(replies.OK)
+        if not self._junk():
+            self._send(replies.OK)
 
     def do_VRFY(self, arg: str):
         if not arg:
             return self._error(replies.SYNTAX.format(usage="VRFY address"))
+        if self._junk():
+            return None
         # Never confirm or deny that a user exists (RFC 5321 3.5.3).
         self._send(replies.CANNOT_VRFY)
 
@@ -147,7 +172,8 @@ class SessionCommands:
         return self._error(replies.NOT_IMPLEMENTED.format(command="EXPN"))
 
     def do_HELP(self, arg: str):
-        self._send(replies.HELP)
+        if not self._junk():
+            self._send(replies.HELP)
 
     def do_QUIT(self, arg: str):
         self._close(replies.BYE)

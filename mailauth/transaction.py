@@ -307,6 +307,10 @@ class MailTransaction:
             session=self.session,
         )
         self._accepted += 1
+        # Postfix's limits are on errors and junk commands "without
+        # delivering mail": a message accepted starts both counts again.
+        self._errors = 0
+        self._junkCommands = 0
         self.factory.metrics.messageAccepted(len(self._recipients), self.clock.seconds() - started)
         self._resetTransaction()
         if self._mode != self.CLOSED:

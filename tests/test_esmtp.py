@@ -545,6 +545,51 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
         self.clock.advance(2)
         self.assertReply(s.read(), b"421 4.4.2 mx.example.test Error: timeout exceeded")
 
+    def junkLimited(self, limit: int) -> None:
+        """A new logged-in session whose junk_command_limit is C{limit}."""
+        self.factory = self.makeFactory(settings=makeSettings(junk_command_limit=limit))
+        self.session = Session(self.factory)
+        self.session.read()
+        self.login()
+
+    def test_junkCommandsCountAsErrors(self) -> None:
+        """
+        Past junk_command_limit NOOP, RSET, VRFY and HELP each counts as an
+        error, still answered, until max_errors ends the session with 421
+        (Postfix's smtpd_junk_command_limit): a client cannot hold its
+        connection for ever without sending mail.
+        """
+        self.junkLimited(4)
+        s = self.session
+        for command in (b"NOOP", b"RSET", b"VRFY bob", b"HELP"):
+            self.assertNotEqual(s.command(command)[-1][:3], b"421")
+        for _ in range(9):
+            self.assertReply(s.command(b"NOOP"), b"250 2.0.0 Ok")
+        self.assertFalse(s.transport.disconnecting)
+        self.assertReply(s.command(b"NOOP"), b"421 4.7.0 Error: too many errors")
+        self.assertTrue(s.transport.disconnecting)
+
+    def test_junkCountStartsAgainAfterAMessage(self) -> None:
+        """
+        A message accepted starts the counts of junk commands and of errors
+        again, as in Postfix (its limits are on errors "without delivering
+        mail").
+        """
+        self.junkLimited(4)
+        s = self.session
+        for _ in range(3):
+            # The limit, then as many more as max_errors allows but one.
+            for _ in range(4 + 9):
+                self.assertReply(s.command(b"NOOP"), b"250 2.0.0 Ok")
+            s.command(b"MAIL FROM:<alice@example.test>")
+            s.command(b"RCPT TO:<bob@example.test>")
+            s.command(b"DATA")
+            self.assertEqual(s.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n")[-1][:3], b"250")
+        self.assertFalse(s.transport.disconnecting)
+        for _ in range(4 + 9):
+            self.assertReply(s.command(b"NOOP"), b"250 2.0.0 Ok")
+        self.assertReply(s.command(b"NOOP"), b"421 4.7.0 Error: too many errors")
+
     def test_message(self) -> None:
         """A whole transaction: the body reaches the message once, with our header."""
         s = self.session
@@ -995,7 +1040,11 @@ class LimitTests(SessionTestsMixin, unittest.TestCase):
 
     def test_pipelineBackpressure(self) -> None:
         """A client pipelining a flood while a command waits is paused, then resumed."""
-        self.factory = self.makeFactory(tlsMode="implicit")
+        # The flood is of NOOPs: past junk_command_limit they would end the
+        # session, which is not what this is about.
+        self.factory = self.makeFactory(
+            tlsMode="implicit", settings=makeSettings(junk_command_limit=10**6)
+        )
         self.portal.answer = None
         session = Session(self.factory)
         session.read()

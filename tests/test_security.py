@@ -624,6 +624,26 @@ class LimitTests(AttackMixin, unittest.TestCase):
         self.assertEqual(replies[-1][1], [b"4.7.0 Error: too many errors"])
         self.assertTrue(closed)
 
+    @defer.inlineCallbacks
+    def test_junkCommandsEndTheSession(self):
+        """
+        A client that only repeats NOOP is cut off: past the default
+        junk_command_limit (100) each is an error, and max_errors more end
+        the session with 421, as Postfix's smtpd_junk_command_limit does;
+        the daemon logs the hang-up's reason.
+        """
+
+        def send():
+            c = self.connect()
+            codes = [c.command(b"NOOP")[0] for _ in range(100 + 3)]
+            return codes, c.closedByServer()
+
+        hangUp = self.log.waitFor(r"hang-up: .* reason=junk_commands command=NOOP")
+        codes, closed = yield self.inThread(send)
+        self.assertEqual(codes, [250] * 102 + [421])
+        self.assertTrue(closed)
+        yield hangUp
+
 
 # -- 3. open relay ------------------------------------------------------------
 
