@@ -166,7 +166,9 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
     that cannot be read spoils its line); the others are kept as they are
     by every edit. A malformed line is skipped,
     never fatal for the others; of two lines for one login (compared
-    without regard to case) the first wins.
+    without regard to case) the first wins, even when it is skipped: the
+    login then cannot log in, as in Dovecot, rather than with the line
+    that follows (one without the C{allow_nets} the first got wrong).
 
     @param path: names the file in problems.
     @return: the users by the key of their login (L{normalise}: case,
@@ -176,6 +178,8 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
     """
     users: dict[str, User] = {}
     problems = []
+    # The line each login was first seen on, and whether it was skipped.
+    first: dict[str, tuple[int, bool]] = {}
     for lineno, line in enumerate(text.split("\n"), 1):
         fields = _splitLine(line)
         if fields is None:
@@ -197,12 +201,14 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
             problems.append(f"{path}:{lineno}: the login {login!r} cannot name a mailbox: {unsafe}")
             continue
         key = normalise(login)
-        if key in users:
+        if key in first:
+            firstLine, skipped = first[key]
             problems.append(
                 f"{path}:{lineno}: duplicate login {login} (first on line "
-                f"{users[key].lineno}); this line is ignored"
+                f"{firstLine}{', skipped' if skipped else ''}); this line is ignored"
             )
             continue
+        first[key] = (lineno, True)
         try:
             password = parse(fields[1])
         except ValueError as e:
@@ -214,6 +220,7 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
         except NetworkListError as e:
             problems.append(f"{path}:{lineno}: {login}: {e}")
             continue
+        first[key] = (lineno, False)
         suspended, apps = _parseExtra(login, extra, f"{path}:{lineno}", problems)
         users[key] = User(
             login,

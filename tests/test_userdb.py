@@ -389,6 +389,38 @@ class AllowNetsTests(unittest.TestCase):
             [problem] = problems
             self.assertTrue(problem.startswith(f"users:1: alice@example.org: {why}"), problem)
 
+    def test_malformedLineKeepsItsLogin(self) -> None:
+        """
+        A line skipped as malformed still holds its login, as the first
+        line of a login does: a later line for that login, in any form, is
+        a duplicate and ignored too. Taking it instead would let a login
+        whose allow_nets has a typo log in from anywhere, with the password
+        of whatever line follows.
+        """
+        users, problems = parseUsers(
+            f"alice@example.org:{CRAM}::::::allow_nets=10.0.0.300/8\n"
+            f"ALICE@example.org:{CRAM}\n"
+            f'"alice"@example.org:{CRAM}\n'
+            "bob@example.org:{NOPE}x::::::allow_nets=10.0.0.0/8\n"
+            "bob@example.org:{PLAIN}b\n"
+            f"carol@example.org:{CRAM}\n",
+            "users",
+        )
+        self.assertEqual(list(users), ["carol@example.org"])
+        self.assertEqual(
+            [problem for problem in problems if "duplicate" in problem],
+            [
+                f"users:{lineno}: duplicate login {login} (first on line {first}, skipped);"
+                " this line is ignored"
+                for lineno, login, first in (
+                    (2, "alice@example.org", 1),
+                    (3, '"alice"@example.org', 1),
+                    (5, "bob@example.org", 4),
+                )
+            ],
+        )
+        self.assertEqual(len(problems), 5)
+
 
 class MemoryUserDatabaseTests(UserDatabaseTestsMixin, unittest.TestCase):
     """L{MemoryUserDatabase} behaves as the users file does."""
