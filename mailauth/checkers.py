@@ -19,7 +19,21 @@ from mailauth.threads import PoolBusy
 from mailauth.userdb import User, UserDatabaseUnavailable
 
 
-class LoginSuspended(UnauthorizedLogin):
+class RightCredentialsRefused(UnauthorizedLogin):
+    """
+    Right credentials that do not log in all the same, which the client is
+    answered as for wrong ones.
+
+    @ivar discovery: for a bearer token, the issuer's OpenID configuration
+        URL, which a client whose token was refused is told (RFC 7628
+        section 3.2.2, L{mailauth.sasl.TokenRefused}): without it the
+        error would show that this token was good. L{None} otherwise.
+    """
+
+    discovery: Optional[str] = None
+
+
+class LoginSuspended(RightCredentialsRefused):
     """
     The right credentials of a suspended login: the client is answered as
     for a wrong password, but the session logs it as suspended and never
@@ -27,7 +41,7 @@ class LoginSuspended(UnauthorizedLogin):
     """
 
 
-class AddressRefused(UnauthorizedLogin):
+class AddressRefused(RightCredentialsRefused):
     """
     The right credentials of a login that may not log in from where the
     client is (Dovecot's C{allow_nets} or C{allow_real_nets}): answered
@@ -344,7 +358,13 @@ class OAuthChecker:
                 f"the token names <{login}>, who is not a user here",
                 discovery=self.tokens.discovery,
             )
-        return _result(True, user, _refusal(user, credentials))
+        try:
+            return _result(True, user, _refusal(user, credentials))
+        except RightCredentialsRefused as e:
+            # A good token of a suspended login, or from outside its
+            # allow_nets: the client is told what a refused token gets.
+            e.discovery = self.tokens.discovery
+            raise
 
 
 @implementer(ICredentialsChecker)

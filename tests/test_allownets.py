@@ -8,6 +8,7 @@ clients that send a PROXY v1 header first.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import smtplib
 
@@ -27,11 +28,13 @@ from mailauth.userdb import User
 from tests.harness import (
     AttackMixin,
     RawClient,
+    b64,
     clientContext,
     insecureContext,
     plain,
     smtpClient,
 )
+from tests.support import TokenIssuer
 
 ip = ipaddress.ip_address
 
@@ -279,3 +282,59 @@ class ProxiedTests(AttackMixin, unittest.TestCase):
             ]
             * 2,
         )
+
+
+def oauthbearer(token: str, authzid: str) -> bytes:
+    """An OAUTHBEARER initial response, as msmtp sends it (C{a=} only if C{authzid})."""
+    a = f"a={authzid}" if authzid else ""
+    return f"n,{a},\x01auth=Bearer {token}\x01\x01".encode()
+
+
+class TokenTests(AttackMixin, unittest.TestCase):
+    """
+    OAUTHBEARER on the real daemon: a good token for a login that may not
+    log in from 127.0.0.1 is answered as a bad token is.
+    """
+
+    issuer = TokenIssuer("ec", "k1")
+    settings = {
+        "auth": {"mechanisms": "PLAIN OAUTHBEARER", "failures_per_session": "10"},
+        "oauth": {
+            "issuer": TokenIssuer.ISSUER,
+            "audience": TokenIssuer.AUDIENCE,
+            "jwks": "{dir}/jwks.json",
+        },
+    }
+    files = {
+        "jwks.json": issuer.jwks("k1"),
+        "users": (
+            "far@example.test:{PLAIN}x::::::allow_nets=10.0.0.0/8\n"
+            "gone@example.test:{PLAIN}x::::::nologin\n"
+        ),
+    }
+
+    def exchange(self, token: str, authzid: str = "") -> list:
+        """(Blocking.) OAUTHBEARER with C{token} over implicit TLS, and ^A after a 334."""
+        client = self.connect("submissions")
+        client.ehlo()
+        replies = [client.command(b"AUTH OAUTHBEARER " + b64(oauthbearer(token, authzid)))]
+        if replies[0][0] == 334:
+            replies.append(client.command(b64(b"\x01")))
+        return replies
+
+    @defer.inlineCallbacks
+    def test_goodTokenFromElsewhere(self):
+        """
+        A good token of a login restricted to 10.0.0.0/8, sent from
+        127.0.0.1, and one of a suspended login get the same error
+        challenge as an expired token, the issuer's discovery URL included
+        (RFC 7628 section 3.2.2), then 535: the JSON does not tell that the
+        token was good.
+        """
+        bad = yield self.inThread(self.exchange, self.issuer.mint("far@example.test", lifetime=-90))
+        far = yield self.inThread(self.exchange, self.issuer.mint("far@example.test"))
+        gone = yield self.inThread(self.exchange, self.issuer.mint("gone@example.test"))
+        self.assertEqual(bad[0][0], 334)
+        self.assertIn(b"openid-configuration", base64.b64decode(bad[0][1][0]))
+        self.assertEqual(far, bad)
+        self.assertEqual(gone, bad)

@@ -596,7 +596,8 @@ class CheckerTests(unittest.TestCase):
         """
         A good token for a login restricted by allow_nets logs it in from
         inside the networks only; from outside it is refused as a bad
-        token is (an UnauthorizedLogin), saying why.
+        token is (an UnauthorizedLogin, with the issuer's discovery URL for
+        the client), saying why. So is a good token of a suspended login.
         """
         self.users.source["bob@example.test"] = "{PLAIN}x::::::allow_nets=10.0.0.0/8"
         self.users.load()
@@ -611,6 +612,12 @@ class CheckerTests(unittest.TestCase):
         f = self.failureResultOf(check("192.0.2.1"), AddressRefused)
         self.assertTrue(f.check(UnauthorizedLogin))
         self.assertEqual(f.value.why, "IP 192.0.2.1 not in allowed networks")
+        # The client is told the issuer, as for a refused token.
+        self.assertEqual(f.value.discovery, DISCOVERY)
+        self.users.source["bob@example.test"] = "{PLAIN}x::::::nologin"
+        self.users.load()
+        f = self.failureResultOf(check("10.0.0.1"), LoginSuspended)
+        self.assertEqual(f.value.discovery, DISCOVERY)
 
     def test_databaseUnavailable(self) -> None:
         """A user database that cannot answer is a temporary failure."""
@@ -677,11 +684,14 @@ class SessionTests(unittest.TestCase):
         suspended; it counts towards the session's failures, not as a guess.
         """
         self.session.command(b"AUTH OAUTHBEARER " + b64(oauthbearer("T")))
-        self.portal.fail(exc=LoginSuspended())
+        suspended = LoginSuspended()
+        suspended.discovery = DISCOVERY  # as OAuthChecker sets it
+        self.portal.fail(exc=suspended)
         [line] = self.session.read()
         self.assertTrue(line.startswith(b"334 "), line)
         self.assertEqual(
-            json.loads(base64.b64decode(line[4:])), {"status": "invalid_token", "schemes": "bearer"}
+            json.loads(base64.b64decode(line[4:])),
+            {"status": "invalid_token", "schemes": "bearer", "openid-configuration": DISCOVERY},
         )
         self.assertEqual(
             self.session.command(b64(b"\x01")), [b"535 5.7.8 Authentication credentials invalid"]
