@@ -24,6 +24,8 @@ class RightCredentialsRefused(UnauthorizedLogin):
     Right credentials that do not log in all the same, which the client is
     answered as for wrong ones.
 
+    @ivar login: the login they are right for, which the session logs: a
+        bearer token names it, where the client need not.
     @ivar discovery: for a bearer token, the issuer's OpenID configuration
         URL, which a client whose token was refused is told (RFC 7628
         section 3.2.2, L{mailauth.sasl.TokenRefused}): without it the
@@ -31,6 +33,10 @@ class RightCredentialsRefused(UnauthorizedLogin):
     """
 
     discovery: Optional[str] = None
+
+    def __init__(self, message: str = "", *, login: str) -> None:
+        super().__init__(message)
+        self.login = login
 
 
 class LoginSuspended(RightCredentialsRefused):
@@ -53,8 +59,8 @@ class AddressRefused(RightCredentialsRefused):
         networks"}).
     """
 
-    def __init__(self, field: str, why: str) -> None:
-        super().__init__(f"{field} check failed: {why}")
+    def __init__(self, field: str, why: str, *, login: str) -> None:
+        super().__init__(f"{field} check failed: {why}", login=login)
         self.field = field
         self.why = why
 
@@ -90,11 +96,12 @@ def _result(ok: bool, user, refusal: Optional[tuple[str, str]] = None):
     """
     if not ok:
         raise UnauthorizedLogin()
+    login = user.login.lower()
     if refusal is not None:
-        raise AddressRefused(*refusal)
+        raise AddressRefused(*refusal, login=login)
     if user.suspended:
-        raise LoginSuspended()
-    return user.login.lower()
+        raise LoginSuspended(login=login)
+    return login
 
 
 def _busy(f):
@@ -402,7 +409,7 @@ class ScramChecker:
         if refusal is not None:
             # The mechanism never accepted a proof from there (whatever the
             # password, the client was answered as for a wrong one).
-            raise AddressRefused(*refusal)
+            raise AddressRefused(*refusal, login=user.login.lower())
         if not (credentials.verified and keys.same(credentials.keys)):
             raise UnauthorizedLogin()
         # A suspended login fails even with the right proof (LoginSuspended).

@@ -203,7 +203,7 @@ class AuthCommands:
                 "session={session}",
                 client=self._peer,
                 mechanism=credentials.mechanism,
-                login=printable(credentials.username),
+                login=printable(cast(LoginSuspended, f.value).login),
                 session=self.session,
             )
             self.factory.metrics.authResult(credentials.mechanism, "suspended")
@@ -232,7 +232,7 @@ class AuthCommands:
                     field=refused.field,
                     client=self._peer,
                     mechanism=credentials.mechanism,
-                    login=printable(credentials.username),
+                    login=printable(refused.login),
                     why=refused.why,
                     session=self.session,
                 )

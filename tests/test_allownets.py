@@ -338,3 +338,24 @@ class TokenTests(AttackMixin, unittest.TestCase):
         self.assertIn(b"openid-configuration", base64.b64decode(bad[0][1][0]))
         self.assertEqual(far, bad)
         self.assertEqual(gone, bad)
+
+    @defer.inlineCallbacks
+    def test_refusalNamesTheTokensLogin(self):
+        """
+        A token names its login, and OAUTHBEARER need not: the auth refused
+        and auth suspended lines name the login the good token is for.
+        """
+        for login in ("far@example.test", "gone@example.test"):
+            yield self.inThread(self.exchange, self.issuer.mint(login))
+        self.assertEqual(
+            [
+                line.split(" session=")[0]
+                for line in self.log.matching(r"^auth (refused|suspended)")
+            ],
+            [
+                "auth refused: client=[127.0.0.1] mechanism=OAUTHBEARER login=<far@example.test>: "
+                "allow_nets check failed: IP 127.0.0.1 not in allowed networks",
+                "auth suspended: client=[127.0.0.1] mechanism=OAUTHBEARER "
+                "login=<gone@example.test>",
+            ],
+        )

@@ -684,7 +684,7 @@ class SessionTests(unittest.TestCase):
         suspended; it counts towards the session's failures, not as a guess.
         """
         self.session.command(b"AUTH OAUTHBEARER " + b64(oauthbearer("T")))
-        suspended = LoginSuspended()
+        suspended = LoginSuspended(login="bob@example.test")
         suspended.discovery = DISCOVERY  # as OAuthChecker sets it
         self.portal.fail(exc=suspended)
         [line] = self.session.read()
