@@ -381,9 +381,14 @@ def _checkHash(hashString: str) -> None:
         raise UserDatabaseError(str(e)) from None
 
 
-def _lineLogin(line: str) -> Optional[str]:
+def _names(line: str, login: str) -> bool:
+    """
+    Whether C{line} is one of C{login}'s, compared as loading compares
+    logins (L{normalise}: case, quoting, the domain's A- or U-labels), so
+    that an edit finds every line the daemon takes for that login.
+    """
     fields = _splitLine(line)
-    return fields[0].lower() if fields is not None else None
+    return fields is not None and normalise(fields[0]) == normalise(login)
 
 
 @contextlib.contextmanager
@@ -475,7 +480,7 @@ def setPassword(path: str, login: str, hashString: str) -> None:
             raise UserDatabaseError(f"no user {login} in {path}")
         result = []
         for line in lines:
-            if _lineLogin(line) == login.lower():
+            if _names(line, login):
                 fields = line.split(":")
                 line = ":".join([fields[0], hashString] + fields[2:])
             result.append(line)
@@ -494,14 +499,14 @@ def deleteUser(path: str, login: str) -> None:
     def change(lines: list[str]) -> list[str]:
         if not _hasLogin(lines, login):
             raise UserDatabaseError(f"no user {login} in {path}")
-        return [line for line in lines if _lineLogin(line) != login.lower()]
+        return [line for line in lines if not _names(line, login)]
 
     _edit(path, change)
 
 
 def _hasLogin(lines: list[str], login: str) -> bool:
     # Even a line that loading would skip as malformed counts.
-    return any(_lineLogin(line) == login.lower() for line in lines)
+    return any(_names(line, login) for line in lines)
 
 
 def hasUser(path: str, login: str) -> bool:
@@ -563,9 +568,7 @@ def _editUser(path: str, login: str, change: Callable[[list[str]], list[str]]) -
         if not _hasLogin(lines, login):
             raise UserDatabaseError(f"no user {login} in {path}")
         return [
-            ":".join(change(line.rstrip("\r").split(":")))
-            if _lineLogin(line) == login.lower()
-            else line
+            ":".join(change(line.rstrip("\r").split(":"))) if _names(line, login) else line
             for line in lines
         ]
 
@@ -675,13 +678,14 @@ def replacePassword(path: str, login: str, expected: PasswordHash, hashString: s
         result = list(lines)
         for i, line in enumerate(lines):
             fields = _splitLine(line)
-            if fields is None or fields[0].lower() != login.lower() or len(fields) < 2:
+            if fields is None or not _names(line, login) or len(fields) < 2:
                 continue
+            # Only the login's first line is the one loading uses (if it
+            # can be read at all).
             try:
                 current = parse(fields[1])
             except ValueError:
-                continue
-            # The first valid line is the one loading uses.
+                break
             if current == expected:
                 result[i] = ":".join([fields[0], hashString] + fields[2:])
                 replaced.append(True)

@@ -490,6 +490,25 @@ class EditTests(unittest.TestCase):
             self.assertIn("already exists", str(error))
         self.assertEqual(self.read(), self.ORIGINAL)
 
+    def test_loginInAnyForm(self) -> None:
+        """
+        A login is found in every form the daemon reads as that login (its
+        domain in A- or U-labels, any case): adding it again in another
+        form is refused, where it wrote a line the daemon ignores as a
+        duplicate, and the other edits find it.
+        """
+        with open(self.path, "a") as f:
+            f.write("x@bücher.example:{PLAIN}old\n")
+        error = self.assertRaises(
+            UserDatabaseError, addUser, self.path, "X@xn--bcher-kva.example", CRAM
+        )
+        self.assertIn("already exists", str(error))
+        setPassword(self.path, "x@xn--bcher-kva.example", CRAM)
+        self.assertEqual(self.read(), self.ORIGINAL + "x@bücher.example:" + CRAM + "\n")
+        self.assertTrue(hasUser(self.path, "x@XN--BCHER-KVA.example"))
+        deleteUser(self.path, "x@xn--bcher-kva.example")
+        self.assertEqual(self.read(), self.ORIGINAL)
+
     def test_malformedAllowNetsRefused(self) -> None:
         """
         A line whose allow_nets cannot be read is skipped when the file is

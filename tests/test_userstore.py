@@ -237,20 +237,22 @@ class UsersFileStoreTests(StoreTestMixin, unittest.TestCase):
         self.assertFalse(self.store.upgradePassword("nobody@example.org", parse(SHA256), new))
         self.assertEqual(os.stat(self.path).st_ino, inode)
 
-    def test_upgradeUsesFirstValidLine(self) -> None:
+    def test_upgradeUsesFirstLine(self) -> None:
         """
-        Of two lines for one login the first valid one is the one loaded,
-        so it is the only one an upgrade may replace.
+        Of two lines for one login (in any form) the first is the one
+        loaded, so it is the only one an upgrade may replace; if it cannot
+        be read, the login is not loaded, and nothing is replaced.
         """
-        with open(self.path, "w") as f:
-            f.write(
-                f"bob@example.org:{{NOPE}}x\nbob@example.org:{SHA256}\nbob@example.org:{SHA256}\n"
-            )
         new = makeHash(SECRET)
+        with open(self.path, "w") as f:
+            f.write(f"bob@example.org:{SHA256}\nBob@example.org:{SHA256}\n")
         self.assertTrue(self.store.upgradePassword("bob@example.org", parse(SHA256), new))
         self.assertEqual(
-            self.read().splitlines()[1:], [f"bob@example.org:{new}", f"bob@example.org:{SHA256}"]
+            self.read().splitlines(), [f"bob@example.org:{new}", f"Bob@example.org:{SHA256}"]
         )
+        with open(self.path, "w") as f:
+            f.write(f"bob@example.org:{{NOPE}}x\nbob@example.org:{SHA256}\n")
+        self.assertFalse(self.store.upgradePassword("bob@example.org", parse(SHA256), new))
 
 
 APP = makeHash(b"abcdefghjkmnpqrstuvw")
