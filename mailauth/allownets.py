@@ -105,7 +105,7 @@ class Networks:
             try:
                 if "%" in entry:
                     raise ValueError(entry)
-                networks.append(ipaddress.ip_network(entry, strict=False))
+                networks.append(_unmappedNetwork(ipaddress.ip_network(entry, strict=False)))
             except ValueError:
                 raise NetworkListError(
                     f"{entry[:64]!r} is not an IP address, a network or {LOCAL!r}"
@@ -117,6 +117,22 @@ class Networks:
         if ip is None:
             return self.local
         return any(ip in network for network in self.networks)
+
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _unmappedNetwork(network: IPNetwork) -> IPNetwork:
+    """
+    C{network} as the clients it holds are matched: clients named as
+    IPv4-mapped IPv6 addresses are matched as IPv4 (L{hostAddress}), so an
+    IPv4-mapped network (C{::ffff:10.0.0.0/104}) is its IPv4 network
+    (C{10.0.0.0/8}); one wider than the mapped block stays as it is.
+    """
+    if network.version == 6 and network.prefixlen >= 96 and network.subnet_of(_MAPPED):
+        mapped = network.network_address.ipv4_mapped
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
 
 
 def refusal(user: Any, origin: Optional[Origin]) -> Optional[tuple[str, str]]:

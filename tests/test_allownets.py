@@ -55,6 +55,20 @@ class NetworksTests(unittest.TestCase):
         self.assertTrue(Networks.parse("local").allows(None))
         self.assertFalse(Networks.parse("local").allows(ip("127.0.0.1")))
 
+    def test_mappedNetworks(self) -> None:
+        """
+        An IPv4-mapped network in the list is its IPv4 network, since the
+        clients it names are matched as IPv4 (L{hostAddress}); it matched
+        nobody.
+        """
+        nets = Networks.parse("::ffff:10.0.0.0/104,::ffff:192.0.2.7")
+        self.assertTrue(nets.allows(hostAddress("10.1.2.3")))
+        self.assertTrue(nets.allows(hostAddress("::ffff:10.1.2.3")))
+        self.assertTrue(nets.allows(hostAddress("192.0.2.7")))
+        self.assertFalse(nets.allows(hostAddress("11.0.0.1")))
+        # Wider than the mapped block: an IPv6 network, as written.
+        self.assertEqual(Networks.parse("::/95").networks, (ipaddress.ip_network("::/95"),))
+
     def test_hostAddress(self) -> None:
         """
         An IPv4 client of a dual-stack socket is its IPv4 address, a scoped
