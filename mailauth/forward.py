@@ -247,8 +247,13 @@ class QueueService(service.Service):
                 self._track(self._worker())
         # Delay notifications now due, of messages no attempt has taken (an
         # attempt queues its own): on time even while the relay is held back.
-        for msgid, entry in list(self._index.items()):
-            if entry.delayDue is not None and entry.delayDue <= now and msgid not in self._inFlight:
+        # Each is looked up again: one that ran to its end before this loop
+        # came to it (a failure, found at once) has its new time already.
+        for msgid in list(self._index):
+            entry = self._index.get(msgid)
+            if entry is None or msgid in self._inFlight:
+                continue
+            if entry.delayDue is not None and entry.delayDue <= now:
                 self._inFlight.add(msgid)
                 self._track(self._reportDelay(msgid))
         self._setTimer(now)

@@ -575,6 +575,31 @@ class NotificationTests(QueueTestMixin, unittest.TestCase):
         # Attempts at 0, 300, 900 and 2100 s; the next is at 4500 s.
         self.assertEqual(len(self.relay.connectTimes), 4)
 
+    def test_delayReportsFailingTogetherTriedOnceEach(self):
+        """
+        Two delay reports that fall due together and cannot be queued (a
+        full disk) fail once each, with the first backoff: the one whose
+        failure was already handled is not tried again at once from the
+        state the queue had before (which doubled its backoff and logged
+        it twice).
+        """
+        watcher = LogWatcher()
+        self.addCleanup(watcher.stop)
+
+        def reportDueOnFullDisk(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        self.patch(self.queue, "reportDue", reportDueOnFullDisk)
+        self.relay.down = True
+        self.restart(retry_initial=300.0, retry_max=7200.0)
+        self.submit("m1", notify=("DELAY",))
+        self.submit("m2", notify=("DELAY",))
+        self.runFor(3600)
+        failed = [m for m in watcher.messages if "delay notification failed" in m]
+        self.assertEqual(sorted(line.split(":")[1] for line in failed), [" m1", " m2"], failed)
+        for line in failed:
+            self.assertTrue(line.endswith("tried again in 300 s"), line)
+
     def test_notificationsLoggedByKind(self):
         """
         The log names each notification as Postfix does (non-delivery,
