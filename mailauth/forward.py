@@ -24,6 +24,12 @@ from mailauth.spool import DamagedMessage, Queue, ScanResult, SettleResult
 
 log = Logger(namespace="mailauth.queue")
 
+# At most this many local jobs (a delivery of the server's own notice to a
+# local Maildir, the queueing of a delay notice) at once: each is a few
+# calls to the disk pool, which the sessions share and which refuses calls
+# past its bound; Postfix's local_destination_concurrency_limit is 2 too.
+LOCAL_CONCURRENCY = 2
+
 
 @attrs.frozen
 class _Entry:
@@ -39,8 +45,9 @@ class _Entry:
 class QueueService(service.Service):
     """
     Delivers the queue: local recipients (bounces to local senders) through
-    C{localDelivery}, the others through the relay, with at most
-    C{max_connections} sessions, each reused for several messages.
+    C{localDelivery}, at most L{LOCAL_CONCURRENCY} at once, the others
+    through the relay, with at most C{max_connections} sessions, each
+    reused for several messages.
 
     It scans the queue on start, every C{queue_interval} (which also picks
     up C{mailauth queue flush}), and when L{wake} is called after a commit.
@@ -96,6 +103,7 @@ class QueueService(service.Service):
         # (a full disk), for their backoff.
         self._crashes: dict[str, int] = {}
         self._workers = 0
+        self._localWorkers = 0
         self._tasks: set = set()
         self._sessions: set = set()
         self._connecting: set = set()
@@ -229,33 +237,19 @@ class QueueService(service.Service):
         if not self.running:
             return
         now = self._reactor.seconds()
-        remoteDue = 0
-        for _, msgid in self._due(now):
-            entry = self._index.get(msgid)
-            if entry is None or msgid in self._inFlight:
-                # Settled meanwhile by an attempt started in this loop
-                # (whose work ran at once, without a thread).
-                continue
-            if entry.remote:
-                remoteDue += 1
-            else:
-                self._inFlight.add(msgid)
-                self._track(self._attemptOne(msgid))
-        if remoteDue and now >= self._holdUntil:
-            for _ in range(min(remoteDue, self._maxConnections - self._workers)):
-                self._workers += 1
-                self._track(self._worker())
-        # Delay notifications now due, of messages no attempt has taken (an
-        # attempt queues its own): on time even while the relay is held back.
-        # Each is looked up again: one that ran to its end before this loop
-        # came to it (a failure, found at once) has its new time already.
-        for msgid in list(self._index):
-            entry = self._index.get(msgid)
-            if entry is None or msgid in self._inFlight:
-                continue
-            if entry.delayDue is not None and entry.delayDue <= now:
-                self._inFlight.add(msgid)
-                self._track(self._reportDelay(msgid))
+        # A worker takes its first job before it returns, so none is
+        # started for nothing; one that ran to its end at once (no thread)
+        # has given its place back.
+        while self._localWorkers < LOCAL_CONCURRENCY and self._nextLocal(now) is not None:
+            self._localWorkers += 1
+            self._track(self._localWorker())
+        while (
+            self._workers < self._maxConnections
+            and now >= self._holdUntil
+            and self._nextRemote(now) is not None
+        ):
+            self._workers += 1
+            self._track(self._worker())
         self._setTimer(now)
 
     def _setTimer(self, now: float) -> None:
@@ -275,14 +269,37 @@ class QueueService(service.Service):
         if upcoming:
             self._timer = self._reactor.callLater(min(upcoming) - now, self._dispatch)
 
-    def _takeRemote(self) -> Optional[str]:
-        for _, msgid in self._due(self._reactor.seconds()):
+    def _nextRemote(self, now: float) -> Optional[str]:
+        """The message due longest for the relay that no work has taken."""
+        for _, msgid in self._due(now):
             if self._index[msgid].remote:
-                self._inFlight.add(msgid)
                 return msgid
         return None
 
-    # Delivery
+    def _takeRemote(self) -> Optional[str]:
+        msgid = self._nextRemote(self._reactor.seconds())
+        if msgid is not None:
+            self._inFlight.add(msgid)
+        return msgid
+
+    def _nextLocal(self, now: float) -> Optional[tuple]:
+        """
+        The local job due longest that no work has taken, as (its time,
+        the method that does it, the message): a delivery to a local
+        Maildir, or a delay notification (of a message no attempt has
+        taken: an attempt queues its own), which is due on time even while
+        the relay is held back.
+        """
+        jobs = [(when, self._attemptOne, msgid) for when, msgid in self._due(now)]
+        jobs = [job for job in jobs if not self._index[job[2]].remote]
+        jobs += [
+            (entry.delayDue, self._reportDelay, msgid)
+            for msgid, entry in self._index.items()
+            if entry.delayDue is not None and entry.delayDue <= now and msgid not in self._inFlight
+        ]
+        return min(jobs, key=lambda job: (job[0], job[2])) if jobs else None
+
+        # Delivery
 
     @defer.inlineCallbacks
     def _worker(self):
@@ -313,6 +330,25 @@ class QueueService(service.Service):
         self._dispatch()
 
     @defer.inlineCallbacks
+    def _localWorker(self):
+        """
+        Local work (deliveries, delay notifications) one job at a time,
+        until none is due: at most L{LOCAL_CONCURRENCY} of these run, so a
+        burst of due jobs does not take a call of the disk pool each.
+        """
+        try:
+            while self.running:
+                job = self._nextLocal(self._reactor.seconds())
+                if job is None:
+                    break
+                _, work, msgid = job
+                self._inFlight.add(msgid)
+                yield work(msgid)
+        finally:
+            self._localWorkers -= 1
+        self._dispatch()
+
+    @defer.inlineCallbacks
     def _attemptOne(self, msgid: str):
         try:
             yield self._attempt(msgid, None)
@@ -320,7 +356,6 @@ class QueueService(service.Service):
             self._attemptCrashed(msgid)
         finally:
             self._inFlight.discard(msgid)
-        self._dispatch()
 
     def _attemptCrashed(self, msgid: str) -> None:
         """An attempt failed on a bug or an I/O error: it is tried again after L{_crashed}."""
@@ -386,7 +421,6 @@ class QueueService(service.Service):
                     self.wake()
         finally:
             self._inFlight.discard(msgid)
-        self._dispatch()
 
     @defer.inlineCallbacks
     def _attempt(self, msgid: str, session):

@@ -13,11 +13,16 @@ import email.policy
 import glob
 import os
 
+import attrs
 from twisted.internet import defer, reactor, threads
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from tests.harness import Daemon, LogWatcher, RawClient, plain, smtpClient
+from mailauth.envelope import RecipientStatus
+from mailauth.spool import Queue, Spool
+from tests.harness import ClockedReactor, Daemon, LogWatcher, RawClient, plain, smtpClient
 from tests.smtpsink import QueueEvents, SMTPSink
+from tests.support import holdPort
 
 USERS = (
     "bob@example.test:{PLAIN}bob-secret-2\n"
@@ -420,3 +425,81 @@ class NotificationTests(DaemonMixin, unittest.TestCase):
         self.assertIn(b"Original-Recipient: rfc822; Far@Remote", bounce)
         self.assertIn(b"Content-Type: message/rfc822", bounce)
         self.assertIn(b"\nbody\n", bounce)
+
+
+class DelayNoticeTests(unittest.TestCase):
+    """
+    Delay notices (NOTIFY=DELAY) from the real daemon, built on a clock the
+    test drives.
+    """
+
+    timeout = 30
+
+    def setUp(self):
+        self.clock = Clock()
+        self.events = QueueEvents()
+        self.events.start(self)
+        self.log = LogWatcher()
+        self.addCleanup(self.log.stop)
+
+    def restartWithQueue(self, count: int, now: float, **relay):
+        """
+        Start the daemon at C{now} on a queue that holds C{count} messages
+        from bob, each to a remote recipient with NOTIFY=DELAY, that arrived
+        at 0 and were tried then (their next attempt is an hour later), as
+        the daemon finds them after a restart while the relay was down.
+        """
+        self.daemon = Daemon(
+            self.mktemp(),
+            settings={
+                # The disk pool queues at most 2 * max_connections calls.
+                "server": {"max_connections": "2"},
+                "relay": {
+                    "host": "127.0.0.1",
+                    "port": str(holdPort(self)),
+                    "tls": "none",
+                    "retry_initial": "1h",
+                    "delay_warning": "10m",
+                    **relay,
+                },
+            },
+            reactor=ClockedReactor(self.clock),
+        )
+        self.addCleanup(self.daemon.stop)
+        spool = Spool(os.path.join(self.daemon.config.server.state_dir, "queue"))
+        queue = Queue(spool.directory, self.clock, "mx.example.test")
+        for n in range(count):
+            writer = queue.newMessage(
+                f"m{n}",
+                "bob@example.test",
+                [RecipientStatus("far@remote.example", notify=("DELAY",))],
+            )
+            writer.write(b"Subject: %d\r\n\r\nbody\r\n" % n)
+            writer.commit()
+            spool.update(f"m{n}", lambda e: attrs.evolve(e, attempts=1, nextAttempt=3600.0))
+        self.clock.advance(now)
+        self.daemon.start()
+
+    @defer.inlineCallbacks
+    def test_manyDueTogether(self):
+        """
+        More delay notices due at once than the disk pool may queue calls
+        for (at a restart): each is queued and delivered to the sender's
+        Maildir, and none fails for a busy pool (the queue took a call of
+        the pool for every due notice, and every due delivery, at once: the
+        calls past the pool's bound failed, each with a traceback, to be
+        tried again an hour later).
+        """
+        failed = self.log.waitFor("(delay notification|delivery attempt) failed")
+        queued = self.events.wait("bounce", count=12)
+        self.restartWithQueue(12, now=600.0)
+        yield defer.DeferredList([failed, queued], fireOnOneCallback=True)
+        # The notices' own delivery starts at the scan their commit asked for.
+        self.clock.advance(0)
+        delivered = self.events.wait("removed", count=12)
+        yield defer.DeferredList([failed, delivered], fireOnOneCallback=True)
+        self.assertEqual(self.log.matching(" failed"), [])
+        notices = self.daemon.delivered("bob@example.test")
+        self.assertEqual(len(notices), 12)
+        for _, notice in notices:
+            self.assertIn(b"\nAction: delayed\n", notice)
