@@ -6,7 +6,8 @@ local recipients to an L{ILocalDelivery}.
 
 from __future__ import annotations
 
-from typing import Optional
+import heapq
+from typing import Callable, Optional
 
 import attrs
 from twisted.application import service
@@ -40,6 +41,50 @@ class _Entry:
     arrival: float = 0.0
     # When its delay notification falls due, attempt or not; None if none will.
     delayDue: Optional[float] = None
+
+
+class _Timeline:
+    """
+    Messages by the time one kind of their work falls due, earliest first
+    (a heap), so that finding what is due, or when the next thing is, does
+    not look at every message in a queue of thousands.
+
+    An item only stands while C{current} still gives its message that time
+    (the message is not taken by some work, gone, or rescheduled); the
+    others are dropped as they come up. Whoever gives a message a new time,
+    or lets it go, adds the item again.
+    """
+
+    def __init__(self, current: Callable[[str], Optional[float]]) -> None:
+        self._heap: list = []
+        self._current = current
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def add(self, when: float, msgid: str) -> None:
+        heapq.heappush(self._heap, (when, msgid))
+
+    def first(self) -> Optional[tuple]:
+        """The earliest C{(time, message)} that stands, or L{None}."""
+        heap = self._heap
+        while heap:
+            when, msgid = heap[0]
+            if self._current(msgid) == when:
+                return heap[0]
+            heapq.heappop(heap)
+        return None
+
+    def take(self, now: float) -> Optional[str]:
+        """The message of the earliest item due at C{now}, removed; or L{None}."""
+        first = self.first()
+        if first is None or first[0] > now:
+            return None
+        heapq.heappop(self._heap)
+        return first[1]
+
+    def clear(self) -> None:
+        self._heap = []
 
 
 class QueueService(service.Service):
@@ -95,6 +140,10 @@ class QueueService(service.Service):
         self._relayHost = relayConfig.host
         self._index: dict = {}
         self._inFlight: set = set()
+        # What is due when, by kind of work (see _Timeline).
+        self._localAttempts = _Timeline(lambda msgid: self._attemptTime(msgid, remote=False))
+        self._remoteAttempts = _Timeline(lambda msgid: self._attemptTime(msgid, remote=True))
+        self._delayNotices = _Timeline(self._delayTime)
         # msgid -> the final outcomes (delivered, failed) of an attempt whose
         # outcome could not be written (a full disk): never sent again, and
         # written with the next attempt's.
@@ -221,16 +270,64 @@ class QueueService(service.Service):
         remote = envelope.nextAttempt < envelope.expiresAt(self._policy) and any(
             not self._local.isLocal(address) for address in envelope.pending()
         )
-        self._index[envelope.id] = _Entry(
-            envelope.nextAttempt, remote, envelope.arrival, envelope.delayNoticeDue(self._policy)
+        self._setEntry(
+            envelope.id,
+            _Entry(
+                envelope.nextAttempt,
+                remote,
+                envelope.arrival,
+                envelope.delayNoticeDue(self._policy),
+            ),
         )
 
-    def _due(self, now: float) -> list:
-        return sorted(
-            (entry.nextAttempt, msgid)
-            for msgid, entry in self._index.items()
-            if entry.nextAttempt <= now and msgid not in self._inFlight
-        )
+    def _setEntry(self, msgid: str, entry: _Entry) -> None:
+        """Record C{entry} as the scheduler's view of C{msgid}, due as it says."""
+        self._index[msgid] = entry
+        if msgid not in self._inFlight:
+            self._schedule(msgid)
+
+    def _schedule(self, msgid: str) -> None:
+        """Put C{msgid}'s work on the timelines, at the times its entry says."""
+        self._addItems(msgid)
+        # Items that no longer stand are dropped only as they come up: when
+        # they far outnumber the messages, the timelines are made anew.
+        timelines = (self._localAttempts, self._remoteAttempts, self._delayNotices)
+        if sum(len(t) for t in timelines) > 4 * len(self._index) + 1000:
+            for timeline in timelines:
+                timeline.clear()
+            for each in self._index:
+                if each not in self._inFlight:
+                    self._addItems(each)
+
+    def _addItems(self, msgid: str) -> None:
+        entry = self._index.get(msgid)
+        if entry is None:
+            return
+        attempts = self._remoteAttempts if entry.remote else self._localAttempts
+        attempts.add(entry.nextAttempt, msgid)
+        if entry.delayDue is not None:
+            self._delayNotices.add(entry.delayDue, msgid)
+
+    def _take(self, msgid: str) -> None:
+        """Some work has C{msgid} now: nothing else is started for it."""
+        self._inFlight.add(msgid)
+
+    def _release(self, msgid: str) -> None:
+        """The work on C{msgid} is done: what it is due for next counts again."""
+        self._inFlight.discard(msgid)
+        self._schedule(msgid)
+
+    def _attemptTime(self, msgid: str, remote: bool) -> Optional[float]:
+        entry = self._index.get(msgid)
+        if entry is None or entry.remote != remote or msgid in self._inFlight:
+            return None
+        return entry.nextAttempt
+
+    def _delayTime(self, msgid: str) -> Optional[float]:
+        entry = self._index.get(msgid)
+        if entry is None or msgid in self._inFlight:
+            return None
+        return entry.delayDue
 
     def _dispatch(self) -> None:
         """Start what is due, and set a timer for what is due next."""
@@ -243,63 +340,66 @@ class QueueService(service.Service):
         while self._localWorkers < LOCAL_CONCURRENCY and self._nextLocal(now) is not None:
             self._localWorkers += 1
             self._track(self._localWorker())
-        while (
-            self._workers < self._maxConnections
-            and now >= self._holdUntil
-            and self._nextRemote(now) is not None
-        ):
+        while self._workers < self._maxConnections and now >= self._holdUntil:
+            first = self._remoteAttempts.first()
+            if first is None or first[0] > now:
+                break
             self._workers += 1
             self._track(self._worker())
         self._setTimer(now)
 
     def _setTimer(self, now: float) -> None:
+        """
+        Wake for the next work to fall due. Work due already but not
+        started waits for a worker, which looks again when it is done.
+        """
         upcoming = []
-        for msgid, entry in self._index.items():
-            if msgid in self._inFlight:
-                continue
-            upcoming.append(
-                max(entry.nextAttempt, self._holdUntil) if entry.remote else entry.nextAttempt
-            )
-            if entry.delayDue is not None:
-                upcoming.append(entry.delayDue)
-        upcoming = [when for when in upcoming if when > now]
+        for timeline, notBefore in (
+            (self._localAttempts, now),
+            (self._delayNotices, now),
+            (self._remoteAttempts, max(now, self._holdUntil)),
+        ):
+            first = timeline.first()
+            if first is not None and max(first[0], notBefore) > now:
+                upcoming.append(max(first[0], notBefore))
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         if upcoming:
             self._timer = self._reactor.callLater(min(upcoming) - now, self._dispatch)
 
-    def _nextRemote(self, now: float) -> Optional[str]:
-        """The message due longest for the relay that no work has taken."""
-        for _, msgid in self._due(now):
-            if self._index[msgid].remote:
-                return msgid
-        return None
-
     def _takeRemote(self) -> Optional[str]:
-        msgid = self._nextRemote(self._reactor.seconds())
+        msgid = self._remoteAttempts.take(self._reactor.seconds())
         if msgid is not None:
-            self._inFlight.add(msgid)
+            self._take(msgid)
         return msgid
 
-    def _nextLocal(self, now: float) -> Optional[tuple]:
+    def _nextLocal(self, now: float) -> Optional[_Timeline]:
         """
-        The local job due longest that no work has taken, as (its time,
-        the method that does it, the message): a delivery to a local
-        Maildir, or a delay notification (of a message no attempt has
-        taken: an attempt queues its own), which is due on time even while
-        the relay is held back.
+        The timeline of the local job due longest, or L{None}: a delivery
+        to a local Maildir, or a delay notification (of a message no attempt
+        has taken: an attempt queues its own), which is due on time even
+        while the relay is held back.
         """
-        jobs = [(when, self._attemptOne, msgid) for when, msgid in self._due(now)]
-        jobs = [job for job in jobs if not self._index[job[2]].remote]
-        jobs += [
-            (entry.delayDue, self._reportDelay, msgid)
-            for msgid, entry in self._index.items()
-            if entry.delayDue is not None and entry.delayDue <= now and msgid not in self._inFlight
+        due = [
+            (first, timeline)
+            for timeline in (self._localAttempts, self._delayNotices)
+            for first in [timeline.first()]
+            if first is not None and first[0] <= now
         ]
-        return min(jobs, key=lambda job: (job[0], job[2])) if jobs else None
+        return min(due, key=lambda pair: pair[0])[1] if due else None
 
-        # Delivery
+    def _takeLocal(self) -> Optional[tuple]:
+        """The local job due longest, taken, as C{(the method that does it, message)}."""
+        now = self._reactor.seconds()
+        timeline = self._nextLocal(now)
+        msgid = None if timeline is None else timeline.take(now)
+        if msgid is None:
+            return None
+        self._take(msgid)
+        return (self._reportDelay if timeline is self._delayNotices else self._attemptOne), msgid
+
+    # Delivery
 
     @defer.inlineCallbacks
     def _worker(self):
@@ -316,7 +416,7 @@ class QueueService(service.Service):
                     self._attemptCrashed(msgid)
                     ok = False
                 finally:
-                    self._inFlight.discard(msgid)
+                    self._release(msgid)
                 if ok is False:
                     break
         finally:
@@ -338,11 +438,10 @@ class QueueService(service.Service):
         """
         try:
             while self.running:
-                job = self._nextLocal(self._reactor.seconds())
+                job = self._takeLocal()
                 if job is None:
                     break
-                _, work, msgid = job
-                self._inFlight.add(msgid)
+                work, msgid = job
                 yield work(msgid)
         finally:
             self._localWorkers -= 1
@@ -355,14 +454,14 @@ class QueueService(service.Service):
         except Exception:
             self._attemptCrashed(msgid)
         finally:
-            self._inFlight.discard(msgid)
+            self._release(msgid)
 
     def _attemptCrashed(self, msgid: str) -> None:
         """An attempt failed on a bug or an I/O error: it is tried again after L{_crashed}."""
         when = self._reactor.seconds() + self._crashed(msgid, "delivery attempt")
         entry = self._index.get(msgid)
         if entry is not None:
-            self._index[msgid] = attrs.evolve(entry, nextAttempt=when)
+            self._setEntry(msgid, attrs.evolve(entry, nextAttempt=when))
 
     def _crashed(self, msgid: str, work: str) -> float:
         """
@@ -404,7 +503,7 @@ class QueueService(service.Service):
             when = self._reactor.seconds() + self._crashed(msgid, "delay notification")
             entry = self._index.get(msgid)
             if entry is not None:
-                self._index[msgid] = attrs.evolve(entry, delayDue=when)
+                self._setEntry(msgid, attrs.evolve(entry, delayDue=when))
         else:
             if result is None:
                 self._deleted(msgid)
@@ -416,11 +515,11 @@ class QueueService(service.Service):
                 elif entry is not None:
                     # Only its notifications changed: the attempt schedule stays.
                     due = result.envelope.delayNoticeDue(self._policy)
-                    self._index[msgid] = attrs.evolve(entry, delayDue=due)
+                    self._setEntry(msgid, attrs.evolve(entry, delayDue=due))
                 if result.bounces:
                     self.wake()
         finally:
-            self._inFlight.discard(msgid)
+            self._release(msgid)
 
     @defer.inlineCallbacks
     def _attempt(self, msgid: str, session):
