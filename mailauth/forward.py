@@ -253,8 +253,14 @@ class QueueService(service.Service):
                 )
                 del self._index[msgid]
         for envelope in result.envelopes:
+            entry = self._index.get(envelope.id)
             if envelope.id not in self._inFlight:
                 self._remember(envelope)
+            elif result.flushed and entry is not None:
+                # Busy (its delay notice being queued, say): due at once when
+                # that is done, not at the time the flush cancelled. An
+                # attempt under way sets its own next time when it ends.
+                self._setEntry(envelope.id, attrs.evolve(entry, nextAttempt=envelope.nextAttempt))
         if result.flushed:
             log.info("queue: flush requested, trying every message now")
             self._holdUntil = 0.0

@@ -7,6 +7,7 @@ import email.policy
 import os
 import re
 
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from mailauth.envelope import MessageOptions, RecipientStatus
@@ -574,6 +575,35 @@ class NotificationTests(QueueTestMixin, unittest.TestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
         # Attempts at 0, 300, 900 and 2100 s; the next is at 4500 s.
         self.assertEqual(len(self.relay.connectTimes), 4)
+
+    def test_flushWhileDelayReportQueued(self):
+        """
+        C{mailauth queue flush} while the delay report of a message is being
+        queued (its work waits for the disk) still makes that message due
+        at once: when the report is done, the message does not go back to
+        the time of its next attempt from before the flush.
+        """
+        self.relay.down = True
+        self.restart(retry_initial=7200.0, retry_max=7200.0)
+        reportDue = self.queue.reportDue
+        waiting = []
+
+        def slowReportDue(*args):
+            waiting.append((defer.Deferred(), args))
+            return waiting[-1][0]
+
+        self.submit("m1", notify=("DELAY",))
+        self.patch(self.queue, "reportDue", slowReportDue)
+        self.runFor(3600)
+        [(d, args)] = waiting
+        self.relay.down = False
+        flushQueue(self.directory)
+        self.runFor(30)
+        self.assertEqual(self.relay.deliveries, [])
+        d.callback(reportDue(*args))
+        self.reactor.advance(0)
+        self.assertEqual(len(self.reports()), 1)
+        self.assertEqual(len(self.relay.deliveries), 1)
 
     def test_delayReportsFailingTogetherTriedOnceEach(self):
         """
