@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Optional
 
-from mailauth import pgusers, spool, userdb
+from mailauth import pgusers, queueadmin, userdb
 from mailauth.checks import Account, Findings, checkAll
 from mailauth.cliusers import hashPassword, userCommand
 from mailauth.commandline import (  # noqa: F401 (Console and CommandError are the API)
@@ -183,7 +183,7 @@ def _queueDirectory(args: argparse.Namespace) -> str:
 
 
 def _queueList(args: argparse.Namespace, console: Console) -> None:
-    messages = spool.listQueue(_queueDirectory(args))
+    messages = queueadmin.listQueue(_queueDirectory(args))
     for m in messages:
         console.stdout.write(
             f"{m['id']}  {m['size']:>9}  {when(m['arrival'])}  <{m['sender']}>"
@@ -196,12 +196,12 @@ def _queueList(args: argparse.Namespace, console: Console) -> None:
 
 
 def _queueFlush(args: argparse.Namespace, console: Console) -> None:
-    count = spool.flushQueue(_queueDirectory(args))
+    count = queueadmin.flushQueue(_queueDirectory(args))
     console.stdout.write(f"{count} message(s) due now; the daemon sends them shortly\n")
 
 
 def _queueDelete(args: argparse.Namespace, console: Console) -> None:
-    if not spool.deleteMessage(_queueDirectory(args), args.id):
+    if not queueadmin.deleteMessage(_queueDirectory(args), args.id):
         raise CommandError(f"no message {args.id} in the queue")
     console.stdout.write(f"{args.id}: deleted\n")
 

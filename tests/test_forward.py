@@ -12,9 +12,9 @@ from twisted.trial import unittest
 
 from mailauth.envelope import MessageOptions, RecipientStatus
 from mailauth.forward import QueueService
+from mailauth.queueadmin import deleteMessage, flushQueue, listQueue
 from mailauth.relay import RelayReply
 from mailauth.replies import SMTPReply
-from mailauth.spool import deleteMessage, flushQueue, listQueue
 from tests.fakes import FakeRelayConnector, RecordingLocalDelivery, runInline
 from tests.harness import LogWatcher
 from tests.smtpsink import QueueEvents

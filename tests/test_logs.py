@@ -27,7 +27,7 @@ from twisted.trial import unittest
 
 from mailauth import config as configmod
 from mailauth.forward import QueueService
-from mailauth.spool import deleteMessage
+from mailauth.queueadmin import deleteMessage
 from tests.fakes import FakeRelayConnector, RecordingLocalDelivery, runInline
 from tests.harness import (
     BOB,

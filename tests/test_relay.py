@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mailauth.forward import QueueService
+from mailauth.queueadmin import listQueue
 from mailauth.relay import (
     BDAT_CHUNK,
     RelayClientProtocol,
@@ -26,7 +27,7 @@ from mailauth.relay import (
     RelaySession,
     loadCertificates,
 )
-from mailauth.spool import Queue, listQueue
+from mailauth.spool import Queue
 from mailauth.threads import ThreadPoolService
 from tests.fakes import RecordingLocalDelivery, runInline
 from tests.harness import MESSAGE as SUBMITTED

@@ -12,7 +12,8 @@ from twisted.trial import unittest
 
 from mailauth.dotstuff import DotStuffer, unstuff
 from mailauth.envelope import ACTION_DELAYED, FAILED, Outcome, RecipientStatus, RetryPolicy
-from mailauth.spool import DamagedMessage, Queue, deleteMessage
+from mailauth.queueadmin import deleteMessage
+from mailauth.spool import DamagedMessage, Queue
 from tests.support import EPOCH, HEADERS, MESSAGE, QueueTestMixin
 
 
