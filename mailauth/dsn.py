@@ -156,6 +156,7 @@ def buildReport(
     relayHost: Optional[str] = None,
     envid: Optional[str] = None,
     retryUntil: Optional[float] = None,
+    lastAttempt: Optional[float] = None,
     utf8: bool = False,
 ) -> bytes:
     """
@@ -183,6 +184,9 @@ def buildReport(
     @param relayHost: the host whose replies are quoted, named in Remote-MTA.
     @param envid: the ENVID (xtext) the client gave, for Original-Envelope-Id.
     @param retryUntil: for a delay, when the queue gives up (Will-Retry-Until).
+    @param lastAttempt: when delivery was last tried (Last-Attempt-Date);
+        L{None} if it never was, and the field is left out (RFC 3464
+        2.3.7: a report made between attempts must not date one itself).
     @param utf8: the message is internationalised (SMTPUTF8): the report
         uses the UTF-8 forms of RFC 6533 (C{message/global-delivery-status},
         C{utf-8} address types) and must be sent with SMTPUTF8.
@@ -253,7 +257,8 @@ def buildReport(
             if relayHost:
                 lines.append(f"Remote-MTA: dns; {_clean(relayHost)}")
             lines.append(f"Diagnostic-Code: smtp; {_clean(recipient.reply, utf8=utf8)}")
-        lines.append(f"Last-Attempt-Date: {email.utils.formatdate(now, usegmt=True)}")
+        if lastAttempt is not None:
+            lines.append(f"Last-Attempt-Date: {email.utils.formatdate(lastAttempt, usegmt=True)}")
         if action == "delayed" and retryUntil is not None:
             lines.append(f"Will-Retry-Until: {email.utils.formatdate(retryUntil, usegmt=True)}")
     lines += ["", f"--{boundary}"]

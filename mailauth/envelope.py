@@ -145,6 +145,8 @@ class Envelope:
     @ivar nextAttempt: when to try the pending recipients again.
     @ivar attempts: how many attempts were made.
     @ivar lastError: why the last attempt failed as a whole, if it did.
+    @ivar lastAttempt: when the last attempt was made (POSIX time), for the
+        Last-Attempt-Date of reports; L{None} before the first.
     @ivar size: size of the stored (dot-stuffed) message in bytes, the
         L{prefix} included.
     @ivar body8bit: the message has bytes above 127.
@@ -164,6 +166,7 @@ class Envelope:
     nextAttempt: float
     attempts: int = 0
     lastError: Optional[str] = None
+    lastAttempt: Optional[float] = None
     size: int = 0
     body8bit: bool = False
     prefix: bytes = b""
@@ -268,7 +271,9 @@ class Envelope:
             recipients.append(r)
         envelope = self
         if outcomes:
-            envelope = attrs.evolve(self, attempts=self.attempts + 1, lastError=error)
+            envelope = attrs.evolve(
+                self, attempts=self.attempts + 1, lastError=error, lastAttempt=now
+            )
         envelope = attrs.evolve(envelope, recipients=tuple(recipients))
         envelope = attrs.evolve(
             envelope,
@@ -313,6 +318,7 @@ class Envelope:
                 "next_attempt": self.nextAttempt,
                 "attempts": self.attempts,
                 "last_error": self.lastError,
+                "last_attempt": self.lastAttempt,
                 "size": self.size,
                 "body_8bit": self.body8bit,
                 # ASCII in practice; any other byte survives as an escape.
@@ -376,6 +382,7 @@ class Envelope:
                 nextAttempt=float(obj["next_attempt"]),
                 attempts=int(obj["attempts"]),
                 lastError=obj.get("last_error"),
+                lastAttempt=_optionalTime(obj.get("last_attempt")),
                 size=int(obj.get("size", 0)),
                 body8bit=bool(obj.get("body_8bit", False)),
                 prefix=_prefixFromJSON(obj.get("prefix", "")),
@@ -392,6 +399,11 @@ def _prefixFromJSON(value) -> bytes:
     if not isinstance(value, str):
         raise TypeError(f"the prefix is not text: {value!r}")
     return value.encode("utf-8", "surrogateescape")
+
+
+def _optionalTime(value) -> Optional[float]:
+    # Envelopes written before it was kept have none.
+    return None if value is None else float(value)
 
 
 def _optionalText(value) -> Optional[str]:

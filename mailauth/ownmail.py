@@ -163,6 +163,7 @@ class DeliveryReports:
             sender=sender,
             arrival=self.now,
             now=self.now,
+            lastAttempt=self.now,
             action=action,
             recipients=recipients,
             original=dsn.returnedHeaders(header).replace(boundary.encode(), b"?"),

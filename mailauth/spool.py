@@ -660,6 +660,7 @@ class Queue:
             relayHost=relayHost,
             envid=envelope.envid,
             retryUntil=envelope.expiresAt(policy) if action == ACTION_DELAYED else None,
+            lastAttempt=envelope.lastAttempt,
             utf8=utf8,
         )
         writer = self.newMessage(bounceID, "", [envelope.sender], MessageOptions(smtputf8=utf8))

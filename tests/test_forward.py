@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import email.utils
 import os
 import re
 
@@ -538,6 +539,25 @@ class NotificationTests(QueueTestMixin, unittest.TestCase):
         self.assertGreater(len(self.relay.connectTimes), 2)
         self.assertEqual(len(self.reports()), 1)
         self.assertEqual(len(listQueue(self.directory)), 1)
+
+    def test_delayReportDatesTheLastAttempt(self):
+        """
+        A delay report queued on its timer, between attempts, gives the
+        time of the last attempt as its Last-Attempt-Date (RFC 3464
+        2.3.7), not its own; one about a message never tried (the relay
+        held back since before it came) gives none.
+        """
+        self.relay.down = True
+        self.restart(retry_initial=7200.0, retry_max=7200.0)
+        self.submit("m1", notify=("DELAY",))
+        self.runFor(600)
+        # The relay is held back now: m2 is not tried when it comes.
+        self.submit("m2", notify=("DELAY",))
+        self.runFor(3600)
+        self.assertEqual(self.relay.connectTimes, [EPOCH])
+        [(_, _, [first], _), (_, _, [second], _)] = self.reports()
+        self.assertEqual(first["Last-Attempt-Date"], email.utils.formatdate(EPOCH, usegmt=True))
+        self.assertIsNone(second["Last-Attempt-Date"])
 
     def test_delayReportNotRepeatedAfterRestart(self):
         """
