@@ -229,6 +229,25 @@ class LoadTests(unittest.TestCase):
         )
         self.assertTrue(r.verify_certificate)
 
+    def test_relayWaitsMoreThanZero(self) -> None:
+        """
+        The queue's scan interval and retry waits must be more than zero:
+        a queue_interval of 0 kept a CPU and a disk thread busy scanning the
+        queue, and retries of 0 tried a relay that is down without pause.
+        """
+        problems = self.problems(
+            MINIMAL + "\n[relay]\nhost = smtp.example.net\nqueue_interval = 0\n"
+            "retry_initial = 0s\nretry_max = 0m\n"
+        )
+        self.assertEqual(
+            sorted(problem.split(": ", 1)[1] for problem in problems),
+            [
+                "[relay] queue_interval: '0' must be more than 0",
+                "[relay] retry_initial: '0s' must be more than 0",
+                "[relay] retry_max: '0m' must be more than 0",
+            ],
+        )
+
     def test_syntaxError(self) -> None:
         """A file configparser cannot read is one clear problem."""
         [problem] = self.problems("key without section\n")
