@@ -449,6 +449,8 @@ class QueueService(service.Service):
                     break
                 work, msgid = job
                 yield work(msgid)
+                # What this job let go may be due for the relay now.
+                self._dispatch()
         finally:
             self._localWorkers -= 1
         self._dispatch()
