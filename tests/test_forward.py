@@ -397,9 +397,13 @@ class NotificationTests(QueueTestMixin, unittest.TestCase):
         super().setUp()
         self.relay = FakeRelayConnector(self.reactor)
         self.local = RecordingLocalDelivery(["example.org"])
+        self.startQueue()
+
+    def startQueue(self, **overrides):
+        """Start a queue service on the queue (delay_warning 1h unless C{overrides} say)."""
         self.service = QueueService(
             self.queue,
-            relayConfig(delay_warning=3600.0),
+            relayConfig(delay_warning=3600.0, **overrides),
             self.reactor,
             self.local,
             runBlocking=runInline,
@@ -509,16 +513,7 @@ class NotificationTests(QueueTestMixin, unittest.TestCase):
     def restart(self, **overrides):
         """Stop the service and start another on the same queue, as after a restart."""
         self.service.stopService()
-        self.service = QueueService(
-            self.queue,
-            relayConfig(delay_warning=3600.0, **overrides),
-            self.reactor,
-            self.local,
-            runBlocking=runInline,
-            connector=self.relay,
-        )
-        self.service.startService()
-        self.addCleanup(self.service.stopService)
+        self.startQueue(**overrides)
 
     def test_delayReportedOnTimeWhileRelayDown(self):
         """
