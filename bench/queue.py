@@ -39,12 +39,12 @@ from twisted.internet import defer  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 from zope.interface import implementer  # noqa: E402
 
-from mailauth.config import RelayConfig  # noqa: E402
 from mailauth.envelope import RecipientStatus  # noqa: E402
 from mailauth.forward import QueueService  # noqa: E402
 from mailauth.interfaces import ILocalDelivery, IRelaySession  # noqa: E402
 from mailauth.relay import RelayError, RelayReply  # noqa: E402
 from mailauth.spool import Queue  # noqa: E402
+from tests.support import relayConfig  # noqa: E402
 
 MESSAGE = b"From: alice@example.org\r\nSubject: queued\r\n\r\nHello Bob.\r\n"
 # The scheduler's own work: finding what is due, setting the timer.
@@ -131,22 +131,7 @@ def run(count: int, folder: str) -> None:
             writer.write(MESSAGE)
             writer.commit()
         relay, local, pool = Relay(), LocalSenders(), Pool()
-        config = RelayConfig(
-            host="relay.example",
-            port=587,
-            tls="starttls",
-            username=None,
-            password_file=None,
-            ca_file=None,
-            verify_certificate=True,
-            retry_initial=60.0,
-            retry_max=7200.0,
-            expire=5 * 86400.0,
-            max_connections=2,
-            timeout=30.0,
-            queue_interval=30.0,
-            delay_warning=3600.0,
-        )
+        config = relayConfig(host="relay.example", retry_max=7200.0, delay_warning=3600.0)
         service = QueueService(queue, config, clock, local, runBlocking=pool, connector=relay)
         spent = collections.Counter()
         for name in SCHEDULER:
