@@ -474,9 +474,15 @@ class SubmissionProtocol(
         """Send an error reply; past C{max_errors} say 421 and hang up."""
         self._errors += 1
         self._send(reply)
-        if self._errors >= self.settings.max_errors:
-            self._hangUp("max_errors")
-            self._close(replies.TOO_MANY_ERRORS)
+        self._endIfTooManyErrors("max_errors")
+
+    def _endIfTooManyErrors(self, reason: str) -> bool:
+        """At C{max_errors} errors: log why, say 421 and hang up. Whether it did."""
+        if self._errors < self.settings.max_errors:
+            return False
+        self._hangUp(reason)
+        self._close(replies.TOO_MANY_ERRORS)
+        return True
 
     # -- commands ----------------------------------------------------------
 

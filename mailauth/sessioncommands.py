@@ -140,11 +140,7 @@ class SessionCommands:
         if self._junkCommands <= self.settings.junk_command_limit:
             return False
         self._errors += 1
-        if self._errors < self.settings.max_errors:
-            return False
-        self._hangUp("junk_commands")
-        self._close(replies.TOO_MANY_ERRORS)
-        return True
+        return self._endIfTooManyErrors("junk_commands")
 
     def do_RSET(self, arg: str):
         if arg:
