@@ -555,8 +555,7 @@ def average(runs: list) -> dict:
 def dkimSection(work: str) -> str:
     """
     A C{[dkim]} section signing mail from the benchmark's domain with a new
-    Ed25519 key, made by C{mailauth dkim keygen} as an operator makes it
-    (in a process of its own: this folder's dkim.py hides dkimpy here).
+    Ed25519 key, made by C{mailauth dkim keygen} as an operator makes it.
     """
     domain, selector, keydir = SENDER.partition("@")[2], "bench", os.path.join(work, "dkim")
     subprocess.run(

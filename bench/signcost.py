@@ -3,8 +3,8 @@
 What DKIM signing costs per message: CPU time and messages per second of one
 core, for Ed25519 and RSA-2048, printed; nothing is asserted.
 
-    .venv/bin/python bench/dkim.py                 # 10 KB messages, 2 s a case
-    .venv/bin/python bench/dkim.py --size 100K --seconds 5
+    .venv/bin/python bench/signcost.py                 # 10 KB messages, 2 s a case
+    .venv/bin/python bench/signcost.py --size 100K --seconds 5
 
 Each case streams a message through mailauth.dkimsign.MessageSigner in the
 chunks the session hands on (write: reactor thread; a body up to 64 KiB is
@@ -24,9 +24,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# In place of this script's folder, where this very file would hide the
-# dkim package.
-sys.path[0] = ROOT
+sys.path.insert(0, ROOT)
 
 import dkim  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402

@@ -4,8 +4,8 @@ What the forward queue's scheduler costs with thousands of messages queued:
 CPU seconds of the whole run and of the scheduler alone, printed; nothing is
 asserted.
 
-    .venv/bin/python bench/queue.py                  # 1000, 2000 and 4000 messages
-    .venv/bin/python bench/queue.py 10000 --dir /dev/shm
+    .venv/bin/python bench/notices.py                  # 1000, 2000 and 4000 messages
+    .venv/bin/python bench/notices.py 10000 --dir /dev/shm
 
 Each run queues N messages from a local sender, each to a remote recipient
 with NOTIFY=DELAY, into a real queue folder (on tmpfs, --dir /dev/shm, the
@@ -31,9 +31,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# In place of this script's folder, where this very file would hide the
-# standard library's queue module.
-sys.path[0] = ROOT
+sys.path.insert(0, ROOT)
 
 from twisted.internet import defer  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
