@@ -209,8 +209,11 @@ class Envelope:
         C{policy.delayWarning} after arrival, if a recipient that asked for
         one (NOTIFY=DELAY) is still pending and was not told, and the
         message has not expired by then (its bounce says more). L{None} if
-        none will.
+        none will, or if C{policy.delayWarning} is 0 (no delay reports, as
+        Postfix's C{delay_warning_time = 0}).
         """
+        if policy.delayWarning <= 0:
+            return None
         due = self.arrival + policy.delayWarning
         if not self.sender or due >= self.expiresAt(policy) or not self._awaitingDelayNotice():
             return None

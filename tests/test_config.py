@@ -248,6 +248,37 @@ class LoadTests(unittest.TestCase):
             ],
         )
 
+    def test_timeoutsMoreThanZero(self) -> None:
+        """
+        A session's timeouts and the relay's must be more than zero: 0 cut
+        every session right after its greeting (or at DATA), and failed
+        every relay connection at once.
+        """
+        problems = self.problems(
+            MINIMAL.replace("[auth]", "[server]\ntimeout = 0\ndata_timeout = 0s\n\n[auth]")
+            + "\n[relay]\nhost = smtp.example.net\ntimeout = 0m\n"
+        )
+        self.assertEqual(
+            sorted(problem.split(": ", 1)[1] for problem in problems),
+            [
+                "[relay] timeout: '0m' must be more than 0",
+                "[server] data_timeout: '0s' must be more than 0",
+                "[server] timeout: '0' must be more than 0",
+            ],
+        )
+
+    def test_zeroExpireAndDelayWarning(self) -> None:
+        """
+        [relay] expire = 0 (one attempt, as Postfix's maximal_queue_lifetime
+        = 0) and delay_warning = 0 (no delay reports, as Postfix's
+        delay_warning_time = 0) are meanings, not mistakes: they load.
+        """
+        cfg = loadText(
+            MINIMAL + "\n[relay]\nhost = smtp.example.net\nexpire = 0\ndelay_warning = 0\n",
+            "test.conf",
+        )
+        self.assertEqual((cfg.relay.expire, cfg.relay.delay_warning), (0.0, 0.0))
+
     def test_syntaxError(self) -> None:
         """A file configparser cannot read is one clear problem."""
         [problem] = self.problems("key without section\n")

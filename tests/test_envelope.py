@@ -67,6 +67,29 @@ class EnvelopeTests(unittest.TestCase):
         self.assertEqual(e.pending(), ["b@x.test"])
         self.assertFalse(e.finished())
 
+    def test_expireZeroTriesOnce(self):
+        """
+        expire = 0 tries a message once: the first temporary failure fails
+        the recipients still pending, as expired (Postfix's
+        maximal_queue_lifetime = 0); what the attempt settled stays.
+        """
+        once = attrs.evolve(self.policy, expire=0)
+        e = self.envelope()
+        self.assertEqual(e.pending(), ["a@x.test", "b@x.test"])
+        e = e.afterAttempt(
+            {
+                "a@x.test": Outcome(DELIVERED, reply="250 ok"),
+                "b@x.test": Outcome(PENDING, reply="451 4.3.0 later"),
+            },
+            None,
+            1000.0,
+            once,
+        )
+        self.assertEqual(
+            [(r.state, r.expired) for r in e.recipients], [(DELIVERED, False), (FAILED, True)]
+        )
+        self.assertEqual(e.attempts, 1)
+
     def test_expiryClampsNextAttempt(self):
         """No retry is scheduled after the expiry; at expiry pending recipients fail."""
         e = attrs.evolve(self.envelope(), attempts=10)
@@ -230,6 +253,14 @@ class VersionTests(unittest.TestCase):
         quick = attrs.evolve(self.policy, expire=600)
         self.assertIsNone(e.delayNoticeDue(quick))
         self.assertIsNone(attrs.evolve(e, recipients=e.recipients[1:]).delayNoticeDue(self.policy))
+
+    def test_noDelayReportsAtZero(self):
+        """delay_warning = 0 sends no delay reports (Postfix's delay_warning_time = 0)."""
+        never = attrs.evolve(self.policy, delayWarning=0)
+        e = _delayAsked()
+        self.assertIsNone(e.delayNoticeDue(never))
+        self.assertEqual(e.reportsDue(1000.0, never), [])
+        self.assertEqual(e.reportsDue(10**6, never), [])
 
     def test_upstreamDSNEndsReporting(self):
         """A recipient handed to a relay that takes DSN needs no report from here."""
