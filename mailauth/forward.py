@@ -22,6 +22,7 @@ from mailauth.metrics import Metrics
 from mailauth.relay import RelayError
 from mailauth.replies import SMTPReply
 from mailauth.spool import DamagedMessage, Queue, ScanResult, SettleResult
+from mailauth.threads import PoolBusy
 
 log = Logger(namespace="mailauth.queue")
 
@@ -218,7 +219,7 @@ class QueueService(service.Service):
         self._scan()
         return defer.succeed(None)
 
-    def _scan(self, everything: bool = False) -> None:
+    def _scan(self) -> None:
         if not self.running:
             return
         if self._scanning:
@@ -226,12 +227,10 @@ class QueueService(service.Service):
             return
         self._scanning = True
         d = self._runBlocking(
-            self._queue.scan, frozenset(self._index) | frozenset(self._inFlight), everything
+            self._queue.scan, frozenset(self._index) | frozenset(self._inFlight)
         )
         d.addCallback(self._scanned)
-        d.addErrback(
-            lambda f: log.failure("queue: scanning {dir} failed", f, dir=self._queue.directory)
-        )
+        d.addErrback(self._scanFailed)
 
         def done(_):
             self._scanning = False
@@ -241,6 +240,17 @@ class QueueService(service.Service):
 
         d.addCallback(done)
         self._track(d)
+
+    def _scanFailed(self, failure: Failure) -> None:
+        if failure.check(PoolBusy):
+            # The sessions have the disk threads: the next scan is soon.
+            log.warn(
+                "queue: scanning {dir} put off: {error}",
+                dir=self._queue.directory,
+                error=str(failure.value),
+            )
+        else:
+            log.failure("queue: scanning {dir} failed", failure, dir=self._queue.directory)
 
     def _scanned(self, result: ScanResult) -> None:
         for msgid in list(self._index):
@@ -476,13 +486,22 @@ class QueueService(service.Service):
         A bug, an I/O error, a busy pool: log it, and return how long to
         wait before trying again, with the backoff of failed attempts (a
         full disk does not free itself in a minute). An I/O error is the
-        host's to fix, not a bug: one line, no traceback.
+        host's to fix, and a disk pool busy with sessions is load, not a
+        bug: one line each, no traceback.
         """
         failure = Failure()
         crashes = self._crashes[msgid] = self._crashes.get(msgid, 0) + 1
         delay = self._policy.delay(crashes)
         error = failure.value
-        if isinstance(error, OSError) and error.errno is not None:
+        if isinstance(error, PoolBusy):
+            log.warn(
+                "queue: {msgid}: {work} put off: {error}; tried again in {delay:g} s",
+                msgid=msgid,
+                work=work,
+                error=str(error),
+                delay=delay,
+            )
+        elif isinstance(error, OSError) and error.errno is not None:
             log.error(
                 "queue: {msgid}: {work} failed: {path}: {error} (errno {errno});"
                 " tried again in {delay:g} s",
@@ -524,8 +543,7 @@ class QueueService(service.Service):
                     # Only its notifications changed: the attempt schedule stays.
                     due = result.envelope.delayNoticeDue(self._policy)
                     self._setEntry(msgid, attrs.evolve(entry, delayDue=due))
-                if result.bounces:
-                    self.wake()
+                self._scheduleQueued(result)
         finally:
             self._release(msgid)
 
@@ -592,8 +610,7 @@ class QueueService(service.Service):
         self._forgetAttempts(msgid)
         self._report(msgid, outcomes, result)
         self._remember(result.envelope, msgid)
-        if result.bounces:
-            self.wake()
+        self._scheduleQueued(result)
         if ok:
             self._holdUntil = 0.0
             self._sessionFailures = 0
@@ -601,6 +618,17 @@ class QueueService(service.Service):
             self._sessionFailures += 1
             self._holdUntil = self._reactor.seconds() + self._policy.delay(self._sessionFailures)
         return session, ok
+
+    def _scheduleQueued(self, result: SettleResult) -> None:
+        """
+        Schedule the notifications C{result} queued, as a scan would find
+        them, without listing the queue (one scan per notification made a
+        burst of them cost the square of the queue's length).
+        """
+        for envelope in result.queued:
+            self._remember(envelope)
+        if result.queued:
+            self._dispatch()
 
     def _deleted(self, msgid: str) -> None:
         """C{msgid} was found gone, not removed by the forwarder."""

@@ -212,6 +212,8 @@ class QueueWriter:
         self._file = open(self._tempData, "xb", opener=_privateOpener)
         # writing, prepared, committing, committed or aborted
         self._state = "writing"
+        #: What was written, once prepared.
+        self.envelope: Optional[Envelope] = None
 
     def write(self, chunk: bytes) -> None:
         """
@@ -283,6 +285,7 @@ class QueueWriter:
         except BaseException:
             self.abort()
             raise
+        self.envelope = envelope
         self._state = "prepared"
 
     def commit(self) -> str:
@@ -366,6 +369,8 @@ class SettleResult:
     @ivar actions: the action each of C{bounces} reports (C{failed},
         C{delayed}, C{delivered} or C{relayed}), in the same order.
     @ivar returned: the recipients a C{failed} notification was queued for.
+    @ivar queued: the envelopes of C{bounces}, in the same order, for the
+        forwarder to schedule without scanning the queue for them.
     """
 
     envelope: Optional[Envelope]
@@ -373,6 +378,7 @@ class SettleResult:
     expired: tuple = ()
     actions: tuple = ()
     returned: tuple = ()
+    queued: tuple = ()
 
 
 @implementer(IForwardQueue)
@@ -466,16 +472,16 @@ class Queue:
                     )
                     unlink(os.path.join(self._spool.msg, name))
 
-    def scan(self, known: frozenset, everything: bool = False) -> ScanResult:
+    def scan(self, known: frozenset) -> ScanResult:
         """
         List the queue and read the envelopes of messages not in C{known}
-        (of all, if C{everything} or a flush was requested). Blocks.
+        (of all, if a flush was requested). Blocks.
         """
         flushed = unlink(self._spool.flushPath)
         present = frozenset(self._spool.ids())
         envelopes = []
         for msgid in sorted(present):
-            if everything or flushed or msgid not in known:
+            if flushed or msgid not in known:
                 envelope = self._spool.read(msgid)
                 if envelope is not None:
                     envelopes.append(envelope)
@@ -588,11 +594,11 @@ class Queue:
         """
         msgid = envelope.id
         current: Optional[Envelope] = envelope
-        bounces: list[str] = []
+        queued: list[Envelope] = []
         actions: list[str] = []
         returned: list[str] = []
         for action, due in envelope.reportsDue(now, policy):
-            bounces.append(self._queueReport(envelope, action, due, now, policy, relayHost))
+            queued.append(self._queueReport(envelope, action, due, now, policy, relayHost))
             actions.append(action)
             if action == ACTION_FAILED:
                 returned.extend(r.address for r in due)
@@ -604,7 +610,14 @@ class Queue:
             with self._spool.locked():
                 self._spool.remove(msgid)
             current = None
-        return SettleResult(current, tuple(bounces), expired, tuple(actions), tuple(returned))
+        return SettleResult(
+            current,
+            tuple(e.id for e in queued),
+            expired,
+            tuple(actions),
+            tuple(returned),
+            tuple(queued),
+        )
 
     def _queueReport(
         self,
@@ -614,8 +627,13 @@ class Queue:
         now: float,
         policy: RetryPolicy,
         relayHost: Optional[str],
-    ) -> str:
-        """Queue a notification to the sender of C{envelope} (from C{<>}). Blocks."""
+    ) -> Envelope:
+        """
+        Queue a notification to the sender of C{envelope} (from C{<>}).
+        Blocks.
+
+        @return: the notification's envelope.
+        """
         # RET=FULL returns the whole message with a bounce, when not huge
         # (RFC 3461 4.3); otherwise, and for other reports, its header.
         full = (
@@ -669,7 +687,9 @@ class Queue:
         except BaseException:
             writer.abort()
             raise
-        return writer.commit()
+        writer.commit()
+        assert writer.envelope is not None
+        return writer.envelope
 
 
 def _markNotified(addresses: list, action: str, envelope: Envelope) -> Envelope:

@@ -10,7 +10,7 @@ import re
 import shutil
 import socket
 import tempfile
-from typing import Optional
+from typing import Callable, Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -424,16 +424,20 @@ class QueueTestMixin:
         The queue's C{method} fails as on a full disk (C{ENOSPC}) for its
         next C{calls} calls, then works again.
         """
+        self.failFor(method, calls, lambda: OSError(28, "No space left on device"))
+
+    def failFor(self, method: str, calls: int, error: Callable[[], Exception]) -> None:
+        """The queue's C{method} raises C{error()} for its next C{calls} calls."""
         real = getattr(self.queue, method)
         left = [calls]
 
-        def full(*args, **kwargs):
+        def failing(*args, **kwargs):
             if left[0]:
                 left[0] -= 1
-                raise OSError(28, "No space left on device")
+                raise error()
             return real(*args, **kwargs)
 
-        self.patch(self.queue, method, full)
+        self.patch(self.queue, method, failing)
 
     def runFor(self, seconds):
         """Advance the clock by C{seconds}, stopping at every timer on the way."""

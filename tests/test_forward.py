@@ -16,6 +16,7 @@ from mailauth.forward import QueueService
 from mailauth.queueadmin import deleteMessage, flushQueue, listQueue
 from mailauth.relay import RelayReply
 from mailauth.replies import SMTPReply
+from mailauth.threads import PoolBusy
 from tests.fakes import FakeRelayConnector, RecordingLocalDelivery, runInline
 from tests.harness import LogWatcher
 from tests.smtpsink import QueueEvents
@@ -431,6 +432,70 @@ class NotificationTests(QueueTestMixin, unittest.TestCase):
 
     def refuseAt(self, address="bob@remote.example"):
         self.relay.replies = {address: [RelayReply(550, ("550 5.1.1 unknown",))]}
+
+    def countScans(self) -> list:
+        """The C{known} argument of every listing of the queue from now on."""
+        scans: list = []
+        real = self.queue.scan
+
+        def scan(known):
+            scans.append(known)
+            return real(known)
+
+        self.patch(self.queue, "scan", scan)
+        return scans
+
+    def test_bouncesScheduledWithoutScan(self):
+        """
+        The notifications an attempt queues are scheduled as they are
+        queued, not found by listing the queue again: before, each one
+        listed the whole queue (a burst of them cost the square of its
+        length).
+        """
+        refused = [RelayReply(550, ("550 5.1.1 unknown",))]
+        for n in range(5):
+            self.relay.replies[f"bob{n}@remote.example"] = list(refused)
+            self.enqueue(f"m{n}", recipients=[f"bob{n}@remote.example"])
+        scans = self.countScans()
+        self.service.wake()
+        self.reactor.advance(0)
+        self.assertEqual(len(self.local.delivered), 5)
+        self.assertEqual(listQueue(self.directory), [])
+        self.assertEqual(len(scans), 1)
+
+    def test_delayNoticesScheduledWithoutScan(self):
+        """The delay notices made while the relay is down need no listing either."""
+        self.relay.down = True
+        # No listing of the queue but those of this test.
+        self.restart(queue_interval=86400.0)
+        for n in range(3):
+            self.submit(f"m{n}", notify=("DELAY", "FAILURE"))
+        scans = self.countScans()
+        self.reactor.advance(3600)
+        self.assertEqual([subject for subject, *_ in self.reports()], ["Delayed Mail (still being retried)"] * 3)
+        self.assertEqual(scans, [])
+
+    def test_busyDiskPoolIsNoCrash(self):
+        """
+        A delay notice put off because the disk threads are busy with
+        sessions is one warning, no traceback, and is made once, by the
+        next try (or the next attempt, whichever comes first).
+        """
+        watcher = LogWatcher()
+        self.addCleanup(watcher.stop)
+        self.relay.down = True
+        self.submit("m1", notify=("DELAY",))
+        self.failFor("reportDue", 1, lambda: PoolBusy("disk: 100 calls waiting"))
+        self.reactor.advance(3600)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        [line] = [m for m in watcher.messages if "put off" in m]
+        self.assertEqual(
+            line,
+            "queue: m1: delay notification put off: disk: 100 calls waiting;"
+            " tried again in 60 s",
+        )
+        self.runFor(60)
+        self.assertEqual([subject for subject, *_ in self.reports()], ["Delayed Mail (still being retried)"])
 
     def test_neverMeansNoBounce(self):
         """NOTIFY=NEVER: a failed recipient gets no bounce, and the message leaves the queue."""
