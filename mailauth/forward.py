@@ -226,9 +226,7 @@ class QueueService(service.Service):
             self._rescan = True
             return
         self._scanning = True
-        d = self._runBlocking(
-            self._queue.scan, frozenset(self._index) | frozenset(self._inFlight)
-        )
+        d = self._runBlocking(self._queue.scan, frozenset(self._index) | frozenset(self._inFlight))
         d.addCallback(self._scanned)
         d.addErrback(self._scanFailed)
 
@@ -256,12 +254,7 @@ class QueueService(service.Service):
         for msgid in list(self._index):
             if msgid not in result.present:
                 # Not removed by the forwarder, which forgets what it removes.
-                log.info(
-                    "queue: {msgid}: deleted by another process (mailauth queue delete)",
-                    msgid=msgid,
-                    queueEvent="deleted",
-                )
-                del self._index[msgid]
+                self._deleted(msgid)
         for envelope in result.envelopes:
             entry = self._index.get(envelope.id)
             if envelope.id not in self._inFlight:
@@ -631,9 +624,12 @@ class QueueService(service.Service):
             self._dispatch()
 
     def _deleted(self, msgid: str) -> None:
-        """C{msgid} was found gone, not removed by the forwarder."""
+        """
+        C{msgid} was found gone, not removed by the forwarder: deleted by
+        another process, or set aside as unreadable (which was logged then).
+        """
         self._forgetAttempts(msgid)
-        if self._index.pop(msgid, None) is not None:
+        if self._index.pop(msgid, None) is not None and not self._queue.wasSetAside(msgid):
             log.info(
                 "queue: {msgid}: deleted by another process (mailauth queue delete)",
                 msgid=msgid,
@@ -735,7 +731,9 @@ class QueueService(service.Service):
                 bounceID=bounceID,
                 queueEvent="bounce",
             )
-        if result.envelope is None:
+        if result.gone:
+            self._deleted(msgid)
+        elif result.envelope is None:
             log.info("queue: {msgid}: removed", msgid=msgid, queueEvent="removed")
 
 

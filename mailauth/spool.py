@@ -73,6 +73,9 @@ class Spool:
         self.msg = os.path.join(directory, "msg")
         self.lockPath = os.path.join(directory, "lock")
         self.flushPath = os.path.join(directory, "flush")
+        #: The IDs this process set aside as C{ID.corrupt}: gone from the
+        #: queue, but not deleted by someone else.
+        self.setAside: set = set()
 
     def create(self) -> None:
         for path in (self.directory, self.tmp, self.msg):
@@ -128,6 +131,7 @@ class Spool:
 
     def quarantine(self, msgid: str) -> None:
         """Rename the envelope of C{msgid} to C{ID.corrupt}: it is not sent."""
+        self.setAside.add(msgid)
         with contextlib.suppress(OSError):
             os.rename(self.envelopePath(msgid), os.path.join(self.msg, msgid + ".corrupt"))
 
@@ -371,6 +375,8 @@ class SettleResult:
     @ivar returned: the recipients a C{failed} notification was queued for.
     @ivar queued: the envelopes of C{bounces}, in the same order, for the
         forwarder to schedule without scanning the queue for them.
+    @ivar gone: the message was not in the queue any more (deleted by
+        another process, or set aside) when its envelope was to be written.
     """
 
     envelope: Optional[Envelope]
@@ -379,6 +385,7 @@ class SettleResult:
     actions: tuple = ()
     returned: tuple = ()
     queued: tuple = ()
+    gone: bool = False
 
 
 @implementer(IForwardQueue)
@@ -491,6 +498,10 @@ class Queue:
         """The envelope of C{msgid}, or L{None}. Blocks."""
         return self._spool.read(msgid)
 
+    def wasSetAside(self, msgid: str) -> bool:
+        """Whether this process set C{msgid} aside as C{ID.corrupt} (not deleted)."""
+        return msgid in self._spool.setAside
+
     def openMessage(self, envelope: Envelope) -> BinaryIO:
         """
         The stored (dot-stuffed) form of the message of C{envelope}, as the
@@ -564,7 +575,7 @@ class Queue:
 
         envelope = self._spool.update(msgid, change)
         if envelope is None:
-            return SettleResult(None)
+            return SettleResult(None, gone=True)
         expired = tuple(r.address for r in envelope.recipients if r.expired and r.address in before)
         return self._queueReportsDue(envelope, now, policy, relayHost, expired)
 
@@ -594,6 +605,7 @@ class Queue:
         """
         msgid = envelope.id
         current: Optional[Envelope] = envelope
+        gone = False
         queued: list[Envelope] = []
         actions: list[str] = []
         returned: list[str] = []
@@ -605,6 +617,7 @@ class Queue:
             marked = functools.partial(_markNotified, [r.address for r in due], action)
             current = self._spool.update(msgid, marked)
             if current is None:
+                gone = True
                 break
         if current is not None and current.finished():
             with self._spool.locked():
@@ -617,6 +630,7 @@ class Queue:
             tuple(actions),
             tuple(returned),
             tuple(queued),
+            gone,
         )
 
     def _queueReport(

@@ -22,6 +22,8 @@ from tests.harness import LogWatcher
 from tests.smtpsink import QueueEvents
 from tests.support import EPOCH, MESSAGE, QueueTestMixin, relayConfig
 
+DELAYED = "Delayed Mail (still being retried)"
+
 
 class QueueServiceTests(QueueTestMixin, unittest.TestCase):
     """L{QueueService} on a clock with a fake relay."""
@@ -154,6 +156,48 @@ class QueueServiceTests(QueueTestMixin, unittest.TestCase):
         self.assertRegex(line, r"^queue: cut: .*cut\.data holds \d+ bytes, its envelope says \d+;")
         self.runFor(3600)
         self.assertEqual(len(self.local.delivered), 1)
+
+    def test_unreadableEnvelopeNotCalledDeleted(self):
+        """
+        An envelope found unreadable when its message is due is set aside
+        with one error line; the forwarder does not also say someone
+        deleted it.
+        """
+        watcher = LogWatcher()
+        self.addCleanup(watcher.stop)
+        self.relay.down = True
+        self.start()
+        self.submit("m1")
+        with open(os.path.join(self.directory, "msg", "m1.json"), "wb") as f:
+            f.write(b"{not json")
+        self.runFor(self.config.retry_initial)
+        self.assertEqual(self.files("msg"), ["m1.corrupt", "m1.data"])
+        self.assertEqual(len([m for m in watcher.messages if "is unreadable" in m]), 1)
+        self.assertEqual([m for m in watcher.messages if "deleted" in m], [])
+        self.assertNotIn("deleted", self.events.kinds("m1"))
+
+    def test_deletedWhileSettlingNotCalledRemoved(self):
+        """
+        A message deleted (mailauth queue delete) while the outcome of its
+        attempt is being written is logged as deleted, not as removed once
+        done: a recipient still pending did not get it.
+        """
+        watcher = LogWatcher()
+        self.addCleanup(watcher.stop)
+        self.relay.replies["bob@remote.example"] = [RelayReply(451, ("4.3.0 later",))]
+        real = self.queue._spool.update
+
+        def deleteFirst(msgid, change):
+            deleteMessage(self.directory, msgid)
+            return real(msgid, change)
+
+        self.patch(self.queue._spool, "update", deleteFirst)
+        self.start()
+        self.submit("m1")
+        self.assertEqual(self.events.kinds("m1"), ["deferred", "deleted"])
+        self.assertIn(
+            "queue: m1: deleted by another process (mailauth queue delete)", watcher.messages
+        )
 
     def test_startDeliversWhatIsQueued(self):
         """Messages queued before the service started (a restart) are delivered at start."""
@@ -472,7 +516,7 @@ class NotificationTests(QueueTestMixin, unittest.TestCase):
             self.submit(f"m{n}", notify=("DELAY", "FAILURE"))
         scans = self.countScans()
         self.reactor.advance(3600)
-        self.assertEqual([subject for subject, *_ in self.reports()], ["Delayed Mail (still being retried)"] * 3)
+        self.assertEqual([subject for subject, *_ in self.reports()], [DELAYED] * 3)
         self.assertEqual(scans, [])
 
     def test_busyDiskPoolIsNoCrash(self):
@@ -491,11 +535,10 @@ class NotificationTests(QueueTestMixin, unittest.TestCase):
         [line] = [m for m in watcher.messages if "put off" in m]
         self.assertEqual(
             line,
-            "queue: m1: delay notification put off: disk: 100 calls waiting;"
-            " tried again in 60 s",
+            "queue: m1: delay notification put off: disk: 100 calls waiting; tried again in 60 s",
         )
         self.runFor(60)
-        self.assertEqual([subject for subject, *_ in self.reports()], ["Delayed Mail (still being retried)"])
+        self.assertEqual([subject for subject, *_ in self.reports()], [DELAYED])
 
     def test_neverMeansNoBounce(self):
         """NOTIFY=NEVER: a failed recipient gets no bounce, and the message leaves the queue."""
