@@ -325,12 +325,21 @@ class MaildirWriter:
             self.prepare()
         final = f"{self._name},S={self.size}"
         created: list = []
+        # The new/ folders already given the message, by identity: two
+        # paths (a symbolic link the administrator made for a shared
+        # mailbox, or for a domain that is another's alias) may lead to
+        # one folder, which gets one copy, not a failed second link.
+        done: set = set()
         try:
             for index, maildir in enumerate(self._maildirs):
                 if index:
                     # The first was made by __init__, for its tmp/.
                     created += ensureMaildir(maildir)
                 target = os.path.join(maildir, "new", final)
+                folder = _identity(os.path.dirname(target))
+                if folder in done:
+                    continue
+                done.add(folder)
                 try:
                     try:
                         os.link(self._tmp, target)
@@ -381,6 +390,12 @@ class MaildirWriter:
             with contextlib.suppress(OSError):
                 unlink(path)
         self._delivered = []
+
+
+def _identity(path: str) -> tuple:
+    """The device and inode of the folder C{path}, which every path to it shares."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
 
 
 def copyRange(source: int, target: int, offset: int, count: int) -> None:

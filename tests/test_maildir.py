@@ -88,6 +88,24 @@ class MaildirTests(unittest.TestCase):
             with open(path, "rb") as f:
                 self.assertEqual(f.read(), b"x\n")
 
+    def test_oneMailboxTwoPaths(self) -> None:
+        """
+        Two recipients whose Maildirs are one folder, through a symbolic
+        link the administrator made (a shared mailbox), get one copy: the
+        second link met the first's file (EEXIST) and failed the message
+        for every recipient, at every retry of the client.
+        """
+        ensureMaildir(self.box("alice"))
+        os.mkdir(os.path.join(self.root, "bob"))
+        os.symlink(self.box("alice"), self.box("bob"))
+        writer = MaildirWriter([self.box("c"), self.box("alice"), self.box("bob")], "mx")
+        writer.write(b"x\r\n")
+        paths = writer.commit()
+        self.assertEqual(len(paths), 2)
+        self.assertEqual(len(os.listdir(os.path.join(self.box("alice"), "new"))), 1)
+        self.assertEqual(len(os.listdir(os.path.join(self.box("c"), "new"))), 1)
+        self.assertEqual(os.listdir(os.path.join(self.box("c"), "tmp")), [])
+
     def test_abort(self) -> None:
         """An aborted message leaves nothing behind."""
         writer = MaildirWriter([self.box("a")], "mx")
