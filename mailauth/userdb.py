@@ -440,7 +440,18 @@ def _writeLines(path: str, lines: list[str], old: Optional[os.stat_result]) -> N
 def _edit(
     path: str, change: Callable[[list[str]], Optional[list[str]]], create: bool = False
 ) -> None:
-    """Under the lock, replace the lines of C{path} by C{change(lines)}, unless that is L{None}."""
+    """
+    Under the lock, replace the lines of C{path} by C{change(lines)}, unless
+    that is L{None}.
+
+    A C{path} that is a symbolic link (to a users file on shared storage,
+    or kept with other configuration) stays one: the file it leads to is
+    the one locked and replaced, as the daemon reads it through the link.
+    Replacing the link itself left the file it named stale for everyone
+    else who reads it.
+    """
+    if os.path.islink(path):
+        path = os.path.realpath(path)
     with _locked(path):
         lines, old = _readLines(path, missingOk=create)
         changed = change(lines)

@@ -635,6 +635,29 @@ class EditTests(unittest.TestCase):
         deleteUser(self.path, "carol@example.org")
         self.assertEqual(os.stat(self.path).st_gid, others[0])
 
+    def test_symlinkKept(self) -> None:
+        """
+        A users file that is a symbolic link (to shared storage, or to
+        where configuration is kept) stays one: the file it leads to gets
+        the edit, and its lock. The link was replaced by a new file, and
+        the file it named, which others read, never saw the edit.
+        """
+        shared = os.path.join(self.directory, "shared")
+        os.mkdir(shared)
+        target = os.path.join(shared, "users")
+        os.rename(self.path, target)
+        os.symlink(os.path.join("shared", "users"), self.path)
+        addUser(self.path, "dave@example.org", CRAM)
+        setPassword(self.path, "alice@example.org", CRAM)
+        self.assertTrue(os.path.islink(self.path))
+        with open(target) as f:
+            text = f.read()
+        self.assertIn("\ndave@example.org:" + CRAM + "\n", text)
+        self.assertIn("alice@example.org:" + CRAM + ":1000:", text)
+        self.assertEqual(sorted(os.listdir(shared)), ["users", "users.lock"])
+        self.assertEqual(sorted(os.listdir(self.directory)), ["shared", "users"])
+        self.assertEqual(listUsers(self.path)[-1], ("dave@example.org", "CRAM-MD5"))
+
     def test_unwritableDirectory(self) -> None:
         """
         A file that cannot be written is an error naming it and the reason.
