@@ -183,7 +183,7 @@ def _queueDirectory(args: argparse.Namespace) -> str:
 
 
 def _queueList(args: argparse.Namespace, console: Console) -> None:
-    messages = queueadmin.listQueue(_queueDirectory(args))
+    messages, unreadable = queueadmin.readQueue(_queueDirectory(args))
     for m in messages:
         console.stdout.write(
             f"{m['id']}  {m['size']:>9}  {when(m['arrival'])}  <{m['sender']}>"
@@ -192,7 +192,15 @@ def _queueList(args: argparse.Namespace, console: Console) -> None:
         for r in m["recipients"]:
             why = r["error"] or r["reply"] or ""
             console.stdout.write(f"    {r['state']:<9} <{r['address']}>  {why}".rstrip() + "\n")
-    console.stdout.write(f"-- {len(messages)} message(s) in the queue\n")
+    for msgid, why in unreadable:
+        console.stdout.write(f"{msgid}  not sent: {why}\n")
+    if unreadable:
+        console.stdout.write(
+            f"-- {len(messages)} message(s) in the queue; {len(unreadable)} cannot be sent"
+            " ('mailauth queue delete ID' removes one)\n"
+        )
+    else:
+        console.stdout.write(f"-- {len(messages)} message(s) in the queue\n")
 
 
 def _queueFlush(args: argparse.Namespace, console: Console) -> None:

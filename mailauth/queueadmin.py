@@ -10,7 +10,7 @@ import os
 import attrs
 
 from mailauth.durable import writeDurably
-from mailauth.spool import Spool, validID
+from mailauth.spool import Spool, UnreadableEnvelope, validID
 
 
 def listQueue(directory: str) -> list:
@@ -20,10 +20,25 @@ def listQueue(directory: str) -> list:
     C{last_error}, and C{recipients}: a list of dicts with C{address},
     C{state}, C{reply} and C{error}.
     """
+    return readQueue(directory)[0]
+
+
+def readQueue(directory: str) -> tuple[list, list]:
+    """
+    The queued messages as L{listQueue} gives them, and those that cannot
+    be sent because their envelope cannot be read, as C{(ID, why)}, by ID:
+    the ones the daemon has set aside (C{ID.corrupt}) and the ones it has
+    not met yet. C{mailauth queue delete ID} removes either.
+    """
     spool = Spool(directory)
     messages = []
+    unreadable = [(msgid, "set aside as unreadable") for msgid in spool.setAsideIDs()]
     for msgid in spool.ids():
-        envelope = spool.read(msgid, quarantine=False)
+        try:
+            envelope = spool.load(msgid)
+        except UnreadableEnvelope as e:
+            unreadable.append((msgid, f"its envelope is unreadable: {e}"))
+            continue
         if envelope is None:
             continue
         messages.append(
@@ -42,7 +57,7 @@ def listQueue(directory: str) -> list:
             }
         )
     messages.sort(key=lambda m: (m["arrival"], m["id"]))
-    return messages
+    return messages, sorted(unreadable)
 
 
 def flushQueue(directory: str) -> int:

@@ -61,6 +61,10 @@ def validID(msgid: str) -> bool:
     return _ID.fullmatch(msgid) is not None
 
 
+class UnreadableEnvelope(ValueError):
+    """A queued message's envelope that cannot be read: the message says why."""
+
+
 class Spool:
     """
     The queue directory's files, shared by the daemon and C{mailauth queue}.
@@ -110,9 +114,27 @@ class Spool:
         it is unreadable. An unreadable envelope is logged and, if
         C{quarantine}, renamed to C{ID.corrupt} for the administrator.
         """
-        path = self.envelopePath(msgid)
         try:
-            with open(path, "rb") as f:
+            return self.load(msgid)
+        except UnreadableEnvelope as e:
+            log.error(
+                "queue: envelope {path} is unreadable: {error}",
+                path=self.envelopePath(msgid),
+                error=str(e),
+            )
+            if quarantine:
+                self.quarantine(msgid)
+            return None
+
+    def load(self, msgid: str) -> Optional[Envelope]:
+        """
+        The envelope of C{msgid}, or L{None} if there is no such message;
+        nothing is logged.
+
+        @raise UnreadableEnvelope: if it cannot be read, saying why.
+        """
+        try:
+            with open(self.envelopePath(msgid), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             return None
@@ -123,11 +145,16 @@ class Spool:
         except ValueError as e:
             # Cut short: the error may quote the damaged bytes, all of them.
             why = str(e) if len(str(e)) <= 200 else str(e)[:200] + "..."
-            log.error("queue: envelope {path} is unreadable: {error}", path=path, error=why)
-            if quarantine:
-                self.quarantine(msgid)
-            return None
+            raise UnreadableEnvelope(why) from None
         return envelope
+
+    def setAsideIDs(self) -> list:
+        """The IDs of the messages set aside as unreadable (C{ID.corrupt})."""
+        try:
+            names = os.listdir(self.msg)
+        except FileNotFoundError:
+            return []
+        return sorted(n[: -len(".corrupt")] for n in names if n.endswith(".corrupt"))
 
     def quarantine(self, msgid: str) -> None:
         """Rename the envelope of C{msgid} to C{ID.corrupt}: it is not sent."""

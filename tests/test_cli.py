@@ -950,6 +950,39 @@ class QueueCommandTests(unittest.TestCase):
         self.assertIn("<bob@remote.test>", out)
         self.assertTrue(out.endswith("-- 1 message(s) in the queue\n"), out)
 
+    def test_listUnreadable(self) -> None:
+        """
+        A message whose envelope cannot be read (damaged, or set aside by
+        the daemon as C{ID.corrupt}) is listed as one that cannot be sent,
+        with why, and delete removes it: list said nothing of it, so the
+        administrator never learnt of it nor of the ID to delete.
+        """
+        msg = os.path.join(self.stateDir, "queue", "msg")
+        with open(os.path.join(msg, "BROKEN1.json"), "w") as f:
+            f.write("{not json")
+        with open(os.path.join(msg, "ASIDE1.corrupt"), "w") as f:
+            f.write("garbage")
+        with open(os.path.join(msg, "stray-file"), "w") as f:
+            f.write("garbage")
+        self.assertEqual(self.mailauth("queue", "list", "--state-dir", self.stateDir), 0)
+        out = self.stdout.getvalue().splitlines()
+        self.assertIn("ASIDE1  not sent: set aside as unreadable", out)
+        [broken] = [line for line in out if line.startswith("BROKEN1  ")]
+        self.assertIn("not sent: its envelope is unreadable: ", broken)
+        self.assertEqual(
+            out[-1],
+            "-- 1 message(s) in the queue; 2 cannot be sent"
+            " ('mailauth queue delete ID' removes one)",
+        )
+        self.assertEqual(self.stderr.getvalue(), "")
+        for msgid in ("ASIDE1", "BROKEN1"):
+            self.assertEqual(
+                self.mailauth("queue", "delete", msgid, "--state-dir", self.stateDir), 0
+            )
+        self.assertEqual(
+            sorted(os.listdir(msg)), ["A1B2C3D4E5F6.data", "A1B2C3D4E5F6.json", "stray-file"]
+        )
+
     def test_flush(self) -> None:
         """flush makes every message due now."""
         self.assertEqual(self.mailauth("queue", "flush", "--state-dir", self.stateDir), 0)
