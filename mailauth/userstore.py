@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailauth import apppasswords, passwords, userdb
+from mailauth.addresses import normalise
 from mailauth.apppasswords import AppPassword
 from mailauth.interfaces import BlockingRunner, IAccountStore, IUserStore
 from mailauth.passwords import PasswordHash
@@ -109,8 +110,11 @@ class UsersFileStore:
         return userdb.replacePassword(self.path, login, verified, hashString)
 
     def _user(self, login: str) -> User:
+        # Found as the edits and the daemon find it: in any case, quoting
+        # and form of its domain (A- or U-labels).
+        key = normalise(login)
         for user in userdb.readUsers(self.path):
-            if user.login == login.lower():
+            if normalise(user.login) == key:
                 return user
         raise userdb.UserDatabaseError(f"no user {login} in {self.path}")
 

@@ -412,6 +412,19 @@ class FileAccountStoreTests(StoreTestMixin, AccountStoreTestsMixin, unittest.Tes
         super().setUp()
         self.where = self.path
 
+    def test_appPasswordsOfAnySpelling(self) -> None:
+        """
+        A login's app passwords are listed however the command spells it,
+        as its other edits find it: a domain in U-labels for one stored in
+        A-labels said there was no such user, so app-password add and list
+        failed where passwd, del and suspend worked.
+        """
+        with open(self.path, "a") as f:
+            f.write(f"carol@xn--bcher-kva.example:{SHA256}\n")
+        self.store.addAppPassword("Carol@Bücher.example", "phone", APP, 1700000000, "abcd")
+        [(app, used)] = self.store.listAppPasswords("carol@BÜCHER.example")
+        self.assertEqual((app.label, used), ("phone", None))
+
 
 class PostgreSQLAccountStoreTests(AccountStoreTestsMixin, unittest.TestCase):
     """The shared suite on PostgreSQL, a fresh database on Debian's server per test."""
