@@ -38,6 +38,7 @@ class AddressMap(ReloadableFile):
     def __init__(self, path: Optional[str]) -> None:
         super().__init__(path)
         self._map: dict = {}
+        self._written: dict = {}
         self.load()
 
     def load(self) -> bool:
@@ -55,6 +56,7 @@ class AddressMap(ReloadableFile):
                 )
             return False
         entries: dict = {}
+        spelled: dict = {}
         problems = []
         for lineno, raw in enumerate(lines, 1):
             line = raw.split("#", 1)[0].strip()
@@ -66,7 +68,8 @@ class AddressMap(ReloadableFile):
                 continue
             key, sep, rest = line.partition(":")
             key = normalise(key)
-            values = [normalise(v) for v in rest.replace(",", " ").split()]
+            written = tuple(rest.replace(",", " ").split())
+            values = [normalise(v) for v in written]
             if not sep or "@" not in key or not values or any("@" not in v for v in values):
                 problems.append(f"{self.path}:{lineno}: expected 'address: address[, address...]'")
                 continue
@@ -74,19 +77,32 @@ class AddressMap(ReloadableFile):
                 problems.append(f"{self.path}:{lineno}: {key} given again; the first one counts")
                 continue
             entries[key] = tuple(values)
+            spelled[key] = written
         for problem in problems:
             log.warn("{problem}", problem=problem)
         self._map = entries
+        self._written = spelled
         self.problems = problems
         return True
 
     def get(self, address: str) -> tuple:
-        """The values for C{address}, or for its C{@domain}, or C{()}."""
+        """The values for C{address}, or for its C{@domain}, or C{()}, as keys (L{normalise})."""
+        return self._map.get(self._key(address), ())
+
+    def written(self, address: str) -> tuple:
+        """
+        The values of L{get} as the file spells them: an address in another
+        domain is passed on with its local part as written, which only its
+        own domain may fold (RFC 5321 2.4).
+        """
+        return self._written.get(self._key(address), ())
+
+    def _key(self, address: str) -> str:
+        """The key that C{address} finds: its own, else its C{@domain}'s."""
         address = normalise(address)
-        found = self._map.get(address)
-        if found is None and "@" in address:
-            found = self._map.get("@" + address.rsplit("@", 1)[1])
-        return found or ()
+        if address not in self._map and "@" in address:
+            return "@" + address.rsplit("@", 1)[1]
+        return address
 
     def items(self):
         return self._map.items()

@@ -76,24 +76,26 @@ class Router:
         local: list = []
         remote: list = []
         seen: set = set()
-        # Depth first, in the order the aliases name their targets.
-        stack = [(normalise(address), 0)]
+        # Depth first, in the order the aliases name their targets; each
+        # address as written, compared by its key.
+        stack = [(address, 0)]
         while stack:
-            addr, depth = stack.pop()
+            written, depth = stack.pop()
+            addr = normalise(written)
             if addr in seen or depth > MAX_ALIAS_DEPTH:
                 continue
             seen.add(addr)
             if not self.isLocal(addr):
-                remote.append(addr)
+                remote.append(_remoteAddress(written))
                 continue
             if (yield self.exists(addr)):
                 local.append(addr)
                 continue
             postmaster = self._postmasterFor(addr)
             if postmaster is not None:
-                targets = [postmaster]
+                targets: tuple = (postmaster,)
             else:
-                targets = [normalise(target) for target in self.aliases.get(addr)]
+                targets = self.aliases.written(addr)
             stack.extend((target, depth + 1) for target in reversed(targets))
         return _unique(local), _unique(remote)
 
@@ -138,6 +140,16 @@ class Router:
             return False
         local, _ = yield self.expand(sender)
         return login in local and not (yield self.exists(sender))
+
+
+def _remoteAddress(written: str) -> str:
+    """
+    An address in another domain as an alias names it: the local part as
+    written (only that domain may fold its case, RFC 5321 2.4), the domain
+    as L{domainKey} makes it.
+    """
+    local, _, domain = written.strip().rpartition("@")
+    return f"{local}@{domainKey(domain)}"
 
 
 def _unique(items: list) -> tuple:

@@ -151,6 +151,23 @@ class RouterTests(RealmTestsMixin, unittest.TestCase):
             ((), ("someone@remote.test",)),
         )
 
+    def test_remoteTargetAsWritten(self) -> None:
+        """
+        An alias target in another domain keeps its local part as the
+        aliases file writes it: only that domain may fold its case (RFC
+        5321 2.4); it was forwarded lower-cased. Its domain is the key's
+        (A-labels, lower case), and two spellings of it are one recipient.
+        """
+        with open(self.aliases.path, "a") as f:
+            f.write(
+                "fwd@example.test: John.Doe@Remote.Test, john.doe@remote.test, Ana@BÜCHER.example\n"
+            )
+        self.aliases.load()
+        self.assertEqual(
+            self.successResultOf(self.router.expand("FWD@example.test")),
+            ((), ("John.Doe@remote.test", "Ana@xn--bcher-kva.example")),
+        )
+
     def test_aliasLoop(self) -> None:
         """An alias loop ends; what it reaches is still delivered."""
         self.assertEqual(
