@@ -23,13 +23,35 @@ def _isUTF8(text: str) -> bool:
     return True
 
 
+def _logicalLines(lines: list) -> list:
+    """
+    C{(first line number, text)} of each entry of C{lines}, comments and
+    blank lines left out: as in aliases(5), a line that starts with white
+    space continues the entry above it, so a long list of targets can be
+    folded; unless it has a C{:} of its own, which makes it an entry as
+    it always was.
+    """
+    logical: list = []
+    for lineno, raw in enumerate(lines, 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if logical and raw[:1].isspace() and ":" not in line:
+            first, text = logical[-1]
+            logical[-1] = (first, f"{text} {line}")
+        else:
+            logical.append((lineno, line))
+    return logical
+
+
 @implementer(IReloadable)
 class AddressMap(ReloadableFile):
     """
     A file of lines C{key: value[, value...]}, C{#} comments and blank lines
-    ignored; keys and values are addresses (C{@domain} keys match a whole
-    domain). Re-read when it changes; a malformed line is reported with its
-    line number and skipped.
+    ignored, a line that starts with white space (and has no C{:}) the
+    continuation of the one above; keys and values are addresses
+    (C{@domain} keys match a whole domain). Re-read when it changes; a
+    malformed line is reported with its line number and skipped.
 
     @ivar problems: C{"PATH:LINE: message"} for each line skipped at the
         last load.
@@ -58,10 +80,7 @@ class AddressMap(ReloadableFile):
         entries: dict = {}
         spelled: dict = {}
         problems = []
-        for lineno, raw in enumerate(lines, 1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
+        for lineno, line in _logicalLines(lines):
             if not _isUTF8(line):
                 # One line, not the whole file (a comment may hold anything).
                 problems.append(f"{self.path}:{lineno}: not UTF-8")

@@ -168,6 +168,29 @@ class RouterTests(RealmTestsMixin, unittest.TestCase):
             ((), ("John.Doe@remote.test", "Ana@xn--bcher-kva.example")),
         )
 
+    def test_continuationLines(self) -> None:
+        """
+        As in aliases(5), a line that starts with white space continues
+        the entry above it, past comments; its targets were skipped as a
+        malformed line of their own, and their mail went nowhere. An
+        indented line with a colon is still an entry of its own.
+        """
+        with open(self.aliases.path, "a") as f:
+            f.write(
+                "folded@example.test: alice@example.test,\n"
+                "    # bob too\n"
+                "    bob@example.test,\n"
+                "\tsomeone@remote.test\n"
+                "  indented@example.test: bob@example.test\n"
+            )
+        self.aliases.load()
+        self.assertEqual(
+            self.successResultOf(self.router.expand("folded@example.test")),
+            (("alice@example.test", "bob@example.test"), ("someone@remote.test",)),
+        )
+        self.assertEqual(self.aliases.get("indented@example.test"), ("bob@example.test",))
+        self.assertEqual(len(self.aliases.problems), 1)
+
     def test_aliasLoop(self) -> None:
         """An alias loop ends; what it reaches is still delivered."""
         self.assertEqual(
