@@ -329,17 +329,20 @@ class MaildirWriter:
         # paths (a symbolic link the administrator made for a shared
         # mailbox, or for a domain that is another's alias) may lead to
         # one folder, which gets one copy, not a failed second link.
+        # (One recipient, the common case, needs no stat for it.)
         done: set = set()
+        several = len(self._maildirs) > 1
         try:
             for index, maildir in enumerate(self._maildirs):
                 if index:
                     # The first was made by __init__, for its tmp/.
                     created += ensureMaildir(maildir)
                 target = os.path.join(maildir, "new", final)
-                folder = _identity(os.path.dirname(target))
-                if folder in done:
-                    continue
-                done.add(folder)
+                if several:
+                    folder = _identity(os.path.dirname(target))
+                    if folder in done:
+                        continue
+                    done.add(folder)
                 try:
                     try:
                         os.link(self._tmp, target)
