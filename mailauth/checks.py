@@ -392,6 +392,8 @@ def checkLines(cfg: configmod.Config) -> Findings:
             warnings.extend(_skipped(problem) for problem in loaded.problems)
             if path == cfg.delivery.aliases and cfg.relay is None:
                 warnings.extend(_unforwardable(path, loaded, cfg.delivery.local_domains))
+            if path == cfg.delivery.aliases:
+                warnings.extend(_deadAliases(cfg, loaded))
     path = cfg.limits.overrides
     if path is not None and _notAFile(path) is None:
         warnings.extend(_skipped(problem) for problem in LimitOverrides(path).problems)
@@ -417,6 +419,38 @@ def _unforwardable(path: str, aliases: AddressMap, localDomains) -> list[str]:
         for target in targets
         if target.rpartition("@")[2] not in local
     ]
+
+
+def _deadAliases(cfg: configmod.Config, aliases: AddressMap) -> list[str]:
+    """
+    With a users file: aliases that never apply because their address is a
+    user's (the user's Maildir wins), and local targets that are no user
+    and no alias, whose share of the mail goes nowhere (the RCPT is
+    accepted for the alias's other targets, so nobody is told).
+    """
+    parsed = _usersFile(cfg)
+    if parsed is None:
+        return []
+    users = parsed[0]
+    local = {domainKey(domain) for domain in cfg.delivery.local_domains}
+    path = cfg.delivery.aliases
+    warnings = [
+        f"{path}: warning: {key} is a user: this alias is never used "
+        "(mail to a user goes to their Maildir)"
+        for key, _ in aliases.items()
+        if key in users
+    ]
+    for key, targets in aliases.items():
+        for target in targets:
+            domain = target.rpartition("@")[2]
+            if domain not in local or target in users or aliases.get(target):
+                continue
+            if target.startswith("postmaster@") and cfg.delivery.postmaster:
+                continue
+            warnings.append(
+                f"{path}: warning: {key}: {target} is no user and no alias: mail for it is dropped"
+            )
+    return warnings
 
 
 def _notAFile(path: str) -> Optional[str]:

@@ -558,6 +558,47 @@ class UsersFileTests(CheckTestMixin, unittest.TestCase):
             ),
         )
 
+    def test_deadAliases(self) -> None:
+        """
+        An alias for a user's own address (never used: the user's Maildir
+        wins) and a local target that is no user and no alias (its share
+        of the mail is dropped) are warnings; a target another alias or a
+        catch-all takes, and postmaster with [delivery] postmaster, are not.
+        """
+        aliases = os.path.join(self.dir, "aliases")
+        with open(aliases, "w") as f:
+            f.write(
+                "alice@example.test: alice@example.test, archive@example.test\n"
+                "team@example.test: alice@example.test, tpyo@example.test, sales@example.test\n"
+                "sales@example.test: alice@example.test\n"
+                "abuse@example.test: postmaster@example.test\n"
+                "@example.net: alice@example.test\n"
+                "ops@example.test: anyone@example.net\n"
+            )
+        self.config()
+        path = os.path.join(self.dir, "mailauth.conf")
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(
+                text.replace(
+                    "[delivery]\n",
+                    f"[delivery]\naliases = {aliases}\npostmaster = alice@example.test\n",
+                )
+            )
+        cfg = configmod.load(path)
+        self.assertEqual(
+            checkAll(cfg, Account.ofProcess()).warnings,
+            (
+                f"{aliases}: warning: alice@example.test is a user: this alias is never used "
+                "(mail to a user goes to their Maildir)",
+                f"{aliases}: warning: alice@example.test: archive@example.test is no user and "
+                "no alias: mail for it is dropped",
+                f"{aliases}: warning: team@example.test: tpyo@example.test is no user and no "
+                "alias: mail for it is dropped",
+            ),
+        )
+
     def test_autoconfigWithoutIncoming(self) -> None:
         """An [autoconfig] that names no IMAP or POP3 server is a warning."""
         cfg = self.config(
