@@ -80,6 +80,10 @@ class SessionCommands:
         if not arg or len(arg) > 255 or not _HELO.fullmatch(arg):
             verb = "EHLO" if esmtp else "HELO"
             return self._error(replies.SYNTAX.format(usage=f"{verb} hostname"))
+        # The session's first (and, after STARTTLS, its first again) is
+        # what it must send; only one repeated is junk.
+        if self._helo is not None and self._junk():
+            return None
         self._abortMessages()
         self._resetTransaction()
         self._bdatFailed = False
@@ -130,11 +134,14 @@ class SessionCommands:
 
     def _junk(self) -> bool:
         """
-        Count a command that moves no mail (NOOP, RSET, VRFY, HELP): past
-        C{junk_command_limit} of them since the last message accepted, each
-        counts as an error too, as with Postfix's C{smtpd_junk_command_limit},
-        so that a client repeating them cannot hold its connection for ever;
-        at C{max_errors} the session ends with 421. Whether it ended.
+        Count a command that moves no mail and can be repeated without end
+        (NOOP, RSET, VRFY, HELP, and HELO or EHLO once the session has
+        one): past C{junk_command_limit} of
+        them since the last message accepted, each counts as an error too,
+        as with Postfix's C{smtpd_junk_command_limit} (whose table marks
+        HELO and EHLO as well), so that a client repeating them cannot hold
+        its connection for ever; at C{max_errors} the session ends with 421.
+        Whether it ended.
         """
         self._junkCommands += 1
         if self._junkCommands <= self.settings.junk_command_limit:
@@ -145,7 +152,9 @@ class SessionCommands:
     def do_RSET(self, arg: str):
         if arg:
             return self._error(replies.SYNTAX.format(usage="RSET"))
-        if self._junk():
+        # The session's first (and, after STARTTLS, its first again) is
+        # what it must send; only one repeated is junk.
+        if self._helo is not None and self._junk():
             return None
         self._abortMessages()
         self._resetTransaction()

@@ -569,6 +569,24 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
         self.assertReply(s.command(b"NOOP"), b"421 4.7.0 Error: too many errors")
         self.assertTrue(s.transport.disconnecting)
 
+    def test_repeatedHelloIsJunk(self) -> None:
+        """
+        A repeated HELO or EHLO counts as a junk command too (Postfix's
+        command table marks both so): a client that only repeats EHLO,
+        which no error or other limit stopped, is cut off like one
+        repeating NOOP. The first EHLO (here the login's) is not counted.
+        """
+        self.junkLimited(4)
+        s = self.session
+        for _ in range(2):
+            self.assertEqual(s.command(b"EHLO client.example")[-1], b"250 DSN")
+            self.assertReply(s.command(b"HELO client.example"), b"250 mx.example.test")
+        for _ in range(9):
+            self.assertEqual(s.command(b"EHLO client.example")[-1], b"250 DSN")
+        self.assertFalse(s.transport.disconnecting)
+        self.assertReply(s.command(b"EHLO client.example"), b"421 4.7.0 Error: too many errors")
+        self.assertTrue(s.transport.disconnecting)
+
     def test_junkCountStartsAgainAfterAMessage(self) -> None:
         """
         A message accepted starts the counts of junk commands and of errors
