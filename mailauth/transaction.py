@@ -76,6 +76,8 @@ class MailTransaction:
         except SMTPReply as e:
             return self._error(e)
         self._bdatFailed = False
+        # A new transaction: the time of chunks discarded before it ends.
+        self._cancelDataDeadline()
         delivery = avatar.getMessageDelivery()
         delivery.session = self.session
         d = defer.maybeDeferred(delivery.validateFrom, self._heloPair(), sender)
@@ -217,6 +219,14 @@ class MailTransaction:
                 self._writeMessage(header)
         if verdict is not None:
             chunk = ChunkReader(lambda data: None, 0)
+            if self._dataDeadline is None:
+                # Chunks read only to be discarded get max_data_time in
+                # all too, from the first until MAIL, RSET or EHLO starts
+                # afresh: else one could trickle in for ever, or "BDAT 0"
+                # repeat for ever (neither is an error, RFC 3030 2).
+                self._dataDeadline = self.clock.callLater(
+                    self.settings.max_data_time, self._dataTooSlow
+                )
         else:
             chunk = self._reader
         chunk.begin(size, last)
@@ -232,6 +242,10 @@ class MailTransaction:
             if self._bdatFailed:
                 self._send(verdict)
                 return None
+            # A refused chunk fails the transaction as a broken one does:
+            # the chunks a client pipelined behind it are discarded without
+            # counting as errors (RFC 3030 2), until MAIL, RSET or EHLO.
+            self._bdatFailed = True
             return self._error(verdict)
         reader = cast(ChunkReader, chunk)
         if reader.failed or self._writeFailure is not None or reader.last:

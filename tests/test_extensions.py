@@ -283,6 +283,95 @@ class ChunkingTests(ExtensionTestsMixin, unittest.TestCase):
         )
         self.assertEqual(self.command(b"RCPT TO:<bob@example.test>"), [b"250 2.1.5 Ok"])
 
+    def test_chunksAfterRefusedChunkDiscarded(self) -> None:
+        """
+        A BDAT refused because no recipient was accepted fails the
+        transaction like a broken chunk: the chunks the client pipelined
+        behind it, more of them than max_errors, are read and discarded
+        without counting as errors (RFC 3030 2), and the session goes on.
+        """
+        self.assertEqual(self.command(b"MAIL FROM:<alice@example.test>"), [b"250 2.1.0 Ok"])
+        chunks = b"".join(self.bdat(b"line %d\r\n" % i) for i in range(12))
+        lines = self.session.send(
+            b"RCPT TO:<carol@example.test>\r\n"
+            + chunks
+            + self.bdat(b"end\r\n", last=True)
+            + b"NOOP\r\n"
+        )
+        self.assertEqual(lines[0][:4], b"550 ")
+        self.assertEqual(lines[1], b"503 5.5.1 Error: need RCPT command")
+        self.assertEqual(
+            lines[2:],
+            [b"503 5.5.1 Error: chunk discarded after an earlier error"] * 12 + [b"250 2.0.0 Ok"],
+        )
+        self.assertFalse(self.session.transport.disconnecting)
+        self.assertEqual(self.session.protocol._errors, 2)
+        self.assertEqual(self.mailbox.stored, [])
+        self.assertEqual(self.command(b"RSET"), [b"250 2.0.0 Ok"])
+        self.transaction()
+        self.assertEqual(
+            self.session.send(self.bdat(b"x\r\n", last=True)), [b"250 2.0.0 Ok: queued as ID1"]
+        )
+
+    def test_discardedChunkTrickleCut(self) -> None:
+        """
+        A chunk read only to be discarded gets max_data_time too: a client
+        trickling one in, each octet within the idle timeout, is cut off
+        with 421 4.4.2 as one trickling a message is.
+        """
+        self.assertEqual(self.session.send(b"BDAT 99999999999999999999\r\nx"), [])
+        limit = self.factory.settings.max_data_time
+        for _ in range(int(limit // 290)):
+            self.clock.advance(290)
+            self.assertEqual(self.session.send(b"x"), [])
+        self.clock.advance(limit % 290)
+        self.assertEqual(
+            self.session.read(),
+            [b"421 4.4.2 mx.example.test Error: message transfer took too long"],
+        )
+        self.assertTrue(self.session.transport.disconnecting)
+
+    def test_discardedChunksShareMaxDataTime(self) -> None:
+        """
+        Empty chunks repeated after a refused one (no error, and no junk
+        command either) get max_data_time in all, from the first.
+        """
+        self.transaction()
+        self.assertEqual(
+            self.session.send(self.bdat(b"a\nb\r\n") + b"BDAT 0\r\n"),
+            [
+                b"550 5.6.2 Error: bare CR or LF in message, not accepted",
+                b"503 5.5.1 Error: chunk discarded after an earlier error",
+            ],
+        )
+        limit = self.factory.settings.max_data_time
+        for _ in range(int(limit // 290)):
+            self.clock.advance(290)
+            self.assertEqual(
+                self.command(b"BDAT 0"),
+                [b"503 5.5.1 Error: chunk discarded after an earlier error"],
+            )
+        self.clock.advance(limit % 290)
+        self.assertEqual(
+            self.session.read(),
+            [b"421 4.4.2 mx.example.test Error: message transfer took too long"],
+        )
+
+    def test_mailEndsDiscardedChunksTime(self) -> None:
+        """
+        MAIL starts afresh after discarded chunks: their max_data_time no
+        longer runs, and the new message gets its own.
+        """
+        self.assertEqual(self.command(b"BDAT 0")[0][:4], b"503 ")
+        self.transaction()
+        limit = self.factory.settings.max_data_time
+        for _ in range(int(limit // 290) + 1):
+            self.clock.advance(290)
+            self.assertEqual(self.command(b"NOOP"), [b"250 2.0.0 Ok"])
+        self.assertEqual(
+            self.session.send(self.bdat(b"x\r\n", last=True)), [b"250 2.0.0 Ok: queued as ID1"]
+        )
+
     def test_dataAndRcptAfterBdat(self) -> None:
         """DATA or RCPT once BDAT has begun get 503; LAST still ends the message."""
         self.transaction()
