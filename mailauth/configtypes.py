@@ -38,8 +38,8 @@ class ServerConfig:
     disk_threads: int
     # The whole of one DATA, however slowly it trickles in.
     max_data_time: float = 1800.0
-    # NOOP, RSET, VRFY, HELP and repeated HELO or EHLO between messages
-    # before each is an error too.
+    # NOOP, RSET, VRFY, HELP, repeated HELO or EHLO and RCPT past
+    # max_recipients between messages before each is an error too.
     junk_command_limit: int = 100
     # text (twistd's lines) or json (one object a line, mailauth.logs).
     log_format: str = "text"

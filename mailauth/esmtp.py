@@ -107,8 +107,8 @@ class SubmissionProtocol(
         self._timer = None
         self._dataDeadline: Any = None
         self._errors = 0
-        # NOOP, RSET, VRFY, HELP and repeated HELO or EHLO since the last
-        # message accepted.
+        # NOOP, RSET, VRFY, HELP, repeated HELO or EHLO and RCPT past
+        # max_recipients since the last message accepted.
         self._junkCommands = 0
         self._authFailures = 0
         self._peer = "unknown"

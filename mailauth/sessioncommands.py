@@ -135,8 +135,8 @@ class SessionCommands:
     def _junk(self) -> bool:
         """
         Count a command that moves no mail and can be repeated without end
-        (NOOP, RSET, VRFY, HELP, and HELO or EHLO once the session has
-        one): past C{junk_command_limit} of
+        (NOOP, RSET, VRFY, HELP, HELO or EHLO once the session has one,
+        and RCPT past max_recipients): past C{junk_command_limit} of
         them since the last message accepted, each counts as an error too,
         as with Postfix's C{smtpd_junk_command_limit} (whose table marks
         HELO and EHLO as well), so that a client repeating them cannot hold

@@ -128,7 +128,14 @@ class MailTransaction:
         except SMTPReply as e:
             return self._error(e)
         if len(self._recipients) >= self.settings.max_recipients:
-            return self._error(replies.TOO_MANY_RECIPIENTS)
+            # No error: the client is to send the rest in another
+            # transaction (RFC 5321 4.5.3.1.10), and one that pipelined
+            # them all must not be cut off at max_errors, losing the
+            # recipients accepted. Past junk_command_limit they count as
+            # errors, as Postfix counts those past its overshoot limit.
+            if not self._junk():
+                self._send(replies.TOO_MANY_RECIPIENTS)
+            return None
         user = Recipient(
             recipient, self._heloPair(), self, self._sender or b"", params, self._mailParams
         )

@@ -703,6 +703,53 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
             b"555 5.5.4 Unsupported option: X",
         )
 
+    def test_recipientsPastTheLimitAreNoErrors(self) -> None:
+        """
+        A client that pipelines more recipients than max_recipients, more
+        of them over the limit than max_errors, gets 452 for each one over
+        and keeps its session: the message goes to the recipients
+        accepted (RFC 5321 4.5.3.1.10), as with Postfix's
+        smtpd_recipient_overshoot_limit.
+        """
+        s = self.session
+        limit = self.factory.settings.max_recipients
+        lines = s.send(
+            b"MAIL FROM:<alice@example.test>\r\n"
+            + b"RCPT TO:<bob@example.test>\r\n" * (limit + 20)
+            + b"DATA\r\n"
+        )
+        self.assertEqual(
+            lines,
+            [b"250 2.1.0 Ok"]
+            + [b"250 2.1.5 Ok"] * limit
+            + [b"452 4.5.3 Error: too many recipients"] * 20
+            + [b"354 End data with <CR><LF>.<CR><LF>"],
+        )
+        self.assertEqual(
+            s.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n"), [b"250 2.0.0 Ok: queued as ID1"]
+        )
+        self.assertFalse(s.transport.disconnecting)
+
+    def test_recipientsFarPastTheLimitEndTheSession(self) -> None:
+        """
+        Recipients over the limit are junk commands: past
+        junk_command_limit of them each is an error too, so a client
+        repeating RCPT for ever is cut off at max_errors.
+        """
+        self.junkLimited(4)
+        s = self.session
+        limit = self.factory.settings.max_recipients
+        s.command(b"MAIL FROM:<alice@example.test>")
+        for _ in range(limit):
+            self.assertReply(s.command(b"RCPT TO:<bob@example.test>"), b"250 2.1.5 Ok")
+        for _ in range(4 + 9):
+            self.assertReply(
+                s.command(b"RCPT TO:<bob@example.test>"), b"452 4.5.3 Error: too many recipients"
+            )
+        self.assertReply(
+            s.command(b"RCPT TO:<bob@example.test>"), b"421 4.7.0 Error: too many errors"
+        )
+
     def test_tooManyRecipients(self) -> None:
         """Past max_recipients: 452 4.5.3."""
         self.session.command(b"MAIL FROM:<alice@example.test>")
