@@ -465,36 +465,6 @@ class LimitTests(AttackMixin, unittest.TestCase):
         self.assertTrue((yield self.inThread(c.closedByServer)))
 
     @defer.inlineCallbacks
-    def test_clientThatNeverReads(self):
-        """
-        A client that pipelines commands and never reads the replies: the
-        server stops taking commands and reading once its replies back up,
-        so it holds a few socket buffers' worth, not everything sent (here
-        every 8-byte EHLO costs a 120-byte reply). When the idle timeout
-        then ends the session and the 421 cannot be sent either, the
-        connection is cut one timeout later instead of staying forever.
-        """
-
-        def flood():
-            c = self.connect("submission")
-            c.sock.settimeout(0.5)
-            chunk = b"EHLO x\r\n" * 8192
-            sent = 0
-            try:
-                while sent < 24 * 2**20:
-                    c.sock.sendall(chunk)
-                    sent += len(chunk)
-            except TimeoutError:
-                pass
-            return sent
-
-        sent = yield self.inThread(flood)
-        self.assertLess(sent, 16 * 2**20)
-        self.clock.advance(30)
-        self.clock.advance(30)
-        yield serverConnectionsClosed()
-
-    @defer.inlineCallbacks
     def test_dataTimeout(self):
         """
         A client that stops sending inside DATA gets 421 4.4.2 after
@@ -643,6 +613,43 @@ class LimitTests(AttackMixin, unittest.TestCase):
         self.assertEqual(codes, [250] * 102 + [421])
         self.assertTrue(closed)
         yield hangUp
+
+
+class NeverReadingClientTests(AttackMixin, unittest.TestCase):
+    clocked = True
+    settings = {"server": {**LimitTests.settings["server"], "junk_command_limit": "1000000"}}
+
+    @defer.inlineCallbacks
+    def test_clientThatNeverReads(self):
+        """
+        A client that pipelines commands and never reads the replies: the
+        server stops taking commands and reading once its replies back up,
+        so it holds a few socket buffers' worth, not everything sent (here
+        every 8-byte EHLO costs a 120-byte reply). When the idle timeout
+        then ends the session and the 421 cannot be sent either, the
+        connection is cut one timeout later instead of staying forever.
+        (Repeated EHLO is a junk command: junk_command_limit is raised here
+        so that the flood fills the buffers before that limit ends it.)
+        """
+
+        def flood():
+            c = self.connect("submission")
+            c.sock.settimeout(0.5)
+            chunk = b"EHLO x\r\n" * 8192
+            sent = 0
+            try:
+                while sent < 24 * 2**20:
+                    c.sock.sendall(chunk)
+                    sent += len(chunk)
+            except TimeoutError:
+                pass
+            return sent
+
+        sent = yield self.inThread(flood)
+        self.assertLess(sent, 16 * 2**20)
+        self.clock.advance(30)
+        self.clock.advance(30)
+        yield serverConnectionsClosed()
 
 
 # -- 3. open relay ------------------------------------------------------------
