@@ -29,6 +29,8 @@ from mailauth import replies
 
 # RFC 5321 4.5.3.1.3: a path is at most 256 octets, brackets included.
 MAX_PATH = 256
+# RFC 1035 2.3.4: a domain label is at most 63 octets.
+MAX_LABEL = 63
 # RFC 3461 4.4 and 4.2: the longest ENVID and ORCPT values.
 MAX_ENVID = 100
 MAX_ORCPT = 500
@@ -242,6 +244,10 @@ def _wireDomain(domain: str) -> Optional[str]:
     try:
         if domain.isascii():
             domain = domain.lower()
+            if any(len(label) > MAX_LABEL for label in domain.split(".")):
+                # No such name can exist (RFC 1035 2.3.4), nor be relayed;
+                # IDNA refuses a U-label as long for the same reason.
+                return None
             if "xn--" in domain:
                 # A-labels must decode (RFC 5890 2.3.2.1).
                 idna.decode(domain)

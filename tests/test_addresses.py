@@ -109,12 +109,16 @@ class PathTests(unittest.TestCase):
             "<bob@[general:stuff]>",
             "<bob@-bad.example>",
             "<a..b@example.test>",
+            "<bob@" + "a" * 64 + ".example>",
         ):
             self.assertEqual(refusal(self, bad), "501 5.1.3 Bad recipient address syntax", bad)
         self.assertEqual(
             refusal(self, "<bob>", allowNull=True), "501 5.1.7 Bad sender address syntax"
         )
         self.assertEqual(refusal(self, "<>"), "501 5.1.3 Bad recipient address syntax")
+        # A label of 63 octets is the longest (RFC 1035 2.3.4).
+        longest = "a" * 63
+        self.assertEqual(wire(f"<bob@{longest}.example>"), f"bob@{longest}.example")
         self.assertIsNone(parsePath("<>", allowNull=True))
 
     def test_tooLong(self) -> None:
