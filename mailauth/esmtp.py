@@ -52,8 +52,8 @@ MAX_LINE = 12288
 PIPELINE_HOLD = 65536
 
 
-# Control characters other than tab, refused in command lines.
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f]")
+# Control characters other than tab (DEL included), refused in command lines.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # The commands whose arguments may hold UTF-8 (RFC 6531 3.3, 3.7.4.2).
 _UTF8_COMMANDS = (b"MAIL ", b"RCPT ", b"VRFY ")
 

@@ -149,6 +149,18 @@ class GreetingAndEHLOTests(SessionTestsMixin, unittest.TestCase):
             b"500 5.5.2 Error: bare CR or LF in command",
         )
 
+    def test_controlCharactersInCommand(self) -> None:
+        """
+        A command holding a control character (NUL, ESC, DEL...; a tab is
+        allowed) is refused with 500 5.5.2, whatever the command, and the
+        session goes on.
+        """
+        for line in (b"NOOP \x00", b"VRFY bob\x1b[2J", b"HELP \x7f", b"VRFY \x7fbob"):
+            self.assertReply(
+                self.session.command(line), b"500 5.5.2 Error: control characters in command"
+            )
+        self.assertReply(self.session.command(b"NOOP \tx"), b"250 2.0.0 Ok")
+
     def test_unknownCommand(self) -> None:
         """Unknown commands get 500 5.5.2."""
         self.assertReply(self.session.command(b"XYZZY"), b"500 5.5.2 Error: command not recognized")
