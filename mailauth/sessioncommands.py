@@ -152,9 +152,7 @@ class SessionCommands:
     def do_RSET(self, arg: str):
         if arg:
             return self._error(replies.SYNTAX.format(usage="RSET"))
-        # The session's first (and, after STARTTLS, its first again) is
-        # what it must send; only one repeated is junk.
-        if self._helo is not None and self._junk():
+        if self._junk():
             return None
         self._abortMessages()
         self._resetTransaction()

@@ -581,6 +581,17 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
         self.assertReply(s.command(b"NOOP"), b"421 4.7.0 Error: too many errors")
         self.assertTrue(s.transport.disconnecting)
 
+    def test_resetBeforeHelloIsJunk(self) -> None:
+        """RSET counts as junk before any HELO or EHLO too: it cannot be repeated for ever."""
+        self.factory = self.makeFactory(settings=makeSettings(junk_command_limit=4))
+        s = Session(self.factory)
+        s.read()
+        for _ in range(4 + 9):
+            self.assertReply(s.command(b"RSET"), b"250 2.0.0 Ok")
+        self.assertFalse(s.transport.disconnecting)
+        self.assertReply(s.command(b"RSET"), b"421 4.7.0 Error: too many errors")
+        self.assertTrue(s.transport.disconnecting)
+
     def test_repeatedHelloIsJunk(self) -> None:
         """
         A repeated HELO or EHLO counts as a junk command too (Postfix's
