@@ -252,8 +252,10 @@ class QueueService(service.Service):
 
     def _scanned(self, result: ScanResult) -> None:
         for msgid in list(self._index):
-            if msgid not in result.present:
-                # Not removed by the forwarder, which forgets what it removes.
+            if msgid not in result.present and msgid not in self._inFlight:
+                # Not removed by the forwarder, which forgets what it removes
+                # (one in flight may have been removed by its own attempt,
+                # which says what became of it).
                 self._deleted(msgid)
         for envelope in result.envelopes:
             entry = self._index.get(envelope.id)

@@ -157,6 +157,45 @@ class QueueServiceTests(QueueTestMixin, unittest.TestCase):
         self.runFor(3600)
         self.assertEqual(len(self.local.delivered), 1)
 
+    def test_scanDuringItsOwnRemovalNotCalledDeleted(self):
+        """
+        A listing of the queue made after an attempt removed its message,
+        but read before that attempt's outcome, does not call the message
+        deleted by someone else: its own attempt says what became of it.
+        """
+        held: dict = {"settle": [], "scan": []}
+
+        def runBlocking(f, *args, **kwargs):
+            name = getattr(f, "__name__", "")
+            if name in held and (name != "scan" or holdScans):
+                # Done now, as a thread would; its outcome told when the test says.
+                result = f(*args, **kwargs)
+                d = defer.Deferred()
+                held[name].append((d, result))
+                return d
+            return runInline(f, *args, **kwargs)
+
+        holdScans = False
+        service = QueueService(
+            self.queue,
+            self.config,
+            self.reactor,
+            self.local,
+            runBlocking=runBlocking,
+            connector=self.relay,
+        )
+        self.enqueue("m1")
+        self.start(service)
+        [(settled, outcome)] = held["settle"]
+        self.assertEqual(listQueue(self.directory), [])
+        holdScans = True
+        service.wake()
+        self.reactor.advance(0)
+        [(scanned, listing)] = held["scan"]
+        scanned.callback(listing)
+        settled.callback(outcome)
+        self.assertEqual(self.events.kinds("m1"), ["sent", "removed"])
+
     def test_unreadableEnvelopeNotCalledDeleted(self):
         """
         An envelope found unreadable when its message is due is set aside
