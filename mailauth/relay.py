@@ -22,16 +22,14 @@ import base64
 import functools
 import ipaddress
 import re
-from typing import IO, Any, Optional
+from typing import Any, Optional
 
-import attrs
 import service_identity.cryptography
 from cryptography import x509
 from OpenSSL import SSL, crypto
 from twisted.internet import defer, endpoints, protocol, ssl
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
-from twisted.protocols import basic
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -39,261 +37,15 @@ from mailauth.addresses import asciiAddress
 from mailauth.config import RelayConfig
 from mailauth.dotstuff import Unstuffer
 from mailauth.interfaces import IRelayConnector, IRelaySession
+from mailauth.relaywire import RelayClientProtocol, RelayError, RelayReply
 
 log = Logger(namespace="mailauth.relay")
 
-_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|$)")
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
 )
 # The size of the BDAT chunks the message is sent in.
 BDAT_CHUNK = 256 * 1024
-#: The least time the reply to the final dot (or the last chunk) is waited
-#: for, whatever C{[relay] timeout} says: the relay may scan the message
-#: first (RFC 5321 4.5.3.2.6: 10 minutes; Postfix's smtp_data_done_timeout).
-#: Giving up sooner makes a slow relay that then takes it get it again.
-DATA_DONE_TIMEOUT = 600.0
-
-
-class RelayError(Exception):
-    """
-    The session with the relay failed as a whole (no connection, TLS or
-    authentication failure, timeout, a 421, a protocol error): every
-    recipient of the message in hand is to be tried again later.
-    """
-
-
-@attrs.frozen
-class RelayReply:
-    """
-    A complete SMTP reply from the relay (the server's own replies are
-    L{mailauth.replies.Reply}).
-
-    @ivar code: the three-digit reply code.
-    @ivar lines: every line as received, code included, without CRLF.
-    @ivar local: no server said it: this client refused the recipient
-        itself (an address the relay cannot take); C{lines} then holds
-        one line, the enhanced status code and why.
-    """
-
-    code: int
-    lines: tuple
-    local: bool = False
-
-    @property
-    def text(self) -> str:
-        """The reply on one line, as quoted in logs, the queue and bounces."""
-        return " ".join(self.lines)
-
-    def __str__(self) -> str:
-        return self.text
-
-
-class RelayClientProtocol(basic.LineReceiver):
-    """
-    The wire side of a relay session: one command, one reply, with an idle
-    timeout on the injected clock.
-    """
-
-    delimiter = b"\r\n"
-    MAX_LENGTH = 4096
-    # A TCP or TLS transport; Twisted types it as Optional[ITransport].
-    transport: Any
-    maxReplyLines = 200
-
-    def __init__(self, clock: IReactorTime, timeout: float) -> None:
-        self._clock = clock
-        self._timeout = timeout
-        self._dataDoneTimeout = max(timeout, DATA_DONE_TIMEOUT)
-        # What the timer now running waits for, in seconds.
-        self._waitFor = timeout
-        self._timer: Any = None
-        self._waiting: Optional[defer.Deferred] = defer.Deferred()
-        self._greeting = self._waiting
-        self._lines: list = []
-        self._code = 0
-        self._tlsOnReply = None
-        self._sendingData = False
-        self._error: Optional[RelayError] = None
-        self._closedWaiters: Optional[list] = []
-
-    # Wire events
-
-    def connectionMade(self) -> None:
-        self._touch()
-
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        error = self._error or RelayError(f"connection lost: {reason.getErrorMessage()}")
-        self._fire(Failure(error))
-        waiters, self._closedWaiters = self._closedWaiters or [], None
-        for waiter in waiters:
-            waiter.callback(None)
-
-    def dataReceived(self, data: bytes) -> None:
-        self._touch()
-        return super().dataReceived(data)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._fail("reply line too long")
-
-    def lineReceived(self, line: bytes) -> None:
-        if self._error is not None:
-            return
-        if self._waiting is None:
-            return self._fail(f"unexpected reply: {_printable(line)}")
-        if self._sendingData:
-            return self._fail(f"reply while the message was being sent: {_printable(line)}")
-        match = _REPLY_LINE.match(line)
-        if match is None:
-            return self._fail(f"malformed reply: {_printable(line)}")
-        code = int(match.group(1))
-        if self._lines and code != self._code:
-            return self._fail(f"reply code changed within a reply: {_printable(line)}")
-        self._code = code
-        self._lines.append(line.decode("utf-8", "replace"))
-        if len(self._lines) > self.maxReplyLines:
-            return self._fail("reply too long")
-        if match.group(2) == b"-":
-            return
-        reply = RelayReply(code, tuple(self._lines))
-        self._lines = []
-        if self._tlsOnReply is not None:
-            creator, self._tlsOnReply = self._tlsOnReply, None
-            if code == 220:
-                # D31: anything already buffered behind the 220 was sent in
-                # plaintext and would be read as if it came through TLS.
-                if self._buffer:
-                    return self._fail("data after the reply to STARTTLS (injection attempt?)")
-                self.transport.startTLS(creator)
-        self._fire(reply)
-
-    # Commands
-
-    def greeting(self) -> defer.Deferred:
-        """
-        @return: a Deferred for the server's greeting (it may have fired
-            already), failing with L{RelayError}. Call it once.
-        """
-        return self._greeting
-
-    def command(self, line: bytes) -> defer.Deferred:
-        """
-        Send C{line} and return a Deferred for its L{RelayReply}.
-        """
-        if self._error is not None:
-            return defer.fail(self._error)
-        self._waiting = defer.Deferred()
-        self.sendLine(line)
-        self._touch()
-        return self._waiting
-
-    def startTLS(self, creator) -> defer.Deferred:
-        """
-        Send STARTTLS and begin the handshake with C{creator} on a 220.
-        """
-        self._tlsOnReply = creator
-        return self.command(b"STARTTLS")
-
-    def sendMessage(self, message: IO[bytes]) -> defer.Deferred:
-        """
-        Send the stored message C{message} verbatim and the final C{.CRLF};
-        return a Deferred for the reply.
-        """
-        if self._error is not None:
-            return defer.fail(self._error)
-        waiting: defer.Deferred[RelayReply] = defer.Deferred()
-        self._waiting = waiting
-        self._sendingData = True
-
-        def sent(_):
-            self._sendingData = False
-            if self._error is None:
-                self.transport.write(b".\r\n")
-                self._touch(self._dataDoneTimeout)
-
-        def failed(reason):
-            # The connection went away under the producer, which
-            # connectionLost reports; or reading the file failed.
-            self._sendingData = False
-            if self._error is None and self.transport.connected:
-                self._fail(f"cannot send the message: {reason.getErrorMessage()}")
-
-        sender = basic.FileSender()
-        sender.beginFileTransfer(message, self.transport, self._progress).addCallbacks(sent, failed)
-        return waiting
-
-    def sendChunk(self, data: bytes, last: bool) -> defer.Deferred:
-        """
-        Send C{BDAT} with C{data} as its chunk (RFC 3030); return a Deferred
-        for the reply.
-        """
-        if self._error is not None:
-            return defer.fail(self._error)
-        self._waiting = defer.Deferred()
-        command = b"BDAT %d%s\r\n" % (len(data), b" LAST" if last else b"")
-        self.transport.write(command + data)
-        self._touch(self._dataDoneTimeout if last else None)
-        return self._waiting
-
-    def abort(self) -> defer.Deferred:
-        """
-        Drop the connection without a goodbye.
-
-        @return: a Deferred that fires once the connection is gone.
-        """
-        self._fail("connection aborted")
-        return self.whenClosed()
-
-    def whenClosed(self) -> defer.Deferred:
-        """@return: a Deferred that fires with L{None} once disconnected."""
-        if self._closedWaiters is None:
-            return defer.succeed(None)
-        waiter: defer.Deferred[None] = defer.Deferred()
-        self._closedWaiters.append(waiter)
-        return waiter
-
-    # Internals
-
-    def _progress(self, chunk: bytes) -> bytes:
-        self._touch()
-        return chunk
-
-    def _touch(self, seconds: Optional[float] = None) -> None:
-        """(Re)start the timer: C{seconds}, or C{[relay] timeout}, from now."""
-        if self._error is not None:
-            return
-        self._waitFor = self._timeout if seconds is None else seconds
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self._waitFor)
-        else:
-            self._timer = self._clock.callLater(self._waitFor, self._timedOut)
-
-    def _timedOut(self) -> None:
-        self._timer = None
-        self._fail(f"no progress for {self._waitFor:g} seconds")
-
-    def _fail(self, why: str) -> None:
-        if self._error is None:
-            self._error = RelayError(why)
-            self._fire(Failure(self._error))
-        if self.transport is not None:
-            self.transport.abortConnection()
-
-    def _fire(self, result) -> None:
-        waiting, self._waiting = self._waiting, None
-        if waiting is None:
-            pass
-        elif isinstance(result, Failure):
-            waiting.errback(result)
-        else:
-            waiting.callback(result)
-
-
-def _printable(line: bytes) -> str:
-    return line[:200].decode("ascii", "replace")
 
 
 def _extensions(reply: RelayReply) -> dict:
