@@ -16,6 +16,9 @@ from twisted.protocols import basic
 from twisted.python.failure import Failure
 
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|$)")
+# What a reply's text may not carry into log lines and bounces: controls
+# other than HT, and what Python or a terminal takes for a line break.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
 #: The least time the reply to the final dot (or the last chunk) is waited
 #: for, whatever C{[relay] timeout} says: the relay may scan the message
 #: first (RFC 5321 4.5.3.2.6: 10 minutes; Postfix's smtp_data_done_timeout).
@@ -59,11 +62,20 @@ class RelayReply:
 
 class RelayClientProtocol(basic.LineReceiver):
     """
-    The wire side of a relay session: one command, one reply, with an idle
+    The wire side of a relay session: one command, one reply, with a
     timeout on the injected clock.
+
+    Each reply must be complete within the timeout of its command (RFC
+    5321 4.5.3.2): a relay that trickles it in a byte at a time does not
+    hold the session. Reply lines may end in a bare LF, which Postfix's
+    smtp(8) accepts too, and control characters in them become C{?}, as
+    Postfix makes them. A reply with anything behind it in the same read
+    (we never pipeline, so nothing else is due) is a protocol error: the
+    extra bytes would be taken for the reply to the next command.
     """
 
-    delimiter = b"\r\n"
+    # A CR before the LF is taken off in lineReceived.
+    delimiter = b"\n"
     MAX_LENGTH = 4096
     # A TCP or TLS transport; Twisted types it as Optional[ITransport].
     transport: Any
@@ -100,16 +112,14 @@ class RelayClientProtocol(basic.LineReceiver):
         for waiter in waiters:
             waiter.callback(None)
 
-    def dataReceived(self, data: bytes) -> None:
-        self._touch()
-        return super().dataReceived(data)
-
     def lineLengthExceeded(self, line: bytes) -> None:
         self._fail("reply line too long")
 
     def lineReceived(self, line: bytes) -> None:
         if self._error is not None:
             return
+        if line.endswith(b"\r"):
+            line = line[:-1]
         if self._waiting is None:
             return self._fail(f"unexpected reply: {_printable(line)}")
         if self._sendingData:
@@ -121,22 +131,29 @@ class RelayClientProtocol(basic.LineReceiver):
         if self._lines and code != self._code:
             return self._fail(f"reply code changed within a reply: {_printable(line)}")
         self._code = code
-        self._lines.append(line.decode("utf-8", "replace"))
+        self._lines.append(_text(line))
         if len(self._lines) > self.maxReplyLines:
             return self._fail("reply too long")
         if match.group(2) == b"-":
             return
         reply = RelayReply(code, tuple(self._lines))
         self._lines = []
-        if self._tlsOnReply is not None:
-            creator, self._tlsOnReply = self._tlsOnReply, None
-            if code == 220:
-                # D31: anything already buffered behind the 220 was sent in
-                # plaintext and would be read as if it came through TLS.
-                if self._buffer:
-                    return self._fail("data after the reply to STARTTLS (injection attempt?)")
-                self.transport.startTLS(creator)
+        creator, self._tlsOnReply = self._tlsOnReply, None
+        if creator is not None and code == 220:
+            # D31: anything already buffered behind the 220 was sent in
+            # plaintext and would be read as if it came through TLS.
+            if self._buffer:
+                return self._fail("data after the reply to STARTTLS (injection attempt?)")
+            self.transport.startTLS(creator)
+        # From here the timer measures how long the session idles.
+        self._touch()
+        # What follows the reply in the same read is no reply to the next
+        # command, which is sent only now: the reply stands (the relay may
+        # have taken the message), and then the session ends.
+        junk = self._buffer
         self._fire(reply)
+        if junk:
+            self._fail(f"unexpected data after a reply: {_printable(junk)}")
 
     # Commands
 
@@ -154,7 +171,7 @@ class RelayClientProtocol(basic.LineReceiver):
         if self._error is not None:
             return defer.fail(self._error)
         self._waiting = defer.Deferred()
-        self.sendLine(line)
+        self.transport.write(line + b"\r\n")
         self._touch()
         return self._waiting
 
@@ -241,7 +258,7 @@ class RelayClientProtocol(basic.LineReceiver):
 
     def _timedOut(self) -> None:
         self._timer = None
-        self._fail(f"no progress for {self._waitFor:g} seconds")
+        self._fail(f"no complete reply within {self._waitFor:g} seconds")
 
     def _fail(self, why: str) -> None:
         if self._error is None:
@@ -260,5 +277,10 @@ class RelayClientProtocol(basic.LineReceiver):
             waiting.callback(result)
 
 
+def _text(line: bytes) -> str:
+    """A reply line as text for logs and bounces: UTF-8 where it is, no control characters."""
+    return _UNPRINTABLE.sub("?", line.decode("utf-8", "replace"))
+
+
 def _printable(line: bytes) -> str:
-    return line[:200].decode("ascii", "replace")
+    return _text(line[:200])

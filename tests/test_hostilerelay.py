@@ -1,0 +1,142 @@
+"""
+The relay client against a broken or hostile upstream: replies in odd
+shapes, at odd times, too slowly, or that do not fit the transaction. On a
+StringTransport and a Clock; where the behaviour is not specified the client
+does what Postfix's smtp(8) does.
+"""
+
+from __future__ import annotations
+
+import io
+
+from twisted.internet import task
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from mailauth.envelope import DELIVERED, Outcome
+from mailauth.relay import RelayClientProtocol, RelayError, RelaySession
+
+
+class HostileRelayMixin:
+    """A session on a StringTransport, its greeting done, on a Clock."""
+
+    extensions: dict = {"8BITMIME": ""}
+    timeout = 30
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.protocol = RelayClientProtocol(self.clock, self.timeout)
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        self.protocol.dataReceived(b"220 hi\r\n")
+        self.session = RelaySession(self.protocol, dict(self.extensions))
+
+    def pump(self):
+        """Let the message go out; return what was sent since the last call."""
+        while self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+        sent = self.transport.value()
+        self.transport.clear()
+        return sent
+
+    def deliver(self, size=20, message=b"Subject: x\r\n\r\nhi\r\n"):
+        return self.session.deliver(
+            "a@x.test", ["b@y.test", "c@y.test"], io.BytesIO(message), size, False
+        )
+
+    def answer(self, *replies):
+        """Answer each command in turn with raw bytes; return what was sent before each."""
+        sent = []
+        for reply in replies:
+            sent.append(self.pump())
+            self.protocol.dataReceived(reply)
+        return sent
+
+
+class TransactionRepliesTests(HostileRelayMixin, unittest.TestCase):
+    """Replies that do not say what the transaction needs."""
+
+    def test_duplicateReplyIsNoVerdict(self):
+        """
+        A reply that arrives before its command was sent (a relay that
+        answers twice, or pipelines junk) is a protocol error. Before, the
+        extra 250 behind the reply to RCPT was taken as the reply to the
+        next command: with CHUNKING, the message was marked delivered on a
+        reply sent before the relay had seen its data.
+        """
+        self.session = RelaySession(self.protocol, {"CHUNKING": ""})
+        d = self.session.deliver("a@x.test", ["b@y.test"], io.BytesIO(b"hi\r\n"), 4, False)
+        self.answer(b"250 ok\r\n", b"250 ok\r\n250 2.0.0 queued\r\n")
+        self.assertIn("unexpected", str(self.failureResultOf(d, RelayError).value))
+        self.assertTrue(self.transport.disconnecting)
+
+
+class SlowRelayTests(HostileRelayMixin, unittest.TestCase):
+    """A relay that answers a byte at a time, too slowly."""
+
+    def test_dripFedReplyTimesOut(self):
+        """
+        Each reply must be complete within the timeout of its command (RFC
+        5321 4.5.3.2), however it trickles in. Before, every byte restarted
+        the timer, so a relay sending one byte a second held the
+        connection, and the messages in it, forever.
+        """
+        d = self.deliver()
+        self.pump()
+        for byte in b"250 a slow but steady reply that never quite ends":
+            self.protocol.dataReceived(bytes([byte]))
+            self.clock.advance(1)
+        self.assertIn("30 seconds", str(self.failureResultOf(d, RelayError).value))
+
+    def test_dripFedGreetingTimesOut(self):
+        """The greeting too must be complete within the timeout."""
+        protocol = RelayClientProtocol(self.clock, 30)
+        protocol.makeConnection(StringTransport())
+        greeting = protocol.greeting()
+        for byte in b"220-" + b"x" * 40:
+            protocol.dataReceived(bytes([byte]))
+            self.clock.advance(1)
+        self.failureResultOf(greeting, RelayError)
+
+    def test_splitAtEveryByte(self):
+        """A reply that arrives a byte at a time, in time, is read as a whole."""
+        d = self.deliver()
+        replies = [b"250-first\r\n250 ok\r\n", b"250 ok\r\n", b"550 5.1.1 no\r\n", b"354 go\r\n"]
+        for reply in replies + [b"250 2.0.0 queued\r\n"]:
+            self.pump()
+            for byte in reply:
+                self.protocol.dataReceived(bytes([byte]))
+        results = self.successResultOf(d)
+        self.assertEqual(results["b@y.test"].text, "250 2.0.0 queued")
+        self.assertEqual(results["c@y.test"].text, "550 5.1.1 no")
+
+
+class ReplyShapeTests(HostileRelayMixin, unittest.TestCase):
+    """Reply lines that are not what RFC 5321 says."""
+
+    def test_bareLineFeeds(self):
+        """
+        Reply lines that end in a bare LF are read as lines, as Postfix
+        reads them. Before, the client waited for a CRLF that never came,
+        until the timeout, and every message was deferred until it expired.
+        """
+        d = self.deliver()
+        sent = self.answer(b"250-ok\n250 ok\n", b"250 ok\n", b"550 5.1.1 no\n", b"354 go\n")
+        self.assertEqual(sent[-1], b"DATA\r\n")
+        self.pump()
+        self.protocol.dataReceived(b"250 2.0.0 queued\n")
+        results = self.successResultOf(d)
+        self.assertEqual(results["b@y.test"].lines, ("250 2.0.0 queued",))
+        self.assertEqual(results["c@y.test"].lines, ("550 5.1.1 no",))
+        self.assertEqual(Outcome.fromReply(results["b@y.test"]).state, DELIVERED)
+
+    def test_controlCharactersReplaced(self):
+        """
+        Control characters in a reply (a CR, an escape sequence) become
+        C{?} as Postfix's smtp(8) makes them: the reply is quoted in log
+        lines and bounces. Before, they were kept as they came.
+        """
+        d = self.deliver()
+        self.answer(b"550 5.7.1 no\rqueue: x\x1b[2J\x00 \t end\r\n")
+        reply = self.successResultOf(d)["b@y.test"]
+        self.assertEqual(reply.text, "550 5.7.1 no?queue: x?[2J? \t end")
