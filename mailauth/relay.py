@@ -110,6 +110,15 @@ class RelaySession:
             # returned: converting it would break a DKIM signature.
             results.update(dict.fromkeys(wire, _NO_8BITMIME))
             return results
+        limit = _sizeLimit(self.extensions)
+        if limit is not None and size > limit:
+            # The relay would refuse it (RFC 1870 6.1), at best after the
+            # upload: it fails here, as in Postfix.
+            tooBig = _refusal(
+                552, "5.3.4", f"message size {size} exceeds the relay's size limit of {limit}"
+            )
+            results.update(dict.fromkeys(wire, tooBig))
+            return results
         if self._dirty:
             reply = yield proto.command(b"RSET")
             _check(reply, 250, "RSET")
@@ -117,7 +126,7 @@ class RelaySession:
         reply = _classify(
             (yield proto.command(self._mailCommand(sender, size, body8bit, smtputf8, envelope)))
         )
-        if reply.code != 250:
+        if reply.code // 100 != 2:
             results.update(dict.fromkeys(wire, reply))
             return results
         accepted = []
@@ -205,7 +214,9 @@ def _classify(reply: RelayReply, intermediate: Optional[int] = None) -> RelayRep
     """
     Check a reply within a transaction: a 421 ends the session, and a 3xx
     other than C{intermediate} is a protocol error, never a verdict on a
-    recipient.
+    recipient; so is a 2xx where C{intermediate} was due (to DATA: taken
+    for the verdict, it would mark the message delivered unsent; Postfix
+    defers it).
 
     @raise RelayError: for those.
     """
@@ -213,7 +224,18 @@ def _classify(reply: RelayReply, intermediate: Optional[int] = None) -> RelayRep
         raise RelayError(f"relay closing the session: {reply.text}")
     if reply.code // 100 == 3 and reply.code != intermediate:
         raise RelayError(f"unexpected reply: {reply.text}")
+    if reply.code // 100 == 2 and intermediate is not None:
+        raise RelayError(f"unexpected reply to DATA: {reply.text}")
     return reply
+
+
+def _sizeLimit(extensions: dict) -> Optional[int]:
+    """The relay's SIZE limit (RFC 1870), or L{None}: none, 0, or not a number."""
+    try:
+        limit = int(extensions.get("SIZE", "").split()[0])
+    except (ValueError, IndexError):
+        return None
+    return limit if limit > 0 else None
 
 
 def _address(address: str) -> bytes:

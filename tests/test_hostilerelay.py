@@ -56,6 +56,37 @@ class HostileRelayMixin:
 class TransactionRepliesTests(HostileRelayMixin, unittest.TestCase):
     """Replies that do not say what the transaction needs."""
 
+    def test_successToDataIsNoDelivery(self):
+        """
+        A 2xx to DATA, where 354 was due, is a protocol error: the message
+        is tried again later. Before, the 250 was taken as the verdict on
+        the message, which was marked delivered and removed from the queue
+        without a byte of it sent.
+        """
+        d = self.deliver()
+        sent = self.answer(b"250 ok\r\n", b"250 ok\r\n", b"250 ok\r\n", b"250 2.0.0 ok\r\n")
+        self.assertEqual(sent[-1], b"DATA\r\n")
+        self.assertIn("DATA", str(self.failureResultOf(d, RelayError).value))
+
+    def test_anySuccessToMail(self):
+        """
+        Any 2xx to MAIL lets the transaction go on, as in Postfix. Before, a
+        reply other than 250 was taken as every recipient's verdict, and a
+        2xx one marked them all delivered though nothing was sent.
+        """
+        d = self.deliver()
+        sent = self.answer(b"251 ok\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n")
+        self.assertEqual(
+            sent[1:], [b"RCPT TO:<b@y.test>\r\n", b"RCPT TO:<c@y.test>\r\n", b"DATA\r\n"]
+        )
+        self.assertNoResult(d)
+        self.assertTrue(self.pump().endswith(b"\r\n.\r\n"))
+        self.protocol.dataReceived(b"250 2.0.0 queued\r\n")
+        self.assertEqual(
+            {r: v.text for r, v in self.successResultOf(d).items()},
+            {"b@y.test": "250 2.0.0 queued", "c@y.test": "250 2.0.0 queued"},
+        )
+
     def test_duplicateReplyIsNoVerdict(self):
         """
         A reply that arrives before its command was sent (a relay that
@@ -69,6 +100,43 @@ class TransactionRepliesTests(HostileRelayMixin, unittest.TestCase):
         self.answer(b"250 ok\r\n", b"250 ok\r\n250 2.0.0 queued\r\n")
         self.assertIn("unexpected", str(self.failureResultOf(d, RelayError).value))
         self.assertTrue(self.transport.disconnecting)
+
+
+class SizeLimitTests(HostileRelayMixin, unittest.TestCase):
+    """The relay's SIZE limit (RFC 1870)."""
+
+    extensions = {"SIZE": "1000", "8BITMIME": ""}
+
+    def test_overTheLimitFailsHere(self):
+        """
+        A message bigger than the relay's SIZE limit fails with 552 5.3.4
+        for every recipient, without a command sent, as Postfix does:
+        sending it would only have it refused, or taken by a relay that
+        does not enforce its own limit. Before, MAIL was sent anyway.
+        """
+        d = self.deliver(size=1001)
+        results = self.successResultOf(d)
+        self.assertEqual(self.transport.value(), b"")
+        for reply in results.values():
+            self.assertEqual(reply.code, 552)
+            self.assertEqual(
+                reply.text, "5.3.4 message size 1001 exceeds the relay's size limit of 1000"
+            )
+            outcome = Outcome.fromReply(reply)
+            self.assertEqual((outcome.state, outcome.status), ("failed", "5.3.4"))
+
+    def test_atTheLimitGoes(self):
+        """A message of exactly the limit, and any when SIZE has no number or 0, is sent."""
+        d = self.deliver(size=1000)
+        self.assertEqual(self.pump(), b"MAIL FROM:<a@x.test> SIZE=1000\r\n")
+        self.protocol.dataReceived(b"451 later\r\n")
+        self.successResultOf(d)
+        for limit in ("", "0", "junk"):
+            self.session = RelaySession(self.protocol, {"SIZE": limit})
+            d = self.deliver(size=10**9)
+            self.assertTrue(self.pump().endswith(b"SIZE=1000000000\r\n"), limit)
+            self.protocol.dataReceived(b"451 later\r\n")
+            self.successResultOf(d)
 
 
 class SlowRelayTests(HostileRelayMixin, unittest.TestCase):
