@@ -87,6 +87,7 @@ class LocalSenders:
 @implementer(IRelaySession)
 class Session:
     dsn = False
+    reusable = True
 
     def __init__(self, relay) -> None:
         self.relay = relay

@@ -654,6 +654,13 @@ class QueueService(service.Service):
             message = self._queue.openMessage(envelope)
         except FileNotFoundError:
             raise RelayError("the message file is gone (deleted?)") from None
+        if session is not None and not session.reusable:
+            # Its last transaction could not be reset, or the relay hung up
+            # since: that is no failure of this message, which takes a new
+            # session (without waiting on a QUIT to a relay in that state).
+            self._sessions.discard(session)
+            yield session.abort()
+            session = None
         if session is None:
             connecting = self._connector.connect()
             self._connecting.add(connecting)

@@ -302,6 +302,10 @@ class IRelaySession(Interface):
         "Whether the relay takes DSN requests (RFC 3461): it then reports on"
         " the messages it accepts, and the queue no longer does."
     )
+    reusable = Attribute(
+        "Whether the session can take another message: false once a transaction"
+        " that did not end could not be reset, or once the relay has hung up."
+    )
 
     def deliver(
         sender: str,

@@ -78,7 +78,18 @@ class RelaySession:
         self._protocol = protocol
         self.extensions = extensions
         self.dsn = "DSN" in extensions
+        self._resettable = True
         self._dirty = False
+
+    @property
+    def reusable(self) -> bool:
+        """
+        Whether the session can take another message: not once a
+        transaction that did not end could not be reset (RSET refused), nor
+        once the relay has hung up or said something out of turn (a 421
+        while idle).
+        """
+        return self._resettable and not self._protocol.broken
 
     @defer.inlineCallbacks
     def deliver(self, sender, recipients, message, size, body8bit, envelope=None):
@@ -119,9 +130,33 @@ class RelaySession:
             )
             results.update(dict.fromkeys(wire, tooBig))
             return results
+        results.update(
+            (yield self._transaction(sender, wire, message, size, body8bit, smtputf8, envelope))
+        )
         if self._dirty:
-            reply = yield proto.command(b"RSET")
-            _check(reply, 250, "RSET")
+            # Reset now, as Postfix does, so that the next message finds the
+            # session clean; if that fails, the replies above still stand,
+            # and the next message gets a new session.
+            try:
+                reply = yield proto.command(b"RSET")
+                self._resettable = reply.code // 100 == 2
+            except RelayError:
+                self._resettable = False
+            self._dirty = False
+        return results
+
+    @defer.inlineCallbacks
+    def _transaction(self, sender, wire, message, size, body8bit, smtputf8, envelope):
+        """
+        MAIL, RCPT for each recipient of C{wire} (its address to the form
+        sent), then the message to those accepted; C{_dirty} says whether
+        the transaction is left open on the relay's side.
+
+        @return: a Deferred firing with each recipient's reply.
+        """
+        proto = self._protocol
+        results: dict = {}
+        # Reset even after a refused MAIL, as Postfix does.
         self._dirty = True
         reply = _classify(
             (yield proto.command(self._mailCommand(sender, size, body8bit, smtputf8, envelope)))
@@ -143,7 +178,7 @@ class RelaySession:
         if "CHUNKING" in self.extensions:
             reply, ended = yield self._sendChunks(message)
             # A chunk refused before LAST may leave the transaction open on
-            # the relay's side: the next message starts with RSET.
+            # the relay's side: it is reset.
             self._dirty = not ended
         else:
             reply = _classify((yield proto.command(b"DATA")), intermediate=354)

@@ -106,8 +106,11 @@ class RelayClientProtocol(basic.LineReceiver):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        error = self._error or RelayError(f"connection lost: {reason.getErrorMessage()}")
-        self._fire(Failure(error))
+        if self._error is None:
+            # Every command from now on fails at once, rather than wait for
+            # a reply on a connection that is gone.
+            self._error = RelayError(f"connection lost: {reason.getErrorMessage()}")
+        self._fire(Failure(self._error))
         waiters, self._closedWaiters = self._closedWaiters or [], None
         for waiter in waiters:
             waiter.callback(None)
@@ -154,6 +157,11 @@ class RelayClientProtocol(basic.LineReceiver):
         self._fire(reply)
         if junk:
             self._fail(f"unexpected data after a reply: {_printable(junk)}")
+
+    @property
+    def broken(self) -> bool:
+        """The session failed, or the connection is gone: no command can succeed."""
+        return self._error is not None
 
     # Commands
 

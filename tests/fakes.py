@@ -201,11 +201,13 @@ class FakeRelayConnector:
     @ivar sessions: every L{FakeRelaySession} made.
     @ivar connectTimes: the clock's time at each C{connect}.
     @ivar dsn: the relay offers DSN.
+    @ivar reusable: each session can take another message after the first.
     """
 
     def __init__(self, clock=None) -> None:
         self.clock = clock
         self.dsn = False
+        self.reusable = True
         self.down = False
         self.paused = False
         self.waiting: list = []
@@ -240,12 +242,14 @@ class FakeRelaySession:
         self.open = True
         self.messages = 0
         self.dsn = connector.dsn
+        self.reusable = True
         self.envelopes: list = []
 
     def deliver(self, sender, recipients, message, size, body8bit, envelope=None):
         self.envelopes.append(envelope)
         data = message.read()
         self.messages += 1
+        self.reusable = self.connector.reusable
         results = {}
         for recipient in recipients:
             queued = self.connector.replies.get(recipient)

@@ -406,6 +406,9 @@ class RoundTripTests(unittest.TestCase):
             lines.append(transport.value())
             transport.clear()
             protocol.dataReceived(reply + b"\r\n")
+        # The transaction every recipient refused is reset.
+        self.assertEqual(transport.value(), b"RSET\r\n")
+        protocol.dataReceived(b"250 reset\r\n")
         self.successResultOf(d)
         return lines
 

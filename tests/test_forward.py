@@ -256,6 +256,24 @@ class QueueServiceTests(QueueTestMixin, unittest.TestCase):
         self.assertEqual([s.messages for s in self.relay.sessions], [5])
         self.assertFalse(self.relay.sessions[0].open)
 
+    def test_sessionNotReusableIsReplaced(self):
+        """
+        A session that says it cannot take another message (its RSET was
+        refused) is closed, and the next message goes at once through a new
+        one: the relay took the first message, so nothing is held back or
+        deferred.
+        """
+        self.relay.reusable = False
+        service = self.makeService(max_connections=1)
+        for i in range(3):
+            self.enqueue(f"m{i}")
+        self.start(service)
+        self.assertEqual(len(self.relay.deliveries), 3)
+        self.assertEqual([s.messages for s in self.relay.sessions], [1, 1, 1])
+        self.assertEqual(self.relay.openSessions(), 0)
+        self.assertEqual(self.relay.connectTimes, [self.reactor.seconds()] * 3)
+        self.assertEqual(listQueue(self.directory), [])
+
     def test_connectionLimit(self):
         """No more than max_connections sessions are opened at once."""
         self.relay.paused = True

@@ -10,7 +10,9 @@ from __future__ import annotations
 import io
 
 from twisted.internet import task
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mailauth.envelope import DELIVERED, Outcome
@@ -129,13 +131,13 @@ class SizeLimitTests(HostileRelayMixin, unittest.TestCase):
         """A message of exactly the limit, and any when SIZE has no number or 0, is sent."""
         d = self.deliver(size=1000)
         self.assertEqual(self.pump(), b"MAIL FROM:<a@x.test> SIZE=1000\r\n")
-        self.protocol.dataReceived(b"451 later\r\n")
+        self.answer(b"451 later\r\n", b"250 reset\r\n")
         self.successResultOf(d)
         for limit in ("", "0", "junk"):
             self.session = RelaySession(self.protocol, {"SIZE": limit})
             d = self.deliver(size=10**9)
             self.assertTrue(self.pump().endswith(b"SIZE=1000000000\r\n"), limit)
-            self.protocol.dataReceived(b"451 later\r\n")
+            self.answer(b"451 later\r\n", b"250 reset\r\n")
             self.successResultOf(d)
 
 
@@ -205,6 +207,75 @@ class ReplyShapeTests(HostileRelayMixin, unittest.TestCase):
         lines and bounces. Before, they were kept as they came.
         """
         d = self.deliver()
-        self.answer(b"550 5.7.1 no\rqueue: x\x1b[2J\x00 \t end\r\n")
+        self.answer(b"550 5.7.1 no\rqueue: x\x1b[2J\x00 \t end\r\n", b"250 reset\r\n")
         reply = self.successResultOf(d)["b@y.test"]
         self.assertEqual(reply.text, "550 5.7.1 no?queue: x?[2J? \t end")
+
+
+class SessionReuseTests(HostileRelayMixin, unittest.TestCase):
+    """Whether a session can take the next message: RSET, hang-ups."""
+
+    def test_refusedResetEndsOnlyTheSession(self):
+        """
+        A transaction that did not end (every recipient refused) is reset
+        at once, as Postfix does; a relay that refuses the RSET leaves the
+        replies to the message standing and the session marked not
+        reusable, so the next message gets a new one. Before, RSET was sent
+        at the start of the next message, whose attempt failed as a whole
+        on the refusal (and held every new session back for the backoff).
+        """
+        d = self.deliver()
+        sent = self.answer(
+            b"250 ok\r\n", b"550 5.1.1 no\r\n", b"550 5.1.1 no\r\n", b"502 5.5.1 what\r\n"
+        )
+        self.assertEqual(sent[-1], b"RSET\r\n")
+        results = self.successResultOf(d)
+        self.assertEqual({reply.code for reply in results.values()}, {550})
+        self.assertFalse(self.session.reusable)
+
+    def test_lostDuringResetEndsOnlyTheSession(self):
+        """A connection lost at the RSET leaves the replies to the message standing."""
+        d = self.deliver()
+        self.answer(b"550 5.7.1 no\r\n")
+        self.assertEqual(self.pump(), b"RSET\r\n")
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual({reply.code for reply in self.successResultOf(d).values()}, {550})
+        self.assertFalse(self.session.reusable)
+
+    def test_resetSessionIsReusable(self):
+        """A clean transaction sends no RSET; one reset with a 250 stays reusable."""
+        d = self.deliver()
+        self.answer(b"250 ok\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n")
+        self.assertTrue(self.pump().endswith(b"\r\n.\r\n"))
+        self.protocol.dataReceived(b"250 2.0.0 queued\r\n")
+        self.successResultOf(d)
+        self.assertEqual(self.pump(), b"")
+        self.assertTrue(self.session.reusable)
+        d = self.deliver()
+        self.answer(b"451 4.3.0 later\r\n", b"250 2.0.0 reset\r\n")
+        self.successResultOf(d)
+        self.assertTrue(self.session.reusable)
+
+    def test_hangUpBetweenMessages(self):
+        """
+        A relay that hangs up between messages (its idle timeout, a
+        restart) leaves a session that says it is not reusable, and a
+        command on it fails at once. Before, the next message was sent into
+        the closed connection and waited the whole timeout for a reply,
+        then was deferred, and new sessions were held back.
+        """
+        d = self.deliver()
+        self.answer(b"250 ok\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n")
+        self.pump()
+        self.protocol.dataReceived(b"250 2.0.0 queued\r\n")
+        self.successResultOf(d)
+        self.assertTrue(self.session.reusable)
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertFalse(self.session.reusable)
+        self.failureResultOf(self.deliver(), RelayError)
+
+    def test_closingWhileIdle(self):
+        """A 421 while no command is pending (the relay's idle timeout) ends the session."""
+        self.protocol.dataReceived(b"421 4.4.2 idle for too long\r\n")
+        self.assertFalse(self.session.reusable)
+        self.assertTrue(self.transport.disconnecting)

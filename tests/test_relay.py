@@ -207,12 +207,14 @@ class SessionTests(unittest.TestCase):
             {"b@y.test": "250 queued", "c@y.test": "550 5.1.1 no"},
         )
         d = self.session.deliver("", ["b@y.test"], io.BytesIO(b""), 0, False)
-        [first] = self.exchange(d, b"451 4.3.0 later")
+        [first, reset] = self.exchange(d, b"451 4.3.0 later", b"250 reset")
         self.assertEqual(first, b"MAIL FROM:<> SIZE=0\r\n")
+        # The refused transaction is reset before the next message.
+        self.assertEqual(reset, b"RSET\r\n")
         self.assertEqual(self.successResultOf(d)["b@y.test"].code, 451)
         d = self.session.deliver("", ["b@y.test"], io.BytesIO(b""), 0, False)
-        sent = self.exchange(d, b"250 reset", b"250 ok", b"250 ok", b"354 go", b"250 ok")
-        self.assertEqual(sent[0], b"RSET\r\n")
+        sent = self.exchange(d, b"250 ok", b"250 ok", b"354 go", b"250 ok")
+        self.assertEqual(sent[0], b"MAIL FROM:<> SIZE=0\r\n")
         self.assertEqual(sent[-1], b".\r\n")
 
     def test_eightBitWithout8BITMIME(self):
@@ -237,18 +239,20 @@ class SessionTests(unittest.TestCase):
     def test_refusedChunkThenReset(self):
         """
         A BDAT chunk refused before the last leaves the relay's transaction
-        open, maybe: the next message starts with RSET, so that its MAIL is
-        not taken for a nested one (and bounced for a 503 that was not its).
+        open, maybe: it is reset before the next message, so that its MAIL
+        is not taken for a nested one (and bounced for a 503 that was not
+        its).
         """
         self.session = RelaySession(self.protocol, {"CHUNKING": ""})
         message = b"x" * (BDAT_CHUNK + 10)
         d = self.session.deliver("a@x.test", ["b@y.test"], io.BytesIO(message), 0, False)
-        sent = self.exchange(d, b"250 ok", b"250 ok", b"552 5.3.4 too big")
-        self.assertTrue(sent[-1].startswith(b"BDAT %d\r\n" % BDAT_CHUNK), sent[-1][:20])
+        sent = self.exchange(d, b"250 ok", b"250 ok", b"552 5.3.4 too big", b"250 reset")
+        self.assertTrue(sent[-2].startswith(b"BDAT %d\r\n" % BDAT_CHUNK), sent[-2][:20])
+        self.assertEqual(sent[-1], b"RSET\r\n")
         self.assertEqual(self.successResultOf(d)["b@y.test"].code, 552)
         d = self.session.deliver("a@x.test", ["b@y.test"], io.BytesIO(b"hi\r\n"), 0, False)
-        sent = self.exchange(d, b"250 reset", b"250 ok", b"250 ok", b"250 done")
-        self.assertEqual(sent[:2], [b"RSET\r\n", b"MAIL FROM:<a@x.test>\r\n"])
+        sent = self.exchange(d, b"250 ok", b"250 ok", b"250 done")
+        self.assertEqual(sent[0], b"MAIL FROM:<a@x.test>\r\n")
         self.assertEqual(sent[-1], b"BDAT 4 LAST\r\nhi\r\n")
         self.assertEqual(self.successResultOf(d)["b@y.test"].code, 250)
         # A message that went through whole leaves nothing to reset.

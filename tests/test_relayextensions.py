@@ -190,12 +190,16 @@ class WithExtensionsTests(WireTestsMixin, unittest.TestCase):
         self.assertEqual(results["bob@remote.example"].text, "250 done")
 
     def test_bdatRefusalEnds(self):
-        """A refused chunk ends the message: its reply is every accepted recipient's verdict."""
+        """
+        A refused chunk ends the message: its reply is every accepted
+        recipient's verdict, and no chunk follows, only the RSET that
+        closes the transaction it may have left open.
+        """
         message = b"y" * (BDAT_CHUNK * 2)
         sent, results = self.deliver(
-            envelope(), b"250 ok", b"250 ok", b"552 5.3.4 too big", message=message
+            envelope(), b"250 ok", b"250 ok", b"552 5.3.4 too big", b"250 reset", message=message
         )
-        self.assertEqual(sent[-1], b"")
+        self.assertEqual(sent[-2:], [b"RSET\r\n", b""])
         self.assertEqual(results["bob@remote.example"].code, 552)
 
     def test_noUTF8WhenNotAsked(self):
