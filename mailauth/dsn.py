@@ -22,7 +22,7 @@ MAX_RETURNED_HEADERS = 64 * 1024
 # its header section only (RFC 3461 4.3 leaves the limit to the MTA).
 MAX_RETURNED_MESSAGE = 2 * 1024 * 1024
 
-_ENHANCED = re.compile(r"^[245]\d\d[ -]([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
+_ENHANCED = re.compile(r"^([245])\d\d[ -](\1)\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 # With UTF-8 allowed (RFC 6533): still no controls, and no line or
 # paragraph separators or bidi controls that could disguise a field.
@@ -89,7 +89,9 @@ def statusCode(recipient: FailedRecipient, action: str = "failed") -> str:
     """
     The RFC 3463 status for C{recipient}: its own if it has one, else the
     enhanced code of its reply where there is one, else one derived from
-    the reply code, the action or the reason.
+    the reply code, the action or the reason. An enhanced code whose class
+    is not the reply code's is out of protocol and ignored, as Postfix
+    ignores it (a relay's C{550 2.0.0} must not report a delivery).
     """
     if action in _SUCCESS:
         return "2.0.0"
@@ -98,7 +100,7 @@ def statusCode(recipient: FailedRecipient, action: str = "failed") -> str:
     if recipient.reply:
         match = _ENHANCED.match(recipient.reply)
         if match:
-            return ".".join(match.groups())
+            return ".".join(match.groups()[1:])
         if recipient.reply[:1] in ("4", "5"):
             return recipient.reply[0] + ".0.0"
     if recipient.expired:

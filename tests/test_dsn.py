@@ -81,6 +81,25 @@ class BounceTests(unittest.TestCase):
         data = self.bounce([dsn.FailedRecipient("b@x.test", reply="550 a\r\nStatus: 2.0.0\x00")])
         self.assertIn(b"Diagnostic-Code: smtp; 550 a Status: 2.0.0?\r\n", data)
 
+    def test_statusClassFollowsTheReply(self):
+        """
+        The Status comes from the reply's enhanced code only when its class
+        agrees with the reply code (RFC 3463 2; Postfix ignores one that
+        does not, as out of protocol): a relay's C{550 2.0.0} does not make
+        a bounce say the message was delivered. Before, it said Status 2.0.0
+        with Action failed.
+        """
+        for reply, status in (
+            ("550 2.0.0 ok", "5.0.0"),
+            ("554 4.7.1 try later", "5.0.0"),
+            ("451 5.1.1 no such user", "4.0.0"),
+            ("550 5.1.1 no such user", "5.1.1"),
+            ("550-5.7.1 first line 550 5.7.1 second", "5.7.1"),
+        ):
+            recipient = dsn.FailedRecipient("b@x.test", reply=reply)
+            self.assertEqual(dsn.statusCode(recipient), status, reply)
+            self.assertIn(f"Status: {status}\r\n".encode(), self.bounce([recipient]))
+
     def test_returnedHeaders(self):
         """Only the header section comes back, cut at a line end when it is huge."""
         self.assertEqual(dsn.returnedHeaders(MESSAGE), MESSAGE.split(b"\r\n\r\n")[0] + b"\r\n")
