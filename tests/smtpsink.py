@@ -377,6 +377,9 @@ class SinkProtocol(basic.LineReceiver):
         )
         self._reset()
         reply = self.sink._next(self.sink.dataReplies, "END", b"250 2.0.0 Ok: queued")
+        if reply is None:
+            self.transport.loseConnection()
+            return
         if reply.startswith(b"2"):
             self.sink._received(transaction)
         self.reply(reply)
@@ -411,7 +414,8 @@ class SMTPSink:
       - C{mailReplies}, C{rcptReplies}: address to a list of replies (bytes,
         no CRLF) used one per command, then the default (250);
       - C{dataReplies}: C{"DATA"} (the reply to DATA) and C{"END"} (after the
-        final dot) to lists of replies, likewise;
+        final dot) to lists of replies, likewise; L{None} in C{"END"} hangs
+        up without a reply (and without recording the message);
       - C{starttlsReply}: raw bytes written in place of the 220 to STARTTLS;
       - C{greeting}: the banner, or L{None} for a server that never speaks;
       - C{extensions}: more EHLO keywords to offer (C{b"SMTPUTF8"},

@@ -495,6 +495,22 @@ class EndToEndTests(unittest.TestCase):
         self.assertEqual(self.events.kinds("m1"), ["bounced", "removed"])
 
     @defer.inlineCallbacks
+    def test_hangUpAfterTheDot(self):
+        """
+        A relay that hangs up after the final dot without a reply has not
+        taken the message: it is deferred, not marked delivered, stays
+        queued, and goes at the next attempt.
+        """
+        self.sink.dataReplies = {"END": [None]}
+        queue, service = self.startService()
+        self.submit(queue, service, "m1")
+        [transaction] = yield self.sink.waitForTransactions(1)
+        self.assertEqual(transaction.data, MESSAGE)
+        yield self.events.wait("removed", "m1")
+        self.assertEqual(self.events.kinds("m1"), ["deferred", "sent", "removed"])
+        self.assertEqual(len(self.sink.connections), 2)
+
+    @defer.inlineCallbacks
     def test_restartWithFullQueue(self):
         """
         Messages deferred by one daemon are delivered by the next one on the
