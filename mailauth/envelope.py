@@ -243,6 +243,15 @@ class Envelope:
     def expiresAt(self, policy: RetryPolicy) -> float:
         return self.arrival + policy.expire
 
+    def triedAt(self, when: float, policy: RetryPolicy) -> bool:
+        """
+        Whether an attempt at C{when} tries to deliver, rather than only
+        expire the message: before its expiry, or if it was never tried
+        (with C{expire = 0} a message is tried once, as with Postfix's
+        C{maximal_queue_lifetime = 0}, not bounced unsent).
+        """
+        return when < self.expiresAt(policy) or self.attempts == 0
+
     def afterAttempt(
         self, outcomes: dict, error: Optional[str], now: float, policy: RetryPolicy
     ) -> Envelope:

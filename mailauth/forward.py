@@ -276,9 +276,9 @@ class QueueService(service.Service):
         if envelope is None:
             self._index.pop(msgid, None)
             return
-        # An attempt at or after the expiry only expires the message, so it
-        # does not wait for the relay.
-        remote = envelope.nextAttempt < envelope.expiresAt(self._policy) and any(
+        # An attempt at or after the expiry only expires a message that was
+        # tried, so it does not wait for the relay.
+        remote = envelope.triedAt(envelope.nextAttempt, self._policy) and any(
             not self._local.isLocal(address) for address in envelope.pending()
         )
         self._setEntry(
@@ -558,7 +558,7 @@ class QueueService(service.Service):
         outcomes: dict = dict(self._unsettled.get(msgid, {}))
         error = None
         ok = None
-        if self._reactor.seconds() < envelope.expiresAt(self._policy):
+        if envelope.triedAt(self._reactor.seconds(), self._policy):
             pending = [a for a in envelope.pending() if a not in outcomes]
             local = [a for a in pending if self._local.isLocal(a)]
             remote = [a for a in pending if a not in local]

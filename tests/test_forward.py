@@ -362,6 +362,26 @@ class QueueServiceTests(QueueTestMixin, unittest.TestCase):
         self.assertEqual(listQueue(self.directory), [])
         self.assertNotIn("bounce", self.events.kinds("m1"))
 
+    def test_expireZeroTriesOnce(self):
+        """
+        With expire = 0 (Postfix's maximal_queue_lifetime = 0) a message is
+        tried once: delivered if the relay takes it, bounced on the first
+        temporary failure. Before, it was never tried: it had expired when
+        it arrived, and every message bounced unsent.
+        """
+        self.relay.replies["b@remote.example"] = [RelayReply(451, ("451 4.3.0 later",))]
+        service = self.makeService(expire=0.0)
+        self.start(service)
+        self.enqueue("m1", recipients=("a@remote.example", "b@remote.example"))
+        service.wake()
+        self.reactor.advance(0)
+        self.assertEqual(
+            [recipients for _, recipients, _ in self.relay.deliveries], [("a@remote.example",)]
+        )
+        self.assertEqual(listQueue(self.directory), [])
+        [(recipient, bounce)] = self.local.delivered
+        self.assertEqual(self.failedIn(bounce), [("rfc822; b@remote.example", "4.3.0")])
+
     def test_expiry(self):
         """
         Recipients still pending when the message expires fail, and the
