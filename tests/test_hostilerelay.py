@@ -16,7 +16,8 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mailauth.envelope import DELIVERED, Outcome
-from mailauth.relay import RelayClientProtocol, RelayError, RelaySession
+from mailauth.relay import RelayClientProtocol, RelayConnector, RelayError, RelaySession
+from tests.support import relayConfig
 
 
 class HostileRelayMixin:
@@ -279,3 +280,42 @@ class SessionReuseTests(HostileRelayMixin, unittest.TestCase):
         self.protocol.dataReceived(b"421 4.4.2 idle for too long\r\n")
         self.assertFalse(self.session.reusable)
         self.assertTrue(self.transport.disconnecting)
+
+
+class ClosingTests(HostileRelayMixin, unittest.TestCase):
+    """A 421 at any stage ends the session; the message is tried again."""
+
+    def establish(self, *replies, tls="none"):
+        """Set a session up through a fresh connection answered with C{replies}."""
+        connector = RelayConnector(relayConfig(tls=tls), self.clock, "me.test")
+        protocol = RelayClientProtocol(self.clock, 30)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        d = connector._establish(protocol, None, None)
+        for reply in replies:
+            protocol.dataReceived(reply)
+        return d, transport
+
+    def test_atTheGreetingAndEHLO(self):
+        """A 421 greeting, or a 421 to EHLO, fails the session setup."""
+        for replies in ([b"421 4.3.2 busy\r\n"], [b"220 hi\r\n", b"421 4.3.2 busy\r\n"]):
+            d, _ = self.establish(*replies)
+            self.assertIn("421 4.3.2 busy", str(self.failureResultOf(d, RelayError).value))
+
+    def test_noStartTLSNoSecrets(self):
+        """With tls = starttls, a relay that does not offer it gets nothing after EHLO."""
+        d, transport = self.establish(
+            b"220 hi\r\n", b"250-relay\r\n250 AUTH PLAIN\r\n", tls="starttls"
+        )
+        self.assertIn("does not offer STARTTLS", str(self.failureResultOf(d, RelayError).value))
+        self.assertEqual(transport.value(), b"EHLO me.test\r\n")
+
+    def test_inTheTransaction(self):
+        """A 421 to MAIL, to DATA, or after the dot is no verdict on the message."""
+        for before in ([], [b"250 ok\r\n"] * 3, [b"250 ok\r\n"] * 3 + [b"354 go\r\n"]):
+            self.setUp()
+            d = self.deliver()
+            self.answer(*before)
+            self.pump()
+            self.protocol.dataReceived(b"421 4.3.2 shutting down\r\n")
+            self.assertIn("421", str(self.failureResultOf(d, RelayError).value))
