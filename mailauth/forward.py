@@ -575,6 +575,11 @@ class QueueService(service.Service):
                         session = None
                         ok = False
                         outcomes.update({a: Outcome(PENDING, error=error) for a in remote})
+                        outcomes.update(
+                            (a, Outcome.fromReply(reply))
+                            for a, reply in e.refused.items()
+                            if a in outcomes
+                        )
                     self._metrics.relayAttempt(
                         _relayOutcome(ok, [outcomes[a] for a in remote]),
                         self._reactor.seconds() - started,

@@ -130,9 +130,16 @@ class RelaySession:
             )
             results.update(dict.fromkeys(wire, tooBig))
             return results
-        results.update(
-            (yield self._transaction(sender, wire, message, size, body8bit, smtputf8, envelope))
-        )
+        try:
+            yield self._transaction(
+                results, sender, wire, message, size, body8bit, smtputf8, envelope
+            )
+        except RelayError as e:
+            # The session failed after the relay refused some recipients
+            # for good: those refusals stand (bounced now, as Postfix does,
+            # not tried again with the others).
+            e.refused = {r: reply for r, reply in results.items() if reply.code // 100 == 5}
+            raise
         if self._dirty:
             # Reset now, as Postfix does, so that the next message finds the
             # session clean; if that fails, the replies above still stand,
@@ -146,16 +153,17 @@ class RelaySession:
         return results
 
     @defer.inlineCallbacks
-    def _transaction(self, sender, wire, message, size, body8bit, smtputf8, envelope):
+    def _transaction(self, results, sender, wire, message, size, body8bit, smtputf8, envelope):
         """
         MAIL, RCPT for each recipient of C{wire} (its address to the form
         sent), then the message to those accepted; C{_dirty} says whether
         the transaction is left open on the relay's side.
 
-        @return: a Deferred firing with each recipient's reply.
+        @param results: filled with each recipient's reply as it comes,
+            so that what came before a failure is known.
+        @return: a Deferred firing with C{results}.
         """
         proto = self._protocol
-        results: dict = {}
         # Reset even after a refused MAIL, as Postfix does.
         self._dirty = True
         reply = _classify(

@@ -30,8 +30,12 @@ class RelayError(Exception):
     """
     The session with the relay failed as a whole (no connection, TLS or
     authentication failure, timeout, a 421, a protocol error): every
-    recipient of the message in hand is to be tried again later.
+    recipient of the message in hand is to be tried again later, but those
+    the relay refused for good before (C{refused}: recipient to the 5xx
+    L{RelayReply}).
     """
+
+    refused: dict = {}
 
 
 @attrs.frozen

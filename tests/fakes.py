@@ -202,12 +202,15 @@ class FakeRelayConnector:
     @ivar connectTimes: the clock's time at each C{connect}.
     @ivar dsn: the relay offers DSN.
     @ivar reusable: each session can take another message after the first.
+    @ivar lostAfterData: the relay hangs up instead of answering the end of
+        each message (after its replies to RCPT).
     """
 
     def __init__(self, clock=None) -> None:
         self.clock = clock
         self.dsn = False
         self.reusable = True
+        self.lostAfterData = False
         self.down = False
         self.paused = False
         self.waiting: list = []
@@ -256,6 +259,11 @@ class FakeRelaySession:
             reply = queued.pop(0) if queued else RelayReply(250, ("250 2.0.0 Ok",))
             results[recipient] = reply
         accepted = tuple(r for r in recipients if results[r].code // 100 == 2)
+        if self.connector.lostAfterData:
+            self.open = False
+            error = RelayError("connection lost after the message")
+            error.refused = {r: reply for r, reply in results.items() if reply.code // 100 == 5}
+            return defer.fail(error)
         if accepted:
             self.connector.deliveries.append((sender, accepted, unstuff(data)))
         return defer.succeed(results)

@@ -196,6 +196,29 @@ class QueueServiceTests(QueueTestMixin, unittest.TestCase):
         settled.callback(outcome)
         self.assertEqual(self.events.kinds("m1"), ["sent", "removed"])
 
+    def test_refusedRecipientBouncedWhenSessionFailsLater(self):
+        """
+        A recipient the relay refused for good is bounced at once though
+        the session then failed (a hang-up after the message), as in
+        Postfix; the others are tried again.
+        """
+        self.relay.replies["carol@remote.example"] = [RelayReply(550, ("550 5.1.1 unknown",))]
+        self.relay.lostAfterData = True
+        self.start()
+        self.submit("m1", recipients=("bob@remote.example", "carol@remote.example"))
+        [message] = listQueue(self.directory)
+        self.assertEqual(
+            [(r["address"], r["state"], r["reply"]) for r in message["recipients"]],
+            [
+                ("bob@remote.example", "pending", None),
+                ("carol@remote.example", "failed", "550 5.1.1 unknown"),
+            ],
+        )
+        [(recipient, bounce)] = self.local.delivered
+        self.assertEqual(recipient, "alice@example.org")
+        self.assertIn(b"Final-Recipient: rfc822; carol@remote.example", bounce)
+        self.assertNotIn(b"Final-Recipient: rfc822; bob@remote.example", bounce)
+
     def test_unreadableEnvelopeNotCalledDeleted(self):
         """
         An envelope found unreadable when its message is due is set aside

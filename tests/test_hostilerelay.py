@@ -319,3 +319,20 @@ class ClosingTests(HostileRelayMixin, unittest.TestCase):
             self.pump()
             self.protocol.dataReceived(b"421 4.3.2 shutting down\r\n")
             self.assertIn("421", str(self.failureResultOf(d, RelayError).value))
+
+    def test_refusalsBeforeTheEndStand(self):
+        """
+        A recipient the relay refused for good (5xx to RCPT) stays refused
+        when the session fails later (a 421 after the dot): the error says
+        so, for it to be bounced now, as Postfix does, while the others are
+        tried again. Before, it was tried again with them.
+        """
+        d = self.deliver()
+        self.answer(b"250 ok\r\n", b"550 5.1.1 no such user\r\n", b"250 ok\r\n", b"354 go\r\n")
+        self.pump()
+        self.protocol.dataReceived(b"421 4.3.2 shutting down\r\n")
+        error = self.failureResultOf(d, RelayError).value
+        self.assertEqual(
+            {r: reply.text for r, reply in error.refused.items()},
+            {"b@y.test": "550 5.1.1 no such user"},
+        )
