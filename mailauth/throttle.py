@@ -9,6 +9,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailauth import replies
+from mailauth.addresses import normalise
 from mailauth.counters import MemoryCounterStore
 from mailauth.interfaces import ICounterStore
 
@@ -78,8 +79,15 @@ def addressKey(host: str) -> str:
 
 
 def loginKey(login: str) -> str:
-    """The key that failures for C{login} are counted under: bounded, case-folded."""
-    return LOGIN_PREFIX + login[:MAX_LOGIN_KEY].lower()
+    """
+    The key that failures for C{login} are counted under: bounded, and the
+    same for every spelling of it that logs in as one user (case, quoting,
+    NFC, a trailing dot, the A- or U-label form of its domain: the user
+    database finds the user by L{normalise}), so that a guesser cannot
+    start the login's count afresh by spelling it another way.
+    """
+    # Cut before normalising too: an AUTH line may carry 9 KB of login.
+    return LOGIN_PREFIX + normalise(login[: 4 * MAX_LOGIN_KEY])[:MAX_LOGIN_KEY]
 
 
 class AuthThrottle:

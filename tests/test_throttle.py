@@ -127,6 +127,26 @@ class ThrottleTests(unittest.TestCase):
         ]
         self.assertEqual(max(delays), 16 * 0.5)
 
+    def test_loginSpellingsCountAsOne(self) -> None:
+        """
+        Every spelling of a login that logs in as the same user (case,
+        quoting, a trailing dot, the U- or A-label form of its domain, NFC)
+        counts under one key: spelling it anew does not start its count
+        afresh.
+        """
+        spellings = [
+            "alice@bücher.example",
+            "Alice@Bücher.Example",
+            '"alice"@bücher.example',
+            "alice@xn--bcher-kva.example",
+            "ALICE@XN--BCHER-KVA.EXAMPLE.",
+            "alice@bu\u0308cher.example",
+        ]
+        delays = [
+            self.failure(f"198.51.100.{i}", spelling) for i, spelling in enumerate(spellings)
+        ]
+        self.assertEqual(delays, [0, 0, 0, 0, 2.0, 4.0])
+
     def test_ipv6Slash64(self) -> None:
         """IPv6 addresses count per /64: rotating addresses in one /64 does not help."""
         for i in range(10):
