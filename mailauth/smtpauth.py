@@ -192,8 +192,10 @@ class AuthCommands:
         self._send(replies.AUTH_SUCCESS)
 
     def _authError(self, f: Failure, credentials):
-        if self._mode == self.CLOSED:
-            return None
+        # A client that hung up while its credentials were checked is still
+        # logged and counted (only the reply is left out): else a guesser
+        # that never waits for its answers would spend the server's hashing
+        # without ever being counted, blocked, or seen by fail2ban.
         # Neither of these is a guess: they are answered as one is (as late,
         # and ending the session after as many), but never counted, so their
         # owner is never blocked, and logged in lines fail2ban ignores.
@@ -269,7 +271,8 @@ class AuthCommands:
                 session=self.session,
             )
         self.factory.metrics.authResult(credentials.mechanism, "unavailable")
-        self._send(replies.AUTH_UNAVAILABLE)
+        if self._mode != self.CLOSED:
+            self._send(replies.AUTH_UNAVAILABLE)
         return None
 
     def _authFailed(

@@ -5,8 +5,11 @@ from __future__ import annotations
 import base64
 import ipaddress
 
+from twisted.cred.error import LoginFailed
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.mail.interfaces import IMessageDeliveryFactory
 from twisted.trial import unittest
 from zope.interface import implementer
 
@@ -20,6 +23,7 @@ from tests.support import (
     makeFactory,
     makeThrottle,
     passwordIs,
+    withoutSession,
 )
 
 
@@ -362,3 +366,66 @@ class SessionTests(unittest.TestCase):
             session.read(), [b"421 4.7.0 Error: too many failed logins, try again later"]
         )
         self.assertTrue(session.transport.disconnecting)
+
+
+class HangUpTests(unittest.TestCase):
+    """A client that hangs up while its credentials are checked."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.portal = RecordingPortal(MemoryMailbox(login="alice@example.test"))
+        self.throttle = makeThrottle(self.clock, maxPerAddress=4)
+        self.factory = makeFactory(
+            self.clock, portal=self.portal, tlsMode="implicit", throttle=self.throttle
+        )
+        self.events: list = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def guessAndHangUp(self, password: bytes) -> Session:
+        """Send one guess, and hang up before it is answered."""
+        session = Session(self.factory)
+        session.command(b"EHLO c")
+        session.command(plainLine(b"alice@example.test", password))
+        self.assertEqual(len(self.portal.logins), 1)
+        session.protocol.connectionLost(None)
+        return session
+
+    def test_wrongPasswordStillCounted(self) -> None:
+        """
+        A wrong password whose client hung up before the answer is logged
+        and counted as any other (only the reply is left out): a guesser
+        that never waits for its answers is blocked all the same.
+        """
+        for attempt in range(4):
+            self.portal.logins = []
+            session = self.guessAndHangUp(b"guess%d" % attempt)
+            self.portal.fail()
+            self.assertEqual(session.read(), [])
+        self.assertTrue(self.successResultOf(self.throttle.isBlocked("192.0.2.1")))
+        failures = [
+            withoutSession(formatEvent(e))
+            for e in self.events
+            if e.get("log_format", "").startswith("auth failure:")
+        ]
+        self.assertEqual(
+            failures,
+            ["auth failure: client=[192.0.2.1] mechanism=PLAIN login=<alice@example.test>"] * 4,
+        )
+
+    def test_rightPasswordNotLoggedIn(self) -> None:
+        """The right password of a client gone meanwhile logs nobody in, and counts nothing."""
+        logouts: list = []
+        session = self.guessAndHangUp(b"secret")
+        self.portal.logins[0][1].callback(
+            (IMessageDeliveryFactory, self.portal.avatar, lambda: logouts.append(True))
+        )
+        self.assertEqual((session.read(), session.protocol.login, logouts), ([], None, [True]))
+        self.assertEqual(self.throttle.trackedKeys(), 0)
+
+    def test_unavailableAfterHangUp(self) -> None:
+        """A user database that failed meanwhile is logged; nothing is written to the gone client."""
+        session = self.guessAndHangUp(b"secret")
+        self.portal.fail(exc=LoginFailed("down"))
+        self.assertEqual(session.read(), [])
+        self.assertEqual(self.throttle.trackedKeys(), 0)
