@@ -580,6 +580,9 @@ class ScramMechanism:
         # password was right. Its proof fails as a wrong one does, and the
         # checker says why.
         self._fake = keys is None or allownets.refusal(user, self.context.origin) is not None
+        # Nor does a suspended user: its proof is checked (the checker tells
+        # a right one, not a guess, from a wrong one), never confirmed.
+        self._withhold = self._fake or user.suspended
         if keys is None:
             keys = fakeKeys(self.secret, self.scheme, first.username)
         self._first, self._binding, self._keys = first, binding, keys
@@ -627,7 +630,7 @@ class ScramMechanism:
         credentials = ScramCredentials(
             first.username, self.name, self.scheme, keys, verified, origin=self.context.origin
         )
-        if not verified:
+        if not verified or self._withhold:
             return credentials
         self._respond = lambda data: self._acknowledged(data, credentials)
         return sasl.Challenge(b"v=" + _b64(keys.serverSignature(authMessage)).encode("ascii"))

@@ -1054,6 +1054,36 @@ class SessionTests(unittest.TestCase):
         self.assertTrue(lines[0].startswith(b"334 "), lines)
         self.assertEqual(self.send(b""), [b"235 2.7.0 Authentication successful"])
 
+    def test_suspendedNoServerSignature(self) -> None:
+        """
+        The right password of a suspended user gets no server signature
+        (C{v=} would confirm the password to a guesser, where PLAIN's
+        right password gets the 535 of a wrong one): 535 at once, logged as
+        suspended and not counted. A wrong password of the same user is
+        answered alike, and counted.
+        """
+        self.users.source["pencil@example.test"] += "::::::nologin"
+        self.users.load()
+
+        def attempt(password: bytes) -> list:
+            scramClient = Client("pencil@example.test", password)
+            serverFirst = self.challenge(
+                self.send(b"AUTH SCRAM-SHA-256 " + b64(scramClient.first()))
+            )
+            return self.send(b64(scramClient.final(serverFirst)))
+
+        self.session(tlsMode="none")
+        self.assertEqual(attempt(b"pencil"), [b"535 5.7.8 Authentication credentials invalid"])
+        self.assertEqual(self.throttle.trackedKeys(), 0)
+        self.assertEqual(
+            withoutSession(self.logged()[-1]),
+            "auth suspended: client=[192.0.2.1] mechanism=SCRAM-SHA-256 "
+            "login=<pencil@example.test>",
+        )
+        self.assertEqual(attempt(b"wrong"), [b"535 5.7.8 Authentication credentials invalid"])
+        self.assertEqual(self.throttle.trackedKeys(), 2)
+        self.assertIn("auth failure: client=[192.0.2.1]", self.logged()[-1])
+
     def scramFailures(self, login: str, sessions: int, tries: int) -> list:
         """The last reply of each of C{tries} SCRAM logins, in each of C{sessions} sessions."""
         answers = []
