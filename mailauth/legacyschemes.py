@@ -151,6 +151,9 @@ def _truncVerify(raw: bytes, password: bytes, login: Optional[str]) -> bool:
 # -- PBKDF2: Dovecot's $1$SALT$ROUNDS$HEX, PBKDF2-HMAC-SHA1 --------------------
 
 _PBKDF2_ROUNDS = 5000
+# More would hold an auth thread for many seconds at every guess (10 million
+# rounds take about as long as the costliest SHA-crypt hash mailauth reads).
+_PBKDF2_MAX_ROUNDS = 10_000_000
 
 
 def _pbkdf2Split(raw: bytes) -> tuple[bytes, int, bytes]:
@@ -158,9 +161,12 @@ def _pbkdf2Split(raw: bytes) -> tuple[bytes, int, bytes]:
     if len(fields) != 3:
         raise ValueError("a PBKDF2 hash is $1$SALT$ROUNDS$HEX")
     salt, rounds, key = fields
-    if not re.fullmatch(rb"[0-9]{1,10}", rounds) or not 1 <= int(rounds) < 2**32:
+    if not re.fullmatch(rb"[0-9]{1,10}", rounds) or not 1 <= int(rounds) <= _PBKDF2_MAX_ROUNDS:
         shown = rounds[:12].decode("ascii", "replace")
-        raise ValueError(f"PBKDF2 rounds {shown!r} is not a number from 1 to 2**32-1")
+        raise ValueError(
+            f"PBKDF2 rounds {shown!r} is not a number from 1 to {_PBKDF2_MAX_ROUNDS}"
+            " (the most mailauth verifies)"
+        )
     if not re.fullmatch(rb"[0-9A-Fa-f]{40}", key):
         raise ValueError("PBKDF2 hash not 160bit hex-encoded")
     return salt, int(rounds), bytes.fromhex(key.decode("ascii"))

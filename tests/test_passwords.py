@@ -474,6 +474,42 @@ class ParseTests(unittest.TestCase):
         ]:
             self.assertRaises(ValueError, parse, stored)
 
+    def test_costBounded(self) -> None:
+        """
+        A hash whose parameters ask for more work or memory than mailauth
+        verifies is refused when it is read, naming the parameter: each
+        guess at its login would otherwise allocate gigabytes (argon2 with
+        m=4 GiB) or hold an auth thread for hours (bcrypt cost 31, SHA-crypt
+        with a billion rounds). Costly but bounded ones are still read.
+        """
+        argon = (
+            "$argon2id$v=19$m=65536,t=3,p=1$vNKqkK8DQa5S4Jc06HUpwg"
+            "$x7iCyjA2f/7FGLmp8BlZlHPNy3UXmjy30VTVz5mvJEE"
+        )
+        sha = "$6$rounds=ROUNDS$salt$" + "a" * 86
+        refused = {
+            "{ARGON2ID}" + argon.replace("m=65536", "m=4194304"): "m=4194304 KiB",
+            argon.replace("m=65536", "m=2097152").replace("t=3", "t=5"): "m=2097152,t=5",
+            argon.replace("t=3", "t=4294967295"): "t=4294967295",
+            "{ARGON2I}" + argon.replace("argon2id", "argon2i").replace("p=1", "p=255"): "p=255",
+            "{BLF-CRYPT}$2y$31$" + "a" * 53: "bcrypt cost 31",
+            "$2b$18$" + "a" * 53: "bcrypt cost 18",
+            sha.replace("ROUNDS", "999999999"): "rounds=999999999",
+            "{CRYPT}" + sha.replace("ROUNDS", "10000001"): "rounds=10000001",
+            "{PBKDF2}$1$salt$4294967295$" + "a" * 40: "PBKDF2 rounds '4294967295'",
+        }
+        for stored, named in refused.items():
+            error = self.assertRaises(ValueError, parse, stored)
+            self.assertIn(named, str(error))
+        for stored in (
+            argon.replace("m=65536", "m=2097152").replace("t=3", "t=4"),
+            argon.replace("p=1", "p=16"),
+            "$2y$17$" + "a" * 53,
+            sha.replace("ROUNDS", "10000000"),
+            "{PBKDF2}$1$salt$10000000$" + "a" * 40,
+        ):
+            parse(stored)
+
     def test_errorHidesPassword(self) -> None:
         """
         Neither a parse error nor the C{repr} of a hash shows a plaintext

@@ -115,6 +115,20 @@ class UserDatabaseTestsMixin:
         self.assertEqual(len(db.problems), 1)
         self.assertRegex(db.problems[0], r"^.+:2: b@example.org: unknown password scheme \{NOPE\}")
 
+    def test_tooCostlyEntrySkipped(self) -> None:
+        """
+        A user whose argon2 hash asks for 4 GiB is left out and reported
+        with its line number, so that guesses at it cannot exhaust memory.
+        """
+        huge = (
+            "{ARGON2ID}$argon2id$v=19$m=4194304,t=3,p=1$vNKqkK8DQa5S4Jc06HUpwg"
+            "$x7iCyjA2f/7FGLmp8BlZlHPNy3UXmjy30VTVz5mvJEE"
+        )
+        db = self.makeDatabase({"a@example.org": CRAM, "b@example.org": huge})
+        self.assertEqual(db.logins(), ["a@example.org"])
+        self.assertEqual(len(db.problems), 1)
+        self.assertRegex(db.problems[0], r"^.+:2: b@example.org: argon2 memory m=4194304 KiB")
+
     def test_duplicateLogin(self) -> None:
         """
         Of two entries for one login, in any case, the first wins and the
