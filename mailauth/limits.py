@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailauth import replies
+from mailauth.addresses import normalise
 from mailauth.durable import ReloadableFile
 from mailauth.interfaces import ICounterStore, IReloadable, IUserDatabase
 from mailauth.userdb import UserDatabaseUnavailable
@@ -79,7 +80,7 @@ def parseOverrides(text: str, path: str) -> tuple[dict[str, dict[str, int]], lis
     comment. A malformed line is skipped, never fatal for the others; of
     two lines for one login the first counts.
 
-    @return: the overrides by lower-cased login, and a C{"PATH:LINENO:
+    @return: the overrides by login (its L{normalise} key), and a C{"PATH:LINENO:
         message"} line per line skipped.
     """
     found: dict[str, dict[str, int]] = {}
@@ -94,6 +95,9 @@ def parseOverrides(text: str, path: str) -> tuple[dict[str, dict[str, int]], lis
         if not colon or not re.fullmatch(r"[^\s@]+@[^\s@]+", login):
             problems.append(f"{where}: expected 'login@domain: key=value [key=value...]'")
             continue
+        # Under the key the user database finds the login by, so that any
+        # spelling of it (a U-label domain, quotes) applies to its user.
+        login = normalise(login)
         values: dict[str, int] = {}
         for word in rest.replace(",", " ").split():
             key, equals, value = word.partition("=")
@@ -147,7 +151,7 @@ class LimitOverrides(ReloadableFile):
 
     def get(self, login: str) -> dict[str, int]:
         """The limits C{login} overrides, by name."""
-        return self._overrides.get(login.lower(), {})
+        return self._overrides.get(normalise(login), {})
 
 
 @attrs.frozen

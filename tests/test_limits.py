@@ -97,6 +97,20 @@ class ParseOverridesTests(unittest.TestCase):
             },
         )
 
+    def test_anySpellingOfTheLogin(self) -> None:
+        """
+        A line applies to its login however either side spells it (a U- or
+        A-label domain, quotes, case), as the user database finds the user:
+        a stricter limit for a login is never silently left out.
+        """
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write('"Risky"@bücher.example: messages_per_hour=5\n')
+        overrides = LimitOverrides(path)
+        self.assertEqual(overrides.problems, [])
+        for spelling in ("risky@xn--bcher-kva.example", "risky@bücher.example", "RISKY@Bücher.example"):
+            self.assertEqual(overrides.get(spelling), {"messages_per_hour": 5}, spelling)
+
     def test_badLines(self) -> None:
         """Each bad line is named with its number and why, and skipped; good lines still count."""
         found, problems = parseOverrides(
