@@ -273,13 +273,14 @@ def _checkCost(raw: bytes) -> None:
                 f" (m times t at most {MAX_ARGON2_WORK})"
             )
         if lanes > MAX_ARGON2_LANES:
-            raise ValueError(f"argon2 p={lanes} is over the {MAX_ARGON2_LANES} lanes mailauth verifies")
+            raise ValueError(
+                f"argon2 p={lanes} is over the {MAX_ARGON2_LANES} lanes mailauth verifies"
+            )
         return
     bcryptCost = re.match(rb"\$2[abxy]?\$(\d+)\$", raw)
     if bcryptCost is not None and int(bcryptCost.group(1)) > MAX_BCRYPT_COST:
-        raise ValueError(
-            f"bcrypt cost {int(bcryptCost.group(1))} is over the {MAX_BCRYPT_COST} mailauth verifies"
-        )
+        cost = int(bcryptCost.group(1))
+        raise ValueError(f"bcrypt cost {cost} is over the {MAX_BCRYPT_COST} mailauth verifies")
     rounds = re.match(rb"\$[56]\$rounds=(\d+)\$", raw)
     if rounds is not None and int(rounds.group(1)) > MAX_CRYPT_ROUNDS:
         raise ValueError(

@@ -108,7 +108,11 @@ class ParseOverridesTests(unittest.TestCase):
             f.write('"Risky"@bücher.example: messages_per_hour=5\n')
         overrides = LimitOverrides(path)
         self.assertEqual(overrides.problems, [])
-        for spelling in ("risky@xn--bcher-kva.example", "risky@bücher.example", "RISKY@Bücher.example"):
+        for spelling in (
+            "risky@xn--bcher-kva.example",
+            "risky@bücher.example",
+            "RISKY@Bücher.example",
+        ):
             self.assertEqual(overrides.get(spelling), {"messages_per_hour": 5}, spelling)
 
     def test_badLines(self) -> None:

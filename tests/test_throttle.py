@@ -146,9 +146,7 @@ class ThrottleTests(unittest.TestCase):
             "ALICE@XN--BCHER-KVA.EXAMPLE.",
             "alice@bu\u0308cher.example",
         ]
-        delays = [
-            self.failure(f"198.51.100.{i}", spelling) for i, spelling in enumerate(spellings)
-        ]
+        delays = [self.failure(f"198.51.100.{i}", spelling) for i, spelling in enumerate(spellings)]
         self.assertEqual(delays, [0, 0, 0, 0, 2.0, 4.0])
 
     def test_ipv6Slash64(self) -> None:
@@ -424,7 +422,7 @@ class HangUpTests(unittest.TestCase):
         self.assertEqual(self.throttle.trackedKeys(), 0)
 
     def test_unavailableAfterHangUp(self) -> None:
-        """A user database that failed meanwhile is logged; nothing is written to the gone client."""
+        """A user database that failed meanwhile is logged; nothing is written to the client."""
         session = self.guessAndHangUp(b"secret")
         self.portal.fail(exc=LoginFailed("down"))
         self.assertEqual(session.read(), [])
