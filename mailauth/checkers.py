@@ -12,6 +12,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mailauth import allownets, apppasswords, passwords, scram
+from mailauth.addresses import normalise
 from mailauth.apppasswords import AppPassword
 from mailauth.interfaces import BlockingRunner, ILoginOrigin, IUserDatabase
 from mailauth.sasl import IBearerToken, MechanismUnavailable, TokenRefused
@@ -352,7 +353,8 @@ class OAuthChecker:
         return d
 
     def _named(self, login: str, credentials) -> defer.Deferred:
-        if credentials.username and credentials.username.lower() != login:
+        # The client's login in any spelling the user database finds it by.
+        if credentials.username and normalise(credentials.username) != normalise(login):
             raise TokenRefused(f"the token is for <{login}>", discovery=self.tokens.discovery)
         d = self.users.lookup(login)
         d.addErrback(_unavailable)

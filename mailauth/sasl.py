@@ -16,6 +16,7 @@ from twisted.cred.credentials import ICredentials, IUsernameHashedPassword, IUse
 from twisted.cred.error import UnauthorizedLogin
 from zope.interface import Attribute, implementer
 
+from mailauth.addresses import normalise
 from mailauth.allownets import Origin
 from mailauth.interfaces import ILoginOrigin, ISASLMechanism
 
@@ -242,8 +243,9 @@ class Plain:
         username = _decodeIdentity(authcid, "login")
         if not password:
             raise _malformed("PLAIN response has an empty password")
-        # Logins are case-insensitive: ALICE@ asks to act as alice@.
-        if authzid and _decodeIdentity(authzid, "authzid").lower() != username.lower():
+        # Logins are found in any spelling (L{normalise}): ALICE@ asks to
+        # act as alice@, and so does an A-label spelling of a U-label domain.
+        if authzid and normalise(_decodeIdentity(authzid, "authzid")) != normalise(username):
             raise AuthzidMismatch(username)
         return PlaintextCredentials(username, password, self.name, origin=self.origin)
 

@@ -417,11 +417,19 @@ class AuthTests(SessionTestsMixin, unittest.TestCase):
 
     def test_authzidEqualToLogin(self) -> None:
         """
-        A PLAIN authzid equal to the login is accepted, in any case (logins
-        are case-insensitive everywhere else).
+        A PLAIN authzid equal to the login is accepted, in any spelling the
+        login is found by (case, quoting, a trailing dot).
         """
-        for authzid in (b"alice@example.test", b"ALICE@Example.Test"):
-            session = Session(self.factory)
+        for n, authzid in enumerate(
+            (
+                b"alice@example.test",
+                b"ALICE@Example.Test",
+                b'"alice"@example.test',
+                b"alice@example.test.",
+            )
+        ):
+            # Each from an address of its own: the factory allows two at once.
+            session = Session(self.factory, host=f"192.0.2.{n + 10}")
             session.read()
             session.command(b"EHLO client.example")
             self.assertReply(

@@ -573,6 +573,11 @@ class CheckerTests(unittest.TestCase):
         self.assertEqual(
             self.successResultOf(self.check(self.issuer.mint(), "")), "bob@example.test"
         )
+        # The client may name the login in any spelling it logs in by.
+        self.assertEqual(
+            self.successResultOf(self.check(self.issuer.mint(), '"Bob"@example.test.')),
+            "bob@example.test",
+        )
 
     def test_refusals(self) -> None:
         """
