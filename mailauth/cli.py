@@ -124,7 +124,11 @@ def _dbInit(args: argparse.Namespace, console: Console) -> None:
             f"{cfg.path}: [auth] users is a file ({users}), not a postgresql:// URI:"
             " there is no database to initialise"
         )
-    before, after = pgusers.initSchema(users)
+
+    def say(line: str) -> None:
+        console.stdout.write(f"{pgusers.redact(users)}: {line}\n")
+
+    before, after = pgusers.initSchema(users, say=say)
     if before == after:
         done = f"the mailauth schema is up to date (version {after})"
     elif before == 0:

@@ -29,7 +29,9 @@ from mailauth.pgusers import (
     _problem,
     _setTimeout,
     connectionArguments,
+    pick,
     redact,
+    spellings,
 )
 from mailauth.userdb import User, UserDatabaseUnavailable
 
@@ -190,10 +192,11 @@ class PostgreSQLUserDatabase(service.Service):
         super().stopService()
         self._pool.close()
 
-    def _select(self, connection: Any, login: str, lookup: _Lookup) -> Optional[tuple]:
+    def _select(self, connection: Any, candidates: list, lookup: _Lookup) -> Optional[tuple]:
         """
-        The user's row, in a pool thread; once more on a new connection if
-        this one died, unless the lookup gave up and cut it.
+        The user's row (the first of C{candidates} there is: L{spellings}),
+        in a pool thread; once more on a new connection if this one died,
+        unless the lookup gave up and cut it.
         """
         psycopg2 = self._psycopg2
         for attempt in (1, 2):
@@ -201,8 +204,8 @@ class PostgreSQLUserDatabase(service.Service):
                 lookup.start(connection)
                 try:
                     with connection.cursor() as cursor:
-                        cursor.execute(_LOOKUP, (login,))
-                        return cursor.fetchone()
+                        cursor.execute(_LOOKUP, (candidates,))
+                        return pick(cursor.fetchall(), candidates)
                 finally:
                     lookup.end()
             except (psycopg2.OperationalError, psycopg2.InterfaceError):
@@ -212,9 +215,12 @@ class PostgreSQLUserDatabase(service.Service):
         raise AssertionError("not reached")
 
     def lookup(self, login: str) -> defer.Deferred:
-        key = login.lower()
+        # The key of the users file (mailauth.addresses.normalise), and the
+        # spellings older versions stored.
+        candidates = spellings(login)
+        key = candidates[1] if len(candidates) > 1 else candidates[0]
         running = _Lookup()
-        d = self._pool.runWithConnection(self._select, key, running)
+        d = self._pool.runWithConnection(self._select, candidates, running)
         d.addTimeout(self.timeout, self.clock)
         d.addErrback(_cutOnTimeout, running)
         d.addCallbacks(self._found, self._failed, callbackArgs=(key,))

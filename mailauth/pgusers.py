@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 from urllib.parse import parse_qsl, urlsplit
 
+import idna
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailauth import apppasswords
+from mailauth.addresses import normalise
 from mailauth.apppasswords import AppPassword, AppPasswordError
 from mailauth.interfaces import IAccountStore, IUserStore
 from mailauth.passwords import PasswordHash, parse
@@ -87,10 +89,46 @@ _USERS = """
                     FILTER (WHERE a.prefix IS NOT NULL), '[]'::json)
     FROM mailauth.users u LEFT JOIN mailauth.app_passwords a ON a.login = u.login
     {where} GROUP BY u.login ORDER BY u.login"""
-_LOOKUP = _USERS.format(where="WHERE u.login = %s")
+_LOOKUP = _USERS.format(where="WHERE u.login = ANY(%s)")
 _ALL_USERS = _USERS.format(where="")
 
 _URI_SCHEMES = ("postgresql", "postgres")
+
+
+# -- logins -----------------------------------------------------------------
+
+
+def spellings(login: str) -> list[str]:
+    """
+    The stored logins that C{login} may name, the one to prefer first: as
+    older mailauth versions stored it (only lower-cased); then its key
+    (L{normalise}: also unquoted, NFC, the domain in A-labels), which is how
+    logins are stored now and how the users file finds them, so that
+    C{carol@b\u00fccher.example} and C{carol@xn--bcher-kva.example} are one
+    login; then the key with its domain in U-labels, as an older version
+    (or another program) stored a login typed that way and C{mailauth db
+    init} has not yet stored anew (L{normaliseLogins}). The spelling as
+    given comes first so that two rows that C{db init} could not merge are
+    each still found as they were before.
+    """
+    key = normalise(login)
+    found = [login.lower(), key]
+    local, _, domain = key.rpartition("@")
+    if "xn--" in domain:
+        try:
+            found.append(f"{local}@{idna.decode(domain)}")
+        except (idna.IDNAError, UnicodeError, ValueError):
+            pass
+    return list(dict.fromkeys(found))
+
+
+def pick(rows: list, candidates: list[str]) -> Optional[tuple]:
+    """@return: of C{rows} (login first), the one whose login comes first in C{candidates}."""
+    byLogin = {row[0]: row for row in rows}
+    for candidate in candidates:
+        if candidate in byLogin:
+            return byLogin[candidate]
+    return None
 
 
 # -- connection URIs --------------------------------------------------------
@@ -284,7 +322,8 @@ class PostgreSQLUserStore:
     """
     Edits of C{mailauth.users} and C{mailauth.app_passwords}, each in its
     own transaction on a plain psycopg2 connection; every method blocks.
-    Logins are stored lower-cased.
+    Logins are stored as their key (L{normalise}), and found by any
+    spelling of it (L{spellings}), as in the users file.
     """
 
     usesKnown = True
@@ -293,16 +332,41 @@ class PostgreSQLUserStore:
         self.uri = uri
         self._shown = redact(uri)
 
+    def _stored(self, cursor: Any, login: str, lock: bool = False) -> Optional[str]:
+        """
+        The login as stored of the row C{login} names (L{spellings}), or
+        L{None}; with C{lock}, that row is held until the transaction ends.
+        """
+        candidates = spellings(login)
+        cursor.execute(
+            "SELECT login FROM mailauth.users WHERE login = ANY(%s)"
+            + (" FOR UPDATE" if lock else ""),
+            (candidates,),
+        )
+        row = pick(cursor.fetchall(), candidates)
+        return None if row is None else row[0]
+
+    def _existing(self, cursor: Any, login: str, lock: bool = False) -> str:
+        """L{_stored}, which must be there. @raise UserDatabaseError: none."""
+        stored = self._stored(cursor, login, lock)
+        if stored is None:
+            raise UserDatabaseError(f"no user {login} in {self._shown}")
+        return stored
+
     def addUser(self, login: str, hashString: str) -> None:
         checkLogin(login)
         _parseHash(hashString)
         with _transaction(self.uri) as cursor:
-            cursor.execute(
-                "INSERT INTO mailauth.users (login, password) VALUES (%s, %s)"
-                " ON CONFLICT (login) DO NOTHING",
-                (login.lower(), hashString),
-            )
-            if cursor.rowcount == 0:
+            # Any spelling counts: a row an older mailauth stored with the
+            # domain's U-labels is this login too.
+            exists = self._stored(cursor, login) is not None
+            if not exists:
+                cursor.execute(
+                    "INSERT INTO mailauth.users (login, password) VALUES (%s, %s)"
+                    " ON CONFLICT (login) DO NOTHING",
+                    (normalise(login), hashString),
+                )
+            if exists or cursor.rowcount == 0:
                 raise UserDatabaseError(f"user {login} already exists in {self._shown}")
 
     def setPassword(self, login: str, hashString: str) -> None:
@@ -310,30 +374,26 @@ class PostgreSQLUserStore:
         with _transaction(self.uri) as cursor:
             cursor.execute(
                 "UPDATE mailauth.users SET password = %s, updated = now() WHERE login = %s",
-                (hashString, login.lower()),
+                (hashString, self._existing(cursor, login, lock=True)),
             )
-            if cursor.rowcount == 0:
-                raise UserDatabaseError(f"no user {login} in {self._shown}")
 
     def deleteUser(self, login: str) -> None:
         with _transaction(self.uri) as cursor:
-            cursor.execute("DELETE FROM mailauth.users WHERE login = %s", (login.lower(),))
-            if cursor.rowcount == 0:
-                raise UserDatabaseError(f"no user {login} in {self._shown}")
+            cursor.execute(
+                "DELETE FROM mailauth.users WHERE login = %s",
+                (self._existing(cursor, login, lock=True),),
+            )
 
     def setSuspended(self, login: str, suspended: bool) -> None:
         with _transaction(self.uri) as cursor:
             cursor.execute(
                 "UPDATE mailauth.users SET suspended = %s, updated = now() WHERE login = %s",
-                (suspended, login.lower()),
+                (suspended, self._existing(cursor, login, lock=True)),
             )
-            if cursor.rowcount == 0:
-                raise UserDatabaseError(f"no user {login} in {self._shown}")
 
     def hasUser(self, login: str) -> bool:
         with _transaction(self.uri) as cursor:
-            cursor.execute("SELECT 1 FROM mailauth.users WHERE login = %s", (login.lower(),))
-            return cursor.fetchone() is not None
+            return self._stored(cursor, login) is not None
 
     def listUsers(self) -> list[tuple[str, str]]:
         """
@@ -354,11 +414,14 @@ class PostgreSQLUserStore:
 
     # -- IAccountStore -----------------------------------------------------
 
-    def _lockUser(self, cursor: Any, login: str) -> None:
-        """Hold C{login}'s row until the transaction ends. @raise UserDatabaseError: none."""
-        cursor.execute("SELECT 1 FROM mailauth.users WHERE login = %s FOR UPDATE", (login.lower(),))
-        if cursor.fetchone() is None:
-            raise UserDatabaseError(f"no user {login} in {self._shown}")
+    def _lockUser(self, cursor: Any, login: str) -> str:
+        """
+        Hold C{login}'s row until the transaction ends.
+
+        @return: its login as stored.
+        @raise UserDatabaseError: there is none.
+        """
+        return self._existing(cursor, login, lock=True)
 
     def addAppPassword(
         self, login: str, label: str, hashString: str, created: int, prefix: str
@@ -370,10 +433,10 @@ class PostgreSQLUserStore:
             raise UserDatabaseError(str(e)) from None
         with _transaction(self.uri) as cursor:
             # The user's row lock makes two adds take turns, so the checks hold.
-            self._lockUser(cursor, login)
+            stored = self._lockUser(cursor, login)
             cursor.execute(
                 "SELECT label, prefix FROM mailauth.app_passwords WHERE login = %s",
-                (login.lower(),),
+                (stored,),
             )
             rows = cursor.fetchall()
             if any(row[0] == label for row in rows):
@@ -390,27 +453,27 @@ class PostgreSQLUserStore:
             cursor.execute(
                 "INSERT INTO mailauth.app_passwords (login, label, password, created, prefix)"
                 " VALUES (%s, %s, %s, to_timestamp(%s), %s)",
-                (login.lower(), label, hashString, created, prefix),
+                (stored, label, hashString, created, prefix),
             )
 
     def deleteAppPassword(self, login: str, label: str) -> None:
         with _transaction(self.uri) as cursor:
-            self._lockUser(cursor, login)
+            stored = self._lockUser(cursor, login)
             cursor.execute(
                 "DELETE FROM mailauth.app_passwords WHERE login = %s AND label = %s",
-                (login.lower(), label),
+                (stored, label),
             )
             if cursor.rowcount == 0:
                 raise UserDatabaseError(f"{login} has no app password {label}")
 
     def listAppPasswords(self, login: str) -> list[tuple[AppPassword, Optional[float]]]:
         with _transaction(self.uri) as cursor:
-            self._lockUser(cursor, login)
+            stored = self._lockUser(cursor, login)
             cursor.execute(
                 "SELECT label, floor(extract(epoch FROM created))::bigint, prefix, password,"
                 " extract(epoch FROM last_used)::float8 FROM mailauth.app_passwords"
                 " WHERE login = %s AND prefix IS NOT NULL ORDER BY created, label",
-                (login.lower(),),
+                (stored,),
             )
             rows = cursor.fetchall()
         found = []
@@ -426,10 +489,11 @@ class PostgreSQLUserStore:
         # The prefix tells this app password from one deleted and made again
         # under its label; a later use already recorded is kept.
         with _transaction(self.uri) as cursor:
+            stored = self._stored(cursor, login)
             cursor.execute(
                 "UPDATE mailauth.app_passwords SET last_used = greatest(last_used,"
                 " to_timestamp(%s)) WHERE login = %s AND label = %s AND prefix = %s",
-                (when, login.lower(), app.label, app.prefix),
+                (when, stored, app.label, app.prefix),
             )
 
     def listAccounts(self) -> list[User]:
@@ -460,15 +524,17 @@ class PostgreSQLUserStore:
         """
         _parseHash(hashString)
         with _transaction(self.uri) as cursor:
+            candidates = spellings(login)
             cursor.execute(
-                "SELECT password FROM mailauth.users WHERE login = %s FOR UPDATE", (login.lower(),)
+                "SELECT login, password FROM mailauth.users WHERE login = ANY(%s) FOR UPDATE",
+                (candidates,),
             )
-            row = cursor.fetchone()
-            if row is None or not _same(row[0], verified):
+            row = pick(cursor.fetchall(), candidates)
+            if row is None or not _same(row[1], verified):
                 return False
             cursor.execute(
                 "UPDATE mailauth.users SET password = %s, updated = now() WHERE login = %s",
-                (hashString, login.lower()),
+                (hashString, row[0]),
             )
             return True
 
@@ -492,15 +558,20 @@ def _schemaVersion(cursor: Any) -> int:
     return cursor.fetchone()[0]
 
 
-def initSchema(uri: str, target: int = SCHEMA_VERSION) -> tuple[int, int]:
+def initSchema(
+    uri: str, target: int = SCHEMA_VERSION, say: Optional[Callable[[str], None]] = None
+) -> tuple[int, int]:
     """
     Create the mailauth schema in the database at C{uri}, or upgrade it one
-    step at a time to version C{target}, in one transaction: it ends fully
-    upgraded or untouched. Running it again changes nothing. Two runs at
-    once take turns.
+    step at a time to version C{target}, then store every login as its key
+    (L{normaliseLogins}), all in one transaction: it ends fully upgraded or
+    untouched. Running it again changes nothing. Two runs at once take
+    turns.
 
     @param target: the version to reach; older ones only for tests of the
         upgrade.
+    @param say: called with a line for each login it stored anew, or could
+        not (L{normaliseLogins}).
     @return: the versions before and after.
     @raise UserDatabaseError: if the database cannot be reached or changed, or
         its schema is newer than C{target}.
@@ -517,7 +588,62 @@ def initSchema(uri: str, target: int = SCHEMA_VERSION) -> tuple[int, int]:
             for statement in _STEPS[version]:
                 cursor.execute(statement)
             cursor.execute("INSERT INTO mailauth.schema_version (version) VALUES (%s)", (version,))
+        for line in normaliseLogins(cursor, appPasswords=target >= 2):
+            if say is not None:
+                say(line)
     return before, target
+
+
+def normaliseLogins(cursor: Any, appPasswords: bool = True) -> list[str]:
+    """
+    Store every login as its key (L{normalise}), which is how the daemon
+    and the C{mailauth user} commands find it first, in the transaction of
+    C{cursor}.
+
+    Older versions stored a login only lower-cased: one with its domain in
+    U-labels (C{carol@b\u00fccher.example}) could not log in as
+    C{carol@xn--bcher-kva.example}, although the users file takes both for
+    one login. SQL cannot make the key (IDNA), so it is made here, at each
+    C{db init}, which also catches rows another program wrote since. A row
+    whose key another row already has is left as it is (it still logs in
+    as it is spelled: L{spellings}), and reported, so that no row is lost
+    or merged behind the administrator's back.
+
+    @param appPasswords: the table C{mailauth.app_passwords} exists; its
+        rows follow their login.
+    @return: a line for each row renamed or left alone.
+    """
+    cursor.execute("SELECT login FROM mailauth.users ORDER BY login FOR UPDATE")
+    logins = [login for (login,) in cursor.fetchall()]
+    taken = set(logins)
+    lines = []
+    for login in logins:
+        key = normalise(login)
+        if key == login:
+            continue
+        if key in taken:
+            lines.append(
+                f"{login}: not stored as {key}, another user's login; it logs in only as"
+                f" spelled here until one of them is deleted ('mailauth user del {login}')"
+            )
+            continue
+        # The key is not updated in place: the app passwords' foreign key
+        # has no ON UPDATE CASCADE. The new row takes them, then the old goes.
+        cursor.execute(
+            "INSERT INTO mailauth.users (login, password, suspended, created, updated)"
+            " SELECT %s, password, suspended, created, updated FROM mailauth.users"
+            " WHERE login = %s",
+            (key, login),
+        )
+        if appPasswords:
+            cursor.execute(
+                "UPDATE mailauth.app_passwords SET login = %s WHERE login = %s", (key, login)
+            )
+        cursor.execute("DELETE FROM mailauth.users WHERE login = %s", (login,))
+        taken.discard(login)
+        taken.add(key)
+        lines.append(f"{login}: stored as {key}, which every spelling of it finds")
+    return lines
 
 
 def checkSetup(uri: str) -> Optional[str]:
@@ -557,7 +683,7 @@ def checkDatabase(uri: str) -> Optional[str]:
                     f"{redact(uri)} has mailauth schema version {version}:"
                     f" run 'mailauth db init' to upgrade it to {SCHEMA_VERSION}"
                 )
-            cursor.execute(_LOOKUP, ("",))
+            cursor.execute(_LOOKUP, ([],))
     except UserDatabaseError as e:
         return str(e)
     return None
