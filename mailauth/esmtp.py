@@ -270,10 +270,17 @@ class SubmissionProtocol(
         self._cancelDataDeadline()
         self._abortMessages()
         self.transport.unregisterProducer()
+        self._cancelTimeout()
+        if self.tls.active and not self._handshaken:
+            # A TLS handshake never finished (a client stalled in it, on
+            # implicit TLS or after STARTTLS): Twisted's TLS layer would
+            # hold the replies, and the connection, until it does, which
+            # costs another timeout; no reply can reach such a client.
+            self.transport.abortConnection()
+            return
         self.transport.loseConnection()
         # A client that does not read keeps the connection open while our
         # last replies wait to be sent: one more timeout, then it is cut.
-        self._cancelTimeout()
         self._timer = self.clock.callLater(self.settings.timeout, self.transport.abortConnection)
 
     # -- IPushProducer: the transport's send buffer is full, or drained ----

@@ -1,15 +1,24 @@
-"""The server TLS context: chains, key mismatch, minimum version, reload."""
+"""
+The server TLS context: chains, key mismatch, minimum version, reload; and
+the daemon's TLS listeners against clients that stall in the handshake.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 from OpenSSL import SSL, crypto
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from mailauth.tls import ReloadableTLS, TLSError, loadOptions, notAfter
+from tests.harness import AttackMixin
 from tests.support import writeCertificate
+
+# The first bytes of a TLS record carrying a ClientHello, the rest never sent.
+_PARTIAL_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
 
 
 def _recording(loadPrivateKey, asked: list):
@@ -116,3 +125,66 @@ class TLSTests(unittest.TestCase):
         writeCertificate(self.dir, name="renewed")
         self.assertTrue(tls.reload())
         self.assertIsNot(tls.getContext(), before)
+
+
+def _closedByServer(sock: socket.socket) -> bool:
+    """(Blocking.) Whether the server closes C{sock} within its timeout."""
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+class StalledHandshakeTests(AttackMixin, unittest.TestCase):
+    """
+    A client that starts a TLS handshake and never finishes it (slowloris)
+    is cut off after C{[server] timeout}, on implicit TLS and after
+    STARTTLS alike: not after twice that, while Twisted's TLS layer held
+    the 421 it could never send.
+    """
+
+    clocked = True
+    settings = {"server": {"timeout": "30s"}}
+
+    def stall(self, listener: str) -> socket.socket:
+        """(Blocking.) A connection stalled in its handshake on C{listener}."""
+        sock = socket.create_connection(("127.0.0.1", self.daemon.ports[listener]))
+        sock.settimeout(5)
+        if listener == "submission":
+            for line in (b"EHLO client.example\r\n", b"STARTTLS\r\n"):
+                sock.recv(65536)
+                sock.sendall(line)
+            assert sock.recv(65536).startswith(b"220 "), "no 220 to STARTTLS"
+        sock.sendall(_PARTIAL_HELLO)
+        return sock
+
+    @defer.inlineCallbacks
+    def assertCutAfterTimeout(self, listener: str):
+        connected = self.log.waitFor(rf"^connect: .* listener={listener} ")
+        sock = yield self.inThread(self.stall, listener)
+        self.addCleanup(sock.close)
+        yield connected
+        hungUp = self.log.waitFor(r"^hang-up: client=\[127\.0\.0\.1\] .*reason=timeout")
+        self.clock.advance(29)
+        self.assertEqual(self.log.matching(r"^hang-up: "), [])
+        self.clock.advance(1)
+        yield hungUp
+        self.assertTrue((yield self.inThread(_closedByServer, sock)))
+
+    def test_implicitTLS(self):
+        """
+        On implicit TLS, a handshake that stalls is cut off after the
+        timeout.
+        """
+        return self.assertCutAfterTimeout("submissions")
+
+    def test_afterStartTLS(self):
+        """
+        After STARTTLS, a handshake that stalls is cut off after the
+        timeout.
+        """
+        return self.assertCutAfterTimeout("submission")
