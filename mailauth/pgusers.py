@@ -11,7 +11,7 @@ import contextlib
 import math
 import re
 from typing import Any, Callable, Iterator, Optional
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import idna
 from twisted.logger import Logger
@@ -142,13 +142,62 @@ def isPostgreSQL(users: str) -> bool:
     return users.split("://", 1)[0].lower() in _URI_SCHEMES and "://" in users
 
 
+# The query parameters that carry a secret: the password, and the
+# passphrase of the client's key.
+_SECRET_PARAMETERS = re.compile(r"([?&](?:ssl)?password=)([^&#]*)", re.IGNORECASE)
+
+
+def _userPartEnd(rest: str) -> int:
+    """
+    Where the C{user[:password]@} before the host in C{rest} (a URI after
+    its C{://}) has its C{@}, or -1. A password may hold C{/}, C{?}, C{#}
+    or C{@} that should have been percent-encoded: the user part ends at
+    the last C{@} before the query, or before the first C{=} of a query,
+    so that none of it is taken for the host and shown.
+    """
+    authority = re.split(r"[?#]", rest, maxsplit=1)[0]
+    end = authority.rfind("@")
+    return end if end >= 0 else rest.split("=", 1)[0].rfind("@")
+
+
+def _secrets(uri: str) -> list[str]:
+    """The passwords in C{uri}, as written and percent-decoded."""
+    found = [m.group(2) for m in _SECRET_PARAMETERS.finditer(uri)]
+    rest = uri.partition("://")[2]
+    user = rest[: max(0, _userPartEnd(rest))]
+    if ":" in user:
+        found.append(user.split(":", 1)[1])
+    return [form for secret in found if secret for form in dict.fromkeys((secret, unquote(secret)))]
+
+
 def redact(uri: str) -> str:
     """
     @return: C{uri} with any password in it replaced by C{***}, to be shown
         in logs and messages.
     """
-    uri = re.sub(r"^([^:/]+://[^/?#@:]*):[^/?#@]*@", r"\1:***@", uri)
-    return re.sub(r"([?&]password=)[^&#]*", r"\1***", uri)
+    scheme, sep, rest = uri.partition("://")
+    user = rest[: max(0, _userPartEnd(rest))] if sep else ""
+    if ":" in user:
+        rest = user.split(":", 1)[0] + ":***" + rest[len(user) :]
+    return _SECRET_PARAMETERS.sub(r"\1***", scheme + sep + rest)
+
+
+def scrub(uri: str, text: str) -> str:
+    """
+    @return: C{text}, a message about C{uri} (libpq's own, which may quote
+        the URI or the part of it that it could not parse), with every
+        password of C{uri}, or any part of one in quotes, shown as C{***}.
+    """
+    secrets = _secrets(uri)
+    text = text.replace(uri, redact(uri))
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+
+    def hide(match: re.Match) -> str:
+        part = match.group(1)
+        return '"***"' if part and any(part in secret for secret in secrets) else match.group(0)
+
+    return re.sub(r"[\"']([^\"']*)[\"']", hide, text)
 
 
 def checkURI(uri: str) -> str:
@@ -159,16 +208,35 @@ def checkURI(uri: str) -> str:
     @return: C{uri}.
     @raise ValueError: naming what is wrong, never with the password.
     """
-    shown = redact(uri)
+    try:
+        return _checkURI(uri, redact(uri))
+    except ValueError as e:
+        raise ValueError(scrub(uri, str(e))) from None
+
+
+def _checkURI(uri: str, shown: str) -> str:
+    """L{checkURI}, its messages showing C{uri} as C{shown}."""
     scheme = uri.split("://", 1)[0]
     if scheme not in _URI_SCHEMES:
         raise ValueError(f"{shown!r}: a PostgreSQL URI starts with postgresql://")
     if re.search(r"[\s\x00-\x1f\x7f]", uri):
         raise ValueError(f"{shown!r}: white space or control characters in the URI")
-    parts = urlsplit(uri)
+    rest = uri.partition("://")[2]
+    user = rest[: max(0, _userPartEnd(rest))]
+    if re.search(r"[/?#@]|%(?![0-9A-Fa-f]{2})", user):
+        # libpq would take part of the password for the host, or refuse it
+        # quoting it.
+        raise ValueError(
+            f"{shown!r}: percent-encode / ? # @ and % in the user name and password"
+            " (%2F %3F %23 %40 %25)"
+        )
+    try:
+        parts = urlsplit(uri)
+    except ValueError as e:
+        raise ValueError(f"{shown!r}: {e}") from None
     if parts.fragment or uri.endswith("#"):
         raise ValueError(f"{shown!r}: a PostgreSQL URI has no #fragment")
-    hosts = parts.netloc.rsplit("@", 1)[-1]
+    hosts = re.split(r"[/?#]", rest[_userPartEnd(rest) + 1 :], maxsplit=1)[0]
     for host in hosts.split(",") if hosts else ():
         m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\[\]:]*)(?::(\d*))?", host)
         if m is None:
@@ -214,7 +282,7 @@ def connectionArguments(uri: str, timeout: float) -> dict[str, str]:
     try:
         arguments = psycopg2.extensions.parse_dsn(uri)
     except psycopg2.Error as e:
-        raise UserDatabaseError(f"{redact(uri)}: {_firstLine(e)}") from None
+        raise UserDatabaseError(f"{redact(uri)}: {_firstLine(e, uri)}") from None
     # libpq counts connect_timeout in whole seconds, and makes 1 into 2.
     arguments.setdefault("connect_timeout", str(max(2, math.ceil(timeout))))
     arguments.setdefault("application_name", "mailauth")
@@ -231,8 +299,9 @@ _KEEPALIVES = {
 }
 
 
-def _firstLine(error: BaseException) -> str:
-    text = str(error).strip()
+def _firstLine(error: BaseException, uri: str) -> str:
+    """The first line of libpq's message C{error} about C{uri}, without its passwords."""
+    text = scrub(uri, str(error).strip())
     text = re.sub(r"^invalid dsn: ", "", text)
     return text.splitlines()[0] if text else error.__class__.__name__
 
@@ -259,8 +328,8 @@ def _problem(uri: str, error: BaseException) -> str:
     if isinstance(error, psycopg2.errors.QueryCanceled):
         return f"{shown} did not answer in time"
     if isinstance(error, psycopg2.OperationalError):
-        return f"cannot reach {shown}: {_firstLine(error)}"
-    return f"{shown}: {_firstLine(error)}"
+        return f"cannot reach {shown}: {_firstLine(error, uri)}"
+    return f"{shown}: {_firstLine(error, uri)}"
 
 
 def _appPasswords(login: str, rows: list, shown: str) -> tuple[AppPassword, ...]:
