@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from mailauth import config as configmod
+from mailauth.httplimits import BoundedSite
 
 log = Logger(namespace="mailauth.autoconfig")
 
@@ -294,39 +295,12 @@ class _Folder(resource.Resource):
         return resource.NoResource().render(request)
 
 
-class _LimitedRequest(server.Request):
-    """
-    A request whose body may not exceed L{MAX_REQUEST_BODY}: the connection
-    is dropped, and the request, whose body would end with the bytes that
-    came before, is never answered.
-    """
-
-    _received = 0
-
-    def handleContentChunk(self, data: bytes) -> None:
-        self._received += len(data)
-        if self._received > MAX_REQUEST_BODY:
-            if self._received - len(data) <= MAX_REQUEST_BODY:
-                log.info(
-                    "autoconfig: request body over {limit} bytes from {client}: dropped",
-                    limit=MAX_REQUEST_BODY,
-                    client=self.getClientAddress(),
-                )
-                cast(Any, self.channel.transport).abortConnection()
-            return
-        super().handleContentChunk(data)
-
-    def process(self) -> None:
-        if self._received > MAX_REQUEST_BODY:
-            return
-        super().process()
-
-
 def makeSite(cfg: configmod.Config, reactor) -> server.Site:
     """
     The web site for C{[autoconfig] endpoint}: the Thunderbird document at
     C{/mail/config-v1.1.xml} and C{/.well-known/autoconfig/mail/config-v1.1.xml},
-    Autodiscover at C{/autodiscover/autodiscover.xml}.
+    Autodiscover at C{/autodiscover/autodiscover.xml}; with the limits of
+    L{mailauth.httplimits}, a body up to L{MAX_REQUEST_BODY}.
     """
     settings = ClientSettings.fromConfig(cfg)
     if not settings.incoming:
@@ -344,7 +318,4 @@ def makeSite(cfg: configmod.Config, reactor) -> server.Site:
     root.putChild(b"mail", mail)
     root.putChild(b".well-known", wellKnown)
     root.putChild(b"autodiscover", autodiscover)
-    site = server.Site(root, requestFactory=_LimitedRequest, reactor=reactor)
-    site.displayTracebacks = False
-    site.noisy = False
-    return site
+    return BoundedSite(root, "autoconfig", MAX_REQUEST_BODY, reactor)

@@ -17,7 +17,9 @@ from typing import Any, Callable, Iterable, Optional
 
 import attrs
 from twisted.application import internet, service, strports
-from twisted.web import resource, server
+from twisted.web import resource
+
+from mailauth.httplimits import BoundedSite
 
 # The fixed label values; anything else is a bug at the call site, and
 # raises ValueError whether metrics are served or not, so tests catch it.
@@ -535,17 +537,11 @@ class MetricsResource(resource.Resource):
         return encoder(self.registry)
 
 
-class _QuietSite(server.Site):
+class _QuietSite(BoundedSite):
     """A site that does not write an access-log line for every scrape."""
-
-    noisy = False
 
     def log(self, request) -> None:
         pass
-
-    def logPrefix(self) -> str:
-        """How Twisted names it in its C{... starting on PORT} line."""
-        return "metrics"
 
 
 def metricsService(
@@ -561,7 +557,8 @@ def metricsService(
         raise ValueError("these metrics have no registry to serve")
     root = resource.Resource()
     root.putChild(b"metrics", MetricsResource(metrics.registry))
-    site = _QuietSite(root, timeout=60, reactor=reactor)
+    # A scrape is a GET: no request needs a body.
+    site = _QuietSite(root, "metrics", 0, reactor)
     web = strports.service(endpoint, site, reactor=reactor)
     web.setName("metrics")
     return web
