@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, uti
 from dkim.canonicalization import CanonicalizationPolicy
 from twisted.logger import Logger
 
+from mailauth.addresses import domainKey
 from mailauth.config import Config, ConfigError, parseDomain, parseSelector
 from mailauth.durable import fsyncDirectory
 from mailauth.fromheader import MAX_HEADER, HeaderSection
@@ -294,18 +295,15 @@ class KeyRing:
     def keysFor(self, sender: str) -> tuple:
         """
         The keys that sign mail from the envelope sender C{sender}
-        (C{local@domain}; an internationalised domain matches its A-label).
+        (C{local@domain}; an internationalised domain matches its A-label, as
+        L{mailauth.addresses.domainKey} writes it).
         """
         local, at, domain = sender.rpartition("@")
         if not at or not local:
             return ()
-        domain = domain.lower().rstrip(".")
-        if not domain.isascii():
-            try:
-                domain = domain.encode("idna").decode("ascii")
-            except UnicodeError:
-                return ()
-        return self._keys.get(domain, ())
+        # The form every other domain comparison uses (IDNA 2008): Python's
+        # "idna" codec (IDNA 2003) would read fa\u00df.de as fass.de.
+        return self._keys.get(domainKey(domain), ())
 
     def signer(self, sender: str) -> Optional[MessageSigner]:
         """

@@ -692,6 +692,20 @@ class KeyRingTests(unittest.TestCase):
         self.assertEqual(ring.keysFor("j\u00f6rg@B\u00fccher.example"), (self.pair.key,))
         self.assertEqual(ring.keysFor("a@xn--bcher-kva.example"), (self.pair.key,))
 
+    def test_internationalDomainAsEverywhereElse(self) -> None:
+        """
+        The A-label is the one the rest of mailauth compares domains in
+        (IDNA 2008 with UTS 46, as L{mailauth.addresses.domainKey}), not
+        Python's IDNA 2003 codec, which reads C{fa\u00df.de} as C{fass.de}:
+        with it, mail from a sender of C{fa\u00df.de} went out unsigned
+        although its domain had a key, or signed by the key of another
+        domain, C{fass.de}, if that had one.
+        """
+        other = _Keys.get(self, "rsa")
+        ring = KeyRing({"xn--fa-hia.de": (self.pair.key,), "fass.de": (other.key,)}, Clock())
+        self.assertEqual(ring.keysFor("j\u00f6rg@fa\u00df.de"), (self.pair.key,))
+        self.assertEqual(ring.keysFor("j\u00f6rg@FASS.de"), (other.key,))
+
     def test_signerSigns(self) -> None:
         """The signer the ring hands out signs with the domain's key at the clock's time."""
         clock = Clock()
