@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import signal
 import sys
 from typing import Any, Callable, Mapping, NoReturn, Optional, cast
 
@@ -40,6 +39,7 @@ from mailauth.pgusers import isPostgreSQL
 from mailauth.proxy import ProxyFactory
 from mailauth.realm import Realm
 from mailauth.relay import RelayConnector
+from mailauth.reloading import Reloader, SignalReload
 from mailauth.routing import Router
 from mailauth.spool import Queue
 from mailauth.threads import ThreadPoolService
@@ -347,26 +347,6 @@ class _StartReport(service.Service):
             pass  # twistd's first process is gone: nobody to tell
         finally:
             os.close(pipe)
-
-
-class _Signals(service.Service):
-    """Reloads certificates and files on SIGHUP."""
-
-    def __init__(self, reactor, reload) -> None:
-        self.reactor = reactor
-        self.reload = reload
-        self._previous: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._previous = signal.signal(
-            signal.SIGHUP, lambda *a: self.reactor.callFromThread(self.reload)
-        )
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
 
 
 def makeService(options: Options, reactor=None) -> service.MultiService:
@@ -730,29 +710,13 @@ def buildService(
         web.setName("autoconfig")
         top.addEndpoint(web, "autoconfig", cfg.autoconfig.endpoint)
 
-    def reloadFiles() -> None:
-        try:
-            for source in reloadable:
-                source.maybeReload()
-        except Exception:
-            log.failure("reloading the users, address or key files failed")
-
-    def reloadAll() -> None:
-        log.info("SIGHUP: reloading certificates, users, address files and DKIM keys")
-        if tls is not None:
-            tls.reload()
-        for source in reloadable:
-            if source.path is not None:
-                source.load()
-        if realm.keyRing is not None:
-            realm.keyRing.reload()
-        if pool is not None:
-            pool.reloadWorkers()
-
-    reloader = internet.TimerService(RELOAD_INTERVAL, reloadFiles)
-    reloader.clock = reactor
-    reloader.setServiceParent(top)
-    _Signals(reactor, reloadAll).setServiceParent(top)
+    reloader = Reloader(
+        reloadable, tls, realm.keyRing, pool, config=cfg if worker is None else None
+    )
+    timer = internet.TimerService(RELOAD_INTERVAL, reloader.reloadFiles)
+    timer.clock = reactor
+    timer.setServiceParent(top)
+    SignalReload(reactor, reloader.reloadAll).setServiceParent(top)
     if cfg.metrics is not None and worker is None:
         top.addEndpoint(
             metricsService(cfg.metrics.endpoint, metrics, reactor), "metrics", cfg.metrics.endpoint

@@ -1,0 +1,99 @@
+"""
+SIGHUP and the configuration file: what the running daemon says when the
+file was edited, or broken, since it started, and that it keeps serving.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from twisted.internet import defer, threads
+from twisted.trial import unittest
+
+from tests.harness import Daemon, LogWatcher, smtpClient
+
+
+class ConfigurationOnSIGHUPTests(unittest.TestCase):
+    """The real daemon in this process, sent SIGHUP after its file was edited."""
+
+    def setUp(self) -> None:
+        self.daemon = Daemon(self.mktemp())
+        self.addCleanup(self.daemon.stop)
+        self.daemon.start()
+        self.log = LogWatcher()
+        self.addCleanup(self.log.stop)
+        with open(self.daemon.configPath, encoding="utf-8") as f:
+            self.original = f.read()
+
+    def edit(self, text: str) -> None:
+        with open(self.daemon.configPath, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    @defer.inlineCallbacks
+    def sighup(self):
+        """SIGHUP to this process; fires once the daemon has reloaded."""
+        watcher = LogWatcher()
+        d = watcher.waitFor("SIGHUP: reloading")
+        os.kill(os.getpid(), signal.SIGHUP)
+        try:
+            yield d
+        finally:
+            watcher.stop()
+        # The whole reload runs in one reactor turn, after the first line.
+        yield threads.deferToThread(lambda: None)
+
+    def greeting(self) -> defer.Deferred:
+        def run() -> int:
+            client = smtpClient(self.daemon.ports["submission"])
+            try:
+                return client.noop()[0]
+            finally:
+                client.quit()
+
+        return threads.deferToThread(run)
+
+    @defer.inlineCallbacks
+    def test_unchanged(self):
+        """An unchanged file (a SIGHUP for new certificates) gets no word about it."""
+        yield self.sighup()
+        self.assertEqual(self.log.matching("SIGHUP: .*(changed|wrong|cannot read)"), [])
+
+    @defer.inlineCallbacks
+    def test_changedWaitsForARestart(self):
+        """
+        An edited file is named, with the fact that its change waits for a
+        restart: SIGHUP reloads files and keys, never the configuration.
+        """
+        self.edit(self.original.replace("max_message_size = 1M", "max_message_size = 2M"))
+        yield self.sighup()
+        [line] = self.log.matching("has changed since mailauth started")
+        self.assertIn(self.daemon.configPath, line)
+        self.assertIn("take effect at the next restart", line)
+        self.assertEqual(self.daemon.config.server.max_message_size, 1024 * 1024)
+
+    @defer.inlineCallbacks
+    def test_brokenKeepsServing(self):
+        """
+        A file broken since the start is reported, one line per problem
+        naming its section and key, and the daemon goes on serving as it
+        started.
+        """
+        self.edit(self.original.replace("auth = required", "auth = sometimes", 1))
+        yield self.sighup()
+        [line] = self.log.matching("the configuration file is wrong")
+        self.assertIn("[listener:submission] auth", line)
+        self.assertIn("still serving", line)
+        self.assertEqual(self.log.matching("has changed since"), [])
+        code = yield self.greeting()
+        self.assertEqual(code, 250)
+
+    @defer.inlineCallbacks
+    def test_gone(self):
+        """A file that cannot be read any more is said to be so; the daemon serves on."""
+        os.remove(self.daemon.configPath)
+        yield self.sighup()
+        [line] = self.log.matching("SIGHUP: cannot read")
+        self.assertIn("No such file or directory", line)
+        code = yield self.greeting()
+        self.assertEqual(code, 250)
