@@ -111,8 +111,23 @@ class Reloader:
             )
 
 
+def ignoreSIGHUP() -> None:
+    """
+    From now on SIGHUP does not end this process, whose default it is: a
+    SIGHUP (a reload, a closed terminal) while the daemon starts, before
+    L{SignalReload} handles it, or while it stops, after, would kill it
+    outright, mid-start or mid-stop, leaving its pid file and ending with
+    SIGHUP instead of its own status. Called as twistd reads its options.
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 class SignalReload(service.Service):
-    """Calls C{reload} on the reactor thread on every SIGHUP while it runs."""
+    """
+    Calls C{reload} on the reactor thread on every SIGHUP while it runs;
+    SIGHUP is ignored once it has stopped (never given back its default
+    action, see L{ignoreSIGHUP}).
+    """
 
     def __init__(self, reactor, reload) -> None:
         self.reactor = reactor
@@ -128,4 +143,8 @@ class SignalReload(service.Service):
     def stopService(self) -> None:
         super().stopService()
         if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
+            # (Another handler, a test's, is given back; the default is not.)
+            previous = self._previous
+            if previous == signal.SIG_DFL:
+                previous = signal.SIG_IGN
+            signal.signal(signal.SIGHUP, previous)

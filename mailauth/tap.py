@@ -39,7 +39,7 @@ from mailauth.pgusers import isPostgreSQL
 from mailauth.proxy import ProxyFactory
 from mailauth.realm import Realm
 from mailauth.relay import RelayConnector
-from mailauth.reloading import Reloader, SignalReload
+from mailauth.reloading import Reloader, SignalReload, ignoreSIGHUP
 from mailauth.routing import Router
 from mailauth.spool import Queue
 from mailauth.threads import ThreadPoolService
@@ -79,6 +79,8 @@ class Options(usage.Options):
         a UsageError, and a bad configuration must stop the daemon with a
         non-zero status.
         """
+        # Before anything is read: a SIGHUP must not kill a starting daemon.
+        ignoreSIGHUP()
         path = self["config"]
         if not path:
             raise SystemExit("twistd mailauth: --config is required")

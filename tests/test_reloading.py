@@ -11,7 +11,7 @@ import signal
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from tests.harness import Daemon, LogWatcher, smtpClient
+from tests.harness import Daemon, LogWatcher, TwistdProcess, smtpClient, writeDaemonDirectory
 
 
 class ConfigurationOnSIGHUPTests(unittest.TestCase):
@@ -97,3 +97,47 @@ class ConfigurationOnSIGHUPTests(unittest.TestCase):
         self.assertIn("No such file or directory", line)
         code = yield self.greeting()
         self.assertEqual(code, 250)
+
+
+def _sendsSIGHUP(module: str, owner: str, name: str) -> str:
+    """A prelude for L{TwistdProcess}: C{module.owner.name} sends SIGHUP to the daemon first."""
+    target = f"m.{owner}" if owner else "m"
+    return (
+        f"import os, signal, {module} as m; _f = {target}.{name}; "
+        f"{target}.{name} = lambda *a, **k: (os.kill(os.getpid(), signal.SIGHUP), _f(*a, **k))[1]; "
+    )
+
+
+class SIGHUPOutsideServiceTests(unittest.TestCase):
+    """
+    twistd mailauth, sent SIGHUP before its handler is set and after it is
+    taken away: SIGHUP's default action would kill it there.
+    """
+
+    def twistd(self, prelude: str) -> TwistdProcess:
+        directory = os.path.abspath(self.mktemp())
+        twistd = TwistdProcess(
+            writeDaemonDirectory(directory),
+            os.path.join(directory, "mailauth.log"),
+            prelude=prelude,
+        )
+        self.addCleanup(twistd.stop)
+        return twistd
+
+    def test_whileStarting(self):
+        """A SIGHUP while the daemon builds itself does not stop it from starting."""
+        twistd = self.twistd(_sendsSIGHUP("mailauth.tap", "", "buildService"))
+        twistd.start()
+        twistd.signal(signal.SIGTERM)
+        self.assertEqual(twistd.wait(), -signal.SIGTERM)
+
+    def test_whileStopping(self):
+        """
+        A SIGHUP while the daemon stops (its thread pools stop last) lets it
+        stop as it would: twistd's last line, then the end by SIGTERM.
+        """
+        twistd = self.twistd(_sendsSIGHUP("mailauth.threads", "ThreadPoolService", "stopService"))
+        twistd.start()
+        twistd.signal(signal.SIGTERM)
+        self.assertEqual(twistd.wait(), -signal.SIGTERM)
+        self.assertIn("Server Shut Down.", twistd.log())
