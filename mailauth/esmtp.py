@@ -323,6 +323,16 @@ class SubmissionProtocol(
     # max_data_time in all, from its 354 to its final dot; the BDAT chunks
     # of one message, from the first to the last.
 
+    def _startDataDeadline(self) -> None:
+        """
+        Start max_data_time for a message (or for chunks read only to be
+        discarded), in place of any that runs: DATA may follow a refused
+        BDAT chunk of the same transaction, whose deadline would otherwise
+        be lost, still running, and cut the session later.
+        """
+        self._cancelDataDeadline()
+        self._dataDeadline = self.clock.callLater(self.settings.max_data_time, self._dataTooSlow)
+
     def _cancelDataDeadline(self) -> None:
         if self._dataDeadline is not None and self._dataDeadline.active():
             self._dataDeadline.cancel()

@@ -162,7 +162,7 @@ class MailTransaction:
         self._reader = DataReader(self._writeContent, self.settings.max_message_size)
         self._mode = self.DATA
         self._setTimeout(self.settings.data_timeout)
-        self._dataDeadline = self.clock.callLater(self.settings.max_data_time, self._dataTooSlow)
+        self._startDataDeadline()
         self._send(replies.START_DATA)
         self._writeMessage(header)
 
@@ -220,9 +220,7 @@ class MailTransaction:
             else:
                 self._reader = ChunkReader(self._writeContent, self.settings.max_message_size)
                 # max_data_time holds for all the chunks of a message.
-                self._dataDeadline = self.clock.callLater(
-                    self.settings.max_data_time, self._dataTooSlow
-                )
+                self._startDataDeadline()
                 self._writeMessage(header)
         if verdict is not None:
             chunk = ChunkReader(lambda data: None, 0)
@@ -231,9 +229,7 @@ class MailTransaction:
                 # all too, from the first until MAIL, RSET or EHLO starts
                 # afresh: else one could trickle in for ever, or "BDAT 0"
                 # repeat for ever (neither is an error, RFC 3030 2).
-                self._dataDeadline = self.clock.callLater(
-                    self.settings.max_data_time, self._dataTooSlow
-                )
+                self._startDataDeadline()
         else:
             chunk = self._reader
         chunk.begin(size, last)

@@ -372,6 +372,29 @@ class ChunkingTests(ExtensionTestsMixin, unittest.TestCase):
             self.session.send(self.bdat(b"x\r\n", last=True)), [b"250 2.0.0 Ok: queued as ID1"]
         )
 
+    def test_dataEndsDiscardedChunksTime(self) -> None:
+        """
+        DATA after a refused chunk (MAIL, BDAT before any RCPT, RCPT, DATA)
+        gets its own max_data_time in place of the discarded chunk's: that
+        one no longer runs once the message is stored, nor once the client
+        has gone (no timer outlives the session).
+        """
+        self.command(b"MAIL FROM:<alice@example.test>")
+        self.assertEqual(self.command(b"BDAT 0"), [b"503 5.5.1 Error: need RCPT command"])
+        self.assertEqual(self.command(b"RCPT TO:<bob@example.test>"), [b"250 2.1.5 Ok"])
+        self.assertEqual(self.command(b"DATA"), [b"354 End data with <CR><LF>.<CR><LF>"])
+        self.assertEqual(
+            self.session.send(b"Subject: x\r\n\r\nbody\r\n.\r\n"), [b"250 2.0.0 Ok: queued as ID1"]
+        )
+        limit = self.factory.settings.max_data_time
+        for _ in range(int(limit // 290) + 1):
+            self.clock.advance(290)
+            self.assertEqual(self.command(b"NOOP"), [b"250 2.0.0 Ok"])
+        self.assertFalse(self.session.transport.disconnecting)
+        self.command(b"QUIT")
+        self.session.protocol.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_dataAndRcptAfterBdat(self) -> None:
         """DATA or RCPT once BDAT has begun get 503; LAST still ends the message."""
         self.transaction()
