@@ -200,6 +200,13 @@ class SubmissionProtocol(
             self._send(refusal)
             self.transport.unregisterProducer()
             self.transport.loseConnection()
+            # On implicit TLS the 421 waits for the client's handshake, and
+            # the connection with it: one that never finishes (or starts)
+            # its handshake is cut after the timeout, else a refused client
+            # could hold any number of connections for ever.
+            self._timer = self.clock.callLater(
+                self.settings.timeout, self.transport.abortConnection
+            )
             return
         self._counted = True
         self._logConnect()

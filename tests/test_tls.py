@@ -188,3 +188,41 @@ class StalledHandshakeTests(AttackMixin, unittest.TestCase):
         timeout.
         """
         return self.assertCutAfterTimeout("submission")
+
+
+class RefusedStalledHandshakeTests(AttackMixin, unittest.TestCase):
+    """
+    A connection refused before its greeting (here: one more than
+    C{max_connections_per_address}) on implicit TLS, whose client never
+    finishes its handshake, is cut off after C{[server] timeout} too: its
+    421 waited in Twisted's TLS layer for a handshake that never came, with
+    no timer at all, so such connections were never closed.
+    """
+
+    clocked = True
+    settings = {"server": {"timeout": "30s", "max_connections_per_address": "1"}}
+
+    def stall(self) -> socket.socket:
+        """(Blocking.) A connection stalled in its handshake on implicit TLS."""
+        sock = socket.create_connection(("127.0.0.1", self.daemon.ports["submissions"]))
+        sock.settimeout(5)
+        sock.sendall(_PARTIAL_HELLO)
+        return sock
+
+    @defer.inlineCallbacks
+    def test_refusedConnectionCut(self):
+        """
+        The refused connection is closed once the timeout has passed, as
+        the admitted one stalled beside it is.
+        """
+        connected = self.log.waitFor(r"^connect: .* listener=submissions ")
+        first = yield self.inThread(self.stall)
+        self.addCleanup(first.close)
+        yield connected
+        refused = self.log.waitFor(r"^refused connection: .* reason=too_many_from_address")
+        second = yield self.inThread(self.stall)
+        self.addCleanup(second.close)
+        yield refused
+        self.clock.advance(30)
+        self.assertTrue((yield self.inThread(_closedByServer, first)))
+        self.assertTrue((yield self.inThread(_closedByServer, second)))
