@@ -114,6 +114,14 @@ class SIGHUPOutsideServiceTests(unittest.TestCase):
     taken away: SIGHUP's default action would kill it there.
     """
 
+    def setUp(self) -> None:
+        # Each daemon starts with SIGHUP's default action, as systemd starts
+        # it: one spawned from this process would inherit SIG_IGN once an
+        # earlier test's daemon, stopping here, left SIGHUP ignored
+        # (mailauth.reloading), and these tests would then prove nothing.
+        previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        self.addCleanup(signal.signal, signal.SIGHUP, previous)
+
     def twistd(self, prelude: str) -> TwistdProcess:
         directory = os.path.abspath(self.mktemp())
         twistd = TwistdProcess(
