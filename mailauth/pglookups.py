@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailauth.addresses import normalise
 from mailauth.interfaces import IUserDatabase
 from mailauth.passwords import parse
 from mailauth.pgusers import (
@@ -218,7 +219,9 @@ class PostgreSQLUserDatabase(service.Service):
         # The key of the users file (mailauth.addresses.normalise), and the
         # spellings older versions stored.
         candidates = spellings(login)
-        key = candidates[1] if len(candidates) > 1 else candidates[0]
+        # One login, one key, in whatever spelling it was asked for (a
+        # malformed stored hash is logged once per login).
+        key = normalise(login)
         running = _Lookup()
         d = self._pool.runWithConnection(self._select, candidates, running)
         d.addTimeout(self.timeout, self.clock)

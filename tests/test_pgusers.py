@@ -330,6 +330,15 @@ class PostgreSQLLookupTests(DatabaseMixin, LookupTestsMixin, unittest.TestCase):
         self.assertEqual((yield db.lookup("a@example.org")).password.scheme, "CRAM-MD5")
 
     @defer.inlineCallbacks
+    def test_malformedHashLoggedOncePerLogin(self):
+        """Nor is it logged again for another spelling of the same login."""
+        events = captureLog(self)
+        db = self.makeDatabase({"a@xn--bcher-kva.example": "{NOPE}secret"})
+        for spelling in ("a@xn--bcher-kva.example", "A@Bücher.example", '"a"@bücher.example.'):
+            self.assertIsNone((yield db.lookup(spelling)))
+        self.assertEqual([e["login"] for e in events], ["a@xn--bcher-kva.example"])
+
+    @defer.inlineCallbacks
     def test_noSchema(self):
         """
         A database without the mailauth tables makes lookups fail with
