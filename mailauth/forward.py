@@ -162,6 +162,9 @@ class QueueService(service.Service):
         self._wakeCall = None
         self._scanning = False
         self._rescan = False
+        # The notifications scheduled as queued since the listing under way
+        # began: newer in the scheduler than anything that listing says.
+        self._queuedDuringScan: set = set()
         self._holdUntil = 0.0
         self._sessionFailures = 0
 
@@ -226,6 +229,7 @@ class QueueService(service.Service):
             self._rescan = True
             return
         self._scanning = True
+        self._queuedDuringScan = set()
         d = self._runBlocking(self._queue.scan, frozenset(self._index) | frozenset(self._inFlight))
         d.addCallback(self._scanned)
         d.addErrback(self._scanFailed)
@@ -251,14 +255,19 @@ class QueueService(service.Service):
             log.failure("queue: scanning {dir} failed", failure, dir=self._queue.directory)
 
     def _scanned(self, result: ScanResult) -> None:
+        # A notification queued since the listing began may be missing from
+        # it, or listed before its own attempt: the scheduler knows better.
+        fresh = self._queuedDuringScan
         for msgid in list(self._index):
-            if msgid not in result.present and msgid not in self._inFlight:
+            if msgid not in result.present and msgid not in self._inFlight and msgid not in fresh:
                 # Not removed by the forwarder, which forgets what it removes
                 # (one in flight may have been removed by its own attempt,
                 # which says what became of it).
                 self._deleted(msgid)
         for envelope in result.envelopes:
             entry = self._index.get(envelope.id)
+            if envelope.id in fresh:
+                continue
             if envelope.id not in self._inFlight:
                 self._remember(envelope)
             elif result.flushed and entry is not None:
@@ -627,6 +636,8 @@ class QueueService(service.Service):
         """
         for envelope in result.queued:
             self._remember(envelope)
+            if self._scanning:
+                self._queuedDuringScan.add(envelope.id)
         if result.queued:
             self._dispatch()
 

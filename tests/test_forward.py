@@ -196,6 +196,119 @@ class QueueServiceTests(QueueTestMixin, unittest.TestCase):
         settled.callback(outcome)
         self.assertEqual(self.events.kinds("m1"), ["sent", "removed"])
 
+    def heldScans(self) -> tuple:
+        """
+        A service whose listings of the queue are held: each is made (as a
+        thread would make it) only when the test calls C{run} on it, and
+        its outcome told only when the test fires it.
+
+        @return: the service; the list of held listings, each a list
+            C{[Deferred, scan function, its arguments, its outcome]}; and a
+            list that holds listings while it is not empty.
+        """
+        held: list = []
+
+        def runBlocking(f, *args, **kwargs):
+            if getattr(f, "__name__", "") == "scan" and holding:
+                d: defer.Deferred = defer.Deferred()
+                held.append([d, f, args, None])
+                return d
+            return runInline(f, *args, **kwargs)
+
+        holding = []
+        service = QueueService(
+            self.queue,
+            self.config,
+            self.reactor,
+            self.local,
+            runBlocking=runBlocking,
+            connector=self.relay,
+        )
+        return service, held, holding
+
+    def notificationDuringScan(self, listFirst: bool) -> tuple:
+        """
+        m1 (from a remote sender) is refused while a listing of the queue
+        is under way: its bounce is queued and scheduled by the attempt.
+        The listing is made before the bounce is queued (C{listFirst}) or
+        just before the bounce is tried; the bounce is deferred by the
+        relay (C{listFirst}) or delivered.
+
+        @return: the service, the bounce's ID, and the held listing.
+        """
+        self.relay.down = True
+        service, held, holding = self.heldScans()
+        self.enqueue("m1", sender="alice@remote.example")
+        self.start(service)
+        self.assertEqual(self.events.kinds("m1"), ["deferred"])
+        holding.append(True)
+
+        def release():
+            # Before the service stops, which waits for its listings.
+            holding.clear()
+            for d, scan, args, outcome in held:
+                if not d.called:
+                    d.callback(outcome if outcome is not None else scan(*args))
+
+        self.addCleanup(release)
+        service.wake()
+        self.reactor.advance(0)
+        [listing] = held
+        if listFirst:
+            listing[3] = listing[1](*listing[2])
+            self.relay.replies["alice@remote.example"] = [RelayReply(451, ("451 4.3.0 later",))]
+        else:
+            real = self.queue.openMessage
+
+            def openMessage(envelope):
+                if envelope.id != "m1" and listing[3] is None:
+                    listing[3] = listing[1](*listing[2])
+                return real(envelope)
+
+            self.patch(self.queue, "openMessage", openMessage)
+        self.relay.replies["bob@remote.example"] = [RelayReply(550, ("550 5.1.1 unknown",))]
+        self.relay.down = False
+        self.runFor(self.config.retry_initial)
+        [(_, bounceID)] = [
+            (e["msgid"], e["bounceID"]) for e in self.events.events if e["queueEvent"] == "bounce"
+        ]
+        self.assertIsNotNone(listing[3])
+        return service, bounceID, listing
+
+    def test_notificationQueuedDuringScanNotCalledDeleted(self):
+        """
+        A notification an attempt queued and scheduled while a listing of
+        the queue was under way, the listing made before it was queued, is
+        not called deleted by another process when the listing comes in:
+        it was, and the notification waited for the next listing.
+        """
+        watcher = LogWatcher()
+        self.addCleanup(watcher.stop)
+        service, bounceID, listing = self.notificationDuringScan(listFirst=True)
+        self.assertEqual(self.events.kinds(bounceID), ["deferred"])
+        listing[0].callback(listing[3])
+        self.assertEqual([m for m in watcher.messages if "deleted" in m], [])
+        self.assertEqual(self.events.kinds(bounceID), ["deferred"])
+        # Tried again on time, without a listing of the queue.
+        self.runFor(self.config.retry_initial)
+        self.assertEqual(self.events.kinds(bounceID), ["deferred", "sent", "removed"])
+
+    def test_notificationDoneDuringScanNotFoundAgain(self):
+        """
+        A notification queued and sent while a listing of the queue was
+        under way, the listing made in between, is not taken up again from
+        that listing when it comes in: it was, and its attempt found it
+        gone and called it deleted by another process.
+        """
+        watcher = LogWatcher()
+        self.addCleanup(watcher.stop)
+        service, bounceID, listing = self.notificationDuringScan(listFirst=False)
+        self.assertEqual(self.events.kinds(bounceID), ["sent", "removed"])
+        listing[0].callback(listing[3])
+        self.reactor.advance(0)
+        self.assertEqual([m for m in watcher.messages if "deleted" in m], [])
+        self.assertEqual(self.events.kinds(bounceID), ["sent", "removed"])
+
     def test_refusedRecipientBouncedWhenSessionFailsLater(self):
         """
         A recipient the relay refused for good is bounced at once though
