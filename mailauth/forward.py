@@ -619,13 +619,15 @@ class QueueService(service.Service):
         self._forgetAttempts(msgid)
         self._report(msgid, outcomes, result)
         self._remember(result.envelope, msgid)
-        self._scheduleQueued(result)
         if ok:
             self._holdUntil = 0.0
             self._sessionFailures = 0
         elif ok is not None:
             self._sessionFailures += 1
             self._holdUntil = self._reactor.seconds() + self._policy.delay(self._sessionFailures)
+        # Once the session's failure holds new ones back: a notification
+        # to a remote sender must not open one at once.
+        self._scheduleQueued(result)
         return session, ok
 
     def _scheduleQueued(self, result: SettleResult) -> None:

@@ -518,6 +518,33 @@ class QueueServiceTests(QueueTestMixin, unittest.TestCase):
         [(recipient, bounce)] = self.local.delivered
         self.assertEqual(self.failedIn(bounce), [("rfc822; b@remote.example", "4.3.0")])
 
+    def test_notificationWaitsForTheFailedRelay(self):
+        """
+        A notification to a remote sender queued by an attempt whose relay
+        session failed (a recipient refused, then a hang-up) waits, like
+        the rest, for the backoff that failure set. Before, it was
+        scheduled before the failure was counted: a new connection went to
+        the failing relay at once, and its failure doubled the backoff.
+        """
+        self.relay.replies["carol@remote.example"] = [RelayReply(550, ("550 5.1.1 unknown",))]
+        self.relay.lostAfterData = True
+        self.start()
+        self.enqueue(
+            "m1",
+            sender="alice@remote.example",
+            recipients=("bob@remote.example", "carol@remote.example"),
+        )
+        self.service.wake()
+        self.reactor.advance(0)
+        self.assertEqual(len(listQueue(self.directory)), 2)
+        self.assertEqual(self.relay.connectTimes, [EPOCH])
+        self.runFor(self.config.retry_initial - 1)
+        self.assertEqual(self.relay.connectTimes, [EPOCH])
+        self.relay.lostAfterData = False
+        self.runFor(1)
+        self.assertEqual(self.relay.connectTimes, [EPOCH, EPOCH + self.config.retry_initial])
+        self.assertEqual(listQueue(self.directory), [])
+
     def test_expiry(self):
         """
         Recipients still pending when the message expires fail, and the
