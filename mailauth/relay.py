@@ -273,11 +273,16 @@ def _classify(reply: RelayReply, intermediate: Optional[int] = None) -> RelayRep
 
 
 def _sizeLimit(extensions: dict) -> Optional[int]:
-    """The relay's SIZE limit (RFC 1870), or L{None}: none, 0, or not a number."""
-    try:
-        limit = int(extensions.get("SIZE", "").split()[0])
-    except (ValueError, IndexError):
+    """
+    The relay's SIZE limit (RFC 1870), or L{None}: none, 0, or not digits
+    alone (C{1*DIGIT}, as Postfix's smtp(8) reads it; Python's C{int} also
+    takes C{+5}, C{1_000} or other scripts' digits, and a limit misread so
+    would bounce mail for good).
+    """
+    words = extensions.get("SIZE", "").split()
+    if not words or not (words[0].isascii() and words[0].isdigit()):
         return None
+    limit = int(words[0])
     return limit if limit > 0 else None
 
 

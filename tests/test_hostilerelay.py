@@ -141,6 +141,20 @@ class SizeLimitTests(HostileRelayMixin, unittest.TestCase):
             self.answer(b"451 later\r\n", b"250 reset\r\n")
             self.successResultOf(d)
 
+    def test_limitOfDigitsOnly(self):
+        """
+        A SIZE value that is not ASCII digits alone (RFC 1870: 1*DIGIT) is
+        no limit, as Postfix reads it. Before, Python's int() took C{+5},
+        C{1_0} or an Arabic-Indic five for a limit, and every message over
+        it bounced for good, never sent.
+        """
+        for limit in ("+5", "1_0", "\u0665", "-1"):
+            self.session = RelaySession(self.protocol, {"SIZE": limit})
+            d = self.deliver(size=1000)
+            self.assertEqual(self.pump(), b"MAIL FROM:<a@x.test> SIZE=1000\r\n", limit)
+            self.answer(b"451 later\r\n", b"250 reset\r\n")
+            self.assertEqual({r.code for r in self.successResultOf(d).values()}, {451}, limit)
+
 
 class SlowRelayTests(HostileRelayMixin, unittest.TestCase):
     """A relay that answers a byte at a time, too slowly."""
