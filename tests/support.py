@@ -10,7 +10,7 @@ import re
 import shutil
 import socket
 import tempfile
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -722,3 +722,18 @@ class DNSStub:
     def __call__(self, name: bytes, timeout: float = 5):
         self.asked.append(name)
         return self.records.get(name.rstrip(b".") + b".")
+
+
+def usersFileDatabase(case, users: dict) -> Any:
+    """
+    A loaded L{mailauth.userdb.UserDatabase} on a users file in a temporary
+    folder of the test C{case}, one line C{login:stored} for each of C{users}.
+    """
+    from mailauth.userdb import UserDatabase
+
+    path = os.path.abspath(case.mktemp())
+    with open(path, "w") as f:
+        f.writelines(f"{login}:{stored}\n" for login, stored in users.items())
+    db = UserDatabase(path)
+    db.load()
+    return db

@@ -37,13 +37,13 @@ class QueueServiceTests(QueueTestMixin, unittest.TestCase):
         self.config = relayConfig()
         self.service = self.makeService()
 
-    def makeService(self, queue=None, **overrides):
+    def makeService(self, queue=None, runBlocking=runInline, **overrides):
         service = QueueService(
             queue or self.queue,
             relayConfig(**overrides) if overrides else self.config,
             self.reactor,
             self.local,
-            runBlocking=runInline,
+            runBlocking=runBlocking,
             connector=self.relay,
         )
         return service
@@ -176,14 +176,7 @@ class QueueServiceTests(QueueTestMixin, unittest.TestCase):
             return runInline(f, *args, **kwargs)
 
         holdScans = False
-        service = QueueService(
-            self.queue,
-            self.config,
-            self.reactor,
-            self.local,
-            runBlocking=runBlocking,
-            connector=self.relay,
-        )
+        service = self.makeService(runBlocking=runBlocking)
         self.enqueue("m1")
         self.start(service)
         [(settled, outcome)] = held["settle"]
@@ -216,14 +209,7 @@ class QueueServiceTests(QueueTestMixin, unittest.TestCase):
             return runInline(f, *args, **kwargs)
 
         holding = []
-        service = QueueService(
-            self.queue,
-            self.config,
-            self.reactor,
-            self.local,
-            runBlocking=runBlocking,
-            connector=self.relay,
-        )
+        service = self.makeService(runBlocking=runBlocking)
         return service, held, holding
 
     def notificationDuringScan(self, listFirst: bool) -> tuple:

@@ -19,6 +19,7 @@ from mailauth.cli import Console, main
 from mailauth.passwords import makeHash
 from mailauth.pgusers import initSchema
 from mailauth.userdb import UserDatabase, UserDatabaseError
+from tests.support import usersFileDatabase
 from tests.test_pgusers import CRAM, DatabaseMixin, openDatabase
 
 # One login, spelled with its domain in U-labels and in A-labels.
@@ -61,12 +62,7 @@ class UsersFileSpellingsTests(SpellingsMixin, unittest.TestCase):
     """The users file, the reference behaviour."""
 
     def makeDatabase(self, users: dict[str, str]) -> UserDatabase:
-        path = os.path.abspath(self.mktemp())
-        with open(path, "w") as f:
-            f.writelines(f"{login}:{stored}\n" for login, stored in users.items())
-        db = UserDatabase(path)
-        db.load()
-        return db
+        return usersFileDatabase(self, users)
 
 
 class PostgreSQLSpellingsTests(DatabaseMixin, SpellingsMixin, unittest.TestCase):

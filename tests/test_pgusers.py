@@ -38,6 +38,7 @@ from mailauth.userdb import UserDatabase, UserDatabaseError, UserDatabaseUnavail
 from mailauth.userstore import UsersFileStore, storeFor
 from tests import pgharness
 from tests.harness import CONFIG, ROOT, Daemon, clientContext
+from tests.support import usersFileDatabase
 
 CRAM = "{CRAM-MD5}" + "ab" * 32
 SHA512 = makeHash(b"alice-secret", "SHA512-CRYPT")
@@ -268,12 +269,7 @@ class UsersFileLookupTests(LookupTestsMixin, unittest.TestCase):
     """The users file answers lookups as PostgreSQL does."""
 
     def makeDatabase(self, users: dict[str, str]) -> UserDatabase:
-        path = os.path.abspath(self.mktemp())
-        with open(path, "w") as f:
-            f.writelines(f"{login}:{stored}\n" for login, stored in users.items())
-        db = UserDatabase(path)
-        db.load()
-        return db
+        return usersFileDatabase(self, users)
 
 
 class PostgreSQLLookupTests(DatabaseMixin, LookupTestsMixin, unittest.TestCase):
