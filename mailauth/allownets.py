@@ -105,7 +105,7 @@ class Networks:
             try:
                 if "%" in entry:
                     raise ValueError(entry)
-                networks.append(_unmappedNetwork(ipaddress.ip_network(entry, strict=False)))
+                networks.append(unmappedNetwork(ipaddress.ip_network(entry, strict=False)))
             except ValueError:
                 raise NetworkListError(
                     f"{entry[:64]!r} is not an IP address, a network or {LOCAL!r}"
@@ -122,7 +122,7 @@ class Networks:
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
-def _unmappedNetwork(network: IPNetwork) -> IPNetwork:
+def unmappedNetwork(network: IPNetwork) -> IPNetwork:
     """
     C{network} as the clients it holds are matched: clients named as
     IPv4-mapped IPv6 addresses are matched as IPv4 (L{hostAddress}), so an

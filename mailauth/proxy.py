@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
+from mailauth.allownets import unmappedNetwork
 from mailauth.throttle import IP, clientIP, unmapped
 
 log = Logger(namespace="mailauth.proxy")
@@ -213,12 +214,14 @@ def isTrusted(peer, networks: Iterable) -> bool:
     """
     Whether C{peer} (a Twisted address) is inside one of C{networks}
     (L{ipaddress} networks). An IPv4 client of a dual-stack socket
-    (C{::ffff:192.0.2.1}) counts as its IPv4 address; a peer that is not an
-    IP address (a UNIX socket) is never trusted.
+    (C{::ffff:192.0.2.1}) counts as its IPv4 address, and so does a network
+    written in that form (C{::ffff:10.0.0.5}, as C{ss} shows such a peer:
+    L{unmappedNetwork}); a peer that is not an IP address (a UNIX socket)
+    is never trusted.
     """
     host = getattr(peer, "host", None)
     ip = clientIP(host) if isinstance(host, str) else None
-    return ip is not None and any(ip in network for network in networks)
+    return ip is not None and any(ip in unmappedNetwork(network) for network in networks)
 
 
 def _hostOf(peer) -> str:

@@ -152,10 +152,11 @@ class Connection:
         source: str = "127.0.0.1",
         wrapped=None,
         timeout: float = 10.0,
+        trusted=LOOPBACK,
     ) -> None:
         self.clock = Clock()
         self.wrapped = wrapped if wrapped is not None else RecordingFactory()
-        self.factory = ProxyFactory(self.wrapped, mode, LOOPBACK, self.clock, timeout)
+        self.factory = ProxyFactory(self.wrapped, mode, trusted, self.clock, timeout)
         kind = IPv6Address if ":" in source else IPv4Address
         self.transport = FullTransport(
             peerAddress=kind("TCP", source, 40000), hostAddress=kind("TCP", source, 2587)
@@ -393,6 +394,30 @@ class HeaderTests(unittest.TestCase):
         from twisted.internet.address import UNIXAddress
 
         self.assertFalse(proxy.isTrusted(UNIXAddress(b"/run/x.sock"), networks))
+
+    def test_trustMappedNetworks(self):
+        """
+        A proxy written in trusted_proxies as IPv4-mapped IPv6 (as C{ss}
+        shows the peers of a dual-stack socket) is trusted, whether it
+        connects to a dual-stack socket or to an IPv4 one: mailauth takes
+        such a peer as its IPv4 address, and so the network too; a header
+        it sends is read.
+        """
+        networks = [ipaddress.ip_network(n) for n in ("::ffff:127.0.0.1", "::ffff:10.0.0.0/104")]
+        for host, expected in (
+            ("127.0.0.1", True),
+            ("::ffff:127.0.0.1", True),
+            ("127.0.0.2", False),
+            ("10.9.9.9", True),
+            ("::ffff:10.9.9.9", True),
+            ("11.0.0.1", False),
+        ):
+            kind = IPv6Address if ":" in host else IPv4Address
+            self.assertEqual(proxy.isTrusted(kind("TCP", host, 1), networks), expected, host)
+        c = Connection(self, trusted=networks)
+        c.send(V1_HEADER)
+        self.assertEqual([addr.host for addr, p in c.wrapped.built], [CLIENT])
+        self.assertEqual(c.logged(), [])
 
     def test_garbageDropped(self):
         """
