@@ -166,8 +166,9 @@ class RedisCounterStore:
     until C{retryInterval} has passed on the clock, when one call tries
     Redis again (the others stay local meanwhile); when that succeeds, one
     line is logged and Redis answers again. Updates made during the outage
-    stay local: they are not replayed into Redis. No call ever fails
-    because of Redis.
+    stay local: they are not replayed into Redis, but a block set during it
+    still holds on this node until it ends. No call ever fails because of
+    Redis.
 
     No call waits longer than C{timeout} from when it was made, however
     many were waiting for a thread when Redis hung: each is answered
@@ -285,7 +286,10 @@ class RedisCounterStore:
                 # Remembered here, so that the block holds on this node
                 # while Redis is down, even if another node set it.
                 self.local.setBlock(key, remaining / 1000)
-            return remaining > 0
+                return True
+            # A block this node set while Redis was down never reached
+            # Redis: it holds here until it ends, not only until Redis is back.
+            return self.local.isBlocked(key)
 
         return self._call(
             BLOCKED,

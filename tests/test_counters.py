@@ -446,6 +446,27 @@ class RedisCounterStoreTests(CounterStoreTestsMixin, unittest.TestCase):
         self.assertFalse((yield self.store.blocked("addr:192.0.2.9")))
 
     @defer.inlineCallbacks
+    def test_blockSetInOutageHeldAfter(self):
+        """
+        A block this node set while Redis was down still holds on it once
+        Redis answers again (Redis never heard of it), until it ends: the
+        address it refused is not let in again the moment Redis is back.
+        """
+        self.redis.stop()
+        yield self.store.block("addr:192.0.2.9", 900)
+        self.assertTrue((yield self.store.blocked("addr:192.0.2.9")))
+        self.assertTrue(self.store.usingFallback)
+        self.redis.start()
+        self.clock.advance(10)
+        self.assertTrue((yield self.store.blocked("addr:192.0.2.9")))
+        self.assertFalse(self.store.usingFallback)
+        self.assertFalse((yield self.store.blocked("addr:192.0.2.10")))
+        self.clock.advance(889)
+        self.assertTrue((yield self.store.blocked("addr:192.0.2.9")))
+        self.clock.advance(1)
+        self.assertFalse((yield self.store.blocked("addr:192.0.2.9")))
+
+    @defer.inlineCallbacks
     def test_retriedWhileDown(self):
         """A Redis still down at the retry is tried again later, without logging again."""
         self.redis.stop()
