@@ -48,13 +48,8 @@ from mailauth.tls import ReloadableTLS
 from mailauth.userdb import UserDatabase
 from mailauth.userstore import AppPasswordUse, Rehasher, schemesNeededBy, storeFor
 from mailauth.workerlink import NodeConnections
-from mailauth.workers import (
-    HeldPort,
-    Worker,
-    WorkerPool,
-    readConfiguration,
-    workerEnvironment,
-)
+from mailauth.workerproc import Worker
+from mailauth.workers import HeldPort, WorkerPool, readConfiguration, workerEnvironment
 
 log = Logger(namespace="mailauth.tap")
 

@@ -12,7 +12,7 @@ from twisted.trial import unittest
 
 from mailauth.throttle import ConnectionLimiter
 from mailauth.workerlink import NodeConnections, ParentConnections
-from mailauth.workers import _ParentLink
+from mailauth.workerproc import _ParentLink
 from tests.support import Session, makeFactory, makeThrottle
 
 GREETING = [b"220 mx.example.test ESMTP mailauth"]

@@ -41,17 +41,15 @@ from mailauth.logs import eventAsJSONLine
 from mailauth.metrics import QUEUE_FAMILIES, Metrics
 from mailauth.throttle import ConnectionLimiter
 from mailauth.workerlink import LogRelay, NodeConnections, ParentConnections
+from mailauth.workerproc import AdoptedPortService, Worker, readConfigText
 from mailauth.workers import (
     CONFIG_FD,
     CONTROL_FD,
     FIRST_SOCKET_FD,
     LOG_FD,
     STDERR_FD,
-    AdoptedPortService,
     HeldPort,
-    Worker,
     WorkerPool,
-    readConfigText,
     readConfiguration,
     workerEnvironment,
 )
