@@ -204,7 +204,9 @@ class Server:
                 os.path.join(os.path.dirname(PYTHON), "twistd"),
                 "--nodaemon",
                 "--pidfile=",
-                f"--logfile={os.path.join(self.dir, 'server.log')}",
+                # As the Debian unit runs it: the log on standard output
+                # (there the journal, here server.log).
+                "--logfile=-",
                 "mailauth",
                 "--config",
                 config,
@@ -237,7 +239,8 @@ class Server:
         argv = self.argv()
         path = [p for p in (os.environ.get("PYTHONPATH"), ROOT) if p]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
-        out = open(os.path.join(self.dir, "stdout.log"), "ab")
+        output = "server.log" if self.name == "mailauth" else "stdout.log"
+        out = open(os.path.join(self.dir, output), "ab")
         self.process = subprocess.Popen(
             argv,
             cwd=ROOT,
@@ -252,7 +255,7 @@ class Server:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(
-                    f"{self.name} exited with {self.process.returncode}; see {self.dir}/stdout.log"
+                    f"{self.name} exited with {self.process.returncode}; see {self.dir}/{output}"
                 )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:

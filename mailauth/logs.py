@@ -35,6 +35,18 @@ class LogFormatError(Exception):
     """The log format cannot go where twistd was told to log; one line says why."""
 
 
+def twistdLogsToStandardOutput(twistdOptions: Mapping[str, Any]) -> bool:
+    """
+    Whether twistd, by its options, writes its log lines itself to its
+    standard output: C{--logfile=-} (or no C{--logfile}) with
+    C{--nodaemon}, and neither C{--syslog} nor a C{--logger} of its own.
+    """
+    if twistdOptions.get("syslog") or twistdOptions.get("logger"):
+        return False
+    name = twistdOptions.get("logfile") or ""
+    return bool(twistdOptions.get("nodaemon")) and name in ("", "-")
+
+
 def twistdLogFile(twistdOptions: Mapping[str, Any]) -> IO[Any]:
     """
     The file twistd itself would log to, by its options: standard output

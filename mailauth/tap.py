@@ -30,7 +30,12 @@ from mailauth.forward import QueueService
 from mailauth.interfaces import IReloadable, IUserDatabase
 from mailauth.limits import LimitOverrides, Limits, SendingLimits
 from mailauth.listening import listenProblem
-from mailauth.logs import LogFormatError, jsonFileObserver, twistdLogFile
+from mailauth.logs import (
+    LogFormatError,
+    jsonFileObserver,
+    twistdLogFile,
+    twistdLogsToStandardOutput,
+)
 from mailauth.maildir import LeftoverCleanup
 from mailauth.metrics import Metrics, WorkerFiles, metricsService, workerFiles
 from mailauth.ownmail import LocalDelivery
@@ -374,12 +379,24 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
             report = _StartReport(parent, pool)
             report.setServiceParent(top)
             pool.stopDaemon = stopFailed(reactor, report)
+            if twistdLogsToStandardOutput(parent):
+                # Before twistd starts its log, which replaces sys.stdout.
+                pool.ownLog = _descriptor(sys.stdout)
         if options.config.server.log_format == "json":
             try:
                 top.logObserver = jsonFileObserver(twistdLogFile(parent))
             except LogFormatError as e:
                 raise SystemExit(f"twistd mailauth: {e}") from None
     return top
+
+
+def _descriptor(stream: Any) -> Optional[int]:
+    """The file descriptor under C{stream}, or L{None} if it has none."""
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        # (io.UnsupportedOperation is both an OSError and a ValueError.)
+        return None
 
 
 def _runAs(options: usage.Options) -> Optional[tuple]:

@@ -34,10 +34,12 @@ from twisted.logger import (
     eventAsJSON,
     eventAsText,
     eventFromJSON,
+    textFileLogObserver,
 )
 from zope.interface import implementer
 
 from mailauth import replies
+from mailauth.logs import jsonFileObserver
 from mailauth.throttle import ConnectionLimiter
 
 # The log, from worker to parent
@@ -110,10 +112,61 @@ def eventFromRelay(record: bytes, worker: int) -> dict:
     }
     if data.get("l") is not None:
         event["log_level"] = LogLevel.levelWithName(data["l"])
-    system = data.get("s") or f"{data.get('n') or '-'}#{data.get('l') or '-'}"
-    event["log_system"] = f"{system} worker={worker}"
+    event["log_system"] = _workerSystem(data.get("s"), data.get("n"), data.get("l"), worker)
     event["log_worker"] = worker
     return event
+
+
+def _workerSystem(
+    system: Optional[str], namespace: Optional[str], level: Optional[str], worker: int
+) -> str:
+    """
+    The bracket of a worker's text log line: what one process would show
+    (the event's system, else C{NAMESPACE#LEVEL}), then C{worker=N}.
+    """
+    if not system:
+        system = f"{namespace or '-'}#{level or '-'}"
+    return f"{system} worker={worker}"
+
+
+@implementer(ILogObserver)
+class WorkerLog:
+    """
+    A worker's log observer when it writes its own lines (to the standard
+    output it shares with its parent, C{twistd --logfile=-}): each line as
+    the parent writes the line of a relayed event (L{LogRelay} and
+    L{eventFromRelay}), without crossing a pipe and the parent's event loop.
+
+    Each line is one write of the whole line, as the parent's own lines
+    are, so lines from the processes sharing the output do not mix (a pipe
+    or journald's stream takes a write of a line whole; a file's shared
+    offset, one write after another).
+
+    @ivar worker: the worker's number.
+    """
+
+    def __init__(self, out, worker: int, full: bool = False) -> None:
+        """
+        @param out: the shared output, a text file.
+        @param full: JSON lines (C{[server] log_format = json}) with every
+            field and C{log_worker}, instead of text lines.
+        """
+        self.worker = worker
+        self.full = full
+        self._write = jsonFileObserver(out) if full else textFileLogObserver(out)
+
+    def __call__(self, event: dict) -> None:
+        if self.full:
+            self._write(dict(event, log_worker=self.worker))
+            return
+        level = event.get("log_level")
+        system = _workerSystem(
+            event.get("log_system"),
+            event.get("log_namespace"),
+            level.name if level is not None else None,
+            self.worker,
+        )
+        self._write(dict(event, log_system=system))
 
 
 # Connection limits for the whole node

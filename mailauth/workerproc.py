@@ -26,7 +26,7 @@ from twisted.internet import defer, protocol, task
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
-from mailauth.workerlink import LogRelay, ParentConnections, dieWithParent
+from mailauth.workerlink import LogRelay, ParentConnections, WorkerLog, dieWithParent
 from mailauth.workers import CONFIG_FD, CONTROL_FD, LOG_FD
 
 # The namespace of the parent's lines about its workers: docs/logs.rst
@@ -148,6 +148,11 @@ def _arguments(argv: Optional[Iterable[str]]) -> argparse.Namespace:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--config", required=True, help="the file the configuration came from")
     parser.add_argument("--listener", action="append", default=[], metavar="NAME=FD")
+    parser.add_argument(
+        "--own-log",
+        action="store_true",
+        help="write log lines to standard output, the parent's own log, instead of relaying them",
+    )
     return parser.parse_args(None if argv is None else list(argv))
 
 
@@ -178,9 +183,9 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
 
     out = open(LOG_FD, "w", encoding="utf-8", closefd=False)
     cfg = configmod.loadText(text, args.config)
-    globalLogBeginner.beginLoggingTo(
-        [LogRelay(out, full=cfg.server.log_format == "json")], redirectStandardIO=False
-    )
+    full = cfg.server.log_format == "json"
+    observer = WorkerLog(out, args.index, full) if args.own_log else LogRelay(out, full)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     reactor: Any = globalReactor
     failed: list = []
     stopping: list = []

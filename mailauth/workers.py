@@ -33,7 +33,11 @@ The pipes between them (child descriptors):
   - 1, worker to parent: the worker's log events, one JSON object a line
     with what a log line shows (L{mailauth.workerlink.LogRelay}); the
     parent publishes them in its own log, where they read as the lines of
-    one process do.
+    one process do. When the parent logs to its standard output
+    (C{twistd --logfile=-}, the journal under systemd), this is that
+    output instead, and the worker writes the same lines there itself
+    (L{mailauth.workerlink.WorkerLog}): relaying them was nine tenths of
+    the parent's work under load, and a wake-up of it for every line.
   - 2: the worker's stderr, for what it writes before its log starts.
   - 3, worker to parent: control lines, C{ready} once it serves, C{wake}
     after it queued a message, C{alive} from its event loop every third
@@ -248,6 +252,7 @@ class WorkerPool(service.Service):
         hangTimeout: float = 0.0,
         connections: Optional[NodeConnections] = None,
         workerEnded: Callable[[int], None] = lambda pid: None,
+        ownLog: Optional[int] = None,
     ) -> None:
         """
         @param reactor: binds, spawns (C{IReactorProcess}) and keeps time.
@@ -270,6 +275,11 @@ class WorkerPool(service.Service):
             answer (only tests build a pool without).
         @param workerEnded: called with the process id of each worker that
             has ended (its metrics' live gauges are dropped).
+        @param ownLog: a descriptor the parent logs to (its standard output,
+            with C{twistd --logfile=-}), which each worker then gets as its
+            own and writes its log lines to itself
+            (L{mailauth.workerlink.WorkerLog}); L{None}: the workers' events
+            are relayed to C{publisher}.
         """
         self.reactor = reactor
         self.count = count
@@ -285,6 +295,7 @@ class WorkerPool(service.Service):
         self.hangTimeout = hangTimeout
         self.connections = connections
         self.workerEnded = workerEnded
+        self.ownLog = ownLog
         self._watch: Optional[task.LoopingCall] = None
         self._lastCheck: Optional[float] = None
         self.slots = [_Slot(index=n) for n in range(1, count + 1)]
@@ -365,6 +376,9 @@ class WorkerPool(service.Service):
             "--config",
             self.configPath,
         ]
+        if self.ownLog is not None:
+            childFDs[LOG_FD] = self.ownLog
+            args.append("--own-log")
         for offset, held in enumerate(self.listeners):
             childFDs[FIRST_SOCKET_FD + offset] = held.port.fileno()
             args += ["--listener", f"{held.listener}={FIRST_SOCKET_FD + offset}"]

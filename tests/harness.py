@@ -603,14 +603,24 @@ class TwistdProcess:
     """
 
     def __init__(
-        self, configPath: str, logPath: str, twistdArgs=(), env=None, prelude: str = ""
+        self,
+        configPath: str,
+        logPath: str,
+        twistdArgs=(),
+        env=None,
+        prelude: str = "",
+        standardOutput: bool = False,
     ) -> None:
         """
         @param prelude: Python statements the daemon's process runs before
             twistd (each ended by C{;}).
+        @param standardOutput: log as under systemd, C{--logfile=-}, with
+            standard output and error written to C{logPath}; by default
+            C{--logfile=logPath}.
         """
         self.configPath = configPath
         self.logPath = logPath
+        self.standardOutput = standardOutput
         self.twistdArgs = tuple(twistdArgs)
         self.env = env
         self.prelude = prelude
@@ -632,7 +642,7 @@ class TwistdProcess:
             self.prelude
             + "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
             *mode,
-            f"--logfile={self.logPath}",
+            "--logfile=-" if self.standardOutput else f"--logfile={self.logPath}",
             *self.twistdArgs,
             "mailauth",
             "--config",
@@ -656,6 +666,17 @@ class TwistdProcess:
     def spawn(self) -> None:
         """Start it, without waiting (again after it ended: a restart)."""
         self._output = ""
+        if self.standardOutput:
+            with open(self.logPath, "ab") as out:
+                self.process = subprocess.Popen(
+                    self.argv(),
+                    cwd=ROOT,
+                    env=self._environment(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            return
         self.process = subprocess.Popen(
             self.argv(),
             cwd=ROOT,
@@ -742,7 +763,8 @@ class TwistdProcess:
         return self._output[-4000:]
 
     def _collect(self) -> None:
-        if not self.process.stdout.closed:
+        # (With standardOutput, the output is in the log.)
+        if self.process.stdout is not None and not self.process.stdout.closed:
             self._output += self.process.stdout.read().decode("utf-8", "replace")
             self.process.stdout.close()
 

@@ -27,6 +27,7 @@ from twisted.trial import unittest
 
 from mailauth import config as configmod
 from mailauth.forward import QueueService
+from mailauth.logs import twistdLogsToStandardOutput
 from mailauth.queueadmin import deleteMessage
 from tests.fakes import FakeRelayConnector, RecordingLocalDelivery, runInline
 from tests.harness import (
@@ -724,6 +725,29 @@ class FormatConfigTests(unittest.TestCase):
         e = self.assertRaises(configmod.ConfigError, configmod.loadText, bad, "x.conf")
         self.assertEqual(
             e.problems, ("x.conf: [server] log_format: 'xml' is not one of: text, json",)
+        )
+
+
+class StandardOutputTests(unittest.TestCase):
+    """L{twistdLogsToStandardOutput}: when the workers may write to twistd's output themselves."""
+
+    def test_choice(self) -> None:
+        """
+        Only when twistd itself writes its text to standard output: C{-}
+        or no file in the foreground; not a file, syslog, or a C{--logger}
+        of the user's own (which must see every event).
+        """
+        cases = [
+            ({"nodaemon": True, "logfile": "-"}, True),
+            ({"nodaemon": True, "logfile": None}, True),
+            ({"nodaemon": True, "logfile": "/var/log/mailauth.log"}, False),
+            ({"nodaemon": False, "logfile": None}, False),
+            ({"nodaemon": True, "logfile": "-", "syslog": True}, False),
+            ({"nodaemon": True, "logfile": "-", "logger": print}, False),
+        ]
+        self.assertEqual(
+            [twistdLogsToStandardOutput(options) for options, _ in cases],
+            [expected for _, expected in cases],
         )
 
 

@@ -29,6 +29,7 @@ from twisted.logger import (
     formatEvent,
     formatEventAsClassicLogText,
     globalLogPublisher,
+    textFileLogObserver,
 )
 from twisted.python import log as legacylog
 from twisted.python.failure import Failure
@@ -40,7 +41,7 @@ from mailauth.checks import Account
 from mailauth.logs import eventAsJSONLine
 from mailauth.metrics import QUEUE_FAMILIES, Metrics
 from mailauth.throttle import ConnectionLimiter
-from mailauth.workerlink import LogRelay, NodeConnections, ParentConnections
+from mailauth.workerlink import LogRelay, NodeConnections, ParentConnections, WorkerLog
 from mailauth.workerproc import AdoptedPortService, Worker, readConfigText
 from mailauth.workers import (
     CONFIG_FD,
@@ -484,6 +485,97 @@ class WorkerPoolTests(unittest.TestCase):
         self.assertEqual(
             formatEventAsClassicLogText(relayed), formatEventAsClassicLogText(original[0])
         )
+
+    def _workerEvents(self, observer) -> list:
+        """
+        Log through C{observer} what a worker logs: fields, braces in the
+        text, a traceback, non-ASCII text, and Twisted's own legacy lines;
+        the events.
+        """
+        original: list = []
+
+        def both(event):
+            original.append(event)
+            observer(event)
+
+        logger = Logger(namespace="mailauth.esmtp", observer=both)
+        logger.info(
+            "auth failure: client=[{client}] mechanism={mechanism} login=<{login}>",
+            client="192.0.2.7",
+            mechanism="PLAIN",
+            login="bob@example.test",
+        )
+        logger.warn("braces {text} stay", text="{not a field}")
+        try:
+            raise ZeroDivisionError("division by zero")
+        except ZeroDivisionError:
+            logger.failure("it broke for {who}", who="us")
+        logger.info("login=<{login}>", login="jörg@bücher.example")
+        legacylog.LogPublisher(publishPublisher=LogPublisher(both)).msg(
+            "SubmissionFactory starting on 2587", system="-"
+        )
+        return original
+
+    def test_ownLogSameLinesAsRelayed(self):
+        """
+        A worker writing its own lines (L{WorkerLog}, when the parent logs
+        to the standard output they share) writes each line exactly as the
+        parent writes that event relayed to it, bracket and traceback
+        included: one log, whichever way a line came.
+        """
+        self.makePool()
+        relayed = io.StringIO()
+        self._workerEvents(LogRelay(relayed))
+        self.process(0).proto.childDataReceived(LOG_FD, relayed.getvalue().encode("utf-8"))
+        parent = io.StringIO()
+        parentLog = textFileLogObserver(parent)
+        for event in self.events:
+            parentLog(event)
+        own = io.StringIO()
+        self._workerEvents(WorkerLog(own, 1))
+        lines = own.getvalue().splitlines()
+        self.assertEqual(lines, parent.getvalue().splitlines())
+        self.assertRegex(
+            lines[0],
+            r"^\S+ \[mailauth\.esmtp#info worker=1\] auth failure: client=\[192\.0\.2\.7\]",
+        )
+        self.assertIn("ZeroDivisionError", own.getvalue())
+        self.assertRegex(lines[-1], r"^\S+ \[- worker=1\] SubmissionFactory starting on 2587$")
+        self.assertIn("login=<jörg@bücher.example>", own.getvalue())
+
+    def test_ownLogWithEveryField(self):
+        """
+        With C{[server] log_format = json} a worker writing its own lines
+        writes each event's JSON line with every field and C{log_worker},
+        as the parent writes a relayed one.
+        """
+        out = io.StringIO()
+        [original, *_] = self._workerEvents(WorkerLog(out, 2, full=True))
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual(len(lines), 5)
+        self.assertEqual(
+            (lines[0]["client"], lines[0]["login"], lines[0]["log_worker"]),
+            ("192.0.2.7", "bob@example.test", 2),
+        )
+        self.assertEqual(lines[0], json.loads(eventAsJSONLine(dict(original, log_worker=2))))
+        self.assertIn("ZeroDivisionError", lines[2]["log_text"])
+
+    def test_ownLogGivenToWorkers(self):
+        """
+        With C{ownLog}, the descriptor the parent logs to is each worker's
+        standard output, and the worker is told to write its lines there.
+        """
+        self.makePool(count=1, ownLog=1)
+        [spawned] = self.reactor.spawned
+        self.assertEqual(spawned["childFDs"][LOG_FD], 1)
+        self.assertIn("--own-log", spawned["args"])
+
+    def test_logRelayedByDefault(self):
+        """Without C{ownLog}, a worker's standard output is a pipe the parent reads."""
+        self.makePool(count=1)
+        [spawned] = self.reactor.spawned
+        self.assertEqual(spawned["childFDs"][LOG_FD], "r")
+        self.assertNotIn("--own-log", spawned["args"])
 
     def test_stopTerminatesThenKills(self):
         """

@@ -56,6 +56,7 @@ class _Daemon:
         count: int = 2,
         env=None,
         prelude: str = "",
+        standardOutput: bool = False,
     ) -> None:
         redis = startRedis(test)
         base = {"server": {"workers": str(count)}, "state": {"backend": redis.url}}
@@ -65,7 +66,12 @@ class _Daemon:
         self.configPath = writeDaemonDirectory(self.dir, base)
         self.count = count
         self.twistd = TwistdProcess(
-            self.configPath, os.path.join(self.dir, "mailauth.log"), twistdArgs, env, prelude
+            self.configPath,
+            os.path.join(self.dir, "mailauth.log"),
+            twistdArgs,
+            env,
+            prelude,
+            standardOutput,
         )
         test.addCleanup(self.twistd.stop)
 
@@ -130,6 +136,8 @@ class TwistdWorkersTests(unittest.TestCase):
         for pid in pids:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 self.assertIn(b"mailauth.workers", f.read())
+            # Logging to a file, the parent writes the workers' lines.
+            self.assertTrue(os.readlink(f"/proc/{pid}/fd/1").startswith("pipe:"))
 
     def test_systemdToldOnceAllServe(self):
         """
@@ -172,6 +180,54 @@ class TwistdWorkersTests(unittest.TestCase):
             f"message accepted: client=[127.0.0.1] login=<{BOB.decode()}> id={queued}",
             event["log_text"],
         )
+
+    def test_workersWriteTheirOwnLinesToStandardOutput(self):
+        """
+        Logging as under systemd (C{twistd --logfile=-}: standard output is
+        the journal), each worker writes its lines to that output itself,
+        not through its parent: one log, the parent's lines and the
+        workers', each line whole and its bracket naming the worker.
+        """
+        daemon = _Daemon(self, standardOutput=True)
+        daemon.start()
+        pids = daemon.twistd.workerPIDs()
+        self.assertEqual(len(pids), 2)
+        for pid in pids:
+            self.assertTrue(
+                os.path.samestat(os.stat(f"/proc/{pid}/fd/1"), os.stat(daemon.twistd.logPath))
+            )
+        ids = [sendOne(daemon.twistd.ports["submission"]) for _ in range(4)]
+        ids += [sendOne(daemon.twistd.ports["submissions"], implicit=True) for _ in range(4)]
+        for queued in ids:
+            daemon.twistd.waitForLog(
+                r"^\S+ \[mailauth\.esmtp#info worker=[12]\] message accepted: "
+                rf"client=\[127\.0\.0\.1\] login=<{BOB.decode()}> id={queued} "
+            )
+        lines = daemon.twistd.log().splitlines()
+        self.assertEqual(
+            [line for line in lines if not re.match(r"(\d{4}-\d\d-\d\dT\S+ \[[^]]+\] |\t)", line)],
+            [],
+        )
+        self.assertEqual(len([line for line in lines if ") is serving" in line]), 2)
+
+    def test_jsonLogOnStandardOutput(self):
+        """
+        With C{[server] log_format = json} and C{twistd --logfile=-}, the
+        workers' own lines are the same JSON as the parent's, with
+        C{log_worker}; every line of the output is one whole JSON object.
+        """
+        daemon = _Daemon(self, {"server": {"log_format": "json"}}, standardOutput=True)
+        daemon.start()
+        queued = sendOne(daemon.twistd.ports["submission"])
+        [line] = daemon.twistd.waitForLog(rf'"id": "{queued}"')
+        event = json.loads(line)
+        self.assertEqual(
+            (event["log_namespace"], event["client"], event["login"]),
+            ("mailauth.esmtp", "127.0.0.1", BOB.decode()),
+        )
+        self.assertIn(event["log_worker"], (1, 2))
+        events = [json.loads(line) for line in daemon.twistd.log().splitlines()]
+        self.assertEqual(sorted({e.get("log_worker") for e in events}, key=str), [1, 2, None])
 
     def test_failuresLoggedForFail2ban(self):
         """
