@@ -524,15 +524,15 @@ class WorkerPoolTests(unittest.TestCase):
         included: one log, whichever way a line came.
         """
         self.makePool()
-        relayed = io.StringIO()
-        self._workerEvents(LogRelay(relayed))
+        relayed, own = io.StringIO(), io.StringIO()
+        # From one line: older Twisted's tracebacks show the caller's too.
+        for observer in (LogRelay(relayed), WorkerLog(own, 1)):
+            self._workerEvents(observer)
         self.process(0).proto.childDataReceived(LOG_FD, relayed.getvalue().encode("utf-8"))
         parent = io.StringIO()
         parentLog = textFileLogObserver(parent)
         for event in self.events:
             parentLog(event)
-        own = io.StringIO()
-        self._workerEvents(WorkerLog(own, 1))
         lines = own.getvalue().splitlines()
         self.assertEqual(lines, parent.getvalue().splitlines())
         self.assertRegex(
