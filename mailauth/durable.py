@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 import tempfile
 from typing import Iterator, Optional
 
@@ -74,9 +75,13 @@ def locked(path: str, owner: Optional[os.stat_result] = None, mode: int = 0o600)
 def replaceDurably(path: str, data: bytes, mode: int, like: Optional[os.stat_result]) -> None:
     """
     Replace the file C{path} by one holding C{data}, atomically: a temporary
-    file in the same folder, mode C{mode}, owned like C{like} (the old file)
-    as far as we may, fsynced, renamed over C{path}, and the folder fsynced.
-    A reader sees the old file or the new one, never a mix.
+    file in the same folder, owned like C{like} (the old file) as far as we
+    may, fsynced, renamed over C{path}, and the folder fsynced. A reader
+    sees the old file or the new one, never a mix.
+
+    C{mode} is the most the file may allow: a new file gets it, and the old
+    file's bits are kept within it (an edit may narrow a file's mode to
+    C{mode}, never widen it: a users file an admin made 0600 stays so).
 
     @raise OSError: if it cannot be written; C{path} is then unchanged.
     """
@@ -84,7 +89,7 @@ def replaceDurably(path: str, data: bytes, mode: int, like: Optional[os.stat_res
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
+            os.fchmod(f.fileno(), mode if like is None else mode & stat.S_IMODE(like.st_mode))
             if like is not None:
                 _keepOwner(f.fileno(), like)
             f.write(data)

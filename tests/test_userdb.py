@@ -464,16 +464,19 @@ class EditTests(unittest.TestCase):
         self.path = os.path.join(self.directory, "users")
         with open(self.path, "w") as f:
             f.write(self.ORIGINAL)
+        # Readable by all, as an admin's editor may leave it.
+        os.chmod(self.path, 0o644)
 
     def read(self) -> str:
         with open(self.path) as f:
             return f.read()
 
-    def assertCleanlyWritten(self) -> None:
+    def assertCleanlyWritten(self, mode: int = 0o640) -> None:
         """
-        The file has mode 0640 and no temporary file is left beside it.
+        The file has mode C{mode} (from 0644, 0640: an edit takes away what
+        the world could read) and no temporary file is left beside it.
         """
-        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o640)
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), mode)
         self.assertEqual(sorted(os.listdir(self.directory)), ["users", "users.lock"])
 
     def test_addUser(self) -> None:
@@ -589,7 +592,8 @@ class EditTests(unittest.TestCase):
 
     def test_setPassword(self) -> None:
         """
-        A new password replaces the hash and keeps the other fields.
+        A new password replaces the hash and keeps the other fields, and
+        the file's narrower mode: 0600 stays 0600 (it was made 0640).
         """
         os.chmod(self.path, 0o600)
         hashString = makeHash(b"new", "SHA256-CRYPT")
@@ -599,7 +603,7 @@ class EditTests(unittest.TestCase):
             self.ORIGINAL.replace("{PLAIN}a:", hashString + ":"),
         )
         self.assertTrue(verify(loadUsers(self.path).get("alice@example.org").password, b"new"))
-        self.assertCleanlyWritten()
+        self.assertCleanlyWritten(0o600)
 
     def test_setPasswordFixesMalformed(self) -> None:
         """
