@@ -21,6 +21,7 @@ import attrs
 import bcrypt
 
 from mailauth import scram
+from mailauth.hashcost import checkCost
 from mailauth.legacyschemes import LEGACY_SCHEMES, Scheme, cryptSalt
 
 #: The schemes that store the password itself.
@@ -229,64 +230,8 @@ def _bcryptGenerate(password: bytes, login: Optional[str]) -> bytes:
     return bcrypt.hashpw(secret, salt)
 
 
-# -- the most work a stored hash may ask for -----------------------------------
-#
-# A hash whose parameters ask for more is refused when the users file is read
-# (its line skipped, as a malformed hash's is): each guess at that login,
-# which anyone who knows the login may send, would otherwise hold an auth
-# thread for minutes, or allocate gigabytes, until the daemon is killed for
-# memory or every login waits. Each bound is tens of times today's default.
-
-#: argon2 memory, KiB: 2 GiB, RFC 9106's largest recommendation.
-MAX_ARGON2_MEMORY = 2 * 1024 * 1024
-#: argon2 memory times passes: that memory, four passes.
-MAX_ARGON2_WORK = 4 * MAX_ARGON2_MEMORY
-#: argon2 lanes: each is a thread of its own while verifying.
-MAX_ARGON2_LANES = 16
-#: bcrypt's cost (2**cost rounds); 12 takes a third of a second.
-MAX_BCRYPT_COST = 17
-#: SHA-crypt rounds (the default is 5000).
-MAX_CRYPT_ROUNDS = 10_000_000
-
 # The schemes whose stored value is a crypt-style string with its parameters.
 _COSTED = ("ARGON2ID", "ARGON2I", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT", "CRYPT", "DES-CRYPT")
-
-
-def _checkCost(raw: bytes) -> None:
-    """
-    Refuse a crypt-style C{raw} whose parameters ask for more work or
-    memory than the bounds above.
-
-    @raise ValueError: naming the parameter and its bound.
-    """
-    argon = re.match(rb"\$argon2(?:id|i|d)\$(?:v=\d+\$)?m=(\d+),t=(\d+),p=(\d+)\$", raw)
-    if argon is not None:
-        memory, passes, lanes = (int(g) for g in argon.groups())
-        if memory > MAX_ARGON2_MEMORY:
-            raise ValueError(
-                f"argon2 memory m={memory} KiB is over the {MAX_ARGON2_MEMORY} KiB"
-                " (2 GiB) mailauth verifies"
-            )
-        if memory * passes > MAX_ARGON2_WORK:
-            raise ValueError(
-                f"argon2 m={memory},t={passes} asks for more work than mailauth verifies"
-                f" (m times t at most {MAX_ARGON2_WORK})"
-            )
-        if lanes > MAX_ARGON2_LANES:
-            raise ValueError(
-                f"argon2 p={lanes} is over the {MAX_ARGON2_LANES} lanes mailauth verifies"
-            )
-        return
-    bcryptCost = re.match(rb"\$2[abxy]?\$(\d+)\$", raw)
-    if bcryptCost is not None and int(bcryptCost.group(1)) > MAX_BCRYPT_COST:
-        cost = int(bcryptCost.group(1))
-        raise ValueError(f"bcrypt cost {cost} is over the {MAX_BCRYPT_COST} mailauth verifies")
-    rounds = re.match(rb"\$[56]\$rounds=(\d+)\$", raw)
-    if rounds is not None and int(rounds.group(1)) > MAX_CRYPT_ROUNDS:
-        raise ValueError(
-            f"SHA-crypt rounds={int(rounds.group(1))} is over the {MAX_CRYPT_ROUNDS}"
-            " mailauth verifies"
-        )
 
 
 # -- argon2 -----------------------------------------------------------------
@@ -602,7 +547,7 @@ def parse(stored: str) -> PasswordHash:
     raw = _decode(value, scheme, suffix)
     _SCHEMES[scheme].check(raw)
     if scheme in _COSTED:
-        _checkCost(raw)
+        checkCost(raw)
     return PasswordHash(scheme, value, suffix)
 
 

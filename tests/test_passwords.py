@@ -479,14 +479,17 @@ class ParseTests(unittest.TestCase):
         A hash whose parameters ask for more work or memory than mailauth
         verifies is refused when it is read, naming the parameter: each
         guess at its login would otherwise allocate gigabytes (argon2 with
-        m=4 GiB) or hold an auth thread for hours (bcrypt cost 31, SHA-crypt
-        with a billion rounds). Costly but bounded ones are still read.
+        m=4 GiB, yescrypt with N=2**19 and r=32) or hold an auth thread for
+        hours (bcrypt cost 31, SHA-crypt with a billion rounds, the legacy
+        crypt(3) methods' iterations). Costly but bounded ones are still
+        read.
         """
         argon = (
             "$argon2id$v=19$m=65536,t=3,p=1$vNKqkK8DQa5S4Jc06HUpwg"
             "$x7iCyjA2f/7FGLmp8BlZlHPNy3UXmjy30VTVz5mvJEE"
         )
         sha = "$6$rounds=ROUNDS$salt$" + "a" * 86
+        yes = "$y$j9T$cJT0MCwdsCq4Y2u0tkdCj.$" + "a" * 43
         refused = {
             "{ARGON2ID}" + argon.replace("m=65536", "m=4194304"): "m=4194304 KiB",
             argon.replace("m=65536", "m=2097152").replace("t=3", "t=5"): "m=2097152,t=5",
@@ -497,6 +500,14 @@ class ParseTests(unittest.TestCase):
             sha.replace("ROUNDS", "999999999"): "rounds=999999999",
             "{CRYPT}" + sha.replace("ROUNDS", "10000001"): "rounds=10000001",
             "{PBKDF2}$1$salt$4294967295$" + "a" * 40: "PBKDF2 rounds '4294967295'",
+            # yescrypt's N is 2**18 at libxcrypt's costliest (jFT, 1 GiB).
+            yes.replace("j9T", "jHT"): "yescrypt $y$jHT asks for 4096 MiB",
+            "{CRYPT}" + yes.replace("$y$j9T", "$gy$jIT"): "$gy$jIT asks for 8192 MiB",
+            yes.replace("j9T", "jGT/1"): "$y$jGT/1 asks for more work",
+            "$7$Z6..../....SodiumChloride$" + "a" * 43: "scrypt $7$Z6",
+            "$sha1$4294967295$saltsalt$" + "a" * 28: "$sha1$4294967295 asks for more",
+            "$md5,rounds=20000000$salt$" + "a" * 22: "$md5,rounds=20000000 asks for more",
+            "{CRYPT}_zzzzsalt" + "a" * 11: "BSDi DES-crypt count 16777215",
         }
         for stored, named in refused.items():
             error = self.assertRaises(ValueError, parse, stored)
@@ -507,6 +518,13 @@ class ParseTests(unittest.TestCase):
             "$2y$17$" + "a" * 53,
             sha.replace("ROUNDS", "10000000"),
             "{PBKDF2}$1$salt$10000000$" + "a" * 40,
+            yes,
+            yes.replace("j9T", "jFT"),
+            yes.replace("j9T", "jGT/0"),
+            "{CRYPT}" + yes.replace("$y$", "$gy$"),
+            "$7$C6..../....SodiumChloride$" + "a" * 43,
+            "$sha1$40000$saltsalt$" + "a" * 28,
+            "{CRYPT}_J9..salt" + "a" * 11,
         ):
             parse(stored)
 
