@@ -478,3 +478,13 @@ def encodeXtext(text: str) -> str:
         else:
             out.extend(f"+{byte:02X}" for byte in char.encode("utf-8"))
     return "".join(out)
+
+
+def withoutComment(line: str) -> str:
+    """
+    A line of a map file (C{aliases}, C{sender_map}, C{[limits] overrides})
+    without its comment: a C{#} at its start or after white space starts
+    one; a C{#} inside an address (a local part may hold one, RFC 5321's
+    C{atext}) is the address's.
+    """
+    return re.split(r"(?:^|(?<=\s))#", line, maxsplit=1)[0]

@@ -7,7 +7,7 @@ from typing import Optional
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailauth.addresses import normalise
+from mailauth.addresses import normalise, withoutComment
 from mailauth.durable import ReloadableFile
 from mailauth.interfaces import IReloadable
 from mailauth.userdb import decodeFile
@@ -33,7 +33,7 @@ def _logicalLines(lines: list) -> list:
     """
     logical: list = []
     for lineno, raw in enumerate(lines, 1):
-        line = raw.split("#", 1)[0].strip()
+        line = withoutComment(raw).strip()
         if not line:
             continue
         if logical and raw[:1].isspace() and ":" not in line:
@@ -47,8 +47,8 @@ def _logicalLines(lines: list) -> list:
 @implementer(IReloadable)
 class AddressMap(ReloadableFile):
     """
-    A file of lines C{key: value[, value...]}, C{#} comments and blank lines
-    ignored, a line that starts with white space (and has no C{:}) the
+    A file of lines C{key: value[, value...]}, comments (from a C{#} at the
+    start of a line or after white space) and blank lines ignored, a line that starts with white space (and has no C{:}) the
     continuation of the one above; keys and values are addresses
     (C{@domain} keys match a whole domain). Re-read when it changes; a
     malformed line is reported with its line number and skipped.

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailauth import replies
-from mailauth.addresses import normalise
+from mailauth.addresses import normalise, withoutComment
 from mailauth.durable import ReloadableFile
 from mailauth.interfaces import ICounterStore, IReloadable, IUserDatabase
 from mailauth.userdb import UserDatabaseUnavailable
@@ -76,8 +76,8 @@ def hitsKey(login: str) -> str:
 def parseOverrides(text: str, path: str) -> tuple[dict[str, dict[str, int]], list[str]]:
     """
     Parse an overrides file: C{login: key=value [key=value...]} lines, the
-    keys those of L{Limits} (a whole number, 0 for no limit); C{#} starts a
-    comment. A malformed line is skipped, never fatal for the others; of
+    keys those of L{Limits} (a whole number, 0 for no limit); a C{#} at the
+    start of a line or after white space starts a comment. A malformed line is skipped, never fatal for the others; of
     two lines for one login the first counts.
 
     @return: the overrides by login (its L{normalise} key), and a C{"PATH:LINENO:
@@ -86,7 +86,7 @@ def parseOverrides(text: str, path: str) -> tuple[dict[str, dict[str, int]], lis
     found: dict[str, dict[str, int]] = {}
     problems = []
     for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
+        line = withoutComment(raw).strip()
         if not line:
             continue
         login, colon, rest = line.partition(":")

@@ -85,7 +85,8 @@ class ParseOverridesTests(unittest.TestCase):
         found, problems = parseOverrides(
             "# bulk senders\n\n"
             "News@Example.test: messages_per_hour=1000 recipients_per_day=50000  # list\n"
-            "cron@example.test: messages_per_day=0, suspend_after=0\n",
+            "cron@example.test: messages_per_day=0, suspend_after=0\n"
+            "dev#ops@example.test: messages_per_day=7\t# a # in a local part is the login's\n",
             "limits",
         )
         self.assertEqual(problems, [])
@@ -94,6 +95,7 @@ class ParseOverridesTests(unittest.TestCase):
             {
                 "news@example.test": {"messages_per_hour": 1000, "recipients_per_day": 50000},
                 "cron@example.test": {"messages_per_day": 0, "suspend_after": 0},
+                "dev#ops@example.test": {"messages_per_day": 7},
             },
         )
 

@@ -191,6 +191,27 @@ class RouterTests(RealmTestsMixin, unittest.TestCase):
         self.assertEqual(self.aliases.get("indented@example.test"), ("bob@example.test",))
         self.assertEqual(len(self.aliases.problems), 1)
 
+    def test_hashInAddress(self) -> None:
+        """
+        A C{#} inside an address (RFC 5321 allows it in a local part) is the
+        address's; one at the start of a line or after white space starts a
+        comment. The whole rest of a line went as a comment, and an alias
+        such as C{dev#ops@...} could not be written.
+        """
+        with open(self.aliases.path, "a") as f:
+            f.write(
+                "dev#ops@example.test: alice@example.test, bob#2@remote.test  # the team\n"
+                "#gone@example.test: bob@example.test\n"
+            )
+        self.aliases.load()
+        self.assertEqual(
+            self.successResultOf(self.router.expand("dev#ops@example.test")),
+            (("alice@example.test",), ("bob#2@remote.test",)),
+        )
+        self.assertEqual(self.aliases.get("#gone@example.test"), ())
+        # Only the fixture's own bad line (6) is a problem.
+        self.assertEqual([p.split(":")[1] for p in self.aliases.problems], ["6"])
+
     def test_aliasLoop(self) -> None:
         """An alias loop ends; what it reaches is still delivered."""
         self.assertEqual(
