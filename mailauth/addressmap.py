@@ -48,9 +48,10 @@ def _logicalLines(lines: list) -> list:
 class AddressMap(ReloadableFile):
     """
     A file of lines C{key: value[, value...]}, comments (from a C{#} at the
-    start of a line or after white space) and blank lines ignored, a line that starts with white space (and has no C{:}) the
-    continuation of the one above; keys and values are addresses
-    (C{@domain} keys match a whole domain). Re-read when it changes; a
+    start of a line or after white space) and blank lines ignored, a line
+    that starts with white space (and has no C{:}) the continuation of the
+    one above; keys and values are addresses (C{@domain} keys match a whole
+    domain). Re-read when it changes; a
     malformed line is reported with its line number and skipped.
 
     @ivar problems: C{"PATH:LINE: message"} for each line skipped at the

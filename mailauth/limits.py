@@ -77,8 +77,9 @@ def parseOverrides(text: str, path: str) -> tuple[dict[str, dict[str, int]], lis
     """
     Parse an overrides file: C{login: key=value [key=value...]} lines, the
     keys those of L{Limits} (a whole number, 0 for no limit); a C{#} at the
-    start of a line or after white space starts a comment. A malformed line is skipped, never fatal for the others; of
-    two lines for one login the first counts.
+    start of a line or after white space starts a comment. A malformed line
+    is skipped, never fatal for the others; of two lines for one login the
+    first counts.
 
     @return: the overrides by login (its L{normalise} key), and a C{"PATH:LINENO:
         message"} line per line skipped.
