@@ -26,11 +26,9 @@ from mailauth.listening import checkListening
 from mailauth.passwords import CRAM_MD5_SCHEMES, PLAINTEXT_SCHEMES
 from mailauth.pgusers import checkSetup, isPostgreSQL
 from mailauth.relay import RelayError, loadCertificates
-from mailauth.tls import ReloadableTLS, TLSError, notAfter
+from mailauth.tls import EXPIRY_WARNING, ReloadableTLS, TLSError, expiryDate, notAfter
 from mailauth.userdb import decodeFile, parseUsers
 
-# A certificate that expires sooner than this is warned about.
-EXPIRY_WARNING = 30 * 86400
 
 #: The stored schemes each mechanism can verify; a mechanism not named here
 #: (PLAIN, LOGIN, OAUTHBEARER...) works whatever the scheme.
@@ -360,7 +358,7 @@ def checkCertificate(cfg: configmod.Config, now: float) -> Findings:
         expires = notAfter(path)
     except TLSError:
         return Findings()  # checkFiles says why
-    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(expires))
+    date = expiryDate(expires)
     where = place(cfg, "tls", "certificate")
     if expires <= now:
         return Findings(errors=(f"{where}: {path}: expired on {date}: renew it",))

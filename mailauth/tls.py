@@ -5,6 +5,7 @@ from __future__ import annotations
 import calendar
 import re
 import time
+from typing import Callable
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
@@ -69,6 +70,16 @@ def _openSSLReason(error: Exception) -> str:
         if isinstance(entry, tuple) and entry and entry[-1] not in reasons:
             reasons.append(str(entry[-1]))
     return "; ".join(reasons) or str(error)
+
+
+#: A certificate that expires sooner than this is warned about (check-config,
+#: and a reload that loads it).
+EXPIRY_WARNING = 30 * 86400
+
+
+def expiryDate(expires: float) -> str:
+    """A certificate's expiry, as the log and check-config write it."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(expires))
 
 
 def notAfter(certificatePath: str) -> float:
@@ -146,19 +157,47 @@ class ReloadableTLS:
     one, connections already open keep theirs.
     """
 
-    def __init__(self, certificatePath: str, keyPath: str) -> None:
+    def __init__(
+        self, certificatePath: str, keyPath: str, now: Callable[[], float] = time.time
+    ) -> None:
+        """
+        @param now: the time, to tell a certificate that has expired.
+        """
         self.certificatePath = certificatePath
         self.keyPath = keyPath
+        self.now = now
         self._options = loadOptions(certificatePath, keyPath)
 
     def reload(self) -> bool:
-        """Load the files again; on failure keep the current certificate and log why."""
+        """
+        Load the files again; on failure keep the current certificate and
+        log why. A certificate that has expired is such a failure, as it
+        is at start (check-config's error): most likely the wrong file,
+        which no client would take; one that expires within
+        L{EXPIRY_WARNING} is loaded, with a warning.
+        """
         try:
-            self._options = loadOptions(self.certificatePath, self.keyPath)
+            options = loadOptions(self.certificatePath, self.keyPath)
+            expires = notAfter(self.certificatePath)
         except TLSError as e:
             log.error("TLS certificate not reloaded, keeping the old one: {why}", why=e)
             return False
+        left = expires - self.now()
+        if left <= 0:
+            log.error(
+                "TLS certificate not reloaded, keeping the old one: {why}",
+                why=f"{self.certificatePath}: expired on {expiryDate(expires)}: renew it",
+            )
+            return False
+        self._options = options
         log.info("TLS certificate reloaded from {path}", path=self.certificatePath)
+        if left < EXPIRY_WARNING:
+            log.warn(
+                "TLS certificate {path} expires on {date}, in {days} day(s): renew it",
+                path=self.certificatePath,
+                date=expiryDate(expires),
+                days=int(left // 86400),
+            )
         return True
 
     def getContext(self):

@@ -11,6 +11,7 @@ import time
 
 from OpenSSL import SSL, crypto
 from twisted.internet import defer
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from mailauth.tls import ReloadableTLS, TLSError, loadOptions, notAfter
@@ -125,6 +126,55 @@ class TLSTests(unittest.TestCase):
         writeCertificate(self.dir, name="renewed")
         self.assertTrue(tls.reload())
         self.assertIsNot(tls.getContext(), before)
+
+    def test_reloadRefusesExpired(self) -> None:
+        """
+        A reload whose certificate has expired keeps the old one, with an
+        error naming the file and the date, as at start (an expired
+        certificate is a check-config error): it was taken without a word.
+        """
+        logged = self._tlsLog()
+        tls = ReloadableTLS(self.cert, self.key)
+        before = tls.getContext()
+        writeCertificate(self.dir, days=-2)
+        self.assertFalse(tls.reload())
+        self.assertIs(tls.getContext(), before)
+        self.assertRegex(
+            logged[-1],
+            rf"^TLS certificate not reloaded, keeping the old one: {self.cert}: "
+            r"expired on \d{4}-\d\d-\d\d \d\d:\d\d UTC: renew it$",
+        )
+
+    def test_reloadWarnsOfExpiry(self) -> None:
+        """
+        A certificate that expires within 30 days is loaded, with a warning
+        giving the days left; one that expires later without.
+        """
+        logged = self._tlsLog()
+        writeCertificate(self.dir, days=5)
+        now = time.time()
+        tls = ReloadableTLS(self.cert, self.key, now=lambda: now)
+        self.assertTrue(tls.reload())
+        self.assertRegex(
+            logged[-1],
+            rf"^TLS certificate {self.cert} expires on \S+ \S+ UTC, in 4 day\(s\): renew it$",
+        )
+        self.assertEqual(logged[-2], f"TLS certificate reloaded from {self.cert}")
+        tls.now = lambda: now - 60 * 86400
+        del logged[:]
+        self.assertTrue(tls.reload())
+        self.assertEqual(logged, [f"TLS certificate reloaded from {self.cert}"])
+
+    def _tlsLog(self) -> list:
+        logged: list = []
+
+        def observe(event: dict) -> None:
+            if event.get("log_namespace") == "mailauth.tls":
+                logged.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return logged
 
 
 def _closedByServer(sock: socket.socket) -> bool:
