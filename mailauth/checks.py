@@ -29,7 +29,6 @@ from mailauth.relay import RelayError, loadCertificates
 from mailauth.tls import EXPIRY_WARNING, ReloadableTLS, TLSError, expiryDate, notAfter
 from mailauth.userdb import decodeFile, parseUsers
 
-
 #: The stored schemes each mechanism can verify; a mechanism not named here
 #: (PLAIN, LOGIN, OAUTHBEARER...) works whatever the scheme.
 MECHANISM_SCHEMES = {
