@@ -23,6 +23,9 @@ class DotStuffer:
         self._pendingCR = False
         self._lineStart = True
         self._empty = True
+        #: How many dots the stuffing added so far: the stored form's size
+        #: less these is the message's own (RFC 1870's SIZE).
+        self.dots = 0
 
     def feed(self, chunk: bytes) -> bytes:
         """@return: the stored form of C{chunk}, as far as it is known yet."""
@@ -37,9 +40,13 @@ class DotStuffer:
             return b""
         if b"\r" in chunk or b"\n" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-            chunk = chunk.replace(b"\r\n.", b"\r\n..")
+            dots = chunk.count(b"\r\n.")
+            if dots:
+                chunk = chunk.replace(b"\r\n.", b"\r\n..")
+                self.dots += dots
         if self._lineStart and chunk.startswith(b"."):
             chunk = b"." + chunk
+            self.dots += 1
         self._lineStart = chunk.endswith(b"\r\n")
         self._empty = False
         return chunk

@@ -149,6 +149,9 @@ class Envelope:
         Last-Attempt-Date of reports; L{None} before the first.
     @ivar size: size of the stored (dot-stuffed) message in bytes, the
         L{prefix} included.
+    @ivar dots: how many of those bytes are the dots the stuffing added:
+        the message's own size (RFC 1870's SIZE, L{messageSize}) is the
+        rest; 0 in an envelope queued before it was kept.
     @ivar body8bit: the message has bytes above 127.
     @ivar prefix: header fields (in the stored form) sent before the data
         file, added after the message was written (its DKIM signature).
@@ -168,12 +171,18 @@ class Envelope:
     lastError: Optional[str] = None
     lastAttempt: Optional[float] = None
     size: int = 0
+    dots: int = 0
     body8bit: bool = False
     prefix: bytes = b""
     smtputf8: bool = False
     headers8bit: bool = False
     ret: Optional[str] = None
     envid: Optional[str] = None
+
+    @property
+    def messageSize(self) -> int:
+        """The message's size as RFC 1870 counts it: not its stuffed dots."""
+        return self.size - self.dots
 
     def pending(self) -> list:
         """The addresses still to be delivered to."""
@@ -332,6 +341,7 @@ class Envelope:
                 "last_error": self.lastError,
                 "last_attempt": self.lastAttempt,
                 "size": self.size,
+                "dots": self.dots,
                 "body_8bit": self.body8bit,
                 # ASCII in practice; any other byte survives as an escape.
                 "prefix": self.prefix.decode("utf-8", "surrogateescape"),
@@ -396,6 +406,7 @@ class Envelope:
                 lastError=obj.get("last_error"),
                 lastAttempt=_optionalTime(obj.get("last_attempt")),
                 size=int(obj.get("size", 0)),
+                dots=int(obj.get("dots", 0)),
                 body8bit=bool(obj.get("body_8bit", False)),
                 prefix=_prefixFromJSON(obj.get("prefix", "")),
                 smtputf8=bool(obj.get("smtputf8", False)),

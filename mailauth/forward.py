@@ -558,7 +558,12 @@ class QueueService(ScheduleMixin, service.Service):
         try:
             with message:
                 replies = yield session.deliver(
-                    envelope.sender, remote, message, envelope.size, envelope.body8bit, envelope
+                    envelope.sender,
+                    remote,
+                    message,
+                    envelope.messageSize,
+                    envelope.body8bit,
+                    envelope,
                 )
         except Exception as e:
             self._sessions.discard(session)

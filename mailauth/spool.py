@@ -232,6 +232,7 @@ class QueueWriter:
         self._arrival = queue.clock.seconds()
         self._stuffer = DotStuffer()
         self._size = 0
+        self._prefixDots = 0
         self._body8bit = False
         self._prefix = b""
         self._headers8bit = False
@@ -271,6 +272,7 @@ class QueueWriter:
             self._body8bit = self._headers8bit = True
         self._prefix = stored + self._prefix
         self._size += len(stored)
+        self._prefixDots += stuffer.dots
 
     def _scanHeaders(self, chunk: bytes) -> None:
         """Note 8-bit bytes in the header section (RFC 6532 fields need SMTPUTF8 to go on)."""
@@ -305,6 +307,7 @@ class QueueWriter:
                 arrival=self._arrival,
                 nextAttempt=self._arrival,
                 size=self._size,
+                dots=self._stuffer.dots + self._prefixDots,
                 body8bit=self._body8bit,
                 prefix=self._prefix,
                 smtputf8=self._options.smtputf8,

@@ -387,6 +387,21 @@ class EndToEndTests(unittest.TestCase):
         self.assertIn(b"AUTH PLAIN", b" ".join(self.sink.commands))
 
     @defer.inlineCallbacks
+    def test_sizeIsTheMessages(self):
+        """
+        MAIL FROM's SIZE is the message's size as RFC 1870 counts it (CRLF
+        line ends, not the dots stuffing adds, however the message came in
+        chunks): it was the stored, stuffed size, a few bytes too many, and
+        a message at the relay's very limit was refused.
+        """
+        message = b"Subject: dots\r\n\r\n.one\r\n..two\r\nplain\r\n.\r\n"
+        queue, service = self.startService()
+        self.submit(queue, service, "m1", message=message, chunk=3)
+        [transaction] = yield self.sink.waitForTransactions(1)
+        self.assertEqual(transaction.data, message)
+        self.assertEqual(transaction.mailParameters, f"SIZE={len(message)}")
+
+    @defer.inlineCallbacks
     def test_authLoginOnly(self):
         """When the relay offers only LOGIN, the client uses it."""
         self.sink.mechanisms = b"LOGIN"

@@ -54,6 +54,20 @@ class DotStufferTests(unittest.TestCase):
         self.assertEqual(self.stuff(b"abc\r"), b"abc\r\n")
         self.assertEqual(self.stuff(), b"")
 
+    def test_dotsCounted(self):
+        """
+        The stuffer counts the dots it adds, wherever the chunks are cut:
+        the stored size less them is the message's own.
+        """
+        message = b".a\r\n..b\r\nc.\r\n.\r\n"
+        for size in range(1, len(message) + 1):
+            stuffer = DotStuffer()
+            stored = b"".join(
+                stuffer.feed(message[i : i + size]) for i in range(0, len(message), size)
+            )
+            stored += stuffer.finish()
+            self.assertEqual((stuffer.dots, len(stored) - stuffer.dots), (3, len(message)), size)
+
     @given(
         lines=st.lists(
             st.one_of(
