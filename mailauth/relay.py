@@ -550,7 +550,18 @@ class RelayConnector:
 
     @defer.inlineCallbacks
     def _ehlo(self, proto: RelayClientProtocol):
-        reply = yield proto.command(b"EHLO " + self._hostname.encode("ascii"))
+        """
+        EHLO, and the extensions the relay offers. A relay that refuses
+        EHLO for good (5xx: one that knows only RFC 821) gets HELO, as
+        RFC 5321 4.1.1.1 and Postfix do, and offers nothing: a relay that
+        must do STARTTLS or AUTH then fails for want of them.
+        """
+        hostname = self._hostname.encode("ascii")
+        reply = yield proto.command(b"EHLO " + hostname)
+        if reply.code // 100 == 5:
+            reply = yield proto.command(b"HELO " + hostname)
+            _check(reply, 250, "HELO")
+            return {}
         _check(reply, 250, "EHLO")
         return _extensions(reply)
 

@@ -316,6 +316,24 @@ class ClosingTests(HostileRelayMixin, unittest.TestCase):
             d, _ = self.establish(*replies)
             self.assertIn("421 4.3.2 busy", str(self.failureResultOf(d, RelayError).value))
 
+    def test_heloWhenEHLORefused(self):
+        """
+        A relay that refuses EHLO for good (an RFC 821 server) gets HELO
+        and is used without extensions, as Postfix does; one that refuses
+        HELO too fails the session. Before, a 5xx to EHLO failed it at once.
+        """
+        d, transport = self.establish(
+            b"220 old\r\n", b"502 5.5.2 unknown command\r\n", b"250 old.example\r\n"
+        )
+        session = self.successResultOf(d)
+        self.assertEqual(session.extensions, {})
+        self.assertEqual(transport.value(), b"EHLO me.test\r\nHELO me.test\r\n")
+        d, _ = self.establish(b"220 old\r\n", b"500 what\r\n", b"550 go away\r\n")
+        self.assertIn("550 go away", str(self.failureResultOf(d, RelayError).value))
+        # A relay that must do STARTTLS cannot, without EHLO.
+        d, _ = self.establish(b"220 old\r\n", b"502 no\r\n", b"250 ok\r\n", tls="starttls")
+        self.assertIn("does not offer STARTTLS", str(self.failureResultOf(d, RelayError).value))
+
     def test_noStartTLSNoSecrets(self):
         """With tls = starttls, a relay that does not offer it gets nothing after EHLO."""
         d, transport = self.establish(
