@@ -305,11 +305,14 @@ class QueueService(ScheduleMixin, service.Service):
         finally:
             self._workers -= 1
         if session is not None:
-            self._sessions.discard(session)
+            # Still among the sessions while it says QUIT: stopping aborts
+            # it instead of waiting up to [relay] timeout for the reply.
             try:
                 yield session.close()
             except Exception:
                 log.failure("queue: closing the relay session failed")
+            finally:
+                self._sessions.discard(session)
         self._dispatch()
 
     @defer.inlineCallbacks

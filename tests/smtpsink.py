@@ -401,7 +401,9 @@ class SinkProtocol(basic.LineReceiver):
         self.reply(b"250 2.0.0 ok")
 
     def smtp_QUIT(self, argument: bytes) -> None:
-        self.reply(b"221 2.0.0 bye")
+        if self.sink.quitReply is None:
+            return  # a relay that never answers, and keeps the connection
+        self.reply(self.sink.quitReply)
         self.transport.loseConnection()
 
 
@@ -418,6 +420,8 @@ class SMTPSink:
         up without a reply (and without recording the message);
       - C{starttlsReply}: raw bytes written in place of the 220 to STARTTLS;
       - C{greeting}: the banner, or L{None} for a server that never speaks;
+      - C{quitReply}: the reply to QUIT, or L{None} for a server that never
+        answers it (and keeps the connection open);
       - C{extensions}: more EHLO keywords to offer (C{b"SMTPUTF8"},
         C{b"DSN"}, C{b"CHUNKING"}: BDAT is understood).
 
@@ -445,6 +449,7 @@ class SMTPSink:
         self.dataReplies: dict = {}
         self.starttlsReply: Optional[bytes] = None
         self.greeting: Optional[bytes] = b"220 sink.test ESMTP test sink"
+        self.quitReply: Optional[bytes] = b"221 2.0.0 bye"
         self.extensions: list = []
         self.transactions: list = []
         self.commands: list = []

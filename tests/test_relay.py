@@ -526,6 +526,25 @@ class EndToEndTests(unittest.TestCase):
         self.assertEqual(len(self.sink.connections), 2)
 
     @defer.inlineCallbacks
+    def test_stopDoesNotWaitForQuit(self):
+        """
+        Stopping the queue does not wait for a relay's reply to QUIT: the
+        session is cut. It waited the whole C{[relay] timeout} (here a
+        minute, longer than this test may take), holding up the daemon's
+        stop.
+        """
+        self.sink.quitReply = None
+        queue, service = self.startService(self.config(timeout=60.0))
+        self.submit(queue, service, "m1")
+        yield self.events.wait("removed", "m1")
+        while b"QUIT" not in self.sink.commands:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield service.stopService()
+        self.assertEqual(self.sink.commands[-1], b"QUIT")
+
+    test_stopDoesNotWaitForQuit.timeout = 10  # type: ignore[attr-defined]
+
+    @defer.inlineCallbacks
     def test_restartWithFullQueue(self):
         """
         Messages deferred by one daemon are delivered by the next one on the
