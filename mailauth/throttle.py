@@ -224,7 +224,8 @@ class AuthThrottle:
         delay = self._delay(counts[0], counts[1])
         if counts[0] < self._maxPerAddress:
             return delay
-        if counts[0] == self._maxPerAddress:
+
+        def started() -> None:
             log.info(
                 "address blocked: client=[{client}] key={key} failures={failures} "
                 "seconds={seconds:g} session={session}",
@@ -235,7 +236,18 @@ class AuthThrottle:
                 session=session,
             )
             self._onBlock()
-        d = self.store.block(address, self._blockTime)
+
+        if counts[0] == self._maxPerAddress:
+            started()
+            d = defer.succeed(None)
+        else:
+            # Past the limit: a failure of a session that began before the
+            # block (already told), or the first since a block ended while
+            # the window still holds the failures (C{block_time} shorter
+            # than C{failure_window}), which starts a block of its own.
+            d = self.store.blocked(address)
+            d.addCallback(lambda blocked: None if blocked else started())
+        d.addCallback(lambda ignored: self.store.block(address, self._blockTime))
         d.addCallback(lambda ignored: delay)
         return d
 

@@ -230,6 +230,36 @@ class ThrottleTests(unittest.TestCase):
             self.successResultOf(throttle.failure("192.0.2.1", "a@x.test"))
         self.assertEqual(blocks, [1])
 
+    def test_blockAgainOnceEnded(self) -> None:
+        """
+        With C{block_time} shorter than C{failure_window}, the first failure
+        after a block ends starts a new one, logged and counted as the
+        first was; the failures of a session that began before the block
+        are not. The count was then past the limit, and the new block came
+        without its line or metric.
+        """
+        blocks = []
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        throttle = makeThrottle(
+            self.clock, maxPerAddress=3, blockTime=60.0, onBlock=lambda: blocks.append(1)
+        )
+        for _ in range(4):
+            self.successResultOf(throttle.failure("192.0.2.1", "a@x.test"))
+        self.assertEqual(blocks, [1])
+        self.clock.advance(61)
+        self.assertFalse(self.successResultOf(throttle.isBlocked("192.0.2.1")))
+        self.successResultOf(throttle.failure("192.0.2.1", "a@x.test", "s2"))
+        self.assertTrue(self.successResultOf(throttle.isBlocked("192.0.2.1")))
+        self.assertEqual(blocks, [1, 1])
+        lines = [formatEvent(e) for e in logged if "address blocked" in e.get("log_format", "")]
+        self.assertEqual(len(lines), 2)
+        self.assertEqual(
+            lines[1],
+            "address blocked: client=[192.0.2.1] key=192.0.2.1 failures=5 seconds=60 session=s2",
+        )
+
     def test_fromConfig(self) -> None:
         """fromConfig takes the [auth] limits and counts in the store it is given."""
         from tests.support import makeConfig
