@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -237,6 +237,7 @@ class AuthThrottle:
             )
             self._onBlock()
 
+        d: defer.Deferred[Any]
         if counts[0] == self._maxPerAddress:
             started()
             d = defer.succeed(None)
