@@ -81,6 +81,10 @@ class Networks:
     networks: tuple[IPNetwork, ...]
     local: bool = False
 
+    def __str__(self) -> str:
+        """The field's value, as Dovecot writes it: C{10.0.0.0/8,local}."""
+        return ",".join([str(n) for n in self.networks] + ([LOCAL] if self.local else []))
+
     @classmethod
     def parse(cls, value: str) -> Networks:
         """

@@ -204,6 +204,10 @@ def _userList(args: argparse.Namespace, console: Console) -> None:
         if account is not None and account.appPasswords:
             labels = ", ".join(app.label for app in account.appPasswords)
             extras.append(f"app passwords: {labels}")
+        if account is not None and account.allowNets is not None:
+            extras.append(f"allow_nets={account.allowNets}")
+        if account is not None and account.allowRealNets is not None:
+            extras.append(f"allow_real_nets={account.allowRealNets}")
         line = f"{login:<{width}}  {scheme:<{schemeWidth}}  {'  '.join(extras)}"
         console.stdout.write(line.rstrip() + "\n")
 

@@ -253,6 +253,24 @@ class CommandTests(CommandMixin, unittest.TestCase):
             "alice@example.org  CRAM-MD5\nb@example.org      PLAIN\n",
         )
 
+    def test_userListNetworks(self) -> None:
+        """
+        C{user list} shows where a login may log in from (Dovecot's
+        C{allow_nets} and C{allow_real_nets}), as fields of the file (an
+        address as its /32 network).
+        """
+        with open(self.users, "w") as f:
+            f.write(
+                "a@example.org:{PLAIN}x::::::allow_nets=10.0.0.0/8,2001:db8::/32,local\n"
+                "b@example.org:{PLAIN}x::::::allow_real_nets=192.0.2.1 nologin\n"
+            )
+        self.assertEqual(self.mailauth("user", "list", "--users", self.users), 0)
+        self.assertEqual(
+            self.stdout.getvalue(),
+            "a@example.org  PLAIN  allow_nets=10.0.0.0/8,2001:db8::/32,local\n"
+            "b@example.org  PLAIN  suspended  allow_real_nets=192.0.2.1/32\n",
+        )
+
     def test_unreadableUsersFile(self) -> None:
         """
         A users file that cannot be read is one line of error, not a
