@@ -51,11 +51,12 @@ The pipes between them (child descriptors):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import site
 import sys
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union, cast
 
 import attrs
 from twisted.application import service
@@ -442,8 +443,9 @@ class WorkerPool(service.Service):
                 self._abort(slot)
 
     def _abort(self, slot: _Slot) -> None:
-        # (Twisted translates only a few names: SIGABRT goes as a number.)
-        _signal(slot, signal.SIGABRT)
+        if not _signalMainThread(slot, signal.SIGABRT):
+            # (Twisted translates only a few names: SIGABRT goes as a number.)
+            _signal(slot, signal.SIGABRT)
         slot.killer = self.reactor.callLater(self.stopTimeout, self._killHung, slot)
 
     def _killHung(self, slot: _Slot) -> None:
@@ -551,6 +553,37 @@ def _signal(slot: _Slot, name: Union[str, int]) -> None:
         slot.process.signalProcess(name)
     except (error.ProcessExitedAlready, OSError):
         pass
+
+
+def _signalMainThread(slot: _Slot, number: int) -> bool:
+    """
+    Send signal C{number} to the main thread of C{slot}'s worker, its event
+    loop's (Linux's C{tgkill}: the main thread's id is the process's);
+    whether it was sent. For SIGABRT: the stack dump (faulthandler) then
+    runs in that thread, whose frames hold still while they are written.
+    Sent to the process, the signal could land in a pool thread while the
+    event loop ran on, and the loop's stack came out cut short: the one
+    stack that tells why it hung.
+    """
+    from twisted.internet.process import Process
+
+    if _tgkill is None or slot.pid is None or not isinstance(slot.process, Process):
+        return False
+    return _tgkill(slot.pid, slot.pid, number) == 0
+
+
+def _findTgkill() -> Optional[Callable[[int, int, int], int]]:
+    """glibc's C{tgkill} (2.30 and later), or L{None}."""
+    try:
+        tgkill = ctypes.CDLL(None, use_errno=True).tgkill
+    except (AttributeError, OSError):
+        return None
+    tgkill.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int)
+    tgkill.restype = ctypes.c_int
+    return cast(Callable[[int, int, int], int], tgkill)
+
+
+_tgkill = _findTgkill()
 
 
 def howEnded(reason: Failure) -> str:
