@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
-from typing import Optional
+from typing import Iterable, Optional
 
 import attrs
 import idna
@@ -483,8 +483,18 @@ def encodeXtext(text: str) -> str:
 def withoutComment(line: str) -> str:
     """
     A line of a map file (C{aliases}, C{sender_map}, C{[limits] overrides})
-    without its comment: a C{#} at its start or after white space starts
-    one; a C{#} inside an address (a local part may hold one, RFC 5321's
-    C{atext}) is the address's.
+    without its comment: a C{#} at its start, after white space or after a
+    comma starts one; a C{#} inside an address (a local part may hold one,
+    RFC 5321's C{atext}) is the address's.
     """
-    return re.split(r"(?:^|(?<=\s))#", line, maxsplit=1)[0]
+    return re.split(r"(?:^|(?<=[\s,]))#", line, maxsplit=1)[0]
+
+
+def hashInDomain(words: Iterable[str]) -> Optional[str]:
+    """
+    The first of C{words} (the addresses of a map file's line, after
+    L{withoutComment}) with a C{#} in its domain, where none can be: a
+    comment written without white space before it (C{b@y.org#old}), which
+    the line's reader reports rather than take it for part of an address.
+    """
+    return next((word for word in words if "#" in word.rpartition("@")[2]), None)

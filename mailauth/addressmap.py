@@ -7,7 +7,7 @@ from typing import Optional
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailauth.addresses import normalise, withoutComment
+from mailauth.addresses import hashInDomain, normalise, withoutComment
 from mailauth.durable import ReloadableFile
 from mailauth.interfaces import IReloadable
 from mailauth.userdb import decodeFile
@@ -87,8 +87,15 @@ class AddressMap(ReloadableFile):
                 problems.append(f"{self.path}:{lineno}: not UTF-8")
                 continue
             key, sep, rest = line.partition(":")
-            key = normalise(key)
             written = tuple(rest.replace(",", " ").split())
+            hashed = hashInDomain((key.strip(), *written))
+            if hashed is not None:
+                problems.append(
+                    f"{self.path}:{lineno}: {hashed!r}: a '#' in a domain; "
+                    "a comment needs white space before its '#'"
+                )
+                continue
+            key = normalise(key)
             values = [normalise(v) for v in written]
             if not sep or "@" not in key or not values or any("@" not in v for v in values):
                 problems.append(f"{self.path}:{lineno}: expected 'address: address[, address...]'")

@@ -65,12 +65,19 @@ def checkCost(raw: bytes) -> None:
             f"SHA-crypt rounds={int(rounds.group(1))} is over the {MAX_CRYPT_ROUNDS}"
             " mailauth verifies"
         )
-    legacy = re.match(rb"\$sha1\$(\d+)\$|\$md5,rounds=(\d+)\$", raw)
-    if legacy is not None and int(legacy.group(1) or legacy.group(2)) > MAX_CRYPT_ROUNDS:
-        raise ValueError(
-            f"{raw[: legacy.end() - 1].decode()} asks for more than the {MAX_CRYPT_ROUNDS}"
-            " iterations mailauth verifies"
-        )
+    # libxcrypt reads these counts with strtoul, which takes a sign ("-1"
+    # is the largest count there is), and Sun MD5's "rounds=" may follow
+    # "$md5," or "$md5$": only digits are let through, and bounded.
+    legacy = re.match(rb"\$sha1\$([^$]*)\$|\$md5[,$]rounds=([^$]*)\$", raw)
+    if legacy is not None:
+        count = legacy.group(1) if legacy.group(1) is not None else legacy.group(2)
+        setting = raw[: legacy.end() - 1].decode("ascii", "replace")
+        if not re.fullmatch(rb"[0-9]{1,12}", count):
+            raise ValueError(f"{setting}: the iteration count is not a plain number")
+        if int(count) > MAX_CRYPT_ROUNDS:
+            raise ValueError(
+                f"{setting} asks for more than the {MAX_CRYPT_ROUNDS} iterations mailauth verifies"
+            )
     if raw.startswith(b"_") and len(raw) >= 5:
         count = _fixed64(raw, 1, 24)
         if count is not None and count > MAX_CRYPT_ROUNDS:
@@ -176,10 +183,11 @@ def _scryptCost(raw: bytes) -> Optional[tuple[int, int]]:
             if read is None:
                 return None
             t, at = read
-    # yescrypt proper (YESCRYPT_RW, flavors 2 and up) divides its memory
-    # among p threads; classic scrypt and its WORM variant take p times it.
+    # yescrypt proper (YESCRYPT_RW, flavors 2 and up) divides its work
+    # among p threads; classic scrypt and its WORM variant do it p times
+    # over (one after another in libxcrypt, in the same memory).
     times = 1 if flavor >= 2 else p
     # (N = 2**logN; past 2**64 it is over every bound, and a shift by a
     # larger number would itself allocate that much.)
     memory = 128 * r << min(logN, 64)
-    return memory * times, memory * times * (t + 1)
+    return memory, memory * times * (t + 1)

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailauth import replies
-from mailauth.addresses import normalise, withoutComment
+from mailauth.addresses import hashInDomain, normalise, withoutComment
 from mailauth.durable import ReloadableFile
 from mailauth.interfaces import ICounterStore, IReloadable, IUserDatabase
 from mailauth.userdb import UserDatabaseUnavailable
@@ -93,6 +93,11 @@ def parseOverrides(text: str, path: str) -> tuple[dict[str, dict[str, int]], lis
         login, colon, rest = line.partition(":")
         login = login.strip().lower()
         where = f"{path}:{lineno}"
+        if hashInDomain([login]) is not None:
+            problems.append(
+                f"{where}: {login!r}: a '#' in a domain; a comment needs white space before its '#'"
+            )
+            continue
         if not colon or not re.fullmatch(r"[^\s@]+@[^\s@]+", login):
             problems.append(f"{where}: expected 'login@domain: key=value [key=value...]'")
             continue

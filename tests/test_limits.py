@@ -99,6 +99,18 @@ class ParseOverridesTests(unittest.TestCase):
             },
         )
 
+    def test_hashInDomain(self) -> None:
+        """A '#' where no domain can hold one is a comment without its space: reported."""
+        found, problems = parseOverrides("a@example.test#x: messages_per_day=1\n", "limits")
+        self.assertEqual(found, {})
+        self.assertEqual(
+            problems,
+            [
+                "limits:1: 'a@example.test#x': a '#' in a domain; "
+                "a comment needs white space before its '#'"
+            ],
+        )
+
     def test_anySpellingOfTheLogin(self) -> None:
         """
         A line applies to its login however either side spells it (a U- or

@@ -507,6 +507,10 @@ class ParseTests(unittest.TestCase):
             "$7$Z6..../....SodiumChloride$" + "a" * 43: "scrypt $7$Z6",
             "$sha1$4294967295$saltsalt$" + "a" * 28: "$sha1$4294967295 asks for more",
             "$md5,rounds=20000000$salt$" + "a" * 22: "$md5,rounds=20000000 asks for more",
+            "$md5$rounds=4000000000$salt$$" + "a" * 22: "$md5$rounds=4000000000 asks for more",
+            # strtoul reads "-1" as the largest count of all.
+            "$sha1$-1$saltsalt$" + "a" * 28: "$sha1$-1: the iteration count is not a plain",
+            "{CRYPT}$sha1$+99999999999$saltsalt$" + "a" * 28: "is not a plain number",
             "{CRYPT}_zzzzsalt" + "a" * 11: "BSDi DES-crypt count 16777215",
         }
         for stored, named in refused.items():
@@ -524,6 +528,7 @@ class ParseTests(unittest.TestCase):
             "{CRYPT}" + yes.replace("$y$", "$gy$"),
             "$7$C6..../....SodiumChloride$" + "a" * 43,
             "$sha1$40000$saltsalt$" + "a" * 28,
+            "$md5$rounds=5000$salt$$" + "a" * 22,
             "{CRYPT}_J9..salt" + "a" * 11,
         ):
             parse(stored)

@@ -202,6 +202,8 @@ class RouterTests(RealmTestsMixin, unittest.TestCase):
             f.write(
                 "dev#ops@example.test: alice@example.test, bob#2@remote.test  # the team\n"
                 "#gone@example.test: bob@example.test\n"
+                "ops@example.test: alice@example.test,#bob@example.test\n"
+                "old@example.test: bob@example.test#no space before this comment\n"
             )
         self.aliases.load()
         self.assertEqual(
@@ -209,8 +211,15 @@ class RouterTests(RealmTestsMixin, unittest.TestCase):
             (("alice@example.test",), ("bob#2@remote.test",)),
         )
         self.assertEqual(self.aliases.get("#gone@example.test"), ())
-        # Only the fixture's own bad line (6) is a problem.
-        self.assertEqual([p.split(":")[1] for p in self.aliases.problems], ["6"])
+        # After a comma too, as it always was.
+        self.assertEqual(self.aliases.get("ops@example.test"), ("alice@example.test",))
+        # A '#' no domain can hold: the line is reported, not taken for an address.
+        self.assertEqual(self.aliases.get("old@example.test"), ())
+        self.assertEqual([p.split(":")[1] for p in self.aliases.problems], ["6", "10"])
+        self.assertIn(
+            "'bob@example.test#no': a '#' in a domain; a comment needs white space before its '#'",
+            self.aliases.problems[1],
+        )
 
     def test_aliasLoop(self) -> None:
         """An alias loop ends; what it reaches is still delivered."""
