@@ -559,8 +559,12 @@ class RelayConnector:
         hostname = self._hostname.encode("ascii")
         reply = yield proto.command(b"EHLO " + hostname)
         if reply.code // 100 == 5:
+            refused = reply.text
             reply = yield proto.command(b"HELO " + hostname)
-            _check(reply, 250, "HELO")
+            try:
+                _check(reply, 250, "HELO")
+            except RelayError as e:
+                raise RelayError(f"{e} (after EHLO was refused: {refused})") from None
             return {}
         _check(reply, 250, "EHLO")
         return _extensions(reply)

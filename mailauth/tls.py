@@ -5,7 +5,7 @@ from __future__ import annotations
 import calendar
 import re
 import time
-from typing import Callable
+from typing import Any, Callable, cast
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
@@ -97,9 +97,15 @@ def notAfter(certificatePath: str) -> float:
     if not pems:
         raise TLSError(f"{certificatePath}: no PEM certificate in it")
     try:
-        stamp = crypto.load_certificate(crypto.FILETYPE_PEM, pems[0]).get_notAfter()
+        certificate = crypto.load_certificate(crypto.FILETYPE_PEM, pems[0])
     except crypto.Error as e:
         raise TLSError(f"{certificatePath}: bad certificate: {_openSSLReason(e)}") from None
+    return _expiry(certificate, certificatePath)
+
+
+def _expiry(certificate: crypto.X509, certificatePath: str) -> float:
+    """When C{certificate} (from C{certificatePath}) expires, as a POSIX time."""
+    stamp = certificate.get_notAfter()
     if stamp is None:
         raise TLSError(f"{certificatePath}: the certificate has no expiry date")
     return float(calendar.timegm(time.strptime(stamp.decode("ascii"), "%Y%m%d%H%M%SZ")))
@@ -178,7 +184,9 @@ class ReloadableTLS:
         """
         try:
             options = loadOptions(self.certificatePath, self.keyPath)
-            expires = notAfter(self.certificatePath)
+            # The certificate loaded, not the file again (it may have been
+            # replaced in between).
+            expires = _expiry(cast(Any, options).certificate, self.certificatePath)
         except TLSError as e:
             log.error("TLS certificate not reloaded, keeping the old one: {why}", why=e)
             return False

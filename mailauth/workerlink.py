@@ -138,9 +138,10 @@ class WorkerLog:
     L{eventFromRelay}), without crossing a pipe and the parent's event loop.
 
     Each line is one write of the whole line, as the parent's own lines
-    are, so lines from the processes sharing the output do not mix (a pipe
-    or journald's stream takes a write of a line whole; a file's shared
-    offset, one write after another).
+    are, so lines from the processes sharing the output do not mix:
+    journald's stream takes a write whole, a file's shared offset one
+    write after another, and a pipe a write of up to C{PIPE_BUF} (4 KiB;
+    a longer line, a traceback, may interleave there).
 
     @ivar worker: the worker's number.
     """

@@ -328,8 +328,10 @@ class ClosingTests(HostileRelayMixin, unittest.TestCase):
         session = self.successResultOf(d)
         self.assertEqual(session.extensions, {})
         self.assertEqual(transport.value(), b"EHLO me.test\r\nHELO me.test\r\n")
-        d, _ = self.establish(b"220 old\r\n", b"500 what\r\n", b"550 go away\r\n")
-        self.assertIn("550 go away", str(self.failureResultOf(d, RelayError).value))
+        d, _ = self.establish(b"220 old\r\n", b"554 5.7.1 not you\r\n", b"550 go away\r\n")
+        error = str(self.failureResultOf(d, RelayError).value)
+        self.assertIn("550 go away", error)
+        self.assertIn("after EHLO was refused: 554 5.7.1 not you", error)
         # A relay that must do STARTTLS cannot, without EHLO.
         d, _ = self.establish(b"220 old\r\n", b"502 no\r\n", b"250 ok\r\n", tls="starttls")
         self.assertIn("does not offer STARTTLS", str(self.failureResultOf(d, RelayError).value))
