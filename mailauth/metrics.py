@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import glob
 import os
+import struct
 from typing import Any, Callable, Iterable, Optional
 
 import attrs
 from twisted.application import internet, service, strports
+from twisted.logger import Logger
 from twisted.web import resource
 
 from mailauth.httplimits import BoundedSite
+
+# With the parent's lines about its workers (docs/logs.rst).
+log = Logger(namespace="mailauth.workers")
 
 # The fixed label values; anything else is a bug at the call site, and
 # raises ValueError whether metrics are served or not, so tests catch it.
@@ -185,6 +190,88 @@ class WorkerFiles(service.Service):
         super().startService()
         for name in glob.glob(os.path.join(self.path, "*.db")):
             os.remove(name)
+
+
+def _reserve(path: str, keys: Iterable[str]) -> None:
+    """
+    Make the file C{path} of L{foldEnded} big enough for C{keys} more, and
+    every block of it allocated, before it is written through a memory
+    map: on a full disk that write would kill the process (SIGBUS) rather
+    than fail; this raises L{OSError} instead. The size doubles as
+    prometheus_client's own growth does, which then never needs to.
+    """
+    with open(path, "a+b") as f:
+        f.seek(0)
+        head = f.read(4)
+        used = struct.unpack("i", head)[0] if len(head) == 4 else 8
+        # An entry: its length (4), the key padded to 8, a value and (from
+        # prometheus_client 0.17 on) a timestamp (16).
+        needed = used + sum(len(key.encode("utf-8")) + 36 for key in keys)
+        size = max(os.fstat(f.fileno()).st_size, 1 << 16)
+        while size < needed:
+            size *= 2
+        os.posix_fallocate(f.fileno(), 0, size)
+
+
+#: The kinds of a worker's metric files that keep counting after it ends.
+_KEPT = ("counter", "histogram")
+
+
+def foldEnded(path: str, pid: int) -> None:
+    """
+    Add what the ended worker C{pid} counted (its counter and histogram
+    files in C{path}) to the files of every worker that ended before
+    (C{counter_ended.db}, C{histogram_ended.db}), and remove its own: the
+    totals stay as they were, and a worker that dies again and again
+    leaves no trail of files for every scrape to read (two a restart, at
+    most one restart every 30 s). On the parent's event loop, as scrapes
+    are: none sees the worker's counts twice or not at all. A file that
+    cannot be folded (a full disk) is kept as it is, and logged.
+    """
+    from prometheus_client.mmap_dict import MmapedDict
+
+    for kind in _KEPT:
+        ended = os.path.join(path, f"{kind}_{pid}.db")
+        sums: dict = {}
+        try:
+            if os.path.getsize(ended) > 0:  # (killed as it made the file: none)
+                # (Entries are (key, value, pos), or (key, value, timestamp,
+                # pos) from prometheus_client 0.17 on.)
+                for entry in MmapedDict.read_all_values_from_file(ended):
+                    sums[entry[0]] = sums.get(entry[0], 0.0) + entry[1]
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, RuntimeError, struct.error) as e:
+            log.error(
+                "metrics of ended worker (pid {pid}) not folded, its file kept: {why}",
+                pid=pid,
+                why=e,
+            )
+            continue
+        target = os.path.join(path, f"{kind}_ended.db")
+        try:
+            if not sums:
+                os.remove(ended)
+                continue
+            _reserve(target, sums)
+            # (Untyped: the two prometheus_client versions differ.)
+            folded: Any = MmapedDict(target)
+            try:
+                for key, value in sums.items():
+                    current = folded.read_value(key)
+                    if isinstance(current, tuple):  # (value, timestamp)
+                        folded.write_value(key, current[0] + value, 0.0)
+                    else:
+                        folded.write_value(key, current + value)
+            finally:
+                folded.close()
+            os.remove(ended)
+        except (OSError, ValueError) as e:
+            log.error(
+                "metrics of ended worker (pid {pid}) not folded, its file kept: {why}",
+                pid=pid,
+                why=e,
+            )
 
 
 class _Nothing:
@@ -369,12 +456,14 @@ class Metrics:
     def workerEnded(self, pid: int) -> None:
         """
         A worker has ended: its open sessions ended with it (its gauges
-        are dropped); what its counters counted stays in the totals.
+        are dropped); what its counters counted stays in the totals
+        (L{foldEnded}).
         """
         if self.workerFiles is not None:
             from prometheus_client.multiprocess import mark_process_dead
 
             mark_process_dead(pid, self.workerFiles)
+            foldEnded(self.workerFiles, pid)
 
     # -- connections -------------------------------------------------------
 

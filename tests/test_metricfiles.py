@@ -1,0 +1,127 @@
+"""
+The metric files of workers that ended (L{mailauth.metrics.foldEnded}):
+written by real processes through prometheus_client's multiprocess mode,
+and read back as the parent's C{/metrics} reads them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial import unittest
+
+from mailauth.metrics import QUEUE_FAMILIES, Metrics, foldEnded
+from tests.harness import ROOT
+
+# A worker: counts what it is told, in the folder it is given, and ends.
+_WORKER = """
+import sys
+from prometheus_client import Counter, Histogram
+done = Counter("t_done", "done", ["how"])
+took = Histogram("t_took", "took", buckets=(1, 10))
+for how in sys.argv[1].split(","):
+    done.labels(how).inc()
+    took.observe(len(how))
+print(__import__("os").getpid())
+"""
+
+
+class FoldEndedTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.folder = os.path.abspath(self.mktemp())
+        os.makedirs(self.folder)
+
+    def worker(self, counts: str) -> int:
+        """Run a worker that counts C{counts} (comma-separated labels); its pid."""
+        out = subprocess.run(
+            [sys.executable, "-c", _WORKER, counts],
+            env=dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self.folder, PYTHONPATH=ROOT),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        return int(out.stdout)
+
+    def totals(self) -> dict:
+        """Every sample, as the parent's scrape sums the folder's files."""
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.folder)
+        text = generate_latest(registry).decode()
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def test_totalsKeptFilesGone(self) -> None:
+        """
+        Each ended worker's counts are added to the files of the ended
+        ones and its own files removed: the totals a scrape reads stay
+        exactly as they were. A worker that died again and again left two
+        files a death, each read by every scrape.
+        """
+        first = self.worker("ok,ok,bad")
+        second = self.worker("ok,slowest-one")
+        before = self.totals()
+        self.assertEqual(before[("t_done_total", (("how", "ok"),))], 3.0)
+        self.assertEqual(before[("t_took_count", ())], 5.0)
+        foldEnded(self.folder, first)
+        self.assertEqual(self.totals(), before)
+        Metrics.prometheus(
+            process=False, families=QUEUE_FAMILIES, workerFiles=self.folder
+        ).workerEnded(second)
+        self.assertEqual(self.totals(), before)
+        self.assertEqual(
+            sorted(os.listdir(self.folder)), ["counter_ended.db", "histogram_ended.db"]
+        )
+        third = self.worker("bad")
+        foldEnded(self.folder, third)
+        after = self.totals()
+        self.assertEqual(after[("t_done_total", (("how", "bad"),))], 2.0)
+        self.assertEqual(after[("t_took_count", ())], 6.0)
+
+    def test_emptyAndBrokenFiles(self) -> None:
+        """
+        An empty file (a worker killed as it made it) holds no counts: it
+        goes. One that cannot be read is kept, with an error line.
+        """
+        logged: list = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        open(os.path.join(self.folder, "counter_7.db"), "wb").close()
+        with open(os.path.join(self.folder, "histogram_7.db"), "wb") as f:
+            f.write(b"\xff\xff\x00\x00 not a metrics file")
+        foldEnded(self.folder, 7)
+        self.assertEqual(os.listdir(self.folder), ["histogram_7.db"])
+        [line] = [formatEvent(e) for e in logged if "not folded" in e.get("log_format", "")]
+        self.assertIn("metrics of ended worker (pid 7) not folded, its file kept: ", line)
+
+    def test_notFoldedKept(self) -> None:
+        """
+        A worker's file that cannot be folded (here the target is not a
+        file; on a full disk, its space cannot be had) is kept as it is,
+        with an error line: its counts stay in the totals, once.
+        """
+        logged: list = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        pid = self.worker("ok")
+        before = self.totals()
+        os.mkdir(os.path.join(self.folder, "counter_ended.db"))
+        foldEnded(self.folder, pid)
+        self.assertIn(f"counter_{pid}.db", os.listdir(self.folder))
+        self.assertNotIn(f"histogram_{pid}.db", os.listdir(self.folder))
+        os.rmdir(os.path.join(self.folder, "counter_ended.db"))
+        self.assertEqual(self.totals(), before)
+        [line] = [formatEvent(e) for e in logged if "not folded" in e.get("log_format", "")]
+        self.assertTrue(
+            line.startswith(f"metrics of ended worker (pid {pid}) not folded, its file kept: "),
+            line,
+        )
