@@ -412,6 +412,10 @@ class TwistdWorkersTests(unittest.TestCase):
         self.assertEqual(
             (after[total], after[opened]), (accepted, len(held) - byWorker.count(victim))
         )
+        # Its counts were folded into the ended workers' file, its own gone.
+        files = os.listdir(os.path.join(daemon.dir, "state", "metrics"))
+        self.assertNotIn(f"counter_{started['pid']}.db", files)
+        self.assertIn("counter_ended.db", files)
         # The relay's and the process's metrics are the parent's.
         self.assertEqual(after[("mailauth_relay_attempts_total", (("outcome", "sent"),))], 0)
         self.assertIn(("process_open_fds", ()), after)
