@@ -391,30 +391,8 @@ class WorkerPoolTests(unittest.TestCase):
         tracebacks.
         """
         self.makePool()
-        original: list = []
         out = io.StringIO()
-        relay = LogRelay(out)
-
-        def both(event):
-            original.append(event)
-            relay(event)
-
-        logger = Logger(namespace="mailauth.esmtp", observer=both)
-        logger.info(
-            "auth failure: client=[{client}] mechanism={mechanism} login=<{login}>",
-            client="192.0.2.7",
-            mechanism="PLAIN",
-            login="bob@example.test",
-        )
-        logger.warn("braces {text} stay", text="{not a field}")
-        try:
-            raise ZeroDivisionError("division by zero")
-        except ZeroDivisionError:
-            logger.failure("it broke for {who}", who="us")
-        # As Twisted's own code logs, through twisted.python.log.msg.
-        legacylog.LogPublisher(publishPublisher=LogPublisher(both)).msg(
-            "SubmissionFactory starting on 2587", system="-"
-        )
+        original = self._workerEvents(LogRelay(out))
         data = out.getvalue().encode("utf-8")
         proto = self.process(0).proto
         for start in range(0, len(data), 7):
@@ -434,10 +412,10 @@ class WorkerPoolTests(unittest.TestCase):
             r"client=\[192\.0\.2\.7\] mechanism=PLAIN",
         )
         self.assertRegex(
-            formatEventAsClassicLogText(self.events[3]),
+            formatEventAsClassicLogText(self.events[4]),
             r"^\S+ \[- worker=1\] SubmissionFactory starting on 2587",
         )
-        self.assertEqual([e["log_worker"] for e in self.events], [1, 1, 1, 1])
+        self.assertEqual([e["log_worker"] for e in self.events], [1, 1, 1, 1, 1])
 
     def test_brokenLogRecord(self):
         """A log record that is not JSON is logged as such, and the next one still arrives."""

@@ -161,12 +161,11 @@ class TwistdWorkersTests(unittest.TestCase):
         systemd.settimeout(1.0)  # nothing more is coming: a second is plenty to show it
         self.assertRaises(TimeoutError, systemd.recv, 4096)
 
-    def test_jsonLog(self):
+    def acceptedInJSON(self, daemon: _Daemon) -> tuple:
         """
-        With C{[server] log_format = json}, what a worker logs reaches the
-        daemon's log as JSON with its fields, the worker's number added.
+        Start C{daemon} (JSON log), send a message, and check its line: a
+        worker's, with its fields. Its queue ID and that line's event.
         """
-        daemon = _Daemon(self, {"server": {"log_format": "json"}})
         daemon.start()
         queued = sendOne(daemon.twistd.ports["submission"])
         [line] = daemon.twistd.waitForLog(rf'"id": "{queued}"')
@@ -176,6 +175,14 @@ class TwistdWorkersTests(unittest.TestCase):
             ("mailauth.esmtp", "127.0.0.1", BOB.decode()),
         )
         self.assertIn(event["log_worker"], (1, 2))
+        return queued, event
+
+    def test_jsonLog(self):
+        """
+        With C{[server] log_format = json}, what a worker logs reaches the
+        daemon's log as JSON with its fields, the worker's number added.
+        """
+        queued, event = self.acceptedInJSON(_Daemon(self, {"server": {"log_format": "json"}}))
         self.assertIn(
             f"message accepted: client=[127.0.0.1] login=<{BOB.decode()}> id={queued}",
             event["log_text"],
@@ -217,15 +224,7 @@ class TwistdWorkersTests(unittest.TestCase):
         C{log_worker}; every line of the output is one whole JSON object.
         """
         daemon = _Daemon(self, {"server": {"log_format": "json"}}, standardOutput=True)
-        daemon.start()
-        queued = sendOne(daemon.twistd.ports["submission"])
-        [line] = daemon.twistd.waitForLog(rf'"id": "{queued}"')
-        event = json.loads(line)
-        self.assertEqual(
-            (event["log_namespace"], event["client"], event["login"]),
-            ("mailauth.esmtp", "127.0.0.1", BOB.decode()),
-        )
-        self.assertIn(event["log_worker"], (1, 2))
+        self.acceptedInJSON(daemon)
         events = [json.loads(line) for line in daemon.twistd.log().splitlines()]
         self.assertEqual(sorted({e.get("log_worker") for e in events}, key=str), [1, 2, None])
 
