@@ -10,7 +10,7 @@ from zope.interface import implementer
 from mailauth.addresses import hashInDomain, normalise, withoutComment
 from mailauth.durable import ReloadableFile
 from mailauth.interfaces import IReloadable
-from mailauth.userdb import decodeFile
+from mailauth.userdb import decodeFile, fileLines
 
 log = Logger(namespace="mailauth.addressmap")
 
@@ -68,7 +68,7 @@ class AddressMap(ReloadableFile):
         if self.file is None:
             return False
         try:
-            lines = decodeFile(self.file.read()).splitlines()
+            lines = fileLines(decodeFile(self.file.read()))
         except OSError as e:
             if self.reportable():
                 log.error(

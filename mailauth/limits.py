@@ -19,7 +19,7 @@ from mailauth import replies
 from mailauth.addresses import hashInDomain, normalise, withoutComment
 from mailauth.durable import ReloadableFile
 from mailauth.interfaces import ICounterStore, IReloadable, IUserDatabase
-from mailauth.userdb import UserDatabaseUnavailable
+from mailauth.userdb import UserDatabaseUnavailable, fileLines
 
 log = Logger(namespace="mailauth.limits")
 
@@ -86,7 +86,7 @@ def parseOverrides(text: str, path: str) -> tuple[dict[str, dict[str, int]], lis
     """
     found: dict[str, dict[str, int]] = {}
     problems = []
-    for lineno, raw in enumerate(text.splitlines(), 1):
+    for lineno, raw in enumerate(fileLines(text), 1):
         line = withoutComment(raw).strip()
         if not line:
             continue

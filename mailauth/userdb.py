@@ -245,6 +245,15 @@ def decodeFile(data: bytes) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
+def fileLines(text: str) -> list[str]:
+    """
+    The lines of a users or map file's C{text}, as its editor numbers them:
+    split at LF only (a CR before it dropped), never at the form feeds,
+    NELs or U+2028 that L{str.splitlines} also splits at.
+    """
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 @implementer(IUserDatabase, IReloadable)
 class UserDatabase(ReloadableFile):
     """

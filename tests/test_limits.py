@@ -111,6 +111,21 @@ class ParseOverridesTests(unittest.TestCase):
             ],
         )
 
+    def test_linesAsTheEditorNumbersThem(self) -> None:
+        """
+        Lines are split at LF only (CRLF too): a form feed (an Emacs page
+        break) or U+2028 in a comment neither splits a line nor shifts the
+        line numbers problems are reported with.
+        """
+        found, problems = parseOverrides(
+            "# page one\x0c page two\u2028still the comment\r\n"
+            "a@example.test: messages_per_day=3\r\n"
+            "b@example.test: nonsense=1\n",
+            "limits",
+        )
+        self.assertEqual(found, {"a@example.test": {"messages_per_day": 3}})
+        self.assertEqual([p.split(": ")[0] for p in problems], ["limits:3"])
+
     def test_anySpellingOfTheLogin(self) -> None:
         """
         A line applies to its login however either side spells it (a U- or
