@@ -266,7 +266,9 @@ def foldEnded(path: str, pid: int) -> None:
             finally:
                 folded.close()
             os.remove(ended)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RuntimeError, struct.error) as e:
+            # (RuntimeError, struct.error: prometheus_client's words for a
+            # file it cannot read, the ended workers' one here.)
             log.error(
                 "metrics of ended worker (pid {pid}) not folded, its file kept: {why}",
                 pid=pid,

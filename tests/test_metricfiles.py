@@ -102,6 +102,13 @@ class FoldEndedTests(unittest.TestCase):
         self.assertEqual(os.listdir(self.folder), ["histogram_7.db"])
         [line] = [formatEvent(e) for e in logged if "not folded" in e.get("log_format", "")]
         self.assertIn("metrics of ended worker (pid 7) not folded, its file kept: ", line)
+        # The ended workers' own file broken: the worker's is kept too.
+        pid = self.worker("ok")
+        with open(os.path.join(self.folder, "counter_ended.db"), "wb") as f:
+            f.write(b"\xff\xff\x00\x00 not a metrics file")
+        foldEnded(self.folder, pid)
+        self.assertIn(f"counter_{pid}.db", os.listdir(self.folder))
+        self.assertEqual(len([e for e in logged if "not folded" in e.get("log_format", "")]), 2)
 
     def test_notFoldedKept(self) -> None:
         """
