@@ -789,7 +789,8 @@ class CommandTests(DatabaseMixin, unittest.TestCase):
         with open(self.config, "w") as f:
             f.write(
                 "[server]\nhostname = mail.example.org\n"
-                "[listener:submission]\nendpoint = tcp:0:interface=127.0.0.1\ntls = none\nauth = optional\n"
+                "[listener:submission]\nendpoint = tcp:0:interface=127.0.0.1\n"
+                "tls = none\nauth = optional\n"
                 f"[auth]\nusers = {users}\nplaintext_requires_tls = no\n"
                 "[delivery]\nlocal_domains = example.org\n"
                 "maildir = /var/mail/{domain}/{localpart}/Maildir\n"
