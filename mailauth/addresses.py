@@ -58,6 +58,10 @@ _PATH_UTF8 = _grammar(utf8=True)
 _DOT_STRING = re.compile(rf"[{_ATEXT}{_UTF8}]+(?:\.[{_ATEXT}{_UTF8}]+)*")
 # esmtp-keyword ["=" esmtp-value] (RFC 5321 4.1.2), the value with UTF-8 (RFC 6531 3.3).
 _PARAM = re.compile(rf"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e{_UTF8}]+))?")
+#: The longest C{MAIL ... AUTH=} value: a mailbox (RFC 5321's 256
+#: octets), each octet written as C{+XX} at worst.
+MAX_AUTH_PARAMETER = 3 * 256
+
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
 # RFC 6533 3: QCHAR and EmbeddedUnicodeChar, and UTF-8 in the unitext form.
 _QCHAR = r"\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e"
@@ -387,8 +391,9 @@ def parseMailParameters(options: dict, maxSize: int) -> MailParameters:
                 raise replies.SYNTAX.error(usage="ENVID=<xtext of at most 100 characters>")
             values["envid"] = value
         elif name == "AUTH":
-            # RFC 4954 section 5: accepted, and ignored like Postfix does.
-            if value is None:
+            # RFC 4954 section 5: accepted, and ignored, as Postfix does once
+            # it has checked it is xtext ("<>" is).
+            if not value or len(value) > MAX_AUTH_PARAMETER or not isXtext(value):
                 raise replies.SYNTAX.error(usage="AUTH=<xtext>")
         else:
             raise replies.UNSUPPORTED_PARAMETER.error(name=replies.echo(name))

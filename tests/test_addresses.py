@@ -284,6 +284,11 @@ class ParameterTests(unittest.TestCase):
         self.assertEqual(self.mailError({"ENVID": "x" * 101})[0], 501)
         self.assertEqual(self.mailError({"ENVID": "a+zz"})[0], 501)
         self.assertEqual(self.mailError({"ENVID": "a=b"})[0], 501)
+        # AUTH= is ignored, but must be xtext (as Postfix checks it).
+        for bad in (None, "", "a+zz@x.test", "a b", "a=b@x.test", "x" * 769):
+            self.assertEqual(self.mailError({"AUTH": bad}), (501, "5.5.4 Syntax: AUTH=<xtext>"))
+        for good in ("<>", "a+2Bb@x.test", "x" * 768):
+            parseMailParameters({"AUTH": good}, 1000)
         self.assertEqual(
             self.mailError({"BINARYMIME": None}), (555, "5.5.4 Unsupported option: BINARYMIME")
         )
