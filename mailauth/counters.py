@@ -188,20 +188,22 @@ class MemoryCounterStore:
         self._counters.move_to_end(key)
         return counter.sum()
 
-    def setBlock(self, key: str, duration: float) -> None:
+    def setBlock(self, key: str, duration: float) -> bool:
         """
         Mark C{key} blocked for the next C{duration} seconds, replacing any
         block it had.
 
+        @return: whether it was not blocked before: a new block.
         @raise ValueError: for a bad key or duration.
         """
         checkBlock(key, duration)
         now = self.clock.seconds()
-        self._blocks.pop(key, None)
+        ends = self._blocks.pop(key, None)
         self._blocks[key] = now + duration
         while len(self._blocks) > self.maxKeys:
             self._blocks.popitem(last=False)
         self._dropIdle(now)
+        return ends is None or ends <= now
 
     def isBlocked(self, key: str) -> bool:
         """

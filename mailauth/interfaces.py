@@ -288,8 +288,15 @@ class ICounterStore(Interface):
             last C{window} seconds.
         """
 
-    def block(key: str, duration: float) -> Deferred[None]:
-        """Mark C{key} blocked for the next C{duration} seconds."""
+    def block(key: str, duration: float) -> Deferred[bool]:
+        """
+        Mark C{key} blocked for the next C{duration} seconds (replacing a
+        block it had).
+
+        @return: a Deferred firing with whether it was not blocked before,
+            for every process sharing the store: a new block, which one
+            of them (the one told so) logs.
+        """
 
     def blocked(key: str) -> Deferred[bool]:
         """@return: a Deferred firing with whether C{key} is blocked now."""

@@ -96,10 +96,13 @@ return total
 
 # KEYS[1] holds the time (ms) the block ends and expires then. ARGV: now,
 # duration (ms).
+# Returns 1 if KEYS[1] was not blocked before (a new block), else 0.
 _BLOCK = (
     _NOW
     + """
+local ends = tonumber(redis.call('GET', KEYS[1]) or '')
 redis.call('SET', KEYS[1], string.format('%d', now + tonumber(ARGV[2])), 'PX', ARGV[2])
+if ends and ends > now then return 0 end
 return 1
 """
 )
@@ -266,13 +269,14 @@ class RedisCounterStore:
             checkBlock(key, duration)
         except ValueError:
             return defer.fail()
-        self.local.setBlock(key, duration)
+        new = self.local.setBlock(key, duration)
         return self._call(
             BLOCK,
             self.prefix + "b:" + key,
             (self._now(), _milliseconds(duration)),
-            lambda result: None,
-            lambda: None,
+            # Redis knows of every node's blocks; without it, this node's.
+            lambda result: bool(result),
+            lambda: new,
         )
 
     def blocked(self, key: str) -> defer.Deferred:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -225,32 +225,26 @@ class AuthThrottle:
         if counts[0] < self._maxPerAddress:
             return delay
 
-        def started() -> None:
-            log.info(
-                "address blocked: client=[{client}] key={key} failures={failures} "
-                "seconds={seconds:g} session={session}",
-                client=host,
-                key=address[len(ADDRESS_PREFIX) :],
-                failures=counts[0],
-                seconds=self._blockTime,
-                session=session,
-            )
-            self._onBlock()
+        def blocked(new: bool) -> float:
+            # Logged by the one failure, on the one node, that started the
+            # block: not by those of sessions that began before it, nor
+            # again when a failure past the limit extends it; but anew
+            # when one comes after it ended while the window still holds
+            # the failures (block_time shorter than failure_window).
+            if new:
+                log.info(
+                    "address blocked: client=[{client}] key={key} failures={failures} "
+                    "seconds={seconds:g} session={session}",
+                    client=host,
+                    key=address[len(ADDRESS_PREFIX) :],
+                    failures=counts[0],
+                    seconds=self._blockTime,
+                    session=session,
+                )
+                self._onBlock()
+            return delay
 
-        d: defer.Deferred[Any]
-        if counts[0] == self._maxPerAddress:
-            started()
-            d = defer.succeed(None)
-        else:
-            # Past the limit: a failure of a session that began before the
-            # block (already told), or the first since a block ended while
-            # the window still holds the failures (C{block_time} shorter
-            # than C{failure_window}), which starts a block of its own.
-            d = self.store.blocked(address)
-            d.addCallback(lambda blocked: None if blocked else started())
-        d.addCallback(lambda ignored: self.store.block(address, self._blockTime))
-        d.addCallback(lambda ignored: delay)
-        return d
+        return self.store.block(address, self._blockTime).addCallback(blocked)
 
 
 def _firstError(f):

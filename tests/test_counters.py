@@ -137,14 +137,18 @@ class CounterStoreTestsMixin:
 
     @defer.inlineCallbacks
     def test_blockRenewed(self):
-        """Blocking a blocked key again starts its duration again."""
-        yield self.store.block("k", 60)
+        """
+        Blocking a blocked key again starts its duration again; the answer
+        says whether the block is new (the key was not blocked before).
+        """
+        self.assertIs((yield self.store.block("k", 60)), True)
         self.clock.advance(30)
-        yield self.store.block("k", 60)
+        self.assertIs((yield self.store.block("k", 60)), False)
         self.clock.advance(59)
         self.assertTrue((yield self.store.blocked("k")))
         self.clock.advance(1)
         self.assertFalse((yield self.store.blocked("k")))
+        self.assertIs((yield self.store.block("k", 60)), True)
 
     @defer.inlineCallbacks
     def test_blocksAndCountersSeparate(self):
@@ -321,9 +325,11 @@ class RedisCounterStoreTests(CounterStoreTestsMixin, unittest.TestCase):
         for guess in range(10):
             totals.append((yield nodes[guess % 3].hit("addr:192.0.2.7", WINDOW)))
         self.assertEqual(totals, list(range(1, 11)))
-        yield nodes[1].block("addr:192.0.2.7", 900)
+        # The node that sets the block is told it is new; the others, not.
+        self.assertIs((yield nodes[1].block("addr:192.0.2.7", 900)), True)
         for node in nodes:
             self.assertTrue((yield node.blocked("addr:192.0.2.7")))
+        self.assertIs((yield nodes[2].block("addr:192.0.2.7", 900)), False)
 
     @defer.inlineCallbacks
     def test_concurrentHitsAtomic(self):

@@ -260,6 +260,41 @@ class ThrottleTests(unittest.TestCase):
             "address blocked: client=[192.0.2.1] key=192.0.2.1 failures=5 seconds=60 session=s2",
         )
 
+    def test_blockLoggedOnceAcrossNodes(self) -> None:
+        """
+        Two nodes sharing a store, both past the limit at once after a
+        block ended (block_time shorter than failure_window): the one whose
+        failure started the new block logs it and counts it, the other not.
+        Both asked the store whether the address was blocked, heard no,
+        and both logged it.
+        """
+        store = HeldStore(self.clock)
+        blocks: list = []
+        nodes = [
+            makeThrottle(
+                self.clock,
+                store=store,
+                maxPerAddress=2,
+                blockTime=60.0,
+                onBlock=lambda: blocks.append(1),
+            )
+            for _ in range(2)
+        ]
+        for node in nodes:
+            d = node.failure("192.0.2.1", "a@x.test")
+            while store.release():
+                pass
+            self.successResultOf(d)
+        self.assertEqual(blocks, [1])
+        self.clock.advance(61)
+        # Both count their failure (3 and 4) before either blocks.
+        pending = [node.failure("192.0.2.1", "a@x.test") for node in nodes]
+        while store.release():
+            pass
+        for d in pending:
+            self.successResultOf(d)
+        self.assertEqual(blocks, [1, 1])
+
     def test_fromConfig(self) -> None:
         """fromConfig takes the [auth] limits and counts in the store it is given."""
         from tests.support import makeConfig
