@@ -121,6 +121,9 @@ RECIPIENT_NOT_RELAYABLE = Reply(
 NEEDS_SMTPUTF8 = Reply(553, "5.6.7 Error: non-ASCII address needs the SMTPUTF8 parameter")
 NOT_IMPLEMENTED = Reply(502, "5.5.1 Error: {command} not supported")
 BAD_SEQUENCE = Reply(503, "5.5.1 Error: {why}")
+# DATA or BDAT after MAIL with no recipient accepted: with PIPELINING the
+# client sent it before it knew (Postfix's words and code).
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1 Error: no valid recipients")
 PARAMETER_TWICE = Reply(555, "5.5.4 Parameter {name} given twice")
 UNSUPPORTED_PARAMETER = Reply(555, "5.5.4 Unsupported option: {name}")
 

@@ -155,7 +155,7 @@ class MailTransaction:
         if self._reader is not None:
             return self._error(replies.BAD_SEQUENCE.format(why="DATA after BDAT"))
         if not self._recipients:
-            return self._error(replies.BAD_SEQUENCE.format(why="need RCPT command"))
+            return self._error(replies.NO_VALID_RECIPIENTS)
         if arg:
             return self._error(replies.SYNTAX.format(usage="DATA"))
         header = self._startMessage()
@@ -202,7 +202,7 @@ class MailTransaction:
         elif not self._hasSender:
             verdict = replies.BAD_SEQUENCE.format(why="need MAIL command")
         elif not self._recipients:
-            verdict = replies.BAD_SEQUENCE.format(why="need RCPT command")
+            verdict = replies.NO_VALID_RECIPIENTS
         if verdict is None and self._reader is None:
             try:
                 header = self._startMessage()

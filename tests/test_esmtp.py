@@ -708,9 +708,14 @@ class TransactionTests(SessionTestsMixin, unittest.TestCase):
         )
 
     def test_dataBeforeRcpt(self) -> None:
-        """DATA without recipients gets 503."""
+        """
+        DATA in a transaction with no recipient accepted gets 554 no valid
+        recipients, as Postfix answers: with PIPELINING the client sent it
+        before it knew its recipients were refused (RFC 5321 3.3 allows
+        503 or 554; 503 said "need RCPT command" to a client that sent one).
+        """
         self.session.command(b"MAIL FROM:<alice@example.test>")
-        self.assertReply(self.session.command(b"DATA"), b"503 5.5.1 Error: need RCPT command")
+        self.assertReply(self.session.command(b"DATA"), b"554 5.5.1 Error: no valid recipients")
 
     def test_badAddressSyntax(self) -> None:
         """Malformed paths get 501 with the matching enhanced code."""

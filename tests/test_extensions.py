@@ -269,8 +269,9 @@ class ChunkingTests(ExtensionTestsMixin, unittest.TestCase):
 
     def test_outOfSequence(self) -> None:
         """
-        BDAT before MAIL or RCPT gets 503 after its octets are read, so none
-        of them is taken for a command.
+        BDAT before MAIL gets 503, and before any recipient 554 (no valid
+        recipients), after its octets are read, so none of them is taken
+        for a command.
         """
         smuggled = b"RSET\r\nMAIL FROM:<alice@example.test>\r\n"
         self.assertEqual(
@@ -279,7 +280,7 @@ class ChunkingTests(ExtensionTestsMixin, unittest.TestCase):
         self.command(b"MAIL FROM:<alice@example.test>")
         self.assertEqual(
             self.session.send(self.bdat(smuggled, last=True)),
-            [b"503 5.5.1 Error: need RCPT command"],
+            [b"554 5.5.1 Error: no valid recipients"],
         )
         self.assertEqual(self.command(b"RCPT TO:<bob@example.test>"), [b"250 2.1.5 Ok"])
 
@@ -299,7 +300,7 @@ class ChunkingTests(ExtensionTestsMixin, unittest.TestCase):
             + b"NOOP\r\n"
         )
         self.assertEqual(lines[0][:4], b"550 ")
-        self.assertEqual(lines[1], b"503 5.5.1 Error: need RCPT command")
+        self.assertEqual(lines[1], b"554 5.5.1 Error: no valid recipients")
         self.assertEqual(
             lines[2:],
             [b"503 5.5.1 Error: chunk discarded after an earlier error"] * 12 + [b"250 2.0.0 Ok"],
@@ -380,7 +381,7 @@ class ChunkingTests(ExtensionTestsMixin, unittest.TestCase):
         has gone (no timer outlives the session).
         """
         self.command(b"MAIL FROM:<alice@example.test>")
-        self.assertEqual(self.command(b"BDAT 0"), [b"503 5.5.1 Error: need RCPT command"])
+        self.assertEqual(self.command(b"BDAT 0"), [b"554 5.5.1 Error: no valid recipients"])
         self.assertEqual(self.command(b"RCPT TO:<bob@example.test>"), [b"250 2.1.5 Ok"])
         self.assertEqual(self.command(b"DATA"), [b"354 End data with <CR><LF>.<CR><LF>"])
         self.assertEqual(
