@@ -40,10 +40,9 @@ class DotStuffer:
             return b""
         if b"\r" in chunk or b"\n" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-            dots = chunk.count(b"\r\n.")
-            if dots:
-                chunk = chunk.replace(b"\r\n.", b"\r\n..")
-                self.dots += dots
+            before = len(chunk)
+            chunk = chunk.replace(b"\r\n.", b"\r\n..")
+            self.dots += len(chunk) - before
         if self._lineStart and chunk.startswith(b"."):
             chunk = b"." + chunk
             self.dots += 1
