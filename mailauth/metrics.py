@@ -228,52 +228,46 @@ def foldEnded(path: str, pid: int) -> None:
     are: none sees the worker's counts twice or not at all. A file that
     cannot be folded (a full disk) is kept as it is, and logged.
     """
-    from prometheus_client.mmap_dict import MmapedDict
-
     for kind in _KEPT:
         ended = os.path.join(path, f"{kind}_{pid}.db")
-        sums: dict = {}
         try:
-            if os.path.getsize(ended) > 0:  # (killed as it made the file: none)
-                # (Entries are (key, value, pos), or (key, value, timestamp,
-                # pos) from prometheus_client 0.17 on.)
-                for entry in MmapedDict.read_all_values_from_file(ended):
-                    sums[entry[0]] = sums.get(entry[0], 0.0) + entry[1]
+            _fold(ended, os.path.join(path, f"{kind}_ended.db"))
         except FileNotFoundError:
             continue
         except (OSError, ValueError, RuntimeError, struct.error) as e:
-            log.error(
-                "metrics of ended worker (pid {pid}) not folded, its file kept: {why}",
-                pid=pid,
-                why=e,
-            )
-            continue
-        target = os.path.join(path, f"{kind}_ended.db")
-        try:
-            if not sums:
-                os.remove(ended)
-                continue
-            _reserve(target, sums)
-            # (Untyped: the two prometheus_client versions differ.)
-            folded: Any = MmapedDict(target)
-            try:
-                for key, value in sums.items():
-                    current = folded.read_value(key)
-                    if isinstance(current, tuple):  # (value, timestamp)
-                        folded.write_value(key, current[0] + value, 0.0)
-                    else:
-                        folded.write_value(key, current + value)
-            finally:
-                folded.close()
-            os.remove(ended)
-        except (OSError, ValueError, RuntimeError, struct.error) as e:
             # (RuntimeError, struct.error: prometheus_client's words for a
-            # file it cannot read, the ended workers' one here.)
+            # file it cannot read.)
             log.error(
                 "metrics of ended worker (pid {pid}) not folded, its file kept: {why}",
                 pid=pid,
                 why=e,
             )
+
+
+def _fold(ended: str, target: str) -> None:
+    """L{foldEnded}, for one file C{ended} and the file C{target} it goes into."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    sums: dict = {}
+    if os.path.getsize(ended) > 0:  # (killed as it made the file: none)
+        # (Entries are (key, value, pos), or (key, value, timestamp, pos)
+        # from prometheus_client 0.17 on.)
+        for entry in MmapedDict.read_all_values_from_file(ended):
+            sums[entry[0]] = sums.get(entry[0], 0.0) + entry[1]
+    if sums:
+        _reserve(target, sums)
+        # (Untyped: the two prometheus_client versions differ.)
+        folded: Any = MmapedDict(target)
+        try:
+            for key, value in sums.items():
+                current = folded.read_value(key)
+                if isinstance(current, tuple):  # (value, timestamp)
+                    folded.write_value(key, current[0] + value, 0.0)
+                else:
+                    folded.write_value(key, current + value)
+        finally:
+            folded.close()
+    os.remove(ended)
 
 
 class _Nothing:
