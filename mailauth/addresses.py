@@ -497,9 +497,13 @@ def withoutComment(line: str) -> str:
 
 def hashInDomain(words: Iterable[str]) -> Optional[str]:
     """
-    The first of C{words} (the addresses of a map file's line, after
-    L{withoutComment}) with a C{#} in its domain, where none can be: a
-    comment written without white space before it (C{b@y.org#old}), which
-    the line's reader reports rather than take it for part of an address.
+    What is wrong with the first of C{words} (the addresses of a map file's
+    line, after L{withoutComment}) with a C{#} in its domain, where none
+    can be: a comment written without white space before it
+    (C{b@y.org#old}), which the line's reader reports rather than take it
+    for part of an address; L{None} if none has one.
     """
-    return next((word for word in words if "#" in word.rpartition("@")[2]), None)
+    for word in words:
+        if "#" in word.rpartition("@")[2]:
+            return f"{word!r}: a '#' in a domain; a comment needs white space before its '#'"
+    return None

@@ -48,7 +48,8 @@ def _logicalLines(lines: list) -> list:
 class AddressMap(ReloadableFile):
     """
     A file of lines C{key: value[, value...]}, comments (from a C{#} at the
-    start of a line or after white space) and blank lines ignored, a line
+    start of a line, after white space or after a comma:
+    L{mailauth.addresses.withoutComment}) and blank lines ignored, a line
     that starts with white space (and has no C{:}) the continuation of the
     one above; keys and values are addresses (C{@domain} keys match a whole
     domain). Re-read when it changes; a
@@ -90,10 +91,7 @@ class AddressMap(ReloadableFile):
             written = tuple(rest.replace(",", " ").split())
             hashed = hashInDomain((key.strip(), *written))
             if hashed is not None:
-                problems.append(
-                    f"{self.path}:{lineno}: {hashed!r}: a '#' in a domain; "
-                    "a comment needs white space before its '#'"
-                )
+                problems.append(f"{self.path}:{lineno}: {hashed}")
                 continue
             key = normalise(key)
             values = [normalise(v) for v in written]

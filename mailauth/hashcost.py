@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from typing import Optional
 
+from mailauth.legacyschemes import CRYPT_ALPHABET
+
 #: argon2 memory, KiB: 2 GiB, RFC 9106's largest recommendation.
 MAX_ARGON2_MEMORY = 2 * 1024 * 1024
 #: argon2 memory times passes: that memory, four passes.
@@ -101,15 +103,14 @@ def checkCost(raw: bytes) -> None:
             )
 
 
-# crypt(3)'s base 64 digits, and how yescrypt writes its parameters with them
+# How yescrypt writes its parameters in crypt(3)'s base 64 digits
 # (libxcrypt's yescrypt-common.c: decode64_uint32 and decode64_uint32_fixed).
-_ITOA64 = b"./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 def _digit(raw: bytes, at: int) -> Optional[int]:
     if at >= len(raw):
         return None
-    found = _ITOA64.find(raw[at : at + 1])
+    found = CRYPT_ALPHABET.find(raw[at : at + 1])
     return found if found >= 0 else None
 
 

@@ -40,13 +40,16 @@ class Scheme:
     size: int = 0
 
 
+#: crypt(3)'s base 64 digits, in the order of their values.
+CRYPT_ALPHABET = b"./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
 def cryptSalt(length: int) -> bytes:
     """
     @return: C{length} random characters of the crypt alphabet, as Dovecot's
         C{password_generate_salt} makes them.
     """
-    alphabet = b"./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-    return bytes(secrets.choice(alphabet) for _ in range(length))
+    return bytes(secrets.choice(CRYPT_ALPHABET) for _ in range(length))
 
 
 def _anything(raw: bytes) -> None:

@@ -76,8 +76,8 @@ def hitsKey(login: str) -> str:
 def parseOverrides(text: str, path: str) -> tuple[dict[str, dict[str, int]], list[str]]:
     """
     Parse an overrides file: C{login: key=value [key=value...]} lines, the
-    keys those of L{Limits} (a whole number, 0 for no limit); a C{#} at the
-    start of a line or after white space starts a comment. A malformed line
+    keys those of L{Limits} (a whole number, 0 for no limit); comments as
+    in L{mailauth.addresses.withoutComment}. A malformed line
     is skipped, never fatal for the others; of two lines for one login the
     first counts.
 
@@ -93,10 +93,9 @@ def parseOverrides(text: str, path: str) -> tuple[dict[str, dict[str, int]], lis
         login, colon, rest = line.partition(":")
         login = login.strip().lower()
         where = f"{path}:{lineno}"
-        if hashInDomain([login]) is not None:
-            problems.append(
-                f"{where}: {login!r}: a '#' in a domain; a comment needs white space before its '#'"
-            )
+        hashed = hashInDomain([login])
+        if hashed is not None:
+            problems.append(f"{where}: {hashed}")
             continue
         if not colon or not re.fullmatch(r"[^\s@]+@[^\s@]+", login):
             problems.append(f"{where}: expected 'login@domain: key=value [key=value...]'")

@@ -180,7 +180,7 @@ def parseUsers(text: str, path: str) -> tuple[dict[str, User], list[str]]:
     problems = []
     # The line each login was first seen on, and whether it was skipped.
     first: dict[str, tuple[int, bool]] = {}
-    for lineno, line in enumerate(text.split("\n"), 1):
+    for lineno, line in enumerate(fileLines(text), 1):
         fields = _splitLine(line)
         if fields is None:
             continue
