@@ -13,11 +13,10 @@ import sys
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from mailauth.metrics import QUEUE_FAMILIES, Metrics, foldEnded
-from tests.harness import ROOT
+from tests.harness import ROOT, LogWatcher
 
 # A worker: counts what it is told, in the folder it is given, and ends.
 _WORKER = """
@@ -30,6 +29,10 @@ for how in sys.argv[1].split(","):
     took.observe(len(how))
 print(__import__("os").getpid())
 """
+
+
+#: The line of a file not folded.
+NOT_FOLDED = r"^metrics of ended worker \(pid \d+\) not folded"
 
 
 class FoldEndedTests(unittest.TestCase):
@@ -92,15 +95,14 @@ class FoldEndedTests(unittest.TestCase):
         An empty file (a worker killed as it made it) holds no counts: it
         goes. One that cannot be read is kept, with an error line.
         """
-        logged: list = []
-        globalLogPublisher.addObserver(logged.append)
-        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        log = LogWatcher()
+        self.addCleanup(log.stop)
         open(os.path.join(self.folder, "counter_7.db"), "wb").close()
         with open(os.path.join(self.folder, "histogram_7.db"), "wb") as f:
             f.write(b"\xff\xff\x00\x00 not a metrics file")
         foldEnded(self.folder, 7)
         self.assertEqual(os.listdir(self.folder), ["histogram_7.db"])
-        [line] = [formatEvent(e) for e in logged if "not folded" in e.get("log_format", "")]
+        [line] = log.matching(NOT_FOLDED)
         self.assertIn("metrics of ended worker (pid 7) not folded, its file kept: ", line)
         # The ended workers' own file broken: the worker's is kept too.
         pid = self.worker("ok")
@@ -108,7 +110,7 @@ class FoldEndedTests(unittest.TestCase):
             f.write(b"\xff\xff\x00\x00 not a metrics file")
         foldEnded(self.folder, pid)
         self.assertIn(f"counter_{pid}.db", os.listdir(self.folder))
-        self.assertEqual(len([e for e in logged if "not folded" in e.get("log_format", "")]), 2)
+        self.assertEqual(len(log.matching(NOT_FOLDED)), 2)
 
     def test_notFoldedKept(self) -> None:
         """
@@ -116,9 +118,8 @@ class FoldEndedTests(unittest.TestCase):
         file; on a full disk, its space cannot be had) is kept as it is,
         with an error line: its counts stay in the totals, once.
         """
-        logged: list = []
-        globalLogPublisher.addObserver(logged.append)
-        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        log = LogWatcher()
+        self.addCleanup(log.stop)
         pid = self.worker("ok")
         before = self.totals()
         os.mkdir(os.path.join(self.folder, "counter_ended.db"))
@@ -127,7 +128,7 @@ class FoldEndedTests(unittest.TestCase):
         self.assertNotIn(f"histogram_{pid}.db", os.listdir(self.folder))
         os.rmdir(os.path.join(self.folder, "counter_ended.db"))
         self.assertEqual(self.totals(), before)
-        [line] = [formatEvent(e) for e in logged if "not folded" in e.get("log_format", "")]
+        [line] = log.matching(NOT_FOLDED)
         self.assertTrue(
             line.startswith(f"metrics of ended worker (pid {pid}) not folded, its file kept: "),
             line,

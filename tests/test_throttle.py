@@ -16,6 +16,7 @@ from zope.interface import implementer
 from mailauth.counters import MemoryCounterStore
 from mailauth.interfaces import ICounterStore
 from mailauth.throttle import MAX_DELAY, AuthThrottle, addressKey, clientAddress, clientIP
+from tests.harness import LogWatcher
 from tests.support import (
     MemoryMailbox,
     RecordingPortal,
@@ -239,9 +240,8 @@ class ThrottleTests(unittest.TestCase):
         without its line or metric.
         """
         blocks = []
-        logged = []
-        globalLogPublisher.addObserver(logged.append)
-        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        log = LogWatcher()
+        self.addCleanup(log.stop)
         throttle = makeThrottle(
             self.clock, maxPerAddress=3, blockTime=60.0, onBlock=lambda: blocks.append(1)
         )
@@ -253,7 +253,7 @@ class ThrottleTests(unittest.TestCase):
         self.successResultOf(throttle.failure("192.0.2.1", "a@x.test", "s2"))
         self.assertTrue(self.successResultOf(throttle.isBlocked("192.0.2.1")))
         self.assertEqual(blocks, [1, 1])
-        lines = [formatEvent(e) for e in logged if "address blocked" in e.get("log_format", "")]
+        lines = log.matching(r"^address blocked")
         self.assertEqual(len(lines), 2)
         self.assertEqual(
             lines[1],

@@ -11,11 +11,10 @@ import time
 
 from OpenSSL import SSL, crypto
 from twisted.internet import defer
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from mailauth.tls import ReloadableTLS, TLSError, loadOptions, notAfter
-from tests.harness import AttackMixin
+from tests.harness import AttackMixin, LogWatcher
 from tests.support import writeCertificate
 
 # The first bytes of a TLS record carrying a ClientHello, the rest never sent.
@@ -133,14 +132,14 @@ class TLSTests(unittest.TestCase):
         error naming the file and the date, as at start (an expired
         certificate is a check-config error): it was taken without a word.
         """
-        logged = self._tlsLog()
+        log = self.watchLog()
         tls = ReloadableTLS(self.cert, self.key)
         before = tls.getContext()
         writeCertificate(self.dir, days=-2)
         self.assertFalse(tls.reload())
         self.assertIs(tls.getContext(), before)
         self.assertRegex(
-            logged[-1],
+            log.matching(TLS_LINES)[-1],
             rf"^TLS certificate not reloaded, keeping the old one: {self.cert}: "
             r"expired on \d{4}-\d\d-\d\d \d\d:\d\d UTC: renew it$",
         )
@@ -150,31 +149,32 @@ class TLSTests(unittest.TestCase):
         A certificate that expires within 30 days is loaded, with a warning
         giving the days left; one that expires later without.
         """
-        logged = self._tlsLog()
+        log = self.watchLog()
         writeCertificate(self.dir, days=5)
         now = time.time()
         tls = ReloadableTLS(self.cert, self.key, now=lambda: now)
         self.assertTrue(tls.reload())
+        logged = log.matching(TLS_LINES)
         self.assertRegex(
             logged[-1],
             rf"^TLS certificate {self.cert} expires on \S+ \S+ UTC, in 4 day\(s\): renew it$",
         )
         self.assertEqual(logged[-2], f"TLS certificate reloaded from {self.cert}")
         tls.now = lambda: now - 60 * 86400
-        del logged[:]
         self.assertTrue(tls.reload())
-        self.assertEqual(logged, [f"TLS certificate reloaded from {self.cert}"])
+        self.assertEqual(
+            log.matching(TLS_LINES)[len(logged) :],
+            [f"TLS certificate reloaded from {self.cert}"],
+        )
 
-    def _tlsLog(self) -> list:
-        logged: list = []
+    def watchLog(self) -> LogWatcher:
+        log = LogWatcher()
+        self.addCleanup(log.stop)
+        return log
 
-        def observe(event: dict) -> None:
-            if event.get("log_namespace") == "mailauth.tls":
-                logged.append(formatEvent(event))
 
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
-        return logged
+#: The lines of L{ReloadableTLS} (mailauth.tls).
+TLS_LINES = r"^TLS certificate"
 
 
 def _closedByServer(sock: socket.socket) -> bool:
