@@ -224,15 +224,26 @@ def parsePath(text: str, allowNull: bool, utf8: bool = False) -> Optional[smtp.A
 
 
 class _Which:
-    """The replies for a sender (C{allowNull}) or for a recipient."""
+    """
+    The replies for a sender (C{allowNull}) or for a recipient, each made
+    into its exception only when it is raised (most paths are good).
+    """
 
     def __init__(self, sender: bool) -> None:
-        self.syntax = (
-            replies.BAD_SENDER_SYNTAX if sender else replies.BAD_RECIPIENT_SYNTAX
-        ).error()
-        self.tooLong = (replies.SENDER_TOO_LONG if sender else replies.RECIPIENT_TOO_LONG).error()
-        self.unrelayable = (
-            replies.SENDER_NOT_RELAYABLE if sender else replies.RECIPIENT_NOT_RELAYABLE
+        self.sender = sender
+
+    @property
+    def syntax(self) -> Exception:
+        return (replies.BAD_SENDER_SYNTAX if self.sender else replies.BAD_RECIPIENT_SYNTAX).error()
+
+    @property
+    def tooLong(self) -> Exception:
+        return (replies.SENDER_TOO_LONG if self.sender else replies.RECIPIENT_TOO_LONG).error()
+
+    @property
+    def unrelayable(self) -> Exception:
+        return (
+            replies.SENDER_NOT_RELAYABLE if self.sender else replies.RECIPIENT_NOT_RELAYABLE
         ).error()
 
 

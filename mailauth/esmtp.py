@@ -64,6 +64,9 @@ class _TLSState:
     def __init__(self, mode: str, active: bool) -> None:
         self.mode = mode
         self.active = active
+        #: The protocol and cipher, for each message's Received header
+        #: (asked of OpenSSL once: they hold for the connection's life).
+        self.description: Optional[str] = None
 
 
 @implementer(
@@ -163,11 +166,15 @@ class SubmissionProtocol(
         """C{"TLSv1.3 with cipher X"} for the Received header, or L{None} without TLS."""
         if not self.tls.active:
             return None
-        try:
-            handle = self.transport.getHandle()
-            return f"{handle.get_protocol_version_name()} with cipher {handle.get_cipher_name()}"
-        except Exception:
-            return "TLS"
+        if self.tls.description is None:
+            try:
+                handle = self.transport.getHandle()
+                self.tls.description = (
+                    f"{handle.get_protocol_version_name()} with cipher {handle.get_cipher_name()}"
+                )
+            except Exception:
+                return "TLS"
+        return self.tls.description
 
     # -- connection --------------------------------------------------------
 

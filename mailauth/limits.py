@@ -156,6 +156,8 @@ class LimitOverrides(ReloadableFile):
 
     def get(self, login: str) -> dict[str, int]:
         """The limits C{login} overrides, by name."""
+        if not self._overrides:
+            return {}  # no file, or no line: no address to normalise
         return self._overrides.get(normalise(login), {})
 
 
@@ -229,20 +231,28 @@ class SendingLimits:
 
     def limitsFor(self, login: str) -> Limits:
         """The limits of C{login}: the defaults, with its overrides."""
-        return attrs.evolve(self.defaults, **self.overrides.get(login))
+        overridden = self.overrides.get(login)
+        return attrs.evolve(self.defaults, **overridden) if overridden else self.defaults
 
     def transaction(self, login: str) -> LimitedTransaction:
         """What one mail transaction of C{login} asks and records."""
         return LimitedTransaction(self, login.lower())
 
-    @defer.inlineCallbacks
-    def exceeded(self, login: str, names: tuple, adding: int):
+    def exceeded(self, login: str, names: tuple, adding: int) -> defer.Deferred:
         """
         The first limit of C{names} that C{adding} more would pass, with
-        the count so far; L{None} if none.
+        the count so far; L{None} if none (at once, asking the store
+        nothing, when C{login} has none of C{names}: every MAIL and RCPT
+        of a server without limits comes here).
         """
         limits = self.limitsFor(login)
         active = [name for name in names if getattr(limits, name)]
+        if not active:
+            return defer.succeed(None)
+        return self._exceeded(login, limits, active, adding)
+
+    @defer.inlineCallbacks
+    def _exceeded(self, login: str, limits: Limits, active: list, adding: int):
         counts = yield defer.gatherResults(
             [self.store.total(counterKey(name, login), _COUNTED[name][2]) for name in active],
             consumeErrors=True,
@@ -410,16 +420,21 @@ class LimitedTransaction:
         #: The SMTP session's ID, for the log lines.
         self.session = ""
 
-    @defer.inlineCallbacks
-    def checkSender(self):
+    def checkSender(self) -> defer.Deferred:
         """
         At MAIL: a Deferred that fails with an L{replies.SMTPReply} if the
         login is suspended (5.7.1) or has reached a message limit (4.7.1).
         """
-        try:
-            user = yield self.limits.users.lookup(self.login)
-        except UserDatabaseUnavailable:
-            user = None  # the limits still hold; AUTH checked suspension
+        d = defer.maybeDeferred(self.limits.users.lookup, self.login)
+        d.addCallbacks(self._notSuspended, self._unknown)
+        return d
+
+    def _unknown(self, f):
+        f.trap(UserDatabaseUnavailable)
+        # The limits still hold; AUTH checked suspension.
+        return self._notSuspended(None)
+
+    def _notSuspended(self, user) -> defer.Deferred:
         if user is not None and user.suspended:
             log.info(
                 "sender refused: login=<{login}> is suspended session={session}",
@@ -427,20 +442,26 @@ class LimitedTransaction:
                 session=self.session,
             )
             raise replies.SENDING_SUSPENDED.error(login=self.login)
-        over = yield self.limits.exceeded(self.login, MESSAGE_LIMITS, 1)
-        if over is not None:
-            raise (yield self.limits.refuse(self, *over))
+        return self.limits.exceeded(self.login, MESSAGE_LIMITS, 1).addCallback(self._refuseOver)
 
-    @defer.inlineCallbacks
-    def checkRecipient(self, accepted: int):
+    def checkRecipient(self, accepted: int) -> defer.Deferred:
         """
         At RCPT, with C{accepted} recipients already in this transaction: a
         Deferred that fails with an L{replies.SMTPReply} (4.7.1) if one more
         would pass a recipient limit.
         """
-        over = yield self.limits.exceeded(self.login, RECIPIENT_LIMITS, accepted + 1)
-        if over is not None:
-            raise (yield self.limits.refuse(self, *over))
+        d = self.limits.exceeded(self.login, RECIPIENT_LIMITS, accepted + 1)
+        return d.addCallback(self._refuseOver)
+
+    def _refuseOver(self, over: Optional[tuple]) -> Optional[defer.Deferred]:
+        """Nothing if no limit is C{over}; else log and count the refusal, and fail with it."""
+        if over is None:
+            return None
+
+        def fail(error: Exception):
+            raise error
+
+        return self.limits.refuse(self, *over).addCallback(fail)
 
     def record(self, recipients: int) -> defer.Deferred:
         """
@@ -461,6 +482,8 @@ class LimitedTransaction:
             for name in MESSAGE_LIMITS + RECIPIENT_LIMITS
             if getattr(limits, name)
         ]
+        if not counts:
+            return defer.succeed(None)
         d = defer.gatherResults(counts, consumeErrors=True)
         d.addCallbacks(lambda ignored: None, self._countFailed)
         return d

@@ -6,6 +6,7 @@ queue) and store each message once.
 
 from __future__ import annotations
 
+import functools
 import time
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable, Optional, cast
@@ -328,7 +329,7 @@ class Delivery:
         # The ";" before the date is not optional (RFC 5322 3.6.7): with one
         # recipient it follows the "for" clause, with more it ends the line
         # before the date, as Postfix writes it.
-        date = formatdate(self.realm.clock.seconds(), localtime=True)
+        date = localDate(int(self.realm.clock.seconds()))
         if len(recipients) == 1:
             recipient = _traceAddress(addressText(recipients[0].dest), utf8)
             lines.append(f"\tfor <{recipient}>; {date}")
@@ -679,6 +680,15 @@ class Message:
             sink.abort()
 
 
+@functools.lru_cache(maxsize=4)
+def localDate(second: int) -> str:
+    """
+    The RFC 5322 date of C{second} in local time: made once a second, not
+    twice a message (the C{Date:} field, the C{Received:} header).
+    """
+    return formatdate(second, localtime=True)
+
+
 def submissionFields(realm: Realm, messageID: str) -> dict[bytes, bytes]:
     """
     The C{Date:} and C{Message-ID:} fields a submission gets if it has none
@@ -688,6 +698,6 @@ def submissionFields(realm: Realm, messageID: str) -> dict[bytes, bytes]:
     now = realm.clock.seconds()
     stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
     return {
-        b"date": f"Date: {formatdate(now, localtime=True)}\r\n".encode("ascii"),
+        b"date": f"Date: {localDate(int(now))}\r\n".encode("ascii"),
         b"message-id": f"Message-ID: <{stamp}.{messageID}@{realm.hostname}>\r\n".encode("ascii"),
     }
