@@ -16,6 +16,7 @@ logins and sender binding.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -340,6 +341,7 @@ def domainKey(domain: str) -> str:
         return domain.lower()
 
 
+@functools.lru_cache(maxsize=4096)
 def normalise(address: str) -> str:
     """
     The key of an address, in which two spellings of one mailbox are equal:
@@ -347,6 +349,8 @@ def normalise(address: str) -> str:
     again only if it must be), the domain as L{domainKey} makes it. Never
     raises: it is applied to addresses from files as well (aliases, the
     sender map, logins), and an C{@domain} key keeps its empty local part.
+    Remembered for the last few thousand addresses: each message asks it
+    of the same few several times (sender, login, recipient, aliases).
     """
     address = address.strip()
     local, at, domain = address.rpartition("@")
