@@ -341,7 +341,6 @@ def domainKey(domain: str) -> str:
         return domain.lower()
 
 
-@functools.lru_cache(maxsize=4096)
 def normalise(address: str) -> str:
     """
     The key of an address, in which two spellings of one mailbox are equal:
@@ -349,9 +348,21 @@ def normalise(address: str) -> str:
     again only if it must be), the domain as L{domainKey} makes it. Never
     raises: it is applied to addresses from files as well (aliases, the
     sender map, logins), and an C{@domain} key keeps its empty local part.
-    Remembered for the last few thousand addresses: each message asks it
-    of the same few several times (sender, login, recipient, aliases).
+    Remembered for the last 1024 addresses of at most 256 characters: each
+    message asks it of the same few about seven times (sender, login,
+    recipient, aliases); a flood of long logins is not kept.
     """
+    if len(address) > 256:
+        return _normalise(address)
+    return _normaliseShort(address)
+
+
+@functools.lru_cache(maxsize=1024)
+def _normaliseShort(address: str) -> str:
+    return _normalise(address)
+
+
+def _normalise(address: str) -> str:
     address = address.strip()
     local, at, domain = address.rpartition("@")
     if not at:
