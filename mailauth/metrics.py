@@ -11,6 +11,7 @@ and the parent adds what those files hold to its own metrics at each scrape.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import struct
@@ -211,6 +212,40 @@ def _reserve(path: str, keys: Iterable[str]) -> None:
         while size < needed:
             size *= 2
         os.posix_fallocate(f.fileno(), 0, size)
+
+
+#: A worker's metric files, by the kind prometheus_client names each by,
+#: and the room each is given when the worker starts.
+WORKER_FILE_KINDS = ("counter", "gauge_livesum", "histogram")
+WORKER_FILE_SIZE = 1 << 16
+
+
+def reserveWorkerFiles(path: str, pid: int) -> None:
+    """
+    Make the metric files of worker C{pid} in C{path} before
+    prometheus_client does, each L{WORKER_FILE_SIZE} bytes with every block
+    allocated: prometheus_client makes them sparse and writes them through
+    a memory map, where a block that a full disk cannot give kills the
+    worker (SIGBUS) instead of failing. An empty (all-zero) file is one it
+    takes as new. The size is prometheus_client's own first size; a
+    worker's series are all made when it starts and take a few KiB, so the
+    files do not grow past it.
+
+    @raise OSError: if the disk has no room for them (the files are removed).
+    """
+    made = []
+    try:
+        for kind in WORKER_FILE_KINDS:
+            name = os.path.join(path, f"{kind}_{pid}.db")
+            with open(name, "a+b") as f:
+                made.append(name)
+                size = max(os.fstat(f.fileno()).st_size, WORKER_FILE_SIZE)
+                os.posix_fallocate(f.fileno(), 0, size)
+    except OSError:
+        for name in made:
+            with contextlib.suppress(OSError):
+                os.remove(name)
+        raise
 
 
 #: The kinds of a worker's metric files that keep counting after it ends.
@@ -442,8 +477,18 @@ class Metrics:
         if role == "worker":
             # prometheus_client reads it when it is first imported, which is
             # here in a worker: a value set later would not be seen.
-            if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+            if not folder:
                 raise RuntimeError("a worker with [metrics] needs PROMETHEUS_MULTIPROC_DIR")
+            try:
+                reserveWorkerFiles(folder, os.getpid())
+            except OSError as e:
+                log.error(
+                    "metrics off in this worker: cannot reserve its files in {folder}: {why}",
+                    folder=folder,
+                    why=e.strerror or e,
+                )
+                return cls()
             return cls.prometheus(**names, process=False, families=SESSION_FAMILIES)
         if role == "parent":
             return cls.prometheus(**names, families=QUEUE_FAMILIES, workerFiles=workerFiles(cfg))

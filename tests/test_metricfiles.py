@@ -6,16 +6,25 @@ and read back as the parent's C{/metrics} reads them.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
+import types
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial import unittest
 
-from mailauth.metrics import QUEUE_FAMILIES, Metrics, foldEnded
+from mailauth import metrics
+from mailauth.metrics import (
+    QUEUE_FAMILIES,
+    WORKER_FILE_KINDS,
+    WORKER_FILE_SIZE,
+    Metrics,
+    foldEnded,
+)
 from tests.harness import ROOT, LogWatcher
 
 # A worker: counts what it is told, in the folder it is given, and ends.
@@ -132,4 +141,93 @@ class FoldEndedTests(unittest.TestCase):
         self.assertTrue(
             line.startswith(f"metrics of ended worker (pid {pid}) not folded, its file kept: "),
             line,
+        )
+
+
+# A worker as mailauth starts one: its metrics made by Metrics.fromConfig
+# (which reserves the files first), one connection and one message counted.
+_MAILAUTH_WORKER = """
+import os, types
+from mailauth.metrics import Metrics
+cfg = types.SimpleNamespace(
+    metrics=object(),
+    listeners=[types.SimpleNamespace(name="submission")],
+    auth=types.SimpleNamespace(mechanisms=["PLAIN"]),
+)
+metrics = Metrics.fromConfig(cfg, "worker")
+metrics.connectionAccepted("submission")
+metrics.messageAccepted(2, 0.25)
+print(os.getpid())
+"""
+
+
+class WorkerFilesTests(unittest.TestCase):
+    """A worker's own metric files (L{mailauth.metrics.reserveWorkerFiles})."""
+
+    def setUp(self) -> None:
+        self.folder = os.path.abspath(self.mktemp())
+        os.makedirs(self.folder)
+
+    def test_reservedBeforeWritten(self) -> None:
+        """
+        A worker's files are made with every block of prometheus_client's
+        first size allocated before it writes them through its memory map
+        (which makes them sparse: a block a full disk could not give then
+        killed the worker with SIGBUS), and prometheus_client takes them
+        as new: the parent's scrape reads what the worker counted.
+        """
+        out = subprocess.run(
+            [sys.executable, "-c", _MAILAUTH_WORKER],
+            env=dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self.folder, PYTHONPATH=ROOT),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        pid = int(out.stdout)
+        for kind in WORKER_FILE_KINDS:
+            info = os.stat(os.path.join(self.folder, f"{kind}_{pid}.db"))
+            self.assertGreaterEqual(info.st_size, WORKER_FILE_SIZE, kind)
+            self.assertGreaterEqual(info.st_blocks * 512, info.st_size, f"{kind}: sparse")
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.folder)
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+            for sample in family.samples
+        }
+        listener = (("listener", "submission"),)
+        self.assertEqual(samples[("mailauth_connections_total", listener)], 1.0)
+        self.assertEqual(samples[("mailauth_connections_open", listener)], 1.0)
+        self.assertEqual(samples[("mailauth_messages_accepted_total", ())], 1.0)
+        self.assertEqual(samples[("mailauth_recipients_accepted_total", ())], 2.0)
+
+    def test_noRoom(self) -> None:
+        """
+        With no room on the disk for its files, a worker serves without
+        metrics, says so in an error line, and leaves no file behind; it
+        does not die at its first count.
+        """
+        log = LogWatcher()
+        self.addCleanup(log.stop)
+
+        def full(fd: int, offset: int, length: int) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        self.patch(metrics.os, "posix_fallocate", full)
+        self.patch(os, "environ", dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self.folder))
+        cfg = types.SimpleNamespace(
+            metrics=object(),
+            listeners=[types.SimpleNamespace(name="submission")],
+            auth=types.SimpleNamespace(mechanisms=["PLAIN"]),
+        )
+        worker = metrics.Metrics.fromConfig(cfg, "worker")
+        self.assertIsNone(worker.registry)
+        worker.connectionAccepted("submission")
+        self.assertEqual(os.listdir(self.folder), [])
+        [line] = log.matching(r"^metrics off in this worker")
+        self.assertEqual(
+            line,
+            f"metrics off in this worker: cannot reserve its files in {self.folder}: "
+            "No space left on device",
         )
