@@ -329,6 +329,12 @@ class SubmissionProtocol(
 
     def _timedOut(self) -> None:
         self._timer = None
+        if self.tls.active and not self._handshaken:
+            # Stalled in its TLS handshake: no 421 can reach it (_close
+            # cuts the connection), and it never spoke SMTP.
+            self._logHandshakeFailed("timed out")
+            self._close(None)
+            return
         self._hangUp("data_timeout" if self._mode in (self.DATA, self.BDAT) else "timeout")
         self._close(replies.TIMEOUT.format(hostname=self.settings.hostname))
 

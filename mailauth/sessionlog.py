@@ -72,14 +72,17 @@ class SessionLog:
             and reason.check(SSL.Error)
         ):
             # TLSMemoryBIOProtocol ends a failed handshake with OpenSSL's error.
-            log.info(
-                'TLS handshake failed: client=[{client}] listener={listener} why="{why}" '
-                "session={session}",
-                client=self._peer,
-                listener=self.factory.name,
-                why=quoted(_sslReason(reason.value)),
-                session=self.session,
-            )
+            self._logHandshakeFailed(_sslReason(reason.value))
+
+    def _logHandshakeFailed(self, why: str) -> None:
+        log.info(
+            'TLS handshake failed: client=[{client}] listener={listener} why="{why}" '
+            "session={session}",
+            client=self._peer,
+            listener=self.factory.name,
+            why=quoted(why),
+            session=self.session,
+        )
 
     def _logDisconnect(self) -> None:
         """Log and count the end of a session that was greeted."""

@@ -218,12 +218,20 @@ class StalledHandshakeTests(AttackMixin, unittest.TestCase):
         sock = yield self.inThread(self.stall, listener)
         self.addCleanup(sock.close)
         yield connected
-        hungUp = self.log.waitFor(r"^hang-up: client=\[127\.0\.0\.1\] .*reason=timeout")
+        failed = self.log.waitFor(r"^TLS handshake failed: ")
         self.clock.advance(29)
-        self.assertEqual(self.log.matching(r"^hang-up: "), [])
+        self.assertEqual(self.log.matching(r"^TLS handshake failed: "), [])
         self.clock.advance(1)
-        yield hungUp
+        line = yield failed
         self.assertTrue((yield self.inThread(_closedByServer, sock)))
+        # Logged as the handshake failure it is: it was never an SMTP
+        # session that a 421 could close.
+        self.assertRegex(
+            line,
+            rf"^TLS handshake failed: client=\[127\.0\.0\.1\] listener={listener} "
+            r'why="timed out" session=[0-9a-f]{12}$',
+        )
+        self.assertEqual(self.log.matching(r"^hang-up: "), [])
 
     def test_implicitTLS(self):
         """
