@@ -78,7 +78,7 @@ def measure(tree: str, work: str, messages: int, tls: bool, redisURL: str) -> tu
         started(server, process, 600)
         timeout = ("--timeout", "300")
         suite.loadgen(server, *suite.sendArgs(2, 5, 10 * suite.KB, 600, total=20), *timeout)
-        control = {"check": True, "stdout": subprocess.DEVNULL}
+        control = {"check": True, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         subprocess.run(["callgrind_control", "--zero", str(process.pid)], **control)
         result = suite.loadgen(
             server, *suite.sendArgs(1, 10, 10 * suite.KB, 3600, total=messages), *timeout, cap=3600

@@ -215,16 +215,16 @@ class Delivery:
         if self.limits is not None:
             self.limits.session = value
 
-    @defer.inlineCallbacks
-    def validateFrom(self, helo, origin):
+    def validateFrom(self, helo, origin) -> defer.Deferred:
         sender = addressText(origin)
         router = self.realm.router
-        if (
-            self.login is not None
-            and sender
-            and router.senderLoginMatch
-            and not (yield router.mayUseSender(self.login, sender))
-        ):
+        if self.login is not None and sender and router.senderLoginMatch:
+            d = router.mayUseSender(self.login, sender)
+            return d.addCallback(self._senderChecked, sender, origin)
+        return self._senderAllowed(sender, origin)
+
+    def _senderChecked(self, allowed: bool, sender: str, origin) -> defer.Deferred:
+        if not allowed:
             log.info(
                 "sender refused: login=<{login}> from=<{sender}> session={session}",
                 login=self.login,
@@ -232,13 +232,19 @@ class Delivery:
                 session=self.session,
             )
             raise replies.SENDER_NOT_OWNED.error(address=sender, login=self.login)
-        if self.limits is not None:
-            yield self.limits.checkSender()
-        self.sender = sender
-        return origin
+        return self._senderAllowed(sender, origin)
 
-    @defer.inlineCallbacks
-    def validateTo(self, user: smtp.User):
+    def _senderAllowed(self, sender: str, origin) -> defer.Deferred:
+        """The sender may be used; then the sending limits have their say."""
+        d = defer.succeed(None) if self.limits is None else self.limits.checkSender()
+
+        def taken(ignored):
+            self.sender = sender
+            return origin
+
+        return d.addCallback(taken)
+
+    def validateTo(self, user: smtp.User) -> defer.Deferred:
         recipient = addressText(user.dest)
         # The session hands over an addresses.Recipient with the RCPT and
         # MAIL parameters; a plain smtp.User has none.
@@ -246,21 +252,31 @@ class Delivery:
         self.mail = getattr(user, "mail", None) or self.mail
         router = self.realm.router
         if router.isLocal(recipient):
-            local, remote = yield router.expand(recipient)
-            if not local and not remote:
-                raise replies.UNKNOWN_RECIPIENT.error(address=recipient)
-            if remote and self.realm.queue is None:
-                log.error(
-                    "alias {alias} leads to another domain, and no [relay] is set "
-                    "session={session}",
-                    alias=recipient,
-                    session=self.session,
-                )
-                raise replies.CANNOT_FORWARD.error(address=recipient)
+            d = router.expand(recipient).addCallback(self._aliasesExpanded, recipient)
+        elif self.login is None or self.realm.queue is None:
+            return defer.fail(replies.RELAY_DENIED.error(address=recipient))
         else:
-            if self.login is None or self.realm.queue is None:
-                raise replies.RELAY_DENIED.error(address=recipient)
-            local, remote = (), (recipient,)
+            d = defer.succeed(((), (recipient,)))
+        return d.addCallback(self._routed, recipient, params)
+
+    def _aliasesExpanded(self, routes: tuple, recipient: str) -> tuple:
+        """The local C{recipient}'s (local logins, remote addresses), if it may have them."""
+        local, remote = routes
+        if not local and not remote:
+            raise replies.UNKNOWN_RECIPIENT.error(address=recipient)
+        if remote and self.realm.queue is None:
+            log.error(
+                "alias {alias} leads to another domain, and no [relay] is set session={session}",
+                alias=recipient,
+                session=self.session,
+            )
+            raise replies.CANNOT_FORWARD.error(address=recipient)
+        return routes
+
+    def _routed(self, routes: tuple, recipient: str, params: RcptParameters):
+        """Where C{recipient} goes is known: its Maildirs, then the sending limits."""
+        local, remote = routes
+        router = self.realm.router
         try:
             paths = [router.maildirFor(login) for login in local]
         except UnsafeMailbox as e:
@@ -271,8 +287,17 @@ class Delivery:
                 session=self.session,
             )
             raise replies.MAILBOX_NOT_ALLOWED.error(address=recipient) from None
-        if self.limits is not None:
-            yield self.limits.checkRecipient(self.accepted)
+        if self.limits is None:
+            return self._recipientTaken(local, remote, paths, recipient, params)
+        d = self.limits.checkRecipient(self.accepted)
+        return d.addCallback(
+            lambda ignored: self._recipientTaken(local, remote, paths, recipient, params)
+        )
+
+    def _recipientTaken(
+        self, local: tuple, remote: tuple, paths: list, recipient: str, params: RcptParameters
+    ) -> Callable[[], Message]:
+        """Add C{recipient} to the transaction: its Maildirs, remote addresses and DSN wishes."""
         self.accepted += 1
         for path in paths:
             if path not in self.maildirs:

@@ -123,21 +123,26 @@ class Router:
         """
         return maildirPath(self.maildirTemplate, login)
 
-    @defer.inlineCallbacks
-    def mayUseSender(self, login: str, sender: str):
+    def mayUseSender(self, login: str, sender: str) -> defer.Deferred[bool]:
         """
         Whether C{login} may use C{sender} in MAIL FROM: its own address, an
         alias that leads to it, or an address (or C{@domain}) granted to it
         in the sender map.
 
-        @return: a Deferred firing with a L{bool}.
+        @return: a Deferred firing with a L{bool} (already fired for the
+            login's own address and the sender map, which ask no database).
         """
         sender = normalise(sender)
         login = normalise(login)
         if sender == login or login in self.senderMap.get(sender):
-            return True
+            return defer.succeed(True)
         if not self.isLocal(sender):
-            return False
+            return defer.succeed(False)
+        return self._aliasLeadsTo(login, sender)
+
+    @defer.inlineCallbacks
+    def _aliasLeadsTo(self, login: str, sender: str):
+        """Whether the local C{sender} is an alias (not a user) that leads to C{login}."""
         local, _ = yield self.expand(sender)
         return login in local and not (yield self.exists(sender))
 
