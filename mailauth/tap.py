@@ -33,6 +33,7 @@ from mailauth.listening import listenProblem
 from mailauth.logs import (
     LogFormatError,
     jsonFileObserver,
+    textFileObserver,
     twistdLogFile,
     twistdLogsToStandardOutput,
 )
@@ -387,6 +388,10 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
                 top.logObserver = jsonFileObserver(twistdLogFile(parent))
             except LogFormatError as e:
                 raise SystemExit(f"twistd mailauth: {e}") from None
+        elif twistdLogsToStandardOutput(parent):
+            # twistd's own lines, for less CPU (a file log, with its
+            # rotation, stays twistd's).
+            top.logObserver = textFileObserver(sys.stdout)
     return top
 
 

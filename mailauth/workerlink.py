@@ -29,20 +29,16 @@ from typing import Callable, Optional
 
 from twisted.internet import defer
 from twisted.logger import (
-    FileLogObserver,
     ILogObserver,
     LogLevel,
     eventAsJSON,
     eventAsText,
     eventFromJSON,
-    formatEventAsClassicLogText,
-    formatTime,
-    timeFormatRFC3339,
 )
 from zope.interface import implementer
 
 from mailauth import replies
-from mailauth.logs import jsonFileObserver
+from mailauth.logs import jsonFileObserver, textFileObserver
 from mailauth.throttle import ConnectionLimiter
 
 # The log, from worker to parent
@@ -157,30 +153,7 @@ class WorkerLog:
         """
         self.worker = worker
         self.full = full
-        self._write = jsonFileObserver(out) if full else FileLogObserver(out, self._format)
-        self._second: Optional[int] = None
-        self._time = ""
-
-    def _format(self, event: dict) -> Optional[str]:
-        """The line twistd's text observer writes (C{textFileLogObserver})."""
-        return formatEventAsClassicLogText(event, formatTime=self._formatTime)
-
-    def _formatTime(self, when: Optional[float]) -> str:
-        """
-        L{formatTime} of twistd's lines (to the second), made once a second:
-        a time zone and a datetime a line cost a busy worker more than its
-        write. Within a microsecond of the next second, where the datetime
-        rounds up, it is made afresh.
-        """
-        if when is None:
-            return formatTime(when, timeFormatRFC3339)
-        second = int(when)
-        if when - second >= 0.999999:
-            return formatTime(when, timeFormatRFC3339)
-        if second != self._second:
-            self._time = formatTime(when, timeFormatRFC3339)
-            self._second = second
-        return self._time
+        self._write = jsonFileObserver(out) if full else textFileObserver(out)
 
     def __call__(self, event: dict) -> None:
         if self.full:

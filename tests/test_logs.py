@@ -22,12 +22,20 @@ import sys
 import attrs
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.logger import eventFromJSON, formatEvent
+from twisted.logger import (
+    LogLevel,
+    eventFromJSON,
+    formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
+    timeFormatRFC3339,
+)
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mailauth import config as configmod
 from mailauth.forward import QueueService
-from mailauth.logs import twistdLogsToStandardOutput
+from mailauth.logs import ClassicText, twistdLogsToStandardOutput
 from mailauth.queueadmin import deleteMessage
 from tests.fakes import FakeRelayConnector, RecordingLocalDelivery, runInline
 from tests.harness import (
@@ -825,3 +833,97 @@ class JSONTwistdTests(unittest.TestCase):
             result.stdout + result.stderr,
         )
         self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+
+class _Thing:
+    part = "an attribute"
+
+    def __repr__(self) -> str:
+        return "<thing {with} braces>"
+
+
+def _twistdLine(event: dict):
+    """The line twistd's own text observer (C{textFileLogObserver}) writes."""
+    return formatEventAsClassicLogText(
+        event, formatTime=lambda when: formatTime(when, timeFormatRFC3339)
+    )
+
+
+class ClassicTextTests(unittest.TestCase):
+    """
+    L{ClassicText} writes exactly the line twistd's text observer writes,
+    for the formats mailauth logs and for every other kind Twisted takes.
+    """
+
+    def test_sameLines(self) -> None:
+        try:
+            raise ZeroDivisionError("boom")
+        except ZeroDivisionError:
+            failure = Failure()
+        base = {
+            "log_time": 1_700_000_000.25,
+            "log_namespace": "mailauth.esmtp",
+            "log_level": LogLevel.info,
+        }
+        events = [
+            # Plain names, specs, conversions, braces and line breaks in values.
+            {
+                "log_format": "auth failure: client=[{client}] login=<{login}> n={n:5d}",
+                "client": "192.0.2.7",
+                "login": "bob@example.test",
+                "n": 42,
+            },
+            {
+                "log_format": "why={why!r} size={size:.2f} {{literal}}",
+                "why": "a {b} c",
+                "size": 3.14159,
+            },
+            {"log_format": "two\nlines: {text}", "text": "and\na third"},
+            {"log_format": "a thing: {thing} {thing!s} {thing!r}", "thing": _Thing()},
+            {"log_format": "unicode: {login}", "login": "jörg@bücher.example"},
+            {"log_format": "system given", "log_system": "-"},
+            {"log_format": "failed: {why}", "why": "boom", "log_failure": failure},
+            # Not plain names: Twisted's formatting, as it is.
+            {"log_format": "attribute: {thing.part}", "thing": _Thing()},
+            {"log_format": "call: {thing()}", "thing": lambda: "called"},
+            {"log_format": "index: {items[0]}", "items": ["first"]},
+            {"log_format": "positional: {0} {}"},
+            {"log_format": "missing: {nobody}"},
+            {"log_format": "nested spec: {n:{width}}", "n": 7, "width": 4},
+            {"log_format": b"bytes: {login}", "login": "x"},
+            {"log_format": "broken {"},
+            {"log_format": "no fields at all"},
+            {"message": ("legacy",), "log_format": None},
+            {},
+        ]
+        text = ClassicText()
+        for extra in events:
+            event = dict(base, **extra)
+            self.assertEqual(text(event), _twistdLine(event), extra)
+        # Without a time, a level or a namespace.
+        for event in ({"log_format": "bare {x}", "x": 1}, {"log_format": "bare"}):
+            self.assertEqual(text(event), _twistdLine(event))
+
+    def test_timeAsTwistd(self) -> None:
+        """
+        The time is made once a second, and is twistd's: within a second,
+        in the microsecond where it rounds up to the next second, at the
+        next second, and when the clock steps back.
+        """
+        text = ClassicText()
+        base = 1_700_000_000
+        for when in (
+            base + 0.1,
+            base + 0.75,
+            base + 0.9999996,
+            base + 0.1,
+            base + 1.0,
+            base + 1.5,
+            base - 3600.25,
+            None,
+        ):
+            self.assertEqual(
+                text.formatTime(when), formatTime(when, timeFormatRFC3339, default="-")
+            )
+            event = {"log_time": when, "log_format": "x {y}", "y": 1}
+            self.assertEqual(text(event), _twistdLine(event))

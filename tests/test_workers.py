@@ -28,10 +28,8 @@ from twisted.logger import (
     LogPublisher,
     formatEvent,
     formatEventAsClassicLogText,
-    formatTime,
     globalLogPublisher,
     textFileLogObserver,
-    timeFormatRFC3339,
 )
 from twisted.python import log as legacylog
 from twisted.python.failure import Failure
@@ -519,30 +517,6 @@ class WorkerPoolTests(unittest.TestCase):
         self.assertIn("ZeroDivisionError", own.getvalue())
         self.assertRegex(lines[-1], r"^\S+ \[- worker=1\] SubmissionFactory starting on 2587$")
         self.assertIn("login=<jörg@bücher.example>", own.getvalue())
-
-    def test_ownLogTimeAsTwistd(self):
-        """
-        A worker's own lines carry the time twistd's text observer would
-        give them, though it is made once a second: within a second, in
-        the microsecond where the time rounds up to the next second, at
-        the next second, and when the clock steps back.
-        """
-        log = WorkerLog(io.StringIO(), 1)
-        base = 1_700_000_000
-        for when in (
-            base + 0.1,
-            base + 0.75,
-            base + 0.9999996,
-            base + 0.1,
-            base + 1.0,
-            base + 1.5,
-            base - 3600.25,
-            None,
-        ):
-            self.assertEqual(
-                log._format({"log_time": when, "log_format": "x"}).split(" ")[0],
-                formatTime(when, timeFormatRFC3339, default="-"),
-            )
 
     def test_ownLogWithEveryField(self):
         """
