@@ -193,13 +193,18 @@ class WorkerFiles(service.Service):
             os.remove(name)
 
 
+#: The size prometheus_client gives a metrics file it makes.
+FIRST_SIZE = 1 << 16
+
+
 def _reserve(path: str, keys: Iterable[str]) -> None:
     """
-    Make the file C{path} of L{foldEnded} big enough for C{keys} more, and
-    every block of it allocated, before it is written through a memory
-    map: on a full disk that write would kill the process (SIGBUS) rather
-    than fail; this raises L{OSError} instead. The size doubles as
-    prometheus_client's own growth does, which then never needs to.
+    Make the metrics file C{path} (made if missing) big enough for C{keys}
+    more, at least L{FIRST_SIZE}, and every block of it allocated, before
+    it is written through a memory map: on a full disk that write would
+    kill the process (SIGBUS) rather than fail; this raises L{OSError}
+    instead. The size doubles as prometheus_client's own growth does,
+    which then never needs to.
     """
     with open(path, "a+b") as f:
         f.seek(0)
@@ -208,28 +213,24 @@ def _reserve(path: str, keys: Iterable[str]) -> None:
         # An entry: its length (4), the key padded to 8, a value and (from
         # prometheus_client 0.17 on) a timestamp (16).
         needed = used + sum(len(key.encode("utf-8")) + 36 for key in keys)
-        size = max(os.fstat(f.fileno()).st_size, 1 << 16)
+        size = max(os.fstat(f.fileno()).st_size, FIRST_SIZE)
         while size < needed:
             size *= 2
         os.posix_fallocate(f.fileno(), 0, size)
 
 
-#: A worker's metric files, by the kind prometheus_client names each by,
-#: and the room each is given when the worker starts.
+#: A worker's metric files, by the kind prometheus_client names each by.
 WORKER_FILE_KINDS = ("counter", "gauge_livesum", "histogram")
-WORKER_FILE_SIZE = 1 << 16
 
 
 def reserveWorkerFiles(path: str, pid: int) -> None:
     """
     Make the metric files of worker C{pid} in C{path} before
-    prometheus_client does, each L{WORKER_FILE_SIZE} bytes with every block
-    allocated: prometheus_client makes them sparse and writes them through
-    a memory map, where a block that a full disk cannot give kills the
-    worker (SIGBUS) instead of failing. An empty (all-zero) file is one it
-    takes as new. The size is prometheus_client's own first size; a
-    worker's series are all made when it starts and take a few KiB, so the
-    files do not grow past it.
+    prometheus_client does, with L{_reserve}: it makes them sparse and
+    writes them through a memory map, where a block that a full disk cannot
+    give kills the worker (SIGBUS) instead of failing. An empty (all-zero)
+    file is one it takes as new. A worker's series are all made when it
+    starts and take a few KiB, so the files do not grow past L{FIRST_SIZE}.
 
     @raise OSError: if the disk has no room for them (the files are removed).
     """
@@ -237,10 +238,8 @@ def reserveWorkerFiles(path: str, pid: int) -> None:
     try:
         for kind in WORKER_FILE_KINDS:
             name = os.path.join(path, f"{kind}_{pid}.db")
-            with open(name, "a+b") as f:
-                made.append(name)
-                size = max(os.fstat(f.fileno()).st_size, WORKER_FILE_SIZE)
-                os.posix_fallocate(f.fileno(), 0, size)
+            made.append(name)
+            _reserve(name, ())
     except OSError:
         for name in made:
             with contextlib.suppress(OSError):
