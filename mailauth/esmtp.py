@@ -241,6 +241,11 @@ class SubmissionProtocol(
         """The TLS handshake (implicit TLS, or after STARTTLS) succeeded."""
         self._handshaken = True
 
+    @property
+    def inHandshake(self) -> bool:
+        """Whether TLS has started on the connection and its handshake has not ended."""
+        return self.tls.active and not self._handshaken
+
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._logHandshakeFailure(reason)
         self._mode = self.CLOSED
@@ -285,7 +290,7 @@ class SubmissionProtocol(
         self._abortMessages()
         self.transport.unregisterProducer()
         self._cancelTimeout()
-        if self.tls.active and not self._handshaken:
+        if self.inHandshake:
             # A TLS handshake never finished (a client stalled in it, on
             # implicit TLS or after STARTTLS): Twisted's TLS layer would
             # hold the replies, and the connection, until it does, which
@@ -329,7 +334,7 @@ class SubmissionProtocol(
 
     def _timedOut(self) -> None:
         self._timer = None
-        if self.tls.active and not self._handshaken:
+        if self.inHandshake:
             # Stalled in its TLS handshake: no 421 can reach it (_close
             # cuts the connection), and it never spoke SMTP.
             self._logHandshakeFailed("timed out")

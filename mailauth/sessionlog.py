@@ -65,12 +65,7 @@ class SessionLog:
 
     def _logHandshakeFailure(self, reason: Failure) -> None:
         """Log a connection that ended (with C{reason}) in a failed TLS handshake."""
-        if (
-            self.tls.active
-            and not self._handshaken
-            and isinstance(reason, Failure)
-            and reason.check(SSL.Error)
-        ):
+        if self.inHandshake and isinstance(reason, Failure) and reason.check(SSL.Error):
             # TLSMemoryBIOProtocol ends a failed handshake with OpenSSL's error.
             self._logHandshakeFailed(_sslReason(reason.value))
 

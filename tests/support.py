@@ -353,8 +353,7 @@ class Session:
         return lines[:-1]
 
     def send(self, data: bytes) -> list:
-        tls = getattr(self.protocol, "tls", None)
-        if tls is not None and tls.active and not self.protocol._handshaken:
+        if getattr(self.protocol, "inHandshake", False):
             # A TLS layer hands the session bytes only once its handshake
             # is done, and says so first.
             self.protocol.handshakeCompleted()
