@@ -508,6 +508,16 @@ class TokenIssuer:
             "RS256": algorithms.RSAAlgorithm,
         }[alg]
         key = json.loads(exporter.to_jwk(private.public_key()))
+        if alg == "ES256":
+            # Each coordinate at its full 32 bytes (RFC 7518 6.2.1.2), as
+            # issuers write them: PyJWT before 2.8 drops leading zero bytes
+            # (one key in about 64), which a reader then rightly refuses.
+            from jwt.utils import base64url_encode
+
+            numbers = private.public_key().public_numbers()
+            for name in ("x", "y"):
+                value = getattr(numbers, name).to_bytes(32, "big")
+                key[name] = base64url_encode(value).decode("ascii")
         key.update(kid=kid, use="sig")
         return key
 

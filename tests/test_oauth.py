@@ -258,6 +258,29 @@ class JWKSTests(unittest.TestCase):
         self.keys = JWKSFile(self.path)
         self.keys.load()
 
+    def test_shortCoordinateKey(self) -> None:
+        """
+        A P-256 key whose coordinate has a leading zero byte (one key in
+        about 64) is written at full length by the tests' issuer, as RFC
+        7518 wants and real issuers do, and is read and used. PyJWT before
+        2.8 (Debian's) wrote it short, which the reader rightly refused:
+        every test of such a run's issuer then got 454 (once in a while).
+        """
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        for _ in range(5000):
+            private = ec.generate_private_key(ec.SECP256R1())
+            numbers = private.public_key().public_numbers()
+            if min(numbers.x, numbers.y) < 1 << 248:
+                break
+        else:
+            self.fail("no P-256 key with a leading zero byte in 5000")
+        self.issuer.keys["k3"] = (private, "ES256")
+        keys, skipped = parseJWKS(self.issuer.jwks("k3").encode())
+        self.assertEqual((len(keys), skipped), (1, []))
+        claims = verifyJWT(self.issuer.mint(kid="k3"), keys, ISSUER, AUDIENCE, 0)
+        self.assertEqual(claims["email"], "bob@example.test")
+
     def test_interface(self) -> None:
         """The JWKS file is L{IReloadable}."""
         from mailauth.interfaces import IReloadable
