@@ -627,6 +627,10 @@ class TwistdProcess:
         self.process = None
         self.ports: dict = {}
         self._output = ""
+        # The NOTIFY_SOCKET it is started with (as systemd's Type=notify),
+        # unless env has one; open until stop.
+        self._notify: Optional[socket.socket] = None
+        self._received: list = []
 
     def argv(self, pidfile: Optional[str] = None) -> list:
         """
@@ -656,16 +660,42 @@ class TwistdProcess:
             self.waitForLog(r"worker \d+ \(pid \d+\) is serving", count=workers, timeout=timeout)
             for name, port in re.findall(r"\[listener:(\S+)\] listening on \S+:(\d+)", self.log()):
                 self.ports[name] = int(port)
-        else:
+        elif "NOTIFY_SOCKET" in (os.environ if self.env is None else self.env):
             self.waitForLog(r"starting on \d+", timeout=timeout)
+        else:
+            # twistd logs "starting on" before its reactor runs, when a
+            # SIGTERM would still kill it without its handlers: wait, as
+            # systemd does, for READY=1, sent once the reactor runs.
+            self._waitUntil(lambda: self._notices("READY=1"), 1, "READY=1", timeout)
+
+    def _notices(self, assignment: str) -> list:
+        """The sd_notify messages received so far that hold C{assignment}."""
+        while True:
+            try:
+                self._received.append(self._notify.recv(4096).decode("utf-8"))
+            except BlockingIOError:
+                break
+        return [m for m in self._received if assignment in m.split("\n")]
 
     def _environment(self) -> dict:
         path = [p for p in (ROOT, os.environ.get("PYTHONPATH")) if p]
-        return dict(os.environ if self.env is None else self.env, PYTHONPATH=os.pathsep.join(path))
+        environ = dict(os.environ if self.env is None else self.env)
+        environ["PYTHONPATH"] = os.pathsep.join(path)
+        if "NOTIFY_SOCKET" not in environ:
+            if self._notify is None:
+                # A name in the abstract namespace: no file, no path length.
+                self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._notify.bind(f"\0mailauth-test-{os.getpid()}-{id(self)}")
+                self._notify.setblocking(False)
+            environ["NOTIFY_SOCKET"] = "@" + self._notify.getsockname()[1:].decode()
+        return environ
 
     def spawn(self) -> None:
         """Start it, without waiting (again after it ended: a restart)."""
         self._output = ""
+        if self._notify is not None:
+            self._notices("")  # an earlier run's, read and forgotten
+            self._received.clear()
         if self.standardOutput:
             with open(self.logPath, "ab") as out:
                 self.process = subprocess.Popen(
@@ -792,6 +822,9 @@ class TwistdProcess:
                 self.process.kill()
                 self.process.wait()
         self._collect()
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
 
 
 def childProcesses(pid: int) -> list:
