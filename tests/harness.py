@@ -628,7 +628,7 @@ class TwistdProcess:
         self.ports: dict = {}
         self._output = ""
         # The NOTIFY_SOCKET it is started with (as systemd's Type=notify),
-        # unless env has one; open until stop.
+        # unless env has one; open until it has ended.
         self._notify: Optional[socket.socket] = None
         self._received: list = []
 
@@ -654,7 +654,10 @@ class TwistdProcess:
         ]
 
     def start(self, workers: int = 1, timeout: float = 60.0) -> None:
-        """Start it and wait until C{workers} workers serve (or, for 1, until it listens)."""
+        """
+        Start it and wait until C{workers} workers serve; for 1, until it
+        sends C{READY=1} (it listens and its reactor runs).
+        """
         self.spawn()
         if workers > 1:
             self.waitForLog(r"worker \d+ \(pid \d+\) is serving", count=workers, timeout=timeout)
@@ -670,12 +673,16 @@ class TwistdProcess:
 
     def _notices(self, assignment: str) -> list:
         """The sd_notify messages received so far that hold C{assignment}."""
+        self._drain()
+        return [m for m in self._received if assignment in m.split("\n")]
+
+    def _drain(self) -> None:
+        """Read the sd_notify messages waiting on its NOTIFY_SOCKET."""
         while True:
             try:
                 self._received.append(self._notify.recv(4096).decode("utf-8"))
             except BlockingIOError:
-                break
-        return [m for m in self._received if assignment in m.split("\n")]
+                return
 
     def _environment(self) -> dict:
         path = [p for p in (ROOT, os.environ.get("PYTHONPATH")) if p]
@@ -694,8 +701,8 @@ class TwistdProcess:
         """Start it, without waiting (again after it ended: a restart)."""
         self._output = ""
         if self._notify is not None:
-            self._notices("")  # an earlier run's, read and forgotten
-            self._received.clear()
+            self._drain()  # an earlier run's (not waited for), to be forgotten
+        self._received = []
         if self.standardOutput:
             with open(self.logPath, "ab") as out:
                 self.process = subprocess.Popen(
@@ -807,7 +814,7 @@ class TwistdProcess:
 
     def wait(self, timeout: float = 30.0) -> int:
         status = self.process.wait(timeout)
-        self._collect()
+        self._ended()
         return status
 
     def stop(self) -> None:
@@ -821,6 +828,10 @@ class TwistdProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self._ended()
+
+    def _ended(self) -> None:
+        """What it wrote, read; its NOTIFY_SOCKET closed (a restart makes another)."""
         self._collect()
         if self._notify is not None:
             self._notify.close()
