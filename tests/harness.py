@@ -669,7 +669,9 @@ class TwistdProcess:
             # twistd logs "starting on" before its reactor runs, when a
             # SIGTERM would still kill it without its handlers: wait, as
             # systemd does, for READY=1, sent once the reactor runs.
-            self._waitUntil(lambda: self._notices("READY=1"), 1, "READY=1", timeout)
+            self._waitUntil(
+                lambda: self._notices("READY=1"), 1, "no READY=1 on its NOTIFY_SOCKET", timeout
+            )
 
     def _notices(self, assignment: str) -> list:
         """The sd_notify messages received so far that hold C{assignment}."""
@@ -751,7 +753,7 @@ class TwistdProcess:
         return self._waitUntil(
             lambda: [line for line in self.log().splitlines() if re.search(pattern, line)],
             count,
-            f"{count} x {pattern!r}",
+            f"{count} x {pattern!r} not in the log",
             timeout,
         )
 
@@ -761,7 +763,9 @@ class TwistdProcess:
 
         @return: every match (C{re.findall}).
         """
-        return self._waitUntil(lambda: re.findall(pattern, self.log()), 1, repr(pattern), timeout)
+        return self._waitUntil(
+            lambda: re.findall(pattern, self.log()), 1, f"{pattern!r} not in the log", timeout
+        )
 
     def _waitUntil(self, find, count: int, what: str, timeout: float) -> list:
         """
@@ -779,8 +783,7 @@ class TwistdProcess:
             if status is not None or time.monotonic() > deadline:
                 state = "still running" if status is None else f"exited with {status}"
                 raise AssertionError(
-                    f"{what} not in the log (daemon {state}):\n"
-                    f"{self.log()[-6000:]}\n{self.output()}"
+                    f"{what} (daemon {state}):\n{self.log()[-6000:]}\n{self.output()}"
                 )
             time.sleep(0.05)
 
