@@ -211,14 +211,23 @@ class MemoryCounterStore:
 
         @raise ValueError: for a bad key.
         """
+        return self.blockedFor(key) > 0
+
+    def blockedFor(self, key: str) -> float:
+        """
+        How many seconds C{key} stays blocked; 0 if it is not blocked.
+
+        @raise ValueError: for a bad key.
+        """
         checkKey(key)
         until = self._blocks.get(key)
         if until is None:
-            return False
-        if until <= self.clock.seconds():
+            return 0
+        remaining = until - self.clock.seconds()
+        if remaining <= 0:
             del self._blocks[key]
-            return False
-        return True
+            return 0
+        return remaining
 
     def trackedKeys(self) -> int:
         """How many counters and blocks are held in memory."""
@@ -245,6 +254,7 @@ def counterStoreFromConfig(
     reactor,
     runBlocking: BlockingRunner,
     onFallback: Optional[Callable[[], None]] = None,
+    node: Any = None,
 ) -> ICounterStore:
     """
     The counter store C{[state] backend} names: a L{MemoryCounterStore}, or
@@ -256,6 +266,9 @@ def counterStoreFromConfig(
     @param reactor: an L{IReactorTime} provider: the clock.
     @param onFallback: called each time the Redis store starts counting in
         memory because Redis is unreachable (a metric).
+    @param node: in a worker, the parent's counters
+        (L{mailauth.workerlink.ParentCounters}), which the Redis store asks
+        too while Redis is unreachable.
     @raise mailauth.config.ConfigError: if the backend is Redis and the
         Python redis client is not installed.
     """
@@ -281,4 +294,5 @@ def counterStoreFromConfig(
         timeout=cfg.state.timeout,
         fallback=MemoryCounterStore(reactor, maxKeys=maxKeys),
         onFallback=onFallback,
+        node=node,
     )

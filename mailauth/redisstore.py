@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import redis
 from redis.backoff import NoBackoff
@@ -26,6 +26,9 @@ from mailauth.counters import (
 )
 from mailauth.interfaces import BlockingRunner, ICounterStore
 from mailauth.threads import PoolBusy, PoolStopped
+
+if TYPE_CHECKING:
+    from mailauth.workerlink import ParentCounters
 
 log = Logger(namespace="mailauth.redisstore")
 
@@ -173,6 +176,15 @@ class RedisCounterStore:
     still holds on this node until it ends. No call ever fails because of
     Redis.
 
+    With C{[server] workers}, each worker's local store is its own, and the
+    parent's counters (C{node}, L{mailauth.workerlink.ParentCounters}) are
+    the node's: a call answered locally is then also made there, and
+    answered with the larger count (the parent's holds what every worker
+    counted during the outage, the worker's its own history from before
+    it) and with the blocks of either, so that during an outage the node's
+    workers count together as one process does. While Redis answers (and
+    the thread pool is not too busy) the parent is not asked.
+
     No call waits longer than C{timeout} from when it was made, however
     many were waiting for a thread when Redis hung: each is answered
     locally at its own deadline, and a thread that gets a call whose
@@ -198,6 +210,7 @@ class RedisCounterStore:
         onFallback: Optional[Callable[[], None]] = None,
         where: str = "redis",
         timeout: float = DEFAULT_TIMEOUT,
+        node: Optional[ParentCounters] = None,
     ) -> None:
         """
         @param client: a redis-py client, made by L{makeClient}.
@@ -210,6 +223,8 @@ class RedisCounterStore:
         @param where: how log lines name this Redis (no password in it).
         @param timeout: the longest a call waits for Redis, from when it is
             made (the client's own socket timeout should be the same).
+        @param node: in a worker, its parent's counters, asked too while
+            Redis does not answer; L{None}: this process counts alone.
         """
         self.client = client
         self.clock = clock
@@ -220,6 +235,7 @@ class RedisCounterStore:
         self.where = where
         self.usingFallback = False
         self.timeout = timeout
+        self.node = node
         self._runBlocking = runBlocking
         self._onFallback = onFallback
         self._retryAt = 0.0
@@ -274,9 +290,12 @@ class RedisCounterStore:
             BLOCK,
             self.prefix + "b:" + key,
             (self._now(), _milliseconds(duration)),
-            # Redis knows of every node's blocks; without it, this node's.
+            # Redis knows of every node's blocks; without it, this node's
+            # (the parent's answer, with workers: new for the node).
             lambda result: bool(result),
-            lambda: new,
+            lambda: self._withNode(
+                new, lambda node: node.block(key, duration), lambda mine, nodes: nodes
+            ),
         )
 
     def blocked(self, key: str) -> defer.Deferred:
@@ -295,12 +314,22 @@ class RedisCounterStore:
             # Redis: it holds here until it ends, not only until Redis is back.
             return self.local.isBlocked(key)
 
+        def remember(seconds: float) -> bool:
+            # Another worker's block, held here too once seen.
+            if seconds > 0:
+                self.local.setBlock(key, seconds)
+            return seconds > 0
+
         return self._call(
             BLOCKED,
             self.prefix + "b:" + key,
             (self._now(),),
             answer,
-            lambda: self.local.isBlocked(key),
+            lambda: self._withNode(
+                self.local.isBlocked(key),
+                lambda node: node.blockedFor(key).addCallback(remember),
+                lambda mine, nodes: mine or nodes,
+            ),
         )
 
     def _count(self, key: str, window: float, amount: int) -> defer.Deferred:
@@ -310,8 +339,37 @@ class RedisCounterStore:
             self.prefix + "c:" + key,
             (self._now(), windowMs, windowMs / SLOTS_PER_WINDOW, amount),
             int,
-            lambda: self.local.count(key, window),
+            lambda: self._withNode(
+                self.local.count(key, window),
+                lambda node: node.count(key, window, amount),
+                max,
+            ),
         )
+
+    def _withNode(
+        self,
+        mine: Any,
+        ask: Callable[[ParentCounters], defer.Deferred],
+        combine: Callable[[Any, Any], Any],
+    ) -> Any:
+        """
+        A local answer: C{mine}, this process's, or with a parent (workers)
+        C{combine(mine, answer)} of its answer to C{ask}; C{mine} alone if
+        the parent could not answer (logged).
+        """
+        if self.node is None:
+            return mine
+        d = ask(self.node)
+        d.addCallback(lambda nodes: combine(mine, nodes))
+
+        def failed(failure: Failure) -> Any:
+            log.error(
+                "the parent's counters could not answer ({why}): this worker's alone",
+                why=failure.getErrorMessage(),
+            )
+            return mine
+
+        return d.addErrback(failed)
 
     def _now(self) -> Any:
         return "" if self.serverTime else round(self.clock.seconds() * 1000)

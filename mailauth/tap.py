@@ -24,7 +24,7 @@ from mailauth import config as configmod
 from mailauth.addressmap import AddressMap
 from mailauth.checkers import CramMD5Checker, OAuthChecker, PasswordChecker, ScramChecker
 from mailauth.checks import Account, checkAll
-from mailauth.counters import counterStoreFromConfig
+from mailauth.counters import MemoryCounterStore, counterStoreFromConfig
 from mailauth.esmtp import SubmissionFactory
 from mailauth.forward import QueueService
 from mailauth.interfaces import IReloadable, IUserDatabase
@@ -53,7 +53,7 @@ from mailauth.throttle import AuthThrottle, ConnectionLimiter
 from mailauth.tls import ReloadableTLS
 from mailauth.userdb import UserDatabase
 from mailauth.userstore import AppPasswordUse, Rehasher, schemesNeededBy, storeFor
-from mailauth.workerlink import NodeConnections
+from mailauth.workerlink import NodeConnections, NodeCounters
 from mailauth.workerproc import Worker
 from mailauth.workers import HeldPort, WorkerPool, readConfiguration, workerEnvironment
 
@@ -607,7 +607,11 @@ def buildService(
         realm.signingProcess.setServiceParent(top)
     # The throttle and the sending limits count here.
     counterStore = counterStoreFromConfig(
-        cfg, reactor, _statePool(cfg, reactor, top), onFallback=metrics.counterStoreFallback
+        cfg,
+        reactor,
+        _statePool(cfg, reactor, top),
+        onFallback=metrics.counterStoreFallback,
+        node=worker.counters if worker is not None else None,
     )
     realm.limits = _sendingLimits(cfg, counterStore, users, realm, diskPool.run, metrics)
     reloadable.append(realm.limits.overrides)
@@ -674,6 +678,8 @@ def buildService(
             hangTimeout=cfg.server.worker_timeout,
             connections=NodeConnections(limiter),
             workerEnded=metrics.workerEnded,
+            # While Redis is down, the workers count here together.
+            counters=NodeCounters(MemoryCounterStore(reactor, maxKeys=cfg.auth.max_tracked * 4)),
         )
         if metricsFiles is not None:
             metricsFiles.setServiceParent(top)

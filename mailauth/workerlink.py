@@ -1,8 +1,9 @@
 """
 What crosses the pipes between a worker and its parent (L{mailauth.workers})
-besides the control words: the worker's log events, and the connection
+besides the control words: the worker's log events, the connection
 counts the limits of C{[server] max_connections} and
-C{max_connections_per_address} are kept on for the whole node.
+C{max_connections_per_address} are kept on for the whole node, and the
+counters the workers share while Redis is down.
 
 With one process the session counts its connections itself
 (L{mailauth.throttle.ConnectionLimiter}). With workers, each would count
@@ -14,6 +15,11 @@ answer C{ID ok} or C{ID REASON} on the configuration pipe) and tells it
 when the connection ends (C{release HOST}). The parent forgets the
 connections of a worker that ends: they ended with it.
 
+While Redis (C{[state] backend}) is down, the workers count failed logins
+and sending limits in the parent too (L{NodeCounters}, asked through
+L{ParentCounters}), so that the node's workers count together then as
+well.
+
 And a worker's life is tied to its parent's (L{dieWithParent}).
 """
 
@@ -23,9 +29,11 @@ import collections
 import contextlib
 import ctypes
 import json
+import math
 import signal
 import sys
 from typing import Callable, Optional
+from urllib.parse import quote, unquote
 
 from twisted.internet import defer
 from twisted.logger import (
@@ -38,6 +46,7 @@ from twisted.logger import (
 from zope.interface import implementer
 
 from mailauth import replies
+from mailauth.counters import MemoryCounterStore
 from mailauth.logs import jsonFileObserver, textFileObserver
 from mailauth.throttle import ConnectionLimiter
 
@@ -261,6 +270,120 @@ class ParentConnections:
         d = self._waiting.pop(ident, None)
         if d is not None:
             d.callback(None if word == b"ok" else _REFUSALS.get(word, replies.TOO_MANY_CONNECTIONS))
+
+
+# Counters for the whole node while Redis is down
+
+#: The verbs of the counter lines, worker to parent.
+COUNTER_VERBS = (b"count ", b"block ", b"blocked ")
+
+
+class NodeCounters:
+    """
+    The parent's counters, in its memory, that its workers count on while
+    Redis (C{[state] backend}) does not answer, so that the node's workers
+    count together during an outage, as one process does
+    (L{mailauth.redisstore.RedisCounterStore}'s C{node}). A worker asks
+    with a line on the control pipe, and is answered on its configuration
+    pipe:
+
+      - C{count ID KEY WINDOW AMOUNT}: add C{AMOUNT} (0: only read) to
+        C{KEY}; the answer C{ID TOTAL}, its total within C{WINDOW} seconds;
+      - C{block ID KEY SECONDS}: block C{KEY}; C{ID 1} if that is a new
+        block, C{ID 0} if it was blocked already;
+      - C{blocked ID KEY}: C{ID MILLISECONDS} it stays blocked, C{ID 0}.
+
+    C{KEY} is percent-encoded (it may hold any character); a line that
+    does not parse is answered C{ID ?}.
+    """
+
+    def __init__(self, store: MemoryCounterStore) -> None:
+        self.store = store
+
+    def control(self, line: bytes) -> Optional[bytes]:
+        """
+        Act on a counter line from a worker.
+
+        @return: the answer line (no line end), or L{None} for a line
+            without an ID to answer.
+        """
+        verb, *words = line.split(b" ")
+        if not words:
+            return None
+        ident = words[0]
+        try:
+            key = unquote(words[1].decode("ascii"), errors="strict")
+            if verb == b"count" and len(words) == 4:
+                window, amount = float(words[2]), int(words[3])
+                if amount:
+                    value = self.store.add(key, window, amount)
+                else:
+                    value = self.store.count(key, window)
+            elif verb == b"block" and len(words) == 3:
+                value = int(self.store.setBlock(key, float(words[2])))
+            elif verb == b"blocked" and len(words) == 2:
+                value = math.ceil(self.store.blockedFor(key) * 1000)
+            else:
+                raise ValueError(line)
+        except (ValueError, IndexError, UnicodeError):
+            return ident + b" ?"
+        return b"%s %d" % (ident, value)
+
+
+class ParentCounters:
+    """
+    A worker's view of its parent's L{NodeCounters}.
+
+    @param send: writes one line (no line end) to the parent's control pipe.
+    """
+
+    def __init__(self, send: Callable[[bytes], None]) -> None:
+        self._send = send
+        self._waiting: dict[bytes, defer.Deferred] = {}
+        self._next = 0
+
+    def count(self, key: str, window: float, amount: int = 0) -> defer.Deferred[int]:
+        """Add C{amount} (0: only read) to C{key}: its total within C{window} seconds."""
+        return self._ask(b"count", key, repr(float(window)), str(int(amount)))
+
+    def block(self, key: str, duration: float) -> defer.Deferred[bool]:
+        """Block C{key} for C{duration} seconds: whether that is a new block."""
+        return self._ask(b"block", key, repr(float(duration))).addCallback(bool)
+
+    def blockedFor(self, key: str) -> defer.Deferred[float]:
+        """How many seconds C{key} stays blocked; 0 if it is not blocked."""
+        return self._ask(b"blocked", key).addCallback(lambda ms: ms / 1000)
+
+    def answered(self, line: bytes) -> None:
+        """An answer line from the parent: fire the question it answers."""
+        ident, _, value = line.strip().partition(b" ")
+        d = self._waiting.pop(ident, None)
+        if d is None:
+            return
+        try:
+            number = int(value)
+        except ValueError:
+            d.errback(ValueError(f"the parent did not understand the question (answer {value!r})"))
+        else:
+            d.callback(number)
+
+    def _ask(self, verb: bytes, key: str, *words: str) -> defer.Deferred:
+        """
+        Send one line; a Deferred firing with the parent's number. It
+        never fires if the parent goes away first: the worker then stops.
+        """
+        self._next += 1
+        ident = b"k%d" % self._next
+        d: defer.Deferred = defer.Deferred()
+        self._waiting[ident] = d
+        line = b" ".join([verb, ident, quote(key, safe="").encode("ascii")])
+        self._send(b" ".join([line, *(w.encode("ascii") for w in words)]))
+        return d
+
+
+def isCounterAnswer(line: bytes) -> bool:
+    """Whether an answer line on a worker's configuration pipe is for its L{ParentCounters}."""
+    return line.startswith(b"k")
 
 
 # The worker's life tied to its parent's

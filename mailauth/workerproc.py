@@ -26,7 +26,14 @@ from twisted.internet import defer, protocol, task
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
-from mailauth.workerlink import LogRelay, ParentConnections, WorkerLog, dieWithParent
+from mailauth.workerlink import (
+    LogRelay,
+    ParentConnections,
+    ParentCounters,
+    WorkerLog,
+    dieWithParent,
+    isCounterAnswer,
+)
 from mailauth.workers import CONFIG_FD, CONTROL_FD, LOG_FD
 
 # The namespace of the parent's lines about its workers: docs/logs.rst
@@ -45,12 +52,16 @@ class Worker:
     @ivar sockets: listener name to inherited file descriptor.
     @ivar connections: what the sessions count their connections on (a
         L{ParentConnections}); L{None}: each worker counts its own.
+    @ivar counters: the parent's counters, which the throttle and the
+        sending limits count on too while Redis is down; L{None}: each
+        worker alone.
     """
 
     index: int
     sockets: Mapping[str, int]
     wakeQueue: Callable[[], None]
     connections: Optional[ParentConnections] = None
+    counters: Optional[ParentCounters] = None
 
     def listen(self, name: str, factory: IProtocolFactory, reactor) -> service.IService:
         """The service that serves listener C{name}'s inherited socket with C{factory}."""
@@ -94,7 +105,7 @@ class AdoptedPortService(service.Service):
 class _ParentLink(protocol.Protocol):
     """
     The worker's end of the pipes to its parent: control lines out; in, on
-    the configuration pipe, the answers to C{admit} lines (for
+    the configuration pipe, the answers to C{admit} and counter lines (for
     C{answered}), and its end, which means the parent is gone.
     """
 
@@ -202,10 +213,16 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
 
     link = _ParentLink(parentGone)
     connections = ParentConnections(link.send)
-    link.answered = connections.answered
+    counters = ParentCounters(link.send)
+
+    def answered(line: bytes) -> None:
+        (counters if isCounterAnswer(line) else connections).answered(line)
+
+    link.answered = answered
     # (mypy reads the Windows StandardIO, which has no stdin or stdout.)
     cast(Any, stdio.StandardIO)(link, stdin=CONFIG_FD, stdout=CONTROL_FD, reactor=reactor)
-    top = tap.buildService(cfg, reactor, worker=Worker(args.index, sockets, link.wake, connections))
+    worker = Worker(args.index, sockets, link.wake, connections, counters)
+    top = tap.buildService(cfg, reactor, worker=worker)
 
     def start() -> None:
         # SIGTERM comes twice when systemd signals the whole group and the

@@ -28,8 +28,8 @@ The pipes between them (child descriptors):
 
   - 0, parent to worker: the configuration text the parent validated (so
     that a worker restarted later serves what the others serve, whatever
-    happened to the file since), then the answers to its C{admit} lines;
-    its end means the parent is gone, and the worker stops.
+    happened to the file since), then the answers to its C{admit} and
+    counter lines; its end means the parent is gone, and the worker stops.
   - 1, worker to parent: the worker's log events, one JSON object a line
     with what a log line shows (L{mailauth.workerlink.LogRelay}); the
     parent publishes them in its own log, where they read as the lines of
@@ -41,9 +41,11 @@ The pipes between them (child descriptors):
   - 2: the worker's stderr, for what it writes before its log starts.
   - 3, worker to parent: control lines, C{ready} once it serves, C{wake}
     after it queued a message, C{alive} from its event loop every third
-    of C{[server] worker_timeout}, and C{admit}/C{release} for the
+    of C{[server] worker_timeout}, C{admit}/C{release} for the
     connection limits the parent keeps for the whole node
-    (L{mailauth.workerlink.NodeConnections}).
+    (L{mailauth.workerlink.NodeConnections}), and C{count}/C{block}/
+    C{blocked} for the counters the workers share while Redis is down
+    (L{mailauth.workerlink.NodeCounters}); the parent answers on pipe 0.
   - 4 and up: the listening sockets, in the order of the C{--listener}
     arguments.
 """
@@ -64,7 +66,7 @@ from twisted.internet import defer, endpoints, error, protocol, task
 from twisted.logger import Logger, LogPublisher, globalLogPublisher
 from twisted.python.failure import Failure
 
-from mailauth.workerlink import NodeConnections, eventFromRelay
+from mailauth.workerlink import COUNTER_VERBS, NodeConnections, NodeCounters, eventFromRelay
 
 log = Logger(namespace="mailauth.workers")
 
@@ -254,6 +256,7 @@ class WorkerPool(service.Service):
         connections: Optional[NodeConnections] = None,
         workerEnded: Callable[[int], None] = lambda pid: None,
         ownLog: Optional[int] = None,
+        counters: Optional[NodeCounters] = None,
     ) -> None:
         """
         @param reactor: binds, spawns (C{IReactorProcess}) and keeps time.
@@ -281,6 +284,9 @@ class WorkerPool(service.Service):
             own and writes its log lines to itself
             (L{mailauth.workerlink.WorkerLog}); L{None}: the workers' events
             are relayed to C{publisher}.
+        @param counters: the node's counters, which the workers count on
+            while Redis is down; L{None}: workers asking get no answer
+            (only tests build a pool without).
         """
         self.reactor = reactor
         self.count = count
@@ -295,6 +301,7 @@ class WorkerPool(service.Service):
         self.stopTimeout = stopTimeout
         self.hangTimeout = hangTimeout
         self.connections = connections
+        self.counters = counters
         self.workerEnded = workerEnded
         self.ownLog = ownLog
         self._watch: Optional[task.LoopingCall] = None
@@ -462,13 +469,11 @@ class WorkerPool(service.Service):
     def _control(self, slot: _Slot, line: bytes) -> None:
         slot.heardAt = self.reactor.seconds()
         if line.startswith((b"admit ", b"release ")):
-            answer = None
             if self.connections is not None:
-                answer = self.connections.control(slot.index, line)
-            if answer is not None and slot.process is not None:
-                # (KeyError: its pipe has closed, as it ends.)
-                with contextlib.suppress(KeyError):
-                    slot.process.writeToChild(CONFIG_FD, answer + b"\n")
+                self._answer(slot, self.connections.control(slot.index, line))
+        elif line.startswith(COUNTER_VERBS):
+            if self.counters is not None:
+                self._answer(slot, self.counters.control(line))
         elif line == b"wake":
             self.wakeQueue()
         elif line == b"ready":
@@ -480,6 +485,13 @@ class WorkerPool(service.Service):
             if not (self._everReady or self._gaveUp) and all(s.ready for s in self.slots):
                 self._everReady = True
                 self._waitingForPort.callback(True)
+
+    def _answer(self, slot: _Slot, answer: Optional[bytes]) -> None:
+        """Write C{answer}, if any, to the worker of C{slot} (its configuration pipe)."""
+        if answer is not None and slot.process is not None:
+            # (KeyError: its pipe has closed, as it ends.)
+            with contextlib.suppress(KeyError):
+                slot.process.writeToChild(CONFIG_FD, answer + b"\n")
 
     def _relay(self, slot: _Slot, record: bytes) -> None:
         if not record.strip():

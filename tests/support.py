@@ -30,6 +30,8 @@ from mailauth.esmtp import SubmissionFactory
 from mailauth.replies import SMTPReply
 from mailauth.spool import Queue
 from mailauth.throttle import AuthThrottle, ConnectionLimiter
+from mailauth.workerlink import NodeCounters, ParentCounters
+from mailauth.workerproc import _ParentLink
 
 # Test data: real doveadm hashes (tests/data/README.md).
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -751,3 +753,34 @@ def usersFileDatabase(case, users: dict) -> Any:
     db = UserDatabase(path)
     db.load()
     return db
+
+
+class CounterPipes:
+    """
+    One worker's L{ParentCounters} and its parent's L{NodeCounters}, over
+    the lines the pipes carry; answers wait until L{deliver} (or, with
+    C{at_once}, are read as soon as written).
+    """
+
+    def __init__(self, node: NodeCounters, atOnce: bool = False) -> None:
+        self.node = node
+        self.atOnce = atOnce
+        self.sent: list = []
+        self.pending: list = []
+        self.link = _ParentLink(lambda: None)
+        self.counters = ParentCounters(self.send)
+        self.link.answered = self.counters.answered
+
+    def send(self, line: bytes) -> None:
+        self.sent.append(line)
+        answer = self.node.control(line)
+        if answer is not None:
+            self.pending.append(answer + b"\n")
+        if self.atOnce:
+            self.deliver()
+
+    def deliver(self) -> None:
+        data, self.pending = b"".join(self.pending), []
+        # However the pipe splits what the parent wrote.
+        for n in range(0, len(data), 3):
+            self.link.dataReceived(data[n : n + 3])

@@ -17,8 +17,10 @@ from mailauth.counters import SLOTS_PER_WINDOW, MemoryCounterStore, counterStore
 from mailauth.interfaces import ICounterStore
 from mailauth.redisstore import COUNT, RedisCounterStore
 from mailauth.threads import ThreadPoolService
+from mailauth.workerlink import NodeCounters, ParentCounters
 from tests.harness import LogWatcher
 from tests.redisharness import freePort, startRedis
+from tests.support import CounterPipes
 from tests.test_config import MINIMAL
 
 # A realistic time (seconds since the epoch), on a slot boundary of WINDOW.
@@ -503,6 +505,101 @@ class RedisCounterStoreTests(CounterStoreTestsMixin, unittest.TestCase):
         self.assertEqual((yield self.store.hit("k", WINDOW)), 3 + 4 + 1)
         self.assertEqual((yield other.total("k", WINDOW)), 3 + 4 + 1)
         self.assertFalse(self.store.usingFallback or other.usingFallback)
+
+    def workers(self) -> tuple:
+        """
+        Two workers' stores (same Redis) and their parent's counters, the
+        pipes between them answering at once; and each worker's pipe.
+        """
+        node = NodeCounters(MemoryCounterStore(self.clock))
+        pipes = [CounterPipes(node, atOnce=True) for _ in range(2)]
+        stores = [self.makeStore(self.redis.url, node=p.counters) for p in pipes]
+        return stores, node, pipes
+
+    @defer.inlineCallbacks
+    def test_workersCountTogetherInOutage(self):
+        """
+        With workers, hits answered locally during an outage are counted in
+        the parent too, and answered with the larger of its count and the
+        worker's own (which holds the worker's history from before the
+        outage): the workers of a node count together, as one process
+        does. A block one of them sets is new once for the node, and holds
+        for the other, which remembers it after the outage.
+        """
+        (one, two), node, pipes = self.workers()
+        yield one.hit("k", WINDOW, 3)
+        self.redis.stop()
+        self.assertEqual((yield one.hit("k", WINDOW)), 4)
+        self.assertEqual((yield two.hit("k", WINDOW)), 2)
+        self.assertEqual((yield two.hit("k", WINDOW, 3)), 5)
+        self.assertEqual((yield one.total("k", WINDOW)), 5)
+        self.assertEqual((yield two.total("k", WINDOW)), 5)
+        self.assertTrue(one.usingFallback and two.usingFallback)
+        self.assertIs((yield one.block("addr:192.0.2.9", 900)), True)
+        self.assertIs((yield two.block("addr:192.0.2.9", 900)), False)
+        self.assertTrue((yield two.blocked("addr:192.0.2.9")))
+        self.assertFalse((yield two.blocked("addr:192.0.2.10")))
+        self.redis.start()
+        self.clock.advance(10)
+        self.assertTrue((yield two.blocked("addr:192.0.2.9")))
+        self.assertFalse(two.usingFallback)
+        self.clock.advance(890)
+        self.assertFalse((yield two.blocked("addr:192.0.2.9")))
+
+    @defer.inlineCallbacks
+    def test_blockSeenFromParentRemembered(self):
+        """
+        A block another worker set during the outage, once a worker has
+        learned it from the parent, holds on that worker after the outage
+        too, for what remained of it.
+        """
+        (one, two), node, pipes = self.workers()
+        self.redis.stop()
+        yield one.block("addr:192.0.2.9", 900)
+        self.clock.advance(100)
+        self.assertTrue((yield two.blocked("addr:192.0.2.9")))
+        self.assertTrue(two.local.isBlocked("addr:192.0.2.9"))
+        self.redis.start()
+        self.clock.advance(10)
+        self.assertTrue((yield two.blocked("addr:192.0.2.9")))
+        self.assertFalse(two.usingFallback)
+        self.clock.advance(789)
+        self.assertTrue((yield two.blocked("addr:192.0.2.9")))
+        self.clock.advance(1)
+        self.assertFalse((yield two.blocked("addr:192.0.2.9")))
+
+    @defer.inlineCallbacks
+    def test_parentNotAskedWhileRedisAnswers(self):
+        """While Redis answers, a worker sends its parent nothing: no cost per call."""
+        (one, two), node, pipes = self.workers()
+        yield one.hit("k", WINDOW)
+        yield one.total("k", WINDOW)
+        yield one.block("addr:192.0.2.9", 60)
+        self.assertTrue((yield two.blocked("addr:192.0.2.9")))
+        self.assertFalse((yield two.blocked("addr:192.0.2.10")))
+        self.assertEqual([p.sent for p in pipes], [[], []])
+
+    @defer.inlineCallbacks
+    def test_parentCannotAnswer(self):
+        """
+        A question the parent cannot answer is answered by the worker
+        alone, with an error line: no call fails for it.
+        """
+        node = NodeCounters(MemoryCounterStore(self.clock))
+        garbled = ParentCounters(lambda line: garbled.answered(line.split(b" ")[1] + b" ?"))
+        store = self.makeStore(node=garbled)
+        yield store.hit("k", WINDOW, 2)
+        self.redis.stop()
+        self.assertEqual((yield store.hit("k", WINDOW)), 3)
+        self.assertFalse((yield store.blocked("b")))
+        self.assertIs((yield store.block("b", 60)), True)
+        self.assertEqual(node.store.trackedKeys(), 0)
+        errors = [
+            e
+            for e in self.watcher.events
+            if "parent's counters could not answer" in e.get("log_format", "")
+        ]
+        self.assertEqual(len(errors), 3)
 
     @defer.inlineCallbacks
     def test_restartedRedisEmpty(self):

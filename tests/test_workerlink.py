@@ -1,8 +1,10 @@
 """
 The node's connection limits with workers (L{mailauth.workerlink}): the
 parent's one count (L{NodeConnections}) asked by each worker's sessions
-through L{ParentConnections}, over the lines the real pipes carry;
-tests/test_workersdaemon.py runs the same across two real workers.
+through L{ParentConnections}, over the lines the real pipes carry; and the
+parent's counters (L{NodeCounters}) the workers ask through
+L{ParentCounters} while Redis is down. tests/test_workersdaemon.py runs the
+same across two real workers.
 """
 
 from __future__ import annotations
@@ -10,10 +12,17 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from mailauth.counters import MemoryCounterStore
 from mailauth.throttle import ConnectionLimiter
-from mailauth.workerlink import NodeConnections, ParentConnections
+from mailauth.workerlink import (
+    NodeConnections,
+    NodeCounters,
+    ParentConnections,
+    ParentCounters,
+    isCounterAnswer,
+)
 from mailauth.workerproc import _ParentLink
-from tests.support import Session, makeFactory, makeThrottle
+from tests.support import CounterPipes, Session, makeFactory, makeThrottle
 
 GREETING = [b"220 mx.example.test ESMTP mailauth"]
 FROM_ADDRESS = [b"421 4.7.0 Error: too many connections from your address"]
@@ -146,3 +155,102 @@ class NodeLimitsTests(unittest.TestCase):
         self.assertNoResult(d)
         connections.answered(b"1 ok")
         self.assertIsNone(self.successResultOf(d))
+
+
+class NodeCountersTests(unittest.TestCase):
+    """Two workers counting on their parent's counters."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.node = NodeCounters(MemoryCounterStore(self.clock))
+        self.pipes = [CounterPipes(self.node) for _ in range(2)]
+
+    def answer(self, pipe: CounterPipes, d):
+        self.assertNoResult(d)
+        pipe.deliver()
+        return self.successResultOf(d)
+
+    def test_countTogether(self) -> None:
+        """Hits from either worker add up in the parent; a read adds nothing."""
+        one, two = self.pipes
+        self.assertEqual(self.answer(one, one.counters.count("auth-address:192.0.2.1", 60, 1)), 1)
+        self.assertEqual(self.answer(two, two.counters.count("auth-address:192.0.2.1", 60, 2)), 3)
+        self.assertEqual(self.answer(one, one.counters.count("auth-address:192.0.2.1", 60)), 3)
+        self.assertEqual(self.answer(two, two.counters.count("auth-address:192.0.2.9", 60)), 0)
+        self.clock.advance(61)
+        self.assertEqual(self.answer(one, one.counters.count("auth-address:192.0.2.1", 60)), 0)
+        self.assertEqual(
+            one.sent[0], b"count k1 auth-address%3A192.0.2.1 60.0 1", "the line on the pipe"
+        )
+
+    def test_blocks(self) -> None:
+        """A block one worker sets is new once, and the other learns how long it holds."""
+        one, two = self.pipes
+        self.assertEqual(self.answer(two, two.counters.blockedFor("a")), 0)
+        self.assertIs(self.answer(one, one.counters.block("a", 900)), True)
+        self.assertIs(self.answer(two, two.counters.block("a", 900)), False)
+        self.clock.advance(100.2004)
+        # Rounded up to the millisecond: never shorter than the parent's.
+        self.assertEqual(self.answer(two, two.counters.blockedFor("a")), 799.8)
+        self.clock.advance(800)
+        self.assertEqual(self.answer(one, one.counters.blockedFor("a")), 0)
+        self.assertIs(self.answer(one, one.counters.block("a", 900)), True)
+
+    def test_anyKey(self) -> None:
+        """Keys with spaces, percent signs and non-ASCII text cross the pipe whole."""
+        one, two = self.pipes
+        key = 'limit:messages:"a b"%20@exämple.test'
+        self.assertEqual(self.answer(one, one.counters.count(key, 60, 4)), 4)
+        self.assertEqual(self.node.store.count(key, 60), 4)
+        self.assertNotIn(b" b", one.sent[0])
+
+    def test_answersInOrderOfArrival(self) -> None:
+        """Questions waiting together are each answered with their own number."""
+        one = self.pipes[0]
+        first = one.counters.count("x", 60, 5)
+        second = one.counters.count("y", 60, 7)
+        one.deliver()
+        self.assertEqual((self.successResultOf(first), self.successResultOf(second)), (5, 7))
+
+    def test_badLines(self) -> None:
+        """
+        A line the parent cannot read is answered C{ID ?}, which fails the
+        question with ValueError; nothing is counted. A line without an ID
+        gets no answer.
+        """
+        for line in (
+            b"count k1 key",
+            b"count k1 key sixty 1",
+            b"count k1 key 60 1 2",
+            b"count k1 %ZZ%FF 60 1",
+            b"count k1 key -60 1",
+            b"count k1  60 1",
+            b"block k1 key",
+            b"block k1 key 0",
+            b"blocked k1",
+            b"blocked k1 key extra",
+            b"count k1",
+        ):
+            self.assertEqual(self.node.control(line), b"k1 ?", line)
+        self.assertIsNone(self.node.control(b"count"))
+        self.assertEqual(self.node.store.trackedKeys(), 0)
+        counters = ParentCounters(lambda line: None)
+        d = counters.count("key", 60, 1)
+        counters.answered(b"k1 ?")
+        self.failureResultOf(d, ValueError)
+
+    def test_answerForNoQuestion(self) -> None:
+        """An answer to nothing the worker asked is ignored."""
+        counters = ParentCounters(lambda line: None)
+        d = counters.count("key", 60)
+        counters.answered(b"k7 3")
+        counters.answered(b"")
+        self.assertNoResult(d)
+        counters.answered(b"k1 3")
+        self.assertEqual(self.successResultOf(d), 3)
+
+    def test_answersTellApart(self) -> None:
+        """On the worker's pipe, the counters' answers are told from the connections'."""
+        self.assertTrue(isCounterAnswer(b"k12 3"))
+        self.assertFalse(isCounterAnswer(b"12 ok"))

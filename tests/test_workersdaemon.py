@@ -58,7 +58,7 @@ class _Daemon:
         prelude: str = "",
         standardOutput: bool = False,
     ) -> None:
-        redis = startRedis(test)
+        self.redis = redis = startRedis(test)
         base = {"server": {"workers": str(count)}, "state": {"backend": redis.url}}
         for section, values in (settings or {}).items():
             base.setdefault(section, {}).update(values)
@@ -350,6 +350,62 @@ class TwistdWorkersTests(unittest.TestCase):
         client = RawClient(port)
         self.addCleanup(client.close)
         self.assertEqual(client.reply()[0], 220)
+
+    def test_bruteForceInOutageBlockedForTheNode(self):
+        """
+        With Redis down, the failed logins of an address are counted for
+        the node, not for each worker: failures made in turn on the two
+        workers block the address at C{max_failures_per_address}, logged
+        once, and both workers then refuse it, a right password included
+        (docs/counters.rst).
+        """
+        daemon = _Daemon(
+            self,
+            {
+                "server": {"log_format": "json", "max_connections_per_address": "100"},
+                "auth": {"max_failures_per_address": "4", "tarpit_delay": "0s"},
+            },
+        )
+        daemon.start()
+        port = daemon.twistd.ports["submissions"]
+        daemon.redis.stop()
+
+        def events(pattern: str, count: int = 1) -> list:
+            lines = daemon.twistd.waitForLog(pattern, count=count)
+            return [json.loads(line) for line in lines]
+
+        # Connections, and the worker each went to (the kernel's choice):
+        # three on each worker, two to fail on and one to try again.
+        byWorker: dict = {1: [], 2: []}
+        opened = 0
+        while min(len(c) for c in byWorker.values()) < 3 and opened < 60:
+            client = RawClient(port, tls=True)
+            self.addCleanup(client.close)
+            self.assertEqual(client.reply()[0], 220)
+            opened += 1
+            worker = events(r'"log_format": "connect: ', opened)[opened - 1]["log_worker"]
+            byWorker[worker].append(client)
+        self.assertTrue(all(len(c) >= 3 for c in byWorker.values()), f"{opened} connections")
+        daemon.twistd.waitForLog(r"state backend .* failed")
+
+        # Two failures on each worker: the fourth reaches the limit, and
+        # its answer is the block's 421 (counted by each worker alone, all
+        # four would be 535).
+        answers = []
+        for worker in (1, 2, 1, 2):
+            client = byWorker[worker].pop()
+            client.ehlo()
+            answers.append(client.command(plain(BOB, b"wrong"))[0])
+        self.assertEqual(answers, [535, 535, 535, 421])
+        [blocked] = events(r'"log_format": "address blocked: ')
+        self.assertEqual(blocked["failures"], 4)
+        for worker in (1, 2):
+            client = byWorker[worker].pop()
+            client.ehlo()
+            self.assertEqual(client.command(plain(BOB, BOB_PASSWORD))[0], 421, f"worker {worker}")
+        failures = events(r'"log_format": "auth failure: ', 4)
+        self.assertEqual([e["log_worker"] for e in failures], [1, 2, 1, 2])
+        self.assertEqual(len(events(r'"log_format": "address blocked: ')), 1)
 
     def test_metricsOfEveryWorker(self):
         """
