@@ -381,9 +381,19 @@ class ParentCounters:
         return d
 
 
-def isCounterAnswer(line: bytes) -> bool:
-    """Whether an answer line on a worker's configuration pipe is for its L{ParentCounters}."""
-    return line.startswith(b"k")
+def answerRouter(
+    connections: ParentConnections, counters: ParentCounters
+) -> Callable[[bytes], None]:
+    """
+    What a worker does with an answer line on its configuration pipe:
+    give it to the one that asked (a counter question's ID starts with
+    C{k}, a connection's is a number).
+    """
+
+    def answered(line: bytes) -> None:
+        (counters if line.startswith(b"k") else connections).answered(line)
+
+    return answered
 
 
 # The worker's life tied to its parent's

@@ -31,8 +31,8 @@ from mailauth.workerlink import (
     ParentConnections,
     ParentCounters,
     WorkerLog,
+    answerRouter,
     dieWithParent,
-    isCounterAnswer,
 )
 from mailauth.workers import CONFIG_FD, CONTROL_FD, LOG_FD
 
@@ -214,11 +214,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     link = _ParentLink(parentGone)
     connections = ParentConnections(link.send)
     counters = ParentCounters(link.send)
-
-    def answered(line: bytes) -> None:
-        (counters if isCounterAnswer(line) else connections).answered(line)
-
-    link.answered = answered
+    link.answered = answerRouter(connections, counters)
     # (mypy reads the Windows StandardIO, which has no stdin or stdout.)
     cast(Any, stdio.StandardIO)(link, stdin=CONFIG_FD, stdout=CONTROL_FD, reactor=reactor)
     worker = Worker(args.index, sockets, link.wake, connections, counters)

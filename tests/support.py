@@ -30,7 +30,7 @@ from mailauth.esmtp import SubmissionFactory
 from mailauth.replies import SMTPReply
 from mailauth.spool import Queue
 from mailauth.throttle import AuthThrottle, ConnectionLimiter
-from mailauth.workerlink import NodeCounters, ParentCounters
+from mailauth.workerlink import ParentConnections, ParentCounters, answerRouter
 from mailauth.workerproc import _ParentLink
 
 # Test data: real doveadm hashes (tests/data/README.md).
@@ -755,25 +755,28 @@ def usersFileDatabase(case, users: dict) -> Any:
     return db
 
 
-class CounterPipes:
+class WorkerPipes:
     """
-    One worker's L{ParentCounters} and its parent's L{NodeCounters}, over
-    the lines the pipes carry; answers wait until L{deliver} (or, with
-    C{at_once}, are read as soon as written).
+    One worker's pipes to its parent, as lines: what the worker's
+    L{ParentConnections} and L{ParentCounters} send goes to C{control}
+    (the parent's) at once; its answers wait in the pipe until L{deliver},
+    as they would for a turn of the reactor (with C{atOnce}, they are read
+    as soon as written), and are routed back as a worker routes them.
     """
 
-    def __init__(self, node: NodeCounters, atOnce: bool = False) -> None:
-        self.node = node
+    def __init__(self, control: Callable[[bytes], Optional[bytes]], atOnce: bool = False) -> None:
+        self.control = control
         self.atOnce = atOnce
         self.sent: list = []
         self.pending: list = []
         self.link = _ParentLink(lambda: None)
+        self.connections = ParentConnections(self.send)
         self.counters = ParentCounters(self.send)
-        self.link.answered = self.counters.answered
+        self.link.answered = answerRouter(self.connections, self.counters)
 
     def send(self, line: bytes) -> None:
         self.sent.append(line)
-        answer = self.node.control(line)
+        answer = self.control(line)
         if answer is not None:
             self.pending.append(answer + b"\n")
         if self.atOnce:

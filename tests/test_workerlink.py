@@ -19,44 +19,13 @@ from mailauth.workerlink import (
     NodeCounters,
     ParentConnections,
     ParentCounters,
-    isCounterAnswer,
 )
-from mailauth.workerproc import _ParentLink
-from tests.support import CounterPipes, Session, makeFactory, makeThrottle
+from tests.support import Session, WorkerPipes, makeFactory, makeThrottle
 
 GREETING = [b"220 mx.example.test ESMTP mailauth"]
 FROM_ADDRESS = [b"421 4.7.0 Error: too many connections from your address"]
 TOO_MANY = [b"421 4.7.0 Error: too many connections, try again later"]
 BLOCKED = [b"421 4.7.0 Error: too many failed logins, try again later"]
-
-
-class _Pipes:
-    """
-    One worker's pipes to the parent, as lines: what the worker sends goes
-    to the parent's L{NodeConnections} at once; the parent's answers wait
-    in the pipe until L{deliver}, as they would for a turn of the reactor.
-    """
-
-    def __init__(self, node: NodeConnections, index: int) -> None:
-        self.node = node
-        self.index = index
-        self.sent: list = []
-        self.pending: list = []
-        self.link = _ParentLink(lambda: None)
-        self.connections = ParentConnections(self.send)
-        self.link.answered = self.connections.answered
-
-    def send(self, line: bytes) -> None:
-        self.sent.append(line)
-        answer = self.node.control(self.index, line)
-        if answer is not None:
-            self.pending.append(answer + b"\n")
-
-    def deliver(self) -> None:
-        data, self.pending = b"".join(self.pending), []
-        # However the pipe splits what the parent wrote.
-        for n in range(0, len(data), 5):
-            self.link.dataReceived(data[n : n + 5])
 
 
 class NodeLimitsTests(unittest.TestCase):
@@ -66,7 +35,8 @@ class NodeLimitsTests(unittest.TestCase):
         self.clock = Clock()
         self.node = NodeConnections(ConnectionLimiter(3, 2))
         # Workers are numbered from 1, as the pool numbers them.
-        self.pipes = {n: _Pipes(self.node, n) for n in (1, 2)}
+        # (n=n: each worker's own number.)
+        self.pipes = {n: WorkerPipes(lambda line, n=n: self.node.control(n, line)) for n in (1, 2)}
         self.throttle = makeThrottle(self.clock)
         self.factories = {
             n: makeFactory(self.clock, connections=p.connections, throttle=self.throttle)
@@ -164,9 +134,9 @@ class NodeCountersTests(unittest.TestCase):
         self.clock = Clock()
         self.clock.advance(1_000_000)
         self.node = NodeCounters(MemoryCounterStore(self.clock))
-        self.pipes = [CounterPipes(self.node) for _ in range(2)]
+        self.pipes = [WorkerPipes(self.node.control) for _ in range(2)]
 
-    def answer(self, pipe: CounterPipes, d):
+    def answer(self, pipe: WorkerPipes, d):
         self.assertNoResult(d)
         pipe.deliver()
         return self.successResultOf(d)
@@ -251,6 +221,24 @@ class NodeCountersTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(d), 3)
 
     def test_answersTellApart(self) -> None:
-        """On the worker's pipe, the counters' answers are told from the connections'."""
-        self.assertTrue(isCounterAnswer(b"k12 3"))
-        self.assertFalse(isCounterAnswer(b"12 ok"))
+        """
+        On one worker's pipe, answers to counter questions and to connection
+        requests, interleaved, each reach the one that asked.
+        """
+        connections = NodeConnections(ConnectionLimiter(3, 2))
+        counters = self.node
+
+        def control(line: bytes):
+            if line.startswith((b"admit ", b"release ")):
+                return connections.control(1, line)
+            return counters.control(line)
+
+        pipes = WorkerPipes(control)
+        admitted = pipes.connections.acquire("192.0.2.1")
+        counted = pipes.counters.count("k", 60, 2)
+        blocked = pipes.counters.blockedFor("k")
+        pipes.deliver()
+        self.assertIsNone(self.successResultOf(admitted))
+        self.assertEqual(self.successResultOf(counted), 2)
+        self.assertEqual(self.successResultOf(blocked), 0)
+        self.assertEqual(connections.limiter.count, 1)
