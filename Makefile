@@ -12,7 +12,7 @@ UNIT := tests.test_addresses tests.test_checkers tests.test_config tests.test_da
 	tests.test_dsn tests.test_envelope tests.test_esmtp tests.test_extensions \
 	tests.test_forward tests.test_fromheader tests.test_headers tests.test_interfaces \
 	tests.test_maildir tests.test_passwords tests.test_realm tests.test_replies \
-	tests.test_routing tests.test_spool tests.test_throttle tests.test_userdb
+	tests.test_routing tests.test_spool tests.test_throttle tests.test_userdb tests.test_workerlink
 
 $(BIN)/mailauth: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
