@@ -38,10 +38,17 @@ from twisted.trial import unittest
 from mailauth import checks, tap, workers
 from mailauth import config as configmod
 from mailauth.checks import Account
+from mailauth.counters import MemoryCounterStore
 from mailauth.logs import eventAsJSONLine
 from mailauth.metrics import QUEUE_FAMILIES, Metrics
 from mailauth.throttle import ConnectionLimiter
-from mailauth.workerlink import LogRelay, NodeConnections, ParentConnections, WorkerLog
+from mailauth.workerlink import (
+    LogRelay,
+    NodeConnections,
+    NodeCounters,
+    ParentConnections,
+    WorkerLog,
+)
 from mailauth.workerproc import AdoptedPortService, Worker, readConfigText
 from mailauth.workers import (
     CONFIG_FD,
@@ -365,6 +372,25 @@ class WorkerPoolTests(unittest.TestCase):
         self.assertEqual(pool.connections.limiter.count, 0)
         self.clock.advance(1)
         self.assertEqual(len(self.reactor.spawned), 4)
+
+    def test_countersKeptForTheNode(self):
+        """
+        A worker's counter lines (Redis down) are answered on its
+        configuration pipe from the counters the parent keeps for every
+        worker, which outlive a worker that ends.
+        """
+        pool = self.makePool(counters=NodeCounters(MemoryCounterStore(self.clock)))
+        self.ready(0)
+        self.ready(1)
+        first, second = self.process(0), self.process(1)
+        first.proto.childDataReceived(CONTROL_FD, b"count k1 a 60.0 2\nblock k2 a 900.0\n")
+        second.proto.childDataReceived(CONTROL_FD, b"count k1 a 60.0 1\nblocked k2 a\n")
+        self.assertEqual(first.written[1:], [(CONFIG_FD, b"k1 2\n"), (CONFIG_FD, b"k2 1\n")])
+        self.assertEqual(second.written[1:], [(CONFIG_FD, b"k1 3\n"), (CONFIG_FD, b"k2 900000\n")])
+        first.end(signal=signal.SIGKILL)
+        second.proto.childDataReceived(CONTROL_FD, b"count k3 a 60.0 0\n")
+        self.assertEqual(second.written[3:], [(CONFIG_FD, b"k3 3\n")])
+        self.assertEqual(pool.counters.store.count("a", 60), 3)
 
     def test_reloadForwarded(self):
         """
