@@ -158,6 +158,19 @@ class WorkerPoolTests(unittest.TestCase):
     def ready(self, n: int) -> None:
         self.process(n).proto.childDataReceived(CONTROL_FD, b"ready\n")
 
+    def twoSaying(self, first: bytes, second: bytes, **kwargs) -> tuple:
+        """
+        A pool of two serving workers (built with C{kwargs}) that have sent
+        these control lines: the pool and the two worker processes.
+        """
+        pool = self.makePool(**kwargs)
+        self.ready(0)
+        self.ready(1)
+        workers = self.process(0), self.process(1)
+        for process, lines in zip(workers, (first, second)):
+            process.proto.childDataReceived(CONTROL_FD, lines)
+        return (pool, *workers)
+
     def test_bindsAndHoldsWithoutAccepting(self):
         """
         The parent binds every listener when privileged, and never accepts
@@ -352,12 +365,11 @@ class WorkerPoolTests(unittest.TestCase):
         the one count the parent keeps for every worker; a worker that ends
         gives back every connection it held, its releases never another's.
         """
-        pool = self.makePool(connections=NodeConnections(ConnectionLimiter(10, 1)))
-        self.ready(0)
-        self.ready(1)
-        first, second = self.process(0), self.process(1)
-        first.proto.childDataReceived(CONTROL_FD, b"admit 1 192.0.2.1\nadmit 2 192.0.2.2\n")
-        second.proto.childDataReceived(CONTROL_FD, b"admit 1 192.0.2.1\nrelease 192.0.2.2\n")
+        pool, first, second = self.twoSaying(
+            b"admit 1 192.0.2.1\nadmit 2 192.0.2.2\n",
+            b"admit 1 192.0.2.1\nrelease 192.0.2.2\n",
+            connections=NodeConnections(ConnectionLimiter(10, 1)),
+        )
         self.assertEqual(first.written[1:], [(CONFIG_FD, b"1 ok\n"), (CONFIG_FD, b"2 ok\n")])
         self.assertEqual(second.written[1:], [(CONFIG_FD, b"1 too_many_from_address\n")])
         self.assertEqual(pool.connections.limiter.count, 2)
@@ -379,12 +391,11 @@ class WorkerPoolTests(unittest.TestCase):
         configuration pipe from the counters the parent keeps for every
         worker, which outlive a worker that ends.
         """
-        pool = self.makePool(counters=NodeCounters(MemoryCounterStore(self.clock)))
-        self.ready(0)
-        self.ready(1)
-        first, second = self.process(0), self.process(1)
-        first.proto.childDataReceived(CONTROL_FD, b"count k1 a 60.0 2\nblock k2 a 900.0\n")
-        second.proto.childDataReceived(CONTROL_FD, b"count k1 a 60.0 1\nblocked k2 a\n")
+        pool, first, second = self.twoSaying(
+            b"count k1 a 60.0 2\nblock k2 a 900.0\n",
+            b"count k1 a 60.0 1\nblocked k2 a\n",
+            counters=NodeCounters(MemoryCounterStore(self.clock)),
+        )
         self.assertEqual(first.written[1:], [(CONFIG_FD, b"k1 2\n"), (CONFIG_FD, b"k2 1\n")])
         self.assertEqual(second.written[1:], [(CONFIG_FD, b"k1 3\n"), (CONFIG_FD, b"k2 900000\n")])
         first.end(signal=signal.SIGKILL)
