@@ -232,18 +232,54 @@ class NodeConnections:
                 self.limiter.release(address)
 
 
-class ParentConnections:
+def _refusal(word: bytes) -> Optional[replies.Reply]:
+    """The parent's answer to C{admit}: L{None} to serve, or the 421 that refuses."""
+    return None if word == b"ok" else _REFUSALS.get(word, replies.TOO_MANY_CONNECTIONS)
+
+
+class ParentRequests:
     """
-    A worker's connection limiter (what L{mailauth.esmtp.SubmissionFactory}
-    calls C{connections}) that asks the parent's L{NodeConnections}.
+    A worker's questions to its parent: each a line on the control pipe
+    with an ID after its verb, answered on the configuration pipe by a line
+    C{ID WORD}; the connections' and the counters' share the one pipe and
+    the one series of IDs.
 
     @param send: writes one line (no line end) to the parent's control pipe.
     """
 
     def __init__(self, send: Callable[[bytes], None]) -> None:
-        self._send = send
-        self._waiting: dict[bytes, defer.Deferred] = {}
+        self.send = send
+        self._waiting: dict[bytes, defer.Deferred[bytes]] = {}
         self._next = 0
+
+    def ask(self, verb: bytes, *words: bytes) -> defer.Deferred[bytes]:
+        """
+        Send C{verb ID WORDS...}: a Deferred firing with the answer's word.
+        It never fires if the parent goes away first: the worker then stops.
+        """
+        self._next += 1
+        ident = b"%d" % self._next
+        d: defer.Deferred[bytes] = defer.Deferred()
+        self._waiting[ident] = d
+        self.send(b" ".join([verb, ident, *words]))
+        return d
+
+    def answered(self, line: bytes) -> None:
+        """An answer line from the parent: fire the question it answers (none: ignored)."""
+        ident, _, word = line.strip().partition(b" ")
+        d = self._waiting.pop(ident, None)
+        if d is not None:
+            d.callback(word)
+
+
+class ParentConnections:
+    """
+    A worker's connection limiter (what L{mailauth.esmtp.SubmissionFactory}
+    calls C{connections}) that asks the parent's L{NodeConnections}.
+    """
+
+    def __init__(self, requests: ParentRequests) -> None:
+        self._requests = requests
 
     def acquire(self, host: str) -> defer.Deferred[Optional[replies.Reply]]:
         """
@@ -253,23 +289,12 @@ class ParentConnections:
             that refuses it. It never fires if the parent goes away first:
             the worker then stops, and its connections with it.
         """
-        self._next += 1
-        ident = b"%d" % self._next
-        d: defer.Deferred = defer.Deferred()
-        self._waiting[ident] = d
-        self._send(b"admit " + ident + b" " + host.encode("ascii", "replace"))
-        return d
+        d = self._requests.ask(b"admit", host.encode("ascii", "replace"))
+        return d.addCallback(_refusal)
 
     def release(self, host: str) -> None:
         """A connection the parent admitted has ended."""
-        self._send(b"release " + host.encode("ascii", "replace"))
-
-    def answered(self, line: bytes) -> None:
-        """An answer line from the parent: fire the request it answers."""
-        ident, _, word = line.strip().partition(b" ")
-        d = self._waiting.pop(ident, None)
-        if d is not None:
-            d.callback(None if word == b"ok" else _REFUSALS.get(word, replies.TOO_MANY_CONNECTIONS))
+        self._requests.send(b"release " + host.encode("ascii", "replace"))
 
 
 # Counters for the whole node while Redis is down
@@ -331,16 +356,10 @@ class NodeCounters:
 
 
 class ParentCounters:
-    """
-    A worker's view of its parent's L{NodeCounters}.
+    """A worker's view of its parent's L{NodeCounters}."""
 
-    @param send: writes one line (no line end) to the parent's control pipe.
-    """
-
-    def __init__(self, send: Callable[[bytes], None]) -> None:
-        self._send = send
-        self._waiting: dict[bytes, defer.Deferred] = {}
-        self._next = 0
+    def __init__(self, requests: ParentRequests) -> None:
+        self._requests = requests
 
     def count(self, key: str, window: float, amount: int = 0) -> defer.Deferred[int]:
         """Add C{amount} (0: only read) to C{key}: its total within C{window} seconds."""
@@ -354,46 +373,20 @@ class ParentCounters:
         """How many seconds C{key} stays blocked; 0 if it is not blocked."""
         return self._ask(b"blocked", key).addCallback(lambda ms: ms / 1000)
 
-    def answered(self, line: bytes) -> None:
-        """An answer line from the parent: fire the question it answers."""
-        ident, _, value = line.strip().partition(b" ")
-        d = self._waiting.pop(ident, None)
-        if d is None:
-            return
-        try:
-            number = int(value)
-        except ValueError:
-            d.errback(ValueError(f"the parent did not understand the question (answer {value!r})"))
-        else:
-            d.callback(number)
-
-    def _ask(self, verb: bytes, key: str, *words: str) -> defer.Deferred:
-        """
-        Send one line; a Deferred firing with the parent's number. It
-        never fires if the parent goes away first: the worker then stops.
-        """
-        self._next += 1
-        ident = b"k%d" % self._next
-        d: defer.Deferred = defer.Deferred()
-        self._waiting[ident] = d
-        line = b" ".join([verb, ident, quote(key, safe="").encode("ascii")])
-        self._send(b" ".join([line, *(w.encode("ascii") for w in words)]))
-        return d
+    def _ask(self, verb: bytes, key: str, *words: str) -> defer.Deferred[int]:
+        """Ask the parent: a Deferred firing with its number."""
+        d = self._requests.ask(
+            verb, quote(key, safe="").encode("ascii"), *(w.encode("ascii") for w in words)
+        )
+        return d.addCallback(_number)
 
 
-def answerRouter(
-    connections: ParentConnections, counters: ParentCounters
-) -> Callable[[bytes], None]:
-    """
-    What a worker does with an answer line on its configuration pipe:
-    give it to the one that asked (a counter question's ID starts with
-    C{k}, a connection's is a number).
-    """
-
-    def answered(line: bytes) -> None:
-        (counters if line.startswith(b"k") else connections).answered(line)
-
-    return answered
+def _number(word: bytes) -> int:
+    """The parent's answer to a counter question, as a number."""
+    try:
+        return int(word)
+    except ValueError:
+        raise ValueError(f"the parent did not understand the question (answer {word!r})") from None
 
 
 # The worker's life tied to its parent's

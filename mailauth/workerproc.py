@@ -30,8 +30,8 @@ from mailauth.workerlink import (
     LogRelay,
     ParentConnections,
     ParentCounters,
+    ParentRequests,
     WorkerLog,
-    answerRouter,
     dieWithParent,
 )
 from mailauth.workers import CONFIG_FD, CONTROL_FD, LOG_FD
@@ -212,9 +212,9 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
             stop()
 
     link = _ParentLink(parentGone)
-    connections = ParentConnections(link.send)
-    counters = ParentCounters(link.send)
-    link.answered = answerRouter(connections, counters)
+    requests = ParentRequests(link.send)
+    link.answered = requests.answered
+    connections, counters = ParentConnections(requests), ParentCounters(requests)
     # (mypy reads the Windows StandardIO, which has no stdin or stdout.)
     cast(Any, stdio.StandardIO)(link, stdin=CONFIG_FD, stdout=CONTROL_FD, reactor=reactor)
     worker = Worker(args.index, sockets, link.wake, connections, counters)

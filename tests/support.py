@@ -30,7 +30,7 @@ from mailauth.esmtp import SubmissionFactory
 from mailauth.replies import SMTPReply
 from mailauth.spool import Queue
 from mailauth.throttle import AuthThrottle, ConnectionLimiter
-from mailauth.workerlink import ParentConnections, ParentCounters, answerRouter
+from mailauth.workerlink import ParentConnections, ParentCounters, ParentRequests
 from mailauth.workerproc import _ParentLink
 
 # Test data: real doveadm hashes (tests/data/README.md).
@@ -761,7 +761,8 @@ class WorkerPipes:
     L{ParentConnections} and L{ParentCounters} send goes to C{control}
     (the parent's) at once; its answers wait in the pipe until L{deliver},
     as they would for a turn of the reactor (with C{atOnce}, they are read
-    as soon as written), and are routed back as a worker routes them.
+    as soon as written), and go back to the question each answers, as in a
+    worker.
     """
 
     def __init__(self, control: Callable[[bytes], Optional[bytes]], atOnce: bool = False) -> None:
@@ -770,9 +771,10 @@ class WorkerPipes:
         self.sent: list = []
         self.pending: list = []
         self.link = _ParentLink(lambda: None)
-        self.connections = ParentConnections(self.send)
-        self.counters = ParentCounters(self.send)
-        self.link.answered = answerRouter(self.connections, self.counters)
+        requests = ParentRequests(self.send)
+        self.link.answered = requests.answered
+        self.connections = ParentConnections(requests)
+        self.counters = ParentCounters(requests)
 
     def send(self, line: bytes) -> None:
         self.sent.append(line)

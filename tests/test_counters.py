@@ -17,7 +17,7 @@ from mailauth.counters import SLOTS_PER_WINDOW, MemoryCounterStore, counterStore
 from mailauth.interfaces import ICounterStore
 from mailauth.redisstore import COUNT, RedisCounterStore
 from mailauth.threads import ThreadPoolService
-from mailauth.workerlink import NodeCounters, ParentCounters
+from mailauth.workerlink import NodeCounters, ParentCounters, ParentRequests
 from tests.harness import LogWatcher
 from tests.redisharness import freePort, startRedis
 from tests.support import WorkerPipes
@@ -580,8 +580,8 @@ class RedisCounterStoreTests(CounterStoreTestsMixin, unittest.TestCase):
         alone, with an error line: no call fails for it.
         """
         node = NodeCounters(MemoryCounterStore(self.clock))
-        garbled = ParentCounters(lambda line: garbled.answered(line.split(b" ")[1] + b" ?"))
-        store = self.makeStore(node=garbled)
+        garbled = ParentRequests(lambda line: garbled.answered(line.split(b" ")[1] + b" ?"))
+        store = self.makeStore(node=ParentCounters(garbled))
         yield store.hit("k", WINDOW, 2)
         self.redis.stop()
         self.assertEqual((yield store.hit("k", WINDOW)), 3)

@@ -19,6 +19,7 @@ from mailauth.workerlink import (
     NodeCounters,
     ParentConnections,
     ParentCounters,
+    ParentRequests,
 )
 from tests.support import Session, WorkerPipes, makeFactory, makeThrottle
 
@@ -118,12 +119,12 @@ class NodeLimitsTests(unittest.TestCase):
 
     def test_answerForNoRequest(self) -> None:
         """An answer to nothing the worker asked (a garbled line) is ignored."""
-        connections = ParentConnections(lambda line: None)
-        d = connections.acquire("192.0.2.1")
-        connections.answered(b"7 ok")
-        connections.answered(b"")
+        requests = ParentRequests(lambda line: None)
+        d = ParentConnections(requests).acquire("192.0.2.1")
+        requests.answered(b"7 ok")
+        requests.answered(b"")
         self.assertNoResult(d)
-        connections.answered(b"1 ok")
+        requests.answered(b"1 ok")
         self.assertIsNone(self.successResultOf(d))
 
 
@@ -151,7 +152,7 @@ class NodeCountersTests(unittest.TestCase):
         self.clock.advance(61)
         self.assertEqual(self.answer(one, one.counters.count("auth-address:192.0.2.1", 60)), 0)
         self.assertEqual(
-            one.sent[0], b"count k1 auth-address%3A192.0.2.1 60.0 1", "the line on the pipe"
+            one.sent[0], b"count 1 auth-address%3A192.0.2.1 60.0 1", "the line on the pipe"
         )
 
     def test_blocks(self) -> None:
@@ -205,19 +206,19 @@ class NodeCountersTests(unittest.TestCase):
             self.assertEqual(self.node.control(line), b"k1 ?", line)
         self.assertIsNone(self.node.control(b"count"))
         self.assertEqual(self.node.store.trackedKeys(), 0)
-        counters = ParentCounters(lambda line: None)
-        d = counters.count("key", 60, 1)
-        counters.answered(b"k1 ?")
+        requests = ParentRequests(lambda line: None)
+        d = ParentCounters(requests).count("key", 60, 1)
+        requests.answered(b"1 ?")
         self.failureResultOf(d, ValueError)
 
     def test_answerForNoQuestion(self) -> None:
         """An answer to nothing the worker asked is ignored."""
-        counters = ParentCounters(lambda line: None)
-        d = counters.count("key", 60)
-        counters.answered(b"k7 3")
-        counters.answered(b"")
+        requests = ParentRequests(lambda line: None)
+        d = ParentCounters(requests).count("key", 60)
+        requests.answered(b"7 3")
+        requests.answered(b"")
         self.assertNoResult(d)
-        counters.answered(b"k1 3")
+        requests.answered(b"1 3")
         self.assertEqual(self.successResultOf(d), 3)
 
     def test_answersTellApart(self) -> None:
