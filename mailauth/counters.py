@@ -249,6 +249,15 @@ class MemoryCounterStore:
                     del self._blocks[key]
 
 
+def memoryCounterStore(cfg, clock) -> MemoryCounterStore:
+    """
+    A memory store for the counters of C{cfg} (a L{mailauth.config.Config}),
+    of four times C{[auth] max_tracked} keys: the one of a single process,
+    the fallback of a Redis store, and the node's in a parent of workers.
+    """
+    return MemoryCounterStore(clock, maxKeys=cfg.auth.max_tracked * 4)
+
+
 def counterStoreFromConfig(
     cfg,
     reactor,
@@ -272,9 +281,8 @@ def counterStoreFromConfig(
     @raise mailauth.config.ConfigError: if the backend is Redis and the
         Python redis client is not installed.
     """
-    maxKeys = cfg.auth.max_tracked * 4
     if cfg.state.backend == "memory":
-        return MemoryCounterStore(reactor, maxKeys=maxKeys)
+        return memoryCounterStore(cfg, reactor)
     try:
         from mailauth.redisstore import RedisCounterStore
     except ImportError:
@@ -292,7 +300,7 @@ def counterStoreFromConfig(
         runBlocking=runBlocking,
         prefix=cfg.state.prefix,
         timeout=cfg.state.timeout,
-        fallback=MemoryCounterStore(reactor, maxKeys=maxKeys),
+        fallback=memoryCounterStore(cfg, reactor),
         onFallback=onFallback,
         node=node,
     )

@@ -24,7 +24,7 @@ from mailauth import config as configmod
 from mailauth.addressmap import AddressMap
 from mailauth.checkers import CramMD5Checker, OAuthChecker, PasswordChecker, ScramChecker
 from mailauth.checks import Account, checkAll
-from mailauth.counters import MemoryCounterStore, counterStoreFromConfig
+from mailauth.counters import counterStoreFromConfig, memoryCounterStore
 from mailauth.esmtp import SubmissionFactory
 from mailauth.forward import QueueService
 from mailauth.interfaces import IReloadable, IUserDatabase
@@ -679,7 +679,7 @@ def buildService(
             connections=NodeConnections(limiter),
             workerEnded=metrics.workerEnded,
             # While Redis is down, the workers count here together.
-            counters=NodeCounters(MemoryCounterStore(reactor, maxKeys=cfg.auth.max_tracked * 4)),
+            counters=NodeCounters(memoryCounterStore(cfg, reactor)),
         )
         if metricsFiles is not None:
             metricsFiles.setServiceParent(top)
